@@ -1,0 +1,254 @@
+"""Typed settings: one TOML file validated at start.
+
+Contract: :func:`load_settings` returns a fully resolved :class:`Settings`
+(derived paths filled in) or raises :class:`ConfigError` whose message names
+the offending key (``smtp.max_message_size: ...``). Unknown keys are errors.
+Defaults serve a single host; ``conf/example.toml`` lists every key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key and is safe to print."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_listen(values: list[str]) -> list[str]:
+    for value in values:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+            raise ValueError(f"{value!r} is not host:port")
+    return values
+
+
+class ServerSettings(Section):
+    hostname: str = "localhost"  # announced in SMTP greetings, Received headers, IMAP greeting
+    data_dir: str = "/var/lib/shardmail"
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v.upper()
+
+
+class TlsSettings(Section):
+    cert_file: str = ""  # empty: a self-signed certificate generated in data_dir/tls
+    key_file: str = ""
+    min_version: str = "TLSv1.2"
+
+    @field_validator("min_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if v not in {"TLSv1.2", "TLSv1.3"}:
+            raise ValueError("must be TLSv1.2 or TLSv1.3")
+        return v
+
+
+class StorageSettings(Section):
+    url: str = ""  # SQLAlchemy async URL; empty: sqlite in data_dir
+    blob_dir: str = ""  # empty: data_dir/blobs
+    shards: dict[str, str] = Field(default_factory=dict)  # extra shard name -> url
+
+
+class AuthSettings(Section):
+    allow_plaintext: bool = False  # AUTH/LOGIN/USER before TLS (RFC 3501 6.2.3 LOGINDISABLED)
+    failure_delay_seconds: float = 1.0  # first delay after a failed login, doubling each time
+    failure_delay_max_seconds: float = 16.0
+    max_failures_per_connection: int = 5
+
+
+class DnsSettings(Section):
+    nameservers: list[str] = Field(default_factory=list)  # empty: /etc/resolv.conf
+    port: int = 53
+    timeout_seconds: float = 5.0
+
+
+class SmtpSettings(Section):
+    mx_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"])
+    submission_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:587"])
+    submissions_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:465"])  # RFC 8314
+    max_message_size: int = 36_700_160  # RFC 1870 SIZE, octets
+    max_line_length: int = 998 + 2  # RFC 5321 section 4.5.3.1.6 text line incl. CRLF
+    max_command_line_length: int = 512  # RFC 5321 section 4.5.3.1.4
+    max_recipients: int = 100  # RFC 5321 section 4.5.3.1.8 minimum
+    max_connections_per_ip: int = 20
+    max_errors: int = 10
+    command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2.7
+    data_timeout_seconds: float = 600.0  # RFC 5321 section 4.5.3.2.6
+    sender_must_match: bool = True  # authenticated users send only as their addresses
+    rate_limit_per_user: int = 300  # messages per rate_window_seconds; 0 disables
+    rate_limit_per_ip: int = 600
+    rate_window_seconds: float = 3600.0
+    dmarc_reject: bool = True  # refuse DMARC failures under p=reject at end of data
+    spf: bool = True
+    dkim_verify: bool = True
+    save_sent_copy: bool = True
+
+    _listen = field_validator("mx_listen", "submission_listen", "submissions_listen")(
+        classmethod(lambda cls, v: _check_listen(v))
+    )
+
+
+class QueueSettings(Section):
+    workers: int = 4
+    retry_schedule_seconds: list[int] = Field(
+        default_factory=lambda: [300, 600, 1200, 2400, 4800, 9600, 14400]
+    )  # last step repeats
+    max_lifetime_seconds: int = 5 * 24 * 3600
+    delay_warning_seconds: int = 4 * 3600  # 0 disables
+    lease_seconds: int = 300
+    per_domain_concurrency: int = 5
+    connect_timeout_seconds: float = 30.0
+    smtp_port: int = 25  # remote port, for tests and smart hosts
+    require_tls_domains: list[str] = Field(default_factory=list)
+    dkim_selector: str = "shardmail"
+    dkim_key_dir: str = ""  # empty: data_dir/dkim
+
+
+class ImapSettings(Section):
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:143"])
+    tls_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:993"])
+    max_line_length: int = 65_536
+    max_literal_size: int = 52_428_800  # also advertised as APPENDLIMIT (RFC 7889)
+    autologout_seconds: int = 1800  # RFC 3501 section 5.4: at least 30 minutes
+    idle_timeout_seconds: int = 1800
+
+    _listen = field_validator("listen", "tls_listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class Pop3Settings(Section):
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:110"])
+    tls_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:995"])
+    idle_timeout_seconds: int = 600  # RFC 1939 section 3: at least 10 minutes
+    max_line_length: int = 512  # RFC 2449 section 4: 255 octets per argument
+    apop: bool = False
+    lock_seconds: int = 900
+
+    _listen = field_validator("listen", "tls_listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+    @field_validator("idle_timeout_seconds")
+    @classmethod
+    def _rfc1939(cls, v: int) -> int:
+        if v < 600:
+            raise ValueError("RFC 1939 section 3 requires at least 600 seconds")
+        return v
+
+
+class HttpSettings(Section):
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:8080"])
+    max_message_size: int = 25 * 1024 * 1024
+    token_lifetime_seconds: int = 7 * 24 * 3600
+    rate_limit_per_user: int = 600  # requests per minute; 0 disables
+    rate_limit_per_ip: int = 1200
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class AntivirusSettings(Section):
+    enabled: bool = False
+    clamd_socket: str = "/run/clamav/clamd.ctl"  # or host:port
+    on_error: str = "tempfail"  # tempfail | accept
+
+    @field_validator("on_error")
+    @classmethod
+    def _on_error(cls, v: str) -> str:
+        if v not in {"tempfail", "accept"}:
+            raise ValueError("must be tempfail or accept")
+        return v
+
+
+class Settings(Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    dns: DnsSettings = Field(default_factory=DnsSettings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    imap: ImapSettings = Field(default_factory=ImapSettings)
+    pop3: Pop3Settings = Field(default_factory=Pop3Settings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    antivirus: AntivirusSettings = Field(default_factory=AntivirusSettings)
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        data = Path(self.server.data_dir)
+        if not self.storage.url:
+            self.storage.url = f"sqlite+aiosqlite:///{data / 'shardmail.db'}"
+        if not self.storage.blob_dir:
+            self.storage.blob_dir = str(data / "blobs")
+        if not self.queue.dkim_key_dir:
+            self.queue.dkim_key_dir = str(data / "dkim")
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+
+DEFAULT_CONFIG_PATHS = (Path("/etc/shardmail/shardmail.toml"),)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value``; the value is read as TOML, else taken as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
+    """Read ``path`` (or the first existing default path, or nothing), apply
+    ``-o section.key=value`` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    candidates = [Path(path)] if path else [p for p in DEFAULT_CONFIG_PATHS if p.exists()]
+    for candidate in candidates[:1]:
+        try:
+            data = tomllib.loads(candidate.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{candidate}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{candidate}: {exc}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _apply_override(data, keys, value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

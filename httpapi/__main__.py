@@ -1,0 +1,11 @@
+"""`python -m httpapi`: run the httpapi daemon alone (what the systemd unit starts)."""
+
+from mailctl.daemon import daemon_main
+
+
+def main() -> None:
+    daemon_main("httpapi")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""mailctl: the shardmail admin CLI (serve, check-config, domains, accounts, aliases, import)."""

@@ -1,0 +1,237 @@
+"""The ``mailctl`` command line.
+
+Every command that reads the configuration takes ``-c FILE`` and
+``-o section.key=value``. Passwords come from a prompt or from standard
+input (``--password-stdin``), never from argv alone, so they stay out of
+shell history and ``ps``. Exit status: 0 success, 1 operation failed
+(message on stderr), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from conf.settings import Settings
+from mailctl.daemon import (
+    DAEMONS,
+    add_config_options,
+    available_daemons,
+    configure_logging,
+    run_daemons,
+    settings_from_args,
+)
+from storage.errors import StorageError
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise SystemExit("passwords do not match")
+    if not password:
+        raise SystemExit("empty password refused")
+    return password
+
+
+def with_storage(
+    settings: Settings, action: Callable[..., Awaitable[int | None]], *extra: object
+) -> int:
+    """Open storage, run ``action(storage, *extra)``, close; map storage errors to exit 1."""
+    from storage import open_storage
+
+    async def run() -> int:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        storage = await open_storage(settings.storage)
+        try:
+            return (await action(storage, *extra)) or 0
+        finally:
+            await storage.close()
+
+    try:
+        return asyncio.run(run())
+    except StorageError as exc:
+        print(f"mailctl: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"mailctl: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- serve / check-config -------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    names = available_daemons(args.only or DAEMONS)
+    if not names:
+        print("mailctl: no daemon installed", file=sys.stderr)
+        return 1
+    configure_logging(settings)
+    asyncio.run(run_daemons(settings, names))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    print(f"configuration OK (storage {settings.storage.url.split('://')[0]})")
+    return 0
+
+
+# --- domains, accounts, aliases ---------------------------------------------
+
+
+def cmd_domain(args: argparse.Namespace, settings: Settings) -> int:
+    async def act(storage) -> int:
+        d = storage.directory
+        if args.action == "add":
+            await d.add_domain(args.name)
+            print(f"domain {args.name.lower()} added")
+        elif args.action == "remove":
+            await d.remove_domain(args.name)
+            print(f"domain {args.name.lower()} removed")
+        else:
+            for domain in await d.list_domains():
+                print(domain.name)
+        return 0
+
+    return with_storage(settings, act)
+
+
+def _quota(value: str | None) -> int | None:
+    if value is None or value.lower() in ("", "none", "unlimited"):
+        return None
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    suffix = value[-1].lower()
+    if suffix in units:
+        return int(float(value[:-1]) * units[suffix])
+    return int(value)
+
+
+def cmd_account(args: argparse.Namespace, settings: Settings) -> int:
+    password = read_password(args) if args.action in ("add", "passwd") else ""
+
+    async def act(storage) -> int:
+        d = storage.directory
+        if args.action == "add":
+            account = await d.add_account(args.address, password, _quota(args.quota), args.shard)
+            print(f"account {account.address} added (shard {account.shard})")
+        elif args.action == "passwd":
+            await d.set_password(args.address, password)
+            print(f"password of {args.address.lower()} changed")
+        elif args.action == "remove":
+            await d.remove_account(args.address)
+            print(f"account {args.address.lower()} removed")
+        else:
+            for account in await d.list_accounts(args.domain):
+                quota = "unlimited" if account.quota_bytes is None else str(account.quota_bytes)
+                used = await storage.mail(account).quota_used(account.id)
+                print(f"{account.address}\tshard={account.shard}\tquota={quota}\tused={used}")
+        return 0
+
+    return with_storage(settings, act)
+
+
+def cmd_alias(args: argparse.Namespace, settings: Settings) -> int:
+    async def act(storage) -> int:
+        d = storage.directory
+        if args.action == "add":
+            await d.add_alias(args.source, args.target)
+            print(f"alias {args.source.lower()} -> {args.target} added")
+        elif args.action == "remove":
+            await d.remove_alias(args.source, args.target)
+            print(f"alias {args.source.lower()} removed")
+        else:
+            for alias in await d.list_aliases():
+                print(f"{alias.source}\t{alias.target}")
+        return 0
+
+    return with_storage(settings, act)
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from mailctl.importer import ProgressBar, import_messages, open_source
+
+    async def act(storage) -> int:
+        account = await storage.directory.get_account(args.account)
+        total, messages = await asyncio.to_thread(open_source, args.kind, Path(args.path))
+        bar = ProgressBar(total) if not args.quiet else None
+        count = await import_messages(
+            storage, account, args.mailbox, total, messages, bar.update if bar else None
+        )
+        print(f"imported {count} messages into {account.address}/{args.mailbox}")
+        return 0
+
+    return with_storage(settings, act)
+
+
+# --- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailctl", description="shardmail administration")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        add_config_options(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("serve", cmd_serve, "run every daemon in one process")
+    p.add_argument("--only", action="append", choices=DAEMONS, help="run only these daemons")
+    command("check-config", cmd_check_config, "validate the configuration and exit")
+
+    p = command("domain", cmd_domain, "manage local domains")
+    p.add_argument("action", choices=("add", "list", "remove"))
+    p.add_argument("name", nargs="?")
+
+    p = command("account", cmd_account, "manage accounts")
+    p.add_argument("action", choices=("add", "list", "passwd", "remove"))
+    p.add_argument("address", nargs="?")
+    p.add_argument("--quota", help="e.g. 2G, 500M, unlimited")
+    p.add_argument("--shard", help="shard for a new account")
+    p.add_argument("--domain", help="with list: only this domain")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    p = command("alias", cmd_alias, "manage aliases (address or @domain catch-all)")
+    p.add_argument("action", choices=("add", "list", "remove"))
+    p.add_argument("source", nargs="?")
+    p.add_argument("target", nargs="?")
+
+    p = command("import", cmd_import, "import an mbox file or a Maildir")
+    p.add_argument("kind", choices=("mbox", "maildir"))
+    p.add_argument("account")
+    p.add_argument("mailbox", nargs="?", default="INBOX")
+    p.add_argument("--from", dest="path", required=True, help="mbox file or Maildir folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+REQUIRED = {
+    ("domain", "add"): ("name",),
+    ("domain", "remove"): ("name",),
+    ("account", "add"): ("address",),
+    ("account", "passwd"): ("address",),
+    ("account", "remove"): ("address",),
+    ("alias", "add"): ("source", "target"),
+    ("alias", "remove"): ("source",),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in REQUIRED.get((args.command, getattr(args, "action", None)), ()):
+        if not getattr(args, name, None):
+            parser.error(f"{args.command} {args.action}: {name} is required")
+    settings = settings_from_args(args)
+    raise SystemExit(args.func(args, settings))
+
+
+if __name__ == "__main__":
+    main()

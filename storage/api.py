@@ -1,0 +1,272 @@
+"""The storage seam: the interfaces every daemon calls and every backend implements.
+
+Contracts common to all of them:
+
+* Every method is a coroutine and never blocks the event loop (blocking work
+  such as argon2 or file fsync runs in a thread).
+* A method either commits all of its effect or none of it; when it returns,
+  the effect is durable (committed to the database, fsynced for blobs) and
+  visible to every other session and instance.
+* Failures a client can cause or a retry can cure raise
+  :class:`storage.errors.StorageError` with a kind; anything else is a bug.
+* The mail store speaks UIDs only. Every write bumps the mailbox
+  HIGHESTMODSEQ, appends to the account's change log, and publishes that
+  change on the event bus after commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from storage.model import (
+    Account,
+    Alias,
+    AppendResult,
+    Change,
+    CopyResult,
+    Domain,
+    Mailbox,
+    MailboxChanges,
+    MailboxStatus,
+    MessageEntry,
+    ParsedMessage,
+    StoredMessage,
+    StoreMode,
+    StoreResult,
+    UidSet,
+)
+from storage.search import Criteria
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where mail for one address goes, as the directory sees it.
+
+    ``local_domain``: the domain is ours (unknown users there are 550 5.1.1).
+    ``accounts``: local accounts that receive it (several via an alias).
+    ``forward``: alias targets outside our domains (relayed via the queue).
+    Empty ``accounts`` and ``forward`` on a local domain: no such user.
+    """
+
+    address: str
+    local_domain: bool
+    accounts: tuple[Account, ...]
+    forward: tuple[str, ...]
+
+
+class Directory(Protocol):
+    """Domains, accounts, aliases and the account -> shard map (global)."""
+
+    async def add_domain(self, name: str) -> Domain: ...
+    async def list_domains(self) -> list[Domain]: ...
+    async def remove_domain(self, name: str) -> None:
+        """Refuses (INVALID) while accounts or aliases of the domain exist."""
+
+    async def is_local_domain(self, name: str) -> bool: ...
+
+    async def add_account(
+        self, address: str, password: str, quota_bytes: int | None = None, shard: str | None = None
+    ) -> Account:
+        """Hashes ``password`` with argon2 and creates the account's default
+        mailboxes (INBOX, Sent, Drafts, Trash, Junk, Archive) in its shard.
+        The domain must exist (NOT_FOUND otherwise); EXISTS if taken."""
+
+    async def get_account(self, address: str) -> Account:
+        """By exact address, case-insensitive. NOT_FOUND if none."""
+
+    async def get_account_by_id(self, account_id: int) -> Account: ...
+    async def list_accounts(self, domain: str | None = None) -> list[Account]: ...
+    async def set_password(self, address: str, password: str) -> None: ...
+    async def set_quota(self, address: str, quota_bytes: int | None) -> None: ...
+    async def remove_account(self, address: str) -> None:
+        """Removes the account, its mailboxes and messages."""
+
+    async def authenticate(self, login: str, password: str) -> Account | None:
+        """The account if ``password`` matches, else None (never raises for
+        a wrong password or unknown login; takes the same time for both)."""
+
+    async def add_alias(self, source: str, target: str) -> Alias:
+        """``source`` is an address or ``@domain`` (catch-all) on a local domain."""
+
+    async def list_aliases(self) -> list[Alias]: ...
+    async def remove_alias(self, source: str, target: str | None = None) -> None: ...
+
+    async def resolve(self, address: str) -> Route:
+        """Exact account, then exact alias, then plus-address
+        (``user+tag@d`` -> ``user@d``), then catch-all ``@d``."""
+
+    async def addresses_of(self, account: Account) -> list[str]:
+        """The account's own address and every alias source that reaches it."""
+
+
+class BlobStore(Protocol):
+    """Raw RFC 5322 bytes, content-addressed by SHA-256 hex digest.
+
+    ``put`` returns only once the bytes are durable (written, fsynced,
+    renamed into place). Blobs are immutable; the same bytes give the same
+    key. Deletion is garbage collection by the mail store.
+    """
+
+    async def put(self, data: bytes) -> str: ...
+    async def put_file(self, path: Path) -> str:
+        """Stores a file's bytes without reading it all into memory."""
+
+    async def get(self, key: str) -> bytes: ...
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` .. ``end`` (exclusive)."""
+
+    def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]: ...
+    async def exists(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> None: ...
+    async def keys(self) -> list[str]: ...
+
+
+class MailStore(Protocol):
+    """One shard's mailboxes and messages. Names are UTF-8 with "/" as the
+    hierarchy delimiter; "INBOX" is case-insensitive (RFC 3501 section 5.1)."""
+
+    async def create_default_mailboxes(self, account_id: int) -> None: ...
+    async def list_mailboxes(self, account_id: int) -> list[Mailbox]: ...
+    async def get_mailbox(self, account_id: int, name: str) -> Mailbox:
+        """NOT_FOUND if none."""
+
+    async def get_mailbox_by_id(self, account_id: int, mailbox_id: int) -> Mailbox: ...
+    async def create_mailbox(
+        self, account_id: int, name: str, special_use: str | None = None
+    ) -> Mailbox:
+        """Creates missing parents too (RFC 3501 section 6.3.3). EXISTS if taken.
+        A new UIDVALIDITY that was never used for this name before."""
+
+    async def rename_mailbox(self, account_id: int, old: str, new: str) -> None:
+        """Renames inferior mailboxes too. Renaming INBOX moves its messages
+        to ``new`` and leaves INBOX empty (RFC 3501 section 6.3.5)."""
+
+    async def delete_mailbox(self, account_id: int, name: str) -> None:
+        """INVALID for INBOX. Its messages are expunged."""
+
+    async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None: ...
+
+    async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
+        """Stores the parsed form of a blob, returns the message row id.
+        Used by ingest only; the message is in no mailbox until ``append``."""
+
+    async def append(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        message_id: int,
+        flags: Iterable[str] = (),
+        internal_date: dt.datetime | None = None,
+    ) -> AppendResult:
+        """Adds a stored message to a mailbox with the next UID; enforces the
+        account quota (OVER_QUOTA). UIDs are unique and strictly increasing
+        under any concurrency."""
+
+    async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
+        """Every entry of the mailbox in UID order (the session's snapshot)."""
+
+    async def fetch(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[StoredMessage]:
+        """Entries with their parsed form, UID order; missing UIDs skipped."""
+
+    async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
+        """Matching UIDs, ascending."""
+
+    async def search_account(
+        self, account_id: int, criteria: Criteria, limit: int = 100
+    ) -> list[MessageEntry]:
+        """Matches across every mailbox of the account, newest first."""
+
+    async def store_flags(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        uids: UidSet,
+        mode: StoreMode,
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> StoreResult:
+        """Entries whose flags actually change get a new modseq; entries
+        whose modseq exceeds ``unchanged_since`` are left alone and listed in
+        ``modified``."""
+
+    async def copy(
+        self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int
+    ) -> CopyResult:
+        """Copies keep flags and internal date and share the blob."""
+
+    async def move(
+        self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int
+    ) -> CopyResult:
+        """Copy then expunge from the source, in one transaction (RFC 6851)."""
+
+    async def expunge(
+        self, account_id: int, mailbox_id: int, uids: UidSet | None = None
+    ) -> list[int]:
+        """Removes entries flagged \\Deleted (only those in ``uids`` if given),
+        records tombstones, returns the expunged UIDs ascending."""
+
+    async def status(self, account_id: int, mailbox_id: int) -> MailboxStatus: ...
+
+    async def changes_since(
+        self, account_id: int, mailbox_id: int, modseq: int
+    ) -> MailboxChanges:
+        """Entries with modseq > ``modseq`` and UIDs expunged after it."""
+
+    async def claim_recent(self, account_id: int, mailbox_id: int) -> int:
+        """RFC 3501 \\Recent: atomically moves the mailbox's recent floor to
+        UIDNEXT and returns the old floor; UIDs >= it are \\Recent for the
+        calling session only."""
+
+    async def account_changes(
+        self, account_id: int, after_id: int, limit: int = 1000
+    ) -> list[Change]:
+        """The account's change log after ``after_id``, oldest first."""
+
+    async def quota_used(self, account_id: int) -> int: ...
+
+    async def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """A lease that works across instances (POP3 maildrop lock). True if
+        now held by ``owner``; an expired lease may be taken over."""
+
+    async def release_lock(self, name: str, owner: str) -> None: ...
+
+
+class EventBus(Protocol):
+    """Carries committed changes to IDLE, POP3 and WebSocket sessions.
+
+    Delivery is best effort and at most once; a subscriber that must not
+    miss anything reads ``MailStore.account_changes`` after the last id it
+    saw. The in-process bus is the default; PostgreSQL NOTIFY or Redis
+    pub/sub carry it across instances.
+    """
+
+    async def publish(self, change: Change) -> None: ...
+    def subscribe(self, account_id: int) -> Subscription: ...
+
+
+class Subscription(Protocol):
+    """An async iterator of changes for one account; ``close`` ends it."""
+
+    def __aiter__(self) -> AsyncIterator[Change]: ...
+    async def get(self, timeout: float | None = None) -> Change | None: ...
+    def close(self) -> None: ...
+
+
+class Storage(Protocol):
+    """The whole data plane as one object, opened once per process."""
+
+    directory: Directory
+    blobs: BlobStore
+    events: EventBus
+
+    def mail(self, account: Account | int) -> MailStore:
+        """The mail store of the account's shard."""
+
+    @property
+    def shards(self) -> Sequence[str]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,85 @@
+"""Fixtures shared by every suite.
+
+``settings``: Settings with a data dir in tmp_path and every listener on
+127.0.0.1 port 0 (ephemeral), plaintext auth allowed off (as in production).
+``storage``: a fresh SQLite-backed Storage over that data dir.
+``tls_context`` / ``client_tls_context``: a trustme CA and a server
+certificate for 127.0.0.1/localhost, and a client context trusting it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conf.settings import Settings
+
+LOOPBACK_ANY_PORT = ["127.0.0.1:0"]
+
+
+def make_settings(data_dir: Path, **sections: dict) -> Settings:
+    """Settings for tests: loopback port-0 listeners, fast auth delays."""
+    base: dict[str, dict] = {
+        "server": {"hostname": "mail.test", "data_dir": str(data_dir)},
+        "auth": {"failure_delay_seconds": 0.05, "failure_delay_max_seconds": 0.2},
+        "smtp": {
+            "mx_listen": LOOPBACK_ANY_PORT,
+            "submission_listen": LOOPBACK_ANY_PORT,
+            "submissions_listen": LOOPBACK_ANY_PORT,
+        },
+        "imap": {"listen": LOOPBACK_ANY_PORT, "tls_listen": LOOPBACK_ANY_PORT},
+        "pop3": {"listen": LOOPBACK_ANY_PORT, "tls_listen": LOOPBACK_ANY_PORT},
+        "http": {"listen": LOOPBACK_ANY_PORT},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Settings.model_validate(base)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+@pytest.fixture
+async def storage(settings: Settings) -> AsyncIterator[object]:
+    from storage import open_storage
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = await open_storage(settings.storage)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="session")
+def tls_ca():
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_context(tls_ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1", "localhost", "mail.test").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def client_tls_context(tls_ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def ca_file(tls_ca, tmp_path_factory) -> Path:
+    """The test CA as a PEM file, for mbsync, fetchmail, mpop and swaks."""
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return path

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a Debian machine (as root) and run it.
+# The suite starts its own PostgreSQL, dnsmasq, Postfix, Redis... on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+PACKAGES=(
+  python3-venv python3-dev build-essential   # venv and wheels that compile
+  postgresql                                  # contract suite on a real PostgreSQL
+  dnsmasq-base                                # the tests' DNS server (MX, SPF, DKIM, DMARC records)
+  swaks                                       # SMTP client
+  isync fetchmail mpop                        # IMAP/POP3 clients
+  redis-server                                # cross-instance event bus tests
+  chromium chromium-driver                    # webmail browser test
+  procps iproute2 ca-certificates
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's postgresql package may start a cluster of its own; the tests use their own on a free port.
+VENV=${SHARDMAIL_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q -e '.[test]'
+
+"$VENV/bin/ruff" check .
+exec "$VENV/bin/python" -m pytest -q -ra "$@"

@@ -1,0 +1,48 @@
+"""The systemd units start the console scripts, hardened as the issue asks."""
+
+from __future__ import annotations
+
+import configparser
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = sorted((ROOT / "systemd").glob("*.service"))
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ReadWritePaths": "/var/lib/shardmail",
+    "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+    "User": "shardmail",
+}
+
+
+def _read(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    return parser
+
+
+def test_one_unit_and_one_template_per_daemon() -> None:
+    names = {p.name for p in UNITS}
+    for daemon in ("mtad", "imapd", "httpapi"):
+        assert f"shardmail-{daemon}.service" in names
+        assert f"shardmail-{daemon}@.service" in names
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_is_hardened_and_runs_a_console_script(unit: Path) -> None:
+    service = _read(unit)["Service"]
+    for key, value in HARDENING.items():
+        assert service[key] == value, key
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    program = service["ExecStart"].split()[0].rsplit("/", 1)[1]
+    assert program in scripts
+
+
+def test_sysusers_and_tmpfiles_create_the_user_and_data_dir() -> None:
+    assert "u shardmail" in (ROOT / "systemd" / "shardmail.sysusers").read_text()
+    assert "/var/lib/shardmail 0750 shardmail" in (ROOT / "systemd" / "shardmail.tmpfiles").read_text()
