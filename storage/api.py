@@ -166,6 +166,18 @@ class MailStore(Protocol):
         account quota (OVER_QUOTA). UIDs are unique and strictly increasing
         under any concurrency."""
 
+    async def deliver(
+        self,
+        account_id: int,
+        blob_key: str,
+        parsed: ParsedMessage,
+        targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
+    ) -> list[AppendResult]:
+        """``add_message`` plus one ``append`` per target (mailbox name or id,
+        flags, internal date) in ONE transaction: every target is committed
+        when this returns, or none is (NOT_FOUND, OVER_QUOTA). The ingest path
+        commits a message's metadata this way, once per account."""
+
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
         """Every entry of the mailbox in UID order (the session's snapshot)."""
 

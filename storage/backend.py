@@ -1,0 +1,193 @@
+"""Opening the whole data plane: ``open_storage(settings) -> Storage``.
+
+The main URL is shard "default": it holds the directory, the outbound queue
+and the mailboxes of accounts placed there; every extra shard is a database
+with the same schema. Migrations run at open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from argon2 import PasswordHasher
+from sqlalchemy import make_url, select
+
+from storage import errors
+from storage.blob import open_blob_store
+from storage.blob.fs import FsBlobStore
+from storage.events import InProcessEventBus, PgNotifyEventBus
+from storage.model import Account
+from storage.sql.db import Database
+from storage.sql.directory import SqlDirectory
+from storage.sql.mailstore import SqlMailStore
+from storage.sql.queue import OutboundQueue
+from storage.sql.schema import queue_messages
+
+if TYPE_CHECKING:
+    from conf.settings import StorageSettings
+
+DEFAULT_SHARD = "default"
+
+
+class _ShardRouter:
+    """A mail store for an account whose shard is not cached yet: each call
+    first asks the directory (an account created by another instance)."""
+
+    def __init__(self, storage: SqlStorage, account_id: int) -> None:
+        self._storage = storage
+        self._account_id = account_id
+
+    def __getattr__(self, name: str) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            account = await self._storage.directory.get_account_by_id(self._account_id)
+            store = self._storage.mail(account)
+            return await getattr(store, name)(*args, **kwargs)
+
+        return call
+
+
+class SqlStorage:
+    """The :class:`storage.api.Storage` over SQL shards and a blob store.
+
+    Extra attributes beyond the protocol: ``queue`` (the outbound queue in
+    the default shard) and ``stores`` (shard name -> mail store).
+    """
+
+    def __init__(
+        self,
+        databases: dict[str, Database],
+        blobs: FsBlobStore,
+        hasher: PasswordHasher | None = None,
+        events: InProcessEventBus | PgNotifyEventBus | None = None,
+    ) -> None:
+        self.databases = databases
+        self.blobs = blobs
+        self.events = events or InProcessEventBus()
+        self.stores: dict[str, SqlMailStore] = {
+            name: SqlMailStore(db, self.events, blobs, shard=name) for name, db in databases.items()
+        }
+        self.directory = SqlDirectory(
+            databases[DEFAULT_SHARD], self._store, list(databases), hasher=hasher
+        )
+        self.queue = OutboundQueue(databases[DEFAULT_SHARD])
+
+    def _store(self, shard: str) -> SqlMailStore:
+        try:
+            return self.stores[shard]
+        except KeyError:
+            raise errors.StorageError(
+                errors.ErrorKind.TEMPORARY, f"shard {shard!r} is not configured here"
+            ) from None
+
+    def mail(self, account: Account | int) -> SqlMailStore:
+        """The mail store of the account's shard (no I/O)."""
+        if isinstance(account, Account):
+            self.directory.shard_cache[account.id] = account.shard
+            return self._store(account.shard)
+        if len(self.stores) == 1:
+            return self.stores[DEFAULT_SHARD]
+        shard = self.directory.shard_cache.get(account)
+        if shard is None:
+            return _ShardRouter(self, account)  # type: ignore[return-value]
+        return self._store(shard)
+
+    @property
+    def shards(self) -> Sequence[str]:
+        return list(self.databases)
+
+    async def migrate(self) -> None:
+        await asyncio.gather(*(db.migrate() for db in self.databases.values()))
+
+    async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
+        """Deletes blobs no shard refers to and older than ``min_age_seconds``
+        (younger ones may belong to an ingest in progress). Returns the count."""
+        referenced: set[str] = set()
+        for store in self.stores.values():
+            referenced |= await store.referenced_blobs()
+        async with self.databases[DEFAULT_SHARD].read() as conn:
+            referenced |= {r[0] for r in await conn.execute(select(queue_messages.c.blob_key))}
+        removed = 0
+        now = time.time()
+        for key in await self.blobs.keys():
+            if key in referenced:
+                continue
+            try:
+                mtime = (await asyncio.to_thread(self.blobs.path(key).stat)).st_mtime
+            except FileNotFoundError:
+                continue
+            if now - mtime >= min_age_seconds:
+                await self.blobs.delete(key)
+                removed += 1
+        return removed
+
+    async def close(self) -> None:
+        await self.events.close()
+        for db in self.databases.values():
+            await db.close()
+
+
+async def open_storage_from_url(
+    url: str,
+    blob_dir: Path | str,
+    shards: dict[str, str] | None = None,
+    *,
+    password_hasher: PasswordHasher | None = None,
+    events: str = "auto",
+) -> SqlStorage:
+    """Opens (and migrates) storage at ``url`` with blobs under ``blob_dir``.
+
+    ``password_hasher`` lets tests use cheap argon2 parameters
+    (``PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)``).
+    ``events``: "auto" carries changes between instances with PostgreSQL
+    LISTEN/NOTIFY when the main database is PostgreSQL and stays in-process
+    on SQLite; "inprocess" forces the in-process bus.
+    """
+    if events not in ("auto", "inprocess"):
+        raise errors.invalid(f"unknown event bus {events!r}")
+    databases = {DEFAULT_SHARD: Database(url)}
+    for name, shard_url in (shards or {}).items():
+        if name == DEFAULT_SHARD:
+            raise errors.invalid('the main storage url is shard "default"')
+        databases[name] = Database(shard_url)
+    bus: InProcessEventBus | PgNotifyEventBus | None = None
+    if events == "auto" and databases[DEFAULT_SHARD].dialect == "postgresql":
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        bus = PgNotifyEventBus(dsn)
+    storage = SqlStorage(databases, open_blob_store(blob_dir), hasher=password_hasher, events=bus)
+    try:
+        if isinstance(bus, PgNotifyEventBus):
+            await bus.start()
+        await storage.migrate()
+        await storage.directory.load_shard_map()
+    except BaseException:
+        await storage.close()
+        raise
+    return storage
+
+
+async def open_storage(
+    settings: StorageSettings,
+    *,
+    data_dir: Path | str | None = None,
+    password_hasher: PasswordHasher | None = None,
+) -> SqlStorage:
+    """Opens the storage that ``settings`` describe and runs migrations.
+
+    An empty ``url`` or ``blob_dir`` means "inside ``data_dir``" (a SQLite
+    file ``shardmail.db`` and ``blobs/``); INVALID if neither is given.
+    """
+    url, blob_dir = settings.url, settings.blob_dir
+    if not url or not blob_dir:
+        if data_dir is None:
+            raise errors.invalid("storage url and blob_dir need a data_dir default")
+        base = Path(data_dir)
+        await asyncio.to_thread(base.mkdir, parents=True, exist_ok=True)
+        url = url or f"sqlite+aiosqlite:///{(base / 'shardmail.db').resolve()}"
+        blob_dir = blob_dir or str(base / "blobs")
+    return await open_storage_from_url(
+        url, blob_dir, dict(settings.shards), password_hasher=password_hasher
+    )

@@ -1,0 +1,28 @@
+"""Blob store backends: raw RFC 5322 bytes, content-addressed by SHA-256.
+
+``fs`` is the default (a directory tree on local disk). An S3-compatible
+backend belongs beside it as ``storage/blob/s3.py`` implementing the same
+:class:`storage.api.BlobStore` protocol; :func:`open_blob_store` picks by URL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage.blob.fs import FsBlobStore
+
+
+def open_blob_store(location: str | Path) -> FsBlobStore:
+    """A blob store for ``location``: a directory path (or ``file://`` URL).
+
+    ``s3://bucket/prefix`` is where the S3 backend plugs in.
+    """
+    loc = str(location)
+    if loc.startswith("s3://"):
+        raise NotImplementedError("the S3 blob backend is not built yet")
+    if loc.startswith("file://"):
+        loc = loc[len("file://") :]
+    return FsBlobStore(Path(loc))
+
+
+__all__ = ["FsBlobStore", "open_blob_store"]

@@ -1,0 +1,168 @@
+"""Filesystem blob store: ``root/ab/cd/<sha256 hex>``.
+
+Durability: bytes go to a temporary file in the final directory, which is
+fsynced, renamed into place with ``os.replace`` (atomic on POSIX) and then
+the directory is fsynced, so a key once returned survives a crash. All file
+I/O runs in a worker thread; the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from storage.errors import ErrorKind, StorageError
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+def _check_key(key: str) -> str:
+    # Keys become paths: anything but a sha256 hex digest is refused.
+    if not _KEY.match(key):
+        raise StorageError(ErrorKind.INVALID, "bad blob key")
+    return key
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FsBlobStore:
+    """A :class:`storage.api.BlobStore` over a local directory tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        _check_key(key)
+        return self.root / key[:2] / key[2:4] / key
+
+    # --- writes -------------------------------------------------------------
+
+    def _install(self, tmp_path: Path, key: str) -> None:
+        """Moves a fsynced temp file to the key's path durably."""
+        final = self.path(key)
+        if final.exists():  # same bytes already stored: blobs are immutable
+            tmp_path.unlink(missing_ok=True)
+            return
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
+
+    def _tmp_in(self, directory: Path) -> tuple[int, Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        return fd, Path(name)
+
+    def _put_sync(self, data: bytes) -> str:
+        key = hashlib.sha256(data).hexdigest()
+        final = self.path(key)
+        if final.exists():
+            return key
+        fd, tmp = self._tmp_in(final.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._install(tmp, key)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return key
+
+    def _put_file_sync(self, src: Path) -> str:
+        # Stream into a temp file at the root while hashing, then move it
+        # under the key's directory (same filesystem: rename is atomic).
+        digest = hashlib.sha256()
+        fd, tmp = self._tmp_in(self.root)
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                while chunk := inp.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            key = digest.hexdigest()
+            self.path(key).parent.mkdir(parents=True, exist_ok=True)
+            self._install(tmp, key)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return key
+
+    async def put(self, data: bytes) -> str:
+        """Durable on return; the same bytes give the same key."""
+        return await asyncio.to_thread(self._put_sync, bytes(data))
+
+    async def put_file(self, path: Path) -> str:
+        """Stores a file's bytes in chunks, never all in memory."""
+        return await asyncio.to_thread(self._put_file_sync, Path(path))
+
+    # --- reads --------------------------------------------------------------
+
+    def _read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        try:
+            with open(self.path(key), "rb") as f:
+                if start:
+                    f.seek(start)
+                return f.read() if end is None else f.read(max(0, end - start))
+        except FileNotFoundError:
+            raise StorageError(ErrorKind.NOT_FOUND, "no such blob") from None
+
+    async def get(self, key: str) -> bytes:
+        """The whole blob; NOT_FOUND if absent."""
+        return await asyncio.to_thread(self._read, key)
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` .. ``end`` (exclusive), clipped to the blob's size."""
+        if start < 0 or end < start:
+            raise StorageError(ErrorKind.INVALID, "bad byte range")
+        return await asyncio.to_thread(self._read, key, start, end)
+
+    async def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """The blob in chunks of at most ``chunk_size`` bytes."""
+        path = self.path(key)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError:
+            raise StorageError(ErrorKind.NOT_FOUND, "no such blob") from None
+        try:
+            while chunk := await asyncio.to_thread(f.read, chunk_size):
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self.path(key).is_file)
+
+    async def size(self, key: str) -> int:
+        """The blob's length in bytes; NOT_FOUND if absent."""
+        try:
+            return (await asyncio.to_thread(self.path(key).stat)).st_size
+        except FileNotFoundError:
+            raise StorageError(ErrorKind.NOT_FOUND, "no such blob") from None
+
+    async def delete(self, key: str) -> None:
+        """Removes the blob; a missing blob is not an error (GC is idempotent)."""
+        await asyncio.to_thread(self.path(key).unlink, True)
+
+    def _keys(self) -> list[str]:
+        out = []
+        for _dirpath, _dirs, files in os.walk(self.root):
+            out.extend(name for name in files if _KEY.match(name))
+        return sorted(out)
+
+    async def keys(self) -> list[str]:
+        """Every stored key, sorted."""
+        return await asyncio.to_thread(self._keys)

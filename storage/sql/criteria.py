@@ -1,0 +1,416 @@
+"""Evaluating a :mod:`storage.search` criteria tree against the SQL schema.
+
+Two evaluators that agree: :func:`to_sql` turns a criterion into an exact SQL
+condition where SQL can decide it exactly (flags, UIDs, sizes, day
+comparisons, ASCII substrings of the indexed text columns), and
+:func:`matches` decides any criterion in Python over a fetched
+:class:`Candidate`. A tree that SQL cannot decide whole is narrowed by the
+:func:`superset` condition and finished by :func:`matches`.
+
+RFC 3501 section 6.4.4: string matches are case-insensitive substrings;
+dates compare by calendar day, ignoring time and timezone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import email.header
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    column,
+    false,
+    func,
+    literal_column,
+    not_,
+    or_,
+    select,
+    table,
+    true,
+)
+from sqlalchemy.sql.elements import ColumnClause
+
+from storage.model import SYSTEM_FLAGS, UidSet
+from storage.search import (
+    All,
+    And,
+    Criteria,
+    Date,
+    Flag,
+    Header,
+    ModSeq,
+    Not,
+    Or,
+    Size,
+    Text,
+    Uids,
+)
+from storage.sql.schema import mailbox_entries as E
+from storage.sql.schema import messages as M
+
+# Bit of each system flag in mailbox_entries.sysflags.
+FLAG_BITS: dict[str, int] = {flag: 1 << i for i, flag in enumerate(SYSTEM_FLAGS)}
+_FLAG_BY_FOLDED = {flag.casefold(): flag for flag in SYSTEM_FLAGS}
+
+# Header fields whose decoded text is a column (the others are read from the blob).
+HEADER_COLUMNS: dict[str, Any] = {
+    "subject": M.c.subject,
+    "from": M.c.from_text,
+    "to": M.c.to_text,
+    "cc": M.c.cc_text,
+}
+
+# Beyond this many UID ranges an OR of ranges gets unwieldy for the SQL parser.
+MAX_SQL_UID_RANGES = 200
+
+
+def system_flag(flag: str) -> str | None:
+    """The canonical spelling of a system flag, None for a keyword."""
+    return _FLAG_BY_FOLDED.get(flag.casefold())
+
+
+def like_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def keyword_condition(keyword: str) -> ColumnElement[bool]:
+    # keywords is stored " kw1 kw2 "; keywords are ASCII atoms (RFC 3501 section 9).
+    return func.lower(E.c.keywords).like(f"% {like_escape(keyword.lower())} %", escape="\\")
+
+
+def uid_condition(
+    col: ColumnClause[Any] | Any, uids: UidSet, max_uid: int | None
+) -> ColumnElement[bool] | None:
+    """Exact SQL for membership in ``uids``; None when there are too many ranges.
+
+    ``n:*`` covers the highest UID even when ``n`` exceeds it (RFC 3501
+    section 9, seq-range).
+    """
+    if len(uids.ranges) > MAX_SQL_UID_RANGES:
+        return None
+    singles: list[int] = []
+    parts: list[ColumnElement[bool]] = []
+    for first, last in uids.ranges:
+        if last is None:
+            lo = first if max_uid is None else min(first, max_uid)
+            parts.append(col >= lo)
+        elif first == last:
+            singles.append(first)
+        else:
+            parts.append(col.between(first, last))
+    if singles:
+        parts.append(col.in_(singles))
+    if not parts:
+        return false()
+    return or_(*parts) if len(parts) > 1 else parts[0]
+
+
+class UidMatcher:
+    """Fast membership in a UidSet with ``*`` resolved against ``max_uid``."""
+
+    def __init__(self, uids: UidSet, max_uid: int | None) -> None:
+        self._starts: list[int] = []
+        self._ends: list[float] = []
+        for first, last in uids.ranges:
+            if last is None:
+                lo = first if max_uid is None else min(first, max_uid)
+                self._starts.append(lo)
+                self._ends.append(float("inf"))
+            else:
+                self._starts.append(first)
+                self._ends.append(last)
+        order = sorted(range(len(self._starts)), key=self._starts.__getitem__)
+        self._starts = [self._starts[i] for i in order]
+        self._ends = [self._ends[i] for i in order]
+        # Running maximum of ends, so one bisect answers for overlapping ranges.
+        running = float("-inf")
+        self._reach: list[float] = []
+        for end in self._ends:
+            running = max(running, end)
+            self._reach.append(running)
+
+    def __contains__(self, uid: int) -> bool:
+        i = bisect.bisect_right(self._starts, uid) - 1
+        return i >= 0 and self._reach[i] >= uid
+
+    def bounds(self) -> tuple[int, float] | None:
+        if not self._starts:
+            return None
+        return self._starts[0], self._reach[-1]
+
+
+@dataclass
+class Context:
+    """What evaluation needs beyond the tree: the mailbox's highest UID and
+    whether the SQLite FTS5 trigram index may narrow substring searches."""
+
+    max_uid: int | None
+    sqlite_fts: bool = False
+
+
+_FTS = table("messages_fts", column("rowid"))
+FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
+
+
+def _text_condition(col: Any, fts_column: str, value: str, ctx: Context) -> ColumnElement[bool]:
+    """Case-insensitive substring; on SQLite the trigram index narrows first
+    (its matches are a superset of the LIKE's for ASCII values)."""
+    cond = col.icontains(value, autoescape=True)
+    if ctx.sqlite_fts and len(value) >= FTS_MIN_LENGTH:
+        phrase = value.replace('"', '""')
+        query = f'{{{fts_column}}} : "{phrase}"'
+        hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
+        cond = and_(M.c.id.in_(hits), cond)
+    return cond
+
+
+def _day_condition(c: Date) -> ColumnElement[bool]:
+    col = (
+        E.c.internal_day if c.field == "internal" else func.coalesce(M.c.sent_day, E.c.internal_day)
+    )
+    day = c.date.toordinal()
+    if c.op == "before":
+        return col < day
+    if c.op == "on":
+        return col == day
+    return col >= day
+
+
+def to_sql(c: Criteria, ctx: Context) -> ColumnElement[bool] | None:
+    """An exact SQL condition for ``c``, or None if SQL cannot decide it exactly."""
+    if isinstance(c, All):
+        return true()
+    if isinstance(c, Flag):
+        sysflag = system_flag(c.flag)
+        if sysflag is not None:
+            cond = E.c.sysflags.op("&")(FLAG_BITS[sysflag]) != 0
+        else:
+            cond = keyword_condition(c.flag)
+        return cond if c.present else not_(cond)
+    if isinstance(c, Header):
+        col = HEADER_COLUMNS.get(c.name.lower())
+        if col is None or not c.value or not c.value.isascii():
+            return None
+        return _text_condition(col, col.name, c.value, ctx)
+    if isinstance(c, Text):
+        if not c.value:
+            return true()
+        if c.where != "body" or not c.value.isascii():
+            return None
+        return _text_condition(M.c.body_text, "body_text", c.value, ctx)
+    if isinstance(c, Date):
+        return _day_condition(c)
+    if isinstance(c, Size):
+        return E.c.size > c.octets if c.op == "larger" else E.c.size < c.octets
+    if isinstance(c, Uids):
+        return uid_condition(E.c.uid, c.uids, ctx.max_uid)
+    if isinstance(c, ModSeq):
+        return E.c.modseq >= c.modseq
+    if isinstance(c, Not):
+        inner = to_sql(c.term, ctx)
+        return None if inner is None else not_(inner)
+    if isinstance(c, Or):
+        left, right = to_sql(c.left, ctx), to_sql(c.right, ctx)
+        return None if left is None or right is None else or_(left, right)
+    if isinstance(c, And):
+        parts = [to_sql(t, ctx) for t in c.terms]
+        if any(p is None for p in parts):
+            return None
+        return and_(true(), *parts)  # type: ignore[arg-type]
+    raise TypeError(f"unknown search criterion {c!r}")
+
+
+def superset(c: Criteria, ctx: Context) -> ColumnElement[bool] | None:
+    """A SQL condition every match satisfies (None: no narrowing possible)."""
+    exact = to_sql(c, ctx)
+    if exact is not None:
+        return exact
+    if isinstance(c, And):
+        parts = [p for p in (superset(t, ctx) for t in c.terms) if p is not None]
+        return and_(*parts) if parts else None
+    if isinstance(c, Or):
+        left, right = superset(c.left, ctx), superset(c.right, ctx)
+        return None if left is None or right is None else or_(left, right)
+    if isinstance(c, Uids):
+        bounds = UidMatcher(c.uids, ctx.max_uid).bounds()
+        if bounds is None:
+            return false()
+        lo, hi = bounds
+        return E.c.uid >= lo if hi == float("inf") else E.c.uid.between(lo, int(hi))
+    return None
+
+
+def needs_headers(c: Criteria) -> bool:
+    """True if deciding ``c`` in Python needs the raw header of the message."""
+    if isinstance(c, Header):
+        return c.name.lower() not in HEADER_COLUMNS or not c.value
+    if isinstance(c, Text):
+        return c.where == "text" and bool(c.value)
+    if isinstance(c, Not):
+        return needs_headers(c.term)
+    if isinstance(c, Or):
+        return needs_headers(c.left) or needs_headers(c.right)
+    if isinstance(c, And):
+        return any(needs_headers(t) for t in c.terms)
+    return False
+
+
+@dataclass
+class Candidate:
+    """One mailbox entry with the fields Python evaluation reads."""
+
+    uid: int
+    sysflags: int
+    keywords: str
+    modseq: int
+    size: int
+    internal_day: int
+    sent_day: int | None
+    subject: str
+    from_text: str
+    to_text: str
+    cc_text: str
+    body_text: str
+    header: bytes | None = None  # the raw top-level header; None: not loaded yet
+    _fields: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    def _raw_header(self) -> bytes:
+        if self.header is None:
+            raise NeedHeader
+        return self.header
+
+    def header_values(self, name: str) -> list[str]:
+        """Unfolded values of the field ``name``, RFC 2047 encoded words decoded."""
+        if self._fields is None:
+            text = self._raw_header().decode("utf-8", errors="replace")
+            self._fields = {}
+            for line in _FOLD.sub("", text).splitlines():  # RFC 5322 section 2.2.3
+                key, colon, value = line.partition(":")
+                key = key.strip()
+                if colon and key and " " not in key:
+                    self._fields.setdefault(key.lower(), []).append(_decode_words(value.strip()))
+        return self._fields.get(name.lower(), [])
+
+    def header_text(self) -> str:
+        """The raw header, unfolded (RFC 5322 section 2.2.3), for TEXT searches."""
+        raw = self._raw_header().decode("utf-8", errors="replace")
+        return raw.replace("\r\n", "\n").replace("\n ", " ").replace("\n\t", " ")
+
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded (storage.mime's decoder when present)."""
+    if "=?" not in value:
+        return value
+    try:
+        from storage.mime import decode_words  # the ingest's decoder, if built
+    except ImportError:
+        try:
+            return str(email.header.make_header(email.header.decode_header(value)))
+        except Exception:
+            return value
+    try:
+        return decode_words(value)
+    except Exception:
+        return value
+
+
+class NeedHeader(Exception):
+    """Raised by a Candidate whose header is needed but not loaded."""
+
+
+def _contains(haystack: str, needle: str) -> bool:
+    return needle.casefold() in haystack.casefold()
+
+
+def matches(c: Criteria, m: Candidate, ctx: Context) -> bool:
+    """Decides ``c`` for one candidate exactly (the reference semantics)."""
+    if isinstance(c, All):
+        return True
+    if isinstance(c, Flag):
+        sysflag = system_flag(c.flag)
+        if sysflag is not None:
+            has = bool(m.sysflags & FLAG_BITS[sysflag])
+        else:
+            has = c.flag.lower() in m.keywords.lower().split()
+        return has == c.present
+    if isinstance(c, Header):
+        name = c.name.lower()
+        if name in HEADER_COLUMNS and c.value:
+            text = {"subject": m.subject, "from": m.from_text, "to": m.to_text, "cc": m.cc_text}
+            return _contains(text[name], c.value)
+        values = m.header_values(name)
+        if not c.value:
+            return bool(values)
+        return any(_contains(v, c.value) for v in values)
+    if isinstance(c, Text):
+        if not c.value:
+            return True
+        if _contains(m.body_text, c.value):
+            return True
+        if c.where == "body":
+            return False
+        if any(_contains(t, c.value) for t in (m.subject, m.from_text, m.to_text, m.cc_text)):
+            return True
+        # Raw header text; the usual encoded-word fields were matched decoded above.
+        return _contains(m.header_text(), c.value)
+    if isinstance(c, Date):
+        day = m.internal_day if c.field == "internal" else (m.sent_day or m.internal_day)
+        target = c.date.toordinal()
+        if c.op == "before":
+            return day < target
+        if c.op == "on":
+            return day == target
+        return day >= target
+    if isinstance(c, Size):
+        return m.size > c.octets if c.op == "larger" else m.size < c.octets
+    if isinstance(c, Uids):
+        return m.uid in UidMatcher(c.uids, ctx.max_uid)
+    if isinstance(c, ModSeq):
+        return m.modseq >= c.modseq
+    if isinstance(c, Not):
+        return not matches(c.term, m, ctx)
+    if isinstance(c, Or):
+        return matches(c.left, m, ctx) or matches(c.right, m, ctx)
+    if isinstance(c, And):
+        return all(matches(t, m, ctx) for t in c.terms)
+    raise TypeError(f"unknown search criterion {c!r}")
+
+
+def compile_matcher(c: Criteria, ctx: Context) -> Callable[[Candidate], bool]:
+    """``matches`` with the UID sets pre-indexed (one bisect per entry)."""
+    cache: dict[int, UidMatcher] = {}
+
+    def walk(node: Criteria) -> None:
+        if isinstance(node, Uids):
+            cache[id(node)] = UidMatcher(node.uids, ctx.max_uid)
+        elif isinstance(node, Not):
+            walk(node.term)
+        elif isinstance(node, Or):
+            walk(node.left)
+            walk(node.right)
+        elif isinstance(node, And):
+            for t in node.terms:
+                walk(t)
+
+    walk(c)
+
+    def run(node: Criteria, m: Candidate) -> bool:
+        if isinstance(node, Uids):
+            return m.uid in cache[id(node)]
+        if isinstance(node, Not):
+            return not run(node.term, m)
+        if isinstance(node, Or):
+            return run(node.left, m) or run(node.right, m)
+        if isinstance(node, And):
+            return all(run(t, m) for t in node.terms)
+        return matches(node, m, ctx)
+
+    return lambda m: run(c, m)

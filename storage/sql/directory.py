@@ -1,0 +1,430 @@
+"""The SQL directory: domains, accounts, aliases and the account -> shard map.
+
+It lives in the default shard's database. Passwords are hashed with argon2id
+(argon2-cffi) in a worker thread; authentication of an unknown login verifies
+against a dummy hash so both answers take the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import Argon2Error, InvalidHashError
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage import errors
+from storage.api import Route
+from storage.model import Account, Alias, Domain
+from storage.sql.db import Database
+from storage.sql.mailstore import SqlMailStore
+from storage.sql.schema import accounts, aliases, domains
+
+MAX_ADDRESS = 254  # RFC 5321 section 4.5.3.1.3 path limit, less the brackets
+MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
+MAX_DOMAIN = 255  # RFC 5321 section 4.5.3.1.2
+MAX_ALIAS_DEPTH = 8  # alias -> alias chains are followed this far
+PLUS_SEPARATOR = "+"
+
+
+def normalize_domain(name: str) -> str:
+    """Lower-case IDNA A-label form; INVALID if malformed."""
+    name = name.strip().rstrip(".").lower()
+    if not name or len(name) > MAX_DOMAIN or any(c.isspace() or c in "@/\\" for c in name):
+        raise errors.invalid("bad domain name")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise errors.invalid("bad domain name") from None
+    if any(not label or len(label) > 63 for label in name.split(".")):
+        raise errors.invalid("bad domain name")
+    return name
+
+
+def normalize_address(address: str) -> str:
+    """``local@domain`` lower-cased, angle brackets stripped; INVALID if malformed."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    local, at, domain = address.rpartition("@")
+    if not at or not local or len(local) > MAX_LOCAL_PART or len(address) > MAX_ADDRESS:
+        raise errors.invalid("bad address")
+    if any(c.isspace() or ord(c) < 32 for c in local):
+        raise errors.invalid("bad address")
+    return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        id=row.id,
+        address=row.address,
+        password_hash=row.password_hash,
+        shard=row.shard,
+        quota_bytes=row.quota_bytes,
+        created=dt.datetime.fromtimestamp(row.created, dt.UTC),
+    )
+
+
+class SqlDirectory:
+    """A :class:`storage.api.Directory` over the default shard's database.
+
+    ``mail_store_for(shard)`` gives the mail store where an account's
+    mailboxes live; ``shard_cache`` is kept up to date with every account
+    this directory sees, so ``Storage.mail(account_id)`` needs no I/O.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        mail_store_for: Callable[[str], SqlMailStore],
+        shard_names: list[str],
+        hasher: PasswordHasher | None = None,
+        shard_cache: dict[int, str] | None = None,
+    ) -> None:
+        self.db = db
+        self._mail_store_for = mail_store_for
+        self._shards = shard_names
+        self.hasher = hasher or PasswordHasher()
+        self.shard_cache: dict[int, str] = shard_cache if shard_cache is not None else {}
+        self._dummy_hash: str | None = None
+
+    # --- domains -------------------------------------------------------------
+
+    async def add_domain(self, name: str) -> Domain:
+        """EXISTS if present."""
+        name = normalize_domain(name)
+        async with self.db.write() as conn:
+            try:
+                async with conn.begin_nested():
+                    result = await conn.execute(insert(domains).values(name=name))
+            except IntegrityError:
+                raise errors.exists("domain exists") from None
+            return Domain(int(result.inserted_primary_key[0]), name)
+
+    async def list_domains(self) -> list[Domain]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(select(domains).order_by(domains.c.name))
+            return [Domain(r.id, r.name) for r in rows]
+
+    async def remove_domain(self, name: str) -> None:
+        """INVALID while accounts or aliases of the domain exist; NOT_FOUND if absent."""
+        name = normalize_domain(name)
+        async with self.db.write() as conn:
+            row = (await conn.execute(select(domains).where(domains.c.name == name))).first()
+            if row is None:
+                raise errors.not_found("no such domain")
+            used = (
+                await conn.execute(
+                    select(func.count()).select_from(accounts).where(accounts.c.domain_id == row.id)
+                )
+            ).scalar()
+            suffix = "@" + name
+            used_alias = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(aliases)
+                    .where(aliases.c.source.endswith(suffix, autoescape=True))
+                )
+            ).scalar()
+            if used or used_alias:
+                raise errors.invalid("domain still has accounts or aliases")
+            await conn.execute(delete(domains).where(domains.c.id == row.id))
+
+    async def is_local_domain(self, name: str) -> bool:
+        try:
+            name = normalize_domain(name)
+        except errors.StorageError:
+            return False
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(domains.c.id).where(domains.c.name == name))).first()
+            return row is not None
+
+    # --- accounts --------------------------------------------------------------
+
+    async def _hash(self, password: str) -> str:
+        return await asyncio.to_thread(self.hasher.hash, password)
+
+    async def add_account(
+        self, address: str, password: str, quota_bytes: int | None = None, shard: str | None = None
+    ) -> Account:
+        """Creates the account and its default mailboxes in ``shard`` (the
+        default shard if None). NOT_FOUND for an unknown domain, EXISTS if taken,
+        INVALID for an unknown shard."""
+        address = normalize_address(address)
+        shard = shard or "default"
+        if shard not in self._shards:
+            raise errors.invalid(f"no such shard {shard!r}")
+        if quota_bytes is not None and quota_bytes < 0:
+            raise errors.invalid("quota must not be negative")
+        password_hash = await self._hash(password)
+        domain = address.rpartition("@")[2]
+        async with self.db.write() as conn:
+            dom = (await conn.execute(select(domains.c.id).where(domains.c.name == domain))).first()
+            if dom is None:
+                raise errors.not_found("no such domain")
+            try:
+                async with conn.begin_nested():
+                    result = await conn.execute(
+                        insert(accounts).values(
+                            address=address,
+                            domain_id=dom.id,
+                            password_hash=password_hash,
+                            shard=shard,
+                            quota_bytes=quota_bytes,
+                            created=time.time(),
+                        )
+                    )
+            except IntegrityError:
+                raise errors.exists("account exists") from None
+            account_id = int(result.inserted_primary_key[0])
+            row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).one()
+        account = _account(row)
+        store = self._mail_store_for(shard)
+        try:
+            await store.init_account(account.id, quota_bytes)
+            await store.create_default_mailboxes(account.id)
+        except BaseException:
+            # The shard may be another database: undo the directory row by hand.
+            async with self.db.write() as conn:
+                await conn.execute(delete(accounts).where(accounts.c.id == account.id))
+            raise
+        self.shard_cache[account.id] = shard
+        return account
+
+    async def get_account(self, address: str) -> Account:
+        """By exact address, case-insensitive. NOT_FOUND if none."""
+        try:
+            address = normalize_address(address)
+        except errors.StorageError:
+            raise errors.not_found("no such account") from None
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(select(accounts).where(accounts.c.address == address))
+            ).first()
+        if row is None:
+            raise errors.not_found("no such account")
+        self.shard_cache[row.id] = row.shard
+        return _account(row)
+
+    async def get_account_by_id(self, account_id: int) -> Account:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
+        if row is None:
+            raise errors.not_found("no such account")
+        self.shard_cache[row.id] = row.shard
+        return _account(row)
+
+    async def list_accounts(self, domain: str | None = None) -> list[Account]:
+        stmt = select(accounts).order_by(accounts.c.address)
+        if domain is not None:
+            stmt = stmt.join(domains, domains.c.id == accounts.c.domain_id).where(
+                domains.c.name == normalize_domain(domain)
+            )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        for r in rows:
+            self.shard_cache[r.id] = r.shard
+        return [_account(r) for r in rows]
+
+    async def load_shard_map(self) -> dict[int, str]:
+        """Refreshes the whole account -> shard cache (at open)."""
+        async with self.db.read() as conn:
+            rows = (await conn.execute(select(accounts.c.id, accounts.c.shard))).all()
+        self.shard_cache.update({r.id: r.shard for r in rows})
+        return self.shard_cache
+
+    async def set_password(self, address: str, password: str) -> None:
+        account = await self.get_account(address)
+        password_hash = await self._hash(password)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(accounts)
+                .where(accounts.c.id == account.id)
+                .values(password_hash=password_hash)
+            )
+
+    async def set_quota(self, address: str, quota_bytes: int | None) -> None:
+        if quota_bytes is not None and quota_bytes < 0:
+            raise errors.invalid("quota must not be negative")
+        account = await self.get_account(address)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(accounts).where(accounts.c.id == account.id).values(quota_bytes=quota_bytes)
+            )
+        await self._mail_store_for(account.shard).set_quota(account.id, quota_bytes)
+
+    async def set_shard(self, address: str, shard: str) -> None:
+        """Points the account at another shard (the last step of a move)."""
+        if shard not in self._shards:
+            raise errors.invalid(f"no such shard {shard!r}")
+        account = await self.get_account(address)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(accounts).where(accounts.c.id == account.id).values(shard=shard)
+            )
+        self.shard_cache[account.id] = shard
+
+    async def remove_account(self, address: str) -> None:
+        """Removes the account, its aliases' references to it stay (an alias
+        to a removed account forwards nowhere), its mailboxes and messages."""
+        account = await self.get_account(address)
+        await self._mail_store_for(account.shard).remove_account(account.id)
+        async with self.db.write() as conn:
+            await conn.execute(delete(accounts).where(accounts.c.id == account.id))
+        self.shard_cache.pop(account.id, None)
+
+    async def authenticate(self, login: str, password: str) -> Account | None:
+        """The account if ``password`` matches, else None. An unknown login
+        costs one argon2 verification too, so timing tells nothing."""
+        try:
+            account: Account | None = await self.get_account(login)
+        except errors.StorageError:
+            account = None
+        if account is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = await self._hash("shardmail-dummy-password")
+            await asyncio.to_thread(self._verify, self._dummy_hash, password)
+            return None
+        if not await asyncio.to_thread(self._verify, account.password_hash, password):
+            return None
+        if self.hasher.check_needs_rehash(account.password_hash):
+            await self.set_password(account.address, password)
+        return account
+
+    def _verify(self, password_hash: str, password: str) -> bool:
+        try:
+            return self.hasher.verify(password_hash, password)
+        except (Argon2Error, InvalidHashError):
+            return False
+
+    # --- aliases -----------------------------------------------------------------
+
+    async def add_alias(self, source: str, target: str) -> Alias:
+        """``source`` is an address or ``@domain`` (catch-all) on a local
+        domain (NOT_FOUND otherwise); ``target`` any address. EXISTS if present."""
+        source = self._normalize_source(source)
+        target = normalize_address(target)
+        async with self.db.write() as conn:
+            domain = source.rpartition("@")[2]
+            if (
+                await conn.execute(select(domains.c.id).where(domains.c.name == domain))
+            ).first() is None:
+                raise errors.not_found("alias source is not on a local domain")
+            try:
+                async with conn.begin_nested():
+                    result = await conn.execute(
+                        insert(aliases).values(source=source, target=target)
+                    )
+            except IntegrityError:
+                raise errors.exists("alias exists") from None
+            return Alias(int(result.inserted_primary_key[0]), source, target)
+
+    @staticmethod
+    def _normalize_source(source: str) -> str:
+        source = source.strip()
+        if source.startswith("@"):
+            return "@" + normalize_domain(source[1:])
+        return normalize_address(source)
+
+    async def list_aliases(self) -> list[Alias]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(select(aliases).order_by(aliases.c.source, aliases.c.target))
+            return [Alias(r.id, r.source, r.target) for r in rows]
+
+    async def remove_alias(self, source: str, target: str | None = None) -> None:
+        """Removes one alias, or every alias of ``source``; NOT_FOUND if none."""
+        source = self._normalize_source(source)
+        stmt = delete(aliases).where(aliases.c.source == source)
+        if target is not None:
+            stmt = stmt.where(aliases.c.target == normalize_address(target))
+        async with self.db.write() as conn:
+            result = await conn.execute(stmt)
+            if not result.rowcount:
+                raise errors.not_found("no such alias")
+
+    # --- routing -----------------------------------------------------------------
+
+    async def resolve(self, address: str) -> Route:
+        """Exact account, then exact alias, then plus-address (``user+tag@d``
+        -> ``user@d``, RFC 5233 subaddress), then catch-all ``@d``. Alias
+        targets on local domains are resolved again (up to a depth limit);
+        others are forwarded."""
+        try:
+            address = normalize_address(address)
+        except errors.StorageError:
+            return Route(address, False, (), ())
+        async with self.db.read() as conn:
+            found: dict[int, Account] = {}
+            forward: list[str] = []
+            domain = address.rpartition("@")[2]
+            local_domains = {r[0] for r in await conn.execute(select(domains.c.name))}
+            if domain not in local_domains:
+                return Route(address, False, (), ())
+            await self._expand(conn, address, local_domains, found, forward, set(), 0)
+        for acct in found.values():
+            self.shard_cache[acct.id] = acct.shard
+        return Route(address, True, tuple(found.values()), tuple(dict.fromkeys(forward)))
+
+    async def _lookup(self, conn: Any, address: str) -> tuple[Account | None, list[str]]:
+        row = (await conn.execute(select(accounts).where(accounts.c.address == address))).first()
+        if row is not None:
+            return _account(row), []
+        targets = [
+            r[0]
+            for r in await conn.execute(
+                select(aliases.c.target).where(aliases.c.source == address).order_by(aliases.c.id)
+            )
+        ]
+        return None, targets
+
+    async def _expand(
+        self,
+        conn: Any,
+        address: str,
+        local_domains: set[str],
+        found: dict[int, Account],
+        forward: list[str],
+        seen: set[str],
+        depth: int,
+    ) -> None:
+        if address in seen or depth > MAX_ALIAS_DEPTH:
+            return
+        seen.add(address)
+        local, _, domain = address.rpartition("@")
+        if domain not in local_domains:
+            forward.append(address)
+            return
+        account, targets = await self._lookup(conn, address)
+        if account is None and not targets and PLUS_SEPARATOR in local:
+            base = local.split(PLUS_SEPARATOR, 1)[0]
+            if base:
+                account, targets = await self._lookup(conn, f"{base}@{domain}")
+        if account is None and not targets:
+            account, targets = await self._lookup(conn, "@" + domain)
+        if account is not None:
+            found[account.id] = account
+        for target in targets:
+            await self._expand(conn, target, local_domains, found, forward, seen, depth + 1)
+
+    async def addresses_of(self, account: Account) -> list[str]:
+        """The account's address, then every alias source whose expansion
+        (through alias chains) reaches it."""
+        async with self.db.read() as conn:
+            rows = (await conn.execute(select(aliases.c.source, aliases.c.target))).all()
+        reverse: dict[str, list[str]] = {}
+        for src, tgt in rows:
+            reverse.setdefault(tgt, []).append(src)
+        out = [account.address]
+        queue = [account.address]
+        while queue:
+            for src in sorted(reverse.get(queue.pop(0), ())):
+                if src not in out:
+                    out.append(src)
+                    queue.append(src)
+        return out

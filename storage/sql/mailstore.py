@@ -1,0 +1,1334 @@
+"""The SQL mail store: one shard's mailboxes, messages, flags and change log.
+
+Transactions: every write runs in ``Database.write()`` and starts by locking
+the account's ``shard_accounts`` row (``SELECT ... FOR UPDATE`` on
+PostgreSQL; SQLite writes are serialised anyway). All writes of one account
+are therefore serial, which makes UID allocation, modseq bumps, change-log
+ids and the quota check race-free; commit order equals allocation order, so
+no session ever sees UID n+1 before UID n. Changes are published on the
+event bus only after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from storage import errors
+from storage.api import BlobStore, EventBus
+from storage.errors import ErrorKind, StorageError
+from storage.model import (
+    DEFAULT_MAILBOXES,
+    DELETED,
+    HIERARCHY_DELIMITER,
+    SEEN,
+    AppendResult,
+    Change,
+    ChangeKind,
+    CopyResult,
+    Mailbox,
+    MailboxChanges,
+    MailboxStatus,
+    MessageEntry,
+    ParsedMessage,
+    StoredMessage,
+    StoreMode,
+    StoreResult,
+    UidSet,
+)
+from storage.search import Criteria
+from storage.sql import codec
+from storage.sql import criteria as crit
+from storage.sql.db import Database
+from storage.sql.schema import change_log, expunged, locks, mailboxes, messages, shard_accounts
+from storage.sql.schema import mailbox_entries as E
+
+INBOX = "INBOX"
+MAX_MAILBOX_NAME = 1000  # characters; well below what clients and the column allow
+MAX_KEYWORD = 200
+PARSED_CACHE_SIZE = 4096
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# RFC 3501 section 9: atom-specials may not appear in a flag keyword.
+_ATOM_SPECIALS = set('(){ %*"\\]') | {chr(i) for i in range(32)} | {chr(127)}
+
+
+def normalize_mailbox_name(name: str) -> str:
+    """Validates a mailbox name; "INBOX" in any case becomes "INBOX"
+    (RFC 3501 section 5.1), also as the first level of a hierarchy."""
+    if not name or len(name) > MAX_MAILBOX_NAME:
+        raise errors.invalid("bad mailbox name")
+    if name.startswith(HIERARCHY_DELIMITER) or name.endswith(HIERARCHY_DELIMITER):
+        raise errors.invalid("mailbox name may not start or end with the delimiter")
+    parts = name.split(HIERARCHY_DELIMITER)
+    if any(not p for p in parts) or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise errors.invalid("bad mailbox name")
+    if parts[0].upper() == INBOX:
+        parts[0] = INBOX
+    return HIERARCHY_DELIMITER.join(parts)
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(HIERARCHY_DELIMITER)
+    return [HIERARCHY_DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+
+
+def split_flags(flags: Iterable[str]) -> tuple[int, list[str]]:
+    """System flags as a bit mask and keywords (case-insensitively unique).
+
+    ``\\Recent`` is dropped: it is session state, never stored (RFC 3501
+    section 2.3.2). Another unknown ``\\`` flag or a malformed keyword is INVALID.
+    """
+    mask = 0
+    keywords: dict[str, str] = {}
+    for flag in flags:
+        sysflag = crit.system_flag(flag)
+        if sysflag is not None:
+            mask |= crit.FLAG_BITS[sysflag]
+        elif flag.casefold() == "\\recent":
+            continue
+        elif (
+            not flag
+            or flag.startswith("\\")
+            or len(flag) > MAX_KEYWORD
+            or any(ch in _ATOM_SPECIALS for ch in flag)
+            or not flag.isascii()
+        ):
+            raise errors.invalid(f"bad flag {flag[:40]!r}")
+        else:
+            keywords.setdefault(flag.lower(), flag)
+    return mask, list(keywords.values())
+
+
+def _keywords_text(keywords: Iterable[str]) -> str:
+    kws = sorted(keywords, key=str.lower)
+    return f" {' '.join(kws)} " if kws else " "
+
+
+def _flags_of(mask: int, keywords: str) -> frozenset[str]:
+    out = {flag for flag, bit in crit.FLAG_BITS.items() if mask & bit}
+    out.update(keywords.split())
+    return frozenset(out)
+
+
+def _split_date(when: dt.datetime) -> tuple[int, int, int]:
+    """(epoch microseconds, UTC offset minutes, calendar day ordinal in that zone)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    offset = when.utcoffset() or dt.timedelta(0)
+    micros = (when - _EPOCH) // dt.timedelta(microseconds=1)
+    return micros, int(offset.total_seconds() // 60), when.date().toordinal()
+
+
+def _join_date(micros: int, tz_minutes: int) -> dt.datetime:
+    zone = dt.UTC if tz_minutes == 0 else dt.timezone(dt.timedelta(minutes=tz_minutes))
+    return (_EPOCH + dt.timedelta(microseconds=micros)).astimezone(zone)
+
+
+def _now() -> float:
+    return time.time()
+
+
+_ENTRY_COLUMNS = (
+    E.c.mailbox_id,
+    E.c.uid,
+    E.c.message_id,
+    E.c.sysflags,
+    E.c.keywords,
+    E.c.modseq,
+    E.c.internal_date,
+    E.c.internal_tz,
+    E.c.size,
+    messages.c.blob_key,
+)
+
+
+def _entry(row: Any) -> MessageEntry:
+    return MessageEntry(
+        mailbox_id=row.mailbox_id,
+        uid=row.uid,
+        message_id=row.message_id,
+        flags=_flags_of(row.sysflags, row.keywords),
+        modseq=row.modseq,
+        internal_date=_join_date(row.internal_date, row.internal_tz),
+        size=row.size,
+        blob_key=row.blob_key,
+    )
+
+
+def _mailbox(row: Any) -> Mailbox:
+    return Mailbox(
+        id=row.id,
+        account_id=row.account_id,
+        name=row.name,
+        uidvalidity=row.uidvalidity,
+        uidnext=row.uidnext,
+        highestmodseq=row.highestmodseq,
+        special_use=row.special_use,
+        subscribed=bool(row.subscribed),
+    )
+
+
+@dataclass
+class _Tx:
+    """One account-locked write transaction and the changes it logs."""
+
+    conn: AsyncConnection
+    account_id: int
+    quota_bytes: int | None
+    last_change_id: int
+    next_uidvalidity: int
+    at: float = field(default_factory=_now)
+    used_bytes: int = 0
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    uidvalidity_used: int = 0
+    used_delta: int = 0  # octets added (+) or removed (-) by this transaction
+
+    def change(
+        self,
+        kind: ChangeKind,
+        mailbox_id: int | None,
+        uid: int | None = None,
+        modseq: int | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.pending.append(
+            {
+                "kind": kind.value,
+                "mailbox_id": mailbox_id,
+                "uid": uid,
+                "modseq": modseq,
+                "data": data or {},
+            }
+        )
+
+    def new_uidvalidity(self) -> int:
+        value = self.next_uidvalidity + self.uidvalidity_used
+        self.uidvalidity_used += 1
+        return value
+
+    async def flush(self) -> list[Change]:
+        """Writes the change log rows and counters; returns what to publish."""
+        if not self.pending and not self.uidvalidity_used and not self.used_delta:
+            return []
+        rows = []
+        changes = []
+        when = dt.datetime.fromtimestamp(self.at, dt.UTC)
+        for i, ch in enumerate(self.pending, start=self.last_change_id + 1):
+            rows.append(
+                {
+                    "account_id": self.account_id,
+                    "id": i,
+                    "kind": ch["kind"],
+                    "mailbox_id": ch["mailbox_id"],
+                    "uid": ch["uid"],
+                    "modseq": ch["modseq"],
+                    "at": self.at,
+                    "data": json.dumps(ch["data"], separators=(",", ":")),
+                }
+            )
+            changes.append(
+                Change(
+                    id=i,
+                    account_id=self.account_id,
+                    kind=ChangeKind(ch["kind"]),
+                    mailbox_id=ch["mailbox_id"],
+                    uid=ch["uid"],
+                    modseq=ch["modseq"],
+                    at=when,
+                    data=ch["data"],
+                )
+            )
+        if rows:
+            await self.conn.execute(insert(change_log), rows)
+        await self.conn.execute(
+            update(shard_accounts)
+            .where(shard_accounts.c.account_id == self.account_id)
+            .values(
+                last_change_id=self.last_change_id + len(rows),
+                next_uidvalidity=self.next_uidvalidity + self.uidvalidity_used,
+                used_bytes=max(0, self.used_bytes + self.used_delta),
+            )
+        )
+        return changes
+
+
+class SqlMailStore:
+    """A :class:`storage.api.MailStore` over one shard :class:`Database`."""
+
+    def __init__(
+        self,
+        db: Database,
+        events: EventBus,
+        blobs: BlobStore | None = None,
+        shard: str = "default",
+    ) -> None:
+        self.db = db
+        self.events = events
+        self.blobs = blobs
+        self.shard = shard
+        self._parsed_cache: OrderedDict[int, ParsedMessage] = OrderedDict()
+
+    # --- transactions ------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self, account_id: int) -> AsyncIterator[_Tx]:
+        published: list[Change] = []
+        async with self.db.write() as conn:
+            lock = (
+                select(shard_accounts)
+                .where(shard_accounts.c.account_id == account_id)
+                .with_for_update()
+            )
+            row = (await conn.execute(lock)).first()
+            if row is None:
+                # An account this shard has not seen (created elsewhere, or
+                # moved here): start its counters now.
+                await self._insert_account_row(conn, account_id, None)
+                row = (await conn.execute(lock)).one()
+            tx = _Tx(
+                conn,
+                account_id,
+                quota_bytes=row.quota_bytes,
+                last_change_id=row.last_change_id,
+                next_uidvalidity=row.next_uidvalidity,
+                used_bytes=row.used_bytes,
+            )
+            yield tx
+            published = await tx.flush()
+        # Only committed changes are announced.
+        for change in published:
+            await self.events.publish(change)
+
+    @staticmethod
+    async def _insert_account_row(
+        conn: AsyncConnection, account_id: int, quota_bytes: int | None
+    ) -> None:
+        # Time-based first UIDVALIDITY: a recreated account id never reuses
+        # the values of its predecessor (RFC 3501 section 2.3.1.1).
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    insert(shard_accounts).values(
+                        account_id=account_id,
+                        last_change_id=0,
+                        next_uidvalidity=int(_now()) & 0x7FFFFFFF,
+                        quota_bytes=quota_bytes,
+                        used_bytes=0,
+                    )
+                )
+        except IntegrityError:
+            pass  # created concurrently: fine
+
+    # --- accounts (called by the directory) --------------------------------
+
+    async def init_account(self, account_id: int, quota_bytes: int | None) -> None:
+        """Creates the account's counters in this shard (idempotent)."""
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    select(shard_accounts.c.account_id).where(
+                        shard_accounts.c.account_id == account_id
+                    )
+                )
+            ).first()
+            if row is None:
+                await self._insert_account_row(conn, account_id, quota_bytes)
+            else:
+                await conn.execute(
+                    update(shard_accounts)
+                    .where(shard_accounts.c.account_id == account_id)
+                    .values(quota_bytes=quota_bytes)
+                )
+
+    async def set_quota(self, account_id: int, quota_bytes: int | None) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(shard_accounts)
+                .where(shard_accounts.c.account_id == account_id)
+                .values(quota_bytes=quota_bytes)
+            )
+
+    async def remove_account(self, account_id: int) -> None:
+        """Deletes every mailbox, message and log row of the account here.
+        The blobs stay until garbage collection."""
+        async with self.db.write() as conn:
+            mbox_ids = select(mailboxes.c.id).where(mailboxes.c.account_id == account_id)
+            await conn.execute(delete(E).where(E.c.mailbox_id.in_(mbox_ids)))
+            await conn.execute(delete(expunged).where(expunged.c.mailbox_id.in_(mbox_ids)))
+            await conn.execute(delete(mailboxes).where(mailboxes.c.account_id == account_id))
+            await conn.execute(delete(messages).where(messages.c.account_id == account_id))
+            await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
+            await conn.execute(
+                delete(shard_accounts).where(shard_accounts.c.account_id == account_id)
+            )
+
+    # --- mailboxes -----------------------------------------------------------
+
+    async def _get_mailbox_row(
+        self,
+        conn: AsyncConnection,
+        account_id: int,
+        *,
+        name: str | None = None,
+        mailbox_id: int | None = None,
+    ) -> Any:
+        stmt = select(mailboxes).where(mailboxes.c.account_id == account_id)
+        if name is not None:
+            stmt = stmt.where(mailboxes.c.name == name)
+        else:
+            stmt = stmt.where(mailboxes.c.id == mailbox_id)
+        row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise errors.not_found("no such mailbox")
+        return row
+
+    async def _insert_mailbox(
+        self, tx: _Tx, name: str, special_use: str | None, subscribed: bool = True
+    ) -> int:
+        result = await tx.conn.execute(
+            insert(mailboxes).values(
+                account_id=tx.account_id,
+                name=name,
+                uidvalidity=tx.new_uidvalidity(),
+                uidnext=1,
+                highestmodseq=1,
+                recent_floor=1,
+                special_use=special_use,
+                subscribed=subscribed,
+            )
+        )
+        mailbox_id = int(result.inserted_primary_key[0])
+        tx.change(ChangeKind.MAILBOX, mailbox_id, data={"op": "create", "name": name})
+        return mailbox_id
+
+    async def _existing_names(self, conn: AsyncConnection, account_id: int) -> set[str]:
+        rows = await conn.execute(
+            select(mailboxes.c.name).where(mailboxes.c.account_id == account_id)
+        )
+        return {r[0] for r in rows}
+
+    async def create_default_mailboxes(self, account_id: int) -> None:
+        """INBOX, Sent, Drafts, Trash, Junk, Archive with RFC 6154
+        special-use attributes; existing ones are kept."""
+        async with self._write(account_id) as tx:
+            names = await self._existing_names(tx.conn, account_id)
+            for name, special_use in DEFAULT_MAILBOXES:
+                if name not in names:
+                    await self._insert_mailbox(tx, name, special_use)
+
+    async def list_mailboxes(self, account_id: int) -> list[Mailbox]:
+        """Every mailbox of the account, by name."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(mailboxes)
+                .where(mailboxes.c.account_id == account_id)
+                .order_by(mailboxes.c.name)
+            )
+            found = [_mailbox(r) for r in rows]
+        # INBOX first, as clients expect it at the top of LIST.
+        return sorted(found, key=lambda m: (m.name != INBOX, m.name))
+
+    async def get_mailbox(self, account_id: int, name: str) -> Mailbox:
+        name = normalize_mailbox_name(name)
+        async with self.db.read() as conn:
+            return _mailbox(await self._get_mailbox_row(conn, account_id, name=name))
+
+    async def get_mailbox_by_id(self, account_id: int, mailbox_id: int) -> Mailbox:
+        async with self.db.read() as conn:
+            return _mailbox(await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id))
+
+    async def create_mailbox(
+        self, account_id: int, name: str, special_use: str | None = None
+    ) -> Mailbox:
+        """Creates missing parents too (RFC 3501 section 6.3.3); EXISTS if taken."""
+        name = normalize_mailbox_name(name)
+        async with self._write(account_id) as tx:
+            names = await self._existing_names(tx.conn, account_id)
+            if name in names:
+                raise errors.exists("mailbox exists")
+            for parent in _parents(name):
+                if parent not in names:
+                    await self._insert_mailbox(tx, parent, None)
+            mailbox_id = await self._insert_mailbox(tx, name, special_use)
+            row = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
+        return _mailbox(row)
+
+    async def rename_mailbox(self, account_id: int, old: str, new: str) -> None:
+        """Renames inferiors too and creates missing parents of ``new``;
+        renaming INBOX moves its messages into a new mailbox and leaves INBOX
+        empty (RFC 3501 section 6.3.5). A renamed mailbox keeps its UIDVALIDITY."""
+        old = normalize_mailbox_name(old)
+        new = normalize_mailbox_name(new)
+        async with self._write(account_id) as tx:
+            conn = tx.conn
+            src = await self._get_mailbox_row(conn, account_id, name=old)
+            names = await self._existing_names(conn, account_id)
+            if new in names or new == INBOX:
+                raise errors.exists("target mailbox exists")
+            if new.startswith(old + HIERARCHY_DELIMITER):
+                raise errors.invalid("cannot rename a mailbox into its own inferior")
+            for parent in _parents(new):
+                if parent not in names:
+                    await self._insert_mailbox(tx, parent, None)
+            if old == INBOX:
+                dest_id = await self._insert_mailbox(tx, new, None)
+                dest = await self._get_mailbox_row(conn, account_id, mailbox_id=dest_id)
+                entries = (
+                    await conn.execute(select(E).where(E.c.mailbox_id == src.id).order_by(E.c.uid))
+                ).all()
+                await self._copy_entries(tx, entries, dest)
+                await self._remove_entries(tx, src, [e.uid for e in entries], gc=False)
+                return
+            prefix = old + HIERARCHY_DELIMITER
+            inferiors = [n for n in names if n.startswith(prefix)]
+            for name in [old, *sorted(inferiors)]:
+                renamed = new + name[len(old) :]
+                if renamed in names:
+                    raise errors.exists(f"mailbox {renamed} exists")
+                row = await self._get_mailbox_row(conn, account_id, name=name)
+                await conn.execute(
+                    update(mailboxes).where(mailboxes.c.id == row.id).values(name=renamed)
+                )
+                tx.change(
+                    ChangeKind.MAILBOX, row.id, data={"op": "rename", "old": name, "name": renamed}
+                )
+
+    async def delete_mailbox(self, account_id: int, name: str) -> None:
+        """INVALID for INBOX; the mailbox's messages are expunged. Inferior
+        mailboxes stay (RFC 3501 section 6.3.4)."""
+        name = normalize_mailbox_name(name)
+        if name == INBOX:
+            raise errors.invalid("INBOX cannot be deleted")
+        async with self._write(account_id) as tx:
+            row = await self._get_mailbox_row(tx.conn, account_id, name=name)
+            gone = (
+                await tx.conn.execute(
+                    select(E.c.message_id, E.c.size).where(E.c.mailbox_id == row.id)
+                )
+            ).all()
+            msg_ids = [r.message_id for r in gone]
+            tx.used_delta -= sum(r.size for r in gone)
+            await tx.conn.execute(delete(E).where(E.c.mailbox_id == row.id))
+            await tx.conn.execute(delete(expunged).where(expunged.c.mailbox_id == row.id))
+            await tx.conn.execute(delete(mailboxes).where(mailboxes.c.id == row.id))
+            await self._drop_orphans(tx.conn, msg_ids)
+            tx.change(ChangeKind.MAILBOX, row.id, data={"op": "delete", "name": name})
+
+    async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None:
+        name = normalize_mailbox_name(name)
+        async with self._write(account_id) as tx:
+            row = await self._get_mailbox_row(tx.conn, account_id, name=name)
+            await tx.conn.execute(
+                update(mailboxes).where(mailboxes.c.id == row.id).values(subscribed=subscribed)
+            )
+            tx.change(
+                ChangeKind.MAILBOX,
+                row.id,
+                data={"op": "subscribe" if subscribed else "unsubscribe", "name": name},
+            )
+
+    # --- messages ------------------------------------------------------------
+
+    async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
+        """Stores the parsed form of a blob; threads it by Message-ID,
+        In-Reply-To and References (RFC 5256 REFERENCES, simplified)."""
+        async with self.db.write() as conn:
+            message_id = await self._insert_message(conn, account_id, blob_key, parsed)
+        self._cache_parsed(message_id, parsed)
+        return message_id
+
+    async def _insert_message(
+        self, conn: AsyncConnection, account_id: int, blob_key: str, parsed: ParsedMessage
+    ) -> int:
+        parsed_json = codec.parsed_to_json(parsed)
+        sent = parsed.sent_date
+        if sent is not None and sent.tzinfo is None:
+            sent = sent.replace(tzinfo=dt.UTC)
+        refs = [r for r in (*parsed.references, parsed.in_reply_to) if r]
+        thread_id = None
+        if refs:
+            thread_id = (
+                await conn.execute(
+                    select(messages.c.thread_id)
+                    .where(
+                        messages.c.account_id == account_id,
+                        messages.c.message_id_header.in_(refs[-50:]),
+                    )
+                    .limit(1)
+                )
+            ).scalar()
+        result = await conn.execute(
+            insert(messages).values(
+                account_id=account_id,
+                blob_key=blob_key,
+                size=parsed.size,
+                parsed=parsed_json,
+                thread_id=thread_id,
+                message_id_header=(parsed.message_id or None) and parsed.message_id[:998],
+                sent_date=None if sent is None else sent.timestamp(),
+                sent_day=None if sent is None else sent.date().toordinal(),
+                subject=parsed.subject or "",
+                from_text=parsed.from_text or "",
+                to_text=parsed.to_text or "",
+                cc_text=parsed.cc_text or "",
+                body_text=parsed.body_text or "",
+                created=_now(),
+            )
+        )
+        message_id = int(result.inserted_primary_key[0])
+        if thread_id is None:
+            await conn.execute(
+                update(messages).where(messages.c.id == message_id).values(thread_id=message_id)
+            )
+        return message_id
+
+    async def deliver(
+        self,
+        account_id: int,
+        blob_key: str,
+        parsed: ParsedMessage,
+        targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
+    ) -> list[AppendResult]:
+        """Stores a message row and appends it to every target mailbox
+        (name or id, flags, internal date) in ONE transaction: all targets
+        are committed, or none (NOT_FOUND mailbox, OVER_QUOTA). The ingest
+        path uses this so metadata commits once per account."""
+        results: list[AppendResult] = []
+        async with self._write(account_id) as tx:
+            boxes = []
+            for mailbox, _, _ in targets:
+                if isinstance(mailbox, int):
+                    box = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox)
+                else:
+                    name = normalize_mailbox_name(mailbox)
+                    box = await self._get_mailbox_row(tx.conn, account_id, name=name)
+                boxes.append(box)
+            message_id = await self._insert_message(tx.conn, account_id, blob_key, parsed)
+            uidnext: dict[int, tuple[int, int]] = {}
+            for box, (_, flags, internal_date) in zip(boxes, targets, strict=True):
+                uid, modseq = uidnext.get(box.id, (box.uidnext, box.highestmodseq))
+                result = await self._append_entry(
+                    tx, box, uid, modseq, message_id, parsed.size, flags, internal_date
+                )
+                uidnext[box.id] = (result.uid + 1, result.modseq)
+                results.append(result)
+        self._cache_parsed(message_id, parsed)
+        return results
+
+    async def thread_of(self, account_id: int, message_id: int) -> int | None:
+        """The thread id of a stored message (the id of its thread's first message)."""
+        async with self.db.read() as conn:
+            return (
+                await conn.execute(
+                    select(messages.c.thread_id).where(
+                        messages.c.id == message_id, messages.c.account_id == account_id
+                    )
+                )
+            ).scalar()
+
+    def _cache_parsed(self, message_id: int, parsed: ParsedMessage) -> None:
+        self._parsed_cache[message_id] = parsed
+        self._parsed_cache.move_to_end(message_id)
+        while len(self._parsed_cache) > PARSED_CACHE_SIZE:
+            self._parsed_cache.popitem(last=False)
+
+    def _parsed(self, message_id: int, data: str) -> ParsedMessage:
+        parsed = self._parsed_cache.get(message_id)
+        if parsed is None:
+            parsed = codec.parsed_from_json(data)
+            self._cache_parsed(message_id, parsed)
+        return parsed
+
+    async def _quota_used(self, conn: AsyncConnection, account_id: int) -> int:
+        used = (
+            await conn.execute(
+                select(shard_accounts.c.used_bytes).where(shard_accounts.c.account_id == account_id)
+            )
+        ).scalar()
+        return int(used or 0)
+
+    async def _check_quota(self, tx: _Tx, adding: int) -> None:
+        # RFC 9208 STORAGE: the sum of message sizes in every mailbox.
+        if tx.quota_bytes is not None and adding > 0:
+            if tx.used_bytes + tx.used_delta + adding > tx.quota_bytes:
+                raise StorageError(ErrorKind.OVER_QUOTA, "mailbox quota exceeded")
+
+    async def append(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        message_id: int,
+        flags: Iterable[str] = (),
+        internal_date: dt.datetime | None = None,
+    ) -> AppendResult:
+        """The next UID of the mailbox; OVER_QUOTA if the account would exceed
+        its quota. Durable and published on return."""
+        async with self._write(account_id) as tx:
+            conn = tx.conn
+            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            size = (
+                await conn.execute(
+                    select(messages.c.size).where(
+                        messages.c.id == message_id, messages.c.account_id == account_id
+                    )
+                )
+            ).scalar()
+            if size is None:
+                raise errors.not_found("no such message")
+            return await self._append_entry(
+                tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, size, flags, internal_date
+            )
+
+    async def _append_entry(
+        self,
+        tx: _Tx,
+        mbox: Any,
+        uid: int,
+        highestmodseq: int,
+        message_id: int,
+        size: int,
+        flags: Iterable[str],
+        internal_date: dt.datetime | None,
+    ) -> AppendResult:
+        # ``uid``/``highestmodseq``: the mailbox counters as this transaction sees them.
+        mask, keywords = split_flags(flags)
+        micros, tz, day = _split_date(internal_date or dt.datetime.now(dt.UTC))
+        await self._check_quota(tx, size)
+        tx.used_delta += size
+        modseq = highestmodseq + 1
+        conn = tx.conn
+        await conn.execute(
+            update(mailboxes)
+            .where(mailboxes.c.id == mbox.id)
+            .values(uidnext=uid + 1, highestmodseq=modseq)
+        )
+        await conn.execute(
+            insert(E).values(
+                mailbox_id=mbox.id,
+                uid=uid,
+                message_id=message_id,
+                sysflags=mask,
+                keywords=_keywords_text(keywords),
+                modseq=modseq,
+                internal_date=micros,
+                internal_tz=tz,
+                internal_day=day,
+                size=size,
+            )
+        )
+        tx.change(
+            ChangeKind.NEW,
+            mbox.id,
+            uid,
+            modseq,
+            {"flags": sorted(_flags_of(mask, _keywords_text(keywords)))},
+        )
+        return AppendResult(mbox.id, mbox.uidvalidity, uid, modseq)
+
+    async def _max_uid(self, conn: AsyncConnection, mailbox_id: int) -> int | None:
+        return (
+            await conn.execute(select(func.max(E.c.uid)).where(E.c.mailbox_id == mailbox_id))
+        ).scalar()
+
+    async def _select_entries(
+        self,
+        conn: AsyncConnection,
+        mailbox_id: int,
+        uids: UidSet | None,
+        columns: Sequence[Any],
+        *,
+        with_message: bool = False,
+    ) -> list[Any]:
+        """Rows of the mailbox's entries in ``uids`` (all if None), UID order."""
+        stmt = select(*columns)
+        if with_message:
+            stmt = stmt.select_from(E.join(messages, messages.c.id == E.c.message_id))
+        stmt = stmt.where(E.c.mailbox_id == mailbox_id).order_by(E.c.uid)
+        matcher = None
+        if uids is not None:
+            if uids.is_empty():
+                return []
+            max_uid = None
+            if any(last is None for _first, last in uids.ranges):
+                max_uid = await self._max_uid(conn, mailbox_id)
+                if max_uid is None:
+                    return []
+            cond = crit.uid_condition(E.c.uid, uids, max_uid)
+            if cond is None:
+                matcher = crit.UidMatcher(uids, max_uid)
+                bounds = matcher.bounds()
+                if bounds is not None and bounds[1] != float("inf"):
+                    cond = E.c.uid.between(bounds[0], int(bounds[1]))
+                elif bounds is not None:
+                    cond = E.c.uid >= bounds[0]
+            if cond is not None:
+                stmt = stmt.where(cond)
+        rows = (await conn.execute(stmt)).all()
+        if matcher is not None:
+            rows = [r for r in rows if r.uid in matcher]
+        return rows
+
+    async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
+        """Every entry of the mailbox in UID order (a consistent snapshot)."""
+        async with self.db.read() as conn:
+            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            rows = await self._select_entries(
+                conn, mailbox_id, None, _ENTRY_COLUMNS, with_message=True
+            )
+        return [_entry(r) for r in rows]
+
+    async def fetch(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[StoredMessage]:
+        """Entries with their parsed form, UID order; missing UIDs skipped."""
+        async with self.db.read() as conn:
+            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            rows = await self._select_entries(
+                conn, mailbox_id, uids, (*_ENTRY_COLUMNS, messages.c.parsed), with_message=True
+            )
+        return [StoredMessage(_entry(r), self._parsed(r.message_id, r.parsed)) for r in rows]
+
+    # --- search --------------------------------------------------------------
+
+    _CANDIDATE_COLUMNS = (
+        E.c.mailbox_id,
+        E.c.uid,
+        E.c.message_id,
+        E.c.sysflags,
+        E.c.keywords,
+        E.c.modseq,
+        E.c.size,
+        E.c.internal_day,
+        E.c.internal_date,
+        messages.c.sent_day,
+        messages.c.subject,
+        messages.c.from_text,
+        messages.c.to_text,
+        messages.c.cc_text,
+        messages.c.body_text,
+        messages.c.blob_key,
+        messages.c.parsed,
+    )
+
+    @staticmethod
+    def _candidate(r: Any) -> crit.Candidate:
+        return crit.Candidate(
+            uid=r.uid,
+            sysflags=r.sysflags,
+            keywords=r.keywords,
+            modseq=r.modseq,
+            size=r.size,
+            internal_day=r.internal_day,
+            sent_day=r.sent_day,
+            subject=r.subject,
+            from_text=r.from_text,
+            to_text=r.to_text,
+            cc_text=r.cc_text,
+            body_text=r.body_text,
+        )
+
+    async def _load_header(self, row: Any, candidate: crit.Candidate) -> None:
+        body_start = self._parsed(row.message_id, row.parsed).body.body_start
+        try:
+            if self.blobs is None:
+                raise StorageError(ErrorKind.NOT_FOUND)
+            candidate.header = await self.blobs.get_range(row.blob_key, 0, body_start)
+        except StorageError:
+            candidate.header = b""  # a lost blob matches no header search
+
+    async def _evaluate(
+        self, rows: Sequence[Any], criteria: Criteria, ctx: crit.Context
+    ) -> list[Any]:
+        """The rows that match, decided in Python. Headers are read from the
+        blob only for rows the stored columns could not decide."""
+        candidates = [self._candidate(r) for r in rows]
+        matcher = crit.compile_matcher(criteria, ctx)
+
+        def run(indexes: Sequence[int]) -> tuple[list[int], list[int]]:
+            hits, undecided = [], []
+            for i in indexes:
+                try:
+                    if matcher(candidates[i]):
+                        hits.append(i)
+                except crit.NeedHeader:
+                    undecided.append(i)
+            return hits, undecided
+
+        async def run_off_loop(indexes: Sequence[int]) -> tuple[list[int], list[int]]:
+            # Matching is CPU work: big batches go to a thread.
+            if len(indexes) > 200:
+                return await asyncio.to_thread(run, indexes)
+            return run(indexes)
+
+        hits, undecided = await run_off_loop(range(len(rows)))
+        if undecided:
+            for start in range(0, len(undecided), 64):
+                await asyncio.gather(
+                    *(
+                        self._load_header(rows[i], candidates[i])
+                        for i in undecided[start : start + 64]
+                    )
+                )
+            more, _ = await run_off_loop(undecided)
+            hits = sorted(hits + more)
+        return [rows[i] for i in hits]
+
+    async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
+        """Matching UIDs, ascending (RFC 3501 section 6.4.4 semantics)."""
+        async with self.db.read() as conn:
+            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            ctx = crit.Context(
+                max_uid=await self._max_uid(conn, mailbox_id), sqlite_fts=self.db.is_sqlite
+            )
+            base = E.join(messages, messages.c.id == E.c.message_id)
+            exact = crit.to_sql(criteria, ctx)
+            if exact is not None:
+                rows = await conn.execute(
+                    select(E.c.uid)
+                    .select_from(base)
+                    .where(E.c.mailbox_id == mailbox_id, exact)
+                    .order_by(E.c.uid)
+                )
+                return [r[0] for r in rows]
+            narrow = crit.superset(criteria, ctx)
+            stmt = (
+                select(*self._CANDIDATE_COLUMNS)
+                .select_from(base)
+                .where(E.c.mailbox_id == mailbox_id)
+                .order_by(E.c.uid)
+            )
+            if narrow is not None:
+                stmt = stmt.where(narrow)
+            rows = (await conn.execute(stmt)).all()
+        return [r.uid for r in await self._evaluate(rows, criteria, ctx)]
+
+    async def search_account(
+        self, account_id: int, criteria: Criteria, limit: int = 100
+    ) -> list[MessageEntry]:
+        """Matches across every mailbox of the account, newest internal date first."""
+        ctx = crit.Context(max_uid=None, sqlite_fts=self.db.is_sqlite)
+        base = E.join(messages, messages.c.id == E.c.message_id).join(
+            mailboxes, mailboxes.c.id == E.c.mailbox_id
+        )
+        order = (E.c.internal_date.desc(), E.c.mailbox_id, E.c.uid.desc())
+        async with self.db.read() as conn:
+            exact = crit.to_sql(criteria, ctx)
+            if exact is not None:
+                rows = await conn.execute(
+                    select(*_ENTRY_COLUMNS)
+                    .select_from(base)
+                    .where(mailboxes.c.account_id == account_id, exact)
+                    .order_by(*order)
+                    .limit(limit)
+                )
+                return [_entry(r) for r in rows]
+            narrow = crit.superset(criteria, ctx)
+            stmt = (
+                select(*self._CANDIDATE_COLUMNS, E.c.internal_tz)
+                .select_from(base)
+                .where(mailboxes.c.account_id == account_id)
+                .order_by(*order)
+            )
+            if narrow is not None:
+                stmt = stmt.where(narrow)
+            found: list[MessageEntry] = []
+            batch = max(limit, 200)
+            offset = 0
+            while len(found) < limit:
+                rows = (await conn.execute(stmt.limit(batch).offset(offset))).all()
+                if not rows:
+                    break
+                offset += len(rows)
+                found.extend(_entry(r) for r in await self._evaluate(rows, criteria, ctx))
+        return found[:limit]
+
+    # --- flags, copy, move, expunge -------------------------------------------
+
+    async def store_flags(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        uids: UidSet,
+        mode: StoreMode,
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> StoreResult:
+        """RFC 3501 section 6.4.6 STORE with the RFC 7162 section 3.1.3
+        UNCHANGEDSINCE guard. Entries whose flags change share one new modseq."""
+        mask, keywords = split_flags(flags)
+        async with self._write(account_id) as tx:
+            conn = tx.conn
+            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            rows = await self._select_entries(
+                conn, mailbox_id, uids, _ENTRY_COLUMNS, with_message=True
+            )
+            modseq = mbox.highestmodseq + 1
+            modified: list[int] = []
+            updates: list[dict[str, Any]] = []
+            updated: list[MessageEntry] = []
+            for r in rows:
+                if unchanged_since is not None and r.modseq > unchanged_since:
+                    modified.append(r.uid)
+                    continue
+                old_kw = {k.lower(): k for k in r.keywords.split()}
+                if mode is StoreMode.REPLACE:
+                    new_mask = mask
+                    new_kw = {k.lower(): k for k in keywords}
+                elif mode is StoreMode.ADD:
+                    new_mask = r.sysflags | mask
+                    new_kw = dict(old_kw)
+                    for k in keywords:
+                        new_kw.setdefault(k.lower(), k)
+                else:
+                    new_mask = r.sysflags & ~mask
+                    new_kw = {lk: k for lk, k in old_kw.items()}
+                    for k in keywords:
+                        new_kw.pop(k.lower(), None)
+                kw_text = _keywords_text(new_kw.values())
+                if new_mask == r.sysflags and kw_text == _keywords_text(old_kw.values()):
+                    continue
+                updates.append({"b_uid": r.uid, "b_mask": new_mask, "b_kw": kw_text})
+                entry = _entry(r)
+                updated.append(
+                    MessageEntry(
+                        mailbox_id=entry.mailbox_id,
+                        uid=entry.uid,
+                        message_id=entry.message_id,
+                        flags=_flags_of(new_mask, kw_text),
+                        modseq=modseq,
+                        internal_date=entry.internal_date,
+                        size=entry.size,
+                        blob_key=entry.blob_key,
+                    )
+                )
+            if updates:
+                await conn.execute(
+                    update(E)
+                    .where(E.c.mailbox_id == mailbox_id, E.c.uid == bindparam("b_uid"))
+                    .values(sysflags=bindparam("b_mask"), keywords=bindparam("b_kw"), modseq=modseq)
+                    .execution_options(synchronize_session=False),
+                    updates,
+                )
+                await conn.execute(
+                    update(mailboxes)
+                    .where(mailboxes.c.id == mailbox_id)
+                    .values(highestmodseq=modseq)
+                )
+                for e in updated:
+                    tx.change(
+                        ChangeKind.FLAGS, mailbox_id, e.uid, modseq, {"flags": sorted(e.flags)}
+                    )
+        return StoreResult(tuple(updated), tuple(modified))
+
+    async def _copy_entries(self, tx: _Tx, rows: Sequence[Any], dest: Any) -> list[tuple[int, int]]:
+        """Appends copies of entry rows to ``dest`` (a mailbox row); the
+        caller has checked quota. Returns (source uid, new uid) pairs."""
+        if not rows:
+            return []
+        modseq = dest.highestmodseq + 1
+        pairs = []
+        values = []
+        for i, r in enumerate(rows):
+            uid = dest.uidnext + i
+            pairs.append((r.uid, uid))
+            values.append(
+                {
+                    "mailbox_id": dest.id,
+                    "uid": uid,
+                    "message_id": r.message_id,
+                    "sysflags": r.sysflags,
+                    "keywords": r.keywords,
+                    "modseq": modseq,
+                    "internal_date": r.internal_date,
+                    "internal_tz": r.internal_tz,
+                    "internal_day": r.internal_day,
+                    "size": r.size,
+                }
+            )
+        await tx.conn.execute(insert(E), values)
+        tx.used_delta += sum(r.size for r in rows)
+        await tx.conn.execute(
+            update(mailboxes)
+            .where(mailboxes.c.id == dest.id)
+            .values(uidnext=dest.uidnext + len(rows), highestmodseq=modseq)
+        )
+        for r, (_src, uid) in zip(rows, pairs, strict=True):
+            tx.change(
+                ChangeKind.NEW,
+                dest.id,
+                uid,
+                modseq,
+                {"flags": sorted(_flags_of(r.sysflags, r.keywords))},
+            )
+        return pairs
+
+    async def _remove_entries(
+        self, tx: _Tx, mbox: Any, uids: Sequence[int], *, gc: bool = True
+    ) -> None:
+        """Deletes entries, writes tombstones and EXPUNGE changes (one new modseq)."""
+        if not uids:
+            return
+        conn = tx.conn
+        modseq = mbox.highestmodseq + 1
+        msg_ids: list[int] = []
+        for chunk_start in range(0, len(uids), 500):
+            chunk = list(uids[chunk_start : chunk_start + 500])
+            gone = (
+                await conn.execute(
+                    select(E.c.message_id, E.c.size).where(
+                        E.c.mailbox_id == mbox.id, E.c.uid.in_(chunk)
+                    )
+                )
+            ).all()
+            msg_ids.extend(r.message_id for r in gone)
+            tx.used_delta -= sum(r.size for r in gone)
+            await conn.execute(delete(E).where(E.c.mailbox_id == mbox.id, E.c.uid.in_(chunk)))
+        await conn.execute(
+            insert(expunged), [{"mailbox_id": mbox.id, "uid": u, "modseq": modseq} for u in uids]
+        )
+        await conn.execute(
+            update(mailboxes).where(mailboxes.c.id == mbox.id).values(highestmodseq=modseq)
+        )
+        for u in uids:
+            tx.change(ChangeKind.EXPUNGE, mbox.id, u, modseq)
+        if gc:
+            await self._drop_orphans(conn, msg_ids)
+
+    async def _drop_orphans(self, conn: AsyncConnection, message_ids: Iterable[int]) -> None:
+        """Deletes message rows no mailbox entry refers to any more. Blobs are
+        left to garbage collection: other shards may share the same bytes."""
+        ids = sorted(set(message_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            await conn.execute(
+                delete(messages).where(
+                    messages.c.id.in_(chunk),
+                    ~exists().where(E.c.message_id == messages.c.id),
+                )
+            )
+            for mid in chunk:
+                self._parsed_cache.pop(mid, None)
+
+    _COPY_COLUMNS = (
+        E.c.uid,
+        E.c.message_id,
+        E.c.sysflags,
+        E.c.keywords,
+        E.c.internal_date,
+        E.c.internal_tz,
+        E.c.internal_day,
+        E.c.size,
+    )
+
+    async def copy(
+        self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int
+    ) -> CopyResult:
+        """Copies keep flags and internal date and share the stored message
+        (RFC 3501 section 6.4.7; COPYUID data of RFC 4315). OVER_QUOTA applies."""
+        async with self._write(account_id) as tx:
+            await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
+            dest = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=dest_mailbox_id)
+            rows = await self._select_entries(tx.conn, mailbox_id, uids, self._COPY_COLUMNS)
+            await self._check_quota(tx, sum(r.size for r in rows))
+            pairs = await self._copy_entries(tx, rows, dest)
+        return CopyResult(dest.uidvalidity, tuple(pairs))
+
+    async def move(
+        self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int
+    ) -> CopyResult:
+        """Copy then expunge from the source in one transaction (RFC 6851)."""
+        async with self._write(account_id) as tx:
+            src = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
+            dest = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=dest_mailbox_id)
+            if src.id == dest.id:
+                raise errors.invalid("cannot move to the same mailbox")
+            rows = await self._select_entries(tx.conn, mailbox_id, uids, self._COPY_COLUMNS)
+            pairs = await self._copy_entries(tx, rows, dest)
+            await self._remove_entries(tx, src, [r.uid for r in rows], gc=False)
+        return CopyResult(dest.uidvalidity, tuple(pairs))
+
+    async def expunge(
+        self, account_id: int, mailbox_id: int, uids: UidSet | None = None
+    ) -> list[int]:
+        """Removes entries flagged \\Deleted (within ``uids`` if given, RFC 4315
+        UID EXPUNGE), records tombstones, returns the expunged UIDs ascending."""
+        async with self._write(account_id) as tx:
+            mbox = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
+            rows = await self._select_entries(tx.conn, mailbox_id, uids, (E.c.uid, E.c.sysflags))
+            gone = [r.uid for r in rows if r.sysflags & crit.FLAG_BITS[DELETED]]
+            await self._remove_entries(tx, mbox, gone)
+        return gone
+
+    # --- state ------------------------------------------------------------------
+
+    async def status(self, account_id: int, mailbox_id: int) -> MailboxStatus:
+        """RFC 3501 section 6.3.10 counters plus HIGHESTMODSEQ and SIZE."""
+        seen_bit = crit.FLAG_BITS[SEEN]
+        async with self.db.read() as conn:
+            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            row = (
+                await conn.execute(
+                    select(
+                        func.count(),
+                        func.coalesce(func.sum(E.c.sysflags.op("&")(seen_bit)), 0),
+                        func.coalesce(func.sum(E.c.size), 0),
+                    ).where(E.c.mailbox_id == mailbox_id)
+                )
+            ).one()
+        count, seen_sum, size = int(row[0]), int(row[1]), int(row[2])
+        return MailboxStatus(
+            messages=count,
+            unseen=count - seen_sum // seen_bit,
+            uidnext=mbox.uidnext,
+            uidvalidity=mbox.uidvalidity,
+            highestmodseq=mbox.highestmodseq,
+            size=size,
+        )
+
+    async def changes_since(self, account_id: int, mailbox_id: int, modseq: int) -> MailboxChanges:
+        """Entries with modseq > ``modseq`` and UIDs expunged after it
+        (RFC 7162 CHANGEDSINCE and QRESYNC VANISHED)."""
+        async with self.db.read() as conn:
+            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            rows = await conn.execute(
+                select(*_ENTRY_COLUMNS)
+                .select_from(E.join(messages, messages.c.id == E.c.message_id))
+                .where(E.c.mailbox_id == mailbox_id, E.c.modseq > modseq)
+                .order_by(E.c.uid)
+            )
+            changed = tuple(_entry(r) for r in rows)
+            gone = await conn.execute(
+                select(expunged.c.uid)
+                .where(expunged.c.mailbox_id == mailbox_id, expunged.c.modseq > modseq)
+                .order_by(expunged.c.uid)
+            )
+            vanished = tuple(sorted({r[0] for r in gone}))
+        return MailboxChanges(mbox.highestmodseq, changed, vanished)
+
+    async def claim_recent(self, account_id: int, mailbox_id: int) -> int:
+        """Moves the recent floor to UIDNEXT atomically, returns the old floor."""
+        async with self._write(account_id) as tx:
+            mbox = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
+            await tx.conn.execute(
+                update(mailboxes).where(mailboxes.c.id == mbox.id).values(recent_floor=mbox.uidnext)
+            )
+        return int(mbox.recent_floor)
+
+    async def account_changes(
+        self, account_id: int, after_id: int, limit: int = 1000
+    ) -> list[Change]:
+        """The change log after ``after_id``, oldest first."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(change_log)
+                .where(change_log.c.account_id == account_id, change_log.c.id > after_id)
+                .order_by(change_log.c.id)
+                .limit(limit)
+            )
+            return [
+                Change(
+                    id=r.id,
+                    account_id=r.account_id,
+                    kind=ChangeKind(r.kind),
+                    mailbox_id=r.mailbox_id,
+                    uid=r.uid,
+                    modseq=r.modseq,
+                    at=dt.datetime.fromtimestamp(r.at, dt.UTC),
+                    data=json.loads(r.data),
+                )
+                for r in rows
+            ]
+
+    async def last_change_id(self, account_id: int) -> int:
+        """The id of the account's newest change (0 if none): where a new
+        subscriber starts reading."""
+        async with self.db.read() as conn:
+            value = (
+                await conn.execute(
+                    select(shard_accounts.c.last_change_id).where(
+                        shard_accounts.c.account_id == account_id
+                    )
+                )
+            ).scalar()
+        return int(value or 0)
+
+    async def mailbox_keywords(self, account_id: int, mailbox_id: int) -> list[str]:
+        """Keywords set on any entry of the mailbox, for the IMAP FLAGS and
+        PERMANENTFLAGS lists (RFC 3501 section 7.2.6). An optional extra."""
+        async with self.db.read() as conn:
+            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
+            rows = await conn.execute(
+                select(E.c.keywords).where(E.c.mailbox_id == mailbox_id).distinct()
+            )
+            found: dict[str, str] = {}
+            for (text,) in rows:
+                for kw in text.split():
+                    found.setdefault(kw.lower(), kw)
+        return sorted(found.values(), key=str.lower)
+
+    async def quota_used(self, account_id: int) -> int:
+        """Octets of every message in every mailbox of the account (RFC 9208 STORAGE)."""
+        async with self.db.read() as conn:
+            return await self._quota_used(conn, account_id)
+
+    async def prune_change_log(self, account_id: int, before: dt.datetime) -> int:
+        """Drops change-log rows and tombstones older than ``before``; returns rows removed."""
+        cutoff = before.timestamp()
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                delete(change_log).where(
+                    change_log.c.account_id == account_id, change_log.c.at < cutoff
+                )
+            )
+            return int(result.rowcount or 0)
+
+    # --- leases ------------------------------------------------------------------
+
+    async def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """True if ``owner`` now holds ``name`` until ttl expires (renewal by
+        the same owner extends it); an expired lease may be taken over."""
+        now = _now()
+        expires = now + ttl_seconds
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(locks)
+                .where(
+                    locks.c.name == name,
+                    or_(locks.c.owner == owner, locks.c.expires <= now),
+                )
+                .values(owner=owner, expires=expires)
+            )
+            if result.rowcount:
+                return True
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(locks).values(name=name, owner=owner, expires=expires)
+                    )
+            except IntegrityError:
+                return False  # held by someone else, unexpired
+            return True
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        """Releases the lease if ``owner`` holds it; otherwise does nothing."""
+        async with self.db.write() as conn:
+            await conn.execute(delete(locks).where(locks.c.name == name, locks.c.owner == owner))
+
+    # --- garbage collection ------------------------------------------------------
+
+    async def referenced_blobs(self) -> set[str]:
+        """Every blob key a message row of this shard refers to."""
+        async with self.db.read() as conn:
+            return {r[0] for r in await conn.execute(select(messages.c.blob_key).distinct())}
+
+
+__all__ = ["SqlMailStore", "normalize_mailbox_name", "split_flags"]

@@ -1,0 +1,551 @@
+"""The durable outbound queue (RFC 5321 section 4.5.4.1 retry strategy is the
+SMTP side's job, in ``mtad.outbound``; this is its storage).
+
+One ``queue_messages`` row per message with a ``queue_recipients`` row per
+recipient, in the default shard's database. Contract:
+
+* ``enqueue`` returns only after the commit: a 250 reply may then be sent
+  ("no mail is lost").
+* Workers on any number of instances call :meth:`OutboundQueue.lease_due`;
+  an entry is leased by one owner at a time until ``lease_until``. A worker
+  that dies leaves its lease to expire, then the entry is due again: delivery
+  is at least once, never lost.
+* :meth:`OutboundQueue.record_attempt` stores per-recipient outcomes and
+  either completes the entry (nothing left to try) or reschedules it, and
+  releases the lease. Only recipients still ``pending`` or ``deferred`` are
+  tried again.
+* Entries that fail validation move to the error queue (status ``error``,
+  with a reason): kept, listed, never delivered until retried by an admin.
+* Every method takes an optional ``now`` (epoch seconds) so tests can drive
+  the clock; by default the wall clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+
+from storage import errors
+from storage.sql.db import Database
+from storage.sql.schema import queue_messages, queue_recipients, queue_suppressions
+
+# RFC 5321 section 4.5.4.1: give up after at least 4-5 days.
+DEFAULT_EXPIRY = dt.timedelta(days=5)
+
+# Recipient states.
+PENDING = "pending"
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+FAILED = "failed"
+RETRYABLE = (PENDING, DEFERRED)
+
+# Entry states.
+QUEUED = "queued"
+DONE = "done"
+ERROR = "error"  # the error queue: failed validation, kept with a reason
+
+# Bounce feedback (from our own attempts or from a later DSN).
+HARD = "hard"
+SOFT = "soft"
+
+
+@dataclass(frozen=True)
+class QueuedRecipient:
+    address: str
+    status: str  # pending, delivered, deferred, failed
+    last_reply: str | None
+    feedback: str | None = None  # "hard" / "soft" once a DSN reported a bounce
+    updated: dt.datetime | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    id: int
+    sender: str  # "" is the null reverse-path (bounces)
+    blob_key: str
+    created: dt.datetime
+    next_attempt: dt.datetime
+    expires: dt.datetime
+    attempts: int
+    status: str  # queued, done, error
+    error: str | None
+    lease_owner: str | None
+    lease_until: dt.datetime | None
+    recipients: tuple[QueuedRecipient, ...]
+    held: bool = False
+    warned: bool = False  # a delay warning DSN was sent
+
+    @property
+    def retryable(self) -> tuple[QueuedRecipient, ...]:
+        """Recipients still to be tried (pending or deferred)."""
+        return tuple(r for r in self.recipients if r.retryable)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's result of a delivery attempt."""
+
+    status: str  # delivered, deferred, failed
+    reply: str | None = None  # the remote reply or our own diagnostic
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str
+    hard_bounces: int
+    soft_bounces: int
+    suppressed: bool
+    last_status: str | None
+    last_diagnostic: str | None
+    updated: dt.datetime
+
+
+def _when(epoch: float | None) -> dt.datetime | None:
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC)
+
+
+def _at(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC)
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class OutboundQueue:
+    """Messages waiting for remote delivery, and the suppression list."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- writing ------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        blob_key: str,
+        *,
+        expires_in: dt.timedelta = DEFAULT_EXPIRY,
+        now: float | None = None,
+    ) -> int:
+        """Queues ``blob_key`` for ``recipients``; durable when it returns the id.
+        Due at once. INVALID with no recipients."""
+        rcpts = list(dict.fromkeys(recipients))
+        if not rcpts:
+            raise errors.invalid("no recipients")
+        now = _now(now)
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                insert(queue_messages).values(
+                    sender=sender,
+                    blob_key=blob_key,
+                    created=now,
+                    next_attempt=now,
+                    expires=now + expires_in.total_seconds(),
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=0,
+                    status=QUEUED,
+                    error=None,
+                    held=False,
+                    warned=False,
+                )
+            )
+            queue_id = int(result.inserted_primary_key[0])
+            await conn.execute(
+                insert(queue_recipients),
+                [
+                    {
+                        "queue_id": queue_id,
+                        "address": a,
+                        "status": PENDING,
+                        "last_reply": None,
+                        "updated": now,
+                    }
+                    for a in rcpts
+                ],
+            )
+        return queue_id
+
+    async def lease_due(
+        self, owner: str, limit: int, lease_seconds: float, *, now: float | None = None
+    ) -> list[QueuedMessage]:
+        """Leases up to ``limit`` due entries to ``owner`` for ``lease_seconds``
+        and counts an attempt on each. Due: status queued, not held,
+        ``next_attempt <= now`` and no live lease. No two owners ever hold the
+        same entry at once: PostgreSQL locks the rows with ``FOR UPDATE SKIP
+        LOCKED``; SQLite runs the transaction as the single writer."""
+        if limit <= 0:
+            return []
+        now = _now(now)
+        due = (
+            select(queue_messages.c.id)
+            .where(
+                queue_messages.c.status == QUEUED,
+                queue_messages.c.held.is_(False),
+                queue_messages.c.next_attempt <= now,
+                or_(queue_messages.c.lease_until.is_(None), queue_messages.c.lease_until < now),
+            )
+            .order_by(queue_messages.c.next_attempt, queue_messages.c.id)
+            .limit(limit)
+        )
+        if not self.db.is_sqlite:
+            due = due.with_for_update(skip_locked=True)
+        async with self.db.write() as conn:
+            ids = [row[0] for row in await conn.execute(due)]
+            if not ids:
+                return []
+            await conn.execute(
+                update(queue_messages)
+                .where(queue_messages.c.id.in_(ids))
+                .values(
+                    lease_owner=owner,
+                    lease_until=now + lease_seconds,
+                    attempts=queue_messages.c.attempts + 1,
+                )
+            )
+            return await self._load(conn, ids)
+
+    async def renew_lease(
+        self, queue_id: int, owner: str, lease_seconds: float, *, now: float | None = None
+    ) -> bool:
+        """Extends ``owner``'s lease; False if it is no longer ``owner``'s."""
+        now = _now(now)
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(queue_messages)
+                .where(queue_messages.c.id == queue_id, queue_messages.c.lease_owner == owner)
+                .values(lease_until=now + lease_seconds)
+            )
+            return result.rowcount > 0
+
+    async def record_attempt(
+        self,
+        queue_id: int,
+        owner: str,
+        outcomes: Mapping[str, Outcome],
+        next_attempt: float | None,
+        *,
+        now: float | None = None,
+    ) -> QueuedMessage:
+        """Stores each recipient's outcome, then completes the entry if no
+        recipient is left pending or deferred, else schedules it for
+        ``next_attempt``; the lease is released. Outcomes are stored even if
+        the lease was lost meanwhile (a delivery that happened is a fact).
+        NOT_FOUND if the entry was deleted."""
+        now = _now(now)
+        async with self.db.write() as conn:
+            for address, outcome in outcomes.items():
+                await conn.execute(
+                    update(queue_recipients)
+                    .where(
+                        queue_recipients.c.queue_id == queue_id,
+                        queue_recipients.c.address == address,
+                        queue_recipients.c.status.in_(RETRYABLE),
+                    )
+                    .values(status=outcome.status, last_reply=outcome.reply, updated=now)
+                )
+            left = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(queue_recipients)
+                    .where(
+                        queue_recipients.c.queue_id == queue_id,
+                        queue_recipients.c.status.in_(RETRYABLE),
+                    )
+                )
+            ).scalar_one()
+            values: dict[str, object] = {"lease_owner": None, "lease_until": None}
+            if left == 0:
+                values["status"] = DONE
+            elif next_attempt is not None:
+                values["next_attempt"] = next_attempt
+            result = await conn.execute(
+                update(queue_messages)
+                .where(
+                    queue_messages.c.id == queue_id,
+                    or_(
+                        queue_messages.c.lease_owner == owner,
+                        queue_messages.c.lease_owner.is_(None),
+                        queue_messages.c.lease_until < now,
+                    ),
+                )
+                .values(**values)
+            )
+            if result.rowcount == 0 and left == 0:
+                # Another owner holds it now; still mark it done.
+                await conn.execute(
+                    update(queue_messages)
+                    .where(queue_messages.c.id == queue_id)
+                    .values(status=DONE)
+                )
+            loaded = await self._load(conn, [queue_id])
+        if not loaded:
+            raise errors.not_found(f"queue entry {queue_id}")
+        return loaded[0]
+
+    async def release(self, queue_id: int, owner: str) -> None:
+        """Gives up ``owner``'s lease without recording anything (shutdown)."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(queue_messages)
+                .where(queue_messages.c.id == queue_id, queue_messages.c.lease_owner == owner)
+                .values(lease_owner=None, lease_until=None)
+            )
+
+    async def mark_warned(self, queue_id: int) -> None:
+        """Records that the delay warning DSN went out (sent once)."""
+        await self._set(queue_id, warned=True)
+
+    async def move_to_errors(self, queue_id: int, reason: str) -> None:
+        """Moves the entry to the error queue with ``reason``; lease released."""
+        await self._set(
+            queue_id, status=ERROR, error=reason, lease_owner=None, lease_until=None
+        )
+
+    # -- admin operations (mailctl queue ...) ----------------------------------
+
+    async def hold(self, queue_id: int) -> None:
+        """A held entry is never leased until released. NOT_FOUND if none."""
+        await self._set(queue_id, held=True)
+
+    async def release_hold(self, queue_id: int) -> None:
+        await self._set(queue_id, held=False)
+
+    async def retry_now(self, queue_id: int | None = None, *, now: float | None = None) -> int:
+        """Makes the entry (every queued or error entry if None) due now; an
+        error entry returns to the queue and its recipients are retried.
+        Returns how many entries changed; NOT_FOUND for an unknown id."""
+        now = _now(now)
+        where = [queue_messages.c.status.in_((QUEUED, ERROR))]
+        if queue_id is not None:
+            where.append(queue_messages.c.id == queue_id)
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(queue_messages)
+                .where(*where)
+                .values(status=QUEUED, error=None, next_attempt=now)
+            )
+        if queue_id is not None and result.rowcount == 0:
+            raise errors.not_found(f"queue entry {queue_id}")
+        return result.rowcount
+
+    async def delete(self, queue_id: int) -> None:
+        """Removes the entry and its recipients (no bounce). NOT_FOUND if none."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                delete(queue_recipients).where(queue_recipients.c.queue_id == queue_id)
+            )
+            result = await conn.execute(
+                delete(queue_messages).where(queue_messages.c.id == queue_id)
+            )
+        if result.rowcount == 0:
+            raise errors.not_found(f"queue entry {queue_id}")
+
+    async def purge_done(self, older_than: float, *, now: float | None = None) -> int:
+        """Deletes completed entries whose last change is older than
+        ``older_than`` seconds (kept a while so later DSNs find them)."""
+        cutoff = _now(now) - older_than
+        async with self.db.write() as conn:
+            recent = (
+                select(queue_recipients.c.queue_id)
+                .where(queue_recipients.c.updated >= cutoff)
+                .scalar_subquery()
+            )
+            ids = [
+                r[0]
+                for r in await conn.execute(
+                    select(queue_messages.c.id).where(
+                        queue_messages.c.status == DONE,
+                        queue_messages.c.id.not_in(recent),
+                    )
+                )
+            ]
+            if ids:
+                await conn.execute(
+                    delete(queue_recipients).where(queue_recipients.c.queue_id.in_(ids))
+                )
+                await conn.execute(delete(queue_messages).where(queue_messages.c.id.in_(ids)))
+        return len(ids)
+
+    # -- reading ------------------------------------------------------------
+
+    async def get(self, queue_id: int) -> QueuedMessage:
+        """One entry with its recipients. NOT_FOUND if none."""
+        async with self.db.read() as conn:
+            loaded = await self._load(conn, [queue_id])
+        if not loaded:
+            raise errors.not_found(f"queue entry {queue_id}")
+        return loaded[0]
+
+    async def list(self, *, include_done: bool = True) -> list[QueuedMessage]:
+        """Every queued message with its recipients, oldest first
+        (``include_done=False``: only entries still queued or in error)."""
+        async with self.db.read() as conn:
+            return await self._load(conn, None, include_done=include_done)
+
+    async def _load(
+        self, conn, ids: list[int] | None, *, include_done: bool = True
+    ) -> list[QueuedMessage]:
+        query = select(queue_messages).order_by(queue_messages.c.id)
+        rquery = select(queue_recipients).order_by(queue_recipients.c.id)
+        if ids is not None:
+            query = query.where(queue_messages.c.id.in_(ids))
+            rquery = rquery.where(queue_recipients.c.queue_id.in_(ids))
+        if not include_done:
+            query = query.where(queue_messages.c.status != DONE)
+            rquery = rquery.where(
+                queue_recipients.c.queue_id.in_(
+                    select(queue_messages.c.id).where(queue_messages.c.status != DONE)
+                )
+            )
+        msgs = (await conn.execute(query)).all()
+        rcpts = (await conn.execute(rquery)).all()
+        by_msg: dict[int, list[QueuedRecipient]] = {}
+        for r in rcpts:
+            by_msg.setdefault(r.queue_id, []).append(
+                QueuedRecipient(r.address, r.status, r.last_reply, r.feedback, _when(r.updated))
+            )
+        return [
+            QueuedMessage(
+                id=m.id,
+                sender=m.sender,
+                blob_key=m.blob_key,
+                created=_at(m.created),
+                next_attempt=_at(m.next_attempt),
+                expires=_at(m.expires),
+                attempts=m.attempts,
+                status=m.status,
+                error=m.error,
+                lease_owner=m.lease_owner,
+                lease_until=_when(m.lease_until),
+                recipients=tuple(by_msg.get(m.id, ())),
+                held=bool(m.held),
+                warned=bool(m.warned),
+            )
+            for m in msgs
+        ]
+
+    async def _set(self, queue_id: int, **values: object) -> None:
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(queue_messages).where(queue_messages.c.id == queue_id).values(**values)
+            )
+        if result.rowcount == 0:
+            raise errors.not_found(f"queue entry {queue_id}")
+
+    # -- bounces and suppression ----------------------------------------------
+
+    async def record_bounce(
+        self,
+        address: str,
+        hard: bool,
+        status: str | None,
+        diagnostic: str | None,
+        *,
+        suppress_after: int,
+        now: float | None = None,
+    ) -> Suppression:
+        """Counts a bounce of ``address``; after ``suppress_after`` hard
+        bounces (0: never) the address is suppressed. Also marks the most
+        recent delivered or failed queue recipient row of that address with
+        the feedback (hard/soft)."""
+        now = _now(now)
+        key = address.lower()
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    select(queue_suppressions).where(queue_suppressions.c.address == key)
+                )
+            ).first()
+            hard_n = (row.hard_bounces if row else 0) + (1 if hard else 0)
+            soft_n = (row.soft_bounces if row else 0) + (0 if hard else 1)
+            suppressed = bool(row and row.suppressed) or (
+                suppress_after > 0 and hard_n >= suppress_after
+            )
+            values = {
+                "hard_bounces": hard_n,
+                "soft_bounces": soft_n,
+                "suppressed": suppressed,
+                "last_status": status,
+                "last_diagnostic": diagnostic,
+                "updated": now,
+            }
+            if row is None:
+                await conn.execute(insert(queue_suppressions).values(address=key, **values))
+            else:
+                await conn.execute(
+                    update(queue_suppressions)
+                    .where(queue_suppressions.c.address == key)
+                    .values(**values)
+                )
+            latest = (
+                await conn.execute(
+                    select(queue_recipients.c.id)
+                    .where(
+                        func.lower(queue_recipients.c.address) == key,
+                        queue_recipients.c.status.in_((DELIVERED, FAILED)),
+                    )
+                    .order_by(queue_recipients.c.id.desc())
+                    .limit(1)
+                )
+            ).first()
+            if latest is not None:
+                await conn.execute(
+                    update(queue_recipients)
+                    .where(queue_recipients.c.id == latest[0])
+                    .values(feedback=HARD if hard else SOFT)
+                )
+        return Suppression(key, hard_n, soft_n, suppressed, status, diagnostic, _at(now))
+
+    async def suppressed(self, addresses: Iterable[str]) -> set[str]:
+        """The lower-cased addresses of ``addresses`` that are suppressed."""
+        keys = {a.lower() for a in addresses}
+        if not keys:
+            return set()
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(queue_suppressions.c.address).where(
+                    and_(
+                        queue_suppressions.c.address.in_(keys),
+                        queue_suppressions.c.suppressed.is_(True),
+                    )
+                )
+            )
+            return {r[0] for r in rows}
+
+    async def list_suppressions(self) -> list[Suppression]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(queue_suppressions).order_by(queue_suppressions.c.address)
+            )
+            return [
+                Suppression(
+                    r.address,
+                    r.hard_bounces,
+                    r.soft_bounces,
+                    bool(r.suppressed),
+                    r.last_status,
+                    r.last_diagnostic,
+                    _at(r.updated),
+                )
+                for r in rows
+            ]
+
+    async def unsuppress(self, address: str) -> None:
+        """Forgets the address's bounces. NOT_FOUND if it has none."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                delete(queue_suppressions).where(queue_suppressions.c.address == address.lower())
+            )
+        if result.rowcount == 0:
+            raise errors.not_found(f"no bounces recorded for {address}")

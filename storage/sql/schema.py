@@ -1,0 +1,354 @@
+"""The SQL schema of a shard database and its versioned migrations.
+
+Every shard database (and the default one, which also holds the directory
+and the outbound queue) has the same tables; only the full-text index DDL is
+dialect-specific. Migrations are an ordered list of steps, each applied once
+in its own transaction and recorded in ``schema_version``: a schema change is
+a new step, never "drop and recreate".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateColumn
+
+# SQLite only auto-assigns rowid keys to columns declared exactly INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", Float, nullable=False),  # epoch seconds
+)
+
+# --- directory (lives in the default shard's database) ---------------------
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("address", String(320), nullable=False, unique=True),  # lower-case
+    Column("domain_id", Id, ForeignKey("domains.id"), nullable=False, index=True),
+    Column("password_hash", Text, nullable=False),
+    Column("shard", String(64), nullable=False),
+    Column("quota_bytes", BigInteger, nullable=True),
+    Column("created", Float, nullable=False),  # epoch seconds
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("source", String(320), nullable=False, index=True),  # address or "@domain"
+    Column("target", String(320), nullable=False),
+    UniqueConstraint("source", "target", name="aliases_source_target"),
+)
+
+# --- mail store (per shard) -------------------------------------------------
+
+# Per-account counters of this shard. Its row is locked first by every write
+# of the account, which serialises them (change ids, quota, UIDVALIDITY).
+shard_accounts = Table(
+    "shard_accounts",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("last_change_id", BigInteger, nullable=False),
+    Column("next_uidvalidity", BigInteger, nullable=False),
+    Column("quota_bytes", BigInteger, nullable=True),
+    Column("used_bytes", BigInteger, nullable=False),  # sum of entry sizes (RFC 9208 STORAGE)
+)
+
+mailboxes = Table(
+    "mailboxes",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", BigInteger, nullable=False),
+    Column("name", String(1024), nullable=False),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uidnext", BigInteger, nullable=False),
+    Column("highestmodseq", BigInteger, nullable=False),
+    Column("recent_floor", BigInteger, nullable=False),
+    Column("special_use", String(32), nullable=True),
+    Column("subscribed", Boolean, nullable=False),
+    UniqueConstraint("account_id", "name", name="mailboxes_account_name"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", BigInteger, nullable=False),
+    Column("blob_key", String(64), nullable=False, index=True),
+    Column("size", BigInteger, nullable=False),
+    Column("parsed", Text, nullable=False),  # ParsedMessage as JSON
+    Column("thread_id", BigInteger, nullable=True),
+    Column("message_id_header", String(998), nullable=True),
+    Column("sent_date", Float, nullable=True),  # epoch seconds
+    Column("sent_day", Integer, nullable=True),  # date.toordinal() in the sender's zone
+    Column("subject", Text, nullable=False),
+    Column("from_text", Text, nullable=False),
+    Column("to_text", Text, nullable=False),
+    Column("cc_text", Text, nullable=False),
+    Column("body_text", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Index("messages_account_msgid", "account_id", "message_id_header"),
+)
+
+mailbox_entries = Table(
+    "mailbox_entries",
+    metadata,
+    Column("mailbox_id", BigInteger, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("message_id", BigInteger, nullable=False, index=True),
+    Column("sysflags", Integer, nullable=False),  # bit mask of SYSTEM_FLAGS
+    Column("keywords", Text, nullable=False),  # " kw1 kw2 " (space-delimited for LIKE)
+    Column("modseq", BigInteger, nullable=False),
+    Column("internal_date", BigInteger, nullable=False),  # epoch microseconds
+    Column("internal_tz", Integer, nullable=False),  # UTC offset, minutes
+    Column("internal_day", Integer, nullable=False),  # date.toordinal() in that zone
+    Column("size", BigInteger, nullable=False),  # copy of messages.size for quota/status
+    UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
+    Index("mailbox_entries_mailbox_modseq", "mailbox_id", "modseq"),
+)
+
+expunged = Table(
+    "expunged",
+    metadata,
+    Column("mailbox_id", BigInteger, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("modseq", BigInteger, nullable=False),
+    Index("expunged_mailbox_modseq", "mailbox_id", "modseq"),
+)
+
+change_log = Table(
+    "change_log",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),
+    Column("mailbox_id", BigInteger, nullable=True),
+    Column("uid", BigInteger, nullable=True),
+    Column("modseq", BigInteger, nullable=True),
+    Column("at", Float, nullable=False),
+    Column("data", Text, nullable=False),  # JSON object
+)
+
+locks = Table(
+    "locks",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("expires", Float, nullable=False),  # epoch seconds
+)
+
+# --- outbound queue (default shard) ------------------------------------------
+
+queue_messages = Table(
+    "queue_messages",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("sender", String(320), nullable=False),  # "" is the null reverse-path
+    Column("blob_key", String(64), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("next_attempt", Float, nullable=False, index=True),
+    Column("expires", Float, nullable=False),
+    Column("lease_owner", String(255), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # queued, done, error
+    Column("error", Text, nullable=True),
+    # v4 (outbound queue workers): see _v4_outbound_queue.
+    Column("held", Boolean, nullable=False, server_default=false()),
+    Column("warned", Boolean, nullable=False, server_default=false()),  # delay DSN sent
+)
+
+queue_recipients = Table(
+    "queue_recipients",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("queue_id", BigInteger, ForeignKey("queue_messages.id"), nullable=False, index=True),
+    Column("address", String(320), nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, deferred, failed
+    Column("last_reply", Text, nullable=True),
+    # v4: when the status last changed, and a later DSN's verdict (hard, soft).
+    Column("updated", Float, nullable=True),
+    Column("feedback", String(16), nullable=True),
+)
+
+# v4: recipients that bounced; suppressed ones fail at once, before any attempt.
+queue_suppressions = Table(
+    "queue_suppressions",
+    metadata,
+    Column("address", String(320), primary_key=True),  # lower-case
+    Column("hard_bounces", Integer, nullable=False),
+    Column("soft_bounces", Integer, nullable=False),
+    Column("suppressed", Boolean, nullable=False),
+    Column("last_status", String(16), nullable=True),  # RFC 3463 code
+    Column("last_diagnostic", Text, nullable=True),
+    Column("updated", Float, nullable=False),
+)
+
+V1_TABLES = [
+    domains,
+    accounts,
+    aliases,
+    shard_accounts,
+    mailboxes,
+    messages,
+    mailbox_entries,
+    expunged,
+    change_log,
+    locks,
+    queue_messages,
+    queue_recipients,
+]
+
+
+# --- migrations ----------------------------------------------------------------
+
+Step = Callable[[AsyncConnection], Awaitable[None]]
+
+
+async def _v1_tables(conn: AsyncConnection) -> None:
+    # The current table definitions are the v1 shape. When a later step alters a
+    # table, freeze a copy of the v1 definitions here first.
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=V1_TABLES))
+
+
+async def _v2_full_text(conn: AsyncConnection) -> None:
+    """Full-text index over subject, addresses and body text."""
+    if conn.dialect.name == "sqlite":
+        # An external-content FTS5 table (no second copy of the text), kept in
+        # step by triggers; the trigram tokenizer answers substring queries.
+        cols = "subject, from_text, to_text, cc_text, body_text"
+        await conn.exec_driver_sql(
+            f"CREATE VIRTUAL TABLE messages_fts USING fts5({cols}, content='messages', "
+            "content_rowid='id', tokenize='trigram')"
+        )
+        new = "new.subject, new.from_text, new.to_text, new.cc_text, new.body_text"
+        old = "old.subject, old.from_text, old.to_text, old.cc_text, old.body_text"
+        await conn.exec_driver_sql(
+            "CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN "
+            f"INSERT INTO messages_fts(rowid, {cols}) VALUES (new.id, {new}); END"
+        )
+        await conn.exec_driver_sql(
+            "CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN "
+            f"INSERT INTO messages_fts(messages_fts, rowid, {cols}) "
+            f"VALUES ('delete', old.id, {old}); END"
+        )
+    else:
+        await conn.exec_driver_sql(
+            "ALTER TABLE messages ADD COLUMN search tsvector GENERATED ALWAYS AS ("
+            "to_tsvector('simple', coalesce(subject, '') || ' ' || coalesce(from_text, '')"
+            " || ' ' || coalesce(to_text, '') || ' ' || coalesce(cc_text, '') || ' ' ||"
+            " left(coalesce(body_text, ''), 200000))) STORED"
+        )
+        # Capped input: a tsvector may not exceed 1 MB.
+        await conn.exec_driver_sql("CREATE INDEX messages_search ON messages USING gin (search)")
+
+
+async def _v3_account_indexes(conn: AsyncConnection) -> None:
+    await conn.exec_driver_sql("CREATE INDEX mailboxes_account ON mailboxes (account_id)")
+    await conn.exec_driver_sql(
+        "CREATE INDEX queue_messages_status ON queue_messages (status, next_attempt)"
+    )
+
+
+# Columns added by step 4. The v1 step builds tables from the current
+# definitions, so a database created after this step already has them; the
+# step adds only what an older database lacks.
+_V4_COLUMNS = (
+    (queue_messages, ("held", "warned")),
+    (queue_recipients, ("updated", "feedback")),
+)
+
+
+async def _v4_outbound_queue(conn: AsyncConnection) -> None:
+    """Outbound queue workers: hold flag, delay-warning flag, per-recipient
+    timestamps and bounce feedback, the suppression list, a lease index."""
+
+    def existing(sync, table: str) -> set[str]:
+        from sqlalchemy import inspect
+
+        return {c["name"] for c in inspect(sync).get_columns(table)}
+
+    for table, names in _V4_COLUMNS:
+        have = await conn.run_sync(existing, table.name)
+        for name in names:
+            if name not in have:
+                ddl = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
+                await conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+    await conn.run_sync(lambda sync: queue_suppressions.create(sync, checkfirst=True))
+    await conn.exec_driver_sql(
+        "CREATE INDEX queue_recipients_address ON queue_recipients (address)"
+    )
+
+
+MIGRATIONS: list[Step] = [_v1_tables, _v2_full_text, _v3_account_indexes, _v4_outbound_queue]
+"""Step ``i`` brings the schema to version ``i + 1``. Append only."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def current_version(conn: AsyncConnection) -> int:
+    """The applied schema version, 0 for an empty database."""
+    has_table = await conn.run_sync(lambda sync: sync.dialect.has_table(sync, "schema_version"))
+    if not has_table:
+        return 0
+    result = await conn.execute(select(schema_version.c.version))
+    return max((row[0] for row in result), default=0)
+
+
+def _now() -> float:
+    return dt.datetime.now(dt.UTC).timestamp()
+
+
+async def apply_step(conn: AsyncConnection, version: int) -> bool:
+    """Applies migration ``version`` (1-based) inside the caller's transaction,
+    unless another process already did. True if applied here."""
+    if version == 1:
+        await conn.run_sync(lambda sync: schema_version.create(sync, checkfirst=True))
+    if await current_version(conn) >= version:
+        return False
+    await MIGRATIONS[version - 1](conn)
+    await conn.execute(schema_version.insert().values(version=version, applied_at=_now()))
+    return True
+
+
+PG_MIGRATION_LOCK = 7_402_511  # pg_advisory_xact_lock key shared by every shardmail process
+
+
+async def lock_for_migration(conn: AsyncConnection) -> None:
+    """Serialises concurrent migrators (several daemons starting at once)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})"))

@@ -1,0 +1,101 @@
+"""BlobStore contract, run on every blob backend (filesystem; S3 plugs in
+beside it in ``blob_store``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from storage.blob import open_blob_store
+from storage.errors import ErrorKind, StorageError
+
+BLOB_BACKENDS = ["fs"]
+
+
+@pytest.fixture(params=BLOB_BACKENDS)
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
+    assert request.param == "fs"
+    yield open_blob_store(tmp_path / "blobs")
+
+
+RAW = b"From: a@example.net\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+async def test_put_get_byte_exact(blobs) -> None:
+    data = bytes(range(256)) * 10 + b"\r\n.\r\n\x00"
+    key = await blobs.put(data)
+    assert key == hashlib.sha256(data).hexdigest()
+    assert await blobs.get(key) == data
+    assert await blobs.exists(key)
+
+
+async def test_same_bytes_same_key(blobs) -> None:
+    k1 = await blobs.put(RAW)
+    k2 = await blobs.put(bytearray(RAW))
+    assert k1 == k2
+    assert await blobs.keys() == [k1]
+    assert await blobs.put(RAW + b"x") != k1
+
+
+async def test_empty_blob(blobs) -> None:
+    key = await blobs.put(b"")
+    assert await blobs.get(key) == b""
+
+
+async def test_put_file_streams(blobs, tmp_path: Path) -> None:
+    src = tmp_path / "big.eml"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src.write_bytes(data)
+    key = await blobs.put_file(src)
+    assert key == hashlib.sha256(data).hexdigest()
+    assert await blobs.get(key) == data
+    assert await blobs.put_file(src) == key  # idempotent
+    chunks = [c async for c in blobs.stream(key, chunk_size=1 << 20)]
+    assert b"".join(chunks) == data
+    assert max(len(c) for c in chunks) <= 1 << 20 and len(chunks) == 4
+
+
+async def test_ranges(blobs) -> None:
+    key = await blobs.put(RAW)
+    assert await blobs.get_range(key, 0, 4) == b"From"
+    assert await blobs.get_range(key, 6, 19) == RAW[6:19]
+    assert await blobs.get_range(key, len(RAW) - 2, len(RAW) + 100) == b"\r\n"
+    assert await blobs.get_range(key, 5, 5) == b""
+    with pytest.raises(StorageError) as err:
+        await blobs.get_range(key, 5, 2)
+    assert err.value.kind is ErrorKind.INVALID
+
+
+async def test_missing_and_delete(blobs) -> None:
+    missing = hashlib.sha256(b"never stored").hexdigest()
+    assert not await blobs.exists(missing)
+    with pytest.raises(StorageError) as err:
+        await blobs.get(missing)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+    with pytest.raises(StorageError):
+        [c async for c in blobs.stream(missing)]
+    key = await blobs.put(RAW)
+    await blobs.delete(key)
+    assert not await blobs.exists(key)
+    await blobs.delete(key)  # idempotent
+    assert await blobs.keys() == []
+
+
+async def test_bad_keys_are_refused(blobs) -> None:
+    for bad in ("../../etc/passwd", "ABC", "0" * 63, "g" * 64):
+        with pytest.raises(StorageError) as err:
+            await blobs.get(bad)
+        assert err.value.kind is ErrorKind.INVALID
+
+
+async def test_no_temp_files_left(blobs, tmp_path: Path) -> None:
+    await blobs.put(RAW)
+    src = tmp_path / "m.eml"
+    src.write_bytes(RAW * 3)
+    await blobs.put_file(src)
+    leftovers = [p for p in (tmp_path / "blobs").rglob(".tmp-*")]
+    assert leftovers == []

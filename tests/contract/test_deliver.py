@@ -1,0 +1,62 @@
+"""MailStore.deliver: a message row plus its appends in one transaction,
+on every SQL backend (the ingest path's commit)."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage.backend import SqlStorage
+from storage.errors import ErrorKind, StorageError
+from storage.model import SEEN, UidSet
+from tests.contract.mailfactory import build
+
+
+@pytest.fixture
+async def account(storage: SqlStorage):
+    await storage.directory.add_domain("example.org")
+    return await storage.directory.add_account("bob@example.org", "pw", quota_bytes=10_000)
+
+
+async def test_deliver_appends_to_every_target_in_one_commit(storage: SqlStorage, account) -> None:
+    raw, parsed = build(subject="both places")
+    key = await storage.blobs.put(raw)
+    mail = storage.mail(account)
+    sent = await mail.get_mailbox(account.id, "Sent")
+    results = await mail.deliver(
+        account.id,
+        key,
+        parsed,
+        [("inbox", (), None), (sent.id, (SEEN,), None), ("INBOX", (), None)],
+    )
+    assert [r.uid for r in results] == [1, 1, 2]
+    assert results[0].modseq < results[2].modseq
+    inbox = await mail.get_mailbox(account.id, "INBOX")
+    assert inbox.uidnext == 3
+    entries = await mail.uids(account.id, inbox.id)
+    assert len({e.message_id for e in entries}) == 1  # one stored message row
+    fetched = await mail.fetch(account.id, sent.id, UidSet.all())
+    assert fetched[0].entry.flags == frozenset({SEEN})
+    assert fetched[0].parsed.subject == "both places"
+
+
+@pytest.mark.parametrize("bad", ["No/Such/Box", 999_999])
+async def test_a_missing_target_stores_nothing(storage: SqlStorage, account, bad) -> None:
+    raw, parsed = build()
+    key = await storage.blobs.put(raw)
+    mail = storage.mail(account)
+    with pytest.raises(StorageError) as err:
+        await mail.deliver(account.id, key, parsed, [("INBOX", (), None), (bad, (), None)])
+    assert err.value.kind is ErrorKind.NOT_FOUND
+    inbox = await mail.get_mailbox(account.id, "INBOX")
+    assert await mail.uids(account.id, inbox.id) == []
+    assert await mail.quota_used(account.id) == 0
+
+
+async def test_over_quota_stores_nothing(storage: SqlStorage, account) -> None:
+    raw, parsed = build(body="x" * 6000)
+    key = await storage.blobs.put(raw)
+    mail = storage.mail(account)
+    with pytest.raises(StorageError) as err:
+        await mail.deliver(account.id, key, parsed, [("INBOX", (), None), ("Sent", (), None)])
+    assert err.value.kind is ErrorKind.OVER_QUOTA
+    assert await mail.quota_used(account.id) == 0

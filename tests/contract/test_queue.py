@@ -1,0 +1,185 @@
+"""OutboundQueue contract: enqueue is durable on return, list shows it."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from storage.backend import SqlStorage, open_storage_from_url
+from storage.errors import ErrorKind, StorageError
+
+
+async def test_enqueue_and_list(storage: SqlStorage, database_url: str, tmp_path) -> None:
+    key = await storage.blobs.put(b"Subject: hi\r\n\r\nbody\r\n")
+    before = dt.datetime.now(dt.UTC)
+    qid = await storage.queue.enqueue(
+        "bob@example.org", ["a@remote.test", "b@remote.test", "a@remote.test"], key
+    )
+    qid2 = await storage.queue.enqueue("", ["postmaster@remote.test"], key)
+    assert qid2 > qid
+    # A second process sees it: the row is committed.
+    other = await open_storage_from_url(database_url, tmp_path / "blobs")
+    try:
+        items = await other.queue.list()
+    finally:
+        await other.close()
+    assert [m.id for m in items] == [qid, qid2]
+    first = items[0]
+    assert first.sender == "bob@example.org" and first.blob_key == key
+    assert [r.address for r in first.recipients] == ["a@remote.test", "b@remote.test"]
+    assert all(r.status == "pending" for r in first.recipients)
+    assert first.attempts == 0 and first.lease_owner is None
+    assert first.next_attempt >= before - dt.timedelta(seconds=1)
+    assert first.expires - first.created == dt.timedelta(days=5)
+    assert items[1].sender == ""
+    with pytest.raises(StorageError) as err:
+        await storage.queue.enqueue("bob@example.org", [], key)
+    assert err.value.kind is ErrorKind.INVALID
+
+
+# --- leasing, outcomes, admin operations (the workers' side) ----------------
+
+NOW = 1_800_000_000.0
+
+
+async def _entry(storage: SqlStorage, rcpts=("a@remote.test", "b@remote.test"), now=NOW) -> int:
+    key = await storage.blobs.put(b"Subject: lease\r\n\r\nbody\r\n")
+    return await storage.queue.enqueue("bob@example.org", list(rcpts), key, now=now)
+
+
+async def test_lease_is_exclusive_until_it_expires(storage: SqlStorage) -> None:
+    qid = await _entry(storage)
+    q = storage.queue
+    [leased] = await q.lease_due("w1", 10, 60, now=NOW)
+    assert leased.id == qid and leased.lease_owner == "w1" and leased.attempts == 1
+    assert await q.lease_due("w2", 10, 60, now=NOW + 1) == []
+    # The holder crashed: after the lease expires another worker takes it.
+    [again] = await q.lease_due("w2", 10, 60, now=NOW + 61)
+    assert again.lease_owner == "w2" and again.attempts == 2
+
+
+async def test_concurrent_leasing_hands_each_entry_to_one_owner(
+    storage: SqlStorage, database_url: str, tmp_path
+) -> None:
+    import asyncio
+
+    ids = {await _entry(storage, (f"r{i}@remote.test",)) for i in range(12)}
+    other = await open_storage_from_url(database_url, tmp_path / "blobs")
+    try:
+        got = await asyncio.gather(
+            *(
+                (storage if i % 2 else other).queue.lease_due(f"w{i}", 3, 60, now=NOW)
+                for i in range(8)
+            )
+        )
+    finally:
+        await other.close()
+    leased = [m.id for batch in got for m in batch]
+    assert sorted(leased) == sorted(ids)  # each exactly once
+
+
+async def test_record_attempt_retries_only_deferred(storage: SqlStorage) -> None:
+    from storage.sql.queue import Outcome
+
+    qid = await _entry(storage, ("a@remote.test", "b@remote.test", "c@remote.test"))
+    q = storage.queue
+    await q.lease_due("w1", 1, 60, now=NOW)
+    after = await q.record_attempt(
+        qid,
+        "w1",
+        {
+            "a@remote.test": Outcome("delivered", "250 ok"),
+            "b@remote.test": Outcome("deferred", "451 4.3.0 try later"),
+            "c@remote.test": Outcome("failed", "550 5.1.1 no such user"),
+        },
+        NOW + 300,
+        now=NOW,
+    )
+    assert after.status == "queued" and after.lease_owner is None
+    assert after.next_attempt.timestamp() == NOW + 300
+    assert {r.address: r.status for r in after.recipients} == {
+        "a@remote.test": "delivered",
+        "b@remote.test": "deferred",
+        "c@remote.test": "failed",
+    }
+    assert [r.address for r in after.retryable] == ["b@remote.test"]
+    assert await q.lease_due("w1", 1, 60, now=NOW + 299) == []
+    [again] = await q.lease_due("w1", 1, 60, now=NOW + 300)
+    done = await q.record_attempt(
+        again.id, "w1", {"b@remote.test": Outcome("delivered", "250 ok")}, None, now=NOW + 300
+    )
+    assert done.status == "done"
+    assert [m.id for m in await q.list(include_done=False)] == []
+    assert await q.lease_due("w1", 1, 60, now=NOW + 10_000) == []
+
+
+async def test_hold_release_retry_delete(storage: SqlStorage) -> None:
+    qid = await _entry(storage)
+    q = storage.queue
+    await q.hold(qid)
+    assert (await q.get(qid)).held
+    assert await q.lease_due("w", 5, 60, now=NOW + 1) == []
+    await q.release_hold(qid)
+    [leased] = await q.lease_due("w", 5, 60, now=NOW + 1)
+    from storage.sql.queue import Outcome
+
+    await q.record_attempt(
+        qid, "w", {"a@remote.test": Outcome("deferred", "421 busy")}, NOW + 9999, now=NOW + 1
+    )
+    await q.retry_now(qid, now=NOW + 2)
+    assert [m.id for m in await q.lease_due("w", 5, 60, now=NOW + 2)] == [qid]
+    await q.delete(qid)
+    with pytest.raises(StorageError) as err:
+        await q.get(qid)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+    with pytest.raises(StorageError):
+        await q.hold(qid)
+
+
+async def test_error_queue_keeps_entry_with_reason(storage: SqlStorage) -> None:
+    qid = await _entry(storage)
+    q = storage.queue
+    await q.lease_due("w", 5, 60, now=NOW)
+    await q.move_to_errors(qid, "invalid address: bad")
+    entry = await q.get(qid)
+    assert entry.status == "error" and entry.error == "invalid address: bad"
+    assert [m.id for m in await q.list(include_done=False)] == [qid]
+    assert await q.lease_due("w", 5, 60, now=NOW + 10_000) == []
+    assert await q.retry_now(qid, now=NOW + 1) == 1
+    assert (await q.get(qid)).status == "queued"
+
+
+async def test_suppression_after_repeated_hard_bounces(storage: SqlStorage) -> None:
+    from storage.sql.queue import Outcome
+
+    qid = await _entry(storage, ("gone@remote.test",))
+    q = storage.queue
+    await q.lease_due("w", 1, 60, now=NOW)
+    await q.record_attempt(
+        qid, "w", {"gone@remote.test": Outcome("delivered", "250 ok")}, None, now=NOW
+    )
+    first = await q.record_bounce("Gone@remote.test", True, "5.1.1", "550", suppress_after=2)
+    assert not first.suppressed and first.hard_bounces == 1
+    assert (await q.get(qid)).recipients[0].feedback == "hard"
+    await q.record_bounce("gone@remote.test", False, "4.2.2", "452 full", suppress_after=2)
+    assert await q.suppressed(["gone@remote.test"]) == set()
+    second = await q.record_bounce("gone@remote.test", True, "5.1.1", "550", suppress_after=2)
+    assert second.suppressed and second.soft_bounces == 1
+    assert await q.suppressed(["GONE@remote.test", "x@remote.test"]) == {"gone@remote.test"}
+    assert [s.address for s in await q.list_suppressions()] == ["gone@remote.test"]
+    await q.unsuppress("gone@remote.test")
+    assert await q.suppressed(["gone@remote.test"]) == set()
+
+
+async def test_purge_done_keeps_recent_and_unfinished(storage: SqlStorage) -> None:
+    from storage.sql.queue import Outcome
+
+    old = await _entry(storage, ("a@remote.test",))
+    waiting = await _entry(storage, ("b@remote.test",))
+    q = storage.queue
+    await q.lease_due("w", 5, 60, now=NOW)
+    await q.record_attempt(old, "w", {"a@remote.test": Outcome("delivered", "250")}, None, now=NOW)
+    assert await q.purge_done(3600, now=NOW + 10) == 0
+    assert await q.purge_done(3600, now=NOW + 7200) == 1
+    assert [m.id for m in await q.list()] == [waiting]
