@@ -1,0 +1,157 @@
+"""SMTP inbound throughput: 5 KB messages over 20 parallel sessions.
+
+Starts mtad as its own process (``python -m mtad``) on a fresh data dir with
+one local account, or drives an already running server (``--port``, with
+``--pid`` to measure its CPU). Reports messages/s and server CPU seconds per
+message (utime + stime from /proc). Never part of the test run.
+
+    python bench/smtp_bench.py --messages 2000 --sessions 20
+    python bench/smtp_bench.py --port 2525 --pid 1234 --rcpt user@example.net
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiosmtplib
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its reaped children are not counted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def make_message(size: int, n: int, rcpt: str) -> bytes:
+    header = (
+        f"From: bench@sender.example\r\nTo: {rcpt}\r\nSubject: bench {n}\r\n"
+        f"Message-ID: <bench-{n}-{time.time_ns()}@sender.example>\r\n\r\n"
+    ).encode()
+    line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
+    body = line * max(1, (size - len(header)) // len(line))
+    return header + body
+
+
+async def session(port: int, count: int, size: int, rcpt: str, offset: int) -> int:
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, timeout=60,
+        local_hostname="bench.example",
+    )
+    await client.connect()
+    await client.ehlo()
+    sent = 0
+    for i in range(count):
+        await client.sendmail("bench@sender.example", [rcpt], make_message(size, offset + i, rcpt))
+        sent += 1
+    await client.quit()
+    return sent
+
+
+async def run_load(port: int, messages: int, sessions: int, size: int, rcpt: str) -> float:
+    per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
+    start = time.perf_counter()
+    offsets = [sum(per[:i]) for i in range(sessions)]
+    done = await asyncio.gather(
+        *(session(port, n, size, rcpt, off) for n, off in zip(per, offsets, strict=True))
+    )
+    elapsed = time.perf_counter() - start
+    assert sum(done) == messages
+    return elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def prepare(data_dir: Path, rcpt: str) -> None:
+    from conf.settings import load_settings
+    from storage import open_storage
+
+    settings = load_settings(overrides=[f"server.data_dir='{data_dir}'"])
+    os.makedirs(data_dir, exist_ok=True)
+    store = await open_storage(settings.storage)
+    try:
+        await store.directory.add_domain(rcpt.rpartition("@")[2])
+        await store.directory.add_account(rcpt, "bench-password")
+    finally:
+        await store.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=5 * 1024)
+    parser.add_argument("--rcpt", default="user@bench.example")
+    parser.add_argument("--port", type=int, help="bench a running server instead")
+    parser.add_argument("--pid", type=int, help="server pid, for CPU accounting")
+    parser.add_argument("--checks", action="store_true", help="keep SPF/DKIM checks on")
+    args = parser.parse_args()
+
+    proc = None
+    tmp = None
+    port, pid = args.port, args.pid
+    if port is None:
+        tmp = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
+        await prepare(tmp / "data", args.rcpt)
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "mtad",
+            "-o", f"server.data_dir='{tmp / 'data'}'",
+            "-o", "server.log_level='WARNING'",
+            "-o", f"smtp.mx_listen=['127.0.0.1:{port}']",
+            "-o", f"smtp.submission_listen=['127.0.0.1:{free_port()}']",
+            "-o", f"smtp.submissions_listen=['127.0.0.1:{free_port()}']",
+            "-o", "smtp.rate_limit_per_ip=0",
+            "-o", f"smtp.max_connections_per_ip={args.sessions + 5}",
+        ]
+        if not args.checks:
+            argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO)
+        pid = proc.pid
+        for _ in range(300):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            raise SystemExit("mtad did not start")
+    try:
+        # A short warm-up so imports and first connections do not count.
+        await run_load(port, min(40, args.messages), min(4, args.sessions), args.size, args.rcpt)
+        cpu_before = cpu_seconds(pid) if pid else None
+        elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt)
+        cpu_after = cpu_seconds(pid) if pid else None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            await proc.wait()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"messages:      {args.messages} x {args.size} bytes, {args.sessions} sessions")
+    print(f"elapsed:       {elapsed:.2f} s")
+    print(f"throughput:    {args.messages / elapsed:.1f} messages/s")
+    if cpu_before is not None and cpu_after is not None:
+        cpu = cpu_after - cpu_before
+        print(f"server CPU:    {cpu:.2f} s ({1000 * cpu / args.messages:.2f} ms per message)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,202 @@
+"""Sender authentication checks for inbound mail: SPF, DKIM, DMARC.
+
+Contract: :func:`authenticate_message` runs the checks enabled in
+``settings.smtp`` and returns :class:`AuthenticationResults`, whose
+``header()`` is the RFC 8601 Authentication-Results field to prepend and
+whose ``dmarc.disposition`` says whether DMARC asks to reject or
+quarantine. pyspf and dkimpy are synchronous: they run in
+``asyncio.to_thread`` and resolve through the shared :class:`Resolver`.
+A check never raises: DNS trouble is ``temperror``, junk is ``permerror``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import dkim
+import dkim.util
+import spf
+
+from mtad import dmarc
+from mtad.address import domain_of
+from mtad.dns import Resolver, resolving_with
+from mtad.headers import fold, from_domains, iter_fields
+
+log = logging.getLogger("mtad.checks")
+
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    """RFC 7208 section 2.6 result for the MAIL FROM (or HELO) identity."""
+
+    result: str
+    identity: str  # the address checked: MAIL FROM, or postmaster@HELO
+    scope: str  # "mailfrom" or "helo"
+
+    @property
+    def domain(self) -> str:
+        return domain_of(self.identity)
+
+    def header_value(self) -> str:
+        prop = "smtp.mailfrom" if self.scope == "mailfrom" else "smtp.helo"
+        value = self.identity if self.scope == "mailfrom" else self.domain
+        return f"spf={self.result} {prop}={value}"
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    """One DKIM-Signature's verdict (RFC 6376 section 6, RFC 8601 2.7.1)."""
+
+    result: str  # pass, fail, neutral, temperror, permerror
+    domain: str
+    selector: str
+    b: str  # first 8 characters of b= (RFC 6008) to tell signatures apart
+
+    def header_value(self) -> str:
+        return (
+            f"dkim={self.result} header.d={self.domain} header.s={self.selector} "
+            f"header.b={self.b}"
+        )
+
+
+@dataclass(frozen=True)
+class AuthenticationResults:
+    authserv_id: str
+    spf: SpfResult | None
+    dkim: tuple[DkimResult, ...] = ()
+    dmarc: dmarc.DmarcResult | None = None
+    extra: tuple[str, ...] = field(default=())
+
+    def header(self) -> bytes:
+        """The RFC 8601 section 2.2 Authentication-Results field, CRLF-terminated."""
+        parts: list[str] = []
+        for method in self.extra:
+            parts.append(method)
+        if self.spf is not None:
+            parts.append(self.spf.header_value())
+        if self.dkim:
+            parts.extend(d.header_value() for d in self.dkim)
+        elif self.spf is not None:
+            parts.append("dkim=none")
+        if self.dmarc is not None:
+            parts.append(self.dmarc.header_value())
+        if not parts:
+            parts.append("none")
+        joined = [p + ";" for p in parts[:-1]] + [parts[-1]]
+        return fold("Authentication-Results", [f"{self.authserv_id};", *joined])
+
+
+def _spf_check(ip: str, identity: str, helo: str, receiver: str, timeout: float) -> str:
+    result, _code, _expl = spf.query(
+        i=ip, s=identity, h=helo, receiver=receiver, timeout=timeout
+    ).check()
+    return result if result in SPF_RESULTS else "permerror"
+
+
+async def check_spf(
+    resolver: Resolver, ip: str, mail_from: str, helo: str, receiver: str
+) -> SpfResult:
+    """RFC 7208: check MAIL FROM; a null sender is checked as postmaster@HELO
+    (section 2.4)."""
+    if mail_from:
+        identity, scope = mail_from, "mailfrom"
+    else:
+        identity, scope = f"postmaster@{helo}", "helo"
+    try:
+        with resolving_with(resolver):
+            result = await asyncio.to_thread(
+                _spf_check, ip, identity, helo, receiver, resolver.settings.timeout_seconds
+            )
+    except Exception:  # pyspf raises on odd input; never fail the transaction for it
+        log.warning("SPF check of %s failed", identity, exc_info=True)
+        result = "permerror"
+    return SpfResult(result, identity, scope)
+
+
+def _dkim_verify_all(message: bytes, dnsfunc, timeout: float) -> list[DkimResult]:
+    signatures = [v for name, v, _, _ in iter_fields(message) if name == "dkim-signature"]
+    results = []
+    for idx, raw_sig in enumerate(signatures):
+        try:
+            tags = dkim.util.parse_tag_value(raw_sig)
+        except Exception:
+            tags = {}
+        domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
+        selector = tags.get(b"s", b"").decode("ascii", "replace")
+        b = b"".join(tags.get(b"b", b"").split())[:8].decode("ascii", "replace")
+        verifier = dkim.DKIM(message, timeout=timeout)
+        try:
+            ok = verifier.verify(idx=idx, dnsfunc=dnsfunc)
+            verdict = "pass" if ok else "fail"
+        except dkim.DnsTimeoutError:
+            verdict = "temperror"
+        except dkim.KeyFormatError:
+            verdict = "permerror"
+        except dkim.ValidationError as exc:
+            # dkimpy reports a body hash mismatch as a ValidationError; RFC 6376
+            # section 6.1.3 makes that a failed signature, not a broken one.
+            verdict = "fail" if "body hash mismatch" in str(exc) else "permerror"
+        except dkim.DKIMException:
+            verdict = "fail"
+        except Exception:
+            verdict = "permerror"
+        results.append(DkimResult(verdict, domain, selector, b))
+    return results
+
+
+async def check_dkim(resolver: Resolver, message: bytes) -> tuple[DkimResult, ...]:
+    """Verify every DKIM-Signature field (RFC 6376 section 6.1)."""
+    try:
+        results = await asyncio.to_thread(
+            _dkim_verify_all,
+            message,
+            resolver.dkim_txt_sync,
+            resolver.settings.timeout_seconds,
+        )
+    except Exception:
+        log.warning("DKIM verification crashed", exc_info=True)
+        return ()
+    return tuple(results)
+
+
+async def authenticate_message(
+    resolver: Resolver,
+    *,
+    authserv_id: str,
+    client_ip: str,
+    helo: str,
+    mail_from: str,
+    message: bytes,
+    spf_enabled: bool = True,
+    dkim_enabled: bool = True,
+) -> AuthenticationResults:
+    """SPF and DKIM concurrently, then DMARC from both."""
+    spf_task = (
+        check_spf(resolver, client_ip, mail_from, helo, authserv_id) if spf_enabled else None
+    )
+    dkim_task = check_dkim(resolver, message) if dkim_enabled else None
+    spf_result, dkim_results = await asyncio.gather(
+        spf_task or _none(), dkim_task or _empty()
+    )
+    domains = from_domains(message)
+    from_domain = domains[0] if len(set(domains)) == 1 and domains[0] else None
+    dmarc_result = await dmarc.evaluate(
+        resolver,
+        from_domain,
+        spf_result.result if spf_result else "none",
+        spf_result.domain if spf_result else "",
+        [d.domain for d in dkim_results if d.result == "pass"],
+    )
+    return AuthenticationResults(authserv_id, spf_result, tuple(dkim_results), dmarc_result)
+
+
+async def _none() -> None:
+    return None
+
+
+async def _empty() -> tuple[DkimResult, ...]:
+    return ()

@@ -1,0 +1,76 @@
+"""The DATA phase as a pure line consumer (RFC 5321 sections 4.1.1.4, 4.5.2).
+
+The session reads CRLF-terminated lines (``readuntil(b"\\r\\n")``) and feeds
+them here. Only ``.CRLF`` after a CRLF ends the data: a bare LF or CR
+anywhere marks the message as refused (RFC 5321 section 2.3.8), so
+``\\n.\\n``, ``\\r\\n.\\n`` and ``\\n.\\r\\n`` never end it and whatever follows
+them (a smuggled ``MAIL FROM``) stays message text of a refused message.
+
+Limits are checked while reading and the verdict is given only at the end
+of the data, as RFC 5321 section 4.2.5 implies: after the size limit is
+exceeded nothing more is kept in memory, but the data is still read up to
+its end so the session stays in sync.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class DataVerdict(enum.Enum):
+    OK = "ok"
+    TOO_BIG = "too big"  # 552 5.3.4 (RFC 1870 section 6.1)
+    LINE_TOO_LONG = "line too long"  # 500 (RFC 5321 section 4.5.3.1.6 / 4.5.3.1.10)
+    BARE_LINE_ENDING = "bare LF or CR"  # 550 5.6.0 (RFC 5321 section 2.3.8)
+
+
+class DataReader:
+    """Accumulates dot-unstuffed message text up to ``max_size`` octets.
+
+    ``max_line`` is the longest text line including CRLF (1000 per RFC 5321
+    section 4.5.3.1.6); a dot-stuffed line may be one octet longer.
+    Call :meth:`feed` with each line (ending in CRLF, or a fragment of an
+    over-long line without it); it returns True once the end-of-data line
+    has been seen.
+    """
+
+    __slots__ = ("_at_line_start", "_chunks", "max_line", "max_size", "size", "verdict")
+
+    def __init__(self, max_size: int, max_line: int = 1000) -> None:
+        self.max_size = max_size
+        self.max_line = max_line
+        self.size = 0
+        self.verdict = DataVerdict.OK
+        self._chunks: list[bytes] = []
+        self._at_line_start = True
+
+    def feed(self, line: bytes) -> bool:
+        if self._at_line_start and line == b".\r\n":
+            return True
+        complete = line.endswith(b"\r\n")
+        if self._at_line_start and line.startswith(b"."):
+            line = line[1:]  # RFC 5321 section 4.5.2 transparency
+        self._at_line_start = complete
+        body = line[:-2] if complete else line
+        if self.verdict is DataVerdict.OK:
+            if b"\n" in body or b"\r" in body:
+                self.verdict = DataVerdict.BARE_LINE_ENDING
+            elif not complete or len(line) > self.max_line:
+                self.verdict = DataVerdict.LINE_TOO_LONG
+        self.size += len(line)
+        if self.verdict is DataVerdict.OK and self.size > self.max_size:
+            self.verdict = DataVerdict.TOO_BIG
+        if self.verdict is DataVerdict.OK:
+            self._chunks.append(line)
+        elif self._chunks:
+            self._chunks = []  # stop holding what will be refused
+        return False
+
+    def fragment(self, part: bytes) -> None:
+        """A piece of an over-long line (the reader's limit was overrun)."""
+        self.feed(part)
+
+    @property
+    def content(self) -> bytes:
+        """The message, valid only when ``verdict`` is OK."""
+        return b"".join(self._chunks)

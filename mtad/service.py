@@ -1,0 +1,134 @@
+"""The mtad daemon: SMTP listeners over one shared context.
+
+Contract: :func:`start` binds every listener of ``settings.smtp`` (MX,
+submission with STARTTLS, submissions with implicit TLS) and returns a
+running :class:`Service`; ``service.ports`` tells which ports were bound
+(port 0 in the settings means ephemeral). ``close()`` stops listening,
+sends 421 to open sessions and closes them; mail already answered with 250
+is durable, anything unanswered is the client's to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from conf.settings import Settings
+from conf.tls import parse_listen
+from mtad import replies as R
+from mtad.dns import Resolver
+from mtad.limits import ConnectionCounter, RateLimiter
+from mtad.session import Mode, SmtpContext, SmtpSession
+from storage.api import Storage
+from storage.throttle import AuthThrottle
+
+log = logging.getLogger("mtad")
+
+
+@dataclass
+class Service:
+    """A running mtad. ``servers`` maps each mode to its asyncio servers;
+    ``on_close`` holds extra coroutines run by :meth:`close` (the outbound
+    queue workers register theirs there)."""
+
+    context: SmtpContext
+    servers: dict[Mode, list[asyncio.Server]]
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def ports(self) -> dict[str, list[int]]:
+        """Bound ports by listener name: ``{"mx": [..], "submission": [..],
+        "submissions": [..]}``."""
+        return {
+            mode.value: [s.getsockname()[1] for srv in servers for s in srv.sockets]
+            for mode, servers in self.servers.items()
+        }
+
+    def port(self, mode: Mode | str) -> int:
+        """The first bound port of a listener (convenient in tests)."""
+        return self.ports[Mode(mode).value][0]
+
+    @property
+    def resolver(self) -> Resolver:
+        return self.context.resolver
+
+    async def close(self) -> None:
+        self.context.closing = True
+        for servers in self.servers.values():
+            for server in servers:
+                server.close()
+        for session in list(self.context.sessions):
+            await session.close_with(R.SHUTTING_DOWN)
+        for hook in self.on_close:
+            try:
+                await hook()
+            except Exception:
+                log.exception("error while stopping")
+        for servers in self.servers.values():
+            for server in servers:
+                try:
+                    await asyncio.wait_for(server.wait_closed(), 5)
+                except TimeoutError:
+                    log.warning("listener did not close in time")
+
+
+def _make_context(settings: Settings, storage: Storage, tls: ssl.SSLContext | None) -> SmtpContext:
+    smtp = settings.smtp
+    return SmtpContext(
+        settings=settings,
+        storage=storage,
+        tls=tls,
+        resolver=Resolver(settings.dns),
+        throttle=AuthThrottle(
+            settings.auth.failure_delay_seconds, settings.auth.failure_delay_max_seconds
+        ),
+        connections=ConnectionCounter(smtp.max_connections_per_ip),
+        rate_user=RateLimiter(smtp.rate_limit_per_user, smtp.rate_window_seconds),
+        rate_ip=RateLimiter(smtp.rate_limit_per_ip, smtp.rate_window_seconds),
+    )
+
+
+async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None) -> Service:
+    """Bind the MX, submission and submissions listeners and start serving."""
+    ctx = _make_context(settings, storage, tls)
+    loop = asyncio.get_running_loop()
+    listeners = {
+        Mode.MX: settings.smtp.mx_listen,
+        Mode.SUBMISSION: settings.smtp.submission_listen,
+        Mode.SUBMISSIONS: settings.smtp.submissions_listen,
+    }
+    servers: dict[Mode, list[asyncio.Server]] = {mode: [] for mode in listeners}
+    service = Service(ctx, servers)
+    try:
+        for mode, addresses in listeners.items():
+            if mode is Mode.SUBMISSIONS and addresses and tls is None:
+                raise ValueError("smtp.submissions_listen needs a TLS context")
+            for address in addresses:
+                host, port = parse_listen(address)
+                server = await loop.create_server(
+                    lambda mode=mode: SmtpSession(ctx, mode),
+                    host or None,
+                    port,
+                    ssl=tls if mode is Mode.SUBMISSIONS else None,
+                    reuse_address=True,
+                    reuse_port=port != 0 and hasattr(socket, "SO_REUSEPORT"),
+                    backlog=512,
+                )
+                servers[mode].append(server)
+                log.info("SMTP %s listening on %s", mode.value, address)
+        # --- outbound queue workers (mtad.outbound; owned by the queue helper) ---
+        if settings.queue.workers > 0:
+            from mtad.outbound import start_workers
+
+            runner = start_workers(settings, storage, ctx.resolver)
+            service.queue_runner = runner  # type: ignore[attr-defined]
+            service.on_close.append(runner.close)
+        # --- end outbound queue workers ---
+    except BaseException:
+        await service.close()
+        raise
+    return service

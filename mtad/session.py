@@ -1,0 +1,677 @@
+"""One SMTP connection: aiosmtpd's protocol machinery with our commands.
+
+aiosmtpd gives us the connection, command dispatch, STARTTLS plumbing (it
+clears the read buffer when the TLS session starts, RFC 3207 section 4.2)
+and AUTH challenges. We replace what it lacks or does differently: enhanced
+status codes on every reply (RFC 2034), path parsing with null sender and
+SMTPUTF8, our own DATA reader (bare LF refused, limits enforced without
+buffering past them), asynchronous AUTH against the directory with the
+shared throttle, recipient routing, limits (connections, errors, rates,
+timeouts) and delivery.
+
+Which commands a listener allows is decided by its :class:`Mode`:
+
+=========  =========================================================
+MX         no AUTH; RCPT only for our domains (554 5.7.1 otherwise)
+SUBMISSION STARTTLS, AUTH (after TLS unless auth.allow_plaintext), MAIL
+           requires AUTH (530 5.7.0), sender must be the user's (553)
+SUBMISSIONS the same over implicit TLS (RFC 8314)
+=========  =========================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import enum
+import logging
+from base64 import b64decode
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+
+from conf.settings import Settings
+from mtad import replies as R
+from mtad.address import Path, PathSyntaxError, parse_path
+from mtad.checks import authenticate_message
+from mtad.data import DataReader, DataVerdict
+from mtad.dns import Resolver
+from mtad.headers import (
+    new_queue_id,
+    protocol_name,
+    received_field,
+    strip_forged_results,
+)
+from mtad.limits import ConnectionCounter, RateLimiter
+from mtad.submit import (
+    Routing,
+    SubmitError,
+    check_quota,
+    deliver,
+    resolve_recipient,
+    save_sent_copy,
+    sender_allowed,
+)
+from storage.api import Storage
+from storage.errors import SMTP_REPLY, ErrorKind, StorageError
+from storage.model import Account
+from storage.throttle import AuthThrottle
+
+log = logging.getLogger("mtad.smtp")
+
+# RFC 4954 section 4: an AUTH command line may be up to 12288 octets.
+AUTH_LINE_LIMIT = 12288
+# How many rate-limit refusals a session gets before it is closed with 421.
+RATE_REFUSALS_BEFORE_CLOSE = 2
+
+
+class Mode(enum.Enum):
+    MX = "mx"
+    SUBMISSION = "submission"
+    SUBMISSIONS = "submissions"
+
+
+@dataclass
+class SmtpContext:
+    """What every session of one service shares."""
+
+    settings: Settings
+    storage: Storage
+    tls: Any  # ssl.SSLContext | None
+    resolver: Resolver
+    throttle: AuthThrottle
+    connections: ConnectionCounter
+    rate_user: RateLimiter
+    rate_ip: RateLimiter
+    sessions: set[SmtpSession] = field(default_factory=set)
+    closing: bool = False
+
+
+class SmtpSessionState(Session):
+    """Connection state (aiosmtpd ``Session``) plus who authenticated."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.account: Account | None = None
+        self.addresses: set[str] = set()
+
+    # aiosmtpd logs a deprecation warning on every access; keep it quiet.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class Transaction(Envelope):
+    """Per-transaction state (aiosmtpd ``Envelope``) plus the routing so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mail_from: str | None = None  # type: ignore[assignment]
+        self.routing = Routing.empty()
+        self.size_hint = 0
+
+
+class _Handler:
+    """aiosmtpd's handler seam; we only use it for unexpected exceptions."""
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("SMTP session error", exc_info=error)
+        return str(R.TEMP_FAILURE)
+
+
+class SmtpSession(SMTP):
+    """An SMTP server connection for one listener :class:`Mode`."""
+
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(self, ctx: SmtpContext, mode: Mode) -> None:
+        smtp = ctx.settings.smtp
+        self.ctx = ctx
+        self.mode = mode
+        self.implicit_tls = mode is Mode.SUBMISSIONS
+        # The stream limit must admit a dot-stuffed text line and an AUTH line;
+        # command lines are held to their own limit below.
+        self.line_length_limit = max(smtp.max_line_length + 1, AUTH_LINE_LIMIT)
+        self._deadline = 0.0
+        self._greeted = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._rate_refusals = 0
+        self._client_ip = ""
+        self._counted = False
+        super().__init__(
+            _Handler(),
+            data_size_limit=smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=ctx.settings.server.hostname,
+            ident="ESMTP shardmail",
+            tls_context=None if self.implicit_tls else ctx.tls,
+            timeout=smtp.command_timeout_seconds,
+        )
+        # RFC 5321 section 4.5.3.1.4 command line limit (aiosmtpd keeps this
+        # dict on the class; give each session its own).
+        self.command_size_limit = smtp.max_command_line_length
+        self.command_size_limits = defaultdict(lambda: smtp.max_command_line_length)
+        # RFC 1870 section 3 / RFC 6531 section 3.4: SIZE and SMTPUTF8 lengthen MAIL.
+        self.command_size_limits["MAIL"] += 26 + 10
+        self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return SmtpSessionState(self.loop)
+
+    def _create_envelope(self) -> Envelope:
+        return Transaction()
+
+    @property
+    def state(self) -> SmtpSessionState:
+        # No assert here: aiosmtpd's __init__ evaluates every attribute.
+        return self.session  # type: ignore[return-value]
+
+    @property
+    def txn(self) -> Transaction:
+        return self.envelope  # type: ignore[return-value]
+
+    @property
+    def is_tls(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    @property
+    def auth_offered(self) -> bool:
+        return self.mode is not Mode.MX and (
+            self.is_tls or self.ctx.settings.auth.allow_plaintext
+        )
+
+    def tls_description(self) -> str | None:
+        if not self.is_tls or self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return f"version={ssl_object.version()} cipher={cipher[0] if cipher else '?'}"
+
+    async def _push_raw(self, line: str) -> None:
+        self._writer.write(line.encode("utf-8") + b"\r\n")
+        await self._writer.drain()
+
+    async def push(self, status: Any) -> None:
+        """Send one reply line, adding an enhanced code and counting errors."""
+        line = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        if not self._greeted:  # the 220 greeting carries no enhanced code
+            self._greeted = True
+            await self._push_raw(line)
+            return
+        line = R.with_enhanced_code(line)
+        code = R.reply_code(line)
+        if code is not None and code >= 400 and code != 421:
+            self._errors += 1
+            if self._errors > self.ctx.settings.smtp.max_errors:
+                await self.close_with(R.TOO_MANY_ERRORS)
+                return
+        await self._push_raw(line)
+
+    async def reply(self, reply: R.Reply, text: str | None = None) -> None:
+        await self.push(str(reply if text is None else reply.with_text(text)))
+
+    async def close_with(self, reply: R.Reply) -> None:
+        """Send a final reply (421) and close the connection."""
+        if self.transport is None:
+            return
+        try:
+            self._writer.write(str(reply).encode() + b"\r\n")
+        except Exception:  # the peer may already be gone
+            pass
+        self.transport.close()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # One timer per connection, pushed forward by a deadline instead of
+        # being re-created for every line (cheap during long DATA phases).
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
+        # RFC 5321 section 4.5.3.2: give up with 421 and close.
+        log.info("%r timeout", self.session.peer if self.session else None)
+        try:
+            self.transport.write(str(R.TIMEOUT).encode() + b"\r\n")
+        except Exception:
+            pass
+        self.transport.close()
+
+    async def _handle_client(self) -> None:
+        peer = self.session.peer if self.session else None
+        self._client_ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        if self.ctx.closing:
+            await self.close_with(R.SHUTTING_DOWN)
+            return
+        if not self.ctx.connections.acquire(self._client_ip):
+            self._greeted = True
+            await self.close_with(R.TOO_MANY_CONNECTIONS)
+            return
+        self._counted = True
+        self.ctx.sessions.add(self)
+        try:
+            await super()._handle_client()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.ctx.connections.release(self._client_ip)
+        self.ctx.sessions.discard(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._release()
+        if self._timeout_handle is None:  # refused before the greeting
+            self._timeout_handle = self.loop.call_later(0, lambda: None)
+        super().connection_lost(error)
+
+    # -- greeting commands --------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.reply(R.BAD_ARGUMENTS, "Syntax: EHLO hostname")
+            return
+        self._set_rset_state()  # RFC 5321 section 4.1.4: EHLO resets the transaction
+        self.state.host_name = hostname
+        self.state.extended_smtp = True
+        lines = [
+            f"{self.hostname} Hello {hostname}",
+            "PIPELINING",  # RFC 2920
+            f"SIZE {self.ctx.settings.smtp.max_message_size}",  # RFC 1870
+            "8BITMIME",  # RFC 6152
+            "SMTPUTF8",  # RFC 6531
+            "ENHANCEDSTATUSCODES",  # RFC 2034
+        ]
+        if self.tls_context is not None and not self.is_tls:
+            lines.append("STARTTLS")  # RFC 3207
+        if self.auth_offered and not self.state.authenticated:
+            lines.append("AUTH PLAIN LOGIN")  # RFC 4954
+        # RFC 2034 section 3: no enhanced codes on EHLO replies.
+        for line in lines[:-1]:
+            await self._push_raw(f"250-{line}")
+        await self._push_raw(f"250 {lines[-1]}")
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.reply(R.BAD_ARGUMENTS, "Syntax: HELO hostname")
+            return
+        self._set_rset_state()
+        self.state.host_name = hostname
+        self.state.extended_smtp = False
+        await self._push_raw(f"250 {self.hostname}")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.reply(R.BAD_ARGUMENTS, "Syntax: STARTTLS")
+        elif self.is_tls:
+            await self.reply(R.BAD_SEQUENCE, "TLS already active")
+        elif self.tls_context is None:
+            await self.reply(R.TLS_UNAVAILABLE)
+        else:
+            # aiosmtpd switches the transport; the new session (connection_made)
+            # forgets the EHLO and clears anything buffered (RFC 3207 section 4.2).
+            await super().smtp_STARTTLS(arg)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # RFC 5321 section 3.5.3: 252 rather than leaking which users exist.
+        if not arg:
+            await self.reply(R.BAD_ARGUMENTS, "Syntax: VRFY <address>")
+        else:
+            await self.reply(R.VRFY_CANNOT)
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if self.mode is Mode.MX:
+            await self.reply(R.NOT_IMPLEMENTED, "AUTH not available on this port")
+            return
+        if not self.state.host_name or not self.state.extended_smtp:
+            await self.reply(R.NEED_HELO, "Send EHLO first")
+            return
+        if not self.is_tls and not self.ctx.settings.auth.allow_plaintext:
+            await self.reply(R.ENCRYPTION_REQUIRED)
+            return
+        if self.state.authenticated:
+            await self.reply(R.ALREADY_AUTHENTICATED)
+            return
+        if self.txn.mail_from is not None:  # RFC 4954 section 4: not during a transaction
+            await self.reply(R.BAD_SEQUENCE, "AUTH not permitted during a mail transaction")
+            return
+        args = (arg or "").split()
+        if not args or len(args) > 2:
+            await self.reply(R.BAD_ARGUMENTS, "Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = args[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            await self.reply(R.UNKNOWN_MECHANISM)
+            return
+        initial = args[1] if len(args) == 2 else None
+        credentials = await (
+            self._auth_plain(initial) if mechanism == "PLAIN" else self._auth_login(initial)
+        )
+        if credentials is None:
+            return  # a reply was already sent
+        login, password = credentials
+        account = await self.ctx.storage.directory.authenticate(login, password)
+        keys = (f"ip:{self._client_ip}", f"login:{login.lower()}")
+        if account is None:
+            self._auth_failures += 1
+            await self.ctx.throttle.failed(*keys)
+            if self._auth_failures >= self.ctx.settings.auth.max_failures_per_connection:
+                await self.close_with(R.TOO_MANY_AUTH_FAILURES)
+                return
+            await self.reply(R.AUTH_FAILED)
+            return
+        self.ctx.throttle.succeeded(*keys)
+        self.state.authenticated = True
+        self.state.account = account
+        self.state.addresses = {
+            a.lower() for a in await self.ctx.storage.directory.addresses_of(account)
+        }
+        await self.reply(R.AUTH_OK)
+
+    async def _decode_b64(self, text: str | bytes) -> bytes | None:
+        try:
+            return b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            await self.reply(R.BAD_ARGUMENTS._replace(enhanced="5.5.2"), "Invalid base64 data")
+            return None
+
+    async def _challenge(self, prompt: str) -> bytes | None:
+        self._reset_timeout()
+        answer = await self.challenge_auth(prompt)
+        return None if answer is MISSING else answer  # "*" or bad base64: replied
+
+    async def _auth_plain(self, initial: str | None) -> tuple[str, str] | None:
+        if initial is None:
+            blob = await self._challenge("")
+        elif initial == "=":  # RFC 4954 section 4: empty initial response
+            blob = b""
+        else:
+            blob = await self._decode_b64(initial)
+        if blob is None:
+            return None
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.reply(R.BAD_ARGUMENTS._replace(enhanced="5.5.2"), "Invalid PLAIN data")
+            return None
+        authzid, authcid, password = (p.decode("utf-8", "replace") for p in parts)
+        if authzid and authzid.lower() != authcid.lower():  # RFC 4616: no proxy auth
+            await self.reply(R.AUTH_FAILED)
+            return None
+        return authcid, password
+
+    async def _auth_login(self, initial: str | None) -> tuple[str, str] | None:
+        login = (
+            await self._challenge(self.AuthLoginUsernameChallenge)
+            if initial is None
+            else await self._decode_b64(initial)
+        )
+        if login is None:
+            return None
+        password = await self._challenge(self.AuthLoginPasswordChallenge)
+        if password is None:
+            return None
+        return login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+    # -- the transaction ---------------------------------------------------
+
+    async def _needs(self) -> bool:
+        """Common preconditions of MAIL/RCPT/DATA; True if a reply was sent."""
+        if not self.state.host_name:
+            await self.reply(R.NEED_HELO)
+            return True
+        if self.mode is not Mode.MX and not self.state.authenticated:
+            await self.reply(R.AUTH_REQUIRED)
+            return True
+        return False
+
+    async def _parse(self, keyword: str, arg: str | None, allow_null: bool) -> Path | None:
+        try:
+            path = parse_path(keyword, arg, allow_null=allow_null)
+        except PathSyntaxError as exc:
+            bad = R.BAD_SENDER_SYNTAX if keyword == "FROM:" else R.BAD_RECIPIENT_SYNTAX
+            await self.reply(bad, f"{bad.text}: {exc}")
+            return None
+        if path.params and not self.state.extended_smtp:
+            await self.reply(R.BAD_ARGUMENTS, "Parameters require EHLO")
+            return None
+        return path
+
+    def _rate_keys(self) -> list[tuple[RateLimiter, str]]:
+        keys = [(self.ctx.rate_ip, self._client_ip)]
+        if self.state.account is not None:
+            keys.append((self.ctx.rate_user, self.state.account.address))
+        return keys
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._needs():
+            return
+        if self.txn.mail_from is not None:
+            await self.reply(R.NESTED_MAIL)
+            return
+        path = await self._parse("FROM:", arg, allow_null=True)
+        if path is None:
+            return
+        params = dict(path.params)
+        body = (params.pop("BODY", None) or "7BIT").upper()
+        if body not in ("7BIT", "8BITMIME"):  # RFC 6152 section 2
+            await self.reply(R.BAD_ARGUMENTS, "BODY must be 7BIT or 8BITMIME")
+            return
+        smtputf8 = "SMTPUTF8" in params
+        if smtputf8 and params.pop("SMTPUTF8") is not None:
+            await self.reply(R.BAD_ARGUMENTS, "SMTPUTF8 takes no value")
+            return
+        size = params.pop("SIZE", None)
+        params.pop("AUTH", None)  # RFC 4954 section 5: accepted, not trusted
+        if params:
+            await self.reply(R.PARAM_UNKNOWN)
+            return
+        if size is not None:
+            if not size.isdigit():
+                await self.reply(R.BAD_ARGUMENTS, "SIZE must be a number")
+                return
+            if int(size) > self.ctx.settings.smtp.max_message_size:  # RFC 1870 section 6.1
+                await self.reply(R.MESSAGE_TOO_BIG)
+                return
+        if not path.is_ascii and not smtputf8:
+            await self.reply(R.SMTPUTF8_REQUIRED)
+            return
+        if self.mode is not Mode.MX and self.ctx.settings.smtp.sender_must_match:
+            if path.address.lower() not in self.state.addresses:
+                await self.reply(R.SENDER_NOT_OWNED)
+                return
+        for limiter, key in self._rate_keys():
+            if not limiter.allowed(key):
+                self._rate_refusals += 1
+                if self._rate_refusals >= RATE_REFUSALS_BEFORE_CLOSE:
+                    await self.close_with(R.RATE_LIMITED_SESSION)
+                else:
+                    await self.reply(R.RATE_LIMITED)
+                return
+        self.txn.mail_from = path.address
+        self.txn.smtp_utf8 = smtputf8
+        self.txn.mail_options = [f"BODY={body}"]
+        self.txn.size_hint = int(size) if size else 0
+        await self.reply(R.SENDER_OK)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._needs():
+            return
+        if self.txn.mail_from is None:
+            await self.reply(R.NEED_MAIL)
+            return
+        path = await self._parse("TO:", arg, allow_null=False)
+        if path is None:
+            return
+        if path.params:  # no DSN (RFC 3461) offered
+            await self.reply(R.PARAM_UNKNOWN)
+            return
+        if not path.is_ascii and not self.txn.smtp_utf8:
+            await self.reply(R.SMTPUTF8_REQUIRED)
+            return
+        if len(self.txn.rcpt_tos) >= self.ctx.settings.smtp.max_recipients:
+            await self.reply(R.TOO_MANY_RECIPIENTS)  # RFC 5321 section 4.5.3.1.10
+            return
+        try:
+            route = await resolve_recipient(self.ctx.storage, path.address)
+            if self.mode is Mode.MX and not route.local_domain:
+                await self.reply(R.RELAY_DENIED)
+                return
+            for account in route.accounts:
+                await check_quota(self.ctx.storage, account, self.txn.size_hint)
+        except SubmitError as err:
+            await self.reply(self._error_reply(err))
+            return
+        except StorageError as err:
+            await self.reply(self._error_reply(SubmitError(err.kind, str(err))))
+            return
+        self.txn.routing.add(route, path.address)
+        self.txn.rcpt_tos.append(path.address)
+        await self.reply(R.RECIPIENT_OK)
+
+    def _error_reply(self, err: SubmitError) -> R.Reply:
+        if err.kind is ErrorKind.NOT_FOUND:
+            return R.UNKNOWN_USER
+        if err.kind is ErrorKind.OVER_QUOTA:
+            return R.MAILBOX_FULL
+        code, enhanced = SMTP_REPLY.get(err.kind, (451, "4.3.0"))
+        text = "Temporary local problem, try again later" if code < 500 else str(err)
+        return R.Reply(code, enhanced, text)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self._needs():
+            return
+        if self.txn.mail_from is None:
+            await self.reply(R.NEED_MAIL)
+            return
+        if not self.txn.rcpt_tos:
+            await self.reply(R.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(R.BAD_ARGUMENTS, "Syntax: DATA")
+            return
+        await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
+        smtp = self.ctx.settings.smtp
+        data = DataReader(smtp.max_message_size, smtp.max_line_length)
+        while self.transport is not None:
+            self._reset_timeout(smtp.data_timeout_seconds)
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                data.fragment(await self._reader.read(exc.consumed))
+                continue
+            if data.feed(line):
+                break
+        self._reset_timeout()
+        if self.transport is None:
+            return
+        try:
+            if data.verdict is DataVerdict.TOO_BIG:
+                await self.reply(R.MESSAGE_TOO_BIG)
+            elif data.verdict is DataVerdict.LINE_TOO_LONG:
+                await self.reply(R.DATA_LINE_TOO_LONG)
+            elif data.verdict is DataVerdict.BARE_LINE_ENDING:
+                await self.reply(R.BARE_LF)
+            else:
+                await self.reply(await self._accept(data.content))
+        finally:
+            self._set_post_data_state()
+
+    async def _accept(self, content: bytes) -> R.Reply:
+        """Checks, trace fields, delivery; the reply to end of data."""
+        txn, state, settings = self.txn, self.state, self.ctx.settings
+        queue_id = new_queue_id()
+        content = strip_forged_results(content, settings.server.hostname)
+        protocol = protocol_name(
+            esmtp=bool(state.extended_smtp),
+            tls=self.is_tls,
+            auth=bool(state.authenticated),
+            utf8=txn.smtp_utf8,
+        )
+        received = received_field(
+            helo=state.host_name or "unknown",
+            client_ip=self._client_ip,
+            hostname=settings.server.hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            tls=self.tls_description(),
+            recipient=txn.rcpt_tos[0] if len(txn.rcpt_tos) == 1 else None,
+        )
+        mailbox = "INBOX"
+        trace = received
+        mail_from = txn.mail_from or ""
+        if self.mode is Mode.MX:
+            results = await authenticate_message(
+                self.ctx.resolver,
+                authserv_id=settings.server.hostname,
+                client_ip=self._client_ip,
+                helo=state.host_name or "",
+                mail_from=mail_from,
+                message=content,
+                spf_enabled=settings.smtp.spf,
+                dkim_enabled=settings.smtp.dkim_verify,
+            )
+            verdict = results.dmarc.disposition if results.dmarc else "none"
+            if verdict == "reject" and settings.smtp.dmarc_reject:
+                log.info("%s: DMARC reject for %s", queue_id, results.dmarc)
+                return R.DMARC_REJECT
+            if verdict in ("reject", "quarantine"):
+                mailbox = "Junk"
+            trace = results.header() + received
+        message = trace + content
+        try:
+            delivered, _ = await deliver(
+                self.ctx.storage,
+                mail_from=mail_from,
+                routing=txn.routing,
+                message=message,
+                mailbox=mailbox,
+            )
+            if (
+                self.mode is not Mode.MX
+                and state.account is not None
+                and settings.smtp.save_sent_copy
+            ):
+                await save_sent_copy(self.ctx.storage, state.account, message)
+        except SubmitError as err:
+            log.info("%s: refused: %s", queue_id, err)
+            return self._error_reply(err)
+        except StorageError as err:
+            log.warning("%s: storage error: %s", queue_id, err)
+            return self._error_reply(SubmitError(err.kind, str(err)))
+        for limiter, key in self._rate_keys():
+            limiter.record(key)
+        log.info(
+            "%s: from=<%s> local=%d remote=%d size=%d",
+            queue_id,
+            mail_from,
+            len(delivered),
+            len(txn.routing.remote),
+            len(message),
+        )
+        return R.QUEUED.with_text(f"OK: queued as {queue_id}")
+
+
+__all__ = ["Mode", "SmtpContext", "SmtpSession", "sender_allowed"]

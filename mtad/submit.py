@@ -1,0 +1,237 @@
+"""Route and deliver one message: local ingest, the outbound queue, the Sent copy.
+
+This is the delivery half of the pipeline (checks -> route -> deliver),
+shared by SMTP submission (587/465), the MX (25) and the HTTP API's send
+route. Contract of every function here:
+
+* Nothing is acknowledged before it is durable: when :func:`deliver` or
+  :func:`submit_message` returns, every local copy is committed through
+  ``storage.ingest`` and every remote recipient is committed to the outbound
+  queue (blob written first, then ``storage.queue.enqueue``).
+* Failures are :class:`SubmitError` with a storage :class:`ErrorKind`, so
+  each protocol maps them once (``errors.SMTP_REPLY``, ``errors.HTTP_STATUS``).
+* If some local copies were committed and others failed, the error is
+  TEMPORARY: the client retries and those recipients may see the message
+  twice, which is better than losing it for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from conf.settings import Settings
+from mtad.address import PathSyntaxError, parse_mailbox
+from mtad.headers import return_path_field
+from storage.api import Route, Storage
+from storage.errors import HTTP_STATUS, SMTP_REPLY, ErrorKind, StorageError
+from storage.ingest import Delivery, ingest_each
+from storage.model import SEEN, Account, AppendResult
+
+log = logging.getLogger("mtad.submit")
+
+
+class SubmitError(Exception):
+    """A classified refusal. ``recipient`` names the address at fault, if any;
+    ``str(err)`` is safe to show a client."""
+
+    def __init__(self, kind: ErrorKind, message: str, recipient: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.recipient = recipient
+
+    @property
+    def smtp_reply(self) -> tuple[int, str]:
+        """(code, enhanced code) per ``storage.errors.SMTP_REPLY``."""
+        return SMTP_REPLY[self.kind]
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.kind]
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What happened to a submitted message: ``delivered`` maps each local
+    account address to its INBOX append; ``queued`` lists the remote
+    recipients committed to the outbound queue; ``sent`` is the sender's
+    Sent copy (None if disabled or it failed, which does not fail the send)."""
+
+    delivered: dict[str, AppendResult]
+    queued: tuple[str, ...]
+    sent: AppendResult | None
+    blob_key: str | None  # the queued blob, if anything was queued
+
+
+@dataclass
+class Routing:
+    """Recipients resolved to local accounts (de-duplicated) and remote
+    addresses (including alias forwards leaving our domains)."""
+
+    local: dict[int, Account]
+    remote: list[str]
+
+    @classmethod
+    def empty(cls) -> Routing:
+        return cls({}, [])
+
+    def add(self, route: Route, address: str) -> None:
+        if route.local_domain:
+            for account in route.accounts:
+                self.local.setdefault(account.id, account)
+            for target in route.forward:
+                if target not in self.remote:
+                    self.remote.append(target)
+        elif address not in self.remote:
+            self.remote.append(address)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.local and not self.remote
+
+
+async def resolve_recipient(storage: Storage, address: str) -> Route:
+    """The directory's route for ``address``; SubmitError(NOT_FOUND) for an
+    unknown user on a local domain (SMTP 550 5.1.1)."""
+    route = await storage.directory.resolve(address)
+    if route.local_domain and not route.accounts and not route.forward:
+        raise SubmitError(ErrorKind.NOT_FOUND, f"no such user: {address}", address)
+    return route
+
+
+async def check_quota(storage: Storage, account: Account, size: int) -> None:
+    """SubmitError(OVER_QUOTA) if ``size`` more octets do not fit. We answer
+    452 4.2.2 (temporary, RFC 3463 X.2.2 "mailbox full"): the owner can make
+    room, and RFC 5321 section 4.5.3.1.10 has clients treat 552 after RCPT
+    as temporary anyway."""
+    if account.quota_bytes is None:
+        return
+    used = await storage.mail(account).quota_used(account.id)
+    if used + size > account.quota_bytes:
+        raise SubmitError(ErrorKind.OVER_QUOTA, f"mailbox full: {account.address}", account.address)
+
+
+async def deliver(
+    storage: Storage,
+    *,
+    mail_from: str,
+    routing: Routing,
+    message: bytes,
+    mailbox: str = "INBOX",
+) -> tuple[dict[str, AppendResult], str | None]:
+    """Deliver ``message`` (with trace fields already prepended) to the local
+    accounts (Return-Path prepended, one blob for all) and queue it for the
+    remote recipients. Returns (appends by account address, queued blob key).
+    """
+    delivered: dict[str, AppendResult] = {}
+    accounts = list(routing.local.values())
+    if accounts:
+        for account in accounts:
+            await check_quota(storage, account, len(message))
+        local_copy = return_path_field(mail_from) + message
+        try:
+            outcomes = await ingest_each(
+                storage, [Delivery(a, mailbox) for a in accounts], local_copy
+            )
+        except StorageError as exc:
+            raise SubmitError(ErrorKind.TEMPORARY, str(exc)) from exc
+        failures = []
+        for account, outcome in zip(accounts, outcomes, strict=True):
+            if isinstance(outcome, StorageError):
+                failures.append((account, outcome))
+            else:
+                delivered[account.address] = outcome
+        if failures:
+            account, err = failures[0]
+            kind = err.kind if not delivered else ErrorKind.TEMPORARY
+            if kind not in (ErrorKind.OVER_QUOTA, ErrorKind.TOO_BIG):
+                kind = ErrorKind.TEMPORARY
+            raise SubmitError(kind, f"delivery to {account.address} failed: {err}", account.address)
+    blob_key = None
+    if routing.remote:
+        try:
+            blob_key = await storage.blobs.put(message)
+            await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)  # type: ignore[attr-defined]
+        except StorageError as exc:
+            raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
+    return delivered, blob_key
+
+
+async def sender_allowed(storage: Storage, account: Account, mail_from: str) -> bool:
+    """True if ``mail_from`` is the account's address or one of its aliases."""
+    wanted = mail_from.lower()
+    return any(a.lower() == wanted for a in await storage.directory.addresses_of(account))
+
+
+async def save_sent_copy(storage: Storage, account: Account, message: bytes) -> AppendResult | None:
+    """Store the submitted message in the sender's \\Sent mailbox, \\Seen.
+    Best effort: the message is already on its way, so a failure is logged."""
+    try:
+        mailboxes = await storage.mail(account).list_mailboxes(account.id)
+        target: str | int = next(
+            (m.id for m in mailboxes if m.special_use == "\\Sent"), "Sent"
+        )
+        results = await ingest_each(storage, [Delivery(account, target, (SEEN,))], message)
+    except StorageError as exc:
+        log.warning("Sent copy for %s failed: %s", account.address, exc)
+        return None
+    outcome = results[0] if results else None
+    if isinstance(outcome, StorageError):
+        log.warning("Sent copy for %s failed: %s", account.address, outcome)
+        return None
+    return outcome
+
+
+async def submit_message(
+    storage: Storage,
+    settings: Settings,
+    account: Account,
+    mail_from: str,
+    rcpt_to: Sequence[str],
+    raw: bytes,
+) -> SubmitResult:
+    """Send ``raw`` (a complete RFC 5322 message) from ``account``.
+
+    Checks, in order: the sender may use ``mail_from`` (when
+    ``settings.smtp.sender_must_match``; NO_PERMISSION), there is at least
+    one recipient and at most ``settings.smtp.max_recipients`` (INVALID),
+    each recipient is syntactically valid (INVALID) and, on our domains,
+    exists (NOT_FOUND, ``err.recipient`` set). Then local copies are
+    committed, remote recipients queued, and a \\Seen copy saved to the
+    sender's Sent mailbox (if ``settings.smtp.save_sent_copy``). The caller
+    adds any trace field (Received) to ``raw`` beforehand.
+    """
+    if len(raw) > settings.smtp.max_message_size:
+        raise SubmitError(ErrorKind.TOO_BIG, "message too big")
+    if settings.smtp.sender_must_match and not await sender_allowed(storage, account, mail_from):
+        raise SubmitError(ErrorKind.NO_PERMISSION, f"{mail_from} is not your address")
+    if not rcpt_to:
+        raise SubmitError(ErrorKind.INVALID, "no recipients")
+    if len(rcpt_to) > settings.smtp.max_recipients:
+        raise SubmitError(ErrorKind.INVALID, "too many recipients")
+    routing = Routing.empty()
+    for rcpt in rcpt_to:
+        try:
+            address = parse_mailbox(rcpt.strip().removeprefix("<").removesuffix(">"))
+        except PathSyntaxError as exc:
+            raise SubmitError(ErrorKind.INVALID, f"bad recipient {rcpt!r}: {exc}", rcpt) from exc
+        routing.add(await resolve_recipient(storage, address), address)
+    delivered, blob_key = await deliver(
+        storage, mail_from=mail_from, routing=routing, message=raw
+    )
+    sent = await save_sent_copy(storage, account, raw) if settings.smtp.save_sent_copy else None
+    return SubmitResult(delivered, tuple(routing.remote), sent, blob_key)
+
+
+__all__ = [
+    "Routing",
+    "SubmitError",
+    "SubmitResult",
+    "check_quota",
+    "deliver",
+    "resolve_recipient",
+    "save_sent_copy",
+    "sender_allowed",
+    "submit_message",
+]

@@ -1,0 +1,111 @@
+"""No mail is lost: a 250 to end of data means the message is durable.
+
+mtad runs as a real process (``python -m mtad -c FILE -o ...``), is killed
+with SIGKILL right after the 250, restarted, and the recipient's INBOX must
+hold the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from storage import open_storage
+from tests.conftest import make_settings
+from tests.dnsserver import DnsServer
+from tests.protocol.smtp.support import ALICE, SmtpDialogue, mailbox_messages, message
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_mtad(config: Path, ports: dict[str, int]) -> asyncio.subprocess.Process:
+    log = (config.parent / "mtad.log").open("ab")  # a file: a full pipe would stall mtad
+    overrides = [
+        f"smtp.mx_listen=['127.0.0.1:{ports['mx']}']",
+        f"smtp.submission_listen=['127.0.0.1:{ports['submission']}']",
+        f"smtp.submissions_listen=['127.0.0.1:{ports['submissions']}']",
+    ]
+    argv = [sys.executable, "-m", "mtad", "-c", str(config)]
+    for item in overrides:
+        argv += ["-o", item]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=log
+    )
+    log.close()
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
+        if proc.returncode is not None:
+            err = (config.parent / "mtad.log").read_text(errors="replace")
+            raise AssertionError(f"mtad exited: {err}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", ports["mx"])
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return proc
+    proc.kill()
+    raise AssertionError("mtad did not start listening")
+
+
+async def test_sigkill_after_250_loses_nothing(
+    tmp_path: Path, dns: DnsServer, populated_template: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(populated_template, data_dir)
+    config = tmp_path / "shardmail.toml"
+    config.write_text(
+        f'[server]\nhostname = "mail.test"\ndata_dir = "{data_dir}"\n'
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
+    )
+    ports = {name: free_port() for name in ("mx", "submission", "submissions")}
+    body = message(subject="Survives SIGKILL")
+
+    proc = await start_mtad(config, ports)
+    try:
+        async with await SmtpDialogue.open(ports["mx"]) as client:
+            await client.reply()
+            await client.cmd("EHLO client.example")
+            await client.cmd("MAIL FROM:<someone@spf-pass.example>")
+            await client.cmd(f"RCPT TO:<{ALICE}>")
+            await client.cmd("DATA")
+            await client.send(body + b".\r\n")
+            reply = await client.reply()
+            os.kill(proc.pid, signal.SIGKILL)  # right after the 250
+            assert reply.startswith("250 2.0.0"), reply
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    proc = await start_mtad(config, ports)
+    try:
+        async with await SmtpDialogue.open(ports["mx"]) as client:
+            assert (await client.reply()).startswith("220")
+        settings = make_settings(data_dir)
+        store = await open_storage(settings.storage)
+        try:
+            [raw] = await mailbox_messages(store, ALICE)
+            assert raw.endswith(body)
+        finally:
+            await store.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0

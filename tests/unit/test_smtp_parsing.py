@@ -1,0 +1,225 @@
+"""Pure parts of mtad: paths, the DATA reader, header fields, reply codes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtad import replies as R
+from mtad.address import PathSyntaxError, parse_path
+from mtad.data import DataReader, DataVerdict
+from mtad.headers import (
+    from_domains,
+    iter_fields,
+    protocol_name,
+    received_field,
+    strip_forged_results,
+)
+
+# -- paths (RFC 5321 section 4.1.2) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arg", "address", "params"),
+    [
+        ("FROM:<a@b.example>", "a@b.example", {}),
+        ("from:<a@B.Example>", "a@b.example", {}),
+        ("FROM: <a@b.example>", "a@b.example", {}),
+        ("FROM:<>", "", {}),
+        ("FROM:<a@b.example> SIZE=100 BODY=8BITMIME", "a@b.example",
+         {"SIZE": "100", "BODY": "8BITMIME"}),
+        ("FROM:<a@b.example> smtputf8", "a@b.example", {"SMTPUTF8": None}),
+        ("FROM:<@relay.example,@r2.example:a@b.example>", "a@b.example", {}),
+        ('FROM:<"odd > name"@b.example>', '"odd > name"@b.example', {}),
+        ("FROM:<j\u00fcrgen@b.example>", "j\u00fcrgen@b.example", {}),
+        ("FROM:<a@m\u00fcnchen.example>", "a@xn--mnchen-3ya.example", {}),
+        ("FROM:<a@[192.0.2.1]>", "a@[192.0.2.1]", {}),
+    ],
+)
+def test_parse_path(arg: str, address: str, params: dict) -> None:
+    path = parse_path("FROM:", arg, allow_null=True)
+    assert path.address == address
+    assert path.params == params
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        None,
+        "FROM:a@b.example",
+        "FROM:<a@b.example",
+        "FROM:<a@b.example>SIZE=1",
+        "FROM:<a b@c.example>",
+        "FROM:<@b.example>",
+        "FROM:<a@>",
+        "FROM:<a@-bad-.example>",
+        "FROM:<" + "x" * 65 + "@b.example>",
+        "FROM:<a@b.example> SIZE=",
+        "FROM:<a@b.example> SIZE=1 SIZE=2",
+        "TO:<a@b.example>",
+    ],
+)
+def test_parse_path_rejects(arg: str | None) -> None:
+    with pytest.raises(PathSyntaxError):
+        parse_path("FROM:", arg, allow_null=True)
+
+
+def test_null_path_only_where_allowed() -> None:
+    with pytest.raises(PathSyntaxError):
+        parse_path("TO:", "TO:<>", allow_null=False)
+
+
+@given(st.text(max_size=80))
+def test_parse_path_never_crashes(arg: str) -> None:
+    try:
+        parse_path("FROM:", "FROM:" + arg, allow_null=True)
+    except PathSyntaxError:
+        pass
+
+
+# -- DATA (RFC 5321 sections 4.1.1.4, 4.5.2, 2.3.8) -----------------------
+
+
+def feed(reader: DataReader, data: bytes) -> bool:
+    """Feed ``data`` as the session would: split after each CRLF."""
+    ended = False
+    for part in data.split(b"\r\n")[:-1]:
+        if reader.feed(part + b"\r\n"):
+            ended = True
+            break
+    return ended
+
+
+def test_data_unstuffs_and_ends_on_dot_line() -> None:
+    reader = DataReader(1000)
+    assert feed(reader, b"Subject: x\r\n\r\n..dot\r\nplain\r\n.\r\n")
+    assert reader.verdict is DataVerdict.OK
+    assert reader.content == b"Subject: x\r\n\r\n.dot\r\nplain\r\n"
+
+
+@pytest.mark.parametrize("smuggle", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"x\rx"])
+def test_data_bare_line_endings_never_end_and_refuse(smuggle: bytes) -> None:
+    reader = DataReader(10_000)
+    ended = feed(reader, b"a" + smuggle + b"MAIL FROM:<x@y>\r\n")
+    assert not ended
+    assert reader.verdict is DataVerdict.BARE_LINE_ENDING
+    assert feed(reader, b".\r\n")
+    assert reader.content == b""
+
+
+def test_data_size_limit_stops_buffering_but_reads_to_end() -> None:
+    reader = DataReader(100)
+    assert not feed(reader, b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n")
+    assert reader.verdict is DataVerdict.TOO_BIG
+    assert reader.content == b""  # nothing held past the limit
+    assert not feed(reader, b"z" * 60 + b"\r\n")
+    assert reader._chunks == []
+    assert feed(reader, b".\r\n")
+
+
+def test_data_line_limit_counts_crlf_and_allows_stuffed_dot() -> None:
+    reader = DataReader(10_000, max_line=1000)
+    feed(reader, b"." + b"a" * 998 + b"\r\n")  # a 1000-octet line, dot-stuffed
+    assert reader.verdict is DataVerdict.OK
+    feed(reader, b"b" * 999 + b"\r\n")
+    assert reader.verdict is DataVerdict.LINE_TOO_LONG
+
+
+def test_data_fragment_of_long_line_is_not_end() -> None:
+    reader = DataReader(10_000, max_line=10)
+    reader.fragment(b"aaaaaaaaaaaaaaaaaaaa")
+    assert not reader.feed(b".\r\n")  # the tail of the long line, not end of data
+    assert reader.verdict is DataVerdict.LINE_TOO_LONG
+    assert reader.feed(b".\r\n")
+
+
+# -- header fields ----------------------------------------------------------
+
+
+RAW = (
+    b"Authentication-Results: mail.test; spf=pass\r\n"
+    b"Authentication-Results: other.example;\r\n dkim=pass\r\n"
+    b"From: \"A, B\" <a@Sender.Example>\r\n"
+    b"Subject: folded\r\n  subject\r\n"
+    b"\r\n"
+    b"Authentication-Results: mail.test; in the body\r\n"
+)
+
+
+def test_iter_fields_unfolds_and_stops_at_body() -> None:
+    names = [(name, value) for name, value, _, _ in iter_fields(RAW)]
+    assert names[1] == ("authentication-results", b"other.example; dkim=pass")
+    assert names[3] == ("subject", b"folded  subject")
+    assert len(names) == 4
+
+
+def test_strip_forged_results_keeps_others_and_body() -> None:
+    out = strip_forged_results(RAW, "mail.test")
+    assert out.startswith(b"Authentication-Results: other.example;")
+    assert out.endswith(b"Authentication-Results: mail.test; in the body\r\n")
+
+
+def test_from_domains() -> None:
+    assert from_domains(RAW) == ["sender.example"]
+    assert from_domains(b"From: a@x.example, b@y.example\r\n\r\n") == ["x.example", "y.example"]
+    assert from_domains(b"Subject: none\r\n\r\n") == []
+
+
+def test_received_field_shape() -> None:
+    field = received_field(
+        helo="client (evil); x",
+        client_ip="192.0.2.7",
+        hostname="mail.test",
+        protocol=protocol_name(esmtp=True, tls=True, auth=True, utf8=False),
+        queue_id="ABC",
+        tls="version=TLSv1.3 cipher=X",
+        recipient="a@b.example",
+        when=0,
+    )
+    text = field.decode()
+    assert text.startswith("Received: from client??evil???x ([192.0.2.7])\r\n\tby mail.test")
+    assert "with ESMTPSA id ABC" in text
+    assert "for <a@b.example>;\r\n\tThu, 01 Jan 1970 00:00:00 -0000\r\n" in text
+    assert all(len(line) < 998 for line in field.split(b"\r\n"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [
+        ({"esmtp": False, "tls": False, "auth": False, "utf8": False}, "SMTP"),
+        ({"esmtp": True, "tls": False, "auth": False, "utf8": False}, "ESMTP"),
+        ({"esmtp": True, "tls": True, "auth": False, "utf8": False}, "ESMTPS"),
+        ({"esmtp": True, "tls": False, "auth": True, "utf8": False}, "ESMTPA"),
+        ({"esmtp": True, "tls": True, "auth": True, "utf8": True}, "UTF8SMTPSA"),
+    ],
+)
+def test_protocol_names(flags: dict, name: str) -> None:
+    assert protocol_name(**flags) == name
+
+
+# -- replies ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("250 OK", "250 2.0.0 OK"),
+        ("500 Error: bad syntax", "500 5.5.2 bad syntax"),
+        ("503 Error: need RCPT command", "503 5.5.1 need RCPT command"),
+        ("250-SIZE 100", "250-2.0.0 SIZE 100"),
+        ("550 5.1.1 No such user", "550 5.1.1 No such user"),
+        ("354 End data", "354 End data"),
+        ("334 VXNlcm5hbWU6", "334 VXNlcm5hbWU6"),
+    ],
+)
+def test_with_enhanced_code(line: str, expected: str) -> None:
+    assert R.with_enhanced_code(line) == expected
+
+
+def test_named_replies_carry_enhanced_codes() -> None:
+    for name in dir(R):
+        value = getattr(R, name)
+        if isinstance(value, R.Reply):
+            assert str(value)[4] == str(value.code)[0], name
+            assert R.with_enhanced_code(str(value)) == str(value)
