@@ -116,6 +116,12 @@ class QueueSettings(Section):
     require_tls_domains: list[str] = Field(default_factory=list)
     dkim_selector: str = "shardmail"
     dkim_key_dir: str = ""  # empty: data_dir/dkim
+    # Outbound workers (mtad.outbound):
+    command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2 (per reply)
+    poll_interval_seconds: float = 1.0  # how often idle workers look for due entries
+    tls_ca_file: str = ""  # CA bundle to verify require_tls_domains; empty: system store
+    suppress_after_hard_bounces: int = 2  # hard bounces before an address is suppressed; 0 never
+    done_retention_seconds: int = 2 * 24 * 3600  # completed entries kept for late DSNs
 
 
 class ImapSettings(Section):
@@ -153,6 +159,9 @@ class HttpSettings(Section):
     token_lifetime_seconds: int = 7 * 24 * 3600
     rate_limit_per_user: int = 600  # requests per minute; 0 disables
     rate_limit_per_ip: int = 1200
+    # Reverse proxies (TLS terminators) whose X-Forwarded-For names the real
+    # client, for per-IP limits and auth throttling; empty: trust none.
+    trusted_proxies: list[str] = Field(default_factory=list)
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -1,0 +1,210 @@
+"""The aiohttp application: routes, middlewares, webmail page, metrics, health.
+
+Request path through the middlewares, outermost first:
+
+1. ``errors``: every failure becomes ``{"error": {"code", "message"}}``
+   (storage errors mapped once through ``storage.errors.HTTP_STATUS``); an
+   unexpected exception is logged and answered 500 without details. It also
+   records request metrics.
+2. ``access``: per-IP rate limit on ``/v1``, then authentication (bearer
+   token or Basic) for every ``/v1`` route except the public ones, then the
+   per-user rate limit. 429 answers carry ``Retry-After`` (RFC 6585 section 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from conf.settings import Settings
+from httpapi import folders, messages, realtime, search, session
+from httpapi.auth import Authenticator, TokenSigner
+from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
+from httpapi.errors import ApiError, error_response, from_storage
+from httpapi.metrics import (
+    CONTENT_TYPE,
+    REGISTRY,
+    counter,
+    histogram,
+)
+from httpapi.openapi import document
+from httpapi.ratelimit import RateLimiter
+from storage.api import Storage
+from storage.errors import StorageError
+from storage.throttle import AuthThrottle
+
+log = logging.getLogger("httpapi")
+
+STATIC_DIR = Path(__file__).parent / "static"
+PUBLIC_ROUTES = frozenset({"login", "openapi", "events_websocket"})
+HEALTH_TIMEOUT = 5.0
+# The webmail page: scripts and styles only from us; message HTML is shown in
+# a sandboxed iframe (srcdoc) that inherits this policy, so it cannot run script.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: https: http:; connect-src 'self'; frame-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+HTTP_REQUESTS = counter(
+    "shardmail_http_requests_total", "HTTP requests answered.", ["route", "status"]
+)
+HTTP_LATENCY = histogram(
+    "shardmail_http_request_duration_seconds", "HTTP request handling time.", ["route"]
+)
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    name = getattr(route, "name", None)
+    if name:
+        return str(name)
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ApiError as err:
+        status = err.status
+        return error_response(err)
+    except StorageError as err:
+        api = from_storage(err)
+        status = api.status
+        return error_response(api)
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status < 400 or not request.path.startswith("/v1"):
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "message_too_large"}.get(
+            exc.status, "http_error"
+        )
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return error_response(ApiError(exc.status, code, exc.reason, headers))
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal", "internal server error"))
+    finally:
+        name = _route_name(request)
+        HTTP_REQUESTS.inc(route=name, status=str(status))
+        HTTP_LATENCY.observe(time.monotonic() - started, route=name)
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    ctx = request.app[CONTEXT]
+    ip = client_ip(request, ctx.settings.http.trusted_proxies)
+    wait = ctx.ip_limit.check(f"ip:{ip}")
+    if wait is not None:
+        raise ApiError(429, "rate_limited", "too many requests from this address",
+                       {"Retry-After": str(wait)})
+    name = getattr(request.match_info.route, "name", None)
+    header = request.headers.get("Authorization")
+    if name in PUBLIC_ROUTES and not (name == "events_websocket" and header):
+        return await handler(request)
+    if request.match_info.http_exception is not None:
+        return await handler(request)  # unknown route: a plain 404/405
+    account = await ctx.auth.from_header(header, ip)
+    wait = ctx.user_limit.check(f"user:{account.id}")
+    if wait is not None:
+        raise ApiError(429, "rate_limited", "too many requests for this account",
+                       {"Retry-After": str(wait)})
+    request[ACCOUNT_KEY] = account
+    return await handler(request)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(document(), dumps=lambda d: json.dumps(d, indent=1))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 when storage answers within 5 seconds, else 503."""
+    storage = request.app[CONTEXT].storage
+    try:
+        await asyncio.wait_for(storage.directory.list_domains(), HEALTH_TIMEOUT)
+    except (TimeoutError, StorageError, OSError) as exc:
+        log.warning("health check failed: %s", exc)
+        return web.json_response(
+            {"status": "unavailable", "storage": "unreachable"}, status=503
+        )
+    return web.json_response({"status": "ok", "storage": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=REGISTRY.render().encode("utf-8"), headers={"Content-Type": CONTENT_TYPE}
+    )
+
+
+async def webmail(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(
+        STATIC_DIR / "index.html",
+        headers={
+            "Content-Security-Policy": PAGE_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
+async def _close_websockets(app: web.Application) -> None:
+    # 1001 "going away" (RFC 6455 section 7.4.1): clients reconnect elsewhere.
+    for ws in list(app[CONTEXT].websockets):
+        await ws.close(code=1001, message=b"server shutting down")
+
+
+def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Application:
+    """The application for one process. ``secret`` is the site token key
+    (:func:`httpapi.auth.load_or_create_secret`)."""
+    max_size = settings.http.max_message_size
+    app = web.Application(
+        middlewares=[errors_middleware, access_middleware],
+        # base64 in JSON grows a message by 4/3; multipart is streamed and capped in the handler.
+        client_max_size=max_size * 4 // 3 + 64 * 1024,
+    )
+    throttle = AuthThrottle(
+        base=settings.auth.failure_delay_seconds, cap=settings.auth.failure_delay_max_seconds
+    )
+    app[CONTEXT] = ApiContext(
+        settings=settings,
+        storage=storage,
+        auth=Authenticator(
+            storage, TokenSigner(secret, settings.http.token_lifetime_seconds), throttle
+        ),
+        user_limit=RateLimiter(settings.http.rate_limit_per_user),
+        ip_limit=RateLimiter(settings.http.rate_limit_per_ip),
+    )
+    app.router.add_get("/", webmail, name="webmail", allow_head=False)
+    app.router.add_static("/static/", STATIC_DIR, name="static")
+    app.router.add_get("/healthz", healthz, name="healthz", allow_head=False)
+    app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
+    app.router.add_get("/v1/openapi.json", openapi_document, name="openapi", allow_head=False)
+    for module in (session, folders, messages, search, realtime):
+        app.add_routes(module.routes)
+    app.on_response_prepare.append(_security_headers)
+    app.on_shutdown.append(_close_websockets)
+    return app

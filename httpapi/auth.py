@@ -1,0 +1,214 @@
+"""Who is calling: signed bearer tokens and HTTP Basic with the account password.
+
+Tokens are self-contained and HMAC-SHA256 signed, so any instance can check
+them without a storage round trip for the token itself:
+``sm1.<payload>.<mac>`` where the payload carries the account id, the expiry
+and a fingerprint of the account's password hash (a password change
+invalidates every token issued before it). The key is random per site and
+persisted in ``data_dir/http_secret`` (mode 0600); the first instance to
+start creates it atomically and every other instance on the host reads the
+same key, so they all accept each other's tokens.
+
+HTTP Basic (RFC 7617) takes the account address and password, for scripts.
+Argon2 costs tens of milliseconds, so a successful Basic login is
+remembered briefly under an HMAC of the credentials (never the password).
+
+Failed logins are slowed by :class:`storage.throttle.AuthThrottle` keyed by
+client IP and login name, like every other protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from httpapi.errors import ApiError
+from httpapi.metrics import AUTH_FAILURES
+from storage.api import Storage
+from storage.errors import StorageError
+from storage.model import Account
+from storage.throttle import AuthThrottle
+
+SECRET_FILE = "http_secret"
+SECRET_BYTES = 32
+TOKEN_PREFIX = "sm1"
+_PAYLOAD = struct.Struct(">QQ8s")  # account id, expiry (unix seconds), password fingerprint
+BASIC_CACHE_SECONDS = 60.0
+BASIC_CACHE_MAX = 10_000
+REALM = "shardmail"
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The site's token key from ``data_dir/http_secret``, creating it (0600)
+    if missing. Blocking: call through ``asyncio.to_thread``.
+
+    Creation writes a temporary file and hard-links it into place, which
+    fails if another instance won the race; then that instance's key is read.
+    """
+    path = data_dir / SECRET_FILE
+    try:
+        data = path.read_bytes()
+        if len(data) >= SECRET_BYTES:
+            return data
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(SECRET_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    account_id: int
+    expires: int
+    fingerprint: bytes
+
+
+class TokenSigner:
+    """Issues and verifies bearer tokens with one site key."""
+
+    def __init__(self, secret: bytes, lifetime_seconds: int) -> None:
+        self._key = hashlib.sha256(b"shardmail token v1\0" + secret).digest()
+        self.lifetime = lifetime_seconds
+
+    def fingerprint(self, account: Account) -> bytes:
+        return hmac.new(self._key, account.password_hash.encode(), hashlib.sha256).digest()[:8]
+
+    def issue(self, account: Account, now: float | None = None) -> tuple[str, int]:
+        """A token for ``account`` and its expiry (unix seconds)."""
+        expires = int(now if now is not None else time.time()) + self.lifetime
+        payload = _b64(_PAYLOAD.pack(account.id, expires, self.fingerprint(account)))
+        mac = hmac.new(self._key, f"{TOKEN_PREFIX}.{payload}".encode(), hashlib.sha256).digest()
+        return f"{TOKEN_PREFIX}.{payload}.{_b64(mac)}", expires
+
+    def verify(self, token: str, now: float | None = None) -> TokenClaims | None:
+        """The claims of a well-signed, unexpired token, else None. The
+        caller still checks the fingerprint against the current account."""
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX or len(token) > 256:
+            return None
+        try:
+            mac = _unb64(parts[2])
+            raw = _unb64(parts[1])
+        except (binascii.Error, ValueError):
+            return None
+        good = hmac.new(self._key, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, good) or len(raw) != _PAYLOAD.size:
+            return None
+        account_id, expires, fingerprint = _PAYLOAD.unpack(raw)
+        if expires < (now if now is not None else time.time()):
+            return None
+        return TokenClaims(account_id, expires, fingerprint)
+
+    def credentials_key(self, login: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{login}\0{password}".encode(), hashlib.sha256).digest()
+
+
+def unauthorized(message: str = "authentication required") -> ApiError:
+    # RFC 9110 section 11.6.1: a 401 carries WWW-Authenticate. Bearer is
+    # listed first: browsers would pop a login dialog for a Basic challenge.
+    return ApiError(
+        401,
+        "unauthorized",
+        message,
+        {"WWW-Authenticate": f'Bearer realm="{REALM}", Basic realm="{REALM}", charset="UTF-8"'},
+    )
+
+
+class Authenticator:
+    """Turns request credentials into an :class:`Account`, or a 401."""
+
+    def __init__(self, storage: Storage, signer: TokenSigner, throttle: AuthThrottle) -> None:
+        self.storage = storage
+        self.signer = signer
+        self.throttle = throttle
+        self._basic_cache: dict[bytes, tuple[int, float]] = {}
+
+    async def login(self, address: str, password: str, client_ip: str) -> Account:
+        """Checks a password; on failure waits out the throttle and raises 401."""
+        account = await self.storage.directory.authenticate(address, password)
+        if account is None:
+            AUTH_FAILURES.inc(protocol="http")
+            await self.throttle.failed(client_ip, address.lower())
+            raise ApiError(401, "auth_failed", "invalid address or password")
+        self.throttle.succeeded(client_ip, address.lower())
+        return account
+
+    async def from_token(self, token: str) -> Account:
+        claims = self.signer.verify(token)
+        if claims is None:
+            raise unauthorized("invalid or expired token")
+        try:
+            account = await self.storage.directory.get_account_by_id(claims.account_id)
+        except StorageError:
+            raise unauthorized("invalid or expired token") from None
+        if not hmac.compare_digest(self.signer.fingerprint(account), claims.fingerprint):
+            raise unauthorized("invalid or expired token")  # password changed since
+        return account
+
+    async def from_basic(self, encoded: str, client_ip: str) -> Account:
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            raise unauthorized("malformed Basic credentials") from None
+        login, sep, password = decoded.partition(":")  # RFC 7617 section 2
+        if not sep or not login:
+            raise unauthorized("malformed Basic credentials")
+        key = self.signer.credentials_key(login.lower(), password)
+        now = time.monotonic()
+        cached = self._basic_cache.get(key)
+        if cached and cached[1] > now:
+            try:
+                return await self.storage.directory.get_account_by_id(cached[0])
+            except StorageError:
+                self._basic_cache.pop(key, None)
+        try:
+            account = await self.login(login, password, client_ip)
+        except ApiError:
+            raise unauthorized("invalid address or password") from None
+        if len(self._basic_cache) >= BASIC_CACHE_MAX:
+            self._basic_cache = {k: v for k, v in self._basic_cache.items() if v[1] > now}
+            if len(self._basic_cache) >= BASIC_CACHE_MAX:
+                self._basic_cache.clear()
+        self._basic_cache[key] = (account.id, now + BASIC_CACHE_SECONDS)
+        return account
+
+    async def from_header(self, header: str | None, client_ip: str) -> Account:
+        """``Authorization: Bearer <token>`` or ``Basic <base64>`` (RFC 9110 11.6.2)."""
+        if not header:
+            raise unauthorized()
+        scheme, _, value = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return await self.from_token(value.strip())
+        if scheme == "basic":
+            return await self.from_basic(value.strip(), client_ip)
+        raise unauthorized("unsupported authentication scheme")

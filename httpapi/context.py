@@ -1,0 +1,117 @@
+"""Per-application state shared by the handlers, and the ownership checks.
+
+Every handler that takes a folder or message id resolves it through
+:func:`owned_mailbox` / :func:`owned_message`, which answer 404 both for an
+id that does not exist and for one that belongs to another account: a
+caller cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from conf.settings import Settings
+from httpapi.auth import Authenticator
+from httpapi.errors import ApiError, not_found
+from httpapi.ids import MessageRef
+from httpapi.ratelimit import RateLimiter
+from httpapi.threads import ThreadCache
+from storage.api import MailStore, Storage
+from storage.errors import ErrorKind, StorageError
+from storage.model import Account, Mailbox, StoredMessage, UidSet
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    storage: Storage
+    auth: Authenticator
+    user_limit: RateLimiter
+    ip_limit: RateLimiter
+    threads: ThreadCache = field(default_factory=ThreadCache)
+    # Highest change id seen per account: where to start paging the change log.
+    change_hints: dict[int, int] = field(default_factory=dict)
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+
+    def note_change(self, account_id: int, change_id: int) -> None:
+        if change_id > self.change_hints.get(account_id, 0):
+            if len(self.change_hints) > 100_000:
+                self.change_hints.clear()
+            self.change_hints[account_id] = change_id
+
+
+CONTEXT: web.AppKey[ApiContext] = web.AppKey("shardmail_api", ApiContext)
+# The authenticated caller, set on the request by the access middleware.
+ACCOUNT_KEY: Any = (
+    web.RequestKey("shardmail_account", Account)
+    if hasattr(web, "RequestKey")
+    else "shardmail_account"
+)
+
+
+def context(request: web.Request) -> ApiContext:
+    return request.app[CONTEXT]
+
+
+def account_of(request: web.Request) -> Account:
+    """The authenticated caller (set by the auth middleware)."""
+    account = request.get(ACCOUNT_KEY)
+    if account is None:
+        raise ApiError(401, "unauthorized", "authentication required")
+    return account  # type: ignore[no-any-return]
+
+
+def client_ip(request: web.Request, trusted_proxies: list[str]) -> str:
+    """The peer address, or the X-Forwarded-For client when the peer is a
+    trusted proxy (the rightmost untrusted hop, which a client cannot forge)."""
+    peer = request.remote or "unknown"
+    if not trusted_proxies or not _trusted(peer, trusted_proxies):
+        return peer
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if not _trusted(hop, trusted_proxies):
+            return hop
+    return peer
+
+
+def _trusted(address: str, proxies: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    for proxy in proxies:
+        try:
+            if ip in ipaddress.ip_network(proxy, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+async def owned_mailbox(mail: MailStore, account: Account, mailbox_id: int) -> Mailbox:
+    try:
+        mailbox = await mail.get_mailbox_by_id(account.id, mailbox_id)
+    except StorageError as err:
+        if err.kind is ErrorKind.NOT_FOUND:
+            raise not_found("folder") from None
+        raise
+    if mailbox.account_id != account.id:
+        raise not_found("folder")
+    return mailbox
+
+
+async def owned_message(
+    mail: MailStore, account: Account, ref: MessageRef
+) -> tuple[Mailbox, StoredMessage]:
+    try:
+        mailbox = await owned_mailbox(mail, account, ref.mailbox_id)
+    except ApiError:
+        raise not_found("message") from None
+    found = await mail.fetch(account.id, mailbox.id, UidSet.of([ref.uid]))
+    if not found or found[0].entry.uid != ref.uid:
+        raise not_found("message")
+    return mailbox, found[0]

@@ -1,0 +1,187 @@
+"""Folder routes: list, create, rename, delete, and a folder's message list.
+
+The message list is newest first by UID and paginated by a UID cursor: a
+page is "the ``limit`` highest UIDs below the cursor", so mail arriving
+while a client pages (always a higher UID, RFC 3501 section 2.3.1.1) never
+shifts later pages: nothing is skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+from typing import Any
+
+from aiohttp import web
+
+from httpapi.context import account_of, context, owned_mailbox
+from httpapi.errors import bad_request
+from httpapi.ids import decode_folder_cursor, encode_folder_cursor, parse_folder_id
+from httpapi.views import folder_view, summary
+from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN, UidSet
+from storage.search import All, And, Criteria, Date, Flag, Header, Uids
+
+routes = web.RouteTableDef()
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+MAX_FOLDER_NAME = 255
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f*%]")  # controls; IMAP LIST wildcards (RFC 3501 6.3.8)
+_ORDER = {name.upper(): i for i, (name, _) in enumerate(DEFAULT_MAILBOXES)}
+
+
+def page_limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise bad_request(f"limit must be 1..{MAX_PAGE}", "invalid_limit")
+    return int(raw)
+
+
+def bool_param(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise bad_request(f"{name} must be true or false", "invalid_filter")
+
+
+def date_param(request: web.Request, name: str) -> dt.date | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return dt.date.fromisoformat(raw[:10])
+    except ValueError:
+        raise bad_request(f"{name} must be a date (YYYY-MM-DD)", "invalid_filter") from None
+
+
+def folder_name(value: Any) -> str:
+    """A full folder name: "/"-separated, no empty levels, no controls."""
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request("name must be a non-empty string", "invalid_name")
+    name = value.strip()
+    levels = name.split(HIERARCHY_DELIMITER)
+    if len(name) > MAX_FOLDER_NAME or _BAD_NAME.search(name) or any(not lv for lv in levels):
+        raise bad_request(
+            "name must be up to 255 characters without control characters, '*', '%' "
+            "or empty levels",
+            "invalid_name",
+        )
+    return name
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise bad_request("request body must be JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", "invalid_json")
+    return body
+
+
+@routes.get("/v1/folders", name="list_folders")
+async def list_folders(request: web.Request) -> web.Response:
+    ctx, account = context(request), account_of(request)
+    mail = ctx.storage.mail(account)
+    boxes = await mail.list_mailboxes(account.id)
+    statuses = await asyncio.gather(*(mail.status(account.id, b.id) for b in boxes))
+    pairs = sorted(
+        zip(boxes, statuses, strict=True),
+        key=lambda p: (_ORDER.get(p[0].name.upper(), len(_ORDER)), p[0].name.casefold()),
+    )
+    return web.json_response({"folders": [folder_view(b, s) for b, s in pairs]})
+
+
+@routes.post("/v1/folders", name="create_folder")
+async def create_folder(request: web.Request) -> web.Response:
+    ctx, account = context(request), account_of(request)
+    body = await json_body(request)
+    mail = ctx.storage.mail(account)
+    name = folder_name(body.get("name"))
+    parent_id = body.get("parent_id")
+    if parent_id is not None:
+        if not isinstance(parent_id, str):
+            raise bad_request("parent_id must be a folder id", "invalid_field")
+        parent = await owned_mailbox(mail, account, parse_folder_id(parent_id))
+        name = folder_name(f"{parent.name}{HIERARCHY_DELIMITER}{name}")
+    mailbox = await mail.create_mailbox(account.id, name)
+    status = await mail.status(account.id, mailbox.id)
+    return web.json_response(folder_view(mailbox, status), status=201)
+
+
+@routes.patch("/v1/folders/{folder_id}", name="rename_folder")
+async def rename_folder(request: web.Request) -> web.Response:
+    ctx, account = context(request), account_of(request)
+    mail = ctx.storage.mail(account)
+    mailbox = await owned_mailbox(mail, account, parse_folder_id(request.match_info["folder_id"]))
+    body = await json_body(request)
+    new_name = folder_name(body.get("name"))
+    if mailbox.name.upper() == "INBOX":
+        raise bad_request("INBOX cannot be renamed here", "special_folder")
+    if new_name != mailbox.name:
+        await mail.rename_mailbox(account.id, mailbox.name, new_name)
+    renamed = await mail.get_mailbox_by_id(account.id, mailbox.id)
+    status = await mail.status(account.id, renamed.id)
+    return web.json_response(folder_view(renamed, status))
+
+
+@routes.delete("/v1/folders/{folder_id}", name="delete_folder")
+async def delete_folder(request: web.Request) -> web.Response:
+    ctx, account = context(request), account_of(request)
+    mail = ctx.storage.mail(account)
+    mailbox = await owned_mailbox(mail, account, parse_folder_id(request.match_info["folder_id"]))
+    if mailbox.name.upper() == "INBOX" or mailbox.special_use:
+        # The webmail relies on INBOX, Sent, Trash...; IMAP may still remove them.
+        raise bad_request("special folders cannot be deleted", "special_folder")
+    await mail.delete_mailbox(account.id, mailbox.name)
+    return web.Response(status=204)
+
+
+@routes.get("/v1/folders/{folder_id}/messages", name="list_messages")
+async def list_messages(request: web.Request) -> web.Response:
+    ctx, account = context(request), account_of(request)
+    mail = ctx.storage.mail(account)
+    mailbox = await owned_mailbox(mail, account, parse_folder_id(request.match_info["folder_id"]))
+    limit = page_limit(request)
+    terms: list[Criteria] = []
+    cursor = request.query.get("cursor")
+    if cursor:
+        below = decode_folder_cursor(cursor, mailbox.id)
+        if below <= 1:
+            return web.json_response({"messages": [], "next_cursor": None})
+        terms.append(Uids(UidSet(((1, below - 1),))))
+    unread = bool_param(request, "unread")
+    if unread is not None:
+        terms.append(Flag(SEEN, not unread))
+    flagged = bool_param(request, "flagged")
+    if flagged is not None:
+        terms.append(Flag(FLAGGED, flagged))
+    sender = request.query.get("from")
+    if sender:
+        terms.append(Header("from", sender))
+    since = date_param(request, "since")
+    if since is not None:
+        terms.append(Date("internal", "since", since))
+    before = date_param(request, "before")
+    if before is not None:
+        terms.append(Date("internal", "before", before))
+    criteria: Criteria = And(tuple(terms)) if len(terms) > 1 else (terms[0] if terms else All())
+    uids = await mail.search(account.id, mailbox.id, criteria)
+    page = sorted(uids, reverse=True)[:limit]
+    has_more = len(uids) > limit
+    stored = await mail.fetch(account.id, mailbox.id, UidSet.of(page)) if page else []
+    stored.sort(key=lambda s: s.entry.uid, reverse=True)
+    index = await ctx.threads.index(mail, account.id)
+    items = [summary(s, index.thread_of.get(s.entry.message_id)) for s in stored]
+    return web.json_response({
+        "messages": items,
+        "next_cursor": encode_folder_cursor(mailbox.id, page[-1]) if has_more and page else None,
+    })
+
