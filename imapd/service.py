@@ -15,32 +15,36 @@ from storage.api import Storage
 
 
 class ImapdService:
-    def __init__(self, servers: list[asyncio.base_events.Server]) -> None:
-        self.servers = servers
+    def __init__(
+        self,
+        imap: list[asyncio.base_events.Server],
+        pop3: list[asyncio.base_events.Server],
+    ) -> None:
+        self.imap = imap
+        self.pop3 = pop3
 
     @property
     def ports(self) -> list[int]:
-        return [s.getsockname()[1] for srv in self.servers for s in srv.sockets]
+        return [s.getsockname()[1] for srv in self.imap + self.pop3 for s in srv.sockets]
 
     async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for server in self.servers:
-            # Python 3.12+ waits for open connections here; bound it.
-            try:
-                await asyncio.wait_for(server.wait_closed(), 5)
-            except TimeoutError:
-                pass
+        """Stop listening and end every session; POP3 sessions delete nothing
+        (RFC 1939 section 6: only QUIT enters the UPDATE state)."""
+        from imapd.imap.server import stop_imap
+        from imapd.pop3.server import stop_pop3
+
+        await stop_imap(self.imap)
+        await stop_pop3(self.pop3)
 
 
 async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext) -> ImapdService:
-    from imapd.imap.server import start_imap
+    from imapd.imap.server import start_imap, stop_imap
     from imapd.pop3.server import start_pop3
 
-    servers = await start_imap(settings, storage, tls)
+    imap = await start_imap(settings, storage, tls)
     try:
-        servers += await start_pop3(settings, storage, tls)
+        pop3 = await start_pop3(settings, storage, tls)
     except BaseException:
-        await ImapdService(servers).close()
+        await stop_imap(imap)
         raise
-    return ImapdService(servers)
+    return ImapdService(imap, pop3)

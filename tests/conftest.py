@@ -46,10 +46,14 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def storage(settings: Settings) -> AsyncIterator[object]:
+    from argon2 import PasswordHasher, profiles
+
     from storage import open_storage
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = await open_storage(settings.storage)
+    # The cheapest argon2 profile: tests log in often; production keeps the RFC 9106 default.
+    hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
+    store = await open_storage(settings.storage, password_hasher=hasher)
     try:
         yield store
     finally:
