@@ -1,0 +1,61 @@
+"""One handler per IMAP command, and the table saying which state allows which.
+
+A handler is ``async def handle_<cmd>(session, command) -> Reply | None``:
+it may write untagged responses and returns the tagged completion (None
+when it answered itself, as LOGOUT, STARTTLS and IDLE do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from imapd.imap.commands import auth, fetch, mailbox, message
+from imapd.imap.session import State
+
+Handler = Callable[[Any, Any], Awaitable[Any]]
+
+_ANY = frozenset(State) - {State.LOGOUT}
+_NOT_AUTH = frozenset({State.NOT_AUTHENTICATED})
+_AUTH = frozenset({State.AUTHENTICATED, State.SELECTED})
+_SELECTED = frozenset({State.SELECTED})
+
+# RFC 3501 section 6: command -> (handler, states that allow it).
+COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
+    "CAPABILITY": (auth.handle_capability, _ANY),
+    "NOOP": (auth.handle_noop, _ANY),
+    "LOGOUT": (auth.handle_logout, _ANY),
+    "ID": (auth.handle_id, _ANY),  # RFC 2971
+    "STARTTLS": (auth.handle_starttls, _NOT_AUTH),
+    "AUTHENTICATE": (auth.handle_authenticate, _NOT_AUTH),
+    "LOGIN": (auth.handle_login, _NOT_AUTH),
+    "ENABLE": (auth.handle_enable, frozenset({State.AUTHENTICATED})),  # RFC 5161 section 3.1
+    "SELECT": (mailbox.handle_select, _AUTH),
+    "EXAMINE": (mailbox.handle_select, _AUTH),
+    "CREATE": (mailbox.handle_create, _AUTH),
+    "DELETE": (mailbox.handle_delete, _AUTH),
+    "RENAME": (mailbox.handle_rename, _AUTH),
+    "SUBSCRIBE": (mailbox.handle_subscribe, _AUTH),
+    "UNSUBSCRIBE": (mailbox.handle_subscribe, _AUTH),
+    "LIST": (mailbox.handle_list, _AUTH),
+    "LSUB": (mailbox.handle_list, _AUTH),
+    "STATUS": (mailbox.handle_status, _AUTH),
+    "APPEND": (mailbox.handle_append, _AUTH),
+    "NAMESPACE": (mailbox.handle_namespace, _AUTH),  # RFC 2342
+    "IDLE": (message.handle_idle, _AUTH),  # RFC 2177
+    "CHECK": (message.handle_check, _SELECTED),
+    "CLOSE": (message.handle_close, _SELECTED),
+    "UNSELECT": (message.handle_close, _SELECTED),  # RFC 3691
+    "EXPUNGE": (message.handle_expunge, _SELECTED),
+    "UID EXPUNGE": (message.handle_expunge, _SELECTED),  # RFC 4315
+    "SEARCH": (message.handle_search, _SELECTED),
+    "UID SEARCH": (message.handle_search, _SELECTED),
+    "FETCH": (fetch.handle_fetch, _SELECTED),
+    "UID FETCH": (fetch.handle_fetch, _SELECTED),
+    "STORE": (message.handle_store, _SELECTED),
+    "UID STORE": (message.handle_store, _SELECTED),
+    "COPY": (message.handle_copy, _SELECTED),
+    "UID COPY": (message.handle_copy, _SELECTED),
+    "MOVE": (message.handle_copy, _SELECTED),  # RFC 6851
+    "UID MOVE": (message.handle_copy, _SELECTED),
+}

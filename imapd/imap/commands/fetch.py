@@ -1,0 +1,372 @@
+"""FETCH and UID FETCH (RFC 3501 section 6.4.5; RFC 7162 CHANGEDSINCE,
+MODSEQ and VANISHED).
+
+Message bodies are never built whole in memory for large messages: a
+section is a byte range of the blob (``BodyPart`` offsets), written as a
+literal in chunks read with ``BlobStore.get_range``, with back-pressure
+from the transport between chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from imapd.imap.mailbox_view import MailboxView
+from imapd.imap.session import Reply, Session, bad, ok
+from imapd.imap.wire import encode
+from imapd.imap.wire.commands import Fetch, FetchAttribute, Section
+from storage.model import SEEN, BodyPart, MessageEntry, StoredMessage, StoreMode, UidSet
+
+log = logging.getLogger("imapd.imap")
+
+# Messages up to this size are read whole once per FETCH; larger ones by range.
+SMALL_MESSAGE = 256 * 1024
+CHUNK = 256 * 1024
+BATCH = 200  # messages loaded from storage at a time
+_ENTRY_ONLY = frozenset({"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE"})
+
+
+class _Blob:
+    """Lazy access to one message's raw bytes."""
+
+    def __init__(self, s: Session, entry: MessageEntry) -> None:
+        self.s = s
+        self.key = entry.blob_key
+        self.size = entry.size
+        self.message_id = entry.message_id
+        self._data: bytes | None = None
+
+    async def small(self) -> bytes | None:
+        if self.size > SMALL_MESSAGE:
+            return None
+        if self._data is None:
+            cache = self.s.message_cache
+            self._data = cache.raw(self.message_id)
+            if self._data is None:
+                self._data = await self.s.storage.blobs.get(self.key)
+                cache.put_raw(self.message_id, self._data)
+        return self._data
+
+    async def range(self, start: int, end: int) -> bytes:
+        data = await self.small()
+        if data is not None:
+            return data[start:end]
+        return await self.s.storage.blobs.get_range(self.key, start, end)
+
+
+def find_part(root: BodyPart, path: tuple[int, ...]) -> BodyPart | None:
+    """RFC 3501 section 6.4.5 part numbering. A non-multipart message has
+    one part, itself; the parts of a message/rfc822 part are those of the
+    message it encloses."""
+    cur = root
+    in_message = True
+    for n in path:
+        if in_message:
+            kids = cur.children if cur.type == "multipart" else (cur,)
+        elif cur.type == "multipart":
+            kids = cur.children
+        elif cur.type == "message" and cur.subtype == "rfc822" and cur.message_body:
+            inner = cur.message_body
+            kids = inner.children if inner.type == "multipart" else (inner,)
+        else:
+            return None
+        if n > len(kids):
+            return None
+        cur = kids[n - 1]
+        in_message = False
+    return cur
+
+
+def section_range(root: BodyPart, section: Section) -> tuple[int, int] | None:
+    """The blob byte range a section names (header ranges include the blank
+    line); None for a section the message does not have."""
+    if not section.part:
+        target, message = root, root
+    else:
+        part = find_part(root, section.part)
+        if part is None:
+            return None
+        if section.text is None:
+            return part.body_start, part.end
+        if section.text == "MIME":
+            return part.header_start, part.body_start
+        if part.type == "message" and part.subtype == "rfc822" and part.message_body:
+            message = part.message_body
+        elif len(section.part) == 1 and part is root:
+            message = root
+        else:
+            return None
+        target = message
+    text = section.text
+    if text is None:
+        return target.header_start, target.end
+    if text == "TEXT":
+        return message.body_start, message.end
+    return message.header_start, message.body_start  # HEADER, HEADER.FIELDS[.NOT]
+
+
+def filter_header(header: bytes, fields: Iterable[str], keep: bool) -> bytes:
+    """RFC 3501 HEADER.FIELDS / HEADER.FIELDS.NOT: the chosen field lines
+    (with their continuations) and the terminating blank line."""
+    wanted = {f.lower().encode("utf-8", "replace") for f in fields}
+    out: list[bytes] = []
+    take = False
+    for line in header.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t"):
+            if take:
+                out.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        take = (name in wanted) == keep
+        if take:
+            out.append(line if line.endswith(b"\n") else line + b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _att_label(att: FetchAttribute) -> bytes:
+    if att.section is None:
+        return att.name.encode()
+    label = f"BODY[{att.section.label()}]"
+    if att.partial is not None:
+        label += f"<{att.partial[0]}>"
+    return label.encode("utf-8", "replace")
+
+
+async def _write_range(s: Session, blob: _Blob, start: int, end: int) -> None:
+    """A literal of blob bytes start..end, in chunks, honouring back-pressure.
+
+    Once the literal's length is announced exactly that many octets follow,
+    whatever happens: a blob that turns out short or unreadable mid-stream
+    is padded with spaces (and logged) so the connection stays in step.
+    """
+    end = min(end, blob.size)
+    start = min(start, end)
+    length = end - start
+    s.write(b"{%d}\r\n" % length)
+    pos = start
+    while pos < end:
+        stop = min(end, pos + CHUNK)
+        try:
+            data = await blob.range(pos, stop)
+        except Exception:
+            log.exception("blob %s unreadable during FETCH", blob.key)
+            data = b""
+        if len(data) != stop - pos:
+            log.error("blob %s shorter than its metadata says", blob.key)
+            data = data[: stop - pos].ljust(stop - pos, b" ")
+        s.write(data)
+        pos = stop
+        if length > CHUNK:
+            await s.conn.drain()
+
+
+def _needs_seen(att: FetchAttribute) -> bool:
+    if att.name in ("RFC822", "RFC822.TEXT"):
+        return True
+    return att.section is not None and not att.peek
+
+
+async def _load(
+    s: Session, uids: list[int], atts: tuple[FetchAttribute, ...]
+) -> list[StoredMessage] | list[MessageEntry]:
+    view = s.selected
+    assert s.mail is not None and s.account is not None and view is not None
+    if all(a.name in _ENTRY_ONLY for a in atts):
+        # Flags, modseq, size and date are in the session's snapshot, kept
+        # current by our own writes and by the event bus (synced first).
+        entries = view.entries
+        return [entries[u] for u in uids if u in entries]
+    # Parsed forms never change: take them from the session cache where we
+    # can, with the snapshot's (current) entry.
+    cache = s.message_cache
+    entries = view.entries
+    found: dict[int, StoredMessage] = {}
+    missing = []
+    for u in uids:
+        e = entries.get(u)
+        parsed = cache.parsed(e.message_id) if e is not None else None
+        if e is not None and parsed is not None:
+            found[u] = StoredMessage(e, parsed)
+        else:
+            missing.append(u)
+    if missing:
+        for m in await s.mail.fetch(s.account.id, view.mailbox.id, UidSet.of(missing)):
+            cache.put_parsed(m.entry.message_id, m.parsed)
+            e = entries.get(m.entry.uid, m.entry)
+            found[m.entry.uid] = StoredMessage(e, m.parsed)
+    return [found[u] for u in uids if u in found]
+
+
+async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
+    view = s.selected
+    assert view is not None and s.mail is not None and s.account is not None
+    if s.has_updates:
+        await s.sync(allow_expunge=False)  # fresh flags; no EXPUNGE during FETCH
+    uids = view.resolve(cmd.sequence, cmd.uid)
+    atts = list(cmd.attributes)
+    for att in atts:
+        if att.name.startswith("BINARY"):
+            return bad("BINARY is not supported")
+    names = {a.name for a in atts}
+    if cmd.uid and "UID" not in names:
+        atts.insert(0, FetchAttribute("UID"))  # RFC 3501 section 6.4.8
+    if cmd.changed_since is not None:
+        s.condstore = True
+        if "MODSEQ" not in names:
+            atts.append(FetchAttribute("MODSEQ"))  # RFC 7162 section 3.1.4.1
+    if "MODSEQ" in names:
+        s.condstore = True
+    if cmd.vanished and cmd.changed_since is not None:
+        if "QRESYNC" not in s.enabled:
+            return bad("Enable QRESYNC first")
+        # RFC 7162 section 3.2.6: expunged UIDs in the set, reported first.
+        changes = await s.mail.changes_since(s.account.id, view.mailbox.id, cmd.changed_since)
+        top = view.max_uid
+        ranges = [
+            (top if a is None else a, top if b is None else b) for a, b in cmd.sequence.ranges
+        ]
+        gone = sorted(
+            u for u in changes.vanished if any(min(a, b) <= u <= max(a, b) for a, b in ranges)
+        )
+        if gone:
+            s.untagged(b"VANISHED (EARLIER) " + encode.sequence_set(gone))
+    uids = [u for u in uids if u not in view.pending_vanished]
+    set_seen = not view.read_only and any(_needs_seen(a) for a in atts)
+    all_atts = tuple(atts)
+    for i in range(0, len(uids), BATCH):
+        batch = uids[i : i + BATCH]
+        items = await _load(s, batch, all_atts)
+        if set_seen:
+            unseen = [_entry(m).uid for m in items if SEEN not in _entry(m).flags]
+            if unseen:
+                # RFC 3501 section 6.4.5: BODY[...] sets \Seen; the new flags
+                # are sent with the data.
+                result = await s.mail.store_flags(
+                    s.account.id, view.mailbox.id, UidSet.of(unseen), StoreMode.ADD, (SEEN,)
+                )
+                fresh = {e.uid: e for e in result.updated}
+                for e in result.updated:
+                    view.update(e)
+                items = [_with_entry(m, fresh.get(_entry(m).uid)) for m in items]
+                changed = set(fresh)
+            else:
+                changed = set()
+        else:
+            changed = set()
+        for m in items:
+            entry = _entry(m)
+            if cmd.changed_since is not None and entry.modseq <= cmd.changed_since:
+                continue
+            await _fetch_one(s, view, m, all_atts, entry.uid in changed)
+            if isinstance(m, StoredMessage):
+                await s.conn.drain()  # bodies: wait for a slow reader per message
+        await s.conn.drain()
+    return ok(f"{cmd.name} completed")
+
+
+def _entry(m: StoredMessage | MessageEntry) -> MessageEntry:
+    return m.entry if isinstance(m, StoredMessage) else m
+
+
+def _with_entry(
+    m: StoredMessage | MessageEntry, entry: MessageEntry | None
+) -> StoredMessage | MessageEntry:
+    if entry is None:
+        return m
+    if isinstance(m, StoredMessage):
+        return StoredMessage(entry, m.parsed)
+    return entry
+
+
+async def _fetch_one(
+    s: Session,
+    view: MailboxView,
+    m: StoredMessage | MessageEntry,
+    atts: tuple[FetchAttribute, ...],
+    flags_changed: bool,
+) -> None:
+    entry = _entry(m)
+    seq = view.seq_of(entry.uid)
+    if seq is None:
+        return
+    parsed = m.parsed if isinstance(m, StoredMessage) else None
+    blob = _Blob(s, entry)
+    if parsed is not None and any(
+        a.section is not None or (a.name.startswith("RFC822") and a.name != "RFC822.SIZE")
+        for a in atts
+    ):
+        try:
+            await blob.small()  # read before answering: a missing blob skips the message
+        except Exception:
+            log.exception("blob %s of uid %d unreadable", entry.blob_key, entry.uid)
+            return
+    s.write(b"* %d FETCH (" % seq)
+    first = True
+    names = {a.name for a in atts}
+    if flags_changed and "FLAGS" not in names:
+        atts = (*atts, FetchAttribute("FLAGS"))
+    for att in atts:
+        if not first:
+            s.write(b" ")
+        first = False
+        name = att.name
+        if name == "UID":
+            s.write(b"UID %d" % entry.uid)
+        elif name == "FLAGS":
+            s.write(b"FLAGS " + encode.flags(s.display_flags(view, entry.uid, entry.flags)))
+        elif name == "MODSEQ":
+            s.write(b"MODSEQ (%d)" % entry.modseq)
+        elif name == "INTERNALDATE":
+            s.write(b"INTERNALDATE " + encode.internal_date(entry.internal_date))
+        elif name == "RFC822.SIZE":
+            s.write(b"RFC822.SIZE %d" % entry.size)
+        elif parsed is None:
+            s.write(name.encode() + b" NIL")
+        elif name == "ENVELOPE":
+            s.write(b"ENVELOPE " + encode.envelope(parsed.envelope))
+        elif name == "BODYSTRUCTURE":
+            s.write(b"BODYSTRUCTURE " + encode.body_structure(parsed.body, True))
+        elif name == "BODY" and att.section is None:
+            s.write(b"BODY " + encode.body_structure(parsed.body, False))
+        elif name == "RFC822":
+            s.write(b"RFC822 ")
+            await _write_range(s, blob, 0, entry.size)
+        elif name == "RFC822.HEADER":
+            s.write(b"RFC822.HEADER ")
+            await _write_range(s, blob, 0, parsed.body.body_start)
+        elif name == "RFC822.TEXT":
+            s.write(b"RFC822.TEXT ")
+            await _write_range(s, blob, parsed.body.body_start, parsed.body.end)
+        else:
+            assert att.section is not None
+            s.write(_att_label(att) + b" ")
+            await _write_section(s, blob, parsed.body, att)
+    s.write(b")\r\n")
+
+
+async def _write_section(s: Session, blob: _Blob, root: BodyPart, att: FetchAttribute) -> None:
+    section = att.section
+    assert section is not None
+    rng = section_range(root, section)
+    if rng is None:
+        s.write(b'""')  # a section the message lacks is empty (RFC 3501 6.4.5)
+        return
+    start, end = rng
+    if section.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+        data = filter_header(
+            await blob.range(start, end), section.fields, section.text == "HEADER.FIELDS"
+        )
+        if att.partial is not None:
+            origin, octets = att.partial
+            data = data[origin : origin + octets]
+        s.write(b"{%d}\r\n" % len(data) + data)
+        return
+    if att.partial is not None:
+        origin, octets = att.partial
+        start = min(end, start + origin)
+        end = min(end, start + octets)
+    await _write_range(s, blob, start, end)

@@ -1,0 +1,290 @@
+"""Authenticated-state commands on mailboxes: SELECT, EXAMINE, CREATE,
+DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB, STATUS, APPEND,
+NAMESPACE (RFC 3501 section 6.3; RFC 5258, 5819, 6154, 2342, 4315, 7162)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from imapd.imap.mailbox_view import MailboxView
+from imapd.imap.session import Reply, Session, Spool, State, bad, no, ok
+from imapd.imap.wire import encode
+from imapd.imap.wire.commands import (
+    Append,
+    ListCommand,
+    MailboxCommand,
+    Rename,
+    Select,
+    Status,
+)
+from storage.errors import ErrorKind, StorageError
+from storage.model import HIERARCHY_DELIMITER, SEEN, SYSTEM_FLAGS, Mailbox
+
+_DELIM = HIERARCHY_DELIMITER
+_SYSTEM = " ".join(SYSTEM_FLAGS)
+
+
+def _account_id(s: Session) -> int:
+    assert s.account is not None
+    return s.account.id
+
+
+async def handle_select(s: Session, cmd: Select) -> Reply:
+    assert s.mail is not None
+    if s.selected is not None:
+        # RFC 7162 section 3.2.11: the old mailbox is closed from here on.
+        s.selected = None
+        s.state = State.AUTHENTICATED
+        s.untagged("OK [CLOSED] Previous mailbox closed")
+    if cmd.qresync is not None and "QRESYNC" not in s.enabled:
+        return bad("Enable QRESYNC first")  # RFC 7162 section 3.2.5
+    acct = _account_id(s)
+    box = await s.mail.get_mailbox(acct, cmd.mailbox)
+    entries = await s.mail.uids(acct, box.id)
+    read_only = cmd.name == "EXAMINE"
+    view = MailboxView.from_entries(box, read_only, entries, box.highestmodseq)
+    if cmd.condstore or cmd.qresync is not None:
+        s.condstore = True  # RFC 7162 section 3.1.8
+    if not read_only:
+        floor = await s.mail.claim_recent(acct, box.id)
+        view.recent = {u for u in view.uids if u >= floor}
+    keywords = sorted({f for e in entries for f in e.flags if not f.startswith("\\")})
+    kw = "".join(" " + k for k in keywords)
+    s.untagged(f"FLAGS ({_SYSTEM}{kw})")
+    if read_only:
+        s.untagged("OK [PERMANENTFLAGS ()] Read-only mailbox")
+    else:
+        s.untagged(f"OK [PERMANENTFLAGS ({_SYSTEM}{kw} \\*)] Flags permitted")
+    s.untagged(f"{view.exists} EXISTS")
+    s.untagged(f"{len(view.recent)} RECENT")
+    for i, e in enumerate(entries):
+        if SEEN not in e.flags:
+            s.untagged(f"OK [UNSEEN {i + 1}] First unseen")
+            break
+    s.untagged(f"OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")
+    s.untagged(f"OK [UIDNEXT {max(box.uidnext, view.max_uid + 1)}] Predicted next UID")
+    s.untagged(f"OK [HIGHESTMODSEQ {max(box.highestmodseq, 1)}] Highest")
+    s.selected = view
+    s.state = State.SELECTED
+    s.dirty = False
+    if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
+        await _qresync(s, view, cmd)
+    return ok(f"{cmd.name} completed", "READ-ONLY" if read_only else "READ-WRITE")
+
+
+async def _qresync(s: Session, view: MailboxView, cmd: Select) -> None:
+    """RFC 7162 section 3.2.5.1: VANISHED (EARLIER) then changed FLAGS."""
+    assert s.mail is not None and cmd.qresync is not None
+    q = cmd.qresync
+    changes = await s.mail.changes_since(_account_id(s), view.mailbox.id, q.modseq)
+    vanished = sorted(changes.vanished)
+    if q.known_uids is not None and vanished:
+        allowed = _uid_filter(q.known_uids, view.max_uid)
+        vanished = [u for u in vanished if allowed(u)]
+    if vanished:
+        s.untagged(b"VANISHED (EARLIER) " + encode.sequence_set(vanished))
+    for e in sorted(changes.changed, key=lambda e: e.uid):
+        seq = view.seq_of(e.uid)
+        if seq is None:
+            continue
+        flags = encode.flags(s.display_flags(view, e.uid, e.flags))
+        s.write(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n" % (seq, e.uid, flags, e.modseq))
+
+
+def _uid_filter(seqset: object, top: int):  # type: ignore[no-untyped-def]
+    ranges = [
+        (top if a is None else a, top if b is None else b)
+        for a, b in seqset.ranges  # type: ignore[attr-defined]
+    ]
+    return lambda u: any(min(a, b) <= u <= max(a, b) for a, b in ranges)
+
+
+async def handle_create(s: Session, cmd: MailboxCommand) -> Reply:
+    assert s.mail is not None
+    # RFC 3501 section 6.3.3: a trailing delimiter only says "will have children".
+    name = cmd.mailbox.rstrip(_DELIM)
+    if not name or name.upper() == "INBOX":
+        return no("Mailbox already exists", "ALREADYEXISTS")
+    if _DELIM * 2 in name or name.startswith(_DELIM):
+        return no("Invalid mailbox name", "CANNOT")
+    use = cmd.special_use[0] if cmd.special_use else None
+    if use is not None and use not in (
+        "\\All",
+        "\\Archive",
+        "\\Drafts",
+        "\\Flagged",
+        "\\Junk",
+        "\\Sent",
+        "\\Trash",
+    ):
+        return no(f"Unknown special-use {use}", "USEATTR")  # RFC 6154 section 6
+    s.forget_mailboxes()
+    await s.mail.create_mailbox(_account_id(s), name, use)
+    return ok("CREATE completed")
+
+
+async def handle_delete(s: Session, cmd: MailboxCommand) -> Reply:
+    assert s.mail is not None
+    if cmd.mailbox == "INBOX":
+        return no("INBOX cannot be deleted", "CANNOT")
+    s.forget_mailboxes()
+    await s.mail.delete_mailbox(_account_id(s), cmd.mailbox)
+    if s.selected is not None and s.selected.mailbox.name == cmd.mailbox:
+        s.selected = None
+        s.state = State.AUTHENTICATED
+        s.untagged("OK [CLOSED] Mailbox deleted")
+    return ok("DELETE completed")
+
+
+async def handle_rename(s: Session, cmd: Rename) -> Reply:
+    assert s.mail is not None
+    new = cmd.new.rstrip(_DELIM)
+    if not new or new == "INBOX":
+        return no("Mailbox already exists", "ALREADYEXISTS")
+    s.forget_mailboxes()
+    await s.mail.rename_mailbox(_account_id(s), cmd.old, new)
+    return ok("RENAME completed")
+
+
+async def handle_subscribe(s: Session, cmd: MailboxCommand) -> Reply:
+    assert s.mail is not None
+    await s.mail.set_subscribed(_account_id(s), cmd.mailbox, cmd.name == "SUBSCRIBE")
+    return ok(f"{cmd.name} completed")
+
+
+def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
+    """RFC 3501 section 6.3.8: "*" matches anything, "%" anything but the
+    hierarchy delimiter; the reference is prefixed to the pattern."""
+    full = (
+        reference + pattern
+        if not reference.endswith(_DELIM) or not pattern.startswith(_DELIM)
+        else reference + pattern[1:]
+    )
+    out = []
+    for ch in full:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append(f"[^{re.escape(_DELIM)}]*")
+        else:
+            out.append(re.escape(ch))
+    regex = "".join(out)
+    # INBOX is case-insensitive (RFC 3501 section 5.1).
+    if full[:5].upper() == "INBOX":
+        regex = "(?i:INBOX)" + "".join(out[5:])
+    return re.compile(regex + r"\Z", re.S)
+
+
+async def handle_list(s: Session, cmd: ListCommand) -> Reply:
+    assert s.mail is not None
+    verb = cmd.name
+    if verb == "LIST" and cmd.patterns == ("",):
+        # RFC 3501 section 6.3.8: an empty pattern asks for the delimiter.
+        s.untagged(b'LIST (\\Noselect) "/" ""')
+        return ok("LIST completed")
+    boxes = await s.mail.list_mailboxes(_account_id(s))
+    by_name = {b.name: b for b in boxes}
+    names = set(by_name)
+    # Parents implied by a child's name but not existing (\Noselect).
+    for name in list(names):
+        parts = name.split(_DELIM)
+        for i in range(1, len(parts)):
+            names.add(_DELIM.join(parts[:i]))
+    has_children = {n.rsplit(_DELIM, 1)[0] for n in names if _DELIM in n}
+    regexes = [pattern_regex(cmd.reference, p) for p in cmd.patterns]
+    sel_subscribed = "SUBSCRIBED" in cmd.selection or verb == "LSUB"
+    sel_special = "SPECIAL-USE" in cmd.selection
+    ret_subscribed = "SUBSCRIBED" in cmd.returns or sel_subscribed
+    status_items = cmd.status_items
+    for name in sorted(names, key=lambda n: (n != "INBOX", n)):
+        if not any(r.match(name) for r in regexes):
+            continue
+        box = by_name.get(name)
+        if sel_subscribed and (box is None or not box.subscribed):
+            continue
+        if sel_special and (box is None or not box.special_use):
+            continue
+        attrs = []
+        if box is None:
+            attrs.append("\\Noselect")  # a parent implied by its children
+        attrs.append("\\HasChildren" if name in has_children else "\\HasNoChildren")
+        if box is not None:
+            if box.special_use and verb == "LIST":
+                attrs.append(box.special_use)
+            if ret_subscribed and box.subscribed and verb == "LIST":
+                attrs.append("\\Subscribed")
+        line = f'{verb} ({" ".join(attrs)}) "{_DELIM}" '.encode() + encode.mailbox(name)
+        s.untagged(line)
+        if status_items and box is not None:
+            # RFC 5819 section 2: STATUS right after its LIST line.
+            await _status_line(s, box, status_items)
+    return ok(f"{verb} completed")
+
+
+async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None:
+    assert s.mail is not None
+    st = s.status_cache.get(box.id)
+    if st is None:
+        st = await s.mail.status(_account_id(s), box.id)
+        s.status_cache[box.id] = st
+    view = s.selected if s.selected and s.selected.mailbox.id == box.id else None
+    values = {
+        "MESSAGES": st.messages,
+        "RECENT": len(view.recent) if view else 0,
+        "UIDNEXT": st.uidnext,
+        "UIDVALIDITY": st.uidvalidity,
+        "UNSEEN": st.unseen,
+        "HIGHESTMODSEQ": st.highestmodseq,
+        "SIZE": st.size,
+        "APPENDLIMIT": s.ctx.max_literal,
+    }
+    if "HIGHESTMODSEQ" in items:
+        s.condstore = True  # RFC 7162 section 3.1: a CONDSTORE enabling command
+    body = " ".join(f"{i} {values[i]}" for i in items)
+    s.untagged(b"STATUS " + encode.mailbox(box.name) + f" ({body})".encode())
+
+
+async def handle_status(s: Session, cmd: Status) -> Reply:
+    assert s.mail is not None
+    box = await s.mailbox_id_of(cmd.mailbox)
+    await _status_line(s, box, cmd.items)
+    return ok("STATUS completed")
+
+
+async def handle_append(s: Session, cmd: Append) -> Reply:
+    from storage.ingest import Delivery, ingest
+
+    assert s.mail is not None and s.account is not None
+    try:
+        box = await s.mailbox_id_of(cmd.mailbox)
+    except StorageError as err:
+        if err.kind is ErrorKind.NOT_FOUND:
+            # RFC 3501 section 6.3.11: TRYCREATE tells the client to CREATE first.
+            return no("Mailbox does not exist", "TRYCREATE")
+        raise
+    message = cmd.message
+    source: bytes | Path
+    if isinstance(message, Spool):
+        source, size = message.path, message.size
+    elif isinstance(message, bytes):
+        source, size = message, len(message)
+    else:
+        return bad("Bad message literal")
+    if size == 0:
+        return no("Empty message", "CANNOT")
+    if size > s.ctx.max_literal:
+        return no("Message too large", "TOOBIG")
+    results = await ingest(
+        s.storage,
+        [Delivery(s.account, box.id, tuple(cmd.flags), cmd.internal_date)],
+        source,
+    )
+    r = results[0]
+    return ok("APPEND completed", f"APPENDUID {r.uidvalidity} {r.uid}")
+
+
+async def handle_namespace(s: Session, cmd: object) -> Reply:
+    # RFC 2342: one personal namespace, no other users', no shared.
+    s.untagged(f'NAMESPACE (("" "{_DELIM}")) NIL NIL')
+    return ok("NAMESPACE completed")

@@ -1,0 +1,328 @@
+"""Selected-state commands: CHECK, CLOSE, UNSELECT, EXPUNGE, UID EXPUNGE,
+SEARCH, STORE, COPY, MOVE, and IDLE (RFC 3501 section 6.4; RFC 3691, 4315,
+4731, 6851, 2177, 7162)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from bisect import bisect_right
+from collections.abc import Callable
+
+from imapd.imap.mailbox_view import MailboxView
+from imapd.imap.session import Reply, Session, State, bad, no, ok
+from imapd.imap.wire import commands as c
+from imapd.imap.wire import encode
+from storage import search as q
+from storage.errors import ErrorKind, StorageError
+from storage.model import MessageEntry, StoreMode, UidSet
+
+_MODES = {"replace": StoreMode.REPLACE, "add": StoreMode.ADD, "remove": StoreMode.REMOVE}
+
+
+def _view(s: Session) -> MailboxView:
+    assert s.selected is not None
+    return s.selected
+
+
+def _ids(s: Session) -> tuple[int, int]:
+    assert s.account is not None and s.selected is not None
+    return s.account.id, s.selected.mailbox.id
+
+
+async def handle_check(s: Session, cmd: c.Command) -> Reply:
+    await s.sync(poll=True)
+    return ok("CHECK completed")
+
+
+async def handle_close(s: Session, cmd: c.Command) -> Reply:
+    view = _view(s)
+    if cmd.name == "CLOSE" and not view.read_only:
+        # RFC 3501 section 6.4.2: expunge silently, no EXPUNGE responses.
+        assert s.mail is not None
+        await s.mail.expunge(*_ids(s))
+    s.selected = None
+    s.state = State.AUTHENTICATED
+    return ok(f"{cmd.name} completed")
+
+
+async def handle_expunge(s: Session, cmd: c.Command) -> Reply:
+    view = _view(s)
+    if view.read_only:
+        return no("Mailbox is read-only", "READ-ONLY")
+    assert s.mail is not None
+    uids = None
+    if isinstance(cmd, c.UidExpunge):  # RFC 4315 section 2.1
+        wanted = view.resolve(cmd.sequence, uid=True)
+        if not wanted:
+            return ok("UID EXPUNGE completed")
+        uids = UidSet.of(wanted)
+    gone = await s.mail.expunge(*_ids(s), uids)
+    if gone:
+        s.announce_expunge(view, set(gone) & view.entries.keys())
+    return ok(f"{cmd.name} completed")
+
+
+def search_criteria(key: c.SearchKey, view: MailboxView) -> q.Criteria:
+    """The wire search AST -> storage criteria, resolving what only the
+    session knows: sequence numbers, ``*`` and \\Recent."""
+    if isinstance(key, c.SearchAll):
+        return q.All()
+    if isinstance(key, c.SearchFlag):
+        return q.Flag(key.flag, key.present)
+    if isinstance(key, c.SearchHeader):
+        return q.Header(key.name, key.value)
+    if isinstance(key, c.SearchText):
+        return q.Text("body" if key.where == "body" else "text", key.value)
+    if isinstance(key, c.SearchDate):
+        return q.Date(key.field, key.op, key.date)  # type: ignore[arg-type]
+    if isinstance(key, c.SearchSize):
+        return q.Size(key.op, key.octets)  # type: ignore[arg-type]
+    if isinstance(key, c.SearchRecent):
+        recent = q.Uids(UidSet.of(view.recent))
+        return recent if key.recent else q.Not(recent)
+    if isinstance(key, c.SearchSequence):
+        return q.Uids(UidSet.of(view.resolve(key.set, key.uid, strict=False)))
+    if isinstance(key, c.SearchModSeq):
+        return q.ModSeq(key.modseq)
+    if isinstance(key, c.SearchNot):
+        return q.Not(search_criteria(key.key, view))
+    if isinstance(key, c.SearchOr):
+        return q.Or(search_criteria(key.left, view), search_criteria(key.right, view))
+    if isinstance(key, c.SearchAnd):
+        return q.And(tuple(search_criteria(k, view) for k in key.keys))
+    raise TypeError(f"unknown search key {key!r}")
+
+
+_LOCAL = (q.All, q.Flag, q.Uids, q.ModSeq, q.Size)
+
+
+def _local(crit: q.Criteria) -> bool:
+    """Whether the snapshot alone can answer (no header, text or date keys)."""
+    if isinstance(crit, _LOCAL):
+        return True
+    if isinstance(crit, q.Not):
+        return _local(crit.term)
+    if isinstance(crit, q.Or):
+        return _local(crit.left) and _local(crit.right)
+    if isinstance(crit, q.And):
+        return all(_local(t) for t in crit.terms)
+    return False
+
+
+def _compile(crit: q.Criteria) -> Callable[[MessageEntry], bool]:
+    """RFC 3501 section 6.4.4 semantics for the keys :func:`_local` accepts,
+    as one predicate (UID sets tested by bisection, not range by range)."""
+    if isinstance(crit, q.All):
+        return lambda e: True
+    if isinstance(crit, q.Flag):
+        flag, present = crit.flag, crit.present
+        return lambda e: (flag in e.flags) == present
+    if isinstance(crit, q.Uids):
+        starts = [a for a, _ in crit.uids.ranges]
+        ends = [b for _, b in crit.uids.ranges]
+
+        def in_set(e: MessageEntry) -> bool:
+            i = bisect_right(starts, e.uid) - 1
+            return i >= 0 and (ends[i] is None or e.uid <= ends[i])  # type: ignore[operator]
+
+        return in_set
+    if isinstance(crit, q.ModSeq):
+        floor = crit.modseq
+        return lambda e: e.modseq >= floor
+    if isinstance(crit, q.Size):
+        n = crit.octets
+        return (lambda e: e.size > n) if crit.op == "larger" else (lambda e: e.size < n)
+    if isinstance(crit, q.Not):
+        inner = _compile(crit.term)
+        return lambda e: not inner(e)
+    if isinstance(crit, q.Or):
+        left, right = _compile(crit.left), _compile(crit.right)
+        return lambda e: left(e) or right(e)
+    if isinstance(crit, q.And):
+        terms = [_compile(t) for t in crit.terms]
+        return lambda e: all(t(e) for t in terms)
+    raise TypeError(f"not a local search key: {crit!r}")
+
+
+def _uses_modseq(key: c.SearchKey) -> bool:
+    if isinstance(key, c.SearchModSeq):
+        return True
+    if isinstance(key, c.SearchNot):
+        return _uses_modseq(key.key)
+    if isinstance(key, c.SearchOr):
+        return _uses_modseq(key.left) or _uses_modseq(key.right)
+    if isinstance(key, c.SearchAnd):
+        return any(_uses_modseq(k) for k in key.keys)
+    return False
+
+
+async def handle_search(s: Session, cmd: c.Search) -> Reply:
+    if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
+        # RFC 3501 section 6.4.4: BADCHARSET lists what we take.
+        return no(f"Charset {cmd.charset[:40]} not supported", "BADCHARSET (UTF-8 US-ASCII)")
+    view = _view(s)
+    assert s.mail is not None
+    if s.has_updates:
+        await s.sync(allow_expunge=False)  # current flags; no EXPUNGE during SEARCH
+    criteria = search_criteria(cmd.key, view)
+    known = view.entries
+    if _local(criteria):
+        # Flags, UIDs, sizes and modseqs are in the snapshot: no storage trip.
+        match = _compile(criteria)
+        gone = view.pending_vanished
+        uids = [u for u in view.uids if u not in gone and match(known[u])]
+    else:
+        found = await s.mail.search(*_ids(s), criteria)
+        uids = [u for u in found if u in known]  # only what this session has seen
+    top_modseq = 0
+    if _uses_modseq(cmd.key):
+        s.condstore = True
+        # RFC 7162 section 3.1.5: the highest mod-sequence of the matches.
+        top_modseq = max((known[u].modseq for u in uids), default=0)
+    modseq_note = b" (MODSEQ %d)" % top_modseq if top_modseq else b""
+    numbers = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
+    if cmd.returns is None:
+        s.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + modseq_note + b"\r\n")
+        return ok("SEARCH completed")
+    # RFC 4731 ESEARCH; RETURN () means ALL.
+    wanted = cmd.returns or ("ALL",)
+    parts = [b'* ESEARCH (TAG "' + cmd.tag.encode() + b'")']
+    if cmd.uid:
+        parts.append(b"UID")
+    if numbers:
+        if "MIN" in wanted:
+            parts.append(b"MIN %d" % numbers[0])
+        if "MAX" in wanted:
+            parts.append(b"MAX %d" % numbers[-1])
+        if "ALL" in wanted:
+            parts.append(b"ALL " + encode.sequence_set(numbers))
+    if "COUNT" in wanted:
+        parts.append(b"COUNT %d" % len(numbers))
+    if top_modseq:
+        parts.append(b"MODSEQ %d" % top_modseq)  # RFC 7162 section 3.1.5
+    s.write(b" ".join(parts) + b"\r\n")
+    return ok("SEARCH completed")
+
+
+async def handle_store(s: Session, cmd: c.Store) -> Reply:
+    view = _view(s)
+    if view.read_only:
+        return no("Mailbox is read-only", "READ-ONLY")
+    assert s.mail is not None
+    uids = view.resolve(cmd.sequence, cmd.uid)
+    if cmd.unchanged_since is not None:
+        s.condstore = True
+    if not uids:
+        return ok("STORE completed")
+    result = await s.mail.store_flags(
+        *_ids(s), UidSet.of(uids), _MODES[cmd.mode], cmd.flags, cmd.unchanged_since
+    )
+    updated = {}
+    for e in result.updated:
+        if e.uid in view.entries:
+            view.update(e)
+            updated[e.uid] = e.modseq
+    modified = set(result.modified)
+    for uid in uids:
+        seq = view.seq_of(uid)
+        if seq is None or uid in modified or uid in view.pending_vanished:
+            continue
+        items: list[bytes] = []
+        if cmd.uid or "QRESYNC" in s.enabled:
+            items.append(b"UID %d" % uid)
+        if not cmd.silent:
+            flags = view.entries[uid].flags
+            items.append(b"FLAGS " + encode.flags(s.display_flags(view, uid, flags)))
+        if s.condstore and uid in updated:
+            # RFC 7162 section 3.1.3: MODSEQ is sent even for .SILENT.
+            items.append(b"MODSEQ (%d)" % updated[uid])
+        if cmd.silent and not (s.condstore and uid in updated):
+            continue
+        s.write(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
+    if modified:
+        mod = sorted(modified) if cmd.uid else sorted(view.seq_of(u) or 0 for u in modified)
+        return ok("Conditional STORE failed", "MODIFIED " + encode.sequence_set(mod).decode())
+    return ok("STORE completed")
+
+
+def _copyuid(uidvalidity: int, pairs: tuple[tuple[int, int], ...]) -> str:
+    pairs = tuple(sorted(pairs))
+    src = [a for a, _ in pairs]
+    dst = [b for _, b in pairs]
+    if all(dst[i] < dst[i + 1] for i in range(len(dst) - 1)):
+        return (
+            f"COPYUID {uidvalidity} {encode.sequence_set(src).decode()} "
+            f"{encode.sequence_set(dst).decode()}"
+        )
+    return f"COPYUID {uidvalidity} {','.join(map(str, src))} {','.join(map(str, dst))}"
+
+
+async def handle_copy(s: Session, cmd: c.Copy) -> Reply:
+    view = _view(s)
+    assert s.mail is not None and s.account is not None
+    move = cmd.name.endswith("MOVE")
+    if move and view.read_only:
+        return no("Mailbox is read-only", "READ-ONLY")
+    uids = view.resolve(cmd.sequence, cmd.uid)
+    try:
+        dest = await s.mailbox_id_of(cmd.mailbox)
+    except StorageError as err:
+        if err.kind is ErrorKind.NOT_FOUND:
+            return no("Mailbox does not exist", "TRYCREATE")  # RFC 3501 section 6.4.7
+        raise
+    uids = [u for u in uids if u not in view.pending_vanished]
+    if not uids:
+        return ok(f"{cmd.name} completed")
+    if not move:
+        result = await s.mail.copy(*_ids(s), UidSet.of(uids), dest.id)
+        if not result.pairs:
+            return ok("COPY completed")
+        return ok("COPY completed", _copyuid(result.uidvalidity, result.pairs))
+    result = await s.mail.move(*_ids(s), UidSet.of(uids), dest.id)
+    # RFC 6851 section 4.3: COPYUID in an untagged OK, before the EXPUNGEs.
+    if result.pairs:
+        s.untagged(f"OK [{_copyuid(result.uidvalidity, result.pairs)}] Moved")
+    s.announce_expunge(view, {a for a, _ in result.pairs})
+    return ok(f"{cmd.name} completed")
+
+
+async def handle_idle(s: Session, cmd: c.Command) -> Reply | None:
+    """RFC 2177: updates flow until the client sends DONE."""
+    s.write(b"+ idling\r\n")
+    if s.selected is not None:
+        await s.sync(poll=True)
+    await s.conn.drain()
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(s.read_continuation(None))
+    deadline = loop.time() + s.idle_timeout
+    try:
+        while True:
+            waker = loop.create_task(s.wakeup.wait())
+            done, _ = await asyncio.wait(
+                {reader, waker},
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waker.cancel()
+            if reader in done:
+                break
+            if not done:
+                s.untagged("BYE IDLE timed out")
+                s.state = State.LOGOUT
+                return None
+            s.wakeup.clear()
+            if s.selected is not None:
+                await s.sync()
+            await s.conn.drain()
+    finally:
+        if not reader.done():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+    line = reader.result()
+    if line is None:
+        raise ConnectionResetError("client went away")
+    if line.strip().upper() != b"DONE":
+        return bad("Expected DONE")
+    return ok("IDLE terminated")

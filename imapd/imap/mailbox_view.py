@@ -1,0 +1,169 @@
+"""The session's view of the selected mailbox: message sequence numbers.
+
+Storage speaks UIDs only (DESIGN.md); RFC 3501 section 2.3.1.2 sequence
+numbers are this per-session snapshot, changed only when the session tells
+the client (EXISTS, EXPUNGE/VANISHED), never behind its back.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from imapd.imap.wire.commands import SequenceSet
+from storage.model import Mailbox, MessageEntry, ParsedMessage
+
+
+class BadSequence(Exception):
+    """A message sequence number beyond EXISTS (RFC 3501 section 9: BAD)."""
+
+
+@dataclass
+class MailboxView:
+    mailbox: Mailbox
+    read_only: bool
+    uids: list[int] = field(default_factory=list)  # ascending; index + 1 is the seq number
+    entries: dict[int, MessageEntry] = field(default_factory=dict)  # flags, modseq, size...
+    recent: set[int] = field(default_factory=set)
+    modseq: int = 0  # highest modseq this session has caught up with
+    pending_vanished: set[int] = field(default_factory=set)  # expunged, not yet announced
+    # Event-bus news not yet applied: (uid, modseq, new flags or None if expunged).
+    events: list[tuple[int, int, frozenset[str] | None]] = field(default_factory=list)
+
+    @classmethod
+    def from_entries(
+        cls, mailbox: Mailbox, read_only: bool, entries: list[MessageEntry], modseq: int
+    ) -> MailboxView:
+        view = cls(mailbox, read_only, modseq=modseq)
+        view.uids = [e.uid for e in entries]
+        view.entries = {e.uid: e for e in entries}
+        return view
+
+    def update(self, entry: MessageEntry) -> None:
+        """A newer state of a message already in the snapshot."""
+        if entry.uid in self.entries:
+            self.entries[entry.uid] = entry
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    @property
+    def max_uid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    def seq_of(self, uid: int) -> int | None:
+        i = bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def resolve(self, seqset: SequenceSet, uid: bool, strict: bool = True) -> list[int]:
+        """The UIDs in this snapshot that ``seqset`` names, ascending.
+
+        UID sets ignore UIDs not present (RFC 3501 section 6.4.8); ``*`` is
+        the highest UID, so ``n:*`` always includes the last message.
+        Sequence sets must stay within 1..EXISTS (BadSequence otherwise;
+        with ``strict`` False, as SEARCH wants, numbers beyond it match nothing).
+        Cost: O(ranges * log n + result).
+        """
+        uids = self.uids
+        n = len(uids)
+        out: list[int] = []
+        if uid:
+            top = uids[-1] if uids else 0
+            for a, b in seqset.ranges:
+                lo = top if a is None else a
+                hi = top if b is None else b
+                if lo > hi:
+                    lo, hi = hi, lo
+                if not n:
+                    continue
+                out.extend(uids[bisect_left(uids, lo) : bisect_right(uids, hi)])
+        else:
+            for a, b in seqset.ranges:
+                lo = n if a is None else a
+                hi = n if b is None else b
+                if lo > hi:
+                    lo, hi = hi, lo
+                if hi > n or lo < 1:
+                    if strict:
+                        raise BadSequence("Invalid message sequence number")
+                    hi = min(hi, n)
+                    if lo > hi:
+                        continue
+                out.extend(uids[lo - 1 : hi])
+        if len(seqset.ranges) > 1:
+            out = sorted(set(out))
+        return out
+
+    def add(self, entries: list[MessageEntry]) -> None:
+        """New messages (UIDs above every known one) at the end."""
+        for e in entries:
+            self.uids.append(e.uid)
+            self.entries[e.uid] = e
+
+    def remove(self, gone: set[int]) -> list[int]:
+        """Drop expunged UIDs; returns their former sequence numbers, highest
+        first, which is the order to announce them in (each EXPUNGE then
+        leaves the numbers still to come unchanged)."""
+        seqs = [i + 1 for i, u in enumerate(self.uids) if u in gone] if gone else []
+        if seqs:
+            self.uids = [u for u in self.uids if u not in gone]
+            for u in gone:
+                self.entries.pop(u, None)
+                self.recent.discard(u)
+        self.pending_vanished -= gone
+        seqs.reverse()
+        return seqs
+
+
+class MessageCache:
+    """Recently used parsed messages and small raw messages of one session,
+    by message row id (both are immutable once stored), bounded in bytes.
+
+    Clients commonly fetch BODYSTRUCTURE and then parts of the same
+    message; this spares the storage round trips for the second look.
+    """
+
+    def __init__(self, max_bytes: int = 2 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._parsed: OrderedDict[int, tuple[ParsedMessage, int]] = OrderedDict()
+        self._raw: OrderedDict[int, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def parsed(self, message_id: int) -> ParsedMessage | None:
+        hit = self._parsed.get(message_id)
+        if hit is None:
+            return None
+        self._parsed.move_to_end(message_id)
+        return hit[0]
+
+    def raw(self, message_id: int) -> bytes | None:
+        hit = self._raw.get(message_id)
+        if hit is not None:
+            self._raw.move_to_end(message_id)
+        return hit
+
+    def put_parsed(self, message_id: int, parsed: ParsedMessage) -> None:
+        if message_id in self._parsed:
+            return
+        cost = 1024 + len(parsed.body_text)
+        self._parsed[message_id] = (parsed, cost)
+        self._bytes += cost
+        self._trim()
+
+    def put_raw(self, message_id: int, raw: bytes) -> None:
+        if message_id in self._raw or len(raw) > self.max_bytes // 4:
+            return
+        self._raw[message_id] = raw
+        self._bytes += len(raw)
+        self._trim()
+
+    def _trim(self) -> None:
+        while self._bytes > self.max_bytes and (self._raw or self._parsed):
+            if self._raw:
+                _, raw = self._raw.popitem(last=False)
+                self._bytes -= len(raw)
+            else:
+                _, (_, cost) = self._parsed.popitem(last=False)
+                self._bytes -= cost

@@ -1,0 +1,240 @@
+"""IMAP listeners: plain with STARTTLS, and implicit TLS (RFC 8314).
+
+Contract: :func:`start_imap` binds every address of ``settings.imap.listen``
+(STARTTLS offered) and ``settings.imap.tls_listen`` (TLS from the first
+byte) and returns the started servers; the caller closes them. Each
+connection gets an :class:`ImapConnection` (transport, framing, flow
+control) driving one :class:`~imapd.imap.session.Session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import weakref
+from typing import TYPE_CHECKING
+
+from imapd.imap.session import ServerContext, Session
+from imapd.imap.wire.framing import FrameEvent, Framer
+from storage.throttle import AuthThrottle
+
+if TYPE_CHECKING:
+    from conf.settings import Settings
+    from storage.api import Storage
+
+# Stop reading from a client that pipelines more than this ahead of us.
+READ_BUFFER_HIGH = 1024 * 1024
+# Responses are gathered and sent in one write up to this size (fewer syscalls).
+WRITE_COALESCE = 64 * 1024
+
+
+class ImapConnection(asyncio.Protocol):
+    """Bytes in -> framer -> session; session out -> transport, with
+    back-pressure both ways."""
+
+    def __init__(self, ctx: ServerContext, implicit_tls: bool) -> None:
+        self.ctx = ctx
+        self.is_tls = implicit_tls
+        max_line = int(ctx.setting("imap", "max_line_length", 65536))  # type: ignore[arg-type]
+        self.framer = Framer(max_line_length=max_line)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = False
+        self._eof = False
+        self._reading_paused = False
+        self._task: asyncio.Task[None] | None = None
+        self._out: list[bytes] = []
+        self._out_size = 0
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ctx.connections.add(self)
+        session = Session(self, self.ctx)
+        self._task = asyncio.get_running_loop().create_task(session.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.framer.feed(data)
+        self._readable.set()
+        if self.framer.buffered > READ_BUFFER_HIGH and self.transport and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: answer what it already sent, then close
+        # (True keeps our side open; TLS transports ignore it).
+        self._eof = True
+        self._readable.set()
+        return not self.is_tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.connections.discard(self)
+        self._closed = True
+        self._readable.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- what the session uses
+    async def next_event(self, timeout: float | None) -> FrameEvent | None:
+        """The next framing event; None once the client has gone.
+        Raises TimeoutError after ``timeout`` seconds without one."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            ev = self.framer.next_event()
+            if ev is not None:
+                if self._reading_paused and self.framer.buffered < READ_BUFFER_HIGH // 2:
+                    self._reading_paused = False
+                    if self.transport is not None and not self._closed:
+                        self.transport.resume_reading()
+                return ev
+            if self._closed or self._eof:
+                return None
+            self.flush()  # never wait for the client with our answer unsent
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            self._readable.clear()
+            if deadline is None:
+                await self._readable.wait()
+            else:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    await self._readable.wait()
+
+    def write(self, data: bytes) -> None:
+        """Queue response bytes; sent by :meth:`flush` (at the latest when the
+        session drains or waits for the client)."""
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= WRITE_COALESCE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_size = 0
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._closed:
+            raise ConnectionResetError("client went away")
+        if not self._writable.is_set():
+            await self._writable.wait()
+            if self._closed:
+                raise ConnectionResetError("client went away")
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """RFC 3501 section 6.2.1: anything the client sent after STARTTLS
+        in plaintext is discarded, never run after the handshake."""
+        self.framer.clear()
+        self.flush()
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(self.transport, self, context, server_side=True)
+        if new is None:
+            raise ConnectionResetError("TLS handshake failed")
+        # Not cleared again here: what arrived since is already ciphertext-borne.
+        self.transport = new
+        self.is_tls = True
+
+    def close(self) -> None:
+        self.flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Server going down: say BYE (RFC 3501 section 7.1.5) and close."""
+        self.write(b"* BYE Server shutting down\r\n")
+        self.close()
+        if self._task is not None:
+            self._task.cancel()
+
+
+_CONTEXTS: weakref.WeakKeyDictionary[asyncio.AbstractServer, ServerContext] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def stop_imap(servers: list[asyncio.base_events.Server]) -> None:
+    """Optional graceful stop: close the listeners and end every open
+    session with ``* BYE``. (Closing the servers alone leaves sessions
+    running until the event loop stops.)"""
+    for server in servers:
+        server.close()
+        ctx = _CONTEXTS.get(server)
+        if ctx is not None:
+            for conn in list(ctx.connections):
+                conn.shutdown()  # type: ignore[attr-defined]
+    for server in servers:
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def start_imap(
+    settings: Settings, storage: Storage, tls: ssl.SSLContext | None
+) -> list[asyncio.base_events.Server]:
+    """Start IMAP listeners; returns the servers (caller closes them).
+
+    ``settings.imap.listen``: plaintext with STARTTLS (port 143);
+    ``settings.imap.tls_listen``: implicit TLS (port 993, RFC 8314).
+    """
+    auth = getattr(settings, "auth", None)
+    throttle = AuthThrottle(
+        base=float(getattr(auth, "failure_delay_seconds", 1.0)),
+        cap=float(getattr(auth, "failure_delay_max_seconds", 16.0)),
+    )
+    ctx = ServerContext(settings=settings, storage=storage, tls=tls, throttle=throttle)
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.base_events.Server] = []
+    try:
+        for addr in settings.imap.listen:
+            host, port = _split(addr)
+            servers.append(
+                await loop.create_server(
+                    lambda: ImapConnection(ctx, False), host, port, reuse_port=True
+                )
+            )
+        if tls is not None:
+            for addr in settings.imap.tls_listen:
+                host, port = _split(addr)
+                servers.append(
+                    await loop.create_server(
+                        lambda: ImapConnection(ctx, True), host, port, ssl=tls, reuse_port=True
+                    )
+                )
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    for server in servers:
+        _CONTEXTS[server] = ctx
+    return servers  # type: ignore[return-value]

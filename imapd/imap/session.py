@@ -1,0 +1,583 @@
+"""One IMAP connection's state and command loop (RFC 3501 sections 3 and 5).
+
+Contract: :meth:`Session.run` owns the connection until it ends. Commands
+run one at a time in the order received (pipelined commands queue in the
+framer); each ends with exactly one tagged reply. A client error gets BAD
+or NO with a reason and the connection stays usable; only LOGOUT,
+autologout, repeated failed logins or a broken socket end it. Untagged
+updates about the selected mailbox (EXISTS, EXPUNGE or VANISHED, FETCH
+FLAGS) are sent only where RFC 3501 section 7.4.1 allows: EXPUNGE never
+during FETCH, STORE or SEARCH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from imapd.imap.mailbox_view import BadSequence, MailboxView, MessageCache
+from imapd.imap.wire import encode
+from imapd.imap.wire.commands import Command, ParseError
+from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
+from imapd.imap.wire.parser import parse_command
+from storage.errors import IMAP_RESPONSE_CODE, StorageError
+from storage.throttle import AuthThrottle
+
+if TYPE_CHECKING:
+    from conf.settings import Settings
+    from storage.api import MailStore, Storage, Subscription
+    from storage.model import Account, Mailbox, MailboxStatus, MessageEntry
+
+log = logging.getLogger("imapd.imap")
+
+# Literals above this go to a temp file rather than memory (APPEND only).
+SPOOL_THRESHOLD = 256 * 1024
+# NOOP/CHECK/IDLE poll storage at most this often when no event said anything
+# changed (the event bus is best effort; this is the fallback).
+FORCED_POLL_INTERVAL = 2.0
+# How long a mailbox name -> id lookup is reused (events clear it sooner).
+MAILBOX_CACHE_SECONDS = 30.0
+# Non-APPEND literals (passwords, search strings) are small by nature.
+MAX_ARGUMENT_LITERAL = 64 * 1024
+
+
+class State(enum.Enum):
+    """RFC 3501 section 3 connection states."""
+
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A tagged completion: status OK / NO / BAD, optional response code."""
+
+    status: str
+    text: str
+    code: str | None = None
+
+
+def ok(text: str, code: str | None = None) -> Reply:
+    return Reply("OK", text, code)
+
+
+def no(text: str, code: str | None = None) -> Reply:
+    return Reply("NO", text, code)
+
+
+def bad(text: str, code: str | None = None) -> Reply:
+    return Reply("BAD", text, code)
+
+
+class Spool:
+    """A large literal written to a temp file (APPEND streams, RFC 3501 6.3.11)."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        fd, name = tempfile.mkstemp(prefix="imap-append-", dir=directory)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        await asyncio.to_thread(self._file.write, data)
+
+    async def finish(self) -> None:
+        await asyncio.to_thread(self._file.close)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class Connection(Protocol):
+    """What the session needs from the transport (server.ImapConnection)."""
+
+    peer: str
+    is_tls: bool
+
+    async def next_event(self, timeout: float | None) -> object | None: ...
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    async def start_tls(self, context: ssl.SSLContext) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class ServerContext:
+    """What every session of one server shares."""
+
+    settings: Settings
+    storage: Storage
+    tls: ssl.SSLContext | None
+    throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    connections: set[Connection] = field(default_factory=set)  # open ones, for shutdown
+
+    def setting(self, section: str, name: str, default: object) -> object:
+        return getattr(getattr(self.settings, section, None), name, default)
+
+    @property
+    def max_literal(self) -> int:
+        return int(self.setting("imap", "max_literal_size", 50 * 1024 * 1024))  # type: ignore
+
+
+class Session:
+    """Per-connection state; commands live in :mod:`imapd.imap.commands`."""
+
+    def __init__(self, conn: Connection, ctx: ServerContext) -> None:
+        self.conn = conn
+        self.ctx = ctx
+        self.storage = ctx.storage
+        self.state = State.NOT_AUTHENTICATED
+        self.account: Account | None = None
+        self.mail: MailStore | None = None
+        self.selected: MailboxView | None = None
+        self.enabled: set[str] = set()  # RFC 5161 ENABLE
+        self.condstore = False  # RFC 7162 section 3.1: once any CONDSTORE use
+        self.login_failures = 0
+        self.dirty = False  # an event said the selected mailbox changed
+        self.wakeup = asyncio.Event()
+        self._subscription: Subscription | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._spools: list[Spool] = []
+        self._last_poll = 0.0
+        self._dropped = 0  # the subscription's lost-change count last seen
+        self.message_cache = MessageCache()
+        # STATUS answers by mailbox id, dropped by any event about that mailbox.
+        self.status_cache: dict[int, MailboxStatus] = {}
+        self._boxes: dict[str, tuple[Mailbox, float]] = {}  # name -> (mailbox, when)
+        self.autologout = float(ctx.setting("imap", "autologout_seconds", 1800))  # type: ignore
+        self.idle_timeout = float(
+            ctx.setting("imap", "idle_timeout_seconds", self.autologout)  # type: ignore
+        )
+
+    # ------------------------------------------------------------------ output
+    def write(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    def untagged(self, line: bytes | str) -> None:
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.conn.write(b"* " + line + b"\r\n")
+
+    def tagged(self, tag: str, reply: Reply) -> None:
+        code = f"[{reply.code}] " if reply.code else ""
+        text = reply.text.replace("\r", " ").replace("\n", " ")
+        self.conn.write(f"{tag} {reply.status} {code}{text}\r\n".encode("utf-8", "replace"))
+
+    # ------------------------------------------------------------ capabilities
+    @property
+    def login_disabled(self) -> bool:
+        """RFC 3501 section 6.2.3 / 7.2.1: no plaintext passwords before TLS."""
+        allow = bool(self.ctx.setting("auth", "allow_plaintext", False))
+        return not self.conn.is_tls and not allow
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if not self.conn.is_tls and self.ctx.tls is not None:
+                caps.append("STARTTLS")
+            if self.login_disabled:
+                caps.append("LOGINDISABLED")
+            else:
+                caps.append("AUTH=PLAIN")
+            return caps
+        caps += [
+            "UIDPLUS",
+            "MOVE",
+            "UNSELECT",
+            "SPECIAL-USE",
+            "CREATE-SPECIAL-USE",
+            "CHILDREN",
+            "LIST-EXTENDED",
+            "LIST-STATUS",
+            f"APPENDLIMIT={self.ctx.max_literal}",
+            "CONDSTORE",
+            "QRESYNC",
+            "ESEARCH",
+            "STATUS=SIZE",
+        ]
+        return caps
+
+    # -------------------------------------------------------------- main loop
+    async def run(self) -> None:
+        hostname = str(self.ctx.setting("server", "hostname", "localhost"))
+        caps = " ".join(self.capabilities())
+        self.untagged(f"OK [CAPABILITY {caps}] {hostname} IMAP4rev1 ready")
+        try:
+            while self.state is not State.LOGOUT:
+                await self.conn.drain()
+                try:
+                    cmd = await self.read_command(self.autologout)
+                except TimeoutError:
+                    # RFC 3501 section 5.4: autologout after at least 30 minutes.
+                    self.untagged("BYE Autologout; idle for too long")
+                    break
+                if cmd is None:
+                    break
+                await self.execute(cmd)
+            await self.conn.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("IMAP session failed")
+            with contextlib.suppress(Exception):
+                self.untagged("BYE Internal server error")
+        finally:
+            self.cleanup()
+            self.conn.close()
+
+    def cleanup(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        for spool in self._spools:
+            spool.discard()
+        self._spools.clear()
+
+    async def read_command(self, timeout: float | None) -> Command | ParseError | None:
+        """The next complete command (literals gathered, "+" sent for
+        synchronizing ones), a ParseError, or None once the client is gone."""
+        segments: list[bytes] = []
+        literals: list[object] = []
+        current: bytearray | Spool | None = None
+        while True:
+            ev = await self.conn.next_event(timeout)
+            if ev is None:
+                return None
+            if isinstance(ev, TextSegment):
+                segments.append(ev.data)
+                if ev.final:
+                    return parse_command(segments, literals)
+                continue
+            if isinstance(ev, LiteralBegin):
+                # Only a logged-in APPEND may send a big literal; before login
+                # nothing larger than a password is accepted (no disk DoS).
+                is_append = (
+                    self.state in (State.AUTHENTICATED, State.SELECTED)
+                    and bool(segments)
+                    and _is_append(segments[0])
+                )
+                limit = self.ctx.max_literal if is_append else MAX_ARGUMENT_LITERAL
+                if ev.size > limit:
+                    reply = (
+                        no("Message too large", "TOOBIG")  # RFC 7889 section 4
+                        if is_append
+                        else bad("Literal too large")
+                    )
+                    tag = _tag_of(segments[0]) if segments else "*"
+                    self.conn_framer_reject(ev.synchronizing)
+                    for lit in literals:
+                        if isinstance(lit, Spool):
+                            lit.discard()
+                    self.tagged(tag, reply)
+                    segments, literals = [], []
+                    continue
+                self.conn_framer_accept()
+                if ev.synchronizing:
+                    self.write(b"+ Ready for literal data\r\n")
+                    await self.conn.drain()
+                if is_append and ev.size > SPOOL_THRESHOLD:
+                    current = Spool()
+                    self._spools.append(current)
+                else:
+                    current = bytearray()
+                continue
+            if isinstance(ev, LiteralChunk):
+                if isinstance(current, Spool):
+                    await current.write(ev.data)
+                elif current is not None:
+                    current += ev.data
+                if ev.last:
+                    if isinstance(current, Spool):
+                        await current.finish()
+                        literals.append(current)
+                    else:
+                        literals.append(bytes(current or b""))
+                    current = None
+                continue
+            if isinstance(ev, FrameError):
+                for lit in literals:
+                    if isinstance(lit, Spool):
+                        lit.discard()
+                segments, literals = [], []
+                self.tagged(ev.tag or "*", bad(ev.reason))
+                await self.conn.drain()
+
+    def conn_framer_accept(self) -> None:
+        self.conn.framer.accept()  # type: ignore[attr-defined]
+
+    def conn_framer_reject(self, synchronizing: bool) -> None:
+        self.conn.framer.reject(synchronizing)  # type: ignore[attr-defined]
+
+    async def read_continuation(self, timeout: float | None) -> bytes | None:
+        """One raw client line answering a "+" continuation (AUTHENTICATE,
+        IDLE's DONE). None if the connection closed."""
+        while True:
+            ev = await self.conn.next_event(timeout)
+            if ev is None:
+                return None
+            if isinstance(ev, TextSegment):
+                if ev.final:
+                    return ev.data
+                continue
+            if isinstance(ev, LiteralBegin):
+                self.conn_framer_reject(ev.synchronizing)
+                return b""
+            if isinstance(ev, FrameError):
+                return b""
+
+    async def execute(self, cmd: Command | ParseError) -> None:
+        from imapd.imap.commands import COMMANDS
+
+        if isinstance(cmd, ParseError):
+            self.tagged(cmd.tag, bad(cmd.message, cmd.code))
+            return
+        entry = COMMANDS.get(cmd.name)
+        if entry is None:  # parser knows it, no handler: should not happen
+            self.tagged(cmd.tag, bad(f"Command {cmd.name} not supported"))
+            return
+        handler, states = entry
+        if self.state not in states:
+            if self.state is State.AUTHENTICATED and State.SELECTED in states:
+                self.tagged(cmd.tag, bad("No mailbox selected"))
+            elif self.state is State.NOT_AUTHENTICATED:
+                self.tagged(cmd.tag, bad("Log in first"))
+            else:
+                self.tagged(cmd.tag, bad(f"{cmd.name} not allowed now"))
+            return
+        try:
+            reply = await handler(self, cmd)
+        except StorageError as err:
+            reply = no(err.message, IMAP_RESPONSE_CODE.get(err.kind))
+            self._boxes.clear()  # a cached mailbox may be what went away
+        except BadSequence as err:
+            reply = bad(str(err))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("IMAP command %s failed", cmd.name)
+            reply = no("Internal error, try again later", "SERVERBUG")
+        finally:
+            for spool in self._spools:
+                spool.discard()
+            self._spools.clear()
+        if cmd.name not in _READ_ONLY:
+            self.status_cache.clear()  # our own write: its event may still be queued
+        if reply is None:
+            return  # the handler answered itself (LOGOUT, STARTTLS, IDLE)
+        if self.selected is not None and self.state is State.SELECTED:
+            try:
+                # RFC 3501 section 7.4.1: no EXPUNGE during FETCH, STORE, SEARCH.
+                await self.sync(
+                    allow_expunge=cmd.name not in _NO_EXPUNGE, force=cmd.name in _OWN_WRITES
+                )
+            except StorageError:
+                pass
+        self.tagged(cmd.tag, reply)
+
+    # ------------------------------------------------------------ login state
+    async def log_in(self, account: Account) -> None:
+        self.account = account
+        self.mail = self.storage.mail(account)
+        self.state = State.AUTHENTICATED
+        self._subscription = self.storage.events.subscribe(account.id)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def mailbox_id_of(self, name: str) -> Mailbox:
+        """The mailbox called ``name``, for commands that need only its id
+        (STATUS, COPY, MOVE, APPEND); cached, never for SELECT. Raises
+        StorageError(NOT_FOUND)."""
+        assert self.mail is not None and self.account is not None
+        now = asyncio.get_running_loop().time()
+        hit = self._boxes.get(name)
+        if hit is not None and now - hit[1] < MAILBOX_CACHE_SECONDS:
+            return hit[0]
+        box = await self.mail.get_mailbox(self.account.id, name)
+        if len(self._boxes) > 1000:
+            self._boxes.clear()
+        self._boxes[name] = (box, now)
+        return box
+
+    def forget_mailboxes(self) -> None:
+        self._boxes.clear()
+
+    async def _watch(self) -> None:
+        from storage.model import ChangeKind
+
+        sub = self._subscription
+        if sub is None:
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            async for change in sub:
+                if change.kind is ChangeKind.MAILBOX:
+                    self._boxes.clear()
+                    self.status_cache.clear()
+                elif change.mailbox_id is None:
+                    self.status_cache.clear()
+                else:
+                    self.status_cache.pop(change.mailbox_id, None)
+                view = self.selected
+                if view is None or change.mailbox_id not in (view.mailbox.id, None):
+                    continue
+                self.wakeup.set()
+                data = change.data or {}
+                flags = data.get("flags")
+                if getattr(sub, "dropped", 0) != self._dropped or len(view.events) > 10_000:
+                    # The bus lost changes (slow consumer): re-read storage.
+                    self._dropped = getattr(sub, "dropped", 0)
+                    view.events.clear()
+                    self.dirty = True
+                elif (
+                    change.kind is ChangeKind.FLAGS
+                    and change.uid is not None
+                    and change.modseq is not None
+                    and isinstance(flags, list)
+                ):
+                    # The event says it all: no storage round trip needed.
+                    view.events.append((change.uid, change.modseq, frozenset(flags)))
+                elif change.kind is ChangeKind.EXPUNGE and change.uid is not None:
+                    view.events.append((change.uid, change.modseq or 0, None))
+                else:
+                    self.dirty = True  # new mail (needs its entry) or unknown news
+
+    # --------------------------------------------------------------- updates
+    async def sync(
+        self, allow_expunge: bool = True, force: bool = False, poll: bool = False
+    ) -> None:
+        """Tell the client what changed in the selected mailbox since it last
+        heard (RFC 3501 section 7.3.1 EXISTS, 7.4.1 EXPUNGE, 7.4.2 FETCH;
+        RFC 7162 section 3.2.10 VANISHED once QRESYNC is enabled).
+
+        Storage is read when an event said the mailbox changed, when
+        ``force`` (our own write may not have been announced yet), or on a
+        ``poll`` (NOOP, CHECK, IDLE) at most every FORCED_POLL_INTERVAL."""
+        view = self.selected
+        if view is None or self.mail is None or self.account is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if poll and now - self._last_poll >= FORCED_POLL_INTERVAL:
+            force = True
+        known = view.entries
+        new: dict[int, MessageEntry] = {}  # arriving now, not yet announced
+        if self.dirty or force or view.events:
+            self.wakeup.clear()
+        if self.dirty or force:
+            self._last_poll = now
+            self.dirty = False
+            changes = await self.mail.changes_since(self.account.id, view.mailbox.id, view.modseq)
+            view.modseq = max(view.modseq, changes.highestmodseq)
+            for uid in changes.vanished:
+                if uid in known:
+                    view.pending_vanished.add(uid)
+            gone = view.pending_vanished
+            top = view.max_uid
+            for e in sorted(changes.changed, key=lambda e: e.uid):
+                if e.uid in gone:
+                    continue
+                if e.uid > top:
+                    new[e.uid] = e
+                    continue
+                old = known.get(e.uid)
+                if old is not None and e.modseq >= old.modseq:
+                    known[e.uid] = e
+                    if old.flags != e.flags:
+                        self._flag_update(view, e.uid, e.flags, e.modseq)
+        if view.events:
+            events, view.events = view.events, []
+            for uid, modseq, flags in events:
+                arriving = new.get(uid)
+                if arriving is not None:  # news about mail announced below
+                    if flags is None:
+                        del new[uid]  # gone before the client ever saw it
+                    elif modseq > arriving.modseq:
+                        new[uid] = dataclasses.replace(arriving, flags=flags, modseq=modseq)
+                    continue
+                old = known.get(uid)
+                if old is None:
+                    continue  # not ours yet (its NEW event sets dirty) or gone
+                if flags is None:
+                    view.pending_vanished.add(uid)
+                elif modseq > old.modseq:  # events may trail a fresher read
+                    known[uid] = dataclasses.replace(old, flags=flags, modseq=modseq)
+                    if old.flags != flags and uid not in view.pending_vanished:
+                        self._flag_update(view, uid, flags, modseq)
+        if allow_expunge and view.pending_vanished:
+            self.announce_expunge(view, set(view.pending_vanished))
+        if new:
+            view.add(sorted(new.values(), key=lambda e: e.uid))
+            if not view.read_only:
+                floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
+                view.recent.update(uid for uid in new if uid >= floor)
+            self.untagged(f"{view.exists} EXISTS")
+            self.untagged(f"{len(view.recent)} RECENT")
+
+    @property
+    def has_updates(self) -> bool:
+        """Whether news about the selected mailbox waits to be applied."""
+        view = self.selected
+        return self.dirty or (view is not None and bool(view.events))
+
+    def _flag_update(self, view: MailboxView, uid: int, flags: frozenset[str], modseq: int) -> None:
+        seq = view.seq_of(uid)
+        if seq is None:
+            return
+        items = [b"FLAGS " + encode.flags(self.display_flags(view, uid, flags))]
+        if "QRESYNC" in self.enabled:
+            items.insert(0, b"UID %d" % uid)
+        if self.condstore:
+            items.append(b"MODSEQ (%d)" % modseq)
+        self.write(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
+
+    def display_flags(self, view: MailboxView, uid: int, flags: frozenset[str]) -> list[str]:
+        out = sorted(flags)
+        if uid in view.recent:
+            out.append("\\Recent")
+        return out
+
+    def announce_expunge(self, view: MailboxView, gone: set[int]) -> None:
+        if "QRESYNC" in self.enabled:
+            present = sorted(u for u in gone if u in view.entries)
+            view.remove(gone)
+            if present:
+                self.untagged(b"VANISHED " + encode.sequence_set(present))
+            return
+        for seq in view.remove(gone):
+            self.untagged(f"{seq} EXPUNGE")
+
+
+_NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH"})
+# Commands that change nothing in storage (others invalidate the STATUS cache).
+_READ_ONLY = frozenset(
+    {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
+     "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE"}
+)
+# Our own writes may land in the selected mailbox before the event bus tells us.
+_OWN_WRITES = frozenset({"APPEND", "COPY", "UID COPY", "MOVE", "UID MOVE"})
+
+
+def _tag_of(segment: bytes) -> str:
+    from imapd.imap.wire.framing import guess_tag
+
+    return guess_tag(segment[:64]) or "*"
+
+
+def _is_append(segment: bytes) -> bool:
+    parts = segment[:64].split(b" ", 2)
+    return len(parts) > 1 and parts[1].upper() == b"APPEND"

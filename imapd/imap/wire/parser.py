@@ -1,0 +1,926 @@
+"""IMAP command parser: framed pieces in, a frozen :mod:`commands` dataclass out.
+
+:func:`parse_command` takes the text segments of one command (as the
+:class:`~imapd.imap.wire.framing.Framer` produced them, each non-final one
+ending with its literal marker) and the literal values in order. It never
+raises: a malformed command gives a :class:`ParseError` for a tagged BAD.
+Everything is linear in the input; recursion (parenthesised search keys,
+NOT, OR) is bounded by :data:`MAX_NESTING`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Sequence
+
+from imapd.imap.wire import commands as c
+from imapd.imap.wire.utf7 import Utf7Error, decode_mailbox
+
+MAX_NESTING = 32  # parenthesis / NOT / OR depth in SEARCH; deeper is abuse
+MAX_NUMBER = 2**32 - 1  # RFC 3501 section 9: number is a 32-bit unsigned
+MAX_NUMBER64 = 2**63 - 1  # RFC 7162 section 7: mod-sequence-value
+
+_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\\]]+")
+_ASTRING_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\]+")
+_LIST_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){\"\\]+")
+_TAG = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\+]+")
+_QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"')
+_LITERAL = re.compile(rb"\{(\d{1,20})\+?\}$")
+_NUMBER = re.compile(rb"\d+")
+_SEQSET = re.compile(rb"[0-9:*,$]+")
+_FETCH_SECTIONED = re.compile(rb"(BODY\.PEEK|BODY|BINARY\.PEEK|BINARY\.SIZE|BINARY)\[", re.I)
+_SECTION_PART = re.compile(rb"(?:[1-9]\d{0,8})(?:\.[1-9]\d{0,8})*")
+_PARTIAL = re.compile(rb"<(\d{1,10})\.(\d{1,10})>")
+_MONTHS = {
+    m: i + 1
+    for i, m in enumerate(
+        ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+    )
+}
+_DATE = re.compile(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})")
+_DATE_TIME = re.compile(
+    rb'"([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
+)
+_SASL_IR = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+_QUOTED_DATE = re.compile(rb'"[^"]*"')
+_SECTION_TEXT = re.compile(rb"HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME", re.I)
+_STORE_ITEM = re.compile(rb"([+-]?)FLAGS(\.SILENT)?", re.I)
+
+SYSTEM_FLAGS = {f.upper(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
+
+FETCH_MACROS = {
+    # RFC 3501 section 6.4.5
+    "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
+    "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
+    "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
+}
+_SIMPLE_FETCH = {
+    "ENVELOPE",
+    "FLAGS",
+    "INTERNALDATE",
+    "RFC822",
+    "RFC822.HEADER",
+    "RFC822.SIZE",
+    "RFC822.TEXT",
+    "BODY",
+    "BODYSTRUCTURE",
+    "UID",
+    "MODSEQ",
+}
+_STATUS_ITEMS = {
+    "MESSAGES",
+    "RECENT",
+    "UIDNEXT",
+    "UIDVALIDITY",
+    "UNSEEN",
+    "HIGHESTMODSEQ",
+    "SIZE",
+    "APPENDLIMIT",
+}
+
+
+class _Bad(Exception):
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Reader:
+    """A cursor over the text segments and literals of one command."""
+
+    __slots__ = ("buf", "lits", "pos", "segs", "si")
+
+    def __init__(self, segments: Sequence[bytes], literals: Sequence[object]) -> None:
+        self.segs = segments
+        self.lits = literals
+        self.si = 0
+        self.buf = segments[0]
+        self.pos = 0
+
+    # -- low level
+    def peek(self) -> int:
+        return self.buf[self.pos] if self.pos < len(self.buf) else -1
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.buf) and self.si >= len(self.segs) - 1
+
+    def expect_end(self) -> None:
+        if not self.at_end():
+            raise _Bad("Unexpected extra arguments")
+
+    def sp(self) -> None:
+        if self.peek() != 0x20:
+            raise _Bad("Missing argument" if self.at_end() else "Expected a space")
+        self.pos += 1
+
+    def try_sp(self) -> bool:
+        if self.peek() == 0x20:
+            self.pos += 1
+            return True
+        return False
+
+    def char(self, ch: int, what: str) -> None:
+        if self.peek() != ch:
+            raise _Bad(f"Expected {what}")
+        self.pos += 1
+
+    def match(self, regex: re.Pattern[bytes]) -> re.Match[bytes] | None:
+        m = regex.match(self.buf, self.pos)
+        if m:
+            self.pos = m.end()
+        return m
+
+    # -- tokens
+    def atom(self, what: str = "an atom") -> str:
+        m = self.match(_ATOM)
+        if not m:
+            raise _Bad(f"Expected {what}")
+        return m.group().decode("ascii")
+
+    def number(self, limit: int = MAX_NUMBER, nonzero: bool = False) -> int:
+        m = self.match(_NUMBER)
+        if not m:
+            raise _Bad("Expected a number")
+        n = int(m.group())
+        if n > limit or (nonzero and n == 0):
+            raise _Bad("Number out of range")
+        return n
+
+    def literal(self) -> object:
+        """At "{": the literal value (bytes or the connection's spool object)."""
+        m = _LITERAL.match(self.buf, self.pos)
+        if not m or self.si + 1 >= len(self.segs) or self.si >= len(self.lits):
+            raise _Bad("Malformed literal")
+        value = self.lits[self.si]
+        self.si += 1
+        self.buf = self.segs[self.si]
+        self.pos = 0
+        return value
+
+    def string_bytes(self) -> bytes:
+        ch = self.peek()
+        if ch == 0x22:
+            m = self.match(_QUOTED)
+            if not m:
+                raise _Bad("Malformed quoted string")
+            raw = m.group(1)
+            return raw.replace(b'\\"', b'"').replace(b"\\\\", b"\\") if b"\\" in raw else raw
+        if ch == 0x7B:
+            value = self.literal()
+            if not isinstance(value, bytes):
+                raise _Bad("Literal too large here")
+            return value
+        raise _Bad("Expected a string")
+
+    def astring_bytes(self) -> bytes:
+        ch = self.peek()
+        if ch in (0x22, 0x7B):
+            return self.string_bytes()
+        m = self.match(_ASTRING_ATOM)
+        if not m:
+            raise _Bad("Expected a string")
+        return m.group()
+
+    def astring(self) -> str:
+        return _text(self.astring_bytes())
+
+    def nstring(self) -> str | None:
+        if self.buf[self.pos : self.pos + 3].upper() == b"NIL" and not _ATOM.match(
+            self.buf, self.pos + 3
+        ):
+            self.pos += 3
+            return None
+        return _text(self.string_bytes())
+
+    def mailbox(self) -> str:
+        raw = self.astring_bytes()
+        return _mailbox_name(raw)
+
+    def list_mailbox(self) -> str:
+        ch = self.peek()
+        if ch in (0x22, 0x7B):
+            return _mailbox_name(self.string_bytes())
+        m = self.match(_LIST_ATOM)
+        if not m:
+            raise _Bad("Expected a mailbox pattern")
+        return _mailbox_name(m.group())
+
+    def paren_list(self, item: Callable[[], object]) -> list[object]:
+        """ "(" [item *(SP item)] ")" """
+        self.char(0x28, "(")
+        out: list[object] = []
+        if self.peek() == 0x29:
+            self.pos += 1
+            return out
+        while True:
+            out.append(item())
+            if self.peek() == 0x29:
+                self.pos += 1
+                return out
+            self.sp()
+
+    def sequence_set(self) -> c.SequenceSet:
+        m = self.match(_SEQSET)
+        if not m:
+            raise _Bad("Expected a sequence set")
+        return parse_sequence_set(m.group())
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _mailbox_name(raw: bytes) -> str:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        # Not modified UTF-7: take raw UTF-8 as many clients send it.
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad("Mailbox name is neither modified UTF-7 nor UTF-8") from None
+    try:
+        name = decode_mailbox(text)
+    except Utf7Error as exc:
+        raise _Bad(f"Bad mailbox name: {exc}") from None
+    # RFC 3501 section 5.1: INBOX is case-insensitive.
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if name[:6].upper() == "INBOX/":
+        return "INBOX" + name[5:]
+    return name
+
+
+def parse_sequence_set(token: bytes) -> c.SequenceSet:
+    """``1:4,7,9:*`` -> ranges; linear in the length of the token."""
+    ranges: list[tuple[int | None, int | None]] = []
+    append = ranges.append
+    for part in token.split(b","):
+        first, sep, last = part.partition(b":")
+        a = _seq_number(first)
+        b = _seq_number(last) if sep else a
+        append((a, b))
+    return c.SequenceSet(tuple(ranges))
+
+
+def _seq_number(tok: bytes) -> int | None:
+    if tok == b"*":
+        return None
+    if not tok.isdigit() or tok[0] == 0x30 or len(tok) > 10:
+        raise _Bad("Invalid sequence set")
+    n = int(tok)
+    if n > MAX_NUMBER:
+        raise _Bad("Invalid sequence set")
+    return n
+
+
+def _flag(r: _Reader) -> str:
+    if r.peek() == 0x5C:  # "\"
+        r.pos += 1
+        name = "\\" + r.atom("a flag")
+        canon = SYSTEM_FLAGS.get(name.upper())
+        if canon is None:
+            # RFC 3501 section 2.3.2: \Recent is not settable, and
+            # flag-extension names are reserved.
+            raise _Bad(f"Invalid system flag {name}")
+        return canon
+    return r.atom("a flag")
+
+
+def _flag_list(r: _Reader) -> tuple[str, ...]:
+    return tuple(r.paren_list(lambda: _flag(r)))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Command argument parsers
+
+
+def _p_simple(r: _Reader, tag: str, name: str) -> c.Command:
+    r.expect_end()
+    return c.Simple(tag=tag, name=name)
+
+
+def _p_authenticate(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    mech = r.atom("a SASL mechanism").upper()
+    initial = None
+    if r.try_sp():  # RFC 4959 SASL-IR
+        m = r.match(_SASL_IR)
+        initial = m.group() if m else b""
+        if not initial:
+            raise _Bad("Bad initial response")
+    r.expect_end()
+    return c.Authenticate(tag=tag, name=name, mechanism=mech, initial_response=initial)
+
+
+def _p_login(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    user = r.astring()
+    r.sp()
+    password = r.astring()
+    r.expect_end()
+    return c.Login(tag=tag, name=name, username=user, password=password)
+
+
+def _p_select(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    mailbox = r.mailbox()
+    condstore = False
+    qresync = None
+    if r.try_sp():
+        r.char(0x28, "(")
+        while True:
+            param = r.atom("a select parameter").upper()
+            if param == "CONDSTORE":  # RFC 7162 section 3.1.8
+                condstore = True
+            elif param == "QRESYNC":  # RFC 7162 section 3.2.5
+                r.sp()
+                qresync = _qresync_params(r)
+            else:
+                raise _Bad(f"Unknown select parameter {param}")
+            if r.peek() == 0x29:
+                r.pos += 1
+                break
+            r.sp()
+    r.expect_end()
+    return c.Select(tag=tag, name=name, mailbox=mailbox, condstore=condstore, qresync=qresync)
+
+
+def _qresync_params(r: _Reader) -> c.QresyncParams:
+    r.char(0x28, "(")
+    uidvalidity = r.number(nonzero=True)
+    r.sp()
+    modseq = r.number(MAX_NUMBER64, nonzero=True)
+    known = None
+    seq_match = None
+    if r.try_sp():
+        if r.peek() != 0x28:
+            known = r.sequence_set()
+            r.try_sp()
+        if r.peek() == 0x28:
+            r.pos += 1
+            seqs = r.sequence_set()
+            r.sp()
+            uids = r.sequence_set()
+            r.char(0x29, ")")
+            seq_match = (seqs, uids)
+    r.char(0x29, ")")
+    return c.QresyncParams(
+        uidvalidity=uidvalidity, modseq=modseq, known_uids=known, seq_match=seq_match
+    )
+
+
+def _p_mailbox(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    mailbox = r.mailbox()
+    use: tuple[str, ...] = ()
+    if name == "CREATE" and r.try_sp():
+        # RFC 6154 section 3: CREATE name (USE (\Sent))
+        r.char(0x28, "(")
+        if r.atom("USE").upper() != "USE":
+            raise _Bad("Unknown CREATE parameter")
+        r.sp()
+        use = tuple(
+            r.paren_list(lambda: "\\" + (r.char(0x5C, "\\"), r.atom())[1])  # type: ignore[arg-type]
+        )
+        r.char(0x29, ")")
+    r.expect_end()
+    return c.MailboxCommand(tag=tag, name=name, mailbox=mailbox, special_use=use)
+
+
+def _p_rename(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    old = r.mailbox()
+    r.sp()
+    new = r.mailbox()
+    r.expect_end()
+    return c.Rename(tag=tag, name=name, old=old, new=new)
+
+
+def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    selection: list[str] = []
+    if name == "LIST" and r.peek() == 0x28:  # RFC 5258 selection options
+        selection = [str(x).upper() for x in r.paren_list(r.atom)]
+        r.sp()
+    reference = r.mailbox()
+    r.sp()
+    if name == "LIST" and r.peek() == 0x28:
+        patterns = tuple(str(x) for x in r.paren_list(r.list_mailbox))
+    else:
+        patterns = (r.list_mailbox(),)
+    returns: list[str] = []
+    status_items: tuple[str, ...] = ()
+    if name == "LIST" and r.try_sp():
+        if r.atom("RETURN").upper() != "RETURN":
+            raise _Bad("Expected RETURN")
+        r.sp()
+        r.char(0x28, "(")
+        while r.peek() != 0x29:
+            opt = r.atom("a return option").upper()
+            returns.append(opt)
+            if opt == "STATUS":  # RFC 5819
+                r.sp()
+                status_items = _status_items(r)
+            if r.peek() != 0x29:
+                r.sp()
+        r.pos += 1
+    r.expect_end()
+    return c.ListCommand(
+        tag=tag,
+        name=name,
+        reference=reference,
+        patterns=patterns,
+        selection=tuple(selection),
+        returns=tuple(returns),
+        status_items=status_items,
+    )
+
+
+def _status_items(r: _Reader) -> tuple[str, ...]:
+    items = tuple(str(x).upper() for x in r.paren_list(r.atom))
+    for item in items:
+        if item not in _STATUS_ITEMS:
+            raise _Bad(f"Unknown STATUS item {item}")
+    return items
+
+
+def _p_status(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    mailbox = r.mailbox()
+    r.sp()
+    items = _status_items(r)
+    if not items:
+        raise _Bad("STATUS needs at least one item")
+    r.expect_end()
+    return c.Status(tag=tag, name=name, mailbox=mailbox, items=items)
+
+
+def parse_date_time(raw: bytes) -> dt.datetime:
+    """RFC 3501 section 9 date-time: "dd-Mon-yyyy hh:mm:ss +zzzz"."""
+    m = _DATE_TIME.fullmatch(raw)
+    if not m:
+        raise _Bad("Invalid date-time")
+    day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
+    month = _MONTHS.get(mon.decode().upper())
+    if month is None:
+        raise _Bad("Invalid month")
+    offset = dt.timedelta(hours=int(zh), minutes=int(zm))
+    try:
+        return dt.datetime(
+            int(year),
+            month,
+            int(day),
+            int(hh),
+            int(mm),
+            int(ss),
+            tzinfo=dt.timezone(-offset if sign == b"-" else offset),
+        )
+    except ValueError:
+        raise _Bad("Invalid date-time") from None
+
+
+def _p_append(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    mailbox = r.mailbox()
+    r.sp()
+    flags: tuple[str, ...] = ()
+    date = None
+    if r.peek() == 0x28:
+        flags = _flag_list(r)
+        r.sp()
+    if r.peek() == 0x22:
+        m = r.match(_QUOTED_DATE)
+        assert m is not None
+        date = parse_date_time(m.group())
+        r.sp()
+    if r.peek() != 0x7B:
+        raise _Bad("Expected the message literal")
+    message = r.literal()
+    r.expect_end()  # MULTIAPPEND (RFC 3502) is not offered
+    return c.Append(
+        tag=tag, name=name, mailbox=mailbox, flags=flags, internal_date=date, message=message
+    )
+
+
+def _search_date(r: _Reader) -> dt.date:
+    quoted = r.peek() == 0x22
+    if quoted:
+        r.pos += 1
+    m = r.match(_DATE)
+    if not m:
+        raise _Bad("Invalid date")
+    if quoted:
+        r.char(0x22, '"')
+    month = _MONTHS.get(m.group(2).decode().upper())
+    if month is None:
+        raise _Bad("Invalid month")
+    try:
+        return dt.date(int(m.group(3)), month, int(m.group(1)))
+    except ValueError:
+        raise _Bad("Invalid date") from None
+
+
+_FLAG_KEYS = {
+    "ANSWERED": ("\\Answered", True),
+    "DELETED": ("\\Deleted", True),
+    "DRAFT": ("\\Draft", True),
+    "FLAGGED": ("\\Flagged", True),
+    "SEEN": ("\\Seen", True),
+    "UNANSWERED": ("\\Answered", False),
+    "UNDELETED": ("\\Deleted", False),
+    "UNDRAFT": ("\\Draft", False),
+    "UNFLAGGED": ("\\Flagged", False),
+    "UNSEEN": ("\\Seen", False),
+}
+_HEADER_KEYS = {"BCC", "CC", "FROM", "SUBJECT", "TO"}
+_DATE_KEYS = {
+    "BEFORE": ("internal", "before"),
+    "ON": ("internal", "on"),
+    "SINCE": ("internal", "since"),
+    "SENTBEFORE": ("sent", "before"),
+    "SENTON": ("sent", "on"),
+    "SENTSINCE": ("sent", "since"),
+}
+
+
+def _search_key(r: _Reader, depth: int) -> c.SearchKey:
+    if depth > MAX_NESTING:
+        raise _Bad("Search nesting too deep")
+    ch = r.peek()
+    if ch == 0x28:
+        r.pos += 1
+        keys = [_search_key(r, depth + 1)]
+        while r.peek() != 0x29:
+            r.sp()
+            keys.append(_search_key(r, depth + 1))
+        r.pos += 1
+        return keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
+    if 0x30 <= ch <= 0x39 or ch in (0x2A, 0x24):
+        return c.SearchSequence(r.sequence_set(), uid=False)
+    word = r.atom("a search key").upper()
+    if word == "ALL":
+        return c.SearchAll()
+    if word in _FLAG_KEYS:
+        flag, present = _FLAG_KEYS[word]
+        return c.SearchFlag(flag, present)
+    if word in ("KEYWORD", "UNKEYWORD"):
+        r.sp()
+        return c.SearchFlag(r.atom("a keyword"), word == "KEYWORD")
+    if word == "RECENT":
+        return c.SearchRecent(True)
+    if word == "OLD":
+        return c.SearchRecent(False)
+    if word == "NEW":
+        return c.SearchAnd((c.SearchRecent(True), c.SearchFlag("\\Seen", False)))
+    if word in _HEADER_KEYS:
+        r.sp()
+        return c.SearchHeader(word.lower(), r.astring())
+    if word == "HEADER":
+        r.sp()
+        field = r.astring()
+        r.sp()
+        return c.SearchHeader(field.lower(), r.astring())
+    if word in ("BODY", "TEXT"):
+        r.sp()
+        return c.SearchText(word.lower(), r.astring())
+    if word in _DATE_KEYS:
+        r.sp()
+        field, op = _DATE_KEYS[word]
+        return c.SearchDate(field, op, _search_date(r))
+    if word in ("LARGER", "SMALLER"):
+        r.sp()
+        return c.SearchSize(word.lower(), r.number())
+    if word == "UID":
+        r.sp()
+        return c.SearchSequence(r.sequence_set(), uid=True)
+    if word == "NOT":
+        r.sp()
+        return c.SearchNot(_search_key(r, depth + 1))
+    if word == "OR":
+        r.sp()
+        left = _search_key(r, depth + 1)
+        r.sp()
+        return c.SearchOr(left, _search_key(r, depth + 1))
+    if word == "MODSEQ":  # RFC 7162 section 3.1.5
+        r.sp()
+        if r.peek() == 0x22:  # optional entry-name and entry-type-req
+            r.string_bytes()
+            r.sp()
+            r.atom("an entry type")
+            r.sp()
+        return c.SearchModSeq(r.number(MAX_NUMBER64))
+    raise _Bad(f"Unknown search key {word}")
+
+
+def _p_search(r: _Reader, tag: str, name: str) -> c.Command:
+    uid = name.startswith("UID ")
+    r.sp()
+    charset = None
+    returns: tuple[str, ...] | None = None
+    if r.buf[r.pos : r.pos + 7].upper() == b"RETURN ":  # RFC 4731 section 3.1
+        r.pos += 7
+        returns = tuple(str(x).upper() for x in r.paren_list(r.atom))
+        for opt in returns:
+            if opt not in ("MIN", "MAX", "ALL", "COUNT"):  # no SEARCHRES (RFC 5182)
+                raise _Bad(f"Unknown RETURN option {opt}")
+        r.sp()
+    if r.buf[r.pos : r.pos + 8].upper() == b"CHARSET ":
+        r.pos += 8
+        charset = r.astring().upper()
+        r.sp()
+    keys = [_search_key(r, 0)]
+    while not r.at_end():
+        r.sp()
+        keys.append(_search_key(r, 0))
+    key = keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
+    return c.Search(tag=tag, name=name, key=key, uid=uid, charset=charset, returns=returns)
+
+
+def _section(r: _Reader) -> c.Section:
+    """After "[": section-spec "]"."""
+    part: tuple[int, ...] = ()
+    m = r.match(_SECTION_PART)
+    if m:
+        part = tuple(int(x) for x in m.group().split(b"."))
+        if r.peek() == 0x5D:
+            r.pos += 1
+            return c.Section(part)
+        r.char(0x2E, ". or ]")
+    if r.peek() == 0x5D:
+        if part:
+            raise _Bad("Invalid section")
+        r.pos += 1
+        return c.Section()
+    m = r.match(_SECTION_TEXT)
+    if not m:
+        raise _Bad("Invalid section")
+    text = m.group().decode().upper()
+    if text == "MIME" and not part:
+        raise _Bad("MIME needs a part number")
+    fields: tuple[str, ...] = ()
+    if text.startswith("HEADER.FIELDS"):
+        r.sp()
+        fields = tuple(str(x) for x in r.paren_list(r.astring))
+        if not fields:
+            raise _Bad("Empty header list")
+    r.char(0x5D, "]")
+    return c.Section(part, text, fields)
+
+
+def _fetch_att(r: _Reader) -> c.FetchAttribute:
+    m = r.match(_FETCH_SECTIONED)
+    if m:
+        kind = m.group(1).decode().upper()
+        peek = kind.endswith(".PEEK")
+        base = kind.removesuffix(".PEEK")
+        section = _section(r)
+        if base != "BODY" and section.text is not None:
+            raise _Bad("BINARY takes part numbers only")  # RFC 3516 section 4.2
+        partial = None
+        pm = r.match(_PARTIAL)
+        if pm:
+            if base == "BINARY.SIZE":
+                raise _Bad("BINARY.SIZE takes no partial")
+            partial = (int(pm.group(1)), int(pm.group(2)))
+        return c.FetchAttribute(base, section, partial, peek)
+    word = r.atom("a fetch item").upper()
+    if word not in _SIMPLE_FETCH:
+        raise _Bad(f"Unknown fetch item {word}")
+    return c.FetchAttribute(word)
+
+
+def _p_fetch(r: _Reader, tag: str, name: str) -> c.Command:
+    uid = name.startswith("UID ")
+    r.sp()
+    seq = r.sequence_set()
+    r.sp()
+    atts: list[c.FetchAttribute]
+    if r.peek() == 0x28:
+        atts = r.paren_list(lambda: _fetch_att(r))  # type: ignore[assignment]
+        if not atts:
+            raise _Bad("Empty fetch list")
+    else:
+        save = r.pos
+        m = r.match(_ATOM)
+        word = m.group().decode().upper() if m else ""
+        if word in FETCH_MACROS:
+            atts = [c.FetchAttribute(x) for x in FETCH_MACROS[word]]
+        else:
+            r.pos = save
+            atts = [_fetch_att(r)]
+    changed_since = None
+    vanished = False
+    if r.try_sp():  # RFC 4466 fetch-modifiers
+        r.char(0x28, "(")
+        while True:
+            mod = r.atom("a fetch modifier").upper()
+            if mod == "CHANGEDSINCE":
+                r.sp()
+                changed_since = r.number(MAX_NUMBER64)
+            elif mod == "VANISHED" and uid:
+                vanished = True
+            else:
+                raise _Bad(f"Unknown fetch modifier {mod}")
+            if r.peek() == 0x29:
+                r.pos += 1
+                break
+            r.sp()
+        if vanished and changed_since is None:
+            raise _Bad("VANISHED needs CHANGEDSINCE")  # RFC 7162 section 3.2.6
+    r.expect_end()
+    return c.Fetch(
+        tag=tag,
+        name=name,
+        sequence=seq,
+        attributes=tuple(atts),
+        uid=uid,
+        changed_since=changed_since,
+        vanished=vanished,
+    )
+
+
+def _p_store(r: _Reader, tag: str, name: str) -> c.Command:
+    uid = name.startswith("UID ")
+    r.sp()
+    seq = r.sequence_set()
+    r.sp()
+    unchanged = None
+    if r.peek() == 0x28:  # RFC 7162 section 3.1.3 (UNCHANGEDSINCE n)
+        r.pos += 1
+        if r.atom("UNCHANGEDSINCE").upper() != "UNCHANGEDSINCE":
+            raise _Bad("Unknown store modifier")
+        r.sp()
+        unchanged = r.number(MAX_NUMBER64)
+        r.char(0x29, ")")
+        r.sp()
+    m = r.match(_STORE_ITEM)
+    if not m:
+        raise _Bad("Expected FLAGS, +FLAGS or -FLAGS")
+    mode = {b"": "replace", b"+": "add", b"-": "remove"}[m.group(1)]
+    silent = bool(m.group(2))
+    r.sp()
+    if r.peek() == 0x28:
+        flags = _flag_list(r)
+    else:
+        flags_l = [_flag(r)]
+        while r.try_sp():
+            flags_l.append(_flag(r))
+        flags = tuple(flags_l)
+    r.expect_end()
+    return c.Store(
+        tag=tag,
+        name=name,
+        sequence=seq,
+        mode=mode,
+        silent=silent,
+        flags=flags,
+        uid=uid,
+        unchanged_since=unchanged,
+    )
+
+
+def _p_copy(r: _Reader, tag: str, name: str) -> c.Command:
+    uid = name.startswith("UID ")
+    r.sp()
+    seq = r.sequence_set()
+    r.sp()
+    mailbox = r.mailbox()
+    r.expect_end()
+    return c.Copy(tag=tag, name=name, sequence=seq, mailbox=mailbox, uid=uid)
+
+
+def _p_uid_expunge(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    seq = r.sequence_set()
+    r.expect_end()
+    return c.UidExpunge(tag=tag, name=name, sequence=seq)
+
+
+def _p_id(r: _Reader, tag: str, name: str) -> c.Command:
+    r.sp()
+    if r.peek() != 0x28:
+        if r.atom("NIL").upper() != "NIL":
+            raise _Bad("Expected NIL or a parameter list")
+        r.expect_end()
+        return c.Id(tag=tag, name=name, params=None)
+    r.pos += 1
+    params: list[tuple[str, str | None]] = []
+    while r.peek() != 0x29:
+        key = _text(r.string_bytes())
+        r.sp()
+        params.append((key, r.nstring()))
+        if r.peek() != 0x29:
+            r.sp()
+        if len(params) > 30:  # RFC 2971 section 3.3
+            raise _Bad("Too many ID parameters")
+    r.pos += 1
+    r.expect_end()
+    return c.Id(tag=tag, name=name, params=tuple(params))
+
+
+def _p_enable(r: _Reader, tag: str, name: str) -> c.Command:
+    caps = []
+    while r.try_sp():
+        caps.append(r.atom("a capability").upper())
+    if not caps:
+        raise _Bad("ENABLE needs a capability")
+    r.expect_end()
+    return c.Enable(tag=tag, name=name, capabilities=tuple(caps))
+
+
+_PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
+    **{
+        n: _p_simple
+        for n in (
+            "CAPABILITY",
+            "NOOP",
+            "LOGOUT",
+            "STARTTLS",
+            "CHECK",
+            "CLOSE",
+            "EXPUNGE",
+            "IDLE",
+            "NAMESPACE",
+            "UNSELECT",
+        )
+    },
+    "AUTHENTICATE": _p_authenticate,
+    "LOGIN": _p_login,
+    "SELECT": _p_select,
+    "EXAMINE": _p_select,
+    "CREATE": _p_mailbox,
+    "DELETE": _p_mailbox,
+    "SUBSCRIBE": _p_mailbox,
+    "UNSUBSCRIBE": _p_mailbox,
+    "RENAME": _p_rename,
+    "LIST": _p_list,
+    "LSUB": _p_list,
+    "STATUS": _p_status,
+    "APPEND": _p_append,
+    "SEARCH": _p_search,
+    "FETCH": _p_fetch,
+    "STORE": _p_store,
+    "COPY": _p_copy,
+    "MOVE": _p_copy,
+    "ID": _p_id,
+    "ENABLE": _p_enable,
+    "UID SEARCH": _p_search,
+    "UID FETCH": _p_fetch,
+    "UID STORE": _p_store,
+    "UID COPY": _p_copy,
+    "UID MOVE": _p_copy,
+    "UID EXPUNGE": _p_uid_expunge,
+}
+
+COMMAND_NAMES = frozenset(_PARSERS)
+
+
+def parse_command(
+    segments: Sequence[bytes], literals: Sequence[object] = ()
+) -> c.Command | c.ParseError:
+    """Parse one framed command. Never raises."""
+    if not segments:
+        return c.ParseError("*", "Empty command")
+    r = _Reader(segments, literals)
+    m = r.match(_TAG)
+    if not m or r.peek() != 0x20:
+        return c.ParseError("*", "Missing or invalid tag")
+    tag = m.group().decode("ascii")
+    try:
+        r.pos += 1
+        name = r.atom("a command name").upper()
+        if name == "UID":
+            r.sp()
+            name = "UID " + r.atom("a command name").upper()
+        parser = _PARSERS.get(name)
+        if parser is None:
+            return c.ParseError(tag, f"Unknown command {name[:40]}")
+        return parser(r, tag, name)
+    except _Bad as exc:
+        return c.ParseError(tag, str(exc), exc.code)
+    except (ValueError, IndexError, RecursionError) as exc:  # defensive: never crash
+        return c.ParseError(tag, f"Malformed command ({type(exc).__name__})")
+
+
+def parse_line(line: bytes) -> c.Command | c.ParseError:
+    """Convenience for tests: parse a command given as one buffer that may
+    contain ``{n}\\r\\n`` literals inline (no CRLF at the end needed)."""
+    segments: list[bytes] = []
+    literals: list[object] = []
+    pos = 0
+    marker = re.compile(rb"\{(\d+)\+?\}\r\n")
+    while True:
+        m = marker.search(line, pos)
+        if not m:
+            segments.append(line[pos:].removesuffix(b"\r\n"))
+            break
+        segments.append(line[pos : m.end() - 2])
+        size = int(m.group(1))
+        literals.append(line[m.end() : m.end() + size])
+        pos = m.end() + size
+    return parse_command(segments, literals)

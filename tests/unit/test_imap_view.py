@@ -1,0 +1,86 @@
+"""Session-side pure logic: sequence numbers and FETCH section ranges."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from imapd.imap.commands.fetch import filter_header, find_part, section_range
+from imapd.imap.mailbox_view import BadSequence, MailboxView
+from imapd.imap.wire.commands import Section
+from imapd.imap.wire.parser import parse_sequence_set
+from storage.mime import parse_message
+from storage.model import Mailbox, MessageEntry
+from tests.protocol.imap.messages import FORWARD, MULTIPART, PLAIN
+
+
+def _view(uids: list[int]) -> MailboxView:
+    box = Mailbox(1, 1, "INBOX", 7, max(uids, default=0) + 1, 1, None, True)
+    now = dt.datetime.now(dt.UTC)
+    entries = [MessageEntry(1, u, u, frozenset(), 1, now, 10, "k") for u in uids]
+    return MailboxView.from_entries(box, False, entries, 1)
+
+
+@pytest.mark.parametrize(("seqset", "uid", "expected"), [
+    (b"1:*", False, [3, 5, 9, 20]),
+    (b"2,4", False, [5, 20]),
+    (b"*:3", False, [9, 20]),
+    (b"1:*", True, [3, 5, 9, 20]),
+    (b"4:9", True, [5, 9]),
+    (b"100:*", True, [20]),  # RFC 3501 6.4.8: n:* includes the highest UID
+    (b"6:8", True, []),
+    (b"9,3,9", True, [3, 9]),
+])
+def test_resolve(seqset: bytes, uid: bool, expected: list[int]) -> None:
+    assert _view([3, 5, 9, 20]).resolve(parse_sequence_set(seqset), uid) == expected
+
+
+def test_resolve_out_of_range_sequence_numbers() -> None:
+    view = _view([3, 5])
+    with pytest.raises(BadSequence):
+        view.resolve(parse_sequence_set(b"3"), uid=False)
+    assert view.resolve(parse_sequence_set(b"2:9"), uid=False, strict=False) == [5]
+    with pytest.raises(BadSequence):
+        _view([]).resolve(parse_sequence_set(b"1:*"), uid=False)
+
+
+def test_remove_announces_highest_first() -> None:
+    view = _view([3, 5, 9, 20])
+    assert view.remove({5, 20}) == [4, 2]
+    assert view.uids == [3, 9] and view.seq_of(9) == 2 and view.seq_of(5) is None
+
+
+def _slice(raw: bytes, section: Section) -> bytes | None:
+    rng = section_range(parse_message(raw).body, section)
+    return None if rng is None else raw[rng[0] : rng[1]]
+
+
+def test_sections_of_a_plain_message() -> None:
+    assert _slice(PLAIN, Section()) == PLAIN
+    assert _slice(PLAIN, Section((), "TEXT")) == b"Shall we meet at noon?\r\n"
+    assert _slice(PLAIN, Section((1,))) == b"Shall we meet at noon?\r\n"
+    header = _slice(PLAIN, Section((), "HEADER"))
+    assert header is not None and header.endswith(b"X-Mood: hungry\r\n\r\n")
+    assert _slice(PLAIN, Section((2,))) is None
+
+
+def test_sections_of_nested_messages() -> None:
+    assert _slice(MULTIPART, Section((1,))) == b"See the quarterly numbers."
+    assert _slice(MULTIPART, Section((2,))) == b"AAECAwQFBgcICQ=="
+    mime = _slice(MULTIPART, Section((2,), "MIME"))
+    assert mime is not None and mime.startswith(b"Content-Type: application/octet-stream")
+    assert _slice(FORWARD, Section((2,), "HEADER")) == (
+        b"From: Grace <grace@example.org>\r\nSubject: old news\r\n\r\n")
+    assert _slice(FORWARD, Section((2, 1))) == b"Inner body."
+    assert _slice(FORWARD, Section((2,), "TEXT")) == b"Inner body."
+    assert _slice(FORWARD, Section((1, 1))) is None
+    root = parse_message(FORWARD).body
+    assert find_part(root, (2,)) is not None and find_part(root, (3,)) is None
+
+
+def test_filter_header_keeps_continuations() -> None:
+    header = b"Subject: a\r\n b\r\nFrom: x\r\nX-Y: z\r\n\r\n"
+    assert filter_header(header, ["subject"], True) == b"Subject: a\r\n b\r\n\r\n"
+    assert filter_header(header, ["SUBJECT", "from"], False) == b"X-Y: z\r\n\r\n"
+    assert filter_header(header, ["none"], True) == b"\r\n"
