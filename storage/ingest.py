@@ -24,6 +24,7 @@ transaction with several local recipients) use :func:`ingest_each`.
 from __future__ import annotations
 
 import asyncio
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +48,12 @@ class Delivery:
 
 
 def _parse_path(path: Path) -> ParsedMessage:
-    return parse_message(path.read_bytes())
+    # Parsed through a read-only mapping: the file is never copied whole into memory.
+    with path.open("rb") as fh:
+        if path.stat().st_size == 0:
+            return parse_message(b"")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return parse_message(mapped)
 
 
 async def parse(source: bytes | Path) -> ParsedMessage:

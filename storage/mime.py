@@ -39,6 +39,7 @@ import datetime as dt
 import email.utils
 import html
 import json
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -753,7 +754,10 @@ def _count_lines(raw: bytes, start: int, end: int) -> int:
     """Lines of ``raw[start:end]``; a last line without LF counts too."""
     if end <= start:
         return 0
-    n = raw.count(b"\n", start, end)
+    if isinstance(raw, bytes):
+        n = raw.count(b"\n", start, end)
+    else:  # an mmap has no count(): count in bounded slices
+        n = sum(raw[i : min(i + (1 << 20), end)].count(b"\n") for i in range(start, end, 1 << 20))
     return n if raw[end - 1 : end] == b"\n" else n + 1
 
 
@@ -1008,13 +1012,16 @@ def _sent_date(value: str | None) -> dt.datetime | None:
     return d
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
+def parse_message(raw: bytes | mmap.mmap) -> ParsedMessage:
     """Parse a raw RFC 5322 message. Pure, synchronous, never raises.
 
     Offsets in the returned body structure index ``raw`` itself:
-    ``raw[part.body_start:part.end]`` is a part's body as stored.
+    ``raw[part.body_start:part.end]`` is a part's body as stored. An
+    ``mmap`` of a spooled file is parsed in place, so a large APPEND or DATA
+    is never copied whole into memory (only text parts are decoded).
     """
-    raw = bytes(raw)
+    if not isinstance(raw, bytes | mmap.mmap):
+        raw = bytes(raw)
     parser = _Parser(raw)
     body, fields = parser.entity(0, len(raw))
     env = _envelope(fields)
