@@ -303,6 +303,10 @@ class Change:
 
     ``id`` increases strictly per account, so a reconnecting client resumes
     with "changes after id N" and misses nothing.
+
+    ``data`` by kind: NEW and FLAGS carry ``{"flags": [sorted flags]}`` (the
+    entry's flags after the change), so IDLE and WebSocket sessions need not
+    re-read storage; MAILBOX carries ``{"op": ..., "name": ...}``.
     """
 
     id: int
