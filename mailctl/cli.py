@@ -25,6 +25,8 @@ from mailctl.daemon import (
     run_daemons,
     settings_from_args,
 )
+from mailctl.dkim_cmds import add_dkim_parser
+from mailctl.queue_cmds import add_queue_parser
 from storage.errors import StorageError
 
 
@@ -202,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("add", "list", "remove"))
     p.add_argument("source", nargs="?")
     p.add_argument("target", nargs="?")
+
+    add_queue_parser(command)  # queue list|show|retry|delete|hold|release|suppressions|unsuppress
+    add_dkim_parser(command)  # dkim generate|show DOMAIN
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))

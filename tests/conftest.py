@@ -33,6 +33,8 @@ def make_settings(data_dir: Path, **sections: dict) -> Settings:
         "imap": {"listen": LOOPBACK_ANY_PORT, "tls_listen": LOOPBACK_ANY_PORT},
         "pop3": {"listen": LOOPBACK_ANY_PORT, "tls_listen": LOOPBACK_ANY_PORT},
         "http": {"listen": LOOPBACK_ANY_PORT},
+        # Outbound workers off unless a test turns them on: queued mail stays put.
+        "queue": {"workers": 0},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

@@ -12,6 +12,7 @@ PACKAGES=(
   swaks                                       # SMTP client
   isync fetchmail mpop                        # IMAP/POP3 clients
   redis-server                                # cross-instance event bus tests
+  postfix                                     # peer MTA for the outbound relay tests
   chromium chromium-driver                    # webmail browser test
   procps iproute2 ca-certificates
 )
@@ -20,6 +21,8 @@ for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
+  # Postfix only serves as a peer the tests configure themselves.
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

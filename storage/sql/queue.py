@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
@@ -125,6 +125,9 @@ class OutboundQueue:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Called (no arguments) after each enqueue commits: local workers wake
+        # at once instead of at their next poll. Other instances poll.
+        self.listeners: list[Callable[[], None]] = []
 
     # -- writing ------------------------------------------------------------
 
@@ -174,6 +177,8 @@ class OutboundQueue:
                     for a in rcpts
                 ],
             )
+        for listener in self.listeners:
+            listener()
         return queue_id
 
     async def lease_due(
@@ -290,7 +295,7 @@ class OutboundQueue:
                 )
             loaded = await self._load(conn, [queue_id])
         if not loaded:
-            raise errors.not_found(f"queue entry {queue_id}")
+            raise errors.not_found(f"no such queue entry: {queue_id}")
         return loaded[0]
 
     async def release(self, queue_id: int, owner: str) -> None:
@@ -308,9 +313,7 @@ class OutboundQueue:
 
     async def move_to_errors(self, queue_id: int, reason: str) -> None:
         """Moves the entry to the error queue with ``reason``; lease released."""
-        await self._set(
-            queue_id, status=ERROR, error=reason, lease_owner=None, lease_until=None
-        )
+        await self._set(queue_id, status=ERROR, error=reason, lease_owner=None, lease_until=None)
 
     # -- admin operations (mailctl queue ...) ----------------------------------
 
@@ -336,7 +339,7 @@ class OutboundQueue:
                 .values(status=QUEUED, error=None, next_attempt=now)
             )
         if queue_id is not None and result.rowcount == 0:
-            raise errors.not_found(f"queue entry {queue_id}")
+            raise errors.not_found(f"no such queue entry: {queue_id}")
         return result.rowcount
 
     async def delete(self, queue_id: int) -> None:
@@ -349,7 +352,7 @@ class OutboundQueue:
                 delete(queue_messages).where(queue_messages.c.id == queue_id)
             )
         if result.rowcount == 0:
-            raise errors.not_found(f"queue entry {queue_id}")
+            raise errors.not_found(f"no such queue entry: {queue_id}")
 
     async def purge_done(self, older_than: float, *, now: float | None = None) -> int:
         """Deletes completed entries whose last change is older than
@@ -384,7 +387,7 @@ class OutboundQueue:
         async with self.db.read() as conn:
             loaded = await self._load(conn, [queue_id])
         if not loaded:
-            raise errors.not_found(f"queue entry {queue_id}")
+            raise errors.not_found(f"no such queue entry: {queue_id}")
         return loaded[0]
 
     async def list(self, *, include_done: bool = True) -> list[QueuedMessage]:
@@ -441,7 +444,7 @@ class OutboundQueue:
                 update(queue_messages).where(queue_messages.c.id == queue_id).values(**values)
             )
         if result.rowcount == 0:
-            raise errors.not_found(f"queue entry {queue_id}")
+            raise errors.not_found(f"no such queue entry: {queue_id}")
 
     # -- bounces and suppression ----------------------------------------------
 

@@ -121,7 +121,7 @@ async def test_hold_release_retry_delete(storage: SqlStorage) -> None:
     assert (await q.get(qid)).held
     assert await q.lease_due("w", 5, 60, now=NOW + 1) == []
     await q.release_hold(qid)
-    [leased] = await q.lease_due("w", 5, 60, now=NOW + 1)
+    [_leased] = await q.lease_due("w", 5, 60, now=NOW + 1)
     from storage.sql.queue import Outcome
 
     await q.record_attempt(

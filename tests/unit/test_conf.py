@@ -68,7 +68,7 @@ def test_file_then_overrides(tmp_path: Path) -> None:
 def test_broken_toml_and_missing_file_are_errors(tmp_path: Path) -> None:
     cfg = tmp_path / "broken.toml"
     cfg.write_text("[server\n")
-    with pytest.raises(ConfigError, match="broken.toml"):
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
         load_settings(cfg)
     with pytest.raises(ConfigError, match="no such file"):
         load_settings(tmp_path / "absent.toml")

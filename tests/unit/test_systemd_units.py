@@ -45,4 +45,5 @@ def test_unit_is_hardened_and_runs_a_console_script(unit: Path) -> None:
 
 def test_sysusers_and_tmpfiles_create_the_user_and_data_dir() -> None:
     assert "u shardmail" in (ROOT / "systemd" / "shardmail.sysusers").read_text()
-    assert "/var/lib/shardmail 0750 shardmail" in (ROOT / "systemd" / "shardmail.tmpfiles").read_text()
+    tmpfiles = (ROOT / "systemd" / "shardmail.tmpfiles").read_text()
+    assert "/var/lib/shardmail 0750 shardmail" in tmpfiles

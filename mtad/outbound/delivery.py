@@ -1,0 +1,244 @@
+"""One delivery attempt of one message to the recipients of one domain.
+
+Contract: :func:`deliver_domain` never raises for anything the network or
+the remote side does; it returns a :class:`RecipientResult` for every
+recipient: ``delivered`` (the remote accepted responsibility, 2yz after the
+final dot), ``deferred`` (try again later) or ``failed`` (permanent: bounce).
+It walks the MX hosts in order and moves on to the next host (and the next
+address of a host) on a connection failure or a 4yz reply, carrying only
+the recipients still undecided (RFC 5321 section 5.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from conf.settings import QueueSettings
+from mtad.dns import DnsTemporaryError, Resolver
+from mtad.outbound.client import ConnectionLost, Reply, SmtpClient, TlsFailed
+from mtad.outbound.mx import MailHost, NoRoute, NullMx, mail_exchangers
+from storage.sql.queue import DEFERRED, DELIVERED, FAILED
+
+log = logging.getLogger("mtad.outbound")
+
+# RFC 5321 section 4.5.3.1.8: a server must accept at least 100 recipients
+# per transaction; larger lists go in several transactions.
+MAX_RCPTS_PER_TRANSACTION = 100
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    status: str  # delivered, deferred, failed
+    reply: Reply
+    remote_mta: str | None = None
+
+    @property
+    def text(self) -> str:
+        """As stored in the queue: the reply, and which host gave it."""
+        return f"{self.reply} (host {self.remote_mta})" if self.remote_mta else str(self.reply)
+
+
+def _verdict(reply: Reply) -> str:
+    if reply.positive:
+        return DELIVERED
+    return DEFERRED if reply.transient else FAILED
+
+
+def local_reply(code: int, enhanced: str, text: str) -> Reply:
+    """A reply we make up ourselves (DNS, connection, policy failures)."""
+    return Reply(code, (f"{enhanced} {text}",))
+
+
+class HostFailure(Exception):
+    """This host cannot take the message now: try the next one."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass
+class TlsPolicy:
+    """Opportunistic STARTTLS by default (RFC 7435: encrypt, do not verify);
+    verified TLS (certificate and MX host name) for ``required`` domains."""
+
+    required_domains: frozenset[str]
+    opportunistic: ssl.SSLContext
+    verified: ssl.SSLContext
+
+    @classmethod
+    def from_settings(cls, queue: QueueSettings) -> TlsPolicy:
+        opportunistic = ssl.create_default_context()
+        opportunistic.check_hostname = False
+        opportunistic.verify_mode = ssl.CERT_NONE
+        verified = ssl.create_default_context(cafile=queue.tls_ca_file or None)
+        return cls(frozenset(d.lower() for d in queue.require_tls_domains), opportunistic, verified)
+
+    def requires(self, domain: str) -> bool:
+        return domain.lower() in self.required_domains
+
+
+def needs_8bit(message: bytes) -> bool:
+    return any(b > 127 for b in message)
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+@dataclass
+class Destination:
+    """Everything a delivery to one domain needs besides the message."""
+
+    resolver: Resolver
+    settings: QueueSettings
+    helo_name: str
+    tls: TlsPolicy
+
+
+async def deliver_domain(
+    dest: Destination, domain: str, sender: str, recipients: Sequence[str], message: bytes
+) -> dict[str, RecipientResult]:
+    """Deliver ``message`` to ``recipients`` (all at ``domain``)."""
+    try:
+        hosts = await mail_exchangers(dest.resolver, domain)
+    except NullMx:
+        # RFC 7505 section 4.2: fail at once, 550 5.1.10 recipient address has null MX.
+        reply = local_reply(550, "5.1.10", f"domain {domain} accepts no mail (null MX)")
+        return {r: RecipientResult(FAILED, reply) for r in recipients}
+    except NoRoute:
+        reply = local_reply(550, "5.1.2", f"domain {domain} has no mail exchanger")
+        return {r: RecipientResult(FAILED, reply) for r in recipients}
+    except DnsTemporaryError as exc:
+        reply = local_reply(451, "4.4.3", f"DNS lookup for {domain} failed: {exc}")
+        return {r: RecipientResult(DEFERRED, reply) for r in recipients}
+
+    results: dict[str, RecipientResult] = {}  # decided: delivered or failed
+    deferred: dict[str, RecipientResult] = {}  # the latest 4yz for each recipient
+    pending = list(recipients)
+    failure = local_reply(451, "4.4.1", f"no mail exchanger of {domain} answered")
+    for host in hosts:
+        if not pending:
+            break
+        for address in host.addresses:
+            try:
+                outcome = await _deliver_host(dest, domain, host, address, sender, pending, message)
+            except HostFailure as exc:
+                log.info("%s [%s]: %s", host.name, address, exc.reply)
+                failure = exc.reply
+                continue  # the host's next address
+            for rcpt, result in outcome.items():
+                if result.status == DEFERRED:
+                    deferred[rcpt] = result
+                else:
+                    results[rcpt] = result
+                    deferred.pop(rcpt, None)
+            pending = [r for r in pending if r not in results]
+            break  # this host answered; recipients it deferred try the next host
+    for rcpt in pending:
+        results[rcpt] = deferred.get(rcpt) or RecipientResult(DEFERRED, failure)
+    return results
+
+
+async def _deliver_host(
+    dest: Destination,
+    domain: str,
+    host: MailHost,
+    address: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    *,
+    plaintext: bool = False,
+) -> dict[str, RecipientResult]:
+    """One SMTP session with one host. HostFailure if the host cannot take
+    the message at all (connection, greeting, TLS); else a result for each
+    recipient. ``plaintext``: skip STARTTLS (retry after a failed handshake
+    in opportunistic mode, RFC 7435 section 6)."""
+    settings = dest.settings
+    required = dest.tls.requires(domain)
+    try:
+        client = await SmtpClient.open(
+            address,
+            settings.smtp_port,
+            connect_timeout=settings.connect_timeout_seconds,
+            timeout=settings.command_timeout_seconds,
+        )
+    except ConnectionLost as exc:
+        raise HostFailure(local_reply(451, "4.4.1", f"{host.name}: {exc}")) from exc
+    try:
+        greeting = client.greeting
+        if greeting is None or greeting.code != 220:
+            # RFC 5321 section 3.1: a 554 greeting means "no service here": next host.
+            raise HostFailure(greeting or local_reply(451, "4.4.2", "no greeting"))
+        reply = await client.ehlo(dest.helo_name)
+        if reply.code != 250:
+            raise HostFailure(reply)
+        if "STARTTLS" in client.extensions and not plaintext:
+            context = dest.tls.verified if required else dest.tls.opportunistic
+            try:
+                reply = await client.starttls(context, host.name if required else None)
+            except TlsFailed as exc:
+                if required:
+                    raise HostFailure(
+                        local_reply(451, "4.7.5", f"{host.name}: TLS failed: {exc}")
+                    ) from exc
+                client.abort()
+                log.info("%s: TLS handshake failed, retrying in plaintext", host.name)
+                return await _deliver_host(
+                    dest, domain, host, address, sender, recipients, message, plaintext=True
+                )
+            if reply.code == 220:
+                reply = await client.ehlo(dest.helo_name)
+                if reply.code != 250:
+                    raise HostFailure(reply)
+            elif required:
+                raise HostFailure(reply)
+        if required and not client.tls:
+            raise HostFailure(local_reply(451, "4.7.4", f"{host.name}: TLS required, not offered"))
+        return await _send(client, host, sender, recipients, message)
+    except ConnectionLost as exc:
+        raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
+    finally:
+        await client.quit()
+
+
+async def _send(
+    client: SmtpClient, host: MailHost, sender: str, recipients: Sequence[str], message: bytes
+) -> dict[str, RecipientResult]:
+    ext = client.extensions
+    params: list[str] = []
+
+    def every(reply: Reply) -> dict[str, RecipientResult]:
+        return {r: RecipientResult(_verdict(reply), reply, host.name) for r in recipients}
+
+    limit = ext.size_limit
+    if limit is not None and len(message) > limit:
+        # RFC 1870 section 6.2: do not send what the server will refuse.
+        return every(local_reply(552, "5.3.4", f"message exceeds {host.name}'s limit of {limit}"))
+    if "SIZE" in ext:
+        params.append(f"SIZE={len(message)}")
+    if not _is_ascii(sender) or not all(_is_ascii(r) for r in recipients):
+        if "SMTPUTF8" not in ext:
+            # RFC 6531 section 3.2: no downgrade of addresses; permanent failure.
+            return every(local_reply(553, "5.6.7", f"{host.name} does not support SMTPUTF8"))
+        params.append("SMTPUTF8")
+    if needs_8bit(message):
+        if "8BITMIME" not in ext:
+            # RFC 6152 section 3: 8-bit data only to a server offering 8BITMIME.
+            # We do not downgrade (it would break the DKIM signature): permanent.
+            return every(
+                local_reply(554, "5.6.3", f"{host.name} does not accept 8-bit data (8BITMIME)")
+            )
+        params.append("BODY=8BITMIME")
+    results: dict[str, RecipientResult] = {}
+    for start in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION):
+        batch = list(recipients[start : start + MAX_RCPTS_PER_TRANSACTION])
+        txn = await client.transaction(sender, batch, message, params)
+        for rcpt in batch:
+            reply = txn.outcome(rcpt)
+            results[rcpt] = RecipientResult(_verdict(reply), reply, host.name)
+    return results

@@ -1,0 +1,170 @@
+"""DKIM signing of outbound mail (RFC 6376), one key per sending domain.
+
+Keys live in ``settings.queue.dkim_key_dir`` as ``<domain>.<selector>.key``
+(PEM, RSA). Contract: :meth:`DkimSigner.sign` returns the message with a
+DKIM-Signature field prepended when a key exists for the domain of the From
+header (aligned with it for DMARC, RFC 7489 section 3.1.1), else for the
+envelope sender's domain; unchanged when there is none. Signing is CPU work
+and runs in a thread. :func:`generate_key` makes a key pair for
+``mailctl dkim generate`` and returns the TXT record to publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+
+from mtad.headers import from_domains
+
+log = logging.getLogger("mtad.outbound.dkim")
+
+# RFC 6376 section 5.4.1: fields a verifier expects signed, and ones worth
+# protecting. Listed fields that are absent are signed as absent (no later
+# addition).
+SIGNED_HEADERS = (
+    b"from",
+    b"to",
+    b"cc",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"reply-to",
+    b"in-reply-to",
+    b"references",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+)
+# RFC 8301 section 3.2: RSA keys of at least 1024 bits, 2048 recommended.
+DEFAULT_KEY_BITS = 2048
+# RFC 1035 section 3.3: one TXT character-string holds at most 255 octets.
+TXT_CHUNK = 255
+
+
+def key_path(key_dir: Path | str, domain: str, selector: str) -> Path:
+    return Path(key_dir) / f"{domain.lower()}.{selector}.key"
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    private_pem: bytes
+
+
+def find_key(key_dir: Path | str, domain: str, selector: str) -> DkimKey | None:
+    """The key for ``domain``: ``<domain>.<selector>.key`` if present, else
+    the first ``<domain>.*.key`` (a selector rotated by hand). Blocking."""
+    domain = domain.lower()
+    path = key_path(key_dir, domain, selector)
+    if not path.is_file():
+        candidates = sorted(Path(key_dir).glob(f"{domain}.*.key")) if Path(key_dir).is_dir() else []
+        candidates = [c for c in candidates if c.name.count(".") >= domain.count(".") + 2]
+        if not candidates:
+            return None
+        path = candidates[0]
+        selector = path.name[len(domain) + 1 : -len(".key")]
+    return DkimKey(domain, selector, path.read_bytes())
+
+
+def from_domain(message: bytes) -> str | None:
+    """The domain of the first From address, lower-cased."""
+    domains = [d for d in from_domains(message) if d]
+    return domains[0] if domains else None
+
+
+def sign_sync(message: bytes, key: DkimKey) -> bytes:
+    """The message with a DKIM-Signature prepended (relaxed/relaxed, rsa-sha256)."""
+    signature = dkim.sign(
+        message,
+        key.selector.encode(),
+        key.domain.encode(),
+        key.private_pem,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=list(SIGNED_HEADERS),
+        linesep=b"\r\n",
+    )
+    return signature + message
+
+
+class DkimSigner:
+    """Signs with the keys of ``key_dir``; keys are cached by domain."""
+
+    def __init__(self, key_dir: Path | str, selector: str) -> None:
+        self.key_dir = Path(key_dir)
+        self.selector = selector
+        self._cache: dict[str, tuple[float, DkimKey | None]] = {}
+
+    def _key(self, domain: str) -> DkimKey | None:
+        # Re-read when the folder changes (a key added by mailctl).
+        try:
+            stamp = self.key_dir.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        cached = self._cache.get(domain)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        key = find_key(self.key_dir, domain, self.selector)
+        self._cache[domain] = (stamp, key)
+        return key
+
+    def sign_for(self, message: bytes, sender: str) -> bytes:
+        """Blocking: sign ``message`` as its From domain or ``sender``'s domain."""
+        domains = [from_domain(message), sender.rpartition("@")[2].lower() if sender else None]
+        for domain in domains:
+            if not domain:
+                continue
+            key = self._key(domain)
+            if key is not None:
+                try:
+                    return sign_sync(message, key)
+                except (dkim.DKIMException, ValueError) as exc:
+                    log.warning("DKIM signing as %s failed: %s", domain, exc)
+                    return message
+        return message
+
+    async def sign(self, message: bytes, sender: str) -> bytes:
+        return await asyncio.to_thread(self.sign_for, message, sender)
+
+
+def txt_record_value(public_der: bytes) -> str:
+    """The RFC 6376 section 3.6.1 key record: ``v=DKIM1; k=rsa; p=...``."""
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(public_der).decode()}"
+
+
+def generate_key(
+    key_dir: Path | str, domain: str, selector: str, bits: int = DEFAULT_KEY_BITS
+) -> tuple[Path, str]:
+    """Creates ``<domain>.<selector>.key`` (mode 0600; EXISTS-like
+    FileExistsError if present) and returns (path, TXT record value)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    path = key_path(key_dir, domain, selector)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return path, txt_record_value(der)
+
+
+def zone_line(domain: str, selector: str, value: str) -> str:
+    """The record as a zone file line, split into 255-octet strings."""
+    chunks = [value[i : i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)]
+    quoted = " ".join(f'"{c}"' for c in chunks)
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"

@@ -1,0 +1,118 @@
+"""``mailctl queue`` and ``mailctl dkim`` against a real storage folder.
+
+The commands are driven through an argparse parser built the way
+mailctl/cli.py builds its own (``command(name, func, help)``), then run as
+the CLI runs them (``args.func(args, settings)``, which opens storage with
+``asyncio.run``): these tests are synchronous on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import dkim
+import pytest
+
+from mailctl.dkim_cmds import add_dkim_parser
+from mailctl.queue_cmds import add_queue_parser
+from tests.conftest import make_settings
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mailctl")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        return p
+
+    add_queue_parser(command)
+    add_dkim_parser(command)
+    return root
+
+
+def run(settings, capsys, *argv: str) -> tuple[int, str, str]:
+    args = parser().parse_args(argv)
+    code = args.func(args, settings)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    return make_settings(tmp_path / "data", queue={"dkim_key_dir": str(tmp_path / "dkim")})
+
+
+def seed(settings) -> list[int]:
+    from storage import open_storage
+    from storage.sql.queue import Outcome
+
+    async def go() -> list[int]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        storage = await open_storage(settings.storage)
+        try:
+            key = await storage.blobs.put(
+                b"From: a@example.net\r\nSubject: Queued one\r\n\r\nx\r\n"
+            )
+            q = storage.queue
+            first = await q.enqueue("a@example.net", ["x@remote.test", "y@remote.test"], key)
+            second = await q.enqueue("", ["z@remote.test"], key)
+            [leased] = await q.lease_due("w", 1, 60)
+            await q.record_attempt(
+                leased.id,
+                "w",
+                {"x@remote.test": Outcome("deferred", "451 4.3.0 busy (host mx.remote.test)")},
+                None,
+            )
+            await q.move_to_errors(second, "invalid address: junk")
+            return [first, second]
+        finally:
+            await storage.close()
+
+    return asyncio.run(go())
+
+
+def test_queue_list_show_hold_release_retry_delete(settings, capsys) -> None:
+    first, second = seed(settings)
+    code, out, _ = run(settings, capsys, "queue", "list")
+    assert code == 0
+    assert "x@remote.test  (451 4.3.0 busy (host mx.remote.test))" in out
+    assert "error: invalid address: junk" in out
+    assert f"{second:>6}  error" in out and "<>" in out
+
+    code, out, _ = run(settings, capsys, "queue", "show", str(first))
+    assert code == 0 and "attempts:      1" in out and "Subject: Queued one" in out
+
+    assert run(settings, capsys, "queue", "hold", str(first))[0] == 0
+    assert f"{first:>6}  held" in run(settings, capsys, "queue", "list")[1]
+    assert run(settings, capsys, "queue", "release", str(first))[0] == 0
+    code, out, _ = run(settings, capsys, "queue", "retry", "--all")
+    assert code == 0 and "2 queue entries due now" in out
+    assert f"{second:>6}  queued" in run(settings, capsys, "queue", "list")[1]
+
+    assert run(settings, capsys, "queue", "delete", str(second))[0] == 0
+    code, _, err = run(settings, capsys, "queue", "delete", str(second))
+    assert code == 1 and "no such queue entry: " in err
+    code, _, err = run(settings, capsys, "queue", "show")
+    assert code == 2 and "ID is required" in err
+
+
+def test_dkim_generate_prints_a_record_that_verifies(settings, capsys) -> None:
+    code, out, _ = run(settings, capsys, "dkim", "generate", "Example.NET")
+    assert code == 0
+    key_file = Path(settings.queue.dkim_key_dir) / "example.net.shardmail.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert 'shardmail._domainkey.example.net. IN TXT ( "v=DKIM1; k=rsa; p=' in out
+    value = out.split("(value: ", 1)[1].rsplit(")", 1)[0]
+    code, again, _ = run(settings, capsys, "dkim", "show", "example.net")
+    assert code == 0 and value in again
+    assert run(settings, capsys, "dkim", "generate", "example.net")[0] == 1  # exists
+
+    from mtad.outbound.signing import DkimSigner
+
+    message = b"From: a@example.net\r\nTo: b@x.test\r\nSubject: s\r\n\r\nbody\r\n"
+    signed = DkimSigner(settings.queue.dkim_key_dir, "shardmail").sign_for(message, "")
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: value.encode())
