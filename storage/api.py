@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from storage.model import (
     Account,
@@ -268,12 +268,36 @@ class Subscription(Protocol):
     def close(self) -> None: ...
 
 
+class OutboundQueue(Protocol):
+    """Mail waiting for remote delivery, durable in the default shard.
+
+    This is what the inbound path and the admin see; the lease/record
+    operations the queue workers use are in ``storage.sql.queue``.
+    """
+
+    async def enqueue(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        blob_key: str,
+        *,
+        expires_in: dt.timedelta = ...,
+        now: float | None = None,
+    ) -> int:
+        """Queues a stored blob for ``recipients`` (due at once); durable when
+        it returns the entry id. INVALID with no recipients."""
+
+    async def get(self, queue_id: int) -> Any: ...
+    async def list(self, *, include_done: bool = True) -> list[Any]: ...
+
+
 class Storage(Protocol):
     """The whole data plane as one object, opened once per process."""
 
     directory: Directory
     blobs: BlobStore
     events: EventBus
+    queue: OutboundQueue
 
     def mail(self, account: Account | int) -> MailStore:
         """The mail store of the account's shard."""
