@@ -11,7 +11,6 @@ PACKAGES=(
   dnsmasq-base                                # the tests' DNS server (MX, SPF, DKIM, DMARC records)
   swaks                                       # SMTP client
   isync fetchmail mpop                        # IMAP/POP3 clients
-  redis-server                                # cross-instance event bus tests
   postfix                                     # peer MTA for the outbound relay tests
   chromium chromium-driver                    # webmail browser test
   procps iproute2 ca-certificates
