@@ -12,7 +12,7 @@ PACKAGES=(
   swaks                                       # SMTP client
   isync fetchmail mpop                        # IMAP/POP3 clients
   postfix                                     # peer MTA for the outbound relay tests
-  chromium chromium-driver                    # webmail browser test
+  chromium                                    # webmail browser test (driven by Playwright)
   procps iproute2 ca-certificates
 )
 missing=()
