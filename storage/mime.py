@@ -458,7 +458,7 @@ def _is_blank(line: bytes) -> bool:
     return line in (b"\n", b"\r\n")
 
 
-def _split_header(raw: bytes, start: int, end: int) -> int:
+def header_end(raw: bytes, start: int, end: int) -> int:
     """Return ``body_start`` of the entity at ``start``..``end``.
 
     RFC 5322 section 2.1: the header ends at the first empty line, which
@@ -804,7 +804,7 @@ class _Parser:
     ) -> tuple[BodyPart, _Fields]:
         """The BodyPart of the entity at ``start``..``end`` and its header."""
         raw = self.raw
-        body_start = _split_header(raw, start, end)
+        body_start = header_end(raw, start, end)
         fields = _parse_fields(raw[start:body_start])
         msg = _message_of(fields)
         ctype = _params(msg, "content-type") if fields.get("content-type") is not None else None

@@ -7,12 +7,13 @@ the client (EXISTS, EXPUNGE/VANISHED), never behind its back.
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from imapd.imap.wire.commands import SequenceSet
-from storage.model import Mailbox, MessageEntry, ParsedMessage
+from storage.model import BodyPart, Mailbox, MessageEntry, ParsedMessage
 
 
 class BadSequence(Exception):
@@ -145,9 +146,14 @@ class MessageCache:
         return hit
 
     def put_parsed(self, message_id: int, parsed: ParsedMessage) -> None:
+        """Keep what FETCH reads (envelope, body structure); the decoded body
+        text (for the search index, often most of the size) is dropped, so
+        several times more messages fit."""
         if message_id in self._parsed:
             return
-        cost = 1024 + len(parsed.body_text)
+        if parsed.body_text or parsed.preview:
+            parsed = dataclasses.replace(parsed, body_text="", preview="")
+        cost = 1024 + 768 * _count_parts(parsed.body)
         self._parsed[message_id] = (parsed, cost)
         self._bytes += cost
         self._trim()
@@ -167,3 +173,11 @@ class MessageCache:
             else:
                 _, (_, cost) = self._parsed.popitem(last=False)
                 self._bytes -= cost
+
+
+def _count_parts(part: BodyPart) -> int:
+    """MIME parts in a body structure (a rough measure of its memory)."""
+    n = 1 + sum(_count_parts(c) for c in part.children)
+    if part.message_body is not None:
+        n += _count_parts(part.message_body)
+    return n

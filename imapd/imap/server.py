@@ -50,6 +50,8 @@ class ImapConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
         self._out_size = 0
+        self._deadline: float | None = None  # when the current wait for the client ends
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,6 +83,9 @@ class ImapConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._closed = True
         self._readable.set()
         self._writable.set()
@@ -112,14 +117,31 @@ class ImapConnection(asyncio.Protocol):
                 self._reading_paused = False
                 self.transport.resume_reading()
             self._readable.clear()
-            if deadline is None:
-                await self._readable.wait()
-            else:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+            if deadline is not None:
+                if loop.time() >= deadline:
                     raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    await self._readable.wait()
+                self._arm_timer(loop, deadline)
+            self._deadline = deadline
+            await self._readable.wait()  # data, the client gone, or the timer
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        # One timer per connection, moved only when it would fire too late:
+        # far cheaper than a timeout context per wait (the deadline moves
+        # later with every command; an early firing re-arms itself).
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or self._deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._readable.set()  # next_event sees the deadline passed
+        else:
+            self._arm_timer(loop, self._deadline)
 
     def write(self, data: bytes) -> None:
         """Queue response bytes; sent by :meth:`flush` (at the latest when the
@@ -137,6 +159,12 @@ class ImapConnection(asyncio.Protocol):
         self._out_size = 0
         if self.transport is not None and not self._closed:
             self.transport.write(data)
+
+    @property
+    def congested(self) -> bool:
+        """Whether the transport buffer is over its high-water mark: callers
+        writing a lot should :meth:`drain` before writing more."""
+        return not self._writable.is_set() or self._closed
 
     async def drain(self) -> None:
         self.flush()

@@ -111,6 +111,8 @@ class Connection(Protocol):
 
     async def next_event(self, timeout: float | None) -> object | None: ...
     def write(self, data: bytes) -> None: ...
+    @property
+    def congested(self) -> bool: ...
     async def drain(self) -> None: ...
     async def start_tls(self, context: ssl.SSLContext) -> None: ...
     def close(self) -> None: ...
@@ -385,9 +387,7 @@ class Session:
         if self.selected is not None and self.state is State.SELECTED:
             try:
                 # RFC 3501 section 7.4.1: no EXPUNGE during FETCH, STORE, SEARCH.
-                await self.sync(
-                    allow_expunge=cmd.name not in _NO_EXPUNGE, force=cmd.name in _OWN_WRITES
-                )
+                await self.sync(allow_expunge=cmd.name not in _NO_EXPUNGE)
             except StorageError:
                 pass
         self.tagged(cmd.tag, reply)
@@ -414,6 +414,15 @@ class Session:
             self._boxes.clear()
         self._boxes[name] = (box, now)
         return box
+
+    def wrote_to(self, mailbox_id: int) -> None:
+        """Our own APPEND/COPY/MOVE added mail to ``mailbox_id``: when that is
+        the selected mailbox, re-read it before the tagged reply (the event
+        bus may not have told us yet), so EXISTS comes with the completion
+        (RFC 3501 section 6.3.11). Writes elsewhere cost no read."""
+        view = self.selected
+        if view is not None and view.mailbox.id == mailbox_id:
+            self.dirty = True
 
     def forget_mailboxes(self) -> None:
         self._boxes.clear()
@@ -471,6 +480,10 @@ class Session:
         view = self.selected
         if view is None or self.mail is None or self.account is None:
             return
+        if not (self.dirty or force or poll or view.events) and not (
+            allow_expunge and view.pending_vanished
+        ):
+            return  # nothing heard, nothing owed: the common case after each command
         now = asyncio.get_running_loop().time()
         if poll and now - self._last_poll >= FORCED_POLL_INTERVAL:
             force = True
@@ -568,8 +581,6 @@ _READ_ONLY = frozenset(
     {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
      "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE"}
 )
-# Our own writes may land in the selected mailbox before the event bus tells us.
-_OWN_WRITES = frozenset({"APPEND", "COPY", "UID COPY", "MOVE", "UID MOVE"})
 
 
 def _tag_of(segment: bytes) -> str:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, bad, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Fetch, FetchAttribute, Section
+from storage.mime import header_end as _header_end  # the parser's own header rule
 from storage.model import SEEN, BodyPart, MessageEntry, StoredMessage, StoreMode, UidSet
 
 log = logging.getLogger("imapd.imap")
@@ -25,6 +27,7 @@ SMALL_MESSAGE = 256 * 1024
 CHUNK = 256 * 1024
 BATCH = 200  # messages loaded from storage at a time
 _ENTRY_ONLY = frozenset({"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE"})
+_RFC822_RAW = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 
 
 class _Blob:
@@ -53,6 +56,23 @@ class _Blob:
         if data is not None:
             return data[start:end]
         return await self.s.storage.blobs.get_range(self.key, start, end)
+
+
+@dataclass(frozen=True, slots=True)
+class _TopLevel:
+    """A message's header/body split, found in its raw bytes: all that the
+    top-level sections (BODY[], HEADER, HEADER.FIELDS, TEXT) need."""
+
+    body_start: int
+    end: int
+    header_start: int = 0
+
+    def section_range(self, section: Section) -> tuple[int, int]:
+        if section.text is None:
+            return 0, self.end
+        if section.text == "TEXT":
+            return self.body_start, self.end
+        return 0, self.body_start  # HEADER, HEADER.FIELDS[.NOT]
 
 
 def find_part(root: BodyPart, path: tuple[int, ...]) -> BodyPart | None:
@@ -170,24 +190,41 @@ def _needs_seen(att: FetchAttribute) -> bool:
     return att.section is not None and not att.peek
 
 
+def _raw_only(atts: tuple[FetchAttribute, ...]) -> bool:
+    """Whether every item is answered from the entry and the raw bytes alone:
+    the whole message, its top-level header or text. The header/body split
+    is found in the bytes as the parser finds it, so no parsed form (a
+    storage round trip) is needed."""
+    for a in atts:
+        if a.name in _ENTRY_ONLY or a.name in _RFC822_RAW:
+            continue
+        section = a.section
+        if a.name != "BODY" or section is None or section.part or section.text == "MIME":
+            return False
+    return True
+
+
 async def _load(
     s: Session, uids: list[int], atts: tuple[FetchAttribute, ...]
-) -> list[StoredMessage] | list[MessageEntry]:
+) -> list[StoredMessage | MessageEntry]:
     view = s.selected
     assert s.mail is not None and s.account is not None and view is not None
+    entries = view.entries
     if all(a.name in _ENTRY_ONLY for a in atts):
         # Flags, modseq, size and date are in the session's snapshot, kept
         # current by our own writes and by the event bus (synced first).
-        entries = view.entries
         return [entries[u] for u in uids if u in entries]
+    raw_only = _raw_only(atts)
     # Parsed forms never change: take them from the session cache where we
     # can, with the snapshot's (current) entry.
     cache = s.message_cache
-    entries = view.entries
-    found: dict[int, StoredMessage] = {}
+    found: dict[int, StoredMessage | MessageEntry] = {}
     missing = []
     for u in uids:
         e = entries.get(u)
+        if e is not None and raw_only and e.size <= SMALL_MESSAGE:
+            found[u] = e  # the blob alone answers (see _raw_only)
+            continue
         parsed = cache.parsed(e.message_id) if e is not None else None
         if e is not None and parsed is not None:
             found[u] = StoredMessage(e, parsed)
@@ -262,8 +299,8 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
             if cmd.changed_since is not None and entry.modseq <= cmd.changed_since:
                 continue
             await _fetch_one(s, view, m, all_atts, entry.uid in changed)
-            if isinstance(m, StoredMessage):
-                await s.conn.drain()  # bodies: wait for a slow reader per message
+            if s.conn.congested:
+                await s.conn.drain()  # a slow reader: wait before the next message
         await s.conn.drain()
     return ok(f"{cmd.name} completed")
 
@@ -295,15 +332,15 @@ async def _fetch_one(
         return
     parsed = m.parsed if isinstance(m, StoredMessage) else None
     blob = _Blob(s, entry)
-    if parsed is not None and any(
-        a.section is not None or (a.name.startswith("RFC822") and a.name != "RFC822.SIZE")
-        for a in atts
-    ):
+    root: BodyPart | _TopLevel | None = parsed.body if parsed is not None else None
+    if any(a.section is not None or a.name in _RFC822_RAW for a in atts):
         try:
-            await blob.small()  # read before answering: a missing blob skips the message
+            raw = await blob.small()  # read before answering: a missing blob skips the message
         except Exception:
             log.exception("blob %s of uid %d unreadable", entry.blob_key, entry.uid)
             return
+        if root is None and raw is not None:
+            root = _TopLevel(_header_end(raw, 0, len(raw)), len(raw))  # see _raw_only
     s.write(b"* %d FETCH (" % seq)
     first = True
     names = {a.name for a in atts}
@@ -324,34 +361,38 @@ async def _fetch_one(
             s.write(b"INTERNALDATE " + encode.internal_date(entry.internal_date))
         elif name == "RFC822.SIZE":
             s.write(b"RFC822.SIZE %d" % entry.size)
+        elif name == "RFC822" and root is not None:
+            s.write(b"RFC822 ")
+            await _write_range(s, blob, 0, entry.size)
+        elif name == "RFC822.HEADER" and root is not None:
+            s.write(b"RFC822.HEADER ")
+            await _write_range(s, blob, 0, root.body_start)
+        elif name == "RFC822.TEXT" and root is not None:
+            s.write(b"RFC822.TEXT ")
+            await _write_range(s, blob, root.body_start, root.end)
+        elif att.section is not None and root is not None:
+            s.write(_att_label(att) + b" ")
+            await _write_section(s, blob, root, att)
         elif parsed is None:
             s.write(name.encode() + b" NIL")
         elif name == "ENVELOPE":
             s.write(b"ENVELOPE " + encode.envelope(parsed.envelope))
         elif name == "BODYSTRUCTURE":
             s.write(b"BODYSTRUCTURE " + encode.body_structure(parsed.body, True))
-        elif name == "BODY" and att.section is None:
+        else:  # BODY without a section
             s.write(b"BODY " + encode.body_structure(parsed.body, False))
-        elif name == "RFC822":
-            s.write(b"RFC822 ")
-            await _write_range(s, blob, 0, entry.size)
-        elif name == "RFC822.HEADER":
-            s.write(b"RFC822.HEADER ")
-            await _write_range(s, blob, 0, parsed.body.body_start)
-        elif name == "RFC822.TEXT":
-            s.write(b"RFC822.TEXT ")
-            await _write_range(s, blob, parsed.body.body_start, parsed.body.end)
-        else:
-            assert att.section is not None
-            s.write(_att_label(att) + b" ")
-            await _write_section(s, blob, parsed.body, att)
     s.write(b")\r\n")
 
 
-async def _write_section(s: Session, blob: _Blob, root: BodyPart, att: FetchAttribute) -> None:
+async def _write_section(
+    s: Session, blob: _Blob, root: BodyPart | _TopLevel, att: FetchAttribute
+) -> None:
     section = att.section
     assert section is not None
-    rng = section_range(root, section)
+    if isinstance(root, _TopLevel):
+        rng: tuple[int, int] | None = root.section_range(section)
+    else:
+        rng = section_range(root, section)
     if rng is None:
         s.write(b'""')  # a section the message lacks is empty (RFC 3501 6.4.5)
         return

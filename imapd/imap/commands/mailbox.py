@@ -281,6 +281,7 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
         source,
     )
     r = results[0]
+    s.wrote_to(box.id)
     return ok("APPEND completed", f"APPENDUID {r.uidvalidity} {r.uid}")
 
 

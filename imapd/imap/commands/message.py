@@ -169,9 +169,14 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
     known = view.entries
     if _local(criteria):
         # Flags, UIDs, sizes and modseqs are in the snapshot: no storage trip.
-        match = _compile(criteria)
         gone = view.pending_vanished
-        uids = [u for u in view.uids if u not in gone and match(known[u])]
+        if isinstance(criteria, q.Flag) and not gone:
+            # The commonest search (UNSEEN, FLAGGED...), without a call per message.
+            flag, present = criteria.flag, criteria.present
+            uids = [u for u in view.uids if (flag in known[u].flags) == present]
+        else:
+            match = _compile(criteria)
+            uids = [u for u in view.uids if u not in gone and match(known[u])]
     else:
         found = await s.mail.search(*_ids(s), criteria)
         uids = [u for u in found if u in known]  # only what this session has seen
@@ -274,6 +279,7 @@ async def handle_copy(s: Session, cmd: c.Copy) -> Reply:
     uids = [u for u in uids if u not in view.pending_vanished]
     if not uids:
         return ok(f"{cmd.name} completed")
+    s.wrote_to(dest.id)
     if not move:
         result = await s.mail.copy(*_ids(s), UidSet.of(uids), dest.id)
         if not result.pairs:

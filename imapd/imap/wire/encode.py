@@ -9,6 +9,7 @@ duck-typed storage model values (``storage.model.Envelope`` /
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,14 +23,16 @@ CRLF = b"\r\n"
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # Longest value sent as a quoted string; longer ones go as literals.
 MAX_QUOTED = 1024
-_QUOTED_SAFE = frozenset(range(0x20, 0x7F))
+# Bytes a quoted string cannot hold: CR, LF, other controls and 8-bit (a
+# regex scan, far cheaper than a Python loop over the bytes).
+_NOT_QUOTABLE = re.compile(rb"[^\x20-\x7e]")
 
 
 def string(value: str | bytes) -> bytes:
     """A quoted string when it is short 7-bit text, else a literal
     (RFC 3501 section 4.3: quoted strings cannot hold CR, LF or 8-bit)."""
     data = value.encode("utf-8") if isinstance(value, str) else value
-    if len(data) <= MAX_QUOTED and all(b in _QUOTED_SAFE for b in data):
+    if len(data) <= MAX_QUOTED and _NOT_QUOTABLE.search(data) is None:
         if b"\\" in data or b'"' in data:
             data = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
         return b'"' + data + b'"'

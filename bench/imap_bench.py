@@ -1,0 +1,697 @@
+"""IMAP command rates: FETCH (headers, full bodies), STORE, SEARCH, APPEND and
+a mixed load over concurrent kept sessions, against shardmail's imapd and
+(with ``--compare-dovecot``) Dovecot on the same machine in the same run.
+
+Setup. A fresh data directory with ``--clients`` accounts (``--layout
+accounts``, the default: one account per session) or one account shared by
+every session (``--layout shared``), each INBOX pre-filled with
+``--messages`` messages of ``--size`` octets (all unseen) through
+``storage.ingest``. shardmail's imapd runs in its own process (``python -m
+imapd`` with ``-o`` overrides: loopback plaintext IMAP on a free port,
+``auth.allow_plaintext=true``); Dovecot (``bench/dovecot_peer.py``) gets the
+very same message bytes in Maildirs.
+
+Client. One asyncio process; each session logs in, SELECTs INBOX, then runs
+one command at a time (no pipelining), picked at random from the phase's
+mix, for ``--seconds``. Phases, in order:
+
+=============  ==========================================================
+fetch_header   ``UID FETCH <random uid> (BODY.PEEK[HEADER])``
+fetch_body     ``UID FETCH <random uid> (BODY.PEEK[])``
+fetch_struct   ``UID FETCH <random uid> (FLAGS RFC822.SIZE ENVELOPE
+               BODYSTRUCTURE)`` (needs the parsed form from storage)
+store          ``UID STORE <random uid> +FLAGS (\\Seen)`` or ``-FLAGS``
+               (every STORE changes the flag: the session tracks which of
+               its messages are seen; random +/- with ``--layout shared``)
+search         ``UID SEARCH UNSEEN``
+noop           ``NOOP``
+mixed          40% fetch_header, 20% fetch_body, 20% store,
+               10% search, 10% noop
+append         ``APPEND INBOX {N+}`` (LITERAL+, RFC 7888) of one message
+=============  ==========================================================
+
+Reported per phase: commands/s, latency p50/p99, server CPU ms per
+command (utime+stime from /proc/PID/stat; for Dovecot summed over all of
+its processes), client CPU ms per command, and how busy the whole machine
+was (others' load skews figures on a shared machine). Never part of the
+test run::
+
+    python -m bench.imap_bench --compare-dovecot
+    python -m bench.imap_bench --phases mixed --seconds 20 --profile mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.dovecot_peer import DovecotPeer, free_port, proc_cpu_seconds
+
+if TYPE_CHECKING:
+    from storage.model import Account
+
+PASSWORD = "benchpass"
+DOMAIN = "example.org"
+
+MIXES: dict[str, dict[str, int]] = {
+    "fetch_header": {"fetch_header": 1},
+    "fetch_body": {"fetch_body": 1},
+    "fetch_struct": {"fetch_struct": 1},
+    "store": {"store": 1},
+    "search": {"search": 1},
+    "noop": {"noop": 1},
+    "mixed": {"fetch_header": 40, "fetch_body": 20, "store": 20, "search": 10, "noop": 10},
+    "append": {"append": 1},
+}
+DEFAULT_PHASES = (
+    "fetch_header", "fetch_body", "fetch_struct", "store", "search", "noop", "mixed", "append"
+)
+
+
+# ------------------------------------------------------------------ messages
+_WORDS = (
+    "mailbox quota relay envelope header parser queue shard replica session "
+    "literal sequence flag modseq delivery bounce digest archive folder"
+).split()
+
+
+def message(i: int, size: int) -> bytes:
+    """A plausible text/plain message of exactly ``size`` octets (about
+    900 octets of header, trace and DKIM lines included)."""
+    rng = random.Random(i)
+    header = (
+        f"Return-Path: <sender{i % 97}@example.net>\r\n"
+        f"Received: from mx{i % 7}.example.net (mx{i % 7}.example.net [192.0.2.{i % 250}])\r\n"
+        f"\tby mail.example.org with ESMTPS id {i:08x};"
+        f" Tue, 4 Mar 2025 10:{i % 60:02d}:00 +0000\r\n"
+        "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.net; s=s1;\r\n"
+        "\th=from:to:subject:date:message-id; bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=;\r\n"
+        "\tb=dGhpcyBpcyBub3QgYSByZWFsIHNpZ25hdHVyZSwganVzdCBiZW5jaCBwYWRkaW5nIGJ5dGVz\r\n"
+        f"From: Sender {i % 97} <sender{i % 97}@example.net>\r\n"
+        f"To: User <user@{DOMAIN}>\r\n"
+        f"Subject: Bench message {i}: {' '.join(rng.choice(_WORDS) for _ in range(5))}\r\n"
+        f"Date: Tue, 4 Mar 2025 10:{i % 60:02d}:00 +0000\r\n"
+        f"Message-ID: <{i}.bench@example.net>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+    ).encode()
+    lines = []
+    total = len(header)
+    while total < size:
+        line = (" ".join(rng.choice(_WORDS) for _ in range(11)) + "\r\n").encode()
+        lines.append(line)
+        total += len(line)
+    body = b"".join(lines)[: size - len(header) - 2] + b"\r\n"
+    return header + body
+
+
+# ------------------------------------------------------------------- client
+class ImapClient(asyncio.Protocol):
+    """A minimal IMAP client for load: one command at a time, responses
+    scanned for the tagged completion with literals skipped ({n} counts)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pos = 0  # start of the next unscanned response segment
+        self.cont = False  # pos is inside a line (after a literal)
+        self.tagsp = b"* "  # the greeting ends the first "command"
+        self.keep = False
+        self.fut: asyncio.Future[tuple[bytes, bytes]] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.n = 0
+
+    @classmethod
+    async def connect(cls, port: int) -> ImapClient:
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(cls, "127.0.0.1", port)
+        client.fut = loop.create_future()
+        client._scan()
+        status, _ = await client.fut
+        if status != b"OK":
+            raise RuntimeError(f"greeting: {status!r}")
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.fut is not None:
+            self._scan()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_exception(ConnectionError("server closed the connection"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _scan(self) -> None:
+        buf, pos, cont = self.buf, self.pos, self.cont
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            if eol > pos and buf[eol - 1] == 0x7D:  # "}": a literal follows
+                lb = buf.rfind(b"{", pos, eol)
+                digits = bytes(buf[lb + 1 : eol - 1].rstrip(b"+")) if lb >= 0 else b""
+                if digits.isdigit():
+                    end = eol + 2 + int(digits)
+                    if len(buf) < end:
+                        break  # wait for the rest of the literal
+                    pos, cont = end, True
+                    continue
+            if not cont and buf.startswith(self.tagsp, pos):
+                rest = buf[pos + len(self.tagsp) : eol]
+                status = bytes(rest.split(b" ", 1)[0])
+                text = bytes(buf[: eol + 2]) if self.keep else b""
+                del buf[: eol + 2]
+                self.pos, self.cont = 0, False
+                fut, self.fut = self.fut, None
+                if fut is not None and not fut.done():
+                    fut.set_result((status, text))
+                return
+            pos, cont = eol + 2, False
+        self.pos, self.cont = pos, cont
+
+    async def command(self, line: bytes, keep: bool = False) -> tuple[bytes, bytes]:
+        """Send ``TAG line`` and wait for the tagged reply: (status, all
+        response bytes if ``keep``)."""
+        assert self.transport is not None
+        self.n += 1
+        tag = b"T%d" % self.n
+        self.tagsp = tag + b" "
+        self.keep = keep
+        self.fut = asyncio.get_running_loop().create_future()
+        self.transport.write(tag + b" " + line + b"\r\n")
+        return await self.fut
+
+    async def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.command(b"LOGOUT"), 5)
+            self.transport.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.closed, 5)
+
+
+@dataclass
+class Tally:
+    ok: int = 0
+    failed: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class BenchSession:
+    """One kept session: its account, its messages' UIDs and seen state."""
+
+    def __init__(self, client: ImapClient, login: str, shared: bool, append_msg: bytes) -> None:
+        self.client = client
+        self.login = login
+        self.shared = shared
+        self.uids: list[int] = []
+        self.seen: set[int] = set()
+        self.rng = random.Random(login + str(id(self)))
+        self.append_line = b"APPEND INBOX {%d+}\r\n" % len(append_msg) + append_msg
+
+    async def open(self) -> None:
+        for line in (b'LOGIN "%s" "%s"' % (self.login.encode(), PASSWORD.encode()),
+                     b"SELECT INBOX"):
+            status, text = await self.client.command(line, keep=True)
+            if status != b"OK":
+                raise RuntimeError(f"{self.login}: {line!r} -> {text[-300:]!r}")
+        status, text = await self.client.command(b"UID SEARCH ALL", keep=True)
+        for resp in text.split(b"\r\n"):
+            if resp.startswith(b"* SEARCH"):
+                self.uids = [int(u) for u in resp.split()[2:]]
+        if not self.uids:
+            raise RuntimeError(f"{self.login}: empty INBOX")
+        status, text = await self.client.command(b"UID SEARCH SEEN", keep=True)
+        for resp in text.split(b"\r\n"):
+            if resp.startswith(b"* SEARCH"):
+                self.seen = {int(u) for u in resp.split()[2:]}
+
+    def line(self, kind: str) -> bytes:
+        if kind == "fetch_header":
+            return b"UID FETCH %d (BODY.PEEK[HEADER])" % self.rng.choice(self.uids)
+        if kind == "fetch_body":
+            return b"UID FETCH %d (BODY.PEEK[])" % self.rng.choice(self.uids)
+        if kind == "fetch_struct":
+            return b"UID FETCH %d (FLAGS RFC822.SIZE ENVELOPE BODYSTRUCTURE)" % self.rng.choice(
+                self.uids
+            )
+        if kind == "store":
+            uid = self.rng.choice(self.uids)
+            if self.shared:
+                add = self.rng.random() < 0.5
+            else:
+                add = uid not in self.seen
+                (self.seen.add if add else self.seen.discard)(uid)
+            return b"UID STORE %d %sFLAGS (\\Seen)" % (uid, b"+" if add else b"-")
+        if kind == "search":
+            return b"UID SEARCH UNSEEN"
+        if kind == "noop":
+            return b"NOOP"
+        if kind == "append":
+            return self.append_line
+        raise ValueError(kind)
+
+    async def drive(self, mix: dict[str, int], deadline: float) -> dict[str, Tally]:
+        kinds = list(mix)
+        weights = [mix[k] for k in kinds]
+        tallies = {k: Tally() for k in kinds}
+        clock = time.perf_counter
+        while clock() < deadline:
+            kind = kinds[0] if len(kinds) == 1 else self.rng.choices(kinds, weights)[0]
+            line = self.line(kind)
+            t0 = clock()
+            status, _ = await self.client.command(line)
+            tally = tallies[kind]
+            tally.latencies.append(clock() - t0)
+            if status == b"OK":
+                tally.ok += 1
+            else:
+                tally.failed += 1
+        return tallies
+
+
+# -------------------------------------------------------------- measurement
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+@dataclass
+class PhaseResult:
+    server: str
+    phase: str
+    seconds: float
+    commands: int
+    failed: int
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_ms_per_cmd: float
+    client_cpu_ms_per_cmd: float
+    server_cpu_cores: float
+    machine_busy_cores: float
+    loadavg: float
+    by_kind: dict[str, dict[str, float]]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def run_phase(
+    server: str,
+    phase: str,
+    sessions: list[BenchSession],
+    seconds: float,
+    server_cpu: Callable[[], float],
+) -> PhaseResult:
+    mix = MIXES[phase]
+    cpu0, client0, (busy0, _) = server_cpu(), time.process_time(), machine_busy_seconds()
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(s.drive(mix, t0 + seconds) for s in sessions))
+    elapsed = time.perf_counter() - t0
+    cpu1, client1, (busy1, _) = server_cpu(), time.process_time(), machine_busy_seconds()
+    merged: dict[str, Tally] = {}
+    for tallies in results:
+        for kind, t in tallies.items():
+            m = merged.setdefault(kind, Tally())
+            m.ok += t.ok
+            m.failed += t.failed
+            m.latencies.extend(t.latencies)
+    lat = [x for t in merged.values() for x in t.latencies]
+    n = len(lat)
+    by_kind = {
+        kind: {
+            "commands": len(t.latencies),
+            "failed": t.failed,
+            "p50_ms": round(_percentile(t.latencies, 0.5) * 1000, 2),
+            "p99_ms": round(_percentile(t.latencies, 0.99) * 1000, 2),
+            "mean_ms": round(statistics.fmean(t.latencies) * 1000, 2) if t.latencies else 0.0,
+        }
+        for kind, t in merged.items()
+    }
+    return PhaseResult(
+        server=server,
+        phase=phase,
+        seconds=round(elapsed, 2),
+        commands=n,
+        failed=sum(t.failed for t in merged.values()),
+        per_second=round(n / elapsed, 1),
+        p50_ms=round(_percentile(lat, 0.5) * 1000, 2),
+        p99_ms=round(_percentile(lat, 0.99) * 1000, 2),
+        server_cpu_ms_per_cmd=round((cpu1 - cpu0) * 1000 / max(n, 1), 3),
+        client_cpu_ms_per_cmd=round((client1 - client0) * 1000 / max(n, 1), 3),
+        server_cpu_cores=round((cpu1 - cpu0) / elapsed, 2),
+        machine_busy_cores=round((busy1 - busy0) / elapsed, 2),
+        loadavg=round(os.getloadavg()[0], 2),
+        by_kind=by_kind,
+    )
+
+
+def print_result(r: PhaseResult) -> None:
+    print(
+        f"{r.server:<10} {r.phase:<13} {r.per_second:>9.1f}/s {r.commands:>7} cmds "
+        f"p50 {r.p50_ms:>6.2f} ms p99 {r.p99_ms:>7.2f} ms  "
+        f"server {r.server_cpu_ms_per_cmd:>6.3f} ms/cmd ({r.server_cpu_cores:.2f} cores)  "
+        f"client {r.client_cpu_ms_per_cmd:.3f} ms/cmd  machine {r.machine_busy_cores:.2f} cores"
+        + (f"  FAILED {r.failed}" if r.failed else ""),
+        flush=True,
+    )
+    if len(r.by_kind) > 1:
+        for kind, k in r.by_kind.items():
+            print(f"{'':<24}{kind:<13} {k['commands']:>7} p50 {k['p50_ms']:.2f} ms "
+                  f"p99 {k['p99_ms']:.2f} ms mean {k['mean_ms']:.2f} ms", flush=True)
+
+
+async def bench_server(
+    name: str,
+    port: int,
+    logins: list[str],
+    args: argparse.Namespace,
+    server_cpu: Callable[[], float],
+    server_pid: int | None = None,
+) -> list[PhaseResult]:
+    append_msg = message(10_000_000, args.size)
+    sessions = []
+    for i in range(args.clients):
+        client = await ImapClient.connect(port)
+        sessions.append(BenchSession(client, logins[i % len(logins)], args.layout == "shared",
+                                     append_msg))
+    await asyncio.gather(*(s.open() for s in sessions))
+    out: list[PhaseResult] = []
+    try:
+        if args.warmup > 0:
+            await run_phase(name, "mixed", sessions, args.warmup, server_cpu)
+        for phase in args.phases:
+            r = await run_phase(name, phase, sessions, args.seconds, server_cpu)
+            print_result(r)
+            out.append(r)
+            if phase in args.profile and server_pid is not None:
+                await profile_phase(name, phase, sessions, args, server_cpu, server_pid)
+    finally:
+        await asyncio.gather(*(s.client.close() for s in sessions), return_exceptions=True)
+    return out
+
+
+async def profile_phase(
+    name: str,
+    phase: str,
+    sessions: list[BenchSession],
+    args: argparse.Namespace,
+    server_cpu: Callable[[], float],
+    pid: int,
+) -> None:
+    """Run ``phase`` again under py-spy (figures not counted: sampling slows
+    the server) and save the raw (collapsed) stacks."""
+    if shutil.which("py-spy") is None:
+        print("py-spy not installed; no profile", file=sys.stderr)
+        return
+    outdir = _mkdir(Path(args.profile_dir))
+    out = outdir / f"{name}-{phase}.txt"
+    seconds = int(args.seconds)
+    spy_args = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-d", str(seconds), "-o", str(out)]
+    # --gil: only the thread holding the GIL (Python work); without it every
+    # thread's non-idle samples, SQLite's C work in the aiosqlite thread too.
+    spy_args += ["--gil"] if args.profile_gil else ["--threads", "--native"]
+    spy = await asyncio.create_subprocess_exec(
+        *spy_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    await asyncio.sleep(1.0)  # let py-spy attach
+    r = await run_phase(name + "+spy", phase, sessions, seconds - 1.5, server_cpu)
+    await spy.wait()
+    print(f"{'':<24}profile of {phase} ({r.per_second:.0f}/s under py-spy): {out}", flush=True)
+
+
+# ------------------------------------------------------------------ servers
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def logins_for(args: argparse.Namespace) -> list[str]:
+    count = 1 if args.layout == "shared" else args.clients
+    return [f"user{n}@{DOMAIN}" for n in range(count)]
+
+
+async def fill_shardmail(data_dir: Path, logins: list[str], args: argparse.Namespace) -> None:
+    from conf.settings import load_settings
+    from storage import open_storage
+    from storage.ingest import Delivery, ingest
+
+    settings = load_settings(None, [f'server.data_dir="{data_dir}"'])
+    _mkdir(data_dir)
+    storage = await open_storage(settings.storage)
+    try:
+        await storage.directory.add_domain(DOMAIN)
+        accounts = [await storage.directory.add_account(a, PASSWORD) for a in logins]
+
+        async def fill_one(account: Account) -> None:
+            for i in range(args.messages):
+                await ingest(storage, [Delivery(account, "INBOX")], message(i, args.size))
+
+        await asyncio.gather(*(fill_one(a) for a in accounts))
+    finally:
+        await storage.close()
+
+
+def start_imapd(data_dir: Path, port: int, log_level: str, procs: int = 1) -> list[
+    subprocess.Popen[bytes]
+]:
+    """``procs`` imapd processes sharing the port (SO_REUSEPORT, as
+    DESIGN.md scales a host out); returns once each answers."""
+    overrides = [
+        f'server.data_dir="{data_dir}"',
+        f"server.log_level=\"{log_level}\"",
+        f"imap.listen=['127.0.0.1:{port}']",
+        f"imap.tls_listen=['127.0.0.1:{free_port()}']",
+        f"pop3.listen=['127.0.0.1:{free_port()}']",
+        f"pop3.tls_listen=['127.0.0.1:{free_port()}']",
+        "auth.allow_plaintext=true",
+    ]
+    cmd = [sys.executable, "-m", "imapd"]
+    for o in overrides:
+        cmd += ["-o", o]
+    started: list[subprocess.Popen[bytes]] = []
+    for n in range(procs):
+        logfile = data_dir / f"imapd{n}.log"
+        with open(logfile, "wb") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        started.append(proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if b"ready" in logfile.read_bytes():
+                break
+            time.sleep(0.1)
+        else:
+            for p in started:
+                stop_process(p)
+            raise RuntimeError("imapd did not start:\n" + logfile.read_text()[-3000:])
+    return started
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+    logins = logins_for(args)
+    data_dir = workdir / "shardmail"
+    t0 = time.perf_counter()
+    await fill_shardmail(data_dir, logins, args)
+    print(f"# shardmail: filled {len(logins)} x {args.messages} messages of {args.size} octets "
+          f"in {time.perf_counter() - t0:.1f} s (storage.ingest)", flush=True)
+    port = free_port()
+    procs = start_imapd(data_dir, port, args.log_level, args.imapd_procs)
+    name = "shardmail" if args.imapd_procs == 1 else f"shardmail×{args.imapd_procs}"
+    try:
+        return await bench_server(
+            name, port, logins, args,
+            lambda: sum(proc_cpu_seconds(p.pid) for p in procs), procs[0].pid,
+        )
+    finally:
+        for p in procs:
+            stop_process(p)
+
+
+async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+    logins = logins_for(args)
+    os.chmod(workdir, 0o755)  # Dovecot's unprivileged processes must reach their files
+    peer = DovecotPeer(workdir / "dovecot")
+    try:
+        when = time.time()
+        for login in logins:
+            peer.add_user(login, PASSWORD)
+            peer.add_messages(login, (message(i, args.size) for i in range(args.messages)),
+                              when=when)
+        peer.start()
+        print(f"# dovecot: {len(logins)} x {args.messages} messages in Maildir, "
+              f"port {peer.port}", flush=True)
+        return await bench_server("dovecot", peer.port, logins, args, peer.cpu_seconds)
+    finally:
+        peer.stop()
+
+
+async def storage_calls(args: argparse.Namespace) -> None:
+    """The storage calls behind the IMAP commands, timed alone in this
+    process (one caller, no IMAP): where the server's time per command goes."""
+    from conf.settings import load_settings
+    from storage import open_storage
+    from storage.ingest import Delivery, ingest
+    from storage.model import StoreMode, UidSet
+
+    workdir = Path(tempfile.mkdtemp(prefix="imap-bench-storage-", dir=args.tmp))
+    try:
+        settings = load_settings(None, [f'server.data_dir="{workdir}"'])
+        storage = await open_storage(settings.storage)
+        try:
+            await storage.directory.add_domain(DOMAIN)
+            account = await storage.directory.add_account(f"user0@{DOMAIN}", PASSWORD)
+            n = min(args.messages, 200)
+            for i in range(n):
+                await ingest(storage, [Delivery(account, "INBOX")], message(i, args.size))
+            mail = storage.mail(account)
+            box = await mail.get_mailbox(account.id, "INBOX")
+            top = (await mail.get_mailbox(account.id, "INBOX")).highestmodseq
+            a, m = account.id, box.id
+
+            def store(i: int) -> object:
+                mode = StoreMode.ADD if (i // n) % 2 == 0 else StoreMode.REMOVE
+                return mail.store_flags(a, m, UidSet.of([i % n + 1]), mode, ("\\Seen",))
+
+            calls: list[tuple[str, Callable[[int], object]]] = [
+                ("get_mailbox", lambda i: mail.get_mailbox(a, "INBOX")),
+                ("fetch (1 uid, parsed)", lambda i: mail.fetch(a, m, UidSet.of([i % n + 1]))),
+                ("changes_since (1 back)", lambda i: mail.changes_since(a, m, top - 1)),
+                ("store_flags (1 uid)", store),
+                ("claim_recent", lambda i: mail.claim_recent(a, m)),
+                ("ingest 1 message", lambda i: ingest(
+                    storage, [Delivery(account, "INBOX")], message(n + i, args.size))),
+            ]
+            print(f"# storage calls alone, one caller, {n} messages in the mailbox")
+            for name, call in calls:
+                rounds = 200
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(rounds):
+                    await call(i)  # type: ignore[misc]
+                wall = (time.perf_counter() - t0) / rounds * 1000
+                cpu = (time.process_time() - c0) / rounds * 1000
+                print(f"{name:<24} {wall:6.2f} ms wall {cpu:6.2f} ms CPU per call", flush=True)
+        finally:
+            await storage.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def main_async(args: argparse.Namespace) -> list[PhaseResult]:
+    if args.storage_calls:
+        await storage_calls(args)
+        return []
+    workdir = Path(tempfile.mkdtemp(prefix="imap-bench-", dir=args.tmp))
+    print(f"# {args.clients} sessions ({args.layout} layout), {args.messages} x {args.size} "
+          f"octets per INBOX, {args.seconds:g} s per phase, one command at a time per session; "
+          f"{os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}", flush=True)
+    results: list[PhaseResult] = []
+    try:
+        if not args.dovecot_only:
+            results += await run_shardmail(workdir, args)
+        if args.compare_dovecot or args.dovecot_only:
+            results += await run_dovecot(workdir, args)
+    finally:
+        if args.keep:
+            print(f"# kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.compare_dovecot and not args.dovecot_only:
+        print("\n# shardmail / dovecot commands per second")
+        dove = {r.phase: r for r in results if r.server == "dovecot"}
+        for r in results:
+            d = dove.get(r.phase)
+            if r.server.startswith("shardmail") and d is not None and d.per_second:
+                print(f"{r.phase:<13} {r.per_second:>9.1f} / {d.per_second:>9.1f} "
+                      f"= {r.per_second / d.per_second:.2f}  (server CPU ms/cmd "
+                      f"{r.server_cpu_ms_per_cmd:.3f} vs {d.server_cpu_ms_per_cmd:.3f})")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=20, help="concurrent kept sessions")
+    parser.add_argument("--messages", type=int, default=500, help="messages per INBOX")
+    parser.add_argument("--size", type=int, default=5 * 1024, help="message size, octets")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured mixed load first")
+    parser.add_argument("--layout", choices=("accounts", "shared"), default="accounts",
+                        help="one account per session, or one account for all sessions")
+    parser.add_argument("--phases", type=lambda s: s.split(","), default=list(DEFAULT_PHASES),
+                        help="comma-separated, from: " + ",".join(MIXES))
+    parser.add_argument("--compare-dovecot", action="store_true",
+                        help="then run the same phases against Dovecot on the same contents")
+    parser.add_argument("--dovecot-only", action="store_true")
+    parser.add_argument("--storage-calls", action="store_true",
+                        help="only time the storage calls behind the commands, in-process")
+    parser.add_argument("--profile", type=lambda s: s.split(","), default=[],
+                        help="phases to repeat under py-spy (shardmail only)")
+    parser.add_argument("--profile-dir", default="bench-profiles")
+    parser.add_argument("--profile-gil", action=argparse.BooleanOptionalAction, default=True,
+                        help="py-spy --gil (default), or every thread with native frames")
+    parser.add_argument("--imapd-procs", type=int, default=1,
+                        help="imapd processes sharing the port (SO_REUSEPORT)")
+    parser.add_argument("--log-level", default="WARNING", help="imapd log level")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tmp", default=None, help="where the temporary data goes")
+    parser.add_argument("--keep", action="store_true", help="keep the data directories")
+    args = parser.parse_args()
+    for phase in args.phases:
+        if phase not in MIXES:
+            parser.error(f"unknown phase {phase!r}")
+    results = asyncio.run(main_async(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
