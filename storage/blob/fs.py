@@ -9,9 +9,12 @@ I/O runs in a worker thread; the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from storage.errors import ErrorKind, StorageError
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def _check_key(key: str) -> str:
@@ -29,7 +33,7 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -43,6 +47,9 @@ class FsBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)
+        self._tmp_prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._tmp_counter = itertools.count()
 
     def path(self, key: str) -> Path:
         _check_key(key)
@@ -50,35 +57,72 @@ class FsBlobStore:
 
     # --- writes -------------------------------------------------------------
 
-    def _install(self, tmp_path: Path, key: str) -> None:
+    def _dir_of(self, key: str) -> str:
+        """The key's directory, created if missing."""
+        directory = os.path.join(self._root, key[:2], key[2:4])
+        if not os.path.isdir(directory):
+            self._make_dirs(directory)
+        return directory
+
+    def _make_dirs(self, directory: str) -> None:
+        """Creates ``ab/`` and ``ab/cd/``, fsyncing the parent of each one it
+        creates: a blob whose directory entry is lost in a crash is lost
+        mail, even if the blob's own rename was fsynced."""
+        parent = os.path.dirname(directory)
+        for path, up in ((parent, self._root), (directory, parent)):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                continue
+            _fsync_dir(up)
+
+    def _install(self, tmp_path: Path | str, key: str) -> None:
         """Moves a fsynced temp file to the key's path durably."""
-        final = self.path(key)
-        if final.exists():  # same bytes already stored: blobs are immutable
-            tmp_path.unlink(missing_ok=True)
+        directory = self._dir_of(key)
+        final = os.path.join(directory, key)
+        if os.path.exists(final):  # same bytes already stored: blobs are immutable
+            os.unlink(tmp_path)
             return
         os.replace(tmp_path, final)
-        _fsync_dir(final.parent)
+        _fsync_dir(directory)
 
-    def _tmp_in(self, directory: Path) -> tuple[int, Path]:
-        directory.mkdir(parents=True, exist_ok=True)
+    def _tmp_in(self, directory: Path | str) -> tuple[int, Path]:
+        os.makedirs(directory, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         return fd, Path(name)
 
-    def _put_sync(self, data: bytes) -> str:
+    def put_sync(self, data: bytes) -> str:
+        """:meth:`put` for a caller already in a worker thread (the ingest
+        path). Blocks on the disk. Plain ``os`` calls, as few as durability
+        allows: each one also hands the GIL to another thread."""
         key = hashlib.sha256(data).hexdigest()
-        final = self.path(key)
-        if final.exists():
+        directory = os.path.join(self._root, key[:2], key[2:4])
+        final = os.path.join(directory, key)
+        if os.path.exists(final):
             return key
-        fd, tmp = self._tmp_in(final.parent)
+        # A name unique to this process and write; O_EXCL guards the rest.
+        tmp = os.path.join(directory, f".tmp-{self._tmp_prefix}-{next(self._tmp_counter)}")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            self._install(tmp, key)
+            fd = os.open(tmp, _TMP_FLAGS, 0o600)
+        except FileNotFoundError:  # the key's first blob: make its directory
+            self._make_dirs(directory)
+            fd = os.open(tmp, _TMP_FLAGS, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # A concurrent put of the same bytes may have won: replacing an
+            # immutable blob with identical bytes is harmless.
+            os.replace(tmp, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
+        _fsync_dir(directory)
         return key
 
     def _put_file_sync(self, src: Path) -> str:
@@ -94,7 +138,6 @@ class FsBlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             key = digest.hexdigest()
-            self.path(key).parent.mkdir(parents=True, exist_ok=True)
             self._install(tmp, key)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -103,7 +146,7 @@ class FsBlobStore:
 
     async def put(self, data: bytes) -> str:
         """Durable on return; the same bytes give the same key."""
-        return await asyncio.to_thread(self._put_sync, bytes(data))
+        return await asyncio.to_thread(self.put_sync, bytes(data))
 
     async def put_file(self, path: Path) -> str:
         """Stores a file's bytes in chunks, never all in memory."""

@@ -3,6 +3,12 @@
 It lives in the default shard's database. Passwords are hashed with argon2id
 (argon2-cffi) in a worker thread; authentication of an unknown login verifies
 against a dummy hash so both answers take the same time.
+
+Routes (:meth:`SqlDirectory.resolve`, asked on every SMTP RCPT) are cached
+for ``ROUTE_CACHE_SECONDS``: a write through this directory forgets them at
+once, a change made by another instance (``mailctl`` in its own process,
+another mtad) is seen at most that many seconds late, for a new account as
+for a removed one.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -30,6 +37,8 @@ MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 section 4.5.3.1.2
 MAX_ALIAS_DEPTH = 8  # alias -> alias chains are followed this far
 PLUS_SEPARATOR = "+"
+ROUTE_CACHE_SECONDS = 2.0  # how late another instance's directory change may be seen
+ROUTE_CACHE_SIZE = 10_000  # addresses; the cache starts over when full
 
 
 def normalize_domain(name: str) -> str:
@@ -93,13 +102,28 @@ class SqlDirectory:
         self.hasher = hasher or PasswordHasher()
         self.shard_cache: dict[int, str] = shard_cache if shard_cache is not None else {}
         self._dummy_hash: str | None = None
+        # address as asked -> (monotonic expiry, route); the generation makes
+        # a lookup that overlapped a local write drop its (maybe stale) answer.
+        self._routes: dict[str, tuple[float, Route]] = {}
+        self._routes_generation = 0
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[Any]:
+        """``db.write()`` for anything routing depends on: cached routes are
+        forgotten once it ends (committed or not)."""
+        try:
+            async with self.db.write() as conn:
+                yield conn
+        finally:
+            self._routes.clear()
+            self._routes_generation += 1
 
     # --- domains -------------------------------------------------------------
 
     async def add_domain(self, name: str) -> Domain:
         """EXISTS if present."""
         name = normalize_domain(name)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             try:
                 async with conn.begin_nested():
                     result = await conn.execute(insert(domains).values(name=name))
@@ -115,7 +139,7 @@ class SqlDirectory:
     async def remove_domain(self, name: str) -> None:
         """INVALID while accounts or aliases of the domain exist; NOT_FOUND if absent."""
         name = normalize_domain(name)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             row = (await conn.execute(select(domains).where(domains.c.name == name))).first()
             if row is None:
                 raise errors.not_found("no such domain")
@@ -164,7 +188,7 @@ class SqlDirectory:
             raise errors.invalid("quota must not be negative")
         password_hash = await self._hash(password)
         domain = address.rpartition("@")[2]
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             dom = (await conn.execute(select(domains.c.id).where(domains.c.name == domain))).first()
             if dom is None:
                 raise errors.not_found("no such domain")
@@ -191,7 +215,7 @@ class SqlDirectory:
             await store.create_default_mailboxes(account.id)
         except BaseException:
             # The shard may be another database: undo the directory row by hand.
-            async with self.db.write() as conn:
+            async with self._write() as conn:
                 await conn.execute(delete(accounts).where(accounts.c.id == account.id))
             raise
         self.shard_cache[account.id] = shard
@@ -242,7 +266,7 @@ class SqlDirectory:
     async def set_password(self, address: str, password: str) -> None:
         account = await self.get_account(address)
         password_hash = await self._hash(password)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 update(accounts)
                 .where(accounts.c.id == account.id)
@@ -253,7 +277,7 @@ class SqlDirectory:
         if quota_bytes is not None and quota_bytes < 0:
             raise errors.invalid("quota must not be negative")
         account = await self.get_account(address)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 update(accounts).where(accounts.c.id == account.id).values(quota_bytes=quota_bytes)
             )
@@ -264,7 +288,7 @@ class SqlDirectory:
         if shard not in self._shards:
             raise errors.invalid(f"no such shard {shard!r}")
         account = await self.get_account(address)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 update(accounts).where(accounts.c.id == account.id).values(shard=shard)
             )
@@ -275,7 +299,7 @@ class SqlDirectory:
         to a removed account forwards nowhere), its mailboxes and messages."""
         account = await self.get_account(address)
         await self._mail_store_for(account.shard).remove_account(account.id)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             await conn.execute(delete(accounts).where(accounts.c.id == account.id))
         self.shard_cache.pop(account.id, None)
 
@@ -310,7 +334,7 @@ class SqlDirectory:
         domain (NOT_FOUND otherwise); ``target`` any address. EXISTS if present."""
         source = self._normalize_source(source)
         target = normalize_address(target)
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             domain = source.rpartition("@")[2]
             if (
                 await conn.execute(select(domains.c.id).where(domains.c.name == domain))
@@ -343,7 +367,7 @@ class SqlDirectory:
         stmt = delete(aliases).where(aliases.c.source == source)
         if target is not None:
             stmt = stmt.where(aliases.c.target == normalize_address(target))
-        async with self.db.write() as conn:
+        async with self._write() as conn:
             result = await conn.execute(stmt)
             if not result.rowcount:
                 raise errors.not_found("no such alias")
@@ -354,7 +378,21 @@ class SqlDirectory:
         """Exact account, then exact alias, then plus-address (``user+tag@d``
         -> ``user@d``, RFC 5233 subaddress), then catch-all ``@d``. Alias
         targets on local domains are resolved again (up to a depth limit);
-        others are forwarded."""
+        others are forwarded. Answers may be up to ``ROUTE_CACHE_SECONDS``
+        old for changes made by other instances (see the module docstring)."""
+        now = time.monotonic()
+        hit = self._routes.get(address)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        generation = self._routes_generation
+        route = await self._resolve(address)
+        if generation == self._routes_generation:
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[address] = (now + ROUTE_CACHE_SECONDS, route)
+        return route
+
+    async def _resolve(self, address: str) -> Route:
         try:
             address = normalize_address(address)
         except errors.StorageError:

@@ -7,6 +7,12 @@ are therefore serial, which makes UID allocation, modseq bumps, change-log
 ids and the quota check race-free; commit order equals allocation order, so
 no session ever sees UID n+1 before UID n. Changes are published on the
 event bus only after the commit.
+
+The hot writes (``deliver``, ``append``, ``add_message``) are synchronous
+functions handed to ``Database.write_batched`` instead: on SQLite many of
+them share one transaction and one fsync in the writer thread (group
+commit), each in its own savepoint, with the same locking, ordering and
+publish-after-commit rules.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -50,7 +56,7 @@ from storage.model import (
 from storage.search import Criteria
 from storage.sql import codec
 from storage.sql import criteria as crit
-from storage.sql.db import Database
+from storage.sql.db import Database, execute
 from storage.sql.schema import change_log, expunged, locks, mailboxes, messages, shard_accounts
 from storage.sql.schema import mailbox_entries as E
 
@@ -183,7 +189,7 @@ def _mailbox(row: Any) -> Mailbox:
 class _Tx:
     """One account-locked write transaction and the changes it logs."""
 
-    conn: AsyncConnection
+    conn: Any  # AsyncConnection, or a sync Connection in a write function
     account_id: int
     quota_bytes: int | None
     last_change_id: int
@@ -217,10 +223,8 @@ class _Tx:
         self.uidvalidity_used += 1
         return value
 
-    async def flush(self) -> list[Change]:
-        """Writes the change log rows and counters; returns what to publish."""
-        if not self.pending and not self.uidvalidity_used and not self.used_delta:
-            return []
+    def _flush_plan(self) -> tuple[list[dict[str, Any]], dict[str, Any], list[Change]]:
+        """(change-log rows, account counter values, changes to publish)."""
         rows = []
         changes = []
         when = dt.datetime.fromtimestamp(self.at, dt.UTC)
@@ -249,18 +253,129 @@ class _Tx:
                     data=ch["data"],
                 )
             )
+        counters = {
+            "b_account": self.account_id,
+            "b_last_change": self.last_change_id + len(rows),
+            "b_uidvalidity": self.next_uidvalidity + self.uidvalidity_used,
+            "b_used": max(0, self.used_bytes + self.used_delta),
+        }
+        return rows, counters, changes
+
+    def _idle(self) -> bool:
+        return not self.pending and not self.uidvalidity_used and not self.used_delta
+
+    async def flush(self) -> list[Change]:
+        """Writes the change log rows and counters; returns what to publish."""
+        if self._idle():
+            return []
+        rows, counters, changes = self._flush_plan()
         if rows:
-            await self.conn.execute(insert(change_log), rows)
-        await self.conn.execute(
-            update(shard_accounts)
-            .where(shard_accounts.c.account_id == self.account_id)
-            .values(
-                last_change_id=self.last_change_id + len(rows),
-                next_uidvalidity=self.next_uidvalidity + self.uidvalidity_used,
-                used_bytes=max(0, self.used_bytes + self.used_delta),
-            )
-        )
+            await self.conn.execute(_INSERT_CHANGES, rows)
+        await self.conn.execute(_UPDATE_COUNTERS, counters)
         return changes
+
+    def flush_sync(self, conn: Connection) -> list[Change]:
+        """:meth:`flush` for a synchronous transaction."""
+        if self._idle():
+            return []
+        rows, counters, changes = self._flush_plan()
+        if rows:
+            execute(conn, _INSERT_CHANGES, rows)
+        execute(conn, _UPDATE_COUNTERS, counters)
+        return changes
+
+
+# The account's counters after a write (one statement, bound parameters).
+_UPDATE_COUNTERS = (
+    update(shard_accounts)
+    .where(shard_accounts.c.account_id == bindparam("b_account"))
+    .values(
+        last_change_id=bindparam("b_last_change"),
+        next_uidvalidity=bindparam("b_uidvalidity"),
+        used_bytes=bindparam("b_used"),
+    )
+)
+_LOCK_ACCOUNT = (
+    select(shard_accounts)
+    .where(shard_accounts.c.account_id == bindparam("b_account"))
+    .with_for_update()
+)
+
+# Statements of the delivery path, built once: SQLAlchemy then finds their
+# compiled form without rebuilding a cache key per execution.
+_INSERT_CHANGES = insert(change_log)
+_INSERT_MESSAGE = insert(messages)
+_INSERT_ENTRY = insert(E)
+_SET_THREAD = (
+    update(messages).where(messages.c.id == bindparam("b_id")).values(thread_id=bindparam("b_id"))
+)
+_BUMP_MAILBOX = (
+    update(mailboxes)
+    .where(mailboxes.c.id == bindparam("b_id"))
+    .values(uidnext=bindparam("b_uidnext"), highestmodseq=bindparam("b_modseq"))
+)
+_MESSAGE_SIZE = select(messages.c.size).where(
+    messages.c.id == bindparam("b_id"), messages.c.account_id == bindparam("b_account")
+)
+_MAILBOX_BY_NAME = select(mailboxes).where(
+    mailboxes.c.account_id == bindparam("b_account"), mailboxes.c.name == bindparam("b_name")
+)
+_MAILBOX_BY_ID = select(mailboxes).where(
+    mailboxes.c.account_id == bindparam("b_account"), mailboxes.c.id == bindparam("b_id")
+)
+
+
+def _mailbox_query(
+    account_id: int, name: str | None, mailbox_id: int | None
+) -> tuple[Any, dict[str, Any]]:
+    if name is not None:
+        return _MAILBOX_BY_NAME, {"b_account": account_id, "b_name": name}
+    return _MAILBOX_BY_ID, {"b_account": account_id, "b_id": mailbox_id}
+
+
+def _message_values(account_id: int, blob_key: str, parsed: ParsedMessage) -> dict[str, Any]:
+    """The ``messages`` row of a parsed message, less ``thread_id``."""
+    sent = parsed.sent_date
+    if sent is not None and sent.tzinfo is None:
+        sent = sent.replace(tzinfo=dt.UTC)
+    return {
+        "account_id": account_id,
+        "blob_key": blob_key,
+        "size": parsed.size,
+        "parsed": codec.parsed_to_json(parsed),
+        "message_id_header": (parsed.message_id or None) and parsed.message_id[:998],
+        "sent_date": None if sent is None else sent.timestamp(),
+        "sent_day": None if sent is None else sent.date().toordinal(),
+        "subject": parsed.subject or "",
+        "from_text": parsed.from_text or "",
+        "to_text": parsed.to_text or "",
+        "cc_text": parsed.cc_text or "",
+        "body_text": parsed.body_text or "",
+        "created": _now(),
+    }
+
+
+def _tx_from_row(conn: Any, account_id: int, row: Any) -> _Tx:
+    return _Tx(
+        conn,
+        account_id,
+        quota_bytes=row.quota_bytes,
+        last_change_id=row.last_change_id,
+        next_uidvalidity=row.next_uidvalidity,
+        used_bytes=row.used_bytes,
+    )
+
+
+def _new_account_row(account_id: int, quota_bytes: int | None) -> Any:
+    # Time-based first UIDVALIDITY: a recreated account id never reuses
+    # the values of its predecessor (RFC 3501 section 2.3.1.1).
+    return insert(shard_accounts).values(
+        account_id=account_id,
+        last_change_id=0,
+        next_uidvalidity=int(_now()) & 0x7FFFFFFF,
+        quota_bytes=quota_bytes,
+        used_bytes=0,
+    )
 
 
 class SqlMailStore:
@@ -285,48 +400,44 @@ class SqlMailStore:
     async def _write(self, account_id: int) -> AsyncIterator[_Tx]:
         published: list[Change] = []
         async with self.db.write() as conn:
-            lock = (
-                select(shard_accounts)
-                .where(shard_accounts.c.account_id == account_id)
-                .with_for_update()
-            )
-            row = (await conn.execute(lock)).first()
+            params = {"b_account": account_id}
+            row = (await conn.execute(_LOCK_ACCOUNT, params)).first()
             if row is None:
                 # An account this shard has not seen (created elsewhere, or
                 # moved here): start its counters now.
                 await self._insert_account_row(conn, account_id, None)
-                row = (await conn.execute(lock)).one()
-            tx = _Tx(
-                conn,
-                account_id,
-                quota_bytes=row.quota_bytes,
-                last_change_id=row.last_change_id,
-                next_uidvalidity=row.next_uidvalidity,
-                used_bytes=row.used_bytes,
-            )
+                row = (await conn.execute(_LOCK_ACCOUNT, params)).one()
+            tx = _tx_from_row(conn, account_id, row)
             yield tx
             published = await tx.flush()
         # Only committed changes are announced.
-        for change in published:
+        await self._publish(published)
+
+    async def _publish(self, changes: Sequence[Change]) -> None:
+        for change in changes:
             await self.events.publish(change)
+
+    def _begin_sync(self, conn: Connection, account_id: int) -> _Tx:
+        """The start of :meth:`_write` inside a synchronous write function
+        (:meth:`Database.write_batched`): locks the account's counters row."""
+        params = {"b_account": account_id}
+        row = execute(conn, _LOCK_ACCOUNT, params).first()
+        if row is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(_new_account_row(account_id, None))
+            except IntegrityError:
+                pass  # created concurrently: fine
+            row = execute(conn, _LOCK_ACCOUNT, params).one()
+        return _tx_from_row(conn, account_id, row)
 
     @staticmethod
     async def _insert_account_row(
         conn: AsyncConnection, account_id: int, quota_bytes: int | None
     ) -> None:
-        # Time-based first UIDVALIDITY: a recreated account id never reuses
-        # the values of its predecessor (RFC 3501 section 2.3.1.1).
         try:
             async with conn.begin_nested():
-                await conn.execute(
-                    insert(shard_accounts).values(
-                        account_id=account_id,
-                        last_change_id=0,
-                        next_uidvalidity=int(_now()) & 0x7FFFFFFF,
-                        quota_bytes=quota_bytes,
-                        used_bytes=0,
-                    )
-                )
+                await conn.execute(_new_account_row(account_id, quota_bytes))
         except IntegrityError:
             pass  # created concurrently: fine
 
@@ -383,12 +494,20 @@ class SqlMailStore:
         name: str | None = None,
         mailbox_id: int | None = None,
     ) -> Any:
-        stmt = select(mailboxes).where(mailboxes.c.account_id == account_id)
-        if name is not None:
-            stmt = stmt.where(mailboxes.c.name == name)
+        stmt, params = _mailbox_query(account_id, name, mailbox_id)
+        row = (await conn.execute(stmt, params)).first()
+        if row is None:
+            raise errors.not_found("no such mailbox")
+        return row
+
+    @staticmethod
+    def _mailbox_row_sync(conn: Connection, account_id: int, mailbox: str | int) -> Any:
+        """A mailbox row by name (normalised here) or id; NOT_FOUND if absent."""
+        if isinstance(mailbox, int):
+            stmt, params = _mailbox_query(account_id, None, mailbox)
         else:
-            stmt = stmt.where(mailboxes.c.id == mailbox_id)
-        row = (await conn.execute(stmt)).first()
+            stmt, params = _mailbox_query(account_id, normalize_mailbox_name(mailbox), None)
+        row = execute(conn, stmt, params).first()
         if row is None:
             raise errors.not_found("no such mailbox")
         return row
@@ -543,54 +662,37 @@ class SqlMailStore:
     async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
         """Stores the parsed form of a blob; threads it by Message-ID,
         In-Reply-To and References (RFC 5256 REFERENCES, simplified)."""
-        async with self.db.write() as conn:
-            message_id = await self._insert_message(conn, account_id, blob_key, parsed)
+        values = _message_values(account_id, blob_key, parsed)
+
+        def write(conn: Connection) -> int:
+            return self._insert_message_sync(conn, account_id, values, parsed)
+
+        message_id = await self.db.write_batched(write)
         self._cache_parsed(message_id, parsed)
         return message_id
 
-    async def _insert_message(
-        self, conn: AsyncConnection, account_id: int, blob_key: str, parsed: ParsedMessage
+    @staticmethod
+    def _insert_message_sync(
+        conn: Connection, account_id: int, values: dict[str, Any], parsed: ParsedMessage
     ) -> int:
-        parsed_json = codec.parsed_to_json(parsed)
-        sent = parsed.sent_date
-        if sent is not None and sent.tzinfo is None:
-            sent = sent.replace(tzinfo=dt.UTC)
+        """Inserts a message row (``values`` from :func:`_message_values`)
+        in its thread: the thread of the newest referenced message it finds,
+        else a thread of its own (the id of its first message)."""
         refs = [r for r in (*parsed.references, parsed.in_reply_to) if r]
         thread_id = None
         if refs:
-            thread_id = (
-                await conn.execute(
-                    select(messages.c.thread_id)
-                    .where(
-                        messages.c.account_id == account_id,
-                        messages.c.message_id_header.in_(refs[-50:]),
-                    )
-                    .limit(1)
+            thread_id = conn.execute(
+                select(messages.c.thread_id)
+                .where(
+                    messages.c.account_id == account_id,
+                    messages.c.message_id_header.in_(refs[-50:]),
                 )
+                .limit(1)
             ).scalar()
-        result = await conn.execute(
-            insert(messages).values(
-                account_id=account_id,
-                blob_key=blob_key,
-                size=parsed.size,
-                parsed=parsed_json,
-                thread_id=thread_id,
-                message_id_header=(parsed.message_id or None) and parsed.message_id[:998],
-                sent_date=None if sent is None else sent.timestamp(),
-                sent_day=None if sent is None else sent.date().toordinal(),
-                subject=parsed.subject or "",
-                from_text=parsed.from_text or "",
-                to_text=parsed.to_text or "",
-                cc_text=parsed.cc_text or "",
-                body_text=parsed.body_text or "",
-                created=_now(),
-            )
-        )
+        result = execute(conn, _INSERT_MESSAGE, {**values, "thread_id": thread_id})
         message_id = int(result.inserted_primary_key[0])
         if thread_id is None:
-            await conn.execute(
-                update(messages).where(messages.c.id == message_id).values(thread_id=message_id)
-            )
+            execute(conn, _SET_THREAD, {"b_id": message_id})
         return message_id
 
     async def deliver(
@@ -602,27 +704,39 @@ class SqlMailStore:
     ) -> list[AppendResult]:
         """Stores a message row and appends it to every target mailbox
         (name or id, flags, internal date) in ONE transaction: all targets
-        are committed, or none (NOT_FOUND mailbox, OVER_QUOTA). The ingest
-        path uses this so metadata commits once per account."""
-        results: list[AppendResult] = []
-        async with self._write(account_id) as tx:
-            boxes = []
-            for mailbox, _, _ in targets:
-                if isinstance(mailbox, int):
-                    box = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox)
-                else:
-                    name = normalize_mailbox_name(mailbox)
-                    box = await self._get_mailbox_row(tx.conn, account_id, name=name)
-                boxes.append(box)
-            message_id = await self._insert_message(tx.conn, account_id, blob_key, parsed)
+        are committed, or none (NOT_FOUND mailbox, OVER_QUOTA, INVALID flag).
+        The ingest path uses this so metadata commits once per account.
+
+        Durable, visible and published when it returns. On SQLite concurrent
+        deliveries share one group commit (see ``Database.write_batched``).
+        """
+        # Everything that needs no database is prepared here, off the writer.
+        values = _message_values(account_id, blob_key, parsed)
+        now = dt.datetime.now(dt.UTC)
+        # Flag iterables may be one-shot; the write function may run later.
+        targets = [(box, tuple(flags), date) for box, flags, date in targets]
+
+        def write(conn: Connection) -> tuple[list[AppendResult], list[Change], int]:
+            tx = self._begin_sync(conn, account_id)
+            boxes = [self._mailbox_row_sync(conn, account_id, t[0]) for t in targets]
+            message_id = self._insert_message_sync(conn, account_id, values, parsed)
+            results = []
             uidnext: dict[int, tuple[int, int]] = {}
             for box, (_, flags, internal_date) in zip(boxes, targets, strict=True):
+                mask, keywords = split_flags(flags)
+                when = _split_date(internal_date or now)
                 uid, modseq = uidnext.get(box.id, (box.uidnext, box.highestmodseq))
-                result = await self._append_entry(
-                    tx, box, uid, modseq, message_id, parsed.size, flags, internal_date
+                result = self._append_entry_sync(
+                    tx, box, uid, modseq, message_id, parsed.size, mask, keywords, when
                 )
                 uidnext[box.id] = (result.uid + 1, result.modseq)
                 results.append(result)
+            return results, tx.flush_sync(conn), message_id
+
+        async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:
+            await self._publish(outcome[1])
+
+        results, _, message_id = await self.db.write_batched(write, published)
         self._cache_parsed(message_id, parsed)
         return results
 
@@ -658,7 +772,8 @@ class SqlMailStore:
         ).scalar()
         return int(used or 0)
 
-    async def _check_quota(self, tx: _Tx, adding: int) -> None:
+    @staticmethod
+    def _check_quota(tx: _Tx, adding: int) -> None:
         # RFC 9208 STORAGE: the sum of message sizes in every mailbox.
         if tx.quota_bytes is not None and adding > 0:
             if tx.used_bytes + tx.used_delta + adding > tx.quota_bytes:
@@ -674,23 +789,30 @@ class SqlMailStore:
     ) -> AppendResult:
         """The next UID of the mailbox; OVER_QUOTA if the account would exceed
         its quota. Durable and published on return."""
-        async with self._write(account_id) as tx:
-            conn = tx.conn
-            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            size = (
-                await conn.execute(
-                    select(messages.c.size).where(
-                        messages.c.id == message_id, messages.c.account_id == account_id
-                    )
-                )
+        flags = tuple(flags)
+        when = _split_date(internal_date or dt.datetime.now(dt.UTC))
+
+        def write(conn: Connection) -> tuple[AppendResult, list[Change]]:
+            tx = self._begin_sync(conn, account_id)
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            size = execute(
+                conn, _MESSAGE_SIZE, {"b_id": message_id, "b_account": account_id}
             ).scalar()
             if size is None:
                 raise errors.not_found("no such message")
-            return await self._append_entry(
-                tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, size, flags, internal_date
+            mask, keywords = split_flags(flags)
+            result = self._append_entry_sync(
+                tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, size, mask, keywords, when
             )
+            return result, tx.flush_sync(conn)
 
-    async def _append_entry(
+        async def published(outcome: tuple[AppendResult, list[Change]]) -> None:
+            await self._publish(outcome[1])
+
+        result, _ = await self.db.write_batched(write, published)
+        return result
+
+    def _append_entry_sync(
         self,
         tx: _Tx,
         mbox: Any,
@@ -698,42 +820,38 @@ class SqlMailStore:
         highestmodseq: int,
         message_id: int,
         size: int,
-        flags: Iterable[str],
-        internal_date: dt.datetime | None,
+        mask: int,
+        keywords: list[str],
+        when: tuple[int, int, int],
     ) -> AppendResult:
-        # ``uid``/``highestmodseq``: the mailbox counters as this transaction sees them.
-        mask, keywords = split_flags(flags)
-        micros, tz, day = _split_date(internal_date or dt.datetime.now(dt.UTC))
-        await self._check_quota(tx, size)
+        """Appends one entry at ``uid`` with a new modseq above
+        ``highestmodseq`` (the mailbox counters as this transaction sees
+        them); ``mask``/``keywords`` from :func:`split_flags`, ``when`` from
+        :func:`_split_date`. OVER_QUOTA if it does not fit."""
+        micros, tz, day = when
+        self._check_quota(tx, size)
         tx.used_delta += size
         modseq = highestmodseq + 1
+        kw_text = _keywords_text(keywords)
         conn = tx.conn
-        await conn.execute(
-            update(mailboxes)
-            .where(mailboxes.c.id == mbox.id)
-            .values(uidnext=uid + 1, highestmodseq=modseq)
+        execute(conn, _BUMP_MAILBOX, {"b_id": mbox.id, "b_uidnext": uid + 1, "b_modseq": modseq})
+        execute(
+            conn,
+            _INSERT_ENTRY,
+            {
+                "mailbox_id": mbox.id,
+                "uid": uid,
+                "message_id": message_id,
+                "sysflags": mask,
+                "keywords": kw_text,
+                "modseq": modseq,
+                "internal_date": micros,
+                "internal_tz": tz,
+                "internal_day": day,
+                "size": size,
+            },
         )
-        await conn.execute(
-            insert(E).values(
-                mailbox_id=mbox.id,
-                uid=uid,
-                message_id=message_id,
-                sysflags=mask,
-                keywords=_keywords_text(keywords),
-                modseq=modseq,
-                internal_date=micros,
-                internal_tz=tz,
-                internal_day=day,
-                size=size,
-            )
-        )
-        tx.change(
-            ChangeKind.NEW,
-            mbox.id,
-            uid,
-            modseq,
-            {"flags": sorted(_flags_of(mask, _keywords_text(keywords)))},
-        )
+        tx.change(ChangeKind.NEW, mbox.id, uid, modseq, {"flags": sorted(_flags_of(mask, kw_text))})
         return AppendResult(mbox.id, mbox.uidvalidity, uid, modseq)
 
     async def _max_uid(self, conn: AsyncConnection, mailbox_id: int) -> int | None:
@@ -1138,7 +1256,7 @@ class SqlMailStore:
             await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
             dest = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=dest_mailbox_id)
             rows = await self._select_entries(tx.conn, mailbox_id, uids, self._COPY_COLUMNS)
-            await self._check_quota(tx, sum(r.size for r in rows))
+            self._check_quota(tx, sum(r.size for r in rows))
             pairs = await self._copy_entries(tx, rows, dest)
         return CopyResult(dest.uidvalidity, tuple(pairs))
 

@@ -1,0 +1,318 @@
+"""SQLite group commit of deliveries, the route cache and the blob fast path.
+
+What a user would notice: many SMTP sessions delivering at once each get
+their own UID, change-log entry and event, in order; one refused delivery
+(missing mailbox, full quota, bad flag) never takes the others down with it
+nor leaves anything of itself behind; a database failure refuses them all
+as temporary (the clients retry), and a delivery whose client went away
+is still committed and announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+from argon2.profiles import CHEAPEST
+from sqlalchemy.exc import OperationalError
+
+import storage.sql.directory as directory_mod
+from storage import open_storage_from_url
+from storage.backend import SqlStorage
+from storage.errors import ErrorKind, StorageError
+from storage.ingest import Delivery, ingest_each
+from storage.model import Account, AppendResult, ChangeKind
+from storage.sql.db import Database
+from tests.contract.mailfactory import build
+
+HASHER = PasswordHasher.from_parameters(CHEAPEST)
+
+
+async def open_site(tmp_path: Path) -> SqlStorage:
+    return await open_storage_from_url(
+        f"sqlite+aiosqlite:///{tmp_path / 'mail.db'}", tmp_path / "blobs", password_hasher=HASHER
+    )
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[SqlStorage]:
+    s = await open_site(tmp_path)
+    try:
+        await s.directory.add_domain("example.net")
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def bob(site: SqlStorage) -> Account:
+    return await site.directory.add_account("bob@example.net", "pw")
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the group commits the writer thread ran."""
+    sizes: list[int] = []
+    original = Database._run_batch
+
+    def counting(self: Database, fns):  # type: ignore[no-untyped-def]
+        sizes.append(len(fns))
+        return original(self, fns)
+
+    monkeypatch.setattr(Database, "_run_batch", counting)
+    return sizes
+
+
+async def deliver(site: SqlStorage, account: Account, target="INBOX", flags=()):  # type: ignore[no-untyped-def]
+    raw, parsed = build()
+    key = await site.blobs.put(raw)
+    return await site.mail(account).deliver(account.id, key, parsed, [(target, flags, None)])
+
+
+async def at_once(site: SqlStorage, *calls) -> list:  # type: ignore[no-untyped-def]
+    """Deliveries started together (blobs written first), as concurrent
+    SMTP sessions reaching end of data: (account, target, flags) each."""
+    made = []
+    for _ in calls:
+        raw, parsed = build()
+        made.append((await site.blobs.put(raw), parsed))
+    return await asyncio.gather(
+        *(
+            site.mail(account).deliver(account.id, key, parsed, [(target, flags, None)])
+            for (account, target, flags), (key, parsed) in zip(calls, made, strict=True)
+        ),
+        return_exceptions=True,
+    )
+
+
+async def test_concurrent_deliveries_share_commits_in_uid_order(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    mail = site.mail(bob)
+    sub = site.events.subscribe(bob.id)
+    try:
+        results = await at_once(site, *[(bob, "INBOX", ())] * 40)
+        uids = [r[0].uid for r in results]
+        assert sorted(uids) == list(range(1, 41))
+        assert len({r[0].modseq for r in results}) == 40
+        assert sum(batches) == 40 and len(batches) < 40  # shared commits
+        inbox = await mail.get_mailbox(bob.id, "INBOX")
+        assert inbox.uidnext == 41
+        assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == list(range(1, 41))
+        # One change-log entry and one event per delivery, ids without gaps.
+        changes = [c for c in await mail.account_changes(bob.id, 0) if c.kind is ChangeKind.NEW]
+        assert sorted(c.uid for c in changes) == list(range(1, 41))
+        ids = [c.id for c in await mail.account_changes(bob.id, 0)]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+        seen = [await sub.get(timeout=1) for _ in range(40)]
+        assert sorted(c.uid for c in seen if c is not None) == list(range(1, 41))
+    finally:
+        sub.close()
+
+
+async def test_a_refused_delivery_undoes_only_itself(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    small = await site.directory.add_account("small@example.net", "pw", quota_bytes=10)
+    sub = site.events.subscribe(bob.id)
+    try:
+        outcomes = await at_once(
+            site,
+            (bob, "INBOX", ()),
+            (bob, "No/Such/Box", ()),
+            (small, "INBOX", ()),
+            (bob, "INBOX", ("bad flag",)),
+            (bob, "Archive", ()),
+        )
+        assert batches[-1] == 5  # all in one transaction
+        kinds = [o.kind if isinstance(o, StorageError) else None for o in outcomes]
+        assert kinds == [None, ErrorKind.NOT_FOUND, ErrorKind.OVER_QUOTA, ErrorKind.INVALID, None]
+        mail = site.mail(bob)
+        inbox = await mail.get_mailbox(bob.id, "INBOX")
+        archive = await mail.get_mailbox(bob.id, "Archive")
+        assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1]
+        assert [e.uid for e in await mail.uids(bob.id, archive.id)] == [1]
+        assert await site.mail(small).quota_used(small.id) == 0
+        assert len(await site.mail(bob).referenced_blobs()) == 2  # no row of the refused
+        new = [c for c in await mail.account_changes(bob.id, 0) if c.kind is ChangeKind.NEW]
+        assert len(new) == 2
+        got = [await sub.get(timeout=1), await sub.get(timeout=1), await sub.get(timeout=0.05)]
+        assert [c.mailbox_id for c in got if c is not None] == [inbox.id, archive.id]
+    finally:
+        sub.close()
+
+
+async def test_a_database_failure_refuses_the_whole_group_as_temporary(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    db = site.databases["default"]
+
+    def broken(conn):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+
+    raw, parsed = build()
+    key = await site.blobs.put(raw)
+    outcomes = await asyncio.gather(
+        site.mail(bob).deliver(bob.id, key, parsed, [("INBOX", (), None)]),
+        db.write_batched(broken),
+        return_exceptions=True,
+    )
+    assert batches[-1] == 2
+    for outcome in outcomes:
+        assert isinstance(outcome, StorageError) and outcome.kind is ErrorKind.TEMPORARY
+    inbox = await site.mail(bob).get_mailbox(bob.id, "INBOX")
+    assert await site.mail(bob).uids(bob.id, inbox.id) == []
+    # The writer recovers: the next delivery commits.
+    (result,) = await deliver(site, bob)
+    assert result.uid == 1
+
+
+async def test_a_delivery_cancelled_while_queued_writes_nothing(
+    site: SqlStorage, bob: Account
+) -> None:
+    """The SMTP client went away before its delivery reached the database:
+    nothing is stored (it never got its 250, it will retry)."""
+    raw, parsed = build()
+    key = await site.blobs.put(raw)
+    task = asyncio.create_task(site.mail(bob).deliver(bob.id, key, parsed, [("INBOX", (), None)]))
+    await asyncio.sleep(0)  # queued, not yet written
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (result,) = await deliver(site, bob)  # the writer goes on
+    assert result.uid == 1
+    assert key not in await site.mail(bob).referenced_blobs()
+
+
+async def test_a_write_cancelled_once_running_commits_and_is_announced(site: SqlStorage) -> None:
+    db = site.databases["default"]
+    running, release = threading.Event(), threading.Event()
+    announced: list[int] = []
+
+    def write(conn):  # type: ignore[no-untyped-def]
+        running.set()
+        release.wait(5)
+        conn.exec_driver_sql("INSERT INTO domains (name) VALUES ('late.example')")
+        return 7
+
+    async def after_commit(result: int) -> None:
+        announced.append(result)
+
+    task = asyncio.create_task(db.write_batched(write, after_commit))
+    assert await asyncio.to_thread(running.wait, 5)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if announced:
+            break
+        await asyncio.sleep(0.01)
+    assert announced == [7]
+    assert "late.example" in [d.name for d in await site.directory.list_domains()]
+
+
+async def test_close_finishes_queued_deliveries(tmp_path: Path) -> None:
+    site = await open_site(tmp_path)
+    await site.directory.add_domain("example.net")
+    bob = await site.directory.add_account("bob@example.net", "pw")
+    pending = [asyncio.ensure_future(deliver(site, bob)) for _ in range(5)]
+    await asyncio.sleep(0.05)  # blobs written, deliveries queued or running
+    await site.close()
+    assert sorted(r[0].uid for r in await asyncio.gather(*pending)) == [1, 2, 3, 4, 5]
+    site = await open_site(tmp_path)
+    try:
+        inbox = await site.mail(bob).get_mailbox(bob.id, "INBOX")
+        assert len(await site.mail(bob).uids(bob.id, inbox.id)) == 5
+    finally:
+        await site.close()
+
+
+async def test_several_stores_share_the_database_file(tmp_path: Path) -> None:
+    """Two instances (two mtad processes) write the same SQLite file."""
+    one = await open_site(tmp_path)
+    two = await open_site(tmp_path)
+    try:
+        await one.directory.add_domain("example.net")
+        bob = await one.directory.add_account("bob@example.net", "pw")
+        results = await asyncio.gather(
+            *(deliver(one, bob) for _ in range(10)), *(deliver(two, bob) for _ in range(10))
+        )
+        assert sorted(r[0].uid for r in results) == list(range(1, 21))
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_one_message_to_several_accounts_commits_once(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    """SMTP with several local recipients: one transaction for all of them."""
+    carol = await site.directory.add_account("carol@example.net", "pw")
+    dave = await site.directory.add_account("dave@example.net", "pw")
+    raw, _ = build()
+    outcomes = await ingest_each(
+        site, [Delivery(bob), Delivery(carol), Delivery(dave, "No/Such")], raw
+    )
+    assert batches[-1] == 3
+    assert [type(o) for o in outcomes] == [AppendResult, AppendResult, StorageError]
+    for account in (bob, carol):
+        inbox = await site.mail(account).get_mailbox(account.id, "INBOX")
+        assert len(await site.mail(account).uids(account.id, inbox.id)) == 1
+
+
+# --- the route cache (SqlDirectory.resolve on every RCPT) -----------------------
+
+
+async def test_local_directory_writes_are_seen_at_once(site: SqlStorage) -> None:
+    d = site.directory
+    assert (await d.resolve("carol@example.net")).accounts == ()
+    carol = await d.add_account("carol@example.net", "pw")
+    assert (await d.resolve("carol@example.net")).accounts == (carol,)
+    await d.add_alias("team@example.net", "carol@example.net")
+    assert (await d.resolve("team@example.net")).accounts == (carol,)
+    await d.remove_alias("team@example.net")
+    assert (await d.resolve("team@example.net")).accounts == ()
+    await d.remove_account("carol@example.net")
+    assert (await d.resolve("carol@example.net")).accounts == ()
+
+
+async def test_another_instances_change_is_seen_within_the_cache_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(directory_mod, "ROUTE_CACHE_SECONDS", 0.3)
+    mx = await open_site(tmp_path)
+    admin = await open_site(tmp_path)  # mailctl, in its own process
+    try:
+        await admin.directory.add_domain("example.net")
+        assert (await mx.directory.resolve("dave@example.net")).accounts == ()
+        dave = await admin.directory.add_account("dave@example.net", "pw")
+        assert (await mx.directory.resolve("dave@example.net")).accounts == ()  # cached
+        await asyncio.sleep(0.35)
+        assert (await mx.directory.resolve("dave@example.net")).accounts == (dave,)
+    finally:
+        await mx.close()
+        await admin.close()
+
+
+# --- the blob store's worker-thread write ------------------------------------------
+
+
+async def test_put_sync_is_content_addressed_and_leaves_no_temp_files(
+    site: SqlStorage, tmp_path: Path
+) -> None:
+    blobs = site.blobs
+    key = await asyncio.to_thread(blobs.put_sync, b"raw message\r\n")
+    assert await asyncio.to_thread(blobs.put_sync, b"raw message\r\n") == key
+    assert await blobs.get(key) == b"raw message\r\n"
+    leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    # The tree removed under a running store (an operator's cleanup): made again.
+    blobs.path(key).unlink()
+    blobs.path(key).parent.rmdir()
+    assert await blobs.put(b"raw message\r\n") == key
+    assert await blobs.get(key) == b"raw message\r\n"
