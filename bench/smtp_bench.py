@@ -2,10 +2,14 @@
 
 Starts mtad as its own process (``python -m mtad``) on a fresh data dir with
 one local account, or drives an already running server (``--port``, with
-``--pid`` to measure its CPU). Reports messages/s and server CPU seconds per
-message (utime + stime from /proc). Never part of the test run.
+``--pid`` to measure its CPU). ``--processes N`` starts N mtad processes
+sharing the port (SO_REUSEPORT) and the SQLite database, the multi-process
+deployment on one host. Reports messages/s, server CPU per message (utime +
+stime from /proc, all server processes) and the client's own CPU per message
+(it shares the machine). Never part of the test run.
 
     python bench/smtp_bench.py --messages 2000 --sessions 20
+    python bench/smtp_bench.py --messages 2000 --sessions 20 --processes 2
     python bench/smtp_bench.py --port 2525 --pid 1234 --rcpt user@example.net
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -33,6 +38,11 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its reaped children are not counted)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_message(size: int, n: int, rcpt: str) -> bytes:
@@ -101,46 +111,49 @@ async def main() -> None:
     parser.add_argument("--port", type=int, help="bench a running server instead")
     parser.add_argument("--pid", type=int, help="server pid, for CPU accounting")
     parser.add_argument("--checks", action="store_true", help="keep SPF/DKIM checks on")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="mtad processes sharing the port (SO_REUSEPORT)"
+    )
     args = parser.parse_args()
 
-    proc = None
+    procs: list[asyncio.subprocess.Process] = []
     tmp = None
-    port, pid = args.port, args.pid
+    port = args.port
+    pids = [args.pid] if args.pid else []
     if port is None:
         tmp = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
         await prepare(tmp / "data", args.rcpt)
         port = free_port()
+        submission, submissions = free_port(), free_port()
         argv = [
             sys.executable, "-m", "mtad",
             "-o", f"server.data_dir='{tmp / 'data'}'",
             "-o", "server.log_level='WARNING'",
             "-o", f"smtp.mx_listen=['127.0.0.1:{port}']",
-            "-o", f"smtp.submission_listen=['127.0.0.1:{free_port()}']",
-            "-o", f"smtp.submissions_listen=['127.0.0.1:{free_port()}']",
+            "-o", f"smtp.submission_listen=['127.0.0.1:{submission}']",
+            "-o", f"smtp.submissions_listen=['127.0.0.1:{submissions}']",
             "-o", "smtp.rate_limit_per_ip=0",
             "-o", f"smtp.max_connections_per_ip={args.sessions + 5}",
         ]
         if not args.checks:
             argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO)
-        pid = proc.pid
-        for _ in range(300):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-        else:
-            raise SystemExit("mtad did not start")
+        for _ in range(args.processes):
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=REPO, stderr=asyncio.subprocess.PIPE
+            )
+            procs.append(proc)
+            await wait_ready(proc)
+        pids = [p.pid for p in procs]
     try:
         # A short warm-up so imports and first connections do not count.
         await run_load(port, min(40, args.messages), min(4, args.sessions), args.size, args.rcpt)
-        cpu_before = cpu_seconds(pid) if pid else None
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        client_before = client_cpu_seconds()
         elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt)
-        cpu_after = cpu_seconds(pid) if pid else None
+        client = client_cpu_seconds() - client_before
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             await proc.wait()
         if tmp is not None:
@@ -148,9 +161,28 @@ async def main() -> None:
     print(f"messages:      {args.messages} x {args.size} bytes, {args.sessions} sessions")
     print(f"elapsed:       {elapsed:.2f} s")
     print(f"throughput:    {args.messages / elapsed:.1f} messages/s")
-    if cpu_before is not None and cpu_after is not None:
-        cpu = cpu_after - cpu_before
-        print(f"server CPU:    {cpu:.2f} s ({1000 * cpu / args.messages:.2f} ms per message)")
+    if pids:
+        print(
+            f"server CPU:    {cpu:.2f} s ({1000 * cpu / args.messages:.2f} ms per message, "
+            f"{len(pids)} process{'es' if len(pids) > 1 else ''})"
+        )
+    print(f"client CPU:    {client:.2f} s ({1000 * client / args.messages:.2f} ms per message)")
+
+
+async def wait_ready(proc: asyncio.subprocess.Process) -> None:
+    """Until the daemon says it is ready (each of several sharing a port)."""
+    assert proc.stderr is not None
+    while line := await asyncio.wait_for(proc.stderr.readline(), 60):
+        sys.stderr.write(line.decode(errors="replace"))
+        if line.startswith(b"shardmail ready"):
+            asyncio.get_running_loop().create_task(drain(proc.stderr))
+            return
+    raise SystemExit("mtad did not start")
+
+
+async def drain(stream: asyncio.StreamReader) -> None:
+    while line := await stream.readline():
+        sys.stderr.write(line.decode(errors="replace"))
 
 
 if __name__ == "__main__":

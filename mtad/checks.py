@@ -175,13 +175,17 @@ async def authenticate_message(
     dkim_enabled: bool = True,
 ) -> AuthenticationResults:
     """SPF and DKIM concurrently, then DMARC from both."""
-    spf_task = (
-        check_spf(resolver, client_ip, mail_from, helo, authserv_id) if spf_enabled else None
-    )
-    dkim_task = check_dkim(resolver, message) if dkim_enabled else None
-    spf_result, dkim_results = await asyncio.gather(
-        spf_task or _none(), dkim_task or _empty()
-    )
+    spf_result: SpfResult | None = None
+    dkim_results: tuple[DkimResult, ...] = ()
+    if spf_enabled and dkim_enabled:
+        spf_result, dkim_results = await asyncio.gather(
+            check_spf(resolver, client_ip, mail_from, helo, authserv_id),
+            check_dkim(resolver, message),
+        )
+    elif spf_enabled:  # one check alone needs no tasks
+        spf_result = await check_spf(resolver, client_ip, mail_from, helo, authserv_id)
+    elif dkim_enabled:
+        dkim_results = await check_dkim(resolver, message)
     domains = from_domains(message)
     from_domain = domains[0] if len(set(domains)) == 1 and domains[0] else None
     dmarc_result = await dmarc.evaluate(
@@ -192,11 +196,3 @@ async def authenticate_message(
         [d.domain for d in dkim_results if d.result == "pass"],
     )
     return AuthenticationResults(authserv_id, spf_result, tuple(dkim_results), dmarc_result)
-
-
-async def _none() -> None:
-    return None
-
-
-async def _empty() -> tuple[DkimResult, ...]:
-    return ()

@@ -45,23 +45,31 @@ class DataReader:
         self._at_line_start = True
 
     def feed(self, line: bytes) -> bool:
-        if self._at_line_start and line == b".\r\n":
-            return True
+        if self._at_line_start:
+            if line == b".\r\n":
+                return True
+            if line[:1] == b".":
+                line = line[1:]  # RFC 5321 section 4.5.2 transparency
+        n = len(line)
         complete = line.endswith(b"\r\n")
-        if self._at_line_start and line.startswith(b"."):
-            line = line[1:]  # RFC 5321 section 4.5.2 transparency
         self._at_line_start = complete
-        body = line[:-2] if complete else line
         if self.verdict is DataVerdict.OK:
-            if b"\n" in body or b"\r" in body:
+            # A CR or LF other than the final CRLF is bare (without copying the line).
+            if complete:
+                bare = line.find(b"\r") != n - 2 or line.find(b"\n") != n - 1
+            else:
+                bare = b"\n" in line or b"\r" in line
+            if bare:
                 self.verdict = DataVerdict.BARE_LINE_ENDING
-            elif not complete or len(line) > self.max_line:
+            elif not complete or n > self.max_line:
                 self.verdict = DataVerdict.LINE_TOO_LONG
-        self.size += len(line)
-        if self.verdict is DataVerdict.OK and self.size > self.max_size:
-            self.verdict = DataVerdict.TOO_BIG
+        self.size += n
         if self.verdict is DataVerdict.OK:
-            self._chunks.append(line)
+            if self.size > self.max_size:
+                self.verdict = DataVerdict.TOO_BIG
+                self._chunks = []
+            else:
+                self._chunks.append(line)
         elif self._chunks:
             self._chunks = []  # stop holding what will be refused
         return False

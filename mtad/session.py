@@ -575,14 +575,21 @@ class SmtpSession(SMTP):
         await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
         smtp = self.ctx.settings.smtp
         data = DataReader(smtp.max_message_size, smtp.max_line_length)
+        # The hot loop of the server (one pass per text line): locals only.
+        # Each line pushes the RFC 5321 section 4.5.3.2.5 data-block deadline
+        # forward; the timer itself is re-armed lazily (see _reset_timeout).
+        timeout = smtp.data_timeout_seconds
+        self._reset_timeout(timeout)
+        readuntil, feed, clock = self._reader.readuntil, data.feed, self.loop.time
         while self.transport is not None:
-            self._reset_timeout(smtp.data_timeout_seconds)
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                line = await readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:
                 data.fragment(await self._reader.read(exc.consumed))
+                self._deadline = clock() + timeout
                 continue
-            if data.feed(line):
+            self._deadline = clock() + timeout
+            if feed(line):
                 break
         self._reset_timeout()
         if self.transport is None:
@@ -671,7 +678,25 @@ class SmtpSession(SMTP):
             len(txn.routing.remote),
             len(message),
         )
+        if self.mode is Mode.MX and not mail_from and delivered:
+            await self._process_bounce(queue_id, content)
         return R.QUEUED.with_text(f"OK: queued as {queue_id}")
+
+    async def _process_bounce(self, queue_id: str, content: bytes) -> None:
+        """A null-sender message on the MX port may be an RFC 3464 report about
+        mail we sent: mark the recipient hard/soft bounced (and suppress
+        repeat offenders). The message itself is already delivered; a
+        failure here only loses the bookkeeping."""
+        from mtad.outbound.feedback import process_incoming_dsn
+
+        try:
+            await process_incoming_dsn(
+                self.ctx.storage,
+                content,
+                suppress_after=self.ctx.settings.queue.suppress_after_hard_bounces,
+            )
+        except StorageError as err:
+            log.warning("%s: DSN feedback failed: %s", queue_id, err)
 
 
 __all__ = ["Mode", "SmtpContext", "SmtpSession", "sender_allowed"]

@@ -1,0 +1,80 @@
+"""The DATA line consumer against a straightforward reference.
+
+``DataReader.feed`` is the server's hottest loop, written to avoid copying
+lines; this checks it decides exactly as the plain reading of RFC 5321
+sections 2.3.8, 4.5.2 and 4.5.3.1.6 does, for any sequence of lines and
+line fragments: same end of data, verdict, size and content.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtad.data import DataReader, DataVerdict
+
+
+class Reference:
+    """The rules spelled out, one copy per line."""
+
+    def __init__(self, max_size: int, max_line: int) -> None:
+        self.max_size, self.max_line = max_size, max_line
+        self.size, self.verdict, self.chunks, self.at_start = 0, DataVerdict.OK, [], True
+
+    def feed(self, line: bytes) -> bool:
+        if self.at_start and line == b".\r\n":
+            return True
+        complete = line.endswith(b"\r\n")
+        if self.at_start and line.startswith(b"."):
+            line = line[1:]
+        self.at_start = complete
+        body = line[:-2] if complete else line
+        if self.verdict is DataVerdict.OK:
+            if b"\n" in body or b"\r" in body:
+                self.verdict = DataVerdict.BARE_LINE_ENDING
+            elif not complete or len(line) > self.max_line:
+                self.verdict = DataVerdict.LINE_TOO_LONG
+        self.size += len(line)
+        if self.verdict is DataVerdict.OK and self.size > self.max_size:
+            self.verdict = DataVerdict.TOO_BIG
+        if self.verdict is DataVerdict.OK:
+            self.chunks.append(line)
+        else:
+            self.chunks = []
+        return False
+
+
+_piece = st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"x" * 7, b" ", b"\xff"])
+# A "line" as readuntil(b"\r\n") hands it over: text then CRLF, or a fragment.
+_line = st.builds(
+    lambda parts, crlf: b"".join(parts) + (b"\r\n" if crlf else b""),
+    st.lists(_piece, max_size=6),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lines=st.lists(_line, max_size=12),
+    max_size=st.integers(min_value=0, max_value=60),
+    max_line=st.integers(min_value=2, max_value=20),
+)
+def test_feed_decides_as_the_reference(lines: list[bytes], max_size: int, max_line: int) -> None:
+    fast, ref = DataReader(max_size, max_line), Reference(max_size, max_line)
+    for line in lines:
+        ended = fast.feed(line)
+        assert ended == ref.feed(line)
+        assert (fast.verdict, fast.size) == (ref.verdict, ref.size)
+        if ended:
+            break
+    if fast.verdict is DataVerdict.OK:
+        assert fast.content == b"".join(ref.chunks)
+
+
+def test_typical_message_lines() -> None:
+    reader = DataReader(10_000)
+    lines = [b"Subject: x\r\n", b"\r\n", b"..leading dot\r\n", b"end.\r\n"]
+    assert not any(reader.feed(line) for line in lines)
+    assert reader.feed(b".\r\n")
+    assert reader.verdict is DataVerdict.OK
+    assert reader.content == b"Subject: x\r\n\r\n.leading dot\r\nend.\r\n"
