@@ -33,6 +33,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from conf.settings import Settings
+from httpapi.metrics import AUTH_FAILURES, CONNECTIONS, CONNECTIONS_TOTAL, MESSAGES_RECEIVED
 from mtad import replies as R
 from mtad.address import Path, PathSyntaxError, parse_path
 from mtad.checks import authenticate_message
@@ -269,10 +270,17 @@ class SmtpSession(SMTP):
             return
         self._counted = True
         self.ctx.sessions.add(self)
+        CONNECTIONS.inc(protocol=self._protocol_label)
+        CONNECTIONS_TOTAL.inc(protocol=self._protocol_label)
         try:
             await super()._handle_client()
         finally:
+            CONNECTIONS.dec(protocol=self._protocol_label)
             self._release()
+
+    @property
+    def _protocol_label(self) -> str:
+        return "smtp" if self.mode is Mode.MX else "submission"
 
     def _release(self) -> None:
         if self._counted:
@@ -377,6 +385,7 @@ class SmtpSession(SMTP):
         keys = (f"ip:{self._client_ip}", f"login:{login.lower()}")
         if account is None:
             self._auth_failures += 1
+            AUTH_FAILURES.inc(protocol="submission")
             await self.ctx.throttle.failed(*keys)
             if self._auth_failures >= self.ctx.settings.auth.max_failures_per_connection:
                 await self.close_with(R.TOO_MANY_AUTH_FAILURES)
@@ -670,6 +679,7 @@ class SmtpSession(SMTP):
             return self._error_reply(SubmitError(err.kind, str(err)))
         for limiter, key in self._rate_keys():
             limiter.record(key)
+        MESSAGES_RECEIVED.inc(protocol=self._protocol_label)
         log.info(
             "%s: from=<%s> local=%d remote=%d size=%d",
             queue_id,

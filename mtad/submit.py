@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conf.settings import Settings
+from httpapi.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
 from mtad.address import PathSyntaxError, parse_mailbox
 from mtad.headers import return_path_field
 from storage.api import Route, Storage
@@ -148,13 +149,16 @@ async def deliver(
             if kind not in (ErrorKind.OVER_QUOTA, ErrorKind.TOO_BIG):
                 kind = ErrorKind.TEMPORARY
             raise SubmitError(kind, f"delivery to {account.address} failed: {err}", account.address)
+    if delivered:
+        MESSAGES_DELIVERED.inc(len(delivered), destination="local")
     blob_key = None
     if routing.remote:
         try:
             blob_key = await storage.blobs.put(message)
-            await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)  # type: ignore[attr-defined]
+            await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
+        MESSAGES_QUEUED.inc(len(routing.remote))
     return delivered, blob_key
 
 

@@ -16,6 +16,7 @@ import ssl
 import weakref
 from typing import TYPE_CHECKING
 
+from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from imapd.imap.session import ServerContext, Session
 from imapd.imap.wire.framing import FrameEvent, Framer
 from storage.throttle import AuthThrottle
@@ -64,6 +65,8 @@ class ImapConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ctx.connections.add(self)
+        CONNECTIONS.inc(protocol="imap")
+        CONNECTIONS_TOTAL.inc(protocol="imap")
         session = Session(self, self.ctx)
         self._task = asyncio.get_running_loop().create_task(session.run())
 
@@ -82,6 +85,8 @@ class ImapConnection(asyncio.Protocol):
         return not self.is_tls
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.ctx.connections:
+            CONNECTIONS.dec(protocol="imap")
         self.ctx.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()

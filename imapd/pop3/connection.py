@@ -13,6 +13,8 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
+from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
+
 # Stop reading from the socket while this much unread input is buffered
 # (pipelined commands, RFC 2449 section 6.6); resume below the low mark.
 READ_HIGH_WATER = 256 * 1024
@@ -50,6 +52,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        CONNECTIONS.inc(protocol="pop3")
+        CONNECTIONS_TOTAL.inc(protocol="pop3")
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
@@ -65,6 +69,7 @@ class Connection(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        CONNECTIONS.dec(protocol="pop3")
         self._eof = True
         self._wake_reader()
         self._write_paused = False

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conf.settings import Settings
+from httpapi.metrics import AUTH_FAILURES
 from imapd.pop3.connection import Connection, LineTooLong
 from imapd.pop3.maildrop import Maildrop, NoSuchMessage
 from imapd.pop3.wire import (
@@ -300,6 +301,7 @@ class Session:
             raise Refused("APOP not supported")
         if len(command.args) != 2:
             raise Refused("syntax: APOP name digest")
+        AUTH_FAILURES.inc(protocol="pop3")
         await self.ctx.throttle.failed(self.conn.peer_ip, command.args[0].lower())
         self.auth_failures += 1
         self.conn.write(err("APOP is not available for this account, use STLS and USER/PASS",
@@ -325,6 +327,7 @@ class Session:
 
     async def _auth_failed(self, login: str) -> None:
         # Slow the guesser down before the reply (storage/throttle.py).
+        AUTH_FAILURES.inc(protocol="pop3")
         await self.ctx.throttle.failed(self.conn.peer_ip, login.lower())
         self.auth_failures += 1
         log.info("pop3 failed login %r from %s", login[:64], self.conn.peer_ip)

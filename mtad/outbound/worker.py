@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conf.settings import Settings
+from httpapi.metrics import MESSAGES_BOUNCED, MESSAGES_DELIVERED
 from mtad.address import PathSyntaxError, domain_of, parse_mailbox
 from mtad.dns import Resolver
 from mtad.outbound.client import Reply
@@ -342,7 +343,10 @@ class QueueRunner:
         now = self.clock()
         failed = {a: r for a, r in results.items() if r.status == FAILED}
         deferred = {a: r for a, r in results.items() if r.status == DEFERRED}
-        self.stats.delivered += sum(1 for r in results.values() if r.status == DELIVERED)
+        delivered = sum(1 for r in results.values() if r.status == DELIVERED)
+        self.stats.delivered += delivered
+        MESSAGES_DELIVERED.inc(delivered, destination="remote")
+        MESSAGES_BOUNCED.inc(len(failed))
         self.stats.deferred += len(deferred)
         self.stats.failed += len(failed)
         for address, result in results.items():

@@ -9,6 +9,7 @@ import binascii
 import contextlib
 import logging
 
+from httpapi.metrics import AUTH_FAILURES
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Authenticate, Command, Enable, Id, Login
@@ -75,6 +76,7 @@ async def handle_starttls(s: Session, cmd: Command) -> Reply | None:
 async def _failed_login(s: Session, login: str) -> Reply:
     s.login_failures += 1
     # Growing delay per client address and per login name (storage.throttle).
+    AUTH_FAILURES.inc(protocol="imap")
     await s.ctx.throttle.failed(f"imap-ip:{s.conn.peer}", f"imap-user:{login.lower()}")
     limit = int(s.ctx.setting("auth", "max_failures_per_connection", 5))  # type: ignore[arg-type]
     if s.login_failures >= limit:
