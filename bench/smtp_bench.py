@@ -11,12 +11,23 @@ stime from /proc, all server processes) and the client's own CPU per message
     python bench/smtp_bench.py --messages 2000 --sessions 20
     python bench/smtp_bench.py --messages 2000 --sessions 20 --processes 2
     python bench/smtp_bench.py --port 2525 --pid 1234 --rcpt user@example.net
+    python bench/smtp_bench.py --messages 2000 --sessions 20 --compare-postfix --smtp-source
+
+``--compare-postfix`` then runs the same load against Postfix delivering to
+Dovecot over LMTP (bench/postfix_lmtp_peer.py). Postfix acknowledges at
+queue time, so it reports both "accepted/s" (until the last 250) and
+"delivered into mailboxes/s" (until the last message is in Dovecot's
+Maildir); shardmail stores into the mailbox before its 250, so for it the
+two are the same figure. ``--smtp-source`` adds a run with Postfix's C
+client ``smtp-source`` (same count, size and sessions, one connection per
+session) against each server, when /usr/sbin/smtp-source exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -114,12 +125,26 @@ async def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="mtad processes sharing the port (SO_REUSEPORT)"
     )
+    parser.add_argument(
+        "--compare-postfix",
+        action="store_true",
+        help="then the same load against Postfix delivering to Dovecot over LMTP",
+    )
+    parser.add_argument(
+        "--smtp-source",
+        action="store_true",
+        help="also drive each server with Postfix's smtp-source, if installed",
+    )
     args = parser.parse_args()
+    smtp_source = shutil.which("smtp-source", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    if args.smtp_source and smtp_source is None:
+        print("smtp-source not found (apt-get install -y postfix); skipping that client")
 
     procs: list[asyncio.subprocess.Process] = []
     tmp = None
     port = args.port
     pids = [args.pid] if args.pid else []
+    source: tuple[float, float] | None = None
     if port is None:
         tmp = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
         await prepare(tmp / "data", args.rcpt)
@@ -152,6 +177,10 @@ async def main() -> None:
         elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt)
         client = client_cpu_seconds() - client_before
         cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        if args.smtp_source and smtp_source is not None:
+            cpu_before = sum(cpu_seconds(pid) for pid in pids)
+            source_elapsed = await run_smtp_source(smtp_source, port, args)
+            source = (source_elapsed, sum(cpu_seconds(pid) for pid in pids) - cpu_before)
     finally:
         for proc in procs:
             proc.terminate()
@@ -167,6 +196,103 @@ async def main() -> None:
             f"{len(pids)} process{'es' if len(pids) > 1 else ''})"
         )
     print(f"client CPU:    {client:.2f} s ({1000 * client / args.messages:.2f} ms per message)")
+    if source is not None:
+        print(
+            f"smtp-source:   {args.messages / source[0]:.1f} messages/s "
+            f"({source[0]:.2f} s), server CPU {1000 * source[1] / args.messages:.2f} ms per message"
+        )
+    if args.compare_postfix:
+        print("\n== Postfix -> LMTP -> Dovecot (same load) ==", flush=True)
+        reference, reference_cpu = await compare_postfix(
+            args, smtp_source if args.smtp_source else None
+        )
+        mine = args.messages / elapsed
+        print(
+            f"\nratio:         shardmail {mine:.1f} / Postfix+Dovecot delivered "
+            f"{reference:.1f} messages/s = {mine / reference:.2f}x"
+        )
+        if pids:
+            print(
+                f"CPU/message:   shardmail {1000 * cpu / args.messages:.2f} ms / Postfix+Dovecot "
+                f"{1000 * reference_cpu / args.messages:.2f} ms"
+            )
+
+
+async def run_smtp_source(binary: str, port: int, args: argparse.Namespace) -> float:
+    """Wall time of one ``smtp-source`` run: ``-s`` sessions in parallel, each
+    keeping its connection (``-d``) for its share of ``-m`` messages of
+    ``-l`` bytes of payload."""
+    argv = [
+        binary, "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size), "-d",
+        "-f", "bench@sender.example", "-t", args.rcpt, f"127.0.0.1:{port}",
+    ]
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"smtp-source failed ({proc.returncode}): {out.decode(errors='replace')}")
+    return elapsed
+
+
+async def compare_postfix(
+    args: argparse.Namespace, smtp_source: str | None
+) -> tuple[float, float]:
+    """The same client load against Postfix handing mail to Dovecot over LMTP;
+    prints accepted/s, delivered-into-Maildir/s and the CPU per message of
+    every Postfix and Dovecot process; returns (delivered messages/s, server
+    CPU seconds) of the main client run."""
+    from bench.postfix_lmtp_peer import PostfixLmtpPeer
+
+    peer = PostfixLmtpPeer(args.rcpt.rpartition("@")[2])
+    peer.add_user(args.rcpt)
+    await asyncio.to_thread(peer.start)
+    try:
+        warm = min(40, args.messages)
+        await run_load(peer.port, warm, min(4, args.sessions), args.size, args.rcpt)
+        await asyncio.to_thread(peer.wait_delivered, args.rcpt, warm)
+        base = peer.delivered(args.rcpt)
+        cpu_before = peer.cpu_seconds()
+        client_before = client_cpu_seconds()
+        start = time.perf_counter()
+        accepted = await run_load(peer.port, args.messages, args.sessions, args.size, args.rcpt)
+        client = client_cpu_seconds() - client_before
+        done = await asyncio.to_thread(peer.wait_delivered, args.rcpt, base + args.messages)
+        delivered = done - start
+        await asyncio.sleep(0.2)  # lmtp/qmgr bookkeeping after the last rename
+        cpu = peer.cpu_seconds() - cpu_before
+        source: tuple[float, float, float] | None = None
+        if smtp_source is not None:
+            base = peer.delivered(args.rcpt)
+            cpu_before = peer.cpu_seconds()
+            start = time.perf_counter()
+            source_accepted = await run_smtp_source(smtp_source, peer.port, args)
+            done = await asyncio.to_thread(peer.wait_delivered, args.rcpt, base + args.messages)
+            await asyncio.sleep(0.2)
+            source = (source_accepted, done - start, peer.cpu_seconds() - cpu_before)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(peer.stop)
+    print(f"messages:      {args.messages} x {args.size} bytes, {args.sessions} sessions")
+    print(f"accepted:      {accepted:.2f} s, {args.messages / accepted:.1f} messages/s")
+    print(
+        f"delivered:     {delivered:.2f} s, {args.messages / delivered:.1f} messages/s "
+        "(into Dovecot's Maildir)"
+    )
+    print(
+        f"server CPU:    {cpu:.2f} s ({1000 * cpu / args.messages:.2f} ms per message, "
+        "all Postfix and Dovecot processes)"
+    )
+    print(f"client CPU:    {client:.2f} s ({1000 * client / args.messages:.2f} ms per message)")
+    if source is not None:
+        print(
+            f"smtp-source:   accepted {args.messages / source[0]:.1f} messages/s, delivered "
+            f"{args.messages / source[1]:.1f} messages/s ({source[1]:.2f} s), "
+            f"server CPU {1000 * source[2] / args.messages:.2f} ms per message"
+        )
+    return args.messages / delivered, cpu
 
 
 async def wait_ready(proc: asyncio.subprocess.Process) -> None:
