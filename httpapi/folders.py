@@ -8,7 +8,6 @@ shifts later pages: nothing is skipped or repeated.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
 from typing import Any
@@ -91,9 +90,9 @@ async def list_folders(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
     boxes = await mail.list_mailboxes(account.id)
-    statuses = await asyncio.gather(*(mail.status(account.id, b.id) for b in boxes))
+    status = await mail.status_all(account.id)
     pairs = sorted(
-        zip(boxes, statuses, strict=True),
+        ((b, status[b.id]) for b in boxes if b.id in status),  # deleted meanwhile: skip
         key=lambda p: (_ORDER.get(p[0].name.upper(), len(_ORDER)), p[0].name.casefold()),
     )
     return web.json_response({"folders": [folder_view(b, s) for b, s in pairs]})

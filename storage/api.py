@@ -222,6 +222,8 @@ class MailStore(Protocol):
         records tombstones, returns the expunged UIDs ascending."""
 
     async def status(self, account_id: int, mailbox_id: int) -> MailboxStatus: ...
+    async def status_all(self, account_id: int) -> dict[int, MailboxStatus]:
+        """STATUS of every mailbox of the account, by mailbox id, in one read."""
 
     async def changes_since(
         self, account_id: int, mailbox_id: int, modseq: int

@@ -9,7 +9,10 @@ function over a SQLAlchemy ``Connection`` and handed to
 :meth:`Database.write_batched`. On SQLite such functions run in one writer
 thread, several per transaction (group commit), which spares a thread hop
 per statement and an fsync per delivery; on PostgreSQL each runs in its own
-transaction through ``AsyncConnection.run_sync``.
+transaction through ``AsyncConnection.run_sync``. Hot reads likewise go to
+:meth:`Database.read_sync`: on SQLite the whole function runs in one of a
+few reader threads with their own connections (WAL readers never block the
+writer).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import concurrent.futures
 import fcntl
 import logging
 import os
+import threading
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -37,6 +41,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Most write functions one SQLite group commit runs: bounds the latency a
 # delivery waits behind others and the work one failed COMMIT undoes.
 MAX_GROUP_COMMIT = 128
+# Reader threads of :meth:`Database.read_sync` on SQLite, one connection each.
+# WAL readers never wait for the writer; the GIL makes more of them pointless.
+SQLITE_READERS = 3
 
 T = TypeVar("T")
 
@@ -192,6 +199,12 @@ class Database:
         self._writer_engine: Engine | None = None
         self._writer_conn: Connection | None = None
         self._lock_fd: int | None = None
+        # SQLite synchronous reads: a few threads, each with its own connection.
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_engine: Engine | None = None
+        self._reader_local = threading.local()
+        self._reader_conns: list[Connection] = []
+        self._reader_conns_lock = threading.Lock()
         if self.is_sqlite:
             _setup_sqlite(self.engine.sync_engine)
 
@@ -228,6 +241,89 @@ class Database:
             if err is exc:
                 raise
             raise err from exc
+
+    # --- synchronous read functions, one thread hop on SQLite ---------------
+
+    async def read_sync(self, fn: Callable[[Connection], T]) -> T:
+        """Runs ``fn(conn)`` in a read-only snapshot transaction (rolled back
+        at the end) and returns its result.
+
+        ``fn`` is synchronous and must only read through ``conn`` (it may use
+        :func:`execute`). On SQLite it runs whole in one of a few reader
+        threads, each with its own pysqlite connection: one thread hop per
+        call instead of one per statement. It sees every write committed
+        before the call started (WAL snapshot at its first read). On
+        PostgreSQL it runs through ``AsyncConnection.run_sync`` inside
+        :meth:`read`. Backend outages raise TEMPORARY.
+        """
+        if not self.is_sqlite:
+            async with self.read() as conn:
+                return await conn.run_sync(fn)
+        loop = asyncio.get_running_loop()
+        async with self._translate():
+            return await loop.run_in_executor(self._reader_pool(), self._run_read, fn)
+
+    def _reader_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = concurrent.futures.ThreadPoolExecutor(
+                max_workers=SQLITE_READERS, thread_name_prefix="sqlite-reader"
+            )
+        return self._readers
+
+    def _run_read(self, fn: Callable[[Connection], T]) -> T:
+        # Runs in a reader thread.
+        conn: Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            with self._reader_conns_lock:
+                if self._reader_engine is None:
+                    url = make_url(self.url).set(drivername="sqlite+pysqlite")
+                    self._reader_engine = create_engine(
+                        url,
+                        connect_args={
+                            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                            "check_same_thread": False,  # closed from close()
+                        },
+                    )
+                    _setup_sqlite(self._reader_engine)
+                engine = self._reader_engine
+            conn = engine.connect()
+            with self._reader_conns_lock:
+                self._reader_conns.append(conn)
+            self._reader_local.conn = conn
+        tx = conn.begin()
+        try:
+            return fn(conn)
+        finally:
+            try:
+                tx.rollback()  # a no-op when the connection was invalidated
+            except Exception:
+                self._drop_reader(conn)
+                raise
+            if conn.invalidated:
+                self._drop_reader(conn)
+
+    def _drop_reader(self, conn: Connection) -> None:
+        # A broken reader connection: the next read in this thread opens anew.
+        self._reader_local.conn = None
+        with self._reader_conns_lock:
+            if conn in self._reader_conns:
+                self._reader_conns.remove(conn)
+        try:
+            conn.invalidate()
+        except Exception:
+            pass
+
+    def _close_readers(self) -> None:
+        with self._reader_conns_lock:
+            conns, self._reader_conns = self._reader_conns, []
+            engine, self._reader_engine = self._reader_engine, None
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                log.exception("closing a reader connection failed")
+        if engine is not None:
+            engine.dispose()
 
     # --- synchronous write functions, group-committed on SQLite -------------
 
@@ -437,6 +533,12 @@ class Database:
             writer, self._writer = self._writer, None
             await asyncio.get_running_loop().run_in_executor(writer, self._close_writer)
             writer.shutdown(wait=False)
+        if self._readers is not None:
+            readers, self._readers = self._readers, None
+            loop = asyncio.get_running_loop()
+            # Reads still running finish first; then their connections close.
+            await loop.run_in_executor(None, readers.shutdown, True)
+            self._close_readers()
         await self.engine.dispose()
 
 

@@ -8,11 +8,16 @@ ids and the quota check race-free; commit order equals allocation order, so
 no session ever sees UID n+1 before UID n. Changes are published on the
 event bus only after the commit.
 
-The hot writes (``deliver``, ``append``, ``add_message``) are synchronous
-functions handed to ``Database.write_batched`` instead: on SQLite many of
-them share one transaction and one fsync in the writer thread (group
-commit), each in its own savepoint, with the same locking, ordering and
-publish-after-commit rules.
+The hot writes (``deliver``, ``append``, ``add_message``, ``store_flags``,
+``expunge``, ``claim_recent``) are synchronous functions handed to
+``Database.write_batched`` instead: on SQLite many of them share one
+transaction and one fsync in the writer thread (group commit), each in its
+own savepoint, with the same locking, ordering and publish-after-commit
+rules. The hot reads (mailbox lookups, ``status``, ``changes_since``,
+``fetch``, ``uids``...) are synchronous functions handed to
+``Database.read_sync``: one thread hop per call on SQLite instead of one per
+statement. Both run module-constant statements straight on the driver
+(``storage.sql.db.execute``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -333,6 +349,189 @@ def _mailbox_query(
     return _MAILBOX_BY_ID, {"b_account": account_id, "b_id": mailbox_id}
 
 
+# --- synchronous reads and writes (Database.read_sync / write_batched) ------
+# Every statement here is a module constant with only bound parameters, so
+# ``execute`` runs it straight on the SQLite driver.
+
+_MAX_UID = select(func.max(E.c.uid)).where(E.c.mailbox_id == bindparam("b_box"))
+# At most this many UID ranges are read one indexed range query each; more
+# become one statement (see _select_entries_sync).
+_RANGE_QUERIES = 4
+
+
+class _EntryQuery:
+    """Entry rows of one mailbox with fixed columns: the whole mailbox, or
+    one UID range, in UID order."""
+
+    def __init__(self, columns: Sequence[Any], with_message: bool) -> None:
+        stmt = select(*columns)
+        if with_message:
+            stmt = stmt.select_from(E.join(messages, messages.c.id == E.c.message_id))
+        self.base = stmt.where(E.c.mailbox_id == bindparam("b_box"))
+        self.every = self.base.order_by(E.c.uid)
+        self.range = self.base.where(
+            E.c.uid.between(bindparam("b_lo"), bindparam("b_hi"))
+        ).order_by(E.c.uid)
+
+
+_ENTRIES = _EntryQuery(_ENTRY_COLUMNS, True)
+_ENTRIES_PARSED = _EntryQuery((*_ENTRY_COLUMNS, messages.c.parsed), True)
+_ENTRY_FLAGS = _EntryQuery((E.c.uid, E.c.sysflags), False)
+
+
+def _select_entries_sync(
+    conn: Connection, mailbox_id: int, uids: UidSet | None, query: _EntryQuery
+) -> list[Any]:
+    """Rows of the mailbox's entries in ``uids`` (all if None), UID order."""
+    if uids is None:
+        return execute(conn, query.every, {"b_box": mailbox_id}).all()
+    if uids.is_empty():
+        return []
+    ranges = uids.ranges
+    if any(last is None for _first, last in ranges):
+        top = execute(conn, _MAX_UID, {"b_box": mailbox_id}).scalar()
+        if top is None:
+            return []
+        # ``n:*`` covers the highest UID even when n exceeds it (RFC 3501
+        # section 9, seq-range); resolved ranges may now overlap: merge.
+        ranges = UidSet.from_ranges(
+            (first, last) if last is not None else (min(first, top), top) for first, last in ranges
+        ).ranges
+    if len(ranges) <= _RANGE_QUERIES:
+        rows: list[Any] = []
+        for lo, hi in ranges:
+            params = {"b_box": mailbox_id, "b_lo": lo, "b_hi": hi}
+            rows.extend(execute(conn, query.range, params).all())
+        return rows
+    bounded = UidSet(ranges)
+    cond = crit.uid_condition(E.c.uid, bounded, None)
+    if cond is not None:
+        stmt = query.base.where(cond).order_by(E.c.uid)
+        return list(conn.execute(stmt, {"b_box": mailbox_id}).all())
+    matcher = crit.UidMatcher(bounded, None)
+    params = {"b_box": mailbox_id, "b_lo": ranges[0][0], "b_hi": ranges[-1][1]}
+    return [r for r in execute(conn, query.range, params).all() if r.uid in matcher]
+
+
+_STORE_FLAGS = (
+    update(E)
+    .where(E.c.mailbox_id == bindparam("b_box"), E.c.uid == bindparam("b_uid"))
+    .values(sysflags=bindparam("b_mask"), keywords=bindparam("b_kw"), modseq=bindparam("b_modseq"))
+)
+_INSERT_EXPUNGED = insert(expunged)
+_SET_HIGHESTMODSEQ = (
+    update(mailboxes)
+    .where(mailboxes.c.id == bindparam("b_id"))
+    .values(highestmodseq=bindparam("b_modseq"))
+)
+_SET_RECENT_FLOOR = (
+    update(mailboxes)
+    .where(mailboxes.c.id == bindparam("b_id"))
+    .values(recent_floor=bindparam("b_floor"))
+)
+_STATUS_COUNTS = select(
+    func.count(),
+    func.coalesce(func.sum(E.c.sysflags.op("&")(bindparam("b_seen"))), literal_column("0")),
+    func.coalesce(func.sum(E.c.size), literal_column("0")),
+).where(E.c.mailbox_id == bindparam("b_box"))
+_STATUS_ALL = (
+    select(
+        mailboxes.c.id,
+        mailboxes.c.uidnext,
+        mailboxes.c.uidvalidity,
+        mailboxes.c.highestmodseq,
+        func.count(E.c.uid),
+        func.coalesce(func.sum(E.c.sysflags.op("&")(bindparam("b_seen"))), literal_column("0")),
+        func.coalesce(func.sum(E.c.size), literal_column("0")),
+    )
+    .select_from(mailboxes.outerjoin(E, E.c.mailbox_id == mailboxes.c.id))
+    .where(mailboxes.c.account_id == bindparam("b_account"))
+    .group_by(
+        mailboxes.c.id, mailboxes.c.uidnext, mailboxes.c.uidvalidity, mailboxes.c.highestmodseq
+    )
+)
+_MAILBOXES = (
+    select(mailboxes)
+    .where(mailboxes.c.account_id == bindparam("b_account"))
+    .order_by(mailboxes.c.name)
+)
+_LAST_CHANGE = select(shard_accounts.c.last_change_id).where(
+    shard_accounts.c.account_id == bindparam("b_account")
+)
+_KEYWORD_TEXTS = select(E.c.keywords).where(E.c.mailbox_id == bindparam("b_box")).distinct()
+_CHANGED_ENTRIES = (
+    select(*_ENTRY_COLUMNS)
+    .select_from(E.join(messages, messages.c.id == E.c.message_id))
+    .where(E.c.mailbox_id == bindparam("b_box"), E.c.modseq > bindparam("b_modseq"))
+    .order_by(E.c.uid)
+)
+_VANISHED = (
+    select(expunged.c.uid)
+    .where(expunged.c.mailbox_id == bindparam("b_box"), expunged.c.modseq > bindparam("b_modseq"))
+    .order_by(expunged.c.uid)
+)
+
+
+def _plan_store(
+    rows: Sequence[Any],
+    mode: StoreMode,
+    mask: int,
+    keywords: Sequence[str],
+    unchanged_since: int | None,
+    modseq: int,
+) -> tuple[list[int], list[dict[str, Any]], list[MessageEntry]]:
+    """What a STORE does to entry rows: (UIDs refused by UNCHANGEDSINCE,
+    update parameters ``b_uid``/``b_mask``/``b_kw``, the updated entries at
+    ``modseq``). Rows whose flags would not change are left out."""
+    modified: list[int] = []
+    updates: list[dict[str, Any]] = []
+    updated: list[MessageEntry] = []
+    for r in rows:
+        # RFC 7162 section 3.1.3: changed since the client's modseq: refused.
+        if unchanged_since is not None and r.modseq > unchanged_since:
+            modified.append(r.uid)
+            continue
+        old_kw = {k.lower(): k for k in r.keywords.split()}
+        if mode is StoreMode.REPLACE:
+            new_mask = mask
+            new_kw = {k.lower(): k for k in keywords}
+        elif mode is StoreMode.ADD:
+            new_mask = r.sysflags | mask
+            new_kw = dict(old_kw)
+            for k in keywords:
+                new_kw.setdefault(k.lower(), k)
+        else:
+            new_mask = r.sysflags & ~mask
+            new_kw = dict(old_kw)
+            for k in keywords:
+                new_kw.pop(k.lower(), None)
+        kw_text = _keywords_text(new_kw.values())
+        if new_mask == r.sysflags and kw_text == _keywords_text(old_kw.values()):
+            continue
+        updates.append({"b_uid": r.uid, "b_mask": new_mask, "b_kw": kw_text})
+        entry = _entry(r)
+        updated.append(
+            MessageEntry(
+                mailbox_id=entry.mailbox_id,
+                uid=entry.uid,
+                message_id=entry.message_id,
+                flags=_flags_of(new_mask, kw_text),
+                modseq=modseq,
+                internal_date=entry.internal_date,
+                size=entry.size,
+                blob_key=entry.blob_key,
+            )
+        )
+    return modified, updates, updated
+
+
+def _mailbox_sync(conn: Connection, stmt: Any, params: dict[str, Any]) -> Mailbox:
+    row = execute(conn, stmt, params).first()
+    if row is None:
+        raise errors.not_found("no such mailbox")
+    return _mailbox(row)
+
+
 def _message_values(account_id: int, blob_key: str, parsed: ParsedMessage) -> dict[str, Any]:
     """The ``messages`` row of a parsed message, less ``thread_id``."""
     sent = parsed.sent_date
@@ -548,24 +747,21 @@ class SqlMailStore:
 
     async def list_mailboxes(self, account_id: int) -> list[Mailbox]:
         """Every mailbox of the account, by name."""
-        async with self.db.read() as conn:
-            rows = await conn.execute(
-                select(mailboxes)
-                .where(mailboxes.c.account_id == account_id)
-                .order_by(mailboxes.c.name)
-            )
-            found = [_mailbox(r) for r in rows]
+        params = {"b_account": account_id}
+        rows = await self.db.read_sync(lambda conn: execute(conn, _MAILBOXES, params).all())
+        found = [_mailbox(r) for r in rows]
         # INBOX first, as clients expect it at the top of LIST.
         return sorted(found, key=lambda m: (m.name != INBOX, m.name))
 
     async def get_mailbox(self, account_id: int, name: str) -> Mailbox:
-        name = normalize_mailbox_name(name)
-        async with self.db.read() as conn:
-            return _mailbox(await self._get_mailbox_row(conn, account_id, name=name))
+        """The mailbox by name (normalised: INBOX in any case); NOT_FOUND if absent."""
+        stmt, params = _mailbox_query(account_id, normalize_mailbox_name(name), None)
+        return await self.db.read_sync(lambda conn: _mailbox_sync(conn, stmt, params))
 
     async def get_mailbox_by_id(self, account_id: int, mailbox_id: int) -> Mailbox:
-        async with self.db.read() as conn:
-            return _mailbox(await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id))
+        """The mailbox by id; NOT_FOUND if absent (or another account's)."""
+        stmt, params = _mailbox_query(account_id, None, mailbox_id)
+        return await self.db.read_sync(lambda conn: _mailbox_sync(conn, stmt, params))
 
     async def create_mailbox(
         self, account_id: int, name: str, special_use: str | None = None
@@ -899,20 +1095,22 @@ class SqlMailStore:
 
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
         """Every entry of the mailbox in UID order (a consistent snapshot)."""
-        async with self.db.read() as conn:
-            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            rows = await self._select_entries(
-                conn, mailbox_id, None, _ENTRY_COLUMNS, with_message=True
-            )
-        return [_entry(r) for r in rows]
+
+        def read(conn: Connection) -> list[MessageEntry]:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            return [_entry(r) for r in _select_entries_sync(conn, mailbox_id, None, _ENTRIES)]
+
+        return await self.db.read_sync(read)
 
     async def fetch(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[StoredMessage]:
         """Entries with their parsed form, UID order; missing UIDs skipped."""
-        async with self.db.read() as conn:
-            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            rows = await self._select_entries(
-                conn, mailbox_id, uids, (*_ENTRY_COLUMNS, messages.c.parsed), with_message=True
-            )
+
+        def read(conn: Connection) -> list[Any]:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            return _select_entries_sync(conn, mailbox_id, uids, _ENTRIES_PARSED)
+
+        rows = await self.db.read_sync(read)
+        # The parsed-form cache is only touched here, on the event loop.
         return [StoredMessage(_entry(r), self._parsed(r.message_id, r.parsed)) for r in rows]
 
     # --- search --------------------------------------------------------------
@@ -1081,71 +1279,36 @@ class SqlMailStore:
         unchanged_since: int | None = None,
     ) -> StoreResult:
         """RFC 3501 section 6.4.6 STORE with the RFC 7162 section 3.1.3
-        UNCHANGEDSINCE guard. Entries whose flags change share one new modseq."""
+        UNCHANGEDSINCE guard. Entries whose flags change share one new modseq.
+        Durable and published on return; on SQLite concurrent calls share a
+        group commit (``Database.write_batched``)."""
         mask, keywords = split_flags(flags)
-        async with self._write(account_id) as tx:
-            conn = tx.conn
-            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            rows = await self._select_entries(
-                conn, mailbox_id, uids, _ENTRY_COLUMNS, with_message=True
-            )
+
+        def write(conn: Connection) -> tuple[StoreResult, list[Change]]:
+            tx = self._begin_sync(conn, account_id)
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            rows = _select_entries_sync(conn, mailbox_id, uids, _ENTRIES)
             modseq = mbox.highestmodseq + 1
-            modified: list[int] = []
-            updates: list[dict[str, Any]] = []
-            updated: list[MessageEntry] = []
-            for r in rows:
-                if unchanged_since is not None and r.modseq > unchanged_since:
-                    modified.append(r.uid)
-                    continue
-                old_kw = {k.lower(): k for k in r.keywords.split()}
-                if mode is StoreMode.REPLACE:
-                    new_mask = mask
-                    new_kw = {k.lower(): k for k in keywords}
-                elif mode is StoreMode.ADD:
-                    new_mask = r.sysflags | mask
-                    new_kw = dict(old_kw)
-                    for k in keywords:
-                        new_kw.setdefault(k.lower(), k)
-                else:
-                    new_mask = r.sysflags & ~mask
-                    new_kw = {lk: k for lk, k in old_kw.items()}
-                    for k in keywords:
-                        new_kw.pop(k.lower(), None)
-                kw_text = _keywords_text(new_kw.values())
-                if new_mask == r.sysflags and kw_text == _keywords_text(old_kw.values()):
-                    continue
-                updates.append({"b_uid": r.uid, "b_mask": new_mask, "b_kw": kw_text})
-                entry = _entry(r)
-                updated.append(
-                    MessageEntry(
-                        mailbox_id=entry.mailbox_id,
-                        uid=entry.uid,
-                        message_id=entry.message_id,
-                        flags=_flags_of(new_mask, kw_text),
-                        modseq=modseq,
-                        internal_date=entry.internal_date,
-                        size=entry.size,
-                        blob_key=entry.blob_key,
-                    )
-                )
+            modified, updates, updated = _plan_store(
+                rows, mode, mask, keywords, unchanged_since, modseq
+            )
             if updates:
-                await conn.execute(
-                    update(E)
-                    .where(E.c.mailbox_id == mailbox_id, E.c.uid == bindparam("b_uid"))
-                    .values(sysflags=bindparam("b_mask"), keywords=bindparam("b_kw"), modseq=modseq)
-                    .execution_options(synchronize_session=False),
-                    updates,
-                )
-                await conn.execute(
-                    update(mailboxes)
-                    .where(mailboxes.c.id == mailbox_id)
-                    .values(highestmodseq=modseq)
-                )
+                for u in updates:
+                    u["b_box"] = mailbox_id
+                    u["b_modseq"] = modseq
+                execute(conn, _STORE_FLAGS, updates)
+                execute(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
                 for e in updated:
                     tx.change(
                         ChangeKind.FLAGS, mailbox_id, e.uid, modseq, {"flags": sorted(e.flags)}
                     )
-        return StoreResult(tuple(updated), tuple(modified))
+            return StoreResult(tuple(updated), tuple(modified)), tx.flush_sync(conn)
+
+        async def published(outcome: tuple[StoreResult, list[Change]]) -> None:
+            await self._publish(outcome[1])
+
+        result, _ = await self.db.write_batched(write, published)
+        return result
 
     async def _copy_entries(self, tx: _Tx, rows: Sequence[Any], dest: Any) -> list[tuple[int, int]]:
         """Appends copies of entry rows to ``dest`` (a mailbox row); the
@@ -1278,30 +1441,77 @@ class SqlMailStore:
         self, account_id: int, mailbox_id: int, uids: UidSet | None = None
     ) -> list[int]:
         """Removes entries flagged \\Deleted (within ``uids`` if given, RFC 4315
-        UID EXPUNGE), records tombstones, returns the expunged UIDs ascending."""
-        async with self._write(account_id) as tx:
-            mbox = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
-            rows = await self._select_entries(tx.conn, mailbox_id, uids, (E.c.uid, E.c.sysflags))
+        UID EXPUNGE), records tombstones, returns the expunged UIDs ascending.
+        Durable and published on return."""
+
+        def write(conn: Connection) -> tuple[list[int], list[int], list[Change]]:
+            tx = self._begin_sync(conn, account_id)
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            rows = _select_entries_sync(conn, mailbox_id, uids, _ENTRY_FLAGS)
             gone = [r.uid for r in rows if r.sysflags & crit.FLAG_BITS[DELETED]]
-            await self._remove_entries(tx, mbox, gone)
+            dropped = self._remove_entries_sync(tx, mbox, gone)
+            return gone, dropped, tx.flush_sync(conn)
+
+        async def published(outcome: tuple[list[int], list[int], list[Change]]) -> None:
+            for mid in outcome[1]:
+                self._parsed_cache.pop(mid, None)
+            await self._publish(outcome[2])
+
+        gone, _, _ = await self.db.write_batched(write, published)
         return gone
+
+    @staticmethod
+    def _remove_entries_sync(tx: _Tx, mbox: Any, uids: Sequence[int]) -> list[int]:
+        """:meth:`_remove_entries` in a write function, orphans dropped;
+        returns the ids of the message rows that went with them (for the
+        caller to forget after the commit)."""
+        if not uids:
+            return []
+        conn = tx.conn
+        modseq = mbox.highestmodseq + 1
+        msg_ids: set[int] = set()
+        for chunk_start in range(0, len(uids), 500):
+            chunk = list(uids[chunk_start : chunk_start + 500])
+            gone = conn.execute(
+                select(E.c.message_id, E.c.size).where(
+                    E.c.mailbox_id == mbox.id, E.c.uid.in_(chunk)
+                )
+            ).all()
+            msg_ids.update(r.message_id for r in gone)
+            tx.used_delta -= sum(r.size for r in gone)
+            conn.execute(delete(E).where(E.c.mailbox_id == mbox.id, E.c.uid.in_(chunk)))
+        execute(
+            conn,
+            _INSERT_EXPUNGED,
+            [{"mailbox_id": mbox.id, "uid": u, "modseq": modseq} for u in uids],
+        )
+        execute(conn, _SET_HIGHESTMODSEQ, {"b_id": mbox.id, "b_modseq": modseq})
+        for u in uids:
+            tx.change(ChangeKind.EXPUNGE, mbox.id, u, modseq)
+        # Message rows no entry refers to any more; blobs are left to garbage
+        # collection (other shards may share the same bytes).
+        ids = sorted(msg_ids)
+        for i in range(0, len(ids), 500):
+            conn.execute(
+                delete(messages).where(
+                    messages.c.id.in_(ids[i : i + 500]),
+                    ~exists().where(E.c.message_id == messages.c.id),
+                )
+            )
+        return ids
 
     # --- state ------------------------------------------------------------------
 
     async def status(self, account_id: int, mailbox_id: int) -> MailboxStatus:
         """RFC 3501 section 6.3.10 counters plus HIGHESTMODSEQ and SIZE."""
         seen_bit = crit.FLAG_BITS[SEEN]
-        async with self.db.read() as conn:
-            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            row = (
-                await conn.execute(
-                    select(
-                        func.count(),
-                        func.coalesce(func.sum(E.c.sysflags.op("&")(seen_bit)), 0),
-                        func.coalesce(func.sum(E.c.size), 0),
-                    ).where(E.c.mailbox_id == mailbox_id)
-                )
-            ).one()
+
+        def read(conn: Connection) -> tuple[Any, Any]:
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            params = {"b_box": mailbox_id, "b_seen": seen_bit}
+            return mbox, execute(conn, _STATUS_COUNTS, params).one()
+
+        mbox, row = await self.db.read_sync(read)
         count, seen_sum, size = int(row[0]), int(row[1]), int(row[2])
         return MailboxStatus(
             messages=count,
@@ -1312,34 +1522,48 @@ class SqlMailStore:
             size=size,
         )
 
+    async def status_all(self, account_id: int) -> dict[int, MailboxStatus]:
+        """:meth:`status` of every mailbox of the account, by mailbox id, from
+        one grouped query (a folder list). An optional extra of the SQL store."""
+        seen_bit = crit.FLAG_BITS[SEEN]
+        params = {"b_account": account_id, "b_seen": seen_bit}
+        rows = await self.db.read_sync(lambda conn: execute(conn, _STATUS_ALL, params).all())
+        found = {}
+        for box_id, uidnext, uidvalidity, highestmodseq, count, seen_sum, size in rows:
+            found[int(box_id)] = MailboxStatus(
+                messages=int(count),
+                unseen=int(count) - int(seen_sum) // seen_bit,
+                uidnext=uidnext,
+                uidvalidity=uidvalidity,
+                highestmodseq=highestmodseq,
+                size=int(size),
+            )
+        return found
+
     async def changes_since(self, account_id: int, mailbox_id: int, modseq: int) -> MailboxChanges:
         """Entries with modseq > ``modseq`` and UIDs expunged after it
         (RFC 7162 CHANGEDSINCE and QRESYNC VANISHED)."""
-        async with self.db.read() as conn:
-            mbox = await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            rows = await conn.execute(
-                select(*_ENTRY_COLUMNS)
-                .select_from(E.join(messages, messages.c.id == E.c.message_id))
-                .where(E.c.mailbox_id == mailbox_id, E.c.modseq > modseq)
-                .order_by(E.c.uid)
-            )
-            changed = tuple(_entry(r) for r in rows)
-            gone = await conn.execute(
-                select(expunged.c.uid)
-                .where(expunged.c.mailbox_id == mailbox_id, expunged.c.modseq > modseq)
-                .order_by(expunged.c.uid)
-            )
+
+        def read(conn: Connection) -> MailboxChanges:
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            params = {"b_box": mailbox_id, "b_modseq": modseq}
+            changed = tuple(_entry(r) for r in execute(conn, _CHANGED_ENTRIES, params).all())
+            gone = execute(conn, _VANISHED, params).all()
             vanished = tuple(sorted({r[0] for r in gone}))
-        return MailboxChanges(mbox.highestmodseq, changed, vanished)
+            return MailboxChanges(mbox.highestmodseq, changed, vanished)
+
+        return await self.db.read_sync(read)
 
     async def claim_recent(self, account_id: int, mailbox_id: int) -> int:
         """Moves the recent floor to UIDNEXT atomically, returns the old floor."""
-        async with self._write(account_id) as tx:
-            mbox = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
-            await tx.conn.execute(
-                update(mailboxes).where(mailboxes.c.id == mbox.id).values(recent_floor=mbox.uidnext)
-            )
-        return int(mbox.recent_floor)
+
+        def write(conn: Connection) -> int:
+            self._begin_sync(conn, account_id)  # serialised with the account's writes
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            execute(conn, _SET_RECENT_FLOOR, {"b_id": mbox.id, "b_floor": mbox.uidnext})
+            return int(mbox.recent_floor)
+
+        return await self.db.write_batched(write)
 
     async def account_changes(
         self, account_id: int, after_id: int, limit: int = 1000
@@ -1369,28 +1593,22 @@ class SqlMailStore:
     async def last_change_id(self, account_id: int) -> int:
         """The id of the account's newest change (0 if none): where a new
         subscriber starts reading."""
-        async with self.db.read() as conn:
-            value = (
-                await conn.execute(
-                    select(shard_accounts.c.last_change_id).where(
-                        shard_accounts.c.account_id == account_id
-                    )
-                )
-            ).scalar()
+        params = {"b_account": account_id}
+        value = await self.db.read_sync(lambda conn: execute(conn, _LAST_CHANGE, params).scalar())
         return int(value or 0)
 
     async def mailbox_keywords(self, account_id: int, mailbox_id: int) -> list[str]:
         """Keywords set on any entry of the mailbox, for the IMAP FLAGS and
         PERMANENTFLAGS lists (RFC 3501 section 7.2.6). An optional extra."""
-        async with self.db.read() as conn:
-            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            rows = await conn.execute(
-                select(E.c.keywords).where(E.c.mailbox_id == mailbox_id).distinct()
-            )
-            found: dict[str, str] = {}
-            for (text,) in rows:
-                for kw in text.split():
-                    found.setdefault(kw.lower(), kw)
+
+        def read(conn: Connection) -> list[Any]:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            return execute(conn, _KEYWORD_TEXTS, {"b_box": mailbox_id}).all()
+
+        found: dict[str, str] = {}
+        for (text,) in await self.db.read_sync(read):
+            for kw in text.split():
+                found.setdefault(kw.lower(), kw)
         return sorted(found.values(), key=str.lower)
 
     async def quota_used(self, account_id: int) -> int:
