@@ -235,6 +235,12 @@ class MailStore(Protocol):
         UIDNEXT and returns the old floor; UIDs >= it are \\Recent for the
         calling session only."""
 
+    async def peek_recent(self, account_id: int, mailbox_id: int) -> int:
+        """RFC 3501 \\Recent without claiming: the number of entries whose UID
+        is >= the mailbox's recent floor, leaving the floor where it is (EXAMINE
+        and STATUS RECENT must not change \\Recent state, sections 6.3.2 and
+        6.3.10). NOT_FOUND if the mailbox does not exist."""
+
     async def account_changes(
         self, account_id: int, after_id: int, limit: int = 1000
     ) -> list[Change]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from imapd.imap.wire.commands import SequenceSet
@@ -45,6 +46,18 @@ class MailboxView:
         """A newer state of a message already in the snapshot."""
         if entry.uid in self.entries:
             self.entries[entry.uid] = entry
+
+    def mark_recent(self, count: int, among: Iterable[int] | None = None) -> None:
+        """Marks the ``count`` highest UIDs \\Recent (only those in ``among`` if
+        given): entries at or above the recent floor are always the newest,
+        so a peeked count (MailStore.peek_recent) names them."""
+        if count <= 0:
+            return
+        top = self.uids[-count:]
+        if among is not None:
+            allowed = set(among)
+            top = [u for u in top if u in allowed]
+        self.recent.update(top)
 
     @property
     def exists(self) -> int:

@@ -538,6 +538,11 @@ class Session:
             if not view.read_only:
                 floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
                 view.recent.update(uid for uid in new if uid >= floor)
+            else:
+                # RFC 3501 sections 2.3.2 and 6.3.2: a read-only session sees
+                # \Recent on new mail without claiming it.
+                count = await self.mail.peek_recent(self.account.id, view.mailbox.id)
+                view.mark_recent(count, among=new.keys())
             self.untagged(f"{view.exists} EXISTS")
             self.untagged(f"{len(view.recent)} RECENT")
 

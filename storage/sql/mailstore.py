@@ -434,6 +434,9 @@ _STATUS_COUNTS = select(
     func.coalesce(func.sum(E.c.sysflags.op("&")(bindparam("b_seen"))), literal_column("0")),
     func.coalesce(func.sum(E.c.size), literal_column("0")),
 ).where(E.c.mailbox_id == bindparam("b_box"))
+_RECENT_COUNT = select(func.count()).where(
+    E.c.mailbox_id == bindparam("b_box"), E.c.uid >= bindparam("b_floor")
+)
 _STATUS_ALL = (
     select(
         mailboxes.c.id,
@@ -1564,6 +1567,17 @@ class SqlMailStore:
             return int(mbox.recent_floor)
 
         return await self.db.write_batched(write)
+
+    async def peek_recent(self, account_id: int, mailbox_id: int) -> int:
+        """Entries with UID >= the recent floor, read without moving the floor
+        (RFC 3501 sections 6.3.2 and 6.3.10: EXAMINE and STATUS RECENT)."""
+
+        def read(conn: Connection) -> int:
+            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            params = {"b_box": mbox.id, "b_floor": mbox.recent_floor}
+            return int(execute(conn, _RECENT_COUNT, params).scalar() or 0)
+
+        return await self.db.read_sync(read)
 
     async def account_changes(
         self, account_id: int, after_id: int, limit: int = 1000

@@ -46,7 +46,12 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     view = MailboxView.from_entries(box, read_only, entries, box.highestmodseq)
     if cmd.condstore or cmd.qresync is not None:
         s.condstore = True  # RFC 7162 section 3.1.8
-    if not read_only:
+    if read_only:
+        # RFC 3501 section 6.3.2: EXAMINE leaves \Recent state alone but still
+        # reports it; section 2.3.2: a read-only session sees \Recent set on
+        # the messages without taking it from later sessions.
+        view.mark_recent(await s.mail.peek_recent(acct, box.id))
+    else:
         floor = await s.mail.claim_recent(acct, box.id)
         view.recent = {u for u in view.uids if u >= floor}
     keywords = sorted({f for e in entries for f in e.flags if not f.startswith("\\")})
@@ -229,9 +234,16 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
         st = await s.mail.status(_account_id(s), box.id)
         s.status_cache[box.id] = st
     view = s.selected if s.selected and s.selected.mailbox.id == box.id else None
+    recent = 0
+    if view is not None:
+        recent = len(view.recent)  # what this session was told (RECENT, FETCH FLAGS)
+    elif "RECENT" in items:
+        # RFC 3501 section 6.3.10: count the \Recent messages without
+        # claiming them; a later SELECT still gets them.
+        recent = await s.mail.peek_recent(_account_id(s), box.id)
     values = {
         "MESSAGES": st.messages,
-        "RECENT": len(view.recent) if view else 0,
+        "RECENT": recent,
         "UIDNEXT": st.uidnext,
         "UIDVALIDITY": st.uidvalidity,
         "UNSEEN": st.unseen,

@@ -155,7 +155,7 @@ SCRIPTS: dict[str, Script] = {
         ("a STATUS INBOX (MESSAGES UIDNEXT UNSEEN SIZE)", [
             r'\* STATUS "INBOX" \(MESSAGES 2 UIDNEXT 3 UNSEEN 1 SIZE \d+\)', "a OK .*"]),
         ("b STATUS INBOX (UIDVALIDITY HIGHESTMODSEQ RECENT APPENDLIMIT)", [
-            r'\* STATUS "INBOX" \(UIDVALIDITY \d+ HIGHESTMODSEQ \d+ RECENT 0 '
+            r'\* STATUS "INBOX" \(UIDVALIDITY \d+ HIGHESTMODSEQ \d+ RECENT 2 '
             r'APPENDLIMIT 1000000\)', "b OK .*"]),
         ("c STATUS Nowhere (MESSAGES)", ["c NO \\[NONEXISTENT\\] .*"]),
         ("d STATUS INBOX ()", ["d BAD .*"]),

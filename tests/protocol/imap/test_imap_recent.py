@@ -1,0 +1,77 @@
+# ruff: noqa: E501  (protocol transcripts read best unwrapped)
+"""RFC 3501 \\Recent across sessions, table-driven: STATUS RECENT (section
+6.3.10), LIST-STATUS (RFC 5819) and EXAMINE (section 6.3.2) report the
+\\Recent count without claiming it; only SELECT claims (section 2.3.2).
+
+A script is a list of ``(session, client line, expected lines)``; sessions
+are separate logged-in connections, named by letter ("+" delivers a
+message instead). Expected lines follow test_imap_scripts: regular
+expressions, "=" for exact, "..." skips lines.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.protocol.imap.conftest import ImapClient, ImapEnv, message
+from tests.protocol.imap.messages import MULTIPART, PLAIN
+from tests.protocol.imap.test_imap_scripts import LOGIN, Script, run_script
+
+PLAIN_3 = message("Third")
+
+Step = tuple[str, str, list[str]]
+
+SCRIPTS: dict[str, list[Step]] = {
+    "status_recent_does_not_claim": [
+        ("b", "s1 STATUS INBOX (MESSAGES RECENT)", ['=* STATUS "INBOX" (MESSAGES 2 RECENT 2)', "=s1 OK STATUS completed"]),
+        ("b", "s2 STATUS INBOX (RECENT)", ['=* STATUS "INBOX" (RECENT 2)', "s2 OK .*"]),
+        ("a", "s3 SELECT INBOX", ["...", "=* 2 EXISTS", "=* 2 RECENT", "...", "s3 OK \\[READ-WRITE\\] .*"]),
+        ("a", "s4 FETCH 1:* FLAGS", [r"\* 1 FETCH \(FLAGS \(\\Recent\)\)", r"\* 2 FETCH \(FLAGS \(\\Recent\)\)", "s4 OK .*"]),
+        # The selecting session keeps its \Recent; everyone else now sees none.
+        ("a", "s5 STATUS INBOX (RECENT)", ['=* STATUS "INBOX" (RECENT 2)', "s5 OK .*"]),
+        ("b", "s6 STATUS INBOX (RECENT MESSAGES)", ['=* STATUS "INBOX" (RECENT 0 MESSAGES 2)', "s6 OK .*"]),
+    ],
+    "examine_reports_without_claiming": [
+        ("a", "e1 EXAMINE INBOX", ["...", "=* 2 EXISTS", "=* 2 RECENT", "...", "=e1 OK [READ-ONLY] EXAMINE completed"]),
+        # Section 2.3.2: a read-only session sees \Recent, later sessions too.
+        ("a", "e2 FETCH 1:* FLAGS", [r"\* 1 FETCH \(FLAGS \(\\Recent\)\)", r"\* 2 FETCH \(FLAGS \(\\Recent\)\)", "e2 OK .*"]),
+        ("a", "e3 SEARCH RECENT", ["=* SEARCH 1 2", "e3 OK .*"]),
+        ("c", "e4 STATUS INBOX (RECENT)", ['=* STATUS "INBOX" (RECENT 2)', "e4 OK .*"]),
+        ("b", "e5 SELECT INBOX", ["...", "=* 2 EXISTS", "=* 2 RECENT", "...", "e5 OK \\[READ-WRITE\\] .*"]),
+        ("c", "e6 STATUS INBOX (RECENT)", ['=* STATUS "INBOX" (RECENT 0)', "e6 OK .*"]),
+        ("c", "e7 EXAMINE INBOX", ["...", "=* 2 EXISTS", "=* 0 RECENT", "...", "e7 OK .*"]),
+    ],
+    "examine_sees_new_mail_recent": [
+        ("a", "n1 EXAMINE INBOX", ["...", "=* 2 RECENT", "...", "n1 OK .*"]),
+        ("+", "", []),  # a third message arrives
+        ("a", "n2 NOOP", ["...", "=* 3 EXISTS", "=* 3 RECENT", "...", "n2 OK .*"]),
+        ("a", "n3 FETCH 3 FLAGS", [r"\* 3 FETCH \(FLAGS \(\\Recent\)\)", "n3 OK .*"]),
+        ("b", "n4 SELECT INBOX", ["...", "=* 3 RECENT", "...", "n4 OK .*"]),
+    ],
+    "list_status_recent_does_not_claim": [
+        ("b", 'l1 LIST "" "INBOX" RETURN (STATUS (RECENT))', ['=* LIST (\\HasNoChildren) "/" "INBOX"', '=* STATUS "INBOX" (RECENT 2)', "l1 OK .*"]),
+        ("a", "l2 SELECT INBOX", ["...", "=* 2 RECENT", "...", "l2 OK .*"]),
+        ("b", 'l3 LIST "" "INBOX" RETURN (STATUS (RECENT))', ['=* LIST (\\HasNoChildren) "/" "INBOX"', '=* STATUS "INBOX" (RECENT 0)', "l3 OK .*"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+async def test_recent_script(imap_env: ImapEnv, name: str) -> None:
+    # Two messages arrive before any session looks at the mailbox.
+    await imap_env.deliver(PLAIN)
+    await imap_env.deliver(MULTIPART)
+    clients: dict[str, ImapClient] = {}
+    try:
+        for who, send, expected in SCRIPTS[name]:
+            if who == "+":  # a delivery between commands
+                await imap_env.deliver(PLAIN_3)
+                continue
+            client = clients.get(who)
+            if client is None:
+                client = clients[who] = await imap_env.client()
+                await run_script(client, Script([LOGIN]))
+            await run_script(client, Script([(send, expected)]))
+    finally:
+        for client in clients.values():
+            await client.close()
