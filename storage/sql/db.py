@@ -69,17 +69,19 @@ def classify(exc: Exception) -> Exception:
 class _Batched:
     """One queued :meth:`Database.write_batched` call."""
 
-    __slots__ = ("after_commit", "fn", "future")
+    __slots__ = ("after_commit", "durable", "fn", "future")
 
     def __init__(
         self,
         fn: Callable[[Connection], Any],
         after_commit: Callable[[Any], Awaitable[None]] | None,
         future: asyncio.Future[Any],
+        durable: bool,
     ) -> None:
         self.fn = fn
         self.after_commit = after_commit
         self.future = future
+        self.durable = durable
 
 
 class _Prepared:
@@ -198,6 +200,7 @@ class Database:
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer_engine: Engine | None = None
         self._writer_conn: Connection | None = None
+        self._writer_durable = True  # the writer connection's synchronous mode is FULL
         self._lock_fd: int | None = None
         # SQLite synchronous reads: a few threads, each with its own connection.
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -331,9 +334,17 @@ class Database:
         self,
         fn: Callable[[Connection], T],
         after_commit: Callable[[T], Awaitable[None]] | None = None,
+        *,
+        durable: bool = True,
     ) -> T:
         """Runs ``fn(conn)`` in a write transaction and returns its result
         once that transaction has committed (durably, as :meth:`write`).
+
+        ``durable=False`` (flag changes, expunges, \\Recent) lets SQLite skip
+        the WAL fsync of a batch made only of such calls: the commit survives
+        a process crash but may roll back on power loss, as Dovecot's
+        ``mail_fsync=optimized`` treats flags. Any durable call in the batch
+        (a delivery) fsyncs it, and with it every earlier commit.
 
         ``fn`` is synchronous and must only use ``conn``. If it raises, none
         of its writes commit and the exception reaches the caller (a backend
@@ -356,7 +367,7 @@ class Database:
             return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._batch_queue.append(_Batched(fn, after_commit, future))
+        self._batch_queue.append(_Batched(fn, after_commit, future, durable))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_batches())
         return await future
@@ -373,7 +384,10 @@ class Database:
                     continue
                 try:
                     outcomes = await loop.run_in_executor(
-                        self._writer_thread(), self._run_batch, [b.fn for b in batch]
+                        self._writer_thread(),
+                        self._run_batch,
+                        [b.fn for b in batch],
+                        any(b.durable for b in batch),
                     )
                 except BaseException as exc:
                     # Nothing committed: every call of the batch is refused
@@ -423,6 +437,7 @@ class Database:
                 _setup_sqlite(self._writer_engine)
             conn = self._writer_engine.connect()
             self._writer_conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            self._writer_durable = True  # a new connection starts with synchronous=FULL
             self._lock_fd = self._writers_lock(conn)
         return self._writer_conn
 
@@ -439,10 +454,18 @@ class Database:
             return None
         return os.open(f"{path}-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _run_batch(self, fns: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+    def _run_batch(
+        self, fns: list[Callable[[Connection], Any]], durable: bool = True
+    ) -> list[tuple[bool, Any]]:
         """In the writer thread, under the writers' file lock (see
         :meth:`_writers_lock`)."""
         conn = self._connect_writer()
+        if durable != self._writer_durable:
+            # Between transactions: WAL + NORMAL commits without the fsync.
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._writer_durable = durable
         if self._lock_fd is None:
             return self._run_batch_locked(conn, fns)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)

@@ -1310,7 +1310,7 @@ class SqlMailStore:
         async def published(outcome: tuple[StoreResult, list[Change]]) -> None:
             await self._publish(outcome[1])
 
-        result, _ = await self.db.write_batched(write, published)
+        result, _ = await self.db.write_batched(write, published, durable=False)
         return result
 
     async def _copy_entries(self, tx: _Tx, rows: Sequence[Any], dest: Any) -> list[tuple[int, int]]:
@@ -1460,7 +1460,7 @@ class SqlMailStore:
                 self._parsed_cache.pop(mid, None)
             await self._publish(outcome[2])
 
-        gone, _, _ = await self.db.write_batched(write, published)
+        gone, _, _ = await self.db.write_batched(write, published, durable=False)
         return gone
 
     @staticmethod
@@ -1566,7 +1566,7 @@ class SqlMailStore:
             execute(conn, _SET_RECENT_FLOOR, {"b_id": mbox.id, "b_floor": mbox.uidnext})
             return int(mbox.recent_floor)
 
-        return await self.db.write_batched(write)
+        return await self.db.write_batched(write, durable=False)
 
     async def peek_recent(self, account_id: int, mailbox_id: int) -> int:
         """Entries with UID >= the recent floor, read without moving the floor

@@ -59,9 +59,9 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     original = Database._run_batch
 
-    def counting(self: Database, fns):  # type: ignore[no-untyped-def]
+    def counting(self: Database, fns, *rest):  # type: ignore[no-untyped-def]
         sizes.append(len(fns))
-        return original(self, fns)
+        return original(self, fns, *rest)
 
     monkeypatch.setattr(Database, "_run_batch", counting)
     return sizes
