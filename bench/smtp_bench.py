@@ -42,6 +42,8 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.dnsserver import Zone, start_dns_server, stop_dns_server  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -141,6 +143,7 @@ async def main() -> None:
         print("smtp-source not found (apt-get install -y postfix); skipping that client")
 
     procs: list[asyncio.subprocess.Process] = []
+    dns = None
     tmp = None
     port = args.port
     pids = [args.pid] if args.pid else []
@@ -150,6 +153,9 @@ async def main() -> None:
         await prepare(tmp / "data", args.rcpt)
         port = free_port()
         submission, submissions = free_port(), free_port()
+        # DMARC (and SPF/DKIM with --checks) resolve through an empty-zone
+        # dnsmasq on loopback: every name is NXDOMAIN, nothing leaves the host.
+        dns = await asyncio.to_thread(start_dns_server, Zone())
         argv = [
             sys.executable, "-m", "mtad",
             "-o", f"server.data_dir='{tmp / 'data'}'",
@@ -158,6 +164,8 @@ async def main() -> None:
             "-o", f"smtp.submission_listen=['127.0.0.1:{submission}']",
             "-o", f"smtp.submissions_listen=['127.0.0.1:{submissions}']",
             "-o", "smtp.rate_limit_per_ip=0",
+            "-o", "dns.nameservers=['127.0.0.1']",
+            "-o", f"dns.port={dns.port}",
             "-o", f"smtp.max_connections_per_ip={args.sessions + 5}",
         ]
         if not args.checks:
@@ -185,6 +193,8 @@ async def main() -> None:
         for proc in procs:
             proc.terminate()
             await proc.wait()
+        if dns is not None:
+            stop_dns_server(dns)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"messages:      {args.messages} x {args.size} bytes, {args.sessions} sessions")

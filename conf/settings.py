@@ -95,6 +95,9 @@ class SmtpSettings(Section):
     dmarc_reject: bool = True  # refuse DMARC failures under p=reject at end of data
     spf: bool = True
     dkim_verify: bool = True
+    # RFC 7489 DMARC from the SPF and DKIM results; skipped when both are off,
+    # where it could only fail every message whose domain has a policy.
+    dmarc: bool = True
     save_sent_copy: bool = True
 
     _listen = field_validator("mx_listen", "submission_listen", "submissions_listen")(

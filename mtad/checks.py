@@ -173,8 +173,12 @@ async def authenticate_message(
     message: bytes,
     spf_enabled: bool = True,
     dkim_enabled: bool = True,
+    dmarc_enabled: bool = True,
 ) -> AuthenticationResults:
-    """SPF and DKIM concurrently, then DMARC from both."""
+    """SPF and DKIM concurrently, then DMARC from both. DMARC is left out
+    when disabled or when neither SPF nor DKIM ran: RFC 7489 section 4.2
+    passes a message only on an aligned SPF or DKIM pass, so without either
+    check every domain with a policy would fail."""
     spf_result: SpfResult | None = None
     dkim_results: tuple[DkimResult, ...] = ()
     if spf_enabled and dkim_enabled:
@@ -186,6 +190,8 @@ async def authenticate_message(
         spf_result = await check_spf(resolver, client_ip, mail_from, helo, authserv_id)
     elif dkim_enabled:
         dkim_results = await check_dkim(resolver, message)
+    if not dmarc_enabled or not (spf_enabled or dkim_enabled):
+        return AuthenticationResults(authserv_id, spf_result, tuple(dkim_results))
     domains = from_domains(message)
     from_domain = domains[0] if len(set(domains)) == 1 and domains[0] else None
     dmarc_result = await dmarc.evaluate(

@@ -648,6 +648,7 @@ class SmtpSession(SMTP):
                 message=content,
                 spf_enabled=settings.smtp.spf,
                 dkim_enabled=settings.smtp.dkim_verify,
+                dmarc_enabled=settings.smtp.dmarc,
             )
             verdict = results.dmarc.disposition if results.dmarc else "none"
             if verdict == "reject" and settings.smtp.dmarc_reject:

@@ -2,6 +2,9 @@
 
 ``settings``: Settings with a data dir in tmp_path and every listener on
 127.0.0.1 port 0 (ephemeral), plaintext auth allowed off (as in production).
+Every Settings built here resolves through :func:`loopback_dns`, a dnsmasq on
+127.0.0.1 that answers NXDOMAIN to everything, so no test's SPF, DKIM, DMARC
+or MX lookup leaves the machine; tests with records start their own server.
 ``storage``: a fresh SQLite-backed Storage over that data dir.
 ``tls_context`` / ``client_tls_context``: a trustme CA and a server
 certificate for 127.0.0.1/localhost, and a client context trusting it.
@@ -18,6 +21,27 @@ import pytest
 from conf.settings import Settings
 
 LOOPBACK_ANY_PORT = ["127.0.0.1:0"]
+_LOOPBACK_DNS: list[object] = []
+
+
+def loopback_dns() -> dict[str, object]:
+    """The ``[dns]`` section of an empty-zone dnsmasq on 127.0.0.1, started
+    on first use and stopped at the end of the session (see
+    :func:`_stop_loopback_dns`)."""
+    from tests.dnsserver import Zone, start_dns_server
+
+    if not _LOOPBACK_DNS:
+        _LOOPBACK_DNS.append(start_dns_server(Zone()))
+    return _LOOPBACK_DNS[0].settings(timeout=2.0)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_loopback_dns():
+    yield
+    from tests.dnsserver import stop_dns_server
+
+    while _LOOPBACK_DNS:
+        stop_dns_server(_LOOPBACK_DNS.pop())  # type: ignore[arg-type]
 
 
 def make_settings(data_dir: Path, **sections: dict) -> Settings:
@@ -35,6 +59,7 @@ def make_settings(data_dir: Path, **sections: dict) -> Settings:
         "http": {"listen": LOOPBACK_ANY_PORT},
         # Outbound workers off unless a test turns them on: queued mail stays put.
         "queue": {"workers": 0},
+        "dns": loopback_dns(),
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

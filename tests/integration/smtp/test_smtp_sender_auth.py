@@ -148,3 +148,27 @@ async def test_null_sender_checks_helo(mta: Service, populated) -> None:
     [raw] = await mailbox_messages(populated, ALICE)
     assert raw.startswith(b"Return-Path: <>\r\n")
     assert "spf=pass smtp.helo=spf-pass.example" in auth_results(raw)
+
+
+@pytest.mark.parametrize("switch", ["dmarc", "spf_and_dkim"])
+async def test_dmarc_skipped_when_off_or_without_spf_and_dkim(
+    settings, populated, tls_context, switch: str
+) -> None:
+    """A p=reject domain is not refused when DMARC is switched off, nor when
+    neither SPF nor DKIM ran (DMARC could then only fail)."""
+    from mtad.service import start
+
+    if switch == "dmarc":
+        settings.smtp.dmarc = False
+    else:
+        settings.smtp.spf = False
+        settings.smtp.dkim_verify = False
+    service = await start(settings, populated, tls_context)
+    try:
+        sender = "ceo@reject.example"
+        reply = await send_mx(service.port("mx"), sender, message(sender=sender))
+        assert reply.startswith("250 2.0.0"), reply
+        [raw] = await mailbox_messages(populated, ALICE)
+        assert "dmarc=" not in auth_results(raw)
+    finally:
+        await service.close()
