@@ -1,4 +1,10 @@
-"""Filesystem blob store: ``root/ab/cd/<sha256 hex>``.
+"""Filesystem blob store: ``root/ab/<sha256 hex>``.
+
+One level of 256 directories, as Git's object store: a fresh store makes
+each of them once, where two levels (65,536 directories) made a directory,
+and fsynced its parent, for nearly every message of its first hundred
+thousand; ext4 and XFS index large directories, so millions of blobs
+per directory level stay cheap to look up.
 
 Durability: bytes go to a temporary file in the final directory, which is
 fsynced, renamed into place with ``os.replace`` (atomic on POSIX) and then
@@ -53,28 +59,26 @@ class FsBlobStore:
 
     def path(self, key: str) -> Path:
         _check_key(key)
-        return self.root / key[:2] / key[2:4] / key
+        return self.root / key[:2] / key
 
     # --- writes -------------------------------------------------------------
 
     def _dir_of(self, key: str) -> str:
         """The key's directory, created if missing."""
-        directory = os.path.join(self._root, key[:2], key[2:4])
+        directory = os.path.join(self._root, key[:2])
         if not os.path.isdir(directory):
             self._make_dirs(directory)
         return directory
 
     def _make_dirs(self, directory: str) -> None:
-        """Creates ``ab/`` and ``ab/cd/``, fsyncing the parent of each one it
-        creates: a blob whose directory entry is lost in a crash is lost
-        mail, even if the blob's own rename was fsynced."""
-        parent = os.path.dirname(directory)
-        for path, up in ((parent, self._root), (directory, parent)):
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                continue
-            _fsync_dir(up)
+        """Creates ``ab/`` and fsyncs the root if it did: a blob whose
+        directory's entry is lost in a crash is lost mail, even if the
+        blob's own rename was fsynced."""
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            return
+        _fsync_dir(self._root)
 
     def _install(self, tmp_path: Path | str, key: str) -> None:
         """Moves a fsynced temp file to the key's path durably."""
@@ -96,7 +100,7 @@ class FsBlobStore:
         path). Blocks on the disk. Plain ``os`` calls, as few as durability
         allows: each one also hands the GIL to another thread."""
         key = hashlib.sha256(data).hexdigest()
-        directory = os.path.join(self._root, key[:2], key[2:4])
+        directory = os.path.join(self._root, key[:2])
         final = os.path.join(directory, key)
         if os.path.exists(final):
             return key
