@@ -164,8 +164,13 @@ def _part_in(d: dict[str, Any]) -> BodyPart:
 
 
 def parsed_to_json(p: ParsedMessage) -> str:
-    """Serialise a ParsedMessage compactly; ``parsed_from_json`` inverts it
-    exactly (``parsed_from_json(parsed_to_json(p)) == p``).
+    """Serialise a ParsedMessage compactly, without its ``body_text``;
+    ``parsed_from_json`` inverts it exactly but for that field
+    (``parsed_from_json(parsed_to_json(p)) == replace(p, body_text="")``).
+
+    The decoded body text is what the search index reads; storage keeps it
+    in a column of its own, so putting it here too would store it twice
+    and make every message row (and every WAL write of it) that much larger.
 
     The output is plain JSON text with non-ASCII kept as UTF-8 characters
     and no NUL or lone surrogate when ``p`` came from :func:`parse_message`.
@@ -183,7 +188,6 @@ def parsed_to_json(p: ParsedMessage) -> str:
         "irt": p.in_reply_to,
         "refs": list(p.references),
         "date": None if p.sent_date is None else p.sent_date.isoformat(),
-        "text": p.body_text,
         "prev": p.preview,
         "att": p.has_attachments,
     }
@@ -211,7 +215,7 @@ def parsed_from_json(s: str) -> ParsedMessage:
         in_reply_to=doc["irt"],
         references=tuple(doc["refs"]),
         sent_date=None if date is None else dt.datetime.fromisoformat(date),
-        body_text=doc["text"],
+        body_text=doc.get("text", ""),  # written by earlier versions only
         preview=doc["prev"],
         has_attachments=doc["att"],
     )

@@ -3,6 +3,7 @@ returns is always sliceable and storable (the contract ingest relies on)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -73,7 +74,7 @@ def check(raw: bytes) -> None:
     walk(p.body)
     s = parsed_to_json(p)
     s.encode("utf-8")
-    assert parsed_from_json(s) == p
+    assert parsed_from_json(s) == dataclasses.replace(p, body_text="")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
