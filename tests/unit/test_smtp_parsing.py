@@ -223,3 +223,26 @@ def test_named_replies_carry_enhanced_codes() -> None:
         if isinstance(value, R.Reply):
             assert str(value)[4] == str(value.code)[0], name
             assert R.with_enhanced_code(str(value)) == str(value)
+
+
+def test_queue_ids_are_unique_hex_and_differ_in_a_forked_child() -> None:
+    import os
+    import re
+
+    from mtad.headers import new_queue_id
+
+    ids = [new_queue_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9A-F]{16}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, new_queue_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    parent = new_queue_id()
+    # The child drew its own prefix, so it does not continue the parent's run.
+    assert child[:4] != parent[:4] or abs(int(child, 16) - int(parent, 16)) > 10_000
