@@ -157,16 +157,32 @@ _FTS = table("messages_fts", column("rowid"))
 FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
 
 
-def _text_condition(col: Any, fts_column: str, value: str, ctx: Context) -> ColumnElement[bool]:
+def _text_condition(col: Any, value: str, ctx: Context) -> ColumnElement[bool]:
     """Case-insensitive substring; on SQLite the trigram index narrows first
     (its matches are a superset of the LIKE's for ASCII values)."""
     cond = col.icontains(value, autoescape=True)
     if ctx.sqlite_fts and len(value) >= FTS_MIN_LENGTH:
-        phrase = value.replace('"', '""')
-        query = f'{{{fts_column}}} : "{phrase}"'
+        # Any column: detail=none keeps no column either; the exact
+        # condition on ``col`` decides among the rows the index returns.
+        query = fts_trigram_query(value)
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
         cond = and_(M.c.id.in_(hits), cond)
     return cond
+
+
+def fts_trigram_query(value: str) -> str:
+    """An FTS5 query matching every row whose text holds all the trigrams
+    that cover ``value`` (len >= 3): a superset of the rows containing it.
+
+    The index keeps no positions nor columns (``detail=none``), so no
+    phrase and no column filter: an AND of single trigrams, taken every
+    third character plus the last one, which covers every character of
+    ``value``. Each is a quoted string (``"`` doubled), so no character of
+    it is query syntax.
+    """
+    starts = sorted({*range(0, len(value) - 2, 3), len(value) - 3})
+    terms = (value[i : i + 3].replace('"', '""') for i in starts)
+    return " AND ".join(f'"{t}"' for t in terms)
 
 
 def _day_condition(c: Date) -> ColumnElement[bool]:
@@ -196,13 +212,13 @@ def to_sql(c: Criteria, ctx: Context) -> ColumnElement[bool] | None:
         col = HEADER_COLUMNS.get(c.name.lower())
         if col is None or not c.value or not c.value.isascii():
             return None
-        return _text_condition(col, col.name, c.value, ctx)
+        return _text_condition(col, c.value, ctx)
     if isinstance(c, Text):
         if not c.value:
             return true()
         if c.where != "body" or not c.value.isascii():
             return None
-        return _text_condition(M.c.body_text, "body_text", c.value, ctx)
+        return _text_condition(M.c.body_text, c.value, ctx)
     if isinstance(c, Date):
         return _day_condition(c)
     if isinstance(c, Size):

@@ -314,7 +314,48 @@ async def _v4_outbound_queue(conn: AsyncConnection) -> None:
     )
 
 
-MIGRATIONS: list[Step] = [_v1_tables, _v2_full_text, _v3_account_indexes, _v4_outbound_queue]
+async def _v5_fts_without_positions(conn: AsyncConnection) -> None:
+    """SQLite: rebuild the trigram index with ``detail=none``.
+
+    Search uses the index only to narrow the candidates of a substring
+    match, then checks each one exactly (``storage/sql/criteria.py``), so it
+    needs which messages hold every trigram of the value, not where. Without
+    the positions the index is about 2.5 times smaller and a delivery's
+    insert costs about a third less CPU. Queries become an AND of single
+    trigrams (``detail=none`` has no phrases). PostgreSQL: nothing to do.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    cols = "subject, from_text, to_text, cc_text, body_text"
+    new = "new.subject, new.from_text, new.to_text, new.cc_text, new.body_text"
+    old = "old.subject, old.from_text, old.to_text, old.cc_text, old.body_text"
+    await conn.exec_driver_sql("DROP TRIGGER IF EXISTS messages_fts_ai")
+    await conn.exec_driver_sql("DROP TRIGGER IF EXISTS messages_fts_ad")
+    await conn.exec_driver_sql("DROP TABLE IF EXISTS messages_fts")
+    await conn.exec_driver_sql(
+        f"CREATE VIRTUAL TABLE messages_fts USING fts5({cols}, content='messages', "
+        "content_rowid='id', tokenize='trigram', detail=none)"
+    )
+    await conn.exec_driver_sql(
+        "CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN "
+        f"INSERT INTO messages_fts(rowid, {cols}) VALUES (new.id, {new}); END"
+    )
+    await conn.exec_driver_sql(
+        "CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN "
+        f"INSERT INTO messages_fts(messages_fts, rowid, {cols}) "
+        f"VALUES ('delete', old.id, {old}); END"
+    )
+    # Index what is already stored (external content: read from messages).
+    await conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
+
+
+MIGRATIONS: list[Step] = [
+    _v1_tables,
+    _v2_full_text,
+    _v3_account_indexes,
+    _v4_outbound_queue,
+    _v5_fts_without_positions,
+]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -358,6 +358,8 @@ SEARCHES = [
     (Text("body", "revenue"), [1]),
     (Text("body", "ÜNÏ"), [3]),
     (Text("body", "report"), []),
+    # The index has no columns: its subject hit is weeded out by the exact match.
+    (Text("body", "quarterly"), []),
     (Text("text", "report"), [1]),
     (Text("text", "team.example"), [2]),
     (Text("text", "pizza"), [2]),
