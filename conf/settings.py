@@ -35,6 +35,10 @@ class ServerSettings(Section):
     hostname: str = "localhost"  # announced in SMTP greetings, Received headers, IMAP greeting
     data_dir: str = "/var/lib/shardmail"
     log_level: str = "INFO"
+    # Worker processes of each daemon command, sharing its ports through
+    # SO_REUSEPORT, under a supervisor that restarts any that dies; 0: one
+    # per CPU. Per-IP limits and login delays are counted per process.
+    processes: int = Field(default=1, ge=0, le=256)
 
     @field_validator("log_level")
     @classmethod
@@ -206,9 +210,35 @@ class Settings(Section):
             self.queue.dkim_key_dir = str(data / "dkim")
         return self
 
+    @model_validator(mode="after")
+    def _shared_ports(self) -> Settings:
+        # Workers share each listening port (SO_REUSEPORT): port 0 would give
+        # every worker an ephemeral port of its own.
+        if self.server.processes != 1:
+            for name in LISTEN_KEYS:
+                section, key = name.split(".")
+                for value in getattr(getattr(self, section), key):
+                    if value.rpartition(":")[2] == "0":
+                        raise ValueError(
+                            f"{name}: port 0 cannot be shared by server.processes workers"
+                        )
+        return self
+
     @property
     def data_dir(self) -> Path:
         return Path(self.server.data_dir)
+
+
+LISTEN_KEYS = (
+    "smtp.mx_listen",
+    "smtp.submission_listen",
+    "smtp.submissions_listen",
+    "imap.listen",
+    "imap.tls_listen",
+    "pop3.listen",
+    "pop3.tls_listen",
+    "http.listen",
+)
 
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/shardmail/shardmail.toml"),)

@@ -22,7 +22,7 @@ from mailctl.daemon import (
     add_config_options,
     available_daemons,
     configure_logging,
-    run_daemons,
+    serve,
     settings_from_args,
 )
 from mailctl.dkim_cmds import add_dkim_parser
@@ -75,8 +75,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print("mailctl: no daemon installed", file=sys.stderr)
         return 1
     configure_logging(settings)
-    asyncio.run(run_daemons(settings, names))
-    return 0
+    return serve(settings, names)
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -184,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("serve", cmd_serve, "run every daemon in one process")
+    p = command("serve", cmd_serve, "run every daemon (server.processes worker processes)")
     p.add_argument("--only", action="append", choices=DAEMONS, help="run only these daemons")
     command("check-config", cmd_check_config, "validate the configuration and exit")
 

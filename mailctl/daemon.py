@@ -1,10 +1,17 @@
-"""Running daemons: one process, one event loop, clean shutdown.
+"""Running daemons: one event loop per process, clean shutdown.
 
 Contract with each daemon package (``mtad``, ``imapd``, ``httpapi``): it
 exposes ``<pkg>.service.start(settings, storage, tls) -> Service`` where the
 service has ``async close()``. ``mailctl serve`` runs every daemon that is
 installed on one loop; ``python -m <pkg>`` runs one. SIGTERM and SIGINT
 close the services (sessions end, workers stop), then storage.
+
+With ``server.processes`` above 1 (0: one per CPU) the command becomes a
+supervisor: it prepares what the workers share (migrations, the
+self-signed certificate, the HTTP token secret), forks that many workers
+that each run the daemons on the same ports (SO_REUSEPORT lets the kernel
+spread connections), restarts a worker that dies, and on SIGTERM/SIGINT
+stops them all and waits for them.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,9 +56,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def configure_logging(settings: Settings) -> None:
+    # Several workers write to one log: each line says which process wrote it.
+    pid = "[%(process)d] " if worker_count(settings) > 1 else ""
     logging.basicConfig(
         level=settings.server.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {pid}%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -97,6 +108,109 @@ async def run_daemons(settings: Settings, names: Sequence[str]) -> None:
         await storage.close()
 
 
+# A worker that dies this soon after it started counts as failing to start;
+# this many such failures in a row stop the supervisor (a port in use, a
+# broken config file): systemd then reports the unit failed.
+QUICK_EXIT_SECONDS = 5.0
+QUICK_EXITS_BEFORE_GIVING_UP = 3
+
+
+def worker_count(settings: Settings) -> int:
+    """``server.processes``, with 0 meaning one per CPU."""
+    return settings.server.processes or os.cpu_count() or 1
+
+
+def serve(settings: Settings, names: Sequence[str]) -> int:
+    """Run the named daemons in this process, or under a supervisor of
+    ``worker_count`` worker processes. Returns the exit status."""
+    workers = worker_count(settings)
+    if workers == 1:
+        asyncio.run(run_daemons(settings, names))
+        return 0
+    asyncio.run(prepare_shared_state(settings, names))
+    return supervise(settings, names, workers)
+
+
+async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None:
+    """What every worker would otherwise race to create: the schema
+    (migrations), the generated self-signed certificate, the HTTP token
+    secret. Runs in the supervisor before it forks."""
+    from storage import open_storage
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(server_context, settings)
+    storage = await open_storage(settings.storage)
+    await storage.close()
+    if "httpapi" in names:
+        from httpapi.auth import load_or_create_secret
+
+        await asyncio.to_thread(load_or_create_secret, settings.data_dir)
+
+
+def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:
+    """Fork ``workers`` processes running :func:`run_daemons`; restart any
+    that exits while we are not stopping; on SIGTERM/SIGINT send SIGTERM to
+    each and wait for all. Returns 0 after a requested stop, 1 if workers
+    kept failing to start."""
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, start time)
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            status = 0
+            try:
+                asyncio.run(run_daemons(settings, names))
+            except BaseException:
+                log.exception("worker %d failed", slot)
+                status = 1
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        children[pid] = (slot, time.monotonic())
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("starting %d worker processes", workers)
+    for slot in range(workers):
+        spawn(slot)
+    quick_exits = 0
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        slot, started = children.pop(pid)
+        if stopping:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        log.error("worker %d (pid %d) exited with status %d", slot, pid, code)
+        quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT_SECONDS else 0
+        if quick_exits >= QUICK_EXITS_BEFORE_GIVING_UP:
+            log.error("workers keep failing to start; stopping")
+            status = 1
+            stop(signal.SIGTERM, None)
+            continue
+        time.sleep(min(1.0, 0.1 * 2**quick_exits))  # do not spin on a crash loop
+        if not stopping:
+            spawn(slot)
+    return status
+
+
 def daemon_main(name: str, argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m <name>`` and the ``<name>`` console script."""
     parser = argparse.ArgumentParser(prog=name, description=f"shardmail {name}")
@@ -104,4 +218,4 @@ def daemon_main(name: str, argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     configure_logging(settings)
-    asyncio.run(run_daemons(settings, [name]))
+    raise SystemExit(serve(settings, [name]))

@@ -75,3 +75,80 @@ def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             raise
     assert code == 0
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_serve_with_two_workers_shares_ports_restarts_and_stops(tmp_path: Path) -> None:
+    """server.processes = 2: a supervisor and two workers on the same ports;
+    a killed worker is replaced; SIGTERM stops every process."""
+    ports = {key: free_port() for key in [*LISTENERS, *TLS_LISTENERS, "http.listen"]}
+    args = [
+        sys.executable, "-m", "mailctl", "serve",
+        "-o", f"server.data_dir={tmp_path / 'd'}", "-o", "server.processes=2",
+    ]
+    for key, port in ports.items():
+        args += ["-o", f"{key}=['127.0.0.1:{port}']"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    workers: set[int] = set()
+    try:
+        ready = 0
+        deadline = time.monotonic() + 60
+        while ready < 2 and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "supervisor exited early"
+            ready += "shardmail ready: mtad imapd httpapi" in line
+        assert ready == 2
+        workers = children_of(proc.pid)
+        assert len(workers) == 2
+        # Each connection lands on one of the workers; all of them answer.
+        for _ in range(6):
+            for key, expected in LISTENERS.items():
+                assert greeting(ports[key], tls=False).startswith(expected), key
+        for key, expected in TLS_LISTENERS.items():
+            assert greeting(ports[key], tls=True).startswith(expected), key
+        # The supervisor made the shared state once, before forking.
+        assert sorted(p.name for p in (tmp_path / "d" / "tls").iterdir()) == [
+            "cert.pem", "key.pem"
+        ]
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: len(children_of(proc.pid) - {victim}) == 2), "not replaced"
+        workers = children_of(proc.pid)
+        url = f"http://127.0.0.1:{ports['http.listen']}/healthz"
+        for _ in range(4):
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0
+    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 5)
+
+
+def test_workers_need_fixed_ports(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailctl", "check-config", "-o", "server.processes=2",
+         "-o", "imap.listen=['127.0.0.1:0']", "-o", f"server.data_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "imap.listen" in result.stderr and "server.processes" in result.stderr
