@@ -245,27 +245,34 @@ async def _v1_tables(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: metadata.create_all(sync, tables=V1_TABLES))
 
 
+async def _create_fts(conn: AsyncConnection, options: str) -> None:
+    """SQLite: the external-content FTS5 table over the messages' search
+    columns (no second copy of the text) with ``options``, kept in step by
+    insert and delete triggers."""
+    cols = "subject, from_text, to_text, cc_text, body_text"
+    await conn.exec_driver_sql(
+        f"CREATE VIRTUAL TABLE messages_fts USING fts5({cols}, content='messages', "
+        f"content_rowid='id', {options})"
+    )
+    new = "new.subject, new.from_text, new.to_text, new.cc_text, new.body_text"
+    old = "old.subject, old.from_text, old.to_text, old.cc_text, old.body_text"
+    await conn.exec_driver_sql(
+        "CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN "
+        f"INSERT INTO messages_fts(rowid, {cols}) VALUES (new.id, {new}); END"
+    )
+    await conn.exec_driver_sql(
+        "CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN "
+        f"INSERT INTO messages_fts(messages_fts, rowid, {cols}) "
+        f"VALUES ('delete', old.id, {old}); END"
+    )
+
+
 async def _v2_full_text(conn: AsyncConnection) -> None:
     """Full-text index over subject, addresses and body text."""
     if conn.dialect.name == "sqlite":
         # An external-content FTS5 table (no second copy of the text), kept in
         # step by triggers; the trigram tokenizer answers substring queries.
-        cols = "subject, from_text, to_text, cc_text, body_text"
-        await conn.exec_driver_sql(
-            f"CREATE VIRTUAL TABLE messages_fts USING fts5({cols}, content='messages', "
-            "content_rowid='id', tokenize='trigram')"
-        )
-        new = "new.subject, new.from_text, new.to_text, new.cc_text, new.body_text"
-        old = "old.subject, old.from_text, old.to_text, old.cc_text, old.body_text"
-        await conn.exec_driver_sql(
-            "CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN "
-            f"INSERT INTO messages_fts(rowid, {cols}) VALUES (new.id, {new}); END"
-        )
-        await conn.exec_driver_sql(
-            "CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN "
-            f"INSERT INTO messages_fts(messages_fts, rowid, {cols}) "
-            f"VALUES ('delete', old.id, {old}); END"
-        )
+        await _create_fts(conn, "tokenize='trigram'")
     else:
         await conn.exec_driver_sql(
             "ALTER TABLE messages ADD COLUMN search tsvector GENERATED ALWAYS AS ("
@@ -326,25 +333,10 @@ async def _v5_fts_without_positions(conn: AsyncConnection) -> None:
     """
     if conn.dialect.name != "sqlite":
         return
-    cols = "subject, from_text, to_text, cc_text, body_text"
-    new = "new.subject, new.from_text, new.to_text, new.cc_text, new.body_text"
-    old = "old.subject, old.from_text, old.to_text, old.cc_text, old.body_text"
     await conn.exec_driver_sql("DROP TRIGGER IF EXISTS messages_fts_ai")
     await conn.exec_driver_sql("DROP TRIGGER IF EXISTS messages_fts_ad")
     await conn.exec_driver_sql("DROP TABLE IF EXISTS messages_fts")
-    await conn.exec_driver_sql(
-        f"CREATE VIRTUAL TABLE messages_fts USING fts5({cols}, content='messages', "
-        "content_rowid='id', tokenize='trigram', detail=none)"
-    )
-    await conn.exec_driver_sql(
-        "CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN "
-        f"INSERT INTO messages_fts(rowid, {cols}) VALUES (new.id, {new}); END"
-    )
-    await conn.exec_driver_sql(
-        "CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN "
-        f"INSERT INTO messages_fts(messages_fts, rowid, {cols}) "
-        f"VALUES ('delete', old.id, {old}); END"
-    )
+    await _create_fts(conn, "tokenize='trigram', detail=none")
     # Index what is already stored (external content: read from messages).
     await conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
 

@@ -31,6 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, then the exit status (killed, and the test failed, after 30 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
 def greeting(port: int, tls: bool) -> bytes:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     if tls:
@@ -68,12 +78,7 @@ def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
         # First start generated the self-signed certificate.
         assert (tmp_path / "d" / "tls" / "cert.pem").exists()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = stop(proc)
     assert code == 0
 
 
@@ -134,12 +139,7 @@ def test_serve_with_two_workers_shares_ports_restarts_and_stops(tmp_path: Path) 
             with urllib.request.urlopen(url, timeout=10) as resp:
                 assert resp.status == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = stop(proc)
     assert code == 0
     assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 5)
 
