@@ -260,8 +260,9 @@ class EventBus(Protocol):
 
     Delivery is best effort and at most once; a subscriber that must not
     miss anything reads ``MailStore.account_changes`` after the last id it
-    saw. The in-process bus is the default; PostgreSQL NOTIFY or Redis
-    pub/sub carry it across instances.
+    saw. The in-process bus is the default; Unix datagram sockets carry it
+    between the processes of one host on SQLite (``LocalSocketEventBus``);
+    PostgreSQL NOTIFY or Redis pub/sub carry it across instances.
     """
 
     async def publish(self, change: Change) -> None: ...

@@ -19,7 +19,7 @@ from sqlalchemy import make_url, select
 from storage import errors
 from storage.blob import open_blob_store
 from storage.blob.fs import FsBlobStore
-from storage.events import InProcessEventBus, PgNotifyEventBus
+from storage.events import EventBusImpl, InProcessEventBus, LocalSocketEventBus, PgNotifyEventBus
 from storage.model import Account
 from storage.sql.db import Database
 from storage.sql.directory import SqlDirectory
@@ -62,7 +62,7 @@ class SqlStorage:
         databases: dict[str, Database],
         blobs: FsBlobStore,
         hasher: PasswordHasher | None = None,
-        events: InProcessEventBus | PgNotifyEventBus | None = None,
+        events: EventBusImpl | None = None,
     ) -> None:
         self.databases = databases
         self.blobs = blobs
@@ -143,8 +143,9 @@ async def open_storage_from_url(
     ``password_hasher`` lets tests use cheap argon2 parameters
     (``PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)``).
     ``events``: "auto" carries changes between instances with PostgreSQL
-    LISTEN/NOTIFY when the main database is PostgreSQL and stays in-process
-    on SQLite; "inprocess" forces the in-process bus.
+    LISTEN/NOTIFY when the main database is PostgreSQL, and between the
+    processes of this host with Unix datagram sockets in ``<file>-events/``
+    beside a SQLite file; "inprocess" forces the in-process bus.
     """
     if events not in ("auto", "inprocess"):
         raise errors.invalid(f"unknown event bus {events!r}")
@@ -153,13 +154,17 @@ async def open_storage_from_url(
         if name == DEFAULT_SHARD:
             raise errors.invalid('the main storage url is shard "default"')
         databases[name] = Database(shard_url)
-    bus: InProcessEventBus | PgNotifyEventBus | None = None
+    bus: EventBusImpl | None = None
     if events == "auto" and databases[DEFAULT_SHARD].dialect == "postgresql":
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         bus = PgNotifyEventBus(dsn)
+    elif events == "auto" and databases[DEFAULT_SHARD].dialect == "sqlite":
+        events_dir = sqlite_events_dir(url)
+        if events_dir is not None:
+            bus = LocalSocketEventBus(events_dir)
     storage = SqlStorage(databases, open_blob_store(blob_dir), hasher=password_hasher, events=bus)
     try:
-        if isinstance(bus, PgNotifyEventBus):
+        if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):
             await bus.start()
         await storage.migrate()
         await storage.directory.load_shard_map()
@@ -167,6 +172,18 @@ async def open_storage_from_url(
         await storage.close()
         raise
     return storage
+
+
+def sqlite_events_dir(url: str) -> Path | None:
+    """Where the processes sharing the SQLite file at ``url`` bind their
+    event sockets: ``<file>-events`` beside it (like ``-wal`` and
+    ``-writers``, so two databases in one directory never cross-talk).
+    None for an in-memory database."""
+    parsed = make_url(url)
+    path = parsed.database
+    if not path or path == ":memory:" or parsed.query.get("mode") == "memory":
+        return None
+    return Path(path).absolute().parent / f"{Path(path).name}-events"
 
 
 async def open_storage(

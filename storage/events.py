@@ -1,6 +1,9 @@
-"""The in-process event bus: committed changes to IDLE, POP3 and WebSocket
-sessions of this process (the embedded default; PostgreSQL NOTIFY or Redis
-carry changes across instances).
+"""Event buses: committed changes to IDLE, POP3 and WebSocket sessions.
+
+The in-process bus reaches the sessions of this process (the embedded
+default); the local socket bus carries changes between the processes of one
+host sharing a SQLite database; PostgreSQL NOTIFY (or Redis) carries them
+across instances.
 
 Delivery is best effort and at most once: each subscription has a bounded
 queue and, when a slow consumer lets it fill, the oldest change is dropped.
@@ -13,9 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
+import math
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from storage.model import Change, ChangeKind
@@ -237,3 +246,205 @@ class PgNotifyEventBus:
                 with contextlib.suppress(Exception):
                     await conn.close()
         await self._local.close()
+
+
+# --- Unix datagram sockets: the same changes in every process on one host ---
+
+# How long a listing of the peers' sockets is trusted: a process started
+# since is reached at most this late (its IDLE sessions poll meanwhile).
+PEER_LIST_TTL = 1.0
+# The receive buffer: change_to_json stays under MAX_NOTIFY_PAYLOAD, so a
+# longer datagram (cut short here, then malformed) came from elsewhere.
+MAX_DATAGRAM = 65536
+# Datagrams read per wakeup, so a flood cannot starve the sessions' tasks.
+MAX_DRAIN = 256
+# sun_path holds 108 bytes on Linux (unix(7)); longer paths go through
+# /proc/self/fd/N of the open directory instead.
+MAX_SUN_PATH = 107
+SOCKET_SUFFIX = ".sock"
+# The empty datagram a bus sends when it starts: its peers list the
+# directory again, so they reach it from their next publish on.
+HELLO = b""
+
+
+class LocalSocketEventBus:
+    """Carries changes between the processes of one host sharing a SQLite
+    database (mtad, imapd and httpapi run as separate systemd units).
+
+    Every bus binds one Unix datagram socket in ``directory`` (created mode
+    0700: every process must run as the same user). ``publish`` hands the
+    change to this process's subscribers directly, then sends it as one
+    datagram to every other socket there; what arrives goes to the local
+    subscribers. Each subscriber of each process sees a change at most once.
+    The directory is listed at most every PEER_LIST_TTL; a bus that starts
+    announces itself with an empty datagram so its peers list again at once.
+
+    Best effort, like every bus: ``publish`` never blocks and never raises;
+    a datagram is dropped when a peer's receive queue is full (a slow or
+    stuck process) or the payload is too big, and a socket file whose
+    process died is unlinked. One host only. A consumer that must not miss
+    anything resyncs from ``MailStore.account_changes``.
+
+    Call ``start`` (in the event loop that will use the bus) before
+    ``publish``; until then, or if the socket cannot be made (logged),
+    changes reach local subscribers only: push across processes is not
+    worth refusing to serve mail over.
+    """
+
+    def __init__(self, directory: Path | str, queue_size: int = SUBSCRIPTION_QUEUE_SIZE) -> None:
+        self.directory = Path(directory)
+        self._local = InProcessEventBus(queue_size)
+        self._sock: socket.socket | None = None
+        self._dir_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.name = f"{os.getpid()}-{secrets.token_hex(8)}{SOCKET_SUFFIX}"
+        self._peers: list[str] = []  # socket file names of the other buses
+        self._peers_listed = -math.inf  # loop time of the last listing
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        """This bus's own socket file."""
+        return self.directory / self.name
+
+    async def start(self) -> None:
+        """Creates the directory, binds the socket and starts reading.
+        Never raises: without a socket the bus stays local (a warning)."""
+        if self._sock is not None or self._closed:
+            return
+        try:
+            sock, dir_fd = await asyncio.to_thread(self._bind)
+        except OSError as exc:
+            log.warning(
+                "no event socket in %s, push stays in this process: %s", self.directory, exc
+            )
+            return
+        self._sock, self._dir_fd = sock, dir_fd
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._list_peers()
+        self._send_to_peers(HELLO, "hello")
+
+    def _bind(self) -> tuple[socket.socket, int]:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Python sockets are close-on-exec (PEP 446): a spawned helper holds no peer.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(self._address(self.name, dir_fd))
+        except BaseException:
+            sock.close()
+            os.close(dir_fd)
+            raise
+        return sock, dir_fd
+
+    def _address(self, name: str, dir_fd: int | None = None) -> str:
+        path = str(self.directory / name)
+        if len(os.fsencode(path)) <= MAX_SUN_PATH:
+            return path
+        return f"/proc/self/fd/{self._dir_fd if dir_fd is None else dir_fd}/{name}"
+
+    def _list_peers(self) -> None:
+        # A small local directory, listed at most once per PEER_LIST_TTL:
+        # microseconds inline, where a thread hop would delay every push.
+        assert self._loop is not None
+        self._peers_listed = self._loop.time()
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            log.warning("cannot list event sockets in %s: %s", self.directory, exc)
+            self._peers = []
+            return
+        self._peers = [n for n in names if n.endswith(SOCKET_SUFFIX) and n != self.name]
+
+    async def publish(self, change: Change) -> None:
+        """Local subscribers first, then one datagram per peer; never blocks."""
+        self._local.deliver(change)
+        sock = self._sock
+        if sock is None or self._loop is None:
+            return
+        payload = change_to_json(change).encode()
+        if len(payload) > MAX_DATAGRAM:
+            log.warning("change %s too big for a datagram (%d bytes)", change.id, len(payload))
+            return
+        self._on_readable()  # a pending hello from a new peer: include it now
+        if self._loop.time() - self._peers_listed >= PEER_LIST_TTL:
+            self._list_peers()
+        self._send_to_peers(payload, f"change {change.id}")
+
+    def _send_to_peers(self, payload: bytes, what: str) -> None:
+        sock = self._sock
+        assert sock is not None
+        stale: list[str] = []
+        for name in self._peers:
+            try:
+                sock.sendto(payload, self._address(name))
+            except (BlockingIOError, InterruptedError):
+                pass  # the peer's queue is full: it resyncs from the change log
+            except (ConnectionRefusedError, FileNotFoundError):
+                stale.append(name)  # its process died without unlinking
+            except OSError as exc:  # ENOBUFS, EMSGSIZE, EACCES: drop this one
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                log.warning("%s not sent to %s: %s", what, name, exc)
+        for name in stale:
+            self._unlink_stale(name)
+
+    def _unlink_stale(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / name)
+            log.info("removed the stale event socket %s", name)
+        self._peers_listed = -math.inf  # list again on the next publish
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(MAX_DRAIN):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("event socket receive failed: %s", exc)
+                return
+            if data == HELLO:
+                self._peers_listed = -math.inf  # a new peer: list on the next publish
+                continue
+            if not self._local._subs:
+                continue  # no session here listens (an mtad): drain without decoding
+            try:
+                change = change_from_json(data.decode())
+            except Exception:  # anything a stray sender wrote: never the reader's end
+                log.warning("ignoring a malformed change datagram")
+                continue
+            self._local.deliver(change)
+
+    def subscribe(self, account_id: int) -> InProcessSubscription:
+        return self._local.subscribe(account_id)
+
+    def subscriber_count(self, account_id: int) -> int:
+        return self._local.subscriber_count(account_id)
+
+    async def close(self) -> None:
+        """Stops receiving, removes this bus's socket file and ends every
+        local subscription. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+        await self._local.close()
+
+
+EventBusImpl = InProcessEventBus | PgNotifyEventBus | LocalSocketEventBus
+"""Every bus this module provides (each satisfies ``storage.api.EventBus``)."""
