@@ -299,6 +299,7 @@ class LocalSocketEventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.name = f"{os.getpid()}-{secrets.token_hex(8)}{SOCKET_SUFFIX}"
         self._peers: list[str] = []  # socket file names of the other buses
+        self._addresses: dict[str, str] = {}  # socket file name -> sendto address
         self._peers_listed = -math.inf  # loop time of the last listing
         self._closed = False
 
@@ -340,10 +341,16 @@ class LocalSocketEventBus:
         return sock, dir_fd
 
     def _address(self, name: str, dir_fd: int | None = None) -> str:
-        path = str(self.directory / name)
-        if len(os.fsencode(path)) <= MAX_SUN_PATH:
-            return path
-        return f"/proc/self/fd/{self._dir_fd if dir_fd is None else dir_fd}/{name}"
+        address = self._addresses.get(name) if dir_fd is None else None
+        if address is None:
+            path = str(self.directory / name)
+            if len(os.fsencode(path)) <= MAX_SUN_PATH:
+                address = path
+            else:
+                address = f"/proc/self/fd/{self._dir_fd if dir_fd is None else dir_fd}/{name}"
+            if dir_fd is None:
+                self._addresses[name] = address
+        return address
 
     def _list_peers(self) -> None:
         # A small local directory, listed at most once per PEER_LIST_TTL:
@@ -357,6 +364,7 @@ class LocalSocketEventBus:
             self._peers = []
             return
         self._peers = [n for n in names if n.endswith(SOCKET_SUFFIX) and n != self.name]
+        self._addresses = {n: a for n, a in self._addresses.items() if n in self._peers}
 
     async def publish(self, change: Change) -> None:
         """Local subscribers first, then one datagram per peer; never blocks."""
@@ -364,7 +372,9 @@ class LocalSocketEventBus:
         sock = self._sock
         if sock is None or self._loop is None:
             return
-        payload = change_to_json(change).encode()
+        # The account id first, so a receiver where nobody follows that
+        # account drops the datagram without decoding it.
+        payload = b"%d %s" % (change.account_id, change_to_json(change).encode())
         if len(payload) > MAX_DATAGRAM:
             log.warning("change %s too big for a datagram (%d bytes)", change.id, len(payload))
             return
@@ -412,10 +422,11 @@ class LocalSocketEventBus:
             if data == HELLO:
                 self._peers_listed = -math.inf  # a new peer: list on the next publish
                 continue
-            if not self._local._subs:
-                continue  # no session here listens (an mtad): drain without decoding
+            account, _, body = data.partition(b" ")
             try:
-                change = change_from_json(data.decode())
+                if not self._local.subscriber_count(int(account)):
+                    continue  # nobody here follows that account: not worth decoding
+                change = change_from_json(body.decode())
             except Exception:  # anything a stray sender wrote: never the reader's end
                 log.warning("ignoring a malformed change datagram")
                 continue

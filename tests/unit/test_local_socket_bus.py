@@ -78,7 +78,10 @@ async def test_malformed_datagrams_are_ignored(buses) -> None:
         for junk in (b"not json", b"\xff\xfe", b"[1, 2]", b'{"id": 1}', b"null",
                      b'{"id":1,"account_id":7,"kind":"bogus","mailbox_id":null,'
                      b'"uid":null,"modseq":1,"at":0,"data":{}}'):
-            stray.sendto(junk, b._address(b.name))  # tmp paths may outgrow sun_path
+            # Bare, and behind the account id of a subscriber, so it is decoded.
+            for datagram in (junk, b"%d %s" % (ACCOUNT, junk), b"x " + junk):
+                stray.sendto(datagram, b._address(b.name))  # tmp paths may outgrow sun_path
+                await asyncio.sleep(0.001)  # B reads: its queue holds only a few datagrams
     await asyncio.sleep(0.05)
     assert await on_b.get(timeout=0.05) is None
     change = new_mail(2, uid=2)
