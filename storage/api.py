@@ -16,6 +16,7 @@ Contracts common to all of them:
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -172,11 +173,17 @@ class MailStore(Protocol):
         blob_key: str,
         parsed: ParsedMessage,
         targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
+        blob_ready: concurrent.futures.Future[str] | None = None,
     ) -> list[AppendResult]:
         """``add_message`` plus one ``append`` per target (mailbox name or id,
         flags, internal date) in ONE transaction: every target is committed
         when this returns, or none is (NOT_FOUND, OVER_QUOTA). The ingest path
-        commits a message's metadata this way, once per account."""
+        commits a message's metadata this way, once per account.
+
+        ``blob_ready``: the blob's durable write, still running; the
+        transaction commits only once it has succeeded (its failure fails
+        the delivery, TEMPORARY), so metadata never names a blob that is not
+        durable while the two overlap."""
 
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
         """Every entry of the mailbox in UID order (the session's snapshot)."""

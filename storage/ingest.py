@@ -24,6 +24,8 @@ transaction with several local recipients) use :func:`ingest_each`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hashlib
 import mmap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -105,7 +107,16 @@ async def _store(
     if parsed is None and not isinstance(source, Path) and len(source) <= INLINE_PARSE_MAX:
         parsed = parse_message(bytes(source))  # cheaper here than a thread hop
     put_sync = getattr(storage.blobs, "put_sync", None)
-    if parsed is None and put_sync is not None and not isinstance(source, Path):
+    put_started = getattr(storage.blobs, "put_started", None)
+    blob_ready: concurrent.futures.Future[str] | None = None
+    if parsed is not None and put_started is not None and not isinstance(source, Path):
+        # The key is the content's SHA-256; the blob's write and fsyncs run
+        # while the metadata waits for its group commit, which commits only
+        # once the blob is durable (``MailStore.deliver``'s ``blob_ready``).
+        data = bytes(source)
+        blob_key = hashlib.sha256(data).hexdigest()
+        blob_ready = put_started(data)
+    elif parsed is None and put_sync is not None and not isinstance(source, Path):
         # A blob store that can write from a worker thread: one hop for both.
         parsed, blob_key = await asyncio.to_thread(_parse_and_put, put_sync, bytes(source))
     else:
@@ -140,7 +151,11 @@ async def _store(
             for i in indexes
         ]
         try:
-            return await storage.mail(account).deliver(account.id, blob_key, parsed, targets)
+            if blob_ready is None:
+                return await storage.mail(account).deliver(account.id, blob_key, parsed, targets)
+            return await storage.mail(account).deliver(
+                account.id, blob_key, parsed, targets, blob_ready=blob_ready
+            )
         except StorageError as err:
             return err
 

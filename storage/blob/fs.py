@@ -15,6 +15,7 @@ I/O runs in a worker thread; the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
@@ -29,6 +30,8 @@ from storage.errors import ErrorKind, StorageError
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+# Threads for put_started: blob writes wait on the disk, not on the CPU.
+BLOB_WRITERS = 8
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -56,6 +59,7 @@ class FsBlobStore:
         self._root = str(self.root)
         self._tmp_prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._tmp_counter = itertools.count()
+        self._writers: concurrent.futures.ThreadPoolExecutor | None = None
 
     def path(self, key: str) -> Path:
         _check_key(key)
@@ -147,6 +151,18 @@ class FsBlobStore:
             tmp.unlink(missing_ok=True)
             raise
         return key
+
+    def put_started(self, data: bytes) -> concurrent.futures.Future[str]:
+        """:meth:`put_sync` started in one of this store's writer threads;
+        the future's result is the key (``sha256(data).hexdigest()``), set
+        once the bytes are durable. For the ingest path, which overlaps the
+        blob's fsyncs with the metadata transaction (see
+        ``Database.write_batched``'s ``ready``)."""
+        if self._writers is None:
+            self._writers = concurrent.futures.ThreadPoolExecutor(
+                max_workers=BLOB_WRITERS, thread_name_prefix="blob-writer"
+            )
+        return self._writers.submit(self.put_sync, data)
 
     async def put(self, data: bytes) -> str:
         """Durable on return; the same bytes give the same key."""

@@ -69,7 +69,7 @@ def classify(exc: Exception) -> Exception:
 class _Batched:
     """One queued :meth:`Database.write_batched` call."""
 
-    __slots__ = ("after_commit", "durable", "fn", "future")
+    __slots__ = ("after_commit", "durable", "fn", "future", "ready")
 
     def __init__(
         self,
@@ -77,11 +77,38 @@ class _Batched:
         after_commit: Callable[[Any], Awaitable[None]] | None,
         future: asyncio.Future[Any],
         durable: bool,
+        ready: concurrent.futures.Future[Any] | None,
     ) -> None:
         self.fn = fn
         self.after_commit = after_commit
         self.future = future
         self.durable = durable
+        self.ready = ready
+
+
+def _as_storage_error(exc: BaseException) -> BaseException:
+    """A failed ``ready`` as the caller sees it: OSError and outages are
+    TEMPORARY; a StorageError stays itself."""
+    if isinstance(exc, StorageError) or not isinstance(exc, Exception):
+        return exc
+    err = classify(exc)
+    if err is exc:  # not an outage: still nothing was committed, try again later
+        err = StorageError(ErrorKind.TEMPORARY, "storage write failed")
+        err.__cause__ = exc
+    return err
+
+
+class _NotReady(Exception):
+    """A batched call's ``ready`` failed: its transaction must not commit."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index)
+        self.index = index
+        self.error = error
+
+
+# (fn, ready) of one call in a batch.
+_Item = tuple[Callable[[Connection], Any], "concurrent.futures.Future[Any] | None"]
 
 
 class _Prepared:
@@ -336,9 +363,18 @@ class Database:
         after_commit: Callable[[T], Awaitable[None]] | None = None,
         *,
         durable: bool = True,
+        ready: concurrent.futures.Future[Any] | None = None,
     ) -> T:
         """Runs ``fn(conn)`` in a write transaction and returns its result
         once that transaction has committed (durably, as :meth:`write`).
+
+        ``ready``: work the written rows depend on, still running in another
+        thread (the ingest path's blob write). ``fn`` may run before it ends,
+        but its writes commit only once it has succeeded; if it fails, the
+        call fails with that error (TEMPORARY for an OSError) and commits
+        nothing, and the rest of its batch commits without it. This lets
+        the blob's fsync overlap the wait for the group commit, while the
+        metadata still never points at a blob that is not durable.
 
         ``durable=False`` (flag changes, expunges, \\Recent) lets SQLite skip
         the WAL fsync of a batch made only of such calls: the commit survives
@@ -360,6 +396,11 @@ class Database:
         whether or not its caller is still there.
         """
         if not self.is_sqlite:
+            if ready is not None:
+                try:
+                    await asyncio.wrap_future(ready)
+                except Exception as exc:
+                    raise _as_storage_error(exc) from exc
             async with self.write() as conn:
                 result = await conn.run_sync(fn)
             if after_commit is not None:
@@ -367,7 +408,7 @@ class Database:
             return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._batch_queue.append(_Batched(fn, after_commit, future, durable))
+        self._batch_queue.append(_Batched(fn, after_commit, future, durable, ready))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_batches())
         return await future
@@ -386,7 +427,7 @@ class Database:
                     outcomes = await loop.run_in_executor(
                         self._writer_thread(),
                         self._run_batch,
-                        [b.fn for b in batch],
+                        [(b.fn, b.ready) for b in batch],
                         any(b.durable for b in batch),
                     )
                 except BaseException as exc:
@@ -454,9 +495,7 @@ class Database:
             return None
         return os.open(f"{path}-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _run_batch(
-        self, fns: list[Callable[[Connection], Any]], durable: bool = True
-    ) -> list[tuple[bool, Any]]:
+    def _run_batch(self, items: list[_Item], durable: bool = True) -> list[tuple[bool, Any]]:
         """In the writer thread, under the writers' file lock (see
         :meth:`_writers_lock`)."""
         conn = self._connect_writer()
@@ -467,26 +506,54 @@ class Database:
             driver.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._writer_durable = durable
         if self._lock_fd is None:
-            return self._run_batch_locked(conn, fns)
+            return self._run_batch_locked(conn, items)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            return self._run_batch_locked(conn, fns)
+            return self._run_batch_locked(conn, items)
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _run_batch_locked(
-        self, conn: Connection, fns: list[Callable[[Connection], Any]]
-    ) -> list[tuple[bool, Any]]:
-        """One transaction, a SAVEPOINT per function when there are several.
-        Returns (True, result) or (False, exception) per function; raises if
-        the transaction as a whole failed (nothing committed)."""
+    def _run_batch_locked(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+        """The batch's transaction; when a call's ``ready`` fails, that call
+        fails alone and the transaction (rolled back) runs again without it.
+        Returns (True, result) or (False, exception) per call, in order;
+        raises if the transaction as a whole failed (nothing committed)."""
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        live = list(range(len(items)))
+        while live:
+            try:
+                done = self._run_transaction(conn, [items[i] for i in live])
+            except _NotReady as failed:
+                index = live.pop(failed.index)
+                outcomes[index] = (False, _as_storage_error(failed.error))
+                continue
+            outcomes.update(zip(live, done, strict=True))
+            break
+        return [outcomes[i] for i in range(len(items))]
+
+    @staticmethod
+    def _await_ready(items: list[_Item], outcomes: list[tuple[bool, Any]]) -> None:
+        """Before the commit: every call that wrote waits for its ``ready``;
+        a failure raises :class:`_NotReady` (rolling the transaction back)."""
+        for index, ((_, ready), (ok, _)) in enumerate(zip(items, outcomes, strict=True)):
+            if ready is None or not ok:
+                continue
+            try:
+                ready.result()
+            except BaseException as exc:
+                raise _NotReady(index, exc) from exc
+
+    def _run_transaction(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+        """One transaction, a SAVEPOINT per function when there are several."""
+        fns = [fn for fn, _ in items]
         outcomes: list[tuple[bool, Any]] = []
         try:
             if len(fns) == 1:
                 try:
                     with conn.begin():
                         outcomes.append((True, fns[0](conn)))
-                except OperationalError:
+                        self._await_ready(items, outcomes)
+                except (OperationalError, _NotReady):
                     raise
                 except Exception as exc:  # rolled back: only this call's writes
                     outcomes.append((False, classify(exc)))
@@ -509,6 +576,9 @@ class Database:
                     else:
                         driver.execute("RELEASE batched")
                         outcomes.append((True, result))
+                self._await_ready(items, outcomes)
+        except _NotReady:
+            raise  # rolled back cleanly by ``conn.begin()``: the connection is fine
         except BaseException:
             # Start afresh next time: the connection may be half-broken.
             self._writer_conn = None

@@ -23,6 +23,7 @@ statement. Both run module-constant statements straight on the driver
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import json
 import time
@@ -900,6 +901,7 @@ class SqlMailStore:
         blob_key: str,
         parsed: ParsedMessage,
         targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
+        blob_ready: concurrent.futures.Future[str] | None = None,
     ) -> list[AppendResult]:
         """Stores a message row and appends it to every target mailbox
         (name or id, flags, internal date) in ONE transaction: all targets
@@ -935,7 +937,9 @@ class SqlMailStore:
         async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:
             await self._publish(outcome[1])
 
-        results, _, message_id = await self.db.write_batched(write, published)
+        results, _, message_id = await self.db.write_batched(
+            write, published, ready=blob_ready
+        )
         self._cache_parsed(message_id, parsed)
         return results
 

@@ -316,3 +316,74 @@ async def test_put_sync_is_content_addressed_and_leaves_no_temp_files(
     blobs.path(key).parent.rmdir()
     assert await blobs.put(b"raw message\r\n") == key
     assert await blobs.get(key) == b"raw message\r\n"
+
+
+async def test_a_delivery_commits_only_once_its_blob_is_durable(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    """``blob_ready``: the metadata waits in the batch for the blob write;
+    a failed blob write fails its delivery alone (TEMPORARY, nothing of it
+    stored) and the rest of the batch commits without it."""
+    import concurrent.futures
+
+    mail = site.mail(bob)
+    made = []
+    for _ in range(3):
+        raw, parsed = build()
+        made.append((await site.blobs.put(raw), parsed))
+    gate = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(3)
+    slow = pool.submit(lambda: gate.wait(5) and made[0][0])
+    broken = pool.submit(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    fine: concurrent.futures.Future[str] = concurrent.futures.Future()
+    fine.set_result(made[2][0])
+    try:
+        pending = [
+            asyncio.ensure_future(
+                mail.deliver(bob.id, key, parsed, [("INBOX", (), None)], blob_ready=ready)
+            )
+            for (key, parsed), ready in zip(made, (slow, broken, fine), strict=True)
+        ]
+        await asyncio.sleep(0.3)
+        # Nothing is committed while the slow blob is still being written.
+        assert not any(p.done() for p in pending)
+        inbox = await mail.get_mailbox(bob.id, "INBOX")
+        assert await mail.uids(bob.id, inbox.id) == []
+        gate.set()
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        gate.set()
+        pool.shutdown()
+    assert batches[-1] == 3  # one batch, run again without the broken call
+    assert isinstance(outcomes[1], StorageError) and outcomes[1].kind is ErrorKind.TEMPORARY
+    assert [r[0].uid for r in (outcomes[0], outcomes[2])] == [1, 2]
+    assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1, 2]
+    referenced = await mail.referenced_blobs()
+    assert made[1][0] not in referenced and {made[0][0], made[2][0]} <= set(referenced)
+    new = [c for c in await mail.account_changes(bob.id, 0) if c.kind is ChangeKind.NEW]
+    assert len(new) == 2
+
+
+async def test_ingest_overlaps_the_blob_write_and_fails_cleanly_if_it_fails(
+    site: SqlStorage, bob: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingest path starts the blob write and hands it to deliver; when
+    the write fails, the delivery is TEMPORARY and no row names the blob."""
+    raw, _ = build()
+    calls: list[bytes] = []
+    real = site.blobs.put_sync
+
+    def failing(data: bytes) -> str:
+        calls.append(data)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(site.blobs, "put_sync", failing)
+    [outcome] = await ingest_each(site, [Delivery(bob)], raw)
+    assert calls == [raw]
+    assert isinstance(outcome, StorageError) and outcome.kind is ErrorKind.TEMPORARY
+    assert await site.mail(bob).referenced_blobs() == set()
+    monkeypatch.setattr(site.blobs, "put_sync", real)
+    [ok] = await ingest_each(site, [Delivery(bob)], raw)
+    assert isinstance(ok, AppendResult) and ok.uid == 1
+    [key] = await site.mail(bob).referenced_blobs()
+    assert await site.blobs.get(key) == raw
