@@ -133,6 +133,14 @@ async def main() -> None:
         help="then the same load against Postfix delivering to Dovecot over LMTP",
     )
     parser.add_argument(
+        "-o",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting for the mtad processes (repeatable), e.g. storage.blob_sync='fsync'",
+    )
+    parser.add_argument(
         "--smtp-source",
         action="store_true",
         help="also drive each server with Postfix's smtp-source, if installed",
@@ -170,6 +178,8 @@ async def main() -> None:
         ]
         if not args.checks:
             argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
+        for override in args.overrides:
+            argv += ["-o", override]
         for _ in range(args.processes):
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=REPO, stderr=asyncio.subprocess.PIPE
