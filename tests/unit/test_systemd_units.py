@@ -47,3 +47,11 @@ def test_sysusers_and_tmpfiles_create_the_user_and_data_dir() -> None:
     assert "u shardmail" in (ROOT / "systemd" / "shardmail.sysusers").read_text()
     tmpfiles = (ROOT / "systemd" / "shardmail.tmpfiles").read_text()
     assert "/var/lib/shardmail 0750 shardmail" in tmpfiles
+
+
+def test_sysctl_snippet_deepens_the_event_socket_queues() -> None:
+    text = (ROOT / "systemd" / "shardmail.sysctl").read_text()
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert int(settings["net.unix.max_dgram_qlen "].strip()) >= 512
