@@ -51,7 +51,6 @@ def test_sysusers_and_tmpfiles_create_the_user_and_data_dir() -> None:
 
 def test_sysctl_snippet_deepens_the_event_socket_queues() -> None:
     text = (ROOT / "systemd" / "shardmail.sysctl").read_text()
-    settings = dict(
-        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
-    )
-    assert int(settings["net.unix.max_dgram_qlen "].strip()) >= 512
+    pairs = (line.split("=", 1) for line in text.splitlines() if line and line[0] != "#")
+    settings = {key.strip(): value.strip() for key, value in pairs}
+    assert int(settings["net.unix.max_dgram_qlen"]) >= 512
