@@ -42,6 +42,7 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mailctl.daemon import add_override_option  # noqa: E402
 from tests.dnsserver import Zone, start_dns_server, stop_dns_server  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -132,13 +133,8 @@ async def main() -> None:
         action="store_true",
         help="then the same load against Postfix delivering to Dovecot over LMTP",
     )
-    parser.add_argument(
-        "-o",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="a setting for the mtad processes (repeatable), e.g. storage.blob_sync='fsync'",
+    add_override_option(
+        parser, "a setting for the mtad processes (repeatable), e.g. smtp.spf=true"
     )
     parser.add_argument(
         "--smtp-source",

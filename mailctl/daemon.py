@@ -37,13 +37,18 @@ log = logging.getLogger("shardmail")
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """``-c FILE`` and repeatable ``-o section.key=value``, as Dovecot's ``-o``."""
     parser.add_argument("-c", "--config", help="configuration file (TOML)")
+    add_override_option(parser)
+
+
+def add_override_option(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """Repeatable ``-o section.key=value`` into ``args.overrides``."""
     parser.add_argument(
         "-o",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting (repeatable)",
+        help=help or "override one setting (repeatable)",
     )
 
 
