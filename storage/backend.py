@@ -8,6 +8,7 @@ with the same schema. Migrations run at open.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ from storage.sql.schema import queue_messages
 
 if TYPE_CHECKING:
     from conf.settings import StorageSettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD = "default"
 
@@ -167,6 +170,9 @@ async def open_storage_from_url(
         if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):
             await bus.start()
         await storage.migrate()
+        moved = await asyncio.to_thread(storage.blobs.migrate_layout)
+        if moved:
+            log.info("moved %d blobs to the one-level layout", moved)
         await storage.directory.load_shard_map()
     except BaseException:
         await storage.close()

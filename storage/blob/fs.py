@@ -29,6 +29,9 @@ from pathlib import Path
 from storage.errors import ErrorKind, StorageError
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+_PREFIX = re.compile(r"^[0-9a-f]{2}$")
+# In the blob root once the store is known to hold only ``ab/<key>`` blobs.
+LAYOUT_MARKER = ".layout-one-level"
 _CHUNK = 1 << 20
 # Threads for put_started: blob writes wait on the disk, not on the CPU.
 BLOB_WRITERS = 8
@@ -60,6 +63,47 @@ class FsBlobStore:
         self._tmp_prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._tmp_counter = itertools.count()
         self._writers: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def migrate_layout(self) -> int:
+        """Moves blobs of the earlier two-level layout (``ab/cd/<key>``) to
+        ``ab/<key>``; returns how many moved. Blocking (run it in a thread,
+        at start). Idempotent and safe to race with another process doing
+        the same: each move is one rename, and a blob already moved is
+        skipped. Leftover temp files there are removed. Each blob is linked
+        under its new name, that directory fsynced, and only then the old
+        name removed: a crash at any point leaves it with a durable name.
+        A marker file records that the store is in the current layout, so
+        later starts do not list every blob again."""
+        marker = os.path.join(self._root, LAYOUT_MARKER)
+        if os.path.exists(marker):
+            return 0
+        moved = 0
+        for prefix in os.scandir(self._root):
+            if not (prefix.is_dir(follow_symlinks=False) and _PREFIX.match(prefix.name)):
+                continue
+            for sub in os.scandir(prefix.path):
+                if not (sub.is_dir(follow_symlinks=False) and _PREFIX.match(sub.name)):
+                    continue
+                old = [b for b in os.scandir(sub.path) if _KEY.match(b.name)]
+                for blob in old:
+                    with contextlib.suppress(FileExistsError, FileNotFoundError):
+                        os.link(blob.path, os.path.join(prefix.path, blob.name))
+                        moved += 1
+                _fsync_dir(prefix.path)
+                for blob in os.scandir(sub.path):  # old names, and interrupted writes' temps
+                    if _KEY.match(blob.name) and not os.path.exists(
+                        os.path.join(prefix.path, blob.name)
+                    ):
+                        continue  # not linked (it appeared meanwhile): next start
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(blob.path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(sub.path)
+                _fsync_dir(prefix.path)
+        with open(marker, "w") as f:
+            f.write("one directory level: ab/<sha256>\n")
+        _fsync_dir(self._root)
+        return moved
 
     def path(self, key: str) -> Path:
         _check_key(key)
