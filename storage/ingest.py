@@ -151,8 +151,6 @@ async def _store(
             for i in indexes
         ]
         try:
-            if blob_ready is None:
-                return await storage.mail(account).deliver(account.id, blob_key, parsed, targets)
             return await storage.mail(account).deliver(
                 account.id, blob_key, parsed, targets, blob_ready=blob_ready
             )
