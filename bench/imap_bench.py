@@ -55,14 +55,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dovecot_peer import DovecotPeer, free_port, proc_cpu_seconds
+from mailctl.daemon import add_override_option
 
 if TYPE_CHECKING:
     from storage.model import Account
@@ -152,8 +153,8 @@ class ImapClient(asyncio.Protocol):
         return client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # cast, not isinstance: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -489,9 +490,9 @@ async def fill_shardmail(data_dir: Path, logins: list[str], args: argparse.Names
         await storage.close()
 
 
-def start_imapd(data_dir: Path, port: int, log_level: str, procs: int = 1) -> list[
-    subprocess.Popen[bytes]
-]:
+def start_imapd(
+    data_dir: Path, port: int, log_level: str, procs: int = 1, extra: Sequence[str] = ()
+) -> list[subprocess.Popen[bytes]]:
     """``procs`` imapd processes sharing the port (SO_REUSEPORT, as
     DESIGN.md scales a host out); returns once each answers."""
     overrides = [
@@ -502,6 +503,7 @@ def start_imapd(data_dir: Path, port: int, log_level: str, procs: int = 1) -> li
         f"pop3.listen=['127.0.0.1:{free_port()}']",
         f"pop3.tls_listen=['127.0.0.1:{free_port()}']",
         "auth.allow_plaintext=true",
+        *extra,
     ]
     cmd = [sys.executable, "-m", "imapd"]
     for o in overrides:
@@ -545,7 +547,7 @@ async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseRe
     print(f"# shardmail: filled {len(logins)} x {args.messages} messages of {args.size} octets "
           f"in {time.perf_counter() - t0:.1f} s (storage.ingest)", flush=True)
     port = free_port()
-    procs = start_imapd(data_dir, port, args.log_level, args.imapd_procs)
+    procs = start_imapd(data_dir, port, args.log_level, args.imapd_procs, args.overrides)
     name = "shardmail" if args.imapd_procs == 1 else f"shardmail×{args.imapd_procs}"
     try:
         return await bench_server(
@@ -681,6 +683,7 @@ def main() -> None:
     parser.add_argument("--imapd-procs", type=int, default=1,
                         help="imapd processes sharing the port (SO_REUSEPORT)")
     parser.add_argument("--log-level", default="WARNING", help="imapd log level")
+    add_override_option(parser, "pass a setting override to imapd (repeatable)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tmp", default=None, help="where the temporary data goes")
     parser.add_argument("--keep", action="store_true", help="keep the data directories")

@@ -8,6 +8,7 @@ Defaults serve a single host; ``conf/example.toml`` lists every key.
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,19 @@ class ServerSettings(Section):
     # SO_REUSEPORT, under a supervisor that restarts any that dies; 0: one
     # per CPU. Per-IP limits and login delays are counted per process.
     processes: int = Field(default=1, ge=0, le=256)
+    # The asyncio event loop implementation: "uvloop" (libuv, installed as
+    # a dependency) or "asyncio" (the standard library's). "auto" takes
+    # uvloop when it can be imported.
+    event_loop: str = "auto"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _loop(cls, v: str) -> str:
+        if v not in {"auto", "asyncio", "uvloop"}:
+            raise ValueError("must be auto, asyncio or uvloop")
+        if v == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed")
+        return v
 
     @field_validator("log_level")
     @classmethod

@@ -24,14 +24,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from conf.settings import ConfigError, Settings, load_settings
 from conf.tls import server_context
 
 DAEMONS = ("mtad", "imapd", "httpapi")
 log = logging.getLogger("shardmail")
+T = TypeVar("T")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +121,22 @@ QUICK_EXIT_SECONDS = 5.0
 QUICK_EXITS_BEFORE_GIVING_UP = 3
 
 
+def run_loop(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a new event loop of the kind
+    ``server.event_loop`` names (see :class:`conf.settings.ServerSettings`;
+    settings refuse "uvloop" when it is not installed, and "auto" then
+    takes the standard loop)."""
+    if settings.server.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main)
+    return asyncio.run(main)
+
+
 def worker_count(settings: Settings) -> int:
     """``server.processes``, with 0 meaning one per CPU."""
     return settings.server.processes or os.cpu_count() or 1
@@ -130,9 +147,9 @@ def serve(settings: Settings, names: Sequence[str]) -> int:
     ``worker_count`` worker processes. Returns the exit status."""
     workers = worker_count(settings)
     if workers == 1:
-        asyncio.run(run_daemons(settings, names))
+        run_loop(settings, run_daemons(settings, names))
         return 0
-    asyncio.run(prepare_shared_state(settings, names))
+    run_loop(settings, prepare_shared_state(settings, names))
     return supervise(settings, names, workers)
 
 
@@ -167,7 +184,7 @@ def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             status = 0
             try:
-                asyncio.run(run_daemons(settings, names))
+                run_loop(settings, run_daemons(settings, names))
             except BaseException:
                 log.exception("worker %d failed", slot)
                 status = 1

@@ -14,7 +14,7 @@ import contextlib
 import socket
 import ssl
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from imapd.imap.session import ServerContext, Session
@@ -56,8 +56,8 @@ class ImapConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # cast, not isinstance: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("socket")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 
@@ -50,8 +51,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # cast, not isinstance: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
         CONNECTIONS.inc(protocol="pop3")
         CONNECTIONS_TOTAL.inc(protocol="pop3")
         self._on_connect(self)

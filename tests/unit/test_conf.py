@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import tomllib
@@ -35,12 +36,26 @@ def test_defaults_serve_one_host() -> None:
         ("pop3.idle_timeout_seconds=60", "pop3.idle_timeout_seconds:"),
         ("server.log_level='LOUD'", "server.log_level:"),
         ("tls.min_version='SSLv3'", "tls.min_version:"),
+        ("server.event_loop='trio'", "server.event_loop:"),
     ],
 )
 def test_bad_key_or_value_is_an_error_naming_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(overrides=[override])
     assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("choice", "loop_module"), [("uvloop", "uvloop"), ("asyncio", "asyncio"), ("auto", "uvloop")]
+)
+def test_event_loop_setting_picks_the_loop(choice: str, loop_module: str) -> None:
+    from mailctl.daemon import run_loop
+
+    async def which() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    settings = load_settings(overrides=[f"server.event_loop={choice}"])
+    assert run_loop(settings, which()) == loop_module
 
 
 def test_overrides_are_toml_values_or_strings() -> None:
