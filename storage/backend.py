@@ -140,6 +140,7 @@ async def open_storage_from_url(
     *,
     password_hasher: PasswordHasher | None = None,
     events: str = "auto",
+    fts_indexer: bool = True,
 ) -> SqlStorage:
     """Opens (and migrates) storage at ``url`` with blobs under ``blob_dir``.
 
@@ -149,6 +150,9 @@ async def open_storage_from_url(
     LISTEN/NOTIFY when the main database is PostgreSQL, and between the
     processes of this host with Unix datagram sockets in ``<file>-events/``
     beside a SQLite file; "inprocess" forces the in-process bus.
+    ``fts_indexer``: start each SQLite database's background full-text
+    indexer (``storage/sql/fts.py``); tests that drive it themselves say
+    False (``Database.indexer().run_once()``).
     """
     if events not in ("auto", "inprocess"):
         raise errors.invalid(f"unknown event bus {events!r}")
@@ -170,6 +174,9 @@ async def open_storage_from_url(
         if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):
             await bus.start()
         await storage.migrate()
+        if fts_indexer:
+            for db in databases.values():
+                db.start_indexer()
         moved = await asyncio.to_thread(storage.blobs.migrate_layout)
         if moved:
             log.info("moved %d blobs to the one-level layout", moved)

@@ -153,20 +153,25 @@ class Context:
     sqlite_fts: bool = False
 
 
-_FTS = table("messages_fts", column("rowid"))
+# SQLite's trigram index (a file of its own, attached to reader connections
+# as ``fts``) and the queue of messages not indexed yet (storage/sql/fts.py).
+_FTS = table("messages_fts", column("rowid"), schema="fts")
+_FTS_QUEUE = table("fts_pending", column("message_id"))
 FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
 
 
 def _text_condition(col: Any, value: str, ctx: Context) -> ColumnElement[bool]:
     """Case-insensitive substring; on SQLite the trigram index narrows first
-    (its matches are a superset of the LIKE's for ASCII values)."""
+    (its matches, plus the messages still queued for it, are a superset of
+    the LIKE's for ASCII values)."""
     cond = col.icontains(value, autoescape=True)
     if ctx.sqlite_fts and len(value) >= FTS_MIN_LENGTH:
         # Any column: detail=none keeps no column either; the exact
         # condition on ``col`` decides among the rows the index returns.
         query = fts_trigram_query(value)
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
-        cond = and_(M.c.id.in_(hits), cond)
+        queued = select(_FTS_QUEUE.c.message_id)
+        cond = and_(or_(M.c.id.in_(hits), M.c.id.in_(queued)), cond)
     return cond
 
 

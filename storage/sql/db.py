@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, Oper
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from storage.errors import ErrorKind, StorageError
-from storage.sql import schema
+from storage.sql import fts, schema
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,14 @@ class Database:
         self._reader_local = threading.local()
         self._reader_conns: list[Connection] = []
         self._reader_conns_lock = threading.Lock()
+        # SQLite's full-text index file and its indexer (``storage/sql/fts.py``).
+        self.file: str | None = None
+        self._indexer: fts.FtsIndexer | None = None
         if self.is_sqlite:
             _setup_sqlite(self.engine.sync_engine)
+            path = make_url(url).database
+            if path and path != ":memory:":
+                self.file = os.path.abspath(path)
 
     @property
     def dialect(self) -> str:
@@ -315,6 +321,8 @@ class Database:
                         },
                     )
                     _setup_sqlite(self._reader_engine)
+                    if self.file is not None:
+                        _attach_fts(self._reader_engine, self.file)
                 engine = self._reader_engine
             conn = engine.connect()
             with self._reader_conns_lock:
@@ -607,8 +615,47 @@ class Database:
                 await schema.lock_for_migration(conn)
                 if await schema.apply_step(conn, version):
                     log.info("%s: migrated schema to version %d", self.safe_url, version)
+        if self.file is not None and await asyncio.to_thread(fts.create_index, self.file):
+            # A new (or lost) index file: everything stored is queued for it.
+            async with self.write() as conn:
+                await conn.exec_driver_sql(
+                    "INSERT INTO fts_pending (message_id) SELECT id FROM messages "
+                    "WHERE id NOT IN (SELECT message_id FROM fts_pending)"
+                )
         async with self.read() as conn:
             return await schema.current_version(conn)
+
+    def start_indexer(self) -> fts.FtsIndexer | None:
+        """SQLite: start filling the full-text index in the background (the
+        daemons call this once storage is open; until then queued messages
+        are still found by search, only more slowly). Returns the indexer,
+        or None where there is none to run (PostgreSQL)."""
+        indexer = self.indexer()
+        if indexer is not None:
+            indexer.start()
+        return indexer
+
+    def indexer(self) -> fts.FtsIndexer | None:
+        """The SQLite full-text indexer, made if needed but not started
+        (:meth:`FtsIndexer.run_once` runs a batch). None on PostgreSQL."""
+        if self.file is None:
+            return None
+        if self._indexer is None:
+            self._indexer = fts.FtsIndexer(self.file, self._clear_fts_queue)
+        return self._indexer
+
+    async def _clear_fts_queue(self, pending_seq: int | None, deleted_rowid: int | None) -> None:
+        def clear(conn: Connection) -> None:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            if pending_seq is not None:
+                driver.execute("DELETE FROM fts_pending WHERE seq <= ?", (pending_seq,))
+            if deleted_rowid is not None:
+                driver.execute("DELETE FROM fts_deleted WHERE rowid <= ?", (deleted_rowid,))
+
+        # Not durable: after a power cut the queue may name messages the
+        # index holds already, and they are indexed again (harmless).
+        await self.write_batched(clear, durable=False)
 
     @property
     def safe_url(self) -> str:
@@ -616,7 +663,11 @@ class Database:
         return self.engine.url.render_as_string(hide_password=True)
 
     async def close(self) -> None:
-        """Finishes queued batched writes, then closes every connection."""
+        """Stops the full-text indexer, finishes queued batched writes, then
+        closes every connection."""
+        if self._indexer is not None:
+            indexer, self._indexer = self._indexer, None
+            await indexer.close()
         if self._flusher is not None and not self._flusher.done():
             try:
                 await asyncio.shield(self._flusher)
@@ -633,6 +684,14 @@ class Database:
             await loop.run_in_executor(None, readers.shutdown, True)
             self._close_readers()
         await self.engine.dispose()
+
+
+def _attach_fts(engine: Engine, file: str) -> None:
+    """Reader connections see the full-text index as schema ``fts``."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        fts.attach(dbapi_conn, file)
 
 
 def _setup_sqlite(engine: Engine) -> None:

@@ -1205,33 +1205,38 @@ class SqlMailStore:
             hits = sorted(hits + more)
         return [rows[i] for i in hits]
 
+    async def _read_rows(self, stmt: Any) -> list[Any]:
+        """The rows of a search statement. On SQLite through a reader
+        connection, the only kind that sees the full-text index (schema
+        ``fts``, ``storage/sql/fts.py``)."""
+        return await self.db.read_sync(lambda conn: conn.execute(stmt).all())
+
     async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
         """Matching UIDs, ascending (RFC 3501 section 6.4.4 semantics)."""
         async with self.db.read() as conn:
             await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            ctx = crit.Context(
-                max_uid=await self._max_uid(conn, mailbox_id), sqlite_fts=self.db.is_sqlite
-            )
-            base = E.join(messages, messages.c.id == E.c.message_id)
-            exact = crit.to_sql(criteria, ctx)
-            if exact is not None:
-                rows = await conn.execute(
-                    select(E.c.uid)
-                    .select_from(base)
-                    .where(E.c.mailbox_id == mailbox_id, exact)
-                    .order_by(E.c.uid)
-                )
-                return [r[0] for r in rows]
-            narrow = crit.superset(criteria, ctx)
-            stmt = (
-                select(*self._CANDIDATE_COLUMNS)
+            max_uid = await self._max_uid(conn, mailbox_id)
+        ctx = crit.Context(max_uid=max_uid, sqlite_fts=self.db.is_sqlite)
+        base = E.join(messages, messages.c.id == E.c.message_id)
+        exact = crit.to_sql(criteria, ctx)
+        if exact is not None:
+            rows = await self._read_rows(
+                select(E.c.uid)
                 .select_from(base)
-                .where(E.c.mailbox_id == mailbox_id)
+                .where(E.c.mailbox_id == mailbox_id, exact)
                 .order_by(E.c.uid)
             )
-            if narrow is not None:
-                stmt = stmt.where(narrow)
-            rows = (await conn.execute(stmt)).all()
+            return [r[0] for r in rows]
+        narrow = crit.superset(criteria, ctx)
+        stmt = (
+            select(*self._CANDIDATE_COLUMNS)
+            .select_from(base)
+            .where(E.c.mailbox_id == mailbox_id)
+            .order_by(E.c.uid)
+        )
+        if narrow is not None:
+            stmt = stmt.where(narrow)
+        rows = await self._read_rows(stmt)
         return [r.uid for r in await self._evaluate(rows, criteria, ctx)]
 
     async def search_account(
@@ -1243,35 +1248,34 @@ class SqlMailStore:
             mailboxes, mailboxes.c.id == E.c.mailbox_id
         )
         order = (E.c.internal_date.desc(), E.c.mailbox_id, E.c.uid.desc())
-        async with self.db.read() as conn:
-            exact = crit.to_sql(criteria, ctx)
-            if exact is not None:
-                rows = await conn.execute(
-                    select(*_ENTRY_COLUMNS)
-                    .select_from(base)
-                    .where(mailboxes.c.account_id == account_id, exact)
-                    .order_by(*order)
-                    .limit(limit)
-                )
-                return [_entry(r) for r in rows]
-            narrow = crit.superset(criteria, ctx)
-            stmt = (
-                select(*self._CANDIDATE_COLUMNS, E.c.internal_tz)
+        exact = crit.to_sql(criteria, ctx)
+        if exact is not None:
+            rows = await self._read_rows(
+                select(*_ENTRY_COLUMNS)
                 .select_from(base)
-                .where(mailboxes.c.account_id == account_id)
+                .where(mailboxes.c.account_id == account_id, exact)
                 .order_by(*order)
+                .limit(limit)
             )
-            if narrow is not None:
-                stmt = stmt.where(narrow)
-            found: list[MessageEntry] = []
-            batch = max(limit, 200)
-            offset = 0
-            while len(found) < limit:
-                rows = (await conn.execute(stmt.limit(batch).offset(offset))).all()
-                if not rows:
-                    break
-                offset += len(rows)
-                found.extend(_entry(r) for r in await self._evaluate(rows, criteria, ctx))
+            return [_entry(r) for r in rows]
+        narrow = crit.superset(criteria, ctx)
+        stmt = (
+            select(*self._CANDIDATE_COLUMNS, E.c.internal_tz)
+            .select_from(base)
+            .where(mailboxes.c.account_id == account_id)
+            .order_by(*order)
+        )
+        if narrow is not None:
+            stmt = stmt.where(narrow)
+        found: list[MessageEntry] = []
+        batch = max(limit, 200)
+        offset = 0
+        while len(found) < limit:
+            rows = await self._read_rows(stmt.limit(batch).offset(offset))
+            if not rows:
+                break
+            offset += len(rows)
+            found.extend(_entry(r) for r in await self._evaluate(rows, criteria, ctx))
         return found[:limit]
 
     # --- flags, copy, move, expunge -------------------------------------------

@@ -341,12 +341,54 @@ async def _v5_fts_without_positions(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
 
 
+async def _v6_fts_apart(conn: AsyncConnection) -> None:
+    """SQLite: the trigram index moves to its own file, filled in the
+    background (``storage/sql/fts.py``); deliveries only queue their id.
+
+    The old in-database index and its triggers go. Every stored message is
+    queued, so the indexer re-indexes them in the background; until then
+    searches check queued messages exactly, without the index.
+    PostgreSQL: nothing to do.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    await conn.exec_driver_sql("DROP TRIGGER IF EXISTS messages_fts_ai")
+    await conn.exec_driver_sql("DROP TRIGGER IF EXISTS messages_fts_ad")
+    await conn.exec_driver_sql("DROP TABLE IF EXISTS messages_fts")
+    # AUTOINCREMENT: a queue position is never handed out twice, so the
+    # indexer's "everything up to seq N" never covers a row it did not see.
+    await conn.exec_driver_sql(
+        "CREATE TABLE fts_pending (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "message_id INTEGER NOT NULL)"
+    )
+    await conn.exec_driver_sql("CREATE INDEX fts_pending_message ON fts_pending (message_id)")
+    await conn.exec_driver_sql(
+        "CREATE TABLE fts_deleted (message_id INTEGER NOT NULL, subject TEXT, "
+        "from_text TEXT, to_text TEXT, cc_text TEXT, body_text TEXT)"
+    )
+    await conn.exec_driver_sql("INSERT INTO fts_pending (message_id) SELECT id FROM messages")
+    await conn.exec_driver_sql(
+        "CREATE TRIGGER fts_queue AFTER INSERT ON messages BEGIN "
+        "INSERT INTO fts_pending (message_id) VALUES (new.id); END"
+    )
+    # A message still queued was never indexed: dropping it from the queue
+    # is enough. Otherwise the index needs the values it was indexed with.
+    await conn.exec_driver_sql(
+        "CREATE TRIGGER fts_unqueue AFTER DELETE ON messages BEGIN "
+        "INSERT INTO fts_deleted SELECT old.id, old.subject, old.from_text, old.to_text, "
+        "old.cc_text, old.body_text "
+        "WHERE NOT EXISTS (SELECT 1 FROM fts_pending WHERE message_id = old.id); "
+        "DELETE FROM fts_pending WHERE message_id = old.id; END"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
     _v3_account_indexes,
     _v4_outbound_queue,
     _v5_fts_without_positions,
+    _v6_fts_apart,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -1,0 +1,237 @@
+"""SQLite's full-text index, in a file of its own, filled in the background.
+
+Why apart: the trigram index was kept in step by a trigger, so every
+delivery tokenised its text inside the writer's transaction, about two
+thirds of the time a delivery holds the database's single write lock.
+Now a delivery only queues its message id (``fts_pending``, a trigger of
+schema step 6), and an indexer fills the index in ``<db>-fts``, a second
+SQLite file with its own write lock, in batches and off the delivery's
+latency. Dovecot indexes lazily too (at search time).
+
+Contract (what search relies on, ``criteria._text_condition``): every live
+message holding a substring is either in the index under all the
+substring's trigrams, or still queued in ``fts_pending``. So a search
+takes the index's matches plus the queued ids as candidates and decides by
+an exact comparison; the index may hold stale entries (a message deleted
+while it was being indexed), which only cost a wasted comparison.
+
+- A delivery inserts its id into ``fts_pending`` (trigger ``fts_queue``).
+- Deleting a message row removes its queued id; if it was indexed already,
+  the values it was indexed with go to ``fts_deleted`` (trigger
+  ``fts_unqueue``), because the index is contentless (no copy of the text)
+  and FTS5 removes a row of such an index only given those values.
+- :class:`FtsIndexer` runs batches: under a file lock that keeps the
+  indexers of every process on this host from doing the same work, it
+  applies the queued deletions, then indexes queued messages, commits the
+  index file (fsynced), and only then removes what it did from the two
+  queues. A crash between the two commits indexes some messages twice,
+  which is harmless; nothing is ever dropped from the queue unindexed.
+  Deletions go first so that a message id SQLite hands out again (it
+  reuses the highest id after its row is deleted) is indexed after the old
+  message's entries are gone.
+
+Readers (:meth:`Database.read_sync`) see the index as the attached schema
+``fts``. The database's own writer connections never attach it: a
+``BEGIN IMMEDIATE`` locks every attached file, which would put the index
+back under the delivery's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COLUMNS = "subject, from_text, to_text, cc_text, body_text"
+# Messages one batch indexes: large enough to amortise the commit, small
+# enough that a batch holds the index's lock only a fraction of a second.
+BATCH = 500
+# How often an idle indexer looks at the queue (seconds). A delivery does
+# not wake it: searches cover queued messages, so there is no hurry, and
+# batching is what makes the index cheap.
+POLL_SECONDS = 1.0
+BUSY_TIMEOUT_S = 30.0
+
+
+def index_file(db_file: str) -> str:
+    """The index file of the SQLite database file ``db_file``."""
+    return f"{db_file}-fts"
+
+
+def attach(dbapi_conn: Any, db_file: str) -> None:
+    """Attach the index of ``db_file`` to a reading connection as ``fts``."""
+    dbapi_conn.execute("ATTACH DATABASE ? AS fts", (index_file(db_file),))
+
+
+def create_index(db_file: str) -> bool:
+    """Create the index file and its table if missing (blocking; run in a
+    thread). Returns True when the table was missing: the caller then
+    queues every stored message (a lost or deleted index file is rebuilt)."""
+    conn = sqlite3.connect(index_file(db_file), isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'messages_fts'"
+        ).fetchone()
+        conn.execute("PRAGMA journal_mode=WAL")
+        # Trigram tokens for substring search; detail=none: search only
+        # needs which rows hold every trigram (the exact check decides);
+        # content='': no copy of the text, which stays in ``messages``.
+        conn.execute(
+            f"CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5({COLUMNS}, "
+            "content='', tokenize='trigram', detail=none)"
+        )
+        return found is None
+    finally:
+        conn.close()
+
+
+class FtsIndexer:
+    """Fills the index of one SQLite database from its queue.
+
+    ``clear(pending_seq, deleted_rowid)``: an async function that removes,
+    in the main database, the queue rows up to those (inclusive; None for
+    none) and returns when that is committed (the :class:`Database` passes
+    a non-durable batched write). :meth:`start` runs batches in a
+    background task until :meth:`close`; :meth:`run_once` runs one batch
+    (every queued deletion, up to ``batch`` queued messages) and returns
+    how many messages it indexed.
+    """
+
+    def __init__(
+        self,
+        db_file: str,
+        clear: Callable[[int | None, int | None], Awaitable[None]],
+        batch: int = BATCH,
+    ) -> None:
+        self.db_file = db_file
+        self.batch = batch
+        self._clear = clear
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One thread: the connection is used from it only.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="fts-indexer"
+        )
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                done = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("full-text indexing failed; retrying")
+                done = 0
+            if done < self.batch:
+                await asyncio.sleep(POLL_SECONDS)
+
+    async def run_once(self) -> int:
+        loop = asyncio.get_running_loop()
+        marks = await loop.run_in_executor(self._executor, self._index_locked)
+        if marks is None:
+            return 0
+        try:
+            pending_seq, deleted_rowid, count = marks
+            await self._clear(pending_seq, deleted_rowid)
+            return count
+        finally:
+            await loop.run_in_executor(self._executor, self._unlock)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                index_file(self.db_file), isolation_level=None, timeout=BUSY_TIMEOUT_S,
+                check_same_thread=False,  # closed from close(), after the thread
+            )
+            conn.execute("PRAGMA synchronous=FULL")  # committed before the queue is cleared
+            conn.execute("ATTACH DATABASE ? AS mail", (self.db_file,))
+            self._conn = conn
+            self._lock_fd = os.open(
+                f"{index_file(self.db_file)}-indexer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        return self._conn
+
+    def _index_locked(self) -> tuple[int | None, int | None, int] | None:
+        """In the indexer thread: takes the indexers' lock, indexes one
+        batch and commits it. Returns the queue marks to clear and the
+        count, with the lock still held (:meth:`_unlock` releases it), or
+        None (lock released) when the queue is empty."""
+        conn = self._connect()
+        assert self._lock_fd is not None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            # Deferred BEGIN: the first write locks the index file only; the
+            # attached database is only read (a WAL snapshot).
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    "SELECT seq FROM mail.fts_pending ORDER BY seq LIMIT ?", (self.batch,)
+                ).fetchall()
+                pending_seq = rows[-1][0] if rows else None
+                deleted_rowid = conn.execute(
+                    "SELECT max(rowid) FROM mail.fts_deleted"
+                ).fetchone()[0]
+                if pending_seq is None and deleted_rowid is None:
+                    conn.execute("ROLLBACK")
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                    return None
+                if deleted_rowid is not None:
+                    conn.execute(
+                        f"INSERT INTO messages_fts(messages_fts, rowid, {COLUMNS}) "
+                        f"SELECT 'delete', message_id, {COLUMNS} FROM mail.fts_deleted "
+                        "WHERE rowid <= ?",
+                        (deleted_rowid,),
+                    )
+                if pending_seq is not None:
+                    conn.execute(
+                        f"INSERT INTO messages_fts(rowid, {COLUMNS}) "
+                        f"SELECT id, {COLUMNS} FROM mail.messages WHERE id IN "
+                        "(SELECT message_id FROM mail.fts_pending WHERE seq <= ?)",
+                        (pending_seq,),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            raise
+        return pending_seq, deleted_rowid, len(rows)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    async def close(self) -> None:
+        """Stops the background task (a batch in progress finishes or rolls
+        back) and closes the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=False)
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
