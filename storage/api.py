@@ -174,11 +174,17 @@ class MailStore(Protocol):
         parsed: ParsedMessage,
         targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
         blob_ready: concurrent.futures.Future[str] | None = None,
+        claim_recent: bool = False,
     ) -> list[AppendResult]:
         """``add_message`` plus one ``append`` per target (mailbox name or id,
         flags, internal date) in ONE transaction: every target is committed
         when this returns, or none is (NOT_FOUND, OVER_QUOTA). The ingest path
         commits a message's metadata this way, once per account.
+
+        ``claim_recent``: also ``claim_recent`` in every target, in the same
+        transaction (an IMAP APPEND into the mailbox its session has
+        selected read-write, RFC 3501 section 2.3.2, without a second
+        write); each result then carries the floor before the claim.
 
         ``blob_ready``: the blob's durable write, still running; the
         transaction commits only once it has succeeded (its failure fails

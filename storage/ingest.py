@@ -47,12 +47,16 @@ INLINE_PARSE_MAX = 32 * 1024
 @dataclass(frozen=True)
 class Delivery:
     """One copy of the message: which account, which mailbox (name or id),
-    with which flags and internal date (None: storage uses "now")."""
+    with which flags and internal date (None: storage uses "now").
+    ``claim_recent``: the delivering IMAP session has the mailbox selected
+    read-write and takes \\Recent with the delivery (``MailStore.deliver``);
+    the result's ``recent_floor`` is then set."""
 
     account: Account
     mailbox: str | int = "INBOX"
     flags: tuple[str, ...] = ()
     internal_date: datetime | None = None
+    claim_recent: bool = False
 
 
 def _parse_path(path: Path) -> ParsedMessage:
@@ -152,7 +156,8 @@ async def _store(
         ]
         try:
             return await storage.mail(account).deliver(
-                account.id, blob_key, parsed, targets, blob_ready=blob_ready
+                account.id, blob_key, parsed, targets, blob_ready=blob_ready,
+                claim_recent=any(deliveries[i].claim_recent for i in indexes),
             )
         except StorageError as err:
             return err

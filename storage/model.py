@@ -273,12 +273,16 @@ class CopyResult:
 
 @dataclass(frozen=True)
 class AppendResult:
-    """RFC 4315 APPENDUID data."""
+    """RFC 4315 APPENDUID data; ``recent_floor`` only when the delivery
+    claimed \\Recent (``MailStore.deliver``'s ``claim_recent``): the
+    mailbox's recent floor before the claim, so UIDs from it up to ``uid``
+    are recent for the claiming session alone."""
 
     mailbox_id: int
     uidvalidity: int
     uid: int
     modseq: int
+    recent_floor: int | None = None
 
 
 @dataclass(frozen=True)

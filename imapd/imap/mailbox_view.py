@@ -32,6 +32,9 @@ class MailboxView:
     pending_vanished: set[int] = field(default_factory=set)  # expunged, not yet announced
     # Event-bus news not yet applied: (uid, modseq, new flags or None if expunged).
     events: list[tuple[int, int, frozenset[str] | None]] = field(default_factory=list)
+    # UID ranges (first, last) this session claimed \Recent for with its
+    # own APPEND, not yet announced (MailStore.deliver's claim_recent).
+    claimed: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def from_entries(
@@ -58,6 +61,10 @@ class MailboxView:
             allowed = set(among)
             top = [u for u in top if u in allowed]
         self.recent.update(top)
+
+    def claimed_by_us(self, uid: int) -> bool:
+        """Whether our own APPEND already claimed \\Recent for ``uid``."""
+        return any(first <= uid <= last for first, last in self.claimed)
 
     @property
     def exists(self) -> int:

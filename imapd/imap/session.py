@@ -415,14 +415,26 @@ class Session:
         self._boxes[name] = (box, now)
         return box
 
-    def wrote_to(self, mailbox_id: int) -> None:
+    def wrote_to(self, mailbox_id: int, claimed: tuple[int, int] | None = None) -> None:
         """Our own APPEND/COPY/MOVE added mail to ``mailbox_id``: when that is
         the selected mailbox, re-read it before the tagged reply (the event
         bus may not have told us yet), so EXISTS comes with the completion
-        (RFC 3501 section 6.3.11). Writes elsewhere cost no read."""
+        (RFC 3501 section 6.3.11). Writes elsewhere cost no read.
+        ``claimed``: the UIDs (first, last) the write took \\Recent for
+        (see :meth:`claims_recent_in`)."""
         view = self.selected
         if view is not None and view.mailbox.id == mailbox_id:
             self.dirty = True
+            if claimed is not None:
+                view.claimed.append(claimed)
+
+    def claims_recent_in(self, mailbox_id: int) -> bool:
+        """Whether a delivery into ``mailbox_id`` should take \\Recent in its
+        own transaction: it is selected read-write here, so this session
+        is the first told of the message (RFC 3501 section 2.3.2), and the
+        claim then costs no write of its own."""
+        view = self.selected
+        return view is not None and view.mailbox.id == mailbox_id and not view.read_only
 
     def forget_mailboxes(self) -> None:
         self._boxes.clear()
@@ -536,8 +548,12 @@ class Session:
         if new:
             view.add(sorted(new.values(), key=lambda e: e.uid))
             if not view.read_only:
-                floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
-                view.recent.update(uid for uid in new if uid >= floor)
+                mine = {uid for uid in new if view.claimed_by_us(uid)}
+                view.recent.update(mine)
+                if len(mine) < len(new):  # mail we did not claim with an APPEND
+                    floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
+                    view.recent.update(uid for uid in new if uid >= floor)
+                view.claimed = [c for c in view.claimed if c[1] > view.max_uid]
             else:
                 # RFC 3501 sections 2.3.2 and 6.3.2: a read-only session sees
                 # \Recent on new mail without claiming it.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -902,11 +903,14 @@ class SqlMailStore:
         parsed: ParsedMessage,
         targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
         blob_ready: concurrent.futures.Future[str] | None = None,
+        claim_recent: bool = False,
     ) -> list[AppendResult]:
         """Stores a message row and appends it to every target mailbox
         (name or id, flags, internal date) in ONE transaction: all targets
         are committed, or none (NOT_FOUND mailbox, OVER_QUOTA, INVALID flag).
         The ingest path uses this so metadata commits once per account.
+        ``claim_recent``: each target's recent floor moves past the new
+        message in the same transaction (see :meth:`claim_recent`).
 
         Durable, visible and published when it returns. On SQLite concurrent
         deliveries share one group commit (see ``Database.write_batched``).
@@ -932,6 +936,15 @@ class SqlMailStore:
                 )
                 uidnext[box.id] = (result.uid + 1, result.modseq)
                 results.append(result)
+            if claim_recent:
+                # The floor as this transaction found it; a second target
+                # in the same mailbox reports the same floor.
+                floors = {box.id: int(box.recent_floor) for box in boxes}
+                for box_id, (next_uid, _) in uidnext.items():
+                    execute(conn, _SET_RECENT_FLOOR, {"b_id": box_id, "b_floor": next_uid})
+                results = [
+                    dataclasses.replace(r, recent_floor=floors[r.mailbox_id]) for r in results
+                ]
             return results, tx.flush_sync(conn), message_id
 
         async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:

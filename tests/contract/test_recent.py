@@ -50,3 +50,24 @@ async def test_peek_recent_unknown_mailbox(storage: SqlStorage, bob: Account) ->
     with pytest.raises(StorageError) as info:
         await storage.mail(bob).peek_recent(bob.id, 999_999)
     assert info.value.kind is ErrorKind.NOT_FOUND
+
+
+async def test_a_delivery_can_claim_recent_in_its_transaction(
+    storage: SqlStorage, bob: Account
+) -> None:
+    from storage.ingest import Delivery, ingest
+
+    mail = storage.mail(bob)
+    box = (await mail.get_mailbox(bob.id, "INBOX")).id
+    await deliver(storage, bob)  # UID 1, unclaimed
+    raw = b"Subject: appended\r\n\r\nbody\r\n"
+    (plain,) = await ingest(storage, [Delivery(bob, box)], raw)
+    assert plain.recent_floor is None  # nothing claimed
+    assert await mail.peek_recent(bob.id, box) == 2
+    (claimed,) = await ingest(storage, [Delivery(bob, box, claim_recent=True)], raw)
+    # UIDs 1 to 3 are the claimer's; the floor now lies past them.
+    assert (claimed.recent_floor, claimed.uid) == (1, 3)
+    assert await mail.peek_recent(bob.id, box) == 0
+    assert await mail.claim_recent(bob.id, box) == 4
+    (again,) = await ingest(storage, [Delivery(bob, box, claim_recent=True)], raw)
+    assert (again.recent_floor, again.uid) == (4, 4)

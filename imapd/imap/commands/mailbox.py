@@ -287,13 +287,14 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
         return no("Empty message", "CANNOT")
     if size > s.ctx.max_literal:
         return no("Message too large", "TOOBIG")
+    claim = s.claims_recent_in(box.id)
     results = await ingest(
         s.storage,
-        [Delivery(s.account, box.id, tuple(cmd.flags), cmd.internal_date)],
+        [Delivery(s.account, box.id, tuple(cmd.flags), cmd.internal_date, claim_recent=claim)],
         source,
     )
     r = results[0]
-    s.wrote_to(box.id)
+    s.wrote_to(box.id, None if r.recent_floor is None else (r.recent_floor, r.uid))
     return ok("APPEND completed", f"APPENDUID {r.uidvalidity} {r.uid}")
 
 

@@ -48,12 +48,55 @@ SCRIPTS: dict[str, list[Step]] = {
         ("a", "n3 FETCH 3 FLAGS", [r"\* 3 FETCH \(FLAGS \(\\Recent\)\)", "n3 OK .*"]),
         ("b", "n4 SELECT INBOX", ["...", "=* 3 RECENT", "...", "n4 OK .*"]),
     ],
+    "append_to_selected_claims_with_its_delivery": [
+        ("a", "p1 SELECT INBOX", ["...", "=* 2 RECENT", "...", "p1 OK .*"]),
+        ("+", "", []),  # message 3 arrives; nobody has claimed it yet
+        ("b", "p2 STATUS INBOX (RECENT)", ['=* STATUS "INBOX" (RECENT 1)', "p2 OK .*"]),
+        # The APPEND's own transaction claims 3 and 4 for session a.
+        ("a", "p3 APPEND INBOX {21+}\r\nSubject: new\r\n\r\nbody4", ["...", "=* 4 EXISTS", "=* 4 RECENT", r"p3 OK \[APPENDUID \d+ 4\] .*"]),
+        ("a", "p4 FETCH 3:4 FLAGS", [r"\* 3 FETCH \(FLAGS \(\\Recent\)\)", r"\* 4 FETCH \(FLAGS \(\\Recent\)\)", "p4 OK .*"]),
+        ("b", "p5 STATUS INBOX (RECENT MESSAGES)", ['=* STATUS "INBOX" (RECENT 0 MESSAGES 4)', "p5 OK .*"]),
+        ("c", "p6 SELECT INBOX", ["...", "=* 4 EXISTS", "=* 0 RECENT", "...", "p6 OK .*"]),
+    ],
+    "append_to_examined_claims_nothing": [
+        ("a", "q1 EXAMINE INBOX", ["...", "=* 2 RECENT", "...", "q1 OK .*"]),
+        ("a", "q2 APPEND INBOX {21+}\r\nSubject: new\r\n\r\nbody3", ["...", "=* 3 EXISTS", "=* 3 RECENT", r"q2 OK \[APPENDUID \d+ 3\] .*"]),
+        ("b", "q3 STATUS INBOX (RECENT)", ['=* STATUS "INBOX" (RECENT 3)', "q3 OK .*"]),
+    ],
     "list_status_recent_does_not_claim": [
         ("b", 'l1 LIST "" "INBOX" RETURN (STATUS (RECENT))', ['=* LIST (\\HasNoChildren) "/" "INBOX"', '=* STATUS "INBOX" (RECENT 2)', "l1 OK .*"]),
         ("a", "l2 SELECT INBOX", ["...", "=* 2 RECENT", "...", "l2 OK .*"]),
         ("b", 'l3 LIST "" "INBOX" RETURN (STATUS (RECENT))', ['=* LIST (\\HasNoChildren) "/" "INBOX"', '=* STATUS "INBOX" (RECENT 0)', "l3 OK .*"]),
     ],
 }
+
+
+async def test_append_to_the_selected_mailbox_claims_without_a_write_of_its_own(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.sql.mailstore import SqlMailStore
+
+    claims: list[int] = []
+    real = SqlMailStore.claim_recent
+
+    async def counting(self: SqlMailStore, account_id: int, mailbox_id: int) -> int:
+        claims.append(mailbox_id)
+        return await real(self, account_id, mailbox_id)
+
+    monkeypatch.setattr(SqlMailStore, "claim_recent", counting)
+    client = await imap_env.client()
+    try:
+        await run_script(client, Script([LOGIN]))
+        await run_script(client, Script([("s SELECT INBOX", ["...", "s OK .*"])]))
+        assert len(claims) == 1
+        append = "a APPEND INBOX {21+}\r\nSubject: new\r\n\r\nbody1"
+        await run_script(client, Script([(append, ["=* 1 EXISTS", "=* 1 RECENT", "a OK .*"])]))
+        assert len(claims) == 1  # taken inside the delivery
+        await imap_env.deliver(PLAIN)  # mail the session did not append...
+        await run_script(client, Script([("n NOOP", ["=* 2 EXISTS", "=* 2 RECENT", "n OK .*"])]))
+        assert len(claims) == 2  # ...is claimed as before
+    finally:
+        await client.close()
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
