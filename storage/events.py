@@ -131,6 +131,16 @@ MAX_NOTIFY_PAYLOAD = 7900
 RECONNECT_DELAY = 1.0
 
 
+# One encoder for every change: json.dumps with non-default separators
+# builds a new JSONEncoder on each call, a third of the cost of a small one.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, without its per-call setup."""
+    return _COMPACT.encode(value)
+
+
 def change_to_json(change: Change) -> str:
     body: dict[str, Any] = {
         "id": change.id,
@@ -142,10 +152,10 @@ def change_to_json(change: Change) -> str:
         "at": change.at.timestamp(),
         "data": change.data,
     }
-    text = json.dumps(body, separators=(",", ":"))
+    text = _COMPACT.encode(body)
     if len(text.encode()) > MAX_NOTIFY_PAYLOAD:
         body["data"] = {"truncated": True}
-        text = json.dumps(body, separators=(",", ":"))
+        text = _COMPACT.encode(body)
     return text
 
 
@@ -372,15 +382,17 @@ class LocalSocketEventBus:
         sock = self._sock
         if sock is None or self._loop is None:
             return
+        self._on_readable()  # a pending hello from a new peer: include it now
+        if self._loop.time() - self._peers_listed >= PEER_LIST_TTL:
+            self._list_peers()
+        if not self._peers:
+            return  # no other process on this host: nothing to encode
         # The account id first, so a receiver where nobody follows that
         # account drops the datagram without decoding it.
         payload = b"%d %s" % (change.account_id, change_to_json(change).encode())
         if len(payload) > MAX_DATAGRAM:
             log.warning("change %s too big for a datagram (%d bytes)", change.id, len(payload))
             return
-        self._on_readable()  # a pending hello from a new peer: include it now
-        if self._loop.time() - self._peers_listed >= PEER_LIST_TTL:
-            self._list_peers()
         self._send_to_peers(payload, f"change {change.id}")
 
     def _send_to_peers(self, payload: bytes, what: str) -> None:

@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from storage import errors
 from storage.api import BlobStore, EventBus
 from storage.errors import ErrorKind, StorageError
+from storage.events import compact_json
 from storage.model import (
     DEFAULT_MAILBOXES,
     DELETED,
@@ -256,7 +257,7 @@ class _Tx:
                     "uid": ch["uid"],
                     "modseq": ch["modseq"],
                     "at": self.at,
-                    "data": json.dumps(ch["data"], separators=(",", ":")),
+                    "data": compact_json(ch["data"]),
                 }
             )
             changes.append(
