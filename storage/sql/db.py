@@ -66,6 +66,11 @@ def classify(exc: Exception) -> Exception:
     return err
 
 
+class _CallFailed(Exception):
+    """A batched call raised: its transaction rolls back and the batch runs
+    again with a savepoint per call."""
+
+
 class _Batched:
     """One queued :meth:`Database.write_batched` call."""
 
@@ -396,8 +401,10 @@ class Database:
         and before this returns (publish events there).
 
         On SQLite concurrent calls share one transaction in the writer thread,
-        each inside its own SAVEPOINT, so one call's failure undoes only its
-        own writes; a failed BEGIN or COMMIT fails all of them (TEMPORARY).
+        so one call's failure undoes only its own writes (the batch then runs
+        again, each call inside its own SAVEPOINT: ``fn`` may run more than
+        once, its earlier writes rolled back); a failed BEGIN or COMMIT fails
+        all of them (TEMPORARY).
         They are serialised with :meth:`write` by the same lock. A caller
         cancelled while its call waits in the queue drops it (nothing is
         written); once the call runs it commits, and ``after_commit`` runs,
@@ -566,6 +573,22 @@ class Database:
                 except Exception as exc:  # rolled back: only this call's writes
                     outcomes.append((False, classify(exc)))
                 return outcomes
+            # First without savepoints: calls rarely fail, and every statement
+            # costs the writer a wait for the GIL while the loop is busy. If
+            # one fails, all roll back and run again, each in a SAVEPOINT.
+            try:
+                with conn.begin():
+                    for fn in fns:
+                        try:
+                            outcomes.append((True, fn(conn)))
+                        except OperationalError:
+                            raise
+                        except Exception as exc:
+                            raise _CallFailed from exc
+                    self._await_ready(items, outcomes)
+                return outcomes
+            except _CallFailed:
+                outcomes = []
             # Plain SAVEPOINT statements on the driver connection: SQLAlchemy's
             # begin_nested() costs several times more, once per delivery.
             driver = conn.connection.driver_connection

@@ -146,6 +146,40 @@ async def test_a_refused_delivery_undoes_only_itself(
         sub.close()
 
 
+@pytest.fixture
+def writer_sql(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement the SQLite writer connection runs."""
+    seen: list[str] = []
+    original = Database._connect_writer
+
+    def traced(self: Database):  # type: ignore[no-untyped-def]
+        conn = original(self)
+        conn.connection.driver_connection.set_trace_callback(seen.append)
+        return conn
+
+    monkeypatch.setattr(Database, "_connect_writer", traced)
+    return seen
+
+
+async def test_a_group_without_refusals_runs_no_savepoints(
+    site: SqlStorage, bob: Account, batches: list[int], writer_sql: list[str]
+) -> None:
+    await at_once(site, (bob, "INBOX", ()), (bob, "Archive", ()), (bob, "INBOX", ()))
+    assert batches[-1] == 3
+    assert any(s.startswith("INSERT INTO messages") for s in writer_sql)
+    assert not any("SAVEPOINT" in s for s in writer_sql)
+    # One refusal: the group rolls back and runs again, a savepoint each,
+    # and the others still commit once.
+    writer_sql.clear()
+    outcomes = await at_once(site, (bob, "INBOX", ()), (bob, "No/Such/Box", ()))
+    assert batches[-1] == 2
+    assert isinstance(outcomes[0], list) and isinstance(outcomes[1], StorageError)
+    assert sum(s.startswith("SAVEPOINT") for s in writer_sql) == 2
+    mail = site.mail(bob)
+    inbox = await mail.get_mailbox(bob.id, "INBOX")
+    assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1, 2, 3]
+
+
 async def test_a_database_failure_refuses_the_whole_group_as_temporary(
     site: SqlStorage, bob: Account, batches: list[int]
 ) -> None:
