@@ -28,7 +28,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    and_,
     bindparam,
     delete,
     exists,
@@ -325,6 +326,11 @@ _LOCK_ACCOUNT = (
 _INSERT_CHANGES = insert(change_log)
 _INSERT_MESSAGE = insert(messages)
 _INSERT_ENTRY = insert(E)
+_INSERT_MESSAGE_OWN_THREAD = (
+    insert(messages)
+    .values(thread_id=literal_column("(SELECT coalesce(max(id), 0) + 1 FROM messages)"))
+    .returning(messages.c.id, messages.c.thread_id)
+)
 _SET_THREAD = (
     update(messages).where(messages.c.id == bindparam("b_id")).values(thread_id=bindparam("b_id"))
 )
@@ -341,6 +347,33 @@ _MAILBOX_BY_NAME = select(mailboxes).where(
 )
 _MAILBOX_BY_ID = select(mailboxes).where(
     mailboxes.c.account_id == bindparam("b_account"), mailboxes.c.id == bindparam("b_id")
+)
+
+
+# SQLite: the account's counters and one of its mailboxes in one statement,
+# the start of most write functions (each statement costs the SQLite writer
+# a wait for the GIL while the event loop is busy). Not on PostgreSQL: a
+# SELECT that waits for FOR UPDATE rereads only the locked row, and the
+# mailbox's UIDNEXT must be read after the lock. No row: the account has no
+# counters row on this shard yet; a row with m_id NULL: no such mailbox.
+_MAILBOX_FIELDS = tuple(c.name for c in mailboxes.c)
+_MailboxRow = namedtuple("_MailboxRow", _MAILBOX_FIELDS)  # type: ignore[misc]
+_ACCOUNT_AND_MAILBOX = select(
+    shard_accounts, *(c.label(f"m_{c.name}") for c in mailboxes.c)
+).where(shard_accounts.c.account_id == bindparam("b_account"))
+_LOCK_WITH_MAILBOX_BY_ID = _ACCOUNT_AND_MAILBOX.outerjoin(
+    mailboxes,
+    and_(
+        mailboxes.c.account_id == shard_accounts.c.account_id,
+        mailboxes.c.id == bindparam("b_id"),
+    ),
+)
+_LOCK_WITH_MAILBOX_BY_NAME = _ACCOUNT_AND_MAILBOX.outerjoin(
+    mailboxes,
+    and_(
+        mailboxes.c.account_id == shard_accounts.c.account_id,
+        mailboxes.c.name == bindparam("b_name"),
+    ),
 )
 
 
@@ -705,6 +738,29 @@ class SqlMailStore:
             raise errors.not_found("no such mailbox")
         return row
 
+    def _begin_in_mailbox_sync(
+        self, conn: Connection, account_id: int, mailbox: str | int
+    ) -> tuple[_Tx, Any]:
+        """:meth:`_begin_sync` then :meth:`_mailbox_row_sync`; on SQLite in
+        one statement when the account has its counters row (the usual
+        case: BEGIN IMMEDIATE already serialises the writers)."""
+        if conn.dialect.name != "sqlite":
+            tx = self._begin_sync(conn, account_id)
+            return tx, self._mailbox_row_sync(conn, account_id, mailbox)
+        if isinstance(mailbox, int):
+            stmt, params = _LOCK_WITH_MAILBOX_BY_ID, {"b_account": account_id, "b_id": mailbox}
+        else:
+            name = normalize_mailbox_name(mailbox)
+            stmt, params = _LOCK_WITH_MAILBOX_BY_NAME, {"b_account": account_id, "b_name": name}
+        row = execute(conn, stmt, params).first()
+        if row is None:  # first write for this account here: make its row
+            tx = self._begin_sync(conn, account_id)
+            return tx, self._mailbox_row_sync(conn, account_id, mailbox)
+        if row.m_id is None:
+            raise errors.not_found("no such mailbox")
+        box = _MailboxRow(*(getattr(row, f"m_{n}") for n in _MAILBOX_FIELDS))
+        return _tx_from_row(conn, account_id, row), box
+
     @staticmethod
     def _mailbox_row_sync(conn: Connection, account_id: int, mailbox: str | int) -> Any:
         """A mailbox row by name (normalised here) or id; NOT_FOUND if absent."""
@@ -891,6 +947,14 @@ class SqlMailStore:
                 )
                 .limit(1)
             ).scalar()
+        if thread_id is None and conn.dialect.name == "sqlite":
+            # A thread of its own, in the same statement: SQLite gives the
+            # row the highest id plus one, the value the insert reads (an
+            # UPDATE less per delivery); any other id is still corrected.
+            row = execute(conn, _INSERT_MESSAGE_OWN_THREAD, values).one()
+            if row.thread_id != row.id:
+                execute(conn, _SET_THREAD, {"b_id": row.id})
+            return int(row.id)
         result = execute(conn, _INSERT_MESSAGE, {**values, "thread_id": thread_id})
         message_id = int(result.inserted_primary_key[0])
         if thread_id is None:
@@ -923,8 +987,8 @@ class SqlMailStore:
         targets = [(box, tuple(flags), date) for box, flags, date in targets]
 
         def write(conn: Connection) -> tuple[list[AppendResult], list[Change], int]:
-            tx = self._begin_sync(conn, account_id)
-            boxes = [self._mailbox_row_sync(conn, account_id, t[0]) for t in targets]
+            tx, first = self._begin_in_mailbox_sync(conn, account_id, targets[0][0])
+            boxes = [first] + [self._mailbox_row_sync(conn, account_id, t[0]) for t in targets[1:]]
             message_id = self._insert_message_sync(conn, account_id, values, parsed)
             results = []
             uidnext: dict[int, tuple[int, int]] = {}
@@ -1010,8 +1074,7 @@ class SqlMailStore:
         when = _split_date(internal_date or dt.datetime.now(dt.UTC))
 
         def write(conn: Connection) -> tuple[AppendResult, list[Change]]:
-            tx = self._begin_sync(conn, account_id)
-            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             size = execute(
                 conn, _MESSAGE_SIZE, {"b_id": message_id, "b_account": account_id}
             ).scalar()
@@ -1310,8 +1373,7 @@ class SqlMailStore:
         mask, keywords = split_flags(flags)
 
         def write(conn: Connection) -> tuple[StoreResult, list[Change]]:
-            tx = self._begin_sync(conn, account_id)
-            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             rows = _select_entries_sync(conn, mailbox_id, uids, _ENTRIES)
             modseq = mbox.highestmodseq + 1
             modified, updates, updated = _plan_store(
@@ -1470,8 +1532,7 @@ class SqlMailStore:
         Durable and published on return."""
 
         def write(conn: Connection) -> tuple[list[int], list[int], list[Change]]:
-            tx = self._begin_sync(conn, account_id)
-            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             rows = _select_entries_sync(conn, mailbox_id, uids, _ENTRY_FLAGS)
             gone = [r.uid for r in rows if r.sysflags & crit.FLAG_BITS[DELETED]]
             dropped = self._remove_entries_sync(tx, mbox, gone)
@@ -1583,8 +1644,8 @@ class SqlMailStore:
         """Moves the recent floor to UIDNEXT atomically, returns the old floor."""
 
         def write(conn: Connection) -> int:
-            self._begin_sync(conn, account_id)  # serialised with the account's writes
-            mbox = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            # Serialised with the account's writes.
+            _, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             execute(conn, _SET_RECENT_FLOOR, {"b_id": mbox.id, "b_floor": mbox.uidnext})
             return int(mbox.recent_floor)
 

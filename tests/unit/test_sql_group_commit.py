@@ -180,6 +180,37 @@ async def test_a_group_without_refusals_runs_no_savepoints(
     assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1, 2, 3]
 
 
+async def test_a_delivery_locks_its_mailbox_and_opens_its_thread_in_one_statement_each(
+    site: SqlStorage, bob: Account, writer_sql: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import insert, literal_column
+
+    import storage.sql.mailstore as mailstore_mod
+    from storage.sql.schema import messages
+
+    await at_once(site, (bob, "INBOX", ()))  # the account's counters row exists now
+    writer_sql.clear()
+    (results,) = await at_once(site, (bob, "INBOX", ()))
+    statements = [s for s in writer_sql if not s.startswith(("BEGIN", "COMMIT", "PRAGMA"))]
+    assert statements[0].startswith("SELECT") and "JOIN mailboxes" in statements[0]
+    assert statements[1].startswith("INSERT INTO messages")
+    assert not any(s.startswith("SELECT") for s in statements[1:])
+    assert not any("SET thread_id" in s for s in statements)
+    mail = site.mail(bob)
+    entry = (await mail.uids(bob.id, results[0].mailbox_id))[-1]
+    assert await mail.thread_of(bob.id, entry.message_id) == entry.message_id
+    # Were SQLite to hand out another id, the thread is still the message's own.
+    wrong = (
+        insert(messages)
+        .values(thread_id=literal_column("424242"))
+        .returning(messages.c.id, messages.c.thread_id)
+    )
+    monkeypatch.setattr(mailstore_mod, "_INSERT_MESSAGE_OWN_THREAD", wrong)
+    (results,) = await at_once(site, (bob, "INBOX", ()))
+    entry = (await mail.uids(bob.id, results[0].mailbox_id))[-1]
+    assert await mail.thread_of(bob.id, entry.message_id) == entry.message_id
+
+
 async def test_a_database_failure_refuses_the_whole_group_as_temporary(
     site: SqlStorage, bob: Account, batches: list[int]
 ) -> None:
