@@ -130,8 +130,6 @@ class FtsIndexer:
         while True:
             try:
                 done = await self.run_once()
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("full-text indexing failed; retrying")
                 done = 0
@@ -173,42 +171,47 @@ class FtsIndexer:
         assert self._lock_fd is not None
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            # Deferred BEGIN: the first write locks the index file only; the
-            # attached database is only read (a WAL snapshot).
-            conn.execute("BEGIN")
-            try:
-                rows = conn.execute(
-                    "SELECT seq FROM mail.fts_pending ORDER BY seq LIMIT ?", (self.batch,)
-                ).fetchall()
-                pending_seq = rows[-1][0] if rows else None
-                deleted_rowid = conn.execute(
-                    "SELECT max(rowid) FROM mail.fts_deleted"
-                ).fetchone()[0]
-                if pending_seq is None and deleted_rowid is None:
-                    conn.execute("ROLLBACK")
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                    return None
-                if deleted_rowid is not None:
-                    conn.execute(
-                        f"INSERT INTO messages_fts(messages_fts, rowid, {COLUMNS}) "
-                        f"SELECT 'delete', message_id, {COLUMNS} FROM mail.fts_deleted "
-                        "WHERE rowid <= ?",
-                        (deleted_rowid,),
-                    )
-                if pending_seq is not None:
-                    conn.execute(
-                        f"INSERT INTO messages_fts(rowid, {COLUMNS}) "
-                        f"SELECT id, {COLUMNS} FROM mail.messages WHERE id IN "
-                        "(SELECT message_id FROM mail.fts_pending WHERE seq <= ?)",
-                        (pending_seq,),
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+            marks = self._index_batch(conn)
         except BaseException:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._unlock()
+            raise
+        if marks is None:
+            self._unlock()
+        return marks
+
+    def _index_batch(self, conn: sqlite3.Connection) -> tuple[int | None, int | None, int] | None:
+        """One batch in one transaction of the index file, committed; None
+        (and nothing written) when both queues are empty."""
+        # Deferred BEGIN: the first write locks the index file only; the
+        # attached database is only read (a WAL snapshot).
+        conn.execute("BEGIN")
+        try:
+            rows = conn.execute(
+                "SELECT seq FROM mail.fts_pending ORDER BY seq LIMIT ?", (self.batch,)
+            ).fetchall()
+            pending_seq = rows[-1][0] if rows else None
+            deleted_rowid = conn.execute("SELECT max(rowid) FROM mail.fts_deleted").fetchone()[0]
+            if pending_seq is None and deleted_rowid is None:
+                conn.execute("ROLLBACK")
+                return None
+            if deleted_rowid is not None:
+                conn.execute(
+                    f"INSERT INTO messages_fts(messages_fts, rowid, {COLUMNS}) "
+                    f"SELECT 'delete', message_id, {COLUMNS} FROM mail.fts_deleted "
+                    "WHERE rowid <= ?",
+                    (deleted_rowid,),
+                )
+            if pending_seq is not None:
+                conn.execute(
+                    f"INSERT INTO messages_fts(rowid, {COLUMNS}) "
+                    f"SELECT id, {COLUMNS} FROM mail.messages WHERE id IN "
+                    "(SELECT message_id FROM mail.fts_pending WHERE seq <= ?)",
+                    (pending_seq,),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             raise
         return pending_seq, deleted_rowid, len(rows)
 

@@ -744,16 +744,16 @@ class SqlMailStore:
         """:meth:`_begin_sync` then :meth:`_mailbox_row_sync`; on SQLite in
         one statement when the account has its counters row (the usual
         case: BEGIN IMMEDIATE already serialises the writers)."""
-        if conn.dialect.name != "sqlite":
-            tx = self._begin_sync(conn, account_id)
-            return tx, self._mailbox_row_sync(conn, account_id, mailbox)
-        if isinstance(mailbox, int):
-            stmt, params = _LOCK_WITH_MAILBOX_BY_ID, {"b_account": account_id, "b_id": mailbox}
-        else:
-            name = normalize_mailbox_name(mailbox)
-            stmt, params = _LOCK_WITH_MAILBOX_BY_NAME, {"b_account": account_id, "b_name": name}
-        row = execute(conn, stmt, params).first()
-        if row is None:  # first write for this account here: make its row
+        row = None
+        if conn.dialect.name == "sqlite":
+            if isinstance(mailbox, int):
+                stmt, params = _LOCK_WITH_MAILBOX_BY_ID, {"b_account": account_id, "b_id": mailbox}
+            else:
+                name = normalize_mailbox_name(mailbox)
+                stmt = _LOCK_WITH_MAILBOX_BY_NAME
+                params = {"b_account": account_id, "b_name": name}
+            row = execute(conn, stmt, params).first()
+        if row is None:  # PostgreSQL, or this account's first write here
             tx = self._begin_sync(conn, account_id)
             return tx, self._mailbox_row_sync(conn, account_id, mailbox)
         if row.m_id is None:
@@ -1290,30 +1290,37 @@ class SqlMailStore:
 
     async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
         """Matching UIDs, ascending (RFC 3501 section 6.4.4 semantics)."""
-        async with self.db.read() as conn:
-            await self._get_mailbox_row(conn, account_id, mailbox_id=mailbox_id)
-            max_uid = await self._max_uid(conn, mailbox_id)
-        ctx = crit.Context(max_uid=max_uid, sqlite_fts=self.db.is_sqlite)
         base = E.join(messages, messages.c.id == E.c.message_id)
-        exact = crit.to_sql(criteria, ctx)
-        if exact is not None:
-            rows = await self._read_rows(
-                select(E.c.uid)
+
+        def query(conn: Connection) -> tuple[crit.Context, list[Any] | None, list[Any]]:
+            # One reader hop: the mailbox check, its highest UID (for "*")
+            # and the search, in one snapshot.
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            max_uid = execute(conn, _MAX_UID, {"b_box": mailbox_id}).scalar()
+            ctx = crit.Context(max_uid=max_uid, sqlite_fts=self.db.is_sqlite)
+            exact = crit.to_sql(criteria, ctx)
+            if exact is not None:
+                stmt = (
+                    select(E.c.uid)
+                    .select_from(base)
+                    .where(E.c.mailbox_id == mailbox_id, exact)
+                    .order_by(E.c.uid)
+                )
+                return ctx, [r[0] for r in conn.execute(stmt)], []
+            narrow = crit.superset(criteria, ctx)
+            stmt = (
+                select(*self._CANDIDATE_COLUMNS)
                 .select_from(base)
-                .where(E.c.mailbox_id == mailbox_id, exact)
+                .where(E.c.mailbox_id == mailbox_id)
                 .order_by(E.c.uid)
             )
-            return [r[0] for r in rows]
-        narrow = crit.superset(criteria, ctx)
-        stmt = (
-            select(*self._CANDIDATE_COLUMNS)
-            .select_from(base)
-            .where(E.c.mailbox_id == mailbox_id)
-            .order_by(E.c.uid)
-        )
-        if narrow is not None:
-            stmt = stmt.where(narrow)
-        rows = await self._read_rows(stmt)
+            if narrow is not None:
+                stmt = stmt.where(narrow)
+            return ctx, None, conn.execute(stmt).all()
+
+        ctx, uids, rows = await self.db.read_sync(query)
+        if uids is not None:
+            return uids
         return [r.uid for r in await self._evaluate(rows, criteria, ctx)]
 
     async def search_account(
