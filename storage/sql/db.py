@@ -8,11 +8,13 @@ Hot writes (message delivery) can also be written as one synchronous
 function over a SQLAlchemy ``Connection`` and handed to
 :meth:`Database.write_batched`. On SQLite such functions run in one writer
 thread, several per transaction (group commit), which spares a thread hop
-per statement and an fsync per delivery; on PostgreSQL each runs in its own
-transaction through ``AsyncConnection.run_sync``. Hot reads likewise go to
-:meth:`Database.read_sync`: on SQLite the whole function runs in one of a
-few reader threads with their own connections (WAL readers never block the
-writer).
+per statement and an fsync per delivery; the WAL's fsync then runs in a
+second thread, outside the cross-process write lock, while the writer goes
+on with the next batch (see :meth:`Database._sync_wal`). On PostgreSQL
+each runs in its own transaction through ``AsyncConnection.run_sync``. Hot
+reads likewise go to :meth:`Database.read_sync`: on SQLite the whole
+function runs in one of a few reader threads with their own connections
+(WAL readers never block the writer).
 """
 
 from __future__ import annotations
@@ -229,11 +231,19 @@ class Database:
         # thread and its connection (opened in that thread on first use).
         self._batch_queue: list[_Batched] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._batch_wake = asyncio.Event()  # a call queued, or a queued call's ``ready`` ended
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer_engine: Engine | None = None
         self._writer_conn: Connection | None = None
-        self._writer_durable = True  # the writer connection's synchronous mode is FULL
         self._lock_fd: int | None = None
+        # The WAL's fsync after a batch commit (``_sync_wal``): its thread,
+        # its file descriptor, the commits counted and how many are durable,
+        # and the task telling callers, batch by batch in commit order.
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._wal_fd: int | None = None
+        self._commits = 0
+        self._synced = 0
+        self._settling: asyncio.Task[None] | None = None
         # SQLite synchronous reads: a few threads, each with its own connection.
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_engine: Engine | None = None
@@ -382,12 +392,12 @@ class Database:
         once that transaction has committed (durably, as :meth:`write`).
 
         ``ready``: work the written rows depend on, still running in another
-        thread (the ingest path's blob write). ``fn`` may run before it ends,
-        but its writes commit only once it has succeeded; if it fails, the
-        call fails with that error (TEMPORARY for an OSError) and commits
-        nothing, and the rest of its batch commits without it. This lets
-        the blob's fsync overlap the wait for the group commit, while the
-        metadata still never points at a blob that is not durable.
+        thread (the ingest path's blob write). Its writes commit only once it
+        has succeeded; if it fails, the call fails with that error (TEMPORARY
+        for an OSError) and commits nothing, and the rest of its batch
+        commits without it. This lets the blob's fsync overlap the wait for
+        the group commit, while the metadata still never points at a blob
+        that is not durable.
 
         ``durable=False`` (flag changes, expunges, \\Recent) lets SQLite skip
         the WAL fsync of a batch made only of such calls: the commit survives
@@ -400,11 +410,14 @@ class Database:
         outage as TEMPORARY). ``after_commit(result)`` runs after the commit
         and before this returns (publish events there).
 
-        On SQLite concurrent calls share one transaction in the writer thread,
-        so one call's failure undoes only its own writes (the batch then runs
-        again, each call inside its own SAVEPOINT: ``fn`` may run more than
-        once, its earlier writes rolled back); a failed BEGIN or COMMIT fails
-        all of them (TEMPORARY).
+        On SQLite a call joins a group commit once its ``ready`` has ended;
+        the commit is visible to readers as soon as it is written, and the
+        caller is told once the WAL's fsync after it is done (a failed fsync
+        refuses it as TEMPORARY). Concurrent calls share one transaction in
+        the writer thread, so one call's failure undoes only its own writes
+        (the batch then runs again, each call inside its own SAVEPOINT:
+        ``fn`` may run more than once, its earlier writes rolled back); a
+        failed BEGIN or COMMIT fails all of them (TEMPORARY).
         They are serialised with :meth:`write` by the same lock. A caller
         cancelled while its call waits in the queue drops it (nothing is
         written); once the call runs it commits, and ``after_commit`` runs,
@@ -424,6 +437,9 @@ class Database:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._batch_queue.append(_Batched(fn, after_commit, future, durable, ready))
+        self._batch_wake.set()
+        if ready is not None and not ready.done():
+            ready.add_done_callback(lambda _: loop.call_soon_threadsafe(self._batch_wake.set))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_batches())
         return await future
@@ -431,19 +447,17 @@ class Database:
     async def _flush_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while self._batch_queue:
+            # Only calls still waiting for their blob: wait, the lock free.
+            await self._wait_for_ready()
             async with self._write_lock:
-                # Whatever queued while the lock was busy joins this commit;
-                # calls whose callers gave up meanwhile are dropped unwritten.
-                batch = [b for b in self._batch_queue[:MAX_GROUP_COMMIT] if not b.future.done()]
-                del self._batch_queue[:MAX_GROUP_COMMIT]
+                batch = self._take_batch()
                 if not batch:
                     continue
                 try:
-                    outcomes = await loop.run_in_executor(
+                    outcomes, commit = await loop.run_in_executor(
                         self._writer_thread(),
                         self._run_batch,
                         [(b.fn, b.ready) for b in batch],
-                        any(b.durable for b in batch),
                     )
                 except BaseException as exc:
                     # Nothing committed: every call of the batch is refused
@@ -458,18 +472,72 @@ class Database:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-            for item, (ok, value) in zip(batch, outcomes, strict=True):
-                if ok and item.after_commit is not None:
-                    try:
-                        await item.after_commit(value)
-                    except Exception:  # committed already: never fail the write
-                        log.exception("after-commit action failed")
-                if item.future.done():  # the caller was cancelled
-                    continue
-                if ok:
-                    item.future.set_result(value)
-                else:
-                    item.future.set_exception(value)
+            # The next batch runs while this one's WAL is fsynced.
+            synced: asyncio.Future[None] | None = None
+            if any(b.durable for b in batch) and any(ok for ok, _ in outcomes):
+                synced = loop.run_in_executor(self._syncer_thread(), self._sync_wal, commit)
+            self._settling = loop.create_task(
+                self._settle(self._settling, batch, outcomes, synced)
+            )
+
+    def _take_batch(self) -> list[_Batched]:
+        """The next group commit: queued calls whose ``ready`` has ended (so
+        no commit waits for a blob still being written while later calls
+        queue behind it), in queue order, up to MAX_GROUP_COMMIT. Calls
+        whose callers gave up meanwhile are dropped unwritten."""
+        batch: list[_Batched] = []
+        waiting: list[_Batched] = []
+        for b in self._batch_queue:
+            if b.future.done():
+                continue
+            if len(batch) < MAX_GROUP_COMMIT and (b.ready is None or b.ready.done()):
+                batch.append(b)
+            else:
+                waiting.append(b)
+        self._batch_queue[:] = waiting
+        return batch
+
+    async def _wait_for_ready(self) -> None:
+        """Returns once a queued call can run: at once if one can, else when
+        a ``ready`` ends or a call is queued."""
+        self._batch_wake.clear()
+        if not any(b.ready is None or b.ready.done() for b in self._batch_queue):
+            await self._batch_wake.wait()
+
+    async def _settle(
+        self,
+        previous: asyncio.Task[None] | None,
+        batch: list[_Batched],
+        outcomes: list[tuple[bool, Any]],
+        synced: asyncio.Future[None] | None,
+    ) -> None:
+        """Tells a committed batch's callers, after the batches committed
+        before it (so events go out in commit order) and, when it holds a
+        durable call, once its WAL fsync is done. A failed fsync refuses
+        the batch's calls as TEMPORARY: their rows are written but not
+        known to be on disk, so the client must not be told they are."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        if synced is not None:
+            try:
+                await synced
+            except Exception as exc:
+                log.error("%s: fsync of the write-ahead log failed: %s", self.safe_url, exc)
+                failed = StorageError(ErrorKind.TEMPORARY, "storage write not durable")
+                failed.__cause__ = exc
+                outcomes = [(False, failed)] * len(batch)
+        for item, (ok, value) in zip(batch, outcomes, strict=True):
+            if ok and item.after_commit is not None:
+                try:
+                    await item.after_commit(value)
+                except Exception:  # committed already: never fail the write
+                    log.exception("after-commit action failed")
+            if item.future.done():  # the caller was cancelled
+                continue
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
 
     def _writer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._writer is None:
@@ -492,10 +560,62 @@ class Database:
                 )
                 _setup_sqlite(self._writer_engine)
             conn = self._writer_engine.connect()
+            # Commits write the WAL without the fsync; ``_sync_wal`` does it
+            # afterwards, outside the writers' lock, before callers are told.
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute("PRAGMA synchronous=NORMAL")
             self._writer_conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-            self._writer_durable = True  # a new connection starts with synchronous=FULL
             self._lock_fd = self._writers_lock(conn)
         return self._writer_conn
+
+    def _syncer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="sqlite-wal-sync"
+            )
+        return self._syncer
+
+    def _sync_wal(self, commit: int) -> None:
+        """In the sync thread: makes the writer's commit number ``commit``
+        (and every one before it) durable by fsyncing the WAL file.
+
+        Why this is enough: the writer commits with ``synchronous=NORMAL``,
+        which appends the transaction's frames, commit frame last, to the
+        WAL and skips only the fsync. Recovery replays the WAL's frames in
+        order up to the last commit frame whose checksums hold, so once an
+        fsync that started after the commit returns, the transaction
+        survives power loss. A checkpoint never loses it either: with
+        NORMAL, SQLite fsyncs the WAL before copying it into the database
+        and the database before reusing the WAL. fsync is per file, so it
+        also covers every other process's frames before it; a commit that
+        an fsync already covered costs none. The descriptor is opened again
+        if the WAL file was replaced (deleted by the last connection's
+        close and made anew): frames of the old one were checkpointed."""
+        if commit <= self._synced:
+            return
+        covered = self._commits  # read before the fsync: all of these are in the file
+        wal = f"{self.file}-wal"
+        fd = self._wal_fd
+        if fd is not None and os.fstat(fd).st_ino != _inode(wal):
+            os.close(fd)
+            fd = self._wal_fd = None
+        if fd is None:
+            fd = self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        except OSError:
+            # Linux reports a failed writeback once per descriptor: a new one
+            # is opened next time and this batch's callers are refused.
+            self._wal_fd = None
+            os.close(fd)
+            raise
+        self._synced = max(self._synced, covered)
+
+    def _close_syncer(self) -> None:
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     def _writers_lock(self, conn: Connection) -> int | None:
         """A file beside the database that the writer threads of every
@@ -510,23 +630,26 @@ class Database:
             return None
         return os.open(f"{path}-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _run_batch(self, items: list[_Item], durable: bool = True) -> list[tuple[bool, Any]]:
+    def _run_batch(self, items: list[_Item]) -> tuple[list[tuple[bool, Any]], int]:
         """In the writer thread, under the writers' file lock (see
-        :meth:`_writers_lock`)."""
+        :meth:`_writers_lock`). Returns the outcomes and this commit's number
+        for :meth:`_sync_wal`: the commit is written but not yet fsynced."""
         conn = self._connect_writer()
-        if durable != self._writer_durable:
-            # Between transactions: WAL + NORMAL commits without the fsync.
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            driver.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._writer_durable = durable
+        # Blob writes still running are waited for before the lock, not
+        # inside it: the other processes' writers need it meanwhile.
+        pending = [ready for _, ready in items if ready is not None and not ready.done()]
+        if pending:
+            concurrent.futures.wait(pending)
         if self._lock_fd is None:
-            return self._run_batch_locked(conn, items)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            return self._run_batch_locked(conn, items)
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            outcomes = self._run_batch_locked(conn, items)
+        else:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                outcomes = self._run_batch_locked(conn, items)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._commits += 1
+        return outcomes, self._commits
 
     def _run_batch_locked(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
         """The batch's transaction; when a call's ``ready`` fails, that call
@@ -696,6 +819,12 @@ class Database:
                 await asyncio.shield(self._flusher)
             except Exception:
                 log.exception("pending writes failed at close")
+        if self._settling is not None:
+            await asyncio.wait([self._settling])
+        if self._syncer is not None:
+            syncer, self._syncer = self._syncer, None
+            await asyncio.get_running_loop().run_in_executor(syncer, self._close_syncer)
+            syncer.shutdown(wait=False)
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await asyncio.get_running_loop().run_in_executor(writer, self._close_writer)
@@ -707,6 +836,13 @@ class Database:
             await loop.run_in_executor(None, readers.shutdown, True)
             self._close_readers()
         await self.engine.dispose()
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _attach_fts(engine: Engine, file: str) -> None:

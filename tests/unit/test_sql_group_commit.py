@@ -386,9 +386,10 @@ async def test_put_sync_is_content_addressed_and_leaves_no_temp_files(
 async def test_a_delivery_commits_only_once_its_blob_is_durable(
     site: SqlStorage, bob: Account, batches: list[int]
 ) -> None:
-    """``blob_ready``: the metadata waits in the batch for the blob write;
-    a failed blob write fails its delivery alone (TEMPORARY, nothing of it
-    stored) and the rest of the batch commits without it."""
+    """``blob_ready``: a delivery joins a group commit only once its blob
+    is durable, and the deliveries whose blobs are ready commit without
+    waiting for it; a failed blob write fails its delivery alone
+    (TEMPORARY, nothing of it stored) and the rest of its batch commits."""
     import concurrent.futures
 
     mail = site.mail(bob)
@@ -409,19 +410,24 @@ async def test_a_delivery_commits_only_once_its_blob_is_durable(
             )
             for (key, parsed), ready in zip(made, (slow, broken, fine), strict=True)
         ]
-        await asyncio.sleep(0.3)
-        # Nothing is committed while the slow blob is still being written.
-        assert not any(p.done() for p in pending)
+        await asyncio.wait(pending[1:])
+        # The slow blob is still being written: its delivery waits, uncommitted.
+        assert not pending[0].done()
+        assert sum(batches) == 2  # the slow call was in none of them
+        broken_outcome = pending[1].exception()
+        assert isinstance(broken_outcome, StorageError)
+        assert broken_outcome.kind is ErrorKind.TEMPORARY
         inbox = await mail.get_mailbox(bob.id, "INBOX")
-        assert await mail.uids(bob.id, inbox.id) == []
+        assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1]
+        await asyncio.sleep(0.2)
+        assert not pending[0].done()
         gate.set()
-        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        slow_results = await pending[0]
     finally:
         gate.set()
         pool.shutdown()
-    assert batches[-1] == 3  # one batch, run again without the broken call
-    assert isinstance(outcomes[1], StorageError) and outcomes[1].kind is ErrorKind.TEMPORARY
-    assert [r[0].uid for r in (outcomes[0], outcomes[2])] == [1, 2]
+    assert batches[-1] == 1 and sum(batches) == 3
+    assert slow_results[0].uid == 2 and pending[2].result()[0].uid == 1
     assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1, 2]
     referenced = await mail.referenced_blobs()
     assert made[1][0] not in referenced and {made[0][0], made[2][0]} <= set(referenced)
@@ -452,3 +458,120 @@ async def test_ingest_overlaps_the_blob_write_and_fails_cleanly_if_it_fails(
     assert isinstance(ok, AppendResult) and ok.uid == 1
     [key] = await site.mail(bob).referenced_blobs()
     assert await site.blobs.get(key) == raw
+
+
+# --- the WAL's fsync, outside the writers' lock ------------------------------------
+
+
+def _database(site: SqlStorage) -> Database:
+    return site.databases["default"]
+
+
+def _is_wal(fd: int, db: Database) -> bool:
+    import os
+
+    try:
+        return os.fstat(fd).st_ino == os.stat(f"{db.file}-wal").st_ino
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_delivery_is_acknowledged_only_after_the_wal_fsync_and_the_writer_goes_on(
+    site: SqlStorage, bob: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer commits without the fsync and hands it to a second thread:
+    while it runs the delivery is visible (committed) but not acknowledged,
+    and the next batch commits meanwhile (the writers' lock is free)."""
+    import os
+
+    db = _database(site)
+    gate = threading.Event()
+    synced_files: list[int] = []
+    real_fsync = os.fsync
+
+    def gated_fsync(fd: int) -> None:  # os.fsync of every module: only the WAL's waits
+        if _is_wal(fd, db):
+            gate.wait(5)
+            synced_files.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    import storage.sql.db as db_mod
+
+    monkeypatch.setattr(db_mod.os, "fsync", gated_fsync)
+    mail = site.mail(bob)
+    inbox = await mail.get_mailbox(bob.id, "INBOX")
+    try:
+        first = asyncio.ensure_future(deliver(site, bob))
+        for _ in range(100):  # committed: a reader sees it
+            if await mail.uids(bob.id, inbox.id):
+                break
+            await asyncio.sleep(0.02)
+        assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1]
+        second = asyncio.ensure_future(deliver(site, bob))
+        for _ in range(100):
+            if len(await mail.uids(bob.id, inbox.id)) == 2:
+                break
+            await asyncio.sleep(0.02)
+        # The second batch committed while the first one's fsync is held.
+        assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1, 2]
+        assert not first.done() and not second.done()
+        gate.set()
+        assert (await first)[0].uid == 1 and (await second)[0].uid == 2
+    finally:
+        gate.set()
+    wal_inode = os.stat(f"{db.file}-wal").st_ino
+    assert synced_files and set(synced_files) == {wal_inode}
+
+
+async def test_a_failed_wal_fsync_refuses_the_batch_as_temporary(
+    site: SqlStorage, bob: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are written but not known to be on disk: the client is told
+    to retry (a 4xx), never that its message is safe. The next write opens
+    the WAL again and succeeds."""
+    import errno
+    import os
+
+    import storage.sql.db as db_mod
+
+    real_fsync = os.fsync
+
+    db = _database(site)
+
+    def failing_fsync(fd: int) -> None:
+        if _is_wal(fd, db):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(db_mod.os, "fsync", failing_fsync)
+    with pytest.raises(StorageError) as refused:
+        await deliver(site, bob)
+    assert refused.value.kind is ErrorKind.TEMPORARY
+    monkeypatch.setattr(db_mod.os, "fsync", real_fsync)
+    assert (await deliver(site, bob))[0].uid == 2
+
+
+async def test_flag_changes_skip_the_wal_fsync_and_deliveries_share_one(
+    site: SqlStorage, bob: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.model import StoreMode, UidSet
+
+    db = _database(site)
+    syncs: list[int] = []
+    real = Database._sync_wal
+
+    def counting(self: Database, commit: int) -> None:
+        syncs.append(commit)
+        real(self, commit)
+
+    monkeypatch.setattr(Database, "_sync_wal", counting)
+    await deliver(site, bob)
+    assert len(syncs) == 1
+    mail = site.mail(bob)
+    inbox = await mail.get_mailbox(bob.id, "INBOX")
+    await mail.store_flags(bob.id, inbox.id, UidSet.of([1]), StoreMode.ADD, ["\\Seen"])
+    assert len(syncs) == 1  # durable=False: no fsync
+    # A commit an earlier fsync covered costs none.
+    covered = db._synced
+    db._sync_wal(covered)
+    assert db._synced == covered
