@@ -74,6 +74,17 @@ class DataReader:
             self._chunks = []  # stop holding what will be refused
         return False
 
+    def feed_lines(self, block: bytes) -> bool:
+        """:meth:`feed` for each CRLF-terminated line of ``block``, which
+        ends in CRLF; True once the end-of-data line has been seen."""
+        lines = block.split(b"\r\n")
+        lines.pop()  # what follows the final CRLF: nothing
+        feed = self.feed
+        for line in lines:
+            if feed(line + b"\r\n"):
+                return True
+        return False
+
     def fragment(self, part: bytes) -> None:
         """A piece of an over-long line (the reader's limit was overrun)."""
         self.feed(part)

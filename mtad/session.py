@@ -584,13 +584,28 @@ class SmtpSession(SMTP):
         await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
         smtp = self.ctx.settings.smtp
         data = DataReader(smtp.max_message_size, smtp.max_line_length)
-        # The hot loop of the server (one pass per text line): locals only.
-        # Each line pushes the RFC 5321 section 4.5.3.2.5 data-block deadline
-        # forward; the timer itself is re-armed lazily (see _reset_timeout).
+        # The hot loop of the server: locals only. Each read pushes the
+        # RFC 5321 section 4.5.3.2.5 data-block deadline forward; the timer
+        # itself is re-armed lazily (see _reset_timeout).
         timeout = smtp.data_timeout_seconds
         self._reset_timeout(timeout)
         readuntil, feed, clock = self._reader.readuntil, data.feed, self.loop.time
+        # Whole runs of lines up to the next ".CRLF" first: the end of data
+        # (section 4.1.1.4) is such a line, and a run always ends at a line
+        # end, so DataReader sees exactly the lines it would one by one.
+        # A run longer than the reader's limit (a big message with no line
+        # ending in a dot) leaves the rest to the line-by-line loop.
+        done = False
         while self.transport is not None:
+            try:
+                block = await readuntil(b".\r\n")
+            except asyncio.LimitOverrunError:
+                break
+            self._deadline = clock() + timeout
+            if data.feed_lines(block):
+                done = True
+                break
+        while self.transport is not None and not done:
             try:
                 line = await readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:

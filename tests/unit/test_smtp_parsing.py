@@ -134,6 +134,36 @@ def test_data_fragment_of_long_line_is_not_end() -> None:
     assert reader.feed(b".\r\n")
 
 
+def feed_in_runs(reader: DataReader, stream: bytes) -> bool:
+    """As the session's fast path: runs up to each ".CRLF" to
+    ``feed_lines``; True once the data ended (what is left is unread)."""
+    while (end := stream.find(b".\r\n")) >= 0:
+        block, stream = stream[: end + 3], stream[end + 3 :]
+        if reader.feed_lines(block):
+            return True
+    return False
+
+
+_DATA_PIECES = st.sampled_from(
+    [b"a", b"text.", b".", b"..", b"\r\n", b"\n", b"\r", b".\r\n", b"\r\n.\r\n", b" ", b"x" * 40]
+)
+
+
+@given(st.lists(_DATA_PIECES, max_size=40))
+def test_data_runs_of_lines_match_line_by_line(pieces: list[bytes]) -> None:
+    """The session reads whole runs of lines up to each ".CRLF" when it can:
+    DataReader must come to the same end, verdict and content as when fed
+    the same bytes one line at a time (smuggling attempts included)."""
+    stream = b"".join(pieces) + b"\r\n.\r\n"
+    by_line = DataReader(200, max_line=30)
+    in_runs = DataReader(200, max_line=30)
+    ended = feed(by_line, stream)
+    assert feed_in_runs(in_runs, stream) == ended
+    assert (in_runs.verdict, in_runs.size) == (by_line.verdict, by_line.size)
+    if by_line.verdict is DataVerdict.OK:
+        assert in_runs.content == by_line.content
+
+
 # -- header fields ----------------------------------------------------------
 
 

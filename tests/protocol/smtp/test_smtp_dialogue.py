@@ -235,6 +235,33 @@ async def test_dot_stuffing_and_8bit(mta: Service, populated) -> None:
     assert raw.endswith(b"\r\n.leading dot\r\nx\r\nfoo\r\ncaf\xc3\xa9\r\n")
 
 
+async def test_data_read_in_runs_and_line_by_line_is_byte_exact(mta: Service, populated) -> None:
+    """The session reads DATA in runs of lines up to each ".CRLF", and line
+    by line once a run outgrows its reader (a big message with no line
+    ending in a dot): both give the same bytes, and a command the client
+    sends right behind the end of data is still read as a command."""
+    big = b"Subject: big\r\n\r\n" + b"".join(b"line %05d of text\r\n" % i for i in range(3000))
+    dotty = (
+        b"Subject: dots\r\n\r\nEnds in a dot.\r\n..stuffed\r\n...two\r\n.x.\r\n"
+        + b"".join(b"Sentence %d.\r\n" % i for i in range(200))
+    )
+    async with await SmtpDialogue.open(mta.port("mx")) as client:
+        await client.reply()
+        await client.cmd("EHLO client.example")
+        for body in (big, dotty):
+            await client.cmd("MAIL FROM:<someone@spf-pass.example>")
+            await client.cmd(f"RCPT TO:<{ALICE}>")
+            assert (await client.cmd("DATA")).startswith("354")
+            await client.send(body + b".\r\nNOOP\r\n")
+            assert (await client.reply()).startswith("250 2.0.0")
+            assert (await client.reply()).startswith("250 2.0.0")  # the NOOP
+    stored = await mailbox_messages(populated, ALICE)
+    assert len(stored) == 2
+    assert stored[0].endswith(big[len(b"Subject: big\r\n") :])
+    unstuffed = dotty.replace(b"\r\n..", b"\r\n.").replace(b"\r\n.x.", b"\r\nx.")
+    assert stored[1].endswith(unstuffed[len(b"Subject: dots\r\n") :])
+
+
 @pytest.mark.parametrize(
     "smuggle",
     [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n"],
