@@ -76,7 +76,27 @@ class DataReader:
 
     def feed_lines(self, block: bytes) -> bool:
         """:meth:`feed` for each CRLF-terminated line of ``block``, which
-        ends in CRLF; True once the end-of-data line has been seen."""
+        ends in CRLF; True once the end-of-data line has been seen.
+
+        The usual block (every CR and LF in a CRLF pair, no line over the
+        limit, within the size limit) is taken whole: the same checks and
+        dot-unstuffing as line by line, made on the block at once. Any
+        other block goes line by line, so refusals come out the same."""
+        if self._at_line_start and self.verdict is DataVerdict.OK:
+            crlf = block.count(b"\r\n")
+            if block.count(b"\r") == crlf and block.count(b"\n") == crlf:
+                before = block.rfind(b"\r\n", 0, len(block) - 2)
+                last = before + 2 if before >= 0 else 0  # where the last line starts
+                ended = block[last:] == b".\r\n"
+                text = block[:last] if ended else block
+                if text[:1] == b"." or b"\r\n." in text:
+                    # RFC 5321 section 4.5.2: a line's leading dot goes.
+                    text = (b"\r\n" + text).replace(b"\r\n.", b"\r\n")[2:]
+                longest = max(map(len, text.split(b"\r\n"))) + 2 if text else 0
+                if longest <= self.max_line and self.size + len(text) <= self.max_size:
+                    self.size += len(text)
+                    self._chunks.append(text)
+                    return ended
         lines = block.split(b"\r\n")
         lines.pop()  # what follows the final CRLF: nothing
         feed = self.feed

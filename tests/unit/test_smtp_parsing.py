@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtad import replies as R
@@ -149,6 +149,7 @@ _DATA_PIECES = st.sampled_from(
 )
 
 
+@settings(max_examples=500, deadline=None)
 @given(st.lists(_DATA_PIECES, max_size=40))
 def test_data_runs_of_lines_match_line_by_line(pieces: list[bytes]) -> None:
     """The session reads whole runs of lines up to each ".CRLF" when it can:
