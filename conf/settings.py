@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -78,6 +78,9 @@ class TlsSettings(Section):
 class StorageSettings(Section):
     url: str = ""  # SQLAlchemy async URL; empty: sqlite in data_dir
     blob_dir: str = ""  # empty: data_dir/blobs
+    # Blobs up to this many bytes go to blob_dir/pack.sqlite, many per fsync;
+    # "auto": 262144 over SQLite, 0 (a file each) over PostgreSQL.
+    blob_pack_max_bytes: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
     shards: dict[str, str] = Field(default_factory=dict)  # extra shard name -> url
 
 

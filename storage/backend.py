@@ -114,16 +114,17 @@ class SqlStorage:
         async with self.databases[DEFAULT_SHARD].read() as conn:
             referenced |= {r[0] for r in await conn.execute(select(queue_messages.c.blob_key))}
         removed = 0
-        now = time.time()
+        cutoff = time.time() - min_age_seconds
         for key in await self.blobs.keys():
             if key in referenced:
                 continue
             try:
-                mtime = (await asyncio.to_thread(self.blobs.path(key).stat)).st_mtime
-            except FileNotFoundError:
+                stored = await self.blobs.stored_at(key)
+            except errors.StorageError:
                 continue
-            if now - mtime >= min_age_seconds:
-                await self.blobs.delete(key)
+            if stored <= cutoff:
+                # Stored again since (an ingest of the same bytes): kept.
+                await self.blobs.delete(key, stored_before=stored + 1e-3)
                 removed += 1
         return removed
 
@@ -131,6 +132,13 @@ class SqlStorage:
         await self.events.close()
         for db in self.databases.values():
             await db.close()
+        await self.blobs.close()
+
+
+# Blobs up to this size are packed by default on a one-host (SQLite) site:
+# most mail without attachments, and SQLite reads blobs this small about as
+# fast as the filesystem does.
+DEFAULT_BLOB_PACK_MAX_BYTES = 256 * 1024
 
 
 async def open_storage_from_url(
@@ -141,6 +149,7 @@ async def open_storage_from_url(
     password_hasher: PasswordHasher | None = None,
     events: str = "auto",
     fts_indexer: bool = True,
+    blob_pack_max_bytes: int | None = None,
 ) -> SqlStorage:
     """Opens (and migrates) storage at ``url`` with blobs under ``blob_dir``.
 
@@ -153,6 +162,11 @@ async def open_storage_from_url(
     ``fts_indexer``: start each SQLite database's background full-text
     indexer (``storage/sql/fts.py``); tests that drive it themselves say
     False (``Database.indexer().run_once()``).
+    ``blob_pack_max_bytes``: blobs up to this size go to the blob folder's
+    pack file (``storage/blob/pack.py``); None picks the default,
+    :data:`DEFAULT_BLOB_PACK_MAX_BYTES` over SQLite (one host) and 0 (every
+    blob its own file) over PostgreSQL, whose sites may share the folder
+    over NFS, where SQLite's locks are not to be trusted.
     """
     if events not in ("auto", "inprocess"):
         raise errors.invalid(f"unknown event bus {events!r}")
@@ -169,7 +183,11 @@ async def open_storage_from_url(
         events_dir = sqlite_events_dir(url)
         if events_dir is not None:
             bus = LocalSocketEventBus(events_dir)
-    storage = SqlStorage(databases, open_blob_store(blob_dir), hasher=password_hasher, events=bus)
+    if blob_pack_max_bytes is None:
+        sqlite = databases[DEFAULT_SHARD].dialect == "sqlite"
+        blob_pack_max_bytes = DEFAULT_BLOB_PACK_MAX_BYTES if sqlite else 0
+    blobs = open_blob_store(blob_dir, pack_max_bytes=blob_pack_max_bytes)
+    storage = SqlStorage(databases, blobs, hasher=password_hasher, events=bus)
     try:
         if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):
             await bus.start()
@@ -219,5 +237,11 @@ async def open_storage(
         url = url or f"sqlite+aiosqlite:///{(base / 'shardmail.db').resolve()}"
         blob_dir = blob_dir or str(base / "blobs")
     return await open_storage_from_url(
-        url, blob_dir, dict(settings.shards), password_hasher=password_hasher
+        url,
+        blob_dir,
+        dict(settings.shards),
+        password_hasher=password_hasher,
+        blob_pack_max_bytes=(
+            None if settings.blob_pack_max_bytes == "auto" else settings.blob_pack_max_bytes
+        ),
     )

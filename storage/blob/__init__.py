@@ -12,8 +12,9 @@ from pathlib import Path
 from storage.blob.fs import FsBlobStore
 
 
-def open_blob_store(location: str | Path) -> FsBlobStore:
-    """A blob store for ``location``: a directory path (or ``file://`` URL).
+def open_blob_store(location: str | Path, *, pack_max_bytes: int = 0) -> FsBlobStore:
+    """A blob store for ``location``: a directory path (or ``file://`` URL),
+    blobs of at most ``pack_max_bytes`` packed in one file there (0: none).
 
     ``s3://bucket/prefix`` is where the S3 backend plugs in.
     """
@@ -22,7 +23,7 @@ def open_blob_store(location: str | Path) -> FsBlobStore:
         raise NotImplementedError("the S3 blob backend is not built yet")
     if loc.startswith("file://"):
         loc = loc[len("file://") :]
-    return FsBlobStore(Path(loc))
+    return FsBlobStore(Path(loc), pack_max_bytes=pack_max_bytes)
 
 
 __all__ = ["FsBlobStore", "open_blob_store"]

@@ -371,6 +371,7 @@ async def test_put_sync_is_content_addressed_and_leaves_no_temp_files(
     site: SqlStorage, tmp_path: Path
 ) -> None:
     blobs = site.blobs
+    blobs.pack_max_bytes = 0  # the file tier (small blobs are packed by default)
     key = await asyncio.to_thread(blobs.put_sync, b"raw message\r\n")
     assert await asyncio.to_thread(blobs.put_sync, b"raw message\r\n") == key
     assert await blobs.get(key) == b"raw message\r\n"
@@ -435,29 +436,46 @@ async def test_a_delivery_commits_only_once_its_blob_is_durable(
     assert len(new) == 2
 
 
+@pytest.mark.parametrize("tier", ["file", "pack"])
 async def test_ingest_overlaps_the_blob_write_and_fails_cleanly_if_it_fails(
-    site: SqlStorage, bob: Account, monkeypatch: pytest.MonkeyPatch
+    site: SqlStorage, bob: Account, monkeypatch: pytest.MonkeyPatch, tier: str
 ) -> None:
     """The ingest path starts the blob write and hands it to deliver; when
-    the write fails, the delivery is TEMPORARY and no row names the blob."""
+    the write fails, the delivery is TEMPORARY and no row names the blob.
+    Either tier: a blob file of its own, or the pack's group commit."""
+    import sqlite3
+
+    from storage.blob.pack import BlobPack
+
     raw, _ = build()
     calls: list[bytes] = []
-    real = site.blobs.put_sync
+    if tier == "file":
+        site.blobs.pack_max_bytes = 0
 
-    def failing(data: bytes) -> str:
-        calls.append(data)
-        raise OSError(5, "Input/output error")
+        def failing(data: bytes) -> str:
+            calls.append(data)
+            raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(site.blobs, "put_sync", failing)
+        monkeypatch.setattr(site.blobs, "put_sync", failing)
+    else:
+        assert site.blobs.pack_max_bytes >= len(raw)  # packed by default on SQLite
+
+        def failing_commit(conn, lock_fd, batch) -> None:  # type: ignore[no-untyped-def]
+            calls.extend(op.data for op in batch)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(BlobPack, "_commit", staticmethod(failing_commit))
     [outcome] = await ingest_each(site, [Delivery(bob)], raw)
     assert calls == [raw]
     assert isinstance(outcome, StorageError) and outcome.kind is ErrorKind.TEMPORARY
     assert await site.mail(bob).referenced_blobs() == set()
-    monkeypatch.setattr(site.blobs, "put_sync", real)
+    monkeypatch.undo()
     [ok] = await ingest_each(site, [Delivery(bob)], raw)
     assert isinstance(ok, AppendResult) and ok.uid == 1
     [key] = await site.mail(bob).referenced_blobs()
     assert await site.blobs.get(key) == raw
+    packed = site.blobs.pack.row_sync("SELECT 1 FROM blobs WHERE key = ?", (key,))
+    assert (packed is not None) == (tier == "pack")
 
 
 # --- the WAL's fsync, outside the writers' lock ------------------------------------
