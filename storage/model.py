@@ -276,13 +276,16 @@ class AppendResult:
     """RFC 4315 APPENDUID data; ``recent_floor`` only when the delivery
     claimed \\Recent (``MailStore.deliver``'s ``claim_recent``): the
     mailbox's recent floor before the claim, so UIDs from it up to ``uid``
-    are recent for the claiming session alone."""
+    are recent for the claiming session alone. ``entry``: see below."""
 
     mailbox_id: int
     uidvalidity: int
     uid: int
     modseq: int
     recent_floor: int | None = None
+    # The entry as stored, when the backend gives it (the ingest path does):
+    # the writing IMAP session adds it to its view without reading it back.
+    entry: MessageEntry | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,16 @@ class MailboxView:
     # UID ranges (first, last) this session claimed \Recent for with its
     # own APPEND, not yet announced (MailStore.deliver's claim_recent).
     claimed: list[tuple[int, int]] = field(default_factory=list)
+    # Our own APPEND's entry when nothing else can have changed the mailbox
+    # since ``modseq`` (its modseq is the next one): announced from here,
+    # not read back. ``own_uids``: those whose NEW event is still to come
+    # (it carries nothing new to us and must not trigger a read).
+    own_new: list[MessageEntry] = field(default_factory=list)
+    own_uids: set[int] = field(default_factory=set)
+    # Why the session must read the mailbox again: NEW events for these
+    # UIDs, or (``unknown_news``) anything else. Cleared by that read.
+    news: set[int] = field(default_factory=set)
+    unknown_news: bool = False
 
     @classmethod
     def from_entries(

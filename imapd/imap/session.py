@@ -415,18 +415,51 @@ class Session:
         self._boxes[name] = (box, now)
         return box
 
-    def wrote_to(self, mailbox_id: int, claimed: tuple[int, int] | None = None) -> None:
+    def wrote_to(
+        self,
+        mailbox_id: int,
+        claimed: tuple[int, int] | None = None,
+        entry: MessageEntry | None = None,
+    ) -> None:
         """Our own APPEND/COPY/MOVE added mail to ``mailbox_id``: when that is
         the selected mailbox, re-read it before the tagged reply (the event
         bus may not have told us yet), so EXISTS comes with the completion
         (RFC 3501 section 6.3.11). Writes elsewhere cost no read.
         ``claimed``: the UIDs (first, last) the write took \\Recent for
-        (see :meth:`claims_recent_in`)."""
+        (see :meth:`claims_recent_in`).
+
+        ``entry``: the one message the write added, as stored. If its modseq
+        is the one after everything this session has caught up with, and no
+        news is waiting, nothing else can have changed the mailbox in
+        between (each change takes the next modseq): it is announced as it
+        is, without reading the mailbox again."""
         view = self.selected
-        if view is not None and view.mailbox.id == mailbox_id:
+        if view is None or view.mailbox.id != mailbox_id:
+            return
+        if claimed is not None:
+            view.claimed.append(claimed)
+        top = view.own_new[-1] if view.own_new else None
+        caught_up = view.modseq if top is None else top.modseq
+        # Its own NEW event may have come first and made the session dirty.
+        heard_own = (
+            entry is not None and not view.unknown_news and view.news == {entry.uid}
+        )
+        if (
+            entry is not None
+            and (not self.dirty or heard_own)
+            and not view.events
+            and entry.modseq == caught_up + 1
+            and entry.uid > (view.max_uid if top is None else top.uid)
+        ):
+            view.own_new.append(entry)
+            if heard_own:
+                self.dirty = False
+                view.news.clear()
+            else:
+                view.own_uids.add(entry.uid)  # its event is still to come
+        else:
             self.dirty = True
-            if claimed is not None:
-                view.claimed.append(claimed)
+            view.unknown_news = True
 
     def claims_recent_in(self, mailbox_id: int) -> bool:
         """Whether a delivery into ``mailbox_id`` should take \\Recent in its
@@ -457,6 +490,9 @@ class Session:
                 view = self.selected
                 if view is None or change.mailbox_id not in (view.mailbox.id, None):
                     continue
+                if change.kind is ChangeKind.NEW and change.uid in view.own_uids:
+                    view.own_uids.discard(change.uid)  # our own APPEND, announced already
+                    continue
                 self.wakeup.set()
                 data = change.data or {}
                 flags = data.get("flags")
@@ -465,6 +501,7 @@ class Session:
                     self._dropped = getattr(sub, "dropped", 0)
                     view.events.clear()
                     self.dirty = True
+                    view.unknown_news = True
                 elif (
                     change.kind is ChangeKind.FLAGS
                     and change.uid is not None
@@ -477,6 +514,10 @@ class Session:
                     view.events.append((change.uid, change.modseq or 0, None))
                 else:
                     self.dirty = True  # new mail (needs its entry) or unknown news
+                    if change.kind is ChangeKind.NEW and change.uid is not None:
+                        view.news.add(change.uid)
+                    else:
+                        view.unknown_news = True
 
     # --------------------------------------------------------------- updates
     async def sync(
@@ -492,7 +533,7 @@ class Session:
         view = self.selected
         if view is None or self.mail is None or self.account is None:
             return
-        if not (self.dirty or force or poll or view.events) and not (
+        if not (self.dirty or force or poll or view.events or view.own_new) and not (
             allow_expunge and view.pending_vanished
         ):
             return  # nothing heard, nothing owed: the common case after each command
@@ -503,9 +544,16 @@ class Session:
         new: dict[int, MessageEntry] = {}  # arriving now, not yet announced
         if self.dirty or force or view.events:
             self.wakeup.clear()
+        own, view.own_new = view.own_new, []
+        if not (self.dirty or force):
+            for e in own:  # see wrote_to: nothing else changed before them
+                new[e.uid] = e
+                view.modseq = max(view.modseq, e.modseq)
         if self.dirty or force:
             self._last_poll = now
             self.dirty = False
+            view.news.clear()
+            view.unknown_news = False
             changes = await self.mail.changes_since(self.account.id, view.mailbox.id, view.modseq)
             view.modseq = max(view.modseq, changes.highestmodseq)
             for uid in changes.vanished:

@@ -1019,7 +1019,23 @@ class SqlMailStore:
             write, published, ready=blob_ready
         )
         self._cache_parsed(message_id, parsed)
-        return results
+        # The entries exactly as a read would build them (see ``_entry``).
+        out = []
+        for result, (_, flags, internal_date) in zip(results, targets, strict=True):
+            mask, keywords = split_flags(flags)
+            micros, tz, _ = _split_date(internal_date or now)
+            entry = MessageEntry(
+                mailbox_id=result.mailbox_id,
+                uid=result.uid,
+                message_id=message_id,
+                flags=_flags_of(mask, _keywords_text(keywords)),
+                modseq=result.modseq,
+                internal_date=_join_date(micros, tz),
+                size=parsed.size,
+                blob_key=blob_key,
+            )
+            out.append(dataclasses.replace(result, entry=entry))
+        return out
 
     async def thread_of(self, account_id: int, message_id: int) -> int | None:
         """The thread id of a stored message (the id of its thread's first message)."""

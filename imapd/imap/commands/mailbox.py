@@ -294,7 +294,7 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
         source,
     )
     r = results[0]
-    s.wrote_to(box.id, None if r.recent_floor is None else (r.recent_floor, r.uid))
+    s.wrote_to(box.id, None if r.recent_floor is None else (r.recent_floor, r.uid), r.entry)
     return ok("APPEND completed", f"APPENDUID {r.uidvalidity} {r.uid}")
 
 

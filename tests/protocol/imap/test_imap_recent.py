@@ -99,6 +99,46 @@ async def test_append_to_the_selected_mailbox_claims_without_a_write_of_its_own(
         await client.close()
 
 
+async def test_append_to_the_selected_mailbox_is_announced_without_reading_it_back(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The APPEND's own entry is announced as stored (RFC 3501 section
+    6.3.11: EXISTS before the tagged OK) with no read of the mailbox, and
+    FETCH then gives what a session reading storage sees. Mail from
+    elsewhere in between still makes the session read."""
+    from storage.sql.mailstore import SqlMailStore
+
+    reads: list[int] = []
+    real = SqlMailStore.changes_since
+
+    async def counting(self, account_id, mailbox_id, modseq):  # type: ignore[no-untyped-def]
+        reads.append(mailbox_id)
+        return await real(self, account_id, mailbox_id, modseq)
+
+    monkeypatch.setattr(SqlMailStore, "changes_since", counting)
+    a, b = await imap_env.client(), await imap_env.client()
+    fetch = "UID FETCH 1:* (FLAGS INTERNALDATE RFC822.SIZE MODSEQ)"
+    try:
+        await run_script(a, Script([LOGIN, ("s SELECT INBOX (CONDSTORE)", ["...", "s OK .*"])]))
+        reads.clear()
+        append = 'a APPEND INBOX (\\Flagged $Work) "01-Feb-2025 10:20:30 +0100" {21+}\r\nSubject: new\r\n\r\nbody1'
+        await run_script(a, Script([(append, ["=* 1 EXISTS", "=* 1 RECENT", "a OK .*"])]))
+        assert reads == []
+        ours = [x for x in await a.command(fetch) if x.startswith(b"* ")]
+        await run_script(b, Script([LOGIN, ("e EXAMINE INBOX", ["...", "e OK .*"])]))
+        theirs = [x for x in await b.command(fetch) if x.startswith(b"* ")]
+        # The same message: flags (less \\Recent), date, size and modseq.
+        assert len(ours) == 1 and b"$Work" in ours[0] and b"01-Feb-2025 10:20:30 +0100" in ours[0]
+        assert [x.replace(b" \\Recent", b"") for x in ours] == theirs
+        await imap_env.deliver(PLAIN)  # another delivery: the next APPEND reads
+        append2 = "a2 APPEND INBOX {21+}\r\nSubject: new\r\n\r\nbody3"
+        await run_script(a, Script([(append2, ["=* 3 EXISTS", "=* 3 RECENT", "a2 OK .*"])]))
+        assert reads != []
+    finally:
+        await a.close()
+        await b.close()
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 async def test_recent_script(imap_env: ImapEnv, name: str) -> None:
     # Two messages arrive before any session looks at the mailbox.
