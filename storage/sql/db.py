@@ -26,8 +26,8 @@ import logging
 import os
 import threading
 from collections import namedtuple
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
@@ -688,7 +688,7 @@ class Database:
         try:
             if len(fns) == 1:
                 try:
-                    with conn.begin():
+                    with _transaction(conn):
                         outcomes.append((True, fns[0](conn)))
                         self._await_ready(items, outcomes)
                 except (OperationalError, _NotReady):
@@ -700,7 +700,7 @@ class Database:
             # costs the writer a wait for the GIL while the loop is busy. If
             # one fails, all roll back and run again, each in a SAVEPOINT.
             try:
-                with conn.begin():
+                with _transaction(conn):
                     for fn in fns:
                         try:
                             outcomes.append((True, fn(conn)))
@@ -714,9 +714,7 @@ class Database:
                 outcomes = []
             # Plain SAVEPOINT statements on the driver connection: SQLAlchemy's
             # begin_nested() costs several times more, once per delivery.
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            with conn.begin():
+            with _transaction(conn) as driver:
                 for fn in fns:
                     driver.execute("SAVEPOINT batched")
                     try:
@@ -732,7 +730,7 @@ class Database:
                         outcomes.append((True, result))
                 self._await_ready(items, outcomes)
         except _NotReady:
-            raise  # rolled back cleanly by ``conn.begin()``: the connection is fine
+            raise  # rolled back cleanly by ``_transaction``: the connection is fine
         except BaseException:
             # Start afresh next time: the connection may be half-broken.
             self._writer_conn = None
@@ -838,6 +836,32 @@ class Database:
         await self.engine.dispose()
 
 
+@contextmanager
+def _transaction(conn: Connection) -> Iterator[Any]:
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` (``ROLLBACK`` on an exception) on
+    the writer's driver connection, which it yields.
+
+    SQLAlchemy's ``begin()`` and its commit cost a quarter of the writer
+    thread's GIL time in the STORE bench. A write function may still run
+    statements through SQLAlchemy: its autobegin finds the driver already
+    in a transaction and adds no BEGIN (see ``_setup_sqlite``), and its
+    bookkeeping is reset here once the driver's transaction has ended."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute("BEGIN IMMEDIATE")
+    try:
+        yield driver
+        driver.execute("COMMIT")
+    except BaseException:
+        if driver.in_transaction:
+            with suppress(Exception):
+                driver.execute("ROLLBACK")
+        raise
+    finally:
+        if conn.in_transaction():
+            conn.rollback()  # SQLAlchemy's side only: the driver's has ended
+
+
 def _inode(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
@@ -870,5 +894,7 @@ def _setup_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(conn: Any) -> None:
+        if getattr(conn.connection.driver_connection, "in_transaction", False):
+            return  # begun on the driver by the batch writer (``_transaction``)
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
