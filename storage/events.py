@@ -58,10 +58,15 @@ class InProcessSubscription:
         """The next change, or None on timeout or once closed."""
         if self.closed and self._queue.empty():
             return None
-        try:
-            change = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if not self._queue.empty():  # the usual case under load: no waiting
+            change = self._queue.get_nowait()
+        elif timeout is None:
+            change = await self._queue.get()
+        else:
+            try:
+                change = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
         if change is None:  # the close sentinel
             return None
         return change
