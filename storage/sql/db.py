@@ -20,6 +20,7 @@ function runs in one of a few reader threads with their own connections
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import fcntl
 import logging
@@ -43,6 +44,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Most write functions one SQLite group commit runs: bounds the latency a
 # delivery waits behind others and the work one failed COMMIT undoes.
 MAX_GROUP_COMMIT = 128
+# Batch jobs handed to the writer thread at once: the running one and the
+# next, so the writer never waits for the event loop between two batches.
+PIPELINED_BATCHES = 2
 # Reader threads of :meth:`Database.read_sync` on SQLite, one connection each.
 # WAL readers never wait for the writer; the GIL makes more of them pointless.
 SQLITE_READERS = 3
@@ -232,6 +236,8 @@ class Database:
         self._batch_queue: list[_Batched] = []
         self._flusher: asyncio.Task[None] | None = None
         self._batch_wake = asyncio.Event()  # a call queued, or a queued call's ``ready`` ended
+        self._queue_lock = threading.Lock()  # the queue: the loop adds, the writer takes
+        self._write_waiters = 0  # write() calls waiting for _write_lock
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer_engine: Engine | None = None
         self._writer_conn: Connection | None = None
@@ -267,11 +273,18 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A read-write transaction; commit on normal exit."""
         if self.is_sqlite:
-            async with self._write_lock:
+            self._write_waiters += 1  # the batch writer lets the lock go (see _flush_batches)
+            try:
+                await self._write_lock.acquire()
+            finally:
+                self._write_waiters -= 1
+            try:
                 async with self._translate(), self.engine.connect() as conn:
                     conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
                     async with conn.begin():
                         yield conn
+            finally:
+                self._write_lock.release()
         else:
             async with self._translate(), self.engine.begin() as conn:
                 yield conn
@@ -436,7 +449,8 @@ class Database:
             return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._batch_queue.append(_Batched(fn, after_commit, future, durable, ready))
+        with self._queue_lock:
+            self._batch_queue.append(_Batched(fn, after_commit, future, durable, ready))
         self._batch_wake.set()
         if ready is not None and not ready.done():
             ready.add_done_callback(lambda _: loop.call_soon_threadsafe(self._batch_wake.set))
@@ -446,39 +460,77 @@ class Database:
 
     async def _flush_batches(self) -> None:
         loop = asyncio.get_running_loop()
+        writer = self._writer_thread()
         while self._batch_queue:
             # Only calls still waiting for their blob: wait, the lock free.
             await self._wait_for_ready()
             async with self._write_lock:
-                batch = self._take_batch()
-                if not batch:
-                    continue
-                try:
-                    outcomes, commit = await loop.run_in_executor(
-                        self._writer_thread(),
-                        self._run_batch,
-                        [(b.fn, b.ready) for b in batch],
-                    )
-                except BaseException as exc:
-                    # Nothing committed: every call of the batch is refused
-                    # as temporary (an outage, or a bug in the batch runner).
-                    if isinstance(exc, Exception):
-                        classify(exc)  # logs an outage
-                    for item in batch:
-                        if not item.future.done():
-                            err = StorageError(ErrorKind.TEMPORARY, "storage write failed")
-                            err.__cause__ = exc
-                            item.future.set_exception(err)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-            # The next batch runs while this one's WAL is fsynced.
-            synced: asyncio.Future[None] | None = None
-            if any(b.durable for b in batch) and any(ok for ok, _ in outcomes):
-                synced = loop.run_in_executor(self._syncer_thread(), self._sync_wal, commit)
-            self._settling = loop.create_task(
-                self._settle(self._settling, batch, outcomes, synced)
+                # Two jobs in the writer thread: the one running and the next,
+                # which takes its calls from the queue when it starts (those
+                # queued meanwhile, if any), so the writer goes from one batch
+                # to the next without waiting for this loop (_pull_and_run).
+                jobs: collections.deque[asyncio.Future[Any]] = collections.deque()
+                while True:
+                    # A write() waiting for the lock gets it once these end.
+                    if self._has_ready() and not self._write_waiters:
+                        while len(jobs) < PIPELINED_BATCHES:
+                            jobs.append(loop.run_in_executor(writer, self._pull_and_run))
+                    if not jobs:
+                        break
+                    pulled = await jobs.popleft()
+                    if pulled is not None:
+                        self._committed(loop, *pulled)
+
+    def _has_ready(self) -> bool:
+        with self._queue_lock:
+            return any(
+                not b.future.done() and (b.ready is None or b.ready.done())
+                for b in self._batch_queue
             )
+
+    def _pull_and_run(
+        self,
+    ) -> tuple[list[_Batched], list[tuple[bool, Any]] | BaseException, int] | None:
+        """In the writer thread: takes the calls that can run now from the
+        queue and runs them as one group commit. None if another job took
+        them first; the exception instead of outcomes if nothing committed."""
+        with self._queue_lock:
+            batch = self._take_batch()
+        if not batch:
+            return None
+        try:
+            outcomes, commit = self._run_batch([(b.fn, b.ready) for b in batch])
+        except BaseException as exc:
+            return batch, exc, 0
+        return batch, outcomes, commit
+
+    def _committed(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Batched],
+        outcomes: list[tuple[bool, Any]] | BaseException,
+        commit: int,
+    ) -> None:
+        """A batch came back: start its WAL fsync and the telling of its
+        callers (:meth:`_settle`), or refuse them all if nothing committed."""
+        if isinstance(outcomes, BaseException):
+            # Nothing committed: every call of the batch is refused as
+            # temporary (an outage, or a bug in the batch runner).
+            exc = outcomes
+            if isinstance(exc, Exception):
+                classify(exc)  # logs an outage
+            for item in batch:
+                if not item.future.done():
+                    err = StorageError(ErrorKind.TEMPORARY, "storage write failed")
+                    err.__cause__ = exc
+                    item.future.set_exception(err)
+            if not isinstance(exc, Exception):
+                raise exc
+            return
+        synced: asyncio.Future[None] | None = None
+        if any(b.durable for b in batch) and any(ok for ok, _ in outcomes):
+            synced = loop.run_in_executor(self._syncer_thread(), self._sync_wal, commit)
+        self._settling = loop.create_task(self._settle(self._settling, batch, outcomes, synced))
 
     def _take_batch(self) -> list[_Batched]:
         """The next group commit: queued calls whose ``ready`` has ended (so
@@ -498,10 +550,16 @@ class Database:
         return batch
 
     async def _wait_for_ready(self) -> None:
-        """Returns once a queued call can run: at once if one can, else when
-        a ``ready`` ends or a call is queued."""
+        """Returns once a queued call can run or the queue is empty: at once
+        if so, else when a ``ready`` ends or a call is queued."""
         self._batch_wake.clear()
-        if not any(b.ready is None or b.ready.done() for b in self._batch_queue):
+        with self._queue_lock:
+            # Calls whose callers gave up are dropped unwritten here too.
+            self._batch_queue[:] = [b for b in self._batch_queue if not b.future.done()]
+            waiting = bool(self._batch_queue) and not any(
+                b.ready is None or b.ready.done() for b in self._batch_queue
+            )
+        if waiting:
             await self._batch_wake.wait()
 
     async def _settle(

@@ -593,3 +593,69 @@ async def test_flag_changes_skip_the_wal_fsync_and_deliveries_share_one(
     covered = db._synced
     db._sync_wal(covered)
     assert db._synced == covered
+
+
+async def test_the_writer_runs_the_next_batch_without_waiting_for_the_event_loop(
+    site: SqlStorage,
+) -> None:
+    """Calls queued while a batch runs are taken by the writer thread as
+    soon as that batch ends, even while the event loop is busy elsewhere:
+    the next batch does not wait for the loop's round trip."""
+    import time
+
+    db = site.databases["default"]
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def slow(conn):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        ran.append("first")
+        return 1
+
+    def quick(conn):  # type: ignore[no-untyped-def]
+        ran.append("second")
+        return 2
+
+    first = asyncio.ensure_future(db.write_batched(slow, durable=False))
+    await asyncio.sleep(0.05)  # the first batch is running, waiting on the gate
+    second = asyncio.ensure_future(db.write_batched(quick, durable=False))
+    await asyncio.sleep(0.05)  # queued behind it
+    threading.Timer(0.05, gate.set).start()
+    time.sleep(0.5)  # noqa: ASYNC251  (the event loop is busy, on purpose)
+    assert ran == ["first", "second"]
+    assert await first == 1 and await second == 2
+
+
+async def test_a_plain_write_is_not_starved_by_a_stream_of_batches(site: SqlStorage) -> None:
+    """The batch writer keeps the write lock while batches keep coming, but
+    lets it go to a waiting ``write()`` (account changes, mailbox renames)."""
+    import time
+
+    db = site.databases["default"]
+    stop = asyncio.Event()
+    calls: list[asyncio.Future[int]] = []
+
+    def tiny(conn):  # type: ignore[no-untyped-def]
+        time.sleep(0.002)
+        return 1
+
+    async def stream() -> None:  # the queue never runs dry
+        while not stop.is_set():
+            calls.append(asyncio.ensure_future(db.write_batched(tiny, durable=False)))
+            await asyncio.sleep(0.001)
+
+    async def plain_write() -> None:
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO domains (name) VALUES ('fair.example')")
+
+    producer = asyncio.ensure_future(stream())
+    try:
+        await asyncio.sleep(0.1)  # the batch writer is busy without a pause
+        started = time.monotonic()
+        await asyncio.wait_for(plain_write(), 5)
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        await producer
+        await asyncio.gather(*calls)
+    assert waited < 1.0, waited
