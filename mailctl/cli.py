@@ -49,7 +49,7 @@ def with_storage(
     from storage import open_storage
 
     async def run() -> int:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         storage = await open_storage(settings.storage)
         try:
             return (await action(storage, *extra)) or 0

@@ -89,7 +89,7 @@ async def run_daemons(settings: Settings, names: Sequence[str]) -> None:
     """Start the named daemons, wait for SIGTERM/SIGINT, stop them cleanly."""
     from storage import open_storage
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = await asyncio.to_thread(server_context, settings)
     storage = await open_storage(settings.storage)
     services: list[Any] = []
@@ -159,7 +159,7 @@ async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None
     secret. Runs in the supervisor before it forks."""
     from storage import open_storage
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     await asyncio.to_thread(server_context, settings)
     storage = await open_storage(settings.storage)
     await storage.close()

@@ -233,7 +233,7 @@ async def open_storage(
         if data_dir is None:
             raise errors.invalid("storage url and blob_dir need a data_dir default")
         base = Path(data_dir)
-        await asyncio.to_thread(base.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(base.mkdir, mode=0o700, parents=True, exist_ok=True)
         url = url or f"sqlite+aiosqlite:///{(base / 'shardmail.db').resolve()}"
         blob_dir = blob_dir or str(base / "blobs")
     return await open_storage_from_url(

@@ -68,7 +68,9 @@ class FsBlobStore:
 
     def __init__(self, root: Path, *, pack_max_bytes: int = 0) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Made by us: readable by the daemons' user only (an existing folder
+        # keeps the mode its administrator gave it).
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root = str(self.root)
         self.pack_max_bytes = pack_max_bytes
         self.pack = BlobPack(os.path.join(self._root, PACK_FILE))

@@ -148,3 +148,29 @@ async def test_processes_share_the_pack(tmp_path: Path) -> None:
         assert await store.get(outputs[1][149]) == b"two message 149"
     finally:
         await store.close()
+
+
+async def test_folders_the_daemon_makes_are_private(tmp_path: Path) -> None:
+    """The README's quick start runs as root with the usual umask 022: the
+    data folder and blob folder it makes hold every message and password
+    hash, so they are made readable by their owner only. A folder that
+    already exists keeps the mode its administrator gave it."""
+    import stat
+
+    from conf.settings import StorageSettings
+    from storage.backend import open_storage
+
+    data = tmp_path / "fresh" / "data"
+    old_umask = os.umask(0o022)
+    try:
+        storage = await open_storage(StorageSettings(), data_dir=data)
+        await storage.close()
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "blobs").stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o750)
+    storage = await open_storage(StorageSettings(), data_dir=shared)
+    await storage.close()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o750
