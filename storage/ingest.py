@@ -119,7 +119,7 @@ async def _store(
         # once the blob is durable (``MailStore.deliver``'s ``blob_ready``).
         data = bytes(source)
         blob_key = hashlib.sha256(data).hexdigest()
-        blob_ready = put_started(data)
+        blob_ready = put_started(data, blob_key)
     elif parsed is None and put_sync is not None and not isinstance(source, Path):
         # A blob store that can write from a worker thread: one hop for both.
         parsed, blob_key = await asyncio.to_thread(_parse_and_put, put_sync, bytes(source))

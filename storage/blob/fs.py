@@ -226,14 +226,15 @@ class FsBlobStore:
             raise
         return key
 
-    def put_started(self, data: bytes) -> concurrent.futures.Future[str]:
+    def put_started(self, data: bytes, key: str | None = None) -> concurrent.futures.Future[str]:
         """:meth:`put_sync` started in one of this store's writer threads;
         the future's result is the key (``sha256(data).hexdigest()``), set
         once the bytes are durable. For the ingest path, which overlaps the
         blob's fsyncs with the metadata transaction (see
-        ``Database.write_batched``'s ``ready``)."""
+        ``Database.write_batched``'s ``ready``) and has hashed the bytes
+        already (``key``, so they are not hashed again on the event loop)."""
         if self._packs(len(data)):
-            return self.pack.put_started(hashlib.sha256(data).hexdigest(), data)
+            return self.pack.put_started(key or hashlib.sha256(data).hexdigest(), data)
         if self._writers is None:
             self._writers = concurrent.futures.ThreadPoolExecutor(
                 max_workers=BLOB_WRITERS, thread_name_prefix="blob-writer"
