@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from imapd.imap.wire.commands import SequenceSet
 from storage.model import BodyPart, Mailbox, MessageEntry, ParsedMessage
 
+# Flag searches a session keeps an index for (SEARCH UNSEEN, FLAGGED,
+# KEYWORD x...); others scan the snapshot. Bounds the memory and the work
+# per flag change that a client searching many keywords could cause.
+MAX_FLAG_INDEXES = 8
+
 
 class BadSequence(Exception):
     """A message sequence number beyond EXISTS (RFC 3501 section 9: BAD)."""
@@ -45,6 +50,10 @@ class MailboxView:
     # UIDs, or (``unknown_news``) anything else. Cleared by that read.
     news: set[int] = field(default_factory=set)
     unknown_news: bool = False
+    # (flag, present) -> the UIDs whose flags do (present) or do not contain
+    # ``flag``, for the flags SEARCH asked about; kept current by update,
+    # add and remove, which are the only ways ``entries`` may change.
+    flag_index: dict[tuple[str, bool], set[int]] = field(default_factory=dict)
 
     @classmethod
     def from_entries(
@@ -56,9 +65,35 @@ class MailboxView:
         return view
 
     def update(self, entry: MessageEntry) -> None:
-        """A newer state of a message already in the snapshot."""
-        if entry.uid in self.entries:
-            self.entries[entry.uid] = entry
+        """A newer state of a message already in the snapshot (ignored if
+        the UID is not in it)."""
+        old = self.entries.get(entry.uid)
+        if old is None:
+            return
+        self.entries[entry.uid] = entry
+        if self.flag_index and old.flags != entry.flags:
+            self._index(entry)
+
+    def uids_with_flag(self, flag: str, present: bool) -> list[int]:
+        """The UIDs, ascending, whose flags contain ``flag`` (``present``) or
+        do not: SEARCH SEEN, UNSEEN, FLAGGED, KEYWORD... The first call for
+        a (flag, present) pair scans the snapshot; later ones read an index
+        that update, add and remove keep current (for the first
+        MAX_FLAG_INDEXES pairs asked about; the rest always scan)."""
+        key = (flag, present)
+        uids = self.flag_index.get(key)
+        if uids is None:
+            uids = {u for u, e in self.entries.items() if (flag in e.flags) == present}
+            if len(self.flag_index) < MAX_FLAG_INDEXES:
+                self.flag_index[key] = uids
+        return sorted(uids)
+
+    def _index(self, entry: MessageEntry) -> None:
+        for (flag, present), uids in self.flag_index.items():
+            if (flag in entry.flags) == present:
+                uids.add(entry.uid)
+            else:
+                uids.discard(entry.uid)
 
     def mark_recent(self, count: int, among: Iterable[int] | None = None) -> None:
         """Marks the ``count`` highest UIDs \\Recent (only those in ``among`` if
@@ -132,6 +167,8 @@ class MailboxView:
         for e in entries:
             self.uids.append(e.uid)
             self.entries[e.uid] = e
+            if self.flag_index:
+                self._index(e)
 
     def remove(self, gone: set[int]) -> list[int]:
         """Drop expunged UIDs; returns their former sequence numbers, highest
@@ -143,6 +180,8 @@ class MailboxView:
             for u in gone:
                 self.entries.pop(u, None)
                 self.recent.discard(u)
+                for uids in self.flag_index.values():
+                    uids.discard(u)
         self.pending_vanished -= gone
         seqs.reverse()
         return seqs

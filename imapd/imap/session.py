@@ -569,7 +569,7 @@ class Session:
                     continue
                 old = known.get(e.uid)
                 if old is not None and e.modseq >= old.modseq:
-                    known[e.uid] = e
+                    view.update(e)
                     if old.flags != e.flags:
                         self._flag_update(view, e.uid, e.flags, e.modseq)
         if view.events:
@@ -588,7 +588,7 @@ class Session:
                 if flags is None:
                     view.pending_vanished.add(uid)
                 elif modseq > old.modseq:  # events may trail a fresher read
-                    known[uid] = dataclasses.replace(old, flags=flags, modseq=modseq)
+                    view.update(dataclasses.replace(old, flags=flags, modseq=modseq))
                     if old.flags != flags and uid not in view.pending_vanished:
                         self._flag_update(view, uid, flags, modseq)
         if allow_expunge and view.pending_vanished:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from imapd.imap import mailbox_view
 from imapd.imap.commands.fetch import filter_header, find_part, section_range
 from imapd.imap.mailbox_view import BadSequence, MailboxView
 from imapd.imap.wire.commands import Section
@@ -84,3 +87,47 @@ def test_filter_header_keeps_continuations() -> None:
     assert filter_header(header, ["subject"], True) == b"Subject: a\r\n b\r\n\r\n"
     assert filter_header(header, ["SUBJECT", "from"], False) == b"X-Y: z\r\n\r\n"
     assert filter_header(header, ["none"], True) == b"\r\n"
+
+
+_FLAGS = ("\\Seen", "\\Flagged", "$Junk")
+_op = st.one_of(
+    st.tuples(st.just("set"), st.integers(0, 40), st.frozensets(st.sampled_from(_FLAGS))),
+    st.tuples(st.just("add"), st.integers(1, 3), st.frozensets(st.sampled_from(_FLAGS))),
+    st.tuples(st.just("remove"), st.integers(0, 40), st.just(frozenset())),
+    st.tuples(st.just("search"), st.integers(0, 5), st.just(frozenset())),
+)
+
+
+@pytest.mark.parametrize("max_indexes", [8, 2])
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(_op, max_size=60))
+def test_flag_search_index_matches_a_scan(
+    ops: list[tuple[str, int, frozenset[str]]], max_indexes: int
+) -> None:
+    """uids_with_flag (SEARCH SEEN/UNSEEN/...) answers from an index kept by
+    update/add/remove; after any sequence of them it equals a full scan,
+    also for the pairs beyond the index limit."""
+    saved, mailbox_view.MAX_FLAG_INDEXES = mailbox_view.MAX_FLAG_INDEXES, max_indexes
+    try:
+        view = _view(list(range(1, 11)))
+        now = dt.datetime.now(dt.UTC)
+        for kind, n, flags in ops:
+            if kind == "set" and view.uids:
+                old = view.entries[view.uids[n % len(view.uids)]]
+                view.update(MessageEntry(1, old.uid, old.uid, flags, old.modseq + 1, now, 10, "k"))
+            elif kind == "add":
+                top = view.max_uid
+                view.add([MessageEntry(1, top + i, top + i, flags, 1, now, 10, "k")
+                          for i in range(1, n + 1)])
+            elif kind == "remove" and view.uids:
+                view.remove({view.uids[n % len(view.uids)]})
+            elif kind == "search":
+                flag, present = _FLAGS[n % 3], n < 3
+                scan = [u for u in view.uids if (flag in view.entries[u].flags) == present]
+                assert view.uids_with_flag(flag, present) == scan
+        for flag in _FLAGS:
+            for present in (True, False):
+                scan = [u for u in view.uids if (flag in view.entries[u].flags) == present]
+                assert view.uids_with_flag(flag, present) == scan
+    finally:
+        mailbox_view.MAX_FLAG_INDEXES = saved

@@ -172,8 +172,7 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
         gone = view.pending_vanished
         if isinstance(criteria, q.Flag) and not gone:
             # The commonest search (UNSEEN, FLAGGED...), without a call per message.
-            flag, present = criteria.flag, criteria.present
-            uids = [u for u in view.uids if (flag in known[u].flags) == present]
+            uids = view.uids_with_flag(criteria.flag, criteria.present)
         else:
             match = _compile(criteria)
             uids = [u for u in view.uids if u not in gone and match(known[u])]

@@ -103,4 +103,9 @@ async def test_concurrent_sessions_stay_consistent(imap_env: ImapEnv) -> None:
         for line, e in zip(lines, truth, strict=False):
             flags = set(re.search(rb"FLAGS \(([^)]*)\)", line).group(1).decode().split())  # type: ignore
             assert flags - {"\\Recent"} == set(e.flags), (line, e.flags)
+        # SEARCH answers from the session's flag index, which every flag
+        # change it heard about (its own, other sessions') must have kept.
+        found = [line for line in await t.run("UID SEARCH UNSEEN") if line.startswith(b"* SEARCH")]
+        unseen = [e.uid for e in truth if "\\Seen" not in e.flags]
+        assert found == [b"* SEARCH" + b"".join(b" %d" % u for u in unseen)], (found, unseen)
         await t.c.close()
