@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
+import operator
 import time
 from collections import OrderedDict, namedtuple
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -358,6 +359,8 @@ _MAILBOX_BY_ID = select(mailboxes).where(
 # counters row on this shard yet; a row with m_id NULL: no such mailbox.
 _MAILBOX_FIELDS = tuple(c.name for c in mailboxes.c)
 _MailboxRow = namedtuple("_MailboxRow", _MAILBOX_FIELDS)  # type: ignore[misc]
+# The mailbox's columns out of a _LOCK_WITH_MAILBOX_* row (labelled m_<name>).
+_MAILBOX_OF_LOCK_ROW = operator.attrgetter(*(f"m_{n}" for n in _MAILBOX_FIELDS))
 _ACCOUNT_AND_MAILBOX = select(
     shard_accounts, *(c.label(f"m_{c.name}") for c in mailboxes.c)
 ).where(shard_accounts.c.account_id == bindparam("b_account"))
@@ -548,17 +551,16 @@ def _plan_store(
         if new_mask == r.sysflags and kw_text == _keywords_text(old_kw.values()):
             continue
         updates.append({"b_uid": r.uid, "b_mask": new_mask, "b_kw": kw_text})
-        entry = _entry(r)
         updated.append(
             MessageEntry(
-                mailbox_id=entry.mailbox_id,
-                uid=entry.uid,
-                message_id=entry.message_id,
+                mailbox_id=r.mailbox_id,
+                uid=r.uid,
+                message_id=r.message_id,
                 flags=_flags_of(new_mask, kw_text),
                 modseq=modseq,
-                internal_date=entry.internal_date,
-                size=entry.size,
-                blob_key=entry.blob_key,
+                internal_date=_join_date(r.internal_date, r.internal_tz),
+                size=r.size,
+                blob_key=r.blob_key,
             )
         )
     return modified, updates, updated
@@ -758,7 +760,7 @@ class SqlMailStore:
             return tx, self._mailbox_row_sync(conn, account_id, mailbox)
         if row.m_id is None:
             raise errors.not_found("no such mailbox")
-        box = _MailboxRow(*(getattr(row, f"m_{n}") for n in _MAILBOX_FIELDS))
+        box = _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row))
         return _tx_from_row(conn, account_id, row), box
 
     @staticmethod
