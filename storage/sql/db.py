@@ -96,6 +96,11 @@ class _Batched:
         self.durable = durable
         self.ready = ready
 
+    def can_run(self) -> bool:
+        """Whether the call may join a group commit now: its ``ready`` (the
+        blob it depends on) has ended, or it has none."""
+        return self.ready is None or self.ready.done()
+
 
 def _as_storage_error(exc: BaseException) -> BaseException:
     """A failed ``ready`` as the caller sees it: OSError and outages are
@@ -483,10 +488,7 @@ class Database:
 
     def _has_ready(self) -> bool:
         with self._queue_lock:
-            return any(
-                not b.future.done() and (b.ready is None or b.ready.done())
-                for b in self._batch_queue
-            )
+            return any(not b.future.done() and b.can_run() for b in self._batch_queue)
 
     def _pull_and_run(
         self,
@@ -542,7 +544,7 @@ class Database:
         for b in self._batch_queue:
             if b.future.done():
                 continue
-            if len(batch) < MAX_GROUP_COMMIT and (b.ready is None or b.ready.done()):
+            if len(batch) < MAX_GROUP_COMMIT and b.can_run():
                 batch.append(b)
             else:
                 waiting.append(b)
@@ -556,9 +558,7 @@ class Database:
         with self._queue_lock:
             # Calls whose callers gave up are dropped unwritten here too.
             self._batch_queue[:] = [b for b in self._batch_queue if not b.future.done()]
-            waiting = bool(self._batch_queue) and not any(
-                b.ready is None or b.ready.done() for b in self._batch_queue
-            )
+            waiting = bool(self._batch_queue) and not any(b.can_run() for b in self._batch_queue)
         if waiting:
             await self._batch_wake.wait()
 
