@@ -493,18 +493,42 @@ class Database:
     def _pull_and_run(
         self,
     ) -> tuple[list[_Batched], list[tuple[bool, Any]] | BaseException, int] | None:
-        """In the writer thread: takes the calls that can run now from the
-        queue and runs them as one group commit. None if another job took
-        them first; the exception instead of outcomes if nothing committed."""
-        with self._queue_lock:
-            batch = self._take_batch()
-        if not batch:
+        """In the writer thread: takes the writers' file lock, then the calls
+        that can run now from the queue, and runs them as one group commit.
+        None if another job took them first; the exception instead of
+        outcomes if nothing committed.
+
+        The batch is taken only once the lock is held: calls queued while
+        this process waited for another process's writer join it, instead
+        of waiting behind it for the next batch (with several processes on
+        one database that wait is about as long as a batch)."""
+        try:
+            conn = self._connect_writer()
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        except BaseException as exc:
+            with self._queue_lock:
+                batch = self._take_batch()
+            if batch:
+                return batch, exc, 0
+            if not isinstance(exc, Exception):
+                raise
+            classify(exc)  # logs an outage; the job that took the calls refuses them
             return None
         try:
-            outcomes, commit = self._run_batch([(b.fn, b.ready) for b in batch])
-        except BaseException as exc:
-            return batch, exc, 0
-        return batch, outcomes, commit
+            with self._queue_lock:
+                batch = self._take_batch()
+            if not batch:
+                return None
+            try:
+                outcomes = self._run_batch(conn, [(b.fn, b.ready) for b in batch])
+            except BaseException as exc:
+                return batch, exc, 0
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._commits += 1
+        return batch, outcomes, self._commits
 
     def _committed(
         self,
@@ -688,30 +712,13 @@ class Database:
             return None
         return os.open(f"{path}-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _run_batch(self, items: list[_Item]) -> tuple[list[tuple[bool, Any]], int]:
+    def _run_batch(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
         """In the writer thread, under the writers' file lock (see
-        :meth:`_writers_lock`). Returns the outcomes and this commit's number
-        for :meth:`_sync_wal`: the commit is written but not yet fsynced."""
-        conn = self._connect_writer()
-        # Blob writes still running are waited for before the lock, not
-        # inside it: the other processes' writers need it meanwhile.
-        pending = [ready for _, ready in items if ready is not None and not ready.done()]
-        if pending:
-            concurrent.futures.wait(pending)
-        if self._lock_fd is None:
-            outcomes = self._run_batch_locked(conn, items)
-        else:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                outcomes = self._run_batch_locked(conn, items)
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        self._commits += 1
-        return outcomes, self._commits
-
-    def _run_batch_locked(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
-        """The batch's transaction; when a call's ``ready`` fails, that call
-        fails alone and the transaction (rolled back) runs again without it.
+        :meth:`_writers_lock`): the batch's transaction, committed but not
+        yet fsynced (:meth:`_sync_wal` does that). Every call's ``ready``
+        has ended (:meth:`_take_batch` takes no other); when one failed,
+        that call fails alone and the transaction (rolled back) runs again
+        without it.
         Returns (True, result) or (False, exception) per call, in order;
         raises if the transaction as a whole failed (nothing committed)."""
         outcomes: dict[int, tuple[bool, Any]] = {}

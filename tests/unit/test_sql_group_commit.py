@@ -25,7 +25,7 @@ from storage import open_storage_from_url
 from storage.backend import SqlStorage
 from storage.errors import ErrorKind, StorageError
 from storage.ingest import Delivery, ingest_each
-from storage.model import Account, AppendResult, ChangeKind
+from storage.model import Account, AppendResult, ChangeKind, StoreMode, UidSet
 from storage.sql.db import Database
 from tests.contract.mailfactory import build
 
@@ -59,9 +59,9 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     original = Database._run_batch
 
-    def counting(self: Database, fns, *rest):  # type: ignore[no-untyped-def]
-        sizes.append(len(fns))
-        return original(self, fns, *rest)
+    def counting(self: Database, conn, items):  # type: ignore[no-untyped-def]
+        sizes.append(len(items))
+        return original(self, conn, items)
 
     monkeypatch.setattr(Database, "_run_batch", counting)
     return sizes
@@ -659,3 +659,38 @@ async def test_a_plain_write_is_not_starved_by_a_stream_of_batches(site: SqlStor
         await producer
         await asyncio.gather(*calls)
     assert waited < 1.0, waited
+
+
+async def test_calls_queued_while_another_process_writes_join_the_next_batch(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    """While another process's writer holds the database (its writers' file
+    lock), flag changes keep arriving here: once the lock is free they all
+    commit together, rather than the first alone and the rest after it."""
+    import fcntl
+    import os
+
+    db = site.databases["default"]
+    await deliver(site, bob)  # the writer thread and its lock file exist
+    mail = site.mail(bob)
+    inbox = await mail.get_mailbox(bob.id, "INBOX")
+    other = os.open(f"{db.file}-writers", os.O_RDWR)  # another open file: another owner
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        batches.clear()
+
+        def store(mode: StoreMode) -> asyncio.Future[object]:
+            return asyncio.ensure_future(
+                mail.store_flags(bob.id, inbox.id, UidSet.of([1]), mode, ["\\Flagged"])
+            )
+
+        first = store(StoreMode.ADD)
+        await asyncio.sleep(0.1)  # the writer thread waits for the lock
+        rest = [store(StoreMode.REMOVE if i % 2 else StoreMode.ADD) for i in range(9)]
+        await asyncio.sleep(0.1)
+        assert not first.done()
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    await asyncio.gather(first, *rest)
+    assert batches == [10]
