@@ -361,9 +361,9 @@ _MAILBOX_FIELDS = tuple(c.name for c in mailboxes.c)
 _MailboxRow = namedtuple("_MailboxRow", _MAILBOX_FIELDS)  # type: ignore[misc]
 # The mailbox's columns out of a _LOCK_WITH_MAILBOX_* row (labelled m_<name>).
 _MAILBOX_OF_LOCK_ROW = operator.attrgetter(*(f"m_{n}" for n in _MAILBOX_FIELDS))
-_ACCOUNT_AND_MAILBOX = select(
-    shard_accounts, *(c.label(f"m_{c.name}") for c in mailboxes.c)
-).where(shard_accounts.c.account_id == bindparam("b_account"))
+_ACCOUNT_AND_MAILBOX = select(shard_accounts, *(c.label(f"m_{c.name}") for c in mailboxes.c)).where(
+    shard_accounts.c.account_id == bindparam("b_account")
+)
 _LOCK_WITH_MAILBOX_BY_ID = _ACCOUNT_AND_MAILBOX.outerjoin(
     mailboxes,
     and_(
@@ -514,24 +514,47 @@ _VANISHED = (
 )
 
 
+# (system flag mask, keywords text) -> (the flag names, sorted; their
+# change-log JSON): STORE writes few distinct combinations, and the JSON is
+# built inside the writers' lock. Bounded: cleared when full.
+_FLAG_TEXTS: dict[tuple[int, str], tuple[tuple[str, ...], str]] = {}
+_MAX_FLAG_TEXTS = 4096
+
+
+def _flag_texts(mask: int, keywords: str) -> tuple[tuple[str, ...], str]:
+    key = (mask, keywords)
+    texts = _FLAG_TEXTS.get(key)
+    if texts is None:
+        names = tuple(sorted(_flags_of(mask, keywords)))
+        texts = (names, compact_json({"flags": list(names)}))
+        if len(_FLAG_TEXTS) >= _MAX_FLAG_TEXTS:
+            _FLAG_TEXTS.clear()
+        _FLAG_TEXTS[key] = texts
+    return texts
+
+
 def _plan_store(
     rows: Sequence[Any],
     mode: StoreMode,
     mask: int,
     keywords: Sequence[str],
     unchanged_since: int | None,
-    modseq: int,
-) -> tuple[list[int], list[dict[str, Any]], list[MessageEntry]]:
+) -> tuple[list[int], list[tuple[Any, int, str]]]:
     """What a STORE does to entry rows: (UIDs refused by UNCHANGEDSINCE,
-    update parameters ``b_uid``/``b_mask``/``b_kw``, the updated entries at
-    ``modseq``). Rows whose flags would not change are left out."""
+    (row, new system flag mask, new keywords text) of each entry whose
+    flags change). Rows whose flags would not change are left out."""
     modified: list[int] = []
-    updates: list[dict[str, Any]] = []
-    updated: list[MessageEntry] = []
+    changed: list[tuple[Any, int, str]] = []
     for r in rows:
         # RFC 7162 section 3.1.3: changed since the client's modseq: refused.
         if unchanged_since is not None and r.modseq > unchanged_since:
             modified.append(r.uid)
+            continue
+        if not keywords and mode is not StoreMode.REPLACE:
+            # System flags only (the usual \Seen, \Deleted): keywords stay.
+            new_mask = r.sysflags | mask if mode is StoreMode.ADD else r.sysflags & ~mask
+            if new_mask != r.sysflags:
+                changed.append((r, new_mask, r.keywords))
             continue
         old_kw = {k.lower(): k for k in r.keywords.split()}
         if mode is StoreMode.REPLACE:
@@ -550,20 +573,55 @@ def _plan_store(
         kw_text = _keywords_text(new_kw.values())
         if new_mask == r.sysflags and kw_text == _keywords_text(old_kw.values()):
             continue
-        updates.append({"b_uid": r.uid, "b_mask": new_mask, "b_kw": kw_text})
-        updated.append(
+        changed.append((r, new_mask, kw_text))
+    return modified, changed
+
+
+# What a STORE's write function hands back from inside the lock: (UIDs
+# refused by UNCHANGEDSINCE, _plan_store's changed entries, the new modseq,
+# the first change-log id, the transaction's time).
+_StoreOutcome = tuple[list[int], list[tuple[Any, int, str]], int, int, float]
+
+
+def _stored_flags(
+    account_id: int,
+    modseq: int,
+    first_change: int,
+    at: float,
+    changed: Sequence[tuple[Any, int, str]],
+) -> tuple[tuple[MessageEntry, ...], list[Change]]:
+    """The entries a committed STORE wrote and their change-log entries
+    (ids from ``first_change``), built after the commit, outside the lock."""
+    when = dt.datetime.fromtimestamp(at, dt.UTC)
+    entries = []
+    changes = []
+    for i, (r, new_mask, kw_text) in enumerate(changed):
+        names = _flag_texts(new_mask, kw_text)[0]
+        entries.append(
             MessageEntry(
                 mailbox_id=r.mailbox_id,
                 uid=r.uid,
                 message_id=r.message_id,
-                flags=_flags_of(new_mask, kw_text),
+                flags=frozenset(names),
                 modseq=modseq,
                 internal_date=_join_date(r.internal_date, r.internal_tz),
                 size=r.size,
                 blob_key=r.blob_key,
             )
         )
-    return modified, updates, updated
+        changes.append(
+            Change(
+                id=first_change + i,
+                account_id=account_id,
+                kind=ChangeKind.FLAGS,
+                mailbox_id=r.mailbox_id,
+                uid=r.uid,
+                modseq=modseq,
+                at=when,
+                data={"flags": list(names)},
+            )
+        )
+    return tuple(entries), changes
 
 
 def _mailbox_sync(conn: Connection, stmt: Any, params: dict[str, Any]) -> Mailbox:
@@ -1017,9 +1075,7 @@ class SqlMailStore:
         async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:
             await self._publish(outcome[1])
 
-        results, _, message_id = await self.db.write_batched(
-            write, published, ready=blob_ready
-        )
+        results, _, message_id = await self.db.write_batched(write, published, ready=blob_ready)
         self._cache_parsed(message_id, parsed)
         # The entries exactly as a read would build them (see ``_entry``).
         out = []
@@ -1397,30 +1453,64 @@ class SqlMailStore:
         group commit (``Database.write_batched``)."""
         mask, keywords = split_flags(flags)
 
-        def write(conn: Connection) -> tuple[StoreResult, list[Change]]:
+        # Inside the writers' lock only the SQL and what it needs; the
+        # entries and change objects are built after the commit.
+        def write(conn: Connection) -> _StoreOutcome:
             tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             rows = _select_entries_sync(conn, mailbox_id, uids, _ENTRIES)
             modseq = mbox.highestmodseq + 1
-            modified, updates, updated = _plan_store(
-                rows, mode, mask, keywords, unchanged_since, modseq
-            )
-            if updates:
-                for u in updates:
-                    u["b_box"] = mailbox_id
-                    u["b_modseq"] = modseq
-                execute(conn, _STORE_FLAGS, updates)
+            modified, changed = _plan_store(rows, mode, mask, keywords, unchanged_since)
+            first_change = tx.last_change_id + 1
+            if changed:
+                execute(
+                    conn,
+                    _STORE_FLAGS,
+                    [
+                        {
+                            "b_box": mailbox_id,
+                            "b_uid": r.uid,
+                            "b_mask": m,
+                            "b_kw": kw,
+                            "b_modseq": modseq,
+                        }
+                        for r, m, kw in changed
+                    ],
+                )
                 execute(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
-                for e in updated:
-                    tx.change(
-                        ChangeKind.FLAGS, mailbox_id, e.uid, modseq, {"flags": sorted(e.flags)}
-                    )
-            return StoreResult(tuple(updated), tuple(modified)), tx.flush_sync(conn)
+                kind = ChangeKind.FLAGS.value
+                log_rows = [
+                    {
+                        "account_id": account_id,
+                        "id": first_change + i,
+                        "kind": kind,
+                        "mailbox_id": mailbox_id,
+                        "uid": r.uid,
+                        "modseq": modseq,
+                        "at": tx.at,
+                        "data": _flag_texts(m, kw)[1],
+                    }
+                    for i, (r, m, kw) in enumerate(changed)
+                ]
+                execute(conn, _INSERT_CHANGES, log_rows)
+                counters = {
+                    "b_account": account_id,
+                    "b_last_change": tx.last_change_id + len(changed),
+                    "b_uidvalidity": tx.next_uidvalidity,
+                    "b_used": max(0, tx.used_bytes),
+                }
+                execute(conn, _UPDATE_COUNTERS, counters)
+            return modified, changed, modseq, first_change, tx.at
 
-        async def published(outcome: tuple[StoreResult, list[Change]]) -> None:
-            await self._publish(outcome[1])
+        built: list[StoreResult] = []
 
-        result, _ = await self.db.write_batched(write, published, durable=False)
-        return result
+        async def published(outcome: _StoreOutcome) -> None:
+            modified, changed, modseq, first_change, at = outcome
+            entries, changes = _stored_flags(account_id, modseq, first_change, at, changed)
+            built.append(StoreResult(entries, tuple(modified)))
+            await self._publish(changes)
+
+        await self.db.write_batched(write, published, durable=False)
+        return built[0]
 
     async def _copy_entries(self, tx: _Tx, rows: Sequence[Any], dest: Any) -> list[tuple[int, int]]:
         """Appends copies of entry rows to ``dest`` (a mailbox row); the

@@ -277,6 +277,52 @@ async def test_store_flags_modes(storage: SqlStorage, bob: Account) -> None:
     assert await mail.mailbox_keywords(bob.id, box) == ["$Junk", "Work"]
 
 
+async def test_store_of_system_flags_keeps_keywords_and_logs_the_result(
+    storage: SqlStorage, bob: Account
+) -> None:
+    """+FLAGS/-FLAGS of system flags alone (the usual \\Seen) leave an
+    entry's keywords as they are; the change log and the event carry the
+    flags after the change, and an entry that already had them is untouched."""
+    mail = storage.mail(bob)
+    box = await inbox_id(storage, bob)
+    for _ in range(2):
+        await deliver(storage, bob)
+    await mail.store_flags(bob.id, box, UidSet.of([1]), StoreMode.ADD, ["Work", "$Junk"])
+    await mail.store_flags(bob.id, box, UidSet.of([2]), StoreMode.ADD, [SEEN])
+    start = (await mail.account_changes(bob.id, 0, limit=10_000))[-1].id
+    sub = storage.events.subscribe(bob.id)
+    try:
+        res = await mail.store_flags(bob.id, box, UidSet.of([1, 2]), StoreMode.ADD, [SEEN, DELETED])
+        assert [e.uid for e in res.updated] == [1, 2]
+        assert res.updated[0].flags == {SEEN, DELETED, "Work", "$Junk"}
+        assert res.updated[1].flags == {SEEN, DELETED}
+        again = await mail.store_flags(bob.id, box, UidSet.of([1, 2]), StoreMode.ADD, [SEEN])
+        assert again.updated == ()
+        res2 = await mail.store_flags(bob.id, box, UidSet.of([1]), StoreMode.REMOVE, [DELETED])
+        assert res2.updated[0].flags == {SEEN, "Work", "$Junk"}
+        assert res2.updated[0].modseq > res.updated[0].modseq
+        entries = await mail.uids(bob.id, box)
+        assert [e.flags for e in entries] == [
+            frozenset({SEEN, "Work", "$Junk"}),
+            frozenset({SEEN, DELETED}),
+        ]
+        assert [e.modseq for e in entries] == [res2.updated[0].modseq, res.updated[1].modseq]
+        assert (await mail.status(bob.id, box)).highestmodseq == res2.updated[0].modseq
+        log = await mail.account_changes(bob.id, start)
+        assert [(c.kind, c.uid, c.data["flags"]) for c in log] == [
+            (ChangeKind.FLAGS, 1, sorted({SEEN, DELETED, "Work", "$Junk"})),
+            (ChangeKind.FLAGS, 2, sorted({SEEN, DELETED})),
+            (ChangeKind.FLAGS, 1, sorted({SEEN, "Work", "$Junk"})),
+        ]
+        assert [c.id for c in log] == list(range(start + 1, start + 4))
+        assert [c.modseq for c in log] == [e.modseq for e in (*res.updated, *res2.updated)]
+        published = [await sub.get(timeout=2) for _ in range(3)]
+        assert published == log
+        assert [c.data for c in published if c] == [c.data for c in log]
+    finally:
+        sub.close()
+
+
 async def test_store_unchanged_since(storage: SqlStorage, bob: Account) -> None:
     """RFC 7162 section 3.1.3: entries modified after UNCHANGEDSINCE are refused."""
     mail = storage.mail(bob)
