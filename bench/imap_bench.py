@@ -37,6 +37,12 @@ was (others' load skews figures on a shared machine). Never part of the
 test run::
 
     python -m bench.imap_bench --compare-dovecot
+    python -m bench.imap_bench --compare-dovecot --rounds 5 --phases store,mixed
+
+With ``--rounds N`` both servers run at once and each phase runs on one
+right after the other, N times, the order swapped each round; each round
+gives a ratio, printed with their median. On a shared machine whose load
+drifts by tens of percent, that pairing is what makes a comparison stand.
     python -m bench.imap_bench --phases mixed --seconds 20 --profile mixed
 """
 
@@ -55,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -399,6 +405,24 @@ def print_result(r: PhaseResult) -> None:
                   f"p99 {k['p99_ms']:.2f} ms mean {k['mean_ms']:.2f} ms", flush=True)
 
 
+async def open_sessions(
+    port: int, logins: list[str], args: argparse.Namespace
+) -> list[BenchSession]:
+    """``--clients`` sessions, logged in with INBOX selected."""
+    append_msg = message(10_000_000, args.size)
+    sessions = []
+    for i in range(args.clients):
+        client = await ImapClient.connect(port)
+        sessions.append(BenchSession(client, logins[i % len(logins)], args.layout == "shared",
+                                     append_msg))
+    await asyncio.gather(*(s.open() for s in sessions))
+    return sessions
+
+
+async def close_sessions(sessions: list[BenchSession]) -> None:
+    await asyncio.gather(*(s.client.close() for s in sessions), return_exceptions=True)
+
+
 async def bench_server(
     name: str,
     port: int,
@@ -407,13 +431,7 @@ async def bench_server(
     server_cpu: Callable[[], float],
     server_pid: int | None = None,
 ) -> list[PhaseResult]:
-    append_msg = message(10_000_000, args.size)
-    sessions = []
-    for i in range(args.clients):
-        client = await ImapClient.connect(port)
-        sessions.append(BenchSession(client, logins[i % len(logins)], args.layout == "shared",
-                                     append_msg))
-    await asyncio.gather(*(s.open() for s in sessions))
+    sessions = await open_sessions(port, logins, args)
     out: list[PhaseResult] = []
     try:
         if args.warmup > 0:
@@ -425,7 +443,7 @@ async def bench_server(
             if phase in args.profile and server_pid is not None:
                 await profile_phase(name, phase, sessions, args, server_cpu, server_pid)
     finally:
-        await asyncio.gather(*(s.client.close() for s in sessions), return_exceptions=True)
+        await close_sessions(sessions)
     return out
 
 
@@ -539,7 +557,19 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+@dataclass
+class Server:
+    """A server under test, started and filled: its name in the results,
+    its port, its CPU seconds so far, and a PID py-spy can attach to."""
+
+    name: str
+    port: int
+    cpu_seconds: Callable[[], float]
+    pid: int | None = None
+
+
+@contextlib.asynccontextmanager
+async def shardmail_server(workdir: Path, args: argparse.Namespace) -> AsyncIterator[Server]:
     logins = logins_for(args)
     data_dir = workdir / "shardmail"
     t0 = time.perf_counter()
@@ -550,16 +580,15 @@ async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseRe
     procs = start_imapd(data_dir, port, args.log_level, args.imapd_procs, args.overrides)
     name = "shardmail" if args.imapd_procs == 1 else f"shardmail×{args.imapd_procs}"
     try:
-        return await bench_server(
-            name, port, logins, args,
-            lambda: sum(proc_cpu_seconds(p.pid) for p in procs), procs[0].pid,
-        )
+        yield Server(name, port, lambda: sum(proc_cpu_seconds(p.pid) for p in procs),
+                     procs[0].pid)
     finally:
         for p in procs:
             stop_process(p)
 
 
-async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+@contextlib.asynccontextmanager
+async def dovecot_server(workdir: Path, args: argparse.Namespace) -> AsyncIterator[Server]:
     logins = logins_for(args)
     os.chmod(workdir, 0o755)  # Dovecot's unprivileged processes must reach their files
     peer = DovecotPeer(workdir / "dovecot")
@@ -572,9 +601,69 @@ async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[PhaseResu
         peer.start()
         print(f"# dovecot: {len(logins)} x {args.messages} messages in Maildir, "
               f"port {peer.port}", flush=True)
-        return await bench_server("dovecot", peer.port, logins, args, peer.cpu_seconds)
+        yield Server("dovecot", peer.port, peer.cpu_seconds)
     finally:
         peer.stop()
+
+
+async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+    async with shardmail_server(workdir, args) as srv:
+        return await bench_server(srv.name, srv.port, logins_for(args), args, srv.cpu_seconds,
+                                  srv.pid)
+
+
+async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+    async with dovecot_server(workdir, args) as srv:
+        return await bench_server(srv.name, srv.port, logins_for(args), args, srv.cpu_seconds)
+
+
+async def run_interleaved(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+    """Both servers up at once, each with its own kept sessions; every phase
+    runs on one and then at once on the other, ``--rounds`` times, the order
+    swapped each round. A pair's two runs are seconds apart, so a change
+    in the shared machine's load skews both alike; each pair gives a ratio."""
+    logins = logins_for(args)
+    results: list[PhaseResult] = []
+    async with shardmail_server(workdir, args) as ours, dovecot_server(workdir, args) as peer:
+        servers = [ours, peer]
+        sessions = {srv.name: await open_sessions(srv.port, logins, args) for srv in servers}
+        try:
+            for srv in servers:
+                if args.warmup > 0:
+                    await run_phase(srv.name, "mixed", sessions[srv.name], args.warmup,
+                                    srv.cpu_seconds)
+            for n in range(args.rounds):
+                print(f"# round {n + 1} of {args.rounds}", flush=True)
+                for phase in args.phases:
+                    for srv in servers if n % 2 == 0 else servers[::-1]:
+                        r = await run_phase(srv.name, phase, sessions[srv.name], args.seconds,
+                                            srv.cpu_seconds)
+                        print_result(r)
+                        results.append(r)
+        finally:
+            for group in sessions.values():
+                await close_sessions(group)
+    return results
+
+
+def print_interleaved(results: list[PhaseResult], phases: Sequence[str]) -> None:
+    """Per phase: each round's ratio (ours / Dovecot's commands per second,
+    the two runs of one round), their median and range."""
+    print("\n# shardmail / dovecot commands per second, round by round")
+    for phase in phases:
+        ours = [r for r in results if r.phase == phase and r.server.startswith("shardmail")]
+        theirs = [r for r in results if r.phase == phase and r.server == "dovecot"]
+        ratios = [a.per_second / b.per_second
+                  for a, b in zip(ours, theirs, strict=True) if b.per_second]
+        if not ratios:
+            continue
+        rounds = " ".join(f"{x:.2f}" for x in ratios)
+        print(f"{phase:<13} median {statistics.median(ratios):.2f}  "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}  rounds: {rounds}  "
+              f"(commands/s {statistics.median(a.per_second for a in ours):.0f} vs "
+              f"{statistics.median(b.per_second for b in theirs):.0f}, server CPU ms/cmd "
+              f"{statistics.median(a.server_cpu_ms_per_cmd for a in ours):.3f} vs "
+              f"{statistics.median(b.server_cpu_ms_per_cmd for b in theirs):.3f})")
 
 
 async def storage_calls(args: argparse.Namespace) -> None:
@@ -638,6 +727,10 @@ async def main_async(args: argparse.Namespace) -> list[PhaseResult]:
           f"{os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}", flush=True)
     results: list[PhaseResult] = []
     try:
+        if args.rounds:
+            results = await run_interleaved(workdir, args)
+            print_interleaved(results, args.phases)
+            return results
         if not args.dovecot_only:
             results += await run_shardmail(workdir, args)
         if args.compare_dovecot or args.dovecot_only:
@@ -673,6 +766,10 @@ def main() -> None:
     parser.add_argument("--compare-dovecot", action="store_true",
                         help="then run the same phases against Dovecot on the same contents")
     parser.add_argument("--dovecot-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="with --compare-dovecot: run each phase on both servers, one "
+                             "right after the other, this many times (order swapped each "
+                             "round), and report the ratio of each pair")
     parser.add_argument("--storage-calls", action="store_true",
                         help="only time the storage calls behind the commands, in-process")
     parser.add_argument("--profile", type=lambda s: s.split(","), default=[],
@@ -688,6 +785,8 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="where the temporary data goes")
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
     args = parser.parse_args()
+    if args.rounds and not args.compare_dovecot:
+        parser.error("--rounds needs --compare-dovecot")
     for phase in args.phases:
         if phase not in MIXES:
             parser.error(f"unknown phase {phase!r}")
