@@ -274,13 +274,16 @@ class _Tx:
                     data=ch["data"],
                 )
             )
-        counters = {
+        return rows, self._counters(len(rows)), changes
+
+    def _counters(self, logged: int) -> dict[str, Any]:
+        """The account counters' values once ``logged`` change-log rows are written."""
+        return {
             "b_account": self.account_id,
-            "b_last_change": self.last_change_id + len(rows),
+            "b_last_change": self.last_change_id + logged,
             "b_uidvalidity": self.next_uidvalidity + self.uidvalidity_used,
             "b_used": max(0, self.used_bytes + self.used_delta),
         }
-        return rows, counters, changes
 
     def _idle(self) -> bool:
         return not self.pending and not self.uidvalidity_used and not self.used_delta
@@ -304,6 +307,13 @@ class _Tx:
             execute(conn, _INSERT_CHANGES, rows)
         execute(conn, _UPDATE_COUNTERS, counters)
         return changes
+
+    def log_rows_sync(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Writes change-log rows a caller built itself (ids from
+        ``last_change_id + 1``, in order) and the counters; the caller makes
+        the :class:`Change` objects, after the commit if it likes."""
+        execute(conn, _INSERT_CHANGES, rows)
+        execute(conn, _UPDATE_COUNTERS, self._counters(len(rows)))
 
 
 # The account's counters after a write (one statement, bound parameters).
@@ -1491,14 +1501,7 @@ class SqlMailStore:
                     }
                     for i, (r, m, kw) in enumerate(changed)
                 ]
-                execute(conn, _INSERT_CHANGES, log_rows)
-                counters = {
-                    "b_account": account_id,
-                    "b_last_change": tx.last_change_id + len(changed),
-                    "b_uidvalidity": tx.next_uidvalidity,
-                    "b_used": max(0, tx.used_bytes),
-                }
-                execute(conn, _UPDATE_COUNTERS, counters)
+                tx.log_rows_sync(conn, log_rows)
             return modified, changed, modseq, first_change, tx.at
 
         built: list[StoreResult] = []
