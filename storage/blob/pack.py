@@ -6,11 +6,15 @@ the GIL in a busy daemon; timers showed a 5 KB message's blob taking 7-9 ms
 from ingest to durable. Here a writer thread takes every blob queued
 meanwhile into one transaction: one WAL fsync makes all of them durable.
 
-Durability: the pack runs in WAL mode with ``synchronous=FULL``, so a
-commit that returned survives power loss; a put's future is resolved only
-after its commit. Several processes share the file: their writer threads
+Durability: the pack runs in WAL mode. The writer commits with
+``synchronous=NORMAL`` and then fsyncs the WAL itself (``storage/walsync.py``
+says why that is as durable as ``FULL``); a put's future is resolved only
+after that fsync. Several processes share the file: their writer threads
 take a file lock beside it (``<pack>-writers``) around each transaction,
-as the metadata database's writers do, instead of SQLite's busy-wait.
+as the metadata database's writers do, instead of SQLite's busy-wait. The
+fsync runs after the lock is released, so one process's fsync never holds
+up another's transaction (with ``FULL`` it ran inside the COMMIT, under
+the lock: the pack's writers then took turns at the disk's pace).
 
 Blobs stay content-addressed and immutable: storing bytes already present
 only refreshes their ``stored`` time, which garbage collection reads as
@@ -28,6 +32,8 @@ import sqlite3
 import threading
 import time
 
+from storage.walsync import WalFile
+
 PACK_FILE = "pack.sqlite"
 # Most writes one transaction takes: bounds what one failed commit undoes.
 MAX_BATCH = 256
@@ -43,8 +49,9 @@ _PUT = (
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a returned commit survives power loss
     return conn
@@ -110,6 +117,7 @@ class BlobPack:
     def _write_loop(self) -> None:
         conn: sqlite3.Connection | None = None
         lock_fd: int | None = None
+        wal = WalFile(self.path)
         try:
             while True:
                 with self._cond:
@@ -137,10 +145,16 @@ class BlobPack:
                         try:
                             conn = _connect(self.path)
                             conn.execute(_SCHEMA)
+                            # The commit skips the fsync; wal.sync() below does it.
+                            conn.execute("PRAGMA synchronous=NORMAL")
                         finally:
                             fcntl.flock(lock_fd, fcntl.LOCK_UN)
                     self._commit(conn, lock_fd, batch)
-                except BaseException as exc:  # nothing of the batch is committed
+                    wal.sync()  # outside the writers' lock, before anyone is told
+                except BaseException as exc:
+                    # Nothing of the batch committed, or its fsync failed: no
+                    # caller is told it is durable (a blob written anyway is
+                    # unreferenced; garbage collection removes it).
                     if conn is not None:
                         with contextlib.suppress(Exception):
                             conn.close()
@@ -153,6 +167,7 @@ class BlobPack:
                     for op in batch:
                         op.future.set_result(op.key)
         finally:
+            wal.close()
             if conn is not None:
                 conn.close()
             if lock_fd is not None:
@@ -198,8 +213,9 @@ class BlobPack:
             return local.conn  # type: ignore[no-any-return]
         if not os.path.exists(self.path):
             return None
-        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         conn.execute("PRAGMA query_only=ON")
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'blobs'").fetchone() is None:
             conn.close()

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from storage.errors import ErrorKind, StorageError
 from storage.sql import fts, schema
+from storage.walsync import WalFile
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +249,10 @@ class Database:
         self._writer_conn: Connection | None = None
         self._lock_fd: int | None = None
         # The WAL's fsync after a batch commit (``_sync_wal``): its thread,
-        # its file descriptor, the commits counted and how many are durable,
+        # the WAL file, the commits counted and how many are durable,
         # and the task telling callers, batch by batch in commit order.
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._wal_fd: int | None = None
+        self._wal: WalFile | None = None
         self._commits = 0
         self._synced = 0
         self._settling: asyncio.Task[None] | None = None
@@ -660,44 +661,21 @@ class Database:
 
     def _sync_wal(self, commit: int) -> None:
         """In the sync thread: makes the writer's commit number ``commit``
-        (and every one before it) durable by fsyncing the WAL file.
-
-        Why this is enough: the writer commits with ``synchronous=NORMAL``,
-        which appends the transaction's frames, commit frame last, to the
-        WAL and skips only the fsync. Recovery replays the WAL's frames in
-        order up to the last commit frame whose checksums hold, so once an
-        fsync that started after the commit returns, the transaction
-        survives power loss. A checkpoint never loses it either: with
-        NORMAL, SQLite fsyncs the WAL before copying it into the database
-        and the database before reusing the WAL. fsync is per file, so it
-        also covers every other process's frames before it; a commit that
-        an fsync already covered costs none. The descriptor is opened again
-        if the WAL file was replaced (deleted by the last connection's
-        close and made anew): frames of the old one were checkpointed."""
+        (and every one before it) durable by fsyncing the WAL file (why
+        that is enough: ``storage/walsync.py``). A commit that an fsync
+        already covered costs none; a failed fsync raises, and the batch's
+        callers are refused."""
         if commit <= self._synced:
             return
         covered = self._commits  # read before the fsync: all of these are in the file
-        wal = f"{self.file}-wal"
-        fd = self._wal_fd
-        if fd is not None and os.fstat(fd).st_ino != _inode(wal):
-            os.close(fd)
-            fd = self._wal_fd = None
-        if fd is None:
-            fd = self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        except OSError:
-            # Linux reports a failed writeback once per descriptor: a new one
-            # is opened next time and this batch's callers are refused.
-            self._wal_fd = None
-            os.close(fd)
-            raise
+        if self._wal is None:
+            self._wal = WalFile(self.file or "")
+        self._wal.sync()
         self._synced = max(self._synced, covered)
 
     def _close_syncer(self) -> None:
-        if self._wal_fd is not None:
-            os.close(self._wal_fd)
-            self._wal_fd = None
+        if self._wal is not None:
+            self._wal.close()
 
     def _writers_lock(self, conn: Connection) -> int | None:
         """A file beside the database that the writer threads of every
@@ -925,13 +903,6 @@ def _transaction(conn: Connection) -> Iterator[Any]:
     finally:
         if conn.in_transaction():
             conn.rollback()  # SQLAlchemy's side only: the driver's has ended
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None
 
 
 def _attach_fts(engine: Engine, file: str) -> None:

@@ -9,6 +9,8 @@ blobs over the limit are still files of their own.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -88,6 +90,80 @@ async def test_big_blobs_stay_files_and_packing_can_be_turned_off(tmp_path: Path
         assert not await off.exists(small_key)
     finally:
         await off.close()
+
+
+def _gate_pack_fsync(
+    monkeypatch: pytest.MonkeyPatch, pack_path: Path, fail: bool = False
+) -> tuple[threading.Event, threading.Event, list[bool]]:
+    """Holds the first fsync of the pack's WAL until the returned gate is
+    set (or fails it with EIO); records whether the pack's writers' lock
+    was free meanwhile. Returns (in fsync, gate, lock free)."""
+    in_fsync, gate = threading.Event(), threading.Event()
+    lock_free: list[bool] = []
+    real = os.fsync
+    wal = f"{pack_path}-wal"
+
+    def fsync(fd: int) -> None:
+        is_wal = os.path.exists(wal) and os.fstat(fd).st_ino == os.stat(wal).st_ino
+        if is_wal and not in_fsync.is_set():
+            probe = os.open(f"{pack_path}-writers", os.O_RDWR)
+            try:  # another process's writer would get the lock now
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_free.append(True)
+            except BlockingIOError:
+                lock_free.append(False)
+            finally:
+                os.close(probe)
+            in_fsync.set()
+            gate.wait(5)
+            if fail:
+                raise OSError(errno.EIO, "writeback failed")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return in_fsync, gate, lock_free
+
+
+def test_a_put_is_durable_before_it_returns_and_its_fsync_leaves_the_lock_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The WAL's fsync runs after the transaction, outside the writers'
+    lock (so another daemon's blobs need not wait for this one's disk
+    write), and the put is told only once it has ended."""
+    path = tmp_path / PACK_FILE
+    in_fsync, gate, lock_free = _gate_pack_fsync(monkeypatch, path)
+    pack = BlobPack(str(path))
+    try:
+        key = hashlib.sha256(b"durable").hexdigest()
+        put = pack.put_started(key, b"durable")
+        assert in_fsync.wait(5), "the pack's WAL was never fsynced by the writer"
+        assert lock_free == [True]
+        assert not put.done()  # committed, but not yet known to be on disk
+        gate.set()
+        assert put.result(5) == key
+        assert pack.row_sync("SELECT data FROM blobs WHERE key = ?", (key,)) == (b"durable",)
+    finally:
+        gate.set()
+        pack.close_sync()
+
+
+def test_a_failed_fsync_refuses_the_put_and_the_next_one_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / PACK_FILE
+    in_fsync, gate, _ = _gate_pack_fsync(monkeypatch, path, fail=True)
+    pack = BlobPack(str(path))
+    try:
+        first = pack.put_started(hashlib.sha256(b"one").hexdigest(), b"one")
+        assert in_fsync.wait(5)
+        gate.set()
+        with pytest.raises(OSError):
+            first.result(5)
+        key = hashlib.sha256(b"two").hexdigest()
+        assert pack.put_started(key, b"two").result(5) == key
+    finally:
+        gate.set()
+        pack.close_sync()
 
 
 _CHILD = textwrap.dedent(
