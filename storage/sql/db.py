@@ -270,6 +270,7 @@ class Database:
             path = make_url(url).database
             if path and path != ":memory:":
                 self.file = os.path.abspath(path)
+                self._wal = WalFile(self.file)
 
     @property
     def dialect(self) -> str:
@@ -668,8 +669,7 @@ class Database:
         if commit <= self._synced:
             return
         covered = self._commits  # read before the fsync: all of these are in the file
-        if self._wal is None:
-            self._wal = WalFile(self.file or "")
+        assert self._wal is not None  # a SQLite database always has its file
         self._wal.sync()
         self._synced = max(self._synced, covered)
 
