@@ -130,6 +130,11 @@ class MailStore(Protocol):
     """One shard's mailboxes and messages. Names are UTF-8 with "/" as the
     hierarchy delimiter; "INBOX" is case-insensitive (RFC 3501 section 5.1)."""
 
+    inline_blob_max: int
+    """Blobs of up to this many bytes can be given to :meth:`deliver` as
+    ``blob_data``, to be stored in the delivery's own transaction (0: none;
+    the blob store must hold them first)."""
+
     async def create_default_mailboxes(self, account_id: int) -> None: ...
     async def list_mailboxes(self, account_id: int) -> list[Mailbox]: ...
     async def get_mailbox(self, account_id: int, name: str) -> Mailbox:
@@ -175,6 +180,7 @@ class MailStore(Protocol):
         targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
         blob_ready: concurrent.futures.Future[str] | None = None,
         claim_recent: bool = False,
+        blob_data: bytes | None = None,
     ) -> list[AppendResult]:
         """``add_message`` plus one ``append`` per target (mailbox name or id,
         flags, internal date) in ONE transaction: every target is committed
@@ -189,7 +195,12 @@ class MailStore(Protocol):
         ``blob_ready``: the blob's durable write, still running; the
         transaction commits only once it has succeeded (its failure fails
         the delivery, TEMPORARY), so metadata never names a blob that is not
-        durable while the two overlap."""
+        durable while the two overlap.
+
+        ``blob_data``: instead, the blob's bytes (at most
+        :attr:`inline_blob_max`), stored with the rows that name it in the
+        same transaction: durable together, or neither. Readable through
+        the blob store once this returns."""
 
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
         """Every entry of the mailbox in UID order (the session's snapshot)."""

@@ -162,11 +162,15 @@ async def open_storage_from_url(
     ``fts_indexer``: start each SQLite database's background full-text
     indexer (``storage/sql/fts.py``); tests that drive it themselves say
     False (``Database.indexer().run_once()``).
-    ``blob_pack_max_bytes``: blobs up to this size go to the blob folder's
-    pack file (``storage/blob/pack.py``); None picks the default,
+    ``blob_pack_max_bytes``: blobs up to this size are packed
+    (``storage/blob/pack.py``); None picks the default,
     :data:`DEFAULT_BLOB_PACK_MAX_BYTES` over SQLite (one host) and 0 (every
     blob its own file) over PostgreSQL, whose sites may share the folder
-    over NFS, where SQLite's locks are not to be trusted.
+    over NFS, where SQLite's locks are not to be trusted. When the default
+    shard is a SQLite file the pack is a table in it: a delivery to that
+    shard then writes its blob in its own transaction, one fsync for both
+    (``MailStore.deliver``'s ``blob_data``). Otherwise the pack is
+    ``pack.sqlite`` in the blob folder.
     """
     if events not in ("auto", "inprocess"):
         raise errors.invalid(f"unknown event bus {events!r}")
@@ -186,7 +190,9 @@ async def open_storage_from_url(
     if blob_pack_max_bytes is None:
         sqlite = databases[DEFAULT_SHARD].dialect == "sqlite"
         blob_pack_max_bytes = DEFAULT_BLOB_PACK_MAX_BYTES if sqlite else 0
-    blobs = open_blob_store(blob_dir, pack_max_bytes=blob_pack_max_bytes)
+    # Set even with packing off, so blobs packed there before stay readable.
+    pack_path = databases[DEFAULT_SHARD].file
+    blobs = open_blob_store(blob_dir, pack_max_bytes=blob_pack_max_bytes, pack_path=pack_path)
     storage = SqlStorage(databases, blobs, hasher=password_hasher, events=bus)
     try:
         if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):

@@ -12,9 +12,12 @@ from pathlib import Path
 from storage.blob.fs import FsBlobStore
 
 
-def open_blob_store(location: str | Path, *, pack_max_bytes: int = 0) -> FsBlobStore:
+def open_blob_store(
+    location: str | Path, *, pack_max_bytes: int = 0, pack_path: str | None = None
+) -> FsBlobStore:
     """A blob store for ``location``: a directory path (or ``file://`` URL),
-    blobs of at most ``pack_max_bytes`` packed in one file there (0: none).
+    blobs of at most ``pack_max_bytes`` packed in one file there (0: none),
+    or in the SQLite database file ``pack_path`` (its ``blobs`` table).
 
     ``s3://bucket/prefix`` is where the S3 backend plugs in.
     """
@@ -23,7 +26,7 @@ def open_blob_store(location: str | Path, *, pack_max_bytes: int = 0) -> FsBlobS
         raise NotImplementedError("the S3 blob backend is not built yet")
     if loc.startswith("file://"):
         loc = loc[len("file://") :]
-    return FsBlobStore(Path(loc), pack_max_bytes=pack_max_bytes)
+    return FsBlobStore(Path(loc), pack_max_bytes=pack_max_bytes, pack_path=pack_path)
 
 
 __all__ = ["FsBlobStore", "open_blob_store"]

@@ -11,10 +11,14 @@ fsynced, renamed into place with ``os.replace`` (atomic on POSIX) and then
 the directory is fsynced, so a key once returned survives a crash. All file
 I/O runs in a worker thread; the event loop never waits on the disk.
 
-Blobs of at most ``pack_max_bytes`` go to ``pack.sqlite`` in the root
-instead (``storage/blob/pack.py``): one fsync there makes a whole group of
-them durable. Reads look in the pack first, then for the file, so blobs
-written before packing was turned on (or off) stay readable.
+Blobs of at most ``pack_max_bytes`` go to the pack instead
+(``storage/blob/pack.py``): one fsync there makes a whole group of them
+durable. The pack is ``pack.sqlite`` in the root, or a table in the
+database file given as ``pack_path`` (a one-host site's shard database,
+where a delivery writes its blob in its own transaction). Reads look in the
+pack first, then in the root's ``pack.sqlite`` if the pack is elsewhere and
+that file exists (blobs packed before the pack moved), then for the file,
+so blobs written before packing was turned on (or off) stay readable.
 """
 
 from __future__ import annotations
@@ -64,17 +68,26 @@ def _fsync_dir(path: Path | str) -> None:
 
 class FsBlobStore:
     """A :class:`storage.api.BlobStore` over a local directory tree, small
-    blobs (``pack_max_bytes``, 0: none) packed in one SQLite file."""
+    blobs (``pack_max_bytes``, 0: none) packed in one SQLite table: in
+    ``root/pack.sqlite``, or in the database file ``pack_path``."""
 
-    def __init__(self, root: Path, *, pack_max_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, *, pack_max_bytes: int = 0, pack_path: str | None = None
+    ) -> None:
         self.root = Path(root)
         # Made by us: readable by the daemons' user only (an existing folder
         # keeps the mode its administrator gave it).
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root = str(self.root)
         self.pack_max_bytes = pack_max_bytes
-        self.pack = BlobPack(os.path.join(self._root, PACK_FILE))
+        folder_pack = os.path.join(self._root, PACK_FILE)
+        self.pack = BlobPack(pack_path or folder_pack)
         self._pack_seen = pack_max_bytes > 0
+        # The folder's pack once the pack lives in a database: read (and
+        # emptied by garbage collection), never written.
+        self._old_pack: BlobPack | None = None
+        if pack_path is not None and pack_path != folder_pack and os.path.exists(folder_pack):
+            self._old_pack = BlobPack(folder_pack)
         self._tmp_prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._tmp_counter = itertools.count()
         self._writers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -259,11 +272,20 @@ class FsBlobStore:
 
     # --- reads --------------------------------------------------------------
 
+    def _read_packs(self) -> list[BlobPack]:
+        """The packs reads look in, in order."""
+        packs = [self.pack] if self._may_be_packed() else []
+        if self._old_pack is not None:
+            packs.append(self._old_pack)
+        return packs
+
     def _packed(self, sql: str, key: str) -> tuple[object, ...] | None:
-        """The pack's row for ``key`` (``sql`` selects from ``blobs`` by key)."""
-        if not self._may_be_packed():
-            return None
-        return self.pack.row_sync(sql, (key,))
+        """A pack's row for ``key`` (``sql`` selects from ``blobs`` by key)."""
+        for pack in self._read_packs():
+            row = pack.row_sync(sql, (key,))
+            if row is not None:
+                return row
+        return None
 
     def _read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         _check_key(key)
@@ -340,8 +362,8 @@ class FsBlobStore:
 
     def _delete(self, key: str, stored_before: float | None) -> None:
         _check_key(key)
-        if self._may_be_packed():
-            self.pack.delete_started(key, stored_before).result()
+        for pack in self._read_packs():
+            pack.delete_started(key, stored_before).result()
         path = self.path(key)
         if stored_before is not None:
             try:
@@ -357,7 +379,7 @@ class FsBlobStore:
         await asyncio.to_thread(self._delete, key, stored_before)
 
     def _keys(self) -> list[str]:
-        out = set(self.pack.keys_sync()) if self._may_be_packed() else set()
+        out = {key for pack in self._read_packs() for key in pack.keys_sync()}
         for _dirpath, _dirs, files in os.walk(self.root):
             out.update(name for name in files if _KEY.match(name))
         return sorted(out)
@@ -369,6 +391,8 @@ class FsBlobStore:
     async def close(self) -> None:
         """Finishes queued writes and closes the pack and the writer threads."""
         await asyncio.to_thread(self.pack.close_sync)
+        if self._old_pack is not None:
+            await asyncio.to_thread(self._old_pack.close_sync)
         if self._writers is not None:
             writers, self._writers = self._writers, None
             await asyncio.to_thread(writers.shutdown, True)

@@ -1,4 +1,9 @@
-"""Small blobs packed into one SQLite file in the blob folder.
+"""Small blobs packed into one SQLite table (``blobs``).
+
+Where the table lives: on a one-host (SQLite) site, in the default shard's
+own database file, so a delivery writes its message's bytes in the same
+transaction as the row that names them (``MailStore.deliver``'s
+``blob_data``); elsewhere, in ``pack.sqlite`` in the blob folder.
 
 Each blob written to its own file costs two fsyncs (the file, then its
 directory after the rename) and about nine system calls, each a wait for
@@ -11,7 +16,8 @@ Durability: the pack runs in WAL mode. The writer commits with
 says why that is as durable as ``FULL``); a put's future is resolved only
 after that fsync. Several processes share the file: their writer threads
 take a file lock beside it (``<pack>-writers``) around each transaction,
-as the metadata database's writers do, instead of SQLite's busy-wait. The
+as the metadata database's writers do, instead of SQLite's busy-wait (in a
+database file it is that database's own writers' lock). The
 fsync runs after the lock is released, so one process's fsync never holds
 up another's transaction (with ``FULL`` it ran inside the COMMIT, under
 the lock: the pack's writers then took turns at the disk's pace).
@@ -38,11 +44,15 @@ PACK_FILE = "pack.sqlite"
 # Most writes one transaction takes: bounds what one failed commit undoes.
 MAX_BATCH = 256
 _BUSY_TIMEOUT_S = 30.0
-_SCHEMA = (
+# The table, made by the pack in its own file and by the shard schema's
+# migrations in a database file (``storage/sql/schema.py``).
+SCHEMA_SQL = (
     "CREATE TABLE IF NOT EXISTS blobs ("
     " key TEXT PRIMARY KEY, data BLOB NOT NULL, stored REAL NOT NULL)"
 )
-_PUT = (
+# Storing bytes already present refreshes their ``stored`` time only; a
+# delivery writing its blob inline uses the same statement.
+PUT_SQL = (
     "INSERT INTO blobs (key, data, stored) VALUES (?, ?, ?) "
     "ON CONFLICT (key) DO UPDATE SET stored = excluded.stored"
 )
@@ -146,7 +156,7 @@ class BlobPack:
                         fcntl.flock(lock_fd, fcntl.LOCK_EX)
                         try:
                             conn = _connect(self.path)
-                            conn.execute(_SCHEMA)
+                            conn.execute(SCHEMA_SQL)
                         finally:
                             fcntl.flock(lock_fd, fcntl.LOCK_UN)
                     self._commit(conn, lock_fd, batch)
@@ -192,7 +202,7 @@ class BlobPack:
                 if deletes:
                     conn.executemany("DELETE FROM blobs WHERE key = ? AND stored < ?", deletes)
                 if puts:
-                    conn.executemany(_PUT, puts)
+                    conn.executemany(PUT_SQL, puts)
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):

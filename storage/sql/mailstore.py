@@ -53,6 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
 from storage.api import BlobStore, EventBus
+from storage.blob.pack import PUT_SQL as PACK_PUT_SQL
 from storage.errors import ErrorKind, StorageError
 from storage.events import compact_json
 from storage.model import (
@@ -700,7 +701,16 @@ class SqlMailStore:
         self.events = events
         self.blobs = blobs
         self.shard = shard
+        pack = getattr(blobs, "pack", None)
+        self._holds_pack = db.file is not None and getattr(pack, "path", None) == db.file
         self._parsed_cache: OrderedDict[int, ParsedMessage] = OrderedDict()
+
+    @property
+    def inline_blob_max(self) -> int:
+        """Blobs this store writes in a delivery's own transaction
+        (``deliver``'s ``blob_data``): those the blob store packs, when its
+        pack is a table in this shard's database file; else 0."""
+        return int(getattr(self.blobs, "pack_max_bytes", 0)) if self._holds_pack else 0
 
     # --- transactions ------------------------------------------------------
 
@@ -1039,6 +1049,7 @@ class SqlMailStore:
         targets: Sequence[tuple[str | int, Iterable[str], dt.datetime | None]],
         blob_ready: concurrent.futures.Future[str] | None = None,
         claim_recent: bool = False,
+        blob_data: bytes | None = None,
     ) -> list[AppendResult]:
         """Stores a message row and appends it to every target mailbox
         (name or id, flags, internal date) in ONE transaction: all targets
@@ -1046,10 +1057,15 @@ class SqlMailStore:
         The ingest path uses this so metadata commits once per account.
         ``claim_recent``: each target's recent floor moves past the new
         message in the same transaction (see :meth:`claim_recent`).
+        ``blob_data``: the blob's bytes (``blob_key`` is their SHA-256), at
+        most :attr:`inline_blob_max`, written to the blob pack's table in
+        this same transaction; INVALID if this store has no such table.
 
         Durable, visible and published when it returns. On SQLite concurrent
         deliveries share one group commit (see ``Database.write_batched``).
         """
+        if blob_data is not None and len(blob_data) > self.inline_blob_max:
+            raise errors.invalid("this shard does not store that blob itself")
         # Everything that needs no database is prepared here, off the writer.
         values = _message_values(account_id, blob_key, parsed)
         now = dt.datetime.now(dt.UTC)
@@ -1059,6 +1075,15 @@ class SqlMailStore:
         def write(conn: Connection) -> tuple[list[AppendResult], list[Change], int]:
             tx, first = self._begin_in_mailbox_sync(conn, account_id, targets[0][0])
             boxes = [first] + [self._mailbox_row_sync(conn, account_id, t[0]) for t in targets[1:]]
+            if blob_data is not None:
+                # The blob and the row naming it commit together: one WAL
+                # fsync makes both durable, and a refused delivery leaves no
+                # blob behind. (The pack's own statement: an existing blob
+                # only has its stored time refreshed, as garbage collection
+                # expects.)
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                driver.execute(PACK_PUT_SQL, (blob_key, blob_data, time.time())).close()
             message_id = self._insert_message_sync(conn, account_id, values, parsed)
             results = []
             uidnext: dict[int, tuple[int, int]] = {}

@@ -32,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateColumn
 
+from storage.blob.pack import SCHEMA_SQL as PACK_SCHEMA_SQL
+
 # SQLite only auto-assigns rowid keys to columns declared exactly INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -382,6 +384,18 @@ async def _v6_fts_apart(conn: AsyncConnection) -> None:
     )
 
 
+async def _v7_blob_pack(conn: AsyncConnection) -> None:
+    """SQLite: the blob pack's table (``storage/blob/pack.py``) in the
+    database itself. A one-host site's small messages are stored here, in
+    the same transaction as the rows that name them, instead of in the
+    blob folder's ``pack.sqlite``, which stays readable. The pack's own
+    statement, so the two never differ. PostgreSQL: nothing to do (its
+    blobs are files or objects)."""
+    if conn.dialect.name != "sqlite":
+        return
+    await conn.exec_driver_sql(PACK_SCHEMA_SQL)
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -389,6 +403,7 @@ MIGRATIONS: list[Step] = [
     _v4_outbound_queue,
     _v5_fts_without_positions,
     _v6_fts_apart,
+    _v7_blob_pack,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

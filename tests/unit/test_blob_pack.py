@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -250,3 +251,33 @@ async def test_folders_the_daemon_makes_are_private(tmp_path: Path) -> None:
     storage = await open_storage(StorageSettings(), data_dir=shared)
     await storage.close()
     assert stat.S_IMODE(shared.stat().st_mode) == 0o750
+
+
+async def test_the_folder_pack_stays_readable_once_the_pack_is_in_the_database(
+    tmp_path: Path,
+) -> None:
+    """A site upgraded from a version that packed into ``<blob_dir>/
+    pack.sqlite``: its blobs there stay readable and collectable, while new
+    blobs go to the shard database's table."""
+    from storage.backend import open_storage_from_url
+
+    blob_dir = tmp_path / "blobs"
+    old = open_blob_store(blob_dir, pack_max_bytes=65536)  # the earlier layout
+    old_key = await old.put(b"packed before the upgrade")
+    await old.close()
+    db = tmp_path / "mail.db"
+    site = await open_storage_from_url(f"sqlite+aiosqlite:///{db}", blob_dir)
+    try:
+        assert site.blobs.pack.path == str(db)
+        new_key = await site.blobs.put(b"packed after it")
+        assert await site.blobs.get(old_key) == b"packed before the upgrade"
+        assert await site.blobs.get_range(old_key, 0, 6) == b"packed"
+        assert await site.blobs.exists(old_key) and await site.blobs.size(old_key) == 25
+        assert await site.blobs.keys() == sorted([old_key, new_key])
+        # Neither is referenced: garbage collection removes both.
+        assert await site.collect_garbage(min_age_seconds=0) == 2
+        assert await site.blobs.keys() == []
+    finally:
+        await site.close()
+    with sqlite3.connect(blob_dir / PACK_FILE) as conn:
+        assert conn.execute("SELECT count(*) FROM blobs").fetchone() == (0,)

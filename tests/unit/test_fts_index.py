@@ -254,7 +254,7 @@ async def test_an_older_database_is_reindexed_after_upgrade(tmp_path: Path) -> N
         conn.execute("DROP TABLE fts_deleted")
         for stmt in V5_FTS:
             conn.execute(stmt)
-        conn.execute("DELETE FROM schema_version WHERE version = 6")
+        conn.execute("DELETE FROM schema_version WHERE version >= 6")
     await asyncio.to_thread(Path(index_file(str(db))).unlink)
 
     storage = await open_at(db)

@@ -11,6 +11,7 @@ is still committed and announced.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from storage.errors import ErrorKind, StorageError
 from storage.ingest import Delivery, ingest_each
 from storage.model import Account, AppendResult, ChangeKind, StoreMode, UidSet
 from storage.sql.db import Database
+from storage.sql.mailstore import SqlMailStore
 from tests.contract.mailfactory import build
 
 HASHER = PasswordHasher.from_parameters(CHEAPEST)
@@ -68,9 +70,13 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def deliver(site: SqlStorage, account: Account, target="INBOX", flags=()):  # type: ignore[no-untyped-def]
+    """As the ingest path delivers a small message here: its blob in the
+    delivery's own transaction."""
     raw, parsed = build()
-    key = await site.blobs.put(raw)
-    return await site.mail(account).deliver(account.id, key, parsed, [(target, flags, None)])
+    key = hashlib.sha256(raw).hexdigest()
+    return await site.mail(account).deliver(
+        account.id, key, parsed, [(target, flags, None)], blob_data=raw
+    )
 
 
 async def at_once(site: SqlStorage, *calls) -> list:  # type: ignore[no-untyped-def]
@@ -459,6 +465,8 @@ async def test_ingest_overlaps_the_blob_write_and_fails_cleanly_if_it_fails(
         monkeypatch.setattr(site.blobs, "put_sync", failing)
     else:
         assert site.blobs.pack_max_bytes >= len(raw)  # packed by default on SQLite
+        # A shard whose database does not hold the pack (a second one).
+        monkeypatch.setattr(SqlMailStore, "inline_blob_max", 0)
 
         def failing_commit(conn, lock_fd, batch) -> None:  # type: ignore[no-untyped-def]
             calls.extend(op.data for op in batch)
@@ -476,6 +484,81 @@ async def test_ingest_overlaps_the_blob_write_and_fails_cleanly_if_it_fails(
     assert await site.blobs.get(key) == raw
     packed = site.blobs.pack.row_sync("SELECT 1 FROM blobs WHERE key = ?", (key,))
     assert (packed is not None) == (tier == "pack")
+
+
+# --- a small message's blob in its delivery's transaction ---------------------------
+
+
+async def test_a_small_message_and_its_rows_are_made_durable_by_one_fsync(
+    site: SqlStorage, bob: Account, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one host the blob pack is a table of the shard database: an
+    ingested message's bytes commit with its rows, and the one WAL fsync
+    before the caller is told covers both (a pack of its own, or a file,
+    needs a second fsync, before the metadata may commit)."""
+    import os
+    import sqlite3
+
+    from storage.ingest import ingest
+
+    db = _database(site)
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        fsynced.append("wal" if _is_wal(fd, db) else os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    raw, _ = build()
+    [result] = await ingest(site, [Delivery(bob)], raw)
+    assert fsynced == ["wal"]
+    assert site.blobs.pack._writer is None  # the pack's own writer never ran
+    assert not (tmp_path / "blobs" / "pack.sqlite").exists()
+    key = hashlib.sha256(raw).hexdigest()
+    [entry] = await site.mail(bob).uids(bob.id, result.mailbox_id)
+    assert entry.blob_key == key
+    with sqlite3.connect(db.file) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SELECT data FROM blobs WHERE key = ?", (key,)).fetchone() == (raw,)
+    assert await site.blobs.get(key) == raw
+    assert await site.blobs.get_range(key, 0, 4) == raw[:4]
+
+
+async def test_a_refused_small_message_leaves_no_blob_behind(
+    site: SqlStorage, bob: Account
+) -> None:
+    """A delivery refused inside its transaction (no such mailbox, over
+    quota) rolls its blob back with it: nothing for garbage collection."""
+    from storage.ingest import ingest
+
+    raw, _ = build()
+    with pytest.raises(StorageError) as missing:
+        await ingest(site, [Delivery(bob, mailbox="No such folder")], raw)
+    assert missing.value.kind is ErrorKind.NOT_FOUND
+    await site.directory.set_quota("bob@example.net", 10)
+    [over] = await ingest_each(site, [Delivery(bob)], raw)
+    assert isinstance(over, StorageError) and over.kind is ErrorKind.OVER_QUOTA
+    assert await site.blobs.keys() == []
+    await site.directory.set_quota("bob@example.net", None)
+    [ok] = await ingest_each(site, [Delivery(bob)], raw)
+    assert isinstance(ok, AppendResult)
+    assert await site.blobs.keys() == [hashlib.sha256(raw).hexdigest()]
+
+
+async def test_one_message_to_several_accounts_stores_one_blob(
+    site: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    """Each account's transaction writes the blob; the second only
+    refreshes its stored time (content-addressed, as the pack does)."""
+    carol = await site.directory.add_account("carol@example.net", "pw")
+    raw, _ = build()
+    outcomes = await ingest_each(site, [Delivery(bob), Delivery(carol)], raw)
+    assert all(isinstance(o, AppendResult) for o in outcomes)
+    key = hashlib.sha256(raw).hexdigest()
+    assert await site.blobs.keys() == [key]
+    assert await site.mail(bob).referenced_blobs() == {key}
+    assert await site.mail(carol).referenced_blobs() == {key}
+    assert await site.blobs.get(key) == raw
 
 
 # --- the WAL's fsync, outside the writers' lock ------------------------------------
