@@ -78,8 +78,9 @@ class TlsSettings(Section):
 class StorageSettings(Section):
     url: str = ""  # SQLAlchemy async URL; empty: sqlite in data_dir
     blob_dir: str = ""  # empty: data_dir/blobs
-    # Blobs up to this many bytes go to blob_dir/pack.sqlite, many per fsync;
-    # "auto": 262144 over SQLite, 0 (a file each) over PostgreSQL.
+    # Blobs up to this many bytes are packed, many per fsync: into the url's
+    # SQLite database itself, else blob_dir/pack.sqlite; "auto": 262144 over
+    # SQLite, 0 (a file each) over PostgreSQL.
     blob_pack_max_bytes: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
     shards: dict[str, str] = Field(default_factory=dict)  # extra shard name -> url
 
