@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher, profiles
 
+from conf.settings import Settings
 from conf.tls import server_context
 from storage import open_storage
 from tests.conftest import loopback_dns, make_settings
@@ -102,9 +103,9 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[dict[str, int]]:
-    """mtad and imapd as two processes over one SQLite data dir."""
+async def prepare_site(tmp_path: Path) -> tuple[Settings, Path, dict[str, int]]:
+    """A data dir under ``tmp_path`` with ALICE's account, its certificate
+    and a config file for the daemons: (settings, config path, ports)."""
     data_dir = tmp_path / "data"
     settings = make_settings(data_dir)
     data_dir.mkdir()
@@ -121,6 +122,13 @@ async def daemons(tmp_path: Path) -> AsyncIterator[dict[str, int]]:
     ports = {"mx": free_port(), "imap": free_port()}
     config = tmp_path / "shardmail.toml"
     write_config(config, data_dir, ports)
+    return settings, config, ports
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[dict[str, int]]:
+    """mtad and imapd as two processes over one SQLite data dir."""
+    _, config, ports = await prepare_site(tmp_path)
     procs = await asyncio.gather(
         start_daemon("imapd", config, ports["imap"]),
         start_daemon("mtad", config, ports["mx"]),

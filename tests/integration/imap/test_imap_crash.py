@@ -17,21 +17,15 @@ import os
 import signal
 from pathlib import Path
 
-from argon2 import PasswordHasher, profiles
-
-from conf.tls import server_context
 from storage import open_storage
 from storage.model import UidSet
-from tests.conftest import make_settings
 from tests.integration.test_cross_process_push import (
     ALICE,
     ALICE_PW,
-    DOMAIN,
     Lines,
-    free_port,
+    prepare_site,
     start_daemon,
     stop,
-    write_config,
 )
 
 CLIENTS = 8
@@ -80,22 +74,7 @@ async def appender(port: int, client: int, acked: list[bytes], enough: asyncio.E
 
 
 async def test_sigkill_during_appends_loses_no_acknowledged_message(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    settings = make_settings(data_dir)
-    store = await open_storage(
-        settings.storage, password_hasher=PasswordHasher.from_parameters(profiles.CHEAPEST)
-    )
-    try:
-        await store.directory.add_domain(DOMAIN)
-        await store.directory.add_account(ALICE, ALICE_PW)
-    finally:
-        await store.close()
-    await asyncio.to_thread(server_context, settings)
-    ports = {"mx": free_port(), "imap": free_port()}
-    config = tmp_path / "shardmail.toml"
-    write_config(config, data_dir, ports)
-
+    settings, config, ports = await prepare_site(tmp_path)
     proc = await start_daemon("imapd", config, ports["imap"])
     acked: list[bytes] = []
     enough = asyncio.Event()
