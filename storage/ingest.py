@@ -40,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 
 from storage.api import MailStore, Storage
+from storage.blob.key import content_key, content_key_sync
 from storage.errors import StorageError
 from storage.mime import parse_message
 from storage.model import Account, AppendResult, Mailbox, ParsedMessage
@@ -48,18 +49,11 @@ from storage.model import Account, AppendResult, Mailbox, ParsedMessage
 # a millisecond, less than handing them to a worker thread (and its GIL
 # handoffs) costs. Larger ones are parsed in a thread.
 INLINE_PARSE_MAX = 32 * 1024
-# Blobs hashed on the event loop rather than in a thread (SHA-256 of 64 KiB
-# takes about 0.1 ms, less than the thread hop).
-_HASH_INLINE_MAX = 64 * 1024
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _parse_and_hash(raw: bytes) -> tuple[ParsedMessage, str]:
     # In a worker thread: the parse and the blob's key.
-    return parse_message(raw), _sha256_hex(raw)
+    return parse_message(raw), content_key_sync(raw)
 
 
 @dataclass(frozen=True)
@@ -140,10 +134,8 @@ async def _store(
         blob_data = bytes(source)
         if parsed is None:  # over INLINE_PARSE_MAX: both in one thread hop
             parsed, blob_key = await asyncio.to_thread(_parse_and_hash, blob_data)
-        elif len(blob_data) <= _HASH_INLINE_MAX:
-            blob_key = hashlib.sha256(blob_data).hexdigest()
         else:
-            blob_key = await asyncio.to_thread(_sha256_hex, blob_data)
+            blob_key = await content_key(blob_data)
     elif parsed is not None and put_started is not None and not isinstance(source, Path):
         # The key is the content's SHA-256; the blob's write and fsyncs run
         # while the metadata waits for its group commit, which commits only

@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from storage.blob.key import content_key
 from storage.blob.pack import PACK_FILE, BlobPack
 from storage.errors import ErrorKind, StorageError
 
@@ -45,9 +46,6 @@ LAYOUT_MARKER = ".layout-one-level"
 _CHUNK = 1 << 20
 # Threads for put_started: blob writes wait on the disk, not on the CPU.
 BLOB_WRITERS = 8
-# Blobs hashed on the event loop rather than in a thread: SHA-256 of 64 KiB
-# takes about 0.1 ms, less than the thread hop.
-_HASH_INLINE_MAX = 64 * 1024
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -259,10 +257,7 @@ class FsBlobStore:
         data = bytes(data)
         if self._packs(len(data)):
             # Waits for the pack's group commit without holding a thread.
-            if len(data) <= _HASH_INLINE_MAX:
-                key = hashlib.sha256(data).hexdigest()
-            else:
-                key = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+            key = await content_key(data)
             return await asyncio.wrap_future(self.pack.put_started(key, data))
         return await asyncio.to_thread(self.put_sync, data)
 
