@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from storage.blob.key import content_key
+from storage.blob.key import content_key, content_key_sync
 from storage.blob.pack import PACK_FILE, BlobPack
 from storage.errors import ErrorKind, StorageError
 
@@ -183,7 +183,7 @@ class FsBlobStore:
         """:meth:`put` for a caller already in a worker thread (the ingest
         path). Blocks on the disk. Plain ``os`` calls, as few as durability
         allows: each one also hands the GIL to another thread."""
-        key = hashlib.sha256(data).hexdigest()
+        key = content_key_sync(data)
         if self._packs(len(data)):
             return self.pack.put_started(key, data).result()
         directory = os.path.join(self._root, key[:2])
@@ -245,7 +245,7 @@ class FsBlobStore:
         ``Database.write_batched``'s ``ready``) and has hashed the bytes
         already (``key``, so they are not hashed again on the event loop)."""
         if self._packs(len(data)):
-            return self.pack.put_started(key or hashlib.sha256(data).hexdigest(), data)
+            return self.pack.put_started(key or content_key_sync(data), data)
         if self._writers is None:
             self._writers = concurrent.futures.ThreadPoolExecutor(
                 max_workers=BLOB_WRITERS, thread_name_prefix="blob-writer"
