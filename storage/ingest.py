@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import mmap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -141,7 +140,7 @@ async def _store(
         # while the metadata waits for its group commit, which commits only
         # once the blob is durable (``MailStore.deliver``'s ``blob_ready``).
         data = bytes(source)
-        blob_key = hashlib.sha256(data).hexdigest()
+        blob_key = await content_key(data)
         blob_ready = put_started(data, blob_key)
     elif parsed is None and put_sync is not None and not isinstance(source, Path):
         # A blob store that can write from a worker thread: one hop for both.
