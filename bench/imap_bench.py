@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dovecot_peer import DovecotPeer, free_port, proc_cpu_seconds
-from mailctl.daemon import add_override_option
+from runtime.daemon import add_override_option
 
 if TYPE_CHECKING:
     from storage.model import Account

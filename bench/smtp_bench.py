@@ -42,7 +42,7 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mailctl.daemon import add_override_option  # noqa: E402
+from runtime.daemon import add_override_option  # noqa: E402
 from tests.dnsserver import Zone, start_dns_server, stop_dns_server  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -27,14 +27,14 @@ from httpapi import folders, messages, realtime, search, session
 from httpapi.auth import Authenticator, TokenSigner
 from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
 from httpapi.errors import ApiError, error_response, from_storage
-from httpapi.metrics import (
+from httpapi.openapi import document
+from httpapi.ratelimit import RateLimiter
+from runtime.metrics import (
     CONTENT_TYPE,
     REGISTRY,
     counter,
     histogram,
 )
-from httpapi.openapi import document
-from httpapi.ratelimit import RateLimiter
 from storage.api import Storage
 from storage.errors import StorageError
 from storage.throttle import AuthThrottle

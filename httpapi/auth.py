@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from httpapi.errors import ApiError
-from httpapi.metrics import AUTH_FAILURES
+from runtime.metrics import AUTH_FAILURES
 from storage.api import Storage
 from storage.errors import StorageError
 from storage.model import Account

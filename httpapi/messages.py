@@ -3,7 +3,7 @@
 Reads go through the parsed body structure stored at ingest and byte
 ranges of the blob (:mod:`httpapi.mime`); nothing is re-serialised. Sending
 builds the message here (:mod:`httpapi.compose`) and hands it to
-``mtad.submit.submit_message``: the same path as SMTP submission (local
+``delivery.submit.submit_message``: the same path as SMTP submission (local
 recipients delivered, remote ones queued, a copy in Sent).
 """
 
@@ -27,10 +27,10 @@ from httpapi.context import account_of, context, owned_mailbox, owned_message
 from httpapi.errors import ApiError, bad_request, not_found
 from httpapi.folders import json_body
 from httpapi.ids import MessageRef, message_id, parse_folder_id
-from httpapi.metrics import MESSAGES_RECEIVED
 from httpapi.mime import content_disposition, message_parts, read_text, stream_decoded
 from httpapi.sanitize import sanitize_html
 from httpapi.views import addresses, decode_words, iso, summary
+from runtime.metrics import MESSAGES_RECEIVED
 from storage.errors import ErrorKind, StorageError
 from storage.model import DELETED, FLAGGED, SEEN, StoreMode, UidSet
 
@@ -277,7 +277,7 @@ async def send_message(request: web.Request) -> web.Response:
     if len(raw) > max_size:
         raise ApiError(413, "message_too_large", f"message larger than {max_size} octets")
     try:
-        from mtad.submit import SubmitError, submit_message
+        from delivery.submit import SubmitError, submit_message
     except ImportError:  # pragma: no cover - a deployment without mtad
         raise ApiError(503, "unavailable", "sending is not available") from None
     try:

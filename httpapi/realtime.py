@@ -34,9 +34,9 @@ from aiohttp import WSMsgType, web
 
 from httpapi.context import ACCOUNT_KEY, ApiContext, account_of, context
 from httpapi.errors import ApiError, bad_request
-from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from httpapi.threads import latest_change_id
 from httpapi.views import event_view, summary
+from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from storage.api import MailStore, Subscription
 from storage.model import Account, Change, ChangeKind, UidSet
 

@@ -29,6 +29,11 @@ log = logging.getLogger("httpapi")
 SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on close
 
 
+async def prepare(settings: Settings) -> None:
+    """Create the token secret once, before workers that must share it start."""
+    await asyncio.to_thread(load_or_create_secret, settings.data_dir)
+
+
 class HttpService:
     """A running HTTP API. ``ports`` are the bound ports, in listen order
     (useful with port 0); ``close`` stops listening, closes WebSockets with

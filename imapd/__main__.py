@@ -1,6 +1,6 @@
 """`python -m imapd`: run the imapd daemon alone (what the systemd unit starts)."""
 
-from mailctl.daemon import daemon_main
+from runtime.daemon import daemon_main
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from conf.settings import Settings
-from mailctl.daemon import (
+from mailctl.dkim_cmds import add_dkim_parser
+from mailctl.queue_cmds import add_queue_parser
+from runtime.daemon import (
     DAEMONS,
     add_config_options,
     available_daemons,
@@ -25,8 +27,6 @@ from mailctl.daemon import (
     serve,
     settings_from_args,
 )
-from mailctl.dkim_cmds import add_dkim_parser
-from mailctl.queue_cmds import add_queue_parser
 from storage.errors import StorageError
 
 

@@ -1,6 +1,6 @@
 """`python -m mtad`: run the mtad daemon alone (what the systemd unit starts)."""
 
-from mailctl.daemon import daemon_main
+from runtime.daemon import daemon_main
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ import dkim
 import dkim.util
 import spf
 
+from delivery.address import domain_of
+from delivery.headers import fold, from_domains, iter_fields
 from mtad import dmarc
-from mtad.address import domain_of
 from mtad.dns import Resolver, resolving_with
-from mtad.headers import fold, from_domains, iter_fields
 
 log = logging.getLogger("mtad.checks")
 

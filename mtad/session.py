@@ -33,20 +33,14 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from conf.settings import Settings
-from httpapi.metrics import AUTH_FAILURES, CONNECTIONS, CONNECTIONS_TOTAL, MESSAGES_RECEIVED
-from mtad import replies as R
-from mtad.address import Path, PathSyntaxError, parse_path
-from mtad.checks import authenticate_message
-from mtad.data import DataReader, DataVerdict
-from mtad.dns import Resolver
-from mtad.headers import (
+from delivery.address import Path, PathSyntaxError, parse_path
+from delivery.headers import (
     new_queue_id,
     protocol_name,
     received_field,
     strip_forged_results,
 )
-from mtad.limits import ConnectionCounter, RateLimiter
-from mtad.submit import (
+from delivery.submit import (
     Routing,
     SubmitError,
     check_quota,
@@ -55,6 +49,12 @@ from mtad.submit import (
     save_sent_copy,
     sender_allowed,
 )
+from mtad import replies as R
+from mtad.checks import authenticate_message
+from mtad.data import DataReader, DataVerdict
+from mtad.dns import Resolver
+from mtad.limits import ConnectionCounter, RateLimiter
+from runtime.metrics import AUTH_FAILURES, CONNECTIONS, CONNECTIONS_TOTAL, MESSAGES_RECEIVED
 from storage.api import Storage
 from storage.errors import SMTP_REPLY, ErrorKind, StorageError
 from storage.model import Account

@@ -16,9 +16,9 @@ import ssl
 import weakref
 from typing import TYPE_CHECKING, cast
 
-from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from imapd.imap.session import ServerContext, Session
 from imapd.imap.wire.framing import FrameEvent, Framer
+from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from storage.throttle import AuthThrottle
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
-from httpapi.metrics import CONNECTIONS, CONNECTIONS_TOTAL
+from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 
 # Stop reading from the socket while this much unread input is buffered
 # (pipelined commands, RFC 2449 section 6.6); resume below the low mark.

@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conf.settings import Settings
-from httpapi.metrics import AUTH_FAILURES
 from imapd.pop3.connection import Connection, LineTooLong
 from imapd.pop3.maildrop import Maildrop, NoSuchMessage
 from imapd.pop3.wire import (
@@ -47,6 +46,7 @@ from imapd.pop3.wire import (
     parse_line_count,
     parse_msg_number,
 )
+from runtime.metrics import AUTH_FAILURES
 from storage.api import Storage
 from storage.errors import POP3_RESP_CODE, ErrorKind, StorageError
 from storage.model import MessageEntry

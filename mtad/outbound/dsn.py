@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from email.message import Message
 from email.utils import format_datetime, make_msgid
 
-from mtad.headers import header_block_end
+from delivery.headers import header_block_end
 
 FAILED = "failed"
 DELAYED = "delayed"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dkim
 
-from mtad.headers import from_domains
+from delivery.headers import from_domains
 
 log = logging.getLogger("mtad.outbound.dkim")
 

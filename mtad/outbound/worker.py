@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conf.settings import Settings
-from httpapi.metrics import MESSAGES_BOUNCED, MESSAGES_DELIVERED
-from mtad.address import PathSyntaxError, domain_of, parse_mailbox
+from delivery.address import PathSyntaxError, domain_of, parse_mailbox
+from delivery.submit import Routing, SubmitError, deliver
 from mtad.dns import Resolver
 from mtad.outbound.client import Reply
 from mtad.outbound.delivery import (
@@ -47,7 +47,7 @@ from mtad.outbound.delivery import (
 from mtad.outbound.dsn import DELAYED, RecipientStatus, build_dsn
 from mtad.outbound.dsn import FAILED as DSN_FAILED
 from mtad.outbound.signing import DkimSigner
-from mtad.submit import Routing, SubmitError, deliver
+from runtime.metrics import MESSAGES_BOUNCED, MESSAGES_DELIVERED
 from storage.errors import ErrorKind, StorageError
 from storage.sql.queue import DEFERRED, DELIVERED, FAILED, Outcome, QueuedMessage
 

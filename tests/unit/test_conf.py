@@ -49,7 +49,7 @@ def test_bad_key_or_value_is_an_error_naming_the_key(override: str, named: str) 
     ("choice", "loop_module"), [("uvloop", "uvloop"), ("asyncio", "asyncio"), ("auto", "uvloop")]
 )
 def test_event_loop_setting_picks_the_loop(choice: str, loop_module: str) -> None:
-    from mailctl.daemon import run_loop
+    from runtime.daemon import run_loop
 
     async def which() -> str:
         return type(asyncio.get_running_loop()).__module__.split(".")[0]

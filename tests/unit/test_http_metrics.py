@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from httpapi.metrics import Registry, counter, histogram
+from runtime.metrics import Registry, counter, histogram
 
 
 def test_counter_gauge_histogram_render() -> None:
     reg = Registry()
-    from httpapi.metrics import Counter, Gauge, Histogram
+    from runtime.metrics import Counter, Gauge, Histogram
 
     sent = reg._register(Counter("t_sent_total", "Sent.", ["protocol"]))
     conns = reg._register(Gauge("t_conns", "Open."))

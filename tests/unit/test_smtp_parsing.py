@@ -6,16 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtad import replies as R
-from mtad.address import PathSyntaxError, parse_path
-from mtad.data import DataReader, DataVerdict
-from mtad.headers import (
+from delivery.address import PathSyntaxError, parse_path
+from delivery.headers import (
     from_domains,
     iter_fields,
     protocol_name,
     received_field,
     strip_forged_results,
 )
+from mtad import replies as R
+from mtad.data import DataReader, DataVerdict
 
 # -- paths (RFC 5321 section 4.1.2) ----------------------------------------
 
@@ -260,7 +260,7 @@ def test_queue_ids_are_unique_hex_and_differ_in_a_forked_child() -> None:
     import os
     import re
 
-    from mtad.headers import new_queue_id
+    from delivery.headers import new_queue_id
 
     ids = [new_queue_id() for _ in range(10_000)]
     assert len(set(ids)) == len(ids)

@@ -1,10 +1,10 @@
-"""mtad.submit.submit_message: the one send path (SMTP submission, HTTP API)."""
+"""delivery.submit.submit_message: the one send path (SMTP submission, HTTP API)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mtad.submit import SubmitError, submit_message
+from delivery.submit import SubmitError, submit_message
 from storage.errors import ErrorKind
 from tests.protocol.smtp.support import (
     ALICE,

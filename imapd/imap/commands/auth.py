@@ -9,10 +9,10 @@ import binascii
 import contextlib
 import logging
 
-from httpapi.metrics import AUTH_FAILURES
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Authenticate, Command, Enable, Id, Login
+from runtime.metrics import AUTH_FAILURES
 
 log = logging.getLogger("imapd.imap")
 

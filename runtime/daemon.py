@@ -2,7 +2,9 @@
 
 Contract with each daemon package (``mtad``, ``imapd``, ``httpapi``): it
 exposes ``<pkg>.service.start(settings, storage, tls) -> Service`` where the
-service has ``async close()``. ``mailctl serve`` runs every daemon that is
+service has ``async close()``, and optionally ``async prepare(settings)``,
+run once by the supervisor before any worker starts. This module lives below
+the daemons and imports none of them by name. ``mailctl serve`` runs every daemon that is
 installed on one loop; ``python -m <pkg>`` runs one. SIGTERM and SIGINT
 close the services (sessions end, workers stop), then storage.
 
@@ -163,10 +165,12 @@ async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None
     await asyncio.to_thread(server_context, settings)
     storage = await open_storage(settings.storage)
     await storage.close()
-    if "httpapi" in names:
-        from httpapi.auth import load_or_create_secret
-
-        await asyncio.to_thread(load_or_create_secret, settings.data_dir)
+    # Each daemon's service module may export ``prepare(settings)`` for state its
+    # workers must find ready (the HTTP token secret); runtime names no daemon.
+    for name in names:
+        prepare = getattr(importlib.import_module(f"{name}.service"), "prepare", None)
+        if prepare is not None:
+            await prepare(settings)
 
 
 def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:

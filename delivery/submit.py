@@ -22,15 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conf.settings import Settings
-from httpapi.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
-from mtad.address import PathSyntaxError, parse_mailbox
-from mtad.headers import return_path_field
+from delivery.address import PathSyntaxError, parse_mailbox
+from delivery.headers import return_path_field
+from runtime.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
 from storage.api import Route, Storage
 from storage.errors import HTTP_STATUS, SMTP_REPLY, ErrorKind, StorageError
 from storage.ingest import Delivery, ingest_each
 from storage.model import SEEN, Account, AppendResult
 
-log = logging.getLogger("mtad.submit")
+log = logging.getLogger("delivery.submit")
 
 
 class SubmitError(Exception):
