@@ -187,50 +187,81 @@ class MailboxView:
         return seqs
 
 
+# What the message cache files a message under: its row id AND its blob key.
+# The row id alone is not enough: SQLite reuses the id of a deleted row, so
+# once a message is expunged everywhere another message may get its id; the
+# blob key is the SHA-256 of the content, so the pair never names two
+# different messages (issue #17).
+CacheKey = tuple[int, str]
+
+
+def cache_key(entry: MessageEntry) -> CacheKey:
+    return (entry.message_id, entry.blob_key)
+
+
 class MessageCache:
     """Recently used parsed messages and small raw messages of one session,
-    by message row id (both are immutable once stored), bounded in bytes.
+    by :func:`cache_key` (what it names is immutable), bounded in bytes.
 
-    Clients commonly fetch BODYSTRUCTURE and then parts of the same
-    message; this spares the storage round trips for the second look.
+    Contract: a lookup returns only what was stored for the same message
+    row holding the same content, and of the entry's size; anything else
+    is a miss (and the stale item is dropped). Clients commonly fetch
+    BODYSTRUCTURE and then parts of the same message; this spares the
+    storage round trips for the second look.
     """
 
     def __init__(self, max_bytes: int = 2 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
-        self._parsed: OrderedDict[int, tuple[ParsedMessage, int]] = OrderedDict()
-        self._raw: OrderedDict[int, bytes] = OrderedDict()
+        # key -> (parsed form, the message's size, cost in bytes)
+        self._parsed: OrderedDict[CacheKey, tuple[ParsedMessage, int, int]] = OrderedDict()
+        self._raw: OrderedDict[CacheKey, bytes] = OrderedDict()
         self._bytes = 0
 
-    def parsed(self, message_id: int) -> ParsedMessage | None:
-        hit = self._parsed.get(message_id)
+    def parsed(self, entry: MessageEntry) -> ParsedMessage | None:
+        key = cache_key(entry)
+        hit = self._parsed.get(key)
         if hit is None:
             return None
-        self._parsed.move_to_end(message_id)
+        if hit[1] != entry.size:  # not the message the entry describes
+            del self._parsed[key]
+            self._bytes -= hit[2]
+            return None
+        self._parsed.move_to_end(key)
         return hit[0]
 
-    def raw(self, message_id: int) -> bytes | None:
-        hit = self._raw.get(message_id)
-        if hit is not None:
-            self._raw.move_to_end(message_id)
+    def raw(self, entry: MessageEntry) -> bytes | None:
+        key = cache_key(entry)
+        hit = self._raw.get(key)
+        if hit is None:
+            return None
+        if len(hit) != entry.size:
+            del self._raw[key]
+            self._bytes -= len(hit)
+            return None
+        self._raw.move_to_end(key)
         return hit
 
-    def put_parsed(self, message_id: int, parsed: ParsedMessage) -> None:
+    def put_parsed(self, entry: MessageEntry, parsed: ParsedMessage) -> None:
         """Keep what FETCH reads (envelope, body structure); the decoded body
         text (for the search index, often most of the size) is dropped, so
         several times more messages fit."""
-        if message_id in self._parsed:
+        key = cache_key(entry)
+        if key in self._parsed:
             return
         if parsed.body_text or parsed.preview:
             parsed = dataclasses.replace(parsed, body_text="", preview="")
         cost = 1024 + 768 * _count_parts(parsed.body)
-        self._parsed[message_id] = (parsed, cost)
+        self._parsed[key] = (parsed, entry.size, cost)
         self._bytes += cost
         self._trim()
 
-    def put_raw(self, message_id: int, raw: bytes) -> None:
-        if message_id in self._raw or len(raw) > self.max_bytes // 4:
+    def put_raw(self, entry: MessageEntry, raw: bytes) -> None:
+        """Keep a small message's bytes, only if they are the entry's size
+        (a short read is not cached)."""
+        key = cache_key(entry)
+        if key in self._raw or len(raw) > self.max_bytes // 4 or len(raw) != entry.size:
             return
-        self._raw[message_id] = raw
+        self._raw[key] = raw
         self._bytes += len(raw)
         self._trim()
 
@@ -240,7 +271,7 @@ class MessageCache:
                 _, raw = self._raw.popitem(last=False)
                 self._bytes -= len(raw)
             else:
-                _, (_, cost) = self._parsed.popitem(last=False)
+                _, (_, _, cost) = self._parsed.popitem(last=False)
                 self._bytes -= cost
 
 

@@ -131,3 +131,45 @@ def test_flag_search_index_matches_a_scan(
                 assert view.uids_with_flag(flag, present) == scan
     finally:
         mailbox_view.MAX_FLAG_INDEXES = saved
+
+
+def _entry(message_id: int, raw: bytes) -> MessageEntry:
+    import hashlib
+
+    now = dt.datetime.now(dt.UTC)
+    key = hashlib.sha256(raw).hexdigest()
+    return MessageEntry(1, message_id, message_id, frozenset(), 1, now, len(raw), key)
+
+
+@given(st.binary(min_size=1, max_size=3000), st.binary(min_size=1, max_size=3000))
+@settings(max_examples=50)
+def test_message_cache_never_answers_for_a_reused_row_id(old: bytes, new: bytes) -> None:
+    """Issue #17: SQLite reuses a deleted message row's id; the cache must
+    not give the old message's bytes or parsed form for the new one."""
+    cache = mailbox_view.MessageCache()
+    before, after = _entry(7, old), _entry(7, new)
+    cache.put_raw(before, old)
+    cache.put_parsed(before, parse_message(old))
+    assert cache.raw(before) == old
+    if old == new:  # the same content under the same row: the same message
+        assert cache.raw(after) == new
+        return
+    assert cache.raw(after) is None
+    assert cache.parsed(after) is None
+    cache.put_raw(after, new)
+    assert cache.raw(after) == new
+
+
+def test_message_cache_checks_the_size() -> None:
+    raw = b"Subject: s\r\n\r\n" + bytes(range(256)) * 3
+    entry = _entry(3, raw)
+    cache = mailbox_view.MessageCache()
+    cache.put_raw(entry, raw[:-1])  # a short read is not kept
+    assert cache.raw(entry) is None
+    cache.put_parsed(entry, parse_message(raw))
+    wrong = MessageEntry(1, 3, 3, frozenset(), 1, entry.internal_date, len(raw) + 1,
+                         entry.blob_key)
+    assert cache.parsed(wrong) is None
+    assert cache.parsed(entry) is None  # the stale item went with the miss
+    cache.put_parsed(entry, parse_message(raw))
+    assert cache.parsed(entry) is not None

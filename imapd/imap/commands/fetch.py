@@ -35,9 +35,9 @@ class _Blob:
 
     def __init__(self, s: Session, entry: MessageEntry) -> None:
         self.s = s
+        self.entry = entry
         self.key = entry.blob_key
         self.size = entry.size
-        self.message_id = entry.message_id
         self._data: bytes | None = None
 
     async def small(self) -> bytes | None:
@@ -45,10 +45,10 @@ class _Blob:
             return None
         if self._data is None:
             cache = self.s.message_cache
-            self._data = cache.raw(self.message_id)
+            self._data = cache.raw(self.entry)
             if self._data is None:
                 self._data = await self.s.storage.blobs.get(self.key)
-                cache.put_raw(self.message_id, self._data)
+                cache.put_raw(self.entry, self._data)
         return self._data
 
     async def range(self, start: int, end: int) -> bytes:
@@ -225,14 +225,14 @@ async def _load(
         if e is not None and raw_only and e.size <= SMALL_MESSAGE:
             found[u] = e  # the blob alone answers (see _raw_only)
             continue
-        parsed = cache.parsed(e.message_id) if e is not None else None
+        parsed = cache.parsed(e) if e is not None else None
         if e is not None and parsed is not None:
             found[u] = StoredMessage(e, parsed)
         else:
             missing.append(u)
     if missing:
         for m in await s.mail.fetch(s.account.id, view.mailbox.id, UidSet.of(missing)):
-            cache.put_parsed(m.entry.message_id, m.parsed)
+            cache.put_parsed(m.entry, m.parsed)
             e = entries.get(m.entry.uid, m.entry)
             found[m.entry.uid] = StoredMessage(e, m.parsed)
     return [found[u] for u in uids if u in found]
