@@ -10,12 +10,10 @@ Attachments are numbered in depth-first order, the same order
 
 from __future__ import annotations
 
-import base64
 import binascii
 import codecs
 import email.errors
 import email.header
-import quopri
 import re
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -25,7 +23,6 @@ from storage.api import BlobStore
 from storage.model import BodyPart
 
 READ_CHUNK = 256 * 1024
-_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
 _SAFE_FILENAME = re.compile(r'[\x00-\x1f\x7f"\\/]')
 
 
@@ -139,19 +136,92 @@ def charset_of(part: BodyPart) -> str:
     return charset
 
 
-def decode_transfer(data: bytes, encoding: str) -> bytes:
-    """RFC 2045 section 6: undo base64 / quoted-printable; others are identity."""
+# RFC 2045 section 6.8: characters outside the base64 alphabet are ignored.
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_IGNORED = bytes(b for b in range(256) if b not in _B64_ALPHABET and b != ord("="))
+
+
+class Base64Decoder:
+    """Incremental base64 (RFC 2045 section 6.8) for bodies read in chunks.
+
+    Contract: the concatenation of every :meth:`feed` result and the final
+    :meth:`finish` equals the decoded body, however the input was split.
+    Line breaks and junk are skipped; the first "=" ends the data (it is
+    padding, which only appears at the end); a final group of two or three
+    sextets still yields its one or two octets, as padded input would, and a
+    lone sextet (no whole octet) is dropped. Linear in the input.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""  # fewer than four alphabet characters
+        self._ended = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._ended:
+            return b""
+        pad = chunk.find(b"=")
+        if pad >= 0:
+            chunk, self._ended = chunk[:pad], True
+        clean = self._pending + chunk.translate(None, _B64_IGNORED)
+        usable = len(clean) - len(clean) % 4
+        self._pending = clean[usable:]
+        return binascii.a2b_base64(clean[:usable]) if usable else b""
+
+    def finish(self) -> bytes:
+        rest, self._pending, self._ended = self._pending, b"", True
+        if len(rest) < 2:
+            return b""
+        return binascii.a2b_base64(rest + b"=" * (4 - len(rest)))
+
+
+class QuotedPrintableDecoder:
+    """Incremental quoted-printable (RFC 2045 section 6.7) with the same
+    contract as :class:`Base64Decoder`: input is held back only while an
+    "=" escape or soft line break may be cut by the chunk boundary."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        # An escape is "=XX" or "=" CRLF: at most two more octets follow the "=".
+        escape = data.rfind(b"=", max(0, len(data) - 2))
+        cut = escape if escape >= 0 else len(data)
+        data, self._pending = data[:cut], data[cut:]
+        return binascii.a2b_qp(data)
+
+    def finish(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return binascii.a2b_qp(rest)
+
+
+class IdentityDecoder:
+    """7bit, 8bit, binary and unknown encodings: the body as stored."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        return b""
+
+
+Decoder = Base64Decoder | QuotedPrintableDecoder | IdentityDecoder
+
+
+def transfer_decoder(encoding: str) -> Decoder:
+    """The incremental decoder for a Content-Transfer-Encoding (RFC 2045 section 6)."""
     encoding = encoding.upper()
     if encoding == "BASE64":
-        cleaned = _B64_JUNK.sub(b"", data)
-        cleaned = cleaned[: len(cleaned) - len(cleaned) % 4]
-        try:
-            return base64.b64decode(cleaned)
-        except binascii.Error:
-            return b""
+        return Base64Decoder()
     if encoding == "QUOTED-PRINTABLE":
-        return quopri.decodestring(data)
-    return data
+        return QuotedPrintableDecoder()
+    return IdentityDecoder()
+
+
+def decode_transfer(data: bytes, encoding: str) -> bytes:
+    """RFC 2045 section 6: undo base64 / quoted-printable; others are identity."""
+    decoder = transfer_decoder(encoding)
+    return decoder.feed(data) + decoder.finish()
 
 
 async def read_text(blobs: BlobStore, blob_key: str, part: BodyPart) -> str:
@@ -162,32 +232,19 @@ async def read_text(blobs: BlobStore, blob_key: str, part: BodyPart) -> str:
 async def stream_decoded(blobs: BlobStore, blob_key: str, part: BodyPart) -> AsyncIterator[bytes]:
     """The part's decoded body in chunks, reading the blob range piecewise so
     a large attachment is never held in memory whole."""
-    encoding = part.encoding.upper()
-    pending = b""
+    decoder = transfer_decoder(part.encoding)
     pos = part.body_start
     while pos < part.end:
         chunk = await blobs.get_range(blob_key, pos, min(part.end, pos + READ_CHUNK))
         if not chunk:
             break
         pos += len(chunk)
-        if encoding == "BASE64":
-            pending += _B64_JUNK.sub(b"", chunk)
-            usable = len(pending) - len(pending) % 4
-            data, pending = pending[:usable], pending[usable:]
-            out = decode_transfer(data, "BASE64")
-        elif encoding == "QUOTED-PRINTABLE":
-            pending += chunk
-            cut = pending.rfind(b"\n") + 1  # decode whole lines only: "=" may end a chunk
-            data, pending = pending[:cut], pending[cut:]
-            out = quopri.decodestring(data)
-        else:
-            out = chunk
+        out = decoder.feed(chunk)
         if out:
             yield out
-    if pending:
-        tail = decode_transfer(pending, encoding)
-        if tail:
-            yield tail
+    tail = decoder.finish()
+    if tail:
+        yield tail
 
 
 def content_disposition(filename: str, inline: bool) -> str:
