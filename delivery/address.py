@@ -7,6 +7,7 @@ Nothing here does I/O; the session decides what a valid path means for it
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -37,13 +38,17 @@ class Path:
         return self.address.isascii()
 
 
+# RFC 6531 section 3.3 UTF8-non-ascii: any non-ASCII scalar value; surrogates
+# (how aiosmtpd's surrogateescape carries invalid UTF-8 octets) are not among them.
+_NON_ASCII = r"\u0080-\ud7ff\ue000-\U0010ffff"
 # RFC 5321 section 4.1.2 Dot-string atoms (atext), plus UTF-8 (RFC 6531 section 3.3).
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_ATOM = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_NON_ASCII}]+"
 _DOT_STRING = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
-_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}(?<!-)$")
-_ADDRESS_LITERAL = re.compile(r"^\[[\x21-\x5a\x5e-\x7e]+\]$")
+_QUOTED = re.compile(rf'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_NON_ASCII}]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(rf"^(?!-)[A-Za-z0-9\-{_NON_ASCII}]{{1,63}}(?<!-)$")
 _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
+# RFC 5321 section 4.1.2 esmtp-value (no "=", no controls), RFC 6531 section 3.3 adds UTF-8.
+_PARAM_VALUE = re.compile(rf"^[\x21-\x3c\x3e-\x7e{_NON_ASCII}]+$")
 # RFC 5321 section 4.5.3.1.1-2: local part 64 octets, domain 255 octets.
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
@@ -64,6 +69,30 @@ def normalise_domain(domain: str) -> str:
         raise PathSyntaxError("invalid internationalized domain") from exc
 
 
+def _require_utf8(text: str) -> None:
+    """PathSyntaxError if ``text`` carries octets that were not valid UTF-8
+    (surrogate-escaped by the command reader, or lone surrogates from JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PathSyntaxError("not valid UTF-8 (RFC 6531 section 3.3)") from exc
+
+
+def _address_literal(domain: str) -> str:
+    """RFC 5321 section 4.1.3: ``[IPv4]`` or ``[IPv6:addr]``, normalised.
+
+    A General-address-literal needs an IANA Standardized-tag and "IPv6" is
+    the only one registered, so nothing else (``[1<2]``, ``[foo:bar]``) is a
+    literal we could ever route to."""
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        return f"[{ipaddress.IPv4Address(inner)}]"
+    except ValueError as exc:
+        raise PathSyntaxError("invalid address literal (RFC 5321 section 4.1.3)") from exc
+
+
 def _split_angle(text: str) -> tuple[str, str]:
     """``<...> rest`` -> (inside, rest); quoted-strings may hold ``>``."""
     if not text.startswith("<"):
@@ -82,7 +111,9 @@ def _split_angle(text: str) -> tuple[str, str]:
 
 
 def parse_mailbox(mailbox: str) -> str:
-    """Validate ``local@domain`` and return it with the domain normalised."""
+    """Validate ``local@domain`` and return it with the domain normalised.
+    Raises PathSyntaxError (never anything else) for any string."""
+    _require_utf8(mailbox)
     local, at, domain = mailbox.rpartition("@")
     if not at or not local or not domain:
         raise PathSyntaxError("address must be local-part@domain")
@@ -90,8 +121,8 @@ def parse_mailbox(mailbox: str) -> str:
         raise PathSyntaxError("invalid local part")
     if len(local.encode()) > MAX_LOCAL_PART:
         raise PathSyntaxError("local part too long")
-    if _ADDRESS_LITERAL.match(domain):
-        return f"{local}@{domain}"
+    if domain.startswith("[") and domain.endswith("]"):
+        return f"{local}@{_address_literal(domain)}"
     labels = domain.rstrip(".").split(".")
     if not all(_LABEL.match(label) for label in labels):
         raise PathSyntaxError("invalid domain")
@@ -106,7 +137,7 @@ def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for item in text.split():
         key, eq, value = item.partition("=")
-        if not _PARAM_KEYWORD.match(key) or (eq and not value):
+        if not _PARAM_KEYWORD.match(key) or (eq and not _PARAM_VALUE.match(value)):
             raise PathSyntaxError(f"invalid parameter {item!r}")
         key = key.upper()
         if key in params:
@@ -120,7 +151,11 @@ def parse_path(keyword: str, arg: str | None, *, allow_null: bool) -> Path:
 
     Tolerates a space after the colon as most servers do; accepts and drops
     a source route (``<@a,@b:user@c>``, RFC 5321 section 4.1.1.3 and C).
+    Raises PathSyntaxError (never anything else) for any string, including
+    one holding surrogate-escaped invalid UTF-8.
     """
+    if arg is not None:
+        _require_utf8(arg)
     if arg is None or arg[: len(keyword)].upper() != keyword:
         raise PathSyntaxError(f"expected {keyword}<address>")
     inside, rest = _split_angle(arg[len(keyword) :].lstrip(" "))

@@ -4,8 +4,10 @@ aiosmtpd gives us the connection, command dispatch, STARTTLS plumbing (it
 clears the read buffer when the TLS session starts, RFC 3207 section 4.2)
 and AUTH challenges. We replace what it lacks or does differently: enhanced
 status codes on every reply (RFC 2034), path parsing with null sender and
-SMTPUTF8, our own DATA reader (bare LF refused, limits enforced without
-buffering past them), asynchronous AUTH against the directory with the
+SMTPUTF8, command lines that must end in CRLF (a bare LF or CR gets
+``500 5.5.2 Bare LF in command line`` and the line is not executed, RFC
+5321 section 2.3.8), our own DATA reader (bare LF refused, limits enforced
+without buffering past them), asynchronous AUTH against the directory with the
 shared throttle, recipient routing, limits (connections, errors, rates,
 timeouts) and delivery.
 
@@ -118,10 +120,50 @@ class Transaction(Envelope):
         self.size_hint = 0
 
 
+class CommandLineEnding(Exception):
+    """A command line (or AUTH response) not ended by a lone CRLF; ``reply``
+    is what the client is told. The line is discarded, never executed."""
+
+    def __init__(self, reply: R.Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+def check_command_line(line: bytes) -> None:
+    """Raise :class:`CommandLineEnding` unless ``line`` (as read up to and
+    including its LF) ends in CRLF with no other CR in it.
+
+    RFC 5321 section 2.3.8: lines end with CRLF and a server should not
+    accept a bare LF or CR as a line end; taking them would let a client
+    smuggle commands past a front end that reads CRLF lines. Real clients
+    (smtplib, curl, msmtp, swaks, Postfix) all send CRLF."""
+    n = len(line)
+    if n < 2 or line[n - 2] != 0x0D:  # 0x0D is CR
+        if line.endswith(b"\n"):
+            raise CommandLineEnding(R.COMMAND_BARE_LF)
+        return  # end of stream without a line end: aiosmtpd's own handling
+    if line.find(b"\r") != n - 2:
+        raise CommandLineEnding(R.COMMAND_BARE_CR)
+
+
+class CommandReader(asyncio.StreamReader):
+    """The connection's stream reader: a read up to the default LF separator
+    (aiosmtpd's command loop and ``challenge_auth``'s ``readline``) gets
+    :func:`check_command_line`; DATA reads name their own separators."""
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        if separator == b"\n":
+            check_command_line(line)
+        return line
+
+
 class _Handler:
-    """aiosmtpd's handler seam; we only use it for unexpected exceptions."""
+    """aiosmtpd's handler seam; we use it for exceptions out of a command."""
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, CommandLineEnding):
+            return str(error.reply)  # the client's mistake: no traceback
         log.exception("SMTP session error", exc_info=error)
         return str(R.TEMP_FAILURE)
 
@@ -167,6 +209,14 @@ class SmtpSession(SMTP):
 
     # -- plumbing ---------------------------------------------------------
 
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # aiosmtpd builds a plain StreamReader in SMTP.__init__; give that
+        # same object the CRLF check (CommandReader adds no state).
+        reader.__class__ = CommandReader
+        super()._cb_client_connected(reader, writer)
+
     def _create_session(self) -> Session:
         return SmtpSessionState(self.loop)
 
@@ -202,7 +252,9 @@ class SmtpSession(SMTP):
         return f"version={ssl_object.version()} cipher={cipher[0] if cipher else '?'}"
 
     async def _push_raw(self, line: str) -> None:
-        self._writer.write(line.encode("utf-8") + b"\r\n")
+        # A reply may echo client text (EHLO's name) holding surrogate-escaped
+        # octets that were not UTF-8: send them escaped, never fail.
+        self._writer.write(line.encode("utf-8", "backslashreplace") + b"\r\n")
         await self._writer.drain()
 
     async def push(self, status: Any) -> None:

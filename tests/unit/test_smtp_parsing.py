@@ -277,3 +277,53 @@ def test_queue_ids_are_unique_hex_and_differ_in_a_forked_child() -> None:
     parent = new_queue_id()
     # The child drew its own prefix, so it does not continue the parent's run.
     assert child[:4] != parent[:4] or abs(int(child, 16) - int(parent, 16)) > 10_000
+
+
+# -- invalid input in paths (issue #18) ---------------------------------------
+
+
+def _wire(raw: bytes) -> str:
+    """A command argument as aiosmtpd hands it over: UTF-8, surrogate-escaped."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"FROM:<\xff@b.example>",  # not UTF-8 at all
+        b"FROM:<a@b\xc3.example>",  # truncated sequence
+        b"FROM:<\xed\xa0\x80@b.example>",  # an encoded surrogate (RFC 3629 section 3)
+        b"FROM:<a@b.example> SIZE=\xff",  # in a parameter value
+        b"FROM:<\"\xfe\"@b.example>",  # in a quoted local part
+    ],
+)
+def test_invalid_utf8_is_a_syntax_error(raw: bytes) -> None:
+    with pytest.raises(PathSyntaxError, match="UTF-8"):
+        parse_path("FROM:", _wire(raw), allow_null=True)
+
+
+@pytest.mark.parametrize(
+    "literal",
+    ["[1<2]", "[<1]", "[300.1.1.1]", "[1.2.3]", "[IPv6:1::2::3]", "[foo:bar]",
+     "[IPv6:192.0.2.1]", "[192.0.2.1 ]"],
+)
+def test_address_literal_grammar(literal: str) -> None:
+    """RFC 5321 section 4.1.3: an IPv4 or IPv6 literal (the only registered
+    Standardized-tag); anything else, "<" and ">" included, is refused."""
+    with pytest.raises(PathSyntaxError, match="address literal"):
+        parse_path("TO:", f"TO:<u@{literal}>", allow_null=False)
+
+
+@pytest.mark.parametrize("literal", ["[1>2]", "[<>]"])
+def test_address_literal_with_closing_angle(literal: str) -> None:
+    with pytest.raises(PathSyntaxError):  # ">" ends the path: what follows is junk
+        parse_path("TO:", f"TO:<u@{literal}>", allow_null=False)
+
+
+@pytest.mark.parametrize(
+    ("literal", "normalised"),
+    [("[192.0.2.1]", "[192.0.2.1]"), ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+     ("[ipv6:::1]", "[IPv6:::1]")],
+)
+def test_address_literal_accepted(literal: str, normalised: str) -> None:
+    assert parse_path("TO:", f"TO:<u@{literal}>", allow_null=False).address == f"u@{normalised}"

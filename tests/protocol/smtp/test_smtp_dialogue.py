@@ -120,6 +120,62 @@ async def test_mx_dialogue(mta: Service, steps: list[tuple[str, str]]) -> None:
     await run(mta.port("mx"), steps)
 
 
+# Lines as raw bytes (CRLF added unless the line carries its own ending):
+# invalid UTF-8, address literals and bare line endings (issue #18).
+RAW_TABLE = [
+    pytest.param(
+        [
+            (b"EHLO client.example", "250 "),
+            (b"MAIL FROM:<\xff@spf-pass.example> SMTPUTF8", "501 5.1.7"),
+            (b"MAIL FROM:<a@spf-pass.example> SIZE=\xc3", "501 5.1.7"),
+            ("MAIL FROM:<\u00fc@spf-pass.example> SMTPUTF8".encode(), "250 2.1.0"),
+            (b"RCPT TO:<alice@exam\xe9ple.net>", "501 5.1.3"),
+            (b"RCPT TO:<\xed\xa0\x80@example.net>", "501 5.1.3"),
+            (b"RCPT TO:<alice@example.net>", "250 2.1.5"),
+        ],
+        id="invalid-utf8",
+    ),
+    pytest.param(
+        [
+            (b"EHLO client.example", "250 "),
+            (b"MAIL FROM:<u@[1<2]>", "501 5.1.7"),
+            (b"MAIL FROM:<a@spf-pass.example>", "250 2.1.0"),
+            (b"RCPT TO:<u@[1<2]>", "501 5.1.3"),
+            (b"RCPT TO:<u@[300.0.0.1]>", "501 5.1.3"),
+        ],
+        id="address-literals",
+    ),
+    pytest.param(
+        [
+            (b"EHLO client.example\n", "500 5.5.2 Bare LF"),
+            (b"EHLO client.example\r\r\n", "500 5.5.2 Bare CR"),
+            (b"EHLO client.example", "250 "),
+            (b"MAIL FROM:<a@spf-pass.example>\n", "500 5.5.2 Bare LF"),
+            (b"RCPT TO:<alice@example.net>", "503 5.5.1"),  # the MAIL was not run
+            (b"MAIL FROM:<a@spf-pass.example>\rRCPT TO:<bob@example.net>", "500 5.5.2"),
+            (b"RCPT TO:<alice@example.net>", "503 5.5.1"),
+            (b"NOOP", "250 2.0.0"),
+        ],
+        id="bare-line-endings",
+    ),
+    pytest.param(
+        [(b"EHLO \xff\xfe.example", "250 "), (b"HELO \xc3", "250 ")],
+        id="invalid-utf8-helo-echo",
+    ),
+]
+
+
+@pytest.mark.parametrize("steps", RAW_TABLE)
+async def test_mx_raw_dialogue(mta: Service, steps: list[tuple[bytes, str]]) -> None:
+    async with await SmtpDialogue.open(mta.port("mx")) as client:
+        assert (await client.reply()).startswith("220 ")
+        for line, expected in steps:
+            await client.send(line if line.endswith(b"\n") else line + b"\r\n")
+            reply = (await client.reply()).splitlines()[-1]
+            assert reply.startswith(expected), f"{line!r}: {reply!r}, wanted {expected!r}"
+        assert (await client.cmd("QUIT")).startswith("221")  # the session survived
+
+
 async def test_ehlo_advertises_extensions(mta: Service) -> None:
     [reply] = await run(mta.port("mx"), [("EHLO client.example", "250 ")])
     lines = [line[4:] for line in reply.splitlines()]
