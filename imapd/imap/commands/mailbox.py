@@ -4,7 +4,7 @@ NAMESPACE (RFC 3501 section 6.3; RFC 5258, 5819, 6154, 2342, 4315, 7162)."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from imapd.imap.mailbox_view import MailboxView
@@ -22,6 +22,9 @@ from storage.errors import ErrorKind, StorageError
 from storage.model import HIERARCHY_DELIMITER, SEEN, SYSTEM_FLAGS, Mailbox
 
 _DELIM = HIERARCHY_DELIMITER
+# RFC 5258 section 3 sets no bound on a pattern list; each pattern is tried
+# against every mailbox, so a 64 KiB line of patterns is refused instead.
+MAX_LIST_PATTERNS = 100
 _SYSTEM = " ".join(SYSTEM_FLAGS)
 
 
@@ -158,27 +161,81 @@ async def handle_subscribe(s: Session, cmd: MailboxCommand) -> Reply:
     return ok(f"{cmd.name} completed")
 
 
-def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
-    """RFC 3501 section 6.3.8: "*" matches anything, "%" anything but the
-    hierarchy delimiter; the reference is prefixed to the pattern."""
-    full = (
-        reference + pattern
-        if not reference.endswith(_DELIM) or not pattern.startswith(_DELIM)
-        else reference + pattern[1:]
-    )
-    out = []
-    for ch in full:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "%":
-            out.append(f"[^{re.escape(_DELIM)}]*")
-        else:
-            out.append(re.escape(ch))
-    regex = "".join(out)
-    # INBOX is case-insensitive (RFC 3501 section 5.1).
-    if full[:5].upper() == "INBOX":
-        regex = "(?i:INBOX)" + "".join(out[5:])
-    return re.compile(regex + r"\Z", re.S)
+class MailboxPattern:
+    """A LIST / LSUB mailbox pattern (RFC 3501 section 6.3.8, RFC 5258
+    section 3): "*" matches any characters, "%" any but the hierarchy
+    delimiter, everything else itself; the reference is prefixed.
+
+    Contract: building costs time linear in the pattern; :meth:`matches`
+    costs O(len(name)) big-integer steps on a bit set no wider than twice
+    the name, whatever the client sent. Never a regex built from client
+    input: one backtracked for minutes on ``"*" * 60 + "x"``."""
+
+    __slots__ = ("_accept", "_by_char", "_literals", "_stay", "_stay_at_delim", "_tokens")
+
+    def __init__(self, reference: str, pattern: str) -> None:
+        # RFC 3501 6.3.8: reference and pattern join with one delimiter.
+        if reference.endswith(_DELIM) and pattern.startswith(_DELIM):
+            pattern = pattern[1:]
+        full = reference + pattern
+        tokens: list[str] = []
+        for ch in full:
+            if ch in "*%" and tokens and tokens[-1] in "*%":
+                # A run of wildcards means its widest member: "%*" is "*".
+                if ch == "*":
+                    tokens[-1] = "*"
+                continue
+            tokens.append(ch)
+        self._tokens = tokens
+        self._literals = sum(1 for t in tokens if t not in "*%")
+        self._accept = 1 << len(tokens)
+        # Bit i set in a state: tokens[:i] match the name read so far.
+        self._stay = _mask(i for i, t in enumerate(tokens) if t in "*%")
+        self._stay_at_delim = _mask(i for i, t in enumerate(tokens) if t == "*")
+        self._by_char: dict[str, int] | None = None  # built on first use
+
+    def _char_masks(self) -> dict[str, int]:
+        """Per character, the literal positions it satisfies. Built only once a
+        name is long enough to match, so at most ~2 x MAX_MAILBOX_NAME wide."""
+        positions: dict[str, list[int]] = {}
+        fold = "".join(self._tokens[:5]).upper() == "INBOX"
+        for i, t in enumerate(self._tokens):
+            if t in "*%":
+                continue
+            if fold and i < 5:
+                # RFC 3501 section 5.1: INBOX is case-insensitive.
+                positions.setdefault(t.lower(), []).append(i)
+                positions.setdefault(t.upper(), []).append(i)
+            else:
+                positions.setdefault(t, []).append(i)
+        return {ch: _mask(ps) for ch, ps in positions.items()}
+
+    def matches(self, name: str) -> bool:
+        if len(name) < self._literals:
+            return False  # each literal takes one character: the cheap answer
+        if self._by_char is None:
+            self._by_char = self._char_masks()
+        by_char, stay, stay_at_delim = self._by_char, self._stay, self._stay_at_delim
+        # A simulated NFA, one bit per token: wildcards also match nothing
+        # (no two are adjacent, so one shift closes the set over that).
+        state = 1 | ((1 & stay) << 1)
+        for ch in name:
+            kept = state & (stay_at_delim if ch == _DELIM else stay)
+            state = ((state & by_char.get(ch, 0)) << 1) | kept
+            if not state:
+                return False
+            state |= (state & stay) << 1
+        return bool(state & self._accept)
+
+
+def _mask(positions: Iterable[int]) -> int:
+    bits = bytearray()
+    for i in positions:
+        byte = i >> 3
+        if byte >= len(bits):
+            bits.extend(bytes(byte + 1 - len(bits)))
+        bits[byte] |= 1 << (i & 7)
+    return int.from_bytes(bits, "little")
 
 
 async def handle_list(s: Session, cmd: ListCommand) -> Reply:
@@ -188,6 +245,8 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
         # RFC 3501 section 6.3.8: an empty pattern asks for the delimiter.
         s.untagged(b'LIST (\\Noselect) "/" ""')
         return ok("LIST completed")
+    if len(cmd.patterns) > MAX_LIST_PATTERNS:
+        return no("Too many patterns", "LIMIT")  # RFC 5530 section 3
     boxes = await s.mail.list_mailboxes(_account_id(s))
     by_name = {b.name: b for b in boxes}
     names = set(by_name)
@@ -197,13 +256,13 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
         for i in range(1, len(parts)):
             names.add(_DELIM.join(parts[:i]))
     has_children = {n.rsplit(_DELIM, 1)[0] for n in names if _DELIM in n}
-    regexes = [pattern_regex(cmd.reference, p) for p in cmd.patterns]
+    patterns = [MailboxPattern(cmd.reference, p) for p in cmd.patterns]
     sel_subscribed = "SUBSCRIBED" in cmd.selection or verb == "LSUB"
     sel_special = "SPECIAL-USE" in cmd.selection
     ret_subscribed = "SUBSCRIBED" in cmd.returns or sel_subscribed
     status_items = cmd.status_items
     for name in sorted(names, key=lambda n: (n != "INBOX", n)):
-        if not any(r.match(name) for r in regexes):
+        if not any(p.matches(name) for p in patterns):
             continue
         box = by_name.get(name)
         if sel_subscribed and (box is None or not box.subscribed):
@@ -302,3 +361,4 @@ async def handle_namespace(s: Session, cmd: object) -> Reply:
     # RFC 2342: one personal namespace, no other users', no shared.
     s.untagged(f'NAMESPACE (("" "{_DELIM}")) NIL NIL')
     return ok("NAMESPACE completed")
+

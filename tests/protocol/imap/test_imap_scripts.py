@@ -452,9 +452,8 @@ async def run_script(client: ImapClient, script: Script) -> None:
             f"\nsent: {send!r}\nexpected: {expected}\ngot: {lines}")
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-async def test_script(imap_env: ImapEnv, name: str) -> None:
-    script = SCRIPTS[name]
+async def play(imap_env: ImapEnv, script: Script) -> None:
+    """Deliver the script's messages, log in unless it says not, run it."""
     for raw, flags in script.messages:
         await imap_env.deliver(raw, flags=flags)
     client = await imap_env.client()
@@ -464,3 +463,8 @@ async def test_script(imap_env: ImapEnv, name: str) -> None:
         await run_script(client, script)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+async def test_script(imap_env: ImapEnv, name: str) -> None:
+    await play(imap_env, SCRIPTS[name])
