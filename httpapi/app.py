@@ -16,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from conf.settings import Settings
 from httpapi import folders, messages, realtime, search, session
 from httpapi.auth import Authenticator, TokenSigner
+from httpapi.body import JSON_BODY_LIMIT
 from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
 from httpapi.errors import ApiError, error_response, from_storage
 from httpapi.openapi import document
@@ -81,7 +85,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     except ApiError as err:
         status = err.status
-        return error_response(err)
+        response = error_response(err)
+        if status == 413:
+            # The rest of the body was never read: drop the connection rather
+            # than drain it (RFC 9110 section 15.5.14 allows closing).
+            response.force_close()
+        return response
     except StorageError as err:
         api = from_storage(err)
         status = api.status
@@ -132,6 +141,28 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     return await handler(request)
 
 
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger aiohttp's connection handler reports through.
+
+    A malformed request (bad request line, header or framing: aiohttp's
+    ``HttpProcessingError``) is the client's fault, common on a public port,
+    and gets one WARNING line with the peer and the reason; aiohttp would log
+    a full traceback at ERROR. Anything else keeps its traceback.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split())  # aiohttp's carets span lines
+            self.warning("%s: %s %s", str(msg) % args, exc.code, reason)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+SERVER_LOG = ServerLog(logging.getLogger("httpapi.server"), {})
+
+
 async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(document(), dumps=lambda d: json.dumps(d, indent=1))
 
@@ -180,11 +211,11 @@ async def _close_websockets(app: web.Application) -> None:
 def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Application:
     """The application for one process. ``secret`` is the site token key
     (:func:`httpapi.auth.load_or_create_secret`)."""
-    max_size = settings.http.max_message_size
     app = web.Application(
         middlewares=[errors_middleware, access_middleware],
-        # base64 in JSON grows a message by 4/3; multipart is streamed and capped in the handler.
-        client_max_size=max_size * 4 // 3 + 64 * 1024,
+        # Handlers read bodies through httpapi.body with their route's limit;
+        # this only caps a request.read() that bypasses it.
+        client_max_size=JSON_BODY_LIMIT,
     )
     throttle = AuthThrottle(
         base=settings.auth.failure_delay_seconds, cap=settings.auth.failure_delay_max_seconds

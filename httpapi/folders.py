@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from httpapi.body import is_text, json_body
 from httpapi.context import account_of, context, owned_mailbox
 from httpapi.errors import bad_request
 from httpapi.ids import decode_folder_cursor, encode_folder_cursor, parse_folder_id
@@ -66,23 +67,18 @@ def folder_name(value: Any) -> str:
         raise bad_request("name must be a non-empty string", "invalid_name")
     name = value.strip()
     levels = name.split(HIERARCHY_DELIMITER)
-    if len(name) > MAX_FOLDER_NAME or _BAD_NAME.search(name) or any(not lv for lv in levels):
+    if (
+        len(name) > MAX_FOLDER_NAME
+        or _BAD_NAME.search(name)
+        or any(not lv for lv in levels)
+        or not is_text(name)
+    ):
         raise bad_request(
             "name must be up to 255 characters without control characters, '*', '%' "
             "or empty levels",
             "invalid_name",
         )
     return name
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise bad_request("request body must be JSON", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object", "invalid_json")
-    return body
 
 
 @routes.get("/v1/folders", name="list_folders")

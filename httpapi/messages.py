@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from httpapi.body import json_body, parse_json, read_body
 from httpapi.compose import (
     Draft,
     Upload,
@@ -25,7 +26,6 @@ from httpapi.compose import (
 )
 from httpapi.context import account_of, context, owned_mailbox, owned_message
 from httpapi.errors import ApiError, bad_request, not_found
-from httpapi.folders import json_body
 from httpapi.ids import MessageRef, message_id, parse_folder_id
 from httpapi.mime import content_disposition, message_parts, read_text, stream_decoded
 from httpapi.sanitize import sanitize_html
@@ -36,6 +36,7 @@ from storage.model import DELETED, FLAGGED, SEEN, StoreMode, UidSet
 
 routes = web.RouteTableDef()
 
+SEND_OVERHEAD = 64 * 1024  # headers, field names and JSON syntax around the payload
 SANITIZE_INLINE_LIMIT = 64 * 1024  # larger HTML is sanitized in a worker thread
 # Types a browser may show inline without running script in our origin.
 INLINE_SAFE_TYPES = frozenset({
@@ -258,16 +259,19 @@ def _clean_name(name: str) -> str:
 async def send_message(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     max_size = ctx.settings.http.max_message_size
-    if request.content_length is not None and request.content_length > max_size * 4 // 3 + 65536:
+    # base64 in JSON grows attachments by 4/3; multipart carries them as is.
+    body_limit = max_size * 4 // 3 + SEND_OVERHEAD
+    if request.content_length is not None and request.content_length > body_limit:
         raise ApiError(413, "message_too_large", f"message larger than {max_size} octets")
     if request.content_type == "multipart/form-data":
         draft = await _multipart_draft(request, max_size)
     elif request.content_type == "application/json":
         try:
-            payload = await request.json()
-        except ValueError:
-            raise bad_request("request body must be JSON", "invalid_json") from None
-        draft = parse_json_draft(payload, max_size)
+            data = await read_body(request, body_limit)
+        except ApiError:
+            raise ApiError(413, "message_too_large",
+                           f"message larger than {max_size} octets") from None
+        draft = parse_json_draft(parse_json(data), max_size)
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send application/json or multipart/form-data")

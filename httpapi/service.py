@@ -20,7 +20,7 @@ from aiohttp import web
 
 from conf.settings import Settings
 from conf.tls import parse_listen
-from httpapi.app import build_app
+from httpapi.app import SERVER_LOG, build_app
 from httpapi.auth import load_or_create_secret
 from storage.api import Storage
 
@@ -78,7 +78,9 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
     port cannot be bound (after closing what was opened)."""
     secret = await asyncio.to_thread(load_or_create_secret, settings.data_dir)
     app = build_app(settings, storage, secret)
-    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
+    runner = web.AppRunner(
+        app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None, logger=SERVER_LOG
+    )
     await runner.setup()
     sockets: list[socket.socket] = []
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from httpapi.body import LOGIN_BODY_LIMIT, json_body
 from httpapi.context import account_of, client_ip, context
 from httpapi.errors import bad_request
-from httpapi.folders import json_body
 
 routes = web.RouteTableDef()
 
@@ -16,7 +16,7 @@ MAX_CREDENTIAL = 1024
 @routes.post("/v1/login", name="login")
 async def login(request: web.Request) -> web.Response:
     ctx = context(request)
-    body = await json_body(request)
+    body = await json_body(request, LOGIN_BODY_LIMIT)
     address, password = body.get("address"), body.get("password")
     if not isinstance(address, str) or not isinstance(password, str) or not address:
         raise bad_request("address and password are required strings", "invalid_credentials")
