@@ -33,7 +33,7 @@ from pathlib import Path
 from httpapi.errors import ApiError
 from runtime.metrics import AUTH_FAILURES
 from storage.api import Storage
-from storage.errors import StorageError
+from storage.errors import ErrorKind, StorageError
 from storage.model import Account
 from storage.throttle import AuthThrottle
 
@@ -168,7 +168,9 @@ class Authenticator:
             raise unauthorized("invalid or expired token")
         try:
             account = await self.storage.directory.get_account_by_id(claims.account_id)
-        except StorageError:
+        except StorageError as exc:
+            if exc.kind is not ErrorKind.NOT_FOUND:
+                raise  # an outage is 503 (errors_middleware), not a bad token
             raise unauthorized("invalid or expired token") from None
         if not hmac.compare_digest(self.signer.fingerprint(account), claims.fingerprint):
             raise unauthorized("invalid or expired token")  # password changed since
@@ -188,7 +190,9 @@ class Authenticator:
         if cached and cached[1] > now:
             try:
                 return await self.storage.directory.get_account_by_id(cached[0])
-            except StorageError:
+            except StorageError as exc:
+                if exc.kind is not ErrorKind.NOT_FOUND:
+                    raise
                 self._basic_cache.pop(key, None)
         try:
             account = await self.login(login, password, client_ip)

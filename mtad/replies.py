@@ -76,6 +76,8 @@ UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 section 6
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+# RFC 4954 section 6: the server cannot check credentials now (storage down, busy).
+AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
 ENCRYPTION_REQUIRED = Reply(
     538, "5.7.11", "Encryption required for requested authentication mechanism"
 )
@@ -84,6 +86,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy")  # RFC 7489 section 6.7
 BARE_LF = Reply(550, "5.6.0", "Bare LF or CR in message (RFC 5321 section 2.3.8)")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
 BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531

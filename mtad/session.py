@@ -27,6 +27,7 @@ import asyncio
 import binascii
 import enum
 import logging
+import pathlib
 from base64 import b64decode
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from delivery.headers import (
     received_field,
     strip_forged_results,
 )
+from delivery.spool import Message, Spooled, message_size, prepend, read_head
 from delivery.submit import (
     Routing,
     SubmitError,
@@ -53,9 +55,10 @@ from delivery.submit import (
 )
 from mtad import replies as R
 from mtad.checks import authenticate_message
-from mtad.data import DataReader, DataVerdict
+from mtad.data import HEADER_MAX, DataReader, DataVerdict
 from mtad.dns import Resolver
-from mtad.limits import ConnectionCounter, RateLimiter
+from mtad.limits import RateLimiter
+from runtime.listen import LeaseHolder
 from runtime.metrics import AUTH_FAILURES, CONNECTIONS, CONNECTIONS_TOTAL, MESSAGES_RECEIVED
 from storage.api import Storage
 from storage.errors import SMTP_REPLY, ErrorKind, StorageError
@@ -85,7 +88,6 @@ class SmtpContext:
     tls: Any  # ssl.SSLContext | None
     resolver: Resolver
     throttle: AuthThrottle
-    connections: ConnectionCounter
     rate_user: RateLimiter
     rate_ip: RateLimiter
     sessions: set[SmtpSession] = field(default_factory=set)
@@ -168,8 +170,11 @@ class _Handler:
         return str(R.TEMP_FAILURE)
 
 
-class SmtpSession(SMTP):
-    """An SMTP server connection for one listener :class:`Mode`."""
+class SmtpSession(LeaseHolder, SMTP):
+    """An SMTP server connection for one listener :class:`Mode`. Its
+    client's per-IP slot (smtp.max_connections_per_ip) was taken by the
+    listener (:mod:`runtime.listen`); the session returns it when the
+    connection ends, STARTTLS or not."""
 
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
@@ -188,7 +193,6 @@ class SmtpSession(SMTP):
         self._auth_failures = 0
         self._rate_refusals = 0
         self._client_ip = ""
-        self._counted = False
         super().__init__(
             _Handler(),
             data_size_limit=smtp.max_message_size,
@@ -316,11 +320,6 @@ class SmtpSession(SMTP):
         if self.ctx.closing:
             await self.close_with(R.SHUTTING_DOWN)
             return
-        if not self.ctx.connections.acquire(self._client_ip):
-            self._greeted = True
-            await self.close_with(R.TOO_MANY_CONNECTIONS)
-            return
-        self._counted = True
         self.ctx.sessions.add(self)
         CONNECTIONS.inc(protocol=self._protocol_label)
         CONNECTIONS_TOTAL.inc(protocol=self._protocol_label)
@@ -335,9 +334,7 @@ class SmtpSession(SMTP):
         return "smtp" if self.mode is Mode.MX else "submission"
 
     def _release(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.ctx.connections.release(self._client_ip)
+        self.lease.release()
         self.ctx.sessions.discard(self)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -433,7 +430,13 @@ class SmtpSession(SMTP):
         if credentials is None:
             return  # a reply was already sent
         login, password = credentials
-        account = await self.ctx.storage.directory.authenticate(login, password)
+        try:
+            account = await self.ctx.storage.directory.authenticate(login, password)
+        except StorageError as exc:
+            # An outage is no verdict on the password; nothing is counted.
+            log.warning("AUTH from %s not checked: %s", self._client_ip, exc)
+            await self.reply(R.AUTH_TEMP_FAILURE)
+            return
         keys = (f"ip:{self._client_ip}", f"login:{login.lower()}")
         if account is None:
             self._auth_failures += 1
@@ -635,11 +638,30 @@ class SmtpSession(SMTP):
             return
         await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
         smtp = self.ctx.settings.smtp
-        data = DataReader(smtp.max_message_size, smtp.max_line_length)
+        data = DataReader(
+            smtp.max_message_size,
+            smtp.max_line_length,
+            spool_at=None,
+            spool_dir=self.ctx.settings.data_dir / "spool",
+        )
+        try:  # the spool file goes on every path, a lost connection included
+            await self._read_data(data)
+            self._reset_timeout()
+            if self.transport is None:
+                return
+            try:
+                await self.reply(await self._end_of_data(data))
+            finally:
+                self._set_post_data_state()
+        finally:
+            data.discard()
+
+    async def _read_data(self, data: DataReader) -> None:
+        """Feed ``data`` until the end-of-data line or a lost connection."""
+        timeout = self.ctx.settings.smtp.data_timeout_seconds
         # The hot loop of the server: locals only. Each read pushes the
         # RFC 5321 section 4.5.3.2.5 data-block deadline forward; the timer
         # itself is re-armed lazily (see _reset_timeout).
-        timeout = smtp.data_timeout_seconds
         self._reset_timeout(timeout)
         readuntil, feed, clock = self._reader.readuntil, data.feed, self.loop.time
         # Whole runs of lines up to the next ".CRLF" first: the end of data
@@ -647,7 +669,6 @@ class SmtpSession(SMTP):
         # end, so DataReader sees exactly the lines it would one by one.
         # A run longer than the reader's limit (a big message with no line
         # ending in a dot) leaves the rest to the line-by-line loop.
-        done = False
         while self.transport is not None:
             try:
                 block = await readuntil(b".\r\n")
@@ -655,9 +676,8 @@ class SmtpSession(SMTP):
                 break
             self._deadline = clock() + timeout
             if data.feed_lines(block):
-                done = True
-                break
-        while self.transport is not None and not done:
+                return
+        while self.transport is not None:
             try:
                 line = await readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:
@@ -666,27 +686,44 @@ class SmtpSession(SMTP):
                 continue
             self._deadline = clock() + timeout
             if feed(line):
-                break
-        self._reset_timeout()
-        if self.transport is None:
-            return
-        try:
-            if data.verdict is DataVerdict.TOO_BIG:
-                await self.reply(R.MESSAGE_TOO_BIG)
-            elif data.verdict is DataVerdict.LINE_TOO_LONG:
-                await self.reply(R.DATA_LINE_TOO_LONG)
-            elif data.verdict is DataVerdict.BARE_LINE_ENDING:
-                await self.reply(R.BARE_LF)
-            else:
-                await self.reply(await self._accept(data.content))
-        finally:
-            self._set_post_data_state()
+                return
 
-    async def _accept(self, content: bytes) -> R.Reply:
-        """Checks, trace fields, delivery; the reply to end of data."""
+    async def _end_of_data(self, data: DataReader) -> R.Reply:
+        if data.verdict is DataVerdict.TOO_BIG:
+            return R.MESSAGE_TOO_BIG
+        if data.verdict is DataVerdict.LINE_TOO_LONG:
+            return R.DATA_LINE_TOO_LONG
+        if data.verdict is DataVerdict.BARE_LINE_ENDING:
+            return R.BARE_LF
+        content = await self._cleaned(data.message())
+        return content if isinstance(content, R.Reply) else await self._accept(content)
+
+    async def _cleaned(self, received: bytes | pathlib.Path) -> Message | R.Reply:
+        """The message without forged Authentication-Results of ours (RFC 8601
+        section 5). A spooled message's header is read into memory (up to
+        the larger of the spool threshold and HEADER_MAX) and the body stays
+        in its file; a header longer than that is refused (552)."""
+        hostname = self.ctx.settings.server.hostname
+        if not isinstance(received, pathlib.Path):
+            return strip_forged_results(received, hostname)
+        limit = max(self.ctx.settings.smtp.spool_threshold, HEADER_MAX)
+        head, file_size = await asyncio.to_thread(read_head, received, limit + 4)
+        if head.startswith(b"\r\n"):
+            end = 2  # no header fields at all
+        elif (blank := head.find(b"\r\n\r\n")) >= 0:
+            end = blank + 4
+        elif len(head) < file_size:
+            return R.HEADER_TOO_BIG.with_text(f"Message header exceeds {limit} octets")
+        else:
+            end = file_size  # all header, no body
+        header = strip_forged_results(head[:end], hostname)
+        return Spooled(header, received, end, file_size)
+
+    async def _accept(self, content: Message) -> R.Reply:
+        """Checks, trace fields, delivery; the reply to end of data.
+        ``content`` is the cleaned message, in memory or spooled."""
         txn, state, settings = self.txn, self.state, self.ctx.settings
         queue_id = new_queue_id()
-        content = strip_forged_results(content, settings.server.hostname)
         protocol = protocol_name(
             esmtp=bool(state.extended_smtp),
             tls=self.is_tls,
@@ -712,7 +749,7 @@ class SmtpSession(SMTP):
                 client_ip=self._client_ip,
                 helo=state.host_name or "",
                 mail_from=mail_from,
-                message=content,
+                message=await self._checked_text(content),
                 spf_enabled=settings.smtp.spf,
                 dkim_enabled=settings.smtp.dkim_verify,
                 dmarc_enabled=settings.smtp.dmarc,
@@ -724,7 +761,7 @@ class SmtpSession(SMTP):
             if verdict in ("reject", "quarantine"):
                 mailbox = "Junk"
             trace = results.header() + received
-        message = trace + content
+        message = prepend(trace, content)
         try:
             delivered, _ = await deliver(
                 self.ctx.storage,
@@ -754,11 +791,22 @@ class SmtpSession(SMTP):
             mail_from,
             len(delivered),
             len(txn.routing.remote),
-            len(message),
+            message_size(message),
         )
-        if self.mode is Mode.MX and not mail_from and delivered:
+        # An RFC 3464 report is small; a spooled message is not one to parse.
+        if self.mode is Mode.MX and not mail_from and delivered and isinstance(content, bytes):
             await self._process_bounce(queue_id, content)
         return R.QUEUED.with_text(f"OK: queued as {queue_id}")
+
+    async def _checked_text(self, content: Message) -> bytes:
+        """What the MX checks read: the whole message for DKIM (dkimpy takes
+        bytes, so a spooled message is read in for the check alone and
+        dropped after it), else its header (SPF needs none, DMARC the From)."""
+        if isinstance(content, bytes):
+            return content
+        if self.ctx.settings.smtp.dkim_verify:
+            return await asyncio.to_thread(content.read_all)
+        return content.prefix
 
     async def _process_bounce(self, queue_id: str, content: bytes) -> None:
         """A null-sender message on the MX port may be an RFC 3464 report about

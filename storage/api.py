@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,9 +86,17 @@ class Directory(Protocol):
     async def remove_account(self, address: str) -> None:
         """Removes the account, its mailboxes and messages."""
 
-    async def authenticate(self, login: str, password: str) -> Account | None:
+    async def authenticate(
+        self,
+        login: str,
+        password: str,
+        *,
+        run_check: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+    ) -> Account | None:
         """The account if ``password`` matches, else None (never raises for
-        a wrong password or unknown login; takes the same time for both)."""
+        a wrong password or unknown login; takes the same time for both).
+        TEMPORARY, never None, when the directory cannot be read.
+        ``run_check(fn)`` runs the CPU-heavy hash check ``fn`` (default: a thread)."""
 
     async def add_alias(self, source: str, target: str) -> Alias:
         """``source`` is an address or ``@domain`` (catch-all) on a local domain."""

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,6 +41,11 @@ MAX_ALIAS_DEPTH = 8  # alias -> alias chains are followed this far
 PLUS_SEPARATOR = "+"
 ROUTE_CACHE_SECONDS = 2.0  # how late another instance's directory change may be seen
 ROUTE_CACHE_SIZE = 10_000  # addresses; the cache starts over when full
+
+log = logging.getLogger("storage.directory")
+
+# Runs one CPU-heavy password check and gives its result (see authenticate).
+CheckRunner = Callable[[Callable[[], Any]], Awaitable[Any]]
 
 
 def normalize_domain(name: str) -> str:
@@ -303,23 +310,40 @@ class SqlDirectory:
             await conn.execute(delete(accounts).where(accounts.c.id == account.id))
         self.shard_cache.pop(account.id, None)
 
-    async def authenticate(self, login: str, password: str) -> Account | None:
+    async def authenticate(
+        self, login: str, password: str, *, run_check: CheckRunner | None = None
+    ) -> Account | None:
         """The account if ``password`` matches, else None. An unknown login
-        costs one argon2 verification too, so timing tells nothing."""
+        costs one argon2 verification too, so timing tells nothing.
+
+        A directory that cannot be read raises TEMPORARY, never None: an
+        outage is not a wrong password (clients would ask their user for a
+        new one). ``run_check(fn)`` runs the argon2 call ``fn`` and returns
+        its result (default: a worker thread); the login gate passes its
+        bounded pool (:class:`storage.throttle.VerificationPool`)."""
+        run: CheckRunner = run_check or asyncio.to_thread
         try:
-            account: Account | None = await self.get_account(login)
-        except errors.StorageError:
-            account = None
-        if account is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = await self._hash("shardmail-dummy-password")
-            await asyncio.to_thread(self._verify, self._dummy_hash, password)
+            account = await self.get_account(login)
+        except errors.StorageError as exc:
+            if exc.kind is not errors.ErrorKind.NOT_FOUND:
+                raise
+            await run(functools.partial(self._verify_unknown, password))
             return None
-        if not await asyncio.to_thread(self._verify, account.password_hash, password):
+        if not await run(functools.partial(self._verify, account.password_hash, password)):
             return None
         if self.hasher.check_needs_rehash(account.password_hash):
-            await self.set_password(account.address, password)
+            try:
+                await self.set_password(account.address, password)
+            except errors.StorageError as exc:  # the password was right: log in anyway
+                log.warning("rehashing the password of %s failed: %s", account.address, exc)
         return account
+
+    def _verify_unknown(self, password: str) -> bool:
+        """The cost of a verification for a login that does not exist."""
+        if self._dummy_hash is None:
+            self._dummy_hash = self.hasher.hash("shardmail-dummy-password")
+        self._verify(self._dummy_hash, password)
+        return False
 
     def _verify(self, password_hash: str, password: str) -> bool:
         try:
