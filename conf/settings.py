@@ -36,10 +36,17 @@ class ServerSettings(Section):
     hostname: str = "localhost"  # announced in SMTP greetings, Received headers, IMAP greeting
     data_dir: str = "/var/lib/shardmail"
     log_level: str = "INFO"
-    # Worker processes of each daemon command, sharing its ports through
-    # SO_REUSEPORT, under a supervisor that restarts any that dies; 0: one
-    # per CPU. Per-IP limits and login delays are counted per process.
+    # Worker processes of each daemon command, sharing the listening sockets
+    # their supervisor opened, which restarts any that dies; 0: one per CPU.
+    # Per-IP limits and login delays are counted per process.
     processes: int = Field(default=1, ge=0, le=256)
+    # Set SO_REUSEPORT on every listener so separately started instances of
+    # one site (the templated systemd units name@N.service) share its ports.
+    # Off by default: a second, unrelated server (another data dir) on the
+    # same port then fails to start with "address in use" instead of
+    # silently taking half of the connections. The workers of one
+    # server.processes supervisor share its sockets either way.
+    share_ports: bool = False
     # The asyncio event loop implementation: "uvloop" (libuv, installed as
     # a dependency) or "asyncio" (the standard library's). "auto" takes
     # uvloop when it can be imported.
@@ -90,6 +97,12 @@ class AuthSettings(Section):
     failure_delay_seconds: float = 1.0  # first delay after a failed login, doubling each time
     failure_delay_max_seconds: float = 16.0
     max_failures_per_connection: int = 5
+    # Threads verifying passwords (argon2), apart from every other work; 0: one per CPU
+    # (at least 2). Clients with recent failures may hold all but one of them.
+    verify_threads: int = Field(default=0, ge=0)
+    # Password checks one client address may have queued or running; more are refused
+    # at once as a temporary failure (IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]).
+    verify_queue_per_ip: int = Field(default=8, ge=1)
 
 
 class DnsSettings(Section):
@@ -103,10 +116,13 @@ class SmtpSettings(Section):
     submission_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:587"])
     submissions_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:465"])  # RFC 8314
     max_message_size: int = 36_700_160  # RFC 1870 SIZE, octets
+    # DATA past this many octets goes to a file in <data_dir>/spool as it
+    # arrives, so a session holds at most this much message text in memory.
+    spool_threshold: int = Field(default=1_048_576, ge=4096)
     max_line_length: int = 998 + 2  # RFC 5321 section 4.5.3.1.6 text line incl. CRLF
     max_command_line_length: int = 512  # RFC 5321 section 4.5.3.1.4
     max_recipients: int = 100  # RFC 5321 section 4.5.3.1.8 minimum
-    max_connections_per_ip: int = 20
+    max_connections_per_ip: int = Field(default=20, ge=0)  # concurrent, per process; 0: no limit
     max_errors: int = 10
     command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2.7
     data_timeout_seconds: float = 600.0  # RFC 5321 section 4.5.3.2.6
@@ -155,6 +171,9 @@ class ImapSettings(Section):
     max_line_length: int = 65_536
     max_literal_size: int = 52_428_800  # also advertised as APPENDLIMIT (RFC 7889)
     autologout_seconds: int = 1800  # RFC 3501 section 5.4: at least 30 minutes
+    # Concurrent connections per client IP (per process); 0: no limit. Over
+    # it: "* BYE [UNAVAILABLE]" (RFC 3501 section 7.1.5, RFC 5530).
+    max_connections_per_ip: int = Field(default=50, ge=0)
     idle_timeout_seconds: int = 1800
 
     _listen = field_validator("listen", "tls_listen")(classmethod(lambda cls, v: _check_listen(v)))
@@ -167,6 +186,9 @@ class Pop3Settings(Section):
     max_line_length: int = 512  # RFC 2449 section 4: 255 octets per argument
     apop: bool = False
     lock_seconds: int = 900
+    # Concurrent connections per client IP (per process); 0: no limit. Over
+    # it: "-ERR [SYS/TEMP]" (RFC 3206 section 4).
+    max_connections_per_ip: int = Field(default=20, ge=0)
 
     _listen = field_validator("listen", "tls_listen")(classmethod(lambda cls, v: _check_listen(v)))
 
@@ -187,6 +209,9 @@ class HttpSettings(Section):
     # Reverse proxies (TLS terminators) whose X-Forwarded-For names the real
     # client, for per-IP limits and auth throttling; empty: trust none.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # Concurrent connections per client IP (per process), trusted_proxies
+    # exempt; 0: no limit. Over it: 503 and the connection closed.
+    max_connections_per_ip: int = Field(default=100, ge=0)
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

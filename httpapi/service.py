@@ -4,9 +4,10 @@ Listens on ``settings.http.listen`` in plain HTTP. TLS is expected to be
 terminated by a reverse proxy in front (nginx, haproxy, Caddy), which also
 serves HTTP/2; list its address in ``http.trusted_proxies`` so per-IP limits
 and the login throttle see the real client. The ``tls`` context is accepted
-for the common daemon signature and not used. Sockets are opened with
-``SO_REUSEPORT`` so several instances on one host share a port; they agree
-on tokens through ``data_dir/http_secret``.
+for the common daemon signature and not used. Sockets are opened through
+:mod:`runtime.listen` (a per-IP connection limit, ``http.max_connections_per_ip``,
+and port sharing only between one site's instances); instances agree on
+tokens through ``data_dir/http_secret``.
 """
 
 from __future__ import annotations
@@ -19,14 +20,24 @@ import ssl
 from aiohttp import web
 
 from conf.settings import Settings
-from conf.tls import parse_listen
 from httpapi.app import SERVER_LOG, build_app
 from httpapi.auth import load_or_create_secret
+from runtime.listen import PeerLimit, open_listener, serve_socket
 from storage.api import Storage
 
 log = logging.getLogger("httpapi")
+# The settings this daemon listens on (runtime.daemon binds them for workers).
+LISTEN_KEYS = ("http.listen",)
 
 SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on close
+# The whole answer to a client over http.max_connections_per_ip, sent before
+# its request is read: 503 with Retry-After (RFC 9110 sections 15.6.4, 10.2.3).
+_REFUSAL_BODY = b"too many connections from your address\n"
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
+)
 
 
 async def prepare(settings: Settings) -> None:
@@ -56,39 +67,49 @@ class HttpService:
         await self.runner.cleanup()
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+class _LimitedSite(web.SockSite):
+    """aiohttp's site over one of our listening sockets, accepting through
+    :func:`runtime.listen.serve_socket` so the per-IP limit holds before
+    aiohttp sees a connection."""
+
+    __slots__ = ("_limit",)
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, limit: PeerLimit) -> None:
+        super().__init__(runner, sock)
+        self._limit = limit
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        assert self._runner.server is not None
+        self._server = await serve_socket(
+            self._runner.server,
+            self._sock,
+            "http.listen",
+            limit=self._limit,
+            refusal=TOO_MANY_CONNECTIONS,
+            label="http",
+        )
 
 
 async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None = None
                 ) -> HttpService:
-    """Start listening on every ``http.listen`` address; raises OSError if a
-    port cannot be bound (after closing what was opened)."""
+    """Start listening on every ``http.listen`` address; raises
+    :class:`runtime.listen.ListenError` if one cannot be bound (after
+    closing what was opened)."""
     secret = await asyncio.to_thread(load_or_create_secret, settings.data_dir)
     app = build_app(settings, storage, secret)
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None, logger=SERVER_LOG
     )
     await runner.setup()
+    # Connections from a trusted proxy carry many clients: not counted.
+    limit = PeerLimit(settings.http.max_connections_per_ip, settings.http.trusted_proxies)
     sockets: list[socket.socket] = []
     try:
         for value in settings.http.listen:
-            host, port = parse_listen(value)
-            sock = _listening_socket(host, port)
+            sock = open_listener("http.listen", value, share_port=settings.server.share_ports)
             sockets.append(sock)
-            site = web.SockSite(runner, sock)
+            site = _LimitedSite(runner, sock, limit)
             await site.start()
             log.info("http listening on %s", site.name)
     except BaseException:

@@ -13,6 +13,9 @@ import ssl
 from conf.settings import Settings
 from storage.api import Storage
 
+# The settings this daemon listens on (runtime.daemon binds them for workers).
+LISTEN_KEYS = ("imap.listen", "imap.tls_listen", "pop3.listen", "pop3.tls_listen")
+
 
 class ImapdService:
     def __init__(

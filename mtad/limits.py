@@ -1,4 +1,5 @@
-"""Per-client limits shared by all SMTP sessions of one mtad process.
+"""Per-client rate limits shared by all SMTP sessions of one mtad process
+(the per-IP connection limit is the listener's: :mod:`runtime.listen`).
 
 State is per process (as with storage.throttle.AuthThrottle): each
 instance limits its own share of the traffic, which bounds abuse without a
@@ -53,29 +54,3 @@ class RateLimiter:
         if len(self._events) > 100_000:  # bound memory under a spray of sources
             for k in list(self._events)[:50_000]:
                 self._prune(k, now)
-
-
-class ConnectionCounter:
-    """Concurrent connections per client IP (RFC 5321 section 4.5.3.1 allows
-    refusing with 421 when resources are short)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: dict[str, int] = {}
-
-    def acquire(self, ip: str) -> bool:
-        count = self._open.get(ip, 0)
-        if self.limit and count >= self.limit:
-            return False
-        self._open[ip] = count + 1
-        return True
-
-    def release(self, ip: str) -> None:
-        count = self._open.get(ip, 0) - 1
-        if count > 0:
-            self._open[ip] = count
-        else:
-            self._open.pop(ip, None)
-
-    def count(self, ip: str) -> int:
-        return self._open.get(ip, 0)

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from conf.settings import Settings
-from conf.tls import parse_listen
 from mtad import replies as R
 from mtad.dns import Resolver
-from mtad.limits import ConnectionCounter, RateLimiter
+from mtad.limits import RateLimiter
 from mtad.session import Mode, SmtpContext, SmtpSession
+from runtime.listen import PeerLimit, serve
 from storage.api import Storage
 from storage.throttle import AuthThrottle
 
 log = logging.getLogger("mtad")
+# The settings this daemon listens on (runtime.daemon binds them for workers).
+LISTEN_KEYS = ("smtp.mx_listen", "smtp.submission_listen", "smtp.submissions_listen")
 
 
 @dataclass
@@ -86,7 +87,6 @@ def _make_context(settings: Settings, storage: Storage, tls: ssl.SSLContext | No
         throttle=AuthThrottle(
             settings.auth.failure_delay_seconds, settings.auth.failure_delay_max_seconds
         ),
-        connections=ConnectionCounter(smtp.max_connections_per_ip),
         rate_user=RateLimiter(smtp.rate_limit_per_user, smtp.rate_window_seconds),
         rate_ip=RateLimiter(smtp.rate_limit_per_ip, smtp.rate_window_seconds),
     )
@@ -95,7 +95,10 @@ def _make_context(settings: Settings, storage: Storage, tls: ssl.SSLContext | No
 async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None) -> Service:
     """Bind the MX, submission and submissions listeners and start serving."""
     ctx = _make_context(settings, storage, tls)
-    loop = asyncio.get_running_loop()
+    # One count per client IP across the three listeners.
+    limit = PeerLimit(settings.smtp.max_connections_per_ip)
+    # RFC 5321 section 4.5.3.1: 421 when resources are short, before the greeting.
+    refusal = str(R.TOO_MANY_CONNECTIONS).encode() + b"\r\n"
     listeners = {
         Mode.MX: settings.smtp.mx_listen,
         Mode.SUBMISSION: settings.smtp.submission_listen,
@@ -108,15 +111,15 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
             if mode is Mode.SUBMISSIONS and addresses and tls is None:
                 raise ValueError("smtp.submissions_listen needs a TLS context")
             for address in addresses:
-                host, port = parse_listen(address)
-                server = await loop.create_server(
+                server = await serve(
                     lambda mode=mode: SmtpSession(ctx, mode),
-                    host or None,
-                    port,
-                    ssl=tls if mode is Mode.SUBMISSIONS else None,
-                    reuse_address=True,
-                    reuse_port=port != 0 and hasattr(socket, "SO_REUSEPORT"),
-                    backlog=512,
+                    f"smtp.{mode.value}_listen",
+                    address,
+                    limit=limit,
+                    refusal=refusal,
+                    label="smtp" if mode is Mode.MX else "submission",
+                    share_port=settings.server.share_ports,
+                    tls=tls if mode is Mode.SUBMISSIONS else None,
                 )
                 servers[mode].append(server)
                 log.info("SMTP %s listening on %s", mode.value, address)

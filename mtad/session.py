@@ -641,7 +641,7 @@ class SmtpSession(LeaseHolder, SMTP):
         data = DataReader(
             smtp.max_message_size,
             smtp.max_line_length,
-            spool_at=None,
+            spool_at=smtp.spool_threshold,
             spool_dir=self.ctx.settings.data_dir / "spool",
         )
         try:  # the spool file goes on every path, a lost connection included

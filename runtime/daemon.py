@@ -10,10 +10,16 @@ close the services (sessions end, workers stop), then storage.
 
 With ``server.processes`` above 1 (0: one per CPU) the command becomes a
 supervisor: it prepares what the workers share (migrations, the
-self-signed certificate, the HTTP token secret), forks that many workers
-that each run the daemons on the same ports (SO_REUSEPORT lets the kernel
-spread connections), restarts a worker that dies, and on SIGTERM/SIGINT
-stops them all and waits for them.
+self-signed certificate, the HTTP token secret), binds every listening
+socket once (:func:`runtime.listen.inherit`), forks that many workers that
+each run the daemons on those same sockets (the kernel spreads connections
+among the processes accepting on them), restarts a worker that dies, and on
+SIGTERM/SIGINT stops them all and waits for them.
+
+Each daemon's service module lists the settings it listens on in
+``LISTEN_KEYS``. A listener that cannot be bound (a port in use, by another
+program or by another shardmail site) stops the command with a message
+naming the setting and exit status 1.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, TypeVar
 
 from conf.settings import ConfigError, Settings, load_settings
 from conf.tls import server_context
+from runtime.listen import ListenError, inherit
 
 DAEMONS = ("mtad", "imapd", "httpapi")
 log = logging.getLogger("shardmail")
@@ -148,11 +155,28 @@ def serve(settings: Settings, names: Sequence[str]) -> int:
     """Run the named daemons in this process, or under a supervisor of
     ``worker_count`` worker processes. Returns the exit status."""
     workers = worker_count(settings)
-    if workers == 1:
-        run_loop(settings, run_daemons(settings, names))
-        return 0
-    run_loop(settings, prepare_shared_state(settings, names))
+    try:
+        if workers == 1:
+            run_loop(settings, run_daemons(settings, names))
+            return 0
+        run_loop(settings, prepare_shared_state(settings, names))
+        inherit(listen_addresses(settings, names), share_port=settings.server.share_ports)
+    except ListenError as exc:
+        print(f"shardmail: {exc}", file=sys.stderr, flush=True)
+        return 1
     return supervise(settings, names, workers)
+
+
+def listen_addresses(settings: Settings, names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(setting, address)`` of every listener of the named daemons (each
+    service module's ``LISTEN_KEYS``)."""
+    found = []
+    for name in names:
+        module = importlib.import_module(f"{name}.service")
+        for key in getattr(module, "LISTEN_KEYS", ()):
+            section, _, field = key.partition(".")
+            found += [(key, address) for address in getattr(getattr(settings, section), field)]
+    return found
 
 
 async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None:

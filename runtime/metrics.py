@@ -234,6 +234,11 @@ CONNECTIONS = gauge("shardmail_connections", "Open client connections.", ["proto
 CONNECTIONS_TOTAL = counter(
     "shardmail_connections_total", "Client connections accepted.", ["protocol"]
 )
+CONNECTIONS_REFUSED = counter(
+    "shardmail_connections_refused_total",
+    "Connections refused because their client IP had too many open.",
+    ["protocol"],
+)
 MESSAGES_RECEIVED = counter(
     "shardmail_messages_received_total",
     "Messages accepted from clients (SMTP end of data, HTTP send, IMAP APPEND).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import weakref
@@ -18,22 +19,28 @@ from typing import TYPE_CHECKING, cast
 
 from imapd.imap.session import ServerContext, Session
 from imapd.imap.wire.framing import FrameEvent, Framer
+from runtime.listen import LeaseHolder, PeerLimit, serve
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
-from storage.throttle import AuthThrottle
 
 if TYPE_CHECKING:
     from conf.settings import Settings
     from storage.api import Storage
 
+log = logging.getLogger("imapd.imap")
+
 # Stop reading from a client that pipelines more than this ahead of us.
 READ_BUFFER_HIGH = 1024 * 1024
 # Responses are gathered and sent in one write up to this size (fewer syscalls).
 WRITE_COALESCE = 64 * 1024
+# Sent instead of the greeting to a client over imap.max_connections_per_ip:
+# RFC 3501 section 7.1.5 allows BYE as the greeting, RFC 5530 section 3
+# names the UNAVAILABLE code.
+TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] too many connections from your address\r\n"
 
 
-class ImapConnection(asyncio.Protocol):
+class ImapConnection(LeaseHolder, asyncio.Protocol):
     """Bytes in -> framer -> session; session out -> transport, with
-    back-pressure both ways."""
+    back-pressure both ways. A lease holder: STARTTLS moves it under TLS."""
 
     def __init__(self, ctx: ServerContext, implicit_tls: bool) -> None:
         self.ctx = ctx
@@ -85,6 +92,7 @@ class ImapConnection(asyncio.Protocol):
         return not self.is_tls
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lease.release()
         if self in self.ctx.connections:
             CONNECTIONS.dec(protocol="imap")
         self.ctx.connections.discard(self)
@@ -227,11 +235,6 @@ async def stop_imap(servers: list[asyncio.base_events.Server]) -> None:
             await server.wait_closed()
 
 
-def _split(hostport: str) -> tuple[str, int]:
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 async def start_imap(
     settings: Settings, storage: Storage, tls: ssl.SSLContext | None
 ) -> list[asyncio.base_events.Server]:
@@ -240,30 +243,27 @@ async def start_imap(
     ``settings.imap.listen``: plaintext with STARTTLS (port 143);
     ``settings.imap.tls_listen``: implicit TLS (port 993, RFC 8314).
     """
-    auth = getattr(settings, "auth", None)
-    throttle = AuthThrottle(
-        base=float(getattr(auth, "failure_delay_seconds", 1.0)),
-        cap=float(getattr(auth, "failure_delay_max_seconds", 16.0)),
-    )
-    ctx = ServerContext(settings=settings, storage=storage, tls=tls, throttle=throttle)
-    loop = asyncio.get_running_loop()
+    ctx = ServerContext(settings=settings, storage=storage, tls=tls)
+    limit = PeerLimit(settings.imap.max_connections_per_ip)
+    listeners = [("imap.listen", addr, None) for addr in settings.imap.listen]
+    if tls is not None:
+        listeners += [("imap.tls_listen", addr, tls) for addr in settings.imap.tls_listen]
     servers: list[asyncio.base_events.Server] = []
     try:
-        for addr in settings.imap.listen:
-            host, port = _split(addr)
-            servers.append(
-                await loop.create_server(
-                    lambda: ImapConnection(ctx, False), host, port, reuse_port=True
-                )
+        for setting, addr, context in listeners:
+            implicit = context is not None
+            server = await serve(
+                lambda implicit=implicit: ImapConnection(ctx, implicit),
+                setting,
+                addr,
+                limit=limit,
+                refusal=TOO_MANY_CONNECTIONS,
+                label="imap",
+                share_port=settings.server.share_ports,
+                tls=context,
             )
-        if tls is not None:
-            for addr in settings.imap.tls_listen:
-                host, port = _split(addr)
-                servers.append(
-                    await loop.create_server(
-                        lambda: ImapConnection(ctx, True), host, port, ssl=tls, reuse_port=True
-                    )
-                )
+            servers.append(server)
+            log.info("IMAP listening on %s%s", addr, " (TLS)" if implicit else "")
     except BaseException:
         for server in servers:
             server.close()

@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
+from runtime.listen import LeaseHolder
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 
 # Stop reading from the socket while this much unread input is buffered
@@ -27,12 +28,13 @@ class LineTooLong(Exception):
     """A line exceeded the limit; it has been discarded up to its LF."""
 
 
-class Connection(asyncio.Protocol):
+class Connection(LeaseHolder, asyncio.Protocol):
     """Line input with a length limit, output with flow control, in-place STLS.
 
     ``on_connect(conn)`` runs once the transport exists; the session then
     drives the connection with :meth:`readline`, :meth:`write`,
-    :meth:`drain`, :meth:`start_tls` and :meth:`close`.
+    :meth:`drain`, :meth:`start_tls` and :meth:`close`. A lease holder
+    (:mod:`runtime.listen`): STLS moves it under TLS.
     """
 
     def __init__(self, on_connect: Callable[[Connection], None]) -> None:
@@ -70,6 +72,7 @@ class Connection(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lease.release()
         CONNECTIONS.dec(protocol="pop3")
         self._eof = True
         self._wake_reader()

@@ -8,9 +8,10 @@ Entry contract for ``imapd/service.py``::
 
 :func:`start_pop3` binds every ``settings.pop3.listen`` address (plaintext,
 STLS offered) and every ``settings.pop3.tls_listen`` address (TLS from the
-first byte), with SO_REUSEPORT so several instances share a port, and
-returns the listening ``asyncio.Server`` objects; port 0 binds an
-ephemeral port, read it from ``server.sockets[0].getsockname()``.
+first byte) through :mod:`runtime.listen` (per-IP connection limit, port
+sharing only between one site's instances), and returns the listening
+``asyncio.Server`` objects; port 0 binds an ephemeral port, read it from
+``server.sockets[0].getsockname()``.
 :func:`stop_pop3` closes them and ends their sessions: a session ended
 before QUIT deletes nothing and releases its maildrop lock.
 """
@@ -20,21 +21,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import weakref
 from asyncio.base_events import Server
 
 from conf.settings import Settings
-from conf.tls import parse_listen
 from imapd.pop3.connection import TLS_HANDSHAKE_TIMEOUT, Connection
 from imapd.pop3.session import Session, SessionContext
+from runtime.listen import PeerLimit, serve
 from storage.api import Storage
 from storage.throttle import AuthThrottle
 
 log = logging.getLogger("imapd.pop3")
 
-_REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+# Sent instead of the greeting to a client over pop3.max_connections_per_ip:
+# RFC 1939 section 4 lets the server refuse with -ERR; RFC 3206 section 4
+# names the SYS/TEMP code (try again later; not the maildrop's IN-USE).
+TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] too many connections from your address\r\n"
 
 
 class Pop3Service:
@@ -55,29 +58,30 @@ class Pop3Service:
         self.settings = settings
         self.tls = tls
         self.servers: list[Server] = []
+        self.limit = PeerLimit(settings.pop3.max_connections_per_ip)
         self.sessions: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         try:
             for address in self.settings.pop3.listen:
-                await self._listen(address, None)
+                await self._listen("pop3.listen", address, None)
             for address in self.settings.pop3.tls_listen:
-                await self._listen(address, self.tls)
+                await self._listen("pop3.tls_listen", address, self.tls)
         except BaseException:
             await self.close()
             raise
 
-    async def _listen(self, address: str, tls: ssl.SSLContext | None) -> None:
-        host, port = parse_listen(address)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
+    async def _listen(self, setting: str, address: str, tls: ssl.SSLContext | None) -> None:
+        server = await serve(
             lambda: Connection(self._serve),
-            host,
-            port,
-            ssl=tls,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None,
-            # Instances share a fixed port; an ephemeral one (tests) is never shared.
-            reuse_port=_REUSE_PORT and port != 0,
+            setting,
+            address,
+            limit=self.limit,
+            refusal=TOO_MANY_CONNECTIONS,
+            label="pop3",
+            share_port=self.settings.server.share_ports,
+            tls=tls,
+            tls_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
         self.servers.append(server)
         log.info("pop3 listening on %s%s", address, " (TLS)" if tls else "")

@@ -52,21 +52,31 @@ def greeting(port: int, tls: bool) -> bytes:
         return sock.recv(512)
 
 
-def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
-    ports = {key: free_port() for key in [*LISTENERS, *TLS_LISTENERS, "http.listen"]}
-    args = [sys.executable, "-m", "mailctl", "serve", "-o", f"server.data_dir={tmp_path / 'd'}"]
+def start_serving(data_dir: Path, ports: dict[str, int], *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "mailctl", "serve", "-o", f"server.data_dir={data_dir}", *extra]
     for key, port in ports.items():
         args += ["-o", f"{key}=['127.0.0.1:{port}']"]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+def wait_ready(proc: subprocess.Popen) -> str:
+    """The ready line; the test fails with what was logged if none comes."""
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "shardmail ready" in line or not line:
+            break
+    assert "shardmail ready" in lines[-1], "".join(lines)
+    return lines[-1]
+
+
+def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
+    ports = {key: free_port() for key in [*LISTENERS, *TLS_LISTENERS, "http.listen"]}
+    proc = start_serving(tmp_path / "d", ports)
     try:
-        deadline = time.monotonic() + 60
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "shardmail ready" in line or not line:
-                break
-        assert "shardmail ready: mtad imapd httpapi" in lines[-1], "".join(lines)
+        assert "shardmail ready: mtad imapd httpapi" in wait_ready(proc)
 
         for key, expected in LISTENERS.items():
             assert greeting(ports[key], tls=False).startswith(expected), key
@@ -152,3 +162,29 @@ def test_workers_need_fixed_ports(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "imap.listen" in result.stderr and "server.processes" in result.stderr
+
+
+def test_a_second_site_on_a_port_in_use_fails_naming_the_listener(tmp_path: Path) -> None:
+    """Without server.share_ports, a second `mailctl serve` (another data dir)
+    on a busy port must not silently take half of its connections."""
+    ports = {key: free_port() for key in [*LISTENERS, *TLS_LISTENERS, "http.listen"]}
+    first = start_serving(tmp_path / "one", ports)
+    try:
+        wait_ready(first)
+        for workers in ("1", "2"):  # alone, and as a supervisor binding for its workers
+            other = {key: free_port() for key in ports} | {"imap.listen": ports["imap.listen"]}
+            second = start_serving(tmp_path / f"two{workers}", other, "-o",
+                                   f"server.processes={workers}")
+            try:
+                _, err = second.communicate(timeout=60)
+            finally:
+                if second.poll() is None:
+                    second.kill()
+            assert second.returncode == 1, err
+            assert f"imap.listen: cannot listen on 127.0.0.1:{ports['imap.listen']}" in err, err
+            assert "Address already in use" in err and "Traceback" not in err, err
+        # The first site still answers on that port, every time.
+        for _ in range(6):
+            assert greeting(ports["imap.listen"], tls=False).startswith(b"* OK")
+    finally:
+        assert stop(first) == 0

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from mtad import dmarc
-from mtad.limits import ConnectionCounter, RateLimiter
+from mtad.limits import RateLimiter
 
 
 @pytest.mark.parametrize(
@@ -106,15 +106,3 @@ def test_rate_limiter_disabled() -> None:
     for _ in range(1000):
         limiter.record("u")
     assert limiter.allowed("u")
-
-
-def test_connection_counter() -> None:
-    counter = ConnectionCounter(2)
-    assert counter.acquire("1.2.3.4") and counter.acquire("1.2.3.4")
-    assert not counter.acquire("1.2.3.4")
-    assert counter.acquire("5.6.7.8")
-    counter.release("1.2.3.4")
-    assert counter.acquire("1.2.3.4")
-    counter.release("1.2.3.4")
-    counter.release("1.2.3.4")
-    assert counter.count("1.2.3.4") == 0
