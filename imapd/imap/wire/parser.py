@@ -20,6 +20,7 @@ from imapd.imap.wire.utf7 import Utf7Error, decode_mailbox
 MAX_NESTING = 32  # parenthesis / NOT / OR depth in SEARCH; deeper is abuse
 MAX_NUMBER = 2**32 - 1  # RFC 3501 section 9: number is a 32-bit unsigned
 MAX_NUMBER64 = 2**63 - 1  # RFC 7162 section 7: mod-sequence-value
+_MAX_DIGITS = 20  # more digits than any number above, even with leading zeros
 
 _ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\\]]+")
 _ASTRING_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\]+")
@@ -142,6 +143,8 @@ class _Reader:
         m = self.match(_NUMBER)
         if not m:
             raise _Bad("Expected a number")
+        if len(m.group()) > _MAX_DIGITS:
+            raise _Bad("Number out of range")  # int() of a long string is slow
         n = int(m.group())
         if n > limit or (nonzero and n == 0):
             raise _Bad("Number out of range")
@@ -495,7 +498,8 @@ def _p_append(r: _Reader, tag: str, name: str) -> c.Command:
         r.sp()
     if r.peek() == 0x22:
         m = r.match(_QUOTED_DATE)
-        assert m is not None
+        if m is None:
+            raise _Bad("Invalid date-time")  # a quote never closed
         date = parse_date_time(m.group())
         r.sp()
     if r.peek() != 0x7B:
@@ -903,7 +907,7 @@ def parse_command(
         return parser(r, tag, name)
     except _Bad as exc:
         return c.ParseError(tag, str(exc), exc.code)
-    except (ValueError, IndexError, RecursionError) as exc:  # defensive: never crash
+    except Exception as exc:  # defensive: a parser bug must not end the session with BYE
         return c.ParseError(tag, f"Malformed command ({type(exc).__name__})")
 
 

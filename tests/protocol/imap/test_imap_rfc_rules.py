@@ -28,6 +28,14 @@ SCRIPTS: dict[str, Script] = {
         ('k LIST "" (' + " ".join(["z%"] * 101) + ")", ["k NO \\[LIMIT\\] .*"]),
         ("l NOOP", ["=l OK NOOP completed"]),
     ]),
+    # RFC 3501 section 7.1.5: a command the parser cannot take is BAD, and
+    # the connection carries on (it was BYE Internal server error).
+    "parser_errors_are_bad": Script(login=False, steps=[
+        ('d APPEND INBOX "', ["d BAD .*"]),
+        ('e APPEND INBOX "5-Mar-2021', ["e BAD .*"]),
+        ("f STATUS INBOX (UIDNEXT) " + "9" * 3000, ["f BAD .*"]),
+        ("g NOOP", ["=g OK NOOP completed"]),
+    ]),
 }
 
 
