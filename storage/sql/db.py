@@ -277,8 +277,13 @@ class Database:
         return self.engine.dialect.name
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A read-write transaction; commit on normal exit."""
+    async def write(self, *, foreign_keys: bool = True) -> AsyncIterator[AsyncConnection]:
+        """A read-write transaction; commit on normal exit.
+
+        ``foreign_keys=False`` (schema migrations only): SQLite does not
+        enforce foreign keys in this transaction, so a step may rebuild a
+        table others refer to; the step checks them itself before it ends
+        (``PRAGMA foreign_key_check``). Ignored on PostgreSQL."""
         if self.is_sqlite:
             self._write_waiters += 1  # the batch writer lets the lock go (see _flush_batches)
             try:
@@ -287,9 +292,17 @@ class Database:
                 self._write_waiters -= 1
             try:
                 async with self._translate(), self.engine.connect() as conn:
-                    conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
-                    async with conn.begin():
-                        yield conn
+                    conn = await conn.execution_options(
+                        sqlite_begin="IMMEDIATE", sqlite_foreign_keys=foreign_keys
+                    )
+                    try:
+                        async with conn.begin():
+                            yield conn
+                    finally:
+                        if not foreign_keys:
+                            # Never back to the pool without enforcement: the
+                            # next connection is made with it (``_setup_sqlite``).
+                            await conn.invalidate()
             finally:
                 self._write_lock.release()
         else:
@@ -798,7 +811,7 @@ class Database:
     async def migrate(self) -> int:
         """Applies pending migrations in order; returns the schema version."""
         for version in range(1, schema.SCHEMA_VERSION + 1):
-            async with self.write() as conn:
+            async with self.write(foreign_keys=False) as conn:
                 await schema.lock_for_migration(conn)
                 if await schema.apply_step(conn, version):
                     log.info("%s: migrated schema to version %d", self.safe_url, version)
@@ -932,5 +945,8 @@ def _setup_sqlite(engine: Engine) -> None:
     def on_begin(conn: Any) -> None:
         if getattr(conn.connection.driver_connection, "in_transaction", False):
             return  # begun on the driver by the batch writer (``_transaction``)
-        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        options = conn.get_execution_options()
+        if options.get("sqlite_foreign_keys") is False:
+            # A no-op once the transaction has begun, hence here.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")

@@ -340,7 +340,11 @@ _INSERT_MESSAGE = insert(messages)
 _INSERT_ENTRY = insert(E)
 _INSERT_MESSAGE_OWN_THREAD = (
     insert(messages)
-    .values(thread_id=literal_column("(SELECT coalesce(max(id), 0) + 1 FROM messages)"))
+    .values(
+        thread_id=literal_column(
+            "(SELECT coalesce(max(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'messages')"
+        )
+    )
     .returning(messages.c.id, messages.c.thread_id)
 )
 _SET_THREAD = (
@@ -1029,8 +1033,9 @@ class SqlMailStore:
             ).scalar()
         if thread_id is None and conn.dialect.name == "sqlite":
             # A thread of its own, in the same statement: SQLite gives the
-            # row the highest id plus one, the value the insert reads (an
-            # UPDATE less per delivery); any other id is still corrected.
+            # row the highest id ever used plus one (AUTOINCREMENT), the
+            # value the insert reads (an UPDATE less per delivery); any
+            # other id is still corrected.
             row = execute(conn, _INSERT_MESSAGE_OWN_THREAD, values).one()
             if row.thread_id != row.id:
                 execute(conn, _SET_THREAD, {"b_id": row.id})

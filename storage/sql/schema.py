@@ -10,6 +10,7 @@ a new step, never "drop and recreate".
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy import (
@@ -53,6 +54,7 @@ domains = Table(
     metadata,
     Column("id", Id, primary_key=True),
     Column("name", String(255), nullable=False, unique=True),
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 accounts = Table(
@@ -65,6 +67,7 @@ accounts = Table(
     Column("shard", String(64), nullable=False),
     Column("quota_bytes", BigInteger, nullable=True),
     Column("created", Float, nullable=False),  # epoch seconds
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 aliases = Table(
@@ -74,6 +77,7 @@ aliases = Table(
     Column("source", String(320), nullable=False, index=True),  # address or "@domain"
     Column("target", String(320), nullable=False),
     UniqueConstraint("source", "target", name="aliases_source_target"),
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 # --- mail store (per shard) -------------------------------------------------
@@ -103,6 +107,7 @@ mailboxes = Table(
     Column("special_use", String(32), nullable=True),
     Column("subscribed", Boolean, nullable=False),
     UniqueConstraint("account_id", "name", name="mailboxes_account_name"),
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 messages = Table(
@@ -124,6 +129,7 @@ messages = Table(
     Column("body_text", Text, nullable=False),
     Column("created", Float, nullable=False),
     Index("messages_account_msgid", "account_id", "message_id_header"),
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 mailbox_entries = Table(
@@ -192,6 +198,7 @@ queue_messages = Table(
     # v4 (outbound queue workers): see _v4_outbound_queue.
     Column("held", Boolean, nullable=False, server_default=false()),
     Column("warned", Boolean, nullable=False, server_default=false()),  # delay DSN sent
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 queue_recipients = Table(
@@ -205,6 +212,7 @@ queue_recipients = Table(
     # v4: when the status last changed, and a later DSN's verdict (hard, soft).
     Column("updated", Float, nullable=True),
     Column("feedback", String(16), nullable=True),
+    sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
 # v4: recipients that bounced; suppressed ones fail at once, before any attempt.
@@ -396,6 +404,118 @@ async def _v7_blob_pack(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql(PACK_SCHEMA_SQL)
 
 
+# The tables whose ids leave storage, and where else a deleted row's id may
+# still be named ("table.column"): the high-water mark the rebuilt table
+# starts above, since rows deleted before v8 left no sequence behind.
+_ID_TRACES: dict[str, tuple[str, ...]] = {
+    "domains": ("accounts.domain_id",),
+    "accounts": (
+        "shard_accounts.account_id",
+        "mailboxes.account_id",
+        "messages.account_id",
+        "change_log.account_id",
+    ),
+    "aliases": (),
+    "mailboxes": (
+        "mailbox_entries.mailbox_id",
+        "expunged.mailbox_id",
+        "change_log.mailbox_id",
+    ),
+    "messages": (
+        "messages.thread_id",
+        "mailbox_entries.message_id",
+        "fts_pending.message_id",
+        "fts_deleted.message_id",
+    ),
+    "queue_messages": ("queue_recipients.queue_id",),
+    "queue_recipients": (),
+}
+_REBUILT = "{}__v8"
+
+
+def _autoincrement_ddl(table: str, sql: str) -> str:
+    """``CREATE TABLE`` text of ``table`` as SQLAlchemy wrote it, renamed and
+    with ``id INTEGER PRIMARY KEY AUTOINCREMENT``: every other column and
+    constraint stays as the database has it."""
+    new, renamed = re.subn(
+        rf"^CREATE TABLE {table} \(", f"CREATE TABLE {_REBUILT.format(table)} (", sql
+    )
+    new, pk_column = re.subn(
+        r"\bid INTEGER NOT NULL,", "id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,", new, count=1
+    )
+    new, pk_constraint = re.subn(r",\s*PRIMARY KEY \(id\)", "", new)
+    if (renamed, pk_column, pk_constraint) != (1, 1, 1):
+        raise RuntimeError(f"schema v8: unexpected definition of table {table}: {sql}")
+    return new
+
+
+async def _rebuild_with_autoincrement(conn: AsyncConnection, table: str) -> None:
+    """SQLite cannot alter a primary key: copy the table into a new one
+    declared AUTOINCREMENT, drop the old one, rename the new one into place
+    and recreate the old one's indexes and triggers (the procedure of
+    https://www.sqlite.org/lang_altertable.html#otheralter)."""
+    rows = await conn.exec_driver_sql(
+        "SELECT type, sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL", (table,)
+    )
+    found = rows.all()
+    (create,) = [sql for kind, sql in found if kind == "table"]
+    if "AUTOINCREMENT" in create.upper():
+        return  # made after v8 was written: the v1 step declared it so
+    dependents = [sql for kind, sql in found if kind in ("index", "trigger")]
+    columns = ", ".join(
+        f'"{r[1]}"' for r in await conn.exec_driver_sql(f"PRAGMA table_info({table})")
+    )
+    rebuilt = _REBUILT.format(table)
+    await conn.exec_driver_sql(_autoincrement_ddl(table, create))
+    await conn.exec_driver_sql(
+        f"INSERT INTO {rebuilt} ({columns}) SELECT {columns} FROM {table} ORDER BY id"
+    )
+    await conn.exec_driver_sql(f"DROP TABLE {table}")
+    # Other tables' foreign keys name "{table}", so they refer to the new
+    # table once it is renamed; nothing names the temporary name.
+    await conn.exec_driver_sql(f"ALTER TABLE {rebuilt} RENAME TO {table}")
+    for sql in dependents:
+        await conn.exec_driver_sql(sql)
+
+
+async def _raise_sequence(conn: AsyncConnection, table: str) -> None:
+    """Starts ``table``'s AUTOINCREMENT counter above every id a trace names."""
+    parts = [f"SELECT max(id) AS v FROM {table}", "SELECT seq FROM sqlite_sequence WHERE name = ?"]
+    parts += [f"SELECT max({c}) FROM {t}" for t, c in (x.split(".") for x in _ID_TRACES[table])]
+    union = " UNION ALL ".join(parts)
+    high = (
+        await conn.exec_driver_sql(f"SELECT coalesce(max(v), 0) FROM ({union})", (table,))
+    ).scalar()
+    await conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+    await conn.exec_driver_sql(
+        "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, int(high))
+    )
+
+
+async def _v8_ids_never_reused(conn: AsyncConnection) -> None:
+    """SQLite: ids that leave storage are never handed out twice.
+
+    A plain ``INTEGER PRIMARY KEY`` gives a new row the highest id plus
+    one, so deleting the newest message (an expunge) let the next delivery
+    take its id, and a cache or client keyed by it saw another message
+    (the same for mailboxes, accounts, domains, queue entries).
+    ``AUTOINCREMENT`` keeps the highest id ever used in ``sqlite_sequence``.
+    The rows are copied in this step's transaction, without foreign key
+    enforcement (a parent table is dropped and replaced), then checked.
+    PostgreSQL: nothing to do, ``BIGSERIAL`` sequences
+    never go back.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    for table in _ID_TRACES:
+        await _rebuild_with_autoincrement(conn, table)
+        await _raise_sequence(conn, table)
+    # Foreign keys are not enforced during migrations (Database.write): check.
+    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+    if broken:
+        raise RuntimeError(f"schema v8: foreign keys broken by the rebuild: {broken[:5]}")
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -404,6 +524,7 @@ MIGRATIONS: list[Step] = [
     _v5_fts_without_positions,
     _v6_fts_apart,
     _v7_blob_pack,
+    _v8_ids_never_reused,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

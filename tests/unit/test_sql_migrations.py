@@ -1,0 +1,189 @@
+"""Schema migrations of an existing SQLite database, in place.
+
+The database is built from the DDL schema version 7 created
+(``tests/fixtures/schema_v7_sqlite.sql``), filled with rows the way the
+stores write them, then opened by the current code: every row survives
+unchanged, and ids deleted before the upgrade are not handed out again
+where a trace of them remains.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+from argon2.profiles import CHEAPEST
+
+from storage.backend import open_storage_from_url
+from storage.mime import parse_message
+from storage.model import UidSet
+from storage.sql import schema
+from storage.sql.db import Database
+
+V7_DDL = Path(__file__).parent.parent / "fixtures" / "schema_v7_sqlite.sql"
+ID_TABLES = (
+    "domains",
+    "accounts",
+    "aliases",
+    "mailboxes",
+    "messages",
+    "queue_messages",
+    "queue_recipients",
+)
+
+
+def _text() -> str:
+    return random.randbytes(random.randint(1, 300)).hex()
+
+
+def _fill_v7(conn: sqlite3.Connection, messages: int) -> dict[str, int]:
+    """Rows as the v7 stores write them; returns the highest id of each
+    kind ever handed out (some of those rows are deleted again)."""
+    conn.execute("INSERT INTO domains (name) VALUES ('example.org')")
+    conn.execute(
+        "INSERT INTO accounts (address, domain_id, password_hash, shard, created) "
+        "VALUES ('bob@example.org', 1, 'x', 'default', 1.0)"
+    )
+    conn.execute("INSERT INTO aliases (source, target) VALUES ('@example.org', 'bob@example.org')")
+    conn.execute("INSERT INTO shard_accounts VALUES (1, 3, 100, NULL, 0)")
+    for name in ("INBOX", "Trash", "Old"):
+        conn.execute(
+            "INSERT INTO mailboxes (account_id, name, uidvalidity, uidnext, highestmodseq,"
+            " recent_floor, subscribed) VALUES (1, ?, 7, 1, 1, 0, 1)",
+            (name,),
+        )
+    for _ in range(messages):
+        cur = conn.execute(
+            "INSERT INTO messages (account_id, blob_key, size, parsed, subject, from_text,"
+            " to_text, cc_text, body_text, created) VALUES (1, ?, ?, '{}', ?, ?, ?, '', ?, 1.0)",
+            (_text()[:64], random.randint(1, 10**6), _text(), _text(), _text(), _text()),
+        )
+        mid = cur.lastrowid
+        conn.execute("UPDATE messages SET thread_id = id WHERE id = ?", (mid,))
+        conn.execute(
+            "INSERT INTO mailbox_entries VALUES (1, ?, ?, 0, ' ', 1, 0, 0, 1, 10)", (mid, mid)
+        )
+    conn.execute("UPDATE mailboxes SET uidnext = ? WHERE id = 1", (messages + 1,))
+    for _ in range(2):
+        cur = conn.execute(
+            "INSERT INTO queue_messages (sender, blob_key, created, next_attempt, expires,"
+            " attempts, status) VALUES ('bob@example.org', 'k', 1.0, 1.0, 2.0, 0, 'queued')"
+        )
+        conn.execute(
+            "INSERT INTO queue_recipients (queue_id, address, status) "
+            "VALUES (?, 'a@remote.test', 'pending')",
+            (cur.lastrowid,),
+        )
+    # The indexer took every message, then the newest one was expunged: the
+    # delete trigger keeps its id for the index in fts_deleted.
+    conn.execute("DELETE FROM fts_pending")
+    conn.execute("DELETE FROM mailbox_entries WHERE message_id = ?", (messages,))
+    conn.execute("DELETE FROM messages WHERE id = ?", (messages,))
+    conn.execute("INSERT INTO expunged VALUES (1, ?, 2)", (messages,))
+    # Mailbox "Old" (id 3) deleted; the change log still names it.
+    conn.execute("DELETE FROM mailboxes WHERE id = 3")
+    conn.execute(
+        "INSERT INTO change_log VALUES (1, 3, 'mailbox', 3, NULL, NULL, 1.0,"
+        ' \'{"op": "delete", "name": "Old"}\')'
+    )
+    conn.commit()
+    return {"messages": messages, "mailboxes": 3}
+
+
+def _snapshot(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    conn = sqlite3.connect(path)
+    try:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT IN ('sqlite_sequence', 'schema_version') "
+                "AND name NOT LIKE 'fts_%'"  # the full-text queue: its index file is new
+            )
+        ]
+        return {n: sorted(conn.execute(f'SELECT * FROM "{n}"'), key=repr) for n in names}
+    finally:
+        conn.close()
+
+
+def _schema_objects(path: Path) -> set[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return set(conn.execute("SELECT type, name FROM sqlite_master"))
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def v7_database(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    path = tmp_path / "shardmail.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V7_DDL.read_text())
+    conn.execute("PRAGMA foreign_keys=ON")
+    high = _fill_v7(conn, random.randint(3, 9))
+    conn.close()
+    return path, high
+
+
+async def test_v8_keeps_every_row_and_makes_ids_autoincrement(
+    v7_database: tuple[Path, dict[str, int]],
+) -> None:
+    path, _ = v7_database
+    before, objects = _snapshot(path), _schema_objects(path)
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        assert await db.migrate() == schema.SCHEMA_VERSION >= 8
+    finally:
+        await db.close()
+    assert _snapshot(path) == before
+    assert objects <= _schema_objects(path)  # indexes and triggers too
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        for table in ID_TABLES:
+            (sql,) = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            ).fetchone()
+            assert "AUTOINCREMENT" in sql.upper(), table
+    finally:
+        conn.close()
+
+
+async def test_after_v8_new_ids_pass_every_id_ever_handed_out(
+    v7_database: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, high = v7_database
+    storage = await open_storage_from_url(
+        f"sqlite+aiosqlite:///{path}",
+        tmp_path / "blobs",
+        password_hasher=PasswordHasher.from_parameters(CHEAPEST),
+    )
+    try:
+        bob = await storage.directory.get_account("bob@example.org")
+        mail = storage.mail(bob)
+        raw = b"Subject: after\r\n\r\n" + random.randbytes(random.randint(1, 999))
+        key = await storage.blobs.put(raw)
+        mid = await mail.add_message(bob.id, key, parse_message(raw))
+        assert mid > high["messages"]
+        box = await mail.create_mailbox(bob.id, "New")
+        assert box.id > high["mailboxes"]
+        inbox = await mail.get_mailbox(bob.id, "INBOX")
+        uid = (await mail.append(bob.id, inbox.id, mid)).uid
+        (stored,) = await mail.fetch(bob.id, inbox.id, UidSet.of([uid]))
+        assert stored.entry.message_id == mid
+        assert await storage.blobs.get(stored.entry.blob_key) == raw
+    finally:
+        await storage.close()
+    # It opens a thread of its own, named by its own new id.
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT thread_id FROM messages WHERE id = ?", (mid,)).fetchone() == (
+            mid,
+        )
+    finally:
+        conn.close()
+
