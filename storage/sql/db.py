@@ -816,12 +816,15 @@ class Database:
                 if await schema.apply_step(conn, version):
                     log.info("%s: migrated schema to version %d", self.safe_url, version)
         if self.file is not None and await asyncio.to_thread(fts.create_index, self.file):
-            # A new (or lost) index file: everything stored is queued for it.
+            # A new (or lost) index file: everything stored is queued for it,
+            # and deletions queued for the old one are dropped (asking a
+            # contentless FTS5 table to delete a row it lacks corrupts it).
             async with self.write() as conn:
                 await conn.exec_driver_sql(
                     "INSERT INTO fts_pending (message_id) SELECT id FROM messages "
                     "WHERE id NOT IN (SELECT message_id FROM fts_pending)"
                 )
+                await conn.exec_driver_sql("DELETE FROM fts_deleted")
         async with self.read() as conn:
             return await schema.current_version(conn)
 

@@ -19,8 +19,8 @@ from argon2.profiles import CHEAPEST
 
 from storage.backend import open_storage_from_url
 from storage.mime import parse_message
-from storage.model import UidSet
-from storage.sql import schema
+from storage.model import DELETED, UidSet
+from storage.sql import fts, schema
 from storage.sql.db import Database
 
 V7_DDL = Path(__file__).parent.parent / "fixtures" / "schema_v7_sqlite.sql"
@@ -187,3 +187,41 @@ async def test_after_v8_new_ids_pass_every_id_ever_handed_out(
     finally:
         conn.close()
 
+
+async def test_a_lost_index_file_is_rebuilt_without_stale_deletions(tmp_path: Path) -> None:
+    """Deletions queued for an index file that is gone are dropped with it:
+    asking the new, contentless FTS5 index to delete rows it never had
+    corrupts it ("database disk image is malformed")."""
+    path = tmp_path / "shardmail.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    storage = await open_storage_from_url(url, tmp_path / "blobs", fts_indexer=False)
+    try:
+        await storage.directory.add_domain("example.org")
+        bob = await storage.directory.add_account("bob@example.org", "pw")
+        mail = storage.mail(bob)
+        inbox = await mail.get_mailbox(bob.id, "INBOX")
+        words = [random.randbytes(random.randint(4, 40)).hex() for _ in range(random.randint(2, 5))]
+        for word in words:
+            raw = f"Subject: {word}\r\n\r\n{word}\r\n".encode()
+            mid = await mail.add_message(bob.id, await storage.blobs.put(raw), parse_message(raw))
+            await mail.append(bob.id, inbox.id, mid, [DELETED])
+        indexer = storage.databases["default"].indexer()
+        assert await indexer.run_once() == len(words)
+        assert len(await mail.expunge(bob.id, inbox.id)) == len(words)
+    finally:
+        await storage.close()
+    Path(fts.index_file(str(path))).unlink()  # noqa: ASYNC240 (a test's setup)
+    db = Database(url)
+    try:
+        await db.migrate()
+        indexer = db.indexer()
+        assert indexer is not None
+        await indexer.run_once()
+        conn = sqlite3.connect(fts.index_file(str(path)))
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+        finally:
+            conn.close()
+    finally:
+        await db.close()
