@@ -30,7 +30,7 @@ from httpapi import folders, messages, realtime, search, session
 from httpapi.auth import Authenticator, TokenSigner
 from httpapi.body import JSON_BODY_LIMIT
 from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
-from httpapi.errors import ApiError, error_response, from_storage
+from httpapi.errors import ApiError, error_response, from_storage, retry_later
 from httpapi.openapi import document
 from httpapi.ratelimit import RateLimiter
 from runtime.metrics import (
@@ -41,7 +41,7 @@ from runtime.metrics import (
 )
 from storage.api import Storage
 from storage.errors import StorageError
-from storage.throttle import AuthThrottle
+from storage.throttle import login_gate
 
 log = logging.getLogger("httpapi")
 
@@ -175,7 +175,8 @@ async def healthz(request: web.Request) -> web.Response:
     except (TimeoutError, StorageError, OSError) as exc:
         log.warning("health check failed: %s", exc)
         return web.json_response(
-            {"status": "unavailable", "storage": "unreachable"}, status=503
+            {"status": "unavailable", "storage": "unreachable"}, status=503,
+            headers=retry_later(),
         )
     return web.json_response({"status": "ok", "storage": "ok"})
 
@@ -217,14 +218,13 @@ def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Applic
         # this only caps a request.read() that bypasses it.
         client_max_size=JSON_BODY_LIMIT,
     )
-    throttle = AuthThrottle(
-        base=settings.auth.failure_delay_seconds, cap=settings.auth.failure_delay_max_seconds
-    )
     app[CONTEXT] = ApiContext(
         settings=settings,
         storage=storage,
         auth=Authenticator(
-            storage, TokenSigner(secret, settings.http.token_lifetime_seconds), throttle
+            storage,
+            TokenSigner(secret, settings.http.token_lifetime_seconds),
+            login_gate(storage, settings.auth),
         ),
         user_limit=RateLimiter(settings.http.rate_limit_per_user),
         ip_limit=RateLimiter(settings.http.rate_limit_per_ip),

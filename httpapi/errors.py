@@ -2,7 +2,8 @@
 
 Every error response is ``{"error": {"code": "...", "message": "..."}}`` with
 an HTTP status; storage failures map through
-:data:`storage.errors.HTTP_STATUS` (classified once). A client never sees a
+:data:`storage.errors.HTTP_STATUS` (classified once), and every 503 carries
+``Retry-After``. A client never sees a
 traceback: anything unexpected is a 500 ``internal`` with a generic message.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from storage.errors import HTTP_STATUS, ErrorKind, StorageError
+
+RETRY_AFTER_SECONDS = 5  # a failover or a restart of the database takes seconds
 
 
 class ApiError(Exception):
@@ -38,8 +41,16 @@ def not_found(what: str = "message") -> ApiError:
 def from_storage(err: StorageError) -> ApiError:
     code = err.kind.name.lower()
     status = HTTP_STATUS.get(err.kind, 500)
-    message = err.message if err.kind is not ErrorKind.TEMPORARY else "try again later"
-    return ApiError(status, code, message)
+    if err.kind is ErrorKind.TEMPORARY:
+        # Never the backend's words (they may name hosts or paths).
+        return ApiError(status, code, "try again later", retry_later())
+    return ApiError(status, code, err.message)
+
+
+def retry_later() -> dict[str, str]:
+    """Headers of a 503: RFC 9110 section 10.2.3 Retry-After, so clients back
+    off instead of hammering a recovering database."""
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 def error_response(err: ApiError) -> web.Response:

@@ -25,7 +25,7 @@ from httpapi.compose import (
     parse_json_draft,
 )
 from httpapi.context import account_of, context, owned_mailbox, owned_message
-from httpapi.errors import ApiError, bad_request, not_found
+from httpapi.errors import ApiError, bad_request, not_found, retry_later
 from httpapi.ids import MessageRef, message_id, parse_folder_id
 from httpapi.mime import content_disposition, message_parts, read_text, stream_decoded
 from httpapi.sanitize import sanitize_html
@@ -293,7 +293,8 @@ async def send_message(request: web.Request) -> web.Response:
         detail = {"code": err.kind.name.lower(), "message": str(err)}
         if err.recipient:
             detail["recipient"] = err.recipient
-        return web.json_response({"error": detail}, status=status)
+        headers = retry_later() if err.kind is ErrorKind.TEMPORARY else None
+        return web.json_response({"error": detail}, status=status, headers=headers)
     except StorageError as err:
         if err.kind is ErrorKind.TOO_BIG:
             raise ApiError(413, "message_too_large", str(err)) from None

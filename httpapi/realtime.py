@@ -38,6 +38,7 @@ from httpapi.threads import latest_change_id
 from httpapi.views import event_view, summary
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 from storage.api import MailStore, Subscription
+from storage.errors import ErrorKind, StorageError
 from storage.model import Account, Change, ChangeKind, UidSet
 
 routes = web.RouteTableDef()
@@ -49,6 +50,7 @@ DEFAULT_POLL_TIMEOUT = 25.0
 MAX_POLL_TIMEOUT = 60.0
 BATCH = 500
 WS_CLOSE_UNAUTHORIZED = 4401  # private-use close code (RFC 6455 section 7.4.2)
+WS_CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 section 7.4.1 (IANA registry)
 
 
 class ChangeFeed:
@@ -170,8 +172,14 @@ async def _authenticate_ws(
     except ApiError:
         await ws.close(code=WS_CLOSE_UNAUTHORIZED, message=b"invalid or expired token")
         return None
+    except StorageError as err:
+        if err.kind is not ErrorKind.TEMPORARY:
+            raise
+        # RFC 6455 section 7.4.1: 1013 "try again later", not a bad token.
+        await ws.close(code=WS_CLOSE_TRY_AGAIN_LATER, message=b"try again later")
+        return None
     if ctx.user_limit.check(f"user:{account.id}") is not None:
-        await ws.close(code=1013, message=b"rate limited")  # RFC 6455 7.4.1 "try again later"
+        await ws.close(code=WS_CLOSE_TRY_AGAIN_LATER, message=b"rate limited")
         return None
     return account
 
