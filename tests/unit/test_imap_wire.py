@@ -320,6 +320,39 @@ def test_utf7_rejects_malformed(wire: str) -> None:
         decode_mailbox(wire)
 
 
+# RFC 3501 section 5.1.3: only the one shortest encoding of a name is valid.
+NON_CANONICAL_UTF7 = [
+    "&ZZZ-",  # 18 bits for 16: the 2 padding bits must be zero
+    "&AOP-x",  # the same, after one 16-bit unit
+    "&AOl-",
+    "&2D3eAB-",  # 36 bits for 32: 4 padding bits, one set
+    "&AOk-&AOk-",  # two adjacent base64 runs are written as one: &AOkA6Q-
+    "a&AOk-&AGEA4Q-",
+    "&AOkA-",  # 24 bits: 3 octets, half a UTF-16 unit left over
+    "&AA-",  # 12 bits: one octet
+    "&2D0-",  # a high surrogate alone
+    "&3gA-",  # a low surrogate alone
+    "&ACY-",  # "&" is written "&-"
+    "&AGEA6Q-",  # printable "a" inside the base64 run
+]
+
+
+@pytest.mark.parametrize("wire", NON_CANONICAL_UTF7)
+def test_utf7_rejects_non_canonical(wire: str) -> None:
+    with pytest.raises(Utf7Error):
+        decode_mailbox(wire)
+
+
+@given(st.text(alphabet="&-AOkDd3eZ,+Ga", max_size=16))
+def test_utf7_accepts_only_the_canonical_form(wire: str) -> None:
+    """Whatever decodes must be exactly what encoding the result gives."""
+    try:
+        name = decode_mailbox(wire)
+    except Utf7Error:
+        return
+    assert encode_mailbox(name) == wire
+
+
 @given(st.text(max_size=30))
 def test_utf7_property(name: str) -> None:
     name = name.replace("\x00", "")

@@ -43,7 +43,9 @@ def encode_mailbox(name: str) -> str:
 
 
 def decode_mailbox(name: str) -> str:
-    """Modified UTF-7 -> UTF-8 str. Raises :class:`Utf7Error` on malformed input."""
+    """Modified UTF-7 -> UTF-8 str. Raises :class:`Utf7Error` on malformed
+    input and on any form but the canonical one, so that one mailbox has one
+    name on the wire: ``encode_mailbox(decode_mailbox(w)) == w``."""
     if "&" not in name:
         for ch in name:
             if not _is_direct(ch):
@@ -69,6 +71,7 @@ def decode_mailbox(name: str) -> str:
             b64 = chunk.replace(",", "/")
             if any(c not in _B64 for c in b64) or len(b64) % 4 == 1:
                 raise Utf7Error("bad base64 in mailbox name")
+            _check_canonical_run(b64, name, end)
             try:
                 raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
                 text = raw.decode("utf-16-be")
@@ -82,4 +85,19 @@ def decode_mailbox(name: str) -> str:
     return "".join(out)
 
 
-_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+def _check_canonical_run(b64: str, name: str, end: int) -> None:
+    """RFC 3501 section 5.1.3: a base64 run is the shortest form of whole
+    UTF-16 units (so the bits past the last octet are zero) and two runs
+    are never adjacent (they are written as one)."""
+    spare_bits = len(b64) * 6 % 8  # 0, 2 or 4 bits beyond the last octet
+    if _B64_VALUE[b64[-1]] & ((1 << spare_bits) - 1):
+        raise Utf7Error("non-zero padding bits in mailbox name")
+    if name.startswith("&", end + 1) and not name.startswith("&-", end + 1):
+        raise Utf7Error("adjacent base64 runs in mailbox name")
+
+
+_B64_VALUE = {
+    c: i
+    for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+}
+_B64 = frozenset(_B64_VALUE)

@@ -36,6 +36,17 @@ SCRIPTS: dict[str, Script] = {
         ("f STATUS INBOX (UIDNEXT) " + "9" * 3000, ["f BAD .*"]),
         ("g NOOP", ["=g OK NOOP completed"]),
     ]),
+    # RFC 3501 section 5.1.3: one name, one encoding; any other is refused.
+    "utf7_names_only_canonical": Script(steps=[
+        ("a CREATE &ZZZ-", ["a BAD .*padding.*"]),
+        ("b CREATE &AOP-x", ["b BAD .*padding.*"]),
+        ('c CREATE "&AOk-&AOk-"', ["c BAD .*adjacent.*"]),
+        ("d CREATE &AGEA6Q-", ["d BAD .*printable.*"]),
+        ("e CREATE &AOkA6Q-", ["=e OK CREATE completed"]),
+        ('f LIST "" "*"', ["...", r'=* LIST (\HasNoChildren) "/" "&AOkA6Q-"', "...", "f OK .*"]),
+        ("g SELECT &AOkA6Q-&-", ["g NO \\[NONEXISTENT\\] .*"]),
+        ("h STATUS &AOkA6Q- (MESSAGES)", ['=* STATUS "&AOkA6Q-" (MESSAGES 0)', "h OK .*"]),
+    ]),
 }
 
 
