@@ -20,10 +20,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from conf.settings import Settings
 from delivery.address import PathSyntaxError, parse_mailbox
 from delivery.headers import return_path_field
+from delivery.spool import Message, materialised, message_size, prepend
 from runtime.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
 from storage.api import Route, Storage
 from storage.errors import HTTP_STATUS, SMTP_REPLY, ErrorKind, StorageError
@@ -118,23 +120,25 @@ async def deliver(
     *,
     mail_from: str,
     routing: Routing,
-    message: bytes,
+    message: Message,
     mailbox: str = "INBOX",
 ) -> tuple[dict[str, AppendResult], str | None]:
     """Deliver ``message`` (with trace fields already prepended) to the local
     accounts (Return-Path prepended, one blob for all) and queue it for the
     remote recipients. Returns (appends by account address, queued blob key).
+    A spooled message is streamed from a file, never read whole into memory.
     """
     delivered: dict[str, AppendResult] = {}
     accounts = list(routing.local.values())
     if accounts:
         for account in accounts:
-            await check_quota(storage, account, len(message))
-        local_copy = return_path_field(mail_from) + message
+            await check_quota(storage, account, message_size(message))
+        local_copy = prepend(return_path_field(mail_from), message)
         try:
-            outcomes = await ingest_each(
-                storage, [Delivery(a, mailbox) for a in accounts], local_copy
-            )
+            async with materialised(local_copy) as source:
+                outcomes = await ingest_each(
+                    storage, [Delivery(a, mailbox) for a in accounts], source
+                )
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, str(exc)) from exc
         failures = []
@@ -154,7 +158,12 @@ async def deliver(
     blob_key = None
     if routing.remote:
         try:
-            blob_key = await storage.blobs.put(message)
+            async with materialised(message) as source:
+                blob_key = await (
+                    storage.blobs.put_file(source)
+                    if isinstance(source, Path)
+                    else storage.blobs.put(source)
+                )
             await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
@@ -168,7 +177,9 @@ async def sender_allowed(storage: Storage, account: Account, mail_from: str) -> 
     return any(a.lower() == wanted for a in await storage.directory.addresses_of(account))
 
 
-async def save_sent_copy(storage: Storage, account: Account, message: bytes) -> AppendResult | None:
+async def save_sent_copy(
+    storage: Storage, account: Account, message: Message
+) -> AppendResult | None:
     """Store the submitted message in the sender's \\Sent mailbox, \\Seen.
     Best effort: the message is already on its way, so a failure is logged."""
     try:
@@ -176,7 +187,8 @@ async def save_sent_copy(storage: Storage, account: Account, message: bytes) -> 
         target: str | int = next(
             (m.id for m in mailboxes if m.special_use == "\\Sent"), "Sent"
         )
-        results = await ingest_each(storage, [Delivery(account, target, (SEEN,))], message)
+        async with materialised(message) as source:
+            results = await ingest_each(storage, [Delivery(account, target, (SEEN,))], source)
     except StorageError as exc:
         log.warning("Sent copy for %s failed: %s", account.address, exc)
         return None

@@ -10,11 +10,23 @@ Limits are checked while reading and the verdict is given only at the end
 of the data, as RFC 5321 section 4.2.5 implies: after the size limit is
 exceeded nothing more is kept in memory, but the data is still read up to
 its end so the session stays in sync.
+
+Memory stays bounded whatever the client sends: once more than
+``spool_at`` octets are held, the text goes to a spool file as it arrives
+(:class:`delivery.spool.SpoolFile`) and the session delivers from that file.
 """
 
 from __future__ import annotations
 
 import enum
+from pathlib import Path
+
+from delivery.spool import SpoolFile
+
+# The largest header a spooled message may have: it is read into memory to
+# drop forged trace fields. A message under the spool threshold is in
+# memory anyway.
+HEADER_MAX = 1024 * 1024
 
 
 class DataVerdict(enum.Enum):
@@ -22,6 +34,7 @@ class DataVerdict(enum.Enum):
     TOO_BIG = "too big"  # 552 5.3.4 (RFC 1870 section 6.1)
     LINE_TOO_LONG = "line too long"  # 500 (RFC 5321 section 4.5.3.1.6 / 4.5.3.1.10)
     BARE_LINE_ENDING = "bare LF or CR"  # 550 5.6.0 (RFC 5321 section 2.3.8)
+    SPOOL_FAILED = "spool write failed"  # 451 4.3.0: the disk, not the client
 
 
 class DataReader:
@@ -32,17 +45,70 @@ class DataReader:
     Call :meth:`feed` with each line (ending in CRLF, or a fragment of an
     over-long line without it); it returns True once the end-of-data line
     has been seen.
+
+    With ``spool_at`` set, at most that many octets (plus the block being
+    fed) are held in memory; beyond it the message goes to a file in
+    ``spool_dir``. The caller must call :meth:`discard` on every path (it
+    removes the file); :meth:`message` hands the text over.
     """
 
-    __slots__ = ("_at_line_start", "_chunks", "max_line", "max_size", "size", "verdict")
+    __slots__ = (
+        "_at_line_start",
+        "_chunks",
+        "_spool",
+        "held",
+        "max_line",
+        "max_size",
+        "size",
+        "spool_at",
+        "spool_dir",
+        "verdict",
+    )
 
-    def __init__(self, max_size: int, max_line: int = 1000) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_line: int = 1000,
+        *,
+        spool_at: int | None = None,
+        spool_dir: Path | None = None,
+    ) -> None:
         self.max_size = max_size
         self.max_line = max_line
+        self.spool_at = spool_at
+        self.spool_dir = spool_dir
         self.size = 0
+        self.held = 0  # octets in memory
         self.verdict = DataVerdict.OK
         self._chunks: list[bytes] = []
+        self._spool: SpoolFile | None = None
         self._at_line_start = True
+
+    def _keep(self, text: bytes) -> None:
+        try:
+            if self._spool is not None:
+                self._spool.write(text)
+                return
+            self._chunks.append(text)
+            self.held += len(text)
+            if self.spool_at is not None and self.held > self.spool_at:
+                self._spool = SpoolFile(self.spool_dir or Path("."))
+                for chunk in self._chunks:
+                    self._spool.write(chunk)
+                self._chunks = []
+                self.held = 0
+        except OSError:
+            # A full or unwritable disk: read on to the end, then a 451.
+            self.verdict = DataVerdict.SPOOL_FAILED
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop what is held: the chunks in memory and the spool file."""
+        self._chunks = []
+        self.held = 0
+        if self._spool is not None:
+            self._spool.remove()
+            self._spool = None
 
     def feed(self, line: bytes) -> bool:
         if self._at_line_start:
@@ -67,11 +133,11 @@ class DataReader:
         if self.verdict is DataVerdict.OK:
             if self.size > self.max_size:
                 self.verdict = DataVerdict.TOO_BIG
-                self._chunks = []
+                self.discard()
             else:
-                self._chunks.append(line)
-        elif self._chunks:
-            self._chunks = []  # stop holding what will be refused
+                self._keep(line)
+        elif self._chunks or self._spool is not None:
+            self.discard()  # stop holding what will be refused
         return False
 
     def feed_lines(self, block: bytes) -> bool:
@@ -95,7 +161,7 @@ class DataReader:
                 longest = max(map(len, text.split(b"\r\n"))) + 2 if text else 0
                 if longest <= self.max_line and self.size + len(text) <= self.max_size:
                     self.size += len(text)
-                    self._chunks.append(text)
+                    self._keep(text)
                     return ended
         lines = block.split(b"\r\n")
         lines.pop()  # what follows the final CRLF: nothing
@@ -111,5 +177,13 @@ class DataReader:
 
     @property
     def content(self) -> bytes:
-        """The message, valid only when ``verdict`` is OK."""
+        """The message held in memory, valid only when ``verdict`` is OK and
+        nothing was spooled."""
         return b"".join(self._chunks)
+
+    def message(self) -> bytes | Path:
+        """The message (``verdict`` OK): bytes, or the closed spool file,
+        which stays the reader's until :meth:`discard`."""
+        if self._spool is None:
+            return self.content
+        return self._spool.close()

@@ -695,6 +695,9 @@ class SmtpSession(LeaseHolder, SMTP):
             return R.DATA_LINE_TOO_LONG
         if data.verdict is DataVerdict.BARE_LINE_ENDING:
             return R.BARE_LF
+        if data.verdict is DataVerdict.SPOOL_FAILED:
+            log.warning("DATA spool in %s failed", data.spool_dir)
+            return R.TEMP_FAILURE
         content = await self._cleaned(data.message())
         return content if isinstance(content, R.Reply) else await self._accept(content)
 

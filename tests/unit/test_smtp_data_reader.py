@@ -78,3 +78,72 @@ def test_typical_message_lines() -> None:
     assert reader.feed(b".\r\n")
     assert reader.verdict is DataVerdict.OK
     assert reader.content == b"Subject: x\r\n\r\n.leading dot\r\nend.\r\n"
+
+
+# -- spooling (issue #17: DATA held whole in memory) ---------------------------
+
+
+def _random_message(rng, size: int) -> bytes:
+    """``size``-ish octets of CRLF lines of random printable text, some dotted."""
+    lines, total = [], 0
+    while total < size:
+        line = bytes(rng.choice(b"abcdefghij .,;:!") for _ in range(rng.randrange(0, 200)))
+        if rng.random() < 0.05:
+            line = b"." + line
+        lines.append(line + b"\r\n")
+        total += len(lines[-1])
+    return b"".join(lines)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    size=st.integers(min_value=0, max_value=300_000),
+    spool_at=st.integers(min_value=4096, max_value=70_000),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_spooled_data_is_byte_exact_and_memory_bounded(
+    tmp_path_factory, size: int, spool_at: int, seed: int
+) -> None:
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    spool_dir = tmp_path_factory.mktemp("spool")
+    text = _random_message(rng, size)
+    stuffed = text.replace(b"\r\n.", b"\r\n..")
+    stuffed = (b"." + stuffed if stuffed.startswith(b".") else stuffed) + b".\r\n"
+    reader = DataReader(10_000_000, 1000, spool_at=spool_at, spool_dir=spool_dir)
+    ended, pos, largest_feed = False, 0, 0
+    while not ended:  # as the session: runs up to a ".CRLF", at most 64 KiB each
+        end = stuffed.find(b".\r\n", pos)
+        cut = min(end + 3, pos + rng.randrange(1, 65_536))
+        block = stuffed[pos:cut]
+        if not block.endswith(b"\r\n"):
+            cut = stuffed.rfind(b"\r\n", pos, cut) + 2
+            block = stuffed[pos:cut]
+        if not block:
+            cut = stuffed.find(b"\r\n", pos) + 2
+            block = stuffed[pos:cut]
+        ended = reader.feed_lines(block)
+        largest_feed = max(largest_feed, len(block))
+        assert reader.held <= spool_at + largest_feed
+        pos = cut
+    assert reader.verdict is DataVerdict.OK
+    got = reader.message()
+    if len(text) > spool_at:
+        assert isinstance(got, Path) and got.parent == spool_dir
+        assert got.read_bytes() == text
+    else:
+        assert got == text
+    reader.discard()
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_spool_removed_when_message_is_refused(tmp_path) -> None:
+    reader = DataReader(100_000, 1000, spool_at=4096, spool_dir=tmp_path)
+    reader.feed_lines(b"x" * 900 + b"\r\n" * 1 + (b"y" * 900 + b"\r\n") * 10)
+    assert len(list(tmp_path.iterdir())) == 1  # past 4096 octets: spooled
+    reader.feed(b"a\nb\r\n")  # a bare LF: refused, nothing more kept
+    assert reader.verdict is DataVerdict.BARE_LINE_ENDING
+    assert list(tmp_path.iterdir()) == []
+    assert reader.feed(b".\r\n")
