@@ -149,19 +149,13 @@ async def get_attachment(request: web.Request) -> web.StreamResponse:
 
 @routes.patch("/v1/messages/{message_id}", name="update_message")
 async def update_message(request: web.Request) -> web.Response:
-    """``{"read": bool, "flagged": bool, "folder_id": str}``, any subset."""
+    """``{"unread": bool, "flagged": bool, "folder_id": str}``, any subset;
+    ``unread`` is the name lists and filters use (``read``, its negation, is
+    still accepted from older clients)."""
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
     ref = MessageRef.decode(request.match_info["message_id"])
-    body = await json_body(request)
-    unknown = set(body) - {"read", "flagged", "folder_id"}
-    if unknown:
-        raise bad_request(f"unknown field {sorted(unknown)[0]!r}", "unknown_field")
-    if not body:
-        raise bad_request("nothing to change: give read, flagged or folder_id", "empty_update")
-    for key in ("read", "flagged"):
-        if key in body and not isinstance(body[key], bool):
-            raise bad_request(f"{key} must be true or false", "invalid_field")
+    body = _read_state(await json_body(request))
     target = None
     if "folder_id" in body:
         if not isinstance(body["folder_id"], str):
@@ -169,9 +163,10 @@ async def update_message(request: web.Request) -> web.Response:
         target = await owned_mailbox(mail, account, parse_folder_id(body["folder_id"]))
     mailbox, _ = await owned_message(mail, account, ref)
     uids = UidSet.of([ref.uid])
-    for key, flag in (("read", SEEN), ("flagged", FLAGGED)):
+    # \Seen is set when the message is *not* unread (RFC 3501 section 2.3.2).
+    for key, flag, set_when in (("unread", SEEN, False), ("flagged", FLAGGED, True)):
         if key in body:
-            mode = StoreMode.ADD if body[key] else StoreMode.REMOVE
+            mode = StoreMode.ADD if body[key] is set_when else StoreMode.REMOVE
             await mail.store_flags(account.id, mailbox.id, uids, mode, [flag])
     if target is not None and target.id != mailbox.id:
         moved = await mail.move(account.id, mailbox.id, uids, target.id)
@@ -181,6 +176,23 @@ async def update_message(request: web.Request) -> web.Response:
     _, stored = await owned_message(mail, account, ref)
     index = await ctx.threads.index(mail, account.id)
     return web.json_response(summary(stored, index.thread_of.get(stored.entry.message_id)))
+
+
+def _read_state(body: dict[str, Any]) -> dict[str, Any]:
+    """The PATCH body validated, with legacy ``read`` folded into ``unread``."""
+    unknown = set(body) - {"unread", "read", "flagged", "folder_id"}
+    if unknown:
+        raise bad_request(f"unknown field {sorted(unknown)[0]!r}", "unknown_field")
+    if not body:
+        raise bad_request("nothing to change: give unread, flagged or folder_id", "empty_update")
+    for key in ("unread", "read", "flagged"):
+        if key in body and not isinstance(body[key], bool):
+            raise bad_request(f"{key} must be true or false", "invalid_field")
+    if "read" in body:
+        unread = not body.pop("read")
+        if body.setdefault("unread", unread) is not unread:
+            raise bad_request("read and unread contradict each other", "conflicting_fields")
+    return body
 
 
 @routes.delete("/v1/messages/{message_id}", name="delete_message")

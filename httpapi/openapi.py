@@ -199,11 +199,13 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/messages/{message_id}": {
         "get": _op("A message: headers, text, sanitized HTML, attachments",
                    {"200": _json(_ref("Message")), **_errors(404)}, params=[_MESSAGE_ID]),
-        "patch": _op("Mark read/unread, flag, or move",
+        "patch": _op("Mark unread or read, flag, or move",
                      {"200": _json(_ref("MessageSummary")), **_errors(400, 404)},
                      params=[_MESSAGE_ID], body={"required": True, "content": {
                          "application/json": {"schema": {"type": "object", "properties": {
-                             "read": {"type": "boolean"}, "flagged": {"type": "boolean"},
+                             "unread": {"type": "boolean"}, "flagged": {"type": "boolean"},
+                             "read": {"type": "boolean", "deprecated": True,
+                                      "description": "the negation of unread, for older clients"},
                              "folder_id": {"type": "string"}}}}}}),
         "delete": _op("Move to Trash, or expunge when already in Trash",
                       {"200": _json({"type": "object"}), **_errors(404)}, params=[_MESSAGE_ID]),

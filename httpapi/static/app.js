@@ -201,7 +201,7 @@ async function openMessage(id) {
   $("flag-button").textContent = message.flagged ? "Unflag" : "Flag";
   for (const li of $("message-list").children) li.classList.toggle("selected", li.dataset.messageId === id);
   if (message.unread) {
-    const updated = await api("PATCH", `/v1/messages/${encodeURIComponent(id)}`, { read: true });
+    const updated = await api("PATCH", `/v1/messages/${encodeURIComponent(id)}`, { unread: false });
     state.current.unread = false;
     if (state.messages.has(id)) appendMessage(updated, false);
     loadFolders();
@@ -344,7 +344,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("compose-cancel").addEventListener("click", () => $("compose-dialog").close());
   $("compose-form").addEventListener("submit", sendCompose);
   $("reply-button").addEventListener("click", () => openCompose(state.current));
-  $("unread-button").addEventListener("click", () => updateCurrent({ read: false }));
+  $("unread-button").addEventListener("click", () => updateCurrent({ unread: true }));
   $("flag-button").addEventListener("click", () => updateCurrent({ flagged: !state.current?.flagged }));
   $("delete-button").addEventListener("click", deleteCurrent);
   if (state.token) showMail().catch(() => logout()); else logout();

@@ -60,3 +60,15 @@ def test_document_references_resolve() -> None:
         assert params == expected, path
         for op in ops.values():
             assert op["responses"], path
+
+
+def test_the_read_state_has_one_name() -> None:
+    doc = document()
+    patch = doc["paths"]["/v1/messages/{message_id}"]["patch"]
+    fields = patch["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    current = {name for name, schema in fields.items() if not schema.get("deprecated")}
+    assert current == {"unread", "flagged", "folder_id"}
+    summary = doc["components"]["schemas"]["MessageSummary"]["properties"]
+    assert "unread" in summary and "read" not in summary
+    list_params = doc["paths"]["/v1/folders/{folder_id}/messages"]["get"]["parameters"]
+    assert "unread" in {p["name"] for p in list_params}

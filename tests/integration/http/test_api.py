@@ -349,6 +349,33 @@ async def test_patch_read_flag_and_move(alice_api: Api, mailstore: Any, alice: A
         assert (status, data["error"]["code"]) == (400, code)
 
 
+async def test_patch_uses_unread_like_lists_and_filters(
+    alice_api: Api, mailstore: Any, alice: Any
+) -> None:
+    await deliver(mailstore, alice, make_mail("Name the read state once"))
+    inbox = await _inbox(alice_api)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    mid = page["messages"][0]["id"]
+    status, updated = await alice_api.request("PATCH", f"/v1/messages/{mid}",
+                                              json={"unread": False})
+    assert (status, updated["unread"]) == (200, False)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages?unread=true")
+    assert page["messages"] == []
+    status, updated = await alice_api.request("PATCH", f"/v1/messages/{mid}",
+                                              json={"unread": True})
+    assert (status, updated["unread"]) == (200, True)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages?unread=true")
+    assert [m["id"] for m in page["messages"]] == [mid]
+    # "read" stays accepted for older clients; contradicting "unread" is an error.
+    status, updated = await alice_api.request("PATCH", f"/v1/messages/{mid}",
+                                              json={"read": True})
+    assert (status, updated["unread"]) == (200, False)
+    for body, code in [({"unread": "no"}, "invalid_field"),
+                       ({"unread": True, "read": True}, "conflicting_fields")]:
+        status, data = await alice_api.request("PATCH", f"/v1/messages/{mid}", json=body)
+        assert (status, data["error"]["code"]) == (400, code)
+
+
 async def test_delete_moves_to_trash_then_expunges(
     alice_api: Api, mailstore: Any, alice: Any
 ) -> None:
