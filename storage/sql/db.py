@@ -32,7 +32,14 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
-from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    MultipleResultsFound,
+    NoResultFound,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as SaTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from storage.errors import ErrorKind, StorageError
@@ -55,20 +62,72 @@ SQLITE_READERS = 3
 T = TypeVar("T")
 
 
+# SQLSTATEs a retry can cure (PostgreSQL manual, appendix A "Error Codes"):
+# whole classes, then single codes. 08: connection exception; 53:
+# insufficient resources (53300 too many connections, disk full, memory).
+_RETRY_SQLSTATE_CLASSES = frozenset({"08", "53"})
+_RETRY_SQLSTATES = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: a write reached a standby (failover)
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available (lock_timeout)
+        "57014",  # query_canceled (statement_timeout)
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (starting up, shutting down, recovery)
+        "57P05",  # idle_session_timeout
+    }
+)
+# SQLite primary result codes a retry can cure (https://sqlite.org/rescode.html):
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL. Others
+# (SQLITE_ERROR: a missing table, bad SQL; CORRUPT; CONSTRAINT) are not.
+_RETRY_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
+def _retry_cures(exc: BaseException) -> bool | None:
+    """What ``exc`` itself says: True (transient), False (a code that
+    says it is not), None (no verdict: look at its cause)."""
+    if isinstance(exc, StorageError):
+        return False
+    if isinstance(exc, (OSError, SaTimeoutError, DisconnectionError)):
+        return True  # refused, reset, timed out (TimeoutError is an OSError); pool timeout
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)  # asyncpg, and SQLAlchemy's adapter of it
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        return sqlstate[:2] in _RETRY_SQLSTATE_CLASSES or sqlstate in _RETRY_SQLSTATES
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _RETRY_SQLITE_CODES  # the primary code of an extended one
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry later can cure ``exc``: the driver's own code first
+    (SQLAlchemy's ``orig``, then ``__cause__``), else the class of the
+    outermost error: an ``OperationalError`` without a code is an outage."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        verdict = _retry_cures(link)
+        if verdict is not None:
+            return verdict
+        link = getattr(link, "orig", None) or link.__cause__
+    return isinstance(exc, OperationalError)
+
+
 def classify(exc: Exception) -> Exception:
-    """The error a caller should see for a backend failure: outages and
-    lock timeouts are retryable (TEMPORARY, caused by ``exc``); anything
-    else (an integrity error a store did not expect) is a bug and is
-    returned as it is."""
-    if isinstance(exc, OperationalError):
-        log.warning("database unavailable: %s", exc)
-        err = StorageError(ErrorKind.TEMPORARY, "storage temporarily unavailable")
-    elif isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        err = StorageError(ErrorKind.TEMPORARY, "storage connection lost")
-    elif isinstance(exc, (OSError, ConnectionError)):
-        err = StorageError(ErrorKind.TEMPORARY, "storage temporarily unavailable")
-    else:
+    """The error a caller should see for a backend failure, decided here
+    and nowhere else: what a retry can cure (:func:`is_transient`: outages,
+    failovers, lock and serialization conflicts) is TEMPORARY, caused by
+    ``exc``; anything else (an integrity error a store did not expect, a
+    bad statement) is a bug and is returned as it is."""
+    if not is_transient(exc):
         return exc
+    log.warning("database unavailable: %s", exc)
+    err = StorageError(ErrorKind.TEMPORARY, "storage temporarily unavailable")
     err.__cause__ = exc
     return err
 
@@ -320,7 +379,9 @@ class Database:
     async def _translate(self) -> AsyncIterator[None]:
         try:
             yield
-        except (DBAPIError, OSError, ConnectionError) as exc:
+        except StorageError:
+            raise
+        except Exception as exc:  # drivers raise more than DBAPIError (asyncpg, OSError)
             err = classify(exc)
             if err is exc:
                 raise
