@@ -28,6 +28,12 @@ noop           ``NOOP``
 mixed          40% fetch_header, 20% fetch_body, 20% store,
                10% search, 10% noop
 append         ``APPEND INBOX {N+}`` (LITERAL+, RFC 7888) of one message
+churn          ``--churn-clients`` sessions on one account's INBOX of
+               ``--churn-messages``: LIST, STATUS, FETCH of envelopes and
+               of whole bodies, STORE of flags and keywords, STORE
+               \\Deleted + EXPUNGE, APPEND while a view holds fewer than
+               ``--churn-floor`` messages (``bench/imap_churn.py``); then
+               its checker compares every session's view with storage
 =============  ==========================================================
 
 Reported per phase: commands/s, latency p50/p99, server CPU ms per
@@ -69,6 +75,7 @@ from typing import TYPE_CHECKING, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dovecot_peer import DovecotPeer, free_port, proc_cpu_seconds
+from bench.imap_churn import CHURN_MIX, ChurnSession, Tally, churn_message, open_churn, verify
 from runtime.daemon import add_override_option
 
 if TYPE_CHECKING:
@@ -86,10 +93,13 @@ MIXES: dict[str, dict[str, int]] = {
     "noop": {"noop": 1},
     "mixed": {"fetch_header": 40, "fetch_body": 20, "store": 20, "search": 10, "noop": 10},
     "append": {"append": 1},
+    "churn": CHURN_MIX,
 }
 DEFAULT_PHASES = (
-    "fetch_header", "fetch_body", "fetch_struct", "store", "search", "noop", "mixed", "append"
+    "fetch_header", "fetch_body", "fetch_struct", "store", "search", "noop", "mixed", "append",
+    "churn",
 )
+CHURN_LOGIN = f"churn@{DOMAIN}"  # the churn phase's own account, shared by its sessions
 
 
 # ------------------------------------------------------------------ messages
@@ -225,13 +235,6 @@ class ImapClient(asyncio.Protocol):
             await asyncio.wait_for(self.closed, 5)
 
 
-@dataclass
-class Tally:
-    ok: int = 0
-    failed: int = 0
-    latencies: list[float] = field(default_factory=list)
-
-
 class BenchSession:
     """One kept session: its account, its messages' UIDs and seen state."""
 
@@ -286,6 +289,9 @@ class BenchSession:
             return self.append_line
         raise ValueError(kind)
 
+    async def close(self) -> None:
+        await self.client.close()
+
     async def drive(self, mix: dict[str, int], deadline: float) -> dict[str, Tally]:
         kinds = list(mix)
         weights = [mix[k] for k in kinds]
@@ -331,6 +337,8 @@ class PhaseResult:
     machine_busy_cores: float
     loadavg: float
     by_kind: dict[str, dict[str, float]]
+    # The churn checker's findings by kind (bench/imap_churn.py); empty is right.
+    checker: dict[str, int] = field(default_factory=dict)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -343,7 +351,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def run_phase(
     server: str,
     phase: str,
-    sessions: list[BenchSession],
+    sessions: Sequence[BenchSession | ChurnSession],
     seconds: float,
     server_cpu: Callable[[], float],
 ) -> PhaseResult:
@@ -419,8 +427,34 @@ async def open_sessions(
     return sessions
 
 
-async def close_sessions(sessions: list[BenchSession]) -> None:
-    await asyncio.gather(*(s.client.close() for s in sessions), return_exceptions=True)
+async def close_sessions(sessions: Sequence[BenchSession | ChurnSession]) -> None:
+    await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+async def churn_phase(
+    name: str,
+    port: int,
+    args: argparse.Namespace,
+    server_cpu: Callable[[], float],
+    server_pid: int | None = None,
+) -> PhaseResult:
+    """The churn phase on its own sessions (all on CHURN_LOGIN), then its
+    checker: after a final NOOP each session's view must be storage's."""
+    sessions = await open_churn(port, CHURN_LOGIN, args.churn_clients, args.churn_floor)
+    try:
+        r = await run_phase(name, "churn", sessions, args.seconds, server_cpu)
+        print_result(r)
+        if "churn" in args.profile and server_pid is not None:
+            await profile_phase(name, "churn", sessions, args, server_cpu, server_pid)
+        problems = await verify(sessions, port)
+    finally:
+        await close_sessions(sessions)
+    r.checker = dict(problems.counts)
+    appended = sum(s.appended for s in sessions)
+    smallest = min(s.smallest_view for s in sessions)
+    print(f"{'':<24}churn checker: {appended} appends, smallest view {smallest}; "
+          + problems.report().replace("\n", "\n" + " " * 24), flush=True)
+    return r
 
 
 async def bench_server(
@@ -437,6 +471,9 @@ async def bench_server(
         if args.warmup > 0:
             await run_phase(name, "mixed", sessions, args.warmup, server_cpu)
         for phase in args.phases:
+            if phase == "churn":
+                out.append(await churn_phase(name, port, args, server_cpu, server_pid))
+                continue
             r = await run_phase(name, phase, sessions, args.seconds, server_cpu)
             print_result(r)
             out.append(r)
@@ -450,7 +487,7 @@ async def bench_server(
 async def profile_phase(
     name: str,
     phase: str,
-    sessions: list[BenchSession],
+    sessions: Sequence[BenchSession | ChurnSession],
     args: argparse.Namespace,
     server_cpu: Callable[[], float],
     pid: int,
@@ -482,6 +519,13 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def churn_fill(args: argparse.Namespace) -> list[bytes]:
+    """The churn account's first messages: random sizes, the same bytes on
+    every server of one run."""
+    rng = random.Random(args.churn_messages)
+    return [churn_message(0, i, rng)[1] for i in range(args.churn_messages)]
+
+
 def logins_for(args: argparse.Namespace) -> list[str]:
     count = 1 if args.layout == "shared" else args.clients
     return [f"user{n}@{DOMAIN}" for n in range(count)]
@@ -504,6 +548,10 @@ async def fill_shardmail(data_dir: Path, logins: list[str], args: argparse.Names
                 await ingest(storage, [Delivery(account, "INBOX")], message(i, args.size))
 
         await asyncio.gather(*(fill_one(a) for a in accounts))
+        if "churn" in args.phases:
+            churner = await storage.directory.add_account(CHURN_LOGIN, PASSWORD)
+            for raw in churn_fill(args):
+                await ingest(storage, [Delivery(churner, "INBOX")], raw)
     finally:
         await storage.close()
 
@@ -598,6 +646,9 @@ async def dovecot_server(workdir: Path, args: argparse.Namespace) -> AsyncIterat
             peer.add_user(login, PASSWORD)
             peer.add_messages(login, (message(i, args.size) for i in range(args.messages)),
                               when=when)
+        if "churn" in args.phases:
+            peer.add_user(CHURN_LOGIN, PASSWORD)
+            peer.add_messages(CHURN_LOGIN, churn_fill(args), when=when)
         peer.start()
         print(f"# dovecot: {len(logins)} x {args.messages} messages in Maildir, "
               f"port {peer.port}", flush=True)
@@ -636,6 +687,10 @@ async def run_interleaved(workdir: Path, args: argparse.Namespace) -> list[Phase
                 print(f"# round {n + 1} of {args.rounds}", flush=True)
                 for phase in args.phases:
                     for srv in servers if n % 2 == 0 else servers[::-1]:
+                        if phase == "churn":
+                            results.append(await churn_phase(srv.name, srv.port, args,
+                                                             srv.cpu_seconds))
+                            continue
                         r = await run_phase(srv.name, phase, sessions[srv.name], args.seconds,
                                             srv.cpu_seconds)
                         print_result(r)
@@ -763,6 +818,12 @@ def main() -> None:
                         help="one account per session, or one account for all sessions")
     parser.add_argument("--phases", type=lambda s: s.split(","), default=list(DEFAULT_PHASES),
                         help="comma-separated, from: " + ",".join(MIXES))
+    parser.add_argument("--churn-clients", type=int, default=10,
+                        help="sessions of the churn phase, all on one account")
+    parser.add_argument("--churn-messages", type=int, default=200,
+                        help="messages in the churn account's INBOX at the start")
+    parser.add_argument("--churn-floor", type=int, default=35,
+                        help="a churn session appends only while its view holds fewer")
     parser.add_argument("--compare-dovecot", action="store_true",
                         help="then run the same phases against Dovecot on the same contents")
     parser.add_argument("--dovecot-only", action="store_true")

@@ -34,6 +34,7 @@ class MailboxView:
     entries: dict[int, MessageEntry] = field(default_factory=dict)  # flags, modseq, size...
     recent: set[int] = field(default_factory=set)
     modseq: int = 0  # highest modseq this session has caught up with
+    heard_modseq: int = 0  # highest modseq an event has told of (see skipped_to)
     pending_vanished: set[int] = field(default_factory=set)  # expunged, not yet announced
     # Event-bus news not yet applied: (uid, modseq, new flags or None if expunged).
     events: list[tuple[int, int, frozenset[str] | None]] = field(default_factory=list)
@@ -73,6 +74,17 @@ class MailboxView:
         self.entries[entry.uid] = entry
         if self.flag_index and old.flags != entry.flags:
             self._index(entry)
+
+    def skipped_to(self, modseq: int) -> bool:
+        """An event tells of a change at ``modseq``: True if the view has
+        heard of no change at the modseq just below it. Every change to a
+        mailbox takes the next modseq (RFC 7162 section 3.1.1; changes of
+        one STORE or EXPUNGE share one), and each process's bus delivers
+        them in commit order, so a jump means the bus lost some (it is
+        best effort) or delivered them out of order."""
+        top = max(self.modseq, self.heard_modseq)
+        self.heard_modseq = max(top, modseq)
+        return modseq > top + 1
 
     def uids_with_flag(self, flag: str, present: bool) -> list[int]:
         """The UIDs, ascending, whose flags contain ``flag`` (``present``) or

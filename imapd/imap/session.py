@@ -35,7 +35,7 @@ from storage.throttle import AuthThrottle
 if TYPE_CHECKING:
     from conf.settings import Settings
     from storage.api import MailStore, Storage, Subscription
-    from storage.model import Account, Mailbox, MailboxStatus, MessageEntry
+    from storage.model import Account, Mailbox, MailboxChanges, MailboxStatus, MessageEntry
 
 log = logging.getLogger("imapd.imap")
 
@@ -157,6 +157,7 @@ class Session:
         self._spools: list[Spool] = []
         self._last_poll = 0.0
         self._dropped = 0  # the subscription's lost-change count last seen
+        self.changes_heard = 0  # changes the watcher took from the bus (see selected_now)
         self.message_cache = MessageCache()
         # STATUS answers by mailbox id, dropped by any event about that mailbox.
         self.status_cache: dict[int, MailboxStatus] = {}
@@ -487,9 +488,15 @@ class Session:
                     self.status_cache.clear()
                 else:
                     self.status_cache.pop(change.mailbox_id, None)
+                self.changes_heard += 1
                 view = self.selected
                 if view is None or change.mailbox_id not in (view.mailbox.id, None):
                     continue
+                if change.modseq is not None and view.skipped_to(change.modseq):
+                    # The bus lost what came between: only storage can tell.
+                    self.wakeup.set()
+                    self.dirty = True
+                    view.unknown_news = True
                 if change.kind is ChangeKind.NEW and change.uid in view.own_uids:
                     view.own_uids.discard(change.uid)  # our own APPEND, announced already
                     continue
@@ -519,6 +526,16 @@ class Session:
                     else:
                         view.unknown_news = True
 
+    def selected_now(self, view: MailboxView, heard: int) -> None:
+        """SELECT/EXAMINE made ``view`` (read after ``changes_heard`` was
+        ``heard``) the selected mailbox. Changes the watcher took meanwhile
+        had no view to go to: if there were any, the next sync reads
+        storage again from the view's modseq (RFC 3501 section 7.4.1: the
+        client still hears of them)."""
+        self.selected = view
+        self.dirty = self.changes_heard != heard
+        view.unknown_news = self.dirty
+
     # --------------------------------------------------------------- updates
     async def sync(
         self, allow_expunge: bool = True, force: bool = False, poll: bool = False
@@ -529,7 +546,13 @@ class Session:
 
         Storage is read when an event said the mailbox changed, when
         ``force`` (our own write may not have been announced yet), or on a
-        ``poll`` (NOOP, CHECK, IDLE) at most every FORCED_POLL_INTERVAL."""
+        ``poll`` (NOOP, CHECK, IDLE) at most every FORCED_POLL_INTERVAL.
+
+        Every storage call comes first; only once they all succeeded does
+        the view change, and the client is told in the same step (no await
+        in between). A failed call changes nothing but leaves the session
+        owing a read, so no news is lost with it and the view never holds
+        a message the client was not told of."""
         view = self.selected
         if view is None or self.mail is None or self.account is None:
             return
@@ -540,75 +563,107 @@ class Session:
         now = asyncio.get_running_loop().time()
         if poll and now - self._last_poll >= FORCED_POLL_INTERVAL:
             force = True
-        known = view.entries
-        new: dict[int, MessageEntry] = {}  # arriving now, not yet announced
-        if self.dirty or force or view.events:
+        reread = self.dirty or force
+        if reread or view.events:
             self.wakeup.clear()
         own, view.own_new = view.own_new, []
-        if not (self.dirty or force):
-            for e in own:  # see wrote_to: nothing else changed before them
-                new[e.uid] = e
+        try:
+            changes = None
+            if reread:
+                self._last_poll = now
+                self.dirty = False
+                view.news.clear()
+                view.unknown_news = False
+                changes = await self.mail.changes_since(
+                    self.account.id, view.mailbox.id, view.modseq
+                )
+            # Arriving now, not yet announced; see wrote_to for ``own``.
+            if changes is None:
+                new = {e.uid: e for e in own}
+            else:
+                top = view.max_uid
+                new = {e.uid: e for e in changes.changed if e.uid > top}
+            recent = await self._recent_among(view, new) if new else set()
+        except BaseException:
+            # Nothing applied (view.modseq unmoved): the next sync reads again.
+            self.dirty = True
+            view.unknown_news = True
+            raise
+        if changes is None:
+            for e in own:
                 view.modseq = max(view.modseq, e.modseq)
-        if self.dirty or force:
-            self._last_poll = now
-            self.dirty = False
-            view.news.clear()
-            view.unknown_news = False
-            changes = await self.mail.changes_since(self.account.id, view.mailbox.id, view.modseq)
-            view.modseq = max(view.modseq, changes.highestmodseq)
-            for uid in changes.vanished:
-                if uid in known:
-                    view.pending_vanished.add(uid)
-            gone = view.pending_vanished
-            top = view.max_uid
-            for e in sorted(changes.changed, key=lambda e: e.uid):
-                if e.uid in gone:
-                    continue
-                if e.uid > top:
-                    new[e.uid] = e
-                    continue
-                old = known.get(e.uid)
-                if old is not None and e.modseq >= old.modseq:
-                    view.update(e)
-                    if old.flags != e.flags:
-                        self._flag_update(view, e.uid, e.flags, e.modseq)
-        if view.events:
-            events, view.events = view.events, []
-            for uid, modseq, flags in events:
-                arriving = new.get(uid)
-                if arriving is not None:  # news about mail announced below
-                    if flags is None:
-                        del new[uid]  # gone before the client ever saw it
-                    elif modseq > arriving.modseq:
-                        new[uid] = dataclasses.replace(arriving, flags=flags, modseq=modseq)
-                    continue
-                old = known.get(uid)
-                if old is None:
-                    continue  # not ours yet (its NEW event sets dirty) or gone
-                if flags is None:
-                    view.pending_vanished.add(uid)
-                elif modseq > old.modseq:  # events may trail a fresher read
-                    view.update(dataclasses.replace(old, flags=flags, modseq=modseq))
-                    if old.flags != flags and uid not in view.pending_vanished:
-                        self._flag_update(view, uid, flags, modseq)
+        else:
+            self._apply_changes(view, changes)
+        self._apply_events(view, new)
         if allow_expunge and view.pending_vanished:
             self.announce_expunge(view, set(view.pending_vanished))
         if new:
             view.add(sorted(new.values(), key=lambda e: e.uid))
+            view.recent.update(u for u in recent if u in new)
             if not view.read_only:
-                mine = {uid for uid in new if view.claimed_by_us(uid)}
-                view.recent.update(mine)
-                if len(mine) < len(new):  # mail we did not claim with an APPEND
-                    floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
-                    view.recent.update(uid for uid in new if uid >= floor)
                 view.claimed = [c for c in view.claimed if c[1] > view.max_uid]
-            else:
-                # RFC 3501 sections 2.3.2 and 6.3.2: a read-only session sees
-                # \Recent on new mail without claiming it.
-                count = await self.mail.peek_recent(self.account.id, view.mailbox.id)
-                view.mark_recent(count, among=new.keys())
             self.untagged(f"{view.exists} EXISTS")
             self.untagged(f"{len(view.recent)} RECENT")
+
+    async def _recent_among(self, view: MailboxView, new: dict[int, MessageEntry]) -> set[int]:
+        """Which of the ``new`` UIDs (all above the view's) the client is
+        to see \\Recent (RFC 3501 section 2.3.2): a read-write session claims
+        those it did not claim with its own APPEND; a read-only one
+        (sections 2.3.2 and 6.3.2) sees the newest, without claiming."""
+        assert self.mail is not None and self.account is not None
+        if view.read_only:
+            count = await self.mail.peek_recent(self.account.id, view.mailbox.id)
+            return set(sorted(new)[-count:]) if count > 0 else set()
+        mine = {uid for uid in new if view.claimed_by_us(uid)}
+        if len(mine) < len(new):  # mail we did not claim with an APPEND
+            floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
+            mine.update(uid for uid in new if uid >= floor)
+        return mine
+
+    def _apply_changes(self, view: MailboxView, changes: MailboxChanges) -> None:
+        """A read of storage (changes_since view.modseq): expunged UIDs become
+        pending, known entries take their newer state (FETCH FLAGS if the
+        flags changed). New UIDs are the caller's."""
+        view.modseq = max(view.modseq, changes.highestmodseq)
+        known = view.entries
+        for uid in changes.vanished:
+            if uid in known:
+                view.pending_vanished.add(uid)
+        gone = view.pending_vanished
+        top = view.max_uid
+        for e in sorted(changes.changed, key=lambda e: e.uid):
+            if e.uid in gone or e.uid > top:
+                continue
+            old = known.get(e.uid)
+            if old is not None and e.modseq >= old.modseq:
+                view.update(e)
+                if old.flags != e.flags:
+                    self._flag_update(view, e.uid, e.flags, e.modseq)
+
+    def _apply_events(self, view: MailboxView, new: dict[int, MessageEntry]) -> None:
+        """Event-bus news (flags, expunges) to the view, and to ``new``
+        (mail arriving in this sync, not announced yet)."""
+        if not view.events:
+            return
+        known = view.entries
+        events, view.events = view.events, []
+        for uid, modseq, flags in events:
+            arriving = new.get(uid)
+            if arriving is not None:  # news about mail announced below
+                if flags is None:
+                    del new[uid]  # gone before the client ever saw it
+                elif modseq > arriving.modseq:
+                    new[uid] = dataclasses.replace(arriving, flags=flags, modseq=modseq)
+                continue
+            old = known.get(uid)
+            if old is None:
+                continue  # not ours yet (its NEW event sets dirty) or gone
+            if flags is None:
+                view.pending_vanished.add(uid)
+            elif modseq > old.modseq:  # events may trail a fresher read
+                view.update(dataclasses.replace(old, flags=flags, modseq=modseq))
+                if old.flags != flags and uid not in view.pending_vanished:
+                    self._flag_update(view, uid, flags, modseq)
 
     @property
     def has_updates(self) -> bool:

@@ -43,6 +43,7 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     if cmd.qresync is not None and "QRESYNC" not in s.enabled:
         return bad("Enable QRESYNC first")  # RFC 7162 section 3.2.5
     acct = _account_id(s)
+    heard = s.changes_heard  # see Session.selected_now
     box = await s.mail.get_mailbox(acct, cmd.mailbox)
     entries = await s.mail.uids(acct, box.id)
     read_only = cmd.name == "EXAMINE"
@@ -73,9 +74,8 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     s.untagged(f"OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")
     s.untagged(f"OK [UIDNEXT {max(box.uidnext, view.max_uid + 1)}] Predicted next UID")
     s.untagged(f"OK [HIGHESTMODSEQ {max(box.highestmodseq, 1)}] Highest")
-    s.selected = view
+    s.selected_now(view, heard)
     s.state = State.SELECTED
-    s.dirty = False
     if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
         await _qresync(s, view, cmd)
     return ok(f"{cmd.name} completed", "READ-ONLY" if read_only else "READ-WRITE")
