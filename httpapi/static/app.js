@@ -181,16 +181,7 @@ async function openMessage(id) {
   $("reader-from").textContent = message.from ? `${who(message.from)} <${message.from.address}>` : "";
   $("reader-to").textContent = message.to.map(who).join(", ");
   $("reader-date").textContent = message.date ? new Date(message.date).toLocaleString() : "";
-  const frame = $("reader-html");
-  if (message.html) {
-    frame.hidden = false;
-    frame.srcdoc = `<!doctype html><meta charset="utf-8"><base target="_blank">${message.html}`;
-    $("reader-text").textContent = "";
-  } else {
-    frame.hidden = true;
-    frame.srcdoc = "";
-    $("reader-text").textContent = message.text || "";
-  }
+  showBody(message, false);
   const list = $("reader-attachments");
   list.replaceChildren();
   for (const att of message.attachments) {
@@ -206,6 +197,37 @@ async function openMessage(id) {
     if (state.messages.has(id)) appendMessage(updated, false);
     loadFolders();
   }
+}
+
+// Remote images (and tracking pixels) stay blocked until the reader asks: the
+// message's own Content-Security-Policy, which a srcdoc frame adds to the
+// page's, allows only inline data: images; "Show remote images" re-renders
+// it allowing http(s) images too. Nothing else remote is ever allowed.
+const BLOCK_REMOTE = "default-src 'none'; img-src data:";
+const ALLOW_REMOTE = "default-src 'none'; img-src data: https: http:";
+
+function hasRemoteImages(html) {
+  // DOMParser documents load nothing, so looking is safe.
+  const doc = new DOMParser().parseFromString(html, "text/html");
+  return [...doc.images].some((img) => !/^\s*data:/i.test(img.getAttribute("src") || "data:"));
+}
+
+function showBody(message, allowRemote) {
+  const frame = $("reader-html");
+  $("remote-images").hidden = true;
+  if (!message.html) {
+    frame.hidden = true;
+    frame.srcdoc = "";
+    $("reader-text").textContent = message.text || "";
+    return;
+  }
+  const policy = allowRemote ? ALLOW_REMOTE : BLOCK_REMOTE;
+  frame.hidden = false;
+  frame.srcdoc = `<!doctype html><meta charset="utf-8">`
+    + `<meta http-equiv="Content-Security-Policy" content="${policy}">`
+    + `<meta name="referrer" content="no-referrer"><base target="_blank">${message.html}`;
+  $("reader-text").textContent = "";
+  $("remote-images").hidden = allowRemote || !hasRemoteImages(message.html);
 }
 
 async function download(att) {
@@ -347,5 +369,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("unread-button").addEventListener("click", () => updateCurrent({ unread: true }));
   $("flag-button").addEventListener("click", () => updateCurrent({ flagged: !state.current?.flagged }));
   $("delete-button").addEventListener("click", deleteCurrent);
+  $("remote-images-button").addEventListener("click", () => { if (state.current) showBody(state.current, true); });
   if (state.token) showMail().catch(() => logout()); else logout();
 });

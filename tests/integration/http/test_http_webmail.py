@@ -1,0 +1,95 @@
+"""Webmail behaviour in a real browser (Debian's chromium through Playwright,
+as in test_webmail_browser): remote images stay blocked until asked for."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from playwright.async_api import Page, async_playwright, expect
+
+from tests.integration.http.conftest import PASSWORD, deliver, make_mail
+from tests.integration.http.test_webmail_browser import CHROMIUM, CHROMIUM_ARGS
+
+# A 1x1 transparent GIF: what a tracking pixel is.
+PIXEL = bytes.fromhex(
+    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
+)
+
+
+@pytest.fixture
+async def tracker() -> AsyncIterator[tuple[str, list[str]]]:
+    """A remote image host on loopback; the list records every request."""
+    hits: list[str] = []
+
+    async def pixel(request: web.Request) -> web.Response:
+        hits.append(request.path_qs)
+        return web.Response(body=PIXEL, content_type="image/gif")
+
+    app = web.Application()
+    app.router.add_get("/{name}", pixel)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", hits
+    finally:
+        await runner.cleanup()
+
+
+async def open_browser(base_url: str, width: int, height: int) -> AsyncIterator[Page]:
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(10_000)
+            await page.goto(base_url + "/")
+            await page.fill("#login-address", "alice@example.test")
+            await page.fill("#login-password", PASSWORD)
+            await page.click("#login-submit")
+            await expect(page.locator("#live-status")).to_have_text("live")
+            yield page
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def page(base_url: str, alice: Any) -> AsyncIterator[Page]:
+    async for opened in open_browser(base_url, 1280, 800):
+        yield opened
+
+
+async def test_remote_images_load_only_when_asked(
+    page: Page, mailstore: Any, alice: Any, tracker: tuple[str, list[str]]
+) -> None:
+    host, hits = tracker
+    await deliver(mailstore, alice, make_mail(
+        "Newsletter", body="Our news.",
+        html=f'<p>Our news.</p><img src="{host}/open.gif?u=alice" width="1" height="1">'
+             f'<img src="{host.removeprefix("http:")}/logo.gif" alt="logo">',
+    ))
+    await deliver(mailstore, alice, make_mail("Plain note", body="hi", html="<p>Just text.</p>"))
+    await page.reload()
+    await page.locator("#message-list li", has_text="Plain note").click()
+    await expect(page.frame_locator("#reader-html").locator("body")).to_contain_text("Just text.")
+    await expect(page.locator("#remote-images")).to_be_hidden()
+
+    await page.locator("#message-list li", has_text="Newsletter").click()
+    await expect(page.frame_locator("#reader-html").locator("body")).to_contain_text("Our news.")
+    await page.wait_for_timeout(1000)  # ample time for an image fetch to have happened
+    assert hits == [], "a remote image loaded before the reader asked"
+    await expect(page.locator("#remote-images-button")).to_be_visible()
+
+    await page.click("#remote-images-button")
+    await expect(page.locator("#remote-images")).to_be_hidden()
+    for _ in range(50):
+        if len(hits) >= 2:
+            break
+        await page.wait_for_timeout(100)
+    assert sorted(hits) == ["/logo.gif", "/open.gif?u=alice"]
