@@ -119,6 +119,11 @@ class SmtpSettings(Section):
     # DATA past this many octets goes to a file in <data_dir>/spool as it
     # arrives, so a session holds at most this much message text in memory.
     spool_threshold: int = Field(default=1_048_576, ge=4096)
+    # A bare LF or CR in DATA on the MX port (RFC 5321 section 2.3.8): "normalize"
+    # makes each a CRLF, as Postfix does and submission always does (mail from
+    # curl or a script with LF line ends); "reject" refuses the message (550).
+    # A "." line beside a bare LF or CR (SMTP smuggling) is refused either way.
+    mx_bare_lf: Literal["normalize", "reject"] = "normalize"
     max_line_length: int = 998 + 2  # RFC 5321 section 4.5.3.1.6 text line incl. CRLF
     max_command_line_length: int = 512  # RFC 5321 section 4.5.3.1.4
     max_recipients: int = 100  # RFC 5321 section 4.5.3.1.8 minimum
@@ -126,6 +131,10 @@ class SmtpSettings(Section):
     max_errors: int = 10
     command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2.7
     data_timeout_seconds: float = 600.0  # RFC 5321 section 4.5.3.2.6
+    # Waiting for a command while no transaction is open (before MAIL, and
+    # between messages): shorter than command_timeout_seconds on purpose; a
+    # transaction, once MAIL is accepted, keeps the RFC 5321 minimums above.
+    before_mail_timeout_seconds: float = Field(default=60.0, gt=0)
     sender_must_match: bool = True  # authenticated users send only as their addresses
     rate_limit_per_user: int = 300  # messages per rate_window_seconds; 0 disables
     rate_limit_per_ip: int = 600
@@ -171,6 +180,9 @@ class ImapSettings(Section):
     max_line_length: int = 65_536
     max_literal_size: int = 52_428_800  # also advertised as APPENDLIMIT (RFC 7889)
     autologout_seconds: int = 1800  # RFC 3501 section 5.4: at least 30 minutes
+    # Autologout before authentication: RFC 3501 section 5.4 sets its 30
+    # minutes only after login; a client that never logs in is dropped sooner.
+    preauth_timeout_seconds: float = Field(default=60.0, gt=0)
     # Concurrent connections per client IP (per process); 0: no limit. Over
     # it: "* BYE [UNAVAILABLE]" (RFC 3501 section 7.1.5, RFC 5530).
     max_connections_per_ip: int = Field(default=50, ge=0)
@@ -183,6 +195,10 @@ class Pop3Settings(Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:110"])
     tls_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:995"])
     idle_timeout_seconds: int = 600  # RFC 1939 section 3: at least 10 minutes
+    # Autologout in the AUTHORIZATION state (no maildrop held yet): shorter
+    # than RFC 1939 section 3's ten minutes on purpose, so that idle
+    # unauthenticated connections cannot pile up.
+    preauth_timeout_seconds: float = Field(default=60.0, gt=0)
     max_line_length: int = 512  # RFC 2449 section 4: 255 octets per argument
     apop: bool = False
     lock_seconds: int = 900

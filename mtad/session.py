@@ -63,7 +63,7 @@ from runtime.metrics import AUTH_FAILURES, CONNECTIONS, CONNECTIONS_TOTAL, MESSA
 from storage.api import Storage
 from storage.errors import SMTP_REPLY, ErrorKind, StorageError
 from storage.model import Account
-from storage.throttle import AuthThrottle
+from storage.throttle import LoginClient, LoginGate, login_gate
 
 log = logging.getLogger("mtad.smtp")
 
@@ -87,11 +87,15 @@ class SmtpContext:
     storage: Storage
     tls: Any  # ssl.SSLContext | None
     resolver: Resolver
-    throttle: AuthThrottle
     rate_user: RateLimiter
     rate_ip: RateLimiter
     sessions: set[SmtpSession] = field(default_factory=set)
     closing: bool = False
+
+    @property
+    def logins(self) -> LoginGate:
+        """The process's login gate, shared with IMAP, POP3 and HTTP (storage.throttle)."""
+        return login_gate(self.storage, self.settings.auth)
 
 
 class SmtpSessionState(Session):
@@ -290,10 +294,20 @@ class SmtpSession(LeaseHolder, SMTP):
             pass
         self.transport.close()
 
+    def _command_timeout(self) -> float:
+        """How long to wait for the next command: RFC 5321 section 4.5.3.2.7's
+        five minutes inside a transaction, the shorter
+        smtp.before_mail_timeout_seconds while none is open."""
+        envelope = getattr(self, "envelope", None)
+        if envelope is not None and envelope.mail_from is not None:
+            return float(self._timeout_duration)
+        before_mail = self.ctx.settings.smtp.before_mail_timeout_seconds
+        return min(float(self._timeout_duration), before_mail)
+
     def _reset_timeout(self, duration: float | None = None) -> None:
         # One timer per connection, pushed forward by a deadline instead of
         # being re-created for every line (cheap during long DATA phases).
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = self.loop.time() + (duration or self._command_timeout())
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or handle.when() > self._deadline:
             if handle is not None:
@@ -430,30 +444,35 @@ class SmtpSession(LeaseHolder, SMTP):
         if credentials is None:
             return  # a reply was already sent
         login, password = credentials
+        client = LoginClient(self._client_ip, self._gone)
         try:
-            account = await self.ctx.storage.directory.authenticate(login, password)
+            account = await self.ctx.logins.authenticate(
+                self.ctx.storage.directory, login, password, client
+            )
         except StorageError as exc:
-            # An outage is no verdict on the password; nothing is counted.
+            # An outage or a busy gate is no verdict on the password: 454
+            # (RFC 4954 section 6), and nothing is counted.
             log.warning("AUTH from %s not checked: %s", self._client_ip, exc)
             await self.reply(R.AUTH_TEMP_FAILURE)
             return
-        keys = (f"ip:{self._client_ip}", f"login:{login.lower()}")
-        if account is None:
+        if account is None:  # counted and delayed by the gate already
             self._auth_failures += 1
             AUTH_FAILURES.inc(protocol="submission")
-            await self.ctx.throttle.failed(*keys)
             if self._auth_failures >= self.ctx.settings.auth.max_failures_per_connection:
                 await self.close_with(R.TOO_MANY_AUTH_FAILURES)
                 return
             await self.reply(R.AUTH_FAILED)
             return
-        self.ctx.throttle.succeeded(*keys)
         self.state.authenticated = True
         self.state.account = account
         self.state.addresses = {
             a.lower() for a in await self.ctx.storage.directory.addresses_of(account)
         }
         await self.reply(R.AUTH_OK)
+
+    def _gone(self) -> bool:
+        """Whether the client closed the connection (its queued password check is skipped)."""
+        return self.transport is None or self.transport.is_closing()
 
     async def _decode_b64(self, text: str | bytes) -> bytes | None:
         try:
@@ -575,6 +594,7 @@ class SmtpSession(LeaseHolder, SMTP):
                     await self.reply(R.RATE_LIMITED)
                 return
         self.txn.mail_from = path.address
+        self._reset_timeout()  # a transaction is open: the RFC 5321 timer from now on
         self.txn.smtp_utf8 = smtputf8
         self.txn.mail_options = [f"BODY={body}"]
         self.txn.size_hint = int(size) if size else 0
@@ -643,6 +663,8 @@ class SmtpSession(LeaseHolder, SMTP):
             smtp.max_line_length,
             spool_at=smtp.spool_threshold,
             spool_dir=self.ctx.settings.data_dir / "spool",
+            # RFC 6409 section 8 lets an MSA fix line ends; the MX as configured.
+            normalize_bare=self.mode is not Mode.MX or smtp.mx_bare_lf == "normalize",
         )
         try:  # the spool file goes on every path, a lost connection included
             await self._read_data(data)
@@ -695,6 +717,8 @@ class SmtpSession(LeaseHolder, SMTP):
             return R.DATA_LINE_TOO_LONG
         if data.verdict is DataVerdict.BARE_LINE_ENDING:
             return R.BARE_LF
+        if data.verdict is DataVerdict.SMUGGLING:
+            return R.SMUGGLING
         if data.verdict is DataVerdict.SPOOL_FAILED:
             log.warning("DATA spool in %s failed", data.spool_dir)
             return R.TEMP_FAILURE

@@ -30,7 +30,8 @@ from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
 from imapd.imap.wire.parser import parse_command
 from storage.errors import IMAP_RESPONSE_CODE, StorageError
-from storage.throttle import AuthThrottle
+from storage.model import SYSTEM_FLAGS
+from storage.throttle import LoginGate, login_gate
 
 if TYPE_CHECKING:
     from conf.settings import Settings
@@ -125,11 +126,15 @@ class ServerContext:
     settings: Settings
     storage: Storage
     tls: ssl.SSLContext | None
-    throttle: AuthThrottle = field(default_factory=AuthThrottle)
     connections: set[Connection] = field(default_factory=set)  # open ones, for shutdown
 
     def setting(self, section: str, name: str, default: object) -> object:
         return getattr(getattr(self.settings, section, None), name, default)
+
+    @property
+    def logins(self) -> LoginGate:
+        """The process's login gate, shared with POP3, SMTP and HTTP (storage.throttle)."""
+        return login_gate(self.storage, self.settings.auth)
 
     @property
     def max_literal(self) -> int:
@@ -163,6 +168,8 @@ class Session:
         self.status_cache: dict[int, MailboxStatus] = {}
         self._boxes: dict[str, tuple[Mailbox, float]] = {}  # name -> (mailbox, when)
         self.autologout = float(ctx.setting("imap", "autologout_seconds", 1800))  # type: ignore
+        preauth = float(ctx.setting("imap", "preauth_timeout_seconds", 60))  # type: ignore
+        self.preauth_timeout = min(preauth, self.autologout)
         self.idle_timeout = float(
             ctx.setting("imap", "idle_timeout_seconds", self.autologout)  # type: ignore
         )
@@ -223,10 +230,14 @@ class Session:
         try:
             while self.state is not State.LOGOUT:
                 await self.conn.drain()
+                # RFC 3501 section 5.4: autologout after at least 30 minutes
+                # once authenticated; before that the server may be quicker.
+                authenticated = self.state is not State.NOT_AUTHENTICATED
                 try:
-                    cmd = await self.read_command(self.autologout)
+                    cmd = await self.read_command(
+                        self.autologout if authenticated else self.preauth_timeout
+                    )
                 except TimeoutError:
-                    # RFC 3501 section 5.4: autologout after at least 30 minutes.
                     self.untagged("BYE Autologout; idle for too long")
                     break
                 if cmd is None:
@@ -602,6 +613,7 @@ class Session:
             view.recent.update(u for u in recent if u in new)
             if not view.read_only:
                 view.claimed = [c for c in view.claimed if c[1] > view.max_uid]
+            self.announce_flags(view)
             self.untagged(f"{view.exists} EXISTS")
             self.untagged(f"{len(view.recent)} RECENT")
 
@@ -671,10 +683,29 @@ class Session:
         view = self.selected
         return self.dirty or (view is not None and bool(view.events))
 
+    def announce_flags(self, view: MailboxView, always: bool = False) -> None:
+        """FLAGS and PERMANENTFLAGS for the selected mailbox (RFC 3501
+        sections 7.2.6 and 7.1): at SELECT (``always``), and whenever its
+        messages carry a keyword the client was not told of, which must
+        come before any FETCH response showing that keyword. Call it after
+        the view took the new flags and before writing them."""
+        if not (always or view.unannounced):
+            return
+        view.keywords |= view.unannounced
+        view.unannounced.clear()
+        flags = " ".join((*SYSTEM_FLAGS, *sorted(view.keywords)))
+        self.untagged(f"FLAGS ({flags})")
+        if view.read_only:
+            self.untagged("OK [PERMANENTFLAGS ()] Read-only mailbox")
+        else:
+            # "\*": clients may create keywords (RFC 3501 section 7.1).
+            self.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted")
+
     def _flag_update(self, view: MailboxView, uid: int, flags: frozenset[str], modseq: int) -> None:
         seq = view.seq_of(uid)
         if seq is None:
             return
+        self.announce_flags(view)
         items = [b"FLAGS " + encode.flags(self.display_flags(view, uid, flags))]
         if "QRESYNC" in self.enabled:
             items.insert(0, b"UID %d" % uid)

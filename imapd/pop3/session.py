@@ -50,7 +50,7 @@ from runtime.metrics import AUTH_FAILURES
 from storage.api import Storage
 from storage.errors import POP3_RESP_CODE, ErrorKind, StorageError
 from storage.model import MessageEntry
-from storage.throttle import AuthThrottle
+from storage.throttle import LoginClient, LoginGate, login_gate
 
 log = logging.getLogger("imapd.pop3")
 
@@ -111,8 +111,12 @@ class SessionContext:
     settings: Settings
     storage: Storage
     tls: ssl.SSLContext
-    throttle: AuthThrottle
     idle_timeout: float
+
+    @property
+    def logins(self) -> LoginGate:
+        """The process's login gate, shared with IMAP, SMTP and HTTP (storage.throttle)."""
+        return login_gate(self.storage, self.settings.auth)
 
 
 class Session:
@@ -166,9 +170,14 @@ class Session:
             self.conn.close()
 
     async def _read_line(self) -> bytes:
-        # RFC 1939 section 3: the autologout timer is at least 10 minutes.
+        # RFC 1939 section 3: the autologout timer is at least 10 minutes. Not
+        # before login (pop3.preauth_timeout_seconds): no maildrop is held yet,
+        # and idle unauthenticated connections must not pile up.
+        timeout = self.ctx.idle_timeout
+        if self.state is State.AUTHORIZATION:
+            timeout = min(timeout, self.pop3.preauth_timeout_seconds)
         try:
-            async with asyncio.timeout(self.ctx.idle_timeout):
+            async with asyncio.timeout(timeout):
                 return await self.conn.readline(self.pop3.max_line_length)
         except TimeoutError:
             # Autologout does not enter UPDATE: nothing is deleted.
@@ -288,7 +297,8 @@ class Session:
             raise Refused("authentication cancelled")  # RFC 5034 section 4
         authzid, authcid, password = decode_sasl_plain(response)
         if authzid and authzid.lower() != authcid.lower():
-            await self._auth_failed(authcid)  # no proxy authorization here
+            await self.ctx.logins.refused(authcid, self._client())  # no proxy authorization
+            self._auth_failed(authcid)
             return
         await self._login(authcid, password)
 
@@ -302,18 +312,30 @@ class Session:
         if len(command.args) != 2:
             raise Refused("syntax: APOP name digest")
         AUTH_FAILURES.inc(protocol="pop3")
-        await self.ctx.throttle.failed(self.conn.peer_ip, command.args[0].lower())
+        await self.ctx.logins.refused(command.args[0], self._client())
         self.auth_failures += 1
         self.conn.write(err("APOP is not available for this account, use STLS and USER/PASS",
                             "AUTH"))
         self._check_failure_limit()
 
+    def _client(self) -> LoginClient:
+        """The client as the login gate sees it; ``gone`` once the connection closed."""
+
+        def gone() -> bool:
+            transport = self.conn.transport
+            return transport is None or transport.is_closing()
+
+        return LoginClient(self.conn.peer_ip, gone)
+
     async def _login(self, login: str, password: str) -> None:
-        account = await self.ctx.storage.directory.authenticate(login, password)
+        # An unreachable directory or too many checks queued from this address
+        # raise TEMPORARY: -ERR [SYS/TEMP] (RFC 3206 section 4), never [AUTH].
+        account = await self.ctx.logins.authenticate(
+            self.ctx.storage.directory, login, password, self._client()
+        )
         if account is None:
-            await self._auth_failed(login)
+            self._auth_failed(login)
             return
-        self.ctx.throttle.succeeded(self.conn.peer_ip, login.lower())
         log.info("pop3 login %s from %s", account.address, self.conn.peer_ip)
         try:
             self.maildrop = await Maildrop.open(self.ctx.storage, account, self.pop3.lock_seconds)
@@ -325,10 +347,9 @@ class Session:
         stat = self.maildrop.stat()
         self.conn.write(ok(f"maildrop has {stat.count} messages ({stat.octets} octets)"))
 
-    async def _auth_failed(self, login: str) -> None:
-        # Slow the guesser down before the reply (storage/throttle.py).
+    def _auth_failed(self, login: str) -> None:
+        """The reply to a refused login, already counted and delayed by the gate."""
         AUTH_FAILURES.inc(protocol="pop3")
-        await self.ctx.throttle.failed(self.conn.peer_ip, login.lower())
         self.auth_failures += 1
         log.info("pop3 failed login %r from %s", login[:64], self.conn.peer_ip)
         self.conn.write(err(AUTH_FAILED, "AUTH"))  # RFC 3206 section 4

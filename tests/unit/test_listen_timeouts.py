@@ -1,0 +1,117 @@
+"""A client that connects and never logs in (IMAP, POP3) or never starts a
+transaction (SMTP) is dropped after the short pre-authentication timeout,
+with the protocol's own goodbye; one that has logged in (or given MAIL)
+keeps the long RFC timers."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from conf.settings import Settings
+
+SHORT = 0.5  # seconds: the test-configured pre-authentication timeout
+USER, PASSWORD = "dora@example.org", "correct horse"
+
+
+@dataclass
+class Dialogue:
+    """One protocol's greeting, goodbye on timeout, and a way in."""
+
+    greeting: bytes
+    goodbye: bytes
+    way_in: list[bytes]  # lines sent after the greeting, each answered with `ok`
+    ok: bytes
+    still_there: bytes  # a command answered with `ok` after the wait
+
+
+DIALOGUES = {
+    "imap": Dialogue(
+        b"* OK", b"* BYE Autologout",
+        [f'a LOGIN "{USER}" "{PASSWORD}"\r\n'.encode()], b"a OK", b"b NOOP\r\n",
+    ),
+    "pop3": Dialogue(
+        b"+OK", b"-ERR autologout",
+        [f"USER {USER}\r\n".encode(), f"PASS {PASSWORD}\r\n".encode()], b"+OK", b"NOOP\r\n",
+    ),
+    "smtp": Dialogue(
+        b"220 ", b"421 4.4.2",
+        [b"HELO client.example\r\n", b"MAIL FROM:<someone@remote.example>\r\n"], b"250",
+        b"NOOP\r\n",
+    ),
+}
+
+
+@pytest.fixture
+async def port(
+    request: pytest.FixtureRequest, settings: Settings, storage, tls_context: ssl.SSLContext
+) -> AsyncIterator[int]:
+    import imapd.service
+    import mtad.service
+
+    settings.auth.allow_plaintext = True  # plain loopback logins
+    settings.smtp.spf = False
+    settings.imap.preauth_timeout_seconds = SHORT
+    settings.pop3.preauth_timeout_seconds = SHORT
+    settings.smtp.before_mail_timeout_seconds = SHORT
+    await storage.directory.add_domain("example.org")
+    await storage.directory.add_account(USER, PASSWORD)
+    if request.param == "smtp":
+        mta = await mtad.service.start(settings, storage, tls_context)
+        try:
+            yield mta.port("mx")
+        finally:
+            await mta.close()
+        return
+    access = await imapd.service.start(settings, storage, tls_context)
+    servers = access.imap if request.param == "imap" else access.pop3
+    try:
+        yield servers[0].sockets[0].getsockname()[1]
+    finally:
+        await access.close()
+
+
+@pytest.mark.parametrize("port", sorted(DIALOGUES), indirect=True)
+async def test_a_silent_client_is_dropped_with_a_goodbye(
+    port: int, request: pytest.FixtureRequest
+) -> None:
+    dialogue = DIALOGUES[request.node.callspec.params["port"]]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await reader.readline()).startswith(dialogue.greeting)
+        started = time.monotonic()
+        rest = await asyncio.wait_for(reader.read(), 20)  # until the server closes
+        waited = time.monotonic() - started
+    finally:
+        writer.close()
+    assert rest.startswith(dialogue.goodbye), rest
+    assert SHORT * 0.8 <= waited < SHORT + 5
+
+
+@pytest.mark.parametrize("port", sorted(DIALOGUES), indirect=True)
+async def test_a_logged_in_client_keeps_the_long_timer(
+    port: int, request: pytest.FixtureRequest
+) -> None:
+    dialogue = DIALOGUES[request.node.callspec.params["port"]]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await reader.readline()).startswith(dialogue.greeting)
+        for line in dialogue.way_in:
+            writer.write(line)
+            answer = await asyncio.wait_for(reader.readline(), 10)
+            while answer.startswith(b"* "):  # IMAP untagged data before the tagged OK
+                answer = await asyncio.wait_for(reader.readline(), 10)
+            assert answer.startswith(dialogue.ok), answer
+        await asyncio.sleep(SHORT * 4)
+        writer.write(dialogue.still_there)
+        answer = await asyncio.wait_for(reader.readline(), 10)
+        while answer.startswith(b"* "):
+            answer = await asyncio.wait_for(reader.readline(), 10)
+        assert answer.startswith(dialogue.ok.replace(b"a OK", b"b OK")), answer
+    finally:
+        writer.close()
