@@ -76,14 +76,30 @@ async def port(
         await access.close()
 
 
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def greeted(port: int, dialogue: Dialogue) -> Stream:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    line = await asyncio.wait_for(reader.readline(), 10)
+    assert line.startswith(dialogue.greeting), line
+    return reader, writer
+
+
+async def final_reply(reader: asyncio.StreamReader) -> bytes:
+    """The next line that is not IMAP untagged data."""
+    while (line := await asyncio.wait_for(reader.readline(), 10)).startswith(b"* "):
+        pass
+    return line
+
+
 @pytest.mark.parametrize("port", sorted(DIALOGUES), indirect=True)
 async def test_a_silent_client_is_dropped_with_a_goodbye(
     port: int, request: pytest.FixtureRequest
 ) -> None:
     dialogue = DIALOGUES[request.node.callspec.params["port"]]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await greeted(port, dialogue)
     try:
-        assert (await reader.readline()).startswith(dialogue.greeting)
         started = time.monotonic()
         rest = await asyncio.wait_for(reader.read(), 20)  # until the server closes
         waited = time.monotonic() - started
@@ -98,20 +114,15 @@ async def test_a_logged_in_client_keeps_the_long_timer(
     port: int, request: pytest.FixtureRequest
 ) -> None:
     dialogue = DIALOGUES[request.node.callspec.params["port"]]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await greeted(port, dialogue)
     try:
-        assert (await reader.readline()).startswith(dialogue.greeting)
         for line in dialogue.way_in:
             writer.write(line)
-            answer = await asyncio.wait_for(reader.readline(), 10)
-            while answer.startswith(b"* "):  # IMAP untagged data before the tagged OK
-                answer = await asyncio.wait_for(reader.readline(), 10)
+            answer = await final_reply(reader)
             assert answer.startswith(dialogue.ok), answer
         await asyncio.sleep(SHORT * 4)
         writer.write(dialogue.still_there)
-        answer = await asyncio.wait_for(reader.readline(), 10)
-        while answer.startswith(b"* "):
-            answer = await asyncio.wait_for(reader.readline(), 10)
+        answer = await final_reply(reader)
         assert answer.startswith(dialogue.ok.replace(b"a OK", b"b OK")), answer
     finally:
         writer.close()
