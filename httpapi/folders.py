@@ -1,14 +1,16 @@
 """Folder routes: list, create, rename, delete, and a folder's message list.
 
-The message list is newest first by UID and paginated by a UID cursor: a
-page is "the ``limit`` highest UIDs below the cursor", so mail arriving
-while a client pages (always a higher UID, RFC 3501 section 2.3.1.1) never
-shifts later pages: nothing is skipped or repeated.
+The message list is newest first by the message's Date
+(:func:`httpapi.threads.list_date_key`; the UID breaks ties) and paginated
+by a keyset cursor on ``(date key, uid)``: a page is "the ``limit`` entries
+ordered after the cursor", so mail arriving while a client pages never
+shifts a page: nothing already listed is repeated and nothing is skipped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import re
 from typing import Any
 
@@ -20,7 +22,7 @@ from httpapi.errors import bad_request
 from httpapi.ids import decode_folder_cursor, encode_folder_cursor, parse_folder_id
 from httpapi.views import folder_view, summary
 from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN, UidSet
-from storage.search import All, And, Criteria, Date, Flag, Header, Uids
+from storage.search import All, And, Criteria, Date, Flag, Header
 
 routes = web.RouteTableDef()
 
@@ -147,11 +149,7 @@ async def list_messages(request: web.Request) -> web.Response:
     limit = page_limit(request)
     terms: list[Criteria] = []
     cursor = request.query.get("cursor")
-    if cursor:
-        below = decode_folder_cursor(cursor, mailbox.id)
-        if below <= 1:
-            return web.json_response({"messages": [], "next_cursor": None})
-        terms.append(Uids(UidSet(((1, below - 1),))))
+    after = decode_folder_cursor(cursor, mailbox.id) if cursor else None
     unread = bool_param(request, "unread")
     if unread is not None:
         terms.append(Flag(SEEN, not unread))
@@ -169,14 +167,23 @@ async def list_messages(request: web.Request) -> web.Response:
         terms.append(Date("internal", "before", before))
     criteria: Criteria = And(tuple(terms)) if len(terms) > 1 else (terms[0] if terms else All())
     uids = await mail.search(account.id, mailbox.id, criteria)
-    page = sorted(uids, reverse=True)[:limit]
-    has_more = len(uids) > limit
-    stored = await mail.fetch(account.id, mailbox.id, UidSet.of(page)) if page else []
-    stored.sort(key=lambda s: s.entry.uid, reverse=True)
+    # Built after the search, so it knows every matched entry (one expunged
+    # meanwhile has no key and is left out, as fetch would leave it out).
     index = await ctx.threads.index(mail, account.id)
+    dates = index.list_dates
+    keys = ((dates[(mailbox.id, uid)], uid) for uid in uids if (mailbox.id, uid) in dates)
+    if after is not None:
+        keys = (key for key in keys if key < after)
+    page = heapq.nlargest(limit + 1, keys)  # O(n log limit), not a full sort
+    has_more = len(page) > limit
+    page = page[:limit]
+    stored = await mail.fetch(account.id, mailbox.id, UidSet.of([u for _, u in page])
+                              ) if page else []
+    position = {uid: i for i, (_, uid) in enumerate(page)}
+    stored.sort(key=lambda s: position.get(s.entry.uid, len(position)))
     items = [summary(s, index.thread_of.get(s.entry.message_id)) for s in stored]
     return web.json_response({
         "messages": items,
-        "next_cursor": encode_folder_cursor(mailbox.id, page[-1]) if has_more and page else None,
+        "next_cursor": encode_folder_cursor(mailbox.id, *page[-1]) if has_more else None,
     })
 

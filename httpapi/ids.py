@@ -72,17 +72,19 @@ def parse_folder_id(token: str) -> int:
     return int(token)
 
 
-def encode_folder_cursor(mailbox_id: int, uid: int) -> str:
-    """Next page: entries of ``mailbox_id`` with UIDs below ``uid``. Keyed on
-    the UID, so messages arriving meanwhile (higher UIDs) never shift a page."""
-    return _encode(f"f:{mailbox_id}.{uid}")
+def encode_folder_cursor(mailbox_id: int, date_key: int, uid: int) -> str:
+    """Next page: entries of ``mailbox_id`` ordered strictly after
+    ``(date_key, uid)`` newest first (see :mod:`httpapi.folders`). A keyset,
+    so messages arriving meanwhile never shift or repeat a page."""
+    return _encode(f"f:{mailbox_id}.{date_key}.{uid}")
 
 
-def decode_folder_cursor(token: str, mailbox_id: int) -> int:
-    parsed = _ints(_decode(token), "f", 2)
+def decode_folder_cursor(token: str, mailbox_id: int) -> tuple[int, int]:
+    """The ``(date_key, uid)`` of a folder cursor; 400 if it is not one for this folder."""
+    parsed = _ints(_decode(token), "f", 3)
     if parsed is None or parsed[0] != mailbox_id:
         raise bad_request("cursor is not valid for this folder", "invalid_cursor")
-    return parsed[1]
+    return parsed[1], parsed[2]
 
 
 def encode_search_cursor(timestamp_us: int, mailbox_id: int, uid: int) -> str:

@@ -173,7 +173,7 @@ PATHS: dict[str, dict[str, Any]] = {
                       params=[_FOLDER_ID]),
     },
     "/v1/folders/{folder_id}/messages": {"get": _op(
-        "A folder's messages, newest first",
+        "A folder's messages, newest first by Date (never later than arrival)",
         {"200": _json(_page_of("MessageSummary")), **_errors(400, 404)},
         params=[_FOLDER_ID, *_PAGE,
                 _param("unread", "query", {"type": "boolean"}, "only unread / only read"),

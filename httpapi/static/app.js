@@ -161,12 +161,27 @@ function renderItem(message) {
   return item;
 }
 
-function appendMessage(message, atTop) {
+// Where a message sits in a folder list, as the server orders it: its Date,
+// but never later than its arrival (httpapi.threads.list_date_key).
+function listKey(message) {
+  const arrived = Date.parse(message.received_at);
+  const sent = Date.parse(message.date);
+  return Number.isNaN(sent) ? arrived : Math.min(sent, arrived);
+}
+
+function appendMessage(message, inOrder) {
   const existing = document.querySelector(`#message-list li[data-message-id="${CSS.escape(message.id)}"]`);
   state.messages.set(message.id, message);
   const item = renderItem(message);
   if (existing) { existing.replaceWith(item); return item; }
-  if (atTop) $("message-list").prepend(item); else $("message-list").append(item);
+  // A live arrival goes before the first listed message it is newer than
+  // (an imported one may belong far down); a page from the server appends.
+  const key = listKey(message);
+  const later = inOrder
+    ? [...$("message-list").children].find((li) => listKey(state.messages.get(li.dataset.messageId)) <= key)
+    : undefined;
+  if (later) later.before(item); else if (!inOrder || !state.cursor) $("message-list").append(item);
+  else return item;  // older than everything listed, with more to page: that page will bring it
   $("list-empty").hidden = true;
   return item;
 }

@@ -3,6 +3,7 @@ as in test_webmail_browser): remote images stay blocked until asked for."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,3 +94,19 @@ async def test_remote_images_load_only_when_asked(
             break
         await page.wait_for_timeout(100)
     assert sorted(hits) == ["/logo.gif", "/open.gif?u=alice"]
+
+
+async def test_the_list_is_in_date_order_and_live_imports_sit_by_their_date(
+    page: Page, mailstore: Any, alice: Any
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    await deliver(mailstore, alice, make_mail("this week", date=now - dt.timedelta(days=3)))
+    await deliver(mailstore, alice, make_mail("last year", date=now - dt.timedelta(days=365)))
+    await deliver(mailstore, alice, make_mail("today", date=now - dt.timedelta(hours=1)))
+    await page.reload()
+    subjects = page.locator("#message-list li .subject")
+    await expect(subjects).to_have_text(["today", "this week", "last year"])
+    await expect(page.locator("#live-status")).to_have_text("live")
+    # Arrives live over the WebSocket: an old message goes where its date says.
+    await deliver(mailstore, alice, make_mail("last month", date=now - dt.timedelta(days=30)))
+    await expect(subjects).to_have_text(["today", "this week", "last month", "last year"])
