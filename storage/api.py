@@ -162,7 +162,14 @@ class MailStore(Protocol):
     async def delete_mailbox(self, account_id: int, name: str) -> None:
         """INVALID for INBOX. Its messages are expunged."""
 
-    async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None: ...
+    async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None:
+        """Adds ``name`` to the subscription list or takes it off; the name
+        need not be a mailbox (RFC 3501 sections 6.3.6, 6.3.7). CREATE does
+        not subscribe, DELETE does not unsubscribe, RENAME carries the
+        subscriptions along. Idempotent."""
+
+    async def subscriptions(self, account_id: int) -> list[str]:
+        """The subscription list, names sorted."""
 
     async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
         """Stores the parsed form of a blob, returns the message row id.

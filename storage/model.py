@@ -126,7 +126,6 @@ class Mailbox:
     uidnext: int
     highestmodseq: int
     special_use: str | None
-    subscribed: bool
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,15 @@ from storage.search import Criteria
 from storage.sql import codec
 from storage.sql import criteria as crit
 from storage.sql.db import Database, execute
-from storage.sql.schema import change_log, expunged, locks, mailboxes, messages, shard_accounts
+from storage.sql.schema import (
+    change_log,
+    expunged,
+    locks,
+    mailboxes,
+    messages,
+    shard_accounts,
+    subscriptions,
+)
 from storage.sql.schema import mailbox_entries as E
 
 INBOX = "INBOX"
@@ -203,7 +211,6 @@ def _mailbox(row: Any) -> Mailbox:
         uidnext=row.uidnext,
         highestmodseq=row.highestmodseq,
         special_use=row.special_use,
-        subscribed=bool(row.subscribed),
     )
 
 
@@ -800,6 +807,9 @@ class SqlMailStore:
             await conn.execute(delete(E).where(E.c.mailbox_id.in_(mbox_ids)))
             await conn.execute(delete(expunged).where(expunged.c.mailbox_id.in_(mbox_ids)))
             await conn.execute(delete(mailboxes).where(mailboxes.c.account_id == account_id))
+            await conn.execute(
+                delete(subscriptions).where(subscriptions.c.account_id == account_id)
+            )
             await conn.execute(delete(messages).where(messages.c.account_id == account_id))
             await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
             await conn.execute(
@@ -857,9 +867,7 @@ class SqlMailStore:
             raise errors.not_found("no such mailbox")
         return row
 
-    async def _insert_mailbox(
-        self, tx: _Tx, name: str, special_use: str | None, subscribed: bool = True
-    ) -> int:
+    async def _insert_mailbox(self, tx: _Tx, name: str, special_use: str | None) -> int:
         result = await tx.conn.execute(
             insert(mailboxes).values(
                 account_id=tx.account_id,
@@ -869,7 +877,7 @@ class SqlMailStore:
                 highestmodseq=1,
                 recent_floor=1,
                 special_use=special_use,
-                subscribed=subscribed,
+                subscribed=False,  # unused since schema v9: see ``subscriptions``
             )
         )
         mailbox_id = int(result.inserted_primary_key[0])
@@ -884,12 +892,17 @@ class SqlMailStore:
 
     async def create_default_mailboxes(self, account_id: int) -> None:
         """INBOX, Sent, Drafts, Trash, Junk, Archive with RFC 6154
-        special-use attributes; existing ones are kept."""
+        special-use attributes, each subscribed; existing ones are kept."""
         async with self._write(account_id) as tx:
             names = await self._existing_names(tx.conn, account_id)
+            subscribed = await self._subscribed_names(tx.conn, account_id)
             for name, special_use in DEFAULT_MAILBOXES:
                 if name not in names:
                     await self._insert_mailbox(tx, name, special_use)
+                    if name not in subscribed:
+                        await tx.conn.execute(
+                            insert(subscriptions).values(account_id=account_id, name=name)
+                        )
 
     async def list_mailboxes(self, account_id: int) -> list[Mailbox]:
         """Every mailbox of the account, by name."""
@@ -951,6 +964,7 @@ class SqlMailStore:
                 await self._copy_entries(tx, entries, dest)
                 await self._remove_entries(tx, src, [e.uid for e in entries], gc=False)
                 return
+            await self._rename_subscriptions(conn, account_id, old, new)
             prefix = old + HIERARCHY_DELIMITER
             inferiors = [n for n in names if n.startswith(prefix)]
             for name in [old, *sorted(inferiors)]:
@@ -987,16 +1001,63 @@ class SqlMailStore:
             tx.change(ChangeKind.MAILBOX, row.id, data={"op": "delete", "name": name})
 
     async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None:
+        """Adds ``name`` to the subscription list or takes it off, whether a
+        mailbox has that name or not (RFC 3501 sections 6.3.6 and 6.3.7).
+        Idempotent: subscribing a listed name or unsubscribing one that is
+        not listed changes nothing."""
         name = normalize_mailbox_name(name)
         async with self._write(account_id) as tx:
-            row = await self._get_mailbox_row(tx.conn, account_id, name=name)
-            await tx.conn.execute(
-                update(mailboxes).where(mailboxes.c.id == row.id).values(subscribed=subscribed)
-            )
+            listed = name in await self._subscribed_names(tx.conn, account_id, name)
+            if subscribed == listed:
+                return
+            if subscribed:
+                stmt: Any = insert(subscriptions).values(account_id=account_id, name=name)
+            else:
+                stmt = delete(subscriptions).where(
+                    subscriptions.c.account_id == account_id, subscriptions.c.name == name
+                )
+            await tx.conn.execute(stmt)
             tx.change(
                 ChangeKind.MAILBOX,
-                row.id,
+                None,
                 data={"op": "subscribe" if subscribed else "unsubscribe", "name": name},
+            )
+
+    async def subscriptions(self, account_id: int) -> list[str]:
+        """The account's subscription list, by name."""
+        async with self.db.read() as conn:
+            return sorted(await self._subscribed_names(conn, account_id))
+
+    @staticmethod
+    async def _subscribed_names(
+        conn: AsyncConnection, account_id: int, name: str | None = None
+    ) -> set[str]:
+        """The subscribed names of the account (only ``name``, if given)."""
+        stmt = select(subscriptions.c.name).where(subscriptions.c.account_id == account_id)
+        if name is not None:
+            stmt = stmt.where(subscriptions.c.name == name)
+        return {r[0] for r in await conn.execute(stmt)}
+
+    async def _rename_subscriptions(
+        self, conn: AsyncConnection, account_id: int, old: str, new: str
+    ) -> None:
+        """A renamed mailbox and its inferiors stay subscribed under their new
+        names (RFC 3501 section 6.3.5 renames the hierarchy as a whole)."""
+        names = await self._subscribed_names(conn, account_id)
+        prefix = old + HIERARCHY_DELIMITER
+        moving = [n for n in names if n == old or n.startswith(prefix)]
+        if not moving:
+            return
+        await conn.execute(
+            delete(subscriptions).where(
+                subscriptions.c.account_id == account_id, subscriptions.c.name.in_(moving)
+            )
+        )
+        kept = names.difference(moving)
+        renamed = {new + n[len(old) :] for n in moving} - kept
+        if renamed:
+            await conn.execute(
+                insert(subscriptions), [{"account_id": account_id, "name": n} for n in renamed]
             )
 
     # --- messages ------------------------------------------------------------

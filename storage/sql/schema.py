@@ -105,9 +105,21 @@ mailboxes = Table(
     Column("highestmodseq", BigInteger, nullable=False),
     Column("recent_floor", BigInteger, nullable=False),
     Column("special_use", String(32), nullable=True),
+    # The subscription flag before v9, which moved it to ``subscriptions``:
+    # read only by that step; new rows write False.
     Column("subscribed", Boolean, nullable=False),
     UniqueConstraint("account_id", "name", name="mailboxes_account_name"),
     sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
+)
+
+# RFC 3501 section 6.3.6: the subscription list holds names, not mailboxes;
+# a name may be subscribed before its mailbox exists and after it is deleted.
+# Created by _v9_subscriptions (not a v1 table).
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("name", String(1024), primary_key=True),
 )
 
 messages = Table(
@@ -516,6 +528,20 @@ async def _v8_ids_never_reused(conn: AsyncConnection) -> None:
         raise RuntimeError(f"schema v8: foreign keys broken by the rebuild: {broken[:5]}")
 
 
+async def _v9_subscriptions(conn: AsyncConnection) -> None:
+    """The subscription list in a table of its own, so that SUBSCRIBE takes a
+    name that does not exist and a subscription outlives DELETE (RFC 3501
+    sections 6.3.6 and 6.3.9, RFC 5258 section 3.4 \\NonExistent). Every
+    mailbox subscribed before is subscribed after."""
+    await conn.run_sync(lambda sync: subscriptions.create(sync, checkfirst=True))
+    await conn.execute(
+        subscriptions.insert().from_select(
+            ["account_id", "name"],
+            select(mailboxes.c.account_id, mailboxes.c.name).where(mailboxes.c.subscribed),
+        )
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -525,6 +551,7 @@ MIGRATIONS: list[Step] = [
     _v6_fts_apart,
     _v7_blob_pack,
     _v8_ids_never_reused,
+    _v9_subscriptions,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -138,12 +138,24 @@ async def test_delete_mailbox(storage: SqlStorage, bob: Account) -> None:
 
 
 async def test_subscribe(storage: SqlStorage, bob: Account) -> None:
+    """RFC 3501 sections 6.3.6, 6.3.7: the subscription list holds names."""
     mail = storage.mail(bob)
-    await mail.create_mailbox(bob.id, "Lists")
-    await mail.set_subscribed(bob.id, "Lists", False)
-    assert not (await mail.get_mailbox(bob.id, "Lists")).subscribed
-    await mail.set_subscribed(bob.id, "Lists", True)
-    assert (await mail.get_mailbox(bob.id, "Lists")).subscribed
+    defaults = await mail.subscriptions(bob.id)
+    assert "INBOX" in defaults and "Sent" in defaults  # what a new account starts with
+    await mail.create_mailbox(bob.id, "Lists/Work")
+    assert await mail.subscriptions(bob.id) == defaults  # CREATE does not subscribe
+    await mail.set_subscribed(bob.id, "Lists/Work", True)
+    await mail.set_subscribed(bob.id, "Lists/Work", True)
+    await mail.set_subscribed(bob.id, "Not/Yet", True)  # no such mailbox: still allowed
+    assert await mail.subscriptions(bob.id) == sorted([*defaults, "Lists/Work", "Not/Yet"])
+    await mail.rename_mailbox(bob.id, "Lists", "Groups")  # the hierarchy moves as a whole
+    assert "Groups/Work" in await mail.subscriptions(bob.id)
+    await mail.delete_mailbox(bob.id, "Groups/Work")
+    assert "Groups/Work" in await mail.subscriptions(bob.id)  # outlives its mailbox
+    await mail.set_subscribed(bob.id, "Groups/Work", False)
+    await mail.set_subscribed(bob.id, "Not/Yet", False)
+    await mail.set_subscribed(bob.id, "Not/Yet", False)
+    assert await mail.subscriptions(bob.id) == defaults
 
 
 async def test_other_accounts_mailboxes_are_invisible(storage: SqlStorage, bob: Account) -> None:

@@ -19,7 +19,7 @@ from tests.protocol.imap.messages import FORWARD, MULTIPART, PLAIN
 
 
 def _view(uids: list[int]) -> MailboxView:
-    box = Mailbox(1, 1, "INBOX", 7, max(uids, default=0) + 1, 1, None, True)
+    box = Mailbox(1, 1, "INBOX", 7, max(uids, default=0) + 1, 1, None)
     now = dt.datetime.now(dt.UTC)
     entries = [MessageEntry(1, u, u, frozenset(), 1, now, 10, "k") for u in uids]
     return MailboxView.from_entries(box, False, entries, 1)

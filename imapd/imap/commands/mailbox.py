@@ -19,13 +19,12 @@ from imapd.imap.wire.commands import (
     Status,
 )
 from storage.errors import ErrorKind, StorageError
-from storage.model import HIERARCHY_DELIMITER, SEEN, SYSTEM_FLAGS, Mailbox
+from storage.model import HIERARCHY_DELIMITER, SEEN, Mailbox
 
 _DELIM = HIERARCHY_DELIMITER
 # RFC 5258 section 3 sets no bound on a pattern list; each pattern is tried
 # against every mailbox, so a 64 KiB line of patterns is refused instead.
 MAX_LIST_PATTERNS = 100
-_SYSTEM = " ".join(SYSTEM_FLAGS)
 
 
 def _account_id(s: Session) -> int:
@@ -58,13 +57,7 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     else:
         floor = await s.mail.claim_recent(acct, box.id)
         view.recent = {u for u in view.uids if u >= floor}
-    keywords = sorted({f for e in entries for f in e.flags if not f.startswith("\\")})
-    kw = "".join(" " + k for k in keywords)
-    s.untagged(f"FLAGS ({_SYSTEM}{kw})")
-    if read_only:
-        s.untagged("OK [PERMANENTFLAGS ()] Read-only mailbox")
-    else:
-        s.untagged(f"OK [PERMANENTFLAGS ({_SYSTEM}{kw} \\*)] Flags permitted")
+    s.announce_flags(view, always=True)
     s.untagged(f"{view.exists} EXISTS")
     s.untagged(f"{len(view.recent)} RECENT")
     for i, e in enumerate(entries):
@@ -238,7 +231,37 @@ def _mask(positions: Iterable[int]) -> int:
     return int.from_bytes(bits, "little")
 
 
+def _ancestors(name: str) -> list[str]:
+    """"a/b/c" -> ["a", "a/b"]."""
+    parts = name.split(_DELIM)
+    return [_DELIM.join(parts[:i]) for i in range(1, len(parts))]
+
+
+class _Hierarchy:
+    """The account's mailboxes with the levels their names imply: a parent
+    that is no mailbox is \\Noselect (RFC 3501 section 6.3.8)."""
+
+    def __init__(self, boxes: list[Mailbox]) -> None:
+        self.by_name = {b.name: b for b in boxes}
+        self.names = set(self.by_name)
+        for name in self.by_name:
+            self.names.update(_ancestors(name))
+        self.has_children = {n.rsplit(_DELIM, 1)[0] for n in self.names if _DELIM in n}
+
+    def attributes(self, name: str, verb: str) -> list[str]:
+        """An existing name's attributes, \\Subscribed aside."""
+        box = self.by_name.get(name)
+        attrs = ["\\Noselect"] if box is None else []
+        attrs.append("\\HasChildren" if name in self.has_children else "\\HasNoChildren")
+        if box is not None and box.special_use and verb == "LIST":
+            attrs.append(box.special_use)  # RFC 6154 section 2
+        return attrs
+
+
 async def handle_list(s: Session, cmd: ListCommand) -> Reply:
+    """LIST and LSUB (RFC 3501 sections 6.3.8, 6.3.9) with LIST-EXTENDED
+    selection and return options (RFC 5258), SPECIAL-USE (RFC 6154) and
+    LIST-STATUS (RFC 5819)."""
     assert s.mail is not None
     verb = cmd.name
     if verb == "LIST" and cmd.patterns == ("",):
@@ -247,43 +270,55 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
         return ok("LIST completed")
     if len(cmd.patterns) > MAX_LIST_PATTERNS:
         return no("Too many patterns", "LIMIT")  # RFC 5530 section 3
-    boxes = await s.mail.list_mailboxes(_account_id(s))
-    by_name = {b.name: b for b in boxes}
-    names = set(by_name)
-    # Parents implied by a child's name but not existing (\Noselect).
-    for name in list(names):
-        parts = name.split(_DELIM)
-        for i in range(1, len(parts)):
-            names.add(_DELIM.join(parts[:i]))
-    has_children = {n.rsplit(_DELIM, 1)[0] for n in names if _DELIM in n}
+    acct = _account_id(s)
+    tree = _Hierarchy(await s.mail.list_mailboxes(acct))
     patterns = [MailboxPattern(cmd.reference, p) for p in cmd.patterns]
-    sel_subscribed = "SUBSCRIBED" in cmd.selection or verb == "LSUB"
-    sel_special = "SPECIAL-USE" in cmd.selection
-    ret_subscribed = "SUBSCRIBED" in cmd.returns or sel_subscribed
-    status_items = cmd.status_items
-    for name in sorted(names, key=lambda n: (n != "INBOX", n)):
-        if not any(p.matches(name) for p in patterns):
+
+    def wanted(name: str) -> bool:
+        return any(p.matches(name) for p in patterns)
+
+    sel_subscribed = verb == "LSUB" or "SUBSCRIBED" in cmd.selection
+    subscribed: set[str] = set()
+    if sel_subscribed or "SUBSCRIBED" in cmd.returns:
+        subscribed = set(await s.mail.subscriptions(acct))
+    # RFC 5258 section 3.5 (RECURSIVEMATCH) and RFC 3501 section 6.3.9 (LSUB
+    # with "%"): a level above subscribed names that the patterns leave out.
+    above: set[str] = set()
+    if verb == "LSUB" or "RECURSIVEMATCH" in cmd.selection:
+        for name in subscribed:
+            if not wanted(name):
+                above.update(_ancestors(name))
+    candidates = subscribed | above if sel_subscribed else tree.names
+    for name in sorted(candidates, key=lambda n: (n != "INBOX", n)):
+        if not wanted(name):
             continue
-        box = by_name.get(name)
-        if sel_subscribed and (box is None or not box.subscribed):
+        box = tree.by_name.get(name)
+        if "SPECIAL-USE" in cmd.selection and (box is None or not box.special_use):
             continue
-        if sel_special and (box is None or not box.special_use):
-            continue
-        attrs = []
-        if box is None:
-            attrs.append("\\Noselect")  # a parent implied by its children
-        attrs.append("\\HasChildren" if name in has_children else "\\HasNoChildren")
-        if box is not None:
-            if box.special_use and verb == "LIST":
-                attrs.append(box.special_use)
-            if ret_subscribed and box.subscribed and verb == "LIST":
-                attrs.append("\\Subscribed")
-        line = f'{verb} ({" ".join(attrs)}) "{_DELIM}" '.encode() + encode.mailbox(name)
-        s.untagged(line)
-        if status_items and box is not None:
+        line = f'{verb} ({" ".join(_attributes(tree, name, verb, subscribed))}) "{_DELIM}" '
+        data = line.encode() + encode.mailbox(name)
+        if verb == "LIST" and name in above:
+            data += b' ("CHILDINFO" ("SUBSCRIBED"))'  # RFC 5258 section 3.5
+        s.untagged(data)
+        if cmd.status_items and box is not None:
             # RFC 5819 section 2: STATUS right after its LIST line.
-            await _status_line(s, box, status_items)
+            await _status_line(s, box, cmd.status_items)
     return ok(f"{verb} completed")
+
+
+def _attributes(tree: _Hierarchy, name: str, verb: str, subscribed: set[str]) -> list[str]:
+    if verb == "LSUB":
+        if name not in subscribed or name not in tree.names:
+            # RFC 3501 section 6.3.9: the level above a subscribed name, or a
+            # subscribed name that is no mailbox, cannot be selected.
+            return ["\\Noselect"]
+        return tree.attributes(name, verb)
+    # RFC 5258 section 3.4: \\NonExistent, listed only for its subscription
+    # or its subscribed children.
+    attrs = tree.attributes(name, verb) if name in tree.names else ["\\NonExistent"]
+    if name in subscribed:
+        attrs.append("\\Subscribed")  # RFC 5258 section 3.1 (here only when asked for)
+    return attrs
 
 
 async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None:

@@ -69,6 +69,10 @@ _SIMPLE_FETCH = {
     "UID",
     "MODSEQ",
 }
+# RFC 5258 section 3 (REMOTE: there are no remote mailboxes here to list),
+# RFC 6154 section 3 (SPECIAL-USE), RFC 5819 section 2 (STATUS).
+_LIST_SELECTION_OPTIONS = {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
+_LIST_RETURN_OPTIONS = {"SUBSCRIBED", "CHILDREN", "STATUS", "SPECIAL-USE"}
 _STATUS_ITEMS = {
     "MESSAGES",
     "RECENT",
@@ -409,6 +413,7 @@ def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
     selection: list[str] = []
     if name == "LIST" and r.peek() == 0x28:  # RFC 5258 selection options
         selection = [str(x).upper() for x in r.paren_list(r.atom)]
+        _check_list_selection(selection)
         r.sp()
     reference = r.mailbox()
     r.sp()
@@ -425,6 +430,8 @@ def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
         r.char(0x28, "(")
         while r.peek() != 0x29:
             opt = r.atom("a return option").upper()
+            if opt not in _LIST_RETURN_OPTIONS:
+                raise _Bad(f"Unknown LIST return option {opt[:40]}")  # RFC 5258 section 3
             returns.append(opt)
             if opt == "STATUS":  # RFC 5819
                 r.sp()
@@ -442,6 +449,16 @@ def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
         returns=tuple(returns),
         status_items=status_items,
     )
+
+
+def _check_list_selection(options: list[str]) -> None:
+    """RFC 5258 section 3: an unknown selection option is BAD, and so is
+    RECURSIVEMATCH with nothing (or only REMOTE) for it to recurse on."""
+    for opt in options:
+        if opt not in _LIST_SELECTION_OPTIONS:
+            raise _Bad(f"Unknown LIST selection option {opt[:40]}")
+    if "RECURSIVEMATCH" in options and not set(options) - {"RECURSIVEMATCH", "REMOTE"}:
+        raise _Bad("RECURSIVEMATCH needs another selection option")
 
 
 def _status_items(r: _Reader) -> tuple[str, ...]:

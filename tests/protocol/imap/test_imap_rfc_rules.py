@@ -47,6 +47,68 @@ SCRIPTS: dict[str, Script] = {
         ("g SELECT &AOkA6Q-&-", ["g NO \\[NONEXISTENT\\] .*"]),
         ("h STATUS &AOkA6Q- (MESSAGES)", ['=* STATUS "&AOkA6Q-" (MESSAGES 0)', "h OK .*"]),
     ]),
+    # RFC 3501 sections 6.3.6, 6.3.7, 6.3.9: the subscription list is a list of
+    # names, apart from the mailboxes; CREATE does not add to it.
+    "subscriptions_are_names": Script(steps=[
+        ("a CREATE Lists", ["a OK .*"]),
+        ('b LSUB "" "Lists"', ["=b OK LSUB completed"]),
+        ('c LIST (SUBSCRIBED) "" "Lists"', ["=c OK LIST completed"]),
+        ("d SUBSCRIBE Later/Maybe", ["=d OK SUBSCRIBE completed"]),
+        ('e LSUB "" "Later/*"', [r'=* LSUB (\Noselect) "/" "Later/Maybe"', "e OK .*"]),
+        ("f SUBSCRIBE Lists", ["f OK .*"]),
+        ("g DELETE Lists", ["g OK .*"]),
+        ('h LSUB "" "Lists"', [r'=* LSUB (\Noselect) "/" "Lists"', "h OK .*"]),
+        ("i UNSUBSCRIBE Lists", ["=i OK UNSUBSCRIBE completed"]),
+        ('j LSUB "" "Lists"', ["=j OK LSUB completed"]),
+        ("k UNSUBSCRIBE Lists", ["=k OK UNSUBSCRIBE completed"]),
+        ("l CREATE Later/Maybe", ["l OK .*"]),
+        ('m LSUB "" "Later/*"', [r'=* LSUB (\HasNoChildren) "/" "Later/Maybe"', "m OK .*"]),
+    ]),
+    # RFC 3501 section 6.3.9: "%" in LSUB gives the unsubscribed level above a
+    # subscribed name, flagged \Noselect.
+    "lsub_percent_gives_parent_noselect": Script(steps=[
+        ("a CREATE a/b/c", ["a OK .*"]),
+        ("b SUBSCRIBE a/b/c", ["b OK .*"]),
+        ('c LSUB "" a/%', [r'=* LSUB (\Noselect) "/" "a/b"', "c OK .*"]),
+        ('d LSUB "" %', [r'=* LSUB (\HasNoChildren) "/" "INBOX"', "...",
+                         r'=* LSUB (\Noselect) "/" "a"', "d OK .*"]),
+        ('e LSUB "" a/*', [r'=* LSUB (\HasNoChildren) "/" "a/b/c"', "e OK .*"]),
+        ('f LSUB "" a/b/%', [r'=* LSUB (\HasNoChildren) "/" "a/b/c"', "f OK .*"]),
+    ]),
+    # RFC 5258 sections 3.1, 3.4, 3.5: LIST-EXTENDED selection options.
+    "list_extended_subscribed": Script(steps=[
+        ("a CREATE Foo/Bar", ["a OK .*"]),
+        ("b CREATE Fruit", ["b OK .*"]),
+        ("c SUBSCRIBE Foo/Bar", ["c OK .*"]),
+        ("d SUBSCRIBE Fruit", ["d OK .*"]),
+        ("e SUBSCRIBE Gone", ["e OK .*"]),
+        ('f LIST (SUBSCRIBED) "" "*"', [
+            # A new account's mailboxes are subscribed; "Foo" is not.
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "INBOX"', "...",
+            r'=* LIST (\HasNoChildren \Drafts \Subscribed) "/" "Drafts"',
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "Foo/Bar"',
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "Fruit"',
+            r'=* LIST (\NonExistent \Subscribed) "/" "Gone"', "...", "f OK .*"]),
+        ('g LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"', [
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "INBOX"', "...",
+            r'=* LIST (\HasChildren) "/" "Foo" ("CHILDINFO" ("SUBSCRIBED"))',
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "Fruit"',
+            r'=* LIST (\NonExistent \Subscribed) "/" "Gone"', "...", "g OK .*"]),
+        ('h LIST (SUBSCRIBED RECURSIVEMATCH) "" "F*"', [
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "Foo/Bar"',
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "Fruit"', "h OK .*"]),
+        ('i LIST (RECURSIVEMATCH SUBSCRIBED) "" "Fo%"', [
+            r'=* LIST (\HasChildren) "/" "Foo" ("CHILDINFO" ("SUBSCRIBED"))', "i OK .*"]),
+        ('j LIST (RECURSIVEMATCH) "" "*"', ["j BAD .*"]),
+        ('k LIST (REMOTE RECURSIVEMATCH) "" "*"', ["k BAD .*"]),
+        ('l LIST (BOGUS) "" "*"', ["l BAD .*"]),
+        ('m LIST (REMOTE) "" "Fruit"', [r'=* LIST (\HasNoChildren) "/" "Fruit"', "m OK .*"]),
+        ('n LIST "" "Fruit" RETURN (BOGUS)', ["n BAD .*"]),
+        ('o LIST "" "%" RETURN (SUBSCRIBED)', [
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "INBOX"', "...",
+            r'=* LIST (\HasChildren) "/" "Foo"',
+            r'=* LIST (\HasNoChildren \Subscribed) "/" "Fruit"', "...", "o OK .*"]),
+    ]),
 }
 
 
