@@ -47,10 +47,16 @@ class ServerSettings(Section):
     # silently taking half of the connections. The workers of one
     # server.processes supervisor share its sockets either way.
     share_ports: bool = False
+    # Where GET /metrics (Prometheus text format) is served, apart from every
+    # public port; each worker of server.processes adds its slot number to
+    # the port. Keep it on loopback or a management network; empty: none.
+    metrics_listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:9480"])
     # The asyncio event loop implementation: "uvloop" (libuv, installed as
     # a dependency) or "asyncio" (the standard library's). "auto" takes
     # uvloop when it can be imported.
     event_loop: str = "auto"
+
+    _listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))
 
     @field_validator("event_loop")
     @classmethod

@@ -1,4 +1,4 @@
-"""shardmail's HTTP API: REST routes under /v1, realtime push, webmail page, metrics.
+"""shardmail's HTTP API: REST routes under /v1, realtime push, webmail page.
 
 Importing this package pulls in nothing heavy.
 """

@@ -1,4 +1,6 @@
-"""The aiohttp application: routes, middlewares, webmail page, metrics, health.
+"""The aiohttp application: routes, middlewares, webmail page, health.
+(``/metrics`` is not on this public port: runtime.scrape serves it on
+``server.metrics_listen``.)
 
 Request path through the middlewares, outermost first:
 
@@ -33,12 +35,7 @@ from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
 from httpapi.errors import ApiError, error_response, from_storage, retry_later
 from httpapi.openapi import document
 from httpapi.ratelimit import RateLimiter
-from runtime.metrics import (
-    CONTENT_TYPE,
-    REGISTRY,
-    counter,
-    histogram,
-)
+from runtime.metrics import counter, histogram
 from storage.api import Storage
 from storage.errors import StorageError
 from storage.throttle import login_gate
@@ -181,12 +178,6 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "storage": "ok"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=REGISTRY.render().encode("utf-8"), headers={"Content-Type": CONTENT_TYPE}
-    )
-
-
 async def webmail(request: web.Request) -> web.FileResponse:
     return web.FileResponse(
         STATIC_DIR / "index.html",
@@ -232,7 +223,6 @@ def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Applic
     app.router.add_get("/", webmail, name="webmail", allow_head=False)
     app.router.add_static("/static/", STATIC_DIR, name="static")
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=False)
-    app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_get("/v1/openapi.json", openapi_document, name="openapi", allow_head=False)
     for module in (session, folders, messages, search, realtime):
         app.add_routes(module.routes)

@@ -138,9 +138,6 @@ PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {"get": _op("Health: storage reachable", {
         "200": _json({"type": "object"}), "503": _json(_ERROR, "Storage unreachable")},
         public=True, tag="operations")},
-    "/metrics": {"get": _op("Prometheus metrics (text format 0.0.4)", {
-        "200": {"description": "metrics", "content": {"text/plain": {"schema": {
-            "type": "string"}}}}}, public=True, tag="operations")},
     "/v1/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"})},
                                     public=True, tag="operations")},
     "/v1/login": {"post": _op(

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from conf.settings import ConfigError, Settings, load_settings
 from conf.tls import server_context
 from runtime.listen import ListenError, inherit
+from runtime.scrape import start_metrics
 
 DAEMONS = ("mtad", "imapd", "httpapi")
 log = logging.getLogger("shardmail")
@@ -94,14 +95,17 @@ def available_daemons(names: Sequence[str] = DAEMONS) -> list[str]:
     return found
 
 
-async def run_daemons(settings: Settings, names: Sequence[str]) -> None:
-    """Start the named daemons, wait for SIGTERM/SIGINT, stop them cleanly."""
+async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -> None:
+    """Start the named daemons and this process's metrics endpoint (worker
+    ``slot`` of a supervisor; see :mod:`runtime.scrape`), wait for
+    SIGTERM/SIGINT, stop them cleanly."""
     from storage import open_storage
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = await asyncio.to_thread(server_context, settings)
     storage = await open_storage(settings.storage)
     services: list[Any] = []
+    metrics = await start_metrics(settings, slot)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +124,8 @@ async def run_daemons(settings: Settings, names: Sequence[str]) -> None:
                 await service.close()
             except Exception:
                 log.exception("error while stopping a service")
+        for server in metrics:
+            server.close()
         await storage.close()
 
 
@@ -212,7 +218,7 @@ def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             status = 0
             try:
-                run_loop(settings, run_daemons(settings, names))
+                run_loop(settings, run_daemons(settings, names, slot))
             except BaseException:
                 log.exception("worker %d failed", slot)
                 status = 1

@@ -1,6 +1,7 @@
-"""/metrics counts what every daemon of the process does (mailctl serve runs
-them on one loop): SMTP receipt and local delivery, IMAP, POP3 connections
-and failed logins."""
+"""/metrics, served on server.metrics_listen apart from the public API
+port, counts what every daemon of the process does (mailctl serve runs them
+on one loop): SMTP receipt and local delivery, IMAP, POP3 connections and
+failed logins."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import imaplib
 import poplib
 import re
 import smtplib
+import urllib.error
 import urllib.request
+
+import pytest
 
 from conf.settings import Settings
 
@@ -42,6 +46,7 @@ async def test_metrics_count_every_protocol(settings: Settings, storage, tls_con
     import httpapi.service
     import imapd.service
     import mtad.service
+    from runtime.scrape import start_metrics
 
     settings.auth.allow_plaintext = True  # plain loopback logins, to count the failure
     settings.smtp.spf = False
@@ -51,14 +56,22 @@ async def test_metrics_count_every_protocol(settings: Settings, storage, tls_con
     mta = await mtad.service.start(settings, storage, tls_context)
     access = await imapd.service.start(settings, storage, tls_context)
     http = await httpapi.service.start(settings, storage, tls_context)
+    settings.server.metrics_listen = ["127.0.0.1:0"]
+    (metrics,) = await start_metrics(settings)
+    metrics_port = metrics.sockets[0].getsockname()[1]
     try:
         imap_port = access.imap[0].sockets[0].getsockname()[1]
         pop3_port = access.pop3[0].sockets[0].getsockname()[1]
         ports = {"mx": mta.port("mx"), "imap": imap_port, "pop3": pop3_port}
-        before = await asyncio.to_thread(scrape, http.ports[0])
+        before = await asyncio.to_thread(scrape, metrics_port)
         await asyncio.to_thread(client_session, ports)
-        after = await asyncio.to_thread(scrape, http.ports[0])
+        after = await asyncio.to_thread(scrape, metrics_port)
+        # Not on the public API port.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(scrape, http.ports[0])
+        assert refused.value.code == 404
     finally:
+        metrics.close()
         await http.close()
         await access.close()
         await mta.close()

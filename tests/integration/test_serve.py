@@ -9,8 +9,11 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 LISTENERS = {
     "smtp.mx_listen": b"220 ",
@@ -73,7 +76,8 @@ def wait_ready(proc: subprocess.Popen) -> str:
 
 
 def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
-    ports = {key: free_port() for key in [*LISTENERS, *TLS_LISTENERS, "http.listen"]}
+    keys = [*LISTENERS, *TLS_LISTENERS, "http.listen", "server.metrics_listen"]
+    ports = {key: free_port() for key in keys}
     proc = start_serving(tmp_path / "d", ports)
     try:
         assert "shardmail ready: mtad imapd httpapi" in wait_ready(proc)
@@ -85,6 +89,13 @@ def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{ports['http.listen']}/healthz"
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.status == 200
+        # Metrics are on their own loopback listener, not on the public API port.
+        url = f"http://127.0.0.1:{ports['server.metrics_listen']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert b'shardmail_connections_total{protocol="imap"}' in resp.read()
+        with pytest.raises(urllib.error.HTTPError) as not_there:
+            urllib.request.urlopen(f"http://127.0.0.1:{ports['http.listen']}/metrics", timeout=10)
+        assert not_there.value.code == 404
         # First start generated the self-signed certificate.
         assert (tmp_path / "d" / "tls" / "cert.pem").exists()
     finally:

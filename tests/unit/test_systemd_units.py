@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import configparser
+import shlex
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from conf.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
@@ -54,3 +57,23 @@ def test_sysctl_snippet_deepens_the_event_socket_queues() -> None:
     pairs = (line.split("=", 1) for line in text.splitlines() if line and line[0] != "#")
     settings = {key.strip(): value.strip() for key, value in pairs}
     assert int(settings["net.unix.max_dgram_qlen"]) >= 512
+
+
+def _exec_overrides(unit: Path) -> list[str]:
+    """The ``-o`` values of a unit's ExecStart, split as systemd splits them."""
+    words = shlex.split(_read(unit)["Service"]["ExecStart"].replace("$SHARDMAIL_OPTS", ""))
+    return [words[i + 1] for i, word in enumerate(words) if word == "-o"]
+
+
+def test_each_daemon_unit_serves_metrics_on_its_own_loopback_port() -> None:
+    ports = {}
+    for unit in UNITS:
+        settings = load_settings(None, _exec_overrides(unit))  # every -o is a valid setting
+        if "@" in unit.name:  # instances share ports: each names its own metrics port
+            assert settings.server.share_ports and settings.server.metrics_listen == []
+            continue
+        assert not settings.server.share_ports
+        (address,) = settings.server.metrics_listen
+        assert address.startswith("127.0.0.1:")
+        ports[unit.name] = address
+    assert len(set(ports.values())) == len(ports) == 3
