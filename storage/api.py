@@ -252,7 +252,8 @@ class MailStore(Protocol):
     async def move(
         self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int
     ) -> CopyResult:
-        """Copy then expunge from the source, in one transaction (RFC 6851)."""
+        """Copy then expunge from the source, in one transaction (RFC 6851);
+        into the source itself, the messages take new UIDs (section 3.3)."""
 
     async def expunge(
         self, account_id: int, mailbox_id: int, uids: UidSet | None = None

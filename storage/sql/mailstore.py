@@ -1722,14 +1722,16 @@ class SqlMailStore:
     async def move(
         self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int
     ) -> CopyResult:
-        """Copy then expunge from the source in one transaction (RFC 6851)."""
+        """Copy then expunge from the source in one transaction (RFC 6851).
+        Into the source mailbox itself the messages take new UIDs (RFC 6851
+        section 3.3), as from anywhere else."""
         async with self._write(account_id) as tx:
-            src = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
+            await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
             dest = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=dest_mailbox_id)
-            if src.id == dest.id:
-                raise errors.invalid("cannot move to the same mailbox")
             rows = await self._select_entries(tx.conn, mailbox_id, uids, self._COPY_COLUMNS)
             pairs = await self._copy_entries(tx, rows, dest)
+            # Read after the copy: into itself, the copy took a modseq already.
+            src = await self._get_mailbox_row(tx.conn, account_id, mailbox_id=mailbox_id)
             await self._remove_entries(tx, src, [r.uid for r in rows], gc=False)
         return CopyResult(dest.uidvalidity, tuple(pairs))
 

@@ -514,6 +514,29 @@ async def test_move(storage: SqlStorage, bob: Account) -> None:
     assert await mail.quota_used(bob.id) == sum(sizes)
 
 
+async def test_move_into_the_source_mailbox(storage: SqlStorage, bob: Account) -> None:
+    """RFC 6851 section 3.3: the messages take new UIDs; the old ones vanish
+    at a modseq above the new entries', so a CHANGEDSINCE reader sees both."""
+    mail = storage.mail(bob)
+    box = await inbox_id(storage, bob)
+    for _ in range(3):
+        await deliver(storage, bob)
+    await mail.store_flags(bob.id, box, UidSet.of([1]), StoreMode.ADD, [FLAGGED])
+    used = await mail.quota_used(bob.id)
+    before = (await mail.status(bob.id, box)).highestmodseq
+    res = await mail.move(bob.id, box, UidSet.of([1, 3]), box)
+    assert res.pairs == ((1, 4), (3, 5))
+    entries = {e.uid: e for e in await mail.uids(bob.id, box)}
+    assert sorted(entries) == [2, 4, 5]
+    assert FLAGGED in entries[4].flags and FLAGGED not in entries[5].flags
+    changes = await mail.changes_since(bob.id, box, before)
+    assert changes.vanished == (1, 3)
+    assert sorted(e.uid for e in changes.changed) == [4, 5]
+    top = (await mail.status(bob.id, box)).highestmodseq
+    assert top > max(entries[4].modseq, entries[5].modseq) > before
+    assert await mail.quota_used(bob.id) == used
+
+
 async def test_expunge_and_changes_since(storage: SqlStorage, bob: Account) -> None:
     mail = storage.mail(bob)
     box = await inbox_id(storage, bob)

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from tests.protocol.imap.conftest import ImapEnv
-from tests.protocol.imap.test_imap_scripts import Script, play
+from tests.protocol.imap.messages import FORWARD, MULTIPART, PLAIN
+from tests.protocol.imap.test_imap_scripts import Script, _inbox, play
 
 SCRIPTS: dict[str, Script] = {
     # RFC 3501 section 6.3.8: "*" and "%" wildcards, matched in linear time.
@@ -74,6 +75,23 @@ SCRIPTS: dict[str, Script] = {
                          r'=* LSUB (\Noselect) "/" "a"', "d OK .*"]),
         ('e LSUB "" a/*', [r'=* LSUB (\HasNoChildren) "/" "a/b/c"', "e OK .*"]),
         ('f LSUB "" a/b/%', [r'=* LSUB (\HasNoChildren) "/" "a/b/c"', "f OK .*"]),
+    ]),
+    # RFC 6851 section 3.3: MOVE into the selected mailbox itself gives the
+    # messages new UIDs: COPYUID, then EXPUNGE of the old, EXISTS of the new.
+    "move_into_selected_mailbox": Script(messages=_inbox(PLAIN, MULTIPART, FORWARD), steps=[
+        ("a SELECT INBOX", ["...", r"a OK \[READ-WRITE\] .*"]),
+        ("b STORE 2 +FLAGS.SILENT (\\Flagged)", ["b OK .*"]),
+        ("c MOVE 2 INBOX", [r"\* OK \[COPYUID \d+ 2 4\] .*", "=* 2 EXPUNGE", "=* 3 EXISTS",
+                            r"\* \d+ RECENT", "c OK .*"]),
+        ("d FETCH 1:* (UID FLAGS)", [r"=* 1 FETCH (UID 1 FLAGS (\Recent))",
+                                     r"=* 2 FETCH (UID 3 FLAGS (\Recent))",
+                                     r"=* 3 FETCH (UID 4 FLAGS (\Flagged \Recent))", "d OK .*"]),
+        ("e UID MOVE 1,3 INBOX", [r"\* OK \[COPYUID \d+ 1,3 5:6\] .*", "=* 2 EXPUNGE",
+                                  "=* 1 EXPUNGE", "=* 3 EXISTS", r"\* \d+ RECENT", "e OK .*"]),
+        ("f UID FETCH 1:* UID", ["=* 1 FETCH (UID 4)", "=* 2 FETCH (UID 5)", "=* 3 FETCH (UID 6)",
+                                 "f OK .*"]),
+        ("g STATUS INBOX (MESSAGES UIDNEXT)", ['=* STATUS "INBOX" (MESSAGES 3 UIDNEXT 7)',
+                                               "g OK .*"]),
     ]),
     # RFC 5258 sections 3.1, 3.4, 3.5: LIST-EXTENDED selection options.
     "list_extended_subscribed": Script(steps=[
