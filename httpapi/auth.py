@@ -13,8 +13,9 @@ HTTP Basic (RFC 7617) takes the account address and password, for scripts.
 Argon2 costs tens of milliseconds, so a successful Basic login is
 remembered briefly under an HMAC of the credentials (never the password).
 
-Failed logins are slowed by :class:`storage.throttle.AuthThrottle` keyed by
-client IP and login name, like every other protocol.
+Passwords are checked through the process's :class:`storage.throttle.LoginGate`
+(failures counted by client IP and login name, and delayed, as on every other
+protocol); a directory outage is a 503, never a 401.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from runtime.metrics import AUTH_FAILURES
 from storage.api import Storage
 from storage.errors import ErrorKind, StorageError
 from storage.model import Account
-from storage.throttle import AuthThrottle
+from storage.throttle import LoginClient, LoginGate
 
 SECRET_FILE = "http_secret"
 SECRET_BYTES = 32
@@ -146,20 +147,21 @@ def unauthorized(message: str = "authentication required") -> ApiError:
 class Authenticator:
     """Turns request credentials into an :class:`Account`, or a 401."""
 
-    def __init__(self, storage: Storage, signer: TokenSigner, throttle: AuthThrottle) -> None:
+    def __init__(self, storage: Storage, signer: TokenSigner, logins: LoginGate) -> None:
         self.storage = storage
         self.signer = signer
-        self.throttle = throttle
+        self.logins = logins
         self._basic_cache: dict[bytes, tuple[int, float]] = {}
 
     async def login(self, address: str, password: str, client_ip: str) -> Account:
-        """Checks a password; on failure waits out the throttle and raises 401."""
-        account = await self.storage.directory.authenticate(address, password)
+        """Checks a password through the login gate: 401 when it is wrong,
+        TEMPORARY (503) when it cannot be checked now."""
+        account = await self.logins.authenticate(
+            self.storage.directory, address, password, LoginClient(client_ip)
+        )
         if account is None:
             AUTH_FAILURES.inc(protocol="http")
-            await self.throttle.failed(client_ip, address.lower())
             raise ApiError(401, "auth_failed", "invalid address or password")
-        self.throttle.succeeded(client_ip, address.lower())
         return account
 
     async def from_token(self, token: str) -> Account:

@@ -23,7 +23,6 @@ from mtad.limits import RateLimiter
 from mtad.session import Mode, SmtpContext, SmtpSession
 from runtime.listen import PeerLimit, serve
 from storage.api import Storage
-from storage.throttle import AuthThrottle
 
 log = logging.getLogger("mtad")
 # The settings this daemon listens on (runtime.daemon binds them for workers).
@@ -84,9 +83,6 @@ def _make_context(settings: Settings, storage: Storage, tls: ssl.SSLContext | No
         storage=storage,
         tls=tls,
         resolver=Resolver(settings.dns),
-        throttle=AuthThrottle(
-            settings.auth.failure_delay_seconds, settings.auth.failure_delay_max_seconds
-        ),
         rate_user=RateLimiter(smtp.rate_limit_per_user, smtp.rate_window_seconds),
         rate_ip=RateLimiter(smtp.rate_limit_per_ip, smtp.rate_window_seconds),
     )

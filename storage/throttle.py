@@ -1,47 +1,315 @@
-"""Slowing down repeated authentication failures, shared by every protocol.
+"""Login protection shared by every protocol: failure counts, the throttle
+delay, and the bounded pool where passwords are verified.
 
-Contract: before answering a failed login, a protocol awaits
-``throttle.failed(key)``, which sleeps ``base * 2**(n-1)`` seconds (capped)
-for the n-th recent failure of ``key`` (client IP, and login name). A
-success calls ``succeeded(key)``. Failures are forgotten after
-``window_seconds``. State is per process; that is enough to make online
-guessing slow, and each instance throttles its own share of traffic.
+Contract for a protocol's login: call :meth:`LoginGate.authenticate` (one
+gate per opened :class:`~storage.api.Storage`, see :func:`login_gate`, so
+IMAP, POP3, SMTP AUTH and HTTP of one process share it). It answers
+
+* the :class:`~storage.model.Account` when the password matches, ``None``
+  when it does not (the failure is already counted when it returns);
+* :class:`~storage.errors.StorageError` TEMPORARY when the directory is
+  unreachable or the client's address has too many checks queued: the
+  client should retry later, nothing is counted against it;
+* ``ConnectionResetError`` when the client went away before its check ran
+  (the check is skipped: nobody would read the answer).
+
+A wrong password is counted at once and then answered after the throttle
+delay. Counts live behind :class:`FailureCounter`, the shared-state seam:
+in-process here, a Redis implementation shares them between instances.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import os
 import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from storage.errors import ErrorKind, StorageError
+
+if TYPE_CHECKING:
+    from storage.api import Directory, Storage
+    from storage.model import Account
+
+T = TypeVar("T")
+
+MAX_TRACKED_KEYS = 100_000  # bound memory under a spray attack
+DEFAULT_VERIFY_SLOTS = max(2, os.cpu_count() or 2)
+
+
+def _never_gone() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class LoginClient:
+    """Who is logging in: the address failures are counted under, and
+    ``gone()``, true once the connection closed (its queued check is skipped)."""
+
+    ip: str
+    gone: Callable[[], bool] = field(default=_never_gone, compare=False)
+
+
+class FailureCounter(Protocol):
+    """Recent login failures per key (``ip:<address>``, ``login:<name>``),
+    shared by every session that uses it; the seam a shared-state backend
+    (Redis: INCR + EXPIRE per key) implements to share counts between instances.
+
+    Contract: :meth:`add` has counted one failure for each key when it
+    returns; :meth:`recent` is the number of failures of a key since its last
+    :meth:`clear`, 0 once ``window`` seconds passed without a new failure.
+    Every method is safe to call concurrently from any session.
+    """
+
+    async def add(self, keys: Sequence[str]) -> None: ...
+    async def recent(self, key: str) -> int: ...
+    async def clear(self, keys: Sequence[str]) -> None: ...
+
+
+class LocalFailureCounter:
+    """:class:`FailureCounter` in this process's memory (the embedded default)."""
+
+    def __init__(self, window_seconds: float = 900.0) -> None:
+        self.window = window_seconds
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, last failure)
+
+    async def add(self, keys: Sequence[str]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            self._failures[key] = (self._count(key, now) + 1, now)
+        if len(self._failures) > MAX_TRACKED_KEYS:
+            cutoff = now - self.window
+            self._failures = {k: v for k, v in self._failures.items() if v[1] > cutoff}
+
+    async def recent(self, key: str) -> int:
+        return self._count(key, time.monotonic())
+
+    async def clear(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._failures.pop(key, None)
+
+    def _count(self, key: str, now: float) -> int:
+        count, last = self._failures.get(key, (0, 0.0))
+        return count if now - last <= self.window else 0
 
 
 class AuthThrottle:
-    def __init__(self, base: float = 1.0, cap: float = 16.0, window_seconds: float = 900.0) -> None:
+    """The delay owed by a login attempt: ``base * 2**(n-1)`` seconds
+    (capped) when the client address or the login name has ``n`` recent
+    failures, none for a clean record."""
+
+    def __init__(
+        self,
+        base: float = 1.0,
+        cap: float = 16.0,
+        window_seconds: float = 900.0,
+        counter: FailureCounter | None = None,
+    ) -> None:
         self.base = base
         self.cap = cap
-        self.window = window_seconds
-        self._failures: dict[str, tuple[int, float]] = {}
+        self.counter: FailureCounter = counter or LocalFailureCounter(window_seconds)
 
-    def delay_for(self, key: str) -> float:
-        count, last = self._failures.get(key, (0, 0.0))
-        if not count or time.monotonic() - last > self.window:
-            return 0.0
-        return min(self.cap, self.base * 2 ** (count - 1))
+    async def delay_for(self, *keys: str) -> float:
+        """The largest delay any of ``keys`` has earned so far."""
+        worst = max([await self.counter.recent(k) for k in keys], default=0)
+        return min(self.cap, self.base * 2 ** (worst - 1)) if worst else 0.0
 
     async def failed(self, *keys: str) -> None:
-        """Record a failure for each key and sleep for the largest delay."""
-        now = time.monotonic()
-        for key in keys:
-            count, last = self._failures.get(key, (0, 0.0))
-            if now - last > self.window:
-                count = 0
-            self._failures[key] = (count + 1, now)
-        if len(self._failures) > 100_000:  # bound memory under a spray attack
-            cutoff = now - self.window
-            self._failures = {k: v for k, v in self._failures.items() if v[1] > cutoff}
-        delay = max(self.delay_for(k) for k in keys) if keys else 0.0
-        if delay:
-            await asyncio.sleep(delay)
+        """Counts a failure for each key (at once: never after a delay)."""
+        await self.counter.add(keys)
 
-    def succeeded(self, *keys: str) -> None:
-        for key in keys:
-            self._failures.pop(key, None)
+    async def succeeded(self, *keys: str) -> None:
+        await self.counter.clear(keys)
+
+
+class VerificationPool:
+    """Runs password checks (argon2: ~100 ms of CPU each) on ``slots``
+    threads of their own, never on the loop's default executor.
+
+    * A client address may have ``per_ip`` checks queued or running; one
+      more is refused at once (TEMPORARY) and never runs.
+    * A check waiting for a slot whose client has gone is skipped when its
+      turn comes (``ConnectionResetError``); a cancelled waiter is dropped.
+    * Suspect checks (the address has recent failures or another check in
+      flight) wait in a lane of their own and hold at most ``slots - 1``
+      slots; clean ones go first. A flood from failing addresses thus
+      cannot make an honest login wait behind it.
+
+    A check that started runs to its end (a thread cannot be stopped); its
+    slot is freed when it ends, not when its caller is cancelled. Every
+    step is O(1) per check: waiters are only ever looked at from the front.
+    """
+
+    def __init__(self, slots: int = DEFAULT_VERIFY_SLOTS, per_ip: int = 8) -> None:
+        self.slots = max(1, slots)
+        self.suspect_slots = max(1, self.slots - 1)
+        self.per_ip = max(1, per_ip)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.slots, thread_name_prefix="password-check"
+        )
+        self._running = 0
+        self._running_suspect = 0
+        # One lane per kind, first come first served within a lane.
+        self._lanes: dict[bool, collections.deque[_Waiter]] = {
+            False: collections.deque(),
+            True: collections.deque(),
+        }
+        self._in_flight: collections.Counter[str] = collections.Counter()
+
+    def in_flight(self, ip: str) -> int:
+        """Checks of ``ip`` queued or running now."""
+        return self._in_flight[ip]
+
+    async def run(self, check: Callable[[], T], client: LoginClient, suspect: bool) -> T:
+        """``check()`` in a slot's thread; see the class docstring for refusals."""
+        if self._in_flight[client.ip] >= self.per_ip:
+            raise StorageError(ErrorKind.TEMPORARY, "too many logins in progress, try later")
+        self._in_flight[client.ip] += 1
+        started = False
+        try:
+            await self._admit(client, suspect)
+            started = True
+            future = asyncio.get_running_loop().run_in_executor(self._executor, check)
+            future.add_done_callback(lambda _: self._release(client.ip, suspect))
+            # Shielded: a caller that leaves must not free the slot of a running thread.
+            return await asyncio.shield(future)
+        finally:
+            if not started:
+                self._forget(client.ip)
+
+    async def _admit(self, client: LoginClient, suspect: bool) -> None:
+        """Returns holding a slot, or raises without one."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lanes[suspect].append(_Waiter(turn, client))
+        self._grant()
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._free(suspect)  # granted just as the caller was cancelled
+            raise
+
+    def _grant(self) -> None:
+        """Hands free slots to the waiters at the front of each lane."""
+        while self._running < self.slots:
+            lane = self._lanes[False]
+            suspect = not self._head_alive(lane)
+            if suspect:
+                lane = self._lanes[True]
+                if self._running_suspect >= self.suspect_slots or not self._head_alive(lane):
+                    return
+            waiter = lane.popleft()
+            self._running += 1
+            self._running_suspect += suspect
+            waiter.turn.set_result(None)
+
+    @staticmethod
+    def _head_alive(lane: collections.deque[_Waiter]) -> bool:
+        """Drops dead waiters from the front; whether a live one is left."""
+        while lane:
+            head = lane[0]
+            if head.turn.done():  # the caller was cancelled
+                lane.popleft()
+            elif head.client.gone():
+                lane.popleft().turn.set_exception(ConnectionResetError("client went away"))
+            else:
+                return True
+        return False
+
+    def _free(self, suspect: bool) -> None:
+        self._running -= 1
+        self._running_suspect -= suspect
+        self._grant()
+
+    def _release(self, ip: str, suspect: bool) -> None:
+        self._forget(ip)
+        self._free(suspect)
+
+    def _forget(self, ip: str) -> None:
+        self._in_flight[ip] -= 1
+        if self._in_flight[ip] <= 0:
+            del self._in_flight[ip]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Waiter:
+    turn: asyncio.Future[None]
+    client: LoginClient
+
+
+class LoginGate:
+    """One process's login front door; see the module docstring."""
+
+    def __init__(self, throttle: AuthThrottle, pool: VerificationPool) -> None:
+        self.throttle = throttle
+        self.pool = pool
+
+    @staticmethod
+    def keys(login: str, client: LoginClient) -> tuple[str, str]:
+        """The failure-count keys of an attempt: the same on every protocol,
+        so a guesser gains nothing by switching from IMAP to POP3 or SMTP."""
+        return f"ip:{client.ip}", f"login:{login.strip().lower()}"
+
+    async def authenticate(
+        self, directory: Directory, login: str, password: str, client: LoginClient
+    ) -> Account | None:
+        """The account, or None for a wrong password (counted); see the
+        module docstring for TEMPORARY and ``ConnectionResetError``."""
+        loop = asyncio.get_running_loop()
+        keys = self.keys(login, client)
+        delay = await self.throttle.delay_for(*keys)
+        suspect = bool(delay) or self.pool.in_flight(client.ip) > 0
+
+        def run_check(check: Callable[[], Any]) -> Awaitable[Any]:
+            return self.pool.run(check, client, suspect)
+
+        account = await directory.authenticate(login, password, run_check=run_check)
+        if account is None:
+            await self.throttle.failed(*keys)  # counted before the delay: leaving early won't help
+            await self._wait_out(loop.time() + await self.throttle.delay_for(*keys))
+        else:
+            await self.throttle.succeeded(*keys)
+        return account
+
+    async def refused(self, login: str, client: LoginClient) -> None:
+        """A login refused without a password check (APOP, a proxy
+        authorization): counted and delayed like a wrong password."""
+        keys = self.keys(login, client)
+        await self.throttle.failed(*keys)
+        delay = await self.throttle.delay_for(*keys)
+        await self._wait_out(asyncio.get_running_loop().time() + delay)
+
+    @staticmethod
+    async def _wait_out(deadline: float) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+
+_GATES: weakref.WeakKeyDictionary[Any, LoginGate] = weakref.WeakKeyDictionary()
+
+
+def login_gate(storage: Storage, auth: Any) -> LoginGate:
+    """The login gate of ``storage``, made from ``auth`` (the ``[auth]``
+    settings) on first use. Every daemon of a process opens one Storage
+    (``mailctl serve`` shares it between them), so they share one gate:
+    failures counted on IMAP slow POP3, SMTP and HTTP too."""
+    gate = _GATES.get(storage)
+    if gate is None:
+        throttle = AuthThrottle(
+            base=float(auth.failure_delay_seconds), cap=float(auth.failure_delay_max_seconds)
+        )
+        pool = VerificationPool(
+            slots=int(auth.verify_threads) or DEFAULT_VERIFY_SLOTS,
+            per_ip=int(auth.verify_queue_per_ip),
+        )
+        gate = _GATES[storage] = LoginGate(throttle, pool)
+    return gate

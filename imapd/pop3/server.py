@@ -30,7 +30,6 @@ from imapd.pop3.connection import TLS_HANDSHAKE_TIMEOUT, Connection
 from imapd.pop3.session import Session, SessionContext
 from runtime.listen import PeerLimit, serve
 from storage.api import Storage
-from storage.throttle import AuthThrottle
 
 log = logging.getLogger("imapd.pop3")
 
@@ -50,11 +49,8 @@ class Pop3Service:
         tls: ssl.SSLContext,
         idle_timeout: float | None = None,
     ) -> None:
-        throttle = AuthThrottle(
-            base=settings.auth.failure_delay_seconds, cap=settings.auth.failure_delay_max_seconds
-        )
         timeout = idle_timeout if idle_timeout is not None else settings.pop3.idle_timeout_seconds
-        self._context = SessionContext(settings, storage, tls, throttle, timeout)
+        self._context = SessionContext(settings, storage, tls, timeout)
         self.settings = settings
         self.tls = tls
         self.servers: list[Server] = []

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import logging
 
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Authenticate, Command, Enable, Id, Login
 from runtime.metrics import AUTH_FAILURES
+from storage.throttle import LoginClient
 
 log = logging.getLogger("imapd.imap")
 
@@ -73,11 +73,20 @@ async def handle_starttls(s: Session, cmd: Command) -> Reply | None:
     return None
 
 
-async def _failed_login(s: Session, login: str) -> Reply:
+def _client(s: Session) -> LoginClient:
+    """The client as the login gate sees it; ``gone`` once the connection closed."""
+
+    def gone() -> bool:
+        transport = getattr(s.conn, "transport", None)
+        return transport is None or transport.is_closing()
+
+    return LoginClient(s.conn.peer, gone)
+
+
+def _failed_login(s: Session) -> Reply:
+    """The reply to a refused login, already counted and delayed by the gate."""
     s.login_failures += 1
-    # Growing delay per client address and per login name (storage.throttle).
     AUTH_FAILURES.inc(protocol="imap")
-    await s.ctx.throttle.failed(f"imap-ip:{s.conn.peer}", f"imap-user:{login.lower()}")
     limit = int(s.ctx.setting("auth", "max_failures_per_connection", 5))  # type: ignore[arg-type]
     if s.login_failures >= limit:
         s.untagged("BYE Too many failed logins")
@@ -86,10 +95,11 @@ async def _failed_login(s: Session, login: str) -> Reply:
 
 
 async def _check_login(s: Session, login: str, password: str) -> Reply:
-    account = await s.storage.directory.authenticate(login, password)
+    # An unreachable directory or a client with too many checks queued raises
+    # TEMPORARY: the session answers NO [UNAVAILABLE] (RFC 5530 section 3).
+    account = await s.ctx.logins.authenticate(s.storage.directory, login, password, _client(s))
     if account is None:
-        return await _failed_login(s, login)
-    s.ctx.throttle.succeeded(f"imap-ip:{s.conn.peer}", f"imap-user:{login.lower()}")
+        return _failed_login(s)
     await s.log_in(account)
     return ok("Logged in", "CAPABILITY " + " ".join(s.capabilities()))
 
@@ -127,7 +137,7 @@ async def handle_authenticate(s: Session, cmd: Authenticate) -> Reply:
         return bad("Malformed PLAIN response")
     authzid, authcid, password = (p.decode("utf-8", "replace") for p in parts)
     if authzid and authzid.lower() != authcid.lower():
-        with contextlib.suppress(Exception):
-            await _failed_login(s, authcid)
+        await s.ctx.logins.refused(authcid, _client(s))
+        _failed_login(s)
         return no("Proxy authorization is not allowed", "AUTHORIZATIONFAILED")
     return await _check_login(s, authcid, password)

@@ -337,7 +337,7 @@ async def test_storage_failure_is_a_resp_code_not_a_traceback(
 
 
 async def test_login_storage_failure(pop3, pop3_storage, client_tls_context, monkeypatch):
-    async def down(login, password):
+    async def down(login, password, **options):
         raise StorageError(ErrorKind.TEMPORARY, "directory unavailable")
 
     monkeypatch.setattr(pop3_storage.directory, "authenticate", down)

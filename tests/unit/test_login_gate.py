@@ -1,0 +1,124 @@
+"""The login gate (storage/throttle.py): the bounded verification pool
+(issue #18: abandoned logins must not pile up)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from storage.errors import ErrorKind, StorageError
+from storage.throttle import LoginClient, VerificationPool
+
+CHECK_SECONDS = 0.15  # about one argon2 verification at the default cost
+
+
+def slow_check(ran: list[str], name: str, seconds: float = CHECK_SECONDS) -> Callable[[], str]:
+    def check() -> str:
+        ran.append(name)
+        time.sleep(seconds)
+        return name
+
+    return check
+
+
+async def test_a_client_over_its_queue_bound_is_refused_at_once() -> None:
+    pool = VerificationPool(slots=1, per_ip=3)
+    ran: list[str] = []
+    client = LoginClient("192.0.2.1")
+    queued = [
+        asyncio.create_task(pool.run(slow_check(ran, f"c{i}"), client, suspect=False))
+        for i in range(3)
+    ]
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as refused:
+        await pool.run(slow_check(ran, "over"), client, suspect=False)
+    assert refused.value.kind is ErrorKind.TEMPORARY
+    assert time.monotonic() - started < CHECK_SECONDS  # not queued behind the others
+    # Another address is not limited by the first one's queue.
+    other = await pool.run(slow_check(ran, "other"), LoginClient("192.0.2.2"), suspect=False)
+    assert other == "other"
+    assert sorted(await asyncio.gather(*queued)) == ["c0", "c1", "c2"]
+    assert "over" not in ran
+    assert pool.in_flight("192.0.2.1") == 0
+
+
+async def test_a_queued_check_whose_client_left_never_runs() -> None:
+    pool = VerificationPool(slots=1, per_ip=50)
+    ran: list[str] = []
+    left = threading.Event()
+    leaver = LoginClient("198.51.100.7", gone=left.is_set)
+    first = asyncio.create_task(pool.run(slow_check(ran, "first"), leaver, suspect=False))
+    abandoned = [
+        asyncio.create_task(pool.run(slow_check(ran, f"gone{i}"), leaver, suspect=True))
+        for i in range(random.randint(5, 20))
+    ]
+    await asyncio.sleep(0.02)
+    left.set()  # the connection closed while its checks waited
+    assert await first == "first"  # a started check runs to its end
+    for task in abandoned:
+        with pytest.raises(ConnectionResetError):
+            await task
+    assert ran == ["first"]
+    assert pool.in_flight("198.51.100.7") == 0
+
+
+async def test_a_cancelled_waiter_frees_its_place_and_no_slot_leaks() -> None:
+    pool = VerificationPool(slots=1, per_ip=50)
+    ran: list[str] = []
+    client = LoginClient("203.0.113.9")
+    first = asyncio.create_task(pool.run(slow_check(ran, "first"), client, suspect=False))
+    waiting = [
+        asyncio.create_task(pool.run(slow_check(ran, f"w{i}"), client, suspect=False))
+        for i in range(random.randint(3, 9))
+    ]
+    await asyncio.sleep(0.01)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert await first == "first"
+    # The pool still has its one slot: a later check runs without waiting.
+    started = time.monotonic()
+    assert await pool.run(slow_check(ran, "later", 0.01), client, suspect=False) == "later"
+    assert time.monotonic() - started < CHECK_SECONDS
+    assert ran == ["first", "later"]
+
+
+async def test_a_caller_that_leaves_keeps_its_running_check_in_its_slot() -> None:
+    pool = VerificationPool(slots=1, per_ip=50)
+    ran: list[str] = []
+    running = asyncio.create_task(
+        pool.run(slow_check(ran, "running", 0.3), LoginClient("192.0.2.3"), suspect=False)
+    )
+    await asyncio.sleep(0.05)
+    running.cancel()
+    started = time.monotonic()
+    await pool.run(slow_check(ran, "next", 0.0), LoginClient("192.0.2.4"), suspect=False)
+    # Only one thread verifies at a time: "next" waited for the running check.
+    assert time.monotonic() - started >= 0.2
+    assert ran == ["running", "next"]
+
+
+async def test_suspects_leave_a_slot_for_clean_clients() -> None:
+    slots = random.randint(2, 4)
+    pool = VerificationPool(slots=slots, per_ip=1000)
+    ran: list[str] = []
+    flood = [
+        asyncio.create_task(
+            pool.run(slow_check(ran, f"s{i}"), LoginClient("192.0.2.66"), suspect=True)
+        )
+        for i in range(10 * slots)
+    ]
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    assert await pool.run(slow_check(ran, "honest"), LoginClient("192.0.2.1"), suspect=False)
+    # The flood holds slots - 1 threads; the honest check ran at once on the last one.
+    assert time.monotonic() - started < 2 * CHECK_SECONDS
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
