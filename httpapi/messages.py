@@ -27,7 +27,13 @@ from httpapi.compose import (
 from httpapi.context import account_of, context, owned_mailbox, owned_message
 from httpapi.errors import ApiError, bad_request, not_found, retry_later
 from httpapi.ids import MessageRef, message_id, parse_folder_id
-from httpapi.mime import content_disposition, message_parts, read_text, stream_decoded
+from httpapi.mime import (
+    content_disposition,
+    decoded_size,
+    message_parts,
+    read_text,
+    stream_decoded,
+)
 from httpapi.sanitize import sanitize_html
 from httpapi.views import addresses, decode_words, iso, summary
 from runtime.metrics import MESSAGES_RECEIVED
@@ -80,7 +86,7 @@ async def get_message(request: web.Request) -> web.Response:
                 "index": a.index,
                 "filename": a.filename,
                 "content_type": a.content_type,
-                "size": a.size,
+                "size": await decoded_size(blobs, entry.blob_key, a.part),
                 "inline": a.inline,
                 "content_id": a.content_id,
                 "url": f"/v1/messages/{view['id']}/attachments/{a.index}",

@@ -31,7 +31,7 @@ class Attachment:
     index: int
     filename: str
     content_type: str
-    size: int  # encoded octets in the message; the decoded size is smaller for base64
+    size: int  # encoded octets in the message; see decoded_size for what a download holds
     part: BodyPart
     inline: bool
     content_id: str | None
@@ -245,6 +245,15 @@ async def stream_decoded(blobs: BlobStore, blob_key: str, part: BodyPart) -> Asy
     tail = decoder.finish()
     if tail:
         yield tail
+
+
+async def decoded_size(blobs: BlobStore, blob_key: str, part: BodyPart) -> int:
+    """Octets the part's body decodes to: what downloading it gives. Exact,
+    so base64 and quoted-printable bodies are decoded piecewise (in C, one
+    read chunk at a time) and counted; other encodings are their size."""
+    if part.encoding.upper() not in ("BASE64", "QUOTED-PRINTABLE"):
+        return max(0, part.end - part.body_start)
+    return sum([len(chunk) async for chunk in stream_decoded(blobs, blob_key, part)])
 
 
 def content_disposition(filename: str, inline: bool) -> str:

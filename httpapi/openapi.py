@@ -102,7 +102,8 @@ SCHEMAS: dict[str, Any] = {
         "message_id": {"type": ["string", "null"]},
         "attachments": {"type": "array", "items": {"type": "object", "properties": {
             "index": {"type": "integer"}, "filename": {"type": "string"},
-            "content_type": {"type": "string"}, "size": {"type": "integer"},
+            "content_type": {"type": "string"},
+            "size": {"type": "integer", "description": "decoded octets: what the download holds"},
             "url": {"type": "string"}}}},
     }}]},
     "Draft": {"type": "object", "properties": {

@@ -61,6 +61,17 @@ function formatDate(iso) {
     : d.toLocaleDateString();
 }
 
+// Binary units, as mail clients show them: "777 bytes", "1.4 MB", "25 MB".
+function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} bytes`;
+  const units = ["KB", "MB", "GB", "TB"];
+  let value = bytes / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  const digits = value < 9.95 && !Number.isInteger(value) ? 1 : 0;  // no "10.0 MB"
+  return `${value.toFixed(digits)} ${units[unit]}`;
+}
+
 function who(addr) { return addr ? (addr.name || addr.address) : "(unknown)"; }
 
 // ---- login ----------------------------------------------------------------
@@ -200,7 +211,7 @@ async function openMessage(id) {
   const list = $("reader-attachments");
   list.replaceChildren();
   for (const att of message.attachments) {
-    const link = el("a", { href: "#", textContent: `${att.filename} (${att.content_type}, ${att.size} bytes)` });
+    const link = el("a", { href: "#", textContent: `${att.filename} (${att.content_type}, ${formatSize(att.size)})` });
     link.addEventListener("click", (e) => { e.preventDefault(); download(att); });
     list.append(el("li", {}, link));
   }

@@ -162,6 +162,7 @@ async def test_smtp_mail_reads_back_byte_exact(mta: Any, alice_api: Api) -> None
             f"blob-{n}.bin" for n in range(len(case.attachments))
         ]
         for attachment, data in zip(message["attachments"], case.attachments, strict=True):
+            assert attachment["size"] == len(data)  # what the download holds, not the base64
             status, body = await alice_api.get(attachment["url"])
             assert status == 200
             assert len(body) == len(data)

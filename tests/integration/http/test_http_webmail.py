@@ -4,6 +4,7 @@ as in test_webmail_browser): remote images stay blocked until asked for."""
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -110,3 +111,19 @@ async def test_the_list_is_in_date_order_and_live_imports_sit_by_their_date(
     # Arrives live over the WebSocket: an old message goes where its date says.
     await deliver(mailstore, alice, make_mail("last month", date=now - dt.timedelta(days=30)))
     await expect(subjects).to_have_text(["today", "this week", "last month", "last year"])
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(0, "0 bytes"), (777, "777 bytes"), (1_468_006, "1.4 MB"), (25 * 1024 * 1024, "25 MB")],
+)
+async def test_attachment_sizes_are_decoded_and_readable(
+    page: Page, mailstore: Any, alice: Any, size: int, shown: str
+) -> None:
+    data = random.randbytes(size)
+    await deliver(mailstore, alice, make_mail(
+        "With attachment", attachment=("photo.jpg", "image/jpeg", data)))
+    await page.reload()
+    await page.locator("#message-list li", has_text="With attachment").click()
+    await expect(page.locator("#reader-attachments li")).to_have_text(
+        f"photo.jpg (image/jpeg, {shown})")
