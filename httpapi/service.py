@@ -13,7 +13,6 @@ tokens through ``data_dir/http_secret``.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import ssl
 
@@ -25,7 +24,6 @@ from httpapi.auth import load_or_create_secret
 from runtime.listen import PeerLimit, open_listener, serve_socket
 from storage.api import Storage
 
-log = logging.getLogger("httpapi")
 # The settings this daemon listens on (runtime.daemon binds them for workers).
 LISTEN_KEYS = ("http.listen",)
 
@@ -111,7 +109,6 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
             sockets.append(sock)
             site = _LimitedSite(runner, sock, limit)
             await site.start()
-            log.info("http listening on %s", site.name)
     except BaseException:
         await runner.cleanup()
         for sock in sockets:

@@ -25,6 +25,22 @@ from runtime.listen import PeerLimit, serve
 from storage.api import Storage
 
 log = logging.getLogger("mtad")
+
+
+class _CommandChatter(logging.Filter):
+    """aiosmtpd ("mail.log") logs every command line, connection, envelope
+    address and connection end at INFO, and its mechanism table on every
+    connection: detail for debugging, lowered here to DEBUG. Its warnings
+    stay as they are; our own session log says what an operator needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("mail.log").addFilter(_CommandChatter())
 # The settings this daemon listens on (runtime.daemon binds them for workers).
 LISTEN_KEYS = ("smtp.mx_listen", "smtp.submission_listen", "smtp.submissions_listen")
 
@@ -118,7 +134,6 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
                     tls=tls if mode is Mode.SUBMISSIONS else None,
                 )
                 servers[mode].append(server)
-                log.info("SMTP %s listening on %s", mode.value, address)
         # --- outbound queue workers (mtad.outbound; owned by the queue helper) ---
         if settings.queue.workers > 0:
             from mtad.outbound import start_workers

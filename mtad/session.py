@@ -245,7 +245,8 @@ class SmtpSession(LeaseHolder, SMTP):
         return self.implicit_tls or self._tls_protocol is not None
 
     @property
-    def auth_offered(self) -> bool:
+    def offers_auth(self) -> bool:
+        # Not named auth_*: aiosmtpd takes every auth_* member for a SASL mechanism.
         return self.mode is not Mode.MX and (
             self.is_tls or self.ctx.settings.auth.allow_plaintext
         )
@@ -376,7 +377,7 @@ class SmtpSession(LeaseHolder, SMTP):
         ]
         if self.tls_context is not None and not self.is_tls:
             lines.append("STARTTLS")  # RFC 3207
-        if self.auth_offered and not self.state.authenticated:
+        if self.offers_auth and not self.state.authenticated:
             lines.append("AUTH PLAIN LOGIN")  # RFC 4954
         # RFC 2034 section 3: no enhanced codes on EHLO replies.
         for line in lines[:-1]:

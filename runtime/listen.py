@@ -38,7 +38,7 @@ from typing import cast
 
 from runtime.metrics import CONNECTIONS_REFUSED
 
-log = logging.getLogger("shardmail.listen")
+log = logging.getLogger("shardmail")
 
 BACKLOG = 1024
 
@@ -322,10 +322,14 @@ async def serve_socket(
     handshake on a TLS listener) and close. ``label`` names the protocol in
     the refused-connections metric. The returned server owns ``sock``."""
     listener = _Listener(factory, setting, limit, refusal, label)
-    return await asyncio.get_running_loop().create_server(
+    server = await asyncio.get_running_loop().create_server(
         lambda: _Gate(listener),
         sock=sock,
         ssl=tls,
         ssl_handshake_timeout=tls_handshake_timeout if tls else None,
         backlog=BACKLOG,
     )
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log.info("%s listening on %s (%s%s)", label, where, setting, ", TLS" if tls else "")
+    return server

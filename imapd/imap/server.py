@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import ssl
 import weakref
@@ -25,8 +24,6 @@ from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
 if TYPE_CHECKING:
     from conf.settings import Settings
     from storage.api import Storage
-
-log = logging.getLogger("imapd.imap")
 
 # Stop reading from a client that pipelines more than this ahead of us.
 READ_BUFFER_HIGH = 1024 * 1024
@@ -263,7 +260,6 @@ async def start_imap(
                 tls=context,
             )
             servers.append(server)
-            log.info("IMAP listening on %s%s", addr, " (TLS)" if implicit else "")
     except BaseException:
         for server in servers:
             server.close()

@@ -80,7 +80,6 @@ class Pop3Service:
             tls_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
         self.servers.append(server)
-        log.info("pop3 listening on %s%s", address, " (TLS)" if tls else "")
 
     def _serve(self, conn: Connection) -> None:
         task = asyncio.create_task(
