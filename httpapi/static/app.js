@@ -145,7 +145,12 @@ async function runSearch(event) {
 }
 
 async function loadList(reset) {
-  if (reset) { state.cursor = null; state.messages.clear(); $("message-list").replaceChildren(); }
+  if (reset) {
+    state.cursor = null;
+    state.messages.clear();
+    $("message-list").replaceChildren();
+    document.body.classList.remove("reading");  // a new list: phones show it
+  }
   const params = new URLSearchParams({ limit: "50" });
   if (state.cursor) params.set("cursor", state.cursor);
   let path;
@@ -203,6 +208,7 @@ async function openMessage(id) {
   const message = await api("GET", `/v1/messages/${encodeURIComponent(id)}`);
   state.current = message;
   $("reader").hidden = false;
+  document.body.classList.add("reading");  // phones show the reader instead of the list
   $("reader-subject").textContent = message.subject || "(no subject)";
   $("reader-from").textContent = message.from ? `${who(message.from)} <${message.from.address}>` : "";
   $("reader-to").textContent = message.to.map(who).join(", ");
@@ -284,6 +290,7 @@ async function deleteCurrent() {
   state.messages.delete(id);
   state.current = null;
   $("reader").hidden = true;
+  document.body.classList.remove("reading");
   loadFolders();
   toast("Deleted");
 }
@@ -395,6 +402,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("unread-button").addEventListener("click", () => updateCurrent({ unread: true }));
   $("flag-button").addEventListener("click", () => updateCurrent({ flagged: !state.current?.flagged }));
   $("delete-button").addEventListener("click", deleteCurrent);
+  $("back-button").addEventListener("click", () => document.body.classList.remove("reading"));
   $("remote-images-button").addEventListener("click", () => { if (state.current) showBody(state.current, true); });
   if (state.token) showMail().catch(() => logout()); else logout();
 });

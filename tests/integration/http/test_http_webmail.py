@@ -127,3 +127,55 @@ async def test_attachment_sizes_are_decoded_and_readable(
     await page.locator("#message-list li", has_text="With attachment").click()
     await expect(page.locator("#reader-attachments li")).to_have_text(
         f"photo.jpg (image/jpeg, {shown})")
+
+
+PHONE = (390, 844)  # CSS pixels of a current mid-size phone
+
+
+async def assert_inside(page: Page, selector: str) -> None:
+    """The element is shown and lies wholly within the viewport's width."""
+    box = await page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not shown"
+    assert box["width"] > 0 and box["height"] > 0, selector
+    assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE[0] + 0.5, (selector, box)
+
+
+async def assert_no_sideways_scroll(page: Page) -> None:
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE[0], f"the page is {width} px wide on a {PHONE[0]} px screen"
+
+
+async def test_the_webmail_works_on_a_390_px_phone(
+    base_url: str, mailstore: Any, alice: Any, tmp_path: Any
+) -> None:
+    for n in range(4):
+        await deliver(mailstore, alice, make_mail(
+            f"A long subject line that must wrap on a phone screen, number {n}",
+            body="Body text. " * 40,
+            html="<p>" + "Wide content " * 60 + "</p>"
+                 '<table width="900"><tr><td>x</td></tr></table>',
+        ))
+    async for page in open_browser(base_url, *PHONE):
+        await expect(page.locator("#message-list li")).to_have_count(4)
+        await assert_no_sideways_scroll(page)
+        for selector in ("#compose-button", "#search-input", "#logout-button",
+                         "#folder-list li", "#message-list li"):
+            await assert_inside(page, selector)
+        await page.screenshot(path=str(tmp_path / "phone-list.png"))
+
+        await page.locator("#message-list li").first.click()
+        body = page.frame_locator("#reader-html").locator("body")
+        await expect(body).to_contain_text("Wide content")
+        await assert_no_sideways_scroll(page)
+        for selector in ("#reader-subject", "#reader-html", "#reply-button", "#delete-button",
+                         "#back-button"):
+            await assert_inside(page, selector)
+        await page.screenshot(path=str(tmp_path / "phone-reader.png"))
+
+        await page.click("#back-button")
+        await assert_inside(page, "#message-list li")
+        await page.click("#compose-button")
+        await assert_inside(page, "#compose-send")
+        await assert_inside(page, "#compose-to")
+        await assert_no_sideways_scroll(page)
+        print(f"phone screenshots in {tmp_path}")
