@@ -114,6 +114,16 @@ def normalize_mailbox_name(name: str) -> str:
     return HIERARCHY_DELIMITER.join(parts)
 
 
+def existing_mailbox_name(name: str) -> str:
+    """:func:`normalize_mailbox_name` for a name looked up: one that no
+    mailbox can have names none, so it is NOT_FOUND (IMAP NONEXISTENT, RFC
+    5530 section 3), not INVALID as for a mailbox about to be made."""
+    try:
+        return normalize_mailbox_name(name)
+    except errors.StorageError:
+        raise errors.not_found("no such mailbox") from None
+
+
 def _parents(name: str) -> list[str]:
     parts = name.split(HIERARCHY_DELIMITER)
     return [HIERARCHY_DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
@@ -843,7 +853,7 @@ class SqlMailStore:
             if isinstance(mailbox, int):
                 stmt, params = _LOCK_WITH_MAILBOX_BY_ID, {"b_account": account_id, "b_id": mailbox}
             else:
-                name = normalize_mailbox_name(mailbox)
+                name = existing_mailbox_name(mailbox)
                 stmt = _LOCK_WITH_MAILBOX_BY_NAME
                 params = {"b_account": account_id, "b_name": name}
             row = execute(conn, stmt, params).first()
@@ -861,7 +871,7 @@ class SqlMailStore:
         if isinstance(mailbox, int):
             stmt, params = _mailbox_query(account_id, None, mailbox)
         else:
-            stmt, params = _mailbox_query(account_id, normalize_mailbox_name(mailbox), None)
+            stmt, params = _mailbox_query(account_id, existing_mailbox_name(mailbox), None)
         row = execute(conn, stmt, params).first()
         if row is None:
             raise errors.not_found("no such mailbox")
@@ -914,7 +924,7 @@ class SqlMailStore:
 
     async def get_mailbox(self, account_id: int, name: str) -> Mailbox:
         """The mailbox by name (normalised: INBOX in any case); NOT_FOUND if absent."""
-        stmt, params = _mailbox_query(account_id, normalize_mailbox_name(name), None)
+        stmt, params = _mailbox_query(account_id, existing_mailbox_name(name), None)
         return await self.db.read_sync(lambda conn: _mailbox_sync(conn, stmt, params))
 
     async def get_mailbox_by_id(self, account_id: int, mailbox_id: int) -> Mailbox:
@@ -942,7 +952,7 @@ class SqlMailStore:
         """Renames inferiors too and creates missing parents of ``new``;
         renaming INBOX moves its messages into a new mailbox and leaves INBOX
         empty (RFC 3501 section 6.3.5). A renamed mailbox keeps its UIDVALIDITY."""
-        old = normalize_mailbox_name(old)
+        old = existing_mailbox_name(old)
         new = normalize_mailbox_name(new)
         async with self._write(account_id) as tx:
             conn = tx.conn
@@ -982,7 +992,7 @@ class SqlMailStore:
     async def delete_mailbox(self, account_id: int, name: str) -> None:
         """INVALID for INBOX; the mailbox's messages are expunged. Inferior
         mailboxes stay (RFC 3501 section 6.3.4)."""
-        name = normalize_mailbox_name(name)
+        name = existing_mailbox_name(name)
         if name == INBOX:
             raise errors.invalid("INBOX cannot be deleted")
         async with self._write(account_id) as tx:

@@ -65,10 +65,18 @@ async def test_create_makes_parents_and_new_uidvalidity(storage: SqlStorage, bob
     with pytest.raises(StorageError) as err:
         await mail.create_mailbox(bob.id, "inbox")
     assert err.value.kind is ErrorKind.EXISTS
-    for bad in ("", "/x", "x/", "a//b", "a\x00b"):
+    for bad in ("", "/x", "x/", "a//b", "a\x00b", "x" * 1001):
         with pytest.raises(StorageError) as err:
             await mail.create_mailbox(bob.id, bad)
         assert err.value.kind is ErrorKind.INVALID
+        # Looked up, a name no mailbox can have is one that does not exist.
+        for lookup in (mail.get_mailbox, mail.delete_mailbox):
+            with pytest.raises(StorageError) as err:
+                await lookup(bob.id, bad)
+            assert err.value.kind is ErrorKind.NOT_FOUND
+        with pytest.raises(StorageError) as err:
+            await mail.rename_mailbox(bob.id, bad, "Elsewhere")
+        assert err.value.kind is ErrorKind.NOT_FOUND
     # A recreated name never reuses a UIDVALIDITY (RFC 3501 section 2.3.1.1).
     await mail.delete_mailbox(bob.id, "Projects/2024/Q1")
     again = await mail.create_mailbox(bob.id, "Projects/2024/Q1")

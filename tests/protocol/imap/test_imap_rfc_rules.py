@@ -149,3 +149,34 @@ async def test_hostile_list_patterns_answer_at_once(imap_env: ImapEnv) -> None:
         assert time.perf_counter() - start < 2
     finally:
         await client.close()
+
+
+# Names the grammar allows (RFC 3501 section 9: astring, "]" and "}"
+# included) that name no mailbox here; some cannot name one at all.
+UNUSUAL_NAMES = [
+    *("a" + ch + "b" for ch in map(chr, range(0x21, 0x7F)) if ch not in '(){%*"\\&'),
+    "]", "INBOX]", "[Gmail]/All", "-", "&-", "a&-b", "&AOk-", "#news", "~x", "..",
+    # No mailbox can have these names (storage refuses to create them).
+    "/a", "a//b", "a/", "INBOX/", "x" * 1001,
+]
+LOOKUPS = ["SELECT {}", "EXAMINE {}", "STATUS {} (MESSAGES)", "DELETE {}", "RENAME {} Elsewhere"]
+DELIVERIES = ["COPY 1 {}", "MOVE 1 {}", "APPEND {} {{5+}}\r\nhello"]
+
+
+async def test_unknown_unusual_names_are_nonexistent(imap_env: ImapEnv) -> None:
+    """RFC 5530 section 3: NONEXISTENT for a mailbox that does not exist,
+    whatever characters its name has (TRYCREATE where RFC 3501 sections
+    6.3.11 and 6.4.7 ask for it); BAD is only for broken syntax."""
+    await imap_env.deliver(PLAIN)
+    client = await imap_env.client(login=True)
+    try:
+        for name in UNUSUAL_NAMES:
+            for verb in LOOKUPS:
+                lines = await client.command(verb.format(name))
+                assert b" NO [NONEXISTENT] " in lines[-1], (verb, name, lines)
+            for verb in DELIVERIES:
+                await client.ok("SELECT INBOX")
+                lines = await client.command(verb.format(name))
+                assert b" NO [TRYCREATE] " in lines[-1], (verb, name, lines)
+    finally:
+        await client.close()
