@@ -713,6 +713,18 @@ class Session:
             items.append(b"MODSEQ (%d)" % modseq)
         self.write(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
 
+    def use_condstore(self) -> None:
+        """A CONDSTORE enabling command ran (RFC 7162 section 3.1): from now on
+        FETCH and flag updates carry MODSEQ, and on the first one with a
+        mailbox selected the client learns its HIGHESTMODSEQ at once
+        (section 3.1.2.1), before the command's own responses."""
+        if self.condstore:
+            return
+        self.condstore = True
+        view = self.selected
+        if view is not None:
+            self.untagged(f"OK [HIGHESTMODSEQ {max(view.modseq, 1)}] Highest")
+
     def display_flags(self, view: MailboxView, uid: int, flags: frozenset[str]) -> list[str]:
         out = sorted(flags)
         if uid in view.recent:

@@ -252,11 +252,11 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
     if cmd.uid and "UID" not in names:
         atts.insert(0, FetchAttribute("UID"))  # RFC 3501 section 6.4.8
     if cmd.changed_since is not None:
-        s.condstore = True
+        s.use_condstore()
         if "MODSEQ" not in names:
             atts.append(FetchAttribute("MODSEQ"))  # RFC 7162 section 3.1.4.1
     if "MODSEQ" in names:
-        s.condstore = True
+        s.use_condstore()
     if cmd.vanished and cmd.changed_since is not None:
         if "QRESYNC" not in s.enabled:
             return bad("Enable QRESYNC first")
@@ -294,6 +294,7 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
                 changed = set()
         else:
             changed = set()
+        s.announce_flags(view)  # RFC 3501 section 7.2.6: keywords before FETCH shows them
         for m in items:
             entry = _entry(m)
             if cmd.changed_since is not None and entry.modseq <= cmd.changed_since:

@@ -346,7 +346,7 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
         "APPENDLIMIT": s.ctx.max_literal,
     }
     if "HIGHESTMODSEQ" in items:
-        s.condstore = True  # RFC 7162 section 3.1: a CONDSTORE enabling command
+        s.use_condstore()  # RFC 7162 section 3.1: a CONDSTORE enabling command
     body = " ".join(f"{i} {values[i]}" for i in items)
     s.untagged(b"STATUS " + encode.mailbox(box.name) + f" ({body})".encode())
 

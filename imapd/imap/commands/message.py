@@ -157,6 +157,16 @@ def _uses_modseq(key: c.SearchKey) -> bool:
     return False
 
 
+def _modseq_reported_for(cmd: c.Search, uids: list[int]) -> list[int]:
+    """The matches (ascending UIDs) whose highest mod-sequence a MODSEQ
+    search reports: all of them (RFC 7162 section 3.1.5), or with RETURN
+    MIN and/or MAX alone, the messages returned (RFC 4731 section 3.1)."""
+    wanted = set(cmd.returns or ())
+    if not uids or not wanted or not wanted <= {"MIN", "MAX"}:
+        return uids
+    return [u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted]
+
+
 async def handle_search(s: Session, cmd: c.Search) -> Reply:
     if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
         # RFC 3501 section 6.4.4: BADCHARSET lists what we take.
@@ -181,9 +191,8 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
         uids = [u for u in found if u in known]  # only what this session has seen
     top_modseq = 0
     if _uses_modseq(cmd.key):
-        s.condstore = True
-        # RFC 7162 section 3.1.5: the highest mod-sequence of the matches.
-        top_modseq = max((known[u].modseq for u in uids), default=0)
+        s.use_condstore()
+        top_modseq = max((known[u].modseq for u in _modseq_reported_for(cmd, uids)), default=0)
     modseq_note = b" (MODSEQ %d)" % top_modseq if top_modseq else b""
     numbers = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
     if cmd.returns is None:
@@ -216,7 +225,7 @@ async def handle_store(s: Session, cmd: c.Store) -> Reply:
     assert s.mail is not None
     uids = view.resolve(cmd.sequence, cmd.uid)
     if cmd.unchanged_since is not None:
-        s.condstore = True
+        s.use_condstore()
     if not uids:
         return ok("STORE completed")
     result = await s.mail.store_flags(
@@ -227,6 +236,7 @@ async def handle_store(s: Session, cmd: c.Store) -> Reply:
         if e.uid in view.entries:
             view.update(e)
             updated[e.uid] = e.modseq
+    s.announce_flags(view)  # RFC 3501 section 7.2.6: a new keyword, before its FETCH
     modified = set(result.modified)
     for uid in uids:
         seq = view.seq_of(uid)

@@ -93,6 +93,26 @@ SCRIPTS: dict[str, Script] = {
         ("g STATUS INBOX (MESSAGES UIDNEXT)", ['=* STATUS "INBOX" (MESSAGES 3 UIDNEXT 7)',
                                                "g OK .*"]),
     ]),
+    # RFC 7162 section 3.1.5 with RFC 4731: MIN or MAX alone report the
+    # mod-sequence of the messages they return; with ALL or COUNT, of all.
+    "search_modseq_of_min_max": Script(messages=_inbox(PLAIN, MULTIPART, FORWARD), steps=[
+        ("a SELECT INBOX (CONDSTORE)", ["...", "a OK .*"]),
+        ("b STORE 2 +FLAGS.SILENT (\\Seen)", ["...", "b OK .*"]),
+        ("c FETCH 1:* MODSEQ", [r"\* 1 FETCH \(MODSEQ \((?P<m1>\d+)\)\)",
+                                r"\* 2 FETCH \(MODSEQ \((?P<m2>\d+)\)\)",
+                                r"\* 3 FETCH \(MODSEQ \((?P<m3>\d+)\)\)", "c OK .*"]),
+        ("d SEARCH RETURN (MIN) MODSEQ 1", ['=* ESEARCH (TAG "d") MIN 1 MODSEQ <<m1>>', "d OK .*"]),
+        ("e SEARCH RETURN (MAX) MODSEQ 1", ['=* ESEARCH (TAG "e") MAX 3 MODSEQ <<m3>>', "e OK .*"]),
+        ("f UID SEARCH RETURN (MIN MAX) UNSEEN MODSEQ 1",
+         ['=* ESEARCH (TAG "f") UID MIN 1 MAX 3 MODSEQ <<m3>>', "f OK .*"]),
+        ("g SEARCH RETURN (MIN COUNT) MODSEQ 1",
+         ['=* ESEARCH (TAG "g") MIN 1 COUNT 3 MODSEQ <<m2>>', "g OK .*"]),
+        ("h SEARCH RETURN (MAX ALL) MODSEQ 1",
+         ['=* ESEARCH (TAG "h") MAX 3 ALL 1:3 MODSEQ <<m2>>', "h OK .*"]),
+        ("i SEARCH RETURN (MIN) SEEN MODSEQ 1", ['=* ESEARCH (TAG "i") MIN 2 MODSEQ <<m2>>',
+                                                  "i OK .*"]),
+        ("j SEARCH RETURN (MIN) KEYWORD $None MODSEQ 1", ['=* ESEARCH (TAG "j")', "j OK .*"]),
+    ]),
     # RFC 5258 sections 3.1, 3.4, 3.5: LIST-EXTENDED selection options.
     "list_extended_subscribed": Script(steps=[
         ("a CREATE Foo/Bar", ["a OK .*"]),
@@ -180,3 +200,37 @@ async def test_unknown_unusual_names_are_nonexistent(imap_env: ImapEnv) -> None:
                 assert b" NO [TRYCREATE] " in lines[-1], (verb, name, lines)
     finally:
         await client.close()
+
+
+# RFC 7162 section 3.1: the first CONDSTORE enabling command with a mailbox
+# selected is answered with an untagged OK [HIGHESTMODSEQ] (section 3.1.2.1),
+# once; later ones and those without a selected mailbox add nothing.
+ENABLING = [
+    ("FETCH 1 MODSEQ", r"\* 1 FETCH \(MODSEQ \(\d+\)\)"),
+    ("FETCH 1:* (FLAGS) (CHANGEDSINCE 1)", r"\* 1 FETCH \(FLAGS \(.*\) MODSEQ \(\d+\)\)"),
+    ("SEARCH MODSEQ 1", r"\* SEARCH 1 2 \(MODSEQ \d+\)"),
+    ("STORE 1 (UNCHANGEDSINCE 1) +FLAGS.SILENT (\\Seen)", None),
+    ("STATUS INBOX (HIGHESTMODSEQ)", r'\* STATUS "INBOX" \(HIGHESTMODSEQ \d+\)'),
+]
+
+
+@pytest.mark.parametrize(("command", "reply"), ENABLING)
+async def test_condstore_enabling_command_announces_highestmodseq(
+    imap_env: ImapEnv, command: str, reply: str | None
+) -> None:
+    await play(imap_env, Script(messages=_inbox(PLAIN, MULTIPART), steps=[
+        ("b SELECT INBOX", ["...", r"\* OK \[HIGHESTMODSEQ (?P<hms>\d+)\] .*", "b OK .*"]),
+        ("c NOOP", ["=c OK NOOP completed"]),
+        (f"d {command}", [r"=* OK [HIGHESTMODSEQ <<hms>>] Highest", "...", "d OK .*"]),
+        (f"e {command}", [*([] if reply is None else [reply]), "...", "e OK .*"]),
+    ]))
+
+
+async def test_condstore_enabled_without_a_mailbox_announces_nothing(imap_env: ImapEnv) -> None:
+    await play(imap_env, Script(messages=_inbox(PLAIN), steps=[
+        ("a STATUS INBOX (HIGHESTMODSEQ)", [r'\* STATUS "INBOX" \(HIGHESTMODSEQ \d+\)', "a OK .*"]),
+        ("b SELECT INBOX", ["...", "b OK .*"]),
+        ("c FETCH 1 MODSEQ", [r"\* 1 FETCH \(MODSEQ \(\d+\)\)", "c OK .*"]),
+        ("d STORE 1 +FLAGS (\\Seen)", [r"\* 1 FETCH \(FLAGS \(\\Seen \\Recent\) MODSEQ \(\d+\)\)",
+                                       "d OK .*"]),
+    ]))

@@ -318,7 +318,9 @@ SCRIPTS: dict[str, Script] = {
                                                            "P OK .*"]),
             ("Q SEARCH 9", ["=* SEARCH", "Q OK .*"]),
             ("R SEARCH ON 1-Jan-1990", ["=* SEARCH", "R OK .*"]),
-            ("S SEARCH MODSEQ 1", [r"\* SEARCH 1 2 3 \(MODSEQ \d+\)", "S OK .*"]),
+            # RFC 7162 section 3.1.2.1: the first CONDSTORE use tells HIGHESTMODSEQ.
+            ("S SEARCH MODSEQ 1", [r"\* OK \[HIGHESTMODSEQ \d+\] .*",
+                                   r"\* SEARCH 1 2 3 \(MODSEQ \d+\)", "S OK .*"]),
             ("S2 SEARCH RETURN (COUNT) MODSEQ 1", [r'\* ESEARCH \(TAG "S2"\) COUNT 3 MODSEQ \d+',
                                                    "S2 OK .*"]),
             ("S3 ENABLE CONDSTORE", ["=S3 BAD ENABLE not allowed now"]),

@@ -323,7 +323,8 @@ async def test_snapshot_search_agrees_with_storage(imap_env: ImapEnv) -> None:
     ]
     for query in queries:
         lines = await c.command(f"UID SEARCH {query}")
-        got = [int(x) for x in lines[0].split(b"(")[0].split()[2:]]
+        (line,) = [x for x in lines if x.startswith(b"* SEARCH")]
+        got = [int(x) for x in line.split(b"(")[0].split()[2:]]
         cmd = parse_line(f"x UID SEARCH {query}".encode())
         assert isinstance(cmd, Search)
         expected = await store.search(acct, box.id, search_criteria(cmd.key, view))
