@@ -185,6 +185,9 @@ class ImapSettings(Section):
     tls_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:993"])
     max_line_length: int = 65_536
     max_literal_size: int = 52_428_800  # also advertised as APPENDLIMIT (RFC 7889)
+    # An APPEND literal past this many octets goes to a file in <data_dir>/spool
+    # as it arrives, so a session holds at most this much message text in memory.
+    spool_threshold: int = Field(default=1_048_576, ge=4096)
     autologout_seconds: int = 1800  # RFC 3501 section 5.4: at least 30 minutes
     # Autologout before authentication: RFC 3501 section 5.4 sets its 30
     # minutes only after login; a client that never logs in is dropped sooner.

@@ -17,13 +17,13 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import os
 import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from delivery.spool import SpoolFile
 from imapd.imap.mailbox_view import BadSequence, MailboxView, MessageCache
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Command, ParseError
@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imapd.imap")
 
-# Literals above this go to a temp file rather than memory (APPEND only).
-SPOOL_THRESHOLD = 256 * 1024
+# imap.spool_threshold when the settings lack it (APPEND literals past it go
+# to a file in <data_dir>/spool as they arrive).
+DEFAULT_SPOOL_THRESHOLD = 1024 * 1024
 # NOOP/CHECK/IDLE poll storage at most this often when no event said anything
 # changed (the event bus is best effort; this is the fallback).
 FORCED_POLL_INTERVAL = 2.0
@@ -79,29 +80,6 @@ def no(text: str, code: str | None = None) -> Reply:
 
 def bad(text: str, code: str | None = None) -> Reply:
     return Reply("BAD", text, code)
-
-
-class Spool:
-    """A large literal written to a temp file (APPEND streams, RFC 3501 6.3.11)."""
-
-    def __init__(self, directory: str | None = None) -> None:
-        fd, name = tempfile.mkstemp(prefix="imap-append-", dir=directory)
-        self.path = Path(name)
-        self._file = os.fdopen(fd, "wb")
-        self.size = 0
-
-    async def write(self, data: bytes) -> None:
-        self.size += len(data)
-        await asyncio.to_thread(self._file.write, data)
-
-    async def finish(self) -> None:
-        await asyncio.to_thread(self._file.close)
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 class Connection(Protocol):
@@ -159,7 +137,7 @@ class Session:
         self.wakeup = asyncio.Event()
         self._subscription: Subscription | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._spools: list[Spool] = []
+        self._spools: list[SpoolFile] = []
         self._last_poll = 0.0
         self._dropped = 0  # the subscription's lost-change count last seen
         self.changes_heard = 0  # changes the watcher took from the bus (see selected_now)
@@ -261,22 +239,44 @@ class Session:
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
+        self._drop_spools()
+
+    def _drop_spools(self) -> None:
+        """Removes every spool file of the current command (all paths)."""
         for spool in self._spools:
-            spool.discard()
+            spool.remove()
         self._spools.clear()
+
+    def _new_spool(self) -> SpoolFile | None:
+        """A spool file for an APPEND literal; None if the disk refuses one."""
+        data_dir = Path(str(self.ctx.setting("server", "data_dir", tempfile.gettempdir())))
+        try:
+            spool = SpoolFile(data_dir / "spool")
+        except OSError as exc:
+            log.warning("IMAP APPEND spool in %s failed: %s", data_dir / "spool", exc)
+            return None
+        self._spools.append(spool)
+        return spool
 
     async def read_command(self, timeout: float | None) -> Command | ParseError | None:
         """The next complete command (literals gathered, "+" sent for
         synchronizing ones), a ParseError, or None once the client is gone."""
         segments: list[bytes] = []
         literals: list[object] = []
-        current: bytearray | Spool | None = None
+        current: bytearray | SpoolFile | None = None
+        spool_failed = False  # the disk failed mid-literal: answer NO at the end
+        spool_at = int(self.ctx.setting("imap", "spool_threshold", DEFAULT_SPOOL_THRESHOLD))  # type: ignore[call-overload]
         while True:
             ev = await self.conn.next_event(timeout)
             if ev is None:
                 return None
             if isinstance(ev, TextSegment):
                 segments.append(ev.data)
+                if ev.final and spool_failed:
+                    self._drop_spools()
+                    self.tagged(_tag_of(segments[0]), _SPOOL_FAILED)
+                    segments, literals, spool_failed = [], [], False
+                    continue
                 if ev.final:
                     return parse_command(segments, literals)
                 continue
@@ -297,40 +297,49 @@ class Session:
                     )
                     tag = _tag_of(segments[0]) if segments else "*"
                     self.conn_framer_reject(ev.synchronizing)
-                    for lit in literals:
-                        if isinstance(lit, Spool):
-                            lit.discard()
+                    self._drop_spools()
                     self.tagged(tag, reply)
-                    segments, literals = [], []
+                    segments, literals, spool_failed = [], [], False
                     continue
+                current = bytearray()
+                if is_append and ev.size > spool_at and not spool_failed:
+                    spool = self._new_spool()
+                    if spool is None:
+                        # RFC 5530 section 3: our disk, not the client, failed.
+                        self.conn_framer_reject(ev.synchronizing)
+                        self._drop_spools()
+                        self.tagged(_tag_of(segments[0]), _SPOOL_FAILED)
+                        segments, literals, spool_failed = [], [], False
+                        continue
+                    current = spool
                 self.conn_framer_accept()
                 if ev.synchronizing:
                     self.write(b"+ Ready for literal data\r\n")
                     await self.conn.drain()
-                if is_append and ev.size > SPOOL_THRESHOLD:
-                    current = Spool()
-                    self._spools.append(current)
-                else:
-                    current = bytearray()
                 continue
             if isinstance(ev, LiteralChunk):
-                if isinstance(current, Spool):
-                    await current.write(ev.data)
-                elif current is not None:
-                    current += ev.data
+                try:
+                    if isinstance(current, SpoolFile):
+                        current.write(ev.data)  # page cache: cheaper than a thread hop
+                        if ev.last:
+                            current.close()
+                    elif current is not None:
+                        current += ev.data
+                except OSError as exc:
+                    log.warning("IMAP APPEND spool write failed: %s", exc)
+                    spool_failed = True
+                    self._drop_spools()
+                    current = None  # the rest of the literal is read and dropped
                 if ev.last:
-                    if isinstance(current, Spool):
-                        await current.finish()
+                    if isinstance(current, SpoolFile):
                         literals.append(current)
                     else:
                         literals.append(bytes(current or b""))
                     current = None
                 continue
             if isinstance(ev, FrameError):
-                for lit in literals:
-                    if isinstance(lit, Spool):
-                        lit.discard()
-                segments, literals = [], []
+                self._drop_spools()
+                segments, literals, spool_failed = [], [], False
                 self.tagged(ev.tag or "*", bad(ev.reason))
                 await self.conn.drain()
 
@@ -389,9 +398,7 @@ class Session:
             log.exception("IMAP command %s failed", cmd.name)
             reply = no("Internal error, try again later", "SERVERBUG")
         finally:
-            for spool in self._spools:
-                spool.discard()
-            self._spools.clear()
+            self._drop_spools()
         if cmd.name not in _READ_ONLY:
             self.status_cache.clear()  # our own write: its event may still be queued
         if reply is None:
@@ -750,6 +757,9 @@ _READ_ONLY = frozenset(
 )
 
 
+_SPOOL_FAILED = no("Cannot store the message now, try again", "UNAVAILABLE")
+
+
 def _tag_of(segment: bytes) -> str:
     from imapd.imap.wire.framing import guess_tag
 
@@ -757,5 +767,6 @@ def _tag_of(segment: bytes) -> str:
 
 
 def _is_append(segment: bytes) -> bool:
-    parts = segment[:64].split(b" ", 2)
+    # The tag may take up to 64 octets (framing.guess_tag): look past it.
+    parts = segment[:80].split(b" ", 2)
     return len(parts) > 1 and parts[1].upper() == b"APPEND"

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from delivery.spool import SpoolFile
 from imapd.imap.mailbox_view import MailboxView
-from imapd.imap.session import Reply, Session, Spool, State, bad, no, ok
+from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import (
     Append,
@@ -371,7 +372,7 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
         raise
     message = cmd.message
     source: bytes | Path
-    if isinstance(message, Spool):
+    if isinstance(message, SpoolFile):
         source, size = message.path, message.size
     elif isinstance(message, bytes):
         source, size = message, len(message)
