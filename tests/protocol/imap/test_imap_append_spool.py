@@ -140,3 +140,20 @@ async def test_spool_failure_is_a_temporary_error(imap_factory, tmp_path: Path) 
 def test_settings_know_the_threshold(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, imap={"spool_threshold": 5000})
     assert settings.imap.spool_threshold == 5000
+
+
+async def test_a_long_tag_does_not_hide_the_append(imap_factory) -> None:  # type: ignore[no-untyped-def]
+    """A tag may be as long as the framer reads (64 octets): the literal is
+    still an APPEND's, allowed up to APPENDLIMIT (RFC 7889), not the small
+    limit of other arguments."""
+    env = await make_env(imap_factory)
+    rng = random.Random()
+    tag = "t" * rng.randrange(58, 64)
+    raw = random_body(rng, rng.randrange(70_000, 3 * THRESHOLD))
+    client = await env.client(login=True)
+    try:
+        await client.send(f"{tag} APPEND INBOX {{{len(raw)}+}}\r\n".encode() + raw + b"\r\n")
+        lines = await client.until(tag)
+        assert re.match(rb"t+ OK \[APPENDUID ", lines[-1]), lines
+    finally:
+        await client.close()
