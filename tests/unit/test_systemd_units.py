@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
 import tomllib
 from pathlib import Path
@@ -77,3 +78,41 @@ def test_each_daemon_unit_serves_metrics_on_its_own_loopback_port() -> None:
         assert address.startswith("127.0.0.1:")
         ports[unit.name] = address
     assert len(set(ports.values())) == len(ports) == 3
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```sh block under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading) :]
+    return section[section.index("```sh\n") + 6 : section.index("\n```", section.index("```sh"))]
+
+
+def test_units_start_the_commands_the_readme_installs() -> None:
+    """The README's one-line install makes a venv and links its commands
+    into /usr/local/bin (so the first steps' `mailctl ...` is found); the
+    units run that same venv's commands."""
+    run_it = _readme_block("## Run it")
+    venv = re.search(r"python3 -m venv (\S+)", run_it)
+    assert venv, run_it
+    bin_dir = f"{venv.group(1)}/bin"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    link = re.search(r"ln -sf ((?:\S+ )+)/usr/local/bin/", run_it)
+    assert link, run_it
+    assert sorted(link.group(1).split()) == sorted(f"{bin_dir}/{name}" for name in scripts)
+    assert run_it.rstrip().endswith("&& mailctl serve")  # found on the PATH just linked
+    for unit in UNITS:
+        service = _read(unit)["Service"]
+        for key in ("ExecStartPre", "ExecStart"):
+            program = service[key].split()[0]
+            assert program.rsplit("/", 1)[0] == bin_dir, (unit.name, key, program)
+            assert program.rsplit("/", 1)[1] in scripts
+
+
+def test_the_systemd_install_puts_each_snippet_where_it_says() -> None:
+    install = _readme_block("### Install for systemd")
+    for snippet in ("shardmail.sysusers", "shardmail.tmpfiles", "shardmail.sysctl"):
+        first_line = (ROOT / "systemd" / snippet).read_text().splitlines()[0]
+        target = first_line.removeprefix("# Install as ").strip()
+        assert f"install -m 0644 systemd/{snippet} {target}" in install
+    assert "/etc/shardmail/shardmail.toml" in install
+    assert "systemctl enable --now shardmail.target" in install
