@@ -285,7 +285,7 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
     # RFC 5258 section 3.5 (RECURSIVEMATCH) and RFC 3501 section 6.3.9 (LSUB
     # with "%"): a level above subscribed names that the patterns leave out.
     above: set[str] = set()
-    if verb == "LSUB" or "RECURSIVEMATCH" in cmd.selection:
+    if sel_subscribed and (verb == "LSUB" or "RECURSIVEMATCH" in cmd.selection):
         for name in subscribed:
             if not wanted(name):
                 above.update(_ancestors(name))

@@ -142,6 +142,12 @@ SCRIPTS: dict[str, Script] = {
         ('l LIST (BOGUS) "" "*"', ["l BAD .*"]),
         ('m LIST (REMOTE) "" "Fruit"', [r'=* LIST (\HasNoChildren) "/" "Fruit"', "m OK .*"]),
         ('n LIST "" "Fruit" RETURN (BOGUS)', ["n BAD .*"]),
+        # CHILDINFO names the criterion that matched: SUBSCRIBED only when selected.
+        ("n1 CREATE Archive/2024", ["n1 OK .*"]),
+        ("n2 SUBSCRIBE Archive/2024", ["n2 OK .*"]),
+        ('n3 LIST (SPECIAL-USE RECURSIVEMATCH) "" "%" RETURN (SUBSCRIBED)', [
+            r'=* LIST (\HasChildren \Archive \Subscribed) "/" "Archive"', "...",
+            r'=* LIST (\HasNoChildren \Trash \Subscribed) "/" "Trash"', "n3 OK .*"]),
         ('o LIST "" "%" RETURN (SUBSCRIBED)', [
             r'=* LIST (\HasNoChildren \Subscribed) "/" "INBOX"', "...",
             r'=* LIST (\HasChildren) "/" "Foo"',
