@@ -3,6 +3,10 @@
 Every message goes through the single ingest path. Flags are carried over
 (mbox ``Status``/``X-Status`` headers; Maildir ``:2,`` info letters) and
 the internal date is the mbox From_ line date or the Maildir file's mtime.
+Line ends become CRLF, as SMTP would have stored the message: files on
+disk use the local convention (LF), but the stored form is what IMAP
+serves as BODY[]. An mbox's ``>From `` lines are kept as they are: mboxo
+and mboxrd files cannot be told apart, so unescaping could corrupt one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import mailbox
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +29,16 @@ from storage.model import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN, Account
 MAILDIR_FLAGS = {"S": SEEN, "R": ANSWERED, "F": FLAGGED, "T": DELETED, "D": DRAFT}
 # mbox Status/X-Status letters as written by mutt, Thunderbird and UW.
 MBOX_FLAGS = {"R": SEEN, "A": ANSWERED, "F": FLAGGED, "D": DELETED, "T": DRAFT}
+
+# CRLF first, so an existing CRLF is one match and stays one line end.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def crlf_line_ends(raw: bytes) -> bytes:
+    """``raw`` with every line end CRLF: RFC 5322 section 2.1 (and RFC 5321
+    section 2.3.8, which refuses bare CR and LF) allows no other. A lone LF
+    or lone CR becomes CRLF, an existing CRLF stays; linear in the size."""
+    return _LINE_END.sub(b"\r\n", raw)
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,8 @@ def read_mbox(path: Path) -> tuple[int, Iterator[SourceMessage]]:
             msg = box.get_message(key)
             status = (msg.get("Status", "") or "") + (msg.get("X-Status", "") or "")
             flags = tuple(sorted({f for c, f in MBOX_FLAGS.items() if c in status}))
-            yield SourceMessage(box.get_bytes(key), flags, _mbox_date(msg.get_from()))
+            raw = crlf_line_ends(box.get_bytes(key))
+            yield SourceMessage(raw, flags, _mbox_date(msg.get_from()))
 
     return len(keys), messages()
 
@@ -68,7 +84,7 @@ def read_maildir(path: Path) -> tuple[int, Iterator[SourceMessage]]:
             msg = box.get_message(key)
             flags = tuple(sorted({MAILDIR_FLAGS[c] for c in msg.get_flags() if c in MAILDIR_FLAGS}))
             date = dt.datetime.fromtimestamp(msg.get_date(), dt.UTC)
-            yield SourceMessage(box.get_bytes(key), flags, date)
+            yield SourceMessage(crlf_line_ends(box.get_bytes(key)), flags, date)
 
     return len(keys), messages()
 

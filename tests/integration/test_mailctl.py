@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import mailbox
+import random
+import re
+import ssl
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +163,102 @@ def test_import_of_a_missing_source_is_a_clean_error(tmp_path: Path) -> None:
     ok(mailctl(data, "account", "add", "alice@example.org", stdin="pw\n"))
     res = mailctl(data, "import", "mbox", "alice@example.org", "--from", str(tmp_path / "nope"))
     assert res.returncode == 1 and "not an mbox" in res.stderr
+
+
+def _random_lines(rng: random.Random) -> list[bytes]:
+    """Body lines of random text; none starts with "From " (mbox would
+    escape it) and some hold a lone CR, as files written on old Macs do."""
+    alphabet = string.ascii_letters + string.digits + " .,:;!?-_=+*/()<>@"
+    lines = []
+    for _ in range(rng.randint(1, 40)):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120))).lstrip("F")
+        if rng.random() < 0.1:
+            cut = rng.randint(0, len(line))
+            line = line[:cut] + "\r" + line[cut:]
+        lines.append(line.encode())
+    return lines
+
+
+def _unix_message(rng: random.Random, n: int) -> bytes:
+    """A message as a Unix tool stores it: LF line ends, with a stray CRLF."""
+    head = [
+        f"From: sender{n}@example.net",
+        "To: alice@example.org",
+        f"Subject: import {n} {rng.random()}",
+        f"Message-ID: <lf{n}.{rng.getrandbits(64)}@example.net>",
+    ]
+    lines = [h.encode() for h in head] + [b""] + _random_lines(rng)
+    ends = [b"\r\n" if rng.random() < 0.1 else b"\n" for _ in lines]
+    return b"".join(line + end for line, end in zip(lines, ends, strict=True))
+
+
+def _crlf(raw: bytes) -> bytes:
+    """What SMTP would have stored: every line end CRLF (RFC 5322 section 2.1)."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def _write_source(kind: str, path: Path, messages: list[bytes]) -> None:
+    """The files byte for byte as a Unix mail tool writes them."""
+    if kind == "mbox":
+        with path.open("wb") as out:
+            for raw in messages:
+                out.write(b"From sender@example.net Sat Jan  3 01:05:34 1996\n" + raw + b"\n")
+        return
+    for sub in ("cur", "new", "tmp"):
+        (path / sub).mkdir(parents=True)
+    for n, raw in enumerate(messages):
+        (path / "cur" / f"1700000000.{n}.host:2,S").write_bytes(raw)
+
+
+async def _fetch_over_imap(data: Path, tls_context: ssl.SSLContext, mailbox: str) -> list[bytes]:
+    """Every message of ``mailbox`` as imaplib FETCHes it, in UID order."""
+    from imapd.imap.server import start_imap
+    from storage import open_storage
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        data, auth={"allow_plaintext": True}, imap={"listen": ["127.0.0.1:0"]}
+    )
+    storage = await open_storage(settings.storage)
+    servers = await start_imap(settings, storage, tls_context)
+    port = servers[0].sockets[0].getsockname()[1]
+
+    def fetch() -> list[bytes]:
+        client = imaplib.IMAP4("127.0.0.1", port)
+        try:
+            assert client.login("alice@example.org", "pw")[0] == "OK"
+            assert client.select(mailbox, readonly=True)[0] == "OK"
+            typ, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+            assert typ == "OK", data
+            return [part[1] for part in data if isinstance(part, tuple)]
+        finally:
+            client.logout()
+
+    try:
+        return await asyncio.to_thread(fetch)
+    finally:
+        for server in servers:
+            server.close()
+        await storage.close()
+
+
+@pytest.mark.parametrize("kind", ["mbox", "maildir"])
+def test_import_stores_crlf_line_ends_as_smtp_would(
+    tmp_path: Path, kind: str, tls_context: ssl.SSLContext
+) -> None:
+    """RFC 5322 section 2.1 and RFC 3501 section 2.3.4 (BODY[] is the
+    RFC 5322 message): lone LF and lone CR become CRLF on import, CRLF
+    stays, and nothing else of the message changes."""
+    rng = random.Random()
+    data = tmp_path / "data"
+    ok(mailctl(data, "domain", "add", "example.org"))
+    ok(mailctl(data, "account", "add", "alice@example.org", stdin="pw\n"))
+    messages = [_unix_message(rng, n) for n in range(rng.randint(2, 6))]
+    source = tmp_path / kind
+    _write_source(kind, source, messages)
+    ok(mailctl(data, "import", kind, "alice@example.org", "Old", "-q", "--from", str(source)))
+
+    fetched = asyncio.run(_fetch_over_imap(data, tls_context, "Old"))
+    bare = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+    assert all(bare.search(raw) is None for raw in fetched)
+    assert sorted(fetched) == sorted(_crlf(raw) for raw in messages)
