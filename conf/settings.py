@@ -280,8 +280,8 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _shared_ports(self) -> Settings:
-        # Workers share each listening port (SO_REUSEPORT): port 0 would give
-        # every worker an ephemeral port of its own.
+        # The supervisor binds each listening port once for its workers: port 0
+        # there would be an ephemeral port that no log or client could know.
         if self.server.processes != 1:
             for name in LISTEN_KEYS:
                 section, key = name.split(".")
