@@ -1,7 +1,7 @@
 """The ``mailctl`` command line.
 
 Every command that reads the configuration takes ``-c FILE`` and
-``-o section.key=value``. Passwords come from a prompt or from standard
+``-o section.key=value``, before the subcommand or after it. Passwords come from a prompt or from standard
 input (``--password-stdin``), never from argv alone, so they stay out of
 shell history and ``ps``. Exit status: 0 success, 1 operation failed
 (message on stderr), 2 usage or configuration error.
@@ -21,7 +21,6 @@ from mailctl.dkim_cmds import add_dkim_parser
 from mailctl.queue_cmds import add_queue_parser
 from runtime.daemon import (
     DAEMONS,
-    add_config_options,
     available_daemons,
     configure_logging,
     serve,
@@ -173,13 +172,38 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 # --- parser -----------------------------------------------------------------
 
 
+def _config_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """``-c FILE`` and repeatable ``-o section.key=value``, before the
+    subcommand or after it. argparse lets a subcommand's values replace the
+    main parser's, so those after it go to their own names and
+    :func:`_merge_config_options` joins the two."""
+    prefix = "sub_" if after_command else ""
+    parser.add_argument("-c", "--config", dest=f"{prefix}config", help="configuration file (TOML)")
+    parser.add_argument(
+        "-o",
+        dest=f"{prefix}overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting (repeatable)",
+    )
+
+
+def _merge_config_options(args: argparse.Namespace) -> None:
+    """One ``config`` and ``overrides``: a ``-c`` after the subcommand wins,
+    and every ``-o`` applies, those after the subcommand last (so they win)."""
+    args.config = args.sub_config or args.config
+    args.overrides = args.overrides + args.sub_overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailctl", description="shardmail administration")
+    _config_options(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Callable[..., int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        add_config_options(p)
+        _config_options(p, after_command=True)
         p.set_defaults(func=func)
         return p
 
@@ -230,6 +254,7 @@ REQUIRED = {
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _merge_config_options(args)
     for name in REQUIRED.get((args.command, getattr(args, "action", None)), ()):
         if not getattr(args, name, None):
             parser.error(f"{args.command} {args.action}: {name} is required")

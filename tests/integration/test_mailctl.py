@@ -262,3 +262,32 @@ def test_import_stores_crlf_line_ends_as_smtp_would(
     bare = re.compile(rb"(?<!\r)\n|\r(?!\n)")
     assert all(bare.search(raw) is None for raw in fetched)
     assert sorted(fetched) == sorted(_crlf(raw) for raw in messages)
+
+
+def _mailctl_argv(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailctl", *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_config_options_work_before_the_subcommand_and_after_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ok(_mailctl_argv("-o", f"server.data_dir={data}", "domain", "add", "example.org"))
+    assert ok(mailctl(data, "domain", "list")).split() == ["example.org"]
+
+    config = tmp_path / "shardmail.toml"
+    config.write_text(f'[server]\ndata_dir = "{data}"\n')
+    ok(_mailctl_argv("-c", str(config), "domain", "add", "example.net"))
+    assert ok(_mailctl_argv("domain", "list", "-c", str(config))).split() == [
+        "example.net",
+        "example.org",
+    ]
+    # Both places at once: every -o applies, the one after the subcommand last.
+    other = tmp_path / "other"
+    both = _mailctl_argv(
+        "-c", str(config), "-o", "server.data_dir=/nonexistent/x",
+        "domain", "-o", f"server.data_dir={other}", "add", "example.com",
+    )  # fmt: skip
+    ok(both)
+    assert ok(mailctl(other, "domain", "list")).split() == ["example.com"]
+    assert "example.com" not in ok(mailctl(data, "domain", "list"))
