@@ -20,11 +20,13 @@ import json
 import logging
 import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from conf.settings import Settings
@@ -76,6 +78,7 @@ def _route_name(request: web.Request) -> str:
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
     status = 500
+    request[CLIENT_KEY] = client_ip(request, request.app[CONTEXT].settings.http.trusted_proxies)
     try:
         response = await handler(request)
         status = response.status
@@ -158,6 +161,52 @@ class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 SERVER_LOG = ServerLog(logging.getLogger("httpapi.server"), {})
+ACCESS_LOG = logging.getLogger("httpapi.access")
+# The client address for the access log (httpapi.context.client_ip).
+CLIENT_KEY: Any = (
+    web.RequestKey("shardmail_client_ip", str)
+    if hasattr(web, "RequestKey")
+    else "shardmail_client_ip"
+)
+# Query parameters whose values never reach a log (credentials a client may
+# put in a URL, e.g. a WebSocket client that cannot set Authorization).
+SECRET_PARAMS = frozenset({"token", "access_token", "password", "secret", "key", "auth"})
+
+
+def loggable_target(request: web.BaseRequest) -> str:
+    """The request target as received (still percent-encoded, so a logged
+    line cannot be split by an encoded newline), secret query values masked."""
+    url = request.rel_url
+    if not url.raw_query_string:
+        return url.raw_path
+    pairs = []
+    for pair in url.raw_query_string.split("&"):
+        name, sep, _ = pair.partition("=")
+        if sep and urllib.parse.unquote_plus(name).lower() in SECRET_PARAMS:
+            pair = f"{name}=***"
+        pairs.append(pair)
+    return f"{url.raw_path}?{'&'.join(pairs)}"
+
+
+class AccessLog(AbstractAccessLogger):
+    """One INFO line per answered request on ``httpapi.access``:
+    ``<client> "<METHOD> <target>" <status> <octets sent> <duration>ms``,
+    octets counting the status line and headers too (nginx's ``$bytes_sent``:
+    exact for streamed and chunked answers alike).
+    The client is the X-Forwarded-For hop when the peer is a trusted proxy
+    (:func:`httpapi.context.client_ip`), once the request was routed."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # Checked per request, not per connection (aiohttp's ``enabled``):
+        # a level changed at run time applies to open keep-alive connections too.
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        # Set by errors_middleware; a request aiohttp could not parse never got there.
+        remote = request.get(CLIENT_KEY) or request.remote or "-"
+        self.logger.info(
+            '%s "%s %s" %d %d %.1fms', remote, request.method, loggable_target(request),
+            response.status, response.body_length, time * 1000,
+        )
 
 
 async def openapi_document(request: web.Request) -> web.Response:

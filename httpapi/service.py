@@ -19,7 +19,7 @@ import ssl
 from aiohttp import web
 
 from conf.settings import Settings
-from httpapi.app import SERVER_LOG, build_app
+from httpapi.app import ACCESS_LOG, SERVER_LOG, AccessLog, build_app
 from httpapi.auth import load_or_create_secret
 from runtime.listen import PeerLimit, open_listener, serve_socket
 from storage.api import Storage
@@ -97,7 +97,11 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
     secret = await asyncio.to_thread(load_or_create_secret, settings.data_dir)
     app = build_app(settings, storage, secret)
     runner = web.AppRunner(
-        app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None, logger=SERVER_LOG
+        app,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        access_log=ACCESS_LOG,
+        access_log_class=AccessLog,
+        logger=SERVER_LOG,
     )
     await runner.setup()
     # Connections from a trusted proxy carry many clients: not counted.
