@@ -1,10 +1,14 @@
 """The DATA phase as a pure line consumer (RFC 5321 sections 4.1.1.4, 4.5.2).
 
 The session reads CRLF-terminated lines (``readuntil(b"\\r\\n")``) and feeds
-them here. Only ``.CRLF`` after a CRLF ends the data: a bare LF or CR
-anywhere marks the message as refused (RFC 5321 section 2.3.8), so
-``\\n.\\n``, ``\\r\\n.\\n`` and ``\\n.\\r\\n`` never end it and whatever follows
-them (a smuggled ``MAIL FROM``) stays message text of a refused message.
+them here. Only ``.CRLF`` after a CRLF ends the data (RFC 5321 section
+4.1.1.4), so ``\\n.\\n``, ``\\r\\n.\\n``, ``\\n.\\r\\n``, ``\\r.\\r`` never end it:
+such a "." line beside a bare LF or CR is how SMTP smuggling hides a second
+message from a server that ends data there, so the message is refused and
+whatever follows it (a smuggled ``MAIL FROM``) stays its text. Any other
+bare LF or CR (RFC 5321 section 2.3.8) is refused, or with
+``normalize_bare`` made a CRLF as Postfix does (mail from curl or scripts
+with LF line ends); dot-unstuffing applies after a CRLF only.
 
 Limits are checked while reading and the verdict is given only at the end
 of the data, as RFC 5321 section 4.2.5 implies: after the size limit is
@@ -19,9 +23,16 @@ Memory stays bounded whatever the client sends: once more than
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 
 from delivery.spool import SpoolFile
+
+# A line of just "." with a bare CR or LF on either side: a lone "." line
+# ends the data only between CRLFs (RFC 5321 section 4.1.1.4); another
+# server in the path might end it here, so such a message is refused.
+_SMUGGLING = re.compile(rb"[\r\n]\.[\r\n]")
+_LINE_END = re.compile(rb"\r|\n")
 
 # The largest header a spooled message may have: it is read into memory to
 # drop forged trace fields. A message under the spool threshold is in
@@ -34,6 +45,7 @@ class DataVerdict(enum.Enum):
     TOO_BIG = "too big"  # 552 5.3.4 (RFC 1870 section 6.1)
     LINE_TOO_LONG = "line too long"  # 500 (RFC 5321 section 4.5.3.1.6 / 4.5.3.1.10)
     BARE_LINE_ENDING = "bare LF or CR"  # 550 5.6.0 (RFC 5321 section 2.3.8)
+    SMUGGLING = "dot line not ended by CRLF"  # 550 5.6.0 (RFC 5321 section 4.1.1.4)
     SPOOL_FAILED = "spool write failed"  # 451 4.3.0: the disk, not the client
 
 
@@ -55,10 +67,13 @@ class DataReader:
     __slots__ = (
         "_at_line_start",
         "_chunks",
+        "_open",
         "_spool",
+        "_tail",
         "held",
         "max_line",
         "max_size",
+        "normalize_bare",
         "size",
         "spool_at",
         "spool_dir",
@@ -72,9 +87,13 @@ class DataReader:
         *,
         spool_at: int | None = None,
         spool_dir: Path | None = None,
+        normalize_bare: bool = False,
     ) -> None:
         self.max_size = max_size
         self.max_line = max_line
+        self.normalize_bare = normalize_bare
+        self._open = 0  # octets of the current line so far (over-long lines come in pieces)
+        self._tail = b""  # the last octets of the previous piece
         self.spool_at = spool_at
         self.spool_dir = spool_dir
         self.size = 0
@@ -111,6 +130,7 @@ class DataReader:
             self._spool = None
 
     def feed(self, line: bytes) -> bool:
+        raw = line
         if self._at_line_start:
             if line == b".\r\n":
                 return True
@@ -118,6 +138,10 @@ class DataReader:
                 line = line[1:]  # RFC 5321 section 4.5.2 transparency
         n = len(line)
         complete = line.endswith(b"\r\n")
+        # What came just before ``raw``: a line end, or a piece's last octets.
+        after_piece = not self._at_line_start
+        before = self._tail if after_piece else b"\n"
+        self._tail = b"" if complete else (before + raw)[-2:]
         self._at_line_start = complete
         if self.verdict is DataVerdict.OK:
             # A CR or LF other than the final CRLF is bare (without copying the line).
@@ -125,10 +149,13 @@ class DataReader:
                 bare = line.find(b"\r") != n - 2 or line.find(b"\n") != n - 1
             else:
                 bare = b"\n" in line or b"\r" in line
-            if bare:
-                self.verdict = DataVerdict.BARE_LINE_ENDING
-            elif not complete or n > self.max_line:
+            if bare or after_piece:
+                line = self._bare(before + raw, line, complete)
+                n = len(line)
+            elif self._open + n + (0 if complete else 2) > self.max_line:
                 self.verdict = DataVerdict.LINE_TOO_LONG
+            else:
+                self._open = 0 if complete else self._open + n
         self.size += n
         if self.verdict is DataVerdict.OK:
             if self.size > self.max_size:
@@ -139,6 +166,31 @@ class DataReader:
         elif self._chunks or self._spool is not None:
             self.discard()  # stop holding what will be refused
         return False
+
+    def _bare(self, seen: bytes, line: bytes, complete: bool) -> bytes:
+        """A line holding bare CR or LF, or a piece of one too long for the
+        stream reader: the smuggling check (on ``seen``: the line as sent,
+        after what preceded it), then refusal or normalisation. Returns the
+        text to keep (CRLF line ends when normalising)."""
+        if _SMUGGLING.search(seen):
+            self.verdict = DataVerdict.SMUGGLING
+            return line
+        body = line[:-2] if complete else line
+        if (b"\r" in body or b"\n" in body) and not self.normalize_bare:
+            self.verdict = DataVerdict.BARE_LINE_ENDING
+            return line
+        # Line lengths count from any line end (RFC 5321 section 4.5.3.1.6).
+        pieces = _LINE_END.split(body)
+        first = self._open + len(pieces[0])
+        longest = max(first, *(len(p) for p in pieces[1:])) if len(pieces) > 1 else first
+        if longest + 2 > self.max_line:
+            self.verdict = DataVerdict.LINE_TOO_LONG
+            return line
+        self._open = 0 if complete else (len(pieces[-1]) if len(pieces) > 1 else first)
+        if len(pieces) == 1:
+            return line
+        # Postfix's way: each bare CR or LF becomes CRLF.
+        return b"\r\n".join(pieces) + (b"\r\n" if complete else b"")
 
     def feed_lines(self, block: bytes) -> bool:
         """:meth:`feed` for each CRLF-terminated line of ``block``, which

@@ -8,6 +8,8 @@ line fragments: same end of data, verdict, size and content.
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,25 +17,39 @@ from mtad.data import DataReader, DataVerdict
 
 
 class Reference:
-    """The rules spelled out, one copy per line."""
+    """The rules spelled out, one copy per line: RFC 5321 sections 2.3.8,
+    4.1.1.4 (a lone "." line with a bare CR or LF beside it is smuggling),
+    4.5.2 and 4.5.3.1.6 (line length counted from any line end); bare CR
+    and LF refused, or each made CRLF when ``normalize``."""
 
-    def __init__(self, max_size: int, max_line: int) -> None:
-        self.max_size, self.max_line = max_size, max_line
+    def __init__(self, max_size: int, max_line: int, normalize: bool = False) -> None:
+        self.max_size, self.max_line, self.normalize = max_size, max_line, normalize
         self.size, self.verdict, self.chunks, self.at_start = 0, DataVerdict.OK, [], True
+        self.sent = b""  # the current CRLF line as sent, after a line-end marker
+        self.text = b""  # the current CRLF line's text, unstuffed
 
     def feed(self, line: bytes) -> bool:
         if self.at_start and line == b".\r\n":
             return True
         complete = line.endswith(b"\r\n")
-        if self.at_start and line.startswith(b"."):
-            line = line[1:]
+        self.sent = (b"\n" if self.at_start else self.sent) + line
+        if self.at_start:
+            self.text = b""
+            if line.startswith(b"."):
+                line = line[1:]
         self.at_start = complete
         body = line[:-2] if complete else line
+        self.text += body
         if self.verdict is DataVerdict.OK:
-            if b"\n" in body or b"\r" in body:
+            longest = max(len(p) for p in re.split(rb"[\r\n]", self.text))
+            if re.search(rb"[\r\n]\.[\r\n]", self.sent):
+                self.verdict = DataVerdict.SMUGGLING
+            elif re.search(rb"[\r\n]", body) and not self.normalize:
                 self.verdict = DataVerdict.BARE_LINE_ENDING
-            elif not complete or len(line) > self.max_line:
+            elif longest + 2 > self.max_line:
                 self.verdict = DataVerdict.LINE_TOO_LONG
+            else:
+                line = re.sub(rb"[\r\n]", b"\r\n", body) + (b"\r\n" if complete else b"")
         self.size += len(line)
         if self.verdict is DataVerdict.OK and self.size > self.max_size:
             self.verdict = DataVerdict.TOO_BIG
@@ -58,9 +74,13 @@ _line = st.builds(
     lines=st.lists(_line, max_size=12),
     max_size=st.integers(min_value=0, max_value=60),
     max_line=st.integers(min_value=2, max_value=20),
+    normalize=st.booleans(),
 )
-def test_feed_decides_as_the_reference(lines: list[bytes], max_size: int, max_line: int) -> None:
-    fast, ref = DataReader(max_size, max_line), Reference(max_size, max_line)
+def test_feed_decides_as_the_reference(
+    lines: list[bytes], max_size: int, max_line: int, normalize: bool
+) -> None:
+    fast = DataReader(max_size, max_line, normalize_bare=normalize)
+    ref = Reference(max_size, max_line, normalize)
     for line in lines:
         ended = fast.feed(line)
         assert ended == ref.feed(line)

@@ -98,14 +98,34 @@ def test_data_unstuffs_and_ends_on_dot_line() -> None:
     assert reader.content == b"Subject: x\r\n\r\n.dot\r\nplain\r\n"
 
 
-@pytest.mark.parametrize("smuggle", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"x\rx"])
-def test_data_bare_line_endings_never_end_and_refuse(smuggle: bytes) -> None:
-    reader = DataReader(10_000)
+SMUGGLES = [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r.\r", b"\r\n.\r", b"\n.\r",
+            b"\r.\n"]
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["reject", "normalize"])
+@pytest.mark.parametrize("smuggle", SMUGGLES)
+def test_data_dot_line_not_ended_by_crlf_never_ends_and_refuses(
+    smuggle: bytes, normalize: bool
+) -> None:
+    """RFC 5321 section 4.1.1.4: only CRLF.CRLF ends the data; a "." line
+    with a bare CR or LF beside it is refused whatever the bare-LF policy."""
+    reader = DataReader(10_000, normalize_bare=normalize)
     ended = feed(reader, b"a" + smuggle + b"MAIL FROM:<x@y>\r\n")
     assert not ended
-    assert reader.verdict is DataVerdict.BARE_LINE_ENDING
+    assert reader.verdict is DataVerdict.SMUGGLING
     assert feed(reader, b".\r\n")
     assert reader.content == b""
+
+
+@pytest.mark.parametrize("text", [b"x\rx", b"a\nb", b"a\n..b", b"\n\n", b"a.\nb"])
+def test_data_other_bare_line_ends_refused_or_normalised(text: bytes) -> None:
+    reject, normalize = DataReader(10_000), DataReader(10_000, normalize_bare=True)
+    for reader in (reject, normalize):
+        assert feed(reader, b"Subject: s\r\n\r\n" + text + b"\r\n.\r\n")
+    assert reject.verdict is DataVerdict.BARE_LINE_ENDING
+    assert normalize.verdict is DataVerdict.OK
+    expected = text.replace(b"\r", b"\n").replace(b"\n", b"\r\n")  # each bare end -> CRLF
+    assert normalize.content == b"Subject: s\r\n\r\n" + expected + b"\r\n"
 
 
 def test_data_size_limit_stops_buffering_but_reads_to_end() -> None:

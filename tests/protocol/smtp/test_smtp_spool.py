@@ -105,7 +105,7 @@ async def test_refused_spooled_message_leaves_no_file(
         await client.send(random_body(rng, rng.randrange(300_000, 400_000)))
         await wait_spooled(settings, 1)
         assert len(spool_files(settings)) == 1
-        await client.send(b"then a bare\nLF\r\n.\r\n")
+        await client.send(b"then a smuggled\n.\nMAIL FROM:<x@y.example>\r\n.\r\n")
         assert (await client.reply()).startswith("550 5.6.0")
         assert spool_files(settings) == []
         assert (await client.cmd("RSET")).startswith("250")
