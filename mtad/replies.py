@@ -57,7 +57,7 @@ TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")  # RFC 3207 section 4
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4 / 4.5.3.1.10
 DATA_LINE_TOO_LONG = Reply(
     500, "5.5.2", "Message line too long (RFC 5321 section 4.5.3.1.6)"
-)  # 4.5.3.1.10 prescribes "500 Line too long"
+)  # 4.5.3.1.10 prescribes "500 Line too long"; the session names its limit
 # RFC 5321 section 2.3.8: a command line ends with CRLF; the line is not executed.
 COMMAND_BARE_LF = Reply(500, "5.5.2", "Bare LF in command line, end commands with CRLF")
 COMMAND_BARE_CR = Reply(500, "5.5.2", "Bare CR in command line, end commands with CRLF")

@@ -715,7 +715,9 @@ class SmtpSession(LeaseHolder, SMTP):
         if data.verdict is DataVerdict.TOO_BIG:
             return R.MESSAGE_TOO_BIG
         if data.verdict is DataVerdict.LINE_TOO_LONG:
-            return R.DATA_LINE_TOO_LONG
+            return R.DATA_LINE_TOO_LONG.with_text(
+                f"Message line longer than {data.max_line} octets (RFC 5321 section 4.5.3.1.6)"
+            )
         if data.verdict is DataVerdict.BARE_LINE_ENDING:
             return R.BARE_LF
         if data.verdict is DataVerdict.SMUGGLING:
