@@ -1,16 +1,18 @@
 """The ``mailctl`` command line.
 
 Every command that reads the configuration takes ``-c FILE`` and
-``-o section.key=value``, before the subcommand or after it. Passwords come from a prompt or from standard
-input (``--password-stdin``), never from argv alone, so they stay out of
-shell history and ``ps``. Exit status: 0 success, 1 operation failed
-(message on stderr), 2 usage or configuration error.
+``-o section.key=value``, before the subcommand or after it. Passwords
+come from a prompt or from standard input (``--password-stdin``), never
+from argv alone, so they stay out of shell history and ``ps``. Exit
+status: 0 success, 1 operation failed (message on stderr), 2 usage or
+configuration error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,9 +79,72 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return serve(settings, names)
 
 
+# How long check-config waits for one database to answer.
+CHECK_CONNECT_TIMEOUT_SECONDS = 10.0
+
+
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    """Validates the settings, then (unless ``--no-connect``) connects to the
+    default database and to every shard of ``storage.shards``: exit 1 naming
+    each one that does not answer, after trying them all."""
     print(f"configuration OK (storage {settings.storage.url.split('://')[0]})")
-    return 0
+    if args.no_connect:
+        return 0
+    databases = {"default": settings.storage.url, **settings.storage.shards}
+    failed = 0
+    for name, url in databases.items():
+        try:
+            print(f"{name}: OK ({asyncio.run(_check_database(url))})")
+        except Exception as exc:  # every driver failure: reported, never a traceback
+            failed += 1
+            print(f"mailctl: shard {name}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+async def _check_database(url: str) -> str:
+    """Connects to ``url`` and reads its schema version without writing
+    anything (an SQLite file not made yet is created at the first start).
+    Returns what was found; raises an exception that names the URL, without
+    its password, and says why."""
+    import sqlite3
+
+    from sqlalchemy import make_url
+
+    from storage.sql import schema
+    from storage.sql.db import Database
+
+    try:
+        safe = make_url(url).render_as_string(hide_password=True)
+    except Exception as exc:
+        raise RuntimeError(f"not a database URL: {exc}") from None
+    if url.startswith("sqlite"):
+        path = make_url(url).database or ""
+
+        def version() -> int | None:
+            if not Path(path).exists():
+                return None
+            # Read-only: opening through the store would switch the file to WAL.
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+                found = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            return int(found[0] or 0)
+
+        try:
+            current = await asyncio.to_thread(version)
+        except sqlite3.Error as exc:
+            raise RuntimeError(f"cannot read {safe}: {exc}") from None
+        if current is None:
+            return f"{safe}, not created yet"
+        return f"{safe}, schema version {current}"
+    db = Database(url)
+    try:
+        async with asyncio.timeout(CHECK_CONNECT_TIMEOUT_SECONDS), db.read() as conn:
+            current = await schema.current_version(conn)
+    except Exception as exc:
+        cause = exc.__cause__ or exc  # the driver's own words, not the client's
+        raise RuntimeError(f"cannot connect to {safe}: {cause or type(cause).__name__}") from None
+    finally:
+        await db.close()
+    return f"{safe}, schema version {current}"
 
 
 # --- domains, accounts, aliases ---------------------------------------------
@@ -209,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", cmd_serve, "run every daemon (server.processes worker processes)")
     p.add_argument("--only", action="append", choices=DAEMONS, help="run only these daemons")
-    command("check-config", cmd_check_config, "validate the configuration and exit")
+    p = command("check-config", cmd_check_config, "validate the configuration and exit")
+    p.add_argument(
+        "--no-connect",
+        action="store_true",
+        help="only validate; do not connect to the databases",
+    )
 
     p = command("domain", cmd_domain, "manage local domains")
     p.add_argument("action", choices=("add", "list", "remove"))

@@ -7,6 +7,7 @@ import imaplib
 import mailbox
 import random
 import re
+import socket
 import ssl
 import string
 import subprocess
@@ -291,3 +292,35 @@ def test_config_options_work_before_the_subcommand_and_after_it(tmp_path: Path) 
     ok(both)
     assert ok(mailctl(other, "domain", "list")).split() == ["example.com"]
     assert "example.com" not in ok(mailctl(data, "domain", "list"))
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_check_config_connects_to_every_database_and_names_the_one_that_failed(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    ok(mailctl(data, "domain", "add", "example.org"))  # the default SQLite database exists
+    good = ok(mailctl(data, "check-config"))
+    assert "configuration OK" in good and "default" in good
+
+    down = f"postgresql+asyncpg://shardmail:secret@127.0.0.1:{_closed_port()}/mail2"
+    shards = f'storage.shards={{ "eu2" = "{down}" }}'
+    failed = mailctl(data, "check-config", "-o", shards)
+    assert failed.returncode == 1, failed.stdout
+    assert "Traceback" not in failed.stderr
+    assert "eu2" in failed.stderr and f"127.0.0.1:{down.split(':')[3]}" in failed.stderr
+    assert "secret" not in failed.stderr + failed.stdout  # passwords stay out of logs
+    assert "default: OK" in failed.stdout  # the others are still checked and reported
+
+    main_down = mailctl(data, "check-config", "-o", f"storage.url={down}")
+    assert main_down.returncode == 1 and "default" in main_down.stderr
+
+    skipped = mailctl(data, "check-config", "--no-connect", "-o", shards)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "configuration OK" in skipped.stdout
