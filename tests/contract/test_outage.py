@@ -39,6 +39,18 @@ def _name(url: str) -> str:
     return url.rsplit("/", 1)[1]
 
 
+async def _failure(url: str, sql: str) -> StorageError:
+    """The storage error a write transaction running ``sql`` on ``url`` raises."""
+    db = Database(url)
+    try:
+        with pytest.raises(StorageError) as err:
+            async with db.write() as conn:
+                await conn.exec_driver_sql(sql)
+        return err.value
+    finally:
+        await db.close()
+
+
 async def test_a_backend_terminated_mid_transaction_is_temporary(
     own_database: tuple[str, asyncpg.Connection],
 ) -> None:
@@ -68,25 +80,13 @@ async def test_a_read_only_database_after_failover_is_temporary(
     primary demoted to read-only) fails with SQLSTATE 25006."""
     url, admin = own_database
     await admin.execute(f'ALTER DATABASE "{_name(url)}" SET default_transaction_read_only = on')
-    db = Database(url)
-    try:
-        with pytest.raises(StorageError) as err:
-            async with db.write() as conn:
-                await conn.exec_driver_sql("INSERT INTO domains (name) VALUES ('example.org')")
-        assert err.value.kind is ErrorKind.TEMPORARY
-    finally:
-        await db.close()
+    error = await _failure(url, "INSERT INTO domains (name) VALUES ('example.org')")
+    assert error.kind is ErrorKind.TEMPORARY
 
 
 async def test_a_server_refusing_connections_is_temporary() -> None:
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    db = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/shardmail")
-    try:
-        with pytest.raises(StorageError) as err:
-            async with db.read() as conn:
-                await conn.exec_driver_sql("SELECT 1")
-        assert err.value.kind is ErrorKind.TEMPORARY
-    finally:
-        await db.close()
+    error = await _failure(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/shardmail", "SELECT 1")
+    assert error.kind is ErrorKind.TEMPORARY
