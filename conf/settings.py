@@ -130,6 +130,10 @@ class SmtpSettings(Section):
     # curl or a script with LF line ends); "reject" refuses the message (550).
     # A "." line beside a bare LF or CR (SMTP smuggling) is refused either way.
     mx_bare_lf: Literal["normalize", "reject"] = "normalize"
+    # Who gets mail for postmaster@ a local domain (and the bare <postmaster>,
+    # RFC 5321 section 4.5.1) when that domain has no postmaster alias or
+    # catch-all: this address; empty: the first account of the first domain added.
+    postmaster: str = ""
     # Longest message text line, CRLF included. RFC 5321 section 4.5.3.1.6 sets
     # 1000 as the least a server must take and asks for no limit where possible;
     # mail from real clients has longer lines, so (as Postfix) we take 64 KiB

@@ -51,7 +51,14 @@ _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 _PARAM_VALUE = re.compile(rf"^[\x21-\x3c\x3e-\x7e{_NON_ASCII}]+$")
 # RFC 5321 section 4.5.3.1.1-2: local part 64 octets, domain 255 octets.
 MAX_LOCAL_PART = 64
+# RFC 5321 section 4.5.1: every server takes mail for this local part (any case).
+POSTMASTER = "postmaster"
 MAX_DOMAIN = 255
+
+
+def is_postmaster(address: str) -> bool:
+    """``postmaster`` alone or ``postmaster@domain``, in any case."""
+    return address.rpartition("@")[0 if "@" in address else 2].lower() == POSTMASTER
 
 
 def domain_of(address: str) -> str:
@@ -170,4 +177,6 @@ def parse_path(keyword: str, arg: str | None, *, allow_null: bool) -> Path:
         if not allow_null:
             raise PathSyntaxError("null path not allowed here")
         return Path("", params)
+    if keyword == "TO:" and inside.lower() == POSTMASTER:
+        return Path(POSTMASTER, params)  # RFC 5321 section 4.1.1.3: "<Postmaster>"
     return Path(parse_mailbox(inside), params)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conf.settings import Settings
-from delivery.address import PathSyntaxError, parse_mailbox
+from delivery.address import POSTMASTER, PathSyntaxError, is_postmaster, parse_mailbox
 from delivery.headers import return_path_field
 from delivery.spool import Message, materialised, message_size, prepend
 from runtime.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
@@ -94,13 +94,43 @@ class Routing:
         return not self.local and not self.remote
 
 
-async def resolve_recipient(storage: Storage, address: str) -> Route:
+async def resolve_recipient(storage: Storage, address: str, postmaster: str = "") -> Route:
     """The directory's route for ``address``; SubmitError(NOT_FOUND) for an
-    unknown user on a local domain (SMTP 550 5.1.1)."""
-    route = await storage.directory.resolve(address)
+    unknown user on a local domain (SMTP 550 5.1.1).
+
+    ``postmaster@`` any local domain and the bare ``postmaster`` always have
+    a route (RFC 5321 section 4.5.1): the domain's own alias or catch-all if
+    there is one, else ``postmaster`` (smtp.postmaster) if set, else the
+    first account (lowest id) of the primary domain (:func:`primary_domain`).
+    """
+    bare = address.lower() == POSTMASTER
+    route = Route(address, True, (), ()) if bare else await storage.directory.resolve(address)
     if route.local_domain and not route.accounts and not route.forward:
+        if is_postmaster(address):
+            found = await _postmaster_route(storage, address, postmaster)
+            if found is not None:
+                return found
         raise SubmitError(ErrorKind.NOT_FOUND, f"no such user: {address}", address)
     return route
+
+
+async def primary_domain(storage: Storage) -> str | None:
+    """The first local domain added (lowest id); None when there is none."""
+    domains = await storage.directory.list_domains()
+    return min(domains, key=lambda d: d.id).name if domains else None
+
+
+async def _postmaster_route(storage: Storage, address: str, configured: str) -> Route | None:
+    if configured:
+        route = await storage.directory.resolve(configured)
+        if route.accounts or route.forward:
+            return Route(address, True, route.accounts, route.forward)
+        log.warning("smtp.postmaster %s does not resolve; using the first account", configured)
+    domain = await primary_domain(storage)
+    accounts = await storage.directory.list_accounts(domain) if domain else []
+    if not accounts:
+        return None
+    return Route(address, True, (min(accounts, key=lambda a: a.id),), ())
 
 
 async def check_quota(storage: Storage, account: Account, size: int) -> None:
@@ -232,7 +262,8 @@ async def submit_message(
             address = parse_mailbox(rcpt.strip().removeprefix("<").removesuffix(">"))
         except PathSyntaxError as exc:
             raise SubmitError(ErrorKind.INVALID, f"bad recipient {rcpt!r}: {exc}", rcpt) from exc
-        routing.add(await resolve_recipient(storage, address), address)
+        route = await resolve_recipient(storage, address, settings.smtp.postmaster)
+        routing.add(route, address)
     delivered, blob_key = await deliver(
         storage, mail_from=mail_from, routing=routing, message=raw
     )

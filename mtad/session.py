@@ -620,7 +620,9 @@ class SmtpSession(LeaseHolder, SMTP):
             await self.reply(R.TOO_MANY_RECIPIENTS)  # RFC 5321 section 4.5.3.1.10
             return
         try:
-            route = await resolve_recipient(self.ctx.storage, path.address)
+            route = await resolve_recipient(
+                self.ctx.storage, path.address, self.ctx.settings.smtp.postmaster
+            )
             if self.mode is Mode.MX and not route.local_domain:
                 await self.reply(R.RELAY_DENIED)
                 return
