@@ -13,9 +13,11 @@ IMAP, POP3, SMTP AUTH and HTTP of one process share it). It answers
 * ``ConnectionResetError`` when the client went away before its check ran
   (the check is skipped: nobody would read the answer).
 
-A wrong password is counted at once and then answered after the throttle
-delay. Counts live behind :class:`FailureCounter`, the shared-state seam:
-in-process here, a Redis implementation shares them between instances.
+Once a client address or a login name has recent failures, every answer
+for it (success or failure alike) comes no sooner than the throttle delay
+after the attempt started, so a client with a short timeout learns nothing
+from timing. Counts live behind :class:`FailureCounter`, the shared-state
+seam: in-process here, a Redis implementation shares them between instances.
 """
 
 from __future__ import annotations
@@ -264,6 +266,7 @@ class LoginGate:
         """The account, or None for a wrong password (counted); see the
         module docstring for TEMPORARY and ``ConnectionResetError``."""
         loop = asyncio.get_running_loop()
+        started = loop.time()
         keys = self.keys(login, client)
         delay = await self.throttle.delay_for(*keys)
         suspect = bool(delay) or self.pool.in_flight(client.ip) > 0
@@ -274,18 +277,19 @@ class LoginGate:
         account = await directory.authenticate(login, password, run_check=run_check)
         if account is None:
             await self.throttle.failed(*keys)  # counted before the delay: leaving early won't help
-            await self._wait_out(loop.time() + await self.throttle.delay_for(*keys))
-        else:
+        await self._wait_out(started + delay)
+        if account is not None:
             await self.throttle.succeeded(*keys)
         return account
 
     async def refused(self, login: str, client: LoginClient) -> None:
         """A login refused without a password check (APOP, a proxy
         authorization): counted and delayed like a wrong password."""
+        started = asyncio.get_running_loop().time()
         keys = self.keys(login, client)
-        await self.throttle.failed(*keys)
         delay = await self.throttle.delay_for(*keys)
-        await self._wait_out(asyncio.get_running_loop().time() + delay)
+        await self.throttle.failed(*keys)
+        await self._wait_out(started + delay)
 
     @staticmethod
     async def _wait_out(deadline: float) -> None:

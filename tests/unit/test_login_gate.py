@@ -1,9 +1,11 @@
 """The login gate (storage/throttle.py): the bounded verification pool
-(issue #18: abandoned logins must not pile up)."""
+(issue #18: abandoned logins must not pile up) and the throttle whose delay
+does not depend on the outcome (issue #17: timing must tell nothing)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 import threading
 import time
@@ -12,7 +14,8 @@ from collections.abc import Callable
 import pytest
 
 from storage.errors import ErrorKind, StorageError
-from storage.throttle import LoginClient, VerificationPool
+from storage.model import Account
+from storage.throttle import AuthThrottle, LoginClient, LoginGate, VerificationPool
 
 CHECK_SECONDS = 0.15  # about one argon2 verification at the default cost
 
@@ -122,3 +125,84 @@ async def test_suspects_leave_a_slot_for_clean_clients() -> None:
     for task in flood:
         task.cancel()
     await asyncio.gather(*flood, return_exceptions=True)
+
+
+class FakeDirectory:
+    """A directory with one account whose checks run through ``run_check``."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        now = dt.datetime.now(dt.UTC)
+        self.account = Account(1, "alice@example.org", "hash", "default", None, now)
+
+    async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+        ok = await run_check(lambda: password == self.password)
+        return self.account if ok else None
+
+
+def gate(base: float, cap: float = 10.0) -> LoginGate:
+    return LoginGate(AuthThrottle(base=base, cap=cap), VerificationPool(slots=2, per_ip=8))
+
+
+async def timed(coro) -> tuple[object, float]:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    result = await coro
+    return result, time.monotonic() - started
+
+
+async def test_after_failures_success_and_failure_take_the_same_delay() -> None:
+    base = 0.2
+    logins = gate(base)
+    directory = FakeDirectory("right")
+    client = LoginClient("192.0.2.10")
+    k = random.randint(2, 3)
+    for _ in range(k):
+        assert await logins.authenticate(directory, "alice@example.org", "wrong", client) is None
+    owed = base * 2 ** (k - 1)
+    # Another address, same account: the account's count delays it too.
+    account, took = await timed(
+        logins.authenticate(directory, "ALICE@example.org", "right", LoginClient("192.0.2.11"))
+    )
+    assert account is directory.account
+    assert took >= owed * 0.95
+    # The success cleared the account's record and that address's: no more delay there.
+    elsewhere = LoginClient("192.0.2.11")
+    _, took = await timed(logins.authenticate(directory, "alice@example.org", "right", elsewhere))
+    assert took < base
+    # The guessing address keeps its own count.
+    _, took = await timed(logins.authenticate(directory, "alice@example.org", "right", client))
+    assert took >= owed * 0.95
+
+
+async def test_a_client_that_leaves_during_the_delay_is_still_counted() -> None:
+    base = 0.2
+    logins = gate(base)
+    directory = FakeDirectory("right")
+    client = LoginClient("192.0.2.20")
+    assert await logins.authenticate(directory, "alice@example.org", "wrong", client) is None
+    # The second guess owes `base`; the client gives up long before.
+    guess = asyncio.create_task(
+        logins.authenticate(directory, "alice@example.org", "guess", client)
+    )
+    await asyncio.sleep(base / 4)
+    guess.cancel()
+    await asyncio.gather(guess, return_exceptions=True)
+    _, took = await timed(logins.authenticate(directory, "alice@example.org", "right", client))
+    assert took >= 2 * base * 0.95  # two failures counted: base * 2
+
+
+async def test_an_outage_is_neither_counted_nor_delayed() -> None:
+    logins = gate(0.3)
+
+    class Down:
+        async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+            raise StorageError(ErrorKind.TEMPORARY, "directory unavailable")
+
+    client = LoginClient("192.0.2.30")
+    for _ in range(3):
+        with pytest.raises(StorageError):
+            await logins.authenticate(Down(), "alice@example.org", "pw", client)  # type: ignore[arg-type]
+    _, took = await timed(
+        logins.authenticate(FakeDirectory("pw"), "alice@example.org", "pw", client)  # type: ignore[arg-type]
+    )
+    assert took < 0.3
