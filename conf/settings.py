@@ -143,6 +143,9 @@ class SmtpSettings(Section):
     max_recipients: int = 100  # RFC 5321 section 4.5.3.1.8 minimum
     max_connections_per_ip: int = Field(default=20, ge=0)  # concurrent, per process; 0: no limit
     max_errors: int = 10
+    # Unknown local recipients (550 5.1.1) one connection may try before it is
+    # closed with 421; they do not count as errors above (stale list entries).
+    max_unknown_recipients: int = Field(default=50, ge=1)
     command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2.7
     data_timeout_seconds: float = 600.0  # RFC 5321 section 4.5.3.2.6
     # Waiting for a command while no transaction is open (before MAIL, and

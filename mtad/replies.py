@@ -45,6 +45,9 @@ TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")  # RFC 532
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_UNKNOWN_RECIPIENTS = Reply(
+    421, "4.7.0", "Too many unknown recipients, closing connection"
+)
 RATE_LIMITED_SESSION = Reply(421, "4.7.0", "Rate limit exceeded, closing connection")
 RATE_LIMITED = Reply(450, "4.7.1", "Rate limit exceeded, try again later")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary local problem, try again later")

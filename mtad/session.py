@@ -196,6 +196,7 @@ class SmtpSession(LeaseHolder, SMTP):
         self._errors = 0
         self._auth_failures = 0
         self._rate_refusals = 0
+        self._unknown_recipients = 0
         self._client_ip = ""
         super().__init__(
             _Handler(),
@@ -629,7 +630,10 @@ class SmtpSession(LeaseHolder, SMTP):
             for account in route.accounts:
                 await check_quota(self.ctx.storage, account, self.txn.size_hint)
         except SubmitError as err:
-            await self.reply(self._error_reply(err))
+            if err.kind is ErrorKind.NOT_FOUND:
+                await self._unknown_recipient()
+            else:
+                await self.reply(self._error_reply(err))
             return
         except StorageError as err:
             await self.reply(self._error_reply(SubmitError(err.kind, str(err))))
@@ -637,6 +641,17 @@ class SmtpSession(LeaseHolder, SMTP):
         self.txn.routing.add(route, path.address)
         self.txn.rcpt_tos.append(path.address)
         await self.reply(R.RECIPIENT_OK)
+
+    async def _unknown_recipient(self) -> None:
+        """550 5.1.1, not counted toward smtp.max_errors: a mailing list with
+        stale addresses is no protocol abuse. Probing for addresses is bounded
+        by its own, higher smtp.max_unknown_recipients per connection, past
+        which the session ends with 421 (RFC 5321 section 3.8)."""
+        self._unknown_recipients += 1
+        if self._unknown_recipients > self.ctx.settings.smtp.max_unknown_recipients:
+            await self.close_with(R.TOO_MANY_UNKNOWN_RECIPIENTS)
+            return
+        await self._push_raw(str(R.UNKNOWN_USER))
 
     def _error_reply(self, err: SubmitError) -> R.Reply:
         if err.kind is ErrorKind.NOT_FOUND:

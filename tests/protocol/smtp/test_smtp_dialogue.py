@@ -594,3 +594,37 @@ async def test_close_sends_421(settings, populated, tls_context) -> None:
 @pytest.mark.parametrize("listener", ["mx", "submission", "submissions"])
 async def test_ports_are_bound(mta: Service, listener: str) -> None:
     assert mta.port(listener) > 0
+
+
+async def test_unknown_recipients_are_not_protocol_errors(mta: Service, populated) -> None:
+    """A list with stale addresses is not abuse: twelve unknown recipients
+    (more than smtp.max_errors) and one valid one, and the valid one gets it."""
+    stale = [f"gone{i}@example.net" for i in range(12)]
+    steps = [("EHLO client.example", "250"), ("MAIL FROM:<a@spf-pass.example>", "250 2.1.0")]
+    steps += [(f"RCPT TO:<{rcpt}>", "550 5.1.1") for rcpt in stale]
+    steps += [(f"RCPT TO:<{ALICE}>", "250 2.1.5"), ("DATA", "354")]
+    async with await SmtpDialogue.open(mta.port("mx")) as client:
+        await client.reply()
+        for line, expected in steps:
+            assert (await client.cmd(line)).startswith(expected), line
+        await client.send(message() + b".\r\n")
+        assert (await client.reply()).startswith("250 2.0.0")
+    assert len(await mailbox_messages(populated, ALICE)) == 1
+
+
+async def test_unknown_recipient_limit_closes(settings, populated, tls_context) -> None:
+    from mtad.service import start
+
+    settings.smtp.max_unknown_recipients = 3
+    service = await start(settings, populated, tls_context)
+    try:
+        async with await SmtpDialogue.open(service.port("mx")) as client:
+            await client.reply()
+            await client.cmd("EHLO c.example")
+            await client.cmd("MAIL FROM:<a@spf-pass.example>")
+            for i in range(3):
+                assert (await client.cmd(f"RCPT TO:<gone{i}@example.net>")).startswith("550")
+            assert (await client.cmd("RCPT TO:<gone9@example.net>")).startswith("421 4.7.0")
+            assert await client.closed()
+    finally:
+        await service.close()
