@@ -51,6 +51,11 @@ class MailboxView:
     # UIDs, or (``unknown_news``) anything else. Cleared by that read.
     news: set[int] = field(default_factory=set)
     unknown_news: bool = False
+    # Keywords the client was told of in FLAGS (RFC 3501 section 7.2.6), and
+    # those the view's messages have but the client was not told of yet:
+    # update and add note them; Session.announce_flags tells the client.
+    keywords: set[str] = field(default_factory=set)
+    unannounced: set[str] = field(default_factory=set)
     # (flag, present) -> the UIDs whose flags do (present) or do not contain
     # ``flag``, for the flags SEARCH asked about; kept current by update,
     # add and remove, which are the only ways ``entries`` may change.
@@ -63,7 +68,13 @@ class MailboxView:
         view = cls(mailbox, read_only, modseq=modseq)
         view.uids = [e.uid for e in entries]
         view.entries = {e.uid: e for e in entries}
+        view.keywords = {f for e in entries for f in e.flags if not f.startswith("\\")}
         return view
+
+    def _note_keywords(self, flags: frozenset[str]) -> None:
+        for f in flags:
+            if f not in self.keywords and not f.startswith("\\"):
+                self.unannounced.add(f)
 
     def update(self, entry: MessageEntry) -> None:
         """A newer state of a message already in the snapshot (ignored if
@@ -72,8 +83,10 @@ class MailboxView:
         if old is None:
             return
         self.entries[entry.uid] = entry
-        if self.flag_index and old.flags != entry.flags:
-            self._index(entry)
+        if old.flags != entry.flags:
+            self._note_keywords(entry.flags)
+            if self.flag_index:
+                self._index(entry)
 
     def skipped_to(self, modseq: int) -> bool:
         """An event tells of a change at ``modseq``: True if the view has
@@ -179,6 +192,7 @@ class MailboxView:
         for e in entries:
             self.uids.append(e.uid)
             self.entries[e.uid] = e
+            self._note_keywords(e.flags)
             if self.flag_index:
                 self._index(e)
 

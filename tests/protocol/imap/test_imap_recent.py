@@ -122,7 +122,10 @@ async def test_append_to_the_selected_mailbox_is_announced_without_reading_it_ba
         await run_script(a, Script([LOGIN, ("s SELECT INBOX (CONDSTORE)", ["...", "s OK .*"])]))
         reads.clear()
         append = 'a APPEND INBOX (\\Flagged $Work) "01-Feb-2025 10:20:30 +0100" {21+}\r\nSubject: new\r\n\r\nbody1'
-        await run_script(a, Script([(append, ["=* 1 EXISTS", "=* 1 RECENT", "a OK .*"])]))
+        # RFC 3501 section 7.2.6: $Work is new to the mailbox, so FLAGS first.
+        await run_script(a, Script([(append, [
+            r"=* FLAGS (\Seen \Answered \Flagged \Deleted \Draft $Work)", r"\* OK \[PERMANENTFLAGS .*",
+            "=* 1 EXISTS", "=* 1 RECENT", "a OK .*"])]))
         assert reads == []
         ours = [x for x in await a.command(fetch) if x.startswith(b"* ")]
         await run_script(b, Script([LOGIN, ("e EXAMINE INBOX", ["...", "e OK .*"])]))

@@ -250,7 +250,11 @@ SCRIPTS: dict[str, Script] = {
     # ------------------------------------------------------------- STORE
     "store": Script(messages=_inbox(PLAIN, MULTIPART, FORWARD), steps=[
         SELECT_INBOX,
+        # RFC 3501 section 7.2.6: the new keyword in FLAGS before the FETCH shows it.
         ("a STORE 1 +FLAGS (\\Flagged $Todo)", [
+            r"=* FLAGS (\Seen \Answered \Flagged \Deleted \Draft $Todo)",
+            r"=* OK [PERMANENTFLAGS (\Seen \Answered \Flagged \Deleted \Draft $Todo \*)] "
+            "Flags permitted",
             r"=* 1 FETCH (FLAGS ($Todo \Flagged \Recent))", "=a OK STORE completed"]),
         ("b STORE 1:2 FLAGS \\Answered", [
             r"=* 1 FETCH (FLAGS (\Answered \Recent))", r"=* 2 FETCH (FLAGS (\Answered \Recent))",
