@@ -423,7 +423,8 @@ async def open_sessions(
         client = await ImapClient.connect(port)
         sessions.append(BenchSession(client, logins[i % len(logins)], args.layout == "shared",
                                      append_msg))
-    await asyncio.gather(*(s.open() for s in sessions))
+    for s in sessions:  # one login at a time: servers limit logins in progress
+        await s.open()
     return sessions
 
 
