@@ -153,6 +153,13 @@ class SmtpSettings(Section):
     # transaction, once MAIL is accepted, keeps the RFC 5321 minimums above.
     before_mail_timeout_seconds: float = Field(default=60.0, gt=0)
     sender_must_match: bool = True  # authenticated users send only as their addresses
+    # What counts as theirs: aliases that reach the account, and plus-addresses
+    # (RFC 5233 user+detail@domain) of the account and of those aliases.
+    sender_aliases: bool = True
+    sender_plus_addresses: bool = True
+    # Every address in a submitted message's From: header must be theirs too
+    # (RFC 6409 section 8.1), else 550 5.7.1 at end of data.
+    header_from_must_match: bool = True
     rate_limit_per_user: int = 300  # messages per rate_window_seconds; 0 disables
     rate_limit_per_ip: int = 600
     rate_window_seconds: float = 3600.0

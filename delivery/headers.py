@@ -77,17 +77,21 @@ def strip_forged_results(raw: bytes, authserv_id: str) -> bytes:
     return remove_fields(raw, drop)
 
 
-def from_domains(raw: bytes) -> list[str]:
-    """Domains of every address in every From field (RFC 7489 section 6.6.1)."""
+def from_addresses(raw: bytes) -> list[str]:
+    """Every address in every From field (RFC 5322 section 3.6.2), as written;
+    ``""`` for one that does not parse."""
     values = [
         value.decode("utf-8", "replace") for name, value, _, _ in iter_fields(raw) if name == "from"
     ]
-    if not values:
-        return []
-    domains = []
-    for _, addr in email.utils.getaddresses(values):
-        domains.append(addr.rpartition("@")[2].lower().rstrip(".") if "@" in addr else "")
-    return domains
+    return [addr for _, addr in email.utils.getaddresses(values)] if values else []
+
+
+def from_domains(raw: bytes) -> list[str]:
+    """Domains of every address in every From field (RFC 7489 section 6.6.1)."""
+    return [
+        addr.rpartition("@")[2].lower().rstrip(".") if "@" in addr else ""
+        for addr in from_addresses(raw)
+    ]
 
 
 def fold(name: str, parts: Sequence[str]) -> bytes:

@@ -18,7 +18,8 @@ route. Contract of every function here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,10 +202,36 @@ async def deliver(
     return delivered, blob_key
 
 
-async def sender_allowed(storage: Storage, account: Account, mail_from: str) -> bool:
-    """True if ``mail_from`` is the account's address or one of its aliases."""
-    wanted = mail_from.lower()
-    return any(a.lower() == wanted for a in await storage.directory.addresses_of(account))
+def owns_address(address: str, owned: AbstractSet[str], *, plus: bool) -> bool:
+    """Whether ``address`` is in ``owned`` (lower-case addresses), or with
+    ``plus`` a subaddress ``base+detail@domain`` of one (RFC 5233); case-blind."""
+    wanted = address.lower()
+    if wanted in owned:
+        return True
+    local, at, domain = wanted.rpartition("@")
+    base = local.partition("+")[0]
+    return plus and bool(at) and base != local and f"{base}@{domain}" in owned
+
+
+def sendable_addresses(
+    account: Account, addresses: Iterable[str], settings: Settings
+) -> set[str]:
+    """What ``account`` may send as, before plus-addresses (lower-case): its
+    own address and, with smtp.sender_aliases, ``addresses`` (the directory's
+    ``addresses_of``: every alias that reaches it)."""
+    if not settings.smtp.sender_aliases:
+        return {account.address.lower()}
+    return {a.lower() for a in addresses} | {account.address.lower()}
+
+
+async def sender_allowed(
+    storage: Storage, settings: Settings, account: Account, mail_from: str
+) -> bool:
+    """True if ``account`` may use ``mail_from`` under smtp.sender_aliases
+    and smtp.sender_plus_addresses."""
+    addresses = await storage.directory.addresses_of(account)
+    owned = sendable_addresses(account, addresses, settings)
+    return owns_address(mail_from, owned, plus=settings.smtp.sender_plus_addresses)
 
 
 async def save_sent_copy(
@@ -250,7 +277,9 @@ async def submit_message(
     """
     if len(raw) > settings.smtp.max_message_size:
         raise SubmitError(ErrorKind.TOO_BIG, "message too big")
-    if settings.smtp.sender_must_match and not await sender_allowed(storage, account, mail_from):
+    if settings.smtp.sender_must_match and not await sender_allowed(
+        storage, settings, account, mail_from
+    ):
         raise SubmitError(ErrorKind.NO_PERMISSION, f"{mail_from} is not your address")
     if not rcpt_to:
         raise SubmitError(ErrorKind.INVALID, "no recipients")
@@ -277,8 +306,10 @@ __all__ = [
     "SubmitResult",
     "check_quota",
     "deliver",
+    "owns_address",
     "resolve_recipient",
     "save_sent_copy",
+    "sendable_addresses",
     "sender_allowed",
     "submit_message",
 ]

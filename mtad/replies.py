@@ -94,6 +94,7 @@ SMUGGLING = Reply(
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header too large")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+FROM_NOT_OWNED = Reply(550, "5.7.1", "From: header not owned by authenticated user")
 BAD_ADDRESS = Reply(553, "5.1.3", "Malformed address")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531
 PARAM_UNKNOWN = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized")

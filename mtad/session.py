@@ -38,6 +38,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 from conf.settings import Settings
 from delivery.address import Path, PathSyntaxError, parse_path
 from delivery.headers import (
+    from_addresses,
     new_queue_id,
     protocol_name,
     received_field,
@@ -49,8 +50,10 @@ from delivery.submit import (
     SubmitError,
     check_quota,
     deliver,
+    owns_address,
     resolve_recipient,
     save_sent_copy,
+    sendable_addresses,
     sender_allowed,
 )
 from mtad import replies as R
@@ -544,6 +547,29 @@ class SmtpSession(LeaseHolder, SMTP):
             return None
         return path
 
+    def _owns(self, address: str) -> bool:
+        """Whether the authenticated user may send as ``address`` (smtp.sender_*)."""
+        settings, account = self.ctx.settings, self.state.account
+        if account is None:
+            return False
+        owned = sendable_addresses(account, self.state.addresses, settings)
+        return owns_address(address, owned, plus=settings.smtp.sender_plus_addresses)
+
+    def _foreign_from(self, content: Message) -> R.Reply | None:
+        """RFC 6409 section 8.1: with smtp.header_from_must_match, every header
+        From address of a submitted message must be the user's own; the
+        refusal names the first that is not. No From field: left alone."""
+        if self.mode is Mode.MX or not self.ctx.settings.smtp.header_from_must_match:
+            return None
+        header = content.prefix if isinstance(content, Spooled) else content
+        for address in from_addresses(header):
+            if not self._owns(address):
+                owner = self.state.account.address if self.state.account else "?"
+                return R.FROM_NOT_OWNED.with_text(
+                    f"From: header <{address}> not owned by {owner}"
+                )
+        return None
+
     def _rate_keys(self) -> list[tuple[RateLimiter, str]]:
         keys = [(self.ctx.rate_ip, self._client_ip)]
         if self.state.account is not None:
@@ -584,7 +610,7 @@ class SmtpSession(LeaseHolder, SMTP):
             await self.reply(R.SMTPUTF8_REQUIRED)
             return
         if self.mode is not Mode.MX and self.ctx.settings.smtp.sender_must_match:
-            if path.address.lower() not in self.state.addresses:
+            if not self._owns(path.address):
                 await self.reply(R.SENDER_NOT_OWNED)
                 return
         for limiter, key in self._rate_keys():
@@ -770,6 +796,9 @@ class SmtpSession(LeaseHolder, SMTP):
         """Checks, trace fields, delivery; the reply to end of data.
         ``content`` is the cleaned message, in memory or spooled."""
         txn, state, settings = self.txn, self.state, self.ctx.settings
+        foreign = self._foreign_from(content)
+        if foreign is not None:
+            return foreign
         queue_id = new_queue_id()
         protocol = protocol_name(
             esmtp=bool(state.extended_smtp),

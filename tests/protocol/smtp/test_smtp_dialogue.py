@@ -209,7 +209,7 @@ async def test_submission_requires_tls_then_auth(mta: Service, client_tls_contex
         assert ok.startswith("235 2.7.0")
         assert (await client.cmd("AUTH PLAIN " + auth_plain(ALICE, ALICE_PW))).startswith("503")
         assert (await client.cmd(f"MAIL FROM:<{BOB}>")).startswith("553 5.7.1")
-        assert (await client.cmd("MAIL FROM:<alice+x@example.net>")).startswith("553 5.7.1")
+        assert (await client.cmd("MAIL FROM:<bob+x@example.net>")).startswith("553 5.7.1")
         assert (await client.cmd(f"MAIL FROM:<{ALICE}>")).startswith("250 2.1.0")
 
 
