@@ -100,7 +100,9 @@ class StorageSettings(Section):
 
 class AuthSettings(Section):
     allow_plaintext: bool = False  # AUTH/LOGIN/USER before TLS (RFC 3501 6.2.3 LOGINDISABLED)
-    failure_delay_seconds: float = 1.0  # first delay after a failed login, doubling each time
+    # Once an address or login name has failed, every answer to it (success too) waits
+    # this long, doubling with each further failure (storage/throttle.py).
+    failure_delay_seconds: float = 1.0
     failure_delay_max_seconds: float = 16.0
     max_failures_per_connection: int = 5
     # Threads verifying passwords (argon2), apart from every other work; 0: one per CPU
@@ -109,6 +111,17 @@ class AuthSettings(Section):
     # Password checks one client address may have queued or running; more are refused
     # at once as a temporary failure (IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]).
     verify_queue_per_ip: int = Field(default=8, ge=1)
+    # argon2id cost of new password hashes (RFC 9106 section 4, its second recommended
+    # option and argon2-cffi's default); an older hash is upgraded at its owner's next login.
+    argon2_time_cost: int = Field(default=3, ge=1)  # passes
+    argon2_memory_kib: int = Field(default=65536, ge=8)  # KiB; at least 8 per lane
+    argon2_parallelism: int = Field(default=4, ge=1, le=255)  # lanes
+
+    @model_validator(mode="after")
+    def _argon2_memory_covers_lanes(self) -> AuthSettings:
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:  # RFC 9106 section 3.1
+            raise ValueError("argon2_memory_kib must be at least 8 * argon2_parallelism")
+        return self
 
 
 class DnsSettings(Section):
@@ -169,7 +182,10 @@ class SmtpSettings(Section):
     # RFC 7489 DMARC from the SPF and DKIM results; skipped when both are off,
     # where it could only fail every message whose domain has a policy.
     dmarc: bool = True
-    save_sent_copy: bool = True
+    # A \Seen copy of mail submitted over SMTP in the sender's Sent mailbox.
+    # Off: mail clients (Thunderbird, Apple Mail, K-9, mutt's Fcc) save their
+    # own, so a server copy doubles it. The HTTP send always keeps one.
+    save_sent_copy: bool = False
 
     _listen = field_validator("mx_listen", "submission_listen", "submissions_listen")(
         classmethod(lambda cls, v: _check_listen(v))

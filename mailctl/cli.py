@@ -47,11 +47,13 @@ def with_storage(
     settings: Settings, action: Callable[..., Awaitable[int | None]], *extra: object
 ) -> int:
     """Open storage, run ``action(storage, *extra)``, close; map storage errors to exit 1."""
-    from storage import open_storage
+    from storage import open_storage, password_hasher
 
     async def run() -> int:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        storage = await open_storage(settings.storage)
+        storage = await open_storage(
+            settings.storage, password_hasher=password_hasher(settings.auth)
+        )
         try:
             return (await action(storage, *extra)) or 0
         finally:

@@ -99,11 +99,13 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
     """Start the named daemons and this process's metrics endpoint (worker
     ``slot`` of a supervisor; see :mod:`runtime.scrape`), wait for
     SIGTERM/SIGINT, stop them cleanly."""
-    from storage import open_storage
+    from storage import open_storage, password_hasher
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = await asyncio.to_thread(server_context, settings)
-    storage = await open_storage(settings.storage)
+    storage = await open_storage(
+        settings.storage, password_hasher=password_hasher(settings.auth)
+    )
     services: list[Any] = []
     metrics = await start_metrics(settings, slot)
     stop = asyncio.Event()
@@ -189,11 +191,13 @@ async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None
     """What every worker would otherwise race to create: the schema
     (migrations), the generated self-signed certificate, the HTTP token
     secret. Runs in the supervisor before it forks."""
-    from storage import open_storage
+    from storage import open_storage, password_hasher
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     await asyncio.to_thread(server_context, settings)
-    storage = await open_storage(settings.storage)
+    storage = await open_storage(
+        settings.storage, password_hasher=password_hasher(settings.auth)
+    )
     await storage.close()
     # Each daemon's service module may export ``prepare(settings)`` for state its
     # workers must find ready (the HTTP token secret); runtime names no daemon.

@@ -7,6 +7,7 @@ values in :mod:`storage.model`, the errors in :mod:`storage.errors`.
 from storage.api import BlobStore, Directory, EventBus, MailStore, Route, Storage, Subscription
 from storage.backend import SqlStorage, open_storage, open_storage_from_url
 from storage.errors import ErrorKind, StorageError
+from storage.sql.directory import password_hasher
 
 __all__ = [
     "BlobStore",
@@ -21,4 +22,5 @@ __all__ = [
     "Subscription",
     "open_storage",
     "open_storage_from_url",
+    "password_hasher",
 ]

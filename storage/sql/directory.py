@@ -76,6 +76,16 @@ def normalize_address(address: str) -> str:
     return f"{local.lower()}@{normalize_domain(domain)}"
 
 
+def password_hasher(auth: Any) -> PasswordHasher:
+    """The argon2id hasher of the ``[auth]`` settings (``argon2_time_cost``,
+    ``argon2_memory_kib``, ``argon2_parallelism``)."""
+    return PasswordHasher(
+        time_cost=auth.argon2_time_cost,
+        memory_cost=auth.argon2_memory_kib,
+        parallelism=auth.argon2_parallelism,
+    )
+
+
 def _account(row: Any) -> Account:
     return Account(
         id=row.id,
