@@ -37,15 +37,15 @@ import binascii
 import codecs
 import datetime as dt
 import email.utils
-import html
 import json
 import mmap
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import Message
 from typing import Any
 
+from storage.markup import EndTag, StartTag, Text, tokenize
 from storage.model import Address, BodyPart, Envelope, ParsedMessage
 
 # Deeper nesting than this is treated as opaque data: stops recursion
@@ -270,6 +270,13 @@ _CHARSET_ALIASES = {
 }
 
 
+# Text codecs that are no mail charset, and some quadratic on hostile input
+# (punycode's decoder is): a label naming one is treated as unknown.
+_NOT_MAIL_CHARSETS = frozenset(
+    {"punycode", "idna", "unicode-escape", "raw-unicode-escape", "undefined"}
+)
+
+
 def _fallback_decode(data: bytes) -> str:
     """Undeclared or unknown charset: UTF-8 if it is, else windows-1252,
     else latin-1 (which maps every byte)."""
@@ -303,7 +310,7 @@ def decode_charset(data: bytes, charset: str | None) -> str:
         info = codecs.lookup(name)
     except (LookupError, ValueError):
         return _fallback_decode(data)
-    if not getattr(info, "_is_text_encoding", True):
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_MAIL_CHARSETS:
         return _fallback_decode(data)
     try:
         return data.decode(info.name, "replace")
@@ -382,52 +389,34 @@ def decode_words(value: str) -> str:
     return _clean("".join(out))
 
 
-_HTML_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)?[^<>]*>")
 _HTML_BLOCK = frozenset(
     "p br div li tr h1 h2 h3 h4 h5 h6 blockquote pre table ul ol hr title".split()
 )
+_HTML_HIDDEN = frozenset({"script", "style"})
 
 
 def html_to_text(markup: str) -> str:
     """Visible text of an HTML body: tags and comments dropped, script and
     style skipped, entities expanded, block elements end a line.
 
-    A linear scan rather than ``html.parser``, whose worst cases (an
-    unclosed comment, a run of "<") are quadratic on hostile mail.
-    Never raises.
+    Built on :func:`storage.markup.tokenize`, so linear in ``len(markup)``
+    whatever the markup (hostile mail reaches this unauthenticated, and
+    this runs inside ingest). Never raises.
     """
     out: list[str] = []
-    skip: str | None = None  # inside <script> or <style>
-    pos, n = 0, len(markup)
-    while pos < n:
-        lt = markup.find("<", pos)
-        if lt < 0:
-            if skip is None:
-                out.append(markup[pos:])
-            break
-        if skip is None:
-            out.append(markup[pos:lt])
-        if markup.startswith("<!--", lt):
-            close = markup.find("-->", lt + 4)
-            pos = n if close < 0 else close + 3
-            continue
-        m = _HTML_TAG.match(markup, lt)
-        if m is None:
-            if skip is None:
-                out.append("<")  # a bare "<" in text
-            pos = lt + 1
-            continue
-        closing, name = m.group(1), (m.group(2) or "").lower()
-        if skip is not None:
-            if closing and name == skip:
-                skip = None
-        elif name in ("script", "style") and not closing:
-            skip = name
-        elif name in _HTML_BLOCK:
+    hidden: str | None = None  # inside <script> or <style>: raw text, no tags
+    for token in tokenize(markup):
+        if isinstance(token, Text):
+            if hidden is None:
+                out.append(token.data)
+        elif hidden is not None:
+            if isinstance(token, EndTag) and token.name == hidden:
+                hidden = None
+        elif isinstance(token, StartTag) and token.name in _HTML_HIDDEN:
+            hidden = token.name
+        elif token.name in _HTML_BLOCK:
             out.append("\n")
-        pos = m.end()
-    text = html.unescape("".join(out))
-    lines = (" ".join(line.split()) for line in text.split("\n"))
+    lines = (" ".join(line.split()) for line in "".join(out).split("\n"))
     return "\n".join(line for line in lines if line)
 
 
@@ -513,39 +502,75 @@ def _parse_fields(block: bytes) -> _Fields:
     return _Fields(items)
 
 
-def _message_of(fields: _Fields) -> Message:
-    """A compat32 Message holding the raw field values, for the stdlib's
-    parameter parser (RFC 2045 section 5.1, RFC 2231 continuations)."""
-    m = Message()
-    for k, v in fields.items:
-        if k in ("content-type", "content-disposition"):
-            m.set_raw(k, v)
-    return m
+# One piece of a parameter list: a quoted-string (RFC 2045 section 5.1; an
+# unterminated one runs to the end), a run of other text, or a ";". The
+# alternatives start on distinct characters: no backtracking, linear.
+_PARAM_PIECE = re.compile(r'"(?:[^"\\]|\\.)*"?|[^;"]+|;', re.DOTALL)
+# RFC 2231 section 3 and 4: name*, name*N, name*N*.
+_RFC2231_NAME = re.compile(r"([^*]+)\*(?:([0-9]{1,4})(\*?))?")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
-def _params(msg: Message, header: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
-    """(value, params) of a structured header, attribute names lower-case,
-    RFC 2231 values collapsed; first occurrence of a repeated attribute wins."""
-    try:
-        got = msg.get_params(header=header)
-    except Exception:  # stdlib parser on hostile input
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return _QUOTED_PAIR.sub(r"\1", value[1:-1])
+    return value
+
+
+def _rfc2231_value(segments: list[tuple[int, str, bool]]) -> str:
+    """Join RFC 2231 continuations in order; percent-decode the encoded
+    ones and decode with the charset named by the first (section 4)."""
+    data = bytearray()
+    charset: str | None = None
+    for k, (_num, value, encoded) in enumerate(sorted(segments, key=lambda seg: seg[0])):
+        if encoded and k == 0 and value.count("'") >= 2:
+            charset, _lang, value = value.split("'", 2)
+        data += urllib.parse.unquote_to_bytes(value) if encoded else value.encode("utf-8")
+    return decode_charset(bytes(data), charset or None)
+
+
+def _params(value: str | None) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """(value, params) of a structured header (RFC 2045 section 5.1), the
+    value and attribute names lower-case, RFC 2231 values collapsed; the
+    first occurrence of a repeated attribute wins. None when absent.
+
+    Our own single pass: the stdlib's ``_parseparam`` is quadratic on many
+    parameters or an unterminated quote. Never raises."""
+    if value is None:
         return None
-    if not got:
-        return None
-    head = got[0][0].strip().lower()
+    items: list[str] = []
+    current: list[str] = []
+    for m in _PARAM_PIECE.finditer(value):
+        if m.group() == ";":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(m.group())
+    items.append("".join(current))
+    plain: list[tuple[str, str]] = []
+    continued: dict[str, list[tuple[int, str, bool]]] = {}
+    for item in items[1:]:
+        name, _eq, raw = item.partition("=")
+        name = name.strip().lower()
+        if not name:
+            continue
+        raw = _unquote(raw.strip())
+        m = _RFC2231_NAME.fullmatch(name)
+        if m is None:
+            plain.append((name, raw))
+            continue
+        num = int(m.group(2)) if m.group(2) else 0
+        encoded = name.endswith("*")
+        continued.setdefault(m.group(1), []).append((num, raw, encoded))
+    # As the stdlib did: plain attributes first, then the RFC 2231 ones.
+    joined = [(name, _rfc2231_value(segs)) for name, segs in continued.items()]
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
-    for k, v in got[1:]:
-        key = k.strip().lower()
-        if not key or key in seen:
-            continue
-        seen.add(key)
-        try:
-            val = email.utils.collapse_rfc2231_value(v, errors="replace")
-        except Exception:
-            val = v if isinstance(v, str) else str(v[2])
-        out.append((key, _clean(val)))
-    return head, tuple(out)
+    for name, val in plain + joined:
+        if name not in seen:
+            seen.add(name)
+            out.append((name, _clean(val)))
+    return items[0].strip().lower(), tuple(out)
 
 
 # ---------------------------------------------------------------------------
@@ -810,8 +835,7 @@ class _Parser:
         raw = self.raw
         body_start = header_end(raw, start, end)
         fields = _parse_fields(raw[start:body_start])
-        msg = _message_of(fields)
-        ctype = _params(msg, "content-type") if fields.get("content-type") is not None else None
+        ctype = _params(fields.get("content-type"))
         if ctype is None or ctype[0].count("/") != 1 or not all(ctype[0].split("/")):
             # RFC 2045 section 5.2 default; RFC 2046 section 5.1.5 in a digest.
             if digest_child:
@@ -823,11 +847,7 @@ class _Parser:
             params = ctype[1]
         cte = fields.get("content-transfer-encoding")
         encoding = (cte.split(";")[0].strip().upper() if cte else "") or "7BIT"
-        disp = (
-            _params(msg, "content-disposition")
-            if fields.get("content-disposition") is not None
-            else None
-        )
+        disp = _params(fields.get("content-disposition"))
         if disp is not None and not disp[0]:
             disp = None
         lang = fields.get("content-language")
@@ -982,7 +1002,7 @@ def _body_text(raw: bytes, root: BodyPart) -> str:
         text = _part_text(raw, p)
         if p.subtype == "html":
             # Markup beyond a few times the text budget cannot add visible text
-            # we would keep; the cap also bounds HTMLParser's worst cases.
+            # we would keep: the cap bounds the tokenizer's (linear) work.
             text = html_to_text(text[: 4 * budget])
         text = text[:budget]
         budget -= len(text)
