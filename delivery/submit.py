@@ -60,7 +60,7 @@ class SubmitResult:
     """What happened to a submitted message: ``delivered`` maps each local
     account address to its INBOX append; ``queued`` lists the remote
     recipients committed to the outbound queue; ``sent`` is the sender's
-    Sent copy (None if disabled or it failed, which does not fail the send)."""
+    Sent copy (None if it failed, which does not fail the send)."""
 
     delivered: dict[str, AppendResult]
     queued: tuple[str, ...]
@@ -272,7 +272,8 @@ async def submit_message(
     each recipient is syntactically valid (INVALID) and, on our domains,
     exists (NOT_FOUND, ``err.recipient`` set). Then local copies are
     committed, remote recipients queued, and a \\Seen copy saved to the
-    sender's Sent mailbox (if ``settings.smtp.save_sent_copy``). The caller
+    sender's Sent mailbox: the HTTP send's caller has no copy of its own
+    (SMTP submission follows smtp.save_sent_copy instead). The caller
     adds any trace field (Received) to ``raw`` beforehand.
     """
     if len(raw) > settings.smtp.max_message_size:
@@ -296,7 +297,7 @@ async def submit_message(
     delivered, blob_key = await deliver(
         storage, mail_from=mail_from, routing=routing, message=raw
     )
-    sent = await save_sent_copy(storage, account, raw) if settings.smtp.save_sent_copy else None
+    sent = await save_sent_copy(storage, account, raw)
     return SubmitResult(delivered, tuple(routing.remote), sent, blob_key)
 
 

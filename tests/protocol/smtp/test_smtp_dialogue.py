@@ -382,9 +382,30 @@ async def test_implicit_tls_submission(mta: Service, client_tls_context, populat
     [inbox] = await mailbox_messages(populated, BOB)
     assert b"with ESMTPSA" in inbox
     assert inbox.startswith(b"Return-Path: <alice@example.net>")
+    # Mail clients file their own Sent copy: none from the server by default.
+    assert await mailbox_entries_flags(populated, ALICE, "Sent") == []
+    assert REMOTE in await _queued_recipients(populated)
+
+
+async def test_sent_copy_when_configured(settings, populated, tls_context, client_tls_context):
+    from mtad.service import start
+
+    settings.smtp.save_sent_copy = True
+    service = await start(settings, populated, tls_context)
+    try:
+        async with await SmtpDialogue.open(service.port("submissions"), client_tls_context) as c:
+            await c.reply()
+            await c.cmd("EHLO client.example")
+            assert (await c.cmd("AUTH PLAIN " + auth_plain(ALICE, ALICE_PW))).startswith("235")
+            await c.cmd(f"MAIL FROM:<{ALICE}>")
+            await c.cmd(f"RCPT TO:<{BOB}>")
+            await c.cmd("DATA")
+            await c.send(message(sender=ALICE, to=BOB) + b".\r\n")
+            assert (await c.reply()).startswith("250 2.0.0")
+    finally:
+        await service.close()
     [sent] = await mailbox_entries_flags(populated, ALICE, "Sent")
     assert "\\Seen" in sent
-    assert REMOTE in await _queued_recipients(populated)
 
 
 async def mailbox_entries_flags(storage, address: str, mailbox: str) -> list[frozenset]:
