@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_\[\]:]")
@@ -141,7 +142,9 @@ def received_field(
     ``for`` only for a single recipient (not to reveal Bcc lists), date."""
     helo = _SAFE_HELO.sub("?", helo)[:255] or "unknown"
     literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
-    date = email.utils.formatdate(when if when is not None else time.time(), localtime=False)
+    # RFC 5322 section 3.3: UTC is "+0000"; "-0000" would mean "zone unknown".
+    stamp = datetime.fromtimestamp(int(when if when is not None else time.time()), UTC)
+    date = email.utils.format_datetime(stamp)
     parts = [f"from {helo} ({literal})", f"by {hostname} (shardmail) with {protocol} id {queue_id}"]
     if tls:
         parts.append(f"({tls})")

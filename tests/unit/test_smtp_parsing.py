@@ -231,8 +231,20 @@ def test_received_field_shape() -> None:
     text = field.decode()
     assert text.startswith("Received: from client??evil???x ([192.0.2.7])\r\n\tby mail.test")
     assert "with ESMTPSA id ABC" in text
-    assert "for <a@b.example>;\r\n\tThu, 01 Jan 1970 00:00:00 -0000\r\n" in text
+    # RFC 5322 section 3.3: "-0000" would say the local time zone is unknown.
+    assert "for <a@b.example>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n" in text
     assert all(len(line) < 998 for line in field.split(b"\r\n"))
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800))  # up to 2100
+def test_received_date_is_utc_with_plus_zero(when: float) -> None:
+    import email.utils
+
+    field = received_field(helo="c", client_ip="::1", hostname="h", protocol="ESMTP",
+                           queue_id="Q", when=when)
+    date = field.decode().rsplit(";", 1)[1].strip()
+    assert date.endswith(" +0000")
+    assert email.utils.parsedate_to_datetime(date).timestamp() == int(when)
 
 
 @pytest.mark.parametrize(
