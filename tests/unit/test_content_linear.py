@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
+from httpapi.sanitize import sanitize_html
 from storage.mime import html_to_text, parse_message
 from tests.linearity import GROWTH_FACTOR, MAX_RATIO, best_time
 
@@ -58,12 +59,20 @@ HTML_SHAPES: dict[str, Callable[[int], str]] = {
     "unclosed-script": lambda n: "<script>" + "</scrip" * (n // 7),
     "entities": lambda n: "&amp" * (n // 4),
     "tag-with-lt-name": lambda n: "<a<" * (n // 3),
+    # Deep stacks: stray end tags must not scan the open or dropped elements.
+    "stray-end-tags": lambda n: "<b>" * (n // 8) + "</i>" * (n // 8),
+    "stray-ends-in-dropped": lambda n: "<svg>" * (n // 10) + "</b>" * (n // 8),
 }
 
 
 @pytest.mark.parametrize("shape", sorted(HTML_SHAPES))
 def test_html_to_text_is_linear(shape: str) -> None:
     assert_linear(html_to_text, HTML_SHAPES[shape])
+
+
+@pytest.mark.parametrize("shape", sorted(HTML_SHAPES))
+def test_sanitize_html_is_linear(shape: str) -> None:
+    assert_linear(sanitize_html, HTML_SHAPES[shape])
 
 
 def _message(header: bytes, body: bytes = b"x\r\n") -> bytes:
