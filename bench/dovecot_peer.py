@@ -185,6 +185,11 @@ userdb {{
   driver = static
   args = uid={mail.pw_uid} gid={mail.pw_gid}
 }}
+# Every bench session comes from 127.0.0.1, many on one user (the shared
+# layout, the churn phase): the default of 10 per user and IP refuses them.
+protocol imap {{
+  mail_max_userip_connections = 1000
+}}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1

@@ -586,7 +586,7 @@ def start_imapd(
         started.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            if b"ready" in logfile.read_bytes():
+            if b"shardmail ready" in logfile.read_bytes():  # not "already in use"
                 break
             time.sleep(0.1)
         else:

@@ -49,7 +49,8 @@ _APPENDUID = re.compile(rb"\[APPENDUID \d+ (\d+)\]")
 # ------------------------------------------------------------------ parsing
 def parse_response(data: bytes) -> list[Any]:
     """One response (literals inline as ``{n}\\r\\n`` + n octets) as a list
-    of atoms (bytes), strings (bytes) and parenthesised lists. An atom with
+    of atoms (bytes), strings (bytes), NIL (None) and parenthesised lists.
+    (Dovecot answers NIL for the body of a message another session expunged.) An atom with
     brackets (``BODY[HEADER.FIELDS (X)]``) stays one atom (RFC 3501 section 9)."""
     stack: list[list[Any]] = [[]]
     i, n = 0, len(data)
@@ -90,7 +91,8 @@ def parse_response(data: bytes) -> list[Any]:
                 elif depth <= 0 and ch in (b" ", b"(", b")", b"\r", b"\n"):
                     break
                 i += 1
-            stack[-1].append(data[start:i])
+            atom = data[start:i]
+            stack[-1].append(None if atom.upper() == b"NIL" else atom)
     while len(stack) > 1:
         done = stack.pop()
         stack[-1].append(done)
@@ -273,7 +275,7 @@ class ChurnSession:
         msgid = None
         for key, value in items.items():
             if key == b"ENVELOPE" and isinstance(value, list) and len(value) > 9:
-                msgid = value[9] if isinstance(value[9], bytes) and value[9] != b"NIL" else None
+                msgid = value[9] if isinstance(value[9], bytes) else None
             elif key.startswith(b"BODY[") and isinstance(value, bytes):
                 msgid = message_id_of(value)
                 size = items.get(b"RFC822.SIZE")
