@@ -55,6 +55,14 @@ class ServerSettings(Section):
     # a dependency) or "asyncio" (the standard library's). "auto" takes
     # uvloop when it can be imported.
     event_loop: str = "auto"
+    # Worker processes of each server process for CPU-heavy content work
+    # (parsing messages over 1 MB, sanitizing large HTML for webmail), so
+    # that work never holds the protocol loop's GIL; 0 runs it in a thread
+    # (no time limit). A job past content_time_limit_seconds is abandoned,
+    # its workers replaced, and the message degraded (no search text, a
+    # plain-text view) instead of refused.
+    content_workers: int = Field(default=1, ge=0, le=64)
+    content_time_limit_seconds: float = Field(default=5.0, gt=0, le=600)
 
     _listen = field_validator("metrics_listen")(classmethod(lambda cls, v: _check_listen(v)))
 

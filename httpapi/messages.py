@@ -37,13 +37,14 @@ from httpapi.mime import (
 from httpapi.sanitize import sanitize_html
 from httpapi.views import addresses, decode_words, iso, summary
 from runtime.metrics import MESSAGES_RECEIVED
+from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import ErrorKind, StorageError
 from storage.model import DELETED, FLAGGED, SEEN, StoreMode, UidSet
 
 routes = web.RouteTableDef()
 
 SEND_OVERHEAD = 64 * 1024  # headers, field names and JSON syntax around the payload
-SANITIZE_INLINE_LIMIT = 64 * 1024  # larger HTML is sanitized in a worker thread
+SANITIZE_INLINE_LIMIT = 64 * 1024  # larger HTML is sanitized in a content worker
 # Types a browser may show inline without running script in our origin.
 INLINE_SAFE_TYPES = frozenset({
     "image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf", "text/plain",
@@ -64,7 +65,12 @@ async def get_message(request: web.Request) -> web.Response:
     if parts.html is not None:
         raw_html = await read_text(blobs, entry.blob_key, parts.html)
         if len(raw_html) > SANITIZE_INLINE_LIMIT:
-            html = await asyncio.to_thread(sanitize_html, raw_html)
+            try:  # in a content worker, off our GIL, with a time limit
+                html = await content_pool().run(sanitize_html, raw_html)
+            except ContentTimeout:
+                # Degrade to the plain-text view: the client shows ``text``
+                # (the HTML source itself when the mail has no text part).
+                text = text if text is not None else raw_html
         else:
             html = sanitize_html(raw_html)
     header_block = await blobs.get_range(entry.blob_key, 0, parsed.body.body_start)

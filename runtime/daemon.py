@@ -99,12 +99,15 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
     """Start the named daemons and this process's metrics endpoint (worker
     ``slot`` of a supervisor; see :mod:`runtime.scrape`), wait for
     SIGTERM/SIGINT, stop them cleanly."""
-    from storage import open_storage, password_hasher
+    from storage import contentpool, open_storage, password_hasher
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = await asyncio.to_thread(server_context, settings)
     storage = await open_storage(
         settings.storage, password_hasher=password_hasher(settings.auth)
+    )
+    pool = contentpool.configure(
+        settings.server.content_workers, settings.server.content_time_limit_seconds
     )
     services: list[Any] = []
     metrics = await start_metrics(settings, slot)
@@ -128,6 +131,7 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
                 log.exception("error while stopping a service")
         for server in metrics:
             server.close()
+        pool.close()
         await storage.close()
 
 

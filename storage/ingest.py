@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import mmap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -40,14 +41,29 @@ from pathlib import Path
 
 from storage.api import MailStore, Storage
 from storage.blob.key import content_key, content_key_sync
+from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import StorageError
 from storage.mime import parse_message
-from storage.model import Account, AppendResult, Mailbox, ParsedMessage
+from storage.model import (
+    Account,
+    AppendResult,
+    BodyPart,
+    Envelope,
+    Mailbox,
+    ParsedMessage,
+)
+
+log = logging.getLogger(__name__)
 
 # Messages up to this size are parsed on the event loop: that takes well under
 # a millisecond, less than handing them to a worker thread (and its GIL
 # handoffs) costs. Larger ones are parsed in a thread.
 INLINE_PARSE_MAX = 32 * 1024
+# Above this, the parse goes to a content worker process with a time limit
+# (DESIGN.md: no input may stall the process): a pure-Python parse in a
+# thread still holds the GIL. Below it a parse takes milliseconds, less
+# than shipping the bytes to another process.
+POOL_PARSE_MIN = 1024 * 1024
 
 
 def _parse_and_hash(raw: bytes) -> tuple[ParsedMessage, str]:
@@ -70,25 +86,63 @@ class Delivery:
     claim_recent: bool = False
 
 
-def _parse_path(path: Path) -> ParsedMessage:
+def _parse_path(path: Path, with_text: bool = True) -> ParsedMessage:
     # Parsed through a read-only mapping: the file is never copied whole into memory.
     with path.open("rb") as fh:
         if path.stat().st_size == 0:
-            return parse_message(b"")
+            return parse_message(b"", with_text=with_text)
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return parse_message(mapped)
+            return parse_message(mapped, with_text=with_text)
+
+
+def _parse_any(source: bytes | Path, with_text: bool) -> ParsedMessage:
+    # In a content worker process: a path is mapped there, not pickled over.
+    if isinstance(source, Path):
+        return _parse_path(source, with_text)
+    return parse_message(source, with_text=with_text)
+
+
+def _unparsed(size: int) -> ParsedMessage:
+    """What is stored when even the structure did not parse in time: one
+    opaque part, no envelope, no text. The raw bytes stay byte-exact."""
+    body = BodyPart(
+        "application", "octet-stream", (), None, None, "7BIT", size, None, None, None, None,
+        None, 0, 0, size,
+    )
+    env = Envelope(None, None, (), (), (), (), (), (), None, None)
+    return ParsedMessage(
+        size, env, body, "", "", "", "", None, None, (), None, "", "", False
+    )
+
+
+async def _parse_in_pool(source: bytes | Path) -> ParsedMessage:
+    """The parse in a content worker with its time limit; past it, the
+    structure alone (no index text), then an opaque message: a hostile
+    message is delivered less searchable, never refused or stalling."""
+    pool = content_pool()
+    for with_text in (True, False):
+        try:
+            return await pool.run(_parse_any, source, with_text)
+        except ContentTimeout:
+            log.warning("message parse over its time limit (text=%s): degraded", with_text)
+    if isinstance(source, Path):
+        return _unparsed(await asyncio.to_thread(lambda: source.stat().st_size))
+    return _unparsed(len(source))
 
 
 async def parse(source: bytes | Path) -> ParsedMessage:
-    """Parse a message off the event loop (in a worker thread).
+    """Parse a message off the event loop: in a worker thread, or above
+    ``POOL_PARSE_MIN`` bytes (and a spooled file) in a content worker process with a time limit
+    (:mod:`storage.contentpool`; degraded as ``_parse_in_pool`` says).
 
     For callers that need the parse before delivering (SMTP checks, size
     and header rules); pass the result back to :func:`ingest` as
     ``parsed=`` so the message is not parsed twice. Never raises for bad
     MIME; an unreadable path raises ``OSError``.
     """
-    if isinstance(source, Path):
-        return await asyncio.to_thread(_parse_path, source)
+    if isinstance(source, Path) or len(source) > POOL_PARSE_MIN:
+        # A file is a spooled (large) message: always worth the hop.
+        return await _parse_in_pool(source if isinstance(source, Path) else bytes(source))
     return await asyncio.to_thread(parse_message, bytes(source))
 
 
@@ -121,6 +175,8 @@ async def _store(
         return []
     if parsed is None and not isinstance(source, Path) and len(source) <= INLINE_PARSE_MAX:
         parsed = parse_message(bytes(source))  # cheaper here than a thread hop
+    elif parsed is None and (isinstance(source, Path) or len(source) > POOL_PARSE_MIN):
+        parsed = await parse(source)  # in a content worker, with its time limit
     put_sync = getattr(storage.blobs, "put_sync", None)
     put_started = getattr(storage.blobs, "put_started", None)
     blob_ready: concurrent.futures.Future[str] | None = None

@@ -1036,20 +1036,22 @@ def _sent_date(value: str | None) -> dt.datetime | None:
     return d
 
 
-def parse_message(raw: bytes | mmap.mmap) -> ParsedMessage:
+def parse_message(raw: bytes | mmap.mmap, *, with_text: bool = True) -> ParsedMessage:
     """Parse a raw RFC 5322 message. Pure, synchronous, never raises.
 
     Offsets in the returned body structure index ``raw`` itself:
     ``raw[part.body_start:part.end]`` is a part's body as stored. An
     ``mmap`` of a spooled file is parsed in place, so a large APPEND or DATA
     is never copied whole into memory (only text parts are decoded).
+    ``with_text=False`` skips the body text (and so search and preview).
     """
     if not isinstance(raw, bytes | mmap.mmap):
         raw = bytes(raw)
     parser = _Parser(raw)
     body, fields = parser.entity(0, len(raw))
     env = _envelope(fields)
-    text = _body_text(raw, body)
+    # Without text: the structure alone, when the full parse ran too long.
+    text = _body_text(raw, body) if with_text else ""
     preview = " ".join(text[: PREVIEW_CHARS * 4].split())[:PREVIEW_CHARS]
     has_att = any(_is_attachment(p) for p in _walk(body) if p is not body) or any(
         p.type == "message" and p.subtype == "rfc822" for p in _walk(body) if p is not body

@@ -1,0 +1,90 @@
+"""CPU-heavy content work (parsing large MIME, HTML to text, sanitizing) in
+worker processes with a time limit, where it cannot hold the server's GIL.
+
+Contract: :meth:`ContentPool.run` returns ``fn(*args)`` computed in a worker
+process, or raises :class:`ContentTimeout` when the job ran past the time
+limit (or its worker died): the caller then degrades (no index text, a
+plain-text view) instead of failing. ``fn`` and its arguments must be
+picklable, module-level and pure. A job past its limit is abandoned and the
+workers are killed and replaced: a process pool cannot stop one job, and
+killing is the only way to get the CPU back. Jobs that shared the killed
+workers get :class:`ContentTimeout` as well.
+
+With ``workers == 0`` (tests, tiny hosts) jobs run in a thread instead,
+without a time limit. The process-wide pool is configured once at daemon
+start (:func:`configure`); until then it runs inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_TIME_LIMIT = 5.0
+
+
+class ContentTimeout(Exception):
+    """The job did not finish within the pool's time limit."""
+
+
+class ContentPool:
+    def __init__(self, workers: int, time_limit: float = DEFAULT_TIME_LIMIT) -> None:
+        self.workers = workers
+        self.time_limit = time_limit
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._executor is None:  # started lazily: most processes never need it
+            # "spawn": a forked child would inherit the event loop's threads and locks.
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._executor
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` off this process; :class:`ContentTimeout` past the limit."""
+        if self.workers <= 0:
+            return await asyncio.to_thread(fn, *args)
+        executor = self._pool()
+        future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        try:
+            return await asyncio.wait_for(future, self.time_limit)
+        except TimeoutError:
+            self._kill(executor)
+            raise ContentTimeout(f"content job over {self.time_limit:g}s") from None
+        except BrokenProcessPool:
+            self._kill(executor)  # killed under another job's timeout, or crashed
+            raise ContentTimeout("content worker died") from None
+
+    def _kill(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
+        if self._executor is executor:
+            self._executor = None  # the next job starts fresh workers
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.kill()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._kill(self._executor)
+
+
+_pool = ContentPool(0)
+
+
+def configure(workers: int, time_limit: float = DEFAULT_TIME_LIMIT) -> ContentPool:
+    """Replace the process-wide pool (at daemon start, from settings)."""
+    global _pool
+    _pool.close()
+    _pool = ContentPool(workers, time_limit)
+    return _pool
+
+
+def content_pool() -> ContentPool:
+    """The process-wide pool every content job goes through."""
+    return _pool

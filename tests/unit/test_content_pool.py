@@ -1,0 +1,86 @@
+"""The content pool: heavy parsing runs in worker processes with a time
+limit, and a job past it degrades the message instead of stalling or
+refusing it."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import storage.ingest as ingest_mod
+from storage import contentpool
+from storage.contentpool import ContentPool, ContentTimeout
+from storage.ingest import Delivery, ingest
+from storage.mime import parse_message
+from storage.model import Account
+from tests.unit.test_ingest import bob, fetch_one, store  # noqa: F401 (fixtures)
+
+
+def _message() -> bytes:
+    body = random.randbytes(random.randrange(1000, 5000)).hex().encode()
+    return b"From: a@b.example\r\nSubject: pool\r\n\r\n" + body + b"\r\n"
+
+
+@pytest.fixture
+def pool() -> Iterator[ContentPool]:
+    # Room for the first spawned worker to start under a loaded CI box.
+    p = ContentPool(1, time_limit=3.0)
+    yield p
+    p.close()
+
+
+async def test_a_job_runs_in_a_worker_and_returns_its_result(pool: ContentPool) -> None:
+    raw = _message()
+    assert await pool.run(parse_message, raw) == parse_message(raw)
+
+
+async def test_a_job_past_its_limit_is_abandoned_and_the_pool_recovers(
+    pool: ContentPool,
+) -> None:
+    await pool.run(time.sleep, 0)  # the worker is up
+    started = time.monotonic()
+    with pytest.raises(ContentTimeout):
+        await pool.run(time.sleep, 60)
+    assert time.monotonic() - started < 10  # abandoned at the limit, not waited for
+    raw = _message()
+    assert await pool.run(parse_message, raw) == parse_message(raw)  # fresh workers
+
+
+@pytest.fixture
+def hopeless_pool() -> Iterator[None]:
+    # No job can finish in a microsecond: every parse goes over its limit.
+    contentpool.configure(1, time_limit=1e-6)
+    yield
+    contentpool.configure(0)
+
+
+async def test_a_message_whose_parse_times_out_is_still_delivered_byte_exact(
+    store, bob: Account, hopeless_pool: None, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    raw = _message()
+    monkeypatch.setattr(ingest_mod, "INLINE_PARSE_MAX", 0)
+    monkeypatch.setattr(ingest_mod, "POOL_PARSE_MIN", 100)
+    (res,) = await ingest(store, [Delivery(bob)], raw)
+    stored = await fetch_one(store, bob, "INBOX", res.uid)
+    assert await store.blobs.get(stored.entry.blob_key) == raw
+    assert stored.parsed.size == len(raw)
+    assert stored.parsed.body_text == ""  # degraded: no index text
+
+
+async def test_a_spooled_file_is_parsed_in_a_worker(
+    store, bob: Account, tmp_path: Path  # noqa: F811
+) -> None:
+    contentpool.configure(1, time_limit=5.0)
+    try:
+        raw = _message()
+        path = tmp_path / "spooled.eml"
+        path.write_bytes(raw)
+        (res,) = await ingest(store, [Delivery(bob)], path)
+    finally:
+        contentpool.configure(0)
+    stored = await fetch_one(store, bob, "INBOX", res.uid)
+    assert stored.parsed == parse_message(raw)
