@@ -39,6 +39,7 @@ DROP_CONTENT_TAGS = frozenset(
     "base meta link param source track "
     "textarea select svg math noembed noframes xmp plaintext".split()
 )
+FOREIGN_TAGS = frozenset({"svg", "math"})
 GLOBAL_ATTRS = frozenset({"title", "dir", "lang", "align", "valign"})
 TAG_ATTRS: dict[str, frozenset[str]] = {
     "a": frozenset({"href", "name"}),
@@ -92,7 +93,10 @@ class _Sanitizer:
     def start(self, tag: StartTag) -> None:
         name = tag.name
         if name in DROP_CONTENT_TAGS or self.dropping:
-            if name in DROP_CONTENT_TAGS and name not in VOID_DROPPED and not tag.self_closing:
+            # "/>" closes only foreign (svg, math) elements; on an HTML
+            # element it is ignored (HTML Living Standard 13.2.6.1).
+            closed = tag.self_closing and name in FOREIGN_TAGS
+            if name in DROP_CONTENT_TAGS and name not in VOID_DROPPED and not closed:
                 self.dropping.append(name)
                 self.drop_count[name] += 1
             return
@@ -112,7 +116,7 @@ class _Sanitizer:
         if name == "a":
             parts.append('rel="noopener noreferrer nofollow" target="_blank"')
         self.out.append("<" + " ".join(parts) + ">")
-        if name not in VOID_TAGS and not tag.self_closing:
+        if name not in VOID_TAGS:  # "<p/>" opens a p, as in a browser
             self.open.append(name)
             self.open_count[name] += 1
 

@@ -37,6 +37,10 @@ from httpapi.sanitize import safe_url, sanitize_html
         ('<td colspan="2" bgcolor="red">c</td>', '<td colspan="2" bgcolor="red">c</td>'),
         ("<svg><script>alert(1)</script></svg>ok", "ok"),
         ('<p title="&quot;><script>">t</p>', '<p title="&quot;&gt;&lt;script&gt;">t</p>'),
+        # "/>" is ignored on HTML elements: the p stays open, the script runs on.
+        ("<p/>x", "<p>x</p>"),
+        ("<script/>alert(1)</script>ok", "ok"),
+        ("<svg/>ok", "ok"),
     ],
 )
 def test_sanitize(markup: str, expected: str) -> None:
