@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
@@ -27,6 +28,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DEFAULT_TIME_LIMIT = 5.0
+# Fresh workers first start an interpreter and import the parser (about a
+# second, more on a busy host): jobs waiting on that get this much longer,
+# so a pool's start never degrades the first large message.
+STARTUP_ALLOWANCE = 10.0
 
 
 class ContentTimeout(Exception):
@@ -34,10 +39,17 @@ class ContentTimeout(Exception):
 
 
 class ContentPool:
-    def __init__(self, workers: int, time_limit: float = DEFAULT_TIME_LIMIT) -> None:
+    def __init__(
+        self,
+        workers: int,
+        time_limit: float = DEFAULT_TIME_LIMIT,
+        startup_allowance: float = STARTUP_ALLOWANCE,
+    ) -> None:
         self.workers = workers
         self.time_limit = time_limit
+        self.startup_allowance = startup_allowance
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._starting_until = 0.0  # monotonic time the workers should be up by
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._executor is None:  # started lazily: most processes never need it
@@ -45,6 +57,7 @@ class ContentPool:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn")
             )
+            self._starting_until = time.monotonic() + self.startup_allowance
         return self._executor
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -53,8 +66,9 @@ class ContentPool:
             return await asyncio.to_thread(fn, *args)
         executor = self._pool()
         future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        limit = self.time_limit + max(0.0, self._starting_until - time.monotonic())
         try:
-            return await asyncio.wait_for(future, self.time_limit)
+            return await asyncio.wait_for(future, limit)
         except TimeoutError:
             self._kill(executor)
             raise ContentTimeout(f"content job over {self.time_limit:g}s") from None
@@ -77,11 +91,15 @@ class ContentPool:
 _pool = ContentPool(0)
 
 
-def configure(workers: int, time_limit: float = DEFAULT_TIME_LIMIT) -> ContentPool:
+def configure(
+    workers: int,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    startup_allowance: float = STARTUP_ALLOWANCE,
+) -> ContentPool:
     """Replace the process-wide pool (at daemon start, from settings)."""
     global _pool
     _pool.close()
-    _pool = ContentPool(workers, time_limit)
+    _pool = ContentPool(workers, time_limit, startup_allowance)
     return _pool
 
 

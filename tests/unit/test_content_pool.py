@@ -28,7 +28,7 @@ def _message() -> bytes:
 @pytest.fixture
 def pool() -> Iterator[ContentPool]:
     # Room for the first spawned worker to start under a loaded CI box.
-    p = ContentPool(1, time_limit=3.0)
+    p = ContentPool(1, time_limit=3.0, startup_allowance=0)
     yield p
     p.close()
 
@@ -50,10 +50,20 @@ async def test_a_job_past_its_limit_is_abandoned_and_the_pool_recovers(
     assert await pool.run(parse_message, raw) == parse_message(raw)  # fresh workers
 
 
+async def test_starting_workers_do_not_count_against_the_time_limit() -> None:
+    # Spawning an interpreter and importing the parser takes longer than this.
+    pool = ContentPool(1, time_limit=0.05)
+    try:
+        raw = _message()
+        assert await pool.run(parse_message, raw) == parse_message(raw)
+    finally:
+        pool.close()
+
+
 @pytest.fixture
 def hopeless_pool() -> Iterator[None]:
     # No job can finish in a microsecond: every parse goes over its limit.
-    contentpool.configure(1, time_limit=1e-6)
+    contentpool.configure(1, time_limit=1e-6, startup_allowance=0)
     yield
     contentpool.configure(0)
 

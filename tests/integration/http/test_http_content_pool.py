@@ -25,7 +25,8 @@ def _large_html() -> tuple[str, str]:
 @pytest.fixture(params=["working", "hopeless"])
 def pool(request: pytest.FixtureRequest) -> Iterator[str]:
     # hopeless: no job finishes within a microsecond, every sanitize times out.
-    contentpool.configure(1, time_limit=20.0 if request.param == "working" else 1e-6)
+    hopeless = request.param == "hopeless"
+    contentpool.configure(1, time_limit=1e-6 if hopeless else 20.0, startup_allowance=0)
     yield request.param
     contentpool.configure(0)
 
