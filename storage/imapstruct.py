@@ -282,7 +282,9 @@ def parse_addresses(value: str | None) -> tuple[Address, ...]:
     start/end markers (section 7.4.2). Never raises; empty for NIL."""
     if not value:
         return ()
-    toks = list(_tokenize(value))
+    # Cleaned once here: every field below is a piece of it, so clean too
+    # (cleaning each field instead took half the time of a long list).
+    toks = list(_tokenize(_clean(value)))
     out: list[Address] = []
     i, n = 0, len(toks)
     in_group = False
@@ -324,10 +326,7 @@ def parse_addresses(value: str | None) -> tuple[Address, ...]:
     end_mailbox()
     if in_group:
         out.append(Address(None, None, None, None))  # unterminated group
-    return tuple(
-        Address(*(None if f is None else _clean(f) for f in (a.name, a.adl, a.mailbox, a.host)))
-        for a in out
-    )
+    return tuple(out)
 
 
 def addresses_text(addrs: tuple[Address, ...]) -> str:
