@@ -59,17 +59,36 @@ async def start_mtad(config: Path, ports: dict[str, int]) -> asyncio.subprocess.
     raise AssertionError("mtad did not start listening")
 
 
-async def test_sigkill_after_250_loses_nothing(
-    tmp_path: Path, dns: DnsServer, populated_template: Path
-) -> None:
+def mtad_site(
+    tmp_path: Path, dns: DnsServer, template: Path, server_extra: str = ""
+) -> tuple[Path, Path, dict[str, int]]:
+    """A data dir copied from ``template``, a config file naming it (plus
+    ``server_extra`` lines in [server]) and free ports: (config, data_dir, ports)."""
     data_dir = tmp_path / "data"
-    shutil.copytree(populated_template, data_dir)
+    shutil.copytree(template, data_dir)
     config = tmp_path / "shardmail.toml"
     config.write_text(
-        f'[server]\nhostname = "mail.test"\ndata_dir = "{data_dir}"\n'
+        f'[server]\nhostname = "mail.test"\ndata_dir = "{data_dir}"\n{server_extra}'
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
     )
     ports = {name: free_port() for name in ("mx", "submission", "submissions")}
+    return config, data_dir, ports
+
+
+async def stop_mtad(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within 15 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 15)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_sigkill_after_250_loses_nothing(
+    tmp_path: Path, dns: DnsServer, populated_template: Path
+) -> None:
+    config, data_dir, ports = mtad_site(tmp_path, dns, populated_template)
     body = message(subject="Survives SIGKILL")
 
     proc = await start_mtad(config, ports)
@@ -102,10 +121,5 @@ async def test_sigkill_after_250_loses_nothing(
         finally:
             await store.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await stop_mtad(proc)
     assert proc.returncode == 0

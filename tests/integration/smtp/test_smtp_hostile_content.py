@@ -4,11 +4,8 @@ promptly, and stores it byte-exact with its text indexed."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import random
-import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ from storage import open_storage
 from storage.model import UidSet
 from tests.conftest import make_settings
 from tests.dnsserver import DnsServer
-from tests.integration.smtp.test_smtp_crash import free_port, start_mtad
+from tests.integration.smtp.test_smtp_crash import mtad_site, start_mtad, stop_mtad
 from tests.protocol.smtp.support import ALICE, SmtpDialogue, message
 
 # Well under the 20 s the first of these took when HTML to text was quadratic.
@@ -49,14 +46,7 @@ async def _send(port: int, raw: bytes) -> tuple[str, float]:
 async def test_hostile_html_mail_is_taken_promptly_and_indexed(
     tmp_path: Path, dns: DnsServer, populated_template: Path
 ) -> None:
-    data_dir = tmp_path / "data"
-    shutil.copytree(populated_template, data_dir)
-    config = tmp_path / "shardmail.toml"
-    config.write_text(
-        f'[server]\nhostname = "mail.test"\ndata_dir = "{data_dir}"\ncontent_workers = 1\n'
-        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
-    )
-    ports = {name: free_port() for name in ("mx", "submission", "submissions")}
+    config, data_dir, ports = mtad_site(tmp_path, dns, populated_template, "content_workers = 1\n")
     words = [random.randbytes(6).hex() for _ in range(2)]
     mails = [
         _hostile_html_mail(random.randrange(150_000, 200_000), words[0]),  # inline parse
@@ -69,12 +59,7 @@ async def test_hostile_html_mail_is_taken_promptly_and_indexed(
             assert reply.startswith("250"), reply
             assert seconds < PROMPT_SECONDS
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await stop_mtad(proc)
     store = await open_storage(make_settings(data_dir).storage)
     try:
         account = await store.directory.get_account(ALICE)
