@@ -11,7 +11,17 @@ Reusable by any suite::
 Binaries come from ``pg_config --bindir`` or /usr/lib/postgresql/*/bin. When
 running as root (CI does), initdb and postgres run as user ``postgres``.
 Durability is switched off (fsync, synchronous_commit): tests need speed,
-not crash safety.
+not crash safety. ``PgServer.start(durable=True)`` keeps the server's
+defaults (fsync, synchronous_commit, full_page_writes on): benchmarks, and
+the zero-loss failover drill.
+
+Failover drills::
+
+    primary = PgServer.start(durable=True)
+    replica = primary.start_replica(synchronous=True)  # pg_basebackup -R, streaming
+    primary.kill()        # SIGKILL of every server process, files kept
+    replica.promote()     # pg_ctl promote; returns once it takes writes
+    primary.restart()     # same port and data (here: a second, diverged primary)
 """
 
 from __future__ import annotations
@@ -55,6 +65,70 @@ def find_bindir() -> Path:
     raise PgServerError("PostgreSQL binaries (initdb, postgres) not found")
 
 
+# Appended to every primary's postgresql.conf. A replica copies them.
+PRIMARY_SETTINGS = {
+    "max_connections": "300",
+    "shared_buffers": "64MB",
+    "wal_level": "replica",  # enough WAL for a streaming standby
+    "max_wal_senders": "10",
+    "hot_standby": "on",  # a standby answers reads
+}
+# Speed for tests that never crash the server.
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# Crash safety: a commit returns once it is on disk (and on a sync standby).
+DURABLE_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+
+
+def _make_root() -> tuple[Path, dict[str, object]]:
+    """A temp dir for one server, and how to run its programs: as user
+    ``postgres`` when we are root (initdb and postgres refuse root)."""
+    root = Path(tempfile.mkdtemp(prefix="shardmail-pg-"))
+    if os.geteuid() != 0:
+        return root, {}
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        shutil.rmtree(root, ignore_errors=True)
+        raise PgServerError("running as root but there is no postgres user") from None
+    os.chown(root, pw.pw_uid, pw.pw_gid)
+    return root, {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {**os.environ, "LC_ALL": "C.UTF-8", "HOME": str(root)}
+
+
+def _run_tool(
+    root: Path, run_as: dict[str, object], tool: str, *args: str, keep: bool = False
+) -> None:
+    """Runs a PostgreSQL program from the bindir in ``root``; when it
+    fails, ``root`` is removed (unless ``keep``) and PgServerError raised."""
+    done = subprocess.run(
+        [str(find_bindir() / tool), *args],
+        capture_output=True,
+        env=_env(root),
+        cwd=root,
+        **run_as,  # type: ignore[arg-type]
+    )
+    if done.returncode != 0:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        raise PgServerError(f"{tool} failed: {done.stderr.decode(errors='replace')}")
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(stat) as f:
+                # "pid (comm) state ppid ...": comm may hold spaces, split after it.
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.split("/")[2]))
+    return found
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -69,85 +143,181 @@ class PgServer:
         self.port = port
         self.proc = proc
         self.user = "postgres"
+        self.name = ""  # a replica's application_name (start_replica)
         self._template: str | None = None
+        self._data = root / "data"
+        self._run_as: dict[str, object] = {}
+        self._extra: tuple[str, ...] = ()
 
     @classmethod
-    def start(cls) -> PgServer:
-        bindir = find_bindir()
-        root = Path(tempfile.mkdtemp(prefix="shardmail-pg-"))
-        run_as: dict[str, object] = {}
-        if os.geteuid() == 0:
-            # initdb refuses to run as root.
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                raise PgServerError("running as root but there is no postgres user") from None
-            os.chown(root, pw.pw_uid, pw.pw_gid)
-            run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    def start(cls, *, durable: bool = False) -> PgServer:
+        """initdb and start a primary. ``durable``: fsync and synchronous
+        commits on (a crash loses nothing that was acknowledged); by default
+        both are off, for speed. Either way the server accepts streaming
+        replicas (:meth:`start_replica`)."""
+        root, run_as = _make_root()
         data = root / "data"
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "HOME": str(root)}
-        init = subprocess.run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ],
-            capture_output=True,
-            env=env,
-            cwd=root,
-            **run_as,  # type: ignore[arg-type]
+        _run_tool(
+            root,
+            run_as,
+            "initdb",
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            # trust, also for "replication" from 127.0.0.1: initdb's pg_hba.conf
+            # lets any local user stream WAL (pg_basebackup, walreceiver).
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
         )
-        if init.returncode != 0:
-            shutil.rmtree(root, ignore_errors=True)
-            raise PgServerError(f"initdb failed: {init.stderr.decode(errors='replace')}")
+        # In postgresql.conf, not on the command line: ALTER SYSTEM (read
+        # after it) may then change them, as start_replica does.
+        settings = {**PRIMARY_SETTINGS, **(DURABLE_SETTINGS if durable else FAST_SETTINGS)}
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+        return cls._launch(root, data, run_as)
+
+    @classmethod
+    def _launch(
+        cls, root: Path, data: Path, run_as: dict[str, object], extra: tuple[str, ...] = ()
+    ) -> PgServer:
+        """Starts postgres on ``data`` on a free port (three tries)."""
         last_error = ""
         for _attempt in range(3):
-            port = _free_port()
-            log = open(root / "postgres.log", "ab")
-            proc = subprocess.Popen(
-                [
-                    str(bindir / "postgres"),
-                    "-D",
-                    str(data),
-                    "-p",
-                    str(port),
-                    "-k",
-                    str(root),
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    "max_connections=300",
-                    "-c",
-                    "shared_buffers=64MB",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=root,
-                **run_as,  # type: ignore[arg-type]
-            )
-            log.close()
-            server = cls(root, port, proc)
+            server = cls(root, _free_port(), None)  # type: ignore[arg-type]
+            server._data, server._run_as, server._extra = data, run_as, extra
+            server.proc = server._spawn()
             if server._wait_ready():
                 return server
-            proc.kill()
-            proc.wait()
+            server.proc.kill()
+            server.proc.wait()
             last_error = (root / "postgres.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(root, ignore_errors=True)
         raise PgServerError(f"postgres did not start: {last_error}")
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        log = open(self.root / "postgres.log", "ab")
+        try:
+            return subprocess.Popen(
+                [
+                    str(find_bindir() / "postgres"),
+                    "-D",
+                    str(self._data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.root),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    *self._extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_env(self.root),
+                cwd=self.root,
+                **self._run_as,  # type: ignore[arg-type]
+            )
+        finally:
+            log.close()
+
+    def start_replica(self, *, synchronous: bool = False) -> PgServer:
+        """A streaming standby of this server (``pg_basebackup -R``) on a
+        free port, hot (it answers reads), streaming before this returns.
+
+        ``synchronous``: this server's ``synchronous_standby_names`` names
+        the replica and its commits wait for the replica's flush
+        (``synchronous_commit = on``): a commit acknowledged here survives
+        a SIGKILL of this server once the replica is promoted. Set after
+        the copy, so the replica does not inherit it (promoted, it would
+        wait for a standby it does not have)."""
+        root, run_as = _make_root()
+        data = root / "data"
+        name = f"replica_{root.name.rsplit('-', 1)[-1].lower()}"
+        _run_tool(
+            root,
+            run_as,
+            "pg_basebackup",
+            *("-h", "127.0.0.1", "-p", str(self.port), "-U", self.user),
+            *("-D", str(data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"),
+        )
+        # cluster_name is the walreceiver's application_name: the name
+        # synchronous_standby_names refers to.
+        replica = self._launch(root, data, run_as, ("-c", f"cluster_name={name}"))
+        replica.name = name
+        self._wait_for(
+            f"SELECT state FROM pg_stat_replication WHERE application_name = '{name}'", "streaming"
+        )
+        if synchronous:
+            self.sql(
+                "ALTER SYSTEM SET synchronous_commit = 'on'",
+                "ALTER SYSTEM SET fsync = 'on'",
+                f"ALTER SYSTEM SET synchronous_standby_names = '\"{name}\"'",
+                "SELECT pg_reload_conf()",
+            )
+            self._wait_for(
+                f"SELECT sync_state FROM pg_stat_replication WHERE application_name = '{name}'",
+                "sync",
+            )
+        return replica
+
+    def sql(self, *statements: str) -> str:
+        """Runs ``statements`` with psql as the superuser; returns the output
+        of the last (unaligned, tuples only). Raises PgServerError."""
+        args = [str(find_bindir() / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1"]
+        args += ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres"]
+        for statement in statements:
+            args += ["-c", statement]
+        done = subprocess.run(args, capture_output=True, text=True, env=_env(self.root))
+        if done.returncode != 0:
+            raise PgServerError(f"psql failed: {done.stderr}")
+        return done.stdout.strip()
+
+    def _wait_for(self, query: str, expected: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(PgServerError):
+                if self.sql(query) == expected:
+                    return
+            time.sleep(0.05)
+        raise PgServerError(f"{query!r} never returned {expected!r}")
+
+    def promote(self) -> None:
+        """``pg_ctl promote`` this standby and wait until it takes writes."""
+        _run_tool(
+            self.root, self._run_as, "pg_ctl", "promote", "-w", "-D", str(self._data), keep=True
+        )
+        self._wait_for("SELECT pg_is_in_recovery()", "f")
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every process of the server at once,
+        as a crash of its host would: nothing is flushed, no session is
+        told. Its files stay; :meth:`restart` starts it again."""
+        pids = [self.proc.pid, *_children(self.proc.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def shutdown(self) -> None:
+        """A fast shutdown (sessions end), keeping the files for :meth:`restart`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> None:
+        """Starts the server again on its port and data (after :meth:`kill`
+        or :meth:`shutdown`); raises PgServerError if it does not come up."""
+        self.shutdown()
+        self.proc = self._spawn()
+        if not self._wait_ready():
+            raise PgServerError("postgres did not restart")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
@@ -224,11 +394,6 @@ class PgServer:
             await conn.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown: ends sessions
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """A fast shutdown (ends sessions), then the files are removed."""
+        self.shutdown()
         shutil.rmtree(self.root, ignore_errors=True)
