@@ -6,6 +6,7 @@ Every Settings built here resolves through :func:`loopback_dns`, a dnsmasq on
 127.0.0.1 that answers NXDOMAIN to everything, so no test's SPF, DKIM, DMARC
 or MX lookup leaves the machine; tests with records start their own server.
 ``storage``: a fresh SQLite-backed Storage over that data dir.
+``redis_server`` / ``redis_url``: a real redis-server on a free loopback port.
 ``tls_context`` / ``client_tls_context``: a trustme CA and a server
 certificate for 127.0.0.1/localhost, and a client context trusting it.
 """
@@ -85,6 +86,27 @@ async def storage(settings: Settings) -> AsyncIterator[object]:
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session (tests/redisserver.py); fails, never
+    skips, when it cannot start."""
+    from tests.redisserver import RedisServer
+
+    server = RedisServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The URL of the session's Redis, emptied for this test; restarted
+    first if an earlier test paused it."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.resume()
+    redis_server.flush()
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ PACKAGES=(
   libnet-ssleay-perl libio-socket-ssl-perl    # swaks's STARTTLS/TLS (Debian only recommends them)
   isync fetchmail mpop                        # IMAP/POP3 clients
   postfix                                     # peer MTA for the outbound relay tests
+  redis-server                                # shared limits and the Redis event bus
   chromium                                    # webmail browser test (driven by Playwright)
   procps iproute2 ca-certificates
 )
