@@ -301,6 +301,10 @@ class ChangeKind(enum.Enum):
     FLAGS = "flags"  # flags changed
     EXPUNGE = "expunge"  # message removed
     MAILBOX = "mailbox"  # mailbox created, renamed or deleted
+    # The account is fenced for a move to another shard (storage/move.py):
+    # never in the change log, only on the bus; sessions on the account end
+    # so that their clients reconnect to where the account will be.
+    FENCE = "fence"
 
 
 @dataclass(frozen=True)

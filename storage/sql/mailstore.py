@@ -656,10 +656,22 @@ def _stored_flags(
     return tuple(entries), changes
 
 
+_FENCE = select(shard_accounts.c.fence).where(shard_accounts.c.account_id == bindparam("b_account"))
+
+
+def _no_mailbox(conn: Connection, account_id: int) -> StorageError:
+    """NOT_FOUND for a missing mailbox, unless the account moved off this
+    shard (or is moving): a session still routed here must retry, not be
+    told its mailbox is gone. Read only on this rare path."""
+    if execute(conn, _FENCE, {"b_account": account_id}).scalar() is not None:
+        return fenced_error()
+    return errors.not_found("no such mailbox")
+
+
 def _mailbox_sync(conn: Connection, stmt: Any, params: dict[str, Any]) -> Mailbox:
     row = execute(conn, stmt, params).first()
     if row is None:
-        raise errors.not_found("no such mailbox")
+        raise _no_mailbox(conn, params["b_account"])
     return _mailbox(row)
 
 
@@ -685,7 +697,18 @@ def _message_values(account_id: int, blob_key: str, parsed: ParsedMessage) -> di
     }
 
 
+def fenced_error() -> StorageError:
+    """What a write of an account in the middle of a move gets: TEMPORARY,
+    so SMTP answers 451, IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP], HTTP
+    503, and the client retries (after the move, on the account's new shard)."""
+    return StorageError(ErrorKind.TEMPORARY, "account is moving to another shard, try again")
+
+
 def _tx_from_row(conn: Any, account_id: int, row: Any) -> _Tx:
+    # The fence is read in the row every write locks first: once the mover
+    # has set it, no write of this account can commit on this shard.
+    if row.fence is not None:
+        raise fenced_error()
     return _Tx(
         conn,
         account_id,
@@ -706,6 +729,18 @@ def _new_account_row(account_id: int, quota_bytes: int | None) -> Any:
         quota_bytes=quota_bytes,
         used_bytes=0,
     )
+
+
+async def delete_account_mail(conn: AsyncConnection, account_id: int) -> None:
+    """Deletes every mailbox, entry, tombstone, subscription, message and
+    change-log row of the account in this shard database (not its counters)."""
+    mbox_ids = select(mailboxes.c.id).where(mailboxes.c.account_id == account_id)
+    await conn.execute(delete(E).where(E.c.mailbox_id.in_(mbox_ids)))
+    await conn.execute(delete(expunged).where(expunged.c.mailbox_id.in_(mbox_ids)))
+    await conn.execute(delete(mailboxes).where(mailboxes.c.account_id == account_id))
+    await conn.execute(delete(subscriptions).where(subscriptions.c.account_id == account_id))
+    await conn.execute(delete(messages).where(messages.c.account_id == account_id))
+    await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
 
 
 class SqlMailStore:
@@ -813,17 +848,23 @@ class SqlMailStore:
         """Deletes every mailbox, message and log row of the account here.
         The blobs stay until garbage collection."""
         async with self.db.write() as conn:
-            mbox_ids = select(mailboxes.c.id).where(mailboxes.c.account_id == account_id)
-            await conn.execute(delete(E).where(E.c.mailbox_id.in_(mbox_ids)))
-            await conn.execute(delete(expunged).where(expunged.c.mailbox_id.in_(mbox_ids)))
-            await conn.execute(delete(mailboxes).where(mailboxes.c.account_id == account_id))
-            await conn.execute(
-                delete(subscriptions).where(subscriptions.c.account_id == account_id)
-            )
-            await conn.execute(delete(messages).where(messages.c.account_id == account_id))
-            await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
+            await delete_account_mail(conn, account_id)
             await conn.execute(
                 delete(shard_accounts).where(shard_accounts.c.account_id == account_id)
+            )
+
+    async def retire_account(self, account_id: int, fence: str) -> None:
+        """The last step of a move off this shard: deletes the account's
+        mail here like :meth:`remove_account`, but in the same transaction
+        leaves its counters row behind with ``fence`` set, so that a write
+        still routed here (a stale cache) is refused as TEMPORARY instead of
+        starting the account afresh on the wrong shard."""
+        async with self.db.write() as conn:
+            await delete_account_mail(conn, account_id)
+            await conn.execute(
+                update(shard_accounts)
+                .where(shard_accounts.c.account_id == account_id)
+                .values(fence=fence)
             )
 
     # --- mailboxes -----------------------------------------------------------
@@ -860,10 +901,10 @@ class SqlMailStore:
         if row is None:  # PostgreSQL, or this account's first write here
             tx = self._begin_sync(conn, account_id)
             return tx, self._mailbox_row_sync(conn, account_id, mailbox)
+        tx = _tx_from_row(conn, account_id, row)  # the fence first: see _no_mailbox
         if row.m_id is None:
             raise errors.not_found("no such mailbox")
-        box = _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row))
-        return _tx_from_row(conn, account_id, row), box
+        return tx, _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row))
 
     @staticmethod
     def _mailbox_row_sync(conn: Connection, account_id: int, mailbox: str | int) -> Any:
@@ -874,7 +915,7 @@ class SqlMailStore:
             stmt, params = _mailbox_query(account_id, existing_mailbox_name(mailbox), None)
         row = execute(conn, stmt, params).first()
         if row is None:
-            raise errors.not_found("no such mailbox")
+            raise _no_mailbox(conn, account_id)
         return row
 
     async def _insert_mailbox(self, tx: _Tx, name: str, special_use: str | None) -> int:

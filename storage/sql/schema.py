@@ -92,6 +92,11 @@ shard_accounts = Table(
     Column("next_uidvalidity", BigInteger, nullable=False),
     Column("quota_bytes", BigInteger, nullable=True),
     Column("used_bytes", BigInteger, nullable=False),  # sum of entry sizes (RFC 9208 STORAGE)
+    # v10 (online moves, storage/move.py): non-NULL while the account is
+    # being moved off or onto this shard, and after it moved away. Every
+    # write reads it in the row it locks first, so none lands once it is
+    # set: "out:<target>", "in:<source>", "gone:<target>".
+    Column("fence", String(80), nullable=True),
 )
 
 mailboxes = Table(
@@ -157,6 +162,10 @@ mailbox_entries = Table(
     Column("internal_tz", Integer, nullable=False),  # UTC offset, minutes
     Column("internal_day", Integer, nullable=False),  # date.toordinal() in that zone
     Column("size", BigInteger, nullable=False),  # copy of messages.size for quota/status
+    # v11: where the entry sits in a folder list, epoch microseconds: the
+    # message's Date, never later than internal_date (storage.model.list_date).
+    # Indexed with (mailbox_id, uid) so a page is a keyset range, not a sort.
+    Column("list_date", BigInteger, nullable=False, server_default=text("0")),
     UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
     Index("mailbox_entries_mailbox_modseq", "mailbox_id", "modseq"),
 )
@@ -181,6 +190,31 @@ change_log = Table(
     Column("modseq", BigInteger, nullable=True),
     Column("at", Float, nullable=False),
     Column("data", Text, nullable=False),  # JSON object
+)
+
+# v10: an account move in progress (directory), one row per account, from
+# its start until the source copy is removed. ``state``: storage/move.py.
+account_moves = Table(
+    "account_moves",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("source", String(64), nullable=False),
+    Column("target", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("started_at", Float, nullable=False),  # epoch seconds
+    Column("updated_at", Float, nullable=False),
+)
+
+# v10: on a move's target shard, which source row became which target row
+# (``kind``: "mailbox", "message", "thread"), written with the copied rows
+# in one transaction so that a resumed move skips what is already there.
+moved_ids = Table(
+    "moved_ids",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(8), primary_key=True),
+    Column("source_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("target_id", BigInteger, nullable=False),
 )
 
 locks = Table(
@@ -322,21 +356,27 @@ _V4_COLUMNS = (
 )
 
 
+async def _add_missing_columns(conn: AsyncConnection, table: Table, names: tuple[str, ...]) -> None:
+    """Adds the columns of ``table`` named ``names`` that the database lacks
+    (a database made after the step that adds them has them from v1)."""
+
+    def existing(sync, name: str) -> set[str]:
+        from sqlalchemy import inspect
+
+        return {c["name"] for c in inspect(sync).get_columns(name)}
+
+    have = await conn.run_sync(existing, table.name)
+    for name in names:
+        if name not in have:
+            ddl = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
+            await conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+
+
 async def _v4_outbound_queue(conn: AsyncConnection) -> None:
     """Outbound queue workers: hold flag, delay-warning flag, per-recipient
     timestamps and bounce feedback, the suppression list, a lease index."""
-
-    def existing(sync, table: str) -> set[str]:
-        from sqlalchemy import inspect
-
-        return {c["name"] for c in inspect(sync).get_columns(table)}
-
     for table, names in _V4_COLUMNS:
-        have = await conn.run_sync(existing, table.name)
-        for name in names:
-            if name not in have:
-                ddl = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
-                await conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+        await _add_missing_columns(conn, table, names)
     await conn.run_sync(lambda sync: queue_suppressions.create(sync, checkfirst=True))
     await conn.exec_driver_sql(
         "CREATE INDEX queue_recipients_address ON queue_recipients (address)"
@@ -542,6 +582,34 @@ async def _v9_subscriptions(conn: AsyncConnection) -> None:
     )
 
 
+async def _v10_account_moves(conn: AsyncConnection) -> None:
+    """Online moves of an account between shards (``storage/move.py``): the
+    per-account fence on ``shard_accounts``, the move record and the
+    source -> target id map."""
+    await _add_missing_columns(conn, shard_accounts, ("fence",))
+    await conn.run_sync(lambda sync: account_moves.create(sync, checkfirst=True))
+    await conn.run_sync(lambda sync: moved_ids.create(sync, checkfirst=True))
+
+
+async def _v11_list_order(conn: AsyncConnection) -> None:
+    """Folder lists page by an index instead of sorting a whole mailbox:
+    ``mailbox_entries.list_date`` (see the table) filled for stored entries,
+    and the index (mailbox_id, list_date, uid) that a page walks backwards."""
+    await _add_missing_columns(conn, mailbox_entries, ("list_date",))
+    sent_us = "CAST(m.sent_date * 1000000 AS BIGINT)"
+    await conn.exec_driver_sql(
+        "UPDATE mailbox_entries SET list_date = coalesce((SELECT CASE "
+        f"WHEN m.sent_date IS NULL OR {sent_us} >= mailbox_entries.internal_date "
+        "THEN mailbox_entries.internal_date "
+        f"WHEN {sent_us} < 0 THEN 0 ELSE {sent_us} END "
+        "FROM messages m WHERE m.id = mailbox_entries.message_id), internal_date)"
+    )
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS mailbox_entries_mailbox_list "
+        "ON mailbox_entries (mailbox_id, list_date, uid)"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -552,6 +620,8 @@ MIGRATIONS: list[Step] = [
     _v7_blob_pack,
     _v8_ids_never_reused,
     _v9_subscriptions,
+    _v10_account_moves,
+    _v11_list_order,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
