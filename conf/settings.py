@@ -9,6 +9,7 @@ Defaults serve a single host; ``conf/example.toml`` lists every key.
 from __future__ import annotations
 
 import importlib.util
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -96,14 +97,77 @@ class TlsSettings(Section):
         return v
 
 
+def _check_database_url(value: str, *, postgresql: bool = False) -> str:
+    """A SQLAlchemy URL (``dialect+driver://...``); ``postgresql``: of PostgreSQL."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(f"{value!r} is not a database URL (dialect+driver://...)") from None
+    if postgresql and url.get_backend_name() != "postgresql":
+        raise ValueError("replicas are PostgreSQL streaming replicas: postgresql+asyncpg://...")
+    return value
+
+
+# A shard's name is stored in accounts.shard (VARCHAR(64)) and typed on
+# `mailctl account add --shard NAME`: short, no space, no separator.
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class ShardSettings(Section):
+    """One mail shard: ``[storage.shards.NAME]``."""
+
+    url: str  # SQLAlchemy async URL; several hosts: ?host=h1:p1&host=h2:p2
+    # URLs of streaming replicas of this shard (promotion targets): they are
+    # added to url's hosts with target_session_attrs=read-write, so that
+    # after a promotion every daemon reconnects to the new primary.
+    replicas: list[str] = Field(default_factory=list)
+    # Share of new accounts placed here (storage/sql/directory.py placement):
+    # the shard with the fewest accounts per unit of weight gets the next; 0: none.
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+
+    _url = field_validator("url")(classmethod(lambda cls, v: _check_database_url(v)))
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v: list[str]) -> list[str]:
+        return [_check_database_url(url, postgresql=True) for url in v]
+
+    @model_validator(mode="after")
+    def _replicas_of_postgresql(self) -> ShardSettings:
+        if self.replicas and not self.url.startswith("postgresql"):
+            raise ValueError("replicas: only a PostgreSQL shard has streaming replicas")
+        return self
+
+
 class StorageSettings(Section):
-    url: str = ""  # SQLAlchemy async URL; empty: sqlite in data_dir
+    # The directory database (domains, accounts, aliases, the account ->
+    # shard map, secrets every instance shares); SQLAlchemy async URL; empty:
+    # sqlite in data_dir. It is also shard "default" unless
+    # [storage.shards.default] names another database.
+    url: str = ""
     blob_dir: str = ""  # empty: data_dir/blobs
     # Blobs up to this many bytes are packed, many per fsync: into the url's
     # SQLite database itself, else blob_dir/pack.sqlite; "auto": 262144 over
     # SQLite, 0 (a file each) over PostgreSQL.
     blob_pack_max_bytes: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
-    shards: dict[str, str] = Field(default_factory=dict)  # extra shard name -> url
+    # Mail shards, name -> [storage.shards.NAME] table (or just its url,
+    # the older form `shards = {name = "url"}`).
+    shards: dict[str, ShardSettings] = Field(default_factory=dict)
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shard_forms(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        for name in v:
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+                raise ValueError(
+                    f"shard name {name!r}: 1 to 64 letters, digits, '_', '.' or '-'"
+                )
+        return {name: {"url": s} if isinstance(s, str) else s for name, s in v.items()}
 
 
 class AuthSettings(Section):

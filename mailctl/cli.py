@@ -20,6 +20,7 @@ from pathlib import Path
 
 from conf.settings import Settings
 from mailctl.dkim_cmds import add_dkim_parser
+from mailctl.move_cmds import add_shard_parser, cmd_account_move
 from mailctl.queue_cmds import add_queue_parser
 from runtime.daemon import (
     DAEMONS,
@@ -86,20 +87,27 @@ CHECK_CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
-    """Validates the settings, then (unless ``--no-connect``) connects to the
-    default database and to every shard of ``storage.shards``: exit 1 naming
-    each one that does not answer, after trying them all."""
+    """Validates the settings, then (unless ``--no-connect``) connects to
+    each database by role, "directory" then "shard NAME" (a shard's
+    replicas as its connections will: see ``storage.backend.failover_url``):
+    exit 1 naming each one that does not answer, after trying them all."""
+    from storage.backend import DEFAULT_SHARD, failover_url
+
     print(f"configuration OK (storage {settings.storage.url.split('://')[0]})")
     if args.no_connect:
         return 0
-    databases = {"default": settings.storage.url, **settings.storage.shards}
+    roles = {"directory": settings.storage.url}
+    if DEFAULT_SHARD not in settings.storage.shards:
+        print(f"shard {DEFAULT_SHARD}: the directory's database")
+    for name, shard in settings.storage.shards.items():
+        roles[f"shard {name}"] = failover_url(shard.url, shard.replicas)
     failed = 0
-    for name, url in databases.items():
+    for role, url in roles.items():
         try:
-            print(f"{name}: OK ({asyncio.run(_check_database(url))})")
+            print(f"{role}: OK ({asyncio.run(_check_database(url))})")
         except Exception as exc:  # every driver failure: reported, never a traceback
             failed += 1
-            print(f"mailctl: shard {name}: {exc}", file=sys.stderr)
+            print(f"mailctl: {role}: {exc}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -180,6 +188,8 @@ def _quota(value: str | None) -> int | None:
 
 
 def cmd_account(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "move":
+        return cmd_account_move(args, settings)
     password = read_password(args) if args.action in ("add", "passwd") else ""
 
     async def act(storage) -> int:
@@ -288,10 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
 
     p = command("account", cmd_account, "manage accounts")
-    p.add_argument("action", choices=("add", "list", "passwd", "remove"))
+    p.add_argument("action", choices=("add", "list", "passwd", "remove", "move"))
     p.add_argument("address", nargs="?")
     p.add_argument("--quota", help="e.g. 2G, 500M, unlimited")
     p.add_argument("--shard", help="shard for a new account")
+    p.add_argument("--to", help="with move: the shard to move the account to (online)")
+    p.add_argument("--abort", action="store_true", help="with move: roll back an unfinished move")
     p.add_argument("--domain", help="with list: only this domain")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
 
@@ -302,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_queue_parser(command)  # queue list|show|retry|delete|hold|release|suppressions|unsuppress
     add_dkim_parser(command)  # dkim generate|show DOMAIN
+    add_shard_parser(command)  # shard drain NAME
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))
@@ -318,6 +331,7 @@ REQUIRED = {
     ("account", "add"): ("address",),
     ("account", "passwd"): ("address",),
     ("account", "remove"): ("address",),
+    ("account", "move"): ("address",),
     ("alias", "add"): ("source", "target"),
     ("alias", "remove"): ("source",),
 }

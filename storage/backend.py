@@ -1,8 +1,12 @@
 """Opening the whole data plane: ``open_storage(settings) -> Storage``.
 
-The main URL is shard "default": it holds the directory, the outbound queue
-and the mailboxes of accounts placed there; every extra shard is a database
-with the same schema. Migrations run at open.
+Roles (DESIGN.md "Scale-out"): the main URL is the directory database
+(domains, accounts, aliases, the account -> shard map). It is also shard
+"default" (the outbound queue and the mailboxes of accounts placed there)
+unless a shard named "default" names another database; every shard is a
+database with the same schema. Migrations run at open, on every database.
+An unreachable shard fails only the calls for its accounts; an unreachable
+directory fails logins and routing everywhere, as TEMPORARY errors.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +41,44 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD = "default"
 
 
+@dataclass(frozen=True)
+class ShardSpec:
+    """One mail shard: its database ``url``, the ``replicas`` that may be
+    promoted in its place (PostgreSQL URLs; see :func:`failover_url`) and
+    its placement ``weight`` (0: no new accounts)."""
+
+    url: str
+    replicas: tuple[str, ...] = ()
+    weight: float = 1.0
+
+
+def failover_url(url: str, replicas: Sequence[str]) -> str:
+    """``url`` with each replica's host:port added as a further host and
+    ``target_session_attrs=read-write`` (libpq's multi-host form, which
+    asyncpg and SQLAlchemy's asyncpg dialect take as ``?host=h:p&host=...``):
+    each new connection goes to whichever host is the primary now, so after
+    a promotion the pool reconnects there without a restart. Unchanged
+    without replicas."""
+    if not replicas:
+        return url
+    parsed = make_url(url)
+    hosts = list(_hosts(parsed))
+    for replica in replicas:
+        hosts += [h for h in _hosts(make_url(replica)) if h not in hosts]
+    query = {k: v for k, v in parsed.query.items() if k != "host"}
+    query["host"] = tuple(hosts)
+    query.setdefault("target_session_attrs", "read-write")
+    return parsed.set(host=None, port=None, query=query).render_as_string(hide_password=False)
+
+
+def _hosts(url: Any) -> tuple[str, ...]:
+    """The ``host:port`` entries of a PostgreSQL URL, in either form."""
+    listed = url.query.get("host")
+    if listed:
+        return (listed,) if isinstance(listed, str) else tuple(listed)
+    return (f"{url.host or '127.0.0.1'}:{url.port or 5432}",)
+
+
 class _ShardRouter:
     """A mail store for an account whose shard is not cached yet: each call
     first asks the directory (an account created by another instance)."""
@@ -57,7 +100,10 @@ class SqlStorage:
     """The :class:`storage.api.Storage` over SQL shards and a blob store.
 
     Extra attributes beyond the protocol: ``queue`` (the outbound queue in
-    the default shard) and ``stores`` (shard name -> mail store).
+    the default shard), ``stores`` (shard name -> mail store) and
+    ``databases`` (shard name -> database; the directory's is
+    ``directory.db``, the same object as shard "default"'s unless that
+    shard was given a database of its own).
     """
 
     def __init__(
@@ -66,6 +112,9 @@ class SqlStorage:
         blobs: FsBlobStore,
         hasher: PasswordHasher | None = None,
         events: EventBusImpl | None = None,
+        *,
+        directory_db: Database | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.databases = databases
         self.blobs = blobs
@@ -74,9 +123,19 @@ class SqlStorage:
             name: SqlMailStore(db, self.events, blobs, shard=name) for name, db in databases.items()
         }
         self.directory = SqlDirectory(
-            databases[DEFAULT_SHARD], self._store, list(databases), hasher=hasher
+            directory_db or databases[DEFAULT_SHARD],
+            self._store,
+            list(databases),
+            hasher=hasher,
+            weights=weights,
         )
         self.queue = OutboundQueue(databases[DEFAULT_SHARD])
+
+    def _all_databases(self) -> list[Database]:
+        """The directory's database and every shard's, each once."""
+        found = [self.directory.db]
+        found += [db for db in self.databases.values() if all(db is not f for f in found)]
+        return found
 
     def _store(self, shard: str) -> SqlMailStore:
         try:
@@ -103,7 +162,7 @@ class SqlStorage:
         return list(self.databases)
 
     async def migrate(self) -> None:
-        await asyncio.gather(*(db.migrate() for db in self.databases.values()))
+        await asyncio.gather(*(db.migrate() for db in self._all_databases()))
 
     async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
         """Deletes blobs no shard refers to and older than ``min_age_seconds``
@@ -130,7 +189,7 @@ class SqlStorage:
 
     async def close(self) -> None:
         await self.events.close()
-        for db in self.databases.values():
+        for db in self._all_databases():
             await db.close()
         await self.blobs.close()
 
@@ -144,7 +203,7 @@ DEFAULT_BLOB_PACK_MAX_BYTES = 256 * 1024
 async def open_storage_from_url(
     url: str,
     blob_dir: Path | str,
-    shards: dict[str, str] | None = None,
+    shards: Mapping[str, str | ShardSpec] | None = None,
     *,
     password_hasher: PasswordHasher | None = None,
     events: str = "auto",
@@ -153,6 +212,8 @@ async def open_storage_from_url(
 ) -> SqlStorage:
     """Opens (and migrates) storage at ``url`` with blobs under ``blob_dir``.
 
+    ``url`` is the directory's database, and shard "default" unless
+    ``shards`` names one; ``shards``: name -> URL or :class:`ShardSpec`.
     ``password_hasher`` lets tests use cheap argon2 parameters
     (``PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)``).
     ``events``: "auto" carries changes between instances with PostgreSQL
@@ -174,16 +235,22 @@ async def open_storage_from_url(
     """
     if events not in ("auto", "inprocess"):
         raise errors.invalid(f"unknown event bus {events!r}")
-    databases = {DEFAULT_SHARD: Database(url)}
-    for name, shard_url in (shards or {}).items():
-        if name == DEFAULT_SHARD:
-            raise errors.invalid('the main storage url is shard "default"')
-        databases[name] = Database(shard_url)
+    specs = {n: ShardSpec(s) if isinstance(s, str) else s for n, s in (shards or {}).items()}
+    directory_db = Database(url)
+    databases: dict[str, Database] = {}
+    if DEFAULT_SHARD not in specs:
+        databases[DEFAULT_SHARD] = directory_db
+    for name, spec in specs.items():
+        same = spec.url == url and not spec.replicas  # one database, one engine
+        databases[name] = directory_db if same else Database(failover_url(spec.url, spec.replicas))
+    databases = {DEFAULT_SHARD: databases.pop(DEFAULT_SHARD), **databases}
+    weights = {name: spec.weight for name, spec in specs.items()}
+    # The events ride on the directory's database: every instance reaches it.
     bus: EventBusImpl | None = None
-    if events == "auto" and databases[DEFAULT_SHARD].dialect == "postgresql":
+    if events == "auto" and directory_db.dialect == "postgresql":
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         bus = PgNotifyEventBus(dsn)
-    elif events == "auto" and databases[DEFAULT_SHARD].dialect == "sqlite":
+    elif events == "auto" and directory_db.dialect == "sqlite":
         events_dir = sqlite_events_dir(url)
         if events_dir is not None:
             bus = LocalSocketEventBus(events_dir)
@@ -193,13 +260,20 @@ async def open_storage_from_url(
     # Set even with packing off, so blobs packed there before stay readable.
     pack_path = databases[DEFAULT_SHARD].file
     blobs = open_blob_store(blob_dir, pack_max_bytes=blob_pack_max_bytes, pack_path=pack_path)
-    storage = SqlStorage(databases, blobs, hasher=password_hasher, events=bus)
+    storage = SqlStorage(
+        databases,
+        blobs,
+        hasher=password_hasher,
+        events=bus,
+        directory_db=directory_db,
+        weights=weights,
+    )
     try:
         if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):
             await bus.start()
         await storage.migrate()
         if fts_indexer:
-            for db in databases.values():
+            for db in {id(db): db for db in databases.values()}.values():
                 db.start_indexer()
         moved = await asyncio.to_thread(storage.blobs.migrate_layout)
         if moved:
@@ -242,10 +316,14 @@ async def open_storage(
         await asyncio.to_thread(base.mkdir, mode=0o700, parents=True, exist_ok=True)
         url = url or f"sqlite+aiosqlite:///{(base / 'shardmail.db').resolve()}"
         blob_dir = blob_dir or str(base / "blobs")
+    shards = {
+        name: ShardSpec(shard.url, tuple(shard.replicas), shard.weight)
+        for name, shard in settings.shards.items()
+    }
     return await open_storage_from_url(
         url,
         blob_dir,
-        dict(settings.shards),
+        shards,
         password_hasher=password_hasher,
         blob_pack_max_bytes=(
             None if settings.blob_pack_max_bytes == "auto" else settings.blob_pack_max_bytes

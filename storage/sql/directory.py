@@ -1,14 +1,20 @@
 """The SQL directory: domains, accounts, aliases and the account -> shard map.
 
-It lives in the default shard's database. Passwords are hashed with argon2id
-(argon2-cffi) in a worker thread; authentication of an unknown login verifies
-against a dummy hash so both answers take the same time.
+It lives in the directory's database (``[storage] url``; on the embedded
+default the one SQLite file, which is also shard "default"). Passwords are
+hashed with argon2id (argon2-cffi) in a worker thread; authentication of an
+unknown login verifies against a dummy hash so both answers take the same
+time.
 
 Routes (:meth:`SqlDirectory.resolve`, asked on every SMTP RCPT) are cached
 for ``ROUTE_CACHE_SECONDS``: a write through this directory forgets them at
 once, a change made by another instance (``mailctl`` in its own process,
 another mtad) is seen at most that many seconds late, for a new account as
 for a removed one.
+
+Placement: a new account goes to the shard with the fewest accounts per
+unit of weight (counts re-read at most every ``PLACEMENT_COUNT_SECONDS``),
+so shards fill in proportion to their weights; weight 0 takes none.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,6 +47,9 @@ MAX_ALIAS_DEPTH = 8  # alias -> alias chains are followed this far
 PLUS_SEPARATOR = "+"
 ROUTE_CACHE_SECONDS = 2.0  # how late another instance's directory change may be seen
 ROUTE_CACHE_SIZE = 10_000  # addresses; the cache starts over when full
+# How old the per-shard account counts placement weighs may be: other
+# instances' new accounts are counted this late (this one's at once).
+PLACEMENT_COUNT_SECONDS = 30.0
 
 log = logging.getLogger("storage.directory")
 
@@ -98,11 +107,12 @@ def _account(row: Any) -> Account:
 
 
 class SqlDirectory:
-    """A :class:`storage.api.Directory` over the default shard's database.
+    """A :class:`storage.api.Directory` over the directory's database.
 
     ``mail_store_for(shard)`` gives the mail store where an account's
     mailboxes live; ``shard_cache`` is kept up to date with every account
     this directory sees, so ``Storage.mail(account_id)`` needs no I/O.
+    ``weights``: shard -> placement weight (1 if absent).
     """
 
     def __init__(
@@ -112,10 +122,13 @@ class SqlDirectory:
         shard_names: list[str],
         hasher: PasswordHasher | None = None,
         shard_cache: dict[int, str] | None = None,
+        *,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.db = db
         self._mail_store_for = mail_store_for
         self._shards = shard_names
+        self.weights = {name: (weights or {}).get(name, 1.0) for name in shard_names}
         self.hasher = hasher or PasswordHasher()
         self.shard_cache: dict[int, str] = shard_cache if shard_cache is not None else {}
         self._dummy_hash: str | None = None
@@ -123,6 +136,9 @@ class SqlDirectory:
         # a lookup that overlapped a local write drop its (maybe stale) answer.
         self._routes: dict[str, tuple[float, Route]] = {}
         self._routes_generation = 0
+        # shard -> accounts, as of the monotonic time _sizes_read (placement).
+        self._sizes: dict[str, int] = {}
+        self._sizes_read = -PLACEMENT_COUNT_SECONDS
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[Any]:
@@ -194,17 +210,17 @@ class SqlDirectory:
     async def add_account(
         self, address: str, password: str, quota_bytes: int | None = None, shard: str | None = None
     ) -> Account:
-        """Creates the account and its default mailboxes in ``shard`` (the
-        default shard if None). NOT_FOUND for an unknown domain, EXISTS if taken,
-        INVALID for an unknown shard."""
+        """Creates the account and its default mailboxes in ``shard`` (if
+        None, the one placement picks: see :meth:`place`). NOT_FOUND for an
+        unknown domain, EXISTS if taken, INVALID for an unknown shard."""
         address = normalize_address(address)
-        shard = shard or "default"
-        if shard not in self._shards:
+        if shard is not None and shard not in self._shards:
             raise errors.invalid(f"no such shard {shard!r}")
         if quota_bytes is not None and quota_bytes < 0:
             raise errors.invalid("quota must not be negative")
         password_hash = await self._hash(password)
         domain = address.rpartition("@")[2]
+        shard = shard or await self.place()
         async with self._write() as conn:
             dom = (await conn.execute(select(domains.c.id).where(domains.c.name == domain))).first()
             if dom is None:
@@ -236,7 +252,30 @@ class SqlDirectory:
                 await conn.execute(delete(accounts).where(accounts.c.id == account.id))
             raise
         self.shard_cache[account.id] = shard
+        self._sizes[shard] = self._sizes.get(shard, 0) + 1
         return account
+
+    async def place(self) -> str:
+        """The shard for a new account: among shards of weight > 0, the one
+        with the fewest accounts per unit of weight (ties: the first
+        configured). INVALID if every weight is 0."""
+        open_shards = [name for name in self._shards if self.weights[name] > 0]
+        if not open_shards:
+            raise errors.invalid("no shard takes new accounts (every shard has weight 0)")
+        sizes = await self.shard_sizes(max_age=PLACEMENT_COUNT_SECONDS)
+        return min(open_shards, key=lambda name: sizes.get(name, 0) / self.weights[name])
+
+    async def shard_sizes(self, max_age: float = 0.0) -> dict[str, int]:
+        """Accounts per shard (every configured shard, 0 if none), read
+        again if the last count is older than ``max_age`` seconds."""
+        if time.monotonic() - self._sizes_read >= max_age:
+            async with self.db.read() as conn:
+                rows = await conn.execute(
+                    select(accounts.c.shard, func.count()).group_by(accounts.c.shard)
+                )
+                self._sizes = {shard: int(count) for shard, count in rows}
+            self._sizes_read = time.monotonic()
+        return {name: self._sizes.get(name, 0) for name in self._shards}
 
     async def get_account(self, address: str) -> Account:
         """By exact address, case-insensitive. NOT_FOUND if none."""
@@ -309,6 +348,8 @@ class SqlDirectory:
             await conn.execute(
                 update(accounts).where(accounts.c.id == account.id).values(shard=shard)
             )
+        self._sizes[account.shard] = max(0, self._sizes.get(account.shard, 0) - 1)
+        self._sizes[shard] = self._sizes.get(shard, 0) + 1
         self.shard_cache[account.id] = shard
 
     async def remove_account(self, address: str) -> None:
