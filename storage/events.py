@@ -9,6 +9,10 @@ Delivery is best effort and at most once: each subscription has a bounded
 queue and, when a slow consumer lets it fill, the oldest change is dropped.
 A consumer that must not miss anything resyncs from
 ``MailStore.account_changes`` after the last change id it saw.
+
+Every bus also carries route changes (an account now on another shard, see
+``SqlDirectory.set_shard``) to every instance, subscribed or not: each one
+calls its route watchers, which drop the cached route.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,28 @@ from storage.model import Change, ChangeKind
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_QUEUE_SIZE = 1024
+
+# ``watcher(account_id, shard)``: the account is on ``shard`` now;
+# ``watcher(None, None)``: route changes may have been missed (the bus
+# reconnected), every cached route is suspect.
+RouteWatcher = Callable[[int | None, str | None], None]
+
+
+def route_payload(account_id: int, shard: str) -> str:
+    """``"<account id> <shard>"``: shard names hold no space (conf/settings.py)."""
+    return f"{account_id} {shard}"
+
+
+def parse_route(payload: str) -> tuple[int, str] | None:
+    """The inverse of :func:`route_payload`; None (logged) if malformed."""
+    account, _, shard = payload.partition(" ")
+    try:
+        if shard and " " not in shard:
+            return int(account), shard
+    except ValueError:
+        pass
+    log.warning("ignoring a malformed route notification")
+    return None
 
 
 class InProcessSubscription:
@@ -96,6 +122,21 @@ class InProcessEventBus:
     def __init__(self, queue_size: int = SUBSCRIPTION_QUEUE_SIZE) -> None:
         self._queue_size = queue_size
         self._subs: dict[int, set[InProcessSubscription]] = {}
+        self._route_watchers: list[RouteWatcher] = []
+
+    def watch_routes(self, watcher: RouteWatcher) -> None:
+        """Calls ``watcher`` for every route change this bus carries (see
+        :data:`RouteWatcher`), synchronously in the event loop."""
+        self._route_watchers.append(watcher)
+
+    async def publish_route(self, account_id: int, shard: str) -> None:
+        """Tells every instance that the account is on ``shard`` now."""
+        self.deliver_route(account_id, shard)
+
+    def deliver_route(self, account_id: int | None, shard: str | None) -> None:
+        """Hands a route change to this process's watchers."""
+        for watcher in tuple(self._route_watchers):
+            watcher(account_id, shard)
 
     async def publish(self, change: Change) -> None:
         """Never blocks on a slow subscriber."""
@@ -130,6 +171,7 @@ class InProcessEventBus:
 # --- PostgreSQL LISTEN/NOTIFY: the same changes on every instance ------------
 
 NOTIFY_CHANNEL = "shardmail_changes"
+ROUTE_CHANNEL = "shardmail_routes"  # route_payload() of each account moved
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; bigger changes
 # travel without their ``data`` (subscribers resync from the change log).
 MAX_NOTIFY_PAYLOAD = 7900
@@ -206,8 +248,14 @@ class PgNotifyEventBus:
 
         conn = await asyncpg.connect(self._dsn)
         await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        await conn.add_listener(ROUTE_CHANNEL, self._on_route)
         conn.add_termination_listener(self._on_lost)
         self._listener = conn
+
+    def _on_route(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        route = parse_route(payload)
+        if route is not None:
+            self._local.deliver_route(*route)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -226,31 +274,44 @@ class PgNotifyEventBus:
             await asyncio.sleep(RECONNECT_DELAY)
             try:
                 await self._listen()
+                # Route changes sent while we were away are lost: forget all.
+                self._local.deliver_route(None, None)
                 return
             except (OSError, Exception) as exc:  # asyncpg raises many kinds
                 log.warning("event listener reconnect failed: %s", exc)
 
     async def publish(self, change: Change) -> None:
-        payload = change_to_json(change)
+        if not await self._notify(NOTIFY_CHANNEL, change_to_json(change)):
+            self._local.deliver(change)
+
+    async def publish_route(self, account_id: int, shard: str) -> None:
+        if not await self._notify(ROUTE_CHANNEL, route_payload(account_id, shard)):
+            self._local.deliver_route(account_id, shard)
+
+    async def _notify(self, channel: str, payload: str) -> bool:
+        """NOTIFY; False if our own listener will not hear it (the caller
+        then delivers locally). Never raises: the write has committed."""
         try:
             async with self._lock:
                 if self._publisher is None or self._publisher.is_closed():
                     import asyncpg
 
                     self._publisher = await asyncpg.connect(self._dsn)
-                await self._publisher.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
+                await self._publisher.execute("SELECT pg_notify($1, $2)", channel, payload)
         except Exception as exc:  # never fail the write that already committed
-            log.warning("change notification failed, delivering locally: %s", exc)
-            self._local.deliver(change)
-            return
-        if self._listener is None or self._listener.is_closed():
-            self._local.deliver(change)  # our own listener is down: local delivery
+            log.warning("notification on %s failed, delivering locally: %s", channel, exc)
+            return False
+        # Our own listener is down: local delivery.
+        return self._listener is not None and not self._listener.is_closed()
 
     def subscribe(self, account_id: int) -> InProcessSubscription:
         return self._local.subscribe(account_id)
 
     def subscriber_count(self, account_id: int) -> int:
         return self._local.subscriber_count(account_id)
+
+    def watch_routes(self, watcher: RouteWatcher) -> None:
+        self._local.watch_routes(watcher)
 
     async def close(self) -> None:
         self._closed = True
@@ -280,6 +341,8 @@ SOCKET_SUFFIX = ".sock"
 # The empty datagram a bus sends when it starts: its peers list the
 # directory again, so they reach it from their next publish on.
 HELLO = b""
+# A route change's datagram: this prefix, then route_payload().
+ROUTE_DATAGRAM = b"route "
 
 
 class LocalSocketEventBus:
@@ -384,13 +447,7 @@ class LocalSocketEventBus:
     async def publish(self, change: Change) -> None:
         """Local subscribers first, then one datagram per peer; never blocks."""
         self._local.deliver(change)
-        sock = self._sock
-        if sock is None or self._loop is None:
-            return
-        self._on_readable()  # a pending hello from a new peer: include it now
-        if self._loop.time() - self._peers_listed >= PEER_LIST_TTL:
-            self._list_peers()
-        if not self._peers:
+        if not self._have_peers():
             return  # no other process on this host: nothing to encode
         # The account id first, so a receiver where nobody follows that
         # account drops the datagram without decoding it.
@@ -399,6 +456,22 @@ class LocalSocketEventBus:
             log.warning("change %s too big for a datagram (%d bytes)", change.id, len(payload))
             return
         self._send_to_peers(payload, f"change {change.id}")
+
+    async def publish_route(self, account_id: int, shard: str) -> None:
+        """This process's watchers, then one datagram per peer; never blocks."""
+        self._local.deliver_route(account_id, shard)
+        if self._have_peers():
+            payload = ROUTE_DATAGRAM + route_payload(account_id, shard).encode()
+            self._send_to_peers(payload, f"route of account {account_id}")
+
+    def _have_peers(self) -> bool:
+        """Whether any other process may hear us (the peer list refreshed)."""
+        if self._sock is None or self._loop is None:
+            return False
+        self._on_readable()  # a pending hello from a new peer: include it now
+        if self._loop.time() - self._peers_listed >= PEER_LIST_TTL:
+            self._list_peers()
+        return bool(self._peers)
 
     def _send_to_peers(self, payload: bytes, what: str) -> None:
         sock = self._sock
@@ -439,6 +512,11 @@ class LocalSocketEventBus:
             if data == HELLO:
                 self._peers_listed = -math.inf  # a new peer: list on the next publish
                 continue
+            if data.startswith(ROUTE_DATAGRAM):
+                route = parse_route(data[len(ROUTE_DATAGRAM) :].decode(errors="replace"))
+                if route is not None:
+                    self._local.deliver_route(*route)
+                continue
             account, _, body = data.partition(b" ")
             try:
                 if not self._local.subscriber_count(int(account)):
@@ -454,6 +532,9 @@ class LocalSocketEventBus:
 
     def subscriber_count(self, account_id: int) -> int:
         return self._local.subscriber_count(account_id)
+
+    def watch_routes(self, watcher: RouteWatcher) -> None:
+        self._local.watch_routes(watcher)
 
     async def close(self) -> None:
         """Stops receiving, removes this bus's socket file and ends every

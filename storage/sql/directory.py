@@ -10,7 +10,9 @@ Routes (:meth:`SqlDirectory.resolve`, asked on every SMTP RCPT) are cached
 for ``ROUTE_CACHE_SECONDS``: a write through this directory forgets them at
 once, a change made by another instance (``mailctl`` in its own process,
 another mtad) is seen at most that many seconds late, for a new account as
-for a removed one.
+for a removed one. An account's shard is cached apart (``shard_cache``);
+when it changes every instance hears of it through the event bus
+(:meth:`SqlDirectory.set_shard`).
 
 Placement: a new account goes to the shard with the fewest accounts per
 unit of weight (counts re-read at most every ``PLACEMENT_COUNT_SECONDS``),
@@ -24,7 +26,7 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -112,7 +114,9 @@ class SqlDirectory:
     ``mail_store_for(shard)`` gives the mail store where an account's
     mailboxes live; ``shard_cache`` is kept up to date with every account
     this directory sees, so ``Storage.mail(account_id)`` needs no I/O.
-    ``weights``: shard -> placement weight (1 if absent).
+    ``weights``: shard -> placement weight (1 if absent). ``events``: the
+    bus that carries route changes between instances (``publish_route``,
+    ``watch_routes``, see ``storage/events.py``).
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class SqlDirectory:
         shard_cache: dict[int, str] | None = None,
         *,
         weights: Mapping[str, float] | None = None,
+        events: Any = None,
     ) -> None:
         self.db = db
         self._mail_store_for = mail_store_for
@@ -136,9 +141,40 @@ class SqlDirectory:
         # a lookup that overlapped a local write drop its (maybe stale) answer.
         self._routes: dict[str, tuple[float, Route]] = {}
         self._routes_generation = 0
+        # Bumped by every route change heard: a read of the accounts table
+        # that overlapped one does not put its (maybe stale) shard in the cache.
+        self._shard_epoch = 0
         # shard -> accounts, as of the monotonic time _sizes_read (placement).
         self._sizes: dict[str, int] = {}
         self._sizes_read = -PLACEMENT_COUNT_SECONDS
+        self._events = events
+        if events is not None and hasattr(events, "watch_routes"):
+            events.watch_routes(self._route_changed)
+
+    # --- the account -> shard cache -------------------------------------------
+
+    def remember_shard(self, account_id: int, shard: str) -> str:
+        """Caches ``shard`` as the account's (what a read of its row found);
+        returns it."""
+        self.shard_cache[account_id] = shard
+        return shard
+
+    def _remember(self, rows: Iterable[Any], epoch: int) -> None:
+        """Caches the shard of each account row read since ``epoch``, unless
+        a route change was heard meanwhile (the row may predate it)."""
+        if epoch == self._shard_epoch:
+            self.shard_cache.update((r.id, r.shard) for r in rows)
+
+    def _route_changed(self, account_id: int | None, shard: str | None) -> None:
+        """The event bus's route watcher: the account is on ``shard`` now
+        (None: changes may have been missed, forget every route)."""
+        self._shard_epoch += 1
+        if account_id is None or shard is None:
+            self.shard_cache.clear()
+        else:
+            self.shard_cache[account_id] = shard
+        self._routes.clear()
+        self._routes_generation += 1
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[Any]:
@@ -283,21 +319,23 @@ class SqlDirectory:
             address = normalize_address(address)
         except errors.StorageError:
             raise errors.not_found("no such account") from None
+        epoch = self._shard_epoch
         async with self.db.read() as conn:
             row = (
                 await conn.execute(select(accounts).where(accounts.c.address == address))
             ).first()
         if row is None:
             raise errors.not_found("no such account")
-        self.shard_cache[row.id] = row.shard
+        self._remember([row], epoch)
         return _account(row)
 
     async def get_account_by_id(self, account_id: int) -> Account:
+        epoch = self._shard_epoch
         async with self.db.read() as conn:
             row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
         if row is None:
             raise errors.not_found("no such account")
-        self.shard_cache[row.id] = row.shard
+        self._remember([row], epoch)
         return _account(row)
 
     async def list_accounts(self, domain: str | None = None) -> list[Account]:
@@ -306,17 +344,18 @@ class SqlDirectory:
             stmt = stmt.join(domains, domains.c.id == accounts.c.domain_id).where(
                 domains.c.name == normalize_domain(domain)
             )
+        epoch = self._shard_epoch
         async with self.db.read() as conn:
             rows = (await conn.execute(stmt)).all()
-        for r in rows:
-            self.shard_cache[r.id] = r.shard
+        self._remember(rows, epoch)
         return [_account(r) for r in rows]
 
     async def load_shard_map(self) -> dict[int, str]:
         """Refreshes the whole account -> shard cache (at open)."""
+        epoch = self._shard_epoch
         async with self.db.read() as conn:
             rows = (await conn.execute(select(accounts.c.id, accounts.c.shard))).all()
-        self.shard_cache.update({r.id: r.shard for r in rows})
+        self._remember(rows, epoch)
         return self.shard_cache
 
     async def set_password(self, address: str, password: str) -> None:
@@ -340,7 +379,20 @@ class SqlDirectory:
         await self._mail_store_for(account.shard).set_quota(account.id, quota_bytes)
 
     async def set_shard(self, address: str, shard: str) -> None:
-        """Points the account at another shard (the last step of a move)."""
+        """Points the account at another shard (the flip of a move; copying
+        its mail there first is the caller's job). INVALID for an unknown
+        shard, NOT_FOUND for an unknown account.
+
+        Guarantees: once it returns, the directory row names ``shard``
+        (committed), this instance routes the account there (``Storage.mail``
+        by id or by any Account, cached RCPT routes), and the route change
+        has been published on the event bus, where every other instance
+        drops its cached route within its bus's latency (LISTEN/NOTIFY,
+        local sockets). The bus is best effort: an instance whose listener
+        was disconnected forgets every cached route when it reconnects, but
+        one whose datagram queue was full (SQLite, one host) keeps the old
+        route: what it finds on the old shard must then answer "try again"
+        (a mover's fence), never "no such mailbox"."""
         if shard not in self._shards:
             raise errors.invalid(f"no such shard {shard!r}")
         account = await self.get_account(address)
@@ -350,7 +402,17 @@ class SqlDirectory:
             )
         self._sizes[account.shard] = max(0, self._sizes.get(account.shard, 0) - 1)
         self._sizes[shard] = self._sizes.get(shard, 0) + 1
-        self.shard_cache[account.id] = shard
+        await self._publish_route(account.id, shard)
+
+    async def _publish_route(self, account_id: int, shard: str) -> None:
+        """Every instance's route cache, this one's first (at once, even
+        with a bus that cannot carry route changes)."""
+        self._route_changed(account_id, shard)
+        publish = getattr(self._events, "publish_route", None)
+        if publish is None:
+            log.warning("the event bus cannot carry route changes: other instances stay stale")
+            return
+        await publish(account_id, shard)
 
     async def remove_account(self, address: str) -> None:
         """Removes the account, its aliases' references to it stay (an alias
@@ -472,6 +534,7 @@ class SqlDirectory:
             address = normalize_address(address)
         except errors.StorageError:
             return Route(address, False, (), ())
+        epoch = self._shard_epoch
         async with self.db.read() as conn:
             found: dict[int, Account] = {}
             forward: list[str] = []
@@ -480,8 +543,7 @@ class SqlDirectory:
             if domain not in local_domains:
                 return Route(address, False, (), ())
             await self._expand(conn, address, local_domains, found, forward, set(), 0)
-        for acct in found.values():
-            self.shard_cache[acct.id] = acct.shard
+        self._remember(found.values(), epoch)
         return Route(address, True, tuple(found.values()), tuple(dict.fromkeys(forward)))
 
     async def _lookup(self, conn: Any, address: str) -> tuple[Account | None, list[str]]:

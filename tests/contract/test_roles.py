@@ -1,9 +1,11 @@
 """Storage roles of issue #19 on every SQL backend: the directory in a
 database of its own, shards with replicas and weights, placement of new
-accounts."""
+accounts, and every instance dropping a cached route when an account's
+shard changes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +18,9 @@ from storage.backend import ShardSpec, SqlStorage, open_storage_from_url
 from storage.errors import ErrorKind, StorageError
 from storage.sql import schema
 from tests.contract.conftest import TEST_HASHER
+
+# How long another instance may take to hear of a route change.
+ROUTE_EVENT_WAIT = 5.0
 
 
 @pytest.fixture
@@ -137,3 +142,42 @@ async def test_no_shard_taking_new_accounts_is_a_clear_error(new_url, tmp_path: 
         assert await storage.directory.list_accounts() == []
     finally:
         await storage.close()
+
+
+async def _until(predicate: Callable[[], bool]) -> bool:
+    deadline = asyncio.get_running_loop().time() + ROUTE_EVENT_WAIT
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_set_shard_drops_every_instances_cached_route(new_url, tmp_path: Path) -> None:
+    """Two instances over the same databases (LISTEN/NOTIFY on PostgreSQL,
+    local sockets on SQLite): once one repoints an account, the other routes
+    it to the new shard, by id and by an Account it read before."""
+    directory = await new_url("dir")
+    shards = {"s2": await new_url("s2")}
+    a = await open_storage_from_url(
+        directory, tmp_path / "blobs", shards, password_hasher=TEST_HASHER
+    )
+    b = await open_storage_from_url(directory, tmp_path / "blobs", shards)
+    try:
+        await a.directory.add_domain("example.org")
+        bob = await a.directory.add_account("bob@example.org", "pw", shard="default")
+        stale = await b.directory.get_account("bob@example.org")
+        assert b.mail(bob.id) is b.stores["default"]  # cached by b
+        route = await b.directory.resolve("bob@example.org")
+        await a.directory.set_shard("bob@example.org", "s2")
+        assert a.mail(bob.id) is a.stores["s2"]
+        assert await _until(lambda: b.mail(bob.id) is b.stores["s2"])
+        assert b.mail(stale) is b.stores["s2"]
+        assert b.mail(route.accounts[0]) is b.stores["s2"]
+        assert (await b.directory.resolve("bob@example.org")).accounts[0].shard == "s2"
+        # And back, through the other instance.
+        await b.directory.set_shard("bob@example.org", "default")
+        assert await _until(lambda: a.mail(bob.id) is a.stores["default"])
+    finally:
+        await a.close()
+        await b.close()
