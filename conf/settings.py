@@ -347,6 +347,28 @@ class HttpSettings(Section):
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 
 
+class RedisSettings(Section):
+    """``[redis]``: state every instance of a site shares (storage/shared.py)."""
+
+    # Login-failure counts and the SMTP and HTTP rate limits, counted once for
+    # every instance: redis://HOST:PORT/DB (rediss:// with TLS). Empty: each
+    # process counts its own (the embedded default).
+    url: str = ""
+    # A command slower than this counts as Redis being unreachable.
+    timeout_seconds: float = Field(default=0.5, gt=0, le=60)
+    # Unreachable Redis: limits are counted in-process (a warning, and the
+    # metric shardmail_shared_state_fallbacks_total) and Redis is tried again
+    # after this long. Logins and mail go on: Redis is never a reason to refuse.
+    retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
 class AntivirusSettings(Section):
     enabled: bool = False
     clamd_socket: str = "/run/clamav/clamd.ctl"  # or host:port
@@ -372,6 +394,7 @@ class Settings(Section):
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     antivirus: AntivirusSettings = Field(default_factory=AntivirusSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

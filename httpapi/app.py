@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 import urllib.parse
@@ -36,10 +37,10 @@ from httpapi.body import JSON_BODY_LIMIT
 from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
 from httpapi.errors import ApiError, error_response, from_storage, retry_later
 from httpapi.openapi import document
-from httpapi.ratelimit import RateLimiter
 from runtime.metrics import counter, histogram
 from storage.api import Storage
 from storage.errors import StorageError
+from storage.shared import shared_state
 from storage.throttle import login_gate
 
 log = logging.getLogger("httpapi")
@@ -116,16 +117,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         HTTP_LATENCY.observe(time.monotonic() - started, route=name)
 
 
+def _retry_after(wait: float) -> dict[str, str]:
+    """RFC 6585 section 4: 429 may say when to retry; RFC 9110 section 10.2.3:
+    Retry-After in whole seconds."""
+    return {"Retry-After": str(max(1, math.ceil(wait)))}
+
+
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v1/"):
         return await handler(request)
     ctx = request.app[CONTEXT]
     ip = client_ip(request, ctx.settings.http.trusted_proxies)
-    wait = ctx.ip_limit.check(f"ip:{ip}")
-    if wait is not None:
+    wait = await ctx.ip_limit.take(f"ip:{ip}")
+    if wait:
         raise ApiError(429, "rate_limited", "too many requests from this address",
-                       {"Retry-After": str(wait)})
+                       _retry_after(wait))
     name = getattr(request.match_info.route, "name", None)
     header = request.headers.get("Authorization")
     if name in PUBLIC_ROUTES and not (name == "events_websocket" and header):
@@ -133,10 +140,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if request.match_info.http_exception is not None:
         return await handler(request)  # unknown route: a plain 404/405
     account = await ctx.auth.from_header(header, ip)
-    wait = ctx.user_limit.check(f"user:{account.id}")
-    if wait is not None:
+    wait = await ctx.user_limit.take(f"user:{account.id}")
+    if wait:
         raise ApiError(429, "rate_limited", "too many requests for this account",
-                       {"Retry-After": str(wait)})
+                       _retry_after(wait))
     request[ACCOUNT_KEY] = account
     return await handler(request)
 
@@ -258,16 +265,17 @@ def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Applic
         # this only caps a request.read() that bypasses it.
         client_max_size=JSON_BODY_LIMIT,
     )
+    shared = shared_state(storage, settings.redis)  # counted by every instance with [redis]
     app[CONTEXT] = ApiContext(
         settings=settings,
         storage=storage,
         auth=Authenticator(
             storage,
             TokenSigner(secret, settings.http.token_lifetime_seconds),
-            login_gate(storage, settings.auth),
+            login_gate(storage, settings.auth, settings.redis),
         ),
-        user_limit=RateLimiter(settings.http.rate_limit_per_user),
-        ip_limit=RateLimiter(settings.http.rate_limit_per_ip),
+        user_limit=shared.rate_limit("http-user", settings.http.rate_limit_per_user, 60.0),
+        ip_limit=shared.rate_limit("http-ip", settings.http.rate_limit_per_ip, 60.0),
     )
     app.router.add_get("/", webmail, name="webmail", allow_head=False)
     app.router.add_static("/static/", STATIC_DIR, name="static")

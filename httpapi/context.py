@@ -18,11 +18,11 @@ from conf.settings import Settings
 from httpapi.auth import Authenticator
 from httpapi.errors import ApiError, not_found
 from httpapi.ids import MessageRef
-from httpapi.ratelimit import RateLimiter
 from httpapi.threads import ThreadCache
 from storage.api import MailStore, Storage
 from storage.errors import ErrorKind, StorageError
 from storage.model import Account, Mailbox, StoredMessage, UidSet
+from storage.shared import RateLimit
 
 
 @dataclass
@@ -30,8 +30,8 @@ class ApiContext:
     settings: Settings
     storage: Storage
     auth: Authenticator
-    user_limit: RateLimiter
-    ip_limit: RateLimiter
+    user_limit: RateLimit  # requests per minute; shared by every instance with [redis]
+    ip_limit: RateLimit
     threads: ThreadCache = field(default_factory=ThreadCache)
     # Highest change id seen per account: where to start paging the change log.
     change_hints: dict[int, int] = field(default_factory=dict)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from conf.settings import Settings
 from mtad import replies as R
 from mtad.dns import Resolver
-from mtad.limits import RateLimiter
 from mtad.session import Mode, SmtpContext, SmtpSession
 from runtime.listen import PeerLimit, serve
 from storage.api import Storage
+from storage.shared import shared_state
 
 log = logging.getLogger("mtad")
 
@@ -94,13 +94,15 @@ class Service:
 
 def _make_context(settings: Settings, storage: Storage, tls: ssl.SSLContext | None) -> SmtpContext:
     smtp = settings.smtp
+    shared = shared_state(storage, settings.redis)  # counted by every instance with [redis]
+    window = smtp.rate_window_seconds
     return SmtpContext(
         settings=settings,
         storage=storage,
         tls=tls,
         resolver=Resolver(settings.dns),
-        rate_user=RateLimiter(smtp.rate_limit_per_user, smtp.rate_window_seconds),
-        rate_ip=RateLimiter(smtp.rate_limit_per_ip, smtp.rate_window_seconds),
+        rate_user=shared.rate_limit("smtp-user", smtp.rate_limit_per_user, window),
+        rate_ip=shared.rate_limit("smtp-ip", smtp.rate_limit_per_ip, window),
     )
 
 

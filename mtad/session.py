@@ -60,12 +60,12 @@ from mtad import replies as R
 from mtad.checks import authenticate_message
 from mtad.data import HEADER_MAX, DataReader, DataVerdict
 from mtad.dns import Resolver
-from mtad.limits import RateLimiter
 from runtime.listen import LeaseHolder
 from runtime.metrics import AUTH_FAILURES, CONNECTIONS, CONNECTIONS_TOTAL, MESSAGES_RECEIVED
 from storage.api import Storage
 from storage.errors import SMTP_REPLY, ErrorKind, StorageError
 from storage.model import Account
+from storage.shared import RateLimit
 from storage.throttle import LoginClient, LoginGate, login_gate
 
 log = logging.getLogger("mtad.smtp")
@@ -90,15 +90,15 @@ class SmtpContext:
     storage: Storage
     tls: Any  # ssl.SSLContext | None
     resolver: Resolver
-    rate_user: RateLimiter
-    rate_ip: RateLimiter
+    rate_user: RateLimit  # shared by the instances of a site when [redis] is set
+    rate_ip: RateLimit
     sessions: set[SmtpSession] = field(default_factory=set)
     closing: bool = False
 
     @property
     def logins(self) -> LoginGate:
         """The process's login gate, shared with IMAP, POP3 and HTTP (storage.throttle)."""
-        return login_gate(self.storage, self.settings.auth)
+        return login_gate(self.storage, self.settings.auth, self.settings.redis)
 
 
 class SmtpSessionState(Session):
@@ -570,7 +570,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 )
         return None
 
-    def _rate_keys(self) -> list[tuple[RateLimiter, str]]:
+    def _rate_keys(self) -> list[tuple[RateLimit, str]]:
         keys = [(self.ctx.rate_ip, self._client_ip)]
         if self.state.account is not None:
             keys.append((self.ctx.rate_user, self.state.account.address))
@@ -614,7 +614,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 await self.reply(R.SENDER_NOT_OWNED)
                 return
         for limiter, key in self._rate_keys():
-            if not limiter.allowed(key):
+            if await limiter.wait(key):
                 self._rate_refusals += 1
                 if self._rate_refusals >= RATE_REFUSALS_BEFORE_CLOSE:
                     await self.close_with(R.RATE_LIMITED_SESSION)
@@ -859,7 +859,7 @@ class SmtpSession(LeaseHolder, SMTP):
             log.warning("%s: storage error: %s", queue_id, err)
             return self._error_reply(SubmitError(err.kind, str(err)))
         for limiter, key in self._rate_keys():
-            limiter.record(key)
+            await limiter.record(key)
         MESSAGES_RECEIVED.inc(protocol=self._protocol_label)
         log.info(
             "%s: from=<%s> local=%d remote=%d size=%d",

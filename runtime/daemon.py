@@ -100,12 +100,16 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
     ``slot`` of a supervisor; see :mod:`runtime.scrape`), wait for
     SIGTERM/SIGINT, stop them cleanly."""
     from storage import contentpool, open_storage, password_hasher
+    from storage.shared import close_shared_state, shared_state
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = await asyncio.to_thread(server_context, settings)
     storage = await open_storage(
         settings.storage, password_hasher=password_hasher(settings.auth)
     )
+    # Chosen once, here: the limits every daemon of this process counts in
+    # (Redis with [redis] url, shared by the site's instances; else in-process).
+    shared_state(storage, settings.redis)
     pool = contentpool.configure(
         settings.server.content_workers, settings.server.content_time_limit_seconds
     )
@@ -132,6 +136,7 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
         for server in metrics:
             server.close()
         pool.close()
+        await close_shared_state(storage)
         await storage.close()
 
 

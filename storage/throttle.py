@@ -301,15 +301,21 @@ class LoginGate:
 _GATES: weakref.WeakKeyDictionary[Any, LoginGate] = weakref.WeakKeyDictionary()
 
 
-def login_gate(storage: Storage, auth: Any) -> LoginGate:
+def login_gate(storage: Storage, auth: Any, redis: Any = None) -> LoginGate:
     """The login gate of ``storage``, made from ``auth`` (the ``[auth]``
     settings) on first use. Every daemon of a process opens one Storage
     (``mailctl serve`` shares it between them), so they share one gate:
-    failures counted on IMAP slow POP3, SMTP and HTTP too."""
+    failures counted on IMAP slow POP3, SMTP and HTTP too. With ``redis``
+    (the ``[redis]`` settings) naming a server, the counts are shared with
+    every instance of the site (:mod:`storage.shared`)."""
+    from storage.shared import shared_state  # it builds on this module
+
     gate = _GATES.get(storage)
     if gate is None:
         throttle = AuthThrottle(
-            base=float(auth.failure_delay_seconds), cap=float(auth.failure_delay_max_seconds)
+            base=float(auth.failure_delay_seconds),
+            cap=float(auth.failure_delay_max_seconds),
+            counter=shared_state(storage, redis).failures,
         )
         pool = VerificationPool(
             slots=int(auth.verify_threads) or DEFAULT_VERIFY_SLOTS,

@@ -112,7 +112,7 @@ class ServerContext:
     @property
     def logins(self) -> LoginGate:
         """The process's login gate, shared with POP3, SMTP and HTTP (storage.throttle)."""
-        return login_gate(self.storage, self.settings.auth)
+        return login_gate(self.storage, self.settings.auth, self.settings.redis)
 
     @property
     def max_literal(self) -> int:

@@ -116,7 +116,7 @@ class SessionContext:
     @property
     def logins(self) -> LoginGate:
         """The process's login gate, shared with IMAP, SMTP and HTTP (storage.throttle)."""
-        return login_gate(self.storage, self.settings.auth)
+        return login_gate(self.storage, self.settings.auth, self.settings.redis)
 
 
 class Session:

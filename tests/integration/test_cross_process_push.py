@@ -47,7 +47,11 @@ def toml_value(value: object) -> str:
     return str(value)
 
 
-def write_config(path: Path, data_dir: Path, ports: dict[str, int]) -> None:
+def write_config(
+    path: Path, data_dir: Path, ports: dict[str, int], **more: dict[str, object]
+) -> None:
+    """A config for daemons on ``ports`` ("mx", "imap") over ``data_dir``;
+    ``more`` adds keys, section by section."""
     any_port = ["127.0.0.1:0"]  # listeners the test does not use
     sections: dict[str, dict[str, object]] = {
         "server": {"hostname": "mail.test", "data_dir": str(data_dir), "log_level": "WARNING"},
@@ -65,6 +69,13 @@ def write_config(path: Path, data_dir: Path, ports: dict[str, int]) -> None:
         "queue": {"workers": 0},
         "dns": loopback_dns(),
     }
+    for name, values in more.items():
+        sections.setdefault(name, {}).update(values)
+    write_toml(path, sections)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, object]]) -> None:
+    """A config file of ``sections`` (section -> key -> value)."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")

@@ -1,13 +1,10 @@
-"""DMARC evaluation (RFC 7489), rate and connection limits."""
+"""DMARC evaluation (RFC 7489); the rate limits are in tests/contract/test_shared_state.py."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
 from mtad import dmarc
-from mtad.limits import RateLimiter
 
 
 @pytest.mark.parametrize(
@@ -86,23 +83,3 @@ def test_pct_sampling_downgrades_policy() -> None:
     outside = dmarc.decide(record, False, "example.com", "fail", "", [], sample=90)
     assert inside.disposition == "reject"
     assert outside.disposition == "quarantine"  # RFC 7489 section 6.6.4
-
-
-def test_rate_limiter_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    limiter = RateLimiter(2, window=60)
-    assert limiter.allowed("u")
-    limiter.record("u")
-    limiter.record("u")
-    assert not limiter.allowed("u")
-    assert limiter.allowed("other")
-    now[0] += 61
-    assert limiter.allowed("u")
-
-
-def test_rate_limiter_disabled() -> None:
-    limiter = RateLimiter(0, window=60)
-    for _ in range(1000):
-        limiter.record("u")
-    assert limiter.allowed("u")
