@@ -1,9 +1,12 @@
 """``mailctl queue ...``: inspect and steer the outbound queue.
 
 ``list [--all]``, ``show ID``, ``retry ID|--all``, ``delete ID``, ``hold ID``,
-``release ID``, ``suppressions``, ``unsuppress ADDRESS``. Exit status as
-every mailctl command: 0 done, 1 the operation failed (e.g. no such entry,
-message on stderr), 2 usage error.
+``release ID``, ``stats``, ``suppressions``, ``unsuppress ADDRESS``. Every
+action sees every shard's partition of the queue; an ID is ``NUMBER`` in the
+default shard's partition and ``SHARD:NUMBER`` in another's. ``list`` and
+``stats`` show the partitions that answer and name those that do not (exit
+1). Exit status as every mailctl command: 0 done, 1 the operation failed
+(e.g. no such entry, message on stderr), 2 usage error.
 """
 
 from __future__ import annotations
@@ -14,8 +17,20 @@ import sys
 from collections.abc import Callable
 
 from conf.settings import Settings
+from storage.errors import StorageError
+from storage.sql.queue import QueueRef, state_of
 
-ACTIONS = ("list", "show", "retry", "delete", "hold", "release", "suppressions", "unsuppress")
+ACTIONS = (
+    "list",
+    "show",
+    "retry",
+    "delete",
+    "hold",
+    "release",
+    "stats",
+    "suppressions",
+    "unsuppress",
+)
 NEEDS_ID = ("show", "delete", "hold", "release")
 
 
@@ -28,15 +43,8 @@ def _when(value: dt.datetime | None) -> str:
 def entry_state(entry, now: dt.datetime | None = None) -> str:
     """One word for an entry: held, error, done, delivering (leased), queued."""
     now = now or dt.datetime.now(dt.UTC)
-    if entry.status == "error":
-        return "error"
-    if entry.status == "done":
-        return "done"
-    if entry.held:
-        return "held"
-    if entry.lease_owner and entry.lease_until and entry.lease_until > now:
-        return "delivering"
-    return "queued"
+    leased = bool(entry.lease_owner and entry.lease_until and entry.lease_until > now)
+    return state_of(entry.status, entry.held, leased)
 
 
 def format_list(entries) -> str:
@@ -54,6 +62,29 @@ def format_list(entries) -> str:
             reply = f"  ({r.last_reply})" if r.last_reply and r.status != "delivered" else ""
             lines.append(f"{'':>8}{r.status:<9} {r.address}{reply}")
     return "\n".join(lines)
+
+
+def format_stats(stats) -> str:
+    """The ``queue stats`` table: one line per partition that answered."""
+    lines = [
+        f"{'PARTITION':<12} {'QUEUED':>7} {'DELIVERING':>10} {'HELD':>6} {'ERROR':>6} "
+        f"{'DONE':>7}  OLDEST (UTC)"
+    ]
+    for name, s in sorted(stats.items()):
+        if not isinstance(s, StorageError):
+            lines.append(
+                f"{name:<12} {s.queued:>7} {s.delivering:>10} {s.held:>6} {s.error:>6} "
+                f"{s.done:>7}  {_when(s.oldest)}"
+            )
+    return "\n".join(lines)
+
+
+def _report_unavailable(answers) -> int:
+    """Names each partition that answered with an error on stderr; 1 if any."""
+    failed = {n: a for n, a in answers.items() if isinstance(a, StorageError)}
+    for name, error in sorted(failed.items()):
+        print(f"mailctl: queue partition {name}: {error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def format_entry(entry, header: bytes | None) -> str:
@@ -92,6 +123,11 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
     if args.action in NEEDS_ID and args.id is None:
         print(f"mailctl queue {args.action}: an entry ID is required", file=sys.stderr)
         return 2
+    try:
+        ref = None if args.id is None else QueueRef.parse(args.id)
+    except StorageError as exc:
+        print(f"mailctl queue {args.action}: {exc}", file=sys.stderr)
+        return 2
     if args.action == "retry" and args.id is None and not args.all:
         print("mailctl queue retry: give an entry ID or --all", file=sys.stderr)
         return 2
@@ -102,26 +138,33 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
     async def act(storage) -> int:
         q = storage.queue
         if args.action == "list":
-            print(format_list(await q.list(include_done=args.all)))
+            answers = await q.list_by_partition(include_done=args.all)
+            entries = [m for a in answers.values() if isinstance(a, list) for m in a]
+            print(format_list(sorted(entries, key=lambda m: (m.created, m.id))))
+            return _report_unavailable(answers)
+        elif args.action == "stats":
+            answers = await q.stats()
+            print(format_stats(answers))
+            return _report_unavailable(answers)
         elif args.action == "show":
-            entry = await q.get(args.id)
+            entry = await q.get(ref)
             try:
                 header = original_header(await storage.blobs.get(entry.blob_key))
             except Exception:
                 header = None
             print(format_entry(entry, header))
         elif args.action == "retry":
-            count = await q.retry_now(None if args.all else args.id)
+            count = await q.retry_now(None if args.all else ref)
             print(f"{count} queue entr{'y' if count == 1 else 'ies'} due now")
         elif args.action == "delete":
-            await q.delete(args.id)
-            print(f"queue entry {args.id} deleted")
+            await q.delete(ref)
+            print(f"queue entry {ref} deleted")
         elif args.action == "hold":
-            await q.hold(args.id)
-            print(f"queue entry {args.id} held")
+            await q.hold(ref)
+            print(f"queue entry {ref} held")
         elif args.action == "release":
-            await q.release_hold(args.id)
-            print(f"queue entry {args.id} released")
+            await q.release_hold(ref)
+            print(f"queue entry {ref} released")
         elif args.action == "suppressions":
             rows = await q.list_suppressions()
             if not rows:
@@ -143,7 +186,7 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
 def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``mailctl queue`` on its subparser."""
     parser.add_argument("action", choices=ACTIONS)
-    parser.add_argument("id", nargs="?", type=int, help="queue entry ID")
+    parser.add_argument("id", nargs="?", help="queue entry ID: NUMBER or SHARD:NUMBER")
     parser.add_argument("--all", action="store_true", help="list: include done; retry: every entry")
     parser.add_argument("--address", help="unsuppress: the address")
 

@@ -318,10 +318,12 @@ class Subscription(Protocol):
 
 
 class OutboundQueue(Protocol):
-    """Mail waiting for remote delivery, durable in the default shard.
+    """Mail waiting for remote delivery, durable in one shard's partition.
 
     This is what the inbound path and the admin see; the lease/record
-    operations the queue workers use are in ``storage.sql.queue``.
+    operations the queue workers use, and how entries are spread over the
+    shards, are in ``storage.queue``. Entry ids are ``QueueRef``s
+    (partition, number).
     """
 
     async def enqueue(

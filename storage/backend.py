@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from argon2 import PasswordHasher
-from sqlalchemy import make_url, select
+from sqlalchemy import make_url
 
 from storage import errors
 from storage.blob import open_blob_store
 from storage.blob.fs import FsBlobStore
 from storage.events import EventBusImpl, InProcessEventBus, LocalSocketEventBus, PgNotifyEventBus
 from storage.model import Account
+from storage.queue import PartitionedQueue
 from storage.sql.db import Database
 from storage.sql.directory import SqlDirectory
 from storage.sql.mailstore import SqlMailStore
 from storage.sql.queue import OutboundQueue
-from storage.sql.schema import queue_messages
 
 if TYPE_CHECKING:
     from conf.settings import StorageSettings
@@ -99,8 +99,9 @@ class _ShardRouter:
 class SqlStorage:
     """The :class:`storage.api.Storage` over SQL shards and a blob store.
 
-    Extra attributes beyond the protocol: ``queue`` (the outbound queue in
-    the default shard), ``stores`` (shard name -> mail store) and
+    Extra attributes beyond the protocol: ``queue`` (the outbound queue: a
+    partition in every shard, ``storage.queue``), ``stores`` (shard name ->
+    mail store) and
     ``databases`` (shard name -> database; the directory's is
     ``directory.db``, the same object as shard "default"'s unless that
     shard was given a database of its own).
@@ -128,9 +129,11 @@ class SqlStorage:
             list(databases),
             hasher=hasher,
             weights=weights,
-            events=self.events,
         )
-        self.queue = OutboundQueue(databases[DEFAULT_SHARD])
+        # Every mail shard holds a partition of the outbound queue (issue #19).
+        self.queue = PartitionedQueue(
+            {name: OutboundQueue(db, partition=name) for name, db in databases.items()}
+        )
 
     def _all_databases(self) -> list[Database]:
         """The directory's database and every shard's, each once."""
@@ -147,18 +150,12 @@ class SqlStorage:
             ) from None
 
     def mail(self, account: Account | int) -> SqlMailStore:
-        """The mail store of the account's shard (no I/O).
-
-        The cached route wins over ``account.shard``: an Account read before
-        the account moved (a session's, a cached RCPT route's) still reaches
-        the shard it is on now, once this instance has heard of the move."""
+        """The mail store of the account's shard (no I/O)."""
+        if isinstance(account, Account):
+            self.directory.shard_cache[account.id] = account.shard
+            return self._store(account.shard)
         if len(self.stores) == 1:
             return self.stores[DEFAULT_SHARD]
-        if isinstance(account, Account):
-            shard = self.directory.shard_cache.get(account.id)
-            if shard is None:
-                shard = self.directory.remember_shard(account.id, account.shard)
-            return self._store(shard)
         shard = self.directory.shard_cache.get(account)
         if shard is None:
             return _ShardRouter(self, account)  # type: ignore[return-value]
@@ -177,8 +174,7 @@ class SqlStorage:
         referenced: set[str] = set()
         for store in self.stores.values():
             referenced |= await store.referenced_blobs()
-        async with self.databases[DEFAULT_SHARD].read() as conn:
-            referenced |= {r[0] for r in await conn.execute(select(queue_messages.c.blob_key))}
+        referenced |= await self.queue.referenced_blobs()
         removed = 0
         cutoff = time.time() - min_age_seconds
         for key in await self.blobs.keys():

@@ -17,7 +17,9 @@ Contract of :class:`QueueRunner`:
   ``delay_warning_seconds`` a delay warning goes out once. Local senders get
   it in their INBOX, remote ones through the queue with a null sender.
 * ``per_domain_concurrency`` bounds deliveries to one domain in this
-  process; ``workers`` bounds deliveries in flight.
+  process, whichever queue partitions their entries come from; ``workers``
+  bounds deliveries in flight. One runner leases from every partition
+  (``storage.queue``): a partition that is down delays only its own mail.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from mtad.outbound.dsn import FAILED as DSN_FAILED
 from mtad.outbound.signing import DkimSigner
 from runtime.metrics import MESSAGES_BOUNCED, MESSAGES_DELIVERED
 from storage.errors import ErrorKind, StorageError
-from storage.sql.queue import DEFERRED, DELIVERED, FAILED, Outcome, QueuedMessage
+from storage.sql.queue import DEFERRED, DELIVERED, FAILED, Outcome, QueuedMessage, QueueRef
 
 log = logging.getLogger("mtad.outbound")
 
@@ -125,7 +127,7 @@ class QueueRunner:
         self.signer = DkimSigner(settings.queue.dkim_key_dir, settings.queue.dkim_selector)
         self.stats = Stats()
         self._domain_slots: dict[str, asyncio.Semaphore] = {}
-        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._in_flight: dict[QueueRef, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -214,7 +216,7 @@ class QueueRunner:
             self._last_purge = now
             await self.queue.purge_done(self.queue_settings.done_retention_seconds, now=now)
 
-    async def _heartbeat(self, queue_id: int) -> None:
+    async def _heartbeat(self, queue_id: QueueRef) -> None:
         """Renews the lease while a delivery runs (a slow peer may take longer
         than one lease), so no other worker starts a duplicate meanwhile."""
         lease = self.queue_settings.lease_seconds
@@ -225,10 +227,10 @@ class QueueRunner:
                     queue_id, self.owner, lease, now=self.clock()
                 )
             except StorageError as exc:
-                log.warning("queue entry %d: lease renewal failed: %s", queue_id, exc)
+                log.warning("queue entry %s: lease renewal failed: %s", queue_id, exc)
                 continue
             if not renewed:
-                log.warning("queue entry %d: lease lost to another worker", queue_id)
+                log.warning("queue entry %s: lease lost to another worker", queue_id)
                 return
 
     async def _guarded(self, entry: QueuedMessage) -> None:
@@ -240,24 +242,24 @@ class QueueRunner:
             raise
         except StorageError as exc:
             if exc.kind is ErrorKind.NOT_FOUND:
-                log.info("queue entry %d was deleted during its delivery", entry.id)
+                log.info("queue entry %s was deleted during its delivery", entry.id)
             else:
                 self.stats.errors += 1
-                log.warning("queue entry %d: %s; lease left to expire", entry.id, exc)
+                log.warning("queue entry %s: %s; lease left to expire", entry.id, exc)
         except Exception:
             self.stats.errors += 1
-            log.exception("queue entry %d: delivery failed; lease left to expire", entry.id)
+            log.exception("queue entry %s: delivery failed; lease left to expire", entry.id)
         finally:
             heartbeat.cancel()
             self._in_flight.pop(entry.id, None)
             if not self._closing:
                 self._wake.set()
 
-    async def _release(self, queue_id: int) -> None:
+    async def _release(self, queue_id: QueueRef) -> None:
         try:
             await self.queue.release(queue_id, self.owner)
         except Exception:
-            log.warning("could not release lease of %d", queue_id)
+            log.warning("could not release lease of %s", queue_id)
 
     # -- one entry -----------------------------------------------------------
 
@@ -274,7 +276,7 @@ class QueueRunner:
         now = self.clock()
         reason = self._invalid(entry)
         if reason is not None:
-            log.warning("queue entry %d moved to the error queue: %s", entry.id, reason)
+            log.warning("queue entry %s moved to the error queue: %s", entry.id, reason)
             await self.queue.move_to_errors(entry.id, reason)
             return
         try:
@@ -351,7 +353,7 @@ class QueueRunner:
         self.stats.failed += len(failed)
         for address, result in results.items():
             log.info(
-                "queue entry %d: to=<%s> %s: %s", entry.id, address, result.status, result.text
+                "queue entry %s: to=<%s> %s: %s", entry.id, address, result.status, result.text
             )
         if failed:
             # Bounce first: a crash before the record below retries the

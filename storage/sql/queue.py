@@ -2,7 +2,10 @@
 SMTP side's job, in ``mtad.outbound``; this is its storage).
 
 One ``queue_messages`` row per message with a ``queue_recipients`` row per
-recipient, in the default shard's database. Contract:
+recipient. :class:`OutboundQueue` is one partition: the queue tables of one
+mail shard's database (``storage.queue.PartitionedQueue`` puts every shard's
+partition behind one interface). An entry is named by a :class:`QueueRef`,
+its partition and its number there. Contract:
 
 * ``enqueue`` returns only after the commit: a 250 reply may then be sent
   ("no mail is lost").
@@ -26,6 +29,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 
@@ -52,6 +56,39 @@ ERROR = "error"  # the error queue: failed validation, kept with a reason
 HARD = "hard"
 SOFT = "soft"
 
+# The partition of the shard named "default": its entries keep bare numbers.
+DEFAULT_PARTITION = "default"
+
+
+class QueueRef(NamedTuple):
+    """An entry's name: the partition (shard) holding it and its number there.
+
+    Written ``NUMBER`` in the default partition (as before partitioning) and
+    ``PARTITION:NUMBER`` elsewhere; :meth:`parse` reads both."""
+
+    partition: str
+    number: int
+
+    def __str__(self) -> str:
+        if self.partition == DEFAULT_PARTITION:
+            return str(self.number)
+        return f"{self.partition}:{self.number}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    @classmethod
+    def parse(cls, text: str) -> QueueRef:
+        """``"12"`` or ``"shard:12"``; INVALID otherwise."""
+        partition, _, number = text.strip().rpartition(":")
+        if not number.isdigit() or (_ and not partition):
+            raise errors.invalid(f"not a queue entry id: {text!r} (NUMBER or SHARD:NUMBER)")
+        return cls(partition or DEFAULT_PARTITION, int(number))
+
+
+def _number(queue_id: QueueRef | int) -> int:
+    return queue_id.number if isinstance(queue_id, QueueRef) else queue_id
+
 
 @dataclass(frozen=True)
 class QueuedRecipient:
@@ -68,7 +105,7 @@ class QueuedRecipient:
 
 @dataclass(frozen=True)
 class QueuedMessage:
-    id: int
+    id: QueueRef
     sender: str  # "" is the null reverse-path (bounces)
     blob_key: str
     created: dt.datetime
@@ -98,6 +135,18 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class PartitionStats:
+    """One partition's entries by state (as ``mailctl queue list`` names them)."""
+
+    queued: int = 0  # waiting for their next attempt (due or not)
+    delivering: int = 0  # under a live lease
+    held: int = 0
+    error: int = 0
+    done: int = 0  # completed, kept ``done_retention_seconds`` for late DSNs
+    oldest: dt.datetime | None = None  # creation of the oldest entry not done
+
+
+@dataclass(frozen=True)
 class Suppression:
     address: str
     hard_bounces: int
@@ -120,11 +169,22 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
-class OutboundQueue:
-    """Messages waiting for remote delivery, and the suppression list."""
+def state_of(status: str, held: bool, leased: bool) -> str:
+    """One word for an entry, the order of precedence ``mailctl queue`` shows."""
+    if status in (ERROR, DONE):
+        return status
+    if held:
+        return "held"
+    return "delivering" if leased else "queued"
 
-    def __init__(self, db: Database) -> None:
+
+class OutboundQueue:
+    """One partition: messages waiting for remote delivery, and the
+    suppression list, in one database."""
+
+    def __init__(self, db: Database, partition: str = DEFAULT_PARTITION) -> None:
         self.db = db
+        self.partition = partition
         # Called (no arguments) after each enqueue commits: local workers wake
         # at once instead of at their next poll. Other instances poll.
         self.listeners: list[Callable[[], None]] = []
@@ -139,7 +199,7 @@ class OutboundQueue:
         *,
         expires_in: dt.timedelta = DEFAULT_EXPIRY,
         now: float | None = None,
-    ) -> int:
+    ) -> QueueRef:
         """Queues ``blob_key`` for ``recipients``; durable when it returns the id.
         Due at once. INVALID with no recipients."""
         rcpts = list(dict.fromkeys(recipients))
@@ -179,7 +239,7 @@ class OutboundQueue:
             )
         for listener in self.listeners:
             listener()
-        return queue_id
+        return QueueRef(self.partition, queue_id)
 
     async def lease_due(
         self, owner: str, limit: int, lease_seconds: float, *, now: float | None = None
@@ -221,10 +281,15 @@ class OutboundQueue:
             return await self._load(conn, ids)
 
     async def renew_lease(
-        self, queue_id: int, owner: str, lease_seconds: float, *, now: float | None = None
+        self,
+        queue_id: QueueRef | int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        now: float | None = None,
     ) -> bool:
         """Extends ``owner``'s lease; False if it is no longer ``owner``'s."""
-        now = _now(now)
+        queue_id, now = _number(queue_id), _now(now)
         async with self.db.write() as conn:
             result = await conn.execute(
                 update(queue_messages)
@@ -235,7 +300,7 @@ class OutboundQueue:
 
     async def record_attempt(
         self,
-        queue_id: int,
+        queue_id: QueueRef | int,
         owner: str,
         outcomes: Mapping[str, Outcome],
         next_attempt: float | None,
@@ -247,7 +312,7 @@ class OutboundQueue:
         ``next_attempt``; the lease is released. Outcomes are stored even if
         the lease was lost meanwhile (a delivery that happened is a fact).
         NOT_FOUND if the entry was deleted."""
-        now = _now(now)
+        queue_id, now = _number(queue_id), _now(now)
         async with self.db.write() as conn:
             for address, outcome in outcomes.items():
                 await conn.execute(
@@ -298,8 +363,9 @@ class OutboundQueue:
             raise errors.not_found(f"no such queue entry: {queue_id}")
         return loaded[0]
 
-    async def release(self, queue_id: int, owner: str) -> None:
+    async def release(self, queue_id: QueueRef | int, owner: str) -> None:
         """Gives up ``owner``'s lease without recording anything (shutdown)."""
+        queue_id = _number(queue_id)
         async with self.db.write() as conn:
             await conn.execute(
                 update(queue_messages)
@@ -307,31 +373,33 @@ class OutboundQueue:
                 .values(lease_owner=None, lease_until=None)
             )
 
-    async def mark_warned(self, queue_id: int) -> None:
+    async def mark_warned(self, queue_id: QueueRef | int) -> None:
         """Records that the delay warning DSN went out (sent once)."""
         await self._set(queue_id, warned=True)
 
-    async def move_to_errors(self, queue_id: int, reason: str) -> None:
+    async def move_to_errors(self, queue_id: QueueRef | int, reason: str) -> None:
         """Moves the entry to the error queue with ``reason``; lease released."""
         await self._set(queue_id, status=ERROR, error=reason, lease_owner=None, lease_until=None)
 
     # -- admin operations (mailctl queue ...) ----------------------------------
 
-    async def hold(self, queue_id: int) -> None:
+    async def hold(self, queue_id: QueueRef | int) -> None:
         """A held entry is never leased until released. NOT_FOUND if none."""
         await self._set(queue_id, held=True)
 
-    async def release_hold(self, queue_id: int) -> None:
+    async def release_hold(self, queue_id: QueueRef | int) -> None:
         await self._set(queue_id, held=False)
 
-    async def retry_now(self, queue_id: int | None = None, *, now: float | None = None) -> int:
+    async def retry_now(
+        self, queue_id: QueueRef | int | None = None, *, now: float | None = None
+    ) -> int:
         """Makes the entry (every queued or error entry if None) due now; an
         error entry returns to the queue and its recipients are retried.
         Returns how many entries changed; NOT_FOUND for an unknown id."""
         now = _now(now)
         where = [queue_messages.c.status.in_((QUEUED, ERROR))]
         if queue_id is not None:
-            where.append(queue_messages.c.id == queue_id)
+            where.append(queue_messages.c.id == _number(queue_id))
         async with self.db.write() as conn:
             result = await conn.execute(
                 update(queue_messages)
@@ -342,15 +410,14 @@ class OutboundQueue:
             raise errors.not_found(f"no such queue entry: {queue_id}")
         return result.rowcount
 
-    async def delete(self, queue_id: int) -> None:
+    async def delete(self, queue_id: QueueRef | int) -> None:
         """Removes the entry and its recipients (no bounce). NOT_FOUND if none."""
+        number = _number(queue_id)
         async with self.db.write() as conn:
             await conn.execute(
-                delete(queue_recipients).where(queue_recipients.c.queue_id == queue_id)
+                delete(queue_recipients).where(queue_recipients.c.queue_id == number)
             )
-            result = await conn.execute(
-                delete(queue_messages).where(queue_messages.c.id == queue_id)
-            )
+            result = await conn.execute(delete(queue_messages).where(queue_messages.c.id == number))
         if result.rowcount == 0:
             raise errors.not_found(f"no such queue entry: {queue_id}")
 
@@ -382,10 +449,36 @@ class OutboundQueue:
 
     # -- reading ------------------------------------------------------------
 
-    async def get(self, queue_id: int) -> QueuedMessage:
+    async def stats(self, *, now: float | None = None) -> PartitionStats:
+        """This partition's entries counted by state."""
+        now = _now(now)
+        leased = and_(queue_messages.c.lease_until.is_not(None), queue_messages.c.lease_until > now)
+        query = select(
+            queue_messages.c.status,
+            queue_messages.c.held,
+            leased.label("leased"),
+            func.count(),
+            func.min(queue_messages.c.created),
+        ).group_by(queue_messages.c.status, queue_messages.c.held, leased)
+        counts = dict.fromkeys(("queued", "delivering", "held", "error", "done"), 0)
+        oldest: float | None = None
+        async with self.db.read() as conn:
+            for status, held, live, count, created in await conn.execute(query):
+                state = state_of(status, bool(held), bool(live))
+                counts[state] += count
+                if state != DONE and (oldest is None or created < oldest):
+                    oldest = created
+        return PartitionStats(**counts, oldest=_when(oldest))
+
+    async def referenced_blobs(self) -> set[str]:
+        """The blob keys of every entry here, done or not."""
+        async with self.db.read() as conn:
+            return {r[0] for r in await conn.execute(select(queue_messages.c.blob_key))}
+
+    async def get(self, queue_id: QueueRef | int) -> QueuedMessage:
         """One entry with its recipients. NOT_FOUND if none."""
         async with self.db.read() as conn:
-            loaded = await self._load(conn, [queue_id])
+            loaded = await self._load(conn, [_number(queue_id)])
         if not loaded:
             raise errors.not_found(f"no such queue entry: {queue_id}")
         return loaded[0]
@@ -420,7 +513,7 @@ class OutboundQueue:
             )
         return [
             QueuedMessage(
-                id=m.id,
+                id=QueueRef(self.partition, m.id),
                 sender=m.sender,
                 blob_key=m.blob_key,
                 created=_at(m.created),
@@ -438,17 +531,19 @@ class OutboundQueue:
             for m in msgs
         ]
 
-    async def _set(self, queue_id: int, **values: object) -> None:
+    async def _set(self, queue_id: QueueRef | int, **values: object) -> None:
         async with self.db.write() as conn:
             result = await conn.execute(
-                update(queue_messages).where(queue_messages.c.id == queue_id).values(**values)
+                update(queue_messages)
+                .where(queue_messages.c.id == _number(queue_id))
+                .values(**values)
             )
         if result.rowcount == 0:
             raise errors.not_found(f"no such queue entry: {queue_id}")
 
     # -- bounces and suppression ----------------------------------------------
 
-    async def record_bounce(
+    async def count_bounce(
         self,
         address: str,
         hard: bool,
@@ -458,10 +553,11 @@ class OutboundQueue:
         suppress_after: int,
         now: float | None = None,
     ) -> Suppression:
-        """Counts a bounce of ``address``; after ``suppress_after`` hard
-        bounces (0: never) the address is suppressed. Also marks the most
-        recent delivered or failed queue recipient row of that address with
-        the feedback (hard/soft)."""
+        """Counts a bounce of ``address`` in this partition's suppression
+        list; after ``suppress_after`` hard bounces (0: never) the address is
+        suppressed. The feedback on the recipient row is
+        :meth:`last_finished` and :meth:`set_feedback`: that row may be in
+        another partition."""
         now = _now(now)
         key = address.lower()
         async with self.db.write() as conn:
@@ -491,24 +587,34 @@ class OutboundQueue:
                     .where(queue_suppressions.c.address == key)
                     .values(**values)
                 )
-            latest = (
+        return Suppression(key, hard_n, soft_n, suppressed, status, diagnostic, _at(now))
+
+    async def last_finished(self, address: str) -> tuple[float, int] | None:
+        """(last change, row) of the most recent delivered or failed
+        recipient row of ``address`` (case-blind) here, or None: what a DSN
+        about that address most likely reports on."""
+        async with self.db.read() as conn:
+            row = (
                 await conn.execute(
-                    select(queue_recipients.c.id)
+                    select(queue_recipients.c.updated, queue_recipients.c.id)
                     .where(
-                        func.lower(queue_recipients.c.address) == key,
+                        func.lower(queue_recipients.c.address) == address.lower(),
                         queue_recipients.c.status.in_((DELIVERED, FAILED)),
                     )
                     .order_by(queue_recipients.c.id.desc())
                     .limit(1)
                 )
             ).first()
-            if latest is not None:
-                await conn.execute(
-                    update(queue_recipients)
-                    .where(queue_recipients.c.id == latest[0])
-                    .values(feedback=HARD if hard else SOFT)
-                )
-        return Suppression(key, hard_n, soft_n, suppressed, status, diagnostic, _at(now))
+        return None if row is None else (row[0] or 0.0, row[1])
+
+    async def set_feedback(self, recipient_row: int, hard: bool) -> None:
+        """Marks a recipient row (from :meth:`last_finished`) hard or soft bounced."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(queue_recipients)
+                .where(queue_recipients.c.id == recipient_row)
+                .values(feedback=HARD if hard else SOFT)
+            )
 
     async def suppressed(self, addresses: Iterable[str]) -> set[str]:
         """The lower-cased addresses of ``addresses`` that are suppressed."""

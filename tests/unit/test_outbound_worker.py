@@ -280,3 +280,39 @@ async def test_incoming_dsn_feeds_the_suppression_list(world) -> None:
     [hard] = await process_incoming_dsn(storage, dsn("5.1.1"), suppress_after=2)
     assert hard.hard_bounces == 2 and hard.suppressed
     assert await storage.queue.suppressed(["gone@d.test"]) == {"gone@d.test"}
+
+
+async def test_per_domain_concurrency_holds_across_queue_partitions(
+    world, port, tmp_path: Path
+) -> None:
+    """One runner leases from every shard's partition; its per-domain bound
+    counts the sessions of all of them together."""
+    from storage import open_storage_from_url
+
+    settings, _storage, _runner, clock = world
+    settings.queue.per_domain_concurrency = 2
+    sharded = await open_storage_from_url(
+        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        tmp_path / "blobs",
+        {"b": f"sqlite+aiosqlite:///{tmp_path / 'shard-b.sqlite'}"},
+    )
+    resolver = FakeResolver(
+        mx={"d.test": [MxRecord(10, "mx.d.test")]}, a={"mx.d.test": ["127.0.0.2"]}
+    )
+    runner = QueueRunner(settings, sharded, resolver, owner="sharded", clock=clock)
+    try:
+        key = await sharded.blobs.put(message())
+        for name in ("default", "b"):
+            for i in range(3):
+                await sharded.queue.partitions[name].enqueue(
+                    SENDER, [f"{name}{i}@d.test"], key, now=T0
+                )
+        async with SinkServer("127.0.0.2", port, data_delay=0.2) as sink:
+            await runner.drain()
+    finally:
+        await runner.close()
+        await sharded.close()
+    assert sorted(r.rcpt_to[0] for r in sink.received) == sorted(
+        f"{n}{i}@d.test" for n in ("default", "b") for i in range(3)
+    )
+    assert sink.max_active == 2  # 4 workers over 2 partitions, at most 2 sessions to d.test

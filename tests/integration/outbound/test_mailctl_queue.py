@@ -116,3 +116,50 @@ def test_dkim_generate_prints_a_record_that_verifies(settings, capsys) -> None:
     message = b"From: a@example.net\r\nTo: b@x.test\r\nSubject: s\r\n\r\nbody\r\n"
     signed = DkimSigner(settings.queue.dkim_key_dir, "shardmail").sign_for(message, "")
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: value.encode())
+
+
+def test_queue_commands_see_every_shards_partition(tmp_path: Path, capsys) -> None:
+    from storage import open_storage
+
+    shard_b = f"sqlite+aiosqlite:///{tmp_path / 'shard-b.db'}"
+    settings = make_settings(tmp_path / "data", storage={"shards": {"b": shard_b}})
+
+    async def seed() -> list:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        storage = await open_storage(settings.storage, data_dir=settings.data_dir)
+        try:
+            key = await storage.blobs.put(b"From: a@example.net\r\nSubject: Sharded\r\n\r\nx\r\n")
+            return [
+                await storage.queue.partitions[name].enqueue(
+                    "a@example.net", [f"{name}@remote.test"], key
+                )
+                for name in ("default", "b")
+            ]
+        finally:
+            await storage.close()
+
+    in_default, in_b = asyncio.run(seed())
+    assert (str(in_default), str(in_b)) == ("1", "b:1")
+    code, out, _ = run(settings, capsys, "queue", "list")
+    assert code == 0
+    assert "     1  queued" in out and "   b:1  queued" in out
+    assert "default@remote.test" in out and "b@remote.test" in out
+
+    assert run(settings, capsys, "queue", "hold", "b:1")[0] == 0
+    code, out, _ = run(settings, capsys, "queue", "show", "b:1")
+    assert code == 0 and "held:          yes" in out and "b@remote.test" in out
+    code, out, _ = run(settings, capsys, "queue", "show", "1")
+    assert code == 0 and "held:          no" in out and "default@remote.test" in out
+
+    code, out, _ = run(settings, capsys, "queue", "stats")
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:5] for line in out.splitlines()[1:]}
+    assert rows == {"default": ["1", "0", "0", "0"], "b": ["0", "0", "1", "0"]}
+
+    code, out, _ = run(settings, capsys, "queue", "retry", "--all")
+    assert code == 0 and "2 queue entries due now" in out
+    assert run(settings, capsys, "queue", "delete", "b:1")[0] == 0
+    code, _, err = run(settings, capsys, "queue", "show", "b:1")
+    assert code == 1 and "no such queue entry: b:1" in err
+    code, _, err = run(settings, capsys, "queue", "show", "b:one")
+    assert code == 2 and "SHARD:NUMBER" in err
