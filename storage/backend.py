@@ -129,6 +129,7 @@ class SqlStorage:
             list(databases),
             hasher=hasher,
             weights=weights,
+            events=self.events,
         )
         # Every mail shard holds a partition of the outbound queue (issue #19).
         self.queue = PartitionedQueue(
@@ -150,12 +151,18 @@ class SqlStorage:
             ) from None
 
     def mail(self, account: Account | int) -> SqlMailStore:
-        """The mail store of the account's shard (no I/O)."""
-        if isinstance(account, Account):
-            self.directory.shard_cache[account.id] = account.shard
-            return self._store(account.shard)
+        """The mail store of the account's shard (no I/O).
+
+        The cached route wins over ``account.shard``: an Account read before
+        the account moved (a session's, a cached RCPT route's) still reaches
+        the shard it is on now, once this instance has heard of the move."""
         if len(self.stores) == 1:
             return self.stores[DEFAULT_SHARD]
+        if isinstance(account, Account):
+            shard = self.directory.shard_cache.get(account.id)
+            if shard is None:
+                shard = self.directory.remember_shard(account.id, account.shard)
+            return self._store(shard)
         shard = self.directory.shard_cache.get(account)
         if shard is None:
             return _ShardRouter(self, account)  # type: ignore[return-value]
