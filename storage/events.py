@@ -27,6 +27,7 @@ import math
 import os
 import secrets
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,36 @@ def change_from_json(text: str) -> Change:
     )
 
 
+def asyncpg_dsn(url: str) -> str:
+    """``url`` as a DSN that ``asyncpg.connect`` reads whole. SQLAlchemy's
+    multi-host form (``postgresql://u@/db?host=h1:p1&host=h2:p2``, as a
+    shard with replicas has) becomes libpq's ``postgresql://u@h1:p1,h2:p2/db``:
+    asyncpg keeps only the last ``host`` query parameter, so the listener
+    would reconnect to one host only and never find a promoted replica.
+    Anything else is returned as it is."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url
+    hosts = parsed.query.get("host")
+    if not hosts:
+        return url
+    hosts = (hosts,) if isinstance(hosts, str) else tuple(hosts)
+    auth = ""
+    if parsed.username is not None:
+        auth = urllib.parse.quote(parsed.username, safe="")
+        if parsed.password is not None:
+            auth += ":" + urllib.parse.quote(str(parsed.password), safe="")
+        auth += "@"
+    rest = {k: v for k, v in parsed.query.items() if k != "host"}
+    query = urllib.parse.urlencode(rest, doseq=True)
+    database = urllib.parse.quote(parsed.database or "", safe="")
+    return f"postgresql://{auth}{','.join(hosts)}/{database}" + (f"?{query}" if query else "")
+
+
 class PgNotifyEventBus:
     """Carries changes between instances sharing a PostgreSQL database.
 
@@ -231,7 +262,7 @@ class PgNotifyEventBus:
     """
 
     def __init__(self, dsn: str, queue_size: int = SUBSCRIPTION_QUEUE_SIZE) -> None:
-        self._dsn = dsn
+        self._dsn = asyncpg_dsn(dsn)
         self._local = InProcessEventBus(queue_size)
         self._listener: Any = None
         self._publisher: Any = None

@@ -263,11 +263,12 @@ class PgServer:
             )
         return replica
 
-    def sql(self, *statements: str) -> str:
-        """Runs ``statements`` with psql as the superuser; returns the output
-        of the last (unaligned, tuples only). Raises PgServerError."""
+    def sql(self, *statements: str, database: str = "postgres") -> str:
+        """Runs ``statements`` in ``database`` with psql as the superuser;
+        returns the output of the last (unaligned, tuples only). Raises
+        PgServerError."""
         args = [str(find_bindir() / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1"]
-        args += ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres"]
+        args += ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", database]
         for statement in statements:
             args += ["-c", statement]
         done = subprocess.run(args, capture_output=True, text=True, env=_env(self.root))
@@ -283,6 +284,13 @@ class PgServer:
                     return
             time.sleep(0.05)
         raise PgServerError(f"{query!r} never returned {expected!r}")
+
+    def wait_replayed(self, primary: PgServer) -> None:
+        """Waits until this standby has applied all WAL ``primary`` wrote so
+        far (a synchronous commit waits for the standby's flush, not for its
+        replay: a database just created may not be visible there yet)."""
+        lsn = primary.sql("SELECT pg_current_wal_lsn()")
+        self._wait_for(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn", "t")
 
     def promote(self) -> None:
         """``pg_ctl promote`` this standby and wait until it takes writes."""

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
+import asyncpg.exceptions as asyncpg_errors
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import (
     DBAPIError,
@@ -62,13 +63,16 @@ SQLITE_READERS = 3
 T = TypeVar("T")
 
 
+# read_only_sql_transaction: a write reached a server that is no primary
+# (a failover is under way, see ``_setup_postgresql``).
+READ_ONLY_TRANSACTION = "25006"
 # SQLSTATEs a retry can cure (PostgreSQL manual, appendix A "Error Codes"):
 # whole classes, then single codes. 08: connection exception; 53:
 # insufficient resources (53300 too many connections, disk full, memory).
 _RETRY_SQLSTATE_CLASSES = frozenset({"08", "53"})
 _RETRY_SQLSTATES = frozenset(
     {
-        "25006",  # read_only_sql_transaction: a write reached a standby (failover)
+        READ_ONLY_TRANSACTION,  # a write reached a standby or a fenced old primary
         "40001",  # serialization_failure
         "40P01",  # deadlock_detected
         "55P03",  # lock_not_available (lock_timeout)
@@ -85,6 +89,34 @@ _RETRY_SQLSTATES = frozenset(
 _RETRY_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it wraps (SQLAlchemy's ``orig``, else ``__cause__``)."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = getattr(link, "orig", None) or link.__cause__
+
+
+def _sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE of a PostgreSQL error, wrapped or not; "" if none."""
+    for link in _chain(exc):
+        code = getattr(link, "sqlstate", None)
+        if isinstance(code, str) and len(code) == 5:
+            return code
+    return ""
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """asyncpg's own errors (no SQLSTATE) for a server out of reach: no
+    listed host takes writes yet (a failover in progress), or the
+    connection died under the call."""
+    if isinstance(exc, asyncpg_errors.TargetServerAttributeNotMatched):
+        return True
+    return isinstance(exc, asyncpg_errors.InterfaceError) and "connection is closed" in str(exc)
+
+
 def _retry_cures(exc: BaseException) -> bool | None:
     """What ``exc`` itself says: True (transient), False (a code that
     says it is not), None (no verdict: look at its cause)."""
@@ -93,6 +125,8 @@ def _retry_cures(exc: BaseException) -> bool | None:
     if isinstance(exc, (OSError, SaTimeoutError, DisconnectionError)):
         return True  # refused, reset, timed out (TimeoutError is an OSError); pool timeout
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if _lost_connection(exc):
         return True
     sqlstate = getattr(exc, "sqlstate", None)  # asyncpg, and SQLAlchemy's adapter of it
     if isinstance(sqlstate, str) and len(sqlstate) == 5:
@@ -107,14 +141,10 @@ def is_transient(exc: BaseException) -> bool:
     """Whether a retry later can cure ``exc``: the driver's own code first
     (SQLAlchemy's ``orig``, then ``__cause__``), else the class of the
     outermost error: an ``OperationalError`` without a code is an outage."""
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
+    for link in _chain(exc):
         verdict = _retry_cures(link)
         if verdict is not None:
             return verdict
-        link = getattr(link, "orig", None) or link.__cause__
     return isinstance(exc, OperationalError)
 
 
@@ -324,6 +354,8 @@ class Database:
         # SQLite's full-text index file and its indexer (``storage/sql/fts.py``).
         self.file: str | None = None
         self._indexer: fts.FtsIndexer | None = None
+        if not self.is_sqlite:
+            _setup_postgresql(self.engine.sync_engine)
         if self.is_sqlite:
             _setup_sqlite(self.engine.sync_engine)
             path = make_url(url).database
@@ -988,6 +1020,23 @@ def _attach_fts(engine: Engine, file: str) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         fts.attach(dbapi_conn, file)
+
+
+def _setup_postgresql(engine: Engine) -> None:
+    """After a failover, every pooled connection to the old primary is
+    dropped at the first sign of it, so the next ones find the new primary
+    (the URL lists every host with ``target_session_attrs=read-write``).
+
+    A primary fenced read-only, or a standby that a connection reached,
+    still answers the pool's ping, yet refuses every write with SQLSTATE
+    25006 (read_only_sql_transaction, PostgreSQL manual appendix A): the
+    error is treated as a disconnect, which invalidates the connection and
+    the pool's older ones. The caller still gets TEMPORARY (``classify``)."""
+
+    @event.listens_for(engine, "handle_error")
+    def on_error(context: Any) -> None:
+        if _sqlstate(context.original_exception) == READ_ONLY_TRANSACTION:
+            context.is_disconnect = True
 
 
 def _setup_sqlite(engine: Engine) -> None:

@@ -1,0 +1,270 @@
+"""Failover of a PostgreSQL shard to its streaming replica (issue #19).
+
+Each test runs a real primary with a synchronous streaming replica (so
+whatever a commit acknowledged is on the replica), SIGKILLs the primary and
+promotes the replica with ``pg_ctl promote``. The same ``Database`` or
+storage object, never restarted, must then find the new primary by itself
+within seconds, and every failure during the gap must be TEMPORARY (a 4xx,
+NO [UNAVAILABLE], -ERR [SYS/TEMP], 503), never a bug's reply."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from sqlalchemy import make_url
+
+from storage.backend import SqlStorage, failover_url, open_storage_from_url
+from storage.errors import ErrorKind, StorageError
+from storage.events import InProcessSubscription, PgNotifyEventBus, asyncpg_dsn
+from storage.model import Account, Change, ChangeKind, UidSet
+from storage.sql.db import Database
+from tests.contract.conftest import TEST_HASHER
+from tests.contract.mailfactory import build
+from tests.pgserver import PgServer
+
+T = TypeVar("T")
+
+# How long after the promotion the same process may take to write again.
+RECONNECT_WITHIN = 10.0
+RETRY_PAUSE = 0.1
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[PgServer, PgServer]]:
+    """A primary and its synchronous streaming replica; both removed after."""
+    primary = PgServer.start()  # raises (the test errors) if PostgreSQL cannot run
+    try:
+        replica = primary.start_replica(synchronous=True)
+        try:
+            yield primary, replica
+        finally:
+            replica.stop()
+    finally:
+        primary.stop()
+
+
+async def _until_written(attempt: Callable[[], Awaitable[T]]) -> tuple[T, list[StorageError]]:
+    """Retries ``attempt`` while it fails TEMPORARY, for RECONNECT_WITHIN
+    seconds; returns its result and the errors seen. Any other failure (or
+    none in time) fails the test."""
+    errors: list[StorageError] = []
+    deadline = time.monotonic() + RECONNECT_WITHIN
+    while True:
+        try:
+            return await attempt(), errors
+        except StorageError as err:
+            assert err.kind is ErrorKind.TEMPORARY, err
+            errors.append(err)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no write within {RECONNECT_WITHIN}s: {err!r}") from err
+            await asyncio.sleep(RETRY_PAUSE)
+
+
+async def _database(primary: PgServer, replica: PgServer) -> tuple[str, str]:
+    """A new database on ``primary``, visible on ``replica`` too: its name,
+    and the URL naming both servers (what ``[storage.shards.NAME] replicas``
+    makes, :func:`failover_url`)."""
+    url = await primary.create_database()
+    name = url.rsplit("/", 1)[1]
+    await asyncio.to_thread(replica.wait_replayed, primary)
+    return name, failover_url(url, [replica.url(name)])
+
+
+async def _fail_over(primary: PgServer, replica: PgServer) -> None:
+    """SIGKILL of the primary (a crashed host), then ``pg_ctl promote``."""
+    await asyncio.to_thread(primary.kill)
+    await asyncio.to_thread(replica.promote)
+
+
+async def _deliver(storage: SqlStorage, account: Account, subject: str) -> int:
+    raw, parsed = build(subject=subject, body=random.randbytes(random.randint(1, 999)).hex())
+    key = await storage.blobs.put(raw)
+    results = await storage.mail(account).deliver(account.id, key, parsed, [("INBOX", (), None)])
+    return results[0].uid
+
+
+async def _subjects(storage: SqlStorage, account: Account) -> list[str]:
+    mail = storage.mail(account)
+    inbox = await mail.get_mailbox(account.id, "INBOX")
+    entries = await mail.uids(account.id, inbox.id)
+    fetched = await mail.fetch(account.id, inbox.id, UidSet.all())
+    assert len(fetched) == len(entries)
+    return [m.parsed.subject for m in fetched]
+
+
+async def test_storage_delivers_again_after_promotion_without_restart(
+    pair: tuple[PgServer, PgServer], tmp_path: Path
+) -> None:
+    """A multi-host URL (``?host=primary&host=replica&target_session_attrs=
+    read-write``): deliver, kill -9 the primary, promote the replica, and
+    deliver again through the same storage object within seconds; the
+    message acknowledged before the crash is still there."""
+    primary, replica = pair
+    _name, url = await _database(primary, replica)
+    storage = await open_storage_from_url(url, tmp_path / "blobs", password_hasher=TEST_HASHER)
+    try:
+        await storage.directory.add_domain("example.org")
+        account = await storage.directory.add_account("bob@example.org", "pw")
+        before = f"before {random.getrandbits(64):x}"
+        await _deliver(storage, account, before)
+        await _fail_over(primary, replica)
+        started = time.monotonic()
+        after = f"after {random.getrandbits(64):x}"
+        await _until_written(lambda: _deliver(storage, account, after))
+        assert time.monotonic() - started < RECONNECT_WITHIN
+        assert sorted(await _subjects(storage, account)) == sorted([before, after])
+    finally:
+        await storage.close()
+
+
+async def test_change_events_resume_after_promotion(
+    pair: tuple[PgServer, PgServer], tmp_path: Path
+) -> None:
+    """An IDLE session's subscription on one instance again receives the
+    changes another instance publishes (LISTEN/NOTIFY) once the replica
+    is promoted: the listener reconnects to the new primary by itself."""
+    primary, replica = pair
+    name, url = await _database(primary, replica)
+    storage = await open_storage_from_url(url, tmp_path / "blobs", password_hasher=TEST_HASHER)
+    try:
+        assert isinstance(storage.events, PgNotifyEventBus)
+        subscription = storage.events.subscribe(7)
+        await _fail_over(primary, replica)
+        # Another instance, started after the failover, on the new primary.
+        other = PgNotifyEventBus(f"postgresql://postgres@127.0.0.1:{replica.port}/{name}")
+        await other.start()
+        try:
+            received = await _published_until_received(other, subscription)
+        finally:
+            await other.close()
+        assert received.account_id == 7 and received.data["n"] == received.id
+    finally:
+        await storage.close()
+
+
+async def _published_until_received(
+    bus: PgNotifyEventBus, subscription: InProcessSubscription
+) -> Change:
+    """Publishes a new change every half second until ``subscription``
+    receives one (a NOTIFY sent while nobody listens is lost: best effort)."""
+    deadline = time.monotonic() + RECONNECT_WITHIN
+    at = dt.datetime.now(dt.UTC)
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        await bus.publish(Change(n, 7, ChangeKind.NEW, 1, n, n, at, {"n": n}))
+        received = await subscription.get(timeout=0.5)
+        if received is not None:
+            return received
+    raise AssertionError(f"no change received within {RECONNECT_WITHIN}s of the promotion")
+
+
+async def test_a_database_with_replicas_writes_to_the_promoted_one(
+    pair: tuple[PgServer, PgServer],
+) -> None:
+    """A shard database with replicas (``[storage.shards.NAME] replicas``):
+    they are promotion targets, so after the failover writes go to the
+    promoted replica; during the gap they fail TEMPORARY."""
+    primary, replica = pair
+    _name, url = await _database(primary, replica)
+    db = Database(url)
+    try:
+        await db.migrate()
+        await _insert_domain(db, "before.example")
+        await _fail_over(primary, replica)
+        await _until_written(lambda: _insert_domain(db, "after.example"))
+        assert await _domains(db) == ["after.example", "before.example"]
+    finally:
+        await db.close()
+
+
+async def test_a_standby_alone_is_temporary_for_a_writer(
+    pair: tuple[PgServer, PgServer],
+) -> None:
+    """No host takes writes yet (the primary is gone, the replica not yet
+    promoted, or only standbys are listed): TEMPORARY, not a bug."""
+    primary, replica = pair
+    name, _url = await _database(primary, replica)
+    db = Database(replica.url(name) + "?target_session_attrs=read-write")
+    try:
+        with pytest.raises(StorageError) as err:
+            await _insert_domain(db, "nowhere.example")
+        assert err.value.kind is ErrorKind.TEMPORARY
+    finally:
+        await db.close()
+
+
+async def test_a_fenced_old_primary_hands_writes_to_the_new_one(
+    pair: tuple[PgServer, PgServer],
+) -> None:
+    """The old primary is still up but fenced read-only (what a failover
+    manager does before promoting): its pooled connections still answer a
+    ping, yet every write fails (SQLSTATE 25006). The pool must drop them
+    and reconnect, finding the promoted replica, instead of failing forever."""
+    primary, replica = pair
+    name, url = await _database(primary, replica)
+    db = Database(url)
+    try:
+        await db.migrate()
+        for i in range(3):  # several pooled connections to the old primary
+            await _insert_domain(db, f"old{i}.example")
+        await asyncio.to_thread(replica.promote)
+        await asyncio.to_thread(
+            primary.sql,
+            "ALTER SYSTEM SET default_transaction_read_only = on",
+            "SELECT pg_reload_conf()",
+        )
+        await _until_written(lambda: _insert_domain(db, "new.example"))
+        on_new = await asyncio.to_thread(
+            replica.sql, "SELECT 1 FROM domains WHERE name = 'new.example'", database=name
+        )
+        assert on_new == "1"
+    finally:
+        await db.close()
+
+
+async def _insert_domain(db: Database, domain: str) -> None:
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO domains (name) VALUES ($1)", (domain,))
+
+
+async def _domains(db: Database) -> list[str]:
+    async with db.read() as conn:
+        result = await conn.exec_driver_sql("SELECT name FROM domains ORDER BY name")
+        return [row[0] for row in result]
+
+
+def test_the_listener_dsn_keeps_every_host_and_the_credentials() -> None:
+    """asyncpg reads the bus's DSN with every host (it would keep only the
+    last ``host=`` query parameter) and the password as written."""
+    from asyncpg.connect_utils import _parse_connect_dsn_and_args
+
+    password = "".join(random.choice("p@ss:/?#%&= wörd") for _ in range(random.randint(1, 20)))
+    ports = random.sample(range(1024, 65536), random.randint(2, 4))
+    url = make_url("postgresql+asyncpg://shardmail@/mail").set(
+        password=password,
+        query={
+            "host": tuple(f"127.0.0.1:{p}" for p in ports),
+            "target_session_attrs": "read-write",
+        },
+    )
+    dsn = asyncpg_dsn(url.render_as_string(hide_password=False))
+    addrs, params = _parse_connect_dsn_and_args(
+        dsn=dsn,
+        **dict.fromkeys(
+            (
+                "host port user password passfile database ssl service servicefile direct_tls "
+                "server_settings target_session_attrs krbsrvname gsslib"
+            ).split()
+        ),
+    )[:2]
+    assert addrs == [("127.0.0.1", p) for p in ports]
+    assert (params.user, params.password, params.database) == ("shardmail", password, "mail")
+    assert params.target_session_attrs == "read-write"
