@@ -68,7 +68,10 @@ class PartitionedQueue:
             raise errors.invalid("the outbound queue needs at least one partition")
         self.partitions = dict(partitions)
         self._order = sorted(self.partitions)
-        self._next = itertools.count()
+        # Enqueues and leases turn separately: a worker woken by each enqueue
+        # leases before the next one, which must still go to the next partition.
+        self._next_enqueue = itertools.count()
+        self._next_lease = itertools.count()
         self._down: set[str] = set()
         # Called after each enqueue commits, in any partition (workers wake).
         self.listeners: list[Callable[[], None]] = []
@@ -77,9 +80,9 @@ class PartitionedQueue:
 
     # -- partitions and their health ----------------------------------------
 
-    def _rotation(self) -> list[str]:
-        """Every partition, starting one further than the last call did."""
-        start = next(self._next) % len(self._order)
+    def _rotation(self, turn: itertools.count) -> list[str]:
+        """Every partition, starting one further than ``turn``'s last call."""
+        start = next(turn) % len(self._order)
         return self._order[start:] + self._order[:start]
 
     def _failed(self, name: str, exc: StorageError) -> None:
@@ -143,7 +146,7 @@ class PartitionedQueue:
         when every partition failed."""
         rcpts = list(recipients)
         last: StorageError | None = None
-        for name in self._rotation():
+        for name in self._rotation(self._next_enqueue):
             part = self.partitions[name]
             answer = await self._ask(
                 name, part.enqueue(sender, rcpts, blob_key, expires_in=expires_in, now=now)
@@ -166,7 +169,7 @@ class PartitionedQueue:
         ``owner`` (see the module docstring for fairness and failures)."""
         if limit <= 0:
             return []
-        order = self._rotation()
+        order = self._rotation(self._next_lease)
         shares = fair_shares(limit, len(order))
 
         async def lease(name: str, count: int) -> list[QueuedMessage]:

@@ -22,6 +22,10 @@ class ScriptedPartition:
         self.listeners: list = []
         self.asked = 0
 
+    async def enqueue(self, sender, recipients, blob_key, *, expires_in=None, now=None):
+        self.due.append(len(self.due) + 1)
+        return (self.name, len(self.due))
+
     async def lease_due(self, owner, limit, lease_seconds, *, now=None):
         self.asked += 1
         if self.down:
@@ -63,3 +67,16 @@ async def test_every_partition_down_leases_nothing_and_raises_nothing() -> None:
         p.down = True
     queue = PartitionedQueue(parts)  # type: ignore[arg-type]
     assert await queue.lease_due("w", 5, 60) == []
+
+
+async def test_enqueues_alternate_even_when_workers_poll_in_between() -> None:
+    """Each enqueue wakes the workers, who lease at once: the enqueues must
+    still take the partitions in turn."""
+    parts = {n: ScriptedPartition(n, 0) for n in ("a", "b")}
+    queue = PartitionedQueue(parts)  # type: ignore[arg-type]
+    count = random.randint(6, 15)
+    placed = []
+    for _ in range(count):
+        placed.append((await queue.enqueue("s@x.test", ["r@y.test"], "key"))[0])
+        await queue.lease_due("w", 1, 60)
+    assert sorted([placed.count("a"), placed.count("b")]) == [count // 2, count - count // 2]
