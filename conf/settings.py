@@ -156,6 +156,11 @@ class StorageSettings(Section):
     # Mail shards, name -> [storage.shards.NAME] table (or just its url,
     # the older form `shards = {name = "url"}`).
     shards: dict[str, ShardSettings] = Field(default_factory=dict)
+    # How committed changes (IDLE, POP3, WebSocket push) and route changes
+    # reach the other instances: "auto", LISTEN/NOTIFY when url is PostgreSQL,
+    # Unix sockets between the processes of one host on SQLite; "redis", Redis
+    # pub/sub through [redis] url (which must be set).
+    events: Literal["auto", "redis"] = "auto"
 
     @field_validator("shards", mode="before")
     @classmethod
@@ -405,6 +410,12 @@ class Settings(Section):
             self.storage.blob_dir = str(data / "blobs")
         if not self.queue.dkim_key_dir:
             self.queue.dkim_key_dir = str(data / "dkim")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_events_need_redis(self) -> Settings:
+        if self.storage.events == "redis" and not self.redis.url:
+            raise ValueError('storage.events: "redis" needs [redis] url')
         return self
 
     @model_validator(mode="after")

@@ -53,7 +53,9 @@ def with_storage(
     async def run() -> int:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         storage = await open_storage(
-            settings.storage, password_hasher=password_hasher(settings.auth)
+            settings.storage,
+            password_hasher=password_hasher(settings.auth),
+            redis_url=settings.redis.url,  # `account move` tells the daemons through the bus
         )
         try:
             return (await action(storage, *extra)) or 0

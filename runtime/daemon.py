@@ -105,7 +105,9 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = await asyncio.to_thread(server_context, settings)
     storage = await open_storage(
-        settings.storage, password_hasher=password_hasher(settings.auth)
+        settings.storage,
+        password_hasher=password_hasher(settings.auth),
+        redis_url=settings.redis.url,
     )
     # Chosen once, here: the limits every daemon of this process counts in
     # (Redis with [redis] url, shared by the site's instances; else in-process).
@@ -205,7 +207,9 @@ async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     await asyncio.to_thread(server_context, settings)
     storage = await open_storage(
-        settings.storage, password_hasher=password_hasher(settings.auth)
+        settings.storage,
+        password_hasher=password_hasher(settings.auth),
+        redis_url=settings.redis.url,
     )
     await storage.close()
     # Each daemon's service module may export ``prepare(settings)`` for state its

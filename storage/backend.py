@@ -25,7 +25,13 @@ from sqlalchemy import make_url
 from storage import errors
 from storage.blob import open_blob_store
 from storage.blob.fs import FsBlobStore
-from storage.events import EventBusImpl, InProcessEventBus, LocalSocketEventBus, PgNotifyEventBus
+from storage.events import (
+    EventBusImpl,
+    InProcessEventBus,
+    LocalSocketEventBus,
+    PgNotifyEventBus,
+    RedisEventBus,
+)
 from storage.model import Account
 from storage.queue import PartitionedQueue
 from storage.sql.db import Database
@@ -217,6 +223,7 @@ async def open_storage_from_url(
     *,
     password_hasher: PasswordHasher | None = None,
     events: str = "auto",
+    redis_url: str = "",
     fts_indexer: bool = True,
     blob_pack_max_bytes: int | None = None,
 ) -> SqlStorage:
@@ -229,7 +236,8 @@ async def open_storage_from_url(
     ``events``: "auto" carries changes between instances with PostgreSQL
     LISTEN/NOTIFY when the main database is PostgreSQL, and between the
     processes of this host with Unix datagram sockets in ``<file>-events/``
-    beside a SQLite file; "inprocess" forces the in-process bus.
+    beside a SQLite file; "redis" with Redis pub/sub at ``redis_url``
+    (INVALID without one); "inprocess" forces the in-process bus.
     ``fts_indexer``: start each SQLite database's background full-text
     indexer (``storage/sql/fts.py``); tests that drive it themselves say
     False (``Database.indexer().run_once()``).
@@ -243,8 +251,10 @@ async def open_storage_from_url(
     (``MailStore.deliver``'s ``blob_data``). Otherwise the pack is
     ``pack.sqlite`` in the blob folder.
     """
-    if events not in ("auto", "inprocess"):
+    if events not in ("auto", "inprocess", "redis"):
         raise errors.invalid(f"unknown event bus {events!r}")
+    if events == "redis" and not redis_url:
+        raise errors.invalid('events "redis" needs a Redis URL')
     specs = {n: ShardSpec(s) if isinstance(s, str) else s for n, s in (shards or {}).items()}
     directory_db = Database(url)
     databases: dict[str, Database] = {}
@@ -257,7 +267,9 @@ async def open_storage_from_url(
     weights = {name: spec.weight for name, spec in specs.items()}
     # The events ride on the directory's database: every instance reaches it.
     bus: EventBusImpl | None = None
-    if events == "auto" and directory_db.dialect == "postgresql":
+    if events == "redis":
+        bus = RedisEventBus(redis_url)
+    elif events == "auto" and directory_db.dialect == "postgresql":
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         bus = PgNotifyEventBus(dsn)
     elif events == "auto" and directory_db.dialect == "sqlite":
@@ -279,7 +291,7 @@ async def open_storage_from_url(
         weights=weights,
     )
     try:
-        if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus):
+        if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus | RedisEventBus):
             await bus.start()
         await storage.migrate()
         if fts_indexer:
@@ -312,8 +324,12 @@ async def open_storage(
     *,
     data_dir: Path | str | None = None,
     password_hasher: PasswordHasher | None = None,
+    redis_url: str = "",
 ) -> SqlStorage:
     """Opens the storage that ``settings`` describe and runs migrations.
+
+    ``redis_url`` (``[redis] url``) carries the events when
+    ``settings.events`` is "redis".
 
     An empty ``url`` or ``blob_dir`` means "inside ``data_dir``" (a SQLite
     file ``shardmail.db`` and ``blobs/``); INVALID if neither is given.
@@ -335,6 +351,8 @@ async def open_storage(
         blob_dir,
         shards,
         password_hasher=password_hasher,
+        events=settings.events,
+        redis_url=redis_url,
         blob_pack_max_bytes=(
             None if settings.blob_pack_max_bytes == "auto" else settings.blob_pack_max_bytes
         ),

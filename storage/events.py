@@ -586,5 +586,174 @@ class LocalSocketEventBus:
         await self._local.close()
 
 
-EventBusImpl = InProcessEventBus | PgNotifyEventBus | LocalSocketEventBus
+# --- Redis pub/sub: the same changes on every instance, without PostgreSQL ---
+
+REDIS_CHANGES = "shardmail:changes"
+REDIS_ROUTES = "shardmail:routes"
+
+
+class RedisEventBus:
+    """Carries changes and route changes between instances through Redis
+    pub/sub (``[storage] events = "redis"``): an alternative to NOTIFY, and
+    the way across instances for a site whose directory is not PostgreSQL.
+
+    ``publish`` hands the change to this instance's subscribers at once,
+    then PUBLISHes it; every instance's reader hands what arrives to its
+    own subscribers, skipping what it sent itself (each message starts with
+    the sending bus's token), so each subscriber sees a change once. A
+    message is ``<token> <account id> <change JSON>`` (a route change:
+    ``<token> <route_payload>``), the account first so an instance where
+    nobody follows that account drops it undecoded.
+
+    Best effort like every bus, and it never raises: while Redis is
+    unreachable changes reach this instance's subscribers only (the others
+    resync from the change log); the reader reconnects every
+    RECONNECT_DELAY, and then tells the route watchers that routes may have
+    been missed (``watcher(None, None)``). Pub/sub keeps nothing: what was
+    published while a reader was away is not replayed.
+    """
+
+    def __init__(
+        self, url: str, queue_size: int = SUBSCRIPTION_QUEUE_SIZE, timeout: float = 0.5
+    ) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._local = InProcessEventBus(queue_size)
+        self._token = secrets.token_hex(8)
+        self._publisher: Any = None
+        self._listener: Any = None  # the client the pubsub connections come from
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._publish_again_at = -math.inf  # after a failed PUBLISH: not before then
+        self._closed = False
+
+    def _client(self, read_timeout: float | None) -> Any:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        return Redis.from_url(
+            self._url,
+            socket_timeout=read_timeout,
+            socket_connect_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 0),  # no waiting: this bus retries on its own terms
+            decode_responses=True,
+        )
+
+    async def start(self) -> None:
+        """Subscribes (so that changes published once this returns arrive)
+        and starts the reader. Never raises: Redis unreachable is logged
+        and the reader keeps trying."""
+        if self._reader is not None or self._closed:
+            return
+        self._publisher = self._client(self._timeout)
+        # Blocking reads without a timeout: an idle channel is not an outage.
+        self._listener = self._client(None)
+        try:
+            await self._subscribe()
+        except Exception as exc:  # redis raises its own errors and OSError
+            log.warning("event bus: Redis unreachable, changes stay here for now: %s", exc)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _subscribe(self) -> None:
+        pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(REDIS_CHANGES, REDIS_ROUTES)
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+
+    async def _read(self) -> None:
+        while not self._closed:
+            if self._pubsub is None:
+                try:
+                    await self._subscribe()
+                except Exception as exc:
+                    log.debug("event bus: Redis still unreachable: %s", exc)
+                    await asyncio.sleep(RECONNECT_DELAY)
+                    continue
+                log.info("event bus: Redis reachable again")
+                self._local.deliver_route(None, None)  # route changes may have been missed
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event bus: lost Redis, reconnecting: %s", exc)
+                pubsub, self._pubsub = self._pubsub, None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                await asyncio.sleep(RECONNECT_DELAY)
+                continue
+            if message is not None and message.get("type") == "message":
+                self._on_message(message["channel"], message["data"])
+
+    def _on_message(self, channel: str, data: str) -> None:
+        token, _, rest = data.partition(" ")
+        if token == self._token:
+            return  # delivered here when published
+        if channel == REDIS_ROUTES:
+            route = parse_route(rest)
+            if route is not None:
+                self._local.deliver_route(*route)
+            return
+        account, _, body = rest.partition(" ")
+        try:
+            if not self._local.subscriber_count(int(account)):
+                return  # nobody here follows that account: not worth decoding
+            change = change_from_json(body)
+        except Exception:  # anything a stray publisher wrote: never the reader's end
+            log.warning("ignoring a malformed change message")
+            return
+        self._local.deliver(change)
+
+    async def publish(self, change: Change) -> None:
+        """This instance's subscribers first, then one PUBLISH; never raises."""
+        self._local.deliver(change)
+        await self._publish(REDIS_CHANGES, f"{change.account_id} {change_to_json(change)}")
+
+    async def publish_route(self, account_id: int, shard: str) -> None:
+        self._local.deliver_route(account_id, shard)
+        await self._publish(REDIS_ROUTES, route_payload(account_id, shard))
+
+    async def _publish(self, channel: str, payload: str) -> None:
+        loop = asyncio.get_running_loop()
+        if self._publisher is None or loop.time() < self._publish_again_at:
+            return  # Redis failed a moment ago: no connect attempt per commit
+        try:
+            await self._publisher.publish(channel, f"{self._token} {payload}")
+        except Exception as exc:  # never fail the write that already committed
+            if self._publish_again_at == -math.inf:
+                log.warning("event bus: PUBLISH failed, changes stay here for now: %s", exc)
+            self._publish_again_at = loop.time() + RECONNECT_DELAY
+            return
+        self._publish_again_at = -math.inf
+
+    def subscribe(self, account_id: int) -> InProcessSubscription:
+        return self._local.subscribe(account_id)
+
+    def subscriber_count(self, account_id: int) -> int:
+        return self._local.subscriber_count(account_id)
+
+    def watch_routes(self, watcher: RouteWatcher) -> None:
+        self._local.watch_routes(watcher)
+
+    async def close(self) -> None:
+        """Stops reading, closes the connections, ends every local subscription."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for conn in (self._pubsub, self._listener, self._publisher):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.aclose()
+        await self._local.close()
+
+
+EventBusImpl = InProcessEventBus | PgNotifyEventBus | LocalSocketEventBus | RedisEventBus
 """Every bus this module provides (each satisfies ``storage.api.EventBus``)."""

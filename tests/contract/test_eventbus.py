@@ -1,5 +1,5 @@
-"""EventBus contract on every bus: in-process and PostgreSQL LISTEN/NOTIFY
-(which also carries changes between instances)."""
+"""EventBus contract on every bus: in-process, PostgreSQL LISTEN/NOTIFY and
+Redis pub/sub (both also carry changes between instances)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import make_url
 
-from storage.events import InProcessEventBus, PgNotifyEventBus
+from storage.events import InProcessEventBus, PgNotifyEventBus, RedisEventBus
 from storage.model import Change, ChangeKind
 
-BUS_BACKENDS = ["inprocess", "postgres"]
+BUS_BACKENDS = ["inprocess", "postgres", "redis"]
 ARRIVAL = 2.0  # seconds a published change may take to arrive
 AT = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 
@@ -27,7 +27,10 @@ async def _pg_dsn(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=BUS_BACKENDS)
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[object]:
     if request.param == "inprocess":
-        b: InProcessEventBus | PgNotifyEventBus = InProcessEventBus(queue_size=8)
+        b: InProcessEventBus | PgNotifyEventBus | RedisEventBus = InProcessEventBus(queue_size=8)
+    elif request.param == "redis":
+        b = RedisEventBus(request.getfixturevalue("redis_url"), queue_size=8)
+        await b.start()
     else:
         b = PgNotifyEventBus(await _pg_dsn(request), queue_size=8)
         await b.start()
@@ -109,6 +112,108 @@ async def test_notify_carries_changes_between_instances(request: pytest.FixtureR
         assert big.id == 2 and big.data == {"truncated": True}
         assert [(await here.get(timeout=ARRIVAL)).id for _ in range(2)] == [1, 2]
         assert await here.get(timeout=0.05) is None
+    finally:
+        await one.close()
+        await two.close()
+
+
+# --- Redis pub/sub between instances -----------------------------------------
+
+
+async def test_redis_carries_changes_and_routes_between_instances(redis_url: str) -> None:
+    one, two = RedisEventBus(redis_url), RedisEventBus(redis_url)
+    await one.start()
+    await two.start()
+    routes: list[tuple[int | None, str | None]] = []
+    two.watch_routes(lambda account, shard: routes.append((account, shard)))
+    try:
+        here, there, elsewhere = one.subscribe(7), two.subscribe(7), two.subscribe(8)
+        await one.publish(change(1, account=7))
+        await one.publish(change(2, account=7, big="x" * 10_000))  # data cut as on NOTIFY
+        assert (await there.get(timeout=ARRIVAL)).id == 1
+        big = await there.get(timeout=ARRIVAL)
+        assert big.id == 2 and big.data == {"truncated": True}
+        assert [(await here.get(timeout=ARRIVAL)).id for _ in range(2)] == [1, 2]
+        assert await here.get(timeout=0.05) is None  # its own change once, not echoed
+        assert await elsewhere.get(timeout=0.05) is None
+        await one.publish_route(7, "shard-b")
+        for _ in range(int(ARRIVAL / 0.05)):
+            if routes:
+                break
+            await asyncio.sleep(0.05)
+        assert routes == [(7, "shard-b")]
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_redis_bus_reconnects_after_a_restart(redis_server, redis_url: str) -> None:
+    one, two = RedisEventBus(redis_url), RedisEventBus(redis_url)
+    await one.start()
+    await two.start()
+    routes: list[tuple[int | None, str | None]] = []
+    two.watch_routes(lambda account, shard: routes.append((account, shard)))
+    try:
+        here, there = one.subscribe(3), two.subscribe(3)
+        redis_server.pause()
+        await one.publish(change(1, account=3))  # no error; this instance still hears it
+        assert (await here.get(timeout=ARRIVAL)).id == 1
+        redis_server.resume()
+        # Route changes may have been missed meanwhile: every cached route is suspect.
+        for _ in range(int(10 / 0.05)):
+            if (None, None) in routes:
+                break
+            await asyncio.sleep(0.05)
+        assert (None, None) in routes
+        for _ in range(int(10 / 0.1)):  # the publisher's retry delay may still run
+            await one.publish(change(2, account=3))
+            got = await there.get(timeout=0.1)
+            if got is not None:
+                break
+        assert got is not None and got.id == 2
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_storage_events_redis_pushes_between_instances(tmp_path, redis_url: str) -> None:
+    """``[storage] events = "redis"``: two instances over one database hear
+    each other's commits through Redis (and only with a [redis] url)."""
+    from argon2 import PasswordHasher, profiles
+
+    from conf.settings import Settings
+    from storage import ErrorKind, StorageError, open_storage
+    from storage.backend import open_storage_from_url
+    from tests.conftest import make_settings
+    from tests.contract.mailfactory import deliver
+
+    with pytest.raises(ValueError, match='"redis" needs \\[redis\\] url'):
+        Settings.model_validate({"storage": {"events": "redis"}})
+    with pytest.raises(StorageError) as refused:
+        await open_storage_from_url("sqlite+aiosqlite://", tmp_path / "b", events="redis")
+    assert refused.value.kind is ErrorKind.INVALID
+
+    settings = make_settings(
+        tmp_path / "data", storage={"events": "redis"}, redis={"url": redis_url}
+    )
+    hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
+    one = await open_storage(
+        settings.storage, password_hasher=hasher, redis_url=settings.redis.url
+    )
+    two = await open_storage(
+        settings.storage, password_hasher=hasher, redis_url=settings.redis.url
+    )
+    try:
+        assert isinstance(one.events, RedisEventBus) and isinstance(two.events, RedisEventBus)
+        await one.directory.add_domain("example.org")
+        account = await one.directory.add_account("dana@example.org", "pw")
+        there = two.events.subscribe(account.id)
+        uid = await deliver(one, account, subject="pushed")
+        got = await there.get(timeout=ARRIVAL)
+        while got is not None and got.kind is ChangeKind.MAILBOX:  # the account's folders
+            got = await there.get(timeout=ARRIVAL)
+        assert got is not None and got.kind is ChangeKind.NEW and got.uid == uid
+        there.close()
     finally:
         await one.close()
         await two.close()
