@@ -1,16 +1,16 @@
 """Folder routes: list, create, rename, delete, and a folder's message list.
 
-The message list is newest first by the message's Date
-(:func:`httpapi.threads.list_date_key`; the UID breaks ties) and paginated
-by a keyset cursor on ``(date key, uid)``: a page is "the ``limit`` entries
-ordered after the cursor", so mail arriving while a client pages never
-shifts a page: nothing already listed is repeated and nothing is skipped.
+The message list is newest first by the message's Date (never later than
+its arrival; the UID breaks ties) and paginated by a keyset cursor on
+``(list date, uid)`` (``MailStore.page``): a page is "the ``limit`` entries
+ordered after the cursor", read from storage's index, so mail arriving
+while a client pages never shifts a page: nothing already listed is
+repeated and nothing is skipped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import heapq
 import re
 from typing import Any
 
@@ -21,7 +21,7 @@ from httpapi.context import account_of, context, owned_mailbox
 from httpapi.errors import bad_request
 from httpapi.ids import decode_folder_cursor, encode_folder_cursor, parse_folder_id
 from httpapi.views import folder_view, summary
-from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN, UidSet
+from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN
 from storage.search import All, And, Criteria, Date, Flag, Header
 
 routes = web.RouteTableDef()
@@ -166,24 +166,14 @@ async def list_messages(request: web.Request) -> web.Response:
     if before is not None:
         terms.append(Date("internal", "before", before))
     criteria: Criteria = And(tuple(terms)) if len(terms) > 1 else (terms[0] if terms else All())
-    uids = await mail.search(account.id, mailbox.id, criteria)
-    # Built after the search, so it knows every matched entry (one expunged
-    # meanwhile has no key and is left out, as fetch would leave it out).
-    index = await ctx.threads.index(mail, account.id)
-    dates = index.list_dates
-    keys = ((dates[(mailbox.id, uid)], uid) for uid in uids if (mailbox.id, uid) in dates)
-    if after is not None:
-        keys = (key for key in keys if key < after)
-    page = heapq.nlargest(limit + 1, keys)  # O(n log limit), not a full sort
+    # One more than the page: whether there is a next one.
+    page = await mail.page(account.id, mailbox.id, criteria, limit + 1, after)
     has_more = len(page) > limit
     page = page[:limit]
-    stored = await mail.fetch(account.id, mailbox.id, UidSet.of([u for _, u in page])
-                              ) if page else []
-    position = {uid: i for i, (_, uid) in enumerate(page)}
-    stored.sort(key=lambda s: position.get(s.entry.uid, len(position)))
-    items = [summary(s, index.thread_of.get(s.entry.message_id)) for s in stored]
+    index = await ctx.threads.index(mail, account.id)
+    items = [summary(s, index.thread_of.get(s.entry.message_id)) for _, s in page]
     return web.json_response({
         "messages": items,
-        "next_cursor": encode_folder_cursor(mailbox.id, *page[-1]) if has_more else None,
+        "next_cursor": encode_folder_cursor(mailbox.id, *page[-1][0]) if has_more else None,
     })
 

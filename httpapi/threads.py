@@ -256,24 +256,11 @@ class ThreadMember:
 
 @dataclass
 class ThreadIndex:
-    """Every message of one account, threaded. Keys are stored message row ids.
-    ``list_dates`` holds each entry's list position, by (mailbox id, uid):
-    see :func:`list_date_key`."""
+    """Every message of one account, threaded. Keys are stored message row ids."""
 
     change_id: int
     thread_of: dict[int, str]
     members: dict[str, list[ThreadMember]]
-    list_dates: dict[tuple[int, int], int] = field(default_factory=dict)
-
-
-def list_date_key(sent: dt.datetime | None, arrived: dt.datetime) -> int:
-    """Where a message sits in a folder list, in microseconds since 1970:
-    its Date (RFC 5322 section 3.6.1), so imported mail sits by its date,
-    but never later than its arrival, so a forged future Date cannot pin it
-    to the top. Never negative (cursor keys are unsigned)."""
-    arrived_at = _sortable(arrived)
-    when = arrived_at if sent is None else min(_sortable(sent), arrived_at)
-    return max(0, int(when * 1_000_000))
 
 
 class ThreadCache:
@@ -314,7 +301,6 @@ class ThreadCache:
         change_id = await latest_change_id(mail, account_id)
         inputs: list[ThreadInput] = []
         members: list[ThreadMember] = []
-        list_dates: dict[tuple[int, int], int] = {}
         seen_rows: set[int] = set()
         for mailbox in await mail.list_mailboxes(account_id):
             for stored in await mail.fetch(account_id, mailbox.id, UidSet.all()):
@@ -322,9 +308,6 @@ class ThreadCache:
                 members.append(
                     ThreadMember(entry.mailbox_id, entry.uid, entry.message_id,
                                  entry.internal_date)
-                )
-                list_dates[(entry.mailbox_id, entry.uid)] = list_date_key(
-                    parsed.sent_date, entry.internal_date
                 )
                 if entry.message_id in seen_rows:
                     continue
@@ -347,7 +330,7 @@ class ThreadCache:
                 grouped.setdefault(tid, []).append(member)
         for group in grouped.values():
             group.sort(key=lambda m: (_sortable(m.date), m.mailbox_id, m.uid))
-        return ThreadIndex(change_id, thread_of, grouped, list_dates)
+        return ThreadIndex(change_id, thread_of, grouped)
 
 
 def _sortable(value: dt.datetime | None) -> float:

@@ -46,6 +46,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -179,6 +180,17 @@ def _split_date(when: dt.datetime) -> tuple[int, int, int]:
 def _join_date(micros: int, tz_minutes: int) -> dt.datetime:
     zone = dt.UTC if tz_minutes == 0 else dt.timezone(dt.timedelta(minutes=tz_minutes))
     return (_EPOCH + dt.timedelta(microseconds=micros)).astimezone(zone)
+
+
+def _list_date(sent_date: float | None, internal_micros: int) -> int:
+    """An entry's place in a folder list (``mailbox_entries.list_date``), in
+    epoch microseconds: its Date (RFC 5322 section 3.6.1; ``sent_date`` in
+    epoch seconds), so imported mail sits by its date, but never later than
+    its arrival, so a forged future Date cannot pin it to the top; never
+    negative. Schema step 11 computes the same for stored entries."""
+    if sent_date is None:
+        return internal_micros
+    return max(0, min(int(sent_date * 1_000_000), internal_micros))
 
 
 def _now() -> float:
@@ -372,7 +384,7 @@ _BUMP_MAILBOX = (
     .where(mailboxes.c.id == bindparam("b_id"))
     .values(uidnext=bindparam("b_uidnext"), highestmodseq=bindparam("b_modseq"))
 )
-_MESSAGE_SIZE = select(messages.c.size).where(
+_MESSAGE_SIZE = select(messages.c.size, messages.c.sent_date).where(
     messages.c.id == bindparam("b_id"), messages.c.account_id == bindparam("b_account")
 )
 _MAILBOX_BY_NAME = select(mailboxes).where(
@@ -1209,7 +1221,8 @@ class SqlMailStore:
                 when = _split_date(internal_date or now)
                 uid, modseq = uidnext.get(box.id, (box.uidnext, box.highestmodseq))
                 result = self._append_entry_sync(
-                    tx, box, uid, modseq, message_id, parsed.size, mask, keywords, when
+                    tx, box, uid, modseq, message_id, parsed.size, mask, keywords, when,
+                    values["sent_date"],
                 )
                 uidnext[box.id] = (result.uid + 1, result.modseq)
                 results.append(result)
@@ -1301,14 +1314,15 @@ class SqlMailStore:
 
         def write(conn: Connection) -> tuple[AppendResult, list[Change]]:
             tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
-            size = execute(
+            row = execute(
                 conn, _MESSAGE_SIZE, {"b_id": message_id, "b_account": account_id}
-            ).scalar()
-            if size is None:
+            ).first()
+            if row is None:
                 raise errors.not_found("no such message")
             mask, keywords = split_flags(flags)
             result = self._append_entry_sync(
-                tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, size, mask, keywords, when
+                tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, row.size, mask, keywords,
+                when, row.sent_date,
             )
             return result, tx.flush_sync(conn)
 
@@ -1329,11 +1343,13 @@ class SqlMailStore:
         mask: int,
         keywords: list[str],
         when: tuple[int, int, int],
+        sent_date: float | None,
     ) -> AppendResult:
         """Appends one entry at ``uid`` with a new modseq above
         ``highestmodseq`` (the mailbox counters as this transaction sees
         them); ``mask``/``keywords`` from :func:`split_flags`, ``when`` from
-        :func:`_split_date`. OVER_QUOTA if it does not fit."""
+        :func:`_split_date`, ``sent_date`` the message's (for
+        :func:`_list_date`). OVER_QUOTA if it does not fit."""
         micros, tz, day = when
         self._check_quota(tx, size)
         tx.used_delta += size
@@ -1355,6 +1371,7 @@ class SqlMailStore:
                 "internal_tz": tz,
                 "internal_day": day,
                 "size": size,
+                "list_date": _list_date(sent_date, micros),
             },
         )
         tx.change(ChangeKind.NEW, mbox.id, uid, modseq, {"flags": sorted(_flags_of(mask, kw_text))})
@@ -1549,6 +1566,61 @@ class SqlMailStore:
             return uids
         return [r.uid for r in await self._evaluate(rows, criteria, ctx)]
 
+    async def page(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        criteria: Criteria,
+        limit: int,
+        before: tuple[int, int] | None = None,
+    ) -> list[tuple[tuple[int, int], StoredMessage]]:
+        """A folder list page: the mailbox's entries matching ``criteria``,
+        newest first by (list date, UID) (see :func:`_list_date`), only those
+        strictly before the key ``before``, at most ``limit``; each with its
+        key, the next page's ``before``. Keyset paging on the index
+        (mailbox_id, list_date, uid): a page reads its own rows (and those
+        the criteria turn down on the way), never the whole mailbox, and
+        mail arriving meanwhile (keyed by its arrival, so later) moves nothing."""
+        ctx = crit.Context(max_uid=None, sqlite_fts=self.db.is_sqlite)
+        exact = crit.to_sql(criteria, ctx)
+        narrow = exact if exact is not None else crit.superset(criteria, ctx)
+        columns = (
+            (*_ENTRY_COLUMNS, messages.c.parsed)
+            if exact is not None
+            else (*self._CANDIDATE_COLUMNS, E.c.internal_tz)
+        )
+        base = (
+            select(*columns, E.c.list_date)
+            .select_from(E.join(messages, messages.c.id == E.c.message_id))
+            .where(E.c.mailbox_id == mailbox_id)
+        )
+        if narrow is not None:
+            base = base.where(narrow)
+        # Criteria that SQL cannot decide are finished in Python, a batch at a time.
+        batch = limit if exact is not None else max(4 * limit, 200)
+        found: list[Any] = []
+        key = before
+        while len(found) < limit:
+            stmt = base if key is None else base.where(tuple_(E.c.list_date, E.c.uid) < key)
+            stmt = stmt.order_by(E.c.list_date.desc(), E.c.uid.desc()).limit(batch)
+
+            def read(conn: Connection, stmt: Any = stmt) -> list[Any]:
+                self._mailbox_row_sync(conn, account_id, mailbox_id)
+                return conn.execute(stmt).all()
+
+            rows = await self.db.read_sync(read)
+            if len(rows) < batch:
+                key = None
+            elif rows:
+                key = (rows[-1].list_date, rows[-1].uid)
+            found.extend(rows if exact is not None else await self._evaluate(rows, criteria, ctx))
+            if key is None:
+                break
+        return [
+            ((r.list_date, r.uid), StoredMessage(_entry(r), self._parsed(r.message_id, r.parsed)))
+            for r in found[:limit]
+        ]
+
     async def search_account(
         self, account_id: int, criteria: Criteria, limit: int = 100
     ) -> list[MessageEntry]:
@@ -1680,6 +1752,7 @@ class SqlMailStore:
                     "internal_tz": r.internal_tz,
                     "internal_day": r.internal_day,
                     "size": r.size,
+                    "list_date": r.list_date,
                 }
             )
         await tx.conn.execute(insert(E), values)
@@ -1755,6 +1828,7 @@ class SqlMailStore:
         E.c.internal_tz,
         E.c.internal_day,
         E.c.size,
+        E.c.list_date,
     )
 
     async def copy(

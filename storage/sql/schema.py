@@ -163,7 +163,7 @@ mailbox_entries = Table(
     Column("internal_day", Integer, nullable=False),  # date.toordinal() in that zone
     Column("size", BigInteger, nullable=False),  # copy of messages.size for quota/status
     # v11: where the entry sits in a folder list, epoch microseconds: the
-    # message's Date, never later than internal_date (storage.model.list_date).
+    # message's Date, never later than internal_date (storage.sql.mailstore._list_date).
     # Indexed with (mailbox_id, uid) so a page is a keyset range, not a sort.
     Column("list_date", BigInteger, nullable=False, server_default=text("0")),
     UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
