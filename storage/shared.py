@@ -22,6 +22,7 @@ already holds across instances, and a lock in Redis would be less safe
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -179,8 +180,6 @@ class _Outage:
     """Whether Redis is to be tried: after a failure, the in-process twin
     answers for ``retry`` seconds before Redis is tried again."""
 
-    ERRORS: tuple[type[BaseException], ...] = ()  # set on first use: redis imports lazily
-
     def __init__(self, retry: float) -> None:
         self.retry = retry
         self._down_until = -math.inf
@@ -192,22 +191,25 @@ class _Outage:
             try:
                 result = await remote()
             except _redis_errors() as exc:
-                if self._down_until == -math.inf or time.monotonic() >= self._down_until:
+                if self._down_until == -math.inf:  # once per outage, not per call
                     log.warning("Redis unreachable, counting %s in this process: %s", what, exc)
                 self._down_until = time.monotonic() + self.retry
             else:
-                self._down_until = -math.inf
+                if self._down_until != -math.inf:
+                    log.warning("Redis reachable again: limits are shared again")
+                    self._down_until = -math.inf
                 return result
         FALLBACKS.inc(what=what)
         return await local()
 
 
+@functools.cache
 def _redis_errors() -> tuple[type[BaseException], ...]:
-    if not _Outage.ERRORS:
-        import redis.exceptions
+    """What an unreachable or failing Redis raises (imported on first use:
+    a site without Redis never loads the client)."""
+    import redis.exceptions
 
-        _Outage.ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
-    return _Outage.ERRORS
+    return (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 class RedisRateLimit:

@@ -202,5 +202,7 @@ async def test_unreachable_redis_counts_in_process(redis_server, redis_url: str,
         await asyncio.sleep(0.3)  # retry_seconds
         assert await rate.take("k") == 0.0  # back on Redis, which counts from 0
         assert await state.client.exists("shardmail:rate:smtp-ip:k") == 1
+        assert "Redis reachable again" in caplog.text
+        assert caplog.text.count("Redis unreachable") == 1  # once per outage
     finally:
         await state.close()
