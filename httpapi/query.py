@@ -6,7 +6,7 @@ double-quoted to hold spaces)::
     subject:VALUE  from:VALUE  to:VALUE  cc:VALUE  body:VALUE
     has:attachment  is:unread  is:read  is:flagged  is:unflagged
     before:YYYY-MM-DD  after:YYYY-MM-DD (internal date, by calendar day)
-    anything else: free text, matched against headers and body
+    anything else: free text, matched against the subject, From, To, Cc and body
 
 Header and text matches are case-insensitive substrings, as RFC 3501
 section 6.4.4 SEARCH defines them. ``has:attachment`` is not expressible as
@@ -70,7 +70,9 @@ def parse_query(text: str) -> SearchQuery:
         if key is None:
             if not value:
                 continue
-            term = Text("text", value)
+            # What the reader sees, not trace fields (Received, DKIM...): the
+            # index holds these columns, so the search stays indexed.
+            term = Text("content", value)
         else:
             key = key.lower()
             if not value:

@@ -10,6 +10,7 @@ Mapping of RFC 3501 keys:
     NEW -> And(Recent, Flag(SEEN, False)); OLD -> Not(Recent) (session side);
     BCC/CC/FROM/TO/SUBJECT -> Header(name, s); HEADER f s -> Header(f, s);
     BODY s -> Text("body", s); TEXT s -> Text("text", s);
+    (the HTTP API's free text) -> Text("content", s);
     BEFORE/ON/SINCE -> Date("internal", op, d); SENT* -> Date("sent", op, d);
     LARGER/SMALLER -> Size(op, n); UID set / seq set -> Uids(set);
     NOT -> Not; OR -> Or; a list -> And; MODSEQ (RFC 7162) -> ModSeq(n).
@@ -48,9 +49,13 @@ class Header:
 
 @dataclass(frozen=True)
 class Text:
-    """``where`` "body": body text; "text": headers and body."""
+    """``where`` "body": body text; "text": headers and body (RFC 3501
+    TEXT: every header field, Received and DKIM lines included);
+    "content": the subject, From, To and Cc fields and the body text, what a
+    reader of the message sees (the HTTP API's free text). "content" is
+    decided from stored columns alone, so the full-text index can answer it."""
 
-    where: Literal["body", "text"]
+    where: Literal["body", "text", "content"]
     value: str
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import email.header
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,18 +160,25 @@ _FTS_QUEUE = table("fts_pending", column("message_id"))
 FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
 
 
-def _text_condition(col: Any, value: str, ctx: Context) -> ColumnElement[bool]:
-    """Case-insensitive substring; on SQLite the trigram index narrows first
-    (its matches, plus the messages still queued for it, are a superset of
-    the LIKE's for ASCII values)."""
-    cond = col.icontains(value, autoescape=True)
+# The columns a Text("content") search looks in.
+CONTENT_COLUMNS = (M.c.subject, M.c.from_text, M.c.to_text, M.c.cc_text, M.c.body_text)
+
+
+def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElement[bool]:
+    """Case-insensitive substring of any of ``cols``; on SQLite the trigram
+    index narrows first (its matches, plus the messages still queued for
+    it, are a superset of the LIKE's for ASCII values)."""
+    exact = [col.icontains(value, autoescape=True) for col in cols]
+    cond = or_(*exact) if len(exact) > 1 else exact[0]
     if ctx.sqlite_fts and len(value) >= FTS_MIN_LENGTH:
         # Any column: detail=none keeps no column either; the exact
-        # condition on ``col`` decides among the rows the index returns.
+        # condition decides among the rows the index returns. One IN over
+        # a UNION (not an OR of two INs) lets SQLite drive the query from
+        # the index's few rows by primary key instead of scanning the mailbox.
         query = fts_trigram_query(value)
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
         queued = select(_FTS_QUEUE.c.message_id)
-        cond = and_(or_(M.c.id.in_(hits), M.c.id.in_(queued)), cond)
+        cond = and_(M.c.id.in_(hits.union_all(queued)), cond)
     return cond
 
 
@@ -217,13 +224,14 @@ def to_sql(c: Criteria, ctx: Context) -> ColumnElement[bool] | None:
         col = HEADER_COLUMNS.get(c.name.lower())
         if col is None or not c.value or not c.value.isascii():
             return None
-        return _text_condition(col, c.value, ctx)
+        return _text_condition((col,), c.value, ctx)
     if isinstance(c, Text):
         if not c.value:
             return true()
-        if c.where != "body" or not c.value.isascii():
+        if c.where == "text" or not c.value.isascii():
             return None
-        return _text_condition(M.c.body_text, c.value, ctx)
+        cols = (M.c.body_text,) if c.where == "body" else CONTENT_COLUMNS
+        return _text_condition(cols, c.value, ctx)
     if isinstance(c, Date):
         return _day_condition(c)
     if isinstance(c, Size):
@@ -380,6 +388,8 @@ def matches(c: Criteria, m: Candidate, ctx: Context) -> bool:
             return False
         if any(_contains(t, c.value) for t in (m.subject, m.from_text, m.to_text, m.cc_text)):
             return True
+        if c.where == "content":
+            return False
         # Raw header text; the usual encoded-word fields were matched decoded above.
         return _contains(m.header_text(), c.value)
     if isinstance(c, Date):

@@ -433,6 +433,14 @@ SEARCHES = [
     (Text("body", "VENU"), [1]),  # a substring inside a word
     (Text("body", "iz"), [2]),  # shorter than a trigram
     (Text("body", 'a "quoted'), []),
+    # The API's free text: subject, addresses and body, not trace or list fields.
+    (Text("content", "PIZZA"), [2]),
+    (Text("content", "carol@"), [2]),
+    (Text("content", "dave"), [2]),
+    (Text("content", "größen"), [3]),
+    (Text("content", "venu"), [1]),
+    (Text("content", "team.example"), []),  # only in List-Id: TEXT finds it, content not
+    (Text("content", "highest"), []),  # only in X-Priority
     (Header("subject", "t?"), []),
     (Header("subject", "h?"), [2]),
     (Date("internal", "on", dt.date(2024, 2, 1)), [2]),
