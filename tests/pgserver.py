@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -127,6 +128,22 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(stat.split("/")[2]))
     return found
+
+
+@contextlib.contextmanager
+def primary_with_replica(*, durable: bool = False) -> Iterator[tuple[PgServer, PgServer]]:
+    """A primary and its synchronous streaming replica (commits wait for
+    the replica's flush), both stopped and removed at the end.
+    ``durable``: as :meth:`PgServer.start`."""
+    primary = PgServer.start(durable=durable)
+    try:
+        replica = primary.start_replica(synchronous=True)
+        try:
+            yield primary, replica
+        finally:
+            replica.stop()
+    finally:
+        primary.stop()
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ from storage.model import Account, Change, ChangeKind, UidSet
 from storage.sql.db import Database
 from tests.contract.conftest import TEST_HASHER
 from tests.contract.mailfactory import build
-from tests.pgserver import PgServer
+from tests.pgserver import PgServer, primary_with_replica
 
 T = TypeVar("T")
 
@@ -38,16 +38,9 @@ RETRY_PAUSE = 0.1
 
 @pytest.fixture
 def pair() -> Iterator[tuple[PgServer, PgServer]]:
-    """A primary and its synchronous streaming replica; both removed after."""
-    primary = PgServer.start()  # raises (the test errors) if PostgreSQL cannot run
-    try:
-        replica = primary.start_replica(synchronous=True)
-        try:
-            yield primary, replica
-        finally:
-            replica.stop()
-    finally:
-        primary.stop()
+    """A primary and its synchronous streaming replica."""
+    with primary_with_replica() as servers:  # raises (the test errors) if PostgreSQL cannot run
+        yield servers
 
 
 async def _until_written(attempt: Callable[[], Awaitable[T]]) -> tuple[T, list[StorageError]]:

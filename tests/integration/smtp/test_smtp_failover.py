@@ -29,7 +29,7 @@ import pytest
 from storage.backend import failover_url, open_storage_from_url
 from tests.dnsserver import DnsServer
 from tests.integration.smtp.test_smtp_crash import free_port, start_mtad, stop_mtad
-from tests.pgserver import PgServer
+from tests.pgserver import PgServer, primary_with_replica
 from tests.protocol.smtp.support import ALICE, BOB, mailbox_messages, populate
 
 CLIENTS = 4
@@ -137,15 +137,8 @@ def _close(smtp: smtplib.SMTP | None) -> None:
 def pair() -> Iterator[tuple[PgServer, PgServer]]:
     """A durable primary (fsync, synchronous_commit) and its synchronous
     streaming replica: the primary's commits wait for the replica's flush."""
-    primary = PgServer.start(durable=True)  # raises (the test errors) if it cannot
-    try:
-        replica = primary.start_replica(synchronous=True)
-        try:
-            yield primary, replica
-        finally:
-            replica.stop()
-    finally:
-        primary.stop()
+    with primary_with_replica(durable=True) as servers:  # raises if PostgreSQL cannot run
+        yield servers
 
 
 async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
