@@ -1,8 +1,9 @@
 """Limits shared by instances (issue #19): two imapd and two mtad processes
 over one data dir and one real redis-server. Wrong passwords given to one
 instance delay logins on the other; an SMTP per-IP limit counts the messages
-of both. With Redis stopped, every instance goes on serving (limits counted
-per process), and nobody is told their password is wrong.
+of both, and an HTTP per-IP limit the requests of two API instances. With
+Redis stopped, every instance goes on serving (limits counted per process),
+and nobody is told their password is wrong.
 """
 
 from __future__ import annotations
@@ -185,3 +186,45 @@ async def test_without_redis_every_instance_still_serves(site: Site, redis_serve
     await asyncio.sleep(0.6)  # redis.retry_seconds: the instances use Redis again
     replies = [await smtp_send(site.mx[i % 2]) for i in range(SMTP_LIMIT + 1)]
     assert [r[:3] for r in replies] == ["250"] * SMTP_LIMIT + ["450"]
+
+
+async def test_http_per_ip_limit_counts_both_instances(tmp_path: Path, redis_url: str) -> None:
+    """Two API instances (each its own storage, as two hosts would have) over
+    one database: the per-IP request limit is the site's, not each one's."""
+    import aiohttp
+
+    from httpapi.service import start as start_http
+    from storage.backend import open_storage_from_url
+    from storage.shared import close_shared_state
+
+    limit = random.randint(2, 6)
+    settings = make_settings(
+        tmp_path / "data", http={"rate_limit_per_ip": limit}, redis={"url": redis_url}
+    )
+    settings.data_dir.mkdir(parents=True)
+    hasher = PasswordHasher.from_parameters(profiles.CHEAPEST)
+    stores = [
+        await open_storage_from_url(
+            f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs",
+            password_hasher=hasher,
+        )
+        for _ in range(2)
+    ]
+    services = [await start_http(settings, store, None) for store in stores]
+    try:
+        statuses, retry_after = [], []
+        async with aiohttp.ClientSession() as http:
+            for i in range(limit + 2):
+                url = f"http://127.0.0.1:{services[i % 2].ports[0]}/v1/folders"
+                async with http.get(url) as resp:
+                    statuses.append(resp.status)
+                    retry_after.append(resp.headers.get("Retry-After"))
+        # No token: 401 while within the limit, then 429 (RFC 6585 section 4) on both.
+        assert statuses == [401] * limit + [429, 429]
+        assert all(int(value) >= 1 for value in retry_after[limit:])
+    finally:
+        for service in services:
+            await service.close()
+        for store in stores:
+            await close_shared_state(store)
+            await store.close()
