@@ -300,9 +300,17 @@ class SharedState:
 
     def __init__(self) -> None:
         self.failures: FailureCounter = LocalFailureCounter(FAILURE_WINDOW_SECONDS)
+        self._limits: dict[tuple[str, int, float], RateLimit] = {}
 
     def rate_limit(self, name: str, limit: int, window: float) -> RateLimit:
-        """The limit ``name`` (its keys are apart from every other name's)."""
+        """The limit ``name`` (its keys are apart from every other name's);
+        asked again, the same counts."""
+        key = (name, limit, float(window))
+        if key not in self._limits:
+            self._limits[key] = self._new_limit(name, limit, window)
+        return self._limits[key]
+
+    def _new_limit(self, name: str, limit: int, window: float) -> RateLimit:
         return LocalRateLimit(limit, window)
 
     async def close(self) -> None:
@@ -325,11 +333,13 @@ class RedisSharedState(SharedState):
             # No retries: an unreachable Redis is answered in-process at once.
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
+            # Keys carry what clients typed: a lone surrogate from JSON is a key too.
+            encoding_errors="surrogatepass",
         )
         self._outage = _Outage(settings.retry_seconds)
         self.failures = RedisFailureCounter(self.client, self._outage, FAILURE_WINDOW_SECONDS)
 
-    def rate_limit(self, name: str, limit: int, window: float) -> RateLimit:
+    def _new_limit(self, name: str, limit: int, window: float) -> RateLimit:
         return RedisRateLimit(self.client, name, limit, window, self._outage)
 
     async def close(self) -> None:

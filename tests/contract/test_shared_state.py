@@ -99,6 +99,23 @@ async def test_failure_counts(shared) -> None:
     assert await failures.recent("ip:192.0.2.7") == n
 
 
+async def test_any_text_is_a_key(shared) -> None:
+    """Login names reach the counters as clients typed them: JSON may carry
+    lone surrogates ("\\udcff"), IMAP any UTF-8. Each is a key of its own."""
+    rng = random.Random()
+    names = {
+        "".join(chr(rng.choice([rng.randint(0x20, 0x7E), rng.randint(0xD800, 0xDFFF),
+                                rng.randint(0x80, 0x10FFFF)])) for _ in range(rng.randint(1, 40)))
+        for _ in range(20)
+    }
+    for name in names:
+        await shared.failures.add([f"login:{name}"])
+        assert await shared.rate_limit("test", 1, HOUR).take(name) == 0.0
+    for name in names:
+        assert await shared.failures.recent(f"login:{name}") == 1
+        assert await shared.rate_limit("test", 1, HOUR).take(name) > 0
+
+
 # --- the sliding window, with a clock -------------------------------------
 
 
