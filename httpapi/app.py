@@ -258,7 +258,7 @@ async def _close_websockets(app: web.Application) -> None:
 
 def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Application:
     """The application for one process. ``secret`` is the site token key
-    (:func:`httpapi.auth.load_or_create_secret`)."""
+    (:func:`httpapi.service.site_token_key`)."""
     app = web.Application(
         middlewares=[errors_middleware, access_middleware],
         # Handlers read bodies through httpapi.body with their route's limit;

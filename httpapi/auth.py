@@ -5,9 +5,10 @@ them without a storage round trip for the token itself:
 ``sm1.<payload>.<mac>`` where the payload carries the account id, the expiry
 and a fingerprint of the account's password hash (a password change
 invalidates every token issued before it). The key is random per site and
-persisted in ``data_dir/http_secret`` (mode 0600); the first instance to
-start creates it atomically and every other instance on the host reads the
-same key, so they all accept each other's tokens.
+kept in the directory (``Directory.shared_secret``, see
+:func:`httpapi.service.site_token_key`): the first instance to start stores
+it and every other, on any host, reads the same key, so they all accept
+each other's tokens.
 
 HTTP Basic (RFC 7617) takes the account address and password, for scripts.
 Argon2 costs tens of milliseconds, so a successful Basic login is
@@ -24,8 +25,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
-import secrets
 import struct
 import time
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from storage.errors import ErrorKind, StorageError
 from storage.model import Account
 from storage.throttle import LoginClient, LoginGate
 
-SECRET_FILE = "http_secret"
+SECRET_FILE = "http_secret"  # where versions before the directory's key kept it
+SECRET_NAME = "http token key"  # its name among the directory's shared secrets
 SECRET_BYTES = 32
 TOKEN_PREFIX = "sm1"
 _PAYLOAD = struct.Struct(">QQ8s")  # account id, expiry (unix seconds), password fingerprint
@@ -47,35 +47,15 @@ BASIC_CACHE_MAX = 10_000
 REALM = "shardmail"
 
 
-def load_or_create_secret(data_dir: Path) -> bytes:
-    """The site's token key from ``data_dir/http_secret``, creating it (0600)
-    if missing. Blocking: call through ``asyncio.to_thread``.
-
-    Creation writes a temporary file and hard-links it into place, which
-    fails if another instance won the race; then that instance's key is read.
-    """
-    path = data_dir / SECRET_FILE
+def read_legacy_secret(data_dir: Path) -> bytes | None:
+    """The key an older version kept in ``data_dir/http_secret``, if any: the
+    site adopts it, so tokens issued before an upgrade stay valid. Blocking:
+    call through ``asyncio.to_thread``."""
     try:
-        data = path.read_bytes()
-        if len(data) >= SECRET_BYTES:
-            return data
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = data_dir / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(SECRET_BYTES))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_bytes()
+        data = (data_dir / SECRET_FILE).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return data if len(data) >= SECRET_BYTES else None
 
 
 def _b64(data: bytes) -> str:

@@ -7,12 +7,13 @@ and the login throttle see the real client. The ``tls`` context is accepted
 for the common daemon signature and not used. Sockets are opened through
 :mod:`runtime.listen` (a per-IP connection limit, ``http.max_connections_per_ip``,
 and port sharing only between one site's instances); instances agree on
-tokens through ``data_dir/http_secret``.
+tokens through the directory's shared token key (:func:`site_token_key`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import ssl
 
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from conf.settings import Settings
 from httpapi.app import ACCESS_LOG, SERVER_LOG, AccessLog, build_app
-from httpapi.auth import load_or_create_secret
+from httpapi.auth import SECRET_BYTES, SECRET_NAME, read_legacy_secret
 from runtime.listen import PeerLimit, open_listener, serve_socket
 from storage.api import Storage
 
@@ -38,9 +39,15 @@ TOO_MANY_CONNECTIONS = (
 )
 
 
-async def prepare(settings: Settings) -> None:
-    """Create the token secret once, before workers that must share it start."""
-    await asyncio.to_thread(load_or_create_secret, settings.data_dir)
+async def site_token_key(settings: Settings, storage: Storage) -> bytes:
+    """The site's token key, shared by every instance through the directory
+    (issue #19: instances on other hosts must accept each other's tokens).
+    A key an older version kept in ``data_dir/http_secret`` is offered
+    first, so its tokens stay valid; else a new random one. TEMPORARY if
+    the directory cannot be reached."""
+    legacy = await asyncio.to_thread(read_legacy_secret, settings.data_dir)
+    offered = legacy or secrets.token_bytes(SECRET_BYTES)
+    return await storage.directory.shared_secret(SECRET_NAME, offered)
 
 
 class HttpService:
@@ -94,7 +101,7 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
     """Start listening on every ``http.listen`` address; raises
     :class:`runtime.listen.ListenError` if one cannot be bound (after
     closing what was opened)."""
-    secret = await asyncio.to_thread(load_or_create_secret, settings.data_dir)
+    secret = await site_token_key(settings, storage)
     app = build_app(settings, storage, secret)
     runner = web.AppRunner(
         app,

@@ -104,6 +104,11 @@ class Directory(Protocol):
     async def list_aliases(self) -> list[Alias]: ...
     async def remove_alias(self, source: str, target: str | None = None) -> None: ...
 
+    async def shared_secret(self, name: str, offered: bytes) -> bytes:
+        """The site's secret ``name`` (the HTTP token key): the value stored
+        first by any instance, storing ``offered`` if there is none; the
+        same bytes for every instance over this directory."""
+
     async def resolve(self, address: str) -> Route:
         """Exact account, then exact alias, then plus-address
         (``user+tag@d`` -> ``user@d``), then catch-all ``@d``."""
@@ -225,21 +230,6 @@ class MailStore(Protocol):
 
     async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
         """Matching UIDs, ascending."""
-
-    async def page(
-        self,
-        account_id: int,
-        mailbox_id: int,
-        criteria: Criteria,
-        limit: int,
-        before: tuple[int, int] | None = None,
-    ) -> list[tuple[tuple[int, int], StoredMessage]]:
-        """A folder list page: entries matching ``criteria`` newest first by
-        (list date, UID), strictly before the key ``before``, at most
-        ``limit``, each with its key (the next page's ``before``). The list
-        date is the message's Date, never later than its arrival. Reads the
-        page, not the mailbox: every entry is on exactly one page however
-        much mail arrives while a client pages."""
 
     async def search_account(
         self, account_id: int, criteria: Criteria, limit: int = 100

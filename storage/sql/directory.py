@@ -40,7 +40,7 @@ from storage.api import Route
 from storage.model import Account, Alias, Domain
 from storage.sql.db import Database
 from storage.sql.mailstore import SqlMailStore
-from storage.sql.schema import accounts, aliases, domains
+from storage.sql.schema import accounts, aliases, domains, shared_secrets
 
 MAX_ADDRESS = 254  # RFC 5321 section 4.5.3.1.3 path limit, less the brackets
 MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
@@ -508,6 +508,41 @@ class SqlDirectory:
             result = await conn.execute(stmt)
             if not result.rowcount:
                 raise errors.not_found("no such alias")
+
+    # --- secrets every instance shares ---------------------------------------------
+
+    async def shared_secret(self, name: str, offered: bytes) -> bytes:
+        """The site's secret ``name`` (e.g. the HTTP token key): the value
+        stored first, by whichever instance got there; ``offered`` is stored
+        if there is none yet. Every instance over this directory gets the
+        same bytes, now and after restarts. TEMPORARY if the directory
+        cannot be reached."""
+        found = await self._read_secret(name)
+        if found is not None:
+            return found
+        async with self.db.write() as conn:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(shared_secrets).values(
+                            name=name, value=offered, created=time.time()
+                        )
+                    )
+            except IntegrityError:
+                pass  # another instance stored it first: theirs is the site's
+        found = await self._read_secret(name)
+        if found is None:  # removed meanwhile: nothing to agree on yet
+            raise errors.StorageError(errors.ErrorKind.TEMPORARY, f"secret {name!r} not stored")
+        return found
+
+    async def _read_secret(self, name: str) -> bytes | None:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(shared_secrets.c.value).where(shared_secrets.c.name == name)
+                )
+            ).first()
+        return None if row is None else bytes(row.value)
 
     # --- routing -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -78,6 +79,16 @@ aliases = Table(
     Column("target", String(320), nullable=False),
     UniqueConstraint("source", "target", name="aliases_source_target"),
     sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
+)
+
+# Secrets every instance of the site shares (the HTTP token key...): kept
+# here, not in one host's data dir, so instances on other hosts agree.
+shared_secrets = Table(
+    "shared_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+    Column("created", Float, nullable=False),  # epoch seconds
 )
 
 # --- mail store (per shard) -------------------------------------------------
@@ -163,7 +174,7 @@ mailbox_entries = Table(
     Column("internal_day", Integer, nullable=False),  # date.toordinal() in that zone
     Column("size", BigInteger, nullable=False),  # copy of messages.size for quota/status
     # v11: where the entry sits in a folder list, epoch microseconds: the
-    # message's Date, never later than internal_date (storage.sql.mailstore._list_date).
+    # message's Date, never later than internal_date (storage.model.list_date).
     # Indexed with (mailbox_id, uid) so a page is a keyset range, not a sort.
     Column("list_date", BigInteger, nullable=False, server_default=text("0")),
     UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
@@ -610,6 +621,13 @@ async def _v11_list_order(conn: AsyncConnection) -> None:
     )
 
 
+async def _v12_shared_secrets(conn: AsyncConnection) -> None:
+    """Secrets every instance shares, in the directory's database (issue
+    #19): the HTTP token key moves there from ``data_dir/http_secret``
+    (adopted at the next start, see ``httpapi.service``)."""
+    await conn.run_sync(lambda sync: shared_secrets.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -622,6 +640,7 @@ MIGRATIONS: list[Step] = [
     _v9_subscriptions,
     _v10_account_moves,
     _v11_list_order,
+    _v12_shared_secrets,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

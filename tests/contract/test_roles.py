@@ -181,3 +181,30 @@ async def test_set_shard_drops_every_instances_cached_route(new_url, tmp_path: P
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_shared_secret_is_one_per_site(new_url, tmp_path: Path) -> None:
+    """Instances starting at once each offer a key; all keep the one stored
+    first, and it outlives them (the directory's database holds it)."""
+    directory = await new_url("dir")
+    sites = [
+        await open_storage_from_url(directory, tmp_path / "blobs", password_hasher=TEST_HASHER)
+        for _ in range(3)
+    ]
+    try:
+        offered = [random.randbytes(random.randint(32, 64)) for _ in sites]
+        pairs = zip(sites, offered, strict=True)
+        kept = await asyncio.gather(
+            *(s.directory.shared_secret("http token", key) for s, key in pairs)
+        )
+        assert len(set(kept)) == 1 and kept[0] in offered
+        other = await sites[0].directory.shared_secret("dkim", random.randbytes(40))
+        assert other != kept[0]
+    finally:
+        for s in sites:
+            await s.close()
+    again = await open_storage_from_url(directory, tmp_path / "blobs")
+    try:
+        assert await again.directory.shared_secret("http token", b"x" * 32) == kept[0]
+    finally:
+        await again.close()

@@ -1,13 +1,13 @@
-"""Bearer tokens: signed, expiring, bound to the password; the shared key file."""
+"""Bearer tokens: signed, expiring, bound to the password; a key file of an older version."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import threading
+import random
 from pathlib import Path
 
-from httpapi.auth import TokenSigner, load_or_create_secret
+from httpapi.auth import TokenSigner, read_legacy_secret
 from storage.model import Account
 
 
@@ -43,16 +43,13 @@ def test_password_change_changes_the_fingerprint() -> None:
     assert signer.fingerprint(account("h1")) != signer.fingerprint(account("h2"))
 
 
-def test_secret_file_is_created_once_private_and_shared(tmp_path: Path) -> None:
-    results: list[bytes] = []
-    threads = [threading.Thread(target=lambda: results.append(load_or_create_secret(tmp_path)))
-               for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(set(results)) == 1 and len(results[0]) == 32
-    path = tmp_path / "http_secret"
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["http_secret"]  # no temp files left
-    assert load_or_create_secret(tmp_path) == results[0]
+def test_a_legacy_key_file_is_read_only_if_whole(tmp_path: Path) -> None:
+    """An older version's data_dir/http_secret is adopted; a short file (a
+    crash while writing) or none gives None."""
+    assert read_legacy_secret(tmp_path) is None
+    key = os.urandom(32 + random.randint(0, 31))
+    (tmp_path / "http_secret").write_bytes(key)
+    assert read_legacy_secret(tmp_path) == key
+    (tmp_path / "http_secret").write_bytes(key[: random.randint(0, 31)])
+    assert read_legacy_secret(tmp_path) is None
+

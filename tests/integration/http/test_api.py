@@ -89,8 +89,6 @@ async def test_two_instances_share_the_token_key(
             assert resp.status == 200
     finally:
         await second.close()
-    secret = http_settings.data_dir / "http_secret"
-    assert secret.stat().st_mode & 0o777 == 0o600
 
 
 async def test_rate_limit_answers_429_with_retry_after(
