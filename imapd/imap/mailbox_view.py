@@ -68,7 +68,10 @@ class MailboxView:
         view = cls(mailbox, read_only, modseq=modseq)
         view.uids = [e.uid for e in entries]
         view.entries = {e.uid: e for e in entries}
-        view.keywords = {f for e in entries for f in e.flags if not f.startswith("\\")}
+        # Few distinct flag sets (storage shares them): look at each once.
+        view.keywords = {
+            f for flags in {e.flags for e in entries} for f in flags if not f.startswith("\\")
+        }
         return view
 
     def _note_keywords(self, flags: frozenset[str]) -> None:

@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import functools
 import json
 import operator
 import time
@@ -162,7 +163,11 @@ def _keywords_text(keywords: Iterable[str]) -> str:
     return f" {' '.join(kws)} " if kws else " "
 
 
+@functools.lru_cache(maxsize=4096)
 def _flags_of(mask: int, keywords: str) -> frozenset[str]:
+    """The flag set of stored flags; cached, since a mailbox holds few
+    distinct combinations: a SELECT of 100,000 entries builds a handful of
+    sets and shares them, instead of one per entry."""
     out = {flag for flag, bit in crit.FLAG_BITS.items() if mask & bit}
     out.update(keywords.split())
     return frozenset(out)
@@ -178,8 +183,13 @@ def _split_date(when: dt.datetime) -> tuple[int, int, int]:
 
 
 def _join_date(micros: int, tz_minutes: int) -> dt.datetime:
-    zone = dt.UTC if tz_minutes == 0 else dt.timezone(dt.timedelta(minutes=tz_minutes))
-    return (_EPOCH + dt.timedelta(microseconds=micros)).astimezone(zone)
+    when = _EPOCH + dt.timedelta(microseconds=micros)
+    return when if tz_minutes == 0 else when.astimezone(_zone(tz_minutes))
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(tz_minutes: int) -> dt.timezone:
+    return dt.timezone(dt.timedelta(minutes=tz_minutes))
 
 
 def _list_date(sent_date: float | None, internal_micros: int) -> int:

@@ -707,3 +707,17 @@ async def test_threads(storage: SqlStorage, bob: Account) -> None:
     assert t1 is not None
     assert await mail.thread_of(bob.id, reply.message_id) == t1
     assert await mail.thread_of(bob.id, alone.message_id) != t1
+
+
+async def test_a_snapshot_shares_its_flag_sets(storage: SqlStorage, bob: Account) -> None:
+    """SELECT of a big mailbox holds one flag set per distinct combination of
+    flags, not one per message (100,000 entries, a handful of sets)."""
+    import random
+
+    rng = random.Random()
+    combos = [(), (SEEN,), (SEEN, FLAGGED), ("$Label1",), (SEEN, "$Label1")]
+    for _ in range(rng.randint(20, 40)):
+        await deliver(storage, bob, flags=rng.choice(combos))
+    entries = await storage.mail(bob).uids(bob.id, await inbox_id(storage, bob))
+    assert {e.flags for e in entries} <= {frozenset(c) for c in combos}
+    assert len({id(e.flags) for e in entries}) == len({e.flags for e in entries})
