@@ -174,7 +174,7 @@ mailbox_entries = Table(
     Column("internal_day", Integer, nullable=False),  # date.toordinal() in that zone
     Column("size", BigInteger, nullable=False),  # copy of messages.size for quota/status
     # v11: where the entry sits in a folder list, epoch microseconds: the
-    # message's Date, never later than internal_date (storage.model.list_date).
+    # message's Date, never later than internal_date (storage.sql.mailstore._list_date).
     # Indexed with (mailbox_id, uid) so a page is a keyset range, not a sort.
     Column("list_date", BigInteger, nullable=False, server_default=text("0")),
     UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
@@ -628,6 +628,41 @@ async def _v12_shared_secrets(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: shared_secrets.create(sync, checkfirst=True))
 
 
+# SQLite query planner statistics (sqlite_stat1, "N rows, rows per value of
+# the first column, of the first two..."), written once instead of measured
+# by ANALYZE: the shape of a mail shard, not of whatever it held on the day.
+# Without them SQLite guesses ten rows per indexed value and reads a search's
+# whole account (every mailbox, every entry) rather than the few messages
+# the full-text index returned; with them it starts from those.
+_SQLITE_STATS = (
+    ("mailbox_entries", "sqlite_autoindex_mailbox_entries_1", "1000000 20000 1"),
+    ("mailbox_entries", "ix_mailbox_entries_message_id", "1000000 1"),
+    ("mailbox_entries", "mailbox_entries_mailbox_modseq", "1000000 20000 2"),
+    ("mailbox_entries", "mailbox_entries_mailbox_list", "1000000 20000 1 1"),
+    ("mailboxes", "mailboxes_account", "100000 10"),
+    ("mailboxes", "sqlite_autoindex_mailboxes_1", "100000 10 1"),
+    ("messages", "messages_account_msgid", "1000000 50000 1"),
+    ("messages", "ix_messages_blob_key", "1000000 1"),
+)
+
+
+async def _v13_sqlite_planner_stats(conn: AsyncConnection) -> None:
+    """SQLite: fixed planner statistics (see _SQLITE_STATS), so that plans
+    fit a big mailbox from the first message on. PostgreSQL: autovacuum's
+    ANALYZE keeps its statistics; nothing to do."""
+    if conn.dialect.name != "sqlite":
+        return
+    # ANALYZE of the schema table alone creates sqlite_stat1 without reading
+    # any table; the second one loads the rows written here into the planner.
+    await conn.exec_driver_sql("ANALYZE sqlite_schema")
+    for table, index, stat in _SQLITE_STATS:
+        await conn.exec_driver_sql("DELETE FROM sqlite_stat1 WHERE idx = ?", (index,))
+        await conn.exec_driver_sql(
+            "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", (table, index, stat)
+        )
+    await conn.exec_driver_sql("ANALYZE sqlite_schema")
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -641,6 +676,7 @@ MIGRATIONS: list[Step] = [
     _v10_account_moves,
     _v11_list_order,
     _v12_shared_secrets,
+    _v13_sqlite_planner_stats,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
