@@ -18,6 +18,7 @@ calls its route watchers, which drop the cached route.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import errno
@@ -590,6 +591,9 @@ class LocalSocketEventBus:
 
 REDIS_CHANGES = "shardmail:changes"
 REDIS_ROUTES = "shardmail:routes"
+# Messages waiting for the sender; when Redis is slower than the commits,
+# the oldest are dropped (their subscribers elsewhere resync).
+REDIS_OUTBOX_LIMIT = 10_000
 
 
 class RedisEventBus:
@@ -597,10 +601,12 @@ class RedisEventBus:
     pub/sub (``[storage] events = "redis"``): an alternative to NOTIFY, and
     the way across instances for a site whose directory is not PostgreSQL.
 
-    ``publish`` hands the change to this instance's subscribers at once,
-    then PUBLISHes it; every instance's reader hands what arrives to its
-    own subscribers, skipping what it sent itself (each message starts with
-    the sending bus's token), so each subscriber sees a change once. A
+    ``publish`` hands the change to this instance's subscribers at once
+    and queues it; one sender task PUBLISHes what is queued, in order, in
+    one pipelined round trip, so no commit waits for Redis. Every
+    instance's reader hands what arrives to its own subscribers, skipping
+    what it sent itself (each message starts with the sending bus's
+    token), so each subscriber sees a change once. A
     message is ``<token> <account id> <change JSON>`` (a route change:
     ``<token> <route_payload>``), the account first so an instance where
     nobody follows that account drops it undecoded.
@@ -625,6 +631,10 @@ class RedisEventBus:
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._publish_again_at = -math.inf  # after a failed PUBLISH: not before then
+        self._outbox: collections.deque[tuple[str, str]] = collections.deque(
+            maxlen=REDIS_OUTBOX_LIMIT
+        )
+        self._sender: asyncio.Task[None] | None = None
         self._closed = False
 
     def _client(self, read_timeout: float | None) -> Any:
@@ -658,7 +668,8 @@ class RedisEventBus:
     async def _subscribe(self) -> None:
         pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(REDIS_CHANGES, REDIS_ROUTES)
+            # Bounded: a server that accepts and never answers is unreachable too.
+            await asyncio.wait_for(pubsub.subscribe(REDIS_CHANGES, REDIS_ROUTES), self._timeout)
         except BaseException:
             await pubsub.aclose()
             raise
@@ -719,16 +730,32 @@ class RedisEventBus:
 
     async def _publish(self, channel: str, payload: str) -> None:
         loop = asyncio.get_running_loop()
-        if self._publisher is None or loop.time() < self._publish_again_at:
+        if self._publisher is None or self._closed or loop.time() < self._publish_again_at:
             return  # Redis failed a moment ago: no connect attempt per commit
-        try:
-            await self._publisher.publish(channel, f"{self._token} {payload}")
-        except Exception as exc:  # never fail the write that already committed
-            if self._publish_again_at == -math.inf:
-                log.warning("event bus: PUBLISH failed, changes stay here for now: %s", exc)
-            self._publish_again_at = loop.time() + RECONNECT_DELAY
-            return
-        self._publish_again_at = -math.inf
+        self._outbox.append((channel, f"{self._token} {payload}"))
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
+        """PUBLISHes until the outbox is empty, everything queued meanwhile
+        in one pipeline. A failure drops what is queued (best effort) and
+        pauses publishing for RECONNECT_DELAY."""
+        loop = asyncio.get_running_loop()
+        while self._outbox:
+            batch = list(self._outbox)
+            self._outbox.clear()
+            try:
+                async with self._publisher.pipeline(transaction=False) as pipe:
+                    for channel, message in batch:
+                        pipe.publish(channel, message)
+                    await pipe.execute()
+            except Exception as exc:  # never the committed write's problem
+                if self._publish_again_at == -math.inf:
+                    log.warning("event bus: PUBLISH failed, changes stay here for now: %s", exc)
+                self._publish_again_at = loop.time() + RECONNECT_DELAY
+                self._outbox.clear()
+                return
+            self._publish_again_at = -math.inf
 
     def subscribe(self, account_id: int) -> InProcessSubscription:
         return self._local.subscribe(account_id)
@@ -748,6 +775,10 @@ class RedisEventBus:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        if self._sender is not None:
+            # What was published before close still reaches the others, if Redis answers.
+            await asyncio.wait([self._sender], timeout=self._timeout + 0.5)
+            self._sender.cancel()
         for conn in (self._pubsub, self._listener, self._publisher):
             if conn is not None:
                 with contextlib.suppress(Exception):

@@ -217,3 +217,36 @@ async def test_storage_events_redis_pushes_between_instances(tmp_path, redis_url
     finally:
         await one.close()
         await two.close()
+
+
+@pytest.mark.timeout(30)
+async def test_redis_bus_never_makes_a_commit_wait_for_a_silent_server() -> None:
+    """A Redis host that accepts connections and never answers (hung, or a
+    black hole behind a firewall): start and publish return at once and this
+    instance's subscribers still get every change."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)  # never answers
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    bus = RedisEventBus(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        await bus.start()
+        assert loop.time() - started < 1.0
+        sub = bus.subscribe(5)
+        started = loop.time()
+        for i in range(1, 6):
+            await bus.publish(change(i, account=5))
+        assert loop.time() - started < 0.1
+        assert [(await sub.get(timeout=ARRIVAL)).id for _ in range(5)] == [1, 2, 3, 4, 5]
+    finally:
+        started = loop.time()
+        await bus.close()
+        assert loop.time() - started < 2.0
+        for writer in silent:
+            writer.close()
+        server.close()
