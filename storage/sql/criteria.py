@@ -50,6 +50,7 @@ from storage.search import (
     Text,
     Uids,
 )
+from storage.sql.schema import PG_SEARCH_TEXT
 from storage.sql.schema import mailbox_entries as E
 from storage.sql.schema import messages as M
 
@@ -147,10 +148,16 @@ class UidMatcher:
 @dataclass
 class Context:
     """What evaluation needs beyond the tree: the mailbox's highest UID and
-    whether the SQLite FTS5 trigram index may narrow substring searches."""
+    which trigram index narrows substring searches: SQLite's FTS5 file
+    (``sqlite_fts``) or PostgreSQL's pg_trgm index (``pg_trgm``)."""
 
     max_uid: int | None
     sqlite_fts: bool = False
+    pg_trgm: bool = False
+
+    @classmethod
+    def for_backend(cls, is_sqlite: bool, max_uid: int | None = None) -> Context:
+        return cls(max_uid=max_uid, sqlite_fts=is_sqlite, pg_trgm=not is_sqlite)
 
 
 # SQLite's trigram index (a file of its own, attached to reader connections
@@ -158,6 +165,7 @@ class Context:
 _FTS = table("messages_fts", column("rowid"), schema="fts")
 _FTS_QUEUE = table("fts_pending", column("message_id"))
 FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
+_PG_SEARCH_TEXT = literal_column(PG_SEARCH_TEXT)
 
 
 # The columns a Text("content") search looks in.
@@ -179,6 +187,11 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
         queued = select(_FTS_QUEUE.c.message_id)
         cond = and_(M.c.id.in_(hits.union_all(queued)), cond)
+    elif ctx.pg_trgm and len(value) >= FTS_MIN_LENGTH:
+        # The trigram index's expression (schema step 14): every message
+        # holding the value in one column holds it in their concatenation,
+        # so this is a superset the index answers; the exact test decides.
+        cond = and_(_PG_SEARCH_TEXT.ilike(f"%{like_escape(value)}%", escape="\\"), cond)
     return cond
 
 

@@ -1550,7 +1550,7 @@ class SqlMailStore:
             # and the search, in one snapshot.
             self._mailbox_row_sync(conn, account_id, mailbox_id)
             max_uid = execute(conn, _MAX_UID, {"b_box": mailbox_id}).scalar()
-            ctx = crit.Context(max_uid=max_uid, sqlite_fts=self.db.is_sqlite)
+            ctx = crit.Context.for_backend(self.db.is_sqlite, max_uid)
             exact = crit.to_sql(criteria, ctx)
             if exact is not None:
                 stmt = (
@@ -1591,7 +1591,7 @@ class SqlMailStore:
         (mailbox_id, list_date, uid): a page reads its own rows (and those
         the criteria turn down on the way), never the whole mailbox, and
         mail arriving meanwhile (keyed by its arrival, so later) moves nothing."""
-        ctx = crit.Context(max_uid=None, sqlite_fts=self.db.is_sqlite)
+        ctx = crit.Context.for_backend(self.db.is_sqlite)
         exact = crit.to_sql(criteria, ctx)
         narrow = exact if exact is not None else crit.superset(criteria, ctx)
         columns = (
@@ -1635,7 +1635,7 @@ class SqlMailStore:
         self, account_id: int, criteria: Criteria, limit: int = 100
     ) -> list[MessageEntry]:
         """Matches across every mailbox of the account, newest internal date first."""
-        ctx = crit.Context(max_uid=None, sqlite_fts=self.db.is_sqlite)
+        ctx = crit.Context.for_backend(self.db.is_sqlite)
         base = E.join(messages, messages.c.id == E.c.message_id).join(
             mailboxes, mailboxes.c.id == E.c.mailbox_id
         )

@@ -10,6 +10,7 @@ a new step, never "drop and recreate".
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from collections.abc import Awaitable, Callable
 
@@ -31,10 +32,13 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateColumn
 
 from storage.blob.pack import SCHEMA_SQL as PACK_SCHEMA_SQL
+
+log = logging.getLogger(__name__)
 
 # SQLite only auto-assigns rowid keys to columns declared exactly INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -663,6 +667,39 @@ async def _v13_sqlite_planner_stats(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql("ANALYZE sqlite_schema")
 
 
+# PostgreSQL: every searched text column of a message as one string, the
+# expression of the trigram index below. storage/sql/criteria.py writes the
+# same expression in its narrowing condition, which is how the planner
+# matches the two: change both together.
+PG_SEARCH_TEXT = (
+    "(messages.subject || ' ' || messages.from_text || ' ' || messages.to_text"
+    " || ' ' || messages.cc_text || ' ' || messages.body_text)"
+)
+
+
+async def _v14_pg_trigram_search(conn: AsyncConnection) -> None:
+    """PostgreSQL: a trigram GIN index (pg_trgm) over the searched text, so
+    that substring searches (RFC 3501 section 6.4.4; inside a word too,
+    which the word-based tsvector of step 2 cannot answer) read the few
+    messages holding every trigram of the value instead of the whole
+    account. pg_trgm is a trusted extension (PostgreSQL 13 and later): the
+    database owner may create it. Where it cannot be created, searches
+    still answer, by scanning. SQLite: its own trigram index (step 6)."""
+    if conn.dialect.name != "postgresql":
+        return
+    try:
+        async with conn.begin_nested():  # a refusal must not abort the migration
+            await conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    except DBAPIError as exc:
+        log.warning("pg_trgm unavailable (%s): text searches will scan every message",
+                    str(exc.orig).strip())
+        return
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS messages_text_trgm ON messages "
+        f"USING gin ({PG_SEARCH_TEXT} gin_trgm_ops)"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -677,6 +714,7 @@ MIGRATIONS: list[Step] = [
     _v11_list_order,
     _v12_shared_secrets,
     _v13_sqlite_planner_stats,
+    _v14_pg_trigram_search,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
