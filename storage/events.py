@@ -594,6 +594,10 @@ REDIS_ROUTES = "shardmail:routes"
 # Messages waiting for the sender; when Redis is slower than the commits,
 # the oldest are dropped (their subscribers elsewhere resync).
 REDIS_OUTBOX_LIMIT = 10_000
+# An idle subscription PINGs Redis this often; with no answer for twice as
+# long the connection is taken for dead (a host gone without a TCP reset
+# would otherwise hold the reader forever) and made again.
+REDIS_PING_INTERVAL = 15.0
 
 
 class RedisEventBus:
@@ -620,10 +624,15 @@ class RedisEventBus:
     """
 
     def __init__(
-        self, url: str, queue_size: int = SUBSCRIPTION_QUEUE_SIZE, timeout: float = 0.5
+        self,
+        url: str,
+        queue_size: int = SUBSCRIPTION_QUEUE_SIZE,
+        timeout: float = 0.5,
+        ping_interval: float = REDIS_PING_INTERVAL,
     ) -> None:
         self._url = url
         self._timeout = timeout
+        self._ping_interval = ping_interval
         self._local = InProcessEventBus(queue_size)
         self._token = secrets.token_hex(8)
         self._publisher: Any = None
@@ -676,6 +685,8 @@ class RedisEventBus:
         self._pubsub = pubsub
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()  # when Redis last said anything on this subscription
         while not self._closed:
             if self._pubsub is None:
                 try:
@@ -684,10 +695,17 @@ class RedisEventBus:
                     log.debug("event bus: Redis still unreachable: %s", exc)
                     await asyncio.sleep(RECONNECT_DELAY)
                     continue
+                heard = loop.time()
                 log.info("event bus: Redis reachable again")
                 self._local.deliver_route(None, None)  # route changes may have been missed
             try:
-                message = await self._pubsub.get_message(timeout=None)
+                message = await self._pubsub.get_message(timeout=self._ping_interval)
+                if message is not None:
+                    heard = loop.time()
+                elif loop.time() - heard >= 1.5 * self._ping_interval:
+                    raise ConnectionError("Redis did not answer PING")
+                else:  # idle: the PONG (or its absence) says whether Redis is there
+                    await asyncio.wait_for(self._pubsub.ping(), self._timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

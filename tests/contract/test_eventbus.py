@@ -4,6 +4,7 @@ Redis pub/sub (both also carry changes between instances)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 
@@ -249,4 +250,52 @@ async def test_redis_bus_never_makes_a_commit_wait_for_a_silent_server() -> None
         assert loop.time() - started < 2.0
         for writer in silent:
             writer.close()
+        server.close()
+
+
+async def _fake_redis_that_stops_answering(subscribed: list[int]) -> asyncio.Server:
+    """A Redis (RESP3, as redis-py speaks by default) that confirms HELLO and
+    SUBSCRIBE, says OK to anything else, and never answers PING: the way a
+    connection to a host that vanished (no RST) looks from here. Each
+    SUBSCRIBE appends to ``subscribed``."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while line := await reader.readline():
+                words = []
+                for _ in range(int(line[1:])):  # *N: one command of N words
+                    size = int((await reader.readline())[1:])
+                    words.append((await reader.readexactly(size + 2))[:-2])
+                command = words[0].upper()
+                if command == b"HELLO":
+                    writer.write(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+                elif command == b"SUBSCRIBE":
+                    subscribed.append(len(subscribed))
+                    for n, channel in enumerate(words[1:], 1):
+                        writer.write(b">3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:%d\r\n"
+                                     % (len(channel), channel, n))
+                elif command != b"PING":
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+
+    return await asyncio.start_server(session, "127.0.0.1", 0)
+
+
+@pytest.mark.timeout(30)
+async def test_redis_bus_reconnects_when_redis_stops_answering() -> None:
+    subscribed: list[int] = []
+    server = await _fake_redis_that_stops_answering(subscribed)
+    port = server.sockets[0].getsockname()[1]
+    bus = RedisEventBus(f"redis://127.0.0.1:{port}/0", timeout=0.2, ping_interval=0.2)
+    routes: list[tuple[int | None, str | None]] = []
+    bus.watch_routes(lambda account, shard: routes.append((account, shard)))
+    try:
+        await bus.start()
+        for _ in range(int(10 / 0.05)):  # no PONG: a new connection, subscribed again
+            if (None, None) in routes:
+                break
+            await asyncio.sleep(0.05)
+        assert (None, None) in routes and len(subscribed) >= 2
+    finally:
+        await bus.close()
         server.close()
