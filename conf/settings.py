@@ -39,7 +39,8 @@ class ServerSettings(Section):
     log_level: str = "INFO"
     # Worker processes of each daemon command, sharing the listening sockets
     # their supervisor opened, which restarts any that dies; 0: one per CPU.
-    # Per-IP limits and login delays are counted per process.
+    # Concurrent connections per IP are counted per process; rate limits and
+    # login delays too, unless [redis] url makes them the site's.
     processes: int = Field(default=1, ge=0, le=256)
     # Set SO_REUSEPORT on every listener so separately started instances of
     # one site (the templated systemd units name@N.service) share its ports.

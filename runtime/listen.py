@@ -19,8 +19,10 @@ Contract:
   TLS in place and so stops hearing through a wrapper), by the protocol's
   own ``connection_lost``.
 
-Counts are per process, as the login throttle is: each worker limits its
-own share of the traffic.
+Counts are per process: each worker limits its own share of the traffic
+(a count of open connections dies with its process; the rate limits and
+the login throttle, which outlive a connection, are shared through
+:mod:`storage.shared` when Redis is configured).
 """
 
 from __future__ import annotations
