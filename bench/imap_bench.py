@@ -50,6 +50,12 @@ right after the other, N times, the order swapped each round; each round
 gives a ratio, printed with their median. On a shared machine whose load
 drifts by tens of percent, that pairing is what makes a comparison stand.
     python -m bench.imap_bench --phases mixed --seconds 20 --profile mixed
+    python -m bench.imap_bench --backend sqlite,postgresql --phases fetch_header,store,append
+
+``--backend sqlite,postgresql`` runs the phases on shardmail over each
+storage in turn (PostgreSQL: a durable server the bench starts, see
+``bench/storage_backend.py``, or ``--storage-url``) and prints each
+backend's rates against the first's; ``--rounds`` pairs use the first.
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.dovecot_peer import DovecotPeer, free_port, proc_cpu_seconds
 from bench.imap_churn import CHURN_MIX, ChurnSession, Tally, churn_message, open_churn, verify
+from bench.storage_backend import (
+    BenchStorage,
+    add_storage_options,
+    bench_storage,
+    check_backends,
+)
 from runtime.daemon import add_override_option
 
 if TYPE_CHECKING:
@@ -339,6 +351,8 @@ class PhaseResult:
     by_kind: dict[str, dict[str, float]]
     # The churn checker's findings by kind (bench/imap_churn.py); empty is right.
     checker: dict[str, int] = field(default_factory=dict)
+    # The PostgreSQL server's CPU, when the bench started it (--backend postgresql).
+    database_cpu_ms_per_cmd: float = 0.0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -354,13 +368,16 @@ async def run_phase(
     sessions: Sequence[BenchSession | ChurnSession],
     seconds: float,
     server_cpu: Callable[[], float],
+    database_cpu: Callable[[], float] = lambda: 0.0,
 ) -> PhaseResult:
     mix = MIXES[phase]
     cpu0, client0, (busy0, _) = server_cpu(), time.process_time(), machine_busy_seconds()
+    db0 = database_cpu()
     t0 = time.perf_counter()
     results = await asyncio.gather(*(s.drive(mix, t0 + seconds) for s in sessions))
     elapsed = time.perf_counter() - t0
     cpu1, client1, (busy1, _) = server_cpu(), time.process_time(), machine_busy_seconds()
+    db1 = database_cpu()
     merged: dict[str, Tally] = {}
     for tallies in results:
         for kind, t in tallies.items():
@@ -395,6 +412,7 @@ async def run_phase(
         machine_busy_cores=round((busy1 - busy0) / elapsed, 2),
         loadavg=round(os.getloadavg()[0], 2),
         by_kind=by_kind,
+        database_cpu_ms_per_cmd=round((db1 - db0) * 1000 / max(n, 1), 3),
     )
 
 
@@ -404,6 +422,8 @@ def print_result(r: PhaseResult) -> None:
         f"p50 {r.p50_ms:>6.2f} ms p99 {r.p99_ms:>7.2f} ms  "
         f"server {r.server_cpu_ms_per_cmd:>6.3f} ms/cmd ({r.server_cpu_cores:.2f} cores)  "
         f"client {r.client_cpu_ms_per_cmd:.3f} ms/cmd  machine {r.machine_busy_cores:.2f} cores"
+        + (f"  postgres {r.database_cpu_ms_per_cmd:.3f} ms/cmd" if r.database_cpu_ms_per_cmd
+           else "")
         + (f"  FAILED {r.failed}" if r.failed else ""),
         flush=True,
     )
@@ -465,6 +485,7 @@ async def bench_server(
     args: argparse.Namespace,
     server_cpu: Callable[[], float],
     server_pid: int | None = None,
+    database_cpu: Callable[[], float] = lambda: 0.0,
 ) -> list[PhaseResult]:
     sessions = await open_sessions(port, logins, args)
     out: list[PhaseResult] = []
@@ -475,7 +496,7 @@ async def bench_server(
             if phase == "churn":
                 out.append(await churn_phase(name, port, args, server_cpu, server_pid))
                 continue
-            r = await run_phase(name, phase, sessions, args.seconds, server_cpu)
+            r = await run_phase(name, phase, sessions, args.seconds, server_cpu, database_cpu)
             print_result(r)
             out.append(r)
             if phase in args.profile and server_pid is not None:
@@ -532,12 +553,14 @@ def logins_for(args: argparse.Namespace) -> list[str]:
     return [f"user{n}@{DOMAIN}" for n in range(count)]
 
 
-async def fill_shardmail(data_dir: Path, logins: list[str], args: argparse.Namespace) -> None:
+async def fill_shardmail(
+    data_dir: Path, logins: list[str], args: argparse.Namespace, overrides: Sequence[str] = ()
+) -> None:
     from conf.settings import load_settings
     from storage import open_storage
     from storage.ingest import Delivery, ingest
 
-    settings = load_settings(None, [f'server.data_dir="{data_dir}"'])
+    settings = load_settings(None, [f'server.data_dir="{data_dir}"', *overrides])
     _mkdir(data_dir)
     storage = await open_storage(settings.storage)
     try:
@@ -615,22 +638,31 @@ class Server:
     port: int
     cpu_seconds: Callable[[], float]
     pid: int | None = None
+    database_cpu: Callable[[], float] = lambda: 0.0  # PostgreSQL's, when the bench runs it
 
 
 @contextlib.asynccontextmanager
-async def shardmail_server(workdir: Path, args: argparse.Namespace) -> AsyncIterator[Server]:
+async def shardmail_server(
+    workdir: Path, args: argparse.Namespace, store: BenchStorage | None = None
+) -> AsyncIterator[Server]:
+    """imapd on ``store`` (SQLite in its data dir by default), filled."""
+    store = store or BenchStorage("sqlite", "")
     logins = logins_for(args)
-    data_dir = workdir / "shardmail"
+    data_dir = workdir / f"shardmail-{store.backend}"
     t0 = time.perf_counter()
-    await fill_shardmail(data_dir, logins, args)
+    await fill_shardmail(data_dir, logins, args, store.overrides)
     print(f"# shardmail: filled {len(logins)} x {args.messages} messages of {args.size} octets "
           f"in {time.perf_counter() - t0:.1f} s (storage.ingest)", flush=True)
     port = free_port()
-    procs = start_imapd(data_dir, port, args.log_level, args.imapd_procs, args.overrides)
+    procs = start_imapd(
+        data_dir, port, args.log_level, args.imapd_procs, [*store.overrides, *args.overrides]
+    )
     name = "shardmail" if args.imapd_procs == 1 else f"shardmail×{args.imapd_procs}"
+    if store.backend != "sqlite":
+        name += "/pg"
     try:
         yield Server(name, port, lambda: sum(proc_cpu_seconds(p.pid) for p in procs),
-                     procs[0].pid)
+                     procs[0].pid, store.cpu_seconds)
     finally:
         for p in procs:
             stop_process(p)
@@ -659,9 +691,22 @@ async def dovecot_server(workdir: Path, args: argparse.Namespace) -> AsyncIterat
 
 
 async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
-    async with shardmail_server(workdir, args) as srv:
-        return await bench_server(srv.name, srv.port, logins_for(args), args, srv.cpu_seconds,
-                                  srv.pid)
+    """The phases on shardmail, once per ``--backend``, each on fresh storage."""
+    results: list[PhaseResult] = []
+    for backend in args.backend:
+        async with bench_storage(backend, args.storage_url) as store:
+            async with shardmail_server(workdir, args, store) as srv:
+                results += await bench_server(srv.name, srv.port, logins_for(args), args,
+                                              srv.cpu_seconds, srv.pid, srv.database_cpu)
+    if len(args.backend) > 1:
+        print(f"\n# commands per second against {args.backend[0]} (same run)")
+        first = {r.phase: r for r in results if r.server == results[0].server}
+        for r in results:
+            base = first.get(r.phase)
+            if r.server != results[0].server and base is not None and base.per_second:
+                print(f"{r.server:<13} {r.phase:<13} {r.per_second:>9.1f} / "
+                      f"{base.per_second:>9.1f} = {r.per_second / base.per_second:.2f}")
+    return results
 
 
 async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
@@ -846,7 +891,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tmp", default=None, help="where the temporary data goes")
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
+    add_storage_options(parser)
     args = parser.parse_args()
+    check_backends(parser, args)
     if args.rounds and not args.compare_dovecot:
         parser.error("--rounds needs --compare-dovecot")
     for phase in args.phases:

@@ -12,6 +12,7 @@ stime from /proc, all server processes) and the client's own CPU per message
     python bench/smtp_bench.py --messages 2000 --sessions 20 --processes 2
     python bench/smtp_bench.py --port 2525 --pid 1234 --rcpt user@example.net
     python bench/smtp_bench.py --messages 2000 --sessions 20 --compare-postfix --smtp-source
+    python bench/smtp_bench.py --messages 2000 --sessions 20 --backend sqlite,postgresql
 
 ``--compare-postfix`` then runs the same load against Postfix delivering to
 Dovecot over LMTP (bench/postfix_lmtp_peer.py). Postfix acknowledges at
@@ -21,6 +22,11 @@ Maildir); shardmail stores into the mailbox before its 250, so for it the
 two are the same figure. ``--smtp-source`` adds a run with Postfix's C
 client ``smtp-source`` (same count, size and sessions, one connection per
 session) against each server, when /usr/sbin/smtp-source exists.
+
+``--backend sqlite,postgresql`` runs the load on each storage in turn, in
+the same run, each mtad on a fresh data dir; on PostgreSQL (a durable
+server the bench starts, see ``bench/storage_backend.py``, or
+``--storage-url``) it also reports the database server's CPU per message.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
@@ -42,6 +49,12 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.storage_backend import (  # noqa: E402
+    BenchStorage,
+    add_storage_options,
+    bench_storage,
+    check_backends,
+)
 from runtime.daemon import add_override_option  # noqa: E402
 from tests.dnsserver import Zone, start_dns_server, stop_dns_server  # noqa: E402
 
@@ -102,11 +115,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def prepare(data_dir: Path, rcpt: str) -> None:
+async def prepare(data_dir: Path, rcpt: str, overrides: list[str]) -> None:
     from conf.settings import load_settings
     from storage import open_storage
 
-    settings = load_settings(overrides=[f"server.data_dir='{data_dir}'"])
+    settings = load_settings(overrides=[f"server.data_dir='{data_dir}'", *overrides])
     os.makedirs(data_dir, exist_ok=True)
     store = await open_storage(settings.storage)
     try:
@@ -114,6 +127,19 @@ async def prepare(data_dir: Path, rcpt: str) -> None:
         await store.directory.add_account(rcpt, "bench-password")
     finally:
         await store.close()
+
+
+@dataclass
+class Run:
+    """One run's figures: wall time and CPU seconds of the servers."""
+
+    backend: str
+    elapsed: float
+    cpu: float  # every mtad process
+    client: float
+    database_cpu: float | None  # the PostgreSQL server's, when the bench started it
+    pids: list[int]
+    source: tuple[float, float] | None = None  # smtp-source: wall time, mtad CPU
 
 
 async def main() -> None:
@@ -141,120 +167,158 @@ async def main() -> None:
         action="store_true",
         help="also drive each server with Postfix's smtp-source, if installed",
     )
+    add_storage_options(parser)
     args = parser.parse_args()
+    check_backends(parser, args)
     smtp_source = shutil.which("smtp-source", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if args.smtp_source and smtp_source is None:
         print("smtp-source not found (apt-get install -y postfix); skipping that client")
+    if not args.smtp_source:
+        smtp_source = None
+    if args.port is not None:
+        runs = [await measure(args, args.port, [args.pid] if args.pid else [], smtp_source)]
+        await report(args, runs)
+        return
+    runs = []
+    tmps: list[Path] = []
+    try:
+        for backend in args.backend:
+            async with bench_storage(backend, args.storage_url) as store:
+                tmp = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
+                tmps.append(tmp)
+                runs.append(await run_backend(args, store, tmp, smtp_source))
+        await report(args, runs)
+    finally:
+        # Removed only now: thousands of just-deleted inodes make ext4's
+        # inode allocator scan (recently_deleted) and would tax whichever
+        # server runs next; see bench/README.md.
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
 
+
+async def run_backend(
+    args: argparse.Namespace, store: BenchStorage, tmp: Path, smtp_source: str | None
+) -> Run:
+    """Starts mtad on ``store`` with a fresh data dir in ``tmp``, runs the
+    load, stops mtad; the database server's CPU is counted over the load."""
+    await prepare(tmp / "data", args.rcpt, store.overrides)
+    port = free_port()
+    submission, submissions = free_port(), free_port()
+    # DMARC (and SPF/DKIM with --checks) resolve through an empty-zone
+    # dnsmasq on loopback: every name is NXDOMAIN, nothing leaves the host.
+    dns = await asyncio.to_thread(start_dns_server, Zone())
+    argv = [
+        sys.executable, "-m", "mtad",
+        "-o", f"server.data_dir='{tmp / 'data'}'",
+        "-o", "server.log_level='WARNING'",
+        "-o", f"smtp.mx_listen=['127.0.0.1:{port}']",
+        "-o", f"smtp.submission_listen=['127.0.0.1:{submission}']",
+        "-o", f"smtp.submissions_listen=['127.0.0.1:{submissions}']",
+        "-o", "smtp.rate_limit_per_ip=0",
+        "-o", "dns.nameservers=['127.0.0.1']",
+        "-o", f"dns.port={dns.port}",
+        "-o", f"smtp.max_connections_per_ip={args.sessions + 5}",
+    ]
+    if not args.checks:
+        argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
+    for override in [*store.overrides, *args.overrides]:
+        argv += ["-o", override]
     procs: list[asyncio.subprocess.Process] = []
-    dns = None
-    tmp = None
-    port = args.port
-    pids = [args.pid] if args.pid else []
-    source: tuple[float, float] | None = None
-    if port is None:
-        tmp = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
-        await prepare(tmp / "data", args.rcpt)
-        port = free_port()
-        submission, submissions = free_port(), free_port()
-        # DMARC (and SPF/DKIM with --checks) resolve through an empty-zone
-        # dnsmasq on loopback: every name is NXDOMAIN, nothing leaves the host.
-        dns = await asyncio.to_thread(start_dns_server, Zone())
-        argv = [
-            sys.executable, "-m", "mtad",
-            "-o", f"server.data_dir='{tmp / 'data'}'",
-            "-o", "server.log_level='WARNING'",
-            "-o", f"smtp.mx_listen=['127.0.0.1:{port}']",
-            "-o", f"smtp.submission_listen=['127.0.0.1:{submission}']",
-            "-o", f"smtp.submissions_listen=['127.0.0.1:{submissions}']",
-            "-o", "smtp.rate_limit_per_ip=0",
-            "-o", "dns.nameservers=['127.0.0.1']",
-            "-o", f"dns.port={dns.port}",
-            "-o", f"smtp.max_connections_per_ip={args.sessions + 5}",
-        ]
-        if not args.checks:
-            argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
-        for override in args.overrides:
-            argv += ["-o", override]
+    try:
         for _ in range(args.processes):
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=REPO, stderr=asyncio.subprocess.PIPE
             )
             procs.append(proc)
             await wait_ready(proc)
-        pids = [p.pid for p in procs]
-    try:
-        # A short warm-up so imports and first connections do not count.
-        await run_load(port, min(40, args.messages), min(4, args.sessions), args.size, args.rcpt)
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
-        client_before = client_cpu_seconds()
-        elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt)
-        client = client_cpu_seconds() - client_before
-        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
-        if args.smtp_source and smtp_source is not None:
-            cpu_before = sum(cpu_seconds(pid) for pid in pids)
-            source_elapsed = await run_smtp_source(smtp_source, port, args)
-            source = (source_elapsed, sum(cpu_seconds(pid) for pid in pids) - cpu_before)
+        db_before = store.cpu_seconds()
+        run = await measure(args, port, [p.pid for p in procs], smtp_source)
+        run.backend = store.backend
+        if store.server_pids:
+            run.database_cpu = store.cpu_seconds() - db_before
+        return run
     finally:
         for proc in procs:
             proc.terminate()
             await proc.wait()
-        if dns is not None:
-            stop_dns_server(dns)
-    try:
-        await report(args, elapsed, cpu, client, pids, source, smtp_source)
-    finally:
-        # Removed only now: thousands of just-deleted inodes make ext4's
-        # inode allocator scan (recently_deleted) and would tax whichever
-        # server runs next; see bench/README.md.
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_dns_server(dns)
 
 
-async def report(
-    args: argparse.Namespace,
-    elapsed: float,
-    cpu: float,
-    client: float,
-    pids: list[int],
-    source: tuple[float, float] | None,
-    smtp_source: str | None,
-) -> None:
-    """Prints shardmail's figures, then runs and prints the Postfix comparison."""
-    print(f"messages:      {args.messages} x {args.size} bytes, {args.sessions} sessions")
-    print(f"elapsed:       {elapsed:.2f} s")
-    print(f"throughput:    {args.messages / elapsed:.1f} messages/s")
-    if pids:
-        print(
-            f"server CPU:    {cpu:.2f} s ({1000 * cpu / args.messages:.2f} ms per message, "
-            f"{len(pids)} process{'es' if len(pids) > 1 else ''})"
-        )
-    print(f"client CPU:    {client:.2f} s ({1000 * client / args.messages:.2f} ms per message)")
-    if source is not None:
-        print(
-            f"smtp-source:   {args.messages / source[0]:.1f} messages/s "
-            f"({source[0]:.2f} s), server CPU {1000 * source[1] / args.messages:.2f} ms per message"
-        )
+async def measure(
+    args: argparse.Namespace, port: int, pids: list[int], smtp_source: str | None
+) -> Run:
+    """The load against a running server (the aiosmtplib client, then
+    smtp-source if given) and the servers' CPU over each."""
+    # A short warm-up so imports and first connections do not count.
+    await run_load(port, min(40, args.messages), min(4, args.sessions), args.size, args.rcpt)
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    client_before = client_cpu_seconds()
+    elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt)
+    client = client_cpu_seconds() - client_before
+    cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    run = Run("", elapsed, cpu, client, None, pids)
+    if smtp_source is not None:
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        source_elapsed = await run_smtp_source(smtp_source, port, args)
+        run.source = (source_elapsed, sum(cpu_seconds(pid) for pid in pids) - cpu_before)
+    return run
+
+
+async def report(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Prints each run's figures, the backends side by side, then runs and
+    prints the Postfix comparison (against the first run)."""
+    n = args.messages
+    for run in runs:
+        if run.backend:
+            print(f"\n== shardmail on {run.backend} ==")
+        print(f"messages:      {n} x {args.size} bytes, {args.sessions} sessions")
+        print(f"elapsed:       {run.elapsed:.2f} s")
+        print(f"throughput:    {n / run.elapsed:.1f} messages/s")
+        if run.pids:
+            print(
+                f"server CPU:    {run.cpu:.2f} s ({1000 * run.cpu / n:.2f} ms per message, "
+                f"{len(run.pids)} process{'es' if len(run.pids) > 1 else ''})"
+            )
+        if run.database_cpu is not None:
+            print(
+                f"database CPU:  {run.database_cpu:.2f} s "
+                f"({1000 * run.database_cpu / n:.2f} ms per message, PostgreSQL)"
+            )
+        print(f"client CPU:    {run.client:.2f} s ({1000 * run.client / n:.2f} ms per message)")
+        if run.source is not None:
+            print(
+                f"smtp-source:   {n / run.source[0]:.1f} messages/s ({run.source[0]:.2f} s), "
+                f"server CPU {1000 * run.source[1] / n:.2f} ms per message"
+            )
+    if len(runs) > 1:
+        base = runs[0]
+        print(f"\n== against {base.backend} (same run) ==")
+        for run in runs[1:]:
+            print(
+                f"{run.backend}: {base.elapsed / run.elapsed:.2f}x the messages/s, "
+                f"{run.cpu / base.cpu:.2f}x the mtad CPU per message"
+            )
     if args.compare_postfix:
+        run = runs[0]
         print("\n== Postfix -> LMTP -> Dovecot (same load) ==", flush=True)
         reference, reference_cpu, reference_source = await compare_postfix(
-            args, smtp_source if args.smtp_source else None
+            args, shutil.which("smtp-source", path="/usr/sbin") if run.source else None
         )
-        mine = args.messages / elapsed
+        mine = n / run.elapsed
         print(
             f"\nratio:         shardmail {mine:.1f} / Postfix+Dovecot delivered "
             f"{reference:.1f} messages/s = {mine / reference:.2f}x"
         )
-        if source is not None and reference_source is not None:
-            mine_source = args.messages / source[0]
+        if run.source is not None and reference_source is not None:
+            mine_source = n / run.source[0]
             print(
                 f"smtp-source:   shardmail {mine_source:.1f} / Postfix+Dovecot delivered "
                 f"{reference_source:.1f} messages/s = {mine_source / reference_source:.2f}x"
             )
-        if pids:
+        if run.pids:
             print(
-                f"CPU/message:   shardmail {1000 * cpu / args.messages:.2f} ms / Postfix+Dovecot "
-                f"{1000 * reference_cpu / args.messages:.2f} ms"
+                f"CPU/message:   shardmail {1000 * run.cpu / n:.2f} ms / Postfix+Dovecot "
+                f"{1000 * reference_cpu / n:.2f} ms"
             )
 
 
