@@ -28,7 +28,6 @@ import math
 import os
 import secrets
 import socket
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -222,51 +221,48 @@ def change_from_json(text: str) -> Change:
     )
 
 
-def asyncpg_dsn(url: str) -> str:
-    """``url`` as a DSN that ``asyncpg.connect`` reads whole. SQLAlchemy's
-    multi-host form (``postgresql://u@/db?host=h1:p1&host=h2:p2``, as a
-    shard with replicas has) becomes libpq's ``postgresql://u@h1:p1,h2:p2/db``:
-    asyncpg keeps only the last ``host`` query parameter, so the listener
-    would reconnect to one host only and never find a promoted replica.
-    Anything else is returned as it is."""
+def asyncpg_connect_args(url: str) -> dict[str, Any]:
+    """The ``asyncpg.connect`` arguments for ``url`` (libpq or SQLAlchemy
+    form), read as SQLAlchemy's asyncpg dialect reads an engine's URL: a
+    multi-host URL (``?host=h1:p1&host=h2:p2``, as a shard with replicas
+    has) gives every host, in order. (asyncpg's own DSN parser keeps only
+    the last ``host`` parameter: the listener would reconnect to one host
+    and never find a promoted replica.)"""
     from sqlalchemy import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return url
-    hosts = parsed.query.get("host")
-    if not hosts:
-        return url
-    hosts = (hosts,) if isinstance(hosts, str) else tuple(hosts)
-    auth = ""
-    if parsed.username is not None:
-        auth = urllib.parse.quote(parsed.username, safe="")
-        if parsed.password is not None:
-            auth += ":" + urllib.parse.quote(str(parsed.password), safe="")
-        auth += "@"
-    rest = {k: v for k, v in parsed.query.items() if k != "host"}
-    query = urllib.parse.urlencode(rest, doseq=True)
-    database = urllib.parse.quote(parsed.database or "", safe="")
-    return f"postgresql://{auth}{','.join(hosts)}/{database}" + (f"?{query}" if query else "")
+    _, kwargs = PGDialect_asyncpg().create_connect_args(make_url(url))
+    for key in _SQLALCHEMY_ONLY:
+        kwargs.pop(key, None)
+    return kwargs
+
+
+# Query parameters of an engine URL that the dialect takes, not asyncpg.
+_SQLALCHEMY_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
 class PgNotifyEventBus:
     """Carries changes between instances sharing a PostgreSQL database.
 
-    ``publish`` sends ``NOTIFY``; every instance (this one included) LISTENs
-    and hands what arrives to its local subscribers, so each change reaches
-    each subscriber once. Best effort like every bus: if PostgreSQL is
-    unreachable the change goes to local subscribers only and remote ones
+    ``publish`` hands the change to this instance's subscribers at once
+    and queues it for the others: one ``NOTIFY`` carries every change
+    published meanwhile (a group commit's, one per line), sent by one task
+    in publish order, so a commit costs one round trip here and one wakeup
+    on each listener, and no caller waits for it. Every instance LISTENs
+    and hands what arrives to its local subscribers, skipping what its own
+    publisher sent, so each change reaches each subscriber once. Best
+    effort like every bus: if PostgreSQL is unreachable remote subscribers
     catch up from the change log.
     """
 
     def __init__(self, dsn: str, queue_size: int = SUBSCRIPTION_QUEUE_SIZE) -> None:
-        self._dsn = asyncpg_dsn(dsn)
+        self._connect_args = asyncpg_connect_args(dsn)
         self._local = InProcessEventBus(queue_size)
         self._listener: Any = None
         self._publisher: Any = None
+        self._publisher_pid: int | None = None  # its server process: our own NOTIFYs
+        self._outbox: collections.deque[str] = collections.deque()  # JSON, not yet sent
+        self._sender: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self._reconnect: asyncio.Task[None] | None = None
@@ -275,10 +271,15 @@ class PgNotifyEventBus:
         """Connects the listener; raises if PostgreSQL cannot be reached."""
         await self._listen()
 
-    async def _listen(self) -> None:
-        import asyncpg
+    async def _connect(self) -> Any:
+        """A new connection: each listed host in turn (a failover's new
+        primary is found through the same host list as the engine's)."""
+        from storage.sql.db import connect_each_host
 
-        conn = await asyncpg.connect(self._dsn)
+        return await connect_each_host(**self._connect_args)
+
+    async def _listen(self) -> None:
+        conn = await self._connect()
         await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
         await conn.add_listener(ROUTE_CHANNEL, self._on_route)
         conn.add_termination_listener(self._on_lost)
@@ -289,13 +290,16 @@ class PgNotifyEventBus:
         if route is not None:
             self._local.deliver_route(*route)
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            change = change_from_json(payload)
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed change notification")
-            return
-        self._local.deliver(change)
+    def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid == self._publisher_pid:
+            return  # delivered here when published
+        for line in payload.split("\n"):
+            try:
+                change = change_from_json(line)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed change notification")
+                continue
+            self._local.deliver(change)
 
     def _on_lost(self, _conn: Any) -> None:
         if not self._closed and (self._reconnect is None or self._reconnect.done()):
@@ -313,8 +317,25 @@ class PgNotifyEventBus:
                 log.warning("event listener reconnect failed: %s", exc)
 
     async def publish(self, change: Change) -> None:
-        if not await self._notify(NOTIFY_CHANNEL, change_to_json(change)):
-            self._local.deliver(change)
+        self._local.deliver(change)
+        self._outbox.append(change_to_json(change))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
+        """NOTIFYs until the outbox is empty: each takes every change queued
+        meanwhile, one per line, up to the payload limit (JSON of a change
+        holds no raw newline)."""
+        while self._outbox:
+            batch: list[str] = []
+            size = 0
+            while self._outbox and (
+                not batch or size + len(self._outbox[0].encode()) < MAX_NOTIFY_PAYLOAD
+            ):
+                line = self._outbox.popleft()
+                batch.append(line)
+                size += len(line.encode()) + 1
+            await self._notify(NOTIFY_CHANNEL, "\n".join(batch))
 
     async def publish_route(self, account_id: int, shard: str) -> None:
         if not await self._notify(ROUTE_CHANNEL, route_payload(account_id, shard)):
@@ -326,9 +347,8 @@ class PgNotifyEventBus:
         try:
             async with self._lock:
                 if self._publisher is None or self._publisher.is_closed():
-                    import asyncpg
-
-                    self._publisher = await asyncpg.connect(self._dsn)
+                    self._publisher = await self._connect()
+                    self._publisher_pid = self._publisher.get_server_pid()
                 await self._publisher.execute("SELECT pg_notify($1, $2)", channel, payload)
         except Exception as exc:  # never fail the write that already committed
             log.warning("notification on %s failed, delivering locally: %s", channel, exc)
@@ -349,6 +369,9 @@ class PgNotifyEventBus:
         self._closed = True
         if self._reconnect is not None:
             self._reconnect.cancel()
+        if self._sender is not None:
+            # What was published before close still reaches the others.
+            await asyncio.wait([self._sender], timeout=5)
         for conn in (self._listener, self._publisher):
             if conn is not None and not conn.is_closed():
                 with contextlib.suppress(Exception):
