@@ -251,9 +251,10 @@ class SmtpSettings(Section):
     # Every address in a submitted message's From: header must be theirs too
     # (RFC 6409 section 8.1), else 550 5.7.1 at end of data.
     header_from_must_match: bool = True
-    rate_limit_per_user: int = 300  # messages per rate_window_seconds; 0 disables
-    rate_limit_per_ip: int = 600
-    rate_window_seconds: float = 3600.0
+    # Messages per rate_window_seconds (a sliding window); 0 disables.
+    rate_limit_per_user: int = Field(default=300, ge=0)
+    rate_limit_per_ip: int = Field(default=600, ge=0)
+    rate_window_seconds: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     dmarc_reject: bool = True  # refuse DMARC failures under p=reject at end of data
     spf: bool = True
     dkim_verify: bool = True
@@ -341,8 +342,9 @@ class HttpSettings(Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:8080"])
     max_message_size: int = 25 * 1024 * 1024
     token_lifetime_seconds: int = 7 * 24 * 3600
-    rate_limit_per_user: int = 600  # requests per minute; 0 disables
-    rate_limit_per_ip: int = 1200
+    # Requests per minute (a sliding window); 0 disables.
+    rate_limit_per_user: int = Field(default=600, ge=0)
+    rate_limit_per_ip: int = Field(default=1200, ge=0)
     # Reverse proxies (TLS terminators) whose X-Forwarded-For names the real
     # client, for per-IP limits and auth throttling; empty: trust none.
     trusted_proxies: list[str] = Field(default_factory=list)

@@ -37,6 +37,12 @@ def test_defaults_serve_one_host() -> None:
         ("server.log_level='LOUD'", "server.log_level:"),
         ("tls.min_version='SSLv3'", "tls.min_version:"),
         ("server.event_loop='trio'", "server.event_loop:"),
+        # A zero window or a negative limit would make every rate limit meaningless.
+        ("smtp.rate_window_seconds=0", "smtp.rate_window_seconds:"),
+        ("smtp.rate_limit_per_ip=-1", "smtp.rate_limit_per_ip:"),
+        ("http.rate_limit_per_user=-5", "http.rate_limit_per_user:"),
+        ("redis.url='http://cache:6379'", "redis.url:"),
+        ("storage.events='kafka'", "storage.events:"),
     ],
 )
 def test_bad_key_or_value_is_an_error_naming_the_key(override: str, named: str) -> None:
