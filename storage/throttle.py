@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -134,7 +135,10 @@ class VerificationPool:
     threads of their own, never on the loop's default executor.
 
     * A client address may have ``per_ip`` checks queued or running; one
-      more is refused at once (TEMPORARY) and never runs.
+      more is refused at once (TEMPORARY) and never runs. The login gate
+      takes the address's place (:meth:`place`) before the account is even
+      read and keeps it until the answer is sent, so a flood costs no
+      database read beyond the bound either.
     * A check waiting for a slot whose client has gone is skipped when its
       turn comes (``ConnectionResetError``); a cancelled waiter is dropped.
     * Suspect checks (the address has recent failures or another check in
@@ -167,22 +171,35 @@ class VerificationPool:
         """Checks of ``ip`` queued or running now."""
         return self._in_flight[ip]
 
-    async def run(self, check: Callable[[], T], client: LoginClient, suspect: bool) -> T:
-        """``check()`` in a slot's thread; see the class docstring for refusals."""
-        if self._in_flight[client.ip] >= self.per_ip:
+    @contextlib.contextmanager
+    def place(self, ip: str) -> Iterator[None]:
+        """Holds one of ``ip``'s ``per_ip`` places while the block runs;
+        TEMPORARY at once when it has none left."""
+        if self._in_flight[ip] >= self.per_ip:
             raise StorageError(ErrorKind.TEMPORARY, "too many logins in progress, try later")
-        self._in_flight[client.ip] += 1
-        started = False
+        self._in_flight[ip] += 1
         try:
-            await self._admit(client, suspect)
-            started = True
-            future = asyncio.get_running_loop().run_in_executor(self._executor, check)
-            future.add_done_callback(lambda _: self._release(client.ip, suspect))
-            # Shielded: a caller that leaves must not free the slot of a running thread.
-            return await asyncio.shield(future)
+            yield
         finally:
-            if not started:
-                self._forget(client.ip)
+            self._forget(ip)
+
+    async def run(
+        self, check: Callable[[], T], client: LoginClient, suspect: bool, *, placed: bool = False
+    ) -> T:
+        """``check()`` in a slot's thread; see the class docstring for refusals.
+        ``placed``: the caller already holds a :meth:`place` of ``client.ip``
+        for this check; otherwise the check takes one until it has run."""
+        if placed:
+            return await self._run(check, client, suspect)
+        with self.place(client.ip):
+            return await self._run(check, client, suspect)
+
+    async def _run(self, check: Callable[[], T], client: LoginClient, suspect: bool) -> T:
+        await self._admit(client, suspect)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, check)
+        future.add_done_callback(lambda _: self._free(suspect))
+        # Shielded: a caller that leaves must not free the slot of a running thread.
+        return await asyncio.shield(future)
 
     async def _admit(self, client: LoginClient, suspect: bool) -> None:
         """Returns holding a slot, or raises without one."""
@@ -228,10 +245,6 @@ class VerificationPool:
         self._running_suspect -= suspect
         self._grant()
 
-    def _release(self, ip: str, suspect: bool) -> None:
-        self._forget(ip)
-        self._free(suspect)
-
     def _forget(self, ip: str) -> None:
         self._in_flight[ip] -= 1
         if self._in_flight[ip] <= 0:
@@ -265,19 +278,23 @@ class LoginGate:
     ) -> Account | None:
         """The account, or None for a wrong password (counted); see the
         module docstring for TEMPORARY and ``ConnectionResetError``."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        keys = self.keys(login, client)
-        delay = await self.throttle.delay_for(*keys)
-        suspect = bool(delay) or self.pool.in_flight(client.ip) > 0
+        started = asyncio.get_running_loop().time()
+        suspect = self.pool.in_flight(client.ip) > 0
+        # Issue #18: the address's place is taken before anything else, so an
+        # address over its bound costs no database read, no check and no
+        # delay task; it is held through the delay, so a throttled address
+        # cannot stack more than ``per_ip`` attempts by hanging up and retrying.
+        with self.pool.place(client.ip):
+            keys = self.keys(login, client)
+            delay = await self.throttle.delay_for(*keys)
 
-        def run_check(check: Callable[[], Any]) -> Awaitable[Any]:
-            return self.pool.run(check, client, suspect)
+            def run_check(check: Callable[[], Any]) -> Awaitable[Any]:
+                return self.pool.run(check, client, suspect or bool(delay), placed=True)
 
-        account = await directory.authenticate(login, password, run_check=run_check)
-        if account is None:
-            await self.throttle.failed(*keys)  # counted before the delay: leaving early won't help
-        await self._wait_out(started + delay)
+            account = await directory.authenticate(login, password, run_check=run_check)
+            if account is None:
+                await self.throttle.failed(*keys)  # counted before the delay: leaving won't help
+            await self._wait_out(started + delay)
         if account is not None:
             await self.throttle.succeeded(*keys)
         return account

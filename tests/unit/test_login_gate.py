@@ -206,3 +206,50 @@ async def test_an_outage_is_neither_counted_nor_delayed() -> None:
         logins.authenticate(FakeDirectory("pw"), "alice@example.org", "pw", client)  # type: ignore[arg-type]
     )
     assert took < 0.3
+
+
+class SlowDirectory(FakeDirectory):
+    """Reading an account takes a while (a loaded database); counts the reads."""
+
+    def __init__(self, password: str) -> None:
+        super().__init__(password)
+        self.reads = 0
+        self.readable = asyncio.Event()
+
+    async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        await self.readable.wait()
+        return await super().authenticate(login, password, run_check=run_check)
+
+
+async def test_an_address_over_its_bound_is_refused_before_its_account_is_read() -> None:
+    """Issue #18: 40 abandoned logins at a time queued 40 account reads before
+    the bound was checked; the reads starved everyone else's logins."""
+    per_ip = random.randint(2, 6)
+    logins = LoginGate(AuthThrottle(base=0.2), VerificationPool(slots=2, per_ip=per_ip))
+    directory = SlowDirectory("right")
+    attacker = LoginClient("192.0.2.40")
+    pending = [
+        asyncio.create_task(logins.authenticate(directory, "alice@example.org", "w", attacker))
+        for _ in range(per_ip)
+    ]
+    await asyncio.sleep(0.01)
+    for _ in range(random.randint(1, 20)):
+        with pytest.raises(StorageError) as refused:
+            await asyncio.wait_for(
+                logins.authenticate(directory, "alice@example.org", "w", attacker), 1.0
+            )
+        assert refused.value.kind is ErrorKind.TEMPORARY
+    assert directory.reads == per_ip
+    directory.readable.set()
+    assert await asyncio.gather(*pending) == [None] * per_ip
+    # Throttled now, the address keeps its places while it waits out the delay:
+    # hanging up and retrying stacks no more attempts than the bound.
+    waiting = [
+        asyncio.create_task(logins.authenticate(directory, "alice@example.org", "w", attacker))
+        for _ in range(per_ip)
+    ]
+    await asyncio.sleep(0.05)
+    with pytest.raises(StorageError):
+        await logins.authenticate(directory, "alice@example.org", "right", attacker)
+    assert await asyncio.gather(*waiting) == [None] * per_ip
