@@ -10,6 +10,7 @@ PACKAGES=(
   postgresql                                  # contract suite on a real PostgreSQL
   dnsmasq-base                                # the tests' DNS server (MX, SPF, DKIM, DMARC records)
   swaks                                       # SMTP client
+  curl                                        # the README's HTTP examples, SMTP with bare LF
   libnet-ssleay-perl libio-socket-ssl-perl    # swaks's STARTTLS/TLS (Debian only recommends them)
   isync fetchmail mpop                        # IMAP/POP3 clients
   postfix                                     # peer MTA for the outbound relay tests
