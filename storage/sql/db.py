@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
+import asyncpg
 import asyncpg.exceptions as asyncpg_errors
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import (
@@ -63,6 +64,21 @@ SQLITE_READERS = 3
 T = TypeVar("T")
 
 
+# How long one host of a multi-host PostgreSQL URL may take to accept a
+# session before the next is tried (libpq's connect_timeout, per host).
+# asyncpg's own timeout (60 s) covers every host together, and a powered-off
+# host leaves SYNs unanswered for two minutes: listed first, it would keep
+# every new connection from reaching the promoted replica after it.
+CONNECT_TIMEOUT_PER_HOST = 5.0
+# Failures of one host after which the next is tried: out of reach (refused,
+# timed out), not the primary (a standby), starting up or in recovery (57P03).
+# Others (a wrong password, a missing database) stop at once, as asyncpg does.
+_NEXT_HOST = (
+    OSError,
+    asyncpg_errors.TargetServerAttributeNotMatched,
+    asyncpg_errors.CannotConnectNowError,
+)
+
 # read_only_sql_transaction: a write reached a server that is no primary
 # (a failover is under way, see ``_setup_postgresql``).
 READ_ONLY_TRANSACTION = "25006"
@@ -87,6 +103,24 @@ _RETRY_SQLSTATES = frozenset(
 # BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL. Others
 # (SQLITE_ERROR: a missing table, bad SQL; CORRUPT; CONSTRAINT) are not.
 _RETRY_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
+async def connect_each_host(**kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect(**kwargs)``, but with a list of hosts (a
+    multi-host URL) each gets :data:`CONNECT_TIMEOUT_PER_HOST` in turn, in
+    order; the first that takes the session (and matches
+    ``target_session_attrs``) wins. Raises the last host's error. The
+    engine's connections and the LISTEN bus's are made here."""
+    hosts, ports = kwargs.pop("host", None), kwargs.pop("port", None)
+    if not isinstance(hosts, list) or len(hosts) < 2:
+        return await asyncpg.connect(host=hosts, port=ports, **kwargs)
+    if not isinstance(ports, list):
+        ports = [ports] * len(hosts)
+    kwargs["timeout"] = min(float(kwargs.get("timeout", 60)), CONNECT_TIMEOUT_PER_HOST)
+    for host, port in zip(hosts[:-1], ports[:-1], strict=True):
+        with suppress(*_NEXT_HOST):
+            return await asyncpg.connect(host=host, port=int(port), **kwargs)
+    return await asyncpg.connect(host=hosts[-1], port=int(ports[-1]), **kwargs)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -324,6 +358,7 @@ class Database:
             kwargs["pool_size"] = 10
             kwargs["max_overflow"] = 20
             kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"async_creator_fn": connect_each_host}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self._write_lock = asyncio.Lock()
         # SQLite group commit: the queue, the task draining it, the writer

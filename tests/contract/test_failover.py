@@ -10,8 +10,10 @@ NO [UNAVAILABLE], -ERR [SYS/TEMP], 503), never a bug's reply."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from sqlalchemy import make_url
 
 from storage.backend import SqlStorage, failover_url, open_storage_from_url
 from storage.errors import ErrorKind, StorageError
-from storage.events import InProcessSubscription, PgNotifyEventBus, asyncpg_dsn
+from storage.events import InProcessSubscription, PgNotifyEventBus, asyncpg_connect_args
 from storage.model import Account, Change, ChangeKind, UidSet
 from storage.sql.db import Database
 from tests.contract.conftest import TEST_HASHER
@@ -223,6 +225,58 @@ async def test_a_fenced_old_primary_hands_writes_to_the_new_one(
         await db.close()
 
 
+@contextlib.contextmanager
+def _silent_host() -> Iterator[str]:
+    """``127.0.0.1:PORT`` of a host that never answers a connection, like a
+    powered-off machine (its SYNs go unanswered, nothing refuses them): a
+    listener whose accept queue is full, so the kernel drops further SYNs."""
+    listener = socket.socket()
+    fillers = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(3):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(address)
+        yield f"127.0.0.1:{address[1]}"
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+async def test_a_dead_first_host_that_never_answers_does_not_hold_up_the_failover(
+    pair: tuple[PgServer, PgServer],
+) -> None:
+    """The old primary's host is powered off: connections to it time out
+    instead of being refused. Each host gets a few seconds, then the next
+    one is tried (as libpq's connect_timeout does), so the shard and the
+    event listener reach the promoted replica within seconds, not after
+    the driver's whole connect timeout spent on the first host."""
+    primary, replica = pair
+    name, _url = await _database(primary, replica)
+    await _fail_over(primary, replica)
+    with _silent_host() as dead:
+        url = f"postgresql+asyncpg://postgres@/{name}?host={dead}&host=127.0.0.1:{replica.port}"
+        url += "&target_session_attrs=read-write"
+        db = Database(url)
+        try:
+            await db.migrate()
+            started = time.monotonic()
+            await _until_written(lambda: _insert_domain(db, "after.example"))
+            assert time.monotonic() - started < RECONNECT_WITHIN
+        finally:
+            await db.close()
+        bus = PgNotifyEventBus(url)
+        try:
+            await asyncio.wait_for(bus.start(), RECONNECT_WITHIN)
+        finally:
+            await bus.close()
+
+
 async def _insert_domain(db: Database, domain: str) -> None:
     async with db.write() as conn:
         await conn.exec_driver_sql("INSERT INTO domains (name) VALUES ($1)", (domain,))
@@ -234,11 +288,9 @@ async def _domains(db: Database) -> list[str]:
         return [row[0] for row in result]
 
 
-def test_the_listener_dsn_keeps_every_host_and_the_credentials() -> None:
-    """asyncpg reads the bus's DSN with every host (it would keep only the
-    last ``host=`` query parameter) and the password as written."""
-    from asyncpg.connect_utils import _parse_connect_dsn_and_args
-
+def test_the_listener_connects_to_every_host_with_the_credentials() -> None:
+    """The LISTEN bus reads a multi-host URL whole: every host in order (an
+    asyncpg DSN keeps only the last ``host=``) and the password as written."""
     password = "".join(random.choice("p@ss:/?#%&= wörd") for _ in range(random.randint(1, 20)))
     ports = random.sample(range(1024, 65536), random.randint(2, 4))
     url = make_url("postgresql+asyncpg://shardmail@/mail").set(
@@ -248,16 +300,9 @@ def test_the_listener_dsn_keeps_every_host_and_the_credentials() -> None:
             "target_session_attrs": "read-write",
         },
     )
-    dsn = asyncpg_dsn(url.render_as_string(hide_password=False))
-    addrs, params = _parse_connect_dsn_and_args(
-        dsn=dsn,
-        **dict.fromkeys(
-            (
-                "host port user password passfile database ssl service servicefile direct_tls "
-                "server_settings target_session_attrs krbsrvname gsslib"
-            ).split()
-        ),
-    )[:2]
-    assert addrs == [("127.0.0.1", p) for p in ports]
-    assert (params.user, params.password, params.database) == ("shardmail", password, "mail")
-    assert params.target_session_attrs == "read-write"
+    args = asyncpg_connect_args(url.render_as_string(hide_password=False))
+    assert list(zip(args["host"], map(int, args["port"]), strict=True)) == [
+        ("127.0.0.1", p) for p in ports
+    ]
+    assert (args["user"], args["password"], args["database"]) == ("shardmail", password, "mail")
+    assert args["target_session_attrs"] == "read-write"
