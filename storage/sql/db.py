@@ -10,8 +10,11 @@ function over a SQLAlchemy ``Connection`` and handed to
 thread, several per transaction (group commit), which spares a thread hop
 per statement and an fsync per delivery; the WAL's fsync then runs in a
 second thread, outside the cross-process write lock, while the writer goes
-on with the next batch (see :meth:`Database._sync_wal`). On PostgreSQL
-each runs in its own transaction through ``AsyncConnection.run_sync``. Hot
+on with the next batch (see :meth:`Database._sync_wal`). On PostgreSQL the
+same queue, batches and savepoint rules apply (one code path): a batch runs
+on one held connection through ``AsyncConnection.run_sync``, one
+transaction and one WAL flush for the lot, and :func:`execute` sends the
+hot statements straight to asyncpg (prepared once per connection). Hot
 reads likewise go to :meth:`Database.read_sync`: on SQLite the whole
 function runs in one of a few reader threads with their own connections
 (WAL readers never block the writer).
@@ -29,7 +32,7 @@ import threading
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import asyncpg.exceptions as asyncpg_errors
@@ -43,6 +46,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as SaTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 from storage.errors import ErrorKind, StorageError
 from storage.sql import fts, schema
@@ -60,6 +64,11 @@ PIPELINED_BATCHES = 2
 # Reader threads of :meth:`Database.read_sync` on SQLite, one connection each.
 # WAL readers never wait for the writer; the GIL makes more of them pointless.
 SQLITE_READERS = 3
+# A PostgreSQL batch that failed as a whole on a deadlock or serialization
+# failure (nothing committed: another process's batch locked the same
+# accounts in the other order) runs again, at most this many times in all.
+PG_BATCH_ATTEMPTS = 3
+_PG_CONFLICTS = frozenset({"40001", "40P01"})
 
 T = TypeVar("T")
 
@@ -289,32 +298,31 @@ class _DriverResult:
         return list(self._rows)
 
 
-_prepared: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
+_prepared: dict[tuple[int, tuple[str, ...], str], _Prepared] = {}
 
 
 def execute(conn: Connection, stmt: Any, params: Any = None) -> Any:
     """``conn.execute(stmt, params)`` for the hot write functions.
 
-    On SQLite's writer connection (pysqlite) the statement is compiled once
-    and run straight on the driver connection, skipping SQLAlchemy's
-    per-execution work (several times the cost of the statement itself);
-    elsewhere it is ``conn.execute``. Only
+    On SQLite's writer and reader connections (pysqlite), and on
+    PostgreSQL inside ``run_sync`` (asyncpg, see :func:`_execute_asyncpg`),
+    the statement is compiled once and run straight on the driver
+    connection, skipping SQLAlchemy's per-execution work (several times
+    the cost of the statement itself); elsewhere it is ``conn.execute``. Only
     for module-level constant statements (cached by identity) whose
     parameters and columns need no type conversion (numbers, strings,
     None). ``params``: a dict, or a list of dicts for executemany. The
     result offers ``first()``, ``one()``, ``scalar()``, ``all()`` and
     ``inserted_primary_key``; rows are named tuples.
     """
-    if conn.dialect.driver != "pysqlite":
+    driver_name = conn.dialect.driver
+    if driver_name == "asyncpg":
+        return _execute_asyncpg(conn, stmt, params)
+    if driver_name != "pysqlite":
         return conn.execute(stmt, params)
     many = isinstance(params, list)
     first = (params[0] if params else {}) if many else (params or {})
-    keys = tuple(first)
-    prepared = _prepared.get((id(stmt), keys))
-    if prepared is None or prepared.stmt is not stmt:
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        prepared = _Prepared(stmt, compiled.string, compiled.positiontup or ())
-        _prepared[(id(stmt), keys)] = prepared
+    prepared = _prepared_for(conn, stmt, tuple(first))
     driver = conn.connection.driver_connection
     assert driver is not None
     names = prepared.names
@@ -334,6 +342,104 @@ def execute(conn: Connection, stmt: Any, params: Any = None) -> Any:
         return _DriverResult([make(r) for r in cursor.fetchall()], None)
     finally:
         cursor.close()
+
+
+def _prepared_for(conn: Connection, stmt: Any, keys: tuple[str, ...]) -> _Prepared:
+    """``stmt`` compiled once per dialect and parameter names (cached by
+    the statement's identity: module-level constants only)."""
+    key = (id(stmt), keys, conn.dialect.name)
+    prepared = _prepared.get(key)
+    if prepared is None or prepared.stmt is not stmt:
+        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
+        prepared = _Prepared(stmt, compiled.string, compiled.positiontup or ())
+        _prepared[key] = prepared
+    return prepared
+
+
+def _execute_asyncpg(conn: Connection, stmt: Any, params: Any) -> _DriverResult:
+    """:func:`execute` on a PostgreSQL connection inside ``run_sync``: the
+    statement goes straight to asyncpg (which prepares it once per
+    connection and keeps it), one round trip, without SQLAlchemy's
+    per-execution work. It runs in whatever transaction the connection is
+    in (the batch writer's ``BEGIN``, see :meth:`Database._pg_batch`).
+    asyncpg's errors are raised as SQLAlchemy's (``IntegrityError``...),
+    as ``conn.execute`` would."""
+    many = isinstance(params, list)
+    first = (params[0] if params else {}) if many else (params or {})
+    prepared = _prepared_for(conn, stmt, tuple(first))
+    fairy = conn.connection
+    raw = fairy.driver_connection
+    names = prepared.names
+    try:
+        if many:
+            await_only(raw.executemany(prepared.sql, [[p[n] for n in names] for p in params]))
+            return _DriverResult([], None)
+        records = await_only(raw.fetch(prepared.sql, *[first[n] for n in names]))
+    except Exception as exc:
+        _raise_as_sqlalchemy(conn, fairy, exc, prepared.sql)
+    if not records:
+        return _DriverResult([], None)
+    if prepared.row is None:
+        prepared.row = namedtuple(  # type: ignore[misc]
+            "Row", list(records[0].keys()), rename=True
+        )
+    make = prepared.row._make
+    return _DriverResult([make(r.values()) for r in records], None)
+
+
+def _raise_as_sqlalchemy(conn: Connection, fairy: Any, exc: Exception, sql: str) -> NoReturn:
+    """Raises ``exc`` (from asyncpg) as SQLAlchemy would have: the
+    adapter's DBAPI error, wrapped in its ``sqlalchemy.exc`` class."""
+    try:
+        fairy.dbapi_connection._handle_exception(exc)
+    except Exception as dbapi_exc:
+        if not isinstance(dbapi_exc, conn.dialect.loaded_dbapi.Error):
+            raise
+        raise DBAPIError.instance(
+            sql, None, dbapi_exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+        ) from exc
+    raise exc
+
+
+class _PgTransaction:
+    """The statements :func:`_transaction` sends, on PostgreSQL: straight
+    to asyncpg (simple protocol, one round trip each)."""
+
+    __slots__ = ("_conn", "_raw")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._raw = conn.connection.driver_connection
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self._raw.is_in_transaction())
+
+    def execute(self, sql: str) -> None:
+        try:
+            await_only(self._raw.execute(sql))
+        except Exception as exc:
+            _raise_as_sqlalchemy(self._conn, self._conn.connection, exc, sql)
+
+
+def _fails_batch(exc: BaseException) -> bool:
+    """Whether a call's error is the database's (the whole batch fails,
+    TEMPORARY) rather than the call's own (only it fails): SQLite's
+    OperationalError (busy, I/O), a lost connection."""
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OSError) or _sqlstate(exc)[:2] == "08":
+        return True
+    # A connection that died under the call (its server was killed, a
+    # failover): the held writer connection must go, not only this call.
+    return any(_lost_connection(link) for link in _chain(exc))
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure: the transaction may run again."""
+    return _sqlstate(exc) in _PG_CONFLICTS
 
 
 class Database:
@@ -361,6 +467,9 @@ class Database:
             kwargs["connect_args"] = {"async_creator_fn": connect_each_host}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self._write_lock = asyncio.Lock()
+        # PostgreSQL group commit: the connection batches run on, held
+        # between batches (no pool checkout and ping per batch).
+        self._pg_writer: AsyncConnection | None = None
         # SQLite group commit: the queue, the task draining it, the writer
         # thread and its connection (opened in that thread on first use).
         self._batch_queue: list[_Batched] = []
@@ -465,11 +574,16 @@ class Database:
         threads, each with its own pysqlite connection: one thread hop per
         call instead of one per statement. It sees every write committed
         before the call started (WAL snapshot at its first read). On
-        PostgreSQL it runs through ``AsyncConnection.run_sync`` inside
-        :meth:`read`. Backend outages raise TEMPORARY.
+        PostgreSQL it runs through ``AsyncConnection.run_sync`` outside any
+        transaction: each statement sees what was committed when it
+        started (as READ COMMITTED would). Backend outages raise TEMPORARY.
         """
         if not self.is_sqlite:
-            async with self.read() as conn:
+            # No BEGIN and ROLLBACK around it (two round trips): under READ
+            # COMMITTED, PostgreSQL's default, each statement takes its own
+            # snapshot inside a transaction as well as outside one.
+            async with self._translate(), self.engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 return await conn.run_sync(fn)
         loop = asyncio.get_running_loop()
         async with self._translate():
@@ -583,18 +697,15 @@ class Database:
         cancelled while its call waits in the queue drops it (nothing is
         written); once the call runs it commits, and ``after_commit`` runs,
         whether or not its caller is still there.
+
+        On PostgreSQL the same: calls queued while a batch commits form
+        the next batch, one transaction on one held connection (see
+        :meth:`_flush_pg`), told after its COMMIT returned (durable with
+        ``synchronous_commit`` on; a batch of only ``durable=False`` calls
+        commits with it off, as on SQLite). No lock against :meth:`write`:
+        row locks order them. ``fn`` runs inside ``run_sync`` and may use
+        :func:`execute` (asyncpg straight) and ``conn.execute``.
         """
-        if not self.is_sqlite:
-            if ready is not None:
-                try:
-                    await asyncio.wrap_future(ready)
-                except Exception as exc:
-                    raise _as_storage_error(exc) from exc
-            async with self.write() as conn:
-                result = await conn.run_sync(fn)
-            if after_commit is not None:
-                await after_commit(result)
-            return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._queue_lock:
@@ -606,7 +717,55 @@ class Database:
             self._flusher = loop.create_task(self._flush_batches())
         return await future
 
+    async def _flush_pg(self) -> None:
+        """PostgreSQL's group commit: one batch at a time on the held
+        writer connection; the calls queued while it commits (its WAL
+        flush) are the next batch."""
+        loop = asyncio.get_running_loop()
+        while self._batch_queue:
+            await self._wait_for_ready()
+            with self._queue_lock:
+                batch = self._take_batch()
+            if not batch:
+                continue
+            outcomes = await self._pg_batch(batch)
+            if not isinstance(outcomes, BaseException):
+                self._commits += 1
+            self._committed(loop, batch, outcomes, self._commits)
+
+    async def _pg_batch(self, batch: list[_Batched]) -> list[tuple[bool, Any]] | BaseException:
+        """Runs one batch (:meth:`_run_batch`) on the writer connection:
+        the outcomes, or the exception if nothing committed. A deadlock or
+        serialization failure of the whole transaction runs it again."""
+        items = [(b.fn, b.ready) for b in batch]
+        durable = any(b.durable for b in batch)
+        attempt = 1
+        while True:
+            try:
+                if self._pg_writer is None:
+                    conn = await self.engine.connect()
+                    # SQLAlchemy sends no BEGIN: ``_transaction`` does.
+                    self._pg_writer = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await self._pg_writer.run_sync(self._run_batch, items, durable)
+            except BaseException as exc:
+                await self._drop_pg_writer()
+                if attempt < PG_BATCH_ATTEMPTS and _is_conflict(exc):
+                    attempt += 1
+                    continue
+                return exc
+
+    async def _drop_pg_writer(self) -> None:
+        conn, self._pg_writer = self._pg_writer, None
+        if conn is not None:
+            with suppress(Exception):
+                await conn.invalidate()
+            with suppress(Exception):
+                await conn.close()
+
     async def _flush_batches(self) -> None:
+        if not self.is_sqlite:
+            await self._flush_pg()
+            return
         loop = asyncio.get_running_loop()
         writer = self._writer_thread()
         while self._batch_queue:
@@ -697,7 +856,8 @@ class Database:
                 raise exc
             return
         synced: asyncio.Future[None] | None = None
-        if any(b.durable for b in batch) and any(ok for ok, _ in outcomes):
+        # PostgreSQL's COMMIT returned once durable; SQLite's WAL needs its fsync.
+        if self.is_sqlite and any(b.durable for b in batch) and any(ok for ok, _ in outcomes):
             synced = loop.run_in_executor(self._syncer_thread(), self._sync_wal, commit)
         self._settling = loop.create_task(self._settle(self._settling, batch, outcomes, synced))
 
@@ -831,7 +991,9 @@ class Database:
             return None
         return os.open(f"{path}-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _run_batch(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+    def _run_batch(
+        self, conn: Connection, items: list[_Item], durable: bool = True
+    ) -> list[tuple[bool, Any]]:
         """In the writer thread, under the writers' file lock (see
         :meth:`_writers_lock`): the batch's transaction, committed but not
         yet fsynced (:meth:`_sync_wal` does that). Every call's ``ready``
@@ -839,12 +1001,15 @@ class Database:
         that call fails alone and the transaction (rolled back) runs again
         without it.
         Returns (True, result) or (False, exception) per call, in order;
-        raises if the transaction as a whole failed (nothing committed)."""
+        raises if the transaction as a whole failed (nothing committed).
+        On PostgreSQL it runs inside ``run_sync`` on the writer connection
+        (no file lock: row locks serialise writers); ``durable=False``: a
+        batch of only such calls commits without waiting for its WAL flush."""
         outcomes: dict[int, tuple[bool, Any]] = {}
         live = list(range(len(items)))
         while live:
             try:
-                done = self._run_transaction(conn, [items[i] for i in live])
+                done = self._run_transaction(conn, [items[i] for i in live], durable)
             except _NotReady as failed:
                 index = live.pop(failed.index)
                 outcomes[index] = (False, _as_storage_error(failed.error))
@@ -865,32 +1030,36 @@ class Database:
             except BaseException as exc:
                 raise _NotReady(index, exc) from exc
 
-    def _run_transaction(self, conn: Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+    def _run_transaction(
+        self, conn: Connection, items: list[_Item], durable: bool = True
+    ) -> list[tuple[bool, Any]]:
         """One transaction, a SAVEPOINT per function when there are several."""
         fns = [fn for fn, _ in items]
         outcomes: list[tuple[bool, Any]] = []
         try:
             if len(fns) == 1:
                 try:
-                    with _transaction(conn):
+                    with _transaction(conn, durable):
                         outcomes.append((True, fns[0](conn)))
                         self._await_ready(items, outcomes)
-                except (OperationalError, _NotReady):
+                except _NotReady:
                     raise
                 except Exception as exc:  # rolled back: only this call's writes
+                    if _fails_batch(exc):
+                        raise
                     outcomes.append((False, classify(exc)))
                 return outcomes
             # First without savepoints: calls rarely fail, and every statement
             # costs the writer a wait for the GIL while the loop is busy. If
             # one fails, all roll back and run again, each in a SAVEPOINT.
             try:
-                with _transaction(conn):
+                with _transaction(conn, durable):
                     for fn in fns:
                         try:
                             outcomes.append((True, fn(conn)))
-                        except OperationalError:
-                            raise
                         except Exception as exc:
+                            if _fails_batch(exc):
+                                raise
                             raise _CallFailed from exc
                     self._await_ready(items, outcomes)
                 return outcomes
@@ -898,14 +1067,14 @@ class Database:
                 outcomes = []
             # Plain SAVEPOINT statements on the driver connection: SQLAlchemy's
             # begin_nested() costs several times more, once per delivery.
-            with _transaction(conn) as driver:
+            with _transaction(conn, durable) as driver:
                 for fn in fns:
                     driver.execute("SAVEPOINT batched")
                     try:
                         result = fn(conn)
-                    except OperationalError:
-                        raise  # the database itself is in trouble: fail them all
                     except Exception as exc:
+                        if _fails_batch(exc):
+                            raise  # the database itself is in trouble: fail them all
                         driver.execute("ROLLBACK TO batched")
                         driver.execute("RELEASE batched")
                         outcomes.append((False, classify(exc)))
@@ -1006,6 +1175,10 @@ class Database:
                 log.exception("pending writes failed at close")
         if self._settling is not None:
             await asyncio.wait([self._settling])
+        if self._pg_writer is not None:
+            writer_conn, self._pg_writer = self._pg_writer, None
+            with suppress(Exception):
+                await writer_conn.close()
         if self._syncer is not None:
             syncer, self._syncer = self._syncer, None
             await asyncio.get_running_loop().run_in_executor(syncer, self._close_syncer)
@@ -1024,18 +1197,28 @@ class Database:
 
 
 @contextmanager
-def _transaction(conn: Connection) -> Iterator[Any]:
+def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (``ROLLBACK`` on an exception) on
-    the writer's driver connection, which it yields.
+    the writer's driver connection, which it yields (on PostgreSQL
+    ``BEGIN``, through :class:`_PgTransaction`).
 
     SQLAlchemy's ``begin()`` and its commit cost a quarter of the writer
     thread's GIL time in the STORE bench. A write function may still run
     statements through SQLAlchemy: its autobegin finds the driver already
     in a transaction and adds no BEGIN (see ``_setup_sqlite``), and its
     bookkeeping is reset here once the driver's transaction has ended."""
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.execute("BEGIN IMMEDIATE")
+    driver: Any
+    if conn.dialect.name == "sqlite":
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute("BEGIN IMMEDIATE")
+    else:
+        # The batch writer's connection is in autocommit mode for
+        # SQLAlchemy (no BEGIN of its own): this BEGIN is the transaction.
+        # Not durable: COMMIT returns before the WAL flush (a crash of the
+        # server may lose the commit, never corrupt it), one statement.
+        driver = _PgTransaction(conn)
+        driver.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit TO OFF")
     try:
         yield driver
         driver.execute("COMMIT")

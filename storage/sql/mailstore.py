@@ -375,7 +375,7 @@ _LOCK_ACCOUNT = (
 # Statements of the delivery path, built once: SQLAlchemy then finds their
 # compiled form without rebuilding a cache key per execution.
 _INSERT_CHANGES = insert(change_log)
-_INSERT_MESSAGE = insert(messages)
+_INSERT_MESSAGE = insert(messages).returning(messages.c.id)
 _INSERT_ENTRY = insert(E)
 _INSERT_MESSAGE_OWN_THREAD = (
     insert(messages)
@@ -386,6 +386,25 @@ _INSERT_MESSAGE_OWN_THREAD = (
     )
     .returning(messages.c.id, messages.c.thread_id)
 )
+
+
+@functools.cache
+def _insert_own_thread_pg(keys: tuple[str, ...]) -> Any:
+    """PostgreSQL's insert of a message in a thread of its own (``keys``:
+    the columns of :func:`_message_values`): ``WITH n AS (SELECT
+    nextval(...)) INSERT ... SELECT n.id, n.id, ... RETURNING id``. The
+    same statement object per column set, so ``execute`` prepares it once."""
+    seq = select(
+        literal_column("nextval(pg_get_serial_sequence('messages', 'id'))").label("id")
+    ).cte("n")
+    values = [bindparam(k, type_=messages.c[k].type) for k in keys]
+    return (
+        insert(messages)
+        .from_select(["id", "thread_id", *keys], select(seq.c.id, seq.c.id, *values))
+        .returning(messages.c.id)
+    )
+
+
 _SET_THREAD = (
     update(messages).where(messages.c.id == bindparam("b_id")).values(thread_id=bindparam("b_id"))
 )
@@ -1174,11 +1193,11 @@ class SqlMailStore:
             if row.thread_id != row.id:
                 execute(conn, _SET_THREAD, {"b_id": row.id})
             return int(row.id)
-        result = execute(conn, _INSERT_MESSAGE, {**values, "thread_id": thread_id})
-        message_id = int(result.inserted_primary_key[0])
         if thread_id is None:
-            execute(conn, _SET_THREAD, {"b_id": message_id})
-        return message_id
+            # PostgreSQL: the id is taken from its sequence first and
+            # written as the thread too, in one statement.
+            return int(execute(conn, _insert_own_thread_pg(tuple(values)), values).scalar())
+        return int(execute(conn, _INSERT_MESSAGE, {**values, "thread_id": thread_id}).scalar())
 
     async def deliver(
         self,
