@@ -29,7 +29,8 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Debian's postgresql package may start a cluster of its own; the tests use their own on a free port.
+# Debian's postgresql and redis-server packages may start servers of their own (5432, 6379); the
+# tests never use those: they start their own on free ports (tests/pgserver.py, tests/redisserver.py).
 VENV=${SHARDMAIL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
