@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -299,3 +300,24 @@ async def test_redis_bus_reconnects_when_redis_stops_answering() -> None:
     finally:
         await bus.close()
         server.close()
+
+
+async def test_redis_bus_flushes_on_close(redis_url: str) -> None:
+    """A command that moves an account and exits (``mailctl account move``)
+    still tells every instance: close sends what was queued."""
+    daemon, command = RedisEventBus(redis_url), RedisEventBus(redis_url)
+    await daemon.start()
+    await command.start()
+    routes: list[tuple[int | None, str | None]] = []
+    daemon.watch_routes(lambda account, shard: routes.append((account, shard)))
+    try:
+        account = random.randint(1, 10**9)
+        await command.publish_route(account, "b")
+        await command.close()
+        for _ in range(int(ARRIVAL / 0.05)):
+            if routes:
+                break
+            await asyncio.sleep(0.05)
+        assert routes == [(account, "b")]
+    finally:
+        await daemon.close()
