@@ -38,6 +38,15 @@ class StorageError(Exception):
         return str(self)
 
 
+class AccountMoving(StorageError):
+    """TEMPORARY: the account is being moved to another shard, or has moved
+    away from the one asked (``storage/move.py``). A session holding that
+    shard's mailbox ids ends, so that its client reconnects to the new one."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorKind.TEMPORARY, "account is moving to another shard, try again")
+
+
 # RFC 5530 IMAP response codes.
 IMAP_RESPONSE_CODE: dict[ErrorKind, str] = {
     ErrorKind.NOT_FOUND: "NONEXISTENT",

@@ -29,7 +29,7 @@ from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
 from imapd.imap.wire.parser import parse_command
-from storage.errors import IMAP_RESPONSE_CODE, StorageError
+from storage.errors import IMAP_RESPONSE_CODE, AccountMoving, StorageError
 from storage.model import SYSTEM_FLAGS
 from storage.throttle import LoginGate, login_gate
 
@@ -141,6 +141,7 @@ class Session:
         self._last_poll = 0.0
         self._dropped = 0  # the subscription's lost-change count last seen
         self.changes_heard = 0  # changes the watcher took from the bus (see selected_now)
+        self.fenced = False  # the account is moving shards: see end_fenced
         self.message_cache = MessageCache()
         # STATUS answers by mailbox id, dropped by any event about that mailbox.
         self.status_cache: dict[int, MailboxStatus] = {}
@@ -372,6 +373,10 @@ class Session:
         if isinstance(cmd, ParseError):
             self.tagged(cmd.tag, bad(cmd.message, cmd.code))
             return
+        if self.fenced:
+            self.end_fenced()
+            self.tagged(cmd.tag, _MOVING)
+            return
         entry = COMMANDS.get(cmd.name)
         if entry is None:  # parser knows it, no handler: should not happen
             self.tagged(cmd.tag, bad(f"Command {cmd.name} not supported"))
@@ -390,6 +395,8 @@ class Session:
         except StorageError as err:
             reply = no(err.message, IMAP_RESPONSE_CODE.get(err.kind))
             self._boxes.clear()  # a cached mailbox may be what went away
+            # The fence's own error: the FENCE event may have been lost.
+            self.fenced = self.fenced or isinstance(err, AccountMoving)
         except BadSequence as err:
             reply = bad(str(err))
         except (ConnectionError, asyncio.CancelledError):
@@ -401,6 +408,8 @@ class Session:
             self._drop_spools()
         if cmd.name not in _READ_ONLY:
             self.status_cache.clear()  # our own write: its event may still be queued
+        if self.fenced and self.state is not State.LOGOUT:
+            self.end_fenced()
         if reply is None:
             return  # the handler answered itself (LOGOUT, STARTTLS, IDLE)
         if self.selected is not None and self.state is State.SELECTED:
@@ -499,6 +508,10 @@ class Session:
             return
         with contextlib.suppress(asyncio.CancelledError):
             async for change in sub:
+                if change.kind is ChangeKind.FENCE:
+                    self.fenced = True
+                    self.wakeup.set()
+                    continue
                 if change.kind is ChangeKind.MAILBOX:
                     self._boxes.clear()
                     self.status_cache.clear()
@@ -543,6 +556,14 @@ class Session:
                         view.news.add(change.uid)
                     else:
                         view.unknown_news = True
+
+    def end_fenced(self) -> None:
+        """The account is being moved to another shard: this session's
+        mailbox ids and store are the old shard's, so it ends, and the
+        client reconnects (RFC 3501 section 7.1.5 BYE; RFC 5530 section 3
+        UNAVAILABLE: try again later) to wherever the account is then."""
+        self.untagged("BYE [UNAVAILABLE] Account is moving to another server, reconnect")
+        self.state = State.LOGOUT
 
     def selected_now(self, view: MailboxView, heard: int) -> None:
         """SELECT/EXAMINE made ``view`` (read after ``changes_heard`` was
@@ -758,6 +779,7 @@ _READ_ONLY = frozenset(
 
 
 _SPOOL_FAILED = no("Cannot store the message now, try again", "UNAVAILABLE")
+_MOVING = no("Account is moving to another server, try again", "UNAVAILABLE")
 
 
 def _tag_of(segment: bytes) -> str:

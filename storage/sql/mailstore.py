@@ -742,7 +742,7 @@ def fenced_error() -> StorageError:
     """What a write of an account in the middle of a move gets: TEMPORARY,
     so SMTP answers 451, IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP], HTTP
     503, and the client retries (after the move, on the account's new shard)."""
-    return StorageError(ErrorKind.TEMPORARY, "account is moving to another shard, try again")
+    return errors.AccountMoving()
 
 
 def _tx_from_row(conn: Any, account_id: int, row: Any) -> _Tx:

@@ -327,6 +327,9 @@ async def handle_idle(s: Session, cmd: c.Command) -> Reply | None:
                 s.state = State.LOGOUT
                 return None
             s.wakeup.clear()
+            if s.fenced:
+                s.end_fenced()
+                return None
             if s.selected is not None:
                 await s.sync()
             await s.conn.drain()
