@@ -320,11 +320,19 @@ class PgServer:
         """SIGKILL the postmaster and every process of the server at once,
         as a crash of its host would: nothing is flushed, no session is
         told. Its files stay; :meth:`restart` starts it again."""
-        pids = [self.proc.pid, *_children(self.proc.pid)]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self._signal_all(signal.SIGKILL)
         self.proc.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: it hangs, as a host that
+        died without a word would look to its clients (connections stay
+        open, nothing answers). :meth:`kill` still ends it."""
+        self._signal_all(signal.SIGSTOP)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def shutdown(self) -> None:
         """A fast shutdown (sessions end), keeping the files for :meth:`restart`."""

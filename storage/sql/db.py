@@ -79,6 +79,11 @@ T = TypeVar("T")
 # host leaves SYNs unanswered for two minutes: listed first, it would keep
 # every new connection from reaching the promoted replica after it.
 CONNECT_TIMEOUT_PER_HOST = 5.0
+# How long a pooled connection may take to answer the ping before it is
+# used. A server that hangs, or whose host died without a word (no reset:
+# the kernel retransmits for some 15 minutes), must not hold up requests
+# once a replica has taken over; longer than any pause of a loaded server.
+PING_TIMEOUT = 5.0
 # Failures of one host after which the next is tried: out of reach (refused,
 # timed out), not the primary (a standby), starting up or in recovery (57P03).
 # Others (a wrong password, a missing database) stop at once, as asyncpg does.
@@ -463,7 +468,7 @@ class Database:
         else:
             kwargs["pool_size"] = 10
             kwargs["max_overflow"] = 20
-            kwargs["pool_pre_ping"] = True
+            # No pool_pre_ping: its ping has no time limit (see _setup_postgresql).
             kwargs["connect_args"] = {"async_creator_fn": connect_each_host}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self._write_lock = asyncio.Lock()
@@ -1255,6 +1260,16 @@ def _setup_postgresql(engine: Engine) -> None:
     def on_error(context: Any) -> None:
         if _sqlstate(context.original_exception) == READ_ONLY_TRANSACTION:
             context.is_disconnect = True
+
+    # Before each use a pooled connection must answer a ping within
+    # PING_TIMEOUT, else the pool drops it and connects anew (up to three
+    # times, SQLAlchemy's "pessimistic disconnect handling").
+    @event.listens_for(engine, "checkout")
+    def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        try:
+            await_only(asyncio.wait_for(dbapi_conn.driver_connection.fetchval(";"), PING_TIMEOUT))
+        except Exception as exc:
+            raise DisconnectionError(f"no answer to the ping: {exc!r}") from exc
 
 
 def _setup_sqlite(engine: Engine) -> None:

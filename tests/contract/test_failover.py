@@ -36,6 +36,8 @@ T = TypeVar("T")
 # How long after the promotion the same process may take to write again.
 RECONNECT_WITHIN = 10.0
 RETRY_PAUSE = 0.1
+# The same with a hung old primary: a ping and a connect attempt time out first.
+HUNG_RECOVER_WITHIN = 20.0
 
 
 @pytest.fixture
@@ -275,6 +277,34 @@ async def test_a_dead_first_host_that_never_answers_does_not_hold_up_the_failove
             await asyncio.wait_for(bus.start(), RECONNECT_WITHIN)
         finally:
             await bus.close()
+
+
+async def test_a_hung_old_primary_does_not_hold_up_requests_after_the_promotion(
+    pair: tuple[PgServer, PgServer],
+) -> None:
+    """The old primary hangs (or its host died without a word): its pooled
+    connections stay open and nothing answers on them. A request must not
+    wait on such a connection forever (or for TCP's 15 minutes): the ping
+    before a pooled connection is used gives up after a few seconds, and
+    the next connection finds the promoted replica."""
+    primary, replica = pair
+    _name, url = await _database(primary, replica)
+    db = Database(url)
+    try:
+        await db.migrate()
+        for i in range(3):  # pooled connections to the primary
+            await _insert_domain(db, f"old{i}.example")
+        await asyncio.to_thread(primary.freeze)
+        await asyncio.to_thread(replica.promote)
+        started = time.monotonic()
+        await asyncio.wait_for(
+            _until_written(lambda: _insert_domain(db, "new.example")), HUNG_RECOVER_WITHIN
+        )
+        assert time.monotonic() - started < HUNG_RECOVER_WITHIN
+        assert await _domains(db) == ["new.example", "old0.example", "old1.example", "old2.example"]
+    finally:
+        await asyncio.to_thread(primary.kill)  # SIGKILL ends a stopped process too
+        await db.close()
 
 
 async def _insert_domain(db: Database, domain: str) -> None:
