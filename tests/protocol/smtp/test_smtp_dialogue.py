@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from mtad.service import Service
+from mtad.service import Service, start
 from tests.protocol.smtp.support import (
     ALICE,
     ALICE_PW,
@@ -41,6 +44,36 @@ async def run(port: int, steps: list[tuple[str, str]], tls=None) -> list[str]:
             last = reply.splitlines()[-1]
             assert last.startswith(expected), f"{line!r}: {reply!r}, wanted {expected!r}"
     return got
+
+
+@pytest.fixture
+def mta_with(
+    settings, populated, tls_context
+) -> Callable[..., AbstractAsyncContextManager[Service]]:
+    """``async with mta_with(max_errors=3) as service``: an mtad whose
+    ``[smtp]`` settings are changed as given, closed at the end."""
+
+    @contextlib.asynccontextmanager
+    async def started(**smtp: object) -> AsyncIterator[Service]:
+        for key, value in smtp.items():
+            setattr(settings.smtp, key, value)
+        service = await start(settings, populated, tls_context)
+        try:
+            yield service
+        finally:
+            await service.close()
+
+    return started
+
+
+async def open_data(client: SmtpDialogue) -> None:
+    """Greeting, EHLO, a sender and ALICE as recipient, then DATA: the client
+    may send the message."""
+    await client.reply()
+    await client.cmd("EHLO c.example")
+    await client.cmd("MAIL FROM:<a@spf-pass.example>")
+    await client.cmd(f"RCPT TO:<{ALICE}>")
+    await client.cmd("DATA")
 
 
 MX_TABLE = [
@@ -387,12 +420,8 @@ async def test_implicit_tls_submission(mta: Service, client_tls_context, populat
     assert REMOTE in await _queued_recipients(populated)
 
 
-async def test_sent_copy_when_configured(settings, populated, tls_context, client_tls_context):
-    from mtad.service import start
-
-    settings.smtp.save_sent_copy = True
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_sent_copy_when_configured(mta_with, populated, client_tls_context) -> None:
+    async with mta_with(save_sent_copy=True) as service:
         async with await SmtpDialogue.open(service.port("submissions"), client_tls_context) as c:
             await c.reply()
             await c.cmd("EHLO client.example")
@@ -402,8 +431,6 @@ async def test_sent_copy_when_configured(settings, populated, tls_context, clien
             await c.cmd("DATA")
             await c.send(message(sender=ALICE, to=BOB) + b".\r\n")
             assert (await c.reply()).startswith("250 2.0.0")
-    finally:
-        await service.close()
     [sent] = await mailbox_entries_flags(populated, ALICE, "Sent")
     assert "\\Seen" in sent
 
@@ -414,62 +441,36 @@ async def mailbox_entries_flags(storage, address: str, mailbox: str) -> list[fro
     return [e.flags for e in await mailbox_entries(storage, address, mailbox)]
 
 
-async def test_session_closed_after_too_many_errors(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.max_errors = 3
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_session_closed_after_too_many_errors(mta_with) -> None:
+    async with mta_with(max_errors=3) as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
             await client.reply()
             for _ in range(3):
                 assert (await client.cmd("MAIL FROM:<x@y.example>")).startswith("503")
             assert (await client.cmd("MAIL FROM:<x@y.example>")).startswith("421 4.7.0")
             assert await client.closed()
-    finally:
-        await service.close()
 
 
-async def test_command_timeout(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.command_timeout_seconds = 0.3
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_command_timeout(mta_with) -> None:
+    async with mta_with(command_timeout_seconds=0.3) as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
             await client.reply()
             assert (await client.reply(timeout=5)).startswith("421 4.4.2")
             assert await client.closed()
-    finally:
-        await service.close()
 
 
-async def test_data_timeout(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.data_timeout_seconds = 0.3
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_data_timeout(mta_with, populated) -> None:
+    async with mta_with(data_timeout_seconds=0.3) as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
-            await client.reply()
-            await client.cmd("EHLO c.example")
-            await client.cmd("MAIL FROM:<a@spf-pass.example>")
-            await client.cmd(f"RCPT TO:<{ALICE}>")
-            await client.cmd("DATA")
+            await open_data(client)
             await client.send(b"Subject: slow\r\n")
             assert (await client.reply(timeout=5)).startswith("421 4.4.2")
             assert await client.closed()
         assert await mailbox_messages(populated, ALICE) == []
-    finally:
-        await service.close()
 
 
-async def test_connections_per_ip(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.max_connections_per_ip = 2
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_connections_per_ip(mta_with) -> None:
+    async with mta_with(max_connections_per_ip=2) as service:
         first = await SmtpDialogue.open(service.port("mx"))
         second = await SmtpDialogue.open(service.port("submission"))
         assert (await first.reply()).startswith("220")
@@ -483,16 +484,10 @@ async def test_connections_per_ip(settings, populated, tls_context) -> None:
         async with await SmtpDialogue.open(service.port("mx")) as fourth:
             assert (await fourth.reply()).startswith("220")
         await second.close()
-    finally:
-        await service.close()
 
 
-async def test_recipient_limit(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.max_recipients = 2
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_recipient_limit(mta_with) -> None:
+    async with mta_with(max_recipients=2) as service:
         await run(
             service.port("mx"),
             [
@@ -503,16 +498,10 @@ async def test_recipient_limit(settings, populated, tls_context) -> None:
                 (f"RCPT TO:<{TEAM}>", "452 4.5.3"),
             ],
         )
-    finally:
-        await service.close()
 
 
-async def test_oversize_message(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.max_message_size = 2000
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_oversize_message(mta_with, populated) -> None:
+    async with mta_with(max_message_size=2000) as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
             await client.reply()
             await client.cmd("EHLO c.example")
@@ -532,17 +521,11 @@ async def test_oversize_message(settings, populated, tls_context) -> None:
             await client.send(message() + b".\r\n")
             assert (await client.reply()).startswith("250 2.0.0")
         assert len(await mailbox_messages(populated, ALICE)) == 1
-    finally:
-        await service.close()
 
 
 async def _send_line(port: int, line: bytes) -> str:
     async with await SmtpDialogue.open(port) as client:
-        await client.reply()
-        await client.cmd("EHLO c.example")
-        await client.cmd("MAIL FROM:<a@spf-pass.example>")
-        await client.cmd(f"RCPT TO:<{ALICE}>")
-        await client.cmd("DATA")
+        await open_data(client)
         await client.send(b"Subject: long\r\n\r\n" + line + b"\r\n.\r\n")
         reply = await client.reply()
         assert (await client.cmd("NOOP")).startswith("250")  # still in step
@@ -566,25 +549,15 @@ async def test_data_line_over_the_limit_refused(mta: Service, populated) -> None
     assert await mailbox_messages(populated, ALICE) == []
 
 
-async def test_configured_line_limit_named_in_reply(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.max_line_length = 2000
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_configured_line_limit_named_in_reply(mta_with) -> None:
+    async with mta_with(max_line_length=2000) as service:
         assert (await _send_line(service.port("mx"), b"y" * 1998)).startswith("250")
         reply = await _send_line(service.port("mx"), b"y" * 1999)
         assert reply.startswith("500 5.5.2") and "2000" in reply, reply
-    finally:
-        await service.close()
 
 
-async def test_rate_limit_per_ip(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.rate_limit_per_ip = 2
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_rate_limit_per_ip(mta_with) -> None:
+    async with mta_with(rate_limit_per_ip=2) as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
             await client.reply()
             await client.cmd("EHLO c.example")
@@ -597,13 +570,9 @@ async def test_rate_limit_per_ip(settings, populated, tls_context) -> None:
             assert (await client.cmd("MAIL FROM:<a@spf-pass.example>")).startswith("450 4.7.1")
             assert (await client.cmd("MAIL FROM:<a@spf-pass.example>")).startswith("421 4.7.0")
             assert await client.closed()
-    finally:
-        await service.close()
 
 
 async def test_close_sends_421(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
     service = await start(settings, populated, tls_context)
     client = await SmtpDialogue.open(service.port("mx"))
     await client.reply()
@@ -633,12 +602,8 @@ async def test_unknown_recipients_are_not_protocol_errors(mta: Service, populate
     assert len(await mailbox_messages(populated, ALICE)) == 1
 
 
-async def test_unknown_recipient_limit_closes(settings, populated, tls_context) -> None:
-    from mtad.service import start
-
-    settings.smtp.max_unknown_recipients = 3
-    service = await start(settings, populated, tls_context)
-    try:
+async def test_unknown_recipient_limit_closes(mta_with) -> None:
+    async with mta_with(max_unknown_recipients=3) as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
             await client.reply()
             await client.cmd("EHLO c.example")
@@ -647,5 +612,3 @@ async def test_unknown_recipient_limit_closes(settings, populated, tls_context) 
                 assert (await client.cmd(f"RCPT TO:<gone{i}@example.net>")).startswith("550")
             assert (await client.cmd("RCPT TO:<gone9@example.net>")).startswith("421 4.7.0")
             assert await client.closed()
-    finally:
-        await service.close()
