@@ -240,7 +240,7 @@ locks = Table(
     Column("expires", Float, nullable=False),  # epoch seconds
 )
 
-# --- outbound queue (default shard) ------------------------------------------
+# --- outbound queue (a partition in every shard: storage/queue.py) -----------
 
 queue_messages = Table(
     "queue_messages",
