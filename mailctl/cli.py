@@ -20,8 +20,9 @@ from pathlib import Path
 
 from conf.settings import Settings
 from mailctl.dkim_cmds import add_dkim_parser
-from mailctl.move_cmds import add_shard_parser, cmd_account_move
+from mailctl.move_cmds import cmd_account_move
 from mailctl.queue_cmds import add_queue_parser
+from mailctl.shard_cmds import add_shard_parser
 from runtime.daemon import (
     DAEMONS,
     available_daemons,
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_queue_parser(command)  # queue list|show|retry|delete|hold|release|suppressions|unsuppress
     add_dkim_parser(command)  # dkim generate|show DOMAIN
-    add_shard_parser(command)  # shard drain NAME
+    add_shard_parser(command)  # shard list [--json] | drain NAME [--to SHARD ...]
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))
@@ -336,6 +337,7 @@ REQUIRED = {
     ("account", "move"): ("address",),
     ("alias", "add"): ("source", "target"),
     ("alias", "remove"): ("source",),
+    ("shard", "drain"): ("name",),
 }
 
 
