@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -47,13 +48,35 @@ DIALOGUES = {
 }
 
 
-@pytest.fixture
-async def port(
-    request: pytest.FixtureRequest, settings: Settings, storage, tls_context: ssl.SSLContext
-) -> AsyncIterator[int]:
+async def _listen(
+    protocol: str, settings: Settings, storage: Any, tls_context: ssl.SSLContext
+) -> tuple[int, Any]:
+    """The daemon serving ``protocol``, started; its port and its service."""
     import imapd.service
     import mtad.service
 
+    if protocol == "smtp":
+        mta = await mtad.service.start(settings, storage, tls_context)
+        return mta.port("mx"), mta
+    access = await imapd.service.start(settings, storage, tls_context)
+    servers = access.imap if protocol == "imap" else access.pop3
+    return servers[0].sockets[0].getsockname()[1], access
+
+
+@dataclass
+class Greeted:
+    """A client connected to one protocol's listener, its greeting read."""
+
+    dialogue: Dialogue
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@pytest.fixture(params=sorted(DIALOGUES))
+async def greeted(
+    request: pytest.FixtureRequest, settings: Settings, storage, tls_context: ssl.SSLContext
+) -> AsyncIterator[Greeted]:
+    """Each protocol in turn, with the short pre-authentication timeout."""
     settings.auth.allow_plaintext = True  # plain loopback logins
     settings.smtp.spf = False
     settings.imap.preauth_timeout_seconds = SHORT
@@ -61,29 +84,18 @@ async def port(
     settings.smtp.before_mail_timeout_seconds = SHORT
     await storage.directory.add_domain("example.org")
     await storage.directory.add_account(USER, PASSWORD)
-    if request.param == "smtp":
-        mta = await mtad.service.start(settings, storage, tls_context)
-        try:
-            yield mta.port("mx")
-        finally:
-            await mta.close()
-        return
-    access = await imapd.service.start(settings, storage, tls_context)
-    servers = access.imap if request.param == "imap" else access.pop3
+    dialogue = DIALOGUES[request.param]
+    port, service = await _listen(request.param, settings, storage, tls_context)
     try:
-        yield servers[0].sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            assert line.startswith(dialogue.greeting), line
+            yield Greeted(dialogue, reader, writer)
+        finally:
+            writer.close()
     finally:
-        await access.close()
-
-
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-async def greeted(port: int, dialogue: Dialogue) -> Stream:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    line = await asyncio.wait_for(reader.readline(), 10)
-    assert line.startswith(dialogue.greeting), line
-    return reader, writer
+        await service.close()
 
 
 async def final_reply(reader: asyncio.StreamReader) -> bytes:
@@ -93,36 +105,21 @@ async def final_reply(reader: asyncio.StreamReader) -> bytes:
     return line
 
 
-@pytest.mark.parametrize("port", sorted(DIALOGUES), indirect=True)
-async def test_a_silent_client_is_dropped_with_a_goodbye(
-    port: int, request: pytest.FixtureRequest
-) -> None:
-    dialogue = DIALOGUES[request.node.callspec.params["port"]]
-    reader, writer = await greeted(port, dialogue)
-    try:
-        started = time.monotonic()
-        rest = await asyncio.wait_for(reader.read(), 20)  # until the server closes
-        waited = time.monotonic() - started
-    finally:
-        writer.close()
-    assert rest.startswith(dialogue.goodbye), rest
+async def test_a_silent_client_is_dropped_with_a_goodbye(greeted: Greeted) -> None:
+    started = time.monotonic()
+    rest = await asyncio.wait_for(greeted.reader.read(), 20)  # until the server closes
+    waited = time.monotonic() - started
+    assert rest.startswith(greeted.dialogue.goodbye), rest
     assert SHORT * 0.8 <= waited < SHORT + 5
 
 
-@pytest.mark.parametrize("port", sorted(DIALOGUES), indirect=True)
-async def test_a_logged_in_client_keeps_the_long_timer(
-    port: int, request: pytest.FixtureRequest
-) -> None:
-    dialogue = DIALOGUES[request.node.callspec.params["port"]]
-    reader, writer = await greeted(port, dialogue)
-    try:
-        for line in dialogue.way_in:
-            writer.write(line)
-            answer = await final_reply(reader)
-            assert answer.startswith(dialogue.ok), answer
-        await asyncio.sleep(SHORT * 4)
-        writer.write(dialogue.still_there)
+async def test_a_logged_in_client_keeps_the_long_timer(greeted: Greeted) -> None:
+    dialogue, reader, writer = greeted.dialogue, greeted.reader, greeted.writer
+    for line in dialogue.way_in:
+        writer.write(line)
         answer = await final_reply(reader)
-        assert answer.startswith(dialogue.ok.replace(b"a OK", b"b OK")), answer
-    finally:
-        writer.close()
+        assert answer.startswith(dialogue.ok), answer
+    await asyncio.sleep(SHORT * 4)
+    writer.write(dialogue.still_there)
+    answer = await final_reply(reader)
+    assert answer.startswith(dialogue.ok.replace(b"a OK", b"b OK")), answer
