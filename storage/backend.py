@@ -137,9 +137,11 @@ class SqlStorage:
             weights=weights,
             events=self.events,
         )
-        # Every mail shard holds a partition of the outbound queue (issue #19).
+        # Every mail shard holds a partition of the outbound queue (issue #19);
+        # a shard of weight 0 is being retired: its partition takes no new mail.
         self.queue = PartitionedQueue(
-            {name: OutboundQueue(db, partition=name) for name, db in databases.items()}
+            {name: OutboundQueue(db, partition=name) for name, db in databases.items()},
+            closed=[name for name, weight in (weights or {}).items() if weight == 0],
         )
 
     def _all_databases(self) -> list[Database]:

@@ -7,7 +7,9 @@ dispatches. Contract, beyond each partition's own:
 
 * ``enqueue`` places a message round robin over the partitions, trying the
   next one when a partition is unavailable: a message is durable in exactly
-  one partition when it returns its :class:`QueueRef`. Not the sender's
+  one partition when it returns its :class:`QueueRef`. A ``closed``
+  partition (a shard of weight 0, being retired) takes new entries only
+  when no open one can, so that it empties. Not the sender's
   shard: a bulk sender would load one shard with the traffic of many, mail
   relayed for no account (forwards, bounces of MX mail) has no shard, and
   the enqueue would need a directory lookup and fail with that one shard.
@@ -63,11 +65,14 @@ def fair_shares(total: int, parts: int) -> list[int]:
 class PartitionedQueue:
     """The outbound queue: one :class:`OutboundQueue` per mail shard."""
 
-    def __init__(self, partitions: Mapping[str, OutboundQueue]) -> None:
+    def __init__(
+        self, partitions: Mapping[str, OutboundQueue], *, closed: Iterable[str] = ()
+    ) -> None:
         if not partitions:
             raise errors.invalid("the outbound queue needs at least one partition")
         self.partitions = dict(partitions)
         self._order = sorted(self.partitions)
+        self._closed = set(closed) & set(self.partitions)
         # Enqueues and leases turn separately: a worker woken by each enqueue
         # leases before the next one, which must still go to the next partition.
         self._next_enqueue = itertools.count()
@@ -146,7 +151,8 @@ class PartitionedQueue:
         when every partition failed."""
         rcpts = list(recipients)
         last: StorageError | None = None
-        for name in self._rotation(self._next_enqueue):
+        turn = self._rotation(self._next_enqueue)
+        for name in [n for n in turn if n not in self._closed] + sorted(self._closed):
             part = self.partitions[name]
             answer = await self._ask(
                 name, part.enqueue(sender, rcpts, blob_key, expires_in=expires_in, now=now)

@@ -299,3 +299,25 @@ async def test_mail_of_a_live_partition_goes_out_while_another_is_down(
     assert len(sink.received) == len(alive)
     for ref in alive:
         assert (await storage.queue.get(ref)).status == "done"
+
+
+async def test_a_retired_shard_gets_no_new_queue_entries(
+    database_url: str, second_url: str, tmp_path: Path
+) -> None:
+    from storage.backend import ShardSpec
+
+    store = await open_storage_from_url(
+        database_url,
+        tmp_path / "blobs",
+        {SHARD_B: ShardSpec(second_url, weight=0.0)},
+        password_hasher=TEST_HASHER,
+    )
+    try:
+        key = await store.blobs.put(random.randbytes(random.randint(10, 999)))
+        refs = [
+            await store.queue.enqueue("s@example.org", ["x@remote.test"], key, now=NOW)
+            for _ in range(random.randint(3, 8))
+        ]
+        assert {r.partition for r in refs} == {"default"}
+    finally:
+        await store.close()

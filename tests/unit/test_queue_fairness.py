@@ -23,6 +23,8 @@ class ScriptedPartition:
         self.asked = 0
 
     async def enqueue(self, sender, recipients, blob_key, *, expires_in=None, now=None):
+        if self.down:
+            raise StorageError(ErrorKind.TEMPORARY, "storage temporarily unavailable")
         self.due.append(len(self.due) + 1)
         return (self.name, len(self.due))
 
@@ -80,3 +82,18 @@ async def test_enqueues_alternate_even_when_workers_poll_in_between() -> None:
         placed.append((await queue.enqueue("s@x.test", ["r@y.test"], "key"))[0])
         await queue.lease_due("w", 1, 60)
     assert sorted([placed.count("a"), placed.count("b")]) == [count // 2, count - count // 2]
+
+
+async def test_a_shard_of_weight_zero_takes_new_entries_only_when_no_other_can() -> None:
+    """Weight 0 retires a shard (no new accounts): its partition must empty,
+    so new mail goes elsewhere while any other partition is up."""
+    parts = {n: ScriptedPartition(n, 0) for n in ("a", "b", "c")}
+    queue = PartitionedQueue(parts, closed={"b"})  # type: ignore[arg-type]
+    count = random.randint(5, 12)
+    placed = [(await queue.enqueue("s@x.test", ["r@y.test"], "k"))[0] for _ in range(count)]
+    assert "b" not in placed and {"a", "c"} <= set(placed)
+    parts["a"].down = parts["c"].down = True
+    assert (await queue.enqueue("s@x.test", ["r@y.test"], "k"))[0] == "b"
+    # Its entries are still leased: the partition drains.
+    parts["a"].down = parts["c"].down = False
+    assert ("b", 1) in await queue.lease_due("w", 30, 60)
