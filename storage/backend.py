@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD = "default"
+# How often a shard that could not be migrated at open (it was down) is
+# tried again in the background.
+SHARD_RETRY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class SqlStorage:
         weights: Mapping[str, float] | None = None,
     ) -> None:
         self.databases = databases
+        self._retries: list[asyncio.Task[None]] = []  # shards down at open (migrate)
         self.blobs = blobs
         self.events = events or InProcessEventBus()
         self.stores: dict[str, SqlMailStore] = {
@@ -181,7 +185,35 @@ class SqlStorage:
         return list(self.databases)
 
     async def migrate(self) -> None:
-        await asyncio.gather(*(db.migrate() for db in self._all_databases()))
+        """Migrates the directory (it must answer: without it nothing can be
+        served), then every shard. A shard that is down now (TEMPORARY) is
+        logged and migrated in the background once it answers, so that its
+        outage fails its own accounts' calls (TEMPORARY), not the start."""
+        await self.directory.db.migrate()
+        shards = [db for db in self._all_databases() if db is not self.directory.db]
+        results = await asyncio.gather(*(db.migrate() for db in shards), return_exceptions=True)
+        for db, result in zip(shards, results, strict=True):
+            if not isinstance(result, BaseException):
+                continue
+            if not isinstance(result, errors.StorageError) or (
+                result.kind is not errors.ErrorKind.TEMPORARY
+            ):
+                raise result
+            log.warning("shard %s is down, serving the others: %s", db.safe_url, result)
+            self._retries.append(asyncio.create_task(self._migrate_when_back(db)))
+
+    async def _migrate_when_back(self, db: Database) -> None:
+        while True:
+            await asyncio.sleep(SHARD_RETRY_SECONDS)
+            try:
+                await db.migrate()
+            except errors.StorageError as exc:
+                if exc.kind is not errors.ErrorKind.TEMPORARY:
+                    log.error("shard %s cannot be migrated: %s", db.safe_url, exc)
+                    return
+                continue
+            log.info("shard %s is back", db.safe_url)
+            return
 
     async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
         """Deletes blobs no shard refers to and older than ``min_age_seconds``
@@ -206,6 +238,8 @@ class SqlStorage:
         return removed
 
     async def close(self) -> None:
+        for task in self._retries:
+            task.cancel()
         await self.events.close()
         for db in self._all_databases():
             await db.close()

@@ -190,3 +190,44 @@ async def test_the_directory_down_is_temporary_for_everyone(site: Site) -> None:
         assert typ == "OK"
         # The failed logins were not counted: no failure delay.
         assert timings[0] < FAILURE_DELAY / 2
+
+
+async def test_storage_opens_with_a_shard_down_and_takes_it_back(
+    servers: dict[str, PgServer], tmp_path: Path
+) -> None:
+    """A daemon (re)started during a shard's outage serves every other
+    shard, and the shard's users once it is back, without a restart."""
+    from storage.errors import ErrorKind, StorageError
+
+    directory = await servers["dir"].create_database()
+    shards = {"far": ShardSpec(await servers["far"].create_database())}
+    first = await open_storage_from_url(directory, tmp_path / "blobs", shards, events="inprocess")
+    try:
+        await first.directory.add_domain("example.org")
+        near = await first.directory.add_account(NEAR, PASSWORD, shard="default")
+        far = await first.directory.add_account(FAR, PASSWORD, shard="far")
+    finally:
+        await first.close()
+    await _stop(servers["far"])
+    try:
+        restarted = await open_storage_from_url(
+            directory, tmp_path / "blobs", shards, events="inprocess"
+        )
+        try:
+            assert len(await restarted.mail(near).list_mailboxes(near.id)) == 6
+            with pytest.raises(StorageError) as err:
+                await restarted.mail(far).list_mailboxes(far.id)
+            assert err.value.kind is ErrorKind.TEMPORARY
+            await _restart(servers["far"])
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert len(await restarted.mail(far).list_mailboxes(far.id)) == 6
+                    break
+                except StorageError as exc:
+                    assert exc.kind is ErrorKind.TEMPORARY and time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+        finally:
+            await restarted.close()
+    finally:
+        await _restart(servers["far"])
