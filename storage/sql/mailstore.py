@@ -396,8 +396,21 @@ class _Tx:
         """Writes change-log rows a caller built itself (ids from
         ``last_change_id + 1``, in order) and the counters; the caller makes
         the :class:`Change` objects, after the commit if it likes."""
+        if conn.dialect.name != "sqlite":  # with any deferred counters, in one statement
+            self._flush_pg(conn, rows, self._counters(len(rows)))
+            return
         execute(conn, _INSERT_CHANGES, rows)
         execute(conn, _UPDATE_COUNTERS, self._counters(len(rows)))
+
+    def set_highestmodseq(self, mbox: Any, modseq: int) -> None:
+        """Moves a mailbox's HIGHESTMODSEQ (``mbox``: its row as this
+        transaction locked it): at once on SQLite, on PostgreSQL with the
+        flush's one statement (its UIDNEXT written back unchanged)."""
+        if self.conn.dialect.name == "sqlite":
+            execute(self.conn, _SET_HIGHESTMODSEQ, {"b_id": mbox.id, "b_modseq": modseq})
+            return
+        uidnext, _ = self.bumps.get(mbox.id, (mbox.uidnext, 0))
+        self.bumps[mbox.id] = (uidnext, modseq)
 
 
 # The account's counters after a write (one statement, bound parameters).
@@ -1823,7 +1836,7 @@ class SqlMailStore:
                         for r, m, kw in changed
                     ],
                 )
-                execute(conn, _SET_HIGHESTMODSEQ, {"b_id": mailbox_id, "b_modseq": modseq})
+                tx.set_highestmodseq(mbox, modseq)
                 kind = ChangeKind.FLAGS.value
                 log_rows = [
                     {

@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
-from storage.backend import open_storage_from_url
+from storage.backend import SqlStorage, open_storage_from_url
+from storage.model import SEEN, Account, StoreMode, UidSet
 from tests.contract.conftest import TEST_HASHER
 from tests.contract.mailfactory import build
 
@@ -21,11 +25,35 @@ from tests.contract.mailfactory import build
 # its entry, the mailbox's counters, the change log and the account's
 # counters in one statement. BEGIN and COMMIT are shared by the batch.
 ROUND_TRIPS_PER_DELIVERY = 3
+# Per STORE: lock with the mailbox, read the entries, update them (one
+# pipelined executemany), then HIGHESTMODSEQ, change log and counters.
+ROUND_TRIPS_PER_STORE = 4
+# Not per call: BEGIN and COMMIT (per batch), NOTIFY (per commit), and per
+# connection the pool's ping (an empty statement) and asyncpg's first look
+# at a type (the array types of the one-statement flush).
+_PER_BATCH = ("BEGIN", "COMMIT", "SELECT pg_notify", "WITH RECURSIVE typeinfo_tree")
 
 
-async def test_a_delivery_costs_three_statements_and_shares_begin_and_commit(
-    pg_server: Any, tmp_path: Path
-) -> None:
+@dataclass
+class Site:
+    storage: SqlStorage
+    bob: Account
+    log: Path
+
+    async def statements(self, work: Awaitable[Any]) -> tuple[Any, list[str], int]:
+        """What ``work`` returned, the statements the server ran for it
+        (less those of _PER_BATCH), and its COMMITs."""
+        start = self.log.stat().st_size
+        result = await work
+        text = self.log.read_bytes()[start:].decode(errors="replace")
+        ran = [s.strip() for s in re.findall(r"(?:statement|execute [^:]*): (.*)", text)]
+        calls = [s for s in ran if s and not s.startswith(_PER_BATCH)]
+        return result, calls, sum(s.startswith("COMMIT") for s in ran)
+
+
+@pytest.fixture
+async def site(pg_server: Any, tmp_path: Path) -> AsyncIterator[Site]:
+    """A site on its own database, every statement of its sessions logged."""
     server = pg_server.server
     url = await server.create_database()
     name = url.rsplit("/", 1)[1]
@@ -33,33 +61,51 @@ async def test_a_delivery_costs_three_statements_and_shares_begin_and_commit(
     try:
         await storage.directory.add_domain("example.org")
         bob = await storage.directory.add_account("bob@example.org", "pw")
-        mail = storage.mail(bob)
         admin = await asyncpg.connect(
             host="127.0.0.1", port=server.port, user=server.user, database=name
         )
         await admin.execute(f"ALTER DATABASE \"{name}\" SET log_statement = 'all'")
         await admin.close()
         await storage.databases["default"].engine.dispose()  # new sessions log
-        count = random.randint(10, 30)
-        made = []
-        for _ in range(count):
-            raw, parsed = build(body="x" * random.randint(1, 3000))
-            made.append((await storage.blobs.put(raw), parsed))
-        log = server.root / "postgres.log"
-        start = log.stat().st_size
-        results = await asyncio.gather(
-            *(mail.deliver(bob.id, key, parsed, [("INBOX", (), None)]) for key, parsed in made)
-        )
-        assert sorted(r[0].uid for r in results) == list(range(1, count + 1))
-        text = log.read_bytes()[start:].decode(errors="replace")
+        yield Site(storage, bob, server.root / "postgres.log")
     finally:
         await storage.close()
-    statements = [s.strip() for s in re.findall(r"(?:statement|execute [^:]*): (.*)", text)]
-    # Not per delivery: BEGIN and COMMIT (per batch), NOTIFY (per commit), and
-    # per connection the pool's ping (an empty statement) and asyncpg's
-    # first look at a type (the array types of the one-statement flush).
-    per_batch = ("BEGIN", "COMMIT", "SELECT pg_notify", "WITH RECURSIVE typeinfo_tree")
-    writes = [s for s in statements if s and not s.startswith(per_batch)]
-    assert len(writes) <= ROUND_TRIPS_PER_DELIVERY * count, writes
-    commits = [s for s in statements if s.startswith("COMMIT")]
-    assert 1 <= len(commits) < count  # shared
+
+
+async def deliver_some(site: Site, count: int) -> list[Any]:
+    made = []
+    for _ in range(count):
+        raw, parsed = build(body="x" * random.randint(1, 3000))
+        made.append((await site.storage.blobs.put(raw), parsed))
+    mail = site.storage.mail(site.bob)
+    return await asyncio.gather(
+        *(mail.deliver(site.bob.id, key, parsed, [("INBOX", (), None)]) for key, parsed in made)
+    )
+
+
+async def test_a_delivery_costs_three_statements_and_shares_begin_and_commit(site: Site) -> None:
+    count = random.randint(10, 30)
+    results, calls, commits = await site.statements(deliver_some(site, count))
+    assert sorted(r[0].uid for r in results) == list(range(1, count + 1))
+    assert len(calls) <= ROUND_TRIPS_PER_DELIVERY * count, calls
+    assert 1 <= commits < count  # shared
+
+
+async def test_a_flag_change_costs_four_statements(site: Site) -> None:
+    count = random.randint(5, 15)
+    await deliver_some(site, count)
+    mail = site.storage.mail(site.bob)
+    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
+    flagged = random.sample(range(1, count + 1), random.randint(1, count))
+    stores = asyncio.gather(
+        *(
+            mail.store_flags(site.bob.id, box, UidSet.of([u]), StoreMode.ADD, [SEEN])
+            for u in flagged
+        )
+    )
+    _, calls, _ = await site.statements(stores)
+    assert len(calls) <= ROUND_TRIPS_PER_STORE * len(flagged), calls
+    seen = [e.uid for e in await mail.uids(site.bob.id, box) if SEEN in e.flags]
+    assert sorted(seen) == sorted(flagged)
+    status = await mail.status(site.bob.id, box)
+    assert status.highestmodseq == count + 1 + len(flagged)
