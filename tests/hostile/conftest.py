@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.imap_bench import stop_process
 from tests.conftest import loopback_dns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,12 +152,7 @@ def running_site(tmp_path: Path, **extra: dict) -> Iterator[Site]:
             time.sleep(0.05)
         yield site
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # the benchmarks' stop: SIGTERM, SIGKILL after 15 s
     assert "Traceback" not in site.log(), site.log()
 
 
