@@ -284,7 +284,10 @@ class QueueSettings(Section):
     smtp_port: int = 25  # remote port, for tests and smart hosts
     require_tls_domains: list[str] = Field(default_factory=list)
     dkim_selector: str = "shardmail"
-    dkim_key_dir: str = ""  # empty: data_dir/dkim
+    # Key files <domain>.<selector>.key of versions before DKIM keys moved into
+    # the directory (`mailctl dkim generate` stores them there now); still used
+    # for a domain the directory has no key for. Empty: data_dir/dkim
+    dkim_key_dir: str = ""
     # Outbound workers (mtad.outbound):
     command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2 (per reply)
     poll_interval_seconds: float = 1.0  # how often idle workers look for due entries

@@ -1,32 +1,23 @@
 """``mailctl dkim ...``: DKIM keys for outbound signing (RFC 6376).
 
-``generate DOMAIN [--selector S] [--bits N]`` writes
-``<queue.dkim_key_dir>/<domain>.<selector>.key`` (RSA, 2048 bits by default,
-mode 0600) and prints the TXT record to publish; ``show DOMAIN`` prints the
-record of an existing key again. Exit 1 if the key exists (generate) or is
-missing (show).
+``generate DOMAIN [--selector S] [--bits N]`` stores a new key (RSA, 2048
+bits by default) in the directory, where the queue workers of every
+instance find it (issue #19), and prints the TXT record to publish;
+``show DOMAIN`` prints the record of an existing key again, from the
+directory or else from a key file of an older version
+(``<queue.dkim_key_dir>/<domain>.<selector>.key``). Exit 1 if the key
+exists (generate) or is missing (show).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from conf.settings import Settings
-
-
-def _record_of(path: Path) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    from mtad.outbound.signing import txt_record_value
-
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return txt_record_value(der)
 
 
 def _print_record(domain: str, selector: str, value: str) -> None:
@@ -41,32 +32,34 @@ def _print_record(domain: str, selector: str, value: str) -> None:
 
 def cmd_dkim(args: argparse.Namespace, settings: Settings) -> int:
     """Run one ``mailctl dkim`` action; see the module docstring."""
-    from mtad.outbound.signing import generate_key, key_path
+    from mailctl.cli import with_storage
+    from mtad.outbound.signing import find_key, new_key, record_of
 
     domain = args.domain.lower().rstrip(".")
     selector = args.selector or settings.queue.dkim_selector
-    key_dir = Path(settings.queue.dkim_key_dir)
-    path = key_path(key_dir, domain, selector)
-    if args.action == "generate":
-        if args.bits < 1024:  # RFC 8301 section 3.2
-            print("mailctl dkim: keys shorter than 1024 bits are refused", file=sys.stderr)
-            return 2
-        try:
-            path, value = generate_key(key_dir, domain, selector, args.bits)
-        except FileExistsError:
-            print(
-                f"mailctl dkim: {path} exists; remove it or pick another --selector",
-                file=sys.stderr,
-            )
+    if args.action == "generate" and args.bits < 1024:  # RFC 8301 section 3.2
+        print("mailctl dkim: keys shorter than 1024 bits are refused", file=sys.stderr)
+        return 2
+
+    async def act(storage: Any) -> int:
+        if args.action == "generate":
+            pem, value = await asyncio.to_thread(new_key, args.bits)
+            await storage.directory.add_dkim_key(domain, selector, pem)  # EXISTS: exit 1
+            print(f"key for selector {selector} of {domain} stored in the directory")
+            _print_record(domain, selector, value)
+            return 0
+        stored = await storage.directory.dkim_key(domain, selector)
+        if stored is None:
+            key_dir = settings.queue.dkim_key_dir  # an older version's key file
+            legacy = await asyncio.to_thread(find_key, key_dir, domain, selector)
+            stored = None if legacy is None else (legacy.selector, legacy.private_pem)
+        if stored is None:
+            print(f"mailctl dkim: no key for {domain}", file=sys.stderr)
             return 1
-        print(f"key written to {path}")
-    else:
-        if not path.is_file():
-            print(f"mailctl dkim: no key {path}", file=sys.stderr)
-            return 1
-        value = _record_of(path)
-    _print_record(domain, selector, value)
-    return 0
+        _print_record(domain, stored[0], record_of(stored[1]))
+        return 0
+
+    return with_storage(settings, act)
 
 
 def add_dkim_arguments(parser: argparse.ArgumentParser) -> None:

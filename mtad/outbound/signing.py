@@ -1,12 +1,17 @@
 """DKIM signing of outbound mail (RFC 6376), one key per sending domain.
 
-Keys live in ``settings.queue.dkim_key_dir`` as ``<domain>.<selector>.key``
-(PEM, RSA). Contract: :meth:`DkimSigner.sign` returns the message with a
-DKIM-Signature field prepended when a key exists for the domain of the From
-header (aligned with it for DMARC, RFC 7489 section 3.1.1), else for the
-envelope sender's domain; unchanged when there is none. Signing is CPU work
-and runs in a thread. :func:`generate_key` makes a key pair for
-``mailctl dkim generate`` and returns the TXT record to publish.
+Keys live in the directory (``Directory.dkim_key``, a secret of the site
+that every instance shares, issue #19); key files that older versions kept
+in ``settings.queue.dkim_key_dir`` as ``<domain>.<selector>.key`` (PEM,
+RSA) are still used for a domain the directory has no key for. Contract:
+:meth:`DkimSigner.sign` returns the message with a DKIM-Signature field
+prepended when a key exists for the domain of the From header (aligned
+with it for DMARC, RFC 7489 section 3.1.1), else for the envelope sender's
+domain; unchanged when there is none; a directory that
+cannot be read raises its TEMPORARY error (the delivery is retried, never
+sent unsigned by mistake). Signing is CPU work and runs in a thread.
+:func:`new_key` makes a key pair for ``mailctl dkim generate`` and returns
+the TXT record to publish.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import asyncio
 import base64
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import dkim
 
@@ -45,6 +52,15 @@ SIGNED_HEADERS = (
 DEFAULT_KEY_BITS = 2048
 # RFC 1035 section 3.3: one TXT character-string holds at most 255 octets.
 TXT_CHUNK = 255
+# How long a signer trusts the directory's answer about a domain's key: a
+# key added with mailctl on any host signs mail from at most this later.
+KEY_CACHE_SECONDS = 30.0
+
+
+class KeyDirectory(Protocol):
+    """Where the site's keys live (``storage.sql.directory.SqlDirectory``)."""
+
+    async def dkim_key(self, domain: str, selector: str) -> tuple[str, bytes] | None: ...
 
 
 def key_path(key_dir: Path | str, domain: str, selector: str) -> Path:
@@ -94,12 +110,29 @@ def sign_sync(message: bytes, key: DkimKey) -> bytes:
 
 
 class DkimSigner:
-    """Signs with the keys of ``key_dir``; keys are cached by domain."""
+    """Signs with the ``directory``'s keys, else the key files of
+    ``key_dir``; keys are cached by domain."""
 
-    def __init__(self, key_dir: Path | str, selector: str) -> None:
+    def __init__(
+        self, key_dir: Path | str, selector: str, directory: KeyDirectory | None = None
+    ) -> None:
         self.key_dir = Path(key_dir)
         self.selector = selector
+        self._directory = directory
         self._cache: dict[str, tuple[float, DkimKey | None]] = {}
+        self._stored: dict[str, tuple[float, DkimKey | None]] = {}  # monotonic expiry
+
+    async def _stored_key(self, domain: str) -> DkimKey | None:
+        if self._directory is None:
+            return None
+        now = time.monotonic()
+        hit = self._stored.get(domain)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = await self._directory.dkim_key(domain, self.selector)
+        key = None if found is None else DkimKey(domain, found[0], found[1])
+        self._stored[domain] = (now + KEY_CACHE_SECONDS, key)
+        return key
 
     def _key(self, domain: str) -> DkimKey | None:
         # Re-read when the folder changes (a key added by mailctl).
@@ -115,22 +148,37 @@ class DkimSigner:
         return key
 
     def sign_for(self, message: bytes, sender: str) -> bytes:
-        """Blocking: sign ``message`` as its From domain or ``sender``'s domain."""
-        domains = [from_domain(message), sender.rpartition("@")[2].lower() if sender else None]
-        for domain in domains:
-            if not domain:
-                continue
+        """Blocking: sign ``message`` as its From domain or ``sender``'s
+        domain, with the key files only."""
+        for domain in _signing_domains(message, sender):
             key = self._key(domain)
             if key is not None:
-                try:
-                    return sign_sync(message, key)
-                except (dkim.DKIMException, ValueError) as exc:
-                    log.warning("DKIM signing as %s failed: %s", domain, exc)
-                    return message
+                return _sign_or_keep(message, key)
         return message
 
     async def sign(self, message: bytes, sender: str) -> bytes:
-        return await asyncio.to_thread(self.sign_for, message, sender)
+        """``message`` signed as its From domain or ``sender``'s domain,
+        with the directory's key for it, else its key file."""
+        for domain in _signing_domains(message, sender):
+            key = await self._stored_key(domain) or await asyncio.to_thread(self._key, domain)
+            if key is not None:
+                return await asyncio.to_thread(_sign_or_keep, message, key)
+        return message
+
+
+def _signing_domains(message: bytes, sender: str) -> list[str]:
+    """The From domain (aligned for DMARC), then the envelope sender's."""
+    domains = [from_domain(message), sender.rpartition("@")[2].lower() if sender else None]
+    return [d for d in domains if d]
+
+
+def _sign_or_keep(message: bytes, key: DkimKey) -> bytes:
+    """Blocking: signed with ``key``, or unchanged (logged) if that fails."""
+    try:
+        return sign_sync(message, key)
+    except (dkim.DKIMException, ValueError) as exc:
+        log.warning("DKIM signing as %s failed: %s", key.domain, exc)
+        return message
 
 
 def txt_record_value(public_der: bytes) -> str:
@@ -138,29 +186,44 @@ def txt_record_value(public_der: bytes) -> str:
     return f"v=DKIM1; k=rsa; p={base64.b64encode(public_der).decode()}"
 
 
-def generate_key(
-    key_dir: Path | str, domain: str, selector: str, bits: int = DEFAULT_KEY_BITS
-) -> tuple[Path, str]:
-    """Creates ``<domain>.<selector>.key`` (mode 0600; EXISTS-like
-    FileExistsError if present) and returns (path, TXT record value)."""
+def new_key(bits: int = DEFAULT_KEY_BITS) -> tuple[bytes, str]:
+    """A new RSA key: (private PEM, PKCS#8, unencrypted; TXT record value)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    path = key_path(key_dir, domain, selector)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    return pem, record_of(pem)
+
+
+def record_of(private_pem: bytes) -> str:
+    """The TXT record value publishing the public half of ``private_pem``."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(private_pem, password=None)
     der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return path, txt_record_value(der)
+    return txt_record_value(der)
+
+
+def generate_key(
+    key_dir: Path | str, domain: str, selector: str, bits: int = DEFAULT_KEY_BITS
+) -> tuple[Path, str]:
+    """Creates the key file ``<domain>.<selector>.key`` an older version's
+    ``mailctl dkim generate`` made (mode 0600; FileExistsError if present)
+    and returns (path, TXT record value)."""
+    path = key_path(key_dir, domain, selector)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem, record = new_key(bits)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return path, record
 
 
 def zone_line(domain: str, selector: str, value: str) -> str:

@@ -124,7 +124,11 @@ class QueueRunner:
             helo_name=settings.server.hostname,
             tls=TlsPolicy.from_settings(settings.queue),
         )
-        self.signer = DkimSigner(settings.queue.dkim_key_dir, settings.queue.dkim_selector)
+        self.signer = DkimSigner(
+            settings.queue.dkim_key_dir,
+            settings.queue.dkim_selector,
+            storage.directory,  # the site's keys, shared by every instance (issue #19)
+        )
         self.stats = Stats()
         self._domain_slots: dict[str, asyncio.Semaphore] = {}
         self._in_flight: dict[QueueRef, asyncio.Task[None]] = {}

@@ -40,7 +40,7 @@ from storage.api import Route
 from storage.model import Account, Alias, Domain
 from storage.sql.db import Database
 from storage.sql.mailstore import SqlMailStore
-from storage.sql.schema import accounts, aliases, domains, shared_secrets
+from storage.sql.schema import accounts, aliases, dkim_keys, domains, shared_secrets
 
 MAX_ADDRESS = 254  # RFC 5321 section 4.5.3.1.3 path limit, less the brackets
 MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
@@ -534,6 +534,43 @@ class SqlDirectory:
         if found is None:  # removed meanwhile: nothing to agree on yet
             raise errors.StorageError(errors.ErrorKind.TEMPORARY, f"secret {name!r} not stored")
         return found
+
+    async def add_dkim_key(self, domain: str, selector: str, private_pem: bytes) -> None:
+        """Stores the DKIM key of ``domain`` and ``selector`` for every
+        instance's signers; EXISTS if that pair has one."""
+        domain = normalize_domain(domain)
+        async with self.db.write() as conn:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(dkim_keys).values(
+                            domain=domain,
+                            selector=selector,
+                            private_pem=private_pem,
+                            created=time.time(),
+                        )
+                    )
+            except IntegrityError:
+                raise errors.exists(f"a DKIM key for {selector} of {domain} exists") from None
+
+    async def dkim_key(self, domain: str, selector: str) -> tuple[str, bytes] | None:
+        """(selector, PEM) of ``domain``'s key for ``selector``, else of its
+        first selector (one rotated by hand); None if the domain has none."""
+        try:
+            domain = normalize_domain(domain)
+        except errors.StorageError:
+            return None
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(dkim_keys.c.selector, dkim_keys.c.private_pem)
+                .where(dkim_keys.c.domain == domain)
+                .order_by(dkim_keys.c.selector)
+            )
+            found = {r.selector: bytes(r.private_pem) for r in rows}
+        if not found:
+            return None
+        chosen = selector if selector in found else next(iter(found))
+        return chosen, found[chosen]
 
     async def _read_secret(self, name: str) -> bytes | None:
         async with self.db.read() as conn:

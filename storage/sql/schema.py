@@ -95,6 +95,17 @@ shared_secrets = Table(
     Column("created", Float, nullable=False),  # epoch seconds
 )
 
+# DKIM signing keys (RFC 6376), one per domain and selector, shared like the
+# secrets above: every instance's queue workers sign with them.
+dkim_keys = Table(
+    "dkim_keys",
+    metadata,
+    Column("domain", String(255), primary_key=True),  # lower-case A-labels
+    Column("selector", String(63), primary_key=True),  # RFC 6376 section 3.1: one DNS label
+    Column("private_pem", LargeBinary, nullable=False),  # PKCS#8, unencrypted
+    Column("created", Float, nullable=False),  # epoch seconds
+)
+
 # --- mail store (per shard) -------------------------------------------------
 
 # Per-account counters of this shard. Its row is locked first by every write
@@ -700,6 +711,13 @@ async def _v14_pg_trigram_search(conn: AsyncConnection) -> None:
     )
 
 
+async def _v15_dkim_keys(conn: AsyncConnection) -> None:
+    """DKIM keys in the directory's database (issue #19), so every instance
+    signs with the key ``mailctl dkim generate`` made on any host. Key files
+    of older versions (``queue.dkim_key_dir``) are still read."""
+    await conn.run_sync(lambda sync: dkim_keys.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -715,6 +733,7 @@ MIGRATIONS: list[Step] = [
     _v12_shared_secrets,
     _v13_sqlite_planner_stats,
     _v14_pg_trigram_search,
+    _v15_dkim_keys,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -208,3 +208,19 @@ async def test_a_shared_secret_is_one_per_site(new_url, tmp_path: Path) -> None:
         assert await again.directory.shared_secret("http token", b"x" * 32) == kept[0]
     finally:
         await again.close()
+
+
+async def test_dkim_keys_are_kept_in_the_directory(storage: SqlStorage) -> None:
+    d = storage.directory
+    assert await d.dkim_key("example.org", "shardmail") is None
+    pem = random.randbytes(random.randint(100, 300))
+    await d.add_dkim_key("Example.ORG", "s2024", pem)
+    # The configured selector, else the domain's first (rotated by hand).
+    assert await d.dkim_key("example.org", "shardmail") == ("s2024", pem)
+    newer = random.randbytes(random.randint(100, 300))
+    await d.add_dkim_key("example.org", "shardmail", newer)
+    assert await d.dkim_key("EXAMPLE.org", "shardmail") == ("shardmail", newer)
+    with pytest.raises(StorageError) as err:
+        await d.add_dkim_key("example.org", "shardmail", pem)
+    assert err.value.kind is ErrorKind.EXISTS
+    assert await d.dkim_key("example.org", "shardmail") == ("shardmail", newer)
