@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
@@ -97,11 +97,32 @@ def _chunks(items: Sequence[Any], size: int = IN_CLAUSE) -> Iterable[Sequence[An
 
 _ENTRY_COPY = tuple(c for c in E.c if c.name != "mailbox_id")
 _MESSAGE_COPY = tuple(c for c in messages.c if c.name not in ("id", "thread_id"))
-_SET_THREAD = (
-    update(messages)
-    .where(messages.c.id == bindparam("b_id"))
-    .values(thread_id=bindparam("b_thread"))
-)
+
+
+async def _allocate_message_ids(conn: AsyncConnection, count: int) -> list[int]:
+    """``count`` new ``messages`` ids in one statement, for a batch insert
+    with explicit ids (one INSERT per row would be one round trip each).
+    PostgreSQL: from the table's sequence. SQLite: above the highest id
+    ever used (``sqlite_sequence``, which the insert then raises); the
+    caller's write transaction holds the database's write lock."""
+    if conn.dialect.name == "postgresql":
+        rows = await conn.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('messages', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": count},
+        )
+        return sorted(int(r[0]) for r in rows)
+    top = (
+        await conn.execute(
+            text(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
+                " coalesce((SELECT max(id) FROM messages), 0))"
+            )
+        )
+    ).scalar()
+    return list(range(int(top) + 1, int(top) + 1 + count))
 
 
 class AccountMove:
@@ -376,21 +397,21 @@ class AccountMove:
         if not found:
             return {}
         threads = await self._id_map(conn, "thread", sorted({m.thread_id for m in found}))
-        stmt = insert(messages).returning(messages.c.id, sort_by_parameter_order=True)
-        values = [{c.name: getattr(m, c.name) for c in _MESSAGE_COPY} for m in found]
-        new_ids = [int(r[0]) for r in (await conn.execute(stmt, values)).all()]
+        new_ids = await _allocate_message_ids(conn, len(found))
+        values = []
         new_threads: list[tuple[int, int]] = []
         for row, new in zip(found, new_ids, strict=True):
             if row.thread_id is not None and row.thread_id not in threads:
                 threads[row.thread_id] = new
                 new_threads.append((row.thread_id, new))
-        await conn.execute(
-            _SET_THREAD,
-            [
-                {"b_id": new, "b_thread": threads.get(row.thread_id, new)}
-                for row, new in zip(found, new_ids, strict=True)
-            ],
-        )
+            values.append(
+                {
+                    **{c.name: getattr(row, c.name) for c in _MESSAGE_COPY},
+                    "id": new,
+                    "thread_id": threads.get(row.thread_id, new),
+                }
+            )
+        await conn.execute(insert(messages), values)
         pairs = [(row.id, new) for row, new in zip(found, new_ids, strict=True)]
         await self._map(conn, "message", pairs)
         await self._map(conn, "thread", new_threads)

@@ -65,6 +65,11 @@ async def _populate(storage: SqlStorage, rng: random.Random) -> Account:
         body = "".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(1, 3000)))
         flags = tuple(rng.sample([SEEN, "\\Flagged", "$Label1", "Project-X"], rng.randint(0, 2)))
         await deliver(storage, bob, box, flags, subject=f"m{i}", body=body)
+    # A thread (RFC 5256 REFERENCES, as stored): a root and two replies.
+    root = f"<root{rng.randrange(10**9)}@example.net>"
+    await deliver(storage, bob, "Work/Projects", message_id=root, subject="plan")
+    for box in ("INBOX", "Sent"):
+        await deliver(storage, bob, box, in_reply_to=root, subject="Re: plan")
     inbox = await mail.get_mailbox(bob.id, "INBOX")
     work = await mail.get_mailbox(bob.id, "Work/Projects")
     uids = [e.uid for e in await mail.uids(bob.id, inbox.id)]
@@ -83,10 +88,14 @@ async def _snapshot(storage: SqlStorage, account: Account) -> dict[str, Any]:
     mail = storage.mail(account)
     boxes = {}
     names = {}
+    threads: dict[int, set[str | None]] = {}
     for box in await mail.list_mailboxes(account.id):
         names[box.id] = box.name
         entries = await mail.uids(account.id, box.id)
         fetched = await mail.fetch(account.id, box.id, UidSet.of([e.uid for e in entries]))
+        for m in fetched:
+            thread = await mail.thread_of(account.id, m.entry.message_id)
+            threads.setdefault(thread or -m.entry.message_id, set()).add(m.parsed.message_id)
         boxes[box.name] = {
             "mailbox": dataclasses.replace(box, id=0),
             "entries": [
@@ -104,6 +113,7 @@ async def _snapshot(storage: SqlStorage, account: Account) -> dict[str, Any]:
     ]
     return {
         "boxes": boxes,
+        "threads": sorted(sorted(map(str, t)) for t in threads.values()),
         "subscriptions": await mail.subscriptions(account.id),
         "changes": changes,
         "quota_used": await mail.quota_used(account.id),
