@@ -6,6 +6,9 @@ Every Settings built here resolves through :func:`loopback_dns`, a dnsmasq on
 127.0.0.1 that answers NXDOMAIN to everything, so no test's SPF, DKIM, DMARC
 or MX lookup leaves the machine; tests with records start their own server.
 ``storage``: a fresh SQLite-backed Storage over that data dir.
+``SHARDMAIL_TEST_BACKEND=postgresql``: every storage built through
+:func:`make_settings` or :func:`storage_url` (the integration and protocol
+suites) is a fresh database on one throwaway PostgreSQL per session instead.
 ``redis_server`` / ``redis_url``: a real redis-server on a free loopback port.
 ``tls_context`` / ``client_tls_context``: a trustme CA and a server
 certificate for 127.0.0.1/localhost, and a client context trusting it.
@@ -13,6 +16,10 @@ certificate for 127.0.0.1/localhost, and a client context trusting it.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,6 +52,60 @@ def _stop_loopback_dns():
         stop_dns_server(_LOOPBACK_DNS.pop())  # type: ignore[arg-type]
 
 
+# "postgresql": the suites' storage on PostgreSQL (see storage_url).
+TEST_BACKEND = os.environ.get("SHARDMAIL_TEST_BACKEND", "sqlite")
+_PG_SERVER: list[object] = []
+_PG_URLS: dict[Path, str] = {}
+
+
+def storage_url(data_dir: Path) -> str | None:
+    """The storage URL of a test site whose data dir is ``data_dir``: None
+    (SQLite in the data dir, the default), or with
+    ``SHARDMAIL_TEST_BACKEND=postgresql`` a fresh database, the same for
+    every call with that data dir, on a PostgreSQL started on first use and
+    stopped at the end of the session (:func:`_stop_test_servers`)."""
+    if TEST_BACKEND == "sqlite":
+        return None
+    if TEST_BACKEND != "postgresql":
+        raise ValueError(f"SHARDMAIL_TEST_BACKEND={TEST_BACKEND!r}: sqlite or postgresql")
+    from tests.pgserver import PgServer
+
+    key = Path(data_dir).absolute()
+    if key not in _PG_URLS:
+        if not _PG_SERVER:
+            _PG_SERVER.append(PgServer.start())  # raises: the test fails, never skips
+        _PG_URLS[key] = _new_database(None)
+    return _PG_URLS[key]
+
+
+def _new_database(template: str | None) -> str:
+    server = _PG_SERVER[0]
+    name = None if template is None else template.rsplit("/", 1)[1]
+    # Callable from sync code inside a running loop (fixtures, make_settings).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, server.create_database(name)).result()  # type: ignore[attr-defined]
+
+
+def copy_test_storage(template_dir: Path, settings: Settings) -> None:
+    """Starts a test's site from a data dir populated once per session
+    (copied into ``settings.data_dir``); on PostgreSQL from a copy of that
+    data dir's database too, which ``settings`` then names."""
+    shutil.copytree(template_dir, settings.data_dir, dirs_exist_ok=True)
+    template = storage_url(template_dir)
+    if template is not None:
+        url = _new_database(template)
+        _PG_URLS[Path(settings.data_dir).absolute()] = url
+        settings.storage.url = url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_test_servers():
+    yield
+    while _PG_SERVER:
+        _PG_SERVER.pop().stop()  # type: ignore[attr-defined]
+    _PG_URLS.clear()
+
+
 def make_settings(data_dir: Path, **sections: dict) -> Settings:
     """Settings for tests: loopback port-0 listeners, fast auth delays."""
     base: dict[str, dict] = {
@@ -62,6 +123,9 @@ def make_settings(data_dir: Path, **sections: dict) -> Settings:
         "queue": {"workers": 0},
         "dns": loopback_dns(),
     }
+    url = storage_url(data_dir)
+    if url is not None:
+        base["storage"] = {"url": url}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return Settings.model_validate(base)

@@ -20,7 +20,7 @@ from httpapi.service import HttpService, start
 from storage.backend import open_storage_from_url
 from storage.ingest import Delivery, ingest
 from storage.model import Account
-from tests.conftest import make_settings
+from tests.conftest import make_settings, storage_url
 
 PASSWORD = "correct horse battery staple"
 
@@ -36,7 +36,7 @@ def http_settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 async def mailstore(tmp_path: Path) -> AsyncIterator[Any]:
     store = await open_storage_from_url(
-        "sqlite+aiosqlite:///" + str(tmp_path / "db.sqlite"),
+        storage_url(tmp_path / "data") or "sqlite+aiosqlite:///" + str(tmp_path / "db.sqlite"),
         tmp_path / "blobs",
         password_hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST),
     )

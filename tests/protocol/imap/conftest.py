@@ -37,9 +37,11 @@ async def open_test_storage(tmp_path: Path):  # type: ignore[no-untyped-def]
     from argon2 import PasswordHasher, profiles
 
     from storage.backend import open_storage_from_url
+    from tests.conftest import storage_url
 
+    # The data dir make_settings is given beside it: the same database.
     return await open_storage_from_url(
-        "sqlite+aiosqlite:///" + str(tmp_path / "db.sqlite"),
+        storage_url(tmp_path / "data") or "sqlite+aiosqlite:///" + str(tmp_path / "db.sqlite"),
         tmp_path / "blobs",
         password_hasher=PasswordHasher.from_parameters(profiles.CHEAPEST),
     )

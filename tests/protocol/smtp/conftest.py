@@ -4,14 +4,13 @@ pointing at it, a populated storage and a running mtad service."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from conf.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import copy_test_storage, make_settings
 from tests.dnsserver import DnsServer, dns_server
 from tests.protocol.smtp.support import DkimKey, make_dkim_key, populate, standard_zone
 
@@ -68,7 +67,7 @@ async def populated(settings: Settings, populated_template: Path):
     """A fresh copy of the populated storage for this test."""
     from storage import open_storage
 
-    shutil.copytree(populated_template, settings.data_dir, dirs_exist_ok=True)
+    copy_test_storage(populated_template, settings)
     store = await open_storage(settings.storage)
     try:
         yield store
