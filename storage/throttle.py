@@ -13,11 +13,12 @@ IMAP, POP3, SMTP AUTH and HTTP of one process share it). It answers
 * ``ConnectionResetError`` when the client went away before its check ran
   (the check is skipped: nobody would read the answer).
 
-Once a client address or a login name has recent failures, every answer
-for it (success or failure alike) comes no sooner than the throttle delay
-after the attempt started, so a client with a short timeout learns nothing
-from timing. Counts live behind :class:`FailureCounter`, the shared-state
-seam: in-process here, a Redis implementation shares them between instances.
+Once a client address or a login name has recent failures, an attempt
+waits out the throttle delay first and only then has its password checked
+(success and failure alike), so a client with a short timeout learns
+nothing, and one that leaves during the delay costs no check. Counts
+live behind :class:`FailureCounter`, the shared-state seam: in-process
+here, a Redis implementation shares them between instances.
 """
 
 from __future__ import annotations
@@ -291,10 +292,14 @@ class LoginGate:
             def run_check(check: Callable[[], Any]) -> Awaitable[Any]:
                 return self.pool.run(check, client, suspect or bool(delay), placed=True)
 
+            # The delay before the check, not after: a guesser that hangs up
+            # early (issue #18: 1,000 dropped after 0.5 s) costs no argon2 run.
+            await self._wait_out(started + delay)
+            if client.gone():
+                raise ConnectionResetError("client went away")
             account = await directory.authenticate(login, password, run_check=run_check)
             if account is None:
-                await self.throttle.failed(*keys)  # counted before the delay: leaving won't help
-            await self._wait_out(started + delay)
+                await self.throttle.failed(*keys)  # counted before the answer is sent
         if account is not None:
             await self.throttle.succeeded(*keys)
         return account

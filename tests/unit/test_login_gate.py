@@ -174,31 +174,52 @@ async def test_after_failures_success_and_failure_take_the_same_delay() -> None:
     assert took >= owed * 0.95
 
 
-async def test_a_client_that_leaves_during_the_delay_is_still_counted() -> None:
+class CheckingDirectory(FakeDirectory):
+    """Counts the password checks that actually ran."""
+
+    def __init__(self, password: str) -> None:
+        super().__init__(password)
+        self.checks = 0
+
+    async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+        def check() -> bool:
+            self.checks += 1
+            return password == self.password
+
+        return self.account if await run_check(check) else None
+
+
+async def test_a_client_that_leaves_during_the_delay_costs_no_check() -> None:
+    """Issue #18: a throttled guess waits out its delay before its password
+    is checked, so a guess abandoned during the delay (the client hung up,
+    or its session ended) costs no argon2 check and learns nothing; issue
+    #17: one that stays is answered after the delay, whatever the outcome."""
     base = 0.2
     logins = gate(base)
-    directory = FakeDirectory("right")
-    client = LoginClient("192.0.2.20")
-    assert await logins.authenticate(directory, "alice@example.org", "wrong", client) is None
-    # The second guess owes `base`; the client gives up during that delay
-    # (once its check has run: a loaded machine may take longer than `base`).
-    counted = asyncio.Event()
-    count = logins.throttle.failed
-
-    async def count_and_tell(*keys: str) -> None:
-        await count(*keys)
-        counted.set()
-
-    logins.throttle.failed = count_and_tell  # type: ignore[method-assign]
-    guess = asyncio.create_task(
-        logins.authenticate(directory, "alice@example.org", "guess", client)
+    directory = CheckingDirectory("right")
+    ip = "192.0.2.20"
+    assert await logins.authenticate(directory, "alice@example.org", "w", LoginClient(ip)) is None
+    hung_up = threading.Event()
+    leaver = LoginClient(ip, hung_up.is_set)
+    guess = asyncio.create_task(logins.authenticate(directory, "alice@example.org", "g", leaver))
+    await asyncio.sleep(base / 4)
+    hung_up.set()
+    with pytest.raises(ConnectionResetError):
+        await guess
+    ended = asyncio.create_task(
+        logins.authenticate(directory, "alice@example.org", "guess", LoginClient(ip))
     )
-    await counted.wait()
-    assert not guess.done()
-    guess.cancel()
-    await asyncio.gather(guess, return_exceptions=True)
-    _, took = await timed(logins.authenticate(directory, "alice@example.org", "right", client))
-    assert took >= 2 * base * 0.95  # two failures counted: base * 2
+    await asyncio.sleep(base / 4)
+    ended.cancel()
+    await asyncio.gather(ended, return_exceptions=True)
+    assert directory.checks == 1
+    # Neither abandoned guess was checked, so neither counts: the one failure owes `base`.
+    account, took = await timed(
+        logins.authenticate(directory, "alice@example.org", "right", LoginClient(ip))
+    )
+    assert account is directory.account
+    assert base * 0.95 <= took < 2 * base
+    assert directory.checks == 2
 
 
 async def test_an_outage_is_neither_counted_nor_delayed() -> None:
