@@ -59,9 +59,15 @@ class ChangeFeed:
     def __init__(self, ctx: ApiContext, account: Account, after: int) -> None:
         self.ctx = ctx
         self.account = account
-        self.mail: MailStore = ctx.storage.mail(account)
         self.after = after
         self.subscription: Subscription = ctx.storage.events.subscribe(account.id)
+
+    @property
+    def mail(self) -> MailStore:
+        """The account's mail store now, asked at each read (no I/O): after
+        the account moves to another shard (storage/move.py) the feed reads
+        the new shard's log, whose change ids go on from the old one's."""
+        return self.ctx.storage.mail(self.account)
 
     async def next_batch(self, timeout: float | None) -> list[Change]:
         """Changes after the last returned one, oldest first; [] on timeout."""

@@ -360,3 +360,30 @@ async def test_drain_moves_every_account_off_a_shard(sharded: SqlStorage) -> Non
         now = await sharded.directory.get_account(account.address)
         assert now.shard == TARGET
         assert await _snapshot(sharded, now) == before
+
+
+class _ApiContext:
+    """What ``httpapi.realtime.ChangeFeed`` uses of the API's context."""
+
+    def __init__(self, storage: SqlStorage) -> None:
+        self.storage = storage
+
+    def note_change(self, account_id: int, change_id: int) -> None:
+        pass
+
+
+async def test_an_event_feed_follows_the_account_to_its_new_shard(sharded: SqlStorage) -> None:
+    """A WebSocket or long-poll client resumes by change id (``since=``):
+    ids go on across the move, and an open feed reads the new shard."""
+    from httpapi.realtime import ChangeFeed
+
+    bob = await _populate(sharded, random.Random())
+    last = await sharded.mail(bob).last_change_id(bob.id)
+    feed = ChangeFeed(_ApiContext(sharded), bob, last)  # type: ignore[arg-type]
+    try:
+        await mv.move_account(sharded, bob.address, TARGET)
+        uid = await deliver(sharded, bob, "INBOX", subject="after the move")
+        changes = await feed.next_batch(timeout=5)
+    finally:
+        feed.close()
+    assert [(c.id, c.kind.value, c.uid) for c in changes] == [(last + 1, "new", uid)]
