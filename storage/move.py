@@ -188,17 +188,12 @@ class AccountMove:
             ).all()
         box_map, copied, dropped = await self._sync_mailbox_rows(src_boxes)
         async with self.target.db.read() as conn:
-            synced = dict(
-                (
-                    await conn.execute(
-                        select(mailboxes.c.id, mailboxes.c.highestmodseq).where(
-                            mailboxes.c.account_id == aid
-                        )
-                    )
-                ).all()
-            )
+            synced = {
+                r.id: r
+                for r in await conn.execute(select(mailboxes).where(mailboxes.c.account_id == aid))
+            }
         for box in src_boxes:
-            n, removed = await self._sync_mailbox(box, box_map[box.id], synced[box_map[box.id]])
+            n, removed = await self._sync_mailbox(box, synced[box_map[box.id]])
             copied += n
             dropped = dropped or removed
         if dropped:
@@ -291,14 +286,16 @@ class AccountMove:
                 ],
             )
 
-    async def _sync_mailbox(self, box: Any, target_id: int, synced: int) -> tuple[int, bool]:
+    async def _sync_mailbox(self, box: Any, target: Any) -> tuple[int, bool]:
         """Copies the entries and tombstones of one mailbox whose modseq is
-        above ``synced`` (the target's HIGHESTMODSEQ, only raised once the
-        whole pass is in), then its counters as read at the round's start:
+        above the ``target`` mailbox row's HIGHESTMODSEQ (only raised once
+        the whole pass is in), then its counters as read at the round's start:
         anything changed since has a higher modseq for the next round.
         Returns (rows copied, whether entries were removed)."""
-        if box.highestmodseq == synced:
-            return 0, False
+        counters = ("highestmodseq", "uidnext", "recent_floor")
+        if all(getattr(box, c) == getattr(target, c) for c in counters):
+            return 0, False  # (a \Recent claim moves the floor, not the modseq)
+        target_id, synced = target.id, target.highestmodseq
         copied = 0
         after_uid = 0
         while True:

@@ -106,6 +106,7 @@ async def _snapshot(storage: SqlStorage, account: Account) -> dict[str, Any]:
             # RFC 7162 section 3.2.5.2: QRESYNC from the oldest modseq.
             "vanished": (await mail.changes_since(account.id, box.id, 1)).vanished,
             "status": await mail.status(account.id, box.id),
+            "recent": await mail.peek_recent(account.id, box.id),
         }
     changes = [
         (c.id, c.kind, names.get(c.mailbox_id or -1), c.uid, c.modseq, c.data)
@@ -387,3 +388,18 @@ async def test_an_event_feed_follows_the_account_to_its_new_shard(sharded: SqlSt
     finally:
         feed.close()
     assert [(c.id, c.kind.value, c.uid) for c in changes] == [(last + 1, "new", uid)]
+
+
+async def test_recent_claimed_between_rounds_moves_too(sharded: SqlStorage) -> None:
+    """RFC 3501 section 2.3.2: a message is \\Recent in one session only; a
+    claim changes no modseq, yet the next round must carry it."""
+    bob = await _populate(sharded, random.Random())
+    kill = _raising_at(None, lambda p: p.state is mv.MoveState.COPY and p.copied > 0)
+    with pytest.raises(_Killed):
+        await mv.move_account(sharded, bob.address, TARGET, progress=kill)
+    inbox = await sharded.mail(bob).get_mailbox(bob.id, "INBOX")
+    assert await sharded.mail(bob).peek_recent(bob.id, inbox.id) > 0
+    await sharded.mail(bob).claim_recent(bob.id, inbox.id)
+    before = await _snapshot(sharded, bob)
+    await mv.move_account(sharded, bob.address, TARGET)
+    await _assert_moved(sharded, bob, before)
