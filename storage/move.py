@@ -146,25 +146,31 @@ class AccountMove:
             await delete_account_mail(conn, aid)
             await conn.execute(delete(moved_ids).where(moved_ids.c.account_id == aid))
             await conn.execute(delete(shard_accounts).where(shard_accounts.c.account_id == aid))
-            await conn.execute(
-                insert(shard_accounts).values(
-                    account_id=aid,
-                    last_change_id=0,
-                    next_uidvalidity=0,
-                    used_bytes=0,
-                    fence=f"in:{self.source.shard}",
-                )
-            )
+            await self._fence_row(conn, f"in:{self.source.shard}")
 
     async def set_fence(self, store: SqlMailStore, fence: str | None) -> None:
         """Sets the fence on ``store``'s counters row of the account. On
         PostgreSQL the UPDATE waits for any write holding the row, and every
         later write reads the new value when it locks the row."""
         async with store.db.write() as conn:
+            await self._fence_row(conn, fence)
+
+    async def _fence_row(self, conn: AsyncConnection, fence: str | None) -> None:
+        result = await conn.execute(
+            update(shard_accounts)
+            .where(shard_accounts.c.account_id == self.account_id)
+            .values(fence=fence)
+        )
+        if not result.rowcount and fence is not None:
+            # No counters row yet: a write would start one, unfenced.
             await conn.execute(
-                update(shard_accounts)
-                .where(shard_accounts.c.account_id == self.account_id)
-                .values(fence=fence)
+                insert(shard_accounts).values(
+                    account_id=self.account_id,
+                    last_change_id=0,
+                    next_uidvalidity=0,
+                    used_bytes=0,
+                    fence=fence,
+                )
             )
 
     async def finish_target(self) -> None:
