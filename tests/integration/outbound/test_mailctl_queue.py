@@ -172,3 +172,35 @@ def test_queue_commands_see_every_shards_partition(tmp_path: Path, capsys) -> No
     assert code == 1 and "no such queue entry: b:1" in err
     code, _, err = run(settings, capsys, "queue", "show", "b:one")
     assert code == 2 and "SHARD:NUMBER" in err
+
+
+def test_queue_list_and_stats_name_a_partition_that_is_down(tmp_path: Path, capsys) -> None:
+    from storage import open_storage
+    from tests.pgserver import PgServer
+
+    server = PgServer.start()
+    try:
+        shard_b = asyncio.run(server.create_database())
+        settings = make_settings(tmp_path / "data", storage={"shards": {"b": shard_b}})
+
+        async def seed() -> None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            storage = await open_storage(settings.storage, data_dir=settings.data_dir)
+            try:
+                key = await storage.blobs.put(b"Subject: down\r\n\r\nx\r\n")
+                for name in ("default", "b"):
+                    part = storage.queue.partitions[name]
+                    await part.enqueue("a@example.net", [f"{name}@remote.test"], key)
+            finally:
+                await storage.close()
+
+        asyncio.run(seed())
+    finally:
+        server.stop()
+    code, out, err = run(settings, capsys, "queue", "list")
+    assert code == 1 and "Traceback" not in err
+    assert "default@remote.test" in out and "b@remote.test" not in out
+    assert "queue partition b: storage temporarily unavailable" in err
+    code, out, err = run(settings, capsys, "queue", "stats")
+    assert code == 1 and "queue partition b" in err
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["default"]
