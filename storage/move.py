@@ -34,10 +34,15 @@ rolls back one that has not flipped. Run one mover per account at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
+import os
+import secrets
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +72,7 @@ IN_CLAUSE = 500  # ids per IN (...) list
 SMALL_DELTA = 200  # a round that copies at most this many rows ends the live rounds
 MAX_LIVE_ROUNDS = 10  # then fence anyway: the final round is exact whatever the rate
 BLOB_COPIES = 8  # blobs copied at once when the shards' blob stores differ
+LEASE_SECONDS = 15.0  # a killed mover's lease lapses after this; a live one renews it
 
 
 class MoveState(enum.Enum):
@@ -557,6 +563,42 @@ async def _begin(storage: SqlStorage, account: Account, target: str) -> Any:
     return await _record(storage, account.id)
 
 
+@asynccontextmanager
+async def _lease(storage: SqlStorage, address: str) -> AsyncIterator[None]:
+    """Holds the account's mover lease (``MailStore.acquire_lock`` on the
+    move's source shard, renewed while held) so that two movers never run
+    the same move. A killed mover's lease lapses after LEASE_SECONDS; a
+    second mover waits that long for it, then gives up (IN_USE)."""
+    account = await storage.directory.get_account(address)
+    rec = await _record(storage, account.id)
+    store = storage.stores.get(rec.source if rec is not None else account.shard)
+    if store is None:
+        raise errors.StorageError(errors.ErrorKind.TEMPORARY, "the account's shard is not here")
+    name = f"account-move:{account.id}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    deadline = time.monotonic() + LEASE_SECONDS + 2
+    while not await store.acquire_lock(name, owner, LEASE_SECONDS):
+        if time.monotonic() > deadline:
+            raise errors.StorageError(
+                errors.ErrorKind.IN_USE, f"another mover is moving {account.address}"
+            )
+        await asyncio.sleep(0.5)
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            with contextlib.suppress(errors.StorageError):
+                await store.acquire_lock(name, owner, LEASE_SECONDS)
+
+    renewer = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(errors.StorageError, asyncio.CancelledError):
+            await store.release_lock(name, owner)
+
+
 async def _announce_fence(storage: SqlStorage, account_id: int, target: str) -> None:
     """Tells every instance's sessions on the account to end (FENCE)."""
     await storage.events.publish(
@@ -593,8 +635,21 @@ async def move_account(
     resumes its interrupted move there; returns the account as it ends.
 
     INVALID for an unknown shard, or while a move of the account to another
-    shard is recorded (finish or abort that one first). Storage failures
-    raise (TEMPORARY): running it again resumes where it stopped."""
+    shard is recorded (finish or abort that one first); IN_USE while
+    another mover runs it. Storage failures raise (TEMPORARY): running it
+    again resumes where it stopped."""
+    async with _lease(storage, address):
+        return await _move(storage, address, target, progress, small_delta, max_live_rounds)
+
+
+async def _move(
+    storage: SqlStorage,
+    address: str,
+    target: str,
+    progress: Progress | None,
+    small_delta: int,
+    max_live_rounds: int,
+) -> Account:
     account = await storage.directory.get_account(address)
     rec = await _record(storage, account.id)
     if rec is None:
@@ -643,6 +698,11 @@ async def abort_move(storage: SqlStorage, address: str) -> bool:
     """Rolls back the account's unfinished move (before the flip): the
     source is unfenced, the target copy deleted. False if none is recorded;
     INVALID once it has flipped (run the move again to finish it)."""
+    async with _lease(storage, address):
+        return await _abort(storage, address)
+
+
+async def _abort(storage: SqlStorage, address: str) -> bool:
     account = await storage.directory.get_account(address)
     rec = await _record(storage, account.id)
     if rec is None:
