@@ -726,12 +726,17 @@ async def drain_shard(
     progress: Progress | None = None,
 ) -> list[str]:
     """Moves every account off ``shard``, one at a time, each to the shard
-    in ``to`` (default: every other shard) holding the fewest accounts
-    then; returns the addresses moved. Accounts whose move to another
-    shard is recorded finish that move."""
+    in ``to`` (default: every other shard that takes new accounts, weight
+    above 0) with the fewest accounts per unit of placement weight then,
+    as placement does; returns the addresses moved. Accounts whose move to
+    another shard is recorded finish that move."""
     if shard not in storage.stores:
         raise errors.invalid(f"no such shard {shard!r}")
-    targets = [s for s in (to or storage.stores) if s != shard]
+    weights: dict[str, float] = getattr(storage.directory, "weights", {})
+    if to:
+        targets = [s for s in to if s != shard]
+    else:
+        targets = [s for s in storage.stores if s != shard and weights.get(s, 1.0) > 0]
     if not targets:
         raise errors.invalid("no other shard to drain to")
     for name in targets:
@@ -742,12 +747,17 @@ async def drain_shard(
     for a in accounts:
         if a.shard in counts:
             counts[a.shard] += 1
+
+    def fill(name: str) -> tuple[float, str]:
+        weight = weights.get(name, 1.0)
+        return (counts[name] / weight if weight > 0 else float("inf"), name)
+
     moved = []
     for a in accounts:
         if a.shard != shard:
             continue
         rec = await _record(storage, a.id)
-        dest = rec.target if rec is not None else min(targets, key=lambda n: (counts[n], n))
+        dest = rec.target if rec is not None else min(targets, key=fill)
         await move_account(storage, a.address, dest, progress=progress)
         counts[dest] = counts.get(dest, 0) + 1
         moved.append(a.address)
