@@ -1010,12 +1010,15 @@ class SqlMailStore:
         still routed here (a stale cache) is refused as TEMPORARY instead of
         starting the account afresh on the wrong shard."""
         async with self.db.write() as conn:
-            await delete_account_mail(conn, account_id)
+            # The counters row first, as every writer locks it (_LOCK_ACCOUNT)
+            # before the mailbox rows its foreign keys share-lock: deleting
+            # the mail first deadlocked with a delivery arriving meanwhile.
             await conn.execute(
                 update(shard_accounts)
                 .where(shard_accounts.c.account_id == account_id)
                 .values(fence=fence)
             )
+            await delete_account_mail(conn, account_id)
 
     # --- mailboxes -----------------------------------------------------------
 

@@ -6,12 +6,14 @@ exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from storage import move as mv
@@ -403,3 +405,53 @@ async def test_recent_claimed_between_rounds_moves_too(sharded: SqlStorage) -> N
     before = await _snapshot(sharded, bob)
     await mv.move_account(sharded, bob.address, TARGET)
     await _assert_moved(sharded, bob, before)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])  # row locks: SQLite has a single writer
+async def test_retiring_the_source_waits_for_a_writer_instead_of_deadlocking(
+    sharded: SqlStorage, database_url: str
+) -> None:
+    """Every writer locks the account's counters row first, then its
+    mailbox rows (a delivery's foreign keys take KEY SHARE on them). The
+    move's last step must take them in the same order: deleting the mail
+    first and fencing the counters row after deadlocked with a delivery
+    that arrived meanwhile (the cluster drill under SMTP load: "deadlock
+    detected", and the move failed)."""
+    await sharded.directory.add_domain("example.org")
+    bob = await sharded.directory.add_account("bob@example.org", "pw", shard=SOURCE)
+    await deliver(sharded, bob, "INBOX", subject="before")
+    source = sharded._store(SOURCE)
+    dsn = database_url.replace("postgresql+asyncpg", "postgresql")
+    writer, watcher = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        tx = writer.transaction()
+        await tx.start()
+        # A delivery's first statement: the counters row, FOR UPDATE.
+        await writer.execute(
+            "SELECT 1 FROM shard_accounts WHERE account_id = $1 FOR UPDATE", bob.id
+        )
+        retire = asyncio.create_task(source.retire_account(bob.id, f"gone:{TARGET}"))
+        for _ in range(200):  # until the retirement waits for that lock
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the retirement never waited for the writer's lock"
+        # The delivery goes on: its entry's foreign key locks the mailbox row.
+        await writer.execute("SELECT 1 FROM mailboxes WHERE account_id = $1 FOR KEY SHARE", bob.id)
+        await tx.commit()
+        await asyncio.wait_for(retire, 30)
+        fence = await watcher.fetchval(
+            "SELECT fence FROM shard_accounts WHERE account_id = $1", bob.id
+        )
+        left = await watcher.fetchval(
+            "SELECT count(*) FROM mailboxes WHERE account_id = $1", bob.id
+        )
+    finally:
+        await writer.close()
+        await watcher.close()
+    assert (fence, left) == (f"gone:{TARGET}", 0)
+
