@@ -32,7 +32,7 @@ ACCOUNTS = {
     f"{role}_{shard}@{DOMAIN}": shard
     for role in ("kill", "outage", "dir", "promote")
     for shard in ("a", "b")
-} | {f"move@{DOMAIN}": "a", f"resume@{DOMAIN}": "b"}
+} | {f"move@{DOMAIN}": "a", f"resume_copy@{DOMAIN}": "b", f"resume_fenced@{DOMAIN}": "b"}
 
 
 @pytest.fixture(scope="session")

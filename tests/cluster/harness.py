@@ -26,7 +26,6 @@ import shutil
 import signal
 import smtplib
 import socket
-import string
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from tests.conftest import loopback_dns
 from tests.integration.smtp.test_smtp_failover import _close, _reset
+from tests.integration.smtp.test_smtp_failover import _message as message
 from tests.pgserver import PgServer
 from tests.redisserver import RedisServer
 
@@ -185,6 +185,30 @@ class Cluster:
             raise AssertionError(f"mailctl {' '.join(args)}: {done.returncode}\n{done.stderr}")
         return done.stdout
 
+    def kill_mailctl_at(self, state: str, *args: str) -> str:
+        """Runs ``mailctl ARGS`` (a move) and SIGKILLs it as soon as it
+        reports entering ``state`` (its progress lines); the lines seen."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailctl.cli", "-c", str(self.config), *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        seen = []
+        try:
+            for line in proc.stdout:
+                seen.append(line.decode(errors="replace"))
+                if f": {state}" in seen[-1]:
+                    proc.kill()
+                    break
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        assert proc.returncode == -signal.SIGKILL, f"it ended before {state}: {seen}"
+        return "".join(seen)
+
     def add_accounts(self, shards: dict[str, str]) -> None:
         """Creates address -> shard accounts, one ``mailctl account add`` each, at once."""
         with ThreadPoolExecutor(len(shards) or 1) as pool:
@@ -267,27 +291,6 @@ class Cluster:
             return found
         finally:
             conn.logout()
-
-
-def message(message_id: str, rcpt: str) -> bytes:
-    """A message of random length: words of random letters in lines of random width."""
-    words = [
-        "".join(random.choices(string.ascii_letters, k=random.randint(1, 12)))
-        for _ in range(random.randint(1, 300))
-    ]
-    lines, line = [], ""
-    for word in words:
-        if len(line) + len(word) > random.randint(20, 76):
-            lines.append(line)
-            line = ""
-        line += word + " "
-    lines.append(line)
-    return (
-        f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: drill {message_id[:8]}\r\n"
-        f"Date: Sat, 05 Dec 2026 12:00:00 +0000\r\nMessage-ID: <{message_id}>\r\n\r\n"
-        + "\r\n".join(lines)
-        + "\r\n"
-    ).encode()
 
 
 @dataclass
@@ -446,9 +449,18 @@ argon2_memory_kib = 64
 argon2_parallelism = 1
 
 [smtp]
+# The drills send thousands of messages from 127.0.0.1: the site-wide
+# (Redis) limits would refuse them. tests/integration/test_shared_limits.py
+# checks those limits across instances.
+rate_limit_per_user = 0
+rate_limit_per_ip = 0
 spf = false
 dkim_verify = false
 dmarc = false
+
+[http]
+rate_limit_per_user = 0
+rate_limit_per_ip = 0
 
 [storage]
 url = "{pg["dir"].url(DATABASE)}"
@@ -600,3 +612,94 @@ class ReaderLoad:
             assert status == 200, (status, body)
             self.ok.append((time.monotonic(), port))
             time.sleep(0.05)
+
+
+def import_mbox(cluster: Cluster, address: str, count: int) -> set[str]:
+    """Imports ``count`` messages of random sizes into ``address``'s INBOX
+    with ``mailctl import mbox``; their Message-IDs."""
+    ids = {f"{uuid.uuid4().hex}@import.test" for _ in range(count)}
+    path = cluster.root / f"{uuid.uuid4().hex}.mbox"
+    with path.open("wb") as mbox:
+        for message_id in ids:
+            raw = message(message_id, address).replace(b"\r\n", b"\n")
+            # mboxrd: a body line starting with "From " (or ">From ") gains a ">".
+            raw = re.sub(rb"^(>*From )", rb">\1", raw, flags=re.MULTILINE)
+            mbox.write(b"From drill@remote.example Sat Dec  5 12:00:00 2026\n" + raw + b"\n")
+    cluster.mailctl("import", "mbox", address, "--from", str(path), "-q", timeout=300)
+    path.unlink()
+    return ids
+
+
+class IdleClient:
+    """An IMAP client IDLE in ``address``'s INBOX (RFC 2177), with QRESYNC
+    enabled (RFC 7162 section 3.2.3). When the server ends the session it
+    reconnects (to the next imapd) and SELECTs again with the UIDVALIDITY
+    and HIGHESTMODSEQ it last knew, as a resyncing client does; every
+    SELECT's (UIDVALIDITY, HIGHESTMODSEQ) and every BYE are recorded."""
+
+    def __init__(self, cluster: Cluster, address: str) -> None:
+        self.cluster, self.address = cluster, address
+        self.selects: list[tuple[int, int]] = []
+        self.byes: list[bytes] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> IdleClient:
+        self._thread.start()
+        wait_until(lambda: bool(self.selects), 60, "the IDLE client's first SELECT")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        ports = self.cluster.ports("imapd")
+        turn = 0
+        while not self._stop.is_set():
+            try:
+                self._session(ports[turn % len(ports)])
+            except (imaplib.IMAP4.error, OSError, AssertionError) as exc:
+                self.errors.append(repr(exc))
+                time.sleep(0.1)
+            turn += 1
+
+    def _session(self, port: int) -> None:
+        conn = self.cluster.imap(self.address, port)
+        try:
+            conn.enable("QRESYNC")
+            self.selects.append(qresync_select(conn, self.selects[-1] if self.selects else None))
+            tag = conn._new_tag()  # imaplib has no IDLE before Python 3.14
+            conn.send(tag + b" IDLE\r\n")
+            assert conn.readline().startswith(b"+"), "IDLE refused"
+            conn.sock.settimeout(0.5)
+            pending = b""
+            while not self._stop.is_set():
+                try:
+                    chunk = conn.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return
+                pending += chunk
+                for line in pending.split(b"\r\n")[:-1]:
+                    if line.startswith(b"* BYE"):
+                        self.byes.append(line)
+                        return
+                pending = pending.rsplit(b"\r\n", 1)[-1]
+        finally:
+            with contextlib.suppress(Exception):
+                conn.shutdown()
+
+
+def qresync_select(conn: imaplib.IMAP4, known: tuple[int, int] | None) -> tuple[int, int]:
+    """SELECT INBOX, with ``(QRESYNC (uidvalidity modseq))`` when ``known``
+    (RFC 7162 section 3.2.5); the (UIDVALIDITY, HIGHESTMODSEQ) it reports."""
+    args = ["INBOX"] + ([f"(QRESYNC ({known[0]} {known[1]}))"] if known else [])
+    typ, data = conn._simple_command("SELECT", *args)
+    assert typ == "OK", data
+    conn.state = "SELECTED"
+    uidvalidity = conn.untagged_responses.pop("UIDVALIDITY")[-1]
+    modseq = conn.untagged_responses.pop("HIGHESTMODSEQ")[-1]
+    return int(uidvalidity), int(modseq)

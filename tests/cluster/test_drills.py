@@ -13,6 +13,7 @@ what it broke; the promotion, which cannot be undone here, runs last.
 from __future__ import annotations
 
 import imaplib
+import random
 import time
 
 import pytest
@@ -23,10 +24,13 @@ from tests.cluster.harness import (
     FAILURE_DELAY,
     PASSWORD,
     Cluster,
+    IdleClient,
     ReaderLoad,
     SmtpLoad,
     deliver,
     http_json,
+    import_mbox,
+    qresync_select,
     wait_until,
 )
 
@@ -135,3 +139,84 @@ def test_the_directory_down_is_temporary_for_everyone(
             assert select(cluster, user, port)[0] == "OK"
             assert time.monotonic() - started < FAILURE_DELAY / 2, (user, port)
     load.ledger.check(cluster, set(everyone))
+
+
+def test_move_an_account_under_smtp_and_imap_idle_load(
+    cluster: Cluster, accounts: dict[str, str]
+) -> None:
+    user = f"move@{DOMAIN}"
+    imported = import_mbox(cluster, user, random.randint(800, 1200))
+    with SmtpLoad(cluster, [user]) as load, IdleClient(cluster, user) as idle:
+        load.wait_acked(10)
+        before = idle.selects[0]
+        out = cluster.mailctl("account", "move", user, "--to", "b", timeout=300)
+        assert f"account {user} is on shard b" in out, out
+        load.wait_acked(10, RECOVER_WITHIN, since=time.monotonic())
+        # The fence ended the IDLE session (RFC 3501 section 7.1.5, RFC 5530
+        # UNAVAILABLE); the client came back to the same mailbox.
+        wait_until(lambda: len(idle.selects) > 1, RECOVER_WITHIN, "the IDLE client's resync")
+    assert any(b"[UNAVAILABLE]" in bye for bye in idle.byes), (idle.byes, idle.errors)
+    # No client resyncs from scratch: same UIDVALIDITY (RFC 3501 section 2.3.1.1).
+    assert {uidvalidity for uidvalidity, _ in idle.selects} == {before[0]}, idle.selects
+    conn = cluster.imap(user)
+    try:
+        conn.enable("QRESYNC")
+        assert qresync_select(conn, idle.selects[-1])[0] == before[0]
+    finally:
+        conn.logout()
+    assert cluster.directory_shard(user) == "b"
+    assert cluster.shards_holding(user) == ["b"]
+    load.ledger.check(cluster, {user})
+    stored = cluster.message_ids(user)
+    assert all(stored[mid] == 1 for mid in imported), "an imported message lost or doubled"
+
+
+@pytest.mark.parametrize("kill_at", ["copy", "fenced"])
+def test_a_move_killed_halfway_is_finished_by_running_it_again(
+    cluster: Cluster, accounts: dict[str, str], kill_at: str
+) -> None:
+    user = f"resume_{kill_at}@{DOMAIN}"
+    source = cluster.directory_shard(user)
+    target = "a" if source == "b" else "b"
+    imported = import_mbox(cluster, user, random.randint(300, 700))
+    with SmtpLoad(cluster, [user]) as load:
+        load.wait_acked(5)
+        state = cluster.kill_mailctl_at(kill_at, "account", "move", user, "--to", target)
+        assert set(cluster.shards_holding(user)) in ({source}, {source, target}), state
+        out = cluster.mailctl("account", "move", user, "--to", target, timeout=300)
+        assert f"account {user} is on shard {target}" in out, out
+        load.wait_acked(5, RECOVER_WITHIN, since=time.monotonic())
+    assert cluster.directory_shard(user) == target
+    assert cluster.shards_holding(user) == [target]
+    load.ledger.check(cluster, {user})
+    stored = cluster.message_ids(user)
+    assert all(stored[mid] >= 1 for mid in imported), "an imported message lost"
+    assert all(n == 1 for n in stored.values()), "a message doubled"
+
+
+def test_sigkill_of_a_primary_then_promotion_of_its_replica(
+    cluster: Cluster, accounts: dict[str, str]
+) -> None:
+    near, far = users("promote").values()
+    with SmtpLoad(cluster, [near, far], clients=4) as load:
+        load.wait_acked(20, rcpt=near)
+        cluster.pg["a"].kill()
+        cluster.pg["a_replica"].promote()
+        promoted = time.monotonic()
+        # The daemons find the new primary by themselves, without a restart.
+        load.wait_acked(10, RECOVER_WITHIN, since=promoted, rcpt=near)
+    for port in cluster.ports("imapd"):
+        # Each imapd finds the new primary too (its pool's next connection).
+        answers: list[tuple[str, list[bytes]]] = []
+        try:
+            wait_until(
+                lambda port=port: (
+                    answers.append(select(cluster, near, port)) or answers[-1][0] == "OK"
+                ),
+                RECOVER_WITHIN,
+                f"SELECT on imapd port {port} after the promotion",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {answers[-3:]}") from None
+    assert all(i.alive() for i in cluster.instances.values())
+    load.ledger.check(cluster, {near, far})
