@@ -210,7 +210,7 @@ def test_sigkill_of_a_primary_then_promotion_of_its_replica(
         answers: list[tuple[str, list[bytes]]] = []
         try:
             wait_until(
-                lambda port=port: (
+                lambda port=port, answers=answers: (
                     answers.append(select(cluster, near, port)) or answers[-1][0] == "OK"
                 ),
                 RECOVER_WITHIN,
