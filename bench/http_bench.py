@@ -1,9 +1,12 @@
 """HTTP API benchmark: requests/s for folder listing and message fetch, and push latency.
 
-Runs everything on loopback against a throwaway SQLite storage in a temp
-dir; bounded in time and request count. Not part of the test run.
+Runs everything on loopback against a throwaway storage: SQLite in a temp
+dir, or with ``--backend postgresql`` a throwaway ``tests.pgserver``
+server (``--storage-url`` names another database); bounded in time and
+request count. Not part of the test run.
 
     python bench/http_bench.py --messages 500 --seconds 5 --concurrency 16
+    python bench/http_bench.py --messages 500 --seconds 5 --concurrency 16 --backend postgresql
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         storage = await open_storage_from_url(
-            f"sqlite+aiosqlite:///{base / 'db.sqlite'}", base / "blobs",
+            args.storage_url or f"sqlite+aiosqlite:///{base / 'db.sqlite'}", base / "blobs",
             password_hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST),
         )
         await storage.directory.add_domain("example.test")
@@ -137,4 +140,17 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--pushes", type=int, default=50)
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--storage-url", default="", help="an empty database to use")
+    arguments = parser.parse_args()
+    if arguments.backend == "postgresql" and not arguments.storage_url:
+        from tests.pgserver import PgServer
+
+        server = PgServer.start()
+        try:
+            arguments.storage_url = asyncio.run(server.create_database())
+            asyncio.run(main(arguments))
+        finally:
+            server.stop()
+    else:
+        asyncio.run(main(arguments))
