@@ -495,8 +495,14 @@ def running_cluster() -> Iterator[Cluster]:
                 "a": pool.submit(PgServer.start, durable=True),
                 "b": pool.submit(PgServer.start),
             }
+            failed: list[BaseException] = []
             for name, future in started.items():
-                pg[name] = future.result()
+                try:
+                    pg[name] = future.result()
+                except Exception as exc:  # the others still get stopped below
+                    failed.append(exc)
+            if failed:
+                raise failed[0]
         for name in ("dir", "a", "b"):
             pg[name].sql(f"CREATE DATABASE {DATABASE}")
         pg["a_replica"] = pg["a"].start_replica(synchronous=True)
