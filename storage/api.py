@@ -231,6 +231,21 @@ class MailStore(Protocol):
     async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
         """Matching UIDs, ascending."""
 
+    async def page(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        criteria: Criteria,
+        limit: int,
+        before: tuple[int, int] | None = None,
+    ) -> list[tuple[tuple[int, int], StoredMessage]]:
+        """A folder list page: entries matching ``criteria`` newest first by
+        (list date, UID), strictly before the key ``before``, at most
+        ``limit``, each with its key (the next page's ``before``). The list
+        date is the message's Date, never later than its arrival. Reads the
+        page, not the mailbox: every entry is on exactly one page however
+        much mail arrives while a client pages."""
+
     async def search_account(
         self, account_id: int, criteria: Criteria, limit: int = 100
     ) -> list[MessageEntry]:
