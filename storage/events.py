@@ -241,7 +241,24 @@ def asyncpg_connect_args(url: str) -> dict[str, Any]:
 _SQLALCHEMY_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
-class PgNotifyEventBus:
+class _LocalFanOut:
+    """What every cross-instance bus shares: this instance's sessions
+    subscribe to, and route watchers register with, an in-process bus
+    (``self._local``) that the bus feeds with what arrives from elsewhere."""
+
+    _local: InProcessEventBus
+
+    def subscribe(self, account_id: int) -> InProcessSubscription:
+        return self._local.subscribe(account_id)
+
+    def subscriber_count(self, account_id: int) -> int:
+        return self._local.subscriber_count(account_id)
+
+    def watch_routes(self, watcher: RouteWatcher) -> None:
+        self._local.watch_routes(watcher)
+
+
+class PgNotifyEventBus(_LocalFanOut):
     """Carries changes between instances sharing a PostgreSQL database.
 
     ``publish`` hands the change to this instance's subscribers at once
@@ -356,15 +373,6 @@ class PgNotifyEventBus:
         # Our own listener is down: local delivery.
         return self._listener is not None and not self._listener.is_closed()
 
-    def subscribe(self, account_id: int) -> InProcessSubscription:
-        return self._local.subscribe(account_id)
-
-    def subscriber_count(self, account_id: int) -> int:
-        return self._local.subscriber_count(account_id)
-
-    def watch_routes(self, watcher: RouteWatcher) -> None:
-        self._local.watch_routes(watcher)
-
     async def close(self) -> None:
         self._closed = True
         if self._reconnect is not None:
@@ -400,7 +408,7 @@ HELLO = b""
 ROUTE_DATAGRAM = b"route "
 
 
-class LocalSocketEventBus:
+class LocalSocketEventBus(_LocalFanOut):
     """Carries changes between the processes of one host sharing a SQLite
     database (mtad, imapd and httpapi run as separate systemd units).
 
@@ -582,15 +590,6 @@ class LocalSocketEventBus:
                 continue
             self._local.deliver(change)
 
-    def subscribe(self, account_id: int) -> InProcessSubscription:
-        return self._local.subscribe(account_id)
-
-    def subscriber_count(self, account_id: int) -> int:
-        return self._local.subscriber_count(account_id)
-
-    def watch_routes(self, watcher: RouteWatcher) -> None:
-        self._local.watch_routes(watcher)
-
     async def close(self) -> None:
         """Stops receiving, removes this bus's socket file and ends every
         local subscription. Idempotent."""
@@ -623,7 +622,7 @@ REDIS_OUTBOX_LIMIT = 10_000
 REDIS_PING_INTERVAL = 15.0
 
 
-class RedisEventBus:
+class RedisEventBus(_LocalFanOut):
     """Carries changes and route changes between instances through Redis
     pub/sub (``[storage] events = "redis"``): an alternative to NOTIFY, and
     the way across instances for a site whose directory is not PostgreSQL.
@@ -797,15 +796,6 @@ class RedisEventBus:
                 self._outbox.clear()
                 return
             self._publish_again_at = -math.inf
-
-    def subscribe(self, account_id: int) -> InProcessSubscription:
-        return self._local.subscribe(account_id)
-
-    def subscriber_count(self, account_id: int) -> int:
-        return self._local.subscriber_count(account_id)
-
-    def watch_routes(self, watcher: RouteWatcher) -> None:
-        self._local.watch_routes(watcher)
 
     async def close(self) -> None:
         """Stops reading, closes the connections, ends every local subscription."""
