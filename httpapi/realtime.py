@@ -184,7 +184,7 @@ async def _authenticate_ws(
         # RFC 6455 section 7.4.1: 1013 "try again later", not a bad token.
         await ws.close(code=WS_CLOSE_TRY_AGAIN_LATER, message=b"try again later")
         return None
-    if ctx.user_limit.check(f"user:{account.id}") is not None:
+    if await ctx.user_limit.take(f"user:{account.id}"):
         await ws.close(code=WS_CLOSE_TRY_AGAIN_LATER, message=b"rate limited")
         return None
     return account
