@@ -447,6 +447,9 @@ class SqlDirectory:
         if self.hasher.check_needs_rehash(account.password_hash):
             try:
                 await self.set_password(account.address, password)
+                # The row as it now is: a caller binding something to the
+                # hash (the HTTP token's fingerprint) must see the new one.
+                account = await self.get_account(account.address)
             except errors.StorageError as exc:  # the password was right: log in anyway
                 log.warning("rehashing the password of %s failed: %s", account.address, exc)
         return account
