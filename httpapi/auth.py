@@ -10,6 +10,14 @@ kept in the directory (``Directory.shared_secret``, see
 it and every other, on any host, reads the same key, so they all accept
 each other's tokens.
 
+A verified token's account is remembered in-process for at most
+``TOKEN_CACHE_SECONDS``, keyed by a hash of the token (never the token), so
+a busy client costs no directory read per request. Revocation still holds:
+a password change, a removal or a move made through this process's
+directory, or a move heard on the event bus, drops every remembered account
+at once (the directory's ``generation``); one made by another process
+(``mailctl``, another instance) is honoured within ``TOKEN_CACHE_SECONDS``.
+
 HTTP Basic (RFC 7617) takes the account address and password, for scripts.
 Argon2 costs tens of milliseconds, so a successful Basic login is
 remembered briefly under an HMAC of the credentials (never the password).
@@ -44,6 +52,10 @@ TOKEN_PREFIX = "sm1"
 _PAYLOAD = struct.Struct(">QQ8s")  # account id, expiry (unix seconds), password fingerprint
 BASIC_CACHE_SECONDS = 60.0
 BASIC_CACHE_MAX = 10_000
+# How late a password change or removal made by another process is
+# honoured by a token this process checked before it (see the module doc).
+TOKEN_CACHE_SECONDS = 5.0
+TOKEN_CACHE_MAX = 10_000  # tokens remembered; the cache starts over when full
 REALM = "shardmail"
 
 
@@ -124,14 +136,30 @@ def unauthorized(message: str = "authentication required") -> ApiError:
     )
 
 
+@dataclass(frozen=True)
+class _Remembered:
+    account: Account
+    expires: int  # the token's own expiry (unix seconds)
+    until: float  # monotonic time this entry may be used to
+    generation: int  # the directory's generation when the account was read
+
+
 class Authenticator:
     """Turns request credentials into an :class:`Account`, or a 401."""
 
-    def __init__(self, storage: Storage, signer: TokenSigner, logins: LoginGate) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        signer: TokenSigner,
+        logins: LoginGate,
+        token_cache_seconds: float = TOKEN_CACHE_SECONDS,
+    ) -> None:
         self.storage = storage
         self.signer = signer
         self.logins = logins
+        self.token_cache_seconds = token_cache_seconds
         self._basic_cache: dict[bytes, tuple[int, float]] = {}
+        self._tokens: dict[bytes, _Remembered] = {}
 
     async def login(self, address: str, password: str, client_ip: str) -> Account:
         """Checks a password through the login gate: 401 when it is wrong,
@@ -144,7 +172,36 @@ class Authenticator:
             raise ApiError(401, "auth_failed", "invalid address or password")
         return account
 
+    def _generation(self) -> int | None:
+        """The directory's change counter; None (never cache) for a
+        directory without one."""
+        generation = getattr(self.storage.directory, "generation", None)
+        return generation if isinstance(generation, int) else None
+
     async def from_token(self, token: str) -> Account:
+        """The token's account: from the cache when this token was checked
+        less than ``token_cache_seconds`` ago and the directory has not
+        changed since, else verified and read afresh (see the module doc)."""
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        generation = self._generation()
+        hit = self._tokens.get(key)
+        if (
+            hit is not None
+            and hit.generation == generation
+            and hit.until > time.monotonic()
+            and hit.expires >= time.time()
+        ):
+            return hit.account
+        account, expires = await self._check_token(token)
+        if generation is not None and self.token_cache_seconds > 0:
+            if len(self._tokens) >= TOKEN_CACHE_MAX:
+                self._tokens.clear()  # bounded: a flood of tokens costs reads, not memory
+            until = time.monotonic() + self.token_cache_seconds
+            self._tokens[key] = _Remembered(account, expires, until, generation)
+        return account
+
+    async def _check_token(self, token: str) -> tuple[Account, int]:
+        """Signature, expiry, and the current account's password fingerprint."""
         claims = self.signer.verify(token)
         if claims is None:
             raise unauthorized("invalid or expired token")
@@ -156,7 +213,7 @@ class Authenticator:
             raise unauthorized("invalid or expired token") from None
         if not hmac.compare_digest(self.signer.fingerprint(account), claims.fingerprint):
             raise unauthorized("invalid or expired token")  # password changed since
-        return account
+        return account, claims.expires
 
     async def from_basic(self, encoded: str, client_ip: str) -> Account:
         try:

@@ -176,6 +176,14 @@ class SqlDirectory:
         self._routes.clear()
         self._routes_generation += 1
 
+    @property
+    def generation(self) -> int:
+        """Bumped by every write through this directory (a password, a
+        quota, a removal, a move) and every route change heard on the event
+        bus: what a caller cached from accounts read before it changed must
+        be read again. Changes made by other processes do not bump it."""
+        return self._routes_generation
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[Any]:
         """``db.write()`` for anything routing depends on: cached routes are

@@ -4,12 +4,20 @@ that change nothing a client sees (issue #20)."""
 
 from __future__ import annotations
 
+import asyncio
+import random
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import argon2
+import pytest
 
-from tests.integration.http.conftest import login
+from httpapi.context import CONTEXT
+from httpapi.service import start
+from storage.backend import open_storage_from_url
+from tests.conftest import storage_url
+from tests.integration.http.conftest import Api, login
 
 
 async def test_a_token_from_the_login_that_upgrades_the_hash_is_valid(
@@ -24,3 +32,58 @@ async def test_a_token_from_the_login_that_upgrades_the_hash_is_valid(
     status, me = await api.get("/v1/me")
     assert status == 200, me
     assert me["address"] == alice.address
+
+
+async def test_a_token_is_checked_against_the_directory_once_per_burst(
+    alice_api: Api, mailstore: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests with one token within the cache time read the account once,
+    not once each."""
+    reads = 0
+    original = mailstore.directory.get_account_by_id
+
+    async def counted(account_id: int) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(account_id)
+
+    monkeypatch.setattr(mailstore.directory, "get_account_by_id", counted)
+    for _ in range(random.randint(5, 12)):
+        assert (await alice_api.get("/v1/me"))[0] == 200
+    assert reads <= 1
+
+
+async def test_another_process_changing_the_password_revokes_within_the_cache_time(
+    tmp_path: Path, http_settings: Any, mailstore: Any, alice: Any, http: aiohttp.ClientSession
+) -> None:
+    """A password changed by another process (mailctl) is not heard of: a
+    token this process checked stays good at most ``token_cache_seconds``."""
+    service = await start(http_settings, mailstore, None)
+    try:
+        auth = service.app[CONTEXT].auth
+        auth.token_cache_seconds = 0.3
+        api = await login(f"http://127.0.0.1:{service.ports[0]}", http, alice)
+        assert (await api.get("/v1/me"))[0] == 200
+        other = await open_storage_from_url(
+            storage_url(tmp_path / "data") or "sqlite+aiosqlite:///" + str(tmp_path / "db.sqlite"),
+            tmp_path / "blobs",
+            password_hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST),
+        )
+        try:
+            await other.directory.set_password(alice.address, "changed elsewhere")
+        finally:
+            await other.close()
+        await asyncio.sleep(0.35)
+        status, body = await api.get("/v1/me")
+        assert status == 401, body
+    finally:
+        await service.close()
+
+
+async def test_a_password_changed_here_revokes_a_remembered_token_at_once(
+    alice_api: Api, mailstore: Any, alice: Any
+) -> None:
+    for _ in range(3):
+        assert (await alice_api.get("/v1/me"))[0] == 200
+    await mailstore.directory.set_password(alice.address, "a new password entirely")
+    assert (await alice_api.get("/v1/me"))[0] == 401
