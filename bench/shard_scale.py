@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +61,13 @@ def postgres_cpu_seconds(servers: list[PgServer]) -> float:
 
 @dataclass
 class Site:
-    """N shard servers and the storage settings (``-o`` overrides) over them."""
+    """N shard servers and the storage settings (``-o`` overrides) over them;
+    ``urls`` maps each shard's name (and "directory") to its database URL."""
 
     servers: list[PgServer]
     overrides: list[str]
     shards: list[str]
+    urls: dict[str, str]
 
 
 async def start_site(shards: int) -> Site:
@@ -77,10 +80,11 @@ async def start_site(shards: int) -> Site:
         directory = await servers[0].create_database()
         names = ["default"] + [f"s{i + 1}" for i in range(1, shards)]
         overrides = [f"storage.url='{directory}'"]
+        urls = {"directory": directory}
         for name, server in zip(names, servers, strict=True):
-            url = await server.create_database()
-            overrides.append(f"storage.shards.{name}.url='{url}'")
-        return Site(servers, overrides, names)
+            urls[name] = await server.create_database()
+            overrides.append(f"storage.shards.{name}.url='{urls[name]}'")
+        return Site(servers, overrides, names, urls)
     except BaseException:
         for server in servers:
             server.stop()
@@ -92,7 +96,9 @@ def stop_site(site: Site) -> None:
         server.stop()
 
 
-async def make_accounts(site: Site, data_dir: Path, count: int) -> list[str]:
+async def make_accounts(
+    site: Site, data_dir: Path, count: int, password: str = "bench-password"
+) -> list[str]:
     """``count`` accounts, placed round robin over the shards."""
     from conf.settings import load_settings
     from storage import open_storage
@@ -104,13 +110,17 @@ async def make_accounts(site: Site, data_dir: Path, count: int) -> list[str]:
     try:
         await store.directory.add_domain(DOMAIN)
         for address, shard in zip(addresses, itertools.cycle(site.shards), strict=False):
-            await store.directory.add_account(address, "bench-password", shard=shard)
+            await store.directory.add_account(address, password, shard=shard)
     finally:
         await store.close()
     return addresses
 
 
-async def session(port: int, jobs: list[tuple[int, str]], size: int) -> int:
+# A message's bytes from its number and recipient.
+MessageMaker = Callable[[int, str], bytes]
+
+
+async def session(port: int, jobs: list[tuple[int, str]], make: MessageMaker) -> int:
     """One SMTP session sending each (number, recipient) of ``jobs``."""
     client = aiosmtplib.SMTP(
         hostname="127.0.0.1", port=port, start_tls=False, timeout=60, local_hostname="bench"
@@ -118,18 +128,54 @@ async def session(port: int, jobs: list[tuple[int, str]], size: int) -> int:
     await client.connect()
     await client.ehlo()
     for n, rcpt in jobs:
-        await client.sendmail("bench@sender.example", [rcpt], make_message(size, n, rcpt))
+        await client.sendmail("bench@sender.example", [rcpt], make(n, rcpt))
     await client.quit()
     return len(jobs)
 
 
-async def load(port: int, messages: int, sessions: int, size: int, rcpts: list[str]) -> float:
+async def load(
+    port: int, messages: int, sessions: int, rcpts: list[str], make: MessageMaker
+) -> float:
     """Sends ``messages`` messages to ``rcpts`` in turn; the wall time."""
     jobs = [(n, rcpts[n % len(rcpts)]) for n in range(messages)]
     start = time.perf_counter()
-    sent = await asyncio.gather(*(session(port, jobs[i::sessions], size) for i in range(sessions)))
+    sent = await asyncio.gather(*(session(port, jobs[i::sessions], make) for i in range(sessions)))
     assert sum(sent) == messages
     return time.perf_counter() - start
+
+
+async def start_mtad(
+    data_dir: Path, site: Site, sessions: int, dns_port: int
+) -> tuple[asyncio.subprocess.Process, int]:
+    """``mtad`` as a process of its own over ``site`` (MX on a free loopback
+    port, SPF and DKIM checks off, no per-IP limits below ``sessions``);
+    returns it and its MX port once it is ready."""
+    port = free_port()
+    argv = [sys.executable, "-m", "mtad"]
+    for override in [
+        f"server.data_dir='{data_dir}'",
+        "server.log_level='WARNING'",
+        "server.metrics_listen=[]",
+        f"smtp.mx_listen=['127.0.0.1:{port}']",
+        f"smtp.submission_listen=['127.0.0.1:{free_port()}']",
+        f"smtp.submissions_listen=['127.0.0.1:{free_port()}']",
+        "smtp.rate_limit_per_ip=0",
+        f"smtp.max_connections_per_ip={sessions + 5}",
+        "smtp.spf=false",
+        "smtp.dkim_verify=false",
+        "dns.nameservers=['127.0.0.1']",
+        f"dns.port={dns_port}",
+        *site.overrides,
+    ]:
+        argv += ["-o", override]
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO, stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_ready(proc)
+    except BaseException:
+        proc.terminate()
+        await proc.wait()
+        raise
+    return proc, port
 
 
 @dataclass
@@ -153,30 +199,15 @@ async def run_once(args: argparse.Namespace, shards: int) -> Run:
     proc: asyncio.subprocess.Process | None = None
     try:
         rcpts = await make_accounts(site, tmp / "data", args.accounts)
-        port = free_port()
-        argv = [sys.executable, "-m", "mtad"]
-        for override in [
-            f"server.data_dir='{tmp / 'data'}'",
-            "server.log_level='WARNING'",
-            "server.metrics_listen=[]",
-            f"smtp.mx_listen=['127.0.0.1:{port}']",
-            f"smtp.submission_listen=['127.0.0.1:{free_port()}']",
-            f"smtp.submissions_listen=['127.0.0.1:{free_port()}']",
-            "smtp.rate_limit_per_ip=0",
-            f"smtp.max_connections_per_ip={args.sessions + 5}",
-            "smtp.spf=false",
-            "smtp.dkim_verify=false",
-            "dns.nameservers=['127.0.0.1']",
-            f"dns.port={dns.port}",
-            *site.overrides,
-        ]:
-            argv += ["-o", override]
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO, stderr=asyncio.subprocess.PIPE)
-        await wait_ready(proc)
+        proc, port = await start_mtad(tmp / "data", site, args.sessions, dns.port)
+
+        def make(n: int, rcpt: str) -> bytes:
+            return make_message(args.size, n, rcpt)
+
         # A warm-up so imports, first connections and pools do not count.
-        await load(port, min(100, args.messages), 4, args.size, rcpts)
+        await load(port, min(100, args.messages), 4, rcpts, make)
         mtad_before, db_before = cpu_seconds(proc.pid), postgres_cpu_seconds(site.servers)
-        elapsed = await load(port, args.messages, args.sessions, args.size, rcpts)
+        elapsed = await load(port, args.messages, args.sessions, rcpts, make)
         await asyncio.sleep(0.5)  # checkpoints and WAL writes of the last commits
         return Run(
             shards,
