@@ -289,6 +289,10 @@ class ThreadCache:
             return index
 
     async def _still_valid(self, mail: MailStore, account_id: int, cached: ThreadIndex) -> bool:
+        # The account's change counter, one indexed read: the log itself is
+        # read only when something changed (flag changes keep the index).
+        if await mail.last_change_id(account_id) == cached.change_id:
+            return True
         while True:
             changes = await mail.account_changes(account_id, cached.change_id, limit=500)
             if not changes:

@@ -306,6 +306,10 @@ class MailStore(Protocol):
     ) -> list[Change]:
         """The account's change log after ``after_id``, oldest first."""
 
+    async def last_change_id(self, account_id: int) -> int:
+        """The id of the account's newest change (0 if none); ids grow by
+        one per change, so an unchanged id means nothing happened."""
+
     async def quota_used(self, account_id: int) -> int: ...
 
     async def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:

@@ -17,7 +17,7 @@ from httpapi.context import CONTEXT
 from httpapi.service import start
 from storage.backend import open_storage_from_url
 from tests.conftest import storage_url
-from tests.integration.http.conftest import Api, login
+from tests.integration.http.conftest import Api, deliver, login, make_mail
 
 
 async def test_a_token_from_the_login_that_upgrades_the_hash_is_valid(
@@ -87,3 +87,40 @@ async def test_a_password_changed_here_revokes_a_remembered_token_at_once(
         assert (await alice_api.get("/v1/me"))[0] == 200
     await mailstore.directory.set_password(alice.address, "a new password entirely")
     assert (await alice_api.get("/v1/me"))[0] == 401
+
+
+async def test_a_list_of_an_unchanged_account_does_not_read_its_change_log(
+    alice_api: Api, mailstore: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread index is known current from the account's change counter:
+    the change log is read only when something changed."""
+    for i in range(random.randint(2, 6)):
+        await deliver(mailstore, alice, make_mail(f"Note {i}"))
+    status, folders = await alice_api.get("/v1/folders")
+    inbox = folders["folders"][0]["id"]
+    assert (await alice_api.get(f"/v1/folders/{inbox}/messages"))[0] == 200
+    store = mailstore.mail(alice)
+    reads = 0
+    original = store.account_changes
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(store, "account_changes", counted)
+    for _ in range(random.randint(3, 8)):
+        status, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+        assert status == 200
+        assert all(m["thread_id"] for m in page["messages"])
+    assert reads == 0
+    # A reply arriving now is threaded with its parent on the next list.
+    parent = page["messages"][-1]
+    _, full = await alice_api.get(f"/v1/messages/{parent['id']}")
+    await deliver(mailstore, alice, make_mail(
+        "Re: " + parent["subject"], in_reply_to=full["message_id"],
+        references=full["message_id"]))
+    status, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    reply = page["messages"][0]
+    assert reply["subject"] == "Re: " + parent["subject"]
+    assert reply["thread_id"] == parent["thread_id"]
