@@ -408,7 +408,7 @@ async def idle_step(
     overrides = [*site.overrides, *CHEAP_ARGON2, "imap.max_connections_per_ip=0"]
     procs = start_imapd(data_dir, port, "WARNING", 1, overrides)
     imapd = procs[0].pid
-    conns = []
+    conns: list[IdleConnection] = []
     try:
         for rcpt in rcpts:  # the rehash, and imapd's first pages and pools
             conns.append(await open_idle(port, rcpt))
@@ -427,6 +427,7 @@ async def idle_step(
         await asyncio.sleep(args.idle_seconds)
         cpu2, pg2 = proc_cpu_seconds(imapd), postgres_cpu_seconds(site.servers)
         rss1, backends1 = rss_kib(imapd), pg_backends(site)
+        exists = [c.exists for c in conns]
     finally:
         await close_idle(conns)
         for p in procs:
@@ -434,6 +435,7 @@ async def idle_step(
     n, hour = args.idle, 3600 / args.idle_seconds
     out.idle = {
         "connections": n,
+        "mean_mailbox_messages": round(sum(exists) / n),
         "rss_kib_per_idle": round((rss1 - rss0) / n, 1),
         "imapd_rss_mib": round(rss1 / 1024, 1),
         "pg_backends_added": backends1 - backends0,
@@ -448,30 +450,40 @@ async def idle_step(
     print(json.dumps(out.idle), flush=True)
 
 
-async def close_idle(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
-    for _reader, writer in conns:
-        writer.close()
+async def close_idle(conns: list[IdleConnection]) -> None:
+    for conn in conns:
+        conn.writer.close()
     conns.clear()
 
 
-async def open_idle(port: int, login: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+@dataclass
+class IdleConnection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    exists: int  # messages in the INBOX it selected
+
+
+async def open_idle(port: int, login: str) -> IdleConnection:
     """A connection logged in, INBOX selected, in IDLE (RFC 2177: the server
     answers the command with a continuation request and then waits)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await reader.readline()  # greeting
+    exists = 0
     for tag, line in ((b"a", b'LOGIN "%s" "%s"' % (login.encode(), PASSWORD.encode())),
                       (b"b", b"SELECT INBOX")):
         writer.write(tag + b" " + line + b"\r\n")
         while not (reply := await reader.readline()).startswith(tag + b" "):
             if not reply:
                 raise ConnectionError(f"{login}: closed during {line!r}")
+            if reply.endswith(b" EXISTS\r\n"):  # RFC 3501 section 7.3.1
+                exists = int(reply.split()[1])
         if not reply.startswith(tag + b" OK"):
             raise RuntimeError(f"{login}: {line!r} -> {reply!r}")
     writer.write(b"c IDLE\r\n")
     while not (reply := await reader.readline()).startswith(b"+"):
         if not reply:
             raise ConnectionError(f"{login}: closed before IDLE's continuation")
-    return reader, writer
+    return IdleConnection(reader, writer, exists)
 
 
 def pg_backends(site: Site) -> int:
