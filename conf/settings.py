@@ -128,6 +128,9 @@ class ShardSettings(Section):
     # Share of new accounts placed here (storage/sql/directory.py placement):
     # the shard with the fewest accounts per unit of weight gets the next; 0: none.
     weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    # Where this shard's blobs (raw messages) live; empty: storage.blob_dir.
+    # `mailctl account move` copies an account's blobs to the target's.
+    blob_dir: str = ""
 
     _url = field_validator("url")(classmethod(lambda cls, v: _check_database_url(v)))
 

@@ -58,7 +58,7 @@ async def get_message(request: web.Request) -> web.Response:
     ref = MessageRef.decode(request.match_info["message_id"])
     _, stored = await owned_message(mail, account, ref)
     entry, parsed = stored.entry, stored.parsed
-    blobs = ctx.storage.blobs
+    blobs = ctx.storage.blobs_for(account)
     parts = message_parts(parsed.body)
     text = await read_text(blobs, entry.blob_key, parts.text) if parts.text else None
     html = None
@@ -122,7 +122,7 @@ async def get_message_raw(request: web.Request) -> web.StreamResponse:
     })
     response.content_length = stored.entry.size
     await response.prepare(request)
-    async for chunk in ctx.storage.blobs.stream(stored.entry.blob_key):
+    async for chunk in ctx.storage.blobs_for(account).stream(stored.entry.blob_key):
         await response.write(chunk)
     await response.write_eof()
     return response
@@ -153,7 +153,9 @@ async def get_attachment(request: web.Request) -> web.StreamResponse:
         "Cache-Control": "private, max-age=3600",
     })
     await response.prepare(request)
-    async for chunk in stream_decoded(ctx.storage.blobs, stored.entry.blob_key, attachment.part):
+    async for chunk in stream_decoded(
+        ctx.storage.blobs_for(account), stored.entry.blob_key, attachment.part
+    ):
         await response.write(chunk)
     await response.write_eof()
     return response

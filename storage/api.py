@@ -377,6 +377,11 @@ class Storage(Protocol):
     def mail(self, account: Account | int) -> MailStore:
         """The mail store of the account's shard."""
 
+    def blobs_for(self, account: Account) -> BlobStore:
+        """The blob store of the account's shard (each shard may have its
+        own): where its messages' raw bytes are read and new ones stored.
+        ``blobs`` is the site's store, the outbound queue's."""
+
     @property
     def shards(self) -> Sequence[str]: ...
 

@@ -53,12 +53,14 @@ SHARD_RETRY_SECONDS = 2.0
 @dataclass(frozen=True)
 class ShardSpec:
     """One mail shard: its database ``url``, the ``replicas`` that may be
-    promoted in its place (PostgreSQL URLs; see :func:`failover_url`) and
-    its placement ``weight`` (0: no new accounts)."""
+    promoted in its place (PostgreSQL URLs; see :func:`failover_url`), its
+    placement ``weight`` (0: no new accounts) and its ``blob_dir`` (empty:
+    the site's blob folder)."""
 
     url: str
     replicas: tuple[str, ...] = ()
     weight: float = 1.0
+    blob_dir: str = ""
 
 
 def failover_url(url: str, replicas: Sequence[str]) -> str:
@@ -114,6 +116,10 @@ class SqlStorage:
     ``databases`` (shard name -> database; the directory's is
     ``directory.db``, the same object as shard "default"'s unless that
     shard was given a database of its own).
+
+    ``blobs`` is the site's blob store: the outbound queue's, and every
+    shard's not given one of its own in ``shard_blobs`` (shard name -> blob
+    store); a shard's messages are read from ``blobs_for(account)``.
     """
 
     def __init__(
@@ -125,13 +131,16 @@ class SqlStorage:
         *,
         directory_db: Database | None = None,
         weights: Mapping[str, float] | None = None,
+        shard_blobs: Mapping[str, FsBlobStore] | None = None,
     ) -> None:
         self.databases = databases
         self._retries: list[asyncio.Task[None]] = []  # shards down at open (migrate)
         self.blobs = blobs
         self.events = events or InProcessEventBus()
+        own = shard_blobs or {}
         self.stores: dict[str, SqlMailStore] = {
-            name: SqlMailStore(db, self.events, blobs, shard=name) for name, db in databases.items()
+            name: SqlMailStore(db, self.events, own.get(name, blobs), shard=name)
+            for name, db in databases.items()
         }
         self.directory = SqlDirectory(
             directory_db or databases[DEFAULT_SHARD],
@@ -180,6 +189,20 @@ class SqlStorage:
             return _ShardRouter(self, account)  # type: ignore[return-value]
         return self._store(shard)
 
+    def blobs_for(self, account: Account) -> FsBlobStore:
+        """The blob store of the account's shard, routed as :meth:`mail`:
+        where its messages' raw bytes are read and new ones written."""
+        return self.mail(account).blobs or self.blobs  # type: ignore[return-value]
+
+    def blob_stores(self) -> list[FsBlobStore]:
+        """Every distinct blob store: the site's first, then the shards' own."""
+        found: list[FsBlobStore] = [self.blobs]
+        for store in self.stores.values():
+            blobs = store.blobs
+            if isinstance(blobs, FsBlobStore) and all(blobs is not f for f in found):
+                found.append(blobs)
+        return found
+
     @property
     def shards(self) -> Sequence[str]:
         return list(self.databases)
@@ -215,26 +238,37 @@ class SqlStorage:
             log.info("shard %s is back", db.safe_url)
             return
 
-    async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
-        """Deletes blobs no shard refers to and older than ``min_age_seconds``
-        (younger ones may belong to an ingest in progress). Returns the count."""
+    async def referenced_blobs(self, blobs: FsBlobStore) -> set[str]:
+        """The keys that rows kept in ``blobs`` refer to: messages of every
+        shard whose blob store it is, and the outbound queue's for the
+        site's store."""
         referenced: set[str] = set()
         for store in self.stores.values():
-            referenced |= await store.referenced_blobs()
-        referenced |= await self.queue.referenced_blobs()
+            if store.blobs is blobs:
+                referenced |= await store.referenced_blobs()
+        if blobs is self.blobs:
+            referenced |= await self.queue.referenced_blobs()
+        return referenced
+
+    async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
+        """Deletes blobs no shard refers to and older than ``min_age_seconds``
+        (younger ones may belong to an ingest in progress), in every blob
+        store. Returns the count."""
         removed = 0
         cutoff = time.time() - min_age_seconds
-        for key in await self.blobs.keys():
-            if key in referenced:
-                continue
-            try:
-                stored = await self.blobs.stored_at(key)
-            except errors.StorageError:
-                continue
-            if stored <= cutoff:
-                # Stored again since (an ingest of the same bytes): kept.
-                await self.blobs.delete(key, stored_before=stored + 1e-3)
-                removed += 1
+        for blobs in self.blob_stores():
+            referenced = await self.referenced_blobs(blobs)
+            for key in await blobs.keys():
+                if key in referenced:
+                    continue
+                try:
+                    stored = await blobs.stored_at(key)
+                except errors.StorageError:
+                    continue
+                if stored <= cutoff:
+                    # Stored again since (an ingest of the same bytes): kept.
+                    await blobs.delete(key, stored_before=stored + 1e-3)
+                    removed += 1
         return removed
 
     async def close(self) -> None:
@@ -243,7 +277,8 @@ class SqlStorage:
         await self.events.close()
         for db in self._all_databases():
             await db.close()
-        await self.blobs.close()
+        for blobs in self.blob_stores():
+            await blobs.close()
 
 
 # Blobs up to this size are packed by default on a one-host (SQLite) site:
@@ -318,6 +353,7 @@ async def open_storage_from_url(
     # Set even with packing off, so blobs packed there before stay readable.
     pack_path = databases[DEFAULT_SHARD].file
     blobs = open_blob_store(blob_dir, pack_max_bytes=blob_pack_max_bytes, pack_path=pack_path)
+    shard_blobs = _shard_blob_stores(specs, databases, blob_dir, blob_pack_max_bytes, pack_path)
     storage = SqlStorage(
         databases,
         blobs,
@@ -325,6 +361,7 @@ async def open_storage_from_url(
         events=bus,
         directory_db=directory_db,
         weights=weights,
+        shard_blobs=shard_blobs,
     )
     try:
         if isinstance(bus, PgNotifyEventBus | LocalSocketEventBus | RedisEventBus):
@@ -333,14 +370,41 @@ async def open_storage_from_url(
         if fts_indexer:
             for db in {id(db): db for db in databases.values()}.values():
                 db.start_indexer()
-        moved = await asyncio.to_thread(storage.blobs.migrate_layout)
-        if moved:
-            log.info("moved %d blobs to the one-level layout", moved)
+        for store in storage.blob_stores():
+            moved = await asyncio.to_thread(store.migrate_layout)
+            if moved:
+                log.info("moved %d blobs to the one-level layout in %s", moved, store.root)
         await storage.directory.load_shard_map()
     except BaseException:
         await storage.close()
         raise
     return storage
+
+
+def _shard_blob_stores(
+    specs: Mapping[str, ShardSpec],
+    databases: Mapping[str, Database],
+    blob_dir: Path | str,
+    pack_max_bytes: int,
+    site_pack: str | None,
+) -> dict[str, FsBlobStore]:
+    """The blob stores of shards with a ``blob_dir`` of their own (one store
+    per folder, shared by shards naming the same one). A shard whose
+    database is a SQLite file of its own packs small blobs there, as the
+    default shard does; otherwise in its folder's ``pack.sqlite``."""
+    site = Path(blob_dir).absolute()
+    by_dir: dict[Path, FsBlobStore] = {}
+    found: dict[str, FsBlobStore] = {}
+    for name, spec in specs.items():
+        if not spec.blob_dir or Path(spec.blob_dir).absolute() == site:
+            continue
+        folder = Path(spec.blob_dir).absolute()
+        if folder not in by_dir:
+            file = databases[name].file
+            pack = file if file is not None and file != site_pack else None
+            by_dir[folder] = open_blob_store(folder, pack_max_bytes=pack_max_bytes, pack_path=pack)
+        found[name] = by_dir[folder]
+    return found
 
 
 def sqlite_events_dir(url: str) -> Path | None:
@@ -379,7 +443,7 @@ async def open_storage(
         url = url or f"sqlite+aiosqlite:///{(base / 'shardmail.db').resolve()}"
         blob_dir = blob_dir or str(base / "blobs")
     shards = {
-        name: ShardSpec(shard.url, tuple(shard.replicas), shard.weight)
+        name: ShardSpec(shard.url, tuple(shard.replicas), shard.weight, shard.blob_dir)
         for name, shard in settings.shards.items()
     }
     return await open_storage_from_url(

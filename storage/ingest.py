@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from storage.api import MailStore, Storage
+from storage.api import BlobStore, MailStore, Storage
 from storage.blob.key import content_key, content_key_sync
 from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import StorageError
@@ -158,10 +158,27 @@ async def _mailbox(store: MailStore, account: Account, mailbox: str | int) -> Ma
     return await store.get_mailbox(account.id, mailbox)
 
 
-async def _write_blob(storage: Storage, source: bytes | Path) -> str:
-    if isinstance(source, Path):
-        return await storage.blobs.put_file(source)  # streamed, never all in memory
-    return await storage.blobs.put(bytes(source))
+def _blob_stores(storage: Storage, deliveries: Sequence[Delivery]) -> list[BlobStore]:
+    """The distinct blob stores of the deliveries' shards (each shard may
+    keep its blobs apart), in delivery order."""
+    found: list[BlobStore] = []
+    for d in deliveries:
+        blobs = storage.blobs_for(d.account)
+        if all(blobs is not f for f in found):
+            found.append(blobs)
+    return found
+
+
+async def _write_blob(stores: Sequence[BlobStore], source: bytes | Path) -> str:
+    """Stores the message in every one of ``stores``; returns its key."""
+    keys = set()
+    for blobs in stores:
+        if isinstance(source, Path):
+            keys.add(await blobs.put_file(source))  # streamed, never all in memory
+        else:
+            keys.add(await blobs.put(bytes(source)))
+    (key,) = keys  # content-addressed: the same bytes, the same key everywhere
+    return key
 
 
 async def _store(
@@ -177,8 +194,11 @@ async def _store(
         parsed = parse_message(bytes(source))  # cheaper here than a thread hop
     elif parsed is None and (isinstance(source, Path) or len(source) > POOL_PARSE_MIN):
         parsed = await parse(source)  # in a content worker, with its time limit
-    put_sync = getattr(storage.blobs, "put_sync", None)
-    put_started = getattr(storage.blobs, "put_started", None)
+    stores = _blob_stores(storage, deliveries)
+    # The fast paths below write one blob store; several take the plain path.
+    one = stores[0] if len(stores) == 1 else None
+    put_sync = getattr(one, "put_sync", None)
+    put_started = getattr(one, "put_started", None)
     blob_ready: concurrent.futures.Future[str] | None = None
     blob_data: bytes | None = None
     if not isinstance(source, Path) and all(
@@ -204,7 +224,7 @@ async def _store(
     else:
         if parsed is None:
             parsed = await parse(source)
-        blob_key = await _write_blob(storage, source)
+        blob_key = await _write_blob(stores, source)
 
     results: list[AppendResult | StorageError | None] = [None] * len(deliveries)
     if not stop_at_error and len(deliveries) > 1:

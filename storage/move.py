@@ -50,6 +50,8 @@ from sqlalchemy import delete, exists, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
+from storage.api import BlobStore
+from storage.blob.fs import FsBlobStore
 from storage.model import Account, Change, ChangeKind
 from storage.sql.mailstore import SqlMailStore, delete_account_mail
 from storage.sql.schema import (
@@ -129,6 +131,23 @@ async def _allocate_message_ids(conn: AsyncConnection, count: int) -> list[int]:
         )
     ).scalar()
     return list(range(int(top) + 1, int(top) + 1 + count))
+
+
+async def _copy_blob(src: BlobStore, dst: BlobStore, key: str) -> None:
+    """Copies one blob; a blob kept as a file is streamed, never read whole.
+    TEMPORARY if the bytes read do not hash to ``key`` (the store's key is
+    the content's SHA-256): nothing is written on the target's rows then."""
+    path = getattr(src, "path", None)
+    try:
+        copied = await dst.put_file(path(key)) if path is not None else None
+    except FileNotFoundError:  # packed, not a file
+        copied = None
+    if copied is None:
+        copied = await dst.put(await src.get(key))
+    if copied != key:
+        raise errors.StorageError(
+            errors.ErrorKind.TEMPORARY, f"blob {key} read back with another digest: not moved"
+        )
 
 
 class AccountMove:
@@ -428,7 +447,9 @@ class AccountMove:
 
     async def _copy_blobs(self, keys: set[str]) -> None:
         """Blobs are content-addressed: only copied when the target's blob
-        store is not the source's, and only those it lacks."""
+        store is not the source's, and only those it lacks. Each copy is
+        durable, and its SHA-256 checked against its key, before the
+        message rows naming it are written on the target."""
         src, dst = self.source.blobs, self.target.blobs
         if src is dst or src is None or dst is None or not keys:
             return
@@ -437,9 +458,17 @@ class AccountMove:
         async def one(key: str) -> None:
             async with gate:
                 if not await dst.exists(key):
-                    await dst.put(await src.get(key))
+                    await _copy_blob(src, dst, key)
 
         await asyncio.gather(*(one(k) for k in sorted(keys)))
+
+    async def target_blob_keys(self) -> set[str]:
+        """The blob keys of the account's messages on the target."""
+        async with self.target.db.read() as conn:
+            rows = await conn.execute(
+                select(messages.c.blob_key).where(messages.c.account_id == self.account_id)
+            )
+            return {r[0] for r in rows}
 
     async def _drop_orphans(self) -> None:
         """Target message rows no entry names any more (expunged at the
@@ -528,13 +557,16 @@ async def _record(storage: SqlStorage, account_id: int) -> Any:
         ).first()
 
 
-async def _set_state(storage: SqlStorage, account_id: int, state: MoveState) -> None:
+async def _set_state(storage: SqlStorage, account_id: int, state: MoveState) -> float:
+    """Records the move's new state; returns when (``updated_at``)."""
+    now = time.time()
     async with storage.directory.db.write() as conn:
         await conn.execute(
             update(account_moves)
             .where(account_moves.c.account_id == account_id)
-            .values(state=state.value, updated_at=time.time())
+            .values(state=state.value, updated_at=now)
         )
+    return now
 
 
 async def _forget(storage: SqlStorage, account_id: int) -> None:
@@ -684,14 +716,50 @@ async def _move(
             _report(progress, address, state, 1, copied)
             await storage.directory.set_shard(address, rec.target)
         state = MoveState.FLIPPED
-        await _set_state(storage, account.id, state)
+        flipped_at = await _set_state(storage, account.id, state)
+    else:
+        flipped_at = rec.updated_at  # resumed after the flip: when it was recorded
     _report(progress, address, state)
     await mover.finish_target()
     # Sessions that logged in on the source meanwhile end too.
     await _announce_fence(storage, account.id, rec.target)
     await mover.source.retire_account(account.id, f"gone:{rec.target}")
+    await _remove_source_blobs(storage, mover, flipped_at)
     await _forget(storage, account.id)
     return await storage.directory.get_account(address)
+
+
+async def _remove_source_blobs(storage: SqlStorage, mover: AccountMove, flipped_at: float) -> None:
+    """After the flip (and the source's rows are gone): deletes the
+    account's blobs from the source shard's blob store when it has one of
+    its own, except those a row kept in that store still names (another
+    account's copy of the same bytes, an outbound message). Keys come from
+    the target, so a move killed here removes the rest when run again.
+    A blob stored again after the flip (an ingest of the same bytes in
+    progress on the source) is spared: ``stored_before``."""
+    src, dst = mover.source.blobs, mover.target.blobs
+    if src is None or src is dst or not isinstance(src, FsBlobStore):
+        return
+    keys = sorted(await mover.target_blob_keys())
+    kept: set[str] = set()
+    for store in storage.stores.values():
+        if store.blobs is not src:
+            continue
+        async with store.db.read() as conn:
+            for chunk in _chunks(keys):
+                rows = await conn.execute(
+                    select(messages.c.blob_key).where(messages.c.blob_key.in_(chunk)).distinct()
+                )
+                kept.update(r[0] for r in rows)
+    if src is storage.blobs:
+        kept |= await storage.queue.referenced_blobs()
+    gate = asyncio.Semaphore(BLOB_COPIES)
+
+    async def one(key: str) -> None:
+        async with gate:
+            await src.delete(key, stored_before=flipped_at)
+
+    await asyncio.gather(*(one(k) for k in keys if k not in kept))
 
 
 async def abort_move(storage: SqlStorage, address: str) -> bool:

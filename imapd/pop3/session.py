@@ -456,7 +456,9 @@ class Session:
     async def _send_message(self, blob_key: str, status: str, top_lines: int | None) -> None:
         """Stream a stored message as a multi-line reply, chunk by chunk.
         The first chunk is read before "+OK" so a missing blob is a clean -ERR."""
-        chunks = self.ctx.storage.blobs.stream(blob_key, RETR_CHUNK_SIZE).__aiter__()
+        assert self.maildrop is not None  # TRANSACTION state: RETR and TOP only
+        blobs = self.ctx.storage.blobs_for(self.maildrop.account)
+        chunks = blobs.stream(blob_key, RETR_CHUNK_SIZE).__aiter__()
         try:
             try:
                 first = await anext(chunks)

@@ -56,6 +56,18 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _touch(final: str) -> bool:
+    """Marks an existing blob as stored now (its mtime, :meth:`FsBlobStore.
+    stored_at`), so that garbage collection and a move's cleanup, which
+    spare blobs stored after they looked, spare an ingest's blob that was
+    already there; False if there is none."""
+    try:
+        os.utime(final)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -158,7 +170,7 @@ class FsBlobStore:
         """Moves a fsynced temp file to the key's path durably."""
         directory = self._dir_of(key)
         final = os.path.join(directory, key)
-        if os.path.exists(final):  # same bytes already stored: blobs are immutable
+        if _touch(final):  # same bytes already stored: blobs are immutable
             os.unlink(tmp_path)
             return
         os.replace(tmp_path, final)
@@ -188,7 +200,7 @@ class FsBlobStore:
             return self.pack.put_started(key, data).result()
         directory = os.path.join(self._root, key[:2])
         final = os.path.join(directory, key)
-        if os.path.exists(final):
+        if _touch(final):
             return key
         # A name unique to this process and write; O_EXCL guards the rest.
         tmp = os.path.join(directory, f".tmp-{self._tmp_prefix}-{next(self._tmp_counter)}")

@@ -28,21 +28,27 @@ SOURCE, TARGET = "default", "east"
 _SECOND_PG: dict[int, str] = {}  # the pg server's id -> its second database
 
 
+async def second_shard_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """An empty database for shard "east": a second SQLite file, or a
+    second PostgreSQL database on the test's server (emptied for reuse)."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'east.db'}"
+    pg = request.getfixturevalue("pg_server")
+    second = _SECOND_PG.get(id(pg.server))
+    if second is None:
+        second = _SECOND_PG[id(pg.server)] = await pg.server.create_database()
+    else:
+        await pg.server.reset_database(second)
+    return second
+
+
 @pytest.fixture
 async def sharded(
     backend: str, database_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[SqlStorage]:
     """Storage with two shards of the test's backend: "default" and "east"
     (a second SQLite file, or a second PostgreSQL database)."""
-    if backend == "sqlite":
-        second = f"sqlite+aiosqlite:///{tmp_path / 'east.db'}"
-    else:
-        pg = request.getfixturevalue("pg_server")
-        second = _SECOND_PG.get(id(pg.server))
-        if second is None:
-            second = _SECOND_PG[id(pg.server)] = await pg.server.create_database()
-        else:
-            await pg.server.reset_database(second)
+    second = await second_shard_url(backend, tmp_path, request)
     storage = await open_storage_from_url(
         database_url, tmp_path / "blobs", {TARGET: second}, password_hasher=TEST_HASHER
     )

@@ -54,19 +54,22 @@ def pg() -> Iterator[PgServer]:
         server.stop()
 
 
-async def _site(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Path:
+async def _site(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest, **east: object
+) -> Path:
     """A config with shards "default" and "east" (two SQLite files, or two
-    PostgreSQL databases) and BOB on "default"; returns its path."""
+    PostgreSQL databases; ``east``: more keys of its table) and BOB on
+    "default"; returns its path."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     storage_keys: dict[str, object] = {}
     if backend == "sqlite":
-        east = f"sqlite+aiosqlite:///{data_dir / 'east.db'}"
+        east_url = f"sqlite+aiosqlite:///{data_dir / 'east.db'}"
     else:
         server: PgServer = request.getfixturevalue("pg")
         storage_keys["url"] = await server.create_database()
         storage_keys["blob_dir"] = str(data_dir / "blobs")
-        east = await server.create_database()
+        east_url = await server.create_database()
     ports = {"mx": free_port(), "imap": free_port()}
     config = tmp_path / "shardmail.toml"
     write_config(
@@ -75,7 +78,7 @@ async def _site(tmp_path: Path, backend: str, request: pytest.FixtureRequest) ->
         ports,
         storage=storage_keys,
         smtp={"rate_limit_per_ip": 0},  # one client sends hundreds of messages
-        **{"storage.shards.east": {"url": east}},
+        **{"storage.shards.east": {"url": east_url, **east}},
     )
     config.with_suffix(".ports").write_text(f"{ports['mx']} {ports['imap']}")
     settings = load_settings(config)

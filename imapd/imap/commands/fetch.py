@@ -39,6 +39,9 @@ class _Blob:
         self.key = entry.blob_key
         self.size = entry.size
         self._data: bytes | None = None
+        assert s.account is not None  # FETCH runs in the selected state only
+        # The account's shard's blobs (each shard may keep its own).
+        self._blobs = s.storage.blobs_for(s.account)
 
     async def small(self) -> bytes | None:
         if self.size > SMALL_MESSAGE:
@@ -47,7 +50,7 @@ class _Blob:
             cache = self.s.message_cache
             self._data = cache.raw(self.entry)
             if self._data is None:
-                self._data = await self.s.storage.blobs.get(self.key)
+                self._data = await self._blobs.get(self.key)
                 cache.put_raw(self.entry, self._data)
         return self._data
 
@@ -55,7 +58,7 @@ class _Blob:
         data = await self.small()
         if data is not None:
             return data[start:end]
-        return await self.s.storage.blobs.get_range(self.key, start, end)
+        return await self._blobs.get_range(self.key, start, end)
 
 
 @dataclass(frozen=True, slots=True)
