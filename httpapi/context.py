@@ -19,6 +19,7 @@ from httpapi.auth import Authenticator
 from httpapi.errors import ApiError, not_found
 from httpapi.ids import MessageRef
 from httpapi.threads import ThreadCache
+from httpapi.views import ListItems
 from storage.api import MailStore, Storage
 from storage.errors import ErrorKind, StorageError
 from storage.model import Account, Mailbox, StoredMessage, UidSet
@@ -33,6 +34,7 @@ class ApiContext:
     user_limit: RateLimit  # requests per minute; shared by every instance with [redis]
     ip_limit: RateLimit
     threads: ThreadCache = field(default_factory=ThreadCache)
+    list_items: ListItems = field(default_factory=ListItems)
     # Highest change id seen per account: where to start paging the change log.
     change_hints: dict[int, int] = field(default_factory=dict)
     websockets: set[web.WebSocketResponse] = field(default_factory=set)

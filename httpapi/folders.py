@@ -18,9 +18,10 @@ from aiohttp import web
 
 from httpapi.body import is_text, json_body
 from httpapi.context import account_of, context, owned_mailbox
-from httpapi.errors import bad_request
+from httpapi.errors import ApiError, bad_request, not_found
 from httpapi.ids import decode_folder_cursor, encode_folder_cursor, parse_folder_id
-from httpapi.views import folder_view, summary
+from httpapi.views import folder_view, json_response
+from storage.errors import ErrorKind, StorageError
 from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN
 from storage.search import All, And, Criteria, Date, Flag, Header
 
@@ -93,7 +94,7 @@ async def list_folders(request: web.Request) -> web.Response:
         ((b, status[b.id]) for b in boxes if b.id in status),  # deleted meanwhile: skip
         key=lambda p: (_ORDER.get(p[0].name.upper(), len(_ORDER)), p[0].name.casefold()),
     )
-    return web.json_response({"folders": [folder_view(b, s) for b, s in pairs]})
+    return json_response({"folders": [folder_view(b, s) for b, s in pairs]})
 
 
 @routes.post("/v1/folders", name="create_folder")
@@ -110,7 +111,7 @@ async def create_folder(request: web.Request) -> web.Response:
         name = folder_name(f"{parent.name}{HIERARCHY_DELIMITER}{name}")
     mailbox = await mail.create_mailbox(account.id, name)
     status = await mail.status(account.id, mailbox.id)
-    return web.json_response(folder_view(mailbox, status), status=201)
+    return json_response(folder_view(mailbox, status), status=201)
 
 
 @routes.patch("/v1/folders/{folder_id}", name="rename_folder")
@@ -126,7 +127,7 @@ async def rename_folder(request: web.Request) -> web.Response:
         await mail.rename_mailbox(account.id, mailbox.name, new_name)
     renamed = await mail.get_mailbox_by_id(account.id, mailbox.id)
     status = await mail.status(account.id, renamed.id)
-    return web.json_response(folder_view(renamed, status))
+    return json_response(folder_view(renamed, status))
 
 
 @routes.delete("/v1/folders/{folder_id}", name="delete_folder")
@@ -145,11 +146,38 @@ async def delete_folder(request: web.Request) -> web.Response:
 async def list_messages(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    mailbox = await owned_mailbox(mail, account, parse_folder_id(request.match_info["folder_id"]))
+    mailbox_id = parse_folder_id(request.match_info["folder_id"])
+    try:
+        limit, criteria, after = _list_query(request, mailbox_id)
+    except ApiError:
+        await owned_mailbox(mail, account, mailbox_id)  # an unknown folder is 404 first
+        raise
+    # One more than the page: whether there is a next one. The page read
+    # checks the folder is the account's (NOT_FOUND): no read of its own.
+    try:
+        page = await mail.page(account.id, mailbox_id, criteria, limit + 1, after)
+    except StorageError as err:
+        if err.kind is ErrorKind.NOT_FOUND:
+            raise not_found("folder") from None
+        raise
+    has_more = len(page) > limit
+    page = page[:limit]
+    index = await ctx.threads.index(mail, account.id)
+    items = [ctx.list_items.item(s, index.thread_of.get(s.entry.message_id)) for _, s in page]
+    return json_response({
+        "messages": items,
+        "next_cursor": encode_folder_cursor(mailbox_id, *page[-1][0]) if has_more else None,
+    })
+
+
+def _list_query(
+    request: web.Request, mailbox_id: int
+) -> tuple[int, Criteria, tuple[int, int] | None]:
+    """The page size, filters and cursor of a message-list request (400 if invalid)."""
     limit = page_limit(request)
     terms: list[Criteria] = []
     cursor = request.query.get("cursor")
-    after = decode_folder_cursor(cursor, mailbox.id) if cursor else None
+    after = decode_folder_cursor(cursor, mailbox_id) if cursor else None
     unread = bool_param(request, "unread")
     if unread is not None:
         terms.append(Flag(SEEN, not unread))
@@ -166,14 +194,5 @@ async def list_messages(request: web.Request) -> web.Response:
     if before is not None:
         terms.append(Date("internal", "before", before))
     criteria: Criteria = And(tuple(terms)) if len(terms) > 1 else (terms[0] if terms else All())
-    # One more than the page: whether there is a next one.
-    page = await mail.page(account.id, mailbox.id, criteria, limit + 1, after)
-    has_more = len(page) > limit
-    page = page[:limit]
-    index = await ctx.threads.index(mail, account.id)
-    items = [summary(s, index.thread_of.get(s.entry.message_id)) for _, s in page]
-    return web.json_response({
-        "messages": items,
-        "next_cursor": encode_folder_cursor(mailbox.id, *page[-1][0]) if has_more else None,
-    })
+    return limit, criteria, after
 

@@ -35,7 +35,7 @@ from httpapi.mime import (
     stream_decoded,
 )
 from httpapi.sanitize import sanitize_html
-from httpapi.views import addresses, decode_words, iso, summary
+from httpapi.views import addresses, decode_words, iso, json_response, summary
 from runtime.metrics import MESSAGES_RECEIVED
 from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import ErrorKind, StorageError
@@ -100,7 +100,7 @@ async def get_message(request: web.Request) -> web.Response:
             for a in parts.attachments
         ],
     })
-    return web.json_response(view)
+    return json_response(view)
 
 
 def _header_text(value: str) -> str:

@@ -7,6 +7,7 @@ from aiohttp import web
 from httpapi.body import LOGIN_BODY_LIMIT, json_body
 from httpapi.context import account_of, client_ip, context
 from httpapi.errors import bad_request
+from httpapi.views import json_response
 
 routes = web.RouteTableDef()
 
@@ -25,7 +26,7 @@ async def login(request: web.Request) -> web.Response:
     ip = client_ip(request, ctx.settings.http.trusted_proxies)
     account = await ctx.auth.login(address.strip(), password, ip)
     token, expires = ctx.auth.signer.issue(account)
-    return web.json_response({
+    return json_response({
         "token": token,
         "token_type": "Bearer",
         "expires_at": expires,
@@ -38,7 +39,7 @@ async def whoami(request: web.Request) -> web.Response:
     account = account_of(request)
     ctx = context(request)
     used = await ctx.storage.mail(account).quota_used(account.id)
-    return web.json_response({
+    return json_response({
         "id": account.id,
         "address": account.address,
         "quota_bytes": account.quota_bytes,

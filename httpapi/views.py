@@ -10,7 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import email.errors
 import email.header
+import json
+from collections.abc import Mapping
 from typing import Any
+
+from aiohttp import web
 
 from httpapi.ids import folder_id, message_id
 from storage.model import (
@@ -23,6 +27,34 @@ from storage.model import (
     MailboxStatus,
     StoredMessage,
 )
+
+try:  # orjson encodes a message list several times faster than json
+    import orjson
+except ImportError:  # pragma: no cover - a site without it answers the same, slower
+    orjson = None
+
+
+def encode_json(data: Any) -> bytes:
+    """``data`` as UTF-8 JSON (RFC 8259 section 8.1). What orjson cannot take
+    (a lone surrogate from an undecodable header, an integer beyond 64
+    bits, a non-string key) goes through :mod:`json`, which escapes it: the
+    same document either way."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(data)
+        except TypeError:  # orjson.JSONEncodeError is a TypeError
+            pass
+    return json.dumps(data, separators=(",", ":")).encode("ascii")
+
+
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """``web.json_response`` (same headers) through :func:`encode_json`."""
+    return web.Response(
+        body=encode_json(data), status=status, headers=headers,
+        content_type="application/json", charset="utf-8",
+    )
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -69,6 +101,41 @@ def folder_view(mailbox: Mailbox, status: MailboxStatus) -> dict[str, Any]:
 
 def summary(stored: StoredMessage, thread_id: str | None) -> dict[str, Any]:
     """One message-list item."""
+    return {**_unthreaded_summary(stored), "thread_id": thread_id}
+
+
+LIST_ITEMS_CACHED = 10_000  # list items remembered per process (a few KB each)
+
+
+class ListItems:
+    """Message-list items (:func:`summary`) remembered without their thread
+    id, keyed by what they are computed from: the entry (mailbox, UID), its
+    modseq (every flag change raises it, RFC 7162 section 3.1), its message
+    row and content-addressed blob. A key names one item for good, so an
+    entry is never stale; at most ``max_items`` are kept, oldest out first."""
+
+    def __init__(self, max_items: int = LIST_ITEMS_CACHED) -> None:
+        self.max_items = max_items
+        self._items: dict[tuple[int, int, int, int, str], dict[str, Any]] = {}
+
+    def item(self, stored: StoredMessage, thread_id: str | None) -> dict[str, Any]:
+        """``summary(stored, thread_id)``: a new dict whose nested values
+        (addresses, flags) are shared with the cache: read them only."""
+        entry = stored.entry
+        key = (entry.mailbox_id, entry.uid, entry.modseq, entry.message_id, entry.blob_key)
+        base = self._items.get(key)
+        if base is None:
+            base = _unthreaded_summary(stored)
+            if len(self._items) >= self.max_items:
+                del self._items[next(iter(self._items))]
+            self._items[key] = base
+        return {**base, "thread_id": thread_id}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _unthreaded_summary(stored: StoredMessage) -> dict[str, Any]:
     entry, parsed = stored.entry, stored.parsed
     env = parsed.envelope
     sender = addresses(env.from_)
@@ -88,7 +155,6 @@ def summary(stored: StoredMessage, thread_id: str | None) -> dict[str, Any]:
         "answered": ANSWERED in entry.flags,
         "has_attachments": parsed.has_attachments,
         "size": entry.size,
-        "thread_id": thread_id,
     }
 
 

@@ -16,6 +16,7 @@ import pytest
 from httpapi.context import CONTEXT
 from httpapi.service import start
 from storage.backend import open_storage_from_url
+from storage.model import SEEN, StoreMode, UidSet
 from tests.conftest import storage_url
 from tests.integration.http.conftest import Api, deliver, login, make_mail
 
@@ -124,3 +125,50 @@ async def test_a_list_of_an_unchanged_account_does_not_read_its_change_log(
     reply = page["messages"][0]
     assert reply["subject"] == "Re: " + parent["subject"]
     assert reply["thread_id"] == parent["thread_id"]
+
+
+async def _inbox(api: Api) -> str:
+    status, folders = await api.get("/v1/folders")
+    assert status == 200
+    return str(folders["folders"][0]["id"])
+
+
+async def test_a_list_page_is_one_read_and_shows_flags_changed_elsewhere(
+    alice_api: Api, mailstore: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page read checks the folder itself (no mailbox read of its own);
+    remembered items never hide a flag change made over IMAP."""
+    uids = [await deliver(mailstore, alice, make_mail(f"Item {i}"))
+            for i in range(random.randint(3, 7))]
+    inbox = await _inbox(alice_api)
+    store = mailstore.mail(alice)
+    mailbox_reads = 0
+    original = store.get_mailbox_by_id
+
+    async def counted(*args: Any) -> Any:
+        nonlocal mailbox_reads
+        mailbox_reads += 1
+        return await original(*args)
+
+    monkeypatch.setattr(store, "get_mailbox_by_id", counted)
+    status, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    assert status == 200 and all(m["unread"] for m in page["messages"])
+    assert mailbox_reads == 0
+    seen = random.choice(uids)
+    await store.store_flags(alice.id, int(inbox), UidSet.of([seen]), StoreMode.ADD, [SEEN])
+    _, again = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    read = {m["subject"] for m in again["messages"] if not m["unread"]}
+    assert read == {f"Item {uids.index(seen)}"}
+    assert [m["id"] for m in again["messages"]] == [m["id"] for m in page["messages"]]
+
+
+async def test_listing_an_unknown_or_foreign_folder_is_404_before_bad_parameters(
+    alice_api: Api, bob_api: Api
+) -> None:
+    bobs = await _inbox(bob_api)
+    for query in ("", "?limit=0", "?cursor=junk"):
+        status, body = await alice_api.get(f"/v1/folders/{bobs}/messages{query}")
+        assert status == 404, body
+        assert body["error"]["code"] == "not_found"
+    status, body = await alice_api.get(f"/v1/folders/{await _inbox(alice_api)}/messages?limit=0")
+    assert status == 400

@@ -1,0 +1,43 @@
+"""Remembered message-list items: the same JSON as computed afresh, and bounded."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+from httpapi.views import ListItems, summary
+from storage.mime import parse_message
+from storage.model import SEEN, MessageEntry, StoredMessage
+
+
+def stored(uid: int, modseq: int = 1, flags: frozenset[str] = frozenset()) -> StoredMessage:
+    raw = (
+        f"From: Sender {uid} <s{uid}@remote.test>\r\nTo: a@example.test, b@example.test\r\n"
+        f"Subject: =?utf-8?q?caf=C3=A9_{uid}?=\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n\r\n"
+        + "body " * random.randint(1, 50)
+    ).encode()
+    entry = MessageEntry(
+        mailbox_id=3, uid=uid, message_id=1000 + uid, flags=flags, modseq=modseq,
+        internal_date=dt.datetime(2024, 1, 2, tzinfo=dt.UTC), size=len(raw),
+        blob_key=f"{uid:064x}",
+    )
+    return StoredMessage(entry, parse_message(raw))
+
+
+def test_a_remembered_item_is_the_summary_and_follows_the_modseq() -> None:
+    items = ListItems()
+    message = stored(random.randint(1, 10_000))
+    for thread in (None, "t1", "t2"):
+        assert items.item(message, thread) == summary(message, thread)
+        assert list(items.item(message, thread)) == list(summary(message, thread))
+    flagged = stored(message.entry.uid, modseq=2, flags=frozenset({SEEN}))
+    flagged = StoredMessage(flagged.entry, message.parsed)
+    assert items.item(flagged, None)["unread"] is False
+
+
+def test_remembered_items_are_bounded() -> None:
+    limit = random.randint(5, 40)
+    items = ListItems(max_items=limit)
+    for uid in range(1, limit * 3 + random.randint(1, 9)):
+        items.item(stored(uid), None)
+        assert len(items) <= limit
