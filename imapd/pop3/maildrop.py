@@ -18,6 +18,10 @@ Contract (RFC 1939 sections 3, 5, 6 and 8):
   left). Two storage calls, each atomic: a crash between them leaves the
   ``\\Deleted`` flags set and the messages present, which an IMAP EXPUNGE
   or the next POP3 QUIT cleans up; nothing is lost.
+* The snapshot is the account's shard's. When a move to another shard
+  fences the account (a FENCE event, ``storage/move.py``), :attr:`fenced`
+  turns true: the session must end without UPDATE, and the client
+  reconnects to the shard the account is on then.
 """
 
 from __future__ import annotations
@@ -30,9 +34,18 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from storage.api import MailStore, Storage
+from storage.api import MailStore, Storage, Subscription
 from storage.errors import ErrorKind, StorageError
-from storage.model import DELETED, SEEN, Account, Mailbox, MessageEntry, StoreMode, UidSet
+from storage.model import (
+    DELETED,
+    SEEN,
+    Account,
+    ChangeKind,
+    Mailbox,
+    MessageEntry,
+    StoreMode,
+    UidSet,
+)
 
 log = logging.getLogger("imapd.pop3")
 
@@ -79,26 +92,45 @@ class Maildrop:
         self.deleted: set[int] = set()
         self.retrieved: set[int] = set()
         self.lock_lost = False
+        self.fenced = False  # the account is moving shards: see the module docstring
         self._closed = False
         self._renewal: asyncio.Task[None] | None = None
+        self._fence_watch: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
 
     @classmethod
     async def open(cls, storage: Storage, account: Account, lock_seconds: float) -> Maildrop:
         """Lock and snapshot the account's INBOX. Raises StorageError(IN_USE)
         when another session holds it, other StorageErrors from storage."""
+        # Listening before the snapshot is read: a fence announced meanwhile counts.
+        subscription = storage.events.subscribe(account.id)
         mail = storage.mail(account)
         owner = new_lock_owner()
-        if not await mail.acquire_lock(lock_name(account), owner, lock_seconds):
-            raise StorageError(ErrorKind.IN_USE, "maildrop already locked by another session")
         try:
-            mailbox = await mail.get_mailbox(account.id, MAILDROP)
-            entries = await mail.uids(account.id, mailbox.id)
+            if not await mail.acquire_lock(lock_name(account), owner, lock_seconds):
+                raise StorageError(ErrorKind.IN_USE, "maildrop already locked by another session")
+            try:
+                mailbox = await mail.get_mailbox(account.id, MAILDROP)
+                entries = await mail.uids(account.id, mailbox.id)
+            except BaseException:
+                await _release_quietly(mail, account, owner)
+                raise
         except BaseException:
-            await _release_quietly(mail, account, owner)
+            subscription.close()
             raise
         drop = cls(mail, account, mailbox, list(entries), owner, lock_seconds)
+        drop._subscription = subscription
+        drop._fence_watch = asyncio.create_task(
+            drop._hear_fence(subscription), name=f"pop3-fence-{account.id}"
+        )
         drop._renewal = asyncio.create_task(drop._renew_lease(), name=f"pop3-lease-{account.id}")
         return drop
+
+    async def _hear_fence(self, subscription: Subscription) -> None:
+        async for change in subscription:
+            if change.kind is ChangeKind.FENCE:
+                self.fenced = True
+                return
 
     async def _renew_lease(self) -> None:
         period = max(1.0, self.lock_seconds / 3)
@@ -173,10 +205,13 @@ class Maildrop:
         if self._closed:
             return
         self._closed = True
-        if self._renewal is not None:
-            self._renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewal
+        for task in (self._renewal, self._fence_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._subscription is not None:
+            self._subscription.close()
         await _release_quietly(self.mail, self.account, self.owner)
 
 

@@ -17,6 +17,8 @@ Guarantees a client can rely on:
   the POP3 counterpart of IMAP LOGINDISABLED) and CAPA does not list them.
 * Nothing is deleted unless the client says QUIT in TRANSACTION and the
   UPDATE state commits (see :mod:`imapd.pop3.maildrop`).
+* Once the account is fenced for a move to another shard, the next command
+  gets ``-ERR [SYS/TEMP]`` and the connection closes, without UPDATE.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from imapd.pop3.wire import (
 )
 from runtime.metrics import AUTH_FAILURES
 from storage.api import Storage
-from storage.errors import POP3_RESP_CODE, ErrorKind, StorageError
+from storage.errors import POP3_RESP_CODE, AccountMoving, ErrorKind, StorageError
 from storage.model import MessageEntry
 from storage.throttle import LoginClient, LoginGate, login_gate
 
@@ -203,6 +205,8 @@ class Session:
 
     async def dispatch(self, line: bytes) -> None:
         """Parse and run one command line; every outcome is one reply."""
+        if self.maildrop is not None and self.maildrop.fenced:
+            self._end_fenced()
         try:
             command = parse_command(line)
         except WireError as exc:
@@ -220,7 +224,19 @@ class Session:
         except (Refused, WireError, StorageError, NoSuchMessage) as exc:
             if self._responding:  # mid multi-line reply: the stream is unusable
                 raise _Hangup from exc
+            if isinstance(exc, AccountMoving):  # the fence's own error: its event was lost
+                self._end_fenced()
             self.conn.write(_refusal(exc))
+
+    def _end_fenced(self) -> None:
+        """The account is moving to another shard: this session's snapshot
+        is the old shard's. Its next command is refused as temporary (RFC
+        3206 section 4 SYS/TEMP) and the connection closes without the
+        UPDATE state, so no deletion of a stale session is applied (RFC
+        1939 section 6: only QUIT in TRANSACTION removes messages). The
+        client reconnects to wherever the account is then."""
+        self.conn.write(err("account is moving to another server, reconnect", "SYS/TEMP"))
+        raise _Hangup
 
     # -- AUTHORIZATION (RFC 1939 section 4) --
 
