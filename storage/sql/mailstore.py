@@ -79,7 +79,7 @@ from storage.model import (
     StoreResult,
     UidSet,
 )
-from storage.search import Criteria
+from storage.search import All, Criteria
 from storage.sql import codec
 from storage.sql import criteria as crit
 from storage.sql.db import Database, execute
@@ -597,6 +597,28 @@ class _EntryQuery:
 
 _ENTRIES = _EntryQuery(_ENTRY_COLUMNS, True)
 _ENTRIES_PARSED = _EntryQuery((*_ENTRY_COLUMNS, messages.c.parsed), True)
+# An unfiltered folder-list page (SqlMailStore.page with All(), what a
+# client opening a folder asks), on the index (mailbox_id, list_date, uid):
+# constant statements, run precompiled by ``execute`` on either backend.
+_PAGE_ALL = (
+    select(*_ENTRY_COLUMNS, messages.c.parsed, E.c.list_date)
+    .select_from(E.join(messages, messages.c.id == E.c.message_id))
+    .where(E.c.mailbox_id == bindparam("b_box"))
+)
+# (SQLite's compiler adds an OFFSET to a bound LIMIT: it is bound too.)
+_PAGE_ALL_FIRST = (
+    _PAGE_ALL.order_by(E.c.list_date.desc(), E.c.uid.desc())
+    .limit(bindparam("b_limit"))
+    .offset(bindparam("b_offset"))
+)
+_PAGE_ALL_AFTER = (
+    _PAGE_ALL.where(
+        tuple_(E.c.list_date, E.c.uid) < tuple_(bindparam("b_date"), bindparam("b_uid"))
+    )
+    .order_by(E.c.list_date.desc(), E.c.uid.desc())
+    .limit(bindparam("b_limit"))
+    .offset(bindparam("b_offset"))
+)
 _ENTRY_FLAGS = _EntryQuery((E.c.uid, E.c.sysflags), False)
 
 
@@ -910,6 +932,9 @@ class SqlMailStore:
         pack = getattr(blobs, "pack", None)
         self._holds_pack = db.file is not None and getattr(pack, "path", None) == db.file
         self._parsed_cache: OrderedDict[int, ParsedMessage] = OrderedDict()
+        # Folder pages and fetches, by every column an entry is built from
+        # (see _stored): a key names one StoredMessage for good.
+        self._stored_cache: dict[tuple[Any, ...], StoredMessage] = {}
 
     @property
     def inline_blob_max(self) -> int:
@@ -1418,6 +1443,24 @@ class SqlMailStore:
         while len(self._parsed_cache) > PARSED_CACHE_SIZE:
             self._parsed_cache.popitem(last=False)
 
+    def _stored(self, row: Any) -> StoredMessage:
+        """The entry and parsed form of a row carrying the entry columns and
+        ``parsed``, remembered by the entry's columns: its flags and modseq
+        are among them and its message row with its content-addressed blob
+        names the parsed form, so a remembered one is never stale. At most
+        PARSED_CACHE_SIZE, oldest out first; only touched on the event loop."""
+        key = (
+            row.mailbox_id, row.uid, row.message_id, row.sysflags, row.keywords, row.modseq,
+            row.internal_date, row.internal_tz, row.size, row.blob_key,
+        )
+        stored = self._stored_cache.get(key)
+        if stored is None:
+            stored = StoredMessage(_entry(row), self._parsed(row.message_id, row.parsed))
+            if len(self._stored_cache) >= PARSED_CACHE_SIZE:
+                del self._stored_cache[next(iter(self._stored_cache))]
+            self._stored_cache[key] = stored
+        return stored
+
     def _parsed(self, message_id: int, data: str) -> ParsedMessage:
         parsed = self._parsed_cache.get(message_id)
         if parsed is None:
@@ -1577,7 +1620,7 @@ class SqlMailStore:
 
         rows = await self.db.read_sync(read)
         # The parsed-form cache is only touched here, on the event loop.
-        return [StoredMessage(_entry(r), self._parsed(r.message_id, r.parsed)) for r in rows]
+        return [self._stored(r) for r in rows]
 
     # --- search --------------------------------------------------------------
 
@@ -1720,6 +1763,8 @@ class SqlMailStore:
         (mailbox_id, list_date, uid): a page reads its own rows (and those
         the criteria turn down on the way), never the whole mailbox, and
         mail arriving meanwhile (keyed by its arrival, so later) moves nothing."""
+        if isinstance(criteria, All):
+            return await self._page_all(account_id, mailbox_id, limit, before)
         ctx = crit.Context.for_backend(self.db.is_sqlite)
         exact = crit.to_sql(criteria, ctx)
         narrow = exact if exact is not None else crit.superset(criteria, ctx)
@@ -1755,10 +1800,25 @@ class SqlMailStore:
             found.extend(rows if exact is not None else await self._evaluate(rows, criteria, ctx))
             if key is None:
                 break
-        return [
-            ((r.list_date, r.uid), StoredMessage(_entry(r), self._parsed(r.message_id, r.parsed)))
-            for r in found[:limit]
-        ]
+        return [((r.list_date, r.uid), self._stored(r)) for r in found[:limit]]
+
+    async def _page_all(
+        self, account_id: int, mailbox_id: int, limit: int, before: tuple[int, int] | None
+    ) -> list[tuple[tuple[int, int], StoredMessage]]:
+        """:meth:`page` without criteria: one read of precompiled statements."""
+        if before is None:
+            stmt, params = _PAGE_ALL_FIRST, {"b_box": mailbox_id}
+        else:
+            stmt = _PAGE_ALL_AFTER
+            params = {"b_box": mailbox_id, "b_date": before[0], "b_uid": before[1]}
+        params.update(b_limit=limit, b_offset=0)
+
+        def read(conn: Connection) -> list[Any]:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            return execute(conn, stmt, params).all()
+
+        rows = await self.db.read_sync(read)
+        return [((r.list_date, r.uid), self._stored(r)) for r in rows]
 
     async def search_account(
         self, account_id: int, criteria: Criteria, limit: int = 100
