@@ -19,7 +19,7 @@ from httpapi.auth import Authenticator
 from httpapi.errors import ApiError, not_found
 from httpapi.ids import MessageRef
 from httpapi.threads import ThreadCache
-from httpapi.views import ListItems
+from httpapi.views import ListItems, MessageBodies
 from storage.api import MailStore, Storage
 from storage.errors import ErrorKind, StorageError
 from storage.model import Account, Mailbox, StoredMessage, UidSet
@@ -35,6 +35,7 @@ class ApiContext:
     ip_limit: RateLimit
     threads: ThreadCache = field(default_factory=ThreadCache)
     list_items: ListItems = field(default_factory=ListItems)
+    bodies: MessageBodies = field(default_factory=MessageBodies)
     # Highest change id seen per account: where to start paging the change log.
     change_hints: dict[int, int] = field(default_factory=dict)
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -104,6 +105,20 @@ async def owned_mailbox(mail: MailStore, account: Account, mailbox_id: int) -> M
     if mailbox.account_id != account.id:
         raise not_found("folder")
     return mailbox
+
+
+async def owned_stored(mail: MailStore, account: Account, ref: MessageRef) -> StoredMessage:
+    """The message ``ref`` names, if it is the account's, in one read (the
+    fetch checks the folder's owner itself); 404 otherwise."""
+    try:
+        found = await mail.fetch(account.id, ref.mailbox_id, UidSet.of([ref.uid]))
+    except StorageError as err:
+        if err.kind is ErrorKind.NOT_FOUND:
+            raise not_found("message") from None
+        raise
+    if not found or found[0].entry.uid != ref.uid:
+        raise not_found("message")
+    return found[0]
 
 
 async def owned_message(

@@ -24,7 +24,13 @@ from httpapi.compose import (
     finish_draft,
     parse_json_draft,
 )
-from httpapi.context import account_of, context, owned_mailbox, owned_message
+from httpapi.context import (
+    account_of,
+    context,
+    owned_mailbox,
+    owned_message,
+    owned_stored,
+)
 from httpapi.errors import ApiError, bad_request, not_found, retry_later
 from httpapi.ids import MessageRef, message_id, parse_folder_id
 from httpapi.mime import (
@@ -37,9 +43,10 @@ from httpapi.mime import (
 from httpapi.sanitize import sanitize_html
 from httpapi.views import addresses, decode_words, iso, json_response, summary
 from runtime.metrics import MESSAGES_RECEIVED
+from storage.api import BlobStore
 from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import ErrorKind, StorageError
-from storage.model import DELETED, FLAGGED, SEEN, StoreMode, UidSet
+from storage.model import DELETED, FLAGGED, SEEN, StoredMessage, StoreMode, UidSet
 
 routes = web.RouteTableDef()
 
@@ -55,13 +62,32 @@ INLINE_SAFE_TYPES = frozenset({
 async def get_message(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    ref = MessageRef.decode(request.match_info["message_id"])
-    _, stored = await owned_message(mail, account, ref)
+    stored = await owned_stored(mail, account, MessageRef.decode(request.match_info[
+        "message_id"]))
+    content = ctx.bodies.get(stored.entry.blob_key)
+    if content is None:
+        content, complete = await _read_content(ctx.storage.blobs_for(account), stored)
+        if complete:
+            ctx.bodies.put(stored.entry.blob_key, content)
+    index = await ctx.threads.index(mail, account.id)
+    view = summary(stored, index.thread_of.get(stored.entry.message_id))
+    view.update(content)
+    view["attachments"] = [
+        {**a, "url": f"/v1/messages/{view['id']}/attachments/{a['index']}"}
+        for a in content["attachments"]
+    ]
+    return json_response(view)
+
+
+async def _read_content(blobs: BlobStore, stored: StoredMessage) -> tuple[dict[str, Any], bool]:
+    """What a message read shows beyond its list item, from the parsed
+    structure and byte ranges of the blob; and whether it is complete
+    (False when the HTML could not be sanitized in time: not to be kept)."""
     entry, parsed = stored.entry, stored.parsed
-    blobs = ctx.storage.blobs_for(account)
     parts = message_parts(parsed.body)
     text = await read_text(blobs, entry.blob_key, parts.text) if parts.text else None
     html = None
+    complete = True
     if parts.html is not None:
         raw_html = await read_text(blobs, entry.blob_key, parts.html)
         if len(raw_html) > SANITIZE_INLINE_LIMIT:
@@ -71,14 +97,13 @@ async def get_message(request: web.Request) -> web.Response:
                 # Degrade to the plain-text view: the client shows ``text``
                 # (the HTML source itself when the mail has no text part).
                 text = text if text is not None else raw_html
+                complete = False
         else:
             html = sanitize_html(raw_html)
     header_block = await blobs.get_range(entry.blob_key, 0, parsed.body.body_start)
     headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(header_block)
-    index = await ctx.threads.index(mail, account.id)
-    view = summary(stored, index.thread_of.get(entry.message_id))
     env = parsed.envelope
-    view.update({
+    return {
         "reply_to": addresses(env.reply_to),
         "message_id": parsed.message_id,
         "in_reply_to": parsed.in_reply_to,
@@ -95,12 +120,10 @@ async def get_message(request: web.Request) -> web.Response:
                 "size": await decoded_size(blobs, entry.blob_key, a.part),
                 "inline": a.inline,
                 "content_id": a.content_id,
-                "url": f"/v1/messages/{view['id']}/attachments/{a.index}",
             }
             for a in parts.attachments
         ],
-    })
-    return json_response(view)
+    }, complete
 
 
 def _header_text(value: str) -> str:

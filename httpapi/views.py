@@ -135,6 +135,50 @@ class ListItems:
         return len(self._items)
 
 
+MESSAGE_BODIES_BYTES = 32 * 1024 * 1024  # message-read content kept per process
+MESSAGE_BODY_MAX = 256 * 1024  # a larger one is read afresh each time
+
+
+class MessageBodies:
+    """What a message read derives from the raw bytes alone (headers, text,
+    sanitized HTML, attachment sizes), kept by the blob's key: blobs are
+    content-addressed, so a key names one content for good, and copies in
+    other folders share it. Bounded by the text it holds, oldest out first;
+    content over ``max_item`` characters is not kept."""
+
+    def __init__(self, max_bytes: int = MESSAGE_BODIES_BYTES,
+                 max_item: int = MESSAGE_BODY_MAX) -> None:
+        self.max_bytes = max_bytes
+        self.max_item = max_item
+        self.held = 0
+        self._bodies: dict[str, tuple[dict[str, Any], int]] = {}
+
+    def get(self, blob_key: str) -> dict[str, Any] | None:
+        """The content kept for ``blob_key``: read it, never change it."""
+        found = self._bodies.get(blob_key)
+        return found[0] if found is not None else None
+
+    def put(self, blob_key: str, content: dict[str, Any]) -> None:
+        size = _text_size(content)
+        if size > self.max_item or blob_key in self._bodies:
+            return
+        while self._bodies and self.held + size > self.max_bytes:
+            self.held -= self._bodies.pop(next(iter(self._bodies)))[1]
+        self._bodies[blob_key] = (content, size)
+        self.held += size
+
+
+def _text_size(value: Any) -> int:
+    """Characters of text in a JSON-shaped value, plus a little per item."""
+    if isinstance(value, str):
+        return len(value) + 16
+    if isinstance(value, dict):
+        return sum(_text_size(k) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(v) for v in value) + 16
+    return 16
+
+
 def _unthreaded_summary(stored: StoredMessage) -> dict[str, Any]:
     entry, parsed = stored.entry, stored.parsed
     env = parsed.envelope

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 
-from httpapi.views import ListItems, summary
+from httpapi.views import ListItems, MessageBodies, summary
 from storage.mime import parse_message
 from storage.model import SEEN, MessageEntry, StoredMessage
 
@@ -41,3 +41,19 @@ def test_remembered_items_are_bounded() -> None:
     for uid in range(1, limit * 3 + random.randint(1, 9)):
         items.item(stored(uid), None)
         assert len(items) <= limit
+
+
+def test_kept_message_bodies_are_bounded_by_their_text() -> None:
+    """However many and however large the messages read, the kept content
+    stays under its byte budget; one over the per-item cap is not kept."""
+    budget = random.randint(2_000, 20_000)
+    bodies = MessageBodies(max_bytes=budget, max_item=budget // 2)
+    for n in range(random.randint(50, 120)):
+        content = {"text": "x" * random.randint(0, budget), "headers": [["Subject", str(n)]]}
+        bodies.put(f"{n:064x}", content)
+        assert bodies.held <= budget
+        kept = bodies.get(f"{n:064x}")
+        assert kept is None or kept == content
+    huge = {"text": "y" * (budget // 2 + 1)}
+    bodies.put("f" * 64, huge)
+    assert bodies.get("f" * 64) is None

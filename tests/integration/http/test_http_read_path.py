@@ -172,3 +172,47 @@ async def test_listing_an_unknown_or_foreign_folder_is_404_before_bad_parameters
         assert body["error"]["code"] == "not_found"
     status, body = await alice_api.get(f"/v1/folders/{await _inbox(alice_api)}/messages?limit=0")
     assert status == 400
+
+
+async def test_reading_a_message_again_reads_no_blob_and_answers_the_same(
+    alice_api: Api, mailstore: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message's content (headers, text, sanitized HTML, attachment sizes)
+    is kept by its content-addressed blob: a second read, and a read of a
+    copy in another folder, answer the same without touching the blob or
+    reading the folder apart from the entry."""
+    data = random.randbytes(random.randint(1, 5000))
+    raw = make_mail("Read twice", body="text " * random.randint(1, 99),
+                    html="<p>hi <script>x()</script></p>",
+                    attachment=("data.bin", "application/octet-stream", data))
+    await deliver(mailstore, alice, raw)
+    inbox = await _inbox(alice_api)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    message_url = f"/v1/messages/{page['messages'][0]['id']}"
+    status, first = await alice_api.get(message_url)
+    assert status == 200 and first["attachments"][0]["size"] == len(data)
+    blobs = mailstore.blobs_for(alice)
+    store = mailstore.mail(alice)
+    touched = 0
+    for target, name in ((blobs, "get_range"), (blobs, "get"), (store, "get_mailbox_by_id")):
+        original = getattr(target, name)
+
+        async def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            nonlocal touched
+            touched += 1
+            return await _original(*args, **kwargs)
+
+        monkeypatch.setattr(target, name, counted)
+    status, second = await alice_api.get(message_url)
+    assert status == 200
+    assert second == first
+    assert touched == 0
+    status, moved = await alice_api.request(
+        "PATCH", message_url, json={"folder_id": (await alice_api.get("/v1/folders"))[1][
+            "folders"][-1]["id"]})
+    assert status == 200
+    status, third = await alice_api.get(f"/v1/messages/{moved['id']}")
+    assert status == 200
+    assert {k: v for k, v in third.items() if k not in ("id", "folder_id", "attachments")} == {
+        k: v for k, v in first.items() if k not in ("id", "folder_id", "attachments")}
+    assert third["attachments"][0]["url"] == f"/v1/messages/{moved['id']}/attachments/0"
