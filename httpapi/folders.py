@@ -162,7 +162,7 @@ async def list_messages(request: web.Request) -> web.Response:
         raise
     has_more = len(page) > limit
     page = page[:limit]
-    index = await ctx.threads.index(mail, account.id)
+    index = await ctx.threads.index(mail, account.id, [s.entry.message_id for _, s in page])
     items = [ctx.list_items.item(s, index.thread_of.get(s.entry.message_id)) for _, s in page]
     return json_response({
         "messages": items,

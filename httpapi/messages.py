@@ -69,7 +69,7 @@ async def get_message(request: web.Request) -> web.Response:
         content, complete = await _read_content(ctx.storage.blobs_for(account), stored)
         if complete:
             ctx.bodies.put(stored.entry.blob_key, content)
-    index = await ctx.threads.index(mail, account.id)
+    index = await ctx.threads.index(mail, account.id, [stored.entry.message_id])
     view = summary(stored, index.thread_of.get(stored.entry.message_id))
     view.update(content)
     view["attachments"] = [

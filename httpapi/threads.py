@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import re
+import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -261,6 +262,14 @@ class ThreadIndex:
     change_id: int
     thread_of: dict[int, str]
     members: dict[str, list[ThreadMember]]
+    checked: float = 0.0  # monotonic time it was last found current
+
+
+# How late a list or a message read may show a thread id that a deletion or
+# move regrouped: within this long of the last check, a page of messages the
+# index all knows is answered without reading storage (a new message is not
+# known, and forces the check).
+THREAD_CHECK_SECONDS = 1.0
 
 
 class ThreadCache:
@@ -271,18 +280,36 @@ class ThreadCache:
     incremental.
     """
 
-    def __init__(self, max_accounts: int = 256) -> None:
+    def __init__(self, max_accounts: int = 256,
+                 check_seconds: float = THREAD_CHECK_SECONDS) -> None:
         self._cache: dict[int, ThreadIndex] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self.max_accounts = max_accounts
+        self.check_seconds = check_seconds
 
-    async def index(self, mail: MailStore, account_id: int) -> ThreadIndex:
+    async def index(
+        self, mail: MailStore, account_id: int, shown: Iterable[int] | None = None
+    ) -> ThreadIndex:
+        """The account's index, found current now; or, given ``shown`` (the
+        message row ids about to be shown), found current within
+        ``check_seconds`` and knowing each of them."""
+        cached = self._cache.get(account_id)
+        if (
+            shown is not None
+            and cached is not None
+            and time.monotonic() - cached.checked < self.check_seconds
+            and all(row in cached.thread_of for row in shown)
+        ):
+            return cached
         lock = self._locks.setdefault(account_id, asyncio.Lock())
         async with lock:
             cached = self._cache.get(account_id)
+            checked = time.monotonic()
             if cached is not None and await self._still_valid(mail, account_id, cached):
+                cached.checked = checked
                 return cached
             index = await self._build(mail, account_id)
+            index.checked = checked
             if len(self._cache) >= self.max_accounts:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[account_id] = index

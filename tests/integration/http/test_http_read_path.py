@@ -16,7 +16,7 @@ import pytest
 from httpapi.context import CONTEXT
 from httpapi.service import start
 from storage.backend import open_storage_from_url
-from storage.model import SEEN, StoreMode, UidSet
+from storage.model import DELETED, SEEN, StoreMode, UidSet
 from tests.conftest import storage_url
 from tests.integration.http.conftest import Api, deliver, login, make_mail
 
@@ -155,7 +155,8 @@ async def test_a_list_page_is_one_read_and_shows_flags_changed_elsewhere(
     assert status == 200 and all(m["unread"] for m in page["messages"])
     assert mailbox_reads == 0
     seen = random.choice(uids)
-    await store.store_flags(alice.id, int(inbox), UidSet.of([seen]), StoreMode.ADD, [SEEN])
+    inbox_row = (await store.get_mailbox(alice.id, "INBOX")).id
+    await store.store_flags(alice.id, inbox_row, UidSet.of([seen]), StoreMode.ADD, [SEEN])
     _, again = await alice_api.get(f"/v1/folders/{inbox}/messages")
     read = {m["subject"] for m in again["messages"] if not m["unread"]}
     assert read == {f"Item {uids.index(seen)}"}
@@ -216,3 +217,41 @@ async def test_reading_a_message_again_reads_no_blob_and_answers_the_same(
     assert {k: v for k, v in third.items() if k not in ("id", "folder_id", "attachments")} == {
         k: v for k, v in first.items() if k not in ("id", "folder_id", "attachments")}
     assert third["attachments"][0]["url"] == f"/v1/messages/{moved['id']}/attachments/0"
+
+
+async def test_lists_within_a_second_read_nothing_for_threads_and_regroup_after(
+    base_url: str, alice_api: Api, mailstore: Any, alice: Any, service: Any,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shown messages the thread index knows need no storage read while it
+    was checked less than ``check_seconds`` ago; a regrouping (the thread's
+    first message deleted over IMAP) shows once that time has passed."""
+    threads = service.app[CONTEXT].threads
+    threads.check_seconds = 0.3
+    root_id = f"<root.{random.randbytes(4).hex()}@remote.test>"
+    root_uid = await deliver(mailstore, alice, make_mail("Plan", message_id=root_id))
+    await deliver(mailstore, alice, make_mail("Re: Plan", in_reply_to=root_id,
+                                              references=root_id))
+    inbox = await _inbox(alice_api)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    [before] = {m["thread_id"] for m in page["messages"]}
+    store = mailstore.mail(alice)
+    reads = 0
+    original = store.last_change_id
+
+    async def counted(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(*args)
+
+    monkeypatch.setattr(store, "last_change_id", counted)
+    for _ in range(random.randint(2, 5)):
+        assert (await alice_api.get(f"/v1/folders/{inbox}/messages"))[0] == 200
+    assert reads == 0
+    box = (await store.get_mailbox(alice.id, "INBOX")).id
+    await store.store_flags(alice.id, box, UidSet.of([root_uid]), StoreMode.ADD, [DELETED])
+    await store.expunge(alice.id, box, UidSet.of([root_uid]))
+    await asyncio.sleep(0.35)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    [reply] = page["messages"]
+    assert reply["thread_id"] not in (None, before)
