@@ -17,7 +17,7 @@ from aiohttp import web
 from conf.settings import Settings
 from httpapi.auth import Authenticator
 from httpapi.errors import ApiError, not_found
-from httpapi.ids import MessageRef
+from httpapi.ids import FolderIds, MessageRef
 from httpapi.threads import ThreadCache
 from httpapi.views import ListItems, MessageBodies
 from storage.api import MailStore, Storage
@@ -66,6 +66,25 @@ def account_of(request: web.Request) -> Account:
     if account is None:
         raise ApiError(401, "unauthorized", "authentication required")
     return account  # type: ignore[no-any-return]
+
+
+FOLDER_IDS_KEY: Any = (
+    web.RequestKey("shardmail_folder_ids", FolderIds)
+    if hasattr(web, "RequestKey")
+    else "shardmail_folder_ids"
+)
+
+
+async def folder_ids(request: web.Request) -> FolderIds:
+    """The caller's folder and message ids (:class:`httpapi.ids.FolderIds`),
+    read once per request: one ``list_mailboxes`` of the account's shard."""
+    ids = request.get(FOLDER_IDS_KEY)
+    if ids is None:
+        account = account_of(request)
+        mail = context(request).storage.mail(account)
+        boxes = await mail.list_mailboxes(account.id)
+        ids = request[FOLDER_IDS_KEY] = FolderIds(account.id, boxes)
+    return ids  # type: ignore[no-any-return]
 
 
 def client_ip(request: web.Request, trusted_proxies: list[str]) -> str:

@@ -17,9 +17,9 @@ from typing import Any
 from aiohttp import web
 
 from httpapi.body import is_text, json_body
-from httpapi.context import account_of, context, owned_mailbox
+from httpapi.context import account_of, context, folder_ids, owned_mailbox
 from httpapi.errors import ApiError, bad_request, not_found
-from httpapi.ids import decode_folder_cursor, encode_folder_cursor, parse_folder_id
+from httpapi.ids import decode_folder_cursor, encode_folder_cursor
 from httpapi.views import folder_view, json_response
 from storage.errors import ErrorKind, StorageError
 from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN
@@ -84,6 +84,11 @@ def folder_name(value: Any) -> str:
     return name
 
 
+async def _folder(request: web.Request) -> int:
+    """The mailbox row id the path's folder id names (404 if none)."""
+    return (await folder_ids(request)).folder(request.match_info["folder_id"])
+
+
 @routes.get("/v1/folders", name="list_folders")
 async def list_folders(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
@@ -107,7 +112,8 @@ async def create_folder(request: web.Request) -> web.Response:
     if parent_id is not None:
         if not isinstance(parent_id, str):
             raise bad_request("parent_id must be a folder id", "invalid_field")
-        parent = await owned_mailbox(mail, account, parse_folder_id(parent_id))
+        parent_row = (await folder_ids(request)).folder(parent_id)
+        parent = await owned_mailbox(mail, account, parent_row)
         name = folder_name(f"{parent.name}{HIERARCHY_DELIMITER}{name}")
     mailbox = await mail.create_mailbox(account.id, name)
     status = await mail.status(account.id, mailbox.id)
@@ -118,7 +124,7 @@ async def create_folder(request: web.Request) -> web.Response:
 async def rename_folder(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    mailbox = await owned_mailbox(mail, account, parse_folder_id(request.match_info["folder_id"]))
+    mailbox = await owned_mailbox(mail, account, await _folder(request))
     body = await json_body(request)
     new_name = folder_name(body.get("name"))
     if mailbox.name.upper() == "INBOX":
@@ -134,7 +140,7 @@ async def rename_folder(request: web.Request) -> web.Response:
 async def delete_folder(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    mailbox = await owned_mailbox(mail, account, parse_folder_id(request.match_info["folder_id"]))
+    mailbox = await owned_mailbox(mail, account, await _folder(request))
     if mailbox.name.upper() == "INBOX" or mailbox.special_use:
         # The webmail relies on INBOX, Sent, Trash...; IMAP may still remove them.
         raise bad_request("special folders cannot be deleted", "special_folder")
@@ -146,7 +152,7 @@ async def delete_folder(request: web.Request) -> web.Response:
 async def list_messages(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    mailbox_id = parse_folder_id(request.match_info["folder_id"])
+    mailbox_id = await _folder(request)
     try:
         limit, criteria, after = _list_query(request, mailbox_id)
     except ApiError:
@@ -163,7 +169,8 @@ async def list_messages(request: web.Request) -> web.Response:
     has_more = len(page) > limit
     page = page[:limit]
     index = await ctx.threads.index(mail, account.id, [s.entry.message_id for _, s in page])
-    items = [ctx.list_items.item(s, index.thread_of.get(s.entry.message_id)) for _, s in page]
+    ids = await folder_ids(request)
+    items = [ctx.list_items.item(s, index.thread_of.get(s.entry.message_id), ids) for _, s in page]
     return json_response({
         "messages": items,
         "next_cursor": encode_folder_cursor(mailbox_id, *page[-1][0]) if has_more else None,

@@ -1,19 +1,28 @@
-"""Opaque identifiers of the API: message ids and pagination cursors.
+"""Opaque identifiers of the API: folder and message ids, pagination cursors.
 
-A message id names one mailbox entry, ``(mailbox id, uid)``: UIDs are
-unique and never reused within a mailbox (RFC 3501 section 2.3.1.1), so an
-id never silently points at another message. Ids are URL-safe base64 of a
-small tagged string; clients must treat them as opaque. Ownership is never
-taken from the id: every handler checks the mailbox belongs to the caller.
+A folder id names a mailbox by its account and UIDVALIDITY,
+``u<account>.<uidvalidity>``; a message id names one mailbox entry,
+``(account, uidvalidity, uid)``. An account move to another shard keeps
+all three (``storage/move.py``) where mailbox row ids are each shard's
+own, so ids a client stored survive the move. UIDVALIDITY is never reused
+within an account (``MailStore.create_mailbox``) and UIDs never within a
+mailbox (RFC 3501 section 2.3.1.1), so an id never silently points at
+another message; the account makes ids unique across accounts. Ids
+issued before (a row id: ``<digits>`` and ``m:<row>.<uid>``) are still
+accepted. Ids are URL-safe base64 of a small
+tagged string; clients must treat them as opaque. Ownership is never taken
+from the id: every handler checks the mailbox belongs to the caller.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from httpapi.errors import ApiError, bad_request
+from storage.model import Mailbox
 
 
 def _encode(text: str) -> str:
@@ -40,36 +49,68 @@ def _ints(text: str | None, tag: str, count: int) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class MessageRef:
-    """One mailbox entry as the API names it."""
+    """One mailbox entry, resolved to this shard's mailbox row id."""
 
     mailbox_id: int
     uid: int
 
-    def encode(self) -> str:
-        return _encode(f"m:{self.mailbox_id}.{self.uid}")
 
-    @classmethod
-    def decode(cls, token: str) -> MessageRef:
-        """Raises a 404 ApiError for anything that is not a message id."""
-        parsed = _ints(_decode(token), "m", 2)
+def folder_id(mailbox: Mailbox) -> str:
+    """A folder's id: its account and UIDVALIDITY, kept by renames and moves."""
+    return f"u{mailbox.account_id}.{mailbox.uidvalidity}"
+
+
+class FolderIds:
+    """The API ids of one account's mailboxes (see the module docstring):
+    mailbox row id <-> UIDVALIDITY, from one ``MailStore.list_mailboxes``.
+    A row not listed (a mailbox deleted since) keeps the row-id form."""
+
+    def __init__(self, account_id: int, mailboxes: Iterable[Mailbox]) -> None:
+        self.account_id = account_id
+        self._uidvalidity = {b.id: b.uidvalidity for b in mailboxes}
+        self._row = {v: row for row, v in self._uidvalidity.items()}
+
+    def folder_id(self, mailbox_id: int) -> str:
+        uidvalidity = self._uidvalidity.get(mailbox_id)
+        if uidvalidity is None:
+            return str(mailbox_id)
+        return f"u{self.account_id}.{uidvalidity}"
+
+    def message_id(self, mailbox_id: int, uid: int) -> str:
+        uidvalidity = self._uidvalidity.get(mailbox_id)
+        if uidvalidity is None:
+            return _encode(f"m:{mailbox_id}.{uid}")
+        return _encode(f"v:{self.account_id}.{uidvalidity}.{uid}")
+
+    def _row_of(self, account_id: int, uidvalidity: int) -> int | None:
+        return self._row.get(uidvalidity) if account_id == self.account_id else None
+
+    def folder(self, token: str) -> int:
+        """The mailbox row id a folder id names; 404 if none of the account's."""
+        parsed = _ints(f"u:{token[1:]}", "u", 2) if token.startswith("u") else None
+        if parsed is not None:
+            row = self._row_of(*parsed)
+        elif token.isdigit() and len(token) < 19:
+            row = int(token)  # an id issued before: the row id itself
+        else:
+            row = None
+        if row is None:
+            raise ApiError(404, "not_found", "no such folder")
+        return row
+
+    def message(self, token: str) -> MessageRef:
+        """The entry a message id names; 404 for anything that is not one."""
+        text = _decode(token)
+        parsed = _ints(text, "v", 3)
+        row = self._row_of(parsed[0], parsed[1]) if parsed is not None else None
+        if parsed is not None:
+            if row is None:
+                raise ApiError(404, "not_found", "no such message")
+            return MessageRef(row, parsed[2])
+        parsed = _ints(text, "m", 2)  # an id issued before: row id and UID
         if parsed is None:
             raise ApiError(404, "not_found", "no such message")
-        return cls(parsed[0], parsed[1])
-
-
-def message_id(mailbox_id: int, uid: int) -> str:
-    return MessageRef(mailbox_id, uid).encode()
-
-
-def folder_id(mailbox_id: int) -> str:
-    """Folder ids are the mailbox row ids as strings (stable across renames)."""
-    return str(mailbox_id)
-
-
-def parse_folder_id(token: str) -> int:
-    if not token.isdigit() or len(token) > 18:
-        raise ApiError(404, "not_found", "no such folder")
-    return int(token)
+        return MessageRef(parsed[0], parsed[1])
 
 
 def encode_folder_cursor(mailbox_id: int, date_key: int, uid: int) -> str:

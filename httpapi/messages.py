@@ -27,12 +27,13 @@ from httpapi.compose import (
 from httpapi.context import (
     account_of,
     context,
+    folder_ids,
     owned_mailbox,
     owned_message,
     owned_stored,
 )
 from httpapi.errors import ApiError, bad_request, not_found, retry_later
-from httpapi.ids import MessageRef, message_id, parse_folder_id
+from httpapi.ids import MessageRef, folder_id
 from httpapi.mime import (
     content_disposition,
     decoded_size,
@@ -62,15 +63,15 @@ INLINE_SAFE_TYPES = frozenset({
 async def get_message(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    stored = await owned_stored(mail, account, MessageRef.decode(request.match_info[
-        "message_id"]))
+    ids = await folder_ids(request)
+    stored = await owned_stored(mail, account, ids.message(request.match_info["message_id"]))
     content = ctx.bodies.get(stored.entry.blob_key)
     if content is None:
         content, complete = await _read_content(ctx.storage.blobs_for(account), stored)
         if complete:
             ctx.bodies.put(stored.entry.blob_key, content)
     index = await ctx.threads.index(mail, account.id, [stored.entry.message_id])
-    view = summary(stored, index.thread_of.get(stored.entry.message_id))
+    view = summary(stored, index.thread_of.get(stored.entry.message_id), ids)
     view.update(content)
     view["attachments"] = [
         {**a, "url": f"/v1/messages/{view['id']}/attachments/{a['index']}"}
@@ -135,8 +136,8 @@ def _header_text(value: str) -> str:
 async def get_message_raw(request: web.Request) -> web.StreamResponse:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    _, stored = await owned_message(mail, account, MessageRef.decode(request.match_info[
-        "message_id"]))
+    ref = (await folder_ids(request)).message(request.match_info["message_id"])
+    _, stored = await owned_message(mail, account, ref)
     response = web.StreamResponse(headers={
         "Content-Type": "message/rfc822",  # RFC 2046 section 5.2.1
         "Content-Disposition": content_disposition("message.eml", inline=False),
@@ -155,8 +156,8 @@ async def get_message_raw(request: web.Request) -> web.StreamResponse:
 async def get_attachment(request: web.Request) -> web.StreamResponse:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    _, stored = await owned_message(mail, account, MessageRef.decode(request.match_info[
-        "message_id"]))
+    ref = (await folder_ids(request)).message(request.match_info["message_id"])
+    _, stored = await owned_message(mail, account, ref)
     raw_index = request.match_info["index"]
     parts = message_parts(stored.parsed.body)
     if not raw_index.isdigit() or int(raw_index) >= len(parts.attachments):
@@ -191,13 +192,14 @@ async def update_message(request: web.Request) -> web.Response:
     still accepted from older clients)."""
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    ref = MessageRef.decode(request.match_info["message_id"])
+    ref = (await folder_ids(request)).message(request.match_info["message_id"])
     body = _read_state(await json_body(request))
     target = None
     if "folder_id" in body:
         if not isinstance(body["folder_id"], str):
             raise bad_request("folder_id must be a folder id", "invalid_field")
-        target = await owned_mailbox(mail, account, parse_folder_id(body["folder_id"]))
+        folder = (await folder_ids(request)).folder(body["folder_id"])
+        target = await owned_mailbox(mail, account, folder)
     mailbox, _ = await owned_message(mail, account, ref)
     uids = UidSet.of([ref.uid])
     # \Seen is set when the message is *not* unread (RFC 3501 section 2.3.2).
@@ -212,7 +214,8 @@ async def update_message(request: web.Request) -> web.Response:
         ref = MessageRef(target.id, moved.pairs[0][1])
     _, stored = await owned_message(mail, account, ref)
     index = await ctx.threads.index(mail, account.id)
-    return web.json_response(summary(stored, index.thread_of.get(stored.entry.message_id)))
+    ids = await folder_ids(request)
+    return web.json_response(summary(stored, index.thread_of.get(stored.entry.message_id), ids))
 
 
 def _read_state(body: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +241,7 @@ async def delete_message(request: web.Request) -> web.Response:
     is expunged for good."""
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    ref = MessageRef.decode(request.match_info["message_id"])
+    ref = (await folder_ids(request)).message(request.match_info["message_id"])
     mailbox, _ = await owned_message(mail, account, ref)
     uids = UidSet.of([ref.uid])
     trash = next(
@@ -247,8 +250,10 @@ async def delete_message(request: web.Request) -> web.Response:
     if trash is not None and trash.id != mailbox.id:
         moved = await mail.move(account.id, mailbox.id, uids, trash.id)
         if moved.pairs:
-            new_id = message_id(trash.id, moved.pairs[0][1])
-            return web.json_response({"expunged": False, "id": new_id, "folder_id": str(trash.id)})
+            new_id = (await folder_ids(request)).message_id(trash.id, moved.pairs[0][1])
+            return web.json_response(
+                {"expunged": False, "id": new_id, "folder_id": folder_id(trash)}
+            )
         raise not_found("message")
     await mail.store_flags(account.id, mailbox.id, uids, StoreMode.ADD, [DELETED])
     await mail.expunge(account.id, mailbox.id, uids)
@@ -353,7 +358,11 @@ async def send_message(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "message_id": msgid,
-            "sent_id": message_id(sent.mailbox_id, sent.uid) if sent is not None else None,
+            "sent_id": (
+                (await folder_ids(request)).message_id(sent.mailbox_id, sent.uid)
+                if sent is not None
+                else None
+            ),
             "delivered": sorted(getattr(result, "delivered", {}) or {}),
             "queued": list(getattr(result, "queued", ()) or ()),
         },

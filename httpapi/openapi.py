@@ -48,8 +48,12 @@ _PAGE = [
            "page size"),
     _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
 ]
-_MESSAGE_ID = _param("message_id", "path", {"type": "string"}, "message id")
-_FOLDER_ID = _param("folder_id", "path", {"type": "string"}, "folder id")
+# Folder and message ids stay the same when the account moves to another
+# shard (httpapi/ids.py); ids issued by earlier versions are still accepted.
+_MESSAGE_ID = _param("message_id", "path", {"type": "string"},
+                     "message id; kept when the account moves to another shard")
+_FOLDER_ID = _param("folder_id", "path", {"type": "string"},
+                    "folder id; kept across renames and moves to another shard")
 _AUTHED = {"401": _json(_ERROR, "Not authenticated"), "429": _json(_ERROR, "Rate limited")}
 
 

@@ -34,6 +34,7 @@ from aiohttp import WSMsgType, web
 
 from httpapi.context import ACCOUNT_KEY, ApiContext, account_of, context
 from httpapi.errors import ApiError, bad_request
+from httpapi.ids import FolderIds
 from httpapi.threads import latest_change_id
 from httpapi.views import event_view, summary
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
@@ -104,11 +105,14 @@ async def event_payloads(ctx: ApiContext, account: Account, changes: list[Change
         str, Any]]:
     """Change-log entries as client events; a new-mail event carries the
     summary (if the message is still there), a flags event the current flags."""
+    if not changes:
+        return []
     mail = ctx.storage.mail(account)
     out: list[dict[str, Any]] = []
     index = None
+    ids = FolderIds(account.id, await mail.list_mailboxes(account.id))
     for change in changes:
-        view = event_view(change)
+        view = event_view(change, ids)
         if (
             change.kind in (ChangeKind.NEW, ChangeKind.FLAGS)
             and change.mailbox_id is not None
@@ -120,7 +124,7 @@ async def event_payloads(ctx: ApiContext, account: Account, changes: list[Change
                     if index is None:
                         index = await ctx.threads.index(mail, account.id)
                     view["message"] = summary(
-                        found[0], index.thread_of.get(found[0].entry.message_id)
+                        found[0], index.thread_of.get(found[0].entry.message_id), ids
                     )
                 else:
                     view["flags"] = sorted(found[0].entry.flags)

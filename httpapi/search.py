@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from httpapi.context import account_of, context
+from httpapi.context import account_of, context, folder_ids
 from httpapi.errors import bad_request, not_found
 from httpapi.folders import page_limit
 from httpapi.ids import decode_search_cursor, encode_search_cursor
@@ -94,12 +94,13 @@ async def search_messages(request: web.Request) -> web.Response:
     has_more = len(page) > limit
     page = page[:limit]
     index = await ctx.threads.index(mail, account.id)
+    ids = await folder_ids(request)
     next_cursor = None
     if has_more and page:
         last = page[-1].entry
         next_cursor = encode_search_cursor(*order_key(last))
     return web.json_response({
-        "messages": [summary(s, index.thread_of.get(s.entry.message_id)) for s in page],
+        "messages": [summary(s, index.thread_of.get(s.entry.message_id), ids) for s in page],
         "next_cursor": next_cursor,
     })
 
@@ -120,8 +121,9 @@ async def get_thread(request: web.Request) -> web.Response:
     for mailbox_id, uids in by_mailbox.items():
         for stored in await mail.fetch(account.id, mailbox_id, UidSet.of(uids)):
             found[(mailbox_id, stored.entry.uid)] = stored
+    ids = await folder_ids(request)
     messages: list[dict[str, Any]] = [
-        summary(found[(m.mailbox_id, m.uid)], thread_id)
+        summary(found[(m.mailbox_id, m.uid)], thread_id, ids)
         for m in members
         if (m.mailbox_id, m.uid) in found
     ]

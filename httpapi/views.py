@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from httpapi.ids import folder_id, message_id
+from httpapi.ids import FolderIds, folder_id
 from storage.model import (
     ANSWERED,
     FLAGGED,
@@ -90,7 +90,7 @@ def addresses(values: tuple[Address, ...]) -> list[dict[str, str | None]]:
 
 def folder_view(mailbox: Mailbox, status: MailboxStatus) -> dict[str, Any]:
     return {
-        "id": folder_id(mailbox.id),
+        "id": folder_id(mailbox),
         "name": mailbox.name,
         "special_use": mailbox.special_use,
         "total": status.messages,
@@ -99,9 +99,9 @@ def folder_view(mailbox: Mailbox, status: MailboxStatus) -> dict[str, Any]:
     }
 
 
-def summary(stored: StoredMessage, thread_id: str | None) -> dict[str, Any]:
-    """One message-list item."""
-    return {**_unthreaded_summary(stored), "thread_id": thread_id}
+def summary(stored: StoredMessage, thread_id: str | None, ids: FolderIds) -> dict[str, Any]:
+    """One message-list item; ``ids`` names its folder and itself."""
+    return {**_unthreaded_summary(stored, ids), "thread_id": thread_id}
 
 
 LIST_ITEMS_CACHED = 10_000  # list items remembered per process (a few KB each)
@@ -116,16 +116,18 @@ class ListItems:
 
     def __init__(self, max_items: int = LIST_ITEMS_CACHED) -> None:
         self.max_items = max_items
-        self._items: dict[tuple[int, int, int, int, str], dict[str, Any]] = {}
+        self._items: dict[tuple[int, str, int, int, str], dict[str, Any]] = {}
 
-    def item(self, stored: StoredMessage, thread_id: str | None) -> dict[str, Any]:
-        """``summary(stored, thread_id)``: a new dict whose nested values
+    def item(self, stored: StoredMessage, thread_id: str | None, ids: FolderIds) -> dict[str, Any]:
+        """``summary(stored, thread_id, ids)``: a new dict whose nested values
         (addresses, flags) are shared with the cache: read them only."""
         entry = stored.entry
-        key = (entry.mailbox_id, entry.uid, entry.modseq, entry.message_id, entry.blob_key)
+        # The ids are part of the key: a row id is one shard's own.
+        key = (entry.mailbox_id, ids.message_id(entry.mailbox_id, entry.uid), entry.modseq,
+               entry.message_id, entry.blob_key)
         base = self._items.get(key)
         if base is None:
-            base = _unthreaded_summary(stored)
+            base = _unthreaded_summary(stored, ids)
             if len(self._items) >= self.max_items:
                 del self._items[next(iter(self._items))]
             self._items[key] = base
@@ -179,13 +181,13 @@ def _text_size(value: Any) -> int:
     return 16
 
 
-def _unthreaded_summary(stored: StoredMessage) -> dict[str, Any]:
+def _unthreaded_summary(stored: StoredMessage, ids: FolderIds) -> dict[str, Any]:
     entry, parsed = stored.entry, stored.parsed
     env = parsed.envelope
     sender = addresses(env.from_)
     return {
-        "id": message_id(entry.mailbox_id, entry.uid),
-        "folder_id": folder_id(entry.mailbox_id),
+        "id": ids.message_id(entry.mailbox_id, entry.uid),
+        "folder_id": ids.folder_id(entry.mailbox_id),
         "from": sender[0] if sender else None,
         "to": addresses(env.to),
         "cc": addresses(env.cc),
@@ -202,14 +204,14 @@ def _unthreaded_summary(stored: StoredMessage) -> dict[str, Any]:
     }
 
 
-def event_view(change: Change) -> dict[str, Any]:
+def event_view(change: Change, ids: FolderIds) -> dict[str, Any]:
     """A change-log entry as pushed to clients (WebSocket and long-poll)."""
     return {
         "id": change.id,
         "kind": change.kind.value,
-        "folder_id": folder_id(change.mailbox_id) if change.mailbox_id is not None else None,
+        "folder_id": ids.folder_id(change.mailbox_id) if change.mailbox_id is not None else None,
         "message_id": (
-            message_id(change.mailbox_id, change.uid)
+            ids.message_id(change.mailbox_id, change.uid)
             if change.mailbox_id is not None and change.uid is not None
             else None
         ),

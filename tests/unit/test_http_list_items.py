@@ -5,9 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import random
 
+from httpapi.ids import FolderIds
 from httpapi.views import ListItems, MessageBodies, summary
 from storage.mime import parse_message
-from storage.model import SEEN, MessageEntry, StoredMessage
+from storage.model import SEEN, Mailbox, MessageEntry, StoredMessage
+
+# The folder of every message below (row id 3), named by its UIDVALIDITY.
+IDS = FolderIds(1, [Mailbox(3, 1, "INBOX", random.randint(1, 2**31), 1, 1, None)])
 
 
 def stored(uid: int, modseq: int = 1, flags: frozenset[str] = frozenset()) -> StoredMessage:
@@ -28,18 +32,18 @@ def test_a_remembered_item_is_the_summary_and_follows_the_modseq() -> None:
     items = ListItems()
     message = stored(random.randint(1, 10_000))
     for thread in (None, "t1", "t2"):
-        assert items.item(message, thread) == summary(message, thread)
-        assert list(items.item(message, thread)) == list(summary(message, thread))
+        assert items.item(message, thread, IDS) == summary(message, thread, IDS)
+        assert list(items.item(message, thread, IDS)) == list(summary(message, thread, IDS))
     flagged = stored(message.entry.uid, modseq=2, flags=frozenset({SEEN}))
     flagged = StoredMessage(flagged.entry, message.parsed)
-    assert items.item(flagged, None)["unread"] is False
+    assert items.item(flagged, None, IDS)["unread"] is False
 
 
 def test_remembered_items_are_bounded() -> None:
     limit = random.randint(5, 40)
     items = ListItems(max_items=limit)
     for uid in range(1, limit * 3 + random.randint(1, 9)):
-        items.item(stored(uid), None)
+        items.item(stored(uid), None, IDS)
         assert len(items) <= limit
 
 

@@ -4,10 +4,19 @@ section 15.6.4), never a 404 or 500, and it lands nowhere."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from storage.move import AccountMove
-from tests.integration.http.conftest import Api, deliver, make_mail
+import aiohttp
+import argon2
+import pytest
+
+from httpapi.service import start
+from storage.backend import SqlStorage, open_storage_from_url
+from storage.move import AccountMove, move_account
+from tests.integration.http.conftest import PASSWORD, Api, deliver, login, make_mail
 
 
 async def test_a_write_during_the_fence_is_503_and_changes_nothing(
@@ -28,3 +37,64 @@ async def test_a_write_during_the_fence_is_503_and_changes_nothing(
     await mover.set_fence(store, None)
     _, after = await alice_api.get(f"/v1/messages/{message}")
     assert after["flagged"] is False, after
+
+
+@pytest.fixture
+async def two_shards(tmp_path: Path) -> AsyncIterator[SqlStorage]:
+    """Shards "default" and "east" (SQLite files); on east, another account's
+    mailboxes already take the first row ids, so a moved account's mailboxes
+    get other row ids there than on default."""
+    store = await open_storage_from_url(
+        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        tmp_path / "blobs",
+        {"east": f"sqlite+aiosqlite:///{tmp_path / 'east.sqlite'}"},
+        password_hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST),
+        events="inprocess",
+    )
+    try:
+        await store.directory.add_domain("example.test")
+        await store.directory.add_account("early@example.test", PASSWORD, shard="east")
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_message_and_folder_ids_survive_a_move(
+    http_settings: Any, two_shards: SqlStorage
+) -> None:
+    rng = random.Random()
+    alice = await two_shards.directory.add_account("alice@example.test", PASSWORD, shard="default")
+    await two_shards.mail(alice).create_mailbox(alice.id, "Projects")
+    for n in range(rng.randint(3, 8)):
+        data = rng.randbytes(rng.randint(1, 20_000))
+        raw = make_mail(subject=f"m{n}", attachment=("a.bin", "application/octet-stream", data))
+        await deliver(two_shards, alice, raw, rng.choice(["INBOX", "Projects"]))
+    svc = await start(http_settings, two_shards, None)
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = await login(f"http://127.0.0.1:{svc.ports[0]}", http, alice)
+            before = await _listing(api)
+            ids = [m for messages in before.values() for m in messages]
+            raws = {m: (await api.get(f"/v1/messages/{m}/raw"))[1] for m in ids}
+            await move_account(two_shards, alice.address, "east")
+            # The ids a client kept still name the same folders and bytes...
+            for folder, messages in before.items():
+                status, page = await api.get(f"/v1/folders/{folder}/messages")
+                assert status == 200, page
+                assert {m["id"] for m in page["messages"]} == set(messages)
+            for message_id, raw in raws.items():
+                assert await api.get(f"/v1/messages/{message_id}/raw") == (200, raw)
+            # ...and a fresh listing gives the very same ids.
+            assert await _listing(api) == before
+    finally:
+        await svc.close()
+
+
+async def _listing(api: Api) -> dict[str, set[str]]:
+    """Folder id -> the ids of its messages."""
+    _, folders = await api.get("/v1/folders")
+    found = {}
+    for folder in folders["folders"]:
+        _, page = await api.get(f"/v1/folders/{folder['id']}/messages")
+        found[folder["id"]] = {m["id"] for m in page["messages"]}
+    return found
