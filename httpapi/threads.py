@@ -263,6 +263,9 @@ class ThreadIndex:
     thread_of: dict[int, str]
     members: dict[str, list[ThreadMember]]
     checked: float = 0.0  # monotonic time it was last found current
+    # The mail store (shard) it was read from: its row ids are that shard's
+    # own, and an account moved to another shard keeps its change ids.
+    store: object = None
 
 
 # How late a list or a message read may show a thread id that a deletion or
@@ -297,6 +300,7 @@ class ThreadCache:
         if (
             shown is not None
             and cached is not None
+            and cached.store is mail
             and time.monotonic() - cached.checked < self.check_seconds
             and all(row in cached.thread_of for row in shown)
         ):
@@ -316,6 +320,8 @@ class ThreadCache:
             return index
 
     async def _still_valid(self, mail: MailStore, account_id: int, cached: ThreadIndex) -> bool:
+        if cached.store is not mail:  # the account moved to another shard
+            return False
         # The account's change counter, one indexed read: the log itself is
         # read only when something changed (flag changes keep the index).
         if await mail.last_change_id(account_id) == cached.change_id:
@@ -361,7 +367,7 @@ class ThreadCache:
                 grouped.setdefault(tid, []).append(member)
         for group in grouped.values():
             group.sort(key=lambda m: (_sortable(m.date), m.mailbox_id, m.uid))
-        return ThreadIndex(change_id, thread_of, grouped)
+        return ThreadIndex(change_id, thread_of, grouped, store=mail)
 
 
 def _sortable(value: dt.datetime | None) -> float:

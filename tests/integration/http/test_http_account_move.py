@@ -98,3 +98,40 @@ async def _listing(api: Api) -> dict[str, set[str]]:
         _, page = await api.get(f"/v1/folders/{folder['id']}/messages")
         found[folder["id"]] = {m["id"] for m in page["messages"]}
     return found
+
+
+async def test_threads_follow_the_account_to_its_new_shard(
+    http_settings: Any, two_shards: SqlStorage
+) -> None:
+    """The thread index kept for the account is the old shard's (its keys
+    are row ids there): after a move it is rebuilt, though the change log
+    ids, which say whether it is current, moved along unchanged."""
+    rng = random.Random()
+    alice = await two_shards.directory.add_account("alice@example.test", PASSWORD, shard="default")
+    roots = [f"<root{n}.{rng.randrange(10**9)}@remote.test>" for n in range(rng.randint(2, 4))]
+    for n, root in enumerate(roots):
+        await deliver(two_shards, alice, make_mail(f"Plan {n}", message_id=root))
+        for _ in range(rng.randint(1, 3)):
+            reply = make_mail(f"Re: Plan {n}", in_reply_to=root, references=root)
+            await deliver(two_shards, alice, reply)
+    svc = await start(http_settings, two_shards, None)
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = await login(f"http://127.0.0.1:{svc.ports[0]}", http, alice)
+            threads = await _threads(api)
+            assert len(threads) == len(roots)
+            await move_account(two_shards, alice.address, "east")
+            assert await _threads(api) == threads
+    finally:
+        await svc.close()
+
+
+async def _threads(api: Api) -> dict[str, set[str]]:
+    """Thread id -> the ids of its messages, as GET /v1/threads/{id} lists them."""
+    _, page = await api.get("/v1/search", params={"q": "Plan"})
+    found = {}
+    for thread_id in {m["thread_id"] for m in page["messages"]}:
+        status, thread = await api.get(f"/v1/threads/{thread_id}")
+        assert status == 200, thread
+        found[thread_id] = {m["id"] for m in thread["messages"]}
+    return found
