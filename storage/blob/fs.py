@@ -65,6 +65,8 @@ def _touch(final: str) -> bool:
         os.utime(final)
     except FileNotFoundError:
         return False
+    except OSError:  # there, but not ours to touch (another user, read-only)
+        return os.path.exists(final)
     return True
 
 

@@ -124,3 +124,32 @@ async def test_stored_at_and_conditional_delete(blobs) -> None:
     with pytest.raises(StorageError) as err:
         await blobs.stored_at(key)
     assert err.value.kind is ErrorKind.NOT_FOUND
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+async def test_storing_the_same_bytes_again_refreshes_stored_at(
+    blobs, tmp_path: Path, size: str
+) -> None:
+    """An ingest of bytes already there marks them stored now, so garbage
+    collection and a move's cleanup (``delete(stored_before=...)`` with a
+    time read before) spare them while that ingest commits."""
+    import asyncio
+    import random
+
+    n = random.randint(1, 999) if size == "small" else PACK_MAX + random.randint(1, 99_999)
+    data = os.urandom(n)
+    key = await blobs.put(data)
+    first = await blobs.stored_at(key)
+    for again in ("put", "put_file"):
+        await asyncio.sleep(0.02)
+        if again == "put":
+            assert await blobs.put(data) == key
+        else:
+            path = tmp_path / "again.eml"
+            path.write_bytes(data)
+            assert await blobs.put_file(path) == key
+        later = await blobs.stored_at(key)
+        assert later > first, again
+        await blobs.delete(key, stored_before=later - 0.01)  # as GC having looked before
+        assert await blobs.get(key) == data
+        first = later
