@@ -21,6 +21,24 @@ from tests.conftest import storage_url
 from tests.integration.http.conftest import Api, deliver, login, make_mail
 
 
+class Calls:
+    """Counts the awaited calls of methods replaced through ``monkeypatch``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self._monkeypatch = monkeypatch
+
+    def watch(self, target: Any, name: str) -> Calls:
+        original = getattr(target, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await original(*args, **kwargs)
+
+        self._monkeypatch.setattr(target, name, counted)
+        return self
+
+
 async def test_a_token_from_the_login_that_upgrades_the_hash_is_valid(
     base_url: str, http: aiohttp.ClientSession, mailstore: Any, alice: Any
 ) -> None:
@@ -40,18 +58,10 @@ async def test_a_token_is_checked_against_the_directory_once_per_burst(
 ) -> None:
     """Requests with one token within the cache time read the account once,
     not once each."""
-    reads = 0
-    original = mailstore.directory.get_account_by_id
-
-    async def counted(account_id: int) -> Any:
-        nonlocal reads
-        reads += 1
-        return await original(account_id)
-
-    monkeypatch.setattr(mailstore.directory, "get_account_by_id", counted)
+    reads = Calls(monkeypatch).watch(mailstore.directory, "get_account_by_id")
     for _ in range(random.randint(5, 12)):
         assert (await alice_api.get("/v1/me"))[0] == 200
-    assert reads <= 1
+    assert reads.count <= 1
 
 
 async def test_another_process_changing_the_password_revokes_within_the_cache_time(
@@ -101,20 +111,12 @@ async def test_a_list_of_an_unchanged_account_does_not_read_its_change_log(
     inbox = folders["folders"][0]["id"]
     assert (await alice_api.get(f"/v1/folders/{inbox}/messages"))[0] == 200
     store = mailstore.mail(alice)
-    reads = 0
-    original = store.account_changes
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        return await original(*args, **kwargs)
-
-    monkeypatch.setattr(store, "account_changes", counted)
+    reads = Calls(monkeypatch).watch(store, "account_changes")
     for _ in range(random.randint(3, 8)):
         status, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
         assert status == 200
         assert all(m["thread_id"] for m in page["messages"])
-    assert reads == 0
+    assert reads.count == 0
     # A reply arriving now is threaded with its parent on the next list.
     parent = page["messages"][-1]
     _, full = await alice_api.get(f"/v1/messages/{parent['id']}")
@@ -142,18 +144,10 @@ async def test_a_list_page_is_one_read_and_shows_flags_changed_elsewhere(
             for i in range(random.randint(3, 7))]
     inbox = await _inbox(alice_api)
     store = mailstore.mail(alice)
-    mailbox_reads = 0
-    original = store.get_mailbox_by_id
-
-    async def counted(*args: Any) -> Any:
-        nonlocal mailbox_reads
-        mailbox_reads += 1
-        return await original(*args)
-
-    monkeypatch.setattr(store, "get_mailbox_by_id", counted)
+    mailbox_reads = Calls(monkeypatch).watch(store, "get_mailbox_by_id")
     status, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
     assert status == 200 and all(m["unread"] for m in page["messages"])
-    assert mailbox_reads == 0
+    assert mailbox_reads.count == 0
     seen = random.choice(uids)
     inbox_row = (await store.get_mailbox(alice.id, "INBOX")).id
     await store.store_flags(alice.id, inbox_row, UidSet.of([seen]), StoreMode.ADD, [SEEN])
@@ -194,20 +188,13 @@ async def test_reading_a_message_again_reads_no_blob_and_answers_the_same(
     assert status == 200 and first["attachments"][0]["size"] == len(data)
     blobs = mailstore.blobs_for(alice)
     store = mailstore.mail(alice)
-    touched = 0
+    touched = Calls(monkeypatch)
     for target, name in ((blobs, "get_range"), (blobs, "get"), (store, "get_mailbox_by_id")):
-        original = getattr(target, name)
-
-        async def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            nonlocal touched
-            touched += 1
-            return await _original(*args, **kwargs)
-
-        monkeypatch.setattr(target, name, counted)
+        touched.watch(target, name)
     status, second = await alice_api.get(message_url)
     assert status == 200
     assert second == first
-    assert touched == 0
+    assert touched.count == 0
     status, moved = await alice_api.request(
         "PATCH", message_url, json={"folder_id": (await alice_api.get("/v1/folders"))[1][
             "folders"][-1]["id"]})
@@ -236,18 +223,10 @@ async def test_lists_within_a_second_read_nothing_for_threads_and_regroup_after(
     _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
     [before] = {m["thread_id"] for m in page["messages"]}
     store = mailstore.mail(alice)
-    reads = 0
-    original = store.last_change_id
-
-    async def counted(*args: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        return await original(*args)
-
-    monkeypatch.setattr(store, "last_change_id", counted)
+    reads = Calls(monkeypatch).watch(store, "last_change_id")
     for _ in range(random.randint(2, 5)):
         assert (await alice_api.get(f"/v1/folders/{inbox}/messages"))[0] == 200
-    assert reads == 0
+    assert reads.count == 0
     box = (await store.get_mailbox(alice.id, "INBOX")).id
     await store.store_flags(alice.id, box, UidSet.of([root_uid]), StoreMode.ADD, [DELETED])
     await store.expunge(alice.id, box, UidSet.of([root_uid]))
