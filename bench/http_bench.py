@@ -59,10 +59,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of every thread of ``pid`` so far (proc(5) fields 14, 15)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU of every thread of ``pid`` so far (proc(5) fields 14, 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
@@ -107,14 +107,16 @@ async def hammer(port: int, paths: list[str], token: str, seconds: float,
     return count, latencies
 
 
-def report(name: str, count: int, latencies: list[float], seconds: float, cpu: float) -> None:
+def report(name: str, count: int, latencies: list[float], seconds: float,
+           user: float, system: float) -> None:
     lat = sorted(latencies)
     p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
     p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
-    per_request = cpu / count * 1000 if count else 0.0
+    per_request = (user + system) / count * 1000 if count else 0.0
     per_core = 1000 / per_request if per_request else 0.0
     print(f"{name:<15} {count / seconds:8.1f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
-          f"server CPU {per_request:5.3f} ms/req ({per_core:6.0f} req/s per core)")
+          f"server CPU {per_request:5.3f} ms/req (user {user / max(count, 1) * 1000:5.3f}, "
+          f"{per_core:5.0f} req/s per core)")
 
 
 async def fill(url: str, blob_dir: Path, messages: int) -> None:
@@ -197,9 +199,10 @@ async def drive(args: argparse.Namespace, pid: int, port: int, url: str, blob_di
         ("message fetch", [f"/v1/messages/{i}" for i in ids]),
     ]
     for name, paths in tests:
-        cpu = cpu_seconds(pid)
+        user, system = cpu_seconds(pid)
         count, lat = await hammer(port, paths, token, args.seconds, args.concurrency)
-        report(name, count, lat, args.seconds, cpu_seconds(pid) - cpu)
+        user_after, system_after = cpu_seconds(pid)
+        report(name, count, lat, args.seconds, user_after - user, system_after - system)
     if args.pushes:
         pushes = await push_latency(url, blob_dir, root, token, args.pushes)
         print(f"{'push latency':<15} deliver->WebSocket over {len(pushes)} messages: "
