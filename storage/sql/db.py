@@ -500,9 +500,10 @@ class Database:
         self._reader_local = threading.local()
         self._reader_conns: list[Connection] = []
         self._reader_conns_lock = threading.Lock()
-        # SQLite's full-text index file and its indexer (``storage/sql/fts.py``).
+        # SQLite's full-text index file and its indexer, or PostgreSQL's
+        # merger of the trigram index's pending list (``storage/sql/fts.py``).
         self.file: str | None = None
-        self._indexer: fts.FtsIndexer | None = None
+        self._indexer: fts.FtsIndexer | fts.PendingListMerger | None = None
         if not self.is_sqlite:
             _setup_postgresql(self.engine.sync_engine)
         if self.is_sqlite:
@@ -1130,24 +1131,41 @@ class Database:
         async with self.read() as conn:
             return await schema.current_version(conn)
 
-    def start_indexer(self) -> fts.FtsIndexer | None:
-        """SQLite: start filling the full-text index in the background (the
-        daemons call this once storage is open; until then queued messages
-        are still found by search, only more slowly). Returns the indexer,
-        or None where there is none to run (PostgreSQL)."""
+    def start_indexer(self) -> fts.FtsIndexer | fts.PendingListMerger | None:
+        """Start the search index's background work (the daemons call this
+        once storage is open): SQLite fills its full-text index (until then
+        queued messages are still found by search, only more slowly),
+        PostgreSQL merges its trigram index's pending list. Returns the
+        indexer, or None where there is none to run."""
         indexer = self.indexer()
         if indexer is not None:
             indexer.start()
         return indexer
 
-    def indexer(self) -> fts.FtsIndexer | None:
-        """The SQLite full-text indexer, made if needed but not started
-        (:meth:`FtsIndexer.run_once` runs a batch). None on PostgreSQL."""
-        if self.file is None:
-            return None
-        if self._indexer is None:
+    def indexer(self) -> fts.FtsIndexer | fts.PendingListMerger | None:
+        """The search index's background worker, made if needed but not
+        started (``run_once`` runs one batch or merge): SQLite's
+        :class:`fts.FtsIndexer`, PostgreSQL's :class:`fts.PendingListMerger`.
+        None for a SQLite database without a file."""
+        if self._indexer is None and not self.is_sqlite:
+            self._indexer = fts.PendingListMerger(self.merge_search_index)
+        if self._indexer is None and self.file is not None:
             self._indexer = fts.FtsIndexer(self.file, self._clear_fts_queue)
         return self._indexer
+
+    async def merge_search_index(self) -> int:
+        """PostgreSQL: merges the trigram index's pending list into the
+        index (schema step 17) and returns how many pending pages that
+        merged; 0 with nothing pending, without the index (no pg_trgm) and
+        on SQLite. Benchmarks call it to count the deferred work."""
+        if self.is_sqlite:
+            return 0
+        async with self._translate(), self.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            merged = await conn.exec_driver_sql(
+                "SELECT gin_clean_pending_list(to_regclass('messages_text_trgm'))"
+            )
+            return int(merged.scalar() or 0)
 
     async def _clear_fts_queue(self, pending_seq: int | None, deleted_rowid: int | None) -> None:
         def clear(conn: Connection) -> None:

@@ -1,4 +1,7 @@
-"""SQLite's full-text index, in a file of its own, filled in the background.
+"""The full-text indexes' background work: SQLite's index, in a file of its
+own, filled in the background (:class:`FtsIndexer`), and PostgreSQL's
+trigram index, whose pending list is merged in the background
+(:class:`PendingListMerger`).
 
 Why apart: the trigram index was kept in step by a trigger, so every
 delivery tokenised its text inside the writer's transaction, about two
@@ -93,7 +96,28 @@ def create_index(db_file: str) -> bool:
         conn.close()
 
 
-class FtsIndexer:
+class _Background:
+    """A worker that runs :meth:`_run` as a task of the running loop from
+    :meth:`start` until :meth:`_stop` (idempotent both)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class FtsIndexer(_Background):
     """Fills the index of one SQLite database from its queue.
 
     ``clear(pending_seq, deleted_rowid)``: an async function that removes,
@@ -116,15 +140,10 @@ class FtsIndexer:
         self._clear = clear
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self._task: asyncio.Task[None] | None = None
         # One thread: the connection is used from it only.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fts-indexer"
         )
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -222,11 +241,7 @@ class FtsIndexer:
     async def close(self) -> None:
         """Stops the background task (a batch in progress finishes or rolls
         back) and closes the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._stop()
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
         self._executor.shutdown(wait=False)
 
@@ -238,3 +253,44 @@ class FtsIndexer:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+
+# How often PostgreSQL's pending list is merged (seconds), and how long to
+# wait after a failed merge (a standby, a lost server) before the next try.
+MERGE_SECONDS = 1.0
+MERGE_RETRY_SECONDS = 30.0
+
+
+class PendingListMerger(_Background):
+    """PostgreSQL: merges the trigram index's pending list into the index,
+    in the background, so that no delivery does it inline.
+
+    A delivery only appends its message's trigrams to the GIN index's
+    pending list (schema step 17); a search reads that list as well as the
+    index, so a message is found as soon as its delivery committed, merged
+    or not. Merging sorts the list and adds each trigram's messages to the
+    index at once, far less work per message than an insert into the index
+    proper. ``merge()`` runs one merge (``Database.merge_search_index``) and
+    returns how many pending pages it merged. Every instance of a site runs
+    one; PostgreSQL lets one merge run at a time and the others return."""
+
+    def __init__(self, merge: Callable[[], Awaitable[int]]) -> None:
+        self._merge = merge
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                log.warning("merging the search index's pending list failed: %s", exc)
+                await asyncio.sleep(MERGE_RETRY_SECONDS)
+            else:
+                await asyncio.sleep(MERGE_SECONDS)
+
+    async def run_once(self) -> int:
+        """One merge; the pending pages it merged (0: none were pending)."""
+        return await self._merge()
+
+    async def close(self) -> None:
+        """Stops the background task (a merge in progress is cancelled: the
+        server finishes or rolls back its own transaction)."""
+        await self._stop()

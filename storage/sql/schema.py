@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateColumn
 
 from storage.blob.pack import SCHEMA_SQL as PACK_SCHEMA_SQL
+from storage.model import SYSTEM_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -718,6 +719,56 @@ async def _v15_dkim_keys(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: dkim_keys.create(sync, checkfirst=True))
 
 
+async def _v16_snapshot_indexes(conn: AsyncConnection) -> None:
+    """Two small partial indexes for IMAP SELECT on a big mailbox
+    (``SqlMailStore.snapshot``), which must not read a row per message:
+    the unseen entries by (mailbox, uid), for the first unseen message
+    (RFC 3501 section 6.3.1), and the entries carrying keywords, for the
+    FLAGS list (section 7.2.6). Each holds only the rows its condition
+    names, so a write touches it only for such a row. The conditions are
+    mailstore's ``_UNSEEN_TERM`` and ``_SNAPSHOT_KEYWORDS`` as SQL: keep
+    them alike, or the planners stop using the indexes."""
+    seen = 1 << SYSTEM_FLAGS.index("\\Seen")
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS mailbox_entries_unseen ON mailbox_entries "
+        f"(mailbox_id, uid) WHERE (sysflags & {seen}) = 0"
+    )
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS mailbox_entries_keywords ON mailbox_entries "
+        "(mailbox_id, keywords) WHERE keywords != ' '"
+    )
+
+
+# PostgreSQL: the trigram index's pending list (GIN "fast update", in kB).
+# A delivery appends its message's trigrams there, unsorted; a search reads
+# the whole list besides the index proper, and the list is merged into the
+# index in bulk by the background merger (``storage/sql/fts.py``), by
+# autovacuum, or, past this size, by the insert that overflows it. Large
+# enough that a delivery never pays for a merge while the merger keeps up
+# (seconds of mail at several hundred messages a second), small enough
+# that a search's scan of it stays a few milliseconds.
+PG_TRGM_PENDING_KB = 16 * 1024
+
+
+async def _v17_pg_search_index_deferred(conn: AsyncConnection) -> None:
+    """PostgreSQL: searching costs a delivery less. The ``search`` tsvector
+    of step 2 and its GIN index go: nothing has queried them since the
+    trigram index of step 14, yet they cost about as much CPU per delivery
+    as every other statement of it together. The trigram index keeps its
+    insertions in a large pending list (see :data:`PG_TRGM_PENDING_KB`), so
+    a delivery never merges it inline. SQLite: nothing to do (its index is
+    filled in the background already, step 6)."""
+    if conn.dialect.name != "postgresql":
+        return
+    await conn.exec_driver_sql("DROP INDEX IF EXISTS messages_search")
+    await conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN IF EXISTS search")
+    await conn.exec_driver_sql(
+        "DO $$ BEGIN IF to_regclass('messages_text_trgm') IS NOT NULL THEN "
+        "ALTER INDEX messages_text_trgm SET "
+        f"(fastupdate = on, gin_pending_list_limit = {PG_TRGM_PENDING_KB}); END IF; END $$"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -734,6 +785,8 @@ MIGRATIONS: list[Step] = [
     _v13_sqlite_planner_stats,
     _v14_pg_trigram_search,
     _v15_dkim_keys,
+    _v16_snapshot_indexes,
+    _v17_pg_search_index_deferred,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -75,3 +75,17 @@ async def storage(database_url: str, tmp_path: Path) -> AsyncIterator[SqlStorage
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def quiet_storage(database_url: str, tmp_path: Path) -> AsyncIterator[SqlStorage]:
+    """``storage`` without its search index's background worker (SQLite's
+    indexer, PostgreSQL's pending-list merger): tests run it themselves
+    (``Database.indexer().run_once()``)."""
+    store = await open_storage_from_url(
+        database_url, tmp_path / "blobs", password_hasher=TEST_HASHER, fts_indexer=False
+    )
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -30,8 +30,12 @@ ROUND_TRIPS_PER_DELIVERY = 3
 ROUND_TRIPS_PER_STORE = 4
 # Not per call: BEGIN and COMMIT (per batch), NOTIFY (per commit), and per
 # connection the pool's ping (an empty statement) and asyncpg's first look
-# at a type (the array types of the one-statement flush).
-_PER_BATCH = ("BEGIN", "COMMIT", "SELECT pg_notify", "WITH RECURSIVE typeinfo_tree")
+# at a type (the array types of the one-statement flush); and the search
+# index's background merger (once a second, not per call).
+_PER_BATCH = (
+    "BEGIN", "COMMIT", "SELECT pg_notify", "WITH RECURSIVE typeinfo_tree",
+    "SELECT gin_clean_pending_list",
+)
 
 
 @dataclass

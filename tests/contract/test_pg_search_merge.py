@@ -1,0 +1,59 @@
+"""PostgreSQL: deliveries leave the trigram index's merge to the background
+merger (schema step 17, ``storage/sql/fts.py``), and what it merged is
+still found."""
+
+from __future__ import annotations
+
+import random
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from storage.backend import SqlStorage
+from storage.search import Text
+from tests.contract.test_search_freshness import _bob, _deliver, _prose, _word
+
+
+@pytest.fixture(params=["postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _pending_pages(database_url: str) -> int:
+    """The trigram index's pending-list pages (pgstattuple's view of it)."""
+    u = make_url(database_url)
+    conn = await asyncpg.connect(host=u.host, port=u.port, user=u.username, database=u.database)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        row = await conn.fetchrow("SELECT * FROM pgstatginindex('messages_text_trgm')")
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'"
+        )
+    finally:
+        await conn.close()
+    # Step 17 dropped the tsvector nothing queried: no delivery computes it.
+    assert "search" not in {c[0] for c in columns}
+    return int(row["pending_pages"])
+
+
+async def test_the_merger_merges_what_deliveries_left_pending(
+    quiet_storage: SqlStorage, database_url: str
+) -> None:
+    storage = quiet_storage
+    bob = await _bob(storage)
+    mail = storage.mail(bob)
+    inbox = (await mail.get_mailbox(bob.id, "INBOX")).id
+    markers = [_word() for _ in range(random.randint(20, 40))]
+    for marker in markers:
+        await _deliver(storage, bob, f"{_prose(random.randint(50, 300))} {marker}")
+    # Far below the pending list's limit: no delivery merged it.
+    pending = await _pending_pages(database_url)
+    assert pending > 0
+    indexer = storage.databases["default"].indexer()
+    assert indexer is not None
+    assert await indexer.run_once() == pending
+    assert await _pending_pages(database_url) == 0
+    assert await indexer.run_once() == 0
+    for uid, marker in enumerate(markers, start=1):
+        assert await mail.search(bob.id, inbox, Text("body", marker)) == [uid]
