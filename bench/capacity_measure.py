@@ -118,7 +118,9 @@ def capacity_message(n: int, rcpt: str, size: int, rng: random.Random, words: Wo
     text = words.text(rng, 3000 if attach else target - len(header) - 200)
     if not attach:
         return (header + "Content-Type: text/plain; charset=utf-8\r\n\r\n" + text).encode()
-    raw = rng.randbytes(max(1, (target - len(header) - len(text) - 400) * 3 // 4))
+    # Base64 turns 3 octets into 4 and each line of 76 gains a CRLF.
+    room = (target - len(header) - len(text) - 400) * 76 // 78
+    raw = rng.randbytes(max(1, room * 3 // 4))
     b64 = base64.b64encode(raw).decode()
     lines = "\r\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
     boundary = f"b{n:x}{rng.getrandbits(32):x}"
