@@ -22,10 +22,12 @@ the data dir. Steps, each with the machine's load average beside it:
    (``bench/imap_bench.py``'s phases), each for ``--seconds``: commands/s,
    imapd and PostgreSQL CPU per command.
 3. IDLE: ``--idle`` more connections, each LOGIN, SELECT and IDLE (RFC
-   2177): imapd and PostgreSQL CPU per new connection (the LOGIN's
-   argon2 verification is most of it), imapd's resident memory per idle
-   connection (RSS delta), PostgreSQL connections they opened, and the
-   CPU they cost at rest over ``--idle-seconds``.
+   2177), in plaintext and then over implicit TLS, each on an imapd of its
+   own: imapd and PostgreSQL CPU per new connection, imapd's resident
+   memory per idle connection (RSS delta) with the mailbox size it holds,
+   PostgreSQL connections they opened, and the CPU they cost at rest over
+   ``--idle-seconds``. A LOGIN at the default argon2id cost is measured
+   apart, on step 2's sessions.
 
 Never part of the test run; keep runs short on a shared machine::
 
@@ -43,6 +45,7 @@ import json
 import os
 import random
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -306,6 +309,7 @@ class Results:
     imap: list[dict[str, object]] = field(default_factory=list)
     login: dict[str, float] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)
+    idle_tls: dict[str, float] = field(default_factory=dict)
 
 
 async def smtp_step(
@@ -401,19 +405,33 @@ CHEAP_ARGON2 = [
 ]
 
 
+def client_tls() -> ssl.SSLContext:
+    """The bench's TLS client: imapd's certificate is the self-signed one it
+    made in its data dir, so it is not verified (loopback only)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 async def idle_step(
-    args: argparse.Namespace, site: Site, data_dir: Path, rcpts: list[str], out: Results
-) -> None:
+    args: argparse.Namespace, site: Site, data_dir: Path, rcpts: list[str], tls: bool
+) -> dict[str, float]:
     """``--idle`` connections opened one at a time, then left in IDLE, on an
-    imapd of their own."""
-    port = free_port()
-    overrides = [*site.overrides, *CHEAP_ARGON2, "imap.max_connections_per_ip=0"]
+    imapd of their own; with ``tls`` on its implicit-TLS port (RFC 8314)."""
+    port, tls_port = free_port(), free_port()
+    overrides = [
+        *site.overrides, *CHEAP_ARGON2, "imap.max_connections_per_ip=0",
+        f"imap.tls_listen=['127.0.0.1:{tls_port}']",
+    ]
     procs = start_imapd(data_dir, port, "WARNING", 1, overrides)
     imapd = procs[0].pid
+    context = client_tls() if tls else None
+    port = tls_port if tls else port
     conns: list[IdleConnection] = []
     try:
         for rcpt in rcpts:  # the rehash, and imapd's first pages and pools
-            conns.append(await open_idle(port, rcpt))
+            conns.append(await open_idle(port, rcpt, context))
         await close_idle(conns)
         await asyncio.sleep(1.0)
         # At rest with no connection: PostgreSQL's own background work (WAL
@@ -424,7 +442,7 @@ async def idle_step(
         rss0, backends0 = rss_kib(imapd), pg_backends(site)
         cpu0, pg0 = proc_cpu_seconds(imapd), postgres_cpu_seconds(site.servers)
         for i in range(args.idle):
-            conns.append(await open_idle(port, rcpts[i % len(rcpts)]))
+            conns.append(await open_idle(port, rcpts[i % len(rcpts)], context))
         cpu1, pg1 = proc_cpu_seconds(imapd), postgres_cpu_seconds(site.servers)
         await asyncio.sleep(args.idle_seconds)
         cpu2, pg2 = proc_cpu_seconds(imapd), postgres_cpu_seconds(site.servers)
@@ -435,12 +453,14 @@ async def idle_step(
         for p in procs:
             stop_process(p)
     n, hour = args.idle, 3600 / args.idle_seconds
-    out.idle = {
+    figures = {
+        "tls": int(tls),
         "connections": n,
         "mean_mailbox_messages": round(sum(exists) / n),
         "rss_kib_per_idle": round((rss1 - rss0) / n, 1),
         "imapd_rss_mib": round(rss1 / 1024, 1),
         "pg_backends_added": backends1 - backends0,
+        # Connect (and the TLS handshake), LOGIN at CHEAP_ARGON2's cost, SELECT, IDLE.
         "open_imapd_cpu_ms_cheap_login": round(1000 * (cpu1 - cpu0) / n, 2),
         "open_pg_cpu_ms": round(1000 * (pg1 - pg0) / n, 2),
         "idle_imapd_cpu_ms_per_conn_hour": round(1000 * (cpu2 - cpu1 - rest[0]) / n * hour, 2),
@@ -449,7 +469,8 @@ async def idle_step(
         "rest_pg_cpu_ms_per_s": round(1000 * rest[1] / args.idle_seconds, 2),
         "loadavg": loadavg(),
     }
-    print(json.dumps(out.idle), flush=True)
+    print(json.dumps(figures), flush=True)
+    return figures
 
 
 async def close_idle(conns: list[IdleConnection]) -> None:
@@ -465,10 +486,10 @@ class IdleConnection:
     exists: int  # messages in the INBOX it selected
 
 
-async def open_idle(port: int, login: str) -> IdleConnection:
+async def open_idle(port: int, login: str, tls: ssl.SSLContext | None = None) -> IdleConnection:
     """A connection logged in, INBOX selected, in IDLE (RFC 2177: the server
     answers the command with a continuation request and then waits)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     await reader.readline()  # greeting
     exists = 0
     for tag, line in ((b"a", b'LOGIN "%s" "%s"' % (login.encode(), PASSWORD.encode())),
@@ -533,7 +554,8 @@ async def main() -> None:
             rcpts = await make_accounts(site, data_dir, args.accounts, PASSWORD)
             await smtp_step(args, site, data_dir, rcpts, out)
             await imap_step(args, site, data_dir, rcpts, out)
-            await idle_step(args, site, data_dir, rcpts, out)
+            out.idle = await idle_step(args, site, data_dir, rcpts, tls=False)
+            out.idle_tls = await idle_step(args, site, data_dir, rcpts, tls=True)
     finally:
         stop_site(site)
     if args.json:
