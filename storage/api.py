@@ -32,6 +32,7 @@ from storage.model import (
     Domain,
     Mailbox,
     MailboxChanges,
+    MailboxSnapshot,
     MailboxStatus,
     MessageEntry,
     ParsedMessage,
@@ -223,7 +224,18 @@ class MailStore(Protocol):
         the blob store once this returns."""
 
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
-        """Every entry of the mailbox in UID order (the session's snapshot)."""
+        """Every entry of the mailbox in UID order (a POP3 maildrop)."""
+
+    async def snapshot(self, account_id: int, mailbox_id: int) -> MailboxSnapshot:
+        """The mailbox's UIDs, first unseen UID and keywords, read without
+        reading a row per message into memory: what IMAP SELECT answers
+        from. Cost: proportional to the UIDs, a few bytes each. NOT_FOUND
+        if the mailbox does not exist."""
+
+    async def entries(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[MessageEntry]:
+        """The entries (flags, modseq, size, date, blob) named by ``uids``,
+        UID order; missing UIDs skipped. An IMAP session reads those a
+        command touches, not the whole mailbox."""
 
     async def fetch(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[StoredMessage]:
         """Entries with their parsed form, UID order; missing UIDs skipped."""

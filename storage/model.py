@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -234,6 +235,19 @@ class MessageEntry:
     internal_date: dt.datetime
     size: int
     blob_key: str
+
+
+@dataclass(frozen=True)
+class MailboxSnapshot:
+    """What IMAP SELECT needs of a mailbox without reading its messages
+    (``MailStore.snapshot``): every UID, ascending, as a compact array (the
+    session's sequence numbers, RFC 3501 section 2.3.1.2), the lowest UID
+    among them without \\Seen (section 6.3.1 UNSEEN; None if all are
+    seen), and the keywords set on any of them (section 7.2.6 FLAGS)."""
+
+    uids: array[int]
+    first_unseen: int | None
+    keywords: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,18 @@ the client (EXISTS, EXPUNGE/VANISHED), never behind its back.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from imapd.imap.wire.commands import SequenceSet
-from storage.model import BodyPart, Mailbox, MessageEntry, ParsedMessage
+from storage.model import BodyPart, Mailbox, MailboxSnapshot, MessageEntry, ParsedMessage
 
-# Flag searches a session keeps an index for (SEARCH UNSEEN, FLAGGED,
-# KEYWORD x...); others scan the snapshot. Bounds the memory and the work
-# per flag change that a client searching many keywords could cause.
-MAX_FLAG_INDEXES = 8
+# More expunged UIDs than this at once: the UID array is rebuilt in one
+# pass rather than shifted once per UID.
+_DELETE_ONE_BY_ONE = 64
 
 
 class BadSequence(Exception):
@@ -28,10 +28,22 @@ class BadSequence(Exception):
 
 @dataclass
 class MailboxView:
+    """One session's snapshot of its selected mailbox.
+
+    Lazy by design (issue #20): ``uids`` holds every UID, four bytes each,
+    so SELECT on 100,000 messages reads no message rows. ``entries`` holds
+    only the entries this session has read (FETCH, STORE and SEARCH read
+    those they touch, :meth:`missing` says which) or been told of (its own
+    writes, storage reads after events), each kept current by
+    :meth:`update`, :meth:`add` and :meth:`remove`. A UID in ``uids`` but not
+    in ``entries`` is simply one storage has not been asked about yet.
+    """
+
     mailbox: Mailbox
     read_only: bool
-    uids: list[int] = field(default_factory=list)  # ascending; index + 1 is the seq number
-    entries: dict[int, MessageEntry] = field(default_factory=dict)  # flags, modseq, size...
+    # Ascending; index + 1 is the sequence number (RFC 3501 section 2.3.1.2).
+    uids: array[int] = field(default_factory=lambda: array("I"))
+    entries: dict[int, MessageEntry] = field(default_factory=dict)  # read so far, current
     recent: set[int] = field(default_factory=set)
     modseq: int = 0  # highest modseq this session has caught up with
     heard_modseq: int = 0  # highest modseq an event has told of (see skipped_to)
@@ -53,20 +65,26 @@ class MailboxView:
     unknown_news: bool = False
     # Keywords the client was told of in FLAGS (RFC 3501 section 7.2.6), and
     # those the view's messages have but the client was not told of yet:
-    # update and add note them; Session.announce_flags tells the client.
+    # update, add and load note them; Session.announce_flags tells the client.
     keywords: set[str] = field(default_factory=set)
     unannounced: set[str] = field(default_factory=set)
-    # (flag, present) -> the UIDs whose flags do (present) or do not contain
-    # ``flag``, for the flags SEARCH asked about; kept current by update,
-    # add and remove, which are the only ways ``entries`` may change.
-    flag_index: dict[tuple[str, bool], set[int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(
+        cls, mailbox: Mailbox, read_only: bool, snapshot: MailboxSnapshot, modseq: int
+    ) -> MailboxView:
+        view = cls(mailbox, read_only, modseq=modseq)
+        view.uids = array("I", snapshot.uids)
+        view.keywords = set(snapshot.keywords)
+        return view
 
     @classmethod
     def from_entries(
         cls, mailbox: Mailbox, read_only: bool, entries: list[MessageEntry], modseq: int
     ) -> MailboxView:
+        """A view with every entry read already (tests, small mailboxes)."""
         view = cls(mailbox, read_only, modseq=modseq)
-        view.uids = [e.uid for e in entries]
+        view.uids = array("I", [e.uid for e in entries])
         view.entries = {e.uid: e for e in entries}
         # Few distinct flag sets (storage shares them): look at each once.
         view.keywords = {
@@ -79,17 +97,34 @@ class MailboxView:
             if f not in self.keywords and not f.startswith("\\"):
                 self.unannounced.add(f)
 
+    def contains(self, uid: int) -> bool:
+        """Whether ``uid`` is in the snapshot (announced, not yet expunged to the client)."""
+        return self.seq_of(uid) is not None
+
     def update(self, entry: MessageEntry) -> None:
-        """A newer state of a message already in the snapshot (ignored if
-        the UID is not in it)."""
-        old = self.entries.get(entry.uid)
-        if old is None:
+        """A newer state of a message in the snapshot (ignored if the UID is
+        not in it), whether or not the session had read it before."""
+        if not self.contains(entry.uid):
             return
+        old = self.entries.get(entry.uid)
         self.entries[entry.uid] = entry
-        if old.flags != entry.flags:
+        if old is None or old.flags != entry.flags:
             self._note_keywords(entry.flags)
-            if self.flag_index:
-                self._index(entry)
+
+    def missing(self, uids: Iterable[int]) -> list[int]:
+        """Those of ``uids`` (UIDs of the snapshot) whose entries were never read."""
+        entries = self.entries
+        return [u for u in uids if u not in entries]
+
+    def load(self, entries: Iterable[MessageEntry]) -> None:
+        """Entries read from storage for the UIDs :meth:`missing` named (the
+        snapshot cannot change meanwhile: only the session's own command
+        changes it). One the session already holds is kept: that is the
+        state it told the client of, kept current by update."""
+        for e in entries:
+            if e.uid not in self.entries:
+                self.entries[e.uid] = e
+                self._note_keywords(e.flags)
 
     def skipped_to(self, modseq: int) -> bool:
         """An event tells of a change at ``modseq``: True if the view has
@@ -102,27 +137,6 @@ class MailboxView:
         self.heard_modseq = max(top, modseq)
         return modseq > top + 1
 
-    def uids_with_flag(self, flag: str, present: bool) -> list[int]:
-        """The UIDs, ascending, whose flags contain ``flag`` (``present``) or
-        do not: SEARCH SEEN, UNSEEN, FLAGGED, KEYWORD... The first call for
-        a (flag, present) pair scans the snapshot; later ones read an index
-        that update, add and remove keep current (for the first
-        MAX_FLAG_INDEXES pairs asked about; the rest always scan)."""
-        key = (flag, present)
-        uids = self.flag_index.get(key)
-        if uids is None:
-            uids = {u for u, e in self.entries.items() if (flag in e.flags) == present}
-            if len(self.flag_index) < MAX_FLAG_INDEXES:
-                self.flag_index[key] = uids
-        return sorted(uids)
-
-    def _index(self, entry: MessageEntry) -> None:
-        for (flag, present), uids in self.flag_index.items():
-            if (flag in entry.flags) == present:
-                uids.add(entry.uid)
-            else:
-                uids.discard(entry.uid)
-
     def mark_recent(self, count: int, among: Iterable[int] | None = None) -> None:
         """Marks the ``count`` highest UIDs \\Recent (only those in ``among`` if
         given): entries at or above the recent floor are always the newest,
@@ -134,6 +148,10 @@ class MailboxView:
             allowed = set(among)
             top = [u for u in top if u in allowed]
         self.recent.update(top)
+
+    def uids_from(self, floor: int) -> array[int]:
+        """The snapshot's UIDs at or above ``floor``, ascending."""
+        return self.uids[bisect_left(self.uids, floor) :]
 
     def claimed_by_us(self, uid: int) -> bool:
         """Whether our own APPEND already claimed \\Recent for ``uid``."""
@@ -196,21 +214,21 @@ class MailboxView:
             self.uids.append(e.uid)
             self.entries[e.uid] = e
             self._note_keywords(e.flags)
-            if self.flag_index:
-                self._index(e)
 
     def remove(self, gone: set[int]) -> list[int]:
         """Drop expunged UIDs; returns their former sequence numbers, highest
         first, which is the order to announce them in (each EXPUNGE then
         leaves the numbers still to come unchanged)."""
-        seqs = [i + 1 for i, u in enumerate(self.uids) if u in gone] if gone else []
+        seqs = sorted(s for s in map(self.seq_of, gone) if s is not None) if gone else []
         if seqs:
-            self.uids = [u for u in self.uids if u not in gone]
+            if len(seqs) <= _DELETE_ONE_BY_ONE:
+                for seq in reversed(seqs):
+                    del self.uids[seq - 1]
+            else:
+                self.uids = array("I", [u for u in self.uids if u not in gone])
             for u in gone:
                 self.entries.pop(u, None)
                 self.recent.discard(u)
-                for uids in self.flag_index.values():
-                    uids.discard(u)
         self.pending_vanished -= gone
         seqs.reverse()
         return seqs

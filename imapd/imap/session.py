@@ -19,6 +19,7 @@ import enum
 import logging
 import ssl
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -30,7 +31,7 @@ from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
 from imapd.imap.wire.parser import parse_command
 from storage.errors import IMAP_RESPONSE_CODE, AccountMoving, StorageError
-from storage.model import SYSTEM_FLAGS
+from storage.model import SYSTEM_FLAGS, UidSet
 from storage.throttle import LoginGate, login_gate
 
 if TYPE_CHECKING:
@@ -489,6 +490,14 @@ class Session:
             self.dirty = True
             view.unknown_news = True
 
+    async def read_entries(self, view: MailboxView, uids: Iterable[int]) -> None:
+        """Reads into ``view`` the entries of ``uids`` it has not read yet
+        (the snapshot is lazy: see MailboxView), one storage call."""
+        missing = view.missing(uids)
+        if missing:
+            assert self.mail is not None and self.account is not None
+            view.load(await self.mail.entries(self.account.id, view.mailbox.id, UidSet.of(missing)))
+
     def claims_recent_in(self, mailbox_id: int) -> bool:
         """Whether a delivery into ``mailbox_id`` should take \\Recent in its
         own transaction: it is selected read-write here, so this session
@@ -602,7 +611,7 @@ class Session:
         now = asyncio.get_running_loop().time()
         if poll and now - self._last_poll >= FORCED_POLL_INTERVAL:
             force = True
-        reread = self.dirty or force
+        reread = self.dirty or force or _events_need_read(view)
         if reread or view.events:
             self.wakeup.clear()
         own, view.own_new = view.own_new, []
@@ -667,17 +676,19 @@ class Session:
         view.modseq = max(view.modseq, changes.highestmodseq)
         known = view.entries
         for uid in changes.vanished:
-            if uid in known:
+            if view.contains(uid):
                 view.pending_vanished.add(uid)
         gone = view.pending_vanished
         top = view.max_uid
         for e in sorted(changes.changed, key=lambda e: e.uid):
-            if e.uid in gone or e.uid > top:
+            if e.uid in gone or e.uid > top or not view.contains(e.uid):
                 continue
             old = known.get(e.uid)
-            if old is not None and e.modseq >= old.modseq:
+            if old is None or e.modseq >= old.modseq:
                 view.update(e)
-                if old.flags != e.flags:
+                # Never read by this session: what the client holds is
+                # unknown, so it is told (RFC 3501 section 7.4.2 allows it).
+                if old is None or old.flags != e.flags:
                     self._flag_update(view, e.uid, e.flags, e.modseq)
 
     def _apply_events(self, view: MailboxView, new: dict[int, MessageEntry]) -> None:
@@ -695,12 +706,15 @@ class Session:
                 elif modseq > arriving.modseq:
                     new[uid] = dataclasses.replace(arriving, flags=flags, modseq=modseq)
                 continue
-            old = known.get(uid)
-            if old is None:
+            if not view.contains(uid):
                 continue  # not ours yet (its NEW event sets dirty) or gone
             if flags is None:
                 view.pending_vanished.add(uid)
-            elif modseq > old.modseq:  # events may trail a fresher read
+                continue
+            old = known.get(uid)
+            if old is None:
+                continue  # older than this sync's read (see _events_need_read)
+            if modseq > old.modseq:  # events may trail a fresher read
                 view.update(dataclasses.replace(old, flags=flags, modseq=modseq))
                 if old.flags != flags and uid not in view.pending_vanished:
                     self._flag_update(view, uid, flags, modseq)
@@ -761,13 +775,26 @@ class Session:
 
     def announce_expunge(self, view: MailboxView, gone: set[int]) -> None:
         if "QRESYNC" in self.enabled:
-            present = sorted(u for u in gone if u in view.entries)
+            present = sorted(u for u in gone if view.contains(u))
             view.remove(gone)
             if present:
                 self.untagged(b"VANISHED " + encode.sequence_set(present))
             return
         for seq in view.remove(gone):
             self.untagged(f"{seq} EXPUNGE")
+
+
+def _events_need_read(view: MailboxView) -> bool:
+    """Whether a flag event names a message of the snapshot the session
+    never read, newer than its last read: the event alone cannot say
+    whether its flags are news to the client, a read of the changes
+    since ``view.modseq`` can (and brings the entry)."""
+    entries = view.entries
+    top = view.max_uid
+    return any(
+        flags is not None and modseq > view.modseq and uid <= top and uid not in entries
+        for uid, modseq, flags in view.events
+    )
 
 
 _NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH"})

@@ -30,6 +30,7 @@ import functools
 import json
 import operator
 import time
+from array import array
 from collections import OrderedDict, namedtuple
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -71,6 +72,7 @@ from storage.model import (
     CopyResult,
     Mailbox,
     MailboxChanges,
+    MailboxSnapshot,
     MailboxStatus,
     MessageEntry,
     ParsedMessage,
@@ -705,6 +707,54 @@ _LAST_CHANGE = select(shard_accounts.c.last_change_id).where(
     shard_accounts.c.account_id == bindparam("b_account")
 )
 _KEYWORD_TEXTS = select(E.c.keywords).where(E.c.mailbox_id == bindparam("b_box")).distinct()
+# The snapshot's reads (SqlMailStore.snapshot). The WHERE terms below are
+# written exactly as the partial indexes of schema step 16 declare them,
+# which is how SQLite and PostgreSQL match a query to a partial index:
+# keep the two alike. Entries without keywords store " " (_keywords_text).
+_SEEN_BIT = crit.FLAG_BITS[SEEN]
+_UNSEEN_TERM = E.c.sysflags.op("&")(literal_column(str(_SEEN_BIT))) == literal_column("0")
+_FIRST_UNSEEN = select(func.min(E.c.uid)).where(
+    E.c.mailbox_id == bindparam("b_box"), _UNSEEN_TERM, E.c.uid <= bindparam("b_top")
+)
+_SNAPSHOT_KEYWORDS = (
+    select(E.c.keywords)
+    .where(E.c.mailbox_id == bindparam("b_box"), E.c.keywords != literal_column("' '"))
+    .distinct()
+)
+_UIDS_ORDERED = (
+    select(E.c.uid).where(E.c.mailbox_id == bindparam("b_box")).order_by(E.c.uid).subquery()
+)
+# One row, not one per message: a mailbox of 100,000 UIDs is one string
+# (SQLite) or one integer array (PostgreSQL) decoded in C.
+_UIDS_SQLITE = select(func.group_concat(_UIDS_ORDERED.c.uid))
+_UIDS_PG = select(func.array_agg(postgresql.aggregate_order_by(E.c.uid, E.c.uid))).where(
+    E.c.mailbox_id == bindparam("b_box")
+)
+
+
+def _uid_array(conn: Connection, mailbox_id: int) -> array[int]:
+    """Every UID of the mailbox, ascending. UIDs are 32-bit (RFC 3501
+    section 2.3.1.1): four bytes each."""
+    params = {"b_box": mailbox_id}
+    if conn.dialect.name == "sqlite":
+        text = execute(conn, _UIDS_SQLITE, params).scalar()
+        values = list(map(int, text.split(","))) if text else []
+        # group_concat keeps the subquery's order in practice, which SQLite
+        # does not promise before 3.44; sorting sorted input is one pass.
+        values.sort()
+    else:
+        values = execute(conn, _UIDS_PG, params).scalar() or []
+    return array("I", values)
+
+
+def _keyword_names(texts: Iterable[str]) -> list[str]:
+    """Stored keyword texts -> the distinct keywords, one spelling each,
+    sorted case-insensitively."""
+    found: dict[str, str] = {}
+    for text in texts:
+        for kw in text.split():
+            found.setdefault(kw.lower(), kw)
+    return sorted(found.values(), key=str.lower)
 _CHANGED_ENTRIES = (
     select(*_ENTRY_COLUMNS)
     .select_from(E.join(messages, messages.c.id == E.c.message_id))
@@ -1604,10 +1654,36 @@ class SqlMailStore:
 
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
         """Every entry of the mailbox in UID order (a consistent snapshot)."""
+        return await self._entries(account_id, mailbox_id, None)
 
+    async def entries(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[MessageEntry]:
+        """The entries ``uids`` names, UID order; missing UIDs skipped."""
+        return await self._entries(account_id, mailbox_id, uids)
+
+    async def _entries(
+        self, account_id: int, mailbox_id: int, uids: UidSet | None
+    ) -> list[MessageEntry]:
         def read(conn: Connection) -> list[MessageEntry]:
             self._mailbox_row_sync(conn, account_id, mailbox_id)
-            return [_entry(r) for r in _select_entries_sync(conn, mailbox_id, None, _ENTRIES)]
+            return [_entry(r) for r in _select_entries_sync(conn, mailbox_id, uids, _ENTRIES)]
+
+        return await self.db.read_sync(read)
+
+    async def snapshot(self, account_id: int, mailbox_id: int) -> MailboxSnapshot:
+        """UIDs, first unseen and keywords in one reader snapshot, from the
+        (mailbox_id, uid) index and the partial indexes of schema step 16:
+        no entry rows, no join to messages."""
+
+        def read(conn: Connection) -> MailboxSnapshot:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            uids = _uid_array(conn, mailbox_id)
+            first_unseen = None
+            if uids:
+                params = {"b_box": mailbox_id, "b_top": uids[-1]}
+                first_unseen = execute(conn, _FIRST_UNSEEN, params).scalar()
+            texts = execute(conn, _SNAPSHOT_KEYWORDS, {"b_box": mailbox_id}).all()
+            keywords = tuple(_keyword_names(t for (t,) in texts))
+            return MailboxSnapshot(uids, first_unseen, keywords)
 
         return await self.db.read_sync(read)
 
@@ -2237,11 +2313,7 @@ class SqlMailStore:
             self._mailbox_row_sync(conn, account_id, mailbox_id)
             return execute(conn, _KEYWORD_TEXTS, {"b_box": mailbox_id}).all()
 
-        found: dict[str, str] = {}
-        for (text,) in await self.db.read_sync(read):
-            for kw in text.split():
-                found.setdefault(kw.lower(), kw)
-        return sorted(found.values(), key=str.lower)
+        return _keyword_names(text for (text,) in await self.db.read_sync(read))
 
     async def quota_used(self, account_id: int) -> int:
         """Octets of every message in every mailbox of the account (RFC 9208 STORAGE)."""

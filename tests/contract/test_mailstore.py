@@ -297,6 +297,37 @@ async def test_store_flags_modes(storage: SqlStorage, bob: Account) -> None:
     assert await mail.mailbox_keywords(bob.id, box) == ["$Junk", "Work"]
 
 
+async def test_snapshot_agrees_with_the_entries(storage: SqlStorage, bob: Account) -> None:
+    """MailStore.snapshot (what IMAP SELECT reads) gives the UIDs, the first
+    unseen UID and the keywords that the entries themselves give, through
+    random deliveries, flag changes and expunges; entries() reads ranges."""
+    import random
+
+    rng = random.Random()
+    mail = storage.mail(bob)
+    box = await inbox_id(storage, bob)
+    empty = await mail.snapshot(bob.id, box)
+    assert (list(empty.uids), empty.first_unseen, empty.keywords) == ([], None, ())
+    for _ in range(rng.randint(20, 60)):
+        await deliver(storage, bob, flags=tuple(rng.sample([SEEN, FLAGGED, "Work"], 2)))
+    for _ in range(3):
+        picked = UidSet.of(rng.sample(range(1, 20), rng.randint(1, 8)))
+        mode = rng.choice([StoreMode.ADD, StoreMode.REMOVE, StoreMode.REPLACE])
+        await mail.store_flags(bob.id, box, picked, mode, rng.sample([SEEN, DELETED, "$Junk"], 2))
+        await mail.expunge(bob.id, box)
+        entries = await mail.uids(bob.id, box)
+        snap = await mail.snapshot(bob.id, box)
+        assert list(snap.uids) == [e.uid for e in entries]
+        unseen = [e.uid for e in entries if SEEN not in e.flags]
+        assert snap.first_unseen == (unseen[0] if unseen else None)
+        assert list(snap.keywords) == await mail.mailbox_keywords(bob.id, box)
+        some = UidSet.of([*rng.sample([e.uid for e in entries], min(5, len(entries))), 10 ** 6])
+        assert await mail.entries(bob.id, box, some) == [e for e in entries if e.uid in some]
+    with pytest.raises(StorageError) as err:
+        await mail.snapshot(bob.id, 999_999)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+
+
 async def test_store_of_system_flags_keeps_keywords_and_logs_the_result(
     storage: SqlStorage, bob: Account
 ) -> None:

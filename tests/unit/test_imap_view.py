@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -51,7 +52,7 @@ def test_resolve_out_of_range_sequence_numbers() -> None:
 def test_remove_announces_highest_first() -> None:
     view = _view([3, 5, 9, 20])
     assert view.remove({5, 20}) == [4, 2]
-    assert view.uids == [3, 9] and view.seq_of(9) == 2 and view.seq_of(5) is None
+    assert list(view.uids) == [3, 9] and view.seq_of(9) == 2 and view.seq_of(5) is None
 
 
 def _slice(raw: bytes, section: Section) -> bytes | None:
@@ -89,48 +90,47 @@ def test_filter_header_keeps_continuations() -> None:
     assert filter_header(header, ["none"], True) == b"\r\n"
 
 
-_FLAGS = ("\\Seen", "\\Flagged", "$Junk")
-_op = st.one_of(
-    st.tuples(st.just("set"), st.integers(0, 40), st.frozensets(st.sampled_from(_FLAGS))),
-    st.tuples(st.just("add"), st.integers(1, 3), st.frozensets(st.sampled_from(_FLAGS))),
-    st.tuples(st.just("remove"), st.integers(0, 40), st.just(frozenset())),
-    st.tuples(st.just("search"), st.integers(0, 5), st.just(frozenset())),
+@settings(max_examples=200, deadline=None)
+@given(
+    uids=st.lists(st.integers(1, 3000), unique=True, max_size=400).map(sorted),
+    data=st.data(),
 )
+def test_remove_matches_a_list(uids: list[int], data: st.DataObject) -> None:
+    """Expunging any subset (a few UIDs one by one, many in one pass) gives
+    the sequence numbers and the order a plain list gives."""
+    view = _view(uids)
+    gone = set(data.draw(st.lists(st.sampled_from(uids), max_size=len(uids)) if uids
+                         else st.just([])))
+    gone.add(data.draw(st.integers(1, 3000)))  # a UID not in the view is ignored
+    expected = sorted((i + 1 for i, u in enumerate(uids) if u in gone), reverse=True)
+    assert view.remove(gone) == expected
+    assert list(view.uids) == [u for u in uids if u not in gone]
+    assert set(view.entries) == set(view.uids)
 
 
-@pytest.mark.parametrize("max_indexes", [8, 2])
-@settings(max_examples=300, deadline=None)
-@given(ops=st.lists(_op, max_size=60))
-def test_flag_search_index_matches_a_scan(
-    ops: list[tuple[str, int, frozenset[str]]], max_indexes: int
-) -> None:
-    """uids_with_flag (SEARCH SEEN/UNSEEN/...) answers from an index kept by
-    update/add/remove; after any sequence of them it equals a full scan,
-    also for the pairs beyond the index limit."""
-    saved, mailbox_view.MAX_FLAG_INDEXES = mailbox_view.MAX_FLAG_INDEXES, max_indexes
-    try:
-        view = _view(list(range(1, 11)))
-        now = dt.datetime.now(dt.UTC)
-        for kind, n, flags in ops:
-            if kind == "set" and view.uids:
-                old = view.entries[view.uids[n % len(view.uids)]]
-                view.update(MessageEntry(1, old.uid, old.uid, flags, old.modseq + 1, now, 10, "k"))
-            elif kind == "add":
-                top = view.max_uid
-                view.add([MessageEntry(1, top + i, top + i, flags, 1, now, 10, "k")
-                          for i in range(1, n + 1)])
-            elif kind == "remove" and view.uids:
-                view.remove({view.uids[n % len(view.uids)]})
-            elif kind == "search":
-                flag, present = _FLAGS[n % 3], n < 3
-                scan = [u for u in view.uids if (flag in view.entries[u].flags) == present]
-                assert view.uids_with_flag(flag, present) == scan
-        for flag in _FLAGS:
-            for present in (True, False):
-                scan = [u for u in view.uids if (flag in view.entries[u].flags) == present]
-                assert view.uids_with_flag(flag, present) == scan
-    finally:
-        mailbox_view.MAX_FLAG_INDEXES = saved
+def test_a_lazy_view_reads_only_what_it_is_asked() -> None:
+    """A view made from a snapshot holds UIDs only; entries come in per
+    command (missing/load) and updates reach read and unread ones alike."""
+    from array import array
+
+    from storage.model import MailboxSnapshot
+
+    uids = sorted(random.sample(range(1, 50_000), random.randint(50, 400)))
+    box = Mailbox(1, 1, "INBOX", 7, uids[-1] + 1, 1, None)
+    snapshot = MailboxSnapshot(array("I", uids), uids[3], ("$Work",))
+    view = MailboxView.from_snapshot(box, False, snapshot, 1)
+    assert view.exists == len(uids) and not view.entries and view.keywords == {"$Work"}
+    now = dt.datetime.now(dt.UTC)
+    some = random.sample(uids, 10)
+    assert sorted(view.missing(some)) == sorted(some)
+    view.load([MessageEntry(1, u, u, frozenset({"$New"}), 2, now, 10, "k") for u in some])
+    assert view.missing(some) == [] and view.unannounced == {"$New"}
+    outside = uids[-1] + 7
+    view.update(MessageEntry(1, outside, 1, frozenset(), 3, now, 10, "k"))
+    assert outside not in view.entries  # not in the snapshot: ignored
+    unread = next(u for u in uids if u not in view.entries)
+    view.update(MessageEntry(1, unread, 1, frozenset({"\\Seen"}), 3, now, 10, "k"))
+    assert view.entries[unread].flags == {"\\Seen"}
 
 
 def _entry(message_id: int, raw: bytes) -> MessageEntry:

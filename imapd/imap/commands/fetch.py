@@ -212,10 +212,11 @@ async def _load(
 ) -> list[StoredMessage | MessageEntry]:
     view = s.selected
     assert s.mail is not None and s.account is not None and view is not None
+    await s.read_entries(view, uids)  # the snapshot is lazy: a batch at a time
     entries = view.entries
     if all(a.name in _ENTRY_ONLY for a in atts):
-        # Flags, modseq, size and date are in the session's snapshot, kept
-        # current by our own writes and by the event bus (synced first).
+        # Flags, modseq, size and date: the session's entries, kept current
+        # by our own writes and by the event bus (synced first).
         return [entries[u] for u in uids if u in entries]
     raw_only = _raw_only(atts)
     # Parsed forms never change: take them from the session cache where we
@@ -277,6 +278,8 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
     uids = [u for u in uids if u not in view.pending_vanished]
     set_seen = not view.read_only and any(_needs_seen(a) for a in atts)
     all_atts = tuple(atts)
+    if all(a.name in _ENTRY_ONLY for a in all_atts):
+        await s.read_entries(view, uids)  # small rows: all in one storage call
     for i in range(0, len(uids), BATCH):
         batch = uids[i : i + BATCH]
         items = await _load(s, batch, all_atts)

@@ -20,7 +20,7 @@ from imapd.imap.wire.commands import (
     Status,
 )
 from storage.errors import ErrorKind, StorageError
-from storage.model import HIERARCHY_DELIMITER, SEEN, Mailbox
+from storage.model import HIERARCHY_DELIMITER, Mailbox
 
 _DELIM = HIERARCHY_DELIMITER
 # RFC 5258 section 3 sets no bound on a pattern list; each pattern is tried
@@ -45,9 +45,11 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     acct = _account_id(s)
     heard = s.changes_heard  # see Session.selected_now
     box = await s.mail.get_mailbox(acct, cmd.mailbox)
-    entries = await s.mail.uids(acct, box.id)
+    # UIDs and what the responses below need, no message rows (issue #20):
+    # entries are read per command, for the UIDs it touches.
+    snapshot = await s.mail.snapshot(acct, box.id)
     read_only = cmd.name == "EXAMINE"
-    view = MailboxView.from_entries(box, read_only, entries, box.highestmodseq)
+    view = MailboxView.from_snapshot(box, read_only, snapshot, box.highestmodseq)
     if cmd.condstore or cmd.qresync is not None:
         s.condstore = True  # RFC 7162 section 3.1.8
     if read_only:
@@ -57,14 +59,13 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
         view.mark_recent(await s.mail.peek_recent(acct, box.id))
     else:
         floor = await s.mail.claim_recent(acct, box.id)
-        view.recent = {u for u in view.uids if u >= floor}
+        view.recent = set(view.uids_from(floor))
     s.announce_flags(view, always=True)
     s.untagged(f"{view.exists} EXISTS")
     s.untagged(f"{len(view.recent)} RECENT")
-    for i, e in enumerate(entries):
-        if SEEN not in e.flags:
-            s.untagged(f"OK [UNSEEN {i + 1}] First unseen")
-            break
+    first_unseen = view.seq_of(snapshot.first_unseen) if snapshot.first_unseen else None
+    if first_unseen is not None:
+        s.untagged(f"OK [UNSEEN {first_unseen}] First unseen")  # RFC 3501 section 6.3.1
     s.untagged(f"OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")
     s.untagged(f"OK [UIDNEXT {max(box.uidnext, view.max_uid + 1)}] Predicted next UID")
     s.untagged(f"OK [HIGHESTMODSEQ {max(box.highestmodseq, 1)}] Highest")

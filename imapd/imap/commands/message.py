@@ -59,7 +59,7 @@ async def handle_expunge(s: Session, cmd: c.Command) -> Reply:
         uids = UidSet.of(wanted)
     gone = await s.mail.expunge(*_ids(s), uids)
     if gone:
-        s.announce_expunge(view, set(gone) & view.entries.keys())
+        s.announce_expunge(view, set(gone))  # only those in the snapshot are announced
     return ok(f"{cmd.name} completed")
 
 
@@ -177,22 +177,23 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
         await s.sync(allow_expunge=False)  # current flags; no EXPUNGE during SEARCH
     criteria = search_criteria(cmd.key, view)
     known = view.entries
-    if _local(criteria):
-        # Flags, UIDs, sizes and modseqs are in the snapshot: no storage trip.
+    if _local(criteria) and len(known) == view.exists:
+        # Every entry was read: flags, UIDs, sizes and modseqs are in the
+        # snapshot, no storage trip.
         gone = view.pending_vanished
-        if isinstance(criteria, q.Flag) and not gone:
-            # The commonest search (UNSEEN, FLAGGED...), without a call per message.
-            uids = view.uids_with_flag(criteria.flag, criteria.present)
-        else:
-            match = _compile(criteria)
-            uids = [u for u in view.uids if u not in gone and match(known[u])]
+        match = _compile(criteria)
+        uids = [u for u in view.uids if u not in gone and match(known[u])]
     else:
+        # The snapshot is lazy (MailboxView): storage decides, in SQL
+        # where it can; only what this session has seen is reported.
         found = await s.mail.search(*_ids(s), criteria)
-        uids = [u for u in found if u in known]  # only what this session has seen
+        uids = [u for u in found if view.contains(u)]
     top_modseq = 0
     if _uses_modseq(cmd.key):
         s.use_condstore()
-        top_modseq = max((known[u].modseq for u in _modseq_reported_for(cmd, uids)), default=0)
+        reported = _modseq_reported_for(cmd, uids)
+        await s.read_entries(view, reported)
+        top_modseq = max((known[u].modseq for u in reported if u in known), default=0)
     modseq_note = b" (MODSEQ %d)" % top_modseq if top_modseq else b""
     numbers = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
     if cmd.returns is None:
@@ -233,9 +234,11 @@ async def handle_store(s: Session, cmd: c.Store) -> Reply:
     )
     updated = {}
     for e in result.updated:
-        if e.uid in view.entries:
+        if view.contains(e.uid):
             view.update(e)
             updated[e.uid] = e.modseq
+    if not cmd.silent:
+        await s.read_entries(view, uids)  # the flags of those the STORE left alone
     s.announce_flags(view)  # RFC 3501 section 7.2.6: a new keyword, before its FETCH
     modified = set(result.modified)
     for uid in uids:
@@ -246,7 +249,10 @@ async def handle_store(s: Session, cmd: c.Store) -> Reply:
         if cmd.uid or "QRESYNC" in s.enabled:
             items.append(b"UID %d" % uid)
         if not cmd.silent:
-            flags = view.entries[uid].flags
+            entry = view.entries.get(uid)
+            if entry is None:
+                continue  # expunged elsewhere; the client hears of it at the next sync
+            flags = entry.flags
             items.append(b"FLAGS " + encode.flags(s.display_flags(view, uid, flags)))
         if s.condstore and uid in updated:
             # RFC 7162 section 3.1.3: MODSEQ is sent even for .SILENT.

@@ -119,18 +119,18 @@ async def test_a_change_made_during_select_is_heard(
 
     _no_forced_poll(monkeypatch)
     await imap_env.deliver(message(f"selected {random.random()}"))
-    real = SqlMailStore.uids
+    real = SqlMailStore.snapshot
     flagged: list[int] = []
 
-    async def uids_then_store(self, account_id, mailbox_id):  # type: ignore[no-untyped-def]
-        entries = await real(self, account_id, mailbox_id)
+    async def snapshot_then_store(self, account_id, mailbox_id):  # type: ignore[no-untyped-def]
+        snapshot = await real(self, account_id, mailbox_id)
         if not flagged:
-            flagged.append(entries[0].uid)
-            await self.store_flags(account_id, mailbox_id, UidSet.of([entries[0].uid]),
+            flagged.append(snapshot.uids[0])
+            await self.store_flags(account_id, mailbox_id, UidSet.of([snapshot.uids[0]]),
                                    StoreMode.ADD, ("\\Flagged",))
-        return entries
+        return snapshot
 
-    monkeypatch.setattr(SqlMailStore, "uids", uids_then_store)
+    monkeypatch.setattr(SqlMailStore, "snapshot", snapshot_then_store)
     a = await imap_env.client(login=True)
     await a.ok("SELECT INBOX")
     lines = await a.ok("FETCH 1 (FLAGS)")
