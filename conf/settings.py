@@ -154,8 +154,9 @@ class StorageSettings(Section):
     url: str = ""
     blob_dir: str = ""  # empty: data_dir/blobs
     # Blobs up to this many bytes are packed, many per fsync: into the url's
-    # SQLite database itself, else blob_dir/pack.sqlite; "auto": 262144 over
-    # SQLite, 0 (a file each) over PostgreSQL.
+    # database itself (SQLite file, or PostgreSQL's blobs table, where only a
+    # delivery's own transaction writes them), else blob_dir/pack.sqlite
+    # (SQLite sites only); "auto": 262144; 0: a file each.
     blob_pack_max_bytes: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
     # Mail shards, name -> [storage.shards.NAME] table (or just its url,
     # the older form `shards = {name = "url"}`).

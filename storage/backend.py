@@ -281,9 +281,9 @@ class SqlStorage:
             await blobs.close()
 
 
-# Blobs up to this size are packed by default on a one-host (SQLite) site:
-# most mail without attachments, and SQLite reads blobs this small about as
-# fast as the filesystem does.
+# Blobs up to this size are packed by default: most mail without
+# attachments, and a database reads blobs this small about as fast as the
+# filesystem does.
 DEFAULT_BLOB_PACK_MAX_BYTES = 256 * 1024
 
 
@@ -313,14 +313,14 @@ async def open_storage_from_url(
     indexer (``storage/sql/fts.py``); tests that drive it themselves say
     False (``Database.indexer().run_once()``).
     ``blob_pack_max_bytes``: blobs up to this size are packed
-    (``storage/blob/pack.py``); None picks the default,
-    :data:`DEFAULT_BLOB_PACK_MAX_BYTES` over SQLite (one host) and 0 (every
-    blob its own file) over PostgreSQL, whose sites may share the folder
-    over NFS, where SQLite's locks are not to be trusted. When the default
-    shard is a SQLite file the pack is a table in it: a delivery to that
-    shard then writes its blob in its own transaction, one fsync for both
-    (``MailStore.deliver``'s ``blob_data``). Otherwise the pack is
-    ``pack.sqlite`` in the blob folder.
+    (``storage/blob/pack.py``); None picks
+    :data:`DEFAULT_BLOB_PACK_MAX_BYTES`. The pack is a table in the
+    default shard's database (a SQLite file or PostgreSQL): a delivery to
+    that shard writes its blob in its own transaction, one fsync for both
+    (``MailStore.deliver``'s ``blob_data``). Otherwise (no SQLite file)
+    it is ``pack.sqlite`` in the blob folder; over PostgreSQL nothing is
+    packed but deliveries' blobs, the folder may be shared over NFS,
+    where SQLite's locks are not to be trusted.
     """
     if events not in ("auto", "inprocess", "redis"):
         raise errors.invalid(f"unknown event bus {events!r}")
@@ -348,11 +348,15 @@ async def open_storage_from_url(
         if events_dir is not None:
             bus = LocalSocketEventBus(events_dir)
     if blob_pack_max_bytes is None:
-        sqlite = databases[DEFAULT_SHARD].dialect == "sqlite"
-        blob_pack_max_bytes = DEFAULT_BLOB_PACK_MAX_BYTES if sqlite else 0
+        blob_pack_max_bytes = DEFAULT_BLOB_PACK_MAX_BYTES
     # Set even with packing off, so blobs packed there before stay readable.
     pack_path = databases[DEFAULT_SHARD].file
-    blobs = open_blob_store(blob_dir, pack_max_bytes=blob_pack_max_bytes, pack_path=pack_path)
+    blobs = open_blob_store(
+        blob_dir,
+        pack_max_bytes=blob_pack_max_bytes,
+        pack_path=pack_path,
+        pack_db=_table_pack_db(databases[DEFAULT_SHARD]),
+    )
     shard_blobs = _shard_blob_stores(specs, databases, blob_dir, blob_pack_max_bytes, pack_path)
     storage = SqlStorage(
         databases,
@@ -402,9 +406,21 @@ def _shard_blob_stores(
         if folder not in by_dir:
             file = databases[name].file
             pack = file if file is not None and file != site_pack else None
-            by_dir[folder] = open_blob_store(folder, pack_max_bytes=pack_max_bytes, pack_path=pack)
+            by_dir[folder] = open_blob_store(
+                folder,
+                pack_max_bytes=pack_max_bytes,
+                pack_path=pack,
+                pack_db=_table_pack_db(databases[name]),
+            )
         found[name] = by_dir[folder]
     return found
+
+
+def _table_pack_db(db: Database) -> Database | None:
+    """The database whose ``blobs`` table a blob store packs deliveries'
+    small blobs in, when that is PostgreSQL (schema step 18); None for SQLite,
+    whose pack is its file (``pack_path``)."""
+    return None if db.is_sqlite else db
 
 
 def sqlite_events_dir(url: str) -> Path | None:

@@ -8,16 +8,23 @@ backend belongs beside it as ``storage/blob/s3.py`` implementing the same
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from storage.blob.fs import FsBlobStore
 
 
 def open_blob_store(
-    location: str | Path, *, pack_max_bytes: int = 0, pack_path: str | None = None
+    location: str | Path,
+    *,
+    pack_max_bytes: int = 0,
+    pack_path: str | None = None,
+    pack_db: Any = None,
 ) -> FsBlobStore:
     """A blob store for ``location``: a directory path (or ``file://`` URL),
     blobs of at most ``pack_max_bytes`` packed in one file there (0: none),
-    or in the SQLite database file ``pack_path`` (its ``blobs`` table).
+    or in the SQLite database file ``pack_path`` (its ``blobs`` table), or,
+    for deliveries into the PostgreSQL ``Database`` ``pack_db``, in its
+    ``blobs`` table.
 
     ``s3://bucket/prefix`` is where the S3 backend plugs in.
     """
@@ -26,7 +33,9 @@ def open_blob_store(
         raise NotImplementedError("the S3 blob backend is not built yet")
     if loc.startswith("file://"):
         loc = loc[len("file://") :]
-    return FsBlobStore(Path(loc), pack_max_bytes=pack_max_bytes, pack_path=pack_path)
+    return FsBlobStore(
+        Path(loc), pack_max_bytes=pack_max_bytes, pack_path=pack_path, pack_db=pack_db
+    )
 
 
 __all__ = ["FsBlobStore", "open_blob_store"]

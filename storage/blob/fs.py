@@ -19,6 +19,12 @@ where a delivery writes its blob in its own transaction). Reads look in the
 pack first, then in the root's ``pack.sqlite`` if the pack is elsewhere and
 that file exists (blobs packed before the pack moved), then for the file,
 so blobs written before packing was turned on (or off) stay readable.
+
+On PostgreSQL (``pack_db``: a shard's database) the pack is that database's
+``blobs`` table (:class:`TablePack`): deliveries into it write their small
+blobs there, in their own transaction; a blob stored any other way is a
+file (never ``pack.sqlite``: a PostgreSQL site's folder may be shared over
+NFS, where SQLite's locks are not to be trusted). Reads look there first.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from storage.blob.key import content_key, content_key_sync
-from storage.blob.pack import PACK_FILE, BlobPack
+from storage.blob.pack import PACK_FILE, BlobPack, TablePack
 from storage.errors import ErrorKind, StorageError
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -84,7 +91,12 @@ class FsBlobStore:
     ``root/pack.sqlite``, or in the database file ``pack_path``."""
 
     def __init__(
-        self, root: Path, *, pack_max_bytes: int = 0, pack_path: str | None = None
+        self,
+        root: Path,
+        *,
+        pack_max_bytes: int = 0,
+        pack_path: str | None = None,
+        pack_db: Any = None,
     ) -> None:
         self.root = Path(root)
         # Made by us: readable by the daemons' user only (an existing folder
@@ -92,6 +104,9 @@ class FsBlobStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root = str(self.root)
         self.pack_max_bytes = pack_max_bytes
+        # PostgreSQL: small blobs in the database's table, written by
+        # deliveries only; this store itself packs nothing then.
+        self.table_pack = TablePack(pack_db) if pack_db is not None else None
         folder_pack = os.path.join(self._root, PACK_FILE)
         self.pack = BlobPack(pack_path or folder_pack)
         self._pack_seen = pack_max_bytes > 0
@@ -184,7 +199,19 @@ class FsBlobStore:
         return fd, Path(name)
 
     def _packs(self, size: int) -> bool:
-        return size <= self.pack_max_bytes and self.pack_max_bytes > 0
+        return size <= self.pack_max_bytes and self.pack_max_bytes > 0 and not self.table_pack
+
+    def inline_max(self, database: Any) -> int:
+        """Blobs up to this size a delivery into ``database`` (a shard's
+        ``Database``) writes in its own transaction, because this store's
+        pack is a table in it (a SQLite file, a PostgreSQL database); 0
+        where it is not."""
+        if self.pack_max_bytes <= 0:
+            return 0
+        if self.table_pack is not None:
+            return self.pack_max_bytes if self.table_pack.database is database else 0
+        file = getattr(database, "file", None)
+        return self.pack_max_bytes if file is not None and file == self.pack.path else 0
 
     def _may_be_packed(self) -> bool:
         """Whether reads must look in the pack: packing is on, or the pack
@@ -310,19 +337,35 @@ class FsBlobStore:
         except FileNotFoundError:
             raise StorageError(ErrorKind.NOT_FOUND, "no such blob") from None
 
+    async def _in_table(self, columns: str, key: str) -> tuple[object, ...] | None:
+        """The PostgreSQL pack's ``columns`` for the blob, or None."""
+        if self.table_pack is None:
+            return None
+        return await self.table_pack.row(columns, _check_key(key))
+
     async def get(self, key: str) -> bytes:
         """The whole blob; NOT_FOUND if absent."""
+        row = await self._in_table("data", key)
+        if row is not None:
+            return bytes(row[0])  # type: ignore[arg-type]
         return await asyncio.to_thread(self._read, key)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``start`` .. ``end`` (exclusive), clipped to the blob's size."""
         if start < 0 or end < start:
             raise StorageError(ErrorKind.INVALID, "bad byte range")
+        row = await self._in_table("data", key)
+        if row is not None:
+            return bytes(row[0])[start:end]  # type: ignore[index]
         return await asyncio.to_thread(self._read, key, start, end)
 
     async def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
         """The blob in chunks of at most ``chunk_size`` bytes."""
-        row = await asyncio.to_thread(self._packed, "SELECT data FROM blobs WHERE key = ?", key)
+        row = await self._in_table("data", key)
+        if row is None:
+            row = await asyncio.to_thread(
+                self._packed, "SELECT data FROM blobs WHERE key = ?", key
+            )
         if row is not None:
             data = bytes(row[0])  # type: ignore[arg-type]
             for at in range(0, len(data), chunk_size):
@@ -346,6 +389,8 @@ class FsBlobStore:
         return self.path(key).is_file()
 
     async def exists(self, key: str) -> bool:
+        if await self._in_table("1", key) is not None:
+            return True
         return await asyncio.to_thread(self._exists, key)
 
     def _stat(self, key: str, column: str, field: str) -> float:
@@ -361,12 +406,18 @@ class FsBlobStore:
 
     async def size(self, key: str) -> int:
         """The blob's length in bytes; NOT_FOUND if absent."""
+        row = await self._in_table("length(data)", key)
+        if row is not None:
+            return int(row[0])  # type: ignore[call-overload]
         return int(await asyncio.to_thread(self._stat, key, "length(data)", "st_size"))
 
     async def stored_at(self, key: str) -> float:
         """When the blob was last stored (a Unix time; storing the same
         bytes again refreshes it); NOT_FOUND if absent. Garbage collection
         spares blobs stored recently: an ingest may be about to use them."""
+        row = await self._in_table("stored", key)
+        if row is not None:
+            return float(row[0])  # type: ignore[arg-type]
         return await asyncio.to_thread(self._stat, key, "stored", "st_mtime")
 
     def _delete(self, key: str, stored_before: float | None) -> None:
@@ -385,6 +436,8 @@ class FsBlobStore:
     async def delete(self, key: str, *, stored_before: float | None = None) -> None:
         """Removes the blob; a missing blob is not an error (GC is idempotent).
         ``stored_before``: only if not stored again since that Unix time."""
+        if self.table_pack is not None:
+            await self.table_pack.delete(_check_key(key), stored_before)
         await asyncio.to_thread(self._delete, key, stored_before)
 
     def _keys(self) -> list[str]:
@@ -395,7 +448,10 @@ class FsBlobStore:
 
     async def keys(self) -> list[str]:
         """Every stored key, sorted."""
-        return await asyncio.to_thread(self._keys)
+        keys = await asyncio.to_thread(self._keys)
+        if self.table_pack is None:
+            return keys
+        return sorted({*keys, *await self.table_pack.keys()})
 
     async def close(self) -> None:
         """Finishes queued writes and closes the pack and the writer threads."""

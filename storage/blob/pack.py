@@ -37,6 +37,9 @@ import os
 import sqlite3
 import threading
 import time
+from typing import Any
+
+from sqlalchemy import text
 
 from storage.walsync import WalFile
 
@@ -50,12 +53,24 @@ SCHEMA_SQL = (
     "CREATE TABLE IF NOT EXISTS blobs ("
     " key TEXT PRIMARY KEY, data BLOB NOT NULL, stored REAL NOT NULL)"
 )
+# The same table in a PostgreSQL shard database (schema step 18). Its
+# blobs are written only by deliveries, in their own transaction. Stored
+# uncompressed (EXTERNAL): mail is mostly compressed already (base64 of
+# images and archives), and a blob's bytes are read far more often than
+# written.
+PG_SCHEMA_SQL = (
+    "CREATE TABLE IF NOT EXISTS blobs ("
+    " key text PRIMARY KEY, data bytea NOT NULL, stored double precision NOT NULL)",
+    "ALTER TABLE blobs ALTER COLUMN data SET STORAGE EXTERNAL",
+)
 # Storing bytes already present refreshes their ``stored`` time only; a
 # delivery writing its blob inline uses the same statement.
-PUT_SQL = (
-    "INSERT INTO blobs (key, data, stored) VALUES (?, ?, ?) "
+_PUT = (
+    "INSERT INTO blobs (key, data, stored) VALUES ({}) "
     "ON CONFLICT (key) DO UPDATE SET stored = excluded.stored"
 )
+PUT_SQL = _PUT.format("?, ?, ?")
+PUT_SQL_NAMED = _PUT.format(":key, :data, :stored")  # for sqlalchemy.text, any dialect
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -265,3 +280,36 @@ class BlobPack:
         for conn in conns:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+class TablePack:
+    """The ``blobs`` table of a PostgreSQL database (``database``: a
+    ``storage.sql.db.Database``), read and garbage-collected through the
+    blob store like :class:`BlobPack`; written only by deliveries, each
+    blob in the transaction of the rows that name it
+    (``MailStore.deliver``'s ``blob_data``), so a small message costs no
+    blob file and no fsync of its own."""
+
+    def __init__(self, database: Any) -> None:
+        self.database = database
+
+    async def row(self, columns: str, key: str) -> tuple[object, ...] | None:
+        """``columns`` (SQL) of the blob's row, or None."""
+        async with self.database.read() as conn:
+            found = await conn.execute(
+                text(f"SELECT {columns} FROM blobs WHERE key = :key"), {"key": key}
+            )
+            return found.first()  # type: ignore[no-any-return]
+
+    async def keys(self) -> list[str]:
+        async with self.database.read() as conn:
+            return [r[0] for r in await conn.execute(text("SELECT key FROM blobs"))]
+
+    async def delete(self, key: str, stored_before: float | None) -> None:
+        """Removes the blob; with ``stored_before`` only if not stored since."""
+        before = float("inf") if stored_before is None else stored_before
+        async with self.database.write() as conn:
+            await conn.execute(
+                text("DELETE FROM blobs WHERE key = :key AND stored < :before"),
+                {"key": key, "before": before},
+            )

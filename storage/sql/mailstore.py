@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
 from storage.api import BlobStore, EventBus
-from storage.blob.pack import PUT_SQL as PACK_PUT_SQL
+from storage.blob.pack import PUT_SQL_NAMED as PACK_PUT_SQL
 from storage.errors import ErrorKind, StorageError
 from storage.events import compact_json
 from storage.model import (
@@ -706,6 +706,8 @@ _MAILBOXES = (
 _LAST_CHANGE = select(shard_accounts.c.last_change_id).where(
     shard_accounts.c.account_id == bindparam("b_account")
 )
+# A delivery's blob in its own transaction (the pack's own statement).
+_PUT_BLOB = sql_text(PACK_PUT_SQL)
 _KEYWORD_TEXTS = select(E.c.keywords).where(E.c.mailbox_id == bindparam("b_box")).distinct()
 # The snapshot's reads (SqlMailStore.snapshot). The WHERE terms below are
 # written exactly as the partial indexes of schema step 16 declare them,
@@ -979,8 +981,6 @@ class SqlMailStore:
         self.events = events
         self.blobs = blobs
         self.shard = shard
-        pack = getattr(blobs, "pack", None)
-        self._holds_pack = db.file is not None and getattr(pack, "path", None) == db.file
         self._parsed_cache: OrderedDict[int, ParsedMessage] = OrderedDict()
         # Folder pages and fetches, by every column an entry is built from
         # (see _stored): a key names one StoredMessage for good.
@@ -990,8 +990,10 @@ class SqlMailStore:
     def inline_blob_max(self) -> int:
         """Blobs this store writes in a delivery's own transaction
         (``deliver``'s ``blob_data``): those the blob store packs, when its
-        pack is a table in this shard's database file; else 0."""
-        return int(getattr(self.blobs, "pack_max_bytes", 0)) if self._holds_pack else 0
+        pack is a table in this shard's database (SQLite or PostgreSQL,
+        ``FsBlobStore.inline_max``); else 0."""
+        inline_max = getattr(self.blobs, "inline_max", None)
+        return int(inline_max(self.db)) if inline_max is not None else 0
 
     # --- transactions ------------------------------------------------------
 
@@ -1426,9 +1428,9 @@ class SqlMailStore:
                 # blob behind. (The pack's own statement: an existing blob
                 # only has its stored time refreshed, as garbage collection
                 # expects.)
-                driver = conn.connection.driver_connection
-                assert driver is not None
-                driver.execute(PACK_PUT_SQL, (blob_key, blob_data, time.time())).close()
+                execute(
+                    conn, _PUT_BLOB, {"key": blob_key, "data": blob_data, "stored": time.time()}
+                )
             message_id = self._insert_message_sync(conn, account_id, values, parsed)
             results = []
             uidnext: dict[int, tuple[int, int]] = {}

@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import CreateColumn
 
+from storage.blob.pack import PG_SCHEMA_SQL as PG_PACK_SCHEMA_SQL
 from storage.blob.pack import SCHEMA_SQL as PACK_SCHEMA_SQL
 from storage.model import SYSTEM_FLAGS
 
@@ -769,6 +770,17 @@ async def _v17_pg_search_index_deferred(conn: AsyncConnection) -> None:
     )
 
 
+async def _v18_pg_blob_pack(conn: AsyncConnection) -> None:
+    """PostgreSQL: the blob pack's table, as step 7 made it in SQLite files
+    (``storage/blob/pack.py``): a delivery into this database writes its
+    small message's bytes here, in the transaction of the rows that name
+    it, instead of a blob file with two fsyncs of its own."""
+    if conn.dialect.name != "postgresql":
+        return
+    for statement in PG_PACK_SCHEMA_SQL:
+        await conn.exec_driver_sql(statement)
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -787,6 +799,7 @@ MIGRATIONS: list[Step] = [
     _v15_dkim_keys,
     _v16_snapshot_indexes,
     _v17_pg_search_index_deferred,
+    _v18_pg_blob_pack,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
