@@ -9,8 +9,9 @@ caller cannot tell the two apart.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -25,6 +26,9 @@ from storage.errors import ErrorKind, StorageError
 from storage.model import Account, Mailbox, StoredMessage, UidSet
 from storage.shared import RateLimit
 
+R = TypeVar("R")
+FOLDER_MAPS_CACHED = 10_000  # accounts whose folder ids are remembered (a few KB each)
+
 
 @dataclass
 class ApiContext:
@@ -36,6 +40,8 @@ class ApiContext:
     threads: ThreadCache = field(default_factory=ThreadCache)
     list_items: ListItems = field(default_factory=ListItems)
     bodies: MessageBodies = field(default_factory=MessageBodies)
+    # account id -> (directory generation, its folder ids): see resolve_ids.
+    folder_maps: dict[int, tuple[int, FolderIds]] = field(default_factory=dict)
     # Highest change id seen per account: where to start paging the change log.
     change_hints: dict[int, int] = field(default_factory=dict)
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -80,11 +86,39 @@ async def folder_ids(request: web.Request) -> FolderIds:
     read once per request: one ``list_mailboxes`` of the account's shard."""
     ids = request.get(FOLDER_IDS_KEY)
     if ids is None:
-        account = account_of(request)
-        mail = context(request).storage.mail(account)
-        boxes = await mail.list_mailboxes(account.id)
+        ctx, account = context(request), account_of(request)
+        generation = getattr(ctx.storage.directory, "generation", None)
+        boxes = await ctx.storage.mail(account).list_mailboxes(account.id)
         ids = request[FOLDER_IDS_KEY] = FolderIds(account.id, boxes)
+        if isinstance(generation, int):
+            if len(ctx.folder_maps) >= FOLDER_MAPS_CACHED:
+                ctx.folder_maps.clear()
+            ctx.folder_maps[account.id] = (generation, ids)
     return ids  # type: ignore[no-any-return]
+
+
+async def resolve_ids(
+    request: web.Request, resolve: Callable[[FolderIds], R], row: Callable[[R], int]
+) -> tuple[FolderIds, R]:
+    """``resolve(ids)`` (the request's folder or message id to a mailbox
+    row) against the account's remembered folder ids, with no read, when
+    they resolve it to a row they hold; else against ids read afresh (a
+    folder created since). A row's UIDVALIDITY never changes and row ids
+    are never reused, so what is remembered is never wrong, only
+    incomplete; an account move (the directory's ``generation``) forgets it."""
+    ctx, account = context(request), account_of(request)
+    remembered = ctx.folder_maps.get(account.id)
+    generation = getattr(ctx.storage.directory, "generation", None)
+    if remembered is not None and remembered[0] == generation:
+        try:
+            found = resolve(remembered[1])
+        except ApiError:
+            pass
+        else:
+            if remembered[1].knows(row(found)):
+                return remembered[1], found
+    ids = await folder_ids(request)
+    return ids, resolve(ids)
 
 
 def client_ip(request: web.Request, trusted_proxies: list[str]) -> str:

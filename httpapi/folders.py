@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from httpapi.body import is_text, json_body
-from httpapi.context import account_of, context, folder_ids, owned_mailbox
+from httpapi.context import account_of, context, folder_ids, owned_mailbox, resolve_ids
 from httpapi.errors import ApiError, bad_request, not_found
 from httpapi.ids import decode_folder_cursor, encode_folder_cursor
 from httpapi.views import folder_view, json_response
@@ -86,7 +86,8 @@ def folder_name(value: Any) -> str:
 
 async def _folder(request: web.Request) -> int:
     """The mailbox row id the path's folder id names (404 if none)."""
-    return (await folder_ids(request)).folder(request.match_info["folder_id"])
+    token = request.match_info["folder_id"]
+    return (await resolve_ids(request, lambda ids: ids.folder(token), int))[1]
 
 
 @routes.get("/v1/folders", name="list_folders")
@@ -169,7 +170,7 @@ async def list_messages(request: web.Request) -> web.Response:
     has_more = len(page) > limit
     page = page[:limit]
     index = await ctx.threads.index(mail, account.id, [s.entry.message_id for _, s in page])
-    ids = await folder_ids(request)
+    ids = (await resolve_ids(request, lambda ids: mailbox_id, int))[0]
     items = [ctx.list_items.item(s, index.thread_of.get(s.entry.message_id), ids) for _, s in page]
     return json_response({
         "messages": items,

@@ -82,6 +82,10 @@ class FolderIds:
             return _encode(f"m:{mailbox_id}.{uid}")
         return _encode(f"v:{self.account_id}.{uidvalidity}.{uid}")
 
+    def knows(self, mailbox_id: int) -> bool:
+        """Whether the mailbox row was among those listed."""
+        return mailbox_id in self._uidvalidity
+
     def _row_of(self, account_id: int, uidvalidity: int) -> int | None:
         return self._row.get(uidvalidity) if account_id == self.account_id else None
 

@@ -31,6 +31,7 @@ from httpapi.context import (
     owned_mailbox,
     owned_message,
     owned_stored,
+    resolve_ids,
 )
 from httpapi.errors import ApiError, bad_request, not_found, retry_later
 from httpapi.ids import MessageRef, folder_id
@@ -63,8 +64,10 @@ INLINE_SAFE_TYPES = frozenset({
 async def get_message(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
     mail = ctx.storage.mail(account)
-    ids = await folder_ids(request)
-    stored = await owned_stored(mail, account, ids.message(request.match_info["message_id"]))
+    token = request.match_info["message_id"]
+    ids, ref = await resolve_ids(request, lambda ids: ids.message(token),
+                                 lambda ref: ref.mailbox_id)
+    stored = await owned_stored(mail, account, ref)
     content = ctx.bodies.get(stored.entry.blob_key)
     if content is None:
         content, complete = await _read_content(ctx.storage.blobs_for(account), stored)

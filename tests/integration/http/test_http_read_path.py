@@ -234,3 +234,29 @@ async def test_lists_within_a_second_read_nothing_for_threads_and_regroup_after(
     _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
     [reply] = page["messages"]
     assert reply["thread_id"] not in (None, before)
+
+
+async def test_folder_ids_are_remembered_and_a_new_folder_is_found_at_once(
+    alice_api: Api, mailstore: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lists and reads of known folders read no mailbox list; a folder
+    created over IMAP since is resolved and rendered in its own ids."""
+    await deliver(mailstore, alice, make_mail("Known"))
+    inbox = await _inbox(alice_api)
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    listed = Calls(monkeypatch).watch(mailstore.mail(alice), "list_mailboxes")
+    for _ in range(random.randint(2, 5)):
+        assert (await alice_api.get(f"/v1/folders/{inbox}/messages"))[0] == 200
+        assert (await alice_api.get(f"/v1/messages/{page['messages'][0]['id']}"))[0] == 200
+    assert listed.count == 0
+    name = f"Projects {random.randbytes(3).hex()}"
+    await mailstore.mail(alice).create_mailbox(alice.id, name)
+    await deliver(mailstore, alice, make_mail("In the new folder"), mailbox=name)
+    _, folders = await alice_api.get("/v1/folders")
+    [new] = [f for f in folders["folders"] if f["name"] == name]
+    status, page = await alice_api.get(f"/v1/folders/{new['id']}/messages")
+    assert status == 200, page
+    [item] = page["messages"]
+    assert item["folder_id"] == new["id"]
+    status, read = await alice_api.get(f"/v1/messages/{item['id']}")
+    assert status == 200 and read["id"] == item["id"] and read["folder_id"] == new["id"]
