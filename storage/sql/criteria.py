@@ -50,7 +50,7 @@ from storage.search import (
     Text,
     Uids,
 )
-from storage.sql.schema import PG_SEARCH_TEXT
+from storage.sql.schema import PG_SEARCH_TEXT, SUBJECT_FTS
 from storage.sql.schema import mailbox_entries as E
 from storage.sql.schema import messages as M
 
@@ -166,6 +166,8 @@ _FTS = table("messages_fts", column("rowid"), schema="fts")
 _FTS_QUEUE = table("fts_pending", column("message_id"))
 FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
 _PG_SEARCH_TEXT = literal_column(PG_SEARCH_TEXT)
+# SQLite's subject-only trigram table (schema step 19), in the main database.
+_SUBJECT_FTS = table(SUBJECT_FTS, column("rowid"))
 
 
 # The columns a Text("content") search looks in.
@@ -178,6 +180,9 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
     it, are a superset of the LIKE's for ASCII values)."""
     exact = [col.icontains(value, autoescape=True) for col in cols]
     cond = or_(*exact) if len(exact) > 1 else exact[0]
+    subject_only = len(cols) == 1 and cols[0] is M.c.subject
+    if subject_only and (ctx.sqlite_fts or ctx.pg_trgm) and len(value) >= FTS_MIN_LENGTH:
+        return and_(_subject_candidates(value, ctx), cond)
     if ctx.sqlite_fts and len(value) >= FTS_MIN_LENGTH:
         # Any column: detail=none keeps no column either; the exact
         # condition decides among the rows the index returns. One IN over
@@ -193,6 +198,21 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
         # so this is a superset the index answers; the exact test decides.
         cond = and_(_PG_SEARCH_TEXT.ilike(f"%{like_escape(value)}%", escape="\\"), cond)
     return cond
+
+
+def _subject_candidates(value: str, ctx: Context) -> ColumnElement[bool]:
+    """SUBJECT ``value`` (3 characters or more): a superset of the messages
+    whose subject holds it, answered by the subject-only trigram index of
+    schema step 19, so a word common in bodies but rare in subjects costs
+    the few subjects holding its trigrams. The exact test decides."""
+    if ctx.sqlite_fts:
+        # Kept in step by triggers: no queue of unindexed messages to add.
+        query = fts_trigram_query(value)
+        hits = select(_SUBJECT_FTS.c.rowid).where(literal_column(SUBJECT_FTS).op("MATCH")(query))
+        return M.c.id.in_(hits)
+    # The index's own expression (the column), which is how the planner
+    # matches it; ILIKE is what pg_trgm's operator class answers.
+    return M.c.subject.ilike(f"%{like_escape(value)}%", escape="\\")
 
 
 def fts_trigram_query(value: str) -> str:

@@ -690,6 +690,11 @@ PG_SEARCH_TEXT = (
 )
 
 
+# SQLite: the subject-only trigram table of step 19 (in the main database;
+# storage/sql/criteria.py queries it for SEARCH SUBJECT).
+SUBJECT_FTS = "messages_subject_fts"
+
+
 async def _v14_pg_trigram_search(conn: AsyncConnection) -> None:
     """PostgreSQL: a trigram GIN index (pg_trgm) over the searched text, so
     that substring searches (RFC 3501 section 6.4.4; inside a word too,
@@ -781,6 +786,53 @@ async def _v18_pg_blob_pack(conn: AsyncConnection) -> None:
         await conn.exec_driver_sql(statement)
 
 
+async def _v19_subject_index(conn: AsyncConnection) -> None:
+    """A trigram index over subjects alone, for SEARCH SUBJECT (RFC 3501
+    section 6.4.4). The full-text indexes keep no columns (SQLite's
+    ``detail=none``, PostgreSQL's index over the concatenated text), so a
+    word common in bodies made every message a candidate for a subject
+    search. SQLite: an FTS5 trigram table over ``messages.subject``
+    (external content: no copy of the text) kept in step by triggers in
+    the message row's own transaction (a subject is short: a small part of
+    what the body index costs, which is why that one is filled apart).
+    PostgreSQL: a pg_trgm GIN index on ``subject`` (skipped where pg_trgm
+    is unavailable: searches then scan, as with step 14)."""
+    if conn.dialect.name == "sqlite":
+        # IF NOT EXISTS: a step may run again over its own objects (a file
+        # taken back to an older version, see tests/unit/test_fts_index.py).
+        await conn.exec_driver_sql(
+            f"CREATE VIRTUAL TABLE IF NOT EXISTS {SUBJECT_FTS} USING fts5(subject, "
+            "content='messages', content_rowid='id', tokenize='trigram', detail=none)"
+        )
+        insert = f"INSERT INTO {SUBJECT_FTS}(rowid, subject) VALUES (new.id, new.subject);"
+        delete = (
+            f"INSERT INTO {SUBJECT_FTS}({SUBJECT_FTS}, rowid, subject) "
+            "VALUES ('delete', old.id, old.subject);"
+        )
+        for name, when, action in (
+            ("ai", "AFTER INSERT", insert),
+            ("ad", "AFTER DELETE", delete),
+            ("au", "AFTER UPDATE OF subject", f"{delete} {insert}"),
+        ):
+            await conn.exec_driver_sql(
+                f"CREATE TRIGGER IF NOT EXISTS {SUBJECT_FTS}_{name} {when} ON messages "
+                f"BEGIN {action} END"
+            )
+        # Index what is already stored (read from messages, the content table).
+        await conn.exec_driver_sql(f"INSERT INTO {SUBJECT_FTS}({SUBJECT_FTS}) VALUES ('rebuild')")
+        return
+    has_trgm = (
+        await conn.exec_driver_sql("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'")
+    ).first()
+    if has_trgm is None:
+        log.warning("pg_trgm unavailable: SEARCH SUBJECT will scan every message")
+        return
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS messages_subject_trgm ON messages "
+        "USING gin (subject gin_trgm_ops)"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -800,6 +852,7 @@ MIGRATIONS: list[Step] = [
     _v16_snapshot_indexes,
     _v17_pg_search_index_deferred,
     _v18_pg_blob_pack,
+    _v19_subject_index,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

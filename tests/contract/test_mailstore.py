@@ -5,7 +5,9 @@ change log and event publication, and UID allocation under concurrency."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import random
 
 import pytest
 
@@ -301,8 +303,6 @@ async def test_snapshot_agrees_with_the_entries(storage: SqlStorage, bob: Accoun
     """MailStore.snapshot (what IMAP SELECT reads) gives the UIDs, the first
     unseen UID and the keywords that the entries themselves give, through
     random deliveries, flag changes and expunges; entries() reads ranges."""
-    import random
-
     rng = random.Random()
     mail = storage.mail(bob)
     box = await inbox_id(storage, bob)
@@ -518,6 +518,62 @@ async def test_search_modseq_and_account(
     assert found[0].mailbox_id == sent
     limited = await mail.search_account(bob.id, Header("x-priority", "1"), limit=1)
     assert [(e.mailbox_id, e.uid) for e in limited] == [(searchable, 2)]
+
+
+_SUBJECT_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" + "éüøñαβγÉÜØÑΑΒΓ"
+
+
+def _encoded_subject(text: str, rng: random.Random) -> str:
+    """``text`` as a Subject field value: plain when ASCII, else an RFC 2047
+    encoded word, B or Q encoding at random."""
+    if text.isascii() and rng.random() < 0.5:
+        return text
+    if rng.random() < 0.5:
+        return "=?utf-8?b?" + base64.b64encode(text.encode()).decode() + "?="
+    q = "".join(
+        c if c.isascii() and c.isalnum() else "_" if c == " " else
+        "".join(f"={b:02X}" for b in c.encode()) for c in text
+    )
+    return "=?UTF-8?Q?" + q + "?="
+
+
+async def test_search_subject_is_a_case_insensitive_substring(
+    storage: SqlStorage, bob: Account
+) -> None:
+    """RFC 3501 section 6.4.4: SUBJECT matches a case-insensitive substring
+    of the decoded subject (encoded words decoded, inside a word too, any
+    script), whatever index narrows it; the words of bodies and other
+    fields do not match."""
+    from storage.ingest import Delivery, ingest
+
+    rng = random.Random()
+    words = ["".join(rng.choices(_SUBJECT_LETTERS, k=rng.randint(3, 9))) for _ in range(12)]
+    subjects = []
+    for i in range(rng.randint(15, 30)):
+        subject = " ".join(rng.choices(words, k=rng.randint(1, 4)))
+        decoy = rng.choice(words)  # in the body and sender only
+        raw = (
+            f"From: {decoy} <a@example.org>\r\nTo: bob@example.org\r\n"
+            f"Subject: {_encoded_subject(subject, rng)}\r\nMessage-ID: <{i}.{rng.random()}@x>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+            f"{decoy} {decoy.upper()} body\r\n"
+        ).encode()
+        await ingest(storage, [Delivery(bob)], raw)
+        subjects.append(subject)
+    mail = storage.mail(bob)
+    box = await inbox_id(storage, bob)
+    needles = [rng.choice(words)[1:] for _ in range(6)]  # inside a word
+    for _ in range(6):
+        subject = rng.choice(subjects)
+        start = rng.randrange(len(subject))
+        needles.append(subject[start : start + rng.randint(1, 12)])  # across words too
+    needles += [w.swapcase() for w in rng.sample(words, 4)]  # other case
+    needles += ["".join(rng.choices(_SUBJECT_LETTERS, k=7)), "body"]  # absent from subjects
+    for needle in needles:
+        expected = [u + 1 for u, s in enumerate(subjects) if needle.casefold() in s.casefold()]
+        got = await mail.search(bob.id, box, Header("subject", needle))
+        assert got == expected, (needle, subjects)
 
 
 # --- copy, move, expunge ---------------------------------------------------------------

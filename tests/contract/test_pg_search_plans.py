@@ -10,13 +10,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 
 from storage.backend import SqlStorage
 from storage.search import Header, Text
 from storage.sql.schema import PG_SEARCH_TEXT
 from tests.contract.mailfactory import deliver
+from tests.unit.test_sqlite_search_plans import statements
 
 
 @pytest.fixture(params=["postgres"])
@@ -47,23 +47,18 @@ async def test_text_searches_can_use_the_trigram_index(
         await deliver(storage, bob, body=f"line {i} x{word if i % 2 else 'other'}y")
     mail = storage.mail(bob)
     inbox = (await mail.get_mailbox(bob.id, "INBOX")).id
-    seen: list[tuple[str, Any]] = []
-
-    def record(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        seen.append((statement, params))
-
-    event.listen(Engine, "before_cursor_execute", record)
-    try:
+    with statements() as seen:
         found = await mail.search(bob.id, inbox, Text("body", word))  # inside a word
         everywhere = await mail.search_account(bob.id, Text("content", word))
         await mail.search_account(bob.id, Header("subject", "hello"))
-    finally:
-        event.remove(Engine, "before_cursor_execute", record)
     assert found and found == sorted(e.uid for e in everywhere)
     searches = [s for s, _ in seen if "ILIKE" in s.upper()]
     assert len(searches) == 3
-    # Each carries the index's own expression (the planner matches on it)...
-    assert all(f"{PG_SEARCH_TEXT} ILIKE" in s for s in searches), searches
+    # Each carries the index's own expression (the planner matches on it);
+    # SUBJECT has an index of its own (step 19, tests/contract/test_subject_index.py)...
+    text, subject = searches[:2], searches[2]
+    assert all(f"{PG_SEARCH_TEXT} ILIKE" in s for s in text), searches
+    assert "messages.subject ILIKE" in subject, subject
     # ...which the index answers.
     plan = await _plan(database_url, f"SELECT id FROM messages WHERE {PG_SEARCH_TEXT} ILIKE $1",
                        [f"%{word}%"])
