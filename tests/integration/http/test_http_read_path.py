@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import aiohttp
 import argon2
 import pytest
 
+from httpapi import auth as auth_module
 from httpapi.context import CONTEXT
 from httpapi.service import start
 from storage.backend import open_storage_from_url
@@ -260,3 +262,24 @@ async def test_folder_ids_are_remembered_and_a_new_folder_is_found_at_once(
     assert item["folder_id"] == new["id"]
     status, read = await alice_api.get(f"/v1/messages/{item['id']}")
     assert status == 200 and read["id"] == item["id"] and read["folder_id"] == new["id"]
+
+
+async def test_remembered_tokens_are_bounded_and_bad_ones_never_kept(
+    alice_api: Api, service: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client presenting many tokens (valid, or forged) cannot grow the
+    process: at most TOKEN_CACHE_MAX are kept, and refused ones never."""
+    limit = random.randint(3, 9)
+    monkeypatch.setattr(auth_module, "TOKEN_CACHE_MAX", limit)
+    auth = service.app[CONTEXT].auth
+    for n in range(limit * 3):
+        token, _ = auth.signer.issue(alice, now=time.time() - n)
+        status, _ = await alice_api.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+        assert len(auth._tokens) <= limit
+    before = len(auth._tokens)
+    for _ in range(random.randint(5, 20)):
+        forged = "sm1." + random.randbytes(random.randint(10, 60)).hex() + ".x"
+        status, _ = await alice_api.get("/v1/me", headers={"Authorization": f"Bearer {forged}"})
+        assert status == 401
+    assert len(auth._tokens) == before
