@@ -32,14 +32,29 @@ from runtime.daemon import (
 )
 from storage.errors import StorageError
 
+NO_PASSWORD = "no password given and no terminal to ask for one; use --password-stdin"
+
 
 def read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin or not sys.stdin.isatty():
-        password = sys.stdin.readline().rstrip("\r\n")
+    """The new password: one line of standard input with ``--password-stdin``
+    or when it is not a terminal, else asked twice at the terminal. Exits
+    with one line (status 1) when there is nothing to read it from: standard
+    input closed or at its end, or Ctrl-D / Ctrl-C at the prompt."""
+    stdin = sys.stdin
+    if stdin is None:  # started with standard input closed
+        raise SystemExit(NO_PASSWORD)
+    if args.password_stdin or not stdin.isatty():
+        line = stdin.readline()
+        if not line:  # at its end before any line: nobody to ask
+            raise SystemExit(NO_PASSWORD)
+        password = line.rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
-            raise SystemExit("passwords do not match")
+        try:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Repeat password: ") != password:
+                raise SystemExit("passwords do not match")
+        except (EOFError, KeyboardInterrupt):
+            raise SystemExit(NO_PASSWORD) from None
     if not password:
         raise SystemExit("empty password refused")
     return password

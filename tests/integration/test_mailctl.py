@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import mailbox
+import os
 import random
 import re
 import socket
@@ -12,6 +13,7 @@ import ssl
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,50 @@ def test_empty_password_and_missing_arguments_are_refused(tmp_path: Path) -> Non
     assert empty.returncode != 0 and "empty password" in empty.stderr
     missing = mailctl(data, "alias", "add", "x@example.org")
     assert missing.returncode == 2 and "target is required" in missing.stderr
+
+
+def _mailctl_without_password(data_dir: Path, action: str, stdin: str) -> tuple[int, str]:
+    """``mailctl account ACTION`` whose standard input gives no password:
+    ``devnull`` (a cron job), ``closed`` (a daemon's ``<&-``), or ``tty-eof``
+    (a terminal where the user types Ctrl-D at the prompt, no controlling
+    terminal to open). Its exit status and standard error."""
+    argv = [sys.executable, "-m", "mailctl", "account", "-o", f"server.data_dir={data_dir}",
+            action, "a@example.org"]
+    if stdin == "tty-eof":
+        controller, terminal = os.openpty()
+        proc = subprocess.Popen(argv, stdin=terminal, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        os.close(terminal)
+        # Ctrl-D, the terminal's EOF character, until mailctl ends: the prompt
+        # flushes what was typed before it.
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            os.write(controller, b"\x04")
+            time.sleep(0.2)
+        _, stderr = proc.communicate(timeout=10)
+        os.close(controller)
+        return proc.returncode, stderr
+    else:
+        before = (lambda: os.close(0)) if stdin == "closed" else None
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120, preexec_fn=before)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("action", ["add", "passwd"])
+@pytest.mark.parametrize("stdin", ["devnull", "closed", "tty-eof"])
+def test_no_password_to_read_is_one_clear_line(tmp_path: Path, action: str, stdin: str) -> None:
+    """With nowhere to read a password from, mailctl says so in one line and
+    fails, instead of a traceback (EOFError, AttributeError)."""
+    data = tmp_path / "data"
+    ok(mailctl(data, "domain", "add", "example.org"))
+    if action == "passwd":
+        ok(mailctl(data, "account", "add", "a@example.org", stdin="old-Secret-1\n"))
+    status, stderr = _mailctl_without_password(data, action, stdin)
+    assert status == 1, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "--password-stdin" in lines[0], stderr
 
 
 def _message(n: int) -> bytes:
