@@ -14,6 +14,7 @@ import base64
 import binascii
 import os
 import random
+import re
 import smtplib
 import ssl
 from collections.abc import AsyncIterator
@@ -79,7 +80,10 @@ def build(case: Case) -> bytes:
     if case.text_encoding == "base64":
         body = b64_lines(raw_text, case.line_length)
     else:
-        body = binascii.b2a_qp(raw_text, istext=True).decode("ascii")
+        # b2a_qp writes its soft line breaks as bare LF unless the text's
+        # first line ends in CRLF; on the wire every line ends in CRLF.
+        qp = binascii.b2a_qp(raw_text, istext=True).decode("ascii")
+        body = re.sub(r"\r?\n", CRLF, qp)
     head = [
         "From: Carol <carol@remote.test>",
         "To: alice@example.test",
