@@ -84,6 +84,11 @@ CONNECT_TIMEOUT_PER_HOST = 5.0
 # the kernel retransmits for some 15 minutes), must not hold up requests
 # once a replica has taken over; longer than any pause of a loaded server.
 PING_TIMEOUT = 5.0
+# The trigram index's pending-list merge (merge_search_index): the key of
+# the advisory lock that lets one session per database merge at a time,
+# and how long one merge may run before PostgreSQL cancels it.
+MERGE_LOCK_KEY = 0x73686D_6D657267  # "shm" "merg"
+MERGE_TIMEOUT_SECONDS = 60.0
 # Failures of one host after which the next is tried: out of reach (refused,
 # timed out), not the primary (a standby), starting up or in recovery (57P03).
 # Others (a wrong password, a missing database) stop at once, as asyncpg does.
@@ -1160,10 +1165,20 @@ class Database:
         on SQLite. Benchmarks call it to count the deferred work."""
         if self.is_sqlite:
             return 0
-        async with self._translate(), self.engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        # gin_clean_pending_list waits for any merge in progress, so with
+        # every instance merging each second the calls piled up behind one
+        # another and held connections for minutes. One merge per database
+        # at a time, site-wide: whoever holds the advisory lock merges, the
+        # others return 0 at once. A merge is cut off after
+        # MERGE_TIMEOUT_SECONDS (what it merged so far stays merged).
+        async with self._translate(), self.engine.begin() as conn:
+            await conn.exec_driver_sql(
+                f"SET LOCAL statement_timeout = {int(MERGE_TIMEOUT_SECONDS * 1000)}"
+            )
             merged = await conn.exec_driver_sql(
-                "SELECT gin_clean_pending_list(to_regclass('messages_text_trgm'))"
+                "SELECT CASE WHEN pg_try_advisory_xact_lock("
+                f"{MERGE_LOCK_KEY}) THEN gin_clean_pending_list("
+                "to_regclass('messages_text_trgm')) ELSE 0 END"
             )
             return int(merged.scalar() or 0)
 

@@ -34,7 +34,7 @@ ROUND_TRIPS_PER_STORE = 4
 # index's background merger (once a second, not per call).
 _PER_BATCH = (
     "BEGIN", "COMMIT", "SELECT pg_notify", "WITH RECURSIVE typeinfo_tree",
-    "SELECT gin_clean_pending_list",
+    "SET LOCAL statement_timeout", "SELECT CASE WHEN pg_try_advisory_xact_lock",
 )
 
 

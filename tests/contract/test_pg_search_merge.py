@@ -4,6 +4,7 @@ still found."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import asyncpg
@@ -57,3 +58,32 @@ async def test_the_merger_merges_what_deliveries_left_pending(
     assert await indexer.run_once() == 0
     for uid, marker in enumerate(markers, start=1):
         assert await mail.search(bob.id, inbox, Text("body", marker)) == [uid]
+
+
+async def test_one_merge_at_a_time_the_others_return_at_once(
+    quiet_storage: SqlStorage, database_url: str
+) -> None:
+    """Every instance runs a merger; PostgreSQL's own merge waits for one in
+    progress, so without a site-wide turn they pile up behind each other.
+    While another session holds the merge's turn, a merger returns 0 at
+    once and leaves the pending list to it."""
+    from storage.sql.db import MERGE_LOCK_KEY
+
+    storage = quiet_storage
+    bob = await _bob(storage)
+    for _ in range(random.randint(5, 15)):
+        await _deliver(storage, bob, _prose(random.randint(50, 300)))
+    pending = await _pending_pages(database_url)
+    assert pending > 0
+    indexer = storage.databases["default"].indexer()
+    assert indexer is not None
+    u = make_url(database_url)
+    other = await asyncpg.connect(host=u.host, port=u.port, user=u.username, database=u.database)
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", MERGE_LOCK_KEY)
+        assert await asyncio.wait_for(indexer.run_once(), 5) == 0
+        assert await _pending_pages(database_url) == pending
+        await other.execute("SELECT pg_advisory_unlock($1)", MERGE_LOCK_KEY)
+    finally:
+        await other.close()
+    assert await indexer.run_once() == pending
