@@ -327,6 +327,10 @@ class AccountMove:
         if all(getattr(box, c) == getattr(target, c) for c in counters):
             return 0, False  # (a \Recent claim moves the floor, not the modseq)
         target_id, synced = target.id, target.highestmodseq
+        # Bounded by the modseq read at the round's start: without the bound
+        # a round paged on through the messages that kept arriving, and a
+        # move under steady delivery never ended its first round.
+        upto = box.highestmodseq
         copied = 0
         after_uid = 0
         while True:
@@ -337,6 +341,7 @@ class AccountMove:
                         .where(
                             E.c.mailbox_id == box.id,
                             E.c.modseq > synced,
+                            E.c.modseq <= upto,
                             E.c.uid > after_uid,
                         )
                         .order_by(E.c.uid)
@@ -352,7 +357,9 @@ class AccountMove:
             tombs = (
                 await conn.execute(
                     select(expunged.c.uid, expunged.c.modseq).where(
-                        expunged.c.mailbox_id == box.id, expunged.c.modseq > synced
+                        expunged.c.mailbox_id == box.id,
+                        expunged.c.modseq > synced,
+                        expunged.c.modseq <= upto,
                     )
                 )
             ).all()
@@ -494,6 +501,16 @@ class AccountMove:
         (a client resumes with ``since=<id>``), mailbox ids mapped."""
         aid = self.account_id
         copied = 0
+        # Up to the source's last id as the round finds it, for the reason
+        # _sync_mailbox stops at the modseq it started with.
+        async with self.source.db.read() as conn:
+            upto = (
+                await conn.execute(
+                    select(func.coalesce(func.max(change_log.c.id), 0)).where(
+                        change_log.c.account_id == aid
+                    )
+                )
+            ).scalar()
         while True:
             async with self.target.db.read() as conn:
                 top = (
@@ -507,7 +524,11 @@ class AccountMove:
                 rows = (
                     await conn.execute(
                         select(change_log)
-                        .where(change_log.c.account_id == aid, change_log.c.id > top)
+                        .where(
+                            change_log.c.account_id == aid,
+                            change_log.c.id > top,
+                            change_log.c.id <= upto,
+                        )
                         .order_by(change_log.c.id)
                         .limit(BATCH)
                     )
