@@ -49,6 +49,10 @@ class ServerSettings(Section):
     # silently taking half of the connections. The workers of one
     # server.processes supervisor share its sockets either way.
     share_ports: bool = False
+    # Clients not held to the new-connection rate of each protocol
+    # (connect_rate_per_ip): loopback by default, where a site's own proxies,
+    # webmail and scripts connect on behalf of many users.
+    connect_rate_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # Where GET /metrics (Prometheus text format) is served, apart from every
     # public port; each worker of server.processes adds its slot number to
     # the port. Keep it on loopback or a management network; empty: none.
@@ -237,6 +241,11 @@ class SmtpSettings(Section):
     max_command_line_length: int = 512  # RFC 5321 section 4.5.3.1.4
     max_recipients: int = 100  # RFC 5321 section 4.5.3.1.8 minimum
     max_connections_per_ip: int = Field(default=20, ge=0)  # concurrent, per process; 0: no limit
+    # New connections per client IP (per process), before any TLS handshake
+    # or greeting: a token bucket of connect_burst_per_ip refilled at this
+    # many per second; 0: no limit. server.connect_rate_exempt is not limited.
+    connect_rate_per_ip: float = Field(default=10.0, ge=0)
+    connect_burst_per_ip: int = Field(default=20, ge=1)
     max_errors: int = 10
     # Unknown local recipients (550 5.1.1) one connection may try before it is
     # closed with 421; they do not count as errors above (stale list entries).
@@ -315,6 +324,9 @@ class ImapSettings(Section):
     # Concurrent connections per client IP (per process); 0: no limit. Over
     # it: "* BYE [UNAVAILABLE]" (RFC 3501 section 7.1.5, RFC 5530).
     max_connections_per_ip: int = Field(default=50, ge=0)
+    # New connections per client IP, as smtp.connect_rate_per_ip.
+    connect_rate_per_ip: float = Field(default=10.0, ge=0)
+    connect_burst_per_ip: int = Field(default=20, ge=1)
     idle_timeout_seconds: int = 1800
 
     _listen = field_validator("listen", "tls_listen")(classmethod(lambda cls, v: _check_listen(v)))
@@ -334,6 +346,9 @@ class Pop3Settings(Section):
     # Concurrent connections per client IP (per process); 0: no limit. Over
     # it: "-ERR [SYS/TEMP]" (RFC 3206 section 4).
     max_connections_per_ip: int = Field(default=20, ge=0)
+    # New connections per client IP, as smtp.connect_rate_per_ip.
+    connect_rate_per_ip: float = Field(default=10.0, ge=0)
+    connect_burst_per_ip: int = Field(default=20, ge=1)
 
     _listen = field_validator("listen", "tls_listen")(classmethod(lambda cls, v: _check_listen(v)))
 
@@ -358,6 +373,9 @@ class HttpSettings(Section):
     # Concurrent connections per client IP (per process), trusted_proxies
     # exempt; 0: no limit. Over it: 503 and the connection closed.
     max_connections_per_ip: int = Field(default=100, ge=0)
+    # New connections per client IP, as smtp.connect_rate_per_ip.
+    connect_rate_per_ip: float = Field(default=10.0, ge=0)
+    connect_burst_per_ip: int = Field(default=20, ge=1)
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -112,7 +112,9 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
     )
     await runner.setup()
     # Connections from a trusted proxy carry many clients: not counted.
-    limit = PeerLimit(settings.http.max_connections_per_ip, settings.http.trusted_proxies)
+    limit = PeerLimit.of(
+        settings.http, settings.server.connect_rate_exempt, settings.http.trusted_proxies
+    )
     sockets: list[socket.socket] = []
     try:
         for value in settings.http.listen:

@@ -110,7 +110,7 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
     """Bind the MX, submission and submissions listeners and start serving."""
     ctx = _make_context(settings, storage, tls)
     # One count per client IP across the three listeners.
-    limit = PeerLimit(settings.smtp.max_connections_per_ip)
+    limit = PeerLimit.of(settings.smtp, settings.server.connect_rate_exempt)
     # RFC 5321 section 4.5.3.1: 421 when resources are short, before the greeting.
     refusal = str(R.TOO_MANY_CONNECTIONS).encode() + b"\r\n"
     listeners = {

@@ -11,9 +11,14 @@ Contract:
   when asked (``server.share_ports``, for separately started instances of
   one site); without it a second site on the same port fails loudly.
 - :func:`serve` accepts connections on such a socket. Before the daemon's
-  protocol exists, the connection takes a slot of its client IP in a
-  :class:`PeerLimit`; over the limit the client gets the listener's refusal
-  line and the connection is closed, so the daemon never sees it. The slot
+  protocol exists, and before any TLS handshake, the client IP spends a
+  token of its :class:`ConnectRate`; without one the connection is closed
+  at once (a plaintext listener sends its refusal line first), so a flood
+  of new connections from one address costs no handshakes. Then the
+  connection takes a slot of its client IP in a :class:`PeerLimit`; over
+  the limit the client gets the listener's refusal line (after the TLS
+  handshake on a TLS listener) and the connection is closed, so the daemon
+  never sees it. The slot
   is returned when the connection ends: by a wrapper around the daemon's
   protocol, or, for a :class:`LeaseHolder` (a protocol that hands itself to
   TLS in place and so stops hearing through a wrapper), by the protocol's
@@ -35,8 +40,9 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Protocol, cast
 
 from runtime.metrics import CONNECTIONS_REFUSED
 
@@ -72,19 +78,128 @@ class Lease:
 NO_LEASE = Lease(None, "")
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(exempt: Iterable[str]) -> list[Network]:
+    nets = []
+    for net in exempt:
+        # As httpapi's X-Forwarded-For check does: a malformed entry trusts nobody.
+        with contextlib.suppress(ValueError):
+            nets.append(ipaddress.ip_network(net, strict=False))
+    return nets
+
+
+def _within(nets: list[Network], ip: str) -> bool:
+    if not nets:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in nets)
+
+
+class ConnectRate:
+    """New connections per client IP: a token bucket per address holding up
+    to ``burst`` tokens, refilled at ``per_second``; each connection spends
+    one. ``per_second == 0`` disables it; addresses in ``exempt`` (networks)
+    are never limited.
+
+    An address whose bucket has refilled is forgotten (a full bucket and no
+    bucket are the same), by a sweep each time the table has doubled, so
+    memory follows the addresses seen in the last ``burst / per_second``
+    seconds and each connection costs O(1) amortized."""
+
+    SWEEP_FLOOR = 1024  # entries before the first sweep
+
+    def __init__(
+        self,
+        per_second: float,
+        burst: int,
+        exempt: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_second = per_second
+        self.burst = float(max(burst, 1))
+        self._exempt = _networks(exempt)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # ip: (tokens, when)
+        self._sweep_at = self.SWEEP_FLOOR
+
+    def admit(self, ip: str) -> bool:
+        """Spend one of ``ip``'s tokens: False when it has none left."""
+        if self.per_second <= 0 or _within(self._exempt, ip):
+            return True
+        now = self._clock()
+        tokens = self._tokens(ip, now)
+        if tokens < 1.0:
+            return False
+        self._buckets[ip] = (tokens - 1.0, now)
+        if len(self._buckets) >= self._sweep_at:
+            self._sweep(now)
+        return True
+
+    def tracked(self) -> int:
+        """Addresses currently remembered (for tests and metrics)."""
+        return len(self._buckets)
+
+    def _tokens(self, ip: str, now: float) -> float:
+        held = self._buckets.get(ip)
+        if held is None:
+            return self.burst
+        tokens, when = held
+        return min(self.burst, tokens + (now - when) * self.per_second)
+
+    def _sweep(self, now: float) -> None:
+        self._buckets = {
+            ip: held for ip, held in self._buckets.items() if self._tokens(ip, now) < self.burst
+        }
+        self._sweep_at = max(self.SWEEP_FLOOR, 2 * len(self._buckets))
+
+
+class ListenerSettings(Protocol):
+    """The per-IP settings every listening section (smtp, imap, pop3, http) has."""
+
+    max_connections_per_ip: int
+    connect_rate_per_ip: float
+    connect_burst_per_ip: int
+
+
 class PeerLimit:
     """Concurrent connections per client IP; ``limit == 0`` disables it.
     Addresses in ``exempt`` (networks, e.g. a site's reverse proxies, which
-    carry many clients over their own connections) are never counted."""
+    carry many clients over their own connections) are never counted.
+    ``rate``, if given, limits how fast an address may open connections
+    (see :class:`ConnectRate`); the listener asks it first."""
 
-    def __init__(self, limit: int, exempt: Iterable[str] = ()) -> None:
+    def __init__(
+        self, limit: int, exempt: Iterable[str] = (), *, rate: ConnectRate | None = None
+    ) -> None:
         self.limit = limit
-        self._exempt = []
-        for net in exempt:
-            # As httpapi's X-Forwarded-For check does: a malformed entry trusts nobody.
-            with contextlib.suppress(ValueError):
-                self._exempt.append(ipaddress.ip_network(net, strict=False))
+        self.rate = rate
+        self._exempt = _networks(exempt)
         self._open: dict[str, int] = {}
+
+    @classmethod
+    def of(
+        cls,
+        section: ListenerSettings,
+        rate_exempt: Iterable[str] = (),
+        exempt: Iterable[str] = (),
+    ) -> PeerLimit:
+        """The limits one protocol's settings section asks for, shared by all
+        of its listeners: ``exempt`` is counted by neither limit,
+        ``rate_exempt`` (``server.connect_rate_exempt``) by the rate only."""
+        exempt = list(exempt)
+        rate = ConnectRate(
+            section.connect_rate_per_ip, section.connect_burst_per_ip, [*rate_exempt, *exempt]
+        )
+        return cls(section.max_connections_per_ip, exempt, rate=rate)
+
+    def admit(self, ip: str) -> bool:
+        """Whether ``ip`` may open a connection now (its connection rate)."""
+        return self.rate is None or self.rate.admit(ip)
 
     def acquire(self, ip: str) -> Lease | None:
         """A lease for one more connection from ``ip``, or None when it
@@ -108,13 +223,7 @@ class PeerLimit:
         return self._open.get(ip, 0)
 
     def _is_exempt(self, ip: str) -> bool:
-        if not self._exempt:
-            return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self._exempt)
+        return _within(self._exempt, ip)
 
 
 class LeaseHolder:
@@ -199,13 +308,16 @@ def bound_port(server: asyncio.AbstractServer) -> int:
 
 class _Released(asyncio.Protocol):
     """Forwards every callback to the daemon's protocol and returns the
-    lease when the connection ends."""
+    lease when the connection ends (or, under TLS, when the handshake
+    fails: then the daemon's protocol never heard of the connection)."""
 
     def __init__(self, inner: asyncio.Protocol, lease: Lease) -> None:
         self._inner = inner
         self._lease = lease
+        self.made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -226,11 +338,64 @@ class _Released(asyncio.Protocol):
         finally:
             self._lease.release()
 
+    def handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        """The end of the TLS handshake, whatever it was."""
+        failed = waiter.cancelled() or waiter.exception() is not None  # retrieved: not logged
+        if failed or not self.made:
+            self._lease.release()
+
+
+class _Refusing(asyncio.Protocol):
+    """A connection over its address's count, on a TLS listener: the refusal
+    once TLS is up, so that the client can read it, then the end."""
+
+    def __init__(self, refusal: bytes) -> None:
+        self._refusal = refusal
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.WriteTransport, transport).write(self._refusal)
+        transport.close()
+
+    @staticmethod
+    def handshake_done(waiter: asyncio.Future[None]) -> None:
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: a failed handshake is not logged
+
+
+def _tls_layer(
+    loop: asyncio.AbstractEventLoop,
+    app: asyncio.Protocol,
+    context: ssl.SSLContext,
+    waiter: asyncio.Future[None],
+    handshake_timeout: float | None,
+) -> asyncio.BaseProtocol:
+    """The server side of TLS over a connection, calling ``app``'s
+    ``connection_made`` once the handshake is done: the event loop's own
+    TLS protocol, as ``create_server(ssl=...)`` builds it on accept (uvloop
+    has its own, which its transports recognise). Built here instead so
+    that the connection-rate check comes before any handshake work."""
+    if type(loop).__module__.startswith("uvloop"):
+        from uvloop.loop import SSLProtocol as UvSSLProtocol
+
+        return cast(
+            asyncio.BaseProtocol,
+            UvSSLProtocol(
+                loop, app, context, waiter, server_side=True,
+                ssl_handshake_timeout=handshake_timeout,
+            ),
+        )
+    from asyncio.sslproto import SSLProtocol
+
+    return SSLProtocol(
+        loop, app, context, waiter, server_side=True, ssl_handshake_timeout=handshake_timeout
+    )
+
 
 class _Gate(asyncio.Protocol):
-    """The first protocol of every accepted connection: it takes the peer's
-    lease, then hands the transport to the daemon's protocol, or writes the
-    refusal and closes."""
+    """The first protocol of every accepted connection, before any TLS: it
+    spends a token of the peer's connection rate and takes its lease, then
+    hands the transport to the daemon's protocol (through TLS on a TLS
+    listener), or writes the refusal and closes."""
 
     def __init__(self, listener: _Listener) -> None:
         self._listener = listener
@@ -239,20 +404,45 @@ class _Gate(asyncio.Protocol):
         listener = self._listener
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        stream = cast(asyncio.Transport, transport)
+        if not listener.limit.admit(ip):
+            CONNECTIONS_REFUSED.inc(protocol=listener.label)
+            log.debug("%s: refused %s: connecting too fast", listener.setting, ip)
+            if listener.tls is None:
+                stream.write(listener.refusal)
+            # On a TLS listener: no handshake, and nothing it could read.
+            stream.close()
+            return
         lease = listener.limit.acquire(ip)
         if lease is None:
             CONNECTIONS_REFUSED.inc(protocol=listener.label)
             log.debug("%s: refused %s: too many connections", listener.setting, ip)
-            cast(asyncio.WriteTransport, transport).write(listener.refusal)
-            transport.close()
-            return
-        protocol = cast(asyncio.Protocol, listener.factory())
-        if isinstance(protocol, LeaseHolder):
-            protocol.lease = lease
+        app: asyncio.Protocol
+        if listener.tls is None:
+            if lease is None:
+                stream.write(listener.refusal)
+                stream.close()
+                return
+            app = listener.protocol_for(lease)
         else:
-            protocol = _Released(protocol, lease)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+            # Under TLS the wrapper is kept even for a LeaseHolder: its lease
+            # must come back if the handshake fails, before the daemon's
+            # protocol exists for the connection.
+            protocol = cast(asyncio.Protocol, listener.factory())
+            if isinstance(protocol, LeaseHolder) and lease is not None:
+                protocol.lease = lease
+            wrapped = _Refusing(listener.refusal) if lease is None else _Released(protocol, lease)
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiter.add_done_callback(wrapped.handshake_done)
+            app = cast(
+                asyncio.Protocol,
+                _tls_layer(loop, wrapped, listener.tls, waiter, listener.tls_handshake_timeout),
+            )
+        # Called from within this transport's own connection_made: nothing
+        # has been read yet, so the first bytes go to ``app``.
+        stream.set_protocol(app)
+        app.connection_made(stream)
 
     def data_received(self, data: bytes) -> None:
         pass  # a refused client's words: the transport is closing
@@ -262,6 +452,8 @@ class _Gate(asyncio.Protocol):
 
 
 class _Listener:
+    """What every connection accepted on one listening socket is served with."""
+
     def __init__(
         self,
         factory: Callable[[], asyncio.BaseProtocol],
@@ -269,12 +461,25 @@ class _Listener:
         limit: PeerLimit,
         refusal: bytes,
         label: str,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float | None = None,
     ) -> None:
         self.factory = factory
         self.setting = setting
         self.limit = limit
         self.refusal = refusal
         self.label = label
+        self.tls = tls
+        self.tls_handshake_timeout = tls_handshake_timeout
+
+    def protocol_for(self, lease: Lease) -> asyncio.Protocol:
+        """The daemon's protocol for one admitted plaintext connection, set
+        to return ``lease``."""
+        protocol = cast(asyncio.Protocol, self.factory())
+        if isinstance(protocol, LeaseHolder):
+            protocol.lease = lease
+            return protocol
+        return _Released(protocol, lease)
 
 
 async def serve(
@@ -320,16 +525,16 @@ async def serve_socket(
     tls_handshake_timeout: float | None = None,
 ) -> asyncio.Server:
     """Serve each connection accepted on ``sock`` within ``limit`` with a
-    protocol from ``factory``; over it, send ``refusal`` (after the TLS
-    handshake on a TLS listener) and close. ``label`` names the protocol in
+    protocol from ``factory``; over its connection count, send ``refusal``
+    (after the TLS handshake on a TLS listener) and close; over its
+    connection rate, close before any handshake (a plaintext listener sends
+    ``refusal`` first). ``label`` names the protocol in
     the refused-connections metric. The returned server owns ``sock``."""
-    listener = _Listener(factory, setting, limit, refusal, label)
+    listener = _Listener(factory, setting, limit, refusal, label, tls, tls_handshake_timeout)
+    # TLS is started by the gate, after the connection-rate check, not by
+    # the event loop on accept: a refused connection costs no handshake.
     server = await asyncio.get_running_loop().create_server(
-        lambda: _Gate(listener),
-        sock=sock,
-        ssl=tls,
-        ssl_handshake_timeout=tls_handshake_timeout if tls else None,
-        backlog=BACKLOG,
+        lambda: _Gate(listener), sock=sock, backlog=BACKLOG
     )
     host, port = sock.getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -241,7 +241,7 @@ async def start_imap(
     ``settings.imap.tls_listen``: implicit TLS (port 993, RFC 8314).
     """
     ctx = ServerContext(settings=settings, storage=storage, tls=tls)
-    limit = PeerLimit(settings.imap.max_connections_per_ip)
+    limit = PeerLimit.of(settings.imap, settings.server.connect_rate_exempt)
     listeners = [("imap.listen", addr, None) for addr in settings.imap.listen]
     if tls is not None:
         listeners += [("imap.tls_listen", addr, tls) for addr in settings.imap.tls_listen]

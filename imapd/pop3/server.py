@@ -54,7 +54,7 @@ class Pop3Service:
         self.settings = settings
         self.tls = tls
         self.servers: list[Server] = []
-        self.limit = PeerLimit(settings.pop3.max_connections_per_ip)
+        self.limit = PeerLimit.of(settings.pop3, settings.server.connect_rate_exempt)
         self.sessions: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:

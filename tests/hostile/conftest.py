@@ -99,13 +99,18 @@ class Site:
 
 def _write_config(path: Path, data_dir: Path, ports: dict[str, int], extra: dict) -> None:
     sections: dict[str, dict[str, object]] = {
-        "server": {"hostname": "mail.test", "data_dir": str(data_dir), "log_level": "WARNING"},
+        "server": {
+            "hostname": "mail.test", "data_dir": str(data_dir), "log_level": "WARNING",
+            # The attacker and the probe are both on loopback, which is exempt
+            # from the new-connection rate by default: here it is held to it.
+            "connect_rate_exempt": [],
+        },
         # Plaintext logins on loopback keep the probe simple; TLS is not what is tested here.
         "auth": {"allow_plaintext": True},
         "smtp": {
             "mx_listen": [f"127.0.0.1:{ports['mx']}"],
             "submission_listen": [f"127.0.0.1:{ports['submission']}"],
-            "submissions_listen": ["127.0.0.1:0"],
+            "submissions_listen": [f"127.0.0.1:{ports['submissions']}"],
             "spf": False,
             "dkim_verify": False,
             "dmarc": False,
@@ -114,7 +119,10 @@ def _write_config(path: Path, data_dir: Path, ports: dict[str, int], extra: dict
             "listen": [f"127.0.0.1:{ports['imap']}"],
             "tls_listen": [f"127.0.0.1:{ports['imaps']}"],
         },
-        "pop3": {"listen": [f"127.0.0.1:{ports['pop3']}"], "tls_listen": ["127.0.0.1:0"]},
+        "pop3": {
+            "listen": [f"127.0.0.1:{ports['pop3']}"],
+            "tls_listen": [f"127.0.0.1:{ports['pop3s']}"],
+        },
         "http": {"listen": [f"127.0.0.1:{ports['http']}"]},
         "queue": {"workers": 0},
         "dns": loopback_dns(),
@@ -148,7 +156,8 @@ def running_site(
 ) -> Iterator[Site]:
     """``mailctl serve`` with ``accounts`` made and ``extra`` config sections."""
     data_dir = tmp_path / "data"
-    ports = {name: free_port() for name in ("mx", "submission", "imap", "imaps", "pop3", "http")}
+    names = ("mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "http")
+    ports = {name: free_port() for name in names}
     config = tmp_path / "shardmail.toml"
     _write_config(config, data_dir, ports, extra)
     _prepare_accounts(config, accounts)
@@ -180,9 +189,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
 @pytest.fixture
 def site_with_victim(tmp_path: Path) -> Iterator[Site]:
     """The site with VICTIM (whose password an attacker guesses) and BOB (who
-    logs in afresh while it does) besides ALICE."""
+    logs in afresh while it does) besides ALICE. IMAP takes new connections
+    from any address at any rate: the guesses must reach the login gate,
+    which has to hold on its own against guessers on many addresses (the
+    per-address connect rate is tested in test_connection_floods)."""
     accounts = ((ALICE, ALICE_PW), (VICTIM, "victim-Secret-4"), (BOB, BOB_PW))
-    with running_site(tmp_path, accounts=accounts) as running:
+    unthrottled = {"connect_rate_per_ip": 0}
+    with running_site(tmp_path, accounts=accounts, imap=unthrottled) as running:
         yield running
 
 

@@ -6,6 +6,7 @@ own temporary-failure line, and frees the slot when a connection ends
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from conf.settings import Settings
-from runtime.listen import PeerLimit
+from runtime.listen import ConnectRate, PeerLimit
 
 LIMIT = 3
 
@@ -186,3 +187,52 @@ async def test_a_session_after_starttls_frees_its_slot(
             await asyncio.sleep(0.05)
     finally:
         await service.close()
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_connect_rate_is_a_token_bucket_per_address() -> None:
+    clock = Clock()
+    burst, per_second = random.randint(2, 30), random.choice([0.5, 2.0, 10.0])
+    rate = ConnectRate(per_second, burst, clock=clock)
+    assert all(rate.admit("192.0.2.1") for _ in range(burst))
+    assert not rate.admit("192.0.2.1")  # the burst is spent
+    assert rate.admit("192.0.2.2")  # another address has its own bucket
+    clock.now += 1 / per_second  # one token back
+    assert rate.admit("192.0.2.1")
+    assert not rate.admit("192.0.2.1")
+    clock.now += 3600  # refilled to the burst, never past it
+    assert sum(rate.admit("192.0.2.1") for _ in range(burst + 5)) == burst
+
+
+def test_connect_rate_off_and_exempt_networks_are_never_refused() -> None:
+    assert all(ConnectRate(0, 1).admit("192.0.2.1") for _ in range(1000))
+    rate = ConnectRate(1, 1, ["127.0.0.0/8", "::1/128"])
+    assert all(rate.admit("127.0.0.5") for _ in range(1000))
+    assert all(rate.admit("::1") for _ in range(1000))
+    assert rate.admit("192.0.2.1") and not rate.admit("192.0.2.1")
+
+
+def test_connect_rate_forgets_refilled_addresses() -> None:
+    """One connection each from many addresses, 1 ms apart: each bucket is
+    full again 1 / rate = 0.1 s later, and the table keeps only the
+    addresses still short of a token, not every address ever seen."""
+    clock = Clock()
+    rate = ConnectRate(10, 20, clock=clock)
+    seen = random.randint(10, 20) * ConnectRate.SWEEP_FLOOR
+    for n in range(seen):
+        rate.admit(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+        clock.now += 0.001
+    assert 0 < rate.tracked() <= ConnectRate.SWEEP_FLOOR < seen
+    clock.now += 1  # every one refilled: the next sweep drops them all
+    for n in range(ConnectRate.SWEEP_FLOOR):
+        rate.admit(f"172.16.{n >> 8 & 255}.{n & 255}")
+    assert rate.tracked() <= ConnectRate.SWEEP_FLOOR
