@@ -13,6 +13,8 @@ stime from /proc, all server processes) and the client's own CPU per message
     python bench/smtp_bench.py --port 2525 --pid 1234 --rcpt user@example.net
     python bench/smtp_bench.py --messages 2000 --sessions 20 --compare-postfix --smtp-source
     python bench/smtp_bench.py --messages 2000 --sessions 20 --backend sqlite,postgresql
+    python bench/smtp_bench.py --messages 2000 --sessions 20 --backend sqlite,postgresql \
+        --text varied
 
 ``--compare-postfix`` then runs the same load against Postfix delivering to
 Dovecot over LMTP (bench/postfix_lmtp_peer.py). Postfix acknowledges at
@@ -27,6 +29,12 @@ session) against each server, when /usr/sbin/smtp-source exists.
 the same run, each mtad on a fresh data dir; on PostgreSQL (a durable
 server the bench starts, see ``bench/storage_backend.py``, or
 ``--storage-url``) it also reports the database server's CPU per message.
+
+``--text varied``: each body is different text of real words (those of the
+repository's Markdown files, drawn Zipf-weighted as a language's words are)
+instead of one sentence repeated, so full-text indexes pay what real mail
+costs them (one sentence has about 50 distinct trigrams, 5 KB of varied
+words hundreds to thousands).
 """
 
 from __future__ import annotations
@@ -34,7 +42,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import itertools
 import os
+import random
+import re
 import resource
 import shutil
 import socket
@@ -72,17 +84,57 @@ def client_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def make_message(size: int, n: int, rcpt: str) -> bytes:
+# Body text: "repeated" (one sentence) or "varied" (see varied_text).
+TEXTS = ("repeated", "varied")
+
+
+@functools.cache
+def _doc_words() -> tuple[list[str], list[float]]:
+    """The distinct words of the repository's Markdown files, in a fixed
+    random order, with cumulative Zipf weights (the n-th word 1/n)."""
+    found: set[str] = set()
+    for path in sorted(REPO.rglob("*.md")):
+        if ".venv" not in path.parts:
+            found.update(re.findall(r"[A-Za-z][a-z]+", path.read_text(errors="replace")))
+    words = sorted(found)
+    random.Random(1).shuffle(words)
+    return words, list(itertools.accumulate(1 / (i + 1) for i in range(len(words))))
+
+
+def varied_text(size: int, n: int) -> bytes:
+    """About ``size`` bytes of words for message ``n`` (the same for the same
+    ``n``), in CRLF lines of under 78 characters (RFC 5322 section 2.1.1)."""
+    words, weights = _doc_words()
+    drawn = random.Random(n).choices(words, cum_weights=weights, k=max(1, size // 6))
+    lines, line, total = [], "", 0
+    for word in drawn:
+        if len(line) + len(word) >= 76:
+            lines.append(line)
+            total += len(line) + 2
+            line = ""
+            if total >= size:
+                break
+        line = f"{line} {word}" if line else word
+    if line and total < size:
+        lines.append(line)
+    return "".join(f"{line}\r\n" for line in lines).encode()
+
+
+def make_message(size: int, n: int, rcpt: str, text: str = "repeated") -> bytes:
     header = (
         f"From: bench@sender.example\r\nTo: {rcpt}\r\nSubject: bench {n}\r\n"
         f"Message-ID: <bench-{n}-{time.time_ns()}@sender.example>\r\n\r\n"
     ).encode()
+    if text == "varied":
+        return header + varied_text(max(1, size - len(header)), n)
     line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
     body = line * max(1, (size - len(header)) // len(line))
     return header + body
 
 
-async def session(port: int, count: int, size: int, rcpt: str, offset: int) -> int:
+async def session(
+    port: int, count: int, size: int, rcpt: str, offset: int, text: str = "repeated"
+) -> int:
     client = aiosmtplib.SMTP(
         hostname="127.0.0.1", port=port, start_tls=False, timeout=60,
         local_hostname="bench.example",
@@ -91,18 +143,21 @@ async def session(port: int, count: int, size: int, rcpt: str, offset: int) -> i
     await client.ehlo()
     sent = 0
     for i in range(count):
-        await client.sendmail("bench@sender.example", [rcpt], make_message(size, offset + i, rcpt))
+        message = make_message(size, offset + i, rcpt, text)
+        await client.sendmail("bench@sender.example", [rcpt], message)
         sent += 1
     await client.quit()
     return sent
 
 
-async def run_load(port: int, messages: int, sessions: int, size: int, rcpt: str) -> float:
+async def run_load(
+    port: int, messages: int, sessions: int, size: int, rcpt: str, text: str = "repeated"
+) -> float:
     per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
     start = time.perf_counter()
     offsets = [sum(per[:i]) for i in range(sessions)]
     done = await asyncio.gather(
-        *(session(port, n, size, rcpt, off) for n, off in zip(per, offsets, strict=True))
+        *(session(port, n, size, rcpt, off, text) for n, off in zip(per, offsets, strict=True))
     )
     elapsed = time.perf_counter() - start
     assert sum(done) == messages
@@ -148,6 +203,12 @@ async def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5 * 1024)
     parser.add_argument("--rcpt", default="user@bench.example")
+    parser.add_argument(
+        "--text",
+        choices=TEXTS,
+        default="repeated",
+        help="message bodies: one sentence repeated, or varied real words (see above)",
+    )
     parser.add_argument("--port", type=int, help="bench a running server instead")
     parser.add_argument("--pid", type=int, help="server pid, for CPU accounting")
     parser.add_argument("--checks", action="store_true", help="keep SPF/DKIM checks on")
@@ -251,10 +312,12 @@ async def measure(
     """The load against a running server (the aiosmtplib client, then
     smtp-source if given) and the servers' CPU over each."""
     # A short warm-up so imports and first connections do not count.
-    await run_load(port, min(40, args.messages), min(4, args.sessions), args.size, args.rcpt)
+    await run_load(
+        port, min(40, args.messages), min(4, args.sessions), args.size, args.rcpt, args.text
+    )
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
     client_before = client_cpu_seconds()
-    elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt)
+    elapsed = await run_load(port, args.messages, args.sessions, args.size, args.rcpt, args.text)
     client = client_cpu_seconds() - client_before
     cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
     run = Run("", elapsed, cpu, client, None, pids)
