@@ -50,7 +50,8 @@ from storage.search import (
     Text,
     Uids,
 )
-from storage.sql.schema import PG_SEARCH_TEXT, SUBJECT_FTS
+from storage.sql import fts
+from storage.sql.schema import SUBJECT_FTS
 from storage.sql.schema import mailbox_entries as E
 from storage.sql.schema import messages as M
 
@@ -148,8 +149,9 @@ class UidMatcher:
 @dataclass
 class Context:
     """What evaluation needs beyond the tree: the mailbox's highest UID and
-    which trigram index narrows substring searches: SQLite's FTS5 file
-    (``sqlite_fts``) or PostgreSQL's pg_trgm index (``pg_trgm``)."""
+    which index narrows substring searches: SQLite's FTS5 trigram file
+    (``sqlite_fts``) or PostgreSQL's word index and the subject's pg_trgm
+    index (``pg_trgm``)."""
 
     max_uid: int | None
     sqlite_fts: bool = False
@@ -165,7 +167,9 @@ class Context:
 _FTS = table("messages_fts", column("rowid"), schema="fts")
 _FTS_QUEUE = table("fts_pending", column("message_id"))
 FTS_MIN_LENGTH = 3  # the trigram index cannot answer shorter substrings
-_PG_SEARCH_TEXT = literal_column(PG_SEARCH_TEXT)
+# PostgreSQL's word index (schema step 20, storage/sql/fts.py).
+_PG_SEARCH_WORDS = literal_column("messages.search_words")
+_PG_VOCAB = table("search_vocab", column("word"), column("hash"))
 # SQLite's subject-only trigram table (schema step 19), in the main database.
 _SUBJECT_FTS = table(SUBJECT_FTS, column("rowid"))
 
@@ -192,12 +196,34 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
         queued = select(_FTS_QUEUE.c.message_id)
         cond = and_(M.c.id.in_(hits.union_all(queued)), cond)
-    elif ctx.pg_trgm and len(value) >= FTS_MIN_LENGTH:
-        # The trigram index's expression (schema step 14): every message
-        # holding the value in one column holds it in their concatenation,
-        # so this is a superset the index answers; the exact test decides.
-        cond = and_(_PG_SEARCH_TEXT.ilike(f"%{like_escape(value)}%", escape="\\"), cond)
+    elif ctx.pg_trgm:
+        words = pg_word_candidates(value)
+        if words is not None:
+            cond = and_(words, cond)
     return cond
+
+
+def pg_word_candidates(value: str) -> ColumnElement[bool] | None:
+    """PostgreSQL: a superset of the messages holding the ASCII ``value``
+    in any searched column, from the word index (schema step 20), or None
+    when no word of ``value`` is long enough to narrow (a scan then).
+
+    Each word of ``value`` lies inside one word of every message holding
+    it (the contract in storage/sql/fts.py), so: for each, the messages
+    carrying the hash of a vocabulary word that contains it (trigram LIKE
+    on the vocabulary; the array is computed once per query), ANDed; plus
+    the rows not indexed yet. The exact test decides."""
+    words = sorted(fts.words_of(value))
+    if not words:
+        return None
+    parts = []
+    for word in words:
+        hashes = select(func.array_agg(_PG_VOCAB.c.hash)).where(
+            _PG_VOCAB.c.word.like(f"%{word.decode('ascii')}%")
+        )
+        # No vocabulary word: NULL, which matches no indexed row.
+        parts.append(_PG_SEARCH_WORDS.op("&&")(hashes.scalar_subquery()))
+    return or_(and_(*parts), _PG_SEARCH_WORDS.is_(None))
 
 
 def _subject_candidates(value: str, ctx: Context) -> ColumnElement[bool]:

@@ -1159,10 +1159,12 @@ class Database:
         return self._indexer
 
     async def merge_search_index(self) -> int:
-        """PostgreSQL: merges the trigram index's pending list into the
-        index (schema step 17) and returns how many pending pages that
-        merged; 0 with nothing pending, without the index (no pg_trgm) and
-        on SQLite. Benchmarks call it to count the deferred work."""
+        """PostgreSQL: fills the word hashes of rows written without them
+        (``fts.index_unindexed``: an account move's copies), then merges the
+        word index's pending list into the index (schema steps 17 and 20);
+        returns how many pending pages that merged; 0 with nothing
+        pending, and on SQLite. Benchmarks call it to count the deferred
+        work."""
         if self.is_sqlite:
             return 0
         # gin_clean_pending_list waits for any merge in progress, so with
@@ -1175,10 +1177,14 @@ class Database:
             await conn.exec_driver_sql(
                 f"SET LOCAL statement_timeout = {int(MERGE_TIMEOUT_SECONDS * 1000)}"
             )
+            locked = await conn.exec_driver_sql(
+                f"SELECT pg_try_advisory_xact_lock({MERGE_LOCK_KEY})"
+            )
+            if not locked.scalar():
+                return 0
+            await fts.index_unindexed(conn)  # one batch a merge
             merged = await conn.exec_driver_sql(
-                "SELECT CASE WHEN pg_try_advisory_xact_lock("
-                f"{MERGE_LOCK_KEY}) THEN gin_clean_pending_list("
-                "to_regclass('messages_text_trgm')) ELSE 0 END"
+                "SELECT gin_clean_pending_list(to_regclass('messages_search_words'))"
             )
             return int(merged.scalar() or 0)
 

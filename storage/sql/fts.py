@@ -45,9 +45,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -294,3 +296,133 @@ class PendingListMerger(_Background):
         """Stops the background task (a merge in progress is cancelled: the
         server finishes or rolls back its own transaction)."""
         await self._stop()
+
+
+# PostgreSQL's word index (schema step 20). A message row carries the
+# hashes of its distinct words (``messages.search_words``, int4[], a GIN
+# index); ``search_vocab`` holds every word once with its hash, under a
+# trigram index. A substring search finds the vocabulary words holding
+# each of its own words (a trigram LIKE on the small vocabulary), then the
+# messages carrying one of their hashes, then decides by an exact
+# comparison (``criteria._text_condition``). A delivery so adds one GIN
+# key per distinct word instead of one per distinct trigram (several times
+# fewer, and integers), and pays trigrams only for words never seen before.
+#
+# Contract: a "word" is a maximal run of ASCII letters and digits, at least
+# VOCAB_MIN_LENGTH long, in the text lowercased by Python. Every ASCII
+# substring of a message's text (case-insensitive, as PostgreSQL's lower()
+# and ILIKE see it) has each of its own words inside one of the message's
+# words: Python's lower() maps to ASCII every character PostgreSQL's does
+# (K, the Kelvin sign; U+0130 gives "i" plus a combining dot, which only
+# ends a word early, so that pair is joined back first). Hash collisions
+# only add candidates. A row whose ``search_words`` is NULL (written by a
+# path that does not compute them: an older version, an account move) is
+# always a candidate, through a partial index, until
+# ``index_unindexed_sync`` fills it.
+VOCAB_MIN_LENGTH = 3
+_WORD_BYTES = bytes(c if (48 <= c <= 57 or 97 <= c <= 122) else 32 for c in range(256))
+
+
+def words_of(text: str) -> set[bytes]:
+    """The distinct words of ``text`` (ASCII bytes), linear in its length."""
+    lowered = text.lower()
+    if "\u0307" in lowered:
+        lowered = lowered.replace("i\u0307", "i")
+    return {
+        w
+        for w in lowered.encode("utf-8", "surrogatepass").translate(_WORD_BYTES).split()
+        if len(w) >= VOCAB_MIN_LENGTH
+    }
+
+
+def word_hash(word: bytes) -> int:
+    """The int4 a word is indexed under (CRC-32, signed)."""
+    h = zlib.crc32(word)
+    return h - 0x1_0000_0000 if h >= 0x8000_0000 else h
+
+
+def message_words(values: dict[str, Any]) -> set[bytes]:
+    """The words of a ``messages`` row's searched columns (``values``)."""
+    return words_of(
+        " ".join(
+            values[k] or "" for k in ("subject", "from_text", "to_text", "cc_text", "body_text")
+        )
+    )
+
+
+class Vocabulary:
+    """The words one process knows to be committed in one database's
+    ``search_vocab``: a delivery sends only the others (which its statement
+    inserts unless present). A word is remembered only after the
+    transaction that inserted or found it committed; forgetting is always
+    safe (the statement checks again), so the set is simply emptied when
+    it grows past ``limit``."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.limit = limit
+        self._known: set[bytes] = set()
+
+    def unknown(self, words: set[bytes]) -> list[bytes]:
+        """``words`` not known to be committed, sorted."""
+        return sorted(words - self._known)
+
+    def committed(self, words: list[bytes]) -> None:
+        if len(self._known) + len(words) > self.limit:
+            self._known.clear()
+        self._known.update(words)
+
+
+def search_params(values: dict[str, Any], vocab: Vocabulary) -> tuple[dict[str, Any], list[bytes]]:
+    """The parameters the PostgreSQL message insert takes besides the row's
+    columns (``search_words``, ``new_words``, ``new_hashes``), and the new
+    words to pass to :meth:`Vocabulary.committed` once it committed."""
+    words = message_words(values)
+    new = vocab.unknown(words)
+    return {
+        "search_words": [word_hash(w) for w in words],
+        "new_words": [w.decode("ascii") for w in new],
+        "new_hashes": [word_hash(w) for w in new],
+    }, new
+
+
+# One batch of index_unindexed: rows read, words hashed and written back.
+UNINDEXED_BATCH = 500
+_UNINDEXED = (
+    "SELECT id, subject, from_text, to_text, cc_text, body_text FROM messages "
+    "WHERE search_words IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+)
+ADD_VOCAB_SQL = (
+    "INSERT INTO search_vocab (word, hash) SELECT u.w, u.h "
+    "FROM unnest(CAST(:new_words AS text[]), CAST(:new_hashes AS int4[])) AS u(w, h) "
+    "WHERE NOT EXISTS (SELECT 1 FROM search_vocab s WHERE s.word = u.w)"
+)
+_SET_WORDS = (
+    "UPDATE messages SET search_words = u.words FROM ("
+    "SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id bigint, words int4[])"
+    ") AS u WHERE messages.id = u.id"
+)
+
+
+async def index_unindexed(conn: Any, batch: int = UNINDEXED_BATCH) -> int:
+    """PostgreSQL: fills ``search_words`` (and the vocabulary) of up to
+    ``batch`` rows that lack them, in the caller's transaction (an
+    ``AsyncConnection``); returns how many. Rows another session is
+    filling are skipped, not waited for."""
+    from sqlalchemy import text
+
+    rows = (await conn.execute(text(_UNINDEXED), {"n": batch})).all()
+    if not rows:
+        return 0
+    vocab: set[bytes] = set()
+    out = []
+    for row in rows:
+        words = message_words(row._mapping)
+        vocab |= words
+        out.append({"id": row.id, "words": [word_hash(w) for w in words]})
+    new = sorted(vocab)
+    await conn.execute(
+        text(ADD_VOCAB_SQL),
+        {"new_words": [w.decode("ascii") for w in new], "new_hashes": [word_hash(w) for w in new]},
+    )
+    await conn.execute(text(_SET_WORDS), {"rows": json.dumps(out)})
+    return len(rows)

@@ -82,7 +82,7 @@ from storage.model import (
     UidSet,
 )
 from storage.search import All, Criteria
-from storage.sql import codec
+from storage.sql import codec, fts
 from storage.sql import criteria as crit
 from storage.sql.db import Database, execute
 from storage.sql.schema import (
@@ -498,6 +498,27 @@ def _insert_own_thread_pg(keys: tuple[str, ...]) -> Any:
         insert(messages)
         .from_select(["id", "thread_id", *keys], select(seq.c.id, seq.c.id, *values))
         .returning(messages.c.id)
+    )
+
+
+@functools.cache
+def _insert_message_pg(keys: tuple[str, ...], own_thread: bool) -> Any:
+    """PostgreSQL's insert of a message row with its word hashes (schema
+    step 20), in one statement: the words new to the vocabulary go in
+    first (a CTE, ``fts.ADD_VOCAB_SQL``; none: no row), then the row, in
+    a thread of its own (``own_thread``: its id, taken from the sequence
+    first) or ``thread_id``. ``keys``: the columns of
+    :func:`_message_values` plus ``fts.search_params``'. Cached per key
+    set, so ``execute`` prepares it once."""
+    pg = postgresql.dialect()
+    cols = [k for k in keys if k in messages.c and k != "thread_id"]
+    casts = ", ".join(f"CAST(:{k} AS {messages.c[k].type.compile(dialect=pg)})" for k in cols)
+    thread = "n.id" if own_thread else "CAST(:thread_id AS BIGINT)"
+    return sql_text(
+        f"WITH v AS ({fts.ADD_VOCAB_SQL}), "
+        "n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id) "
+        f"INSERT INTO messages (id, thread_id, {', '.join(cols)}, search_words) "
+        f"SELECT n.id, {thread}, {casts}, CAST(:search_words AS int4[]) FROM n RETURNING id"
     )
 
 
@@ -985,6 +1006,8 @@ class SqlMailStore:
         # Folder pages and fetches, by every column an entry is built from
         # (see _stored): a key names one StoredMessage for good.
         self._stored_cache: dict[tuple[Any, ...], StoredMessage] = {}
+        # PostgreSQL: the words this store knows are in the search vocabulary.
+        self._vocab = fts.Vocabulary()
 
     @property
     def inline_blob_max(self) -> int:
@@ -1346,14 +1369,24 @@ class SqlMailStore:
     async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
         """Stores the parsed form of a blob; threads it by Message-ID,
         In-Reply-To and References (RFC 5256 REFERENCES, simplified)."""
-        values = _message_values(account_id, blob_key, parsed)
+        values, new_words = self._search_values(_message_values(account_id, blob_key, parsed))
 
         def write(conn: Connection) -> int:
             return self._insert_message_sync(conn, account_id, values, parsed)
 
         message_id = await self.db.write_batched(write)
+        self._vocab.committed(new_words)
         self._cache_parsed(message_id, parsed)
         return message_id
+
+    def _search_values(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+        """PostgreSQL: ``values`` plus the row's word hashes and the words new
+        to the vocabulary (``fts.search_params``), and those words, to pass
+        to ``self._vocab.committed`` after the commit. SQLite: unchanged."""
+        if self.db.is_sqlite:
+            return values, []
+        extra, new_words = fts.search_params(values, self._vocab)
+        return {**values, **extra}, new_words
 
     @staticmethod
     def _insert_message_sync(
@@ -1382,6 +1415,12 @@ class SqlMailStore:
             if row.thread_id != row.id:
                 execute(conn, _SET_THREAD, {"b_id": row.id})
             return int(row.id)
+        if "search_words" in values:
+            # PostgreSQL with the row's word hashes (see _insert_message_pg).
+            if thread_id is not None:
+                values = {**values, "thread_id": thread_id}
+            stmt = _insert_message_pg(tuple(values), thread_id is None)
+            return int(execute(conn, stmt, values).scalar())
         if thread_id is None:
             # PostgreSQL: the id is taken from its sequence first and
             # written as the thread too, in one statement.
@@ -1414,7 +1453,7 @@ class SqlMailStore:
         if blob_data is not None and len(blob_data) > self.inline_blob_max:
             raise errors.invalid("this shard does not store that blob itself")
         # Everything that needs no database is prepared here, off the writer.
-        values = _message_values(account_id, blob_key, parsed)
+        values, new_words = self._search_values(_message_values(account_id, blob_key, parsed))
         now = dt.datetime.now(dt.UTC)
         # Flag iterables may be one-shot; the write function may run later.
         targets = [(box, tuple(flags), date) for box, flags, date in targets]
@@ -1459,6 +1498,7 @@ class SqlMailStore:
             await self._publish(outcome[1])
 
         results, _, message_id = await self.db.write_batched(write, published, ready=blob_ready)
+        self._vocab.committed(new_words)
         self._cache_parsed(message_id, parsed)
         # The entries exactly as a read would build them (see ``_entry``).
         out = []

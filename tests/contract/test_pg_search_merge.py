@@ -1,5 +1,5 @@
-"""PostgreSQL: deliveries leave the trigram index's merge to the background
-merger (schema step 17, ``storage/sql/fts.py``), and what it merged is
+"""PostgreSQL: deliveries leave the word index's merge to the background
+merger (schema steps 17 and 20, ``storage/sql/fts.py``), and what it merged is
 still found."""
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 async def _pending_pages(database_url: str) -> int:
-    """The trigram index's pending-list pages (pgstattuple's view of it)."""
+    """The word index's pending-list pages (pgstattuple's view of it)."""
     u = make_url(database_url)
     conn = await asyncpg.connect(host=u.host, port=u.port, user=u.username, database=u.database)
     try:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
-        row = await conn.fetchrow("SELECT * FROM pgstatginindex('messages_text_trgm')")
+        row = await conn.fetchrow("SELECT * FROM pgstatginindex('messages_search_words')")
         columns = await conn.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'"
         )

@@ -1,7 +1,8 @@
-"""PostgreSQL text searches can be answered from the trigram index (schema
-step 14): every substring search the storage runs carries a condition that
-the planner matches to ``messages_text_trgm``, so a word in a few messages
-of a big account costs those messages, not a scan of the account."""
+"""PostgreSQL text searches can be answered from the word index (schema
+step 20): every substring search the storage runs carries a condition that
+the planner answers from ``messages_search_words`` (and the vocabulary's
+trigram index), so a word in a few messages of a big account costs those
+messages, not a scan of the account."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from sqlalchemy.engine import make_url
 
 from storage.backend import SqlStorage
 from storage.search import Header, Text
-from storage.sql.schema import PG_SEARCH_TEXT
 from tests.contract.mailfactory import deliver
 from tests.unit.test_sqlite_search_plans import statements
 
@@ -37,7 +37,7 @@ async def _plan(url: str, statement: str, params: Any) -> str:
         await conn.close()
 
 
-async def test_text_searches_can_use_the_trigram_index(
+async def test_text_searches_can_use_the_word_index(
     storage: SqlStorage, database_url: str
 ) -> None:
     await storage.directory.add_domain("example.org")
@@ -52,14 +52,19 @@ async def test_text_searches_can_use_the_trigram_index(
         everywhere = await mail.search_account(bob.id, Text("content", word))
         await mail.search_account(bob.id, Header("subject", "hello"))
     assert found and found == sorted(e.uid for e in everywhere)
-    searches = [s for s, _ in seen if "ILIKE" in s.upper()]
+    searches = [s for s, _ in seen if "LIKE" in s.upper()]
     assert len(searches) == 3
-    # Each carries the index's own expression (the planner matches on it);
-    # SUBJECT has an index of its own (step 19, tests/contract/test_subject_index.py)...
+    # Text searches carry the word index's condition; SUBJECT has an index
+    # of its own (step 19, tests/contract/test_subject_index.py)...
     text, subject = searches[:2], searches[2]
-    assert all(f"{PG_SEARCH_TEXT} ILIKE" in s for s in text), searches
+    assert all("messages.search_words &&" in s for s in text), searches
     assert "messages.subject ILIKE" in subject, subject
-    # ...which the index answers.
-    plan = await _plan(database_url, f"SELECT id FROM messages WHERE {PG_SEARCH_TEXT} ILIKE $1",
-                       [f"%{word}%"])
-    assert "messages_text_trgm" in plan, plan
+    # ...which the indexes answer: the vocabulary's trigrams, then the words.
+    plan = await _plan(
+        database_url,
+        "SELECT id FROM messages WHERE search_words && "
+        "(SELECT array_agg(hash) FROM search_vocab WHERE word LIKE $1)",
+        [f"%{word}%"],
+    )
+    assert "messages_search_words" in plan, plan
+    assert "search_vocab_trgm" in plan, plan

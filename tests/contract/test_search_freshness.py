@@ -1,8 +1,8 @@
 """A message is found by a body search as soon as its delivery returned,
 though neither backend indexes it in the delivery: SQLite's indexer fills
-its index later (``storage/sql/fts.py``), PostgreSQL's trigram index keeps
+its index later (``storage/sql/fts.py``), PostgreSQL's word index keeps
 the message in its pending list until the background merger (or
-autovacuum) merges it (schema step 17). The background workers are off
+autovacuum) merges it (schema steps 17 and 20). The background workers are off
 here, so every search below runs before any of them did."""
 
 from __future__ import annotations
