@@ -25,9 +25,10 @@ from tests.contract.mailfactory import build
 # its entry, the mailbox's counters, the change log and the account's
 # counters in one statement. BEGIN and COMMIT are shared by the batch.
 ROUND_TRIPS_PER_DELIVERY = 3
-# Per STORE: lock with the mailbox, read the entries, update them (one
-# pipelined executemany), then HIGHESTMODSEQ, change log and counters.
-ROUND_TRIPS_PER_STORE = 4
+# Per STORE of one UID range: lock the account, the mailbox and the
+# range's entries in one; then the entries' flags, HIGHESTMODSEQ, change log
+# and counters in one.
+ROUND_TRIPS_PER_STORE = 2
 # Not per call: BEGIN and COMMIT (per batch), NOTIFY (per commit), and per
 # connection the pool's ping (an empty statement) and asyncpg's first look
 # at a type (the array types of the one-statement flush); and the search
@@ -95,7 +96,7 @@ async def test_a_delivery_costs_three_statements_and_shares_begin_and_commit(sit
     assert 1 <= commits < count  # shared
 
 
-async def test_a_flag_change_costs_four_statements(site: Site) -> None:
+async def test_a_flag_change_costs_two_statements(site: Site) -> None:
     count = random.randint(5, 15)
     await deliver_some(site, count)
     mail = site.storage.mail(site.bob)
