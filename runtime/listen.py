@@ -391,6 +391,25 @@ def _tls_layer(
     )
 
 
+# How long a refused plaintext connection is still read from (and what it
+# sends dropped) after its refusal and our end of the stream.
+REFUSAL_LINGER = 1.0
+
+
+def _refuse(transport: asyncio.Transport, refusal: bytes) -> None:
+    """Write ``refusal`` and end the connection without losing it: closing
+    a socket with the client's unread bytes in it (an HTTP request, a
+    pipelined command) sends a reset, which can discard the refusal before
+    the client reads it. So our end is closed first (FIN) and the client's
+    bytes are read and dropped until it closes, or for REFUSAL_LINGER."""
+    transport.write(refusal)
+    if not transport.can_write_eof():
+        transport.close()
+        return
+    transport.write_eof()
+    asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
+
+
 class _Gate(asyncio.Protocol):
     """The first protocol of every accepted connection, before any TLS: it
     spends a token of the peer's connection rate and takes its lease, then
@@ -409,9 +428,9 @@ class _Gate(asyncio.Protocol):
             CONNECTIONS_REFUSED.inc(protocol=listener.label)
             log.debug("%s: refused %s: connecting too fast", listener.setting, ip)
             if listener.tls is None:
-                stream.write(listener.refusal)
-            # On a TLS listener: no handshake, and nothing it could read.
-            stream.close()
+                _refuse(stream, listener.refusal)
+            else:
+                stream.close()  # no handshake, and nothing it could read
             return
         lease = listener.limit.acquire(ip)
         if lease is None:
@@ -420,8 +439,7 @@ class _Gate(asyncio.Protocol):
         app: asyncio.Protocol
         if listener.tls is None:
             if lease is None:
-                stream.write(listener.refusal)
-                stream.close()
+                _refuse(stream, listener.refusal)
                 return
             app = listener.protocol_for(lease)
         else:

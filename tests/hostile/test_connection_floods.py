@@ -13,9 +13,20 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from conf.settings import Settings
-from tests.hostile.conftest import MAX_PROBE_DELAY, PROBE_ADDR, Site, probing
+from tests.hostile.conftest import (
+    MAX_PROBE_DELAY,
+    PROBE_ADDR,
+    Site,
+    _from_probe_addr,
+    probing,
+    running_site,
+)
 
 # What the site runs with (the shipped defaults, loopback not exempt).
 BURST = Settings().imap.connect_burst_per_ip
@@ -98,3 +109,79 @@ def test_a_tls_connect_flood_is_cut_before_the_handshake(site: Site) -> None:
         assert counts["cut"] > 0, (name, counts)
         assert counts["handshake"] <= BURST + RATE * (elapsed + 1), (name, counts, elapsed)
     assert worst and max(worst.values()) <= MAX_PROBE_DELAY, worst
+
+
+LIMIT = 3  # the test site's max_connections_per_ip on every protocol
+PREAUTH = 1.5  # and its pre-authentication timeout, seconds
+# What the (LIMIT+1)th connection from one address reads, and what a held,
+# never-authenticated IMAP/POP3 connection reads when its timer ends.
+REFUSALS = {
+    "imap": b"* BYE [UNAVAILABLE]",  # RFC 3501 section 7.1.5, RFC 5530 section 3
+    "pop3": b"-ERR [SYS/TEMP]",  # RFC 3206 section 4
+    "http": b"HTTP/1.1 503",  # RFC 9110 section 15.6.4
+}
+AUTOLOGOUT = {"imap": b"* BYE Autologout", "pop3": b"-ERR autologout"}  # RFC 3501 section 5.4
+PLAIN_GREETINGS = {"imap": b"* OK", "pop3": b"+OK"}
+
+
+@pytest.fixture
+def limited_site(tmp_path: Path) -> Iterator[Site]:
+    """The site with a small per-address limit and pre-authentication timer."""
+    limits = {"max_connections_per_ip": LIMIT}
+    with running_site(
+        tmp_path,
+        imap={**limits, "preauth_timeout_seconds": PREAUTH},
+        pop3={**limits, "preauth_timeout_seconds": PREAUTH},
+        http=limits,
+    ) as running:
+        yield running
+
+
+def _held(port: int, greeting: bytes | None) -> socket.socket:
+    """A connection from the attacker's address, its greeting read (HTTP
+    has none: the connection is held without a request)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if greeting is not None:
+        line = sock.makefile("rb").readline()
+        assert line.startswith(greeting), line
+    return sock
+
+
+def _all_it_says(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(30)
+    with sock:
+        return sock.makefile("rb").read()
+
+
+def test_one_address_over_its_connection_limit_is_refused_and_others_are_not(
+    limited_site: Site,
+) -> None:
+    """IMAP, POP3 and HTTP took any number of connections from one address,
+    and kept an IMAP connection that never logged in for 1,800 s."""
+    site = limited_site
+    with probing(site):
+        held = {
+            name: [_held(site.ports[name], PLAIN_GREETINGS.get(name)) for _ in range(LIMIT)]
+            for name in REFUSALS
+        }
+        for name, refusal in REFUSALS.items():
+            extra = socket.create_connection(("127.0.0.1", site.ports[name]), timeout=30)
+            if name == "http":
+                extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            said = _all_it_says(extra)
+            assert said.startswith(refusal), (name, said)
+            if name in PLAIN_GREETINGS:  # another address is let in meanwhile
+                with _from_probe_addr(site.ports[name]) as other:
+                    line = other.makefile("rb").readline()
+                    assert line.startswith(PLAIN_GREETINGS[name]), (name, line)
+        # Never authenticated: dropped with the protocol's goodbye once the
+        # short pre-authentication timer runs out, and the slots come back.
+        for name, goodbye in AUTOLOGOUT.items():
+            for sock in held[name]:
+                said = _all_it_says(sock)
+                assert said.startswith(goodbye), (name, said)
+            again = _held(site.ports[name], PLAIN_GREETINGS[name])
+            again.close()
+    for sock in held["http"]:
+        sock.close()
