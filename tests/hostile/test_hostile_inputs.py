@@ -18,6 +18,7 @@ import smtplib
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 
 from conf.settings import AuthSettings
@@ -140,34 +141,70 @@ def test_deeply_nested_json_is_a_400_not_a_500(site: Site) -> None:
         assert status == 400, (path, body)
 
 
-def test_unfinished_large_data_phases_do_not_hold_memory(site: Site) -> None:
-    """8 unfinished 35 MB DATA phases from one IP added 292 MB never returned."""
+UNFINISHED_UPLOADS = 8
+UNFINISHED_SIZE = 30 * 1024 * 1024  # sent of each upload, never finished
+
+
+def _unfinished_uploads(site: Site, start: Callable[[], socket.socket]) -> None:
+    """UNFINISHED_UPLOADS connections from one address, each opened by
+    ``start`` up to where message text is expected, then sent
+    UNFINISHED_SIZE octets of it and left hanging: the server's memory
+    stays well under what they add up to and comes back once they close."""
     baseline = site.settled_rss_kib()
-    chunk = (base64.encodebytes(random.randbytes(57 * 1000)).replace(b"\n", b"\r\n"))
+    chunk = base64.encodebytes(random.randbytes(57 * 1000)).replace(b"\n", b"\r\n")
     socks = []
     with probing(site):
-        for _ in range(8):
-            sock = socket.create_connection(("127.0.0.1", site.ports["mx"]), timeout=60)
-            reader = sock.makefile("rb")
-            reader.readline()
-            for line in (b"EHLO attacker.test", b"MAIL FROM:<m@attacker.test>",
-                         f"RCPT TO:<{ALICE}>".encode(), b"DATA"):
-                sock.sendall(line + b"\r\n")
-                reply = reader.readline()
-                while reply[3:4] == b"-":
-                    reply = reader.readline()
-                assert reply[:1] in (b"2", b"3"), reply
+        for _ in range(UNFINISHED_UPLOADS):
+            sock = start()
             sent = 0
-            while sent < 30 * 1024 * 1024:
+            while sent < UNFINISHED_SIZE:
                 sock.sendall(chunk)
                 sent += len(chunk)
             socks.append(sock)
         during = site.rss_kib()
     for sock in socks:
         sock.close()
-    # Spooled to disk as it arrives: well under the 240 MB the 8 bodies add up to.
+    # Spooled to disk as it arrives: well under the 240 MB the 8 uploads add up to.
     assert during - baseline < 64 * 1024, f"RSS grew {during - baseline} KiB"
     assert_memory_returned(site, baseline)
+
+
+def test_unfinished_large_data_phases_do_not_hold_memory(site: Site) -> None:
+    """8 unfinished 35 MB DATA phases from one IP added 292 MB never returned."""
+
+    def start() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", site.ports["mx"]), timeout=60)
+        reader = sock.makefile("rb")
+        reader.readline()
+        for line in (b"EHLO attacker.test", b"MAIL FROM:<m@attacker.test>",
+                     f"RCPT TO:<{ALICE}>".encode(), b"DATA"):
+            sock.sendall(line + b"\r\n")
+            reply = reader.readline()
+            while reply[3:4] == b"-":
+                reply = reader.readline()
+            assert reply[:1] in (b"2", b"3"), reply
+        return sock
+
+    _unfinished_uploads(site, start)
+
+
+def test_unfinished_large_appends_do_not_hold_memory(site: Site) -> None:
+    """IMAP APPEND literals were held whole in memory as DATA was: sessions
+    each sending 30 MB of a 35 MB literal (RFC 3501 section 4.3,
+    synchronizing: the server's "+" comes first) and never finishing."""
+
+    def start() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", site.ports["imap"]), timeout=60)
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(f'a LOGIN "{ALICE}" "{ALICE_PW}"\r\n'.encode())
+        assert reader.readline().startswith(b"a OK")
+        sock.sendall(f"b APPEND INBOX {{{35 * 1024 * 1024}}}\r\n".encode())
+        assert reader.readline().startswith(b"+"), "no continuation for the literal"
+        return sock
+
+    _unfinished_uploads(site, start)
+    assert not _inbox_message_ids(site), "an unfinished APPEND was stored"
 
 
 def _abandoned_wrong_login(
