@@ -1,7 +1,7 @@
 """The full-text indexes' background work: SQLite's index, in a file of its
 own, filled in the background (:class:`FtsIndexer`), and PostgreSQL's
-trigram index, whose pending list is merged in the background
-(:class:`PendingListMerger`).
+word index (schema step 20, the end of this module), whose pending list is
+merged in the background (:class:`PendingListMerger`).
 
 Why apart: the trigram index was kept in step by a trigger, so every
 delivery tokenised its text inside the writer's transaction, about two
@@ -263,17 +263,19 @@ MERGE_RETRY_SECONDS = 30.0
 
 
 class PendingListMerger(_Background):
-    """PostgreSQL: merges the trigram index's pending list into the index,
+    """PostgreSQL: merges the word index's pending list into the index,
     in the background, so that no delivery does it inline.
 
-    A delivery only appends its message's trigrams to the GIN index's
-    pending list (schema step 17); a search reads that list as well as the
-    index, so a message is found as soon as its delivery committed, merged
-    or not. Merging sorts the list and adds each trigram's messages to the
-    index at once, far less work per message than an insert into the index
-    proper. ``merge()`` runs one merge (``Database.merge_search_index``) and
-    returns how many pending pages it merged. Every instance of a site runs
-    one; PostgreSQL lets one merge run at a time and the others return."""
+    A delivery only appends its message's word hashes to the GIN index's
+    pending list (schema steps 17 and 20); a search reads that list as well
+    as the index, so a message is found as soon as its delivery committed,
+    merged or not. Merging sorts the list and adds each word's messages to
+    the index at once, far less work per message than an insert into the
+    index proper. Each merge first fills the words of a batch of rows
+    written without them (:func:`index_unindexed`). ``merge()`` runs one
+    merge (``Database.merge_search_index``) and returns how many pending
+    pages it merged. Every instance of a site runs one; PostgreSQL lets one
+    merge run at a time and the others return."""
 
     def __init__(self, merge: Callable[[], Awaitable[int]]) -> None:
         self._merge = merge
