@@ -330,3 +330,57 @@ def test_a_message_arrives_byte_exact_after_the_attacks(site: Site) -> None:
     client.logout()
     fetched = next(part[1] for part in data if isinstance(part, tuple))
     assert fetched.endswith(raw)
+
+
+MALFORMED_HTTP = (
+    b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",  # a control byte in the target
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello on the plain port
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: a\r\n\r\n",  # a space in a field name
+)
+
+
+def _log_lines(site: Site) -> list[str]:
+    return site.log().splitlines()
+
+
+def test_a_malformed_http_request_is_a_400_and_at_most_one_log_line(site: Site) -> None:
+    """aiohttp logged a full traceback at ERROR for every malformed request
+    (RFC 9112 section 2.2: a server answers one with 400)."""
+    for request in MALFORMED_HTTP:
+        before = len(_log_lines(site))
+        with socket.create_connection(("127.0.0.1", site.ports["http"]), timeout=30) as sock:
+            sock.sendall(request)
+            status = sock.makefile("rb").readline()
+        assert status.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), (request, status)
+        time.sleep(0.2)  # the server's log line, if any, is written by now
+        added = _log_lines(site)[before:]
+        assert len(added) <= 1, (request, added)
+        assert not any("Traceback" in line for line in added), added
+
+
+def test_a_lone_surrogate_in_a_folder_name_is_refused_not_a_500(site: Site) -> None:
+    """A lone surrogate (JSON "\\ud800", RFC 8259 section 8.2) reached the SQL
+    insert and came back as a 500; IMAP's modified UTF-7 can spell it too
+    (RFC 3501 section 5.1.3: "&2AA-" is U+D800 alone)."""
+    for name in ('"\\ud800"', '"Inbox/\\udfff x"', '"a\\ud800\\ud800b"'):
+        body = f'{{"name": {name}}}'.encode()
+        status, answer = _api(site, "POST", "/v1/folders", body)
+        assert status == 400, (name, status, answer)
+    with socket.create_connection(("127.0.0.1", site.ports["imap"]), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(f'a LOGIN "{ALICE}" "{ALICE_PW}"\r\n'.encode())
+        assert reader.readline().startswith(b"a OK")
+        for n, mailbox in enumerate((b'"&2AA-"', b'"x&3,8-y"', b'"&2ADYAA-"')):
+            sock.sendall(b"c%d CREATE %s\r\n" % (n, mailbox))
+            reply = reader.readline()
+            assert reply.startswith((b"c%d NO" % n, b"c%d BAD" % n)), (mailbox, reply)
+        sock.sendall(b'd LIST "" "*"\r\n')
+        listed = []
+        while not (line := reader.readline()).startswith(b"d "):
+            listed.append(line)
+        assert line.startswith(b"d OK") and not any(b"&2" in x or b"&3" in x for x in listed)
+    status, body = _api(site, "GET", "/v1/folders")
+    assert status == 200, body
