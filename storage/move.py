@@ -715,6 +715,7 @@ async def _move(
     mover = AccountMove(account.id, storage.stores[rec.source], storage.stores[rec.target])
     if state in (MoveState.COPY, MoveState.CATCHUP):
         rnd = 0
+        before: int | None = None
         while True:
             rnd += 1
             _report(progress, address, state, rnd)
@@ -723,8 +724,14 @@ async def _move(
             if state is MoveState.COPY:
                 state = MoveState.CATCHUP
                 await _set_state(storage, account.id, state)
-            if copied <= small_delta or rnd >= max_live_rounds:
+            # A round that copied no less than the one before is not catching
+            # up (mail arrives faster than it is copied, as on a loaded host):
+            # more live rounds would only grow, so fence now and let the
+            # exact round copy the rest.
+            converging = before is None or copied < before
+            if copied <= small_delta or rnd >= max_live_rounds or not converging:
                 break
+            before = copied
         await mover.set_fence(mover.source, f"out:{rec.target}")
         state = MoveState.FENCED
         await _set_state(storage, account.id, state)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -489,11 +490,20 @@ async def test_a_round_ends_while_mail_keeps_arriving(
         await copy_entries(self, target_id, rows)
 
     monkeypatch.setattr(mv.AccountMove, "_copy_entries", copy_while_mail_arrives)
+    rounds: list[mv.MoveProgress] = []
     moved = await asyncio.wait_for(
-        mv.move_account(sharded, bob.address, TARGET, max_live_rounds=3), 60
+        mv.move_account(sharded, bob.address, TARGET, progress=rounds.append, small_delta=10),
+        60,
     )
     monkeypatch.setattr(mv.AccountMove, "_copy_entries", copy_entries)
     assert moved.shard == TARGET and acked
+    # Here each batch copied brings more mail than it held: the live rounds
+    # end with the first that copied no less than the one before (not after
+    # MAX_LIVE_ROUNDS rounds, each longer than the last).
+    copied = [p.copied for p in rounds if p.state is not mv.MoveState.FENCED and p.copied]
+    assert 2 <= len(copied) < mv.MAX_LIVE_ROUNDS, copied
+    assert copied[-1] >= copied[-2], copied
+    assert all(a > b for a, b in itertools.pairwise(copied[:-1])), copied
     mail = sharded.mail(moved)
     inbox = await mail.get_mailbox(bob.id, "INBOX")
     entries = await mail.uids(bob.id, inbox.id)
