@@ -173,14 +173,21 @@ class Cluster:
 
     def mailctl(self, *args: str, stdin: str = "", timeout: float = 120) -> str:
         """Runs ``mailctl -c CONFIG ARGS``; its stdout, or AssertionError with stderr."""
-        done = subprocess.run(
-            [sys.executable, "-m", "mailctl.cli", "-c", str(self.config), *args],
-            cwd=REPO,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "mailctl.cli", "-c", str(self.config), *args],
+                cwd=REPO,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:  # what it said so far (a move's progress)
+            said = [(o or b"").decode(errors="replace") if isinstance(o, bytes) else (o or "")
+                    for o in (exc.stdout, exc.stderr)]
+            raise AssertionError(
+                f"mailctl {' '.join(args)}: still running after {timeout} s\n" + "\n".join(said)
+            ) from None
         if done.returncode != 0:
             raise AssertionError(f"mailctl {' '.join(args)}: {done.returncode}\n{done.stderr}")
         return done.stdout

@@ -149,7 +149,7 @@ def test_move_an_account_under_smtp_and_imap_idle_load(
     with SmtpLoad(cluster, [user]) as load, IdleClient(cluster, user) as idle:
         load.wait_acked(10)
         before = idle.selects[0]
-        out = cluster.mailctl("account", "move", user, "--to", "b", timeout=300)
+        out = cluster.mailctl("account", "move", user, "--to", "b", timeout=200)
         assert f"account {user} is on shard b" in out, out
         load.wait_acked(10, RECOVER_WITHIN, since=time.monotonic())
         # The fence ended the IDLE session (RFC 3501 section 7.1.5, RFC 5530
@@ -183,7 +183,7 @@ def test_a_move_killed_halfway_is_finished_by_running_it_again(
         load.wait_acked(5)
         state = cluster.kill_mailctl_at(kill_at, "account", "move", user, "--to", target)
         assert set(cluster.shards_holding(user)) in ({source}, {source, target}), state
-        out = cluster.mailctl("account", "move", user, "--to", target, timeout=300)
+        out = cluster.mailctl("account", "move", user, "--to", target, timeout=200)
         assert f"account {user} is on shard {target}" in out, out
         load.wait_acked(5, RECOVER_WITHIN, since=time.monotonic())
     assert cluster.directory_shard(user) == target
