@@ -130,3 +130,23 @@ async def test_a_row_without_its_words_is_found_and_filled(
         await conn.close()
     for uid, marker in enumerate(markers, start=1):
         assert await mail.search(bob.id, inbox, Text("body", marker[3:15])) == [uid]
+
+
+async def test_long_texts_are_compressed_with_lz4(
+    quiet_storage: SqlStorage, database_url: str
+) -> None:
+    """Schema step 21: a delivered message's long texts are LZ4, not pglz."""
+    storage = quiet_storage
+    bob = await _bob(storage)
+    words = [_word() for _ in range(random.randint(50, 200))]
+    await _deliver(storage, bob, _text(words, random.randint(600, 1500)))
+    conn = await _connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT pg_column_compression(parsed) AS parsed, "
+            "pg_column_compression(body_text) AS body FROM messages"
+        )
+    finally:
+        await conn.close()
+    assert row["body"] == "lz4"
+    assert row["parsed"] in (None, "lz4")  # None: short enough to stay as it is
