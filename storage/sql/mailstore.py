@@ -1685,7 +1685,7 @@ class SqlMailStore:
         async def published(outcome: tuple[AppendResult, list[Change]]) -> None:
             await self._publish(outcome[1])
 
-        result, _ = await self.db.write_batched(write, published)
+        result, _ = await self.db.write_batched(write, published, key=account_id)
         return result
 
     def _append_entry_sync(
@@ -2070,8 +2070,10 @@ class SqlMailStore:
     ) -> StoreResult:
         """RFC 3501 section 6.4.6 STORE with the RFC 7162 section 3.1.3
         UNCHANGEDSINCE guard. Entries whose flags change share one new modseq.
-        Durable and published on return; on SQLite concurrent calls share a
-        group commit (``Database.write_batched``)."""
+        Durable and published on return; concurrent calls share a group
+        commit (``Database.write_batched``), and on PostgreSQL those of
+        other accounts commit beside it (its ``key``: it locks only this
+        account's rows)."""
         mask, keywords = split_flags(flags)
 
         # Inside the writers' lock only the SQL and what it needs; the
@@ -2141,7 +2143,7 @@ class SqlMailStore:
             built.append(StoreResult(entries, tuple(modified)))
             await self._publish(changes)
 
-        await self.db.write_batched(write, published, durable=False)
+        await self.db.write_batched(write, published, durable=False, key=account_id)
         return built[0]
 
     async def _copy_entries(self, tx: _Tx, rows: Sequence[Any], dest: Any) -> list[tuple[int, int]]:
@@ -2294,7 +2296,9 @@ class SqlMailStore:
                 self._parsed_cache.pop(mid, None)
             await self._publish(outcome[2])
 
-        gone, _, _ = await self.db.write_batched(write, published, durable=False)
+        gone, _, _ = await self.db.write_batched(
+            write, published, durable=False, key=account_id
+        )
         return gone
 
     @staticmethod
@@ -2400,7 +2404,7 @@ class SqlMailStore:
             execute(conn, _SET_RECENT_FLOOR, {"b_id": mbox.id, "b_floor": mbox.uidnext})
             return int(mbox.recent_floor)
 
-        return await self.db.write_batched(write, durable=False)
+        return await self.db.write_batched(write, durable=False, key=account_id)
 
     async def peek_recent(self, account_id: int, mailbox_id: int) -> int:
         """Entries with UID >= the recent floor, read without moving the floor

@@ -1,9 +1,12 @@
 """Flag changes on PostgreSQL (``SqlMailStore.store_flags``), with another
 transaction holding the account's rows, as another instance's write does.
 
-What a user would notice: a STORE that had to wait starts from the flags
-and messages the other transaction committed, never from what it read
-before the wait (no lost flag, no message left out).
+What a user would notice: one account's STORE waiting for a lock does not
+hold up another account's (batches of different accounts commit side by
+side, ``Database.write_batched``'s ``key``), while two STOREs of one account
+still commit in the order they were made; and a STORE that had to wait
+starts from the flags and messages the other transaction committed, never
+from what it read before the wait (no lost flag, no message left out).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import pytest
 from sqlalchemy import make_url
 
 from storage.backend import SqlStorage, open_storage_from_url
-from storage.model import FLAGGED, SEEN, Account, StoreMode, UidSet
+from storage.model import FLAGGED, SEEN, Account, StoreMode, StoreResult, UidSet
 from storage.sql.criteria import FLAG_BITS
 from tests.contract.conftest import TEST_HASHER
 from tests.contract.mailfactory import build
+
+# Long enough for any load; a STORE that is not blocked takes milliseconds.
+NOT_BLOCKED = 60.0
 
 
 @dataclass
@@ -89,6 +95,30 @@ async def waiting_for_a_lock(site: Site, count: int) -> None:
 def store(site: Site, account: Account, box: int, uids: UidSet, flag: str) -> Any:
     mail = site.storage.mail(account)
     return asyncio.ensure_future(mail.store_flags(account.id, box, uids, StoreMode.ADD, [flag]))
+
+
+async def test_a_store_waiting_for_one_account_holds_up_no_other(site: Site) -> None:
+    alice, bob = site.accounts
+    alice_box = await fill(site, alice, random.randint(2, 6))
+    bob_box = await fill(site, bob, random.randint(1, 6))
+    other = await holding_account(site, alice)
+    try:
+        first = store(site, alice, alice_box, UidSet.of([1]), SEEN)
+        await waiting_for_a_lock(site, 1)
+        second = store(site, alice, alice_box, UidSet.of([2]), FLAGGED)  # same account
+        bobs: StoreResult = await asyncio.wait_for(
+            store(site, bob, bob_box, UidSet.of([1]), SEEN), NOT_BLOCKED
+        )
+        assert [e.flags for e in bobs.updated] == [frozenset({SEEN})]
+        assert not first.done() and not second.done()  # alice's wait on her lock
+    finally:
+        await other.execute("ROLLBACK")
+        await other.close()
+    done_first, done_second = await first, await second
+    # In the order they were made: the second's modseq is the higher.
+    assert done_first.updated[0].modseq < done_second.updated[0].modseq
+    flags = {e.uid: e.flags for e in await site.storage.mail(alice).uids(alice.id, alice_box)}
+    assert flags[1] == {SEEN} and flags[2] == {FLAGGED}
 
 
 async def test_a_store_that_waited_starts_from_the_flags_committed_meanwhile(
