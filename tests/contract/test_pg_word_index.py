@@ -150,3 +150,39 @@ async def test_long_texts_are_compressed_with_lz4(
         await conn.close()
     assert row["body"] == "lz4"
     assert row["parsed"] in (None, "lz4")  # None: short enough to stay as it is
+
+
+async def test_step_20_indexes_the_rows_already_stored(
+    quiet_storage: SqlStorage, database_url: str
+) -> None:
+    """A database at schema version 19 (a trigram index, no words) gets
+    its stored rows' words in the migration: none is left to scan."""
+    from storage.sql.db import Database
+
+    storage = quiet_storage
+    bob = await _bob(storage)
+    mail = storage.mail(bob)
+    inbox = (await mail.get_mailbox(bob.id, "INBOX")).id
+    markers = [_word() + _word() for _ in range(random.randint(3, 8))]
+    for marker in markers:
+        words = [_word() for _ in range(20)]
+        await _deliver(storage, bob, f"{_text(words, 30)} {marker}, {_text(words, 20)}")
+    conn = await _connect(database_url)
+    try:
+        # Back to what version 19 left: no word column, vocabulary or index.
+        await conn.execute(
+            "DROP INDEX messages_search_words; DROP INDEX messages_search_unindexed; "
+            "ALTER TABLE messages DROP COLUMN search_words; DROP TABLE search_vocab; "
+            "DELETE FROM schema_version WHERE version >= 20"
+        )
+        db = Database(database_url)
+        try:
+            await db.migrate()
+        finally:
+            await db.close()
+        unindexed = await conn.fetchval("SELECT count(*) FROM messages WHERE search_words IS NULL")
+    finally:
+        await conn.close()
+    assert unindexed == 0
+    for uid, marker in enumerate(markers, start=1):
+        assert await mail.search(bob.id, inbox, Text("body", marker[2:-2])) == [uid]
