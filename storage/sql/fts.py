@@ -418,6 +418,9 @@ async def index_unindexed(conn: Any, batch: int = UNINDEXED_BATCH) -> int:
     vocab: set[bytes] = set()
     out = []
     for row in rows:
+        # Up to 1 MB of text a row (MAX_BODY_TEXT), some 40 ms of words:
+        # the event loop's other sessions get their turn between rows.
+        await asyncio.sleep(0)
         words = message_words(row._mapping)
         vocab |= words
         out.append({"id": row.id, "words": [word_hash(w) for w in words]})

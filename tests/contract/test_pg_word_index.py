@@ -7,6 +7,8 @@ row of an older version) is still found, and the merger fills it."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import random
 import string
 
@@ -186,3 +188,45 @@ async def test_step_20_indexes_the_rows_already_stored(
     assert unindexed == 0
     for uid, marker in enumerate(markers, start=1):
         assert await mail.search(bob.id, inbox, Text("body", marker[2:-2])) == [uid]
+
+
+async def test_filling_rows_lets_the_event_loop_turn_between_rows(
+    quiet_storage: SqlStorage, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row holds up to 1 MB of text (some 40 ms of word extraction) and a
+    batch up to UNINDEXED_BATCH rows: the merger, which runs on a daemon's
+    event loop, must let the loop's other sessions in between rows, not
+    once per batch (seconds)."""
+    storage = quiet_storage
+    bob = await _bob(storage)
+    count = random.randint(3, 8)
+    for _ in range(count):
+        await _deliver(storage, bob, _text(list(string.ascii_lowercase), 50))
+    conn = await _connect(database_url)
+    try:
+        await conn.execute("UPDATE messages SET search_words = NULL")
+    finally:
+        await conn.close()
+    order: list[str] = []
+    real = fts.message_words
+
+    def words(values: dict[str, object]) -> set[bytes]:
+        order.append("row")
+        return real(values)
+
+    async def other_session() -> None:
+        while True:
+            order.append("turn")
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(fts, "message_words", words)
+    ticker = asyncio.create_task(other_session())
+    try:
+        async with storage.databases["default"].engine.begin() as c:
+            assert await fts.index_unindexed(c) == count
+    finally:
+        ticker.cancel()
+    rows = [i for i, what in enumerate(order) if what == "row"]
+    assert len(rows) == count
+    # Another session ran between every two rows.
+    assert all("turn" in order[a + 1 : b] for a, b in itertools.pairwise(rows))
