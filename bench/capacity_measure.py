@@ -221,16 +221,18 @@ async def db_stats(url: str) -> DbStats:
 
 async def settle(url: str) -> None:
     """Does now the work a window's deliveries left for later, so that it
-    falls inside the window: the merge of the trigram index's pending list
+    falls inside the window: the merge of the search index's pending list
     (GIN "fast update", which a daemon's merger or the insert that overflows
-    it would otherwise run at some later moment), then a CHECKPOINT, which
-    writes every page dirtied so far."""
+    it would otherwise run at some later moment: ``messages_search_words``
+    since schema step 20, ``messages_text_trgm`` before), then a CHECKPOINT,
+    which writes every page dirtied so far."""
     conn = await asyncpg.connect(_dsn(url))
     try:
-        await conn.execute(
-            "SELECT gin_clean_pending_list(i) FROM to_regclass('messages_text_trgm') AS i "
-            "WHERE i IS NOT NULL"
-        )
+        for index in ("messages_search_words", "messages_text_trgm"):
+            await conn.execute(
+                "SELECT gin_clean_pending_list(i) FROM to_regclass($1) AS i WHERE i IS NOT NULL",
+                index,
+            )
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
