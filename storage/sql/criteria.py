@@ -217,11 +217,14 @@ def pg_word_candidates(value: str) -> ColumnElement[bool] | None:
     if not words:
         return None
     parts = []
+    long_word = fts.word_hash(fts.LONG_WORD)
     for word in words:
-        hashes = select(func.array_agg(_PG_VOCAB.c.hash)).where(
-            _PG_VOCAB.c.word.like(f"%{word.decode('ascii')}%")
-        )
-        # No vocabulary word: NULL, which matches no indexed row.
+        # The hashes of the vocabulary words holding ``word``, and the
+        # marker of rows with a word too long for the vocabulary (which may
+        # hold it too; a longer ``word`` only lies in such a row).
+        hashes = select(
+            func.array_append(func.array_agg(_PG_VOCAB.c.hash), long_word)
+        ).where(_PG_VOCAB.c.word.like(f"%{word.decode('ascii')}%"))
         parts.append(_PG_SEARCH_WORDS.op("&&")(hashes.scalar_subquery()))
     return or_(and_(*parts), _PG_SEARCH_WORDS.is_(None))
 

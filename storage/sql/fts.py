@@ -322,6 +322,13 @@ class PendingListMerger(_Background):
 # always a candidate, through a partial index, until
 # ``index_unindexed_sync`` fills it.
 VOCAB_MIN_LENGTH = 3
+# Longer words (a hex digest of a few hundred digits, base64 pasted into a
+# text part) are not vocabulary words: a B-tree entry holds at most 2,704
+# bytes, and a delivery carrying a 4,000-letter word failed with 451 on
+# every attempt. A row holding one carries LONG_WORD's hash instead, and
+# every search takes such rows as candidates (the exact test decides).
+VOCAB_MAX_LENGTH = 200
+LONG_WORD = b"~long~"  # never a word (not a letter or digit): only a marker
 _WORD_BYTES = bytes(c if (48 <= c <= 57 or 97 <= c <= 122) else 32 for c in range(256))
 
 
@@ -344,12 +351,16 @@ def word_hash(word: bytes) -> int:
 
 
 def message_words(values: dict[str, Any]) -> set[bytes]:
-    """The words of a ``messages`` row's searched columns (``values``)."""
-    return words_of(
+    """The words of a ``messages`` row's searched columns (``values``) that
+    it is indexed under: those of at most VOCAB_MAX_LENGTH, and LONG_WORD
+    in place of any longer ones."""
+    words = words_of(
         " ".join(
             values[k] or "" for k in ("subject", "from_text", "to_text", "cc_text", "body_text")
         )
     )
+    long = {w for w in words if len(w) > VOCAB_MAX_LENGTH}
+    return (words - long) | {LONG_WORD} if long else words
 
 
 class Vocabulary:
@@ -379,7 +390,7 @@ def search_params(values: dict[str, Any], vocab: Vocabulary) -> tuple[dict[str, 
     columns (``search_words``, ``new_words``, ``new_hashes``), and the new
     words to pass to :meth:`Vocabulary.committed` once it committed."""
     words = message_words(values)
-    new = vocab.unknown(words)
+    new = vocab.unknown(words - {LONG_WORD})
     return {
         "search_words": [word_hash(w) for w in words],
         "new_words": [w.decode("ascii") for w in new],
@@ -422,7 +433,7 @@ async def index_unindexed(conn: Any, batch: int = UNINDEXED_BATCH) -> int:
         # the event loop's other sessions get their turn between rows.
         await asyncio.sleep(0)
         words = message_words(row._mapping)
-        vocab |= words
+        vocab |= words - {LONG_WORD}
         out.append({"id": row.id, "words": [word_hash(w) for w in words]})
     new = sorted(vocab)
     await conn.execute(

@@ -230,3 +230,44 @@ async def test_filling_rows_lets_the_event_loop_turn_between_rows(
     assert len(rows) == count
     # Another session ran between every two rows.
     assert all("turn" in order[a + 1 : b] for a, b in itertools.pairwise(rows))
+
+
+async def test_a_word_longer_than_an_index_entry_is_delivered_and_found(
+    quiet_storage: SqlStorage, database_url: str
+) -> None:
+    """A run of letters and digits longer than a B-tree entry may hold
+    (2,704 bytes: a hex dump, base64 pasted into a text part) made every
+    delivery of the message fail (451, forever). It is delivered, and its
+    substrings, short or longer than a vocabulary word, are found; also
+    once the merger filled a row written without its words."""
+    storage = quiet_storage
+    bob = await _bob(storage)
+    mail = storage.mail(bob)
+    inbox = (await mail.get_mailbox(bob.id, "INBOX")).id
+    alphabet = string.ascii_lowercase + string.digits
+    long_word = "".join(random.choices(alphabet, k=random.randint(2_800, 6_000)))
+    short_word = _word()
+    await _deliver(storage, bob, f"{_word()} {short_word}\n{long_word}\n{_word()}")
+    await _deliver(storage, bob, f"{_word()} {_word()}")  # not a match
+    start = random.randrange(0, 2_000)
+    probes = [
+        long_word[start : start + random.randint(3, 40)],
+        long_word[start : start + random.randint(fts.VOCAB_MAX_LENGTH + 1, 700)].upper(),
+        short_word,
+    ]
+    for probe in probes:
+        assert await mail.search(bob.id, inbox, Text("body", probe)) == [1], probe
+    conn = await _connect(database_url)
+    try:
+        await conn.execute("UPDATE messages SET search_words = NULL")
+        indexer = storage.databases["default"].indexer()
+        assert indexer is not None
+        await indexer.run_once()
+        assert await conn.fetchval("SELECT count(*) FROM messages WHERE search_words IS NULL") == 0
+        assert await conn.fetchval("SELECT max(length(word)) FROM search_vocab") <= (
+            fts.VOCAB_MAX_LENGTH
+        )
+    finally:
+        await conn.close()
+    for probe in probes:
+        assert await mail.search(bob.id, inbox, Text("body", probe)) == [1], probe
