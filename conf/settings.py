@@ -9,6 +9,7 @@ Defaults serve a single host; ``conf/example.toml`` lists every key.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -478,6 +479,8 @@ LISTEN_KEYS = (
 
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/shardmail/shardmail.toml"),)
+# The environment variable naming the configuration file when no -c is given.
+CONFIG_ENV = "SHARDMAIL_CONFIG"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -512,10 +515,13 @@ def _format_error(err: ValidationError) -> str:
 
 
 def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
-    """Read ``path`` (or the first existing default path, or nothing), apply
-    ``-o section.key=value`` overrides, validate. Raises ConfigError."""
+    """Read ``path`` (else the file the environment's SHARDMAIL_CONFIG
+    names, else the first existing default path, else nothing), apply
+    ``-o section.key=value`` overrides, validate. Raises ConfigError, also
+    for a named file that does not exist."""
     data: dict[str, Any] = {}
-    candidates = [Path(path)] if path else [p for p in DEFAULT_CONFIG_PATHS if p.exists()]
+    named = path or os.environ.get(CONFIG_ENV)
+    candidates = [Path(named)] if named else [p for p in DEFAULT_CONFIG_PATHS if p.exists()]
     for candidate in candidates[:1]:
         try:
             data = tomllib.loads(candidate.read_text(encoding="utf-8"))

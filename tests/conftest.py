@@ -99,6 +99,26 @@ def copy_test_storage(template_dir: Path, settings: Settings) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _no_host_config(tmp_path_factory: pytest.TempPathFactory):
+    """No test, nor any daemon or mailctl a test starts, reads the machine's
+    own /etc/shardmail/shardmail.toml: on a host that followed the README
+    (a second shard configured there) the defaults a test expects were not
+    the defaults any more. An empty file stands in for it (SHARDMAIL_CONFIG,
+    which processes inherit)."""
+    from conf.settings import CONFIG_ENV
+
+    empty = tmp_path_factory.mktemp("config") / "shardmail.toml"
+    empty.write_text("")
+    before = os.environ.get(CONFIG_ENV)
+    os.environ[CONFIG_ENV] = str(empty)
+    yield
+    if before is None:
+        os.environ.pop(CONFIG_ENV, None)
+    else:
+        os.environ[CONFIG_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _stop_test_servers():
     yield
     while _PG_SERVER:

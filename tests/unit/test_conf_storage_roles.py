@@ -83,3 +83,23 @@ def test_a_shard_name_must_fit_the_directory(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             _load(tmp_path, f'[storage.shards.{name}]\nurl = "{PG}"\n')
         assert "storage.shards" in str(err.value)
+
+
+def test_shardmail_config_names_the_file_when_no_c_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SHARDMAIL_CONFIG names the configuration file in place of
+    /etc/shardmail/shardmail.toml; -c still wins; a named file that does
+    not exist is an error, not the defaults."""
+    from conf.settings import CONFIG_ENV
+
+    named = tmp_path / "site.toml"
+    named.write_text(f'[storage.shards.east]\nurl = "{PG}"\nweight = 0\n')
+    monkeypatch.setenv(CONFIG_ENV, str(named))
+    assert set(load_settings(overrides=[f"server.data_dir={tmp_path}"]).storage.shards) == {"east"}
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    assert load_settings(other).storage.shards == {}
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "absent.toml"))
+    with pytest.raises(ConfigError, match=r"absent\.toml: no such file"):
+        load_settings()
