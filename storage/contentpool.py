@@ -79,7 +79,15 @@ class ContentPool:
     def _kill(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
         if self._executor is executor:
             self._executor = None  # the next job starts fresh workers
-        for process in list(getattr(executor, "_processes", {}).values()):
+        # Jobs still queued may have filled the pipe to the workers killed
+        # here; the pool's feeder thread then blocks on it forever, and on
+        # Python 3.11.2 (Debian 12's) the process could never exit: its
+        # exit joins that thread. Nothing queued is wanted any more.
+        call_queue = getattr(executor, "_call_queue", None)
+        if call_queue is not None:
+            call_queue.cancel_join_thread()
+        # None once the pool has shut itself down (a broken pool).
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
             process.kill()
         executor.shutdown(wait=False, cancel_futures=True)
 

@@ -94,3 +94,49 @@ async def test_a_spooled_file_is_parsed_in_a_worker(
         contentpool.configure(0)
     stored = await fetch_one(store, bob, "INBOX", res.uid)
     assert stored.parsed == parse_message(raw)
+
+
+_KILLED_WITH_JOBS_QUEUED = """
+import asyncio, time
+from storage.contentpool import ContentPool, ContentTimeout
+
+def slow(data: bytes) -> int:
+    time.sleep(5)
+    return len(data)
+
+async def main() -> None:
+    pool = ContentPool(1, time_limit=0.3, startup_allowance=0.0)
+    jobs = [asyncio.ensure_future(pool.run(slow, b"x" * SIZE)) for _ in range(COUNT)]
+    for job in jobs:
+        try:
+            await job
+        except ContentTimeout:
+            pass
+    pool.close()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    print("done", flush=True)
+"""
+
+
+def test_a_process_exits_after_its_pool_was_killed_with_jobs_queued(tmp_path: Path) -> None:
+    """Jobs queued behind one past its limit (their arguments filling the
+    pipe to the workers that the limit kills) left the pool's feeder thread
+    blocked for good: on Debian 12's Python 3.11.2 the process then never
+    exited (the suite itself hung after its last test), and on later ones
+    killing the broken pool raised AttributeError."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed_pool.py"
+    source = _KILLED_WITH_JOBS_QUEUED.replace("SIZE", str(random.randint(500_000, 3_000_000)))
+    script.write_text(source.replace("COUNT", str(random.randint(4, 8))))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "done"), done.stderr[-2000:]
