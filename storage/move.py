@@ -496,6 +496,20 @@ class AccountMove:
                 )
                 await conn.execute(delete(messages).where(messages.c.id.in_(chunk)))
 
+    async def _last_change_id(self, store: SqlMailStore) -> int:
+        """The account's highest change-log id on ``store`` (0: none)."""
+        async with store.db.read() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.coalesce(func.max(change_log.c.id), 0)).where(
+                            change_log.c.account_id == self.account_id
+                        )
+                    )
+                ).scalar()
+                or 0
+            )
+
     async def _sync_change_log(self, box_map: dict[int, int]) -> int:
         """Appends the source's change-log rows the target lacks, same ids
         (a client resumes with ``since=<id>``), mailbox ids mapped."""
@@ -503,23 +517,9 @@ class AccountMove:
         copied = 0
         # Up to the source's last id as the round finds it, for the reason
         # _sync_mailbox stops at the modseq it started with.
-        async with self.source.db.read() as conn:
-            upto = (
-                await conn.execute(
-                    select(func.coalesce(func.max(change_log.c.id), 0)).where(
-                        change_log.c.account_id == aid
-                    )
-                )
-            ).scalar()
+        upto = await self._last_change_id(self.source)
         while True:
-            async with self.target.db.read() as conn:
-                top = (
-                    await conn.execute(
-                        select(func.coalesce(func.max(change_log.c.id), 0)).where(
-                            change_log.c.account_id == aid
-                        )
-                    )
-                ).scalar()
+            top = await self._last_change_id(self.target)
             async with self.source.db.read() as conn:
                 rows = (
                     await conn.execute(
