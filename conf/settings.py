@@ -404,15 +404,25 @@ class RedisSettings(Section):
 
 
 class AntivirusSettings(Section):
-    enabled: bool = False
-    clamd_socket: str = "/run/clamav/clamd.ctl"  # or host:port
-    on_error: str = "tempfail"  # tempfail | accept
+    """Every message taken in (MX, submission, the HTTP send) is scanned by
+    clamd (delivery/checks_clamd.py) when ``enabled``."""
 
-    @field_validator("on_error")
+    enabled: bool = False
+    clamd_socket: str = "/run/clamav/clamd.ctl"  # an absolute path, or host:port
+    # clamd unreachable, too slow or answering an error: 451 4.7.1 (tempfail),
+    # or deliver with an "X-Virus-Scanned: no" field (accept).
+    on_error: Literal["tempfail", "accept"] = "tempfail"
+    # One scan's whole time (connect, send, verdict).
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+    @field_validator("clamd_socket")
     @classmethod
-    def _on_error(cls, v: str) -> str:
-        if v not in {"tempfail", "accept"}:
-            raise ValueError("must be tempfail or accept")
+    def _clamd_socket(cls, v: str) -> str:
+        if v.startswith("/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be an absolute socket path or host:port")
         return v
 
 
