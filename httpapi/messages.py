@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from conf.settings import Settings
+from delivery.checks import Action, CheckStage, Flow, Subject
 from httpapi.body import json_body, parse_json, read_body
 from httpapi.compose import (
     Draft,
@@ -312,6 +314,27 @@ def _clean_name(name: str) -> str:
     return "".join(ch for ch in name if ch >= " " and ch != "\x7f")[:255] or "attachment"
 
 
+async def _content_checks(
+    settings: Settings, sender: str, recipients: list[str], raw: bytes, client_ip: str
+) -> bytes:
+    """The check stage (delivery/checks.py) on a message being sent, before
+    anything is stored or queued: refused content is 422 ``content_rejected``
+    (the client must change the message, RFC 9110 section 15.5.21), a check
+    that could not decide is 503 with Retry-After. Returns ``raw`` with any
+    header fields the checks add."""
+    stage = CheckStage.from_settings(settings)
+    if not stage:
+        return raw
+    verdict = await stage.run(
+        Subject(Flow.HTTP, raw, sender, tuple(recipients), client_ip=client_ip, account=sender)
+    )
+    if verdict.action is Action.REJECT:
+        raise ApiError(422, "content_rejected", verdict.text)
+    if verdict.action is Action.TEMPFAIL:
+        raise ApiError(503, "unavailable", verdict.text, retry_later())
+    return verdict.headers + raw
+
+
 @routes.post("/v1/messages", name="send_message")
 async def send_message(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
@@ -337,6 +360,8 @@ async def send_message(request: web.Request) -> web.Response:
     )
     if len(raw) > max_size:
         raise ApiError(413, "message_too_large", f"message larger than {max_size} octets")
+    raw = await _content_checks(ctx.settings, account.address, draft.recipients(), raw,
+                                request.remote or "")
     try:
         from delivery.submit import SubmitError, submit_message
     except ImportError:  # pragma: no cover - a deployment without mtad

@@ -37,6 +37,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from conf.settings import Settings
 from delivery.address import Path, PathSyntaxError, parse_path
+from delivery.checks import ACCEPT, Action, CheckStage, Flow, Subject, Verdict
 from delivery.headers import (
     from_addresses,
     new_queue_id,
@@ -816,8 +817,14 @@ class SmtpSession(LeaseHolder, SMTP):
             recipient=txn.rcpt_tos[0] if len(txn.rcpt_tos) == 1 else None,
         )
         mailbox = "INBOX"
-        trace = received
         mail_from = txn.mail_from or ""
+        checked = await self._content_checks(content, mail_from)
+        if checked.action >= Action.TEMPFAIL:
+            log.info("%s: refused by %s: %s", queue_id, checked.check, checked.text)
+            return R.Reply(*checked.reply) if checked.reply else R.TEMP_FAILURE
+        if checked.action is Action.QUARANTINE:
+            mailbox = "Junk"
+        trace = checked.headers + received
         if self.mode is Mode.MX:
             results = await authenticate_message(
                 self.ctx.resolver,
@@ -836,7 +843,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 return R.DMARC_REJECT
             if verdict in ("reject", "quarantine"):
                 mailbox = "Junk"
-            trace = results.header() + received
+            trace = checked.headers + results.header() + received
         message = prepend(trace, content)
         try:
             delivered, _ = await deliver(
@@ -873,6 +880,26 @@ class SmtpSession(LeaseHolder, SMTP):
         if self.mode is Mode.MX and not mail_from and delivered and isinstance(content, bytes):
             await self._process_bounce(queue_id, content)
         return R.QUEUED.with_text(f"OK: queued as {queue_id}")
+
+    async def _content_checks(self, content: Message, mail_from: str) -> Verdict:
+        """The check stage (anti-virus, delivery/checks.py) on the message as
+        received, at the end of DATA: a refusal is the reply to it (RFC
+        5321 section 4.2.5), before anything is stored or queued."""
+        stage = CheckStage.from_settings(self.ctx.settings)
+        if not stage:
+            return ACCEPT
+        state = self.state
+        return await stage.run(
+            Subject(
+                Flow.MX if self.mode is Mode.MX else Flow.SUBMISSION,
+                content,
+                mail_from,
+                tuple(self.txn.rcpt_tos),
+                client_ip=self._client_ip,
+                helo=state.host_name or "",
+                account=state.account.address if state.account is not None else None,
+            )
+        )
 
     async def _checked_text(self, content: Message) -> bytes:
         """What the MX checks read: the whole message for DKIM (dkimpy takes
