@@ -29,6 +29,7 @@ import fcntl
 import logging
 import os
 import threading
+import uuid
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -36,7 +37,7 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import asyncpg.exceptions as asyncpg_errors
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -96,6 +97,16 @@ PING_TIMEOUT = 5.0
 # and how long one merge may run before PostgreSQL cancels it.
 MERGE_LOCK_KEY = 0x73686D_6D657267  # "shm" "merg"
 MERGE_TIMEOUT_SECONDS = 60.0
+# A durable PostgreSQL batch writes a random token into ``commit_marks`` (schema step 22)
+# in its BEGIN's round trip. When its COMMIT fails without a verdict (the connection or the
+# server died while the COMMIT was on the wire: it may have committed, on the primary and on a
+# synchronous replica that is then promoted), the writer fences the token on a new connection
+# for up to COMMIT_IN_DOUBT_SECONDS: if the batch committed, its callers are told so (SMTP gets
+# its 250, not a 451 that makes the sender send again); if not, the fence row keeps it from ever
+# committing and the callers get the temporary error. Marks older than
+# COMMIT_MARK_KEEP_SECONDS are deleted by the search index's merger (one process at a time).
+COMMIT_IN_DOUBT_SECONDS = 30.0
+COMMIT_MARK_KEEP_SECONDS = 600
 # Failures of one host after which the next is tried: out of reach (refused,
 # timed out), not the primary (a standby), starting up or in recovery (57P03).
 # Others (a wrong password, a missing database) stop at once, as asyncpg does.
@@ -266,6 +277,17 @@ def _as_storage_error(exc: BaseException) -> BaseException:
     return err
 
 
+class _CommitInDoubt(Exception):
+    """A PostgreSQL COMMIT failed without saying whether it committed (its
+    cause is the error it raised). ``token`` is the batch's commit mark;
+    ``outcomes`` its calls' results, true if it did commit."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(token)
+        self.token = token
+        self.outcomes: list[tuple[bool, Any]] = []
+
+
 class _NotReady(Exception):
     """A batched call's ``ready`` failed: its transaction must not commit."""
 
@@ -432,7 +454,8 @@ class _PgTransaction:
 
     @property
     def in_transaction(self) -> bool:
-        return bool(self._raw.is_in_transaction())
+        # A closed asyncpg connection has no protocol to ask (AttributeError).
+        return not self._raw.is_closed() and bool(self._raw.is_in_transaction())
 
     def execute(self, sql: str) -> None:
         try:
@@ -444,8 +467,8 @@ class _PgTransaction:
 def _fails_batch(exc: BaseException) -> bool:
     """Whether a call's error is the database's (the whole batch fails,
     TEMPORARY) rather than the call's own (only it fails): SQLite's
-    OperationalError (busy, I/O), a lost connection."""
-    if isinstance(exc, OperationalError):
+    OperationalError (busy, I/O), a lost connection, a COMMIT in doubt."""
+    if isinstance(exc, (OperationalError, _CommitInDoubt)):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -841,12 +864,52 @@ class Database:
                 outcomes = await conn.run_sync(self._run_batch, items, durable)
             except BaseException as exc:
                 await self._drop_pg_writer(conn)
+                if isinstance(exc, _CommitInDoubt):
+                    if await self._commit_landed(exc.token):
+                        return exc.outcomes
+                    return exc.__cause__ or exc
                 if attempt < PG_BATCH_ATTEMPTS and _is_conflict(exc):
                     attempt += 1
                     continue
                 return exc
             self._pg_idle.append(conn)
             return outcomes
+
+    async def _commit_landed(self, token: str) -> bool:
+        """After a COMMIT that failed without a verdict: whether the batch
+        that wrote commit mark ``token`` committed. Fences it first: the
+        token is inserted on a new connection (to whichever server now takes
+        writes), which waits while the batch's COMMIT is still in progress
+        and, once in, keeps it from ever committing. False if it did not
+        commit, or if no server could tell within COMMIT_IN_DOUBT_SECONDS
+        (the callers then get a temporary error: a sender sends again,
+        possibly a second copy, which RFC 5321 section 6.1 prefers to a
+        loss)."""
+        deadline = asyncio.get_running_loop().time() + COMMIT_IN_DOUBT_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    fenced = await conn.execute(
+                        text(
+                            "INSERT INTO commit_marks (token) VALUES (:token) "
+                            "ON CONFLICT DO NOTHING RETURNING 1"
+                        ),
+                        {"token": token},
+                    )
+                    ours = fenced.first() is not None
+                    await conn.commit()
+            except Exception as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    log.warning("commit of batch %s in doubt, no server could tell: %s",
+                                token, exc)
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            log.warning("a COMMIT failed without a verdict; batch %s %s", token,
+                        "did not commit" if ours else "had committed")
+            return not ours
 
     @staticmethod
     async def _drop_pg_writer(conn: AsyncConnection | None) -> None:
@@ -1108,6 +1171,10 @@ class Database:
                 index = live.pop(failed.index)
                 outcomes[index] = (False, _as_storage_error(failed.error))
                 continue
+            except _CommitInDoubt as doubt:
+                outcomes.update(zip(live, doubt.outcomes, strict=True))
+                doubt.outcomes = [outcomes[i] for i in range(len(items))]
+                raise
             outcomes.update(zip(live, done, strict=True))
             break
         return [outcomes[i] for i in range(len(items))]
@@ -1178,7 +1245,9 @@ class Database:
                 self._await_ready(items, outcomes)
         except _NotReady:
             raise  # rolled back cleanly by ``_transaction``: the connection is fine
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, _CommitInDoubt):
+                exc.outcomes = list(outcomes)  # the results, if it did commit
             # Start afresh next time: the connection may be half-broken.
             self._writer_conn = None
             try:
@@ -1247,7 +1316,8 @@ class Database:
         word index's pending list into the index (schema steps 17 and 20);
         returns how many pending pages that merged; 0 with nothing
         pending, and on SQLite. Benchmarks call it to count the deferred
-        work."""
+        work. It also deletes the commit marks older than
+        COMMIT_MARK_KEEP_SECONDS."""
         if self.is_sqlite:
             return 0
         # gin_clean_pending_list waits for any merge in progress, so with
@@ -1265,6 +1335,10 @@ class Database:
             )
             if not locked.scalar():
                 return 0
+            await conn.exec_driver_sql(
+                "DELETE FROM commit_marks WHERE at < now() - "
+                f"interval '{COMMIT_MARK_KEEP_SECONDS} seconds'"
+            )
             await fts.index_unindexed(conn)  # one batch a merge
             merged = await conn.exec_driver_sql(
                 "SELECT gin_clean_pending_list(to_regclass('messages_search_words'))"
@@ -1334,6 +1408,7 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
     in a transaction and adds no BEGIN (see ``_setup_sqlite``), and its
     bookkeeping is reset here once the driver's transaction has ended."""
     driver: Any
+    token: str | None = None
     if conn.dialect.name == "sqlite":
         driver = conn.connection.driver_connection
         assert driver is not None
@@ -1344,10 +1419,23 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
         # Not durable: COMMIT returns before the WAL flush (a crash of the
         # server may lose the commit, never corrupt it), one statement.
         driver = _PgTransaction(conn)
-        driver.execute("BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit TO OFF")
+        if durable:
+            # The batch's commit mark (see COMMIT_IN_DOUBT_SECONDS), in BEGIN's round trip.
+            token = uuid.uuid4().hex
+            driver.execute(f"BEGIN; INSERT INTO commit_marks (token) VALUES ('{token}')")
+        else:
+            driver.execute("BEGIN; SET LOCAL synchronous_commit TO OFF")
     try:
         yield driver
-        driver.execute("COMMIT")
+        if token is None:
+            driver.execute("COMMIT")
+        else:
+            try:
+                driver.execute("COMMIT")
+            except Exception as exc:
+                # Even an error reply may come after the local commit (a cancelled wait
+                # for a synchronous replica): only the mark can tell.
+                raise _CommitInDoubt(token) from exc
     except BaseException:
         if driver.in_transaction:
             with suppress(Exception):

@@ -903,6 +903,21 @@ async def _v21_pg_lz4_texts(conn: AsyncConnection) -> None:
                     str(exc.orig).strip())
 
 
+async def _v22_pg_commit_marks(conn: AsyncConnection) -> None:
+    """PostgreSQL: ``commit_marks``, one row per durable group commit (its
+    random token, written in the transaction), so that a writer whose
+    COMMIT failed without a verdict can learn whether it committed (see
+    ``db.COMMIT_IN_DOUBT_SECONDS``). Rows are kept a few minutes. SQLite:
+    nothing (its writer is in the process: no lost reply)."""
+    if conn.dialect.name != "postgresql":
+        return
+    await conn.exec_driver_sql(
+        "CREATE TABLE IF NOT EXISTS commit_marks ("
+        "token text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+    )
+    await conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS commit_marks_at ON commit_marks (at)")
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -925,6 +940,7 @@ MIGRATIONS: list[Step] = [
     _v19_subject_index,
     _v20_pg_word_index,
     _v21_pg_lz4_texts,
+    _v22_pg_commit_marks,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
