@@ -1,20 +1,28 @@
-"""BlobStore contract, run on every blob backend (filesystem, with and
-without small blobs packed into one SQLite file; S3 plugs in beside them
-in ``blob_store``)."""
+"""BlobStore contract, run on every blob backend: the filesystem, with and
+without small blobs packed into one SQLite file, and S3 on a real
+S3-compatible server the suite starts on loopback (OpenStack Swift's s3api,
+tests/swiftserver.py). S3's retries and error mapping are also checked
+against a small fake server that injects failures."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import os
+import random
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from storage.blob import open_blob_store
+from storage.blob.s3 import S3BlobStore, S3Config
 from storage.errors import ErrorKind, StorageError
 
-BLOB_BACKENDS = ["fs", "fs-pack"]
+BLOB_BACKENDS = ["fs", "fs-pack", "s3"]
 # fs-pack: blobs up to 64 KiB packed; the 3 MB file of test_put_file_streams
 # still goes to a file of its own.
 PACK_MAX = 64 * 1024
@@ -22,8 +30,15 @@ PACK_MAX = 64 * 1024
 
 @pytest.fixture(params=BLOB_BACKENDS)
 async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
-    pack = PACK_MAX if request.param == "fs-pack" else 0
-    store = open_blob_store(tmp_path / "blobs", pack_max_bytes=pack)
+    if request.param == "s3":
+        from tests.swiftserver import SwiftServer
+
+        # Fails (never skips) with the daemons' logs if Swift cannot start.
+        server = await asyncio.to_thread(SwiftServer.shared)
+        store = open_blob_store(server.blob_url(f"contract-{uuid.uuid4().hex}"))
+    else:
+        pack = PACK_MAX if request.param == "fs-pack" else 0
+        store = open_blob_store(tmp_path / "blobs", pack_max_bytes=pack)
     try:
         yield store
     finally:
@@ -153,3 +168,258 @@ async def test_storing_the_same_bytes_again_refreshes_stored_at(
         await blobs.delete(key, stored_before=later - 0.01)  # as GC having looked before
         assert await blobs.get(key) == data
         first = later
+
+
+async def test_sizes_across_the_multipart_threshold(blobs, tmp_path: Path) -> None:
+    """Blobs just under and over S3's multipart threshold and over several
+    parts, random sizes (multiples of nothing), random bytes: stored with
+    put and put_file, read back whole, by ranges and streamed, byte-exact."""
+    threshold, part = S3Config.multipart_threshold, S3Config.part_size
+    sizes = [
+        threshold - random.randint(1, 4096),
+        threshold + random.randint(1, 4096),
+        2 * part + random.randint(1, part - 1),
+    ]
+    stored = []
+    for n, size in enumerate(sizes):
+        data = os.urandom(size)
+        if n % 2:
+            src = tmp_path / f"m{n}.eml"
+            src.write_bytes(data)
+            key = await blobs.put_file(src)
+        else:
+            key = await blobs.put(data)
+        assert key == hashlib.sha256(data).hexdigest()
+        assert await blobs.get(key) == data
+        start = random.randrange(size)
+        end = min(size + 10, start + random.randint(0, 3 * part))
+        assert await blobs.get_range(key, start, end) == data[start:end]
+        chunk = random.randint(1000, 3 * 1024 * 1024)
+        chunks = [c async for c in blobs.stream(key, chunk_size=chunk)]
+        assert b"".join(chunks) == data
+        assert all(len(c) == chunk for c in chunks[:-1]) and 0 < len(chunks[-1]) <= chunk
+        stored.append(key)
+    assert await blobs.keys() == sorted(stored)
+
+
+# --- S3 failures, against a fake server on loopback ---------------------------
+
+
+class FakeS3:
+    """Just enough of S3 on 127.0.0.1 (any credentials): PUT, GET with
+    ranges, HEAD, DELETE, multipart. ``fail``: answers it gives first, by
+    method (a status; "drop": send half a GET's body and hang up; "lost":
+    do it, then answer 503 as if the answer had been lost)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.uploads: dict[str, dict[int, bytes]] = {}
+        self.fail: dict[str, list[int | str]] = {}
+        self.seen: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def store(self, **changes: object) -> S3BlobStore:
+        config = S3Config.from_url(
+            f"s3://bucket/pre?endpoint=http://127.0.0.1:{self.port}"
+            "&access_key_id=k&secret_access_key=s"
+        )
+        changes = {"backoff_base": 0.001, "backoff_max": 0.01, **changes}
+        return S3BlobStore(dataclasses.replace(config, **changes))  # type: ignore[arg-type]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        what = request.method + (" part" if "partNumber" in q else "")
+        what += " uploads" if "uploads" in q else ""
+        self.seen.append(what if "uploadId" not in q or "partNumber" in q else what + " upload")
+        failing = self.fail.get(what)
+        body = await request.read()
+        name = request.path
+        answer = failing.pop(0) if failing else None
+        if answer == "lost":  # done, but the answer never arrives
+            await self.answer(request, name, body)
+            return web.Response(status=503)
+        if answer is not None:
+            if answer == "drop" and name in self.objects:
+                data = self.objects[name]
+                resp = web.StreamResponse(headers={"ETag": '"e"'})
+                resp.content_length = len(data)
+                await resp.prepare(request)
+                await resp.write(data[: len(data) // 2])
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            return web.Response(status=int(answer))
+        return await self.answer(request, name, body)
+
+    async def answer(self, request: web.Request, name: str, body: bytes) -> web.Response:
+        q = request.query
+        if "uploads" in q:
+            upload = uuid.uuid4().hex
+            self.uploads[upload] = {}
+            return web.Response(
+                text=f"<InitiateMultipartUploadResult><UploadId>{upload}</UploadId>"
+                "</InitiateMultipartUploadResult>"
+            )
+        if "uploadId" in q:
+            if q["uploadId"] not in self.uploads:
+                return web.Response(status=404, text="<Error><Code>NoSuchUpload</Code></Error>")
+            parts = self.uploads[q["uploadId"]]
+            if request.method == "PUT":
+                parts[int(q["partNumber"])] = body
+                return web.Response(headers={"ETag": f'"{len(parts)}"'})
+            if request.method == "DELETE":
+                del self.uploads[q["uploadId"]]
+                return web.Response(status=204)
+            self.objects[name] = b"".join(parts[n] for n in sorted(parts))
+            del self.uploads[q["uploadId"]]
+            return web.Response(text="<CompleteMultipartUploadResult/>")
+        if request.method == "PUT":
+            assert hashlib.sha256(body).hexdigest() == request.headers["x-amz-content-sha256"]
+            self.objects[name] = body
+            return web.Response()
+        if name not in self.objects:
+            return web.Response(status=404)
+        data = self.objects[name]
+        if request.method == "DELETE":
+            del self.objects[name]
+            return web.Response(status=204)
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(len(data))})
+        if "Range" in request.headers:
+            first = int(request.headers["Range"].split("=")[1].split("-")[0])
+            return web.Response(status=206, body=data[first:], headers={"ETag": '"e"'})
+        return web.Response(body=data, headers={"ETag": '"e"'})
+
+
+@pytest.fixture
+async def fake_s3() -> AsyncIterator[FakeS3]:
+    fake = FakeS3()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+async def test_s3_retries_5xx_and_429_then_succeeds(fake_s3: FakeS3, status: int) -> None:
+    store = fake_s3.store()
+    data = os.urandom(random.randint(1, 100_000))
+    fake_s3.fail = {"PUT": [status, status], "GET": [status], "HEAD": [status]}
+    try:
+        key = await store.put(data)
+        assert await store.get(key) == data
+        assert await store.exists(key)
+    finally:
+        await store.close()
+    assert fake_s3.seen == ["PUT"] * 3 + ["GET"] * 2 + ["HEAD"] * 2
+
+
+async def test_s3_gives_up_after_bounded_tries_with_a_temporary_error(fake_s3: FakeS3) -> None:
+    """A server failing every time: TEMPORARY (SMTP then answers 4xx) after
+    exactly ``attempts`` tries, and the blob is not acknowledged."""
+    store = fake_s3.store(attempts=4)
+    fake_s3.fail = {"PUT": [503] * 10}
+    try:
+        with pytest.raises(StorageError) as err:
+            await store.put(os.urandom(random.randint(1, 5000)))
+    finally:
+        await store.close()
+    assert err.value.kind is ErrorKind.TEMPORARY
+    assert fake_s3.seen == ["PUT"] * 4 and fake_s3.objects == {}
+
+
+async def test_s3_unreachable_endpoint_is_a_temporary_error() -> None:
+    """Nothing listens there (a port just closed): every call is TEMPORARY,
+    never NOT_FOUND or a traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = S3Config.from_url(
+        f"s3://bucket/p?endpoint=http://127.0.0.1:{port}&access_key_id=k&secret_access_key=s"
+    )
+    store = S3BlobStore(dataclasses.replace(config, backoff_base=0.001, attempts=3))
+    key = hashlib.sha256(b"x").hexdigest()
+    calls = [
+        store.put(os.urandom(100)),
+        store.get(key),
+        store.get_range(key, 0, 10),
+        store.exists(key),
+        store.stored_at(key),
+        store.delete(key),
+        store.keys(),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(StorageError) as err:
+                await call
+            assert err.value.kind is ErrorKind.TEMPORARY
+        with pytest.raises(StorageError) as err:
+            [c async for c in store.stream(key)]
+        assert err.value.kind is ErrorKind.TEMPORARY
+    finally:
+        await store.close()
+
+
+async def test_s3_stream_resumes_where_the_connection_dropped(fake_s3: FakeS3) -> None:
+    store = fake_s3.store()
+    data = os.urandom(random.randint(200_000, 900_000))
+    try:
+        key = await store.put(data)
+        fake_s3.fail = {"GET": ["drop"]}
+        chunk = random.randint(1000, 70_000)
+        chunks = [c async for c in store.stream(key, chunk_size=chunk)]
+    finally:
+        await store.close()
+    assert b"".join(chunks) == data
+    assert all(len(c) == chunk for c in chunks[:-1])
+    assert fake_s3.seen == ["PUT", "GET", "GET"]
+
+
+async def test_s3_multipart_upload_byte_exact_and_aborted_on_failure(fake_s3: FakeS3) -> None:
+    """Over the threshold: parts, then CompleteMultipartUpload; a part the
+    server keeps refusing aborts the upload (no parts left behind) and the
+    put is TEMPORARY."""
+    store = fake_s3.store(multipart_threshold=1000, part_size=1000 + random.randint(0, 999))
+    data = os.urandom(random.randint(5000, 20_000))
+    try:
+        key = await store.put(data)
+        assert await store.get(key) == data
+        assert fake_s3.uploads == {}
+        fake_s3.fail = {"PUT part": [500] * 100}
+        with pytest.raises(StorageError) as err:
+            await store.put(os.urandom(random.randint(3000, 9000)))
+        assert err.value.kind is ErrorKind.TEMPORARY
+    finally:
+        await store.close()
+    assert fake_s3.uploads == {} and "DELETE upload" in fake_s3.seen
+
+
+async def test_s3_multipart_completed_but_answer_lost_is_stored(fake_s3: FakeS3) -> None:
+    """CompleteMultipartUpload done but its answer lost: the retry finds no
+    such upload, and the put succeeds, since the whole object is there."""
+    store = fake_s3.store(multipart_threshold=1000, part_size=1000 + random.randint(0, 999))
+    data = os.urandom(random.randint(5000, 20_000))
+    fake_s3.fail = {"POST": ["lost"]}
+    try:
+        key = await store.put(data)
+        assert await store.get(key) == data
+    finally:
+        await store.close()
+    assert fake_s3.seen.count("POST upload") == 2 and "DELETE upload" not in fake_s3.seen
