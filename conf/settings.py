@@ -151,6 +151,10 @@ class ShardSettings(Section):
         return self
 
 
+# An S3 bucket's name (3 to 63 characters), a prefix, parameters.
+_S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?(\?[^#]*)?")
+
+
 class StorageSettings(Section):
     # The directory database (domains, accounts, aliases, the account ->
     # shard map, secrets every instance shares); SQLAlchemy async URL; empty:
@@ -158,6 +162,12 @@ class StorageSettings(Section):
     # [storage.shards.default] names another database.
     url: str = ""
     blob_dir: str = ""  # empty: data_dir/blobs
+    # Blobs in an S3-compatible bucket instead of blob_dir:
+    # "s3://bucket/prefix?endpoint=http://host:port&region=us-east-1"
+    # (storage/blob/s3.py); credentials from AWS_ACCESS_KEY_ID and
+    # AWS_SECRET_ACCESS_KEY (or access_key_id=, secret_access_key= here),
+    # endpoint and region also from AWS_ENDPOINT_URL and AWS_REGION.
+    blob_url: str = ""
     # Blobs up to this many bytes are packed, many per fsync: into the url's
     # database itself (SQLite file, or PostgreSQL's blobs table, where only a
     # delivery's own transaction writes them), else blob_dir/pack.sqlite
@@ -183,6 +193,20 @@ class StorageSettings(Section):
                     f"shard name {name!r}: 1 to 64 letters, digits, '_', '.' or '-'"
                 )
         return {name: {"url": s} if isinstance(s, str) else s for name, s in v.items()}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blob_url(cls, data: Any) -> Any:
+        """``blob_url`` is where the blobs are: it takes blob_dir's place
+        (``storage.blob.open_blob_store`` picks the backend by URL)."""
+        if not isinstance(data, dict) or not data.get("blob_url"):
+            return data
+        url = data["blob_url"]
+        if not isinstance(url, str) or not _S3_URL.fullmatch(url):
+            raise ValueError("blob_url: s3://bucket/prefix?endpoint=...&region=...")
+        if data.get("blob_dir") and data["blob_dir"] != url:
+            raise ValueError("blob_url and blob_dir: set one of them")
+        return {**data, "blob_dir": url}
 
 
 class AuthSettings(Section):
