@@ -99,6 +99,7 @@ class S3Config:
     backoff_max: float = 2.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    list_page: int = 1000  # keys per ListObjects request (S3 gives at most 1000)
 
     @classmethod
     def from_url(cls, url: str, env: Mapping[str, str] | None = None) -> S3Config:
@@ -580,7 +581,7 @@ class S3BlobStore:
         found: list[str] = []
         marker = ""
         while True:
-            query = {"prefix": prefix, "max-keys": "1000"}
+            query = {"prefix": prefix, "max-keys": str(self.config.list_page)}
             if marker:
                 query["marker"] = marker
             answer = await self._request("GET", None, query=query)

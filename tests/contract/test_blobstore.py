@@ -423,3 +423,23 @@ async def test_s3_multipart_completed_but_answer_lost_is_stored(fake_s3: FakeS3)
     finally:
         await store.close()
     assert fake_s3.seen.count("POST upload") == 2 and "DELETE upload" not in fake_s3.seen
+
+
+async def test_s3_keys_pages_through_a_long_listing() -> None:
+    """keys() follows ListObjects' pages (IsTruncated, marker) on Swift: a
+    page of a few keys makes a listing of many pages, and every key comes
+    back once, and only this prefix's keys."""
+    from tests.swiftserver import SwiftServer
+
+    server = await asyncio.to_thread(SwiftServer.shared)
+    url = server.blob_url(f"paging-{uuid.uuid4().hex}")
+    page = random.randint(2, 4)
+    store = S3BlobStore(dataclasses.replace(S3Config.from_url(url), list_page=page))
+    neighbour = open_blob_store(url.replace("paging-", "paging-other-", 1))
+    try:
+        await neighbour.put(os.urandom(10))
+        stored = {await store.put(os.urandom(random.randint(0, 500))) for _ in range(3 * page + 1)}
+        assert await store.keys() == sorted(stored)
+    finally:
+        await store.close()
+        await neighbour.close()
