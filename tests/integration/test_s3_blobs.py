@@ -185,3 +185,41 @@ def test_s3_settings_come_from_the_url_else_the_environment() -> None:
     with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID") as err:
         S3Config.from_url("s3://bucket/p", {})
     assert err.value.kind is ErrorKind.INVALID
+
+
+def test_an_unreachable_bucket_makes_smtp_answer_4xx(tmp_path: Path) -> None:
+    """Nothing listens at the endpoint: the MX answers the DATA with a 4xx
+    (RFC 5321 section 4.2.5: the sender keeps the message and retries),
+    never 5xx, and the site keeps serving."""
+    url = f"s3://{BUCKET}/x?endpoint=http://127.0.0.1:{free_port()}&region={REGION}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    site = ["-o", f"server.data_dir={tmp_path / 'd'}", "-o", f"storage.blob_url={url}"]
+    for args, stdin in (
+        (["domain", "add", "example.org"], None),
+        (["account", "add", "alice@example.org"], f"{PASSWORD}\n"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "mailctl", args[0], *site, *args[1:]],
+            input=stdin, capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    ports = {key: free_port() for key in ("smtp.mx_listen", "smtp.submission_listen",
+                                          "smtp.submissions_listen", "imap.listen",
+                                          "imap.tls_listen", "pop3.listen",
+                                          "pop3.tls_listen", "http.listen")}  # fmt: skip
+    args = [sys.executable, "-m", "mailctl", "serve", *site]
+    for key, port in ports.items():
+        args += ["-o", f"{key}=['127.0.0.1:{port}']"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    message = _message(0, random.randint(1_000, 400_000))
+    try:
+        wait_ready(proc)
+        for _ in range(2):
+            with smtplib.SMTP("127.0.0.1", ports["smtp.mx_listen"], timeout=120) as smtp:
+                with pytest.raises(smtplib.SMTPDataError) as err:
+                    smtp.sendmail("bob@example.net", ["alice@example.org"], message)
+                assert 400 <= err.value.smtp_code < 500, err.value
+                assert smtp.noop()[0] == 250  # the session goes on
+    finally:
+        code = stop(proc)
+    assert code == 0
