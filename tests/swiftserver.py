@@ -201,7 +201,7 @@ class SwiftServer:
             server._spawn(bindir)
             server._create_bucket()
         except BaseException:
-            server.stop(keep_logs=True)
+            server.stop()  # its logs are in the error already
             raise
         server.startup_seconds = time.monotonic() - began
         return server
@@ -316,7 +316,7 @@ class SwiftServer:
                 out.append(f"--- {kind}.log ---\n{path.read_text(errors='replace')[-3000:]}")
         return "\n".join(out)
 
-    def stop(self, keep_logs: bool = False) -> None:
+    def stop(self) -> None:
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -324,5 +324,4 @@ class SwiftServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         self.procs = {}
-        if not keep_logs:
-            shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
