@@ -15,6 +15,8 @@ PACKAGES=(
   isync fetchmail mpop                        # IMAP/POP3 clients
   postfix                                     # peer MTA for the outbound relay tests
   redis-server                                # shared limits and the Redis event bus
+  clamav-daemon clamav                        # anti-virus checks (clamd; sigtool builds the test signatures)
+  swift-proxy swift-account swift-container swift-object  # S3-compatible blob store (Swift s3api)
   chromium                                    # webmail browser test (driven by Playwright)
   procps iproute2 ca-certificates
 )
