@@ -532,7 +532,7 @@ async def profile_phase(
         print("py-spy not installed; no profile", file=sys.stderr)
         return
     outdir = _mkdir(Path(args.profile_dir))
-    out = outdir / f"{name}-{phase}.txt"
+    out = outdir / f"{name.replace('/', '-')}-{phase}.txt"  # "shardmail/pg": one file name
     seconds = int(args.seconds)
     spy_args = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-d", str(seconds), "-o", str(out)]
     # --gil: only the thread holding the GIL (Python work); without it every
