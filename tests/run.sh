@@ -52,9 +52,11 @@ run_pytest() {
 }
 run_pytest "$@"
 # The whole suite (no arguments): then real clients again with every site's storage on
-# PostgreSQL (tests/conftest.py storage_url), IMAP, SMTP, POP3 and the HTTP API, ~4 minutes.
+# PostgreSQL (tests/conftest.py storage_url), IMAP, SMTP, POP3 and the HTTP API, and SIGKILL of
+# an imapd under APPENDs, ~4 minutes.
 if (($# == 0)); then
   SHARDMAIL_TEST_BACKEND=postgresql run_pytest \
     tests/integration/imap/test_imap_clients.py tests/integration/smtp/test_smtp_clients.py \
-    tests/integration/pop3 tests/integration/http/test_api.py
+    tests/integration/pop3 tests/integration/http/test_api.py \
+    tests/integration/imap/test_imap_crash.py tests/integration/test_cross_process_push.py
 fi

@@ -20,7 +20,7 @@ from argon2 import PasswordHasher, profiles
 from conf.settings import Settings
 from conf.tls import server_context
 from storage import open_storage
-from tests.conftest import loopback_dns, make_settings
+from tests.conftest import loopback_dns, make_settings, storage_url
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "example.net"
@@ -69,6 +69,9 @@ def write_config(
         "queue": {"workers": 0},
         "dns": loopback_dns(),
     }
+    url = storage_url(data_dir)  # SHARDMAIL_TEST_BACKEND=postgresql: the site's database
+    if url is not None:
+        sections["storage"] = {"url": url}
     for name, values in more.items():
         sections.setdefault(name, {}).update(values)
     write_toml(path, sections)
