@@ -68,6 +68,10 @@ class MailboxView:
     # update, add and load note them; Session.announce_flags tells the client.
     keywords: set[str] = field(default_factory=set)
     unannounced: set[str] = field(default_factory=set)
+    # RFC 5182 section 2.1: the UIDs the last SEARCH RETURN (SAVE) found,
+    # ascending; "$" names those still in the snapshot. A new view (SELECT,
+    # EXAMINE) starts empty, as section 2.1 requires.
+    saved: list[int] = field(default_factory=list)
 
     @classmethod
     def from_snapshot(
@@ -176,8 +180,11 @@ class MailboxView:
         the highest UID, so ``n:*`` always includes the last message.
         Sequence sets must stay within 1..EXISTS (BadSequence otherwise;
         with ``strict`` False, as SEARCH wants, numbers beyond it match nothing).
-        Cost: O(ranges * log n + result).
+        Cost: O(ranges * log n + result). ``$`` (RFC 5182) gives the saved
+        result, whether or not the command is a UID one (section 2.1).
         """
+        if seqset.saved:
+            return [u for u in self.saved if self.contains(u)]
         uids = self.uids
         n = len(uids)
         out: list[int] = []

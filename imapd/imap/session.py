@@ -199,6 +199,12 @@ class Session:
             "QRESYNC",
             "ESEARCH",
             "STATUS=SIZE",
+            "SORT",  # RFC 5256
+            "SORT=DISPLAY",  # RFC 5957
+            "THREAD=ORDEREDSUBJECT",
+            "THREAD=REFERENCES",
+            "ESORT",  # RFC 5267 section 3
+            "SEARCHRES",  # RFC 5182
         ]
         return caps
 
@@ -797,11 +803,13 @@ def _events_need_read(view: MailboxView) -> bool:
     )
 
 
-_NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH"})
+# SORT and THREAD give sequence numbers as SEARCH does (RFC 5256 section 3).
+_NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH", "SORT", "THREAD"})
 # Commands that change nothing in storage (others invalidate the STATUS cache).
 _READ_ONLY = frozenset(
     {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
-     "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE"}
+     "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE",
+     "SORT", "UID SORT", "THREAD", "UID THREAD"}
 )
 
 

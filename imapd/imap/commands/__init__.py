@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd.imap.commands import auth, fetch, mailbox, message
+from imapd.imap.commands import auth, fetch, mailbox, message, sort
 from imapd.imap.session import State
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "UID EXPUNGE": (message.handle_expunge, _SELECTED),  # RFC 4315
     "SEARCH": (message.handle_search, _SELECTED),
     "UID SEARCH": (message.handle_search, _SELECTED),
+    "SORT": (sort.handle_sort, _SELECTED),  # RFC 5256 section 3
+    "UID SORT": (sort.handle_sort, _SELECTED),
+    "THREAD": (sort.handle_thread, _SELECTED),
+    "UID THREAD": (sort.handle_thread, _SELECTED),
     "FETCH": (fetch.handle_fetch, _SELECTED),
     "UID FETCH": (fetch.handle_fetch, _SELECTED),
     "STORE": (message.handle_store, _SELECTED),

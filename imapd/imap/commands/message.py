@@ -161,21 +161,28 @@ def _modseq_reported_for(cmd: c.Search, uids: list[int]) -> list[int]:
     """The matches (ascending UIDs) whose highest mod-sequence a MODSEQ
     search reports: all of them (RFC 7162 section 3.1.5), or with RETURN
     MIN and/or MAX alone, the messages returned (RFC 4731 section 3.1)."""
-    wanted = set(cmd.returns or ())
+    wanted = set(cmd.returns or ()) - {"SAVE"}
     if not uids or not wanted or not wanted <= {"MIN", "MAX"}:
         return uids
     return [u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted]
 
 
-async def handle_search(s: Session, cmd: c.Search) -> Reply:
-    if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
-        # RFC 3501 section 6.4.4: BADCHARSET lists what we take.
-        return no(f"Charset {cmd.charset[:40]} not supported", "BADCHARSET (UTF-8 US-ASCII)")
+def saved_result(returns: tuple[str, ...], uids: list[int]) -> list[int]:
+    """What RETURN (SAVE ...) keeps of the matches (ascending UIDs), RFC 5182
+    section 2.1: with MIN and/or MAX but neither ALL nor COUNT, only the
+    message(s) they return; otherwise every match."""
+    wanted = set(returns)
+    if not uids or wanted & {"ALL", "COUNT"} or not wanted & {"MIN", "MAX"}:
+        return uids
+    return sorted({u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted})
+
+
+async def matching_uids(s: Session, key: c.SearchKey) -> list[int]:
+    """The UIDs of the snapshot ``key`` matches, ascending (SEARCH, SORT and
+    THREAD): answered from the snapshot when it can, else by storage."""
     view = _view(s)
     assert s.mail is not None
-    if s.has_updates:
-        await s.sync(allow_expunge=False)  # current flags; no EXPUNGE during SEARCH
-    criteria = search_criteria(cmd.key, view)
+    criteria = search_criteria(key, view)
     known = view.entries
     if _local(criteria) and len(known) == view.exists:
         # Every entry was read: flags, UIDs, sizes and modseqs are in the
@@ -188,6 +195,21 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
         # where it can; only what this session has seen is reported.
         found = await s.mail.search(*_ids(s), criteria)
         uids = [u for u in found if view.contains(u)]
+    return uids
+
+
+async def handle_search(s: Session, cmd: c.Search) -> Reply:
+    view = _view(s)
+    saving = cmd.returns is not None and "SAVE" in cmd.returns
+    if saving:
+        view.saved = []  # RFC 5182 section 2.1: a failed SEARCH leaves "$" empty
+    if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
+        # RFC 3501 section 6.4.4: BADCHARSET lists what we take.
+        return no(f"Charset {cmd.charset[:40]} not supported", "BADCHARSET (UTF-8 US-ASCII)")
+    if s.has_updates:
+        await s.sync(allow_expunge=False)  # current flags; no EXPUNGE during SEARCH
+    uids = await matching_uids(s, cmd.key)
+    known = view.entries
     top_modseq = 0
     if _uses_modseq(cmd.key):
         s.use_condstore()
@@ -199,10 +221,25 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
     if cmd.returns is None:
         s.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + modseq_note + b"\r\n")
         return ok("SEARCH completed")
-    # RFC 4731 ESEARCH; RETURN () means ALL.
-    wanted = cmd.returns or ("ALL",)
-    parts = [b'* ESEARCH (TAG "' + cmd.tag.encode() + b'")']
-    if cmd.uid:
+    if saving:
+        view.saved = saved_result(cmd.returns, uids)  # type: ignore[arg-type]
+        if cmd.returns == ("SAVE",):
+            return ok("SEARCH completed, result saved")  # RFC 5182 2.1: no ESEARCH
+    # RFC 4731 ESEARCH; RETURN () means ALL (also beside SAVE alone: never here).
+    wanted = tuple(r for r in cmd.returns if r != "SAVE") or ("ALL",)
+    extra = b"MODSEQ %d" % top_modseq if top_modseq else b""  # RFC 7162 section 3.1.5
+    s.write(esearch_response(cmd.tag, cmd.uid, wanted, numbers, extra))
+    return ok("SEARCH completed")
+
+
+def esearch_response(
+    tag: str, uid: bool, wanted: tuple[str, ...], numbers: list[int], extra: bytes = b""
+) -> bytes:
+    """The ESEARCH line (RFC 4731 section 3.1) for ``numbers`` in result
+    order: MIN and MAX are its first and last (for SORT, RFC 5267 section
+    3.1, the first and last in sort order), ALL keeps the order."""
+    parts = [b'* ESEARCH (TAG "' + tag.encode() + b'")']
+    if uid:
         parts.append(b"UID")
     if numbers:
         if "MIN" in wanted:
@@ -213,10 +250,9 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
             parts.append(b"ALL " + encode.sequence_set(numbers))
     if "COUNT" in wanted:
         parts.append(b"COUNT %d" % len(numbers))
-    if top_modseq:
-        parts.append(b"MODSEQ %d" % top_modseq)  # RFC 7162 section 3.1.5
-    s.write(b" ".join(parts) + b"\r\n")
-    return ok("SEARCH completed")
+    if extra:
+        parts.append(extra)
+    return b" ".join(parts) + b"\r\n"
 
 
 async def handle_store(s: Session, cmd: c.Store) -> Reply:

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True, slots=True)
 class SequenceSet:
     """Ranges as the client wrote them; ``None`` is ``*`` (the largest
-    number in use). ``saved`` is the RFC 5182 ``$`` marker (unused here)."""
+    number in use). ``saved``: the RFC 5182 ``$`` marker (no ranges), the
+    messages the last SEARCH RETURN (SAVE) found."""
 
     ranges: tuple[tuple[int | None, int | None], ...]
+    saved: bool = False
 
     def __str__(self) -> str:
+        if self.saved:
+            return "$"
         def one(n: int | None) -> str:
             return "*" if n is None else str(n)
 
@@ -257,6 +261,27 @@ class Search(Command):
     uid: bool
     charset: str | None = None
     returns: tuple[str, ...] | None = None  # RFC 4731 ESEARCH; None: plain SEARCH
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sort(Command):
+    """RFC 5256 section 3 SORT; ``returns`` is RFC 5267 ESORT (None: plain)."""
+
+    criteria: tuple[tuple[str, bool], ...]  # (key, reverse), most significant first
+    key: SearchKey
+    uid: bool
+    charset: str
+    returns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Thread(Command):
+    """RFC 5256 section 3 THREAD."""
+
+    algorithm: str  # "ORDEREDSUBJECT" or "REFERENCES"
+    key: SearchKey
+    uid: bool
+    charset: str
 
 
 @dataclass(frozen=True, kw_only=True)

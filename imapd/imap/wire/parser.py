@@ -263,7 +263,10 @@ def _mailbox_name(raw: bytes) -> str:
 
 
 def parse_sequence_set(token: bytes) -> c.SequenceSet:
-    """``1:4,7,9:*`` -> ranges; linear in the length of the token."""
+    """``1:4,7,9:*`` -> ranges; linear in the length of the token. ``$``
+    alone is the saved search result (RFC 5182 section 3: seq-last-command)."""
+    if token == b"$":
+        return c.SequenceSet((), saved=True)
     ranges: list[tuple[int | None, int | None]] = []
     append = ranges.append
     for part in token.split(b","):
@@ -638,28 +641,103 @@ def _search_key(r: _Reader, depth: int) -> c.SearchKey:
     raise _Bad(f"Unknown search key {word}")
 
 
-def _p_search(r: _Reader, tag: str, name: str) -> c.Command:
-    uid = name.startswith("UID ")
+_SEARCH_RETURNS = ("MIN", "MAX", "ALL", "COUNT", "SAVE")  # RFC 4731 3.1, RFC 5182 2.1
+_SORT_RETURNS = ("MIN", "MAX", "ALL", "COUNT")  # RFC 5267 section 3
+# RFC 5256 section 3; RFC 5957 section 3 (DISPLAYFROM, DISPLAYTO).
+SORT_KEYS = frozenset(
+    {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"}
+)
+THREAD_ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")
+
+
+def _return_options(r: _Reader, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``RETURN (opt ...) SP`` if present (RFC 4466 section 2.6)."""
+    if r.buf[r.pos : r.pos + 7].upper() != b"RETURN ":
+        return None
+    r.pos += 7
+    returns = tuple(str(x).upper() for x in r.paren_list(r.atom))
+    for opt in returns:
+        if opt not in allowed:
+            raise _Bad(f"Unknown RETURN option {opt[:40]}")
     r.sp()
-    charset = None
-    returns: tuple[str, ...] | None = None
-    if r.buf[r.pos : r.pos + 7].upper() == b"RETURN ":  # RFC 4731 section 3.1
-        r.pos += 7
-        returns = tuple(str(x).upper() for x in r.paren_list(r.atom))
-        for opt in returns:
-            if opt not in ("MIN", "MAX", "ALL", "COUNT"):  # no SEARCHRES (RFC 5182)
-                raise _Bad(f"Unknown RETURN option {opt}")
-        r.sp()
-    if r.buf[r.pos : r.pos + 8].upper() == b"CHARSET ":
-        r.pos += 8
-        charset = r.astring().upper()
-        r.sp()
+    return returns
+
+
+def _search_keys(r: _Reader) -> c.SearchKey:
+    """1*(SP search-key) up to the end of the command, ANDed."""
     keys = [_search_key(r, 0)]
     while not r.at_end():
         r.sp()
         keys.append(_search_key(r, 0))
-    key = keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
+    return keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
+
+
+def _p_search(r: _Reader, tag: str, name: str) -> c.Command:
+    uid = name.startswith("UID ")
+    r.sp()
+    charset = None
+    returns = _return_options(r, _SEARCH_RETURNS)
+    if r.buf[r.pos : r.pos + 8].upper() == b"CHARSET ":
+        r.pos += 8
+        charset = r.astring().upper()
+        r.sp()
+    key = _search_keys(r)
     return c.Search(tag=tag, name=name, key=key, uid=uid, charset=charset, returns=returns)
+
+
+def _sort_criterion(r: _Reader) -> tuple[str, bool]:
+    """sort-criterion = ["REVERSE" SP] sort-key (RFC 5256 section 5)."""
+    word = r.atom("a sort key").upper()
+    reverse = word == "REVERSE"
+    if reverse:
+        r.sp()
+        word = r.atom("a sort key").upper()
+    if word not in SORT_KEYS:
+        raise _Bad(f"Unknown sort key {word[:40]}")
+    return word, reverse
+
+
+def _p_sort(r: _Reader, tag: str, name: str) -> c.Command:
+    """sort = ["UID" SP] "SORT" [SP sort-return-opts] SP sort-criteria SP
+    search-criteria (RFC 5256 section 5, RFC 5267 section 3)."""
+    r.sp()
+    returns = _return_options(r, _SORT_RETURNS)
+    criteria = r.paren_list(lambda: _sort_criterion(r))
+    if not criteria:
+        raise _Bad("Empty sort criteria")
+    r.sp()
+    charset = r.astring().upper()  # search-criteria = charset 1*(SP search-key)
+    r.sp()
+    key = _search_keys(r)
+    return c.Sort(
+        tag=tag,
+        name=name,
+        criteria=tuple(criteria),  # type: ignore[arg-type]
+        key=key,
+        uid=name.startswith("UID "),
+        charset=charset,
+        returns=returns,
+    )
+
+
+def _p_thread(r: _Reader, tag: str, name: str) -> c.Command:
+    """thread = ["UID" SP] "THREAD" SP thread-alg SP search-criteria."""
+    r.sp()
+    algorithm = r.atom("a threading algorithm").upper()
+    if algorithm not in THREAD_ALGORITHMS:
+        raise _Bad(f"Unknown threading algorithm {algorithm[:40]}")
+    r.sp()
+    charset = r.astring().upper()
+    r.sp()
+    key = _search_keys(r)
+    return c.Thread(
+        tag=tag,
+        name=name,
+        algorithm=algorithm,
+        key=key,
+        uid=name.startswith("UID "),
+        charset=charset,
+    )
 
 
 def _section(r: _Reader) -> c.Section:
@@ -891,6 +969,10 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "ID": _p_id,
     "ENABLE": _p_enable,
     "UID SEARCH": _p_search,
+    "SORT": _p_sort,
+    "UID SORT": _p_sort,
+    "THREAD": _p_thread,
+    "UID THREAD": _p_thread,
     "UID FETCH": _p_fetch,
     "UID STORE": _p_store,
     "UID COPY": _p_copy,
