@@ -54,6 +54,8 @@ _MESSAGE_ID = _param("message_id", "path", {"type": "string"},
                      "message id; kept when the account moves to another shard")
 _FOLDER_ID = _param("folder_id", "path", {"type": "string"},
                     "folder id; kept across renames and moves to another shard")
+# Client autoconfiguration (httpapi/autoconfig.py).
+_EMAIL = _param("emailaddress", "query", {"type": "string"}, "the account's address")
 _AUTHED = {"401": _json(_ERROR, "Not authenticated"), "429": _json(_ERROR, "Rate limited")}
 
 
@@ -248,6 +250,22 @@ PATHS: dict[str, dict[str, Any]] = {
                        "change id; omit to learn the current one"),
                 _param("timeout", "query", {"type": "number", "maximum": 60}, "seconds")],
         tag="realtime")},
+    **{path: {"get": _op(
+        "Thunderbird autoconfig (clientConfig v1.1) from the enabled listeners",
+        {"200": {"description": "application/xml"}, "400": {"description": "bad address"}},
+        params=[_EMAIL], public=True, tag="autoconfig")}
+       for path in ("/mail/config-v1.1.xml", "/.well-known/autoconfig/mail/config-v1.1.xml")},
+    **{path: {"post": _op(
+        "Outlook POX autodiscover",
+        {"200": {"description": "application/xml"}, "400": {"description": "bad request"}},
+        body={"required": True, "content": {"text/xml": {"schema": {"type": "string"}}}},
+        public=True, tag="autoconfig")}
+       for path in ("/autodiscover/autodiscover.xml", "/Autodiscover/Autodiscover.xml")},
+    "/apple/mobileconfig": {"get": _op(
+        "Apple configuration profile (unsigned) for one address",
+        {"200": {"description": "application/x-apple-aspen-config"},
+         "400": {"description": "bad address"}, "404": {"description": "no listener"}},
+        params=[_EMAIL], public=True, tag="autoconfig")},
 }
 
 
