@@ -173,6 +173,10 @@ class StorageSettings(Section):
     # delivery's own transaction writes them), else blob_dir/pack.sqlite
     # (SQLite sites only); "auto": 262144; 0: a file each.
     blob_pack_max_bytes: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
+    # MIME leaf parts whose encoded body is longer than this many bytes are
+    # stored once, as blobs of their own shared by every message carrying
+    # them (storage/blob/skeleton.py); 0: messages are stored whole.
+    attachment_min_bytes: Annotated[int, Field(ge=0)] = 65536
     # Mail shards, name -> [storage.shards.NAME] table (or just its url,
     # the older form `shards = {name = "url"}`).
     shards: dict[str, ShardSettings] = Field(default_factory=dict)
@@ -450,6 +454,53 @@ class AntivirusSettings(Section):
         return v
 
 
+def _check_http_url(value: str) -> str:
+    """An http:// or https:// base URL with a host (a path prefix is kept)."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    parts.port  # noqa: B018 - raises ValueError for a bad port
+    return value.rstrip("/")
+
+
+class AntispamSettings(Section):
+    """Every message taken in is scored by rspamd (delivery/checks_rspamd.py)
+    when ``rspamd_url`` is set; moving mail into or out of Junk teaches its
+    controller (delivery/learn.py) when ``controller_url`` is set."""
+
+    # rspamd's normal worker (or proxy), which answers /checkv2; empty: off.
+    rspamd_url: str = ""
+    # rspamd's controller worker, which answers /learnspam and /learnham;
+    # empty: moves into and out of Junk teach nothing.
+    controller_url: str = ""
+    # The controller's (enable_)password, sent in the Password header.
+    password: str = ""
+    # rspamd unreachable, too slow or answering an error: 451 4.7.1 (tempfail),
+    # or deliver with an "X-Spam-Checked: no" field (accept).
+    on_error: Literal["tempfail", "accept"] = "tempfail"
+    # One check's whole time (connect, send, verdict); also one learn's.
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 15.0
+
+    _urls = field_validator("rspamd_url", "controller_url")(
+        classmethod(lambda cls, v: _check_http_url(v))
+    )
+
+    @model_validator(mode="after")
+    def _nothing_idle(self) -> AntispamSettings:
+        # A setting that would do nothing is refused, not ignored.
+        if self.controller_url and not self.rspamd_url:
+            raise ValueError("controller_url needs rspamd_url (learning without checking)")
+        if self.password and not self.controller_url:
+            raise ValueError("password is the controller's: it needs controller_url")
+        return self
+
+
 class Settings(Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
@@ -462,6 +513,7 @@ class Settings(Section):
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     antivirus: AntivirusSettings = Field(default_factory=AntivirusSettings)
+    antispam: AntispamSettings = Field(default_factory=AntispamSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
 
     @model_validator(mode="after")

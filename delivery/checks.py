@@ -133,12 +133,17 @@ class CheckStage:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CheckStage:
-        """The checks ``settings`` turns on: ``[antivirus]`` (clamd)."""
+        """The checks ``settings`` turns on: ``[antivirus]`` (clamd),
+        ``[antispam]`` (rspamd)."""
         checks: list[Check] = []
         if settings.antivirus.enabled:
             from delivery.checks_clamd import ClamdCheck
 
             checks.append(ClamdCheck.from_settings(settings))
+        if settings.antispam.rspamd_url:
+            from delivery.checks_rspamd import RspamdCheck
+
+            checks.append(RspamdCheck.from_settings(settings))
         return cls(checks)
 
     def __bool__(self) -> bool:
