@@ -59,6 +59,10 @@ def ref_key(msg: dict, key: str) -> object:
         return msg["size"]
     if key == "SUBJECT":
         return ref_base_subject(msg["subject"])[0].encode().upper()
+    if key == "DISPLAYFROM":  # RFC 5957: the display name, else the addr-spec
+        return (msg["display"] or msg["from"]).encode().upper()
+    if key == "DISPLAYTO":
+        return msg["to"].encode().upper()
     return msg[key.lower()].split("@")[0].encode().upper()  # addr-mailbox, casemapped
 
 
@@ -85,6 +89,9 @@ _PREFIXES = ["", "Re: ", "RE: ", "Fwd: ", "fw: ", "[list] ", "[list] Re: ", "Re[
 _WORDS = ["alpha", "Beta", "gamma", "ALPHA", "beta", "delta", "zeta", "Ümlaut", "eta"]
 _TRAILERS = ["", " (fwd)", " (FWD)", "  ", ""]
 _NAMES = ["ann", "Bob", "carl", "dora", "Eve", "bob"]
+# From display names as sent, and as RFC 5957 compares them (decoded).
+_DISPLAY = [("", ""), ("Zed", "Zed"), ("anna", "anna"), ('"Bob, Jr."', "Bob, Jr."),
+            ("=?utf-8?q?=C3=89mile?=", "Émile"), ("emile", "emile")]
 
 
 def random_messages(rng: random.Random, n: int) -> list[dict]:
@@ -100,14 +107,17 @@ def random_messages(rng: random.Random, n: int) -> list[dict]:
         fr = f"{rng.choice(_NAMES)}@example.net"
         to = f"{rng.choice(_NAMES)}@example.org"
         cc = rng.choice(["", f"{rng.choice(_NAMES)}@example.com"])
+        display, shown = rng.choice(_DISPLAY)
         body = "x" * rng.randint(1, 400) + "\r\n"
-        head = [f"From: Someone <{fr}>", f"To: {to}", f"Subject: {subject}",
-                f"Date: {email.utils.format_datetime(sent)}", f"Message-ID: <m{i}@test>"]
+        head = [f"From: {display} <{fr}>" if display else f"From: {fr}", f"To: {to}",
+                f"Subject: {subject}", f"Date: {email.utils.format_datetime(sent)}",
+                f"Message-ID: <m{i}@test>"]
         if cc:
             head.append(f"Cc: {cc}")
         raw = ("\r\n".join(head) + "\r\n\r\n" + body).encode()
         msgs.append({"raw": raw, "subject": subject, "date": sent.timestamp(),
-                     "arrival": arrival, "size": len(raw), "from": fr, "to": to, "cc": cc})
+                     "arrival": arrival, "size": len(raw), "from": fr, "to": to, "cc": cc,
+                     "display": shown})
     return msgs
 
 
@@ -133,6 +143,7 @@ _CRITERIA = [
     [("ARRIVAL", False)], [("DATE", False)], [("SIZE", True)], [("SUBJECT", False)],
     [("FROM", False), ("DATE", True)], [("TO", True), ("SUBJECT", False)],
     [("CC", False), ("REVERSE SIZE", False)], [("SUBJECT", True), ("ARRIVAL", False)],
+    [("DISPLAYFROM", False)], [("DISPLAYTO", True), ("SIZE", False)],
 ]
 
 
