@@ -18,6 +18,7 @@ from aiohttp import BodyPartReader, web
 
 from conf.settings import Settings
 from delivery.checks import Action, CheckStage, Flow, Subject
+from delivery.learn import learn_moved
 from httpapi.body import json_body, parse_json, read_body
 from httpapi.compose import (
     Draft,
@@ -216,6 +217,8 @@ async def update_message(request: web.Request) -> web.Response:
         moved = await mail.move(account.id, mailbox.id, uids, target.id)
         if not moved.pairs:
             raise not_found("message")
+        # Into Junk teaches spam, out of it ham: queued, never delaying the reply.
+        learn_moved(ctx.settings, ctx.storage, account, mailbox, target, moved.pairs)
         ref = MessageRef(target.id, moved.pairs[0][1])
     _, stored = await owned_message(mail, account, ref)
     index = await ctx.threads.index(mail, account.id)

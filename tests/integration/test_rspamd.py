@@ -1,5 +1,6 @@
 """Anti-spam through a real rspamd (tests/rspamdserver.py) on the MX and
-submission, read back with imaplib.
+submission, read back with imaplib; Junk that learns, seen in rspamd's own
+statistics.
 
 rspamd scores a test token past its "add header" score: the message is
 stored in the Junk of every recipient with X-Spam-* fields; GTUBE is
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conf.settings import Settings
+from delivery.learn import learner
 from mtad.service import Service
 from tests.conftest import make_settings
 from tests.dnsserver import DnsServer
@@ -131,6 +133,18 @@ def imap_fetch(port: int, user: str, password: str, mailbox: str) -> list[bytes]
         client.logout()
 
 
+def imap_file(port: int, source: str, dest: str, command: str = "MOVE") -> None:
+    """alice's every message of ``source`` MOVEd (or COPYd) to ``dest``."""
+    client = imaplib.IMAP4("127.0.0.1", port)
+    try:
+        assert client.login(ALICE, ALICE_PW)[0] == "OK"
+        assert client.select(source)[0] == "OK"
+        typ, data = client.uid(command, "1:*", dest)
+        assert typ == "OK", data
+    finally:
+        client.logout()
+
+
 def header_of(raw: bytes) -> str:
     return raw.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
 
@@ -198,6 +212,39 @@ async def test_clean_mail_lands_in_inbox_byte_exact(
         assert field(raw, "X-Spam-Status").startswith("No, score=")
         assert float(field(raw, "X-Spam-Score")) < ADD_HEADER_SCORE
     assert await mailbox_messages(populated, ALICE, "Junk") == []
+
+
+async def test_moving_out_of_junk_learns_ham_and_into_junk_learns_spam(
+    mta: Service, populated, imap_port: int, rspamd: RspamdServer  # noqa: F811
+) -> None:
+    rng = random.Random()
+    spam = message(rng, f"{SPAM_TOKEN} {words(rng, 40)}")
+    assert (await send_mx(mta.port("mx"), spam)).startswith("250")
+    assert len(await mailbox_messages(populated, ALICE, "Junk")) == 1
+
+    before = rspamd.learns()
+    await asyncio.to_thread(imap_file, imap_port, "Junk", "INBOX")  # not spam after all
+    await learner().idle()
+    after_ham = rspamd.learns()
+    assert after_ham == {"spam": before["spam"], "ham": before["ham"] + 1}, (before, after_ham)
+    assert await mailbox_messages(populated, ALICE, "Junk") == []
+
+    ham = message(rng, words(rng, 50))
+    assert (await send_mx(mta.port("mx"), ham)).startswith("250")
+    # Both INBOX messages into Junk: the new one learned as spam, and the one
+    # just learned as ham relearned as spam (its ham learn undone).
+    await asyncio.to_thread(imap_file, imap_port, "INBOX", "Junk")
+    await learner().idle()
+    after_spam = rspamd.learns()
+    assert after_spam == {"spam": after_ham["spam"] + 2, "ham": after_ham["ham"] - 1}, (
+        after_ham, after_spam)
+
+    # Deleting spam (Junk to Trash) teaches nothing.
+    await asyncio.to_thread(imap_file, imap_port, "Junk", "Trash", "COPY")
+    await learner().idle()
+    assert rspamd.learns() == after_spam
+    # The learned counts are rspamd's own: its controller reports them too.
+    assert int(rspamd.stat()["learned"]) >= 3  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("spam_overrides", [{"rspamd_url": CLOSED}])

@@ -1,4 +1,6 @@
 """Anti-spam on the HTTP API through a real rspamd (tests/rspamdserver.py):
+moving a message into Junk with PATCH /v1/messages/{id} teaches rspamd
+spam, moving it back out teaches ham (rspamd's Bayes counters in Redis);
 the send (POST /v1/messages) refuses what rspamd calls spam with 422,
 since outgoing mail has no Junk, and rspamd unreachable is 503."""
 
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 
 from conf.settings import Settings
+from delivery.learn import learner
 from tests.conftest import make_settings
 from tests.integration.http.conftest import (  # noqa: F401
     Api,
@@ -52,6 +55,37 @@ def http_settings(tmp_path: Path, rspamd: RspamdServer, spam_overrides: dict) ->
 def text(rng: random.Random, n: int) -> str:
     return " ".join("".join(rng.choices("abcdefghijklmnop", k=rng.randrange(4, 9)))
                     for _ in range(n))
+
+
+async def folder(api: Api, name: str) -> str:
+    status, listing = await api.get("/v1/folders")
+    assert status == 200
+    return next(f["id"] for f in listing["folders"] if f["name"] == name)
+
+
+async def test_moving_into_junk_and_back_teaches_spam_then_ham(
+    alice_api: Api, alice: Any, mailstore: Any, rspamd: RspamdServer  # noqa: F811
+) -> None:
+    rng = random.Random()
+    await deliver(mailstore, alice, make_mail(body=text(rng, 80)))
+    inbox, junk = await folder(alice_api, "INBOX"), await folder(alice_api, "Junk")
+    _, page = await alice_api.get(f"/v1/folders/{inbox}/messages")
+    url = f"/v1/messages/{page['messages'][0]['id']}"
+
+    before = rspamd.learns()
+    status, moved = await alice_api.request("PATCH", url, json={"folder_id": junk})
+    assert status == 200, moved
+    await learner().idle()
+    as_spam = rspamd.learns()
+    assert as_spam == {"spam": before["spam"] + 1, "ham": before["ham"]}, (before, as_spam)
+
+    status, back = await alice_api.request(
+        "PATCH", f"/v1/messages/{moved['id']}", json={"folder_id": inbox}
+    )
+    assert status == 200, back
+    await learner().idle()
+    # The same message relearned: its spam learn undone, ham learned.
+    assert rspamd.learns() == {"spam": as_spam["spam"] - 1, "ham": as_spam["ham"] + 1}
 
 
 async def test_send_refuses_what_rspamd_calls_spam(

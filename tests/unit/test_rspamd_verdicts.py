@@ -1,5 +1,5 @@
-"""rspamd's answer as a verdict, the X-Spam-* fields and the [antispam]
-settings (delivery/checks_rspamd.py)."""
+"""rspamd's answer as a verdict, the X-Spam-* fields, what a move teaches,
+and the [antispam] settings (delivery/checks_rspamd.py, delivery/learn.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from delivery.checks_rspamd import (
     spam_headers,
     verdict_for,
 )
+from delivery.learn import lesson
+from storage.model import Mailbox
 
 
 def answer(action: str, score: float = 1.0, **extra: object) -> bytes:
@@ -176,6 +178,29 @@ def test_the_envelope_goes_in_request_header_fields() -> None:
     assert headers["Queue-Id"] == "Q123"
     mx = envelope_headers(Subject(Flow.MX, b"x", "", ("a@b",)))
     assert mx["From"] == "" and "User" not in mx and "IP" not in mx
+
+
+def box(name: str, use: str | None = None) -> Mailbox:
+    return Mailbox(1, 1, name, 1, 1, 1, use)
+
+
+@pytest.mark.parametrize(
+    ("source", "dest", "teaches"),
+    [
+        (box("INBOX"), box("Junk", "\\Junk"), True),
+        (box("Archive"), box("Spam", "\\Junk"), True),
+        (box("INBOX"), box("junk"), True),
+        (box("Junk", "\\Junk"), box("INBOX"), False),
+        (box("Junk", "\\Junk"), box("Archive/2026"), False),
+        (box("Junk", "\\Junk"), box("Trash", "\\Trash"), None),
+        (box("Junk"), box("Bin", "\\Trash"), None),
+        (box("Junk", "\\Junk"), box("Junk", "\\Junk"), None),
+        (box("INBOX"), box("Archive"), None),
+        (box("Trash", "\\Trash"), box("Junk", "\\Junk"), True),
+    ],
+)
+def test_what_a_move_teaches(source: Mailbox, dest: Mailbox, teaches: bool | None) -> None:
+    assert lesson(source, dest) is teaches
 
 
 @pytest.mark.parametrize(

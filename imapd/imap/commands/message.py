@@ -9,13 +9,14 @@ import contextlib
 from bisect import bisect_right
 from collections.abc import Callable
 
+from delivery.learn import learn_moved
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import commands as c
 from imapd.imap.wire import encode
 from storage import search as q
 from storage.errors import ErrorKind, StorageError
-from storage.model import MessageEntry, StoreMode, UidSet
+from storage.model import Mailbox, MessageEntry, StoreMode, UidSet
 
 _MODES = {"replace": StoreMode.REPLACE, "add": StoreMode.ADD, "remove": StoreMode.REMOVE}
 
@@ -314,6 +315,15 @@ def _copyuid(uidvalidity: int, pairs: tuple[tuple[int, int], ...]) -> str:
     return f"COPYUID {uidvalidity} {','.join(map(str, src))} {','.join(map(str, dst))}"
 
 
+def _learn(
+    s: Session, view: MailboxView, dest: Mailbox, pairs: tuple[tuple[int, int], ...]
+) -> None:
+    """Into Junk teaches spam, out of it ham (delivery/learn.py): queued,
+    never delaying this reply."""
+    assert s.account is not None
+    learn_moved(s.ctx.settings, s.storage, s.account, view.mailbox, dest, pairs)
+
+
 async def handle_copy(s: Session, cmd: c.Copy) -> Reply:
     view = _view(s)
     assert s.mail is not None and s.account is not None
@@ -335,8 +345,10 @@ async def handle_copy(s: Session, cmd: c.Copy) -> Reply:
         result = await s.mail.copy(*_ids(s), UidSet.of(uids), dest.id)
         if not result.pairs:
             return ok("COPY completed")
+        _learn(s, view, dest, result.pairs)
         return ok("COPY completed", _copyuid(result.uidvalidity, result.pairs))
     result = await s.mail.move(*_ids(s), UidSet.of(uids), dest.id)
+    _learn(s, view, dest, result.pairs)
     # RFC 6851 section 4.3: COPYUID in an untagged OK, before the EXPUNGEs.
     if result.pairs:
         s.untagged(f"OK [{_copyuid(result.uidvalidity, result.pairs)}] Moved")
