@@ -42,6 +42,7 @@ from storage.model import (
     UidSet,
 )
 from storage.search import Criteria
+from storage.sortrows import SortRow
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,12 @@ class MailStore(Protocol):
 
     async def search(self, account_id: int, mailbox_id: int, criteria: Criteria) -> list[int]:
         """Matching UIDs, ascending."""
+
+    async def sort_rows(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[SortRow]:
+        """What IMAP SORT and THREAD compare of the entries named by
+        ``uids`` (storage.sortrows.SortRow), UID order; missing UIDs
+        skipped. One call for any number of messages, cheaper per message
+        than :meth:`fetch` (no full parsed form is built)."""
 
     async def page(
         self,

@@ -14,7 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from storage.model import Address, StoredMessage
+from storage.model import Address
+from storage.sortrows import SortRow
 from storage.text import decode_words
 
 # RFC 5256 section 2.1 ABNF pieces, case-insensitive ("re", "fw", "fwd" are
@@ -156,27 +157,25 @@ class SortFields:
     references: tuple[str, ...]
 
 
-def sort_fields(stored: StoredMessage) -> SortFields:
-    e, p = stored.entry, stored.parsed
-    env = p.envelope
-    arrival = e.internal_date.timestamp()
-    base = base_subject(p.subject)
+def sort_fields(row: SortRow) -> SortFields:
+    """The keys of one message, from what storage read for it."""
+    base = base_subject(row.subject)
     return SortFields(
-        uid=e.uid,
-        arrival=arrival,
-        date=p.sent_date.timestamp() if p.sent_date is not None else arrival,
-        size=e.size,
+        uid=row.uid,
+        arrival=row.internal_date,
+        date=row.sent_date if row.sent_date is not None else row.internal_date,
+        size=row.size,
         subject=casemap(base.text),
         base_subject=base.text,
         is_reply=base.is_reply,
-        from_=casemap(_addr_mailbox(env.from_)),
-        to=casemap(_addr_mailbox(env.to)),
-        cc=casemap(_addr_mailbox(env.cc)),
-        display_from=casemap(_display(env.from_)),
-        display_to=casemap(_display(env.to)),
-        message_id=p.message_id,
-        in_reply_to=p.in_reply_to,
-        references=p.references,
+        from_=casemap(_addr_mailbox(row.from_)),
+        to=casemap(_addr_mailbox(row.to)),
+        cc=casemap(_addr_mailbox(row.cc)),
+        display_from=casemap(_display(row.from_)),
+        display_to=casemap(_display(row.to)),
+        message_id=row.message_id,
+        in_reply_to=row.in_reply_to,
+        references=row.references,
     )
 
 

@@ -82,6 +82,7 @@ from storage.model import (
     UidSet,
 )
 from storage.search import All, Criteria
+from storage.sortrows import SortRow, sort_row
 from storage.sql import codec, fts
 from storage.sql import criteria as crit
 from storage.sql.db import Database, execute
@@ -620,6 +621,10 @@ class _EntryQuery:
 
 _ENTRIES = _EntryQuery(_ENTRY_COLUMNS, True)
 _ENTRIES_PARSED = _EntryQuery((*_ENTRY_COLUMNS, messages.c.parsed), True)
+# What IMAP SORT and THREAD read (SqlMailStore.sort_rows).
+_SORT_ROWS = _EntryQuery(
+    (E.c.uid, E.c.internal_date, E.c.size, messages.c.sent_date, messages.c.parsed), True
+)
 # An unfiltered folder-list page (SqlMailStore.page with All(), what a
 # client opening a folder asks), on the index (mailbox_id, list_date, uid):
 # constant statements, run precompiled by ``execute`` on either backend.
@@ -1819,6 +1824,18 @@ class SqlMailStore:
         rows = await self.db.read_sync(read)
         # The parsed-form cache is only touched here, on the event loop.
         return [self._stored(r) for r in rows]
+
+    async def sort_rows(self, account_id: int, mailbox_id: int, uids: UidSet) -> list[SortRow]:
+        """What SORT and THREAD compare, UID order; missing UIDs skipped.
+        One read; the fields are picked from the stored parsed form in the
+        reading thread, no ParsedMessage is built (storage.sortrows)."""
+
+        def read(conn: Connection) -> list[SortRow]:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            rows = _select_entries_sync(conn, mailbox_id, uids, _SORT_ROWS)
+            return [sort_row(r.uid, r.internal_date, r.size, r.sent_date, r.parsed) for r in rows]
+
+        return await self.db.read_sync(read)
 
     # --- search --------------------------------------------------------------
 

@@ -2,9 +2,9 @@
 and THREAD, UID THREAD (RFC 5256 section 3, ORDEREDSUBJECT and REFERENCES).
 
 The matches come from the SEARCH machinery; their sort fields are read in
-one storage call per command (``MailStore.fetch`` of the matching UIDs:
-entries and parsed envelopes), then sorted or threaded in memory in
-O(n log n) (imapd.imap.sortkeys, imapd.imap.threads).
+one storage call per command (``MailStore.sort_rows`` of the matching
+UIDs), then sorted or threaded in memory in O(n log n)
+(imapd.imap.sortkeys, imapd.imap.threads).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ async def _fields(
     uids = await matching_uids(s, key)
     if not uids:
         return view, []
-    stored = await s.mail.fetch(s.account.id, view.mailbox.id, UidSet.of(uids))
-    return view, [sort_fields(m) for m in stored if view.contains(m.entry.uid)]
+    rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(uids))
+    return view, [sort_fields(r) for r in rows if view.contains(r.uid)]
 
 
 def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
