@@ -157,8 +157,9 @@ def learn_moved(
         return
     with contextlib.suppress(RuntimeError):  # no running loop: nothing to learn with
         queue = learner()
-        for _, uid in pairs:
+        for done, (_, uid) in enumerate(pairs):
             if not queue.submit(Job(settings, storage, account, dest.id, uid, spam)):
+                queue.dropped += len(pairs) - done - 1  # the rest: not queued either
                 break
 
 

@@ -3,6 +3,7 @@ and the [antispam] settings (delivery/checks_rspamd.py, delivery/learn.py)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import string
@@ -233,3 +234,38 @@ def test_antispam_accepts_a_full_section() -> None:
     }).antispam
     assert spam.rspamd_url == "http://[::1]:11333"
     assert spam.on_error == "accept"
+
+
+class _NoEntries:
+    """A storage whose every message has moved on: nothing to read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def mail(self, account: object) -> _NoEntries:
+        return self
+
+    async def entries(self, account_id: int, mailbox_id: int, uids: object) -> list[object]:
+        self.reads += 1
+        return []
+
+
+async def test_the_learn_queue_is_bounded_and_drains_in_the_background() -> None:
+    from delivery.learn import QUEUE_MAX, learn_moved, learner
+    from storage.model import Account
+
+    settings = Settings.model_validate({"antispam": {
+        "rspamd_url": "http://127.0.0.1:9", "controller_url": "http://127.0.0.1:9"}})
+    account = Account(1, "alice@example.net", "", "default", None, dt.datetime.now(dt.UTC))
+    storage = _NoEntries()
+    extra = random.randrange(2, 50)
+    pairs = tuple((n, n) for n in range(1, QUEUE_MAX + extra + 1))
+    # A move of more messages than the queue holds: the call returns at once,
+    # having queued QUEUE_MAX and counted the rest as dropped.
+    junk = box("Junk", "\\Junk")
+    learn_moved(settings, storage, account, box("INBOX"), junk, pairs)  # type: ignore[arg-type]
+    queue = learner()
+    assert queue.queue.qsize() == QUEUE_MAX and queue.dropped == extra
+    assert storage.reads == 0  # nothing read before the caller's reply
+    await queue.idle()
+    assert storage.reads == QUEUE_MAX and queue.learned == 0
