@@ -16,6 +16,7 @@ PACKAGES=(
   postfix                                     # peer MTA for the outbound relay tests
   redis-server                                # shared limits and the Redis event bus
   clamav-daemon clamav                        # anti-virus checks (clamd; sigtool builds the test signatures)
+  rspamd                                      # anti-spam checks and Junk learning (rspamd on loopback)
   swift-proxy swift-account swift-container swift-object  # S3-compatible blob store (Swift s3api)
   chromium                                    # webmail browser test (driven by Playwright)
   procps iproute2 ca-certificates
