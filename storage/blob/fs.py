@@ -224,7 +224,13 @@ class FsBlobStore:
         """:meth:`put` for a caller already in a worker thread (the ingest
         path). Blocks on the disk. Plain ``os`` calls, as few as durability
         allows: each one also hands the GIL to another thread."""
-        key = content_key_sync(data)
+        return self.put_sync_as(content_key_sync(data), data)
+
+    def put_sync_as(self, key: str, data: bytes) -> str:
+        """Stores ``data`` under ``key`` durably (blocking): :meth:`put_sync`
+        with the key given. For a message's skeleton
+        (``storage/blob/skeleton.py``), kept under its message's key."""
+        _check_key(key)
         if self._packs(len(data)):
             return self.pack.put_started(key, data).result()
         directory = os.path.join(self._root, key[:2])
@@ -301,6 +307,13 @@ class FsBlobStore:
             key = await content_key(data)
             return await asyncio.wrap_future(self.pack.put_started(key, data))
         return await asyncio.to_thread(self.put_sync, data)
+
+    async def put_as(self, key: str, data: bytes) -> str:
+        """:meth:`put_sync_as` off the event loop; durable on return."""
+        data = bytes(data)
+        if self._packs(len(data)):
+            return await asyncio.wrap_future(self.pack.put_started(_check_key(key), data))
+        return await asyncio.to_thread(self.put_sync_as, key, data)
 
     async def put_file(self, path: Path) -> str:
         """Stores a file's bytes in chunks, never all in memory."""

@@ -363,9 +363,21 @@ class S3BlobStore:
         give the same key."""
         data = bytes(data)
         key = await content_key(data)
+        await self._put(key, data, key)
+        return key
+
+    async def put_as(self, key: str, data: bytes) -> str:
+        """Stores ``data`` under ``key`` (durable on return): a message's
+        skeleton, kept under its message's key (``storage/blob/skeleton.py``)."""
+        data = bytes(data)
+        await self._put(_check_key(key), data, await content_key(data))
+        return key
+
+    async def _put(self, key: str, data: bytes, sha: str) -> None:
+        """``data`` (whose SHA-256 is ``sha``) as the object ``key``."""
         if len(data) <= self.config.multipart_threshold:
-            await self._put_single(key, data, key)
-            return key
+            await self._put_single(key, data, sha)
+            return
         view = memoryview(data)
         step = self.config.part_size
 
@@ -374,7 +386,6 @@ class S3BlobStore:
             return chunk, await asyncio.to_thread(_sha256, chunk)
 
         await self._put_multipart(key, -(-len(data) // step), part)
-        return key
 
     async def _put_single(self, key: str, data: bytes | memoryview, sha: str) -> None:
         answer = await self._request("PUT", key, headers=self._meta(), body=data, body_sha256=sha)
