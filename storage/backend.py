@@ -25,6 +25,7 @@ from sqlalchemy import make_url
 from storage import errors
 from storage.blob import open_blob_store
 from storage.blob.fs import FsBlobStore
+from storage.blob.skeleton import DEFAULT_ATTACHMENT_MIN_BYTES, SkeletonBlobStore
 from storage.events import (
     EventBusImpl,
     InProcessEventBus,
@@ -199,7 +200,8 @@ class SqlStorage:
         found: list[FsBlobStore] = [self.blobs]
         for store in self.stores.values():
             blobs = store.blobs
-            if isinstance(blobs, FsBlobStore) and all(blobs is not f for f in found):
+            inner = getattr(blobs, "inner", blobs)  # under a SkeletonBlobStore
+            if isinstance(inner, FsBlobStore) and all(blobs is not f for f in found):
                 found.append(blobs)
         return found
 
@@ -238,8 +240,8 @@ class SqlStorage:
             log.info("shard %s is back", db.safe_url)
             return
 
-    async def referenced_blobs(self, blobs: FsBlobStore) -> set[str]:
-        """The keys that rows kept in ``blobs`` refer to: messages of every
+    async def row_blobs(self, blobs: FsBlobStore) -> set[str]:
+        """The keys that rows kept in ``blobs`` name: messages of every
         shard whose blob store it is, and the outbound queue's for the
         site's store."""
         referenced: set[str] = set()
@@ -248,6 +250,22 @@ class SqlStorage:
                 referenced |= await store.referenced_blobs()
         if blobs is self.blobs:
             referenced |= await self.queue.referenced_blobs()
+        return referenced
+
+    async def referenced_blobs(self, blobs: FsBlobStore) -> set[str]:
+        """:meth:`row_blobs` and the attachment blobs their skeletons refer
+        to (``storage/blob/skeleton.py``): what garbage collection keeps."""
+        referenced = await self.row_blobs(blobs)
+        references = getattr(blobs, "references", None)
+        if references is not None:
+            parts: set[str] = set()
+            for key in referenced:
+                try:
+                    parts |= await references(key)
+                except errors.StorageError as err:
+                    if err.kind is not errors.ErrorKind.NOT_FOUND:
+                        raise  # unsure what it refers to: delete nothing
+            referenced |= parts
         return referenced
 
     async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
@@ -297,6 +315,7 @@ async def open_storage_from_url(
     redis_url: str = "",
     fts_indexer: bool = True,
     blob_pack_max_bytes: int | None = None,
+    attachment_min_bytes: int = DEFAULT_ATTACHMENT_MIN_BYTES,
 ) -> SqlStorage:
     """Opens (and migrates) storage at ``url`` with blobs under ``blob_dir``.
 
@@ -321,6 +340,8 @@ async def open_storage_from_url(
     it is ``pack.sqlite`` in the blob folder; over PostgreSQL nothing is
     packed but deliveries' blobs, the folder may be shared over NFS,
     where SQLite's locks are not to be trusted.
+    ``attachment_min_bytes``: MIME leaf parts longer than this are stored
+    once, as blobs of their own (``storage/blob/skeleton.py``); 0: never.
     """
     if events not in ("auto", "inprocess", "redis"):
         raise errors.invalid(f"unknown event bus {events!r}")
@@ -358,6 +379,10 @@ async def open_storage_from_url(
         pack_db=_table_pack_db(databases[DEFAULT_SHARD]),
     )
     shard_blobs = _shard_blob_stores(specs, databases, blob_dir, blob_pack_max_bytes, pack_path)
+    if attachment_min_bytes > 0:
+        blobs = SkeletonBlobStore(blobs, attachment_min_bytes)  # type: ignore[assignment]
+        wrapped = {id(b): SkeletonBlobStore(b, attachment_min_bytes) for b in shard_blobs.values()}
+        shard_blobs = {n: wrapped[id(b)] for n, b in shard_blobs.items()}  # type: ignore[misc]
     storage = SqlStorage(
         databases,
         blobs,
@@ -472,4 +497,5 @@ async def open_storage(
         blob_pack_max_bytes=(
             None if settings.blob_pack_max_bytes == "auto" else settings.blob_pack_max_bytes
         ),
+        attachment_min_bytes=settings.attachment_min_bytes,
     )

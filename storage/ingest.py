@@ -14,7 +14,10 @@ Order of writes, and what is durable when:
    to that account: all of an account's copies commit together, or none.
 
 A crash between 1 and 2 leaves only an unreferenced blob, which garbage
-collection removes; metadata never points to a missing blob.
+collection removes; metadata never points to a missing blob. Where big
+MIME parts are stored once (``storage/blob/skeleton.py``), step 1 writes
+them first, each durable, and then the message's skeleton under the
+message's key; reads return the original bytes.
 
 A message small enough for every target store to keep itself
 (``MailStore.inline_blob_max``: a one-host site's shard database holds
@@ -181,6 +184,18 @@ async def _write_blob(stores: Sequence[BlobStore], source: bytes | Path) -> str:
     return key
 
 
+async def _skeleton_of(stores: Sequence[BlobStore], data: bytes) -> bytes:
+    """What a delivery writing its blob in its own transaction stores:
+    the message's skeleton once its big parts are durable in every one of
+    ``stores`` (``storage/blob/skeleton.py``), or the message as it is."""
+    kept = data
+    for blobs in stores:
+        skeleton_of = getattr(blobs, "skeleton_of", None)
+        if skeleton_of is not None:
+            kept = await skeleton_of(data) or kept
+    return kept
+
+
 async def _store(
     storage: Storage,
     deliveries: Sequence[Delivery],
@@ -211,6 +226,7 @@ async def _store(
             parsed, blob_key = await asyncio.to_thread(_parse_and_hash, blob_data)
         else:
             blob_key = await content_key(blob_data)
+        blob_data = await _skeleton_of(stores, blob_data)
     elif parsed is not None and put_started is not None and not isinstance(source, Path):
         # The key is the content's SHA-256; the blob's write and fsyncs run
         # while the metadata waits for its group commit, which commits only

@@ -766,7 +766,7 @@ async def _remove_source_blobs(storage: SqlStorage, mover: AccountMove, flipped_
     A blob stored again after the flip (an ingest of the same bytes in
     progress on the source) is spared: ``stored_before``."""
     src, dst = mover.source.blobs, mover.target.blobs
-    if src is None or src is dst or not isinstance(src, FsBlobStore):
+    if src is None or src is dst or not isinstance(getattr(src, "inner", src), FsBlobStore):
         return
     keys = sorted(await mover.target_blob_keys())
     kept: set[str] = set()

@@ -1,0 +1,447 @@
+"""Attachments stored once: a message kept as a skeleton and its big parts.
+
+At ingest, every MIME leaf part whose encoded body is longer than
+``min_bytes`` (``storage.attachment_min_bytes``) is stored as a blob of its
+own, keyed by the SHA-256 of its body bytes exactly as they appear in the
+message (no decoding: reassembly is a concatenation, byte-exact by
+construction). The message's own key stays the SHA-256 of the whole
+message; under it the store keeps the message's *skeleton*:
+
+Format, version 1 (all numbers ASCII decimal, lines end in LF)::
+
+    MAGIC                          b"\\x00shardmail-skeleton\\x00v1\\n"
+    b"<size> <count>\\n"            the message's length; references that follow
+    count x b"<offset> <length> <key>\\n"
+                                   ascending, non-overlapping byte ranges of the
+                                   message, each kept as the blob ``key`` (the
+                                   SHA-256 hex digest of exactly those bytes)
+    literal                        the message's bytes outside those ranges, in
+                                   order: ``size - sum(length)`` bytes exactly
+
+A stored blob is a skeleton if and only if its bytes start with ``MAGIC``:
+anything written through :class:`SkeletonBlobStore` that starts with it (a
+message or a part crafted so) is kept as a skeleton with no references, so
+no stored bytes are ever mistaken for one. Messages stored before this
+existed have no skeleton and read as they are.
+
+Every read (``get``, ``get_range``, ``stream``, ``size``) resolves a
+skeleton, so every protocol returns the original message through the same
+calls as before: IMAP FETCH, POP3 RETR/TOP, the API, export and moves
+between shards never see a skeleton. A referenced blob is read through the
+same resolving path (a part equal to a whole stored message may be a
+skeleton itself).
+
+Durability (no acknowledged mail lost, nothing referenced missing): the
+parts are written durably first, then the skeleton, then (by ingest) the
+metadata; a crash in between leaves only unreferenced blobs for garbage
+collection, which counts a skeleton's references as referenced
+(:meth:`SkeletonBlobStore.references`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import mmap
+import os
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.blob.key import content_key, content_key_sync
+from storage.errors import ErrorKind, StorageError
+from storage.mime import parse_message
+from storage.model import BodyPart
+
+MAGIC = b"\x00shardmail-skeleton\x00v1\n"
+DEFAULT_ATTACHMENT_MIN_BYTES = 64 * 1024
+_HEAD = re.compile(rb"(\d{1,12}) (\d{1,9})\n")
+_REF = re.compile(rb"(\d{1,12}) (\d{1,12}) ([0-9a-f]{64})\n")
+_CACHE = 4096  # skeletons kept decoded (a few hundred bytes each)
+_SPLITTERS = 4  # threads for put_started's splits
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A range of the message kept as the blob ``key``."""
+
+    offset: int
+    length: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """A decoded skeleton: the message's size, its references, the rest."""
+
+    size: int
+    refs: tuple[Ref, ...]
+    literal: bytes
+
+    def segments(self) -> Iterator[tuple[int, int, Ref | int]]:
+        """(start, end, source) covering the message in order: a
+        :class:`Ref`, or the offset of literal bytes in :attr:`literal`."""
+        pos = lit = 0
+        for ref in self.refs:
+            if ref.offset > pos:
+                yield pos, ref.offset, lit
+                lit += ref.offset - pos
+            yield ref.offset, ref.offset + ref.length, ref
+            pos = ref.offset + ref.length
+        if pos < self.size:
+            yield pos, self.size, lit
+
+
+def encode(data: bytes | mmap.mmap, ranges: list[tuple[int, int]]) -> tuple[bytes, list[Ref]]:
+    """The skeleton of ``data`` keeping ``ranges`` (sorted, disjoint
+    ``(start, end)``) apart, and their references."""
+    refs = [Ref(a, b - a, content_key_sync(data[a:b])) for a, b in ranges]
+    out = [MAGIC, b"%d %d\n" % (len(data), len(refs))]
+    out += [b"%d %d %s\n" % (r.offset, r.length, r.key.encode()) for r in refs]
+    pos = 0
+    for a, b in ranges:
+        out.append(bytes(data[pos:a]))
+        pos = b
+    out.append(bytes(data[pos:]))
+    return b"".join(out), refs
+
+
+def decode(blob: bytes) -> Skeleton:
+    """A stored skeleton (starting with ``MAGIC``) decoded; TEMPORARY if
+    it is damaged (``mailctl blobs verify`` names it)."""
+    bad = StorageError(ErrorKind.TEMPORARY, "damaged message skeleton")
+    m = _HEAD.match(blob, len(MAGIC))
+    if not blob.startswith(MAGIC) or m is None:
+        raise bad
+    size, count = int(m[1]), int(m[2])
+    pos, refs, end = m.end(), [], 0
+    for _ in range(count):
+        r = _REF.match(blob, pos)
+        if r is None:
+            raise bad
+        ref = Ref(int(r[1]), int(r[2]), r[3].decode())
+        # Strictly shorter than the message: reading a chain of skeletons
+        # always ends (a part never stands for the whole).
+        if ref.offset < end or ref.offset + ref.length > size or ref.length >= size:
+            raise bad
+        end = ref.offset + ref.length
+        refs.append(ref)
+        pos = r.end()
+    literal = blob[pos:]
+    if len(literal) != size - sum(r.length for r in refs):
+        raise bad
+    return Skeleton(size, tuple(refs), literal)
+
+
+def _leaves(part: BodyPart) -> Iterator[BodyPart]:
+    if part.children:
+        for child in part.children:
+            yield from _leaves(child)
+    elif part.message_body is not None:
+        yield from _leaves(part.message_body)
+    else:
+        yield part
+
+
+def split_ranges(data: bytes | mmap.mmap, min_bytes: int) -> list[tuple[int, int]]:
+    """The byte ranges of ``data`` to keep apart: the encoded bodies of its
+    MIME leaf parts longer than ``min_bytes``, sorted and disjoint. Broken
+    MIME (no closing boundary, bad boundaries) splits where the parser saw
+    parts or not at all; the message is never altered either way."""
+    if min_bytes <= 0 or len(data) <= min_bytes:
+        return []
+    try:
+        body = parse_message(data, with_text=False).body
+    except Exception:  # a parser bug: the message is stored whole
+        return []
+    found = sorted(
+        (p.body_start, p.end)
+        for p in _leaves(body)
+        if 0 <= p.body_start
+        and p.end <= len(data)
+        and min_bytes < p.end - p.body_start < len(data)  # never the whole message
+    )
+    ranges: list[tuple[int, int]] = []
+    for a, b in found:
+        if not ranges or a >= ranges[-1][1]:
+            ranges.append((a, b))
+    return ranges
+
+
+class SkeletonBlobStore:
+    """A blob store (``inner``: fs or S3) that keeps a message's big parts
+    as blobs of their own and the message as a skeleton referencing them;
+    reads return the original bytes. Everything else (``keys``,
+    ``delete``, ``stored_at``, ``inline_max``, ``migrate_layout``...) is
+    the inner store's."""
+
+    def __init__(self, inner: Any, min_bytes: int = DEFAULT_ATTACHMENT_MIN_BYTES) -> None:
+        self.inner = inner
+        self.min_bytes = min_bytes
+        self._skeletons: collections.OrderedDict[str, Skeleton] = collections.OrderedDict()
+        self._splitters: concurrent.futures.ThreadPoolExecutor | None = None
+        if hasattr(inner, "put_sync_as"):
+            # The ingest fast paths (``storage.ingest``) look for these.
+            self.put_sync = self._put_sync
+            self.put_started = self._put_started
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    # --- writes -------------------------------------------------------------
+
+    def _may_split(self, data: bytes | mmap.mmap) -> bool:
+        return len(data) > self.min_bytes or data[: len(MAGIC)] == MAGIC
+
+    def _plan(self, data: bytes | mmap.mmap) -> tuple[bytes, list[tuple[int, int]]] | None:
+        """The skeleton of ``data`` and the ranges it references, or None
+        where the bytes are stored as they are."""
+        ranges = split_ranges(data, self.min_bytes)
+        if not ranges and data[: len(MAGIC)] != MAGIC:
+            return None
+        skeleton, _refs = encode(data, ranges)
+        return skeleton, ranges
+
+    def _put_part_sync(self, part: bytes) -> str:
+        if part.startswith(MAGIC):
+            return str(self.inner.put_sync_as(content_key_sync(part), encode(part, [])[0]))
+        return str(self.inner.put_sync(part))
+
+    def _put_sync(self, data: bytes) -> str:
+        """``put`` from a worker thread (fs): parts, then the skeleton."""
+        key = content_key_sync(data)
+        plan = self._plan(data) if self._may_split(data) else None
+        if plan is None:
+            return str(self.inner.put_sync_as(key, data))
+        skeleton, ranges = plan
+        for a, b in ranges:
+            self._put_part_sync(data[a:b])
+        return str(self.inner.put_sync_as(key, skeleton))
+
+    def _put_started(
+        self, data: bytes, key: str | None = None
+    ) -> concurrent.futures.Future[str]:
+        """The inner store's ``put_started``, or a split in a thread of ours
+        when the message may have parts to keep apart."""
+        if not self._may_split(data):
+            return self.inner.put_started(data, key)  # type: ignore[no-any-return]
+        if self._splitters is None:
+            self._splitters = concurrent.futures.ThreadPoolExecutor(
+                max_workers=_SPLITTERS, thread_name_prefix="blob-split"
+            )
+        return self._splitters.submit(self._put_sync, data)
+
+    async def _put_part(self, part: bytes) -> str:
+        if part.startswith(MAGIC):
+            return str(await self.inner.put_as(await content_key(part), encode(part, [])[0]))
+        return str(await self.inner.put(part))
+
+    async def put(self, data: bytes) -> str:
+        """Durable on return, parts first; the key is the message's SHA-256."""
+        data = bytes(data)
+        if not self._may_split(data):
+            return str(await self.inner.put(data))
+        plan = await asyncio.to_thread(self._plan, data)
+        if plan is None:
+            return str(await self.inner.put(data))
+        skeleton, ranges = plan
+        for a, b in ranges:
+            await self._put_part(data[a:b])
+        return str(await self.inner.put_as(await content_key(data), skeleton))
+
+    async def skeleton_of(self, data: bytes) -> bytes | None:
+        """For a delivery that writes the blob in its own transaction
+        (``MailStore.deliver``'s ``blob_data``): stores the parts of
+        ``data`` to keep apart durably and returns the skeleton to write
+        in their place, or None (store ``data`` as it is)."""
+        if not self._may_split(data):
+            return None
+        plan = await asyncio.to_thread(self._plan, data)
+        if plan is None:
+            return None
+        skeleton, ranges = plan
+        for a, b in ranges:
+            await self._put_part(data[a:b])
+        return skeleton
+
+    async def put_file(self, path: Path) -> str:
+        """A file's bytes (a spooled message): streamed as they are when
+        nothing is kept apart; else each part, then the skeleton."""
+        path = Path(path)
+
+        def plan() -> tuple[str, bytes, list[tuple[int, int]]] | None:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    return None
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    found = self._plan(mapped) if self._may_split(mapped) else None
+                    if found is None:
+                        return None
+                    digest = hashlib.sha256()
+                    for at in range(0, size, 1 << 20):
+                        digest.update(mapped[at : at + (1 << 20)])
+                    return digest.hexdigest(), found[0], found[1]
+
+        planned = await asyncio.to_thread(plan)
+        if planned is None:
+            return str(await self.inner.put_file(path))
+        key, skeleton, ranges = planned
+
+        def read(a: int, b: int) -> bytes:
+            with open(path, "rb") as f:
+                f.seek(a)
+                return f.read(b - a)
+
+        for a, b in ranges:
+            await self._put_part(await asyncio.to_thread(read, a, b))
+        return str(await self.inner.put_as(key, skeleton))
+
+    # --- reads --------------------------------------------------------------
+
+    def _remember(self, key: str, skeleton: Skeleton) -> Skeleton:
+        self._skeletons[key] = skeleton
+        if len(self._skeletons) > _CACHE:
+            self._skeletons.popitem(last=False)
+        return skeleton
+
+    async def skeleton(self, key: str) -> Skeleton | None:
+        """The blob's skeleton, or None if it is stored as it is."""
+        known = self._skeletons.get(key)
+        if known is not None:
+            return known
+        head = await self.inner.get_range(key, 0, len(MAGIC))
+        if head != MAGIC:
+            return None
+        return self._remember(key, decode(await self.inner.get(key)))
+
+    async def references(self, key: str) -> set[str]:
+        """The keys the blob ``key`` refers to, however deep (empty for a
+        blob stored as it is); NOT_FOUND if it is missing."""
+        found: set[str] = set()
+        todo = [key]
+        while todo:
+            skeleton = await self.skeleton(todo.pop())
+            for ref in skeleton.refs if skeleton else ():
+                if ref.key not in found:
+                    found.add(ref.key)
+                    todo.append(ref.key)
+        return found
+
+    async def get(self, key: str) -> bytes:
+        """The whole message; NOT_FOUND if absent."""
+        known = self._skeletons.get(key)
+        if known is not None:
+            return await self._assemble(known, 0, known.size)
+        data = await self.inner.get(key)
+        if not data.startswith(MAGIC):
+            return bytes(data)
+        skeleton = self._remember(key, decode(data))
+        return await self._assemble(skeleton, 0, skeleton.size)
+
+    async def _assemble(self, skeleton: Skeleton, start: int, end: int) -> bytes:
+        out: list[bytes] = []
+        for a, b, src in skeleton.segments():
+            lo, hi = max(a, start), min(b, end)
+            if lo >= hi:
+                continue
+            if isinstance(src, Ref):
+                piece = await self.get_range(src.key, lo - a, hi - a)
+                if len(piece) != hi - lo:
+                    raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
+                out.append(piece)
+            else:
+                out.append(skeleton.literal[src + lo - a : src + hi - a])
+        return b"".join(out)
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` .. ``end`` (exclusive) of the message, clipped."""
+        if start < 0 or end < start:
+            raise StorageError(ErrorKind.INVALID, "bad byte range")
+        skeleton = self._skeletons.get(key)
+        if skeleton is None:
+            if start == 0 and end >= len(MAGIC):
+                data = await self.inner.get_range(key, start, end)
+                if not data.startswith(MAGIC):
+                    return bytes(data)
+            else:
+                head, data = await asyncio.gather(
+                    self.inner.get_range(key, 0, len(MAGIC)),
+                    self.inner.get_range(key, start, end),
+                )
+                if head != MAGIC:
+                    return bytes(data)
+            skeleton = self._remember(key, decode(await self.inner.get(key)))
+        return await self._assemble(skeleton, start, min(end, skeleton.size))
+
+    async def size(self, key: str) -> int:
+        """The message's length; NOT_FOUND if absent."""
+        skeleton = await self.skeleton(key)
+        return skeleton.size if skeleton else int(await self.inner.size(key))
+
+    async def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """The message in chunks of ``chunk_size`` bytes (the last may be
+        shorter); referenced parts are streamed, never read whole."""
+        skeleton = self._skeletons.get(key)
+        if skeleton is None:
+            chunks = self.inner.stream(key, chunk_size).__aiter__()
+            first = b""
+            with contextlib.suppress(StopAsyncIteration):
+                while len(first) < len(MAGIC):
+                    first += await chunks.__anext__()
+            if not first.startswith(MAGIC):
+                if first:
+                    yield first
+                async for chunk in chunks:
+                    yield chunk
+                return
+            rest = [first]
+            async for chunk in chunks:
+                rest.append(chunk)
+            skeleton = self._remember(key, decode(b"".join(rest)))
+        buffer = bytearray()
+        for a, b, src in skeleton.segments():
+            if isinstance(src, Ref):
+                got = 0
+                async for chunk in self.stream(src.key, chunk_size):
+                    chunk = chunk[: b - a - got]
+                    got += len(chunk)
+                    buffer += chunk
+                    while len(buffer) >= chunk_size:
+                        yield bytes(buffer[:chunk_size])
+                        del buffer[:chunk_size]
+                if got != b - a:
+                    raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
+                continue
+            buffer += skeleton.literal[src : src + b - a]
+            while len(buffer) >= chunk_size:
+                yield bytes(buffer[:chunk_size])
+                del buffer[:chunk_size]
+        if buffer:
+            yield bytes(buffer)
+
+    def path(self, key: str) -> Path:
+        """The blob's file, if it holds the message as it is: a skeleton's
+        raises ``FileNotFoundError`` (a move then copies through
+        :meth:`get`, so the target re-splits the original bytes)."""
+        path = Path(self.inner.path(key))
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC))
+        except FileNotFoundError:
+            return path  # packed, or not stored
+        if head == MAGIC:
+            raise FileNotFoundError(path)
+        return path
+
+    async def close(self) -> None:
+        """Finishes the splits under way, then closes the inner store."""
+        if self._splitters is not None:
+            splitters, self._splitters = self._splitters, None
+            await asyncio.to_thread(splitters.shutdown, True)
+        await self.inner.close()
