@@ -11,7 +11,7 @@ costs one pass (tests/unit/test_imap_sort_linear.py counts the steps).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from storage.model import Address
@@ -157,9 +157,20 @@ class SortFields:
     references: tuple[str, ...]
 
 
-def sort_fields(row: SortRow) -> SortFields:
-    """The keys of one message, from what storage read for it."""
-    base = base_subject(row.subject)
+_NO_SUBJECT = BaseSubject("", False)
+
+
+def sort_fields(row: SortRow, keys: Collection[str] | None = None) -> SortFields:
+    """The keys of one message, from what storage read for it. ``keys``:
+    the SORT keys (or "SUBJECT" for THREAD) the command compares; the
+    string keys not named are left empty (their extraction is most of
+    the cost: a SORT by DATE of 100,000 messages need not decode a
+    single address or subject). None: every key."""
+
+    def wanted(key: str) -> bool:
+        return keys is None or key in keys
+
+    base = base_subject(row.subject) if wanted("SUBJECT") else _NO_SUBJECT
     return SortFields(
         uid=row.uid,
         arrival=row.internal_date,
@@ -168,11 +179,11 @@ def sort_fields(row: SortRow) -> SortFields:
         subject=casemap(base.text),
         base_subject=base.text,
         is_reply=base.is_reply,
-        from_=casemap(_addr_mailbox(row.from_)),
-        to=casemap(_addr_mailbox(row.to)),
-        cc=casemap(_addr_mailbox(row.cc)),
-        display_from=casemap(_display(row.from_)),
-        display_to=casemap(_display(row.to)),
+        from_=casemap(_addr_mailbox(row.from_)) if wanted("FROM") else b"",
+        to=casemap(_addr_mailbox(row.to)) if wanted("TO") else b"",
+        cc=casemap(_addr_mailbox(row.cc)) if wanted("CC") else b"",
+        display_from=casemap(_display(row.from_)) if wanted("DISPLAYFROM") else b"",
+        display_to=casemap(_display(row.to)) if wanted("DISPLAYTO") else b"",
         message_id=row.message_id,
         in_reply_to=row.in_reply_to,
         references=row.references,

@@ -205,3 +205,20 @@ def test_repeated_sort_keys_are_dropped() -> None:
     assert [m.uid for m in once] == [
         m.uid for m in sorted(msgs, key=lambda m: (-m.size, m.arrival, m.uid))
     ]
+
+
+def test_sort_fields_extract_only_the_keys_asked_for() -> None:
+    """A SORT by DATE decodes no address or subject (most of the per-message
+    cost on a big mailbox); asked for, each key is there."""
+    from imapd.imap.sortkeys import sort_fields
+    from storage.model import Address
+    from storage.sortrows import SortRow
+
+    who = (Address("Zed", None, "zed", "x.test"),)
+    row = SortRow(7, 1.0, 10, None, "Re: topic", who, who, who, None, None, ())
+    by_date = sort_fields(row, {"DATE"})
+    got = (by_date.subject, by_date.from_, by_date.display_to, by_date.date)
+    assert got == (b"", b"", b"", 1.0)
+    full = sort_fields(row)
+    assert (full.subject, full.from_, full.to, full.cc) == (b"TOPIC", b"ZED", b"ZED", b"ZED")
+    assert (full.display_from, full.is_reply) == (b"ZED", True)

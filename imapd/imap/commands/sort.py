@@ -9,6 +9,8 @@ UIDs), then sorted or threaded in memory in O(n log n)
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from imapd.imap.commands.message import esearch_response, matching_uids
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, no, ok
@@ -25,10 +27,11 @@ _BADCHARSET = no("Charset not supported", "BADCHARSET (UTF-8 US-ASCII)")
 
 
 async def _fields(
-    s: Session, charset: str, key: c.SearchKey
+    s: Session, charset: str, key: c.SearchKey, keys: Collection[str]
 ) -> tuple[MailboxView, list[SortFields]] | None:
-    """The selected view and the sort fields of the messages ``key``
-    matches, UID order; None if the charset is not one we take."""
+    """The selected view and the sort fields (those of ``keys``, see
+    sortkeys.sort_fields) of the messages ``key`` matches, UID order;
+    None if the charset is not one we take."""
     if charset not in CHARSETS:
         return None
     assert s.mail is not None and s.account is not None and s.selected is not None
@@ -39,7 +42,7 @@ async def _fields(
     if not uids:
         return view, []
     rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(uids))
-    return view, [sort_fields(r) for r in rows if view.contains(r.uid)]
+    return view, [sort_fields(r, keys) for r in rows if view.contains(r.uid)]
 
 
 def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
@@ -47,7 +50,7 @@ def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
 
 
 async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
-    got = await _fields(s, cmd.charset, cmd.key)
+    got = await _fields(s, cmd.charset, cmd.key, {name for name, _ in cmd.criteria})
     if got is None:
         return _BADCHARSET
     view, fields = got
@@ -62,7 +65,7 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
 
 
 async def handle_thread(s: Session, cmd: c.Thread) -> Reply:
-    got = await _fields(s, cmd.charset, cmd.key)
+    got = await _fields(s, cmd.charset, cmd.key, ("SUBJECT",))  # RFC 5256: base subjects
     if got is None:
         return _BADCHARSET
     view, fields = got
