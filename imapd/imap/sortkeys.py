@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from storage.model import Address
 from storage.sortrows import SortRow
@@ -136,9 +137,10 @@ def _display(addresses: Sequence[Address]) -> str:
     return f"{a.mailbox}@{a.host}" if a.host else a.mailbox or ""
 
 
-@dataclass(frozen=True, slots=True)
-class SortFields:
-    """One message's sort and thread inputs, read once per command."""
+class SortFields(NamedTuple):
+    """One message's sort and thread inputs, read once per command (a
+    tuple: a SORT of 100,000 messages builds 100,000 of them, and a frozen
+    dataclass took 0.6-0.8 s of that SORT to build)."""
 
     uid: int
     arrival: float  # internal date, epoch seconds
