@@ -14,6 +14,9 @@ uid_search_body     ``UID SEARCH BODY <word>`` (a word in about 1-5%)
 search_subject      ``SEARCH SUBJECT <word>``
 search_from         ``SEARCH FROM <name>`` (one sender of 400)
 search_unseen       ``SEARCH UNSEEN``
+sort_date           ``SORT (DATE) UTF-8 ALL`` (RFC 5256)
+sort_subject        ``SORT (SUBJECT) UTF-8 ALL`` (base-subject extraction)
+thread_references   ``THREAD REFERENCES UTF-8 ALL``
 api_search          ``GET /v1/search?q=<word>`` (first page, 50)
 api_page_1          ``GET /v1/folders/<inbox>/messages?limit=50``
 api_page_100        the same, page 100 (its cursor fetched beforehand)
@@ -313,6 +316,13 @@ def imap_queries(port: int, corpus: Corpus, queries: int, timings: Timings) -> N
             typ, data = timed(timings, "search_from", imap.search, None, "FROM", f'"{name}"')
             assert typ == "OK" and data[0], (name, data)
             typ, data = timed(timings, "search_unseen", imap.search, None, "UNSEEN")
+            assert typ == "OK" and data[0], data
+            typ, data = timed(timings, "sort_date", imap.sort, "(DATE)", "UTF-8", "ALL")
+            assert typ == "OK" and data[0], data
+            typ, data = timed(timings, "sort_subject", imap.sort, "(SUBJECT)", "UTF-8", "ALL")
+            assert typ == "OK" and data[0], data
+            typ, data = timed(timings, "thread_references", imap.thread, "REFERENCES",
+                              "UTF-8", "ALL")
             assert typ == "OK" and data[0], data
     finally:
         imap.logout()
