@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import sys
 from pathlib import Path
 
 from storage import open_storage
-from tests.conftest import make_settings
+from tests.conftest import copy_test_storage, make_settings
 from tests.dnsserver import DnsServer
 from tests.protocol.smtp.support import ALICE, SmtpDialogue, mailbox_messages, message
 
@@ -65,11 +64,13 @@ def mtad_site(
     """A data dir copied from ``template``, a config file naming it (plus
     ``server_extra`` lines in [server]) and free ports: (config, data_dir, ports)."""
     data_dir = tmp_path / "data"
-    shutil.copytree(template, data_dir)
+    settings = make_settings(data_dir)
+    copy_test_storage(template, settings)  # SHARDMAIL_TEST_BACKEND=postgresql: its database
+    storage = f'[storage]\nurl = "{settings.storage.url}"\n'
     config = tmp_path / "shardmail.toml"
     config.write_text(
         f'[server]\nhostname = "mail.test"\ndata_dir = "{data_dir}"\n{server_extra}'
-        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n{storage}'
     )
     ports = {name: free_port() for name in ("mx", "submission", "submissions")}
     return config, data_dir, ports
