@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from conf.settings import Settings
+from mailctl.blob_cmds import add_blobs_parser
 from mailctl.dkim_cmds import add_dkim_parser
 from mailctl.move_cmds import cmd_account_move
 from mailctl.queue_cmds import add_queue_parser
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(command)  # queue list|show|retry|delete|hold|release|suppressions|unsuppress
     add_dkim_parser(command)  # dkim generate|show DOMAIN
     add_shard_parser(command)  # shard list [--json] | drain NAME [--to SHARD ...]
+    add_blobs_parser(command)  # blobs stats|verify
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))
