@@ -4,20 +4,26 @@ and THREAD, UID THREAD (RFC 5256 section 3, ORDEREDSUBJECT and REFERENCES).
 The matches come from the SEARCH machinery; their sort fields are read in
 one storage call per command (``MailStore.sort_rows`` of the matching
 UIDs), then sorted or threaded in memory in O(n log n)
-(imapd.imap.sortkeys, imapd.imap.threads).
+(imapd.imap.sortkeys, imapd.imap.threads): on the event loop for a few
+messages, in the content pool's worker processes for many (INLINE_ROWS).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 from imapd.imap.commands.message import esearch_response, matching_uids
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, no, ok
-from imapd.imap.sortkeys import SortFields, sort_fields, sort_messages
+from imapd.imap.sortkeys import sort_fields, sort_messages
 from imapd.imap.threads import encode_threads, ordered_subject, references
 from imapd.imap.wire import commands as c
+from storage.contentpool import ContentTimeout, content_pool
 from storage.model import UidSet
+from storage.sortrows import SortRow
+
+T = TypeVar("T")
 
 CHARSETS = ("UTF-8", "US-ASCII")
 
@@ -26,12 +32,22 @@ CHARSETS = ("UTF-8", "US-ASCII")
 _BADCHARSET = no("Charset not supported", "BADCHARSET (UTF-8 US-ASCII)")
 
 
-async def _fields(
-    s: Session, charset: str, key: c.SearchKey, keys: Collection[str]
-) -> tuple[MailboxView, list[SortFields]] | None:
-    """The selected view and the sort fields (those of ``keys``, see
-    sortkeys.sort_fields) of the messages ``key`` matches, UID order;
-    None if the charset is not one we take."""
+# Below this many messages the sorting or threading takes milliseconds and
+# is done on the event loop; above it, in the content pool's worker
+# processes (storage.contentpool), where it cannot hold this process's GIL
+# while other sessions wait: 100,000 messages take seconds of pure Python.
+INLINE_ROWS = 2000
+
+# RFC 5530 section 3: LIMIT, the command went past what the server allows
+# (the content pool's time limit).
+_TOO_MANY = no("Too many messages to sort in time", "LIMIT")
+
+
+async def _rows(
+    s: Session, charset: str, key: c.SearchKey
+) -> tuple[MailboxView, list[SortRow]] | None:
+    """The selected view and the sort rows of the messages ``key``
+    matches, UID order; None if the charset is not one we take."""
     if charset not in CHARSETS:
         return None
     assert s.mail is not None and s.account is not None and s.selected is not None
@@ -42,7 +58,30 @@ async def _fields(
     if not uids:
         return view, []
     rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(uids))
-    return view, [sort_fields(r, keys) for r in rows if view.contains(r.uid)]
+    return view, [r for r in rows if view.contains(r.uid)]
+
+
+async def _off_loop(rows: list[SortRow], fn: Callable[..., T], *args: object) -> T:
+    """``fn(rows, *args)``: here for a few rows, else in the content pool
+    (ContentTimeout past its time limit)."""
+    if len(rows) <= INLINE_ROWS:
+        return fn(rows, *args)
+    return await content_pool().run(fn, rows, *args)
+
+
+def sorted_uids(
+    rows: list[SortRow], keys: Collection[str], criteria: tuple[tuple[str, bool], ...]
+) -> list[int]:
+    """The UIDs of ``rows`` in SORT order (pure: runs in a worker process)."""
+    return [f.uid for f in sort_messages([sort_fields(r, keys) for r in rows], criteria)]
+
+
+def thread_response(rows: list[SortRow], algorithm: str, number: dict[int, int]) -> bytes:
+    """The THREAD response's data for ``rows``, each message named by
+    ``number[uid]`` (pure: runs in a worker process)."""
+    fields = [sort_fields(r, ("SUBJECT",)) for r in rows]  # RFC 5256: base subjects
+    top = ordered_subject(fields) if algorithm == "ORDEREDSUBJECT" else references(fields)
+    return encode_threads(top, number)
 
 
 def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
@@ -50,12 +89,16 @@ def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
 
 
 async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
-    got = await _fields(s, cmd.charset, cmd.key, {name for name, _ in cmd.criteria})
+    got = await _rows(s, cmd.charset, cmd.key)
     if got is None:
         return _BADCHARSET
-    view, fields = got
-    ordered = sort_messages(fields, cmd.criteria)
-    numbers = _numbers(view, [f.uid for f in ordered], cmd.uid)
+    view, rows = got
+    keys = frozenset(name for name, _ in cmd.criteria)
+    try:
+        ordered = await _off_loop(rows, sorted_uids, keys, cmd.criteria)
+    except ContentTimeout:
+        return _TOO_MANY
+    numbers = _numbers(view, ordered, cmd.uid)
     if cmd.returns is None:
         s.write(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
         return ok("SORT completed")
@@ -65,16 +108,15 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
 
 
 async def handle_thread(s: Session, cmd: c.Thread) -> Reply:
-    got = await _fields(s, cmd.charset, cmd.key, ("SUBJECT",))  # RFC 5256: base subjects
+    got = await _rows(s, cmd.charset, cmd.key)
     if got is None:
         return _BADCHARSET
-    view, fields = got
-    if cmd.algorithm == "ORDEREDSUBJECT":
-        top = ordered_subject(fields)
-    else:
-        top = references(fields)
-    uids = [f.uid for f in fields]
+    view, rows = got
+    uids = [r.uid for r in rows]
     number = dict(zip(uids, _numbers(view, uids, cmd.uid), strict=True))
-    threads = encode_threads(top, number)
+    try:
+        threads = await _off_loop(rows, thread_response, cmd.algorithm, number)
+    except ContentTimeout:
+        return _TOO_MANY
     s.write(b"* THREAD" + (b" " + threads if threads else b"") + b"\r\n")
     return ok("THREAD completed")
