@@ -345,19 +345,20 @@ class SkeletonBlobStore:
         return await self._assemble(skeleton, 0, skeleton.size)
 
     async def _assemble(self, skeleton: Skeleton, start: int, end: int) -> bytes:
-        out: list[bytes] = []
-        for a, b, src in skeleton.segments():
+        """Bytes ``start`` .. ``end`` of the message: literal slices and the
+        referenced parts' ranges, read concurrently."""
+
+        async def piece(a: int, b: int, src: Ref | int) -> bytes:
             lo, hi = max(a, start), min(b, end)
-            if lo >= hi:
-                continue
-            if isinstance(src, Ref):
-                piece = await self.get_range(src.key, lo - a, hi - a)
-                if len(piece) != hi - lo:
-                    raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
-                out.append(piece)
-            else:
-                out.append(skeleton.literal[src + lo - a : src + hi - a])
-        return b"".join(out)
+            if not isinstance(src, Ref):
+                return skeleton.literal[src + lo - a : src + hi - a]
+            data = await self.get_range(src.key, lo - a, hi - a)
+            if len(data) != hi - lo:
+                raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
+            return data
+
+        wanted = [(a, b, src) for a, b, src in skeleton.segments() if a < end and b > start]
+        return b"".join(await asyncio.gather(*(piece(*w) for w in wanted)))
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``start`` .. ``end`` (exclusive) of the message, clipped."""
@@ -395,8 +396,8 @@ class SkeletonBlobStore:
                 while len(first) < len(MAGIC):
                     first += await chunks.__anext__()
             if not first.startswith(MAGIC):
-                if first:
-                    yield first
+                for at in range(0, len(first), chunk_size):  # gathered from chunks this small
+                    yield first[at : at + chunk_size]
                 async for chunk in chunks:
                     yield chunk
                 return

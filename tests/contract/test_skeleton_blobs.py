@@ -8,6 +8,7 @@ attachment blobs as referenced."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,8 +24,8 @@ from tests.mimetrees import MimeTrees
 
 @pytest.fixture
 def seed() -> int:
-    seed = random.randrange(2**32)
-    print(f"seed {seed}")
+    seed = int(os.environ.get("SHARDMAIL_TEST_SEED") or random.randrange(2**32))
+    print(f"seed {seed} (SHARDMAIL_TEST_SEED={seed} repeats the run)")
     return seed
 
 
