@@ -205,6 +205,8 @@ class Session:
             "THREAD=REFERENCES",
             "ESORT",  # RFC 5267 section 3
             "SEARCHRES",  # RFC 5182
+            "QUOTA",  # RFC 9208 (no QUOTASET: SETQUOTA is refused, section 4.1.3)
+            "QUOTA=RES-STORAGE",  # RFC 9208 section 5.1
         ]
         return caps
 
@@ -809,7 +811,7 @@ _NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH", "SORT", "THREAD"})
 _READ_ONLY = frozenset(
     {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
      "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE",
-     "SORT", "UID SORT", "THREAD", "UID THREAD"}
+     "SORT", "UID SORT", "THREAD", "UID THREAD", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA"}
 )
 
 

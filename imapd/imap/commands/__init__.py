@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd.imap.commands import auth, fetch, mailbox, message, sort
+from imapd.imap.commands import auth, fetch, mailbox, message, quota, sort
 from imapd.imap.session import State
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -42,6 +42,9 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "STATUS": (mailbox.handle_status, _AUTH),
     "APPEND": (mailbox.handle_append, _AUTH),
     "NAMESPACE": (mailbox.handle_namespace, _AUTH),  # RFC 2342
+    "GETQUOTAROOT": (quota.handle_getquotaroot, _AUTH),  # RFC 9208 section 4.1
+    "GETQUOTA": (quota.handle_getquota, _AUTH),
+    "SETQUOTA": (quota.handle_setquota, _AUTH),
     "IDLE": (message.handle_idle, _AUTH),  # RFC 2177
     "CHECK": (message.handle_check, _SELECTED),
     "CLOSE": (message.handle_close, _SELECTED),

@@ -331,6 +331,15 @@ class Enable(Command):
     capabilities: tuple[str, ...]  # upper-case
 
 
+@dataclass(frozen=True, kw_only=True)
+class Quota(Command):
+    """RFC 9208 section 4.1: GETQUOTA and SETQUOTA name a quota root,
+    GETQUOTAROOT a mailbox (in ``root``); SETQUOTA's (resource, limit) pairs."""
+
+    root: str
+    limits: tuple[tuple[str, int], ...] = ()
+
+
 @dataclass(frozen=True)
 class ParseError:
     """What the parser returns for a malformed command: answer

@@ -932,6 +932,32 @@ def _p_enable(r: _Reader, tag: str, name: str) -> c.Command:
     return c.Enable(tag=tag, name=name, capabilities=tuple(caps))
 
 
+# RFC 9208 section 7 (formal syntax): number64 resource limits.
+_MAX_NUMBER64 = 2**63 - 1
+
+
+def _p_quota(r: _Reader, tag: str, name: str) -> c.Command:
+    """RFC 9208 section 7: "GETQUOTA" SP quota-root-name,
+    "GETQUOTAROOT" SP mailbox, "SETQUOTA" SP quota-root-name SP setquota_list."""
+    r.sp()
+    if name == "GETQUOTAROOT":
+        root = r.mailbox()
+    else:
+        root = r.astring()
+    limits: list[tuple[str, int]] = []
+    if name == "SETQUOTA":
+        r.sp()
+
+        def resource() -> tuple[str, int]:
+            res = r.atom("a resource name").upper()
+            r.sp()
+            return res, r.number(_MAX_NUMBER64)
+
+        limits = [x for x in r.paren_list(resource) if isinstance(x, tuple)]
+    r.expect_end()
+    return c.Quota(tag=tag, name=name, root=root, limits=tuple(limits))
+
+
 _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     **{
         n: _p_simple
@@ -968,6 +994,9 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "MOVE": _p_copy,
     "ID": _p_id,
     "ENABLE": _p_enable,
+    "GETQUOTA": _p_quota,  # RFC 9208 section 4.1
+    "GETQUOTAROOT": _p_quota,
+    "SETQUOTA": _p_quota,
     "UID SEARCH": _p_search,
     "SORT": _p_sort,
     "UID SORT": _p_sort,
