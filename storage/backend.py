@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from sqlalchemy import make_url
 from storage import errors
 from storage.blob import open_blob_store
 from storage.blob.fs import FsBlobStore
+from storage.blob.gc import collect
 from storage.blob.skeleton import DEFAULT_ATTACHMENT_MIN_BYTES, SkeletonBlobStore
 from storage.events import (
     EventBusImpl,
@@ -269,25 +269,12 @@ class SqlStorage:
         return referenced
 
     async def collect_garbage(self, min_age_seconds: float = 3600.0) -> int:
-        """Deletes blobs no shard refers to and older than ``min_age_seconds``
-        (younger ones may belong to an ingest in progress), in every blob
-        store. Returns the count."""
-        removed = 0
-        cutoff = time.time() - min_age_seconds
-        for blobs in self.blob_stores():
-            referenced = await self.referenced_blobs(blobs)
-            for key in await blobs.keys():
-                if key in referenced:
-                    continue
-                try:
-                    stored = await blobs.stored_at(key)
-                except errors.StorageError:
-                    continue
-                if stored <= cutoff:
-                    # Stored again since (an ingest of the same bytes): kept.
-                    await blobs.delete(key, stored_before=stored + 1e-3)
-                    removed += 1
-        return removed
+        """Deletes blobs no shard refers to and stored longer than
+        ``min_age_seconds`` ago (younger ones may belong to an ingest in
+        progress), in every blob store; returns the count. The caller holds
+        the GC lease (``storage/blob/gc.py``, which explains the order that
+        keeps a concurrent ingest's blobs)."""
+        return (await collect(self, min_age_seconds)).removed
 
     async def close(self) -> None:
         for task in self._retries:

@@ -73,8 +73,12 @@ def _touch(final: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError:  # there, but not ours to touch (another user, read-only)
-        return os.path.exists(final)
-    return True
+        pass
+    # Still there after the touch: garbage collection sets a blob aside
+    # before it looks at its time (FsBlobStore._delete), so it either saw
+    # this touch and puts the blob back, or set it aside before this check
+    # and the caller writes it again.
+    return os.path.exists(final)
 
 
 def _fsync_dir(path: Path | str) -> None:
@@ -438,13 +442,28 @@ class FsBlobStore:
         for pack in self._read_packs():
             pack.delete_started(key, stored_before).result()
         path = self.path(key)
-        if stored_before is not None:
-            try:
-                if path.stat().st_mtime >= stored_before:
-                    return
-            except FileNotFoundError:
+        if stored_before is None:
+            path.unlink(missing_ok=True)
+            return
+        try:
+            if path.stat().st_mtime >= stored_before:
                 return
-        path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            return
+        # Between a stat and an unlink an ingest may touch the blob (_touch)
+        # and count on it: so it is set aside first, its time read where no
+        # new touch can reach it, and put back if it was touched meanwhile.
+        aside = path.with_name(f".gc-{self._tmp_prefix}-{next(self._tmp_counter)}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if aside.stat().st_mtime >= stored_before:
+                with contextlib.suppress(FileExistsError):  # written again: same bytes
+                    os.link(aside, path)
+        finally:
+            aside.unlink()
 
     async def delete(self, key: str, *, stored_before: float | None = None) -> None:
         """Removes the blob; a missing blob is not an error (GC is idempotent).
