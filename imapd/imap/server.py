@@ -14,6 +14,7 @@ import contextlib
 import socket
 import ssl
 import weakref
+import zlib
 from typing import TYPE_CHECKING, cast
 
 from imapd.imap.session import ServerContext, Session
@@ -33,6 +34,11 @@ WRITE_COALESCE = 64 * 1024
 # RFC 3501 section 7.1.5 allows BYE as the greeting, RFC 5530 section 3
 # names the UNAVAILABLE code.
 TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] too many connections from your address\r\n"
+# COMPRESS=DEFLATE (RFC 4978): at most this many octets are inflated at a
+# time; the rest of the compressed input waits (with reading paused) until
+# the framer has taken what came before, so a small hostile input that
+# inflates to gigabytes costs no more memory than plain input would.
+INFLATE_CHUNK = 64 * 1024
 
 
 class ImapConnection(LeaseHolder, asyncio.Protocol):
@@ -57,6 +63,10 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         self._out_size = 0
         self._deadline: float | None = None  # when the current wait for the client ends
         self._timer: asyncio.TimerHandle | None = None
+        # RFC 4978: raw DEFLATE both ways once COMPRESS succeeded.
+        self._inflate: zlib._Decompress | None = None
+        self._deflate: zlib._Compress | None = None
+        self._inflate_tail = b""  # compressed input not yet inflated
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,11 +85,31 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(session.run())
 
     def data_received(self, data: bytes) -> None:
-        self.framer.feed(data)
+        if self._inflate is not None:
+            self._inflate_tail += data
+            self._inflate_some()
+        else:
+            self.framer.feed(data)
         self._readable.set()
-        if self.framer.buffered > READ_BUFFER_HIGH and self.transport and not self._reading_paused:
+        over = self.framer.buffered > READ_BUFFER_HIGH or len(self._inflate_tail) > INFLATE_CHUNK
+        if over and self.transport and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+
+    def _inflate_some(self) -> None:
+        """Inflates at most INFLATE_CHUNK octets of the pending compressed
+        input into the framer; the framer's line and literal limits then
+        apply to the inflated stream."""
+        assert self._inflate is not None
+        try:
+            out = self._inflate.decompress(self._inflate_tail, INFLATE_CHUNK)
+        except zlib.error:
+            # Not a DEFLATE stream: nothing more from this client can be read.
+            self._inflate_tail = b""
+            self._eof = True
+            return
+        self._inflate_tail = self._inflate.unconsumed_tail
+        self.framer.feed(out)
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what it already sent, then close
@@ -115,11 +145,16 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         while True:
             ev = self.framer.next_event()
             if ev is not None:
-                if self._reading_paused and self.framer.buffered < READ_BUFFER_HIGH // 2:
+                low = self.framer.buffered < READ_BUFFER_HIGH // 2
+                if self._reading_paused and low and len(self._inflate_tail) <= INFLATE_CHUNK:
                     self._reading_paused = False
                     if self.transport is not None and not self._closed:
                         self.transport.resume_reading()
                 return ev
+            if self._inflate_tail and not self._closed:
+                self._inflate_some()  # the framer took the last chunk: the next one
+                await asyncio.sleep(0)  # a long inflation must not starve other sessions
+                continue
             if self._closed or self._eof:
                 return None
             self.flush()  # never wait for the client with our answer unsent
@@ -167,6 +202,9 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         data = b"".join(self._out)
         self._out.clear()
         self._out_size = 0
+        if self._deflate is not None:
+            # RFC 4978 section 4: flushed so the client can act on each batch.
+            data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
         if self.transport is not None and not self._closed:
             self.transport.write(data)
 
@@ -198,6 +236,23 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         # Not cleared again here: what arrived since is already ciphertext-borne.
         self.transport = new
         self.is_tls = True
+
+    @property
+    def compressing(self) -> bool:
+        return self._deflate is not None
+
+    def start_compress(self) -> None:
+        """RFC 4978 section 3: everything written so far (the tagged OK)
+        goes out uncompressed; after it both directions are raw DEFLATE
+        (RFC 1951, no zlib header). Input already read after the COMPRESS
+        command is compressed and is inflated now."""
+        self.flush()
+        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
+        self._inflate_tail = self.framer.take_buffered()
+        if self._inflate_tail:
+            self._inflate_some()
+            self._readable.set()
 
     def close(self) -> None:
         self.flush()

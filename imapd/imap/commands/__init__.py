@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd.imap.commands import auth, fetch, mailbox, message, quota, sort
+from imapd.imap.commands import auth, compress, fetch, mailbox, message, quota, sort
 from imapd.imap.session import State
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "GETQUOTAROOT": (quota.handle_getquotaroot, _AUTH),  # RFC 9208 section 4.1
     "GETQUOTA": (quota.handle_getquota, _AUTH),
     "SETQUOTA": (quota.handle_setquota, _AUTH),
+    "COMPRESS": (compress.handle_compress, _AUTH),  # RFC 4978 section 3
     "IDLE": (message.handle_idle, _AUTH),  # RFC 2177
     "CHECK": (message.handle_check, _SELECTED),
     "CLOSE": (message.handle_close, _SELECTED),

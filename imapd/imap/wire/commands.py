@@ -340,6 +340,13 @@ class Quota(Command):
     limits: tuple[tuple[str, int], ...] = ()
 
 
+@dataclass(frozen=True, kw_only=True)
+class Compress(Command):
+    """RFC 4978 section 3: COMPRESS <mechanism>."""
+
+    mechanism: str  # upper-case
+
+
 @dataclass(frozen=True)
 class ParseError:
     """What the parser returns for a malformed command: answer

@@ -89,6 +89,13 @@ class Framer:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes fed but not yet framed (RFC 4978
+        section 3: what a client sent after COMPRESS's CRLF is compressed)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def clear(self) -> None:
         """Drop everything buffered (STARTTLS: RFC 3501 section 6.2.1 forbids
         acting on plaintext sent before the TLS handshake)."""

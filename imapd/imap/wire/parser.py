@@ -958,6 +958,14 @@ def _p_quota(r: _Reader, tag: str, name: str) -> c.Command:
     return c.Quota(tag=tag, name=name, root=root, limits=tuple(limits))
 
 
+def _p_compress(r: _Reader, tag: str, name: str) -> c.Command:
+    """RFC 4978 section 5: "COMPRESS" SP algorithm (an atom)."""
+    r.sp()
+    mechanism = r.atom("a compression mechanism").upper()
+    r.expect_end()
+    return c.Compress(tag=tag, name=name, mechanism=mechanism)
+
+
 _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     **{
         n: _p_simple
@@ -997,6 +1005,7 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "GETQUOTA": _p_quota,  # RFC 9208 section 4.1
     "GETQUOTAROOT": _p_quota,
     "SETQUOTA": _p_quota,
+    "COMPRESS": _p_compress,  # RFC 4978
     "UID SEARCH": _p_search,
     "SORT": _p_sort,
     "UID SORT": _p_sort,
