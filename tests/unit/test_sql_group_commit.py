@@ -377,7 +377,7 @@ async def test_put_sync_is_content_addressed_and_leaves_no_temp_files(
     site: SqlStorage, tmp_path: Path
 ) -> None:
     blobs = site.blobs
-    blobs.pack_max_bytes = 0  # the file tier (small blobs are packed by default)
+    getattr(blobs, "inner", blobs).pack_max_bytes = 0  # the file tier, under skeleton.py
     key = await asyncio.to_thread(blobs.put_sync, b"raw message\r\n")
     assert await asyncio.to_thread(blobs.put_sync, b"raw message\r\n") == key
     assert await blobs.get(key) == b"raw message\r\n"
@@ -456,13 +456,14 @@ async def test_ingest_overlaps_the_blob_write_and_fails_cleanly_if_it_fails(
     raw, _ = build()
     calls: list[bytes] = []
     if tier == "file":
-        site.blobs.pack_max_bytes = 0
+        getattr(site.blobs, "inner", site.blobs).pack_max_bytes = 0
 
         def failing(data: bytes) -> str:
             calls.append(data)
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(site.blobs, "put_sync", failing)
+        # The store that writes files (under the attachments' wrapper, if any).
+        monkeypatch.setattr(getattr(site.blobs, "inner", site.blobs), "put_sync", failing)
     else:
         assert site.blobs.pack_max_bytes >= len(raw)  # packed by default on SQLite
         # A shard whose database does not hold the pack (a second one).
