@@ -177,6 +177,14 @@ class StorageSettings(Section):
     # stored once, as blobs of their own shared by every message carrying
     # them (storage/blob/skeleton.py); 0: messages are stored whole.
     attachment_min_bytes: Annotated[int, Field(ge=0)] = 65536
+    # Blob garbage collection (storage/blob/gc.py): every serving process
+    # tries this often to take the site's GC lease, and the holder deletes
+    # the blobs no row refers to; 0: never (``mailctl blobs gc`` still works).
+    gc_interval_seconds: Annotated[float, Field(ge=0)] = 3600.0
+    # A blob stored (or stored again) this recently is never deleted: an
+    # ingest writes its blobs before the rows naming them, so this must
+    # exceed the longest ingest (a 25 MB message to a slow database).
+    gc_grace_seconds: Annotated[float, Field(ge=0)] = 3600.0
     # Mail shards, name -> [storage.shards.NAME] table (or just its url,
     # the older form `shards = {name = "url"}`).
     shards: dict[str, ShardSettings] = Field(default_factory=dict)

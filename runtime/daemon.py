@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -95,6 +96,20 @@ def available_daemons(names: Sequence[str] = DAEMONS) -> list[str]:
     return found
 
 
+def start_blob_gc(settings: Settings, storage: Any) -> asyncio.Task[None] | None:
+    """The blob garbage collection loop of this process (``storage/blob/gc.py``:
+    the site's instances take turns through a lease); None when
+    ``storage.gc_interval_seconds`` is 0."""
+    from storage.blob.gc import gc_loop
+
+    interval = settings.storage.gc_interval_seconds
+    if interval <= 0:
+        return None
+    return asyncio.create_task(
+        gc_loop(storage, interval, settings.storage.gc_grace_seconds), name="blob-gc"
+    )
+
+
 async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -> None:
     """Start the named daemons and this process's metrics endpoint (worker
     ``slot`` of a supervisor; see :mod:`runtime.scrape`), wait for
@@ -117,6 +132,7 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
     )
     services: list[Any] = []
     metrics = await start_metrics(settings, slot)
+    gc_task = start_blob_gc(settings, storage)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,6 +146,10 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
         await stop.wait()
         log.info("shutting down")
     finally:
+        if gc_task is not None:
+            gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gc_task
         for service in reversed(services):
             try:
                 await service.close()
