@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from delivery.spool import SpoolFile
 from imapd.imap.mailbox_view import BadSequence, MailboxView, MessageCache
+from imapd.imap.objectid import SECRET_NAME, ObjectIds
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
@@ -109,6 +110,14 @@ class ServerContext:
     storage: Storage
     tls: ssl.SSLContext | None
     connections: set[Connection] = field(default_factory=set)  # open ones, for shutdown
+    objectids: ObjectIds | None = None  # RFC 8474 ids, keyed by the site's secret
+
+    async def object_ids(self) -> ObjectIds:
+        """The site's OBJECTID codec (the secret is read once per process)."""
+        if self.objectids is None:
+            key = await self.storage.directory.shared_secret(SECRET_NAME, ObjectIds.new_key())
+            self.objectids = ObjectIds(key)
+        return self.objectids
 
     def setting(self, section: str, name: str, default: object) -> object:
         return getattr(getattr(self.settings, section, None), name, default)
@@ -120,7 +129,7 @@ class ServerContext:
 
     @property
     def max_literal(self) -> int:
-        return int(self.setting("imap", "max_literal_size", 50 * 1024 * 1024))  # type: ignore
+        return int(self.setting("server", "max_message_size", 25 * 1024 * 1024))  # type: ignore
 
 
 class Session:
@@ -210,6 +219,7 @@ class Session:
             "SEARCHRES",  # RFC 5182
             "QUOTA",  # RFC 9208 (no QUOTASET: SETQUOTA is refused, section 4.1.3)
             "QUOTA=RES-STORAGE",  # RFC 9208 section 5.1
+            "OBJECTID",  # RFC 8474
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3
@@ -441,6 +451,11 @@ class Session:
         self.state = State.AUTHENTICATED
         self._subscription = self.storage.events.subscribe(account.id)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def mailboxid(self, mailbox_id: int) -> str:
+        """RFC 8474 section 4: the MAILBOXID of one of this account's mailboxes."""
+        assert self.account is not None
+        return (await self.ctx.object_ids()).encode("F", self.account.id, mailbox_id)
 
     async def mailbox_id_of(self, name: str) -> Mailbox:
         """The mailbox called ``name``, for commands that need only its id

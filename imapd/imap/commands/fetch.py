@@ -26,7 +26,9 @@ log = logging.getLogger("imapd.imap")
 SMALL_MESSAGE = 256 * 1024
 CHUNK = 256 * 1024
 BATCH = 200  # messages loaded from storage at a time
-_ENTRY_ONLY = frozenset({"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE"})
+_ENTRY_ONLY = frozenset(
+    {"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE", "EMAILID", "THREADID"}
+)
 _RFC822_RAW = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 
 
@@ -368,6 +370,14 @@ async def _fetch_one(
             s.write(b"INTERNALDATE " + encode.internal_date(entry.internal_date))
         elif name == "RFC822.SIZE":
             s.write(b"RFC822.SIZE %d" % entry.size)
+        elif name == "EMAILID":
+            # RFC 8474 section 5.1: the stored message's id, kept across MOVE
+            # and shared by COPY's copies (the same row).
+            assert s.account is not None
+            emailid = (await s.ctx.object_ids()).encode("M", s.account.id, entry.message_id)
+            s.write(b"EMAILID (" + emailid.encode() + b")")
+        elif name == "THREADID":
+            s.write(b"THREADID NIL")  # RFC 8474 section 5.2: no thread ids kept
         elif name == "RFC822" and root is not None:
             s.write(b"RFC822 ")
             await _write_range(s, blob, 0, entry.size)

@@ -68,6 +68,7 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
         s.untagged(f"OK [UNSEEN {first_unseen}] First unseen")  # RFC 3501 section 6.3.1
     s.untagged(f"OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")
     s.untagged(f"OK [UIDNEXT {max(box.uidnext, view.max_uid + 1)}] Predicted next UID")
+    s.untagged(f"OK [MAILBOXID ({await s.mailboxid(box.id)})] Ok")  # RFC 8474 section 4.1
     s.untagged(f"OK [HIGHESTMODSEQ {max(box.highestmodseq, 1)}] Highest")
     s.selected_now(view, heard)
     s.state = State.SELECTED
@@ -123,8 +124,9 @@ async def handle_create(s: Session, cmd: MailboxCommand) -> Reply:
     ):
         return no(f"Unknown special-use {use}", "USEATTR")  # RFC 6154 section 6
     s.forget_mailboxes()
-    await s.mail.create_mailbox(_account_id(s), name, use)
-    return ok("CREATE completed")
+    created = await s.mail.create_mailbox(_account_id(s), name, use)
+    # RFC 8474 section 4.1: the new mailbox's MAILBOXID in the tagged OK.
+    return ok("CREATE completed", f"MAILBOXID ({await s.mailboxid(created.id)})")
 
 
 async def handle_delete(s: Session, cmd: MailboxCommand) -> Reply:
@@ -337,7 +339,7 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
         # RFC 3501 section 6.3.10: count the \Recent messages without
         # claiming them; a later SELECT still gets them.
         recent = await s.mail.peek_recent(_account_id(s), box.id)
-    values = {
+    values: dict[str, int | str] = {
         "MESSAGES": st.messages,
         "RECENT": recent,
         "UIDNEXT": st.uidnext,
@@ -347,6 +349,8 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
         "SIZE": st.size,
         "APPENDLIMIT": s.ctx.max_literal,
     }
+    if "MAILBOXID" in items:  # RFC 8474 section 4.2
+        values["MAILBOXID"] = f"({await s.mailboxid(box.id)})"
     if "HIGHESTMODSEQ" in items:
         s.use_condstore()  # RFC 7162 section 3.1: a CONDSTORE enabling command
     body = " ".join(f"{i} {values[i]}" for i in items)

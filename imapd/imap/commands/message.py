@@ -146,16 +146,21 @@ def _compile(crit: q.Criteria) -> Callable[[MessageEntry], bool]:
     raise TypeError(f"not a local search key: {crit!r}")
 
 
-def _uses_modseq(key: c.SearchKey) -> bool:
-    if isinstance(key, c.SearchModSeq):
+def _any_key(key: c.SearchKey, kind: type) -> bool:
+    """Whether ``key`` holds a key of type ``kind`` at any depth."""
+    if isinstance(key, kind):
         return True
     if isinstance(key, c.SearchNot):
-        return _uses_modseq(key.key)
+        return _any_key(key.key, kind)
     if isinstance(key, c.SearchOr):
-        return _uses_modseq(key.left) or _uses_modseq(key.right)
+        return _any_key(key.left, kind) or _any_key(key.right, kind)
     if isinstance(key, c.SearchAnd):
-        return any(_uses_modseq(k) for k in key.keys)
+        return any(_any_key(k, kind) for k in key.keys)
     return False
+
+
+def _uses_modseq(key: c.SearchKey) -> bool:
+    return _any_key(key, c.SearchModSeq)
 
 
 def _modseq_reported_for(cmd: c.Search, uids: list[int]) -> list[int]:
@@ -178,11 +183,40 @@ def saved_result(returns: tuple[str, ...], uids: list[int]) -> list[int]:
     return sorted({u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted})
 
 
+async def _resolve_objectids(s: Session, key: c.SearchKey) -> c.SearchKey:
+    """EMAILID and THREADID keys (RFC 8474 section 6) -> UID sets: the
+    mailbox's entries are read once and indexed by message row, so each key
+    costs one lookup however many the command holds. THREADID matches
+    nothing: every THREADID is NIL here (section 5.2)."""
+    assert s.mail is not None and s.account is not None
+    ids = await s.ctx.object_ids()
+    by_row: dict[int, list[int]] = {}
+    for e in await s.mail.uids(*_ids(s)):
+        by_row.setdefault(e.message_id, []).append(e.uid)
+
+    def swap(k: c.SearchKey) -> c.SearchKey:
+        if isinstance(k, c.SearchObjectId):
+            row = ids.decode("M", s.account.id, k.value) if k.kind == "EMAILID" else None
+            uids = by_row.get(row, []) if row is not None else []
+            return c.SearchSequence(c.SequenceSet(tuple((u, u) for u in uids)), uid=True)
+        if isinstance(k, c.SearchNot):
+            return c.SearchNot(swap(k.key))
+        if isinstance(k, c.SearchOr):
+            return c.SearchOr(swap(k.left), swap(k.right))
+        if isinstance(k, c.SearchAnd):
+            return c.SearchAnd(tuple(swap(x) for x in k.keys))
+        return k
+
+    return swap(key)
+
+
 async def matching_uids(s: Session, key: c.SearchKey) -> list[int]:
     """The UIDs of the snapshot ``key`` matches, ascending (SEARCH, SORT and
     THREAD): answered from the snapshot when it can, else by storage."""
     view = _view(s)
     assert s.mail is not None
+    if _any_key(key, c.SearchObjectId):
+        key = await _resolve_objectids(s, key)
     criteria = search_criteria(key, view)
     known = view.entries
     if _local(criteria) and len(known) == view.exists:

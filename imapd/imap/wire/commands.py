@@ -93,6 +93,14 @@ class SearchModSeq:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchObjectId:
+    """RFC 8474 section 6: EMAILID or THREADID and the id searched for."""
+
+    kind: str  # "EMAILID" | "THREADID"
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class SearchNot:
     key: SearchKey
 
@@ -118,6 +126,7 @@ SearchKey = (
     | SearchSize
     | SearchSequence
     | SearchModSeq
+    | SearchObjectId
     | SearchNot
     | SearchOr
     | SearchAnd

@@ -68,6 +68,8 @@ _SIMPLE_FETCH = {
     "BODYSTRUCTURE",
     "UID",
     "MODSEQ",
+    "EMAILID",  # RFC 8474 section 5.1
+    "THREADID",  # RFC 8474 section 5.2
 }
 # RFC 5258 section 3 (REMOTE: there are no remote mailboxes here to list),
 # RFC 6154 section 3 (SPECIAL-USE), RFC 5819 section 2 (STATUS).
@@ -82,7 +84,12 @@ _STATUS_ITEMS = {
     "HIGHESTMODSEQ",
     "SIZE",
     "APPENDLIMIT",
+    "MAILBOXID",  # RFC 8474 section 4.2
 }
+
+
+# RFC 8474 section 7: objectid = 1*255(ALPHA / DIGIT / "_" / "-").
+_OBJECTID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 class _Bad(Exception):
@@ -630,6 +637,12 @@ def _search_key(r: _Reader, depth: int) -> c.SearchKey:
         left = _search_key(r, depth + 1)
         r.sp()
         return c.SearchOr(left, _search_key(r, depth + 1))
+    if word in ("EMAILID", "THREADID"):  # RFC 8474 section 6
+        r.sp()
+        value = r.atom("an object id")
+        if not _OBJECTID.fullmatch(value):
+            raise _Bad("Invalid object id")  # RFC 8474 section 3: objectid syntax
+        return c.SearchObjectId(word, value)
     if word == "MODSEQ":  # RFC 7162 section 3.1.5
         r.sp()
         if r.peek() == 0x22:  # optional entry-name and entry-type-req

@@ -43,7 +43,7 @@ SCRIPTS: dict[str, Script] = {
         ("b CREATE &AOP-x", ["b BAD .*padding.*"]),
         ('c CREATE "&AOk-&AOk-"', ["c BAD .*adjacent.*"]),
         ("d CREATE &AGEA6Q-", ["d BAD .*printable.*"]),
-        ("e CREATE &AOkA6Q-", ["=e OK CREATE completed"]),
+        ("e CREATE &AOkA6Q-", [r"e OK \[MAILBOXID \(F[0-9a-f]{16}\)\] CREATE completed"]),
         ('f LIST "" "*"', ["...", r'=* LIST (\HasNoChildren) "/" "&AOkA6Q-"', "...", "f OK .*"]),
         ("g SELECT &AOkA6Q-&-", ["g NO \\[NONEXISTENT\\] .*"]),
         ("h STATUS &AOkA6Q- (MESSAGES)", ['=* STATUS "&AOkA6Q-" (MESSAGES 0)', "h OK .*"]),

@@ -51,7 +51,7 @@ SCRIPTS: dict[str, Script] = {
                           r"CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS "
                           r"APPENDLIMIT=1000000 CONDSTORE QRESYNC ESEARCH STATUS=SIZE "
                           r"SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES ESORT "
-                          r"SEARCHRES QUOTA QUOTA=RES-STORAGE COMPRESS=DEFLATE",
+                          r"SEARCHRES QUOTA QUOTA=RES-STORAGE OBJECTID COMPRESS=DEFLATE",
                           "a OK .*"]),
     ]),
     "login_errors": Script(login=False, steps=[
@@ -95,6 +95,7 @@ SCRIPTS: dict[str, Script] = {
             r"\* OK \[PERMANENTFLAGS \(\\Seen \\Answered \\Flagged \\Deleted \\Draft \\\*\)\] .*",
             "=* 2 EXISTS", "=* 2 RECENT", r"\* OK \[UNSEEN 1\] .*",
             r"\* OK \[UIDVALIDITY \d+\] .*", r"\* OK \[UIDNEXT 3\] .*",
+            r"\* OK \[MAILBOXID \(F[0-9a-f]{16}\)\] .*",
             r"\* OK \[HIGHESTMODSEQ \d+\] .*", "=a OK [READ-WRITE] SELECT completed"]),
         ("b EXAMINE inbox", [
             r"\* OK \[CLOSED\] .*", "...", r"\* OK \[PERMANENTFLAGS \(\)\] .*", "=* 2 EXISTS",
@@ -104,7 +105,7 @@ SCRIPTS: dict[str, Script] = {
         ("e FETCH 1 FLAGS", ["=e BAD No mailbox selected"]),
     ]),
     "create_delete_rename": Script(steps=[
-        ("a CREATE Work/Projects/", ["=a OK CREATE completed"]),
+        ("a CREATE Work/Projects/", [r"a OK \[MAILBOXID \(F[0-9a-f]{16}\)\] CREATE completed"]),
         ('b LIST "" "Work*"', [r'=* LIST (\HasChildren) "/" "Work"',
                                 r'=* LIST (\HasNoChildren) "/" "Work/Projects"', "b OK .*"]),
         ("c CREATE Work", ["c NO \\[ALREADYEXISTS\\] .*"]),
