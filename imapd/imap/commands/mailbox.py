@@ -20,7 +20,8 @@ from imapd.imap.wire.commands import (
     Status,
 )
 from storage.errors import ErrorKind, StorageError
-from storage.model import HIERARCHY_DELIMITER, Mailbox
+from storage.model import DELETED, HIERARCHY_DELIMITER, Mailbox, UidSet
+from storage.search import Flag
 
 _DELIM = HIERARCHY_DELIMITER
 # RFC 5258 section 3 sets no bound on a pattern list; each pattern is tried
@@ -349,12 +350,32 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
         "SIZE": st.size,
         "APPENDLIMIT": s.ctx.max_literal,
     }
+    if "DELETED" in items or "DELETED-STORAGE" in items:
+        await _deleted_counts(s, box, values, "DELETED-STORAGE" in items)
     if "MAILBOXID" in items:  # RFC 8474 section 4.2
         values["MAILBOXID"] = f"({await s.mailboxid(box.id)})"
     if "HIGHESTMODSEQ" in items:
         s.use_condstore()  # RFC 7162 section 3.1: a CONDSTORE enabling command
     body = " ".join(f"{i} {values[i]}" for i in items)
     s.untagged(b"STATUS " + encode.mailbox(box.name) + f" ({body})".encode())
+
+
+async def _deleted_counts(
+    s: Session, box: Mailbox, values: dict[str, int | str], storage: bool
+) -> None:
+    """STATUS DELETED (RFC 9051 section 6.3.11: messages with \\Deleted) and
+    DELETED-STORAGE (RFC 9208 section 4.1.4: what EXPUNGE would free, in
+    units of 1024 octets, rounded up as GETQUOTA's usage is). Asked of
+    storage each time; the STATUS cache holds the other counters."""
+    assert s.mail is not None
+    uids = await s.mail.search(_account_id(s), box.id, Flag(DELETED, True))
+    values["DELETED"] = len(uids)
+    if storage:
+        octets = 0
+        if uids:
+            entries = await s.mail.entries(_account_id(s), box.id, UidSet.of(uids))
+            octets = sum(e.size for e in entries)
+        values["DELETED-STORAGE"] = -(-octets // 1024)
 
 
 async def handle_status(s: Session, cmd: Status) -> Reply:

@@ -85,6 +85,8 @@ _STATUS_ITEMS = {
     "SIZE",
     "APPENDLIMIT",
     "MAILBOXID",  # RFC 8474 section 4.2
+    "DELETED",  # RFC 9051 section 6.3.11, RFC 9208 section 4.1.4
+    "DELETED-STORAGE",  # RFC 9208 section 4.1.4
 }
 
 

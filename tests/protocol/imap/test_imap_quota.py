@@ -133,3 +133,32 @@ async def test_imapclient_get_quota_root(imap_env: ImapEnv) -> None:
     assert (q.quota_root, q.resource, q.usage, q.limit) == (
         "", "STORAGE", _kib_up(used), limit // 1024)
     assert quotas == root_quotas
+
+
+async def test_status_deleted_and_deleted_storage(imap_env: ImapEnv) -> None:
+    """RFC 9051 section 6.3.11 DELETED and RFC 9208 section 4.1.4 DELETED-STORAGE:
+    what an EXPUNGE would remove, and that after it the quota usage drops by that."""
+    rng = random.Random()
+    await imap_env.storage.directory.set_quota(USER, 10 << 20)  # type: ignore[attr-defined]
+    sizes = [rng.randint(10, 9000) for _ in range(rng.randint(3, 10))]
+    raws = [message(f"d{i}", "q" * n + "\r\n") for i, n in enumerate(sizes)]
+    for raw in raws:
+        await imap_env.deliver(raw)
+    doomed = sorted(rng.sample(range(1, len(raws) + 1), rng.randint(1, len(raws) - 1)))
+    c = await imap_env.client(login=True)
+    lines = await c.ok("STATUS INBOX (MESSAGES DELETED DELETED-STORAGE)")
+    assert lines[0] == b'* STATUS "INBOX" (MESSAGES %d DELETED 0 DELETED-STORAGE 0)' % len(raws)
+    await c.ok("SELECT INBOX")
+    await c.ok("STORE " + ",".join(map(str, doomed)) + " +FLAGS.SILENT (\\Deleted)")
+    freed = sum(len(raws[i - 1]) for i in doomed)
+    await c.ok("UNSELECT")
+    lines = await c.ok("STATUS INBOX (DELETED-STORAGE DELETED)")
+    assert lines[0] == b'* STATUS "INBOX" (DELETED-STORAGE %d DELETED %d)' % (
+        _kib_up(freed), len(doomed))
+    before = await _used(imap_env)
+    await c.ok("SELECT INBOX")
+    await c.ok("EXPUNGE")
+    assert await _used(imap_env) == before - freed
+    lines = await c.ok("STATUS INBOX (DELETED)")
+    assert lines[0] == b'* STATUS "INBOX" (DELETED 0)'
+    await c.close()
