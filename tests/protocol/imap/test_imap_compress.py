@@ -182,3 +182,17 @@ async def test_compression_bomb_is_bounded(imap_env: ImapEnv, monkeypatch) -> No
     assert sent * 100 < inflated  # it was a bomb
     assert b"BAD" in plain and plain.endswith(b"c OK NOOP completed\r\n"), plain[-200:]
     assert 0 < peak[0] <= server.READ_BUFFER_HIGH + server.INFLATE_CHUNK
+
+
+async def test_garbage_after_compress_ends_the_session(imap_env: ImapEnv, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Input that is not a DEFLATE stream cannot be read further: the
+    session ends quietly (no traceback), other sessions are untouched."""
+    c = await imap_env.client(login=True)
+    assert (await c.command("COMPRESS DEFLATE", "z"))[-1] == b"z OK DEFLATE active"
+    # 0xff: a block type of 3, which RFC 1951 section 3.2.3 reserves (an error).
+    await c.send(b"\xff" * random.randint(1, 64))
+    assert await asyncio.wait_for(c.reader.read(), 5) == b""  # closed by the server
+    other = await imap_env.client(login=True)
+    await other.ok("NOOP")
+    await other.close()
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
