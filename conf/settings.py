@@ -2,13 +2,14 @@
 
 Contract: :func:`load_settings` returns a fully resolved :class:`Settings`
 (derived paths filled in) or raises :class:`ConfigError` whose message names
-the offending key (``smtp.max_message_size: ...``). Unknown keys are errors.
+the offending key (``server.max_message_size: ...``). Unknown keys are errors.
 Defaults serve a single host; ``conf/example.toml`` lists every key.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import tomllib
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+log = logging.getLogger(__name__)
 
 class ConfigError(Exception):
     """A configuration problem; the message names the key and is safe to print."""
@@ -36,6 +38,11 @@ def _check_listen(values: list[str]) -> list[str]:
 
 class ServerSettings(Section):
     hostname: str = "localhost"  # announced in SMTP greetings, Received headers, IMAP greeting
+    # The largest message, in octets, wherever it comes in: SMTP (announced
+    # as SIZE, RFC 1870), IMAP APPEND (announced as APPENDLIMIT, RFC 7889)
+    # and the HTTP API's sends. One limit, so that what one accepts the
+    # others can store and hand back.
+    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1)
     data_dir: str = "/var/lib/shardmail"
     log_level: str = "INFO"
     # Worker processes of each daemon command, sharing the listening sockets
@@ -257,7 +264,6 @@ class SmtpSettings(Section):
     mx_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"])
     submission_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:587"])
     submissions_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:465"])  # RFC 8314
-    max_message_size: int = 36_700_160  # RFC 1870 SIZE, octets
     # DATA past this many octets goes to a file in <data_dir>/spool as it
     # arrives, so a session holds at most this much message text in memory.
     spool_threshold: int = Field(default=1_048_576, ge=4096)
@@ -350,7 +356,6 @@ class ImapSettings(Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:143"])
     tls_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:993"])
     max_line_length: int = 65_536
-    max_literal_size: int = 52_428_800  # also advertised as APPENDLIMIT (RFC 7889)
     # An APPEND literal past this many octets goes to a file in <data_dir>/spool
     # as it arrives, so a session holds at most this much message text in memory.
     spool_threshold: int = Field(default=1_048_576, ge=4096)
@@ -399,7 +404,6 @@ class Pop3Settings(Section):
 
 class HttpSettings(Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:8080"])
-    max_message_size: int = 25 * 1024 * 1024
     token_lifetime_seconds: int = 7 * 24 * 3600
     # Requests per minute (a sliding window); 0 disables.
     rate_limit_per_user: int = Field(default=600, ge=0)
@@ -509,6 +513,11 @@ class AntispamSettings(Section):
         return self
 
 
+# Before server.max_message_size (section, key): mapped to it.
+_OLD_SIZE_KEYS = (("smtp", "max_message_size"), ("imap", "max_literal_size"),
+                  ("http", "max_message_size"))  # fmt: skip
+
+
 class Settings(Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
@@ -523,6 +532,38 @@ class Settings(Section):
     antivirus: AntivirusSettings = Field(default_factory=AntivirusSettings)
     antispam: AntispamSettings = Field(default_factory=AntispamSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_size_limit(cls, data: Any) -> Any:
+        """The per-protocol size limits of older configurations are
+        server.max_message_size now: mapped, with a warning naming the new
+        key; two different values are refused (which one would hold?)."""
+        if not isinstance(data, dict):
+            return data
+        found: dict[str, Any] = {}
+        for section, key in _OLD_SIZE_KEYS:
+            values = data.get(section)
+            if isinstance(values, dict) and key in values:
+                values = dict(values)
+                found[f"{section}.{key}"] = values.pop(key)
+                data = {**data, section: values}
+        if not found:
+            return data
+        server = data.get("server")
+        server = dict(server) if isinstance(server, dict) else {}
+        if "max_message_size" in server:
+            found["server.max_message_size"] = server["max_message_size"]
+        if len({str(v) for v in found.values()}) > 1:
+            raise ValueError(
+                f"{', '.join(found)}: one size limit for every protocol now,"
+                " set only server.max_message_size"
+            )
+        for old in found:
+            if old != "server.max_message_size":
+                log.warning("%s is now server.max_message_size (one limit for all)", old)
+        server["max_message_size"] = next(iter(found.values()))
+        return {**data, "server": server}
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

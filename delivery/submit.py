@@ -276,7 +276,7 @@ async def submit_message(
     (SMTP submission follows smtp.save_sent_copy instead). The caller
     adds any trace field (Received) to ``raw`` beforehand.
     """
-    if len(raw) > settings.smtp.max_message_size:
+    if len(raw) > settings.server.max_message_size:
         raise SubmitError(ErrorKind.TOO_BIG, "message too big")
     if settings.smtp.sender_must_match and not await sender_allowed(
         storage, settings, account, mail_from

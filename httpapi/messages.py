@@ -341,7 +341,7 @@ async def _content_checks(
 @routes.post("/v1/messages", name="send_message")
 async def send_message(request: web.Request) -> web.Response:
     ctx, account = context(request), account_of(request)
-    max_size = ctx.settings.http.max_message_size
+    max_size = ctx.settings.server.max_message_size
     # base64 in JSON grows attachments by 4/3; multipart carries them as is.
     body_limit = max_size * 4 // 3 + SEND_OVERHEAD
     if request.content_length is not None and request.content_length > body_limit:

@@ -204,7 +204,7 @@ class SmtpSession(LeaseHolder, SMTP):
         self._client_ip = ""
         super().__init__(
             _Handler(),
-            data_size_limit=smtp.max_message_size,
+            data_size_limit=ctx.settings.server.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=ctx.settings.server.hostname,
@@ -375,7 +375,7 @@ class SmtpSession(LeaseHolder, SMTP):
         lines = [
             f"{self.hostname} Hello {hostname}",
             "PIPELINING",  # RFC 2920
-            f"SIZE {self.ctx.settings.smtp.max_message_size}",  # RFC 1870
+            f"SIZE {self.ctx.settings.server.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
@@ -604,7 +604,7 @@ class SmtpSession(LeaseHolder, SMTP):
             if not size.isdigit():
                 await self.reply(R.BAD_ARGUMENTS, "SIZE must be a number")
                 return
-            if int(size) > self.ctx.settings.smtp.max_message_size:  # RFC 1870 section 6.1
+            if int(size) > self.ctx.settings.server.max_message_size:  # RFC 1870 section 6.1
                 await self.reply(R.MESSAGE_TOO_BIG)
                 return
         if not path.is_ascii and not smtputf8:
@@ -704,7 +704,7 @@ class SmtpSession(LeaseHolder, SMTP):
         await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
         smtp = self.ctx.settings.smtp
         data = DataReader(
-            smtp.max_message_size,
+            self.ctx.settings.server.max_message_size,
             smtp.max_line_length,
             spool_at=smtp.spool_threshold,
             spool_dir=self.ctx.settings.data_dir / "spool",

@@ -31,7 +31,7 @@ def test_defaults_serve_one_host() -> None:
     [
         ("smtp.max_recipent=5", "smtp.max_recipent: unknown key"),
         ("nosuchsection.key=1", "nosuchsection: unknown key"),
-        ("smtp.max_message_size='big'", "smtp.max_message_size:"),
+        ("server.max_message_size='big'", "server.max_message_size:"),
         ("imap.listen=['localhost']", "imap.listen:"),
         ("pop3.idle_timeout_seconds=60", "pop3.idle_timeout_seconds:"),
         ("server.log_level='LOUD'", "server.log_level:"),

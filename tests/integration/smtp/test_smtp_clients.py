@@ -194,7 +194,7 @@ async def test_aiosmtplib_pipelined_8bit(mta: Service, populated) -> None:
 async def test_aiosmtplib_oversize(settings, populated, tls_context) -> None:
     from mtad.service import start
 
-    settings.smtp.max_message_size = 10_000
+    settings.server.max_message_size = 10_000
     service = await start(settings, populated, tls_context)
     try:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=service.port("mx"), start_tls=False)

@@ -217,7 +217,7 @@ async def test_ehlo_advertises_extensions(mta: Service) -> None:
     assert lines[0].startswith("mail.test")
     for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"):
         assert ext in lines
-    assert "SIZE 36700160" in lines
+    assert f"SIZE {25 * 1024 * 1024}" in lines  # server.max_message_size: 25 MiB (issue #21)
     assert not any(line.startswith("AUTH") for line in lines)  # not on the MX
 
 
@@ -500,8 +500,9 @@ async def test_recipient_limit(mta_with) -> None:
         )
 
 
-async def test_oversize_message(mta_with, populated) -> None:
-    async with mta_with(max_message_size=2000) as service:
+async def test_oversize_message(mta_with, populated, settings) -> None:
+    settings.server.max_message_size = 2000  # the one limit (conf/settings.py)
+    async with mta_with() as service:
         async with await SmtpDialogue.open(service.port("mx")) as client:
             await client.reply()
             await client.cmd("EHLO c.example")
