@@ -220,6 +220,7 @@ class Session:
             "QUOTA",  # RFC 9208 (no QUOTASET: SETQUOTA is refused, section 4.1.3)
             "QUOTA=RES-STORAGE",  # RFC 9208 section 5.1
             "OBJECTID",  # RFC 8474
+            "BINARY",  # RFC 3516
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3

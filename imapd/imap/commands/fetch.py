@@ -13,10 +13,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from imapd.imap import binary
 from imapd.imap.mailbox_view import MailboxView
-from imapd.imap.session import Reply, Session, bad, ok
+from imapd.imap.session import Reply, Session, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Fetch, FetchAttribute, Section
+from storage.contentpool import ContentTimeout
 from storage.mime import header_end as _header_end  # the parser's own header rule
 from storage.model import SEEN, BodyPart, MessageEntry, StoredMessage, StoreMode, UidSet
 
@@ -155,7 +157,8 @@ def filter_header(header: bytes, fields: Iterable[str], keep: bool) -> bytes:
 def _att_label(att: FetchAttribute) -> bytes:
     if att.section is None:
         return att.name.encode()
-    label = f"BODY[{att.section.label()}]"
+    # RFC 3516 section 5: BINARY.PEEK is answered as BINARY.
+    label = f"{'BODY' if att.name == 'BODY' else 'BINARY'}[{att.section.label()}]"
     if att.partial is not None:
         label += f"<{att.partial[0]}>"
     return label.encode("utf-8", "replace")
@@ -192,7 +195,8 @@ async def _write_range(s: Session, blob: _Blob, start: int, end: int) -> None:
 def _needs_seen(att: FetchAttribute) -> bool:
     if att.name in ("RFC822", "RFC822.TEXT"):
         return True
-    return att.section is not None and not att.peek
+    # RFC 3516 section 4.2: BINARY sets \Seen as BODY does; BINARY.SIZE does not.
+    return att.section is not None and not att.peek and att.name != "BINARY.SIZE"
 
 
 def _raw_only(atts: tuple[FetchAttribute, ...]) -> bool:
@@ -251,9 +255,6 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
         await s.sync(allow_expunge=False)  # fresh flags; no EXPUNGE during FETCH
     uids = view.resolve(cmd.sequence, cmd.uid)
     atts = list(cmd.attributes)
-    for att in atts:
-        if att.name.startswith("BINARY"):
-            return bad("BINARY is not supported")
     names = {a.name for a in atts}
     if cmd.uid and "UID" not in names:
         atts.insert(0, FetchAttribute("UID"))  # RFC 3501 section 6.4.8
@@ -307,7 +308,13 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
             entry = _entry(m)
             if cmd.changed_since is not None and entry.modseq <= cmd.changed_since:
                 continue
-            await _fetch_one(s, view, m, all_atts, entry.uid in changed)
+            try:
+                await _fetch_one(s, view, m, all_atts, entry.uid in changed)
+            except binary.UnknownCte:
+                # RFC 3516 section 4.3: a part we cannot decode fails the command.
+                return no("Cannot decode a part's transfer encoding", "UNKNOWN-CTE")
+            except ContentTimeout:
+                return no("Decoding took too long, try again later", "UNAVAILABLE")
             if s.conn.congested:
                 await s.conn.drain()  # a slow reader: wait before the next message
         await s.conn.drain()
@@ -350,6 +357,7 @@ async def _fetch_one(
             return
         if root is None and raw is not None:
             root = _TopLevel(_header_end(raw, 0, len(raw)), len(raw))  # see _raw_only
+    decoded = await _binary_sections(blob, parsed.body if parsed is not None else None, atts)
     s.write(b"* %d FETCH (" % seq)
     first = True
     names = {a.name for a in atts}
@@ -387,6 +395,19 @@ async def _fetch_one(
         elif name == "RFC822.TEXT" and root is not None:
             s.write(b"RFC822.TEXT ")
             await _write_range(s, blob, root.body_start, root.end)
+        elif name == "BINARY.SIZE" and att.section is not None:
+            s.write(b"BINARY.SIZE[%s] %d" % (att.section.label().encode(), len(decoded[att])))
+        elif name == "BINARY" and att.section is not None:
+            s.write(_att_label(att) + b" ")
+            data = decoded[att]
+            if att.partial is not None:
+                origin, octets = att.partial
+                data = data[origin : origin + octets]
+            # RFC 3516 section 4.2: data holding NUL goes as a literal8.
+            s.write((b"~{%d}\r\n" if b"\0" in data else b"{%d}\r\n") % len(data))
+            s.write(data)
+            if len(data) > CHUNK:
+                await s.conn.drain()
         elif att.section is not None and root is not None:
             s.write(_att_label(att) + b" ")
             await _write_section(s, blob, root, att)
@@ -399,6 +420,37 @@ async def _fetch_one(
         else:  # BODY without a section
             s.write(b"BODY " + encode.body_structure(parsed.body, False))
     s.write(b")\r\n")
+
+
+async def _binary_sections(
+    blob: _Blob, body: BodyPart | None, atts: tuple[FetchAttribute, ...]
+) -> dict[FetchAttribute, bytes]:
+    """The decoded content of each BINARY / BINARY.SIZE item (RFC 3516
+    section 4.2), worked out before the FETCH response starts so that an
+    undecodable part (:class:`binary.UnknownCte`) can still fail the command.
+    ``BINARY[]`` is the whole message as stored; a part the message lacks
+    is empty, as BODY's is (RFC 3501 section 6.4.5)."""
+    out: dict[FetchAttribute, bytes] = {}
+    for att in atts:
+        if att.section is None or att.name not in ("BINARY", "BINARY.SIZE") or att in out:
+            continue
+        if body is None:
+            out[att] = b""
+            continue
+        if not att.section.part:
+            out[att] = await blob.range(0, blob.size)
+            continue
+        part = find_part(body, att.section.part)
+        if part is None:
+            out[att] = b""
+            continue
+        # Multiparts and message/rfc822 may only be 7bit/8bit/binary (RFC 2045
+        # section 6.4): their bodies are returned as stored.
+        encoding = part.encoding if part.type not in ("multipart", "message") else "BINARY"
+        binary.check(encoding)
+        raw = await blob.range(part.body_start, part.end)
+        out[att] = await binary.decode_off_loop(encoding, raw)
+    return out
 
 
 async def _write_section(

@@ -531,6 +531,8 @@ def _p_append(r: _Reader, tag: str, name: str) -> c.Command:
             raise _Bad("Invalid date-time")  # a quote never closed
         date = parse_date_time(m.group())
         r.sp()
+    if r.peek() == 0x7E:  # RFC 3516 section 4.4: "~{n}", a literal8 of binary content
+        r.pos += 1
     if r.peek() != 0x7B:
         raise _Bad("Expected the message literal")
     message = r.literal()

@@ -51,7 +51,7 @@ SCRIPTS: dict[str, Script] = {
                           r"CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS "
                           r"APPENDLIMIT=1000000 CONDSTORE QRESYNC ESEARCH STATUS=SIZE "
                           r"SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES ESORT "
-                          r"SEARCHRES QUOTA QUOTA=RES-STORAGE OBJECTID COMPRESS=DEFLATE",
+                          r"SEARCHRES QUOTA QUOTA=RES-STORAGE OBJECTID BINARY COMPRESS=DEFLATE",
                           "a OK .*"]),
     ]),
     "login_errors": Script(login=False, steps=[
@@ -247,7 +247,7 @@ SCRIPTS: dict[str, Script] = {
         ("u UID FETCH 99 FLAGS", ["=u OK UID FETCH completed"]),
         ("v UID FETCH 5:* UID", [r"=* 3 FETCH (UID 3)", "v OK .*"]),
         ("w FETCH 1,3 (UID)", ["=* 1 FETCH (UID 1)", "=* 3 FETCH (UID 3)", "w OK .*"]),
-        ("x FETCH 1 BINARY[1]", ["x BAD .*"]),
+        ("x FETCH 1 BINARY[1.TEXT]", ["x BAD .*"]),  # RFC 3516 section 4.2: parts only
         ("y FETCH * (UID)", ["=* 3 FETCH (UID 3)", "y OK .*"]),
     ]),
     # ------------------------------------------------------------- STORE
