@@ -221,6 +221,7 @@ class Session:
             "QUOTA=RES-STORAGE",  # RFC 9208 section 5.1
             "OBJECTID",  # RFC 8474
             "BINARY",  # RFC 3516
+            "MULTIAPPEND",  # RFC 3502
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd.imap.commands import auth, compress, fetch, mailbox, message, quota, sort
+from imapd.imap.commands import append, auth, compress, fetch, mailbox, message, quota, sort
 from imapd.imap.session import State
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "LIST": (mailbox.handle_list, _AUTH),
     "LSUB": (mailbox.handle_list, _AUTH),
     "STATUS": (mailbox.handle_status, _AUTH),
-    "APPEND": (mailbox.handle_append, _AUTH),
+    "APPEND": (append.handle_append, _AUTH),
     "NAMESPACE": (mailbox.handle_namespace, _AUTH),  # RFC 2342
     "GETQUOTAROOT": (quota.handle_getquotaroot, _AUTH),  # RFC 9208 section 4.1
     "GETQUOTA": (quota.handle_getquota, _AUTH),

@@ -1,25 +1,22 @@
 """Authenticated-state commands on mailboxes: SELECT, EXAMINE, CREATE,
-DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB, STATUS, APPEND,
-NAMESPACE (RFC 3501 section 6.3; RFC 5258, 5819, 6154, 2342, 4315, 7162)."""
+DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB, STATUS,
+NAMESPACE (RFC 3501 section 6.3; RFC 5258, 5819, 6154, 2342, 7162); APPEND is
+in :mod:`imapd.imap.commands.append`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
-from delivery.spool import SpoolFile
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import (
-    Append,
     ListCommand,
     MailboxCommand,
     Rename,
     Select,
     Status,
 )
-from storage.errors import ErrorKind, StorageError
 from storage.model import DELETED, HIERARCHY_DELIMITER, Mailbox, UidSet
 from storage.search import Flag
 
@@ -237,7 +234,7 @@ def _mask(positions: Iterable[int]) -> int:
 
 
 def _ancestors(name: str) -> list[str]:
-    """"a/b/c" -> ["a", "a/b"]."""
+    """ "a/b/c" -> ["a", "a/b"]."""
     parts = name.split(_DELIM)
     return [_DELIM.join(parts[:i]) for i in range(1, len(parts))]
 
@@ -385,42 +382,7 @@ async def handle_status(s: Session, cmd: Status) -> Reply:
     return ok("STATUS completed")
 
 
-async def handle_append(s: Session, cmd: Append) -> Reply:
-    from storage.ingest import Delivery, ingest
-
-    assert s.mail is not None and s.account is not None
-    try:
-        box = await s.mailbox_id_of(cmd.mailbox)
-    except StorageError as err:
-        if err.kind is ErrorKind.NOT_FOUND:
-            # RFC 3501 section 6.3.11: TRYCREATE tells the client to CREATE first.
-            return no("Mailbox does not exist", "TRYCREATE")
-        raise
-    message = cmd.message
-    source: bytes | Path
-    if isinstance(message, SpoolFile):
-        source, size = message.path, message.size
-    elif isinstance(message, bytes):
-        source, size = message, len(message)
-    else:
-        return bad("Bad message literal")
-    if size == 0:
-        return no("Empty message", "CANNOT")
-    if size > s.ctx.max_literal:
-        return no("Message too large", "TOOBIG")
-    claim = s.claims_recent_in(box.id)
-    results = await ingest(
-        s.storage,
-        [Delivery(s.account, box.id, tuple(cmd.flags), cmd.internal_date, claim_recent=claim)],
-        source,
-    )
-    r = results[0]
-    s.wrote_to(box.id, None if r.recent_floor is None else (r.recent_floor, r.uid), r.entry)
-    return ok("APPEND completed", f"APPENDUID {r.uidvalidity} {r.uid}")
-
-
 async def handle_namespace(s: Session, cmd: object) -> Reply:
     # RFC 2342: one personal namespace, no other users', no shared.
     s.untagged(f'NAMESPACE (("" "{_DELIM}")) NIL NIL')
     return ok("NAMESPACE completed")
-

@@ -26,6 +26,7 @@ class SequenceSet:
     def __str__(self) -> str:
         if self.saved:
             return "$"
+
         def one(n: int | None) -> str:
             return "*" if n is None else str(n)
 
@@ -256,9 +257,20 @@ class Status(Command):
 @dataclass(frozen=True, kw_only=True)
 class Append(Command):
     """``message`` is whatever the connection stored the literal as: bytes,
-    or an opaque spooled-file object for a large literal."""
+    or an opaque spooled-file object for a large literal. ``more``: the
+    further messages of a MULTIAPPEND (RFC 3502), in order."""
 
     mailbox: str
+    flags: tuple[str, ...]
+    internal_date: dt.datetime | None
+    message: object
+    more: tuple[AppendMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppendMessage:
+    """One further message of a MULTIAPPEND (RFC 3502 section 6.3.11)."""
+
     flags: tuple[str, ...]
     internal_date: dt.datetime | None
     message: object

@@ -520,6 +520,28 @@ def _p_append(r: _Reader, tag: str, name: str) -> c.Command:
     r.sp()
     mailbox = r.mailbox()
     r.sp()
+    flags, date, message = _append_message(r)
+    more: list[c.AppendMessage] = []
+    while r.peek() == 0x20:  # RFC 3502 section 6.3.11: append-message *(SP append-message)
+        r.sp()
+        while r.peek() == 0x20:  # imapclient (4.x, with LITERAL+) sends two SPs here
+            r.pos += 1
+        more.append(c.AppendMessage(*_append_message(r)))
+    r.expect_end()
+    return c.Append(
+        tag=tag,
+        name=name,
+        mailbox=mailbox,
+        flags=flags,
+        internal_date=date,
+        message=message,
+        more=tuple(more),
+    )
+
+
+def _append_message(r: _Reader) -> tuple[tuple[str, ...], dt.datetime | None, object]:
+    """append-message = [SP flag-list] [SP date-time] SP (literal / literal8)
+    (RFC 3502 section 6.3.11, RFC 3516 section 4.4); starts after the SP."""
     flags: tuple[str, ...] = ()
     date = None
     if r.peek() == 0x28:
@@ -535,11 +557,7 @@ def _p_append(r: _Reader, tag: str, name: str) -> c.Command:
         r.pos += 1
     if r.peek() != 0x7B:
         raise _Bad("Expected the message literal")
-    message = r.literal()
-    r.expect_end()  # MULTIAPPEND (RFC 3502) is not offered
-    return c.Append(
-        tag=tag, name=name, mailbox=mailbox, flags=flags, internal_date=date, message=message
-    )
+    return flags, date, r.literal()
 
 
 def _search_date(r: _Reader) -> dt.date:

@@ -1,0 +1,90 @@
+"""APPEND (RFC 3501 section 6.3.11) with MULTIAPPEND (RFC 3502), APPENDUID
+(RFC 4315 section 3) and literal8 content (RFC 3516 section 4.4).
+
+MULTIAPPEND is atomic (RFC 3502 section 6.3.11: "either all messages are
+successfully appended, or no messages are appended"): every message is
+checked (present, non-empty, within the size limit) before any is stored,
+so a bad message anywhere stores nothing; a failure while storing (quota,
+database) undoes the messages already stored (flagged \\Deleted and
+expunged, by UID) before the NO goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from delivery.spool import SpoolFile
+from imapd.imap.session import Reply, Session, bad, no, ok
+from imapd.imap.wire import encode
+from imapd.imap.wire.commands import Append
+from storage.errors import ErrorKind, StorageError
+from storage.model import DELETED, AppendResult, StoreMode, UidSet
+
+log = logging.getLogger("imapd.imap")
+
+
+def _source(message: object) -> tuple[bytes | Path, int] | None:
+    if isinstance(message, SpoolFile):
+        return message.path, message.size
+    if isinstance(message, bytes):
+        return message, len(message)
+    return None
+
+
+async def handle_append(s: Session, cmd: Append) -> Reply:
+    from storage.ingest import Delivery, ingest
+
+    assert s.mail is not None and s.account is not None
+    try:
+        box = await s.mailbox_id_of(cmd.mailbox)
+    except StorageError as err:
+        if err.kind is ErrorKind.NOT_FOUND:
+            # RFC 3501 section 6.3.11: TRYCREATE tells the client to CREATE first.
+            return no("Mailbox does not exist", "TRYCREATE")
+        raise
+    items = [(cmd.flags, cmd.internal_date, cmd.message)]
+    items += [(m.flags, m.internal_date, m.message) for m in cmd.more]
+    sources: list[bytes | Path] = []
+    for _, _, message in items:  # all checked before any is stored (RFC 3502)
+        found = _source(message)
+        if found is None:
+            return bad("Bad message literal")
+        source, size = found
+        if size == 0:
+            return no("Empty message", "CANNOT")
+        if size > s.ctx.max_literal:
+            return no("Message too large", "TOOBIG")
+        sources.append(source)
+    claim = s.claims_recent_in(box.id)
+    results: list[AppendResult] = []
+    try:
+        for (flags, date, _), source in zip(items, sources, strict=True):
+            delivery = Delivery(s.account, box.id, tuple(flags), date, claim_recent=claim)
+            results.append((await ingest(s.storage, [delivery], source))[0])
+    except BaseException:
+        if results:
+            await asyncio.shield(_undo(s, box.id, [r.uid for r in results]))
+        raise
+    for r in results:
+        claimed = None if r.recent_floor is None else (r.recent_floor, r.uid)
+        s.wrote_to(box.id, claimed, r.entry if len(results) == 1 else None)
+    # RFC 4315 section 3 / RFC 3502 section 6.3.11: the UID set, in order.
+    uid_set = encode.sequence_set([r.uid for r in results]).decode()
+    return ok("APPEND completed", f"APPENDUID {results[0].uidvalidity} {uid_set}")
+
+
+async def _undo(s: Session, mailbox_id: int, uids: list[int]) -> None:
+    """Remove the messages a failed MULTIAPPEND stored (by UID, nothing else)."""
+    assert s.mail is not None and s.account is not None
+    try:
+        await s.mail.store_flags(
+            s.account.id, mailbox_id, UidSet.of(uids), StoreMode.ADD, (DELETED,)
+        )
+        gone = await s.mail.expunge(s.account.id, mailbox_id, UidSet.of(uids))
+    except Exception:
+        log.exception("MULTIAPPEND undo of UIDs %s failed", uids)
+        return
+    if sorted(gone) != sorted(uids):
+        log.error("MULTIAPPEND undo removed %s of %s", gone, uids)
