@@ -352,6 +352,18 @@ class QueueSettings(Section):
     done_retention_seconds: int = 2 * 24 * 3600  # completed entries kept for late DSNs
 
 
+class LimitsSettings(Section):
+    """``[limits]``: what one authenticated account may send (delivery/limits.py),
+    counted by every instance together through the shared state ([redis]).
+    Over a limit, mail is still accepted (250 / 201) but queued held until
+    ``mailctl queue release --account``. 0 turns a limit off."""
+
+    user_messages_per_hour: int = Field(default=500, ge=0)
+    user_messages_per_day: int = Field(default=2000, ge=0)
+    user_recipients_per_hour: int = Field(default=1000, ge=0)
+    user_recipients_per_day: int = Field(default=5000, ge=0)
+
+
 class ImapSettings(Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:143"])
     tls_listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:993"])
@@ -526,6 +538,7 @@ class Settings(Section):
     dns: DnsSettings = Field(default_factory=DnsSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     imap: ImapSettings = Field(default_factory=ImapSettings)
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     http: HttpSettings = Field(default_factory=HttpSettings)
