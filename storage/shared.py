@@ -46,7 +46,7 @@ FAILURE_WINDOW_SECONDS = 900.0  # a login failure counts this long after the las
 FALLBACKS = counter(
     "shardmail_shared_state_fallbacks_total",
     "Shared-state operations counted in-process because Redis was unreachable.",
-    ["what"],  # failures | rate
+    ["what"],  # failures | rate | counts | flags
 )
 
 
@@ -291,6 +291,119 @@ class RedisFailureCounter:
         await self._outage.run("failures", remote, lambda: self._local.clear(keys))
 
 
+# --- fixed-window counts (sending limits) ------------------------------------
+
+
+class LocalCounts:
+    """Event counts per key and fixed window (``floor(now / window)``) in
+    this process. A fixed window lets a burst of up to twice the limit
+    straddle a boundary; for hourly and daily sending limits that is fine,
+    and it takes one INCRBY per count in Redis."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._counts: dict[str, tuple[int, int, float]] = {}  # key -> (index, count, window)
+
+    async def add(self, items: Sequence[tuple[str, float, int]]) -> list[int]:
+        """Adds ``amount`` to each ``(key, window seconds, amount)``; the
+        counts of the current windows afterwards, in order."""
+        now = self._clock()
+        totals = []
+        for key, window, amount in items:
+            index = math.floor(now / window)
+            at, count, _ = self._counts.get(key, (index, 0, window))
+            count = (count if at == index else 0) + amount
+            if key not in self._counts and len(self._counts) >= MAX_TRACKED_KEYS:
+                # Keys of a past window count nothing: forgetting them changes no answer.
+                self._counts = {
+                    k: v for k, v in self._counts.items() if v[0] == math.floor(now / v[2])
+                }
+            self._counts[key] = (index, count, window)
+            totals.append(count)
+        return totals
+
+
+class RedisCounts:
+    """:class:`LocalCounts` in Redis: one key per key and window, INCRBY and
+    EXPIRE in one MULTI/EXEC for all items (one round trip, atomic); the
+    window index comes from this host's clock (NTP keeps instances within
+    far less than a window). In-process twin while Redis is unreachable."""
+
+    def __init__(self, client: Any, outage: _Outage) -> None:
+        self._client = client
+        self._outage = outage
+        self._local = LocalCounts()
+
+    async def add(self, items: Sequence[tuple[str, float, int]]) -> list[int]:
+        async def remote() -> list[int]:
+            now = time.time()
+            async with self._client.pipeline(transaction=True) as pipe:
+                for key, window, amount in items:
+                    name = f"{KEY_PREFIX}count:{key}:{math.floor(now / window)}"
+                    pipe.incrby(name, amount)
+                    pipe.expire(name, math.ceil(window) + 60)
+                replies = await pipe.execute()
+            return [int(n) for n in replies[0::2]]
+
+        return await self._outage.run("counts", remote, lambda: self._local.add(items))
+
+
+# --- accounts flagged as over a sending limit --------------------------------
+
+
+class LocalFlags:
+    """A set of names in this process (the embedded default)."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+
+    async def add(self, name: str) -> None:
+        self._names.add(name)
+
+    async def has(self, name: str) -> bool:
+        return name in self._names
+
+    async def remove(self, name: str) -> bool:
+        """Clears ``name``; True if it was set."""
+        found = name in self._names
+        self._names.discard(name)
+        return found
+
+
+class RedisFlags:
+    """:class:`LocalFlags` in one Redis set (no expiry: a flag stays until
+    cleared), with an in-process twin while Redis is unreachable."""
+
+    def __init__(self, client: Any, outage: _Outage, name: str) -> None:
+        self._client = client
+        self._outage = outage
+        self._key = f"{KEY_PREFIX}flags:{name}"
+        self._local = LocalFlags()
+
+    async def add(self, name: str) -> None:
+        async def remote() -> None:
+            await self._client.sadd(self._key, name)
+
+        await self._outage.run("flags", remote, lambda: self._local.add(name))
+
+    async def has(self, name: str) -> bool:
+        async def remote() -> bool:
+            return bool(await self._client.sismember(self._key, name))
+
+        return await self._outage.run("flags", remote, lambda: self._local.has(name))
+
+    async def remove(self, name: str) -> bool:
+        async def remote() -> bool:
+            return bool(await self._client.srem(self._key, name))
+
+        local = await self._local.remove(name)  # set during an outage: clear it too
+        return await self._outage.run("flags", remote, lambda: _same(local)) or local
+
+
+async def _same(value: bool) -> bool:
+    return value
+
+
 # --- one per storage --------------------------------------------------------
 
 
@@ -301,6 +414,17 @@ class SharedState:
     def __init__(self) -> None:
         self.failures: FailureCounter = LocalFailureCounter(FAILURE_WINDOW_SECONDS)
         self._limits: dict[tuple[str, int, float], RateLimit] = {}
+        self._flags: dict[str, LocalFlags | RedisFlags] = {}
+        self.counts: LocalCounts | RedisCounts = LocalCounts()
+
+    def flags(self, name: str) -> LocalFlags | RedisFlags:
+        """The set of flagged names ``name`` (e.g. "limited" accounts)."""
+        if name not in self._flags:
+            self._flags[name] = self._new_flags(name)
+        return self._flags[name]
+
+    def _new_flags(self, name: str) -> LocalFlags | RedisFlags:
+        return LocalFlags()
 
     def rate_limit(self, name: str, limit: int, window: float) -> RateLimit:
         """The limit ``name`` (its keys are apart from every other name's);
@@ -338,9 +462,13 @@ class RedisSharedState(SharedState):
         )
         self._outage = _Outage(settings.retry_seconds)
         self.failures = RedisFailureCounter(self.client, self._outage, FAILURE_WINDOW_SECONDS)
+        self.counts = RedisCounts(self.client, self._outage)
 
     def _new_limit(self, name: str, limit: int, window: float) -> RateLimit:
         return RedisRateLimit(self.client, name, limit, window, self._outage)
+
+    def _new_flags(self, name: str) -> LocalFlags | RedisFlags:
+        return RedisFlags(self.client, self._outage, name)
 
     async def close(self) -> None:
         await self.client.aclose()
