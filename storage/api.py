@@ -377,6 +377,7 @@ class OutboundQueue(Protocol):
         *,
         expires_in: dt.timedelta = ...,
         now: float | None = None,
+        held_for: str | None = None,
     ) -> int:
         """Queues a stored blob for ``recipients`` (due at once); durable when
         it returns the entry id. INVALID with no recipients."""

@@ -145,6 +145,7 @@ class PartitionedQueue:
         *,
         expires_in: dt.timedelta = DEFAULT_EXPIRY,
         now: float | None = None,
+        held_for: str | None = None,
     ) -> QueueRef:
         """Queues ``blob_key`` in one partition, the next in turn that is up;
         durable when it returns. INVALID with no recipients; TEMPORARY only
@@ -155,7 +156,12 @@ class PartitionedQueue:
         for name in [n for n in turn if n not in self._closed] + sorted(self._closed):
             part = self.partitions[name]
             answer = await self._ask(
-                name, part.enqueue(sender, rcpts, blob_key, expires_in=expires_in, now=now)
+                name,
+                part.enqueue(sender, rcpts, blob_key, expires_in=expires_in, now=now)
+                if held_for is None
+                else part.enqueue(
+                    sender, rcpts, blob_key, expires_in=expires_in, now=now, held_for=held_for
+                ),
             )
             if not isinstance(answer, StorageError):
                 self._answered(name)

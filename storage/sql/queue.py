@@ -199,9 +199,12 @@ class OutboundQueue:
         *,
         expires_in: dt.timedelta = DEFAULT_EXPIRY,
         now: float | None = None,
+        held_for: str | None = None,
     ) -> QueueRef:
         """Queues ``blob_key`` for ``recipients``; durable when it returns the id.
-        Due at once. INVALID with no recipients."""
+        Due at once, unless ``held_for`` (a reason, kept in ``error`` for
+        ``mailctl queue``): then held, in the same transaction, so no worker
+        can lease it first. INVALID with no recipients."""
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             raise errors.invalid("no recipients")
@@ -218,8 +221,8 @@ class OutboundQueue:
                     lease_until=None,
                     attempts=0,
                     status=QUEUED,
-                    error=None,
-                    held=False,
+                    error=held_for,
+                    held=held_for is not None,
                     warned=False,
                 )
             )
@@ -388,7 +391,19 @@ class OutboundQueue:
         await self._set(queue_id, held=True)
 
     async def release_hold(self, queue_id: QueueRef | int) -> None:
-        await self._set(queue_id, held=False)
+        """Due again; a queued entry's hold reason (``error``) goes with the hold."""
+        async with self.db.write() as conn:
+            number = _number(queue_id)
+            result = await conn.execute(
+                update(queue_messages).where(queue_messages.c.id == number).values(held=False)
+            )
+            await conn.execute(
+                update(queue_messages)
+                .where(queue_messages.c.id == number, queue_messages.c.status == QUEUED)
+                .values(error=None)
+            )
+        if result.rowcount == 0:
+            raise errors.not_found(f"no such queue entry: {queue_id}")
 
     async def retry_now(
         self, queue_id: QueueRef | int | None = None, *, now: float | None = None
