@@ -26,6 +26,7 @@ from pathlib import Path
 from conf.settings import Settings
 from delivery.address import POSTMASTER, PathSyntaxError, is_postmaster, parse_mailbox
 from delivery.headers import return_path_field
+from delivery.limits import hold_reason
 from delivery.spool import Message, materialised, message_size, prepend
 from runtime.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
 from storage.api import Route, Storage
@@ -153,10 +154,12 @@ async def deliver(
     routing: Routing,
     message: Message,
     mailbox: str = "INBOX",
+    held_for: str | None = None,
 ) -> tuple[dict[str, AppendResult], str | None]:
     """Deliver ``message`` (with trace fields already prepended) to the local
     accounts (Return-Path prepended, one blob for all) and queue it for the
-    remote recipients. Returns (appends by account address, queued blob key).
+    remote recipients, held with ``held_for`` as the reason if given
+    (delivery/limits.py). Returns (appends by account address, queued blob key).
     A spooled message is streamed from a file, never read whole into memory.
     """
     delivered: dict[str, AppendResult] = {}
@@ -195,7 +198,12 @@ async def deliver(
                     if isinstance(source, Path)
                     else storage.blobs.put(source)
                 )
-            await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)
+            if held_for is None:
+                await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)
+            else:
+                await storage.queue.enqueue(
+                    mail_from, list(routing.remote), blob_key, held_for=held_for
+                )
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
         MESSAGES_QUEUED.inc(len(routing.remote))
@@ -271,7 +279,8 @@ async def submit_message(
     one recipient and at most ``settings.smtp.max_recipients`` (INVALID),
     each recipient is syntactically valid (INVALID) and, on our domains,
     exists (NOT_FOUND, ``err.recipient`` set). Then local copies are
-    committed, remote recipients queued, and a \\Seen copy saved to the
+    committed, remote recipients queued (held when ``account`` is over a
+    sending limit: delivery/limits.py), and a \\Seen copy saved to the
     sender's Sent mailbox: the HTTP send's caller has no copy of its own
     (SMTP submission follows smtp.save_sent_copy instead). The caller
     adds any trace field (Received) to ``raw`` beforehand.
@@ -294,8 +303,11 @@ async def submit_message(
             raise SubmitError(ErrorKind.INVALID, f"bad recipient {rcpt!r}: {exc}", rcpt) from exc
         route = await resolve_recipient(storage, address, settings.smtp.postmaster)
         routing.add(route, address)
+    held_for = None
+    if routing.remote:
+        held_for = await hold_reason(storage, settings, account, len(routing.remote))
     delivered, blob_key = await deliver(
-        storage, mail_from=mail_from, routing=routing, message=raw
+        storage, mail_from=mail_from, routing=routing, message=raw, held_for=held_for
     )
     sent = await save_sent_copy(storage, account, raw)
     return SubmitResult(delivered, tuple(routing.remote), sent, blob_key)

@@ -45,6 +45,7 @@ from delivery.headers import (
     received_field,
     strip_forged_results,
 )
+from delivery.limits import hold_reason
 from delivery.spool import Message, Spooled, message_size, prepend, read_head
 from delivery.submit import (
     Routing,
@@ -846,12 +847,18 @@ class SmtpSession(LeaseHolder, SMTP):
             trace = checked.headers + results.header() + received
         message = prepend(trace, content)
         try:
+            held_for = None
+            if self.mode is not Mode.MX and state.account is not None and txn.routing.remote:
+                held_for = await hold_reason(
+                    self.ctx.storage, settings, state.account, len(txn.routing.remote)
+                )
             delivered, _ = await deliver(
                 self.ctx.storage,
                 mail_from=mail_from,
                 routing=txn.routing,
                 message=message,
                 mailbox=mailbox,
+                held_for=held_for,
             )
             if (
                 self.mode is not Mode.MX

@@ -255,6 +255,11 @@ MESSAGES_QUEUED = counter(
 MESSAGES_BOUNCED = counter(
     "shardmail_messages_bounced_total", "Recipients failed permanently (a DSN was sent)."
 )
+OUTBOUND_HELD = counter(
+    "shardmail_outbound_held_total",
+    "Submitted messages queued held because their account is over a sending limit.",
+    ["limit"],  # messages_per_hour | ... | flagged (the account was already limited)
+)
 AUTH_FAILURES = counter(
     "shardmail_auth_failures_total", "Failed authentication attempts.", ["protocol"]
 )
