@@ -1,12 +1,17 @@
 """``mailctl queue ...``: inspect and steer the outbound queue.
 
 ``list [--all]``, ``show ID``, ``retry ID|--all``, ``delete ID``, ``hold ID``,
-``release ID``, ``stats``, ``suppressions``, ``unsuppress ADDRESS``. Every
+``release ID|--account ADDRESS``, ``stats``, ``suppressions``, ``unsuppress ADDRESS``. Every
 action sees every shard's partition of the queue; an ID is ``NUMBER`` in the
 default shard's partition and ``SHARD:NUMBER`` in another's. ``list`` and
 ``stats`` show the partitions that answer and name those that do not (exit
 1). Exit status as every mailctl command: 0 done, 1 the operation failed
 (e.g. no such entry, message on stderr), 2 usage error.
+
+Mail held for a sending limit (delivery/limits.py) shows its reason on the
+``held:`` line of ``list``; ``release --account ADDRESS`` releases every
+entry held for that account's limit and clears the account's flag, so that
+its next messages are sent again.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import sys
 from collections.abc import Callable
 
 from conf.settings import Settings
+from delivery import limits
 from storage.errors import StorageError
+from storage.shared import close_shared_state
 from storage.sql.queue import QueueRef, state_of
 
 ACTIONS = (
@@ -31,7 +38,7 @@ ACTIONS = (
     "suppressions",
     "unsuppress",
 )
-NEEDS_ID = ("show", "delete", "hold", "release")
+NEEDS_ID = ("show", "delete", "hold")
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -57,7 +64,8 @@ def format_list(entries) -> str:
         state, due = entry_state(e), _when(e.next_attempt)
         lines.append(f"{e.id:>6}  {state:<10} {e.attempts:>5}  {due:<19}  {sender}")
         if e.error:
-            lines.append(f"{'':>8}error: {e.error}")
+            label = "held" if e.held and e.status == "queued" else "error"
+            lines.append(f"{'':>8}{label}: {e.error}")
         for r in e.recipients:
             reply = f"  ({r.last_reply})" if r.last_reply and r.status != "delivered" else ""
             lines.append(f"{'':>8}{r.status:<9} {r.address}{reply}")
@@ -131,6 +139,9 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "retry" and args.id is None and not args.all:
         print("mailctl queue retry: give an entry ID or --all", file=sys.stderr)
         return 2
+    if args.action == "release" and (args.id is None) == (args.account is None):
+        print("mailctl queue release: give an entry ID or --account", file=sys.stderr)
+        return 2
     if args.action == "unsuppress" and not args.address:
         print("mailctl queue unsuppress: an address is required", file=sys.stderr)
         return 2
@@ -162,6 +173,8 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action == "hold":
             await q.hold(ref)
             print(f"queue entry {ref} held")
+        elif args.action == "release" and args.account is not None:
+            return await release_account(storage, args.account)
         elif args.action == "release":
             await q.release_hold(ref)
             print(f"queue entry {ref} released")
@@ -180,6 +193,26 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{args.address.lower()} removed from the suppression list")
         return 0
 
+    async def release_account(storage, address: str) -> int:
+        prefix = limits.reason_prefix(address)
+        answers = await storage.queue.list_by_partition(include_done=False)
+        entries = [m for a in answers.values() if isinstance(a, list) for m in a]
+        held = [e for e in entries if e.held and (e.error or "").startswith(prefix)]
+        for entry in held:
+            await storage.queue.release_hold(entry.id)
+        try:
+            flagged = await limits.release_account(storage, settings, address)
+        finally:
+            await close_shared_state(storage)
+        count = len(held)
+        print(f"{count} queue entr{'y' if count == 1 else 'ies'} of {address.lower()} released"
+              + ("; account no longer held" if flagged else ""))
+        if not settings.redis.url:
+            # The flag lives in each daemon's process without [redis]: out of reach here.
+            print("note: without [redis] url, running daemons hold the account's new mail "
+                  "until they restart", file=sys.stderr)
+        return _report_unavailable(answers)
+
     return with_storage(settings, act)
 
 
@@ -189,6 +222,9 @@ def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", nargs="?", help="queue entry ID: NUMBER or SHARD:NUMBER")
     parser.add_argument("--all", action="store_true", help="list: include done; retry: every entry")
     parser.add_argument("--address", help="unsuppress: the address")
+    parser.add_argument(
+        "--account", help="release: every entry held for this account's sending limit"
+    )
 
 
 def add_queue_parser(
