@@ -188,7 +188,9 @@ class Session:
         return not self.conn.is_tls and not allow
 
     def capabilities(self) -> list[str]:
-        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
+        # RFC 9051 section 7.2.2: rev2 beside rev1; ENABLE picks rev2 (see rev2).
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        caps.append("NAMESPACE")
         if self.state is State.NOT_AUTHENTICATED:
             if not self.conn.is_tls and self.ctx.tls is not None:
                 caps.append("STARTTLS")
@@ -682,7 +684,8 @@ class Session:
                 view.claimed = [c for c in view.claimed if c[1] > view.max_uid]
             self.announce_flags(view)
             self.untagged(f"{view.exists} EXISTS")
-            self.untagged(f"{len(view.recent)} RECENT")
+            if not self.rev2:  # RFC 9051 Appendix E item 5: no RECENT response
+                self.untagged(f"{len(view.recent)} RECENT")
 
     async def _recent_among(self, view: MailboxView, new: dict[int, MessageEntry]) -> set[int]:
         """Which of the ``new`` UIDs (all above the view's) the client is
@@ -797,9 +800,16 @@ class Session:
         if view is not None:
             self.untagged(f"OK [HIGHESTMODSEQ {max(view.modseq, 1)}] Highest")
 
+    @property
+    def rev2(self) -> bool:
+        """ENABLE IMAP4rev2 was given (RFC 9051 section 6.3.1): no \\Recent,
+        no RECENT or [UNSEEN] responses, SEARCH answered with ESEARCH
+        (RFC 9051 Appendix E items 5, 6, 13)."""
+        return "IMAP4REV2" in self.enabled
+
     def display_flags(self, view: MailboxView, uid: int, flags: frozenset[str]) -> list[str]:
         out = sorted(flags)
-        if uid in view.recent:
+        if uid in view.recent and not self.rev2:
             out.append("\\Recent")
         return out
 

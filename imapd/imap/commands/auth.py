@@ -17,7 +17,10 @@ from storage.throttle import LoginClient
 log = logging.getLogger("imapd.imap")
 
 # RFC 5161 section 4 / RFC 7162 section 3.2.3: what ENABLE can turn on.
-ENABLEABLE = frozenset({"CONDSTORE", "QRESYNC"})
+# RFC 9051 section 2.1 / 6.3.1: ENABLE IMAP4rev2 switches a session that
+# also has IMAP4rev1 to rev2 rules (Session.rev2).
+ENABLEABLE = frozenset({"CONDSTORE", "QRESYNC", "IMAP4REV2"})
+_SPELLING = {"IMAP4REV2": "IMAP4rev2"}
 
 
 async def handle_capability(s: Session, cmd: Command) -> Reply:
@@ -54,7 +57,7 @@ async def handle_enable(s: Session, cmd: Enable) -> Reply:
     s.enabled.update(newly)
     if "CONDSTORE" in s.enabled:
         s.condstore = True
-    s.untagged("ENABLED" + "".join(" " + c for c in newly))
+    s.untagged("ENABLED" + "".join(" " + _SPELLING.get(c, c) for c in newly))
     return ok("ENABLE completed")
 
 

@@ -60,8 +60,11 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
         view.recent = set(view.uids_from(floor))
     s.announce_flags(view, always=True)
     s.untagged(f"{view.exists} EXISTS")
-    s.untagged(f"{len(view.recent)} RECENT")
     first_unseen = view.seq_of(snapshot.first_unseen) if snapshot.first_unseen else None
+    if s.rev2:
+        first_unseen = None  # RFC 9051 Appendix E items 5 and 6: no RECENT, no [UNSEEN]
+    else:
+        s.untagged(f"{len(view.recent)} RECENT")
     if first_unseen is not None:
         s.untagged(f"OK [UNSEEN {first_unseen}] First unseen")  # RFC 3501 section 6.3.1
     s.untagged(f"OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")

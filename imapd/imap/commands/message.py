@@ -253,15 +253,16 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
         top_modseq = max((known[u].modseq for u in reported if u in known), default=0)
     modseq_note = b" (MODSEQ %d)" % top_modseq if top_modseq else b""
     numbers = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
-    if cmd.returns is None:
+    if cmd.returns is None and not s.rev2:
         s.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + modseq_note + b"\r\n")
         return ok("SEARCH completed")
     if saving:
         view.saved = saved_result(cmd.returns, uids)  # type: ignore[arg-type]
         if cmd.returns == ("SAVE",):
             return ok("SEARCH completed, result saved")  # RFC 5182 2.1: no ESEARCH
-    # RFC 4731 ESEARCH; RETURN () means ALL (also beside SAVE alone: never here).
-    wanted = tuple(r for r in cmd.returns if r != "SAVE") or ("ALL",)
+    # RFC 4731 ESEARCH; RETURN () means ALL (also beside SAVE alone: never here),
+    # and so does no RETURN at all in IMAP4rev2 (RFC 9051 section 6.4.4).
+    wanted = tuple(r for r in cmd.returns or () if r != "SAVE") or ("ALL",)
     extra = b"MODSEQ %d" % top_modseq if top_modseq else b""  # RFC 7162 section 3.1.5
     s.write(esearch_response(cmd.tag, cmd.uid, wanted, numbers, extra))
     return ok("SEARCH completed")
