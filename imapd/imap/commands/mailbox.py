@@ -71,6 +71,12 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     s.untagged(f"OK [UIDNEXT {max(box.uidnext, view.max_uid + 1)}] Predicted next UID")
     s.untagged(f"OK [MAILBOXID ({await s.mailboxid(box.id)})] Ok")  # RFC 8474 section 4.1
     s.untagged(f"OK [HIGHESTMODSEQ {max(box.highestmodseq, 1)}] Highest")
+    if s.rev2:
+        # RFC 9051 section 6.3.2: a LIST response with the mailbox's name and
+        # accurate attributes is one of SELECT's required answers.
+        tree = _Hierarchy(await s.mail.list_mailboxes(acct))
+        attrs = " ".join(tree.attributes(box.name, "LIST"))
+        s.untagged(f'LIST ({attrs}) "{_DELIM}" '.encode() + encode.mailbox(box.name))
     s.selected_now(view, heard)
     s.state = State.SELECTED
     if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:

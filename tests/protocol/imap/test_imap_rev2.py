@@ -26,10 +26,14 @@ async def test_rev2_session_beside_a_rev1_session(imap_env: ImapEnv) -> None:
     assert (await new.ok("ENABLE IMAP4rev2"))[0] == b"* ENABLED IMAP4rev2"
 
     # RFC 9051 Appendix E: SELECT answers without RECENT and [UNSEEN].
+    await new.ok("CREATE INBOX/Sub")
     lines = await new.ok("EXAMINE INBOX")
     assert b"* %d EXISTS" % n in lines
+    # RFC 9051 section 6.3.2: LIST with the name and accurate attributes.
+    assert b'* LIST (\\HasChildren) "/" "INBOX"' in lines, lines
     assert not any(ln.endswith(b" RECENT") or b"[UNSEEN " in ln for ln in lines), lines
     lines = await old.ok("EXAMINE INBOX")
+    assert not any(ln.startswith(b"* LIST ") for ln in lines), lines
     assert b"* %d RECENT" % n in lines  # rev1: every message is new to the mailbox
     assert any(b"OK [UNSEEN " in ln for ln in lines), lines
 
