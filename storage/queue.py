@@ -253,6 +253,13 @@ class PartitionedQueue:
     async def release_hold(self, queue_id: QueueRef | int) -> None:
         await self._of(queue_id).release_hold(queue_id)
 
+    async def hold_sender(self, sender: str, reason: str) -> int:
+        """Holds every queued entry from ``sender`` in every partition that
+        answers (delivery/limits.py); how many. A partition that is down
+        is skipped (and logged): the account's flag still holds its new mail."""
+        answers = await self._each(lambda p: p.hold_sender(sender, reason))
+        return sum(a for a in answers.values() if not isinstance(a, StorageError))
+
     async def delete(self, queue_id: QueueRef | int) -> None:
         await self._of(queue_id).delete(queue_id)
 

@@ -390,6 +390,22 @@ class OutboundQueue:
         """A held entry is never leased until released. NOT_FOUND if none."""
         await self._set(queue_id, held=True)
 
+    async def hold_sender(self, sender: str, reason: str) -> int:
+        """Holds, with ``reason`` (kept in ``error``), every entry from
+        ``sender`` (any case) still queued and not held, in one statement;
+        how many. Entries already held keep their reason."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(queue_messages)
+                .where(
+                    func.lower(queue_messages.c.sender) == sender.lower(),
+                    queue_messages.c.status == QUEUED,
+                    queue_messages.c.held.is_(False),
+                )
+                .values(held=True, error=reason)
+            )
+        return int(result.rowcount)
+
     async def release_hold(self, queue_id: QueueRef | int) -> None:
         """Due again; a queued entry's hold reason (``error``) goes with the hold."""
         async with self.db.write() as conn:
