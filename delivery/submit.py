@@ -279,8 +279,9 @@ async def submit_message(
     one recipient and at most ``settings.smtp.max_recipients`` (INVALID),
     each recipient is syntactically valid (INVALID) and, on our domains,
     exists (NOT_FOUND, ``err.recipient`` set). Then local copies are
-    committed, remote recipients queued (held when ``account`` is over a
-    sending limit: delivery/limits.py), and a \\Seen copy saved to the
+    committed, remote recipients queued (held while ``account`` is flagged
+    for a sending limit; LimitReached, with nothing stored, if this message
+    would go past one: delivery/limits.py), and a \\Seen copy saved to the
     sender's Sent mailbox: the HTTP send's caller has no copy of its own
     (SMTP submission follows smtp.save_sent_copy instead). The caller
     adds any trace field (Received) to ``raw`` beforehand.

@@ -366,12 +366,21 @@ async def send_message(request: web.Request) -> web.Response:
     raw = await _content_checks(ctx.settings, account.address, draft.recipients(), raw,
                                 request.remote or "")
     try:
+        from delivery.limits import LimitReached
         from delivery.submit import SubmitError, submit_message
     except ImportError:  # pragma: no cover - a deployment without mtad
         raise ApiError(503, "unavailable", "sending is not available") from None
     try:
         result = await submit_message(
             ctx.storage, ctx.settings, account, account.address, draft.recipients(), raw
+        )
+    except LimitReached as err:
+        # RFC 6585 section 4: 429 Too Many Requests, Retry-After the window's end.
+        return web.json_response(
+            {"error": {"code": "sending_limit", "limit": err.limit, "allowed": err.allowed,
+                       "message": str(err)}},
+            status=429,
+            headers={"Retry-After": str(err.retry_after)},
         )
     except SubmitError as err:
         status = err.http_status

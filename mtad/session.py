@@ -45,7 +45,7 @@ from delivery.headers import (
     received_field,
     strip_forged_results,
 )
-from delivery.limits import hold_reason
+from delivery.limits import LimitReached, hold_reason
 from delivery.spool import Message, Spooled, message_size, prepend, read_head
 from delivery.submit import (
     Routing,
@@ -866,6 +866,10 @@ class SmtpSession(LeaseHolder, SMTP):
                 and settings.smtp.save_sent_copy
             ):
                 await save_sent_copy(self.ctx.storage, state.account, message)
+        except LimitReached as err:
+            # RFC 5321 section 4.2.5 (450: try later), RFC 3463 X.7.1 (not authorized).
+            log.info("%s: refused: %s", queue_id, err)
+            return R.Reply(450, "4.7.1", str(err))
         except SubmitError as err:
             log.info("%s: refused: %s", queue_id, err)
             return self._error_reply(err)

@@ -1,22 +1,39 @@
-"""delivery/limits.py without a network: the flag outlives the counts, the
+"""delivery/limits.py without a network: past a limit is refused naming it,
+the first trip holds the queued mail, the flag outlives the counts, the
 windows roll over, and [limits] refuses negative and unknown keys."""
 
 from __future__ import annotations
 
 import datetime as dt
 import random
+import time
 
 import pydantic
 import pytest
 
 from conf.settings import Settings
-from delivery.limits import hold_reason, release_account
+from delivery.limits import LimitReached, hold_reason, reason_prefix, release_account
 from storage.model import Account
 from storage.shared import LocalCounts, shared_state
 
 
+class Queue:
+    """Records hold_sender calls (the SQL one is tested against PostgreSQL
+    in tests/integration/outbound/test_sending_limits.py)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, str]] = []
+
+    async def hold_sender(self, sender: str, reason: str) -> int:
+        self.held.append((sender, reason))
+        return 0
+
+
 class Site:
     """A stand-in storage: shared_state keys on the object."""
+
+    def __init__(self) -> None:
+        self.queue = Queue()
 
 
 def account(address: str) -> Account:
@@ -26,26 +43,56 @@ def account(address: str) -> Account:
     )
 
 
-async def test_a_flagged_account_stays_held_until_released() -> None:
-    limit = random.randint(1, 5)
+async def test_past_a_limit_is_refused_then_held_until_released() -> None:
+    limit = random.randint(2, 9)
     settings = Settings.model_validate({"limits": {
         "user_messages_per_hour": 0, "user_messages_per_day": 0,
         "user_recipients_per_hour": 0, "user_recipients_per_day": limit,
     }})
     site, alice, bob = Site(), account("Alice@Example.NET"), account("bob@example.net")
-    assert await hold_reason(site, settings, alice, limit) is None
-    over = await hold_reason(site, settings, alice, 1)
-    assert over == (f"sending limit: alice@example.net: over user_recipients_per_day = {limit}"
-                    f" (now {limit + 1})")
+    assert await hold_reason(site, settings, alice, limit - 1) is None
+    before = time.time()
+    with pytest.raises(LimitReached) as refused:
+        await hold_reason(site, settings, alice, 2)
+    err = refused.value
+    assert str(err) == (f"Sending limit reached: {limit} recipients per day for "
+                        "alice@example.net; try later")
+    assert (err.limit, err.allowed) == ("user_recipients_per_day", limit)
+    day_end = (before // 86400 + 1) * 86400
+    assert day_end - time.time() - 1 <= err.retry_after <= day_end - before + 1
+    # The first trip holds what the account queued, once, under its reason.
+    assert site.queue.held == [(
+        "alice@example.net",
+        f"sending limit: alice@example.net: over user_recipients_per_day = {limit}",
+    )]
+    with pytest.raises(LimitReached):
+        await hold_reason(site, settings, alice, 2)
+    assert len(site.queue.held) == 1
+    # The refusals took their counts back: one more recipient fits, held (flagged).
+    flagged = await hold_reason(site, settings, alice, 1)
+    assert flagged is not None and flagged.startswith(reason_prefix("ALICE@example.net"))
+    assert "held after going over a limit" in flagged
     assert await hold_reason(site, settings, bob, limit) is None
     # Limits raised by the admin: no count is over now, the flag still holds.
     settings.limits.user_recipients_per_day = 10 * limit + 10
-    flagged = await hold_reason(site, settings, alice, 1)
-    assert flagged is not None and "held after going over a limit" in flagged
+    assert await hold_reason(site, settings, alice, 1) == flagged
     assert await release_account(site, settings, "ALICE@example.net")
     assert not await release_account(site, settings, "alice@example.net")
     assert await hold_reason(site, settings, alice, 1) is None
     assert shared_state(site).counts is shared_state(site).counts
+
+
+async def test_the_refusal_names_the_limit_that_waits_longest() -> None:
+    settings = Settings.model_validate({"limits": {
+        "user_messages_per_hour": 1, "user_messages_per_day": 1,
+        "user_recipients_per_hour": 0, "user_recipients_per_day": 0,
+    }})
+    site, carol = Site(), account(f"carol{random.randint(0, 999)}@example.org")
+    assert await hold_reason(site, settings, carol, random.randint(1, 50)) is None
+    with pytest.raises(LimitReached) as refused:
+        await hold_reason(site, settings, carol, 1)
+    assert refused.value.limit == "user_messages_per_day"
+    assert str(refused.value).startswith("Sending limit reached: 1 messages per day for carol")
 
 
 async def test_counts_start_again_in_the_next_window() -> None:

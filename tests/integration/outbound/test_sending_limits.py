@@ -1,13 +1,13 @@
 """Per-account sending limits (issue #22, delivery/limits.py), end to end.
 
-An account past its limit, submitting with smtplib (STARTTLS + AUTH) and
-through the HTTP API's POST /v1/messages, gets every message accepted (250,
-202); the queue workers deliver the ones within the limit to Debian's
-Postfix and never the ones past it, which wait held with the reason in
-``mailctl queue list`` until ``mailctl queue release --account`` sends them.
-Another account is not affected. Two instances sharing the suite's Redis
-count together; with Redis unreachable each counts alone and nothing is
-refused.
+An account submitting with smtplib (STARTTLS + AUTH) and through the HTTP
+API's POST /v1/messages is refused the message that would take it past
+its limit (450 4.7.1 at DATA, 429 with Retry-After), from either of two
+instances sharing the suite's Redis; nothing is queued for it. Its mail
+still queued (workers off) is held, with the reason, at that moment; while
+flagged its later mail is queued held, until ``mailctl queue release
+--account`` sends it all to Debian's Postfix. Another account is not
+affected. With Redis unreachable each instance counts alone, no crash.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def message(sender: str, rcpts: list[str], subject: str) -> bytes:
 
 def smtp_submit(
     port: int, ctx: ssl.SSLContext, user: str, pw: str, rcpts: list[str], subject: str
-) -> None:
-    """Submits like a mail client on 587 and checks each reply is success."""
+) -> tuple[int, str]:
+    """Submits like a mail client on 587; the reply to the end of DATA."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.starttls(context=ctx)
         client.login(user, pw)
@@ -113,10 +113,13 @@ def smtp_submit(
         for rcpt in rcpts:
             assert client.rcpt(rcpt)[0] == 250
         code, reply = client.data(message(user, rcpts, subject))
-        assert code == 250, reply
+        return code, reply.decode()
 
 
-async def api_submit(node: Instance, user: str, pw: str, rcpts: list[str], subject: str) -> None:
+async def api_submit(
+    node: Instance, user: str, pw: str, rcpts: list[str], subject: str
+) -> tuple[int, dict[str, str], Any]:
+    """POST /v1/messages as the webmail does: (status, headers, JSON body)."""
     base = f"http://127.0.0.1:{node.http.ports[0]}"
     async with aiohttp.ClientSession() as session:
         async with session.post(base + "/v1/login", json={"address": user, "password": pw}) as r:
@@ -127,7 +130,34 @@ async def api_submit(node: Instance, user: str, pw: str, rcpts: list[str], subje
             json={"to": rcpts, "subject": subject, "text": uuid.uuid4().hex},
             headers={"Authorization": f"Bearer {token}"},
         ) as r:
-            assert r.status == 202, await r.text()
+            return r.status, dict(r.headers), await r.json()
+
+
+async def send(
+    node: Instance, ctx: ssl.SSLContext, api: bool, user: str, pw: str, rcpts: list[str],
+    subject: str,
+) -> str | None:
+    """Submits through the API or SMTP; None if accepted, else the refusal's
+    text after its checks: 450 4.7.1 on SMTP, 429 with Retry-After (at
+    most an hour here, every limit under test being hourly) on the API."""
+    if api:
+        status, headers, body = await api_submit(node, user, pw, rcpts, subject)
+        if status == 202:
+            return None
+        assert status == 429, body
+        assert 0 < int(headers["Retry-After"]) <= 3600
+        assert body["error"]["code"] == "sending_limit"
+        return str(body["error"]["message"])
+    code, reply = await asyncio.to_thread(smtp_submit, node.submission, ctx, user, pw, rcpts,
+                                          subject)
+    if code == 250:
+        return None
+    assert code == 450 and reply.startswith("4.7.1 "), (code, reply)
+    return reply.removeprefix("4.7.1 ")
+
+
+def refusal(limit: int, what: str, account: str = ALICE) -> str:
+    return f"Sending limit reached: {limit} {what} per hour for {account}; try later"
 
 
 async def subjects_of(storage: Any, entries: list[Any]) -> set[str]:
@@ -163,43 +193,49 @@ async def one_site(tmp_path, relay_dns, relay_port, dkim_setup, tls_context, red
         yield nodes
 
 
-async def test_over_the_limit_is_accepted_held_then_released(
+async def test_past_the_limit_is_refused_queue_held_then_released(
     tmp_path: Path, relay_dns: DnsServer, relay_port: int, dkim_setup: DkimSetup,
     tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext, postfix: PostfixPeer,
     redis_url: str, capsys: Any,
 ) -> None:
     token = f"limit-{uuid.uuid4().hex[:8]}"
-    held_before = OUTBOUND_HELD.value(limit="messages_per_hour")
+    tripped_before = OUTBOUND_HELD.value(limit="messages_per_hour")
     async with one_site(tmp_path, relay_dns, relay_port, dkim_setup, tls_context, redis_url,
-                        1, workers=4, user_messages_per_hour=LIMIT) as [node]:
-        subjects = [f"{token}-{i}" for i in range(LIMIT + EXTRA)]
+                        1, workers=0, user_messages_per_hour=LIMIT) as [node]:
+        # Workers off: what is accepted stays queued, undelivered.
+        subjects = [f"{token}-{i}" for i in range(LIMIT)]
         for i, subject in enumerate(subjects):  # submission and the API, alternately
-            rcpts = [f"user{i}@postfix.test"]
-            if i % 2:
-                await api_submit(node, ALICE, ALICE_PW, rcpts, subject)
-            else:
-                await asyncio.to_thread(smtp_submit, node.submission, client_tls_context,
-                                        ALICE, ALICE_PW, rcpts, subject)
-        # Another account of the site is not held.
-        await asyncio.to_thread(smtp_submit, node.submission, client_tls_context,
-                                BOB, BOB_PW, ["bob-peer@postfix.test"], f"{token}-bob")
+            assert await send(node, client_tls_context, i % 2 == 1, ALICE, ALICE_PW,
+                              [f"user{i}@postfix.test"], subject) is None
+        assert await send(node, client_tls_context, False, BOB, BOB_PW,
+                          ["bob-peer@postfix.test"], f"{token}-bob") is None
+        assert not any(e.held for e in await node.storage.queue.list())
 
-        sent = {*subjects[:LIMIT], f"{token}-bob"}
-        await eventually(lambda: at_postfix(postfix, token) == sent or None)
-
-        async def settled() -> list[Any] | None:
-            entries = await node.storage.queue.list()
-            moving = [e for e in entries if not e.held and e.status != "done"]
-            return None if moving else entries
-
-        entries = await eventually(settled)
+        for i in range(EXTRA):  # past the limit: refused on both paths, nothing queued
+            got = await send(node, client_tls_context, i % 2 == 0, ALICE, ALICE_PW,
+                             [f"over{i}@postfix.test"], f"{token}-over-{i}")
+            assert got == refusal(LIMIT, "messages")
+        entries = await node.storage.queue.list()
+        assert len(entries) == LIMIT + 1
+        # The first trip held everything Alice had queued, and only hers.
         held = [e for e in entries if e.held]
-        assert await subjects_of(node.storage, held) == set(subjects[LIMIT:])
+        assert await subjects_of(node.storage, held) == set(subjects)
         assert all(e.sender == ALICE and e.attempts == 0 for e in held)
-        assert at_postfix(postfix, token) == sent  # never the held ones
-        assert OUTBOUND_HELD.value(limit="messages_per_hour") == held_before + EXTRA
-        assert all(e.error.startswith(f"sending limit: {ALICE}: over user_messages_per_hour")
+        assert all(e.error == f"sending limit: {ALICE}: over user_messages_per_hour = {LIMIT}"
                    for e in held)
+        [bobs] = [e for e in entries if e.sender == BOB]
+        assert not bobs.held
+        assert OUTBOUND_HELD.value(limit="messages_per_hour") == tripped_before + 1
+
+        # Under the limits again (the admin raised them): accepted, queued held.
+        node.settings.limits.user_messages_per_hour = LIMIT + EXTRA + 10
+        later = [f"{token}-later-{i}" for i in range(2)]
+        for i, subject in enumerate(later):
+            assert await send(node, client_tls_context, i == 1, ALICE, ALICE_PW,
+                              ["later@postfix.test"], subject) is None
+        entries = await node.storage.queue.list()
+        held = [e for e in entries if e.held]
+        assert await subjects_of(node.storage, held) == {*subjects, *later}
 
         settings = node.settings
         code, out, _ = await asyncio.to_thread(mailctl, settings, capsys, "queue", "list")
@@ -207,13 +243,22 @@ async def test_over_the_limit_is_accepted_held_then_released(
         for e in held:
             assert f"{e.id:>6}  held" in out
         assert f"held: sending limit: {ALICE}: over user_messages_per_hour = {LIMIT}" in out
+        assert f"held: sending limit: {ALICE}: account held after going over a limit" in out
 
         code, out, _ = await asyncio.to_thread(
             mailctl, settings, capsys, "queue", "release", "--account", ALICE.upper()
         )
         assert code == 0, out
-        assert f"{EXTRA} queue entr" in out and "account no longer held" in out
-        await eventually(lambda: at_postfix(postfix, token) == {*subjects, f"{token}-bob"} or None)
+        assert f"{LIMIT + len(later)} queue entr" in out and "account no longer held" in out
+        assert not any(e.held for e in await node.storage.queue.list())
+
+    # Workers on (another instance of the site): everything accepted goes out.
+    settings = limited(tmp_path / "site", relay_dns, relay_port, dkim_setup, redis_url,
+                       user_messages_per_hour=LIMIT)
+    settings.queue.workers = 4
+    async with instance(settings, tls_context, accounts=False):
+        sent = {*subjects, *later, f"{token}-bob"}
+        await eventually(lambda: at_postfix(postfix, token) == sent or None)
 
 
 async def test_two_instances_count_together(
@@ -222,53 +267,50 @@ async def test_two_instances_count_together(
 ) -> None:
     async with one_site(tmp_path, relay_dns, relay_port, dkim_setup, tls_context, redis_url,
                         2, user_recipients_per_hour=RCPT_LIMIT) as nodes:
-        total, sizes = 0, []
-        while total <= RCPT_LIMIT:  # past the limit, over both instances in turn
+        total, turn = 0, 0
+        while True:  # towards the limit, over both instances in turn
             size = random.randint(1, 3)
-            node = nodes[len(sizes) % 2]
+            api = random.random() < 0.5
             rcpts = [f"r{total + k}@postfix.test" for k in range(size)]
-            subject = f"rcpts-{len(sizes)}"
-            if random.random() < 0.5:
-                await api_submit(node, ALICE, ALICE_PW, rcpts, subject)
-            else:
-                await asyncio.to_thread(smtp_submit, node.submission, client_tls_context,
-                                        ALICE, ALICE_PW, rcpts, subject)
+            got = await send(nodes[turn % 2], client_tls_context, api, ALICE, ALICE_PW,
+                             rcpts, f"rcpts-{turn}")
+            if got is not None:
+                assert total + size > RCPT_LIMIT, (total, size)
+                break
             total += size
-            sizes.append(size)
-        # The first message whose recipients pass the limit, and all after it, are held.
-        running, first_over = 0, None
-        for index, size in enumerate(sizes):
-            running += size
-            if running > RCPT_LIMIT and first_over is None:
-                first_over = index
+            turn += 1
+        assert total <= RCPT_LIMIT
+        # Refused from the other instance too, on the other path.
+        other = nodes[(turn + 1) % 2]
+        rcpts = [f"o{k}@postfix.test" for k in range(RCPT_LIMIT - total + 1)]
+        assert got == refusal(RCPT_LIMIT, "recipients")
+        assert await send(other, client_tls_context, not api, ALICE, ALICE_PW, rcpts,
+                          "other") == refusal(RCPT_LIMIT, "recipients")
         entries = await nodes[1].storage.queue.list()
-        assert len(entries) == len(sizes)
-        held = {s for s in await subjects_of(nodes[0].storage, [e for e in entries if e.held])}
-        assert held == {f"rcpts-{i}" for i in range(first_over, len(sizes))}
-        # Bob's mail from either instance goes out.
-        await asyncio.to_thread(smtp_submit, nodes[1].submission, client_tls_context,
-                                BOB, BOB_PW, ["b@postfix.test"], "bob-free")
-        [bobs] = [e for e in await nodes[0].storage.queue.list() if e.sender == BOB]
-        assert not bobs.held
+        assert len(entries) == turn  # the refused ones were not queued
+        assert all(e.held for e in entries)  # workers off: all still queued, now held
+        # Bob's mail from either instance is neither refused nor held.
+        for node in nodes:
+            assert await send(node, client_tls_context, node is nodes[0], BOB, BOB_PW,
+                              ["b@postfix.test"], "bob-free") is None
+        bobs = [e for e in await nodes[0].storage.queue.list() if e.sender == BOB]
+        assert len(bobs) == 2 and not any(e.held for e in bobs)
 
 
-async def test_redis_down_counts_per_instance_and_refuses_nothing(
+async def test_redis_down_counts_per_instance_without_crashing(
     tmp_path: Path, relay_dns: DnsServer, relay_port: int, dkim_setup: DkimSetup,
     tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext,
 ) -> None:
     nowhere = f"redis://127.0.0.1:{free_port(('127.0.0.1',))}/0"  # nothing listens
     async with one_site(tmp_path, relay_dns, relay_port, dkim_setup, tls_context, nowhere,
                         2, user_messages_per_hour=LIMIT) as nodes:
-        # Each instance alone lets LIMIT through, then holds: LIMIT + 1 each.
-        for node in nodes:
+        # Each instance alone lets LIMIT through, then refuses and holds.
+        for n, node in enumerate(nodes):
             for i in range(LIMIT + 1):
-                subject = f"down-{nodes.index(node)}-{i}"
-                if i % 2:
-                    await api_submit(node, ALICE, ALICE_PW, ["x@postfix.test"], subject)
-                else:
-                    await asyncio.to_thread(smtp_submit, node.submission, client_tls_context,
-                                            ALICE, ALICE_PW, ["x@postfix.test"], subject)
-        entries = await nodes[0].storage.queue.list()
-        assert len(entries) == 2 * (LIMIT + 1)
-        held = await subjects_of(nodes[0].storage, [e for e in entries if e.held])
-        assert held == {f"down-0-{LIMIT}", f"down-1-{LIMIT}"}
+                got = await send(node, client_tls_context, i % 2 == 1, ALICE, ALICE_PW,
+                                 ["x@postfix.test"], f"down-{n}-{i}")
+                assert got == (refusal(LIMIT, "messages") if i == LIMIT else None)
+            entries = await nodes[0].storage.queue.list()
+            assert len(entries) == (n + 1) * LIMIT
+            held = await subjects_of(nodes[0].storage, [e for e in entries if e.held])
+            assert held == {f"down-{m}-{i}" for m in range(n + 1) for i in range(LIMIT)}
