@@ -286,6 +286,9 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
     for i in range(0, len(uids), BATCH):
         batch = uids[i : i + BATCH]
         items = await _load(s, batch, all_atts)
+        if not _decodable(items, all_atts):
+            # RFC 3516 section 4.3, checked before \Seen is stored for the batch.
+            return no("Cannot decode a part's transfer encoding", "UNKNOWN-CTE")
         if set_seen:
             unseen = [_entry(m).uid for m in items if SEEN not in _entry(m).flags]
             if unseen:
@@ -420,6 +423,23 @@ async def _fetch_one(
         else:  # BODY without a section
             s.write(b"BODY " + encode.body_structure(parsed.body, False))
     s.write(b")\r\n")
+
+
+def _decodable(items: list[StoredMessage | MessageEntry], atts: tuple[FetchAttribute, ...]) -> bool:
+    """Whether every part a BINARY item names has an encoding we can undo."""
+    parts = [a.section.part for a in atts if a.name.startswith("BINARY") and a.section]
+    for m in items if any(parts) else ():
+        if not isinstance(m, StoredMessage):
+            continue
+        for path in parts:
+            part = find_part(m.parsed.body, path) if path else None
+            if part is None or part.type in ("multipart", "message"):
+                continue
+            try:
+                binary.check(part.encoding)
+            except binary.UnknownCte:
+                return False
+    return True
 
 
 async def _binary_sections(

@@ -93,6 +93,10 @@ async def test_binary_of_unknown_encoding_is_no_unknown_cte(imap_env: ImapEnv) -
     # RFC 3516 section 4.3: NO [UNKNOWN-CTE], and no FETCH data for it.
     assert re.fullmatch(rb"t\d+ NO \[UNKNOWN-CTE\] .*", lines[-1]), lines
     assert len(lines) == 1
+    # Without PEEK: still NO, and \Seen is not set by the failed FETCH.
+    lines = await c.command("FETCH 1 (FLAGS BINARY[2])")
+    assert re.fullmatch(rb"t\d+ NO \[UNKNOWN-CTE\] .*", lines[-1]), lines
+    assert b"\\Seen" not in (await c.ok("FETCH 1 FLAGS"))[0]
     lines = await c.ok("FETCH 1 (BINARY.PEEK[1] BINARY.PEEK[3] BODY.PEEK[2])")
     # A part the message lacks is empty, as BODY's (RFC 3501 section 6.4.5).
     expect = b"BINARY[1] {5}\r\nhello BINARY[3] {0}\r\n BODY[2] {11}\r\nbegin 644\r\n)"
