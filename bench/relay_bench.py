@@ -123,6 +123,9 @@ async def main() -> None:
             "smtp.rate_limit_per_ip=0",
             "-o",
             "smtp.rate_limit_per_user=0",
+            # One account sends every message: its sending limits ([limits]) off.
+            *(a for k in ("messages", "recipients") for w in ("hour", "day")
+              for a in ("-o", f"limits.user_{k}_per_{w}=0")),
             "-o",
             "smtp.save_sent_copy=false",
             "-o",
