@@ -70,7 +70,11 @@ async def submit(port: int, count: int, size: int, rcpt: str, offset: int) -> in
     await client.ehlo()
     await client.login(SENDER, PASSWORD)
     for i in range(count):
-        await client.sendmail(SENDER, [rcpt], make_message(size, offset + i, rcpt))
+        # Submission takes only a From: the user owns (mtad/session.py).
+        message = make_message(size, offset + i, rcpt).replace(
+            b"From: bench@sender.example", f"From: {SENDER}".encode(), 1
+        )
+        await client.sendmail(SENDER, [rcpt], message)
     await client.quit()
     return count
 
