@@ -145,7 +145,9 @@ UNFINISHED_UPLOADS = 8
 UNFINISHED_SIZE = 30 * 1024 * 1024  # sent of each upload, never finished
 
 
-def _unfinished_uploads(site: Site, start: Callable[[], socket.socket]) -> None:
+def _unfinished_uploads(
+    site: Site, start: Callable[[], socket.socket], size: int = UNFINISHED_SIZE
+) -> None:
     """UNFINISHED_UPLOADS connections from one address, each opened by
     ``start`` up to where message text is expected, then sent
     UNFINISHED_SIZE octets of it and left hanging: the server's memory
@@ -157,7 +159,7 @@ def _unfinished_uploads(site: Site, start: Callable[[], socket.socket]) -> None:
         for _ in range(UNFINISHED_UPLOADS):
             sock = start()
             sent = 0
-            while sent < UNFINISHED_SIZE:
+            while sent < size:
                 sock.sendall(chunk)
                 sent += len(chunk)
             socks.append(sock)
@@ -190,8 +192,11 @@ def test_unfinished_large_data_phases_do_not_hold_memory(site: Site) -> None:
 
 def test_unfinished_large_appends_do_not_hold_memory(site: Site) -> None:
     """IMAP APPEND literals were held whole in memory as DATA was: sessions
-    each sending 30 MB of a 35 MB literal (RFC 3501 section 4.3,
-    synchronizing: the server's "+" comes first) and never finishing."""
+    each sending 24 MB of a literal of the largest size the server takes
+    (server.max_message_size, 25 MiB: a larger one is refused at once with
+    TOOBIG; RFC 3501 section 4.3, synchronizing: the server's "+" comes
+    first) and never finishing."""
+    literal = 25 * 1024 * 1024
 
     def start() -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", site.ports["imap"]), timeout=60)
@@ -199,11 +204,11 @@ def test_unfinished_large_appends_do_not_hold_memory(site: Site) -> None:
         reader.readline()
         sock.sendall(f'a LOGIN "{ALICE}" "{ALICE_PW}"\r\n'.encode())
         assert reader.readline().startswith(b"a OK")
-        sock.sendall(f"b APPEND INBOX {{{35 * 1024 * 1024}}}\r\n".encode())
+        sock.sendall(f"b APPEND INBOX {{{literal}}}\r\n".encode())
         assert reader.readline().startswith(b"+"), "no continuation for the literal"
         return sock
 
-    _unfinished_uploads(site, start)
+    _unfinished_uploads(site, start, size=24 * 1024 * 1024)
     assert not _inbox_message_ids(site), "an unfinished APPEND was stored"
 
 
