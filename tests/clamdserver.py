@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port as _free_port
+
 START_TIMEOUT = 60.0
 STREAM_MAX_LENGTH = 8 * 1024 * 1024
 HASH_SIGNATURE = "Shardmail.Test.EICAR-HDB"
@@ -56,11 +58,6 @@ def _find(name: str) -> str:
         raise ClamdServerError(f"{name} not found (tests/run.sh installs clamav-daemon, clamav)")
     return path
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_database(directory: Path) -> None:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+
+from tests.ports import free_port as _free_port
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 # One TXT character-string holds at most 255 octets (RFC 1035 section 3.3).
@@ -77,20 +78,6 @@ class DnsServer:
         """The ``[dns]`` settings section pointing at this server."""
         return {"nameservers": [self.host], "port": self.port, "timeout_seconds": timeout}
 
-
-def _free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port for dnsmasq")
 
 
 def _answers(port: int) -> bool:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import asyncpg
 
+from tests.ports import free_port as _free_port
+
 START_TIMEOUT = 60.0
 
 
@@ -145,11 +147,6 @@ def primary_with_replica(*, durable: bool = False) -> Iterator[tuple[PgServer, P
     finally:
         primary.stop()
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgServer:

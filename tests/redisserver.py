@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.ports import free_port as _free_port
+
 START_TIMEOUT = 30.0
 DEFAULT_PORT = 6379  # never used by the tests
 
@@ -39,15 +41,6 @@ def find_redis_server() -> str:
     if path is None:
         raise RedisServerError("redis-server not found (tests/run.sh installs it)")
     return path
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != DEFAULT_PORT:
-            return port
 
 
 class RedisServer:

@@ -28,7 +28,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port as _free_port
 
 START_TIMEOUT = 90.0
 PASSWORD = "shardmail-test-controller"
@@ -86,15 +87,6 @@ def find_rspamd() -> str:
     return path
 
 
-def _free_port(exclude: tuple[int, ...] = ()) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in exclude:
-            return port
-
-
 class RspamdServer:
     """A running rspamd; ``stop()`` kills it and removes its files."""
 
@@ -102,8 +94,8 @@ class RspamdServer:
         self.root = root
         self.redis_port = redis_port
         self.port = _free_port()
-        self.controller_port = _free_port((self.port,))
-        self.dns_port = _free_port((self.port, self.controller_port))  # nobody listens
+        self.controller_port = _free_port()
+        self.dns_port = _free_port()  # nobody listens
         self.password = PASSWORD
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -25,13 +25,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.ports import free_ports as _free_ports
 
 START_TIMEOUT = 60.0
 BUCKET = "shardmail-test"
@@ -55,18 +56,6 @@ def find_swift() -> str:
             )
     return str(Path(shutil.which("swift-proxy-server") or "").parent)
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _system_env() -> dict[str, str]:

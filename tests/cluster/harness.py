@@ -44,6 +44,7 @@ from tests.conftest import loopback_dns
 from tests.integration.smtp.test_smtp_failover import _close, _reset
 from tests.integration.smtp.test_smtp_failover import _message as message
 from tests.pgserver import PgServer
+from tests.ports import free_port
 from tests.redisserver import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,11 +64,6 @@ LISTEN_KEYS = {
 MAIN_KEY = {"mtad": "smtp.mx_listen", "imapd": "imap.listen", "httpapi": "http.listen"}
 MESSAGE_ID = re.compile(rb"Message-ID:\s*<([^>]+)>", re.IGNORECASE)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_answers(port: int) -> bool:

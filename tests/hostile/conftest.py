@@ -34,6 +34,7 @@ from bench.imap_bench import stop_process
 from conf.settings import AuthSettings
 from storage.sql.directory import password_hasher
 from tests.conftest import loopback_dns
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "example.org"
@@ -50,11 +51,6 @@ PROBE_ADDR = "127.0.0.9"
 MAX_PROBE_DELAY = 1.0
 START_TIMEOUT = 60.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _toml(value: object) -> str:

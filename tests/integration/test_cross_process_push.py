@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from conf.settings import Settings
 from conf.tls import server_context
 from storage import open_storage
 from tests.conftest import loopback_dns, make_settings, storage_url
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "example.net"
@@ -30,11 +30,6 @@ ALICE_PW = "alice-secret"
 PUSH_DEADLINE = 0.5
 START_TIMEOUT = 30.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def toml_value(value: object) -> str:

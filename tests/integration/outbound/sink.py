@@ -21,25 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-def free_port(addresses: tuple[str, ...]) -> int:
-    """A TCP port free on every one of ``addresses`` (loopback peers share
-    one port number, as real MX hosts share port 25)."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind((addresses[0], 0))
-            port = first.getsockname()[1]
-            try:
-                for address in addresses[1:]:
-                    with socket.socket() as probe:
-                        probe.bind((address, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free on every address")
-
-
 def dead_host(address: str, port: int):
     """A socket bound to ``address:port`` that never listens: connecting is
     refused (a dead MX), and no other process can take that address and port

@@ -10,22 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 from storage import open_storage
 from tests.conftest import copy_test_storage, make_settings
 from tests.dnsserver import DnsServer
+from tests.ports import free_port
 from tests.protocol.smtp.support import ALICE, SmtpDialogue, mailbox_messages, message
 
 REPO = Path(__file__).resolve().parents[3]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def start_mtad(config: Path, ports: dict[str, int]) -> asyncio.subprocess.Process:
