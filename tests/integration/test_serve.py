@@ -8,12 +8,16 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 import pytest
+
+from tests.ports import free_port
 
 LISTENERS = {
     "smtp.mx_listen": b"220 ",
@@ -27,11 +31,6 @@ TLS_LISTENERS = {
     "pop3.tls_listen": b"+OK",
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen) -> int:
@@ -62,17 +61,60 @@ def start_serving(data_dir: Path, ports: dict[str, int], *extra: str) -> subproc
     return subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
 
 
-def wait_ready(proc: subprocess.Popen) -> str:
-    """The ready line; the test fails with what was logged if none comes."""
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "shardmail ready" in line or not line:
-            break
-    assert "shardmail ready" in lines[-1], "".join(lines)
-    return lines[-1]
+class ServeLog:
+    """What a ``mailctl serve`` process writes to stderr, read by a thread
+    from the start to the end: the test can wait for a line with a deadline
+    (a blocking ``readline()`` never returns if the process hangs silently),
+    and the pipe never fills up (a full pipe would block the server's
+    logging, and so the server)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 60) -> list[str]:
+        """The first ``count`` lines holding ``text``; fails the test, with
+        everything logged, if the process ends or ``timeout`` passes first."""
+        def found() -> list[str]:
+            return [line for line in self.lines if text in line]
+
+        with self._changed:
+            self._changed.wait_for(lambda: len(found()) >= count or self.ended, timeout)
+            matches = found()
+            assert len(matches) >= count, f"{len(matches)} of {count} {text!r} lines:\n" + "".join(
+                self.lines
+            )
+        return matches[:count]
+
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+
+def serve_log(proc: subprocess.Popen) -> ServeLog:
+    """The one :class:`ServeLog` reading ``proc``'s stderr."""
+    log = getattr(proc, "serve_log", None)
+    if log is None:
+        log = ServeLog(proc.stderr)
+        proc.serve_log = log  # type: ignore[attr-defined]
+    return log
+
+
+def wait_ready(proc: subprocess.Popen, count: int = 1) -> str:
+    """The (last of ``count``) ready line(s); the test fails with what was
+    logged if none comes within a minute."""
+    return serve_log(proc).wait_for("shardmail ready", count)[-1]
 
 
 def test_serve_starts_every_daemon_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -132,13 +174,7 @@ def test_serve_with_two_workers_shares_ports_restarts_and_stops(tmp_path: Path) 
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     workers: set[int] = set()
     try:
-        ready = 0
-        deadline = time.monotonic() + 60
-        while ready < 2 and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "supervisor exited early"
-            ready += "shardmail ready: mtad imapd httpapi" in line
-        assert ready == 2
+        assert "shardmail ready: mtad imapd httpapi" in wait_ready(proc, count=2)
         workers = children_of(proc.pid)
         assert len(workers) == 2
         # Each connection lands on one of the workers; all of them answer.
