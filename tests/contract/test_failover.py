@@ -212,12 +212,16 @@ async def test_a_fenced_old_primary_hands_writes_to_the_new_one(
         await db.migrate()
         for i in range(3):  # several pooled connections to the old primary
             await _insert_domain(db, f"old{i}.example")
-        await asyncio.to_thread(replica.promote)
+        # Fence first, then promote, as a failover manager does. The other
+        # order races: a pooled backend that has not yet had the reload
+        # signal would commit on the old primary and wait forever for the
+        # synchronous standby that has just left it.
         await asyncio.to_thread(
             primary.sql,
             "ALTER SYSTEM SET default_transaction_read_only = on",
             "SELECT pg_reload_conf()",
         )
+        await asyncio.to_thread(replica.promote)
         await _until_written(lambda: _insert_domain(db, "new.example"))
         on_new = await asyncio.to_thread(
             replica.sql, "SELECT 1 FROM domains WHERE name = 'new.example'", database=name
