@@ -294,6 +294,15 @@ _CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clients] = (
 )
 
 
+async def close_clients() -> None:
+    """Closes the running loop's clients (their HTTP connections). Every
+    daemon's ``close`` calls it: a client left open is an unclosed aiohttp
+    session when the loop ends. A later check makes a new client."""
+    clients = _CLIENTS.pop(asyncio.get_running_loop(), {})
+    for client in clients.values():
+        await client.close()
+
+
 def client_for(settings: Settings) -> RspamdClient:
     """The running loop's client for ``settings.antispam``."""
     spam = settings.antispam
@@ -347,6 +356,7 @@ __all__ = [
     "RspamdError",
     "RspamdResult",
     "client_for",
+    "close_clients",
     "envelope_headers",
     "fold",
     "spam_headers",

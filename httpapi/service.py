@@ -69,7 +69,10 @@ class HttpService:
         return [(sock.getsockname()[0], sock.getsockname()[1]) for sock in self.sockets]
 
     async def close(self) -> None:
+        from delivery.checks_rspamd import close_clients
+
         await self.runner.cleanup()
+        await close_clients()
 
 
 class _LimitedSite(web.SockSite):

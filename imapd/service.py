@@ -38,6 +38,9 @@ class ImapdService:
 
         await stop_imap(self.imap)
         await stop_pop3(self.pop3)
+        from delivery.checks_rspamd import close_clients
+
+        await close_clients()  # Junk learning's (delivery/learn.py)
 
 
 async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext) -> ImapdService:

@@ -84,6 +84,9 @@ class Service:
                 await hook()
             except Exception:
                 log.exception("error while stopping")
+        from delivery.checks_rspamd import close_clients
+
+        await close_clients()
         for servers in self.servers.values():
             for server in servers:
                 try:

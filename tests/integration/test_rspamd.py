@@ -280,3 +280,21 @@ async def test_submission_refuses_spam_it_cannot_put_in_junk(
     assert code == 550 and text.startswith(b"5.7.1 "), (code, text)
     for box in ("INBOX", "Junk"):
         assert await mailbox_messages(populated, BOB, box) == []
+
+
+async def test_closing_the_mta_closes_its_rspamd_connections(
+    mta: Service, populated  # noqa: F811
+) -> None:
+    """The rspamd client outlives each message, not the daemon: after
+    ``close`` no aiohttp session is left open (an "Unclosed client session"
+    at exit)."""
+    from delivery import checks_rspamd
+
+    rng = random.Random()
+    assert (await send_mx(mta.port("mx"), message(rng, words(rng, 50)))).startswith("250")
+    clients = list(checks_rspamd._CLIENTS[asyncio.get_running_loop()].values())
+    assert clients and all(c._session is not None and not c._session.closed for c in clients)
+    sessions = [c._session for c in clients]
+    await mta.close()
+    assert all(s is not None and s.closed for s in sessions)
+    assert asyncio.get_running_loop() not in checks_rspamd._CLIENTS
