@@ -274,7 +274,8 @@ async def test_mail_of_a_live_partition_goes_out_while_another_is_down(
     from mtad.dns import MxRecord
     from mtad.outbound.worker import QueueRunner
     from tests.conftest import make_settings
-    from tests.integration.outbound.sink import SinkServer, free_port
+    from tests.integration.outbound.sink import SinkServer
+    from tests.ports import free_port
     from tests.unit.test_outbound_mx import FakeResolver
 
     storage, server_b = outage

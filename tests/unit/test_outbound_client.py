@@ -14,7 +14,8 @@ from conf.settings import QueueSettings
 from mtad.dns import MxRecord
 from mtad.outbound.client import Reply, dot_stuff
 from mtad.outbound.delivery import Destination, TlsPolicy, deliver_domain
-from tests.integration.outbound.sink import SinkServer, dead_host, free_port
+from tests.integration.outbound.sink import SinkServer, dead_host
+from tests.ports import free_port
 from tests.unit.test_outbound_mx import FakeResolver
 
 MESSAGE = b"From: a@example.net\r\nTo: x@d.test\r\nSubject: t\r\n\r\n.leading dot\r\nbody\r\n"

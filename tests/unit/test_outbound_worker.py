@@ -15,7 +15,8 @@ from mtad.dns import MxRecord
 from mtad.outbound.signing import generate_key
 from mtad.outbound.worker import QueueRunner, retry_delay
 from tests.conftest import make_settings
-from tests.integration.outbound.sink import SinkServer, dead_host, free_port
+from tests.integration.outbound.sink import SinkServer, dead_host
+from tests.ports import free_port
 from tests.unit.test_outbound_mx import FakeResolver
 
 SENDER = "alice@example.net"

@@ -35,7 +35,8 @@ from conf.settings import Settings
 from mtad.outbound.signing import generate_key
 from tests.conftest import make_settings
 from tests.dnsserver import DnsServer, Zone, dns_server
-from tests.integration.outbound.sink import dead_host, free_port
+from tests.integration.outbound.sink import dead_host
+from tests.ports import free_port
 from tests.postfixpeer import PostfixPeer, postfix_peer
 
 SENDER_DOMAIN = "example.net"

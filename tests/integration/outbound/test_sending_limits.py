@@ -35,8 +35,8 @@ from tests.integration.outbound.conftest import (
     eventually,
     sender_settings,
 )
-from tests.integration.outbound.sink import free_port
 from tests.integration.outbound.test_mailctl_queue import run as mailctl
+from tests.ports import free_port
 from tests.postfixpeer import PostfixPeer
 
 BOB = "bob@example.net"
