@@ -171,6 +171,11 @@ class ClamdClient:
                         writer.write(_LENGTH.pack(len(chunk)))
                         writer.write(chunk)
                         await writer.drain()
+                        # drain() yields only above the high-water mark: a
+                        # turn of the loop lets an early answer reach ``reply``
+                        # before the stream ends, however fast the socket is.
+                        await asyncio.sleep(0)
+                        await asyncio.sleep(0)
                     else:
                         writer.write(END_OF_STREAM)
                         await writer.drain()
