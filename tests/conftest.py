@@ -29,6 +29,32 @@ import pytest
 from conf.settings import Settings
 
 LOOPBACK_ANY_PORT = ["127.0.0.1:0"]
+# Tests that time latencies (a second for another client, a parser's
+# budget on hostile input, IDLE within a second) or load the machine on
+# purpose (floods, cluster drills, failover): marked ``serial``, which
+# tests/run.sh runs alone after the rest has run in parallel
+# (pytest-xdist), so no other test's load can make them fail or slow.
+SERIAL = (
+    "tests/hostile/",
+    "tests/cluster/",
+    "tests/contract/test_failover.py",
+    "tests/contract/test_shared_state.py",
+    "tests/integration/http/test_realtime.py",
+    "tests/integration/imap/test_imap_login_gate.py",
+    "tests/protocol/imap/test_imap_rfc_rules.py",
+    "tests/protocol/imap/test_imap_session.py",
+    "tests/unit/test_imap_wire_fuzz.py",
+    "tests/unit/test_login_gate.py",
+    "tests/unit/test_smtp_fuzz.py",
+)
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        where = Path(item.path).resolve().relative_to(_ROOT).as_posix()
+        if where.startswith(SERIAL):
+            item.add_marker(pytest.mark.serial)
 _LOOPBACK_DNS: list[object] = []
 
 

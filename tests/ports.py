@@ -12,12 +12,15 @@ Contract: :func:`free_port` returns a port that
   number from that very range: the next ``connect()`` of any process, or a
   listener another server binds to port 0, may get it first.
 
-The one race left is another process on the machine binding the same
-number by name in the meantime; the tests' own servers all pick here.
+Under pytest-xdist each worker picks from a slice of its own
+(``PYTEST_XDIST_WORKER``), so two workers never pick the same number. The
+one race left is another process binding the same number by name in the
+meantime; the tests' own servers all pick here.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -51,15 +54,27 @@ def _bindable(port: int, addresses: tuple[str, ...]) -> bool:
     return True
 
 
+def _range() -> tuple[int, int]:
+    """This process's slice of ``LOWEST`` .. the ephemeral range (inclusive)."""
+    low, high = LOWEST, _ephemeral_low() - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        width = (high - low + 1) // count
+        low += int(worker[2:]) * width
+        high = low + width - 1
+    return low, high
+
+
 def free_port(addresses: tuple[str, ...] = ("127.0.0.1",)) -> int:
     """A port free on every one of ``addresses``, new to this process."""
-    high = _ephemeral_low() - 1
+    low, high = _range()
     for _ in range(1000):
-        port = _rng.randint(LOWEST, high)
+        port = _rng.randint(low, high)
         if port not in _handed_out and _bindable(port, addresses):
             _handed_out.add(port)
             return port
-    raise RuntimeError(f"no free port in {LOWEST}-{high} on {addresses}")
+    raise RuntimeError(f"no free port in {low}-{high} on {addresses}")
 
 
 def free_ports(n: int, addresses: tuple[str, ...] = ("127.0.0.1",)) -> list[int]:

@@ -51,12 +51,25 @@ run_pytest() {
     "$VENV/bin/python" -m pytest -q -ra "$@"
   fi
 }
-run_pytest "$@"
+# Most tests wait on sockets and servers more than they compute, so they run WORKERS at a
+# time (pytest-xdist; a module's tests stay together). Those marked serial (tests/conftest.py
+# SERIAL: latency budgets, floods, cluster drills) then run alone. Exit status 5 is "no test
+# selected", when the arguments name only tests of the other kind.
+WORKERS=${SHARDMAIL_TEST_WORKERS:-3}
+run_both() {
+  local first=0 second=0
+  run_pytest -n "$WORKERS" --dist loadfile -m "not serial" "$@" || first=$?
+  ((first == 0 || first == 5)) || return "$first"
+  run_pytest -m serial "$@" || second=$?
+  ((second == 0 || second == 5)) || return "$second"
+  ((first == 0 || second == 0))  # neither selected anything: fail, as pytest would
+}
+run_both "$@"
 # The whole suite (no arguments): then real clients again with every site's storage on
 # PostgreSQL (tests/conftest.py storage_url), IMAP, SMTP, POP3 and the HTTP API, and SIGKILL of
 # an imapd under APPENDs, ~4 minutes.
 if (($# == 0)); then
-  SHARDMAIL_TEST_BACKEND=postgresql run_pytest \
+  SHARDMAIL_TEST_BACKEND=postgresql run_both \
     tests/integration/imap/test_imap_clients.py tests/integration/smtp/test_smtp_clients.py \
     tests/integration/pop3 tests/integration/http/test_api.py \
     tests/integration/imap/test_imap_crash.py tests/integration/test_cross_process_push.py

@@ -28,3 +28,17 @@ def test_a_port_in_use_is_never_handed_out() -> None:
         with socket.socket() as ours:
             ours.bind(("127.0.0.1", port))
             assert all(p not in (port, taken) for p in free_ports(50))
+
+
+def test_xdist_workers_pick_from_slices_of_their_own(monkeypatch) -> None:
+    import tests.ports as ports
+
+    seen: list[set[int]] = []
+    for worker in ("gw0", "gw1", "gw2"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+        low, high = ports._range()
+        picked = set(free_ports(30))
+        assert all(low <= p <= high for p in picked)
+        seen.append(picked)
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
