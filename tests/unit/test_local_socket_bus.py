@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import socket
 import stat
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,16 +35,20 @@ def new_mail(change_id: int = 1, uid: int = 1) -> Change:
 
 
 @pytest.fixture
-async def buses(tmp_path: Path) -> AsyncIterator[tuple[LocalSocketEventBus, LocalSocketEventBus]]:
-    directory = tmp_path / "shardmail.db-events"
-    a, b = LocalSocketEventBus(directory), LocalSocketEventBus(directory)
-    await a.start()
-    await b.start()
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+async def buses() -> AsyncIterator[tuple[LocalSocketEventBus, LocalSocketEventBus]]:
+    # A short folder: tmp_path under pytest-xdist (…/popen-gw0/test_…0/) leaves
+    # too little of the 107 octets a Unix socket path may have for the names
+    # the tests bind there themselves.
+    with tempfile.TemporaryDirectory(prefix="smbus-") as root:
+        directory = Path(root) / "shardmail.db-events"
+        a, b = LocalSocketEventBus(directory), LocalSocketEventBus(directory)
+        await a.start()
+        await b.start()
+        try:
+            yield a, b
+        finally:
+            await a.close()
+            await b.close()
 
 
 async def test_change_reaches_local_and_remote_subscribers_once(buses) -> None:
