@@ -40,7 +40,10 @@ def stop(proc: subprocess.Popen) -> int:
         return proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise
+        log = getattr(proc, "serve_log", None)
+        raise AssertionError(
+            "not stopped 30 s after SIGTERM; it logged:\n" + (log.text() if log else "")
+        ) from None
 
 
 def greeting(port: int, tls: bool) -> bytes:
