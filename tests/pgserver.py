@@ -326,6 +326,10 @@ class PgServer:
         open, nothing answers). :meth:`kill` still ends it."""
         self._signal_all(signal.SIGSTOP)
 
+    def thaw(self) -> None:
+        """SIGCONT every process of a :meth:`freeze`-d server: it answers again."""
+        self._signal_all(signal.SIGCONT)
+
     def _signal_all(self, signum: int) -> None:
         for pid in [self.proc.pid, *_children(self.proc.pid)]:
             with contextlib.suppress(ProcessLookupError):

@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import asyncpg.exceptions as asyncpg_errors
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -107,6 +107,11 @@ MERGE_TIMEOUT_SECONDS = 60.0
 # COMMIT_MARK_KEEP_SECONDS are deleted by the search index's merger (one process at a time).
 COMMIT_IN_DOUBT_SECONDS = 30.0
 COMMIT_MARK_KEEP_SECONDS = 600
+# How long a durable batch's COMMIT may go without a reply before it is in doubt (as above).
+# A synchronous standby that stopped answering holds every COMMIT on the primary: without a
+# bound the callers would wait for ever (a sender's DATA, a client's APPEND), where the
+# outage should be a temporary failure (a 451, NO [UNAVAILABLE]) they can retry.
+COMMIT_WAIT_SECONDS = 30.0
 # Failures of one host after which the next is tried: out of reach (refused,
 # timed out), not the primary (a standby), starting up or in recovery (57P03).
 # Others (a wrong password, a missing database) stop at once, as asyncpg does.
@@ -457,9 +462,11 @@ class _PgTransaction:
         # A closed asyncpg connection has no protocol to ask (AttributeError).
         return not self._raw.is_closed() and bool(self._raw.is_in_transaction())
 
-    def execute(self, sql: str) -> None:
+    def execute(self, sql: str, timeout: float | None = None) -> None:
+        """``sql`` on the connection; past ``timeout`` seconds asyncpg cancels
+        it and this raises (a COMMIT's outcome is then in doubt)."""
         try:
-            await_only(self._raw.execute(sql))
+            await_only(self._raw.execute(sql, timeout=timeout))
         except Exception as exc:
             _raise_as_sqlalchemy(self._conn, self._conn.connection, exc, sql)
 
@@ -877,39 +884,68 @@ class Database:
 
     async def _commit_landed(self, token: str) -> bool:
         """After a COMMIT that failed without a verdict: whether the batch
-        that wrote commit mark ``token`` committed. Fences it first: the
-        token is inserted on a new connection (to whichever server now takes
-        writes), which waits while the batch's COMMIT is still in progress
-        and, once in, keeps it from ever committing. False if it did not
-        commit, or if no server could tell within COMMIT_IN_DOUBT_SECONDS
-        (the callers then get a temporary error: a sender sends again,
-        possibly a second copy, which RFC 5321 section 6.1 prefers to a
-        loss)."""
-        deadline = asyncio.get_running_loop().time() + COMMIT_IN_DOUBT_SECONDS
+        that wrote commit mark ``token`` committed, as durably as its COMMIT
+        would have made it. Fences it first (:meth:`_fence`). False if it
+        did not commit, or if no server could tell within
+        COMMIT_IN_DOUBT_SECONDS (the callers then get a temporary error: a
+        sender sends again, possibly a second copy, which RFC 5321 section
+        6.1 prefers to a loss)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMMIT_IN_DOUBT_SECONDS
         delay = 0.1
         while True:
             try:
-                async with self.engine.connect() as conn:
-                    fenced = await conn.execute(
-                        text(
-                            "INSERT INTO commit_marks (token) VALUES (:token) "
-                            "ON CONFLICT DO NOTHING RETURNING 1"
-                        ),
-                        {"token": token},
-                    )
-                    ours = fenced.first() is not None
-                    await conn.commit()
+                landed = await self._fence(token, deadline)
             except Exception as exc:
-                if asyncio.get_running_loop().time() + delay > deadline:
-                    log.warning("commit of batch %s in doubt, no server could tell: %s",
+                if loop.time() + delay > deadline:
+                    log.warning("commit of batch %s in doubt, no server could tell: %r",
                                 token, exc)
                     return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             log.warning("a COMMIT failed without a verdict; batch %s %s", token,
-                        "did not commit" if ours else "had committed")
-            return not ours
+                        "had committed" if landed else "did not commit")
+            return landed
+
+    async def _fence(self, token: str, deadline: float) -> bool:
+        """One try of :meth:`_commit_landed`, raising past ``deadline`` (the
+        loop's clock). The token goes in on a new connection (to whichever
+        server now takes writes) as a *fence* row: the insert waits while
+        the batch's COMMIT is still in progress and, once in, keeps it from
+        ever committing. Whose row holds the token then tells: the batch's
+        (it committed) or a fence, this try's or an earlier one's whose
+        reply was lost (it did not, and never will). When the batch did
+        commit, a write of our own must commit too: where commits wait for
+        synchronous standbys, that one returning tells that they hold the
+        batch as well (its WAL comes first)."""
+        async with asyncio.timeout_at(deadline):
+            conn = await self.engine.connect()
+            try:
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                # asyncpg outside a transaction: each statement commits alone.
+                await raw.execute(
+                    "INSERT INTO commit_marks (token, fence) VALUES ($1, true) "
+                    "ON CONFLICT DO NOTHING",
+                    token,
+                )
+                fence = await raw.fetchval(
+                    "SELECT fence FROM commit_marks WHERE token = $1", token
+                )
+                if fence is not False:
+                    return False
+                await raw.execute(
+                    "INSERT INTO commit_marks (token, fence) VALUES ($1, true)", uuid.uuid4().hex
+                )
+                return True
+            except BaseException:
+                with suppress(Exception):
+                    await conn.invalidate()
+                raise
+            finally:
+                with suppress(Exception):
+                    await conn.close()
 
     @staticmethod
     async def _drop_pg_writer(conn: AsyncConnection | None) -> None:
@@ -1431,11 +1467,15 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
             driver.execute("COMMIT")
         else:
             try:
-                driver.execute("COMMIT")
+                driver.execute("COMMIT", timeout=COMMIT_WAIT_SECONDS)
             except Exception as exc:
                 # Even an error reply may come after the local commit (a cancelled wait
                 # for a synchronous replica): only the mark can tell.
                 raise _CommitInDoubt(token) from exc
+    except _CommitInDoubt:
+        # No ROLLBACK: the connection may not answer (it is dropped), and
+        # the outcome is for the mark to tell (Database._commit_landed).
+        raise
     except BaseException:
         if driver.in_transaction:
             with suppress(Exception):

@@ -918,6 +918,18 @@ async def _v22_pg_commit_marks(conn: AsyncConnection) -> None:
     await conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS commit_marks_at ON commit_marks (at)")
 
 
+async def _v23_pg_commit_fences(conn: AsyncConnection) -> None:
+    """PostgreSQL: ``commit_marks.fence``, true for the rows a writer in
+    doubt inserts to fence a batch off (``db.Database._fence``), so that
+    a later try can tell its own fence from the batch's mark. SQLite:
+    nothing."""
+    if conn.dialect.name != "postgresql":
+        return
+    await conn.exec_driver_sql(
+        "ALTER TABLE commit_marks ADD COLUMN IF NOT EXISTS fence boolean NOT NULL DEFAULT false"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -941,6 +953,7 @@ MIGRATIONS: list[Step] = [
     _v20_pg_word_index,
     _v21_pg_lz4_texts,
     _v22_pg_commit_marks,
+    _v23_pg_commit_fences,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -26,6 +26,7 @@ from storage.backend import SqlStorage, failover_url, open_storage_from_url
 from storage.errors import ErrorKind, StorageError
 from storage.events import InProcessSubscription, PgNotifyEventBus, asyncpg_connect_args
 from storage.model import Account, Change, ChangeKind, UidSet
+from storage.sql import db as db_module
 from storage.sql.db import Database
 from tests.contract.conftest import TEST_HASHER
 from tests.contract.mailfactory import build
@@ -229,6 +230,45 @@ async def test_a_fenced_old_primary_hands_writes_to_the_new_one(
         assert on_new == "1"
     finally:
         await db.close()
+
+
+async def test_a_standby_that_stops_answering_makes_deliveries_temporary_not_hung(
+    pair: tuple[PgServer, PgServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The synchronous standby hangs (SIGSTOP): every COMMIT on the primary
+    waits for it. A delivery fails TEMPORARY within the bounds (COMMIT_WAIT_
+    SECONDS, then COMMIT_IN_DOUBT_SECONDS to learn the outcome) instead of
+    waiting for ever; once the standby answers again deliveries go through,
+    and every acknowledged message is on the standby too."""
+    monkeypatch.setattr(db_module, "COMMIT_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(db_module, "COMMIT_IN_DOUBT_SECONDS", 2.0)
+    primary, replica = pair
+    name, url = await _database(primary, replica)
+    storage = await open_storage_from_url(url, tmp_path / "blobs", password_hasher=TEST_HASHER)
+    try:
+        await storage.directory.add_domain("example.org")
+        account = await storage.directory.add_account("bob@example.org", "pw")
+        acknowledged = [f"before {random.getrandbits(64):x}"]
+        await _deliver(storage, account, acknowledged[0])
+        replica.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StorageError) as failed:
+                await _deliver(storage, account, "while the standby hangs")
+            assert failed.value.kind is ErrorKind.TEMPORARY, failed.value
+            assert time.monotonic() - started < 15
+        finally:
+            replica.thaw()
+        acknowledged.append(f"after {random.getrandbits(64):x}")
+        await _until_written(lambda: _deliver(storage, account, acknowledged[-1]))
+        assert set(acknowledged) <= set(await _subjects(storage, account))
+        await asyncio.to_thread(replica.wait_replayed, primary)
+        on_standby = await asyncio.to_thread(
+            replica.sql, "SELECT string_agg(subject, '|') FROM messages", database=name
+        )
+        assert set(acknowledged) <= set(on_standby.split("|")), on_standby
+    finally:
+        await storage.close()
 
 
 @contextlib.contextmanager

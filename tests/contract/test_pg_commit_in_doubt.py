@@ -45,16 +45,16 @@ def lost_commit(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     trap = {"when": ""}
     real = db_module._PgTransaction.execute
 
-    def execute(self: Any, sql: str) -> None:
+    def execute(self: Any, sql: str, timeout: float | None = None) -> None:
         when, trap["when"] = trap["when"], ""
         if sql != "COMMIT" or not when:
             trap["when"] = when
-            real(self, sql)
+            real(self, sql, timeout)
             return
         if when == "after":
-            real(self, sql)
+            real(self, sql, timeout)
         self._raw.terminate()
-        real(self, sql)  # raises the driver's own error for a dead connection
+        real(self, sql, timeout)  # raises the driver's own error for a dead connection
 
     monkeypatch.setattr(db_module._PgTransaction, "execute", execute)
     yield trap
