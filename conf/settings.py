@@ -493,10 +493,37 @@ def _check_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
+# An LDH label (RFC 1035 section 2.3.1; a leading digit, RFC 1123 section 2.1).
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# RFC 1035 section 2.3.4: a name is at most 253 characters as text; an IPv6
+# client's query name puts 64 (32 nibbles, RFC 5782 section 2.4) before the zone.
+DNSL_ZONE_MAX = 253 - 64
+
+
+def _check_zones(values: list[str]) -> list[str]:
+    """DNS list zone names, lower-cased without a final dot; each once."""
+    zones: list[str] = []
+    for value in values:
+        zone = value.lower().removesuffix(".")
+        labels = zone.split(".")
+        if (len(labels) < 2 or len(zone) > DNSL_ZONE_MAX
+                or not all(_DNS_LABEL.fullmatch(label) for label in labels)):
+            raise ValueError(
+                f"{value!r} is not a DNS zone name (two or more labels of letters,"
+                f" digits and hyphens, at most {DNSL_ZONE_MAX} characters)"
+            )
+        if zone in zones:
+            raise ValueError(f"{zone} is listed twice")
+        zones.append(zone)
+    return zones
+
+
 class AntispamSettings(Section):
     """Every message taken in is scored by rspamd (delivery/checks_rspamd.py)
     when ``rspamd_url`` is set; moving mail into or out of Junk teaches its
-    controller (delivery/learn.py) when ``controller_url`` is set."""
+    controller (delivery/learn.py) when ``controller_url`` is set. The
+    built-in engine (no rspamd needed) asks DNS block and allow lists about
+    the MX's clients (delivery/checks_dnsbl.py) when ``dnsbl_zones`` is set."""
 
     # rspamd's normal worker (or proxy), which answers /checkv2; empty: off.
     rspamd_url: str = ""
@@ -508,11 +535,20 @@ class AntispamSettings(Section):
     # rspamd unreachable, too slow or answering an error: 451 4.7.1 (tempfail),
     # or deliver with an "X-Spam-Checked: no" field (accept).
     on_error: Literal["tempfail", "accept"] = "tempfail"
-    # One check's whole time (connect, send, verdict); also one learn's.
+    # One rspamd check's whole time (connect, send, verdict); also one learn's.
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 15.0
+    # DNS block lists (RFC 5782) asked about each MX client's IP through the
+    # [dns] resolver, within dns.timeout_seconds; a listed client is refused
+    # at the end of DATA (554 5.7.1). Empty: off.
+    dnsbl_zones: list[str] = Field(default_factory=list)
+    # DNS allow lists: a client listed in one is not refused by the block lists.
+    dnswl_zones: list[str] = Field(default_factory=list)
 
     _urls = field_validator("rspamd_url", "controller_url")(
         classmethod(lambda cls, v: _check_http_url(v))
+    )
+    _zones = field_validator("dnsbl_zones", "dnswl_zones")(
+        classmethod(lambda cls, v: _check_zones(v))
     )
 
     @model_validator(mode="after")
@@ -522,6 +558,11 @@ class AntispamSettings(Section):
             raise ValueError("controller_url needs rspamd_url (learning without checking)")
         if self.password and not self.controller_url:
             raise ValueError("password is the controller's: it needs controller_url")
+        if self.dnswl_zones and not self.dnsbl_zones:
+            raise ValueError("dnswl_zones needs dnsbl_zones (an allow list with no block"
+                             " list to let anyone past)")
+        if both := set(self.dnswl_zones) & set(self.dnsbl_zones):
+            raise ValueError(f"{', '.join(sorted(both))}: in both dnsbl_zones and dnswl_zones")
         return self
 
 

@@ -6,8 +6,9 @@ message is complete and before anything is stored or queued, and acts on
 the one combined :class:`Verdict`.
 
 Contract of a check (anything with a ``name`` and an async ``check``
-method, :class:`Check`), so that anti-virus (clamd, :mod:`delivery.checks_clamd`)
-today and rspamd or a built-in spam engine later plug in the same way:
+method, :class:`Check`), so that anti-virus (clamd, :mod:`delivery.checks_clamd`),
+rspamd (:mod:`delivery.checks_rspamd`) and the built-in engine's DNS lists
+(:mod:`delivery.checks_dnsbl`) plug in the same way:
 
 * ``check(subject)`` reads the message from :class:`Subject` (bytes or a
   spool file: stream it, do not copy it whole) and returns a
@@ -33,10 +34,13 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from conf.settings import Settings
 from delivery.spool import Message
+
+if TYPE_CHECKING:
+    from delivery.checks_dnsbl import ZoneResolver
 
 log = logging.getLogger("delivery.checks")
 
@@ -112,6 +116,13 @@ def combine(verdicts: Sequence[Verdict]) -> Verdict:
     return Verdict(worst.action, worst.reply, headers, worst.check)
 
 
+def printable(text: str, limit: int) -> str:
+    """``text`` as printable ASCII (anything else a ``?``), at most ``limit``:
+    safe in an SMTP reply and in a header field (what a check passes on
+    from its server, such as rspamd's message or a DNS list's TXT)."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:limit]).strip()
+
+
 # Outgoing mail has no Junk to go to: what a check would quarantine is
 # refused (RFC 3463 section 3.8, X.7.1 delivery not authorized).
 POLICY_REFUSED = (550, "5.7.1", "Message refused by content policy")
@@ -132,10 +143,17 @@ class CheckStage:
         self.checks = tuple(checks)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CheckStage:
+    def from_settings(
+        cls, settings: Settings, resolver: ZoneResolver | None = None
+    ) -> CheckStage:
         """The checks ``settings`` turns on: ``[antivirus]`` (clamd),
-        ``[antispam]`` (rspamd)."""
+        ``[antispam]`` (rspamd; DNS lists with ``resolver``, the MX's: mtad
+        passes its own, and the HTTP API, which has no MX flow, none)."""
         checks: list[Check] = []
+        if settings.antispam.dnsbl_zones and resolver is not None:
+            from delivery.checks_dnsbl import DnsblCheck
+
+            checks.append(DnsblCheck.from_settings(settings, resolver))
         if settings.antivirus.enabled:
             from delivery.checks_clamd import ClamdCheck
 
@@ -177,4 +195,5 @@ __all__ = [
     "Verdict",
     "combine",
     "for_flow",
+    "printable",
 ]

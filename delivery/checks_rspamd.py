@@ -45,7 +45,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from conf.settings import Settings
-from delivery.checks import Action, Subject, Verdict
+from delivery.checks import Action, Subject, Verdict, printable
 from delivery.checks_clamd import ClamdError, message_chunks
 from delivery.spool import Message, Spooled
 
@@ -112,12 +112,6 @@ def _number(value: object) -> float:
     return float(value) if math.isfinite(value) else 0.0
 
 
-def _printable(text: str, limit: int) -> str:
-    """``text`` as printable ASCII (anything else a ``?``), at most ``limit``:
-    safe in an SMTP reply and in a header field."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:limit]).strip()
-
-
 def fold(name: str, items: Sequence[str], separator: str = ",") -> bytes:
     """``name: item1, item2, ...`` as a header field (ending in CRLF),
     folded before an item wherever the line would pass LINE_SOFT
@@ -144,7 +138,7 @@ def spam_headers(result: RspamdResult) -> bytes:
     spam = "Yes" if result.action in SPAM_ACTIONS else "No"
     action = result.action.replace(" ", "_")
     symbols = sorted(
-        _printable(f"{name}({score:.2f})", SYMBOL_MAX).replace(" ", "_")
+        printable(f"{name}({score:.2f})", SYMBOL_MAX).replace(" ", "_")
         for name, score in result.symbols
     )
     return (
@@ -157,7 +151,7 @@ def spam_headers(result: RspamdResult) -> bytes:
 def verdict_for(result: RspamdResult, name: str = "antispam") -> Verdict:
     """The check stage's verdict for rspamd's action (module docstring)."""
     headers = spam_headers(result)
-    text = _printable(result.message, TEXT_MAX)
+    text = printable(result.message, TEXT_MAX)
     if result.action == "reject":
         code, enhanced, default = SPAM_REJECT
         return Verdict(Action.REJECT, (code, enhanced, text or default), headers, name)

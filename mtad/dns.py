@@ -1,7 +1,7 @@
-"""One DNS resolver for everything mtad looks up (SPF, DKIM, DMARC, MX).
+"""One DNS resolver for everything mtad looks up (SPF, DKIM, DMARC, MX, DNS lists).
 
 Contract: a :class:`Resolver` is built once from ``settings.dns`` and shared.
-Its coroutines (``txt``, ``mx``, ``addresses``) never block the event loop;
+Its coroutines (``a``, ``txt``, ``mx``, ``addresses``) never block the event loop;
 its ``*_sync`` functions are for libraries that resolve synchronously
 (pyspf, dkimpy) and must only be called from a worker thread
 (``asyncio.to_thread``). Both paths use the same nameservers, port and
@@ -84,6 +84,10 @@ class Resolver:
             for r in records
         ]
         return sorted(out, key=lambda m: m.preference)
+
+    async def a(self, name: str) -> list[str]:
+        """IPv4 addresses of ``name`` (its A records alone)."""
+        return [r.address for r in await self._resolve(name, "A")]
 
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of ``host``."""

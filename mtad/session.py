@@ -893,10 +893,11 @@ class SmtpSession(LeaseHolder, SMTP):
         return R.QUEUED.with_text(f"OK: queued as {queue_id}")
 
     async def _content_checks(self, content: Message, mail_from: str) -> Verdict:
-        """The check stage (anti-virus, delivery/checks.py) on the message as
-        received, at the end of DATA: a refusal is the reply to it (RFC
-        5321 section 4.2.5), before anything is stored or queued."""
-        stage = CheckStage.from_settings(self.ctx.settings)
+        """The check stage (delivery/checks.py: anti-virus, anti-spam, DNS
+        lists through our resolver) on the message as received, at the end
+        of DATA: a refusal is the reply to it (RFC 5321 section 4.2.5),
+        before anything is stored or queued."""
+        stage = CheckStage.from_settings(self.ctx.settings, self.ctx.resolver)
         if not stage:
             return ACCEPT
         state = self.state

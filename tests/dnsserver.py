@@ -63,6 +63,12 @@ class Zone:
         self.options.append(f"--txt-record={name},{quoted}")
         return self
 
+    def forward(self, domain: str, port: int, host: str = "127.0.0.1") -> Zone:
+        """Names under ``domain`` are asked of the server at ``host``:``port``
+        (a zone whose server is down or never answers)."""
+        self.options.append(f"--server=/{domain}/{host}#{port}")
+        return self
+
 
 @dataclass
 class DnsServer:

@@ -121,8 +121,8 @@ def dot_stuffed(body: bytes) -> bytes:
     return b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in body.split(b"\r\n"))
 
 
-async def send_mx(port: int, body: bytes, rcpt: str = ALICE) -> str:
-    async with await SmtpDialogue.open(port) as client:
+async def send_mx(port: int, body: bytes, rcpt: str = ALICE, source: str | None = None) -> str:
+    async with await SmtpDialogue.open(port, source=source) as client:
         await client.reply()
         await client.cmd("EHLO client.example")
         assert (await client.cmd("MAIL FROM:<someone@unlisted.example> BODY=8BITMIME")).startswith(

@@ -138,8 +138,15 @@ class SmtpDialogue:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, tls: ssl.SSLContext | None = None) -> SmtpDialogue:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    async def open(
+        cls, port: int, tls: ssl.SSLContext | None = None, source: str | None = None
+    ) -> SmtpDialogue:
+        """Connects to 127.0.0.1, from ``source`` if given (another loopback
+        address: a second client IP)."""
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls, local_addr=local
+        )
         return cls(reader, writer)
 
     async def reply(self, timeout: float = 10) -> str:
