@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +20,7 @@ from imapd.imap.wire.framing import (
 from imapd.imap.wire.parser import parse_command, parse_line, parse_sequence_set
 from imapd.imap.wire.utf7 import Utf7Error, decode_mailbox, encode_mailbox
 from storage.model import Address, BodyPart, Envelope
+from tests.linearity import best_time
 
 # ---------------------------------------------------------------- parser table
 
@@ -166,20 +166,11 @@ def _uid_set(n: int) -> bytes:
     return b"a UID FETCH " + b",".join(b"%d" % (i * 2 + 1) for i in range(n)) + b" FLAGS"
 
 
-def _best_time(line: bytes) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        parse_command([line])
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def test_sequence_set_parses_in_linear_time() -> None:
     small, large = _uid_set(10_000), _uid_set(100_000)
     cmd = parse_command([large])
     assert isinstance(cmd, c.Fetch) and len(cmd.sequence.ranges) == 100_000
-    ratio = _best_time(large) / _best_time(small)
+    ratio = best_time(lambda: parse_command([large])) / best_time(lambda: parse_command([small]))
     assert ratio < 25, f"10x input took {ratio:.1f}x the time"
 
 
