@@ -66,11 +66,12 @@ run_both() {
 }
 run_both "$@"
 # The whole suite (no arguments): then real clients again with every site's storage on
-# PostgreSQL (tests/conftest.py storage_url), IMAP, SMTP, POP3 and the HTTP API, and SIGKILL of
-# an imapd under APPENDs, ~4 minutes.
+# PostgreSQL (tests/conftest.py storage_url), IMAP, SMTP, POP3, the HTTP API and mailctl, and
+# SIGKILL of an imapd under APPENDs, ~5 minutes.
 if (($# == 0)); then
   SHARDMAIL_TEST_BACKEND=postgresql run_both \
     tests/integration/imap/test_imap_clients.py tests/integration/smtp/test_smtp_clients.py \
     tests/integration/pop3 tests/integration/http/test_api.py \
-    tests/integration/imap/test_imap_crash.py tests/integration/test_cross_process_push.py
+    tests/integration/imap/test_imap_crash.py tests/integration/test_cross_process_push.py \
+    tests/integration/test_mailctl.py
 fi

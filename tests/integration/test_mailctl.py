@@ -20,19 +20,27 @@ import pytest
 
 from conf.settings import load_settings
 from storage.model import FLAGGED, SEEN, UidSet
+from tests.conftest import storage_url
+
+
+def site(data_dir: Path) -> list[str]:
+    """The ``-o`` overrides naming the test site of ``data_dir``: its data
+    dir, and with ``SHARDMAIL_TEST_BACKEND=postgresql`` its database
+    (tests/conftest.py ``storage_url``), so mailctl runs on both backends."""
+    overrides = [f"server.data_dir={data_dir}"]
+    url = storage_url(data_dir)
+    if url is not None:
+        overrides.append(f"storage.url={url}")
+    return overrides
+
+
+def site_args(data_dir: Path) -> list[str]:
+    return [arg for override in site(data_dir) for arg in ("-o", override)]
 
 
 def mailctl(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mailctl",
-            *args[:1],
-            "-o",
-            f"server.data_dir={data_dir}",
-            *args[1:],
-        ],
+        [sys.executable, "-m", "mailctl", *args[:1], *site_args(data_dir), *args[1:]],
         input=stdin,
         capture_output=True,
         text=True,
@@ -49,7 +57,7 @@ def ok(result: subprocess.CompletedProcess) -> str:
 async def _with_storage(data_dir: Path, action):
     from storage import open_storage
 
-    storage = await open_storage(load_settings(overrides=[f"server.data_dir={data_dir}"]).storage)
+    storage = await open_storage(load_settings(overrides=site(data_dir)).storage)
     try:
         return await action(storage)
     finally:
@@ -115,12 +123,25 @@ def _mailctl_without_password(data_dir: Path, action: str, stdin: str) -> tuple[
     ``devnull`` (a cron job), ``closed`` (a daemon's ``<&-``), or ``tty-eof``
     (a terminal where the user types Ctrl-D at the prompt, no controlling
     terminal to open). Its exit status and standard error."""
-    argv = [sys.executable, "-m", "mailctl", "account", "-o", f"server.data_dir={data_dir}",
-            action, "a@example.org"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mailctl",
+        "account",
+        *site_args(data_dir),
+        action,
+        "a@example.org",
+    ]
     if stdin == "tty-eof":
         controller, terminal = os.openpty()
-        proc = subprocess.Popen(argv, stdin=terminal, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         os.close(terminal)
         # Ctrl-D, the terminal's EOF character, until mailctl ends: the prompt
         # flushes what was typed before it.
@@ -133,8 +154,14 @@ def _mailctl_without_password(data_dir: Path, action: str, stdin: str) -> tuple[
         return proc.returncode, stderr
     else:
         before = (lambda: os.close(0)) if stdin == "closed" else None
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=120, preexec_fn=before)
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=before,
+        )
     return done.returncode, done.stderr
 
 
@@ -263,9 +290,7 @@ async def _fetch_over_imap(data: Path, tls_context: ssl.SSLContext, mailbox: str
     from storage import open_storage
     from tests.conftest import make_settings
 
-    settings = make_settings(
-        data, auth={"allow_plaintext": True}, imap={"listen": ["127.0.0.1:0"]}
-    )
+    settings = make_settings(data, auth={"allow_plaintext": True}, imap={"listen": ["127.0.0.1:0"]})
     storage = await open_storage(settings.storage)
     servers = await start_imap(settings, storage, tls_context)
     port = servers[0].sockets[0].getsockname()[1]
@@ -318,9 +343,13 @@ def _mailctl_argv(*argv: str) -> subprocess.CompletedProcess:
 
 
 def test_config_options_work_before_the_subcommand_and_after_it(tmp_path: Path) -> None:
+    """Where -c and -o may stand; the sites are SQLite in their data dirs on
+    every test backend, as the options name nothing but the data dir."""
     data = tmp_path / "data"
     ok(_mailctl_argv("-o", f"server.data_dir={data}", "domain", "add", "example.org"))
-    assert ok(mailctl(data, "domain", "list")).split() == ["example.org"]
+    assert ok(_mailctl_argv("domain", "list", "-o", f"server.data_dir={data}")).split() == [
+        "example.org"
+    ]
 
     config = tmp_path / "shardmail.toml"
     config.write_text(f'[server]\ndata_dir = "{data}"\n')
@@ -336,8 +365,9 @@ def test_config_options_work_before_the_subcommand_and_after_it(tmp_path: Path) 
         "domain", "-o", f"server.data_dir={other}", "add", "example.com",
     )  # fmt: skip
     ok(both)
-    assert ok(mailctl(other, "domain", "list")).split() == ["example.com"]
-    assert "example.com" not in ok(mailctl(data, "domain", "list"))
+    listed = _mailctl_argv("domain", "list", "-o", f"server.data_dir={other}")
+    assert ok(listed).split() == ["example.com"]
+    assert "example.com" not in ok(_mailctl_argv("domain", "list", "-o", f"server.data_dir={data}"))
 
 
 def _closed_port() -> int:
