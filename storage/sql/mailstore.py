@@ -101,6 +101,7 @@ INBOX = "INBOX"
 MAX_MAILBOX_NAME = 1000  # characters; well below what clients and the column allow
 MAX_KEYWORD = 200
 PARSED_CACHE_SIZE = 4096
+PAGES_CACHED = 1024  # unfiltered folder pages kept (references to kept entries)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # RFC 3501 section 9: atom-specials may not appear in a flag keyword.
 _ATOM_SPECIALS = set('(){ %*"\\]') | {chr(i) for i in range(32)} | {chr(127)}
@@ -1128,6 +1129,12 @@ class SqlMailStore:
         # Folder pages and fetches, by every column an entry is built from
         # (see _stored): a key names one StoredMessage for good.
         self._stored_cache: dict[tuple[Any, ...], StoredMessage] = {}
+        # Unfiltered folder pages by (mailbox, limit, before), with the
+        # mailbox counters they were read at (see _page_all).
+        self._pages: dict[
+            tuple[int, int, tuple[int, int] | None],
+            tuple[tuple[int, int, int], tuple[tuple[tuple[int, int], StoredMessage], ...]],
+        ] = {}
         # PostgreSQL: the words this store knows are in the search vocabulary.
         self._vocab = fts.Vocabulary()
 
@@ -2061,20 +2068,48 @@ class SqlMailStore:
     async def _page_all(
         self, account_id: int, mailbox_id: int, limit: int, before: tuple[int, int] | None
     ) -> list[tuple[tuple[int, int], StoredMessage]]:
-        """:meth:`page` without criteria: one read of precompiled statements."""
+        """:meth:`page` without criteria: one read of precompiled statements.
+
+        A page read before is answered again without its query when the
+        mailbox row, read in the same call (the owner check), still has the
+        UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ it had then: every write that
+        adds, removes or changes an entry raises UIDNEXT or HIGHESTMODSEQ in
+        its own transaction, whichever process makes it (RFC 7162 section
+        3.1.1: an entry's modseq never exceeds its mailbox's), neither ever
+        goes down, mailbox row ids are never reused (AUTOINCREMENT, identity
+        columns), and the message rows a page shows are immutable. So a kept
+        page is served only when no write could have changed it. (An account
+        move writes a target mailbox's entries before its counters, but the
+        target is not read until the move has flipped, its last round done.)"""
         if before is None:
             stmt, params = _PAGE_ALL_FIRST, {"b_box": mailbox_id}
         else:
             stmt = _PAGE_ALL_AFTER
             params = {"b_box": mailbox_id, "b_date": before[0], "b_uid": before[1]}
         params.update(b_limit=limit, b_offset=0)
+        cache_key = (mailbox_id, limit, before)
+        known = self._pages.get(cache_key)
+        known_stamp = known[0] if known is not None else None
 
-        def read(conn: Connection) -> list[Any]:
-            self._mailbox_row_sync(conn, account_id, mailbox_id)
-            return execute(conn, stmt, params).all()
+        def read(conn: Connection) -> tuple[tuple[int, int, int], list[Any] | None]:
+            # The stamp first: on PostgreSQL each statement has its own
+            # snapshot, so the rows are never older than the stamp kept
+            # with them (a write in between only makes the next read miss).
+            box = self._mailbox_row_sync(conn, account_id, mailbox_id)
+            stamp = (box.uidvalidity, box.uidnext, box.highestmodseq)
+            if stamp == known_stamp:
+                return stamp, None
+            return stamp, execute(conn, stmt, params).all()
 
-        rows = await self.db.read_sync(read)
-        return [((r.list_date, r.uid), self._stored(r)) for r in rows]
+        stamp, rows = await self.db.read_sync(read)
+        if rows is None and known is not None:
+            return list(known[1])
+        page = [((r.list_date, r.uid), self._stored(r)) for r in rows or ()]
+        if len(self._pages) >= PAGES_CACHED:
+            del self._pages[next(iter(self._pages))]
+        self._pages.pop(cache_key, None)
+        self._pages[cache_key] = (stamp, tuple(page))
+        return page
 
     async def search_account(
         self, account_id: int, criteria: Criteria, limit: int = 100
