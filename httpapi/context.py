@@ -20,7 +20,7 @@ from httpapi.auth import Authenticator
 from httpapi.errors import ApiError, not_found
 from httpapi.ids import FolderIds, MessageRef
 from httpapi.threads import ThreadCache
-from httpapi.views import ListItems, MessageBodies
+from httpapi.views import ListItems, ListPages, MessageBodies
 from storage.api import MailStore, Storage
 from storage.errors import ErrorKind, StorageError
 from storage.model import Account, Mailbox, StoredMessage, UidSet
@@ -39,6 +39,7 @@ class ApiContext:
     ip_limit: RateLimit
     threads: ThreadCache = field(default_factory=ThreadCache)
     list_items: ListItems = field(default_factory=ListItems)
+    list_pages: ListPages = field(default_factory=ListPages)
     bodies: MessageBodies = field(default_factory=MessageBodies)
     # account id -> (directory generation, its folder ids): see resolve_ids.
     folder_maps: dict[int, tuple[int, FolderIds]] = field(default_factory=dict)

@@ -20,7 +20,7 @@ from httpapi.body import is_text, json_body
 from httpapi.context import account_of, context, folder_ids, owned_mailbox, resolve_ids
 from httpapi.errors import ApiError, bad_request, not_found
 from httpapi.ids import decode_folder_cursor, encode_folder_cursor
-from httpapi.views import folder_view, json_response
+from httpapi.views import encode_json, folder_view, json_bytes_response, json_response
 from storage.errors import ErrorKind, StorageError
 from storage.model import DEFAULT_MAILBOXES, FLAGGED, HIERARCHY_DELIMITER, SEEN
 from storage.search import All, And, Criteria, Date, Flag, Header
@@ -168,14 +168,21 @@ async def list_messages(request: web.Request) -> web.Response:
             raise not_found("folder") from None
         raise
     has_more = len(page) > limit
-    page = page[:limit]
-    index = await ctx.threads.index(mail, account.id, [s.entry.message_id for _, s in page])
+    shown = page[:limit]
+    index = await ctx.threads.index(mail, account.id, [s.entry.message_id for _, s in shown])
     ids = (await resolve_ids(request, lambda ids: mailbox_id, int))[0]
-    items = [ctx.list_items.item(s, index.thread_of.get(s.entry.message_id), ids) for _, s in page]
-    return json_response({
-        "messages": items,
-        "next_cursor": encode_folder_cursor(mailbox_id, *page[-1][0]) if has_more else None,
-    })
+    # The answer depends on the page, the thread index and the folder's id
+    # only (the query is in the key): see ListPages for why reuse is safe.
+    key = (account.id, mailbox_id, request.rel_url.raw_query_string)
+    folder = ids.folder_id(mailbox_id)
+    body = ctx.list_pages.get(key, page, index, folder)
+    if body is None:
+        thread_of = index.thread_of
+        items = [ctx.list_items.item(s, thread_of.get(s.entry.message_id), ids) for _, s in shown]
+        cursor = encode_folder_cursor(mailbox_id, *shown[-1][0]) if has_more else None
+        body = encode_json({"messages": items, "next_cursor": cursor})
+        ctx.list_pages.put(key, page, index, folder, body)
+    return json_bytes_response(body)
 
 
 def _list_query(

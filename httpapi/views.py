@@ -51,9 +51,19 @@ def json_response(
     data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """``web.json_response`` (same headers) through :func:`encode_json`."""
+    return json_bytes_response(encode_json(data), status, headers)
+
+
+def json_bytes_response(
+    body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """:func:`json_response` of a document already encoded (``body``)."""
     return web.Response(
-        body=encode_json(data), status=status, headers=headers,
-        content_type="application/json", charset="utf-8",
+        body=body,
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
     )
 
 
@@ -135,6 +145,55 @@ class ListItems:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+LIST_PAGES_BYTES = 16 * 1024 * 1024  # encoded message-list answers kept per process
+
+
+class ListPages:
+    """Encoded message-list answers, each kept with what it was built from:
+    the page (its keys and :class:`StoredMessage` objects), the thread index
+    object and the folder's id. An answer is reused only for a page made of
+    the very same objects: the storage hands out one frozen StoredMessage
+    per set of entry columns (flags and modseq among them) and never changes
+    it, the objects are held here so their identity is never recycled, and a
+    :class:`ThreadIndex`'s thread map does not change once built. The answer
+    is a function of exactly these, so a reused one is the answer that would
+    be built now; whatever another process wrote reaches this only through
+    a new page read, which yields new objects. Bounded by the bytes held,
+    oldest out first."""
+
+    def __init__(self, max_bytes: int = LIST_PAGES_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._pages: dict[Any, tuple[tuple[Any, ...], object, str, bytes]] = {}
+
+    def get(self, key: Any, page: list[Any], index: object, folder: str) -> bytes | None:
+        """The answer kept under ``key`` if it was built from ``page``
+        (``(key, StoredMessage)`` pairs), ``index`` and ``folder``."""
+        found = self._pages.get(key)
+        if found is None:
+            return None
+        kept, kept_index, kept_folder, body = found
+        if (
+            kept_index is not index
+            or kept_folder != folder
+            or len(kept) != len(page)
+            or not all(a[1] is b[1] and a[0] == b[0] for a, b in zip(kept, page, strict=True))
+        ):
+            return None
+        return body
+
+    def put(self, key: Any, page: list[Any], index: object, folder: str, body: bytes) -> None:
+        if len(body) > self.max_bytes // 8:
+            return
+        old = self._pages.pop(key, None)
+        if old is not None:
+            self.held -= len(old[3])
+        while self._pages and self.held + len(body) > self.max_bytes:
+            self.held -= len(self._pages.pop(next(iter(self._pages)))[3])
+        self._pages[key] = (tuple(page), index, folder, body)
+        self.held += len(body)
 
 
 MESSAGE_BODIES_BYTES = 32 * 1024 * 1024  # message-read content kept per process

@@ -159,6 +159,64 @@ async def test_a_list_page_is_one_read_and_shows_flags_changed_elsewhere(
     assert [m["id"] for m in again["messages"]] == [m["id"] for m in page["messages"]]
 
 
+async def test_a_repeated_list_is_answered_kept_and_follows_changes_made_elsewhere(
+    alice_api: Api, mailstore: Any, alice: Any, service: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unchanged folder page is answered with the bytes built for it
+    before (nothing encoded again, no page query); flags, an expunge and new
+    mail written by another process show on the very next list, each
+    answer the same as one built afresh."""
+    from httpapi import folders as folders_module
+
+    subjects = [f"Kept {i} {random.randbytes(3).hex()}" for i in range(random.randint(3, 8))]
+    uids = [await deliver(mailstore, alice, make_mail(s)) for s in subjects]
+    inbox = await _inbox(alice_api)
+    path = f"/v1/folders/{inbox}/messages?limit={random.randint(2, 9)}"
+    encoded: list[Any] = []
+    encode = folders_module.encode_json
+    monkeypatch.setattr(folders_module, "encode_json", lambda d: encoded.append(d) or encode(d))
+    pages = service.app[CONTEXT].list_pages
+
+    async def listed() -> Any:
+        status, page = await alice_api.get(path)
+        assert status == 200, page
+        return page
+
+    first = await listed()
+    assert len(encoded) == 1
+    for _ in range(random.randint(2, 5)):
+        assert await listed() == first
+    assert len(encoded) == 1  # the kept answer, not built again
+
+    other = await open_storage_from_url(
+        storage_url(tmp_path / "data") or "sqlite+aiosqlite:///" + str(tmp_path / "db.sqlite"),
+        tmp_path / "blobs",
+        password_hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST),
+    )
+    try:
+        theirs = other.mail(alice)
+        box = (await theirs.get_mailbox(alice.id, "INBOX")).id
+        newest = UidSet.of([uids[-1]])
+        changes = [
+            lambda: theirs.store_flags(alice.id, box, newest, StoreMode.ADD, [SEEN]),
+            lambda: theirs.store_flags(alice.id, box, newest, StoreMode.ADD, [DELETED]),
+            lambda: theirs.expunge(alice.id, box, newest),
+            lambda: deliver(other, alice, make_mail("Arrived elsewhere")),
+        ]
+        for change in changes:
+            await change()
+            before = len(encoded)
+            page = await listed()
+            assert len(encoded) == before + 1
+            monkeypatch.setattr(pages, "_pages", {})  # nothing kept: built afresh
+            assert await listed() == page
+    finally:
+        await other.close()
+    assert page["messages"][0]["subject"] == "Arrived elsewhere"
+    assert subjects[-1] not in {m["subject"] for m in page["messages"]}
+
+
 async def test_listing_an_unknown_or_foreign_folder_is_404_before_bad_parameters(
     alice_api: Api, bob_api: Api
 ) -> None:
