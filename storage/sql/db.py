@@ -510,8 +510,12 @@ class Database:
                 raise StorageError(ErrorKind.INVALID, "an in-memory SQLite database is not shared")
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         else:
-            kwargs["pool_size"] = 10
-            kwargs["max_overflow"] = 20
+            # At most 30 connections as before, but 20 kept: with 10, a
+            # burst of concurrent reads (16 HTTP clients) opened and closed
+            # overflow connections per read, a connect (and its TLS attempt)
+            # costing more than the read itself.
+            kwargs["pool_size"] = 20
+            kwargs["max_overflow"] = 10
             # No pool_pre_ping: its ping has no time limit (see _setup_postgresql).
             kwargs["connect_args"] = {"async_creator_fn": connect_each_host}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
