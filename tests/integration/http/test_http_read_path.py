@@ -160,7 +160,11 @@ async def test_a_list_page_is_one_read_and_shows_flags_changed_elsewhere(
 
 
 async def test_a_repeated_list_is_answered_kept_and_follows_changes_made_elsewhere(
-    alice_api: Api, mailstore: Any, alice: Any, service: Any, tmp_path: Path,
+    alice_api: Api,
+    mailstore: Any,
+    alice: Any,
+    service: Any,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An unchanged folder page is answered with the bytes built for it
