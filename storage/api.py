@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +36,7 @@ from storage.model import (
     MailboxStatus,
     MessageEntry,
     ParsedMessage,
+    SpamPolicy,
     StoredMessage,
     StoreMode,
     StoreResult,
@@ -336,6 +337,24 @@ class MailStore(Protocol):
         now held by ``owner``; an expired lease may be taken over."""
 
     async def release_lock(self, name: str, owner: str) -> None: ...
+
+    # Per-account anti-spam choices (issue #22, delivery/acctpolicy.py),
+    # kept in the account's shard: see storage/sql/spampolicy.py.
+    async def spam_policy(
+        self, account_id: int, entries: Collection[str] | None = None
+    ) -> SpamPolicy:
+        """The account's sender lists and Junk threshold; with ``entries``,
+        only those list entries (the few that could match one sender)."""
+
+    async def set_sender_entry(
+        self, account_id: int, entry: str, to_list: str | None
+    ) -> str | None:
+        """``entry`` onto "allow" or "block" (off the other) or off both
+        (None); returns the list it was on. INVALID past the entry cap."""
+
+    async def set_junk_threshold(self, account_id: int, value: float | None) -> None: ...
+    async def put_spam_policy(self, account_id: int, policy: SpamPolicy) -> None:
+        """Replaces lists and threshold at once; INVALID changes nothing."""
 
 
 class EventBus(Protocol):

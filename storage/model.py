@@ -341,3 +341,16 @@ class Change:
     modseq: int | None
     at: dt.datetime
     data: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class SpamPolicy:
+    """An account's own anti-spam choices (issue #22): senders it always
+    wants in INBOX (``allow``) or always in Junk (``block``), each entry an
+    address or a domain as ``delivery.acctpolicy.parse_entry`` normalises
+    it, sorted; and the spam score from which its mail goes to Junk
+    (``junk_threshold``; None: the spam filter's own action decides)."""
+
+    allow: tuple[str, ...] = ()
+    block: tuple[str, ...] = ()
+    junk_threshold: float | None = None

@@ -3,7 +3,7 @@
 A move keeps everything a client has synchronised against: mailboxes with
 their UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and \\Recent floor, entries with
 their UIDs, flags, keywords and modseqs, expunge tombstones (RFC 7162
-QRESYNC VANISHED from an old modseq), subscriptions, special-use
+QRESYNC VANISHED from an old modseq), subscriptions, sender lists, special-use
 attributes, and the change log with its ids (HTTP ``since=``). Row ids of
 mailboxes and messages are the target database's own; the id map lives in
 ``moved_ids`` on the target until the move ends.
@@ -65,6 +65,7 @@ from storage.sql.schema import (
     subscriptions,
 )
 from storage.sql.schema import mailbox_entries as E
+from storage.sql.spampolicy import copy_spam_policy
 
 if TYPE_CHECKING:
     from storage.backend import SqlStorage
@@ -278,6 +279,8 @@ class AccountMove:
                 await conn.execute(
                     insert(subscriptions), [{"account_id": aid, "name": n[0]} for n in names]
                 )
+            async with self.source.db.read() as src:
+                await copy_spam_policy(src, conn, aid)
         return box_map, changed + len(gone) + len(renamed), bool(gone)
 
     @staticmethod

@@ -96,6 +96,7 @@ from storage.sql.schema import (
     subscriptions,
 )
 from storage.sql.schema import mailbox_entries as E
+from storage.sql.spampolicy import SpamPolicyStore, delete_spam_policy
 
 INBOX = "INBOX"
 MAX_MAILBOX_NAME = 1000  # characters; well below what clients and the column allow
@@ -1100,8 +1101,8 @@ def _new_account_row(account_id: int, quota_bytes: int | None) -> Any:
 
 
 async def delete_account_mail(conn: AsyncConnection, account_id: int) -> None:
-    """Deletes every mailbox, entry, tombstone, subscription, message and
-    change-log row of the account in this shard database (not its counters)."""
+    """Deletes every mailbox, entry, tombstone, subscription, message,
+    change-log row and spam policy row of the account in this shard database (not its counters)."""
     mbox_ids = select(mailboxes.c.id).where(mailboxes.c.account_id == account_id)
     await conn.execute(delete(E).where(E.c.mailbox_id.in_(mbox_ids)))
     await conn.execute(delete(expunged).where(expunged.c.mailbox_id.in_(mbox_ids)))
@@ -1109,9 +1110,10 @@ async def delete_account_mail(conn: AsyncConnection, account_id: int) -> None:
     await conn.execute(delete(subscriptions).where(subscriptions.c.account_id == account_id))
     await conn.execute(delete(messages).where(messages.c.account_id == account_id))
     await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
+    await delete_spam_policy(conn, account_id)
 
 
-class SqlMailStore:
+class SqlMailStore(SpamPolicyStore):
     """A :class:`storage.api.MailStore` over one shard :class:`Database`."""
 
     def __init__(

@@ -155,6 +155,25 @@ subscriptions = Table(
     Column("name", String(1024), primary_key=True),
 )
 
+# Per-account sender lists and Junk threshold (issue #22,
+# delivery/acctpolicy.py): an entry is on one list at a time. Created by
+# _v24_spam_policy (not a v1 table).
+sender_lists = Table(
+    "sender_lists",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("entry", String(330), primary_key=True),  # normalised address or domain
+    Column("list", String(8), nullable=False),  # "allow" or "block"
+    Column("created", Float, nullable=False),  # epoch seconds
+)
+
+spam_settings = Table(
+    "spam_settings",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("junk_threshold", Float, nullable=True),  # None: the spam filter's own
+)
+
 messages = Table(
     "messages",
     metadata,
@@ -930,6 +949,13 @@ async def _v23_pg_commit_fences(conn: AsyncConnection) -> None:
     )
 
 
+async def _v24_spam_policy(conn: AsyncConnection) -> None:
+    """Per-account sender allow and block lists and Junk threshold (issue
+    #22): two tables of the mail shard, keyed by account."""
+    await conn.run_sync(lambda sync: sender_lists.create(sync, checkfirst=True))
+    await conn.run_sync(lambda sync: spam_settings.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -954,6 +980,7 @@ MIGRATIONS: list[Step] = [
     _v21_pg_lz4_texts,
     _v22_pg_commit_marks,
     _v23_pg_commit_fences,
+    _v24_spam_policy,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
