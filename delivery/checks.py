@@ -66,12 +66,19 @@ class Action(enum.IntEnum):
 class Verdict:
     """One check's answer. ``reply`` is (code, enhanced code, text) for
     REJECT and TEMPFAIL; ``headers`` are complete header fields (each
-    ending in CRLF) to prepend to the message; ``check`` names who said so."""
+    ending in CRLF) to prepend to the message; ``check`` names who said so.
+
+    ``score``: a spam score the action rests on (rspamd's), if any: a
+    QUARANTINE with a score is spam filing, which a recipient's own policy
+    may redo (delivery/acctpolicy.py); one without is not. ``parts``: in
+    a combined verdict, the verdicts it was combined from."""
 
     action: Action = Action.ACCEPT
     reply: tuple[int, str, str] | None = None
     headers: bytes = b""
     check: str = ""
+    score: float | None = None
+    parts: tuple[Verdict, ...] = ()
 
     @property
     def text(self) -> str:
@@ -108,12 +115,16 @@ class Check(Protocol):
 
 def combine(verdicts: Sequence[Verdict]) -> Verdict:
     """The one verdict of a message: the most severe action (the first such
-    verdict's reply), with every verdict's header fields in order."""
+    verdict's reply), with every verdict's header fields in order, the
+    highest spam score and the verdicts themselves as ``parts``."""
     if not verdicts:
         return ACCEPT
     worst = max(verdicts, key=lambda v: v.action)  # max keeps the first of equals
     headers = b"".join(v.headers for v in verdicts)
-    return Verdict(worst.action, worst.reply, headers, worst.check)
+    scores = [v.score for v in verdicts if v.score is not None]
+    return Verdict(
+        worst.action, worst.reply, headers, worst.check, max(scores, default=None), tuple(verdicts)
+    )
 
 
 def printable(text: str, limit: int) -> str:
@@ -133,7 +144,9 @@ def for_flow(verdict: Verdict, flow: Flow) -> Verdict:
     QUARANTINE is a REJECT (holding outgoing mail is a later feature)."""
     if flow is Flow.MX or verdict.action is not Action.QUARANTINE:
         return verdict
-    return Verdict(Action.REJECT, POLICY_REFUSED, verdict.headers, verdict.check)
+    return Verdict(
+        Action.REJECT, POLICY_REFUSED, verdict.headers, verdict.check, verdict.score, verdict.parts
+    )
 
 
 class CheckStage:

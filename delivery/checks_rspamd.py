@@ -28,7 +28,9 @@ section 3.8, X.7.1 delivery not authorized); ``soft reject`` and
 to come back, which is a temporary failure); ``add header`` and ``rewrite
 subject`` deliver to Junk (the subject is not rewritten: the message is
 kept byte-exact, and Junk says it better); ``no action`` delivers. Every
-verdict carries the ``X-Spam-*`` fields (:func:`spam_headers`).
+verdict carries the ``X-Spam-*`` fields (:func:`spam_headers`) and the
+score, which a recipient's own Junk threshold may file by instead
+(delivery/acctpolicy.py).
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def verdict_for(result: RspamdResult, name: str = "antispam") -> Verdict:
     if result.action == "greylist":
         return Verdict(Action.TEMPFAIL, GREYLISTED, headers, name)
     if result.action in SPAM_ACTIONS:
-        return Verdict(Action.QUARANTINE, None, headers, name)
-    return Verdict(Action.ACCEPT, None, headers, name)
+        return Verdict(Action.QUARANTINE, None, headers, name, result.score)
+    return Verdict(Action.ACCEPT, None, headers, name, result.score)
 
 
 def _header_value(value: str) -> str:

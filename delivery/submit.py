@@ -18,7 +18,7 @@ route. Contract of every function here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,24 +155,36 @@ async def deliver(
     message: Message,
     mailbox: str = "INBOX",
     held_for: str | None = None,
+    filing: Mapping[int, tuple[str, bytes]] | None = None,
 ) -> tuple[dict[str, AppendResult], str | None]:
     """Deliver ``message`` (with trace fields already prepended) to the local
     accounts (Return-Path prepended, one blob for all) and queue it for the
     remote recipients, held with ``held_for`` as the reason if given
     (delivery/limits.py). Returns (appends by account address, queued blob key).
     A spooled message is streamed from a file, never read whole into memory.
+
+    ``filing`` overrides ``mailbox`` per account id with (mailbox, header
+    fields to put above the trace fields, for that copy alone): accounts
+    with the same pair share one blob (delivery/acctpolicy.py).
     """
     delivered: dict[str, AppendResult] = {}
     accounts = list(routing.local.values())
     if accounts:
         for account in accounts:
             await check_quota(storage, account, message_size(message))
-        local_copy = prepend(return_path_field(mail_from), message)
+        groups: dict[tuple[str, bytes], list[Account]] = {}
+        for account in accounts:
+            key = filing.get(account.id, (mailbox, b"")) if filing else (mailbox, b"")
+            groups.setdefault(key, []).append(account)
+        outcomes: list[AppendResult | StorageError] = []
+        accounts = [a for group in groups.values() for a in group]
         try:
-            async with materialised(local_copy) as source:
-                outcomes = await ingest_each(
-                    storage, [Delivery(a, mailbox) for a in accounts], source
-                )
+            for (box, fields), group in groups.items():
+                local_copy = prepend(return_path_field(mail_from) + fields, message)
+                async with materialised(local_copy) as source:
+                    outcomes += await ingest_each(
+                        storage, [Delivery(a, box) for a in group], source
+                    )
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, str(exc)) from exc
         failures = []

@@ -36,6 +36,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from conf.settings import Settings
+from delivery.acctpolicy import account_filings, senders
 from delivery.address import Path, PathSyntaxError, parse_path
 from delivery.checks import ACCEPT, Action, CheckStage, Flow, Subject, Verdict
 from delivery.headers import (
@@ -818,6 +819,7 @@ class SmtpSession(LeaseHolder, SMTP):
             recipient=txn.rcpt_tos[0] if len(txn.rcpt_tos) == 1 else None,
         )
         mailbox = "INBOX"
+        dmarc_junk = False
         mail_from = txn.mail_from or ""
         checked = await self._content_checks(content, mail_from)
         if checked.action >= Action.TEMPFAIL:
@@ -844,6 +846,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 return R.DMARC_REJECT
             if verdict in ("reject", "quarantine"):
                 mailbox = "Junk"
+                dmarc_junk = True
             trace = checked.headers + results.header() + received
         message = prepend(trace, content)
         try:
@@ -859,6 +862,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 message=message,
                 mailbox=mailbox,
                 held_for=held_for,
+                filing=await self._filings(content, mail_from, checked, dmarc_junk),
             )
             if (
                 self.mode is not Mode.MX
@@ -912,6 +916,21 @@ class SmtpSession(LeaseHolder, SMTP):
                 account=state.account.address if state.account is not None else None,
             )
         )
+
+    async def _filings(
+        self, content: Message, mail_from: str, checked: Verdict, dmarc_junk: bool
+    ) -> dict[int, tuple[str, bytes]] | None:
+        """MX only: where each local recipient's copy goes by its own sender
+        lists and Junk threshold (delivery/acctpolicy.py), with the field
+        saying why. StorageError when a policy cannot be read (451)."""
+        if self.mode is not Mode.MX or not self.txn.routing.local:
+            return None
+        header = content.prefix if isinstance(content, Spooled) else content
+        found = senders(mail_from, from_addresses(header))
+        filings = await account_filings(
+            self.ctx.storage, self.txn.routing.local.values(), checked, found, dmarc_junk
+        )
+        return {account_id: (f.mailbox, f.field) for account_id, f in filings.items()}
 
     async def _checked_text(self, content: Message) -> bytes:
         """What the MX checks read: the whole message for DKIM (dkimpy takes

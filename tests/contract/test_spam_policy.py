@@ -35,9 +35,7 @@ async def test_a_new_account_has_no_policy(storage: SqlStorage, bob: Account) ->
     assert await storage.mail(bob).spam_policy(bob.id) == SpamPolicy()
 
 
-async def test_entries_round_trip_and_move_between_lists(
-    storage: SqlStorage, bob: Account
-) -> None:
+async def test_entries_round_trip_and_move_between_lists(storage: SqlStorage, bob: Account) -> None:
     rng = random.Random()
     mail = storage.mail(bob)
     allowed = sorted({f"u{rng.randrange(10**6)}@{_domain(rng)}" for _ in range(rng.randint(2, 9))})
