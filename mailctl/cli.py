@@ -24,6 +24,7 @@ from mailctl.dkim_cmds import add_dkim_parser
 from mailctl.move_cmds import cmd_account_move
 from mailctl.queue_cmds import add_queue_parser
 from mailctl.shard_cmds import add_shard_parser
+from mailctl.spam_cmds import add_spam_parser
 from runtime.daemon import (
     DAEMONS,
     available_daemons,
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dkim_parser(command)  # dkim generate|show DOMAIN
     add_shard_parser(command)  # shard list [--json] | drain NAME [--to SHARD ...]
     add_blobs_parser(command)  # blobs stats|verify
+    add_spam_parser(command)  # spam show|allow|block|remove|threshold ACCOUNT ...
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))

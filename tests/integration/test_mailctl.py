@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import json
 import mailbox
 import os
 import random
@@ -401,3 +402,65 @@ def test_check_config_connects_to_every_database_and_names_the_one_that_failed(
     skipped = mailctl(data, "check-config", "--no-connect", "-o", shards)
     assert skipped.returncode == 0, skipped.stderr
     assert "configuration OK" in skipped.stdout
+
+
+def test_spam_lists_and_threshold_round_trip(tmp_path: Path) -> None:
+    """``mailctl spam``: entries normalised onto one list at a time, junk
+    refused (exit 2) before anything changes, the threshold set and cleared,
+    all read back through storage as the MX reads them."""
+    from storage.model import SpamPolicy
+
+    data = tmp_path / "data"
+    ok(mailctl(data, "domain", "add", "example.org"))
+    ok(mailctl(data, "account", "add", "bob@example.org", stdin="pw-bob\n"))
+    bob = "bob@example.org"
+    out = ok(mailctl(data, "spam", "allow", bob, "Boss@Corp.Example", "*.Partner.example"))
+    assert "boss@corp.example: on the allow list" in out
+    ok(mailctl(data, "spam", "block", "bob@example.org", "corp.example", "bücher.example"))
+    moved = ok(mailctl(data, "spam", "block", "bob@example.org", "*.partner.example"))
+    assert "was on the allow list" in moved
+    ok(mailctl(data, "spam", "threshold", "bob@example.org", "-2.5"))
+    shown = ok(mailctl(data, "spam", "show", "bob@example.org")).splitlines()
+    assert shown == [
+        "allow\tboss@corp.example",
+        "block\t*.partner.example",
+        "block\tcorp.example",
+        "block\txn--bcher-kva.example",
+        "threshold\t-2.5",
+    ]
+
+    async def policy_of(storage):
+        account = await storage.directory.get_account("bob@example.org")
+        return await storage.mail(account).spam_policy(account.id)
+
+    expected = SpamPolicy(
+        ("boss@corp.example",),
+        ("*.partner.example", "corp.example", "xn--bcher-kva.example"),
+        -2.5,
+    )
+    assert run_with_storage(data, policy_of) == expected
+    # Junk input: exit 2 with the reason, nothing changed (the good entry neither).
+    for args in (
+        ("block", "bob@example.org", "ok.example", ".example.com"),
+        ("allow", "bob@example.org", "not an address"),
+        ("allow", "bob@example.org"),
+        ("threshold", "bob@example.org", "lots"),
+        ("threshold", "bob@example.org", "nan"),
+    ):
+        bad = mailctl(data, "spam", *args)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert bad.stderr.startswith("mailctl spam: "), bad.stderr
+    assert "write *.example.com" in mailctl(data, "spam", "block", bob, ".example.com").stderr
+    nobody = mailctl(data, "spam", "show", "nobody@example.org")
+    assert nobody.returncode == 1 and "Traceback" not in nobody.stderr
+    assert run_with_storage(data, policy_of) == expected
+
+    out = ok(mailctl(data, "spam", "remove", "bob@example.org", "corp.example", "nope.example"))
+    assert "corp.example: removed from the block list" in out and "nope.example: on no list" in out
+    ok(mailctl(data, "spam", "threshold", "bob@example.org", "none"))
+    shown_json = json.loads(ok(mailctl(data, "spam", "show", "bob@example.org", "--json")))
+    assert shown_json == {
+        "allow": ["boss@corp.example"],
+        "block": ["*.partner.example", "xn--bcher-kva.example"],
+        "junk_threshold": None,
+    }
