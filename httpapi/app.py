@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from conf.settings import Settings
-from httpapi import autoconfig, folders, messages, realtime, search, session
+from httpapi import autoconfig, folders, messages, realtime, search, session, spam
 from httpapi.auth import Authenticator, TokenSigner
 from httpapi.body import JSON_BODY_LIMIT
 from httpapi.context import ACCOUNT_KEY, CONTEXT, ApiContext, client_ip
@@ -281,7 +281,7 @@ def build_app(settings: Settings, storage: Storage, secret: bytes) -> web.Applic
     app.router.add_static("/static/", STATIC_DIR, name="static")
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=False)
     app.router.add_get("/v1/openapi.json", openapi_document, name="openapi", allow_head=False)
-    for module in (session, folders, messages, search, realtime, autoconfig):
+    for module in (session, folders, messages, search, realtime, autoconfig, spam):
         app.add_routes(module.routes)
     app.on_response_prepare.append(_security_headers)
     app.on_shutdown.append(_close_websockets)

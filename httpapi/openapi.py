@@ -125,6 +125,13 @@ SCHEMAS: dict[str, Any] = {
                                        "content": {"type": "string", "contentEncoding": "base64"}
                                        }}},
     }},
+    "SpamSettings": {"type": "object", "properties": {
+        "allow": {"type": "array", "maxItems": 1000, "items": {"type": "string"},
+                  "description": "user@example.com, example.com or *.example.com (subdomains)"},
+        "block": {"type": "array", "maxItems": 1000, "items": {"type": "string"}},
+        "junk_threshold": {"type": ["number", "null"],
+                           "description": "spam score from which mail goes to Junk"},
+    }},
     "Event": {"type": "object", "properties": {
         "id": {"type": "integer"}, "kind": {"enum": ["new", "flags", "expunge", "mailbox"]},
         "folder_id": {"type": ["string", "null"]}, "message_id": {"type": ["string", "null"]},
@@ -234,6 +241,14 @@ PATHS: dict[str, dict[str, Any]] = {
             "id": {"type": "string"}, "subject": {"type": "string"},
             "messages": {"type": "array", "items": _ref("MessageSummary")}}}), **_errors(404)},
         params=[_param("thread_id", "path", {"type": "string"}, "thread id")])},
+    "/v1/settings/spam": {
+        "get": _op("The caller's sender allow/block lists and Junk threshold",
+                   {"200": _json(_ref("SpamSettings"))}, tag="settings"),
+        "put": _op("Replace the caller's lists and threshold (missing: empty, null)",
+                   {"200": _json(_ref("SpamSettings")), **_errors(400, 413)},
+                   body={"required": True, "content": {"application/json": {
+                       "schema": _ref("SpamSettings")}}}, tag="settings"),
+    },
     "/v1/events": {"get": _op(
         "WebSocket of change events (RFC 6455); authenticate by header or a first "
         "{\"type\": \"auth\", \"token\"} frame",

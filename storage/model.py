@@ -343,6 +343,10 @@ class Change:
     data: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
 
+MAX_SPAM_ENTRIES = 1000  # sender list entries per account, both lists together
+SPAM_THRESHOLD_LIMIT = 1000.0  # |junk_threshold|: far past any spam filter's scores
+
+
 @dataclass(frozen=True)
 class SpamPolicy:
     """An account's own anti-spam choices (issue #22): senders it always

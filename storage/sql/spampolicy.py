@@ -21,14 +21,14 @@ from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
-from storage.model import SpamPolicy
+from storage.model import MAX_SPAM_ENTRIES, SPAM_THRESHOLD_LIMIT, SpamPolicy
 from storage.sql.db import Database
 from storage.sql.schema import sender_lists, spam_settings
 
 LISTS = ("allow", "block")
-MAX_ENTRIES = 1000  # per account, both lists together
+MAX_ENTRIES = MAX_SPAM_ENTRIES
 MAX_ENTRY = 330  # characters: an address (RFC 5321 4.5.3.1.3: 256) or "*." and a domain
-THRESHOLD_LIMIT = 1000.0  # |junk_threshold|: far past any spam filter's scores
+THRESHOLD_LIMIT = SPAM_THRESHOLD_LIMIT
 
 
 class _Locked(Protocol):

@@ -60,7 +60,7 @@ async def test_the_commands_work_as_written(service: HttpService, first_steps: N
 
 
 def test_the_route_table_names_every_route(service: HttpService) -> None:
-    documented = set(re.findall(r"`((?:GET|POST|PATCH|DELETE) /[^` ?]*)", section()))
+    documented = set(re.findall(r"`((?:GET|POST|PUT|PATCH|DELETE) /[^` ?]*)", section()))
     served = {
         f"{route.method} {route.resource.canonical}"
         for route in service.app.router.routes()

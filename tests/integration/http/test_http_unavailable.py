@@ -63,6 +63,8 @@ ROUTES: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "get_thread": ("GET", "/v1/threads/{thread_id}", None),
     "poll_events": ("GET", "/v1/events/poll?since=0&timeout=0", None),
     "events_websocket": ("GET", "/v1/events", None),
+    "get_spam_settings": ("GET", "/v1/settings/spam", None),
+    "put_spam_settings": ("PUT", "/v1/settings/spam", {"block": ["spam.example"]}),
 }
 PUBLIC_WITHOUT_STORAGE = {"openapi"}
 
