@@ -207,9 +207,13 @@ async def account_filings(
     account's threshold and of the few list entries that could match
     (concurrently). A storage failure propagates (TEMPORARY: the MX
     answers 451 and nothing is stored)."""
-    wanted = sorted({entry for entries in sender_candidates for entry in entries})
+    wanted = {entry for entries in sender_candidates for entry in entries}
     accounts = list(accounts)
-    policies = await asyncio.gather(*(storage.mail(a).spam_policy(a.id, wanted) for a in accounts))
+    if len(accounts) == 1:  # the common case: no task to gather
+        policies = [await storage.mail(accounts[0]).spam_policy(accounts[0].id, wanted)]
+    else:
+        reads = (storage.mail(a).spam_policy(a.id, wanted) for a in accounts)
+        policies = list(await asyncio.gather(*reads))
     return {
         account.id: filing(verdict, policy, listing(policy, sender_candidates), dmarc_junk)
         for account, policy in zip(accounts, policies, strict=True)

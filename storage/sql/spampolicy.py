@@ -17,12 +17,22 @@ from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    null,
+    select,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
 from storage.model import MAX_SPAM_ENTRIES, SPAM_THRESHOLD_LIMIT, SpamPolicy
-from storage.sql.db import Database
+from storage.sql.db import Database, execute
 from storage.sql.schema import sender_lists, spam_settings
 
 LISTS = ("allow", "block")
@@ -51,21 +61,28 @@ def _check_threshold(value: float | None) -> None:
         )
 
 
+# The account's entries and its threshold in one statement (a delivery
+# reads this for every local recipient): run straight on the driver
+# (``db.execute``), the threshold as a row of its own kind.
+_POLICY = union_all(
+    select(sender_lists.c.list, sender_lists.c.entry, null().label("junk_threshold")).where(
+        sender_lists.c.account_id == bindparam("b_account")
+    ),
+    select(
+        literal_column("'threshold'"), literal_column("''"), spam_settings.c.junk_threshold
+    ).where(spam_settings.c.account_id == bindparam("b_account")),
+)
+
+
 def _read(conn: Connection, account_id: int, entries: Collection[str] | None) -> SpamPolicy:
-    stmt = select(sender_lists.c.list, sender_lists.c.entry).where(
-        sender_lists.c.account_id == account_id
-    )
-    if entries is not None:
-        stmt = stmt.where(sender_lists.c.entry.in_(list(entries)))
-    rows = conn.execute(stmt).all() if entries is None or entries else []
-    threshold = conn.execute(
-        select(spam_settings.c.junk_threshold).where(spam_settings.c.account_id == account_id)
-    ).scalar()
-    return SpamPolicy(
-        tuple(sorted(e for kind, e in rows if kind == "allow")),
-        tuple(sorted(e for kind, e in rows if kind == "block")),
-        None if threshold is None else float(threshold),
-    )
+    wanted = None if entries is None else set(entries)
+    allow, block, threshold = [], [], None
+    for kind, entry, value in execute(conn, _POLICY, {"b_account": account_id}).all():
+        if kind == "threshold":
+            threshold = None if value is None else float(value)
+        elif wanted is None or entry in wanted:
+            (allow if kind == "allow" else block).append(entry)
+    return SpamPolicy(tuple(sorted(allow)), tuple(sorted(block)), threshold)
 
 
 class SpamPolicyStore:
@@ -76,7 +93,7 @@ class SpamPolicyStore:
     ) -> SpamPolicy:
         """The account's lists and threshold; with ``entries``, only those of
         its list entries (what a delivery looks up: the few entries that
-        could match a sender, not the whole lists)."""
+        could match a sender). One statement, one thread hop on SQLite."""
         return await self.db.read_sync(lambda conn: _read(conn, account_id, entries))
 
     async def set_sender_entry(
