@@ -21,7 +21,9 @@ import pytest
 
 from mtad.service import Service
 from storage.model import SpamPolicy
+from tests.integration.test_antivirus import random_clean
 from tests.integration.test_rspamd import (
+    SPOOL_AT,
     field,
     header_of,
     imap_fetch,
@@ -161,3 +163,20 @@ async def test_a_threshold_moves_mail_between_inbox_and_junk(
     assert field(alice["Junk"][0], "X-Spam-Policy").startswith("Junk, reason=USER_THRESHOLD ")
     assert field(alice["Junk"][0], "X-Spam-Status").startswith("No, ")
     assert [raw for raw in bob["INBOX"] if raw.endswith(clean)]  # bob has no threshold
+
+
+async def test_a_spooled_message_is_filed_by_its_header_from(
+    mta: Service, populated, imap_port: int
+) -> None:
+    """A message past the spool threshold keeps its body in a file: the
+    header From is read from the spooled header, and the copy stays
+    byte-exact (8-bit lines, dot-stuffing) in Junk."""
+    await set_policy(populated, BOB, SpamPolicy(block=(SENDER,)))
+    rng = random.Random()
+    body = random_clean(rng.randrange(SPOOL_AT + 1, 3 * SPOOL_AT), rng)
+    await send(mta, body, "bounces@lists.example")
+    alice = await boxes(imap_port, ALICE, ALICE_PW)
+    bob = await boxes(imap_port, BOB, BOB_PW)
+    assert len(alice["INBOX"]) == 1 and alice["INBOX"][0].endswith(body)
+    assert bob["INBOX"] == [] and len(bob["Junk"]) == 1 and bob["Junk"][0].endswith(body)
+    assert field(bob["Junk"][0], "X-Spam-Policy") == f"Junk, reason=USER_BLOCK entry={SENDER}"
