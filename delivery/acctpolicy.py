@@ -54,7 +54,7 @@ why (:func:`policy_field`), above the spam filter's ``X-Spam-*`` fields::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from delivery.address import PathSyntaxError, parse_mailbox
@@ -200,22 +200,25 @@ async def account_filings(
     storage: Storage,
     accounts: Iterable[Account],
     verdict: Verdict,
-    sender_candidates: Sequence[Sequence[str]],
+    find_senders: Callable[[], Sequence[Sequence[str]]],
     dmarc_junk: bool,
 ) -> dict[int, Filing]:
     """:func:`filing` for each account, by account id: one read of each
-    account's threshold and of the few list entries that could match
-    (concurrently). A storage failure propagates (TEMPORARY: the MX
-    answers 451 and nothing is stored)."""
-    wanted = {entry for entries in sender_candidates for entry in entries}
+    account's lists and threshold (concurrently); ``find_senders()``
+    (:func:`senders`: parsing the header From) runs only when some account
+    has list entries, which most do not. A storage failure propagates
+    (TEMPORARY: the MX answers 451 and nothing is stored)."""
     accounts = list(accounts)
     if len(accounts) == 1:  # the common case: no task to gather
-        policies = [await storage.mail(accounts[0]).spam_policy(accounts[0].id, wanted)]
+        policies = [await storage.mail(accounts[0]).spam_policy(accounts[0].id)]
     else:
-        reads = (storage.mail(a).spam_policy(a.id, wanted) for a in accounts)
-        policies = list(await asyncio.gather(*reads))
+        policies = list(
+            await asyncio.gather(*(storage.mail(a).spam_policy(a.id) for a in accounts))
+        )
+    listed = any(p.allow or p.block for p in policies)
+    found = find_senders() if listed else ()
     return {
-        account.id: filing(verdict, policy, listing(policy, sender_candidates), dmarc_junk)
+        account.id: filing(verdict, policy, listing(policy, found), dmarc_junk)
         for account, policy in zip(accounts, policies, strict=True)
     }
 

@@ -926,9 +926,12 @@ class SmtpSession(LeaseHolder, SMTP):
         if self.mode is not Mode.MX or not self.txn.routing.local:
             return None
         header = content.prefix if isinstance(content, Spooled) else content
-        found = senders(mail_from, from_addresses(header))
         filings = await account_filings(
-            self.ctx.storage, self.txn.routing.local.values(), checked, found, dmarc_junk
+            self.ctx.storage,
+            self.txn.routing.local.values(),
+            checked,
+            lambda: senders(mail_from, from_addresses(header)),
+            dmarc_junk,
         )
         return {account_id: (f.mailbox, f.field) for account_id, f in filings.items()}
 
