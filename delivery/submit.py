@@ -30,8 +30,9 @@ from delivery.limits import hold_reason
 from delivery.spool import Message, materialised, message_size, prepend
 from runtime.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
 from storage.api import Route, Storage
-from storage.errors import HTTP_STATUS, SMTP_REPLY, ErrorKind, StorageError
-from storage.ingest import Delivery, ingest_each
+from storage.blob import deleting
+from storage.errors import HTTP_STATUS, SMTP_REPLY, BlobsBeingDeleted, ErrorKind, StorageError
+from storage.ingest import RESTORE_ATTEMPTS, Delivery, ingest_each
 from storage.model import SEEN, Account, AppendResult
 
 log = logging.getLogger("delivery.submit")
@@ -205,21 +206,42 @@ async def deliver(
     if routing.remote:
         try:
             async with materialised(message) as source:
-                blob_key = await (
-                    storage.blobs.put_file(source)
-                    if isinstance(source, Path)
-                    else storage.blobs.put(source)
-                )
-            if held_for is None:
-                await storage.queue.enqueue(mail_from, list(routing.remote), blob_key)
-            else:
-                await storage.queue.enqueue(
-                    mail_from, list(routing.remote), blob_key, held_for=held_for
-                )
+                blob_key = await _queue(storage, mail_from, list(routing.remote), source, held_for)
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
         MESSAGES_QUEUED.inc(len(routing.remote))
     return delivered, blob_key
+
+
+async def _queue(
+    storage: Storage,
+    sender: str,
+    recipients: list[str],
+    source: bytes | Path,
+    held_for: str | None,
+) -> str:
+    """Stores the message in the site's blob store, then queues it; returns
+    its key. If garbage collection is deleting one of its blobs (or did
+    lately: ``storage/blob/deleting.py``), waits for that to end, stores
+    it again and queues it then."""
+    answered: dict[str, int] = {}  # by partition: each database numbers its own
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        blobs = storage.blobs
+        key = await (blobs.put_file(source) if isinstance(source, Path) else blobs.put(source))
+        parts_of = getattr(blobs, "parts_of", None)
+        parts = parts_of(key) if parts_of is not None else frozenset()
+        named = None if parts is None else {key, *parts}
+        try:
+            await storage.queue.enqueue(
+                sender, recipients, key, held_for=held_for, blob_keys=(named, answered)
+            )
+            return key
+        except BlobsBeingDeleted as err:
+            if attempt == RESTORE_ATTEMPTS:
+                raise
+            await deleting.wait_done(storage.directory.db, err.keys)  # type: ignore[attr-defined]
+            answered[err.where] = err.last_id
+    raise AssertionError("unreachable")
 
 
 def owns_address(address: str, owned: AbstractSet[str], *, plus: bool) -> bool:

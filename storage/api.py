@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -204,6 +212,7 @@ class MailStore(Protocol):
         blob_ready: concurrent.futures.Future[str] | None = None,
         claim_recent: bool = False,
         blob_data: bytes | None = None,
+        blob_keys: Callable[[], tuple[Collection[str] | None, int]] | None = None,
     ) -> list[AppendResult]:
         """``add_message`` plus one ``append`` per target (mailbox name or id,
         flags, internal date) in ONE transaction: every target is committed
@@ -223,7 +232,14 @@ class MailStore(Protocol):
         ``blob_data``: instead, the blob's bytes (at most
         :attr:`inline_blob_max`), stored with the rows that name it in the
         same transaction: durable together, or neither. Readable through
-        the blob store once this returns."""
+        the blob store once this returns.
+
+        ``blob_keys()``: the blob keys the message row names (its parts
+        too; None: unknown) and the newest deletion the caller answered.
+        If garbage collection is deleting one of them, or did lately,
+        ``storage.errors.BlobsBeingDeleted`` and nothing commits:
+        the caller stores the blobs again and retries
+        (``storage/blob/deleting.py``)."""
 
     async def uids(self, account_id: int, mailbox_id: int) -> list[MessageEntry]:
         """Every entry of the mailbox in UID order (a POP3 maildrop)."""
@@ -397,9 +413,13 @@ class OutboundQueue(Protocol):
         expires_in: dt.timedelta = ...,
         now: float | None = None,
         held_for: str | None = None,
+        blob_keys: tuple[Collection[str] | None, Mapping[str, int]] | None = None,
     ) -> int:
         """Queues a stored blob for ``recipients`` (due at once); durable when
-        it returns the entry id. INVALID with no recipients."""
+        it returns the entry id. INVALID with no recipients. ``blob_keys``:
+        the blobs the entry names (None: unknown) and the newest deletion
+        answered, by partition; ``BlobsBeingDeleted`` if garbage collection
+        is deleting one (``storage/blob/deleting.py``)."""
 
     async def get(self, queue_id: int) -> Any: ...
     async def list(self, *, include_done: bool = True) -> list[Any]: ...

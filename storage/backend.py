@@ -164,6 +164,12 @@ class SqlStorage:
         found += [db for db in self.databases.values() if all(db is not f for f in found)]
         return found
 
+    def all_databases(self) -> list[Database]:
+        """The directory's database and every shard's, each once: where
+        garbage collection records the blobs it deletes
+        (``storage/blob/deleting.py``)."""
+        return self._all_databases()
+
     def _store(self, shard: str) -> SqlMailStore:
         try:
             return self.stores[shard]

@@ -10,6 +10,7 @@ mapping lives in one place (the Dovecot lib-storage habit).
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 
 
 class ErrorKind(enum.Enum):
@@ -45,6 +46,21 @@ class AccountMoving(StorageError):
 
     def __init__(self) -> None:
         super().__init__(ErrorKind.TEMPORARY, "account is moving to another shard, try again")
+
+
+class BlobsBeingDeleted(StorageError):
+    """TEMPORARY: blobs a transaction names are being (or were lately)
+    deleted by garbage collection; it rolled back
+    (``storage/blob/deleting.py``). ``keys``: those blobs; ``last_id``:
+    the newest deletion row found (the retry answers the rows up to it);
+    ``where``: whose rows, where a writer may try another database (a
+    queue partition)."""
+
+    def __init__(self, keys: Collection[str], last_id: int, where: str = "") -> None:
+        super().__init__(ErrorKind.TEMPORARY, "a blob is being collected, try again")
+        self.keys = frozenset(keys)
+        self.last_id = last_id
+        self.where = where
 
 
 # RFC 5530 IMAP response codes.

@@ -37,13 +37,15 @@ import concurrent.futures
 import logging
 import mmap
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from storage.api import BlobStore, MailStore, Storage
+from storage.blob import deleting
 from storage.blob.key import content_key, content_key_sync
+from storage.blob.skeleton import MAGIC, decode
 from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import StorageError
 from storage.mime import parse_message
@@ -67,6 +69,9 @@ INLINE_PARSE_MAX = 32 * 1024
 # thread still holds the GIL. Below it a parse takes milliseconds, less
 # than shipping the bytes to another process.
 POOL_PARSE_MIN = 1024 * 1024
+# Tries of a delivery whose blobs garbage collection was deleting: each
+# after the deletion ended and the blobs were stored again.
+RESTORE_ATTEMPTS = 3
 
 
 def _parse_and_hash(raw: bytes) -> tuple[ParsedMessage, str]:
@@ -196,6 +201,37 @@ async def _skeleton_of(stores: Sequence[BlobStore], data: bytes) -> bytes:
     return kept
 
 
+def _named_keys(
+    stores: Sequence[BlobStore], key: str, data: bytes | None, answered: int
+) -> Callable[[], tuple[Collection[str] | None, int]]:
+    """``MailStore.deliver``'s ``blob_keys``: what a delivery's rows name,
+    once its blobs are stored (the message's key and its parts', from the
+    skeleton ``data`` written with the rows or from what the stores
+    remember storing; None if a store cannot tell: any deletion then
+    counts), and ``answered``, the newest deletion already answered."""
+
+    def keys() -> Collection[str] | None:
+        found = {key}
+        if data is not None:
+            if data.startswith(MAGIC):
+                try:
+                    found |= {r.key for r in decode(data).refs}
+                except StorageError:
+                    return None
+            return found
+        for blobs in stores:
+            parts_of = getattr(blobs, "parts_of", None)
+            if parts_of is None:
+                continue
+            parts = parts_of(key)
+            if parts is None:
+                return None
+            found |= parts
+        return found
+
+    return lambda: (keys(), answered)
+
+
 async def _store(
     storage: Storage,
     deliveries: Sequence[Delivery],
@@ -268,16 +304,34 @@ async def _store(
             (deliveries[i].mailbox, deliveries[i].flags, deliveries[i].internal_date)
             for i in indexes
         ]
+        ready, data, answered = blob_ready, blob_data, 0
         try:
-            return await storage.mail(account).deliver(
-                account.id,
-                blob_key,
-                parsed,
-                targets,
-                blob_ready=blob_ready,
-                claim_recent=any(deliveries[i].claim_recent for i in indexes),
-                blob_data=blob_data,
-            )
+            for attempt in range(1, RESTORE_ATTEMPTS + 1):
+                try:
+                    return await storage.mail(account).deliver(
+                        account.id,
+                        blob_key,
+                        parsed,
+                        targets,
+                        blob_ready=ready,
+                        claim_recent=any(deliveries[i].claim_recent for i in indexes),
+                        blob_data=data,
+                        blob_keys=_named_keys(stores, blob_key, data, answered),
+                    )
+                except deleting.BlobsBeingDeleted as err:
+                    if attempt == RESTORE_ATTEMPTS:
+                        raise
+                    # Garbage collection deletes (or deleted) a blob this
+                    # message names: once that is over, store it again.
+                    db = getattr(storage.mail(account), "db", None)
+                    if db is not None:
+                        await deleting.wait_done(db, err.keys)
+                    ready, answered = None, err.last_id
+                    if data is not None and not isinstance(source, Path):
+                        data = await _skeleton_of(stores, bytes(source))
+                    else:
+                        await _write_blob(stores, source)
+            raise AssertionError("unreachable")
         except StorageError as err:
             return err
 

@@ -51,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
 from storage.api import BlobStore
+from storage.blob import deleting
 from storage.blob.fs import FsBlobStore
 from storage.model import Account, Change, ChangeKind
 from storage.sql.mailstore import SqlMailStore, delete_account_mail
@@ -75,6 +76,8 @@ IN_CLAUSE = 500  # ids per IN (...) list
 SMALL_DELTA = 200  # a round that copies at most this many rows ends the live rounds
 MAX_LIVE_ROUNDS = 10  # then fence anyway: the final round is exact whatever the rate
 BLOB_COPIES = 8  # blobs copied at once when the shards' blob stores differ
+# Tries of a batch whose blobs the target's garbage collection was deleting.
+RESTORE_ATTEMPTS = 3
 LEASE_SECONDS = 15.0  # a killed mover's lease lapses after this; a live one renews it
 
 
@@ -410,9 +413,37 @@ class AccountMove:
                             )
                         )
                     )
-            await self._copy_blobs({m.blob_key for m in found})
+        keys = {m.blob_key for m in found}
+        answered = 0
+        for attempt in range(1, RESTORE_ATTEMPTS + 1):
+            await self._copy_blobs(keys, again=attempt > 1)
+            try:
+                await self._write_entries(target_id, rows, found, known, keys, answered)
+                return
+            except errors.BlobsBeingDeleted as err:
+                if attempt == RESTORE_ATTEMPTS:
+                    raise
+                # The target's garbage collection deletes (or deleted) one:
+                # once that is over, copy them again (storage/blob/deleting.py).
+                await deleting.wait_done(self.target.db, err.keys)
+                answered = err.last_id
+
+    async def _write_entries(
+        self,
+        target_id: int,
+        rows: Sequence[Any],
+        found: Sequence[Any],
+        known: dict[int, int],
+        keys: set[str],
+        answered: int,
+    ) -> None:
+        """One target transaction of :meth:`_copy_entries`: the message rows
+        ``found`` (their blobs ``keys`` copied already), then the entries."""
+        named = await self._named_blobs(keys)
         async with self.target.db.write() as conn:
             known.update(await self._insert_messages(conn, found))
+            if keys and self.source.blobs is not self.target.blobs:
+                await deleting.check(conn, named, answered)
             for chunk in _chunks([r.uid for r in rows]):
                 await conn.execute(delete(E).where(E.c.mailbox_id == target_id, E.c.uid.in_(chunk)))
             await conn.execute(
@@ -455,9 +486,10 @@ class AccountMove:
         await self._map(conn, "thread", new_threads)
         return dict(pairs)
 
-    async def _copy_blobs(self, keys: set[str]) -> None:
+    async def _copy_blobs(self, keys: set[str], again: bool = False) -> None:
         """Blobs are content-addressed: only copied when the target's blob
-        store is not the source's, and only those it lacks. Each copy is
+        store is not the source's, and only those it lacks (``again``:
+        all, after garbage collection deleted some). Each copy is
         durable, and its SHA-256 checked against its key, before the
         message rows naming it are written on the target."""
         src, dst = self.source.blobs, self.target.blobs
@@ -467,10 +499,30 @@ class AccountMove:
 
         async def one(key: str) -> None:
             async with gate:
-                if not await dst.exists(key):
+                if again or not await dst.exists(key):
                     await _copy_blob(src, dst, key)
 
         await asyncio.gather(*(one(k) for k in sorted(keys)))
+
+    async def _named_blobs(self, keys: set[str]) -> set[str] | None:
+        """``keys`` and the parts they refer to in the target's blob store:
+        what the target's new rows name (None: not known, any deletion
+        counts, ``storage/blob/deleting.py``)."""
+        dst = self.target.blobs
+        references = getattr(dst, "references", None)
+        if references is None:
+            return set(keys)
+        parts_of = getattr(dst, "parts_of", None)
+        named = set(keys)
+        for key in keys:
+            parts = parts_of(key) if parts_of is not None else None  # copied here: known
+            if parts is None:
+                try:
+                    parts = await references(key)
+                except errors.StorageError:
+                    return None
+            named |= parts
+        return named
 
     async def target_blob_keys(self) -> set[str]:
         """The blob keys of the account's messages on the target."""

@@ -34,11 +34,11 @@ import datetime as dt
 import hashlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import TypeVar
 
 from storage import errors
-from storage.errors import ErrorKind, StorageError
+from storage.errors import BlobsBeingDeleted, ErrorKind, StorageError
 from storage.sql.queue import (
     DEFAULT_EXPIRY,
     DEFAULT_PARTITION,
@@ -146,10 +146,13 @@ class PartitionedQueue:
         expires_in: dt.timedelta = DEFAULT_EXPIRY,
         now: float | None = None,
         held_for: str | None = None,
+        blob_keys: tuple[Collection[str] | None, Mapping[str, int]] | None = None,
     ) -> QueueRef:
         """Queues ``blob_key`` in one partition, the next in turn that is up;
         durable when it returns. INVALID with no recipients; TEMPORARY only
-        when every partition failed."""
+        when every partition failed. ``blob_keys``: as
+        ``OutboundQueue.enqueue``'s; ``BlobsBeingDeleted`` is raised at once
+        (every partition would say the same)."""
         rcpts = list(recipients)
         last: StorageError | None = None
         turn = self._rotation(self._next_enqueue)
@@ -158,15 +161,21 @@ class PartitionedQueue:
             answer = await self._ask(
                 name,
                 part.enqueue(sender, rcpts, blob_key, expires_in=expires_in, now=now)
-                if held_for is None
+                if held_for is None and blob_keys is None
                 else part.enqueue(
-                    sender, rcpts, blob_key, expires_in=expires_in, now=now, held_for=held_for
+                    sender,
+                    rcpts,
+                    blob_key,
+                    expires_in=expires_in,
+                    now=now,
+                    held_for=held_for,
+                    blob_keys=blob_keys,
                 ),
             )
             if not isinstance(answer, StorageError):
                 self._answered(name)
                 return answer
-            if answer.kind is not ErrorKind.TEMPORARY:
+            if answer.kind is not ErrorKind.TEMPORARY or isinstance(answer, BlobsBeingDeleted):
                 raise answer
             last = answer
         assert last is not None

@@ -2,24 +2,54 @@
 lets one instance at a time delete them, and the loop every serving
 process runs (``runtime/daemon.py``).
 
-Why nothing acknowledged is lost. An ingest stores its blobs (parts, then
-the skeleton, then nothing else) and then commits the rows naming them;
-storing bytes that are already there refreshes their stored time on every
-backend (fs: the file's mtime, ``fs._touch``; the packs: their ``stored``
-column; S3: a new object, ``x-amz-meta-stored``). A pass:
+Why nothing acknowledged is lost. A writer (an ingest, a queued message,
+a moved message) stores its blobs (parts, then the skeleton) and then
+commits the rows naming them; storing bytes that are already there
+refreshes their stored time (fs: the file's mtime, ``fs._touch``; the
+packs: their ``stored`` column; S3: a new object, ``x-amz-meta-stored``).
+A pass, per blob store:
 
 1. reads the referenced keys (rows, and the parts their skeletons name),
 2. lists the stored keys; each unreferenced one, if stored before
-   ``now - grace``, is a candidate, with its stored time,
-3. reads the referenced keys again, *after* the stored times, and
-4. deletes each candidate still unreferenced, only if not stored since
-   (``delete(key, stored_before=...)``, atomic on every backend).
+   ``now - grace``, is a candidate,
+3. marks the candidates as being deleted: a row each in every database,
+   committed (``storage/blob/deleting.py``; PostgreSQL: under an
+   exclusive advisory lock that every writer's transaction holds shared),
+4. reads the referenced keys again, *after* the marks committed,
+5. deletes each candidate still unreferenced (``delete(key,
+   stored_before=...)``: conditional where the store can do it
+   atomically, fs and the packs; a HEAD then a DELETE on S3, which a put
+   can slip between), and
+6. marks them done; done rows are kept ``max(grace, KEEP_DONE_SECONDS)``.
 
-An ingest that stored (or refreshed) a blob before step 2 and committed
-before step 3 is seen referenced in step 3; one that refreshed it after
-step 2 is spared by the conditional delete; one that stored it before
-``now - grace`` and has not committed by step 3 is what ``grace`` must
-rule out (``storage.gc_grace_seconds``: longer than any ingest).
+A writer, in the transaction that commits its rows, after its blobs were
+stored, looks its keys (the message's and its parts') up in the
+database's marks; if one has a mark it has not answered yet, it commits
+nothing, waits until that deletion is done, stores its blobs again and
+tries again (answering those marks). Take any writer W whose rows name a
+candidate key k, and its transaction T:
+
+* T's lookup saw no mark of k. On PostgreSQL T held the lock shared from
+  its BEGIN and step 3 takes it exclusively, so step 3's commit came
+  after T's (it waited for T, or T's lookup would have seen it, READ
+  COMMITTED taking each statement's snapshot anew); on SQLite the two
+  are write transactions, serialised. Either way T committed before step
+  3 did, so step 4 sees W's rows and k is not deleted.
+* T's lookup saw the mark: T rolls back. W stores k again only once the
+  mark is done, after step 5's delete of k, so that copy stays; the
+  retry commits it (or meets a newer mark: the same again).
+* A mark done and purged before T's lookup belongs to a pass whose
+  delete came long before: more than ``KEEP_DONE_SECONDS`` (and the
+  grace) before, longer than any writer takes from storing its blobs to
+  its lookup; so that delete came before W stored k, and cannot have
+  removed W's copy.
+
+And a writer that stored k before ``now - grace`` and still has not
+committed when step 4 reads is what ``grace`` must rule out
+(``storage.gc_grace_seconds``: longer than any ingest), as before.
+S3's delete is not made conditional (``If-Match``): a put of the same
+bytes has the same ETag, so it could not tell a refresh, and Swift's
+s3api, which the tests run, ignores conditions on DELETE.
 """
 
 from __future__ import annotations
@@ -34,6 +64,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from storage.blob import deleting
 from storage.errors import ErrorKind, StorageError
 
 log = logging.getLogger(__name__)
@@ -41,6 +72,8 @@ log = logging.getLogger(__name__)
 LEASE_NAME = "blob-gc"
 # The lease outlives its holder by at most this long; renewed every third.
 LEASE_SECONDS = 60.0
+# Marks of deletions done stay at least this long (see the module docstring).
+KEEP_DONE_SECONDS = 3600.0
 
 
 @dataclass
@@ -122,49 +155,94 @@ async def collect(
     ``dry_run``. The caller holds the lease (:func:`gc_lease`)."""
     report = GcReport()
     for blobs in storage.blob_stores():
-        before = await storage.referenced_blobs(blobs)
-        cutoff = time.time() - grace_seconds
-        keys = await blobs.keys()
-        candidates: dict[str, float] = {}
-        for done, key in enumerate(keys, 1):
-            if progress is not None:
-                progress(done, len(keys))
-            if key in before:
-                continue
-            try:
-                stored = await blobs.stored_at(key)
-            except StorageError as err:
-                if err.kind is ErrorKind.NOT_FOUND:
-                    continue  # deleted meanwhile
-                raise
-            if stored <= cutoff:
-                candidates[key] = stored
-            else:
-                report.spared += 1
-        if not candidates:
-            continue
-        referenced = await storage.referenced_blobs(blobs)  # after the stored times
-        # The bytes a blob takes (a skeleton's, not its message's).
-        raw_store = getattr(blobs, "inner", blobs)
-        for key, stored in candidates.items():
-            if key in referenced:
-                continue
-            try:
-                size = await raw_store.size(key)
-            except StorageError as err:
-                if err.kind is ErrorKind.NOT_FOUND:
-                    continue
-                raise
-            if not dry_run:
-                # Only if not stored again since we looked (an ingest of the
-                # same bytes); the store says whether it is gone.
-                await blobs.delete(key, stored_before=stored + 1e-3)
-                if await blobs.exists(key):
-                    report.spared += 1
-                    continue
-            report.removed += 1
-            report.removed_bytes += size
+        await collect_store(storage, blobs, grace_seconds, report, dry_run, progress)
     return report
+
+
+async def collect_store(
+    storage: Any,
+    blobs: Any,
+    grace_seconds: float,
+    report: GcReport,
+    dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """:func:`collect` for one blob store, adding to ``report``; the caller
+    holds its lease."""
+    before = await storage.referenced_blobs(blobs)
+    cutoff = time.time() - grace_seconds
+    keys = await blobs.keys()
+    candidates: dict[str, float] = {}
+    for done, key in enumerate(keys, 1):
+        if progress is not None:
+            progress(done, len(keys))
+        if key in before:
+            continue
+        try:
+            stored = await blobs.stored_at(key)
+        except StorageError as err:
+            if err.kind is ErrorKind.NOT_FOUND:
+                continue  # deleted meanwhile
+            raise
+        if stored <= cutoff:
+            # Deleted only if not stored again since (where the store can tell).
+            candidates[key] = stored + 1e-3
+        else:
+            report.spared += 1
+    if not candidates:
+        return
+    if dry_run:
+        await _delete(storage, blobs, candidates, report, dry_run=True)
+        return
+    await delete_unreferenced(storage, blobs, candidates, report, grace_seconds)
+
+
+async def delete_unreferenced(
+    storage: Any,
+    blobs: Any,
+    candidates: dict[str, float],
+    report: GcReport,
+    grace_seconds: float,
+) -> None:
+    """Steps 3 to 6 (see the module's docstring) for ``candidates`` of the
+    store ``blobs`` (key: delete only if stored before this Unix time):
+    marked, the references read again, the unreferenced ones deleted, the
+    marks done. The caller holds the store's lease."""
+    store = deleting.store_name(blobs)
+    databases = storage.all_databases()
+    await deleting.start_pass(databases, store, keep=max(grace_seconds, KEEP_DONE_SECONDS))
+    await deleting.mark(databases, store, candidates)  # before the second look
+    try:
+        await _delete(storage, blobs, candidates, report, dry_run=False)
+    finally:
+        await deleting.finish(databases, store, candidates)
+
+
+async def _delete(
+    storage: Any, blobs: Any, candidates: dict[str, float], report: GcReport, *, dry_run: bool
+) -> None:
+    """Steps 4 and 5 for one store's ``candidates`` (key: stored before)."""
+    referenced = await storage.referenced_blobs(blobs)  # after the stored times or marks
+    # The bytes a blob takes (a skeleton's, not its message's).
+    raw_store = getattr(blobs, "inner", blobs)
+    for key, before in candidates.items():
+        if key in referenced:
+            continue
+        try:
+            size = await raw_store.size(key)
+        except StorageError as err:
+            if err.kind is ErrorKind.NOT_FOUND:
+                continue
+            raise
+        if not dry_run:
+            # Only if not stored again since we looked (an ingest of the
+            # same bytes), where the store can tell; it says whether it is gone.
+            await blobs.delete(key, stored_before=before)
+            if await blobs.exists(key):
+                report.spared += 1
+                continue
+        report.removed += 1
+        report.removed_bytes += size
 
 
 async def collect_once(

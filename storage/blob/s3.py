@@ -22,8 +22,11 @@ TEMPORARY error.
 the object's ``x-amz-meta-stored`` (a Unix time with microseconds, set by
 each put: storing the same bytes again re-uploads and so refreshes it);
 ``Last-Modified`` has only whole seconds. A conditional delete reads it
-with HEAD then deletes: as on the filesystem (stat, then unlink), a put
-between the two is not seen (S3 has no conditional delete everywhere).
+with HEAD then deletes, so a put between the two is NOT seen: S3 has no
+delete conditional on that (``If-Match`` compares ETags, the same for the
+same bytes stored again; Swift's s3api ignores it on DELETE). Garbage
+collection does not rely on it: writers learn of a deletion from the
+database (``storage/blob/deleting.py``, ``storage/blob/gc.py``).
 
 Configuration, in the URL or else the environment::
 
@@ -578,7 +581,9 @@ class S3BlobStore:
 
     async def delete(self, key: str, *, stored_before: float | None = None) -> None:
         """Removes the blob; a missing blob is not an error (GC is idempotent).
-        ``stored_before``: only if not stored again since that Unix time."""
+        ``stored_before``: not if stored again since that Unix time before
+        its HEAD; NOT atomic: a put between the HEAD and the DELETE is
+        lost (see the module docstring for what makes that safe)."""
         _check_key(key)
         if stored_before is not None:
             answer = await self._request("HEAD", key)

@@ -48,6 +48,7 @@ import hashlib
 import mmap
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,9 @@ class SkeletonBlobStore:
         self.inner = inner
         self.min_bytes = min_bytes
         self._skeletons: collections.OrderedDict[str, Skeleton] = collections.OrderedDict()
+        # Message key -> the part keys its last put here stored (parts_of).
+        self._parts: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
+        self._parts_lock = threading.Lock()
         self._splitters: concurrent.futures.ThreadPoolExecutor | None = None
         if hasattr(inner, "put_sync_as"):
             # The ingest fast paths (``storage.ingest``) look for these.
@@ -207,6 +211,23 @@ class SkeletonBlobStore:
         skeleton, _refs = encode(data, ranges)
         return skeleton, ranges
 
+    def _note_parts(self, key: str, skeleton: bytes | None) -> None:
+        """Remembers which parts the message ``key`` was stored with."""
+        parts = frozenset(r.key for r in decode(skeleton).refs) if skeleton else frozenset()
+        with self._parts_lock:
+            self._parts[key] = parts
+            self._parts.move_to_end(key)
+            if len(self._parts) > _CACHE:
+                self._parts.popitem(last=False)
+
+    def parts_of(self, key: str) -> frozenset[str] | None:
+        """The keys of the parts a put of the message ``key`` in this
+        process stored (empty: stored whole), or None if not known (any
+        thread). A writer names them with the message in its transaction
+        (``storage/blob/deleting.py``)."""
+        with self._parts_lock:
+            return self._parts.get(key)
+
     def _put_part_sync(self, part: bytes) -> str:
         if part.startswith(MAGIC):
             return str(self.inner.put_sync_as(content_key_sync(part), encode(part, [])[0]))
@@ -217,10 +238,12 @@ class SkeletonBlobStore:
         key = content_key_sync(data)
         plan = self._plan(data) if self._may_split(data) else None
         if plan is None:
+            self._note_parts(key, None)
             return str(self.inner.put_sync_as(key, data))
         skeleton, ranges = plan
         for a, b in ranges:
             self._put_part_sync(data[a:b])
+        self._note_parts(key, skeleton)
         return str(self.inner.put_sync_as(key, skeleton))
 
     def _put_started(
@@ -229,6 +252,7 @@ class SkeletonBlobStore:
         """The inner store's ``put_started``, or a split in a thread of ours
         when the message may have parts to keep apart."""
         if not self._may_split(data):
+            self._note_parts(key or content_key_sync(data), None)
             return self.inner.put_started(data, key)  # type: ignore[no-any-return]
         if self._splitters is None:
             self._splitters = concurrent.futures.ThreadPoolExecutor(
@@ -244,15 +268,17 @@ class SkeletonBlobStore:
     async def put(self, data: bytes) -> str:
         """Durable on return, parts first; the key is the message's SHA-256."""
         data = bytes(data)
-        if not self._may_split(data):
-            return str(await self.inner.put(data))
-        plan = await asyncio.to_thread(self._plan, data)
+        plan = await asyncio.to_thread(self._plan, data) if self._may_split(data) else None
         if plan is None:
-            return str(await self.inner.put(data))
+            key = str(await self.inner.put(data))
+            self._note_parts(key, None)
+            return key
         skeleton, ranges = plan
         for a, b in ranges:
             await self._put_part(data[a:b])
-        return str(await self.inner.put_as(await content_key(data), skeleton))
+        key = await content_key(data)
+        self._note_parts(key, skeleton)
+        return str(await self.inner.put_as(key, skeleton))
 
     async def skeleton_of(self, data: bytes) -> bytes | None:
         """For a delivery that writes the blob in its own transaction
@@ -290,8 +316,11 @@ class SkeletonBlobStore:
 
         planned = await asyncio.to_thread(plan)
         if planned is None:
-            return str(await self.inner.put_file(path))
+            stored = str(await self.inner.put_file(path))
+            self._note_parts(stored, None)
+            return stored
         key, skeleton, ranges = planned
+        self._note_parts(key, skeleton)
 
         def read(a: int, b: int) -> bytes:
             with open(path, "rb") as f:

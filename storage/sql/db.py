@@ -31,7 +31,7 @@ import os
 import threading
 import uuid
 from collections import namedtuple
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, NoReturn, TypeVar
 
@@ -246,7 +246,7 @@ class _CallFailed(Exception):
 class _Batched:
     """One queued :meth:`Database.write_batched` call."""
 
-    __slots__ = ("after_commit", "durable", "fn", "future", "key", "ready")
+    __slots__ = ("after_commit", "blob_keys", "durable", "fn", "future", "key", "ready")
 
     def __init__(
         self,
@@ -256,8 +256,10 @@ class _Batched:
         durable: bool,
         ready: concurrent.futures.Future[Any] | None,
         key: int | None = None,
+        blob_keys: BlobKeys | None = None,
     ) -> None:
         self.fn = fn
+        self.blob_keys = blob_keys
         self.after_commit = after_commit
         self.future = future
         self.durable = durable
@@ -303,7 +305,12 @@ class _NotReady(Exception):
 
 
 # (fn, ready) of one call in a batch.
-_Item = tuple[Callable[[Connection], Any], "concurrent.futures.Future[Any] | None"]
+# What a batched call's rows name (see ``Database.write_batched``): the blob
+# keys (None: unknown, any) and the newest ``blob_deletions`` row it answered.
+BlobKeys = Callable[[], tuple["Collection[str] | None", int]]
+_Item = tuple[
+    Callable[[Connection], Any], "concurrent.futures.Future[Any] | None", "BlobKeys | None"
+]
 
 
 class _Prepared:
@@ -737,6 +744,7 @@ class Database:
         durable: bool = True,
         ready: concurrent.futures.Future[Any] | None = None,
         key: int | None = None,
+        blob_keys: BlobKeys | None = None,
     ) -> T:
         """Runs ``fn(conn)`` in a write transaction and returns its result
         once that transaction has committed (durably, as :meth:`write`).
@@ -787,11 +795,23 @@ class Database:
         :data:`PG_WRITERS` batches run at once whose keys differ; calls of
         one key run in queue order. A call without a key may lock anything:
         its batch runs alone.
+
+        ``blob_keys()`` (called once ``ready`` has succeeded, in the
+        writer): the blob keys the call's rows name, or None for "any", and
+        the newest ``blob_deletions`` row the caller already answered. If
+        one of them is being deleted or was lately (a newer row), the call
+        fails with ``BlobsBeingDeleted`` and commits nothing: the caller
+        stores its blobs again and retries (``storage/blob/deleting.py``).
+        Every batch transaction on PostgreSQL holds :data:`PG_BLOB_LOCK`
+        shared from its BEGIN, so a marking either committed before that
+        lookup or waits for this commit.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._queue_lock:
-            self._batch_queue.append(_Batched(fn, after_commit, future, durable, ready, key))
+            self._batch_queue.append(
+                _Batched(fn, after_commit, future, durable, ready, key, blob_keys)
+            )
         self._batch_wake.set()
         if ready is not None and not ready.done():
             ready.add_done_callback(lambda _: loop.call_soon_threadsafe(self._batch_wake.set))
@@ -877,7 +897,7 @@ class Database:
         (a new one if none is idle): the outcomes, or the exception if
         nothing committed. A deadlock or serialization failure of the whole
         transaction runs it again."""
-        items = [(b.fn, b.ready) for b in batch]
+        items = [(b.fn, b.ready, b.blob_keys) for b in batch]
         durable = any(b.durable for b in batch)
         attempt = 1
         while True:
@@ -1035,7 +1055,7 @@ class Database:
             if not batch:
                 return None
             try:
-                outcomes = self._run_batch(conn, [(b.fn, b.ready) for b in batch])
+                outcomes = self._run_batch(conn, [(b.fn, b.ready, b.blob_keys) for b in batch])
             except BaseException as exc:
                 return batch, exc, 0
         finally:
@@ -1235,29 +1255,57 @@ class Database:
         return [outcomes[i] for i in range(len(items))]
 
     @staticmethod
-    def _await_ready(items: list[_Item], outcomes: list[tuple[bool, Any]]) -> None:
+    def _await_ready(
+        conn: Connection, items: list[_Item], outcomes: list[tuple[bool, Any]]
+    ) -> None:
         """Before the commit: every call that wrote waits for its ``ready``;
-        a failure raises :class:`_NotReady` (rolling the transaction back)."""
-        for index, ((_, ready), (ok, _)) in enumerate(zip(items, outcomes, strict=True)):
-            if ready is None or not ok:
+        a failure raises :class:`_NotReady` (rolling the transaction back).
+        Then the blobs the calls name are looked up in ``blob_deletions``
+        (one statement for the batch): a call naming one being deleted, or
+        deleted lately, fails with :class:`deleting.BlobsBeingDeleted` the
+        same way (``storage/blob/deleting.py``)."""
+        from storage.blob import deleting  # it imports the schema, which imports this
+
+        named: list[tuple[int, Collection[str] | None, int]] = []
+        for index, ((_, ready, blob_keys), (ok, _)) in enumerate(zip(items, outcomes, strict=True)):
+            if not ok:
                 continue
-            try:
-                ready.result()
-            except BaseException as exc:
-                raise _NotReady(index, exc) from exc
+            if ready is not None:
+                try:
+                    ready.result()
+                except BaseException as exc:
+                    raise _NotReady(index, exc) from exc
+            if blob_keys is not None:
+                named.append((index, *blob_keys()))
+        if not named:
+            return
+        wanted: set[str] | None = set()
+        for _, keys, _ in named:
+            if keys is None or wanted is None:
+                wanted = None
+            else:
+                wanted |= set(keys)
+        rows = deleting.found_sync(conn, wanted, min(after for _, _, after in named))
+        for index, keys, after in named:
+            mine = [(i, k) for i, k in rows if i > after and (keys is None or k in keys)]
+            if mine:
+                try:
+                    deleting.raise_if_found(mine)
+                except deleting.BlobsBeingDeleted as exc:
+                    raise _NotReady(index, exc) from exc
 
     def _run_transaction(
         self, conn: Connection, items: list[_Item], durable: bool = True
     ) -> list[tuple[bool, Any]]:
         """One transaction, a SAVEPOINT per function when there are several."""
-        fns = [fn for fn, _ in items]
+        fns = [fn for fn, _, _ in items]
         outcomes: list[tuple[bool, Any]] = []
         try:
             if len(fns) == 1:
                 try:
                     with _transaction(conn, durable):
                         outcomes.append((True, fns[0](conn)))
-                        self._await_ready(items, outcomes)
+                        self._await_ready(conn, items, outcomes)
                 except _NotReady:
                     raise
                 except Exception as exc:  # rolled back: only this call's writes
@@ -1277,7 +1325,7 @@ class Database:
                             if _fails_batch(exc):
                                 raise
                             raise _CallFailed from exc
-                    self._await_ready(items, outcomes)
+                    self._await_ready(conn, items, outcomes)
                 return outcomes
             except _CallFailed:
                 outcomes = []
@@ -1297,7 +1345,7 @@ class Database:
                     else:
                         driver.execute("RELEASE batched")
                         outcomes.append((True, result))
-                self._await_ready(items, outcomes)
+                self._await_ready(conn, items, outcomes)
         except _NotReady:
             raise  # rolled back cleanly by ``_transaction``: the connection is fine
         except BaseException as exc:
@@ -1477,9 +1525,11 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
         if durable:
             # The batch's commit mark (see COMMIT_IN_DOUBT_SECONDS), in BEGIN's round trip.
             token = uuid.uuid4().hex
-            driver.execute(f"BEGIN; INSERT INTO commit_marks (token) VALUES ('{token}')")
+            driver.execute(
+                f"BEGIN; INSERT INTO commit_marks (token) VALUES ('{token}'); {_BLOB_LOCK}"
+            )
         else:
-            driver.execute("BEGIN; SET LOCAL synchronous_commit TO OFF")
+            driver.execute(f"BEGIN; SET LOCAL synchronous_commit TO OFF; {_BLOB_LOCK}")
     try:
         yield driver
         if token is None:
@@ -1503,6 +1553,14 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
     finally:
         if conn.in_transaction():
             conn.rollback()  # SQLAlchemy's side only: the driver's has ended
+
+
+# pg_advisory_xact_lock key: held shared by every batch transaction (in
+# its BEGIN's round trip), exclusive while garbage collection marks the
+# blobs it is about to delete (``Database.write_batched``'s ``blob_keys``,
+# ``storage/blob/deleting.py``).
+PG_BLOB_LOCK = 0x73686D_626C6F62  # "shm" "blob"
+_BLOB_LOCK = f"SELECT pg_advisory_xact_lock_shared({PG_BLOB_LOCK})"
 
 
 def _attach_fts(engine: Engine, file: str) -> None:

@@ -32,7 +32,7 @@ import operator
 import time
 from array import array
 from collections import OrderedDict, namedtuple
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -1567,6 +1567,7 @@ class SqlMailStore(SpamPolicyStore):
         blob_ready: concurrent.futures.Future[str] | None = None,
         claim_recent: bool = False,
         blob_data: bytes | None = None,
+        blob_keys: Callable[[], tuple[Collection[str] | None, int]] | None = None,
     ) -> list[AppendResult]:
         """Stores a message row and appends it to every target mailbox
         (name or id, flags, internal date) in ONE transaction: all targets
@@ -1577,6 +1578,9 @@ class SqlMailStore(SpamPolicyStore):
         ``blob_data``: the blob's bytes (``blob_key`` is their SHA-256), at
         most :attr:`inline_blob_max`, written to the blob pack's table in
         this same transaction; INVALID if this store has no such table.
+        ``blob_keys``: the blobs the row names and the newest deletion row
+        the caller answered (``Database.write_batched``); if one is being
+        deleted, ``BlobsBeingDeleted`` and nothing committed.
 
         Durable, visible and published when it returns. On SQLite concurrent
         deliveries share one group commit (see ``Database.write_batched``).
@@ -1628,7 +1632,9 @@ class SqlMailStore(SpamPolicyStore):
         async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:
             await self._publish(outcome[1])
 
-        results, _, message_id = await self.db.write_batched(write, published, ready=blob_ready)
+        results, _, message_id = await self.db.write_batched(
+            write, published, ready=blob_ready, blob_keys=blob_keys
+        )
         self._vocab.committed(new_words)
         self._cache_parsed(message_id, parsed)
         # The entries exactly as a read would build them (see ``_entry``).

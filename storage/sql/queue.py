@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -200,11 +200,18 @@ class OutboundQueue:
         expires_in: dt.timedelta = DEFAULT_EXPIRY,
         now: float | None = None,
         held_for: str | None = None,
+        blob_keys: tuple[Collection[str] | None, Mapping[str, int]] | None = None,
     ) -> QueueRef:
         """Queues ``blob_key`` for ``recipients``; durable when it returns the id.
         Due at once, unless ``held_for`` (a reason, kept in ``error`` for
         ``mailctl queue``): then held, in the same transaction, so no worker
-        can lease it first. INVALID with no recipients."""
+        can lease it first. INVALID with no recipients.
+        ``blob_keys``: the blobs the entry names (the message's and its
+        parts'; None: unknown) and, by partition, the newest deletion the
+        caller answered there (each database numbers its own): if garbage
+        collection is deleting one, or did lately, ``BlobsBeingDeleted``
+        (its ``where``: this partition) and nothing is queued
+        (``storage/blob/deleting.py``)."""
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             raise errors.invalid("no recipients")
@@ -240,6 +247,15 @@ class OutboundQueue:
                     for a in rcpts
                 ],
             )
+            if blob_keys is not None:
+                from storage.blob import deleting  # it imports storage.sql
+
+                named, answered = blob_keys
+                try:
+                    await deleting.check(conn, named, answered.get(self.partition, 0))
+                except errors.BlobsBeingDeleted as err:
+                    err.where = self.partition
+                    raise
         for listener in self.listeners:
             listener()
         return QueueRef(self.partition, queue_id)

@@ -272,6 +272,20 @@ locks = Table(
     Column("expires", Float, nullable=False),  # epoch seconds
 )
 
+# Blobs garbage collection is deleting, or deleted lately, recorded in every
+# database whose rows may name them (storage/blob/deleting.py): a writer
+# naming one in its transaction stores it again first. ``done_at`` is NULL
+# while the deletion may still happen.
+blob_deletions = Table(
+    "blob_deletions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("store", String(255), nullable=False),
+    Column("key", String(64), nullable=False, index=True),
+    Column("marked_at", Float, nullable=False),  # epoch seconds
+    Column("done_at", Float, nullable=True),
+)
+
 # --- outbound queue (a partition in every shard: storage/queue.py) -----------
 
 queue_messages = Table(
@@ -956,6 +970,13 @@ async def _v24_spam_policy(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: spam_settings.create(sync, checkfirst=True))
 
 
+async def _v25_blob_deletions(conn: AsyncConnection) -> None:
+    """``blob_deletions``: the blobs garbage collection is deleting, or
+    deleted lately, so that a writer naming one stores it again before
+    it commits (``storage/blob/deleting.py``)."""
+    await conn.run_sync(lambda sync: blob_deletions.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -981,6 +1002,7 @@ MIGRATIONS: list[Step] = [
     _v22_pg_commit_marks,
     _v23_pg_commit_fences,
     _v24_spam_policy,
+    _v25_blob_deletions,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
