@@ -202,12 +202,13 @@ class SqlStorage:
         return self.mail(account).blobs or self.blobs  # type: ignore[return-value]
 
     def blob_stores(self) -> list[FsBlobStore]:
-        """Every distinct blob store: the site's first, then the shards' own."""
+        """Every distinct blob store, whatever its kind (a folder, an S3
+        bucket): the site's first, then the shards' own. Garbage collection
+        passes over each (``storage/blob/gc.py``)."""
         found: list[FsBlobStore] = [self.blobs]
         for store in self.stores.values():
             blobs = store.blobs
-            inner = getattr(blobs, "inner", blobs)  # under a SkeletonBlobStore
-            if isinstance(inner, FsBlobStore) and all(blobs is not f for f in found):
+            if blobs is not None and all(blobs is not f for f in found):
                 found.append(blobs)
         return found
 

@@ -51,8 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
 from storage.api import BlobStore
-from storage.blob import deleting
-from storage.blob.fs import FsBlobStore
+from storage.blob import deleting, gc
 from storage.model import Account, Change, ChangeKind
 from storage.sql.mailstore import SqlMailStore, delete_account_mail
 from storage.sql.schema import (
@@ -814,35 +813,34 @@ async def _move(
 
 async def _remove_source_blobs(storage: SqlStorage, mover: AccountMove, flipped_at: float) -> None:
     """After the flip (and the source's rows are gone): deletes the
-    account's blobs from the source shard's blob store when it has one of
-    its own, except those a row kept in that store still names (another
-    account's copy of the same bytes, an outbound message). Keys come from
-    the target, so a move killed here removes the rest when run again.
-    A blob stored again after the flip (an ingest of the same bytes in
-    progress on the source) is spared: ``stored_before``."""
+    account's blobs (messages and their attachment parts) from the source
+    shard's blob store when it has one of its own, except those still
+    referenced there (another account's copy of the same bytes, an
+    outbound message): garbage collection's own deletion
+    (``gc.delete_unreferenced``), under that store's GC lease. If a pass
+    holds it, that pass or the next collects them. Keys come from the
+    target, so a move killed here removes the rest when run again. A blob
+    stored again after the flip (an ingest of the same bytes in progress
+    on the source) is spared: ``stored_before``."""
     src, dst = mover.source.blobs, mover.target.blobs
-    if src is None or src is dst or not isinstance(getattr(src, "inner", src), FsBlobStore):
+    if src is None or src is dst:
         return
-    keys = sorted(await mover.target_blob_keys())
-    kept: set[str] = set()
-    for store in storage.stores.values():
-        if store.blobs is not src:
-            continue
-        async with store.db.read() as conn:
-            for chunk in _chunks(keys):
-                rows = await conn.execute(
-                    select(messages.c.blob_key).where(messages.c.blob_key.in_(chunk)).distinct()
-                )
-                kept.update(r[0] for r in rows)
-    if src is storage.blobs:
-        kept |= await storage.queue.referenced_blobs()
-    gate = asyncio.Semaphore(BLOB_COPIES)
-
-    async def one(key: str) -> None:
-        async with gate:
-            await src.delete(key, stored_before=flipped_at)
-
-    await asyncio.gather(*(one(k) for k in keys if k not in kept))
+    keys = set(await mover.target_blob_keys())
+    references = getattr(src, "references", None)
+    if references is not None:
+        for key in sorted(keys):
+            try:
+                keys |= await references(key)
+            except errors.StorageError as err:
+                if err.kind is not errors.ErrorKind.NOT_FOUND:
+                    raise
+    if not keys:
+        return
+    owner = gc.lease_owner()
+    async with gc.gc_lease(storage, owner, name=gc.lease_name(storage, src)) as held:
+        if held:
+            candidates = dict.fromkeys(sorted(keys), flipped_at)
+            await gc.delete_unreferenced(storage, src, candidates, gc.GcReport(), 0.0)
 
 
 async def abort_move(storage: SqlStorage, address: str) -> bool:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -69,7 +70,7 @@ from storage.errors import ErrorKind, StorageError
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "blob-gc"
+LEASE_NAME = "blob-gc"  # the site's blob store's; a shard's own: lease_name()
 # The lease outlives its holder by at most this long; renewed every third.
 LEASE_SECONDS = 60.0
 # Marks of deletions done stay at least this long (see the module docstring).
@@ -97,15 +98,18 @@ class LeaseLost(Exception):
 
 
 @contextlib.asynccontextmanager
-async def gc_lease(storage: Any, owner: str, seconds: float = LEASE_SECONDS) -> AsyncIterator[bool]:
-    """Yields whether ``owner`` holds the site's GC lease (a row of the
-    directory database's ``locks`` table, ``MailStore.acquire_lock``); while
+async def gc_lease(
+    storage: Any, owner: str, seconds: float = LEASE_SECONDS, name: str = LEASE_NAME
+) -> AsyncIterator[bool]:
+    """Yields whether ``owner`` holds the GC lease ``name`` (a row of the
+    directory database's ``locks`` table, ``MailStore.acquire_lock``): the
+    site's blob store's by default, :func:`lease_name` for another. While
     held it is renewed every ``seconds / 3``, and released on exit. If a
     renewal fails the body is cancelled (:class:`LeaseLost` raised): its
     holder may no longer be alone. A holder that dies holds it ``seconds``
     at most."""
     store = storage.stores["default"]  # the directory's database
-    if not await store.acquire_lock(LEASE_NAME, owner, seconds):
+    if not await store.acquire_lock(name, owner, seconds):
         yield False
         return
     body = asyncio.current_task()
@@ -116,7 +120,7 @@ async def gc_lease(storage: Any, owner: str, seconds: float = LEASE_SECONDS) -> 
         while True:
             await asyncio.sleep(seconds / 3)
             try:
-                held = await store.acquire_lock(LEASE_NAME, owner, seconds)
+                held = await store.acquire_lock(name, owner, seconds)
             except StorageError:
                 held = False
             if not held:
@@ -139,7 +143,19 @@ async def gc_lease(storage: Any, owner: str, seconds: float = LEASE_SECONDS) -> 
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
         with contextlib.suppress(StorageError):
-            await store.release_lock(LEASE_NAME, owner)
+            await store.release_lock(name, owner)
+
+
+def lease_name(storage: Any, blobs: Any) -> str:
+    """The GC lease of one blob store: :data:`LEASE_NAME` for the site's,
+    ``blob-gc:<digest of its location>`` for a shard's own. Stores have
+    leases of their own, so that one instance may collect each while
+    another collects the next, and a move's cleanup of its source store
+    (``storage/move.py``) excludes only that store's pass."""
+    if blobs is storage.blobs:
+        return LEASE_NAME
+    digest = hashlib.sha256(deleting.store_name(blobs).encode()).hexdigest()
+    return f"{LEASE_NAME}:{digest[:32]}"
 
 
 async def collect(
@@ -152,7 +168,8 @@ async def collect(
     """One pass over every blob store of ``storage`` (see the module's
     docstring for the order that makes it safe). ``progress(done, total)``
     is called as the stored keys are examined. Deletes nothing with
-    ``dry_run``. The caller holds the lease (:func:`gc_lease`)."""
+    ``dry_run``. The caller holds every store's lease (:func:`gc_lease`,
+    :func:`lease_name`)."""
     report = GcReport()
     for blobs in storage.blob_stores():
         await collect_store(storage, blobs, grace_seconds, report, dry_run, progress)
@@ -253,12 +270,18 @@ async def collect_once(
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> GcReport | None:
-    """:func:`collect` under the site's lease; None if another instance
-    holds it."""
-    async with gc_lease(storage, owner or lease_owner()) as held:
-        if not held:
-            return None
-        return await collect(storage, grace_seconds, dry_run=dry_run, progress=progress)
+    """:func:`collect` over every blob store of the site whose lease this
+    instance gets (each store under its own, :func:`lease_name`); None if
+    another instance held every one."""
+    owner = owner or lease_owner()
+    report: GcReport | None = None
+    for blobs in storage.blob_stores():
+        async with gc_lease(storage, owner, name=lease_name(storage, blobs)) as held:
+            if not held:
+                continue
+            report = report or GcReport()
+            await collect_store(storage, blobs, grace_seconds, report, dry_run, progress)
+    return report
 
 
 async def gc_loop(storage: Any, interval_seconds: float, grace_seconds: float) -> None:

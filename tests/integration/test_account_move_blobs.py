@@ -16,13 +16,16 @@ import random
 import signal
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conf.settings import load_settings
 from storage.backend import SqlStorage
+from storage.blob import gc
 from storage.ingest import Delivery, ingest
 from storage.model import Account, UidSet
+from storage.move import move_account
 from tests.integration.test_account_move import (
     BOB,
     BOB_PW,
@@ -51,11 +54,11 @@ def _message(rng: random.Random, n: int) -> bytes:
     return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def _fetch_all(port: int) -> dict[str, bytes]:
-    """Every INBOX message of BOB through IMAP: Message-ID -> BODY[] bytes."""
+def _fetch_all(port: int, user: str = BOB, password: str = BOB_PW) -> dict[str, bytes]:
+    """Every INBOX message of ``user`` through IMAP: Message-ID -> BODY[] bytes."""
     found: dict[str, bytes] = {}
     with imaplib.IMAP4("127.0.0.1", port, timeout=60) as imap:
-        imap.login(BOB, BOB_PW)
+        imap.login(user, password)
         imap.select("INBOX", readonly=True)
         typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
         assert typ == "OK", data
@@ -130,3 +133,68 @@ async def test_a_move_carries_blobs_to_the_target_shards_own_blob_dir(
         key = await _deliver(store, bob, raw)
         assert await store.stores["east"].blobs.get(key) == raw
         assert not await store.stores["default"].blobs.exists(key)
+
+
+CAROL = f"carol@{DOMAIN}"
+DAVE = f"dave@{DOMAIN}"
+PW = "carol-secret"
+
+
+async def _all_keys(blobs: Any, keys: set[str]) -> set[str]:
+    """``keys`` and every attachment part they refer to."""
+    out = set(keys)
+    for key in keys:
+        out |= await blobs.references(key)
+    return out
+
+
+async def test_gc_reclaims_a_moved_accounts_blobs_from_its_source_shards_own_store(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """CAROL lives on shard "east", whose blobs are in a folder of its own;
+    DAVE, staying there, holds one of her messages too. While another
+    instance holds the GC lease of east's store (a pass running there) she
+    moves to "default": the move leaves east's store to that pass. Then a
+    GC pass (every store of the site, each under its own lease) removes
+    from east's store every blob of hers no one else references, parts
+    included, keeps the shared message's, and default's store holds all of
+    hers: every message reads back byte for byte over IMAP."""
+    config = await _site(tmp_path, "sqlite", request, blob_dir=str(tmp_path / "east-blobs"))
+    rng = random.Random()
+    sent = [_message(rng, n) for n in range(rng.randint(8, 14))]
+    async with _storage(load_settings(config)) as store:
+        carol = await store.directory.add_account(CAROL, PW, shard="east")
+        dave = await store.directory.add_account(DAVE, PW, shard="east")
+        east, site = store.stores["east"].blobs, store.blobs
+        assert east is not site and east in store.blob_stores()
+        keys = {await _deliver(store, carol, raw) for raw in sent}
+        shared = await _deliver(store, dave, sent[0])
+        mine = await _all_keys(east, keys)
+        kept = await _all_keys(east, {shared})
+        assert mine - kept, "every blob of hers is shared"
+        for key in mine:
+            assert await east.exists(key) and not await site.exists(key)
+        lease = gc.lease_name(store, east)
+        assert lease != gc.LEASE_NAME
+        assert await store.stores["default"].acquire_lock(lease, "another-host:1", 600.0)
+        await move_account(store, CAROL, "default")
+        for key in mine:  # the move left them to the pass holding the lease
+            assert await east.exists(key)
+        await store.stores["default"].release_lock(lease, "another-host:1")
+        report = await gc.collect_once(store, grace_seconds=0.0)
+        assert report is not None and report.removed >= len(mine - kept)
+        for key in mine - kept:
+            assert not await east.exists(key), "left in the source's store"
+        for key in kept:
+            assert await east.exists(key)
+        for key in mine:
+            assert await site.exists(key)
+    port = int(config.with_suffix(".ports").read_text().split()[1])
+    imapd = await start_daemon("imapd", config, port)
+    try:
+        carols = await asyncio.to_thread(_fetch_all, port, CAROL, PW)
+        daves = await asyncio.to_thread(_fetch_all, port, DAVE, PW)
+    finally:
+        await stop(imapd)
+    assert carols == {_message_id(raw): raw for raw in sent}
+    assert daves == {_message_id(sent[0]): sent[0]}
