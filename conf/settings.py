@@ -143,8 +143,15 @@ class ShardSettings(Section):
     # Where this shard's blobs (raw messages) live; empty: storage.blob_dir.
     # `mailctl account move` copies an account's blobs to the target's.
     blob_dir: str = ""
+    # Or an S3-compatible bucket of its own, as storage.blob_url.
+    blob_url: str = ""
 
     _url = field_validator("url")(classmethod(lambda cls, v: _check_database_url(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blob_url(cls, data: Any) -> Any:
+        return _blob_url_as_dir(data)
 
     @field_validator("replicas")
     @classmethod
@@ -160,6 +167,19 @@ class ShardSettings(Section):
 
 # An S3 bucket's name (3 to 63 characters), a prefix, parameters.
 _S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?(\?[^#]*)?")
+
+
+def _blob_url_as_dir(data: Any) -> Any:
+    """``blob_url`` is where the blobs are: it takes blob_dir's place
+    (``storage.blob.open_blob_store`` picks the backend by URL)."""
+    if not isinstance(data, dict) or not data.get("blob_url"):
+        return data
+    url = data["blob_url"]
+    if not isinstance(url, str) or not _S3_URL.fullmatch(url):
+        raise ValueError("blob_url: s3://bucket/prefix?endpoint=...&region=...")
+    if data.get("blob_dir") and data["blob_dir"] != url:
+        raise ValueError("blob_url and blob_dir: set one of them")
+    return {**data, "blob_dir": url}
 
 
 class StorageSettings(Section):
@@ -216,16 +236,7 @@ class StorageSettings(Section):
     @model_validator(mode="before")
     @classmethod
     def _blob_url(cls, data: Any) -> Any:
-        """``blob_url`` is where the blobs are: it takes blob_dir's place
-        (``storage.blob.open_blob_store`` picks the backend by URL)."""
-        if not isinstance(data, dict) or not data.get("blob_url"):
-            return data
-        url = data["blob_url"]
-        if not isinstance(url, str) or not _S3_URL.fullmatch(url):
-            raise ValueError("blob_url: s3://bucket/prefix?endpoint=...&region=...")
-        if data.get("blob_dir") and data["blob_dir"] != url:
-            raise ValueError("blob_url and blob_dir: set one of them")
-        return {**data, "blob_dir": url}
+        return _blob_url_as_dir(data)
 
 
 class AuthSettings(Section):

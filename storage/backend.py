@@ -55,8 +55,8 @@ SHARD_RETRY_SECONDS = 2.0
 class ShardSpec:
     """One mail shard: its database ``url``, the ``replicas`` that may be
     promoted in its place (PostgreSQL URLs; see :func:`failover_url`), its
-    placement ``weight`` (0: no new accounts) and its ``blob_dir`` (empty:
-    the site's blob folder)."""
+    placement ``weight`` (0: no new accounts) and its ``blob_dir`` (a
+    folder or an ``s3://`` URL; empty: the site's blob store)."""
 
     url: str
     replicas: tuple[str, ...] = ()
@@ -411,17 +411,23 @@ def _shard_blob_stores(
     pack_max_bytes: int,
     site_pack: str | None,
 ) -> dict[str, FsBlobStore]:
-    """The blob stores of shards with a ``blob_dir`` of their own (one store
-    per folder, shared by shards naming the same one). A shard whose
-    database is a SQLite file of its own packs small blobs there, as the
-    default shard does; otherwise in its folder's ``pack.sqlite``."""
-    site = Path(blob_dir).absolute()
-    by_dir: dict[Path, FsBlobStore] = {}
+    """The blob stores of shards with a ``blob_dir`` of their own, a folder
+    or an ``s3://`` URL (one store per location, shared by shards naming
+    the same one). A shard whose database is a SQLite file of its own packs
+    small blobs there, as the default shard does; otherwise in its
+    folder's ``pack.sqlite`` (nothing is packed in S3)."""
+
+    def where(location: Path | str) -> Path | str:
+        text = str(location)
+        return text if text.startswith("s3://") else Path(text).absolute()
+
+    site = where(blob_dir)
+    by_dir: dict[Path | str, FsBlobStore] = {}
     found: dict[str, FsBlobStore] = {}
     for name, spec in specs.items():
-        if not spec.blob_dir or Path(spec.blob_dir).absolute() == site:
+        if not spec.blob_dir or where(spec.blob_dir) == site:
             continue
-        folder = Path(spec.blob_dir).absolute()
+        folder = where(spec.blob_dir)
         if folder not in by_dir:
             file = databases[name].file
             pack = file if file is not None and file != site_pack else None

@@ -458,8 +458,12 @@ class SkeletonBlobStore:
     def path(self, key: str) -> Path:
         """The blob's file, if it holds the message as it is: a skeleton's
         raises ``FileNotFoundError`` (a move then copies through
-        :meth:`get`, so the target re-splits the original bytes)."""
-        path = Path(self.inner.path(key))
+        :meth:`get`, so the target re-splits the original bytes), and so
+        does a blob in a store of no files (S3)."""
+        inner_path = getattr(self.inner, "path", None)
+        if inner_path is None:
+            raise FileNotFoundError(key)
+        path = Path(inner_path(key))
         try:
             with open(path, "rb") as f:
                 head = f.read(len(MAGIC))

@@ -14,6 +14,7 @@ import asyncio
 import imaplib
 import random
 import signal
+import uuid
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 
 from conf.settings import load_settings
 from storage.backend import SqlStorage
-from storage.blob import gc
+from storage.blob import FsBlobStore, S3BlobStore, gc
 from storage.ingest import Delivery, ingest
 from storage.model import Account, UidSet
 from storage.move import move_account
@@ -148,10 +149,13 @@ async def _all_keys(blobs: Any, keys: set[str]) -> set[str]:
     return out
 
 
+@pytest.mark.parametrize("east_store", ["fs", "s3"])
 async def test_gc_reclaims_a_moved_accounts_blobs_from_its_source_shards_own_store(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, east_store: str
 ) -> None:
-    """CAROL lives on shard "east", whose blobs are in a folder of its own;
+    """CAROL lives on shard "east", whose blobs are in a store of its own
+    (a folder, or a bucket prefix on the suite's S3 server through
+    ``[storage.shards.east] blob_url``);
     DAVE, staying there, holds one of her messages too. While another
     instance holds the GC lease of east's store (a pass running there) she
     moves to "default": the move leaves east's store to that pass. Then a
@@ -159,7 +163,14 @@ async def test_gc_reclaims_a_moved_accounts_blobs_from_its_source_shards_own_sto
     from east's store every blob of hers no one else references, parts
     included, keeps the shared message's, and default's store holds all of
     hers: every message reads back byte for byte over IMAP."""
-    config = await _site(tmp_path, "sqlite", request, blob_dir=str(tmp_path / "east-blobs"))
+    if east_store == "s3":
+        from tests.swiftserver import SwiftServer
+
+        server = await asyncio.to_thread(SwiftServer.shared)
+        where = {"blob_url": server.blob_url(f"east-{uuid.uuid4().hex}")}
+    else:
+        where = {"blob_dir": str(tmp_path / "east-blobs")}
+    config = await _site(tmp_path, "sqlite", request, **where)
     rng = random.Random()
     sent = [_message(rng, n) for n in range(rng.randint(8, 14))]
     async with _storage(load_settings(config)) as store:
@@ -167,6 +178,7 @@ async def test_gc_reclaims_a_moved_accounts_blobs_from_its_source_shards_own_sto
         dave = await store.directory.add_account(DAVE, PW, shard="east")
         east, site = store.stores["east"].blobs, store.blobs
         assert east is not site and east in store.blob_stores()
+        assert isinstance(east.inner, S3BlobStore if east_store == "s3" else FsBlobStore)
         keys = {await _deliver(store, carol, raw) for raw in sent}
         shared = await _deliver(store, dave, sent[0])
         mine = await _all_keys(east, keys)

@@ -158,6 +158,50 @@ def test_blob_url_is_checked_at_load_and_takes_blob_dirs_place(tmp_path: Path) -
         load_settings(None, [*base, "storage.blob_url=s3://"])
 
 
+def test_a_shards_blob_url_is_checked_and_opens_its_own_bucket(tmp_path: Path) -> None:
+    """``[storage.shards.NAME] blob_url``: a shard's blobs in a bucket (or
+    prefix) of its own, checked as the site's; storage opens an S3 store
+    for that shard and the site's folder for the others."""
+    from argon2 import PasswordHasher, profiles
+
+    from conf.settings import ConfigError, load_settings
+    from storage.backend import open_storage
+    from storage.blob import FsBlobStore, S3BlobStore
+
+    url = f"s3://{BUCKET}/east-{uuid.uuid4().hex}?endpoint=http://127.0.0.1:9&region={REGION}"
+    east = f"sqlite+aiosqlite:///{tmp_path / 'east.db'}"
+    base = [f"server.data_dir={tmp_path}", f'storage.shards.east.url="{east}"']
+    settings = load_settings(None, [*base, f'storage.shards.east.blob_url="{url}"'])
+    assert settings.storage.shards["east"].blob_dir == url
+    for bad, message in (
+        (['storage.shards.east.blob_url="http://127.0.0.1/x"'], "blob_url"),
+        ([f'storage.shards.east.blob_url="{url}"', 'storage.shards.east.blob_dir="/b"'], "one"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, [*base, *bad])
+
+    async def open_it() -> None:
+        env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            store = await open_storage(
+                settings.storage,
+                data_dir=tmp_path,
+                password_hasher=PasswordHasher.from_parameters(profiles.CHEAPEST),
+            )
+        try:
+            east_store = store.stores["east"].blobs
+            assert isinstance(east_store.inner, S3BlobStore)
+            assert east_store.inner.config.prefix == url.split("/", 3)[3].split("?")[0]
+            assert isinstance(store.stores["default"].blobs.inner, FsBlobStore)
+            assert east_store in store.blob_stores()
+        finally:
+            await store.close()
+
+    asyncio.run(open_it())
+
+
 def test_s3_settings_come_from_the_url_else_the_environment() -> None:
     env = {
         "AWS_ACCESS_KEY_ID": "env-key",
