@@ -173,3 +173,37 @@ async def test_a_move_takes_the_blobs_along_and_resumes(
     for key in await _keys(sharded, bob):
         assert await source_blobs.exists(key) == (key in kept)
     assert await _contents(sharded, ann) == anns
+
+
+async def test_a_move_copies_again_what_the_targets_gc_deleted_meanwhile(
+    sharded: SqlStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target's store already holds BOB's blobs, unreferenced (so the
+    move copies none of them), and its garbage collection deletes them
+    after that look, before the move writes the rows naming them: the
+    move's transaction finds them marked (``storage/blob/deleting.py``),
+    copies them again and commits; every message reads back."""
+    from storage.blob import gc
+
+    rng = random.Random()
+    bob, _, sent = await _populate(sharded, rng)
+    east = sharded.stores[TARGET].blobs
+    assert east is not None
+    for raw in sent.values():
+        await east.put(raw)  # there, named by no row of east
+    keys = await _keys(sharded, bob)
+    write = mv.AccountMove._write_entries
+    passes: list[gc.GcReport] = []
+
+    async def after_gc(self: mv.AccountMove, *args: object) -> None:
+        if not passes:
+            passes.append(gc.GcReport())
+            await gc.collect_store(sharded, east, 0.0, passes[0])
+            assert not any([await east.exists(k) for k in keys]), "GC kept them"
+        await write(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mv.AccountMove, "_write_entries", after_gc)
+    await mv.move_account(sharded, bob.address, TARGET)
+    assert passes and passes[0].removed >= len(keys)
+    bob = await sharded.directory.get_account(bob.address)
+    assert await _contents(sharded, bob) == sent
