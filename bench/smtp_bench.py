@@ -257,6 +257,29 @@ async def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def mtad_argv(data_dir: Path, port: int, dns_port: int, sessions: int, spf_dkim: bool) -> list[str]:
+    """The command line of an mtad for a bench: its MX on 127.0.0.1:``port``
+    (submission ports free and unused), ``data_dir``, no rate limit, room
+    for ``sessions`` connections from one address, DNS from the dnsmasq on
+    ``dns_port``; SPF and DKIM checks only with ``spf_dkim``."""
+    submission, submissions = free_port(), free_port()
+    argv = [
+        sys.executable, "-m", "mtad",
+        "-o", f"server.data_dir='{data_dir}'",
+        "-o", "server.log_level='WARNING'",
+        "-o", f"smtp.mx_listen=['127.0.0.1:{port}']",
+        "-o", f"smtp.submission_listen=['127.0.0.1:{submission}']",
+        "-o", f"smtp.submissions_listen=['127.0.0.1:{submissions}']",
+        "-o", "smtp.rate_limit_per_ip=0",
+        "-o", "dns.nameservers=['127.0.0.1']",
+        "-o", f"dns.port={dns_port}",
+        "-o", f"smtp.max_connections_per_ip={sessions + 5}",
+    ]  # fmt: skip
+    if not spf_dkim:
+        argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
+    return argv
+
+
 async def run_backend(
     args: argparse.Namespace, store: BenchStorage, tmp: Path, smtp_source: str | None
 ) -> Run:
@@ -264,24 +287,10 @@ async def run_backend(
     load, stops mtad; the database server's CPU is counted over the load."""
     await prepare(tmp / "data", args.rcpt, store.overrides)
     port = free_port()
-    submission, submissions = free_port(), free_port()
     # DMARC (and SPF/DKIM with --checks) resolve through an empty-zone
     # dnsmasq on loopback: every name is NXDOMAIN, nothing leaves the host.
     dns = await asyncio.to_thread(start_dns_server, Zone())
-    argv = [
-        sys.executable, "-m", "mtad",
-        "-o", f"server.data_dir='{tmp / 'data'}'",
-        "-o", "server.log_level='WARNING'",
-        "-o", f"smtp.mx_listen=['127.0.0.1:{port}']",
-        "-o", f"smtp.submission_listen=['127.0.0.1:{submission}']",
-        "-o", f"smtp.submissions_listen=['127.0.0.1:{submissions}']",
-        "-o", "smtp.rate_limit_per_ip=0",
-        "-o", "dns.nameservers=['127.0.0.1']",
-        "-o", f"dns.port={dns.port}",
-        "-o", f"smtp.max_connections_per_ip={args.sessions + 5}",
-    ]
-    if not args.checks:
-        argv += ["-o", "smtp.spf=false", "-o", "smtp.dkim_verify=false"]
+    argv = mtad_argv(tmp / "data", port, dns.port, args.sessions, spf_dkim=args.checks)
     for override in [*store.overrides, *args.overrides]:
         argv += ["-o", override]
     procs: list[asyncio.subprocess.Process] = []
