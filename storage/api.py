@@ -45,6 +45,7 @@ from storage.model import (
     MessageEntry,
     ParsedMessage,
     SpamPolicy,
+    SpamCounts,
     StoredMessage,
     StoreMode,
     StoreResult,
@@ -347,6 +348,20 @@ class MailStore(Protocol):
         one per change, so an unchanged id means nothing happened."""
 
     async def quota_used(self, account_id: int) -> int: ...
+
+    async def spam_counts(self, account_id: int, tokens: Sequence[int]) -> SpamCounts:
+        """The account's Bayes counts (built-in anti-spam engine) for
+        ``tokens`` (63-bit word hashes, at most 5000, none 0), read in one
+        query: what classifying one message costs the store."""
+
+    async def learn_spam(
+        self, account_id: int, blob_key: str, tokens: Sequence[int], spam: bool
+    ) -> bool:
+        """Teaches the account the message ``blob_key`` (its ``tokens``) as
+        spam or ham, durably, serialised with the account's other writes.
+        The same message learned again as the same class changes nothing
+        (False); learned as the other class, its earlier lesson is taken
+        back first. Counts never go below zero."""
 
     async def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
         """A lease that works across instances (POP3 maildrop lock). True if

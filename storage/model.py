@@ -358,3 +358,15 @@ class SpamPolicy:
     allow: tuple[str, ...] = ()
     block: tuple[str, ...] = ()
     junk_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class SpamCounts:
+    """An account's Bayes counts for some tokens (``MailStore.spam_counts``):
+    how many spam and ham messages it has learned, and for each token asked
+    about that any learned message held, (spam messages, ham messages)
+    holding it. A token no learned message held is absent."""
+
+    spam_messages: int
+    ham_messages: int
+    tokens: dict[int, tuple[int, int]] = field(default_factory=dict)

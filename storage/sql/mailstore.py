@@ -76,6 +76,7 @@ from storage.model import (
     MailboxStatus,
     MessageEntry,
     ParsedMessage,
+    SpamCounts,
     StoredMessage,
     StoreMode,
     StoreResult,
@@ -83,7 +84,7 @@ from storage.model import (
 )
 from storage.search import All, Criteria
 from storage.sortrows import SORT_PATHS, SortRow, sort_row
-from storage.sql import codec, fts
+from storage.sql import codec, fts, spamtokens
 from storage.sql import criteria as crit
 from storage.sql.db import Database, execute
 from storage.sql.schema import (
@@ -93,6 +94,8 @@ from storage.sql.schema import (
     mailboxes,
     messages,
     shard_accounts,
+    spam_learned,
+    spam_tokens,
     subscriptions,
 )
 from storage.sql.schema import mailbox_entries as E
@@ -1111,6 +1114,8 @@ async def delete_account_mail(conn: AsyncConnection, account_id: int) -> None:
     await conn.execute(delete(messages).where(messages.c.account_id == account_id))
     await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
     await delete_spam_policy(conn, account_id)
+    await conn.execute(delete(spam_tokens).where(spam_tokens.c.account_id == account_id))
+    await conn.execute(delete(spam_learned).where(spam_learned.c.account_id == account_id))
 
 
 class SqlMailStore(SpamPolicyStore):
@@ -2575,6 +2580,26 @@ class SqlMailStore(SpamPolicyStore):
                 )
             )
             return int(result.rowcount or 0)
+
+    # --- the built-in anti-spam engine's counts (storage/sql/spamtokens.py) ------
+
+    async def spam_counts(self, account_id: int, tokens: Sequence[int]) -> SpamCounts:
+        """The account's Bayes counts for ``tokens``, in one query."""
+        return await self.db.read_sync(
+            lambda conn: spamtokens.read_counts(conn, account_id, tokens)
+        )
+
+    async def learn_spam(
+        self, account_id: int, blob_key: str, tokens: Sequence[int], spam: bool
+    ) -> bool:
+        """Teaches the account the message ``blob_key`` (its ``tokens``) as
+        spam or ham; False if it was already learned so."""
+
+        def write(conn: Connection) -> bool:
+            self._begin_sync(conn, account_id)  # serialised with the account's writes
+            return spamtokens.learn(conn, account_id, blob_key, tokens, spam)
+
+        return await self.db.write_batched(write, durable=False, key=account_id)
 
     # --- leases ------------------------------------------------------------------
 

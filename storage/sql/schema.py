@@ -335,6 +335,29 @@ queue_suppressions = Table(
     Column("updated", Float, nullable=False),
 )
 
+# v26: the built-in anti-spam engine's per-account Bayes counts
+# (delivery/bayes.py, storage/sql/spamtokens.py). A token is a 63-bit hash
+# of a word (words are not kept in clear); token 0 is the account's row of
+# learned message totals (spam, ham), read with the tokens in one query.
+spam_tokens = Table(
+    "spam_tokens",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("token", BigInteger, primary_key=True, autoincrement=False),
+    Column("spam", BigInteger, nullable=False),
+    Column("ham", BigInteger, nullable=False),
+)
+
+# v26: which message (by blob key) the account taught as spam or ham, so a
+# message learned twice counts once and one moved back is relearned.
+spam_learned = Table(
+    "spam_learned",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("blob_key", String(64), primary_key=True),
+    Column("spam", Boolean, nullable=False),
+)
+
 V1_TABLES = [
     domains,
     accounts,
@@ -977,6 +1000,13 @@ async def _v25_blob_deletions(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: blob_deletions.create(sync, checkfirst=True))
 
 
+async def _v26_spam_tokens(conn: AsyncConnection) -> None:
+    """The built-in anti-spam engine's per-account Bayes counts and learned
+    messages (issue #22): two new tables, nothing rewritten."""
+    await conn.run_sync(lambda sync: spam_tokens.create(sync, checkfirst=True))
+    await conn.run_sync(lambda sync: spam_learned.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1003,6 +1033,7 @@ MIGRATIONS: list[Step] = [
     _v23_pg_commit_fences,
     _v24_spam_policy,
     _v25_blob_deletions,
+    _v26_spam_tokens,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
