@@ -534,7 +534,9 @@ class AntispamSettings(Section):
     when ``rspamd_url`` is set; moving mail into or out of Junk teaches its
     controller (delivery/learn.py) when ``controller_url`` is set. The
     built-in engine (no rspamd needed) asks DNS block and allow lists about
-    the MX's clients (delivery/checks_dnsbl.py) when ``dnsbl_zones`` is set."""
+    the MX's clients (delivery/checks_dnsbl.py) when ``dnsbl_zones`` is set,
+    and, unless rspamd is set, scores MX mail per recipient with header rules
+    and each account's Bayes classifier (delivery/spamengine.py)."""
 
     # rspamd's normal worker (or proxy), which answers /checkv2; empty: off.
     rspamd_url: str = ""
@@ -554,6 +556,19 @@ class AntispamSettings(Section):
     dnsbl_zones: list[str] = Field(default_factory=list)
     # DNS allow lists: a client listed in one is not refused by the block lists.
     dnswl_zones: list[str] = Field(default_factory=list)
+    # The built-in engine (header rules + per-account Bayes, MX mail only),
+    # which scores mail whenever rspamd_url is empty; false: off.
+    builtin: bool = True
+    # Its score at or above which a message goes to the recipient's Junk.
+    spam_threshold: Annotated[float, Field(gt=0, le=1000)] = 6.0
+    # Spam and ham messages an account must have taught (moves into and out
+    # of Junk) each before its Bayes classifier votes: fewer votes wildly.
+    bayes_min_learned: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+
+    @property
+    def builtin_on(self) -> bool:
+        """Whether the built-in engine scores MX mail (no rspamd, not off)."""
+        return self.builtin and not self.rspamd_url
 
     _urls = field_validator("rspamd_url", "controller_url")(
         classmethod(lambda cls, v: _check_http_url(v))
@@ -574,6 +589,15 @@ class AntispamSettings(Section):
                              " list to let anyone past)")
         if both := set(self.dnswl_zones) & set(self.dnsbl_zones):
             raise ValueError(f"{', '.join(sorted(both))}: in both dnsbl_zones and dnswl_zones")
+        if not self.builtin and self.rspamd_url:
+            raise ValueError("builtin = false beside rspamd_url: rspamd already replaces the"
+                             " built-in engine")
+        if not self.builtin_on:
+            fields = type(self).model_fields
+            if tuned := [k for k in ("spam_threshold", "bayes_min_learned")
+                         if getattr(self, k) != fields[k].default]:
+                raise ValueError(f"{', '.join(tuned)}: the built-in engine's, which is off"
+                                 " (builtin = false or rspamd_url set)")
         return self
 
 

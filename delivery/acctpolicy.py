@@ -54,7 +54,7 @@ why (:func:`policy_field`), above the spam filter's ``X-Spam-*`` fields::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from delivery.address import PathSyntaxError, parse_mailbox
@@ -196,18 +196,37 @@ def filing(verdict: Verdict, policy: SpamPolicy, found: Listing, dmarc_junk: boo
     return Filing(JUNK if spam_junk or other_junk else INBOX)
 
 
+def with_engine(verdict: Verdict, spam: bool, score: float) -> Verdict:
+    """``verdict`` (the check stage's) for one account that the built-in
+    engine scored ``score``, ``spam`` if that reached the site's threshold:
+    the engine's word joins its parts as rspamd's would, a QUARANTINE with
+    a score, so that :func:`filing` treats either engine alike."""
+    engine = Verdict(Action.QUARANTINE if spam else Action.ACCEPT, check="builtin", score=score)
+    return Verdict(
+        verdict.action,
+        verdict.reply,
+        verdict.headers,
+        verdict.check,
+        score,
+        (*(verdict.parts or (verdict,)), engine),
+        verdict.symbols,
+    )
+
+
 async def account_filings(
     storage: Storage,
     accounts: Iterable[Account],
     verdict: Verdict,
     find_senders: Callable[[], Sequence[Sequence[str]]],
     dmarc_junk: bool,
+    per_account: Mapping[int, Verdict] | None = None,
 ) -> dict[int, Filing]:
     """:func:`filing` for each account, by account id: one read of each
     account's lists and threshold (concurrently); ``find_senders()``
     (:func:`senders`: parsing the header From) runs only when some account
-    has list entries, which most do not. A storage failure propagates
-    (TEMPORARY: the MX answers 451 and nothing is stored)."""
+    has list entries, which most do not. ``per_account``: an account's own
+    verdict instead of ``verdict`` (:func:`with_engine`). A storage failure
+    propagates (TEMPORARY: the MX answers 451 and nothing is stored)."""
     accounts = list(accounts)
     if len(accounts) == 1:  # the common case: no task to gather
         policies = [await storage.mail(accounts[0]).spam_policy(accounts[0].id)]
@@ -218,7 +237,9 @@ async def account_filings(
     listed = any(p.allow or p.block for p in policies)
     found = find_senders() if listed else ()
     return {
-        account.id: filing(verdict, policy, listing(policy, found), dmarc_junk)
+        account.id: filing(
+            (per_account or {}).get(account.id, verdict), policy, listing(policy, found), dmarc_junk
+        )
         for account, policy in zip(accounts, policies, strict=True)
     }
 
@@ -244,4 +265,5 @@ __all__ = [
     "parse_entry",
     "policy_field",
     "senders",
+    "with_engine",
 ]

@@ -68,10 +68,13 @@ class Verdict:
     REJECT and TEMPFAIL; ``headers`` are complete header fields (each
     ending in CRLF) to prepend to the message; ``check`` names who said so.
 
-    ``score``: a spam score the action rests on (rspamd's), if any: a
-    QUARANTINE with a score is spam filing, which a recipient's own policy
-    may redo (delivery/acctpolicy.py); one without is not. ``parts``: in
-    a combined verdict, the verdicts it was combined from."""
+    ``score``: a spam score the action rests on (rspamd's, or for one
+    account the built-in engine's), if any: a QUARANTINE with a score is
+    spam filing, which a recipient's own policy may redo
+    (delivery/acctpolicy.py); one without is not. ``parts``: in a combined
+    verdict, the verdicts it was combined from. ``symbols`` are (name,
+    score) the built-in engine adds to its sum (delivery/spamengine.py),
+    such as a DNS allow list's."""
 
     action: Action = Action.ACCEPT
     reply: tuple[int, str, str] | None = None
@@ -79,6 +82,7 @@ class Verdict:
     check: str = ""
     score: float | None = None
     parts: tuple[Verdict, ...] = ()
+    symbols: tuple[tuple[str, float], ...] = ()
 
     @property
     def text(self) -> str:
@@ -115,15 +119,22 @@ class Check(Protocol):
 
 def combine(verdicts: Sequence[Verdict]) -> Verdict:
     """The one verdict of a message: the most severe action (the first such
-    verdict's reply), with every verdict's header fields in order, the
-    highest spam score and the verdicts themselves as ``parts``."""
+    verdict's reply), with every verdict's header fields and symbols in
+    order, the highest spam score and the verdicts themselves as ``parts``."""
     if not verdicts:
         return ACCEPT
     worst = max(verdicts, key=lambda v: v.action)  # max keeps the first of equals
     headers = b"".join(v.headers for v in verdicts)
     scores = [v.score for v in verdicts if v.score is not None]
+    symbols = tuple(s for v in verdicts for s in v.symbols)
     return Verdict(
-        worst.action, worst.reply, headers, worst.check, max(scores, default=None), tuple(verdicts)
+        worst.action,
+        worst.reply,
+        headers,
+        worst.check,
+        max(scores, default=None),
+        tuple(verdicts),
+        symbols,
     )
 
 
@@ -145,7 +156,13 @@ def for_flow(verdict: Verdict, flow: Flow) -> Verdict:
     if flow is Flow.MX or verdict.action is not Action.QUARANTINE:
         return verdict
     return Verdict(
-        Action.REJECT, POLICY_REFUSED, verdict.headers, verdict.check, verdict.score, verdict.parts
+        Action.REJECT,
+        POLICY_REFUSED,
+        verdict.headers,
+        verdict.check,
+        verdict.score,
+        verdict.parts,
+        verdict.symbols,
     )
 
 

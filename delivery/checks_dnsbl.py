@@ -16,7 +16,8 @@ IP every zone of ``[antispam] dnsbl_zones`` (block) and ``dnswl_zones``
   WARNING per message naming the zones: a block list being down must not
   stop mail.
 * A client in an allow list is accepted whatever the block lists say (the
-  other checks, rspamd and clamd, still apply). A client in a block list is
+  other checks, rspamd and clamd, still apply), and the built-in engine
+  takes :data:`DNSWL_SYMBOL`'s 2 points off its score. A client in a block list is
   refused with 554 5.7.1 (RFC 3463 section 3.8, X.7.1 delivery not
   authorized) naming the first such zone in the order configured, with the
   zone's TXT record for the address (RFC 5782 section 2.1: the reason,
@@ -47,6 +48,9 @@ LISTING = ipaddress.IPv4Network("127.0.0.0/8")
 # ... and 127.255.255.0/24 is where lists put their error codes.
 LIST_ERRORS = ipaddress.IPv4Network("127.255.255.0/24")
 TXT_MAX = 200  # the list's reason, shown in the reply (RFC 5321 4.5.3.1.5: 512 a line)
+# What an allow-listed client takes off the built-in engine's score
+# (delivery/spamengine.py): vouched for, not exempt from the rules and Bayes.
+DNSWL_SYMBOL = ("RCVD_IN_DNSWL", -2.0)
 
 
 def blocked_reply(ip: str, zone: str, reason: str = "") -> tuple[int, str, str]:
@@ -146,7 +150,9 @@ class DnsblCheck:
             )
         allowed = answers[: len(self.allow_zones)]
         blocked = [a for a in answers[len(self.allow_zones) :] if a.listed]
-        if not blocked or any(a.listed for a in allowed):
+        if any(a.listed for a in allowed):
+            return Verdict(check=self.name, symbols=(DNSWL_SYMBOL,))
+        if not blocked:
             return accept
         reply = blocked_reply(subject.client_ip, blocked[0].zone, blocked[0].reason)
         return Verdict(Action.REJECT, reply, check=self.name)
@@ -171,5 +177,5 @@ class DnsblCheck:
         return ZoneAnswer(zone, True, next((r for r in reasons if r), ""))
 
 
-__all__ = ["DnsblCheck", "ZoneAnswer", "ZoneResolver", "blocked_reply", "is_listing",
-           "query_name"]
+__all__ = ["DNSWL_SYMBOL", "DnsblCheck", "ZoneAnswer", "ZoneResolver", "blocked_reply",
+           "is_listing", "query_name"]

@@ -134,20 +134,29 @@ def fold(name: str, items: Sequence[str], separator: str = ",") -> bytes:
 
 def spam_headers(result: RspamdResult) -> bytes:
     """``X-Spam-Score``, ``X-Spam-Status`` and ``X-Spam-Symbols`` for
-    ``result``: Status is Yes when rspamd's action is a spam one, with the
-    score and rspamd's reject score; Symbols lists each symbol with its
-    score, by name."""
-    spam = "Yes" if result.action in SPAM_ACTIONS else "No"
-    action = result.action.replace(" ", "_")
-    symbols = sorted(
-        printable(f"{name}({score:.2f})", SYMBOL_MAX).replace(" ", "_")
-        for name, score in result.symbols
+    ``result`` (:func:`spam_fields`): spam when rspamd's action is a spam one."""
+    return spam_fields(
+        result.action in SPAM_ACTIONS, result.score, result.required, result.action,
+        result.symbols,
+    )  # fmt: skip
+
+
+def spam_fields(
+    spam: bool, score: float, required: float, action: str, symbols: Sequence[tuple[str, float]]
+) -> bytes:
+    """The ``X-Spam-*`` fields every engine writes (rspamd's and the built-in
+    one): Status is Yes for ``spam``, with the score, the score that makes
+    spam and the action taken; Symbols lists each symbol with its score, by
+    name (none: no Symbols field)."""
+    status = "Yes" if spam else "No"
+    listed = sorted(
+        printable(f"{name}({value:.2f})", SYMBOL_MAX).replace(" ", "_") for name, value in symbols
     )
     return (
-        f"X-Spam-Score: {result.score:.2f}\r\n"
-        f"X-Spam-Status: {spam}, score={result.score:.2f} required={result.required:.2f}"
-        f" action={action}\r\n"
-    ).encode("ascii") + (fold("X-Spam-Symbols", symbols) if symbols else b"")
+        f"X-Spam-Score: {score:.2f}\r\n"
+        f"X-Spam-Status: {status}, score={score:.2f} required={required:.2f}"
+        f" action={action.replace(' ', '_')}\r\n"
+    ).encode("ascii") + (fold("X-Spam-Symbols", listed) if listed else b"")
 
 
 def verdict_for(result: RspamdResult, name: str = "antispam") -> Verdict:
@@ -355,6 +364,7 @@ __all__ = [
     "close_clients",
     "envelope_headers",
     "fold",
+    "spam_fields",
     "spam_headers",
     "verdict_for",
 ]

@@ -1,6 +1,11 @@
 """Junk that learns: a message a user moves into Junk is spam, one moved out
 of Junk (to anything but Trash) is ham; rspamd's controller is taught so
-(``/learnspam``, ``/learnham``, delivery/checks_rspamd.py).
+(``/learnspam``, ``/learnham``, delivery/checks_rspamd.py) when
+``[antispam] controller_url`` is set, else the account's own Bayes counts
+of the built-in engine (delivery/spamengine.py, ``MailStore.learn_spam``)
+while that engine is on. The built-in counts know each message learned:
+learned again as the same class it counts once, moved back (out of Junk
+after into it) it is relearned, its first lesson taken back.
 
 The seam: every place a user files mail (IMAP MOVE and COPY, the HTTP
 API's move) calls :func:`learn_moved` after the move is committed, with
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conf.settings import Settings
+from delivery import spamengine
 from delivery.checks_rspamd import RspamdError, client_for
 from storage.api import Storage
 from storage.errors import StorageError
@@ -114,8 +120,16 @@ class Learner:
             if not entries:
                 log.info("message moved on before it was learned as %s", kind)
                 return
-            raw = await job.storage.blobs_for(job.account).get(entries[0].blob_key)
-            await client_for(job.settings).learn(raw, job.spam)
+            blobs = job.storage.blobs_for(job.account)
+            key = entries[0].blob_key
+            if job.settings.antispam.controller_url:
+                await client_for(job.settings).learn(await blobs.get(key), job.spam)
+            else:  # the built-in engine: its read of the message is bounded
+                head = await blobs.get_range(key, 0, min(entries[0].size, spamengine.READ_MAX))
+                tokens = await spamengine.message_tokens(head)
+                if not await mail.learn_spam(job.account.id, key, tokens, job.spam):
+                    log.info("a message of %s already learned as %s", job.account.address, kind)
+                    return
         except (RspamdError, StorageError, OSError) as exc:
             self.failed += 1
             log.warning("a message of %s not learned as %s: %s", job.account.address, kind, exc)
@@ -148,9 +162,10 @@ def learn_moved(
 ) -> None:
     """Call after a committed move or copy of ``pairs`` (source UID,
     destination UID) from ``source`` to ``dest``: queues what it teaches
-    (:func:`lesson`) when ``[antispam] controller_url`` is set. Never
-    awaits, never raises."""
-    if not settings.antispam.controller_url or not pairs:
+    (:func:`lesson`) when ``[antispam] controller_url`` is set or the
+    built-in engine is on. Never awaits, never raises."""
+    spam_settings = settings.antispam
+    if not (spam_settings.controller_url or spam_settings.builtin_on) or not pairs:
         return
     spam = lesson(source, dest)
     if spam is None:

@@ -164,9 +164,11 @@ async def deliver(
     (delivery/limits.py). Returns (appends by account address, queued blob key).
     A spooled message is streamed from a file, never read whole into memory.
 
-    ``filing`` overrides ``mailbox`` per account id with (mailbox, header
-    fields to put above the trace fields, for that copy alone): accounts
-    with the same pair share one blob (delivery/acctpolicy.py).
+    ``filing``: by account id, the mailbox and the header fields of that
+    account's copy (the built-in anti-spam engine's, delivery/spamengine.py,
+    and its own policy's, delivery/acctpolicy.py), put above the trace
+    fields of that copy alone, instead of ``mailbox`` and none; accounts
+    filed alike share one blob.
     """
     delivered: dict[str, AppendResult] = {}
     accounts = list(routing.local.values())
@@ -175,21 +177,23 @@ async def deliver(
             await check_quota(storage, account, message_size(message))
         groups: dict[tuple[str, bytes], list[Account]] = {}
         for account in accounts:
-            key = filing.get(account.id, (mailbox, b"")) if filing else (mailbox, b"")
+            key = (filing or {}).get(account.id, (mailbox, b""))
             groups.setdefault(key, []).append(account)
-        outcomes: list[AppendResult | StorageError] = []
-        accounts = [a for group in groups.values() for a in group]
-        try:
-            for (box, fields), group in groups.items():
-                local_copy = prepend(return_path_field(mail_from) + fields, message)
+        pairs: list[tuple[Account, AppendResult | StorageError]] = []
+        for (box, fields), members in groups.items():
+            local_copy = prepend(return_path_field(mail_from) + fields, message)
+            try:
                 async with materialised(local_copy) as source:
-                    outcomes += await ingest_each(
-                        storage, [Delivery(a, box) for a in group], source
+                    outcomes = await ingest_each(
+                        storage, [Delivery(a, box) for a in members], source
                     )
-        except StorageError as exc:
-            raise SubmitError(ErrorKind.TEMPORARY, str(exc)) from exc
+            except StorageError as exc:
+                if not pairs:
+                    raise SubmitError(ErrorKind.TEMPORARY, str(exc)) from exc
+                outcomes = [exc] * len(members)  # earlier groups are committed
+            pairs.extend(zip(members, outcomes, strict=True))
         failures = []
-        for account, outcome in zip(accounts, outcomes, strict=True):
+        for account, outcome in pairs:
             if isinstance(outcome, StorageError):
                 failures.append((account, outcome))
             else:

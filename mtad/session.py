@@ -36,7 +36,8 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from conf.settings import Settings
-from delivery.acctpolicy import account_filings, senders
+from delivery import spamengine
+from delivery.acctpolicy import account_filings, senders, with_engine
 from delivery.address import Path, PathSyntaxError, parse_path
 from delivery.checks import ACCEPT, Action, CheckStage, Flow, Subject, Verdict
 from delivery.headers import (
@@ -47,6 +48,7 @@ from delivery.headers import (
     strip_forged_results,
 )
 from delivery.limits import LimitReached, hold_reason
+from delivery.spamrules import AuthVerdicts
 from delivery.spool import Message, Spooled, message_size, prepend, read_head
 from delivery.submit import (
     Routing,
@@ -60,7 +62,7 @@ from delivery.submit import (
     sender_allowed,
 )
 from mtad import replies as R
-from mtad.checks import authenticate_message
+from mtad.checks import AuthenticationResults, authenticate_message
 from mtad.data import HEADER_MAX, DataReader, DataVerdict
 from mtad.dns import Resolver
 from runtime.listen import LeaseHolder
@@ -820,6 +822,7 @@ class SmtpSession(LeaseHolder, SMTP):
         )
         mailbox = "INBOX"
         dmarc_junk = False
+        engine: dict[int, spamengine.Filing] | None = None  # the built-in engine's, per account
         mail_from = txn.mail_from or ""
         checked = await self._content_checks(content, mail_from)
         if checked.action >= Action.TEMPFAIL:
@@ -848,6 +851,8 @@ class SmtpSession(LeaseHolder, SMTP):
                 mailbox = "Junk"
                 dmarc_junk = True
             trace = checked.headers + results.header() + received
+            if settings.antispam.builtin_on and txn.routing.local:
+                engine = await self._spam_filing(queue_id, content, results, checked, mailbox)
         message = prepend(trace, content)
         try:
             held_for = None
@@ -862,7 +867,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 message=message,
                 mailbox=mailbox,
                 held_for=held_for,
-                filing=await self._filings(content, mail_from, checked, dmarc_junk),
+                filing=await self._filings(content, mail_from, checked, dmarc_junk, engine),
             )
             if (
                 self.mode is not Mode.MX
@@ -918,22 +923,77 @@ class SmtpSession(LeaseHolder, SMTP):
         )
 
     async def _filings(
-        self, content: Message, mail_from: str, checked: Verdict, dmarc_junk: bool
+        self,
+        content: Message,
+        mail_from: str,
+        checked: Verdict,
+        dmarc_junk: bool,
+        engine: dict[int, spamengine.Filing] | None,
     ) -> dict[int, tuple[str, bytes]] | None:
         """MX only: where each local recipient's copy goes by its own sender
-        lists and Junk threshold (delivery/acctpolicy.py), with the field
-        saying why. StorageError when a policy cannot be read (451)."""
+        lists and Junk threshold (delivery/acctpolicy.py), with the fields
+        saying why: the built-in engine's X-Spam-* fields (``engine``, its
+        filing of each account's copy, if it ran), then the policy's field.
+        The engine's score stands for rspamd's in that account's verdict, so
+        the account's lists and threshold apply to either engine alike.
+        StorageError when a policy cannot be read (451)."""
         if self.mode is not Mode.MX or not self.txn.routing.local:
             return None
         header = content.prefix if isinstance(content, Spooled) else content
+        per_account = {
+            account_id: with_engine(checked, filed.spam, filed.score)
+            for account_id, filed in (engine or {}).items()
+        }
         filings = await account_filings(
             self.ctx.storage,
             self.txn.routing.local.values(),
             checked,
             lambda: senders(mail_from, from_addresses(header)),
             dmarc_junk,
+            per_account,
         )
-        return {account_id: (f.mailbox, f.field) for account_id, f in filings.items()}
+        engine = engine or {}
+        return {
+            account_id: (
+                f.mailbox,
+                (engine[account_id].fields if account_id in engine else b"") + f.field,
+            )
+            for account_id, f in filings.items()
+        }
+
+    async def _spam_filing(
+        self,
+        queue_id: str,
+        content: Message,
+        results: AuthenticationResults,
+        checked: Verdict,
+        mailbox: str,
+    ) -> dict[int, spamengine.Filing]:
+        """The built-in anti-spam engine's filing of each local recipient's
+        copy (delivery/spamengine.py): its mailbox and X-Spam-* fields, from
+        the header rules, our own SPF/DKIM/DMARC results, the check stage's
+        symbols (a DNS allow list's) and the account's Bayes classifier."""
+        settings = self.ctx.settings
+        auth = AuthVerdicts(
+            spf=results.spf.result if results.spf else None,
+            dkim=tuple(d.result for d in results.dkim),
+            dmarc=results.dmarc.result if results.dmarc else None,
+        )
+        try:
+            found = await spamengine.scan(content, auth)
+        except OSError as exc:  # the spool file unreadable: delivery will say so
+            log.warning("%s: not scored for spam: %s", queue_id, exc)
+            return {}
+        filing: dict[int, spamengine.Filing] = {}
+        for account in self.txn.routing.local.values():
+            filed = await spamengine.file_for(
+                self.ctx.storage, settings, account, found, checked.symbols, mailbox == "Junk"
+            )
+            filing[account.id] = filed
+            if filed.mailbox == "Junk":
+                log.info("%s: %s's copy to Junk, spam score %.2f", queue_id, account.address,
+                         filed.score)
+        return filing
 
     async def _checked_text(self, content: Message) -> bytes:
         """What the MX checks read: the whole message for DKIM (dkimpy takes

@@ -243,8 +243,14 @@ def _is_attachment(part: BodyPart) -> bool:
     return named and disp != "inline"
 
 
+def part_octets(raw: bytes, part: BodyPart) -> bytes:
+    """``part``'s body in ``raw`` with its transfer encoding undone (RFC 2045
+    section 6), before any charset: what the anti-spam rules read."""
+    return _decode_transfer(raw[part.body_start : part.end], part.encoding)
+
+
 def _part_text(raw: bytes, part: BodyPart) -> str:
-    data = _decode_transfer(raw[part.body_start : part.end], part.encoding)
+    data = part_octets(raw, part)
     text = decode_charset(data, dict(part.params).get("charset"))
     return text.replace("\r\n", "\n")
 

@@ -122,7 +122,8 @@ async def test_listed_client_is_refused_at_end_of_data(
     indirect=["lists"],
 )
 async def test_client_not_blocked_is_stored_byte_exact(
-    mta: Service, populated, other_blocked_by: str, caplog: pytest.LogCaptureFixture  # noqa: F811
+    mta: Service, populated, lists: dict, other_blocked_by: str,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     rng = random.Random()
     bodies = [random_clean(rng.randrange(200, 20_000), rng) for _ in range(2)]
@@ -138,6 +139,9 @@ async def test_client_not_blocked_is_stored_byte_exact(
     assert len(stored) == len(bodies)
     for raw, body in zip(stored, bodies, strict=True):
         assert raw.endswith(body)
+        # The built-in anti-spam engine (on: no rspamd) counts the allow listing.
+        listed = b"RCVD_IN_DNSWL(-2.00)" in raw[: -len(body)]
+        assert listed == bool(lists["dnswl_zones"]), raw[: -len(body)]
     assert not [r for r in caplog.records if r.name == "delivery.dnsbl"]  # every zone answered
 
 
