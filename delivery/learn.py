@@ -130,6 +130,7 @@ class Learner:
                 if not await mail.learn_spam(job.account.id, key, tokens, job.spam):
                     log.info("a message of %s already learned as %s", job.account.address, kind)
                     return
+                spamengine.forget_untrained(job.storage, job.account.id)
         except (RspamdError, StorageError, OSError) as exc:
             self.failed += 1
             log.warning("a message of %s not learned as %s: %s", job.account.address, kind, exc)

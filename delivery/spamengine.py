@@ -11,8 +11,10 @@ For each message on the MX, once its SPF, DKIM and DMARC results are known
    the message's size, off the event loop.
 2. :func:`file_for`, per recipient account: one query for the account's
    counts of those tokens, its classifier's vote (none until it has learned
-   enough), and the sum of the rules, the check stage's symbols (a DNS
-   allow list's, delivery/checks_dnsbl.py) and the vote. At or above the
+   enough; an account seen so is not asked again for a while, and when
+   every recipient is such, the message is not tokenized), and the sum of
+   the rules, the check stage's symbols (a DNS allow list's,
+   delivery/checks_dnsbl.py) and the vote. At or above the
    account's threshold (:func:`threshold_for`) the message goes to its Junk.
    Every copy carries the same ``X-Spam-Score``, ``X-Spam-Status`` and
    ``X-Spam-Symbols`` fields as rspamd's (delivery/checks_rspamd.py
@@ -29,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,27 +88,74 @@ def _head_of(message: Message) -> bytes:
     return head
 
 
-def scan_octets(raw: bytes, auth: AuthVerdicts, now: dt.datetime | None = None) -> Scan:
-    """The rules and tokens of ``raw`` (at most READ_MAX octets of it read).
-    Pure and synchronous: run it in a thread."""
+def scan_octets(
+    raw: bytes, auth: AuthVerdicts, now: dt.datetime | None = None, *, tokens: bool = True
+) -> Scan:
+    """The rules and (with ``tokens``) the tokens of ``raw`` (at most
+    READ_MAX octets of it read). Pure and synchronous: run it in a thread."""
     head = raw[:READ_MAX]
     parsed = parse_message(head)
-    return Scan(tuple(matches(head, parsed, auth, now)), tuple(bayes.tokens(parsed)))
+    found = tuple(bayes.tokens(parsed)) if tokens else ()
+    return Scan(tuple(matches(head, parsed, auth, now)), found)
 
 
-async def scan(message: Message, auth: AuthVerdicts) -> Scan:
+async def scan(message: Message, auth: AuthVerdicts, *, tokens: bool = True) -> Scan:
     """:func:`scan_octets` of ``message`` (in memory or spooled), in a thread."""
 
     def work() -> Scan:
-        return scan_octets(_head_of(message), auth)
+        return scan_octets(_head_of(message), auth, tokens=tokens)
 
     return await asyncio.to_thread(work)
+
+
+# Accounts whose classifier cannot vote yet (too little learned), by store:
+# until the memory ends their mail is neither tokenized nor looked up, which
+# is most of the engine's cost while accounts are untrained. A learn in this
+# process ends it at once (forget_untrained); one on another instance is
+# seen once it ends.
+UNTRAINED_SECONDS = 30.0
+UNTRAINED_MAX = 100_000  # accounts remembered per store
+_UNTRAINED: weakref.WeakKeyDictionary[Storage, dict[int, float]] = weakref.WeakKeyDictionary()
+
+
+def known_untrained(storage: Storage, account_id: int) -> bool:
+    """Whether ``account_id``'s classifier was seen unable to vote lately."""
+    until = _UNTRAINED.get(storage, {}).get(account_id)
+    return until is not None and until > time.monotonic()
+
+
+def _remember_untrained(storage: Storage, account_id: int) -> None:
+    known = _UNTRAINED.setdefault(storage, {})
+    known.pop(account_id, None)
+    known[account_id] = time.monotonic() + UNTRAINED_SECONDS
+    if len(known) > UNTRAINED_MAX:
+        del known[next(iter(known))]  # the longest remembered
+
+
+def forget_untrained(storage: Storage, account_id: int) -> None:
+    """Called after ``account_id`` learned: its next message is looked up."""
+    _UNTRAINED.get(storage, {}).pop(account_id, None)
 
 
 async def message_tokens(raw: bytes) -> list[int]:
     """The Bayes tokens of a stored message, read as :func:`scan` reads one."""
     found = await asyncio.to_thread(scan_octets, raw, AuthVerdicts())
     return list(found.tokens)
+
+
+async def _vote(
+    storage: Storage, settings: Settings, account: Account, found: Scan
+) -> float | None:
+    """The account's classifier's probability for ``found``, None if it
+    cannot vote (remembered: :func:`known_untrained`)."""
+    if known_untrained(storage, account.id):
+        return None
+    counts = await storage.mail(account).spam_counts(account.id, found.tokens)
+    minimum = settings.antispam.bayes_min_learned
+    if min(counts.spam_messages, counts.ham_messages) < minimum:
+        _remember_untrained(storage, account.id)
+        return None
+    return bayes.spam_probability(counts, found.tokens, minimum)
 
 
 def threshold_for(settings: Settings, account: Account) -> float:
@@ -134,13 +185,10 @@ async def file_for(
     account's shard unreachable: no Bayes vote (logged), the rest stands."""
     voted = [(rule.name, rule.score) for rule in found.rules] + list(symbols)
     try:
-        counts = await storage.mail(account).spam_counts(account.id, found.tokens)
+        probability = await _vote(storage, settings, account, found)
     except StorageError as exc:
         log.warning("no Bayes vote for %s: %s", account.address, exc)
     else:
-        probability = bayes.spam_probability(
-            counts, found.tokens, settings.antispam.bayes_min_learned
-        )
         if probability is not None:
             voted.append(bayes_symbol(probability))
     score = round(sum(value for _, value in voted), 2)
@@ -158,6 +206,8 @@ __all__ = [
     "Scan",
     "bayes_symbol",
     "file_for",
+    "forget_untrained",
+    "known_untrained",
     "message_tokens",
     "scan",
     "scan_octets",

@@ -979,15 +979,18 @@ class SmtpSession(LeaseHolder, SMTP):
             dkim=tuple(d.result for d in results.dkim),
             dmarc=results.dmarc.result if results.dmarc else None,
         )
+        accounts = list(self.txn.routing.local.values())
+        storage = self.ctx.storage
+        untrained = all(spamengine.known_untrained(storage, a.id) for a in accounts)
         try:
-            found = await spamengine.scan(content, auth)
+            found = await spamengine.scan(content, auth, tokens=not untrained)
         except OSError as exc:  # the spool file unreadable: delivery will say so
             log.warning("%s: not scored for spam: %s", queue_id, exc)
             return {}
         filing: dict[int, spamengine.Filing] = {}
-        for account in self.txn.routing.local.values():
+        for account in accounts:
             filed = await spamengine.file_for(
-                self.ctx.storage, settings, account, found, checked.symbols, mailbox == "Junk"
+                storage, settings, account, found, checked.symbols, mailbox == "Junk"
             )
             filing[account.id] = filed
             if filed.mailbox == "Junk":

@@ -226,3 +226,40 @@ def test_engine_on_by_default_and_off_beside_rspamd() -> None:
     assert not load_settings(overrides=["antispam.builtin=false"]).antispam.builtin_on
     # The defaults written out beside rspamd are no tuning: accepted.
     assert load_settings(overrides=[RSPAMD, "antispam.spam_threshold=6.0"])
+
+
+async def test_an_untrained_account_is_not_asked_again_until_it_learns(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.backend import open_storage_from_url
+    from storage.sql.mailstore import SqlMailStore
+
+    asked = []
+    counts_of = SqlMailStore.spam_counts
+
+    async def counting(self, account_id, tokens):  # type: ignore[no-untyped-def]
+        asked.append(account_id)
+        return await counts_of(self, account_id, tokens)
+
+    monkeypatch.setattr(SqlMailStore, "spam_counts", counting)
+    storage = await open_storage_from_url(f"sqlite+aiosqlite:///{tmp_path}/s.db", tmp_path)
+    try:
+        await storage.directory.add_domain("example.org")
+        account = await storage.directory.add_account("a@example.org", "pw")
+        settings = load_settings(overrides=[])
+        found = spamengine.scan_octets((GOOD_HEAD + PLAIN).encode(), NO_AUTH)
+        for _ in range(3):
+            filed = await spamengine.file_for(storage, settings, account, found)
+            assert b"BAYES" not in filed.fields and filed.mailbox == "INBOX"
+        assert asked == [account.id]  # asked once, then remembered
+        assert spamengine.known_untrained(storage, account.id)
+        minimum = settings.antispam.bayes_min_learned
+        for i in range(2 * minimum):  # half spam holding the message's words
+            words = found.tokens if i % 2 else (bayes.token_id(f"other{i}"),)
+            await storage.mail(account).learn_spam(account.id, f"{i:064x}", words, i % 2 == 1)
+        spamengine.forget_untrained(storage, account.id)  # as delivery/learn.py does
+        filed = await spamengine.file_for(storage, settings, account, found)
+        assert asked == [account.id, account.id]
+        assert b"BAYES_SPAM" in filed.fields and filed.mailbox == "Junk"
+    finally:
+        await storage.close()
