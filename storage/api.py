@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from storage.errors import StorageError
 from storage.model import (
     Account,
     Alias,
@@ -438,6 +439,24 @@ class OutboundQueue(Protocol):
 
     async def get(self, queue_id: int) -> Any: ...
     async def list(self, *, include_done: bool = True) -> list[Any]: ...
+
+    async def flag(self, address: str, reason: str, *, now: float | None = None) -> int:
+        """Flags ``address`` (any case) as held for a sending limit, durably
+        and for every instance, and holds its queued entries with
+        ``reason`` in the same transaction; how many. Flagged already: the
+        first reason stays. TEMPORARY if the flag could not be stored."""
+
+    async def is_flagged(self, address: str) -> bool:
+        """Whether ``address`` (any case) is flagged; an indexed read.
+        TEMPORARY when that cannot be known (its database is down)."""
+
+    async def release_account(
+        self, address: str, reason_prefix: str
+    ) -> Mapping[str, tuple[int, bool] | StorageError]:
+        """Releases every queued entry held with a reason starting with
+        ``reason_prefix`` and clears the flag of ``address``, in one
+        transaction per partition: by partition, (entries released, flag
+        cleared there) or the error it answered with."""
 
 
 class Storage(Protocol):

@@ -22,6 +22,13 @@ dispatches. Contract, beyond each partition's own:
   of all) raise TEMPORARY if a partition is unavailable, after the others
   have done their part. ``list_by_partition`` and ``stats`` report each
   partition's answer or error for the admin.
+* Sending-limit flags (delivery/limits.py): an account is flagged in its
+  home partition (as suppressions), with its entries there held in the
+  same transaction and those elsewhere held beside it. ``is_flagged``
+  reads every partition that answers (a shard added since may have
+  rehomed the address) and is TEMPORARY if the home one does not, and
+  found nothing elsewhere; ``release_account`` releases and clears in
+  every partition, each in one transaction.
 * Suppressions: a bounce is counted in the address's home partition
   (rendezvous hashing, so adding a shard rehomes few addresses); lookups
   read every partition that answers, so nothing counted is forgotten.
@@ -269,6 +276,38 @@ class PartitionedQueue:
         answers = await self._each(lambda p: p.hold_sender(sender, reason))
         return sum(a for a in answers.values() if not isinstance(a, StorageError))
 
+    async def flag(self, address: str, reason: str, *, now: float | None = None) -> int:
+        """Flags ``address`` as held for a sending limit in its home partition
+        and holds its queued entries everywhere, with ``reason``; how many.
+        Raises the home partition's error (the flag is not set) after the
+        others have held theirs; another partition down is skipped."""
+        home = self._home(address)
+        answers = await self._each(
+            lambda p: (
+                p.flag(address, reason, now=now) if p is home else p.hold_sender(address, reason)
+            )
+        )
+        if isinstance(failed := answers[self._home_name(address)], StorageError):
+            raise failed
+        return sum(a for a in answers.values() if not isinstance(a, StorageError))
+
+    async def is_flagged(self, address: str) -> bool:
+        """Whether ``address`` is flagged in any partition that answers;
+        TEMPORARY if none is and its home partition did not answer."""
+        answers = await self._each(lambda p: p.is_flagged(address))
+        if any(a is True for a in answers.values()):
+            return True
+        if isinstance(failed := answers[self._home_name(address)], StorageError):
+            raise failed
+        return False
+
+    async def release_account(
+        self, address: str, reason_prefix: str
+    ) -> dict[str, tuple[int, bool] | StorageError]:
+        """``OutboundQueue.release_flagged`` in every partition: each one's
+        (entries released, flag cleared there) or its error."""
+        return await self._each(lambda p: p.release_flagged(address, reason_prefix))
+
     async def delete(self, queue_id: QueueRef | int) -> None:
         await self._of(queue_id).delete(queue_id)
 
@@ -303,11 +342,14 @@ class PartitionedQueue:
 
     # -- bounces and suppression ----------------------------------------------
 
-    def _home(self, address: str) -> OutboundQueue:
-        """The partition counting ``address``'s bounces (rendezvous hashing)."""
+    def _home_name(self, address: str) -> str:
+        """The name of ``address``'s home partition (rendezvous hashing)."""
         key = address.lower().encode()
-        name = max(self._order, key=lambda n: hashlib.sha256(n.encode() + b"\0" + key).digest())
-        return self.partitions[name]
+        return max(self._order, key=lambda n: hashlib.sha256(n.encode() + b"\0" + key).digest())
+
+    def _home(self, address: str) -> OutboundQueue:
+        """The partition counting ``address``'s bounces and holding its flag."""
+        return self.partitions[self._home_name(address)]
 
     async def record_bounce(
         self,

@@ -19,6 +19,9 @@ its partition and its number there. Contract:
   tried again.
 * Entries that fail validation move to the error queue (status ``error``,
   with a reason): kept, listed, never delivered until retried by an admin.
+* Accounts over a sending limit (delivery/limits.py) are flagged in
+  ``queue_held_senders``, beside the entries: flagging holds the account's
+  queued entries and releasing clears the flag, each in one transaction.
 * Every method takes an optional ``now`` (epoch seconds) so tests can drive
   the clock; by default the wall clock.
 """
@@ -32,10 +35,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Update
 
 from storage import errors
 from storage.sql.db import Database
-from storage.sql.schema import queue_messages, queue_recipients, queue_suppressions
+from storage.sql.schema import (
+    queue_held_senders,
+    queue_messages,
+    queue_recipients,
+    queue_suppressions,
+)
 
 # RFC 5321 section 4.5.4.1: give up after at least 4-5 days.
 DEFAULT_EXPIRY = dt.timedelta(days=5)
@@ -167,6 +177,20 @@ def _at(epoch: float) -> dt.datetime:
 
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
+
+
+def _hold_sender(sender: str, reason: str) -> Update:
+    """Holds, with ``reason``, the entries of ``sender`` (any case) still
+    queued and not held."""
+    return (
+        update(queue_messages)
+        .where(
+            func.lower(queue_messages.c.sender) == sender.lower(),
+            queue_messages.c.status == QUEUED,
+            queue_messages.c.held.is_(False),
+        )
+        .values(held=True, error=reason)
+    )
 
 
 def state_of(status: str, held: bool, leased: bool) -> str:
@@ -411,16 +435,57 @@ class OutboundQueue:
         ``sender`` (any case) still queued and not held, in one statement;
         how many. Entries already held keep their reason."""
         async with self.db.write() as conn:
-            result = await conn.execute(
+            result = await conn.execute(_hold_sender(sender, reason))
+        return int(result.rowcount)
+
+    async def flag(self, address: str, reason: str, *, now: float | None = None) -> int:
+        """Flags ``address`` (any case) as held for a sending limit, with
+        ``reason``, and holds its queued entries as :meth:`hold_sender`
+        does, in one transaction; how many entries. Flagged already: the
+        first reason and time stay (INSERT ... ON CONFLICT DO NOTHING, so
+        two instances tripping at once both succeed)."""
+        key = address.lower()
+        async with self.db.write() as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            await conn.execute(
+                dialect.insert(queue_held_senders)
+                .values(address=key, reason=reason, since=_now(now))
+                .on_conflict_do_nothing(index_elements=[queue_held_senders.c.address])
+            )
+            result = await conn.execute(_hold_sender(key, reason))
+        return int(result.rowcount)
+
+    async def is_flagged(self, address: str) -> bool:
+        """Whether ``address`` (any case) is flagged: one primary-key read."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(queue_held_senders.c.address).where(
+                        queue_held_senders.c.address == address.lower()
+                    )
+                )
+            ).first()
+        return row is not None
+
+    async def release_flagged(self, address: str, reason_prefix: str) -> tuple[int, bool]:
+        """Releases every queued entry held with a reason starting with
+        ``reason_prefix`` (its reason goes with the hold) and clears the
+        flag of ``address`` (any case), in one transaction: (entries
+        released, whether the flag was set)."""
+        async with self.db.write() as conn:
+            released = await conn.execute(
                 update(queue_messages)
                 .where(
-                    func.lower(queue_messages.c.sender) == sender.lower(),
+                    queue_messages.c.held.is_(True),
                     queue_messages.c.status == QUEUED,
-                    queue_messages.c.held.is_(False),
+                    queue_messages.c.error.startswith(reason_prefix, autoescape=True),
                 )
-                .values(held=True, error=reason)
+                .values(held=False, error=None)
             )
-        return int(result.rowcount)
+            cleared = await conn.execute(
+                delete(queue_held_senders).where(queue_held_senders.c.address == address.lower())
+            )
+        return int(released.rowcount), cleared.rowcount > 0
 
     async def release_hold(self, queue_id: QueueRef | int) -> None:
         """Due again; a queued entry's hold reason (``error``) goes with the hold."""

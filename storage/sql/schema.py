@@ -335,6 +335,17 @@ queue_suppressions = Table(
     Column("updated", Float, nullable=False),
 )
 
+# v27: accounts over a sending limit (delivery/limits.py), in the account's
+# home partition of the queue (storage/queue.py): while its row is here, its
+# outbound mail is queued held, until ``mailctl queue release --account``.
+queue_held_senders = Table(
+    "queue_held_senders",
+    metadata,
+    Column("address", String(320), primary_key=True),  # lower-case
+    Column("reason", Text, nullable=False),  # the limit it went over
+    Column("since", Float, nullable=False),  # epoch seconds
+)
+
 # v26: the built-in anti-spam engine's per-account Bayes counts
 # (delivery/bayes.py, storage/sql/spamtokens.py). A token is a 63-bit hash
 # of a word (words are not kept in clear); token 0 is the account's row of
@@ -1007,6 +1018,13 @@ async def _v26_spam_tokens(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: spam_learned.create(sync, checkfirst=True))
 
 
+async def _v27_queue_held_senders(conn: AsyncConnection) -> None:
+    """``queue_held_senders``: the accounts held for a sending limit, kept
+    beside the queue entries (issue #22) so that every instance and mailctl
+    see one flag and a restart keeps it. A new table, nothing rewritten."""
+    await conn.run_sync(lambda sync: queue_held_senders.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1034,6 +1052,7 @@ MIGRATIONS: list[Step] = [
     _v24_spam_policy,
     _v25_blob_deletions,
     _v26_spam_tokens,
+    _v27_queue_held_senders,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

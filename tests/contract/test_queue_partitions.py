@@ -194,6 +194,41 @@ async def test_suppression_is_seen_from_every_partition(sharded: SqlStorage) -> 
     assert err.value.kind is ErrorKind.NOT_FOUND
 
 
+def _homed(q, partition: str) -> str:
+    """A random account address whose home partition is ``partition``."""
+    while True:
+        address = f"u{random.getrandbits(40):x}@example.net"
+        if q._home_name(address) == partition:
+            return address
+
+
+async def test_a_sending_limit_flag_holds_every_partition_and_is_seen_from_all(
+    sharded: SqlStorage,
+) -> None:
+    q = sharded.queue
+    for home in ("default", SHARD_B):
+        address = _homed(q, home)
+        key = await sharded.blobs.put(random.randbytes(random.randint(10, 999)))
+        counts = {p: random.randint(1, 3) for p in ("default", SHARD_B)}
+        refs = [
+            await q.partitions[p].enqueue(address, [f"r{i}@remote.test"], key, now=NOW)
+            for p, n in counts.items()
+            for i in range(n)
+        ]
+        reason = f"sending limit: {address}: over user_messages_per_hour = 1"
+        assert await q.flag(address.upper(), reason, now=NOW) == sum(counts.values())
+        assert all([(await q.get(r)).held for r in refs])
+        # The flag is in the home partition alone; the site sees it.
+        assert [await part.is_flagged(address) for part in q.partitions.values()] == [
+            name == home for name in q.partitions
+        ]
+        assert await q.is_flagged(address)
+        answers = await q.release_account(address, f"sending limit: {address}: ")
+        assert answers == {p: (counts[p], p == home) for p in ("default", SHARD_B)}
+        assert not any([(await q.get(r)).held for r in refs])
+        assert not await q.is_flagged(address)
+
+
 async def test_stats_count_each_partition(sharded: SqlStorage) -> None:
     await _fill(sharded, "default", 3)
     [held] = await _fill(sharded, SHARD_B, 1)
@@ -266,6 +301,31 @@ async def test_a_partition_down_stops_no_other(outage, caplog) -> None:
     listing = await q.list_by_partition()
     assert len(listing["default"]) == 6
     assert isinstance(listing[SHARD_B], StorageError)
+
+
+async def test_a_sending_limit_flag_with_a_partition_down(outage) -> None:
+    """A flag is read where it answers; an unknown answer is TEMPORARY
+    (the submission gets a 451), never "not flagged"."""
+    storage, server_b = outage
+    q = storage.queue
+    on_default, on_b = _homed(q, "default"), _homed(q, SHARD_B)
+    for address in (on_default, on_b):
+        await q.flag(address, f"sending limit: {address}: over x = 1", now=NOW)
+    server_b.stop()
+    assert await q.is_flagged(on_default)
+    assert not await q.is_flagged(_homed(q, "default"))
+    for call in (
+        q.is_flagged(on_b),
+        q.is_flagged(_homed(q, SHARD_B)),
+        q.flag(_homed(q, SHARD_B), "sending limit: x"),
+    ):
+        with pytest.raises(StorageError) as err:
+            await call
+        assert err.value.kind is ErrorKind.TEMPORARY
+    answers = await q.release_account(on_default, f"sending limit: {on_default}: ")
+    assert answers["default"] == (0, True)
+    assert isinstance(answers[SHARD_B], StorageError)
+    assert not await q.is_flagged(on_default)
 
 
 async def test_mail_of_a_live_partition_goes_out_while_another_is_down(
