@@ -16,14 +16,19 @@ queued for it, and its count is taken back so that refused retries do not
 use up the longer window.
 
 The first time an account goes over a limit, the admin is told and what it
-already queued stops: every entry of that sender still queued is put on
-hold (one storage call), the account is flagged, a WARNING log line names
+already queued stops: the account is flagged and every entry of that
+sender still queued is put on hold (storage ``queue.flag``: the flag and
+its home partition's entries in one transaction), a WARNING log line names
 the account and the limit, and ``shardmail_outbound_held_total`` counts it.
 While flagged (back under the limits in a later window) its mail is accepted
 and queued **held**, as Postfix's hold queue, until an admin runs
-``mailctl queue release --account ADDRESS``. The flag lives in the shared
-state: in Redis it is one for the site; without ``[redis] url`` it is in
-each daemon's process, out of reach of ``mailctl`` (a restart clears it).
+``mailctl queue release --account ADDRESS``, which releases its entries
+and clears the flag in one transaction. The flag is kept in the site's
+database beside the queue (``queue_held_senders``), with or without Redis:
+every instance and ``mailctl`` see the same one, and a restart keeps it.
+Reading it is one primary-key read per message; the database unreachable
+there is a StorageError (a temporary error to the client), as for the
+enqueue that would follow.
 
 Entries are matched to the account by their sender (MAIL FROM), as the
 queue records no account: mail the account sent from another address is
@@ -35,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from runtime.metrics import OUTBOUND_HELD
@@ -56,7 +62,6 @@ LIMITS: tuple[tuple[str, bool, float], ...] = (
     ("user_recipients_per_hour", True, HOUR),
     ("user_recipients_per_day", True, DAY),
 )
-FLAGS = "limited"  # the shared set of accounts whose mail is held
 REASON = "sending limit: {account}: {why}"
 
 
@@ -95,11 +100,13 @@ async def hold_reason(
     """Counts one message to ``recipients`` remote recipients from
     ``account``: None to send it, or the reason to queue it held (the
     account is flagged). Raises :class:`LimitReached` if it would go past
-    a limit, first holding the account's queued mail if that is the first
-    time. Never raises for an unreachable Redis (counts fall back to this
-    process)."""
-    shared = shared_state(storage, settings.redis)
+    a limit, first flagging the account and holding its queued mail if
+    that is the first time. Never raises for an unreachable Redis (counts
+    fall back to this process); raises StorageError (TEMPORARY) when the
+    flag cannot be read, before counting anything."""
     address = account.address.lower()
+    flagged = await storage.queue.is_flagged(address)
+    shared = shared_state(storage, settings.redis)
     active = [
         (name, limit, per_rcpt, window)
         for name, per_rcpt, window in LIMITS
@@ -115,8 +122,6 @@ async def hold_reason(
         for (name, limit, _, window), count in zip(active, counts, strict=True)
         if count > limit
     ]
-    flags = shared.flags(FLAGS)
-    flagged = await flags.has(address)
     if over:
         # Refused: it takes back its counts, so only sent mail uses the windows.
         await shared.counts.add([(key, window, -amount) for key, window, amount in items])
@@ -124,7 +129,7 @@ async def hold_reason(
         # Name the limit that keeps the account waiting longest (ties: the first).
         name, limit, window = max(over, key=lambda o: _window_left(o[2], now))
         if not flagged:
-            await _trip(storage, flags, address, f"{name} = {limit}")
+            await _trip(storage, address, f"{name} = {limit}")
         raise LimitReached(address, name, limit, _window_left(window, now))
     if flagged:
         OUTBOUND_HELD.inc(limit="flagged")
@@ -132,28 +137,32 @@ async def hold_reason(
     return None
 
 
-async def _trip(storage: Any, flags: Any, address: str, why: str) -> None:
-    """The first time ``address`` goes over a limit: flag it, hold what it
-    has queued, tell the admin."""
-    await flags.add(address)
+async def _trip(storage: Any, address: str, why: str) -> None:
+    """The first time ``address`` goes over a limit: flag it and hold what
+    it has queued (one storage call), tell the admin."""
     try:
-        held = await storage.queue.hold_sender(
-            address, REASON.format(account=address, why=f"over {why}")
-        )
-    except StorageError as exc:  # the refusal stands; the flag holds new mail
-        log.error("account %s: holding its queued mail failed: %s", address, exc)
-        held = 0
+        held = await storage.queue.flag(address, REASON.format(account=address, why=f"over {why}"))
+    except StorageError as exc:  # the refusal stands; the next one over tries again
+        log.error("account %s: flagging it and holding its queued mail failed: %s", address, exc)
+        return
     log.warning(
         "account %s is over its sending limit %s: %d queued message(s) and its further "
         "outbound mail held until `mailctl queue release --account %s`",
-        address, why, held, address,
+        address,
+        why,
+        held,
+        address,
     )
     OUTBOUND_HELD.inc(limit=why.partition(" ")[0].removeprefix("user_"))
 
 
-async def release_account(storage: object, settings: Settings, address: str) -> bool:
-    """Clears the flag of ``address``; True if it was set."""
-    return await shared_state(storage, settings.redis).flags(FLAGS).remove(address.lower())
+async def release_account(
+    storage: Any, address: str
+) -> Mapping[str, tuple[int, bool] | StorageError]:
+    """Releases the entries held for ``address``'s limit and clears its
+    flag, each partition in one transaction: by partition, (entries
+    released, flag cleared there) or the error it answered with."""
+    return await storage.queue.release_account(address.lower(), reason_prefix(address))
 
 
 __all__ = ["LIMITS", "LimitReached", "hold_reason", "reason_prefix", "release_account"]

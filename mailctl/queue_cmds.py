@@ -10,7 +10,8 @@ default shard's partition and ``SHARD:NUMBER`` in another's. ``list`` and
 
 Mail held for a sending limit (delivery/limits.py) shows its reason on the
 ``held:`` line of ``list``; ``release --account ADDRESS`` releases every
-entry held for that account's limit and clears the account's flag, so that
+entry held for that account's limit and clears the account's flag (kept in
+the database beside the queue: running daemons see it at once), so that
 its next messages are sent again.
 """
 
@@ -24,7 +25,6 @@ from collections.abc import Callable
 from conf.settings import Settings
 from delivery import limits
 from storage.errors import StorageError
-from storage.shared import close_shared_state
 from storage.sql.queue import QueueRef, state_of
 
 ACTIONS = (
@@ -194,23 +194,14 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     async def release_account(storage, address: str) -> int:
-        prefix = limits.reason_prefix(address)
-        answers = await storage.queue.list_by_partition(include_done=False)
-        entries = [m for a in answers.values() if isinstance(a, list) for m in a]
-        held = [e for e in entries if e.held and (e.error or "").startswith(prefix)]
-        for entry in held:
-            await storage.queue.release_hold(entry.id)
-        try:
-            flagged = await limits.release_account(storage, settings, address)
-        finally:
-            await close_shared_state(storage)
-        count = len(held)
-        print(f"{count} queue entr{'y' if count == 1 else 'ies'} of {address.lower()} released"
-              + ("; account no longer held" if flagged else ""))
-        if not settings.redis.url:
-            # The flag lives in each daemon's process without [redis]: out of reach here.
-            print("note: without [redis] url, running daemons hold the account's new mail "
-                  "until they restart", file=sys.stderr)
+        answers = await limits.release_account(storage, address)
+        done = [a for a in answers.values() if not isinstance(a, StorageError)]
+        count = sum(released for released, _ in done)
+        flagged = any(cleared for _, cleared in done)
+        print(
+            f"{count} queue entr{'y' if count == 1 else 'ies'} of {address.lower()} released"
+            + ("; account no longer held" if flagged else "")
+        )
         return _report_unavailable(answers)
 
     return with_storage(settings, act)

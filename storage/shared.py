@@ -46,7 +46,7 @@ FAILURE_WINDOW_SECONDS = 900.0  # a login failure counts this long after the las
 FALLBACKS = counter(
     "shardmail_shared_state_fallbacks_total",
     "Shared-state operations counted in-process because Redis was unreachable.",
-    ["what"],  # failures | rate | counts | flags
+    ["what"],  # failures | rate | counts
 )
 
 
@@ -348,62 +348,6 @@ class RedisCounts:
         return await self._outage.run("counts", remote, lambda: self._local.add(items))
 
 
-# --- accounts flagged as over a sending limit --------------------------------
-
-
-class LocalFlags:
-    """A set of names in this process (the embedded default)."""
-
-    def __init__(self) -> None:
-        self._names: set[str] = set()
-
-    async def add(self, name: str) -> None:
-        self._names.add(name)
-
-    async def has(self, name: str) -> bool:
-        return name in self._names
-
-    async def remove(self, name: str) -> bool:
-        """Clears ``name``; True if it was set."""
-        found = name in self._names
-        self._names.discard(name)
-        return found
-
-
-class RedisFlags:
-    """:class:`LocalFlags` in one Redis set (no expiry: a flag stays until
-    cleared), with an in-process twin while Redis is unreachable."""
-
-    def __init__(self, client: Any, outage: _Outage, name: str) -> None:
-        self._client = client
-        self._outage = outage
-        self._key = f"{KEY_PREFIX}flags:{name}"
-        self._local = LocalFlags()
-
-    async def add(self, name: str) -> None:
-        async def remote() -> None:
-            await self._client.sadd(self._key, name)
-
-        await self._outage.run("flags", remote, lambda: self._local.add(name))
-
-    async def has(self, name: str) -> bool:
-        async def remote() -> bool:
-            return bool(await self._client.sismember(self._key, name))
-
-        return await self._outage.run("flags", remote, lambda: self._local.has(name))
-
-    async def remove(self, name: str) -> bool:
-        async def remote() -> bool:
-            return bool(await self._client.srem(self._key, name))
-
-        local = await self._local.remove(name)  # set during an outage: clear it too
-        return await self._outage.run("flags", remote, lambda: _same(local)) or local
-
-
-async def _same(value: bool) -> bool:
-    return value
-
-
 # --- one per storage --------------------------------------------------------
 
 
@@ -414,17 +358,7 @@ class SharedState:
     def __init__(self) -> None:
         self.failures: FailureCounter = LocalFailureCounter(FAILURE_WINDOW_SECONDS)
         self._limits: dict[tuple[str, int, float], RateLimit] = {}
-        self._flags: dict[str, LocalFlags | RedisFlags] = {}
         self.counts: LocalCounts | RedisCounts = LocalCounts()
-
-    def flags(self, name: str) -> LocalFlags | RedisFlags:
-        """The set of flagged names ``name`` (e.g. "limited" accounts)."""
-        if name not in self._flags:
-            self._flags[name] = self._new_flags(name)
-        return self._flags[name]
-
-    def _new_flags(self, name: str) -> LocalFlags | RedisFlags:
-        return LocalFlags()
 
     def rate_limit(self, name: str, limit: int, window: float) -> RateLimit:
         """The limit ``name`` (its keys are apart from every other name's);
@@ -466,9 +400,6 @@ class RedisSharedState(SharedState):
 
     def _new_limit(self, name: str, limit: int, window: float) -> RateLimit:
         return RedisRateLimit(self.client, name, limit, window, self._outage)
-
-    def _new_flags(self, name: str) -> LocalFlags | RedisFlags:
-        return RedisFlags(self.client, self._outage, name)
 
     async def close(self) -> None:
         await self.client.aclose()

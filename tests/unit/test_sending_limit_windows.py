@@ -1,6 +1,7 @@
 """delivery/limits.py without a network: past a limit is refused naming it,
-the first trip holds the queued mail, the flag outlives the counts, the
-windows roll over, and [limits] refuses negative and unknown keys."""
+the first trip flags the account and holds its queued mail, the flag
+outlives the counts, the windows roll over, and [limits] refuses negative
+and unknown keys."""
 
 from __future__ import annotations
 
@@ -12,21 +13,35 @@ import pydantic
 import pytest
 
 from conf.settings import Settings
-from delivery.limits import LimitReached, hold_reason, reason_prefix, release_account
+from delivery.limits import LIMITS, LimitReached, hold_reason, reason_prefix, release_account
+from storage.errors import ErrorKind, StorageError
 from storage.model import Account
 from storage.shared import LocalCounts, shared_state
 
+LIMIT_NAMES = [name for name, _, _ in LIMITS]
+
 
 class Queue:
-    """Records hold_sender calls (the SQL one is tested against PostgreSQL
-    in tests/integration/outbound/test_sending_limits.py)."""
+    """Records flag calls and keeps the flags in a set (the SQL operations
+    are contract-tested on both backends in tests/contract/test_queue_hold_sender.py)."""
 
     def __init__(self) -> None:
         self.held: list[tuple[str, str]] = []
+        self.flagged: set[str] = set()
 
-    async def hold_sender(self, sender: str, reason: str) -> int:
-        self.held.append((sender, reason))
+    async def flag(self, address: str, reason: str) -> int:
+        self.held.append((address, reason))
+        self.flagged.add(address.lower())
         return 0
+
+    async def is_flagged(self, address: str) -> bool:
+        return address.lower() in self.flagged
+
+    async def release_account(self, address: str, prefix: str) -> dict[str, tuple[int, bool]]:
+        assert prefix == f"sending limit: {address.lower()}: "
+        found = address.lower() in self.flagged
+        self.flagged.discard(address.lower())
+        return {"default": (0, found)}
 
 
 class Site:
@@ -76,10 +91,33 @@ async def test_past_a_limit_is_refused_then_held_until_released() -> None:
     # Limits raised by the admin: no count is over now, the flag still holds.
     settings.limits.user_recipients_per_day = 10 * limit + 10
     assert await hold_reason(site, settings, alice, 1) == flagged
-    assert await release_account(site, settings, "ALICE@example.net")
-    assert not await release_account(site, settings, "alice@example.net")
+    assert await release_account(site, "ALICE@example.net") == {"default": (0, True)}
+    assert await release_account(site, "alice@example.net") == {"default": (0, False)}
     assert await hold_reason(site, settings, alice, 1) is None
     assert shared_state(site).counts is shared_state(site).counts
+
+
+async def test_an_unreadable_flag_is_a_temporary_error_that_counts_nothing() -> None:
+    """The flag's database down: StorageError TEMPORARY (SMTP 451, API 503),
+    raised before counting, so the account's window is not used up."""
+    limit = random.randint(1, 5)
+    off = dict.fromkeys(LIMIT_NAMES, 0)
+    settings = Settings.model_validate({"limits": {**off, "user_messages_per_hour": limit}})
+    site, dave = Site(), account("dave@example.net")
+
+    async def down(address: str) -> bool:
+        raise StorageError(ErrorKind.TEMPORARY, "database unavailable")
+
+    site.queue.is_flagged = down  # type: ignore[method-assign]
+    for _ in range(limit + random.randint(1, 3)):
+        with pytest.raises(StorageError) as failed:
+            await hold_reason(site, settings, dave, 1)
+        assert failed.value.kind is ErrorKind.TEMPORARY
+    del site.queue.is_flagged
+    for _ in range(limit):
+        assert await hold_reason(site, settings, dave, 1) is None
+    with pytest.raises(LimitReached):
+        await hold_reason(site, settings, dave, 1)
 
 
 async def test_the_refusal_names_the_limit_that_waits_longest() -> None:
