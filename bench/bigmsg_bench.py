@@ -49,7 +49,12 @@ imapd's during FETCH and RETR). Before a phase the peak is reset (writing
 5 to /proc/<pid>/clear_refs, Linux 4.0+) and VmRSS read as the idle
 figure; during it VmRSS is sampled every 10 ms; after it the peak is the
 larger of the sampled maximum and VmHWM. Memory per session = (peak -
-idle) / concurrent sessions of that phase. Never part of the test run.
+idle) / concurrent sessions of that phase. The same of RssAnon (VmRSS
+less mapped files: a message mmap'd to be split is page cache) from the
+samples, and apart that of the daemon's content workers (the processes
+that parse messages over 1 MB, storage/contentpool.py). CPU: the daemon's
+utime + stime with its content workers'. SPF and DKIM are off in mtad
+(as in smtp_bench.py) unless ``--checks``. Never part of the test run.
 
     python -m bench.bigmsg_bench --messages 6 --sessions 3 --rounds 2
     python -m bench.bigmsg_bench --messages 2 --sessions 2 --rounds 1 --sizes 0.3,1.2
@@ -79,6 +84,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -107,16 +113,26 @@ SAMPLE_SECONDS = 0.01
 # ------------------------------------------------------------------ memory
 
 
-def read_status(pid: int, proc: Path = Path("/proc")) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in KiB, from /proc/<pid>/status (proc(5))."""
+class Status(NamedTuple):
+    """Of /proc/<pid>/status (proc(5)), in KiB: VmRSS, VmHWM (its peak)
+    and RssAnon (the part of VmRSS that is the process's own memory, not
+    mapped files: an mmap'd message counts in VmRSS, in the page cache)."""
+
+    rss: int
+    hwm: int
+    anon: int
+
+
+def read_status(pid: int, proc: Path = Path("/proc")) -> Status:
+    """``pid``'s :class:`Status`."""
     found: dict[str, int] = {}
     for line in (proc / str(pid) / "status").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
+        if name in ("VmRSS", "VmHWM", "RssAnon"):
             found[name] = int(value.split()[0])  # "  123456 kB"
-    if len(found) != 2:
-        raise RuntimeError(f"no VmRSS/VmHWM in {proc}/{pid}/status")
-    return found["VmRSS"], found["VmHWM"]
+    if len(found) != 3:
+        raise RuntimeError(f"no VmRSS, VmHWM, RssAnon in {proc}/{pid}/status")
+    return Status(found["VmRSS"], found["VmHWM"], found["RssAnon"])
 
 
 def reset_peak(pid: int, proc: Path = Path("/proc")) -> bool:
@@ -134,13 +150,16 @@ class Memory:
     """One phase's memory of one process, in KiB: RSS before it, the
     sampled maximum VmRSS, and VmHWM after it (``hwm_reset``: whether
     the peak was reset before the phase, else VmHWM is the process's
-    lifetime peak and is not used)."""
+    lifetime peak and is not used); RssAnon before it and its sampled
+    maximum (no kernel peak exists for it)."""
 
     idle: int
     sampled: int
     hwm: int
     hwm_reset: bool
     sessions: int
+    anon_idle: int = 0
+    anon_sampled: int = 0
 
     @property
     def peak(self) -> int:
@@ -151,36 +170,69 @@ class Memory:
         (a phase may end below its idle RSS when memory is given back)."""
         return max(0, self.peak - self.idle) * 1024 / MB / self.sessions
 
+    def anon_per_session_mb(self) -> float:
+        """The same for RssAnon, from the 10 ms samples."""
+        return max(0, self.anon_sampled - self.anon_idle) * 1024 / MB / self.sessions
+
+
+def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """The live child processes of ``pid`` (a daemon's content workers,
+    storage/contentpool.py), from each /proc/<n>/stat's ppid (proc(5))."""
+    found = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def read_total(pids: Sequence[int], proc: Path = Path("/proc")) -> Status:
+    """The sum of the processes' :class:`Status` (a process gone counts 0)."""
+    total = Status(0, 0, 0)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            now = read_status(pid, proc)
+            total = Status(total.rss + now.rss, total.hwm + now.hwm, total.anon + now.anon)
+    return total
+
 
 class RssSampler:
-    """Samples ``pid``'s VmRSS on a thread while in its ``with`` block;
-    :attr:`memory` holds the phase's figures after it."""
+    """Samples the VmRSS of ``pids`` (summed) on a thread while in its
+    ``with`` block; :attr:`memory` holds the phase's figures after it.
+    For one process its VmHWM is the exact peak; for several, the sum of
+    their peaks bounds the peak of their sum from above."""
 
-    def __init__(self, pid: int, sessions: int, proc: Path = Path("/proc")) -> None:
-        self.pid = pid
+    def __init__(self, pids: Sequence[int], sessions: int, proc: Path = Path("/proc")) -> None:
+        self.pids = list(pids)
         self.sessions = sessions
         self.proc = proc
         self.memory: Memory | None = None
         self._stop = threading.Event()
-        self._max = 0
+        self._max = self._anon = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> RssSampler:
-        self._reset = reset_peak(self.pid, self.proc)
-        self._idle = read_status(self.pid, self.proc)[0]
-        self._max = self._idle
+        self._reset = all([reset_peak(pid, self.proc) for pid in self.pids])
+        self._idle = read_total(self.pids, self.proc)
+        self._max, self._anon = self._idle.rss, self._idle.anon
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
-            self._max = max(self._max, read_status(self.pid, self.proc)[0])
+            now = read_total(self.pids, self.proc)
+            self._max, self._anon = max(self._max, now.rss), max(self._anon, now.anon)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        rss, hwm = read_status(self.pid, self.proc)
-        self.memory = Memory(self._idle, max(self._max, rss), hwm, self._reset, self.sessions)
+        now = read_total(self.pids, self.proc)
+        self.memory = Memory(
+            self._idle.rss, max(self._max, now.rss), now.hwm, self._reset, self.sessions,
+            self._idle.anon, max(self._anon, now.anon),
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- messages
@@ -356,11 +408,12 @@ def start_daemon(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def daemons(site: Site, dns_port: int, sessions: int) -> Iterator[Daemons]:
-    """mtad and imapd on ``site`` (no metrics listener, plaintext login)."""
+def daemons(site: Site, dns_port: int, sessions: int, checks: bool) -> Iterator[Daemons]:
+    """mtad and imapd on ``site`` (no metrics listener, plaintext login);
+    mtad's SPF and DKIM checks on only with ``checks``."""
     common = ["server.metrics_listen=[]", *site.overrides]
     smtp, imap, pop3 = free_port(), free_port(), free_port()
-    argv = mtad_argv(site.data_dir, smtp, dns_port, sessions + 2, spf_dkim=False)
+    argv = mtad_argv(site.data_dir, smtp, dns_port, sessions + 2, spf_dkim=checks)
     for override in common:
         argv += ["-o", override]
     imapd_argv = [sys.executable, "-m", "imapd"]
@@ -486,7 +539,8 @@ def pop3_retr_each(client: poplib.POP3, check: Callable[[bytes], None]) -> int:
 @dataclass
 class Phase:
     """One phase of one batch: octets and messages moved, wall time, the
-    serving process's CPU (and Swift's), its memory."""
+    serving process's CPU with its content workers' (and Swift's), its
+    memory, and apart its content workers' memory."""
 
     octets: int
     messages: int
@@ -494,6 +548,7 @@ class Phase:
     cpu: float
     memory: Memory
     swift_cpu: float = 0.0
+    workers: Memory | None = None  # the serving process's content workers
 
 
 @dataclass
@@ -505,6 +560,22 @@ class Batch:
     fetch: Phase
     pop3: Phase
     partial_ms: list[float] = field(default_factory=list)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (content workers)."""
+    total = cpu_seconds(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(child)
+    return total
+
+
+@contextlib.contextmanager
+def sampled(pid: int, sessions: int) -> Iterator[tuple[RssSampler, RssSampler]]:
+    """Samplers of ``pid`` alone and of its content workers together."""
+    with RssSampler([pid], sessions) as main, RssSampler(children(pid), sessions) as workers:
+        yield main, workers
 
 
 def swift_cpu_seconds(swift: SwiftServer | None) -> float:
@@ -546,7 +617,7 @@ def run_batch(
     counted when given (on the s3 site)."""
     specs = [Spec(f"{site.backend}{rnd}", size, n) for n in range(args.messages)]
     sessions = min(args.sessions, len(specs))
-    with daemons(site, dns_port, sessions) as d:
+    with daemons(site, dns_port, sessions, args.checks) as d:
         warm_up(d)
         time.sleep(0.5)  # the warm-up's last writes and log lines
         # Ingest: the messages made beforehand, then only what is sent.
@@ -555,15 +626,15 @@ def run_batch(
             s.message_id: Sent(len(m), hashlib.sha256(m).digest())
             for s, m in zip(specs, batch, strict=True)
         }
-        cpu0, swift0 = cpu_seconds(d.mtad.pid), swift_cpu_seconds(swift)
-        with RssSampler(d.mtad.pid, sessions) as sampler:
+        cpu0, swift0 = tree_cpu_seconds(d.mtad.pid), swift_cpu_seconds(swift)
+        with sampled(d.mtad.pid, sessions) as (sampler, workers):
             elapsed = run_sessions(sessions, lambda i: smtp_send(d.smtp, batch[i::sessions]))
         octets = sum(len(m) for m in batch)
         batch.clear()  # 150 MB at 6 x 25 MB: not kept through FETCH
         assert sampler.memory is not None
         ingest = Phase(
-            octets, len(specs), elapsed, cpu_seconds(d.mtad.pid) - cpu0, sampler.memory,
-            swift_cpu_seconds(swift) - swift0,
+            octets, len(specs), elapsed, tree_cpu_seconds(d.mtad.pid) - cpu0, sampler.memory,
+            swift_cpu_seconds(swift) - swift0, workers.memory,
         )  # fmt: skip
         # FETCH of each message whole, over concurrent sessions.
         uids = uids_by_message_id(d.imap)
@@ -578,14 +649,14 @@ def run_batch(
                 got = fetch_literal(clients[i], uid, "BODY.PEEK[]")
                 prefixes[spec.message_id] = check_fetched(got, sent[spec.message_id], spec)
 
-        cpu0, swift0 = cpu_seconds(d.imapd.pid), swift_cpu_seconds(swift)
-        with RssSampler(d.imapd.pid, sessions) as sampler:
+        cpu0, swift0 = tree_cpu_seconds(d.imapd.pid), swift_cpu_seconds(swift)
+        with sampled(d.imapd.pid, sessions) as (sampler, workers):
             elapsed = run_sessions(sessions, fetch_share)
         assert sampler.memory is not None and len(prefixes) == len(specs)
         fetched = sum(sent[s.message_id].length + prefixes[s.message_id] for s in specs)
         fetch = Phase(
-            fetched, len(specs), elapsed, cpu_seconds(d.imapd.pid) - cpu0, sampler.memory,
-            swift_cpu_seconds(swift) - swift0,
+            fetched, len(specs), elapsed, tree_cpu_seconds(d.imapd.pid) - cpu0, sampler.memory,
+            swift_cpu_seconds(swift) - swift0, workers.memory,
         )  # fmt: skip
         partial_ms = []
         for spec, uid in by_spec[:PARTIALS]:
@@ -618,8 +689,8 @@ def run_batch(
             check_fetched(got, sent[spec.message_id], spec)
             retrieved.append(spec.message_id)
 
-        cpu0, swift0 = cpu_seconds(d.imapd.pid), swift_cpu_seconds(swift)
-        with RssSampler(d.imapd.pid, 1) as sampler:
+        cpu0, swift0 = tree_cpu_seconds(d.imapd.pid), swift_cpu_seconds(swift)
+        with sampled(d.imapd.pid, 1) as (sampler, workers):
             began = time.perf_counter()
             octets = pop3_retr_each(pop3_client, check_retrieved)
             elapsed = time.perf_counter() - began
@@ -627,8 +698,8 @@ def run_batch(
         if sorted(retrieved) != sorted(by_id):
             raise SystemExit(f"POP3: retrieved {sorted(retrieved)}, sent {sorted(by_id)}")
         pop3 = Phase(
-            octets, len(retrieved), elapsed, cpu_seconds(d.imapd.pid) - cpu0, sampler.memory,
-            swift_cpu_seconds(swift) - swift0,
+            octets, len(retrieved), elapsed, tree_cpu_seconds(d.imapd.pid) - cpu0, sampler.memory,
+            swift_cpu_seconds(swift) - swift0, workers.memory,
         )  # fmt: skip
         expunge_all(d.imap)
     return Batch(site.backend, size, rnd, ingest, fetch, pop3, partial_ms)
@@ -637,21 +708,29 @@ def run_batch(
 # ------------------------------------------------------------------ report
 
 
+def memory_text(m: Memory) -> str:
+    return (
+        f"+{m.per_session_mb():.1f} MB/session (anon +{m.anon_per_session_mb():.1f}; "
+        f"idle {m.idle / 1024:.0f} MiB, peak {m.peak / 1024:.0f})"
+    )
+
+
+def workers_text(p: Phase) -> str:
+    return f"+{p.workers.per_session_mb():.1f}" if p.workers and p.workers.sessions else "none"
+
+
 def batch_line(b: Batch) -> str:
     mb = b.ingest.octets / MB
     return (
         f"round {b.round + 1} {b.backend} {b.size / MB:>4.0f} MB: "
         f"ingest {b.ingest.messages / b.ingest.elapsed:.2f} msg/s {mb / b.ingest.elapsed:.1f} MB/s "
-        f"mtad {1000 * b.ingest.cpu / mb:.1f} ms/MB "
-        f"+{b.ingest.memory.per_session_mb():.1f} MB/session "
-        f"(idle {b.ingest.memory.idle / 1024:.0f} MiB, peak {b.ingest.memory.peak / 1024:.0f}); "
+        f"mtad {1000 * b.ingest.cpu / mb:.1f} ms/MB {memory_text(b.ingest.memory)} "
+        f"workers {workers_text(b.ingest)}; "
         f"FETCH {b.fetch.octets / MB / b.fetch.elapsed:.1f} MB/s "
         f"imapd {1000 * b.fetch.cpu / (b.fetch.octets / MB):.1f} ms/MB "
-        f"+{b.fetch.memory.per_session_mb():.1f} MB/session "
-        f"(idle {b.fetch.memory.idle / 1024:.0f} MiB, peak {b.fetch.memory.peak / 1024:.0f}); "
+        f"{memory_text(b.fetch.memory)} workers {workers_text(b.fetch)}; "
         f"partial {statistics.median(b.partial_ms):.0f} ms; "
-        f"RETR {b.pop3.octets / MB / b.pop3.elapsed:.1f} MB/s "
-        f"+{b.pop3.memory.per_session_mb():.1f} MB/session"
+        f"RETR {b.pop3.octets / MB / b.pop3.elapsed:.1f} MB/s {memory_text(b.pop3.memory)}"
     )
 
 
@@ -665,12 +744,12 @@ def report(batches: Sequence[Batch], sessions: int) -> None:
     rounds, the partial fetch's median."""
     print(
         f"\n{'backend':<8}{'size':>6}{'msg/s':>8}{'MB/s':>7}{'mtad':>8}{'swift':>8}"
-        f"{'mem/s':>8}{'FETCH':>8}{'imapd':>8}{'swift':>8}{'mem/s':>8}{'part':>7}"
-        f"{'RETR':>7}{'mem':>7}"
+        f"{'mem/s':>8}{'anon':>7}{'wrk':>6}{'FETCH':>8}{'imapd':>8}{'swift':>8}{'mem/s':>8}{'anon':>7}"
+        f"{'part':>7}{'RETR':>7}{'mem':>7}"
     )
     print(
-        f"{'':<8}{'MB':>6}{'ingest':>8}{'':>7}{'ms/MB':>8}{'ms/MB':>8}{'MB':>8}"
-        f"{'MB/s':>8}{'ms/MB':>8}{'ms/MB':>8}{'MB':>8}{'ms':>7}{'MB/s':>7}{'MB':>7}"
+        f"{'':<8}{'MB':>6}{'ingest':>8}{'':>7}{'ms/MB':>8}{'ms/MB':>8}{'MB':>8}{'MB':>7}{'MB':>6}"
+        f"{'MB/s':>8}{'ms/MB':>8}{'ms/MB':>8}{'MB':>8}{'MB':>7}{'ms':>7}{'MB/s':>7}{'MB':>7}"
     )
     keys = sorted({(b.size, b.backend) for b in batches})
     for size, backend in keys:
@@ -687,17 +766,22 @@ def report(batches: Sequence[Batch], sessions: int) -> None:
             f"{1000 * sum(p.cpu for p in ing) / mb_in:>8.1f}"
             f"{1000 * sum(p.swift_cpu for p in ing) / mb_in:>8.1f}"
             f"{max(p.memory.per_session_mb() for p in ing):>8.1f}"
+            f"{max(p.memory.anon_per_session_mb() for p in ing):>7.1f}"
+            f"{max(p.workers.per_session_mb() if p.workers else 0 for p in ing):>6.1f}"
             f"{rate(fet):>8.1f}"
             f"{1000 * sum(p.cpu for p in fet) / mb_out:>8.1f}"
             f"{1000 * sum(p.swift_cpu for p in fet) / mb_out:>8.1f}"
             f"{max(p.memory.per_session_mb() for p in fet):>8.1f}"
+            f"{max(p.memory.anon_per_session_mb() for p in fet):>7.1f}"
             f"{statistics.median([ms for b in mine for ms in b.partial_ms]):>7.0f}"
             f"{rate(ret):>7.1f}"
             f"{max(p.memory.per_session_mb() for p in ret):>7.1f}"
         )
     print(
         f"(mem/s: (peak - idle RSS) / {sessions} sessions, the largest of the rounds: "
-        "mtad's during ingest, imapd's during FETCH; RETR: one session)"
+        "mtad's during ingest, imapd's during FETCH; RETR: one session; "
+        "anon: the same of RssAnon, mapped files left out; wrk: mtad's content "
+        "workers' VmRSS, apart; CPU: each daemon with its content workers)"
     )
 
 
@@ -713,6 +797,11 @@ def main() -> None:
         "--sizes", default="1,10,25", help="message sizes in MB (10^6 octets), comma-separated"
     )
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument(
+        "--checks",
+        action="store_true",
+        help="keep mtad's SPF and DKIM checks on (the defaults; off otherwise, as smtp_bench)",
+    )
     args = parser.parse_args()
     sizes = [round(float(s) * MB) for s in args.sizes.split(",")]
     backends = args.backends.split(",")

@@ -20,37 +20,61 @@ from bench.bigmsg_bench import (
     RssSampler,
     Sent,
     Spec,
+    Status,
     check_fetched,
+    children,
     first_difference,
     message,
     read_status,
+    read_total,
 )
 
 
-def _status(rss: int, hwm: int) -> str:
+def _status(rss: int, hwm: int, anon: int) -> str:
     """A /proc/<pid>/status excerpt (proc(5)), values in kB."""
-    return f"Name:\tpython3\nVmPeak:\t  999999 kB\nVmHWM:\t{hwm:>8} kB\nVmRSS:\t{rss:>8} kB\n"
+    return (
+        f"Name:\tpython3\nVmPeak:\t  999999 kB\nVmHWM:\t{hwm:>8} kB\nVmRSS:\t{rss:>8} kB\n"
+        f"RssAnon:\t{anon:>8} kB\nRssFile:\t{rss - anon:>8} kB\n"
+    )
 
 
 def test_status_fields_and_per_session_arithmetic(tmp_path: Path) -> None:
-    """VmRSS and VmHWM are read by name, not position; the peak is VmHWM
-    only when it was reset before the phase; (peak - idle) / sessions is
-    in 10^6 octets and never negative."""
+    """VmRSS, VmHWM and RssAnon are read by name, not position; the peak
+    is VmHWM only when it was reset before the phase; (peak - idle) /
+    sessions is in 10^6 octets and never negative, for RssAnon too."""
     (tmp_path / "42").mkdir()
-    (tmp_path / "42" / "status").write_text(_status(rss=120_000, hwm=250_000))
-    assert read_status(42, tmp_path) == (120_000, 250_000)
+    (tmp_path / "42" / "status").write_text(_status(rss=120_000, hwm=250_000, anon=90_000))
+    assert read_status(42, tmp_path) == (120_000, 250_000, 90_000)
     (tmp_path / "43").mkdir()
     (tmp_path / "43" / "status").write_text("Name:\tkthreadd\nVmPeak:\t0 kB\n")
     with pytest.raises(RuntimeError):
         read_status(43, tmp_path)
 
-    reset = Memory(idle=100_000, sampled=130_000, hwm=160_000, hwm_reset=True, sessions=3)
+    reset = Memory(100_000, 130_000, 160_000, hwm_reset=True, sessions=3,
+                   anon_idle=70_000, anon_sampled=82_000)  # fmt: skip
     assert reset.peak == 160_000
     assert reset.per_session_mb() == pytest.approx(60_000 * 1024 / 1e6 / 3)
+    assert reset.anon_per_session_mb() == pytest.approx(12_000 * 1024 / 1e6 / 3)
     lifetime = Memory(idle=100_000, sampled=130_000, hwm=900_000, hwm_reset=False, sessions=3)
     assert lifetime.peak == 130_000  # a lifetime VmHWM says nothing of this phase
-    shrunk = Memory(idle=100_000, sampled=100_000, hwm=90_000, hwm_reset=True, sessions=2)
-    assert shrunk.per_session_mb() == 0
+    shrunk = Memory(100_000, 100_000, 90_000, hwm_reset=True, sessions=2,
+                    anon_idle=70_000, anon_sampled=60_000)  # fmt: skip
+    assert shrunk.per_session_mb() == 0 and shrunk.anon_per_session_mb() == 0
+
+
+def test_workers_are_found_and_summed(tmp_path: Path) -> None:
+    """A daemon's children are found by their ppid (a comm with spaces and
+    parentheses does not shift the fields); a summed set of processes
+    counts one that is gone as 0."""
+    stats = {10: ("mtad", 1), 11: ("python3 (worker) x", 10), 12: ("other", 2), 13: ("w", 10)}
+    for pid, (comm, ppid) in stats.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} 0 0\n")
+        (tmp_path / str(pid) / "status").write_text(_status(1000 * pid, 2000 * pid, 100 * pid))
+    (tmp_path / "self").mkdir()
+    assert children(10, tmp_path) == [11, 13]
+    assert read_total([11, 13, 99], tmp_path) == Status(24_000, 48_000, 2_400)
+    assert read_total([], tmp_path) == Status(0, 0, 0)
 
 
 GROWER = """
@@ -77,7 +101,7 @@ def test_sampler_catches_a_peak_gone_before_the_phase_ends() -> None:
     assert child.stdin is not None and child.stdout is not None
     try:
         assert child.stdout.readline() == b"ready\n"  # its start-up is no part of the phase
-        with RssSampler(child.pid, sessions=2) as sampler:
+        with RssSampler([child.pid], sessions=2) as sampler:
             child.stdin.write(b"go\n")
             child.stdin.flush()
             assert child.stdout.readline() == b"grown\n"
@@ -86,7 +110,8 @@ def test_sampler_catches_a_peak_gone_before_the_phase_ends() -> None:
         assert memory is not None and memory.hwm_reset
         assert memory.peak - memory.idle >= 47 * 1024
         assert memory.per_session_mb() == pytest.approx(48 * 1024 * 1024 / 1e6 / 2, rel=0.1)
-        assert read_status(child.pid)[0] < memory.idle + 8 * 1024  # it was given back
+        assert read_status(child.pid).rss < memory.idle + 8 * 1024  # it was given back
+        assert memory.anon_idle > 0  # RssAnon read (its 10 ms samples may miss the peak)
     finally:
         child.kill()
         child.wait()
