@@ -75,6 +75,14 @@ class ContentPool:
         except BrokenProcessPool:
             self._kill(executor)  # killed under another job's timeout, or crashed
             raise ContentTimeout("content worker died") from None
+        except asyncio.CancelledError:
+            # Still queued when another job's timeout killed the pool, which
+            # cancels what is queued (``_kill``): this job's future was
+            # cancelled, not the caller's task, so it is a failed job.
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                raise ContentTimeout("content job dropped with its killed pool") from None
+            raise
 
     def _kill(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
         if self._executor is executor:

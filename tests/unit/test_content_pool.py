@@ -140,3 +140,22 @@ def test_a_process_exits_after_its_pool_was_killed_with_jobs_queued(tmp_path: Pa
         timeout=60,
     )
     assert (done.returncode, done.stdout.strip()) == (0, "done"), done.stderr[-2000:]
+
+
+async def test_jobs_still_queued_when_the_pool_is_killed_fail_as_timeouts(
+    pool: ContentPool,
+) -> None:
+    """The pool passes at most workers + 1 jobs to its workers; the rest
+    wait in the executor, and killing it for one job's timeout cancels
+    them. Each such caller gets ContentTimeout, never CancelledError (which
+    would read as its own task being cancelled)."""
+    import asyncio
+
+    await pool.run(time.sleep, 0)  # the worker is up
+    first = asyncio.ensure_future(pool.run(time.sleep, 60))
+    await asyncio.sleep(1)  # the others' limits end after the first's
+    queued = [asyncio.ensure_future(pool.run(time.sleep, 60)) for _ in range(random.randint(6, 12))]
+    results = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert all(isinstance(r, ContentTimeout) for r in results), results
+    raw = _message()
+    assert await pool.run(parse_message, raw) == parse_message(raw)  # fresh workers
