@@ -177,6 +177,7 @@ ROUTE_CHANNEL = "shardmail_routes"  # route_payload() of each account moved
 # travel without their ``data`` (subscribers resync from the change log).
 MAX_NOTIFY_PAYLOAD = 7900
 RECONNECT_DELAY = 1.0
+CLOSE_TIMEOUT = 5.0  # seconds a closing connection waits for the server
 
 
 # One encoder for every change: json.dumps with non-default separators
@@ -380,10 +381,15 @@ class PgNotifyEventBus(_LocalFanOut):
         if self._sender is not None:
             # What was published before close still reaches the others.
             await asyncio.wait([self._sender], timeout=5)
+            self._sender.cancel()
         for conn in (self._listener, self._publisher):
             if conn is not None and not conn.is_closed():
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                # A graceful close waits for the server's answer; one that
+                # does not answer must not hold a daemon's shutdown forever.
+                try:
+                    await conn.close(timeout=CLOSE_TIMEOUT)
+                except Exception:
+                    conn.terminate()
         await self._local.close()
 
 
