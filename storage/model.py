@@ -235,6 +235,15 @@ class MessageEntry:
     internal_date: dt.datetime
     size: int
     blob_key: str
+    # RFC 8514 save date: when the entry was made in this mailbox (APPEND,
+    # COPY, MOVE, delivery), UTC; an entry stored before save dates were
+    # kept reports its internal date.
+    saved: dt.datetime | None = None
+
+    @property
+    def save_date(self) -> dt.datetime:
+        """The RFC 8514 section 3 save date, never unknown (see ``saved``)."""
+        return self.saved if self.saved is not None else self.internal_date.astimezone(dt.UTC)
 
 
 @dataclass(frozen=True)

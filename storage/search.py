@@ -12,6 +12,7 @@ Mapping of RFC 3501 keys:
     BODY s -> Text("body", s); TEXT s -> Text("text", s);
     (the HTTP API's free text) -> Text("content", s);
     BEFORE/ON/SINCE -> Date("internal", op, d); SENT* -> Date("sent", op, d);
+    SAVED* (RFC 8514) -> Date("saved", op, d); SAVEDATESUPPORTED -> All();
     LARGER/SMALLER -> Size(op, n); UID set / seq set -> Uids(set);
     NOT -> Not; OR -> Or; a list -> And; MODSEQ (RFC 7162) -> ModSeq(n).
 Substring matches are case-insensitive (RFC 3501 section 6.4.4).
@@ -61,9 +62,10 @@ class Text:
 
 @dataclass(frozen=True)
 class Date:
-    """Dates compare by calendar day, disregarding time and timezone."""
+    """Dates compare by calendar day, disregarding time and timezone.
+    "saved": the RFC 8514 save date (its day in UTC)."""
 
-    field: Literal["internal", "sent"]
+    field: Literal["internal", "sent", "saved"]
     op: Literal["before", "on", "since"]
     date: dt.date
 

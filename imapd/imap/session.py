@@ -224,6 +224,7 @@ class Session:
             "OBJECTID",  # RFC 8474
             "BINARY",  # RFC 3516
             "MULTIAPPEND",  # RFC 3502
+            "SAVEDATE",  # RFC 8514
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3

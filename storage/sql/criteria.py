@@ -14,6 +14,7 @@ dates compare by calendar day, ignoring time and timezone.
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import email.header
 import re
 from collections.abc import Callable, Sequence
@@ -259,7 +260,28 @@ def fts_trigram_query(value: str) -> str:
     return " AND ".join(f'"{t}"' for t in terms)
 
 
+# RFC 8514 save dates are kept in UTC (mailbox_entries.saved_at, epoch
+# microseconds): a day is a range of them.
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_DAY_MICROS = 86_400_000_000
+
+
+def day_start_micros(day: dt.date) -> int:
+    """The first epoch microsecond of ``day`` in UTC."""
+    return (day.toordinal() - _EPOCH_ORDINAL) * _DAY_MICROS
+
+
 def _day_condition(c: Date) -> ColumnElement[bool]:
+    if c.field == "saved":
+        # RFC 8514 section 4: the save date's day; older entries' is their
+        # internal date (see mailbox_entries.saved_at).
+        saved = func.coalesce(E.c.saved_at, E.c.internal_date)
+        start = day_start_micros(c.date)
+        if c.op == "before":
+            return saved < start
+        if c.op == "on":
+            return and_(saved >= start, saved < start + _DAY_MICROS)
+        return saved >= start
     col = (
         E.c.internal_day if c.field == "internal" else func.coalesce(M.c.sent_day, E.c.internal_day)
     )
@@ -361,6 +383,7 @@ class Candidate:
     modseq: int
     size: int
     internal_day: int
+    saved_at: int  # the save date, epoch microseconds UTC (internal date if unknown)
     sent_day: int | None
     subject: str
     from_text: str
@@ -454,6 +477,13 @@ def matches(c: Criteria, m: Candidate, ctx: Context) -> bool:
             return False
         # Raw header text; the usual encoded-word fields were matched decoded above.
         return _contains(m.header_text(), c.value)
+    if isinstance(c, Date) and c.field == "saved":
+        start = day_start_micros(c.date)
+        if c.op == "before":
+            return m.saved_at < start
+        if c.op == "on":
+            return start <= m.saved_at < start + _DAY_MICROS
+        return m.saved_at >= start
     if isinstance(c, Date):
         day = m.internal_day if c.field == "internal" else (m.sent_day or m.internal_day)
         target = c.date.toordinal()

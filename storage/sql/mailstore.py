@@ -228,7 +228,13 @@ _ENTRY_COLUMNS = (
     E.c.internal_tz,
     E.c.size,
     messages.c.blob_key,
+    E.c.saved_at,
 )
+
+
+def _saved(micros: int | None) -> dt.datetime | None:
+    """An entry's ``saved_at`` column as its save date (RFC 8514), UTC."""
+    return None if micros is None else _EPOCH + dt.timedelta(microseconds=micros)
 
 
 def _entry(row: Any) -> MessageEntry:
@@ -241,6 +247,7 @@ def _entry(row: Any) -> MessageEntry:
         internal_date=_join_date(row.internal_date, row.internal_tz),
         size=row.size,
         blob_key=row.blob_key,
+        saved=_saved(row.saved_at),
     )
 
 
@@ -1011,6 +1018,7 @@ def _stored_flags(
                 internal_date=_join_date(r.internal_date, r.internal_tz),
                 size=r.size,
                 blob_key=r.blob_key,
+                saved=_saved(r.saved_at),
             )
         )
         changes.append(
@@ -1401,7 +1409,8 @@ class SqlMailStore(SpamPolicyStore):
                 entries = (
                     await conn.execute(select(E).where(E.c.mailbox_id == src.id).order_by(E.c.uid))
                 ).all()
-                await self._copy_entries(tx, entries, dest)
+                # A rename, not a save: the entries keep their save dates.
+                await self._copy_entries(tx, entries, dest, keep_saved=True)
                 await self._remove_entries(tx, src, [e.uid for e in entries], gc=False)
                 return
             await self._rename_subscriptions(conn, account_id, old, new)
@@ -1595,6 +1604,7 @@ class SqlMailStore(SpamPolicyStore):
         # Everything that needs no database is prepared here, off the writer.
         values, new_words = self._search_values(_message_values(account_id, blob_key, parsed))
         now = dt.datetime.now(dt.UTC)
+        saved = _split_date(now)[0]  # RFC 8514: the save date of every entry made here
         # Flag iterables may be one-shot; the write function may run later.
         targets = [(box, tuple(flags), date) for box, flags, date in targets]
 
@@ -1619,7 +1629,7 @@ class SqlMailStore(SpamPolicyStore):
                 uid, modseq = uidnext.get(box.id, (box.uidnext, box.highestmodseq))
                 result = self._append_entry_sync(
                     tx, box, uid, modseq, message_id, parsed.size, mask, keywords, when,
-                    values["sent_date"],
+                    values["sent_date"], saved,
                 )
                 uidnext[box.id] = (result.uid + 1, result.modseq)
                 results.append(result)
@@ -1656,6 +1666,7 @@ class SqlMailStore(SpamPolicyStore):
                 internal_date=_join_date(micros, tz),
                 size=parsed.size,
                 blob_key=blob_key,
+                saved=_saved(saved),
             )
             out.append(dataclasses.replace(result, entry=entry))
         return out
@@ -1728,7 +1739,9 @@ class SqlMailStore(SpamPolicyStore):
         """The next UID of the mailbox; OVER_QUOTA if the account would exceed
         its quota. Durable and published on return."""
         flags = tuple(flags)
-        when = _split_date(internal_date or dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        when = _split_date(internal_date or now)
+        saved = _split_date(now)[0]
 
         def write(conn: Connection) -> tuple[AppendResult, list[Change]]:
             tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
@@ -1740,7 +1753,7 @@ class SqlMailStore(SpamPolicyStore):
             mask, keywords = split_flags(flags)
             result = self._append_entry_sync(
                 tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, row.size, mask, keywords,
-                when, row.sent_date,
+                when, row.sent_date, saved,
             )
             return result, tx.flush_sync(conn)
 
@@ -1762,12 +1775,14 @@ class SqlMailStore(SpamPolicyStore):
         keywords: list[str],
         when: tuple[int, int, int],
         sent_date: float | None,
+        saved: int,
     ) -> AppendResult:
         """Appends one entry at ``uid`` with a new modseq above
         ``highestmodseq`` (the mailbox counters as this transaction sees
         them); ``mask``/``keywords`` from :func:`split_flags`, ``when`` from
         :func:`_split_date`, ``sent_date`` the message's (for
-        :func:`_list_date`). OVER_QUOTA if it does not fit."""
+        :func:`_list_date`), ``saved`` the entry's save date (RFC 8514, epoch
+        microseconds). OVER_QUOTA if it does not fit."""
         micros, tz, day = when
         self._check_quota(tx, size)
         tx.used_delta += size
@@ -1786,6 +1801,7 @@ class SqlMailStore(SpamPolicyStore):
                 "internal_day": day,
                 "size": size,
                 "list_date": _list_date(sent_date, micros),
+                "saved_at": saved,
             },
             uid + 1,
             modseq,
@@ -1910,6 +1926,7 @@ class SqlMailStore(SpamPolicyStore):
         E.c.size,
         E.c.internal_day,
         E.c.internal_date,
+        E.c.saved_at,
         messages.c.sent_day,
         messages.c.subject,
         messages.c.from_text,
@@ -1929,6 +1946,7 @@ class SqlMailStore(SpamPolicyStore):
             modseq=r.modseq,
             size=r.size,
             internal_day=r.internal_day,
+            saved_at=r.internal_date if r.saved_at is None else r.saved_at,
             sent_day=r.sent_day,
             subject=r.subject,
             from_text=r.from_text,
@@ -2252,12 +2270,17 @@ class SqlMailStore(SpamPolicyStore):
         await self.db.write_batched(write, published, durable=False, key=account_id)
         return built[0]
 
-    async def _copy_entries(self, tx: _Tx, rows: Sequence[Any], dest: Any) -> list[tuple[int, int]]:
+    async def _copy_entries(
+        self, tx: _Tx, rows: Sequence[Any], dest: Any, keep_saved: bool = False
+    ) -> list[tuple[int, int]]:
         """Appends copies of entry rows to ``dest`` (a mailbox row); the
-        caller has checked quota. Returns (source uid, new uid) pairs."""
+        caller has checked quota. Returns (source uid, new uid) pairs. The
+        copies are saved now (RFC 8514 save date) unless ``keep_saved``
+        (the rows then carry ``saved_at``)."""
         if not rows:
             return []
         modseq = dest.highestmodseq + 1
+        saved = int(tx.at * 1_000_000)  # RFC 8514 section 1: a copy is saved now
         pairs = []
         values = []
         for i, r in enumerate(rows):
@@ -2276,6 +2299,7 @@ class SqlMailStore(SpamPolicyStore):
                     "internal_day": r.internal_day,
                     "size": r.size,
                     "list_date": r.list_date,
+                    "saved_at": r.saved_at if keep_saved else saved,
                 }
             )
         await tx.conn.execute(insert(E), values)

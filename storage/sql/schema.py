@@ -213,6 +213,10 @@ mailbox_entries = Table(
     # message's Date, never later than internal_date (storage.sql.mailstore._list_date).
     # Indexed with (mailbox_id, uid) so a page is a keyset range, not a sort.
     Column("list_date", BigInteger, nullable=False, server_default=text("0")),
+    # v28: when the entry was made in this mailbox (APPEND, COPY, MOVE,
+    # delivery), epoch microseconds UTC: the RFC 8514 save date. NULL for
+    # entries older than the step (their save date is their internal date).
+    Column("saved_at", BigInteger, nullable=True),
     UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
     Index("mailbox_entries_mailbox_modseq", "mailbox_id", "modseq"),
 )
@@ -1025,6 +1029,13 @@ async def _v27_queue_held_senders(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: queue_held_senders.create(sync, checkfirst=True))
 
 
+async def _v28_save_dates(conn: AsyncConnection) -> None:
+    """``mailbox_entries.saved_at``, the RFC 8514 save date of each entry
+    (issue #24). Nullable and not filled: an older entry's save date is
+    read as its internal date, so the step rewrites no row."""
+    await _add_missing_columns(conn, mailbox_entries, ("saved_at",))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1053,6 +1064,7 @@ MIGRATIONS: list[Step] = [
     _v25_blob_deletions,
     _v26_spam_tokens,
     _v27_queue_held_senders,
+    _v28_save_dates,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -279,3 +279,33 @@ async def test_v11_places_stored_entries_by_date_capped_at_arrival(
         conn.close()
     assert {m: abs(got[m] - v) <= 1 for m, v in expected.items()} == dict.fromkeys(expected, True)
     assert "mailbox_entries_mailbox_list" in plan and "TEMP B-TREE" not in plan
+
+
+async def test_v28_older_entries_save_date_is_their_internal_date(
+    v7_database: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    """Step 28 adds ``mailbox_entries.saved_at`` without rewriting a row: an
+    entry stored before reads its internal date as its RFC 8514 save date;
+    an entry made after gets its own."""
+    path, _ = v7_database
+    store = await open_storage_from_url(
+        f"sqlite+aiosqlite:///{path}", tmp_path / "blobs",
+        password_hasher=PasswordHasher.from_parameters(CHEAPEST),
+    )
+    try:
+        mail = store.mail(1)
+        old = await mail.entries(1, 1, UidSet.all())
+        assert old and all(e.saved is None and e.save_date == e.internal_date for e in old)
+        raw = b"Subject: new\r\n\r\nnew\r\n"
+        mid = await mail.add_message(1, await store.blobs.put(raw), parse_message(raw))
+        added = await mail.append(1, 1, mid)
+        (new,) = await mail.entries(1, 1, UidSet.of([added.uid]))
+        assert new.saved is not None and new.saved > old[0].internal_date
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        nulls = conn.execute("SELECT count(*) FROM mailbox_entries WHERE saved_at IS NULL")
+        assert nulls.fetchone()[0] == len(old)
+    finally:
+        conn.close()

@@ -29,7 +29,7 @@ SMALL_MESSAGE = 256 * 1024
 CHUNK = 256 * 1024
 BATCH = 200  # messages loaded from storage at a time
 _ENTRY_ONLY = frozenset(
-    {"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE", "EMAILID", "THREADID"}
+    {"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE", "EMAILID", "THREADID", "SAVEDATE"}
 )
 _RFC822_RAW = frozenset({"RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 
@@ -379,6 +379,9 @@ async def _fetch_one(
             s.write(b"MODSEQ (%d)" % entry.modseq)
         elif name == "INTERNALDATE":
             s.write(b"INTERNALDATE " + encode.internal_date(entry.internal_date))
+        elif name == "SAVEDATE":
+            # RFC 8514 section 3: when the message entered this mailbox.
+            s.write(b"SAVEDATE " + encode.internal_date(entry.save_date))
         elif name == "RFC822.SIZE":
             s.write(b"RFC822.SIZE %d" % entry.size)
         elif name == "EMAILID":

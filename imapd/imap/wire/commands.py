@@ -69,7 +69,7 @@ class SearchText:
 
 @dataclass(frozen=True, slots=True)
 class SearchDate:
-    field: str  # "internal" | "sent"
+    field: str  # "internal" | "sent" | "saved" (RFC 8514)
     op: str  # "before" | "on" | "since"
     date: dt.date
 

@@ -70,6 +70,7 @@ _SIMPLE_FETCH = {
     "MODSEQ",
     "EMAILID",  # RFC 8474 section 5.1
     "THREADID",  # RFC 8474 section 5.2
+    "SAVEDATE",  # RFC 8514 section 3
 }
 # RFC 5258 section 3 (REMOTE: there are no remote mailboxes here to list),
 # RFC 6154 section 3 (SPECIAL-USE), RFC 5819 section 2 (STATUS).
@@ -598,6 +599,10 @@ _DATE_KEYS = {
     "SENTBEFORE": ("sent", "before"),
     "SENTON": ("sent", "on"),
     "SENTSINCE": ("sent", "since"),
+    # RFC 8514 section 4: the save date's day.
+    "SAVEDBEFORE": ("saved", "before"),
+    "SAVEDON": ("saved", "on"),
+    "SAVEDSINCE": ("saved", "since"),
 }
 
 
@@ -617,6 +622,10 @@ def _search_key(r: _Reader, depth: int) -> c.SearchKey:
         return c.SearchSequence(r.sequence_set(), uid=False)
     word = r.atom("a search key").upper()
     if word == "ALL":
+        return c.SearchAll()
+    if word == "SAVEDATESUPPORTED":
+        # RFC 8514 section 4: every message of a mailbox that keeps save
+        # dates; every mailbox here does.
         return c.SearchAll()
     if word in _FLAG_KEYS:
         flag, present = _FLAG_KEYS[word]

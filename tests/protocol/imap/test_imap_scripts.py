@@ -51,7 +51,7 @@ SCRIPTS: dict[str, Script] = {
                           r"CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS "
                           r"APPENDLIMIT=1000000 CONDSTORE QRESYNC ESEARCH STATUS=SIZE "
                           r"SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES ESORT "
-                          r"SEARCHRES QUOTA QUOTA=RES-STORAGE OBJECTID BINARY MULTIAPPEND "
+                          r"SEARCHRES QUOTA QUOTA=RES-STORAGE OBJECTID BINARY MULTIAPPEND SAVEDATE "
                           r"COMPRESS=DEFLATE",
                           "a OK .*"]),
     ]),

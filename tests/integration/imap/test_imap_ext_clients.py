@@ -1,0 +1,45 @@
+"""imapclient (implicit TLS) against the IMAP extensions of issue #24:
+what a real client sends and how it reads the answers."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+
+import imapclient
+
+from tests.protocol.imap.conftest import PASSWORD, USER, ImapEnv, message
+
+
+def _savedate_session(port: int, ctx: ssl.SSLContext) -> dict[str, object]:
+    out: dict[str, object] = {}
+    with imapclient.IMAPClient("127.0.0.1", port=port, ssl=True, ssl_context=ctx) as c:
+        c.login(USER, PASSWORD)
+        out["caps"] = c.capabilities()
+        old = dt.datetime(2001, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+        c.append("INBOX", message("imported", "Old mail\r\n"), msg_time=old)
+        c.select_folder("INBOX")
+        out["fetch"] = c.fetch([1, 2], ["INTERNALDATE", "SAVEDATE"])
+        yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+        out["since"] = c.search(["SAVEDSINCE", yesterday])
+        out["before"] = c.search(["SAVEDBEFORE", yesterday])
+        out["internal_before"] = c.search(["BEFORE", dt.date(2002, 1, 1)])
+        out["supported"] = c.search(["SAVEDATESUPPORTED"])
+    return out
+
+
+async def test_imapclient_savedate(imap_env: ImapEnv) -> None:
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    await imap_env.deliver(message("delivered"))
+    result = await asyncio.to_thread(_savedate_session, imap_env.tls_port, imap_env.client_tls)
+    assert b"SAVEDATE" in result["caps"]  # type: ignore[operator]
+    fetched = result["fetch"]
+    assert isinstance(fetched, dict) and sorted(fetched) == [1, 2]
+    for data in fetched.values():
+        saved = imapclient.response_parser.parse_to_datetime(data[b"SAVEDATE"])  # type: ignore[attr-defined]
+        # The save date is now, whatever INTERNALDATE the client gave.
+        assert start <= saved.astimezone(dt.UTC) <= dt.datetime.now(dt.UTC)
+    assert fetched[2][b"INTERNALDATE"].year == 2001
+    assert result["since"] == [1, 2] and result["before"] == []
+    assert result["internal_before"] == [2] and result["supported"] == [1, 2]
