@@ -225,6 +225,7 @@ class Session:
             "BINARY",  # RFC 3516
             "MULTIAPPEND",  # RFC 3502
             "SAVEDATE",  # RFC 8514
+            "PREVIEW",  # RFC 8970
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from imapd.imap import binary
+from imapd.imap import binary, preview
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, bad, no, ok
 from imapd.imap.wire import encode
@@ -417,6 +417,9 @@ async def _fetch_one(
         elif att.section is not None and root is not None:
             s.write(_att_label(att) + b" ")
             await _write_section(s, blob, root, att)
+        elif name == "PREVIEW" and parsed is not None:
+            # RFC 8970 section 3.1; never sets \Seen (section 3.1 again).
+            s.write(b"PREVIEW " + encode.nstring(await _preview(blob, parsed.body)))
         elif parsed is None:
             s.write(name.encode() + b" NIL")
         elif name == "ENVELOPE":
@@ -426,6 +429,22 @@ async def _fetch_one(
         else:  # BODY without a section
             s.write(b"BODY " + encode.body_structure(parsed.body, False))
     s.write(b")\r\n")
+
+
+async def _preview(blob: _Blob, body: BodyPart) -> str | None:
+    """A message's RFC 8970 preview from at most preview.READ_CAP octets
+    of its first text part; "" without one; None (NIL) if its blob
+    cannot be read."""
+    part = preview.preview_part(body)
+    if part is None:
+        return ""
+    start, end, truncated = preview.read_range(part)
+    try:
+        encoded = await blob.range(start, end)
+    except Exception:
+        log.exception("blob %s unreadable for PREVIEW", blob.key)
+        return None
+    return preview.preview_of(part, encoded, truncated)
 
 
 def _decodable(items: list[StoredMessage | MessageEntry], atts: tuple[FetchAttribute, ...]) -> bool:

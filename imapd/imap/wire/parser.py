@@ -832,9 +832,24 @@ def _fetch_att(r: _Reader) -> c.FetchAttribute:
             partial = (int(pm.group(1)), int(pm.group(2)))
         return c.FetchAttribute(base, section, partial, peek)
     word = r.atom("a fetch item").upper()
+    if word == "PREVIEW":
+        return _preview_att(r)
     if word not in _SIMPLE_FETCH:
         raise _Bad(f"Unknown fetch item {word}")
     return c.FetchAttribute(word)
+
+
+_PREVIEW_MODS = re.compile(rb" \((LAZY(?: LAZY)*)\)", re.I)
+
+
+def _preview_att(r: _Reader) -> c.FetchAttribute:
+    """RFC 8970 section 6: "PREVIEW" [SP "(" preview-mod *(SP preview-mod)
+    ")"], preview-mod = "LAZY". LAZY lets the server answer NIL when the
+    preview is not at hand; ours always is, so it changes nothing. (A
+    parenthesised list after a lone PREVIEW that is not LAZY is left to be
+    read as fetch modifiers.)"""
+    r.match(_PREVIEW_MODS)
+    return c.FetchAttribute("PREVIEW")
 
 
 def _p_fetch(r: _Reader, tag: str, name: str) -> c.Command:

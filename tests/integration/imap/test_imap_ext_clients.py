@@ -43,3 +43,29 @@ async def test_imapclient_savedate(imap_env: ImapEnv) -> None:
     assert fetched[2][b"INTERNALDATE"].year == 2001
     assert result["since"] == [1, 2] and result["before"] == []
     assert result["internal_before"] == [2] and result["supported"] == [1, 2]
+
+
+def _preview_session(port: int, ctx: ssl.SSLContext) -> dict[str, object]:
+    out: dict[str, object] = {}
+    with imapclient.IMAPClient("127.0.0.1", port=port, ssl=True, ssl_context=ctx) as c:
+        c.login(USER, PASSWORD)
+        out["caps"] = c.capabilities()
+        c.select_folder("INBOX", readonly=False)
+        out["fetch"] = c.fetch([1, 2], ["PREVIEW", "FLAGS"])
+        out["lazy"] = c.fetch([2], ["PREVIEW (LAZY)"])
+    return out
+
+
+async def test_imapclient_preview(imap_env: ImapEnv) -> None:
+    await imap_env.deliver(message("ascii", "Plain\r\n  text here.\r\n"))
+    await imap_env.deliver(
+        message("utf8", "Grüße,\r\n\r\nwie geht's?\r\n", Content_Type="text/plain; charset=utf-8")
+    )
+    result = await asyncio.to_thread(_preview_session, imap_env.tls_port, imap_env.client_tls)
+    assert b"PREVIEW" in result["caps"]  # type: ignore[operator]
+    fetched = result["fetch"]
+    assert isinstance(fetched, dict)
+    assert fetched[1][b"PREVIEW"] == b"Plain text here."
+    assert fetched[2][b"PREVIEW"].decode("utf-8") == "Grüße, wie geht's?"
+    assert all(b"\\Seen" not in data[b"FLAGS"] for data in fetched.values())
+    assert result["lazy"][2][b"PREVIEW"] == fetched[2][b"PREVIEW"]  # type: ignore[index]
