@@ -388,6 +388,22 @@ class MailStore(Protocol):
     async def put_spam_policy(self, account_id: int, policy: SpamPolicy) -> None:
         """Replaces lists and threshold at once; INVALID changes nothing."""
 
+    # RFC 5464 METADATA entries (issue #24), kept in the account's shard:
+    # see storage/sql/metadata.py. ``mailbox_id`` None: the server's.
+    async def metadata(self, account_id: int, mailbox_id: int | None) -> dict[str, bytes]:
+        """Every entry of the server or of one mailbox, name -> value."""
+
+    async def set_metadata(
+        self,
+        account_id: int,
+        mailbox_id: int | None,
+        values: Sequence[tuple[str, bytes | None]],
+        max_entries: int,
+    ) -> None:
+        """Sets (bytes) or removes (None) entries, all or none; NOT_FOUND
+        for another account's or a deleted mailbox, OVER_QUOTA (nothing
+        changed) past ``max_entries`` entries of the account in all."""
+
 
 class EventBus(Protocol):
     """Carries committed changes to IDLE, POP3 and WebSocket sessions.

@@ -54,6 +54,7 @@ from storage.api import BlobStore
 from storage.blob import deleting, gc
 from storage.model import Account, Change, ChangeKind
 from storage.sql.mailstore import SqlMailStore, delete_account_mail
+from storage.sql.metadata import copy_metadata, delete_mailbox_metadata
 from storage.sql.schema import (
     account_moves,
     change_log,
@@ -255,6 +256,7 @@ class AccountMove:
             live = {b.id for b in src_boxes}
             gone = [t for s, t in box_map.items() if s not in live and t in have]
             for tgt in gone:
+                await delete_mailbox_metadata(conn, tgt)
                 await conn.execute(delete(E).where(E.c.mailbox_id == tgt))
                 await conn.execute(delete(expunged).where(expunged.c.mailbox_id == tgt))
                 await conn.execute(delete(mailboxes).where(mailboxes.c.id == tgt))
@@ -283,6 +285,7 @@ class AccountMove:
                 )
             async with self.source.db.read() as src:
                 await copy_spam_policy(src, conn, aid)
+                await copy_metadata(src, conn, aid, box_map)
         return box_map, changed + len(gone) + len(renamed), bool(gone)
 
     @staticmethod

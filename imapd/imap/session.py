@@ -226,6 +226,8 @@ class Session:
             "MULTIAPPEND",  # RFC 3502
             "SAVEDATE",  # RFC 8514
             "PREVIEW",  # RFC 8970
+            "METADATA",  # RFC 5464: server and mailbox entries
+            "METADATA-SERVER",  # RFC 5464 section 1: server entries
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3
@@ -845,7 +847,8 @@ _NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH", "SORT", "THREAD"})
 _READ_ONLY = frozenset(
     {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
      "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE",
-     "SORT", "UID SORT", "THREAD", "UID THREAD", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA"}
+     "SORT", "UID SORT", "THREAD", "UID THREAD", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",
+     "GETMETADATA"}
 )
 
 

@@ -174,6 +174,19 @@ spam_settings = Table(
     Column("junk_threshold", Float, nullable=True),  # None: the spam filter's own
 )
 
+# RFC 5464 METADATA entries of an account, in its shard: the server's
+# (mailbox_id 0) and each mailbox's, "/private/..." and "/shared/..." names
+# lower-case (section 3.2: entry names are case-insensitive). Created by
+# _v29_metadata (not a v1 table); storage/sql/metadata.py.
+metadata_entries = Table(
+    "metadata_entries",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("mailbox_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("name", String(1024), primary_key=True),  # printable ASCII
+    Column("value", LargeBinary, nullable=False),
+)
+
 messages = Table(
     "messages",
     metadata,
@@ -1036,6 +1049,12 @@ async def _v28_save_dates(conn: AsyncConnection) -> None:
     await _add_missing_columns(conn, mailbox_entries, ("saved_at",))
 
 
+async def _v29_metadata(conn: AsyncConnection) -> None:
+    """``metadata_entries``, the RFC 5464 METADATA entries of each account
+    (issue #24): a new table, nothing rewritten."""
+    await conn.run_sync(lambda sync: metadata_entries.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1065,6 +1084,7 @@ MIGRATIONS: list[Step] = [
     _v26_spam_tokens,
     _v27_queue_held_senders,
     _v28_save_dates,
+    _v29_metadata,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -69,6 +69,11 @@ async def _populate(storage: SqlStorage, rng: random.Random) -> Account:
     await mail.create_mailbox(bob.id, "Work/Projects")
     await mail.create_mailbox(bob.id, "Doomed")
     await mail.set_subscribed(bob.id, "Lists/never-made", True)
+    # METADATA of the server and of mailboxes, one of them deleted below.
+    for name in ("INBOX", "Work/Projects", "Doomed", None):
+        box_id = None if name is None else (await mail.get_mailbox(bob.id, name)).id
+        entries = [(f"/private/e{i}", rng.randbytes(rng.randint(0, 99))) for i in range(3)]
+        await mail.set_metadata(bob.id, box_id, entries, 100)
     for i in range(rng.randint(25, 40)):
         box = rng.choice(["INBOX", "INBOX", "Work/Projects", "Sent", "Junk", "Doomed"])
         body = "".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(1, 3000)))
@@ -116,6 +121,7 @@ async def _snapshot(storage: SqlStorage, account: Account) -> dict[str, Any]:
             "vanished": (await mail.changes_since(account.id, box.id, 1)).vanished,
             "status": await mail.status(account.id, box.id),
             "recent": await mail.peek_recent(account.id, box.id),
+            "metadata": await mail.metadata(account.id, box.id),
         }
     changes = [
         (c.id, c.kind, names.get(c.mailbox_id or -1), c.uid, c.modseq, c.data)
@@ -125,6 +131,7 @@ async def _snapshot(storage: SqlStorage, account: Account) -> dict[str, Any]:
         "boxes": boxes,
         "threads": sorted(sorted(map(str, t)) for t in threads.values()),
         "subscriptions": await mail.subscriptions(account.id),
+        "server_metadata": await mail.metadata(account.id, None),
         "changes": changes,
         "quota_used": await mail.quota_used(account.id),
         "last_change": await mail.last_change_id(account.id),

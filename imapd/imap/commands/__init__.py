@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd.imap.commands import append, auth, compress, fetch, mailbox, message, quota, sort
+from imapd.imap.commands import (
+    append,
+    auth,
+    compress,
+    fetch,
+    mailbox,
+    message,
+    metadata,
+    quota,
+    sort,
+)
 from imapd.imap.session import State
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -46,6 +56,8 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "GETQUOTA": (quota.handle_getquota, _AUTH),
     "SETQUOTA": (quota.handle_setquota, _AUTH),
     "COMPRESS": (compress.handle_compress, _AUTH),  # RFC 4978 section 3
+    "GETMETADATA": (metadata.handle_getmetadata, _AUTH),  # RFC 5464 section 4.2
+    "SETMETADATA": (metadata.handle_setmetadata, _AUTH),  # RFC 5464 section 4.3
     "IDLE": (message.handle_idle, _AUTH),  # RFC 2177
     "CHECK": (message.handle_check, _SELECTED),
     "CLOSE": (message.handle_close, _SELECTED),

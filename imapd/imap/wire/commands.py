@@ -368,6 +368,27 @@ class Compress(Command):
     mechanism: str  # upper-case
 
 
+@dataclass(frozen=True, kw_only=True)
+class GetMetadata(Command):
+    """RFC 5464 section 4.2: entries of ``mailbox`` ("" the server's),
+    names lower-case; ``depth`` "0", "1" or "infinity"; ``maxsize`` None
+    when not given."""
+
+    mailbox: str
+    entries: tuple[str, ...]
+    maxsize: int | None = None
+    depth: str = "0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetMetadata(Command):
+    """RFC 5464 section 4.3: (entry, value) pairs in order, None (NIL) to
+    remove; names lower-case."""
+
+    mailbox: str
+    values: tuple[tuple[str, bytes | None], ...]
+
+
 @dataclass(frozen=True)
 class ParseError:
     """What the parser returns for a malformed command: answer

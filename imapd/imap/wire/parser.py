@@ -1025,6 +1025,106 @@ def _p_compress(r: _Reader, tag: str, name: str) -> c.Command:
     return c.Compress(tag=tag, name=name, mechanism=mechanism)
 
 
+# RFC 5464 section 3.2.1: an entry name is a slash-separated path under
+# /private or /shared, printable ASCII without the LIST wildcards, no empty
+# component, no trailing slash. Entry names are case-insensitive.
+_ENTRY = re.compile(r"/(?:private|shared)(?:/[\x21-\x24\x26-\x29\x2b-\x2e\x30-\x7e]+)*", re.I)
+MAX_ENTRY_NAME = 1024  # octets, the stored column's size
+MAX_METADATA_ENTRIES = 200  # entries named in one command
+
+
+def _entry_name(r: _Reader, setting: bool) -> str:
+    """entry = astring (RFC 5464 section 5), checked against section
+    3.2.1; the bare "/private" and "/shared" only name a subtree to read."""
+    name = _text(r.astring_bytes())
+    if len(name) > MAX_ENTRY_NAME or not _ENTRY.fullmatch(name):
+        raise _Bad("Invalid metadata entry name")
+    name = name.lower()
+    if setting and name in ("/private", "/shared"):
+        raise _Bad("An entry name needs a component after /private or /shared")
+    return name
+
+
+def _p_getmetadata(r: _Reader, tag: str, name: str) -> c.Command:
+    """getmetadata = "GETMETADATA" [SP getmetadata-options] SP mailbox SP
+    entries; options MAXSIZE number, DEPTH ("0" / "1" / "infinity")
+    (RFC 5464 section 5)."""
+    r.sp()
+    maxsize: int | None = None
+    depth: str | None = None
+    if r.peek() == 0x28:
+        r.pos += 1
+        while True:
+            option = r.atom("a GETMETADATA option").upper()
+            r.sp()
+            if option == "MAXSIZE" and maxsize is None:
+                maxsize = r.number()
+            elif option == "DEPTH" and depth is None:
+                depth = r.atom("a depth").lower()
+                if depth not in ("0", "1", "infinity"):
+                    raise _Bad("DEPTH is 0, 1 or infinity")
+            else:
+                raise _Bad(f"Unknown or repeated GETMETADATA option {option[:40]}")
+            if r.peek() == 0x29:
+                r.pos += 1
+                break
+            r.sp()
+        r.sp()
+    mailbox = r.mailbox()
+    r.sp()
+    if r.peek() == 0x28:
+        entries = [str(e) for e in r.paren_list(lambda: _entry_name(r, False))]
+        if not entries:
+            raise _Bad("No entries")
+    else:
+        entries = [_entry_name(r, False)]
+    if len(entries) > MAX_METADATA_ENTRIES:
+        raise _Bad(f"At most {MAX_METADATA_ENTRIES} entries at once")
+    r.expect_end()
+    return c.GetMetadata(
+        tag=tag,
+        name=name,
+        mailbox=mailbox,
+        entries=tuple(dict.fromkeys(entries)),
+        maxsize=maxsize,
+        depth=depth or "0",
+    )
+
+
+def _metadata_value(r: _Reader) -> bytes | None:
+    """value = nstring / literal8 (RFC 5464 section 5)."""
+    if r.buf[r.pos : r.pos + 3].upper() == b"NIL" and not _ATOM.match(r.buf, r.pos + 3):
+        r.pos += 3
+        return None
+    if r.peek() == 0x7E:  # RFC 3516 literal8: "~{n}"
+        r.pos += 1
+        if r.peek() != 0x7B:
+            raise _Bad("Expected a literal8")
+    return r.string_bytes()
+
+
+def _p_setmetadata(r: _Reader, tag: str, name: str) -> c.Command:
+    """setmetadata = "SETMETADATA" SP mailbox SP entry-values;
+    entry-values = "(" entry-value *(SP entry-value) ")";
+    entry-value = entry SP value (RFC 5464 section 5)."""
+    r.sp()
+    mailbox = r.mailbox()
+    r.sp()
+
+    def pair() -> tuple[str, bytes | None]:
+        entry = _entry_name(r, True)
+        r.sp()
+        return entry, _metadata_value(r)
+
+    values = r.paren_list(pair)
+    if not values:
+        raise _Bad("No entries")
+    if len(values) > MAX_METADATA_ENTRIES:
+        raise _Bad(f"At most {MAX_METADATA_ENTRIES} entries at once")
+    r.expect_end()
+    return c.SetMetadata(tag=tag, name=name, mailbox=mailbox, values=tuple(values))  # type: ignore[arg-type]
+
+
 _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     **{
         n: _p_simple
@@ -1065,6 +1165,8 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "GETQUOTAROOT": _p_quota,
     "SETQUOTA": _p_quota,
     "COMPRESS": _p_compress,  # RFC 4978
+    "GETMETADATA": _p_getmetadata,  # RFC 5464 section 4.2
+    "SETMETADATA": _p_setmetadata,  # RFC 5464 section 4.3
     "UID SEARCH": _p_search,
     "SORT": _p_sort,
     "UID SORT": _p_sort,

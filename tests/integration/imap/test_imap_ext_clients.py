@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import imaplib
+import random
 import ssl
 
 import imapclient
@@ -69,3 +71,42 @@ async def test_imapclient_preview(imap_env: ImapEnv) -> None:
     assert fetched[2][b"PREVIEW"].decode("utf-8") == "Grüße, wie geht's?"
     assert all(b"\\Seen" not in data[b"FLAGS"] for data in fetched.values())
     assert result["lazy"][2][b"PREVIEW"] == fetched[2][b"PREVIEW"]  # type: ignore[index]
+
+
+def _metadata_session(port: int, ctx: ssl.SSLContext, comment: str) -> dict[str, object]:
+    """imaplib has no METADATA methods: its extension hook (``xatom``)
+    sends the commands as RFC 5464 writes them (its literals go at the end
+    of a line only, where SETMETADATA needs a ")": quoted values here)."""
+    out: dict[str, object] = {}
+    m = imaplib.IMAP4("127.0.0.1", port)
+    try:
+        m.starttls(ssl_context=ctx)
+        m.login(USER, PASSWORD)
+        out["caps"] = m.capability()[1][0].split()
+        out["set"] = m.xatom("SETMETADATA", "INBOX", f'(/private/comment "{comment}")')
+        out["get"] = m.xatom("GETMETADATA", '"INBOX"', "/private/comment")
+        out["untagged"] = m.untagged_responses.pop("METADATA", None)
+        out["server_set"] = m.xatom("SETMETADATA", '""', '(/shared/a "1" /shared/a/b "2")')
+        out["server_get"] = m.xatom("GETMETADATA", "(DEPTH infinity)", '""', "/shared")
+        out["server_untagged"] = m.untagged_responses.pop("METADATA", None)
+        try:
+            m.xatom("GETMETADATA", "INBOX", "/nowhere")
+        except imaplib.IMAP4.error as err:  # a BAD is this exception
+            out["bad"] = str(err)
+        out["after"] = m.noop()[0]
+    finally:
+        m.logout()
+    return out
+
+
+async def test_imaplib_metadata(imap_env: ImapEnv) -> None:
+    rng = random.Random()
+    comment = "".join(rng.choice("abcdefgh XYZ-_.") for _ in range(rng.randint(1, 60)))
+    result = await asyncio.to_thread(_metadata_session, imap_env.port, imap_env.client_tls, comment)
+    assert {b"METADATA", b"METADATA-SERVER"} <= set(result["caps"])  # type: ignore[arg-type]
+    assert result["set"][0] == "OK" and result["get"][0] == "OK"  # type: ignore[index]
+    assert result["untagged"] == [f'"INBOX" (/private/comment "{comment}")'.encode()]
+    assert result["server_set"][0] == "OK"  # type: ignore[index]
+    assert result["server_untagged"] == [b'"" (/shared/a "1" /shared/a/b "2")']
+    assert "Invalid metadata entry name" in result["bad"]  # type: ignore[operator]
+    assert result["after"] == "OK"

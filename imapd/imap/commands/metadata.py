@@ -1,0 +1,111 @@
+"""METADATA and METADATA-SERVER (RFC 5464): GETMETADATA and SETMETADATA.
+
+Entries are the account's own, kept in its shard (storage/sql/metadata.py):
+the server's (mailbox "") and each mailbox's, under /private and /shared.
+Every mailbox here has one user, so both are this account's, kept apart by
+their names; private entries are always stored (no NOPRIVATE). Limits,
+each answered as section 4.3 says: a value of at most :data:`MAX_VALUE`
+octets (NO [METADATA MAXSIZE n]), at most :data:`MAX_ENTRIES` entries per
+account (NO [METADATA TOOMANY]).
+
+Where the RFC leaves a choice: an entry named at DEPTH 0 that has no value
+is returned as NIL, so that a client tells "unset" from "not answered";
+at DEPTH 1 and infinity only the entries that hold a value are (the
+section 4.2.2 example).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from imapd.imap.session import Reply, no, ok
+from imapd.imap.wire import encode
+from storage.errors import ErrorKind, StorageError
+
+if TYPE_CHECKING:
+    from imapd.imap.session import Session
+    from imapd.imap.wire.commands import GetMetadata, SetMetadata
+
+MAX_VALUE = 32 * 1024  # octets per value (below the 64 KiB argument literal cap)
+MAX_ENTRIES = 200  # entries per account, server and mailboxes together
+
+
+async def _mailbox_id(s: Session, name: str) -> int | None:
+    """None for the server (""); NO [NONEXISTENT] for an unknown mailbox."""
+    if name == "":
+        return None
+    return (await s.mailbox_id_of(name)).id
+
+
+def _wanted(stored: dict[str, bytes], entry: str, depth: str) -> list[tuple[str, bytes | None]]:
+    """RFC 5464 section 4.2.2: ``entry`` and, by ``depth``, its children
+    (one more component) or all its descendants."""
+    out: list[tuple[str, bytes | None]] = []
+    value = stored.get(entry)
+    if value is not None or depth == "0":
+        out.append((entry, value))
+    if depth == "0":
+        return out
+    prefix = entry + "/"
+    for name in sorted(stored):
+        if name.startswith(prefix) and (depth == "infinity" or "/" not in name[len(prefix) :]):
+            out.append((name, stored[name]))
+    return out
+
+
+_ASTRING_CHARS = re.compile(r'[^(){ \x00-\x1f\x7f-\uffff%*"\\]+')
+
+
+def _entry(name: str) -> bytes:
+    """entry = astring: as an atom where it can be (as the RFC's examples
+    show them), else quoted."""
+    return name.encode() if _ASTRING_CHARS.fullmatch(name) else encode.string(name)
+
+
+def _value(value: bytes | None) -> bytes:
+    """value = nstring / literal8 (RFC 5464 section 5): octets holding NUL
+    go as a literal8 (RFC 3516 section 4.2)."""
+    if value is None:
+        return b"NIL"
+    if b"\0" in value:
+        return b"~{%d}\r\n" % len(value) + value
+    return encode.string(value)
+
+
+async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
+    """RFC 5464 section 4.2: one METADATA response with the entries found;
+    values past MAXSIZE left out and the largest of their sizes given in
+    OK [METADATA LONGENTRIES n] (section 4.2.1)."""
+    assert s.mail is not None and s.account is not None
+    box = await _mailbox_id(s, cmd.mailbox)
+    stored = await s.mail.metadata(s.account.id, box)
+    found: dict[str, bytes | None] = {}
+    longest = 0
+    for entry in cmd.entries:
+        for name, value in _wanted(stored, entry, cmd.depth):
+            if value is not None and cmd.maxsize is not None and len(value) > cmd.maxsize:
+                longest = max(longest, len(value))
+                continue
+            found.setdefault(name, value)
+    if found:
+        items = b" ".join(_entry(n) + b" " + _value(v) for n, v in found.items())
+        s.untagged(b"METADATA " + encode.mailbox(cmd.mailbox) + b" (" + items + b")")
+    if longest:
+        return ok("GETMETADATA completed", f"METADATA LONGENTRIES {longest}")
+    return ok("GETMETADATA completed")
+
+
+async def handle_setmetadata(s: Session, cmd: SetMetadata) -> Reply:
+    """RFC 5464 section 4.3: every entry set or removed, or none."""
+    assert s.mail is not None and s.account is not None
+    if any(v is not None and len(v) > MAX_VALUE for _, v in cmd.values):
+        return no("Metadata value too large", f"METADATA MAXSIZE {MAX_VALUE}")
+    box = await _mailbox_id(s, cmd.mailbox)
+    try:
+        await s.mail.set_metadata(s.account.id, box, cmd.values, MAX_ENTRIES)
+    except StorageError as err:
+        if err.kind is ErrorKind.OVER_QUOTA:
+            return no("Too many metadata entries", "METADATA TOOMANY")
+        raise
+    return ok("SETMETADATA completed")
