@@ -228,6 +228,7 @@ class Session:
             "PREVIEW",  # RFC 8970
             "METADATA",  # RFC 5464: server and mailbox entries
             "METADATA-SERVER",  # RFC 5464 section 1: server entries
+            "UTF8=ACCEPT",  # RFC 6855 section 3
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3
@@ -311,7 +312,7 @@ class Session:
                     segments, literals, spool_failed = [], [], False
                     continue
                 if ev.final:
-                    return parse_command(segments, literals)
+                    return parse_command(segments, literals, self.utf8)
                 continue
             if isinstance(ev, LiteralBegin):
                 # Only a logged-in APPEND may send a big literal; before login
@@ -803,6 +804,12 @@ class Session:
         view = self.selected
         if view is not None:
             self.untagged(f"OK [HIGHESTMODSEQ {max(view.modseq, 1)}] Highest")
+
+    @property
+    def utf8(self) -> bool:
+        """ENABLE UTF8=ACCEPT was given (RFC 6855 section 3): mailbox names
+        are UTF-8 both ways, APPEND takes UTF8 (...)."""
+        return "UTF8=ACCEPT" in self.enabled
 
     @property
     def rev2(self) -> bool:

@@ -19,7 +19,7 @@ log = logging.getLogger("imapd.imap")
 # RFC 5161 section 4 / RFC 7162 section 3.2.3: what ENABLE can turn on.
 # RFC 9051 section 2.1 / 6.3.1: ENABLE IMAP4rev2 switches a session that
 # also has IMAP4rev1 to rev2 rules (Session.rev2).
-ENABLEABLE = frozenset({"CONDSTORE", "QRESYNC", "IMAP4REV2"})
+ENABLEABLE = frozenset({"CONDSTORE", "QRESYNC", "IMAP4REV2", "UTF8=ACCEPT"})
 _SPELLING = {"IMAP4REV2": "IMAP4rev2"}
 
 

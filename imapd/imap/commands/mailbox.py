@@ -76,7 +76,7 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
         # accurate attributes is one of SELECT's required answers.
         tree = _Hierarchy(await s.mail.list_mailboxes(acct))
         attrs = " ".join(tree.attributes(box.name, "LIST"))
-        s.untagged(f'LIST ({attrs}) "{_DELIM}" '.encode() + encode.mailbox(box.name))
+        s.untagged(f'LIST ({attrs}) "{_DELIM}" '.encode() + encode.mailbox(box.name, s.utf8))
     s.selected_now(view, heard)
     s.state = State.SELECTED
     if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
@@ -307,7 +307,7 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
         if "SPECIAL-USE" in cmd.selection and (box is None or not box.special_use):
             continue
         line = f'{verb} ({" ".join(_attributes(tree, name, verb, subscribed))}) "{_DELIM}" '
-        data = line.encode() + encode.mailbox(name)
+        data = line.encode() + encode.mailbox(name, s.utf8)
         if verb == "LIST" and name in above:
             data += b' ("CHILDINFO" ("SUBSCRIBED"))'  # RFC 5258 section 3.5
         s.untagged(data)
@@ -363,7 +363,7 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
     if "HIGHESTMODSEQ" in items:
         s.use_condstore()  # RFC 7162 section 3.1: a CONDSTORE enabling command
     body = " ".join(f"{i} {values[i]}" for i in items)
-    s.untagged(b"STATUS " + encode.mailbox(box.name) + f" ({body})".encode())
+    s.untagged(b"STATUS " + encode.mailbox(box.name, s.utf8) + f" ({body})".encode())
 
 
 async def _deleted_counts(

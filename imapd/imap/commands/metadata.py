@@ -90,7 +90,7 @@ async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
             found.setdefault(name, value)
     if found:
         items = b" ".join(_entry(n) + b" " + _value(v) for n, v in found.items())
-        s.untagged(b"METADATA " + encode.mailbox(cmd.mailbox) + b" (" + items + b")")
+        s.untagged(b"METADATA " + encode.mailbox(cmd.mailbox, s.utf8) + b" (" + items + b")")
     if longest:
         return ok("GETMETADATA completed", f"METADATA LONGENTRIES {longest}")
     return ok("GETMETADATA completed")

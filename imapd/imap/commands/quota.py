@@ -50,7 +50,7 @@ async def handle_getquotaroot(s: Session, cmd: Quota) -> Reply:
     """RFC 9208 section 4.1.2: QUOTAROOT (section 4.2.2), then each root's QUOTA."""
     box = await s.mailbox_id_of(cmd.root)  # NO [NONEXISTENT] for an unknown mailbox
     storage = await _storage_resource(s)
-    line = b"QUOTAROOT " + encode.mailbox(box.name)
+    line = b"QUOTAROOT " + encode.mailbox(box.name, s.utf8)
     if storage is None:
         s.untagged(line)
         return ok("GETQUOTAROOT completed")

@@ -32,7 +32,11 @@ def string(value: str | bytes) -> bytes:
     """A quoted string when it is short 7-bit text, else a literal
     (RFC 3501 section 4.3: quoted strings cannot hold CR, LF or 8-bit)."""
     data = value.encode("utf-8") if isinstance(value, str) else value
-    if len(data) <= MAX_QUOTED and _NOT_QUOTABLE.search(data) is None:
+    return _quoted_or_literal(data, _NOT_QUOTABLE)
+
+
+def _quoted_or_literal(data: bytes, not_quotable: re.Pattern[bytes]) -> bytes:
+    if len(data) <= MAX_QUOTED and not_quotable.search(data) is None:
         if b"\\" in data or b'"' in data:
             data = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
         return b'"' + data + b'"'
@@ -43,9 +47,24 @@ def nstring(value: str | bytes | None) -> bytes:
     return NIL if value is None else string(value)
 
 
-def mailbox(name: str) -> bytes:
-    """A mailbox name in modified UTF-7 (RFC 3501 section 5.1.3)."""
-    return string(encode_mailbox(name))
+def mailbox(name: str, utf8: bool = False) -> bytes:
+    """A mailbox name in modified UTF-7 (RFC 3501 section 5.1.3), or once
+    the client enabled UTF8=ACCEPT as a UTF-8 quoted string (RFC 6855
+    section 3: no modified UTF-7 any more)."""
+    if not utf8:
+        return string(encode_mailbox(name))
+    return utf8_quoted(name)
+
+
+# RFC 6855 section 3: what a UTF-8 quoted string cannot hold (CR, LF and
+# other controls); UTF-8 itself it can.
+_NOT_UTF8_QUOTABLE = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def utf8_quoted(value: str) -> bytes:
+    """RFC 6855 section 3 quoted = DQUOTE *uQUOTED-CHAR DQUOTE, for a
+    client that enabled UTF8=ACCEPT; a literal when it cannot be one."""
+    return _quoted_or_literal(value.encode("utf-8"), _NOT_UTF8_QUOTABLE)
 
 
 def flags(values: Iterable[str]) -> bytes:

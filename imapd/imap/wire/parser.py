@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 
 from imapd.imap.wire import commands as c
@@ -104,14 +105,17 @@ class _Bad(Exception):
 class _Reader:
     """A cursor over the text segments and literals of one command."""
 
-    __slots__ = ("buf", "lits", "pos", "segs", "si")
+    __slots__ = ("buf", "lits", "pos", "segs", "si", "utf8")
 
-    def __init__(self, segments: Sequence[bytes], literals: Sequence[object]) -> None:
+    def __init__(
+        self, segments: Sequence[bytes], literals: Sequence[object], utf8: bool = False
+    ) -> None:
         self.segs = segments
         self.lits = literals
         self.si = 0
         self.buf = segments[0]
         self.pos = 0
+        self.utf8 = utf8  # the client enabled UTF8=ACCEPT (RFC 6855)
 
     # -- low level
     def peek(self) -> int:
@@ -212,16 +216,18 @@ class _Reader:
 
     def mailbox(self) -> str:
         raw = self.astring_bytes()
-        return _mailbox_name(raw)
+        return _utf8_mailbox_name(raw) if self.utf8 else _mailbox_name(raw)
 
     def list_mailbox(self) -> str:
         ch = self.peek()
         if ch in (0x22, 0x7B):
-            return _mailbox_name(self.string_bytes())
-        m = self.match(_LIST_ATOM)
-        if not m:
-            raise _Bad("Expected a mailbox pattern")
-        return _mailbox_name(m.group())
+            raw = self.string_bytes()
+        else:
+            m = self.match(_LIST_ATOM)
+            if not m:
+                raise _Bad("Expected a mailbox pattern")
+            raw = m.group()
+        return _utf8_mailbox_name(raw) if self.utf8 else _mailbox_name(raw)
 
     def paren_list(self, item: Callable[[], object]) -> list[object]:
         """ "(" [item *(SP item)] ")" """
@@ -265,6 +271,29 @@ def _mailbox_name(raw: bytes) -> str:
     except Utf7Error as exc:
         raise _Bad(f"Bad mailbox name: {exc}") from None
     # RFC 3501 section 5.1: INBOX is case-insensitive.
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if name[:6].upper() == "INBOX/":
+        return "INBOX" + name[5:]
+    return name
+
+
+# RFC 6855 section 3 (RFC 5198 section 2 Net-Unicode): no control
+# characters, no DEL, no line or paragraph separator in a mailbox name.
+_NOT_NET_UNICODE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _utf8_mailbox_name(raw: bytes) -> str:
+    """A mailbox name from a client that enabled UTF8=ACCEPT: UTF-8, not
+    modified UTF-7 ("&" is itself, RFC 6855 section 3), in Unicode
+    normalization form C (RFC 5198 section 2)."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Bad("Mailbox name is not UTF-8") from None
+    if _NOT_NET_UNICODE.search(name):
+        raise _Bad("Mailbox name has a control character")
+    name = unicodedata.normalize("NFC", name)
     if name.upper() == "INBOX":
         return "INBOX"
     if name[:6].upper() == "INBOX/":
@@ -541,8 +570,9 @@ def _p_append(r: _Reader, tag: str, name: str) -> c.Command:
 
 
 def _append_message(r: _Reader) -> tuple[tuple[str, ...], dt.datetime | None, object]:
-    """append-message = [SP flag-list] [SP date-time] SP (literal / literal8)
-    (RFC 3502 section 6.3.11, RFC 3516 section 4.4); starts after the SP."""
+    """append-message = [SP flag-list] [SP date-time] SP (literal / literal8
+    / "UTF8" SP "(" literal8 ")") (RFC 3502 section 6.3.11, RFC 3516
+    section 4.4, RFC 6855 section 4); starts after the SP."""
     flags: tuple[str, ...] = ()
     date = None
     if r.peek() == 0x28:
@@ -554,6 +584,20 @@ def _append_message(r: _Reader) -> tuple[tuple[str, ...], dt.datetime | None, ob
             raise _Bad("Invalid date-time")  # a quote never closed
         date = parse_date_time(m.group())
         r.sp()
+    if r.buf[r.pos : r.pos + 6].upper() == b"UTF8 (":
+        # RFC 6855 section 4: append-data =/ "UTF8" SP "(" literal8 ")",
+        # only once the client enabled UTF8=ACCEPT.
+        if not r.utf8:
+            raise _Bad("APPEND UTF8 needs ENABLE UTF8=ACCEPT first")
+        r.pos += 6
+        if r.peek() != 0x7E:
+            raise _Bad("APPEND UTF8 takes a literal8")
+        r.pos += 1
+        if r.peek() != 0x7B:
+            raise _Bad("Expected the message literal")
+        message = r.literal()
+        r.char(0x29, ")")
+        return flags, date, message
     if r.peek() == 0x7E:  # RFC 3516 section 4.4: "~{n}", a literal8 of binary content
         r.pos += 1
     if r.peek() != 0x7B:
@@ -1183,12 +1227,14 @@ COMMAND_NAMES = frozenset(_PARSERS)
 
 
 def parse_command(
-    segments: Sequence[bytes], literals: Sequence[object] = ()
+    segments: Sequence[bytes], literals: Sequence[object] = (), utf8: bool = False
 ) -> c.Command | c.ParseError:
-    """Parse one framed command. Never raises."""
+    """Parse one framed command. Never raises. ``utf8``: the client
+    enabled UTF8=ACCEPT (RFC 6855): mailbox names are UTF-8, and APPEND
+    takes its UTF8 (...) form."""
     if not segments:
         return c.ParseError("*", "Empty command")
-    r = _Reader(segments, literals)
+    r = _Reader(segments, literals, utf8)
     m = r.match(_TAG)
     if not m or r.peek() != 0x20:
         return c.ParseError("*", "Missing or invalid tag")
@@ -1209,7 +1255,7 @@ def parse_command(
         return c.ParseError(tag, f"Malformed command ({type(exc).__name__})")
 
 
-def parse_line(line: bytes) -> c.Command | c.ParseError:
+def parse_line(line: bytes, utf8: bool = False) -> c.Command | c.ParseError:
     """Convenience for tests: parse a command given as one buffer that may
     contain ``{n}\\r\\n`` literals inline (no CRLF at the end needed)."""
     segments: list[bytes] = []
@@ -1225,4 +1271,4 @@ def parse_line(line: bytes) -> c.Command | c.ParseError:
         size = int(m.group(1))
         literals.append(line[m.end() : m.end() + size])
         pos = m.end() + size
-    return parse_command(segments, literals)
+    return parse_command(segments, literals, utf8)

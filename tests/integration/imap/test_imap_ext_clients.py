@@ -110,3 +110,40 @@ async def test_imaplib_metadata(imap_env: ImapEnv) -> None:
     assert result["server_untagged"] == [b'"" (/shared/a "1" /shared/a/b "2")']
     assert "Invalid metadata entry name" in result["bad"]  # type: ignore[operator]
     assert result["after"] == "OK"
+
+
+def _utf8_session(port: int, ctx: ssl.SSLContext, name: str) -> dict[str, object]:
+    """imaplib's own UTF8=ACCEPT mode (``enable`` switches it to UTF-8
+    commands). Its APPEND in that mode sends "UTF8 (" inside the literal
+    (CPython's imaplib), so messages go in before enabling."""
+    out: dict[str, object] = {}
+    m = imaplib.IMAP4("127.0.0.1", port)
+    try:
+        m.starttls(ssl_context=ctx)
+        m.login(USER, PASSWORD)
+        out["enable"] = m.enable("UTF8=ACCEPT")
+        out["create"] = m.create(f'"{name}"')
+        out["list"] = m.list('""', f'"{name[:2]}*"')
+        out["status"] = m.status(f'"{name}"', "(MESSAGES UIDNEXT)")
+        out["select"] = m.select(f'"{name}"')
+        out["copy_back"] = m.select("INBOX")
+        out["copy"] = m.copy("1", f'"{name}"')
+        out["status_after"] = m.status(f'"{name}"', "(MESSAGES)")
+    finally:
+        m.logout()
+    return out
+
+
+async def test_imaplib_utf8_accept(imap_env: ImapEnv) -> None:
+    await imap_env.deliver(message("before"))
+    rng = random.Random()
+    name = "Привет " + "".join(rng.choice("éüß中日") for _ in range(rng.randint(1, 8)))
+    result = await asyncio.to_thread(_utf8_session, imap_env.port, imap_env.client_tls, name)
+    assert result["enable"] == ("OK", [b"ENABLE completed"])
+    assert result["create"][0] == "OK"  # type: ignore[index]
+    quoted = f'"{name}"'.encode()
+    assert result["list"] == ("OK", [b'(\\HasNoChildren) "/" ' + quoted])
+    assert result["status"] == ("OK", [quoted + b" (MESSAGES 0 UIDNEXT 1)"])
+    assert result["select"] == ("OK", [b"0"])
+    assert result["copy"][0] == "OK"  # type: ignore[index]
+    assert result["status_after"] == ("OK", [quoted + b" (MESSAGES 1)"])
