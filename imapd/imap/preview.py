@@ -4,8 +4,11 @@ Contract: :func:`preview_part` picks the part the preview is made of and
 :func:`preview_of` turns a prefix of that part's stored body into the
 preview. Together they do bounded work whatever the message: the part
 tree is walked at most :data:`MAX_PARTS` parts deep into it, at most
-:data:`READ_CAP` octets of the part are read and decoded, and every step
-(base64, quoted-printable, charset, HTML to text) is linear in those.
+:data:`PLAIN_CAP` octets of a text/plain part (:data:`HTML_CAP` of an
+HTML one) are read and decoded, and every step (base64, quoted-printable,
+charset, HTML to text) is linear in those. Plain text costs about a
+millisecond; HTML's tokenizer up to some 80 ms, so the FETCH handler runs
+it in the content pool (:func:`needs_pool`).
 
 Choices where RFC 8970 section 3.1 leaves them to the server:
 
@@ -29,9 +32,11 @@ from storage.text import _decode_transfer, _is_attachment, decode_charset, html_
 
 PREVIEW_CHARS = 200  # RFC 8970 section 3.1
 # Encoded octets of the part read at most. 200 characters of text take
-# some 1,100 octets in base64 of 4-byte UTF-8; HTML spends most of its
-# octets on markup, so the cap leaves it room, and bounds the work.
-READ_CAP = 32 * 1024
+# some 1,100 octets in base64 of 4-byte UTF-8 (8 KiB leaves room for
+# leading blank lines); HTML spends most of its octets on markup, so its
+# cap is larger. Both bound the work.
+PLAIN_CAP = 8 * 1024
+HTML_CAP = 32 * 1024
 MAX_PARTS = 256  # parts looked at for the first text part
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]+")
 
@@ -65,7 +70,7 @@ def preview_of(part: BodyPart, encoded: bytes, truncated: bool) -> str:
     if part.subtype == "html":
         text = html_to_text(text)
     # A one-line string: control characters and whitespace runs collapse
-    # (over at most READ_CAP characters: the decoded prefix is no longer).
+    # (over at most HTML_CAP characters: the decoded prefix is no longer).
     words = _CONTROL.sub(" ", text).split()
     return " ".join(words)[:PREVIEW_CHARS].rstrip()
 
@@ -73,5 +78,12 @@ def preview_of(part: BodyPart, encoded: bytes, truncated: bool) -> str:
 def read_range(part: BodyPart) -> tuple[int, int, bool]:
     """The blob range to read for ``part``'s preview: (start, end,
     truncated)."""
-    end = min(part.end, part.body_start + READ_CAP)
+    cap = HTML_CAP if part.subtype == "html" else PLAIN_CAP
+    end = min(part.end, part.body_start + cap)
     return part.body_start, end, end < part.end
+
+
+def needs_pool(part: BodyPart) -> bool:
+    """Whether :func:`preview_of` may take long enough (HTML: up to some
+    80 ms) to belong in the content pool rather than on the event loop."""
+    return part.subtype == "html"

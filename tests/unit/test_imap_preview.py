@@ -84,7 +84,7 @@ def test_first_text_part_skipping_attachments_and_enclosed_messages() -> None:
 
 
 def test_cut_inside_a_character_leaves_no_replacement_char() -> None:
-    text = "€" * (preview.READ_CAP // 3 + 50)  # 3 octets each: the cap splits one
+    text = "€" * (preview.PLAIN_CAP // 3 + 50)  # 3 octets each: the cap splits one
     got = _make(_mime("text/plain; charset=utf-8", text.encode()))
     assert got == "€" * 200
 
@@ -95,7 +95,7 @@ def test_control_characters_never_reach_the_client() -> None:
 
 
 def test_huge_base64_part_costs_what_a_small_one_does() -> None:
-    """Only READ_CAP octets are read and decoded: 8x the body, the same time."""
+    """Only PLAIN_CAP octets are read and decoded: 8x the body, the same time."""
     rng = random.Random()
 
     def raw_of(n: int) -> bytes:
@@ -109,7 +109,7 @@ def test_huge_base64_part_costs_what_a_small_one_does() -> None:
         part = preview.preview_part(body)
         assert part is not None
         start, end, truncated = preview.read_range(part)
-        assert truncated and end - start == preview.READ_CAP
+        assert truncated and end - start == preview.PLAIN_CAP
         preview.preview_of(part, raw[start:end], truncated)
 
     assert_linear(work, 2_000)
@@ -160,3 +160,20 @@ def test_hostile_shapes_stay_bounded() -> None:
     # Past MAX_PARTS parts the text is not looked for: the empty preview.
     assert _make(wide(preview.MAX_PARTS + 10)) == ""
     assert _make(wide(5)) == "late text"
+
+
+async def test_html_preview_runs_in_a_worker_process() -> None:
+    """What the FETCH handler hands the content pool for an HTML part
+    (``preview.needs_pool``) crosses to a spawned worker and back."""
+    from storage.contentpool import ContentPool
+
+    raw = _mime("text/html; charset=utf-8", b"<p>Gr\xc3\xbc\xc3\x9fe <i>from</i> a worker</p>")
+    part = preview.preview_part(parse_message(raw).body)
+    assert part is not None and preview.needs_pool(part)
+    start, end, truncated = preview.read_range(part)
+    pool = ContentPool(1, time_limit=30.0)
+    try:
+        got = await pool.run(preview.preview_of, part, raw[start:end], truncated)
+    finally:
+        pool.close()
+    assert got == "Grüße from a worker" == _make(raw)

@@ -18,7 +18,7 @@ from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Fetch, FetchAttribute, Section
-from storage.contentpool import ContentTimeout
+from storage.contentpool import ContentTimeout, content_pool
 from storage.mime import header_end as _header_end  # the parser's own header rule
 from storage.model import SEEN, BodyPart, MessageEntry, StoredMessage, StoreMode, UidSet
 
@@ -432,9 +432,10 @@ async def _fetch_one(
 
 
 async def _preview(blob: _Blob, body: BodyPart) -> str | None:
-    """A message's RFC 8970 preview from at most preview.READ_CAP octets
-    of its first text part; "" without one; None (NIL) if its blob
-    cannot be read."""
+    """A message's RFC 8970 preview from a capped prefix of its first text
+    part (see imapd.imap.preview); "" without one; None (NIL) if its blob
+    cannot be read or an HTML part's reduction ran past the content
+    pool's time limit (nstring: RFC 8970 section 6)."""
     part = preview.preview_part(body)
     if part is None:
         return ""
@@ -444,7 +445,12 @@ async def _preview(blob: _Blob, body: BodyPart) -> str | None:
     except Exception:
         log.exception("blob %s unreadable for PREVIEW", blob.key)
         return None
-    return preview.preview_of(part, encoded, truncated)
+    if not preview.needs_pool(part):
+        return preview.preview_of(part, encoded, truncated)
+    try:
+        return await content_pool().run(preview.preview_of, part, encoded, truncated)
+    except ContentTimeout:
+        return None
 
 
 def _decodable(items: list[StoredMessage | MessageEntry], atts: tuple[FetchAttribute, ...]) -> bool:
