@@ -257,6 +257,10 @@ class AuthSettings(Section):
     argon2_time_cost: int = Field(default=3, ge=1)  # passes
     argon2_memory_kib: int = Field(default=65536, ge=8)  # KiB; at least 8 per lane
     argon2_parallelism: int = Field(default=4, ge=1, le=255)  # lanes
+    # A successful login is remembered this long (keyed HMAC of account and password,
+    # dropped when the account's hash changes): the same password again costs no argon2
+    # run (storage/authcache.py). 0: every login is verified.
+    cache_ttl_seconds: float = Field(default=300.0, ge=0, le=86400)
 
     @model_validator(mode="after")
     def _argon2_memory_covers_lanes(self) -> AuthSettings:

@@ -29,7 +29,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storage.errors import StorageError
 from storage.model import (
@@ -54,6 +54,9 @@ from storage.model import (
 )
 from storage.search import Criteria
 from storage.sortrows import SortRow
+
+if TYPE_CHECKING:
+    from storage.authcache import AuthCache
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,14 @@ class Directory(Protocol):
         password: str,
         *,
         run_check: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+        cache: AuthCache | None = None,
     ) -> Account | None:
         """The account if ``password`` matches, else None (never raises for
         a wrong password or unknown login; takes the same time for both).
         TEMPORARY, never None, when the directory cannot be read.
-        ``run_check(fn)`` runs the CPU-heavy hash check ``fn`` (default: a thread)."""
+        ``run_check(fn)`` runs the CPU-heavy hash check ``fn`` (default: a thread).
+        ``cache`` (:mod:`storage.authcache`) may answer a right password
+        without the hash check, never a wrong one; the account is read anyway."""
 
     async def add_alias(self, source: str, target: str) -> Alias:
         """``source`` is an address or ``@domain`` (catch-all) on a local domain."""

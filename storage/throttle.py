@@ -13,6 +13,10 @@ IMAP, POP3, SMTP AUTH and HTTP of one process share it). It answers
 * ``ConnectionResetError`` when the client went away before its check ran
   (the check is skipped: nobody would read the answer).
 
+A successful check is remembered for ``[auth] cache_ttl_seconds``
+(:mod:`storage.authcache`): the same password for the same, unchanged
+account is then answered without argon2, after any throttle delay.
+
 Once a client address or a login name has recent failures, an attempt
 waits out the throttle delay first and only then has its password checked
 (success and failure alike), so a client with a short timeout learns
@@ -34,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from storage.authcache import AuthCache
 from storage.errors import ErrorKind, StorageError
 
 if TYPE_CHECKING:
@@ -264,9 +269,12 @@ class _Waiter:
 class LoginGate:
     """One process's login front door; see the module docstring."""
 
-    def __init__(self, throttle: AuthThrottle, pool: VerificationPool) -> None:
+    def __init__(
+        self, throttle: AuthThrottle, pool: VerificationPool, cache: AuthCache | None = None
+    ) -> None:
         self.throttle = throttle
         self.pool = pool
+        self.cache = cache  # successful checks of this process (storage/authcache.py)
 
     @staticmethod
     def keys(login: str, client: LoginClient) -> tuple[str, str]:
@@ -297,7 +305,11 @@ class LoginGate:
             await self._wait_out(started + delay)
             if client.gone():
                 raise ConnectionResetError("client went away")
-            account = await directory.authenticate(login, password, run_check=run_check)
+            # The cache is asked only now, after the delay: a hit (the right
+            # password, nothing else) is never answered sooner than a check.
+            account = await directory.authenticate(
+                login, password, run_check=run_check, cache=self.cache
+            )
             if account is None:
                 await self.throttle.failed(*keys)  # counted before the answer is sent
         if account is not None:
@@ -329,7 +341,8 @@ def login_gate(storage: Storage, auth: Any, redis: Any = None) -> LoginGate:
     (``mailctl serve`` shares it between them), so they share one gate:
     failures counted on IMAP slow POP3, SMTP and HTTP too. With ``redis``
     (the ``[redis]`` settings) naming a server, the counts are shared with
-    every instance of the site (:mod:`storage.shared`)."""
+    every instance of the site (:mod:`storage.shared`). ``auth.cache_ttl_seconds``
+    > 0 gives the gate an :class:`~storage.authcache.AuthCache` of that TTL."""
     from storage.shared import shared_state  # it builds on this module
 
     gate = _GATES.get(storage)
@@ -343,5 +356,7 @@ def login_gate(storage: Storage, auth: Any, redis: Any = None) -> LoginGate:
             slots=int(auth.verify_threads) or DEFAULT_VERIFY_SLOTS,
             per_ip=int(auth.verify_queue_per_ip),
         )
-        gate = _GATES[storage] = LoginGate(throttle, pool)
+        ttl = float(auth.cache_ttl_seconds)
+        cache = AuthCache(ttl) if ttl > 0 else None
+        gate = _GATES[storage] = LoginGate(throttle, pool, cache)
     return gate

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from storage import errors
 from storage.api import Route
+from storage.authcache import AuthCache
 from storage.model import Account, Alias, Domain
 from storage.sql.db import Database
 from storage.sql.mailstore import SqlMailStore
@@ -432,7 +433,12 @@ class SqlDirectory:
         self.shard_cache.pop(account.id, None)
 
     async def authenticate(
-        self, login: str, password: str, *, run_check: CheckRunner | None = None
+        self,
+        login: str,
+        password: str,
+        *,
+        run_check: CheckRunner | None = None,
+        cache: AuthCache | None = None,
     ) -> Account | None:
         """The account if ``password`` matches, else None. An unknown login
         costs one argon2 verification too, so timing tells nothing.
@@ -441,7 +447,13 @@ class SqlDirectory:
         outage is not a wrong password (clients would ask their user for a
         new one). ``run_check(fn)`` runs the argon2 call ``fn`` and returns
         its result (default: a worker thread); the login gate passes its
-        bounded pool (:class:`storage.throttle.VerificationPool`)."""
+        bounded pool (:class:`storage.throttle.VerificationPool`).
+
+        ``cache``: the account's row is read on every login, then a cache
+        hit (this exact password matched this very hash lately, see
+        :mod:`storage.authcache`) answers without argon2; a match is
+        remembered there. A wrong password, an unknown login and a changed
+        hash always pay a full verification."""
         run: CheckRunner = run_check or asyncio.to_thread
         try:
             account = await self.get_account(login)
@@ -450,6 +462,8 @@ class SqlDirectory:
                 raise
             await run(functools.partial(self._verify_unknown, password))
             return None
+        if cache is not None and cache.hit(account, password):
+            return account
         if not await run(functools.partial(self._verify, account.password_hash, password)):
             return None
         if self.hasher.check_needs_rehash(account.password_hash):
@@ -460,6 +474,8 @@ class SqlDirectory:
                 account = await self.get_account(account.address)
             except errors.StorageError as exc:  # the password was right: log in anyway
                 log.warning("rehashing the password of %s failed: %s", account.address, exc)
+        if cache is not None:
+            cache.remember(account, password)
         return account
 
     def _verify_unknown(self, password: str) -> bool:

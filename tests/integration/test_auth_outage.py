@@ -153,6 +153,33 @@ async def test_imap_login_answers_unavailable(
             server.close()
 
 
+async def test_imap_returning_login_answers_unavailable(
+    site: Site, tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    """A login the authentication cache holds (storage/authcache.py) still
+    reads the account: with the database gone it is UNAVAILABLE too."""
+    from imapd.imap.server import start_imap
+    from storage.throttle import login_gate
+
+    servers = await start_imap(site.settings, site.storage, tls_context)
+    port = servers[1].sockets[0].getsockname()[1]
+    cache = login_gate(site.storage, site.settings.auth).cache
+    assert cache is not None
+
+    def login() -> None:
+        with imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=client_tls_context) as imap:
+            imap.login(USER, PASSWORD)
+
+    try:
+        await in_thread(login)
+        await in_thread(login)
+        assert cache.hits == 1  # warm: the next one would not verify
+        await outage_drill(site, [login], lambda e: "[UNAVAILABLE]" in str(e))
+    finally:
+        for server in servers:
+            server.close()
+
+
 async def test_pop3_pass_answers_sys_temp(
     site: Site, tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
 ) -> None:

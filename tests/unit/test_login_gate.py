@@ -135,7 +135,7 @@ class FakeDirectory:
         now = dt.datetime.now(dt.UTC)
         self.account = Account(1, "alice@example.org", "hash", "default", None, now)
 
-    async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+    async def authenticate(self, login: str, password: str, *, run_check=None, cache=None):  # type: ignore[no-untyped-def]
         ok = await run_check(lambda: password == self.password)
         return self.account if ok else None
 
@@ -181,7 +181,7 @@ class CheckingDirectory(FakeDirectory):
         super().__init__(password)
         self.checks = 0
 
-    async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+    async def authenticate(self, login: str, password: str, *, run_check=None, cache=None):  # type: ignore[no-untyped-def]
         def check() -> bool:
             self.checks += 1
             return password == self.password
@@ -226,7 +226,7 @@ async def test_an_outage_is_neither_counted_nor_delayed() -> None:
     logins = gate(0.3)
 
     class Down:
-        async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+        async def authenticate(self, login: str, password: str, *, run_check=None, cache=None):  # type: ignore[no-untyped-def]
             raise StorageError(ErrorKind.TEMPORARY, "directory unavailable")
 
     client = LoginClient("192.0.2.30")
@@ -247,7 +247,7 @@ class SlowDirectory(FakeDirectory):
         self.reads = 0
         self.readable = asyncio.Event()
 
-    async def authenticate(self, login: str, password: str, *, run_check=None):  # type: ignore[no-untyped-def]
+    async def authenticate(self, login: str, password: str, *, run_check=None, cache=None):  # type: ignore[no-untyped-def]
         self.reads += 1
         await self.readable.wait()
         return await super().authenticate(login, password, run_check=run_check)
