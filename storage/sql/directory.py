@@ -39,6 +39,7 @@ from storage import errors
 from storage.api import Route
 from storage.authcache import AuthCache
 from storage.model import Account, Alias, Domain
+from storage.sodium_argon2 import SodiumPasswordHasher
 from storage.sql.db import Database
 from storage.sql.mailstore import SqlMailStore
 from storage.sql.schema import accounts, aliases, dkim_keys, domains, shared_secrets
@@ -90,8 +91,9 @@ def normalize_address(address: str) -> str:
 
 def password_hasher(auth: Any) -> PasswordHasher:
     """The argon2id hasher of the ``[auth]`` settings (``argon2_time_cost``,
-    ``argon2_memory_kib``, ``argon2_parallelism``)."""
-    return PasswordHasher(
+    ``argon2_memory_kib``, ``argon2_parallelism``); it verifies through
+    libsodium (:mod:`storage.sodium_argon2`)."""
+    return SodiumPasswordHasher(
         time_cost=auth.argon2_time_cost,
         memory_cost=auth.argon2_memory_kib,
         parallelism=auth.argon2_parallelism,

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import argon2
 import pydantic
 import pytest
 
 from conf.settings import Settings
 from storage.authcache import AuthCache
+from storage.sodium_argon2 import SodiumPasswordHasher
 from storage.throttle import LoginClient, LoginGate, login_gate
 from tests.conftest import make_settings
 from tests.integration.test_mailctl import mailctl, ok
@@ -39,7 +39,7 @@ def random_password(alphabet: str = UNICODE) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(secrets.randbelow(20) + 8))
 
 
-class CountingHasher(argon2.PasswordHasher):
+class CountingHasher(SodiumPasswordHasher):
     """The production hasher at a cheap cost, counting its verifications."""
 
     def __init__(self) -> None:
