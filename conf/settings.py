@@ -254,8 +254,9 @@ class AuthSettings(Section):
     verify_queue_per_ip: int = Field(default=8, ge=1)
     # argon2id cost of new password hashes (RFC 9106 section 4, its second recommended
     # option and argon2-cffi's default); an older hash is upgraded at its owner's next login.
-    argon2_time_cost: int = Field(default=3, ge=1)  # passes
-    argon2_memory_kib: int = Field(default=65536, ge=8)  # KiB; at least 8 per lane
+    # Upper bounds: beyond them one login would hold a verification thread for seconds.
+    argon2_time_cost: int = Field(default=3, ge=1, le=64)  # passes
+    argon2_memory_kib: int = Field(default=65536, ge=8, le=4 * 1024 * 1024)  # KiB; >= 8 per lane
     argon2_parallelism: int = Field(default=4, ge=1, le=255)  # lanes
     # A successful login is remembered this long (keyed HMAC of account and password,
     # dropped when the account's hash changes): the same password again costs no argon2
