@@ -56,6 +56,19 @@ def proc_cpu_seconds(pid: int, with_children: bool = True) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def hashed(scheme: str, password: str) -> str:
+    """``{SCHEME}hash`` of ``password`` as ``doveadm pw`` makes it (Dovecot's
+    default cost for the scheme: ARGON2ID is m=65536,t=3,p=1 in 2.3)."""
+    out = subprocess.run(
+        ["doveadm", "pw", "-s", scheme, "-p", password],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every live descendant of it."""
     parents: dict[int, list[int]] = {}
@@ -103,7 +116,7 @@ class DovecotPeer:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="dovecot-peer-"))
         self.port = port or free_port()
-        self.users: dict[str, str] = {}
+        self.users: dict[str, str] = {}  # login -> passwd-file password field
         self.proc: subprocess.Popen[bytes] | None = None
         self._counter = 0
         self.is_root = os.geteuid() == 0
@@ -129,11 +142,13 @@ class DovecotPeer:
     def maildir(self, user: str) -> Path:
         return self.root / "mail" / user
 
-    def add_user(self, user: str, password: str) -> None:
-        """A login (passwd-file, PLAIN scheme) with an empty Maildir INBOX."""
+    def add_user(self, user: str, password: str, scheme: str = "PLAIN") -> None:
+        """A login with an empty Maildir INBOX; its password is stored in the
+        passwd-file under ``scheme`` (PLAIN, or any ``doveadm pw -s`` scheme:
+        SHA512-CRYPT, ARGON2ID, ... at doveadm's default cost)."""
         if ":" in user or ":" in password or "\n" in user + password:
             raise ValueError("user and password may not hold ':' or newlines")
-        self.users[user] = password
+        self.users[user] = f"{{PLAIN}}{password}" if scheme == "PLAIN" else hashed(scheme, password)
         for sub in ("cur", "new", "tmp"):
             (self.maildir(user) / sub).mkdir(parents=True, exist_ok=True)
 
@@ -210,7 +225,7 @@ service stats {{
 """
 
     def _write_config(self) -> None:
-        users = "".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items())
+        users = "".join(f"{u}:{p}::::::\n" for u, p in self.users.items())
         (self.root / "users").write_text(users)
         (self.root / "users").chmod(0o644)
         self.conf_path.write_text(self.config_text())

@@ -35,6 +35,11 @@ churn          ``--churn-clients`` sessions on one account's INBOX of
                \\Deleted + EXPUNGE, APPEND while a view holds fewer than
                ``--churn-floor`` messages (``bench/imap_churn.py``); then
                its checker compares every session's view with storage
+login          connect, ``LOGIN``, ``LOGOUT``, again, per ``--clients``
+               client, each on its own account and loopback address
+               (run apart from the others: :func:`run_logins`; the
+               servers are shardmail with and without its authentication
+               cache, and one Dovecot per ``--dovecot-schemes``)
 =============  ==========================================================
 
 Reported per phase: commands/s, latency p50/p99, server CPU ms per
@@ -45,6 +50,8 @@ test run::
 
     python -m bench.imap_bench --compare-dovecot
     python -m bench.imap_bench --compare-dovecot --rounds 5 --phases store,mixed
+    python -m bench.imap_bench --phases login --clients 10 --seconds 20 --rounds 4 \
+        --compare-dovecot
 
 With ``--rounds N`` both servers run at once and each phase runs on one
 right after the other, N times, the order swapped each round; each round
@@ -108,6 +115,7 @@ MIXES: dict[str, dict[str, int]] = {
     "append": {"append": 1},
     "select": {"select": 1},
     "churn": CHURN_MIX,
+    "login": {"login": 1},
 }
 DEFAULT_PHASES = (
     "fetch_header", "fetch_body", "fetch_struct", "store", "search", "noop", "mixed", "append",
@@ -172,9 +180,11 @@ class ImapClient(asyncio.Protocol):
         self.n = 0
 
     @classmethod
-    async def connect(cls, port: int) -> ImapClient:
+    async def connect(cls, port: int, source: str | None = None) -> ImapClient:
+        """Connected, greeting read; from loopback address ``source`` if given."""
         loop = asyncio.get_running_loop()
-        _, client = await loop.create_connection(cls, "127.0.0.1", port)
+        local = (source, 0) if source else None
+        _, client = await loop.create_connection(cls, "127.0.0.1", port, local_addr=local)
         client.fut = loop.create_future()
         client._scan()
         status, _ = await client.fut
@@ -327,6 +337,47 @@ class BenchSession:
         return tallies
 
 
+class LoginSession:
+    """One client of the login phase: connect, ``LOGIN``, ``LOGOUT``, close,
+    over and over; each from a loopback address of its own, as distinct
+    clients would be (servers bound checks per client address)."""
+
+    def __init__(self, port: int, login: str, source: str) -> None:
+        self.port = port
+        self.login = login
+        self.source = source
+
+    async def once(self) -> bytes:
+        """One login and logout: the LOGIN's status."""
+        client = await ImapClient.connect(self.port, self.source)
+        try:
+            status, _ = await client.command(
+                b'LOGIN "%s" "%s"' % (self.login.encode(), PASSWORD.encode())
+            )
+        finally:
+            await client.close()  # LOGOUT, then the server closes (RFC 3501 6.1.3)
+        return status
+
+    async def drive(self, mix: dict[str, int], deadline: float) -> dict[str, Tally]:
+        tally = Tally()
+        clock = time.perf_counter
+        while clock() < deadline:
+            t0 = clock()
+            try:
+                status = await self.once()
+            except (OSError, RuntimeError):
+                status = b"closed"
+            tally.latencies.append(clock() - t0)
+            if status == b"OK":
+                tally.ok += 1
+            else:
+                tally.failed += 1
+        return {"login": tally}
+
+    async def close(self) -> None:
+        pass
+
+
 # -------------------------------------------------------------- measurement
 def machine_busy_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine from /proc/stat."""
@@ -369,7 +420,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def run_phase(
     server: str,
     phase: str,
-    sessions: Sequence[BenchSession | ChurnSession],
+    sessions: Sequence[BenchSession | ChurnSession | LoginSession],
     seconds: float,
     server_cpu: Callable[[], float],
     database_cpu: Callable[[], float] = lambda: 0.0,
@@ -761,6 +812,77 @@ async def run_interleaved(workdir: Path, args: argparse.Namespace) -> list[Phase
     return results
 
 
+async def add_accounts(data_dir: Path, logins: list[str], overrides: Sequence[str]) -> None:
+    """The accounts alone (no mail), hashed at the configured argon2 cost."""
+    from conf.settings import load_settings
+    from storage import open_storage, password_hasher
+
+    settings = load_settings(None, [f'server.data_dir="{data_dir}"', *overrides])
+    _mkdir(data_dir)
+    storage = await open_storage(settings.storage, password_hasher=password_hasher(settings.auth))
+    try:
+        await storage.directory.add_domain(DOMAIN)
+        for login in logins:
+            await storage.directory.add_account(login, PASSWORD)
+    finally:
+        await storage.close()
+
+
+async def run_logins(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+    """The login phase: ``--clients`` clients, each on an account and a
+    loopback address of its own, logging in and out for ``--seconds``.
+    shardmail twice over one data directory: "shardmail" with the
+    authentication cache (every account logged in once first: returning
+    users) and "shardmail-cold" with ``auth.cache_ttl_seconds=0`` (every
+    login verifies argon2); with ``--compare-dovecot`` one Dovecot per
+    ``--dovecot-schemes`` (its auth cache off, its default). ``--rounds``
+    rounds (at least one), the servers' order reversed every other round."""
+    logins = [f"login{n}@{DOMAIN}" for n in range(args.clients)]
+    sources = [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(args.clients)]
+    data_dir = workdir / "shardmail-login"
+    await add_accounts(data_dir, logins, args.overrides)
+    results: list[PhaseResult] = []
+    async with contextlib.AsyncExitStack() as stack:
+        servers: list[Server] = []
+        for name, extra in (("shardmail", []), ("shardmail-cold", ["auth.cache_ttl_seconds=0"])):
+            port = free_port()
+            procs = start_imapd(data_dir, port, args.log_level, 1, [*args.overrides, *extra])
+            stack.callback(lambda ps=procs: [stop_process(p) for p in ps])
+            servers.append(Server(name, port, lambda pid=procs[0].pid: proc_cpu_seconds(pid),
+                                  procs[0].pid))
+        if args.compare_dovecot:
+            os.chmod(workdir, 0o755)  # Dovecot's unprivileged processes must reach their files
+            for scheme in args.dovecot_schemes:
+                peer = DovecotPeer(workdir / f"dovecot-{scheme.lower()}")
+                stack.callback(peer.stop)
+                for login in logins:
+                    peer.add_user(login, PASSWORD, scheme)
+                peer.start()
+                servers.append(Server(f"dovecot-{scheme}", peer.port, peer.cpu_seconds))
+        pairs = list(zip(logins, sources, strict=True))
+        sessions = {srv.name: [LoginSession(srv.port, lg, src) for lg, src in pairs]
+                    for srv in servers}
+        for srv in servers:  # unmeasured: one login per account (shardmail's cache warms)
+            statuses = await asyncio.gather(*(s.once() for s in sessions[srv.name]))
+            if set(statuses) != {b"OK"}:
+                raise RuntimeError(f"{srv.name}: first logins answered {statuses}")
+        for n in range(max(1, args.rounds)):
+            print(f"# login round {n + 1}, loadavg {os.getloadavg()[0]:.2f}", flush=True)
+            for srv in servers if n % 2 == 0 else servers[::-1]:
+                r = await run_phase(srv.name, "login", sessions[srv.name], args.seconds,
+                                    srv.cpu_seconds)
+                print_result(r)
+                results.append(r)
+    print("\n# logins per second and server CPU ms per login, medians of the rounds")
+    for srv in servers:
+        mine = [r for r in results if r.server == srv.name]
+        print(f"{srv.name:<22} {statistics.median(r.per_second for r in mine):7.1f}/s  "
+              f"{statistics.median(r.server_cpu_ms_per_cmd for r in mine):7.2f} ms/login  "
+              f"p50 {statistics.median(r.p50_ms for r in mine):6.1f} ms  "
+              f"(rounds: {' '.join(f'{r.per_second:.1f}' for r in mine)})", flush=True)
+    return results
+
+
 def print_interleaved(results: list[PhaseResult], phases: Sequence[str]) -> None:
     """Per phase: each round's ratio (ours / Dovecot's commands per second,
     the two runs of one round), their median and range."""
@@ -837,11 +959,20 @@ async def main_async(args: argparse.Namespace) -> list[PhaseResult]:
         await storage_calls(args)
         return []
     workdir = Path(tempfile.mkdtemp(prefix="imap-bench-", dir=args.tmp))
-    print(f"# {args.clients} sessions ({args.layout} layout), {args.messages} x {args.size} "
-          f"octets per INBOX, {args.seconds:g} s per phase, one command at a time per session; "
-          f"{os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}", flush=True)
+    if args.phases == ["login"]:
+        print(f"# {args.clients} clients logging in and out, {args.seconds:g} s per run; "
+              f"{os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}", flush=True)
+    else:
+        print(f"# {args.clients} sessions ({args.layout} layout), {args.messages} x {args.size} "
+              f"octets per INBOX, {args.seconds:g} s per phase, one command at a time per "
+              f"session; {os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}", flush=True)
     results: list[PhaseResult] = []
     try:
+        if "login" in args.phases:
+            results += await run_logins(workdir, args)
+            args.phases = [p for p in args.phases if p != "login"]
+            if not args.phases:
+                return results
         if args.rounds:
             results = await run_interleaved(workdir, args)
             print_interleaved(results, args.phases)
@@ -887,6 +1018,9 @@ def main() -> None:
     parser.add_argument("--compare-dovecot", action="store_true",
                         help="then run the same phases against Dovecot on the same contents")
     parser.add_argument("--dovecot-only", action="store_true")
+    parser.add_argument("--dovecot-schemes", type=lambda s: s.split(","),
+                        default=["SHA512-CRYPT", "ARGON2ID"],
+                        help="login phase: one Dovecot per passdb scheme (doveadm pw -s)")
     parser.add_argument("--rounds", type=int, default=0,
                         help="with --compare-dovecot: run each phase on both servers, one "
                              "right after the other, this many times (order swapped each "
