@@ -65,6 +65,58 @@ class SpoolFile:
         self.path.unlink(missing_ok=True)
 
 
+class SpoolBuffer:
+    """Message text as it arrives: in memory up to ``spool_at`` octets (None:
+    no limit), then all of it in a :class:`SpoolFile` in ``spool_dir``.
+
+    :meth:`write` raises OSError when the disk fails (the caller then calls
+    :meth:`discard`); :meth:`discard` must be called on every path, and
+    :meth:`result` hands the text over: bytes, or the closed spool file,
+    which stays the buffer's until :meth:`discard`."""
+
+    __slots__ = ("_chunks", "_spool", "held", "spool_at", "spool_dir")
+
+    def __init__(self, spool_at: int | None, spool_dir: Path | None) -> None:
+        self.spool_at = spool_at
+        self.spool_dir = spool_dir
+        self.held = 0  # octets in memory
+        self._chunks: list[bytes] = []
+        self._spool: SpoolFile | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self._chunks and self._spool is None
+
+    def write(self, text: bytes) -> None:
+        if self._spool is not None:
+            self._spool.write(text)
+            return
+        self._chunks.append(text)
+        self.held += len(text)
+        if self.spool_at is not None and self.held > self.spool_at:
+            self._spool = SpoolFile(self.spool_dir or Path("."))
+            for chunk in self._chunks:
+                self._spool.write(chunk)
+            self._chunks = []
+            self.held = 0
+
+    def discard(self) -> None:
+        """Drop what is held: the chunks in memory and the spool file."""
+        self._chunks = []
+        self.held = 0
+        if self._spool is not None:
+            self._spool.remove()
+            self._spool = None
+
+    @property
+    def content(self) -> bytes:
+        """The text held in memory (all of it while nothing was spooled)."""
+        return b"".join(self._chunks)
+
+    def result(self) -> bytes | Path:
+        return self.content if self._spool is None else self._spool.close()
+
+
 @dataclass(frozen=True)
 class Spooled:
     """``prefix`` followed by the octets of ``path`` from ``offset`` on."""

@@ -26,7 +26,7 @@ import enum
 import re
 from pathlib import Path
 
-from delivery.spool import SpoolFile
+from delivery.spool import SpoolBuffer
 
 # A line of just "." with a bare CR or LF on either side: a lone "." line
 # ends the data only between CRLFs (RFC 5321 section 4.1.1.4); another
@@ -66,11 +66,9 @@ class DataReader:
 
     __slots__ = (
         "_at_line_start",
-        "_chunks",
         "_open",
-        "_spool",
         "_tail",
-        "held",
+        "_text",
         "max_line",
         "max_size",
         "normalize_bare",
@@ -97,25 +95,18 @@ class DataReader:
         self.spool_at = spool_at
         self.spool_dir = spool_dir
         self.size = 0
-        self.held = 0  # octets in memory
         self.verdict = DataVerdict.OK
-        self._chunks: list[bytes] = []
-        self._spool: SpoolFile | None = None
+        self._text = SpoolBuffer(spool_at, spool_dir)
         self._at_line_start = True
+
+    @property
+    def held(self) -> int:
+        """Octets held in memory."""
+        return self._text.held
 
     def _keep(self, text: bytes) -> None:
         try:
-            if self._spool is not None:
-                self._spool.write(text)
-                return
-            self._chunks.append(text)
-            self.held += len(text)
-            if self.spool_at is not None and self.held > self.spool_at:
-                self._spool = SpoolFile(self.spool_dir or Path("."))
-                for chunk in self._chunks:
-                    self._spool.write(chunk)
-                self._chunks = []
-                self.held = 0
+            self._text.write(text)
         except OSError:
             # A full or unwritable disk: read on to the end, then a 451.
             self.verdict = DataVerdict.SPOOL_FAILED
@@ -123,11 +114,7 @@ class DataReader:
 
     def discard(self) -> None:
         """Drop what is held: the chunks in memory and the spool file."""
-        self._chunks = []
-        self.held = 0
-        if self._spool is not None:
-            self._spool.remove()
-            self._spool = None
+        self._text.discard()
 
     def feed(self, line: bytes) -> bool:
         raw = line
@@ -163,7 +150,7 @@ class DataReader:
                 self.discard()
             else:
                 self._keep(line)
-        elif self._chunks or self._spool is not None:
+        elif not self._text.empty:
             self.discard()  # stop holding what will be refused
         return False
 
@@ -231,11 +218,9 @@ class DataReader:
     def content(self) -> bytes:
         """The message held in memory, valid only when ``verdict`` is OK and
         nothing was spooled."""
-        return b"".join(self._chunks)
+        return self._text.content
 
     def message(self) -> bytes | Path:
         """The message (``verdict`` OK): bytes, or the closed spool file,
         which stays the reader's until :meth:`discard`."""
-        if self._spool is None:
-            return self.content
-        return self._spool.close()
+        return self._text.result()

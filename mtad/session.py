@@ -63,6 +63,7 @@ from delivery.submit import (
 )
 from mtad import replies as R
 from mtad.checks import AuthenticationResults, authenticate_message
+from mtad.chunks import BdatSyntaxError, ChunkedMessage, ChunkVerdict, parse_bdat
 from mtad.data import HEADER_MAX, DataReader, DataVerdict
 from mtad.dns import Resolver
 from runtime.listen import LeaseHolder
@@ -77,6 +78,8 @@ log = logging.getLogger("mtad.smtp")
 
 # RFC 4954 section 4: an AUTH command line may be up to 12288 octets.
 AUTH_LINE_LIMIT = 12288
+# The most octets of a BDAT chunk read in one go.
+CHUNK_READ = 256 * 1024
 # How many rate-limit refusals a session gets before it is closed with 421.
 RATE_REFUSALS_BEFORE_CLOSE = 2
 
@@ -132,6 +135,13 @@ class Transaction(Envelope):
         self.mail_from: str | None = None  # type: ignore[assignment]
         self.routing = Routing.empty()
         self.size_hint = 0
+        self.body = "7BIT"  # MAIL FROM's BODY= (RFC 6152, RFC 3030 section 3)
+        self.chunks: ChunkedMessage | None = None  # BDAT's message so far (RFC 3030)
+
+    def discard(self) -> None:
+        """Drop what the transaction holds (a BDAT message's spool file)."""
+        if self.chunks is not None:
+            self.chunks.discard()
 
 
 class CommandLineEnding(Exception):
@@ -239,6 +249,14 @@ class SmtpSession(LeaseHolder, SMTP):
 
     def _create_envelope(self) -> Envelope:
         return Transaction()
+
+    def _set_post_data_state(self) -> None:
+        # Every end of a transaction (RSET, EHLO, end of message, STARTTLS's
+        # new session) comes here: the BDAT chunks held so far go with it.
+        envelope = getattr(self, "envelope", None)
+        if isinstance(envelope, Transaction):
+            envelope.discard()
+        super()._set_post_data_state()
 
     @property
     def state(self) -> SmtpSessionState:
@@ -363,6 +381,9 @@ class SmtpSession(LeaseHolder, SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._release()
+        envelope = getattr(self, "envelope", None)
+        if isinstance(envelope, Transaction):
+            envelope.discard()  # a client gone between BDAT chunks
         if self._timeout_handle is None:  # refused before the greeting
             self._timeout_handle = self.loop.call_later(0, lambda: None)
         super().connection_lost(error)
@@ -381,6 +402,8 @@ class SmtpSession(LeaseHolder, SMTP):
             "PIPELINING",  # RFC 2920
             f"SIZE {self.ctx.settings.server.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
+            "CHUNKING",  # RFC 3030 section 2
+            "BINARYMIME",  # RFC 3030 section 3
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
         ]
@@ -530,13 +553,19 @@ class SmtpSession(LeaseHolder, SMTP):
 
     # -- the transaction ---------------------------------------------------
 
-    async def _needs(self) -> bool:
-        """Common preconditions of MAIL/RCPT/DATA; True if a reply was sent."""
+    def _precondition(self) -> R.Reply | None:
+        """Common preconditions of MAIL/RCPT/DATA/BDAT: the refusal, or None."""
         if not self.state.host_name:
-            await self.reply(R.NEED_HELO)
-            return True
+            return R.NEED_HELO
         if self.mode is not Mode.MX and not self.state.authenticated:
-            await self.reply(R.AUTH_REQUIRED)
+            return R.AUTH_REQUIRED
+        return None
+
+    async def _needs(self) -> bool:
+        """:meth:`_precondition`, replied; True if a reply was sent."""
+        refusal = self._precondition()
+        if refusal is not None:
+            await self.reply(refusal)
             return True
         return False
 
@@ -592,8 +621,9 @@ class SmtpSession(LeaseHolder, SMTP):
             return
         params = dict(path.params)
         body = (params.pop("BODY", None) or "7BIT").upper()
-        if body not in ("7BIT", "8BITMIME"):  # RFC 6152 section 2
-            await self.reply(R.BAD_ARGUMENTS, "BODY must be 7BIT or 8BITMIME")
+        # RFC 6152 section 2, RFC 3030 section 3 (BINARYMIME).
+        if body not in ("7BIT", "8BITMIME", "BINARYMIME"):
+            await self.reply(R.BAD_ARGUMENTS, "BODY must be 7BIT, 8BITMIME or BINARYMIME")
             return
         smtputf8 = "SMTPUTF8" in params
         if smtputf8 and params.pop("SMTPUTF8") is not None:
@@ -630,6 +660,7 @@ class SmtpSession(LeaseHolder, SMTP):
         self._reset_timeout()  # a transaction is open: the RFC 5321 timer from now on
         self.txn.smtp_utf8 = smtputf8
         self.txn.mail_options = [f"BODY={body}"]
+        self.txn.body = body
         self.txn.size_hint = int(size) if size else 0
         await self.reply(R.SENDER_OK)
 
@@ -657,6 +688,11 @@ class SmtpSession(LeaseHolder, SMTP):
             )
             if self.mode is Mode.MX and not route.local_domain:
                 await self.reply(R.RELAY_DENIED)
+                return
+            if self.txn.body == "BINARYMIME" and (route.forward or not route.local_domain):
+                # RFC 3030 section 3: BINARYMIME goes on only to a next hop
+                # that offers it, and the outbound client sends DATA only.
+                await self.reply(R.BINARYMIME_NOT_RELAYED)
                 return
             for account in route.accounts:
                 await check_quota(self.ctx.storage, account, self.txn.size_hint)
@@ -704,6 +740,12 @@ class SmtpSession(LeaseHolder, SMTP):
             return
         if arg:
             await self.reply(R.BAD_ARGUMENTS, "Syntax: DATA")
+            return
+        if self.txn.chunks is not None:  # RFC 3030 section 2: no DATA after BDAT
+            await self.reply(R.BAD_SEQUENCE, "DATA not allowed after BDAT")
+            return
+        if self.txn.body == "BINARYMIME":  # RFC 3030 section 3
+            await self.reply(R.BAD_SEQUENCE, "BODY=BINARYMIME requires BDAT")
             return
         await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
         smtp = self.ctx.settings.smtp
@@ -773,8 +815,108 @@ class SmtpSession(LeaseHolder, SMTP):
         if data.verdict is DataVerdict.SPOOL_FAILED:
             log.warning("DATA spool in %s failed", data.spool_dir)
             return R.TEMP_FAILURE
-        content = await self._cleaned(data.message())
+        return await self._received(data.message())
+
+    async def _received(self, received: bytes | pathlib.Path) -> R.Reply:
+        """The reply to a whole message, by DATA or BDAT: cleaned, checked and
+        delivered (committed before a 250 is returned) or refused."""
+        content = await self._cleaned(received)
         return content if isinstance(content, R.Reply) else await self._accept(content)
+
+    # -- BDAT (RFC 3030) ----------------------------------------------------
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 section 2: read exactly chunk-size octets, then reply.
+        A chunk is read (or discarded) in full whatever the reply, so a
+        pipelining client stays in sync; only a size that cannot be read
+        (no digits, or over the message size limit on its own) ends the
+        session, since the chunk's end could then not be found."""
+        max_size = self.ctx.settings.server.max_message_size
+        try:
+            args = parse_bdat(arg)
+        except BdatSyntaxError as exc:
+            await self.reply(R.BAD_ARGUMENTS, f"{exc}; closing connection")
+            self._close_transport()
+            return
+        if args.size is None or args.size > max_size:
+            await self.reply(R.CHUNK_TOO_BIG)
+            self._close_transport()
+            return
+        refusal = self._bdat_refusal()
+        txn = self.txn
+        if refusal is None and txn.chunks is None:
+            smtp = self.ctx.settings.smtp
+            txn.chunks = ChunkedMessage(
+                max_size,
+                spool_at=smtp.spool_threshold,
+                spool_dir=self.ctx.settings.data_dir / "spool",
+            )
+        chunks = txn.chunks if refusal is None else None
+        if not await self._read_chunk(args.size, chunks):
+            return
+        if refusal is None and chunks is not None:
+            refusal = self._chunk_refusal(chunks)
+        if refusal is not None:
+            if args.last and chunks is not None:
+                self._set_post_data_state()  # the refused transaction ends here
+            await self.reply(refusal)
+            return
+        assert chunks is not None
+        if not args.last:
+            await self.reply(R.OK, f"{args.size} octets received")
+            return
+        try:
+            reply = await self._received(chunks.message())
+        finally:
+            self._set_post_data_state()
+        await self.reply(reply)
+
+    def _bdat_refusal(self) -> R.Reply | None:
+        """Why a BDAT chunk cannot be taken in this state (RFC 3030 section
+        2: 503 without a transaction), or None."""
+        refusal = self._precondition()
+        if refusal is not None:
+            return refusal
+        if self.txn.mail_from is None:
+            return R.NEED_MAIL
+        if not self.txn.rcpt_tos:
+            return R.NEED_RCPT
+        return None
+
+    def _chunk_refusal(self, chunks: ChunkedMessage) -> R.Reply | None:
+        if chunks.verdict is ChunkVerdict.TOO_BIG:
+            return R.MESSAGE_TOO_BIG
+        if chunks.verdict is ChunkVerdict.SPOOL_FAILED:
+            log.warning("BDAT spool in %s failed", chunks.spool_dir)
+            return R.TEMP_FAILURE
+        return None
+
+    async def _read_chunk(self, size: int, chunks: ChunkedMessage | None) -> bool:
+        """Read ``size`` octets into ``chunks`` (None: read and drop them),
+        a block at a time as they arrive; False if the connection was lost
+        first. The RFC 5321 section 4.5.3.2.5 data-block deadline applies
+        to each read."""
+        timeout = self.ctx.settings.smtp.data_timeout_seconds
+        self._reset_timeout(timeout)
+        read, clock = self._reader.read, self.loop.time
+        remaining = size
+        while remaining > 0:
+            if self.transport is None:
+                return False
+            block = await read(min(remaining, CHUNK_READ))
+            if not block:  # end of stream before the chunk's end
+                self._close_transport()
+                return False
+            self._deadline = clock() + timeout
+            remaining -= len(block)
+            if chunks is not None:
+                chunks.feed(block)
+        self._reset_timeout()
+        return self.transport is not None
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     async def _cleaned(self, received: bytes | pathlib.Path) -> Message | R.Reply:
         """The message without forged Authentication-Results of ours (RFC 8601

@@ -148,8 +148,11 @@ def _listening(address: str, port: int) -> bool:
         return False
 
 
-def start_postfix(domain: str, address: str, port: int, timeout: float = 30.0) -> PostfixPeer:
-    """Start Postfix receiving mail for ``domain`` on ``address:port``."""
+def start_postfix(
+    domain: str, address: str, port: int, timeout: float = 30.0, extra: str = ""
+) -> PostfixPeer:
+    """Start Postfix receiving mail for ``domain`` on ``address:port``;
+    ``extra`` main.cf lines are appended (a ``relayhost`` makes it a sender)."""
     base = Path(tempfile.mkdtemp(prefix="shardmail-postfix-"))
     os.chmod(base, 0o755)
     postfix_user = pwd.getpwnam("postfix")
@@ -166,6 +169,7 @@ def start_postfix(domain: str, address: str, port: int, timeout: float = 30.0) -
             uid=postfix_user.pw_uid,
             gid=postfix_user.pw_gid,
         )
+        + extra
     )
     (base / "etc" / "master.cf").write_text(MASTER_CF.format(listen=f"{address}:{port}"))
     peer = PostfixPeer(domain, address, port, base)
@@ -209,8 +213,8 @@ def stop_postfix(peer: PostfixPeer) -> None:
 
 
 @contextlib.contextmanager
-def postfix_peer(domain: str, address: str, port: int) -> Iterator[PostfixPeer]:
-    peer = start_postfix(domain, address, port)
+def postfix_peer(domain: str, address: str, port: int, extra: str = "") -> Iterator[PostfixPeer]:
+    peer = start_postfix(domain, address, port, extra=extra)
     try:
         yield peer
     finally:

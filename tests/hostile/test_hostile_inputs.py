@@ -190,6 +190,30 @@ def test_unfinished_large_data_phases_do_not_hold_memory(site: Site) -> None:
     _unfinished_uploads(site, start)
 
 
+def test_unfinished_large_bdat_chunks_do_not_hold_memory(site: Site) -> None:
+    """BDAT (RFC 3030) chunks are spooled as DATA is: sessions each sending
+    24 MB of one chunk of the largest size the server takes (25 MiB; a
+    larger chunk is refused at once, 552) and never finishing it."""
+    chunk_size = 25 * 1024 * 1024
+
+    def start() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", site.ports["mx"]), timeout=60)
+        reader = sock.makefile("rb")
+        reader.readline()
+        for line in (b"EHLO attacker.test", b"MAIL FROM:<m@attacker.test> BODY=BINARYMIME",
+                     f"RCPT TO:<{ALICE}>".encode()):
+            sock.sendall(line + b"\r\n")
+            reply = reader.readline()
+            while reply[3:4] == b"-":
+                reply = reader.readline()
+            assert reply[:1] == b"2", reply
+        sock.sendall(f"BDAT {chunk_size} LAST\r\n".encode())  # no reply before the chunk
+        return sock
+
+    _unfinished_uploads(site, start, size=24 * 1024 * 1024)
+    assert not _inbox_message_ids(site), "an unfinished BDAT message was stored"
+
+
 def test_unfinished_large_appends_do_not_hold_memory(site: Site) -> None:
     """IMAP APPEND literals were held whole in memory as DATA was: sessions
     each sending 24 MB of a literal of the largest size the server takes

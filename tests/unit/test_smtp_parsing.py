@@ -134,7 +134,7 @@ def test_data_size_limit_stops_buffering_but_reads_to_end() -> None:
     assert reader.verdict is DataVerdict.TOO_BIG
     assert reader.content == b""  # nothing held past the limit
     assert not feed(reader, b"z" * 60 + b"\r\n")
-    assert reader._chunks == []
+    assert reader.held == 0 and reader.content == b""
     assert feed(reader, b".\r\n")
 
 

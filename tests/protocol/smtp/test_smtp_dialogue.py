@@ -128,7 +128,7 @@ MX_TABLE = [
         [
             ("EHLO client.example", "250 "),
             ("MAIL FROM:<a@spf-pass.example> SIZE=999999999999", "552 5.3.4"),
-            ("MAIL FROM:<a@spf-pass.example> BODY=BINARYMIME", "501 5.5.4"),
+            ("MAIL FROM:<a@spf-pass.example> BODY=SIXBIT", "501 5.5.4"),
             ("MAIL FROM:<a@spf-pass.example> FOO=BAR", "555 5.5.4"),
             ("MAIL FROM:<ü@spf-pass.example>", "553 5.6.7"),
             ("MAIL FROM:<ü@spf-pass.example> SMTPUTF8", "250 2.1.0"),
@@ -215,7 +215,8 @@ async def test_ehlo_advertises_extensions(mta: Service) -> None:
     [reply] = await run(mta.port("mx"), [("EHLO client.example", "250 ")])
     lines = [line[4:] for line in reply.splitlines()]
     assert lines[0].startswith("mail.test")
-    for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"):
+    for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS",
+                "CHUNKING", "BINARYMIME"):
         assert ext in lines
     assert f"SIZE {25 * 1024 * 1024}" in lines  # server.max_message_size: 25 MiB (issue #21)
     assert not any(line.startswith("AUTH") for line in lines)  # not on the MX
