@@ -452,12 +452,17 @@ class OutboundQueue(Protocol):
         now: float | None = None,
         held_for: str | None = None,
         blob_keys: tuple[Collection[str] | None, Mapping[str, int]] | None = None,
+        dsn: Any = None,
+        recipient_dsn: Mapping[str, Any] | None = None,
     ) -> int:
         """Queues a stored blob for ``recipients`` (due at once); durable when
         it returns the entry id. INVALID with no recipients. ``blob_keys``:
         the blobs the entry names (None: unknown) and the newest deletion
         answered, by partition; ``BlobsBeingDeleted`` if garbage collection
-        is deleting one (``storage/blob/deleting.py``)."""
+        is deleting one (``storage/blob/deleting.py``). ``dsn`` and
+        ``recipient_dsn`` (by address): the RFC 3461 parameters
+        (``storage.sql.queue.DsnEnvelope``, ``DsnRecipient``) kept with
+        the entry for its notifications and the next hop."""
 
     async def get(self, queue_id: int) -> Any: ...
     async def list(self, *, include_done: bool = True) -> list[Any]: ...

@@ -49,6 +49,8 @@ from storage.errors import BlobsBeingDeleted, ErrorKind, StorageError
 from storage.sql.queue import (
     DEFAULT_EXPIRY,
     DEFAULT_PARTITION,
+    DsnEnvelope,
+    DsnRecipient,
     OutboundQueue,
     Outcome,
     PartitionStats,
@@ -154,13 +156,17 @@ class PartitionedQueue:
         now: float | None = None,
         held_for: str | None = None,
         blob_keys: tuple[Collection[str] | None, Mapping[str, int]] | None = None,
+        dsn: DsnEnvelope | None = None,
+        recipient_dsn: Mapping[str, DsnRecipient] | None = None,
     ) -> QueueRef:
         """Queues ``blob_key`` in one partition, the next in turn that is up;
         durable when it returns. INVALID with no recipients; TEMPORARY only
         when every partition failed. ``blob_keys``: as
         ``OutboundQueue.enqueue``'s; ``BlobsBeingDeleted`` is raised at once
-        (every partition would say the same)."""
+        (every partition would say the same). ``dsn``, ``recipient_dsn``: the
+        RFC 3461 parameters, as ``OutboundQueue.enqueue`` stores them."""
         rcpts = list(recipients)
+        extra = {k: v for k, v in (("dsn", dsn), ("recipient_dsn", recipient_dsn)) if v}
         last: StorageError | None = None
         turn = self._rotation(self._next_enqueue)
         for name in [n for n in turn if n not in self._closed] + sorted(self._closed):
@@ -168,7 +174,7 @@ class PartitionedQueue:
             answer = await self._ask(
                 name,
                 part.enqueue(sender, rcpts, blob_key, expires_in=expires_in, now=now)
-                if held_for is None and blob_keys is None
+                if held_for is None and blob_keys is None and not extra
                 else part.enqueue(
                     sender,
                     rcpts,
@@ -177,6 +183,7 @@ class PartitionedQueue:
                     now=now,
                     held_for=held_for,
                     blob_keys=blob_keys,
+                    **extra,
                 ),
             )
             if not isinstance(answer, StorageError):

@@ -101,12 +101,36 @@ def _number(queue_id: QueueRef | int) -> int:
 
 
 @dataclass(frozen=True)
+class DsnEnvelope:
+    """RFC 3461 MAIL parameters of a queued message, as the client sent
+    them (validated by the receiving session): ``ret`` "FULL" or "HDRS"
+    (section 4.3), ``envid`` the ENVID xtext (section 4.4); None: not given."""
+
+    ret: str | None = None
+    envid: str | None = None
+
+
+@dataclass(frozen=True)
+class DsnRecipient:
+    """RFC 3461 RCPT parameters of one queued recipient: ``notify`` "NEVER"
+    or a comma list of SUCCESS, FAILURE, DELAY (section 4.1), ``orcpt``
+    "addr-type;xtext" (section 4.2); None: not given."""
+
+    notify: str | None = None
+    orcpt: str | None = None
+
+
+NO_DSN = DsnRecipient()
+
+
+@dataclass(frozen=True)
 class QueuedRecipient:
     address: str
     status: str  # pending, delivered, deferred, failed
     last_reply: str | None
     feedback: str | None = None  # "hard" / "soft" once a DSN reported a bounce
     updated: dt.datetime | None = None
+    dsn: DsnRecipient = NO_DSN
 
     @property
     def retryable(self) -> bool:
@@ -129,6 +153,7 @@ class QueuedMessage:
     recipients: tuple[QueuedRecipient, ...]
     held: bool = False
     warned: bool = False  # a delay warning DSN was sent
+    dsn: DsnEnvelope = DsnEnvelope()
 
     @property
     def retryable(self) -> tuple[QueuedRecipient, ...]:
@@ -225,8 +250,12 @@ class OutboundQueue:
         now: float | None = None,
         held_for: str | None = None,
         blob_keys: tuple[Collection[str] | None, Mapping[str, int]] | None = None,
+        dsn: DsnEnvelope | None = None,
+        recipient_dsn: Mapping[str, DsnRecipient] | None = None,
     ) -> QueueRef:
         """Queues ``blob_key`` for ``recipients``; durable when it returns the id.
+        ``dsn`` and ``recipient_dsn`` (by address) are the RFC 3461
+        parameters stored with the entry and its recipients.
         Due at once, unless ``held_for`` (a reason, kept in ``error`` for
         ``mailctl queue``): then held, in the same transaction, so no worker
         can lease it first. INVALID with no recipients.
@@ -240,6 +269,8 @@ class OutboundQueue:
         if not rcpts:
             raise errors.invalid("no recipients")
         now = _now(now)
+        envelope = dsn or DsnEnvelope()
+        per_rcpt = recipient_dsn or {}
         async with self.db.write() as conn:
             result = await conn.execute(
                 insert(queue_messages).values(
@@ -255,6 +286,8 @@ class OutboundQueue:
                     error=held_for,
                     held=held_for is not None,
                     warned=False,
+                    dsn_ret=envelope.ret,
+                    dsn_envid=envelope.envid,
                 )
             )
             queue_id = int(result.inserted_primary_key[0])
@@ -267,6 +300,8 @@ class OutboundQueue:
                         "status": PENDING,
                         "last_reply": None,
                         "updated": now,
+                        "dsn_notify": per_rcpt.get(a, NO_DSN).notify,
+                        "dsn_orcpt": per_rcpt.get(a, NO_DSN).orcpt,
                     }
                     for a in rcpts
                 ],
@@ -621,7 +656,14 @@ class OutboundQueue:
         by_msg: dict[int, list[QueuedRecipient]] = {}
         for r in rcpts:
             by_msg.setdefault(r.queue_id, []).append(
-                QueuedRecipient(r.address, r.status, r.last_reply, r.feedback, _when(r.updated))
+                QueuedRecipient(
+                    r.address,
+                    r.status,
+                    r.last_reply,
+                    r.feedback,
+                    _when(r.updated),
+                    DsnRecipient(r.dsn_notify, r.dsn_orcpt),
+                )
             )
         return [
             QueuedMessage(
@@ -639,6 +681,7 @@ class OutboundQueue:
                 recipients=tuple(by_msg.get(m.id, ())),
                 held=bool(m.held),
                 warned=bool(m.warned),
+                dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid),
             )
             for m in msgs
         ]

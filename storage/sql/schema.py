@@ -322,6 +322,9 @@ queue_messages = Table(
     # v4 (outbound queue workers): see _v4_outbound_queue.
     Column("held", Boolean, nullable=False, server_default=false()),
     Column("warned", Boolean, nullable=False, server_default=false()),  # delay DSN sent
+    # v28 (RFC 3461 section 4.3, 4.4): MAIL's RET (FULL, HDRS) and ENVID (xtext as sent).
+    Column("dsn_ret", String(4), nullable=True),
+    Column("dsn_envid", String(100), nullable=True),
     sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
@@ -336,6 +339,10 @@ queue_recipients = Table(
     # v4: when the status last changed, and a later DSN's verdict (hard, soft).
     Column("updated", Float, nullable=True),
     Column("feedback", String(16), nullable=True),
+    # v28 (RFC 3461 section 4.1, 4.2): RCPT's NOTIFY ("NEVER" or a comma list
+    # of SUCCESS, FAILURE, DELAY) and ORCPT (addr-type;xtext as sent).
+    Column("dsn_notify", String(32), nullable=True),
+    Column("dsn_orcpt", String(500), nullable=True),
     sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
@@ -1055,6 +1062,14 @@ async def _v29_metadata(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: metadata_entries.create(sync, checkfirst=True))
 
 
+async def _v30_queue_dsn(conn: AsyncConnection) -> None:
+    """RFC 3461 DSN parameters carried with each queued message (RET, ENVID)
+    and recipient (NOTIFY, ORCPT), issue #23: nullable columns added, no
+    row rewritten (NULL: the parameter was not given)."""
+    await _add_missing_columns(conn, queue_messages, ("dsn_ret", "dsn_envid"))
+    await _add_missing_columns(conn, queue_recipients, ("dsn_notify", "dsn_orcpt"))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1085,6 +1100,7 @@ MIGRATIONS: list[Step] = [
     _v27_queue_held_senders,
     _v28_save_dates,
     _v29_metadata,
+    _v30_queue_dsn,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

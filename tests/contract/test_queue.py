@@ -38,6 +38,38 @@ async def test_enqueue_and_list(storage: SqlStorage, database_url: str, tmp_path
     assert err.value.kind is ErrorKind.INVALID
 
 
+async def test_dsn_parameters_kept_per_entry_and_recipient(
+    storage: SqlStorage, database_url: str, tmp_path
+) -> None:
+    """RFC 3461's RET and ENVID with the entry, NOTIFY and ORCPT with each
+    recipient, as given (xtext undecoded), at their longest (ENVID 100,
+    ORCPT 500 characters); what was not given reads back as None."""
+    from storage.sql.queue import DsnEnvelope, DsnRecipient
+
+    key = await storage.blobs.put(b"Subject: dsn\r\n\r\nbody\r\n")
+    envelope = DsnEnvelope("HDRS", "Q" * 97 + "+2B")
+    per_rcpt = {
+        "a@remote.test": DsnRecipient("SUCCESS,FAILURE,DELAY", "rfc822;" + "x" * 493),
+        "b@remote.test": DsnRecipient("NEVER", None),
+    }
+    rcpts = [*per_rcpt, "c@remote.test"]
+    qid = await storage.queue.enqueue(
+        "bob@example.org", rcpts, key, dsn=envelope, recipient_dsn=per_rcpt
+    )
+    plain = await storage.queue.enqueue("bob@example.org", ["d@remote.test"], key)
+    other = await open_storage_from_url(database_url, tmp_path / "blobs")
+    try:
+        entry, without = await other.queue.get(qid), await other.queue.get(plain)
+    finally:
+        await other.close()
+    assert entry.dsn == envelope
+    assert {r.address: r.dsn for r in entry.recipients} == {
+        **per_rcpt,
+        "c@remote.test": DsnRecipient(None, None),
+    }
+    assert without.dsn == DsnEnvelope() and without.recipients[0].dsn == DsnRecipient()
+
+
 # --- leasing, outcomes, admin operations (the workers' side) ----------------
 
 NOW = 1_800_000_000.0

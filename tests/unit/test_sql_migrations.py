@@ -144,6 +144,16 @@ async def test_v8_keeps_every_row_and_makes_ids_autoincrement(
             for name in before} == before
     assert objects <= _schema_objects(path)  # indexes and triggers too
     conn = sqlite3.connect(path)
+    try:  # v30: the RFC 3461 DSN parameters of the queue
+        columns = {
+            table: {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for table in ("queue_messages", "queue_recipients")
+        }
+    finally:
+        conn.close()
+    assert {"dsn_ret", "dsn_envid"} <= columns["queue_messages"]
+    assert {"dsn_notify", "dsn_orcpt"} <= columns["queue_recipients"]
+    conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
