@@ -34,6 +34,7 @@ from storage.blob import deleting
 from storage.errors import HTTP_STATUS, SMTP_REPLY, BlobsBeingDeleted, ErrorKind, StorageError
 from storage.ingest import RESTORE_ATTEMPTS, Delivery, ingest_each
 from storage.model import SEEN, Account, AppendResult
+from storage.sql.queue import DsnEnvelope, DsnRecipient
 
 log = logging.getLogger("delivery.submit")
 
@@ -157,6 +158,8 @@ async def deliver(
     mailbox: str = "INBOX",
     held_for: str | None = None,
     filing: Mapping[int, tuple[str, bytes]] | None = None,
+    dsn: DsnEnvelope | None = None,
+    recipient_dsn: Mapping[str, DsnRecipient] | None = None,
 ) -> tuple[dict[str, AppendResult], str | None]:
     """Deliver ``message`` (with trace fields already prepended) to the local
     accounts (Return-Path prepended, one blob for all) and queue it for the
@@ -169,6 +172,9 @@ async def deliver(
     and its own policy's, delivery/acctpolicy.py), put above the trace
     fields of that copy alone, instead of ``mailbox`` and none; accounts
     filed alike share one blob.
+
+    ``dsn`` and ``recipient_dsn`` (by remote address): the RFC 3461
+    parameters queued with the remote recipients.
     """
     delivered: dict[str, AppendResult] = {}
     accounts = list(routing.local.values())
@@ -210,7 +216,15 @@ async def deliver(
     if routing.remote:
         try:
             async with materialised(message) as source:
-                blob_key = await _queue(storage, mail_from, list(routing.remote), source, held_for)
+                blob_key = await _queue(
+                    storage,
+                    mail_from,
+                    list(routing.remote),
+                    source,
+                    held_for,
+                    dsn,
+                    {a: d for a, d in (recipient_dsn or {}).items() if a in routing.remote},
+                )
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
         MESSAGES_QUEUED.inc(len(routing.remote))
@@ -223,6 +237,8 @@ async def _queue(
     recipients: list[str],
     source: bytes | Path,
     held_for: str | None,
+    dsn: DsnEnvelope | None = None,
+    recipient_dsn: Mapping[str, DsnRecipient] | None = None,
 ) -> str:
     """Stores the message in the site's blob store, then queues it; returns
     its key. If garbage collection is deleting one of its blobs (or did
@@ -236,8 +252,9 @@ async def _queue(
         parts = parts_of(key) if parts_of is not None else frozenset()
         named = None if parts is None else {key, *parts}
         try:
+            dsn_args = {"dsn": dsn, "recipient_dsn": recipient_dsn} if dsn or recipient_dsn else {}
             await storage.queue.enqueue(
-                sender, recipients, key, held_for=held_for, blob_keys=(named, answered)
+                sender, recipients, key, held_for=held_for, blob_keys=(named, answered), **dsn_args
             )
             return key
         except BlobsBeingDeleted as err:

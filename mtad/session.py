@@ -40,6 +40,7 @@ from delivery import spamengine
 from delivery.acctpolicy import account_filings, senders, with_engine
 from delivery.address import Path, PathSyntaxError, parse_path
 from delivery.checks import ACCEPT, Action, CheckStage, Flow, Subject, Verdict
+from delivery.dsnparams import DsnParamError, mail_dsn, rcpt_dsn, wants
 from delivery.headers import (
     from_addresses,
     new_queue_id,
@@ -72,6 +73,7 @@ from storage.api import Storage
 from storage.errors import SMTP_REPLY, ErrorKind, StorageError
 from storage.model import Account
 from storage.shared import RateLimit
+from storage.sql.queue import DsnEnvelope, DsnRecipient
 from storage.throttle import LoginClient, LoginGate, login_gate
 
 log = logging.getLogger("mtad.smtp")
@@ -137,6 +139,12 @@ class Transaction(Envelope):
         self.size_hint = 0
         self.body = "7BIT"  # MAIL FROM's BODY= (RFC 6152, RFC 3030 section 3)
         self.chunks: ChunkedMessage | None = None  # BDAT's message so far (RFC 3030)
+        self.dsn = DsnEnvelope()  # MAIL's RET and ENVID (RFC 3461 sections 4.3, 4.4)
+        # RCPT's NOTIFY and ORCPT (RFC 3461 sections 4.1, 4.2): by remote
+        # address, for the queue; and the recipients delivered here that
+        # asked for a success notice (RFC 3461 section 5.2.3).
+        self.rcpt_dsn: dict[str, DsnRecipient] = {}
+        self.success_notices: list[tuple[str, DsnRecipient]] = []
 
     def discard(self) -> None:
         """Drop what the transaction holds (a BDAT message's spool file)."""
@@ -232,6 +240,10 @@ class SmtpSession(LeaseHolder, SMTP):
         self.command_size_limits = defaultdict(lambda: smtp.max_command_line_length)
         # RFC 1870 section 3 / RFC 6531 section 3.4: SIZE and SMTPUTF8 lengthen MAIL.
         self.command_size_limits["MAIL"] += 26 + 10
+        # RFC 3461 section 4: " RET=HDRS ENVID=" and a 100-character ENVID;
+        # " NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=" and a 500-character ORCPT.
+        self.command_size_limits["MAIL"] += 16 + 100
+        self.command_size_limits["RCPT"] += 36 + 500
         self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT
 
     # -- plumbing ---------------------------------------------------------
@@ -406,6 +418,7 @@ class SmtpSession(LeaseHolder, SMTP):
             "BINARYMIME",  # RFC 3030 section 3
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
+            "DSN",  # RFC 3461 section 3
         ]
         if self.tls_context is not None and not self.is_tls:
             lines.append("STARTTLS")  # RFC 3207
@@ -631,6 +644,11 @@ class SmtpSession(LeaseHolder, SMTP):
             return
         size = params.pop("SIZE", None)
         params.pop("AUTH", None)  # RFC 4954 section 5: accepted, not trusted
+        try:
+            dsn = mail_dsn(params)
+        except DsnParamError as exc:
+            await self.reply(R.BAD_ARGUMENTS, str(exc))
+            return
         if params:
             await self.reply(R.PARAM_UNKNOWN)
             return
@@ -661,6 +679,7 @@ class SmtpSession(LeaseHolder, SMTP):
         self.txn.smtp_utf8 = smtputf8
         self.txn.mail_options = [f"BODY={body}"]
         self.txn.body = body
+        self.txn.dsn = dsn
         self.txn.size_hint = int(size) if size else 0
         await self.reply(R.SENDER_OK)
 
@@ -673,7 +692,13 @@ class SmtpSession(LeaseHolder, SMTP):
         path = await self._parse("TO:", arg, allow_null=False)
         if path is None:
             return
-        if path.params:  # no DSN (RFC 3461) offered
+        params = dict(path.params)
+        try:
+            dsn = rcpt_dsn(params)
+        except DsnParamError as exc:
+            await self.reply(R.BAD_ARGUMENTS, str(exc))
+            return
+        if params:
             await self.reply(R.PARAM_UNKNOWN)
             return
         if not path.is_ascii and not self.txn.smtp_utf8:
@@ -707,6 +732,11 @@ class SmtpSession(LeaseHolder, SMTP):
             return
         self.txn.routing.add(route, path.address)
         self.txn.rcpt_tos.append(path.address)
+        # RFC 3461 section 5.2.7: an alias's targets keep the RCPT's parameters.
+        for target in route.forward if route.local_domain else (path.address,):
+            self.txn.rcpt_dsn.setdefault(target, dsn)
+        if route.accounts and wants(dsn, "SUCCESS", default=False):
+            self.txn.success_notices.append((path.address, dsn))
         await self.reply(R.RECIPIENT_OK)
 
     async def _unknown_recipient(self) -> None:
@@ -1010,6 +1040,8 @@ class SmtpSession(LeaseHolder, SMTP):
                 mailbox=mailbox,
                 held_for=held_for,
                 filing=await self._filings(content, mail_from, checked, dmarc_junk, engine),
+                dsn=txn.dsn,
+                recipient_dsn=txn.rcpt_dsn,
             )
             if (
                 self.mode is not Mode.MX
@@ -1038,6 +1070,8 @@ class SmtpSession(LeaseHolder, SMTP):
             len(txn.routing.remote),
             message_size(message),
         )
+        if txn.success_notices and mail_from:
+            await self._delivered_notice(queue_id, mail_from, content)
         # An RFC 3464 report is small; a spooled message is not one to parse.
         if self.mode is Mode.MX and not mail_from and delivered and isinstance(content, bytes):
             await self._process_bounce(queue_id, content)
@@ -1149,6 +1183,26 @@ class SmtpSession(LeaseHolder, SMTP):
         if self.ctx.settings.smtp.dkim_verify:
             return await asyncio.to_thread(content.read_all)
         return content.prefix
+
+    async def _delivered_notice(self, queue_id: str, mail_from: str, content: Message) -> None:
+        """RFC 3461 section 5.2.3: a "delivered" DSN to the sender for each
+        recipient delivered here whose NOTIFY has SUCCESS, with the
+        message's header only (RET applies to failures alone, section 4.3).
+        The message is already committed: a failure here is logged."""
+        from mtad.outbound.notices import send_delivered
+
+        header = content.prefix if isinstance(content, Spooled) else content
+        try:
+            await send_delivered(
+                self.ctx.storage,
+                self.ctx.settings.server.hostname,
+                mail_from,
+                self.txn.dsn,
+                self.txn.success_notices,
+                header,
+            )
+        except StorageError as err:
+            log.warning("%s: delivered notice not sent: %s", queue_id, err)
 
     async def _process_bounce(self, queue_id: str, content: bytes) -> None:
         """A null-sender message on the MX port may be an RFC 3464 report about

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; be lenient.
@@ -218,13 +218,18 @@ class SmtpClient:
         recipients: Sequence[str],
         message: bytes,
         mail_params: Sequence[str] = (),
+        rcpt_params: Mapping[str, Sequence[str]] | None = None,
     ) -> TransactionResult:
         """MAIL, RCPT for each recipient, DATA: pipelined when the server
         offers PIPELINING (RFC 2920 section 3.1: MAIL, RCPTs and DATA in one
-        batch, replies read in order), one by one otherwise."""
+        batch, replies read in order), one by one otherwise. ``rcpt_params``:
+        each recipient's RCPT parameters (RFC 3461 NOTIFY, ORCPT)."""
         params = "".join(f" {p}" for p in mail_params)
         mail_line = f"MAIL FROM:<{sender}>{params}\r\n".encode()
-        rcpt_lines = [f"RCPT TO:<{r}>\r\n".encode() for r in recipients]
+        rcpt_lines = [
+            f"RCPT TO:<{r}>{''.join(f' {p}' for p in (rcpt_params or {}).get(r, ()))}\r\n".encode()
+            for r in recipients
+        ]
         rcpt: dict[str, Reply] = {}
         if "PIPELINING" in self.extensions:
             await self.send(mail_line + b"".join(rcpt_lines) + b"DATA\r\n")

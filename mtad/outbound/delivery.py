@@ -6,21 +6,23 @@ recipient: ``delivered`` (the remote accepted responsibility, 2yz after the
 final dot), ``deferred`` (try again later) or ``failed`` (permanent: bounce).
 It walks the MX hosts in order and moves on to the next host (and the next
 address of a host) on a connection failure or a 4yz reply, carrying only
-the recipients still undecided (RFC 5321 section 5.1).
+the recipients still undecided (RFC 5321 section 5.1). RFC 3461 DSN
+parameters go on to a host that offers DSN, unchanged (section 5.2.1);
+``RecipientResult.dsn_passed`` tells whether they did.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from conf.settings import QueueSettings
 from mtad.dns import DnsTemporaryError, Resolver
 from mtad.outbound.client import ConnectionLost, Reply, SmtpClient, TlsFailed
 from mtad.outbound.mx import MailHost, NoRoute, NullMx, mail_exchangers
-from storage.sql.queue import DEFERRED, DELIVERED, FAILED
+from storage.sql.queue import DEFERRED, DELIVERED, FAILED, NO_DSN, DsnEnvelope, DsnRecipient
 
 log = logging.getLogger("mtad.outbound")
 
@@ -30,10 +32,37 @@ MAX_RCPTS_PER_TRANSACTION = 100
 
 
 @dataclass(frozen=True)
+class DsnRequest:
+    """The RFC 3461 parameters of one delivery: MAIL's (``envelope``) and
+    each recipient's (``recipients``, by address)."""
+
+    envelope: DsnEnvelope
+    recipients: Mapping[str, DsnRecipient]
+
+    def mail_params(self) -> list[str]:
+        """RET and ENVID as the client gave them (RFC 3461 sections 4.3, 4.4)."""
+        env = self.envelope
+        return [p for p in (env.ret and f"RET={env.ret}", env.envid and f"ENVID={env.envid}") if p]
+
+    def rcpt_params(self, address: str) -> list[str]:
+        """NOTIFY and ORCPT as the client gave them (sections 4.1, 4.2)."""
+        dsn = self.recipients.get(address, NO_DSN)
+        return [
+            p
+            for p in (dsn.notify and f"NOTIFY={dsn.notify}", dsn.orcpt and f"ORCPT={dsn.orcpt}")
+            if p
+        ]
+
+
+NO_REQUEST = DsnRequest(DsnEnvelope(), {})
+
+
+@dataclass(frozen=True)
 class RecipientResult:
     status: str  # delivered, deferred, failed
     reply: Reply
     remote_mta: str | None = None
+    dsn_passed: bool = False  # the host offered DSN and got the RFC 3461 parameters
 
     @property
     def text(self) -> str:
@@ -100,9 +129,15 @@ class Destination:
 
 
 async def deliver_domain(
-    dest: Destination, domain: str, sender: str, recipients: Sequence[str], message: bytes
+    dest: Destination,
+    domain: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    dsn: DsnRequest = NO_REQUEST,
 ) -> dict[str, RecipientResult]:
-    """Deliver ``message`` to ``recipients`` (all at ``domain``)."""
+    """Deliver ``message`` to ``recipients`` (all at ``domain``), with the
+    DSN parameters of ``dsn`` where the host takes them."""
     try:
         hosts = await mail_exchangers(dest.resolver, domain)
     except NullMx:
@@ -125,7 +160,9 @@ async def deliver_domain(
             break
         for address in host.addresses:
             try:
-                outcome = await _deliver_host(dest, domain, host, address, sender, pending, message)
+                outcome = await _deliver_host(
+                    dest, domain, host, address, sender, pending, message, dsn
+                )
             except HostFailure as exc:
                 log.info("%s [%s]: %s", host.name, address, exc.reply)
                 failure = exc.reply
@@ -151,6 +188,7 @@ async def _deliver_host(
     sender: str,
     recipients: Sequence[str],
     message: bytes,
+    dsn: DsnRequest,
     *,
     plaintext: bool = False,
 ) -> dict[str, RecipientResult]:
@@ -189,7 +227,7 @@ async def _deliver_host(
                 client.abort()
                 log.info("%s: TLS handshake failed, retrying in plaintext", host.name)
                 return await _deliver_host(
-                    dest, domain, host, address, sender, recipients, message, plaintext=True
+                    dest, domain, host, address, sender, recipients, message, dsn, plaintext=True
                 )
             if reply.code == 220:
                 reply = await client.ehlo(dest.helo_name)
@@ -199,7 +237,7 @@ async def _deliver_host(
                 raise HostFailure(reply)
         if required and not client.tls:
             raise HostFailure(local_reply(451, "4.7.4", f"{host.name}: TLS required, not offered"))
-        return await _send(client, host, sender, recipients, message)
+        return await _send(client, host, sender, recipients, message, dsn)
     except ConnectionLost as exc:
         raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
     finally:
@@ -207,7 +245,12 @@ async def _deliver_host(
 
 
 async def _send(
-    client: SmtpClient, host: MailHost, sender: str, recipients: Sequence[str], message: bytes
+    client: SmtpClient,
+    host: MailHost,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    dsn: DsnRequest,
 ) -> dict[str, RecipientResult]:
     ext = client.extensions
     params: list[str] = []
@@ -234,11 +277,17 @@ async def _send(
                 local_reply(554, "5.6.3", f"{host.name} does not accept 8-bit data (8BITMIME)")
             )
         params.append("BODY=8BITMIME")
+    # RFC 3461 section 5.2.1: to a host offering DSN, the parameters unchanged.
+    passed = "DSN" in ext
+    rcpt_params: dict[str, list[str]] = {}
+    if passed:
+        params += dsn.mail_params()
+        rcpt_params = {r: dsn.rcpt_params(r) for r in recipients}
     results: dict[str, RecipientResult] = {}
     for start in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION):
         batch = list(recipients[start : start + MAX_RCPTS_PER_TRANSACTION])
-        txn = await client.transaction(sender, batch, message, params)
+        txn = await client.transaction(sender, batch, message, params, rcpt_params)
         for rcpt in batch:
             reply = txn.outcome(rcpt)
-            results[rcpt] = RecipientResult(_verdict(reply), reply, host.name)
+            results[rcpt] = RecipientResult(_verdict(reply), reply, host.name, passed)
     return results

@@ -24,6 +24,8 @@ from delivery.headers import header_block_end
 
 FAILED = "failed"
 DELAYED = "delayed"
+DELIVERED = "delivered"
+RELAYED = "relayed"
 # RFC 3464 section 2.3.3: action values.
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
@@ -40,6 +42,9 @@ class RecipientStatus:
     remote_mta: str | None = None
     last_attempt: dt.datetime | None = None
     will_retry_until: dt.datetime | None = None  # delayed only (section 2.3.9)
+    # RFC 3464 section 2.3.1: "addr-type;address" from the RCPT's ORCPT (RFC
+    # 3461 section 4.2), xtext decoded; None when the client gave none.
+    original_recipient: str | None = None
 
     @property
     def hard(self) -> bool:
@@ -53,6 +58,7 @@ class DsnReport:
     arrival_date: str | None
     recipients: tuple[RecipientStatus, ...]
     original_message_id: str | None  # from the returned header, if any
+    envelope_id: str | None = None  # Original-Envelope-Id (RFC 3464 section 2.2.1)
 
 
 def _fold_value(value: str) -> str:
@@ -89,23 +95,38 @@ def build_dsn(
     arrival: dt.datetime,
     recipients: Sequence[RecipientStatus],
     now: dt.datetime | None = None,
+    envelope_id: str | None = None,
+    full: bool = False,
 ) -> bytes:
     """The complete RFC 5322 bounce (or delay warning if every recipient is
-    ``delayed``) for ``to``, the original's envelope sender. From is the
+    ``delayed``, success report if every one is ``delivered`` or
+    ``relayed``) for ``to``, the original's envelope sender. From is the
     MAILER-DAEMON of ``reporting_mta``; Auto-Submitted keeps auto-responders
-    quiet (RFC 3834 section 5)."""
+    quiet (RFC 3834 section 5). ``envelope_id``: the decoded ENVID, as
+    Original-Envelope-Id (RFC 3464 section 2.2.1). ``full`` (RET=FULL on a
+    failure, RFC 3461 section 4.3): the whole original as message/rfc822
+    instead of its header as text/rfc822-headers (RFC 6522 section 3)."""
     now = now or dt.datetime.now(dt.UTC)
     delayed = all(r.action == DELAYED for r in recipients)
+    success = all(r.action in (DELIVERED, RELAYED) for r in recipients)
     boundary = f"=_shardmail_{secrets.token_hex(12)}"
-    subject = (
-        "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
-    )
+    if success:
+        subject = "Successful Mail Delivery Report"
+    elif delayed:
+        subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
     original_subject = _subject_of(original)
     lines = [
         f"This is the mail system at host {reporting_mta}.",
         "",
     ]
-    if delayed:
+    if success:
+        lines += [
+            "Your message was delivered to the recipients below, or handed on",
+            "to a mail system that does not report delivery.",
+        ]
+    elif delayed:
         lines += [
             "Your message could not be delivered yet to the recipients below.",
             "It is still in the queue and delivery will be retried; you do not",
@@ -125,12 +146,19 @@ def build_dsn(
 
     # RFC 3464 section 2.2: per-message fields.
     status_blocks = [
-        f"Reporting-MTA: dns; {reporting_mta}\r\n"
+        (f"Original-Envelope-Id: {_fold_value(envelope_id)}\r\n" if envelope_id else "")
+        + f"Reporting-MTA: dns; {reporting_mta}\r\n"
         f"Arrival-Date: {format_datetime(arrival.astimezone(dt.UTC))}\r\n"
     ]
     for r in recipients:
         block = (
-            f"Final-Recipient: rfc822; {_xtext_safe(r.final_recipient)}\r\n"
+            # RFC 3464 section 2.3.1: before Final-Recipient.
+            (
+                f"Original-Recipient: {_fold_value(r.original_recipient)}\r\n"
+                if r.original_recipient
+                else ""
+            )
+            + f"Final-Recipient: rfc822; {_xtext_safe(r.final_recipient)}\r\n"
             f"Action: {r.action}\r\n"
             f"Status: {r.status}\r\n"
         )
@@ -170,17 +198,23 @@ def build_dsn(
         "Content-Type: message/delivery-status\r\n\r\n"
         f"{delivery_status}\r\n"
         f"--{boundary}\r\n"
-        "Content-Description: Undelivered Message Headers\r\n"
-        "Content-Type: text/rfc822-headers\r\n"
-        "Content-Transfer-Encoding: 8bit\r\n\r\n"
     ).encode()
-    return (
-        header.encode()
-        + b"\r\n"
-        + body
-        + original_header(original)
-        + (f"\r\n--{boundary}--\r\n".encode())
-    )
+    if full:
+        returned = (
+            b"Content-Description: Undelivered Message\r\n"
+            b"Content-Type: message/rfc822\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n" + original
+        )
+        if not returned.endswith(b"\r\n"):
+            returned += b"\r\n"
+    else:
+        label = "Message Headers" if success or delayed else "Undelivered Message Headers"
+        returned = (
+            f"Content-Description: {label}\r\n"
+            "Content-Type: text/rfc822-headers\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        ).encode() + original_header(original)
+    return header.encode() + b"\r\n" + body + returned + f"\r\n--{boundary}--\r\n".encode()
 
 
 def _field(block: Message, name: str) -> str | None:
@@ -237,6 +271,7 @@ def parse_dsn(raw: bytes) -> DsnReport | None:
                 status=status,
                 diagnostic=_typed(_field(block, "Diagnostic-Code")),
                 remote_mta=_typed(_field(block, "Remote-MTA")),
+                original_recipient=_field(block, "Original-Recipient"),
             )
         )
     original_id = None
@@ -252,4 +287,5 @@ def parse_dsn(raw: bytes) -> DsnReport | None:
         arrival_date=_field(first, "Arrival-Date"),
         recipients=tuple(recipients),
         original_message_id=str(original_id).strip() if original_id else None,
+        envelope_id=_field(first, "Original-Envelope-Id"),
     )

@@ -16,6 +16,14 @@ Contract of :class:`QueueRunner`:
   sender (never for a null sender: RFC 5321 section 4.5.5); with
   ``delay_warning_seconds`` a delay warning goes out once. Local senders get
   it in their INBOX, remote ones through the queue with a null sender.
+* RFC 3461: each recipient's NOTIFY decides which notices name it (none
+  for NEVER; a failure only with FAILURE, a delay warning only with DELAY;
+  without NOTIFY, failures and delay warnings as above). A next hop that
+  offers DSN gets the RET, ENVID, NOTIFY and ORCPT parameters and reports
+  success itself; one that does not makes us send a "relayed" notice to a
+  recipient whose NOTIFY has SUCCESS (section 5.2.2). Every notice carries
+  Original-Envelope-Id and Original-Recipient; a failure with RET=FULL
+  returns the whole message, otherwise its header (section 4.3).
 * ``per_domain_concurrency`` bounds deliveries to one domain in this
   process, whichever queue partitions their entries come from; ``workers``
   bounds deliveries in flight. One runner leases from every partition
@@ -36,18 +44,20 @@ from dataclasses import dataclass, field
 
 from conf.settings import Settings
 from delivery.address import PathSyntaxError, domain_of, parse_mailbox
-from delivery.submit import Routing, SubmitError, deliver
+from delivery.dsnparams import envelope_id, original_recipient, wants
 from mtad.dns import Resolver
 from mtad.outbound.client import Reply
 from mtad.outbound.delivery import (
     Destination,
+    DsnRequest,
     RecipientResult,
     TlsPolicy,
     deliver_domain,
     local_reply,
 )
-from mtad.outbound.dsn import DELAYED, RecipientStatus, build_dsn
+from mtad.outbound.dsn import DELAYED, RELAYED, RecipientStatus, build_dsn
 from mtad.outbound.dsn import FAILED as DSN_FAILED
+from mtad.outbound.notices import send_notification
 from mtad.outbound.signing import DkimSigner
 from runtime.metrics import MESSAGES_BOUNCED, MESSAGES_DELIVERED
 from storage.errors import ErrorKind, StorageError
@@ -313,11 +323,14 @@ class QueueRunner:
             for address in targets:
                 by_domain.setdefault(domain_of(address).lower(), []).append(address)
 
+            dsn_of = {r.address: r.dsn for r in entry.recipients}
+
             async def one_domain(domain: str, rcpts: list[str]) -> dict[str, RecipientResult]:
+                request = DsnRequest(entry.dsn, {a: dsn_of[a] for a in rcpts})
                 async with self._slot(domain):
                     self.stats.by_domain[domain] = self.stats.by_domain.get(domain, 0) + 1
                     return await deliver_domain(
-                        self.destination, domain, entry.sender, rcpts, signed
+                        self.destination, domain, entry.sender, rcpts, signed, request
                     )
 
             for part in await asyncio.gather(*(one_domain(d, rs) for d, rs in by_domain.items())):
@@ -359,10 +372,12 @@ class QueueRunner:
             log.info(
                 "queue entry %s: to=<%s> %s: %s", entry.id, address, result.status, result.text
             )
+        dsn_of = {r.address: r.dsn for r in entry.recipients}
         if failed:
             # Bounce first: a crash before the record below retries the
             # recipients and bounces again (duplicate), never loses the bounce.
-            await self._bounce(entry, raw, failed, DSN_FAILED)
+            notify = {a: r for a, r in failed.items() if wants(dsn_of[a], "FAILURE", default=True)}
+            await self._bounce(entry, raw, notify, DSN_FAILED)
             for address, result in failed.items():
                 if result.reply.enhanced in HARD_BOUNCE_CODES and result.remote_mta:
                     await self.queue.record_bounce(
@@ -373,6 +388,16 @@ class QueueRunner:
                         suppress_after=self.queue_settings.suppress_after_hard_bounces,
                         now=now,
                     )
+        # RFC 3461 section 5.2.2: handed to a next hop that takes no DSN
+        # parameters; one that did reports success itself (section 5.2.1).
+        relayed = {
+            a: r
+            for a, r in results.items()
+            if r.status == DELIVERED
+            and not r.dsn_passed
+            and wants(dsn_of[a], "SUCCESS", default=False)
+        }
+        await self._bounce(entry, raw, relayed, RELAYED)
         next_attempt = None
         if deferred:
             delay = retry_delay(self.queue_settings.retry_schedule_seconds, entry.attempts)
@@ -386,7 +411,8 @@ class QueueRunner:
             and not entry.warned
             and now - entry.created.timestamp() >= warn_after
         ):
-            await self._bounce(entry, raw, deferred, DELAYED, next_attempt)
+            notify = {a: r for a, r in deferred.items() if wants(dsn_of[a], "DELAY", default=True)}
+            await self._bounce(entry, raw, notify, DELAYED, next_attempt)
             await self.queue.mark_warned(entry.id)
 
     async def _bounce(
@@ -397,10 +423,12 @@ class QueueRunner:
         action: str,
         next_attempt: float | None = None,
     ) -> None:
-        """Send a DSN about ``results`` to the envelope sender (if any)."""
-        if not entry.sender:
+        """Send a DSN about ``results`` to the envelope sender (if any and
+        if ``results`` is not empty)."""
+        if not entry.sender or not results:
             return  # RFC 5321 section 4.5.5: never bounce a bounce
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+        dsn_of = {r.address: r.dsn for r in entry.recipients}
         statuses = [
             RecipientStatus(
                 final_recipient=address,
@@ -414,6 +442,7 @@ class QueueRunner:
                     if action == DELAYED
                     else None
                 ),
+                original_recipient=original_recipient(dsn_of[address]),
             )
             for address, result in results.items()
         ]
@@ -424,25 +453,11 @@ class QueueRunner:
             arrival=entry.created,
             recipients=statuses,
             now=now,
+            envelope_id=envelope_id(entry.dsn),
+            full=action == DSN_FAILED and entry.dsn.ret == "FULL",  # RFC 3461 section 4.3
         )
         await send_notification(self.storage, entry.sender, dsn)
         self.stats.bounces += 1
-
-
-async def send_notification(storage: object, to: str, message: bytes) -> None:
-    """Deliver a DSN to ``to`` with a null reverse-path: into the INBOX of a
-    local account, through the outbound queue otherwise. A local address
-    that does not exist drops it (logged); storage trouble raises."""
-    route = await storage.directory.resolve(to)  # type: ignore[attr-defined]
-    if route.local_domain and not route.accounts and not route.forward:
-        log.warning("bounce to <%s> dropped: no such local user", to)
-        return
-    routing = Routing.empty()
-    routing.add(route, to)
-    try:
-        await deliver(storage, mail_from="", routing=routing, message=message)  # type: ignore[arg-type]
-    except SubmitError as exc:
-        log.warning("bounce to <%s> not delivered: %s", to, exc)
 
 
 def reply_from_text(text: str | None) -> Reply:

@@ -39,6 +39,7 @@ class Received:
     data: bytes
     mail_params: str
     tls: bool
+    rcpt_params: dict[str, str] = field(default_factory=dict)  # by address, as sent
 
 
 @dataclass
@@ -101,6 +102,7 @@ class SinkServer:
             mail_from: str | None = None
             params = ""
             rcpts: list[str] = []
+            rcpt_params: dict[str, str] = {}
             while True:
                 raw = await reader.readline()
                 if not raw:
@@ -125,17 +127,18 @@ class SinkServer:
                     mail_from, rcpts = None, []
                 elif verb == "MAIL":
                     address, _, params = line[10:].partition(">")
-                    mail_from, rcpts = address.lstrip("<"), []
+                    mail_from, rcpts, rcpt_params = address.lstrip("<"), [], {}
                     params = params.strip()
                     await say("250 2.1.0 ok")
                 elif verb == "RCPT":
                     if mail_from is None:
                         await say("503 5.5.1 need MAIL")
                         continue
-                    address = line[8:].strip().lstrip("<").rstrip(">")
+                    address, _, given = line[8:].strip().lstrip("<").partition(">")
                     reply = self.rcpt_reply(address)
                     if reply.startswith("2"):
                         rcpts.append(address)
+                        rcpt_params[address] = given.strip()
                     await say(reply)
                 elif verb == "DATA":
                     if not rcpts:
@@ -160,7 +163,14 @@ class SinkServer:
                     reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 ok"
                     if reply.startswith("2"):
                         self.received.append(
-                            Received(mail_from or "", list(rcpts), b"".join(lines), params, is_tls)
+                            Received(
+                                mail_from or "",
+                                list(rcpts),
+                                b"".join(lines),
+                                params,
+                                is_tls,
+                                dict(rcpt_params),
+                            )
                         )
                     if "dot" in stall:
                         self.stalls += 1

@@ -119,7 +119,7 @@ MX_TABLE = [
             ("MAIL FROM:<>", "250 2.1.0"),
             ("RCPT TO:<>", "501 5.1.3"),
             ("RCPT TO:alice@example.net", "501 5.1.3"),
-            ("RCPT TO:<alice@example.net> NOTIFY=NEVER", "555 5.5.4"),
+            ("RCPT TO:<alice@example.net> XFOO=BAR", "555 5.5.4"),
             ("MAIL FROM:<a@b.example>", "503 5.5.1"),
         ],
         id="null-sender-and-syntax",
