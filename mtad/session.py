@@ -245,6 +245,10 @@ class SmtpSession(LeaseHolder, SMTP):
         self.command_size_limits["MAIL"] += 16 + 100
         self.command_size_limits["RCPT"] += 36 + 500
         self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT
+        # A BDAT line refused as too long would leave its chunk to be read
+        # as commands: any BDAT line the stream takes reaches parse_bdat
+        # (linear), whose refusal closes the connection (RFC 3030 section 2).
+        self.command_size_limits["BDAT"] = self.line_length_limit
 
     # -- plumbing ---------------------------------------------------------
 
@@ -907,6 +911,8 @@ class SmtpSession(LeaseHolder, SMTP):
         refusal = self._precondition()
         if refusal is not None:
             return refusal
+        if not self.state.extended_smtp:  # CHUNKING is an EHLO extension
+            return R.BAD_SEQUENCE.with_text("BDAT requires EHLO")
         if self.txn.mail_from is None:
             return R.NEED_MAIL
         if not self.txn.rcpt_tos:

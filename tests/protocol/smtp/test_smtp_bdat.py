@@ -142,6 +142,17 @@ TABLE = [
         [],
         id="binarymime-not-relayed",
     ),
+    pytest.param(
+        [
+            (b"HELO client.example\r\n", "250 "),
+            (b"MAIL FROM:<a@spf-pass.example>\r\n", "250 2.1.0"),
+            (f"RCPT TO:<{ALICE}>\r\n".encode(), "250 2.1.5"),
+            (bdat(EXAMPLE_1, last=True), "503 5.5.1 BDAT requires EHLO"),
+            (b"NOOP\r\n", "250 2.0.0"),
+        ],
+        [],
+        id="bdat-needs-ehlo",
+    ),
 ]
 
 
@@ -172,6 +183,9 @@ async def test_bdat_dialogue(
         ("BDAT \u0664\u0662\r\n".encode(), "501 5.5.4"),  # Arabic-Indic digits
         (b"BDAT 99999999999999999999\r\n", "552 5.3.4"),
         (b"BDAT " + b"9" * 400 + b" LAST\r\n", "552 5.3.4"),
+        (b"BDAT 1" + b"0" * 999 + b" LAST\r\n", "552 5.3.4"),  # a 1000-digit size
+        (b"BDAT -" + b"9" * 60_000 + b"\r\n", "501 5.5.4"),
+        (b"BDAT " + b"9" * 60_000 + b" LAST\r\n", "552 5.3.4"),
         (b"BDAT " + b"0" * 400 + b"1 LAST\r\nx", "250 2.0.0"),  # leading zeros: size 1
     ],
 )
