@@ -257,7 +257,8 @@ class Status(Command):
 @dataclass(frozen=True, kw_only=True)
 class Append(Command):
     """``message`` is whatever the connection stored the literal as: bytes,
-    or an opaque spooled-file object for a large literal. ``more``: the
+    or an opaque spooled-file object for a large literal, or a
+    :class:`Catenate` (RFC 4469). ``more``: the
     further messages of a MULTIAPPEND (RFC 3502), in order."""
 
     mailbox: str
@@ -265,6 +266,16 @@ class Append(Command):
     internal_date: dt.datetime | None
     message: object
     more: tuple[AppendMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Catenate:
+    """RFC 4469 section 5: ``CATENATE (cat-part *(SP cat-part))`` as an
+    APPEND message. Each part is either a TEXT literal (bytes, or the
+    connection's spooled-file object) or a URL (``str``, the astring as
+    sent, resolved by the APPEND handler)."""
+
+    parts: tuple[object | str, ...]
 
 
 @dataclass(frozen=True, slots=True)

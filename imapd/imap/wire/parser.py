@@ -598,11 +598,56 @@ def _append_message(r: _Reader) -> tuple[tuple[str, ...], dt.datetime | None, ob
         message = r.literal()
         r.char(0x29, ")")
         return flags, date, message
+    if r.buf[r.pos : r.pos + 10].upper() == b"CATENATE (":
+        r.pos += 10
+        return flags, date, _catenate(r)
     if r.peek() == 0x7E:  # RFC 3516 section 4.4: "~{n}", a literal8 of binary content
         r.pos += 1
     if r.peek() != 0x7B:
         raise _Bad("Expected the message literal")
     return flags, date, r.literal()
+
+
+def _catenate(r: _Reader) -> c.Catenate:
+    """After "CATENATE (": cat-part *(SP cat-part) ")" (RFC 4469 section 5):
+    cat-part = "TEXT" SP literal / "URL" SP astring; TEXT also takes a
+    literal8 (RFC 4469 section 5 with RFC 3516 section 4.4). One pass, no
+    recursion: a CATENATE holds no nested lists."""
+    parts: list[object] = []
+    while True:
+        head = r.buf[r.pos : r.pos + 5].upper()
+        if head == b"TEXT ":
+            r.pos += 5
+            if r.peek() == 0x7E:
+                r.pos += 1
+            if r.peek() != 0x7B:
+                raise _Bad("CATENATE TEXT takes a literal")
+            parts.append(r.literal())
+        elif head[:4] == b"URL ":
+            r.pos += 4
+            parts.append(_text(r.astring_bytes()))
+        else:
+            raise _Bad("Expected a CATENATE part (TEXT or URL)")
+        if r.peek() == 0x29:
+            r.pos += 1
+            return c.Catenate(tuple(parts))
+        r.sp()
+
+
+def parse_url_section(text: str) -> c.Section | None:
+    """An IMAP URL's ``;SECTION=`` value (RFC 5092 section 3, already
+    percent-decoded) as a FETCH section spec (RFC 3501 section 6.4.5),
+    parsed by the same rules as FETCH BODY[...]; None if it is not one."""
+    try:
+        raw = text.encode("utf-8") + b"]"
+    except UnicodeEncodeError:
+        return None
+    r = _Reader([raw], ())
+    try:
+        section = _section(r)
+    except _Bad:
+        return None
+    return section if r.at_end() else None
 
 
 def _search_date(r: _Reader) -> dt.date:
