@@ -224,6 +224,7 @@ class Session:
             "OBJECTID",  # RFC 8474
             "BINARY",  # RFC 3516
             "MULTIAPPEND",  # RFC 3502
+            "CATENATE",  # RFC 4469 (relative URLs into this account only, no URLAUTH)
             "SAVEDATE",  # RFC 8514
             "PREVIEW",  # RFC 8970
             "METADATA",  # RFC 5464: server and mailbox entries
@@ -291,6 +292,11 @@ class Session:
             return None
         self._spools.append(spool)
         return spool
+
+    def new_spool(self) -> SpoolFile | None:
+        """A spool file removed with the current command's others (on every
+        path, when the command ends); None if the disk refuses one."""
+        return self._new_spool()
 
     async def read_command(self, timeout: float | None) -> Command | ParseError | None:
         """The next complete command (literals gathered, "+" sent for

@@ -1,5 +1,6 @@
 """APPEND (RFC 3501 section 6.3.11) with MULTIAPPEND (RFC 3502), APPENDUID
-(RFC 4315 section 3) and literal8 content (RFC 3516 section 4.4).
+(RFC 4315 section 3), literal8 content (RFC 3516 section 4.4) and
+CATENATE (RFC 4469, assembled by :mod:`imapd.imap.commands.catenate`).
 
 MULTIAPPEND is atomic (RFC 3502 section 6.3.11: "either all messages are
 successfully appended, or no messages are appended"): every message is
@@ -16,9 +17,10 @@ import logging
 from pathlib import Path
 
 from delivery.spool import SpoolFile
+from imapd.imap.commands.catenate import BadUrl, TooBig, assemble
 from imapd.imap.session import Reply, Session, bad, no, ok
 from imapd.imap.wire import encode
-from imapd.imap.wire.commands import Append
+from imapd.imap.wire.commands import Append, Catenate
 from storage.errors import ErrorKind, StorageError
 from storage.model import DELETED, AppendResult, StoreMode, UidSet
 
@@ -48,6 +50,14 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
     items += [(m.flags, m.internal_date, m.message) for m in cmd.more]
     sources: list[bytes | Path] = []
     for _, _, message in items:  # all checked before any is stored (RFC 3502)
+        if isinstance(message, Catenate):
+            # RFC 4469 section 5: assembled (all of a MULTIAPPEND) before any is stored.
+            try:
+                message = await assemble(s, message)
+            except TooBig:
+                return no("Message too large", "TOOBIG")
+            except BadUrl as err:
+                return no("CATENATE URL does not resolve", err.code)
         found = _source(message)
         if found is None:
             return bad("Bad message literal")

@@ -10,7 +10,7 @@ from the transport between chunks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from imapd.imap import binary, preview
@@ -19,6 +19,7 @@ from imapd.imap.session import Reply, Session, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Fetch, FetchAttribute, Section
 from storage.contentpool import ContentTimeout, content_pool
+from storage.errors import ErrorKind, StorageError
 from storage.mime import header_end as _header_end  # the parser's own header rule
 from storage.model import SEEN, BodyPart, MessageEntry, StoredMessage, StoreMode, UidSet
 
@@ -190,6 +191,65 @@ async def _write_range(s: Session, blob: _Blob, start: int, end: int) -> None:
         pos = stop
         if length > CHUNK:
             await s.conn.drain()
+
+
+@dataclass(frozen=True, slots=True)
+class SectionSource:
+    """What FETCH BODY.PEEK[section]<partial> returns of one stored message,
+    as the blob range it is read from (or, for HEADER.FIELDS[.NOT], the
+    filtered header). ``size`` is exact before any byte is read."""
+
+    blob: _Blob
+    start: int
+    end: int
+    filtered: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.filtered) if self.filtered is not None else self.end - self.start
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The octets in order, at most :data:`CHUNK` at a time. A blob
+        shorter than its metadata is StorageError(TEMPORARY): unlike FETCH
+        (which must keep an announced literal in step) nothing may pad it."""
+        if self.filtered is not None:
+            yield self.filtered
+            return
+        pos = self.start
+        while pos < self.end:
+            stop = min(self.end, pos + CHUNK)
+            data = await self.blob.range(pos, stop)
+            if len(data) != stop - pos:
+                raise StorageError(ErrorKind.TEMPORARY, "message text shorter than stored size")
+            yield data
+            pos = stop
+
+
+async def section_source(
+    s: Session, m: StoredMessage, section: Section, partial: tuple[int, int | None] | None
+) -> SectionSource | None:
+    """The bytes BODY.PEEK[section]<partial> names (RFC 3501 section 6.4.5),
+    by the ranges FETCH uses; None for a section the message does not have.
+    ``partial``: (origin, octets), octets None for "to the end"."""
+    blob = _Blob(s, m.entry)
+    rng = section_range(m.parsed.body, section)
+    if rng is None:
+        return None
+    start, end = min(rng[0], blob.size), min(rng[1], blob.size)
+    filtered = None
+    if section.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+        filtered = filter_header(
+            await blob.range(start, end), section.fields, section.text == "HEADER.FIELDS"
+        )
+        if partial is not None:
+            origin, octets = partial
+            filtered = filtered[origin : None if octets is None else origin + octets]
+        return SectionSource(blob, 0, 0, filtered)
+    if partial is not None:
+        origin, octets = partial
+        start = min(end, start + origin)
+        end = end if octets is None else min(end, start + octets)
+    return SectionSource(blob, start, end)
 
 
 def _needs_seen(att: FetchAttribute) -> bool:
