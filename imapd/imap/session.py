@@ -305,6 +305,7 @@ class Session:
         literals: list[object] = []
         current: bytearray | SpoolFile | None = None
         spool_failed = False  # the disk failed mid-literal: answer NO at the end
+        held = 0  # octets of this command's literals kept in memory
         spool_at = int(self.ctx.setting("imap", "spool_threshold", DEFAULT_SPOOL_THRESHOLD))  # type: ignore[call-overload]
         while True:
             ev = await self.conn.next_event(timeout)
@@ -315,7 +316,7 @@ class Session:
                 if ev.final and spool_failed:
                     self._drop_spools()
                     self.tagged(_tag_of(segments[0]), _SPOOL_FAILED)
-                    segments, literals, spool_failed = [], [], False
+                    segments, literals, spool_failed, held = [], [], False, 0
                     continue
                 if ev.final:
                     return parse_command(segments, literals, self.utf8)
@@ -339,19 +340,24 @@ class Session:
                     self.conn_framer_reject(ev.synchronizing)
                     self._drop_spools()
                     self.tagged(tag, reply)
-                    segments, literals, spool_failed = [], [], False
+                    segments, literals, spool_failed, held = [], [], False, 0
                     continue
                 current = bytearray()
-                if is_append and ev.size > spool_at and not spool_failed:
+                # The command's literals together, not each one, stay under the
+                # threshold in memory: a MULTIAPPEND or CATENATE (RFC 4469) of
+                # many small literals spools those past it.
+                if is_append and held + ev.size > spool_at and not spool_failed:
                     spool = self._new_spool()
                     if spool is None:
                         # RFC 5530 section 3: our disk, not the client, failed.
                         self.conn_framer_reject(ev.synchronizing)
                         self._drop_spools()
                         self.tagged(_tag_of(segments[0]), _SPOOL_FAILED)
-                        segments, literals, spool_failed = [], [], False
+                        segments, literals, spool_failed, held = [], [], False, 0
                         continue
                     current = spool
+                else:
+                    held += ev.size
                 self.conn_framer_accept()
                 if ev.synchronizing:
                     self.write(b"+ Ready for literal data\r\n")
@@ -379,7 +385,7 @@ class Session:
                 continue
             if isinstance(ev, FrameError):
                 self._drop_spools()
-                segments, literals, spool_failed = [], [], False
+                segments, literals, spool_failed, held = [], [], False, 0
                 self.tagged(ev.tag or "*", bad(ev.reason))
                 await self.conn.drain()
 

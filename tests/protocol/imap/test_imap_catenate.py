@@ -15,6 +15,7 @@ import asyncio
 import imaplib
 import random
 import re
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +347,40 @@ async def test_many_text_parts_and_urls(imap_env: ImapEnv) -> None:
     await c.ok("SELECT INBOX")
     assert await _fetch(c, 2) == want
     await c.close()
+
+
+async def test_many_literals_below_the_threshold_spool_past_it(
+    imap_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Each TEXT literal is below imap.spool_threshold, together they are
+    many times it: the session holds at most the threshold in memory (the
+    rest goes to spool files as it arrives), and the message is exact."""
+    threshold = 64 * 1024
+    env = await imap_factory(imap={"spool_threshold": threshold, "max_literal_size": 4_000_000})
+    spool = tmp_path / "env0" / "data" / "spool"
+    rng = random.Random()
+    pieces = [rng.randbytes(rng.randint(threshold // 2, threshold)) for _ in range(40)]
+    c = await env.client(login=True)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await c.send(b"a APPEND INBOX CATENATE (" + b" ".join(_text(p) for p in pieces))
+        for _ in range(100):  # the session reads it all; the command is not complete
+            if spool.exists() and len(list(spool.iterdir())) >= len(pieces) - 2:
+                break
+            await asyncio.sleep(0.1)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(list(spool.iterdir())) >= len(pieces) - 2
+    assert grown < threshold + 512 * 1024, grown  # not the 2 MiB sent
+    await c.send(b")\r\n")
+    lines = await c.until("a")
+    assert lines[-1].startswith(b"a OK [APPENDUID"), lines[-1]
+    await c.ok("SELECT INBOX")
+    assert await _fetch(c, 1) == b"".join(pieces)
+    await c.close()
+    assert list(spool.iterdir()) == []
 
 
 # ------------------------------------------------------------- real client
