@@ -83,3 +83,10 @@ def test_catenate_syntax_errors_are_parse_errors() -> None:
         b"a APPEND INBOX CATENATE (TEXT {1+}\r\nx  URL y)",
     ]:
         assert isinstance(parse_line(line), ParseError), line
+
+
+def test_text_takes_a_literal8_of_binary_octets() -> None:
+    """RFC 4469 section 5 with RFC 3516 section 4.4: TEXT ~{n} keeps NUL octets."""
+    got = parse_line(b'a APPEND INBOX CATENATE (TEXT ~{3+}\r\na\x00b URL ";UID=2")')
+    assert isinstance(got, Append) and isinstance(got.message, Catenate)
+    assert got.message.parts == (b"a\x00b", ";UID=2")
