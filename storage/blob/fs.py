@@ -288,6 +288,42 @@ class FsBlobStore:
             raise
         return key
 
+    def put_file_range_sync(
+        self, key: str, src: Path, start: int, end: int, prefix: bytes = b""
+    ) -> str:
+        """:meth:`put_file_range`, blocking (from a worker thread)."""
+        _check_key(key)
+        size = len(prefix) + end - start
+        if self._packs(size):
+            with open(src, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            if len(data) != end - start:
+                raise StorageError(ErrorKind.TEMPORARY, "the file shrank while stored")
+            return self.put_sync_as(key, prefix + data)
+        directory = self._dir_of(key)
+        if _touch(os.path.join(directory, key)):
+            return key  # the same bytes are there: an attachment stored once
+        fd, tmp = self._tmp_in(directory)
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                out.write(prefix)
+                inp.seek(start)
+                left = end - start
+                while left > 0:
+                    chunk = inp.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise StorageError(ErrorKind.TEMPORARY, "the file shrank while stored")
+                    out.write(chunk)
+                    left -= len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            self._install(tmp, key)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return key
+
     def put_started(self, data: bytes, key: str | None = None) -> concurrent.futures.Future[str]:
         """:meth:`put_sync` started in one of this store's writer threads;
         the future's result is the key (``sha256(data).hexdigest()``), set
@@ -322,6 +358,18 @@ class FsBlobStore:
     async def put_file(self, path: Path) -> str:
         """Stores a file's bytes in chunks, never all in memory."""
         return await asyncio.to_thread(self._put_file_sync, Path(path))
+
+    async def put_file_range(
+        self, key: str, path: Path, start: int, end: int, *, prefix: bytes = b""
+    ) -> str:
+        """Stores ``prefix`` followed by bytes ``start`` .. ``end`` of the
+        file under ``key`` (the caller's, as :meth:`put_as`), copied in
+        chunks of 1 MiB, never all in memory; durable on return. A blob
+        already stored under ``key`` is kept (content-addressed: the same
+        bytes) and only marked as stored now."""
+        return await asyncio.to_thread(
+            self.put_file_range_sync, key, Path(path), start, end, prefix
+        )
 
     # --- reads --------------------------------------------------------------
 
@@ -380,9 +428,7 @@ class FsBlobStore:
         """The blob in chunks of at most ``chunk_size`` bytes."""
         row = await self._in_table("data", key)
         if row is None:
-            row = await asyncio.to_thread(
-                self._packed, "SELECT data FROM blobs WHERE key = ?", key
-            )
+            row = await asyncio.to_thread(self._packed, "SELECT data FROM blobs WHERE key = ?", key)
         if row is not None:
             data = bytes(row[0])  # type: ignore[arg-type]
             for at in range(0, len(data), chunk_size):

@@ -12,7 +12,11 @@ Durability: a put returns only after the server answered 200 to the PUT
 (or to CompleteMultipartUpload, whose 200 may still carry an error, which
 is checked). Blobs above ``multipart_threshold`` go up in parts of
 ``part_size`` bytes, a few at a time, so a 25 MB message is never copied
-whole and :meth:`S3BlobStore.put_file` holds at most a few parts in memory.
+whole. A file (:meth:`S3BlobStore.put_file`, and a range of one,
+:meth:`S3BlobStore.put_file_range`: an attachment of a spooled message) is
+sent as it is read, in chunks of ``_SEND_CHUNK`` bytes: each request's
+payload hash comes from a first read of its bytes, so at most a chunk per
+request in flight is in memory, whatever the blob's size.
 
 Every request is retried with exponential backoff and jitter on 5xx, 429,
 timeouts and connection errors, a bounded number of times; then it is a
@@ -55,7 +59,7 @@ import re
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -72,6 +76,9 @@ log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MIB = 1024 * 1024
+# Bytes of a file read at a time to hash it, and to send it.
+_HASH_CHUNK = MIB
+_SEND_CHUNK = 256 * 1024
 _T = TypeVar("_T")
 
 
@@ -217,6 +224,57 @@ class _Retry(Exception):
     """A failure worth another try (5xx, 429, timeout, connection)."""
 
 
+@dataclass(frozen=True)
+class _FileBody:
+    """A request payload read from a file when sent: bytes ``lo`` ..
+    ``hi`` of ``prefix`` followed by the file's bytes from ``start`` on.
+    Each send (a retry too) reads it again; never held whole."""
+
+    path: Path
+    prefix: bytes
+    start: int
+    lo: int
+    hi: int
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def read_chunks(self, size: int) -> Iterator[bytes]:
+        """The payload in chunks of at most ``size`` bytes (blocking);
+        TEMPORARY if the file is shorter than the payload."""
+        lo, hi = self.lo, self.hi
+        if lo < len(self.prefix):
+            head = self.prefix[lo:hi]
+            yield head
+            lo += len(head)
+        if lo >= hi:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.start + lo - len(self.prefix))
+            while lo < hi:
+                chunk = f.read(min(size, hi - lo))
+                if not chunk:
+                    raise StorageError(ErrorKind.TEMPORARY, "the file shrank while stored")
+                lo += len(chunk)
+                yield chunk
+
+    def sha256(self) -> str:
+        """The payload's SHA-256 (blocking: one read of it)."""
+        digest = hashlib.sha256()
+        for chunk in self.read_chunks(_SEND_CHUNK):  # several parts at once: small
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The payload as it is read, a thread hop per chunk."""
+        reader = self.read_chunks(_SEND_CHUNK)
+        try:
+            while chunk := await asyncio.to_thread(next, reader, b""):
+                yield chunk
+        finally:
+            reader.close()
+
+
 @dataclass
 class _Answer:
     status: int
@@ -309,7 +367,7 @@ class S3BlobStore:
         *,
         query: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        body: bytes | memoryview = b"",
+        body: bytes | memoryview | _FileBody = b"",
         body_sha256: str = EMPTY_SHA256,
         ok: tuple[int, ...] = (200,),
     ) -> _Answer:
@@ -332,8 +390,11 @@ class S3BlobStore:
                 c.region,
                 session_token=c.session_token,
             )
+            # A file's payload is read as it is sent; its length is given,
+            # so aiohttp sends it as is, not chunked (S3 wants a length).
+            data = body.chunks() if isinstance(body, _FileBody) else body or None
             async with self._client().request(
-                method, URL(url, encoded=True), headers=signed, data=body or None
+                method, URL(url, encoded=True), headers=signed, data=data
             ) as resp:
                 data = await resp.read()
                 if resp.status in ok or resp.status == 404:
@@ -390,7 +451,7 @@ class S3BlobStore:
 
         await self._put_multipart(key, -(-len(data) // step), part)
 
-    async def _put_single(self, key: str, data: bytes | memoryview, sha: str) -> None:
+    async def _put_single(self, key: str, data: bytes | memoryview | _FileBody, sha: str) -> None:
         answer = await self._request("PUT", key, headers=self._meta(), body=data, body_sha256=sha)
         if answer.status == 404:
             raise StorageError(ErrorKind.TEMPORARY, "blob store has no such bucket")
@@ -399,7 +460,7 @@ class S3BlobStore:
         self,
         key: str,
         count: int,
-        part: Callable[[int], Awaitable[tuple[bytes | memoryview, str]]],
+        part: Callable[[int], Awaitable[tuple[bytes | memoryview | _FileBody, str]]],
     ) -> None:
         """CreateMultipartUpload, ``count`` parts (``part(n)``: the bytes of
         part n from 0 and their SHA-256), CompleteMultipartUpload; aborted
@@ -458,27 +519,37 @@ class S3BlobStore:
 
     async def put_file(self, path: Path) -> str:
         """Stores a file's bytes, never all in memory: hashed in one pass,
-        then sent in parts (at most ``part_concurrency`` in memory)."""
+        then sent as read (:meth:`put_file_range`)."""
         path = Path(path)
         size, key = await asyncio.to_thread(_hash_file, path)
         if size <= self.config.multipart_threshold:
-            data = await asyncio.to_thread(path.read_bytes)
-            if _sha256(data) != key:
-                raise StorageError(ErrorKind.TEMPORARY, "the file changed while stored")
-            await self._put_single(key, data, key)
+            # One request, whose payload hash is the key already.
+            await self._put_single(key, _FileBody(path, b"", 0, 0, size), key)
+            return key
+        return await self.put_file_range(key, path, 0, size)
+
+    async def put_file_range(
+        self, key: str, path: Path, start: int, end: int, *, prefix: bytes = b""
+    ) -> str:
+        """Stores ``prefix`` followed by bytes ``start`` .. ``end`` of the
+        file under ``key`` (the caller's, as :meth:`put_as`), durable on
+        return, read from the file as it is sent: one request, or above
+        ``multipart_threshold`` parts of ``part_size``, each hashed by a
+        first read of it (SigV4's payload hash, which the server checks)."""
+        _check_key(key)
+        path = Path(path)
+        total = len(prefix) + end - start
+        if total <= self.config.multipart_threshold:
+            body = _FileBody(path, prefix, start, 0, total)
+            await self._put_single(key, body, await asyncio.to_thread(body.sha256))
             return key
         step = self.config.part_size
 
-        async def part(n: int) -> tuple[bytes, str]:
-            def read() -> tuple[bytes, str]:
-                with open(path, "rb") as f:
-                    f.seek(n * step)
-                    chunk = f.read(step)
-                return chunk, _sha256(chunk)
+        async def part(n: int) -> tuple[_FileBody, str]:
+            body = _FileBody(path, prefix, start, n * step, min(total, (n + 1) * step))
+            return body, await asyncio.to_thread(body.sha256)
 
-            return await asyncio.to_thread(read)
-
-        await self._put_multipart(key, -(-size // step), part)
+        await self._put_multipart(key, -(-total // step), part)
         return key
 
     # --- reads --------------------------------------------------------------
@@ -644,7 +715,7 @@ def _hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(MIB):
+        while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
