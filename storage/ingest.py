@@ -45,7 +45,7 @@ from pathlib import Path
 from storage.api import BlobStore, MailStore, Storage
 from storage.blob import deleting
 from storage.blob.key import content_key, content_key_sync
-from storage.blob.skeleton import MAGIC, decode
+from storage.blob.skeleton import MAGIC, SkeletonBlobStore, decode
 from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import StorageError
 from storage.mime import parse_message
@@ -116,11 +116,11 @@ def _unparsed(size: int) -> ParsedMessage:
     body = BodyPart(
         "application", "octet-stream", (), None, None, "7BIT", size, None, None, None, None,
         None, 0, 0, size,
-    )
+    )  # fmt: skip
     env = Envelope(None, None, (), (), (), (), (), (), None, None)
     return ParsedMessage(
         size, env, body, "", "", "", "", None, None, (), None, "", "", False
-    )
+    )  # fmt: skip
 
 
 async def _parse_in_pool(source: bytes | Path) -> ParsedMessage:
@@ -177,11 +177,18 @@ def _blob_stores(storage: Storage, deliveries: Sequence[Delivery]) -> list[BlobS
     return found
 
 
-async def _write_blob(stores: Sequence[BlobStore], source: bytes | Path) -> str:
-    """Stores the message in every one of ``stores``; returns its key."""
+async def _write_blob(
+    stores: Sequence[BlobStore], source: bytes | Path, parsed: ParsedMessage | None = None
+) -> str:
+    """Stores the message in every one of ``stores``; returns its key.
+    ``parsed``: the message's parse, whose structure tells a store that
+    keeps big parts apart where they are (the file is not parsed again)."""
     keys = set()
     for blobs in stores:
-        if isinstance(source, Path):
+        if isinstance(source, Path) and isinstance(blobs, SkeletonBlobStore):
+            body = parsed.body if parsed is not None else None
+            keys.add(await blobs.put_file(source, body=body))  # streamed, part by part
+        elif isinstance(source, Path):
             keys.add(await blobs.put_file(source))  # streamed, never all in memory
         else:
             keys.add(await blobs.put(bytes(source)))
@@ -276,7 +283,7 @@ async def _store(
     else:
         if parsed is None:
             parsed = await parse(source)
-        blob_key = await _write_blob(stores, source)
+        blob_key = await _write_blob(stores, source, parsed)
 
     results: list[AppendResult | StorageError | None] = [None] * len(deliveries)
     if not stop_at_error and len(deliveries) > 1:
@@ -330,7 +337,7 @@ async def _store(
                     if data is not None and not isinstance(source, Path):
                         data = await _skeleton_of(stores, bytes(source))
                     else:
-                        await _write_blob(stores, source)
+                        await _write_blob(stores, source, parsed)
             raise AssertionError("unreachable")
         except StorageError as err:
             return err

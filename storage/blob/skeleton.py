@@ -49,7 +49,7 @@ import mmap
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ _HEAD = re.compile(rb"(\d{1,12}) (\d{1,9})\n")
 _REF = re.compile(rb"(\d{1,12}) (\d{1,12}) ([0-9a-f]{64})\n")
 _CACHE = 4096  # skeletons kept decoded (a few hundred bytes each)
 _SPLITTERS = 4  # threads for put_started's splits
+_CHUNK = 1 << 20  # bytes of a message file read at a time to split it
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,18 @@ class Skeleton:
             yield pos, self.size, lit
 
 
+def _header(size: int, refs: list[Ref]) -> bytes:
+    """A skeleton's bytes before its literal: ``MAGIC``, size, references."""
+    lines = [MAGIC, b"%d %d\n" % (size, len(refs))]
+    lines += [b"%d %d %s\n" % (r.offset, r.length, r.key.encode()) for r in refs]
+    return b"".join(lines)
+
+
 def encode(data: bytes | mmap.mmap, ranges: list[tuple[int, int]]) -> tuple[bytes, list[Ref]]:
     """The skeleton of ``data`` keeping ``ranges`` (sorted, disjoint
     ``(start, end)``) apart, and their references."""
     refs = [Ref(a, b - a, content_key_sync(data[a:b])) for a, b in ranges]
-    out = [MAGIC, b"%d %d\n" % (len(data), len(refs))]
-    out += [b"%d %d %s\n" % (r.offset, r.length, r.key.encode()) for r in refs]
+    out = [_header(len(data), refs)]
     pos = 0
     for a, b in ranges:
         out.append(bytes(data[pos:a]))
@@ -149,29 +156,104 @@ def _leaves(part: BodyPart) -> Iterator[BodyPart]:
         yield part
 
 
-def split_ranges(data: bytes | mmap.mmap, min_bytes: int) -> list[tuple[int, int]]:
-    """The byte ranges of ``data`` to keep apart: the encoded bodies of its
-    MIME leaf parts longer than ``min_bytes``, sorted and disjoint. Broken
-    MIME (no closing boundary, bad boundaries) splits where the parser saw
-    parts or not at all; the message is never altered either way."""
-    if min_bytes <= 0 or len(data) <= min_bytes:
-        return []
-    try:
-        body = parse_message(data, with_text=False).body
-    except Exception:  # a parser bug: the message is stored whole
+def ranges_of(body: BodyPart, size: int, min_bytes: int) -> list[tuple[int, int]]:
+    """The byte ranges to keep apart of a message of ``size`` bytes whose
+    structure is ``body`` (``parse_message(...).body`` of those bytes):
+    its leaf parts' encoded bodies longer than ``min_bytes``, sorted and
+    disjoint. The same bytes always give the same ranges: a message stored
+    again gets the same skeleton."""
+    if min_bytes <= 0 or size <= min_bytes:
         return []
     found = sorted(
         (p.body_start, p.end)
         for p in _leaves(body)
         if 0 <= p.body_start
-        and p.end <= len(data)
-        and min_bytes < p.end - p.body_start < len(data)  # never the whole message
+        and p.end <= size
+        and min_bytes < p.end - p.body_start < size  # never the whole message
     )
     ranges: list[tuple[int, int]] = []
     for a, b in found:
         if not ranges or a >= ranges[-1][1]:
             ranges.append((a, b))
     return ranges
+
+
+def split_ranges(data: bytes | mmap.mmap, min_bytes: int) -> list[tuple[int, int]]:
+    """The byte ranges of ``data`` to keep apart (:func:`ranges_of` of its
+    parse). Broken MIME (no closing boundary, bad boundaries) splits where
+    the parser saw parts or not at all; the message is never altered
+    either way."""
+    if min_bytes <= 0 or len(data) <= min_bytes:
+        return []
+    try:
+        body = parse_message(data, with_text=False).body
+    except Exception:  # a parser bug: the message is stored whole
+        return []
+    return ranges_of(body, len(data), min_bytes)
+
+
+@dataclass(frozen=True)
+class _FilePlan:
+    """How :meth:`SkeletonBlobStore.put_file` stores a file: the message's
+    key, its skeleton and the parts it references (``magic``: the refs
+    whose bytes start with ``MAGIC``, stored as skeletons of no refs)."""
+
+    key: str
+    size: int
+    skeleton: bytes  # empty with no refs: then the file follows its header
+    refs: list[Ref]
+    magic: frozenset[Ref]
+
+
+def _plan_file(path: Path, min_bytes: int, body: BodyPart | None) -> _FilePlan | None:
+    """Reads the file once in chunks of ``_CHUNK`` bytes: the message's
+    SHA-256, each range's (the ranges from ``body`` or, without it, from a
+    parse of the file mapped), and the literal between them; None when
+    nothing is kept apart and the bytes do not start with ``MAGIC`` (the
+    file is stored as it is). Blocking."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(len(MAGIC))
+        if size == 0 or (size <= min_bytes and head != MAGIC):
+            return None
+        if body is not None:
+            ranges = ranges_of(body, size, min_bytes)
+        else:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                ranges = split_ranges(mapped, min_bytes)
+        if not ranges and head != MAGIC:
+            return None
+        f.seek(0)
+        digest = hashlib.sha256()
+        parts = [hashlib.sha256() for _ in ranges]
+        heads = [b""] * len(ranges)
+        literal: list[bytes] = []
+        pos = nxt = 0  # the file offset read up to; the first range not passed
+        while chunk := f.read(_CHUNK):
+            view = memoryview(chunk)
+            digest.update(view)
+            end = pos + len(chunk)
+            at = pos
+            while at < end:
+                if nxt < len(ranges) and ranges[nxt][0] <= at:
+                    a, b = ranges[nxt]
+                    stop = min(end, b)
+                    parts[nxt].update(view[at - pos : stop - pos])
+                    if at - a < len(MAGIC):
+                        heads[nxt] += bytes(view[at - pos : min(stop, a + len(MAGIC)) - pos])
+                    nxt += stop == b
+                else:
+                    stop = min(end, ranges[nxt][0]) if nxt < len(ranges) else end
+                    if ranges:  # else the file is stored behind a header
+                        literal.append(bytes(view[at - pos : stop - pos]))
+                at = stop
+            pos = end
+    if pos != size:
+        raise StorageError(ErrorKind.TEMPORARY, "the message file changed while stored")
+    refs = [Ref(a, b - a, h.hexdigest()) for (a, b), h in zip(ranges, parts, strict=True)]
+    magic = frozenset(r for r, h in zip(refs, heads, strict=True) if h == MAGIC)
+    skeleton = _header(size, refs) + b"".join(literal) if refs else b""
+    return _FilePlan(digest.hexdigest(), size, skeleton, refs, magic)
 
 
 class SkeletonBlobStore:
@@ -213,7 +295,10 @@ class SkeletonBlobStore:
 
     def _note_parts(self, key: str, skeleton: bytes | None) -> None:
         """Remembers which parts the message ``key`` was stored with."""
-        parts = frozenset(r.key for r in decode(skeleton).refs) if skeleton else frozenset()
+        self._note_refs(key, decode(skeleton).refs if skeleton else ())
+
+    def _note_refs(self, key: str, refs: Sequence[Ref]) -> None:
+        parts = frozenset(r.key for r in refs)
         with self._parts_lock:
             self._parts[key] = parts
             self._parts.move_to_end(key)
@@ -246,9 +331,7 @@ class SkeletonBlobStore:
         self._note_parts(key, skeleton)
         return str(self.inner.put_sync_as(key, skeleton))
 
-    def _put_started(
-        self, data: bytes, key: str | None = None
-    ) -> concurrent.futures.Future[str]:
+    def _put_started(self, data: bytes, key: str | None = None) -> concurrent.futures.Future[str]:
         """The inner store's ``put_started``, or a split in a thread of ours
         when the message may have parts to keep apart."""
         if not self._may_split(data):
@@ -295,41 +378,37 @@ class SkeletonBlobStore:
             await self._put_part(data[a:b])
         return skeleton
 
-    async def put_file(self, path: Path) -> str:
-        """A file's bytes (a spooled message): streamed as they are when
-        nothing is kept apart; else each part, then the skeleton."""
+    async def put_file(self, path: Path, *, body: BodyPart | None = None) -> str:
+        """A file's bytes (a spooled message), never read whole into
+        memory: streamed as they are when nothing is kept apart; else each
+        part copied from the file by its byte offsets (the inner store's
+        ``put_file_range``), then the skeleton. ``body``: the structure of
+        a parse of these same bytes (``parse_message(...).body``: the
+        ingest's), so the file is not mapped and parsed again here; a
+        degraded parse (``storage.ingest``'s opaque message, no header
+        offsets: ``body_start`` 0) is not one, the file is parsed then."""
         path = Path(path)
-
-        def plan() -> tuple[str, bytes, list[tuple[int, int]]] | None:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size == 0:
-                    return None
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    found = self._plan(mapped) if self._may_split(mapped) else None
-                    if found is None:
-                        return None
-                    digest = hashlib.sha256()
-                    for at in range(0, size, 1 << 20):
-                        digest.update(mapped[at : at + (1 << 20)])
-                    return digest.hexdigest(), found[0], found[1]
-
-        planned = await asyncio.to_thread(plan)
+        if body is not None and body.body_start <= 0:
+            body = None
+        planned = await asyncio.to_thread(_plan_file, path, self.min_bytes, body)
         if planned is None:
             stored = str(await self.inner.put_file(path))
             self._note_parts(stored, None)
             return stored
-        key, skeleton, ranges = planned
-        self._note_parts(key, skeleton)
-
-        def read(a: int, b: int) -> bytes:
-            with open(path, "rb") as f:
-                f.seek(a)
-                return f.read(b - a)
-
-        for a, b in ranges:
-            await self._put_part(await asyncio.to_thread(read, a, b))
-        return str(await self.inner.put_as(key, skeleton))
+        self._note_refs(planned.key, planned.refs)
+        if not planned.refs:  # it starts with MAGIC: a skeleton of no refs
+            return str(
+                await self.inner.put_file_range(
+                    planned.key, path, 0, planned.size, prefix=_header(planned.size, [])
+                )
+            )
+        for ref in planned.refs:
+            # A part that looks like a skeleton is kept as one of no refs.
+            prefix = _header(ref.length, []) if ref in planned.magic else b""
+            await self.inner.put_file_range(
+                ref.key, path, ref.offset, ref.offset + ref.length, prefix=prefix
+            )
+        return str(await self.inner.put_as(planned.key, planned.skeleton))
 
     # --- reads --------------------------------------------------------------
 
