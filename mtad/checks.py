@@ -7,12 +7,19 @@ whose ``dmarc.disposition`` says whether DMARC asks to reject or
 quarantine. pyspf and dkimpy are synchronous: they run in
 ``asyncio.to_thread`` and resolve through the shared :class:`Resolver`.
 A check never raises: DNS trouble is ``temperror``, junk is ``permerror``.
+
+Memory: a spooled (large) message is checked from its header alone
+(DMARC needs the From field, SPF nothing). Only a header with a
+DKIM-Signature field makes the whole message be read, for dkimpy, which
+takes bytes: in the verifying thread, dropped after it, and at most
+``WHOLE_READS`` such messages at once in the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dkim
@@ -27,6 +34,10 @@ from mtad.dns import Resolver, resolving_with
 log = logging.getLogger("mtad.checks")
 
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+# Spooled messages read whole for DKIM at once, process-wide: each costs
+# its size and dkimpy's canonical copies; the others wait their turn.
+WHOLE_READS = 2
+_whole_reads: asyncio.Semaphore | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,7 @@ class DkimResult:
 
     def header_value(self) -> str:
         return (
-            f"dkim={self.result} header.d={self.domain} header.s={self.selector} "
-            f"header.b={self.b}"
+            f"dkim={self.result} header.d={self.domain} header.s={self.selector} header.b={self.b}"
         )
 
 
@@ -117,8 +127,15 @@ async def check_spf(
     return SpfResult(result, identity, scope)
 
 
+def dkim_signatures(header: bytes) -> list[bytes]:
+    """The values of the DKIM-Signature fields (RFC 6376 section 3.5) of
+    a message's header block (the message itself will do: only its
+    header is read)."""
+    return [v for name, v, _, _ in iter_fields(header) if name == "dkim-signature"]
+
+
 def _dkim_verify_all(message: bytes, dnsfunc, timeout: float) -> list[DkimResult]:
-    signatures = [v for name, v, _, _ in iter_fields(message) if name == "dkim-signature"]
+    signatures = dkim_signatures(message)
     results = []
     for idx, raw_sig in enumerate(signatures):
         try:
@@ -148,15 +165,35 @@ def _dkim_verify_all(message: bytes, dnsfunc, timeout: float) -> list[DkimResult
     return results
 
 
-async def check_dkim(resolver: Resolver, message: bytes) -> tuple[DkimResult, ...]:
-    """Verify every DKIM-Signature field (RFC 6376 section 6.1)."""
+def _read_and_verify(whole: Callable[[], bytes], dnsfunc, timeout: float) -> list[DkimResult]:
+    # In a worker thread: the message is read here and dropped on return.
+    return _dkim_verify_all(whole(), dnsfunc, timeout)
+
+
+async def check_dkim(
+    resolver: Resolver, message: bytes, whole: Callable[[], bytes] | None = None
+) -> tuple[DkimResult, ...]:
+    """Verify every DKIM-Signature field (RFC 6376 section 6.1).
+    ``message``: the message, or its header block alone when ``whole``
+    reads the rest (blocking: a spooled message's ``read_all``), which is
+    called only if the header has a DKIM-Signature field, in the verifying
+    thread, at most ``WHOLE_READS`` at once."""
+    global _whole_reads
+    if not dkim_signatures(message):
+        return ()  # nothing to verify: the body is never read
+    timeout = resolver.settings.timeout_seconds
     try:
-        results = await asyncio.to_thread(
-            _dkim_verify_all,
-            message,
-            resolver.dkim_txt_sync,
-            resolver.settings.timeout_seconds,
-        )
+        if whole is None:
+            results = await asyncio.to_thread(
+                _dkim_verify_all, message, resolver.dkim_txt_sync, timeout
+            )
+        else:
+            if _whole_reads is None:
+                _whole_reads = asyncio.Semaphore(WHOLE_READS)
+            async with _whole_reads:
+                results = await asyncio.to_thread(
+                    _read_and_verify, whole, resolver.dkim_txt_sync, timeout
+                )
     except Exception:
         log.warning("DKIM verification crashed", exc_info=True)
         return ()
@@ -171,11 +208,14 @@ async def authenticate_message(
     helo: str,
     mail_from: str,
     message: bytes,
+    whole: Callable[[], bytes] | None = None,
     spf_enabled: bool = True,
     dkim_enabled: bool = True,
     dmarc_enabled: bool = True,
 ) -> AuthenticationResults:
-    """SPF and DKIM concurrently, then DMARC from both. DMARC is left out
+    """SPF and DKIM concurrently, then DMARC from both. ``message``: the
+    message, or its header block with ``whole`` reading all of it for DKIM
+    (see :func:`check_dkim`). DMARC is left out
     when disabled or when neither SPF nor DKIM ran: RFC 7489 section 4.2
     passes a message only on an aligned SPF or DKIM pass, so without either
     check every domain with a policy would fail."""
@@ -184,12 +224,12 @@ async def authenticate_message(
     if spf_enabled and dkim_enabled:
         spf_result, dkim_results = await asyncio.gather(
             check_spf(resolver, client_ip, mail_from, helo, authserv_id),
-            check_dkim(resolver, message),
+            check_dkim(resolver, message, whole),
         )
     elif spf_enabled:  # one check alone needs no tasks
         spf_result = await check_spf(resolver, client_ip, mail_from, helo, authserv_id)
     elif dkim_enabled:
-        dkim_results = await check_dkim(resolver, message)
+        dkim_results = await check_dkim(resolver, message, whole)
     if not dmarc_enabled or not (spf_enabled or dkim_enabled):
         return AuthenticationResults(authserv_id, spf_result, tuple(dkim_results))
     domains = from_domains(message)

@@ -290,9 +290,7 @@ class SmtpSession(LeaseHolder, SMTP):
     @property
     def offers_auth(self) -> bool:
         # Not named auth_*: aiosmtpd takes every auth_* member for a SASL mechanism.
-        return self.mode is not Mode.MX and (
-            self.is_tls or self.ctx.settings.auth.allow_plaintext
-        )
+        return self.mode is not Mode.MX and (self.is_tls or self.ctx.settings.auth.allow_plaintext)
 
     def tls_description(self) -> str | None:
         if not self.is_tls or self.transport is None:
@@ -616,9 +614,7 @@ class SmtpSession(LeaseHolder, SMTP):
         for address in from_addresses(header):
             if not self._owns(address):
                 owner = self.state.account.address if self.state.account else "?"
-                return R.FROM_NOT_OWNED.with_text(
-                    f"From: header <{address}> not owned by {owner}"
-                )
+                return R.FROM_NOT_OWNED.with_text(f"From: header <{address}> not owned by {owner}")
         return None
 
     def _rate_keys(self) -> list[tuple[RateLimit, str]]:
@@ -1016,7 +1012,8 @@ class SmtpSession(LeaseHolder, SMTP):
                 client_ip=self._client_ip,
                 helo=state.host_name or "",
                 mail_from=mail_from,
-                message=await self._checked_text(content),
+                message=content if isinstance(content, bytes) else content.prefix,
+                whole=None if isinstance(content, bytes) else content.read_all,
                 spf_enabled=settings.smtp.spf,
                 dkim_enabled=settings.smtp.dkim_verify,
                 dmarc_enabled=settings.smtp.dmarc,
@@ -1176,19 +1173,10 @@ class SmtpSession(LeaseHolder, SMTP):
             )
             filing[account.id] = filed
             if filed.mailbox == "Junk":
-                log.info("%s: %s's copy to Junk, spam score %.2f", queue_id, account.address,
-                         filed.score)
+                log.info(
+                    "%s: %s's copy to Junk, spam score %.2f", queue_id, account.address, filed.score
+                )
         return filing
-
-    async def _checked_text(self, content: Message) -> bytes:
-        """What the MX checks read: the whole message for DKIM (dkimpy takes
-        bytes, so a spooled message is read in for the check alone and
-        dropped after it), else its header (SPF needs none, DMARC the From)."""
-        if isinstance(content, bytes):
-            return content
-        if self.ctx.settings.smtp.dkim_verify:
-            return await asyncio.to_thread(content.read_all)
-        return content.prefix
 
     async def _delivered_notice(self, queue_id: str, mail_from: str, content: Message) -> None:
         """RFC 3461 section 5.2.3: a "delivered" DSN to the sender for each
