@@ -74,6 +74,7 @@ import poplib
 import random
 import re
 import shutil
+import signal
 import smtplib
 import statistics
 import subprocess
@@ -399,11 +400,15 @@ def start_daemon(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
             argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + 60
-    while b"shardmail ready" not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"{argv[2]} did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+    try:
+        while b"shardmail ready" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{argv[2]} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+    except BaseException:  # not started, or interrupted while starting
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 
@@ -788,7 +793,14 @@ def report(batches: Sequence[Batch], sessions: int) -> None:
 # -------------------------------------------------------------------- main
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    """SIGTERM (a ``timeout``, a ``kill``) unwinds as Ctrl-C does: the
+    daemons, Swift and dnsmasq stop and the temporary sites go."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupted)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=6, help="per size, backend and round")
     parser.add_argument("--sessions", type=int, default=3, help="concurrent SMTP/IMAP sessions")
