@@ -117,12 +117,20 @@ async def _check(store: SkeletonBlobStore, path: Path, raw: bytes, parts: set[by
             assert await store.get(hashlib.sha256(part).hexdigest()) == part
 
 
+def _store(
+    inner: object, seed: int, low: int, high: int
+) -> tuple[random.Random, int, SkeletonBlobStore]:
+    """The test's random source, a threshold in ``low`` .. ``high`` and a
+    store splitting parts over it."""
+    rng = random.Random(seed)
+    threshold = rng.randint(low, high)
+    return rng, threshold, SkeletonBlobStore(inner, threshold)
+
+
 async def test_big_parts_stream_from_the_file_byte_exact(
     inner: object, tmp_path: Path, seed: int
 ) -> None:
-    rng = random.Random(seed)
-    threshold = rng.randint(60_000, 70_000)
-    store = SkeletonBlobStore(inner, threshold)
+    rng, threshold, store = _store(inner, seed, 60_000, 70_000)
     sizes = _sizes(rng, threshold)
     bodies = [("base64", _encoded(rng, n)) for n in sizes]
     # An 8-bit part that looks like a skeleton: kept as one with no refs.
@@ -146,9 +154,7 @@ async def test_big_parts_stream_from_the_file_byte_exact(
 async def test_random_mime_trees_from_files_byte_exact(
     inner: object, tmp_path: Path, seed: int
 ) -> None:
-    rng = random.Random(seed)
-    threshold = rng.randint(500, 6_000)
-    store = SkeletonBlobStore(inner, threshold)
+    rng, threshold, store = _store(inner, seed, 500, 6_000)
     trees = MimeTrees(rng, threshold)
     split = 0
     for n in range(rng.randint(8, 14)):
