@@ -153,6 +153,16 @@ class BlobStore(Protocol):
         """Bytes ``start`` .. ``end`` (exclusive)."""
 
     def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]: ...
+    def stream_range(
+        self, key: str, start: int, end: int | None = None, chunk_size: int = 65536
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``start`` .. ``end`` (exclusive; None: to the end), clipped
+        to the blob's size, in chunks of ``chunk_size`` bytes (the last may
+        be shorter), read as they arrive: the one read seam for large
+        bodies (IMAP FETCH, POP3 RETR, the API's downloads). An S3 store
+        sends one ranged GET per stored piece the range covers, never one
+        per chunk; at most about a chunk is held. NOT_FOUND if absent."""
+
     async def exists(self, key: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def keys(self) -> list[str]: ...
@@ -329,9 +339,7 @@ class MailStore(Protocol):
     async def status_all(self, account_id: int) -> dict[int, MailboxStatus]:
         """STATUS of every mailbox of the account, by mailbox id, in one read."""
 
-    async def changes_since(
-        self, account_id: int, mailbox_id: int, modseq: int
-    ) -> MailboxChanges:
+    async def changes_since(self, account_id: int, mailbox_id: int, modseq: int) -> MailboxChanges:
         """Entries with modseq > ``modseq`` and UIDs expunged after it."""
 
     async def claim_recent(self, account_id: int, mailbox_id: int) -> int:

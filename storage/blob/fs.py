@@ -424,13 +424,24 @@ class FsBlobStore:
             return bytes(row[0])[start:end]  # type: ignore[index]
         return await asyncio.to_thread(self._read, key, start, end)
 
-    async def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
-        """The blob in chunks of at most ``chunk_size`` bytes."""
+    def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """The blob in chunks of ``chunk_size`` bytes (the last may be shorter)."""
+        return self.stream_range(key, 0, None, chunk_size)
+
+    async def stream_range(
+        self, key: str, start: int, end: int | None = None, chunk_size: int = 65536
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``start`` .. ``end`` (None: to the end), clipped to the
+        blob's size, in chunks of ``chunk_size`` bytes (the last may be
+        shorter): a packed blob sliced from its row, a file read a chunk at
+        a time from ``start``. NOT_FOUND if absent."""
+        if start < 0 or (end is not None and end < start):
+            raise StorageError(ErrorKind.INVALID, "bad byte range")
         row = await self._in_table("data", key)
         if row is None:
             row = await asyncio.to_thread(self._packed, "SELECT data FROM blobs WHERE key = ?", key)
         if row is not None:
-            data = bytes(row[0])  # type: ignore[arg-type]
+            data = bytes(row[0])[start:end]  # type: ignore[index]
             for at in range(0, len(data), chunk_size):
                 yield data[at : at + chunk_size]
             return
@@ -440,7 +451,15 @@ class FsBlobStore:
         except FileNotFoundError:
             raise StorageError(ErrorKind.NOT_FOUND, "no such blob") from None
         try:
-            while chunk := await asyncio.to_thread(f.read, chunk_size):
+            if start:
+                await asyncio.to_thread(f.seek, start)
+            pos = start
+            while end is None or pos < end:
+                want = chunk_size if end is None else min(chunk_size, end - pos)
+                chunk = await asyncio.to_thread(f.read, want)
+                if not chunk:
+                    break
+                pos += len(chunk)
                 yield chunk
         finally:
             await asyncio.to_thread(f.close)

@@ -581,21 +581,44 @@ class S3BlobStore:
             return answer.body[start:end]
         return answer.body
 
-    async def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+    def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
         """The blob in chunks of ``chunk_size`` bytes (the last may be
-        shorter), read as it arrives; a connection lost midway resumes with
-        a ranged GET of the same version (``If-Match`` its ETag)."""
+        shorter): :meth:`stream_range` of all of it."""
+        return self.stream_range(key, 0, None, chunk_size)
+
+    async def stream_range(
+        self, key: str, start: int, end: int | None = None, chunk_size: int = 65536
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``start`` .. ``end`` (None: to the end), clipped to the
+        blob's size, in chunks of ``chunk_size`` bytes (the last may be
+        shorter), from ONE GET (ranged unless the whole blob is wanted, RFC
+        9110 section 14.2) whose body is read as it is consumed: at most a
+        chunk and aiohttp's read buffer are held, and a slow consumer slows
+        the transfer (TCP flow control) rather than growing memory.
+
+        A connection lost midway (or a read timeout) resumes with a ranged
+        GET of the rest of the same version (``If-Match`` its ETag); only
+        ``attempts`` failures in a row without a byte received in between
+        make it TEMPORARY. NOT_FOUND if absent."""
+        if start < 0 or (end is not None and end < start):
+            raise StorageError(ErrorKind.INVALID, "bad byte range")
         _check_key(key)
+        if end == start:
+            await self._head(key)  # NOT_FOUND as for any other range
+            return
         url = self._url(key)
         c = self.config
-        sent = 0
+        pos = start  # the next offset wanted: every byte before it was received
         etag: str | None = None
         buffer = bytearray()
         failures = 0
-        while True:
+        while end is None or pos < end:
             headers: dict[str, str] = {}
+            if pos or end is not None:
+                last = "" if end is None else str(end - 1)
+                headers["range"] = f"bytes={pos}-{last}"
             if etag is not None:
-                headers = {"range": f"bytes={sent + len(buffer)}-", "if-match": etag}
+                headers["if-match"] = etag
             signed = sign(
                 "GET",
                 url,
@@ -610,20 +633,32 @@ class S3BlobStore:
                 async with self._client().get(URL(url, encoded=True), headers=signed) as resp:
                     if resp.status == 404:
                         raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
-                    if resp.status == 416:  # resumed exactly at the end
+                    if resp.status == 416:  # at or past the end (RFC 9110 section 15.5.17)
                         break
-                    if resp.status >= 500 or resp.status == 429:
+                    if resp.status >= 500 or resp.status in (408, 429):
                         raise _Retry(f"HTTP {resp.status}")
                     if resp.status not in (200, 206) or (etag and resp.status != 206):
                         log.error("S3 GET %s: HTTP %d", url, resp.status)
                         raise StorageError(ErrorKind.TEMPORARY, "blob store refused a read")
                     etag = etag or resp.headers.get("ETag", "*")
+                    # A 200 to a ranged GET: the server sent the whole blob.
+                    skip = pos if resp.status == 200 else 0
                     async for data in resp.content.iter_chunked(chunk_size):
+                        if skip:
+                            cut, skip = min(skip, len(data)), max(0, skip - len(data))
+                            data = data[cut:]
+                        if end is not None:
+                            data = data[: end - pos]
+                        if not data:
+                            if end is not None and pos >= end:
+                                break
+                            continue
+                        pos += len(data)
+                        failures = 0
                         buffer += data
                         while len(buffer) >= chunk_size:
                             out = bytes(buffer[:chunk_size])
                             del buffer[:chunk_size]
-                            sent += len(out)
                             yield out
                     break
             except (TimeoutError, _Retry, aiohttp.ClientError, OSError) as err:

@@ -493,41 +493,78 @@ class SkeletonBlobStore:
         skeleton = await self.skeleton(key)
         return skeleton.size if skeleton else int(await self.inner.size(key))
 
-    async def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
-        """The message in chunks of ``chunk_size`` bytes (the last may be
-        shorter); referenced parts are streamed, never read whole."""
+    def stream(self, key: str, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+        """The whole message, as :meth:`stream_range` reads it."""
+        return self.stream_range(key, 0, None, chunk_size)
+
+    async def stream_range(
+        self, key: str, start: int, end: int | None = None, chunk_size: int = 65536
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``start`` .. ``end`` (None: to the end) of the message,
+        clipped, in chunks of ``chunk_size`` bytes (the last may be shorter).
+
+        Each stored piece the range covers is read as ONE stream of the
+        inner store (one GET on S3), never read whole: a message stored as
+        it is, one stream; a skeleton, the skeleton itself (read whole:
+        references and the bytes between the parts), then one stream per
+        referenced part in the range. Whether a blob is a skeleton is told
+        by its first octets: from the stream itself when the range starts
+        at 0, else by a read of ``len(MAGIC)`` octets first (once per
+        process for a skeleton, which is then kept decoded)."""
+        if start < 0 or (end is not None and end < start):
+            raise StorageError(ErrorKind.INVALID, "bad byte range")
         skeleton = self._skeletons.get(key)
         if skeleton is None:
-            chunks = self.inner.stream(key, chunk_size).__aiter__()
-            first = b""
-            with contextlib.suppress(StopAsyncIteration):
-                while len(first) < len(MAGIC):
-                    first += await chunks.__anext__()
-            if not first.startswith(MAGIC):
-                for at in range(0, len(first), chunk_size):  # gathered from chunks this small
-                    yield first[at : at + chunk_size]
-                async for chunk in chunks:
-                    yield chunk
-                return
-            rest = [first]
-            async for chunk in chunks:
-                rest.append(chunk)
-            skeleton = self._remember(key, decode(b"".join(rest)))
+            if start == 0:
+                chunks = self.inner.stream_range(key, 0, end, chunk_size)
+                async with contextlib.aclosing(chunks):
+                    first = b""
+                    async for chunk in chunks:
+                        first += chunk
+                        if len(first) >= len(MAGIC):
+                            break
+                    if not first.startswith(MAGIC):
+                        for at in range(0, len(first), chunk_size):  # from chunks this small
+                            yield first[at : at + chunk_size]
+                        async for chunk in chunks:
+                            yield chunk
+                        return
+                    rest = [first]
+                    async for chunk in chunks:
+                        rest.append(chunk)
+                blob = b"".join(rest)
+                if end is not None and len(blob) >= end:  # maybe cut short by the range
+                    blob = await self.inner.get(key)
+            else:
+                if await self.inner.get_range(key, 0, len(MAGIC)) != MAGIC:
+                    chunks = self.inner.stream_range(key, start, end, chunk_size)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            yield chunk
+                    return
+                blob = await self.inner.get(key)
+            skeleton = self._remember(key, decode(blob))
+        stop = skeleton.size if end is None else min(end, skeleton.size)
         buffer = bytearray()
         for a, b, src in skeleton.segments():
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= hi:
+                continue
             if isinstance(src, Ref):
                 got = 0
-                async for chunk in self.stream(src.key, chunk_size):
-                    chunk = chunk[: b - a - got]
-                    got += len(chunk)
-                    buffer += chunk
-                    while len(buffer) >= chunk_size:
-                        yield bytes(buffer[:chunk_size])
-                        del buffer[:chunk_size]
-                if got != b - a:
+                part = self.stream_range(src.key, lo - a, hi - a, chunk_size)
+                async with contextlib.aclosing(part):
+                    async for chunk in part:
+                        chunk = chunk[: hi - lo - got]
+                        got += len(chunk)
+                        buffer += chunk
+                        while len(buffer) >= chunk_size:
+                            yield bytes(buffer[:chunk_size])
+                            del buffer[:chunk_size]
+                if got != hi - lo:
                     raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
                 continue
-            buffer += skeleton.literal[src : src + b - a]
+            buffer += skeleton.literal[src + lo - a : src + hi - a]
             while len(buffer) >= chunk_size:
                 yield bytes(buffer[:chunk_size])
                 del buffer[:chunk_size]

@@ -61,6 +61,12 @@ async def _read_back(blobs: SkeletonBlobStore, key: str, raw: bytes, rng: random
     chunks = [c async for c in blobs.stream(key, chunk)]
     assert b"".join(chunks) == raw
     assert all(len(c) == chunk for c in chunks[:-1])
+    for _ in range(4):
+        start = rng.randint(0, len(raw) + 3)
+        end = rng.choice([None, rng.randint(start, len(raw) + 9)])
+        chunks = [c async for c in blobs.stream_range(key, start, end, chunk)]
+        assert b"".join(chunks) == raw[start:end]
+        assert all(len(c) == chunk for c in chunks[:-1])
 
 
 async def test_random_mime_trees_read_back_byte_exact(
@@ -110,9 +116,13 @@ async def test_garbage_collection_keeps_attachments_of_referenced_messages(
 
     def message(n: int) -> bytes:
         return (
-            f"Subject: {n}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n"
-            f"\r\n--z\r\n\r\ntext {n}\r\n--z\r\nContent-Type: application/pdf\r\n\r\n"
-        ).encode() + attachment + b"\r\n--z--\r\n"
+            (
+                f"Subject: {n}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n"
+                f"\r\n--z\r\n\r\ntext {n}\r\n--z\r\nContent-Type: application/pdf\r\n\r\n"
+            ).encode()
+            + attachment
+            + b"\r\n--z--\r\n"
+        )
 
     kept = [message(n) for n in range(2)]
     for raw in kept:
