@@ -10,8 +10,8 @@ Attachments are numbered in depth-first order, the same order
 
 from __future__ import annotations
 
-import binascii
 import codecs
+import contextlib
 import email.errors
 import email.header
 import re
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from storage.api import BlobStore
 from storage.model import BodyPart
+from storage.transfer_decode import decode_transfer, transfer_decoder
 
 READ_CHUNK = 256 * 1024
 _SAFE_FILENAME = re.compile(r'[\x00-\x1f\x7f"\\/]')
@@ -60,7 +61,8 @@ def _param(params: tuple[tuple[str, str], ...], name: str) -> str | None:
     value = lookup.get(name)
     if value is None:
         continuations = sorted(
-            (int(k[len(name) + 1 :]), v) for k, v in lookup.items()
+            (int(k[len(name) + 1 :]), v)
+            for k, v in lookup.items()
             if k.startswith(name + "*") and k[len(name) + 1 :].isdigit()
         )
         if not continuations:
@@ -111,15 +113,17 @@ def message_parts(body: BodyPart) -> MessageParts:
         if not name:
             ext = "eml" if content_type == "message/rfc822" else "bin"
             name = f"part-{index + 1}.{ext}"
-        attachments.append(Attachment(
-            index=index,
-            filename=name,
-            content_type=content_type,
-            size=max(0, part.end - part.body_start),
-            part=part,
-            inline=disposition == "inline",
-            content_id=part.id.strip("<>") if part.id else None,
-        ))
+        attachments.append(
+            Attachment(
+                index=index,
+                filename=name,
+                content_type=content_type,
+                size=max(0, part.end - part.body_start),
+                part=part,
+                inline=disposition == "inline",
+                content_id=part.id.strip("<>") if part.id else None,
+            )
+        )
 
     visit(body, False)
     return MessageParts(text, html, tuple(attachments))
@@ -136,112 +140,23 @@ def charset_of(part: BodyPart) -> str:
     return charset
 
 
-# RFC 2045 section 6.8: characters outside the base64 alphabet are ignored.
-_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-_B64_IGNORED = bytes(b for b in range(256) if b not in _B64_ALPHABET and b != ord("="))
-
-
-class Base64Decoder:
-    """Incremental base64 (RFC 2045 section 6.8) for bodies read in chunks.
-
-    Contract: the concatenation of every :meth:`feed` result and the final
-    :meth:`finish` equals the decoded body, however the input was split.
-    Line breaks and junk are skipped; the first "=" ends the data (it is
-    padding, which only appears at the end); a final group of two or three
-    sextets still yields its one or two octets, as padded input would, and a
-    lone sextet (no whole octet) is dropped. Linear in the input.
-    """
-
-    def __init__(self) -> None:
-        self._pending = b""  # fewer than four alphabet characters
-        self._ended = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._ended:
-            return b""
-        pad = chunk.find(b"=")
-        if pad >= 0:
-            chunk, self._ended = chunk[:pad], True
-        clean = self._pending + chunk.translate(None, _B64_IGNORED)
-        usable = len(clean) - len(clean) % 4
-        self._pending = clean[usable:]
-        return binascii.a2b_base64(clean[:usable]) if usable else b""
-
-    def finish(self) -> bytes:
-        rest, self._pending, self._ended = self._pending, b"", True
-        if len(rest) < 2:
-            return b""
-        return binascii.a2b_base64(rest + b"=" * (4 - len(rest)))
-
-
-class QuotedPrintableDecoder:
-    """Incremental quoted-printable (RFC 2045 section 6.7) with the same
-    contract as :class:`Base64Decoder`: input is held back only while an
-    "=" escape or soft line break may be cut by the chunk boundary."""
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
-        # An escape is "=XX" or "=" CRLF: at most two more octets follow the "=".
-        escape = data.rfind(b"=", max(0, len(data) - 2))
-        cut = escape if escape >= 0 else len(data)
-        data, self._pending = data[:cut], data[cut:]
-        return binascii.a2b_qp(data)
-
-    def finish(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return binascii.a2b_qp(rest)
-
-
-class IdentityDecoder:
-    """7bit, 8bit, binary and unknown encodings: the body as stored."""
-
-    def feed(self, chunk: bytes) -> bytes:
-        return chunk
-
-    def finish(self) -> bytes:
-        return b""
-
-
-Decoder = Base64Decoder | QuotedPrintableDecoder | IdentityDecoder
-
-
-def transfer_decoder(encoding: str) -> Decoder:
-    """The incremental decoder for a Content-Transfer-Encoding (RFC 2045 section 6)."""
-    encoding = encoding.upper()
-    if encoding == "BASE64":
-        return Base64Decoder()
-    if encoding == "QUOTED-PRINTABLE":
-        return QuotedPrintableDecoder()
-    return IdentityDecoder()
-
-
-def decode_transfer(data: bytes, encoding: str) -> bytes:
-    """RFC 2045 section 6: undo base64 / quoted-printable; others are identity."""
-    decoder = transfer_decoder(encoding)
-    return decoder.feed(data) + decoder.finish()
-
-
 async def read_text(blobs: BlobStore, blob_key: str, part: BodyPart) -> str:
     raw = await blobs.get_range(blob_key, part.body_start, part.end)
     return decode_transfer(raw, part.encoding).decode(charset_of(part), errors="replace")
 
 
 async def stream_decoded(blobs: BlobStore, blob_key: str, part: BodyPart) -> AsyncIterator[bytes]:
-    """The part's decoded body in chunks, reading the blob range piecewise so
-    a large attachment is never held in memory whole."""
+    """The part's decoded body in chunks, its blob range read as one stream
+    (``BlobStore.stream_range``: one GET per stored piece on S3) so a large
+    attachment is never held in memory whole."""
     decoder = transfer_decoder(part.encoding)
-    pos = part.body_start
-    while pos < part.end:
-        chunk = await blobs.get_range(blob_key, pos, min(part.end, pos + READ_CHUNK))
-        if not chunk:
-            break
-        pos += len(chunk)
-        out = decoder.feed(chunk)
-        if out:
-            yield out
+    if part.end > part.body_start:
+        chunks = blobs.stream_range(blob_key, part.body_start, part.end, READ_CHUNK)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                out = decoder.feed(chunk)
+                if out:
+                    yield out
     tail = decoder.finish()
     if tail:
         yield tail

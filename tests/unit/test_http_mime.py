@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from httpapi.mime import Base64Decoder, QuotedPrintableDecoder, decode_transfer
+from storage.transfer_decode import Base64Decoder, QuotedPrintableDecoder, decode_transfer
 
 
 def b64_lines(data: bytes, width: int) -> bytes:
@@ -42,9 +42,7 @@ def test_decoders_give_the_same_bytes_however_the_input_is_split(decoder: type) 
         (b"R3LDvMOfZ", "Grüß".encode()),  # a lone sextet carries no octet
     ],
 )
-def test_base64_tolerates_junk_but_keeps_padding_semantics(
-    encoded: bytes, decoded: bytes
-) -> None:
+def test_base64_tolerates_junk_but_keeps_padding_semantics(encoded: bytes, decoded: bytes) -> None:
     decoder = Base64Decoder()
     assert decoder.feed(encoded) + decoder.finish() == decoded
 
