@@ -1,16 +1,22 @@
-"""storage.transfer_decode: incremental decoders fed random splits of
-random-size input give what the standard library's decoders (base64,
-quopri, email) give for the whole."""
+"""storage.transfer_decode and imapd.imap.binary's streamed BINARY pieces:
+incremental decoders fed random splits of random-size input give what the
+standard library's decoders (base64, quopri, email) give for the whole, and
+the measure / window of a stream match the decoded bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email
 import itertools
 import quopri
 import random
+from collections.abc import AsyncIterator
 
+import pytest
+
+from imapd.imap import binary
 from storage.transfer_decode import (
     Base64Decoder,
     QuotedPrintableDecoder,
@@ -97,3 +103,46 @@ def test_other_encodings_are_the_identity() -> None:
     for encoding in ("7bit", "8BIT", "binary", ""):
         assert decode_transfer(data, encoding) == data
         assert transfer_decoder(encoding).feed(data) == data
+
+
+async def _stream(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    for p in pieces:
+        await asyncio.sleep(0)
+        yield p
+
+
+@pytest.mark.parametrize("encoding", ["base64", "quoted-printable", "8bit"])
+async def test_measure_and_window_match_the_decoded_bytes(encoding: str) -> None:
+    rng = random.Random()
+    for _ in range(20):
+        data = rng.randbytes(_size(rng, 300_000))
+        if rng.random() < 0.5:
+            data = data.replace(b"\0", b"")  # no NUL: a plain literal, not literal8
+        encoded = {
+            "base64": lambda d: base64.encodebytes(d).replace(b"\n", b"\r\n"),
+            "quoted-printable": quopri.encodestring,
+            "8bit": lambda d: d,
+        }[encoding](data)
+        if encoding == "quoted-printable":
+            data = quopri.decodestring(encoded)  # QP of raw line breaks is lossy
+        windows = [(rng.randint(0, len(data) + 5), rng.randint(0, len(data) + 5)) for _ in "abc"]
+        key = f"{rng.getrandbits(256):064x}"
+        measured, flags = await binary.measure(
+            key, 0, len(encoded), encoding, _stream(_splits(rng, encoded)), windows
+        )
+        first = data.find(b"\0")
+        assert measured == binary.Measure(len(data), first, data.rfind(b"\0"))
+        assert binary.remembered(key, 0, len(encoded), encoding.upper()) == measured
+        for (origin, octets), nul in zip(windows, flags, strict=True):
+            start, length = measured.window(origin, octets)
+            expect = data[origin : origin + octets]
+            assert length == len(expect)
+            assert nul == (b"\0" in expect)
+            assert measured.nul_in(start, length) in (None, nul)
+            got = binary.decoded_window(_stream(_splits(rng, encoded)), encoding, start, length)
+            assert b"".join([c async for c in got]) == expect
+
+
+def test_an_unknown_encoding_is_refused_before_reading() -> None:
+    with pytest.raises(binary.UnknownCte):
+        asyncio.run(binary.measure("0" * 64, 0, 1, "x-uuencode", _stream([b"x"]), []))

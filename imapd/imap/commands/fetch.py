@@ -3,12 +3,16 @@ MODSEQ and VANISHED).
 
 Message bodies are never built whole in memory for large messages: a
 section is a byte range of the blob (``BodyPart`` offsets), written as a
-literal in chunks read with ``BlobStore.get_range``, with back-pressure
-from the transport between chunks.
+literal from ONE ``BlobStore.stream_range`` of that range (one GET per
+stored piece on S3), a chunk at a time with back-pressure from the
+transport between chunks. BINARY (RFC 3516) decodes the same stream a
+chunk at a time; its literal's length (and literal8 or not) is measured
+by a first decoding pass that keeps only counts, remembered per blob range.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -64,6 +68,19 @@ class _Blob:
         if data is not None:
             return data[start:end]
         return await self._blobs.get_range(self.key, start, end)
+
+    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``start`` .. ``end`` in chunks of at most ``CHUNK``: a small
+        message from memory, a large one as one stream of the blob store."""
+        data = await self.small()
+        if data is not None:
+            for at in range(start, min(end, len(data)), CHUNK):
+                yield data[at : min(end, at + CHUNK)]
+            return
+        stream = self._blobs.stream_range(self.key, start, end, CHUNK)
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,31 +183,45 @@ def _att_label(att: FetchAttribute) -> bytes:
 
 
 async def _write_range(s: Session, blob: _Blob, start: int, end: int) -> None:
-    """A literal of blob bytes start..end, in chunks, honouring back-pressure.
+    """A literal of blob bytes start..end, streamed (:meth:`_Blob.chunks`),
+    honouring back-pressure between chunks."""
+    end = min(end, blob.size)
+    start = min(start, end)
+    s.write(b"{%d}\r\n" % (end - start))
+    await _write_octets(s, blob, blob.chunks(start, end), end - start)
+
+
+async def _write_octets(s: Session, blob: _Blob, chunks: AsyncIterator[bytes], length: int) -> None:
+    """Writes exactly ``length`` octets of a literal whose length is already
+    announced, from ``chunks``, draining between chunks of a large one.
 
     Once the literal's length is announced exactly that many octets follow,
     whatever happens: a blob that turns out short or unreadable mid-stream
     is padded with spaces (and logged) so the connection stays in step.
     """
-    end = min(end, blob.size)
-    start = min(start, end)
-    length = end - start
-    s.write(b"{%d}\r\n" % length)
-    pos = start
-    while pos < end:
-        stop = min(end, pos + CHUNK)
-        try:
-            data = await blob.range(pos, stop)
-        except Exception:
-            log.exception("blob %s unreadable during FETCH", blob.key)
-            data = b""
-        if len(data) != stop - pos:
-            log.error("blob %s shorter than its metadata says", blob.key)
-            data = data[: stop - pos].ljust(stop - pos, b" ")
-        s.write(data)
-        pos = stop
-        if length > CHUNK:
-            await s.conn.drain()
+    sent = 0
+    async with contextlib.aclosing(chunks):
+        while sent < length:
+            try:
+                data = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except Exception:
+                log.exception("blob %s unreadable during FETCH", blob.key)
+                break
+            data = data[: length - sent]
+            s.write(data)
+            sent += len(data)
+            if length > CHUNK:
+                await s.conn.drain()
+    if sent < length:
+        log.error("blob %s shorter than its metadata says", blob.key)
+        while sent < length:
+            pad = min(CHUNK, length - sent)
+            s.write(b" " * pad)
+            sent += pad
+            if length > CHUNK:
+                await s.conn.drain()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,14 +246,16 @@ class SectionSource:
         if self.filtered is not None:
             yield self.filtered
             return
-        pos = self.start
-        while pos < self.end:
-            stop = min(self.end, pos + CHUNK)
-            data = await self.blob.range(pos, stop)
-            if len(data) != stop - pos:
-                raise StorageError(ErrorKind.TEMPORARY, "message text shorter than stored size")
-            yield data
-            pos = stop
+        # One stream per stored piece, as FETCH reads (not a GET per chunk).
+        sent = 0
+        stream = self.blob.chunks(self.start, self.end)
+        async with contextlib.aclosing(stream):
+            async for data in stream:
+                data = data[: self.size - sent]
+                sent += len(data)
+                yield data
+        if sent != self.size:
+            raise StorageError(ErrorKind.TEMPORARY, "message text shorter than stored size")
 
 
 async def section_source(
@@ -376,8 +409,6 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
             except binary.UnknownCte:
                 # RFC 3516 section 4.3: a part we cannot decode fails the command.
                 return no("Cannot decode a part's transfer encoding", "UNKNOWN-CTE")
-            except ContentTimeout:
-                return no("Decoding took too long, try again later", "UNAVAILABLE")
             if s.conn.congested:
                 await s.conn.drain()  # a slow reader: wait before the next message
         await s.conn.drain()
@@ -462,18 +493,12 @@ async def _fetch_one(
             s.write(b"RFC822.TEXT ")
             await _write_range(s, blob, root.body_start, root.end)
         elif name == "BINARY.SIZE" and att.section is not None:
-            s.write(b"BINARY.SIZE[%s] %d" % (att.section.label().encode(), len(decoded[att])))
+            item = decoded[att]
+            size = item.size if item is not None else 0
+            s.write(b"BINARY.SIZE[%s] %d" % (att.section.label().encode(), size))
         elif name == "BINARY" and att.section is not None:
             s.write(_att_label(att) + b" ")
-            data = decoded[att]
-            if att.partial is not None:
-                origin, octets = att.partial
-                data = data[origin : origin + octets]
-            # RFC 3516 section 4.2: data holding NUL goes as a literal8.
-            s.write((b"~{%d}\r\n" if b"\0" in data else b"{%d}\r\n") % len(data))
-            s.write(data)
-            if len(data) > CHUNK:
-                await s.conn.drain()
+            await _write_binary(s, blob, decoded[att])
         elif att.section is not None and root is not None:
             s.write(_att_label(att) + b" ")
             await _write_section(s, blob, root, att)
@@ -530,35 +555,96 @@ def _decodable(items: list[StoredMessage | MessageEntry], atts: tuple[FetchAttri
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class _Binary:
+    """A BINARY item's content, measured before the response starts: the
+    blob range of the part's body, its transfer encoding, its decoded size,
+    and the decoded window sent (start, length) with whether it holds a NUL."""
+
+    start: int
+    end: int
+    encoding: str
+    size: int
+    window: tuple[int, int]
+    nul: bool
+
+
 async def _binary_sections(
     blob: _Blob, body: BodyPart | None, atts: tuple[FetchAttribute, ...]
-) -> dict[FetchAttribute, bytes]:
-    """The decoded content of each BINARY / BINARY.SIZE item (RFC 3516
-    section 4.2), worked out before the FETCH response starts so that an
-    undecodable part (:class:`binary.UnknownCte`) can still fail the command.
-    ``BINARY[]`` is the whole message as stored; a part the message lacks
-    is empty, as BODY's is (RFC 3501 section 6.4.5)."""
-    out: dict[FetchAttribute, bytes] = {}
+) -> dict[FetchAttribute, _Binary | None]:
+    """Each BINARY / BINARY.SIZE item's content (RFC 3516 section 4.2),
+    measured before the FETCH response starts so that an undecodable part
+    (:class:`binary.UnknownCte`) can still fail the command and the
+    literal's length is known; nothing decoded is kept. ``BINARY[]`` is the
+    whole message as stored; a part the message lacks is empty (None), as
+    BODY's is (RFC 3501 section 6.4.5).
+
+    A range not measured before in this process costs one streamed pass
+    (:func:`binary.measure`), shared by every item naming it; BINARY.SIZE
+    of a part stored unencoded costs none."""
+    found: dict[FetchAttribute, tuple[int, int, str] | None] = {}
     for att in atts:
-        if att.section is None or att.name not in ("BINARY", "BINARY.SIZE") or att in out:
+        if att.section is None or att.name not in ("BINARY", "BINARY.SIZE") or att in found:
             continue
-        if body is None:
-            out[att] = b""
-            continue
-        if not att.section.part:
-            out[att] = await blob.range(0, blob.size)
-            continue
-        part = find_part(body, att.section.part)
-        if part is None:
-            out[att] = b""
-            continue
-        # Multiparts and message/rfc822 may only be 7bit/8bit/binary (RFC 2045
-        # section 6.4): their bodies are returned as stored.
-        encoding = part.encoding if part.type not in ("multipart", "message") else "BINARY"
-        binary.check(encoding)
-        raw = await blob.range(part.body_start, part.end)
-        out[att] = await binary.decode_off_loop(encoding, raw)
+        part = find_part(body, att.section.part) if body and att.section.part else None
+        if body is None or (att.section.part and part is None):
+            found[att] = None
+        elif part is None:
+            found[att] = (0, blob.size, "")
+        else:
+            # Multiparts and message/rfc822 may only be 7bit/8bit/binary (RFC
+            # 2045 section 6.4): their bodies are returned as stored.
+            encoding = part.encoding if part.type not in ("multipart", "message") else ""
+            binary.check(encoding)
+            found[att] = (part.body_start, part.end, encoding)
+    out: dict[FetchAttribute, _Binary | None] = {att: None for att in found}
+    for rng in {r for r in found.values() if r is not None}:
+        start, end, encoding = rng
+        mine = [att for att, r in found.items() if r == rng]
+        known = binary.remembered(blob.key, start, end, encoding)
+        if known is None and binary.is_identity(encoding):
+            if all(att.name == "BINARY.SIZE" for att in mine):
+                known = binary.Measure(end - start, -1, -1)  # no literal: no NUL to find
+        windows = [known.window(*_partial(att)) if known is not None else (0, 0) for att in mine]
+        flags = [
+            known.nul_in(*w) if known is not None and att.name == "BINARY" else False
+            for att, w in zip(mine, windows, strict=True)
+        ]
+        if known is None or None in flags:
+            if known is None:
+                # Windows before the size is known: clipped once it is.
+                windows = [_unclipped(att) for att in mine]
+            known, found_flags = await binary.measure(
+                blob.key, start, end, encoding, blob.chunks(start, end), windows
+            )
+            windows = [known.window(*_partial(att)) for att in mine]
+            flags = list(found_flags)
+        for att, window, nul in zip(mine, windows, flags, strict=True):
+            out[att] = _Binary(start, end, encoding, known.size, window, bool(nul))
     return out
+
+
+def _partial(att: FetchAttribute) -> tuple[int, int | None]:
+    return att.partial if att.partial is not None else (0, None)
+
+
+def _unclipped(att: FetchAttribute) -> tuple[int, int]:
+    origin, octets = _partial(att)
+    return origin, (1 << 62) if octets is None else octets
+
+
+async def _write_binary(s: Session, blob: _Blob, item: _Binary | None) -> None:
+    """A BINARY literal: the decoded window, streamed (RFC 3516 section 4.2:
+    a literal8 when the octets hold a NUL)."""
+    if item is None:
+        s.write(b"{0}\r\n")
+        return
+    start, length = item.window
+    s.write((b"~{%d}\r\n" if item.nul else b"{%d}\r\n") % length)
+    if length:
+        chunks = blob.chunks(item.start, item.end)
+        decoded = binary.decoded_window(chunks, item.encoding, start, length)
+        await _write_octets(s, blob, decoded, length)
 
 
 async def _write_section(
