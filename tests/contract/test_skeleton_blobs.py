@@ -116,13 +116,9 @@ async def test_garbage_collection_keeps_attachments_of_referenced_messages(
 
     def message(n: int) -> bytes:
         return (
-            (
-                f"Subject: {n}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n"
-                f"\r\n--z\r\n\r\ntext {n}\r\n--z\r\nContent-Type: application/pdf\r\n\r\n"
-            ).encode()
-            + attachment
-            + b"\r\n--z--\r\n"
-        )
+            f"Subject: {n}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n"
+            f"\r\n--z\r\n\r\ntext {n}\r\n--z\r\nContent-Type: application/pdf\r\n\r\n"
+        ).encode() + attachment + b"\r\n--z--\r\n"  # fmt: skip
 
     kept = [message(n) for n in range(2)]
     for raw in kept:
