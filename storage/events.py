@@ -289,12 +289,16 @@ class PgNotifyEventBus(_LocalFanOut):
         """Connects the listener; raises if PostgreSQL cannot be reached."""
         await self._listen()
 
-    async def _connect(self) -> Any:
+    async def _connect(self, **settings: str) -> Any:
         """A new connection: each listed host in turn (a failover's new
-        primary is found through the same host list as the engine's)."""
+        primary is found through the same host list as the engine's);
+        ``settings``: server settings of its session, beside the URL's."""
         from storage.sql.db import connect_each_host
 
-        return await connect_each_host(**self._connect_args)
+        args = dict(self._connect_args)
+        if settings:
+            args["server_settings"] = {**args.get("server_settings", {}), **settings}
+        return await connect_each_host(**args)
 
     async def _listen(self) -> None:
         conn = await self._connect()
@@ -365,7 +369,12 @@ class PgNotifyEventBus(_LocalFanOut):
         try:
             async with self._lock:
                 if self._publisher is None or self._publisher.is_closed():
-                    self._publisher = await self._connect()
+                    # NOTIFY gives its transaction an id, so its COMMIT would
+                    # wait for a WAL flush (an fsync per commit of ours) that
+                    # nothing needs: the notification goes out at the commit
+                    # either way, and is best effort (subscribers catch up
+                    # from the change log, which committed durably before).
+                    self._publisher = await self._connect(synchronous_commit="off")
                     self._publisher_pid = self._publisher.get_server_pid()
                 await self._publisher.execute("SELECT pg_notify($1, $2)", channel, payload)
         except Exception as exc:  # never fail the write that already committed
