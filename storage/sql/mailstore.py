@@ -536,6 +536,46 @@ def _insert_message_pg(keys: tuple[str, ...], own_thread: bool) -> Any:
     )
 
 
+@functools.cache
+def _deliver_head_pg(keys: tuple[str, ...], by_name: bool, with_blob: bool) -> Any:
+    """PostgreSQL: a delivery's first and only statement before the flush
+    (a round trip instead of three): the blob put in the shard's ``blobs``
+    table (``with_blob``: PACK_PUT_SQL's upsert), the words new to the
+    vocabulary and the message row as :func:`_insert_message_pg` writes
+    them, its thread found by ``refs`` (the newest message of the account
+    with one of those Message-IDs, else a thread of its own), then the
+    account and the target mailbox locked as _LOCK_WITH_MAILBOX_BY_*_PG
+    lock them (by name with ``by_name``, else by id). One row: the new
+    message's id (``new_message_id``) and, left-joined, the locked
+    account's columns and the mailbox's (``m_<name>``), all NULL when the
+    lock found nothing (the caller then goes the long way, the message row
+    written). The lock runs after the insert, in its own sub-select: a
+    lock that waited rereads the committed rows, as the plain lock does;
+    the unreferenced blob upsert runs last, after the account's lock, in
+    the order every delivery takes its locks."""
+    pg = postgresql.dialect()
+    cols = [k for k in keys if k in messages.c and k != "thread_id"]
+    casts = ", ".join(f"CAST(:{k} AS {messages.c[k].type.compile(dialect=pg)})" for k in cols)
+    blob = f"b AS ({PACK_PUT_SQL}), " if with_blob else ""
+    which = "m.name = CAST(:b_name AS TEXT)" if by_name else "m.id = CAST(:b_id AS BIGINT)"
+    account_cols = ", ".join(f"a.{c.name}" for c in shard_accounts.c)
+    mailbox_cols = ", ".join(f"m.{c.name} AS m_{c.name}" for c in mailboxes.c)
+    return sql_text(
+        f"WITH {blob}v AS ({fts.ADD_VOCAB_SQL}), "
+        "n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id), "
+        f"msg AS (INSERT INTO messages (id, thread_id, {', '.join(cols)}, search_words) "
+        "SELECT n.id, coalesce((SELECT t.thread_id FROM messages t "
+        "WHERE t.account_id = CAST(:account_id AS BIGINT) "
+        "AND t.message_id_header = ANY(CAST(:refs AS TEXT[])) LIMIT 1), n.id), "
+        f"{casts}, CAST(:search_words AS int4[]) FROM n RETURNING id) "
+        "SELECT msg.id AS new_message_id, l.* FROM msg LEFT JOIN ("
+        f"SELECT {account_cols}, {mailbox_cols} FROM shard_accounts a JOIN mailboxes m "
+        f"ON m.account_id = a.account_id AND {which} "
+        "WHERE a.account_id = CAST(:b_account AS BIGINT) FOR UPDATE OF a, m"
+        ") AS l ON true"
+    )
+
+
 _SET_THREAD = (
     update(messages).where(messages.c.id == bindparam("b_id")).values(thread_id=bindparam("b_id"))
 )
@@ -1306,6 +1346,43 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
             raise errors.not_found("no such mailbox")
         return tx, _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row))
 
+    def _begin_delivery_sync(
+        self,
+        conn: Connection,
+        account_id: int,
+        mailbox: str | int,
+        values: dict[str, Any],
+        parsed: ParsedMessage,
+        blob: dict[str, Any] | None,
+    ) -> tuple[_Tx, Any, int]:
+        """A delivery's start: its transaction (:meth:`_begin_in_mailbox_sync`,
+        with its target ``mailbox``), ``blob`` (``PACK_PUT_SQL``'s
+        parameters) put in the shard's blob table if given, and the message
+        row of ``values`` inserted (:meth:`_insert_message_sync`); returns
+        the transaction, the mailbox row and the message's id. On
+        PostgreSQL with the row's word hashes all in one statement
+        (:func:`_deliver_head_pg`), else one statement each."""
+        if "search_words" not in values:
+            tx, box = self._begin_in_mailbox_sync(conn, account_id, mailbox)
+            if blob is not None:
+                execute(conn, _PUT_BLOB, blob)
+            return tx, box, self._insert_message_sync(conn, account_id, values, parsed)
+        refs = [r for r in (*parsed.references, parsed.in_reply_to) if r]
+        params = {**values, **(blob or {}), "refs": refs[-50:], "b_account": account_id}
+        by_name = not isinstance(mailbox, int)
+        if by_name:
+            params["b_name"] = existing_mailbox_name(str(mailbox))
+        else:
+            params["b_id"] = mailbox
+        stmt = _deliver_head_pg(tuple(values), by_name, blob is not None)
+        row = execute(conn, stmt, params).one()
+        message_id = int(row.new_message_id)
+        if row.account_id is None:  # the account's first write here, or no such mailbox
+            tx = self._begin_sync(conn, account_id)
+            return tx, self._mailbox_row_sync(conn, account_id, mailbox), message_id
+        tx = _tx_from_row(conn, account_id, row)  # the fence first: see _no_mailbox
+        return tx, _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row)), message_id
+
     @staticmethod
     def _mailbox_row_sync(conn: Connection, account_id: int, mailbox: str | int) -> Any:
         """A mailbox row by name (normalised here) or id; NOT_FOUND if absent."""
@@ -1613,18 +1690,17 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
         targets = [(box, tuple(flags), date) for box, flags, date in targets]
 
         def write(conn: Connection) -> tuple[list[AppendResult], list[Change], int]:
-            tx, first = self._begin_in_mailbox_sync(conn, account_id, targets[0][0])
-            boxes = [first] + [self._mailbox_row_sync(conn, account_id, t[0]) for t in targets[1:]]
+            # The blob and the row naming it commit together: one WAL fsync
+            # makes both durable, and a refused delivery leaves no blob
+            # behind. (The pack's own statement: an existing blob only has
+            # its stored time refreshed, as garbage collection expects.)
+            blob = None
             if blob_data is not None:
-                # The blob and the row naming it commit together: one WAL
-                # fsync makes both durable, and a refused delivery leaves no
-                # blob behind. (The pack's own statement: an existing blob
-                # only has its stored time refreshed, as garbage collection
-                # expects.)
-                execute(
-                    conn, _PUT_BLOB, {"key": blob_key, "data": blob_data, "stored": time.time()}
-                )
-            message_id = self._insert_message_sync(conn, account_id, values, parsed)
+                blob = {"key": blob_key, "data": blob_data, "stored": time.time()}
+            tx, first, message_id = self._begin_delivery_sync(
+                conn, account_id, targets[0][0], values, parsed, blob
+            )
+            boxes = [first] + [self._mailbox_row_sync(conn, account_id, t[0]) for t in targets[1:]]
             results = []
             uidnext: dict[int, tuple[int, int]] = {}
             for box, (_, flags, internal_date) in zip(boxes, targets, strict=True):

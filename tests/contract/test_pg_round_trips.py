@@ -17,25 +17,34 @@ import asyncpg
 import pytest
 
 from storage.backend import SqlStorage, open_storage_from_url
+from storage.ingest import Delivery, ingest
 from storage.model import SEEN, Account, StoreMode, UidSet
 from tests.contract.conftest import TEST_HASHER
 from tests.contract.mailfactory import build
 
-# Per delivery: lock the account with its mailbox, insert the message, then
-# its entry, the mailbox's counters, the change log and the account's
-# counters in one statement. BEGIN and COMMIT are shared by the batch.
-ROUND_TRIPS_PER_DELIVERY = 3
+# Per delivery: the blob (when the shard keeps it), the message row, and the
+# account locked with its mailbox in one; then its entry, the mailbox's
+# counters, the change log and the account's counters in one. BEGIN and
+# COMMIT are shared by the batch.
+ROUND_TRIPS_PER_DELIVERY = 2
 # Per STORE of one UID range: lock the account, the mailbox and the
 # range's entries in one; then the entries' flags, HIGHESTMODSEQ, change log
 # and counters in one.
 ROUND_TRIPS_PER_STORE = 2
 # Not per call: BEGIN and COMMIT (per batch), NOTIFY (per commit), and per
 # connection the pool's ping (an empty statement) and asyncpg's first look
-# at a type (the array types of the one-statement flush); and the search
-# index's background merger (once a second, not per call).
+# at a type (the array types of the one-statement flush); the batch's look
+# for blobs being deleted; and the search index's background merger and
+# indexer (once a second, not per call).
 _PER_BATCH = (
-    "BEGIN", "COMMIT", "SELECT pg_notify", "WITH RECURSIVE typeinfo_tree",
-    "SET LOCAL statement_timeout", "SELECT CASE WHEN pg_try_advisory_xact_lock",
+    "BEGIN",
+    "COMMIT",
+    "SELECT pg_notify",
+    "WITH RECURSIVE typeinfo_tree",
+    "SET LOCAL statement_timeout",
+    "SELECT CASE WHEN pg_try_advisory_xact_lock",
+    "SELECT blob_deletions.id",
+    "SELECT id, subject, from_text",
 )
 
 
@@ -88,12 +97,49 @@ async def deliver_some(site: Site, count: int) -> list[Any]:
     )
 
 
-async def test_a_delivery_costs_three_statements_and_shares_begin_and_commit(site: Site) -> None:
+async def test_a_delivery_costs_two_statements_and_shares_begin_and_commit(site: Site) -> None:
     count = random.randint(10, 30)
     results, calls, commits = await site.statements(deliver_some(site, count))
     assert sorted(r[0].uid for r in results) == list(range(1, count + 1))
     assert len(calls) <= ROUND_TRIPS_PER_DELIVERY * count, calls
     assert 1 <= commits < count  # shared
+
+
+async def test_a_delivery_with_its_blob_in_the_shard_costs_two_statements(site: Site) -> None:
+    """The ingest path as mtad runs it: a small message's blob goes into the
+    shard's own table with its row, in the same two statements; it reads
+    back byte for byte, and a reply joins the thread of the message it
+    answers (found in the same statement)."""
+    delivery = [Delivery(site.bob, "INBOX")]
+    parents = [build(message_id=f"<p{n}.{random.random()}@example.org>")[0] for n in range(3)]
+    for raw in parents:
+        await ingest(site.storage, delivery, raw)
+    count = random.randint(10, 30)
+    made = [
+        build(
+            body=random.randbytes(random.randint(1, 3000)).hex(),
+            in_reply_to=_message_id(parents[n % 3]),
+        )[0]
+        for n in range(count)
+    ]
+    work = asyncio.gather(*(ingest(site.storage, delivery, raw) for raw in made))
+    results, calls, commits = await site.statements(work)
+    assert len(calls) <= ROUND_TRIPS_PER_DELIVERY * count, calls
+    assert 1 <= commits < count
+    mail = site.storage.mail(site.bob)
+    box = results[0][0].mailbox_id
+    everything = await mail.fetch(site.bob.id, box, UidSet.of(list(range(1, count + 4))))
+    stored = {await site.storage.blobs.get(s.entry.blob_key): s.entry for s in everything}
+    assert set(stored) == {*parents, *made}  # byte for byte
+    parent_threads = [await mail.thread_of(site.bob.id, stored[p].message_id) for p in parents]
+    assert len(set(parent_threads)) == 3
+    for n, raw in enumerate(made):
+        thread = await mail.thread_of(site.bob.id, stored[raw].message_id)
+        assert thread == parent_threads[n % 3]
+
+
+def _message_id(raw: bytes) -> str:
+    return re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode()  # type: ignore[union-attr]
 
 
 async def test_a_flag_change_costs_two_statements(site: Site) -> None:
