@@ -178,6 +178,18 @@ ROUTE_CHANNEL = "shardmail_routes"  # route_payload() of each account moved
 MAX_NOTIFY_PAYLOAD = 7900
 RECONNECT_DELAY = 1.0
 CLOSE_TIMEOUT = 5.0  # seconds a closing connection waits for the server
+# Every bus's listener session carries this application_name: a bus NOTIFYs
+# changes only while another instance's listener is connected to the
+# database (pg_stat_activity), asked at most every PEER_CHECK_SECONDS. A
+# listener that connects says so on PEER_CHANNEL, so the others send again
+# at once rather than up to PEER_CHECK_SECONDS later.
+LISTENER_NAME = "shardmail-events"
+PEER_CHANNEL = "shardmail_peers"
+PEER_CHECK_SECONDS = 1.0
+_PEERS_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = $1 AND pid <> $2)"
+)
 
 
 # One encoder for every change: json.dumps with non-default separators
@@ -268,9 +280,11 @@ class PgNotifyEventBus(_LocalFanOut):
     in publish order, so a commit costs one round trip here and one wakeup
     on each listener, and no caller waits for it. Every instance LISTENs
     and hands what arrives to its local subscribers, skipping what its own
-    publisher sent, so each change reaches each subscriber once. Best
-    effort like every bus: if PostgreSQL is unreachable remote subscribers
-    catch up from the change log.
+    publisher sent, so each change reaches each subscriber once. While no
+    other instance listens (see LISTENER_NAME) no change is sent: a lone
+    mtad or imapd pays no NOTIFY per commit. Best effort like every bus:
+    if PostgreSQL is unreachable remote subscribers catch up from the
+    change log (an IMAP session polls it, ``FORCED_POLL_INTERVAL``).
     """
 
     def __init__(self, dsn: str, queue_size: int = SUBSCRIPTION_QUEUE_SIZE) -> None:
@@ -284,6 +298,8 @@ class PgNotifyEventBus(_LocalFanOut):
         self._lock = asyncio.Lock()
         self._closed = False
         self._reconnect: asyncio.Task[None] | None = None
+        self._peers = True  # whether another instance listens, as last asked
+        self._peers_until = 0.0  # the loop's time until which that answer holds
 
     async def start(self) -> None:
         """Connects the listener; raises if PostgreSQL cannot be reached."""
@@ -301,11 +317,38 @@ class PgNotifyEventBus(_LocalFanOut):
         return await connect_each_host(**args)
 
     async def _listen(self) -> None:
-        conn = await self._connect()
+        # Its one NOTIFY (the hello) need not wait for a WAL flush either.
+        conn = await self._connect(application_name=LISTENER_NAME, synchronous_commit="off")
         await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
         await conn.add_listener(ROUTE_CHANNEL, self._on_route)
+        await conn.add_listener(PEER_CHANNEL, self._on_peer)
         conn.add_termination_listener(self._on_lost)
         self._listener = conn
+        await conn.execute(f"NOTIFY {PEER_CHANNEL}")
+
+    def _on_peer(self, conn: Any, pid: int, _channel: str, _payload: str) -> None:
+        """Another instance's listener connected: send to it from now on."""
+        if pid != conn.get_server_pid():
+            self._peers = True
+            self._peers_until = asyncio.get_running_loop().time() + PEER_CHECK_SECONDS
+
+    async def _peers_listening(self) -> bool:
+        """Whether another instance's listener is connected (pg_stat_activity),
+        asked at most every PEER_CHECK_SECONDS; True when it cannot tell."""
+        now = asyncio.get_running_loop().time()
+        if now < self._peers_until:
+            return self._peers
+        listener = self._listener
+        mine = 0 if listener is None or listener.is_closed() else listener.get_server_pid()
+        try:
+            async with self._lock:
+                publisher = await self._publisher_conn()
+                self._peers = bool(await publisher.fetchval(_PEERS_SQL, LISTENER_NAME, mine))
+        except Exception as exc:  # asyncpg raises many kinds
+            log.warning("cannot tell whether other instances listen: %s", exc)
+            return True
+        self._peers_until = now + PEER_CHECK_SECONDS
+        return self._peers
 
     def _on_route(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         route = parse_route(payload)
@@ -349,6 +392,9 @@ class PgNotifyEventBus(_LocalFanOut):
         meanwhile, one per line, up to the payload limit (JSON of a change
         holds no raw newline)."""
         while self._outbox:
+            if not await self._peers_listening():
+                self._outbox.clear()  # this instance's subscribers have them
+                return
             batch: list[str] = []
             size = 0
             while self._outbox and (
@@ -368,20 +414,25 @@ class PgNotifyEventBus(_LocalFanOut):
         then delivers locally). Never raises: the write has committed."""
         try:
             async with self._lock:
-                if self._publisher is None or self._publisher.is_closed():
-                    # NOTIFY gives its transaction an id, so its COMMIT would
-                    # wait for a WAL flush (an fsync per commit of ours) that
-                    # nothing needs: the notification goes out at the commit
-                    # either way, and is best effort (subscribers catch up
-                    # from the change log, which committed durably before).
-                    self._publisher = await self._connect(synchronous_commit="off")
-                    self._publisher_pid = self._publisher.get_server_pid()
-                await self._publisher.execute("SELECT pg_notify($1, $2)", channel, payload)
+                publisher = await self._publisher_conn()
+                await publisher.execute("SELECT pg_notify($1, $2)", channel, payload)
         except Exception as exc:  # never fail the write that already committed
             log.warning("notification on %s failed, delivering locally: %s", channel, exc)
             return False
         # Our own listener is down: local delivery.
         return self._listener is not None and not self._listener.is_closed()
+
+    async def _publisher_conn(self) -> Any:
+        """The connection NOTIFYs go out on (under ``self._lock``)."""
+        if self._publisher is None or self._publisher.is_closed():
+            # NOTIFY gives its transaction an id, so its COMMIT would wait for
+            # a WAL flush (an fsync per commit of ours) that nothing needs:
+            # the notification goes out at the commit either way, and is best
+            # effort (subscribers catch up from the change log, which
+            # committed durably before).
+            self._publisher = await self._connect(synchronous_commit="off")
+            self._publisher_pid = self._publisher.get_server_pid()
+        return self._publisher
 
     async def close(self) -> None:
         self._closed = True
