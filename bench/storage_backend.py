@@ -66,10 +66,13 @@ class BenchStorage:
         if not self.server_pids:
             return 0.0
         postmaster = self.server_pids[0]
-        return proc_cpu_seconds(postmaster) + sum(
-            proc_cpu_seconds(pid, with_children=False) for pid in _children(postmaster)
-        )
-
+        total = proc_cpu_seconds(postmaster)
+        for pid in _children(postmaster):
+            # A backend that ended since it was listed: the postmaster's
+            # children's times (above, once it is reaped) hold its CPU.
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += proc_cpu_seconds(pid, with_children=False)
+        return total
 
     async def settle(self) -> None:
         """Runs now the database work the load left for later, so that the
