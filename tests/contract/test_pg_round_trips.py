@@ -34,8 +34,9 @@ ROUND_TRIPS_PER_STORE = 2
 # Not per call: BEGIN and COMMIT (per batch), NOTIFY (per commit), and per
 # connection the pool's ping (an empty statement) and asyncpg's first look
 # at a type (the array types of the one-statement flush); the batch's look
-# for blobs being deleted; and the search index's background merger and
-# indexer (once a second, not per call).
+# for blobs being deleted; and, once a second, not per call: the search
+# index's background merger and indexer, the old commit marks' deletion,
+# and the event bus's look for other instances' listeners.
 _PER_BATCH = (
     "BEGIN",
     "COMMIT",
@@ -45,6 +46,9 @@ _PER_BATCH = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock",
     "SELECT blob_deletions.id",
     "SELECT id, subject, from_text",
+    "SELECT pg_try_advisory_xact_lock",
+    "DELETE FROM commit_marks",
+    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity",
 )
 
 
