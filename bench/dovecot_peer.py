@@ -2,11 +2,13 @@
 
 Debian's ``dovecot-imapd`` (``apt-get install -y dovecot-imapd``) runs in
 the foreground (``dovecot -F -c CONF``) from a config written into a
-temporary directory: listens on 127.0.0.1 on a free port, no TLS,
-plaintext LOGIN allowed, users and passwords in a passwd-file, mail in
-``maildir:ROOT/mail/%u``, every runtime path (base_dir, state_dir, logs)
-inside the temporary directory. Nothing of the system's /etc/dovecot is
-read, and nothing is left behind after :meth:`DovecotPeer.stop`.
+temporary directory: listens on 127.0.0.1 on a free port (and, with
+``tls=True``, implicit TLS on a second one, RFC 8314, with a self-signed
+certificate made by ``conf.tls``), plaintext LOGIN allowed, users and
+passwords in a passwd-file, mail in ``maildir:ROOT/mail/%u``, every
+runtime path (base_dir, state_dir, logs) inside the temporary directory.
+Nothing of the system's /etc/dovecot is read, and nothing is left behind
+after :meth:`DovecotPeer.stop`.
 
 Run as root, Dovecot needs unprivileged users for its login and internal
 processes (``dovenull`` and ``dovecot``, created by the package) and a
@@ -90,6 +92,34 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def proc_memory_kib(pids: Iterable[int]) -> tuple[int, int]:
+    """(PSS, RSS) in KiB summed over ``pids``, from /proc/PID/smaps_rollup
+    (PSS shares each page among the processes mapping it, so the sum over a
+    process tree counts shared libraries and copy-on-write pages once).
+    Processes gone meanwhile count nothing."""
+    pss = rss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return pss, rss
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of one process: its peak resident set since it started, KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU used so far by ``root``, its live descendants and the children
     they reaped (a finished imap process's CPU moves to its parent's
@@ -110,12 +140,32 @@ class DovecotPeer:
     :meth:`stop` ends every Dovecot process and removes the directory.
     """
 
-    def __init__(self, root: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        port: int | None = None,
+        *,
+        tls: bool = False,
+        imap_client_limit: int | None = None,
+        max_connections: int = 1000,
+    ) -> None:
+        """``tls``: also listen with implicit TLS on :attr:`tls_port`.
+        ``imap_client_limit``: clients one imap process serves at once
+        (Dovecot's default is 1, a process per client; ``service_count = 0``
+        then lets a process serve client after client); with it the login processes
+        run in performance mode (``service_count = 0``: a few long-lived
+        processes, which also proxy TLS), as a site with many idle clients
+        would run them. ``max_connections``: concurrent connections to allow
+        (from one address and per user too: the bench's all come from
+        127.0.0.1)."""
         if shutil.which(DOVECOT) is None and not Path("/usr/sbin/dovecot").exists():
             raise RuntimeError("dovecot not installed: apt-get install -y dovecot-imapd")
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="dovecot-peer-"))
         self.port = port or free_port()
+        self.tls_port = free_port() if tls else 0
+        self.imap_client_limit = imap_client_limit
+        self.max_connections = max_connections
         self.users: dict[str, str] = {}  # login -> passwd-file password field
         self.proc: subprocess.Popen[bytes] | None = None
         self._counter = 0
@@ -175,6 +225,27 @@ class DovecotPeer:
     def config_text(self) -> str:
         r = self.root
         mail = pwd.getpwnam(self.mail_user)
+        if self.tls_port:
+            from conf.tls import ensure_self_signed
+
+            cert, key = ensure_self_signed(r / "tls", "localhost")
+            ssl_lines = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n"
+        else:
+            ssl_lines = "ssl = no\n"
+        limit = self.max_connections
+        services = ""
+        if self.imap_client_limit:
+            services = f"""service imap {{
+  service_count = 0
+  client_limit = {self.imap_client_limit}
+  process_limit = {limit // self.imap_client_limit + 10}
+}}
+service imap-login {{
+  service_count = 0
+  process_min_avail = {os.cpu_count() or 1}
+  client_limit = {limit + 100}
+}}
+"""
         return f"""# Written by bench/dovecot_peer.py; throwaway benchmark peer.
 protocols = imap
 listen = 127.0.0.1
@@ -183,8 +254,8 @@ state_dir = {r}/state
 instance_name = bench-dovecot-{self.port}
 log_path = {r}/dovecot.log
 info_log_path = {r}/dovecot.log
-ssl = no
-disable_plaintext_auth = no
+{ssl_lines}disable_plaintext_auth = no
+default_client_limit = {limit + 100}
 auth_mechanisms = plain login
 default_internal_user = {self.internal_user}
 default_login_user = {self.login_user}
@@ -203,15 +274,18 @@ userdb {{
 # Every bench session comes from 127.0.0.1, many on one user (the shared
 # layout, the churn phase): the default of 10 per user and IP refuses them.
 protocol imap {{
-  mail_max_userip_connections = 1000
+  mail_max_userip_connections = {limit}
 }}
+{services}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.tls_port}
+{"    ssl = yes" if self.tls_port else ""}
   }}
 }}
 service stats {{

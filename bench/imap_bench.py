@@ -40,7 +40,16 @@ login          connect, ``LOGIN``, ``LOGOUT``, again, per ``--clients``
                (run apart from the others: :func:`run_logins`; the
                servers are shardmail with and without its authentication
                cache, and one Dovecot per ``--dovecot-schemes``)
+conn_memory    not a command rate: ``--conn-count`` more connections,
+               plaintext and then implicit TLS, each logged in with INBOX
+               selected (``--conn-batch`` logins in progress at a time),
+               then left idle; the server's PSS (all of its processes)
+               before and after, per connection (issue #24)
 =============  ==========================================================
+
+Every phase also samples the server's memory (PSS and RSS summed over
+its processes, every 0.25 s) and reports the peak; shardmail's VmHWM
+(peak since start) is printed beside it.
 
 Reported per phase: commands/s, latency p50/p99, server CPU ms per
 command (utime+stime from /proc/PID/stat; for Dovecot summed over all of
@@ -74,8 +83,10 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -88,7 +99,14 @@ from typing import TYPE_CHECKING, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.dovecot_peer import DovecotPeer, free_port, proc_cpu_seconds
+from bench.dovecot_peer import (
+    DovecotPeer,
+    free_port,
+    peak_rss_kib,
+    proc_cpu_seconds,
+    proc_memory_kib,
+    process_tree,
+)
 from bench.imap_churn import CHURN_MIX, ChurnSession, Tally, churn_message, open_churn, verify
 from bench.storage_backend import (
     BenchStorage,
@@ -116,6 +134,7 @@ MIXES: dict[str, dict[str, int]] = {
     "select": {"select": 1},
     "churn": CHURN_MIX,
     "login": {"login": 1},
+    "conn_memory": {},  # no commands: see conn_memory_phase
 }
 DEFAULT_PHASES = (
     "fetch_header", "fetch_body", "fetch_struct", "store", "search", "noop", "mixed", "append",
@@ -180,11 +199,14 @@ class ImapClient(asyncio.Protocol):
         self.n = 0
 
     @classmethod
-    async def connect(cls, port: int, source: str | None = None) -> ImapClient:
-        """Connected, greeting read; from loopback address ``source`` if given."""
+    async def connect(
+        cls, port: int, source: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> ImapClient:
+        """Connected, greeting read; from loopback address ``source`` if given,
+        over TLS with ``tls``."""
         loop = asyncio.get_running_loop()
         local = (source, 0) if source else None
-        _, client = await loop.create_connection(cls, "127.0.0.1", port, local_addr=local)
+        _, client = await loop.create_connection(cls, "127.0.0.1", port, ssl=tls, local_addr=local)
         client.fut = loop.create_future()
         client._scan()
         status, _ = await client.fut
@@ -408,6 +430,64 @@ class PhaseResult:
     checker: dict[str, int] = field(default_factory=dict)
     # The PostgreSQL server's CPU, when the bench started it (--backend postgresql).
     database_cpu_ms_per_cmd: float = 0.0
+    # The server's memory during the phase: the highest of its samples (PSS
+    # and RSS summed over its processes), and shardmail's VmHWM at the end
+    # (its peak resident set since it started, so an earlier phase's too).
+    peak_pss_mib: float = 0.0
+    peak_rss_mib: float = 0.0
+    vmhwm_mib: float = 0.0
+
+
+@dataclass
+class MemoryResult:
+    """The conn_memory phase on one transport: the server's memory before
+    and after ``connections`` idle sessions were opened (KiB)."""
+
+    server: str
+    phase: str
+    transport: str  # "plain" or "tls"
+    connections: int
+    pss_before_kib: int
+    pss_after_kib: int
+    rss_before_kib: int
+    rss_after_kib: int
+    pss_per_conn_kib: float
+    rss_per_conn_kib: float
+    open_seconds: float
+    loadavg: float
+
+
+class MemorySampler:
+    """Samples the memory of the processes ``pids`` names every
+    ``interval`` seconds while running: PSS and RSS summed over them
+    (:func:`bench.dovecot_peer.proc_memory_kib`), keeping the highest."""
+
+    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.25) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak_pss = self.peak_rss = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        pss, rss = proc_memory_kib(self.pids())
+        self.peak_pss = max(self.peak_pss, pss)
+        self.peak_rss = max(self.peak_rss, rss)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        self.sample()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -425,13 +505,23 @@ async def run_phase(
     server_cpu: Callable[[], float],
     database_cpu: Callable[[], float] = lambda: 0.0,
     settle: Callable[[], Awaitable[None]] | None = None,
+    pids: Callable[[], list[int]] | None = None,
+    hwm_pids: Sequence[int] = (),
 ) -> PhaseResult:
+    """One phase on kept ``sessions``; with ``pids`` (the server's
+    processes) its memory is sampled throughout, and the VmHWM of
+    ``hwm_pids`` (shardmail's) read at the end."""
     mix = MIXES[phase]
+    sampler = MemorySampler(pids) if pids is not None else None
+    if sampler is not None:
+        sampler.start()
     cpu0, client0, (busy0, _) = server_cpu(), time.process_time(), machine_busy_seconds()
     db0 = database_cpu()
     t0 = time.perf_counter()
     results = await asyncio.gather(*(s.drive(mix, t0 + seconds) for s in sessions))
     elapsed = time.perf_counter() - t0
+    if sampler is not None:
+        await sampler.stop()
     if settle is not None:
         await settle()  # the database's deferred work for this load counts as its own
     cpu1, client1, (busy1, _) = server_cpu(), time.process_time(), machine_busy_seconds()
@@ -471,6 +561,9 @@ async def run_phase(
         loadavg=round(os.getloadavg()[0], 2),
         by_kind=by_kind,
         database_cpu_ms_per_cmd=round((db1 - db0) * 1000 / max(n, 1), 3),
+        peak_pss_mib=round(sampler.peak_pss / 1024, 1) if sampler else 0.0,
+        peak_rss_mib=round(sampler.peak_rss / 1024, 1) if sampler else 0.0,
+        vmhwm_mib=round(max((peak_rss_kib(p) for p in hwm_pids), default=0) / 1024, 1),
     )
 
 
@@ -482,7 +575,10 @@ def print_result(r: PhaseResult) -> None:
         f"client {r.client_cpu_ms_per_cmd:.3f} ms/cmd  machine {r.machine_busy_cores:.2f} cores"
         + (f"  postgres {r.database_cpu_ms_per_cmd:.3f} ms/cmd" if r.database_cpu_ms_per_cmd
            else "")
-        + (f"  FAILED {r.failed}" if r.failed else ""),
+        + (f"  FAILED {r.failed}" if r.failed else "")
+        + (f"\n{'':<24}server memory peak: PSS {r.peak_pss_mib:.1f} MiB, "
+           f"RSS {r.peak_rss_mib:.1f} MiB" if r.peak_pss_mib else "")
+        + (f", VmHWM {r.vmhwm_mib:.1f} MiB" if r.vmhwm_mib else ""),
         flush=True,
     )
     if len(r.by_kind) > 1:
@@ -536,18 +632,111 @@ async def churn_phase(
     return r
 
 
-async def bench_server(
+def client_tls() -> ssl.SSLContext:
+    """The bench's TLS client side: both servers have self-signed certificates."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def conn_memory_phase(srv: Server, logins: list[str], args: argparse.Namespace
+                            ) -> list[MemoryResult]:
+    """Issue #24: what an idle logged-in connection costs the server. For
+    plaintext and then implicit TLS: ``--conn-count`` new connections, each
+    LOGIN then SELECT INBOX (the selected state, where a real client idles),
+    ``--conn-batch`` at a time (servers bound the logins in progress per
+    address); the server's PSS (every process of it) before and after,
+    each the median of 5 samples once quiet, divided by the count."""
+    out: list[MemoryResult] = []
+    n = args.conn_count
+    for transport, port, tls in (("plain", srv.port, None), ("tls", srv.tls_port, client_tls())):
+        await asyncio.sleep(1.0)
+        before = await _quiet_memory(srv.pids)
+        clients: list[ImapClient] = []
+        t0 = time.perf_counter()
+        try:
+            await _open_idle(srv.name, transport, port, tls, logins, args, clients)
+            opened = time.perf_counter() - t0
+            await asyncio.sleep(2.0)  # idle: every reply sent, nothing in flight
+            after = await _quiet_memory(srv.pids)
+        finally:
+            await _close_all(clients)
+        r = MemoryResult(
+            server=srv.name, phase="conn_memory", transport=transport, connections=n,
+            pss_before_kib=before[0], pss_after_kib=after[0],
+            rss_before_kib=before[1], rss_after_kib=after[1],
+            pss_per_conn_kib=round((after[0] - before[0]) / n, 1),
+            rss_per_conn_kib=round((after[1] - before[1]) / n, 1),
+            open_seconds=round(opened, 1), loadavg=round(os.getloadavg()[0], 2),
+        )
+        print(f"{r.server:<10} conn_memory   {transport:<5} {n} idle selected sessions: "
+              f"PSS {r.pss_per_conn_kib:.1f} KiB/conn ({before[0] / 1024:.1f} -> "
+              f"{after[0] / 1024:.1f} MiB), RSS {r.rss_per_conn_kib:.1f} KiB/conn "
+              f"({before[1] / 1024:.1f} -> {after[1] / 1024:.1f} MiB); opened in "
+              f"{opened:.1f} s, loadavg {r.loadavg:.2f}", flush=True)
+        out.append(r)
+    return out
+
+
+async def _open_idle(
     name: str,
+    transport: str,
     port: int,
+    tls: ssl.SSLContext | None,
     logins: list[str],
     args: argparse.Namespace,
-    server_cpu: Callable[[], float],
-    server_pid: int | None = None,
-    database_cpu: Callable[[], float] = lambda: 0.0,
-    settle: Callable[[], Awaitable[None]] | None = None,
-) -> list[PhaseResult]:
+    clients: list[ImapClient],
+) -> None:
+    """``--conn-count`` connections into ``clients``, each logged in with
+    INBOX selected, ``--conn-batch`` at a time."""
+    gate = asyncio.Semaphore(args.conn_batch)
+
+    async def open_one(i: int) -> None:
+        async with gate:
+            client = await ImapClient.connect(port, tls=tls)
+            clients.append(client)
+            login = logins[i % len(logins)]
+            for line in (b'LOGIN "%s" "%s"' % (login.encode(), PASSWORD.encode()),
+                         b"SELECT INBOX"):
+                status, text = await client.command(line, keep=True)
+                if status != b"OK":
+                    raise RuntimeError(f"{name} {transport} #{i}: {line[:5]!r} -> "
+                                       f"{text[-200:]!r}")
+
+    await asyncio.gather(*(open_one(i) for i in range(args.conn_count)))
+
+
+async def _close_all(clients: list[ImapClient]) -> None:
+    """LOGOUT and close every client, 64 at a time."""
+    gate = asyncio.Semaphore(64)
+
+    async def close_one(c: ImapClient) -> None:
+        async with gate:
+            await c.close()
+
+    await asyncio.gather(*(close_one(c) for c in clients), return_exceptions=True)
+
+
+async def _quiet_memory(pids: Callable[[], list[int]]) -> tuple[int, int]:
+    """(PSS, RSS) KiB of the server, the median of 5 samples 0.2 s apart."""
+    samples = []
+    for _ in range(5):
+        samples.append(proc_memory_kib(pids()))
+        await asyncio.sleep(0.2)
+    return (int(statistics.median(p for p, _ in samples)),
+            int(statistics.median(r for _, r in samples)))
+
+
+async def bench_server(
+    srv: Server,
+    logins: list[str],
+    args: argparse.Namespace,
+) -> list[PhaseResult | MemoryResult]:
+    name, port, server_cpu, server_pid = srv.name, srv.port, srv.cpu_seconds, srv.pid
+    database_cpu, settle = srv.database_cpu, srv.settle
     sessions = await open_sessions(port, logins, args)
-    out: list[PhaseResult] = []
+    out: list[PhaseResult | MemoryResult] = []
     try:
         if args.warmup > 0:
             await run_phase(name, "mixed", sessions, args.warmup, server_cpu)
@@ -557,8 +746,12 @@ async def bench_server(
             if phase == "churn":
                 out.append(await churn_phase(name, port, args, server_cpu, server_pid))
                 continue
+            if phase == "conn_memory":
+                out += await conn_memory_phase(srv, logins, args)
+                continue
             r = await run_phase(
-                name, phase, sessions, args.seconds, server_cpu, database_cpu, settle
+                name, phase, sessions, args.seconds, server_cpu, database_cpu, settle,
+                srv.pids, srv.hwm_pids,
             )
             print_result(r)
             out.append(r)
@@ -620,12 +813,12 @@ async def fill_shardmail(
     data_dir: Path, logins: list[str], args: argparse.Namespace, overrides: Sequence[str] = ()
 ) -> None:
     from conf.settings import load_settings
-    from storage import open_storage
+    from storage import open_storage, password_hasher
     from storage.ingest import Delivery, ingest
 
     settings = load_settings(None, [f'server.data_dir="{data_dir}"', *overrides])
     _mkdir(data_dir)
-    storage = await open_storage(settings.storage)
+    storage = await open_storage(settings.storage, password_hasher=password_hasher(settings.auth))
     try:
         await storage.directory.add_domain(DOMAIN)
         accounts = [await storage.directory.add_account(a, PASSWORD) for a in logins]
@@ -643,8 +836,33 @@ async def fill_shardmail(
         await storage.close()
 
 
+# conn_memory logs in thousands of times, which the default argon2id cost
+# (64 MiB, 3 passes, several tenths of a second each here) would make take
+# most of an hour: with that phase the accounts get cheap hashes, and imapd
+# the same settings so that no login upgrades them (Dovecot's passwd-file
+# holds plain passwords: it hashes nothing either).
+CHEAP_HASHES = (
+    "auth.argon2_time_cost=1", "auth.argon2_memory_kib=64", "auth.argon2_parallelism=1",
+)
+
+
+def hash_overrides(args: argparse.Namespace) -> list[str]:
+    return list(CHEAP_HASHES) if "conn_memory" in args.phases else []
+
+
+def max_connections(args: argparse.Namespace) -> int:
+    """How many connections from 127.0.0.1 the servers must allow at once."""
+    conn = args.conn_count if "conn_memory" in args.phases else 0
+    return conn + args.clients + args.churn_clients + 100
+
+
 def start_imapd(
-    data_dir: Path, port: int, log_level: str, procs: int = 1, extra: Sequence[str] = ()
+    data_dir: Path,
+    port: int,
+    log_level: str,
+    procs: int = 1,
+    extra: Sequence[str] = (),
+    tls_port: int | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """``procs`` imapd processes sharing the port (SO_REUSEPORT, as
     DESIGN.md scales a host out); returns once each answers."""
@@ -652,7 +870,7 @@ def start_imapd(
         f'server.data_dir="{data_dir}"',
         f"server.log_level=\"{log_level}\"",
         f"imap.listen=['127.0.0.1:{port}']",
-        f"imap.tls_listen=['127.0.0.1:{free_port()}']",
+        f"imap.tls_listen=['127.0.0.1:{tls_port or free_port()}']",
         f"pop3.listen=['127.0.0.1:{free_port()}']",
         f"pop3.tls_listen=['127.0.0.1:{free_port()}']",
         "auth.allow_plaintext=true",
@@ -703,6 +921,9 @@ class Server:
     pid: int | None = None
     database_cpu: Callable[[], float] = lambda: 0.0  # PostgreSQL's, when the bench runs it
     settle: Callable[[], Awaitable[None]] | None = None  # BenchStorage.settle
+    tls_port: int = 0  # implicit TLS (RFC 8314), same contents
+    pids: Callable[[], list[int]] = list  # every process of the server, now
+    hwm_pids: Sequence[int] = ()  # whose VmHWM is the server's peak (shardmail's)
 
 
 @contextlib.asynccontextmanager
@@ -714,19 +935,25 @@ async def shardmail_server(
     logins = logins_for(args)
     data_dir = workdir / f"shardmail-{store.backend}"
     t0 = time.perf_counter()
-    await fill_shardmail(data_dir, logins, args, store.overrides)
+    await fill_shardmail(data_dir, logins, args, [*store.overrides, *hash_overrides(args)])
     print(f"# shardmail: filled {len(logins)} x {args.messages} messages of {args.size} octets "
           f"in {time.perf_counter() - t0:.1f} s (storage.ingest)", flush=True)
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    # Every bench connection comes from 127.0.0.1: imap.max_connections_per_ip
+    # (50 by default) must let all of them in (the connection rate does not
+    # apply: server.connect_rate_exempt holds loopback by default).
+    limit = f"imap.max_connections_per_ip={max_connections(args)}"
     procs = start_imapd(
-        data_dir, port, args.log_level, args.imapd_procs, [*store.overrides, *args.overrides]
+        data_dir, port, args.log_level, args.imapd_procs,
+        [limit, *hash_overrides(args), *store.overrides, *args.overrides], tls_port=tls_port,
     )
     name = "shardmail" if args.imapd_procs == 1 else f"shardmail×{args.imapd_procs}"
     if store.backend != "sqlite":
         name += "/pg"
+    pids = [p.pid for p in procs]
     try:
         yield Server(name, port, lambda: sum(proc_cpu_seconds(p.pid) for p in procs),
-                     procs[0].pid, store.cpu_seconds, store.settle)
+                     procs[0].pid, store.cpu_seconds, store.settle, tls_port, lambda: pids, pids)
     finally:
         for p in procs:
             stop_process(p)
@@ -736,7 +963,11 @@ async def shardmail_server(
 async def dovecot_server(workdir: Path, args: argparse.Namespace) -> AsyncIterator[Server]:
     logins = logins_for(args)
     os.chmod(workdir, 0o755)  # Dovecot's unprivileged processes must reach their files
-    peer = DovecotPeer(workdir / "dovecot")
+    # For conn_memory, imap processes serving several clients each (the
+    # issue's comparison; Dovecot's default is a process per client).
+    client_limit = args.dovecot_client_limit if "conn_memory" in args.phases else None
+    peer = DovecotPeer(workdir / "dovecot", tls=True, imap_client_limit=client_limit,
+                       max_connections=max_connections(args))
     try:
         when = time.time()
         for login in logins:
@@ -749,24 +980,27 @@ async def dovecot_server(workdir: Path, args: argparse.Namespace) -> AsyncIterat
         peer.start()
         print(f"# dovecot: {len(logins)} x {args.messages} messages in Maildir, "
               f"port {peer.port}", flush=True)
-        yield Server("dovecot", peer.port, peer.cpu_seconds)
+        yield Server("dovecot", peer.port, peer.cpu_seconds, tls_port=peer.tls_port,
+                     pids=lambda: process_tree(peer.pid))
     finally:
         peer.stop()
 
 
-async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+Result = PhaseResult | MemoryResult
+
+
+async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[Result]:
     """The phases on shardmail, once per ``--backend``, each on fresh storage."""
-    results: list[PhaseResult] = []
+    results: list[Result] = []
     for backend in args.backend:
         async with bench_storage(backend, args.storage_url) as store:
             async with shardmail_server(workdir, args, store) as srv:
-                results += await bench_server(srv.name, srv.port, logins_for(args), args,
-                                              srv.cpu_seconds, srv.pid, srv.database_cpu,
-                                              srv.settle)
+                results += await bench_server(srv, logins_for(args), args)
     if len(args.backend) > 1:
         print(f"\n# commands per second against {args.backend[0]} (same run)")
-        first = {r.phase: r for r in results if r.server == results[0].server}
-        for r in results:
+        rates = [r for r in results if isinstance(r, PhaseResult)]
+        first = {r.phase: r for r in rates if r.server == results[0].server}
+        for r in rates:
             base = first.get(r.phase)
             if r.server != results[0].server and base is not None and base.per_second:
                 print(f"{r.server:<13} {r.phase:<13} {r.per_second:>9.1f} / "
@@ -774,18 +1008,18 @@ async def run_shardmail(workdir: Path, args: argparse.Namespace) -> list[PhaseRe
     return results
 
 
-async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+async def run_dovecot(workdir: Path, args: argparse.Namespace) -> list[Result]:
     async with dovecot_server(workdir, args) as srv:
-        return await bench_server(srv.name, srv.port, logins_for(args), args, srv.cpu_seconds)
+        return await bench_server(srv, logins_for(args), args)
 
 
-async def run_interleaved(workdir: Path, args: argparse.Namespace) -> list[PhaseResult]:
+async def run_interleaved(workdir: Path, args: argparse.Namespace) -> list[Result]:
     """Both servers up at once, each with its own kept sessions; every phase
     runs on one and then at once on the other, ``--rounds`` times, the order
     swapped each round. A pair's two runs are seconds apart, so a change
     in the shared machine's load skews both alike; each pair gives a ratio."""
     logins = logins_for(args)
-    results: list[PhaseResult] = []
+    results: list[Result] = []
     async with shardmail_server(workdir, args) as ours, dovecot_server(workdir, args) as peer:
         servers = [ours, peer]
         sessions = {srv.name: await open_sessions(srv.port, logins, args) for srv in servers}
@@ -802,8 +1036,12 @@ async def run_interleaved(workdir: Path, args: argparse.Namespace) -> list[Phase
                             results.append(await churn_phase(srv.name, srv.port, args,
                                                              srv.cpu_seconds))
                             continue
+                        if phase == "conn_memory":
+                            results += await conn_memory_phase(srv, logins, args)
+                            continue
                         r = await run_phase(srv.name, phase, sessions[srv.name], args.seconds,
-                                            srv.cpu_seconds)
+                                            srv.cpu_seconds, pids=srv.pids,
+                                            hwm_pids=srv.hwm_pids)
                         print_result(r)
                         results.append(r)
         finally:
@@ -883,10 +1121,11 @@ async def run_logins(workdir: Path, args: argparse.Namespace) -> list[PhaseResul
     return results
 
 
-def print_interleaved(results: list[PhaseResult], phases: Sequence[str]) -> None:
+def print_interleaved(all_results: list[Result], phases: Sequence[str]) -> None:
     """Per phase: each round's ratio (ours / Dovecot's commands per second,
     the two runs of one round), their median and range."""
     print("\n# shardmail / dovecot commands per second, round by round")
+    results = [r for r in all_results if isinstance(r, PhaseResult)]
     for phase in phases:
         ours = [r for r in results if r.phase == phase and r.server.startswith("shardmail")]
         theirs = [r for r in results if r.phase == phase and r.server == "dovecot"]
@@ -954,10 +1193,23 @@ async def storage_calls(args: argparse.Namespace) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def main_async(args: argparse.Namespace) -> list[PhaseResult]:
+def raise_fd_limit(needed: int) -> None:
+    """The soft open-files limit up to the hard one (conn_memory holds
+    thousands of sockets here, and the servers, started from here,
+    inherit the limit); a clear error if even that is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SystemExit(f"open-files hard limit {hard} < {needed}: raise it (ulimit -Hn)")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def main_async(args: argparse.Namespace) -> list[Result]:
     if args.storage_calls:
         await storage_calls(args)
         return []
+    # Both ends of each connection are ours when the server is shardmail.
+    raise_fd_limit(2 * max_connections(args) + 1000)
     workdir = Path(tempfile.mkdtemp(prefix="imap-bench-", dir=args.tmp))
     if args.phases == ["login"]:
         print(f"# {args.clients} clients logging in and out, {args.seconds:g} s per run; "
@@ -966,7 +1218,7 @@ async def main_async(args: argparse.Namespace) -> list[PhaseResult]:
         print(f"# {args.clients} sessions ({args.layout} layout), {args.messages} x {args.size} "
               f"octets per INBOX, {args.seconds:g} s per phase, one command at a time per "
               f"session; {os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.2f}", flush=True)
-    results: list[PhaseResult] = []
+    results: list[Result] = []
     try:
         if "login" in args.phases:
             results += await run_logins(workdir, args)
@@ -988,14 +1240,34 @@ async def main_async(args: argparse.Namespace) -> list[PhaseResult]:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.compare_dovecot and not args.dovecot_only:
         print("\n# shardmail / dovecot commands per second")
-        dove = {r.phase: r for r in results if r.server == "dovecot"}
-        for r in results:
+        rates = [r for r in results if isinstance(r, PhaseResult)]
+        dove = {r.phase: r for r in rates if r.server == "dovecot"}
+        for r in rates:
             d = dove.get(r.phase)
             if r.server.startswith("shardmail") and d is not None and d.per_second:
                 print(f"{r.phase:<13} {r.per_second:>9.1f} / {d.per_second:>9.1f} "
                       f"= {r.per_second / d.per_second:.2f}  (server CPU ms/cmd "
                       f"{r.server_cpu_ms_per_cmd:.3f} vs {d.server_cpu_ms_per_cmd:.3f})")
+        print_memory(results)
     return results
+
+
+def print_memory(results: list[Result]) -> None:
+    """shardmail's memory against Dovecot's: per idle connection (KiB), and
+    the peak of each phase (MiB)."""
+    pairs: dict[str, dict[str, float]] = {}
+    for r in results:
+        if isinstance(r, MemoryResult):
+            what, value = f"conn_memory {r.transport} PSS per connection (KiB)", r.pss_per_conn_kib
+        elif r.peak_pss_mib:
+            what, value = f"{r.phase} peak PSS (MiB)", r.peak_pss_mib
+        else:
+            continue
+        side = "dovecot" if r.server == "dovecot" else "shardmail"
+        pairs.setdefault(what, {})[side] = value
+    for what, pair in pairs.items():
+        if len(pair) == 2:
+            print(f"{what}: {pair['shardmail']:.1f} vs {pair['dovecot']:.1f} (dovecot)")
 
 
 def main() -> None:
@@ -1015,6 +1287,12 @@ def main() -> None:
                         help="messages in the churn account's INBOX at the start")
     parser.add_argument("--churn-floor", type=int, default=35,
                         help="a churn session appends only while its view holds fewer")
+    parser.add_argument("--conn-count", type=int, default=1000,
+                        help="conn_memory: idle connections opened per transport")
+    parser.add_argument("--conn-batch", type=int, default=4,
+                        help="conn_memory: connections logging in at a time")
+    parser.add_argument("--dovecot-client-limit", type=int, default=100,
+                        help="with conn_memory: clients per Dovecot imap process")
     parser.add_argument("--compare-dovecot", action="store_true",
                         help="then run the same phases against Dovecot on the same contents")
     parser.add_argument("--dovecot-only", action="store_true")
