@@ -62,41 +62,66 @@ def parse_route(payload: str) -> tuple[int, str] | None:
 
 
 class InProcessSubscription:
-    """An async iterator of one account's changes; ``close`` ends it."""
+    """An async iterator of one account's changes; ``close`` ends it.
+
+    One consumer at a time. Held by every logged-in IMAP session for as
+    long as it is open (issue #24), so an idle one costs little: the
+    pending changes' deque exists only while changes wait, and a future
+    only while the consumer waits (``asyncio.Queue`` kept four deques,
+    about 3 KB, per subscription)."""
 
     def __init__(self, bus: InProcessEventBus, account_id: int, maxsize: int) -> None:
         self.account_id = account_id
         self._bus = bus
-        self._queue: asyncio.Queue[Change | None] = asyncio.Queue(maxsize)
+        self._maxsize = maxsize  # 0: unbounded
+        self._pending: collections.deque[Change | None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.dropped = 0  # changes lost to overflow; the consumer should resync
 
     def _offer(self, change: Change | None) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(change)
-                return
-            except asyncio.QueueFull:
-                # Drop-oldest: the newest change tells the consumer most.
-                self._queue.get_nowait()
-                self.dropped += 1
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = collections.deque()
+        if self._maxsize and len(pending) >= self._maxsize:
+            # Drop-oldest: the newest change tells the consumer most.
+            pending.popleft()
+            self.dropped += 1
+        pending.append(change)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pending_changes(self) -> tuple[Change | None, ...]:
+        """The changes waiting to be taken, oldest first (a copy)."""
+        return tuple(self._pending or ())
+
+    def _take(self) -> Change | None:
+        pending = self._pending
+        assert pending
+        change = pending.popleft()
+        if not pending:
+            self._pending = None
+        return change
 
     async def get(self, timeout: float | None = None) -> Change | None:
         """The next change, or None on timeout or once closed."""
-        if self.closed and self._queue.empty():
-            return None
-        if not self._queue.empty():  # the usual case under load: no waiting
-            change = self._queue.get_nowait()
-        elif timeout is None:
-            change = await self._queue.get()
-        else:
+        if not self._pending:  # else the usual case under load: no waiting
+            if self.closed:
+                return None
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                change = await asyncio.wait_for(self._queue.get(), timeout)
+                if timeout is None:
+                    await waiter
+                else:
+                    await asyncio.wait_for(waiter, timeout)
             except TimeoutError:
                 return None
-        if change is None:  # the close sentinel
-            return None
-        return change
+            finally:
+                self._waiter = None
+            if not self._pending:
+                return None
+        return self._take()  # None: the close sentinel
 
     def __aiter__(self) -> AsyncIterator[Change]:
         return self._iterate()

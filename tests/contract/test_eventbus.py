@@ -85,7 +85,8 @@ async def test_slow_consumer_drops_oldest(bus) -> None:
     last = None
     for _ in range(int(ARRIVAL / 0.05)):  # wait until the newest has arrived
         await asyncio.sleep(0.05)
-        if sub._queue.qsize() == 8 and sub._queue._queue[-1].id == 20:  # type: ignore[attr-defined]
+        pending = sub.pending_changes()
+        if len(pending) == 8 and pending[-1] is not None and pending[-1].id == 20:
             break
     got = []
     while (last := await sub.get(timeout=0.05)) is not None:
