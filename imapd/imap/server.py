@@ -18,6 +18,7 @@ import zlib
 from typing import TYPE_CHECKING, cast
 
 from imapd.imap.session import ServerContext, Session
+from imapd.imap.waitflag import WaitFlag
 from imapd.imap.wire.framing import FrameEvent, Framer
 from runtime.listen import LeaseHolder, PeerLimit, serve
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
@@ -52,8 +53,8 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         self.framer = Framer(max_line_length=max_line)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
+        self._readable = WaitFlag()  # not asyncio.Event: see waitflag (issue #24)
+        self._writable = WaitFlag()
         self._writable.set()
         self._closed = False
         self._eof = False

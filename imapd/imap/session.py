@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from delivery.spool import SpoolFile
 from imapd.imap.mailbox_view import BadSequence, MailboxView, MessageCache
 from imapd.imap.objectid import SECRET_NAME, ObjectIds
+from imapd.imap.waitflag import WaitFlag
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
@@ -147,7 +148,7 @@ class Session:
         self.condstore = False  # RFC 7162 section 3.1: once any CONDSTORE use
         self.login_failures = 0
         self.dirty = False  # an event said the selected mailbox changed
-        self.wakeup = asyncio.Event()
+        self.wakeup = WaitFlag()  # news for IDLE; not asyncio.Event (issue #24)
         self._subscription: Subscription | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._spools: list[SpoolFile] = []
