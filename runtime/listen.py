@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 from runtime.metrics import CONNECTIONS_REFUSED
+from runtime.tlslayer import server_protocol
 
 log = logging.getLogger("shardmail")
 
@@ -362,35 +363,6 @@ class _Refusing(asyncio.Protocol):
             waiter.exception()  # retrieved: a failed handshake is not logged
 
 
-def _tls_layer(
-    loop: asyncio.AbstractEventLoop,
-    app: asyncio.Protocol,
-    context: ssl.SSLContext,
-    waiter: asyncio.Future[None],
-    handshake_timeout: float | None,
-) -> asyncio.BaseProtocol:
-    """The server side of TLS over a connection, calling ``app``'s
-    ``connection_made`` once the handshake is done: the event loop's own
-    TLS protocol, as ``create_server(ssl=...)`` builds it on accept (uvloop
-    has its own, which its transports recognise). Built here instead so
-    that the connection-rate check comes before any handshake work."""
-    if type(loop).__module__.startswith("uvloop"):
-        from uvloop.loop import SSLProtocol as UvSSLProtocol
-
-        return cast(
-            asyncio.BaseProtocol,
-            UvSSLProtocol(
-                loop, app, context, waiter, server_side=True,
-                ssl_handshake_timeout=handshake_timeout,
-            ),
-        )
-    from asyncio.sslproto import SSLProtocol
-
-    return SSLProtocol(
-        loop, app, context, waiter, server_side=True, ssl_handshake_timeout=handshake_timeout
-    )
-
-
 # How long a refused plaintext connection is still read from (and what it
 # sends dropped) after its refusal and our end of the stream.
 REFUSAL_LINGER = 1.0
@@ -453,9 +425,9 @@ class _Gate(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
             waiter.add_done_callback(wrapped.handshake_done)
+            timeout = listener.tls_handshake_timeout
             app = cast(
-                asyncio.Protocol,
-                _tls_layer(loop, wrapped, listener.tls, waiter, listener.tls_handshake_timeout),
+                asyncio.Protocol, server_protocol(loop, wrapped, listener.tls, waiter, timeout)
             )
         # Called from within this transport's own connection_made: nothing
         # has been read yet, so the first bytes go to ``app``.

@@ -22,6 +22,7 @@ from imapd.imap.waitflag import WaitFlag
 from imapd.imap.wire.framing import FrameEvent, Framer
 from runtime.listen import LeaseHolder, PeerLimit, serve
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
+from runtime.tlslayer import start_tls
 
 if TYPE_CHECKING:
     from conf.settings import Settings
@@ -230,8 +231,7 @@ class ImapConnection(LeaseHolder, asyncio.Protocol):
         self.framer.clear()
         self.flush()
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        new = await loop.start_tls(self.transport, self, context, server_side=True)
+        new = await start_tls(self.transport, self, context)
         if new is None:
             raise ConnectionResetError("TLS handshake failed")
         # Not cleared again here: what arrived since is already ciphertext-borne.
