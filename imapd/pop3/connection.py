@@ -16,6 +16,7 @@ from typing import cast
 
 from runtime.listen import LeaseHolder
 from runtime.metrics import CONNECTIONS, CONNECTIONS_TOTAL
+from runtime.tlslayer import start_tls
 
 # Stop reading from the socket while this much unread input is buffered
 # (pipelined commands, RFC 2449 section 6.6); resume below the low mark.
@@ -151,15 +152,10 @@ class Connection(LeaseHolder, asyncio.Protocol):
         await self.drain()
         self._buffer.clear()
         self._skipping = False
-        # loop.start_tls pauses and resumes the raw transport itself.
+        # start_tls (as loop.start_tls) pauses and resumes the raw transport
+        # itself; runtime.tlslayer's keeps no read buffer per connection.
         self._read_paused = False
-        self.transport = await self._loop.start_tls(
-            self.transport,
-            self,
-            context,
-            server_side=True,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
-        )
+        self.transport = await start_tls(self.transport, self, context, TLS_HANDSHAKE_TIMEOUT)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
