@@ -253,6 +253,13 @@ def cache_key(entry: MessageEntry) -> CacheKey:
     return (entry.message_id, entry.blob_key)
 
 
+# What every session's MessageCache together may hold in one process (issue
+# #24): a session's own bound alone lets a thousand sessions that fetched
+# a little and went idle keep 2 GB. Past it a cache evicts its own oldest
+# items to make room, and if that is not enough, keeps nothing new.
+PROCESS_CACHE_BYTES = 32 * 1024 * 1024
+
+
 class MessageCache:
     """Recently used parsed messages and small raw messages of one session,
     by :func:`cache_key` (what it names is immutable), bounded in bytes.
@@ -263,6 +270,9 @@ class MessageCache:
     BODYSTRUCTURE and then parts of the same message; this spares the
     storage round trips for the second look.
     """
+
+    # Octets held by every cache of the process (see PROCESS_CACHE_BYTES).
+    process_bytes = 0
 
     def __init__(self, max_bytes: int = 2 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
@@ -278,7 +288,7 @@ class MessageCache:
             return None
         if hit[1] != entry.size:  # not the message the entry describes
             del self._parsed[key]
-            self._bytes -= hit[2]
+            self._account(-hit[2])
             return None
         self._parsed.move_to_end(key)
         return hit[0]
@@ -290,7 +300,7 @@ class MessageCache:
             return None
         if len(hit) != entry.size:
             del self._raw[key]
-            self._bytes -= len(hit)
+            self._account(-len(hit))
             return None
         self._raw.move_to_end(key)
         return hit
@@ -305,8 +315,10 @@ class MessageCache:
         if parsed.body_text or parsed.preview:
             parsed = dataclasses.replace(parsed, body_text="", preview="")
         cost = 1024 + 768 * _count_parts(parsed.body)
+        if not self._room_for(cost):
+            return
         self._parsed[key] = (parsed, entry.size, cost)
-        self._bytes += cost
+        self._account(cost)
         self._trim()
 
     def put_raw(self, entry: MessageEntry, raw: bytes) -> None:
@@ -315,18 +327,49 @@ class MessageCache:
         key = cache_key(entry)
         if key in self._raw or len(raw) > self.max_bytes // 4 or len(raw) != entry.size:
             return
+        if not self._room_for(len(raw)):
+            return
         self._raw[key] = raw
-        self._bytes += len(raw)
+        self._account(len(raw))
         self._trim()
 
+    @property
+    def size(self) -> int:
+        """Octets this cache holds (its own estimate)."""
+        return self._bytes
+
+    def clear(self) -> None:
+        """Drop everything (the session ended or went idle)."""
+        self._raw.clear()
+        self._parsed.clear()
+        self._account(-self._bytes)
+
+    def _account(self, delta: int) -> None:
+        self._bytes += delta
+        MessageCache.process_bytes += delta
+
+    def _room_for(self, cost: int) -> bool:
+        """Whether ``cost`` more octets fit in the process's budget, once
+        this cache's own oldest items are evicted as far as needed."""
+        while MessageCache.process_bytes + cost > PROCESS_CACHE_BYTES:
+            if not self._evict_oldest():
+                return False
+        return True
+
+    def _evict_oldest(self) -> bool:
+        if self._raw:
+            _, raw = self._raw.popitem(last=False)
+            self._account(-len(raw))
+        elif self._parsed:
+            _, (_, _, cost) = self._parsed.popitem(last=False)
+            self._account(-cost)
+        else:
+            return False
+        return True
+
     def _trim(self) -> None:
-        while self._bytes > self.max_bytes and (self._raw or self._parsed):
-            if self._raw:
-                _, raw = self._raw.popitem(last=False)
-                self._bytes -= len(raw)
-            else:
-                _, (_, _, cost) = self._parsed.popitem(last=False)
-                self._bytes -= cost
+        while self._bytes > self.max_bytes and self._evict_oldest():
+            pass
 
 
 def _count_parts(part: BodyPart) -> int:

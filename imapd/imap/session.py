@@ -269,6 +269,7 @@ class Session:
             self.conn.close()
 
     def cleanup(self) -> None:
+        self.message_cache.clear()  # its octets count against the process's budget
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

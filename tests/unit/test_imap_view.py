@@ -173,3 +173,41 @@ def test_message_cache_checks_the_size() -> None:
     assert cache.parsed(entry) is None  # the stale item went with the miss
     cache.put_parsed(entry, parse_message(raw))
     assert cache.parsed(entry) is not None
+
+
+def test_every_session_cache_together_stays_within_the_process_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue #24: each session's cache has its own bound (2 MiB), but a
+    thousand sessions that each fetched a little and went idle must not
+    hold a thousand times that: together they stay within
+    PROCESS_CACHE_BYTES, and a cache that is cleared gives its share back."""
+    budget = 256 * 1024
+    monkeypatch.setattr(mailbox_view, "PROCESS_CACHE_BYTES", budget)
+    monkeypatch.setattr(mailbox_view.MessageCache, "process_bytes", 0)
+    rng = random.Random(24)
+    caches = [mailbox_view.MessageCache() for _ in range(40)]
+    kept = []
+    for n, cache in enumerate(caches):
+        for i in range(8):
+            raw = b"Subject: m\r\n\r\n" + rng.randbytes(rng.randrange(1000, 30_000))
+            entry = _entry(n * 100 + i, raw)
+            cache.put_raw(entry, raw)
+            if cache.raw(entry) is not None:
+                kept.append((cache, entry, raw))
+            held = sum(c.size for c in caches)
+            assert held <= budget
+            assert held == mailbox_view.MessageCache.process_bytes
+    # What a cache still answers is the message's bytes, nothing else.
+    for cache, entry, raw in kept:
+        assert cache.raw(entry) in (None, raw)
+    assert sum(c.size for c in caches) > budget // 2  # the budget is used, not refused
+    for cache in caches:
+        cache.clear()
+        assert cache.size == 0
+    assert mailbox_view.MessageCache.process_bytes == 0
+    # With the budget given back, a new session caches again.
+    raw = b"Subject: again\r\n\r\nbody\r\n"
+    fresh = mailbox_view.MessageCache()
+    fresh.put_raw(_entry(9999, raw), raw)
+    assert fresh.raw(_entry(9999, raw)) == raw

@@ -394,6 +394,7 @@ async def handle_copy(s: Session, cmd: c.Copy) -> Reply:
 async def handle_idle(s: Session, cmd: c.Command) -> Reply | None:
     """RFC 2177: updates flow until the client sends DONE."""
     s.write(b"+ idling\r\n")
+    s.message_cache.clear()  # an idling client holds no cached messages (issue #24)
     if s.selected is not None:
         await s.sync(poll=True)
     await s.conn.drain()
