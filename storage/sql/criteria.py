@@ -183,7 +183,7 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
     """Case-insensitive substring of any of ``cols``; on SQLite the trigram
     index narrows first (its matches, plus the messages still queued for
     it, are a superset of the LIKE's for ASCII values)."""
-    exact = [col.icontains(value, autoescape=True) for col in cols]
+    exact = [contains_condition(col, value, ctx) for col in cols]
     cond = or_(*exact) if len(exact) > 1 else exact[0]
     subject_only = len(cols) == 1 and cols[0] is M.c.subject
     if subject_only and (ctx.sqlite_fts or ctx.pg_trgm) and len(value) >= FTS_MIN_LENGTH:
@@ -202,6 +202,17 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
         if words is not None:
             cond = and_(words, cond)
     return cond
+
+
+def contains_condition(col: Any, value: str, ctx: Context) -> ColumnElement[bool]:
+    """``col`` holds the ASCII ``value``, case-insensitively (RFC 3501
+    section 6.4.4). On SQLite a plain LIKE: it folds ASCII letters itself,
+    and SQLite's lower() folds only those too, so ``lower(col) LIKE`` (what
+    ``icontains`` writes) decides the same and only copies every body
+    first. On PostgreSQL ILIKE (``icontains``), which the indexes answer."""
+    if ctx.sqlite_fts:
+        return col.like(f"%{like_escape(value)}%", escape="\\")
+    return col.icontains(value, autoescape=True)
 
 
 def pg_word_candidates(value: str) -> ColumnElement[bool] | None:
@@ -245,19 +256,30 @@ def _subject_candidates(value: str, ctx: Context) -> ColumnElement[bool]:
     return M.c.subject.ilike(f"%{like_escape(value)}%", escape="\\")
 
 
+# Trigrams one FTS5 query ANDs at most: each costs one read of its row
+# list, and past a dozen a value's rows are as few as they get.
+MAX_QUERY_TRIGRAMS = 16
+
+
 def fts_trigram_query(value: str) -> str:
     """An FTS5 query matching every row whose text holds all the trigrams
-    that cover ``value`` (len >= 3): a superset of the rows containing it.
+    of ``value`` (len >= 3): a superset of the rows containing it.
 
     The index keeps no positions nor columns (``detail=none``), so no
-    phrase and no column filter: an AND of single trigrams, taken every
-    third character plus the last one, which covers every character of
-    ``value``. Each is a quoted string (``"`` doubled), so no character of
-    it is query syntax.
+    phrase and no column filter: an AND of single trigrams. Every distinct
+    trigram of ``value`` (up to MAX_QUERY_TRIGRAMS, spread over it): a row
+    holding ``abc`` and ``def`` but not ``bcd`` cannot hold ``abcdef``, and
+    with the trigrams in between far fewer rows reach the exact test (a
+    cover alone let through three to four times the matches for a word of
+    common letters). Any subset of the trigrams still selects a superset.
+    Each is a quoted string (``"`` doubled), so no character of it is
+    query syntax.
     """
-    starts = sorted({*range(0, len(value) - 2, 3), len(value) - 3})
-    terms = (value[i : i + 3].replace('"', '""') for i in starts)
-    return " AND ".join(f'"{t}"' for t in terms)
+    trigrams = list(dict.fromkeys(value[i : i + 3] for i in range(len(value) - 2)))
+    if len(trigrams) > MAX_QUERY_TRIGRAMS:
+        step = (len(trigrams) - 1) / (MAX_QUERY_TRIGRAMS - 1)
+        trigrams = [trigrams[round(k * step)] for k in range(MAX_QUERY_TRIGRAMS)]
+    return " AND ".join('"{}"'.format(t.replace('"', '""')) for t in trigrams)
 
 
 # RFC 8514 save dates are kept in UTC (mailbox_entries.saved_at, epoch

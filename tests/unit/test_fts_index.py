@@ -93,6 +93,37 @@ async def test_delivery_queues_and_the_indexer_empties_the_queue(env) -> None:
     assert await run_indexer(storage) == 0
 
 
+def _trigrams(text: str) -> set[str]:
+    return {text[i : i + 3].lower() for i in range(len(text) - 2)}
+
+
+async def test_the_index_query_wants_every_trigram_of_the_value(env) -> None:
+    """A text holding only some of a value's trigrams (here those that
+    cover it, each apart) is not a candidate; a value with more trigrams
+    than one query takes is still found, inside a longer word and in
+    another case, and the exact test decides as before."""
+    storage, bob, db = env
+    rng = random.Random()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while True:
+        value = "".join(rng.choices(letters, k=rng.randint(7, 11)))
+        cover = " ".join(value[i : i + 3] for i in [*range(0, len(value) - 2, 3), len(value) - 3])
+        if not _trigrams(value) <= _trigrams(cover):
+            break
+    long_text = "".join(rng.choices(letters, k=60))
+    start = rng.randrange(20)
+    long_value = long_text[start : start + rng.randint(25, 40)]
+    await deliver(storage, bob, body=f"x{value.upper()}y and more")  # message 1
+    await deliver(storage, bob, body=cover)  # message 2: the cover, apart
+    await deliver(storage, bob, body=f"pre {long_text} post")  # message 3
+    await run_indexer(storage)
+    assert index_hits(db, value) == [1]
+    assert len(_trigrams(long_value)) > 16 and index_hits(db, long_value.upper()) == [3]
+    assert await search(storage, bob, value) == [1]
+    assert await search(storage, bob, long_value.swapcase()) == [3]
+    assert await search(storage, bob, cover[: len(value)].strip()) == [2]
+
+
 async def test_a_deleted_message_leaves_the_index(env) -> None:
     storage, bob, db = env
     await deliver(storage, bob, body="first zeppelin")
