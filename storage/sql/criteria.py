@@ -157,6 +157,9 @@ class Context:
     max_uid: int | None
     sqlite_fts: bool = False
     pg_trgm: bool = False
+    # False: text conditions are the exact comparison alone, for rows an
+    # index already picked (:func:`index_superset`, then :func:`to_sql`).
+    use_index: bool = True
 
     @classmethod
     def for_backend(cls, is_sqlite: bool, max_uid: int | None = None) -> Context:
@@ -180,14 +183,22 @@ CONTENT_COLUMNS = (M.c.subject, M.c.from_text, M.c.to_text, M.c.cc_text, M.c.bod
 
 
 def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElement[bool]:
-    """Case-insensitive substring of any of ``cols``; on SQLite the trigram
-    index narrows first (its matches, plus the messages still queued for
-    it, are a superset of the LIKE's for ASCII values)."""
+    """Case-insensitive substring of any of ``cols``, narrowed first by the
+    index (:func:`_index_condition`) unless ``ctx.use_index`` is off."""
     exact = [contains_condition(col, value, ctx) for col in cols]
     cond = or_(*exact) if len(exact) > 1 else exact[0]
+    narrow = _index_condition(cols, value, ctx) if ctx.use_index else None
+    return cond if narrow is None else and_(narrow, cond)
+
+
+def _index_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElement[bool] | None:
+    """A superset of the rows holding the ASCII ``value`` in one of ``cols``
+    that an index answers without reading the text columns (None: no index
+    narrows this value). On SQLite the trigram index's matches plus the
+    messages still queued for it; on PostgreSQL the word index."""
     subject_only = len(cols) == 1 and cols[0] is M.c.subject
     if subject_only and (ctx.sqlite_fts or ctx.pg_trgm) and len(value) >= FTS_MIN_LENGTH:
-        return and_(_subject_candidates(value, ctx), cond)
+        return _subject_candidates(value, ctx)
     if ctx.sqlite_fts and len(value) >= FTS_MIN_LENGTH:
         # Any column: detail=none keeps no column either; the exact
         # condition decides among the rows the index returns. One IN over
@@ -196,12 +207,10 @@ def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElem
         query = fts_trigram_query(value)
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
         queued = select(_FTS_QUEUE.c.message_id)
-        cond = and_(M.c.id.in_(hits.union_all(queued)), cond)
-    elif ctx.pg_trgm:
-        words = pg_word_candidates(value)
-        if words is not None:
-            cond = and_(words, cond)
-    return cond
+        return M.c.id.in_(hits.union_all(queued))
+    if ctx.pg_trgm:
+        return pg_word_candidates(value)
+    return None
 
 
 def contains_condition(col: Any, value: str, ctx: Context) -> ColumnElement[bool]:
@@ -380,19 +389,72 @@ def superset(c: Criteria, ctx: Context) -> ColumnElement[bool] | None:
     return None
 
 
+def index_superset(c: Criteria, ctx: Context) -> ColumnElement[bool] | None:
+    """A SQL condition every match of ``c`` satisfies that reads no text
+    column of ``messages`` (flags, dates, sizes, UIDs and the full-text
+    indexes' candidates), or None unless a full-text index narrows ``c``.
+
+    The first step of a search that stops early (``search_account``): the
+    candidates it selects are cheap to list and order; the exact test, which
+    reads each message's text, then runs only on as many as a page needs.
+    """
+    cond, narrowed = _index_superset(c, ctx)
+    return cond if narrowed else None
+
+
+def _index_superset(c: Criteria, ctx: Context) -> tuple[ColumnElement[bool] | None, bool]:
+    """(condition or None for "any row", whether an index narrowed it)."""
+    if isinstance(c, Header | Text):
+        if isinstance(c, Header):
+            col = HEADER_COLUMNS.get(c.name.lower())
+            cols: Sequence[Any] | None = None if col is None else (col,)
+        else:
+            cols = (M.c.body_text,) if c.where == "body" else CONTENT_COLUMNS
+            cols = None if c.where == "text" else cols
+        if cols is None or not c.value or not c.value.isascii():
+            return None, False
+        narrow = _index_condition(cols, c.value, ctx)
+        return narrow, narrow is not None
+    if isinstance(c, And):
+        found = [_index_superset(t, ctx) for t in c.terms]
+        parts = [p for p, _ in found if p is not None]
+        return (and_(*parts) if parts else None), any(n for _, n in found)
+    if isinstance(c, Or):
+        (left, ln), (right, rn) = _index_superset(c.left, ctx), _index_superset(c.right, ctx)
+        if left is None or right is None:
+            return None, False
+        return or_(left, right), ln or rn
+    if _reads_text(c):
+        return None, False  # a Not over text: its complement has no index
+    return to_sql(c, ctx), False
+
+
+def _any_leaf(c: Criteria, test: Callable[[Criteria], bool]) -> bool:
+    """True if ``test`` holds for a leaf of ``c`` (below its Not, Or, And)."""
+    if isinstance(c, Not):
+        return _any_leaf(c.term, test)
+    if isinstance(c, Or):
+        return _any_leaf(c.left, test) or _any_leaf(c.right, test)
+    if isinstance(c, And):
+        return any(_any_leaf(t, test) for t in c.terms)
+    return test(c)
+
+
+def _reads_text(c: Criteria) -> bool:
+    return _any_leaf(c, lambda leaf: isinstance(leaf, Header | Text))
+
+
+def _needs_header(leaf: Criteria) -> bool:
+    if isinstance(leaf, Header):
+        return leaf.name.lower() not in HEADER_COLUMNS or not leaf.value
+    if isinstance(leaf, Text):
+        return leaf.where == "text" and bool(leaf.value)
+    return False
+
+
 def needs_headers(c: Criteria) -> bool:
     """True if deciding ``c`` in Python needs the raw header of the message."""
-    if isinstance(c, Header):
-        return c.name.lower() not in HEADER_COLUMNS or not c.value
-    if isinstance(c, Text):
-        return c.where == "text" and bool(c.value)
-    if isinstance(c, Not):
-        return needs_headers(c.term)
-    if isinstance(c, Or):
-        return needs_headers(c.left) or needs_headers(c.right)
-    if isinstance(c, And):
-        return any(needs_headers(t) for t in c.terms)
-    return False
+    return _any_leaf(c, _needs_header)
 
 
 @dataclass

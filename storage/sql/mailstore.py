@@ -238,6 +238,23 @@ def _saved(micros: int | None) -> dt.datetime | None:
     return None if micros is None else _EPOCH + dt.timedelta(microseconds=micros)
 
 
+# Fewest candidates one keyset step of ``search_account`` lists: listing is
+# cheap (no text read), each step repeats the index lookup and the sort.
+SEARCH_BATCH = 256
+
+
+def _after_in_search_order(internal_date: int, mailbox_id: int, uid: int) -> Any:
+    """Entries after (internal_date, mailbox_id, uid) in search_account's
+    order: internal date descending, mailbox id ascending, UID descending."""
+    return or_(
+        E.c.internal_date < internal_date,
+        and_(
+            E.c.internal_date == internal_date,
+            or_(E.c.mailbox_id > mailbox_id, and_(E.c.mailbox_id == mailbox_id, E.c.uid < uid)),
+        ),
+    )
+
+
 def _entry(row: Any) -> MessageEntry:
     return MessageEntry(
         mailbox_id=row.mailbox_id,
@@ -2225,12 +2242,16 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
     async def search_account(
         self, account_id: int, criteria: Criteria, limit: int = 100
     ) -> list[MessageEntry]:
-        """Matches across every mailbox of the account, newest internal date first."""
+        """Matches across every mailbox of the account, newest internal date
+        first (then mailbox id ascending, UID descending), at most ``limit``."""
         ctx = crit.Context.for_backend(self.db.is_sqlite)
         base = E.join(messages, messages.c.id == E.c.message_id).join(
             mailboxes, mailboxes.c.id == E.c.mailbox_id
         )
         order = (E.c.internal_date.desc(), E.c.mailbox_id, E.c.uid.desc())
+        indexed = crit.index_superset(criteria, ctx)
+        if indexed is not None:
+            return await self._search_account_indexed(account_id, criteria, limit, indexed)
         exact = crit.to_sql(criteria, ctx)
         if exact is not None:
             rows = await self._read_rows(
@@ -2260,6 +2281,80 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
             offset += len(rows)
             found.extend(_entry(r) for r in await self._evaluate(rows, criteria, ctx))
         return found[:limit]
+
+    async def _search_account_indexed(
+        self, account_id: int, criteria: Criteria, limit: int, indexed: Any
+    ) -> list[MessageEntry]:
+        """:meth:`search_account` for criteria a full-text index narrows
+        (``indexed``, :func:`criteria.index_superset`): the index's
+        candidates are listed in result order without reading any message
+        text, and the exact test (which reads it) runs on them a few at a
+        time, in that order, until ``limit`` matched. A page of a word in
+        thousands of messages so reads about a page of bodies, not all of
+        them, and a rarer word's candidates are all but its matches.
+
+        Candidates come in batches by keyset on the result order (``indexed``
+        may be true of every row); each batch is checked in chunks a little
+        larger than what the page still lacks."""
+        ctx = crit.Context.for_backend(self.db.is_sqlite)
+        check = crit.to_sql(criteria, dataclasses.replace(ctx, use_index=False))
+        base = E.join(messages, messages.c.id == E.c.message_id).join(
+            mailboxes, mailboxes.c.id == E.c.mailbox_id
+        )
+        order = (E.c.internal_date.desc(), E.c.mailbox_id, E.c.uid.desc())
+        keys = (
+            select(E.c.mailbox_id, E.c.uid, E.c.message_id, E.c.internal_date)
+            .select_from(base)
+            .where(mailboxes.c.account_id == account_id, indexed)
+            .order_by(*order)
+        )
+        found: list[Any] = []
+        batch = max(4 * limit, SEARCH_BATCH)
+        after: tuple[int, int, int] | None = None
+        while len(found) < limit:
+            stmt = keys if after is None else keys.where(_after_in_search_order(*after))
+            rows = await self._read_rows(stmt.limit(batch))
+            pos = 0
+            while pos < len(rows) and len(found) < limit:
+                need = limit - len(found)
+                chunk = rows[pos : pos + max(2 * need, 32)]
+                pos += len(chunk)
+                found.extend(await self._check_candidates(account_id, chunk, criteria, check))
+            if len(rows) < batch:
+                break
+            after = (rows[-1].internal_date, rows[-1].mailbox_id, rows[-1].uid)
+            batch *= 2
+        return [_entry(r) for r in found[:limit]]
+
+    async def _check_candidates(
+        self, account_id: int, chunk: Sequence[Any], criteria: Criteria, check: Any
+    ) -> list[Any]:
+        """The entries of ``chunk`` (rows of mailbox_id, uid, message_id, in
+        result order) that match ``criteria``, in that order, as entry rows:
+        by ``check`` (the exact SQL condition, indexes left out) when SQL
+        decides it, else in Python over the candidate columns."""
+        wanted = E.c.message_id.in_(sorted({r.message_id for r in chunk}))
+        columns = (
+            _ENTRY_COLUMNS if check is not None else (*self._CANDIDATE_COLUMNS, E.c.internal_tz)
+        )
+        stmt = (
+            select(*columns)
+            .select_from(
+                E.join(messages, messages.c.id == E.c.message_id).join(
+                    mailboxes, mailboxes.c.id == E.c.mailbox_id
+                )
+            )
+            .where(mailboxes.c.account_id == account_id, wanted)
+        )
+        if check is not None:
+            rows = await self._read_rows(stmt.where(check))
+        else:
+            ctx = crit.Context.for_backend(self.db.is_sqlite)
+            rows = await self._evaluate(await self._read_rows(stmt), criteria, ctx)
+        # A message in several of the chunk's mailboxes comes back once per
+        # entry; the chunk's keys pick and order them.
+        by_key = {(r.mailbox_id, r.uid): r for r in rows}
+        return [by_key[k] for k in ((r.mailbox_id, r.uid) for r in chunk) if k in by_key]
 
     # --- flags, copy, move, expunge -------------------------------------------
 
