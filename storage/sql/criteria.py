@@ -215,13 +215,26 @@ def _index_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnEle
 
 def contains_condition(col: Any, value: str, ctx: Context) -> ColumnElement[bool]:
     """``col`` holds the ASCII ``value``, case-insensitively (RFC 3501
-    section 6.4.4). On SQLite a plain LIKE: it folds ASCII letters itself,
-    and SQLite's lower() folds only those too, so ``lower(col) LIKE`` (what
-    ``icontains`` writes) decides the same and only copies every body
-    first. On PostgreSQL ILIKE (``icontains``), which the indexes answer."""
+    section 6.4.4), as ``lower(col) LIKE lower(value)`` decides it.
+
+    SQLite: a plain LIKE, which folds ASCII letters itself (SQLite's lower()
+    folds only those too, so ``lower()`` around it would only copy every
+    body first).
+
+    PostgreSQL: ILIKE lowercases the whole text through the locale first,
+    about two thirds of what comparing a body costs. A case-insensitive
+    regular expression of the value as a literal string (the ``***=``
+    director, PostgreSQL manual 9.7.3.4) folds only the value's own letters
+    and scans the text as it is. It finds a subset of what ILIKE finds (a
+    letter matches itself and its other case only; ILIKE also takes the
+    Kelvin sign for ``k``, a character whose lowercase is ASCII): so ILIKE
+    still decides for a text holding any non-ASCII character, and a text
+    of ASCII alone is decided by the expression."""
     if ctx.sqlite_fts:
         return col.like(f"%{like_escape(value)}%", escape="\\")
-    return col.icontains(value, autoescape=True)
+    ilike = col.icontains(value, autoescape=True)
+    literal_regex = col.op("~*")("***=" + value)
+    return or_(literal_regex, and_(func.octet_length(col) != func.char_length(col), ilike))
 
 
 def pg_word_candidates(value: str) -> ColumnElement[bool] | None:
