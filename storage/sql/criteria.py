@@ -195,7 +195,8 @@ def _index_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnEle
     """A superset of the rows holding the ASCII ``value`` in one of ``cols``
     that an index answers without reading the text columns (None: no index
     narrows this value). On SQLite the trigram index's matches plus the
-    messages still queued for it; on PostgreSQL the word index."""
+    messages still queued for it, as entries' message ids (so listing
+    candidates reads no ``messages`` row); on PostgreSQL the word index."""
     subject_only = len(cols) == 1 and cols[0] is M.c.subject
     if subject_only and (ctx.sqlite_fts or ctx.pg_trgm) and len(value) >= FTS_MIN_LENGTH:
         return _subject_candidates(value, ctx)
@@ -207,7 +208,7 @@ def _index_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnEle
         query = fts_trigram_query(value)
         hits = select(_FTS.c.rowid).where(literal_column("messages_fts").op("MATCH")(query))
         queued = select(_FTS_QUEUE.c.message_id)
-        return M.c.id.in_(hits.union_all(queued))
+        return E.c.message_id.in_(hits.union_all(queued))
     if ctx.pg_trgm:
         return pg_word_candidates(value)
     return None
@@ -272,7 +273,7 @@ def _subject_candidates(value: str, ctx: Context) -> ColumnElement[bool]:
         # Kept in step by triggers: no queue of unindexed messages to add.
         query = fts_trigram_query(value)
         hits = select(_SUBJECT_FTS.c.rowid).where(literal_column(SUBJECT_FTS).op("MATCH")(query))
-        return M.c.id.in_(hits)
+        return E.c.message_id.in_(hits)
     # The index's own expression (the column), which is how the planner
     # matches it; ILIKE is what pg_trgm's operator class answers.
     return M.c.subject.ilike(f"%{like_escape(value)}%", escape="\\")

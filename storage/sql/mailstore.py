@@ -2302,9 +2302,11 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
             mailboxes, mailboxes.c.id == E.c.mailbox_id
         )
         order = (E.c.internal_date.desc(), E.c.mailbox_id, E.c.uid.desc())
+        # SQLite's index conditions name entries only: no message row read.
+        listed = E.join(mailboxes, mailboxes.c.id == E.c.mailbox_id) if ctx.sqlite_fts else base
         keys = (
             select(E.c.mailbox_id, E.c.uid, E.c.message_id, E.c.internal_date)
-            .select_from(base)
+            .select_from(listed)
             .where(mailboxes.c.account_id == account_id, indexed)
             .order_by(*order)
         )
