@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import logging
 import os
@@ -240,6 +241,25 @@ async def prepare_shared_state(settings: Settings, names: Sequence[str]) -> None
             await prepare(settings)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def stop_with_parent(parent: int) -> None:
+    """In a worker forked by the supervisor ``parent``: the kernel sends
+    it SIGTERM when the supervisor dies, however it dies (a SIGKILL
+    included), so no worker is left serving on its own (prctl(2)
+    PR_SET_PDEATHSIG, Linux). If the supervisor died before the request
+    took effect, stop now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: systemd's cgroup still stops us
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:
     """Fork ``workers`` processes running :func:`run_daemons`; restart any
     that exits while we are not stopping; on SIGTERM/SIGINT send SIGTERM to
@@ -249,10 +269,23 @@ def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:
     stopping = False
 
     def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # SIGTERM/SIGINT stay blocked across the fork: a stop request that
+        # arrives meanwhile is handled once the new pid is in ``children``
+        # (so it is told to stop too), and never by the supervisor's own
+        # handler running in the child (which would leave it serving).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                stop_with_parent(parent)
+            else:
+                children[pid] = (slot, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if pid == 0:
             status = 0
             try:
                 run_loop(settings, run_daemons(settings, names, slot))
@@ -262,7 +295,6 @@ def supervise(settings: Settings, names: Sequence[str], workers: int) -> int:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        children[pid] = (slot, time.monotonic())
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -202,6 +203,36 @@ def test_serve_with_two_workers_shares_ports_restarts_and_stops(tmp_path: Path) 
         code = stop(proc)
     assert code == 0
     assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 5)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL (no chance to tell its workers) leaves
+    no worker serving on its own: each is sent SIGTERM by the kernel
+    (PR_SET_PDEATHSIG) and stops, freeing the ports."""
+    ports = {key: free_port() for key in [*LISTENERS, *TLS_LISTENERS, "http.listen"]}
+    args = [
+        sys.executable, "-m", "mailctl", "serve",
+        "-o", f"server.data_dir={tmp_path / 'd'}", "-o", "server.processes=2",
+    ]  # fmt: skip
+    for key, port in ports.items():
+        args += ["-o", f"{key}=['127.0.0.1:{port}']"]
+    proc = subprocess.Popen(
+        args, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), start_new_session=True
+    )
+    workers: set[int] = set()
+    try:
+        wait_ready(proc, count=2)
+        workers = children_of(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone = wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 60)
+        assert gone, "a worker outlived its supervisor"
+        with pytest.raises(OSError):
+            greeting(ports["imap.listen"], tls=False)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_workers_need_fixed_ports(tmp_path: Path) -> None:
