@@ -435,7 +435,17 @@ class Probe:
 
     def stop(self) -> None:
         """Lets each loop finish its round (up to 30 s), so that a round still
-        waiting for its answers is measured too."""
+        waiting for its answers is measured too. An attack that ended
+        before any loop finished a round is followed by one more round of
+        each, so that every protocol answered after it (or is measured
+        as still waiting)."""
+        deadline = time.monotonic() + 30
+        while (
+            min(self.counts.values(), default=1) < 1
+            and not self.errors
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
