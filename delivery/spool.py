@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from runtime.memtrim import trim_soon
 from storage.errors import ErrorKind, StorageError
 
 # Large enough that a 35 MB message is a few hundred writes, small enough
@@ -63,6 +64,8 @@ class SpoolFile:
         with contextlib.suppress(OSError):
             self.close()
         self.path.unlink(missing_ok=True)
+        # A spooled upload ended: what its reads allocated is free now.
+        trim_soon()
 
 
 class SpoolBuffer:
