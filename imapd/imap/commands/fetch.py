@@ -264,12 +264,21 @@ async def section_source(
     """The bytes BODY.PEEK[section]<partial> names (RFC 3501 section 6.4.5),
     by the ranges FETCH uses; None for a section the message does not have.
     ``partial``: (origin, octets), octets None for "to the end"."""
-    blob = _Blob(s, m.entry)
     rng = section_range(m.parsed.body, section)
     if rng is None:
         return None
+    return await _section_bounds(_Blob(s, m.entry), rng, section, partial)
+
+
+async def _section_bounds(
+    blob: _Blob,
+    rng: tuple[int, int],
+    section: Section,
+    partial: tuple[int, int | None] | None,
+) -> SectionSource:
+    """The section at blob range ``rng`` cut to ``partial`` (RFC 3501
+    section 6.4.5): a blob range, or the filtered header of HEADER.FIELDS[.NOT]."""
     start, end = min(rng[0], blob.size), min(rng[1], blob.size)
-    filtered = None
     if section.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
         filtered = filter_header(
             await blob.range(start, end), section.fields, section.text == "HEADER.FIELDS"
@@ -659,18 +668,8 @@ async def _write_section(
     if rng is None:
         s.write(b'""')  # a section the message lacks is empty (RFC 3501 6.4.5)
         return
-    start, end = rng
-    if section.text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
-        data = filter_header(
-            await blob.range(start, end), section.fields, section.text == "HEADER.FIELDS"
-        )
-        if att.partial is not None:
-            origin, octets = att.partial
-            data = data[origin : origin + octets]
-        s.write(b"{%d}\r\n" % len(data) + data)
+    src = await _section_bounds(blob, rng, section, att.partial)
+    if src.filtered is not None:
+        s.write(b"{%d}\r\n" % len(src.filtered) + src.filtered)
         return
-    if att.partial is not None:
-        origin, octets = att.partial
-        start = min(end, start + origin)
-        end = min(end, start + octets)
-    await _write_range(s, blob, start, end)
+    await _write_range(s, blob, src.start, src.end)
