@@ -14,24 +14,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
-
-log = logging.getLogger("runtime.memtrim")
+import functools
+from collections.abc import Callable
 
 TRIM_DELAY_SECONDS = 0.5  # one trim for the releases of a burst
 
-_trim: object | None = None
 _pending: set[asyncio.AbstractEventLoop] = set()
 
 
-def _malloc_trim() -> object | None:
-    global _trim
-    if _trim is None:
-        try:
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-        except (OSError, AttributeError):
-            _trim = False
-    return _trim or None
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def trim_now() -> None:
@@ -39,7 +35,7 @@ def trim_now() -> None:
     the call; it takes about a millisecond per 100 MB of heap."""
     trim = _malloc_trim()
     if trim is not None:
-        trim(0)  # type: ignore[operator]
+        trim(0)
 
 
 def trim_soon() -> None:
