@@ -82,9 +82,7 @@ def create_index(db_file: str) -> bool:
     queues every stored message (a lost or deleted index file is rebuilt)."""
     conn = sqlite3.connect(index_file(db_file), isolation_level=None, timeout=BUSY_TIMEOUT_S)
     try:
-        found = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'messages_fts'"
-        ).fetchone()
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_fts'").fetchone()
         conn.execute("PRAGMA journal_mode=WAL")
         # Trigram tokens for substring search; detail=none: search only
         # needs which rows hold every trigram (the exact check decides);
@@ -142,6 +140,7 @@ class FtsIndexer(_Background):
         self._clear = clear
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._closed = False
         # One thread: the connection is used from it only.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fts-indexer"
@@ -172,7 +171,9 @@ class FtsIndexer(_Background):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(
-                index_file(self.db_file), isolation_level=None, timeout=BUSY_TIMEOUT_S,
+                index_file(self.db_file),
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_S,
                 check_same_thread=False,  # closed from close(), after the thread
             )
             conn.execute("PRAGMA synchronous=FULL")  # committed before the queue is cleared
@@ -190,7 +191,12 @@ class FtsIndexer(_Background):
         None (lock released) when the queue is empty."""
         conn = self._connect()
         assert self._lock_fd is not None
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            # Non-blocking: a holder is another process's indexer, which is
+            # doing this work already; waiting here would also hold up close().
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
         try:
             marks = self._index_batch(conn)
         except BaseException:
@@ -241,8 +247,15 @@ class FtsIndexer(_Background):
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     async def close(self) -> None:
-        """Stops the background task (a batch in progress finishes or rolls
-        back) and closes the connection."""
+        """Stops the background task and closes the connection. A batch in
+        progress is interrupted and rolls back (its rows stay queued for
+        the next start), so closing never waits for a long batch.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._conn is not None:
+            self._conn.interrupt()  # thread-safe; ends a running statement
         await self._stop()
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
         self._executor.shutdown(wait=False)
