@@ -339,7 +339,9 @@ class Change:
 
     ``data`` by kind: NEW and FLAGS carry ``{"flags": [sorted flags]}`` (the
     entry's flags after the change), so IDLE and WebSocket sessions need not
-    re-read storage; MAILBOX carries ``{"op": ..., "name": ...}``.
+    re-read storage; MAILBOX carries ``{"op": ..., "name": ...}`` (and
+    ``{"op": "metadata", "entries": [names]}`` when METADATA entries of
+    the mailbox, or with ``mailbox_id`` None the server's, changed).
     """
 
     id: int

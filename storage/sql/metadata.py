@@ -23,11 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage import errors
 from storage.errors import ErrorKind, StorageError
+from storage.model import ChangeKind
 from storage.sql.db import Database
 from storage.sql.schema import mailboxes
 from storage.sql.schema import metadata_entries as T
 
 SERVER = 0  # the mailbox_id of the server's entries
+# Entry names a metadata change carries on the bus (a change stays small).
+METADATA_CHANGE_NAMES = 50
 
 
 class _Locked(Protocol):
@@ -86,6 +89,13 @@ class MetadataStore:
                 for n, v in final.items()
                 if v is not None
             ]
+            # On the bus for NOTIFY (RFC 5465 sections 5.6 and 5.7): which
+            # entries of which mailbox (None: the server's) changed.
+            tx.change(
+                ChangeKind.MAILBOX,
+                mailbox_id,
+                data={"op": "metadata", "entries": names[:METADATA_CHANGE_NAMES]},
+            )
             if rows:
                 await conn.execute(insert(T), rows)
                 count = (
