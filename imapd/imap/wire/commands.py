@@ -408,3 +408,27 @@ class ParseError:
     tag: str
     message: str
     code: str | None = field(default=None)  # e.g. BADCHARSET
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyGroup:
+    """One event group of NOTIFY SET (RFC 5465 section 8, event-group):
+    ``filter`` upper-case (SELECTED, SELECTED-DELAYED, INBOXES, PERSONAL,
+    SUBSCRIBED, SUBTREE, MAILBOXES), ``mailboxes`` the names SUBTREE and
+    MAILBOXES take (decoded, INBOX upper-cased); ``events`` the event
+    names as sent (case kept; None for NONE); ``fetch`` MessageNew's
+    fetch attributes."""
+
+    filter: str
+    mailboxes: tuple[str, ...]
+    events: tuple[str, ...] | None
+    fetch: tuple[FetchAttribute, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Notify(Command):
+    """RFC 5465 section 3: NOTIFY SET [STATUS] groups, or NOTIFY NONE
+    (``groups`` empty)."""
+
+    status: bool
+    groups: tuple[NotifyGroup, ...]

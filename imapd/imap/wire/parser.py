@@ -1214,6 +1214,12 @@ def _p_setmetadata(r: _Reader, tag: str, name: str) -> c.Command:
     return c.SetMetadata(tag=tag, name=name, mailbox=mailbox, values=tuple(values))  # type: ignore[arg-type]
 
 
+def _p_notify(r: _Reader, tag: str, name: str) -> c.Command:
+    from imapd.imap.wire.notify_syntax import parse_notify
+
+    return parse_notify(r, tag, name)
+
+
 _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     **{
         n: _p_simple
@@ -1256,6 +1262,7 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "COMPRESS": _p_compress,  # RFC 4978
     "GETMETADATA": _p_getmetadata,  # RFC 5464 section 4.2
     "SETMETADATA": _p_setmetadata,  # RFC 5464 section 4.3
+    "NOTIFY": _p_notify,  # RFC 5465 section 3
     "UID SEARCH": _p_search,
     "SORT": _p_sort,
     "UID SORT": _p_sort,
