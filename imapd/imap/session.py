@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from delivery.spool import SpoolFile
 from imapd.imap.mailbox_view import BadSequence, MailboxView, MessageCache
+from imapd.imap.notify import NotifyState, after_command, next_event
 from imapd.imap.objectid import SECRET_NAME, ObjectIds
 from imapd.imap.waitflag import WaitFlag
 from imapd.imap.wire import encode
@@ -157,6 +158,7 @@ class Session:
         self.changes_heard = 0  # changes the watcher took from the bus (see selected_now)
         self.fenced = False  # the account is moving shards: see end_fenced
         self.message_cache = MessageCache()
+        self.notify: NotifyState | None = None  # RFC 5465 NOTIFY SET (imapd.imap.notify)
         # STATUS answers by mailbox id, dropped by any event about that mailbox.
         self.status_cache: dict[int, MailboxStatus] = {}
         self._boxes: dict[str, tuple[Mailbox, float]] = {}  # name -> (mailbox, when)
@@ -231,6 +233,7 @@ class Session:
             "METADATA",  # RFC 5464: server and mailbox entries
             "METADATA-SERVER",  # RFC 5464 section 1: server entries
             "UTF8=ACCEPT",  # RFC 6855 section 3
+            "NOTIFY",  # RFC 5465
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3
@@ -310,7 +313,11 @@ class Session:
         held = 0  # octets of this command's literals kept in memory
         spool_at = int(self.ctx.setting("imap", "spool_threshold", DEFAULT_SPOOL_THRESHOLD))  # type: ignore[call-overload]
         while True:
-            ev = await self.conn.next_event(timeout)
+            if self.notify is not None and not segments:
+                # RFC 5465 section 4: notifications while no command is in progress.
+                ev = await next_event(self, timeout)
+            else:
+                ev = await self.conn.next_event(timeout)
             if ev is None:
                 return None
             if isinstance(ev, TextSegment):
@@ -465,6 +472,9 @@ class Session:
                 await self.sync(allow_expunge=cmd.name not in _NO_EXPUNGE)
             except StorageError:
                 pass
+        if self.notify is not None:  # RFC 5465: what else waits, before the completion
+            with contextlib.suppress(StorageError):
+                await after_command(self, allow_expunge=cmd.name not in _NO_EXPUNGE)
         self.tagged(cmd.tag, reply)
 
     # ------------------------------------------------------------ login state
@@ -581,6 +591,10 @@ class Session:
                     self.status_cache.pop(change.mailbox_id, None)
                 self.changes_heard += 1
                 view = self.selected
+                if self.notify is not None and self.notify.offer(
+                    change, view.mailbox.id if view is not None else None
+                ):
+                    self.wakeup.set()  # IDLE sends it (RFC 5465 section 4)
                 if view is None or change.mailbox_id not in (view.mailbox.id, None):
                     continue
                 if change.modseq is not None and view.skipped_to(change.modseq):

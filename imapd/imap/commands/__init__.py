@@ -18,6 +18,7 @@ from imapd.imap.commands import (
     mailbox,
     message,
     metadata,
+    notify,
     quota,
     sort,
 )
@@ -58,6 +59,7 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "COMPRESS": (compress.handle_compress, _AUTH),  # RFC 4978 section 3
     "GETMETADATA": (metadata.handle_getmetadata, _AUTH),  # RFC 5464 section 4.2
     "SETMETADATA": (metadata.handle_setmetadata, _AUTH),  # RFC 5464 section 4.3
+    "NOTIFY": (notify.handle_notify, _AUTH),  # RFC 5465 section 3
     "IDLE": (message.handle_idle, _AUTH),  # RFC 2177
     "CHECK": (message.handle_check, _SELECTED),
     "CLOSE": (message.handle_close, _SELECTED),

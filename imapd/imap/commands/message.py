@@ -10,6 +10,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 from delivery.learn import learn_moved
+from imapd.imap import notify
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import commands as c
@@ -397,6 +398,8 @@ async def handle_idle(s: Session, cmd: c.Command) -> Reply | None:
     s.message_cache.clear()  # an idling client holds no cached messages (issue #24)
     if s.selected is not None:
         await s.sync(poll=True)
+    if s.notify is not None:
+        await notify.after_command(s, allow_expunge=True)  # RFC 5465 section 4
     await s.conn.drain()
     loop = asyncio.get_running_loop()
     reader = loop.create_task(s.read_continuation(None))
@@ -420,7 +423,9 @@ async def handle_idle(s: Session, cmd: c.Command) -> Reply | None:
             if s.fenced:
                 s.end_fenced()
                 return None
-            if s.selected is not None:
+            if s.notify is not None:
+                await notify.after_command(s, allow_expunge=True)  # RFC 5465 section 4
+            elif s.selected is not None:
                 await s.sync()
             await s.conn.drain()
     finally:

@@ -57,7 +57,7 @@ def _wanted(stored: dict[str, bytes], entry: str, depth: str) -> list[tuple[str,
 _ASTRING_CHARS = re.compile(r'[^(){ \x00-\x1f\x7f-\uffff%*"\\]+')
 
 
-def _entry(name: str) -> bytes:
+def entry_atom(name: str) -> bytes:
     """entry = astring: as an atom where it can be (as the RFC's examples
     show them), else quoted."""
     return name.encode() if _ASTRING_CHARS.fullmatch(name) else encode.string(name)
@@ -89,7 +89,7 @@ async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
                 continue
             found.setdefault(name, value)
     if found:
-        items = b" ".join(_entry(n) + b" " + _value(v) for n, v in found.items())
+        items = b" ".join(entry_atom(n) + b" " + _value(v) for n, v in found.items())
         s.untagged(b"METADATA " + encode.mailbox(cmd.mailbox, s.utf8) + b" (" + items + b")")
     if longest:
         return ok("GETMETADATA completed", f"METADATA LONGENTRIES {longest}")
