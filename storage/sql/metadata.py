@@ -29,8 +29,9 @@ from storage.sql.schema import mailboxes
 from storage.sql.schema import metadata_entries as T
 
 SERVER = 0  # the mailbox_id of the server's entries
-# Entry names a metadata change carries on the bus (a change stays small).
-METADATA_CHANGE_NAMES = 50
+# Characters of entry names a metadata change carries on the bus: it stays
+# well below what one PostgreSQL NOTIFY or datagram takes (storage/events.py).
+METADATA_CHANGE_CHARS = 2000
 
 
 class _Locked(Protocol):
@@ -92,9 +93,7 @@ class MetadataStore:
             # On the bus for NOTIFY (RFC 5465 sections 5.6 and 5.7): which
             # entries of which mailbox (None: the server's) changed.
             tx.change(
-                ChangeKind.MAILBOX,
-                mailbox_id,
-                data={"op": "metadata", "entries": names[:METADATA_CHANGE_NAMES]},
+                ChangeKind.MAILBOX, mailbox_id, data={"op": "metadata", "entries": _some(names)}
             )
             if rows:
                 await conn.execute(insert(T), rows)
@@ -107,6 +106,18 @@ class MetadataStore:
                     raise StorageError(
                         ErrorKind.OVER_QUOTA, f"at most {max_entries} metadata entries"
                     )
+
+
+def _some(names: list[str]) -> list[str]:
+    """The first of ``names`` that fit in METADATA_CHANGE_CHARS (one at least)."""
+    out: list[str] = []
+    size = 0
+    for name in names:
+        size += len(name) + 3  # its JSON quotes and comma
+        if out and size > METADATA_CHANGE_CHARS:
+            break
+        out.append(name)
+    return out
 
 
 async def delete_mailbox_metadata(conn: AsyncConnection, mailbox_id: int) -> None:
