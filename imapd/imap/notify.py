@@ -104,6 +104,7 @@ class NotifyState:
         self.overflowed = False
         self._view: object | None = None  # the view ``_top`` belongs to
         self._top = 0  # the highest UID MessageNew's fetch attributes were sent for
+        self._dropped: int | None = None  # the bus's lost-change count when first heard
 
     # ------------------------------------------------------------ matching
     def wants(self, name: str, event: str) -> bool:
@@ -145,11 +146,19 @@ class NotifyState:
         return group is not None and group.events is not None and event in group.events
 
     # -------------------------------------------------------------- events
-    def offer(self, change: Change, selected_id: int | None) -> bool:
+    def offer(self, change: Change, selected_id: int | None, dropped: int = 0) -> bool:
         """Takes one change from the bus; True if there is news to send.
-        Synchronous and O(1) in the number of mailboxes."""
+        Synchronous and O(1) in the number of mailboxes. ``dropped``: the
+        subscription's count of changes it lost (a slow consumer); any
+        loss once NOTIFY is set is an overflow too (section 5.8), as what
+        was lost cannot be told."""
         if self.overflowed:
             return False
+        if self._dropped is None:
+            self._dropped = dropped
+        elif dropped != self._dropped:
+            self._overflow()
+            return True
         kind = change.kind
         event = _KIND_EVENT.get(kind)
         if event is not None:
@@ -227,11 +236,14 @@ class NotifyState:
         """False (and the queue dropped, section 5.8) once it is full."""
         if key in self.queue or len(self.queue) < MAX_QUEUED:
             return True
+        self._overflow()
+        return False
+
+    def _overflow(self) -> None:
         self.queue.clear()
         self.selected_news = False
         self.overflowed = True
         self.ready.set()
-        return False
 
     def _queue_status(self, box: int, event: str) -> bool:
         key = ("status", box)

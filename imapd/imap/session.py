@@ -591,8 +591,9 @@ class Session:
                     self.status_cache.pop(change.mailbox_id, None)
                 self.changes_heard += 1
                 view = self.selected
+                selected_id = view.mailbox.id if view is not None else None
                 if self.notify is not None and self.notify.offer(
-                    change, view.mailbox.id if view is not None else None
+                    change, selected_id, getattr(sub, "dropped", 0)
                 ):
                     self.wakeup.set()  # IDLE sends it (RFC 5465 section 4)
                 if view is None or change.mailbox_id not in (view.mailbox.id, None):
