@@ -13,9 +13,13 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from imapd.imap.wire.commands import SequenceSet
 from storage.model import BodyPart, Mailbox, MailboxSnapshot, MessageEntry, ParsedMessage
+
+if TYPE_CHECKING:
+    from imapd.imap.contexts import UpdateContext
 
 # More expunged UIDs than this at once: the UID array is rebuilt in one
 # pass rather than shifted once per UID.
@@ -72,6 +76,11 @@ class MailboxView:
     # ascending; "$" names those still in the snapshot. A new view (SELECT,
     # EXAMINE) starts empty, as section 2.1 requires.
     saved: list[int] = field(default_factory=list)
+    # RFC 5267 section 4.3: live UPDATE contexts by tag (imapd.imap.contexts),
+    # ended with the view, and the UIDs that arrived or whose flags changed
+    # since they were last brought up to date (kept only while there are any).
+    contexts: dict[str, UpdateContext] = field(default_factory=dict)
+    touched: set[int] = field(default_factory=set)
 
     @classmethod
     def from_snapshot(
@@ -114,6 +123,10 @@ class MailboxView:
         self.entries[entry.uid] = entry
         if old is None or old.flags != entry.flags:
             self._note_keywords(entry.flags)
+        if self.contexts and (
+            old is None or old.flags != entry.flags or old.modseq != entry.modseq
+        ):
+            self.touched.add(entry.uid)
 
     def missing(self, uids: Iterable[int]) -> list[int]:
         """Those of ``uids`` (UIDs of the snapshot) whose entries were never read."""
@@ -221,6 +234,8 @@ class MailboxView:
             self.uids.append(e.uid)
             self.entries[e.uid] = e
             self._note_keywords(e.flags)
+        if self.contexts:
+            self.touched.update(e.uid for e in entries)
 
     def remove(self, gone: set[int]) -> list[int]:
         """Drop expunged UIDs; returns their former sequence numbers, highest

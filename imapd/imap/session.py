@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from delivery.spool import SpoolFile
+from imapd.imap.contexts import expunging
 from imapd.imap.mailbox_view import BadSequence, MailboxView, MessageCache
 from imapd.imap.notify import NotifyState, after_command, next_event
 from imapd.imap.objectid import SECRET_NAME, ObjectIds
@@ -221,6 +222,8 @@ class Session:
             "THREAD=ORDEREDSUBJECT",
             "THREAD=REFERENCES",
             "ESORT",  # RFC 5267 section 3
+            "CONTEXT=SEARCH",  # RFC 5267 section 4 (imapd.imap.contexts)
+            "CONTEXT=SORT",
             "SEARCHRES",  # RFC 5182
             "QUOTA",  # RFC 9208 (no QUOTASET: SETQUOTA is refused, section 4.1.3)
             "QUOTA=RES-STORAGE",  # RFC 9208 section 5.1
@@ -654,6 +657,19 @@ class Session:
     async def sync(
         self, allow_expunge: bool = True, force: bool = False, poll: bool = False
     ) -> None:
+        """:meth:`sync_view`, then the ADDTO/REMOVEFROM of the RFC 5267 UPDATE
+        contexts for what it announced (imapd.imap.contexts.refresh: after
+        EXISTS, as its section 4.3.3 requires)."""
+        await self.sync_view(allow_expunge, force, poll)
+        view = self.selected
+        if view is not None and view.contexts:
+            from imapd.imap.contexts import refresh
+
+            await refresh(self, view)
+
+    async def sync_view(
+        self, allow_expunge: bool = True, force: bool = False, poll: bool = False
+    ) -> None:
         """Tell the client what changed in the selected mailbox since it last
         heard (RFC 3501 section 7.3.1 EXISTS, 7.4.1 EXPUNGE, 7.4.2 FETCH;
         RFC 7162 section 3.2.10 VANISHED once QRESYNC is enabled).
@@ -854,6 +870,11 @@ class Session:
         return out
 
     def announce_expunge(self, view: MailboxView, gone: set[int]) -> None:
+        """EXPUNGE (RFC 3501 section 7.4.1) or VANISHED (RFC 7162 section
+        3.2.10) for ``gone``, after the REMOVEFROM of any UPDATE context
+        holding them (RFC 5267 section 4.3.4)."""
+        if view.contexts:
+            expunging(self, view, gone)
         if "QRESYNC" in self.enabled:
             present = sorted(u for u in gone if view.contains(u))
             view.remove(gone)
@@ -884,7 +905,7 @@ _READ_ONLY = frozenset(
     {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
      "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE",
      "SORT", "UID SORT", "THREAD", "UID THREAD", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",
-     "GETMETADATA"}
+     "GETMETADATA", "CANCELUPDATE"}
 )
 
 

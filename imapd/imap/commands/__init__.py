@@ -80,4 +80,5 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "UID COPY": (message.handle_copy, _SELECTED),
     "MOVE": (message.handle_copy, _SELECTED),  # RFC 6851
     "UID MOVE": (message.handle_copy, _SELECTED),
+    "CANCELUPDATE": (message.handle_cancelupdate, _SELECTED),  # RFC 5267 section 4.3.5
 }

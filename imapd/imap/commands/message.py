@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from delivery.learn import learn_moved
 from imapd.imap import notify
+from imapd.imap.contexts import cancel, open_search, partial_item, partial_slice, refuse_reuse
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import commands as c
@@ -174,14 +175,20 @@ def _modseq_reported_for(cmd: c.Search, uids: list[int]) -> list[int]:
     return [u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted]
 
 
-def saved_result(returns: tuple[str, ...], uids: list[int]) -> list[int]:
+def saved_result(
+    returns: tuple[str, ...], uids: list[int], partial: tuple[int, int] | None = None
+) -> list[int]:
     """What RETURN (SAVE ...) keeps of the matches (ascending UIDs), RFC 5182
-    section 2.1: with MIN and/or MAX but neither ALL nor COUNT, only the
-    message(s) they return; otherwise every match."""
+    section 2.1: with MIN, MAX and/or PARTIAL but neither ALL nor COUNT,
+    only the messages they return (RFC 9394 section 3.1 for PARTIAL);
+    otherwise every match."""
     wanted = set(returns)
-    if not uids or wanted & {"ALL", "COUNT"} or not wanted & {"MIN", "MAX"}:
+    if not uids or wanted & {"ALL", "COUNT"} or not wanted & {"MIN", "MAX", "PARTIAL"}:
         return uids
-    return sorted({u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted})
+    kept = {u for u, opt in ((uids[0], "MIN"), (uids[-1], "MAX")) if opt in wanted}
+    if partial is not None:
+        kept.update(partial_slice(uids, partial))
+    return sorted(kept)
 
 
 async def _resolve_objectids(s: Session, key: c.SearchKey) -> c.SearchKey:
@@ -234,8 +241,24 @@ async def matching_uids(s: Session, key: c.SearchKey) -> list[int]:
     return uids
 
 
+async def matching_among(s: Session, criteria: q.Criteria, uids: list[int]) -> set[int]:
+    """Which of ``uids`` (ascending, in the snapshot) ``criteria`` matches
+    now (RFC 5267 UPDATE contexts): from the snapshot's entries when it
+    can, else one storage search restricted to them."""
+    view = _view(s)
+    known = view.entries
+    if _local(criteria) and all(u in known for u in uids):
+        match = _compile(criteria)
+        return {u for u in uids if match(known[u])}
+    restricted = q.And((criteria, q.Uids(UidSet.of(uids))))
+    return set(await s.mail.search(*_ids(s), restricted))  # type: ignore[union-attr]
+
+
 async def handle_search(s: Session, cmd: c.Search) -> Reply:
     view = _view(s)
+    reuse = refuse_reuse(s, cmd)
+    if reuse is not None:
+        return reuse
     saving = cmd.returns is not None and "SAVE" in cmd.returns
     if saving:
         view.saved = []  # RFC 5182 section 2.1: a failed SEARCH leaves "$" empty
@@ -258,23 +281,41 @@ async def handle_search(s: Session, cmd: c.Search) -> Reply:
         s.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + modseq_note + b"\r\n")
         return ok("SEARCH completed")
     if saving:
-        view.saved = saved_result(cmd.returns, uids)  # type: ignore[arg-type]
+        view.saved = saved_result(cmd.returns, uids, cmd.partial)  # type: ignore[arg-type]
         if cmd.returns == ("SAVE",):
             return ok("SEARCH completed, result saved")  # RFC 5182 2.1: no ESEARCH
+    if "UPDATE" in (cmd.returns or ()):
+        open_search(s, cmd, uids)  # RFC 5267 section 4.3
     # RFC 4731 ESEARCH; RETURN () means ALL (also beside SAVE alone: never here),
     # and so does no RETURN at all in IMAP4rev2 (RFC 9051 section 6.4.4).
     wanted = tuple(r for r in cmd.returns or () if r != "SAVE") or ("ALL",)
     extra = b"MODSEQ %d" % top_modseq if top_modseq else b""  # RFC 7162 section 3.1.5
-    s.write(esearch_response(cmd.tag, cmd.uid, wanted, numbers, extra))
+    s.write(esearch_response(cmd.tag, cmd.uid, wanted, numbers, extra, cmd.partial))
     return ok("SEARCH completed")
 
 
+async def handle_cancelupdate(s: Session, cmd: c.CancelUpdate) -> Reply:
+    """RFC 5267 section 4.3.5: no more updates for the contexts named. A tag
+    naming no live context is a client error: BAD, and none is ended."""
+    unknown = cancel(_view(s), cmd.tags)
+    if unknown:
+        return bad(f"No update context for tag {unknown[0][:64]}")
+    return ok("CANCELUPDATE completed")
+
+
 def esearch_response(
-    tag: str, uid: bool, wanted: tuple[str, ...], numbers: list[int], extra: bytes = b""
+    tag: str,
+    uid: bool,
+    wanted: tuple[str, ...],
+    numbers: list[int],
+    extra: bytes = b"",
+    partial: tuple[int, int] | None = None,
 ) -> bytes:
     """The ESEARCH line (RFC 4731 section 3.1) for ``numbers`` in result
     order: MIN and MAX are its first and last (for SORT, RFC 5267 section
-    3.1, the first and last in sort order), ALL keeps the order."""
+    3.1, the first and last in sort order), ALL keeps the order, and so
+    does PARTIAL (RFC 5267 section 4.4), which is sent even for no
+    results. CONTEXT and UPDATE return nothing here."""
     parts = [b'* ESEARCH (TAG "' + tag.encode() + b'")']
     if uid:
         parts.append(b"UID")
@@ -285,6 +326,8 @@ def esearch_response(
             parts.append(b"MAX %d" % numbers[-1])
         if "ALL" in wanted:
             parts.append(b"ALL " + encode.sequence_set(numbers))
+    if partial is not None:
+        parts.append(partial_item(numbers, partial))
     if "COUNT" in wanted:
         parts.append(b"COUNT %d" % len(numbers))
     if extra:

@@ -1,4 +1,5 @@
-"""SORT, UID SORT (RFC 5256 section 3, with RFC 5267 ESORT result options)
+"""SORT, UID SORT (RFC 5256 section 3, with RFC 5267 ESORT result options;
+CONTEXT=SORT's PARTIAL and UPDATE are imapd.imap.contexts)
 and THREAD, UID THREAD (RFC 5256 section 3, ORDEREDSUBJECT and REFERENCES).
 
 The matches come from the SEARCH machinery; their sort fields are read in
@@ -14,6 +15,7 @@ from collections.abc import Callable, Collection
 from typing import TypeVar
 
 from imapd.imap.commands.message import esearch_response, matching_uids
+from imapd.imap.contexts import open_sort, refuse_reuse
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, no, ok
 from imapd.imap.sortkeys import sort_fields, sort_messages
@@ -89,6 +91,9 @@ def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
 
 
 async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
+    reuse = refuse_reuse(s, cmd)  # RFC 5267 section 4.3
+    if reuse is not None:
+        return reuse
     got = await _rows(s, cmd.charset, cmd.key)
     if got is None:
         return _BADCHARSET
@@ -102,8 +107,14 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
     if cmd.returns is None:
         s.write(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
         return ok("SORT completed")
+    if "UPDATE" in cmd.returns:
+        try:
+            await open_sort(s, cmd, rows, ordered)  # RFC 5267 section 4.3
+        except ContentTimeout:
+            return _TOO_MANY
     # RFC 5267 section 3.1: an ESEARCH response; RETURN () means ALL.
-    s.write(esearch_response(cmd.tag, cmd.uid, cmd.returns or ("ALL",), numbers))
+    returns = cmd.returns or ("ALL",)
+    s.write(esearch_response(cmd.tag, cmd.uid, returns, numbers, partial=cmd.partial))
     return ok("SORT completed")
 
 

@@ -293,6 +293,7 @@ class Search(Command):
     uid: bool
     charset: str | None = None
     returns: tuple[str, ...] | None = None  # RFC 4731 ESEARCH; None: plain SEARCH
+    partial: tuple[int, int] | None = None  # RFC 9394 PARTIAL range, as sent (-1:-100 kept)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,6 +305,14 @@ class Sort(Command):
     uid: bool
     charset: str
     returns: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None  # RFC 5267 section 4.4 / RFC 9394 section 3.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelUpdate(Command):
+    """RFC 5267 section 4.3.5 CANCELUPDATE: the tags of the contexts to end."""
+
+    tags: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -774,8 +774,18 @@ def _search_key(r: _Reader, depth: int) -> c.SearchKey:
     raise _Bad(f"Unknown search key {word}")
 
 
-_SEARCH_RETURNS = ("MIN", "MAX", "ALL", "COUNT", "SAVE")  # RFC 4731 3.1, RFC 5182 2.1
-_SORT_RETURNS = ("MIN", "MAX", "ALL", "COUNT")  # RFC 5267 section 3
+# RFC 4731 3.1, RFC 5182 2.1; RFC 5267 section 4.1: CONTEXT, UPDATE, PARTIAL.
+_SEARCH_RETURNS = ("MIN", "MAX", "ALL", "COUNT", "SAVE", "CONTEXT", "UPDATE", "PARTIAL")
+# RFC 5267 sections 3 and 4.1 (ESORT, CONTEXT=SORT).
+_SORT_RETURNS = ("MIN", "MAX", "ALL", "COUNT", "CONTEXT", "UPDATE", "PARTIAL")
+# RFC 9394 section 5: partial-range-first = nz-number ":" nz-number,
+# partial-range-last = "-" nz-number ":" "-" nz-number (RFC 5267 section 5
+# had only the first form). Ten digits at most: MAX_NUMBER has ten.
+_PARTIAL_RANGE = re.compile(rb"(-?)([0-9]{1,10}):(-?)([0-9]{1,10})(?![0-9:])")
+# RFC 5267 section 5: "CANCELUPDATE" 1*(SP quoted).
+_QUOTED_ONLY = 0x22
+# RFC 5267 section 4.3.5: tags one CANCELUPDATE may name (a session keeps few contexts).
+_MAX_CANCEL_TAGS = 100
 # RFC 5256 section 3; RFC 5957 section 3 (DISPLAYFROM, DISPLAYTO).
 SORT_KEYS = frozenset(
     {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"}
@@ -783,17 +793,44 @@ SORT_KEYS = frozenset(
 THREAD_ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")
 
 
-def _return_options(r: _Reader, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
-    """``RETURN (opt ...) SP`` if present (RFC 4466 section 2.6)."""
+def _partial_range(r: _Reader) -> tuple[int, int]:
+    """RFC 9394 section 5 partial-range: both ends positive (1 is the first
+    result) or both negative (-1 is the last); never 0, "*" or a mix."""
+    m = r.match(_PARTIAL_RANGE)
+    if not m or m.group(1) != m.group(3):
+        raise _Bad("Invalid PARTIAL range")
+    first, last = int(m.group(2)), int(m.group(4))
+    if not (0 < first <= MAX_NUMBER and 0 < last <= MAX_NUMBER):
+        raise _Bad("PARTIAL range out of range")
+    sign = -1 if m.group(1) else 1
+    return sign * first, sign * last
+
+
+def _return_options(
+    r: _Reader, allowed: tuple[str, ...]
+) -> tuple[tuple[str, ...] | None, tuple[int, int] | None]:
+    """``RETURN (opt ...) SP`` if present (RFC 4466 section 2.6), and the
+    PARTIAL range among them. RFC 5267 section 4.4 (RFC 9394 section 3.1):
+    one PARTIAL or one ALL at most, never both."""
     if r.buf[r.pos : r.pos + 7].upper() != b"RETURN ":
-        return None
+        return None, None
     r.pos += 7
-    returns = tuple(str(x).upper() for x in r.paren_list(r.atom))
-    for opt in returns:
+    partial: list[tuple[int, int]] = []
+
+    def option() -> str:
+        opt = r.atom("a RETURN option").upper()
         if opt not in allowed:
             raise _Bad(f"Unknown RETURN option {opt[:40]}")
+        if opt == "PARTIAL":
+            r.sp()
+            partial.append(_partial_range(r))
+        return opt
+
+    returns = tuple(str(x) for x in r.paren_list(option))
+    if len(partial) + returns.count("ALL") > 1:
+        raise _Bad("At most one of PARTIAL and ALL")
     r.sp()
-    return returns
+    return returns, partial[0] if partial else None
 
 
 def _search_keys(r: _Reader) -> c.SearchKey:
@@ -809,13 +846,15 @@ def _p_search(r: _Reader, tag: str, name: str) -> c.Command:
     uid = name.startswith("UID ")
     r.sp()
     charset = None
-    returns = _return_options(r, _SEARCH_RETURNS)
+    returns, partial = _return_options(r, _SEARCH_RETURNS)
     if r.buf[r.pos : r.pos + 8].upper() == b"CHARSET ":
         r.pos += 8
         charset = r.astring().upper()
         r.sp()
     key = _search_keys(r)
-    return c.Search(tag=tag, name=name, key=key, uid=uid, charset=charset, returns=returns)
+    return c.Search(
+        tag=tag, name=name, key=key, uid=uid, charset=charset, returns=returns, partial=partial
+    )
 
 
 def _sort_criterion(r: _Reader) -> tuple[str, bool]:
@@ -834,7 +873,7 @@ def _p_sort(r: _Reader, tag: str, name: str) -> c.Command:
     """sort = ["UID" SP] "SORT" [SP sort-return-opts] SP sort-criteria SP
     search-criteria (RFC 5256 section 5, RFC 5267 section 3)."""
     r.sp()
-    returns = _return_options(r, _SORT_RETURNS)
+    returns, partial = _return_options(r, _SORT_RETURNS)
     criteria = r.paren_list(lambda: _sort_criterion(r))
     if not criteria:
         raise _Bad("Empty sort criteria")
@@ -850,7 +889,23 @@ def _p_sort(r: _Reader, tag: str, name: str) -> c.Command:
         uid=name.startswith("UID "),
         charset=charset,
         returns=returns,
+        partial=partial,
     )
+
+
+def _p_cancelupdate(r: _Reader, tag: str, name: str) -> c.Command:
+    """RFC 5267 section 5: "CANCELUPDATE" 1*(SP quoted)."""
+    tags: list[str] = []
+    while not r.at_end():
+        r.sp()
+        if r.peek() != _QUOTED_ONLY:
+            raise _Bad("Expected a quoted tag")
+        tags.append(_text(r.string_bytes()))
+        if len(tags) > _MAX_CANCEL_TAGS:
+            raise _Bad("Too many tags")
+    if not tags:
+        raise _Bad("Missing argument")
+    return c.CancelUpdate(tag=tag, name=name, tags=tuple(tags))
 
 
 def _p_thread(r: _Reader, tag: str, name: str) -> c.Command:
@@ -1273,6 +1328,7 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "UID COPY": _p_copy,
     "UID MOVE": _p_copy,
     "UID EXPUNGE": _p_uid_expunge,
+    "CANCELUPDATE": _p_cancelupdate,  # RFC 5267 section 4.3.5
 }
 
 COMMAND_NAMES = frozenset(_PARSERS)
