@@ -22,7 +22,8 @@ A SORT context keeps one comparable key per member, so a new message is
 placed by binary search (O(log n) comparisons), never by sorting again; a
 batch of k changes costs O(k log n) plus, for big batches, one linear merge.
 Search criteria are resolved once, when the context is made: message
-sequence numbers and "$" name the messages they named then.
+sequence numbers and "$" name the messages they named then; a UID range
+``n:*`` stays open for new mail.
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def open_search(s: Session, cmd: c.Search, uids: list[int]) -> None:
     if why is not None:
         _noupdate(s, cmd.tag, why)
         return
-    ctx = UpdateContext(cmd.tag, cmd.uid, search_criteria(cmd.key, view), None)
+    ctx = UpdateContext(cmd.tag, cmd.uid, search_criteria(cmd.key, view, live=True), None)
     ctx.fill(uids)
     view.contexts[cmd.tag] = ctx
 
@@ -348,7 +349,7 @@ async def open_sort(s: Session, cmd: c.Sort, rows: list[SortRow], ordered: list[
         _noupdate(s, cmd.tag, why)
         return
     criteria = distinct_criteria(cmd.criteria)
-    ctx = UpdateContext(cmd.tag, cmd.uid, search_criteria(cmd.key, view), criteria)
+    ctx = UpdateContext(cmd.tag, cmd.uid, search_criteria(cmd.key, view, live=True), criteria)
     values = await _key_values(rows, criteria)
     by_uid = {row.uid: ctx.key(row.uid, v) for row, v in zip(rows, values, strict=True)}
     ctx.fill((), [by_uid[u] for u in ordered])

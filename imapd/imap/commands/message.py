@@ -66,9 +66,12 @@ async def handle_expunge(s: Session, cmd: c.Command) -> Reply:
     return ok(f"{cmd.name} completed")
 
 
-def search_criteria(key: c.SearchKey, view: MailboxView) -> q.Criteria:
+def search_criteria(key: c.SearchKey, view: MailboxView, live: bool = False) -> q.Criteria:
     """The wire search AST -> storage criteria, resolving what only the
-    session knows: sequence numbers, ``*`` and \\Recent."""
+    session knows: sequence numbers, ``*`` and \\Recent. ``live`` (an RFC
+    5267 UPDATE context, matched again as mail arrives): a UID range
+    ``n:*`` starting at or below the highest UID stays open upwards, so
+    new mail falls in it as it does for a client's ``*``."""
     if isinstance(key, c.SearchAll):
         return q.All()
     if isinstance(key, c.SearchFlag):
@@ -85,16 +88,34 @@ def search_criteria(key: c.SearchKey, view: MailboxView) -> q.Criteria:
         recent = q.Uids(UidSet.of(view.recent))
         return recent if key.recent else q.Not(recent)
     if isinstance(key, c.SearchSequence):
+        if live and key.uid and not key.set.saved:
+            return q.Uids(_open_uid_set(key.set, view.max_uid))
         return q.Uids(UidSet.of(view.resolve(key.set, key.uid, strict=False)))
     if isinstance(key, c.SearchModSeq):
         return q.ModSeq(key.modseq)
     if isinstance(key, c.SearchNot):
-        return q.Not(search_criteria(key.key, view))
+        return q.Not(search_criteria(key.key, view, live))
     if isinstance(key, c.SearchOr):
-        return q.Or(search_criteria(key.left, view), search_criteria(key.right, view))
+        return q.Or(search_criteria(key.left, view, live), search_criteria(key.right, view, live))
     if isinstance(key, c.SearchAnd):
-        return q.And(tuple(search_criteria(k, view) for k in key.keys))
+        return q.And(tuple(search_criteria(k, view, live) for k in key.keys))
     raise TypeError(f"unknown search key {key!r}")
+
+
+def _open_uid_set(seqset: c.SequenceSet, top: int) -> UidSet:
+    """A UID set with ``n:*`` (n <= ``top``, the highest UID, or any n in an
+    empty mailbox) open upwards;
+    any other ``*`` is ``top`` (RFC 3501 section 9: "*" is the largest
+    UID in use, and n:* with n above it names that one)."""
+    ranges: list[tuple[int, int | None]] = []
+    for a, b in seqset.ranges:
+        start = a if b is None else b if a is None else None  # n of n:* or *:n
+        if start is not None and (start <= top or not top):  # empty: all to come
+            ranges.append((start, None))
+        else:
+            lo, hi = top if a is None else a, top if b is None else b
+            ranges.append((min(lo, hi), max(lo, hi)))
+    return UidSet.from_ranges(ranges)
 
 
 _LOCAL = (q.All, q.Flag, q.Uids, q.ModSeq, q.Size)

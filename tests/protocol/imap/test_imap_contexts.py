@@ -159,6 +159,14 @@ SCRIPT: list[tuple[str, str, str, list[bytes], bytes]] = [
         ],
         b"OK",
     ),
+    # A UID range n:* stays open for new mail (RFC 3501 section 9 "*").
+    (
+        "A",
+        "B06",
+        "UID SEARCH RETURN (UPDATE ALL) UID 6:*",
+        [b'* ESEARCH (TAG "B06") UID ALL 6'],
+        b"OK",
+    ),
     # A flag change elsewhere: ADDTO to FLAGGED, REMOVEFROM UNSEEN at the
     # message's position (4th by size); section 4.3.3 / 4.3.4.
     (
@@ -178,6 +186,7 @@ SCRIPT: list[tuple[str, str, str, list[bytes], bytes]] = [
             b'* ESEARCH (TAG "B02") UID ADDTO (3 7)',
             b'* ESEARCH (TAG "B03") ADDTO (0 7)',
             b'* ESEARCH (TAG "B04") ADDTO (1 7)',
+            b'* ESEARCH (TAG "B06") UID ADDTO (0 7)',
         ],
         b"OK",
     ),
@@ -215,10 +224,9 @@ SCRIPT: list[tuple[str, str, str, list[bytes], bytes]] = [
     ("A", "C03", 'CANCELUPDATE "B02"', [], b"BAD"),
     ("A", "C04", "CANCELUPDATE B01", [], b"BAD"),
     ("A", "C05", 'CANCELUPDATE "B01" "nope"', [], b"BAD"),
-    # Section 4.3.1: past the limit (five: B01 B03 B04 D01 D02), NOUPDATE,
+    # Section 4.3.1: past the limit (five: B01 B03 B04 B06 D01), NOUPDATE,
     # the other options still answered.
     ("A", "D01", "UID SEARCH RETURN (UPDATE) SEEN", [b'* ESEARCH (TAG "D01") UID'], b"OK"),
-    ("A", "D02", "UID SEARCH RETURN (UPDATE) ANSWERED", [b'* ESEARCH (TAG "D02") UID'], b"OK"),
     (
         "A",
         "D03",
@@ -226,7 +234,7 @@ SCRIPT: list[tuple[str, str, str, list[bytes], bytes]] = [
         [b'* NO [NOUPDATE "D03"] Too many contexts', b'* ESEARCH (TAG "D03") UID MIN 1 COUNT 6'],
         b"OK",
     ),
-    ("A", "D05", 'CANCELUPDATE "D01" "D02"', [], b"OK"),
+    ("A", "D05", 'CANCELUPDATE "D01" "B06"', [], b"OK"),
     (
         "A",
         "D06",
@@ -332,6 +340,7 @@ CONTEXTS = [
     ("S2", "SORT RETURN (UPDATE ALL) (SIZE REVERSE SUBJECT) UTF-8 NOT FLAGGED"),
     ("S3", "UID SEARCH RETURN (UPDATE ALL) OR FLAGGED SUBJECT b"),
     ("S4", "SEARCH RETURN (UPDATE ALL) UNDELETED LARGER 300"),
+    ("S5", "UID SORT RETURN (UPDATE ALL) (ARRIVAL) UTF-8 UID 4:* NOT DELETED"),
 ]
 
 
