@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 # answers).
 MAX_UPDATE_CONTEXTS = 5
 # Results a SORT context may hold when made: each keeps a sort key in
-# memory (a SEARCH context keeps four bytes a result, as the view does).
+# memory, about 200 bytes (a SEARCH context keeps four bytes a result, as
+# the view does). New results may take it to twice that; past it the
+# context ends with NOUPDATE.
 MAX_SORT_CONTEXT = 20_000
 # Sort keys computed on the event loop up to this many messages, else in
 # the content pool (100,000 take seconds of pure Python).
@@ -404,6 +406,11 @@ async def refresh(s: Session, view: MailboxView) -> None:
             keys = {r.uid: ctx.key(r.uid, v) for r, v in zip(rows, values, strict=True)}
             new = [u for u in new if u in keys]  # expunged meanwhile: its EXPUNGE comes
         # Every storage call is done: change and tell in one step.
+        if ctx.sort and len(ctx) + len(new) > 2 * MAX_SORT_CONTEXT:
+            # Section 4.3.1: the server no longer keeps this context.
+            del view.contexts[ctx.tag]
+            _noupdate(s, ctx.tag, "Too many results to keep sorted")
+            continue
         left = ctx.delete(u for u in look if u not in matched)
         added = ctx.insert(new, keys)
         ctx.pending.clear()

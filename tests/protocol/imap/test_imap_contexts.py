@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from tests.protocol.imap.conftest import ImapClient, ImapEnv, message
 
 # Body sizes of m1..m6: SIZE order is m2 m4 m6 m3 m1 m5 (UIDs 2,4,6,3,1,5).
@@ -412,5 +414,48 @@ async def test_random_changes_keep_contexts_equal_to_a_new_search(imap_env: Imap
             lines = await a.command(cmd.replace("UPDATE ALL", "ALL"), ftag)
             heard(lines)
             assert m.results == _all(lines, ftag), (step, tag, lines)
+    await a.close()
+    await b.close()
+
+
+async def test_sort_context_past_its_size_ends_with_noupdate(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 5267 section 4.3.1: a SORT context too big to keep is refused
+    when asked for, and one that grows past twice the bound later is ended
+    with an untagged NO [NOUPDATE] (no more updates, its tag is free)."""
+    from imapd.imap import contexts
+
+    monkeypatch.setattr(contexts, "MAX_SORT_CONTEXT", 4)
+    await _fill(imap_env)
+    a = await imap_env.client(login=True)
+    b = await imap_env.client(login=True)
+    await a.ok("SELECT INBOX")
+    await b.ok("SELECT INBOX")
+    lines = await a.command("UID SORT RETURN (UPDATE COUNT) (SIZE) UTF-8 ALL", "X1")
+    assert lines[:2] == [
+        b'* NO [NOUPDATE "X1"] Too many results to keep sorted',
+        b'* ESEARCH (TAG "X1") UID COUNT 6',
+    ], lines
+    lines = await a.command("UID SORT RETURN (UPDATE ALL) (SIZE) UTF-8 UID 1:3", "X2")
+    assert lines[0] == b'* ESEARCH (TAG "X2") UID ALL 2:3,1', lines
+    await b.ok("UID STORE 1:6 +FLAGS (\\Seen)")  # flags alone: X2 unchanged
+    raw = [_size_message(f"n{i}", 50 + i) for i in range(6)]
+    for r in raw:  # UIDs 7..12 are not in UID 1:3
+        await b.ok(f"APPEND INBOX {{{len(r)}+}}\r\n".encode() + r)
+    assert [ln for ln in await _hear(a, [b"* 12 EXISTS"]) if b"X2" in ln] == []
+    lines = await a.command("UID SORT RETURN (UPDATE ALL) (SIZE) UTF-8 UID 12:*", "X3")
+    assert lines[0] == b'* ESEARCH (TAG "X3") UID ALL 12', lines
+    for i in range(8):  # 1 + 8 = 9 > 2 * 4: the context ends
+        r = _size_message(f"o{i}", 70 + i)
+        await b.ok(f"APPEND INBOX {{{len(r)}+}}\r\n".encode() + r)
+    got = await _hear(a, [b"* 20 EXISTS", b"NOUPDATE"])
+    end = got.index(b'* NO [NOUPDATE "X3"] Too many results to keep sorted')
+    assert not any(b'TAG "X3"' in ln for ln in got[end:]), got
+    r = _size_message("late", 90)
+    await b.ok(f"APPEND INBOX {{{len(r)}+}}\r\n".encode() + r)
+    assert not any(b"X3" in ln for ln in await _hear(a, [b"* 21 EXISTS"]))
+    assert (await a.command('CANCELUPDATE "X3"', "X4"))[-1].startswith(b"X4 BAD")
+    assert (await a.command('CANCELUPDATE "X2"', "X5"))[-1].startswith(b"X5 OK")
     await a.close()
     await b.close()
