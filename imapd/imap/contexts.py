@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from imapd.imap.sortkeys import SORT_KEYS, sort_fields
 from imapd.imap.wire import commands as c
 from imapd.imap.wire import encode
-from storage.contentpool import content_pool
+from storage.contentpool import ContentTimeout, content_pool
 from storage.model import UidSet
 from storage.sortrows import SortRow
 
@@ -402,7 +402,12 @@ async def refresh(s: Session, view: MailboxView) -> None:
         keys: dict[int, _SortKey] = {}
         if ctx.sort and new:
             rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(new))
-            values = await _key_values(rows, ctx.sort)
+            try:
+                values = await _key_values(rows, ctx.sort)
+            except ContentTimeout:  # past the pool's time limit: cannot keep it
+                del view.contexts[ctx.tag]
+                _noupdate(s, ctx.tag, "Too many results to keep sorted")
+                continue
             keys = {r.uid: ctx.key(r.uid, v) for r, v in zip(rows, values, strict=True)}
             new = [u for u in new if u in keys]  # expunged meanwhile: its EXPUNGE comes
         # Every storage call is done: change and tell in one step.

@@ -25,6 +25,16 @@ async def _fill(env: ImapEnv) -> None:
         await env.deliver(_size_message(f"m{i}", size))
 
 
+async def _two_sessions(env: ImapEnv) -> tuple[ImapClient, ImapClient]:
+    """m1..m6 delivered, and two sessions of the user with INBOX selected."""
+    await _fill(env)
+    a = await env.client(login=True)
+    b = await env.client(login=True)
+    await a.ok("SELECT INBOX")
+    await b.ok("SELECT INBOX")
+    return a, b
+
+
 def _kept(lines: list[bytes]) -> list[bytes]:
     """The responses a script checks: ESEARCH, NOUPDATE, EXISTS, EXPUNGE."""
     return [
@@ -252,13 +262,9 @@ SCRIPT: list[tuple[str, str, str, list[bytes], bytes]] = [
 
 
 async def test_contexts_script(imap_env: ImapEnv) -> None:
-    await _fill(imap_env)
-    a = await imap_env.client(login=True)
-    b = await imap_env.client(login=True)
+    a, b = await _two_sessions(imap_env)
     caps = (await a.ok("CAPABILITY"))[0]
     assert b" CONTEXT=SEARCH" in caps and b" CONTEXT=SORT" in caps, caps
-    await a.ok("SELECT INBOX")
-    await b.ok("SELECT INBOX")
     for who, tag, text, want, status in SCRIPT:
         if who == "A":
             lines = await a.command(text, tag)
@@ -427,11 +433,7 @@ async def test_sort_context_past_its_size_ends_with_noupdate(
     from imapd.imap import contexts
 
     monkeypatch.setattr(contexts, "MAX_SORT_CONTEXT", 4)
-    await _fill(imap_env)
-    a = await imap_env.client(login=True)
-    b = await imap_env.client(login=True)
-    await a.ok("SELECT INBOX")
-    await b.ok("SELECT INBOX")
+    a, b = await _two_sessions(imap_env)
     lines = await a.command("UID SORT RETURN (UPDATE COUNT) (SIZE) UTF-8 ALL", "X1")
     assert lines[:2] == [
         b'* NO [NOUPDATE "X1"] Too many results to keep sorted',
@@ -457,5 +459,30 @@ async def test_sort_context_past_its_size_ends_with_noupdate(
     assert not any(b"X3" in ln for ln in await _hear(a, [b"* 21 EXISTS"]))
     assert (await a.command('CANCELUPDATE "X3"', "X4"))[-1].startswith(b"X4 BAD")
     assert (await a.command('CANCELUPDATE "X2"', "X5"))[-1].startswith(b"X5 OK")
+    await a.close()
+    await b.close()
+
+
+async def test_sort_keys_past_the_pool_time_limit_end_the_context_not_the_session(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New results whose sort keys the content pool cannot compute in time
+    end that context with NOUPDATE; the session goes on."""
+    from imapd.imap import contexts
+    from storage.contentpool import ContentTimeout
+
+    a, b = await _two_sessions(imap_env)
+    lines = await a.command("UID SORT RETURN (UPDATE COUNT) (SIZE) UTF-8 ALL", "Y1")
+    assert lines[0] == b'* ESEARCH (TAG "Y1") UID COUNT 6', lines
+
+    async def too_slow(*args: object) -> list[object]:
+        raise ContentTimeout("test")
+
+    monkeypatch.setattr(contexts, "_key_values", too_slow)
+    raw = _size_message("m7", 10)
+    await b.ok(f"APPEND INBOX {{{len(raw)}+}}\r\n".encode() + raw)
+    got = await _hear(a, [b"* 7 EXISTS", b"NOUPDATE"])
+    assert got == [b"* 7 EXISTS", b'* NO [NOUPDATE "Y1"] Too many results to keep sorted'], got
+    assert (await a.command('CANCELUPDATE "Y1"', "Y2"))[-1].startswith(b"Y2 BAD")
     await a.close()
     await b.close()
