@@ -274,6 +274,10 @@ class DnsSettings(Section):
     nameservers: list[str] = Field(default_factory=list)  # empty: /etc/resolv.conf
     port: int = 53
     timeout_seconds: float = 5.0
+    # The nameservers validate DNSSEC (a local unbound, say): their AD bit is
+    # believed, which turns DANE on for outbound mail (RFC 7672; Postfix's
+    # smtp_dns_support_level = dane). Never with a resolver across a network.
+    trust_ad: bool = False
 
 
 class SmtpSettings(Section):
