@@ -347,6 +347,9 @@ class SmtpSettings(Section):
     )
 
 
+TlsLevel = Literal["none", "may", "encrypt", "verify", "dane", "mta-sts"]
+
+
 class QueueSettings(Section):
     workers: int = 4
     retry_schedule_seconds: list[int] = Field(
@@ -367,9 +370,49 @@ class QueueSettings(Section):
     # Outbound workers (mtad.outbound):
     command_timeout_seconds: float = 300.0  # RFC 5321 section 4.5.3.2 (per reply)
     poll_interval_seconds: float = 1.0  # how often idle workers look for due entries
-    tls_ca_file: str = ""  # CA bundle to verify require_tls_domains; empty: system store
+    # CA bundle for every verified TLS of the relay (tls_policy "verify",
+    # MTA-STS MX certificates and policy fetches); empty: the system store.
+    tls_ca_file: str = ""
+    # Outbound TLS per destination domain (docs/outbound-tls.md), as Postfix's
+    # smtp_tls_policy_maps: none | may | encrypt | verify | dane | mta-sts.
+    # A domain not listed gets DANE where dns.trust_ad and the MX has
+    # validated TLSA records, else its MTA-STS policy (mta_sts), else may.
+    tls_policy: dict[str, TlsLevel] = Field(default_factory=dict)
+    mta_sts: bool = True  # RFC 8461 discovery for domains not in tls_policy
+    # The HTTPS port of policy fetches: 443 (RFC 8461 section 3.3); another
+    # only on a test bench, whose remote MXes are not on 25 (smtp_port).
+    mta_sts_port: int = Field(default=443, ge=1, le=65535)
     suppress_after_hard_bounces: int = 2  # hard bounces before an address is suppressed; 0 never
     done_retention_seconds: int = 2 * 24 * 3600  # completed entries kept for late DSNs
+
+    @field_validator("tls_policy")
+    @classmethod
+    def _tls_domains(cls, value: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for domain, level in value.items():
+            name = domain.strip().rstrip(".").lower()
+            if not name or any(c.isspace() or c in "@[]" for c in name) or name in out:
+                raise ValueError(f"{domain!r} is not a domain (or listed twice)")
+            out[name] = level
+        return out
+
+    @model_validator(mode="after")
+    def _tls_coherent(self) -> QueueSettings:
+        for domain in self.require_tls_domains:
+            level = self.tls_policy.get(domain.strip().rstrip(".").lower())
+            if level not in (None, "verify"):
+                raise ValueError(
+                    f"require_tls_domains: {domain} is also tls_policy {level!r}; it means"
+                    ' tls_policy "verify": list it in tls_policy only'
+                )
+        if self.mta_sts_port != 443 and self.smtp_port == 25:
+            raise ValueError(
+                "mta_sts_port: policies are fetched on 443 (RFC 8461 section 3.3);"
+                " another port is for test benches only (smtp_port not 25)"
+            )
+        if self.mta_sts_port != 443 and not (self.mta_sts or "mta-sts" in self.tls_policy.values()):
+            raise ValueError("mta_sts_port: MTA-STS is off (mta_sts = false, no mta-sts policy)")
+        return self
 
 
 class LimitsSettings(Section):
@@ -672,6 +715,16 @@ class Settings(Section):
             self.storage.blob_dir = str(data / "blobs")
         if not self.queue.dkim_key_dir:
             self.queue.dkim_key_dir = str(data / "dkim")
+        return self
+
+    @model_validator(mode="after")
+    def _dane_needs_validation(self) -> Settings:
+        dane = [d for d, level in self.queue.tls_policy.items() if level == "dane"]
+        if dane and not self.dns.trust_ad:
+            raise ValueError(
+                f'queue.tls_policy: {", ".join(dane)} = "dane" needs a validating'
+                " resolver: set dns.trust_ad = true (RFC 7672 section 2.1)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -212,6 +212,25 @@ class SmtpClient:
         self.extensions = Extensions(esmtp=False)
         return reply
 
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the server presented, leaf first, DER (for DANE,
+        RFC 7672 section 3.1.2); the leaf alone where the chain is not known."""
+        sslobj = self.writer.get_extra_info("ssl_object")
+        if sslobj is None:
+            return []
+        inner = getattr(sslobj, "_sslobj", None)  # Python < 3.13: the chain is private
+        get_chain = getattr(sslobj, "get_unverified_chain", None) or getattr(
+            inner, "get_unverified_chain", None
+        )
+        chain = get_chain() if get_chain is not None else None
+        if chain:
+            return [
+                c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+                for c in chain
+            ]
+        leaf = sslobj.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+
     async def transaction(
         self,
         sender: str,

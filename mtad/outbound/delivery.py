@@ -14,14 +14,21 @@ parameters go on to a host that offers DSN, unchanged (section 5.2.1);
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from conf.settings import QueueSettings
 from mtad.dns import DnsTemporaryError, Resolver
 from mtad.outbound.client import ConnectionLost, Reply, SmtpClient, TlsFailed
+from mtad.outbound.dane import verify_chain
 from mtad.outbound.mx import MailHost, NoRoute, NullMx, mail_exchangers
+from mtad.outbound.tlspolicy import (
+    OPPORTUNISTIC,
+    HostTls,
+    HostTlsError,
+    TlsPolicy,
+    certificate_result,
+)
 from storage.sql.queue import DEFERRED, DELIVERED, FAILED, NO_DSN, DsnEnvelope, DsnRecipient
 
 log = logging.getLogger("mtad.outbound")
@@ -89,27 +96,6 @@ class HostFailure(Exception):
         self.reply = reply
 
 
-@dataclass
-class TlsPolicy:
-    """Opportunistic STARTTLS by default (RFC 7435: encrypt, do not verify);
-    verified TLS (certificate and MX host name) for ``required`` domains."""
-
-    required_domains: frozenset[str]
-    opportunistic: ssl.SSLContext
-    verified: ssl.SSLContext
-
-    @classmethod
-    def from_settings(cls, queue: QueueSettings) -> TlsPolicy:
-        opportunistic = ssl.create_default_context()
-        opportunistic.check_hostname = False
-        opportunistic.verify_mode = ssl.CERT_NONE
-        verified = ssl.create_default_context(cafile=queue.tls_ca_file or None)
-        return cls(frozenset(d.lower() for d in queue.require_tls_domains), opportunistic, verified)
-
-    def requires(self, domain: str) -> bool:
-        return domain.lower() in self.required_domains
-
-
 def needs_8bit(message: bytes) -> bool:
     return any(b > 127 for b in message)
 
@@ -155,13 +141,22 @@ async def deliver_domain(
     deferred: dict[str, RecipientResult] = {}  # the latest 4yz for each recipient
     pending = list(recipients)
     failure = local_reply(451, "4.4.1", f"no mail exchanger of {domain} answered")
+    domain_tls = await dest.tls.for_domain(dest.resolver, domain)
     for host in hosts:
         if not pending:
             break
+        try:
+            tls = await domain_tls.for_host(host)
+        except HostTlsError as exc:
+            # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
+            # never in clear; the next host may do, else the mail waits.
+            log.info("%s: %s", host.name, exc.text)
+            failure = local_reply(451, exc.enhanced, exc.text)
+            continue
         for address in host.addresses:
             try:
                 outcome = await _deliver_host(
-                    dest, domain, host, address, sender, pending, message, dsn
+                    dest, domain, host, address, sender, pending, message, dsn, tls
                 )
             except HostFailure as exc:
                 log.info("%s [%s]: %s", host.name, address, exc.reply)
@@ -189,15 +184,16 @@ async def _deliver_host(
     recipients: Sequence[str],
     message: bytes,
     dsn: DsnRequest,
+    tls: HostTls = OPPORTUNISTIC,
     *,
     plaintext: bool = False,
 ) -> dict[str, RecipientResult]:
-    """One SMTP session with one host. HostFailure if the host cannot take
-    the message at all (connection, greeting, TLS); else a result for each
-    recipient. ``plaintext``: skip STARTTLS (retry after a failed handshake
-    in opportunistic mode, RFC 7435 section 6)."""
+    """One SMTP session with one host, with the TLS ``tls`` demands.
+    HostFailure if the host cannot take the message at all (connection,
+    greeting, TLS); else a result for each recipient. ``plaintext``: skip
+    STARTTLS (retry after a failed handshake in opportunistic mode, RFC 7435
+    section 6)."""
     settings = dest.settings
-    required = dest.tls.requires(domain)
     try:
         client = await SmtpClient.open(
             address,
@@ -215,16 +211,16 @@ async def _deliver_host(
         reply = await client.ehlo(dest.helo_name)
         if reply.code != 250:
             raise HostFailure(reply)
-        if "STARTTLS" in client.extensions and not plaintext:
-            context = dest.tls.verified if required else dest.tls.opportunistic
+        if "STARTTLS" in client.extensions and not plaintext and tls.level != "none":
             try:
-                reply = await client.starttls(context, host.name if required else None)
-            except TlsFailed as exc:
-                if required:
-                    raise HostFailure(
-                        local_reply(451, "4.7.5", f"{host.name}: TLS failed: {exc}")
-                    ) from exc
+                reply = await _starttls(dest, domain, host, client, tls)
+            except TlsFailed:
                 client.abort()
+                if tls.report_only:
+                    # RFC 8461 section 5: testing mode delivers all the same.
+                    return await _deliver_host(
+                        dest, domain, host, address, sender, recipients, message, dsn
+                    )
                 log.info("%s: TLS handshake failed, retrying in plaintext", host.name)
                 return await _deliver_host(
                     dest, domain, host, address, sender, recipients, message, dsn, plaintext=True
@@ -233,15 +229,57 @@ async def _deliver_host(
                 reply = await client.ehlo(dest.helo_name)
                 if reply.code != 250:
                     raise HostFailure(reply)
-            elif required:
+            elif tls.mandatory:
                 raise HostFailure(reply)
-        if required and not client.tls:
-            raise HostFailure(local_reply(451, "4.7.4", f"{host.name}: TLS required, not offered"))
+        if tls.level in ("encrypt", "verify", "dane") and not client.tls:
+            detail = f"{host.name}: {tls.source}: TLS required, not offered"
+            if tls.policy_type != "no-policy-found":
+                await dest.tls.reports.record(
+                    domain, host.name, tls, "starttls-not-supported", detail
+                )
+            if tls.mandatory:
+                raise HostFailure(local_reply(451, "4.7.4", detail))
         return await _send(client, host, sender, recipients, message, dsn)
     except ConnectionLost as exc:
         raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
     finally:
         await client.quit()
+
+
+async def _starttls(
+    dest: Destination, domain: str, host: MailHost, client: SmtpClient, tls: HostTls
+) -> Reply:
+    """STARTTLS as ``tls`` demands. Raises TlsFailed where an opportunistic
+    or report-only connection may go on without (the connection is then
+    unusable), HostFailure where the host must not be used."""
+    if tls.level == "verify":
+        context, name = dest.tls.verified, host.name  # PKIX, the MX host's name
+    elif tls.level == "dane":
+        # RFC 7672 section 8.1: SNI is the TLSA base domain; the TLSA records,
+        # not the certificate store, decide (checked below).
+        context, name = dest.tls.opportunistic, host.name
+    else:
+        context, name = dest.tls.opportunistic, None
+    try:
+        reply = await client.starttls(context, name)
+    except TlsFailed as exc:
+        if tls.policy_type != "no-policy-found":
+            await dest.tls.reports.record(
+                domain, host.name, tls, certificate_result(str(exc)), str(exc)
+            )
+        if tls.mandatory:
+            raise HostFailure(
+                local_reply(451, "4.7.5", f"{host.name}: {tls.source}: TLS failed: {exc}")
+            ) from exc
+        raise
+    if tls.level == "dane" and client.tls:
+        why = verify_chain(tls.records, client.peer_chain(), host.name)
+        if why is not None:
+            await dest.tls.reports.record(domain, host.name, tls, "validation-failure", why)
+            client.abort()
+            # RFC 7672 section 2.2: a host whose TLSA records match nothing is not used.
+            raise HostFailure(local_reply(451, "4.7.5", f"{host.name}: DANE: {why}"))
+    return reply
 
 
 async def _send(

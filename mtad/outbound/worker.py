@@ -132,7 +132,9 @@ class QueueRunner:
             resolver=resolver,
             settings=settings.queue,
             helo_name=settings.server.hostname,
-            tls=TlsPolicy.from_settings(settings.queue),
+            tls=TlsPolicy.from_settings(
+                settings.queue, trust_ad=settings.dns.trust_ad, data_dir=settings.data_dir
+            ),
         )
         self.signer = DkimSigner(
             settings.queue.dkim_key_dir,

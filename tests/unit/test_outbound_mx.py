@@ -24,6 +24,12 @@ class FakeResolver:
             raise DnsTemporaryError(host)
         return list(self._a.get(host, []))
 
+    async def txt(self, name):  # no MTA-STS record anywhere
+        return []
+
+    async def secure(self, name, rdtype):  # no DNSSEC
+        return [], False
+
 
 async def test_preference_order_and_addresses() -> None:
     resolver = FakeResolver(
