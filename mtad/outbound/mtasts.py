@@ -39,6 +39,9 @@ MAX_POLICY_OCTETS = 64 * 1024
 MAX_AGE_LIMIT = 31_557_600
 # Section 3.3: "a timeout of one minute"; ours is shorter, it holds a delivery.
 FETCH_TIMEOUT_SECONDS = 30.0
+# After a failed fetch, the same domain's policy is not fetched again for
+# this long (each try could hold a delivery for FETCH_TIMEOUT_SECONDS).
+FETCH_BACKOFF_SECONDS = 300.0
 MAX_HEADER_OCTETS = 16 * 1024
 MAX_HEADER_LINES = 100
 POLICY_PATH = "/.well-known/mta-sts.txt"
@@ -316,6 +319,7 @@ class StsCache:
         self._policies: dict[str, StsPolicy] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.last_error: dict[str, str] = {}  # domain -> why its last fetch failed
+        self._retry_after: dict[str, float] = {}  # domain -> no fetch before this time
 
     async def policy(self, resolver: _Lookups, domain: str) -> StsPolicy | None:
         """The policy in force for ``domain`` (section 5.1), None if none."""
@@ -335,6 +339,8 @@ class StsCache:
                 # Section 5.1: no (valid) TXT record: a cached policy holds
                 # until it expires; the same id: the cached policy is current.
                 return cached
+            if now < self._retry_after.get(domain, 0.0):
+                return cached  # fetched in vain a moment ago
             try:
                 fetched = await fetch_policy(
                     resolver, domain, self.context, port=self.port, timeout=self.timeout
@@ -343,8 +349,10 @@ class StsCache:
                 # Section 5.1: a failed fetch keeps the cached policy in force.
                 log.warning("MTA-STS policy of %s not fetched: %s", domain, exc)
                 self.last_error[domain] = str(exc)
+                self._retry_after[domain] = now + FETCH_BACKOFF_SECONDS
                 return cached
             self.last_error.pop(domain, None)
+            self._retry_after.pop(domain, None)
             policy = StsPolicy(fetched.mode, fetched.mx, fetched.max_age, policy_id, now)
             self._policies[domain] = policy
             await self._store(domain, policy)

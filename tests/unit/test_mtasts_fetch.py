@@ -177,5 +177,15 @@ async def test_cache_refreshes_on_a_new_id_and_survives_restarts(
         kept = await first.policy(names, "a.test")
         assert kept is not None and kept.policy_id == "two"
         assert "HTTP 500" in first.last_error["a.test"]
+        # ... and does not try again at once (each try may hold a delivery).
+        assert (await first.policy(names, "a.test")).policy_id == "two"
+        assert len(server.requests) == 3
+        routes[HOSTS[0]] = policy_response(POLICY)
+        clock[0] += 301
+        assert (await first.policy(names, "a.test")).policy_id == "three"
+        assert len(server.requests) == 4
+        # Expired and no new policy to be had: none.
+        routes[HOSTS[0]] = b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"
+        names.txt_records["_mta-sts.a.test"] = ["v=STSv1; id=four"]
         clock[0] += 3600
-        assert await first.policy(names, "a.test") is None  # expired, none fetched
+        assert await first.policy(names, "a.test") is None
