@@ -3,6 +3,7 @@ certificates made by a test CA."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import ssl
 from types import SimpleNamespace
@@ -90,3 +91,14 @@ async def test_tlsa_lookup_needs_validation() -> None:
     assert found.secure and found.records == (Tlsa(3, 1, 1, data),)
     found = await tlsa_for(Secure([rdata(0, 0, 1, data)], True), "mx.t")
     assert found.secure and found.records == () and found.unusable
+
+
+def test_expiry_matters_under_dane_ta_only(ca) -> None:
+    past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    expired = ders(ca.issue_cert("mx.example.test", not_before=past, not_after=past))
+    # Section 3.1.1: DANE-EE ignores the certificate's dates.
+    assert verify_chain((record_for(expired[0]),), expired, "mx.example.test") is None
+    intermediate = ca.create_child_ca()
+    chain = ders(intermediate.issue_cert("mx.example.test", not_before=past, not_after=past))
+    anchor = record_for(chain[1], DANE_TA, 1, 2)
+    assert "expired" in verify_chain((anchor,), chain, "mx.example.test")
