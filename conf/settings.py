@@ -415,6 +415,34 @@ class QueueSettings(Section):
         return self
 
 
+class SrsSettings(Section):
+    """``[srs]``: the Sender Rewriting Scheme for mail an alias forwards to
+    another site (delivery/srs.py), so that it passes SPF there (RFC 7208
+    section 2.4 checks the reverse-path's domain), and bounces to the
+    rewritten addresses come back to the original sender."""
+
+    enabled: bool = True
+    # The domain of rewritten reverse-paths: its SPF record must name this
+    # site's outbound addresses and its MX must be us. Empty: the first local
+    # domain added.
+    domain: str = ""
+    # Keys, first one signing, all verifying (rotation: put the new one first,
+    # keep the old one for max_age_days). Empty: one made by the first instance
+    # and kept in the directory, shared by every instance of the site.
+    secrets: list[str] = Field(default_factory=list)
+    # Bounces to a rewritten address are accepted this many days after it was
+    # made (the SRS timestamp has a 1024-day cycle).
+    max_age_days: int = Field(default=21, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _nothing_set_while_off(self) -> SrsSettings:
+        if not self.enabled and (self.domain or self.secrets):
+            raise ValueError("srs.domain and srs.secrets do nothing while srs.enabled is false")
+        if any(len(secret) < 16 for secret in self.secrets):
+            raise ValueError("srs.secrets: each secret needs at least 16 characters")
+        return self
+
+
 class LimitsSettings(Section):
     """``[limits]``: what one authenticated account may send (delivery/limits.py),
     counted by every instance together through the shared state ([redis]).
@@ -667,6 +695,7 @@ class Settings(Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    srs: SrsSettings = Field(default_factory=SrsSettings)
     imap: ImapSettings = Field(default_factory=ImapSettings)
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     http: HttpSettings = Field(default_factory=HttpSettings)

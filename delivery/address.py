@@ -51,6 +51,10 @@ _PARAM_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 _PARAM_VALUE = re.compile(rf"^[\x21-\x3c\x3e-\x7e{_NON_ASCII}]+$")
 # RFC 5321 section 4.5.3.1.1-2: local part 64 octets, domain 255 octets.
 MAX_LOCAL_PART = 64
+# An SRS address (delivery/srs.py) carries a whole original address in its
+# local part, so bounces to one often pass 64 octets; section 4.5.3.1 asks
+# servers to accept longer objects where they can, and Postfix does.
+MAX_SRS_LOCAL_PART = 255
 # RFC 5321 section 4.5.1: every server takes mail for this local part (any case).
 POSTMASTER = "postmaster"
 MAX_DOMAIN = 255
@@ -126,7 +130,8 @@ def parse_mailbox(mailbox: str) -> str:
         raise PathSyntaxError("address must be local-part@domain")
     if not (_DOT_STRING.match(local) or _QUOTED.match(local)):
         raise PathSyntaxError("invalid local part")
-    if len(local.encode()) > MAX_LOCAL_PART:
+    srs = local[:4].upper() in ("SRS0", "SRS1")
+    if len(local.encode()) > (MAX_SRS_LOCAL_PART if srs else MAX_LOCAL_PART):
         raise PathSyntaxError("local part too long")
     if domain.startswith("[") and domain.endswith("]"):
         return f"{local}@{_address_literal(domain)}"
