@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf.settings import Settings
@@ -28,6 +28,7 @@ from delivery.address import POSTMASTER, PathSyntaxError, is_postmaster, parse_m
 from delivery.headers import return_path_field
 from delivery.limits import hold_reason
 from delivery.spool import Message, materialised, message_size, prepend
+from delivery.srs import SrsError, is_srs_address, srs_of
 from runtime.metrics import MESSAGES_DELIVERED, MESSAGES_QUEUED
 from storage.api import Route, Storage
 from storage.blob import deleting
@@ -74,10 +75,12 @@ class SubmitResult:
 @dataclass
 class Routing:
     """Recipients resolved to local accounts (de-duplicated) and remote
-    addresses (including alias forwards leaving our domains)."""
+    addresses (including alias forwards leaving our domains, which are also
+    in ``forwarded``: they leave with an SRS reverse-path, delivery/srs.py)."""
 
     local: dict[int, Account]
     remote: list[str]
+    forwarded: list[str] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> Routing:
@@ -90,6 +93,7 @@ class Routing:
             for target in route.forward:
                 if target not in self.remote:
                     self.remote.append(target)
+                    self.forwarded.append(target)
         elif address not in self.remote:
             self.remote.append(address)
 
@@ -98,9 +102,16 @@ class Routing:
         return not self.local and not self.remote
 
 
-async def resolve_recipient(storage: Storage, address: str, postmaster: str = "") -> Route:
+async def resolve_recipient(
+    storage: Storage, address: str, postmaster: str = "", settings: Settings | None = None
+) -> Route:
     """The directory's route for ``address``; SubmitError(NOT_FOUND) for an
     unknown user on a local domain (SMTP 550 5.1.1).
+
+    With ``settings`` (its ``[srs]``), an SRS address on a local domain that
+    we made (delivery/srs.py: a bounce to mail an alias forwarded) routes to
+    the address it encodes, as a forward of that local domain; a forged or
+    expired one is an unknown user unless the directory knows the address.
 
     ``postmaster@`` any local domain and the bare ``postmaster`` always have
     a route (RFC 5321 section 4.5.1): the domain's own alias or catch-all if
@@ -108,6 +119,10 @@ async def resolve_recipient(storage: Storage, address: str, postmaster: str = ""
     first account (lowest id) of the primary domain (:func:`primary_domain`).
     """
     bare = address.lower() == POSTMASTER
+    if settings is not None and is_srs_address(address):
+        reversed_route = await _srs_route(storage, address, settings)
+        if reversed_route is not None:
+            return reversed_route
     route = Route(address, True, (), ()) if bare else await storage.directory.resolve(address)
     if route.local_domain and not route.accounts and not route.forward:
         if is_postmaster(address):
@@ -116,6 +131,27 @@ async def resolve_recipient(storage: Storage, address: str, postmaster: str = ""
                 return found
         raise SubmitError(ErrorKind.NOT_FOUND, f"no such user: {address}", address)
     return route
+
+
+async def _srs_route(storage: Storage, address: str, settings: Settings) -> Route | None:
+    """The route of a bounce to an SRS address of ours, or None when
+    ``address`` is not one (SRS off, not our domain, forged or too old)."""
+    if not await storage.directory.is_local_domain(address.rpartition("@")[2]):
+        return None
+    srs = await srs_of(settings, storage)
+    if srs is None:
+        return None
+    try:
+        original = srs.reverse(address)
+    except SrsError as exc:
+        log.info("bounce to <%s> refused: %s", address, exc)
+        return None
+    if original is None:
+        return None
+    route = await storage.directory.resolve(original)
+    if route.local_domain:
+        return route  # our own sender (a forward of a forward): its accounts
+    return Route(address, True, (), (original,))
 
 
 async def primary_domain(storage: Storage) -> str | None:
@@ -160,6 +196,7 @@ async def deliver(
     filing: Mapping[int, tuple[str, bytes]] | None = None,
     dsn: DsnEnvelope | None = None,
     recipient_dsn: Mapping[str, DsnRecipient] | None = None,
+    settings: Settings | None = None,
 ) -> tuple[dict[str, AppendResult], str | None]:
     """Deliver ``message`` (with trace fields already prepended) to the local
     accounts (Return-Path prepended, one blob for all) and queue it for the
@@ -175,6 +212,10 @@ async def deliver(
 
     ``dsn`` and ``recipient_dsn`` (by remote address): the RFC 3461
     parameters queued with the remote recipients.
+
+    With ``settings`` (its ``[srs]``), alias forwards of mail from a sender
+    outside our domains are queued apart, with an SRS reverse-path
+    (delivery/srs.py), so that they pass SPF at the next hop.
     """
     delivered: dict[str, AppendResult] = {}
     accounts = list(routing.local.values())
@@ -216,19 +257,40 @@ async def deliver(
     if routing.remote:
         try:
             async with materialised(message) as source:
-                blob_key = await _queue(
-                    storage,
-                    mail_from,
-                    list(routing.remote),
-                    source,
-                    held_for,
-                    dsn,
-                    {a: d for a, d in (recipient_dsn or {}).items() if a in routing.remote},
-                )
+                for sender, recipients in await _senders(storage, mail_from, routing, settings):
+                    blob_key = await _queue(
+                        storage,
+                        sender,
+                        recipients,
+                        source,
+                        held_for,
+                        dsn,
+                        {a: d for a, d in (recipient_dsn or {}).items() if a in recipients},
+                    )
         except StorageError as exc:
             raise SubmitError(ErrorKind.TEMPORARY, f"queueing failed: {exc}") from exc
         MESSAGES_QUEUED.inc(len(routing.remote))
     return delivered, blob_key
+
+
+async def _senders(
+    storage: Storage, mail_from: str, routing: Routing, settings: Settings | None
+) -> list[tuple[str, list[str]]]:
+    """The remote recipients grouped by the reverse-path they are queued
+    with: ``mail_from``, and for alias forwards an SRS address when SRS is
+    on and ``mail_from`` is another site's (a null reverse-path stays null,
+    and our own domains' SPF names us already)."""
+    forwarded = [a for a in routing.forwarded if a in routing.remote]
+    if settings is None or not forwarded or not mail_from:
+        return [(mail_from, list(routing.remote))]
+    if await storage.directory.is_local_domain(mail_from.rpartition("@")[2]):
+        return [(mail_from, list(routing.remote))]
+    srs = await srs_of(settings, storage)
+    if srs is None:
+        return [(mail_from, list(routing.remote))]
+    direct = [a for a in routing.remote if a not in forwarded]
+    groups = [(srs.forward(mail_from), forwarded)]
+    return [(mail_from, direct), *groups] if direct else groups
 
 
 async def _queue(
@@ -276,9 +338,7 @@ def owns_address(address: str, owned: AbstractSet[str], *, plus: bool) -> bool:
     return plus and bool(at) and base != local and f"{base}@{domain}" in owned
 
 
-def sendable_addresses(
-    account: Account, addresses: Iterable[str], settings: Settings
-) -> set[str]:
+def sendable_addresses(account: Account, addresses: Iterable[str], settings: Settings) -> set[str]:
     """What ``account`` may send as, before plus-addresses (lower-case): its
     own address and, with smtp.sender_aliases, ``addresses`` (the directory's
     ``addresses_of``: every alias that reaches it)."""
@@ -304,9 +364,7 @@ async def save_sent_copy(
     Best effort: the message is already on its way, so a failure is logged."""
     try:
         mailboxes = await storage.mail(account).list_mailboxes(account.id)
-        target: str | int = next(
-            (m.id for m in mailboxes if m.special_use == "\\Sent"), "Sent"
-        )
+        target: str | int = next((m.id for m in mailboxes if m.special_use == "\\Sent"), "Sent")
         async with materialised(message) as source:
             results = await ingest_each(storage, [Delivery(account, target, (SEEN,))], source)
     except StorageError as exc:
@@ -357,13 +415,18 @@ async def submit_message(
             address = parse_mailbox(rcpt.strip().removeprefix("<").removesuffix(">"))
         except PathSyntaxError as exc:
             raise SubmitError(ErrorKind.INVALID, f"bad recipient {rcpt!r}: {exc}", rcpt) from exc
-        route = await resolve_recipient(storage, address, settings.smtp.postmaster)
+        route = await resolve_recipient(storage, address, settings.smtp.postmaster, settings)
         routing.add(route, address)
     held_for = None
     if routing.remote:
         held_for = await hold_reason(storage, settings, account, len(routing.remote))
     delivered, blob_key = await deliver(
-        storage, mail_from=mail_from, routing=routing, message=raw, held_for=held_for
+        storage,
+        mail_from=mail_from,
+        routing=routing,
+        message=raw,
+        held_for=held_for,
+        settings=settings,
     )
     sent = await save_sent_copy(storage, account, raw)
     return SubmitResult(delivered, tuple(routing.remote), sent, blob_key)

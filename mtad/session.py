@@ -709,7 +709,10 @@ class SmtpSession(LeaseHolder, SMTP):
             return
         try:
             route = await resolve_recipient(
-                self.ctx.storage, path.address, self.ctx.settings.smtp.postmaster
+                self.ctx.storage,
+                path.address,
+                self.ctx.settings.smtp.postmaster,
+                self.ctx.settings,  # [srs]: bounces to forwarded mail's senders
             )
             if self.mode is Mode.MX and not route.local_domain:
                 await self.reply(R.RELAY_DENIED)
@@ -1045,6 +1048,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 filing=await self._filings(content, mail_from, checked, dmarc_junk, engine),
                 dsn=txn.dsn,
                 recipient_dsn=txn.rcpt_dsn,
+                settings=settings,
             )
             if (
                 self.mode is not Mode.MX
@@ -1194,6 +1198,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 self.txn.dsn,
                 self.txn.success_notices,
                 header,
+                settings=self.ctx.settings,
             )
         except StorageError as err:
             log.warning("%s: delivered notice not sent: %s", queue_id, err)

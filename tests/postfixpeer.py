@@ -149,10 +149,21 @@ def _listening(address: str, port: int) -> bool:
 
 
 def start_postfix(
-    domain: str, address: str, port: int, timeout: float = 30.0, extra: str = ""
+    domain: str,
+    address: str,
+    port: int,
+    timeout: float = 30.0,
+    extra: str = "",
+    master_extra: str = "",
+    resolv_conf: Path | None = None,
 ) -> PostfixPeer:
     """Start Postfix receiving mail for ``domain`` on ``address:port``;
-    ``extra`` main.cf lines are appended (a ``relayhost`` makes it a sender)."""
+    ``extra`` main.cf lines are appended (a ``relayhost`` makes it a sender),
+    ``master_extra`` master.cf lines too (a policy service). With
+    ``resolv_conf``, Postfix and every program it spawns run in a mount
+    namespace of their own where that file is /etc/resolv.conf: a policy
+    server that reads DNS through the system resolver (policyd-spf) asks
+    the test's DNS server, and nothing else on the machine changes."""
     base = Path(tempfile.mkdtemp(prefix="shardmail-postfix-"))
     os.chmod(base, 0o755)
     postfix_user = pwd.getpwnam("postfix")
@@ -171,9 +182,23 @@ def start_postfix(
         )
         + extra
     )
-    (base / "etc" / "master.cf").write_text(MASTER_CF.format(listen=f"{address}:{port}"))
+    (base / "etc" / "master.cf").write_text(
+        MASTER_CF.format(listen=f"{address}:{port}") + master_extra
+    )
     peer = PostfixPeer(domain, address, port, base)
-    result = peer.postfix("start")
+    if resolv_conf is None:
+        result = peer.postfix("start")
+    else:
+        start = (
+            f"mount --bind {resolv_conf} /etc/resolv.conf"
+            f" && exec {POSTFIX} -c {peer.config_dir} start"
+        )
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", start],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     if result.returncode != 0:
         # postfix(1) reports to syslog or to a terminal only: ask again on a pty.
         result = subprocess.run(
@@ -213,8 +238,17 @@ def stop_postfix(peer: PostfixPeer) -> None:
 
 
 @contextlib.contextmanager
-def postfix_peer(domain: str, address: str, port: int, extra: str = "") -> Iterator[PostfixPeer]:
-    peer = start_postfix(domain, address, port, extra=extra)
+def postfix_peer(
+    domain: str,
+    address: str,
+    port: int,
+    extra: str = "",
+    master_extra: str = "",
+    resolv_conf: Path | None = None,
+) -> Iterator[PostfixPeer]:
+    peer = start_postfix(
+        domain, address, port, extra=extra, master_extra=master_extra, resolv_conf=resolv_conf
+    )
     try:
         yield peer
     finally:

@@ -14,6 +14,8 @@ PACKAGES=(
   libnet-ssleay-perl libio-socket-ssl-perl    # swaks's STARTTLS/TLS (Debian only recommends them)
   isync fetchmail mpop                        # IMAP/POP3 clients
   postfix                                     # peer MTA for the outbound relay tests
+  postfix-policyd-spf-python                  # SPF checks at that peer (forwarding with SRS)
+  postsrsd                                    # SRS addresses made alike by PostSRSd and by us
   redis-server                                # shared limits and the Redis event bus
   clamav-daemon clamav                        # anti-virus checks (clamd; sigtool builds the test signatures)
   rspamd                                      # anti-spam checks and Junk learning (rspamd on loopback)

@@ -16,20 +16,26 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 
+from conf.settings import Settings
 from delivery.dsnparams import envelope_id, original_recipient
-from delivery.submit import Routing, SubmitError, deliver
+from delivery.submit import Routing, SubmitError, deliver, resolve_recipient
 from mtad.outbound.dsn import DELIVERED, RecipientStatus, build_dsn
 from storage.sql.queue import DsnEnvelope, DsnRecipient
 
 log = logging.getLogger("mtad.outbound")
 
 
-async def send_notification(storage: object, to: str, message: bytes) -> None:
+async def send_notification(
+    storage: object, to: str, message: bytes, settings: Settings | None = None
+) -> None:
     """Deliver a DSN to ``to`` with a null reverse-path: into the INBOX of a
     local account, through the outbound queue otherwise. A local address
-    that does not exist drops it (logged); storage trouble raises."""
-    route = await storage.directory.resolve(to)  # type: ignore[attr-defined]
-    if route.local_domain and not route.accounts and not route.forward:
+    that does not exist drops it (logged); storage trouble raises. With
+    ``settings``, an SRS address of ours (a forwarded message's sender,
+    delivery/srs.py) goes to the address it encodes."""
+    try:
+        route = await resolve_recipient(storage, to, settings=settings)  # type: ignore[arg-type]
+    except SubmitError:
         log.warning("bounce to <%s> dropped: no such local user", to)
         return
     routing = Routing.empty()
@@ -48,6 +54,7 @@ async def send_delivered(
     recipients: Sequence[tuple[str, DsnRecipient]],
     original: bytes,
     now: dt.datetime | None = None,
+    settings: Settings | None = None,
 ) -> None:
     """A "delivered" DSN (RFC 3464 section 2.3.3, status 2.0.0) to ``to``
     for ``recipients`` (each RCPT address with its DSN parameters), with
@@ -74,4 +81,4 @@ async def send_delivered(
         now=now,
         envelope_id=envelope_id(envelope),
     )
-    await send_notification(storage, to, report)
+    await send_notification(storage, to, report, settings)

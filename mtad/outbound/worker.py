@@ -458,7 +458,7 @@ class QueueRunner:
             envelope_id=envelope_id(entry.dsn),
             full=action == DSN_FAILED and entry.dsn.ret == "FULL",  # RFC 3461 section 4.3
         )
-        await send_notification(self.storage, entry.sender, dsn)
+        await send_notification(self.storage, entry.sender, dsn, self.settings)
         self.stats.bounces += 1
 
 

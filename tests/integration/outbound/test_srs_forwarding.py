@@ -1,0 +1,246 @@
+"""Mail an alias forwards to another site passes SPF there (delivery/srs.py).
+
+The receiver is Debian's Postfix with policyd-spf (postfix-policyd-spf-python)
+checking the reverse-path's SPF record (RFC 7208 section 2.4) and refusing a
+fail, as many sites run it. The original sender's domain, origin.test,
+publishes ``-all`` for an address that is not ours, so the forwarded copy
+fails SPF unless its reverse-path is rewritten to our domain (example.net,
+whose record names 127.0.0.0/8). policyd-spf reads DNS through the system
+resolver, so the test's dnsmasq listens on port 53 of a loopback address
+and Postfix runs in a mount namespace where /etc/resolv.conf names it
+(tests/postfixpeer.py); nothing outside the test changes.
+
+Also shown here: a bounce to a rewritten address, from our own queue or
+from another site through our MX, reaches the original sender; a forged
+one is refused (550); with ``srs.enabled = false`` the same forward is
+refused by Postfix for SPF, so the test tells the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import shutil
+import smtplib
+import tempfile
+from collections.abc import Iterator
+from email import message_from_bytes
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_settings
+from tests.dnsserver import DnsServer, Zone, start_dns_server, stop_dns_server
+from tests.integration.outbound.conftest import eventually, open_test_storage
+from tests.ports import free_port
+from tests.postfixpeer import PostfixPeer, postfix_peer
+
+OUR_DOMAIN = "example.net"
+POSTFIX_IP = "127.0.0.10"
+SENDER = "alice@origin.test"
+
+POLICYD_CONF = """\
+debugLevel = 1
+TestOnly = 1
+HELO_reject = No_Check
+Mail_From_reject = Fail
+PermError_reject = False
+TempError_Defer = False
+skip_addresses = 192.0.2.250/32
+"""
+
+POSTFIX_EXTRA = """
+mynetworks = 192.0.2.250/32
+smtpd_relay_restrictions = reject_unauth_destination
+virtual_mailbox_domains = postfix.test, origin.test
+smtpd_recipient_restrictions = reject_unauth_destination,
+    check_policy_service unix:private/policyd-spf
+policyd-spf_time_limit = 3600
+"""
+
+
+@pytest.fixture(scope="module")
+def srs_dns() -> Iterator[DnsServer]:
+    zone = Zone()
+    zone.txt(OUR_DOMAIN, "v=spf1 ip4:127.0.0.0/8 -all")
+    zone.txt("origin.test", "v=spf1 ip4:192.0.2.1 -all")
+    zone.a("mx.postfix.test", POSTFIX_IP)
+    for domain in ("postfix.test", "origin.test", "reject.test"):
+        zone.mx(domain, "mx.postfix.test", 10)
+    error: Exception | None = None
+    for _ in range(5):  # port 53 of a random loopback address (root only)
+        host = f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        try:
+            server = start_dns_server(zone, host=host, port=53)
+        except RuntimeError as exc:
+            error = exc
+            continue
+        try:
+            yield server
+        finally:
+            stop_dns_server(server)
+        return
+    raise RuntimeError(f"no DNS server on port 53: {error}")
+
+
+@pytest.fixture(scope="module")
+def smtp_port() -> int:
+    return free_port(("127.0.0.1", POSTFIX_IP))
+
+
+@pytest.fixture(scope="module")
+def spf_postfix(srs_dns: DnsServer, smtp_port: int) -> Iterator[PostfixPeer]:
+    # Outside pytest's 0700 tree: the policy server runs as nobody, and a
+    # config it cannot read would fall back to the packaged one, which skips
+    # loopback clients.
+    conf_dir = Path(tempfile.mkdtemp(prefix="shardmail-policyd-"))
+    try:
+        conf_dir.chmod(0o755)
+        (conf_dir / "policyd-spf.conf").write_text(POLICYD_CONF)
+        (conf_dir / "policyd-spf.conf").chmod(0o644)
+        resolv = conf_dir / "resolv.conf"
+        resolv.write_text(f"nameserver {srs_dns.host}\n")
+        resolv.chmod(0o644)
+        master = (
+            "policyd-spf unix - n n - 0 spawn user=nobody"
+            f" argv=/usr/bin/policyd-spf {conf_dir / 'policyd-spf.conf'}\n"
+        )
+        with postfix_peer(
+            "postfix.test",
+            POSTFIX_IP,
+            smtp_port,
+            extra=POSTFIX_EXTRA,
+            master_extra=master,
+            resolv_conf=resolv,
+        ) as peer:
+            yield peer
+    finally:
+        shutil.rmtree(conf_dir, ignore_errors=True)
+
+
+async def _start_forwarder(data_dir: Path, dns: DnsServer, smtp_port: int, tls, **srs: object):
+    from mtad.service import start
+
+    settings = make_settings(
+        data_dir,
+        dns=dns.settings(),
+        # The MX's own checks of origin.test are beside the point here.
+        smtp={"spf": False, "dkim_verify": False, "dmarc": False},
+        queue={
+            "workers": 2,
+            "smtp_port": smtp_port,
+            "retry_schedule_seconds": [1],
+            "poll_interval_seconds": 0.1,
+            "delay_warning_seconds": 0,
+            "connect_timeout_seconds": 2,
+            "command_timeout_seconds": 10,
+        },
+        srs=srs,
+    )
+    storage = await open_test_storage(settings.data_dir)
+    await storage.directory.add_domain(OUR_DOMAIN)
+    await storage.directory.add_account(f"bob@{OUR_DOMAIN}", "bob-secret")
+    await storage.directory.add_alias(f"fwd@{OUR_DOMAIN}", "carol@postfix.test")
+    await storage.directory.add_alias(f"gone@{OUR_DOMAIN}", "nobody@reject.test")
+    service = await start(settings, storage, tls)
+    return settings, storage, service
+
+
+def _send(port: int, sender: str, rcpt: str, subject: str) -> None:
+    body = (
+        f"From: <{sender or 'mailer-daemon@elsewhere.test'}>\r\nTo: <{rcpt}>\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject}@origin.test>\r\n\r\n"
+        + "".join(random.choices("abcdefghij \r\n", k=random.randint(10, 3000)))
+        + "\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail(sender, [rcpt], body.encode())
+
+
+def _found(peer: PostfixPeer, subject: str, to: str = "carol@postfix.test") -> bytes | None:
+    """The message with ``subject`` delivered to ``to`` (not a report quoting it)."""
+    wanted = (f"Subject: {subject}".encode(), f"Delivered-To: {to}\n".encode())
+    return next((m for m in peer.messages() if all(w in m for w in wanted)), None)
+
+
+async def test_forwarded_mail_passes_spf_and_its_bounces_come_back(
+    tmp_path: Path, srs_dns: DnsServer, smtp_port: int, spf_postfix: PostfixPeer, tls_context
+) -> None:
+    _settings, storage, service = await _start_forwarder(
+        tmp_path / "on", srs_dns, smtp_port, tls_context
+    )
+    mx = service.port("mx")
+    try:
+        subject = f"forwarded-{random.randrange(10**9)}"
+        await asyncio.to_thread(_send, mx, SENDER, f"fwd@{OUR_DOMAIN}", subject)
+        raw = await eventually(lambda: _found(spf_postfix, subject), timeout=30)
+        got = message_from_bytes(raw)
+        return_path = got["Return-Path"].strip("<>")
+        assert re.fullmatch(
+            rf"SRS0=[^=]{{4}}=[A-Z2-7]{{2}}=origin\.test=alice@{OUR_DOMAIN}", return_path
+        )
+        assert (got["Received-SPF"] or "").startswith("Pass"), got.items()
+
+        # Postfix refuses the other alias's target (relay denied): our bounce
+        # goes to the rewritten sender, which routes it to alice.
+        refused = f"refused-{random.randrange(10**9)}"
+        await asyncio.to_thread(_send, mx, SENDER, f"gone@{OUR_DOMAIN}", refused)
+
+        def bounce() -> bytes | None:
+            return next(
+                (
+                    m
+                    for m in spf_postfix.messages()
+                    if b"multipart/report" in m and f"<{refused}@origin.test>".encode() in m
+                ),
+                None,
+            )
+
+        try:
+            report = message_from_bytes(await eventually(bounce, timeout=30))
+        except AssertionError:
+            raise AssertionError(spf_postfix.log()[-4000:]) from None
+        assert report["Delivered-To"] == SENDER
+        assert report["Return-Path"] == "<>"
+
+        # Another site's bounce to the rewritten address, through our MX.
+        back = f"returned-{random.randrange(10**9)}"
+        await asyncio.to_thread(_send, mx, "", return_path, back)
+        returned = message_from_bytes(
+            await eventually(lambda: _found(spf_postfix, back, SENDER), timeout=30)
+        )
+        assert returned["Delivered-To"] == SENDER
+        # A forged one is an unknown user.
+        local, _, domain = return_path.partition("@")
+        tag, hashed, rest = local.split("=", 2)
+        forged = f"{tag}={'AAAA' if hashed != 'AAAA' else 'BBBB'}={rest}@{domain}"
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused_rcpt:
+            await asyncio.to_thread(_send, mx, "", forged, "forged")
+        assert refused_rcpt.value.recipients[forged][0] == 550
+    finally:
+        await service.close()
+        await storage.close()
+
+
+async def test_without_srs_the_same_forward_fails_spf(
+    tmp_path: Path, srs_dns: DnsServer, smtp_port: int, spf_postfix: PostfixPeer, tls_context
+) -> None:
+    _settings, storage, service = await _start_forwarder(
+        tmp_path / "off", srs_dns, smtp_port, tls_context, enabled=False
+    )
+    try:
+        subject = f"unrewritten-{random.randrange(10**9)}"
+        await asyncio.to_thread(_send, service.port("mx"), SENDER, f"fwd@{OUR_DOMAIN}", subject)
+        log = await eventually(
+            lambda: "5.7.23" in spf_postfix.log() and "origin.test" in spf_postfix.log(),
+            timeout=30,
+        )
+        assert log
+        assert _found(spf_postfix, subject) is None
+        assert re.search(
+            r"reject: RCPT from .*550 5\.7\.23 .*from=<alice@origin\.test>", spf_postfix.log()
+        )
+    finally:
+        await service.close()
+        await storage.close()
