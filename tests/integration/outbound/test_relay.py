@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import ssl
+from collections.abc import Sequence
 
 import aiosmtplib
 import dkim
@@ -40,9 +41,17 @@ def outgoing(to: str, subject: str) -> bytes:
     ).encode()
 
 
-async def submit(node: Node, ctx: ssl.SSLContext, rcpts: list[str], subject: str) -> bytes:
-    """Submit as alice on the sender's 587 (STARTTLS + AUTH), like a mail client."""
-    message = outgoing(", ".join(rcpts), subject)
+async def submit(
+    node: Node,
+    ctx: ssl.SSLContext,
+    rcpts: list[str],
+    subject: str = "",
+    message: bytes | None = None,
+    mail_options: Sequence[str] = (),
+) -> bytes:
+    """Submit as alice on the sender's 587 (STARTTLS + AUTH), like a mail
+    client: ``message``, or a small one with ``subject``."""
+    message = message or outgoing(", ".join(rcpts), subject)
     await aiosmtplib.send(
         message,
         sender=ALICE,
@@ -53,6 +62,7 @@ async def submit(node: Node, ctx: ssl.SSLContext, rcpts: list[str], subject: str
         tls_context=ctx,
         username=ALICE,
         password=ALICE_PW,
+        mail_options=list(mail_options),
         timeout=10,
     )
     return message

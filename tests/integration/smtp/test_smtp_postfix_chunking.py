@@ -24,7 +24,7 @@ from mtad.service import Service
 from mtad.session import SmtpSession
 from tests.ports import free_port
 from tests.postfixpeer import postfix_peer
-from tests.protocol.smtp.support import ALICE, mailbox_messages
+from tests.protocol.smtp.support import ALICE, arrived
 
 POSTFIX_IP = "127.0.0.13"
 
@@ -83,13 +83,7 @@ async def test_postfix_relays_to_us_with_bdat(
     )
     with postfix_peer("postfix-sender.test", POSTFIX_IP, port, extra=extra) as peer:
         await asyncio.to_thread(_send, port, header + b"\r\n" + body)
-        for _ in range(300):
-            stored = await mailbox_messages(populated, ALICE)
-            if stored:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"nothing arrived from postfix:\n{peer.log()}")
+        stored = await arrived(populated, ALICE, peer.log)
         log = peer.log()
     [copy] = stored
     assert "< 127.0.0.1[127.0.0.1]" in log and "250-CHUNKING" in log, log

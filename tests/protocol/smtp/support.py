@@ -74,8 +74,10 @@ def standard_zone(dkim_key: DkimKey) -> Zone:
     zone.txt("spf-soft.example", "v=spf1 ip4:192.0.2.1 ~all")
     zone.txt("dkim.example", "v=spf1 -all")
     zone.txt("_dmarc.dkim.example", "v=DMARC1; p=none")
-    zone.txt(f"{dkim_key.selector}._domainkey.{dkim_key.domain}",
-             f"v=DKIM1; k=rsa; p={dkim_key.public_b64}")
+    zone.txt(
+        f"{dkim_key.selector}._domainkey.{dkim_key.domain}",
+        f"v=DKIM1; k=rsa; p={dkim_key.public_b64}",
+    )
     zone.txt("reject.example", "v=spf1 ip4:192.0.2.1 -all")
     zone.txt("_dmarc.reject.example", "v=DMARC1; p=reject")
     zone.txt("quarantine.example", "v=spf1 ip4:192.0.2.1 -all")
@@ -106,6 +108,19 @@ async def mailbox_messages(storage, address: str, mailbox: str = "INBOX") -> lis
     box = await store.get_mailbox(account.id, mailbox)
     entries = await store.fetch(account.id, box.id, UidSet.all())
     return [await storage.blobs.get(e.entry.blob_key) for e in entries]
+
+
+async def arrived(storage, address: str, explain, timeout: float = 30.0) -> list[bytes]:
+    """:func:`mailbox_messages` of ``address``'s INBOX once it holds any;
+    AssertionError with ``explain()`` (a peer's log) after ``timeout``."""
+    import asyncio
+
+    for _ in range(int(timeout * 10)):
+        stored = await mailbox_messages(storage, address)
+        if stored:
+            return stored
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing arrived:\n{explain()}")
 
 
 async def mailbox_entries(storage, address: str, mailbox: str = "INBOX") -> list:
@@ -144,9 +159,7 @@ class SmtpDialogue:
         """Connects to 127.0.0.1, from ``source`` if given (another loopback
         address: a second client IP)."""
         local = (source, 0) if source else None
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=tls, local_addr=local
-        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls, local_addr=local)
         return cls(reader, writer)
 
     async def reply(self, timeout: float = 10) -> str:
