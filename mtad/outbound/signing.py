@@ -156,13 +156,16 @@ class DkimSigner:
                 return _sign_or_keep(message, key)
         return message
 
-    async def sign(self, message: bytes, sender: str) -> bytes:
+    async def sign(self, message: bytes, sender: str, arc_authserv_id: str = "") -> bytes:
         """``message`` signed as its From domain or ``sender``'s domain,
-        with the directory's key for it, else its key file."""
+        with the directory's key for it, else its key file. With
+        ``arc_authserv_id`` (mail we forward), also sealed with an ARC set
+        (RFC 8617 section 4) by the same key, carrying the
+        Authentication-Results our MX added under that authserv-id."""
         for domain in _signing_domains(message, sender):
             key = await self._stored_key(domain) or await asyncio.to_thread(self._key, domain)
             if key is not None:
-                return await asyncio.to_thread(_sign_or_keep, message, key)
+                return await asyncio.to_thread(_sign_or_keep, message, key, arc_authserv_id)
         return message
 
 
@@ -172,12 +175,36 @@ def _signing_domains(message: bytes, sender: str) -> list[str]:
     return [d for d in domains if d]
 
 
-def _sign_or_keep(message: bytes, key: DkimKey) -> bytes:
-    """Blocking: signed with ``key``, or unchanged (logged) if that fails."""
+def arc_seal_sync(message: bytes, key: DkimKey, authserv_id: str) -> bytes:
+    """The message with the next ARC set prepended (RFC 8617 section 5.1:
+    ARC-Authentication-Results from our Authentication-Results, an
+    ARC-Message-Signature and an ARC-Seal, relaxed/relaxed, rsa-sha256)."""
+    fields = dkim.arc_sign(
+        message,
+        key.selector.encode(),
+        key.domain.encode(),
+        key.private_pem,
+        authserv_id.encode(),
+        include_headers=list(SIGNED_HEADERS),
+        linesep=b"\r\n",
+    )
+    return b"".join(fields) + message
+
+
+def _sign_or_keep(message: bytes, key: DkimKey, arc_authserv_id: str = "") -> bytes:
+    """Blocking: signed with ``key`` (and ARC-sealed with it if
+    ``arc_authserv_id``), or as far as it got (logged) if a step fails."""
     try:
-        return sign_sync(message, key)
+        message = sign_sync(message, key)
     except (dkim.DKIMException, ValueError) as exc:
         log.warning("DKIM signing as %s failed: %s", key.domain, exc)
+        return message
+    if not arc_authserv_id:
+        return message
+    try:
+        return arc_seal_sync(message, key, arc_authserv_id)
+    except (dkim.DKIMException, ValueError) as exc:
+        log.warning("ARC sealing as %s failed: %s", key.domain, exc)
         return message
 
 

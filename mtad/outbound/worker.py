@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from conf.settings import Settings
 from delivery.address import PathSyntaxError, domain_of, parse_mailbox
 from delivery.dsnparams import envelope_id, original_recipient, wants
+from delivery.srs import is_srs_address
 from mtad.dns import Resolver
 from mtad.outbound.client import Reply
 from mtad.outbound.delivery import (
@@ -320,7 +321,13 @@ class QueueRunner:
             )
             targets.remove(address)
         if targets:
-            signed = await self.signer.sign(raw, entry.sender)
+            # Mail an alias forwards leaves with an SRS sender of ours
+            # (delivery/srs.py): sealed with ARC too (RFC 8617), so the next
+            # hop can see what our MX found (SPF, DKIM, DMARC) before the
+            # forward changed the envelope.
+            forwarded = is_srs_address(entry.sender)
+            hostname = self.settings.server.hostname if forwarded else ""
+            signed = await self.signer.sign(raw, entry.sender, arc_authserv_id=hostname)
             by_domain: dict[str, list[str]] = {}
             for address in targets:
                 by_domain.setdefault(domain_of(address).lower(), []).append(address)

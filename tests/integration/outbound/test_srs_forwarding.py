@@ -19,17 +19,22 @@ refused by Postfix for SPF, so the test tells the two apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import shutil
 import smtplib
+import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from email import message_from_bytes
 from pathlib import Path
 
+import dkim
 import pytest
 
+from mtad.outbound.signing import generate_key
 from tests.conftest import make_settings
 from tests.dnsserver import DnsServer, Zone, start_dns_server, stop_dns_server
 from tests.integration.outbound.conftest import eventually, open_test_storage
@@ -37,6 +42,7 @@ from tests.ports import free_port
 from tests.postfixpeer import PostfixPeer, postfix_peer
 
 OUR_DOMAIN = "example.net"
+SELECTOR = "shardmail"
 POSTFIX_IP = "127.0.0.10"
 SENDER = "alice@origin.test"
 
@@ -61,8 +67,17 @@ policyd-spf_time_limit = 3600
 
 
 @pytest.fixture(scope="module")
-def srs_dns() -> Iterator[DnsServer]:
+def dkim_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Our domain's DKIM key (files, as an older mailctl made them) and its record."""
+    key_dir = tmp_path_factory.mktemp("dkim")
+    _path, record = generate_key(key_dir, OUR_DOMAIN, SELECTOR)
+    return key_dir, record
+
+
+@pytest.fixture(scope="module")
+def srs_dns(dkim_dir: tuple[Path, str]) -> Iterator[DnsServer]:
     zone = Zone()
+    zone.txt(f"{SELECTOR}._domainkey.{OUR_DOMAIN}", dkim_dir[1])
     zone.txt(OUR_DOMAIN, "v=spf1 ip4:127.0.0.0/8 -all")
     zone.txt("origin.test", "v=spf1 ip4:192.0.2.1 -all")
     zone.a("mx.postfix.test", POSTFIX_IP)
@@ -119,22 +134,45 @@ def spf_postfix(srs_dns: DnsServer, smtp_port: int) -> Iterator[PostfixPeer]:
         shutil.rmtree(conf_dir, ignore_errors=True)
 
 
-async def _start_forwarder(data_dir: Path, dns: DnsServer, smtp_port: int, tls, **srs: object):
+@dataclass
+class World:
+    dns: DnsServer
+    smtp_port: int
+    postfix: PostfixPeer
+    tls: ssl.SSLContext
+    dkim_dir: Path
+
+
+@pytest.fixture
+def world(
+    srs_dns: DnsServer,
+    smtp_port: int,
+    spf_postfix: PostfixPeer,
+    tls_context: ssl.SSLContext,
+    dkim_dir: tuple[Path, str],
+) -> World:
+    return World(srs_dns, smtp_port, spf_postfix, tls_context, dkim_dir[0])
+
+
+@contextlib.asynccontextmanager
+async def forwarder(data_dir: Path, world: World, **srs: object) -> AsyncIterator[int]:
+    """Our mtad forwarding fwd@ and gone@ (aliases) out; yields its MX port."""
     from mtad.service import start
 
     settings = make_settings(
         data_dir,
-        dns=dns.settings(),
+        dns=world.dns.settings(),
         # The MX's own checks of origin.test are beside the point here.
         smtp={"spf": False, "dkim_verify": False, "dmarc": False},
         queue={
             "workers": 2,
-            "smtp_port": smtp_port,
+            "smtp_port": world.smtp_port,
             "retry_schedule_seconds": [1],
             "poll_interval_seconds": 0.1,
             "delay_warning_seconds": 0,
             "connect_timeout_seconds": 2,
             "command_timeout_seconds": 10,
+            "dkim_key_dir": str(world.dkim_dir),
         },
         srs=srs,
     )
@@ -143,14 +181,34 @@ async def _start_forwarder(data_dir: Path, dns: DnsServer, smtp_port: int, tls, 
     await storage.directory.add_account(f"bob@{OUR_DOMAIN}", "bob-secret")
     await storage.directory.add_alias(f"fwd@{OUR_DOMAIN}", "carol@postfix.test")
     await storage.directory.add_alias(f"gone@{OUR_DOMAIN}", "nobody@reject.test")
-    service = await start(settings, storage, tls)
-    return settings, storage, service
+    service = await start(settings, storage, world.tls)
+    try:
+        yield service.port("mx")
+    finally:
+        await service.close()
+        await storage.close()
+
+
+def _txt_lookup(server: DnsServer):
+    """dkimpy's ``dnsfunc``: TXT records from the test's DNS server."""
+    import dns.message
+    import dns.query
+
+    def lookup(name: bytes | str, timeout: float = 5) -> bytes:
+        text = name.decode() if isinstance(name, bytes) else name
+        reply = dns.query.udp(
+            dns.message.make_query(text, "TXT"), server.host, port=server.port, timeout=timeout
+        )
+        return b"".join(b"".join(rr.strings) for rrset in reply.answer for rr in rrset)
+
+    return lookup
 
 
 def _send(port: int, sender: str, rcpt: str, subject: str) -> None:
     body = (
         f"From: <{sender or 'mailer-daemon@elsewhere.test'}>\r\nTo: <{rcpt}>\r\n"
-        f"Subject: {subject}\r\nMessage-ID: <{subject}@origin.test>\r\n\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject}@origin.test>\r\n"
+        "Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n\r\n"
         + "".join(random.choices("abcdefghij \r\n", k=random.randint(10, 3000)))
         + "\r\n"
     )
@@ -165,13 +223,10 @@ def _found(peer: PostfixPeer, subject: str, to: str = "carol@postfix.test") -> b
 
 
 async def test_forwarded_mail_passes_spf_and_its_bounces_come_back(
-    tmp_path: Path, srs_dns: DnsServer, smtp_port: int, spf_postfix: PostfixPeer, tls_context
+    tmp_path: Path, world: World
 ) -> None:
-    _settings, storage, service = await _start_forwarder(
-        tmp_path / "on", srs_dns, smtp_port, tls_context
-    )
-    mx = service.port("mx")
-    try:
+    srs_dns, spf_postfix = world.dns, world.postfix
+    async with forwarder(tmp_path / "on", world) as mx:
         subject = f"forwarded-{random.randrange(10**9)}"
         await asyncio.to_thread(_send, mx, SENDER, f"fwd@{OUR_DOMAIN}", subject)
         raw = await eventually(lambda: _found(spf_postfix, subject), timeout=30)
@@ -181,6 +236,14 @@ async def test_forwarded_mail_passes_spf_and_its_bounces_come_back(
             rf"SRS0=[^=]{{4}}=[A-Z2-7]{{2}}=origin\.test=alice@{OUR_DOMAIN}", return_path
         )
         assert (got["Received-SPF"] or "").startswith("Pass"), got.items()
+        # Signed by us (d= our domain, the SRS sender's) and sealed with ARC
+        # (RFC 8617): the seal and the signatures verify at the receiver.
+        lookup = _txt_lookup(srs_dns)
+        assert dkim.verify(raw, dnsfunc=lookup)
+        assert got["ARC-Seal"] and "i=1" in got["ARC-Seal"] and "cv=none" in got["ARC-Seal"]
+        assert got["ARC-Authentication-Results"].startswith("i=1; mail.test")
+        cv, _results, comment = dkim.arc_verify(raw, dnsfunc=lookup)
+        assert cv == dkim.CV_Pass, comment
 
         # Postfix refuses the other alias's target (relay denied): our bounce
         # goes to the rewritten sender, which routes it to alice.
@@ -218,20 +281,13 @@ async def test_forwarded_mail_passes_spf_and_its_bounces_come_back(
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused_rcpt:
             await asyncio.to_thread(_send, mx, "", forged, "forged")
         assert refused_rcpt.value.recipients[forged][0] == 550
-    finally:
-        await service.close()
-        await storage.close()
 
 
-async def test_without_srs_the_same_forward_fails_spf(
-    tmp_path: Path, srs_dns: DnsServer, smtp_port: int, spf_postfix: PostfixPeer, tls_context
-) -> None:
-    _settings, storage, service = await _start_forwarder(
-        tmp_path / "off", srs_dns, smtp_port, tls_context, enabled=False
-    )
-    try:
+async def test_without_srs_the_same_forward_fails_spf(tmp_path: Path, world: World) -> None:
+    spf_postfix = world.postfix
+    async with forwarder(tmp_path / "off", world, enabled=False) as mx:
         subject = f"unrewritten-{random.randrange(10**9)}"
-        await asyncio.to_thread(_send, service.port("mx"), SENDER, f"fwd@{OUR_DOMAIN}", subject)
+        await asyncio.to_thread(_send, mx, SENDER, f"fwd@{OUR_DOMAIN}", subject)
         log = await eventually(
             lambda: "5.7.23" in spf_postfix.log() and "origin.test" in spf_postfix.log(),
             timeout=30,
@@ -241,6 +297,3 @@ async def test_without_srs_the_same_forward_fails_spf(
         assert re.search(
             r"reject: RCPT from .*550 5\.7\.23 .*from=<alice@origin\.test>", spf_postfix.log()
         )
-    finally:
-        await service.close()
-        await storage.close()
