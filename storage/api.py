@@ -53,6 +53,7 @@ from storage.model import (
     UidSet,
 )
 from storage.search import Criteria
+from storage.sortkeys import ThreadRow
 from storage.sortrows import SortRow
 
 if TYPE_CHECKING:
@@ -284,6 +285,20 @@ class MailStore(Protocol):
         ``uids`` (storage.sortrows.SortRow), UID order; missing UIDs
         skipped. One call for any number of messages, cheaper per message
         than :meth:`fetch` (no full parsed form is built)."""
+
+    async def sorted_uids(
+        self, account_id: int, mailbox_id: int, criteria: Sequence[tuple[str, bool]]
+    ) -> list[int] | None:
+        """Every UID of the mailbox in IMAP SORT order by ``criteria``
+        ((key, reverse) pairs, RFC 5256 section 3; exact ties in UID
+        order), from the keys stored with each entry (storage.sortkeys):
+        the order :meth:`sort_rows` sorted in memory gives. None if some
+        entry has no stored keys yet."""
+
+    async def thread_rows(self, account_id: int, mailbox_id: int) -> list[ThreadRow] | None:
+        """Every entry's stored THREAD inputs (storage.sortkeys.ThreadRow:
+        date and base-subject keys, normalised Message-ID and references),
+        UID order, in one read. None if some entry has no stored keys."""
 
     async def page(
         self,

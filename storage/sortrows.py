@@ -14,7 +14,7 @@ import json
 from typing import NamedTuple
 
 from storage.imapstruct import JSON_VERSION
-from storage.model import Address
+from storage.model import Address, ParsedMessage
 
 # What sort_row needs of the stored parsed form (storage.imapstruct
 # parsed_to_json): JSON paths the database extracts into one array, in this
@@ -84,4 +84,29 @@ def sort_row(
         message_id=mid,
         in_reply_to=irt,
         references=tuple(refs),
+    )
+
+
+def sort_row_of(parsed: ParsedMessage, internal_micros: int, sent_date: float | None) -> SortRow:
+    """The SortRow :func:`sort_row` reads back for a new entry of ``parsed``
+    (uid 0: not known yet), from the message itself: its stored keys are
+    computed from this at delivery (``sent_date`` as its messages row
+    holds it)."""
+    env = parsed.envelope
+
+    def first(addresses: tuple[Address, ...]) -> tuple[Address, ...]:
+        return next(((a,) for a in addresses if a.host is not None and a.mailbox is not None), ())
+
+    return SortRow(
+        uid=0,
+        internal_date=internal_micros / 1_000_000,
+        size=parsed.size,
+        sent_date=sent_date,
+        subject=parsed.subject or "",
+        from_=first(env.from_),
+        to=first(env.to),
+        cc=first(env.cc),
+        message_id=parsed.message_id,
+        in_reply_to=parsed.in_reply_to,
+        references=tuple(parsed.references),
     )

@@ -1,5 +1,6 @@
 """THREAD=ORDEREDSUBJECT and THREAD=REFERENCES (RFC 5256 sections 3 and 4)
-over :class:`~imapd.imap.sortkeys.SortFields`, and the thread-list wire form.
+over :class:`~imapd.imap.sortkeys.SortFields` or the stored keys
+(:class:`storage.sortkeys.ThreadInput`), and the thread-list wire form.
 
 Hostile input stays linear: every loop check of the REFERENCES algorithm
 (steps 1.A and 1.B: "A is not a descendant of B") walks up from A, and the
@@ -13,20 +14,36 @@ walks a 10,000-deep thread cost at most the budget, not n * depth.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from imapd.imap.sortkeys import SortFields
+from storage.sortkeys import thread_ids
 
 WALK_BUDGET_PER_MESSAGE = 64
+
+
+class Threadable(Protocol):
+    """What threading reads of a message (RFC 5256 sections 3 and 4): its
+    UID, sent date (section 2.2), i;ascii-casemap base subject (section
+    2.1) and whether that extraction removed a reply or forward mark."""
+
+    @property
+    def uid(self) -> int: ...
+    @property
+    def date(self) -> float: ...
+    @property
+    def subject(self) -> bytes: ...
+    @property
+    def is_reply(self) -> bool: ...
 
 
 @dataclass(eq=False, slots=True)
 class Node:
     """A thread tree node; ``msg`` None is a dummy (RFC 5256 section 4)."""
 
-    msg: SortFields | None
+    msg: Threadable | None
     parent: Node | None = None
     children: list[Node] = field(default_factory=list)
 
@@ -54,7 +71,7 @@ def _live(n: Node) -> list[Node]:
 # ORDEREDSUBJECT (RFC 5256 section 3)
 
 
-def ordered_subject(fields: Sequence[SortFields]) -> list[Node]:
+def ordered_subject(fields: Sequence[Threadable]) -> list[Node]:
     """Messages sorted by base subject then sent date (ties: mailbox order);
     each run of one base subject is a thread whose first message is the
     parent of the others; threads ordered by their first message's date."""
@@ -71,16 +88,6 @@ def ordered_subject(fields: Sequence[SortFields]) -> list[Node]:
 
 # --------------------------------------------------------------------------
 # REFERENCES (RFC 5256 section 4)
-
-_QUOTED = re.compile(r'\\(.)|"')
-
-
-def normalize_msg_id(raw: str | None) -> str | None:
-    """A msg-id in one spelling (RFC 5256 section 4: <"a"@b> and <a@b> are
-    the same): angle brackets kept, quoting removed. None if not a msg-id."""
-    if not raw or len(raw) < 3 or raw[0] != "<" or raw[-1] != ">":
-        return None
-    return _QUOTED.sub(lambda m: m.group(1) or "", raw) if '"' in raw or "\\" in raw else raw
 
 
 class _Walks:
@@ -109,10 +116,24 @@ class _Walks:
         return False
 
 
-def references(fields: Sequence[SortFields], counter: list[int] | None = None) -> list[Node]:
+def references(
+    fields: Sequence[Threadable],
+    counter: list[int] | None = None,
+    ids: Sequence[tuple[str | None, tuple[str, ...]]] | None = None,
+) -> list[Node]:
     """RFC 5256 section 4, steps 1-5; returns the sorted top-level threads.
-    ``fields`` in mailbox (UID) order. ``counter`` (tests): its first item
-    gets the number of loop-check steps taken."""
+    ``fields`` in mailbox (UID) order. ``ids``: each message's
+    storage.sortkeys.thread_ids (its own ID and references, normalised),
+    when stored ones were read; else computed here from ``fields``
+    (then SortFields, which carry the headers).
+    ``counter`` (tests): its first item gets the number of loop-check
+    steps taken."""
+    if ids is None:
+        ids = [
+            thread_ids(f.message_id, f.in_reply_to, f.references)
+            for f in fields
+            if isinstance(f, SortFields)
+        ]
     table: dict[str, Node] = {}
     walks = _Walks(len(fields))
     nodes: list[Node] = []
@@ -124,10 +145,9 @@ def references(fields: Sequence[SortFields], counter: list[int] | None = None) -
             nodes.append(node)
         return node
 
-    for f in fields:
+    for f, (own, refs) in zip(fields, ids, strict=True):
         # Step 1: the message's own ID; missing, invalid or a duplicate of
         # an earlier message's gets a unique one (an unnamed container).
-        own = normalize_msg_id(f.message_id)
         if own is not None and own in table and table[own].msg is None:
             node = table[own]
             node.msg = f
@@ -136,12 +156,8 @@ def references(fields: Sequence[SortFields], counter: list[int] | None = None) -
             nodes.append(node)
             if own is not None and own not in table:
                 table[own] = node
-        # The references: References, else the first msg-id of In-Reply-To.
-        refs = [r for r in map(normalize_msg_id, f.references) if r is not None]
-        if not refs:
-            irt = normalize_msg_id(f.in_reply_to)
-            if irt is not None:
-                refs = [irt]
+        # The references (thread_ids): References, else the first msg-id
+        # of In-Reply-To.
         # Step 1.A: link each reference to the next, unless that one has a
         # parent already or the link would make a loop.
         prev: Node | None = None
@@ -215,7 +231,7 @@ def _prune(node: Node, at_root: bool) -> list[Node]:
     return [node]
 
 
-def _thread_subject(n: Node) -> SortFields:
+def _thread_subject(n: Node) -> Threadable:
     """The message giving a top-level thread its subject: itself, or a
     dummy's first child (step 4.B.i)."""
     m = n.msg if n.msg is not None else n.children[0].msg

@@ -83,8 +83,9 @@ from storage.model import (
     UidSet,
 )
 from storage.search import All, Criteria
-from storage.sortrows import SORT_PATHS, SortRow, sort_row
-from storage.sql import codec, fts, spamtokens
+from storage.sortkeys import KEY_COLUMNS, EntryKeys, ThreadRow, entry_keys
+from storage.sortrows import SortRow, sort_row, sort_row_of
+from storage.sql import codec, fts, sortkeys, spamtokens
 from storage.sql import criteria as crit
 from storage.sql.db import Database, execute
 from storage.sql.metadata import MetadataStore, delete_mailbox_metadata, delete_metadata
@@ -601,9 +602,6 @@ _BUMP_MAILBOX = (
     .where(mailboxes.c.id == bindparam("b_id"))
     .values(uidnext=bindparam("b_uidnext"), highestmodseq=bindparam("b_modseq"))
 )
-_MESSAGE_SIZE = select(messages.c.size, messages.c.sent_date).where(
-    messages.c.id == bindparam("b_id"), messages.c.account_id == bindparam("b_account")
-)
 _MAILBOX_BY_NAME = select(mailboxes).where(
     mailboxes.c.account_id == bindparam("b_account"), mailboxes.c.name == bindparam("b_name")
 )
@@ -691,47 +689,22 @@ class _EntryQuery:
 
 _ENTRIES = _EntryQuery(_ENTRY_COLUMNS, True)
 _ENTRIES_PARSED = _EntryQuery((*_ENTRY_COLUMNS, messages.c.parsed), True)
-def _sqlite_path(path: tuple[str | int, ...]) -> str:
-    """A SORT_PATHS path as SQLite JSON path text: ``$.env[2]``."""
-    return "$" + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in path)
-
-
-def _pg_path(path: tuple[str | int, ...]) -> str:
-    """The same as PostgreSQL ``->`` steps on ``j`` (SORT_PATHS' own
-    constant keys only: no client text reaches this SQL)."""
-    return "j" + "".join(f"->{x}" if isinstance(x, int) else f"->'{x}'" for x in path)
-
-
-# What IMAP SORT and THREAD read (SqlMailStore.sort_rows): the decoded
-# subject and sent date from their columns, and from the stored parsed form
-# only its small fields, picked by the database as one JSON array (see
-# storage.sortrows.SORT_PATHS): parsing the whole form in Python cost 3-5 s
-# per 100,000 messages, the database's own JSON functions a fraction.
+# What IMAP SORT and THREAD read (SqlMailStore.sort_rows) on the in-memory
+# path: the decoded subject and sent date from their columns, and from the
+# stored parsed form only its small fields, picked by the database as one
+# JSON array (see storage.sortrows.SORT_PATHS): parsing the whole form in
+# Python cost 3-5 s per 100,000 messages, the database's own JSON
+# functions a fraction.
 _SORT_COLUMNS = (E.c.uid, E.c.internal_date, E.c.size, messages.c.sent_date, messages.c.subject)
-_SORT_ROWS_SQLITE = _EntryQuery(
-    (
-        *_SORT_COLUMNS,
-        literal_column(  # constant paths, no bind parameters (db.execute precompiles)
-            # Several paths: json_extract answers with one JSON array of them.
-            "json_extract(messages.parsed, "
-            + ", ".join(f"'{_sqlite_path(p)}'" for p in SORT_PATHS)
-            + ")"
-        ).label("picked"),
-    ),
-    True,
-)
-# PostgreSQL parses the text once per row (the scalar subquery), not once per path.
-_SORT_ROWS_PG = _EntryQuery(
-    (
-        *_SORT_COLUMNS,
-        literal_column(
-            "(SELECT json_build_array("
-            + ", ".join(map(_pg_path, SORT_PATHS))
-            + ")::text FROM (SELECT messages.parsed::json AS j) AS sort_doc)"
-        ).label("picked"),
-    ),
-    True,
-)
+_SORT_ROWS_SQLITE = _EntryQuery((*_SORT_COLUMNS, sortkeys.PICKED_SQLITE), True)
+_SORT_ROWS_PG = _EntryQuery((*_SORT_COLUMNS, sortkeys.PICKED_PG), True)
+# The same of one message (its stored keys for a new entry, see append).
+_MESSAGE_SORT_SQLITE = select(
+    messages.c.size, messages.c.sent_date, messages.c.subject, sortkeys.PICKED_SQLITE
+).where(messages.c.id == bindparam("b_id"), messages.c.account_id == bindparam("b_account"))
+_MESSAGE_SORT_PG = select(
+    messages.c.size, messages.c.sent_date, messages.c.subject, sortkeys.PICKED_PG
+).where(messages.c.id == bindparam("b_id"), messages.c.account_id == bindparam("b_account"))
 # An unfiltered folder-list page (SqlMailStore.page with All(), what a
 # client opening a folder asks), on the index (mailbox_id, list_date, uid):
 # constant statements, run precompiled by ``execute`` on either backend.
@@ -1724,9 +1697,10 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
                 mask, keywords = split_flags(flags)
                 when = _split_date(internal_date or now)
                 uid, modseq = uidnext.get(box.id, (box.uidnext, box.highestmodseq))
+                keys = entry_keys(sort_row_of(parsed, when[0], values["sent_date"]))
                 result = self._append_entry_sync(
                     tx, box, uid, modseq, message_id, parsed.size, mask, keywords, when,
-                    values["sent_date"], saved,
+                    values["sent_date"], saved, keys,
                 )
                 uidnext[box.id] = (result.uid + 1, result.modseq)
                 results.append(result)
@@ -1842,15 +1816,17 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
 
         def write(conn: Connection) -> tuple[AppendResult, list[Change]]:
             tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
-            row = execute(
-                conn, _MESSAGE_SIZE, {"b_id": message_id, "b_account": account_id}
-            ).first()
+            query = _MESSAGE_SORT_SQLITE if conn.dialect.name == "sqlite" else _MESSAGE_SORT_PG
+            row = execute(conn, query, {"b_id": message_id, "b_account": account_id}).first()
             if row is None:
                 raise errors.not_found("no such message")
             mask, keywords = split_flags(flags)
+            keys = entry_keys(
+                sort_row(0, when[0], row.size, row.sent_date, row.subject, row.picked)
+            )
             result = self._append_entry_sync(
                 tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, row.size, mask, keywords,
-                when, row.sent_date, saved,
+                when, row.sent_date, saved, keys,
             )
             return result, tx.flush_sync(conn)
 
@@ -1873,13 +1849,15 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
         when: tuple[int, int, int],
         sent_date: float | None,
         saved: int,
+        keys: EntryKeys,
     ) -> AppendResult:
         """Appends one entry at ``uid`` with a new modseq above
         ``highestmodseq`` (the mailbox counters as this transaction sees
         them); ``mask``/``keywords`` from :func:`split_flags`, ``when`` from
         :func:`_split_date`, ``sent_date`` the message's (for
         :func:`_list_date`), ``saved`` the entry's save date (RFC 8514, epoch
-        microseconds). OVER_QUOTA if it does not fit."""
+        microseconds), ``keys`` its stored sort and thread keys
+        (storage.sortkeys.entry_keys). OVER_QUOTA if it does not fit."""
         micros, tz, day = when
         self._check_quota(tx, size)
         tx.used_delta += size
@@ -1899,6 +1877,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
                 "size": size,
                 "list_date": _list_date(sent_date, micros),
                 "saved_at": saved,
+                **keys._asdict(),
             },
             uid + 1,
             modseq,
@@ -2008,6 +1987,39 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
                 sort_row(r.uid, r.internal_date, r.size, r.sent_date, r.subject, r.picked)
                 for r in rows
             ]
+
+        return await self.db.read_sync(read)
+
+    async def sorted_uids(
+        self, account_id: int, mailbox_id: int, criteria: Sequence[tuple[str, bool]]
+    ) -> list[int] | None:
+        """Every UID of the mailbox in IMAP SORT order by ``criteria``
+        ((key, reverse) pairs, RFC 5256 section 3), ordered by the database
+        over the stored keys (storage.sql.sortkeys.order_by). None if an
+        entry has no stored keys (written by an older process): the
+        caller sorts in memory."""
+
+        def read(conn: Connection) -> list[int] | None:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            params = {"b_box": mailbox_id}
+            if conn.execute(sortkeys.MISSING_KEYS, params).first() is not None:
+                return None
+            query = sortkeys.sorted_uids_query(criteria, conn.dialect.name)
+            return [uid for (uid,) in conn.execute(query, params)]
+
+        return await self.db.read_sync(read)
+
+    async def thread_rows(self, account_id: int, mailbox_id: int) -> list[ThreadRow] | None:
+        """Every entry's stored THREAD inputs (storage.sortkeys), UID
+        order: one read of compact rows, no parsed form. None if an entry
+        has no stored keys (as :meth:`sorted_uids`)."""
+
+        def read(conn: Connection) -> list[ThreadRow] | None:
+            self._mailbox_row_sync(conn, account_id, mailbox_id)
+            params = {"b_box": mailbox_id}
+            if conn.execute(sortkeys.MISSING_KEYS, params).first() is not None:
+                return None
+            return [tuple(r) for r in conn.execute(sortkeys.THREAD_ROWS, params)]
 
         return await self.db.read_sync(read)
 
@@ -2477,6 +2489,8 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
                     "size": r.size,
                     "list_date": r.list_date,
                     "saved_at": r.saved_at if keep_saved else saved,
+                    # A copy keeps the internal date: the same keys.
+                    **{k: getattr(r, k) for k in KEY_COLUMNS},
                 }
             )
         await tx.conn.execute(insert(E), values)
@@ -2553,6 +2567,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
         E.c.internal_day,
         E.c.size,
         E.c.list_date,
+        *(E.c[k] for k in KEY_COLUMNS),
     )
 
     async def copy(

@@ -230,6 +230,17 @@ mailbox_entries = Table(
     # delivery), epoch microseconds UTC: the RFC 8514 save date. NULL for
     # entries older than the step (their save date is their internal date).
     Column("saved_at", BigInteger, nullable=True),
+    # v31: the RFC 5256 / RFC 5957 sort and thread keys (storage.sortkeys
+    # EntryKeys, written with the entry; storage.sql.sortkeys reads them).
+    # NULL only for an entry an older process wrote: backfilled.
+    Column("sort_date", Float, nullable=True),  # epoch seconds
+    Column("sort_reply", Boolean, nullable=True),
+    # Octet strings compared as octets (i;ascii-casemap keys).
+    *(
+        Column(f"sort_{name}", LargeBinary, nullable=True)
+        for name in ("subject", "from", "to", "cc", "display_from", "display_to")
+    ),
+    Column("thread_ids", Text, nullable=True),  # storage.sortkeys.encode_thread_ids
     UniqueConstraint("mailbox_id", "uid", name="mailbox_entries_mailbox_uid"),
     Index("mailbox_entries_mailbox_modseq", "mailbox_id", "modseq"),
 )
@@ -1070,6 +1081,41 @@ async def _v30_queue_dsn(conn: AsyncConnection) -> None:
     await _add_missing_columns(conn, queue_recipients, ("dsn_notify", "dsn_orcpt"))
 
 
+async def _v31_sort_keys(conn: AsyncConnection) -> None:
+    """IMAP SORT and THREAD on stored keys (issue #24): the RFC 5256 keys of
+    each entry as columns of ``mailbox_entries`` (see the table), filled
+    here for the entries already stored (storage.sql.sortkeys.backfill_sync,
+    in batches: on 100,000 entries seconds, see bench/README.md), and an
+    index (mailbox_id, key, uid) for each common SORT key, so that SORT is
+    an ORDER BY read in index order. PostgreSQL indexes a prefix of the
+    string keys (storage.sql.sortkeys.PG_PREFIX: a B-tree entry has a size
+    limit). SQLite: the indexes' planner statistics, like step 13's."""
+    from storage.sortkeys import KEY_COLUMNS
+    from storage.sql import sortkeys
+
+    await _add_missing_columns(conn, mailbox_entries, KEY_COLUMNS)
+    await conn.run_sync(sortkeys.backfill_sync)
+    pg = conn.dialect.name == "postgresql"
+    for name in sortkeys.INDEXED:
+        col = sortkeys.SORT_COLUMNS[name].name
+        expr = col
+        if pg and name in sortkeys.PREFIXED:
+            expr = f"substring({col} from 1 for {sortkeys.PG_PREFIX})"
+        await conn.exec_driver_sql(
+            f"CREATE INDEX IF NOT EXISTS mailbox_entries_by_{name.lower()} "
+            f"ON mailbox_entries (mailbox_id, {expr}, uid)"
+        )
+        if not pg:
+            index = f"mailbox_entries_by_{name.lower()}"
+            await conn.exec_driver_sql("DELETE FROM sqlite_stat1 WHERE idx = ?", (index,))
+            await conn.exec_driver_sql(
+                "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)",
+                ("mailbox_entries", index, "1000000 20000 2 1"),
+            )
+    if not pg:
+        await conn.exec_driver_sql("ANALYZE sqlite_schema")
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1101,6 +1147,7 @@ MIGRATIONS: list[Step] = [
     _v28_save_dates,
     _v29_metadata,
     _v30_queue_dsn,
+    _v31_sort_keys,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -2,20 +2,27 @@
 CONTEXT=SORT's PARTIAL and UPDATE are imapd.imap.contexts)
 and THREAD, UID THREAD (RFC 5256 section 3, ORDEREDSUBJECT and REFERENCES).
 
-The matches come from the SEARCH machinery; their sort fields are read in
-one storage call per command (``MailStore.sort_rows`` of the matching
-UIDs), then sorted or threaded in memory in O(n log n)
-(imapd.imap.sortkeys, imapd.imap.threads): on the event loop for a few
-messages, in the content pool's worker processes for many (INLINE_ROWS).
+The matches come from the SEARCH machinery. Many of them
+(STORED_KEYS_ROWS) are ordered by the keys stored with each entry at
+ingest (storage.sortkeys): SORT is the database's ORDER BY over the
+mailbox (``MailStore.sorted_uids``), the matches kept in that order, and
+THREAD reads every entry's compact stored inputs in one query
+(``MailStore.thread_rows``) and threads the matches in O(n log n). A few
+matches, or a mailbox with entries written before the keys were stored:
+their sort fields are read in one storage call (``MailStore.sort_rows``
+of the matching UIDs), then sorted or threaded in memory
+(imapd.imap.sortkeys, imapd.imap.threads). Threading, and the in-memory
+sort, run on the event loop for a few messages, in the content pool's
+worker processes for many (INLINE_ROWS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from imapd.imap.commands.message import esearch_response, matching_uids
-from imapd.imap.contexts import open_sort, refuse_reuse
+from imapd.imap.contexts import MAX_SORT_CONTEXT, open_sort, refuse_reuse
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, no, ok
 from imapd.imap.sortkeys import sort_fields, sort_messages
@@ -23,6 +30,7 @@ from imapd.imap.threads import encode_threads, ordered_subject, references
 from imapd.imap.wire import commands as c
 from storage.contentpool import ContentTimeout, content_pool
 from storage.model import UidSet
+from storage.sortkeys import ThreadRow, thread_input
 from storage.sortrows import SortRow
 
 T = TypeVar("T")
@@ -40,30 +48,47 @@ _BADCHARSET = no("Charset not supported", "BADCHARSET (UTF-8 US-ASCII)")
 # while other sessions wait: 100,000 messages take seconds of pure Python.
 INLINE_ROWS = 2000
 
+# From this many matching messages on, SORT and THREAD use the stored keys
+# (when every entry of the mailbox has them): the database orders or reads
+# the whole mailbox, which costs more than reading a few matches' fields.
+STORED_KEYS_ROWS = INLINE_ROWS
+
 # RFC 5530 section 3: LIMIT, the command went past what the server allows
 # (the content pool's time limit).
 _TOO_MANY = no("Too many messages to sort in time", "LIMIT")
 
 
-async def _rows(
+async def _matches(
     s: Session, charset: str, key: c.SearchKey
-) -> tuple[MailboxView, list[SortRow]] | None:
-    """The selected view and the sort rows of the messages ``key``
-    matches, UID order; None if the charset is not one we take."""
+) -> tuple[MailboxView, list[int]] | None:
+    """The selected view and the UIDs ``key`` matches, ascending; None if
+    the charset is not one we take."""
     if charset not in CHARSETS:
         return None
     assert s.mail is not None and s.account is not None and s.selected is not None
     view = s.selected
     if s.has_updates:
         await s.sync(allow_expunge=False)  # no EXPUNGE while numbers are given out
-    uids = await matching_uids(s, key)
+    return view, await matching_uids(s, key)
+
+
+async def _rows(s: Session, view: MailboxView, uids: list[int]) -> list[SortRow]:
+    """The sort rows of ``uids`` still in the view, UID order."""
+    assert s.mail is not None and s.account is not None
     if not uids:
-        return view, []
+        return []
     rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(uids))
-    return view, [r for r in rows if view.contains(r.uid)]
+    return [r for r in rows if view.contains(r.uid)]
 
 
-async def _off_loop(rows: list[SortRow], fn: Callable[..., T], *args: object) -> T:
+def _kept(view: MailboxView, ordered: list[int], uids: list[int]) -> list[int]:
+    """The UIDs of ``ordered`` (a whole mailbox's, in some order) that are
+    among ``uids`` and in the view, in ``ordered``'s order: linear."""
+    wanted = set(uids)
+    return [u for u in ordered if u in wanted and view.contains(u)]
+
+
+async def _off_loop(rows: list[Any], fn: Callable[..., T], *args: object) -> T:
     """``fn(rows, *args)``: here for a few rows, else in the content pool
     (ContentTimeout past its time limit)."""
     if len(rows) <= INLINE_ROWS:
@@ -86,6 +111,18 @@ def thread_response(rows: list[SortRow], algorithm: str, number: dict[int, int])
     return encode_threads(top, number)
 
 
+def stored_thread_response(rows: list[ThreadRow], algorithm: str, number: dict[int, int]) -> bytes:
+    """:func:`thread_response` from the stored keys (storage.sortkeys:
+    base subject, date and normalised IDs computed at ingest by the same
+    functions); pure: runs in a worker process."""
+    fields, ids = thread_input(rows)
+    if algorithm == "ORDEREDSUBJECT":
+        top = ordered_subject(fields)
+    else:
+        top = references(fields, ids=ids)
+    return encode_threads(top, number)
+
+
 def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
     return uids if uid else [view.seq_of(u) or 0 for u in uids]
 
@@ -94,22 +131,33 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
     reuse = refuse_reuse(s, cmd)  # RFC 5267 section 4.3
     if reuse is not None:
         return reuse
-    got = await _rows(s, cmd.charset, cmd.key)
+    got = await _matches(s, cmd.charset, cmd.key)
     if got is None:
         return _BADCHARSET
-    view, rows = got
-    keys = frozenset(name for name, _ in cmd.criteria)
-    try:
-        ordered = await _off_loop(rows, sorted_uids, keys, cmd.criteria)
-    except ContentTimeout:
-        return _TOO_MANY
+    view, uids = got
+    assert s.mail is not None and s.account is not None
+    ordered: list[int] | None = None
+    rows: list[SortRow] | None = None
+    if uids and len(uids) >= STORED_KEYS_ROWS:
+        everything = await s.mail.sorted_uids(s.account.id, view.mailbox.id, cmd.criteria)
+        if everything is not None:
+            ordered = _kept(view, everything, uids)
+    if ordered is None:
+        rows = await _rows(s, view, uids)
+        keys = frozenset(name for name, _ in cmd.criteria)
+        try:
+            ordered = await _off_loop(rows, sorted_uids, keys, cmd.criteria)
+        except ContentTimeout:
+            return _TOO_MANY
     numbers = _numbers(view, ordered, cmd.uid)
     if cmd.returns is None:
         s.write(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
         return ok("SORT completed")
     if "UPDATE" in cmd.returns:
+        if rows is None and len(ordered) <= MAX_SORT_CONTEXT:
+            rows = await _rows(s, view, uids)  # the context keeps each result's keys
         try:
-            await open_sort(s, cmd, rows, ordered)  # RFC 5267 section 4.3
+            await open_sort(s, cmd, rows or [], ordered)  # RFC 5267 section 4.3
         except ContentTimeout:
             return _TOO_MANY
     # RFC 5267 section 3.1: an ESEARCH response; RETURN () means ALL.
@@ -119,15 +167,29 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
 
 
 async def handle_thread(s: Session, cmd: c.Thread) -> Reply:
-    got = await _rows(s, cmd.charset, cmd.key)
+    got = await _matches(s, cmd.charset, cmd.key)
     if got is None:
         return _BADCHARSET
-    view, rows = got
-    uids = [r.uid for r in rows]
-    number = dict(zip(uids, _numbers(view, uids, cmd.uid), strict=True))
+    view, uids = got
+    assert s.mail is not None and s.account is not None
+    stored: list[ThreadRow] | None = None
+    if uids and len(uids) >= STORED_KEYS_ROWS:
+        stored = await s.mail.thread_rows(s.account.id, view.mailbox.id)
     try:
-        threads = await _off_loop(rows, thread_response, cmd.algorithm, number)
+        if stored is not None:
+            wanted = set(uids)
+            stored = [r for r in stored if r[0] in wanted and view.contains(r[0])]
+            number = _number_map(view, [r[0] for r in stored], cmd.uid)
+            threads = await _off_loop(stored, stored_thread_response, cmd.algorithm, number)
+        else:
+            rows = await _rows(s, view, uids)
+            number = _number_map(view, [r.uid for r in rows], cmd.uid)
+            threads = await _off_loop(rows, thread_response, cmd.algorithm, number)
     except ContentTimeout:
         return _TOO_MANY
     s.write(b"* THREAD" + (b" " + threads if threads else b"") + b"\r\n")
     return ok("THREAD completed")
+
+
+def _number_map(view: MailboxView, uids: list[int], uid: bool) -> dict[int, int]:
+    return dict(zip(uids, _numbers(view, uids, uid), strict=True))
