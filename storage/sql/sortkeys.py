@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, literal_column, select, t
 from sqlalchemy.engine import Connection
 
 from storage.sortkeys import KEY_COLUMNS, entry_keys
-from storage.sortrows import SORT_PATHS, sort_row
+from storage.sortrows import SORT_PATHS, SortRow, sort_row
 from storage.sql.db import execute
 from storage.sql.schema import mailbox_entries as E
 from storage.sql.schema import messages
@@ -151,6 +151,29 @@ _SET_KEYS = (
 )
 
 
+def _row(r: Any) -> SortRow:
+    """The sort row of a backfilled entry; from its message's columns
+    alone (no addresses, no IDs) when the stored parsed form cannot be
+    read (a form older than any this version reads): keys for it still,
+    rather than a failed migration."""
+    try:
+        return sort_row(r.uid, r.internal_date, r.size, r.sent_date, r.subject, r.picked)
+    except (ValueError, TypeError):
+        return SortRow(
+            r.uid,
+            r.internal_date / 1_000_000,
+            r.size,
+            r.sent_date,
+            r.subject or "",
+            (),
+            (),
+            (),
+            None,
+            None,
+            (),
+        )
+
+
 def backfill_sync(conn: Connection, mailbox_id: int | None = None) -> int:
     """Fills the keys of every entry (of ``mailbox_id`` only, if given)
     that has none, :data:`BACKFILL_BATCH` entries per read and update, in
@@ -166,9 +189,7 @@ def backfill_sync(conn: Connection, mailbox_id: int | None = None) -> int:
             return done
         params = []
         for r in rows:
-            keys = entry_keys(
-                sort_row(r.uid, r.internal_date, r.size, r.sent_date, r.subject, r.picked)
-            )
+            keys = entry_keys(_row(r))
             params.append(
                 {"b_box": r.mailbox_id, "b_uid": r.uid}
                 | {f"k_{k}": v for k, v in zip(KEY_COLUMNS, keys, strict=True)}

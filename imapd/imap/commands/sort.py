@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
+from imapd.imap import thread_cache
 from imapd.imap.commands.message import esearch_response, matching_uids
 from imapd.imap.contexts import MAX_SORT_CONTEXT, open_sort, refuse_reuse
 from imapd.imap.mailbox_view import MailboxView
@@ -69,7 +70,20 @@ async def _matches(
     view = s.selected
     if s.has_updates:
         await s.sync(allow_expunge=False)  # no EXPUNGE while numbers are given out
+    if _is_all(key):
+        # Every message of the view (as SEARCH ALL answers), without a
+        # storage search: those gone meanwhile have no stored row, and both
+        # paths drop UIDs without one.
+        gone = view.pending_vanished
+        return view, [u for u in view.uids if u not in gone] if gone else list(view.uids)
     return view, await matching_uids(s, key)
+
+
+def _is_all(key: c.SearchKey) -> bool:
+    """Whether ``key`` is ALL (RFC 3501 section 6.4.4), alone or ANDed."""
+    if isinstance(key, c.SearchAll):
+        return True
+    return isinstance(key, c.SearchAnd) and all(_is_all(k) for k in key.keys)
 
 
 async def _rows(s: Session, view: MailboxView, uids: list[int]) -> list[SortRow]:
@@ -81,11 +95,11 @@ async def _rows(s: Session, view: MailboxView, uids: list[int]) -> list[SortRow]
     return [r for r in rows if view.contains(r.uid)]
 
 
-def _kept(view: MailboxView, ordered: list[int], uids: list[int]) -> list[int]:
+def _kept(ordered: list[int], uids: list[int]) -> list[int]:
     """The UIDs of ``ordered`` (a whole mailbox's, in some order) that are
-    among ``uids`` and in the view, in ``ordered``'s order: linear."""
+    among ``uids`` (the view's matches), in ``ordered``'s order: linear."""
     wanted = set(uids)
-    return [u for u in ordered if u in wanted and view.contains(u)]
+    return [u for u in ordered if u in wanted]
 
 
 async def _off_loop(rows: list[Any], fn: Callable[..., T], *args: object) -> T:
@@ -124,7 +138,15 @@ def stored_thread_response(rows: list[ThreadRow], algorithm: str, number: dict[i
 
 
 def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
-    return uids if uid else [view.seq_of(u) or 0 for u in uids]
+    """What the response names ``uids`` (of the view) by: themselves, or
+    their sequence numbers (a position table past a few: one bisect each
+    is slower for 100,000)."""
+    if uid:
+        return uids
+    if len(uids) <= INLINE_ROWS:
+        return [view.seq_of(u) or 0 for u in uids]
+    position = {u: i for i, u in enumerate(view.uids, 1)}
+    return [position.get(u, 0) for u in uids]
 
 
 async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
@@ -141,7 +163,7 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
     if uids and len(uids) >= STORED_KEYS_ROWS:
         everything = await s.mail.sorted_uids(s.account.id, view.mailbox.id, cmd.criteria)
         if everything is not None:
-            ordered = _kept(view, everything, uids)
+            ordered = _kept(everything, uids)
     if ordered is None:
         rows = await _rows(s, view, uids)
         keys = frozenset(name for name, _ in cmd.criteria)
@@ -171,17 +193,9 @@ async def handle_thread(s: Session, cmd: c.Thread) -> Reply:
     if got is None:
         return _BADCHARSET
     view, uids = got
-    assert s.mail is not None and s.account is not None
-    stored: list[ThreadRow] | None = None
-    if uids and len(uids) >= STORED_KEYS_ROWS:
-        stored = await s.mail.thread_rows(s.account.id, view.mailbox.id)
     try:
-        if stored is not None:
-            wanted = set(uids)
-            stored = [r for r in stored if r[0] in wanted and view.contains(r[0])]
-            number = _number_map(view, [r[0] for r in stored], cmd.uid)
-            threads = await _off_loop(stored, stored_thread_response, cmd.algorithm, number)
-        else:
+        threads = await _stored_threads(s, view, uids, cmd)
+        if threads is None:
             rows = await _rows(s, view, uids)
             number = _number_map(view, [r.uid for r in rows], cmd.uid)
             threads = await _off_loop(rows, thread_response, cmd.algorithm, number)
@@ -189,6 +203,33 @@ async def handle_thread(s: Session, cmd: c.Thread) -> Reply:
         return _TOO_MANY
     s.write(b"* THREAD" + (b" " + threads if threads else b"") + b"\r\n")
     return ok("THREAD completed")
+
+
+async def _stored_threads(
+    s: Session, view: MailboxView, uids: list[int], cmd: c.Thread
+) -> bytes | None:
+    """The THREAD answer from the stored keys, or from the answer kept for
+    the same messages (imapd.imap.thread_cache); None: too few matches for
+    that path, or entries without stored keys."""
+    assert s.mail is not None and s.account is not None
+    if not uids or len(uids) < STORED_KEYS_ROWS:
+        return None
+    kept = tuple(uids)  # the view's: _matches
+    numbers = tuple(_numbers(view, list(kept), cmd.uid))
+    key = (s.account.id, view.mailbox.id, view.mailbox.uidvalidity, cmd.algorithm, cmd.uid)
+    answer = thread_cache.get(key, kept, numbers)
+    if answer is not None:
+        return answer
+    stored = await s.mail.thread_rows(s.account.id, view.mailbox.id)
+    if stored is None:
+        return None
+    wanted = set(kept)
+    stored = [r for r in stored if r[0] in wanted]
+    number = dict(zip(kept, numbers, strict=True))
+    answer = await _off_loop(stored, stored_thread_response, cmd.algorithm, number)
+    if len(stored) == len(kept):  # none expunged meanwhile: the answer for ``kept``
+        thread_cache.put(key, kept, numbers, answer)
+    return answer
 
 
 def _number_map(view: MailboxView, uids: list[int], uid: bool) -> dict[int, int]:

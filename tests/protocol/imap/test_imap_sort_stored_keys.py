@@ -13,6 +13,8 @@ read, must not be called):
   missing dates, quoted and invalid Message-IDs, group syntax) every SORT
   and THREAD answer, UID and sequence numbers, with a search criterion or
   ALL, after an EXPUNGE, is byte-for-byte the in-memory path's answer;
+- a THREAD repeated is answered from the kept answer (no read), one after
+  an EXPUNGE or APPEND is threaded again;
 - entries without stored keys (written by an older process) send the
   command to the in-memory path, with the same answer.
 """
@@ -28,6 +30,7 @@ import imapclient
 import pytest
 from sqlalchemy import update
 
+from imapd.imap import thread_cache
 from imapd.imap.commands import sort
 from storage.sortkeys import KEY_COLUMNS
 from storage.sql.mailstore import SqlMailStore
@@ -41,6 +44,7 @@ from tests.protocol.imap.conftest import ImapEnv
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The stored-key path for every command; the storage calls made."""
     monkeypatch.setattr(sort, "STORED_KEYS_ROWS", 0)
+    thread_cache.clear()  # answers of other tests' databases
     made: list[str] = []
     for name in ("sorted_uids", "thread_rows", "sort_rows"):
         real = getattr(SqlMailStore, name)
@@ -132,6 +136,38 @@ async def test_stored_and_in_memory_answers_are_identical(
     assert "sorted_uids" not in calls and "thread_rows" not in calls and "sort_rows" in calls
     assert stored == in_memory
     assert any(len(a) > 40 for a in stored)  # the mailbox was sorted, not empty
+    # Twice the same THREAD: the second from the kept answer
+    # (imapd.imap.thread_cache), no read.
+    monkeypatch.setattr(sort, "STORED_KEYS_ROWS", 0)
+    calls.clear()
+    first, again = await asyncio.to_thread(_thread_twice, imap_env, "Hostile")
+    assert first == again and first in stored
+    assert calls.count("thread_rows") == 1
+    # After an EXPUNGE (numbers shift) and an APPEND, not the kept answers.
+    await asyncio.to_thread(_expunge_and_append, imap_env, rng, "Hostile")
+    stored = await asyncio.to_thread(_answers, imap_env, "Hostile")
+    assert "thread_rows" in calls
+    monkeypatch.setattr(sort, "STORED_KEYS_ROWS", 1 << 60)
+    assert await asyncio.to_thread(_answers, imap_env, "Hostile") == stored
+
+
+def _thread_twice(env: ImapEnv, folder: str) -> list[bytes]:
+    with ref._client(env) as c:
+        c.select_folder(folder)
+        out = []
+        for _ in range(2):
+            typ, data = c._imap._simple_command("THREAD", "REFERENCES", "UTF-8", "ALL")
+            assert typ == "OK"
+            out.append(c._imap._untagged_response(typ, data, "THREAD")[1][0])
+        return out
+
+
+def _expunge_and_append(env: ImapEnv, rng: random.Random, folder: str) -> None:
+    with ref._client(env) as c:
+        c.select_folder(folder)
+        c.add_flags(rng.sample(c.search("ALL"), 3), [imapclient.DELETED])
+        c.expunge()
+        c.append(folder, hostile_message(rng, 99))
 
 
 async def test_entries_without_keys_take_the_in_memory_path(
