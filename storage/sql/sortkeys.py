@@ -7,8 +7,9 @@
 - :data:`THREAD_COLUMNS`: what THREAD reads of each entry (compact: no
   parsed form, no message row).
 - :func:`backfill_sync`: fills the keys of entries written before the
-  step, in bounded batches (the step calls it; so does a store that finds
-  entries without keys, written by an older process).
+  step, in bounded batches (the step calls it). Entries an older process
+  writes after the step have none: their mailbox is sorted and threaded
+  by the in-memory path (:data:`MISSING_KEYS`); nothing fills them lazily.
 - :data:`PICKED_SQLITE` / :data:`PICKED_PG`: the few fields of the stored
   parsed form that the keys (and storage.sortrows.sort_row) need, picked
   by the database as one JSON array.
@@ -110,7 +111,7 @@ def sorted_uids_query(criteria: Sequence[tuple[str, bool]], dialect: str) -> Any
 
 
 # An entry written without keys (by a process older than the step): its
-# mailbox is sorted by the in-memory path until backfill_sync filled it.
+# mailbox is sorted by the in-memory path (the caller's fallback).
 MISSING_KEYS = (
     select(E.c.uid).where(E.c.mailbox_id == bindparam("b_box"), E.c.sort_date.is_(None)).limit(1)
 )
