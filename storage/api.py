@@ -433,6 +433,25 @@ class MailStore(Protocol):
         for another account's or a deleted mailbox, OVER_QUOTA (nothing
         changed) past ``max_entries`` entries of the account in all."""
 
+    # RFC 4314 ACLs of the account's mailboxes (issue #24), kept in its
+    # shard: see storage/sql/acl.py; what they allow: storage/acl.py.
+    async def acl(self, account_id: int, mailbox_id: int) -> dict[int, str]:
+        """The mailbox's ACL: grantee account id (0: "anyone") -> rights.
+        The owner's own rights are implicit (all) and not listed."""
+
+    async def set_acl(self, account_id: int, mailbox_id: int, grantee_id: int, rights: str) -> None:
+        """Sets (``""``: removes) one grantee's rights on the account's
+        mailbox; NOT_FOUND if it is not the account's. Publishes a MAILBOX
+        change ``{"op": "acl"}`` on the owner's account."""
+
+    async def grants_to(self, grantee_id: int) -> list[Any]:
+        """Every grant of this shard to ``grantee_id`` or "anyone" on other
+        accounts' mailboxes (``storage.sql.acl.Grant``), current names."""
+
+    async def remove_grants(self, grantee_id: int) -> None:
+        """Drops every right granted to ``grantee_id`` here (its account
+        is being removed)."""
+
 
 class EventBus(Protocol):
     """Carries committed changes to IDLE, POP3 and WebSocket sessions.

@@ -53,6 +53,7 @@ from storage import errors
 from storage.api import BlobStore
 from storage.blob import deleting, gc
 from storage.model import Account, Change, ChangeKind
+from storage.sql.acl import copy_acl, delete_mailbox_acl
 from storage.sql.mailstore import SqlMailStore, delete_account_mail
 from storage.sql.metadata import copy_metadata, delete_mailbox_metadata
 from storage.sql.schema import (
@@ -257,6 +258,7 @@ class AccountMove:
             gone = [t for s, t in box_map.items() if s not in live and t in have]
             for tgt in gone:
                 await delete_mailbox_metadata(conn, tgt)
+                await delete_mailbox_acl(conn, tgt)
                 await conn.execute(delete(E).where(E.c.mailbox_id == tgt))
                 await conn.execute(delete(expunged).where(expunged.c.mailbox_id == tgt))
                 await conn.execute(delete(mailboxes).where(mailboxes.c.id == tgt))
@@ -286,6 +288,7 @@ class AccountMove:
             async with self.source.db.read() as src:
                 await copy_spam_policy(src, conn, aid)
                 await copy_metadata(src, conn, aid, box_map)
+                await copy_acl(src, conn, aid, box_map)
         return box_map, changed + len(gone) + len(renamed), bool(gone)
 
     @staticmethod

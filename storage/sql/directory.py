@@ -427,9 +427,12 @@ class SqlDirectory:
 
     async def remove_account(self, address: str) -> None:
         """Removes the account, its aliases' references to it stay (an alias
-        to a removed account forwards nowhere), its mailboxes and messages."""
+        to a removed account forwards nowhere), its mailboxes and messages,
+        and the rights other accounts granted it (RFC 4314) in every shard."""
         account = await self.get_account(address)
         await self._mail_store_for(account.shard).remove_account(account.id)
+        for shard in self._shards:
+            await self._mail_store_for(shard).remove_grants(account.id)
         async with self._write() as conn:
             await conn.execute(delete(accounts).where(accounts.c.id == account.id))
         self.shard_cache.pop(account.id, None)
@@ -553,9 +556,7 @@ class SqlDirectory:
             try:
                 async with conn.begin_nested():
                     await conn.execute(
-                        insert(shared_secrets).values(
-                            name=name, value=offered, created=time.time()
-                        )
+                        insert(shared_secrets).values(name=name, value=offered, created=time.time())
                     )
             except IntegrityError:
                 pass  # another instance stored it first: theirs is the site's

@@ -88,6 +88,7 @@ from storage.sortkeys import KEY_COLUMNS, EntryKeys, ThreadRow, entry_keys
 from storage.sortrows import SortRow, sort_row, sort_row_of
 from storage.sql import codec, fts, sortkeys, spamtokens
 from storage.sql import criteria as crit
+from storage.sql.acl import AclStore, delete_acl, delete_mailbox_acl
 from storage.sql.db import Database, execute
 from storage.sql.metadata import MetadataStore, delete_mailbox_metadata, delete_metadata
 from storage.sql.schema import (
@@ -1145,8 +1146,8 @@ def _new_account_row(account_id: int, quota_bytes: int | None) -> Any:
 
 async def delete_account_mail(conn: AsyncConnection, account_id: int) -> None:
     """Deletes every mailbox, entry, tombstone, subscription, message,
-    change-log row, spam policy row and METADATA entry of the account in
-    this shard database (not its counters)."""
+    change-log row, spam policy row, METADATA entry and mailbox ACL of the
+    account in this shard database (not its counters)."""
     mbox_ids = select(mailboxes.c.id).where(mailboxes.c.account_id == account_id)
     await conn.execute(delete(E).where(E.c.mailbox_id.in_(mbox_ids)))
     await conn.execute(delete(expunged).where(expunged.c.mailbox_id.in_(mbox_ids)))
@@ -1156,11 +1157,12 @@ async def delete_account_mail(conn: AsyncConnection, account_id: int) -> None:
     await conn.execute(delete(change_log).where(change_log.c.account_id == account_id))
     await delete_spam_policy(conn, account_id)
     await delete_metadata(conn, account_id)
+    await delete_acl(conn, account_id)
     await conn.execute(delete(spam_tokens).where(spam_tokens.c.account_id == account_id))
     await conn.execute(delete(spam_learned).where(spam_learned.c.account_id == account_id))
 
 
-class SqlMailStore(SpamPolicyStore, MetadataStore):
+class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
     """A :class:`storage.api.MailStore` over one shard :class:`Database`."""
 
     def __init__(
@@ -1518,6 +1520,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore):
             await tx.conn.execute(delete(expunged).where(expunged.c.mailbox_id == row.id))
             await tx.conn.execute(delete(mailboxes).where(mailboxes.c.id == row.id))
             await delete_mailbox_metadata(tx.conn, row.id)  # RFC 5464 section 3: its own
+            await delete_mailbox_acl(tx.conn, row.id)  # RFC 4314: the ACL goes with it
             await self._drop_orphans(tx.conn, msg_ids)
             tx.change(ChangeKind.MAILBOX, row.id, data={"op": "delete", "name": name})
 

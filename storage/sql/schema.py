@@ -187,6 +187,20 @@ metadata_entries = Table(
     Column("value", LargeBinary, nullable=False),
 )
 
+# RFC 4314 access control lists of an account's mailboxes, in its shard
+# beside them: keyed by the mailbox's id (a RENAME keeps them, DELETE drops
+# them), the grantee by account id (0: "anyone"), so renaming an account
+# keeps its grants. Created by _v32_mailbox_acl; storage/sql/acl.py.
+mailbox_acl = Table(
+    "mailbox_acl",
+    metadata,
+    Column("mailbox_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("grantee_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("account_id", BigInteger, nullable=False, index=True),  # the owner
+    Column("rights", String(32), nullable=False),  # letters of storage.acl.RIGHTS
+    Index("mailbox_acl_grantee", "grantee_id"),
+)
+
 messages = Table(
     "messages",
     metadata,
@@ -1116,6 +1130,12 @@ async def _v31_sort_keys(conn: AsyncConnection) -> None:
         await conn.exec_driver_sql("ANALYZE sqlite_schema")
 
 
+async def _v32_mailbox_acl(conn: AsyncConnection) -> None:
+    """``mailbox_acl``, the RFC 4314 rights granted on each mailbox
+    (issue #24): a new table, nothing rewritten."""
+    await conn.run_sync(lambda sync: mailbox_acl.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1148,6 +1168,7 @@ MIGRATIONS: list[Step] = [
     _v29_metadata,
     _v30_queue_dsn,
     _v31_sort_keys,
+    _v32_mailbox_acl,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
