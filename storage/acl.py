@@ -117,6 +117,8 @@ _READS = {
     "fetch": "r",
     "search": "r",
     "sort_rows": "r",
+    "sorted_uids": "r",
+    "thread_rows": "r",
     "changes_since": "r",
     "uids": "r",
     "status": "r",

@@ -34,12 +34,14 @@ from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
 from imapd.imap.wire.parser import parse_command
+from storage.acl import RIGHTS_CAPABILITY
 from storage.errors import IMAP_RESPONSE_CODE, AccountMoving, StorageError
 from storage.model import SYSTEM_FLAGS, UidSet
 from storage.throttle import LoginGate, login_gate
 
 if TYPE_CHECKING:
     from conf.settings import Settings
+    from storage.acl import MailboxAccess
     from storage.api import MailStore, Storage, Subscription
     from storage.model import Account, Mailbox, MailboxChanges, MailboxStatus, MessageEntry
 
@@ -146,6 +148,12 @@ class Session:
         self.account: Account | None = None
         self.mail: MailStore | None = None
         self.selected: MailboxView | None = None
+        # The selected mailbox when it is another account's (RFC 4314),
+        # with the owner's events while it is selected (see select_shared).
+        self.shared: MailboxAccess | None = None
+        self._shared_sub: Subscription | None = None
+        self._shared_watcher: asyncio.Task[None] | None = None
+        self.rights_stale = False  # an ACL event named the shared mailbox
         self.enabled: set[str] = set()  # RFC 5161 ENABLE
         self.condstore = False  # RFC 7162 section 3.1: once any CONDSTORE use
         self.login_failures = 0
@@ -237,6 +245,8 @@ class Session:
             "METADATA-SERVER",  # RFC 5464 section 1: server entries
             "UTF8=ACCEPT",  # RFC 6855 section 3
             "NOTIFY",  # RFC 5465
+            "ACL",  # RFC 4314
+            RIGHTS_CAPABILITY,  # RFC 4314 section 2.2
         ]
         if not self.conn.compressing:
             caps.append("COMPRESS=DEFLATE")  # RFC 4978 section 3
@@ -276,6 +286,7 @@ class Session:
 
     def cleanup(self) -> None:
         self.message_cache.clear()  # its octets count against the process's budget
+        self.select_shared(None)
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
@@ -448,6 +459,8 @@ class Session:
                 self.tagged(cmd.tag, bad(f"{cmd.name} not allowed now"))
             return
         try:
+            if self.rights_stale:
+                await self.refresh_rights()
             reply = await handler(self, cmd)
         except StorageError as err:
             reply = no(err.message, IMAP_RESPONSE_CODE.get(err.kind))
@@ -486,12 +499,77 @@ class Session:
         self.mail = self.storage.mail(account)
         self.state = State.AUTHENTICATED
         self._subscription = self.storage.events.subscribe(account.id)
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(self._subscription, account.id)
+        )
 
-    async def mailboxid(self, mailbox_id: int) -> str:
-        """RFC 8474 section 4: the MAILBOXID of one of this account's mailboxes."""
+    @property
+    def box_mail(self) -> MailStore:
+        """The store of the selected mailbox: the account's own, or the
+        owner's seen through this account's rights (storage.acl)."""
+        assert self.mail is not None
+        return self.mail if self.shared is None else self.shared.store  # type: ignore[return-value]
+
+    @property
+    def box_owner(self) -> int:
+        """The account id owning the selected mailbox."""
         assert self.account is not None
-        return (await self.ctx.object_ids()).encode("F", self.account.id, mailbox_id)
+        return self.account.id if self.shared is None else self.shared.owner.id
+
+    def select_shared(self, access: MailboxAccess | None) -> None:
+        """Another account's mailbox is selected (``access``) or none is
+        any longer (None). While one is, the session also hears the
+        owner's events (the bus is keyed by account), so that other
+        users' changes reach it as its own do (RFC 3501 section 7.4.1)."""
+        if self._shared_watcher is not None:
+            self._shared_watcher.cancel()
+            self._shared_watcher = None
+        if self._shared_sub is not None:
+            self._shared_sub.close()
+            self._shared_sub = None
+        self.shared = access
+        self.rights_stale = False
+        if access is None or self.account is None or access.owner.id == self.account.id:
+            return
+        self._shared_sub = self.storage.events.subscribe(access.owner.id)
+        self._shared_watcher = asyncio.get_running_loop().create_task(
+            self._watch(self._shared_sub, access.owner.id)
+        )
+
+    async def open_access(self, name: str) -> MailboxAccess:
+        """The mailbox called ``name`` in any of the session's namespaces
+        (imapd/imap/namespace.py) with this account's rights on it: all
+        on its own, the granted ones on another's (storage.acl). Raises
+        StorageError(NOT_FOUND) as :meth:`mailbox_id_of` does."""
+        from imapd.imap.namespace import split_other_user
+        from storage.acl import ALL, GrantedStore, MailboxAccess, open_mailbox
+
+        assert self.account is not None and self.mail is not None
+        other = split_other_user(name)
+        if other is not None:
+            return await open_mailbox(self.storage, self.account, *other)
+        box = await self.mailbox_id_of(name)
+        store = GrantedStore(self.mail, self.account.id, box.id, ALL)
+        return MailboxAccess(self.account, box, store)
+
+    async def refresh_rights(self) -> None:
+        """An ACL event named the selected shared mailbox: its rights are
+        read again, so a revocation holds from the next command on."""
+        from storage.acl import rights_in
+
+        access = self.shared
+        self.rights_stale = False
+        if access is None or self.account is None:
+            return
+        acl = await access.store.store.acl(access.owner.id, access.mailbox.id)  # type: ignore[attr-defined]
+        access.store.rights = rights_in(acl, self.account.id)
+
+    async def mailboxid(self, mailbox_id: int, owner_id: int | None = None) -> str:
+        """RFC 8474 section 4: the MAILBOXID of one of this account's
+        mailboxes (or of ``owner_id``'s)."""
+        assert self.account is not None
+        owner = self.account.id if owner_id is None else owner_id
+        return (await self.ctx.object_ids()).encode("F", owner, mailbox_id)
 
     async def mailbox_id_of(self, name: str) -> Mailbox:
         """The mailbox called ``name``, for commands that need only its id
@@ -513,6 +591,7 @@ class Session:
         mailbox_id: int,
         claimed: tuple[int, int] | None = None,
         entry: MessageEntry | None = None,
+        owner_id: int | None = None,
     ) -> None:
         """Our own APPEND/COPY/MOVE added mail to ``mailbox_id``: when that is
         the selected mailbox, re-read it before the tagged reply (the event
@@ -525,9 +604,12 @@ class Session:
         is the one after everything this session has caught up with, and no
         news is waiting, nothing else can have changed the mailbox in
         between (each change takes the next modseq): it is announced as it
-        is, without reading the mailbox again."""
+        is, without reading the mailbox again. ``owner_id``: the account
+        written to (None: this one); mailbox ids are per shard."""
         view = self.selected
-        if view is None or view.mailbox.id != mailbox_id:
+        if view is None or view.mailbox.id != mailbox_id or self.account is None:
+            return
+        if (self.account.id if owner_id is None else owner_id) != self.box_owner:
             return
         if claimed is not None:
             view.claimed.append(claimed)
@@ -536,7 +618,7 @@ class Session:
         # Its own NEW event may have come first and made the session dirty.
         heard_own = (
             entry is not None and not view.unknown_news and view.news == {entry.uid}
-        )
+        )  # fmt: skip
         if (
             entry is not None
             and (not self.dirty or heard_own)
@@ -559,8 +641,8 @@ class Session:
         (the snapshot is lazy: see MailboxView), one storage call."""
         missing = view.missing(uids)
         if missing:
-            assert self.mail is not None and self.account is not None
-            view.load(await self.mail.entries(self.account.id, view.mailbox.id, UidSet.of(missing)))
+            found = await self.box_mail.entries(self.box_owner, view.mailbox.id, UidSet.of(missing))
+            view.load(found)
 
     def claims_recent_in(self, mailbox_id: int) -> bool:
         """Whether a delivery into ``mailbox_id`` should take \\Recent in its
@@ -568,19 +650,43 @@ class Session:
         is the first told of the message (RFC 3501 section 2.3.2), and the
         claim then costs no write of its own."""
         view = self.selected
-        return view is not None and view.mailbox.id == mailbox_id and not view.read_only
+        return (
+            view is not None
+            and self.shared is None
+            and view.mailbox.id == mailbox_id
+            and not view.read_only
+        )
 
     def forget_mailboxes(self) -> None:
         self._boxes.clear()
 
-    async def _watch(self) -> None:
+    async def _watch(self, sub: Subscription | None, account_id: int) -> None:
+        """Applies the changes of ``account_id`` (this account's, or the
+        owner's of the selected shared mailbox) heard on ``sub``."""
         from storage.model import ChangeKind
 
-        sub = self._subscription
         if sub is None:
             return
         with contextlib.suppress(asyncio.CancelledError):
             async for change in sub:
+                if change.account_id != account_id:
+                    continue  # a bus may carry more than was asked for
+                if account_id != self.box_owner and change.kind is not ChangeKind.FENCE:
+                    # Another account's news (mailbox ids are per shard):
+                    # only an own subscription's fence or mailbox changes.
+                    if account_id == getattr(self.account, "id", None):
+                        if change.kind is ChangeKind.MAILBOX:
+                            self._boxes.clear()
+                        self.status_cache.clear()
+                    continue
+                if (
+                    change.kind is ChangeKind.MAILBOX
+                    and (change.data or {}).get("op") == "acl"
+                    and self.shared is not None
+                    and change.mailbox_id == self.shared.mailbox.id
+                ):
+                    self.rights_stale = True
+                    self.wakeup.set()
                 if change.kind is ChangeKind.FENCE:
                     self.fenced = True
                     self.wakeup.set()
@@ -704,8 +810,8 @@ class Session:
                 self.dirty = False
                 view.news.clear()
                 view.unknown_news = False
-                changes = await self.mail.changes_since(
-                    self.account.id, view.mailbox.id, view.modseq
+                changes = await self.box_mail.changes_since(
+                    self.box_owner, view.mailbox.id, view.modseq
                 )
             # Arriving now, not yet announced; see wrote_to for ``own``.
             if changes is None:
@@ -742,13 +848,12 @@ class Session:
         to see \\Recent (RFC 3501 section 2.3.2): a read-write session claims
         those it did not claim with its own APPEND; a read-only one
         (sections 2.3.2 and 6.3.2) sees the newest, without claiming."""
-        assert self.mail is not None and self.account is not None
         if view.read_only:
-            count = await self.mail.peek_recent(self.account.id, view.mailbox.id)
+            count = await self.box_mail.peek_recent(self.box_owner, view.mailbox.id)
             return set(sorted(new)[-count:]) if count > 0 else set()
         mine = {uid for uid in new if view.claimed_by_us(uid)}
         if len(mine) < len(new):  # mail we did not claim with an APPEND
-            floor = await self.mail.claim_recent(self.account.id, view.mailbox.id)
+            floor = await self.box_mail.claim_recent(self.box_owner, view.mailbox.id)
             mine.update(uid for uid in new if uid >= floor)
         return mine
 
@@ -905,8 +1010,8 @@ _READ_ONLY = frozenset(
     {"CAPABILITY", "NOOP", "ID", "STATUS", "LIST", "LSUB", "NAMESPACE", "SEARCH",
      "UID SEARCH", "CHECK", "IDLE", "ENABLE", "UNSELECT", "EXAMINE",
      "SORT", "UID SORT", "THREAD", "UID THREAD", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA",
-     "GETMETADATA", "CANCELUPDATE"}
-)
+     "GETMETADATA", "CANCELUPDATE", "GETACL", "LISTRIGHTS", "MYRIGHTS"}
+)  # fmt: skip
 
 
 _SPOOL_FAILED = no("Cannot store the message now, try again", "UNAVAILABLE")

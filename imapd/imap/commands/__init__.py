@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from imapd.imap.commands import (
+    acl,
     append,
     auth,
     compress,
@@ -60,6 +61,11 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
     "GETMETADATA": (metadata.handle_getmetadata, _AUTH),  # RFC 5464 section 4.2
     "SETMETADATA": (metadata.handle_setmetadata, _AUTH),  # RFC 5464 section 4.3
     "NOTIFY": (notify.handle_notify, _AUTH),  # RFC 5465 section 3
+    "SETACL": (acl.handle_setacl, _AUTH),  # RFC 4314 section 3.1
+    "DELETEACL": (acl.handle_setacl, _AUTH),  # RFC 4314 section 3.2
+    "GETACL": (acl.handle_getacl, _AUTH),  # RFC 4314 section 3.3
+    "LISTRIGHTS": (acl.handle_listrights, _AUTH),  # RFC 4314 section 3.4
+    "MYRIGHTS": (acl.handle_myrights, _AUTH),  # RFC 4314 section 3.5
     "IDLE": (message.handle_idle, _AUTH),  # RFC 2177
     "CHECK": (message.handle_check, _SELECTED),
     "CLOSE": (message.handle_close, _SELECTED),

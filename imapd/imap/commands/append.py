@@ -15,14 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from delivery.spool import SpoolFile
 from imapd.imap.commands.catenate import BadUrl, TooBig, assemble
+from imapd.imap.namespace import in_other_users
 from imapd.imap.session import Reply, Session, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Append, Catenate
+from storage.acl import flag_rights
 from storage.errors import ErrorKind, StorageError
 from storage.model import DELETED, AppendResult, StoreMode, UidSet
+
+if TYPE_CHECKING:
+    from storage.api import MailStore
 
 log = logging.getLogger("imapd.imap")
 
@@ -40,12 +46,15 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
 
     assert s.mail is not None and s.account is not None
     try:
-        box = await s.mailbox_id_of(cmd.mailbox)
+        access = await s.open_access(cmd.mailbox)
     except StorageError as err:
-        if err.kind is ErrorKind.NOT_FOUND:
+        if err.kind is ErrorKind.NOT_FOUND and not in_other_users(cmd.mailbox):
             # RFC 3501 section 6.3.11: TRYCREATE tells the client to CREATE first.
             return no("Mailbox does not exist", "TRYCREATE")
         raise
+    access.require("i", "append to this mailbox")  # RFC 4314 section 4: APPEND needs "i"
+    box = access.mailbox
+    owner = access.owner
     items = [(cmd.flags, cmd.internal_date, cmd.message)]
     items += [(m.flags, m.internal_date, m.message) for m in cmd.more]
     sources: list[bytes | Path] = []
@@ -67,32 +76,35 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
         if size > s.ctx.max_literal:
             return no("Message too large", "TOOBIG")
         sources.append(source)
-    claim = s.claims_recent_in(box.id)
+    claim = owner.id == s.account.id and s.claims_recent_in(box.id)
     results: list[AppendResult] = []
     try:
         for (flags, date, _), source in zip(items, sources, strict=True):
-            delivery = Delivery(s.account, box.id, tuple(flags), date, claim_recent=claim)
+            # RFC 4314 section 4: flags without the right to set them are dropped.
+            needs = flag_rights(flags)
+            kept = tuple(f for f in flags if needs[f] in access.rights)
+            delivery = Delivery(owner, box.id, kept, date, claim_recent=claim)
             results.append((await ingest(s.storage, [delivery], source))[0])
     except BaseException:
         if results:
-            await asyncio.shield(_undo(s, box.id, [r.uid for r in results]))
+            store = access.store.store
+            await asyncio.shield(_undo(store, owner.id, box.id, [r.uid for r in results]))
         raise
     for r in results:
         claimed = None if r.recent_floor is None else (r.recent_floor, r.uid)
-        s.wrote_to(box.id, claimed, r.entry if len(results) == 1 else None)
+        entry = r.entry if len(results) == 1 else None
+        s.wrote_to(box.id, claimed, entry, owner_id=owner.id)
     # RFC 4315 section 3 / RFC 3502 section 6.3.11: the UID set, in order.
     uid_set = encode.sequence_set([r.uid for r in results]).decode()
     return ok("APPEND completed", f"APPENDUID {results[0].uidvalidity} {uid_set}")
 
 
-async def _undo(s: Session, mailbox_id: int, uids: list[int]) -> None:
-    """Remove the messages a failed MULTIAPPEND stored (by UID, nothing else)."""
-    assert s.mail is not None and s.account is not None
+async def _undo(store: MailStore, account_id: int, mailbox_id: int, uids: list[int]) -> None:
+    """Remove the messages a failed MULTIAPPEND stored (by UID, nothing
+    else), from the owner's store (whatever rights the appender holds)."""
     try:
-        await s.mail.store_flags(
-            s.account.id, mailbox_id, UidSet.of(uids), StoreMode.ADD, (DELETED,)
-        )
-        gone = await s.mail.expunge(s.account.id, mailbox_id, UidSet.of(uids))
+        await store.store_flags(account_id, mailbox_id, UidSet.of(uids), StoreMode.ADD, (DELETED,))
+        gone = await store.expunge(account_id, mailbox_id, UidSet.of(uids))
     except Exception:
         log.exception("MULTIAPPEND undo of UIDs %s failed", uids)
         return

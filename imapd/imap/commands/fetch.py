@@ -50,7 +50,7 @@ class _Blob:
         self._data: bytes | None = None
         assert s.account is not None  # FETCH runs in the selected state only
         # The account's shard's blobs (each shard may keep its own).
-        self._blobs = s.storage.blobs_for(s.account)
+        self._blobs = s.storage.blobs_for(s.account if s.shared is None else s.shared.owner)
 
     async def small(self) -> bytes | None:
         if self.size > SMALL_MESSAGE:
@@ -343,7 +343,7 @@ async def _load(
         else:
             missing.append(u)
     if missing:
-        for m in await s.mail.fetch(s.account.id, view.mailbox.id, UidSet.of(missing)):
+        for m in await s.box_mail.fetch(s.box_owner, view.mailbox.id, UidSet.of(missing)):
             cache.put_parsed(m.entry, m.parsed)
             e = entries.get(m.entry.uid, m.entry)
             found[m.entry.uid] = StoredMessage(e, m.parsed)
@@ -370,7 +370,7 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
         if "QRESYNC" not in s.enabled:
             return bad("Enable QRESYNC first")
         # RFC 7162 section 3.2.6: expunged UIDs in the set, reported first.
-        changes = await s.mail.changes_since(s.account.id, view.mailbox.id, cmd.changed_since)
+        changes = await s.box_mail.changes_since(s.box_owner, view.mailbox.id, cmd.changed_since)
         top = view.max_uid
         ranges = [
             (top if a is None else a, top if b is None else b) for a, b in cmd.sequence.ranges
@@ -382,6 +382,8 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
             s.untagged(b"VANISHED (EARLIER) " + encode.sequence_set(gone))
     uids = [u for u in uids if u not in view.pending_vanished]
     set_seen = not view.read_only and any(_needs_seen(a) for a in atts)
+    # RFC 4314 section 4: FETCH sets \Seen only for a user holding "s".
+    set_seen = set_seen and (s.shared is None or "s" in s.shared.rights)
     all_atts = tuple(atts)
     if all(a.name in _ENTRY_ONLY for a in all_atts):
         await s.read_entries(view, uids)  # small rows: all in one storage call
@@ -396,8 +398,8 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
             if unseen:
                 # RFC 3501 section 6.4.5: BODY[...] sets \Seen; the new flags
                 # are sent with the data.
-                result = await s.mail.store_flags(
-                    s.account.id, view.mailbox.id, UidSet.of(unseen), StoreMode.ADD, (SEEN,)
+                result = await s.box_mail.store_flags(
+                    s.box_owner, view.mailbox.id, UidSet.of(unseen), StoreMode.ADD, (SEEN,)
                 )
                 fresh = {e.uid: e for e in result.updated}
                 for e in result.updated:
@@ -488,7 +490,7 @@ async def _fetch_one(
             # RFC 8474 section 5.1: the stored message's id, kept across MOVE
             # and shared by COPY's copies (the same row).
             assert s.account is not None
-            emailid = (await s.ctx.object_ids()).encode("M", s.account.id, entry.message_id)
+            emailid = (await s.ctx.object_ids()).encode("M", s.box_owner, entry.message_id)
             s.write(b"EMAILID (" + emailid.encode() + b")")
         elif name == "THREADID":
             s.write(b"THREADID NIL")  # RFC 8474 section 5.2: no thread ids kept

@@ -6,8 +6,15 @@ in :mod:`imapd.imap.commands.append`."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from imapd.imap.mailbox_view import MailboxView
+from imapd.imap.namespace import (
+    NAMESPACE_LINE,
+    in_other_users,
+    other_user_name,
+    split_other_user,
+)
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import encode
 from imapd.imap.wire.commands import (
@@ -17,8 +24,14 @@ from imapd.imap.wire.commands import (
     Select,
     Status,
 )
-from storage.model import DELETED, HIERARCHY_DELIMITER, Mailbox, UidSet
+from storage.acl import GrantedStore, MailboxAccess, grants_to
+from storage.errors import ErrorKind, StorageError
+from storage.model import DELETED, HIERARCHY_DELIMITER, Account, Mailbox, UidSet
 from storage.search import Flag
+from storage.sql.acl import Grant
+
+if TYPE_CHECKING:
+    from storage.api import MailStore
 
 _DELIM = HIERARCHY_DELIMITER
 # RFC 5258 section 3 sets no bound on a pattern list; each pattern is tried
@@ -36,17 +49,30 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
     if s.selected is not None:
         # RFC 7162 section 3.2.11: the old mailbox is closed from here on.
         s.selected = None
+        s.select_shared(None)
         s.state = State.AUTHENTICATED
         s.untagged("OK [CLOSED] Previous mailbox closed")
     if cmd.qresync is not None and "QRESYNC" not in s.enabled:
         return bad("Enable QRESYNC first")  # RFC 7162 section 3.2.5
-    acct = _account_id(s)
-    heard = s.changes_heard  # see Session.selected_now
-    box = await s.mail.get_mailbox(acct, cmd.mailbox)
-    # UIDs and what the responses below need, no message rows (issue #20):
-    # entries are read per command, for the UIDs it touches.
-    snapshot = await s.mail.snapshot(acct, box.id)
     read_only = cmd.name == "EXAMINE"
+    access = None
+    if split_other_user(cmd.mailbox) is not None:
+        access = await s.open_access(cmd.mailbox)
+        access.require("r", "select this mailbox")  # RFC 4314 section 4: SELECT needs "r"
+        # SELECT stays read-write whatever the rights: each write is
+        # checked against them (storage.acl), a missing one is NO [NOPERM].
+        s.select_shared(access)  # before the snapshot: news from here on is heard
+    heard = s.changes_heard  # see Session.selected_now
+    try:
+        acct = s.box_owner
+        store = s.box_mail
+        box = access.mailbox if access is not None else await store.get_mailbox(acct, cmd.mailbox)
+        # UIDs and what the responses below need, no message rows (issue #20):
+        # entries are read per command, for the UIDs it touches.
+        snapshot = await store.snapshot(acct, box.id)
+    except BaseException:
+        s.select_shared(None)
+        raise
     view = MailboxView.from_snapshot(box, read_only, snapshot, box.highestmodseq)
     if cmd.condstore or cmd.qresync is not None:
         s.condstore = True  # RFC 7162 section 3.1.8
@@ -54,9 +80,9 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
         # RFC 3501 section 6.3.2: EXAMINE leaves \Recent state alone but still
         # reports it; section 2.3.2: a read-only session sees \Recent set on
         # the messages without taking it from later sessions.
-        view.mark_recent(await s.mail.peek_recent(acct, box.id))
+        view.mark_recent(await store.peek_recent(acct, box.id))
     else:
-        floor = await s.mail.claim_recent(acct, box.id)
+        floor = await store.claim_recent(acct, box.id)
         view.recent = set(view.uids_from(floor))
     s.announce_flags(view, always=True)
     s.untagged(f"{view.exists} EXISTS")
@@ -69,14 +95,18 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
         s.untagged(f"OK [UNSEEN {first_unseen}] First unseen")  # RFC 3501 section 6.3.1
     s.untagged(f"OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")
     s.untagged(f"OK [UIDNEXT {max(box.uidnext, view.max_uid + 1)}] Predicted next UID")
-    s.untagged(f"OK [MAILBOXID ({await s.mailboxid(box.id)})] Ok")  # RFC 8474 section 4.1
+    mailboxid = await s.mailboxid(box.id, acct)
+    s.untagged(f"OK [MAILBOXID ({mailboxid})] Ok")  # RFC 8474 section 4.1
     s.untagged(f"OK [HIGHESTMODSEQ {max(box.highestmodseq, 1)}] Highest")
     if s.rev2:
         # RFC 9051 section 6.3.2: a LIST response with the mailbox's name and
         # accurate attributes is one of SELECT's required answers.
-        tree = _Hierarchy(await s.mail.list_mailboxes(acct))
-        attrs = " ".join(tree.attributes(box.name, "LIST"))
-        s.untagged(f'LIST ({attrs}) "{_DELIM}" '.encode() + encode.mailbox(box.name, s.utf8))
+        if access is None:
+            tree = _Hierarchy(await store.list_mailboxes(acct))
+            attrs = " ".join(tree.attributes(box.name, "LIST"))
+        else:
+            attrs = "\\HasNoChildren"
+        s.untagged(f'LIST ({attrs}) "{_DELIM}" '.encode() + encode.mailbox(cmd.mailbox, s.utf8))
     s.selected_now(view, heard)
     s.state = State.SELECTED
     if cmd.qresync is not None and cmd.qresync.uidvalidity == box.uidvalidity:
@@ -86,9 +116,9 @@ async def handle_select(s: Session, cmd: Select) -> Reply:
 
 async def _qresync(s: Session, view: MailboxView, cmd: Select) -> None:
     """RFC 7162 section 3.2.5.1: VANISHED (EARLIER) then changed FLAGS."""
-    assert s.mail is not None and cmd.qresync is not None
+    assert cmd.qresync is not None
     q = cmd.qresync
-    changes = await s.mail.changes_since(_account_id(s), view.mailbox.id, q.modseq)
+    changes = await s.box_mail.changes_since(s.box_owner, view.mailbox.id, q.modseq)
     vanished = sorted(changes.vanished)
     if q.known_uids is not None and vanished:
         allowed = _uid_filter(q.known_uids, view.max_uid)
@@ -111,6 +141,11 @@ def _uid_filter(seqset: object, top: int):  # type: ignore[no-untyped-def]
     return lambda u: any(min(a, b) <= u <= max(a, b) for a, b in ranges)
 
 
+# Names under Other Users are other accounts' mailboxes (RFC 2342 section
+# 3): creating, deleting or renaming them from here is not offered.
+_NOT_PERSONAL = no("Only mailboxes of your own can be created, deleted or renamed", "NOPERM")
+
+
 async def handle_create(s: Session, cmd: MailboxCommand) -> Reply:
     assert s.mail is not None
     # RFC 3501 section 6.3.3: a trailing delimiter only says "will have children".
@@ -119,6 +154,8 @@ async def handle_create(s: Session, cmd: MailboxCommand) -> Reply:
         return no("Mailbox already exists", "ALREADYEXISTS")
     if _DELIM * 2 in name or name.startswith(_DELIM):
         return no("Invalid mailbox name", "CANNOT")
+    if in_other_users(name):
+        return _NOT_PERSONAL
     use = cmd.special_use[0] if cmd.special_use else None
     if use is not None and use not in (
         "\\All",
@@ -140,9 +177,11 @@ async def handle_delete(s: Session, cmd: MailboxCommand) -> Reply:
     assert s.mail is not None
     if cmd.mailbox == "INBOX":
         return no("INBOX cannot be deleted", "CANNOT")
+    if in_other_users(cmd.mailbox):
+        return _NOT_PERSONAL
     s.forget_mailboxes()
     await s.mail.delete_mailbox(_account_id(s), cmd.mailbox)
-    if s.selected is not None and s.selected.mailbox.name == cmd.mailbox:
+    if s.selected is not None and s.shared is None and s.selected.mailbox.name == cmd.mailbox:
         s.selected = None
         s.state = State.AUTHENTICATED
         s.untagged("OK [CLOSED] Mailbox deleted")
@@ -154,6 +193,8 @@ async def handle_rename(s: Session, cmd: Rename) -> Reply:
     new = cmd.new.rstrip(_DELIM)
     if not new or new == "INBOX":
         return no("Mailbox already exists", "ALREADYEXISTS")
+    if in_other_users(cmd.old) or in_other_users(new):
+        return _NOT_PERSONAL
     s.forget_mailboxes()
     await s.mail.rename_mailbox(_account_id(s), cmd.old, new)
     return ok("RENAME completed")
@@ -282,7 +323,9 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
     if len(cmd.patterns) > MAX_LIST_PATTERNS:
         return no("Too many patterns", "LIMIT")  # RFC 5530 section 3
     acct = _account_id(s)
-    tree = _Hierarchy(await s.mail.list_mailboxes(acct))
+    shared = await _shared_boxes(s)
+    own = await s.mail.list_mailboxes(acct)
+    tree = _Hierarchy(own + [box for box, _ in shared.values()])
     patterns = [MailboxPattern(cmd.reference, p) for p in cmd.patterns]
 
     def wanted(name: str) -> bool:
@@ -312,9 +355,45 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
             data += b' ("CHILDINFO" ("SUBSCRIBED"))'  # RFC 5258 section 3.5
         s.untagged(data)
         if cmd.status_items and box is not None:
-            # RFC 5819 section 2: STATUS right after its LIST line.
-            await _status_line(s, box, cmd.status_items)
+            # RFC 5819 section 2: STATUS right after its LIST line (on
+            # another account's mailbox only with "r", RFC 4314 section 4).
+            access = shared[name][1] if name in shared else None
+            if access is None or "r" in access.rights:
+                await _status_line(s, box, cmd.status_items, access)
     return ok(f"{verb} completed")
+
+
+async def _shared_boxes(s: Session) -> dict[str, tuple[Mailbox, MailboxAccess]]:
+    """The other accounts' mailboxes this account may look up (RFC 4314
+    section 4: LIST shows a mailbox only with "l"), by their names under
+    Other Users: a copy of each mailbox carrying that name, and the
+    access it is opened with. One read per shard, one directory read per
+    owner."""
+    assert s.account is not None
+    by_box: dict[tuple[int, int], list[Grant]] = {}
+    for grant in await grants_to(s.storage, s.account):
+        by_box.setdefault((grant.owner_id, grant.mailbox_id), []).append(grant)
+    owners: dict[int, Account | None] = {}
+    out: dict[str, tuple[Mailbox, MailboxAccess]] = {}
+    for (owner_id, mailbox_id), grants in by_box.items():
+        rights = frozenset().union(*(g.rights for g in grants))
+        if "l" not in rights:
+            continue
+        if owner_id not in owners:
+            try:
+                owners[owner_id] = await s.storage.directory.get_account_by_id(owner_id)
+            except StorageError as err:
+                if err.kind is not ErrorKind.NOT_FOUND:
+                    raise
+                owners[owner_id] = None  # being removed
+        owner = owners[owner_id]
+        if owner is None:
+            continue
+        name = other_user_name(owner.address, grants[0].name)
+        box = Mailbox(mailbox_id, owner_id, name, 0, 0, 0, None)
+        store = GrantedStore(s.storage.mail(owner), owner_id, mailbox_id, rights)
+        out[name] = (box, MailboxAccess(owner, box, store))
+    return out
 
 
 def _attributes(tree: _Hierarchy, name: str, verb: str, subscribed: set[str]) -> list[str]:
@@ -332,20 +411,30 @@ def _attributes(tree: _Hierarchy, name: str, verb: str, subscribed: set[str]) ->
     return attrs
 
 
-async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None:
+async def _status_line(
+    s: Session, box: Mailbox, items: tuple[str, ...], access: MailboxAccess | None = None
+) -> None:
+    """One STATUS response for ``box``: this account's, or another's
+    opened through ``access`` (then named as ``box`` is, never cached:
+    mailbox ids are per shard)."""
     assert s.mail is not None
-    st = s.status_cache.get(box.id)
+    store = s.mail if access is None else access.store
+    acct = _account_id(s) if access is None else access.owner.id
+    st = s.status_cache.get(box.id) if access is None else None
     if st is None:
-        st = await s.mail.status(_account_id(s), box.id)
-        s.status_cache[box.id] = st
+        st = await store.status(acct, box.id)  # type: ignore[union-attr]
+        if access is None:
+            s.status_cache[box.id] = st
     view = s.selected if s.selected and s.selected.mailbox.id == box.id else None
+    if view is not None and acct != s.box_owner:
+        view = None
     recent = 0
     if view is not None:
         recent = len(view.recent)  # what this session was told (RECENT, FETCH FLAGS)
     elif "RECENT" in items:
         # RFC 3501 section 6.3.10: count the \Recent messages without
         # claiming them; a later SELECT still gets them.
-        recent = await s.mail.peek_recent(_account_id(s), box.id)
+        recent = await store.peek_recent(acct, box.id)  # type: ignore[union-attr]
     values: dict[str, int | str] = {
         "MESSAGES": st.messages,
         "RECENT": recent,
@@ -357,9 +446,9 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
         "APPENDLIMIT": s.ctx.max_literal,
     }
     if "DELETED" in items or "DELETED-STORAGE" in items:
-        await _deleted_counts(s, box, values, "DELETED-STORAGE" in items)
+        await _deleted_counts(store, acct, box, values, "DELETED-STORAGE" in items)  # type: ignore[arg-type]
     if "MAILBOXID" in items:  # RFC 8474 section 4.2
-        values["MAILBOXID"] = f"({await s.mailboxid(box.id)})"
+        values["MAILBOXID"] = f"({await s.mailboxid(box.id, acct)})"
     if "HIGHESTMODSEQ" in items:
         s.use_condstore()  # RFC 7162 section 3.1: a CONDSTORE enabling command
     body = " ".join(f"{i} {values[i]}" for i in items)
@@ -367,31 +456,36 @@ async def _status_line(s: Session, box: Mailbox, items: tuple[str, ...]) -> None
 
 
 async def _deleted_counts(
-    s: Session, box: Mailbox, values: dict[str, int | str], storage: bool
+    store: MailStore, acct: int, box: Mailbox, values: dict[str, int | str], storage: bool
 ) -> None:
     """STATUS DELETED (RFC 9051 section 6.3.11: messages with \\Deleted) and
     DELETED-STORAGE (RFC 9208 section 4.1.4: what EXPUNGE would free, in
     units of 1024 octets, rounded up as GETQUOTA's usage is). Asked of
     storage each time; the STATUS cache holds the other counters."""
-    assert s.mail is not None
-    uids = await s.mail.search(_account_id(s), box.id, Flag(DELETED, True))
+    uids = await store.search(acct, box.id, Flag(DELETED, True))
     values["DELETED"] = len(uids)
     if storage:
         octets = 0
         if uids:
-            entries = await s.mail.entries(_account_id(s), box.id, UidSet.of(uids))
+            entries = await store.entries(acct, box.id, UidSet.of(uids))
             octets = sum(e.size for e in entries)
         values["DELETED-STORAGE"] = -(-octets // 1024)
 
 
 async def handle_status(s: Session, cmd: Status) -> Reply:
     assert s.mail is not None
-    box = await s.mailbox_id_of(cmd.mailbox)
-    await _status_line(s, box, cmd.items)
+    if split_other_user(cmd.mailbox) is None:
+        box = await s.mailbox_id_of(cmd.mailbox)
+        await _status_line(s, box, cmd.items)
+        return ok("STATUS completed")
+    access = await s.open_access(cmd.mailbox)
+    access.require("r", "read its status")  # RFC 4314 section 4: STATUS needs "r"
+    named = Mailbox(access.mailbox.id, access.owner.id, cmd.mailbox, 0, 0, 0, None)
+    await _status_line(s, named, cmd.items, access)
     return ok("STATUS completed")
 
 
 async def handle_namespace(s: Session, cmd: object) -> Reply:
-    # RFC 2342: one personal namespace, no other users', no shared.
-    s.untagged(f'NAMESPACE (("" "{_DELIM}")) NIL NIL')
+    # RFC 2342 section 5: personal, other users' (imapd/imap/namespace.py), no shared.
+    s.untagged(NAMESPACE_LINE)
     return ok("NAMESPACE completed")

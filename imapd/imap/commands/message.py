@@ -13,12 +13,14 @@ from delivery.learn import learn_moved
 from imapd.imap import notify
 from imapd.imap.contexts import cancel, open_search, partial_item, partial_slice, refuse_reuse
 from imapd.imap.mailbox_view import MailboxView
+from imapd.imap.namespace import in_other_users
 from imapd.imap.session import Reply, Session, State, bad, no, ok
 from imapd.imap.wire import commands as c
 from imapd.imap.wire import encode
 from storage import search as q
+from storage.acl import MailboxAccess, flag_rights, no_right
 from storage.errors import ErrorKind, StorageError
-from storage.model import Mailbox, MessageEntry, StoreMode, UidSet
+from storage.model import DELETED, Mailbox, MessageEntry, StoreMode, UidSet
 
 _MODES = {"replace": StoreMode.REPLACE, "add": StoreMode.ADD, "remove": StoreMode.REMOVE}
 
@@ -29,8 +31,9 @@ def _view(s: Session) -> MailboxView:
 
 
 def _ids(s: Session) -> tuple[int, int]:
-    assert s.account is not None and s.selected is not None
-    return s.account.id, s.selected.mailbox.id
+    """The selected mailbox's owner and id (another account's when shared)."""
+    assert s.selected is not None
+    return s.box_owner, s.selected.mailbox.id
 
 
 async def handle_check(s: Session, cmd: c.Command) -> Reply:
@@ -40,11 +43,13 @@ async def handle_check(s: Session, cmd: c.Command) -> Reply:
 
 async def handle_close(s: Session, cmd: c.Command) -> Reply:
     view = _view(s)
-    if cmd.name == "CLOSE" and not view.read_only:
+    # RFC 4314 section 4: CLOSE expunges only with "e", else silently not.
+    may_expunge = s.shared is None or "e" in s.shared.rights
+    if cmd.name == "CLOSE" and not view.read_only and may_expunge:
         # RFC 3501 section 6.4.2: expunge silently, no EXPUNGE responses.
-        assert s.mail is not None
-        await s.mail.expunge(*_ids(s))
+        await s.box_mail.expunge(*_ids(s))
     s.selected = None
+    s.select_shared(None)
     s.state = State.AUTHENTICATED
     return ok(f"{cmd.name} completed")
 
@@ -60,7 +65,7 @@ async def handle_expunge(s: Session, cmd: c.Command) -> Reply:
         if not wanted:
             return ok("UID EXPUNGE completed")
         uids = UidSet.of(wanted)
-    gone = await s.mail.expunge(*_ids(s), uids)
+    gone = await s.box_mail.expunge(*_ids(s), uids)
     if gone:
         s.announce_expunge(view, set(gone))  # only those in the snapshot are announced
     return ok(f"{cmd.name} completed")
@@ -220,12 +225,12 @@ async def _resolve_objectids(s: Session, key: c.SearchKey) -> c.SearchKey:
     assert s.mail is not None and s.account is not None
     ids = await s.ctx.object_ids()
     by_row: dict[int, list[int]] = {}
-    for e in await s.mail.uids(*_ids(s)):
+    for e in await s.box_mail.uids(*_ids(s)):
         by_row.setdefault(e.message_id, []).append(e.uid)
 
     def swap(k: c.SearchKey) -> c.SearchKey:
         if isinstance(k, c.SearchObjectId):
-            row = ids.decode("M", s.account.id, k.value) if k.kind == "EMAILID" else None
+            row = ids.decode("M", s.box_owner, k.value) if k.kind == "EMAILID" else None
             uids = by_row.get(row, []) if row is not None else []
             return c.SearchSequence(c.SequenceSet(tuple((u, u) for u in uids)), uid=True)
         if isinstance(k, c.SearchNot):
@@ -257,7 +262,7 @@ async def matching_uids(s: Session, key: c.SearchKey) -> list[int]:
     else:
         # The snapshot is lazy (MailboxView): storage decides, in SQL
         # where it can; only what this session has seen is reported.
-        found = await s.mail.search(*_ids(s), criteria)
+        found = await s.box_mail.search(*_ids(s), criteria)
         uids = [u for u in found if view.contains(u)]
     return uids
 
@@ -366,7 +371,7 @@ async def handle_store(s: Session, cmd: c.Store) -> Reply:
         s.use_condstore()
     if not uids:
         return ok("STORE completed")
-    result = await s.mail.store_flags(
+    result = await s.box_mail.store_flags(
         *_ids(s), UidSet.of(uids), _MODES[cmd.mode], cmd.flags, cmd.unchanged_since
     )
     updated = {}
@@ -432,28 +437,85 @@ async def handle_copy(s: Session, cmd: c.Copy) -> Reply:
         return no("Mailbox is read-only", "READ-ONLY")
     uids = view.resolve(cmd.sequence, cmd.uid)
     try:
-        dest = await s.mailbox_id_of(cmd.mailbox)
+        access = await s.open_access(cmd.mailbox)
     except StorageError as err:
-        if err.kind is ErrorKind.NOT_FOUND:
+        if err.kind is ErrorKind.NOT_FOUND and not in_other_users(cmd.mailbox):
             return no("Mailbox does not exist", "TRYCREATE")  # RFC 3501 section 6.4.7
         raise
+    dest = access.mailbox
     uids = [u for u in uids if u not in view.pending_vanished]
+    # RFC 4314 section 4: COPY needs "i" on the target (and "r" on the
+    # source, which SELECT checked); MOVE also "t" and "e" on the source
+    # (RFC 6851 section 3.1).
+    access.require("i", "copy into this mailbox")
+    if s.shared is not None:
+        s.shared.require("r", "copy out of this mailbox")
+    if move and s.shared is not None:
+        for right in "te":
+            if right not in s.shared.rights:
+                raise no_right(right, "move messages out of this mailbox")
     if not uids:
         return ok(f"{cmd.name} completed")
-    s.wrote_to(dest.id)
+    s.wrote_to(dest.id, owner_id=access.owner.id)
+    if access.owner.id != s.box_owner:
+        return await _copy_across(s, view, uids, access, move)
+    # One account (this one's, or a sharer's): the store copies in one step.
+    store = s.mail if s.shared is None else s.shared.store.store
+    assert store is not None
     if not move:
-        result = await s.mail.copy(*_ids(s), UidSet.of(uids), dest.id)
+        result = await store.copy(*_ids(s), UidSet.of(uids), dest.id)
         if not result.pairs:
             return ok("COPY completed")
-        _learn(s, view, dest, result.pairs)
+        if s.shared is None:
+            _learn(s, view, dest, result.pairs)
         return ok("COPY completed", _copyuid(result.uidvalidity, result.pairs))
-    result = await s.mail.move(*_ids(s), UidSet.of(uids), dest.id)
-    _learn(s, view, dest, result.pairs)
+    result = await store.move(*_ids(s), UidSet.of(uids), dest.id)
+    if s.shared is None:
+        _learn(s, view, dest, result.pairs)
     # RFC 6851 section 4.3: COPYUID in an untagged OK, before the EXPUNGEs.
     if result.pairs:
         s.untagged(f"OK [{_copyuid(result.uidvalidity, result.pairs)}] Moved")
     s.announce_expunge(view, {a for a, _ in result.pairs})
     return ok(f"{cmd.name} completed")
+
+
+async def _copy_across(
+    s: Session, view: MailboxView, uids: list[int], access: MailboxAccess, move: bool
+) -> Reply:
+    """COPY or MOVE between two accounts' mailboxes (one of them shared,
+    RFC 4314): each message's bytes are read from the source's shard and
+    stored through the one ingest path into the target's, with its
+    internal date and the flags the target's rights allow (section 4);
+    a MOVE then removes the originals by UID. Not atomic across the two
+    shards: a failure midway leaves the copies made so far (a MOVE
+    keeps every original until all are copied)."""
+    from storage.ingest import Delivery, ingest
+
+    assert s.account is not None
+    source_owner = s.account if s.shared is None else s.shared.owner
+    blobs = s.storage.blobs_for(source_owner)
+    entries = await s.box_mail.entries(*_ids(s), UidSet.of(uids))
+    pairs: list[tuple[int, int]] = []
+    uidvalidity = 0
+    for e in entries:
+        needs = flag_rights(e.flags)
+        flags = tuple(f for f in sorted(e.flags) if needs[f] in access.rights)
+        raw = await blobs.get(e.blob_key)
+        delivery = Delivery(access.owner, access.mailbox.id, flags, e.internal_date)
+        result = (await ingest(s.storage, [delivery], raw))[0]
+        pairs.append((e.uid, result.uid))
+        uidvalidity = result.uidvalidity
+    if not pairs:
+        return ok(f"{'MOVE' if move else 'COPY'} completed")
+    copyuid = _copyuid(uidvalidity, tuple(pairs))
+    if not move:
+        return ok("COPY completed", copyuid)
+    moved = UidSet.of([a for a, _ in pairs])
+    await s.box_mail.store_flags(*_ids(s), moved, StoreMode.ADD, (DELETED,))
+    gone = await s.box_mail.expunge(*_ids(s), moved)
+    s.untagged(f"OK [{copyuid}] Moved")  # RFC 6851 section 4.3
+    s.announce_expunge(view, set(gone))
+    return ok("MOVE completed")
 
 
 async def handle_idle(s: Session, cmd: c.Command) -> Reply | None:

@@ -91,7 +91,7 @@ async def _rows(s: Session, view: MailboxView, uids: list[int]) -> list[SortRow]
     assert s.mail is not None and s.account is not None
     if not uids:
         return []
-    rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(uids))
+    rows = await s.box_mail.sort_rows(s.box_owner, view.mailbox.id, UidSet.of(uids))
     return [r for r in rows if view.contains(r.uid)]
 
 
@@ -161,7 +161,7 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
     ordered: list[int] | None = None
     rows: list[SortRow] | None = None
     if uids and len(uids) >= STORED_KEYS_ROWS:
-        everything = await s.mail.sorted_uids(s.account.id, view.mailbox.id, cmd.criteria)
+        everything = await s.box_mail.sorted_uids(s.box_owner, view.mailbox.id, cmd.criteria)
         if everything is not None:
             ordered = _kept(everything, uids)
     if ordered is None:
@@ -220,7 +220,7 @@ async def _stored_threads(
     answer = thread_cache.get(key, kept, numbers)
     if answer is not None:
         return answer
-    stored = await s.mail.thread_rows(s.account.id, view.mailbox.id)
+    stored = await s.box_mail.thread_rows(s.box_owner, view.mailbox.id)
     if stored is None:
         return None
     wanted = set(kept)

@@ -409,6 +409,17 @@ class SetMetadata(Command):
     values: tuple[tuple[str, bytes | None], ...]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Acl(Command):
+    """RFC 4314 section 3: SETACL (mailbox, identifier, mod-rights),
+    DELETEACL and LISTRIGHTS (mailbox, identifier), GETACL and MYRIGHTS
+    (mailbox)."""
+
+    mailbox: str
+    identifier: str | None = None
+    rights: str | None = None
+
+
 @dataclass(frozen=True)
 class ParseError:
     """What the parser returns for a malformed command: answer

@@ -1275,6 +1275,25 @@ def _p_notify(r: _Reader, tag: str, name: str) -> c.Command:
     return parse_notify(r, tag, name)
 
 
+def _p_acl(r: _Reader, tag: str, name: str) -> c.Command:
+    """RFC 4314 section 7: "SETACL" SP mailbox SP identifier SP mod-rights,
+    "DELETEACL" / "LISTRIGHTS" SP mailbox SP identifier, "GETACL" /
+    "MYRIGHTS" SP mailbox; identifier and mod-rights are astrings."""
+    r.sp()
+    mailbox = r.mailbox()
+    identifier = rights = None
+    if name in ("SETACL", "DELETEACL", "LISTRIGHTS"):
+        r.sp()
+        identifier = r.astring()
+        if not identifier:
+            raise _Bad("Empty identifier")
+    if name == "SETACL":
+        r.sp()
+        rights = r.astring()
+    r.expect_end()
+    return c.Acl(tag=tag, name=name, mailbox=mailbox, identifier=identifier, rights=rights)
+
+
 _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     **{
         n: _p_simple
@@ -1318,6 +1337,7 @@ _PARSERS: dict[str, Callable[[_Reader, str, str], c.Command]] = {
     "GETMETADATA": _p_getmetadata,  # RFC 5464 section 4.2
     "SETMETADATA": _p_setmetadata,  # RFC 5464 section 4.3
     "NOTIFY": _p_notify,  # RFC 5465 section 3
+    **{n: _p_acl for n in ("SETACL", "DELETEACL", "GETACL", "LISTRIGHTS", "MYRIGHTS")},
     "UID SEARCH": _p_search,
     "SORT": _p_sort,
     "UID SORT": _p_sort,

@@ -53,6 +53,7 @@ SCRIPTS: dict[str, Script] = {
                           r"SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES ESORT CONTEXT=SEARCH "
                           r"CONTEXT=SORT "
                           r"SEARCHRES QUOTA QUOTA=RES-STORAGE OBJECTID BINARY MULTIAPPEND CATENATE SAVEDATE PREVIEW METADATA METADATA-SERVER UTF8=ACCEPT NOTIFY "
+                          r"ACL RIGHTS=texk "
                           r"COMPRESS=DEFLATE",
                           "a OK .*"]),
     ]),
@@ -166,7 +167,7 @@ SCRIPTS: dict[str, Script] = {
         ("d STATUS INBOX ()", ["d BAD .*"]),
     ]),
     "namespace_enable_id": Script(steps=[
-        ("a NAMESPACE", [r'=* NAMESPACE (("" "/")) NIL NIL', "a OK .*"]),
+        ("a NAMESPACE", [r'=* NAMESPACE (("" "/")) (("Other Users/" "/")) NIL', "a OK .*"]),
         ("b ENABLE CONDSTORE X-UNKNOWN", ["=* ENABLED CONDSTORE", "b OK .*"]),
         ("c ENABLE QRESYNC", ["=* ENABLED QRESYNC", "c OK .*"]),
         ("d ID NIL", [r"\* ID .*", "d OK .*"]),
