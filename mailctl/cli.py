@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from conf.settings import Settings
+from mailctl.acl_cmds import add_acl_parser
 from mailctl.blob_cmds import add_blobs_parser
 from mailctl.dkim_cmds import add_dkim_parser
 from mailctl.move_cmds import cmd_account_move
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shard_parser(command)  # shard list [--json] | drain NAME [--to SHARD ...]
     add_blobs_parser(command)  # blobs stats|verify
     add_spam_parser(command)  # spam show|allow|block|remove|threshold ACCOUNT ...
+    add_acl_parser(command)  # acl grant|revoke|list OWNER ...
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))
