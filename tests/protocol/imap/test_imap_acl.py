@@ -88,6 +88,12 @@ RIGHTS_TABLE: list[tuple[str, list[tuple[str, list[str]]]]] = [
            (f'd MYRIGHTS "{TEAM}"', [f'=* MYRIGHTS "{TEAM}" l', "d OK .*"]),
            (f'e GETACL "{TEAM}"', ["e NO \\[NOPERM\\] .*"]),
            (f'f APPEND "{TEAM}" {{5+}}\r\nHello', ["f NO \\[NOPERM\\] .*"])]),
+    # RFC 3501 section 6.3.9 LSUB, RFC 5258 LIST (SUBSCRIBED): a shared
+    # mailbox is subscribed by its Other Users name like any other.
+    ("l", [(f'a SUBSCRIBE "{TEAM}"', ["a OK .*"]),
+           ('b LSUB "" "Other Users/*"', [f'=* LSUB (\\HasNoChildren) "/" "{TEAM}"', "b OK .*"]),
+           ('c LIST (SUBSCRIBED) "" "Other*"', [f'=* LIST (\\HasNoChildren \\Subscribed) "/" "{TEAM}"', "c OK .*"]),
+           ('d LIST "" "Other Users/%"', [f'=* LIST (\\Noselect \\HasChildren) "/" "Other Users/{ALICE}"', "d OK .*"])]),
     # "r": STATUS, SELECT, FETCH, SEARCH, COPY out; nothing written.
     ("lr", [(f'a STATUS "{TEAM}" (MESSAGES UNSEEN)', [f'=* STATUS "{TEAM}" (MESSAGES 1 UNSEEN 1)', "a OK .*"]),
             ('b LIST "" "Other Users/%/%" RETURN (STATUS (MESSAGES))', [f'=* LIST (\\HasNoChildren) "/" "{TEAM}"', f'=* STATUS "{TEAM}" (MESSAGES 1)', "b OK .*"]),
@@ -157,7 +163,9 @@ async def test_owner_script(imap_env: ImapEnv, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("rights", "steps"), RIGHTS_TABLE, ids=[r or "none" for r, _ in RIGHTS_TABLE]
+    ("rights", "steps"),
+    RIGHTS_TABLE,
+    ids=[f"{r or 'none'}-{i}" for i, (r, _) in enumerate(RIGHTS_TABLE)],
 )
 async def test_grantee_rights(
     imap_env: ImapEnv, rights: str, steps: list[tuple[str, list[str]]]
