@@ -142,8 +142,8 @@ def _uid_filter(seqset: object, top: int):  # type: ignore[no-untyped-def]
 
 
 # Names under Other Users are other accounts' mailboxes (RFC 2342 section
-# 3): creating, deleting or renaming them from here is not offered.
-_NOT_PERSONAL = no("Only mailboxes of your own can be created, deleted or renamed", "NOPERM")
+# 3): their levels are not created or deleted, nor any of them renamed.
+_NOT_PERSONAL = no("Not a mailbox of your own to change", "NOPERM")
 
 
 async def handle_create(s: Session, cmd: MailboxCommand) -> Reply:
@@ -155,7 +155,7 @@ async def handle_create(s: Session, cmd: MailboxCommand) -> Reply:
     if _DELIM * 2 in name or name.startswith(_DELIM):
         return no("Invalid mailbox name", "CANNOT")
     if in_other_users(name):
-        return _NOT_PERSONAL
+        return await _create_shared(s, name)
     use = cmd.special_use[0] if cmd.special_use else None
     if use is not None and use not in (
         "\\All",
@@ -178,11 +178,43 @@ async def handle_delete(s: Session, cmd: MailboxCommand) -> Reply:
     if cmd.mailbox == "INBOX":
         return no("INBOX cannot be deleted", "CANNOT")
     if in_other_users(cmd.mailbox):
-        return _NOT_PERSONAL
+        return await _delete_shared(s, cmd.mailbox)
     s.forget_mailboxes()
     await s.mail.delete_mailbox(_account_id(s), cmd.mailbox)
     if s.selected is not None and s.shared is None and s.selected.mailbox.name == cmd.mailbox:
         s.selected = None
+        s.state = State.AUTHENTICATED
+        s.untagged("OK [CLOSED] Mailbox deleted")
+    return ok("DELETE completed")
+
+
+async def _create_shared(s: Session, name: str) -> Reply:
+    """CREATE below another account's mailbox: "k" on the parent (RFC 4314
+    section 4). The new mailbox starts with its parent's ACL (RFC 4314
+    leaves a new mailbox's ACL to the server), so whoever could reach the
+    parent, its creator too, reaches the child."""
+    other = split_other_user(name)
+    if other is None or _DELIM not in other[1]:
+        return _NOT_PERSONAL  # a top level of another account is its own
+    parent = await s.open_access(name.rsplit(_DELIM, 1)[0])
+    parent.require("k", "create mailboxes here")
+    store, owner = parent.store.store, parent.owner.id
+    created = await store.create_mailbox(owner, other[1])
+    for grantee, held in (await store.acl(owner, parent.mailbox.id)).items():  # type: ignore[attr-defined]
+        await store.set_acl(owner, created.id, grantee, held)  # type: ignore[attr-defined]
+    return ok("CREATE completed", f"MAILBOXID ({await s.mailboxid(created.id, owner)})")
+
+
+async def _delete_shared(s: Session, name: str) -> Reply:
+    """DELETE of another account's mailbox: "x" on it (RFC 4314 section 4)."""
+    if split_other_user(name) is None:
+        return _NOT_PERSONAL
+    access = await s.open_access(name)
+    access.require("x", "delete this mailbox")
+    await access.store.store.delete_mailbox(access.owner.id, access.mailbox.name)
+    if s.shared is not None and s.shared.mailbox.id == access.mailbox.id:
+        s.selected = None
+        s.select_shared(None)
         s.state = State.AUTHENTICATED
         s.untagged("OK [CLOSED] Mailbox deleted")
     return ok("DELETE completed")

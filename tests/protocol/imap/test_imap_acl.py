@@ -138,6 +138,16 @@ RIGHTS_TABLE: list[tuple[str, list[tuple[str, list[str]]]]] = [
     ("lrte", [(f'a SELECT "{TEAM}"', ["...", "a OK .*"]),
               ("b MOVE 1 INBOX", ["\\* OK \\[COPYUID \\d+ 1 1\\] Moved", "=* 1 EXPUNGE", "b OK .*"]),
               ('c STATUS INBOX (MESSAGES)', ['=* STATUS "INBOX" (MESSAGES 1)', "c OK .*"])]),
+    # "k" creates below it (the child takes its ACL), "x" deletes it.
+    ("lr", [(f'a CREATE "{TEAM}/Sub"', ["a NO \\[NOPERM\\] .*"]),
+            (f'b DELETE "{TEAM}"', ["b NO \\[NOPERM\\] .*"]),
+            (f'c CREATE "Other Users/{ALICE}/Mine"', ["c NO \\[NOPERM\\] .*"])]),
+    ("lrk", [(f'a CREATE "{TEAM}/Sub"', ["a OK \\[MAILBOXID \\(.*\\)\\] CREATE completed"]),
+             (f'b MYRIGHTS "{TEAM}/Sub"', [f'=* MYRIGHTS "{TEAM}/Sub" lrk', "b OK .*"]),
+             ('c LIST "" "Other Users/*"', ["...", f'=* LIST (\\HasChildren) "/" "{TEAM}"', f'=* LIST (\\HasNoChildren) "/" "{TEAM}/Sub"', "c OK .*"])]),
+    ("lrx", [(f'a SELECT "{TEAM}"', ["...", "a OK .*"]),
+             (f'b DELETE "{TEAM}"', ["=* OK [CLOSED] Mailbox deleted", "=b OK DELETE completed"]),
+             (f'c SELECT "{TEAM}"', ["c NO \\[NONEXISTENT\\] .*"])]),
     # "a": the grantee administers the ACL too.
     ("lra", [(f'a GETACL "{TEAM}"', [f'=* ACL "{TEAM}" {ALICE} lrswipkxtea {BOB} lra', "a OK .*"]),
              (f'b SETACL "{TEAM}" anyone lr', ["b OK .*"]),
