@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +243,61 @@ async def test_grantee_idling_hears_the_owners_changes(imap_env: ImapEnv) -> Non
     finally:
         await bob.close()
         await alice.close()
+
+
+async def test_owner_on_another_shard(tmp_path: Path, tls_context: ssl.SSLContext) -> None:
+    """Alice lives on shard "default", bob on "east" (two SQLite files): bob
+    reaches alice's Team through her shard, reads her bytes, appends into
+    it, and hears her new mail; mail to his own mailbox that has Team's
+    row id in his shard (ids are per shard) is not taken for Team's."""
+    from argon2 import PasswordHasher, profiles
+
+    from imapd.imap.server import start_imap
+    from storage.backend import open_storage_from_url
+    from storage.ingest import Delivery, ingest
+    from tests.conftest import make_settings
+
+    data = tmp_path / "data"
+    storage = await open_storage_from_url(
+        f"sqlite+aiosqlite:///{tmp_path / 'default.db'}",
+        tmp_path / "blobs",
+        {"east": f"sqlite+aiosqlite:///{tmp_path / 'east.db'}"},
+        password_hasher=PasswordHasher.from_parameters(profiles.CHEAPEST),
+    )
+    settings = make_settings(data, auth={"allow_plaintext": True}, imap={"listen": ["127.0.0.1:0"]})
+    servers = await start_imap(settings, storage, tls_context)
+    try:
+        await storage.directory.add_domain("example.org")
+        alice = await storage.directory.add_account(ALICE, PASSWORD, shard="default")
+        bob = await storage.directory.add_account(BOB, PASSWORD, shard="east")
+        team = await storage.mail(alice).create_mailbox(alice.id, "Team")
+        while True:  # a mailbox of bob's with Team's id in his shard
+            twin = await storage.mail(bob).create_mailbox(bob.id, f"Twin{random.randrange(10**6)}")
+            if twin.id >= team.id:
+                break
+        first = message("on default", random.randbytes(random.randint(10, 5000)).hex() + "\r\n")
+        await ingest(storage, [Delivery(alice, team.id)], first)
+        await storage.mail(alice).set_acl(alice.id, team.id, bob.id, "lri")
+        port = servers[0].sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = ImapClient(reader, writer)
+        await client.line()
+        await client.ok(f"LOGIN {BOB} {PASSWORD}")
+        await client.ok(f'SELECT "{TEAM}"')
+        fetched = await client.ok("FETCH 1 BODY.PEEK[]")
+        assert fetched[0].endswith(first + b")"), fetched[0][-80:]
+        await client.ok(f'APPEND "{TEAM}" {{5+}}\r\nHello')
+        await client.send(b"i1 IDLE\r\n")
+        assert (await client.line()).startswith(b"+ ")
+        same_id = await storage.mail(bob).get_mailbox_by_id(bob.id, team.id)
+        await ingest(storage, [Delivery(bob, same_id.id)], message("to bob's own"))
+        await ingest(storage, [Delivery(alice, team.id)], message("second on default"))
+        heard = await _idle_until(client, b"* 3 EXISTS")
+        assert not any(b"EXISTS" in line for line in heard[:-1]), heard
+        await client.send(b"DONE\r\n")
+        await client.until("i1")
+        await client.close()
+    finally:
+        for server in servers:
+            server.close()
+        await storage.close()
