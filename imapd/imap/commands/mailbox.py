@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.namespace import (
     NAMESPACE_LINE,
+    OTHER_USERS,
     in_other_users,
     other_user_name,
     split_other_user,
@@ -355,7 +356,11 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
     if len(cmd.patterns) > MAX_LIST_PATTERNS:
         return no("Too many patterns", "LIMIT")  # RFC 5530 section 3
     acct = _account_id(s)
-    shared = await _shared_boxes(s)
+    # Other accounts' mailboxes are read (one query per shard) only when a
+    # pattern can reach a name under "Other Users": one starting with a
+    # wildcard or with that name's first letter.
+    reach = any((cmd.reference + p)[:1] in ("*", "%", OTHER_USERS[0]) for p in cmd.patterns)
+    shared = await _shared_boxes(s) if reach else {}
     own = await s.mail.list_mailboxes(acct)
     tree = _Hierarchy(own + [box for box, _ in shared.values()])
     patterns = [MailboxPattern(cmd.reference, p) for p in cmd.patterns]

@@ -301,3 +301,30 @@ async def test_owner_on_another_shard(tmp_path: Path, tls_context: ssl.SSLContex
         for server in servers:
             server.close()
         await storage.close()
+
+
+async def test_list_reads_grants_only_when_a_pattern_reaches_them(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LIST whose patterns cannot match a name under "Other Users" costs
+    no read of every shard's grants (clients LIST "INBOX" often)."""
+    from imapd.imap.commands import mailbox
+
+    calls: list[int] = []
+    real = mailbox.grants_to
+
+    async def counted(storage, account):  # type: ignore[no-untyped-def]
+        calls.append(account.id)
+        return await real(storage, account)
+
+    monkeypatch.setattr(mailbox, "grants_to", counted)
+    bob = await _login(imap_env, BOB)
+    try:
+        for line in ('LIST "" INBOX', 'LIST "" "Sent/%"', 'LSUB "" "Drafts"'):
+            await bob.ok(line)
+        assert calls == []
+        for line in ('LIST "" "*"', 'LIST "" "%"', 'LIST "" "Other Users/%"', 'LIST "O" "%"'):
+            await bob.ok(line)
+        assert len(calls) == 4
+    finally:
+        await bob.close()
