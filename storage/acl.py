@@ -78,10 +78,12 @@ async def change_rights(
     IMAP SETACL and ``mailctl acl grant``; INVALID for an unknown right,
     NOT_FOUND for a mailbox not the owner's."""
     mode, given = parse_rights(mod_rights)
-    current = frozenset((await store.acl(owner_id, mailbox_id)).get(grantee_id, ""))  # type: ignore[attr-defined]
-    new = render({"=": given, "+": current | given, "-": current - given}[mode])
-    await store.set_acl(owner_id, mailbox_id, grantee_id, new)  # type: ignore[attr-defined]
-    return new
+
+    def change(current: str) -> str:
+        held = frozenset(current)
+        return render({"=": given, "+": held | given, "-": held - given}[mode])
+
+    return await store.change_acl(owner_id, mailbox_id, grantee_id, change)  # type: ignore[attr-defined,no-any-return]
 
 
 def render(rights: Iterable[str]) -> str:

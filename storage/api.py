@@ -444,6 +444,12 @@ class MailStore(Protocol):
         mailbox; NOT_FOUND if it is not the account's. Publishes a MAILBOX
         change ``{"op": "acl"}`` on the owner's account."""
 
+    async def change_acl(
+        self, account_id: int, mailbox_id: int, grantee_id: int, change: Callable[[str], str]
+    ) -> str:
+        """``set_acl`` to ``change(current rights)``, atomically; the
+        rights set. What SETACL's "+" and "-" need (storage.acl)."""
+
     async def grants_to(self, grantee_id: int) -> list[Any]:
         """Every grant of this shard to ``grantee_id`` or "anyone" on other
         accounts' mailboxes (``storage.sql.acl.Grant``), current names."""

@@ -16,7 +16,7 @@ in one place for every backend: :mod:`storage.acl`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,6 +74,18 @@ class AclStore:
         (``""``: removes its entry, RFC 4314 sections 3.1 and 3.2), and
         records a MAILBOX change ``{"op": "acl", "grantee": id}``.
         NOT_FOUND if the mailbox is not the account's."""
+        await AclStore.change_acl(self, account_id, mailbox_id, grantee_id, lambda _: rights)
+
+    async def change_acl(
+        self: _Locked,
+        account_id: int,
+        mailbox_id: int,
+        grantee_id: int,
+        change: Callable[[str], str],
+    ) -> str:
+        """:meth:`set_acl` to ``change(current rights)``, read and written
+        under the owner's lock, so two concurrent changes ("+t" and "+e")
+        both hold; returns the rights set."""
         async with self._write(account_id) as tx:
             conn: AsyncConnection = tx.conn
             found = await conn.execute(
@@ -85,6 +97,8 @@ class AclStore:
             if row is None:
                 raise errors.not_found("no such mailbox")
             key = (T.c.mailbox_id == mailbox_id) & (T.c.grantee_id == grantee_id)
+            current = (await conn.execute(select(T.c.rights).where(key))).scalar()
+            rights = change(current or "")
             await conn.execute(delete(T).where(key))
             if rights:
                 await conn.execute(
@@ -100,6 +114,7 @@ class AclStore:
                 mailbox_id,
                 data={"op": "acl", "name": row.name, "grantee": grantee_id},
             )
+        return rights
 
     async def grants_to(self: _Locked, grantee_id: int) -> list[Grant]:
         """Every grant of this shard to ``grantee_id`` or to "anyone", on

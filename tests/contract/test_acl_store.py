@@ -7,6 +7,7 @@ what the rights do not allow."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -140,3 +141,20 @@ async def test_granted_store_enforces_rights(sharded: SqlStorage) -> None:  # no
     store.rights = frozenset("lrte")
     await store.store_flags(alice.id, team.id, one, StoreMode.ADD, [DELETED])
     assert await store.expunge(alice.id, team.id) == [1]
+
+
+async def test_concurrent_changes_all_hold(sharded: SqlStorage) -> None:  # noqa: F811
+    """SETACL "+x" read-modify-writes under the owner's lock: rights added
+    at once by several sessions are all kept, then all taken away."""
+    alice, bob = await _people(sharded)
+    mail = sharded.mail(alice)
+    team = await mail.create_mailbox(alice.id, "Team")
+    letters = random.sample(acl.RIGHTS, 6)
+    await asyncio.gather(
+        *(acl.change_rights(mail, alice.id, team.id, bob.id, f"+{r}") for r in letters)
+    )
+    assert frozenset((await mail.acl(alice.id, team.id))[bob.id]) == frozenset(letters)
+    await asyncio.gather(
+        *(acl.change_rights(mail, alice.id, team.id, bob.id, f"-{r}") for r in letters)
+    )
+    assert await mail.acl(alice.id, team.id) == {}
