@@ -221,13 +221,28 @@ async def _delete_shared(s: Session, name: str) -> Reply:
     return ok("DELETE completed")
 
 
+async def _rename_shared(s: Session, old: str, new: str) -> Reply:
+    """RENAME within another account: "x" on the mailbox and "k" on the
+    new parent (RFC 4314 section 4); never between two accounts. The ACL
+    goes along (it is the mailbox's)."""
+    src, dst = split_other_user(old), split_other_user(new)
+    if src is None or dst is None or src[0].lower() != dst[0].lower() or _DELIM not in dst[1]:
+        return _NOT_PERSONAL
+    access = await s.open_access(old)
+    access.require("x", "rename this mailbox")
+    parent = await s.open_access(new.rsplit(_DELIM, 1)[0])
+    parent.require("k", "create mailboxes here")
+    await access.store.store.rename_mailbox(access.owner.id, access.mailbox.name, dst[1])
+    return ok("RENAME completed")
+
+
 async def handle_rename(s: Session, cmd: Rename) -> Reply:
     assert s.mail is not None
     new = cmd.new.rstrip(_DELIM)
     if not new or new == "INBOX":
         return no("Mailbox already exists", "ALREADYEXISTS")
     if in_other_users(cmd.old) or in_other_users(new):
-        return _NOT_PERSONAL
+        return await _rename_shared(s, cmd.old, new)
     s.forget_mailboxes()
     await s.mail.rename_mailbox(_account_id(s), cmd.old, new)
     return ok("RENAME completed")

@@ -150,6 +150,14 @@ RIGHTS_TABLE: list[tuple[str, list[tuple[str, list[str]]]]] = [
     ("lrx", [(f'a SELECT "{TEAM}"', ["...", "a OK .*"]),
              (f'b DELETE "{TEAM}"', ["=* OK [CLOSED] Mailbox deleted", "=b OK DELETE completed"]),
              (f'c SELECT "{TEAM}"', ["c NO \\[NONEXISTENT\\] .*"])]),
+    # RENAME within alice's account: "x" on it, "k" on the new parent.
+    ("lrkx", [(f'a CREATE "{TEAM}/Old"', ["a OK .*"]),
+              (f'b RENAME "{TEAM}/Old" "{TEAM}/New"', ["=b OK RENAME completed"]),
+              (f'c MYRIGHTS "{TEAM}/New"', [f'=* MYRIGHTS "{TEAM}/New" lrkx', "c OK .*"]),
+              (f'd RENAME "{TEAM}/New" "Other Users/{ALICE}/Top"', ["d NO \\[NOPERM\\] .*"]),
+              (f'e RENAME "{TEAM}/New" "Mine"', ["e NO \\[NOPERM\\] .*"])]),
+    ("lrk", [(f'a CREATE "{TEAM}/Old"', ["a OK .*"]),
+             (f'b RENAME "{TEAM}/Old" "{TEAM}/New"', ["b NO \\[NOPERM\\] .*"])]),
     # "a": the grantee administers the ACL too.
     ("lra", [(f'a GETACL "{TEAM}"', [f'=* ACL "{TEAM}" {ALICE} lrswipkxtea {BOB} lra', "a OK .*"]),
              (f'b SETACL "{TEAM}" anyone lr', ["b OK .*"]),
