@@ -401,7 +401,7 @@ async def refresh(s: Session, view: MailboxView) -> None:
         new = [u for u in look if u in matched and u not in ctx]
         keys: dict[int, _SortKey] = {}
         if ctx.sort and new:
-            rows = await s.mail.sort_rows(s.account.id, view.mailbox.id, UidSet.of(new))
+            rows = await s.box_mail.sort_rows(s.box_owner, view.mailbox.id, UidSet.of(new))
             try:
                 values = await _key_values(rows, ctx.sort)
             except ContentTimeout:  # past the pool's time limit: cannot keep it

@@ -277,7 +277,7 @@ async def matching_among(s: Session, criteria: q.Criteria, uids: list[int]) -> s
         match = _compile(criteria)
         return {u for u in uids if match(known[u])}
     restricted = q.And((criteria, q.Uids(UidSet.of(uids))))
-    return set(await s.mail.search(*_ids(s), restricted))  # type: ignore[union-attr]
+    return set(await s.box_mail.search(*_ids(s), restricted))
 
 
 async def handle_search(s: Session, cmd: c.Search) -> Reply:
