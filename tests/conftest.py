@@ -41,6 +41,8 @@ SERIAL = (
     "tests/integration/test_attachments_once.py::test_sigkill_during_ingest",
     "tests/cluster/",
     "tests/contract/test_failover.py",
+    # A stopped PostgreSQL must give 503 within seconds (a time budget).
+    "tests/integration/http/test_http_pg_reads.py::test_a_hung_server_makes_reads_503_quickly",
     "tests/contract/test_shared_state.py",
     "tests/integration/http/test_realtime.py",
     "tests/integration/imap/test_imap_login_gate.py",

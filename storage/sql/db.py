@@ -17,7 +17,8 @@ transaction and one WAL flush for the lot, and :func:`execute` sends the
 hot statements straight to asyncpg (prepared once per connection). Hot
 reads likewise go to :meth:`Database.read_sync`: on SQLite the whole
 function runs in one of a few reader threads with their own connections
-(WAL readers never block the writer).
+(WAL readers never block the writer); on PostgreSQL on held connections
+without the pool's ping, each read watched instead (``pgreaders``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from sqlalchemy.util import await_only
 
 from storage.errors import ErrorKind, StorageError
 from storage.sql import fts, schema
+from storage.sql.pgreaders import PgReaders
 from storage.walsync import WalFile
 
 log = logging.getLogger(__name__)
@@ -564,14 +566,32 @@ class Database:
         # merger of the trigram index's pending list (``storage/sql/fts.py``).
         self.file: str | None = None
         self._indexer: fts.FtsIndexer | fts.PendingListMerger | None = None
+        # PostgreSQL's read_sync: held connections, watched (see pgreaders).
+        self._pg_readers: PgReaders | None = None
         if not self.is_sqlite:
             _setup_postgresql(self.engine.sync_engine)
+            self._pg_readers = PgReaders(self.engine, PING_TIMEOUT, is_transient, self._connect_raw)
+            readers = self._pg_readers
+
+            # A connection the engine finds gone (or on a fenced old
+            # primary, see _setup_postgresql) retires the held readers too.
+            @event.listens_for(self.engine.sync_engine, "handle_error")
+            def on_disconnect(context: Any) -> None:
+                if context.is_disconnect:
+                    readers.generation += 1
+
         if self.is_sqlite:
             _setup_sqlite(self.engine.sync_engine)
             path = make_url(url).database
             if path and path != ":memory:":
                 self.file = os.path.abspath(path)
                 self._wal = WalFile(self.file)
+
+    async def _connect_raw(self) -> asyncpg.Connection:
+        """A new asyncpg connection outside the pool, as the pool makes them."""
+        from storage.events import asyncpg_connect_args
+
+        return await connect_each_host(**asyncpg_connect_args(self.url))
 
     @property
     def dialect(self) -> str:
@@ -644,13 +664,15 @@ class Database:
         transaction: each statement sees what was committed when it
         started (as READ COMMITTED would). Backend outages raise TEMPORARY.
         """
-        if not self.is_sqlite:
+        if self._pg_readers is not None:
             # No BEGIN and ROLLBACK around it (two round trips): under READ
             # COMMITTED, PostgreSQL's default, each statement takes its own
-            # snapshot inside a transaction as well as outside one.
-            async with self._translate(), self.engine.connect() as conn:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                return await conn.run_sync(fn)
+            # snapshot inside a transaction as well as outside one. On a
+            # held connection, without the pool's checkout and ping; a
+            # server that stops answering is TEMPORARY within seconds
+            # (``storage/sql/pgreaders.py``).
+            async with self._translate():
+                return await self._pg_readers.run(fn)
         loop = asyncio.get_running_loop()
         async with self._translate():
             return await loop.run_in_executor(self._reader_pool(), self._run_read, fn)
@@ -1482,6 +1504,8 @@ class Database:
         while self._pg_idle:
             with suppress(Exception):
                 await self._pg_idle.pop().close()
+        if self._pg_readers is not None:
+            await self._pg_readers.close()
         if self._syncer is not None:
             syncer, self._syncer = self._syncer, None
             await asyncio.get_running_loop().run_in_executor(syncer, self._close_syncer)
