@@ -1,12 +1,16 @@
-"""The API's hot reads on PostgreSQL (issue #20), on held connections
-without a ping each: a server that stops answering (SIGSTOP, as a host
-that died without a word) makes them answer 503 within seconds, never
-hang, and they answer again once it is back."""
+"""The API's hot reads on PostgreSQL (issue #20): a message list and a
+message read are one round trip each once the account's token, folder ids
+and thread index are known (counted by the server itself,
+``log_statement = all``: no pool ping, no separate owner check); and a
+server that stops answering (SIGSTOP, as a host that died without a word)
+makes them answer 503 within seconds, never hang, and answer again once it
+is back."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +20,7 @@ import aiohttp
 import argon2
 import asyncpg
 import pytest
+from sqlalchemy import event
 
 from storage.backend import open_storage_from_url
 from storage.sql import pgreaders
@@ -79,6 +84,42 @@ async def _filled(api: Api, mailstore: Any, count: int) -> tuple[str, list[str]]
         status, _ = await api.get(f"/v1/messages/{message_id}")
         assert status == 200
     return inbox, ids
+
+
+def _statements(log: Path, start: int) -> list[str]:
+    text = log.read_bytes()[start:].decode(errors="replace")
+    return [s.strip() for s in re.findall(r"(?:statement|execute [^:]*): (.*)", text)]
+
+
+# Not per request: the thread index's look at the account's change counter
+# (at most once a second while the index knows every message shown).
+_NOT_PER_REQUEST = ("SELECT shard_accounts.last_change_id",)
+
+
+async def test_a_list_and_a_read_are_one_round_trip_each(
+    pg: PgServer, alice_api: Api, mailstore: Any
+) -> None:
+    count = random.randint(5, 20)
+    inbox, ids = await _filled(alice_api, mailstore, count)
+    log = pg.root / "postgres.log"
+    # The pool's checkouts: each pings the server first (a round trip the
+    # server's log does not show: the ping is an empty statement).
+    checkouts: list[object] = []
+    engine = mailstore.databases["default"].engine.sync_engine
+    event.listen(engine, "checkout", lambda *args: checkouts.append(args))
+    requests = random.randint(20, 40)
+    for path in (f"/v1/folders/{inbox}/messages?limit=50", "/v1/messages/{}"):
+        start = log.stat().st_size
+        checkouts.clear()
+        for _ in range(requests):
+            status, body = await alice_api.get(path.format(random.choice(ids)))
+            assert status == 200, body
+        await asyncio.sleep(0.2)  # the server's log is written behind
+        ran = [s for s in _statements(log, start) if s and not s.startswith(_NOT_PER_REQUEST)]
+        # Every request is one statement: no ping before it, no owner
+        # check of its own.
+        assert len(ran) == requests, (path, ran)
+        assert checkouts == [], (path, len(checkouts))
 
 
 async def test_a_hung_server_makes_reads_503_quickly_and_they_recover(
