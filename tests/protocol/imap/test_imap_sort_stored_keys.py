@@ -186,3 +186,30 @@ async def test_entries_without_keys_take_the_in_memory_path(
     got = await asyncio.to_thread(_answers, imap_env, "Old")
     assert got == want
     assert "sort_rows" in calls  # asked for stored keys, found none, sorted in memory
+
+
+async def test_a_sort_update_context_from_stored_keys(imap_env: ImapEnv, calls: list[str]) -> None:
+    """RFC 5267 section 4.3 on the stored-key path: the SORT answer comes
+    from ``sorted_uids``, the context keeps each result's keys, and a
+    message appended by another session is reported by ADDTO."""
+    rng = random.Random()
+    await asyncio.to_thread(_fill_hostile, imap_env, rng, "Live")
+
+    def run() -> tuple[list[bytes], list[bytes]]:
+        with ref._client(imap_env) as watcher, ref._client(imap_env) as writer:
+            watcher.select_folder("Live")
+            imap = watcher._imap
+            typ, data = imap._simple_command(
+                "UID", "SORT", "RETURN", "(ALL UPDATE)", "(DATE)", "UTF-8", "ALL"
+            )
+            assert typ == "OK", data
+            first = imap._untagged_response(typ, data, "ESEARCH")[1]
+            writer.append("Live", hostile_message(rng, 7))
+            typ, data = imap._simple_command("NOOP")
+            assert typ == "OK", data
+            return first, imap._untagged_response(typ, data, "ESEARCH")[1]
+
+    first, update_lines = await asyncio.to_thread(run)
+    assert "sorted_uids" in calls
+    assert first and b"ALL" in first[0]
+    assert update_lines and b"ADDTO" in update_lines[0]
