@@ -43,6 +43,7 @@ from delivery.checks import ACCEPT, Action, CheckStage, Flow, Subject, Verdict
 from delivery.dsnparams import DsnParamError, mail_dsn, rcpt_dsn, wants
 from delivery.headers import (
     from_addresses,
+    header_block_end,
     new_queue_id,
     protocol_name,
     received_field,
@@ -1082,6 +1083,9 @@ class SmtpSession(LeaseHolder, SMTP):
         # An RFC 3464 report is small; a spooled message is not one to parse.
         if self.mode is Mode.MX and not mail_from and delivered and isinstance(content, bytes):
             await self._process_bounce(queue_id, content)
+        # RFC 5965 complaints come from a mailbox (not null) and are small too.
+        if self.mode is Mode.MX and delivered and isinstance(content, bytes):
+            await self._process_reports(queue_id, content)
         return R.QUEUED.with_text(f"OK: queued as {queue_id}")
 
     async def _content_checks(self, content: Message, mail_from: str) -> Verdict:
@@ -1218,6 +1222,21 @@ class SmtpSession(LeaseHolder, SMTP):
             )
         except StorageError as err:
             log.warning("%s: DSN feedback failed: %s", queue_id, err)
+
+    async def _process_reports(self, queue_id: str, content: bytes) -> None:
+        """Reports to us on the MX port, recognised by their content: an RFC
+        5965 complaint about mail we sent suppresses the recipient. The
+        message itself is already delivered; a failure here only loses the
+        bookkeeping."""
+        from mtad.arf import looks_like_arf
+        from mtad.outbound.feedback import process_incoming_arf
+
+        header = content[: header_block_end(content)]
+        try:
+            if looks_like_arf(header):
+                await process_incoming_arf(self.ctx.storage, content)
+        except StorageError as err:
+            log.warning("%s: report feedback failed: %s", queue_id, err)
 
 
 __all__ = ["Mode", "SmtpContext", "SmtpSession", "sender_allowed"]

@@ -381,6 +381,12 @@ class PartitionedQueue:
             await self.partitions[name].set_feedback(row, hard)
         return counted
 
+    async def has_sent_to(self, address: str) -> bool:
+        """True if any partition that answers has a delivered or failed
+        recipient row of ``address`` (case-blind): we sent it mail lately."""
+        answers = await self._each(lambda p: p.last_finished(address))
+        return any(isinstance(a, tuple) for a in answers.values())
+
     async def suppressed(self, addresses: Iterable[str]) -> set[str]:
         """The lower-cased addresses suppressed in any partition that answers
         (a partition down costs at most an extra delivery attempt)."""

@@ -13,6 +13,7 @@ malformed input.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mtad.outbound.dsn import DsnReport, parse_dsn
@@ -51,3 +52,57 @@ async def process_incoming_dsn(
         )
         recorded.append(entry)
     return recorded
+
+
+# RFC 3463 section 3.8 (X.7.1: delivery not authorized): how a complaint
+# is recorded in the suppression list's last status.
+COMPLAINT_STATUS = "5.7.1"
+
+
+async def process_incoming_arf(storage: object, raw: bytes) -> list[Suppression]:
+    """RFC 5965 complaint reports about mail we sent feed the suppression
+    list: each complained-about recipient is suppressed at once (a
+    complaint counts as a hard bounce with ``suppress_after=1``: the
+    recipient said they do not want our mail).
+
+    "Mail we sent" (the queue does not keep Message-IDs): the embedded
+    original's single From address is in one of our local domains, and
+    either the original carries a DKIM-Signature whose ``d=`` is one of our
+    local domains (ours are signed, issue #19) or our queue has a finished
+    recipient row for the complained-about address (kept
+    ``queue.done_retention_seconds``). Reports of other types (``not-spam``,
+    ``auth-failure``...) and about other senders change nothing. Returns
+    what was recorded; never raises for malformed input.
+    """
+    from mtad.arf import COMPLAINT_TYPES, parse_arf
+
+    report = await asyncio.to_thread(parse_arf, raw)  # linear, but off the event loop
+    if report is None or report.feedback_type not in COMPLAINT_TYPES:
+        return []
+    directory = storage.directory  # type: ignore[attr-defined]
+    queue = storage.queue  # type: ignore[attr-defined]
+    domain = report.original_from_domain
+    if not domain or not await directory.is_local_domain(domain):
+        log.info("ARF %s about mail not from us (From %s): ignored", report.feedback_type, domain)
+        return []
+    signed = False
+    for d in report.original_dkim_domains:
+        if await directory.is_local_domain(d):
+            signed = True
+            break
+    recorded: list[Suppression] = []
+    for address in report.recipients:
+        if not signed and not await queue.has_sent_to(address):
+            log.info("ARF about <%s>: no sign we sent to it; ignored", address)
+            continue
+        entry = await queue.record_bounce(
+            address,
+            True,
+            COMPLAINT_STATUS,
+            f"ARF {report.feedback_type} complaint ({report.user_agent or 'unknown agent'})",
+            suppress_after=1,
+        )
+        log.info("ARF %s complaint: <%s> suppressed", report.feedback_type, address)
+        recorded.append(entry)
+    return recorded
+
