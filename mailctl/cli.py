@@ -22,6 +22,7 @@ from conf.settings import Settings
 from mailctl.acl_cmds import add_acl_parser
 from mailctl.blob_cmds import add_blobs_parser
 from mailctl.dkim_cmds import add_dkim_parser
+from mailctl.dmarc_cmds import add_dmarc_parser
 from mailctl.move_cmds import cmd_account_move
 from mailctl.queue_cmds import add_queue_parser
 from mailctl.shard_cmds import add_shard_parser
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_queue_parser(command)  # queue list|show|retry|delete|hold|release|suppressions|unsuppress
     add_dkim_parser(command)  # dkim generate|show DOMAIN
+    add_dmarc_parser(command)  # dmarc reports [--domain D] | show REPORT_ID
     add_shard_parser(command)  # shard list [--json] | drain NAME [--to SHARD ...]
     add_blobs_parser(command)  # blobs stats|verify
     add_spam_parser(command)  # spam show|allow|block|remove|threshold ACCOUNT ...

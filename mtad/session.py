@@ -1225,16 +1225,20 @@ class SmtpSession(LeaseHolder, SMTP):
 
     async def _process_reports(self, queue_id: str, content: bytes) -> None:
         """Reports to us on the MX port, recognised by their content: an RFC
-        5965 complaint about mail we sent suppresses the recipient. The
-        message itself is already delivered; a failure here only loses the
-        bookkeeping."""
+        5965 complaint about mail we sent suppresses the recipient; an RFC
+        7489 aggregate report (to any local recipient) is stored for
+        ``mailctl dmarc``. The message itself is already delivered; a
+        failure here only loses the bookkeeping."""
         from mtad.arf import looks_like_arf
-        from mtad.outbound.feedback import process_incoming_arf
+        from mtad.dmarcagg import may_hold_report
+        from mtad.outbound.feedback import process_incoming_arf, store_dmarc_reports
 
         header = content[: header_block_end(content)]
         try:
             if looks_like_arf(header):
                 await process_incoming_arf(self.ctx.storage, content)
+            elif may_hold_report(content):
+                await store_dmarc_reports(self.ctx.storage, content)
         except StorageError as err:
             log.warning("%s: report feedback failed: %s", queue_id, err)
 

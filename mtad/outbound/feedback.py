@@ -106,3 +106,28 @@ async def process_incoming_arf(storage: object, raw: bytes) -> list[Suppression]
         recorded.append(entry)
     return recorded
 
+
+async def store_dmarc_reports(storage: object, raw: bytes) -> int:
+    """Stores the RFC 7489 aggregate reports attached to ``raw`` (section
+    7.2.1.1: a gzip, zip or XML part with a ``<feedback>`` root), parsed
+    off the event loop with the bounds of :mod:`mtad.dmarcagg`; refused
+    attachments are logged. Returns how many new reports were stored."""
+    from mtad.dmarcagg import reports_in
+    from storage.sql.dmarcreports import DmarcReports
+
+    reports, refused = await asyncio.to_thread(reports_in, raw)
+    for reason in refused:
+        log.info("DMARC report attachment refused: %s", reason)
+    store = DmarcReports(storage.directory.db)  # type: ignore[attr-defined]
+    stored = 0
+    for report in reports:
+        if await store.save(report):
+            stored += 1
+            log.info(
+                "DMARC aggregate report %s from %s about %s: %d rows",
+                report.report_id,
+                report.org_name,
+                report.domain,
+                len(report.rows),
+            )
+    return stored

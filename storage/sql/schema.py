@@ -108,6 +108,71 @@ dkim_keys = Table(
     Column("created", Float, nullable=False),  # epoch seconds
 )
 
+# DMARC aggregate reports received (RFC 7489 section 7.2, appendix C), in
+# the directory's database: one row per report, one per <record> of it.
+dmarc_reports = Table(
+    "dmarc_reports",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("org_name", String(255), nullable=False),
+    Column("report_id", String(255), nullable=False),
+    Column("email", String(320), nullable=True),
+    Column("domain", String(255), nullable=False, index=True),  # policy_published, lower-case
+    Column("date_begin", BigInteger, nullable=False),  # epoch seconds (appendix C DateRangeType)
+    Column("date_end", BigInteger, nullable=False),
+    Column("policy", Text, nullable=False),  # policy_published as "p=none; sp=...; pct=..."
+    Column("received", Float, nullable=False),
+    UniqueConstraint("org_name", "report_id", name="uq_dmarc_reports_org_id"),
+    sqlite_autoincrement=True,
+)
+
+dmarc_report_rows = Table(
+    "dmarc_report_rows",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("report", BigInteger, ForeignKey("dmarc_reports.id"), nullable=False, index=True),
+    Column("source_ip", String(45), nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("disposition", String(16), nullable=False),
+    Column("dkim", String(16), nullable=False),  # policy_evaluated (aligned) results
+    Column("spf", String(16), nullable=False),
+    Column("header_from", String(255), nullable=False),
+    Column("auth", Text, nullable=False),  # auth_results, "dkim=d:result spf=d:result ..."
+    sqlite_autoincrement=True,
+)
+
+# The columns that name one tally row (all but policy, rua and count).
+DMARC_TALLY_KEY = (
+    "day",
+    "policy_domain",
+    "header_from",
+    "source_ip",
+    "disposition",
+    "dkim",
+    "spf",
+    "dkim_auth",
+    "spf_auth",
+)
+# What our MX saw of the domains whose DMARC record asks for aggregate
+# reports (rua=), one row per tuple per UTC day with its count (section 7.2).
+dmarc_tally = Table(
+    "dmarc_tally",
+    metadata,
+    Column("day", Integer, nullable=False),  # epoch seconds // 86400 (UTC)
+    Column("policy_domain", String(255), nullable=False),
+    Column("header_from", String(255), nullable=False),
+    Column("source_ip", String(45), nullable=False),
+    Column("disposition", String(16), nullable=False),
+    Column("dkim", String(8), nullable=False),  # aligned: pass or fail
+    Column("spf", String(8), nullable=False),
+    Column("dkim_auth", String(500), nullable=False),  # "d:result ..." of each signature
+    Column("spf_auth", String(300), nullable=False),  # "domain:result:scope" or ""
+    Column("policy", String(255), nullable=False),  # the record's p, sp, pct, adkim, aspf
+    Column("rua", String(500), nullable=False),  # the mailto: addresses, comma separated
+    Column("count", BigInteger, nullable=False),
+    UniqueConstraint(*DMARC_TALLY_KEY, name="uq_dmarc_tally_tuple"),
+)
+
 # --- mail store (per shard) -------------------------------------------------
 
 # Per-account counters of this shard. Its row is locked first by every write
@@ -825,8 +890,9 @@ async def _v14_pg_trigram_search(conn: AsyncConnection) -> None:
         async with conn.begin_nested():  # a refusal must not abort the migration
             await conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
     except DBAPIError as exc:
-        log.warning("pg_trgm unavailable (%s): text searches will scan every message",
-                    str(exc.orig).strip())
+        log.warning(
+            "pg_trgm unavailable (%s): text searches will scan every message", str(exc.orig).strip()
+        )
         return
     await conn.exec_driver_sql(
         "CREATE INDEX IF NOT EXISTS messages_text_trgm ON messages "
@@ -1015,8 +1081,9 @@ async def _v21_pg_lz4_texts(conn: AsyncConnection) -> None:
                     f"ALTER TABLE messages ALTER COLUMN {col} SET COMPRESSION lz4"
                 )
     except DBAPIError as exc:
-        log.warning("lz4 unavailable (%s): message texts stay compressed with pglz",
-                    str(exc.orig).strip())
+        log.warning(
+            "lz4 unavailable (%s): message texts stay compressed with pglz", str(exc.orig).strip()
+        )
 
 
 async def _v22_pg_commit_marks(conn: AsyncConnection) -> None:
@@ -1136,6 +1203,14 @@ async def _v32_mailbox_acl(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: mailbox_acl.create(sync, checkfirst=True))
 
 
+async def _v33_dmarc_reports(conn: AsyncConnection) -> None:
+    """``dmarc_reports`` and ``dmarc_report_rows``, the DMARC aggregate
+    reports sent to us, and ``dmarc_tally``, what we saw for the reports we
+    send (issue #23, RFC 7489 section 7.2): new tables, nothing rewritten."""
+    for table in (dmarc_reports, dmarc_report_rows, dmarc_tally):
+        await conn.run_sync(lambda sync, t=table: t.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1169,6 +1244,7 @@ MIGRATIONS: list[Step] = [
     _v30_queue_dsn,
     _v31_sort_keys,
     _v32_mailbox_acl,
+    _v33_dmarc_reports,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
