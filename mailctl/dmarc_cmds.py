@@ -5,6 +5,10 @@ line each (reporter, report id, policy domain, period in UTC, messages
 covered); ``show REPORT_ID`` prints one with its rows (source IP, count,
 disposition, aligned DKIM and SPF results, header From, raw
 authentication results). Exit 1 if no report has that id.
+
+``send [--now]`` sends our own aggregate reports (mtad/dmarcsend.py) of the
+days tallied before today, or with ``--now`` up to this moment, as mtad
+does daily; exit 1 if another instance is sending.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def cmd_dmarc(args: argparse.Namespace, settings: Settings) -> int:
 
     async def act(storage: Any) -> int:
         store = DmarcReports(storage.directory.db)
+        if args.action == "send":
+            return await _send(storage, settings, args.now)
         if args.action == "reports":
             for r in await store.list(args.domain):
                 print(
@@ -60,12 +66,31 @@ def cmd_dmarc(args: argparse.Namespace, settings: Settings) -> int:
     return with_storage(settings, act)
 
 
+async def _send(storage: Any, settings: Settings, now: bool) -> int:
+    import time
+
+    from mtad.dmarcsend import DAY, send_reports
+    from mtad.dns import Resolver
+
+    today = int(time.time()) // DAY
+    sent = await send_reports(
+        storage, settings, Resolver(settings.dns), until_day=today + 1 if now else today
+    )
+    if sent is None:
+        print("mailctl dmarc: another instance is sending reports", file=sys.stderr)
+        return 1
+    for report in sent:
+        print(f"{report.domain}\t{report.report_id}\t{','.join(report.recipients)}")
+    return 0
+
+
 def add_dmarc_parser(
     command: Callable[[str, Callable[..., int], str], argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
     """Registers ``dmarc`` with mailctl's ``command(name, func, help)`` helper."""
-    parser = command("dmarc", cmd_dmarc, "DMARC aggregate reports")
-    parser.add_argument("action", choices=("reports", "show"))
+    parser = command("dmarc", cmd_dmarc, "DMARC aggregate reports: received, and ours")
+    parser.add_argument("action", choices=("reports", "show", "send"))
     parser.add_argument("report_id", nargs="?", help="with show: the report's id")
     parser.add_argument("--domain", help="with reports: only those about this policy domain")
+    parser.add_argument("--now", action="store_true", help="with send: include today so far")
     return parser

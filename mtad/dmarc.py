@@ -73,21 +73,23 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
 
 @dataclass(frozen=True)
 class DmarcRecord:
-    """Section 6.3 tags we act on (``rua``/``ruf`` reporting is not done)."""
+    """Section 6.3 tags we act on (``ruf`` failure reports are not sent;
+    ``rua`` aggregate reports are, by mtad/dmarcsend.py)."""
 
     p: str
     sp: str
     adkim: str = "r"
     aspf: str = "r"
     pct: int = 100
+    rua: tuple[str, ...] = ()  # section 6.4: the mailto: URIs, "!size" suffix removed
 
 
 def parse_record(text: str) -> DmarcRecord | None:
     """Parse a TXT record; None if it is not a usable DMARC record.
 
     Section 6.6.3: a record must start with ``v=DMARC1``; one whose ``p=``
-    is missing or invalid is ignored (we send no reports, so the "rua
-    present" exception does not apply).
+    is missing or invalid is ignored (also when it has ``rua=``, which the
+    section would read as ``p=none``: such a domain gets no reports).
     """
     tags: dict[str, str] = {}
     for part in text.split(";"):
@@ -112,7 +114,19 @@ def parse_record(text: str) -> DmarcRecord | None:
         adkim=adkim if adkim in ("r", "s") else "r",
         aspf=aspf if aspf in ("r", "s") else "r",
         pct=pct,
+        rua=_mailto_uris(tags.get("rua", "")),
     )
+
+
+def _mailto_uris(value: str) -> tuple[str, ...]:
+    """Section 6.4 (URI list, comma separated) and 6.2 (a ``!size`` limit
+    may follow): the ``mailto:`` addresses; other schemes are skipped."""
+    found: list[str] = []
+    for uri in value.split(","):
+        uri = uri.strip().split("!")[0]
+        if uri.lower().startswith("mailto:") and "@" in uri:
+            found.append(uri[len("mailto:") :])
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,12 @@ class DmarcResult:
     from_domain: str
     policy: str = "none"
     disposition: str = "none"
+    # For aggregate reports (section 7.2): the record and where it was found
+    # (the From domain or its organisational domain), and the aligned results.
+    record: DmarcRecord | None = None
+    policy_domain: str = ""
+    dkim_aligned: bool = False
+    spf_aligned: bool = False
 
     def header_value(self) -> str:
         if self.result in ("none", "permerror", "temperror") and not self.from_domain:
@@ -151,19 +171,28 @@ def decide(
     sample: float | None = None,
 ) -> DmarcResult:
     """Section 6.6.2 and 6.6.4 given a record: pure, for unit tests."""
-    policy = record.sp if found_at_org and from_domain != organizational_domain(
-        from_domain
-    ) else record.p
+    policy = (
+        record.sp
+        if found_at_org and from_domain != organizational_domain(from_domain)
+        else record.p
+    )
     dkim_ok = any(aligned(d, from_domain, record.adkim) for d in dkim_passes)
     spf_ok = spf_result == "pass" and aligned(spf_domain, from_domain, record.aspf)
+    found = organizational_domain(from_domain) if found_at_org else from_domain
+    seen = {
+        "record": record,
+        "policy_domain": found,
+        "dkim_aligned": dkim_ok,
+        "spf_aligned": spf_ok,
+    }
     if dkim_ok or spf_ok:
-        return DmarcResult("pass", from_domain, policy, "none")
+        return DmarcResult("pass", from_domain, policy, "none", **seen)
     disposition = policy
     roll = random.random() * 100 if sample is None else sample
     if record.pct < 100 and roll >= record.pct:
         # Section 6.6.4: outside the sample, apply the next policy down.
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, "none")
-    return DmarcResult("fail", from_domain, policy, disposition)
+    return DmarcResult("fail", from_domain, policy, disposition, **seen)
 
 
 async def _lookup(resolver: Resolver, domain: str) -> DmarcRecord | None:

@@ -11,6 +11,7 @@ is durable, anything unanswered is the client's to retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -109,6 +110,22 @@ def _make_context(settings: Settings, storage: Storage, tls: ssl.SSLContext | No
     )
 
 
+def _start_dmarc_reports(
+    settings: Settings, storage: Storage, resolver: Resolver
+) -> Callable[[], Awaitable[None]]:
+    """Starts mtad/dmarcsend.py's daily loop; returns what stops it."""
+    from mtad.dmarcsend import report_loop
+
+    task = asyncio.create_task(report_loop(storage, settings, resolver))
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return stop
+
+
 async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None) -> Service:
     """Bind the MX, submission and submissions listeners and start serving."""
     ctx = _make_context(settings, storage, tls)
@@ -147,6 +164,9 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
             service.queue_runner = runner  # type: ignore[attr-defined]
             service.on_close.append(runner.close)
         # --- end outbound queue workers ---
+        if settings.queue.workers > 0 and settings.smtp.dmarc:
+            # RFC 7489 section 7.2: our aggregate reports, daily (one instance sends).
+            service.on_close.append(_start_dmarc_reports(settings, storage, ctx.resolver))
     except BaseException:
         await service.close()
         raise

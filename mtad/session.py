@@ -1022,6 +1022,7 @@ class SmtpSession(LeaseHolder, SMTP):
                 dkim_enabled=settings.smtp.dkim_verify,
                 dmarc_enabled=settings.smtp.dmarc,
             )
+            await self._tally_dmarc(queue_id, results)
             verdict = results.dmarc.disposition if results.dmarc else "none"
             if verdict == "reject" and settings.smtp.dmarc_reject:
                 log.info("%s: DMARC reject for %s", queue_id, results.dmarc)
@@ -1222,6 +1223,23 @@ class SmtpSession(LeaseHolder, SMTP):
             )
         except StorageError as err:
             log.warning("%s: DSN feedback failed: %s", queue_id, err)
+
+    async def _tally_dmarc(self, queue_id: str, results: AuthenticationResults) -> None:
+        """RFC 7489 section 7.2: counts this message's DMARC evaluation
+        (source IP, header From, disposition, aligned and raw DKIM/SPF
+        results) in the day's tally, when the policy domain's record asks
+        for aggregate reports (``rua=``). Rejected messages count too. A
+        failure here only loses the count."""
+        from mtad.dmarcsend import tally_of
+        from storage.sql.dmarcreports import DmarcReports
+
+        seen = tally_of(results, self._client_ip)
+        if seen is None:
+            return
+        try:
+            await DmarcReports(self.ctx.storage.directory.db).count(seen)
+        except StorageError as err:
+            log.warning("%s: DMARC tally not counted: %s", queue_id, err)
 
     async def _process_reports(self, queue_id: str, content: bytes) -> None:
         """Reports to us on the MX port, recognised by their content: an RFC
