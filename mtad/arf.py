@@ -12,8 +12,10 @@ candidates. No I/O here; the work is bounded by the caller's size cap
 
 from __future__ import annotations
 
-import email
+import binascii
+import email.parser
 import email.policy
+import quopri
 import re
 from dataclasses import dataclass
 from email.message import Message
@@ -51,49 +53,78 @@ def _addresses(values: list[str]) -> list[str]:
     return [a.lower() for _, a in getaddresses(values) if "@" in a]
 
 
-def _feedback_fields(part: Message) -> Message | None:
-    payload = part.get_payload()
-    if isinstance(payload, list):  # the parser took it as a message
-        first = payload[0] if payload else None
-        return first if isinstance(first, Message) else None
-    text = payload if isinstance(payload, str) else ""
-    return email.message_from_string(text.lstrip("\r\n"), policy=email.policy.compat32)
+# Bounds: the report's parts looked at, and the header bytes parsed of each
+# (the feedback fields, the original's header). Only headers are parsed:
+# the original's body and any MIME structure in it are never walked.
+MAX_PARTS = 8
+MAX_HEADER_BYTES = 256 * 1024
+
+_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 
 
-def _original_header(part: Message) -> Message | None:
-    if part.get_content_type() == "message/rfc822":
-        payload = part.get_payload()
-        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-            return payload[0]
-        return None
-    text = part.get_payload(decode=True) or b""
-    return email.message_from_bytes(text, policy=email.policy.compat32)
+def _headers(raw: bytes) -> Message:
+    """The header fields at the start of ``raw`` (at most
+    :data:`MAX_HEADER_BYTES`), body ignored."""
+    end = re.search(rb"\r?\n\r?\n", raw[:MAX_HEADER_BYTES])
+    return _PARSER.parsebytes(raw[: end.end() if end else MAX_HEADER_BYTES], headersonly=True)
+
+
+def _parts(body: bytes, boundary: str) -> list[bytes]:
+    """The body parts of a multipart body (RFC 2046 section 5.1.1), by one
+    split on the delimiter: linear, and nothing nested is looked into."""
+    delimiter = b"\n--" + boundary.encode("ascii", "replace")
+    chunks = (b"\n" + body).split(delimiter)[1 : MAX_PARTS + 1]
+    parts: list[bytes] = []
+    for chunk in chunks:
+        if chunk.startswith(b"--"):  # the close delimiter
+            break
+        _line, _, rest = chunk.partition(b"\n")
+        parts.append(rest[:-1] if rest.endswith(b"\r") else rest)
+    return parts
+
+
+def _decoded(head: Message, body: bytes) -> bytes:
+    """``body`` undone of its Content-Transfer-Encoding (RFC 2045 section 6)."""
+    encoding = (head.get("Content-Transfer-Encoding") or "").strip().lower()
+    if encoding == "base64":
+        return binascii.a2b_base64(re.sub(rb"[^A-Za-z0-9+/=]", b"", body[: MAX_HEADER_BYTES * 2]))
+    if encoding == "quoted-printable":
+        return quopri.decodestring(body[: MAX_HEADER_BYTES * 2])
+    return body
 
 
 def parse_arf(raw: bytes) -> ArfReport | None:
     """The report in ``raw``, or None if it is not an RFC 5965 report (no
     ``message/feedback-report`` part, or no ``Feedback-Type``)."""
     try:
-        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-    except Exception:
+        return _parse(raw)
+    except Exception:  # malformed in a way the email package rejects
         return None
+
+
+def _parse(raw: bytes) -> ArfReport | None:
+    msg = _headers(raw)
     if msg.get_content_type() != "multipart/report":
         return None
     if (msg.get_param("report-type") or "").lower() != "feedback-report":
         return None
+    boundary = msg.get_boundary()
+    if not boundary:
+        return None
     fields: Message | None = None
     original: Message | None = None
-    parts = msg.get_payload()
-    if not isinstance(parts, list):
-        return None
-    for part in parts:  # section 2: the report's parts, in order, not nested
-        if not isinstance(part, Message):
+    start = re.search(rb"\r?\n\r?\n", raw)
+    for part in _parts(raw[start.end() if start else len(raw) :], boundary):
+        head = _headers(part)
+        ctype = head.get_content_type()
+        if ctype not in ("message/feedback-report", "message/rfc822", "text/rfc822-headers"):
             continue
-        ctype = part.get_content_type()
+        split = re.search(rb"\r?\n\r?\n", part)
+        content = _decoded(head, part[split.end() :] if split else b"")
         if ctype == "message/feedback-report" and fields is None:
-            fields = _feedback_fields(part)
-        elif ctype in ("message/rfc822", "text/rfc822-headers") and original is None:
-            original = _original_header(part)
+            fields = _headers(content.lstrip(b"\r\n"))
+        elif ctype != "message/feedback-report" and original is None:
+            original = _headers(content)
     if fields is None:
         return None
     feedback_type = (fields.get("Feedback-Type") or "").strip().lower()

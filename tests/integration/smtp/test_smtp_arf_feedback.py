@@ -110,11 +110,11 @@ async def test_hostile_reports_are_parsed_in_bounded_time(mta, populated) -> Non
     many_fields = "".join(f"Original-Rcpt-To: x{i}@\r\n" for i in range(20_000)).encode()
     nested = b"".join(
         b'Content-Type: multipart/mixed; boundary="n%d"\r\n\r\n--n%d\r\n' % (i, i)
-        for i in range(2_000)
+        for i in range(15_000)
     )
     hostile = [
         arf(rcpt, embedded).replace(b"Feedback-Type: abuse\r\n", many_fields),  # 600 KB of junk
-        arf(rcpt, nested + embedded),  # deep nesting in the original
+        arf(rcpt, nested + embedded),  # 15000 levels of nesting, 800 KB, in the original
         arf(rcpt, (b"\xff\xfe" * 38 + b"\r\n") * 8_000),  # binary junk as the original
         arf(rcpt, embedded).replace(b"--b", b"--x"),  # no parts at all
     ]
@@ -124,3 +124,20 @@ async def test_hostile_reports_are_parsed_in_bounded_time(mta, populated) -> Non
         assert time.monotonic() - started < 10
     assert len(await mailbox_messages(populated, ALICE)) == len(hostile)
     assert await populated.queue.suppressed([rcpt]) == set()
+
+
+async def test_an_unsigned_original_counts_when_our_queue_delivered_to_the_recipient(
+    mta, populated
+) -> None:
+    from storage.sql.queue import Outcome
+
+    rcpt, stranger = victim(), victim()
+    queue = populated.queue
+    qid = await queue.enqueue(ALICE, [rcpt], "0" * 64)
+    await queue.lease_due("w", 10, 60)
+    await queue.record_attempt(qid, "w", {rcpt: Outcome("delivered", "250 ok")}, None)
+    for address in (rcpt, stranger):  # only the first one was ever sent mail by us
+        raw = arf(address, original(ALICE, address, dkim_domain=None))
+        await asyncio.to_thread(send, mta.port("mx"), raw)
+    assert await queue.suppressed([rcpt, stranger]) == {rcpt}
+    assert (await queue.get(qid)).recipients[0].feedback == "hard"
