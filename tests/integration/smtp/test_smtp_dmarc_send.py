@@ -129,3 +129,63 @@ def test_the_daily_run_is_after_utc_midnight() -> None:
     assert seconds_to_next_run(midnight) == 600
     assert seconds_to_next_run(midnight + 600) == DAY
     assert seconds_to_next_run(midnight + 3600) == DAY - 3000
+
+
+async def test_the_daily_loop_reports_past_days_and_only_one_instance_sends(
+    populated, settings, monkeypatch
+) -> None:
+    from mtad import dmarcsend
+    from mtad.dns import Resolver
+    from storage.sql.dmarcreports import Tally
+
+    store = DmarcReports(populated.directory.db)
+    seen = Tally(
+        policy_domain="rep.example",
+        header_from="rep.example",
+        source_ip="192.0.2.7",
+        disposition="none",
+        dkim="pass",
+        spf="fail",
+        dkim_auth="rep.example:pass",
+        spf_auth="other.example:fail:mailfrom",
+        policy="p=quarantine; sp=quarantine; pct=100; adkim=r; aspf=r",
+        rua=RUA,
+    )
+    yesterday = time.time() - DAY
+    count = random.randint(1, 5)
+    for _ in range(count):
+        await store.count(seen, now=yesterday)
+    await store.count(seen)  # today's: not reported by the daily run
+    await populated.directory.add_alias(RUA, BOB)
+
+    # Another instance holds the lease: nothing is sent, nothing forgotten.
+    other = populated.stores["default"]
+    assert await other.acquire_lock(dmarcsend.LEASE_NAME, "other-host:1", 60)
+    resolver = Resolver(settings.dns)
+    today = int(time.time()) // DAY
+    assert await dmarcsend.send_reports(populated, settings, resolver, until_day=today) is None
+    busy = await asyncio.to_thread(
+        mailctl, settings.data_dir, "dmarc", *site_dns(settings), "send", "--now"
+    )
+    assert busy.returncode == 1 and "another instance" in busy.stderr
+    await other.release_lock(dmarcsend.LEASE_NAME, "other-host:1")
+
+    runs = iter([0.0])
+    monkeypatch.setattr(dmarcsend, "seconds_to_next_run", lambda now: next(runs, 3600.0))
+    loop = asyncio.create_task(dmarcsend.report_loop(populated, settings, resolver))
+    try:
+        for _ in range(200):
+            if await mailbox_messages(populated, BOB):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+    [raw] = await mailbox_messages(populated, BOB)
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    [part] = list(msg.iter_attachments())
+    report = parse_report(part.get_payload(decode=True))
+    assert report.date_begin == (today - 1) * DAY
+    assert [(r.source_ip, r.count, r.auth) for r in report.rows] == [
+        ("192.0.2.7", count, "dkim=rep.example:pass spf=other.example:fail")
+    ]
+    assert [t.count for t in await store.tallied(today + 1)] == [1]  # today's kept
