@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
+from delivery.srs import srs_of
 from mtad.service import Service, start
 from tests.protocol.smtp.support import (
     ALICE,
@@ -299,7 +300,11 @@ async def test_forward_alias_is_queued(mta: Service, populated) -> None:
         await client.send(message(to=FORWARD) + b".\r\n")
         assert (await client.reply()).startswith("250 2.0.0")
     [queued] = await populated.queue.list()
-    assert queued.sender == "someone@spf-pass.example"
+    # Forwarded out with an SRS reverse-path of ours (delivery/srs.py) that
+    # gives the original sender back.
+    assert queued.sender.startswith("SRS0=") and queued.sender.endswith("@example.net")
+    srs = await srs_of(mta.context.settings, populated)
+    assert srs is not None and srs.reverse(queued.sender) == "someone@spf-pass.example"
     assert [r.address for r in queued.recipients] == [REMOTE]
     raw = await populated.blobs.get(queued.blob_key)
     assert not raw.startswith(b"Return-Path:")  # only final delivery adds it
