@@ -104,10 +104,13 @@ def _number(queue_id: QueueRef | int) -> int:
 class DsnEnvelope:
     """RFC 3461 MAIL parameters of a queued message, as the client sent
     them (validated by the receiving session): ``ret`` "FULL" or "HDRS"
-    (section 4.3), ``envid`` the ENVID xtext (section 4.4); None: not given."""
+    (section 4.3), ``envid`` the ENVID xtext (section 4.4); None: not given.
+    ``require_tls``: MAIL had the RFC 8689 REQUIRETLS parameter (section
+    4.1), carried with the other envelope parameters to the next hop."""
 
     ret: str | None = None
     envid: str | None = None
+    require_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,7 @@ class OutboundQueue:
                     warned=False,
                     dsn_ret=envelope.ret,
                     dsn_envid=envelope.envid,
+                    require_tls=envelope.require_tls,
                 )
             )
             queue_id = int(result.inserted_primary_key[0])
@@ -681,7 +685,7 @@ class OutboundQueue:
                 recipients=tuple(by_msg.get(m.id, ())),
                 held=bool(m.held),
                 warned=bool(m.warned),
-                dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid),
+                dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid, bool(m.require_tls)),
             )
             for m in msgs
         ]

@@ -415,6 +415,8 @@ queue_messages = Table(
     # v28 (RFC 3461 section 4.3, 4.4): MAIL's RET (FULL, HDRS) and ENVID (xtext as sent).
     Column("dsn_ret", String(4), nullable=True),
     Column("dsn_envid", String(100), nullable=True),
+    # RFC 8689 section 4.1: MAIL FROM had REQUIRETLS; relayed only as section 4.2.1 says.
+    Column("require_tls", Boolean, nullable=False, server_default=false()),
     sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
@@ -1211,6 +1213,13 @@ async def _v33_dmarc_reports(conn: AsyncConnection) -> None:
         await conn.run_sync(lambda sync, t=table: t.create(sync, checkfirst=True))
 
 
+async def _v34_queue_requiretls(conn: AsyncConnection) -> None:
+    """``queue_messages.require_tls``: the RFC 8689 REQUIRETLS flag of each
+    queued message (issue #23). A column with a false default: older
+    entries were accepted without it, so no row is rewritten."""
+    await _add_missing_columns(conn, queue_messages, ("require_tls",))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1245,6 +1254,7 @@ MIGRATIONS: list[Step] = [
     _v31_sort_keys,
     _v32_mailbox_acl,
     _v33_dmarc_reports,
+    _v34_queue_requiretls,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
