@@ -45,9 +45,7 @@ TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")  # RFC 532
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
-TOO_MANY_UNKNOWN_RECIPIENTS = Reply(
-    421, "4.7.0", "Too many unknown recipients, closing connection"
-)
+TOO_MANY_UNKNOWN_RECIPIENTS = Reply(421, "4.7.0", "Too many unknown recipients, closing connection")
 RATE_LIMITED_SESSION = Reply(421, "4.7.0", "Rate limit exceeded, closing connection")
 RATE_LIMITED = Reply(450, "4.7.1", "Rate limit exceeded, try again later")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary local problem, try again later")
@@ -78,6 +76,8 @@ ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 section 6
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+# RFC 8689 section 4.1 (REQUIRETLS only over TLS), RFC 5248 X.7.10 encryption needed.
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: STARTTLS first")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 # RFC 4954 section 6: the server cannot check credentials now (storage down, busy).
 AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")

@@ -30,7 +30,7 @@ import logging
 import pathlib
 from base64 import b64decode
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
@@ -244,6 +244,7 @@ class SmtpSession(LeaseHolder, SMTP):
         # RFC 3461 section 4: " RET=HDRS ENVID=" and a 100-character ENVID;
         # " NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=" and a 500-character ORCPT.
         self.command_size_limits["MAIL"] += 16 + 100
+        self.command_size_limits["MAIL"] += 11  # RFC 8689 section 2: " REQUIRETLS"
         self.command_size_limits["RCPT"] += 36 + 500
         self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT
         # A BDAT line refused as too long would leave its chunk to be read
@@ -301,6 +302,14 @@ class SmtpSession(LeaseHolder, SMTP):
             return None
         cipher = ssl_object.cipher()
         return f"version={ssl_object.version()} cipher={cipher[0] if cipher else '?'}"
+
+    def _tls_note(self) -> str | None:
+        """The Received comment on TLS: the cipher, and REQUIRETLS when the
+        transaction had it (RFC 8689 section 4.1), so the hop shows it."""
+        tls = self.tls_description()
+        if tls and self.txn.dsn.require_tls:
+            return f"{tls}; REQUIRETLS"
+        return tls
 
     async def _push_raw(self, line: str) -> None:
         # A reply may echo client text (EHLO's name) holding surrogate-escaped
@@ -425,6 +434,8 @@ class SmtpSession(LeaseHolder, SMTP):
         ]
         if self.tls_context is not None and not self.is_tls:
             lines.append("STARTTLS")  # RFC 3207
+        if self.is_tls:
+            lines.append("REQUIRETLS")  # RFC 8689 section 2: only on a TLS session
         if self.offers_auth and not self.state.authenticated:
             lines.append("AUTH PLAIN LOGIN")  # RFC 4954
         # RFC 2034 section 3: no enhanced codes on EHLO replies.
@@ -645,11 +656,20 @@ class SmtpSession(LeaseHolder, SMTP):
             return
         size = params.pop("SIZE", None)
         params.pop("AUTH", None)  # RFC 4954 section 5: accepted, not trusted
+        require_tls = "REQUIRETLS" in params
+        if require_tls and params.pop("REQUIRETLS") is not None:
+            await self.reply(R.BAD_ARGUMENTS, "REQUIRETLS takes no value")  # RFC 8689 section 2
+            return
+        if require_tls and not self.is_tls:
+            await self.reply(R.REQUIRETLS_NEEDS_TLS)
+            return
         try:
             dsn = mail_dsn(params)
         except DsnParamError as exc:
             await self.reply(R.BAD_ARGUMENTS, str(exc))
             return
+        if require_tls:
+            dsn = replace(dsn, require_tls=True)  # RFC 8689 section 4.1: tag the message
         if params:
             await self.reply(R.PARAM_UNKNOWN)
             return
@@ -995,7 +1015,7 @@ class SmtpSession(LeaseHolder, SMTP):
             hostname=settings.server.hostname,
             protocol=protocol,
             queue_id=queue_id,
-            tls=self.tls_description(),
+            tls=self._tls_note(),
             recipient=txn.rcpt_tos[0] if len(txn.rcpt_tos) == 1 else None,
         )
         mailbox = "INBOX"

@@ -9,6 +9,15 @@ address of a host) on a connection failure or a 4yz reply, carrying only
 the recipients still undecided (RFC 5321 section 5.1). RFC 3461 DSN
 parameters go on to a host that offers DSN, unchanged (section 5.2.1);
 ``RecipientResult.dsn_passed`` tells whether they did.
+
+RFC 8689: a message with REQUIRETLS goes only to a host reached with TLS
+whose certificate is validated (DANE, else PKIX for the MX name, as an
+MTA-STS policy would) and that offers REQUIRETLS, with REQUIRETLS on MAIL
+(section 4.2.1); when no host qualifies the recipients fail with 5.7.30
+(sections 4.2.1, 5). A message with "TLS-Required: No" (and no
+REQUIRETLS) ignores the recipient domain's MTA-STS and DANE policies and
+goes out with opportunistic TLS (section 4.2.2); the local ``tls_policy``
+levels still hold.
 """
 
 from __future__ import annotations
@@ -45,6 +54,12 @@ class DsnRequest:
 
     envelope: DsnEnvelope
     recipients: Mapping[str, DsnRecipient]
+    tls_optional: bool = False  # "TLS-Required: No" (RFC 8689 section 4.2.2)
+
+    @property
+    def require_tls(self) -> bool:
+        """REQUIRETLS (RFC 8689 section 4.1); it overrides TLS-Required (section 3)."""
+        return self.envelope.require_tls
 
     def mail_params(self) -> list[str]:
         """RET and ENVID as the client gave them (RFC 3461 sections 4.3, 4.4)."""
@@ -109,6 +124,48 @@ def header_needs_smtputf8(message: bytes) -> bool:
     return not (message if end < 0 else message[: end + 2]).isascii()
 
 
+# RFC 8689 section 4.2.1 / RFC 5248: X.7.30 "REQUIRETLS support required".
+REQUIRETLS_STATUS = "5.7.30"
+
+
+def for_requiretls(tls: HostTls) -> HostTls:
+    """The TLS a REQUIRETLS message needs from a host whose policy is ``tls``
+    (RFC 8689 section 4.2.1 items 2-3): DANE stays, anything weaker than an
+    enforced PKIX verification becomes one."""
+    if tls.level == "dane" or (tls.level == "verify" and not tls.report_only):
+        return tls
+    return HostTls("verify", f"REQUIRETLS ({tls.source})", policy_type=tls.policy_type)
+
+
+def without_recipient_policy(tls: HostTls) -> HostTls:
+    """RFC 8689 section 4.2.2: with "TLS-Required: No" the recipient domain's
+    MTA-STS and DANE policies are ignored; opportunistic TLS remains."""
+    if tls.policy_type in ("sts", "tlsa"):
+        return HostTls("may", "TLS-Required: No")
+    return tls
+
+
+HEADER_SCAN_LIMIT = 256 * 1024
+
+
+def tls_required_no(message: bytes) -> bool:
+    """The header holds ``TLS-Required: No`` (RFC 8689 section 3, the value
+    case-insensitive). Linear in the header, which is read up to
+    HEADER_SCAN_LIMIT octets."""
+    head = message[:HEADER_SCAN_LIMIT].replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    value: list[bytes] | None = None  # the parts of a TLS-Required field being read
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if value is not None:
+                value.append(line)  # RFC 5322 section 2.2.3: unfold
+            continue
+        if value is not None and b"".join(value).strip().lower() == b"no":
+            return True
+        name, colon, rest = line.partition(b":")
+        value = [rest] if colon and name.strip().lower() == b"tls-required" else None
+    return value is not None and b"".join(value).strip().lower() == b"no"
+
+
 def _is_ascii(text: str) -> bool:
     return text.isascii()
 
@@ -157,11 +214,18 @@ async def deliver_domain(
         try:
             tls = await domain_tls.for_host(host)
         except HostTlsError as exc:
-            # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
-            # never in clear; the next host may do, else the mail waits.
-            log.info("%s: %s", host.name, exc.text)
-            failure = local_reply(451, exc.enhanced, exc.text)
-            continue
+            if dsn.tls_optional and not dsn.require_tls:
+                tls = OPPORTUNISTIC  # RFC 8689 section 4.2.2: the policy is ignored
+            else:
+                # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
+                # never in clear; the next host may do, else the mail waits.
+                log.info("%s: %s", host.name, exc.text)
+                failure = local_reply(451, exc.enhanced, exc.text)
+                continue
+        if dsn.require_tls:
+            tls = for_requiretls(tls)
+        elif dsn.tls_optional:
+            tls = without_recipient_policy(tls)
         for address in host.addresses:
             try:
                 outcome = await _deliver_host(
@@ -170,6 +234,11 @@ async def deliver_domain(
             except HostFailure as exc:
                 log.info("%s [%s]: %s", host.name, address, exc.reply)
                 failure = exc.reply
+                if dsn.require_tls and exc.reply.enhanced.startswith("4.7."):
+                    # RFC 8689 section 4.2.1: the host does not meet REQUIRETLS
+                    # (no TLS, certificate not validated): never sent; fails
+                    # unless another host qualifies (section 5: 5.7.30).
+                    failure = local_reply(550, REQUIRETLS_STATUS, f"REQUIRETLS: {exc.reply.text}")
                 continue  # the host's next address
             for rcpt, result in outcome.items():
                 if result.status == DEFERRED:
@@ -180,7 +249,12 @@ async def deliver_domain(
             pending = [r for r in pending if r not in results]
             break  # this host answered; recipients it deferred try the next host
     for rcpt in pending:
-        results[rcpt] = deferred.get(rcpt) or RecipientResult(DEFERRED, failure)
+        if rcpt in deferred:
+            results[rcpt] = deferred[rcpt]
+        elif failure.enhanced == REQUIRETLS_STATUS:
+            results[rcpt] = RecipientResult(FAILED, failure)  # RFC 8689 section 5
+        else:
+            results[rcpt] = RecipientResult(DEFERRED, failure)
     return results
 
 
@@ -240,6 +314,11 @@ async def _deliver_host(
                     raise HostFailure(reply)
             elif tls.mandatory:
                 raise HostFailure(reply)
+        if dsn.require_tls and client.tls and "REQUIRETLS" not in client.extensions:
+            # RFC 8689 section 4.2.1 item 4: the host must offer REQUIRETLS.
+            raise HostFailure(
+                local_reply(550, REQUIRETLS_STATUS, f"{host.name} does not offer REQUIRETLS")
+            )
         if tls.level in ("encrypt", "verify", "dane") and not client.tls:
             detail = f"{host.name}: {tls.source}: TLS required, not offered"
             if tls.policy_type != "no-policy-found":
@@ -331,6 +410,8 @@ async def _send(
                 local_reply(554, "5.6.3", f"{host.name} does not accept 8-bit data (8BITMIME)")
             )
         params.append("BODY=8BITMIME")
+    if dsn.require_tls:
+        params.append("REQUIRETLS")  # RFC 8689 section 4.2.1 item 5
     # RFC 3461 section 5.2.1: to a host offering DSN, the parameters unchanged.
     passed = "DSN" in ext
     rcpt_params: dict[str, list[str]] = {}

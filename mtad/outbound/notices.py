@@ -26,13 +26,19 @@ log = logging.getLogger("mtad.outbound")
 
 
 async def send_notification(
-    storage: object, to: str, message: bytes, settings: Settings | None = None
+    storage: object,
+    to: str,
+    message: bytes,
+    settings: Settings | None = None,
+    *,
+    require_tls: bool = False,
 ) -> None:
     """Deliver a DSN to ``to`` with a null reverse-path: into the INBOX of a
     local account, through the outbound queue otherwise. A local address
     that does not exist drops it (logged); storage trouble raises. With
     ``settings``, an SRS address of ours (a forwarded message's sender,
-    delivery/srs.py) goes to the address it encodes."""
+    delivery/srs.py) goes to the address it encodes. ``require_tls``: the
+    notice leaves with REQUIRETLS (RFC 8689 section 5)."""
     try:
         route = await resolve_recipient(storage, to, settings=settings)  # type: ignore[arg-type]
     except SubmitError:
@@ -41,7 +47,13 @@ async def send_notification(
     routing = Routing.empty()
     routing.add(route, to)
     try:
-        await deliver(storage, mail_from="", routing=routing, message=message)  # type: ignore[arg-type]
+        await deliver(
+            storage,  # type: ignore[arg-type]
+            mail_from="",
+            routing=routing,
+            message=message,
+            dsn=DsnEnvelope(require_tls=True) if require_tls else None,
+        )
     except SubmitError as exc:
         log.warning("bounce to <%s> not delivered: %s", to, exc)
 

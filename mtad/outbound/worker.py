@@ -55,6 +55,7 @@ from mtad.outbound.delivery import (
     TlsPolicy,
     deliver_domain,
     local_reply,
+    tls_required_no,
 )
 from mtad.outbound.dsn import DELAYED, RELAYED, RecipientStatus, build_dsn
 from mtad.outbound.dsn import FAILED as DSN_FAILED
@@ -333,9 +334,10 @@ class QueueRunner:
                 by_domain.setdefault(domain_of(address).lower(), []).append(address)
 
             dsn_of = {r.address: r.dsn for r in entry.recipients}
+            tls_optional = tls_required_no(raw)  # RFC 8689 section 4.2.2
 
             async def one_domain(domain: str, rcpts: list[str]) -> dict[str, RecipientResult]:
-                request = DsnRequest(entry.dsn, {a: dsn_of[a] for a in rcpts})
+                request = DsnRequest(entry.dsn, {a: dsn_of[a] for a in rcpts}, tls_optional)
                 async with self._slot(domain):
                     self.stats.by_domain[domain] = self.stats.by_domain.get(domain, 0) + 1
                     return await deliver_domain(
@@ -463,9 +465,14 @@ class QueueRunner:
             recipients=statuses,
             now=now,
             envelope_id=envelope_id(entry.dsn),
-            full=action == DSN_FAILED and entry.dsn.ret == "FULL",  # RFC 3461 section 4.3
+            # RFC 3461 section 4.3; RFC 8689 section 5: the content of a
+            # REQUIRETLS message is not returned.
+            full=action == DSN_FAILED and entry.dsn.ret == "FULL" and not entry.dsn.require_tls,
         )
-        await send_notification(self.storage, entry.sender, dsn, self.settings)
+        # RFC 8689 section 5: a notice about a REQUIRETLS message goes with REQUIRETLS.
+        await send_notification(
+            self.storage, entry.sender, dsn, self.settings, require_tls=entry.dsn.require_tls
+        )
         self.stats.bounces += 1
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from conf.settings import Settings
 from mtad.outbound.dane import DANE_TA, record_for
 from tests.adresolver import AdResolver
 from tests.conftest import make_settings
@@ -169,6 +170,43 @@ async def start_node(settings, tls: ssl.SSLContext, domains: tuple[str, ...]) ->
     return Node(settings, storage, await start(settings, storage, tls))
 
 
+def receiver_settings(
+    data_dir: Path, dns: DnsServer, ip: str, port: int, domains: tuple[str, ...]
+) -> Settings:
+    """A receiving mtad for ``domains`` on ``ip:port``, no queue workers."""
+    return make_settings(
+        data_dir,
+        server={"hostname": f"mx.{domains[0]}"},
+        dns=dns.settings(),
+        smtp={"mx_listen": [f"{ip}:{port}"]},
+        queue={"workers": 0},
+    )
+
+
+async def start_sender(
+    tmp_path: Path,
+    dns: DnsServer,
+    port: int,
+    dkim: DkimSetup,
+    tls: ssl.SSLContext,
+    ca_file: Path,
+    mta_sts_port: int,
+) -> Node:
+    """The sending mtad (alice at example.net), trusting the test CA and
+    fetching MTA-STS policies on ``mta_sts_port``."""
+    settings = sender_settings(
+        tmp_path / "sender",
+        dns,
+        port,
+        dkim,
+        tls_ca_file=str(ca_file),
+        mta_sts_port=mta_sts_port,
+    )
+    sender = await start_node(settings, tls, (SENDER_DOMAIN,))
+    await sender.storage.directory.add_account(ALICE, ALICE_PW)
+    return sender
+
+
 async def stop_node(node: Node) -> None:
     await node.service.close()
     await node.storage.close()
@@ -193,26 +231,19 @@ async def world(
                 ("bad", BAD_IP, certs.bad, BAD_DOMAINS),
                 ("good", GOOD_IP, certs.good, GOOD_DOMAINS),
             ):
-                settings = make_settings(
-                    tmp_path / name,
-                    server={"hostname": f"mx.{domains[0]}"},
-                    dns=dns.settings(),
-                    smtp={"mx_listen": [f"{ip}:{port}"]},
-                    queue={"workers": 0},
-                )
+                settings = receiver_settings(tmp_path / name, dns, ip, port, domains)
                 nodes.append(await start_node(settings, server_context(leaf), domains))
             # AdResolver stands where the DnsServer would: its settings()
             # name itself, trusted to validate (dns.trust_ad).
-            settings = sender_settings(
-                tmp_path / "sender",
-                resolver,  # type: ignore[arg-type]
+            sender = await start_sender(
+                tmp_path,
+                resolver,
                 port,
                 dkim_setup,
-                tls_ca_file=str(ca_file),
-                mta_sts_port=policies.port,
+                tls_context,
+                ca_file,
+                policies.port,  # type: ignore[arg-type]
             )
-            sender = await start_node(settings, tls_context, (SENDER_DOMAIN,))
-            await sender.storage.directory.add_account(ALICE, ALICE_PW)
             nodes.append(sender)
             yield World(sender, nodes[0], nodes[1], policies, resolver)
         finally:
