@@ -270,12 +270,14 @@ async def _deliver_host(
     tls: HostTls = OPPORTUNISTIC,
     *,
     plaintext: bool = False,
+    retry: bool = False,
 ) -> dict[str, RecipientResult]:
     """One SMTP session with one host, with the TLS ``tls`` demands.
     HostFailure if the host cannot take the message at all (connection,
     greeting, TLS); else a result for each recipient. ``plaintext``: skip
     STARTTLS (retry after a failed handshake in opportunistic mode, RFC 7435
-    section 6)."""
+    section 6); ``retry``: a second try after a failure already recorded
+    for TLS-RPT, not counted as a successful session."""
     settings = dest.settings
     try:
         client = await SmtpClient.open(
@@ -302,11 +304,20 @@ async def _deliver_host(
                 if tls.report_only:
                     # RFC 8461 section 5: testing mode delivers all the same.
                     return await _deliver_host(
-                        dest, domain, host, address, sender, recipients, message, dsn
+                        dest, domain, host, address, sender, recipients, message, dsn, retry=True
                     )
                 log.info("%s: TLS handshake failed, retrying in plaintext", host.name)
                 return await _deliver_host(
-                    dest, domain, host, address, sender, recipients, message, dsn, plaintext=True
+                    dest,
+                    domain,
+                    host,
+                    address,
+                    sender,
+                    recipients,
+                    message,
+                    dsn,
+                    plaintext=True,
+                    retry=True,
                 )
             if reply.code == 220:
                 reply = await client.ehlo(dest.helo_name)
@@ -327,6 +338,9 @@ async def _deliver_host(
                 )
             if tls.mandatory:
                 raise HostFailure(local_reply(451, "4.7.4", detail))
+        if client.tls and not retry:
+            # RFC 8460 section 4.4: counted in total-successful-session-count.
+            await dest.tls.reports.record_success(domain, host.name, tls)
         return await _send(client, host, sender, recipients, message, dsn)
     except ConnectionLost as exc:
         raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc

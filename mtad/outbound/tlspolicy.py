@@ -68,6 +68,10 @@ class HostTls:
     records: tuple[Tlsa, ...] = ()
     report_only: bool = False
     policy_type: str = "no-policy-found"  # RFC 8460 section 4.4: sts, tlsa
+    # RFC 8460 section 4.4: the policy as published (policy-string) and, for
+    # MTA-STS, the mx patterns (mx-host).
+    policy_string: tuple[str, ...] = ()
+    mx_host: tuple[str, ...] = ()
 
     @property
     def mandatory(self) -> bool:
@@ -77,10 +81,15 @@ class HostTls:
 OPPORTUNISTIC = HostTls("may", "opportunistic")
 
 
+SUCCESS = "success"  # the result_type of a successful session's line
+
+
 class TlsReportLog:
-    """Failures for TLS-RPT (RFC 8460 section 4.3 result types), one JSON
-    line each in ``<directory>/<UTC date>.jsonl``; without a directory only
-    logged. ``recent`` keeps the last ones in memory."""
+    """Sessions for TLS-RPT: failures (RFC 8460 section 4.3 result types)
+    and successful TLS sessions (``result_type`` "success", for the
+    section 4.4 success counts), one JSON line each in ``<directory>/<UTC
+    date>.jsonl``; without a directory only logged. ``recent`` keeps the
+    last failures in memory."""
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
@@ -89,20 +98,34 @@ class TlsReportLog:
     async def record(
         self, domain: str, host: str, tls: HostTls, result_type: str, detail: str
     ) -> None:
-        now = dt.datetime.now(dt.UTC)
-        entry: dict[str, object] = {
-            "time": now.isoformat(timespec="seconds"),
+        """One failed session (or policy failure) with ``host`` of ``domain``."""
+        entry = self._entry(domain, host, tls, result_type)
+        entry["detail"] = detail[:500]
+        log.warning("TLS policy failure %s", entry)
+        self.recent = [*self.recent[-99:], entry]
+        await self._append(entry)
+
+    async def record_success(self, domain: str, host: str, tls: HostTls) -> None:
+        """One session with ``host`` of ``domain`` that negotiated TLS as
+        ``tls`` demanded (RFC 8460 section 4.4 total-successful-session-count)."""
+        await self._append(self._entry(domain, host, tls, SUCCESS))
+
+    def _entry(self, domain: str, host: str, tls: HostTls, result_type: str) -> dict[str, object]:
+        return {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "policy_domain": domain,
             "policy_type": tls.policy_type,
+            "policy_string": list(tls.policy_string),
+            "mx_host": list(tls.mx_host),
             "mode": "testing" if tls.report_only else "enforce",
             "receiving_mx_hostname": host,
             "result_type": result_type,
-            "detail": detail[:500],
         }
-        log.warning("TLS policy failure %s", entry)
-        self.recent = [*self.recent[-99:], entry]
+
+    async def _append(self, entry: dict[str, object]) -> None:
         if self.directory is None:
             return
+        now = dt.datetime.fromisoformat(str(entry["time"]))
         path = self.directory / f"{now.date().isoformat()}.jsonl"
         line = json.dumps(entry) + "\n"
 
@@ -247,7 +270,11 @@ class DomainTls:
         if not lookup.secure:
             return None
         if lookup.records:
-            return HostTls("dane", "DANE", lookup.records, policy_type="tlsa")
+            # RFC 8460 section 4.4: policy-string, the TLSA records as presented.
+            shown = tuple(
+                f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in lookup.records
+            )
+            return HostTls("dane", "DANE", lookup.records, policy_type="tlsa", policy_string=shown)
         if lookup.unusable:
             # RFC 7672 section 3.1: TLSA present but none usable: TLS, unauthenticated.
             return HostTls("encrypt", "DANE (no usable TLSA)", policy_type="tlsa")
@@ -257,7 +284,21 @@ class DomainTls:
         sts = self.sts
         assert sts is not None
         testing = sts.mode == "testing"
-        tls = HostTls("verify", f"MTA-STS {sts.mode}", report_only=testing, policy_type="sts")
+        # RFC 8460 section 4.4: the policy's lines as policy-string, its mx patterns.
+        shown = (
+            "version: STSv1",
+            f"mode: {sts.mode}",
+            *(f"mx: {mx}" for mx in sts.mx),
+            f"max_age: {sts.max_age}",
+        )
+        tls = HostTls(
+            "verify",
+            f"MTA-STS {sts.mode}",
+            report_only=testing,
+            policy_type="sts",
+            policy_string=shown,
+            mx_host=sts.mx,
+        )
         if not sts.allows(host.name):
             detail = f"MX {host.name} not in the MTA-STS policy of {self.domain}"
             await self.policy.reports.record(
