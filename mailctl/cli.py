@@ -27,6 +27,7 @@ from mailctl.move_cmds import cmd_account_move
 from mailctl.queue_cmds import add_queue_parser
 from mailctl.shard_cmds import add_shard_parser
 from mailctl.spam_cmds import add_spam_parser
+from mailctl.tlsrpt_cmds import add_tlsrpt_parser
 from runtime.daemon import (
     DAEMONS,
     available_daemons,
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_blobs_parser(command)  # blobs stats|verify
     add_spam_parser(command)  # spam show|allow|block|remove|threshold ACCOUNT ...
     add_acl_parser(command)  # acl grant|revoke|list OWNER ...
+    add_tlsrpt_parser(command)  # tlsrpt send [--now | --day DATE]
 
     p = command("import", cmd_import, "import an mbox file or a Maildir")
     p.add_argument("kind", choices=("mbox", "maildir"))

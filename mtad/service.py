@@ -163,6 +163,10 @@ async def start(settings: Settings, storage: Storage, tls: ssl.SSLContext | None
             runner = start_workers(settings, storage, ctx.resolver)
             service.queue_runner = runner  # type: ignore[attr-defined]
             service.on_close.append(runner.close)
+            from mtad.outbound.tlsrpt import start_daily
+
+            # RFC 8460 section 4.1: daily TLS-RPT reports (one instance at a time).
+            service.on_close.append(start_daily(settings, storage, ctx.resolver))
         # --- end outbound queue workers ---
         if settings.queue.workers > 0 and settings.smtp.dmarc:
             # RFC 7489 section 7.2: our aggregate reports, daily (one instance sends).

@@ -1,6 +1,6 @@
 """RFC 4314 access control lists in the mail shard (issue #24).
 
-The rows live in the owner's shard (``mailbox_acl``, schema step 31)
+The rows live in the owner's shard (``mailbox_acl``, schema step 32)
 beside its mailboxes, keyed by the mailbox's id, so a RENAME keeps them
 and DELETE drops them (``SqlMailStore.delete_mailbox``); an account move
 copies them (:func:`copy_acl`), removing the owner deletes them

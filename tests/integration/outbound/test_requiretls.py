@@ -9,12 +9,15 @@ domain             MX address   peer
 secure.test        127.0.0.41   shardmail mtad, test-CA certificate for its MX
 wrongcert.test     127.0.0.42   shardmail mtad, certificate for another name
 stsbad.test        127.0.0.42   the same, with an MTA-STS enforce policy
+                                (secure.test has one too, which it meets)
 norequire.test     127.0.0.43   scripted sink: valid certificate, STARTTLS,
                                 no REQUIRETLS keyword
 =================  ===========  =============================================
 
 The sender is a shardmail mtad with queue workers; mail is submitted with
 smtplib on 587 (STARTTLS, AUTH), with ``mail_options=["REQUIRETLS"]``.
+stsbad.test and secure.test publish TLS-RPT records (``_smtp._tls``) naming
+alice's mailbox and an HTTPS endpoint at reports.test (test_tlsrpt.py).
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ SECURE_IP = "127.0.0.41"
 WRONG_IP = "127.0.0.42"
 SINK_IP = "127.0.0.43"
 RCPT_HDR = "user@x.test"
-STS_POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx.stsbad.test\r\nmax_age: 86400\r\n"
+STS_POLICIES = {
+    d: f"version: STSv1\r\nmode: enforce\r\nmx: mx.{d}\r\nmax_age: 86400\r\n"
+    for d in ("stsbad.test", "secure.test")
+}
+REPORTED = ("stsbad.test", "secure.test")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,13 @@ def port() -> int:
 
 
 @pytest.fixture(scope="module")
-def rt_dns(dkim_setup: DkimSetup) -> Iterator[DnsServer]:
+def report_port() -> int:
+    """The port of the test's HTTPS TLS-RPT endpoint (https://reports.test:<port>/)."""
+    return free_port(("127.0.0.1",))
+
+
+@pytest.fixture(scope="module")
+def rt_dns(dkim_setup: DkimSetup, report_port: int) -> Iterator[DnsServer]:
     zone = Zone()
     zone.txt(SENDER_DOMAIN, "v=spf1 ip4:127.0.0.0/8 -all")
     zone.txt(f"{SELECTOR}._domainkey.{SENDER_DOMAIN}", dkim_setup.record)
@@ -80,8 +93,15 @@ def rt_dns(dkim_setup: DkimSetup) -> Iterator[DnsServer]:
         ("norequire.test", SINK_IP),
     ):
         zone.a(f"mx.{domain}", ip).mx(domain, f"mx.{domain}", 10)
-    zone.a("mta-sts.stsbad.test", "127.0.0.1")
-    zone.txt("_mta-sts.stsbad.test", "v=STSv1; id=20261207T0200")
+    for domain in STS_POLICIES:
+        zone.a(f"mta-sts.{domain}", "127.0.0.1")
+        zone.txt(f"_mta-sts.{domain}", "v=STSv1; id=20261207T0200")
+    zone.a("reports.test", "127.0.0.1")
+    rua = f"mailto:{ALICE},https://reports.test:{report_port}/tlsrpt"
+    text = f"v=TLSRPTv1; rua={rua}".encode()
+    for domain in REPORTED:
+        # A raw TXT record (type 16): --txt-record cannot hold the comma.
+        zone.options.append(f"--dns-rr=_smtp._tls.{domain},16,{(bytes([len(text)]) + text).hex()}")
     with dns_server(zone) as server:
         yield server
 
@@ -105,8 +125,8 @@ async def world(
     ca_file: Path,
 ) -> AsyncIterator[World]:
     nodes: list[Node] = []
-    policy_cert = tls_ca.issue_cert("mta-sts.stsbad.test")
-    routes = {"mta-sts.stsbad.test": policy_response(STS_POLICY)}
+    policy_cert = tls_ca.issue_cert(*(f"mta-sts.{d}" for d in STS_POLICIES))
+    routes = {f"mta-sts.{d}": policy_response(p) for d, p in STS_POLICIES.items()}
     sink = SinkServer(SINK_IP, port, tls=server_context(tls_ca.issue_cert("mx.norequire.test")))
     async with PolicyServer(server_context(policy_cert), routes) as policies, sink:
         try:
