@@ -13,11 +13,12 @@ parameters go on to a host that offers DSN, unchanged (section 5.2.1);
 RFC 8689: a message with REQUIRETLS goes only to a host reached with TLS
 whose certificate is validated (DANE, else PKIX for the MX name, as an
 MTA-STS policy would) and that offers REQUIRETLS, with REQUIRETLS on MAIL
-(section 4.2.1); when no host qualifies the recipients fail with 5.7.30
-(sections 4.2.1, 5). A message with "TLS-Required: No" (and no
-REQUIRETLS) ignores the recipient domain's MTA-STS and DANE policies and
-goes out with opportunistic TLS (section 4.2.2); the local ``tls_policy``
-levels still hold.
+(section 4.2.1). A validated host without REQUIRETLS fails the recipients
+at once (5.7.30); no validated TLS defers them (4.7.30) until the entry
+expires, then they fail with 5.7.30 (section 5, the worker). A message
+with "TLS-Required: No" (and no REQUIRETLS) ignores the recipient domain's
+MTA-STS and DANE policies and goes out with opportunistic TLS (section
+4.2.2); the local ``tls_policy`` levels still hold.
 """
 
 from __future__ import annotations
@@ -125,7 +126,18 @@ def header_needs_smtputf8(message: bytes) -> bool:
 
 
 # RFC 8689 section 4.2.1 / RFC 5248: X.7.30 "REQUIRETLS support required".
-REQUIRETLS_STATUS = "5.7.30"
+REQUIRETLS_STATUS = "5.7.30"  # a validated host without REQUIRETLS: fails at once
+REQUIRETLS_WAIT = "4.7.30"  # no host with validated TLS now: deferred
+
+
+def requiretls_expired(last_reply: str | None) -> Reply | None:
+    """The final reply of a REQUIRETLS recipient that expired while no host
+    met REQUIRETLS (its last reply was ours, 4.7.30): 550 5.7.30 (RFC 8689
+    section 5); None for any other last reply."""
+    if last_reply is None or not last_reply.startswith(f"451 {REQUIRETLS_WAIT} "):
+        return None
+    reason = last_reply[len(f"451 {REQUIRETLS_WAIT} ") :]
+    return local_reply(550, REQUIRETLS_STATUS, f"{reason}; delivery time expired")
 
 
 def for_requiretls(tls: HostTls) -> HostTls:
@@ -236,9 +248,10 @@ async def deliver_domain(
                 failure = exc.reply
                 if dsn.require_tls and exc.reply.enhanced.startswith("4.7."):
                     # RFC 8689 section 4.2.1: the host does not meet REQUIRETLS
-                    # (no TLS, certificate not validated): never sent; fails
-                    # unless another host qualifies (section 5: 5.7.30).
-                    failure = local_reply(550, REQUIRETLS_STATUS, f"REQUIRETLS: {exc.reply.text}")
+                    # now (no TLS, certificate not validated): never sent;
+                    # deferred (a certificate gets fixed, an attack ends), and
+                    # bounced with 5.7.30 when the entry expires (section 5).
+                    failure = local_reply(451, REQUIRETLS_WAIT, f"REQUIRETLS: {exc.reply.text}")
                 continue  # the host's next address
             for rcpt, result in outcome.items():
                 if result.status == DEFERRED:

@@ -55,6 +55,7 @@ from mtad.outbound.delivery import (
     TlsPolicy,
     deliver_domain,
     local_reply,
+    requiretls_expired,
     tls_required_no,
 )
 from mtad.outbound.dsn import DELAYED, RELAYED, RecipientStatus, build_dsn
@@ -308,8 +309,9 @@ class QueueRunner:
         results: dict[str, RecipientResult] = {}
         if now >= self.expiry(entry):
             for r in entry.retryable:
-                # Action failed with the transient X.4.7 status (RFC 3463 3.5).
-                reply = local_reply(
+                # Action failed with the transient X.4.7 status (RFC 3463 3.5),
+                # or 5.7.30 when REQUIRETLS kept it back (RFC 8689 section 5).
+                reply = requiretls_expired(r.last_reply) or local_reply(
                     451, EXPIRED_STATUS, f"delivery time expired; last error: {r.last_reply}"
                 )
                 results[r.address] = RecipientResult(FAILED, reply)

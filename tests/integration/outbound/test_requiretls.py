@@ -106,6 +106,12 @@ def rt_dns(dkim_setup: DkimSetup, report_port: int) -> Iterator[DnsServer]:
         yield server
 
 
+@pytest.fixture
+def lifetime() -> int:
+    """The sender's ``queue.max_lifetime_seconds`` (a test parametrizes it)."""
+    return 5 * 24 * 3600
+
+
 @dataclass
 class World:
     sender: Node
@@ -123,6 +129,7 @@ async def world(
     tls_ca: trustme.CA,
     tls_context: ssl.SSLContext,
     ca_file: Path,
+    lifetime: int,
 ) -> AsyncIterator[World]:
     nodes: list[Node] = []
     policy_cert = tls_ca.issue_cert(*(f"mta-sts.{d}" for d in STS_POLICIES))
@@ -142,7 +149,14 @@ async def world(
                 settings = receiver_settings(tmp_path / name, rt_dns, ip, port, domains)
                 nodes.append(await start_node(settings, server_context(leaf), domains))
             sender = await start_sender(
-                tmp_path, rt_dns, port, dkim_setup, tls_context, ca_file, policies.port
+                tmp_path,
+                rt_dns,
+                port,
+                dkim_setup,
+                tls_context,
+                ca_file,
+                policies.port,
+                max_lifetime_seconds=lifetime,
             )
             nodes.append(sender)
             yield World(sender, nodes[0], nodes[1], sink)
@@ -255,18 +269,27 @@ async def test_requiretls_relayed_to_a_qualified_host(world: World, client_tls_c
     assert b"REQUIRETLS" not in hop
 
 
+@pytest.mark.parametrize("lifetime", [8])
 async def test_requiretls_not_met_bounces_5_7_30(world: World, client_tls_context) -> None:
-    """A certificate that does not validate, or a host without REQUIRETLS:
-    never sent; the sender gets a 5.7.30 bounce without the content."""
+    """A host without REQUIRETLS: never sent, a 5.7.30 bounce at once. A
+    certificate that does not validate: deferred (4.7.30), never sent, and
+    bounced with 5.7.30 when the entry expires. Neither bounce holds the
+    content (RFC 8689 section 5)."""
     ctx = client_tls_context
     tokens = {"wrongcert.test": os.urandom(8).hex(), "norequire.test": os.urandom(8).hex()}
     for domain, token in tokens.items():
         await submit(world.sender, ctx, f"user@{domain}", message(RCPT_HDR, token), ["REQUIRETLS"])
-    for domain, token in tokens.items():
-        report = await bounce_for(world.sender, token)
-        assert statuses(report) == ["5.7.30"], (domain, statuses(report))
-        raw = report.as_bytes()
-        assert b"The secret body" not in raw  # RFC 8689 section 5: no content
+    report = await bounce_for(world.sender, tokens["norequire.test"])
+    assert statuses(report) == ["5.7.30"]
+    assert "does not offer REQUIRETLS" in report.as_string()
+    assert b"The secret body" not in report.as_bytes()
+    # The other waits for a host with validated TLS: deferred with 4.7.30.
+    entry = await eventually(partial(entry_of, world.sender, "user@wrongcert.test"))
+    [state] = await eventually(partial(_after_attempts, world.sender, entry.id, 2), timeout=30)
+    assert state.status == "deferred" and state.last_reply.startswith("451 4.7.30"), state
+    report = await bounce_for(world.sender, tokens["wrongcert.test"])  # expired
+    assert statuses(report) == ["5.7.30"]
+    assert b"The secret body" not in report.as_bytes()
     assert await inbox(world.wrong, "user@wrongcert.test") == []
     assert world.sink.received == []
     assert world.sink.transactions == 0
@@ -297,23 +320,27 @@ async def test_tls_required_no_overrides_mta_sts(world: World, client_tls_contex
     # Without the field: the MTA-STS policy holds, deferred and never sent.
     await submit(world.sender, ctx, rcpt, message(rcpt, strict), [])
 
-    async def strict_entry():
-        for entry in await world.sender.storage.queue.list():
-            raw = await world.sender.storage.blobs.get(entry.blob_key)
-            if strict.encode() in raw:
-                return entry
-        return None
-
-    entry = await eventually(strict_entry)
+    entry = await eventually(partial(entry_with, world.sender, strict))
     [rcpt_state] = await eventually(partial(_after_attempts, world.sender, entry.id, 2), timeout=30)
     assert rcpt_state.status == "deferred" and "4.7.5" in (rcpt_state.last_reply or "")
     assert await arrived(strict) == []
 
-    # REQUIRETLS and the field: the field is ignored, the message bounces.
+    # REQUIRETLS and the field: the field is ignored, the certificate still
+    # fails: deferred for REQUIRETLS (4.7.30), never sent.
     await submit(world.sender, ctx, rcpt, message(rcpt, both, tls_required_no=True), ["REQUIRETLS"])
-    report = await bounce_for(world.sender, both)
-    assert statuses(report) == ["5.7.30"]
+    entry = await eventually(partial(entry_with, world.sender, both))
+    [rcpt_state] = await eventually(partial(_after_attempts, world.sender, entry.id, 2), timeout=30)
+    assert rcpt_state.status == "deferred", rcpt_state
+    assert (rcpt_state.last_reply or "").startswith("451 4.7.30"), rcpt_state
     assert await arrived(both) == []
+
+
+async def entry_with(node: Node, token: str):
+    """The queue entry whose message holds ``token``."""
+    for entry in await node.storage.queue.list():
+        if token.encode() in await node.storage.blobs.get(entry.blob_key):
+            return entry
+    return None
 
 
 async def _after_attempts(node: Node, queue_id, attempts: int):

@@ -191,9 +191,10 @@ async def start_sender(
     tls: ssl.SSLContext,
     ca_file: Path,
     mta_sts_port: int,
+    **queue: object,
 ) -> Node:
     """The sending mtad (alice at example.net), trusting the test CA and
-    fetching MTA-STS policies on ``mta_sts_port``."""
+    fetching MTA-STS policies on ``mta_sts_port``; ``queue``: more settings."""
     settings = sender_settings(
         tmp_path / "sender",
         dns,
@@ -201,6 +202,7 @@ async def start_sender(
         dkim,
         tls_ca_file=str(ca_file),
         mta_sts_port=mta_sts_port,
+        **queue,
     )
     sender = await start_node(settings, tls, (SENDER_DOMAIN,))
     await sender.storage.directory.add_account(ALICE, ALICE_PW)

@@ -33,6 +33,7 @@ from tests.integration.outbound.test_relay import inbox
 from tests.integration.outbound.test_requiretls import (  # noqa: F401 (fixtures)
     RCPT_HDR,
     World,
+    lifetime,
     message,
     port,
     report_port,
