@@ -232,7 +232,9 @@ async def deliver_domain(
                 # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
                 # never in clear; the next host may do, else the mail waits.
                 log.info("%s: %s", host.name, exc.text)
-                failure = local_reply(451, exc.enhanced, exc.text)
+                # RFC 8689 section 5: under REQUIRETLS the wait ends in 5.7.30.
+                status = REQUIRETLS_WAIT if dsn.require_tls else exc.enhanced
+                failure = local_reply(451, status, exc.text)
                 continue
         if dsn.require_tls:
             tls = for_requiretls(tls)
