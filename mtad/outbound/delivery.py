@@ -353,8 +353,9 @@ async def _deliver_host(
                 )
             if tls.mandatory:
                 raise HostFailure(local_reply(451, "4.7.4", detail))
-        if client.tls and not retry:
-            # RFC 8460 section 4.4: counted in total-successful-session-count.
+        if client.tls and not retry and tls.policy_type != "no-policy-found":
+            # RFC 8460 section 4.4: counted in total-successful-session-count
+            # (sessions under an MTA-STS or DANE policy: one line each).
             await dest.tls.reports.record_success(domain, host.name, tls)
         return await _send(client, host, sender, recipients, message, dsn)
     except ConnectionLost as exc:
