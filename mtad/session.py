@@ -9,7 +9,9 @@ SMTPUTF8, command lines that must end in CRLF (a bare LF or CR gets
 5321 section 2.3.8), our own DATA reader (bare LF refused, limits enforced
 without buffering past them), asynchronous AUTH against the directory with the
 shared throttle, recipient routing, limits (connections, errors, rates,
-timeouts) and delivery.
+timeouts) and delivery. REQUIRETLS (RFC 8689) is offered on TLS sessions
+only; MAIL's REQUIRETLS without TLS gets 530 5.7.10, with TLS it tags the
+message (queued with it, noted in the Received field).
 
 Which commands a listener allows is decided by its :class:`Mode`:
 
