@@ -26,8 +26,9 @@ Reported: p50 and p95 in milliseconds per query. ``--backend`` picks
 SQLite (a data directory), PostgreSQL (a throwaway ``tests.pgserver``
 server) or both, one after the other. Filling takes minutes: ``--keep
 DIR`` keeps a SQLite data directory (and ``--storage-url`` names a filled
-PostgreSQL database) to be measured again without filling. Never part of
-the test run::
+PostgreSQL database) to be measured again without filling; ``--fill-workers
+N`` imports in N processes at once (each through the same import path).
+Never part of the test run::
 
     python -m bench.search_bench --messages 100000 --backend both
     python -m bench.search_bench --backend sqlite --keep /tmp/search-100k
@@ -174,10 +175,14 @@ def overrides(data_dir: Path, storage_url: str) -> list[str]:
     return items
 
 
-async def fill(data_dir: Path, storage_url: str, count: int, corpus: Corpus) -> None:
-    """Creates the account and imports ``count`` messages, unless it has them already."""
+async def fill(data_dir: Path, storage_url: str, count: int, corpus: Corpus,
+               workers: int = 1) -> None:
+    """Creates the account and imports ``count`` messages, unless it has them already.
+
+    ``workers`` > 1: that many processes import at once (message ``n`` in
+    process ``n % workers``), each through the same import path; the UIDs
+    then follow arrival order, not ``n``."""
     from conf.settings import load_settings
-    from mailctl.importer import SourceMessage, import_messages
     from storage import StorageError, open_storage, password_hasher
 
     settings = load_settings(None, overrides(data_dir, storage_url))
@@ -194,25 +199,58 @@ async def fill(data_dir: Path, storage_url: str, count: int, corpus: Corpus) -> 
         mail = storage.mail(account)
         inbox = await mail.get_mailbox(account.id, "INBOX")
         have = (await mail.status(account.id, inbox.id)).messages
-        if have >= count:
-            print(f"# {have} messages already there", flush=True)
-            count = have
+    finally:
+        await storage.close()
+    if have >= count:
+        print(f"# {have} messages already there", flush=True)
+    else:
+        started = time.perf_counter()
+        if workers > 1:
+            await asyncio.to_thread(_fill_processes, data_dir, storage_url, have, count, workers)
+        else:
+            await fill_part(data_dir, storage_url, corpus, range(have, count))
+        done = count - have
+        took = time.perf_counter() - started
+        print(f"# imported {done} messages in {took:.0f} s ({done / took:.0f} msg/s)",
+              flush=True)
+    await _wait_for_fts(data_dir, storage_url)
+
+
+def _fill_processes(data_dir: Path, storage_url: str, have: int, count: int,
+                    workers: int) -> None:
+    """Runs ``workers`` processes of :func:`fill_part`, each over its share."""
+    parts = [
+        subprocess.Popen([sys.executable, "-m", "bench.search_bench", "--fill-part",
+                          f"{k}/{workers}/{have}/{count}", "--keep", str(data_dir),
+                          "--storage-url", storage_url],
+                         cwd=Path(__file__).resolve().parent.parent)
+        for k in range(workers)
+    ]
+    if any(p.wait() != 0 for p in parts):
+        raise SystemExit("a fill worker failed")
+
+
+async def fill_part(data_dir: Path, storage_url: str, corpus: Corpus, numbers: range) -> None:
+    """Imports messages ``numbers`` of the corpus into the bench account."""
+    from conf.settings import load_settings
+    from mailctl.importer import SourceMessage, import_messages
+    from storage import open_storage, password_hasher
+
+    settings = load_settings(None, overrides(data_dir, storage_url))
+    storage = await open_storage(
+        settings.storage, data_dir=data_dir, password_hasher=password_hasher(settings.auth)
+    )
+    try:
+        account = await storage.directory.get_account(LOGIN)
 
         def source() -> Iterator[SourceMessage]:
-            for n in range(have, count):
+            for n in numbers:
                 raw, flags, when = corpus.message(n)
                 yield SourceMessage(raw, flags, when)
 
-        if count > have:
-            started = time.perf_counter()
-            done = await import_messages(storage, account, "INBOX", count - have, source(),
-                                         concurrency=64)
-            took = time.perf_counter() - started
-            print(f"# imported {done} messages in {took:.0f} s ({done / took:.0f} msg/s)",
-                  flush=True)
+        await import_messages(storage, account, "INBOX", len(numbers), source(), concurrency=64)
     finally:
         await storage.close()
-    await _wait_for_fts(data_dir, storage_url)
 
 
 async def _wait_for_fts(data_dir: Path, storage_url: str) -> None:
@@ -408,7 +446,7 @@ def report(backend: str, timings: Timings) -> None:
 def measure(data_dir: Path, storage_url: str, corpus: Corpus, args: argparse.Namespace,
             backend: str) -> None:
     started = time.perf_counter()
-    asyncio.run(fill(data_dir, storage_url, args.messages, corpus))
+    asyncio.run(fill(data_dir, storage_url, args.messages, corpus, args.fill_workers))
     print(f"# {backend}: ready after {time.perf_counter() - started:.0f} s", flush=True)
     imap_port, http_port = free_port(), free_port()
     imapd = start_imapd(data_dir, storage_url, imap_port)
@@ -466,7 +504,15 @@ def main() -> None:
     parser.add_argument("--only", default="",
                         help="comma-separated query names to time (default: all); "
                              "SELECT and the API's pages always run")
+    parser.add_argument("--fill-workers", type=int, default=1,
+                        help="processes importing at once while filling (default 1)")
+    parser.add_argument("--fill-part", help=argparse.SUPPRESS)  # k/workers/first/end
     args = parser.parse_args()
+    if args.fill_part:
+        k, workers, first, end = (int(x) for x in args.fill_part.split("/"))
+        asyncio.run(fill_part(Path(args.keep), args.storage_url, Corpus(),
+                              range(first + k, end, workers)))
+        return
     if args.only:
         global ONLY
         ONLY = {name.strip() for name in args.only.split(",")}
