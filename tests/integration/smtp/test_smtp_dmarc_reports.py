@@ -190,3 +190,29 @@ async def test_hostile_reports_are_refused_quickly(mta, populated) -> None:
         assert time.monotonic() - started < 5, filename
     assert len(await mailbox_messages(populated, ALICE)) == len(hostile)
     assert await DmarcReports(populated.directory.db).list() == []
+
+
+async def test_reports_are_parsed_in_the_content_pool_under_its_time_limit(mta, populated) -> None:
+    """A big report is pure-Python XML work: it runs in the content pool's
+    worker processes (not a thread of the daemon, which would hold its GIL),
+    and past the pool's time limit it is dropped, the message still
+    delivered."""
+    from storage import contentpool
+
+    begin = int(time.time()) - 86400
+    rows = random_rows(random.randint(2000, 4000))
+    try:
+        for limit, stored_count in ((0.001, 0), (30.0, 1)):
+            contentpool.configure(1, time_limit=limit, startup_allowance=0 if limit < 1 else 30)
+            report_id = secrets.token_hex(8)
+            xml = report_xml("pool.example", report_id, rows, begin, begin + 86399)
+            name = f"pool.example!example.net!{begin}!{begin + 86399}.xml.gz"
+            raw = report_mail(
+                "pool.example", report_id, gzip.compress(xml), name, "application/gzip"
+            )
+            await asyncio.to_thread(send, mta.port("mx"), raw)
+            stored = await DmarcReports(populated.directory.db).list("example.net")
+            assert len([r for r in stored if r.report_id == report_id]) == stored_count
+    finally:
+        contentpool.configure(0)
+    assert len(await mailbox_messages(populated, ALICE)) == 2  # both delivered
