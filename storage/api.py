@@ -355,7 +355,8 @@ class MailStore(Protocol):
         """STATUS of every mailbox of the account, by mailbox id, in one read."""
 
     async def changes_since(self, account_id: int, mailbox_id: int, modseq: int) -> MailboxChanges:
-        """Entries with modseq > ``modseq`` and UIDs expunged after it."""
+        """Entries with modseq > ``modseq`` and UIDs expunged after it, with
+        the mailbox's \\Recent floor as of that read (0 if not known)."""
 
     async def claim_recent(self, account_id: int, mailbox_id: int) -> int:
         """RFC 3501 \\Recent: atomically moves the mailbox's recent floor to

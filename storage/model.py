@@ -317,6 +317,10 @@ class MailboxChanges:
     highestmodseq: int
     changed: tuple[MessageEntry, ...]  # added or flag-changed since
     vanished: tuple[int, ...]  # expunged since
+    # The mailbox's \Recent floor read with them (RFC 3501 section 2.3.2;
+    # see MailStore.claim_recent): UIDs below it are claimed already, so a
+    # session hearing only of such UIDs has nothing to claim. 0: not read.
+    recent_floor: int = 0
 
 
 class ChangeKind(enum.Enum):

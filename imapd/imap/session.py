@@ -819,7 +819,8 @@ class Session:
             else:
                 top = view.max_uid
                 new = {e.uid: e for e in changes.changed if e.uid > top}
-            recent = await self._recent_among(view, new) if new else set()
+            floor = changes.recent_floor if changes is not None else 0
+            recent = await self._recent_among(view, new, floor) if new else set()
         except BaseException:
             # Nothing applied (view.modseq unmoved): the next sync reads again.
             self.dirty = True
@@ -843,16 +844,23 @@ class Session:
             if not self.rev2:  # RFC 9051 Appendix E item 5: no RECENT response
                 self.untagged(f"{len(view.recent)} RECENT")
 
-    async def _recent_among(self, view: MailboxView, new: dict[int, MessageEntry]) -> set[int]:
+    async def _recent_among(
+        self, view: MailboxView, new: dict[int, MessageEntry], floor: int = 0
+    ) -> set[int]:
         """Which of the ``new`` UIDs (all above the view's) the client is
         to see \\Recent (RFC 3501 section 2.3.2): a read-write session claims
         those it did not claim with its own APPEND; a read-only one
-        (sections 2.3.2 and 6.3.2) sees the newest, without claiming."""
+        (sections 2.3.2 and 6.3.2) sees the newest, without claiming.
+
+        ``floor``: the recent floor read with ``new`` (0: unknown). The
+        floor only rises, so when every unclaimed UID is below it another
+        session was told of them first, and the claim (a write) would
+        give this one none of them: it is skipped."""
         if view.read_only:
             count = await self.box_mail.peek_recent(self.box_owner, view.mailbox.id)
             return set(sorted(new)[-count:]) if count > 0 else set()
         mine = {uid for uid in new if view.claimed_by_us(uid)}
-        if len(mine) < len(new):  # mail we did not claim with an APPEND
+        if any(uid >= floor for uid in new if uid not in mine):  # mail we did not claim
             floor = await self.box_mail.claim_recent(self.box_owner, view.mailbox.id)
             mine.update(uid for uid in new if uid >= floor)
         return mine

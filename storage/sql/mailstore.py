@@ -2742,7 +2742,8 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             changed = tuple(_entry(r) for r in execute(conn, _CHANGED_ENTRIES, params).all())
             gone = execute(conn, _VANISHED, params).all()
             vanished = tuple(sorted({r[0] for r in gone}))
-            return MailboxChanges(mbox.highestmodseq, changed, vanished)
+            floor = int(mbox.recent_floor)
+            return MailboxChanges(mbox.highestmodseq, changed, vanished, floor)
 
         return await self.db.read_sync(read)
 

@@ -71,9 +71,8 @@ SCRIPTS: dict[str, list[Step]] = {
 }
 
 
-async def test_append_to_the_selected_mailbox_claims_without_a_write_of_its_own(
-    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The mailbox ids of every claim_recent (a write) from now on."""
     from storage.sql.mailstore import SqlMailStore
 
     claims: list[int] = []
@@ -84,6 +83,13 @@ async def test_append_to_the_selected_mailbox_claims_without_a_write_of_its_own(
         return await real(self, account_id, mailbox_id)
 
     monkeypatch.setattr(SqlMailStore, "claim_recent", counting)
+    return claims
+
+
+async def test_append_to_the_selected_mailbox_claims_without_a_write_of_its_own(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims = _count_claims(monkeypatch)
     client = await imap_env.client()
     try:
         await run_script(client, Script([LOGIN]))
@@ -97,6 +103,34 @@ async def test_append_to_the_selected_mailbox_claims_without_a_write_of_its_own(
         assert len(claims) == 2  # ...is claimed as before
     finally:
         await client.close()
+
+
+async def test_mail_another_session_claimed_costs_no_claim(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session b APPENDs to the INBOX both have selected: b's delivery takes
+    \\Recent (RFC 3501 section 2.3.2), so a, hearing of it, has nothing to
+    claim and writes nothing (the floor read with the news is above it);
+    mail nobody claimed yet is still claimed by a, with \\Recent."""
+    claims = _count_claims(monkeypatch)
+    a, b = await imap_env.client(), await imap_env.client()
+    try:
+        for c in (a, b):
+            await run_script(c, Script([LOGIN, ("s SELECT INBOX", ["...", "s OK .*"])]))
+        claims.clear()
+        append = "p APPEND INBOX {21+}\r\nSubject: new\r\n\r\nbody1"
+        await run_script(b, Script([(append, ["=* 1 EXISTS", "=* 1 RECENT", "p OK .*"])]))
+        await run_script(a, Script([("n NOOP", ["=* 1 EXISTS", "=* 0 RECENT", "n OK .*"])]))
+        await run_script(a, Script([("f FETCH 1 FLAGS", [r"=* 1 FETCH (FLAGS ())", "f OK .*"])]))
+        assert claims == []
+        await imap_env.deliver(PLAIN)  # nobody's claim yet: a takes it
+        await run_script(a, Script([("m NOOP", ["=* 2 EXISTS", "=* 1 RECENT", "m OK .*"])]))
+        assert len(claims) == 1
+        await run_script(b, Script([("o NOOP", ["=* 2 EXISTS", "=* 1 RECENT", "o OK .*"])]))
+        assert len(claims) == 1  # b claimed its own APPEND; a the delivery
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_append_to_the_selected_mailbox_is_announced_without_reading_it_back(
