@@ -85,34 +85,30 @@ class DnsServer:
         return {"nameservers": [self.host], "port": self.port, "timeout_seconds": timeout}
 
 
-def _answers(port: int, host: str = "127.0.0.1") -> bool:
+
+def _answers(port: int) -> bool:
     import dns.message
     import dns.query
 
     query = dns.message.make_query("ready.invalid.", "A")
     try:
-        dns.query.udp(query, host, port=port, timeout=0.2)
+        dns.query.udp(query, "127.0.0.1", port=port, timeout=0.2)
     except Exception:
         return False
     return True
 
 
-def start_dns_server(
-    zone: Zone, timeout: float = 10.0, host: str = "127.0.0.1", port: int | None = None
-) -> DnsServer:
-    """Start dnsmasq with ``zone`` on ``host`` (a free port, or ``port``: 53
-    for a program that reads /etc/resolv.conf, which names no port); the
-    caller must :func:`stop_dns_server` it."""
-    fixed_port = port
+def start_dns_server(zone: Zone, timeout: float = 10.0) -> DnsServer:
+    """Start dnsmasq with ``zone``; the caller must :func:`stop_dns_server` it."""
     for _attempt in range(3):  # the free port can be taken in between: retry
-        port = fixed_port or _free_port((host,))
+        port = _free_port()
         argv = [
             DNSMASQ,
             "--no-daemon",
             "--keep-in-foreground",
             "--no-resolv",
             "--no-hosts",
-            f"--listen-address={host}",
+            "--listen-address=127.0.0.1",
             f"--port={port}",
             "--bind-interfaces",
             "--local=/#/",  # answer only from our records: NXDOMAIN otherwise
@@ -130,8 +126,8 @@ def start_dns_server(
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 break
-            if _answers(port, host):
-                return DnsServer(host, port, process)
+            if _answers(port):
+                return DnsServer("127.0.0.1", port, process)
             time.sleep(0.02)
         error = b""
         if process.poll() is None:
@@ -155,13 +151,12 @@ def stop_dns_server(server: DnsServer) -> None:
 class dns_server(contextlib.AbstractContextManager, contextlib.AbstractAsyncContextManager):
     """``with dns_server(zone) as dns`` or ``async with dns_server(zone) as dns``."""
 
-    def __init__(self, zone: Zone, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, zone: Zone) -> None:
         self.zone = zone
-        self.host, self.port = host, port
         self.server: DnsServer | None = None
 
     def __enter__(self) -> DnsServer:
-        self.server = start_dns_server(self.zone, host=self.host, port=self.port)
+        self.server = start_dns_server(self.zone)
         return self.server
 
     def __exit__(self, *exc: object) -> None:
@@ -171,9 +166,7 @@ class dns_server(contextlib.AbstractContextManager, contextlib.AbstractAsyncCont
     async def __aenter__(self) -> DnsServer:
         import asyncio
 
-        self.server = await asyncio.to_thread(
-            start_dns_server, self.zone, host=self.host, port=self.port
-        )
+        self.server = await asyncio.to_thread(start_dns_server, self.zone)
         return self.server
 
     async def __aexit__(self, *exc: object) -> None:
@@ -182,3 +175,4 @@ class dns_server(contextlib.AbstractContextManager, contextlib.AbstractAsyncCont
 
 
 __all__ = ["DnsServer", "Zone", "dns_server", "start_dns_server", "stop_dns_server"]
+

@@ -155,15 +155,10 @@ def start_postfix(
     timeout: float = 30.0,
     extra: str = "",
     master_extra: str = "",
-    resolv_conf: Path | None = None,
 ) -> PostfixPeer:
     """Start Postfix receiving mail for ``domain`` on ``address:port``;
     ``extra`` main.cf lines are appended (a ``relayhost`` makes it a sender),
-    ``master_extra`` master.cf lines too (a policy service). With
-    ``resolv_conf``, Postfix and every program it spawns run in a mount
-    namespace of their own where that file is /etc/resolv.conf: a policy
-    server that reads DNS through the system resolver (policyd-spf) asks
-    the test's DNS server, and nothing else on the machine changes."""
+    ``master_extra`` master.cf lines too (a policy service)."""
     base = Path(tempfile.mkdtemp(prefix="shardmail-postfix-"))
     os.chmod(base, 0o755)
     postfix_user = pwd.getpwnam("postfix")
@@ -186,20 +181,9 @@ def start_postfix(
         MASTER_CF.format(listen=f"{address}:{port}") + master_extra
     )
     peer = PostfixPeer(domain, address, port, base)
-    if resolv_conf is None:
-        result = peer.postfix("start")
-    else:
-        start = (
-            f"mount --bind {resolv_conf} /etc/resolv.conf"
-            f" && exec {POSTFIX} -c {peer.config_dir} start"
-        )
-        result = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", start],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    result = peer.postfix("start")
     if result.returncode != 0:
+        first = f"{result.stdout}{result.stderr}"
         # postfix(1) reports to syslog or to a terminal only: ask again on a pty.
         result = subprocess.run(
             ["script", "-q", "/dev/null", "-c", f"{POSTFIX} -c {peer.config_dir} check"],
@@ -208,7 +192,7 @@ def start_postfix(
             timeout=60,
         )
         shutil.rmtree(base, ignore_errors=True)
-        raise RuntimeError(f"postfix start failed: {result.stdout}{result.stderr}")
+        raise RuntimeError(f"postfix start failed: {first}{result.stdout}{result.stderr}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _listening(address, port):
@@ -244,11 +228,8 @@ def postfix_peer(
     port: int,
     extra: str = "",
     master_extra: str = "",
-    resolv_conf: Path | None = None,
 ) -> Iterator[PostfixPeer]:
-    peer = start_postfix(
-        domain, address, port, extra=extra, master_extra=master_extra, resolv_conf=resolv_conf
-    )
+    peer = start_postfix(domain, address, port, extra=extra, master_extra=master_extra)
     try:
         yield peer
     finally:

@@ -128,7 +128,9 @@ async def test_null_mx_and_missing_domain_fail_at_once(port: int) -> None:
     ("extensions", "message", "rcpt", "enhanced"),
     [
         (["SIZE 10"], MESSAGE, "r@d.test", "5.3.4"),  # RFC 1870
-        (["PIPELINING"], "Subject: é\r\n\r\nx\r\n".encode(), "r@d.test", "5.6.3"),  # RFC 6152
+        (["PIPELINING"], "Subject: x\r\n\r\né\r\n".encode(), "r@d.test", "5.6.3"),  # RFC 6152
+        # RFC 6531 section 3.7.4: a UTF-8 header needs SMTPUTF8 first.
+        (["PIPELINING", "8BITMIME"], "Subject: é\r\n\r\nx\r\n".encode(), "r@d.test", "5.6.9"),
         (["8BITMIME"], MESSAGE, "rené@d.test", "5.6.7"),  # RFC 6531
     ],
 )

@@ -5,10 +5,10 @@ checking the reverse-path's SPF record (RFC 7208 section 2.4) and refusing a
 fail, as many sites run it. The original sender's domain, origin.test,
 publishes ``-all`` for an address that is not ours, so the forwarded copy
 fails SPF unless its reverse-path is rewritten to our domain (example.net,
-whose record names 127.0.0.0/8). policyd-spf reads DNS through the system
-resolver, so the test's dnsmasq listens on port 53 of a loopback address
-and Postfix runs in a mount namespace where /etc/resolv.conf names it
-(tests/postfixpeer.py); nothing outside the test changes.
+whose record names 127.0.0.0/8). policyd-spf asks dnspython's default
+resolver, so Postfix spawns it through a small wrapper that points that
+resolver at the test's dnsmasq (any loopback port) and then runs the
+packaged policyd-spf unchanged; nothing outside the test changes.
 
 Also shown here: a bounce to a rewritten address, from our own queue or
 from another site through our MX, reaches the original sender; a forged
@@ -36,7 +36,7 @@ import pytest
 
 from mtad.outbound.signing import generate_key
 from tests.conftest import make_settings
-from tests.dnsserver import DnsServer, Zone, start_dns_server, stop_dns_server
+from tests.dnsserver import DnsServer, Zone, dns_server
 from tests.integration.outbound.conftest import eventually, open_test_storage
 from tests.ports import free_port
 from tests.postfixpeer import PostfixPeer, postfix_peer
@@ -54,6 +54,20 @@ Mail_From_reject = Fail
 PermError_reject = False
 TempError_Defer = False
 skip_addresses = 192.0.2.250/32
+"""
+
+# The packaged policyd-spf, with dnspython's default resolver (the one
+# pyspf's lookups use) asking the test's DNS server instead of resolv.conf.
+POLICYD_WRAPPER = """\
+#!/usr/bin/python3
+import runpy, sys
+import dns.resolver
+resolver = dns.resolver.Resolver(configure=False)
+resolver.nameservers = ["{host}"]
+resolver.port = {port}
+dns.resolver.default_resolver = resolver
+sys.argv = ["policyd-spf", *sys.argv[1:]]
+runpy.run_path("/usr/bin/policyd-spf", run_name="__main__")
 """
 
 POSTFIX_EXTRA = """
@@ -83,20 +97,8 @@ def srs_dns(dkim_dir: tuple[Path, str]) -> Iterator[DnsServer]:
     zone.a("mx.postfix.test", POSTFIX_IP)
     for domain in ("postfix.test", "origin.test", "reject.test"):
         zone.mx(domain, "mx.postfix.test", 10)
-    error: Exception | None = None
-    for _ in range(5):  # port 53 of a random loopback address (root only)
-        host = f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
-        try:
-            server = start_dns_server(zone, host=host, port=53)
-        except RuntimeError as exc:
-            error = exc
-            continue
-        try:
-            yield server
-        finally:
-            stop_dns_server(server)
-        return
-    raise RuntimeError(f"no DNS server on port 53: {error}")
+    with dns_server(zone) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +116,12 @@ def spf_postfix(srs_dns: DnsServer, smtp_port: int) -> Iterator[PostfixPeer]:
         conf_dir.chmod(0o755)
         (conf_dir / "policyd-spf.conf").write_text(POLICYD_CONF)
         (conf_dir / "policyd-spf.conf").chmod(0o644)
-        resolv = conf_dir / "resolv.conf"
-        resolv.write_text(f"nameserver {srs_dns.host}\n")
-        resolv.chmod(0o644)
+        wrapper = conf_dir / "policyd-spf"
+        wrapper.write_text(POLICYD_WRAPPER.format(host=srs_dns.host, port=srs_dns.port))
+        wrapper.chmod(0o755)
         master = (
             "policyd-spf unix - n n - 0 spawn user=nobody"
-            f" argv=/usr/bin/policyd-spf {conf_dir / 'policyd-spf.conf'}\n"
+            f" argv={wrapper} {conf_dir / 'policyd-spf.conf'}\n"
         )
         with postfix_peer(
             "postfix.test",
@@ -127,7 +129,6 @@ def spf_postfix(srs_dns: DnsServer, smtp_port: int) -> Iterator[PostfixPeer]:
             smtp_port,
             extra=POSTFIX_EXTRA,
             master_extra=master,
-            resolv_conf=resolv,
         ) as peer:
             yield peer
     finally:
