@@ -132,6 +132,9 @@ class PgReaders:
                     self._after_failure(reader, exc, limit.expired())
                 if limit.expired():
                     raise _unanswered() from exc
+                if _client_state_error(exc):
+                    # The driver's own state, not the read's: a 503, not a 500.
+                    raise StorageError(ErrorKind.TEMPORARY, f"database connection: {exc}") from exc
                 raise
             watch.active = False
             watch.handle.cancel()
@@ -179,7 +182,7 @@ class PgReaders:
         if hung or (isinstance(exc, Exception) and self._is_transient(exc)):
             self.generation += 1
             self._cut(reader)
-        elif not isinstance(exc, Exception) or reader.conn.invalidated:
+        elif not isinstance(exc, Exception) or reader.conn.invalidated or _client_state_error(exc):
             self._cut(reader)  # cancelled mid-statement: its state is unknown
         else:
             self._give_back(reader)
@@ -259,6 +262,15 @@ class PgReaders:
                 await self._idle.pop().conn.close()
         while self._releasing:
             await asyncio.wait(list(self._releasing))
+
+
+def _client_state_error(exc: BaseException) -> bool:
+    """An error of the driver's connection state (asyncpg's InterfaceError,
+    InternalClientError: "another operation is in progress", a closed
+    connection), which the connection may keep: it is not used again."""
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(exc, (sa_exc.InterfaceError, sa_exc.InternalError))
 
 
 def _unanswered() -> StorageError:
