@@ -1570,8 +1570,15 @@ class Database:
         if self._settling is not None:
             await asyncio.wait([self._settling])
         while self._pg_idle:
-            with suppress(Exception):
-                await self._pg_idle.pop().close()
+            conn = self._pg_idle.pop()
+            try:
+                # Bounded: the pool's reset on return is a round trip that a
+                # hung server never answers; then the connection is dropped.
+                async with asyncio.timeout(PING_TIMEOUT):
+                    await conn.close()
+            except Exception:
+                with suppress(Exception):
+                    await conn.invalidate()
         if self._pg_readers is not None:
             await self._pg_readers.close()
         if self._syncer is not None:

@@ -123,7 +123,7 @@ class PgReaders:
             watch.handle = loop.call_later(READ_CHECK_AFTER, self._check, watch)
             try:
                 if reader is None:
-                    reader = await self._open()
+                    reader = await self._open_retrying()
                 result = await reader.conn.run_sync(_read_on(fn))
             except BaseException as exc:
                 watch.active = False
@@ -148,6 +148,18 @@ class PgReaders:
                 return reader
             self._cut(reader)
         return None
+
+    async def _open_retrying(self) -> _Reader:
+        """:meth:`_open`, once more if the first checkout failed on a broken
+        pooled connection (the pool drops it): no statement of the read has
+        run yet, so trying again is safe; a second failure is the read's."""
+        try:
+            return await self._open()
+        except Exception as exc:
+            if not (_client_state_error(exc) or self._is_transient(exc)):
+                raise
+            self.generation += 1
+            return await self._open()
 
     async def _open(self) -> _Reader:
         """A new held connection, through the pool (its checkout ping, the
@@ -240,10 +252,20 @@ class PgReaders:
 
     def _release(self, reader: _Reader, invalidate: bool = False) -> None:
         async def release() -> None:
-            with suppress(Exception):
-                if invalidate:
-                    await reader.conn.invalidate()
-                await reader.conn.close()
+            # Bounded: giving a connection back to the pool runs its reset
+            # (a ROLLBACK) on the server, which a hung or half-broken
+            # connection would never answer; then it is cut instead.
+            try:
+                async with asyncio.timeout(self._ping_timeout):
+                    if invalidate:
+                        await reader.conn.invalidate()
+                    await reader.conn.close()
+            except Exception:
+                with suppress(Exception):
+                    reader.raw.terminate()
+                with suppress(Exception):
+                    async with asyncio.timeout(self._ping_timeout):
+                        await reader.conn.invalidate()
 
         task = asyncio.get_running_loop().create_task(release())
         self._releasing.add(task)
@@ -258,9 +280,8 @@ class PgReaders:
             with suppress(BaseException):
                 await self._probe
         while self._idle:
-            with suppress(Exception):
-                await self._idle.pop().conn.close()
-        while self._releasing:
+            self._release(self._idle.pop())
+        while self._releasing:  # each bounded by the ping's time limit (_release)
             await asyncio.wait(list(self._releasing))
 
 
