@@ -33,7 +33,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
-import functools
 import os
 import sqlite3
 import threading
@@ -283,12 +282,6 @@ class BlobPack:
                 conn.close()
 
 
-@functools.cache
-def _row_statement(columns: str) -> Any:
-    """The one statement object per column list (``execute`` prepares it once)."""
-    return text(f"SELECT {columns} FROM blobs WHERE key = :key")
-
-
 class TablePack:
     """The ``blobs`` table of a PostgreSQL database (``database``: a
     ``storage.sql.db.Database``), read and garbage-collected through the
@@ -301,16 +294,12 @@ class TablePack:
         self.database = database
 
     async def row(self, columns: str, key: str) -> tuple[object, ...] | None:
-        """``columns`` (SQL) of the blob's row, or None. One prepared
-        statement through ``read_sync`` (every FETCH of a small message on
-        PostgreSQL reads here): no BEGIN or ROLLBACK, no SQLAlchemy
-        execution per read."""
-        from storage.sql.db import execute  # storage.sql.schema imports this module
-
-        stmt = _row_statement(columns)
-        return await self.database.read_sync(  # type: ignore[no-any-return]
-            lambda conn: execute(conn, stmt, {"key": key}).first()
-        )
+        """``columns`` (SQL) of the blob's row, or None."""
+        async with self.database.read() as conn:
+            found = await conn.execute(
+                text(f"SELECT {columns} FROM blobs WHERE key = :key"), {"key": key}
+            )
+            return found.first()  # type: ignore[no-any-return]
 
     async def keys(self) -> list[str]:
         async with self.database.read() as conn:

@@ -220,28 +220,6 @@ async def test_stores_of_several_accounts_write_in_one_statement_per_batch(site:
         assert [(c.uid, c.modseq) for c in changes] == [(1, box.highestmodseq + 1)]
 
 
-async def test_reading_a_blob_the_shard_keeps_is_one_statement(site: Site) -> None:
-    """A FETCH of a small message on PostgreSQL reads its blob from the
-    shard's table: one statement each, no BEGIN or ROLLBACK around it,
-    and the bytes exactly as delivered."""
-    made = [build(body=random.randbytes(random.randint(1, 3000)).hex())[0] for _ in range(5)]
-    for raw in made:
-        await ingest(site.storage, [Delivery(site.bob, "INBOX")], raw)
-    mail = site.storage.mail(site.bob)
-    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
-    keys = [
-        s.entry.blob_key for s in await mail.fetch(site.bob.id, box, UidSet.of([1, 2, 3, 4, 5]))
-    ]
-    start = site.log.stat().st_size
-    got = [await site.storage.blobs.get(k) for k in keys]
-    text = site.log.read_bytes()[start:].decode(errors="replace")
-    ran = [s.strip() for s in re.findall(r"(?:statement|execute [^:]*): (.*)", text)]
-    reads = [s for s in ran if s.startswith("SELECT data FROM blobs")]
-    assert sorted(got) == sorted(made)
-    assert len(reads) == len(keys), ran
-    assert not [s for s in ran if s.startswith(("BEGIN", "ROLLBACK"))], ran
-
-
 def _message_id(raw: bytes) -> str:
     return re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode()  # type: ignore[union-attr]
 
