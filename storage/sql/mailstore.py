@@ -309,7 +309,6 @@ class _Tx:
     # counters they move, written by flush_sync in its one statement.
     entries: list[dict[str, Any]] = field(default_factory=list)
     bumps: dict[int, tuple[int, int]] = field(default_factory=dict)  # id: (uidnext, modseq)
-    _flags: list[tuple[int, int, int, str, int]] = field(default_factory=list)  # see store_sync
 
     def write_entry(self, entry: dict[str, Any], uidnext: int, modseq: int) -> None:
         """Inserts a ``mailbox_entries`` row and moves its mailbox's
@@ -438,26 +437,9 @@ class _Tx:
         if flush is None:
             flush = _PgFlush()
         flush.add(entry_keys, self.entries, rows, self.bumps, counters)
-        flush.flags += self._flags
         if now:
             flush.send(conn)
-        self.entries, self.bumps, self._flags = [], {}, []
-
-    def store_sync(
-        self,
-        conn: Connection,
-        mbox: Any,
-        modseq: int,
-        changed: Sequence[tuple[Any, int, str]],
-        rows: list[dict[str, Any]],
-    ) -> None:
-        """PostgreSQL: a STORE's writes (``changed``: each entry row with its
-        new flag mask and keywords text, all at ``modseq``; ``rows``: their
-        change-log rows, ids from ``last_change_id + 1``) with the mailbox's
-        HIGHESTMODSEQ and the account's counters, through :meth:`_flush_pg`."""
-        self._flags = [(mbox.id, r.uid, m, kw, modseq) for r, m, kw in changed]
-        self.set_highestmodseq(mbox, modseq)
-        self._flush_pg(conn, rows, self._counters(len(rows)))
+        self.entries, self.bumps = [], {}
 
     def log_rows_sync(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Writes change-log rows a caller built itself (ids from
@@ -509,25 +491,19 @@ def _unnest(table: Any, prefix: str, keys: Sequence[str]) -> str:
 
 @functools.cache
 def _flush_statement_pg(entry_keys: tuple[str, ...]) -> Any:
-    """PostgreSQL: the new entries, changed flags, mailbox counters,
-    change-log rows and account counters of one write function, or of
-    every write function of a batch (:class:`_PgFlush`), in one statement
-    (each list of rows passed as arrays, one per column, so one prepared
-    statement serves any number; one row per mailbox and per account,
-    their last values; an entry's flags changed by one call only). Beside
-    the shared statements it replaces: _BUMP_MAILBOX, _INSERT_ENTRY,
-    _STORE_FLAGS, _INSERT_CHANGES, _UPDATE_COUNTERS. The parts touch
-    different rows, so that they share one snapshot changes nothing."""
+    """PostgreSQL: the entries, mailbox counters, change-log rows and
+    account counters of one write function, or of every write function of
+    a batch (:class:`_PgFlush`), in one statement (each list of rows passed
+    as arrays, one per column, so one prepared statement serves any
+    number; one row per mailbox and per account, their last values).
+    Beside the shared statements it replaces: _BUMP_MAILBOX, _INSERT_ENTRY,
+    _INSERT_CHANGES, _UPDATE_COUNTERS. The parts touch different tables,
+    so that they share one snapshot changes nothing."""
     return sql_text(
         "WITH bump AS (UPDATE mailboxes SET uidnext = u.uidnext, highestmodseq = u.modseq "
         "FROM unnest(CAST(:bump_id AS BIGINT[]), CAST(:bump_uidnext AS BIGINT[]), "
         "CAST(:bump_modseq AS BIGINT[])) AS u(id, uidnext, modseq) WHERE mailboxes.id = u.id), "
         f"entries AS ({_unnest(E, 'e_', entry_keys)}), "
-        "flags AS (UPDATE mailbox_entries SET sysflags = f.mask, keywords = f.kw, "
-        "modseq = f.modseq FROM unnest(CAST(:f_box AS BIGINT[]), CAST(:f_uid AS BIGINT[]), "
-        "CAST(:f_mask AS INTEGER[]), CAST(:f_kw AS TEXT[]), CAST(:f_modseq AS BIGINT[])) "
-        "AS f(box, uid, mask, kw, modseq) "
-        "WHERE mailbox_entries.mailbox_id = f.box AND mailbox_entries.uid = f.uid), "
         f"changes AS ({_unnest(change_log, 'c_', _CHANGE_KEYS)}) "
         "UPDATE shard_accounts SET last_change_id = a.last_change, "
         "next_uidvalidity = a.uidvalidity, used_bytes = a.used "
@@ -552,11 +528,6 @@ class _PgFlush:
         self.changes: list[dict[str, Any]] = []
         self.bumps: dict[int, tuple[int, int]] = {}  # mailbox id: (uidnext, modseq)
         self.accounts: dict[int, tuple[int, int, int]] = {}  # id: (last change, uidv, used)
-        self.flags: list[tuple[int, int, int, str, int]] = []  # box, uid, mask, keywords, modseq
-
-    def touches(self, account_id: int) -> bool:
-        """Whether rows of ``account_id`` are among those held here."""
-        return account_id in self.accounts
 
     def takes(self, entry_keys: tuple[str, ...]) -> bool:
         """Whether entries with these columns go in the same statement."""
@@ -602,8 +573,6 @@ class _PgFlush:
         params["bump_id"] = list(self.bumps)
         params["bump_uidnext"] = [uidnext for uidnext, _ in self.bumps.values()]
         params["bump_modseq"] = [modseq for _, modseq in self.bumps.values()]
-        for i, name in enumerate(("f_box", "f_uid", "f_mask", "f_kw", "f_modseq")):
-            params[name] = [f[i] for f in self.flags]
         params["a_id"] = list(self.accounts)
         params["a_last_change"] = [a[0] for a in self.accounts.values()]
         params["a_uidvalidity"] = [a[1] for a in self.accounts.values()]
@@ -1110,11 +1079,20 @@ _LOCK_STORE_RANGE_PG = (
     .with_for_update(of=[shard_accounts, mailboxes, E])
 )
 # The second writes the entries' flags, HIGHESTMODSEQ, the change log and
-# the account's last change id: _flush_statement_pg (:meth:`_Tx.store_sync`),
-# in a batch of several calls with theirs. It runs while other accounts'
-# writes are deferred (they lock other rows); the caller sends its own
-# account's first (_PgFlush.touches).
-reads_deferred(_LOCK_STORE_RANGE_PG)
+# the account's last change id (rows passed as arrays, as _flush_statement_pg
+# does). Beside _STORE_FLAGS, _SET_HIGHESTMODSEQ and _Tx.log_rows_sync.
+_STORE_WRITE_PG = sql_text(
+    "WITH entries AS (UPDATE mailbox_entries SET sysflags = u.mask, keywords = u.kw, "
+    "modseq = CAST(:s_modseq AS BIGINT) FROM unnest(CAST(:s_uid AS BIGINT[]), "
+    "CAST(:s_mask AS INTEGER[]), CAST(:s_kw AS TEXT[])) AS u(uid, mask, kw) "
+    "WHERE mailbox_entries.mailbox_id = CAST(:s_box AS BIGINT) "
+    "AND mailbox_entries.uid = u.uid), "
+    "bump AS (UPDATE mailboxes SET highestmodseq = CAST(:s_modseq AS BIGINT) "
+    "WHERE id = CAST(:s_box AS BIGINT)), "
+    f"changes AS ({_unnest(change_log, 'c_', _CHANGE_KEYS)}) "
+    "UPDATE shard_accounts SET last_change_id = CAST(:b_last_change AS BIGINT) "
+    "WHERE account_id = CAST(:b_account AS BIGINT)"
+)
 
 
 def _lock_store_range_pg(
@@ -2533,9 +2511,6 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         # entries and change objects are built after the commit.
         def write(conn: Connection) -> _StoreOutcome:
             pg = conn.dialect.name != "sqlite"
-            held = peek_deferred(conn) if pg else None
-            if held is not None and held.touches(account_id):
-                send_deferred(conn)  # the lock below reads this account's rows as they are
             locked = _lock_store_range_pg(conn, account_id, mailbox_id, uids) if pg else None
             if locked is None:
                 tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
@@ -2561,7 +2536,17 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
                     for i, (r, m, kw) in enumerate(changed)
                 ]
                 if pg:
-                    tx.store_sync(conn, mbox, modseq, changed, log_rows)
+                    params: dict[str, Any] = {
+                        "s_box": mailbox_id,
+                        "s_modseq": modseq,
+                        "s_uid": [r.uid for r, _, _ in changed],
+                        "s_mask": [m for _, m, _ in changed],
+                        "s_kw": [kw for _, _, kw in changed],
+                        "b_account": account_id,
+                        "b_last_change": first_change + len(changed) - 1,
+                    }
+                    params.update(_columns("c_", _CHANGE_KEYS, log_rows))
+                    execute(conn, _STORE_WRITE_PG, params)
                 else:
                     execute(
                         conn,
