@@ -355,62 +355,6 @@ class _DriverResult:
 
 _prepared: dict[tuple[int, tuple[str, ...], str], _Prepared] = {}
 
-# PostgreSQL batch writer: statements a write function left for the end of
-# its batch's transaction (see :func:`deferred`), and whether this
-# transaction takes them (conn.info keys).
-_DEFERRED = "shardmail.deferred"
-_DEFER_OK = "shardmail.defer_ok"
-# Statements that may run before the deferred ones are sent (by identity):
-# they read nothing those write, or overlay what they would have written
-# (:func:`reads_deferred`).
-_SEES_DEFERRED: set[int] = set()
-
-
-def deferred(conn: Connection, make: Callable[[], T]) -> T | None:
-    """The deferred writes of ``conn``'s transaction (made by ``make`` at the
-    first call), when it is a PostgreSQL batch of several calls run without
-    savepoints (:meth:`Database._run_transaction`); else None and the caller
-    writes at once. The object's ``send(conn)`` writes them; it is called,
-    once, before any statement not marked by :func:`reads_deferred` runs on
-    ``conn`` (through :func:`execute` or SQLAlchemy), and at the end of the
-    batch, before the commit, where a failure fails the batch's calls as
-    one call's failure does (they run again, each in a SAVEPOINT, without
-    deferral). On a rollback they are dropped unsent. Its contract: what
-    the write functions that follow in the same transaction could read of
-    them, they learn from the object, not from the tables."""
-    if not conn.info.get(_DEFER_OK):
-        return None
-    held = conn.info.get(_DEFERRED)
-    if held is None:
-        held = conn.info[_DEFERRED] = make()
-    return held
-
-
-def peek_deferred(conn: Connection) -> Any:
-    """The deferred writes :func:`deferred` holds for ``conn``, or None."""
-    return conn.info.get(_DEFERRED)
-
-
-def reads_deferred(stmt: Any) -> Any:
-    """Marks ``stmt`` (a module-level or cached statement, kept alive) as
-    one that may run while writes are deferred: its caller overlays what
-    the deferred writes would change (returns ``stmt``)."""
-    _SEES_DEFERRED.add(id(stmt))
-    return stmt
-
-
-def send_deferred(conn: Connection) -> None:
-    """Sends ``conn``'s deferred writes now, if any (see :func:`deferred`)."""
-    held = conn.info.pop(_DEFERRED, None)
-    if held is not None:
-        held.send(conn)
-
-
-def _end_deferral(conn: Connection) -> None:
-    with suppress(Exception):  # a connection already invalidated has no info
-        conn.info.pop(_DEFERRED, None)
-        conn.info.pop(_DEFER_OK, None)
-
 
 def execute(conn: Connection, stmt: Any, params: Any = None) -> Any:
     """``conn.execute(stmt, params)`` for the hot write functions.
@@ -475,8 +419,6 @@ def _execute_asyncpg(conn: Connection, stmt: Any, params: Any) -> _DriverResult:
     in (the batch writer's ``BEGIN``, see :meth:`Database._pg_batch`).
     asyncpg's errors are raised as SQLAlchemy's (``IntegrityError``...),
     as ``conn.execute`` would."""
-    if _DEFERRED in conn.info and id(stmt) not in _SEES_DEFERRED:
-        send_deferred(conn)
     many = isinstance(params, list)
     first = (params[0] if params else {}) if many else (params or {})
     prepared = _prepared_for(conn, stmt, tuple(first))
@@ -1396,11 +1338,8 @@ class Database:
             # First without savepoints: calls rarely fail, and every statement
             # costs the writer a wait for the GIL while the loop is busy. If
             # one fails, all roll back and run again, each in a SAVEPOINT.
-            # On PostgreSQL the calls may leave writes for the end (see
-            # ``deferred``): one round trip for all, not one each.
             try:
                 with _transaction(conn, durable):
-                    conn.info[_DEFER_OK] = not self.is_sqlite
                     for fn in fns:
                         try:
                             outcomes.append((True, fn(conn)))
@@ -1408,13 +1347,6 @@ class Database:
                             if _fails_batch(exc):
                                 raise
                             raise _CallFailed from exc
-                    try:
-                        conn.info.pop(_DEFER_OK, None)
-                        send_deferred(conn)
-                    except Exception as exc:
-                        if _fails_batch(exc):
-                            raise
-                        raise _CallFailed from exc
                     self._await_ready(conn, items, outcomes)
                 return outcomes
             except _CallFailed:
@@ -1650,7 +1582,6 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
                 driver.execute("ROLLBACK")
         raise
     finally:
-        _end_deferral(conn)  # unsent after a rollback: dropped with it
         if conn.in_transaction():
             conn.rollback()  # SQLAlchemy's side only: the driver's has ended
 
@@ -1681,13 +1612,6 @@ def _setup_postgresql(engine: Engine) -> None:
     25006 (read_only_sql_transaction, PostgreSQL manual appendix A): the
     error is treated as a disconnect, which invalidates the connection and
     the pool's older ones. The caller still gets TEMPORARY (``classify``)."""
-
-    # A statement run through SQLAlchemy reads the tables as the deferred
-    # writes leave them (see ``deferred``).
-    @event.listens_for(engine, "before_execute")
-    def on_execute(conn: Connection, *_: Any) -> None:
-        if _DEFERRED in conn.info:
-            send_deferred(conn)
 
     @event.listens_for(engine, "handle_error")
     def on_error(context: Any) -> None:

@@ -89,14 +89,7 @@ from storage.sortrows import SortRow, sort_row, sort_row_of
 from storage.sql import codec, fts, sortkeys, spamtokens
 from storage.sql import criteria as crit
 from storage.sql.acl import AclStore, delete_acl, delete_mailbox_acl
-from storage.sql.db import (
-    Database,
-    deferred,
-    execute,
-    peek_deferred,
-    reads_deferred,
-    send_deferred,
-)
+from storage.sql.db import Database, execute
 from storage.sql.metadata import MetadataStore, delete_mailbox_metadata, delete_metadata
 from storage.sql.schema import (
     change_log,
@@ -425,20 +418,14 @@ class _Tx:
     def _flush_pg(
         self, conn: Connection, rows: list[dict[str, Any]], counters: dict[str, Any]
     ) -> None:
-        """The flush's statement, or, in a batch of several calls, its
-        rows added to the batch's one flush sent before the commit
-        (:class:`_PgFlush`, ``db.deferred``)."""
         entry_keys = tuple(self.entries[0]) if self.entries else _ENTRY_KEYS
-        flush = deferred(conn, _PgFlush)
-        if flush is not None and not flush.takes(entry_keys):
-            send_deferred(conn)
-            flush = deferred(conn, _PgFlush)
-        now = flush is None
-        if flush is None:
-            flush = _PgFlush()
-        flush.add(entry_keys, self.entries, rows, self.bumps, counters)
-        if now:
-            flush.send(conn)
+        params = dict(counters)
+        params.update(_columns("e_", entry_keys, self.entries))
+        params.update(_columns("c_", _CHANGE_KEYS, rows))
+        params["bump_id"] = list(self.bumps)
+        params["bump_uidnext"] = [uidnext for uidnext, _ in self.bumps.values()]
+        params["bump_modseq"] = [modseq for _, modseq in self.bumps.values()]
+        execute(conn, _flush_statement_pg(entry_keys), params)
         self.entries, self.bumps = [], {}
 
     def log_rows_sync(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -491,11 +478,9 @@ def _unnest(table: Any, prefix: str, keys: Sequence[str]) -> str:
 
 @functools.cache
 def _flush_statement_pg(entry_keys: tuple[str, ...]) -> Any:
-    """PostgreSQL: the entries, mailbox counters, change-log rows and
-    account counters of one write function, or of every write function of
-    a batch (:class:`_PgFlush`), in one statement (each list of rows passed
-    as arrays, one per column, so one prepared statement serves any
-    number; one row per mailbox and per account, their last values).
+    """PostgreSQL: a write function's entries, mailbox counters, change-log
+    rows and account counters in one statement (each list of rows passed as
+    arrays, one per column, so one prepared statement serves any number).
     Beside the shared statements it replaces: _BUMP_MAILBOX, _INSERT_ENTRY,
     _INSERT_CHANGES, _UPDATE_COUNTERS. The parts touch different tables,
     so that they share one snapshot changes nothing."""
@@ -505,79 +490,10 @@ def _flush_statement_pg(entry_keys: tuple[str, ...]) -> Any:
         "CAST(:bump_modseq AS BIGINT[])) AS u(id, uidnext, modseq) WHERE mailboxes.id = u.id), "
         f"entries AS ({_unnest(E, 'e_', entry_keys)}), "
         f"changes AS ({_unnest(change_log, 'c_', _CHANGE_KEYS)}) "
-        "UPDATE shard_accounts SET last_change_id = a.last_change, "
-        "next_uidvalidity = a.uidvalidity, used_bytes = a.used "
-        "FROM unnest(CAST(:a_id AS BIGINT[]), CAST(:a_last_change AS BIGINT[]), "
-        "CAST(:a_uidvalidity AS BIGINT[]), CAST(:a_used AS BIGINT[])) "
-        "AS a(id, last_change, uidvalidity, used) WHERE shard_accounts.account_id = a.id"
+        "UPDATE shard_accounts SET last_change_id = :b_last_change, "
+        "next_uidvalidity = :b_uidvalidity, used_bytes = :b_used "
+        "WHERE account_id = :b_account"
     )
-
-
-class _PgFlush:
-    """PostgreSQL: what write functions' flushes write (:meth:`_Tx.flush_sync`),
-    gathered for one :func:`_flush_statement_pg`. In a batch of several
-    calls it is the batch's deferred write (``db.deferred``): sent once,
-    before the commit or before any statement that could read what it
-    writes, except a delivery's first statement (:func:`_deliver_head_pg`),
-    whose caller takes the account's and the mailbox's counters from
-    :meth:`overlay` (the rows it locked are as they were before this)."""
-
-    def __init__(self) -> None:
-        self.entry_keys: tuple[str, ...] | None = None
-        self.entries: list[dict[str, Any]] = []
-        self.changes: list[dict[str, Any]] = []
-        self.bumps: dict[int, tuple[int, int]] = {}  # mailbox id: (uidnext, modseq)
-        self.accounts: dict[int, tuple[int, int, int]] = {}  # id: (last change, uidv, used)
-
-    def takes(self, entry_keys: tuple[str, ...]) -> bool:
-        """Whether entries with these columns go in the same statement."""
-        return not self.entries or set(entry_keys) == set(self.entry_keys or ())
-
-    def add(
-        self,
-        entry_keys: tuple[str, ...],
-        entries: list[dict[str, Any]],
-        changes: list[dict[str, Any]],
-        bumps: dict[int, tuple[int, int]],
-        counters: dict[str, Any],
-    ) -> None:
-        """One flush's rows; later counters replace earlier ones (each
-        write function saw its predecessors' through :meth:`overlay`)."""
-        if entries or self.entry_keys is None:
-            self.entry_keys = entry_keys
-        self.entries += entries
-        self.changes += changes
-        self.bumps.update(bumps)
-        self.accounts[counters["b_account"]] = (
-            counters["b_last_change"],
-            counters["b_uidvalidity"],
-            counters["b_used"],
-        )
-
-    def overlay(self, tx: _Tx, box: Any) -> Any:
-        """Sets ``tx``'s account counters and returns ``box`` (a locked
-        mailbox row) with its UIDNEXT and HIGHESTMODSEQ as the rows held
-        here leave them."""
-        if tx.account_id in self.accounts:
-            tx.last_change_id, tx.next_uidvalidity, tx.used_bytes = self.accounts[tx.account_id]
-        if box.id in self.bumps:
-            uidnext, modseq = self.bumps[box.id]
-            box = box._replace(uidnext=uidnext, highestmodseq=modseq)
-        return box
-
-    def send(self, conn: Connection) -> None:
-        keys = self.entry_keys or _ENTRY_KEYS
-        params: dict[str, Any] = {}
-        params.update(_columns("e_", keys, self.entries))
-        params.update(_columns("c_", _CHANGE_KEYS, self.changes))
-        params["bump_id"] = list(self.bumps)
-        params["bump_uidnext"] = [uidnext for uidnext, _ in self.bumps.values()]
-        params["bump_modseq"] = [modseq for _, modseq in self.bumps.values()]
-        params["a_id"] = list(self.accounts)
-        params["a_last_change"] = [a[0] for a in self.accounts.values()]
-        params["a_uidvalidity"] = [a[1] for a in self.accounts.values()]
-        params["a_used"] = [a[2] for a in self.accounts.values()]
-        execute(conn, _flush_statement_pg(keys), params)
 
 
 _LOCK_ACCOUNT = (
@@ -664,7 +580,7 @@ def _deliver_head_pg(keys: tuple[str, ...], by_name: bool, with_blob: bool) -> A
     which = "m.name = CAST(:b_name AS TEXT)" if by_name else "m.id = CAST(:b_id AS BIGINT)"
     account_cols = ", ".join(f"a.{c.name}" for c in shard_accounts.c)
     mailbox_cols = ", ".join(f"m.{c.name} AS m_{c.name}" for c in mailboxes.c)
-    stmt = sql_text(
+    return sql_text(
         f"WITH {blob}v AS ({fts.ADD_VOCAB_SQL}), "
         "n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id), "
         f"msg AS (INSERT INTO messages (id, thread_id, {', '.join(cols)}, search_words) "
@@ -678,7 +594,6 @@ def _deliver_head_pg(keys: tuple[str, ...], by_name: bool, with_blob: bool) -> A
         "WHERE a.account_id = CAST(:b_account AS BIGINT) FOR UPDATE OF a, m"
         ") AS l ON true"
     )
-    return reads_deferred(stmt)  # its caller overlays the counters (_PgFlush)
 
 
 _SET_THREAD = (
@@ -1467,11 +1382,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             tx = self._begin_sync(conn, account_id)
             return tx, self._mailbox_row_sync(conn, account_id, mailbox), message_id
         tx = _tx_from_row(conn, account_id, row)  # the fence first: see _no_mailbox
-        box = _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row))
-        flush = peek_deferred(conn)  # earlier calls' counters, not yet written
-        if flush is not None:
-            box = flush.overlay(tx, box)
-        return tx, box, message_id
+        return tx, _MailboxRow(*_MAILBOX_OF_LOCK_ROW(row)), message_id
 
     @staticmethod
     def _mailbox_row_sync(conn: Connection, account_id: int, mailbox: str | int) -> Any:

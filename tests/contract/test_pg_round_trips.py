@@ -142,35 +142,6 @@ async def test_a_delivery_with_its_blob_in_the_shard_costs_two_statements(site: 
         assert thread == parent_threads[n % 3]
 
 
-async def test_a_batch_of_deliveries_writes_their_entries_in_one_statement(site: Site) -> None:
-    """Deliveries that share a batch send their entries, counters and
-    change log in one statement before the COMMIT, not one each: a
-    delivery is one round trip of its own. Each still gets the next UID
-    and change id (the counters it reads are overlaid with those of the
-    calls before it in the batch), what an IMAP client then reads."""
-    mail = site.storage.mail(site.bob)
-    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
-    before = await mail.last_change_id(site.bob.id)
-    count = random.randint(15, 40)
-    results, calls, commits = await site.statements(deliver_some(site, count))
-    flushes = [c for c in calls if c.startswith("WITH bump AS")]
-    assert len(flushes) == commits, calls  # one per batch
-    assert commits < count  # batches of several (and so deferred) were made
-    assert len(calls) <= count + commits, calls
-    assert sorted(r[0].uid for r in results) == list(range(1, count + 1))
-    entries = await mail.uids(site.bob.id, box)
-    assert [e.uid for e in entries] == list(range(1, count + 1))
-    assert sorted(e.modseq for e in entries) == sorted(r[0].modseq for r in results)
-    assert len({e.modseq for e in entries}) == count
-    status = await mail.status(site.bob.id, box)
-    assert status.uidnext == count + 1
-    assert status.highestmodseq == max(r[0].modseq for r in results)
-    assert await mail.last_change_id(site.bob.id) == before + count
-    changes = await mail.account_changes(site.bob.id, before)
-    assert sorted(c.uid for c in changes) == list(range(1, count + 1))
-    assert await mail.quota_used(site.bob.id) == sum(r[0].entry.size for r in results)
-
-
 def _message_id(raw: bytes) -> str:
     return re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode()  # type: ignore[union-attr]
 
