@@ -63,6 +63,12 @@ class _Blob:
                 cache.put_raw(self.entry, self._data)
         return self._data
 
+    async def check(self) -> None:
+        """That the blob is there and the store answers (one HEAD on S3, a
+        stat on disk): NOT_FOUND or TEMPORARY StorageError otherwise."""
+        if not await self._blobs.exists(self.key):
+            raise StorageError(ErrorKind.NOT_FOUND, "message blob missing")
+
     async def range(self, start: int, end: int) -> bytes:
         data = await self.small()
         if data is not None:
@@ -195,9 +201,12 @@ async def _write_octets(s: Session, blob: _Blob, chunks: AsyncIterator[bytes], l
     """Writes exactly ``length`` octets of a literal whose length is already
     announced, from ``chunks``, draining between chunks of a large one.
 
-    Once the literal's length is announced exactly that many octets follow,
-    whatever happens: a blob that turns out short or unreadable mid-stream
-    is padded with spaces (and logged) so the connection stays in step.
+    A literal cannot be taken back or cut short (RFC 3501 section 4.3 gives
+    no way to end one early), and padding it would hand the client wrong
+    content as the message. So a blob that turns out short or unreadable
+    mid-stream ends the connection (ConnectionAbortedError, logged): the
+    client sees a broken response, reconnects and asks again, never
+    bytes that were not stored. Dovecot does the same.
     """
     sent = 0
     async with contextlib.aclosing(chunks):
@@ -206,22 +215,17 @@ async def _write_octets(s: Session, blob: _Blob, chunks: AsyncIterator[bytes], l
                 data = await anext(chunks)
             except StopAsyncIteration:
                 break
-            except Exception:
-                log.exception("blob %s unreadable during FETCH", blob.key)
-                break
+            except Exception as err:
+                log.warning("blob %s unreadable during FETCH: %r; disconnecting", blob.key, err)
+                raise ConnectionAbortedError("message unreadable mid-literal") from err
             data = data[: length - sent]
             s.write(data)
             sent += len(data)
             if length > CHUNK:
                 await s.conn.drain()
     if sent < length:
-        log.error("blob %s shorter than its metadata says", blob.key)
-        while sent < length:
-            pad = min(CHUNK, length - sent)
-            s.write(b" " * pad)
-            sent += pad
-            if length > CHUNK:
-                await s.conn.drain()
+        log.error("blob %s shorter than its metadata says; disconnecting", blob.key)
+        raise ConnectionAbortedError("message shorter than its size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,9 +460,18 @@ async def _fetch_one(
     root: BodyPart | _TopLevel | None = parsed.body if parsed is not None else None
     if any(a.section is not None or a.name in _RFC822_RAW for a in atts):
         try:
-            raw = await blob.small()  # read before answering: a missing blob skips the message
-        except Exception:
-            log.exception("blob %s of uid %d unreadable", entry.blob_key, entry.uid)
+            # Read (or, for a large message, found) before answering: a
+            # store that is unavailable fails the command (NO [UNAVAILABLE],
+            # RFC 5530 section 3) before any of this message is written; a
+            # missing blob (damage, logged) skips the message, so one broken
+            # message does not stop a client syncing the rest.
+            raw = await blob.small()
+            if raw is None:
+                await blob.check()
+        except StorageError as err:
+            if err.kind is not ErrorKind.NOT_FOUND:
+                raise
+            log.error("blob %s of uid %d missing", entry.blob_key, entry.uid)
             return
         if root is None and raw is not None:
             root = _TopLevel(_header_end(raw, 0, len(raw)), len(raw))  # see _raw_only

@@ -281,3 +281,93 @@ async def test_binary_fetch_holds_no_part_whole(imap_factory: Any) -> None:
         writer.close()
     # A few 256 KiB chunks in flight, nowhere near the 6-12 MB held before.
     assert max(peaks) < 3 * 1024 * 1024, peaks
+
+
+async def test_a_blob_unreadable_mid_literal_ends_the_connection_never_padded(
+    env: ImapEnv,
+) -> None:
+    """An attachment blob lost after the message was stored (damage): the
+    literal is announced (the skeleton is there), its first octets go out,
+    then the read fails. The client never receives octets that were not
+    stored (no padding): what came is a prefix of the message and the
+    connection ends; a new session still reads the mailbox's other message."""
+    rng = random.Random()
+    raw, _, _ = _big_message(rng, 1)
+    intact = b"From: a@example.net\r\nSubject: intact\r\n\r\n" + rng.randbytes(400).hex().encode()
+    stored = await env.deliver(raw)
+    await env.deliver(intact)
+    blobs = env.storage.blobs  # type: ignore[attr-defined]
+    entry = stored.entry  # type: ignore[attr-defined]
+    skeleton = await blobs.skeleton(entry.blob_key)
+    assert skeleton is not None and skeleton.refs
+    await blobs.inner.delete(skeleton.refs[0].key)
+    blobs._skeletons.clear()  # as a fresh process would: read it from the store
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        await reader.readline()
+        writer.write(f"a LOGIN {USER} {PASSWORD}\r\nb SELECT INBOX\r\n".encode())
+        while not (await reader.readline()).startswith(b"b OK"):
+            pass
+        writer.write(b"c FETCH 1 (BODY.PEEK[])\r\n")
+        line = await asyncio.wait_for(reader.readline(), 60)
+        announced = re.search(rb"\{(\d+)\}\r\n$", line)
+        assert announced is not None and int(announced[1]) == len(raw), line
+        got = await asyncio.wait_for(reader.read(), 60)  # until the server closes
+    finally:
+        writer.close()
+    assert len(got) < len(raw)
+    assert raw.startswith(got), "octets sent that the message does not hold"
+
+    def read_other() -> bytes:
+        m = _imap(env.port)
+        try:
+            return _fetch_n(m, 2)
+        finally:
+            m.logout()
+
+    assert await asyncio.to_thread(read_other) == intact
+
+
+def _fetch_n(m: imaplib.IMAP4, n: int) -> bytes:
+    typ, data = m.fetch(str(n), "(BODY.PEEK[])")
+    assert typ == "OK" and isinstance(data[0], tuple), data
+    return data[0][1]
+
+
+async def test_a_store_unavailable_before_the_message_is_a_temporary_no(
+    env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blob store fails before any octet of a large message is sent:
+    the FETCH is NO [UNAVAILABLE] (RFC 5530 section 3), the session goes on,
+    and once the store answers again the same FETCH is byte-exact."""
+    rng = random.Random()
+    raw, _, _ = _big_message(rng, 1)
+    await env.deliver(raw)
+    blobs = env.storage.blobs  # type: ignore[attr-defined]
+    inner = blobs.inner
+    real_exists = inner.exists
+
+    async def down(key: str) -> bool:
+        from storage.errors import ErrorKind, StorageError
+
+        raise StorageError(ErrorKind.TEMPORARY, "blob store unavailable, try again later")
+
+    monkeypatch.setattr(inner, "exists", down)
+
+    def read(expect_ok: bool) -> bytes | str:
+        m = _imap(env.port)
+        try:
+            typ, data = m.fetch("1", "(BODY.PEEK[])")
+            if not expect_ok:
+                assert typ == "NO", data
+                return str(data)
+            assert typ == "OK", data
+            return data[0][1]  # type: ignore[index]
+        finally:
+            m.logout()
+
+    refused = await asyncio.to_thread(read, False)
+    assert "[UNAVAILABLE]" in refused, refused
+    monkeypatch.setattr(inner, "exists", real_exists)
+    assert await asyncio.to_thread(read, True) == raw
