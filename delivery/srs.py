@@ -156,6 +156,10 @@ class Srs:
 
 # The site's SRS secret as stored in the directory, by directory object.
 _stored: weakref.WeakKeyDictionary[object, bytes] = weakref.WeakKeyDictionary()
+# The site's first local domain (SRS's own without ``srs.domain``), by
+# directory object: (monotonic expiry, name).
+_primary: weakref.WeakKeyDictionary[object, tuple[float, str | None]] = weakref.WeakKeyDictionary()
+PRIMARY_TTL = 60.0
 
 
 async def _site_secret(storage: Storage) -> bytes:
@@ -170,6 +174,22 @@ async def _site_secret(storage: Storage) -> bytes:
     return key
 
 
+async def _primary_domain(storage: Storage) -> str | None:
+    """The site's first local domain, read from the directory at most every
+    :data:`PRIMARY_TTL` seconds per directory (it is asked per forwarded
+    message and per SRS bounce; a new first domain is rare)."""
+    from delivery.submit import primary_domain  # submit imports this module
+
+    directory = storage.directory
+    now = time.monotonic()
+    known = _primary.get(directory)
+    if known is not None and known[0] > now:
+        return known[1]
+    domain = await primary_domain(storage)
+    _primary[directory] = (now + PRIMARY_TTL, domain)
+    return domain
+
+
 async def srs_of(settings: Settings, storage: Storage) -> Srs | None:
     """The site's SRS codec (``[srs]`` settings), or None when it is off.
     Keys: ``srs.secrets`` if set (the first signs; keep an old one after it
@@ -180,13 +200,9 @@ async def srs_of(settings: Settings, storage: Storage) -> Srs | None:
     conf = settings.srs
     if not conf.enabled:
         return None
-    domain = conf.domain
-    if not domain:
-        from delivery.submit import primary_domain  # submit imports this module
-
-        domain = await primary_domain(storage)
-        if domain is None:
-            return None
+    domain = conf.domain or await _primary_domain(storage)
+    if domain is None:
+        return None
     keys = tuple(s.encode() for s in conf.secrets) or (await _site_secret(storage),)
     return Srs(domain.lower(), keys, conf.max_age_days)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import string
+import time
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,47 @@ def test_time_stamps_wrap_around_their_cycle() -> None:
     assert srs.reverse(made, start + 10 * DAY_SECONDS) == "carol@origin.example"
     with pytest.raises(SrsError):
         srs.reverse(made, start + cycle - 30 * DAY_SECONDS)
+
+
+async def test_the_primary_domain_is_read_once_per_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``srs.domain`` each forward asks for the site's first local
+    domain: read from the directory once, then kept PRIMARY_TTL seconds
+    (a real SQLite directory; the clock moved past the TTL)."""
+    from argon2 import PasswordHasher
+    from argon2.profiles import CHEAPEST
+
+    from conf.settings import Settings
+    from delivery import srs
+    from storage import open_storage_from_url
+
+    storage = await open_storage_from_url(
+        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        tmp_path / "blobs",
+        password_hasher=PasswordHasher.from_parameters(CHEAPEST),
+    )
+    try:
+        first = _domain()
+        await storage.directory.add_domain(first)
+        reads = 0
+        real = storage.directory.list_domains
+
+        async def counted(*args: object, **kw: object) -> object:
+            nonlocal reads
+            reads += 1
+            return await real(*args, **kw)
+
+        monkeypatch.setattr(storage.directory, "list_domains", counted)
+        settings = Settings()
+        calls = random.randint(5, 30)
+        for _ in range(calls):
+            made = await srs.srs_of(settings, storage)
+            assert made is not None and made.domain == first
+        assert reads == 1
+        now = time.monotonic()
+        monkeypatch.setattr(srs.time, "monotonic", lambda: now + srs.PRIMARY_TTL + 1)
+        assert (await srs.srs_of(settings, storage)).domain == first  # type: ignore[union-attr]
+        assert reads == 2
+    finally:
+        await storage.close()
