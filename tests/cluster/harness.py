@@ -65,7 +65,6 @@ MAIN_KEY = {"mtad": "smtp.mx_listen", "imapd": "imap.listen", "httpapi": "http.l
 MESSAGE_ID = re.compile(rb"Message-ID:\s*<([^>]+)>", re.IGNORECASE)
 
 
-
 def port_answers(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
         return True
@@ -169,21 +168,26 @@ class Cluster:
 
     def mailctl(self, *args: str, stdin: str = "", timeout: float = 120) -> str:
         """Runs ``mailctl -c CONFIG ARGS``; its stdout, or AssertionError with stderr."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailctl.cli", "-c", str(self.config), *args],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "mailctl.cli", "-c", str(self.config), *args],
-                cwd=REPO,
-                input=stdin,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as exc:  # what it said so far (a move's progress)
-            said = [(o or b"").decode(errors="replace") if isinstance(o, bytes) else (o or "")
-                    for o in (exc.stdout, exc.stderr)]
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # What it said so far (a move's progress) and, from SIGABRT with
+            # the fault handler on, where each of its threads was waiting.
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
             raise AssertionError(
-                f"mailctl {' '.join(args)}: still running after {timeout} s\n" + "\n".join(said)
+                f"mailctl {' '.join(args)}: still running after {timeout} s\n{out}\n{err}"
             ) from None
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         if done.returncode != 0:
             raise AssertionError(f"mailctl {' '.join(args)}: {done.returncode}\n{done.stderr}")
         return done.stdout

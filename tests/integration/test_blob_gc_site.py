@@ -23,6 +23,7 @@ from conf.settings import StorageSettings
 from storage.backend import open_storage
 from storage.blob.gc import LEASE_NAME
 from tests.integration.sitehelp import Site
+from tests.integration.test_serve import serve_log
 
 PASSWORD = "pw-gc-1"
 CLIENTS = 10
@@ -56,7 +57,7 @@ def _inbox(site: Site, user: str) -> dict[bytes, tuple[bytes, bytes]]:
             assert status == "OK"
             whole = parts[0][1]
             subject = re.search(rb"\r\nSubject: ([^\r]*)\r\n", whole)
-            assert subject is not None
+            assert subject is not None, (uid, len(whole), whole[:400], parts[1:])
             out[subject[1]] = (uid, whole)
         return out
     finally:
@@ -73,6 +74,12 @@ def _expunge(site: Site, user: str, uids: list[bytes]) -> None:
         assert imap.expunge()[0] == "OK"
     finally:
         imap.logout()
+
+
+def _problems(site: Site) -> list[str]:
+    """The daemons' warnings and errors so far (why a read came back wrong)."""
+    lines = serve_log(site.proc).lines if site.proc is not None else []
+    return [line for line in lines if " WARNING " in line or " ERROR " in line][-30:]
 
 
 def _stored_bytes(site: Site) -> int:
@@ -131,7 +138,7 @@ def test_gc_loop_while_clients_deliver_and_expunge_loses_nothing(
             t.start()
         for t in threads:
             t.join(timeout=600)
-        assert not failures, failures
+        assert not failures, (failures, _problems(site))
         for user in users:
             inbox = _inbox(site, user)
             assert set(inbox) == set(kept[user])
