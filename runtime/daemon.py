@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import importlib
 import logging
@@ -148,9 +147,9 @@ async def run_daemons(settings: Settings, names: Sequence[str], slot: int = 0) -
         log.info("shutting down")
     finally:
         if gc_task is not None:
-            gc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gc_task
+            from storage.tasks import stop_task
+
+            await stop_task(gc_task)
         for service in reversed(services):
             try:
                 await service.close()

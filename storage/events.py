@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.model import Change, ChangeKind
+from storage.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -894,9 +895,7 @@ class RedisEventBus(_LocalFanOut):
             return
         self._closed = True
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await stop_task(self._reader)
         if self._sender is not None:
             # What was published before close still reaches the others, if Redis answers.
             await asyncio.wait([self._sender], timeout=self._timeout + 0.5)

@@ -67,6 +67,7 @@ from typing import Any
 
 from storage.blob import deleting
 from storage.errors import ErrorKind, StorageError
+from storage.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,7 @@ async def gc_lease(
             raise LeaseLost("blob GC lease lost") from None
         raise
     finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+        await stop_task(renewer)
         with contextlib.suppress(StorageError):
             await store.release_lock(name, owner)
 

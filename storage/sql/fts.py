@@ -53,6 +53,8 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from storage.tasks import stop_task
+
 log = logging.getLogger(__name__)
 
 COLUMNS = "subject, from_text, to_text, cc_text, body_text"
@@ -111,9 +113,7 @@ class _Background:
 
     async def _stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)  # a cancellation may be lost once
             self._task = None
 
 

@@ -31,6 +31,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.errors import ErrorKind, StorageError
+from storage.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,7 @@ class PgReaders:
         when they end."""
         self._closed = True
         if self._probe is not None:
-            self._probe.cancel()
-            with suppress(BaseException):
-                await self._probe
+            await stop_task(self._probe)
         while self._idle:
             self._release(self._idle.pop())
         while self._releasing:  # each bounded by the ping's time limit (_release)
