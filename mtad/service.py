@@ -11,7 +11,6 @@ is durable, anything unanswered is the client's to retry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from mtad.session import Mode, SmtpContext, SmtpSession
 from runtime.listen import PeerLimit, serve
 from storage.api import Storage
 from storage.shared import shared_state
+from storage.tasks import stop_task
 
 log = logging.getLogger("mtad")
 
@@ -119,9 +119,7 @@ def _start_dmarc_reports(
     task = asyncio.create_task(report_loop(storage, settings, resolver))
 
     async def stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)  # a cancellation may be lost once
 
     return stop
 

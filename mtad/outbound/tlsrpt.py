@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mtad.outbound.tlspolicy import SUCCESS
+from storage.tasks import stop_task
 
 log = logging.getLogger("mtad.outbound")
 
@@ -382,10 +383,6 @@ def start_daily(settings: Any, storage: Any, resolver: Any) -> Any:
     task = asyncio.create_task(loop())
 
     async def stop() -> None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await stop_task(task)  # a cancellation may be lost once
 
     return stop
