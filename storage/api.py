@@ -423,6 +423,13 @@ class MailStore(Protocol):
     async def metadata(self, account_id: int, mailbox_id: int | None) -> dict[str, bytes]:
         """Every entry of the server or of one mailbox, name -> value."""
 
+    async def mailboxes_metadata(
+        self, account_id: int, names: Sequence[str]
+    ) -> dict[int, dict[str, bytes]]:
+        """The entries called ``names`` (at most a few hundred) of all the
+        account's mailboxes in one read: mailbox id -> name -> value,
+        only entries holding a value."""
+
     async def set_metadata(
         self,
         account_id: int,

@@ -220,6 +220,7 @@ class Session:
             "CHILDREN",
             "LIST-EXTENDED",
             "LIST-STATUS",
+            "LIST-METADATA",  # RFC 9590
             f"APPENDLIMIT={self.ctx.max_literal}",
             "CONDSTORE",
             "QRESYNC",

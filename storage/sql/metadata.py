@@ -58,6 +58,30 @@ class MetadataStore:
             )
             return {r.name: bytes(r.value) for r in rows}
 
+    async def mailboxes_metadata(
+        self: _Locked, account_id: int, names: Sequence[str]
+    ) -> dict[int, dict[str, bytes]]:
+        """The entries called ``names`` of every mailbox of the account
+        (the server's left out), mailbox id -> name -> value: one read,
+        whatever the number of mailboxes (RFC 9590 LIST RETURN (METADATA)
+        asks it once for all the mailboxes it lists). Only entries that
+        hold a value are there; the account's entries are bounded
+        (``set_metadata``'s ``max_entries``), so is the answer."""
+        if not names:
+            return {}
+        out: dict[int, dict[str, bytes]] = {}
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(T.c.mailbox_id, T.c.name, T.c.value).where(
+                    T.c.account_id == account_id,
+                    T.c.mailbox_id != SERVER,
+                    T.c.name.in_(list(dict.fromkeys(names))),
+                )
+            )
+            for r in rows:
+                out.setdefault(r.mailbox_id, {})[r.name] = bytes(r.value)
+        return out
+
     async def set_metadata(
         self: _Locked,
         account_id: int,

@@ -1,6 +1,6 @@
 """Authenticated-state commands on mailboxes: SELECT, EXAMINE, CREATE,
 DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB, STATUS,
-NAMESPACE (RFC 3501 section 6.3; RFC 5258, 5819, 6154, 2342, 7162); APPEND is
+NAMESPACE (RFC 3501 section 6.3; RFC 5258, 5819, 6154, 2342, 7162, 9590); APPEND is
 in :mod:`imapd.imap.commands.append`."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from imapd.imap.commands.metadata import metadata_response, named_entries
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.namespace import (
     NAMESPACE_LINE,
@@ -360,8 +361,8 @@ class _Hierarchy:
 
 async def handle_list(s: Session, cmd: ListCommand) -> Reply:
     """LIST and LSUB (RFC 3501 sections 6.3.8, 6.3.9) with LIST-EXTENDED
-    selection and return options (RFC 5258), SPECIAL-USE (RFC 6154) and
-    LIST-STATUS (RFC 5819)."""
+    selection and return options (RFC 5258), SPECIAL-USE (RFC 6154),
+    LIST-STATUS (RFC 5819) and LIST-METADATA (RFC 9590)."""
     assert s.mail is not None
     verb = cmd.name
     if verb == "LIST" and cmd.patterns == ("",):
@@ -395,6 +396,10 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
             if not wanted(name):
                 above.update(_ancestors(name))
     candidates = subscribed | above if sel_subscribed else tree.names
+    # RFC 9590 section 3: the entries asked for, of all the account's
+    # mailboxes in one read (bounded: storage keeps few per account).
+    entries = await s.mail.mailboxes_metadata(acct, cmd.metadata) if cmd.metadata else {}
+    longest = 0
     for name in sorted(candidates, key=lambda n: (n != "INBOX", n)):
         if not wanted(name):
             continue
@@ -412,7 +417,29 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
             access = shared[name][1] if name in shared else None
             if access is None or "r" in access.rights:
                 await _status_line(s, box, cmd.status_items, access)
+        if cmd.metadata and box is not None and name not in shared:
+            if sel_subscribed and name not in subscribed:
+                continue  # RFC 9590 section 4: listed for its children only
+            longest = max(longest, _metadata_line(s, name, entries.get(box.id, {}), cmd))
+            if s.conn.congested:
+                await s.conn.drain()  # thousands of mailboxes: a slow reader waits
+    if longest:
+        # RFC 5464 section 4.2.1, for this server's MAXSIZE after the entries.
+        return ok(f"{verb} completed", f"METADATA LONGENTRIES {longest}")
     return ok(f"{verb} completed")
+
+
+def _metadata_line(s: Session, name: str, stored: dict[str, bytes], cmd: ListCommand) -> int:
+    """RFC 9590 section 3: the METADATA response of a listed mailbox of
+    the account, as GETMETADATA at DEPTH 0 answers it (an entry with no
+    value is NIL, as in the section 4 example); none when MAXSIZE left
+    every entry out. Returns the size of the longest value left out.
+    Another account's mailbox gets none (GETMETADATA does not reach it
+    either; section 3 lets the server drop what it cannot look up)."""
+    found, longest = named_entries(stored, cmd.metadata, cmd.metadata_maxsize)
+    if found:
+        s.untagged(metadata_response(name, s.utf8, found))
+    return longest
 
 
 async def _shared_boxes(s: Session) -> dict[str, tuple[Mailbox, MailboxAccess]]:

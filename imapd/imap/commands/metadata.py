@@ -17,6 +17,7 @@ section 4.2.2 example).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from imapd.imap.session import Reply, no, ok
@@ -73,6 +74,32 @@ def _value(value: bytes | None) -> bytes:
     return encode.string(value)
 
 
+def metadata_response(mailbox: str, utf8: bool, found: Iterable[tuple[str, bytes | None]]) -> bytes:
+    """An untagged METADATA response (RFC 5464 section 4.4.1) with the
+    entries ``found`` (name, value or None) of ``mailbox`` ("": the
+    server), "* " and CRLF left to the caller."""
+    items = b" ".join(entry_atom(n) + b" " + _value(v) for n, v in found)
+    return b"METADATA " + encode.mailbox(mailbox, utf8) + b" (" + items + b")"
+
+
+def named_entries(
+    stored: dict[str, bytes], entries: Iterable[str], maxsize: int | None
+) -> tuple[list[tuple[str, bytes | None]], int]:
+    """GETMETADATA at DEPTH 0 (RFC 5464 section 4.2.2) over ``stored``:
+    each entry named with its value, None (NIL) when it has none; a value
+    longer than ``maxsize`` left out (section 4.2.1). Also the size of the
+    longest left out (0: none was). Work linear in ``entries``."""
+    found: list[tuple[str, bytes | None]] = []
+    longest = 0
+    for name in entries:
+        value = stored.get(name)
+        if value is not None and maxsize is not None and len(value) > maxsize:
+            longest = max(longest, len(value))
+            continue
+        found.append((name, value))
+    return found, longest
+
+
 async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
     """RFC 5464 section 4.2: one METADATA response with the entries found;
     values past MAXSIZE left out and the largest of their sizes given in
@@ -89,8 +116,7 @@ async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
                 continue
             found.setdefault(name, value)
     if found:
-        items = b" ".join(entry_atom(n) + b" " + _value(v) for n, v in found.items())
-        s.untagged(b"METADATA " + encode.mailbox(cmd.mailbox, s.utf8) + b" (" + items + b")")
+        s.untagged(metadata_response(cmd.mailbox, s.utf8, found.items()))
     if longest:
         return ok("GETMETADATA completed", f"METADATA LONGENTRIES {longest}")
     return ok("GETMETADATA completed")

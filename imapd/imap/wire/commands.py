@@ -246,6 +246,10 @@ class ListCommand(Command):
     selection: tuple[str, ...] = ()  # upper-case, e.g. SUBSCRIBED, SPECIAL-USE
     returns: tuple[str, ...] = ()  # upper-case, e.g. SUBSCRIBED, CHILDREN, SPECIAL-USE
     status_items: tuple[str, ...] = ()  # RFC 5819 RETURN (STATUS (...))
+    # RFC 9590 RETURN (METADATA (entries)): entry names, lower-case, each
+    # once; ``metadata_maxsize`` this server's MAXSIZE after them (None: not given).
+    metadata: tuple[str, ...] = ()
+    metadata_maxsize: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

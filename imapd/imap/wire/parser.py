@@ -76,7 +76,8 @@ _SIMPLE_FETCH = {
 # RFC 5258 section 3 (REMOTE: there are no remote mailboxes here to list),
 # RFC 6154 section 3 (SPECIAL-USE), RFC 5819 section 2 (STATUS).
 _LIST_SELECTION_OPTIONS = {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
-_LIST_RETURN_OPTIONS = {"SUBSCRIBED", "CHILDREN", "STATUS", "SPECIAL-USE"}
+# RFC 9590 (METADATA).
+_LIST_RETURN_OPTIONS = {"SUBSCRIBED", "CHILDREN", "STATUS", "SPECIAL-USE", "METADATA"}
 _STATUS_ITEMS = {
     "MESSAGES",
     "RECENT",
@@ -465,6 +466,8 @@ def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
         patterns = (r.list_mailbox(),)
     returns: list[str] = []
     status_items: tuple[str, ...] = ()
+    entries: tuple[str, ...] = ()
+    maxsize: int | None = None
     if name == "LIST" and r.try_sp():
         if r.atom("RETURN").upper() != "RETURN":
             raise _Bad("Expected RETURN")
@@ -474,10 +477,15 @@ def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
             opt = r.atom("a return option").upper()
             if opt not in _LIST_RETURN_OPTIONS:
                 raise _Bad(f"Unknown LIST return option {opt[:40]}")  # RFC 5258 section 3
+            if opt == "METADATA" and opt in returns:
+                raise _Bad("METADATA given twice")
             returns.append(opt)
             if opt == "STATUS":  # RFC 5819
                 r.sp()
                 status_items = _status_items(r)
+            elif opt == "METADATA":
+                r.sp()
+                entries, maxsize = _list_metadata(r)
             if r.peek() != 0x29:
                 r.sp()
         r.pos += 1
@@ -490,7 +498,28 @@ def _p_list(r: _Reader, tag: str, name: str) -> c.Command:
         selection=tuple(selection),
         returns=tuple(returns),
         status_items=status_items,
+        metadata=entries,
+        metadata_maxsize=maxsize,
     )
+
+
+def _list_metadata(r: _Reader) -> tuple[tuple[str, ...], int | None]:
+    """RFC 9590 section 5: return-option =/ "METADATA" SP "(" entry
+    *(SP entry) ")", entries checked as GETMETADATA's are (RFC 5464
+    section 3.2.1), at most MAX_METADATA_ENTRIES of them. Then, beyond
+    RFC 9590's grammar (a client keeping to it never sends it): SP
+    "MAXSIZE" SP number, GETMETADATA's MAXSIZE (RFC 5464 section 4.2.1)
+    for every mailbox listed."""
+    entries = [str(e) for e in r.paren_list(lambda: _entry_name(r, False))]
+    if not entries:
+        raise _Bad("METADATA needs at least one entry")
+    if len(entries) > MAX_METADATA_ENTRIES:
+        raise _Bad(f"At most {MAX_METADATA_ENTRIES} entries at once")
+    maxsize = None
+    if r.buf[r.pos : r.pos + 9].upper() == b" MAXSIZE ":
+        r.pos += 9
+        maxsize = r.number()
+    return tuple(dict.fromkeys(entries)), maxsize
 
 
 def _check_list_selection(options: list[str]) -> None:

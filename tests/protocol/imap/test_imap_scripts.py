@@ -48,7 +48,7 @@ SCRIPTS: dict[str, Script] = {
     ]),
     "capability_authenticated": Script(steps=[
         ("a CAPABILITY", [r"\* CAPABILITY IMAP4rev1 .*IDLE.*UIDPLUS MOVE UNSELECT SPECIAL-USE "
-                          r"CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS "
+                          r"CREATE-SPECIAL-USE CHILDREN LIST-EXTENDED LIST-STATUS LIST-METADATA "
                           r"APPENDLIMIT=1000000 CONDSTORE QRESYNC ESEARCH STATUS=SIZE "
                           r"SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES ESORT CONTEXT=SEARCH "
                           r"CONTEXT=SORT "
