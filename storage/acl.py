@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage import errors
 from storage.errors import ErrorKind, StorageError
-from storage.model import DELETED, SEEN, StoreMode
+from storage.model import DELETED, SEEN, SYSTEM_FLAGS, StoreMode
 from storage.sql.acl import ANYONE, Grant
 
 if TYPE_CHECKING:
@@ -173,23 +173,32 @@ class GrantedStore:
         flags: Iterable[str],
         unchanged_since: int | None = None,
     ) -> Any:
-        """STORE with the flags the rights allow (RFC 4314 section 4: a
-        STORE changing at least one allowed flag SHOULD NOT fail; the
-        others are left alone). NO_PERMISSION if none is allowed; a
-        REPLACE touches every flag, so it needs "s", "t" and "w"."""
+        """STORE with the flags the rights allow (RFC 4314 section 4: "s"
+        for \\Seen, "t" for \\Deleted, "w" for the others and keywords;
+        a STORE SHOULD NOT fail if it may change at least one flag it
+        names, those it may not are left alone). NO_PERMISSION if it may
+        change none of them. A REPLACE sets the flags it may change as
+        listed and leaves the others as each message has them; without
+        any of "s", "t" and "w" it is refused."""
         self._check(account_id, mailbox_id)
         flags = list(flags)
+        needs = flag_rights(flags)
+        allowed = [f for f in flags if needs[f] in self.rights]
+        keep: list[str] = []
         if mode is StoreMode.REPLACE:
-            for right in "stw":
-                self.require(right, "replace flags")
-            allowed = flags
-        else:
-            needs = flag_rights(flags)
-            allowed = [f for f in flags if needs[f] in self.rights]
-            if flags and not allowed:
-                raise no_right(needs[flags[0]], "change these flags")
+            if not self.rights & {"s", "t", "w"}:
+                raise no_right("w", "change flags")
+            keep = [f for f, right in flag_rights(SYSTEM_FLAGS).items() if right not in self.rights]
+            if "w" not in self.rights:
+                keep.append("\\*")  # keywords stay
+        elif flags and not allowed:
+            raise no_right(needs[flags[0]], "change these flags")
+        if not keep:
+            return await self.store.store_flags(
+                account_id, mailbox_id, uids, mode, allowed, unchanged_since
+            )
         return await self.store.store_flags(
-            account_id, mailbox_id, uids, mode, allowed, unchanged_since
+            account_id, mailbox_id, uids, mode, allowed, unchanged_since, keep=keep
         )
 
     async def expunge(self, account_id: int, mailbox_id: int, uids: Any = None) -> list[int]:

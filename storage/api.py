@@ -328,10 +328,13 @@ class MailStore(Protocol):
         mode: StoreMode,
         flags: Iterable[str],
         unchanged_since: int | None = None,
+        keep: Iterable[str] = (),
     ) -> StoreResult:
         """Entries whose flags actually change get a new modseq; entries
         whose modseq exceeds ``unchanged_since`` are left alone and listed in
-        ``modified``."""
+        ``modified``. ``keep``: system flags a REPLACE leaves as each entry
+        has them, "\\*" for its keywords (what a grantee may not change,
+        RFC 4314 section 4)."""
 
     async def copy(
         self, account_id: int, mailbox_id: int, uids: UidSet, dest_mailbox_id: int

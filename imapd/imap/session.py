@@ -34,7 +34,7 @@ from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Command, ParseError
 from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, TextSegment
 from imapd.imap.wire.parser import parse_command
-from storage.acl import RIGHTS_CAPABILITY
+from storage.acl import ALL, RIGHTS_CAPABILITY, flag_rights
 from storage.errors import IMAP_RESPONSE_CODE, AccountMoving, StorageError
 from storage.model import SYSTEM_FLAGS, UidSet
 from storage.throttle import LoginGate, login_gate
@@ -154,6 +154,7 @@ class Session:
         self._shared_sub: Subscription | None = None
         self._shared_watcher: asyncio.Task[None] | None = None
         self.rights_stale = False  # an ACL event named the shared mailbox
+        self._permanent_told: str | None = None  # the last PERMANENTFLAGS list sent
         self.enabled: set[str] = set()  # RFC 5161 ENABLE
         self.condstore = False  # RFC 7162 section 3.1: once any CONDSTORE use
         self.login_failures = 0
@@ -564,6 +565,9 @@ class Session:
             return
         acl = await access.store.store.acl(access.owner.id, access.mailbox.id)  # type: ignore[attr-defined]
         access.store.rights = rights_in(acl, self.account.id)
+        if self.selected is not None:
+            # RFC 3501 section 7.1: the flags it may change now, told again.
+            self._announce_permanent(self.selected, changed_only=True)
 
     async def mailboxid(self, mailbox_id: int, owner_id: int | None = None) -> str:
         """RFC 8474 section 4: the MAILBOXID of one of this account's
@@ -934,11 +938,34 @@ class Session:
         view.unannounced.clear()
         flags = " ".join((*SYSTEM_FLAGS, *sorted(view.keywords)))
         self.untagged(f"FLAGS ({flags})")
+        self._announce_permanent(view)
+
+    def permanent_flags(self, view: MailboxView) -> str:
+        """What PERMANENTFLAGS lists (RFC 3501 section 7.1): the flags this
+        session may change. Read-only: none. In another account's mailbox
+        only those its rights allow (RFC 4314 section 4, STORE): \\Seen
+        with "s", \\Deleted with "t", the other flags, the keywords and
+        "\\*" (it may create keywords) with "w"."""
+        if view.read_only:
+            return ""
+        rights = ALL if self.shared is None else self.shared.rights
+        flags = (*SYSTEM_FLAGS, *sorted(view.keywords))
+        allowed = [f for f, right in flag_rights(flags).items() if right in rights]
+        if "w" in rights:
+            allowed.append("\\*")
+        return " ".join(allowed)
+
+    def _announce_permanent(self, view: MailboxView, changed_only: bool = False) -> None:
+        """The PERMANENTFLAGS response code; with ``changed_only`` only if
+        it differs from what the session was last told (rights changed)."""
+        permanent = self.permanent_flags(view)
+        if changed_only and permanent == self._permanent_told:
+            return
+        self._permanent_told = permanent
         if view.read_only:
             self.untagged("OK [PERMANENTFLAGS ()] Read-only mailbox")
         else:
-            # "\*": clients may create keywords (RFC 3501 section 7.1).
-            self.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted")
+            self.untagged(f"OK [PERMANENTFLAGS ({permanent})] Flags permitted")
 
     def _flag_update(self, view: MailboxView, uid: int, flags: frozenset[str], modseq: int) -> None:
         seq = view.seq_of(uid)

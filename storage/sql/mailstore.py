@@ -911,10 +911,14 @@ def _plan_store(
     mask: int,
     keywords: Sequence[str],
     unchanged_since: int | None,
+    keep_mask: int = 0,
+    keep_keywords: bool = False,
 ) -> tuple[list[int], list[tuple[Any, int, str]]]:
     """What a STORE does to entry rows: (UIDs refused by UNCHANGEDSINCE,
     (row, new system flag mask, new keywords text) of each entry whose
-    flags change). Rows whose flags would not change are left out."""
+    flags change). Rows whose flags would not change are left out. A
+    REPLACE leaves the system flags of ``keep_mask`` and, with
+    ``keep_keywords``, the keywords as each row has them."""
     modified: list[int] = []
     changed: list[tuple[Any, int, str]] = []
     for r in rows:
@@ -930,8 +934,8 @@ def _plan_store(
             continue
         old_kw = {k.lower(): k for k in r.keywords.split()}
         if mode is StoreMode.REPLACE:
-            new_mask = mask
-            new_kw = {k.lower(): k for k in keywords}
+            new_mask = (mask & ~keep_mask) | (r.sysflags & keep_mask)
+            new_kw = dict(old_kw) if keep_keywords else {k.lower(): k for k in keywords}
         elif mode is StoreMode.ADD:
             new_mask = r.sysflags | mask
             new_kw = dict(old_kw)
@@ -2409,14 +2413,20 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         mode: StoreMode,
         flags: Iterable[str],
         unchanged_since: int | None = None,
+        keep: Iterable[str] = (),
     ) -> StoreResult:
         """RFC 3501 section 6.4.6 STORE with the RFC 7162 section 3.1.3
         UNCHANGEDSINCE guard. Entries whose flags change share one new modseq.
+        ``keep``: what a REPLACE leaves alone (system flags, "\\*" the
+        keywords; see storage.acl.GrantedStore.store_flags).
         Durable and published on return; concurrent calls share a group
         commit (``Database.write_batched``), and on PostgreSQL those of
         other accounts commit beside it (its ``key``: it locks only this
         account's rows)."""
         mask, keywords = split_flags(flags)
+        keep = set(keep)
+        keep_keywords = "\\*" in keep
+        keep_mask, _ = split_flags(keep - {"\\*"})
 
         # Inside the writers' lock only the SQL and what it needs; the
         # entries and change objects are built after the commit.
@@ -2429,7 +2439,9 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             else:
                 tx, mbox, rows = locked
             modseq = mbox.highestmodseq + 1
-            modified, changed = _plan_store(rows, mode, mask, keywords, unchanged_since)
+            modified, changed = _plan_store(
+                rows, mode, mask, keywords, unchanged_since, keep_mask, keep_keywords
+            )
             first_change = tx.last_change_id + 1
             if changed:
                 kind = ChangeKind.FLAGS.value

@@ -115,7 +115,7 @@ RIGHTS_TABLE: list[tuple[str, list[tuple[str, list[str]]]]] = [
     # "s": \Seen only; a STORE naming other flags too changes \Seen alone.
     ("lrs", [(f'a SELECT "{TEAM}"', ["...", "a OK .*"]),
              ("b STORE 1 +FLAGS (\\Seen \\Flagged)", ["=* 1 FETCH (FLAGS (\\Seen \\Recent))", "b OK .*"]),
-             ("c STORE 1 FLAGS (\\Seen)", ["c NO \\[NOPERM\\] .*"])]),
+             ("c STORE 1 FLAGS (\\Flagged)", ["=* 1 FETCH (FLAGS (\\Recent))", "c OK .*"])]),
     # "w": flags but \Seen and \Deleted, keywords too.
     ("lrw", [(f'a SELECT "{TEAM}"', ["...", "a OK .*"]),
              ("b STORE 1 +FLAGS (\\Flagged $Team)", ["...", "=* 1 FETCH (FLAGS ($Team \\Flagged \\Recent))", "b OK .*"]),
@@ -164,7 +164,69 @@ RIGHTS_TABLE: list[tuple[str, list[tuple[str, list[str]]]]] = [
              (f'c LISTRIGHTS "{TEAM}" anyone', [f'=* LISTRIGHTS "{TEAM}" anyone "" l r s w i p k x t e a', "c OK .*"]),
              (f'd GETACL "{TEAM}"', [f'=* ACL "{TEAM}" {ALICE} lrswipkxtea anyone lr {BOB} lra', "d OK .*"])]),
 ]
+
+# RFC 3501 section 7.1 PERMANENTFLAGS and RFC 4314 section 4 STORE: bob
+# is told only the flags his rights let him change, and a STORE changes
+# only those, REPLACE too: "Team"'s one message carries \Flagged,
+# \Deleted and $Team, set by alice.
+FLAG_RIGHTS_TABLE: list[tuple[str, list[tuple[str, list[str]]]]] = [
+    ("lr", [(f'a SELECT "{TEAM}"', ["=* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $Team)", "=* OK [PERMANENTFLAGS ()] Flags permitted", "...", "a OK \\[READ-WRITE\\] .*"]),
+            ("b STORE 1 FLAGS (\\Seen)", ["b NO \\[NOPERM\\] .*"]),
+            ("c STORE 1 FLAGS ()", ["c NO \\[NOPERM\\] .*"]),
+            ("d STORE 1 -FLAGS ($Team)", ["d NO \\[NOPERM\\] .*"]),
+            ("e FETCH 1 FLAGS", ["=* 1 FETCH (FLAGS ($Team \\Deleted \\Flagged \\Recent))", "e OK .*"])]),
+    ("lrs", [(f'a SELECT "{TEAM}"', ["...", "=* OK [PERMANENTFLAGS (\\Seen)] Flags permitted", "...", "a OK .*"]),
+             ("b STORE 1 FLAGS (\\Seen)", ["=* 1 FETCH (FLAGS ($Team \\Deleted \\Flagged \\Seen \\Recent))", "b OK .*"]),
+             ("c STORE 1 FLAGS ($Other \\Draft)", ["=* 1 FETCH (FLAGS ($Team \\Deleted \\Flagged \\Recent))", "c OK .*"]),
+             ("d STORE 1 -FLAGS (\\Flagged \\Deleted $Team)", ["d NO \\[NOPERM\\] .*"])]),
+    ("lrt", [(f'a SELECT "{TEAM}"', ["...", "=* OK [PERMANENTFLAGS (\\Deleted)] Flags permitted", "...", "a OK .*"]),
+             ("b STORE 1 FLAGS (\\Seen)", ["=* 1 FETCH (FLAGS ($Team \\Flagged \\Recent))", "b OK .*"]),
+             ("c STORE 1 -FLAGS (\\Flagged $Team)", ["c NO \\[NOPERM\\] .*"]),
+             ("d STORE 1 +FLAGS (\\Deleted \\Seen \\Answered)", ["=* 1 FETCH (FLAGS ($Team \\Deleted \\Flagged \\Recent))", "d OK .*"])]),
+    ("lrw", [(f'a SELECT "{TEAM}"', ["...", "=* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Draft $Team \\*)] Flags permitted", "...", "a OK .*"]),
+             ("b STORE 1 FLAGS (\\Seen \\Answered $New)", ["=* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $New $Team)", "=* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Draft $New $Team \\*)] Flags permitted", "=* 1 FETCH (FLAGS ($New \\Answered \\Deleted \\Recent))", "b OK .*"]),
+             ("c STORE 1 -FLAGS (\\Deleted $New)", ["=* 1 FETCH (FLAGS (\\Answered \\Deleted \\Recent))", "c OK .*"])]),
+    ("lrstw", [(f'a SELECT "{TEAM}"', ["...", "=* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $Team \\*)] Flags permitted", "...", "a OK .*"]),
+               ("b STORE 1 FLAGS (\\Seen)", ["=* 1 FETCH (FLAGS (\\Seen \\Recent))", "b OK .*"])]),
+    # EXAMINE: read-only, nothing to change whatever the rights.
+    ("lrstw", [(f'a EXAMINE "{TEAM}"', ["...", "=* OK [PERMANENTFLAGS ()] Read-only mailbox", "...", "a OK \\[READ-ONLY\\] .*"])]),
+]
 # fmt: on
+
+
+async def test_permanentflags_follow_a_rights_change(imap_env: ImapEnv) -> None:
+    """Rights changed while bob has Team selected: his next command tells
+    him the flags he may change now (RFC 3501 section 7.1), and STORE
+    follows them at once."""
+    await _team(imap_env, "lrs", TEAM_FLAGS)
+    bob = await _login(imap_env, BOB)
+    alice = await _login(imap_env, ALICE)
+    try:
+        lines = await bob.ok(f'SELECT "{TEAM}"')
+        assert b"* OK [PERMANENTFLAGS (\\Seen)] Flags permitted" in lines, lines
+        await alice.ok(f"SETACL Team {BOB} +w")
+        told: list[bytes] = []
+        for _ in range(50):  # the ACL event's way to bob's session
+            told += await bob.ok("NOOP")
+            if any(b"PERMANENTFLAGS" in x for x in told):
+                break
+            await asyncio.sleep(0.05)
+        want = (
+            b"* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Draft $Team \\*)] Flags permitted"
+        )
+        assert want in told, told
+        lines = await bob.ok("NOOP")
+        assert not any(b"PERMANENTFLAGS" in x for x in lines), lines  # told once
+        lines = await bob.ok("STORE 1 FLAGS (\\Seen)")
+        assert lines[0] == b"* 1 FETCH (FLAGS (\\Deleted \\Seen \\Recent))", lines
+        await alice.ok(f"SETACL Team {BOB} -sw")
+        await asyncio.sleep(0.2)
+        lines = await bob.command("STORE 1 +FLAGS (\\Flagged)")
+        assert lines[0] == b"* OK [PERMANENTFLAGS ()] Flags permitted", lines
+        assert b"NO [NOPERM]" in lines[-1], lines
+    finally:
+        await alice.close()
+        await bob.close()
 
 
 async def _login(env: ImapEnv, user: str) -> ImapClient:
@@ -182,22 +244,37 @@ async def test_owner_script(imap_env: ImapEnv, name: str) -> None:
         await c.close()
 
 
-@pytest.mark.parametrize(
-    ("rights", "steps"),
-    RIGHTS_TABLE,
-    ids=[f"{r or 'none'}-{i}" for i, (r, _) in enumerate(RIGHTS_TABLE)],
-)
-async def test_grantee_rights(
-    imap_env: ImapEnv, rights: str, steps: list[tuple[str, list[str]]]
-) -> None:
-    """Bob, granted ``rights`` on alice's Team (one unseen message of
-    random bytes), plays ``steps``."""
-    alice = await _login(imap_env, ALICE)
+# Team's message: no flag (RIGHTS_TABLE), or these (FLAG_RIGHTS_TABLE).
+TEAM_FLAGS = ("\\Flagged", "\\Deleted", "$Team")
+GRANTEE_CASES = [(r, steps, ()) for r, steps in RIGHTS_TABLE] + [
+    (r, steps, TEAM_FLAGS) for r, steps in FLAG_RIGHTS_TABLE
+]
+
+
+async def _team(env: ImapEnv, rights: str, flags: tuple[str, ...] = ()) -> None:
+    """Alice's Team with one unseen message of random bytes carrying
+    ``flags``; bob granted ``rights`` on it (none if empty)."""
+    alice = await _login(env, ALICE)
     await alice.ok("CREATE Team")
-    await imap_env.deliver(message("Team news", f"{random.randbytes(8).hex()}\r\n"), "Team")
+    body = f"{random.randbytes(random.randint(8, 2000)).hex()}\r\n"
+    await env.deliver(message("Team news", body), "Team", flags=flags)
     if rights:
         await alice.ok(f"SETACL Team {BOB} {rights}")
     await alice.close()
+
+
+@pytest.mark.parametrize(
+    ("rights", "steps", "flags"),
+    GRANTEE_CASES,
+    ids=[
+        f"{r or 'none'}{'-flagged' if f else ''}-{i}" for i, (r, _, f) in enumerate(GRANTEE_CASES)
+    ],
+)
+async def test_grantee_rights(
+    imap_env: ImapEnv, rights: str, steps: list[tuple[str, list[str]]], flags: tuple[str, ...]
+) -> None:
+    """Bob, granted ``rights`` on alice's Team, plays ``steps``."""
+    await _team(imap_env, rights, flags)
     bob = await _login(imap_env, BOB)
     try:
         await run_script(bob, Script(steps=steps))  # type: ignore[arg-type]
