@@ -358,7 +358,15 @@ class QueueSettings(Section):
     max_lifetime_seconds: int = 5 * 24 * 3600
     delay_warning_seconds: int = 4 * 3600  # 0 disables
     lease_seconds: int = 300
-    per_domain_concurrency: int = 5
+    # SMTP sessions open at once to one destination domain, per process (as
+    # Postfix's default_destination_concurrency_limit), idle cached ones included.
+    per_domain_concurrency: int = Field(default=20, ge=1)
+    # Outbound sessions kept open after a delivery for the next message to
+    # the same MX under the same TLS guarantee (mtad/outbound/conncache.py);
+    # 0: a session per message. At most 300 s: RFC 5321 section 4.5.3.2.7.
+    connection_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    connection_max_messages: int = Field(default=100, ge=1)  # per session
+    connection_cache_size: int = Field(default=100, ge=1)  # idle sessions, per process
     connect_timeout_seconds: float = 30.0
     smtp_port: int = 25  # remote port, for tests and smart hosts
     require_tls_domains: list[str] = Field(default_factory=list)
@@ -412,6 +420,14 @@ class QueueSettings(Section):
             )
         if self.mta_sts_port != 443 and not (self.mta_sts or "mta-sts" in self.tls_policy.values()):
             raise ValueError("mta_sts_port: MTA-STS is off (mta_sts = false, no mta-sts policy)")
+        if self.connection_cache_seconds == 0 and (
+            "connection_max_messages" in self.model_fields_set
+            or "connection_cache_size" in self.model_fields_set
+        ):
+            raise ValueError(
+                "connection_max_messages and connection_cache_size do nothing"
+                " while connection_cache_seconds is 0 (no session is kept)"
+            )
         return self
 
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conf.settings import QueueSettings
 from mtad.dns import DnsTemporaryError, Resolver
 from mtad.outbound.client import ConnectionLost, Reply, SmtpClient, TlsFailed
+from mtad.outbound.conncache import CachedSession, ConnectionCache, SessionKey, TlsIdentity
 from mtad.outbound.dane import verify_chain
 from mtad.outbound.mx import MailHost, NoRoute, NullMx, mail_exchangers
 from mtad.outbound.tlspolicy import (
@@ -190,6 +191,9 @@ class Destination:
     settings: QueueSettings
     helo_name: str
     tls: TlsPolicy
+    # Sessions kept between deliveries and the per-domain limit; by default
+    # none: one session per delivery (the queue runner passes its own).
+    connections: ConnectionCache = field(default_factory=ConnectionCache.disabled)
 
 
 async def deliver_domain(
@@ -283,85 +287,144 @@ async def _deliver_host(
     message: bytes,
     dsn: DsnRequest,
     tls: HostTls = OPPORTUNISTIC,
-    *,
-    plaintext: bool = False,
-    retry: bool = False,
 ) -> dict[str, RecipientResult]:
-    """One SMTP session with one host, with the TLS ``tls`` demands.
-    HostFailure if the host cannot take the message at all (connection,
-    greeting, TLS); else a result for each recipient. ``plaintext``: skip
-    STARTTLS (retry after a failed handshake in opportunistic mode, RFC 7435
-    section 6); ``retry``: a second try after a failure already recorded
-    for TLS-RPT, not counted as a successful session."""
-    settings = dest.settings
-    try:
-        client = await SmtpClient.open(
-            address,
-            settings.smtp_port,
-            connect_timeout=settings.connect_timeout_seconds,
-            timeout=settings.command_timeout_seconds,
-        )
-    except ConnectionLost as exc:
-        raise HostFailure(local_reply(451, "4.4.1", f"{host.name}: {exc}")) from exc
-    try:
-        greeting = client.greeting
-        if greeting is None or greeting.code != 220:
-            # RFC 5321 section 3.1: a 554 greeting means "no service here": next host.
-            raise HostFailure(greeting or local_reply(451, "4.4.2", "no greeting"))
-        reply = await client.ehlo(dest.helo_name)
-        if reply.code != 250:
-            raise HostFailure(reply)
-        if "STARTTLS" in client.extensions and not plaintext and tls.level != "none":
+    """One mail transaction with one host, with the TLS ``tls`` demands, on
+    a cached session of the same destination and TLS guarantee (checked
+    with RSET, RFC 5321 section 4.1.1.5) or a new one. HostFailure if the
+    host cannot take the message at all (connection, greeting, TLS); else a
+    result for each recipient. A cached session that fails its check is
+    dropped and a new one opened: not a failed attempt."""
+    cache = dest.connections
+    key = SessionKey(domain, host.name, address, dest.settings.smtp_port, TlsIdentity.of(tls))
+    async with cache.slot(domain):
+        session = await _reuse(cache, key, dest.helo_name)
+        if session is None:
+            cache.opening(domain)
             try:
-                reply = await _starttls(dest, domain, host, client, tls)
-            except TlsFailed:
-                client.abort()
-                if tls.report_only:
-                    # RFC 8461 section 5: testing mode delivers all the same.
-                    return await _deliver_host(
-                        dest, domain, host, address, sender, recipients, message, dsn, retry=True
-                    )
-                log.info("%s: TLS handshake failed, retrying in plaintext", host.name)
-                return await _deliver_host(
-                    dest,
-                    domain,
-                    host,
-                    address,
-                    sender,
-                    recipients,
-                    message,
-                    dsn,
-                    plaintext=True,
-                    retry=True,
-                )
-            if reply.code == 220:
-                reply = await client.ehlo(dest.helo_name)
-                if reply.code != 250:
-                    raise HostFailure(reply)
-            elif tls.mandatory:
-                raise HostFailure(reply)
-        if dsn.require_tls and client.tls and "REQUIRETLS" not in client.extensions:
-            # RFC 8689 section 4.2.1 item 4: the host must offer REQUIRETLS.
-            raise HostFailure(
-                local_reply(550, REQUIRETLS_STATUS, f"{host.name} does not offer REQUIRETLS")
+                client = await _connect(dest, domain, host, address, tls, dsn.require_tls)
+            except BaseException:
+                cache.failed_to_open(domain)
+                raise
+            session = CachedSession(key, client)
+        try:
+            if dsn.require_tls and session.client.tls:
+                _check_requiretls(session.client, host)
+            results = await _send(session.client, host, sender, recipients, message, dsn)
+        except HostFailure:
+            await cache.release(session)  # nothing was sent: the session is still good
+            raise
+        except ConnectionLost as exc:
+            cache.drop(session)
+            raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
+        except BaseException:
+            cache.drop(session)
+            raise
+        session.messages += 1
+        # RFC 5321 section 3.8: after a 421 the server closes the channel.
+        await cache.release(session, reusable=all(r.reply.code != 421 for r in results.values()))
+        return results
+
+
+async def _reuse(cache: ConnectionCache, key: SessionKey, helo_name: str) -> CachedSession | None:
+    """A cached session for ``key`` that answers RSET with 250, or None.
+    Sessions that fail the check are dropped (RFC 5321 section 4.1.1.5:
+    RSET ends any transaction and keeps the session's EHLO state)."""
+    while (session := cache.take(key)) is not None:
+        try:
+            reply = await session.client.command("RSET")
+        except ConnectionLost as exc:
+            log.debug("%s: cached session gone (%s); opening another", key.host, exc)
+            cache.drop(session)
+            continue
+        if reply.code == 250:
+            return session
+        log.debug("%s: cached session answered RSET with %s; opening another", key.host, reply)
+        cache.drop(session)
+    return None
+
+
+def _check_requiretls(client: SmtpClient, host: MailHost) -> None:
+    """RFC 8689 section 4.2.1 item 4: the host must offer REQUIRETLS."""
+    if "REQUIRETLS" not in client.extensions:
+        raise HostFailure(
+            local_reply(550, REQUIRETLS_STATUS, f"{host.name} does not offer REQUIRETLS")
+        )
+
+
+async def _connect(
+    dest: Destination,
+    domain: str,
+    host: MailHost,
+    address: str,
+    tls: HostTls,
+    require_tls: bool,
+) -> SmtpClient:
+    """A new session with one host, greeted and with TLS as ``tls`` demands,
+    ready for MAIL. HostFailure if the host cannot be used (connection,
+    greeting, TLS, REQUIRETLS not offered). After a failed handshake in
+    opportunistic mode the host is tried again in plaintext (RFC 7435
+    section 6); in MTA-STS testing mode, again without verification (RFC
+    8461 section 5). A second try follows a failure already recorded for
+    TLS-RPT and is not counted as a successful session."""
+    settings = dest.settings
+    plaintext = retry = False
+    while True:
+        try:
+            client = await SmtpClient.open(
+                address,
+                settings.smtp_port,
+                connect_timeout=settings.connect_timeout_seconds,
+                timeout=settings.command_timeout_seconds,
             )
-        if tls.level in ("encrypt", "verify", "dane") and not client.tls:
-            detail = f"{host.name}: {tls.source}: TLS required, not offered"
-            if tls.policy_type != "no-policy-found":
-                await dest.tls.reports.record(
-                    domain, host.name, tls, "starttls-not-supported", detail
-                )
-            if tls.mandatory:
-                raise HostFailure(local_reply(451, "4.7.4", detail))
-        if client.tls and not retry and tls.policy_type != "no-policy-found":
-            # RFC 8460 section 4.4: counted in total-successful-session-count
-            # (sessions under an MTA-STS or DANE policy: one line each).
-            await dest.tls.reports.record_success(domain, host.name, tls)
-        return await _send(client, host, sender, recipients, message, dsn)
-    except ConnectionLost as exc:
-        raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
-    finally:
-        await client.quit()
+        except ConnectionLost as exc:
+            raise HostFailure(local_reply(451, "4.4.1", f"{host.name}: {exc}")) from exc
+        try:
+            greeting = client.greeting
+            if greeting is None or greeting.code != 220:
+                # RFC 5321 section 3.1: a 554 greeting means "no service here": next host.
+                raise HostFailure(greeting or local_reply(451, "4.4.2", "no greeting"))
+            reply = await client.ehlo(dest.helo_name)
+            if reply.code != 250:
+                raise HostFailure(reply)
+            if "STARTTLS" in client.extensions and not plaintext and tls.level != "none":
+                try:
+                    reply = await _starttls(dest, domain, host, client, tls)
+                except TlsFailed:
+                    client.abort()
+                    if tls.report_only:
+                        # RFC 8461 section 5: testing mode delivers all the same.
+                        tls, retry = OPPORTUNISTIC, True
+                        continue
+                    log.info("%s: TLS handshake failed, retrying in plaintext", host.name)
+                    tls, plaintext, retry = OPPORTUNISTIC, True, True
+                    continue
+                if reply.code == 220:
+                    reply = await client.ehlo(dest.helo_name)
+                    if reply.code != 250:
+                        raise HostFailure(reply)
+                elif tls.mandatory:
+                    raise HostFailure(reply)
+            if require_tls and client.tls:
+                _check_requiretls(client, host)
+            if tls.level in ("encrypt", "verify", "dane") and not client.tls:
+                detail = f"{host.name}: {tls.source}: TLS required, not offered"
+                if tls.policy_type != "no-policy-found":
+                    await dest.tls.reports.record(
+                        domain, host.name, tls, "starttls-not-supported", detail
+                    )
+                if tls.mandatory:
+                    raise HostFailure(local_reply(451, "4.7.4", detail))
+            if client.tls and not retry and tls.policy_type != "no-policy-found":
+                # RFC 8460 section 4.4: counted in total-successful-session-count
+                # (sessions under an MTA-STS or DANE policy: one line each).
+                await dest.tls.reports.record_success(domain, host.name, tls)
+            return client
+        except ConnectionLost as exc:
+            await client.quit()
+            raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
+        except BaseException:
+            await client.quit()
+            raise
 
 
 async def _starttls(

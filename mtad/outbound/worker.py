@@ -24,9 +24,11 @@ Contract of :class:`QueueRunner`:
   recipient whose NOTIFY has SUCCESS (section 5.2.2). Every notice carries
   Original-Envelope-Id and Original-Recipient; a failure with RET=FULL
   returns the whole message, otherwise its header (section 4.3).
-* ``per_domain_concurrency`` bounds deliveries to one domain in this
-  process, whichever queue partitions their entries come from; ``workers``
-  bounds deliveries in flight. One runner leases from every partition
+* ``per_domain_concurrency`` bounds the SMTP sessions to one domain in
+  this process, whichever queue partitions their entries come from;
+  ``workers`` bounds deliveries in flight. Sessions are kept open between
+  deliveries for ``connection_cache_seconds`` (mtad/outbound/conncache.py)
+  and closed, idle ones QUIT, by ``close()``. One runner leases from every partition
   (``storage.queue``): a partition that is down delays only its own mail.
 """
 
@@ -48,6 +50,7 @@ from delivery.dsnparams import envelope_id, original_recipient, wants
 from delivery.srs import is_srs_address
 from mtad.dns import Resolver
 from mtad.outbound.client import Reply
+from mtad.outbound.conncache import ConnectionCache
 from mtad.outbound.delivery import (
     Destination,
     DsnRequest,
@@ -138,6 +141,7 @@ class QueueRunner:
             tls=TlsPolicy.from_settings(
                 settings.queue, trust_ad=settings.dns.trust_ad, data_dir=settings.data_dir
             ),
+            connections=ConnectionCache(settings.queue),
         )
         self.signer = DkimSigner(
             settings.queue.dkim_key_dir,
@@ -145,7 +149,6 @@ class QueueRunner:
             storage.directory,  # the site's keys, shared by every instance (issue #19)
         )
         self.stats = Stats()
-        self._domain_slots: dict[str, asyncio.Semaphore] = {}
         self._in_flight: dict[QueueRef, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._closing = False
@@ -186,6 +189,7 @@ class QueueRunner:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        await self.destination.connections.close()
 
     async def _run(self) -> None:
         interval = self.queue_settings.poll_interval_seconds
@@ -282,13 +286,6 @@ class QueueRunner:
 
     # -- one entry -----------------------------------------------------------
 
-    def _slot(self, domain: str) -> asyncio.Semaphore:
-        slot = self._domain_slots.get(domain)
-        if slot is None:
-            slot = asyncio.Semaphore(self.queue_settings.per_domain_concurrency)
-            self._domain_slots[domain] = slot
-        return slot
-
     async def process(self, entry: QueuedMessage) -> None:
         """One delivery attempt of a leased entry, recorded before returning."""
         self.stats.attempts += 1
@@ -340,11 +337,10 @@ class QueueRunner:
 
             async def one_domain(domain: str, rcpts: list[str]) -> dict[str, RecipientResult]:
                 request = DsnRequest(entry.dsn, {a: dsn_of[a] for a in rcpts}, tls_optional)
-                async with self._slot(domain):
-                    self.stats.by_domain[domain] = self.stats.by_domain.get(domain, 0) + 1
-                    return await deliver_domain(
-                        self.destination, domain, entry.sender, rcpts, signed, request
-                    )
+                self.stats.by_domain[domain] = self.stats.by_domain.get(domain, 0) + 1
+                return await deliver_domain(
+                    self.destination, domain, entry.sender, rcpts, signed, request
+                )
 
             for part in await asyncio.gather(*(one_domain(d, rs) for d, rs in by_domain.items())):
                 results.update(part)

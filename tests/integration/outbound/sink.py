@@ -10,6 +10,9 @@ a recipient to ``"data"`` (never answer DATA) or ``"dot"`` (take the message
 -- recorded, as a real MTA commits before replying -- but never answer the
 final dot): the session then waits until the client goes away, so a test
 can kill the client mid-delivery. ``stalls`` counts sessions stalled so.
+``rset_reply`` answers RSET (a server refusing to go on: "421 ...", after
+which it closes). ``close()`` also ends the sessions still open, as a
+server that stops does.
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ class SinkServer:
     connections: int = 0
     active: int = 0  # sessions open now
     max_active: int = 0
+    rset_reply: str = "250 2.0.0 ok"
+    resets: int = 0  # RSET commands received
     server: asyncio.Server | None = None
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> SinkServer:
         self.server = await asyncio.start_server(
@@ -74,6 +80,8 @@ class SinkServer:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            for writer in list(self.writers):
+                writer.close()
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
             except TimeoutError:
@@ -88,6 +96,7 @@ class SinkServer:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.active += 1
+        self.writers.add(writer)
         self.max_active = max(self.max_active, self.active)
         is_tls = False
 
@@ -181,8 +190,11 @@ class SinkServer:
                     await say(reply)
                     mail_from, rcpts = None, []
                 elif verb == "RSET":
+                    self.resets += 1
                     mail_from, rcpts = None, []
-                    await say("250 2.0.0 ok")
+                    await say(self.rset_reply)
+                    if self.rset_reply.startswith("421"):
+                        return  # RFC 5321 section 3.8: 421, then close
                 elif verb == "NOOP":
                     await say("250 2.0.0 ok")
                 elif verb == "QUIT":
@@ -194,4 +206,5 @@ class SinkServer:
             return
         finally:
             self.active -= 1
+            self.writers.discard(writer)
             writer.close()
