@@ -47,6 +47,9 @@ log = logging.getLogger("mtad.outbound")
 # RFC 5321 section 4.5.3.1.8: a server must accept at least 100 recipients
 # per transaction; larger lists go in several transactions.
 MAX_RCPTS_PER_TRANSACTION = 100
+# How long a cached session may take to answer RSET before another is opened
+# (as Postfix's smtp_rset_timeout); a peer gone silent must not stall mail.
+RSET_TIMEOUT_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ async def _deliver_host(
     cache = dest.connections
     key = SessionKey(domain, host.name, address, dest.settings.smtp_port, TlsIdentity.of(tls))
     async with cache.slot(domain):
-        session = await _reuse(cache, key, dest.helo_name)
+        session = await _reuse(cache, key)
         if session is None:
             cache.opening(domain)
             try:
@@ -325,17 +328,21 @@ async def _deliver_host(
         return results
 
 
-async def _reuse(cache: ConnectionCache, key: SessionKey, helo_name: str) -> CachedSession | None:
+async def _reuse(cache: ConnectionCache, key: SessionKey) -> CachedSession | None:
     """A cached session for ``key`` that answers RSET with 250, or None.
     Sessions that fail the check are dropped (RFC 5321 section 4.1.1.5:
     RSET ends any transaction and keeps the session's EHLO state)."""
     while (session := cache.take(key)) is not None:
+        client = session.client
+        timeout, client.timeout = client.timeout, min(client.timeout, RSET_TIMEOUT_SECONDS)
         try:
-            reply = await session.client.command("RSET")
-        except ConnectionLost as exc:
+            reply = await client.command("RSET")
+        except ConnectionLost as exc:  # closed, or silent past the timeout
             log.debug("%s: cached session gone (%s); opening another", key.host, exc)
             cache.drop(session)
             continue
+        finally:
+            client.timeout = timeout
         if reply.code == 250:
             return session
         log.debug("%s: cached session answered RSET with %s; opening another", key.host, reply)

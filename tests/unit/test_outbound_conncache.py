@@ -12,6 +12,7 @@ import pytest
 
 from conf.settings import QueueSettings
 from mtad.dns import MxRecord
+from mtad.outbound import delivery
 from mtad.outbound.client import SmtpClient
 from mtad.outbound.conncache import (
     CachedSession,
@@ -106,13 +107,18 @@ async def test_a_stricter_policy_opens_its_own_session(port: int, tls_context) -
         await dest.connections.close()
 
 
-@pytest.mark.parametrize("how", ["421 to RSET", "closed while idle"])
-async def test_a_dead_cached_session_is_replaced_not_failed(port: int, how: str) -> None:
+@pytest.mark.parametrize("how", ["421 to RSET", "no answer to RSET", "closed while idle"])
+async def test_a_dead_cached_session_is_replaced_not_failed(
+    port: int, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "RSET_TIMEOUT_SECONDS", 0.3)
     async with SinkServer("127.0.0.2", port) as sink:
         dest = destination(port, connection_cache_seconds=30)
         await deliver_domain(dest, "d.test", "a@x.test", ["r1@d.test"], MESSAGE)
         if how == "421 to RSET":
             sink.rset_reply = "421 4.3.2 shutting down"
+        elif how == "no answer to RSET":
+            sink.rset_reply = ""
         else:
             for writer in list(sink.writers):
                 writer.close()
@@ -121,7 +127,7 @@ async def test_a_dead_cached_session_is_replaced_not_failed(port: int, how: str)
         assert results["r2@d.test"].status == "delivered"
         assert [r.rcpt_to for r in sink.received] == [["r1@d.test"], ["r2@d.test"]]
         assert sink.connections == 2
-        assert sink.resets == (1 if how == "421 to RSET" else 0)
+        assert sink.resets == (0 if how == "closed while idle" else 1)
         await dest.connections.close()
 
 

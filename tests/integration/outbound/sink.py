@@ -11,8 +11,8 @@ a recipient to ``"data"`` (never answer DATA) or ``"dot"`` (take the message
 final dot): the session then waits until the client goes away, so a test
 can kill the client mid-delivery. ``stalls`` counts sessions stalled so.
 ``rset_reply`` answers RSET (a server refusing to go on: "421 ...", after
-which it closes). ``close()`` also ends the sessions still open, as a
-server that stops does.
+which it closes; "": no answer, a peer gone silent). ``close()`` also ends
+the sessions still open, as a server that stops does.
 """
 
 from __future__ import annotations
@@ -192,6 +192,9 @@ class SinkServer:
                 elif verb == "RSET":
                     self.resets += 1
                     mail_from, rcpts = None, []
+                    if not self.rset_reply:
+                        await reader.read()  # silent until the client goes away
+                        return
                     await say(self.rset_reply)
                     if self.rset_reply.startswith("421"):
                         return  # RFC 5321 section 3.8: 421, then close
