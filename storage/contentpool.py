@@ -60,18 +60,21 @@ class ContentPool:
             self._starting_until = time.monotonic() + self.startup_allowance
         return self._executor
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` off this process; :class:`ContentTimeout` past the limit."""
+    async def run(self, fn: Callable[..., T], *args: object, time_limit: float | None = None) -> T:
+        """``fn(*args)`` off this process; :class:`ContentTimeout` past the
+        limit: the pool's, or ``time_limit`` for this job (work that grows
+        with its input, such as signing a large message)."""
         if self.workers <= 0:
             return await asyncio.to_thread(fn, *args)
+        own_limit = self.time_limit if time_limit is None else time_limit
         executor = self._pool()
         future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        limit = self.time_limit + max(0.0, self._starting_until - time.monotonic())
+        limit = own_limit + max(0.0, self._starting_until - time.monotonic())
         try:
             return await asyncio.wait_for(future, limit)
         except TimeoutError:
             self._kill(executor)
-            raise ContentTimeout(f"content job over {self.time_limit:g}s") from None
+            raise ContentTimeout(f"content job over {own_limit:g}s") from None
         except BrokenProcessPool:
             self._kill(executor)  # killed under another job's timeout, or crashed
             raise ContentTimeout("content worker died") from None

@@ -159,3 +159,18 @@ async def test_jobs_still_queued_when_the_pool_is_killed_fail_as_timeouts(
     assert all(isinstance(r, ContentTimeout) for r in results), results
     raw = _message()
     assert await pool.run(parse_message, raw) == parse_message(raw)  # fresh workers
+
+
+async def test_a_job_may_bring_its_own_time_limit() -> None:
+    """Work that grows with its input (signing a large message) passes a
+    limit of its own: it finishes past the pool's limit, and a job without
+    one is still held to the pool's."""
+    pool = ContentPool(1, time_limit=0.2, startup_allowance=0)
+    try:
+        await pool.run(time.sleep, 0, time_limit=60)  # the worker is up
+        pause = random.uniform(0.6, 1.0)
+        assert await pool.run(time.sleep, pause, time_limit=30) is None
+        with pytest.raises(ContentTimeout, match=r"over 0\.2s"):
+            await pool.run(time.sleep, pause)
+    finally:
+        pool.close()
