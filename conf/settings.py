@@ -70,11 +70,13 @@ class ServerSettings(Section):
     # uvloop when it can be imported.
     event_loop: str = "auto"
     # Worker processes of each server process for CPU-heavy content work
-    # (parsing messages over 1 MB, sanitizing large HTML for webmail), so
-    # that work never holds the protocol loop's GIL; 0 runs it in a thread
-    # (no time limit). A job past content_time_limit_seconds is abandoned,
-    # its workers replaced, and the message degraded (no search text, a
-    # plain-text view) instead of refused.
+    # (parsing messages over 1 MB, sanitizing large HTML for webmail, DKIM
+    # signing of outbound mail), so that work never holds the protocol
+    # loop's GIL; 0 runs it in a thread (no time limit). A job past
+    # content_time_limit_seconds is abandoned, its workers replaced, and the
+    # message degraded (no search text, a plain-text view) instead of
+    # refused; a signing job gets 1 s more per MB, and past that its
+    # delivery is retried later (mtad/outbound/signing.py).
     content_workers: int = Field(default=1, ge=0, le=64)
     content_time_limit_seconds: float = Field(default=5.0, gt=0, le=600)
 
