@@ -1,15 +1,24 @@
-"""Outbound relay throughput: submission on 587 to delivery at a sink peer.
+"""Outbound relay throughput, shardmail beside Postfix: submission to
+delivery at one sink peer, DKIM-signed on both sides (issue #23).
 
 Starts a dnsmasq (MX of sink.bench -> 127.0.0.9), an asyncio sink SMTP
-server on 127.0.0.9 (tests/integration/outbound/sink.py) and mtad as its
-own process (``python -m mtad``) with queue workers and, unless
-``--no-dkim``, a DKIM key for the sender's domain. Messages are submitted
-(AUTH PLAIN, plaintext allowed for the bench) over parallel sessions; the
-clock runs from the first submission until the sink holds every message.
-Reports messages/s end to end and the mtad CPU per message. Never part of
-the test run; everything stays on 127.0.0.0/8.
+server on 127.0.0.9 (tests/integration/outbound/sink.py), mtad as its own
+process (``python -m mtad``) with queue workers and, unless ``--no-dkim``,
+a DKIM key for the sender's domain (signed in its content pool worker,
+``mtad/outbound/signing.py``), and, unless ``--no-postfix``, Debian's
+Postfix relaying to the same sink with OpenDKIM signing as a milter, with
+the same key (``bench/postfix_dkim_relay.py``). Each round submits the
+same messages over parallel sessions to mtad (587, AUTH PLAIN, plaintext
+allowed for the bench), then to Postfix (its smtpd, relaying for
+127.0.0.0/8 without AUTH): runs alternate, A B A B. The clock runs from
+the first submission until the sink holds every message of the run.
+Reports messages/s end to end and CPU per message of each side: mtad's
+process with its content workers; every Postfix process plus OpenDKIM's.
+A few delivered messages of each run are checked with dkimpy against the
+published key. Never part of the test run; everything stays on
+127.0.0.0/8.
 
-    python bench/relay_bench.py --messages 1000 --sessions 10 --workers 16
+    python bench/relay_bench.py --messages 300 --sessions 5 --rounds 2
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
@@ -29,11 +39,16 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.smtp_bench import cpu_seconds, make_message  # noqa: E402
+from bench.dovecot_peer import proc_cpu_seconds, tree_cpu_seconds  # noqa: E402
+from bench.smtp_bench import make_message  # noqa: E402
 
 SINK_IP = "127.0.0.9"
-SENDER = "bench@relay.example"
+DOMAIN = "relay.example"
+SELECTOR = "shardmail"
+SENDER = f"bench@{DOMAIN}"
 PASSWORD = "bench-password"
+RCPT = "sink@sink.bench"
+VERIFIED_PER_RUN = 3
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,7 +57,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-async def prepare(data_dir: Path, dkim: bool) -> None:
+async def prepare(
+    data_dir: Path, dkim: bool, key: tuple[bytes, str] | None = None
+) -> tuple[bytes, str] | None:
+    """The sender's account; with ``dkim``, its key file as ``mailctl dkim
+    generate`` made it, or ``key`` written as one: (private PEM, TXT record)."""
     from argon2 import PasswordHasher
     from argon2.profiles import CHEAPEST
 
@@ -56,140 +75,346 @@ async def prepare(data_dir: Path, dkim: bool) -> None:
         password_hasher=PasswordHasher.from_parameters(CHEAPEST),
     )
     try:
-        await store.directory.add_domain("relay.example")
+        await store.directory.add_domain(DOMAIN)
         await store.directory.add_account(SENDER, PASSWORD)
     finally:
         await store.close()
-    if dkim:
-        generate_key(data_dir / "dkim", "relay.example", "shardmail")
+    if not dkim:
+        return None
+    if key is not None:
+        (data_dir / "dkim").mkdir(mode=0o700)
+        (data_dir / "dkim" / f"{DOMAIN}.{SELECTOR}.key").write_bytes(key[0])
+        return key
+    path, record = generate_key(data_dir / "dkim", DOMAIN, SELECTOR)
+    return path.read_bytes(), record
 
 
-async def submit(port: int, count: int, size: int, rcpt: str, offset: int) -> int:
+def message(size: int, n: int) -> bytes:
+    # Submission takes only a From: the user owns (mtad/session.py).
+    return make_message(size, n, RCPT).replace(
+        b"From: bench@sender.example", f"From: {SENDER}".encode(), 1
+    )
+
+
+async def submit(port: int, count: int, size: int, offset: int, login: bool) -> int:
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=60)
     await client.connect()
     await client.ehlo()
-    await client.login(SENDER, PASSWORD)
+    if login:
+        await client.login(SENDER, PASSWORD)
     for i in range(count):
-        # Submission takes only a From: the user owns (mtad/session.py).
-        message = make_message(size, offset + i, rcpt).replace(
-            b"From: bench@sender.example", f"From: {SENDER}".encode(), 1
-        )
-        await client.sendmail(SENDER, [rcpt], message)
+        await client.sendmail(SENDER, [RCPT], message(size, offset + i))
     await client.quit()
     return count
 
 
-async def wait_for_count(sink, count: int, timeout: float) -> None:
-    """Until the sink holds ``count`` messages or ``timeout`` passes."""
+async def wait_for_count(sink, count: int, timeout: float) -> bool:
+    """Until the sink holds ``count`` messages (True) or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if len(sink.received) >= count:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def mtad_cpu(pid: int) -> tuple[float, float]:
+    """(mtad's whole tree: content workers included, mtad's own process)."""
+    return tree_cpu_seconds(pid), proc_cpu_seconds(pid, with_children=False)
+
+
+def header_of(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0]
+
+
+def verified(received: list, record: str | None) -> tuple[int, int]:
+    """(messages with a DKIM-Signature field, of the first few how many
+    verify with dkimpy against ``record``)."""
+    import dkim
+
+    signed = [r.data for r in received if b"DKIM-Signature:" in header_of(r.data)]
+    if record is None:
+        return len(signed), 0
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return record.encode() if name == f"{SELECTOR}._domainkey.{DOMAIN}.".encode() else b""
+
+    good = sum(bool(dkim.verify(d, dnsfunc=dnsfunc)) for d in signed[:VERIFIED_PER_RUN])
+    return len(signed), good
+
+
+@dataclass
+class Run:
+    side: str
+    delivered: int
+    submitted_s: float
+    elapsed_s: float
+    cpu_s: float  # the side's whole CPU
+    cpu_detail: str
+    signed: int
+    verified: int
+    load: float
+
+    def line(self, messages: int) -> str:
+        return (
+            f"{self.side:9} {self.delivered:5}/{messages} in {self.elapsed_s:6.2f} s "
+            f"= {self.delivered / self.elapsed_s:6.1f} msg/s  "
+            f"(submitted {messages / self.submitted_s:6.1f} msg/s)  "
+            f"CPU {1000 * self.cpu_s / max(self.delivered, 1):5.2f} ms/msg ({self.cpu_detail})  "
+            f"signed {self.signed}, verified {self.verified}/{min(VERIFIED_PER_RUN, self.signed)}  "
+            f"load {self.load:.2f}"
+        )
+
+
+class Side:
+    """One relay under test: where to submit and what CPU it used."""
+
+    name = ""
+    port = 0
+    login = False
+
+    def cpu(self) -> tuple[float, ...]:
+        """CPU seconds so far: the side's total first, then its parts."""
+        raise NotImplementedError
+
+    def detail(self, spent: tuple[float, ...]) -> str:
+        raise NotImplementedError
+
+
+class Shardmail(Side):
+    login = True
+
+    def __init__(self, name: str, pid: int, port: int) -> None:
+        self.name = name
+        self.pid = pid
+        self.port = port
+
+    def cpu(self) -> tuple[float, ...]:
+        return mtad_cpu(self.pid)
+
+    def detail(self, spent: tuple[float, ...]) -> str:
+        tree, own = spent
+        return f"mtad {own:.2f} s + content workers {tree - own:.2f} s"
+
+
+class Postfix(Side):
+    name = "postfix"
+
+    def __init__(self, relay) -> None:
+        self.relay = relay
+        self.port = relay.port
+
+    def cpu(self) -> tuple[float, ...]:
+        postfix, milter = self.relay.cpu_seconds()
+        return postfix + milter, postfix, milter
+
+    def detail(self, spent: tuple[float, ...]) -> str:
+        _total, postfix, milter = spent
+        return f"postfix {postfix:.2f} s + opendkim {milter:.2f} s"
+
+
+async def run(side: Side, sink, args: argparse.Namespace, record: str | None, count: int) -> Run:
+    """``count`` messages over ``args.sessions`` sessions into ``side``,
+    timed until the sink holds them all."""
+    per = [
+        count // args.sessions + (1 if i < count % args.sessions else 0)
+        for i in range(args.sessions)
+    ]
+    offsets = [sum(per[:i]) for i in range(args.sessions)]
+    base = len(sink.received)
+    cpu_before = side.cpu()
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(
+            submit(side.port, n, args.size, o, side.login)
+            for n, o in zip(per, offsets, strict=True)
+            if n
+        )
+    )
+    submitted = time.perf_counter() - start
+    if not await wait_for_count(sink, base + count, timeout=600):
+        log = getattr(getattr(side, "relay", None), "postfix_log", lambda: "")()
+        raise SystemExit(f"{side.name}: only {len(sink.received) - base} of {count}\n{log[-3000:]}")
+    elapsed = time.perf_counter() - start
+    cpu_after = side.cpu()
+    spent = tuple(a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+    got = sink.received[base : base + count]
+    signed, good = verified(got, record)
+    return Run(
+        side.name,
+        len(got),
+        submitted,
+        elapsed,
+        spent[0],
+        side.detail(spent),
+        signed,
+        good,
+        os.getloadavg()[0],
+    )
+
+
+def mtad_argv(
+    args: argparse.Namespace, data_dir: Path, dns_port: int, relay_port: int, submission: int
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mtad",
+        "-o",
+        f"server.data_dir='{data_dir}'",
+        "-o",
+        "server.log_level='WARNING'",
+        "-o",
+        "server.metrics_listen=[]",
+        "-o",
+        f"smtp.mx_listen=['127.0.0.1:{free_port()}']",
+        "-o",
+        f"smtp.submission_listen=['127.0.0.1:{submission}']",
+        "-o",
+        f"smtp.submissions_listen=['127.0.0.1:{free_port()}']",
+        "-o",
+        "smtp.rate_limit_per_ip=0",
+        "-o",
+        "smtp.rate_limit_per_user=0",
+        # One account sends every message: its sending limits ([limits]) off.
+        *(a for k in ("messages", "recipients") for w in ("hour", "day")
+          for a in ("-o", f"limits.user_{k}_per_{w}=0")),
+        "-o",
+        "smtp.save_sent_copy=false",
+        "-o",
+        f"smtp.max_connections_per_ip={args.sessions + 5}",
+        "-o",
+        "auth.allow_plaintext=true",
+        "-o",
+        "dns.nameservers=['127.0.0.1']",
+        "-o",
+        f"dns.port={dns_port}",
+        "-o",
+        f"queue.workers={args.workers}",
+        "-o",
+        f"queue.per_domain_concurrency={args.per_domain}",
+        "-o",
+        f"queue.smtp_port={relay_port}",
+        "-o",
+        "queue.poll_interval_seconds=0.2",
+    ]  # fmt: skip
+
+
+async def start_mtad(
+    repo: Path, args: argparse.Namespace, data_dir: Path, dns_port: int, relay_port: int
+) -> tuple[asyncio.subprocess.Process, int]:
+    """mtad of the checkout ``repo`` (its packages first on the path) and
+    its submission port, once that answers."""
+    submission = free_port()
+    argv = mtad_argv(args, data_dir, dns_port, relay_port, submission)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=repo, env=env)
+    try:
+        await wait_listening(submission, proc)
+    except BaseException:
+        await stop_mtad(proc)
+        raise
+    return proc, submission
+
+
+async def stop_mtad(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+    await proc.wait()
+
+
+async def wait_listening(port: int, proc) -> None:
+    for _ in range(300):
+        if proc.returncode is not None:
+            break
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
             return
-        await asyncio.sleep(0.05)
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise SystemExit("mtad did not start")
 
 
 async def main() -> None:
+    from bench.postfix_dkim_relay import PostfixDkimRelay
     from tests.dnsserver import Zone, dns_server
     from tests.integration.outbound.sink import SinkServer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1000)
-    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=300, help="per run")
+    parser.add_argument("--sessions", type=int, default=5)
     parser.add_argument("--size", type=int, default=5 * 1024)
     parser.add_argument("--workers", type=int, default=16, help="queue.workers")
     parser.add_argument("--per-domain", type=int, default=16, help="per_domain_concurrency")
-    parser.add_argument("--no-dkim", action="store_true", help="do not sign")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of A B runs")
+    parser.add_argument("--warmup", type=int, default=20, help="messages per side first")
+    parser.add_argument("--no-dkim", action="store_true", help="sign on neither side")
+    parser.add_argument("--no-postfix", action="store_true", help="shardmail alone")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run mtad of this checkout (e.g. /work/main) as side 'baseline'",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    data_dir = tmp / "data"
-    await prepare(data_dir, not args.no_dkim)
+    key = await prepare(tmp / "data", not args.no_dkim)
+    if args.baseline:
+        await prepare(tmp / "baseline", not args.no_dkim, key)
+    record = key[1] if key else None
     relay_port = free_port(SINK_IP)
-    submission = free_port()
     zone = Zone().a("mx.sink.bench", SINK_IP).mx("sink.bench", "mx.sink.bench", 10)
-    proc = None
+    runs: list[Run] = []
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     async with dns_server(zone) as dns, SinkServer(SINK_IP, relay_port) as sink:
-        argv = [
-            sys.executable,
-            "-m",
-            "mtad",
-            "-o",
-            f"server.data_dir='{data_dir}'",
-            "-o",
-            "server.log_level='WARNING'",
-            "-o",
-            f"smtp.mx_listen=['127.0.0.1:{free_port()}']",
-            "-o",
-            f"smtp.submission_listen=['127.0.0.1:{submission}']",
-            "-o",
-            f"smtp.submissions_listen=['127.0.0.1:{free_port()}']",
-            "-o",
-            "smtp.rate_limit_per_ip=0",
-            "-o",
-            "smtp.rate_limit_per_user=0",
-            # One account sends every message: its sending limits ([limits]) off.
-            *(a for k in ("messages", "recipients") for w in ("hour", "day")
-              for a in ("-o", f"limits.user_{k}_per_{w}=0")),
-            "-o",
-            "smtp.save_sent_copy=false",
-            "-o",
-            f"smtp.max_connections_per_ip={args.sessions + 5}",
-            "-o",
-            "auth.allow_plaintext=true",
-            "-o",
-            "dns.nameservers=['127.0.0.1']",
-            "-o",
-            f"dns.port={dns.port}",
-            "-o",
-            f"queue.workers={args.workers}",
-            "-o",
-            f"queue.per_domain_concurrency={args.per_domain}",
-            "-o",
-            f"queue.smtp_port={relay_port}",
-            "-o",
-            "queue.poll_interval_seconds=0.2",
-        ]
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO)
+        procs: list[asyncio.subprocess.Process] = []
+        relay = None
         try:
-            for _ in range(300):
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", submission)
-                    writer.close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
-            else:
-                raise SystemExit("mtad did not start")
-            rcpt = "sink@sink.bench"
-            per = [
-                args.messages // args.sessions + (1 if i < args.messages % args.sessions else 0)
-                for i in range(args.sessions)
-            ]
-            offsets = [sum(per[:i]) for i in range(args.sessions)]
-            cpu_before = cpu_seconds(proc.pid)
-            start = time.perf_counter()
-            await asyncio.gather(
-                *(
-                    submit(submission, n, args.size, rcpt, o)
-                    for n, o in zip(per, offsets, strict=True)
+            sides: list[Side] = []
+            checkouts = [("shardmail", REPO, tmp / "data")]
+            if args.baseline:
+                checkouts.append(("baseline", args.baseline.resolve(), tmp / "baseline"))
+            for name, repo, data_dir in checkouts:
+                proc, submission = await start_mtad(repo, args, data_dir, dns.port, relay_port)
+                procs.append(proc)
+                sides.append(Shardmail(name, proc.pid, submission))
+            if not args.no_postfix:
+                relay = PostfixDkimRelay(
+                    DOMAIN,
+                    key[0] if key else b"",
+                    SELECTOR,
+                    SINK_IP,
+                    relay_port,
+                    dkim=key is not None,
                 )
-            )
-            submitted = time.perf_counter() - start
-            await wait_for_count(sink, args.messages, timeout=600)
-            elapsed = time.perf_counter() - start
-            cpu = cpu_seconds(proc.pid) - cpu_before
+                await asyncio.to_thread(relay.start)
+                sides.append(Postfix(relay))
+            for side in sides:  # spawn workers, open caches: not measured
+                await run(side, sink, args, record, args.warmup)
+            for _round in range(args.rounds):
+                for side in sides:
+                    result = await run(side, sink, args, record, args.messages)
+                    print(result.line(args.messages), flush=True)
+                    runs.append(result)
         finally:
-            proc.terminate()
-            await proc.wait()
+            for proc in procs:
+                await stop_mtad(proc)
+            if relay is not None:
+                await asyncio.to_thread(relay.stop)
             shutil.rmtree(tmp, ignore_errors=True)
-    delivered = len(sink.received)
-    signed = sum(r.data.startswith(b"DKIM-Signature:") for r in sink.received)
-    print(f"messages:      {args.messages} x {args.size} bytes, {args.sessions} sessions")
-    print(f"workers:       {args.workers} (per domain {args.per_domain}), DKIM signed {signed}")
-    print(f"submitted in:  {submitted:.2f} s ({args.messages / submitted:.1f} messages/s)")
-    print(f"delivered:     {delivered} in {elapsed:.2f} s")
-    print(f"throughput:    {delivered / elapsed:.1f} messages/s submission -> sink")
-    print(f"mtad CPU:      {cpu:.2f} s ({1000 * cpu / max(delivered, 1):.2f} ms per message)")
+    print(f"messages:      {args.messages} x {args.size} bytes per run, {args.sessions} sessions")
+    print(f"shardmail:     queue.workers {args.workers} (per domain {args.per_domain})")
+    for side in ("shardmail", "baseline", "postfix"):
+        mine = [r for r in runs if r.side == side]
+        if mine:
+            rates = [r.delivered / r.elapsed_s for r in mine]
+            cpus = [1000 * r.cpu_s / r.delivered for r in mine]
+            print(
+                f"{side:9}      {min(rates):.1f}-{max(rates):.1f} msg/s, "
+                f"{min(cpus):.2f}-{max(cpus):.2f} ms CPU per message"
+            )
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
