@@ -9,8 +9,8 @@ prepended when a key exists for the domain of the From header (aligned
 with it for DMARC, RFC 7489 section 3.1.1), else for the envelope sender's
 domain; unchanged when there is none; a directory that
 cannot be read raises its TEMPORARY error (the delivery is retried, never
-sent unsigned by mistake). Signing is CPU work (dkimpy: canonicalization,
-hashing and RSA in Python, about 7 ms for 5 KB) and runs in the content
+sent unsigned by mistake). Signing is CPU work (dkimpy's canonicalization
+and hashing, RSA by OpenSSL: about 2 ms for 5 KB) and runs in the content
 pool's worker processes (``storage.contentpool``), off the event loop's
 GIL, under a time limit that grows with the message; a worker that dies or
 runs past it raises :class:`SigningUnavailable`, a TEMPORARY error too:
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 import dkim
+import dkim.crypto
 
 from delivery.headers import from_domains
 from storage.contentpool import ContentTimeout, content_pool
@@ -108,6 +109,59 @@ def find_key(key_dir: Path | str, domain: str, selector: str) -> DkimKey | None:
         path = candidates[0]
         selector = path.name[len(domain) + 1 : -len(".key")]
     return DkimKey(domain, selector, path.read_bytes())
+
+
+# dkimpy computes RSA with Python's pow() (dkim.crypto.rsa_decrypt): about
+# 80% of a 5 KB message's signing. RSASSA-PKCS1-v1_5 is deterministic
+# (RFC 8017 section 8.2.1), so OpenSSL's gives the same bytes for a
+# fraction of the CPU; dkimpy's own stays for whatever OpenSSL refuses.
+_DKIMPY_RSA_SIGN = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+_OPENSSL_KEYS: dict[int, object] = {}  # by modulus; a site signs with few keys
+_OPENSSL_KEYS_MAX = 256
+
+
+def _openssl_key(private_key: dict[str, int]):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = _OPENSSL_KEYS.get(private_key["modulus"])
+    if key is None:
+        public = rsa.RSAPublicNumbers(private_key["publicExponent"], private_key["modulus"])
+        key = rsa.RSAPrivateNumbers(
+            p=private_key["prime1"],
+            q=private_key["prime2"],
+            d=private_key["privateExponent"],
+            dmp1=private_key["exponent1"],
+            dmq1=private_key["exponent2"],
+            iqmp=private_key["coefficient"],  # q^-1 mod p in RFC 8017 A.1.2 too
+            public_numbers=public,
+        ).private_key()
+        if len(_OPENSSL_KEYS) >= _OPENSSL_KEYS_MAX:
+            _OPENSSL_KEYS.clear()
+        _OPENSSL_KEYS[private_key["modulus"]] = key
+    return key
+
+
+def rsassa_pkcs1_v1_5_sign(digest, private_key: dict[str, int]) -> bytes:
+    """``dkim.crypto.RSASSA_PKCS1_v1_5_sign`` by OpenSSL: the same
+    signature of ``digest`` (a finished hash object) with dkimpy's parsed
+    ``private_key``; dkimpy's own for a hash or key OpenSSL refuses (its
+    errors, such as a key too short for the digest, stay dkimpy's)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    algorithm = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}.get(digest.name.lower())
+    if algorithm is None:
+        return _DKIMPY_RSA_SIGN(digest, private_key)
+    try:
+        key = _openssl_key(private_key)
+        return key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm()))
+    except ValueError:
+        return _DKIMPY_RSA_SIGN(digest, private_key)
+
+
+# dkim.sign and dkim.arc_sign call the name dkimpy imported into its package.
+if getattr(dkim, "RSASSA_PKCS1_v1_5_sign", None) is _DKIMPY_RSA_SIGN:
+    dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
 
 
 def from_domain(message: bytes) -> str | None:

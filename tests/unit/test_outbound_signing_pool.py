@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
+import dkim.crypto
 import pytest
 
 from mtad.outbound import signing
@@ -22,6 +23,8 @@ from mtad.outbound.signing import (
     SigningUnavailable,
     arc_seal_sync,
     generate_key,
+    new_key,
+    rsassa_pkcs1_v1_5_sign,
     sign_sync,
 )
 from storage import contentpool
@@ -44,7 +47,7 @@ AUTHSERV_ID = "mx.example.net"
 def key_dir(tmp_path: Path) -> tuple[Path, str]:
     """A key file as ``mailctl dkim generate`` made it, and its TXT record."""
     directory = tmp_path / "dkim"
-    _path, record = generate_key(directory, DOMAIN, SELECTOR, 1024)
+    _path, record = generate_key(directory, DOMAIN, SELECTOR)  # 2048 bits
     return directory, record
 
 
@@ -95,13 +98,46 @@ def _random_message(rng: random.Random, forwarded: bool) -> bytes:
 
 
 def _today(message: bytes, key: DkimKey, arc_authserv_id: str) -> bytes:
-    """What signing on the event loop's thread made before issue #23."""
-    signed = sign_sync(message, key)
-    return arc_seal_sync(signed, key, arc_authserv_id) if arc_authserv_id else signed
+    """What signing on the event loop's thread made before issue #23, RSA
+    by dkimpy's Python code included."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.crypto.RSASSA_PKCS1_v1_5_sign)
+        signed = sign_sync(message, key)
+        return arc_seal_sync(signed, key, arc_authserv_id) if arc_authserv_id else signed
 
 
 def _timestamps(signed: bytes, message: bytes) -> list[bytes]:
     return re.findall(rb"\bt=(\d+)", signed[: len(signed) - len(message)])
+
+
+@pytest.mark.parametrize("bits", [1024, 2048, 3072])
+def test_openssl_rsa_gives_dkimpys_signature(bits: int) -> None:
+    """RSASSA-PKCS1-v1_5 is deterministic (RFC 8017 section 8.2.1): OpenSSL's
+    bytes are dkimpy's, for random keys and digests of both hashes."""
+    import hashlib
+
+    pem, _record = new_key(bits)
+    private = dkim.crypto.parse_pem_private_key(pem)
+    for name in ("sha256", "sha1"):
+        for _ in range(5):
+            digest = hashlib.new(name, random.randbytes(random.randrange(0, 5000)))
+            expected = dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, private)
+            assert rsassa_pkcs1_v1_5_sign(digest, private) == expected
+    # dkim.sign goes through it (signing.py put it in dkimpy's place).
+    assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
+
+
+def test_a_key_openssl_refuses_is_signed_by_dkimpys_code() -> None:
+    """A key whose CRT coefficient is wrong fails OpenSSL's key check;
+    dkimpy's own code then signs with it, as before (same bytes)."""
+    import hashlib
+
+    pem, _record = new_key(1024)
+    private = dkim.crypto.parse_pem_private_key(pem)
+    private["coefficient"] += random.randrange(1, 1000)
+    digest = hashlib.sha256(random.randbytes(100))
+    expected = dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, private)
+    assert rsassa_pkcs1_v1_5_sign(digest, private) == expected
 
 
 async def test_pool_signatures_are_byte_identical_and_verify(
