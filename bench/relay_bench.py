@@ -96,12 +96,29 @@ def message(size: int, n: int) -> bytes:
     )
 
 
+async def connect(port: int, login: bool) -> aiosmtplib.SMTP:
+    """A session, logged in with ``login``; a 454 to AUTH (the login gate
+    busy with the other sessions' logins, RFC 4954 section 6) is retried on
+    a new connection, as a client would."""
+    for attempt in range(50):
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=60)
+        await client.connect()
+        await client.ehlo()
+        if not login:
+            return client
+        try:
+            await client.login(SENDER, PASSWORD)
+            return client
+        except (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPServerDisconnected) as exc:
+            if getattr(exc, "code", 454) != 454 or attempt == 49:
+                raise
+            client.close()
+            await asyncio.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
 async def submit(port: int, count: int, size: int, offset: int, login: bool) -> int:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=60)
-    await client.connect()
-    await client.ehlo()
-    if login:
-        await client.login(SENDER, PASSWORD)
+    client = await connect(port, login)
     for i in range(count):
         await client.sendmail(SENDER, [RCPT], message(size, offset + i))
     await client.quit()
