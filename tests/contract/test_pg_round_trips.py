@@ -48,6 +48,7 @@ _PER_BATCH = (
     "SELECT id, subject, from_text",
     "SELECT pg_try_advisory_xact_lock",
     "DELETE FROM commit_marks",
+    "SELECT gin_clean_pending_list",
     "SELECT EXISTS (SELECT 1 FROM pg_stat_activity",
 )
 
