@@ -2033,8 +2033,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             params = {"b_box": mailbox_id}
             if conn.execute(sortkeys.MISSING_KEYS, params).first() is not None:
                 return None
-            query = sortkeys.sorted_uids_query(criteria, conn.dialect.name)
-            return [uid for (uid,) in conn.execute(query, params)]
+            return sortkeys.read_sorted_uids(conn, mailbox_id, criteria)
 
         return await self.db.read_sync(read)
 

@@ -17,10 +17,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, literal_column, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, bindparam, literal_column, select, text, tuple_, update
 from sqlalchemy.engine import Connection
 
 from storage.sortkeys import KEY_COLUMNS, entry_keys
@@ -101,13 +102,116 @@ def order_by(criteria: Sequence[tuple[str, bool]], dialect: str) -> list[Any]:
     return terms
 
 
-def sorted_uids_query(criteria: Sequence[tuple[str, bool]], dialect: str) -> Any:
-    """Every UID of mailbox ``b_box`` in SORT order (:func:`order_by`)."""
-    return (
-        select(E.c.uid)
-        .where(E.c.mailbox_id == bindparam("b_box"))
-        .order_by(*order_by(criteria, dialect))
+def _order_sql(criteria: Sequence[tuple[str, bool]], dialect: str) -> str:
+    """:func:`order_by` as SQL text (column names and the prefix length
+    are this module's constants: no client text)."""
+    return ", ".join(
+        str(term.compile(dialect=_DIALECTS[dialect], compile_kwargs={"literal_binds": True}))
+        for term in order_by(criteria, dialect)
     )
+
+
+def _dialect(name: str) -> Any:
+    if name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.dialect()
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql.dialect()
+
+
+_DIALECTS = {name: _dialect(name) for name in ("sqlite", "postgresql")}
+
+
+@functools.lru_cache(maxsize=64)
+def _sorted_uids_sql(criteria: tuple[tuple[str, bool], ...], dialect: str) -> Any:
+    """The one-row query of :func:`read_sorted_uids` (cached: a few shapes).
+
+    SQLite: the UIDs joined by spaces, one string (``group_concat`` over
+    the ordered subquery; its LIMIT keeps SQLite from dropping the
+    subquery's ORDER BY, so the rows reach the aggregate in that order).
+    PostgreSQL: one ``int[]`` (``ARRAY(subquery)`` keeps the subquery's
+    order). 100,000 rows through SQLAlchemy cost 60-70 ms of CPU; one
+    value costs a few (bench/README.md, issue #24).
+
+    PostgreSQL, a single SUBJECT or FROM key: ORDER BY the indexed prefix
+    and the UID only, so the index gives the order (with the whole key as
+    a middle term the planner read the table and sorted it: 9 MB, an
+    external sort); a key longer than the prefix is flagged by a negative
+    UID, for :func:`_order_long_keys` to order those exactly.
+    """
+    table = "mailbox_entries"
+    where = f"FROM {table} WHERE {table}.mailbox_id = :b_box"
+    if dialect == "sqlite":
+        order = _order_sql(criteria, dialect)
+        return text(
+            f"SELECT group_concat(uid, ' ') FROM "
+            f"(SELECT {table}.uid AS uid {where} ORDER BY {order} LIMIT -1)"
+        )
+    name, reverse = criteria[0]
+    if _prefix_only(criteria):
+        col = SORT_COLUMNS[name].name
+        flagged = (
+            f"CASE WHEN octet_length({table}.{col}) >= {PG_PREFIX} "
+            f"THEN -{table}.uid ELSE {table}.uid END"
+        )
+        prefix = str(pg_prefix(SORT_COLUMNS[name]))
+        order = f"{prefix} {'DESC' if reverse else 'ASC'}, {table}.uid"
+        return text(f"SELECT ARRAY(SELECT {flagged} {where} ORDER BY {order})")
+    order = _order_sql(criteria, dialect)
+    return text(f"SELECT ARRAY(SELECT {table}.uid {where} ORDER BY {order})")
+
+
+def _prefix_only(criteria: Sequence[tuple[str, bool]]) -> bool:
+    """Whether the PostgreSQL query orders by a string key's prefix alone
+    (one criterion, or the same key repeated: RFC 5256 section 3 uses a
+    key's first occurrence)."""
+    return len({name for name, _ in criteria}) == 1 and criteria[0][0] in PREFIXED
+
+
+def read_sorted_uids(
+    conn: Connection, mailbox_id: int, criteria: Sequence[tuple[str, bool]]
+) -> list[int]:
+    """Every UID of the mailbox in SORT order (:func:`order_by`), read as
+    one value (:func:`_sorted_uids_sql`); the caller's transaction."""
+    dialect = conn.dialect.name
+    value = conn.execute(_sorted_uids_sql(tuple(criteria), dialect), {"b_box": mailbox_id}).scalar()
+    if not value:
+        return []
+    if dialect == "sqlite":
+        return list(map(int, value.split()))
+    uids = list(value)
+    if _prefix_only(criteria) and min(uids) < 0:
+        _order_long_keys(conn, mailbox_id, criteria[0], uids)
+    return uids
+
+
+def _order_long_keys(
+    conn: Connection, mailbox_id: int, criterion: tuple[str, bool], uids: list[int]
+) -> None:
+    """Puts the flagged (negative) UIDs of ``uids``, ordered by the key's
+    prefix and UID, in the exact order (whole key, then UID ascending),
+    in place. Entries of one prefix are adjacent and all flagged (a key
+    shorter than the prefix is its own prefix, never equal to a full
+    one), and prefix order agrees with the whole keys' order, so sorting
+    the flagged ones among their own places is the exact order."""
+    name, reverse = criterion
+    places = [i for i, u in enumerate(uids) if u < 0]
+    for i in places:
+        uids[i] = -uids[i]
+    col = SORT_COLUMNS[name]
+    flagged = [uids[i] for i in places]
+    rows = conn.execute(
+        select(E.c.uid, col).where(E.c.mailbox_id == mailbox_id, E.c.uid.in_(flagged))
+    ).all()
+    key = {uid: bytes(value) for uid, value in rows}
+    # One expunged since the first read keeps its place (the view drops it).
+    places = [i for i in places if uids[i] in key]
+    ordered = sorted(uids[i] for i in places)  # UID ascending in ties, either direction
+    ordered.sort(key=key.__getitem__, reverse=reverse)  # stable
+    for i, uid in zip(places, ordered, strict=True):
+        uids[i] = uid
 
 
 # An entry written without keys (by a process older than the step): its

@@ -26,7 +26,7 @@ from storage.ingest import Delivery, ingest
 from storage.model import Account, UidSet
 from storage.sortkeys import KEY_COLUMNS, entry_keys, thread_ids, thread_input
 from storage.sql.schema import mailbox_entries as E
-from storage.sql.sortkeys import backfill_sync
+from storage.sql.sortkeys import PG_PREFIX, backfill_sync
 
 _FROMS = [
     "ann@example.net",
@@ -191,3 +191,33 @@ async def test_sql_order_is_the_in_memory_order(storage: SqlStorage) -> None:
     for t, i, f in zip(threads, ids, fields, strict=True):
         assert (t.date, t.subject, t.is_reply) == (f.date, f.subject, f.is_reply)
         assert i == thread_ids(f.message_id, f.in_reply_to, f.references)
+
+
+async def test_long_keys_sharing_the_indexed_prefix(storage: SqlStorage) -> None:
+    """Subjects and From mailboxes longer than PostgreSQL's indexed prefix
+    (storage.sql.sortkeys.PG_PREFIX octets) that share it and differ
+    after it, among short ones: SUBJECT, FROM and their REVERSE still give
+    the in-memory order (there the ORDER BY is the prefix's, and the long
+    ones are put in order after)."""
+    rng = random.Random()
+    await storage.directory.add_domain("example.org")
+    bob: Account = await storage.directory.add_account("bob@example.org", "pw")
+    stem = "x" * (PG_PREFIX - rng.randint(0, 3))  # a prefix shared, or nearly
+    tails = ["", "a", "b", "ab", "z" * rng.randint(1, 300), "\u00e9"]
+    for i in range(rng.randint(30, 60)):
+        subject = rng.choice([f"short {rng.randint(0, 3)}", stem + rng.choice(tails), "zz"])
+        local = rng.choice(["ann", stem + rng.choice(tails), "zed"])
+        raw = (
+            f"From: {local}@x.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{i}@x.test>\r\n\r\nbody\r\n"
+        ).encode()
+        await ingest(storage, [Delivery(bob, "INBOX", ())], raw)
+    mail = storage.mail(bob)
+    box = await mail.get_mailbox(bob.id, "INBOX")
+    fields = [sort_fields(r) for r in await mail.sort_rows(bob.id, box.id, UidSet.all())]
+    assert sum(len(f.subject) >= PG_PREFIX for f in fields) > 1
+    for key in ("SUBJECT", "FROM"):
+        for reverse in (False, True):
+            criteria = [(key, reverse)]
+            want = [f.uid for f in sort_messages(fields, criteria)]
+            assert await mail.sorted_uids(bob.id, box.id, criteria) == want, criteria
