@@ -18,7 +18,11 @@ worker processes for many (INLINE_ROWS).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import operator
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from imapd.imap import thread_cache
@@ -27,6 +31,7 @@ from imapd.imap.contexts import MAX_SORT_CONTEXT, open_sort, refuse_reuse
 from imapd.imap.mailbox_view import MailboxView
 from imapd.imap.session import Reply, Session, no, ok
 from imapd.imap.sortkeys import sort_fields, sort_messages
+from imapd.imap.thread_refs import references_response
 from imapd.imap.threads import encode_threads, ordered_subject, references
 from imapd.imap.wire import commands as c
 from storage.contentpool import ContentTimeout, content_pool
@@ -125,28 +130,80 @@ def thread_response(rows: list[SortRow], algorithm: str, number: dict[int, int])
     return encode_threads(top, number)
 
 
-def stored_thread_response(rows: list[ThreadRow], algorithm: str, number: dict[int, int]) -> bytes:
+def stored_thread_response(rows: list[ThreadRow], algorithm: str, numbers: Sequence[int]) -> bytes:
     """:func:`thread_response` from the stored keys (storage.sortkeys:
     base subject, date and normalised IDs computed at ingest by the same
-    functions); pure: runs in a worker process."""
-    fields, ids = thread_input(rows)
-    if algorithm == "ORDEREDSUBJECT":
-        top = ordered_subject(fields)
-    else:
-        top = references(fields, ids=ids)
-    return encode_threads(top, number)
+    functions), each message named by its item of ``numbers`` (same
+    order); pure: runs in a worker process. REFERENCES on flat lists
+    (imapd.imap.thread_refs, the same answer as imapd.imap.threads)."""
+    if algorithm != "ORDEREDSUBJECT":
+        return references_response(rows, numbers)
+    fields, _ = thread_input(rows)
+    number = {f.uid: m for f, m in zip(fields, numbers, strict=True)}
+    return encode_threads(ordered_subject(fields), number)
+
+
+# A UID table (a list indexed by UID) is used up to this many slots per
+# message, a dict past it (a mailbox with UIDs far apart).
+_TABLE_SLOTS = 4
+
+_Mapper = Callable[[Iterable[int]], Iterator[int]]
+
+
+def _lookup(keys: Sequence[int], values: Iterable[int], low: int, top: int) -> _Mapper:
+    """What maps UIDs (each from ``low`` to ``top``) to the item of
+    ``values`` at their place in ``keys`` (distinct UIDs), 0 for others:
+    a list indexed by UID minus ``low`` when they are dense enough, else
+    a dict. Filled and read by C loops (``map``), no Python step per
+    number (issue #24: 100,000 of them per SORT)."""
+    if top - low <= _TABLE_SLOTS * len(keys) + 65536:
+        table = [0] * (top - low + 1)
+        deque(map(table.__setitem__, map(operator.sub, keys, repeat(low)), values), maxlen=0)
+        return lambda uids: map(table.__getitem__, map(operator.sub, uids, repeat(low)))
+    found = dict(zip(keys, values, strict=False))
+    return lambda uids: map(found.get, uids, repeat(0))
+
+
+def _seqs(view: MailboxView) -> _Mapper:
+    """Each UID of the view to its sequence number (RFC 3501 section
+    2.3.1.2: its place in the ascending UIDs); 0 for others between its
+    lowest and highest UID."""
+    uids = view.uids
+    return _lookup(uids, range(1, len(uids) + 1), uids[0] if uids else 0, view.max_uid)
 
 
 def _numbers(view: MailboxView, uids: list[int], uid: bool) -> list[int]:
-    """What the response names ``uids`` (of the view) by: themselves, or
-    their sequence numbers (a position table past a few: one bisect each
-    is slower for 100,000)."""
+    """What the response names ``uids`` (of the view) by, in their order:
+    themselves, or their sequence numbers (one bisect each for a few)."""
     if uid:
         return uids
     if len(uids) <= INLINE_ROWS:
         return [view.seq_of(u) or 0 for u in uids]
-    position = {u: i for i, u in enumerate(view.uids, 1)}
-    return [position.get(u, 0) for u in uids]
+    return list(_seqs(view)(uids))
+
+
+def _numbered(view: MailboxView, matches: list[int], ordered: list[int], uid: bool) -> list[int]:
+    """The numbers (UIDs, or sequence numbers) of ``matches`` (UIDs of the
+    view, ascending) in the order of ``ordered`` (every UID of the
+    mailbox in SORT order, as storage read it: some may be new to the view
+    or not among the matches, and are left out)."""
+    if not matches or not ordered:
+        return []
+    low, top = min(min(ordered), matches[0]), max(max(ordered), matches[-1])
+    if uid:
+        values: Iterable[int] = matches
+    elif len(matches) == len(view.uids):
+        values = range(1, len(matches) + 1)  # the matches are the whole view
+    else:
+        values = _seqs(view)(matches)
+    return list(filter(None, _lookup(matches, values, low, top)(ordered)))
+
+
+def _sort_line(numbers: list[int]) -> bytes:
+    """The SORT response (RFC 5256 section 4): one join of C-made digits."""
+    if not numbers:
+        return b"* SORT\r\n"
+    return b"* SORT " + " ".join(map(str, numbers)).encode("ascii") + b"\r\n"
 
 
 async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
@@ -159,23 +216,27 @@ async def handle_sort(s: Session, cmd: c.Sort) -> Reply:
     view, uids = got
     assert s.mail is not None and s.account is not None
     ordered: list[int] | None = None
+    everything: list[int] | None = None
     rows: list[SortRow] | None = None
     if uids and len(uids) >= STORED_KEYS_ROWS:
         everything = await s.box_mail.sorted_uids(s.box_owner, view.mailbox.id, cmd.criteria)
-        if everything is not None:
-            ordered = _kept(everything, uids)
-    if ordered is None:
+    if everything is not None:
+        numbers = _numbered(view, uids, everything, cmd.uid)
+    else:
         rows = await _rows(s, view, uids)
         keys = frozenset(name for name, _ in cmd.criteria)
         try:
             ordered = await _off_loop(rows, sorted_uids, keys, cmd.criteria)
         except ContentTimeout:
             return _TOO_MANY
-    numbers = _numbers(view, ordered, cmd.uid)
+        numbers = _numbers(view, ordered, cmd.uid)
     if cmd.returns is None:
-        s.write(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+        s.write(_sort_line(numbers))
         return ok("SORT completed")
     if "UPDATE" in cmd.returns:
+        if ordered is None:
+            assert everything is not None
+            ordered = _kept(everything, uids)
         if rows is None and len(ordered) <= MAX_SORT_CONTEXT:
             rows = await _rows(s, view, uids)  # the context keeps each result's keys
         try:
@@ -215,7 +276,12 @@ async def _stored_threads(
     if not uids or len(uids) < STORED_KEYS_ROWS:
         return None
     kept = tuple(uids)  # the view's: _matches
-    numbers = tuple(_numbers(view, list(kept), cmd.uid))
+    if cmd.uid:
+        numbers = kept
+    elif len(kept) == len(view.uids):
+        numbers = tuple(range(1, len(kept) + 1))  # the matches are the whole view
+    else:
+        numbers = tuple(_numbers(view, uids, False))
     key = (s.account.id, view.mailbox.id, view.mailbox.uidvalidity, cmd.algorithm, cmd.uid)
     answer = thread_cache.get(key, kept, numbers)
     if answer is not None:
@@ -223,10 +289,13 @@ async def _stored_threads(
     stored = await s.box_mail.thread_rows(s.box_owner, view.mailbox.id)
     if stored is None:
         return None
-    wanted = set(kept)
-    stored = [r for r in stored if r[0] in wanted]
-    number = dict(zip(kept, numbers, strict=True))
-    answer = await _off_loop(stored, stored_thread_response, cmd.algorithm, number)
+    if list(map(itemgetter(0), stored)) == uids:
+        named: Sequence[int] = numbers  # storage has exactly the matches (C compares)
+    else:
+        number = dict(zip(kept, numbers, strict=True))
+        stored = [r for r in stored if r[0] in number]
+        named = [number[r[0]] for r in stored]
+    answer = await _off_loop(stored, stored_thread_response, cmd.algorithm, named)
     if len(stored) == len(kept):  # none expunged meanwhile: the answer for ``kept``
         thread_cache.put(key, kept, numbers, answer)
     return answer
