@@ -2047,7 +2047,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             params = {"b_box": mailbox_id}
             if conn.execute(sortkeys.MISSING_KEYS, params).first() is not None:
                 return None
-            return [tuple(r) for r in conn.execute(sortkeys.THREAD_ROWS, params)]
+            return sortkeys.read_thread_rows(conn, mailbox_id)
 
         return await self.db.read_sync(read)
 
