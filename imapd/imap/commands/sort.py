@@ -7,7 +7,8 @@ The matches come from the SEARCH machinery. Many of them
 ingest (storage.sortkeys): SORT is the database's ORDER BY over the
 mailbox (``MailStore.sorted_uids``), the matches kept in that order, and
 THREAD reads every entry's compact stored inputs in one query
-(``MailStore.thread_rows``) and threads the matches in O(n log n). A few
+(``MailStore.thread_rows``) and threads the matches in O(n log n)
+(REFERENCES: imapd.imap.thread_refs, on flat lists). A few
 matches, or a mailbox with entries written before the keys were stored:
 their sort fields are read in one storage call (``MailStore.sort_rows``
 of the matching UIDs), then sorted or threaded in memory
