@@ -7,7 +7,8 @@ the account's INBOX: the ORDER BY over the stored keys
 (``SqlMailStore.sorted_uids``), the read of the threading rows
 (``thread_rows``), their trip to a content-pool worker (pickling) and
 the REFERENCES threading, and beside them the in-memory path's
-(``sort_rows`` and the Python keys). Reported: process CPU and wall ms,
+(``sort_rows`` and the Python keys), and a whole SORT answer (the
+ordered read, sequence numbers, the response line). Reported: process CPU and wall ms,
 median of ``--repeat`` runs. Never part of the test run::
 
     python -m bench.sort_cpu_bench sqlite+aiosqlite:////tmp/sortkeys-100k/shardmail.db
@@ -22,11 +23,13 @@ import pickle
 import statistics
 import tempfile
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from imapd.imap.commands import sort as imap_sort
+from imapd.imap.mailbox_view import MailboxView
 from storage.backend import open_storage_from_url
 from storage.model import UidSet
 
@@ -43,6 +46,15 @@ async def _timed(timings: Timings, name: str, fn: Callable[[], Awaitable[Any] | 
     spent = ((time.process_time() - cpu) * 1000, (time.perf_counter() - wall) * 1000)
     timings.setdefault(name, []).append(spent)
     return result
+
+
+async def _sort_answer(
+    mail: Any, ids: tuple[int, int], view: MailboxView, criteria: list[tuple[str, bool]]
+) -> bytes:
+    """What ``SORT (criteria) UTF-8 ALL`` does past the command's parse:
+    the stored order, its sequence numbers in the view, the response."""
+    everything = await mail.sorted_uids(*ids, criteria)
+    return imap_sort._sort_line(imap_sort._numbered(view, list(view.uids), everything, False))
 
 
 async def measure(url: str, repeat: int) -> Timings:
@@ -62,17 +74,27 @@ async def measure(url: str, repeat: int) -> Timings:
             ):
                 await _timed(timings, name, lambda c=criteria: mail.sorted_uids(*ids, c))
             rows = await _timed(timings, "thread_rows", lambda: mail.thread_rows(*ids))
-        number = {r[0]: i + 1 for i, r in enumerate(rows)}
+        view = MailboxView(box, read_only=True)
+        view.uids = array("I", [r[0] for r in rows])
+        for _ in range(repeat):
+            for name, criteria in (("DATE", [("DATE", False)]), ("SUBJECT", [("SUBJECT", False)])):
+                await _timed(
+                    timings,
+                    f"SORT ({name}) ALL answer: read, numbers, response line",
+                    lambda c=criteria: _sort_answer(mail, ids, view, c),
+                )
+        numbers = list(range(1, len(rows) + 1))
+        number = dict(zip([r[0] for r in rows], numbers, strict=True))
         for _ in range(repeat):
             await _timed(
                 timings,
                 "pickled to a worker and back",
-                lambda: pickle.loads(pickle.dumps((rows, number))),
+                lambda: pickle.loads(pickle.dumps((rows, numbers))),
             )
             await _timed(
                 timings,
                 "REFERENCES threading (worker)",
-                lambda: imap_sort.stored_thread_response(rows, "REFERENCES", number),
+                lambda: imap_sort.stored_thread_response(rows, "REFERENCES", numbers),
             )
         old = await _timed(
             timings, "old path: sort_rows", lambda: mail.sort_rows(*ids, UidSet.all())
