@@ -125,10 +125,20 @@ async def test_granted_store_enforces_rights(sharded: SqlStorage) -> None:  # no
     assert await sharded.blobs_for(alice).get(fetched.entry.blob_key) == raw
     result = await store.store_flags(alice.id, team.id, one, StoreMode.ADD, [SEEN, "\\Flagged"])
     assert [e.flags for e in result.updated] == [frozenset({SEEN})]
-    for flags, mode in (([DELETED], StoreMode.ADD), ([SEEN], StoreMode.REPLACE)):
-        with pytest.raises(StorageError) as err:
-            await store.store_flags(alice.id, team.id, one, mode, flags)
-        assert err.value.kind is ErrorKind.NO_PERMISSION
+    with pytest.raises(StorageError) as err:
+        await store.store_flags(alice.id, team.id, one, StoreMode.ADD, [DELETED])
+    assert err.value.kind is ErrorKind.NO_PERMISSION
+    # A replacing STORE sets what "s" allows and keeps the rest as it is.
+    await mail.store_flags(alice.id, team.id, one, StoreMode.ADD, ["\\Flagged", "$Team"])
+    result = await store.store_flags(alice.id, team.id, one, StoreMode.REPLACE, [])
+    assert [e.flags for e in result.updated] == [frozenset({"\\Flagged", "$Team"})]
+    result = await store.store_flags(alice.id, team.id, one, StoreMode.REPLACE, [SEEN, DELETED])
+    assert [e.flags for e in result.updated] == [frozenset({SEEN, "\\Flagged", "$Team"})]
+    store.rights = frozenset("lr")
+    with pytest.raises(StorageError) as err:
+        await store.store_flags(alice.id, team.id, one, StoreMode.REPLACE, [SEEN])
+    assert err.value.kind is ErrorKind.NO_PERMISSION
+    store.rights = frozenset("lrs")
     with pytest.raises(StorageError) as err:
         await store.expunge(alice.id, team.id)
     assert err.value.kind is ErrorKind.NO_PERMISSION
