@@ -346,6 +346,18 @@ class Change:
     re-read storage; MAILBOX carries ``{"op": ..., "name": ...}`` (and
     ``{"op": "metadata", "entries": [names]}`` when METADATA entries of
     the mailbox, or with ``mailbox_id`` None the server's, changed).
+
+    The fields after ``data`` exist only in the process whose store
+    committed the change: they are neither logged nor carried to another
+    process (a bus that encodes the change leaves them out), so a
+    subscriber that finds them unset reads storage instead. ``local``: the
+    change was published here, at once with every other change of its
+    transaction and after those of earlier transactions, so no change of
+    its modseq is missing from what a subscription was handed with it.
+    ``entry`` (NEW from ``MailStore.deliver``): the message entry as
+    stored; ``recent_floor``: the mailbox's \\Recent floor once committed
+    (RFC 3501 section 2.3.2; see ``MailStore.claim_recent``), so a UID
+    below it was claimed by a session already. 0: unknown.
     """
 
     id: int
@@ -356,6 +368,9 @@ class Change:
     modseq: int | None
     at: dt.datetime
     data: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    local: bool = field(default=False, compare=False, hash=False)
+    entry: MessageEntry | None = field(default=None, compare=False, hash=False, repr=False)
+    recent_floor: int = field(default=0, compare=False, hash=False)
 
 
 MAX_SPAM_ENTRIES = 1000  # sender list entries per account, both lists together

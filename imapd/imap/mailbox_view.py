@@ -54,6 +54,18 @@ class MailboxView:
     pending_vanished: set[int] = field(default_factory=set)  # expunged, not yet announced
     # Event-bus news not yet applied: (uid, modseq, new flags or None if expunged).
     events: list[tuple[int, int, frozenset[str] | None]] = field(default_factory=list)
+    # New mail another session of this process added, not yet announced:
+    # (entry, the mailbox's recent floor once it was committed), taken
+    # from the NEW event itself (storage.model.Change), no read needed.
+    arrivals: list[tuple[MessageEntry, int]] = field(default_factory=list)
+    # Modseqs above ``modseq`` whose changes this process published and
+    # the session took, each with every other change of its transaction
+    # (Change.local): see :meth:`caught_up`. ``read_modseq``: the
+    # mailbox's HIGHESTMODSEQ at the last storage read (or SELECT), below
+    # which nothing can have been missed.
+    heard_whole: set[int] = field(default_factory=set)
+    read_modseq: int = 0
+    distrusts: int = 0  # how often :meth:`distrust` was called
     # UID ranges (first, last) this session claimed \Recent for with its
     # own APPEND, not yet announced (MailStore.deliver's claim_recent).
     claimed: list[tuple[int, int]] = field(default_factory=list)
@@ -86,7 +98,7 @@ class MailboxView:
     def from_snapshot(
         cls, mailbox: Mailbox, read_only: bool, snapshot: MailboxSnapshot, modseq: int
     ) -> MailboxView:
-        view = cls(mailbox, read_only, modseq=modseq)
+        view = cls(mailbox, read_only, modseq=modseq, read_modseq=modseq)
         view.uids = array("I", snapshot.uids)
         view.keywords = set(snapshot.keywords)
         return view
@@ -96,7 +108,7 @@ class MailboxView:
         cls, mailbox: Mailbox, read_only: bool, entries: list[MessageEntry], modseq: int
     ) -> MailboxView:
         """A view with every entry read already (tests, small mailboxes)."""
-        view = cls(mailbox, read_only, modseq=modseq)
+        view = cls(mailbox, read_only, modseq=modseq, read_modseq=modseq)
         view.uids = array("I", [e.uid for e in entries])
         view.entries = {e.uid: e for e in entries}
         # Few distinct flag sets (storage shares them): look at each once.
@@ -153,6 +165,31 @@ class MailboxView:
         top = max(self.modseq, self.heard_modseq)
         self.heard_modseq = max(top, modseq)
         return modseq > top + 1
+
+    def caught_up(self) -> int:
+        """The highest modseq up to which the session holds every change:
+        ``modseq``, then each next one whose changes it took whole from
+        this process's publications (``heard_whole``). Every change takes
+        the next modseq (see :meth:`skipped_to`), so once these are
+        applied nothing up to it is unknown and no read is needed."""
+        top = self.modseq
+        while top + 1 in self.heard_whole:
+            top += 1
+        return top
+
+    def forget_whole(self) -> None:
+        """Drops ``heard_whole`` entries at or below ``modseq`` (applied)."""
+        if self.heard_whole:
+            self.heard_whole = {m for m in self.heard_whole if m > self.modseq}
+
+    def distrust(self) -> None:
+        """The bus lost changes: since the last read, only what storage
+        says is certain; ``modseq`` goes back there, so the next read
+        (its caller makes sure of one) brings everything after it again."""
+        self.modseq = min(self.modseq, self.read_modseq)
+        self.distrusts += 1
+        self.heard_whole.clear()
+        self.arrivals.clear()
 
     def mark_recent(self, count: int, among: Iterable[int] | None = None) -> None:
         """Marks the ``count`` highest UIDs \\Recent (only those in ``among`` if

@@ -43,7 +43,14 @@ if TYPE_CHECKING:
     from conf.settings import Settings
     from storage.acl import MailboxAccess
     from storage.api import MailStore, Storage, Subscription
-    from storage.model import Account, Mailbox, MailboxChanges, MailboxStatus, MessageEntry
+    from storage.model import (
+        Account,
+        Change,
+        Mailbox,
+        MailboxChanges,
+        MailboxStatus,
+        MessageEntry,
+    )
 
 log = logging.getLogger("imapd.imap")
 
@@ -618,8 +625,12 @@ class Session:
             return
         if claimed is not None:
             view.claimed.append(claimed)
+        if entry is not None and any(e.uid == entry.uid for e, _ in view.arrivals):
+            return  # its own NEW event came first, carrying it: announced from there
         top = view.own_new[-1] if view.own_new else None
-        caught_up = view.modseq if top is None else top.modseq
+        # Changes heard whole from this process count as caught up with:
+        # the sync applies them with this entry (MailboxView.caught_up).
+        caught_up = view.caught_up() if top is None else top.modseq
         # Its own NEW event may have come first and made the session dirty.
         heard_own = (
             entry is not None and not view.unknown_news and view.news == {entry.uid}
@@ -627,7 +638,7 @@ class Session:
         if (
             entry is not None
             and (not self.dirty or heard_own)
-            and not view.events
+            and not view.arrivals
             and entry.modseq == caught_up + 1
             and entry.uid > (view.max_uid if top is None else top.uid)
         ):
@@ -723,12 +734,15 @@ class Session:
                 self.wakeup.set()
                 data = change.data or {}
                 flags = data.get("flags")
+                whole = change.local and change.modseq is not None
                 if getattr(sub, "dropped", 0) != self._dropped or len(view.events) > 10_000:
                     # The bus lost changes (slow consumer): re-read storage.
                     self._dropped = getattr(sub, "dropped", 0)
                     view.events.clear()
+                    view.distrust()
                     self.dirty = True
                     view.unknown_news = True
+                    whole = False
                 elif (
                     change.kind is ChangeKind.FLAGS
                     and change.uid is not None
@@ -739,12 +753,41 @@ class Session:
                     view.events.append((change.uid, change.modseq, frozenset(flags)))
                 elif change.kind is ChangeKind.EXPUNGE and change.uid is not None:
                     view.events.append((change.uid, change.modseq or 0, None))
+                elif self._arrival(view, change):
+                    assert change.entry is not None
+                    view.arrivals.append((change.entry, change.recent_floor))
                 else:
+                    whole = False
                     self.dirty = True  # new mail (needs its entry) or unknown news
                     if change.kind is ChangeKind.NEW and change.uid is not None:
                         view.news.add(change.uid)
                     else:
                         view.unknown_news = True
+                if whole:
+                    assert change.modseq is not None
+                    view.heard_whole.add(change.modseq)
+
+    def _arrival(self, view: MailboxView, change: Change) -> bool:
+        """Whether the NEW ``change`` can be announced from its own entry
+        (``Change.entry``, set in the process that stored it) without a
+        read: the entry is this mailbox's, the session reads its own
+        account's mailbox read-write, and the message's \\Recent is
+        decided already (its UID below the floor the change carries:
+        another session, or this one's own APPEND, claimed it; RFC 3501
+        section 2.3.2). Otherwise a read brings it and the current floor,
+        with which the session claims what nobody did."""
+        from storage.model import ChangeKind
+
+        entry = change.entry
+        return (
+            change.kind is ChangeKind.NEW
+            and entry is not None
+            and entry.uid == change.uid
+            and entry.mailbox_id == view.mailbox.id
+            and change.recent_floor > entry.uid
+            and not view.read_only
+            and self.shared is None
+        )
 
     def end_fenced(self) -> None:
         """The account is being moved to another shard: this session's
@@ -797,17 +840,20 @@ class Session:
         view = self.selected
         if view is None or self.mail is None or self.account is None:
             return
-        if not (self.dirty or force or poll or view.events or view.own_new) and not (
-            allow_expunge and view.pending_vanished
-        ):
+        if not (
+            self.dirty or force or poll or view.events or view.arrivals or view.own_new
+        ) and not (allow_expunge and view.pending_vanished):
             return  # nothing heard, nothing owed: the common case after each command
         now = asyncio.get_running_loop().time()
         if poll and now - self._last_poll >= FORCED_POLL_INTERVAL:
             force = True
         reread = self.dirty or force or _events_need_read(view)
-        if reread or view.events:
+        if reread or view.events or view.arrivals:
             self.wakeup.clear()
         own, view.own_new = view.own_new, []
+        distrusts = view.distrusts  # see MailboxView.distrust
+        # Heard before any read below starts, so committed before it too.
+        arrivals, view.arrivals = view.arrivals, []
         try:
             changes = None
             if reread:
@@ -819,24 +865,40 @@ class Session:
                     self.box_owner, view.mailbox.id, view.modseq
                 )
             # Arriving now, not yet announced; see wrote_to for ``own``.
+            top = view.max_uid
             if changes is None:
                 new = {e.uid: e for e in own}
+                # Others' mail as their NEW events carried it; each one's
+                # floor says whether a session claimed \Recent already.
+                # One at or below the view's modseq was heard after a read
+                # that already told of it, or of its expunge.
+                new.update(
+                    (e.uid, e) for e, _ in arrivals if e.uid > top and e.modseq > view.modseq
+                )
+                floor = max((f for _, f in arrivals), default=0)
             else:
-                top = view.max_uid
                 new = {e.uid: e for e in changes.changed if e.uid > top}
-            floor = changes.recent_floor if changes is not None else 0
+                floor = changes.recent_floor
             recent = await self._recent_among(view, new, floor) if new else set()
         except BaseException:
             # Nothing applied (view.modseq unmoved): the next sync reads again.
             self.dirty = True
             view.unknown_news = True
             raise
+        # Unless the bus lost changes meanwhile: then modseq stays where
+        # the next read must start.
+        trusted = view.distrusts == distrusts
         if changes is None:
             for e in own:
-                view.modseq = max(view.modseq, e.modseq)
+                if trusted:
+                    view.modseq = max(view.modseq, e.modseq)
         else:
             self._apply_changes(view, changes)
         self._apply_events(view, new)
+        if changes is None and trusted:
+            # Every change up to there is applied now (MailboxView.caught_up).
+            view.modseq = view.caught_up()
+        view.forget_whole()
         if allow_expunge and view.pending_vanished:
             self.announce_expunge(view, set(view.pending_vanished))
         if new:
@@ -875,6 +937,7 @@ class Session:
         pending, known entries take their newer state (FETCH FLAGS if the
         flags changed). New UIDs are the caller's."""
         view.modseq = max(view.modseq, changes.highestmodseq)
+        view.read_modseq = max(view.read_modseq, changes.highestmodseq)
         known = view.entries
         for uid in changes.vanished:
             if view.contains(uid):
@@ -924,7 +987,7 @@ class Session:
     def has_updates(self) -> bool:
         """Whether news about the selected mailbox waits to be applied."""
         view = self.selected
-        return self.dirty or (view is not None and bool(view.events))
+        return self.dirty or (view is not None and bool(view.events or view.arrivals))
 
     def announce_flags(self, view: MailboxView, always: bool = False) -> None:
         """FLAGS and PERMANENTFLAGS for the selected mailbox (RFC 3501

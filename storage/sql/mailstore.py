@@ -368,9 +368,25 @@ class _Tx:
                     modseq=ch["modseq"],
                     at=when,
                     data=ch["data"],
+                    local=True,
+                    entry=ch.get("entry"),
+                    recent_floor=ch.get("recent_floor", 0),
                 )
             )
         return rows, self._counters(len(rows)), changes
+
+    def attach_entries(self, entries: Sequence[MessageEntry], floors: dict[int, int]) -> None:
+        """Gives the NEW changes of ``entries`` (appended by this
+        transaction) the entry and their mailbox's recent floor as
+        committed (``floors`` by mailbox id), for this process's
+        subscribers (see ``Change``): they need not read them back."""
+        by_key = {(e.mailbox_id, e.uid): e for e in entries}
+        for ch in self.pending:
+            if ch["kind"] == ChangeKind.NEW.value:
+                entry = by_key.get((ch["mailbox_id"], ch["uid"]))
+                if entry is not None:
+                    ch["entry"] = entry
+                    ch["recent_floor"] = floors.get(entry.mailbox_id, 0)
 
     def _counters(self, logged: int) -> dict[str, Any]:
         """The account counters' values once ``logged`` change-log rows are written."""
@@ -1076,6 +1092,7 @@ def _stored_flags(
                 modseq=modseq,
                 at=when,
                 data={"flags": list(names)},
+                local=True,  # published here, all together (see Change)
             )
         )
     return tuple(entries), changes
@@ -1715,36 +1732,50 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
                 uid, modseq = uidnext.get(box.id, (box.uidnext, box.highestmodseq))
                 keys = entry_keys(sort_row_of(parsed, when[0], values["sent_date"]))
                 result = self._append_entry_sync(
-                    tx, box, uid, modseq, message_id, parsed.size, mask, keywords, when,
-                    values["sent_date"], saved, keys,
+                    tx,
+                    box,
+                    uid,
+                    modseq,
+                    message_id,
+                    parsed.size,
+                    mask,
+                    keywords,
+                    when,
+                    values["sent_date"],
+                    saved,
+                    keys,
                 )
                 uidnext[box.id] = (result.uid + 1, result.modseq)
                 results.append(result)
+            # The recent floors once committed (see Change.recent_floor).
+            after = {box.id: int(box.recent_floor) for box in boxes}
             if claim_recent:
                 # The floor as this transaction found it; a second target
                 # in the same mailbox reports the same floor.
-                floors = {box.id: int(box.recent_floor) for box in boxes}
+                floors = dict(after)
                 for box_id, (next_uid, _) in uidnext.items():
                     execute(conn, _SET_RECENT_FLOOR, {"b_id": box_id, "b_floor": next_uid})
+                    after[box_id] = next_uid
                 results = [
                     dataclasses.replace(r, recent_floor=floors[r.mailbox_id]) for r in results
                 ]
+            results = [
+                dataclasses.replace(r, entry=_delivered_entry(r, message_id, target, now))
+                for r, target in zip(results, targets, strict=True)
+            ]
+            tx.attach_entries([r.entry for r in results if r.entry is not None], after)
             return results, tx.flush_sync(conn), message_id
 
-        async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:
-            await self._publish(outcome[1])
-
-        results, _, message_id = await self.db.write_batched(
-            write, published, ready=blob_ready, blob_keys=blob_keys
-        )
-        self._vocab.committed(new_words)
-        self._cache_parsed(message_id, parsed)
-        # The entries exactly as a read would build them (see ``_entry``).
-        out = []
-        for result, (_, flags, internal_date) in zip(results, targets, strict=True):
-            mask, keywords = split_flags(flags)
-            micros, tz, _ = _split_date(internal_date or now)
-            entry = MessageEntry(
+        def _delivered_entry(
+            result: AppendResult,
+            message_id: int,
+            target: tuple[str | int, tuple[str, ...], dt.datetime | None],
+            now: dt.datetime,
+        ) -> MessageEntry:
+            """The entry exactly as a read would build it (see ``_entry``)."""
+            mask, keywords = split_flags(target[1])
+            micros, tz, _ = _split_date(target[2] or now)
+            return MessageEntry(
                 mailbox_id=result.mailbox_id,
                 uid=result.uid,
                 message_id=message_id,
@@ -1755,8 +1786,16 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
                 blob_key=blob_key,
                 saved=_saved(saved),
             )
-            out.append(dataclasses.replace(result, entry=entry))
-        return out
+
+        async def published(outcome: tuple[list[AppendResult], list[Change], int]) -> None:
+            await self._publish(outcome[1])
+
+        results, _, message_id = await self.db.write_batched(
+            write, published, ready=blob_ready, blob_keys=blob_keys
+        )
+        self._vocab.committed(new_words)
+        self._cache_parsed(message_id, parsed)
+        return results
 
     async def thread_of(self, account_id: int, message_id: int) -> int | None:
         """The thread id of a stored message (the id of its thread's first message)."""

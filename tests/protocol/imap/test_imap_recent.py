@@ -140,16 +140,9 @@ async def test_append_to_the_selected_mailbox_is_announced_without_reading_it_ba
     6.3.11: EXISTS before the tagged OK) with no read of the mailbox, and
     FETCH then gives what a session reading storage sees. Mail from
     elsewhere in between still makes the session read."""
-    from storage.sql.mailstore import SqlMailStore
+    from tests.protocol.imap.test_imap_shared_view import _count_reads
 
-    reads: list[int] = []
-    real = SqlMailStore.changes_since
-
-    async def counting(self, account_id, mailbox_id, modseq):  # type: ignore[no-untyped-def]
-        reads.append(mailbox_id)
-        return await real(self, account_id, mailbox_id, modseq)
-
-    monkeypatch.setattr(SqlMailStore, "changes_since", counting)
+    reads = _count_reads(monkeypatch)
     a, b = await imap_env.client(), await imap_env.client()
     fetch = "UID FETCH 1:* (FLAGS INTERNALDATE RFC822.SIZE MODSEQ)"
     try:

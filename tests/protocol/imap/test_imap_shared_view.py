@@ -97,9 +97,11 @@ async def test_a_failed_storage_call_loses_no_news(
     a = await imap_env.client(login=True)
     await a.ok("SELECT INBOX")
     await a.ok("NOOP")
-    monkeypatch.setattr(SqlMailStore, method, _once(
-        getattr(SqlMailStore, method), StorageError(ErrorKind.TEMPORARY, "storage down")
-    ))
+    monkeypatch.setattr(
+        SqlMailStore,
+        method,
+        _once(getattr(SqlMailStore, method), StorageError(ErrorKind.TEMPORARY, "storage down")),
+    )
     await imap_env.deliver(message(f"during an outage {random.random()}"))
     told = await a.command("NOOP") + await a.command("NOOP")
     assert b"* 1 EXISTS" in told, told
@@ -126,8 +128,9 @@ async def test_a_change_made_during_select_is_heard(
         snapshot = await real(self, account_id, mailbox_id)
         if not flagged:
             flagged.append(snapshot.uids[0])
-            await self.store_flags(account_id, mailbox_id, UidSet.of([snapshot.uids[0]]),
-                                   StoreMode.ADD, ("\\Flagged",))
+            await self.store_flags(
+                account_id, mailbox_id, UidSet.of([snapshot.uids[0]]), StoreMode.ADD, ("\\Flagged",)
+            )
         return snapshot
 
     monkeypatch.setattr(SqlMailStore, "snapshot", snapshot_then_store)
@@ -161,7 +164,129 @@ async def test_a_change_the_bus_lost_is_read_back(
     await imap_env.deliver(message(f"lost {random.random()}"))
     monkeypatch.setattr(events.InProcessSubscription, "_offer", real)
     mail = imap_env.storage.mail(imap_env.account)
-    await mail.store_flags(imap_env.account.id, first.mailbox_id, UidSet.of([first.uid]),
-                           StoreMode.ADD, ("\\Seen",))
+    await mail.store_flags(
+        imap_env.account.id, first.mailbox_id, UidSet.of([first.uid]), StoreMode.ADD, ("\\Seen",)
+    )
     lines = await a.ok("NOOP")
     assert b"* 2 EXISTS" in lines, lines
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The mailbox ids of every ``changes_since`` (a session's re-read) from now on."""
+    from storage.sql.mailstore import SqlMailStore
+
+    reads: list[int] = []
+    real = SqlMailStore.changes_since
+
+    async def counting(self, account_id, mailbox_id, modseq):  # type: ignore[no-untyped-def]
+        reads.append(mailbox_id)
+        return await real(self, account_id, mailbox_id, modseq)
+
+    monkeypatch.setattr(SqlMailStore, "changes_since", counting)
+    return reads
+
+
+def _never_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No forced poll at all (NOOP's first would come at once): only news
+    makes a session read storage."""
+    from imapd.imap import session
+
+    monkeypatch.setattr(session, "FORCED_POLL_INTERVAL", float("inf"))
+
+
+def _fetches(lines: list[bytes]) -> list[bytes]:
+    """The FETCH responses, less \\Recent (its own test: SEARCH RECENT)."""
+    return [re.sub(rb" ?\\Recent", b"", x) for x in lines if b" FETCH (" in x]
+
+
+async def test_news_from_this_process_is_announced_without_reading_storage(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions of one process on one INBOX (issue #24's churn): another
+    session's APPEND is announced from its NEW event, which carries the
+    entry and the \\Recent floor its delivery left (RFC 3501 section 2.3.2:
+    b's APPEND claimed it, so a sees it without \\Recent); flag changes and
+    expunges from their events; and a's own APPEND after all that, still
+    caught up, from its own entry. No session reads the mailbox back, and
+    what each was told is what a fresh session reads."""
+    rng = random.Random()
+    _never_poll(monkeypatch)
+    a = await imap_env.client(login=True)
+    b = await imap_env.client(login=True)
+    await a.ok("SELECT INBOX")
+    await b.ok("SELECT INBOX")
+    reads = _count_reads(monkeypatch)
+    raws = [
+        message(f"churn {i} {rng.random()}", "z" * rng.randint(1, 3000) + "\r\n") for i in range(3)
+    ]
+    await b.ok(
+        b'APPEND INBOX (\\Flagged $Work) "01-Feb-2025 10:20:30 +0100" {%d+}\r\n' % len(raws[0])
+        + raws[0]
+    )
+    await b.ok(b"APPEND INBOX {%d+}\r\n" % len(raws[1]) + raws[1])
+    told = await a.ok("NOOP")
+    assert b"* 2 EXISTS" in told and b"* 0 RECENT" in told, told
+    # RFC 3501 section 7.2.6: $Work is new to a's view, FLAGS come first.
+    assert any(x.startswith(b"* FLAGS (") and b"$Work" in x for x in told), told
+    await b.ok("UID STORE 2 +FLAGS.SILENT (\\Seen $Later)")
+    await b.ok("UID STORE 1 +FLAGS.SILENT (\\Deleted)")
+    await b.ok("EXPUNGE")
+    told = await a.ok("NOOP")
+    assert b"* 1 EXPUNGE" in told, told
+    assert any(b"FETCH (FLAGS (" in x and b"$Later" in x for x in told), told
+    await a.ok(b"APPEND INBOX {%d+}\r\n" % len(raws[2]) + raws[2])
+    await b.ok("NOOP")
+    assert reads == [], reads
+    fetch = "UID FETCH 1:* (FLAGS INTERNALDATE RFC822.SIZE ENVELOPE)"
+    ours, theirs = _fetches(await a.ok(fetch)), _fetches(await b.ok(fetch))
+    fresh = await imap_env.client(login=True)
+    await fresh.ok("EXAMINE INBOX")
+    truth = _fetches(await fresh.ok(fetch))
+    assert len(truth) == 2 and ours == truth and theirs == truth, (ours, theirs, truth)
+    assert [await c.ok("SEARCH RECENT") for c in (a, b)] == [
+        [b"* SEARCH 2", b"t" + str(a.n).encode() + b" OK SEARCH completed"],
+        [b"* SEARCH 1", b"t" + str(b.n).encode() + b" OK SEARCH completed"],
+    ]
+
+
+async def test_a_change_lost_after_the_view_moved_on_is_read_back(
+    imap_env: ImapEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One STORE on two messages: a session takes the first FLAGS change
+    and moves on with it; the second, still queued, is then dropped (a
+    full subscription drops its oldest). When the loss shows, the session
+    reads from before what it only heard, so the second change reaches
+    the client too (RFC 3501 section 7.4.2)."""
+    from storage import events
+    from storage.model import ChangeKind
+
+    _never_poll(monkeypatch)
+    for i in range(2):
+        await imap_env.deliver(message(f"pair {i} {random.random()}"))
+    a = await imap_env.client(login=True)
+    b = await imap_env.client(login=True)
+    await a.ok("SELECT INBOX")
+    await a.ok("FETCH 1:* (FLAGS)")
+    await b.ok("SELECT INBOX")
+    real = events.InProcessSubscription._offer
+    held: list[tuple[events.InProcessSubscription, object]] = []
+
+    def holding(self, change):  # type: ignore[no-untyped-def]
+        # a's copy of the change to message 2 waits in the queue.
+        if change is not None and change.kind is ChangeKind.FLAGS and change.uid == 2:
+            if not any(s is self for s, _ in held):
+                held.append((self, change))
+                return
+        real(self, change)
+
+    monkeypatch.setattr(events.InProcessSubscription, "_offer", holding)
+    await b.ok("UID STORE 1:2 +FLAGS.SILENT (\\Answered)")
+    monkeypatch.setattr(events.InProcessSubscription, "_offer", real)
+    told = await a.ok("NOOP")
+    assert any(x.startswith(b"* 1 FETCH (FLAGS (\\Answered") for x in told), told
+    assert not any(x.startswith(b"* 2 FETCH") for x in told), told
+    for sub, _ in held:
+        sub.dropped += 1  # what the queue lost
+    await b.ok("UID STORE 1 +FLAGS.SILENT (\\Flagged)")
+    told = await a.ok("NOOP")
+    assert any(x.startswith(b"* 2 FETCH (FLAGS (\\Answered") for x in told), told
