@@ -796,6 +796,16 @@ _STORE_FLAGS = (
     .values(sysflags=bindparam("b_mask"), keywords=bindparam("b_kw"), modseq=bindparam("b_modseq"))
 )
 _INSERT_EXPUNGED = insert(expunged)
+# _remove_entries_sync on SQLite, for up to _FEW_EXPUNGED UIDs.
+_FEW_EXPUNGED = 32
+_DELETE_ENTRY = (
+    delete(E)
+    .where(E.c.mailbox_id == bindparam("b_box"), E.c.uid == bindparam("b_uid"))
+    .returning(E.c.message_id, E.c.size)
+)
+_DELETE_ORPHAN = delete(messages).where(
+    messages.c.id == bindparam("b_id"), ~exists().where(E.c.message_id == messages.c.id)
+)
 _SET_HIGHESTMODSEQ = (
     update(mailboxes)
     .where(mailboxes.c.id == bindparam("b_id"))
@@ -2709,9 +2719,18 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         caller to forget after the commit)."""
         if not uids:
             return []
+        removed = uids
         conn = tx.conn
         modseq = mbox.highestmodseq + 1
         msg_ids: set[int] = set()
+        if conn.dialect.name == "sqlite" and len(uids) <= _FEW_EXPUNGED:
+            # A few, as a busy mailbox's EXPUNGE has: a compiled statement
+            # per UID (a call on SQLite), no statement built per expunge.
+            for u in uids:
+                for r in execute(conn, _DELETE_ENTRY, {"b_box": mbox.id, "b_uid": u}).all():
+                    msg_ids.add(r.message_id)
+                    tx.used_delta -= r.size
+            uids = ()  # done
         for chunk_start in range(0, len(uids), 500):
             chunk = list(uids[chunk_start : chunk_start + 500])
             gone = conn.execute(
@@ -2725,14 +2744,18 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         execute(
             conn,
             _INSERT_EXPUNGED,
-            [{"mailbox_id": mbox.id, "uid": u, "modseq": modseq} for u in uids],
+            [{"mailbox_id": mbox.id, "uid": u, "modseq": modseq} for u in removed],
         )
         execute(conn, _SET_HIGHESTMODSEQ, {"b_id": mbox.id, "b_modseq": modseq})
-        for u in uids:
+        for u in removed:
             tx.change(ChangeKind.EXPUNGE, mbox.id, u, modseq)
         # Message rows no entry refers to any more; blobs are left to garbage
         # collection (other shards may share the same bytes).
         ids = sorted(msg_ids)
+        if conn.dialect.name == "sqlite" and len(ids) <= _FEW_EXPUNGED:
+            for mid in ids:
+                execute(conn, _DELETE_ORPHAN, {"b_id": mid})
+            return ids
         for i in range(0, len(ids), 500):
             conn.execute(
                 delete(messages).where(
