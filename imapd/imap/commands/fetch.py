@@ -426,7 +426,9 @@ async def handle_fetch(s: Session, cmd: Fetch) -> Reply:
                 return no("Cannot decode a part's transfer encoding", "UNKNOWN-CTE")
             if s.conn.congested:
                 await s.conn.drain()  # a slow reader: wait before the next message
-        await s.conn.drain()
+        if i + BATCH < len(uids):
+            await s.conn.drain()  # before loading the next batch
+        # The last batch leaves with the tagged reply: one send, not two.
     return ok(f"{cmd.name} completed")
 
 
