@@ -34,11 +34,11 @@ import time
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage.errors import BlobsBeingDeleted, ErrorKind, StorageError
-from storage.sql.db import PG_BLOB_LOCK
+from storage.sql.db import PG_BLOB_LOCK, execute
 from storage.sql.schema import blob_deletions
 
 __all__ = ["BlobsBeingDeleted"]  # raised here, defined with the other errors
@@ -53,15 +53,30 @@ WAIT_SECONDS = 120.0
 _POLL = 0.05
 
 
+# found_sync's reads (storage.sql.db.execute: constant statements); up to
+# _FEW_KEYS keys on SQLite are looked up one by one (each a call, where
+# building an IN-list statement per delivery batch cost more than the read).
+_FOUND_ANY = select(blob_deletions.c.id, blob_deletions.c.key).where(
+    blob_deletions.c.id > bindparam("b_after")
+)
+_FOUND_KEY = _FOUND_ANY.where(blob_deletions.c.key == bindparam("b_key"))
+_FEW_KEYS = 8
+
+
 def found_sync(
     conn: Connection, keys: Collection[str] | None, after: int = 0
 ) -> list[tuple[int, str]]:
     """(id, key) of the rows newer than ``after`` for ``keys`` (None: any
     key), in the caller's transaction."""
-    query = select(blob_deletions.c.id, blob_deletions.c.key).where(blob_deletions.c.id > after)
     if keys is None:
-        return [(r[0], r[1]) for r in conn.execute(query)]
+        return [(r[0], r[1]) for r in execute(conn, _FOUND_ANY, {"b_after": after}).all()]
     out: list[tuple[int, str]] = []
+    if conn.dialect.name == "sqlite" and len(keys) <= _FEW_KEYS:
+        for key in sorted(keys):
+            params = {"b_after": after, "b_key": key}
+            out += [(r[0], r[1]) for r in execute(conn, _FOUND_KEY, params).all()]
+        return out
+    query = select(blob_deletions.c.id, blob_deletions.c.key).where(blob_deletions.c.id > after)
     ordered = sorted(keys)
     for at in range(0, len(ordered), IN_CLAUSE):
         chunk = ordered[at : at + IN_CLAUSE]
