@@ -36,7 +36,7 @@ from imapd.imap.wire.framing import FrameError, LiteralBegin, LiteralChunk, Text
 from imapd.imap.wire.parser import parse_command
 from storage.acl import ALL, RIGHTS_CAPABILITY, flag_rights
 from storage.errors import IMAP_RESPONSE_CODE, AccountMoving, StorageError
-from storage.model import SYSTEM_FLAGS, UidSet
+from storage.model import SYSTEM_FLAGS, ChangeKind, UidSet
 from storage.throttle import LoginGate, login_gate
 
 if TYPE_CHECKING:
@@ -679,8 +679,6 @@ class Session:
     async def _watch(self, sub: Subscription | None, account_id: int) -> None:
         """Applies the changes of ``account_id`` (this account's, or the
         owner's of the selected shared mailbox) heard on ``sub``."""
-        from storage.model import ChangeKind
-
         if sub is None:
             return
         with contextlib.suppress(asyncio.CancelledError):
@@ -776,8 +774,6 @@ class Session:
         another session, or this one's own APPEND, claimed it; RFC 3501
         section 2.3.2). Otherwise a read brings it and the current floor,
         with which the session claims what nobody did."""
-        from storage.model import ChangeKind
-
         entry = change.entry
         return (
             change.kind is ChangeKind.NEW
