@@ -256,6 +256,15 @@ def _plan_file(path: Path, min_bytes: int, body: BodyPart | None) -> _FilePlan |
     return _FilePlan(digest.hexdigest(), size, skeleton, refs, magic)
 
 
+def _part_error(err: StorageError, part: str) -> StorageError:
+    """A referenced part's NOT_FOUND, naming the part (the caller's key is
+    the message's, which is there): what a log must say to tell which
+    blob went missing."""
+    if err.kind is not ErrorKind.NOT_FOUND or "attachment part" in str(err):
+        return err  # not missing, or a deeper part already named
+    return StorageError(ErrorKind.NOT_FOUND, f"no such blob: attachment part {part}")
+
+
 class SkeletonBlobStore:
     """A blob store (``inner``: fs or S3) that keeps a message's big parts
     as blobs of their own and the message as a skeleton referencing them;
@@ -460,7 +469,10 @@ class SkeletonBlobStore:
             lo, hi = max(a, start), min(b, end)
             if not isinstance(src, Ref):
                 return skeleton.literal[src + lo - a : src + hi - a]
-            data = await self.get_range(src.key, lo - a, hi - a)
+            try:
+                data = await self.get_range(src.key, lo - a, hi - a)
+            except StorageError as err:
+                raise _part_error(err, src.key) from None
             if len(data) != hi - lo:
                 raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
             return data
@@ -554,13 +566,16 @@ class SkeletonBlobStore:
                 got = 0
                 part = self.stream_range(src.key, lo - a, hi - a, chunk_size)
                 async with contextlib.aclosing(part):
-                    async for chunk in part:
-                        chunk = chunk[: hi - lo - got]
-                        got += len(chunk)
-                        buffer += chunk
-                        while len(buffer) >= chunk_size:
-                            yield bytes(buffer[:chunk_size])
-                            del buffer[:chunk_size]
+                    try:
+                        async for chunk in part:
+                            chunk = chunk[: hi - lo - got]
+                            got += len(chunk)
+                            buffer += chunk
+                            while len(buffer) >= chunk_size:
+                                yield bytes(buffer[:chunk_size])
+                                del buffer[:chunk_size]
+                    except StorageError as err:
+                        raise _part_error(err, src.key) from None
                 if got != hi - lo:
                     raise StorageError(ErrorKind.TEMPORARY, "attachment blob too short")
                 continue

@@ -138,3 +138,40 @@ async def test_garbage_collection_keeps_attachments_of_referenced_messages(
     assert orphan_key not in keys and orphan_part_key not in keys
     for raw in kept:
         assert await blobs.get(hashlib.sha256(raw).hexdigest()) == raw
+
+
+async def test_a_missing_attachment_part_is_named_in_the_error(
+    site: SqlStorage, threshold: int
+) -> None:
+    """The message's skeleton is there, one of its parts is not: every read
+    fails NOT_FOUND naming that part (a log must tell which blob went
+    missing; the message's own key is the one that is there)."""
+    from storage.errors import ErrorKind, StorageError
+
+    await site.directory.add_domain("example.org")
+    account = await site.directory.add_account("carol@example.org", "pw")
+    blobs = site.blobs_for(account)
+    assert isinstance(blobs, SkeletonBlobStore)
+    part = random.randbytes(threshold + random.randint(1, 5_000)).hex().encode()
+    raw = (
+        b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n"
+        b"--z\r\n\r\ntext\r\n--z\r\nContent-Type: application/pdf\r\n\r\n" + part + b"\r\n--z--\r\n"
+    )
+    await ingest(site, [Delivery(account)], raw)
+    key = hashlib.sha256(raw).hexdigest()
+    (part_key,) = await blobs.references(key)
+    await blobs.inner.delete(part_key)
+    reads = [
+        lambda: blobs.get(key),
+        lambda: blobs.get_range(key, 0, len(raw)),
+        lambda: _drain(blobs.stream(key, random.randint(1, 4_000))),
+    ]
+    for read in reads:
+        with pytest.raises(StorageError) as failed:
+            await read()
+        assert failed.value.kind is ErrorKind.NOT_FOUND
+        assert part_key in str(failed.value)
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in chunks])
