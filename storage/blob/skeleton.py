@@ -439,11 +439,20 @@ class SkeletonBlobStore:
 
     async def references(self, key: str) -> set[str]:
         """The keys the blob ``key`` refers to, however deep (empty for a
-        blob stored as it is); NOT_FOUND if it is missing."""
+        blob stored as it is); NOT_FOUND if ``key`` itself is missing. A
+        missing part is still named (it refers to nothing more): garbage
+        collection must keep every other part of a message one of whose
+        parts is lost, not count them all unreferenced."""
         found: set[str] = set()
         todo = [key]
         while todo:
-            skeleton = await self.skeleton(todo.pop())
+            at = todo.pop()
+            try:
+                skeleton = await self.skeleton(at)
+            except StorageError as err:
+                if err.kind is not ErrorKind.NOT_FOUND or at == key:
+                    raise
+                continue
             for ref in skeleton.refs if skeleton else ():
                 if ref.key not in found:
                     found.add(ref.key)
