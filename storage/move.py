@@ -846,7 +846,7 @@ async def _remove_source_blobs(storage: SqlStorage, mover: AccountMove, flipped_
     async with gc.gc_lease(storage, owner, name=gc.lease_name(storage, src)) as held:
         if held:
             candidates = dict.fromkeys(sorted(keys), flipped_at)
-            await gc.delete_unreferenced(storage, src, candidates, gc.GcReport(), 0.0)
+            await gc.delete_unreferenced(storage, src, candidates, gc.GcReport(), 0.0, lease=held)
 
 
 async def abort_move(storage: SqlStorage, address: str) -> bool:

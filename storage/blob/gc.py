@@ -98,21 +98,51 @@ class LeaseLost(Exception):
     """The lease could not be renewed: another instance may be collecting."""
 
 
+class Lease:
+    """What :func:`gc_lease` yields: true while held. Its row lets another
+    instance take over ``seconds`` after the last renewal that began at
+    ``renewed_at`` (monotonic); :meth:`check` says whether it is still
+    surely ours, with a third of that to spare (the other host's clock may
+    run ahead), without asking the database. Each delete checks it first:
+    the renewer's cancellation of a pass can be lost (CPython gh-86296),
+    and a pass that deletes on after a successor's ``start_pass`` closed
+    its marks would delete blobs writers stored again."""
+
+    def __init__(self, held: bool, seconds: float) -> None:
+        self.held = held
+        self.seconds = seconds
+        self.renewed_at = time.monotonic()
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    def check(self) -> None:
+        """Raises :class:`LeaseLost` unless renewed within two thirds of
+        the lease's length."""
+        if not self.held or time.monotonic() - self.renewed_at > self.seconds * 2 / 3:
+            raise LeaseLost("blob GC lease not renewed in time")
+
+
 @contextlib.asynccontextmanager
 async def gc_lease(
     storage: Any, owner: str, seconds: float = LEASE_SECONDS, name: str = LEASE_NAME
-) -> AsyncIterator[bool]:
-    """Yields whether ``owner`` holds the GC lease ``name`` (a row of the
-    directory database's ``locks`` table, ``MailStore.acquire_lock``): the
-    site's blob store's by default, :func:`lease_name` for another. While
-    held it is renewed every ``seconds / 3``, and released on exit. If a
-    renewal fails the body is cancelled (:class:`LeaseLost` raised): its
-    holder may no longer be alone. A holder that dies holds it ``seconds``
-    at most."""
+) -> AsyncIterator[Lease]:
+    """Yields a :class:`Lease`, true if ``owner`` holds the GC lease
+    ``name`` (a row of the directory database's ``locks`` table,
+    ``MailStore.acquire_lock``): the site's blob store's by default,
+    :func:`lease_name` for another. While held it is renewed every
+    ``seconds / 3``, and released on exit. If a renewal fails the body is
+    cancelled (:class:`LeaseLost` raised): its holder may no longer be
+    alone; and ``Lease.check`` fails from two thirds of ``seconds`` after
+    the last renewal began. A holder that dies holds it ``seconds`` at
+    most."""
     store = storage.stores["default"]  # the directory's database
+    started = time.monotonic()
     if not await store.acquire_lock(name, owner, seconds):
-        yield False
+        yield Lease(False, seconds)
         return
+    lease = Lease(True, seconds)
+    lease.renewed_at = started
     body = asyncio.current_task()
     lost = False
 
@@ -120,11 +150,15 @@ async def gc_lease(
         nonlocal lost
         while True:
             await asyncio.sleep(seconds / 3)
+            began = time.monotonic()
             try:
                 held = await store.acquire_lock(name, owner, seconds)
             except StorageError:
                 held = False
-            if not held:
+            if held:
+                lease.renewed_at = began
+            else:
+                lease.held = False
                 lost = True
                 log.error("blob GC lease lost; stopping this pass")
                 if body is not None:
@@ -133,7 +167,7 @@ async def gc_lease(
 
     renewer = asyncio.create_task(renew())
     try:
-        yield True
+        yield lease
     except asyncio.CancelledError:
         if lost and body is not None:
             body.uncancel()
@@ -182,9 +216,10 @@ async def collect_store(
     report: GcReport,
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    lease: Lease | None = None,
 ) -> None:
     """:func:`collect` for one blob store, adding to ``report``; the caller
-    holds its lease."""
+    holds its lease (``lease``, checked before each delete, if given)."""
     before = await storage.referenced_blobs(blobs)
     cutoff = time.time() - grace_seconds
     keys = await blobs.keys()
@@ -210,7 +245,7 @@ async def collect_store(
     if dry_run:
         await _delete(storage, blobs, candidates, report, dry_run=True)
         return
-    await delete_unreferenced(storage, blobs, candidates, report, grace_seconds)
+    await delete_unreferenced(storage, blobs, candidates, report, grace_seconds, lease)
 
 
 async def delete_unreferenced(
@@ -219,23 +254,31 @@ async def delete_unreferenced(
     candidates: dict[str, float],
     report: GcReport,
     grace_seconds: float,
+    lease: Lease | None = None,
 ) -> None:
     """Steps 3 to 6 (see the module's docstring) for ``candidates`` of the
     store ``blobs`` (key: delete only if stored before this Unix time):
     marked, the references read again, the unreferenced ones deleted, the
-    marks done. The caller holds the store's lease."""
+    marks done. The caller holds the store's lease (``lease``: checked
+    before each delete; :class:`LeaseLost` stops the deletes)."""
     store = deleting.store_name(blobs)
     databases = storage.all_databases()
     await deleting.start_pass(databases, store, keep=max(grace_seconds, KEEP_DONE_SECONDS))
     await deleting.mark(databases, store, candidates)  # before the second look
     try:
-        await _delete(storage, blobs, candidates, report, dry_run=False)
+        await _delete(storage, blobs, candidates, report, dry_run=False, lease=lease)
     finally:
         await deleting.finish(databases, store, candidates)
 
 
 async def _delete(
-    storage: Any, blobs: Any, candidates: dict[str, float], report: GcReport, *, dry_run: bool
+    storage: Any,
+    blobs: Any,
+    candidates: dict[str, float],
+    report: GcReport,
+    *,
+    dry_run: bool,
+    lease: Lease | None = None,
 ) -> None:
     """Steps 4 and 5 for one store's ``candidates`` (key: stored before)."""
     referenced = await storage.referenced_blobs(blobs)  # after the stored times or marks
@@ -251,6 +294,8 @@ async def _delete(
                 continue
             raise
         if not dry_run:
+            if lease is not None:
+                lease.check()  # not after a successor may have closed our marks
             # Only if not stored again since we looked (an ingest of the
             # same bytes), where the store can tell; it says whether it is gone.
             await blobs.delete(key, stored_before=before)
@@ -279,7 +324,9 @@ async def collect_once(
             if not held:
                 continue
             report = report or GcReport()
-            await collect_store(storage, blobs, grace_seconds, report, dry_run, progress)
+            await collect_store(
+                storage, blobs, grace_seconds, report, dry_run, progress, lease=held
+            )
     return report
 
 

@@ -306,3 +306,62 @@ async def test_a_pass_stops_when_its_lease_cannot_be_renewed(site: SqlStorage) -
             await asyncio.Event().wait()  # a pass that would run forever
     # The other holder keeps it.
     assert not await store.acquire_lock(gc.LEASE_NAME, "slow", 600.0)
+
+
+async def test_a_pass_whose_renewals_stall_deletes_nothing_more(site: SqlStorage) -> None:
+    """The renewal hangs (the directory's database stopped answering) and
+    the pass never sees a cancellation (the driver's lost cancel, CPython
+    gh-86296): from two thirds of the lease's length after the last
+    renewal began, each delete is refused (LeaseLost) before it is sent,
+    since another instance may have taken over and closed this pass's
+    marks. The marks are closed, and the expunged blobs stay until a pass
+    that holds the lease."""
+    rng = random.Random()
+    await site.directory.add_domain("example.org")
+    bob = await site.directory.add_account("bob@example.org", "pw")
+    raws = [_message(rng.choice(["file", "attachment"]), rng) for _ in range(rng.randint(4, 7))]
+    gone: set[str] = set()
+    for raw in raws:
+        await ingest(site, [Delivery(bob)], raw)
+        gone |= await _blob_keys(site, raw)
+    await _expunge_all(site, bob)
+    await _backdate(site, set(await site.blobs.keys()), AGE)
+    store = site.stores["default"]
+    acquire = store.acquire_lock
+    calls = 0
+
+    async def stalls_after_the_first(name: str, owner: str, seconds: float) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await asyncio.Event().wait()  # a renewal that never answers
+        return await acquire(name, owner, seconds)
+
+    store.acquire_lock = stalls_after_the_first  # type: ignore[method-assign]
+    deletes: list[str] = []
+    delete = site.blobs.delete
+
+    async def slow_delete(key: str, **kwargs: Any) -> None:
+        deletes.append(key)
+        await asyncio.sleep(0.2)  # past the lease's safe window after a few
+        await delete(key, **kwargs)
+
+    site.blobs.delete = slow_delete  # type: ignore[method-assign]
+    seconds = 0.6
+    try:
+        with pytest.raises(gc.LeaseLost):
+            async with gc.gc_lease(site, "stalling", seconds=seconds) as lease:
+                assert lease
+                report = gc.GcReport()
+                await gc.collect_store(site, site.blobs, GRACE, report, lease=lease)
+    finally:
+        store.acquire_lock = acquire  # type: ignore[method-assign]
+        site.blobs.delete = delete  # type: ignore[method-assign]
+    # Deletes began within seconds * 2/3 of the lease's start; the rest refused.
+    assert len(deletes) <= int(seconds * 2 / 3 / 0.2) + 1 < len(gone)
+    assert set(await site.blobs.keys()) >= gone - set(deletes)
+    async with site.stores["default"].db.read() as conn:
+        open_marks = await conn.execute(
+            text("SELECT count(*) FROM blob_deletions WHERE done_at IS NULL")
+        )
+        assert open_marks.scalar() == 0
