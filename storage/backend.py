@@ -259,9 +259,12 @@ class SqlStorage:
             referenced |= await self.queue.referenced_blobs()
         return referenced
 
-    async def referenced_blobs(self, blobs: FsBlobStore) -> set[str]:
+    async def referenced_blobs(self, blobs: FsBlobStore, *, missing_ok: bool = False) -> set[str]:
         """:meth:`row_blobs` and the attachment blobs their skeletons refer
-        to (``storage/blob/skeleton.py``): what garbage collection keeps."""
+        to (``storage/blob/skeleton.py``): what garbage collection keeps.
+        A blob a row names that reads as missing is TEMPORARY (garbage
+        collection then deletes nothing), or with ``missing_ok`` (counts)
+        refers to nothing."""
         referenced = await self.row_blobs(blobs)
         references = getattr(blobs, "references", None)
         if references is not None:
@@ -270,8 +273,19 @@ class SqlStorage:
                 try:
                     parts |= await references(key)
                 except errors.StorageError as err:
-                    if err.kind is not errors.ErrorKind.NOT_FOUND:
-                        raise  # unsure what it refers to: delete nothing
+                    # Unsure what it refers to (a read that failed, or a
+                    # store that answered "missing" for a blob a row names,
+                    # lost or not): delete nothing. `mailctl blobs verify`
+                    # names a blob that is really lost.
+                    if err.kind is errors.ErrorKind.NOT_FOUND and missing_ok:
+                        continue
+                    if err.kind is errors.ErrorKind.NOT_FOUND:
+                        raise errors.StorageError(
+                            errors.ErrorKind.TEMPORARY,
+                            f"blob {key} that a row names reads as missing; "
+                            "garbage collection deletes nothing until it reads",
+                        ) from err
+                    raise
             referenced |= parts
         return referenced
 

@@ -88,7 +88,7 @@ async def blob_stats(storage: Any) -> BlobStats:
             for key in await storage.queue.referenced_blobs():
                 stats.referenced_bytes += int(await blobs.size(key))
         direct = await storage.row_blobs(blobs)
-        parts = await storage.referenced_blobs(blobs) - direct
+        parts = await storage.referenced_blobs(blobs, missing_ok=True) - direct
         stats.attachment_blobs += len(parts & set(keys))
     return stats
 

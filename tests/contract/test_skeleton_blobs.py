@@ -203,3 +203,47 @@ async def test_garbage_collection_keeps_the_other_parts_of_a_message_missing_one
     assert await blobs.references(key) == part_keys  # the lost one still named
     await site.collect_garbage(min_age_seconds=-60)  # all old enough
     assert set(await blobs.keys()) >= part_keys - {lost}
+
+
+async def test_garbage_collection_deletes_nothing_while_a_named_skeleton_reads_missing(
+    site: SqlStorage, threshold: int
+) -> None:
+    """A row names a message whose skeleton reads as missing (lost, or a
+    store that answered 404 for a moment): which parts it refers to is
+    unknown, so the pass deletes nothing (TEMPORARY, retried at the next
+    interval) rather than every part only it referred to. Counting
+    (`blobs stats`) still works."""
+    from storage.blob.audit import blob_stats
+    from storage.errors import ErrorKind, StorageError
+
+    await site.directory.add_domain("example.org")
+    account = await site.directory.add_account("erin@example.org", "pw")
+    blobs = site.blobs_for(account)
+    assert isinstance(blobs, SkeletonBlobStore)
+    part = random.randbytes(threshold + random.randint(1, 5_000)).hex().encode()
+    raw = (
+        b"Subject: z\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n"
+        b"--z\r\n\r\ntext\r\n--z\r\nContent-Type: application/pdf\r\n\r\n" + part + b"\r\n--z--\r\n"
+    )
+    await ingest(site, [Delivery(account)], raw)
+    key = hashlib.sha256(raw).hexdigest()
+    (part_key,) = await blobs.references(key)
+    blobs._skeletons.clear()  # a process that has not read it yet
+    original = blobs.inner.get_range
+
+    async def missing(k: str, start: int, end: int) -> bytes:
+        if k == key:
+            raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
+        return await original(k, start, end)
+
+    blobs.inner.get_range = missing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StorageError) as failed:
+            await site.collect_garbage(min_age_seconds=-60)
+        assert failed.value.kind is ErrorKind.TEMPORARY and key in str(failed.value)
+        assert part_key in set(await blobs.keys())
+        assert (await blob_stats(site)).messages >= 1
+    finally:
+        blobs.inner.get_range = original  # type: ignore[method-assign]
+    await site.collect_garbage(min_age_seconds=-60)
+    assert await blobs.get(key) == raw
