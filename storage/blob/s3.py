@@ -110,6 +110,9 @@ class S3Config:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     list_page: int = 1000  # keys per ListObjects request (S3 gives at most 1000)
+    # A read answered 404 is asked again this many times (after 50 ms, then
+    # 200 ms) before it is NOT_FOUND: see S3BlobStore._reading.
+    missing_retries: int = 2
 
     @classmethod
     def from_url(cls, url: str, env: Mapping[str, str] | None = None) -> S3Config:
@@ -554,12 +557,36 @@ class S3BlobStore:
 
     # --- reads --------------------------------------------------------------
 
+    async def _reading(self, read: Callable[[], Awaitable[_T]]) -> _T:
+        """``read()``, asked again after a NOT_FOUND (``missing_retries``
+        times, 50 ms then 200 ms apart) before that is the answer. A blob
+        being stored again while it is read can read as missing for a
+        moment: Swift's object server answers 404 when the file it listed
+        was replaced before it opened it (``DiskFileNotExist``), and every
+        delivery of a shared attachment stores its part again (refreshing
+        its stored time for garbage collection). A blob that is really
+        missing costs 250 ms more to report; HEADs (``exists``,
+        ``stored_at``) answer at once, as garbage collection wants."""
+        for n in range(self.config.missing_retries + 1):
+            try:
+                return await read()
+            except StorageError as err:
+                if err.kind is not ErrorKind.NOT_FOUND or n == self.config.missing_retries:
+                    raise
+            await asyncio.sleep(0.05 * 4**n)
+        raise AssertionError("unreachable")
+
     async def get(self, key: str) -> bytes:
-        """The whole blob; NOT_FOUND if absent."""
-        answer = await self._request("GET", _check_key(key))
-        if answer.status == 404:
-            raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
-        return answer.body
+        """The whole blob; NOT_FOUND if absent (:meth:`_reading`)."""
+        _check_key(key)
+
+        async def read() -> bytes:
+            answer = await self._request("GET", key)
+            if answer.status == 404:
+                raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
+            return answer.body
+
+        return await self._reading(read)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``start`` .. ``end`` (exclusive), clipped to the blob's size
@@ -570,11 +597,16 @@ class S3BlobStore:
         if end == start:
             await self._head(key)  # NOT_FOUND as for any other range
             return b""
-        answer = await self._request(
-            "GET", key, headers={"range": f"bytes={start}-{end - 1}"}, ok=(200, 206, 416)
-        )
-        if answer.status == 404:
-            raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
+
+        async def read() -> _Answer:
+            answer = await self._request(
+                "GET", key, headers={"range": f"bytes={start}-{end - 1}"}, ok=(200, 206, 416)
+            )
+            if answer.status == 404:
+                raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
+            return answer
+
+        answer = await self._reading(read)
         if answer.status == 416:  # start at or past the end (RFC 9110 section 15.5.17)
             return b""
         if answer.status == 200:  # the server ignored the range: whole blob
@@ -612,6 +644,7 @@ class S3BlobStore:
         etag: str | None = None
         buffer = bytearray()
         failures = 0
+        missing = 0  # 404s before the first byte (see _reading)
         while end is None or pos < end:
             headers: dict[str, str] = {}
             if pos or end is not None:
@@ -631,6 +664,11 @@ class S3BlobStore:
             )
             try:
                 async with self._client().get(URL(url, encoded=True), headers=signed) as resp:
+                    if resp.status == 404 and etag is None and missing < c.missing_retries:
+                        # Before any byte: as :meth:`_reading` does.
+                        missing += 1
+                        await asyncio.sleep(0.05 * 4 ** (missing - 1))
+                        continue
                     if resp.status == 404:
                         raise StorageError(ErrorKind.NOT_FOUND, "no such blob")
                     if resp.status == 416:  # at or past the end (RFC 9110 section 15.5.17)

@@ -534,3 +534,45 @@ async def test_skeleton_on_s3_reads_each_stored_piece_with_one_get(fake_s3: Fake
             assert b"".join(got) == raw[start:end]
     finally:
         await store.close()
+
+
+async def test_s3_a_read_that_meets_a_passing_404_is_asked_again(fake_s3: FakeS3) -> None:
+    """A blob stored again while it is read may answer 404 for a moment
+    (Swift's object server, when the file it listed was replaced before
+    it opened it): every read asks again before it says NOT_FOUND, and a
+    blob that stays missing is NOT_FOUND after the retries."""
+    store = fake_s3.store()
+    data = os.urandom(random.randint(70_000, 400_000))
+    try:
+        key = await store.put(data)
+        start = random.randint(0, len(data) - 2)
+        end = random.randint(start + 1, len(data))
+        reads = [
+            ("get", lambda: store.get(key), data),
+            ("range", lambda: store.get_range(key, start, end), data[start:end]),
+            ("stream", lambda: _joined(store.stream(key, random.randint(1, 70_000))), data),
+            (
+                "stream range",
+                lambda: _joined(store.stream_range(key, start, end, random.randint(1, 9_000))),
+                data[start:end],
+            ),
+        ]
+        for name, read, want in reads:
+            fake_s3.fail = {"GET": [404] * random.randint(1, 2)}
+            assert await read() == want, name
+        missing = "0" * 64
+        for name, read in [
+            ("get", lambda: store.get(missing)),
+            ("stream", lambda: _joined(store.stream(missing))),
+        ]:
+            fake_s3.seen.clear()
+            with pytest.raises(StorageError) as err:
+                await read()
+            assert err.value.kind is ErrorKind.NOT_FOUND, name
+            assert fake_s3.seen == ["GET"] * 3, name
+    finally:
+        await store.close()
+
+
+async def _joined(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in chunks])
