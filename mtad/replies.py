@@ -76,7 +76,7 @@ ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")  # RFC 4954 section 6
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-# RFC 8689 section 4.1 (REQUIRETLS only over TLS), RFC 5248 X.7.10 encryption needed.
+# RFC 8689 section 2 (REQUIRETLS only on a TLS session), RFC 5248 X.7.10 encryption needed.
 REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session: STARTTLS first")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 # RFC 4954 section 6: the server cannot check credentials now (storage down, busy).

@@ -63,7 +63,7 @@ class DsnRequest:
 
     @property
     def require_tls(self) -> bool:
-        """REQUIRETLS (RFC 8689 section 4.1); it overrides TLS-Required (section 3)."""
+        """REQUIRETLS (RFC 8689 section 4.1, where it also makes TLS-Required ignored)."""
         return self.envelope.require_tls
 
     def mail_params(self) -> list[str]:
@@ -146,8 +146,9 @@ def requiretls_expired(last_reply: str | None) -> Reply | None:
 
 def for_requiretls(tls: HostTls) -> HostTls:
     """The TLS a REQUIRETLS message needs from a host whose policy is ``tls``
-    (RFC 8689 section 4.2.1 items 2-3): DANE stays, anything weaker than an
-    enforced PKIX verification becomes one."""
+    (RFC 8689 section 4.2.1 item 4: the certificate authenticated as RFC 6125
+    or RFC 7672 says): DANE stays, anything weaker than an enforced PKIX
+    verification becomes one."""
     if tls.level == "dane" or (tls.level == "verify" and not tls.report_only):
         return tls
     return HostTls("verify", f"REQUIRETLS ({tls.source})", policy_type=tls.policy_type)
@@ -351,7 +352,7 @@ async def _reuse(cache: ConnectionCache, key: SessionKey) -> CachedSession | Non
 
 
 def _check_requiretls(client: SmtpClient, host: MailHost) -> None:
-    """RFC 8689 section 4.2.1 item 4: the host must offer REQUIRETLS."""
+    """RFC 8689 section 4.2.1 item 5: the host must offer REQUIRETLS."""
     if "REQUIRETLS" not in client.extensions:
         raise HostFailure(
             local_reply(550, REQUIRETLS_STATUS, f"{host.name} does not offer REQUIRETLS")
@@ -511,7 +512,7 @@ async def _send(
             )
         params.append("BODY=8BITMIME")
     if dsn.require_tls:
-        params.append("REQUIRETLS")  # RFC 8689 section 4.2.1 item 5
+        params.append("REQUIRETLS")  # RFC 8689 section 2: the MAIL parameter; 4.2.1 items 1-5 held
     # RFC 3461 section 5.2.1: to a host offering DSN, the parameters unchanged.
     passed = "DSN" in ext
     rcpt_params: dict[str, list[str]] = {}

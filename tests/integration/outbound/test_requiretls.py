@@ -306,7 +306,7 @@ async def test_requiretls_not_met_bounces_5_7_30(world: World, client_tls_contex
 async def test_tls_required_no_overrides_mta_sts(world: World, client_tls_context) -> None:
     """RFC 8689 section 4.2.2: "TLS-Required: No" ignores the enforce
     policy that would refuse the certificate; REQUIRETLS overrides the
-    header field (section 3)."""
+    header field (section 4.1)."""
     ctx = client_tls_context
     rcpt = "user@stsbad.test"
     relaxed, strict, both = (os.urandom(8).hex() for _ in range(3))
