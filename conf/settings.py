@@ -389,7 +389,7 @@ class QueueSettings(Section):
     # validated TLSA records, else its MTA-STS policy (mta_sts), else may.
     tls_policy: dict[str, TlsLevel] = Field(default_factory=dict)
     mta_sts: bool = True  # RFC 8461 discovery for domains not in tls_policy
-    # The HTTPS port of policy fetches: 443 (RFC 8461 section 3.3); another
+    # The HTTPS port of policy fetches: 443 (RFC 8461 sections 3.2-3.3); another
     # only on a test bench, whose remote MXes are not on 25 (smtp_port).
     mta_sts_port: int = Field(default=443, ge=1, le=65535)
     suppress_after_hard_bounces: int = 2  # hard bounces before an address is suppressed; 0 never
@@ -417,7 +417,7 @@ class QueueSettings(Section):
                 )
         if self.mta_sts_port != 443 and self.smtp_port == 25:
             raise ValueError(
-                "mta_sts_port: policies are fetched on 443 (RFC 8461 section 3.3);"
+                "mta_sts_port: policies are fetched on 443 (RFC 8461 sections 3.2-3.3);"
                 " another port is for test benches only (smtp_port not 25)"
             )
         if self.mta_sts_port != 443 and not (self.mta_sts or "mta-sts" in self.tls_policy.values()):

@@ -2,7 +2,7 @@
 
 Contract:
 
-* :func:`tlsa_for` looks up ``_25._tcp.<host>`` (RFC 7672 section 2.2.1)
+* :func:`tlsa_for` looks up ``_25._tcp.<host>`` (RFC 7672 section 2.2.3)
   and returns a :class:`DaneLookup`: ``secure`` only when the answer was
   DNSSEC-validated (the AD bit of a trusted validating resolver, see
   ``Resolver.secure``); ``records`` the usable ones (section 3.1: usage
@@ -67,7 +67,7 @@ class _Secure(Protocol):
 
 
 async def tlsa_for(resolver: _Secure, host: str, port: int = 25) -> DaneLookup:
-    """The validated TLSA records of ``host`` (RFC 7672 section 2.2.1)."""
+    """The validated TLSA records of ``host`` (RFC 7672 section 2.2.3)."""
     found, secure = await resolver.secure(f"_{port}._tcp.{host}", "TLSA")
     if not secure:
         return DaneLookup(False)

@@ -8,8 +8,9 @@ Contract:
 * :func:`mx_matches` is the section 4.1 host name match.
 * :func:`fetch_policy` fetches ``https://mta-sts.<domain>/.well-known/
   mta-sts.txt`` under the section 3.3 rules (PKIX-valid certificate for that
-  name, no redirects, 200 only, ``text/plain``, at most 64 KiB, one overall
-  time limit) and raises :class:`PolicyError` on any failure.
+  name, no redirects, 200 only, at most 64 KiB, one overall time limit;
+  ``text/plain`` per section 3.2) and raises :class:`PolicyError` on any
+  failure.
 * :class:`StsCache` answers "which policy holds for this domain now"
   (section 5.1): it looks the TXT record up, fetches a new policy only when
   its id differs from the cached one, keeps the cached policy until its
@@ -33,11 +34,13 @@ from typing import Protocol
 
 log = logging.getLogger("mtad.outbound")
 
-# RFC 8461 section 3.3: "senders SHOULD impose a limit of 64 KiB on the policy".
+# RFC 8461 section 3.3: senders MAY limit the size of the response body; the
+# suggested maximum policy size is 64 kilobytes.
 MAX_POLICY_OCTETS = 64 * 1024
 # Section 3.2: max_age is at most 31557600 (about one year).
 MAX_AGE_LIMIT = 31_557_600
-# Section 3.3: "a timeout of one minute"; ours is shorter, it holds a delivery.
+# Section 3.3: senders MAY impose a timeout, one minute suggested; ours is
+# shorter, it holds a delivery.
 FETCH_TIMEOUT_SECONDS = 30.0
 # After a failed fetch, the same domain's policy is not fetched again for
 # this long (each try could hold a delivery for FETCH_TIMEOUT_SECONDS).
@@ -213,7 +216,7 @@ async def _get(resolver: _Addresses, host: str, context: ssl.SSLContext, port: i
     last: Exception | None = None
     for address in addresses:
         try:
-            # server_hostname: SNI and the PKIX name check (section 3.3).
+            # server_hostname: SNI (section 7.1) and the PKIX name check (section 3.3).
             reader, writer = await asyncio.open_connection(
                 address, port, ssl=context, server_hostname=host, limit=MAX_HEADER_OCTETS
             )
@@ -346,7 +349,7 @@ class StsCache:
                     resolver, domain, self.context, port=self.port, timeout=self.timeout
                 )
             except PolicyError as exc:
-                # Section 5.1: a failed fetch keeps the cached policy in force.
+                # Section 3.3: a failed fetch keeps the cached policy in force.
                 log.warning("MTA-STS policy of %s not fetched: %s", domain, exc)
                 self.last_error[domain] = str(exc)
                 self._retry_after[domain] = now + FETCH_BACKOFF_SECONDS

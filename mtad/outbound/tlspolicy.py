@@ -141,7 +141,7 @@ class TlsReportLog:
 
 
 def certificate_result(detail: str) -> str:
-    """The RFC 8460 section 4.3.2 result type of a failed verification."""
+    """The RFC 8460 section 4.3.1 result type of a failed verification."""
     text = detail.lower()
     if "hostname mismatch" in text or "doesn't match" in text:
         return "certificate-host-mismatch"
@@ -258,7 +258,7 @@ class DomainTls:
         try:
             _, address_secure = await self.resolver.secure(host.name, "A")  # type: ignore[attr-defined]
             if not address_secure:
-                return None  # RFC 7672 section 2.2.2: no TLSA lookup for an insecure host
+                return None  # RFC 7672 section 2.2.3: no TLSA lookup for an insecure host
             lookup: DaneLookup = await tlsa_for(self.resolver, host.name)  # type: ignore[arg-type]
         except DnsTemporaryError as exc:
             # RFC 7672 section 2.2: a failed TLSA lookup means the host is not used.
@@ -270,7 +270,7 @@ class DomainTls:
         if not lookup.secure:
             return None
         if lookup.records:
-            # RFC 8460 section 4.4: policy-string, the TLSA records as presented.
+            # RFC 8460 section 4.5: policy-string, the TLSA records as presented.
             shown = tuple(
                 f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in lookup.records
             )
@@ -284,7 +284,7 @@ class DomainTls:
         sts = self.sts
         assert sts is not None
         testing = sts.mode == "testing"
-        # RFC 8460 section 4.4: the policy's lines as policy-string, its mx patterns.
+        # RFC 8460 sections 4.4-4.5: the policy's lines as policy-string, its mx patterns.
         shown = (
             "version: STSv1",
             f"mode: {sts.mode}",

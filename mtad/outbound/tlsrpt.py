@@ -4,7 +4,7 @@ Contract: :func:`build_reports` turns one UTC day's JSON lines (failures
 and successes, ``data_dir/tlsrpt/<date>.jsonl``) into one RFC 8460 section
 4 report per policy domain (pure). :func:`report_addresses` reads the
 domain's ``_smtp._tls`` TXT record (section 3); :func:`send_reports` sends
-each report, gzipped (section 5.1), by mail through our own delivery
+each report, gzipped (section 5.2), by mail through our own delivery
 (local INBOX or the outbound queue; section 5.3) to its ``mailto:``
 addresses and by HTTPS POST (section 5.4) to its ``https:`` ones, and
 returns what went where. A domain without a valid record gets no report.
@@ -36,7 +36,7 @@ from storage.tasks import stop_task
 
 log = logging.getLogger("mtad.outbound")
 
-MEDIA_TYPE = "application/tlsrpt+gzip"  # RFC 8460 section 6.4
+MEDIA_TYPE = "application/tlsrpt+gzip"  # RFC 8460 section 6.5
 LEASE_NAME = "tlsrpt-send"
 POST_TIMEOUT = 30.0
 MAX_FAILURE_DETAILS = 100  # per policy: keep a report small whatever the day held

@@ -85,7 +85,7 @@ async def test_tlsa_lookup_needs_validation() -> None:
     data = os.urandom(32)
     resolver = Secure([rdata(3, 1, 1, data)], secure=False)
     found = await tlsa_for(resolver, "mx.example.test")
-    assert resolver.asked == [("_25._tcp.mx.example.test", "TLSA")]  # RFC 7672 section 2.2.1
+    assert resolver.asked == [("_25._tcp.mx.example.test", "TLSA")]  # RFC 7672 section 2.2.3
     assert not found.secure and found.records == ()
     found = await tlsa_for(Secure([rdata(3, 1, 1, data), rdata(1, 1, 1, data)], True), "mx.t")
     assert found.secure and found.records == (Tlsa(3, 1, 1, data),)
