@@ -152,7 +152,7 @@ def build_dsn(
     ]
     for r in recipients:
         block = (
-            # RFC 3464 section 2.3.1: before Final-Recipient.
+            # RFC 3464 section 2.3 (its ABNF): before Final-Recipient.
             (
                 f"Original-Recipient: {_fold_value(r.original_recipient)}\r\n"
                 if r.original_recipient
