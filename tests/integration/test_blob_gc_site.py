@@ -88,6 +88,7 @@ def _stored_bytes(site: Site) -> int:
     return int(found[1])
 
 
+@pytest.mark.timeout(600)  # 10 clients and daemons on a 2-core machine with other tests
 @pytest.mark.parametrize("backend", ["fs", "s3"])
 def test_gc_loop_while_clients_deliver_and_expunge_loses_nothing(
     tmp_path: Path, backend: str
