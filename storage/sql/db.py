@@ -192,6 +192,11 @@ def _lost_connection(exc: BaseException) -> bool:
     connection died under the call."""
     if isinstance(exc, asyncpg_errors.TargetServerAttributeNotMatched):
         return True
+    # A held connection whose server went away while it was idle: asyncpg
+    # took the server's unsolicited FATAL (57P01, shutdown) and the next
+    # statement finds the protocol still "consuming" that error.
+    if isinstance(exc, asyncpg_errors.InternalClientError):
+        return "another operation" in str(exc)
     return isinstance(exc, asyncpg_errors.InterfaceError) and "connection is closed" in str(exc)
 
 

@@ -24,6 +24,13 @@ its partition and its number there. Contract:
   queued entries and releasing clears the flag, each in one transaction.
 * Every method takes an optional ``now`` (epoch seconds) so tests can drive
   the clock; by default the wall clock.
+* What every relayed message passes through (``enqueue``, ``lease_due``,
+  ``record_attempt``, ``suppressed``, ``is_flagged``) runs precompiled
+  statements in one ``Database.write_batched`` or ``read_sync`` call:
+  concurrent calls share one group commit. A lease and an attempt's record
+  are not durable (``durable=False``): they survive a crash of the process,
+  and a power failure at worst repeats a delivery (RFC 5321 section 6.1:
+  at least once), never loses one.
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.expression import literal_column, null
 
 from storage import errors
-from storage.sql.db import Database
+from storage.sql.db import Database, execute
 from storage.sql.schema import (
     queue_held_senders,
     queue_messages,
@@ -230,6 +238,143 @@ def state_of(status: str, held: bool, leased: bool) -> str:
     return "delivering" if leased else "queued"
 
 
+# --- the per-message statements (run by ``storage.sql.db.execute``) ----------
+# Module constants with bound parameters only, so that each runs precompiled
+# on the driver (SQLite's writer or reader thread, asyncpg inside
+# ``run_sync``): every queued message passes through each of them, and
+# SQLAlchemy's per-execution work cost more than the statements.
+
+_M, _R = queue_messages.c, queue_recipients.c
+# The status words, bound rather than inlined: ``execute`` takes every
+# parameter from the caller (see _STATES).
+_QUEUED, _PENDING, _DEFERRED = (
+    bindparam("b_queued"),
+    bindparam("b_pending"),
+    bindparam("b_deferred"),
+)
+_STATES = {"b_queued": QUEUED, "b_pending": PENDING, "b_deferred": DEFERRED}
+_RETRYABLE_NOW = or_(_R.status == _PENDING, _R.status == _DEFERRED)
+
+_INSERT_MESSAGE = insert(queue_messages).returning(_M.id)
+_INSERT_RECIPIENTS = insert(queue_recipients)
+# Due: queued, not held, its time come, no live lease (see lease_due).
+# (SQLite's compiler adds an OFFSET to a bound LIMIT: it is bound too.)
+_DUE = (
+    select(_M.id)
+    .where(
+        _M.status == _QUEUED,
+        _M.held.is_(False),
+        _M.next_attempt <= bindparam("b_now"),
+        or_(_M.lease_until.is_(None), _M.lease_until < bindparam("b_now")),
+    )
+    .order_by(_M.next_attempt, _M.id)
+    .limit(bindparam("b_limit"))
+    .offset(bindparam("b_offset"))
+)
+# PostgreSQL: rows another instance is leasing are skipped, not waited for.
+_DUE_PG = _DUE.with_for_update(skip_locked=True)
+_TAKE = (
+    update(queue_messages)
+    .where(_M.id == bindparam("b_id"))
+    .values(
+        lease_owner=bindparam("b_owner"),
+        lease_until=bindparam("b_until"),
+        attempts=_M.attempts + literal_column("1"),
+    )
+)
+_ENTRY = select(queue_messages).where(_M.id == bindparam("b_id"))
+_ENTRY_RECIPIENTS = select(queue_recipients).where(_R.queue_id == bindparam("b_id")).order_by(_R.id)
+# One recipient's outcome; only a recipient still to be tried changes (a
+# delivery recorded twice, after a lost lease, is recorded once).
+_SET_OUTCOME = (
+    update(queue_recipients)
+    .where(_R.queue_id == bindparam("b_id"), _R.address == bindparam("b_address"), _RETRYABLE_NOW)
+    .values(
+        status=bindparam("b_status"), last_reply=bindparam("b_reply"), updated=bindparam("b_now")
+    )
+)
+_LEFT = (
+    select(func.count())
+    .select_from(queue_recipients)
+    .where(_R.queue_id == bindparam("b_id"), _RETRYABLE_NOW)
+)
+# The lease given back by its owner (or by anyone once it has run out),
+# the entry completed, rescheduled or left as it is; RETURNING says
+# whether the row matched (``execute`` reports no row count).
+_OWN_LEASE = and_(
+    _M.id == bindparam("b_id"),
+    or_(
+        _M.lease_owner == bindparam("b_owner"),
+        _M.lease_owner.is_(None),
+        _M.lease_until < bindparam("b_now"),
+    ),
+)
+_UNLEASE = update(queue_messages).where(_OWN_LEASE).returning(_M.id)
+_RELEASE = _UNLEASE.values(lease_owner=null(), lease_until=null())
+_RELEASE_DONE = _UNLEASE.values(lease_owner=null(), lease_until=null(), status=bindparam("b_done"))
+_RELEASE_LATER = _UNLEASE.values(
+    lease_owner=null(), lease_until=null(), next_attempt=bindparam("b_next")
+)
+_MARK_DONE = (
+    update(queue_messages).where(_M.id == bindparam("b_id")).values(status=bindparam("b_done"))
+)
+_SUPPRESSED = select(queue_suppressions.c.address).where(
+    queue_suppressions.c.address == bindparam("b_address"),
+    queue_suppressions.c.suppressed.is_(True),
+)
+_FLAGGED = select(queue_held_senders.c.address).where(
+    queue_held_senders.c.address == bindparam("b_address")
+)
+# ``Database.write_batched``'s key on PostgreSQL for every queue write: the
+# queue's calls lock only queue rows, which no account's calls write, so
+# they run beside the deliveries' batches, one queue batch at a time (queue
+# writers never wait on each other's row locks). Account keys are >= 1.
+QUEUE_WRITE_KEY = -1
+
+
+def _entry_of(partition: str, m, rcpts) -> QueuedMessage:
+    """A :class:`QueuedMessage` of its ``queue_messages`` row and its
+    ``queue_recipients`` rows (in row order)."""
+    return QueuedMessage(
+        id=QueueRef(partition, m.id),
+        sender=m.sender,
+        blob_key=m.blob_key,
+        created=_at(m.created),
+        next_attempt=_at(m.next_attempt),
+        expires=_at(m.expires),
+        attempts=m.attempts,
+        status=m.status,
+        error=m.error,
+        lease_owner=m.lease_owner,
+        lease_until=_when(m.lease_until),
+        recipients=tuple(
+            QueuedRecipient(
+                r.address,
+                r.status,
+                r.last_reply,
+                r.feedback,
+                _when(r.updated),
+                DsnRecipient(r.dsn_notify, r.dsn_orcpt),
+            )
+            for r in rcpts
+        ),
+        held=bool(m.held),
+        warned=bool(m.warned),
+        dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid, bool(m.require_tls)),
+    )
+
+
+def _entries_sync(conn: Connection, partition: str, ids: list[int]) -> list[QueuedMessage]:
+    """The entries ``ids`` that exist, in id order, two keyed reads each."""
+    out = []
+    for number in sorted(ids):
+        m = execute(conn, _ENTRY, {"b_id": number}).first()
+        if m is not None:
+            rcpts = execute(conn, _ENTRY_RECIPIENTS, {"b_id": number}).all()
+            out.append(_entry_of(partition, m, rcpts))
+    return out
+
+
 class OutboundQueue:
     """One partition: messages waiting for remote delivery, and the
     suppression list, in one database."""
@@ -271,32 +416,32 @@ class OutboundQueue:
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             raise errors.invalid("no recipients")
-        now = _now(now)
+        now = float(_now(now))
         envelope = dsn or DsnEnvelope()
         per_rcpt = recipient_dsn or {}
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                insert(queue_messages).values(
-                    sender=sender,
-                    blob_key=blob_key,
-                    created=now,
-                    next_attempt=now,
-                    expires=now + expires_in.total_seconds(),
-                    lease_owner=None,
-                    lease_until=None,
-                    attempts=0,
-                    status=QUEUED,
-                    error=held_for,
-                    held=held_for is not None,
-                    warned=False,
-                    dsn_ret=envelope.ret,
-                    dsn_envid=envelope.envid,
-                    require_tls=envelope.require_tls,
-                )
-            )
-            queue_id = int(result.inserted_primary_key[0])
-            await conn.execute(
-                insert(queue_recipients),
+        entry = {
+            "sender": sender,
+            "blob_key": blob_key,
+            "created": now,
+            "next_attempt": now,
+            "expires": now + expires_in.total_seconds(),
+            "lease_owner": None,
+            "lease_until": None,
+            "attempts": 0,
+            "status": QUEUED,
+            "error": held_for,
+            "held": held_for is not None,
+            "warned": False,
+            "dsn_ret": envelope.ret,
+            "dsn_envid": envelope.envid,
+            "require_tls": envelope.require_tls,
+        }
+
+        def write(conn: Connection) -> int:
+            queue_id = int(execute(conn, _INSERT_MESSAGE, entry).scalar())
+            execute(
+                conn,
+                _INSERT_RECIPIENTS,
                 [
                     {
                         "queue_id": queue_id,
@@ -310,15 +455,22 @@ class OutboundQueue:
                     for a in rcpts
                 ],
             )
-            if blob_keys is not None:
-                from storage.blob import deleting  # it imports storage.sql
+            return queue_id
 
-                named, answered = blob_keys
-                try:
-                    await deleting.check(conn, named, answered.get(self.partition, 0))
-                except errors.BlobsBeingDeleted as err:
-                    err.where = self.partition
-                    raise
+        # One group commit with the other sessions' enqueues and the
+        # workers' records (durable: the 250 waits for it). The blobs the
+        # entry names are checked against garbage collection's deletions
+        # in the same transaction (``Database.write_batched``'s blob_keys).
+        checked = None
+        if blob_keys is not None:
+            named, answered = blob_keys
+            after = answered.get(self.partition, 0)
+            checked = lambda: (named, after)  # noqa: E731
+        try:
+            queue_id = await self.db.write_batched(write, key=QUEUE_WRITE_KEY, blob_keys=checked)
+        except errors.BlobsBeingDeleted as err:
+            err.where = self.partition
+            raise
         for listener in self.listeners:
             listener()
         return QueueRef(self.partition, queue_id)
@@ -333,34 +485,22 @@ class OutboundQueue:
         LOCKED``; SQLite runs the transaction as the single writer."""
         if limit <= 0:
             return []
-        now = _now(now)
-        due = (
-            select(queue_messages.c.id)
-            .where(
-                queue_messages.c.status == QUEUED,
-                queue_messages.c.held.is_(False),
-                queue_messages.c.next_attempt <= now,
-                or_(queue_messages.c.lease_until.is_(None), queue_messages.c.lease_until < now),
-            )
-            .order_by(queue_messages.c.next_attempt, queue_messages.c.id)
-            .limit(limit)
-        )
-        if not self.db.is_sqlite:
-            due = due.with_for_update(skip_locked=True)
-        async with self.db.write() as conn:
-            ids = [row[0] for row in await conn.execute(due)]
+        now = float(_now(now))
+        due = _DUE if self.db.is_sqlite else _DUE_PG
+        params = {"b_now": now, "b_limit": limit, "b_offset": 0, **_STATES}
+        until = now + lease_seconds
+
+        def lease(conn: Connection) -> list[QueuedMessage]:
+            ids = [row[0] for row in execute(conn, due, params).all()]
             if not ids:
                 return []
-            await conn.execute(
-                update(queue_messages)
-                .where(queue_messages.c.id.in_(ids))
-                .values(
-                    lease_owner=owner,
-                    lease_until=now + lease_seconds,
-                    attempts=queue_messages.c.attempts + 1,
-                )
-            )
-            return await self._load(conn, ids)
+            taken = [{"b_id": i, "b_owner": owner, "b_until": until} for i in ids]
+            execute(conn, _TAKE, taken)
+            return _entries_sync(conn, self.partition, ids)
+
+        # Not durable (``write_batched``): a lease lost to a power failure
+        # only lets the entry be leased again, delivered at least once.
+        return await self.db.write_batched(lease, durable=False, key=QUEUE_WRITE_KEY)
 
     async def renew_lease(
         self,
@@ -394,56 +534,45 @@ class OutboundQueue:
         ``next_attempt``; the lease is released. Outcomes are stored even if
         the lease was lost meanwhile (a delivery that happened is a fact).
         NOT_FOUND if the entry was deleted."""
-        queue_id, now = _number(queue_id), _now(now)
-        async with self.db.write() as conn:
-            for address, outcome in outcomes.items():
-                await conn.execute(
-                    update(queue_recipients)
-                    .where(
-                        queue_recipients.c.queue_id == queue_id,
-                        queue_recipients.c.address == address,
-                        queue_recipients.c.status.in_(RETRYABLE),
-                    )
-                    .values(status=outcome.status, last_reply=outcome.reply, updated=now)
-                )
-            left = (
-                await conn.execute(
-                    select(func.count())
-                    .select_from(queue_recipients)
-                    .where(
-                        queue_recipients.c.queue_id == queue_id,
-                        queue_recipients.c.status.in_(RETRYABLE),
-                    )
-                )
-            ).scalar_one()
-            values: dict[str, object] = {"lease_owner": None, "lease_until": None}
+        queue_id, now = _number(queue_id), float(_now(now))
+        rows = [
+            {
+                "b_id": queue_id,
+                "b_address": address,
+                "b_status": outcome.status,
+                "b_reply": outcome.reply,
+                "b_now": now,
+                **_STATES,
+            }
+            for address, outcome in outcomes.items()
+        ]
+        lease = {"b_id": queue_id, "b_owner": owner, "b_now": now}
+
+        def record(conn: Connection) -> QueuedMessage | None:
+            if rows:
+                execute(conn, _SET_OUTCOME, rows)
+            left = execute(conn, _LEFT, {"b_id": queue_id, **_STATES}).scalar()
             if left == 0:
-                values["status"] = DONE
+                mine = execute(conn, _RELEASE_DONE, {**lease, "b_done": DONE}).first()
+                if mine is None:
+                    # Another owner holds it now; still mark it done.
+                    execute(conn, _MARK_DONE, {"b_id": queue_id, "b_done": DONE})
             elif next_attempt is not None:
-                values["next_attempt"] = next_attempt
-            result = await conn.execute(
-                update(queue_messages)
-                .where(
-                    queue_messages.c.id == queue_id,
-                    or_(
-                        queue_messages.c.lease_owner == owner,
-                        queue_messages.c.lease_owner.is_(None),
-                        queue_messages.c.lease_until < now,
-                    ),
-                )
-                .values(**values)
-            )
-            if result.rowcount == 0 and left == 0:
-                # Another owner holds it now; still mark it done.
-                await conn.execute(
-                    update(queue_messages)
-                    .where(queue_messages.c.id == queue_id)
-                    .values(status=DONE)
-                )
-            loaded = await self._load(conn, [queue_id])
-        if not loaded:
+                execute(conn, _RELEASE_LATER, {**lease, "b_next": float(next_attempt)})
+            else:
+                execute(conn, _RELEASE, lease)
+            loaded = _entries_sync(conn, self.partition, [queue_id])
+            return loaded[0] if loaded else None
+
+        # Not durable: a record lost to a power failure (the commit survives
+        # a crash of the process) leaves the recipients to be tried again,
+        # a second delivery, never a lost one (RFC 5321 section 6.1: at
+        # least once); a bounce was queued durably before (mtad.outbound).
+        # Any later durable commit (the next enqueue) makes it durable too.
+        entry = await self.db.write_batched(record, durable=False, key=QUEUE_WRITE_KEY)
+        if entry is None:
             raise errors.not_found(f"no such queue entry: {queue_id}")
-        return loaded[0]
+        return entry
 
     async def release(self, queue_id: QueueRef | int, owner: str) -> None:
         """Gives up ``owner``'s lease without recording anything (shutdown)."""
@@ -496,14 +625,8 @@ class OutboundQueue:
 
     async def is_flagged(self, address: str) -> bool:
         """Whether ``address`` (any case) is flagged: one primary-key read."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(queue_held_senders.c.address).where(
-                        queue_held_senders.c.address == address.lower()
-                    )
-                )
-            ).first()
+        params = {"b_address": address.lower()}
+        row = await self.db.read_sync(lambda conn: execute(conn, _FLAGGED, params).first())
         return row is not None
 
     async def release_flagged(self, address: str, reason_prefix: str) -> tuple[int, bool]:
@@ -628,8 +751,8 @@ class OutboundQueue:
 
     async def get(self, queue_id: QueueRef | int) -> QueuedMessage:
         """One entry with its recipients. NOT_FOUND if none."""
-        async with self.db.read() as conn:
-            loaded = await self._load(conn, [_number(queue_id)])
+        number = _number(queue_id)
+        loaded = await self.db.read_sync(lambda conn: _entries_sync(conn, self.partition, [number]))
         if not loaded:
             raise errors.not_found(f"no such queue entry: {queue_id}")
         return loaded[0]
@@ -637,58 +760,18 @@ class OutboundQueue:
     async def list(self, *, include_done: bool = True) -> list[QueuedMessage]:
         """Every queued message with its recipients, oldest first
         (``include_done=False``: only entries still queued or in error)."""
-        async with self.db.read() as conn:
-            return await self._load(conn, None, include_done=include_done)
-
-    async def _load(
-        self, conn, ids: list[int] | None, *, include_done: bool = True
-    ) -> list[QueuedMessage]:
-        query = select(queue_messages).order_by(queue_messages.c.id)
-        rquery = select(queue_recipients).order_by(queue_recipients.c.id)
-        if ids is not None:
-            query = query.where(queue_messages.c.id.in_(ids))
-            rquery = rquery.where(queue_recipients.c.queue_id.in_(ids))
+        query = select(queue_messages).order_by(_M.id)
+        rquery = select(queue_recipients).order_by(_R.id)
         if not include_done:
-            query = query.where(queue_messages.c.status != DONE)
-            rquery = rquery.where(
-                queue_recipients.c.queue_id.in_(
-                    select(queue_messages.c.id).where(queue_messages.c.status != DONE)
-                )
-            )
-        msgs = (await conn.execute(query)).all()
-        rcpts = (await conn.execute(rquery)).all()
-        by_msg: dict[int, list[QueuedRecipient]] = {}
+            query = query.where(_M.status != DONE)
+            rquery = rquery.where(_R.queue_id.in_(select(_M.id).where(_M.status != DONE)))
+        async with self.db.read() as conn:
+            msgs = (await conn.execute(query)).all()
+            rcpts = (await conn.execute(rquery)).all()
+        by_msg: dict[int, list] = {}
         for r in rcpts:
-            by_msg.setdefault(r.queue_id, []).append(
-                QueuedRecipient(
-                    r.address,
-                    r.status,
-                    r.last_reply,
-                    r.feedback,
-                    _when(r.updated),
-                    DsnRecipient(r.dsn_notify, r.dsn_orcpt),
-                )
-            )
-        return [
-            QueuedMessage(
-                id=QueueRef(self.partition, m.id),
-                sender=m.sender,
-                blob_key=m.blob_key,
-                created=_at(m.created),
-                next_attempt=_at(m.next_attempt),
-                expires=_at(m.expires),
-                attempts=m.attempts,
-                status=m.status,
-                error=m.error,
-                lease_owner=m.lease_owner,
-                lease_until=_when(m.lease_until),
-                recipients=tuple(by_msg.get(m.id, ())),
-                held=bool(m.held),
-                warned=bool(m.warned),
-                dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid, bool(m.require_tls)),
-            )
-            for m in msgs
-        ]
+            by_msg.setdefault(r.queue_id, []).append(r)
+        return [_entry_of(self.partition, m, by_msg.get(m.id, ())) for m in msgs]
 
     async def _set(self, queue_id: QueueRef | int, **values: object) -> None:
         async with self.db.write() as conn:
@@ -777,19 +860,18 @@ class OutboundQueue:
 
     async def suppressed(self, addresses: Iterable[str]) -> set[str]:
         """The lower-cased addresses of ``addresses`` that are suppressed."""
-        keys = {a.lower() for a in addresses}
+        keys = sorted({a.lower() for a in addresses})
         if not keys:
             return set()
-        async with self.db.read() as conn:
-            rows = await conn.execute(
-                select(queue_suppressions.c.address).where(
-                    and_(
-                        queue_suppressions.c.address.in_(keys),
-                        queue_suppressions.c.suppressed.is_(True),
-                    )
-                )
-            )
-            return {r[0] for r in rows}
+
+        def read(conn: Connection) -> set[str]:
+            # One keyed read per address (a message has few recipients): a
+            # constant statement where an IN list would be compiled anew.
+            return {
+                a for a in keys if execute(conn, _SUPPRESSED, {"b_address": a}).first() is not None
+            }
+
+        return await self.db.read_sync(read)
 
     async def list_suppressions(self) -> list[Suppression]:
         async with self.db.read() as conn:
