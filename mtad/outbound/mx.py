@@ -34,17 +34,23 @@ class MailHost:
     implicit: bool = False  # the domain's own A/AAAA, no MX record
 
 
+# One generator for every lookup: a new ``random.Random()`` per delivery
+# seeds itself from os.urandom, a system call and a 2.5 KB state each time.
+_SHUFFLE = random.Random()
+
+
 def order_exchangers(records: list[MxRecord], rng: random.Random | None = None) -> list[MxRecord]:
     """Lowest preference first; records of equal preference in random order
     (RFC 5321 section 5.1: "randomize them to spread the load")."""
-    rng = rng or random.Random()
+    rng = rng or _SHUFFLE
     by_pref: dict[int, list[MxRecord]] = {}
     for record in records:
         by_pref.setdefault(record.preference, []).append(record)
     ordered: list[MxRecord] = []
     for pref in sorted(by_pref):
         group = list(by_pref[pref])
-        rng.shuffle(group)
+        if len(group) > 1:
+            rng.shuffle(group)
         ordered.extend(group)
     return ordered
 
