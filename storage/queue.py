@@ -125,6 +125,8 @@ class PartitionedQueue:
     ) -> dict[str, T | StorageError]:
         """``op`` on every partition at once: each one's result or error."""
         names = self._order
+        if len(names) == 1:  # one shard (the embedded default): no task to gather
+            return {names[0]: await self._ask(names[0], op(self.partitions[names[0]]))}
         answers = await asyncio.gather(*(self._ask(n, op(self.partitions[n])) for n in names))
         return dict(zip(names, answers, strict=True))
 
