@@ -369,6 +369,13 @@ async def main() -> None:
     parser.add_argument("--no-dkim", action="store_true", help="sign on neither side")
     parser.add_argument("--no-postfix", action="store_true", help="shardmail alone")
     parser.add_argument(
+        "--dns-ttl",
+        type=int,
+        default=0,
+        help="TTL of the sink's MX and A records (dnsmasq's --local-ttl; 0: every "
+        "delivery resolves them again, as before; Postfix's side resolves nothing)",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         help="also run mtad of this checkout (e.g. /work/main) as side 'baseline'",
@@ -382,6 +389,8 @@ async def main() -> None:
     record = key[1] if key else None
     relay_port = free_port(SINK_IP)
     zone = Zone().a("mx.sink.bench", SINK_IP).mx("sink.bench", "mx.sink.bench", 10)
+    if args.dns_ttl:
+        zone.options.append(f"--local-ttl={args.dns_ttl}")
     runs: list[Run] = []
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     async with dns_server(zone) as dns, SinkServer(SINK_IP, relay_port) as sink:
