@@ -63,6 +63,9 @@ TXT_CHUNK = 255
 # How long a signer trusts the directory's answer about a domain's key: a
 # key added with mailctl on any host signs mail from at most this later.
 KEY_CACHE_SECONDS = 30.0
+# A key file found is used this long before its folder is looked at again
+# (a stat, in a thread: a thread hop per relayed message otherwise).
+FILE_KEY_RECHECK_SECONDS = 1.0
 # A signing job's time limit is the content pool's plus this per MB of
 # message: hashing runs at about 30 ms per MB here (25 MB, the default
 # size limit, in under a second), so only a stuck worker reaches it, not
@@ -196,6 +199,7 @@ class DkimSigner:
         self._directory = directory
         self._cache: dict[str, tuple[float, DkimKey | None]] = {}
         self._stored: dict[str, tuple[float, DkimKey | None]] = {}  # monotonic expiry
+        self._found: dict[str, tuple[float, DkimKey]] = {}  # key files, monotonic expiry
 
     async def _stored_key(self, domain: str) -> DkimKey | None:
         if self._directory is None:
@@ -207,6 +211,17 @@ class DkimSigner:
         found = await self._directory.dkim_key(domain, self.selector)
         key = None if found is None else DkimKey(domain, found[0], found[1])
         self._stored[domain] = (now + KEY_CACHE_SECONDS, key)
+        return key
+
+    async def _file_key(self, domain: str) -> DkimKey | None:
+        """``domain``'s key file: one found lately, else looked up in a thread."""
+        now = time.monotonic()
+        hit = self._found.get(domain)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        key = await asyncio.to_thread(self._key, domain)
+        if key is not None:
+            self._found[domain] = (now + FILE_KEY_RECHECK_SECONDS, key)
         return key
 
     def _key(self, domain: str) -> DkimKey | None:
@@ -238,7 +253,7 @@ class DkimSigner:
         (RFC 8617 section 4) by the same key, carrying the
         Authentication-Results our MX added under that authserv-id."""
         for domain in _signing_domains(message, sender):
-            key = await self._stored_key(domain) or await asyncio.to_thread(self._key, domain)
+            key = await self._stored_key(domain) or await self._file_key(domain)
             if key is not None:
                 return await sign_in_pool(message, key, arc_authserv_id)
         return message
