@@ -111,6 +111,66 @@ async def test_concurrent_leasing_hands_each_entry_to_one_owner(
     assert sorted(leased) == sorted(ids)  # each exactly once
 
 
+async def test_records_leases_and_enqueues_sharing_one_commit(storage: SqlStorage) -> None:
+    """The relay's calls commit in groups (``Database.write_batched``):
+    records of many entries, a lease and new entries issued at once each
+    land as if alone. A record whose lease another owner took over still
+    completes the entry (a delivery that happened is a fact)."""
+    import asyncio
+    import random
+
+    from storage.sql.queue import Outcome
+
+    q = storage.queue
+    rng = random.Random()
+    ids = [
+        await _entry(storage, [f"r{i}-{j}@remote.test" for j in range(rng.randint(1, 4))])
+        for i in range(12)
+    ]
+    # w1's lease of the first entry runs out and w2 takes it; w1 then
+    # records it. The others stay w1's throughout (600 s).
+    [first_leased] = await q.lease_due("w1", 1, 60, now=NOW)
+    leased = {m.id: m for m in await q.lease_due("w1", 11, 600, now=NOW)}
+    leased[first_leased.id] = first_leased
+    assert sorted(leased) == sorted(ids)
+    stale = first_leased.id
+    [taken] = await q.lease_due("w2", 1, 600, now=NOW + 61)
+    assert taken.id == stale
+    plan = {
+        qid: {r.address: rng.choice(["delivered", "deferred", "failed"]) for r in m.recipients}
+        for qid, m in leased.items()
+    }
+    plan[stale] = dict.fromkeys(plan[stale], "delivered")
+    key = await storage.blobs.put(rng.randbytes(rng.randint(100, 5000)))
+    results = await asyncio.gather(
+        *(
+            q.record_attempt(
+                qid,
+                "w1",
+                {a: Outcome(s, f"{s} reply") for a, s in outcomes.items()},
+                NOW + 600,
+                now=NOW + 62,
+            )
+            for qid, outcomes in plan.items()
+        ),
+        *(q.enqueue("s@example.org", [f"n{i}@remote.test"], key, now=NOW + 62) for i in range(5)),
+        q.lease_due("w3", 20, 60, now=NOW + 62),
+    )
+    new_ids = results[len(plan) : len(plan) + 5]
+    assert len(set(new_ids)) == 5 and not set(new_ids) & set(ids)
+    for qid, outcomes in plan.items():
+        entry = await q.get(qid)
+        assert {r.address: r.status for r in entry.recipients} == outcomes
+        left = "deferred" in outcomes.values()
+        assert entry.status == ("queued" if left else "done"), qid
+        if left:
+            assert entry.next_attempt.timestamp() == NOW + 600 and entry.lease_owner is None
+    # The new entries are due; none was leased twice (w3 may have some).
+    first = [m.id for m in results[-1]]
+    rest = [m.id for m in await q.lease_due("w4", 20, 60, now=NOW + 63)]
+    assert sorted(first + rest) == sorted(new_ids)
+
+
 async def test_record_attempt_retries_only_deferred(storage: SqlStorage) -> None:
     from storage.sql.queue import Outcome
 
