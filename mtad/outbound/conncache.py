@@ -21,6 +21,10 @@ Contract of :class:`ConnectionCache`:
 * The caller checks a taken session with RSET (RFC 5321 section 4.1.1.5)
   before the next transaction; one that fails that check was not a delivery
   attempt: the caller drops it and opens a new one.
+* ``idle_keys(domain)`` lists the keys of a domain's idle sessions, so a
+  delivery may look for one before its MX and address lookups (as Postfix
+  searches its cache by destination name first); it still takes a session
+  only by its exact key, once the domain's policy gave that key.
 * ``close()`` QUITs every idle session; nothing is cached afterwards.
 """
 
@@ -144,6 +148,13 @@ class ConnectionCache:
             slot = asyncio.Semaphore(self.per_domain or 1_000_000)
             self._slots[domain] = slot
         return slot
+
+    def idle_keys(self, domain: str) -> list[SessionKey]:
+        """The keys of the idle sessions to ``domain``, the most recently
+        used first, each once (what a delivery may look up before its DNS
+        lookups, as Postfix searches its cache by destination name)."""
+        keys = [s.key for s in reversed(self._idle) if s.key.domain == domain]
+        return list(dict.fromkeys(keys))
 
     def take(self, key: SessionKey) -> CachedSession | None:
         """The most recently used idle session for ``key`` (unchecked: the

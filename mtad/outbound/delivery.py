@@ -6,7 +6,9 @@ recipient: ``delivered`` (the remote accepted responsibility, 2yz after the
 final dot), ``deferred`` (try again later) or ``failed`` (permanent: bounce).
 It walks the MX hosts in order and moves on to the next host (and the next
 address of a host) on a connection failure or a 4yz reply, carrying only
-the recipients still undecided (RFC 5321 section 5.1). RFC 3461 DSN
+the recipients still undecided (RFC 5321 section 5.1); a session to the
+domain kept from the last seconds is tried first, without DNS lookups,
+under the same TLS rules (see :func:`deliver_domain`). RFC 3461 DSN
 parameters go on to a host that offers DSN, unchanged (section 5.2.1);
 ``RecipientResult.dsn_passed`` tells whether they did.
 
@@ -35,6 +37,7 @@ from mtad.outbound.dane import verify_chain
 from mtad.outbound.mx import MailHost, NoRoute, NullMx, mail_exchangers
 from mtad.outbound.tlspolicy import (
     OPPORTUNISTIC,
+    DomainTls,
     HostTls,
     HostTlsError,
     TlsPolicy,
@@ -209,7 +212,42 @@ async def deliver_domain(
     dsn: DsnRequest = NO_REQUEST,
 ) -> dict[str, RecipientResult]:
     """Deliver ``message`` to ``recipients`` (all at ``domain``), with the
-    DSN parameters of ``dsn`` where the host takes them."""
+    DSN parameters of ``dsn`` where the host takes them.
+
+    A session to ``domain`` kept from the last few seconds is tried first,
+    before any MX or address lookup, as Postfix looks its connection cache
+    up by the destination's name first: only if it answers RSET and the
+    domain's policy, asked again now, gives its host the very TLS
+    guarantee it was set up under. Recipients it leaves undecided (or all,
+    if it fails) go the whole way: MX lookup, hosts in order."""
+    domain_tls = None
+    if dest.connections.idle_keys(domain):
+        domain_tls = await dest.tls.for_domain(dest.resolver, domain)
+        cached = await _on_cached_session(
+            dest, domain_tls, domain, sender, recipients, message, dsn
+        )
+        if cached is not None:
+            decided = {r: v for r, v in cached.items() if v.status != DEFERRED}
+            rest = [r for r in recipients if r not in decided]
+            if not rest:
+                return decided
+            return decided | await _deliver_by_mx(
+                dest, domain, sender, rest, message, dsn, domain_tls
+            )
+    return await _deliver_by_mx(dest, domain, sender, recipients, message, dsn, domain_tls)
+
+
+async def _deliver_by_mx(
+    dest: Destination,
+    domain: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    dsn: DsnRequest,
+    domain_tls: DomainTls | None,
+) -> dict[str, RecipientResult]:
+    """:func:`deliver_domain` through the domain's MX hosts, in order
+    (``domain_tls``: its policy if already asked in this attempt)."""
     try:
         hosts = await mail_exchangers(dest.resolver, domain)
     except NullMx:
@@ -227,27 +265,21 @@ async def deliver_domain(
     deferred: dict[str, RecipientResult] = {}  # the latest 4yz for each recipient
     pending = list(recipients)
     failure = local_reply(451, "4.4.1", f"no mail exchanger of {domain} answered")
-    domain_tls = await dest.tls.for_domain(dest.resolver, domain)
+    if domain_tls is None:
+        domain_tls = await dest.tls.for_domain(dest.resolver, domain)
     for host in hosts:
         if not pending:
             break
         try:
-            tls = await domain_tls.for_host(host)
+            tls = await _host_tls(domain_tls, host, dsn)
         except HostTlsError as exc:
-            if dsn.tls_optional and not dsn.require_tls:
-                tls = OPPORTUNISTIC  # RFC 8689 section 4.2.2: the policy is ignored
-            else:
-                # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
-                # never in clear; the next host may do, else the mail waits.
-                log.info("%s: %s", host.name, exc.text)
-                # RFC 8689 section 5: under REQUIRETLS the wait ends in 5.7.30.
-                status = REQUIRETLS_WAIT if dsn.require_tls else exc.enhanced
-                failure = local_reply(451, status, exc.text)
-                continue
-        if dsn.require_tls:
-            tls = for_requiretls(tls)
-        elif dsn.tls_optional:
-            tls = without_recipient_policy(tls)
+            # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
+            # never in clear; the next host may do, else the mail waits.
+            log.info("%s: %s", host.name, exc.text)
+            # RFC 8689 section 5: under REQUIRETLS the wait ends in 5.7.30.
+            status = REQUIRETLS_WAIT if dsn.require_tls else exc.enhanced
+            failure = local_reply(451, status, exc.text)
+            continue
         for address in host.addresses:
             try:
                 outcome = await _deliver_host(
@@ -263,6 +295,7 @@ async def deliver_domain(
                     # bounced with 5.7.30 when the entry expires (section 5).
                     failure = local_reply(451, REQUIRETLS_WAIT, f"REQUIRETLS: {exc.reply.text}")
                 continue  # the host's next address
+            assert outcome is not None  # a new session is opened when none is cached
             for rcpt, result in outcome.items():
                 if result.status == DEFERRED:
                     deferred[rcpt] = result
@@ -281,6 +314,66 @@ async def deliver_domain(
     return results
 
 
+async def _host_tls(domain_tls: DomainTls, host: MailHost, dsn: DsnRequest) -> HostTls:
+    """The TLS a delivery of ``dsn``'s message to ``host`` needs under the
+    domain's policy; HostTlsError if the host must not be used."""
+    try:
+        tls = await domain_tls.for_host(host)
+    except HostTlsError:
+        if not (dsn.tls_optional and not dsn.require_tls):
+            raise
+        tls = OPPORTUNISTIC  # RFC 8689 section 4.2.2: the policy is ignored
+    if dsn.require_tls:
+        return for_requiretls(tls)
+    if dsn.tls_optional:
+        return without_recipient_policy(tls)
+    return tls
+
+
+async def _on_cached_session(
+    dest: Destination,
+    domain_tls: DomainTls,
+    domain: str,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    dsn: DsnRequest,
+) -> dict[str, RecipientResult] | None:
+    """The transaction on an idle session to ``domain`` (the most recent
+    first) whose host gets, under the policy asked now, the same TLS
+    guarantee the session was set up under; None if there is none, none
+    answers RSET, or the host cannot take the message at all. No DNS
+    lookup of the MX or its addresses: the session's own are used."""
+    port = dest.settings.smtp_port
+    for key in dest.connections.idle_keys(domain):
+        host = MailHost(key.host, 0, (key.address,))
+        try:
+            tls = await _host_tls(domain_tls, host, dsn)
+        except HostTlsError:
+            continue
+        if key != SessionKey(domain, key.host, key.address, port, TlsIdentity.of(tls)):
+            continue
+        try:
+            outcome = await _deliver_host(
+                dest,
+                domain,
+                host,
+                key.address,
+                sender,
+                recipients,
+                message,
+                dsn,
+                tls,
+                reuse_only=True,
+            )
+        except HostFailure as exc:
+            log.info("%s [%s]: %s", host.name, key.address, exc.reply)
+            return None
+        if outcome is not None:
+            return outcome
+    return None
+
+
 async def _deliver_host(
     dest: Destination,
     domain: str,
@@ -291,17 +384,22 @@ async def _deliver_host(
     message: bytes,
     dsn: DsnRequest,
     tls: HostTls = OPPORTUNISTIC,
-) -> dict[str, RecipientResult]:
+    *,
+    reuse_only: bool = False,
+) -> dict[str, RecipientResult] | None:
     """One mail transaction with one host, with the TLS ``tls`` demands, on
     a cached session of the same destination and TLS guarantee (checked
     with RSET, RFC 5321 section 4.1.1.5) or a new one. HostFailure if the
     host cannot take the message at all (connection, greeting, TLS); else a
     result for each recipient. A cached session that fails its check is
-    dropped and a new one opened: not a failed attempt."""
+    dropped and a new one opened: not a failed attempt (``reuse_only``:
+    None instead of a new session)."""
     cache = dest.connections
     key = SessionKey(domain, host.name, address, dest.settings.smtp_port, TlsIdentity.of(tls))
     async with cache.slot(domain):
         session = await _reuse(cache, key)
+        if session is None and reuse_only:
+            return None
         if session is None:
             cache.opening(domain)
             try:

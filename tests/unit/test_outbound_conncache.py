@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+import string
 
 import pytest
 
@@ -171,3 +173,85 @@ def test_settings_that_do_nothing_are_refused() -> None:
     with pytest.raises(ValueError):
         QueueSettings(per_domain_concurrency=0)
     assert QueueSettings(connection_cache_seconds=0).connection_cache_seconds == 0
+
+
+class CountingResolver(FakeResolver):
+    """A FakeResolver that counts the MX and address lookups made."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lookups = 0
+
+    async def mx(self, domain):
+        self.lookups += 1
+        return await super().mx(domain)
+
+    async def addresses(self, host):
+        self.lookups += 1
+        return await super().addresses(host)
+
+
+def _message(rng: random.Random, n: int) -> bytes:
+    """CRLF lines of random text, some starting with a dot (stuffed on the wire)."""
+    lines = [
+        "".join(rng.choice(string.ascii_letters + " .") for _ in range(rng.randint(0, 200)))
+        for _ in range(rng.randint(1, 40))
+    ]
+    body = "\r\n".join(lines)
+    return f"From: a@x.test\r\nTo: r{n}@d.test\r\nSubject: {n}\r\n\r\n{body}\r\n".encode()
+
+
+async def test_a_cached_session_carries_mail_before_any_dns_lookup(port: int) -> None:
+    """As Postfix searches its connection cache by destination name first:
+    the next messages to a domain go on its idle session without MX or
+    address lookups, byte for byte. A stricter policy (the session is not
+    what it needs) goes the whole way: lookups, a new session."""
+    rng = random.Random()
+    async with SinkServer("127.0.0.2", port) as sink:
+        dest = destination(port, connection_cache_seconds=30, tls_policy={"d.test": "may"})
+        resolver = CountingResolver(mx=ONE_MX, a={"mx.d.test": ["127.0.0.2"]})
+        dest.resolver = resolver
+        sent = [_message(rng, i) for i in range(rng.randint(3, 6))]
+        for i, message in enumerate(sent):
+            results = await deliver_domain(dest, "d.test", "a@x.test", [f"r{i}@d.test"], message)
+            assert results[f"r{i}@d.test"].status == "delivered"
+        assert resolver.lookups == 2  # the MX and its addresses, once
+        assert sink.connections == 1 and sink.resets == len(sent) - 1
+        assert [r.data for r in sink.received] == sent
+        dest.tls.levels["d.test"] = "none"
+        results = await deliver_domain(dest, "d.test", "a@x.test", ["z@d.test"], sent[0])
+        assert results["z@d.test"].status == "delivered"
+        assert resolver.lookups == 4 and sink.connections == 2
+        await dest.connections.close()
+
+
+async def test_recipients_a_cached_session_defers_go_through_the_mx_hosts(port: int) -> None:
+    """Undecided on the cached session (a 4yz to RCPT): looked up and tried
+    on the next MX host (RFC 5321 section 5.1); the others delivered once."""
+    two_mx = {"d.test": [MxRecord(10, "mx.d.test"), MxRecord(20, "backup.d.test")]}
+
+    def busy(address: str) -> str:
+        return "451 4.3.0 try later" if address.startswith("busy") else "250 2.1.5 ok"
+
+    async with (
+        SinkServer("127.0.0.2", port, rcpt_reply=busy) as primary,
+        SinkServer("127.0.0.3", port) as backup,
+    ):
+        dest = destination(port, connection_cache_seconds=30)
+        resolver = CountingResolver(
+            mx=two_mx, a={"mx.d.test": ["127.0.0.2"], "backup.d.test": ["127.0.0.3"]}
+        )
+        dest.resolver = resolver
+        await deliver_domain(dest, "d.test", "a@x.test", ["first@d.test"], MESSAGE)
+        looked_up = resolver.lookups  # the MX and every host's addresses
+        results = await deliver_domain(
+            dest, "d.test", "a@x.test", ["ok@d.test", "busy@d.test"], MESSAGE
+        )
+        assert {r: v.status for r, v in results.items()} == {
+            "ok@d.test": "delivered",
+            "busy@d.test": "delivered",
+        }
+        assert [r.rcpt_to for r in primary.received] == [["first@d.test"], ["ok@d.test"]]
+        assert [r.rcpt_to for r in backup.received] == [["busy@d.test"]]
+        assert resolver.lookups == 2 * looked_up  # once more, for the deferred one
+        await dest.connections.close()
