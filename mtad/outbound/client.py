@@ -90,16 +90,20 @@ class Extensions:
         return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+def crlf_lines(message: bytes) -> bytes:
+    """``message`` with CRLF line ends (RFC 5322 section 2.1), ending in one:
+    what the receiver stores, whether sent with DATA or BDAT."""
+    data = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
 def dot_stuff(message: bytes) -> bytes:
     """RFC 5321 section 4.5.2 transparency, CRLF line ends, and the final
     ``CRLF . CRLF``."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    data = crlf_lines(message)
     if data.startswith(b"."):
         data = b"." + data
-    data = data.replace(b"\r\n.", b"\r\n..")
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 @dataclass(frozen=True)
@@ -242,20 +246,30 @@ class SmtpClient:
         """MAIL, RCPT for each recipient, DATA: pipelined when the server
         offers PIPELINING (RFC 2920 section 3.1: MAIL, RCPTs and DATA in one
         batch, replies read in order), one by one otherwise. ``rcpt_params``:
-        each recipient's RCPT parameters (RFC 3461 NOTIFY, ORCPT)."""
+        each recipient's RCPT parameters (RFC 3461 NOTIFY, ORCPT).
+
+        A server that offers CHUNKING gets the message in one ``BDAT n
+        LAST`` instead of DATA (RFC 3030 section 2): no dot-stuffing and no
+        354 to wait for. It is sent only once a recipient was accepted,
+        never pipelined behind the RCPTs: a server that refused the BDAT
+        command without reading its chunk would otherwise take the
+        message's lines for commands."""
         params = "".join(f" {p}" for p in mail_params)
         mail_line = f"MAIL FROM:<{sender}>{params}\r\n".encode()
         rcpt_lines = [
             f"RCPT TO:<{r}>{''.join(f' {p}' for p in (rcpt_params or {}).get(r, ()))}\r\n".encode()
             for r in recipients
         ]
+        chunking = "CHUNKING" in self.extensions
         rcpt: dict[str, Reply] = {}
+        data_go: Reply | None = None
         if "PIPELINING" in self.extensions:
-            await self.send(mail_line + b"".join(rcpt_lines) + b"DATA\r\n")
+            await self.send(mail_line + b"".join(rcpt_lines) + (b"" if chunking else b"DATA\r\n"))
             mail = await self.read_reply()
             for r in recipients:
                 rcpt[r] = await self.read_reply()
-            data_go = await self.read_reply()
+            if not chunking:
+                data_go = await self.read_reply()
         else:
             await self.send(mail_line)
             mail = await self.read_reply()
@@ -267,8 +281,17 @@ class SmtpClient:
             if not any(reply.positive for reply in rcpt.values()):
                 await self.reset()
                 return TransactionResult(mail, rcpt, None)
-            data_go = await self.command("DATA")
+            if not chunking:
+                data_go = await self.command("DATA")
         accepted = mail.positive and any(reply.positive for reply in rcpt.values())
+        if chunking:
+            if not accepted:
+                await self.reset()
+                return TransactionResult(mail, rcpt, None)
+            data = crlf_lines(message)
+            await self.send(b"BDAT %d LAST\r\n" % len(data) + data)
+            return TransactionResult(mail, rcpt, await self.read_reply())
+        assert data_go is not None
         if data_go.code != 354:
             # DATA refused: its reply decides for the recipients accepted.
             return TransactionResult(mail, rcpt, data_go if accepted else None)

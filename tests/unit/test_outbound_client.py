@@ -6,7 +6,9 @@ MX hosts listen on port 25; a fake resolver maps names to those addresses.
 
 from __future__ import annotations
 
+import random
 import ssl
+import string
 
 import pytest
 
@@ -49,9 +51,11 @@ def rcpt_script(address: str) -> str:
     return "250 2.1.5 ok"
 
 
+@pytest.mark.parametrize("chunking", [False, True])
 @pytest.mark.parametrize("pipelining", [True, False])
-async def test_per_recipient_outcomes(port: int, pipelining: bool) -> None:
+async def test_per_recipient_outcomes(port: int, pipelining: bool, chunking: bool) -> None:
     exts = ["SIZE 100000", "8BITMIME"] + (["PIPELINING"] if pipelining else [])
+    exts += ["CHUNKING"] if chunking else []
     async with SinkServer("127.0.0.2", port, extensions=exts, rcpt_reply=rcpt_script) as sink:
         dest = destination(port, ONE_MX, {"mx.d.test": ["127.0.0.2"]})
         rcpts = ["ok1@d.test", "gone@d.test", "busy@d.test", "ok2@d.test"]
@@ -68,6 +72,43 @@ async def test_per_recipient_outcomes(port: int, pipelining: bool) -> None:
     assert got.rcpt_to == ["ok1@d.test", "ok2@d.test"]  # one transaction, many recipients
     assert got.data == MESSAGE  # dot-stuffing undone by the peer: transparent
     assert f"SIZE={len(MESSAGE)}" in got.mail_params
+    assert sink.bdat_chunks == (1 if chunking else 0)  # RFC 3030: one chunk, LAST
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_bdat_carries_the_message_as_data_would(port: int, pipelining: bool) -> None:
+    """RFC 3030: to a peer offering CHUNKING the message goes as one BDAT
+    chunk, byte for byte what DATA would have delivered (lines starting
+    with a dot unstuffed, lone CR or LF made CRLF, a CRLF at the end); a
+    refusal of the chunk decides for the accepted recipients; with every
+    recipient refused no chunk is sent at all (RSET instead)."""
+    rng = random.Random()
+    lines = [
+        "".join(rng.choice(string.ascii_letters + ". ") for _ in range(rng.randint(0, 300)))
+        for _ in range(rng.randint(1, 60))
+    ]
+    message = ("Subject: chunk\r\n\r\n" + "\n".join(lines)).encode()
+    exts = ["CHUNKING", "8BITMIME"] + (["PIPELINING"] if pipelining else [])
+    async with SinkServer("127.0.0.2", port, extensions=exts, rcpt_reply=rcpt_script) as sink:
+        dest = destination(port, ONE_MX, {"mx.d.test": ["127.0.0.2"]})
+        results = await deliver_domain(dest, "d.test", "a@example.net", ["ok@d.test"], message)
+        assert results["ok@d.test"].status == "delivered"
+        [got] = sink.received
+        assert got.data == dot_unstuffed(dot_stuff(message))
+        sink.data_replies.append("554 5.6.0 content rejected")
+        results = await deliver_domain(dest, "d.test", "a@example.net", ["ok@d.test"], message)
+        assert results["ok@d.test"].status == "failed"
+        assert results["ok@d.test"].reply.enhanced == "5.6.0"
+        results = await deliver_domain(dest, "d.test", "a@example.net", ["gone@d.test"], message)
+        assert results["gone@d.test"].status == "failed"
+        assert sink.bdat_chunks == 2 and len(sink.received) == 1
+
+
+def dot_unstuffed(wire: bytes) -> bytes:
+    """What a DATA receiver stores of ``wire`` (RFC 5321 section 4.5.2)."""
+    assert wire.endswith(b"\r\n.\r\n")
+    lines = wire[: -len(b".\r\n")].split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
 
 
 async def test_data_refusal_decides_for_accepted_recipients(port: int) -> None:

@@ -2,7 +2,8 @@
 
 ``SinkServer(host, port)`` speaks enough ESMTP (EHLO with configurable
 extensions, optional STARTTLS, PIPELINING-safe line handling, MAIL, RCPT,
-DATA, RSET, QUIT) and records every accepted message in ``received``.
+DATA, BDAT when "CHUNKING" is among the extensions, RSET, QUIT) and
+records every accepted message in ``received``.
 Replies can be scripted: ``data_replies`` is consumed one per transaction
 ("451 4.3.0 later" then the default "250 2.0.0 ok"), ``rcpt_reply(address)``
 decides each RCPT, ``data_delay`` stalls before answering the final dot. ``stall_for`` maps
@@ -67,6 +68,7 @@ class SinkServer:
     max_active: int = 0
     rset_reply: str = "250 2.0.0 ok"
     resets: int = 0  # RSET commands received
+    bdat_chunks: int = 0  # BDAT commands received (RFC 3030: offer "CHUNKING")
     server: asyncio.Server | None = None
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -112,6 +114,22 @@ class SinkServer:
             params = ""
             rcpts: list[str] = []
             rcpt_params: dict[str, str] = {}
+            chunks: list[bytes] = []  # BDAT chunks of the transaction so far
+
+            def take(data: bytes) -> str:
+                """The end of a message's data: its reply, and it is recorded
+                if that reply is positive."""
+                self.transactions += 1
+                self.received_at.append(time.time())
+                reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 ok"
+                if reply.startswith("2"):
+                    self.received.append(
+                        Received(
+                            mail_from or "", list(rcpts), data, params, is_tls, dict(rcpt_params)
+                        )
+                    )
+                return reply
+
             while True:
                 raw = await reader.readline()
                 if not raw:
@@ -167,20 +185,7 @@ class SinkServer:
                         if chunk == b".\r\n":
                             break
                         lines.append(chunk[1:] if chunk.startswith(b".") else chunk)
-                    self.transactions += 1
-                    self.received_at.append(time.time())
-                    reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 ok"
-                    if reply.startswith("2"):
-                        self.received.append(
-                            Received(
-                                mail_from or "",
-                                list(rcpts),
-                                b"".join(lines),
-                                params,
-                                is_tls,
-                                dict(rcpt_params),
-                            )
-                        )
+                    reply = take(b"".join(lines))
                     if "dot" in stall:
                         self.stalls += 1
                         await reader.read()
@@ -189,9 +194,25 @@ class SinkServer:
                         await asyncio.sleep(self.data_delay)
                     await say(reply)
                     mail_from, rcpts = None, []
+                elif verb == "BDAT":
+                    # RFC 3030 section 2: the chunk is read whatever the reply.
+                    size, _, last = line[5:].strip().partition(" ")
+                    chunk = await reader.readexactly(int(size))
+                    self.bdat_chunks += 1
+                    if not rcpts:
+                        await say("503 5.5.1 no valid recipients")
+                        continue
+                    chunks.append(chunk)
+                    if last.strip().upper() != "LAST":
+                        await say(f"250 2.0.0 {size} octets received")
+                        continue
+                    reply = take(b"".join(chunks))
+                    chunks = []
+                    mail_from, rcpts = None, []
+                    await say(reply)
                 elif verb == "RSET":
                     self.resets += 1
-                    mail_from, rcpts = None, []
+                    mail_from, rcpts, chunks = None, [], []
                     if not self.rset_reply:
                         await reader.read()  # silent until the client goes away
                         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import ssl
 from collections.abc import Sequence
 
@@ -122,6 +123,9 @@ async def test_reaches_shardmail_and_postfix_with_valid_dkim(
     assert b"Subject: Two peers" in at_postfix
     resolver = Resolver(DnsSettings(**relay_dns.settings()))
     assert dkim.verify(at_postfix.replace(b"\n", b"\r\n"), dnsfunc=resolver.dkim_txt_sync)
+    # Postfix offers CHUNKING: the message went as BDAT (RFC 3030), as its
+    # smtpd counts when the session ends (a cached one, within seconds).
+    assert await eventually(lambda: re.search(r"disconnect from .* bdat=[1-9]", postfix.log()))
 
     [entry] = await settled(sender)
     assert entry.attempts == 1
