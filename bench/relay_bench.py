@@ -369,6 +369,11 @@ async def main() -> None:
     parser.add_argument("--no-dkim", action="store_true", help="sign on neither side")
     parser.add_argument("--no-postfix", action="store_true", help="shardmail alone")
     parser.add_argument(
+        "--chunking",
+        action="store_true",
+        help="the sink offers CHUNKING (RFC 3030): mtad sends BDAT, not DATA",
+    )
+    parser.add_argument(
         "--dns-ttl",
         type=int,
         default=0,
@@ -393,7 +398,10 @@ async def main() -> None:
         zone.options.append(f"--local-ttl={args.dns_ttl}")
     runs: list[Run] = []
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    async with dns_server(zone) as dns, SinkServer(SINK_IP, relay_port) as sink:
+    sink_server = SinkServer(SINK_IP, relay_port)
+    if args.chunking:
+        sink_server.extensions = [*sink_server.extensions, "CHUNKING"]
+    async with dns_server(zone) as dns, sink_server as sink:
         procs: list[asyncio.subprocess.Process] = []
         relay = None
         try:

@@ -53,7 +53,7 @@ def message(rng: random.Random, n: int) -> bytes:
     ).encode()
 
 
-async def sink_child(port: int, tls: bool) -> None:
+async def sink_child(port: int, tls: bool, chunking: bool = False) -> None:
     """The peer: a sink on SINK_IP:port; "ready" on stdout, then on stdin's
     end its counts "received connections"."""
     import ssl
@@ -66,7 +66,10 @@ async def sink_child(port: int, tls: bool) -> None:
 
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         trustme.CA().issue_cert("mx.sink.bench").configure_cert(context)
-    async with SinkServer(SINK_IP, port, tls=context) as sink:
+    server = SinkServer(SINK_IP, port, tls=context)
+    if chunking:  # RFC 3030: the relay sends BDAT, not DATA
+        server.extensions = [*server.extensions, "CHUNKING"]
+    async with server as sink:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         print(len(sink.received), sink.connections, flush=True)
@@ -88,6 +91,7 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--per-domain", type=int, default=16)
     parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--chunking", action="store_true", help="the sink offers CHUNKING")
     parser.add_argument("--cache-seconds", type=float, default=None)
     parser.add_argument("--seed", type=int, default=23)
     args = parser.parse_args()
@@ -101,6 +105,7 @@ async def main() -> None:
         "--sink-child",
         str(port),
         *(["--tls"] if args.tls else []),
+        *(["--chunking"] if args.chunking else []),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"},
@@ -157,7 +162,10 @@ async def main() -> None:
         await sink.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     received, connections = (int(c) for c in counts)
-    print(f"messages:     {args.messages} (1-20 KB), workers {args.workers}, TLS {args.tls}")
+    print(
+        f"messages:     {args.messages} (1-20 KB), workers {args.workers}, TLS {args.tls}, "
+        f"CHUNKING {args.chunking}"
+    )
     print(f"delivered:    {stats.delivered} (failed {stats.failed}, deferred {stats.deferred})")
     print(f"sink:         {received} received over {connections} connections")
     print(f"throughput:   {stats.delivered / elapsed:.1f} messages/s ({elapsed:.2f} s)")
@@ -166,6 +174,8 @@ async def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--sink-child"]:
-        asyncio.run(sink_child(int(sys.argv[2]), "--tls" in sys.argv[3:]))
+        asyncio.run(
+            sink_child(int(sys.argv[2]), "--tls" in sys.argv[3:], "--chunking" in sys.argv[3:])
+        )
     else:
         asyncio.run(main())
