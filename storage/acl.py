@@ -130,18 +130,40 @@ _READS = {
 }
 
 
+# RFC 5464 section 3.3: "l" and any one of these to read or set a mailbox's
+# /private or /shared METADATA entries.
+METADATA_RIGHTS = frozenset("rswip")
+
+
+def may_annotate(rights: frozenset[str]) -> bool:
+    """Whether ``rights`` let a user read and set a mailbox's METADATA
+    entries (RFC 5464 section 3.3: "l" and any of "r", "s", "w", "i", "p",
+    for /private and /shared alike)."""
+    return "l" in rights and bool(rights & METADATA_RIGHTS)
+
+
 class GrantedStore:
     """The owner's mail store seen through a grantee's rights on ONE of
     its mailboxes. Calls take the owner's account id and that mailbox's
     id, like :class:`storage.api.MailStore`'s; another account or mailbox
     is NOT_FOUND, a missing right NO_PERMISSION. ``rights`` may be
-    replaced (the ACL changed while the mailbox is selected)."""
+    replaced (the ACL changed while the mailbox is selected).
+    ``grantee_id``: the account using it (the owner's own id for its own
+    mailbox), whose /private METADATA entries it reaches."""
 
-    def __init__(self, store: MailStore, owner_id: int, mailbox_id: int, rights: frozenset[str]):
+    def __init__(
+        self,
+        store: MailStore,
+        owner_id: int,
+        mailbox_id: int,
+        rights: frozenset[str],
+        grantee_id: int | None = None,
+    ):
         self.store = store
         self.owner_id = owner_id
         self.mailbox_id = mailbox_id
         self.rights = rights
+        self.grantee_id = owner_id if grantee_id is None else grantee_id
 
     def require(self, right: str, what: str) -> None:
         if right not in self.rights:
@@ -199,6 +221,33 @@ class GrantedStore:
             )
         return await self.store.store_flags(
             account_id, mailbox_id, uids, mode, allowed, unchanged_since, keep=keep
+        )
+
+    def _may_annotate(self, account_id: int, mailbox_id: int) -> None:
+        self._check(account_id, mailbox_id)
+        if not may_annotate(self.rights):
+            raise no_right("l" if "l" not in self.rights else "r", "use its metadata")
+
+    async def metadata(self, account_id: int, mailbox_id: int) -> dict[str, bytes]:
+        """The mailbox's METADATA entries as the grantee sees them: its
+        /shared entries and the grantee's own /private ones (RFC 5464
+        section 3.3, rights as :func:`may_annotate` says)."""
+        self._may_annotate(account_id, mailbox_id)
+        return await self.store.metadata(account_id, mailbox_id, self.grantee_id)
+
+    async def set_metadata(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        values: Any,
+        max_entries: int,
+    ) -> None:
+        """SETMETADATA on the mailbox (RFC 5464 section 3.3, rights as
+        :func:`may_annotate` says): /shared entries are the mailbox's,
+        /private ones the grantee's own."""
+        self._may_annotate(account_id, mailbox_id)
+        await self.store.set_metadata(
+            account_id, mailbox_id, values, max_entries, self.grantee_id
         )
 
     async def expunge(self, account_id: int, mailbox_id: int, uids: Any = None) -> list[int]:
@@ -259,7 +308,7 @@ async def open_mailbox(
         rights = rights_in(await store.acl(owner.id, box.id), actor.id)  # type: ignore[attr-defined]
         if not rights & {"l", "r"}:
             raise errors.not_found("no such mailbox")
-    return MailboxAccess(owner, box, GrantedStore(store, owner.id, box.id, rights))
+    return MailboxAccess(owner, box, GrantedStore(store, owner.id, box.id, rights, actor.id))
 
 
 async def grants_to(storage: Storage, account: Account) -> list[Grant]:
@@ -288,6 +337,7 @@ __all__ = [
     "ALL",
     "ANYONE_ID",
     "ANYONE_NAME",
+    "METADATA_RIGHTS",
     "RIGHTS",
     "RIGHTS_CAPABILITY",
     "Grant",
@@ -296,6 +346,7 @@ __all__ = [
     "change_rights",
     "flag_rights",
     "grants_to",
+    "may_annotate",
     "no_right",
     "open_mailbox",
     "parse_rights",

@@ -423,8 +423,20 @@ class MailStore(Protocol):
 
     # RFC 5464 METADATA entries (issue #24), kept in the account's shard:
     # see storage/sql/metadata.py. ``mailbox_id`` None: the server's.
-    async def metadata(self, account_id: int, mailbox_id: int | None) -> dict[str, bytes]:
-        """Every entry of the server or of one mailbox, name -> value."""
+    async def metadata(
+        self, account_id: int, mailbox_id: int | None, user_id: int | None = None
+    ) -> dict[str, bytes]:
+        """Every entry of the server or of one mailbox, name -> value.
+        ``user_id``: another account (a grantee) reading the mailbox: its
+        /shared entries and that user's own /private ones (RFC 5464
+        section 3.3). Rights are the caller's to check (storage.acl)."""
+
+    async def granted_metadata(
+        self, user_id: int, mailbox_ids: Sequence[int], names: Sequence[str]
+    ) -> dict[int, dict[str, bytes]]:
+        """``metadata`` with ``user_id`` for several of this shard's
+        mailboxes at once, only the entries called ``names`` that hold a
+        value: mailbox id -> name -> value."""
 
     async def mailboxes_metadata(
         self, account_id: int, names: Sequence[str]
@@ -439,10 +451,14 @@ class MailStore(Protocol):
         mailbox_id: int | None,
         values: Sequence[tuple[str, bytes | None]],
         max_entries: int,
+        user_id: int | None = None,
     ) -> None:
         """Sets (bytes) or removes (None) entries, all or none; NOT_FOUND
         for another account's or a deleted mailbox, OVER_QUOTA (nothing
-        changed) past ``max_entries`` entries of the account in all."""
+        changed) past ``max_entries`` entries of the account in all.
+        ``user_id``: another account (a grantee) writing on the mailbox:
+        /shared entries are the mailbox's, /private ones that user's own
+        (at most ``max_entries`` on this account's mailboxes)."""
 
     # RFC 4314 ACLs of the account's mailboxes (issue #24), kept in its
     # shard: see storage/sql/acl.py; what they allow: storage/acl.py.

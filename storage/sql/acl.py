@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from storage import errors
 from storage.model import ChangeKind
 from storage.sql.db import Database, execute
+from storage.sql.metadata import delete_grantee_metadata
 from storage.sql.schema import mailbox_acl as T
 from storage.sql.schema import mailboxes
 
@@ -138,9 +139,11 @@ class AclStore:
 
     async def remove_grants(self: _Locked, grantee_id: int) -> None:
         """Removes every right granted to ``grantee_id`` on this shard's
-        mailboxes: the grantee's account is being removed."""
+        mailboxes, and the /private METADATA entries it kept on them
+        (RFC 5464 section 3.3): the grantee's account is being removed."""
         async with self.db.write() as conn:
             await delete_grants(conn, grantee_id)
+            await delete_grantee_metadata(conn, grantee_id)
 
 
 async def delete_mailbox_acl(conn: AsyncConnection, mailbox_id: int) -> None:

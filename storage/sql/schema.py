@@ -252,6 +252,24 @@ metadata_entries = Table(
     Column("value", LargeBinary, nullable=False),
 )
 
+# RFC 5464 section 3.3: a /private entry is the user's own. Those another
+# account (a grantee, RFC 4314) sets on a mailbox shared with it live in the
+# mailbox owner's shard beside the mailbox, keyed by the mailbox's id and the
+# grantee's account id: a RENAME keeps them, DELETE drops them, an account
+# move carries them with the owner's mailboxes, removing the grantee drops
+# them in every shard. The owner's own and every /shared entry stay in
+# ``metadata_entries``. Created by _v35_grantee_metadata; storage/sql/metadata.py.
+grantee_metadata = Table(
+    "grantee_metadata",
+    metadata,
+    Column("mailbox_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("grantee_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("name", String(1024), primary_key=True),  # "/private/...", lower-case
+    Column("account_id", BigInteger, nullable=False, index=True),  # the owner
+    Column("value", LargeBinary, nullable=False),
+    Index("grantee_metadata_grantee", "grantee_id"),
+)
+
 # RFC 4314 access control lists of an account's mailboxes, in its shard
 # beside them: keyed by the mailbox's id (a RENAME keeps them, DELETE drops
 # them), the grantee by account id (0: "anyone"), so renaming an account
@@ -1220,6 +1238,13 @@ async def _v34_queue_requiretls(conn: AsyncConnection) -> None:
     await _add_missing_columns(conn, queue_messages, ("require_tls",))
 
 
+async def _v35_grantee_metadata(conn: AsyncConnection) -> None:
+    """``grantee_metadata``, the RFC 5464 /private entries each grantee
+    keeps on a mailbox shared with it (issue #24): a new table, nothing
+    rewritten."""
+    await conn.run_sync(lambda sync: grantee_metadata.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1255,6 +1280,7 @@ MIGRATIONS: list[Step] = [
     _v32_mailbox_acl,
     _v33_dmarc_reports,
     _v34_queue_requiretls,
+    _v35_grantee_metadata,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

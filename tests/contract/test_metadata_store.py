@@ -100,3 +100,50 @@ async def test_removing_the_account_removes_its_entries(storage: SqlStorage, bob
             .where(metadata_entries.c.account_id == bob.id)
         )
         assert count.scalar_one() == 0
+
+
+async def test_grantee_private_entries_are_its_own(storage: SqlStorage, bob: Account) -> None:  # noqa: F811
+    """RFC 5464 section 3.3 on a mailbox shared with carol: /shared entries
+    are the mailbox's (both see and set them), /private ones each user's
+    own; all or none; carol's own limit; RENAME keeps hers, DELETE drops
+    them, and so does removing carol's account."""
+    from sqlalchemy import func, select
+
+    from storage.sql.schema import grantee_metadata
+
+    carol = await storage.directory.add_account("carol@example.org", "pw")
+    mail = storage.mail(bob)
+    box = await mail.create_mailbox(bob.id, "Team")
+    own, hers, shared = _value(), _value(), _value()
+    await mail.set_metadata(bob.id, box.id, [("/private/note", own)], 100)
+    await mail.set_metadata(
+        bob.id, box.id, [("/private/note", hers), ("/shared/topic", shared)], 100, user_id=carol.id
+    )
+    assert await mail.metadata(bob.id, box.id) == {"/private/note": own, "/shared/topic": shared}
+    assert await mail.metadata(bob.id, box.id, carol.id) == {
+        "/private/note": hers,
+        "/shared/topic": shared,
+    }
+    found = await mail.granted_metadata(carol.id, [box.id], ["/private/note", "/shared/none"])
+    assert found == {box.id: {"/private/note": hers}}
+    # Her limit counts her /private entries; a refused write changes nothing.
+    with pytest.raises(StorageError) as err:
+        await mail.set_metadata(
+            bob.id, box.id, [("/shared/topic", None), ("/private/a", b"1")], 1, user_id=carol.id
+        )
+    assert err.value.kind is ErrorKind.OVER_QUOTA
+    assert (await mail.metadata(bob.id, box.id, carol.id))["/shared/topic"] == shared
+    with pytest.raises(StorageError) as err:  # another account's server entries: none
+        await mail.set_metadata(bob.id, None, [("/private/a", b"1")], 100, user_id=carol.id)
+    assert err.value.kind is ErrorKind.NOT_FOUND
+    await mail.rename_mailbox(bob.id, "Team", "Crew")
+    assert (await mail.metadata(bob.id, box.id, carol.id))["/private/note"] == hers
+    second = await mail.create_mailbox(bob.id, "Other")
+    await mail.set_metadata(bob.id, second.id, [("/private/x", b"1")], 100, user_id=carol.id)
+    await mail.delete_mailbox(bob.id, "Crew")
+    assert await mail.metadata(bob.id, box.id, carol.id) == {}
+    await storage.directory.remove_account(carol.address)
+
+    async with mail.db.read() as conn:  # type: ignore[attr-defined]
+        count = await conn.execute(select(func.count()).select_from(grantee_metadata))
+        assert count.scalar_one() == 0

@@ -26,6 +26,7 @@ from tests.contract.conftest import TEST_HASHER
 from tests.contract.mailfactory import build, deliver
 
 SOURCE, TARGET = "default", "east"
+GRANTEE = 987_654  # an account id keeping /private METADATA on bob's mailboxes
 _SECOND_PG: dict[int, str] = {}  # the pg server's id -> its second database
 
 
@@ -74,6 +75,9 @@ async def _populate(storage: SqlStorage, rng: random.Random) -> Account:
         box_id = None if name is None else (await mail.get_mailbox(bob.id, name)).id
         entries = [(f"/private/e{i}", rng.randbytes(rng.randint(0, 99))) for i in range(3)]
         await mail.set_metadata(bob.id, box_id, entries, 100)
+        if box_id is not None:  # a grantee's own /private entry (RFC 5464 section 3.3)
+            mine = [("/private/grantee", rng.randbytes(rng.randint(1, 99)))]
+            await mail.set_metadata(bob.id, box_id, mine, 100, user_id=GRANTEE)
     for i in range(rng.randint(25, 40)):
         box = rng.choice(["INBOX", "INBOX", "Work/Projects", "Sent", "Junk", "Doomed"])
         body = "".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(1, 3000)))
@@ -122,6 +126,7 @@ async def _snapshot(storage: SqlStorage, account: Account) -> dict[str, Any]:
             "status": await mail.status(account.id, box.id),
             "recent": await mail.peek_recent(account.id, box.id),
             "metadata": await mail.metadata(account.id, box.id),
+            "grantee_metadata": await mail.metadata(account.id, box.id, GRANTEE),
         }
     changes = [
         (c.id, c.kind, names.get(c.mailbox_id or -1), c.uid, c.modseq, c.data)

@@ -6,7 +6,7 @@ in :mod:`imapd.imap.commands.append`."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imapd.imap.commands.metadata import metadata_response, named_entries
 from imapd.imap.mailbox_view import MailboxView
@@ -26,7 +26,7 @@ from imapd.imap.wire.commands import (
     Select,
     Status,
 )
-from storage.acl import GrantedStore, MailboxAccess, grants_to
+from storage.acl import GrantedStore, MailboxAccess, grants_to, may_annotate
 from storage.errors import ErrorKind, StorageError
 from storage.model import DELETED, HIERARCHY_DELIMITER, Account, Mailbox, UidSet
 from storage.search import Flag
@@ -399,6 +399,8 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
     # RFC 9590 section 3: the entries asked for, of all the account's
     # mailboxes in one read (bounded: storage keeps few per account).
     entries = await s.mail.mailboxes_metadata(acct, cmd.metadata) if cmd.metadata else {}
+    listed_shared = {n: shared[n] for n in shared if wanted(n)} if cmd.metadata else {}
+    granted = await _shared_metadata(s, listed_shared, cmd.metadata) if listed_shared else {}
     longest = 0
     for name in sorted(candidates, key=lambda n: (n != "INBOX", n)):
         if not wanted(name):
@@ -417,10 +419,13 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
             access = shared[name][1] if name in shared else None
             if access is None or "r" in access.rights:
                 await _status_line(s, box, cmd.status_items, access)
-        if cmd.metadata and box is not None and name not in shared:
+        if cmd.metadata and box is not None:
             if sel_subscribed and name not in subscribed:
                 continue  # RFC 9590 section 4: listed for its children only
-            longest = max(longest, _metadata_line(s, name, entries.get(box.id, {}), cmd))
+            if name in shared and name not in granted:
+                continue  # no right to its entries (RFC 5464 section 3.3): none
+            stored = granted[name] if name in shared else entries.get(box.id, {})
+            longest = max(longest, _metadata_line(s, name, stored, cmd))
             if s.conn.congested:
                 await s.conn.drain()  # thousands of mailboxes: a slow reader waits
     if longest:
@@ -430,16 +435,40 @@ async def handle_list(s: Session, cmd: ListCommand) -> Reply:
 
 
 def _metadata_line(s: Session, name: str, stored: dict[str, bytes], cmd: ListCommand) -> int:
-    """RFC 9590 section 3: the METADATA response of a listed mailbox of
-    the account, as GETMETADATA at DEPTH 0 answers it (an entry with no
-    value is NIL, as in the section 4 example); none when MAXSIZE left
-    every entry out. Returns the size of the longest value left out.
-    Another account's mailbox gets none (GETMETADATA does not reach it
-    either; section 3 lets the server drop what it cannot look up)."""
+    """RFC 9590 section 3: the METADATA response of a listed mailbox, as
+    GETMETADATA at DEPTH 0 answers it (an entry with no value is NIL, as
+    in the section 4 example); none when MAXSIZE left every entry out.
+    Returns the size of the longest value left out. ``stored``: the
+    entries this account sees (on another account's mailbox its /shared
+    entries and its own /private ones, :func:`_shared_metadata`)."""
     found, longest = named_entries(stored, cmd.metadata, cmd.metadata_maxsize)
     if found:
         s.untagged(metadata_response(name, s.utf8, found))
     return longest
+
+
+async def _shared_metadata(
+    s: Session, boxes: dict[str, tuple[Mailbox, MailboxAccess]], names: tuple[str, ...]
+) -> dict[str, dict[str, bytes]]:
+    """RFC 9590 section 3 for other accounts' mailboxes being listed: the
+    entries called ``names`` as GETMETADATA gives them to this account
+    (their /shared entries, its own /private ones), by listed name, for
+    the mailboxes whose rights allow it (RFC 5464 section 3.3,
+    storage.acl.may_annotate); the others are left out (RFC 9590 section
+    3: what the server cannot look up gets no METADATA). One read per
+    owner's store, whatever the number of mailboxes."""
+    assert s.account is not None
+    by_store: dict[int, tuple[Any, list[tuple[str, int]]]] = {}
+    for name, (box, access) in boxes.items():
+        if may_annotate(access.rights):
+            store = access.store.store
+            by_store.setdefault(id(store), (store, []))[1].append((name, box.id))
+    out: dict[str, dict[str, bytes]] = {}
+    for store, listed in by_store.values():
+        found = await store.granted_metadata(s.account.id, [i for _, i in listed], names)
+        for name, box_id in listed:
+            out[name] = found.get(box_id, {})
+    return out
 
 
 async def _shared_boxes(s: Session) -> dict[str, tuple[Mailbox, MailboxAccess]]:
@@ -470,7 +499,7 @@ async def _shared_boxes(s: Session) -> dict[str, tuple[Mailbox, MailboxAccess]]:
             continue
         name = other_user_name(owner.address, grants[0].name)
         box = Mailbox(mailbox_id, owner_id, name, 0, 0, 0, None)
-        store = GrantedStore(s.storage.mail(owner), owner_id, mailbox_id, rights)
+        store = GrantedStore(s.storage.mail(owner), owner_id, mailbox_id, rights, s.account.id)
         out[name] = (box, MailboxAccess(owner, box, store))
     return out
 

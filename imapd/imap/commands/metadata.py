@@ -1,9 +1,15 @@
 """METADATA and METADATA-SERVER (RFC 5464): GETMETADATA and SETMETADATA.
 
-Entries are the account's own, kept in its shard (storage/sql/metadata.py):
+Entries are kept in the mailbox owner's shard (storage/sql/metadata.py):
 the server's (mailbox "") and each mailbox's, under /private and /shared.
-Every mailbox here has one user, so both are this account's, kept apart by
-their names; private entries are always stored (no NOPRIVATE). Limits,
+On the account's own mailboxes both are its own, kept apart by their
+names. On another account's mailbox, named under "Other Users" (RFC 2342,
+shared through RFC 4314), /shared entries are the mailbox's, seen and set
+by each of its users, and /private entries are the accessing user's own
+(RFC 5464 section 3.3: private entries are per user); reading or setting
+either needs "l" and one of "r", "s", "w", "i", "p" (section 3.3, decided
+in storage.acl), else NO [NOPERM]. Private entries are always stored (no
+NOPRIVATE). Limits,
 each answered as section 4.3 says: a value of at most :data:`MAX_VALUE`
 octets (NO [METADATA MAXSIZE n]), at most :data:`MAX_ENTRIES` entries per
 account (NO [METADATA TOOMANY]).
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from imapd.imap.namespace import split_other_user
 from imapd.imap.session import Reply, no, ok
 from imapd.imap.wire import encode
 from storage.errors import ErrorKind, StorageError
@@ -32,11 +39,18 @@ MAX_VALUE = 32 * 1024  # octets per value (below the 64 KiB argument literal cap
 MAX_ENTRIES = 200  # entries per account, server and mailboxes together
 
 
-async def _mailbox_id(s: Session, name: str) -> int | None:
-    """None for the server (""); NO [NONEXISTENT] for an unknown mailbox."""
+async def _entries_of(s: Session, name: str) -> tuple[Any, int, int | None]:
+    """Where the entries of mailbox ``name`` are: (store, owner account
+    id, mailbox id or None for the server's ""). Another account's
+    mailbox comes with the store that checks this account's rights
+    (storage.acl.GrantedStore). NO [NONEXISTENT] for an unknown mailbox."""
+    assert s.mail is not None and s.account is not None
     if name == "":
-        return None
-    return (await s.mailbox_id_of(name)).id
+        return s.mail, s.account.id, None
+    if split_other_user(name) is None:
+        return s.mail, s.account.id, (await s.mailbox_id_of(name)).id
+    access = await s.open_access(name)
+    return access.store, access.owner.id, access.mailbox.id
 
 
 def _wanted(stored: dict[str, bytes], entry: str, depth: str) -> list[tuple[str, bytes | None]]:
@@ -104,9 +118,8 @@ async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
     """RFC 5464 section 4.2: one METADATA response with the entries found;
     values past MAXSIZE left out and the largest of their sizes given in
     OK [METADATA LONGENTRIES n] (section 4.2.1)."""
-    assert s.mail is not None and s.account is not None
-    box = await _mailbox_id(s, cmd.mailbox)
-    stored = await s.mail.metadata(s.account.id, box)
+    store, owner, box = await _entries_of(s, cmd.mailbox)
+    stored = await store.metadata(owner, box)
     found: dict[str, bytes | None] = {}
     longest = 0
     for entry in cmd.entries:
@@ -124,12 +137,11 @@ async def handle_getmetadata(s: Session, cmd: GetMetadata) -> Reply:
 
 async def handle_setmetadata(s: Session, cmd: SetMetadata) -> Reply:
     """RFC 5464 section 4.3: every entry set or removed, or none."""
-    assert s.mail is not None and s.account is not None
     if any(v is not None and len(v) > MAX_VALUE for _, v in cmd.values):
         return no("Metadata value too large", f"METADATA MAXSIZE {MAX_VALUE}")
-    box = await _mailbox_id(s, cmd.mailbox)
+    store, owner, box = await _entries_of(s, cmd.mailbox)
     try:
-        await s.mail.set_metadata(s.account.id, box, cmd.values, MAX_ENTRIES)
+        await store.set_metadata(owner, box, cmd.values, MAX_ENTRIES)
     except StorageError as err:
         if err.kind is ErrorKind.OVER_QUOTA:
             return no("Too many metadata entries", "METADATA TOOMANY")

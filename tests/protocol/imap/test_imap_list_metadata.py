@@ -219,40 +219,77 @@ def _nstring(raw: bytes) -> bytes | None:
     return re.sub(rb"\\(.)", rb"\1", raw[1:-1])
 
 
-async def test_another_accounts_mailbox_is_listed_without_metadata(imap_env: ImapEnv) -> None:
-    """Bob sees alice's Team (RFC 4314 "lr"): its LIST line comes, no
-    METADATA (GETMETADATA does not reach it either; RFC 9590 section 3 lets
-    the server drop what it does not look up), and none of bob's own
-    entries is shown as Team's; his own mailboxes keep theirs."""
+async def test_another_accounts_mailbox_lists_what_getmetadata_gives(imap_env: ImapEnv) -> None:
+    """Bob sees alice's Team (RFC 4314): with "l" and "r" (RFC 5464 section
+    3.3) LIST RETURN (METADATA) gives Team's /shared entries and bob's own
+    /private ones, exactly as GETMETADATA does, never alice's /private
+    values nor bob's entries of his own mailboxes (ids are per shard);
+    SETMETADATA of a /private entry is his alone, of a /shared one the
+    mailbox's. With "l" alone: no METADATA line, GETMETADATA NO [NOPERM]."""
     alice = await imap_env.client(login=True)
+    secret = random.randbytes(random.randint(1, 300)).hex()
     await alice.ok("CREATE Team")
-    await alice.ok('SETMETADATA Team (/shared/comment "alice\'s")')
+    await alice.ok(f'SETMETADATA Team (/shared/comment "alice\'s" /private/comment "{secret}")')
     await alice.ok(f"SETACL Team {OTHER} lr")
-    await alice.close()
     bob = await imap_env.client()
     await bob.ok(f"LOGIN {OTHER} {PASSWORD}")
     team = f"Other Users/{USER}/Team"
     for i in range(5):  # ids are per shard: some of bob's share numbers with alice's
         await bob.ok(f"CREATE Mine{i}")
-        await bob.ok(f'SETMETADATA Mine{i} (/shared/comment "bob {i}")')
+        await bob.ok(f'SETMETADATA Mine{i} (/shared/comment "bob {i}" /private/comment "p{i}")')
+    mine = random.randbytes(random.randint(1, 300)).hex()
+    entries = "/shared/comment /private/comment"
     script = Script(
         steps=[
             (
-                f'a LIST "" ("{team}" Mine0) RETURN (METADATA (/shared/comment))',
+                f'a LIST "" ("{team}" Mine0) RETURN (METADATA ({entries}))',
                 [
                     '=* LIST (\\HasNoChildren) "/" "Mine0"',
-                    '=* METADATA "Mine0" (/shared/comment "bob 0")',
+                    '=* METADATA "Mine0" (/shared/comment "bob 0" /private/comment "p0")',
                     f'=* LIST (\\HasNoChildren) "/" "{team}"',
+                    f'=* METADATA "{team}" (/shared/comment "alice\'s" /private/comment NIL)',
                     "=a OK LIST completed",
                 ],
             ),
-            (f'b GETMETADATA "{team}" /shared/comment', ["b NO .*"]),
+            (f'b SETMETADATA "{team}" (/private/comment "{mine}")', ["=b OK SETMETADATA completed"]),
+            (f'c SETMETADATA "{team}" (/shared/comment "from bob")', ["=c OK SETMETADATA completed"]),
+            (
+                f'd GETMETADATA "{team}" ({entries})',
+                [
+                    f'=* METADATA "{team}" (/shared/comment "from bob" /private/comment "{mine}")',
+                    "=d OK GETMETADATA completed",
+                ],
+            ),
+            (
+                f'e LIST "" "{team}" RETURN (METADATA ({entries}))',
+                [
+                    f'=* LIST (\\HasNoChildren) "/" "{team}"',
+                    f'=* METADATA "{team}" (/shared/comment "from bob" /private/comment "{mine}")',
+                    "=e OK LIST completed",
+                ],
+            ),
+            # Bob's server entries are untouched by what he set on Team.
+            ('f GETMETADATA "" /private/comment', ['=* METADATA "" (/private/comment NIL)', "=f OK GETMETADATA completed"]),
         ]
     )
     try:
         await run_script(bob, script)
+        # Alice's /private value is still hers; the /shared one is Team's.
+        got = await alice.ok(f"GETMETADATA Team ({entries})")
+        assert got[0] == f'* METADATA "Team" (/shared/comment "from bob" /private/comment "{secret}")'.encode(), got
+        await alice.ok(f"SETACL Team {OTHER} l")
+        listed = await bob.ok(f'LIST "" "{team}" RETURN (METADATA ({entries}))')
+        assert not any(b"METADATA" in line for line in listed[:-1]), listed
+        reply = (await bob.command(f'GETMETADATA "{team}" /private/comment'))[-1]
+        assert b"NO [NOPERM]" in reply, reply
+        reply = (await bob.command(f'SETMETADATA "{team}" (/private/comment NIL)'))[-1]
+        assert b"NO [NOPERM]" in reply, reply
+        await alice.ok(f"DELETEACL Team {OTHER}")
+        reply = (await bob.command(f'GETMETADATA "{team}" /private/comment'))[-1]
+        assert b"NO [NONEXISTENT]" in reply, reply
     finally:
         await bob.close()
+        await alice.close()
 
 
 def test_list_metadata_parses_in_linear_time() -> None:
