@@ -1819,6 +1819,11 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             ).scalar()
 
     def _cache_parsed(self, message_id: int, parsed: ParsedMessage) -> None:
+        if parsed.body_text:
+            # The search text (up to MAX_BODY_TEXT each) has its own column
+            # and no reader takes it from here (a parse read back from the
+            # row has none either): kept, 4096 of them could hold gigabytes.
+            parsed = dataclasses.replace(parsed, body_text="")
         self._parsed_cache[message_id] = parsed
         self._parsed_cache.move_to_end(message_id)
         while len(self._parsed_cache) > PARSED_CACHE_SIZE:
