@@ -206,9 +206,16 @@ class MailStore(Protocol):
     async def subscriptions(self, account_id: int) -> list[str]:
         """The subscription list, names sorted."""
 
-    async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
+    async def add_message(
+        self,
+        account_id: int,
+        blob_key: str,
+        parsed: ParsedMessage,
+        blob_keys: Callable[[], tuple[Collection[str] | None, int]] | None = None,
+    ) -> int:
         """Stores the parsed form of a blob, returns the message row id.
-        Used by ingest only; the message is in no mailbox until ``append``."""
+        Used by ingest only; the message is in no mailbox until ``append``
+        or ``append_many``. ``blob_keys``: as ``deliver``'s."""
 
     async def append(
         self,
@@ -221,6 +228,23 @@ class MailStore(Protocol):
         """Adds a stored message to a mailbox with the next UID; enforces the
         account quota (OVER_QUOTA). UIDs are unique and strictly increasing
         under any concurrency."""
+
+    async def append_many(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        items: Sequence[tuple[int, Iterable[str], dt.datetime | None]],
+    ) -> list[AppendResult]:
+        """``append`` of several stored messages (row id, flags, internal
+        date) into one mailbox in ONE transaction: all committed when this
+        returns, or none (NOT_FOUND, OVER_QUOTA for their sum). UIDs in the
+        order given. What a COPY or MOVE from another account commits
+        (``storage.ingest.ingest_many``)."""
+
+    async def drop_staged(self, account_id: int, message_ids: Iterable[int]) -> None:
+        """Deletes those of the account's message rows ``message_ids``
+        that no mailbox entry names: ``add_message``'s rows of an
+        ``append_many`` that did not commit."""
 
     async def deliver(
         self,

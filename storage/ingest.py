@@ -13,6 +13,14 @@ Order of writes, and what is durable when:
    message row with its parsed form and a mailbox entry for every delivery
    to that account: all of an account's copies commit together, or none.
 
+:func:`ingest_many` stores many messages into one mailbox all or none (a
+COPY or MOVE from another account): each message is staged in turn, blob
+then a message row in no mailbox (committed: its blob is referenced from
+then on), and ONE transaction then appends them all; if that fails, the
+staged rows are deleted. A crash in between leaves staged rows that no
+mailbox entry names (invisible to every client; the blobs they name stay
+until the rows are gone).
+
 A crash between 1 and 2 leaves only an unreferenced blob, which garbage
 collection removes; metadata never points to a missing blob. Where big
 MIME parts are stored once (``storage/blob/skeleton.py``), step 1 writes
@@ -37,7 +45,7 @@ import concurrent.futures
 import logging
 import mmap
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -418,3 +426,77 @@ async def ingest(
         if isinstance(r, StorageError):
             raise r
     return [r for r in results if isinstance(r, AppendResult)]
+
+
+async def _stage(storage: Storage, account: Account, source: bytes | Path) -> int:
+    """One message of :func:`ingest_many`: parsed, its blob durable in the
+    account's blob store, then its message row (in no mailbox) committed;
+    the row's id. The row commit answers garbage collection as a
+    delivery's does (``MailStore.deliver``'s ``blob_keys``)."""
+    store = storage.mail(account)
+    stores = [storage.blobs_for(account)]
+    if not isinstance(source, Path) and len(source) <= INLINE_PARSE_MAX:
+        parsed = parse_message(bytes(source))
+    else:
+        parsed = await parse(source)
+    key = await _write_blob(stores, source, parsed)
+    answered = 0
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        try:
+            return await store.add_message(
+                account.id, key, parsed, blob_keys=_named_keys(stores, key, None, answered)
+            )
+        except deleting.BlobsBeingDeleted as err:
+            if attempt == RESTORE_ATTEMPTS:
+                raise
+            db = getattr(store, "db", None)
+            if db is not None:
+                await deleting.wait_done(db, err.keys)
+            answered = err.last_id
+            await _write_blob(stores, source, parsed)  # stored again, after the deletion
+    raise AssertionError("unreachable")
+
+
+async def ingest_many(
+    storage: Storage,
+    account: Account,
+    mailbox_id: int,
+    messages: AsyncIterable[tuple[bytes | Path, tuple[str, ...], datetime | None]],
+) -> list[AppendResult]:
+    """Stores every message of ``messages`` (source, flags, internal date)
+    into one mailbox of ``account``, all or none: when this returns, all
+    are committed, in the order given (UIDs ascending); when it raises,
+    the mailbox is as it was (RFC 3501 section 6.4.7: a failed COPY
+    leaves the destination as before it), NOT_FOUND mailbox, OVER_QUOTA
+    for their sum, TEMPORARY, or whatever ``messages`` raised.
+
+    Memory: ``messages`` is read one at a time and each message is staged
+    (:func:`_stage`) before the next is asked for, so a large COPY holds
+    one message and a small row per message (id, flags, date), never all
+    the bytes. The mailbox sees nothing until the one transaction
+    (``MailStore.append_many``) commits; the staged rows of a failure are
+    deleted before this raises (shielded from cancellation; a staged row
+    that an entry names, the transaction having committed as the caller
+    was cancelled, stays with its entry)."""
+    store = storage.mail(account)
+    await store.get_mailbox_by_id(account.id, mailbox_id)  # NOT_FOUND before any work
+    staged: list[tuple[int, tuple[str, ...], datetime | None]] = []
+    try:
+        async for source, flags, internal_date in messages:
+            staged.append((await _stage(storage, account, source), flags, internal_date))
+        if not staged:
+            return []
+        return await store.append_many(account.id, mailbox_id, staged)
+    except BaseException:
+        if staged:
+            await asyncio.shield(_drop_staged(store, account, [m for m, _, _ in staged]))
+        raise
+
+
+async def _drop_staged(store: MailStore, account: Account, message_ids: list[int]) -> None:
+    """The staged rows of a failed :func:`ingest_many` deleted; a failure
+    here (the shard down) is logged: the rows stay, named by no entry."""
+    try:
+        await store.drop_staged(account.id, message_ids)
+    except Exception:
+        log.exception("staged messages %s of account %d not deleted", message_ids, account.id)

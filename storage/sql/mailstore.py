@@ -1625,15 +1625,23 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
 
     # --- messages ------------------------------------------------------------
 
-    async def add_message(self, account_id: int, blob_key: str, parsed: ParsedMessage) -> int:
+    async def add_message(
+        self,
+        account_id: int,
+        blob_key: str,
+        parsed: ParsedMessage,
+        blob_keys: Callable[[], tuple[Collection[str] | None, int]] | None = None,
+    ) -> int:
         """Stores the parsed form of a blob; threads it by Message-ID,
-        In-Reply-To and References (RFC 5256 REFERENCES, simplified)."""
+        In-Reply-To and References (RFC 5256 REFERENCES, simplified).
+        ``blob_keys``: as :meth:`deliver`'s (``BlobsBeingDeleted``, nothing
+        committed, if garbage collection is deleting one of them)."""
         values, new_words = self._search_values(_message_values(account_id, blob_key, parsed))
 
         def write(conn: Connection) -> int:
             return self._insert_message_sync(conn, account_id, values, parsed)
 
-        message_id = await self.db.write_batched(write)
+        message_id = await self.db.write_batched(write, blob_keys=blob_keys)
         self._vocab.committed(new_words)
         self._cache_parsed(message_id, parsed)
         return message_id
@@ -1879,32 +1887,60 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
     ) -> AppendResult:
         """The next UID of the mailbox; OVER_QUOTA if the account would exceed
         its quota. Durable and published on return."""
-        flags = tuple(flags)
-        now = dt.datetime.now(dt.UTC)
-        when = _split_date(internal_date or now)
-        saved = _split_date(now)[0]
+        items = [(message_id, flags, internal_date)]
+        return (await self.append_many(account_id, mailbox_id, items))[0]
 
-        def write(conn: Connection) -> tuple[AppendResult, list[Change]]:
+    async def append_many(
+        self,
+        account_id: int,
+        mailbox_id: int,
+        items: Sequence[tuple[int, Iterable[str], dt.datetime | None]],
+    ) -> list[AppendResult]:
+        """:meth:`append` of several stored messages (message row id,
+        flags, internal date) into one mailbox, in ONE transaction: every
+        entry is committed when this returns, or none is (NOT_FOUND for a
+        message or the mailbox, OVER_QUOTA if their sizes together do not
+        fit). UIDs ascending in the order given. Durable and published on
+        return."""
+        now = dt.datetime.now(dt.UTC)
+        saved = _split_date(now)[0]
+        # Flag iterables may be one-shot; the write function may run again.
+        wanted = [(mid, tuple(flags), _split_date(date or now)) for mid, flags, date in items]
+
+        def write(conn: Connection) -> tuple[list[AppendResult], list[Change]]:
             tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             query = _MESSAGE_SORT_SQLITE if conn.dialect.name == "sqlite" else _MESSAGE_SORT_PG
-            row = execute(conn, query, {"b_id": message_id, "b_account": account_id}).first()
-            if row is None:
-                raise errors.not_found("no such message")
-            mask, keywords = split_flags(flags)
-            keys = entry_keys(
-                sort_row(0, when[0], row.size, row.sent_date, row.subject, row.picked)
-            )
-            result = self._append_entry_sync(
-                tx, mbox, mbox.uidnext, mbox.highestmodseq, message_id, row.size, mask, keywords,
-                when, row.sent_date, saved, keys,
-            )
-            return result, tx.flush_sync(conn)
+            uid, modseq = mbox.uidnext, mbox.highestmodseq
+            results = []
+            for message_id, flags, when in wanted:
+                row = execute(conn, query, {"b_id": message_id, "b_account": account_id}).first()
+                if row is None:
+                    raise errors.not_found("no such message")
+                mask, keywords = split_flags(flags)
+                keys = entry_keys(
+                    sort_row(0, when[0], row.size, row.sent_date, row.subject, row.picked)
+                )
+                result = self._append_entry_sync(
+                    tx, mbox, uid, modseq, message_id, row.size, mask, keywords, when,
+                    row.sent_date, saved, keys,
+                )  # fmt: skip
+                uid, modseq = result.uid + 1, result.modseq
+                results.append(result)
+            return results, tx.flush_sync(conn)
 
-        async def published(outcome: tuple[AppendResult, list[Change]]) -> None:
+        async def published(outcome: tuple[list[AppendResult], list[Change]]) -> None:
             await self._publish(outcome[1])
 
-        result, _ = await self.db.write_batched(write, published, key=account_id)
-        return result
+        results, _ = await self.db.write_batched(write, published, key=account_id)
+        return results
+
+    async def drop_staged(self, account_id: int, message_ids: Iterable[int]) -> None:
+        """Deletes the account's message rows among ``message_ids`` that no
+        mailbox entry names (stored by :meth:`add_message` for an
+        :meth:`append_many` that did not commit); a row an entry names
+        stays. Their blobs are left to garbage collection."""
+        async with self.db.write() as conn:
+            await self._drop_orphans(conn, message_ids)
 
     def _append_entry_sync(
         self,

@@ -118,3 +118,22 @@ async def deliver(
     box = await mail.get_mailbox(account.id, mailbox)
     result = await mail.append(account.id, box.id, made.message_id, flags, internal_date)
     return result.uid
+
+
+async def staged_rows(storage: SqlStorage, account: Account) -> int:
+    """Message rows of ``account`` that no mailbox entry names (what a
+    failed ``storage.ingest.ingest_many`` must not leave behind)."""
+    from sqlalchemy import exists, func, select
+
+    from storage.sql.schema import mailbox_entries, messages
+
+    async with storage.mail(account).db.read() as conn:
+        query = (
+            select(func.count())
+            .select_from(messages)
+            .where(
+                messages.c.account_id == account.id,
+                ~exists().where(mailbox_entries.c.message_id == messages.c.id),
+            )
+        )
+        return int((await conn.execute(query)).scalar_one())

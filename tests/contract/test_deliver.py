@@ -8,7 +8,7 @@ import pytest
 from storage.backend import SqlStorage
 from storage.errors import ErrorKind, StorageError
 from storage.model import SEEN, UidSet
-from tests.contract.mailfactory import build
+from tests.contract.mailfactory import build, staged_rows
 
 
 @pytest.fixture
@@ -60,3 +60,42 @@ async def test_over_quota_stores_nothing(storage: SqlStorage, account) -> None:
         await mail.deliver(account.id, key, parsed, [("INBOX", (), None), ("Sent", (), None)])
     assert err.value.kind is ErrorKind.OVER_QUOTA
     assert await mail.quota_used(account.id) == 0
+
+
+async def test_ingest_many_is_all_or_none(storage: SqlStorage, account) -> None:
+    """storage.ingest.ingest_many (a COPY from another account): the
+    mailbox sees every message or none; a refusal (the quota, the source
+    failing on the Nth message) leaves no row behind and UIDNEXT as it was."""
+    import random
+
+    from storage.ingest import ingest_many
+
+    rng = random.Random()
+    mail = storage.mail(account)
+    box = await mail.get_mailbox(account.id, "INBOX")
+    raws = [build(subject=f"m{i}", body="x" * rng.randint(10, 1500))[0] for i in range(8)]
+
+    async def source(fail_at: int | None = None):  # type: ignore[no-untyped-def]
+        for i, raw in enumerate(raws):
+            if i == fail_at:
+                raise StorageError(ErrorKind.TEMPORARY, "source unreachable")
+            yield raw, (SEEN,) if i % 2 else (), None
+
+    before = await mail.status(account.id, box.id)
+    await storage.directory.set_quota(account.address, sum(map(len, raws)) - 1)
+    with pytest.raises(StorageError) as err:
+        await ingest_many(storage, account, box.id, source())
+    assert err.value.kind is ErrorKind.OVER_QUOTA
+    await storage.directory.set_quota(account.address, None)
+    with pytest.raises(StorageError) as err:
+        await ingest_many(storage, account, box.id, source(rng.randint(1, len(raws) - 1)))
+    assert err.value.kind is ErrorKind.TEMPORARY
+    assert await mail.status(account.id, box.id) == before
+    assert await staged_rows(storage, account) == 0
+
+    results = await ingest_many(storage, account, box.id, source())
+    assert [r.uid for r in results] == list(range(before.uidnext, before.uidnext + len(raws)))
+    fetched = await mail.fetch(account.id, box.id, UidSet.all())
+    assert [await storage.blobs.get(m.entry.blob_key) for m in fetched] == raws
+    assert [SEEN in m.entry.flags for m in fetched] == [i % 2 == 1 for i in range(len(raws))]
+    assert await staged_rows(storage, account) == 0

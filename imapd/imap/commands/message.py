@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
 from delivery.learn import learn_moved
 from imapd.imap import notify
@@ -484,30 +485,31 @@ async def _copy_across(
 ) -> Reply:
     """COPY or MOVE between two accounts' mailboxes (one of them shared,
     RFC 4314): each message's bytes are read from the source's shard and
-    stored through the one ingest path into the target's, with its
-    internal date and the flags the target's rights allow (section 4);
-    a MOVE then removes the originals by UID. Not atomic across the two
-    shards: a failure midway leaves the copies made so far (a MOVE
-    keeps every original until all are copied)."""
-    from storage.ingest import Delivery, ingest
+    stored into the target's with its internal date and the flags the
+    target's rights allow (section 4), all or none
+    (:func:`storage.ingest.ingest_many`): RFC 3501 section 6.4.7 and RFC
+    6851 section 3.3, a failed COPY or MOVE leaves the target as it was
+    (its UIDNEXT aside). One source message is in memory at a time. A
+    MOVE removes the originals by UID only once every copy committed."""
+    from storage.ingest import ingest_many
 
     assert s.account is not None
     source_owner = s.account if s.shared is None else s.shared.owner
     blobs = s.storage.blobs_for(source_owner)
+    # Entries only (flags, date, blob key): a few hundred bytes each.
     entries = await s.box_mail.entries(*_ids(s), UidSet.of(uids))
-    pairs: list[tuple[int, int]] = []
-    uidvalidity = 0
-    for e in entries:
-        needs = flag_rights(e.flags)
-        flags = tuple(f for f in sorted(e.flags) if needs[f] in access.rights)
-        raw = await blobs.get(e.blob_key)
-        delivery = Delivery(access.owner, access.mailbox.id, flags, e.internal_date)
-        result = (await ingest(s.storage, [delivery], raw))[0]
-        pairs.append((e.uid, result.uid))
-        uidvalidity = result.uidvalidity
-    if not pairs:
+
+    async def messages() -> AsyncIterator[tuple[bytes, tuple[str, ...], datetime]]:
+        for e in entries:
+            needs = flag_rights(e.flags)
+            flags = tuple(f for f in sorted(e.flags) if needs[f] in access.rights)
+            yield await blobs.get(e.blob_key), flags, e.internal_date
+
+    results = await ingest_many(s.storage, access.owner, access.mailbox.id, messages())
+    if not results:
         return ok(f"{'MOVE' if move else 'COPY'} completed")
-    copyuid = _copyuid(uidvalidity, tuple(pairs))
+    pairs = tuple((e.uid, r.uid) for e, r in zip(entries, results, strict=True))
+    copyuid = _copyuid(results[0].uidvalidity, pairs)
     if not move:
         return ok("COPY completed", copyuid)
     moved = UidSet.of([a for a, _ in pairs])
