@@ -18,8 +18,9 @@ COPY or MOVE from another account): each message is staged in turn, blob
 then a message row in no mailbox (committed: its blob is referenced from
 then on), and ONE transaction then appends them all; if that fails, the
 staged rows are deleted. A crash in between leaves staged rows that no
-mailbox entry names (invisible to every client; the blobs they name stay
-until the rows are gone).
+mailbox entry names, invisible to every client; garbage collection's
+pass deletes them once older than its grace (``storage.blob.gc.
+drop_stale_staged``), and then their blobs.
 
 A crash between 1 and 2 leaves only an unreferenced blob, which garbage
 collection removes; metadata never points to a missing blob. Where big

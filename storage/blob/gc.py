@@ -61,6 +61,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -306,6 +307,41 @@ async def _delete(
         report.removed_bytes += size
 
 
+# Staged rows are left only by a process that died mid-COPY: one sweep per
+# this many seconds (and per process) finds them, whatever the GC interval.
+SWEEP_INTERVAL_SECONDS = 300.0
+_last_sweep: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _sweep_due(storage: Any) -> bool:
+    """Whether this process's pass over ``storage`` sweeps staged rows now."""
+    now = time.monotonic()
+    last = _last_sweep.get(storage)
+    if last is not None and now - last < SWEEP_INTERVAL_SECONDS:
+        return False
+    _last_sweep[storage] = now
+    return True
+
+
+async def drop_stale_staged(storage: Any, before: float) -> None:
+    """In every shard database, the message rows a COPY from another
+    account staged before ``before`` and never committed (its process
+    died: ``storage.ingest.ingest_many``), so that their blobs are
+    unreferenced again. A shard that is down is skipped (logged)."""
+    seen: set[int] = set()
+    for store in getattr(storage, "stores", {}).values():
+        if id(store.db) in seen or not hasattr(store, "drop_stale_staged"):
+            continue
+        seen.add(id(store.db))
+        try:
+            dropped = await store.drop_stale_staged(before)
+        except StorageError as err:
+            log.warning("staged messages of a shard not swept: %s", err)
+            continue
+        if dropped:
+            log.info("dropped %d staged messages no mailbox took", dropped)
+
+
 async def collect_once(
     storage: Any,
     grace_seconds: float,
@@ -316,13 +352,17 @@ async def collect_once(
 ) -> GcReport | None:
     """:func:`collect` over every blob store of the site whose lease this
     instance gets (each store under its own, :func:`lease_name`); None if
-    another instance held every one."""
+    another instance held every one. Under the first lease it gets (not
+    in a ``dry_run``), at most every :data:`SWEEP_INTERVAL_SECONDS`,
+    :func:`drop_stale_staged` with the same grace first."""
     owner = owner or lease_owner()
     report: GcReport | None = None
     for blobs in storage.blob_stores():
         async with gc_lease(storage, owner, name=lease_name(storage, blobs)) as held:
             if not held:
                 continue
+            if report is None and not dry_run and _sweep_due(storage):
+                await drop_stale_staged(storage, time.time() - grace_seconds)
             report = report or GcReport()
             await collect_store(
                 storage, blobs, grace_seconds, report, dry_run, progress, lease=held

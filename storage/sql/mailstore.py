@@ -1942,6 +1942,36 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         async with self.db.write() as conn:
             await self._drop_orphans(conn, message_ids)
 
+    async def drop_stale_staged(self, before: float, batch: int = 1000) -> int:
+        """Deletes message rows created before ``before`` (epoch seconds)
+        that no mailbox entry names: what a process that died between
+        ``add_message`` and ``append_many`` left (``storage.ingest.
+        ingest_many``). Found on a reader, deleted in writes of at most
+        ``batch`` rows that check each again; returns how many were found.
+        A staged row older than ``before`` whose COPY is still running is
+        deleted too: that COPY then fails whole (its ``append_many`` finds
+        no such message), so ``before`` is set well in the past (garbage
+        collection's grace)."""
+        stale = (
+            select(messages.c.id)
+            .where(
+                messages.c.created < before,
+                ~exists().where(E.c.message_id == messages.c.id),
+            )
+            .limit(batch)
+        )
+        found = 0
+        while True:
+            async with self.db.read() as conn:
+                ids = [r[0] for r in await conn.execute(stale)]
+            if not ids:
+                return found
+            found += len(ids)
+            async with self.db.write() as conn:
+                await self._drop_orphans(conn, ids)
+            if len(ids) < batch:
+                return found
+
     def _append_entry_sync(
         self,
         tx: _Tx,

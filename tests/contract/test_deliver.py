@@ -99,3 +99,32 @@ async def test_ingest_many_is_all_or_none(storage: SqlStorage, account) -> None:
     assert [await storage.blobs.get(m.entry.blob_key) for m in fetched] == raws
     assert [SEEN in m.entry.flags for m in fetched] == [i % 2 == 1 for i in range(len(raws))]
     assert await staged_rows(storage, account) == 0
+
+
+async def test_stale_staged_rows_are_swept(storage: SqlStorage, account) -> None:
+    """What a process that died mid-COPY left (message rows in no
+    mailbox) is deleted by garbage collection's pass once older than its
+    grace; a fresh staged row and a delivered message stay."""
+    import time
+
+    from sqlalchemy import update
+
+    from storage.blob.gc import drop_stale_staged
+    from storage.sql.schema import messages
+
+    mail = storage.mail(account)
+    ids = []
+    for i in range(3):
+        raw, parsed = build(subject=f"staged {i}")
+        ids.append(await mail.add_message(account.id, await storage.blobs.put(raw), parsed))
+    raw, parsed = build(subject="delivered")
+    await mail.deliver(account.id, await storage.blobs.put(raw), parsed, [("INBOX", (), None)])
+    async with mail.db.write() as conn:  # the first two staged long ago, all rows old
+        await conn.execute(update(messages).values(created=time.time() - 7200))
+        fresh = update(messages).where(messages.c.id == ids[2]).values(created=time.time())
+        await conn.execute(fresh)
+    await drop_stale_staged(storage, time.time() - 3600)
+    assert await staged_rows(storage, account) == 1  # the fresh one
+    inbox = await mail.get_mailbox(account.id, "INBOX")
+    fetched = await mail.fetch(account.id, inbox.id, UidSet.all())
+    assert [m.parsed.subject for m in fetched] == ["delivered"]
