@@ -12,8 +12,10 @@ string (a hostile size costs time linear in the command line and no
 allocation of that size). :class:`ChunkedMessage` collects the chunks of a
 transaction, holding at most ``spool_at`` octets in memory before moving to
 a spool file as DATA does, and counts every octet against the message size
-limit as it arrives: past the limit nothing more is kept, the rest of the
-chunk is still read (the session stays in sync) and the verdict is TOO_BIG.
+limit as it arrives: past the limit (or as soon as a chunk's declared size
+would pass it) nothing more is kept, the rest of the chunk is still read
+and discarded (RFC 3030 section 2; the session stays in sync) and the
+verdict is TOO_BIG.
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ class ChunkedMessage:
         """Octets held in memory."""
         return self._text.held
 
+    def announce(self, size: int | None) -> None:
+        """A chunk of ``size`` octets follows (None: more than any limit).
+        If it would take the message past ``max_size`` the verdict is
+        TOO_BIG at once, so none of its octets are held (RFC 3030 section
+        2: they are still read, and discarded, before the reply)."""
+        if size is None or self.size + size > self.max_size:
+            self._refuse(ChunkVerdict.TOO_BIG)
+
     def feed(self, block: bytes) -> None:
         """Append ``block`` (part of a chunk) unless the message is already
         refused; past ``max_size`` the verdict becomes TOO_BIG and what was
@@ -100,14 +110,18 @@ class ChunkedMessage:
         if self.verdict is not ChunkVerdict.OK:
             return
         if self.size > self.max_size:
-            self.verdict = ChunkVerdict.TOO_BIG
-            self.discard()
+            self._refuse(ChunkVerdict.TOO_BIG)
             return
         try:
             self._text.write(block)
         except OSError:
-            self.verdict = ChunkVerdict.SPOOL_FAILED
-            self.discard()
+            self._refuse(ChunkVerdict.SPOOL_FAILED)
+
+    def _refuse(self, verdict: ChunkVerdict) -> None:
+        """The message is refused (the first verdict stays): drop what is held."""
+        if self.verdict is ChunkVerdict.OK:
+            self.verdict = verdict
+        self.discard()
 
     def discard(self) -> None:
         """Drop what is held: the chunks in memory and the spool file."""

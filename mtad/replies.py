@@ -92,10 +92,6 @@ SMUGGLING = Reply(
     550, "5.6.0", 'Message refused: a "." line not ended by CRLF (RFC 5321 section 4.1.1.4)'
 )
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-# RFC 3030 section 2: a chunk larger than the whole size limit is not read.
-CHUNK_TOO_BIG = Reply(
-    552, "5.3.4", "BDAT chunk size exceeds fixed maximum message size, closing connection"
-)
 # RFC 3030 section 3 / RFC 3463 X.6.3: no BINARYMIME to where it cannot go on.
 BINARYMIME_NOT_RELAYED = Reply(
     550, "5.6.3", "BODY=BINARYMIME accepted for local mailboxes only; send it as MIME"

@@ -251,7 +251,8 @@ class SmtpSession(LeaseHolder, SMTP):
         self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT
         # A BDAT line refused as too long would leave its chunk to be read
         # as commands: any BDAT line the stream takes reaches parse_bdat
-        # (linear), whose refusal closes the connection (RFC 3030 section 2).
+        # (linear); a size that is no number closes the connection, any
+        # other chunk is read in full (RFC 3030 section 2).
         self.command_size_limits["BDAT"] = self.line_length_limit
 
     # -- plumbing ---------------------------------------------------------
@@ -884,18 +885,21 @@ class SmtpSession(LeaseHolder, SMTP):
     async def smtp_BDAT(self, arg: str | None) -> None:
         """RFC 3030 section 2: read exactly chunk-size octets, then reply.
         A chunk is read (or discarded) in full whatever the reply, so a
-        pipelining client stays in sync; only a size that cannot be read
-        (no digits, or over the message size limit on its own) ends the
+        pipelining client stays in sync: "If a failure occurs after a BDAT
+        command is received, the receiver-SMTP MUST accept and discard the
+        associated message data before sending the appropriate 5XX or 4XX
+        code." That holds for a chunk over the message size limit on its
+        own too: its octets are counted and dropped as they arrive, never
+        held, and the 552 comes after them. Once a chunk is refused the
+        transaction has failed: later chunks of it (already pipelined, RFC
+        3030 section 2) are read, dropped and refused the same way until
+        BDAT LAST or RSET ends it. Only a size that is not 1*DIGIT ends the
         session, since the chunk's end could then not be found."""
         max_size = self.ctx.settings.server.max_message_size
         try:
             args = parse_bdat(arg)
         except BdatSyntaxError as exc:
             await self.reply(R.BAD_ARGUMENTS, f"{exc}; closing connection")
-            self._close_transport()
-            return
-        if args.size is None or args.size > max_size:
-            await self.reply(R.CHUNK_TOO_BIG)
             self._close_transport()
             return
         refusal = self._bdat_refusal()
@@ -908,6 +912,9 @@ class SmtpSession(LeaseHolder, SMTP):
                 spool_dir=self.ctx.settings.data_dir / "spool",
             )
         chunks = txn.chunks if refusal is None else None
+        failed = chunks is not None and chunks.verdict is not ChunkVerdict.OK
+        if chunks is not None:
+            chunks.announce(args.size)
         if not await self._read_chunk(args.size, chunks):
             return
         if refusal is None and chunks is not None:
@@ -915,7 +922,12 @@ class SmtpSession(LeaseHolder, SMTP):
         if refusal is not None:
             if args.last and chunks is not None:
                 self._set_post_data_state()  # the refused transaction ends here
-            await self.reply(refusal)
+            if failed:
+                # A failed transaction's pipelined chunks (RFC 3030 section
+                # 2) repeat its one error: not counted toward smtp.max_errors.
+                await self._push_raw(str(refusal))
+            else:
+                await self.reply(refusal)
             return
         assert chunks is not None
         if not args.last:
@@ -949,15 +961,17 @@ class SmtpSession(LeaseHolder, SMTP):
             return R.TEMP_FAILURE
         return None
 
-    async def _read_chunk(self, size: int, chunks: ChunkedMessage | None) -> bool:
+    async def _read_chunk(self, size: int | None, chunks: ChunkedMessage | None) -> bool:
         """Read ``size`` octets into ``chunks`` (None: read and drop them),
         a block at a time as they arrive; False if the connection was lost
-        first. The RFC 5321 section 4.5.3.2.5 data-block deadline applies
-        to each read."""
+        first. A ``size`` of None (more digits than any connection carries
+        octets) reads until the connection ends. The RFC 5321 section
+        4.5.3.2.5 data-block deadline applies to each read, so a client
+        that stops sending is closed as in DATA."""
         timeout = self.ctx.settings.smtp.data_timeout_seconds
         self._reset_timeout(timeout)
         read, clock = self._reader.read, self.loop.time
-        remaining = size
+        remaining = CHUNK_READ if size is None else size
         while remaining > 0:
             if self.transport is None:
                 return False
@@ -966,7 +980,8 @@ class SmtpSession(LeaseHolder, SMTP):
                 self._close_transport()
                 return False
             self._deadline = clock() + timeout
-            remaining -= len(block)
+            if size is not None:
+                remaining -= len(block)
             if chunks is not None:
                 chunks.feed(block)
         self._reset_timeout()

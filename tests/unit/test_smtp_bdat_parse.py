@@ -89,3 +89,21 @@ def test_chunks_past_the_limit_hold_nothing(tmp_path: Path) -> None:
     assert message.held == 0 and list(tmp_path.iterdir()) == []
     message.feed(b"z" * 10_000)  # the rest of the chunk: counted, not kept
     assert message.size == 11_001 and message.held == 0
+
+
+@pytest.mark.parametrize("declared", [None, 1_001, 10**15])
+def test_a_chunk_announced_past_the_limit_is_never_held(tmp_path: Path, declared) -> None:
+    """RFC 3030 section 2: a chunk whose declared size takes the message past
+    the limit is refused before its first octet, so none is kept while it is
+    read and discarded; an earlier verdict is not overwritten."""
+    rng = random.Random()
+    message = ChunkedMessage(1_000, spool_at=100, spool_dir=tmp_path)
+    message.announce(0)
+    assert message.verdict is ChunkVerdict.OK
+    message.announce(declared)
+    assert message.verdict is ChunkVerdict.TOO_BIG
+    for _ in range(rng.randrange(1, 20)):
+        message.feed(rng.randbytes(rng.randrange(1, 500)))
+        assert message.held == 0 and list(tmp_path.iterdir()) == []
+    message.announce(1)
+    assert message.verdict is ChunkVerdict.TOO_BIG

@@ -54,6 +54,14 @@ def stored_text(stored: bytes, sent: bytes) -> bytes:
     return stored[len(stored) - len(sent) :]
 
 
+async def deliver_in_one_chunk(client: SmtpDialogue, content: bytes) -> None:
+    """A transaction to ALICE whose message is one ``BDAT n LAST``: 250."""
+    await client.cmd("MAIL FROM:<someone@spf-pass.example> BODY=BINARYMIME")
+    await client.cmd(f"RCPT TO:<{ALICE}>")
+    await client.send(bdat(content, last=True))
+    assert (await client.reply()).startswith("250 2.0.0")
+
+
 # RFC 3030 section 4.1's first example, chunk sizes as it counts them.
 EXAMPLE_1 = (
     b"To: ned@innosoft.com\r\n"
@@ -181,18 +189,14 @@ async def test_bdat_dialogue(
         (b"BDAT 10 FIRST\r\n", "501 5.5.4"),
         (b"BDAT 10 LAST EXTRA\r\n", "501 5.5.4"),
         ("BDAT \u0664\u0662\r\n".encode(), "501 5.5.4"),  # Arabic-Indic digits
-        (b"BDAT 99999999999999999999\r\n", "552 5.3.4"),
-        (b"BDAT " + b"9" * 400 + b" LAST\r\n", "552 5.3.4"),
-        (b"BDAT 1" + b"0" * 999 + b" LAST\r\n", "552 5.3.4"),  # a 1000-digit size
         (b"BDAT -" + b"9" * 60_000 + b"\r\n", "501 5.5.4"),
-        (b"BDAT " + b"9" * 60_000 + b" LAST\r\n", "552 5.3.4"),
         (b"BDAT " + b"0" * 400 + b"1 LAST\r\nx", "250 2.0.0"),  # leading zeros: size 1
     ],
 )
 async def test_hostile_chunk_sizes(mta: Service, line: bytes, expected: str) -> None:
-    """A size that is not 1*DIGIT, or larger than the message size limit by
-    itself, is refused at once, nothing of that size is allocated or read,
-    and the connection is closed: where its chunk ends cannot be known."""
+    """A size that is not 1*DIGIT is refused at once, nothing of that size
+    is allocated or read, and the connection is closed: where its chunk
+    ends cannot be known."""
     async with await SmtpDialogue.open(mta.port("mx")) as client:
         await client.reply()
         await client.cmd("EHLO client.example")
@@ -203,6 +207,83 @@ async def test_hostile_chunk_sizes(mta: Service, line: bytes, expected: str) -> 
         assert reply.startswith(expected), reply
         if expected.startswith("5"):
             assert await asyncio.wait_for(client.reader.read(), 5) == b""  # closed
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"BDAT 99999999999999999999\r\n",
+        b"BDAT " + b"9" * 400 + b" LAST\r\n",
+        b"BDAT 1" + b"0" * 999 + b" LAST\r\n",  # a 1000-digit size
+        b"BDAT " + b"9" * 60_000 + b" LAST\r\n",
+    ],
+)
+async def test_sizes_past_any_connection_are_chunk_octets(mta: Service, line: bytes) -> None:
+    """RFC 3030 section 2: the octets after a BDAT line are its chunk, however
+    large the size (more than any client sends): what follows is never read
+    as commands, no reply comes before the chunk's end, and the session ends
+    when the client does, with no reply at all."""
+    rng = random.Random()
+    async with await SmtpDialogue.open(mta.port("mx")) as client:
+        await client.reply()
+        await client.cmd("EHLO client.example")
+        await client.cmd("MAIL FROM:<a@spf-pass.example>")
+        await client.cmd(f"RCPT TO:<{ALICE}>")
+        await client.send(line + rng.randbytes(rng.randrange(1, 300_000)) + b"\r\nNOOP\r\n")
+        client.writer.write_eof()
+        assert await asyncio.wait_for(client.reader.read(), 30) == b""
+
+
+async def test_chunk_over_limit_is_read_and_discarded(
+    settings: Settings, populated, tls_context
+) -> None:
+    """RFC 3030 section 2: "If a failure occurs after a BDAT command is
+    received, the receiver-SMTP MUST accept and discard the associated
+    message data before sending the appropriate 5XX or 4XX code." A chunk
+    larger than server.max_message_size on its own (random binary octets
+    with command lines inside) is read to its end, then refused 552 5.3.4;
+    the transaction has failed, so chunks of it already pipelined (more than
+    smtp.max_errors of them: they repeat one error) are read, discarded and
+    refused too; RSET (RFC 3030 section 2) clears it and the next
+    transaction on the same connection is stored byte for byte."""
+    rng = random.Random()
+    limit = settings.server.max_message_size = rng.randrange(100_000, 300_000)
+    pipelined = settings.smtp.max_errors + rng.randrange(1, 5)
+    commands = f"\r\nRSET\r\nMAIL FROM:<x@spf-pass.example>\r\nRCPT TO:<{ALICE}>\r\n"
+    big = (
+        rng.randbytes(rng.randrange(limit + 1, 4 * limit)) + commands.encode() + b"BDAT 1 LAST\r\n"
+    )
+    async with (
+        service(settings, populated, tls_context) as mta,
+        await SmtpDialogue.open(mta.port("mx")) as client,
+    ):
+        await client.reply()
+        await client.cmd("EHLO client.example")
+        for end in (b"RSET\r\n", bdat(b"end", last=True)):
+            await client.send(
+                b"MAIL FROM:<a@spf-pass.example> BODY=BINARYMIME\r\n"
+                + f"RCPT TO:<{ALICE}>\r\n".encode()
+                + bdat(big)
+                + b"".join(bdat(rng.randbytes(rng.randrange(0, 1000))) for _ in range(pipelined))
+                + end
+                + b"NOOP\r\n"
+            )
+            replies = [await client.reply(timeout=60) for _ in range(5 + pipelined)]
+            assert [r[:9] for r in replies] == [
+                "250 2.1.0",
+                "250 2.1.5",
+                "552 5.3.4",
+                *["552 5.3.4"] * pipelined,
+                "250 2.0.0" if end.startswith(b"RSET") else "552 5.3.4",
+                "250 2.0.0",
+            ], replies
+            assert (await client.cmd(f"RCPT TO:<{ALICE}>")).startswith("503")  # ended
+            assert spool_files(settings) == []
+        content = random_binary_message(rng, rng.randrange(1, limit // 2))
+        await deliver_in_one_chunk(client, content)
+    [stored] = await mailbox_messages(populated, ALICE)
+    stored_text(stored, content)
+    assert spool_files(settings) == []
 
 
 async def test_size_limit_as_chunks_arrive(settings: Settings, populated, tls_context) -> None:
@@ -239,10 +320,7 @@ async def test_size_limit_as_chunks_arrive(settings: Settings, populated, tls_co
             "250 2.0.0",
         ], replies
         assert (await client.cmd("RCPT TO:<alice@example.net>")).startswith("503")  # reset
-        await client.cmd("MAIL FROM:<a@spf-pass.example>")
-        await client.cmd(f"RCPT TO:<{ALICE}>")
-        await client.send(bdat(EXAMPLE_1, last=True))
-        assert (await client.reply()).startswith("250 2.0.0")
+        await deliver_in_one_chunk(client, EXAMPLE_1)
     [stored] = await mailbox_messages(populated, ALICE)
     stored_text(stored, EXAMPLE_1)
     assert spool_files(settings) == []
