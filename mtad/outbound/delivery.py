@@ -21,6 +21,15 @@ expires, then they fail with 5.7.30 (section 5, the worker). A message
 with "TLS-Required: No" (and no REQUIRETLS) ignores the recipient domain's
 MTA-STS and DANE policies and goes out with opportunistic TLS (section
 4.2.2); the local ``tls_policy`` levels still hold.
+
+RFC 8460 section 3: a TLS-RPT report of ours (``DsnEnvelope.tls_report``)
+is delivered "despite any TLS-related failures", and section 5.3: "sending
+MTAs MUST NOT honor MTA-STS or DANE TLSA failures". It goes with
+opportunistic TLS to every MX host (in clear if the handshake fails),
+whatever the recipient domain's policies or a mandatory local level (only
+``none`` holds: it forbids STARTTLS, it requires nothing); no policy is
+looked up, so none of its sessions is recorded for the next report
+("SHOULD NOT include this SMTP session in the next report").
 """
 
 from __future__ import annotations
@@ -68,6 +77,11 @@ class DsnRequest:
     def require_tls(self) -> bool:
         """REQUIRETLS (RFC 8689 section 4.1, where it also makes TLS-Required ignored)."""
         return self.envelope.require_tls
+
+    @property
+    def tls_report(self) -> bool:
+        """A TLS-RPT report of ours (RFC 8460 section 3): opportunistic TLS only."""
+        return self.envelope.tls_report
 
     def mail_params(self) -> list[str]:
         """RET and ENVID as the client gave them (RFC 3461 sections 4.3, 4.4)."""
@@ -165,6 +179,16 @@ def without_recipient_policy(tls: HostTls) -> HostTls:
     return tls
 
 
+def tls_for_report(policy: TlsPolicy, domain: str) -> HostTls:
+    """The TLS of a TLS-RPT report of ours to ``domain`` (RFC 8460 sections 3
+    and 5.3): opportunistic, no policy looked up or honoured; a local level
+    ``none`` still holds. OPPORTUNISTIC's policy type is "no-policy-found",
+    so none of the report's sessions is recorded for the next report."""
+    if policy.levels.get(domain.rstrip(".").lower()) == "none":
+        return HostTls("none", "tls_policy none")
+    return OPPORTUNISTIC
+
+
 HEADER_SCAN_LIMIT = 256 * 1024
 
 
@@ -221,7 +245,7 @@ async def deliver_domain(
     guarantee it was set up under. Recipients it leaves undecided (or all,
     if it fails) go the whole way: MX lookup, hosts in order."""
     domain_tls = None
-    if dest.connections.idle_keys(domain):
+    if dest.connections.idle_keys(domain) and not dsn.tls_report:  # a report: its own TLS
         domain_tls = await dest.tls.for_domain(dest.resolver, domain)
         cached = await _on_cached_session(
             dest, domain_tls, domain, sender, recipients, message, dsn
@@ -265,13 +289,14 @@ async def _deliver_by_mx(
     deferred: dict[str, RecipientResult] = {}  # the latest 4yz for each recipient
     pending = list(recipients)
     failure = local_reply(451, "4.4.1", f"no mail exchanger of {domain} answered")
-    if domain_tls is None:
+    fixed_tls = tls_for_report(dest.tls, domain) if dsn.tls_report else None
+    if domain_tls is None and fixed_tls is None:
         domain_tls = await dest.tls.for_domain(dest.resolver, domain)
     for host in hosts:
         if not pending:
             break
         try:
-            tls = await _host_tls(domain_tls, host, dsn)
+            tls = fixed_tls or await _host_tls(domain_tls, host, dsn)  # type: ignore[arg-type]
         except HostTlsError as exc:
             # RFC 8461 section 5 / RFC 7672 section 2.2: not this host, and
             # never in clear; the next host may do, else the mail waits.

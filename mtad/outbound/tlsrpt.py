@@ -247,12 +247,24 @@ async def send_reports(
 
 
 async def _mail(storage: Any, settings: Any, sender: str, to: str, message: bytes) -> None:
+    """``message`` to ``to`` through our own delivery; queued for a remote
+    address with the ``tls_report`` flag: RFC 8460 section 3, "sending MTAs
+    MUST deliver reports despite any TLS-related failures and SHOULD NOT
+    include this SMTP session in the next report" (mtad/outbound/delivery.py)."""
     from delivery.submit import Routing, deliver, resolve_recipient
+    from storage.sql.queue import DsnEnvelope
 
     route = await resolve_recipient(storage, to, settings=settings)
     routing = Routing.empty()
     routing.add(route, to)
-    await deliver(storage, mail_from=sender, routing=routing, message=message, settings=settings)
+    await deliver(
+        storage,
+        mail_from=sender,
+        routing=routing,
+        message=message,
+        dsn=DsnEnvelope(tls_report=True),
+        settings=settings,
+    )
 
 
 def _dns_resolver(resolver: Any) -> Any:

@@ -114,11 +114,15 @@ class DsnEnvelope:
     them (validated by the receiving session): ``ret`` "FULL" or "HDRS"
     (section 4.3), ``envid`` the ENVID xtext (section 4.4); None: not given.
     ``require_tls``: MAIL had the RFC 8689 REQUIRETLS parameter (section
-    4.1), carried with the other envelope parameters to the next hop."""
+    4.1), carried with the other envelope parameters to the next hop.
+    ``tls_report``: the message is a TLS-RPT report we send (RFC 8460
+    section 3), delivered whatever the recipient's MTA-STS or DANE policy
+    (``mtad/outbound/delivery.py``); set by ``mtad/outbound/tlsrpt.py``."""
 
     ret: str | None = None
     envid: str | None = None
     require_tls: bool = False
+    tls_report: bool = False
 
 
 @dataclass(frozen=True)
@@ -360,7 +364,7 @@ def _entry_of(partition: str, m, rcpts) -> QueuedMessage:
         ),
         held=bool(m.held),
         warned=bool(m.warned),
-        dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid, bool(m.require_tls)),
+        dsn=DsnEnvelope(m.dsn_ret, m.dsn_envid, bool(m.require_tls), bool(m.tls_report)),
     )
 
 
@@ -435,6 +439,7 @@ class OutboundQueue:
             "dsn_ret": envelope.ret,
             "dsn_envid": envelope.envid,
             "require_tls": envelope.require_tls,
+            "tls_report": envelope.tls_report,
         }
 
         def write(conn: Connection) -> int:

@@ -435,6 +435,8 @@ queue_messages = Table(
     Column("dsn_envid", String(100), nullable=True),
     # RFC 8689 section 4.1: MAIL FROM had REQUIRETLS; relayed only as section 4.2.1 says.
     Column("require_tls", Boolean, nullable=False, server_default=false()),
+    # v35, RFC 8460 section 3: a TLS-RPT report of ours, sent despite TLS failures.
+    Column("tls_report", Boolean, nullable=False, server_default=false()),
     sqlite_autoincrement=True,  # ids are never reused: see _v8_ids_never_reused
 )
 
@@ -1245,6 +1247,14 @@ async def _v35_grantee_metadata(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: grantee_metadata.create(sync, checkfirst=True))
 
 
+async def _v36_queue_tls_report(conn: AsyncConnection) -> None:
+    """``queue_messages.tls_report``: the message is a TLS-RPT report of ours
+    (RFC 8460 section 3: delivered despite TLS failures, with opportunistic
+    TLS, and not counted in the next report). A column with a false
+    default: every older entry is ordinary mail, so no row is rewritten."""
+    await _add_missing_columns(conn, queue_messages, ("tls_report",))
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1281,6 +1291,7 @@ MIGRATIONS: list[Step] = [
     _v33_dmarc_reports,
     _v34_queue_requiretls,
     _v35_grantee_metadata,
+    _v36_queue_tls_report,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

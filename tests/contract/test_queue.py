@@ -70,6 +70,24 @@ async def test_dsn_parameters_kept_per_entry_and_recipient(
     assert without.dsn == DsnEnvelope() and without.recipients[0].dsn == DsnRecipient()
 
 
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (True, True)])
+async def test_envelope_flags_kept_per_entry(
+    storage: SqlStorage, database_url: str, tmp_path, flags: tuple[bool, bool]
+) -> None:
+    """REQUIRETLS (RFC 8689 section 4.1) and the TLS-RPT report flag (RFC
+    8460 section 3) read back from another connection as they were queued."""
+    from storage.sql.queue import DsnEnvelope
+
+    key = await storage.blobs.put(b"Subject: flags\r\n\r\nbody\r\n")
+    envelope = DsnEnvelope(require_tls=flags[0], tls_report=flags[1])
+    qid = await storage.queue.enqueue("bob@example.org", ["a@remote.test"], key, dsn=envelope)
+    other = await open_storage_from_url(database_url, tmp_path / "blobs")
+    try:
+        assert (await other.queue.get(qid)).dsn == envelope
+    finally:
+        await other.close()
+
+
 # --- leasing, outcomes, admin operations (the workers' side) ----------------
 
 NOW = 1_800_000_000.0

@@ -33,6 +33,8 @@ from tests.integration.outbound.test_relay import inbox
 from tests.integration.outbound.test_requiretls import (  # noqa: F401 (fixtures)
     RCPT_HDR,
     World,
+    _after_attempts,
+    entry_with,
     lifetime,
     message,
     port,
@@ -195,3 +197,57 @@ async def test_daily_run_reports_each_finished_day_once(
 
 async def _has_success(world: World) -> bool:  # noqa: F811
     return any(r["result_type"] == "success" for r in reports(world.sender))
+
+
+class RuaAt:
+    """The node's resolver, but ``_smtp._tls.<domain>`` names ``rua`` (the
+    world's records name alice's mailbox, which is local)."""
+
+    def __init__(self, resolver, domain: str, rua: str) -> None:
+        self.resolver, self.name, self.rua = resolver, f"_smtp._tls.{domain}", rua
+
+    async def txt(self, name: str) -> list[str]:
+        if name == self.name:
+            return [f"v=TLSRPTv1; rua={self.rua}"]
+        return await self.resolver.txt(name)
+
+
+async def test_report_mail_goes_despite_the_policy_it_reports(
+    world: World,  # noqa: F811
+    client_tls_context,
+) -> None:
+    """RFC 8460 section 3: "sending MTAs MUST deliver reports despite any
+    TLS-related failures and SHOULD NOT include this SMTP session in the
+    next report", and section 5.3: "MUST NOT honor MTA-STS or DANE TLSA
+    failures". A report mailed to stsbad.test, whose enforce-mode MTA-STS
+    policy its MX certificate fails, arrives there byte for byte, and the
+    day's TLS-RPT log gains no line for it; ordinary mail to the same
+    mailbox is still held back by that policy (4.7.5) and logged."""
+    from mtad.outbound.tlsrpt import Report, send_reports
+
+    rcpt = "user@stsbad.test"
+    token = os.urandom(8).hex()
+    body = {"organization-name": "mail.test", "report-id": token, "policies": []}
+    report = Report("stsbad.test", body, f"mail.test!stsbad.test!{token}.json.gz")
+    logged = [r for r in reports(world.sender) if r["policy_domain"] == "stsbad.test"]
+    resolver = RuaAt(world.sender.service.resolver, "stsbad.test", f"mailto:{rcpt}")
+    sent = await send_reports(world.sender.storage, world.sender.settings, resolver, [report])
+    assert sent.delivered == [("stsbad.test", f"mailto:{rcpt}")] and sent.failed == []
+
+    async def arrived():
+        return [m for m in await inbox(world.wrong, rcpt) if b"TLS-Report-Domain" in m]
+
+    [raw] = await eventually(arrived, timeout=30)
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    [part] = list(msg.iter_attachments())
+    assert json.loads(gzip.decompress(part.get_content())) == body
+    assert [r for r in reports(world.sender) if r["policy_domain"] == "stsbad.test"] == logged
+
+    plain = os.urandom(8).hex()
+    await submit(world.sender, client_tls_context, rcpt, message(rcpt, plain), [])
+    entry = await eventually(partial(entry_with, world.sender, plain))
+    [state] = await eventually(partial(_after_attempts, world.sender, entry.id, 2), timeout=30)
+    assert state.status == "deferred" and "4.7.5" in (state.last_reply or ""), state
+    assert len([r for r in reports(world.sender) if r["policy_domain"] == "stsbad.test"]) > len(
+        logged
+    )
