@@ -14,7 +14,8 @@ Contract:
   first, DER) satisfies the records for ``host``: DANE-EE matches the leaf
   whatever its names and dates (section 3.1.1); DANE-TA matches a
   certificate of the chain that must then issue, by a valid chain, a leaf
-  naming ``host`` (section 3.1.2, 3.2.2).
+  naming ``host`` (section 3.1.2, 3.2.2). If not, a :class:`DaneMismatch`
+  says why and which RFC 8460 result type reports it.
 """
 
 from __future__ import annotations
@@ -109,11 +110,39 @@ def record_for(der: bytes, usage: int = DANE_EE, selector: int = 1, mtype: int =
     return Tlsa(usage, selector, mtype, data)
 
 
-def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes], host: str) -> str | None:
+# RFC 8460 result types (IANA "STARTTLS Validation Result Types"). Section
+# 4.3.2.1, tlsa-invalid: "a validation error in the TLSA record associated
+# with a DANE policy. None of the records in the RRset were found to be
+# valid": no record of the (validated) RRset matches what the host presents.
+TLSA_INVALID = "tlsa-invalid"
+# Section 4.3.1: the certificate breaks the DANE policy's constraints (the
+# MX host name, under DANE-TA), has expired, or its chain up to the TLSA
+# trust anchor does not hold.
+HOST_MISMATCH = "certificate-host-mismatch"
+EXPIRED = "certificate-expired"
+NOT_TRUSTED = "certificate-not-trusted"
+# Sections 4.3.1 and 4.3.3: a negotiation failure no category above fits.
+VALIDATION_FAILURE = "validation-failure"
+
+
+@dataclass(frozen=True)
+class DaneMismatch:
+    """Why a presented chain does not satisfy the TLSA records: ``text``
+    for replies and logs, ``result_type`` the RFC 8460 result type that
+    reports the failed session."""
+
+    result_type: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes], host: str) -> DaneMismatch | None:
     """None if ``chain`` (leaf first, DER) satisfies ``records`` for
     ``host``, else why not."""
     if not chain:
-        return "no certificate presented"
+        return DaneMismatch(VALIDATION_FAILURE, "no certificate presented")
     leaf = chain[0]
     if any(r.usage == DANE_EE and matches(r, leaf) for r in records):
         return None  # section 3.1.1: names and expiry are not checked
@@ -121,10 +150,10 @@ def verify_chain(records: tuple[Tlsa, ...], chain: list[bytes], host: str) -> st
         for index, der in enumerate(chain[1:], 1):
             if matches(record, der):
                 return _issued_by(chain, index, host)
-    return "no TLSA record matches the certificate chain"
+    return DaneMismatch(TLSA_INVALID, "no TLSA record matches the certificate chain")
 
 
-def _issued_by(chain: list[bytes], anchor: int, host: str) -> str | None:
+def _issued_by(chain: list[bytes], anchor: int, host: str) -> DaneMismatch | None:
     """Section 3.1.2: each certificate from the leaf up to the trust anchor
     ``chain[anchor]`` is signed by the next one, which is a CA; the leaf and
     the intermediates are within their dates; the leaf names ``host``
@@ -137,16 +166,18 @@ def _issued_by(chain: list[bytes], anchor: int, host: str) -> str | None:
             try:
                 constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints)
             except x509.ExtensionNotFound:
-                return f"DANE-TA: {issuer.subject.rfc4514_string()} is not a CA"
-            if not constraints.value.ca:
-                return f"DANE-TA: {issuer.subject.rfc4514_string()} is not a CA"
+                constraints = None
+            if constraints is None or not constraints.value.ca:
+                text = f"DANE-TA: {issuer.subject.rfc4514_string()} is not a CA"
+                return DaneMismatch(NOT_TRUSTED, text)
             cert.verify_directly_issued_by(issuer)
             if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-                return f"DANE-TA: {cert.subject.rfc4514_string()} is expired or not yet valid"
+                text = f"DANE-TA: {cert.subject.rfc4514_string()} is expired or not yet valid"
+                return DaneMismatch(EXPIRED, text)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        return f"DANE-TA chain not valid: {exc or type(exc).__name__}"
+        return DaneMismatch(NOT_TRUSTED, f"DANE-TA chain not valid: {exc or type(exc).__name__}")
     if not any(_name_matches(name, host) for name in _dns_names(certs[0])):
-        return f"DANE-TA: the certificate does not name {host}"
+        return DaneMismatch(HOST_MISMATCH, f"DANE-TA: the certificate does not name {host}")
     return None
 
 

@@ -587,7 +587,10 @@ async def _starttls(
     if tls.level == "dane" and client.tls:
         why = verify_chain(tls.records, client.peer_chain(), host.name)
         if why is not None:
-            await dest.tls.reports.record(domain, host.name, tls, "validation-failure", why)
+            # RFC 8460 section 4.3: a certificate no TLSA record matches is
+            # tlsa-invalid (4.3.2.1), not the catch-all validation-failure
+            # (4.3.3); DANE-TA name, date and chain failures are 4.3.1's.
+            await dest.tls.reports.record(domain, host.name, tls, why.result_type, why.text)
             client.abort()
             # RFC 7672 section 2.2: a host whose TLSA records match nothing is not used.
             raise HostFailure(local_reply(451, "4.7.5", f"{host.name}: DANE: {why}"))

@@ -261,10 +261,14 @@ class DomainTls:
                 return None  # RFC 7672 section 2.2.3: no TLSA lookup for an insecure host
             lookup: DaneLookup = await tlsa_for(self.resolver, host.name)  # type: ignore[arg-type]
         except DnsTemporaryError as exc:
-            # RFC 7672 section 2.2: a failed TLSA lookup means the host is not used.
+            # RFC 7672 section 2.2: a failed TLSA lookup means the host is not
+            # used. RFC 8460 section 4.3.2.1: SERVFAIL, a timeout or a bogus
+            # answer is dnssec-invalid, "no valid records were returned from
+            # the recursive resolver" (tlsa-invalid is for records returned
+            # of which none is valid: dane.verify_chain).
             tls = HostTls("dane", "DANE", policy_type="tlsa")
             await self.policy.reports.record(
-                self.domain, host.name, tls, "tlsa-invalid", f"TLSA lookup failed: {exc}"
+                self.domain, host.name, tls, "dnssec-invalid", f"TLSA lookup failed: {exc}"
             )
             raise HostTlsError("4.7.5", f"{host.name}: DANE: TLSA lookup failed: {exc}") from exc
         if not lookup.secure:

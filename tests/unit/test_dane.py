@@ -11,7 +11,15 @@ from types import SimpleNamespace
 import pytest
 import trustme
 
-from mtad.outbound.dane import DANE_EE, DANE_TA, Tlsa, record_for, tlsa_for, verify_chain
+from mtad.outbound.dane import (
+    DANE_EE,
+    DANE_TA,
+    DaneMismatch,
+    Tlsa,
+    record_for,
+    tlsa_for,
+    verify_chain,
+)
 
 
 def ders(leaf: trustme.LeafCert) -> list[bytes]:
@@ -38,10 +46,14 @@ def test_dane_ee_matches_the_leaf_whatever_its_name(ca, selector: int, mtype: in
 def test_dane_ee_mismatch_and_unusable_records(ca) -> None:
     chain = ders(ca.issue_cert("mx.example.test"))
     wrong = Tlsa(DANE_EE, 1, 1, os.urandom(32))
-    assert verify_chain((wrong,), chain, "mx.example.test") == (
-        "no TLSA record matches the certificate chain"
+    # RFC 8460 section 4.3.2.1: none of the RRset's records is valid for
+    # what the host presents: tlsa-invalid; no certificate at all fits no
+    # category (sections 4.3.1, 4.3.3).
+    assert verify_chain((wrong,), chain, "mx.example.test") == DaneMismatch(
+        "tlsa-invalid", "no TLSA record matches the certificate chain"
     )
-    assert verify_chain((record_for(chain[0]),), [], "mx.example.test") is not None
+    missing = verify_chain((record_for(chain[0]),), [], "mx.example.test")
+    assert missing is not None and missing.result_type == "validation-failure"
     good = record_for(chain[0])
     # Section 3.1.3: PKIX-TA(0) and PKIX-EE(1) are not usable for SMTP.
     for usage in (0, 1):
@@ -58,13 +70,28 @@ def test_dane_ta_needs_the_anchor_in_the_chain_and_the_mx_name(ca) -> None:
     assert len(chain) == 2
     anchor = record_for(chain[1], DANE_TA, 0, 1)
     assert verify_chain((anchor,), chain, "mx.example.test") is None
-    # Section 3.2.2: under DANE-TA the certificate must name the MX host.
-    assert "does not name" in verify_chain((anchor,), chain, "mx.other.test")
+    # Section 3.2.2: under DANE-TA the certificate must name the MX host
+    # (RFC 8460 section 4.3.1: certificate-host-mismatch).
+    named = verify_chain((anchor,), chain, "mx.other.test")
+    assert named is not None and "does not name" in named.text
+    assert named.result_type == "certificate-host-mismatch"
     # A TA record for a certificate not in the chain matches nothing.
     stranger = ders(ca.create_child_ca().issue_cert("mx.example.test"))
-    assert verify_chain((anchor,), stranger, "mx.example.test") is not None
+    unmatched = verify_chain((anchor,), stranger, "mx.example.test")
+    assert unmatched is not None and unmatched.result_type == "tlsa-invalid"
     # A DANE-TA record of the leaf itself is not an anchor.
-    assert verify_chain((record_for(chain[0], DANE_TA),), chain, "mx.example.test") is not None
+    leaf_ta = verify_chain((record_for(chain[0], DANE_TA),), chain, "mx.example.test")
+    assert leaf_ta is not None and leaf_ta.result_type == "tlsa-invalid"
+
+
+def test_dane_ta_anchor_that_signed_nothing_is_not_trusted(ca) -> None:
+    """The TA record matches a certificate of the chain that did not issue
+    the one below it: the chain does not hold up to the anchor (RFC 7672
+    section 3.1.2), certificate-not-trusted (RFC 8460 section 4.3.1)."""
+    leaf = ders(ca.create_child_ca().issue_cert("mx.example.test"))[0]
+    other = ders(ca.create_child_ca().issue_cert("mx.example.test"))[1]
+    broken = verify_chain((record_for(other, DANE_TA, 1, 1),), [leaf, other], "mx.example.test")
+    assert broken is not None and broken.result_type == "certificate-not-trusted", broken
 
 
 class Secure:
@@ -101,4 +128,6 @@ def test_expiry_matters_under_dane_ta_only(ca) -> None:
     intermediate = ca.create_child_ca()
     chain = ders(intermediate.issue_cert("mx.example.test", not_before=past, not_after=past))
     anchor = record_for(chain[1], DANE_TA, 1, 2)
-    assert "expired" in verify_chain((anchor,), chain, "mx.example.test")
+    expired_ta = verify_chain((anchor,), chain, "mx.example.test")
+    assert expired_ta is not None and "expired" in expired_ta.text
+    assert expired_ta.result_type == "certificate-expired"  # RFC 8460 section 4.3.1

@@ -369,3 +369,9 @@ async def test_dane(world: World, client_tls_context) -> None:
         "dane-bad.test",
         "dane-servfail.test",
     }
+    # RFC 8460 section 4.3.2.1: records returned, none matching the
+    # certificate: tlsa-invalid; no valid answer from the resolver (SERVFAIL):
+    # dnssec-invalid.
+    types = {r["policy_domain"]: r["result_type"] for r in found if r["policy_type"] == "tlsa"}
+    assert types["dane-bad.test"] == "tlsa-invalid", found
+    assert types["dane-servfail.test"] == "dnssec-invalid", found
