@@ -13,6 +13,7 @@ import os
 import pathlib
 import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -301,8 +302,13 @@ async def test_a_pass_stops_when_its_lease_cannot_be_renewed(site: SqlStorage) -
     with pytest.raises(gc.LeaseLost):
         async with gc.gc_lease(site, "slow", seconds=0.3) as held:
             assert held
-            await store.release_lock(gc.LEASE_NAME, "slow")
-            assert await store.acquire_lock(gc.LEASE_NAME, "other", 600.0)
+            # Taken over in one statement: a release then an acquire would
+            # let the renewer (every 0.1 s) take it back between them.
+            async with store.db.write() as conn:
+                await conn.execute(
+                    text("UPDATE locks SET owner = 'other', expires = :e WHERE name = :n"),
+                    {"e": time.time() + 600, "n": gc.LEASE_NAME},
+                )
             await asyncio.Event().wait()  # a pass that would run forever
     # The other holder keeps it.
     assert not await store.acquire_lock(gc.LEASE_NAME, "slow", 600.0)

@@ -18,6 +18,7 @@ from storage.tasks import stop_task
 async def _merge_losing_one_cancel(state: dict[str, int]) -> int:
     """A merge that, asked to stop, swallows the first cancellation and
     returns a result anyway (the driver's race), then behaves."""
+    state["started"] = state.get("started", 0) + 1
     try:
         await asyncio.sleep(random.uniform(0.01, 0.05))
     except asyncio.CancelledError:
@@ -36,6 +37,10 @@ async def test_the_merger_stops_although_its_merge_lost_a_cancellation(
     merger = fts.PendingListMerger(lambda: _merge_losing_one_cancel(state))
     merger.start()
     await asyncio.sleep(random.uniform(0.05, 0.2))
+    # The cancel must land inside a merge (where it is lost), not on the
+    # merger's own wait between merges, where a loaded machine may be.
+    while state.get("started", 0) <= state["merges"]:  # noqa: ASYNC110
+        await asyncio.sleep(0)
     closing = asyncio.create_task(merger.close())
     # Not wait_for: its own timeout cancels close(), a second cancellation
     # that would end the merger and hide a close that never ends.
