@@ -61,6 +61,12 @@ _FOUND_ANY = select(blob_deletions.c.id, blob_deletions.c.key).where(
 )
 _FOUND_KEY = _FOUND_ANY.where(blob_deletions.c.key == bindparam("b_key"))
 _FEW_KEYS = 8
+# PostgreSQL: any number of keys in one prepared statement (an array), beside
+# the IN list that SQLite gets; the same rows.
+_FOUND_KEYS_PG = text(
+    "SELECT blob_deletions.id, blob_deletions.key FROM blob_deletions "
+    "WHERE blob_deletions.id > :b_after AND blob_deletions.key = ANY(CAST(:b_keys AS TEXT[]))"
+)
 
 
 def found_sync(
@@ -71,6 +77,9 @@ def found_sync(
     if keys is None:
         return [(r[0], r[1]) for r in execute(conn, _FOUND_ANY, {"b_after": after}).all()]
     out: list[tuple[int, str]] = []
+    if conn.dialect.name == "postgresql":
+        params = {"b_after": after, "b_keys": sorted(keys)}
+        return [(r[0], r[1]) for r in execute(conn, _FOUND_KEYS_PG, params).all()]
     if conn.dialect.name == "sqlite" and len(keys) <= _FEW_KEYS:
         for key in sorted(keys):
             params = {"b_after": after, "b_key": key}
