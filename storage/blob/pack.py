@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import threading
@@ -282,6 +283,13 @@ class BlobPack:
                 conn.close()
 
 
+@functools.cache
+def _row_statement(columns: str) -> Any:
+    """``TablePack.row``'s statement for ``columns``: one object per
+    columns string, kept, as ``storage.sql.db.execute`` caches by identity."""
+    return text(f"SELECT {columns} FROM blobs WHERE key = :key")
+
+
 class TablePack:
     """The ``blobs`` table of a PostgreSQL database (``database``: a
     ``storage.sql.db.Database``), read and garbage-collected through the
@@ -294,12 +302,16 @@ class TablePack:
         self.database = database
 
     async def row(self, columns: str, key: str) -> tuple[object, ...] | None:
-        """``columns`` (SQL) of the blob's row, or None."""
-        async with self.database.read() as conn:
-            found = await conn.execute(
-                text(f"SELECT {columns} FROM blobs WHERE key = :key"), {"key": key}
-            )
-            return found.first()  # type: ignore[no-any-return]
+        """``columns`` (SQL) of the blob's row, or None. One round trip on a
+        held connection (``Database.read_sync``), the statement prepared
+        once per connection: a message's first FETCH reads its blob here."""
+        from storage.sql.db import execute  # the schema imports this module
+
+        stmt = _row_statement(columns)
+        params = {"key": key}
+        return await self.database.read_sync(  # type: ignore[no-any-return]
+            lambda conn: execute(conn, stmt, params).first()
+        )
 
     async def keys(self) -> list[str]:
         async with self.database.read() as conn:

@@ -9,7 +9,7 @@ import asyncio
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class Site:
     storage: SqlStorage
     bob: Account
     log: Path
+    ran: list[str] = field(default_factory=list)  # the last statements() call's
 
     async def statements(self, work: Awaitable[Any]) -> tuple[Any, list[str], int]:
         """What ``work`` returned, the statements the server ran for it
@@ -67,6 +68,7 @@ class Site:
         text = self.log.read_bytes()[start:].decode(errors="replace")
         ran = [s.strip() for s in re.findall(r"(?:statement|execute [^:]*): (.*)", text)]
         calls = [s for s in ran if s and not s.startswith(_PER_BATCH)]
+        self.ran = ran
         return result, calls, sum(s.startswith("COMMIT") for s in ran)
 
 
@@ -165,3 +167,21 @@ async def test_a_flag_change_costs_two_statements(site: Site) -> None:
     assert sorted(seen) == sorted(flagged)
     status = await mail.status(site.bob.id, box)
     assert status.highestmodseq == count + 1 + len(flagged)
+
+
+async def test_reading_a_blob_kept_in_the_shard_is_one_statement(site: Site) -> None:
+    """A message's first FETCH reads its bytes from the shard's ``blobs``
+    table (small messages are kept there): one statement on a held
+    connection, no BEGIN, ROLLBACK or pool ping around it; byte for byte."""
+    delivery = [Delivery(site.bob, "INBOX")]
+    made = [build(body=random.randbytes(random.randint(1, 3000)).hex())[0] for _ in range(3)]
+    for raw in made:
+        await ingest(site.storage, delivery, raw)
+    mail = site.storage.mail(site.bob)
+    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
+    keys = [e.blob_key for e in await mail.uids(site.bob.id, box)]
+    assert await site.storage.blobs.get(keys[0]) == made[0]  # a reader connection made
+    for key, raw in zip(keys[1:], made[1:], strict=True):
+        data, _, _ = await site.statements(site.storage.blobs.get(key))
+        assert data == raw
+        assert [s for s in site.ran if s] == ["SELECT data FROM blobs WHERE key = $1"], site.ran
