@@ -53,6 +53,7 @@ from sqlalchemy.util import await_only
 from storage.errors import ErrorKind, StorageError
 from storage.sql import fts, schema
 from storage.sql.pgreaders import PgReaders
+from storage.tasks import stop_task
 from storage.walsync import WalFile
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ SQLITE_READERS = 3
 # with a ``key`` (an account) run beside batches of other keys only, so
 # two of them never wait for each other's row locks (see _take_pg_batch).
 PG_WRITERS = 4
+# A writer connection whose COMMIT AND CHAIN began a transaction no batch
+# used within this many seconds ends it (Database._end_chains).
+CHAIN_IDLE_SECONDS = 1.0
 # A PostgreSQL batch that failed as a whole on a deadlock or serialization
 # failure (nothing committed: another process's batch locked the same
 # accounts in the other order) runs again, at most this many times in all.
@@ -472,6 +476,15 @@ class _PgTransaction:
         self._raw = conn.connection.driver_connection
 
     @property
+    def raw(self) -> asyncpg.Connection:
+        return self._raw
+
+    @classmethod
+    def of(cls, conn: AsyncConnection) -> _PgTransaction:
+        """The same for a held writer connection, between batches."""
+        return cls(conn.sync_connection)  # type: ignore[arg-type]
+
+    @property
     def in_transaction(self) -> bool:
         # A closed asyncpg connection has no protocol to ask (AttributeError).
         return not self._raw.is_closed() and bool(self._raw.is_in_transaction())
@@ -542,6 +555,10 @@ class Database:
         self._pg_running = 0
         self._pg_exclusive = False
         self._pg_lanes: set[asyncio.Task[None]] = set()
+        # When each held writer connection came back, and the task ending
+        # the transactions left open on idle ones (see _end_chains).
+        self._pg_returned: dict[int, float] = {}
+        self._chain_ender: asyncio.Task[None] | None = None
         # SQLite group commit: the queue, the task draining it, the writer
         # thread and its connection (opened in that thread on first use).
         self._batch_queue: list[_Batched] = []
@@ -829,9 +846,9 @@ class Database:
         one of them is being deleted or was lately (a newer row), the call
         fails with ``BlobsBeingDeleted`` and commits nothing: the caller
         stores its blobs again and retries (``storage/blob/deleting.py``).
-        Every batch transaction on PostgreSQL holds :data:`PG_BLOB_LOCK`
-        shared from its BEGIN, so a marking either committed before that
-        lookup or waits for this commit.
+        A batch transaction on PostgreSQL holding such a call holds
+        :data:`PG_BLOB_LOCK` shared from its first round trip, so a marking
+        either committed before that lookup or waits for this commit.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -867,6 +884,28 @@ class Database:
                     continue
             # Until a call is queued, a ``ready`` ends or a batch commits.
             await self._batch_wake.wait()
+
+    async def _end_chains(self) -> None:
+        """While writer connections wait idle in a transaction that a
+        COMMIT AND CHAIN began (see _transaction): those idle for
+        CHAIN_IDLE_SECONDS end it (ROLLBACK), so none stays idle in a
+        transaction for long (a site's ``idle_in_transaction_session_timeout``
+        would cut it, and a transaction's ``now()`` would grow old)."""
+        loop = asyncio.get_running_loop()
+        while any(_PgTransaction.of(c).in_transaction for c in self._pg_idle):
+            await asyncio.sleep(CHAIN_IDLE_SECONDS)
+            now = loop.time()
+            for conn in list(self._pg_idle):
+                idle = now - self._pg_returned.get(id(conn), now)
+                if idle < CHAIN_IDLE_SECONDS or not _PgTransaction.of(conn).in_transaction:
+                    continue
+                self._pg_idle.remove(conn)  # no batch takes it meanwhile
+                try:
+                    await _PgTransaction.of(conn).raw.execute("ROLLBACK", timeout=PING_TIMEOUT)
+                except Exception:
+                    await self._drop_pg_writer(conn)
+                else:
+                    self._pg_idle.insert(0, conn)  # taken last (batches pop the end)
 
     def _take_pg_batch(self) -> tuple[list[_Batched], set[int], bool]:
         """The next PostgreSQL batch (its calls, their keys, and whether it
@@ -946,6 +985,13 @@ class Database:
                     continue
                 return exc
             self._pg_idle.append(conn)
+            loop = asyncio.get_running_loop()
+            if len(self._pg_returned) > 4 * PG_WRITERS:  # forget dropped connections
+                kept = self._pg_returned
+                self._pg_returned = {id(c): kept.get(id(c), 0.0) for c in self._pg_idle}
+            self._pg_returned[id(conn)] = loop.time()
+            if self._chain_ender is None or self._chain_ender.done():
+                self._chain_ender = loop.create_task(self._end_chains())
             return outcomes
 
     async def _commit_landed(self, token: str) -> bool:
@@ -1327,10 +1373,17 @@ class Database:
         """One transaction, a SAVEPOINT per function when there are several."""
         fns = [fn for fn, _, _ in items]
         outcomes: list[tuple[bool, Any]] = []
+        # PostgreSQL: the blob lock only where a call's blobs are looked up
+        # (_await_ready), and the next batch begun by this one's COMMIT
+        # (see _transaction).
+        opts = {
+            "blob_lock": any(keys is not None for _, _, keys in items),
+            "chain": not self.is_sqlite,
+        }
         try:
             if len(fns) == 1:
                 try:
-                    with _transaction(conn, durable):
+                    with _transaction(conn, durable, **opts):
                         outcomes.append((True, fns[0](conn)))
                         self._await_ready(conn, items, outcomes)
                 except _NotReady:
@@ -1344,7 +1397,7 @@ class Database:
             # costs the writer a wait for the GIL while the loop is busy. If
             # one fails, all roll back and run again, each in a SAVEPOINT.
             try:
-                with _transaction(conn, durable):
+                with _transaction(conn, durable, **opts):
                     for fn in fns:
                         try:
                             outcomes.append((True, fn(conn)))
@@ -1358,7 +1411,7 @@ class Database:
                 outcomes = []
             # Plain SAVEPOINT statements on the driver connection: SQLAlchemy's
             # begin_nested() costs several times more, once per delivery.
-            with _transaction(conn, durable) as driver:
+            with _transaction(conn, durable, **opts) as driver:
                 for fn in fns:
                     driver.execute("SAVEPOINT batched")
                     try:
@@ -1506,12 +1559,16 @@ class Database:
                 log.exception("pending writes failed at close")
         if self._settling is not None:
             await asyncio.wait([self._settling])
+        if self._chain_ender is not None:
+            await stop_task(self._chain_ender)
         while self._pg_idle:
             conn = self._pg_idle.pop()
             try:
                 # Bounded: the pool's reset on return is a round trip that a
                 # hung server never answers; then the connection is dropped.
                 async with asyncio.timeout(PING_TIMEOUT):
+                    if _PgTransaction.of(conn).in_transaction:  # chained
+                        await _PgTransaction.of(conn).raw.execute("ROLLBACK")
                     await conn.close()
             except Exception:
                 with suppress(Exception):
@@ -1536,7 +1593,13 @@ class Database:
 
 
 @contextmanager
-def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
+def _transaction(
+    conn: Connection,
+    durable: bool = True,
+    *,
+    blob_lock: bool = True,
+    chain: bool = False,
+) -> Iterator[Any]:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (``ROLLBACK`` on an exception) on
     the writer's driver connection, which it yields (on PostgreSQL
     ``BEGIN``, through :class:`_PgTransaction`).
@@ -1545,7 +1608,17 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
     thread's GIL time in the STORE bench. A write function may still run
     statements through SQLAlchemy: its autobegin finds the driver already
     in a transaction and adds no BEGIN (see ``_setup_sqlite``), and its
-    bookkeeping is reset here once the driver's transaction has ended."""
+    bookkeeping is reset here once the driver's transaction has ended.
+
+    PostgreSQL only: ``blob_lock``, the batch looks up blobs being deleted
+    and holds :data:`PG_BLOB_LOCK` shared from its first round trip;
+    ``chain``, the COMMIT begins the connection's next transaction
+    (``COMMIT AND CHAIN``, PostgreSQL manual, COMMIT), so that the next
+    batch on it sends no BEGIN of its own: one round trip of the four of a
+    STORE batch (a connection left idle in it is rolled back within
+    seconds, ``Database._end_chains``). The commit mark (durable) or
+    ``synchronous_commit`` off (not) goes in the COMMIT's round trip: both
+    act at the commit."""
     driver: Any
     token: str | None = None
     if conn.dialect.name == "sqlite":
@@ -1554,29 +1627,38 @@ def _transaction(conn: Connection, durable: bool = True) -> Iterator[Any]:
         driver.execute("BEGIN IMMEDIATE")
     else:
         # The batch writer's connection is in autocommit mode for
-        # SQLAlchemy (no BEGIN of its own): this BEGIN is the transaction.
-        # Not durable: COMMIT returns before the WAL flush (a crash of the
-        # server may lose the commit, never corrupt it), one statement.
+        # SQLAlchemy (no BEGIN of its own): this BEGIN, or the last
+        # batch's COMMIT AND CHAIN, is the transaction.
         driver = _PgTransaction(conn)
-        if durable:
-            # The batch's commit mark (see COMMIT_IN_DOUBT_SECONDS), in BEGIN's round trip.
-            token = uuid.uuid4().hex
-            driver.execute(
-                f"BEGIN; INSERT INTO commit_marks (token) VALUES ('{token}'); {_BLOB_LOCK}"
-            )
-        else:
-            driver.execute(f"BEGIN; SET LOCAL synchronous_commit TO OFF; {_BLOB_LOCK}")
+        begin = [] if driver.in_transaction else ["BEGIN"]
+        if blob_lock:
+            begin.append(_BLOB_LOCK)
+        if begin:
+            driver.execute("; ".join(begin))
     try:
         yield driver
-        if token is None:
+        if conn.dialect.name == "sqlite":
             driver.execute("COMMIT")
         else:
-            try:
-                driver.execute("COMMIT", timeout=COMMIT_WAIT_SECONDS)
-            except Exception as exc:
-                # Even an error reply may come after the local commit (a cancelled wait
-                # for a synchronous replica): only the mark can tell.
-                raise _CommitInDoubt(token) from exc
+            commit = "COMMIT AND CHAIN" if chain else "COMMIT"
+            if not durable:
+                # COMMIT returns before the WAL flush (a crash of the server
+                # may lose the commit, never corrupt it).
+                driver.execute(f"SET LOCAL synchronous_commit TO OFF; {commit}")
+            else:
+                # The batch's commit mark (see COMMIT_IN_DOUBT_SECONDS), its
+                # time this statement's (a chained transaction began earlier).
+                token = uuid.uuid4().hex
+                try:
+                    driver.execute(
+                        "INSERT INTO commit_marks (token, at) VALUES "
+                        f"('{token}', statement_timestamp()); {commit}",
+                        timeout=COMMIT_WAIT_SECONDS,
+                    )
+                except Exception as exc:
+                    # Even an error reply may come after the local commit (a cancelled
+                    # wait for a synchronous replica): only the mark can tell.
+                    raise _CommitInDoubt(token) from exc
     except _CommitInDoubt:
         # No ROLLBACK: the connection may not answer (it is dropped), and
         # the outcome is for the mark to tell (Database._commit_landed).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ ROUND_TRIPS_PER_DELIVERY = 2
 # range's entries in one; then the entries' flags, HIGHESTMODSEQ, change log
 # and counters in one.
 ROUND_TRIPS_PER_STORE = 2
-# Not per call: BEGIN and COMMIT (per batch), NOTIFY (per commit), and per
+# Not per call: BEGIN and COMMIT (per batch; with the blob lock, and the
+# commit mark or synchronous_commit off in the COMMIT's round trip), NOTIFY (per commit), and per
 # connection the pool's ping (an empty statement) and asyncpg's first look
 # at a type (the array types of the one-statement flush); the batch's look
 # for blobs being deleted; and, once a second, not per call: the search
@@ -40,6 +41,9 @@ ROUND_TRIPS_PER_STORE = 2
 _PER_BATCH = (
     "BEGIN",
     "COMMIT",
+    "SELECT pg_advisory_xact_lock_shared",
+    "INSERT INTO commit_marks",
+    "SET LOCAL synchronous_commit",
     "SELECT pg_notify",
     "WITH RECURSIVE typeinfo_tree",
     "SET LOCAL statement_timeout",
@@ -53,12 +57,22 @@ _PER_BATCH = (
 )
 
 
+# A batch writer's BEGIN, alone or with what its round trip carries (the
+# blob lock); not SQLAlchemy's "BEGIN;" of other sessions (the search
+# index's merger).
+_WRITER_BEGIN = re.compile(r"BEGIN(?:$|; \S)")
+# A batch's COMMIT, alone or at the end of its round trip's statements.
+_COMMIT = re.compile(r"(?:^|; )COMMIT(?: AND CHAIN)?$")
+
+
 @dataclass
 class Site:
     storage: SqlStorage
     bob: Account
     log: Path
+    connect: Callable[[], Awaitable[asyncpg.Connection]]  # another session
     ran: list[str] = field(default_factory=list)  # the last statements() call's
+    begins: int = 0  # of them, the batch writer's BEGINs
 
     async def statements(self, work: Awaitable[Any]) -> tuple[Any, list[str], int]:
         """What ``work`` returned, the statements the server ran for it
@@ -69,7 +83,8 @@ class Site:
         ran = [s.strip() for s in re.findall(r"(?:statement|execute [^:]*): (.*)", text)]
         calls = [s for s in ran if s and not s.startswith(_PER_BATCH)]
         self.ran = ran
-        return result, calls, sum(s.startswith("COMMIT") for s in ran)
+        self.begins = sum(bool(_WRITER_BEGIN.match(s)) for s in ran)
+        return result, calls, sum(bool(_COMMIT.search(s)) for s in ran)
 
 
 @pytest.fixture
@@ -82,13 +97,16 @@ async def site(pg_server: Any, tmp_path: Path) -> AsyncIterator[Site]:
     try:
         await storage.directory.add_domain("example.org")
         bob = await storage.directory.add_account("bob@example.org", "pw")
-        admin = await asyncpg.connect(
-            host="127.0.0.1", port=server.port, user=server.user, database=name
-        )
+        def connect() -> Awaitable[asyncpg.Connection]:
+            return asyncpg.connect(
+                host="127.0.0.1", port=server.port, user=server.user, database=name
+            )
+
+        admin = await connect()
         await admin.execute(f"ALTER DATABASE \"{name}\" SET log_statement = 'all'")
         await admin.close()
         await storage.databases["default"].engine.dispose()  # new sessions log
-        yield Site(storage, bob, server.root / "postgres.log")
+        yield Site(storage, bob, server.root / "postgres.log", connect)
     finally:
         await storage.close()
 
@@ -167,6 +185,107 @@ async def test_a_flag_change_costs_two_statements(site: Site) -> None:
     assert sorted(seen) == sorted(flagged)
     status = await mail.status(site.bob.id, box)
     assert status.highestmodseq == count + 1 + len(flagged)
+
+
+async def _until(site: Site, count_sql: str, done: Callable[[int], bool]) -> None:
+    """Returns once ``done`` holds for the count another session reads."""
+    probe = await site.connect()
+    try:
+        while True:
+            if done(await probe.fetchval(count_sql)):
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await probe.close()
+
+
+async def _waiting_for_a_lock(site: Site) -> None:
+    await _until(
+        site,
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        bool,
+    )
+
+
+async def _holding_bob(site: Site) -> asyncpg.Connection:
+    """Another session with Bob's account row locked, as another
+    instance's write holds it; its ROLLBACK lets it go."""
+    other = await site.connect()
+    await other.execute("BEGIN")
+    await other.execute(
+        "SELECT 1 FROM shard_accounts WHERE account_id = $1 FOR UPDATE", site.bob.id
+    )
+    return other
+
+
+async def _flag_while_held(
+    site: Site, other: asyncpg.Connection, uids: list[int], cancelled: bool
+) -> list[Any]:
+    """STOREs of ``uids`` of Bob's INBOX behind ``other``'s lock: the first
+    waits for it while the others queue behind it; with ``cancelled`` their
+    callers give up before the lock goes."""
+    mail = site.storage.mail(site.bob)
+    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
+
+    def flag(uid: int) -> asyncio.Future[Any]:
+        stored = mail.store_flags(site.bob.id, box, UidSet.of([uid]), StoreMode.ADD, [SEEN])
+        return asyncio.ensure_future(stored)
+
+    first = flag(uids[0])
+    await _waiting_for_a_lock(site)
+    rest = [flag(uid) for uid in uids[1:]]
+    await asyncio.sleep(0)  # queued
+    if cancelled:
+        for later in rest:
+            later.cancel()
+    await other.execute("ROLLBACK")
+    await other.close()
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+async def test_a_batch_after_another_sends_no_begin(site: Site) -> None:
+    """A busy writer: a batch's COMMIT begins the next transaction in its
+    round trip (COMMIT AND CHAIN), so the batch after it sends no BEGIN: a
+    STORE batch is three round trips, not four."""
+    count = random.randint(3, 12)
+    await deliver_some(site, count)
+    uids = random.sample(range(1, count + 1), random.randint(2, count))
+    other = await _holding_bob(site)
+    results, _, commits = await site.statements(_flag_while_held(site, other, uids, False))
+    assert [r.updated[0].uid for r in results] == uids
+    assert commits == 2  # the first STORE, then all the others in one batch
+    # The second batch runs in the transaction the first's COMMIT began (and
+    # the first, unless seconds passed, in the one the deliveries' began).
+    assert site.begins <= 1, site.ran
+    mail = site.storage.mail(site.bob)
+    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
+    seen = [e.uid for e in await mail.uids(site.bob.id, box) if SEEN in e.flags]
+    assert sorted(seen) == sorted(uids)
+
+
+async def test_a_chained_transaction_nobody_used_ends(site: Site) -> None:
+    """The calls queued behind a batch went away (their callers gave up):
+    the transaction its COMMIT began is not left open on the idle writer
+    connection (a site's ``idle_in_transaction_session_timeout`` would cut
+    it), and the STOREs given up wrote nothing."""
+    count = random.randint(3, 12)
+    await deliver_some(site, count)
+    uids = random.sample(range(1, count + 1), random.randint(2, count))
+    results = await _flag_while_held(site, await _holding_bob(site), uids, True)
+    assert [e.uid for e in results[0].updated] == uids[:1]
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[1:])
+    idle_in_transaction = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'idle in transaction'"
+    )
+    await _until(site, idle_in_transaction, lambda n: n == 0)
+    log = site.log.read_text(errors="replace")
+    assert "COMMIT AND CHAIN" in log
+    mail = site.storage.mail(site.bob)
+    box = (await mail.get_mailbox(site.bob.id, "INBOX")).id
+    seen = [e.uid for e in await mail.uids(site.bob.id, box) if SEEN in e.flags]
+    assert seen == uids[:1]
 
 
 async def test_reading_a_blob_kept_in_the_shard_is_one_statement(site: Site) -> None:
