@@ -148,18 +148,7 @@ async def test_a_missing_attachment_part_is_named_in_the_error(
     missing; the message's own key is the one that is there)."""
     from storage.errors import ErrorKind, StorageError
 
-    await site.directory.add_domain("example.org")
-    account = await site.directory.add_account("carol@example.org", "pw")
-    blobs = site.blobs_for(account)
-    assert isinstance(blobs, SkeletonBlobStore)
-    part = random.randbytes(threshold + random.randint(1, 5_000)).hex().encode()
-    raw = (
-        b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n"
-        b"--z\r\n\r\ntext\r\n--z\r\nContent-Type: application/pdf\r\n\r\n" + part + b"\r\n--z--\r\n"
-    )
-    await ingest(site, [Delivery(account)], raw)
-    key = hashlib.sha256(raw).hexdigest()
-    (part_key,) = await blobs.references(key)
+    blobs, raw, key, part_key = await _one_part_message(site, threshold, "carol", b"x")
     await blobs.inner.delete(part_key)
     reads = [
         lambda: blobs.get(key),
@@ -216,18 +205,7 @@ async def test_garbage_collection_deletes_nothing_while_a_named_skeleton_reads_m
     from storage.blob.audit import blob_stats
     from storage.errors import ErrorKind, StorageError
 
-    await site.directory.add_domain("example.org")
-    account = await site.directory.add_account("erin@example.org", "pw")
-    blobs = site.blobs_for(account)
-    assert isinstance(blobs, SkeletonBlobStore)
-    part = random.randbytes(threshold + random.randint(1, 5_000)).hex().encode()
-    raw = (
-        b"Subject: z\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n"
-        b"--z\r\n\r\ntext\r\n--z\r\nContent-Type: application/pdf\r\n\r\n" + part + b"\r\n--z--\r\n"
-    )
-    await ingest(site, [Delivery(account)], raw)
-    key = hashlib.sha256(raw).hexdigest()
-    (part_key,) = await blobs.references(key)
+    blobs, raw, key, part_key = await _one_part_message(site, threshold, "erin", b"z")
     blobs._skeletons.clear()  # a process that has not read it yet
     original = blobs.inner.get_range
 
@@ -247,3 +225,24 @@ async def test_garbage_collection_deletes_nothing_while_a_named_skeleton_reads_m
         blobs.inner.get_range = original  # type: ignore[method-assign]
     await site.collect_garbage(min_age_seconds=-60)
     assert await blobs.get(key) == raw
+
+
+async def _one_part_message(
+    site: SqlStorage, threshold: int, user: str, subject: bytes
+) -> tuple[SkeletonBlobStore, bytes, str, str]:
+    """A message of one attachment part over the threshold, ingested for a
+    new account ``user``: its store, bytes, key and the part's key."""
+    await site.directory.add_domain("example.org")
+    account = await site.directory.add_account(f"{user}@example.org", "pw")
+    blobs = site.blobs_for(account)
+    assert isinstance(blobs, SkeletonBlobStore)
+    part = random.randbytes(threshold + random.randint(1, 5_000)).hex().encode()
+    raw = (
+        b"Subject: " + subject + b"\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\n\r\ntext\r\n"
+        b"--z\r\nContent-Type: application/pdf\r\n\r\n" + part + b"\r\n--z--\r\n"
+    )
+    await ingest(site, [Delivery(account)], raw)
+    key = hashlib.sha256(raw).hexdigest()
+    (part_key,) = await blobs.references(key)
+    return blobs, raw, key, part_key
