@@ -510,7 +510,24 @@ def _fails_batch(exc: BaseException) -> bool:
         return True
     # A connection that died under the call (its server was killed, a
     # failover): the held writer connection must go, not only this call.
+    return lost_connection(exc)
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it wraps, is asyncpg saying the
+    connection was already gone (closed, or the server's FATAL unread):
+    the statement was not sent."""
     return any(_lost_connection(link) for link in _chain(exc))
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is the connection's failure rather than the
+    statement's: :func:`lost_connection`, a reset socket, or the server
+    ending the session (SQLSTATE class 08; 57P01-57P03, a shutdown). The
+    statement may have been sent: only a read may simply run again."""
+    if lost_connection(exc) or _sqlstate(exc) in {"57P01", "57P02", "57P03"}:
+        return True
+    return _sqlstate(exc)[:2] == "08" or any(isinstance(link, OSError) for link in _chain(exc))
 
 
 def _is_conflict(exc: BaseException) -> bool:
@@ -966,8 +983,10 @@ class Database:
         items = [(b.fn, b.ready, b.blob_keys) for b in batch]
         durable = any(b.durable for b in batch)
         attempt = 1
+        may_reconnect = True
         while True:
             conn = self._pg_idle.pop() if self._pg_idle else None
+            reused = conn is not None
             try:
                 if conn is None:
                     fresh = await self.engine.connect()
@@ -980,6 +999,16 @@ class Database:
                     if await self._commit_landed(exc.token):
                         return exc.outcomes
                     return exc.__cause__ or exc
+                if reused and may_reconnect and isinstance(exc, Exception) and lost_connection(exc):
+                    # The server closed the held connection while it was idle
+                    # (a restart, a failover): asyncpg sent nothing on it, so
+                    # nothing of the batch committed. The other idle ones are
+                    # as old; the batch runs again on a new connection.
+                    may_reconnect = False
+                    stale, self._pg_idle = self._pg_idle, []
+                    for old in stale:
+                        await self._drop_pg_writer(old)
+                    continue
                 if attempt < PG_BATCH_ATTEMPTS and _is_conflict(exc):
                     attempt += 1
                     continue

@@ -117,8 +117,26 @@ class PgReaders:
         self._releasing: set[asyncio.Task[None]] = set()
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
         reader = self._take()
+        if reader is not None:
+            try:
+                return await self._run_on(reader, fn, reused=True)
+            except _DroppedWhileIdle:
+                # The server closed this connection while it sat idle (a
+                # restart, a failover, an idle timeout), perhaps before
+                # asyncpg saw it go: ``fn`` only reads, so it is read again
+                # on a new connection, as a pool's checkout ping would have
+                # found before use.
+                pass
+        return await self._run_on(None, fn, reused=False)
+
+    async def _run_on(
+        self, reader: _Reader | None, fn: Callable[[Connection], T], reused: bool
+    ) -> T:
+        """``fn`` on ``reader`` (None: a new connection) under the watchdog.
+        Raises :class:`_DroppedWhileIdle` when a ``reused`` connection
+        failed as a connection (not the statement, not a hang)."""
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(None) as limit:
             watch = _Watch(limit)
             watch.handle = loop.call_later(READ_CHECK_AFTER, self._check, watch)
@@ -133,9 +151,13 @@ class PgReaders:
                     self._after_failure(reader, exc, limit.expired())
                 if limit.expired():
                     raise _unanswered() from exc
+                if reused and isinstance(exc, Exception) and _dropped(exc):
+                    raise _DroppedWhileIdle from exc
                 if _client_state_error(exc):
                     # The driver's own state, not the read's: a 503, not a 500.
-                    raise StorageError(ErrorKind.TEMPORARY, f"database connection: {exc}") from exc
+                    # Its text (with the statement) goes to the log only.
+                    log.warning("a read lost its database connection: %r", exc)
+                    raise StorageError(ErrorKind.TEMPORARY, "database connection lost") from exc
                 raise
             watch.active = False
             watch.handle.cancel()
@@ -291,6 +313,16 @@ def _client_state_error(exc: BaseException) -> bool:
     from sqlalchemy import exc as sa_exc
 
     return isinstance(exc, (sa_exc.InterfaceError, sa_exc.InternalError))
+
+
+class _DroppedWhileIdle(Exception):
+    """A held connection the server had closed while it was idle."""
+
+
+def _dropped(exc: Exception) -> bool:
+    from storage.sql.db import connection_failed  # db builds PgReaders: no cycle at import
+
+    return connection_failed(exc)
 
 
 def _unanswered() -> StorageError:
