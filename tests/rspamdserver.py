@@ -261,6 +261,18 @@ worker "controller" {{
             kind: int(counts.get(f"learns_{kind}".encode(), 0)) for kind in ("spam", "ham")
         }
 
+    def learns_reach(self, expected: dict[str, int], within: float = 10.0) -> dict[str, int]:
+        """:meth:`learns` once it equals ``expected``, or as it stands after
+        ``within`` seconds. rspamd answers a learn before all of its Redis
+        writes have landed (an unlearn of the other class comes after), so
+        the counters may lag the learn's reply by a moment."""
+        deadline = time.monotonic() + within
+        while True:
+            seen = self.learns()
+            if seen == expected or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.05)
+
     def _kill(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
