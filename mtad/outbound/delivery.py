@@ -12,13 +12,14 @@ under the same TLS rules (see :func:`deliver_domain`). RFC 3461 DSN
 parameters go on to a host that offers DSN, unchanged (section 5.2.1);
 ``RecipientResult.dsn_passed`` tells whether they did.
 
-RFC 8689: a message with REQUIRETLS goes only to a host reached with TLS
-whose certificate is validated (DANE, else PKIX for the MX name, as an
-MTA-STS policy would) and that offers REQUIRETLS, with REQUIRETLS on MAIL
-(section 4.2.1). A validated host without REQUIRETLS fails the recipients
-at once (5.7.30); no validated TLS defers them (4.7.30) until the entry
-expires, then they fail with 5.7.30 (section 5, the worker). A message
-with "TLS-Required: No" (and no REQUIRETLS) ignores the recipient domain's
+RFC 8689: a message with REQUIRETLS goes only to an MX host validated by
+DNSSEC or an MTA-STS policy, reached with TLS whose certificate is
+validated (DANE, else PKIX for the MX name, as an MTA-STS policy would)
+and that offers REQUIRETLS, with REQUIRETLS on MAIL (section 4.2.1). A
+validated host without REQUIRETLS fails the recipients at once (5.7.30);
+no validated MX or TLS defers them (4.7.30) until the entry expires,
+then they fail with 5.7.30 (section 5, the worker). A message with
+"TLS-Required: No" (and no REQUIRETLS) ignores the recipient domain's
 MTA-STS and DANE policies and goes out with opportunistic TLS (section
 4.2.2); the local ``tls_policy`` levels still hold.
 
@@ -349,6 +350,15 @@ async def _host_tls(domain_tls: DomainTls, host: MailHost, dsn: DsnRequest) -> H
             raise
         tls = OPPORTUNISTIC  # RFC 8689 section 4.2.2: the policy is ignored
     if dsn.require_tls:
+        if not domain_tls.validates_mx(host):
+            # RFC 8689 section 4.2.1 item 2: the MX must be validated by
+            # DNSSEC or an MTA-STS policy; else it is not used (deferred,
+            # 4.7.30, and 5.7.30 when the entry expires: section 5).
+            raise HostTlsError(
+                REQUIRETLS_WAIT,
+                f"{host.name}: REQUIRETLS: MX of {domain_tls.domain} neither "
+                "DNSSEC-validated nor listed by an MTA-STS policy",
+            )
         return for_requiretls(tls)
     if dsn.tls_optional:
         return without_recipient_policy(tls)

@@ -217,12 +217,12 @@ class TlsPolicy:
                 sts = None  # RFC 8461 section 5: as if there were no policy
         dane = self.dane and level in (None, "dane")
         mx_secure = False
-        if dane:
+        if self.dane:  # a validating resolver is trusted: the AD bit means something
             try:
                 _, mx_secure = await resolver.secure(domain, "MX")  # type: ignore[attr-defined]
             except DnsTemporaryError:
                 mx_secure = False  # mail_exchangers already answered: treat as insecure
-        return DomainTls(self, resolver, domain, level, sts, dane and mx_secure)
+        return DomainTls(self, resolver, domain, level, sts, dane and mx_secure, mx_secure)
 
 
 def _is_ip(name: str) -> bool:
@@ -241,6 +241,15 @@ class DomainTls:
     level: str | None
     sts: StsPolicy | None
     dane: bool  # DANE applies: enabled and the MX RRset validated (RFC 7672 2.2.1)
+    mx_dnssec: bool = False  # the MX RRset validated by the trusted resolver (AD bit)
+
+    def validates_mx(self, host: MailHost) -> bool:
+        """Whether ``host`` is known to be a mail exchanger of the domain by
+        more than plain DNS: the MX lookup was DNSSEC-validated, or an
+        MTA-STS policy (fetched over authenticated HTTPS, any mode but
+        none) lists it. RFC 8689 section 4.2.1 item 2 asks this for a
+        REQUIRETLS message."""
+        return self.mx_dnssec or (self.sts is not None and self.sts.allows(host.name))
 
     async def for_host(self, host: MailHost) -> HostTls:
         """The TLS for ``host``, or HostTlsError if it must not be used."""

@@ -7,12 +7,16 @@ policy server as in test_tls_security.py):
 domain             MX address   peer
 =================  ===========  =============================================
 secure.test        127.0.0.41   shardmail mtad, test-CA certificate for its MX
+plain.test         127.0.0.41   the same host (MX mx.secure.test), no MTA-STS
 wrongcert.test     127.0.0.42   shardmail mtad, certificate for another name
 stsbad.test        127.0.0.42   the same, with an MTA-STS enforce policy
-                                (secure.test has one too, which it meets)
 norequire.test     127.0.0.43   scripted sink: valid certificate, STARTTLS,
                                 no REQUIRETLS keyword
 =================  ===========  =============================================
+
+Every domain but plain.test publishes an MTA-STS policy listing its MX
+(wrongcert.test in testing mode, the others enforce): with no DNSSEC here,
+that is what validates an MX for REQUIRETLS (RFC 8689 section 4.2.1).
 
 The sender is a shardmail mtad with queue workers; mail is submitted with
 smtplib on 587 (STARTTLS, AUTH), with ``mail_options=["REQUIRETLS"]``.
@@ -63,9 +67,15 @@ SECURE_IP = "127.0.0.41"
 WRONG_IP = "127.0.0.42"
 SINK_IP = "127.0.0.43"
 RCPT_HDR = "user@x.test"
+STS_MODES = {
+    "stsbad.test": "enforce",
+    "secure.test": "enforce",
+    "norequire.test": "enforce",
+    "wrongcert.test": "testing",
+}
 STS_POLICIES = {
-    d: f"version: STSv1\r\nmode: enforce\r\nmx: mx.{d}\r\nmax_age: 86400\r\n"
-    for d in ("stsbad.test", "secure.test")
+    d: f"version: STSv1\r\nmode: {mode}\r\nmx: mx.{d}\r\nmax_age: 86400\r\n"
+    for d, mode in STS_MODES.items()
 }
 REPORTED = ("stsbad.test", "secure.test")
 
@@ -93,6 +103,7 @@ def rt_dns(dkim_setup: DkimSetup, report_port: int) -> Iterator[DnsServer]:
         ("norequire.test", SINK_IP),
     ):
         zone.a(f"mx.{domain}", ip).mx(domain, f"mx.{domain}", 10)
+    zone.mx("plain.test", "mx.secure.test", 10)
     for domain in STS_POLICIES:
         zone.a(f"mta-sts.{domain}", "127.0.0.1")
         zone.txt(f"_mta-sts.{domain}", "v=STSv1; id=20261207T0200")
@@ -138,7 +149,12 @@ async def world(
     async with PolicyServer(server_context(policy_cert), routes) as policies, sink:
         try:
             for name, ip, leaf, domains in (
-                ("secure", SECURE_IP, tls_ca.issue_cert("mx.secure.test"), ("secure.test",)),
+                (
+                    "secure",
+                    SECURE_IP,
+                    tls_ca.issue_cert("mx.secure.test"),
+                    ("secure.test", "plain.test"),
+                ),
                 (
                     "wrong",
                     WRONG_IP,
@@ -272,11 +288,12 @@ async def test_requiretls_relayed_to_a_qualified_host(world: World, client_tls_c
 @pytest.mark.parametrize("lifetime", [8])
 async def test_requiretls_not_met_bounces_5_7_30(world: World, client_tls_context) -> None:
     """A host without REQUIRETLS: never sent, a 5.7.30 bounce at once. A
-    certificate that does not validate: deferred (4.7.30), never sent, and
-    bounced with 5.7.30 when the entry expires. Neither bounce holds the
-    content (RFC 8689 section 5)."""
+    certificate that does not validate, or an MX that neither DNSSEC nor
+    MTA-STS validates (plain.test: its host would meet everything else):
+    deferred (4.7.30), never sent, and bounced with 5.7.30 when the entry
+    expires. No bounce holds the content (RFC 8689 section 5)."""
     ctx = client_tls_context
-    tokens = {"wrongcert.test": os.urandom(8).hex(), "norequire.test": os.urandom(8).hex()}
+    tokens = {d: os.urandom(8).hex() for d in ("wrongcert.test", "norequire.test", "plain.test")}
     for domain, token in tokens.items():
         await submit(world.sender, ctx, f"user@{domain}", message(RCPT_HDR, token), ["REQUIRETLS"])
     report = await bounce_for(world.sender, tokens["norequire.test"])
@@ -293,12 +310,21 @@ async def test_requiretls_not_met_bounces_5_7_30(world: World, client_tls_contex
     assert await inbox(world.wrong, "user@wrongcert.test") == []
     assert world.sink.received == []
     assert world.sink.transactions == 0
+    # RFC 8689 section 4.2.1 item 2: the MX itself not validated.
+    report = await bounce_for(world.sender, tokens["plain.test"])
+    assert statuses(report) == ["5.7.30"]
+    said = " ".join(report.as_string().split())
+    assert "MX of plain.test neither DNSSEC-validated nor listed by an MTA-STS policy" in said
+    assert b"The secret body" not in report.as_bytes()
+    assert await inbox(world.secure, "user@plain.test") == []
 
     # The same messages without REQUIRETLS go out (opportunistic TLS).
     plain = os.urandom(8).hex()
     await submit(world.sender, ctx, "user@wrongcert.test", message(RCPT_HDR, plain), [])
     await submit(world.sender, ctx, "user@norequire.test", message(RCPT_HDR, plain), [])
+    await submit(world.sender, ctx, "user@plain.test", message(RCPT_HDR, plain), [])
     await eventually(partial(inbox, world.wrong, "user@wrongcert.test"), timeout=30)
+    await eventually(partial(inbox, world.secure, "user@plain.test"), timeout=30)
     await eventually(lambda: world.sink.received, timeout=30)
     assert world.sink.received[0].tls and "REQUIRETLS" not in world.sink.received[0].mail_params
 
