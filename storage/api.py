@@ -234,12 +234,17 @@ class MailStore(Protocol):
         account_id: int,
         mailbox_id: int,
         items: Sequence[tuple[int, Iterable[str], dt.datetime | None]],
+        *,
+        claim_recent: bool = False,
     ) -> list[AppendResult]:
         """``append`` of several stored messages (row id, flags, internal
         date) into one mailbox in ONE transaction: all committed when this
         returns, or none (NOT_FOUND, OVER_QUOTA for their sum). UIDs in the
-        order given. What a COPY or MOVE from another account commits
-        (``storage.ingest.ingest_many``)."""
+        order given. What a COPY or MOVE from another account and a
+        MULTIAPPEND commit (``storage.ingest.ingest_many``).
+        ``claim_recent``: the mailbox's recent floor moves past the new
+        entries in the same transaction, each result carrying the floor
+        before (as ``deliver``'s)."""
 
     async def drop_staged(self, account_id: int, message_ids: Iterable[int]) -> None:
         """Deletes those of the account's message rows ``message_ids``

@@ -463,6 +463,8 @@ async def ingest_many(
     account: Account,
     mailbox_id: int,
     messages: AsyncIterable[tuple[bytes | Path, tuple[str, ...], datetime | None]],
+    *,
+    claim_recent: bool = False,
 ) -> list[AppendResult]:
     """Stores every message of ``messages`` (source, flags, internal date)
     into one mailbox of ``account``, all or none: when this returns, all
@@ -478,7 +480,9 @@ async def ingest_many(
     (``MailStore.append_many``) commits; the staged rows of a failure are
     deleted before this raises (shielded from cancellation; a staged row
     that an entry names, the transaction having committed as the caller
-    was cancelled, stays with its entry)."""
+    was cancelled, stays with its entry). ``claim_recent``: as
+    ``MailStore.append_many``'s (an IMAP MULTIAPPEND to its own selected
+    mailbox)."""
     store = storage.mail(account)
     await store.get_mailbox_by_id(account.id, mailbox_id)  # NOT_FOUND before any work
     staged: list[tuple[int, tuple[str, ...], datetime | None]] = []
@@ -487,7 +491,7 @@ async def ingest_many(
             staged.append((await _stage(storage, account, source), flags, internal_date))
         if not staged:
             return []
-        return await store.append_many(account.id, mailbox_id, staged)
+        return await store.append_many(account.id, mailbox_id, staged, claim_recent=claim_recent)
     except BaseException:
         if staged:
             await asyncio.shield(_drop_staged(store, account, [m for m, _, _ in staged]))

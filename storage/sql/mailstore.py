@@ -1895,13 +1895,15 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         account_id: int,
         mailbox_id: int,
         items: Sequence[tuple[int, Iterable[str], dt.datetime | None]],
+        *,
+        claim_recent: bool = False,
     ) -> list[AppendResult]:
         """:meth:`append` of several stored messages (message row id,
         flags, internal date) into one mailbox, in ONE transaction: every
         entry is committed when this returns, or none is (NOT_FOUND for a
         message or the mailbox, OVER_QUOTA if their sizes together do not
         fit). UIDs ascending in the order given. Durable and published on
-        return."""
+        return. ``claim_recent``: as :meth:`deliver`'s."""
         now = dt.datetime.now(dt.UTC)
         saved = _split_date(now)[0]
         # Flag iterables may be one-shot; the write function may run again.
@@ -1926,6 +1928,10 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
                 )  # fmt: skip
                 uid, modseq = result.uid + 1, result.modseq
                 results.append(result)
+            if claim_recent:
+                floor = int(mbox.recent_floor)
+                execute(conn, _SET_RECENT_FLOOR, {"b_id": mbox.id, "b_floor": uid})
+                results = [dataclasses.replace(r, recent_floor=floor) for r in results]
             return results, tx.flush_sync(conn)
 
         async def published(outcome: tuple[list[AppendResult], list[Change]]) -> None:

@@ -71,3 +71,34 @@ async def test_a_delivery_can_claim_recent_in_its_transaction(
     assert await mail.claim_recent(bob.id, box) == 4
     (again,) = await ingest(storage, [Delivery(bob, box, claim_recent=True)], raw)
     assert (again.recent_floor, again.uid) == (4, 4)
+
+
+async def test_ingest_many_can_claim_recent_in_its_transaction(
+    storage: SqlStorage, bob: Account
+) -> None:
+    """A MULTIAPPEND to the appender's selected mailbox: every message is
+    \\Recent for it, and the floor moves past them in the same commit."""
+    import random
+    from collections.abc import AsyncIterator
+
+    from storage.ingest import ingest_many
+
+    mail = storage.mail(bob)
+    box = (await mail.get_mailbox(bob.id, "INBOX")).id
+    await deliver(storage, bob)  # UID 1, unclaimed
+    count = random.randint(2, 5)
+
+    async def messages() -> AsyncIterator[tuple[bytes, tuple[str, ...], None]]:
+        for n in range(count):
+            yield b"Subject: %d\r\n\r\n" % n + random.randbytes(random.randint(1, 300)), (), None
+
+    plain = await ingest_many(storage, bob, box, messages())
+    assert [r.recent_floor for r in plain] == [None] * count
+    assert await mail.peek_recent(bob.id, box) == 1 + count
+    claimed = await ingest_many(storage, bob, box, messages(), claim_recent=True)
+    # UIDs 1 up to the last are the claimer's; the floor lies past them.
+    assert [(r.recent_floor, r.uid) for r in claimed] == [
+        (1, 2 + count + n) for n in range(count)
+    ]
+    assert await mail.peek_recent(bob.id, box) == 0
+    assert await mail.claim_recent(bob.id, box) == 2 + 2 * count

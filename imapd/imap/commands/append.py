@@ -5,17 +5,16 @@ CATENATE (RFC 4469, assembled by :mod:`imapd.imap.commands.catenate`).
 MULTIAPPEND is atomic (RFC 3502 section 6.3.11: "either all messages are
 successfully appended, or no messages are appended"): every message is
 checked (present, non-empty, within the size limit) before any is stored,
-so a bad message anywhere stores nothing; a failure while storing (quota,
-database) undoes the messages already stored (flagged \\Deleted and
-expunged, by UID) before the NO goes out.
+so a bad message anywhere stores nothing; then all are committed in one
+transaction (``storage.ingest.ingest_many``), so a failure while storing
+(quota for their sum, the database) leaves the mailbox as it was.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from delivery.spool import SpoolFile
 from imapd.imap.commands.catenate import BadUrl, TooBig, assemble
@@ -25,12 +24,10 @@ from imapd.imap.wire import encode
 from imapd.imap.wire.commands import Append, Catenate
 from storage.acl import flag_rights
 from storage.errors import ErrorKind, StorageError
-from storage.model import DELETED, AppendResult, StoreMode, UidSet
+from storage.model import AppendResult
 
-if TYPE_CHECKING:
-    from storage.api import MailStore
-
-log = logging.getLogger("imapd.imap")
+# One message of a MULTIAPPEND as ``ingest_many`` takes it: source, flags, date.
+Staged = tuple[bytes | Path, tuple[str, ...], datetime | None]
 
 
 def _source(message: object) -> tuple[bytes | Path, int] | None:
@@ -42,7 +39,7 @@ def _source(message: object) -> tuple[bytes | Path, int] | None:
 
 
 async def handle_append(s: Session, cmd: Append) -> Reply:
-    from storage.ingest import Delivery, ingest
+    from storage.ingest import Delivery, ingest, ingest_many
 
     assert s.mail is not None and s.account is not None
     try:
@@ -77,19 +74,26 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
             return no("Message too large", "TOOBIG")
         sources.append(source)
     claim = owner.id == s.account.id and s.claims_recent_in(box.id)
-    results: list[AppendResult] = []
-    try:
-        for (flags, date, _), source in zip(items, sources, strict=True):
-            # RFC 4314 section 4: flags without the right to set them are dropped.
-            needs = flag_rights(flags)
-            kept = tuple(f for f in flags if needs[f] in access.rights)
-            delivery = Delivery(owner, box.id, kept, date, claim_recent=claim)
-            results.append((await ingest(s.storage, [delivery], source))[0])
-    except BaseException:
-        if results:
-            store = access.store.store
-            await asyncio.shield(_undo(store, owner.id, box.id, [r.uid for r in results]))
-        raise
+    # RFC 4314 section 4: flags without the right to set them are dropped.
+    kept = []
+    for flags, _, _ in items:
+        needs = flag_rights(flags)
+        kept.append(tuple(f for f in flags if needs[f] in access.rights))
+    results: list[AppendResult]
+    if len(items) == 1:
+        delivery = Delivery(owner, box.id, kept[0], items[0][1], claim_recent=claim)
+        results = await ingest(s.storage, [delivery], sources[0])
+    else:
+        # RFC 3502 section 6.3.11: all or none. Each message is staged
+        # (blob and row, in no mailbox), then one transaction gives them
+        # their UIDs: a failure (quota for their sum, the database) leaves
+        # the mailbox as it was, not even a UID taken, nothing for another
+        # session to see come and go.
+        async def messages() -> AsyncIterator[Staged]:
+            for (_, date, _), flags, source in zip(items, kept, sources, strict=True):
+                yield source, flags, date
+
+        results = await ingest_many(s.storage, owner, box.id, messages(), claim_recent=claim)
     for r in results:
         claimed = None if r.recent_floor is None else (r.recent_floor, r.uid)
         entry = r.entry if len(results) == 1 else None
@@ -97,16 +101,3 @@ async def handle_append(s: Session, cmd: Append) -> Reply:
     # RFC 4315 section 3 / RFC 3502 section 6.3.11: the UID set, in order.
     uid_set = encode.sequence_set([r.uid for r in results]).decode()
     return ok("APPEND completed", f"APPENDUID {results[0].uidvalidity} {uid_set}")
-
-
-async def _undo(store: MailStore, account_id: int, mailbox_id: int, uids: list[int]) -> None:
-    """Remove the messages a failed MULTIAPPEND stored (by UID, nothing
-    else), from the owner's store (whatever rights the appender holds)."""
-    try:
-        await store.store_flags(account_id, mailbox_id, UidSet.of(uids), StoreMode.ADD, (DELETED,))
-        gone = await store.expunge(account_id, mailbox_id, UidSet.of(uids))
-    except Exception:
-        log.exception("MULTIAPPEND undo of UIDs %s failed", uids)
-        return
-    if sorted(gone) != sorted(uids):
-        log.error("MULTIAPPEND undo removed %s of %s", gone, uids)

@@ -65,8 +65,11 @@ async def test_multiappend_with_a_bad_message_stores_nothing(imap_env: ImapEnv) 
     await c.close()
 
 
-async def test_multiappend_failing_while_storing_is_undone(imap_env: ImapEnv) -> None:
-    """Over quota at a random message: those before it are taken back."""
+async def test_multiappend_failing_while_storing_leaves_the_mailbox_as_it_was(
+    imap_env: ImapEnv,
+) -> None:
+    """Over quota at a random message: nothing stored, not even a UID taken,
+    and a session watching the mailbox sees nothing come and go."""
     rng = random.Random()
     raws = _messages(rng, rng.randint(3, 9))
     cut = rng.randrange(1, len(raws))
@@ -76,10 +79,13 @@ async def test_multiappend_failing_while_storing_is_undone(imap_env: ImapEnv) ->
     c = await imap_env.client(login=True)
     watcher = await imap_env.client(login=True)
     await watcher.ok("SELECT INBOX")
+    before = await _status(c)
     await c.send(_multiappend(raws))  # type: ignore[arg-type]
     lines = await c.until("a1")
     assert re.fullmatch(rb"a1 NO \[OVERQUOTA\] .*", lines[-1]), lines
-    assert (await _status(c)).startswith(b'* STATUS "INBOX" (MESSAGES 0 ')
+    assert await _status(c) == before  # MESSAGES 0, UIDNEXT as it was
+    lines = await watcher.ok("NOOP")
+    assert not [line for line in lines if b"EXISTS" in line or b"EXPUNGE" in line], lines
     lines = await watcher.ok("UID SEARCH ALL")
     assert lines[0] == b"* SEARCH", lines
     await c.close()
@@ -103,3 +109,22 @@ async def test_imapclient_multiappend(imap_env: ImapEnv) -> None:
     typ, data = reply  # type: ignore[misc]
     assert typ == "OK" and re.match(rb"\[APPENDUID \d+ 1:%d\] " % len(raws), data[0]), reply
     assert stored == raws
+
+
+async def test_multiappend_to_the_selected_mailbox_claims_recent(imap_env: ImapEnv) -> None:
+    """RFC 3501 section 2.3.2: messages this session appends to its selected
+    mailbox are \\Recent for it, and for no other session."""
+    rng = random.Random()
+    raws = _messages(rng, rng.randint(2, 6))
+    c = await imap_env.client(login=True)
+    await c.ok("SELECT INBOX")
+    await c.send(_multiappend(raws))  # type: ignore[arg-type]
+    lines = await c.until("a1")
+    assert lines[-1].startswith(b"a1 OK "), lines
+    assert b"* %d EXISTS" % len(raws) in lines, lines
+    assert b"* %d RECENT" % len(raws) in lines, lines
+    other = await imap_env.client(login=True)
+    lines = await other.ok("SELECT INBOX")
+    assert b"* 0 RECENT" in lines, lines
+    await c.close()
+    await other.close()
