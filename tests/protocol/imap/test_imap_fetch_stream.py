@@ -47,9 +47,12 @@ def _b64(data: bytes, width: int) -> bytes:
     return b"".join(text[i : i + width] + b"\r\n" for i in range(0, len(text), width))
 
 
-def _big_message(rng: random.Random, big: int) -> tuple[bytes, list[bytes], int]:
+def _big_message(
+    rng: random.Random, big: int, smallest: int = 300_000
+) -> tuple[bytes, list[bytes], int]:
     """A multipart/mixed message: a text part, ``big`` base64 attachments of
-    random bytes (each over the attachment threshold: a blob of its own), a
+    random bytes (``smallest`` up to 1.6 MB decoded, each over the
+    attachment threshold: a blob of its own), a
     small base64 one (kept in the skeleton) and a quoted-printable one. The
     raw message, each part's decoded content, and how many attachment blobs
     it is stored with."""
@@ -58,7 +61,7 @@ def _big_message(rng: random.Random, big: int) -> tuple[bytes, list[bytes], int]
     parts: list[tuple[str, str, bytes]] = [("text/plain", "7bit", text)]
     contents = [text]
     for _ in range(big):
-        data = rng.randbytes(_odd_size(rng, 300_000, 1_600_000))
+        data = rng.randbytes(_odd_size(rng, smallest, 1_600_000))
         parts.append(("application/octet-stream", "base64", _b64(data, rng.choice([64, 76]))))
         contents.append(data)
     small = rng.randbytes(_odd_size(rng, 100, 20_000))
@@ -205,7 +208,9 @@ async def test_whole_body_fetch_from_s3_is_one_get_per_stored_piece(
     if env.backend != "s3":  # type: ignore[attr-defined]
         return  # counted at S3's HTTP client; the fs run of this test checks nothing
     rng = random.Random()
-    raw, _, big = _big_message(rng, rng.randint(2, 3))
+    # Over 2 MiB whatever the draw: two attachments of 850 KB or more are
+    # 1.13 MB or more each in base64.
+    raw, _, big = _big_message(rng, rng.randint(2, 3), smallest=850_000)
     assert len(raw) > 2 * 1024 * 1024 and big >= 2
     await env.deliver(raw)
     gets = _count_gets(monkeypatch)
