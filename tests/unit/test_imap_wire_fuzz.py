@@ -146,7 +146,7 @@ def test_time_per_input_is_bounded_for_long_lines() -> None:
     for token in TOKENS:
         body = token * (8000 // len(token))
         line = b"t1 " + rng.choice([b"SEARCH ", b"FETCH 1 ", b"LIST ", b"APPEND x ", b""]) + body
-        start = time.perf_counter()
+        start = time.process_time()  # CPU: another process's load is not ours
         assert_well_formed(commands_of(line[:8190] + b"\r\n"))
-        worst = max(worst, time.perf_counter() - start)
+        worst = max(worst, time.process_time() - start)
     assert worst < 0.5  # linear parsing takes a few milliseconds here

@@ -162,9 +162,9 @@ def test_a_25_mb_message_costs_what_its_first_octets_cost() -> None:
     vocabulary = [f"w{i}" for i in range(20_000)]
     body = " ".join(rng.choices(vocabulary, k=4_000_000)).encode()[: 25 * 1024 * 1024]
     raw = (GOOD_HEAD + PLAIN).encode() + body
-    start = time.perf_counter()
+    start = time.process_time()  # CPU: another process's load is not ours
     found = spamengine.scan_octets(raw, AuthVerdicts())
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(found.tokens) <= bayes.TOKENS_MAX
     assert elapsed < 0.5, f"{elapsed:.2f}s for 25 MB"
     small = spamengine.scan_octets(raw[: spamengine.READ_MAX], AuthVerdicts())
