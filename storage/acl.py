@@ -250,11 +250,17 @@ class GrantedStore:
             account_id, mailbox_id, values, max_entries, self.grantee_id
         )
 
-    async def expunge(self, account_id: int, mailbox_id: int, uids: Any = None) -> list[int]:
-        """EXPUNGE needs "e" (RFC 4314 section 4)."""
+    async def expunge(
+        self, account_id: int, mailbox_id: int, uids: Any = None, *, flagged_only: bool = True
+    ) -> list[int]:
+        """EXPUNGE needs "e" (RFC 4314 section 4); removing entries not
+        flagged \\Deleted (a MOVE's originals) also "t", as setting the
+        flag first would (RFC 6851 section 3.1)."""
         self._check(account_id, mailbox_id)
         self.require("e", "expunge")
-        return await self.store.expunge(account_id, mailbox_id, uids)
+        if not flagged_only:
+            self.require("t", "move messages out of this mailbox")
+        return await self.store.expunge(account_id, mailbox_id, uids, flagged_only=flagged_only)
 
     async def copy(self, account_id: int, mailbox_id: int, uids: Any, dest: int) -> Any:
         """COPY within the mailbox itself needs "r" and "i" (section 4)."""

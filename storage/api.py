@@ -377,10 +377,17 @@ class MailStore(Protocol):
         into the source itself, the messages take new UIDs (section 3.3)."""
 
     async def expunge(
-        self, account_id: int, mailbox_id: int, uids: UidSet | None = None
+        self,
+        account_id: int,
+        mailbox_id: int,
+        uids: UidSet | None = None,
+        *,
+        flagged_only: bool = True,
     ) -> list[int]:
         """Removes entries flagged \\Deleted (only those in ``uids`` if given),
-        records tombstones, returns the expunged UIDs ascending."""
+        records tombstones, returns the expunged UIDs ascending. With
+        ``flagged_only=False``, every entry in ``uids`` (required), in one
+        write: a MOVE's originals (RFC 6851 section 3.3)."""
 
     async def status(self, account_id: int, mailbox_id: int) -> MailboxStatus: ...
     async def status_all(self, account_id: int) -> dict[int, MailboxStatus]:

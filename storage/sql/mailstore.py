@@ -2766,16 +2766,27 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         return CopyResult(dest.uidvalidity, tuple(pairs))
 
     async def expunge(
-        self, account_id: int, mailbox_id: int, uids: UidSet | None = None
+        self,
+        account_id: int,
+        mailbox_id: int,
+        uids: UidSet | None = None,
+        *,
+        flagged_only: bool = True,
     ) -> list[int]:
         """Removes entries flagged \\Deleted (within ``uids`` if given, RFC 4315
         UID EXPUNGE), records tombstones, returns the expunged UIDs ascending.
-        Durable and published on return."""
+        Durable and published on return. ``flagged_only=False`` (``uids``
+        required): every entry in ``uids``, flagged or not, in this one
+        write (the originals of a MOVE across accounts, RFC 6851 section
+        3.3: no \\Deleted flag is set and seen first)."""
+        if not flagged_only and uids is None:
+            raise ValueError("removing entries whatever their flags needs their UIDs")
+        deleted = crit.FLAG_BITS[DELETED]
 
         def write(conn: Connection) -> tuple[list[int], list[int], list[Change]]:
             tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
             rows = _select_entries_sync(conn, mailbox_id, uids, _ENTRY_FLAGS)
-            gone = [r.uid for r in rows if r.sysflags & crit.FLAG_BITS[DELETED]]
+            gone = [r.uid for r in rows if not flagged_only or r.sysflags & deleted]
             dropped = self._remove_entries_sync(tx, mbox, gone)
             return gone, dropped, tx.flush_sync(conn)
 

@@ -664,6 +664,27 @@ async def test_expunge_and_changes_since(storage: SqlStorage, bob: Account) -> N
     assert await mail.quota_used(bob.id) == sum(e.size for e in await mail.uids(bob.id, box))
 
 
+async def test_expunge_of_uids_whatever_their_flags(storage: SqlStorage, bob: Account) -> None:
+    """``flagged_only=False``: a MOVE's originals leave in one write, each
+    logged as an expunge only (RFC 6851 section 3.3)."""
+    mail = storage.mail(bob)
+    box = await inbox_id(storage, bob)
+    count = random.randint(4, 9)
+    for _ in range(count):
+        await deliver(storage, bob)
+    await mail.store_flags(bob.id, box, UidSet.of([1]), StoreMode.ADD, [DELETED])
+    chosen = sorted(random.sample(range(2, count + 1), random.randint(1, count - 2)))
+    logged = await mail.account_changes(bob.id, 0, limit=10**6)
+    assert await mail.expunge(bob.id, box, UidSet.of(chosen), flagged_only=False) == chosen
+    changes = await mail.account_changes(bob.id, logged[-1].id)
+    assert [(c.kind, c.uid) for c in changes] == [(ChangeKind.EXPUNGE, u) for u in chosen]
+    left = [u for u in range(1, count + 1) if u not in chosen]
+    assert [e.uid for e in await mail.uids(bob.id, box)] == left  # UID 1, flagged, stays
+    with pytest.raises(ValueError):
+        await mail.expunge(bob.id, box, flagged_only=False)  # never a whole mailbox
+    assert await mail.quota_used(bob.id) == sum(e.size for e in await mail.uids(bob.id, box))
+
+
 async def test_status(storage: SqlStorage, bob: Account) -> None:
     mail = storage.mail(bob)
     box = await mail.get_mailbox(bob.id, "INBOX")

@@ -21,7 +21,7 @@ from imapd.imap.wire import encode
 from storage import search as q
 from storage.acl import MailboxAccess, flag_rights, no_right
 from storage.errors import ErrorKind, StorageError
-from storage.model import DELETED, Mailbox, MessageEntry, StoreMode, UidSet
+from storage.model import Mailbox, MessageEntry, StoreMode, UidSet
 
 _MODES = {"replace": StoreMode.REPLACE, "add": StoreMode.ADD, "remove": StoreMode.REMOVE}
 
@@ -512,9 +512,9 @@ async def _copy_across(
     copyuid = _copyuid(results[0].uidvalidity, pairs)
     if not move:
         return ok("COPY completed", copyuid)
-    moved = UidSet.of([a for a, _ in pairs])
-    await s.box_mail.store_flags(*_ids(s), moved, StoreMode.ADD, (DELETED,))
-    gone = await s.box_mail.expunge(*_ids(s), moved)
+    # The originals go in one write, flagged or not: no \Deleted is set
+    # first for other sessions to see, or to be left behind by a failure.
+    gone = await s.box_mail.expunge(*_ids(s), UidSet.of([a for a, _ in pairs]), flagged_only=False)
     s.untagged(f"OK [{copyuid}] Moved")  # RFC 6851 section 4.3
     s.announce_expunge(view, set(gone))
     return ok("MOVE completed")

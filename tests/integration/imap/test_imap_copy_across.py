@@ -164,8 +164,14 @@ def _scenario(site: _Site, rng: random.Random, sources: list[bytes], team: list[
         assert site.staged_left(env.other) == 0
         site.run(env.storage.directory.set_quota(OTHER, None))  # type: ignore[attr-defined]
         assert bob.select(SHARED_TEAM)[0] == "OK"
+        logged = site.run(store.account_changes(env.account.id, 0, limit=10**6))
         typ, data = _move(bob, copies, "INBOX")
         assert typ == "OK", data
+        # RFC 6851 section 3.3: the originals just go (EXPUNGE), in one
+        # write; no \Deleted flag is set on them first for others to see.
+        after_id = logged[-1].id if logged else 0
+        kinds = {c.kind.value for c in site.run(store.account_changes(env.account.id, after_id))}
+        assert kinds == {"expunge"}, kinds
         assert [body for _, body in _mailbox(alice, TEAM)[1]] == team
         assert [body for _, body in _mailbox(bob, "INBOX")[1]] == sources + sources
     finally:
