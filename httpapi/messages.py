@@ -51,7 +51,7 @@ from runtime.metrics import MESSAGES_RECEIVED
 from storage.api import BlobStore
 from storage.contentpool import ContentTimeout, content_pool
 from storage.errors import ErrorKind, StorageError
-from storage.model import DELETED, FLAGGED, SEEN, StoredMessage, StoreMode, UidSet
+from storage.model import FLAGGED, SEEN, StoredMessage, StoreMode, UidSet
 
 routes = web.RouteTableDef()
 
@@ -263,8 +263,10 @@ async def delete_message(request: web.Request) -> web.Response:
                 {"expunged": False, "id": new_id, "folder_id": folder_id(trash)}
             )
         raise not_found("message")
-    await mail.store_flags(account.id, mailbox.id, uids, StoreMode.ADD, [DELETED])
-    await mail.expunge(account.id, mailbox.id, uids)
+    # One write: no \Deleted flag set first for IMAP sessions to see, or to
+    # be left behind by a failure between two writes.
+    if not await mail.expunge(account.id, mailbox.id, uids, flagged_only=False):
+        raise not_found("message")
     return web.json_response({"expunged": True, "id": None, "folder_id": None})
 
 
