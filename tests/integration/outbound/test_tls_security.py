@@ -20,9 +20,11 @@ The world:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
+import smtplib
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -375,3 +377,31 @@ async def test_dane(world: World, client_tls_context) -> None:
     types = {r["policy_domain"]: r["result_type"] for r in found if r["policy_type"] == "tlsa"}
     assert types["dane-bad.test"] == "tlsa-invalid", found
     assert types["dane-servfail.test"] == "dnssec-invalid", found
+
+
+async def test_requiretls_to_an_mx_dnssec_validates(world: World, client_tls_context) -> None:
+    """RFC 8689 section 4.2.1 item 2 met by DNSSEC alone: dane-ta.test has
+    no MTA-STS policy, but its MX answer carries the AD bit of the trusted
+    resolver (and DANE-TA validates the certificate), so a REQUIRETLS
+    message goes there, with REQUIRETLS on MAIL. (An MX neither DNSSEC nor
+    MTA-STS vouches for: test_requiretls.py, plain.test.)"""
+    token = os.urandom(8).hex()
+    rcpt = "user@dane-ta.test"
+    body = (
+        f"From: <{ALICE}>\r\nTo: <{rcpt}>\r\nSubject: {token}\r\n"
+        f"Message-ID: <{token}@example.net>\r\n\r\nsecret {token}\r\n"
+    ).encode()
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", world.sender.service.port("submission"), timeout=10) as c:
+            c.starttls(context=client_tls_context)
+            c.login(ALICE, ALICE_PW)
+            assert c.sendmail(ALICE, [rcpt], body, mail_options=["REQUIRETLS"]) == {}
+
+    await asyncio.to_thread(send)
+    message = await delivered_with_tls(world.good, rcpt)
+    assert token.encode() in message
+    # The good node names itself after its first domain.
+    header = message.split(b"\r\n\r\n", 1)[0]
+    hop = next(h for h in header.split(b"\r\nReceived:") if b"by mx.enforce-good.test" in h)
+    assert b"REQUIRETLS" in hop, header
