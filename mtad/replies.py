@@ -86,7 +86,7 @@ ENCRYPTION_REQUIRED = Reply(
 )
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
-DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy")  # RFC 7489 section 6.7
+DMARC_REJECT = Reply(550, "5.7.1", "Rejected by DMARC policy")  # RFC 7489 sections 6.7, 10.3
 BARE_LF = Reply(550, "5.6.0", "Bare LF or CR in message (RFC 5321 section 2.3.8)")
 SMUGGLING = Reply(
     550, "5.6.0", 'Message refused: a "." line not ended by CRLF (RFC 5321 section 4.1.1.4)'

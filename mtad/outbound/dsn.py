@@ -3,7 +3,8 @@
 :func:`build_dsn` makes the multipart/report a bounce or delay warning is:
 a human-readable part, a message/delivery-status part (per-message fields,
 then one block per recipient) and the original's header as
-text/rfc822-headers (RFC 3462 section 2, RFC 3464 section 2).
+text/rfc822-headers (defined by RFC 6522, which obsoletes RFC 3462; RFC 3464
+section 2).
 :func:`parse_dsn` reads one back (ours or anyone's) into frozen values.
 No I/O here.
 """
