@@ -916,6 +916,8 @@ class Database:
                 idle = now - self._pg_returned.get(id(conn), now)
                 if idle < CHAIN_IDLE_SECONDS or not _PgTransaction.of(conn).in_transaction:
                     continue
+                if conn not in self._pg_idle:
+                    continue  # a batch took it, or it was dropped, during an earlier ROLLBACK
                 self._pg_idle.remove(conn)  # no batch takes it meanwhile
                 try:
                     await _PgTransaction.of(conn).raw.execute("ROLLBACK", timeout=PING_TIMEOUT)
