@@ -22,6 +22,14 @@ The cache sits behind the login gate (:mod:`storage.throttle`): the throttle
 delay is waited out before the cache is asked, so a hit answers no sooner
 than a miss would have been started, and only a caller who already holds
 the right password ever sees one.
+
+Beside it, the login names that succeeded (:meth:`AuthCache.knows_login`:
+``HMAC-SHA256(key, "L" || login || password)`` -> expiry, as long as the
+entries above): the gate asks it before it reads anything, so that a
+returning client with the right password does not wait for one of its
+address's places in the verification pool (issue #23: a pool of 20
+submission sessions from one address). It only says "try the account's
+row"; the entry above, checked against the row, still decides.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ class AuthCache:
         self._key = secrets.token_bytes(32)
         # digest -> (monotonic expiry, password hash matched); oldest first.
         self._entries: collections.OrderedDict[bytes, tuple[float, str]] = collections.OrderedDict()
+        # digest of (login, password) -> monotonic expiry; oldest first.
+        self._logins: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -91,5 +101,35 @@ class AuthCache:
             self._entries.popitem(last=False)
         self._entries[digest] = (self._clock() + self.ttl, account.password_hash)
 
+    def _login_digest(self, login: str, password: str) -> bytes:
+        # "L": never the message of an account's digest (those start with a digit).
+        message = b"L%s\0%s" % (
+            login.strip().lower().encode("utf-8", "surrogatepass"),
+            password.encode("utf-8", "surrogatepass"),
+        )
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def knows_login(self, login: str, password: str) -> bool:
+        """Whether ``password`` succeeded for ``login`` (case and spaces
+        aside) within the ttl: a hint that :meth:`hit` will answer, never
+        an answer itself. A wrong password is never known."""
+        digest = self._login_digest(login, password)
+        expiry = self._logins.get(digest)
+        if expiry is None:
+            return False
+        if expiry > self._clock():
+            return True
+        del self._logins[digest]
+        return False
+
+    def remember_login(self, login: str, password: str) -> None:
+        """Records that ``password`` succeeded for ``login`` just now."""
+        digest = self._login_digest(login, password)
+        self._logins.pop(digest, None)
+        while len(self._logins) >= self.max_entries:
+            self._logins.popitem(last=False)
+        self._logins[digest] = self._clock() + self.ttl
+
     def clear(self) -> None:
         self._entries.clear()
+        self._logins.clear()

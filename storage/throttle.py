@@ -15,7 +15,9 @@ IMAP, POP3, SMTP AUTH and HTTP of one process share it). It answers
 
 A successful check is remembered for ``[auth] cache_ttl_seconds``
 (:mod:`storage.authcache`): the same password for the same, unchanged
-account is then answered without argon2, after any throttle delay.
+account is then answered without argon2, after any throttle delay, and,
+when no delay is owed, without a place among the address's ``per_ip``
+(those bound what may need a check).
 
 Once a client address or a login name has recent failures, an attempt
 waits out the throttle delay first and only then has its password checked
@@ -260,6 +262,10 @@ class VerificationPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class _CheckNeeded(Exception):
+    """A login the cache cannot answer: it goes through the pool (LoginGate._returning)."""
+
+
 @dataclass
 class _Waiter:
     turn: asyncio.Future[None]
@@ -287,6 +293,10 @@ class LoginGate:
     ) -> Account | None:
         """The account, or None for a wrong password (counted); see the
         module docstring for TEMPORARY and ``ConnectionResetError``."""
+        if self.cache is not None and self.cache.knows_login(login, password):
+            account = await self._returning(directory, login, password, client)
+            if account is not None:
+                return account
         started = asyncio.get_running_loop().time()
         suspect = self.pool.in_flight(client.ip) > 0
         # Issue #18: the address's place is taken before anything else, so an
@@ -312,6 +322,42 @@ class LoginGate:
             )
             if account is None:
                 await self.throttle.failed(*keys)  # counted before the answer is sent
+        if account is not None:
+            await self.throttle.succeeded(*keys)
+            if self.cache is not None:
+                self.cache.remember_login(login, password)
+        return account
+
+    async def _returning(
+        self, directory: Directory, login: str, password: str, client: LoginClient
+    ) -> Account | None:
+        """A login whose password succeeded lately (:meth:`AuthCache.knows_login`),
+        answered from the cache without one of the address's places in the
+        pool: the account, or None when it must go the whole way instead.
+
+        Issue #23: the places bound the password checks (and the reads
+        before them) one address may have in flight, against a guesser; a
+        pool of submission sessions from one address (webmail, an
+        application) logging in at once with the right password costs no
+        check, and was refused past ``per_ip`` (454, RFC 4954 section 6)
+        all the same. The bound still holds for everything that may need a
+        check: a guess (never known), a changed hash, an unknown account, and
+        any attempt owed a throttle delay all go the whole way."""
+        keys = self.keys(login, client)
+        if await self.throttle.delay_for(*keys):
+            return None
+        if client.gone():
+            raise ConnectionResetError("client went away")
+
+        async def no_check(check: Callable[[], Any]) -> Any:
+            raise _CheckNeeded
+
+        try:
+            account = await directory.authenticate(
+                login, password, run_check=no_check, cache=self.cache
+            )
+        except _CheckNeeded:
+            return None
         if account is not None:
             await self.throttle.succeeded(*keys)
         return account

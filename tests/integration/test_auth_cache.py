@@ -7,6 +7,7 @@ own process is refused at once by the running daemon."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import imaplib
 import secrets
@@ -175,6 +176,62 @@ async def test_a_password_set_here_or_elsewhere_misses(site: Site) -> None:
     assert site.hasher.verifications == 3
 
 
+async def test_a_returning_login_needs_no_place_a_guess_still_does(tmp_path: Path) -> None:
+    """Issue #23: an address whose ``per_ip`` places in the verification
+    pool are all taken (a pool of sessions from one address logging in at
+    once) still logs in a returning user with the right password, from the
+    cache and without argon2; everything that may need a check (a guess, a
+    first login, an old password after a change, an address owed a delay)
+    is refused TEMPORARY as before (RFC 4954 section 6: 454)."""
+    from storage.errors import ErrorKind, StorageError
+
+    per_ip = secrets.randbelow(4) + 1
+    settings = make_settings(
+        tmp_path / "data", auth={"cache_ttl_seconds": 300, "verify_queue_per_ip": per_ip}
+    )
+    s = await open_site(settings)
+    ip = f"127.0.{secrets.randbelow(200)}.{secrets.randbelow(200) + 1}"
+
+    async def refused(login: str, password: str, at: str = ip) -> None:
+        with pytest.raises(StorageError) as caught:
+            await s.login(login, password, ip=at)
+        assert caught.value.kind is ErrorKind.TEMPORARY
+
+    try:
+        password = s.passwords[USER]
+        first = await s.login(USER, password, ip=ip)
+        assert first is not None and s.hasher.verifications == 1
+        with contextlib.ExitStack() as taken:
+            for _ in range(per_ip):  # every place of the address in flight
+                taken.enter_context(s.gate.pool.place(ip))
+            sessions = secrets.randbelow(16) + per_ip + 1
+            logged = await asyncio.gather(
+                *(s.login(f" {USER.upper()}", password, ip=ip) for _ in range(sessions))
+            )
+            assert all(a is not None and a.id == first.id for a in logged)
+            assert s.hasher.verifications == 1, "a returning login ran argon2"
+            assert s.gate.pool.in_flight(ip) == per_ip  # none took a place
+            await refused(USER, password + "x")  # a guess
+            await refused(OTHER, s.passwords[OTHER])  # a first login
+            assert s.hasher.verifications == 1
+            new = random_password()
+            await s.storage.directory.set_password(USER, new)
+            await refused(USER, password)  # known, but the row's hash changed
+            s.passwords[USER] = new
+        assert await s.login(USER, new, ip=ip) is not None  # cached again
+        other_ip = "127.0.250.1"
+        await s.gate.throttle.failed(f"ip:{other_ip}")
+        with contextlib.ExitStack() as taken:
+            for _ in range(per_ip):
+                taken.enter_context(s.gate.pool.place(other_ip))
+            await refused(USER, new, at=other_ip)  # owed a delay: the whole way
+            assert await s.login(USER, new, ip=ip) is not None  # not this address
+        assert s.gate.pool.in_flight(ip) == 0 and s.gate.pool.in_flight(other_ip) == 0
+    finally:
+        s.gate.pool.close()
+        await s.storage.close()
+
+
 def test_the_cache_holds_no_password() -> None:
     """Keys are HMACs under a per-process key; values the matched hash."""
     from storage.model import Account
@@ -192,6 +249,11 @@ def test_the_cache_holds_no_password() -> None:
     assert key != other_key  # a key of its own per process
     assert password.encode() not in key
     assert cache.hit(account, password) and not other.hit(account, password + "!")
+    cache.remember_login(USER, password)
+    [login_key] = cache._logins
+    assert password.encode() not in login_key and USER.encode() not in login_key
+    assert cache.knows_login(f" {USER.upper()}", password)
+    assert not cache.knows_login(USER, password + "!") and not other.knows_login(USER, password)
 
 
 @pytest.mark.parametrize("value", ["-1", "-0.5", "1e9"])
