@@ -10,7 +10,9 @@ decides each RCPT, ``data_delay`` stalls before answering the final dot. ``stall
 a recipient to ``"data"`` (never answer DATA) or ``"dot"`` (take the message
 -- recorded, as a real MTA commits before replying -- but never answer the
 final dot): the session then waits until the client goes away, so a test
-can kill the client mid-delivery. ``stalls`` counts sessions stalled so.
+can kill the client mid-delivery. ``stalls`` counts sessions stalled so;
+``end_stalls()`` drops the connections of those stalled now (the client
+sees the peer go away: its delivery is deferred).
 ``rset_reply`` answers RSET (a server refusing to go on: "421 ...", after
 which it closes; "": no answer, a peer gone silent). ``close()`` also ends
 the sessions still open, as a server that stops does.
@@ -62,6 +64,7 @@ class SinkServer:
     received_at: list[float] = field(default_factory=list)  # wall clock of each final dot
     stall_for: dict[str, str] = field(default_factory=dict)
     stalls: int = 0
+    stalled: set[asyncio.StreamWriter] = field(default_factory=set)  # stalled now
     transactions: int = 0
     connections: int = 0
     active: int = 0  # sessions open now
@@ -88,6 +91,10 @@ class SinkServer:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
             except TimeoutError:
                 pass
+
+    def end_stalls(self) -> None:
+        for writer in list(self.stalled):
+            writer.close()
 
     async def __aenter__(self) -> SinkServer:
         return await self.start()
@@ -174,6 +181,7 @@ class SinkServer:
                     stall = {self.stall_for.get(r) for r in rcpts}
                     if "data" in stall:
                         self.stalls += 1
+                        self.stalled.add(writer)
                         await reader.read()  # until the client goes away
                         return
                     await say("354 go ahead")
@@ -188,6 +196,7 @@ class SinkServer:
                     reply = take(b"".join(lines))
                     if "dot" in stall:
                         self.stalls += 1
+                        self.stalled.add(writer)
                         await reader.read()
                         return
                     if self.data_delay:
@@ -231,4 +240,5 @@ class SinkServer:
         finally:
             self.active -= 1
             self.writers.discard(writer)
+            self.stalled.discard(writer)
             writer.close()
