@@ -16,9 +16,13 @@ Reports messages/s end to end and CPU per message of each side: mtad's
 process with its content workers; every Postfix process plus OpenDKIM's.
 A few delivered messages of each run are checked with dkimpy against the
 published key. Never part of the test run; everything stays on
-127.0.0.0/8.
+127.0.0.0/8. ``--processes 1,2`` runs mtad once per count of
+``server.processes`` (worker processes sharing its listeners and its
+queue; every listener on a fixed port), as sides ``shardmail/p1``,
+``shardmail/p2``. AUTH refused with 454 and retried is counted per run.
 
     python bench/relay_bench.py --messages 300 --sessions 5 --rounds 2
+    python bench/relay_bench.py --messages 600 --sessions 20 --processes 1,2
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import aiosmtplib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.dovecot_peer import proc_cpu_seconds, tree_cpu_seconds  # noqa: E402
+from bench.dovecot_peer import proc_cpu_seconds, process_tree, tree_cpu_seconds  # noqa: E402
 from bench.smtp_bench import make_message  # noqa: E402
 
 SINK_IP = "127.0.0.9"
@@ -61,18 +65,20 @@ async def prepare(
     data_dir: Path, dkim: bool, key: tuple[bytes, str] | None = None
 ) -> tuple[bytes, str] | None:
     """The sender's account; with ``dkim``, its key file as ``mailctl dkim
-    generate`` made it, or ``key`` written as one: (private PEM, TXT record)."""
-    from argon2 import PasswordHasher
-    from argon2.profiles import CHEAPEST
-
+    generate`` made it, or ``key`` written as one: (private PEM, TXT record).
+    The password is hashed at mtad's own default cost, as ``mailctl account
+    add`` would: a cheaper hash is upgraded at the first logins, each
+    process's concurrent first logins upgrading it again and making the
+    others' cache entries stale (a login storm no real site sees)."""
+    from conf.settings import AuthSettings
     from mtad.outbound.signing import generate_key
-    from storage import open_storage_from_url
+    from storage import open_storage_from_url, password_hasher
 
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     store = await open_storage_from_url(
         f"sqlite+aiosqlite:///{data_dir / 'shardmail.db'}",
         data_dir / "blobs",
-        password_hasher=PasswordHasher.from_parameters(CHEAPEST),
+        password_hasher=password_hasher(AuthSettings()),
     )
     try:
         await store.directory.add_domain(DOMAIN)
@@ -96,10 +102,13 @@ def message(size: int, n: int) -> bytes:
     )
 
 
+AUTH_RETRIES = [0]  # 454s to AUTH retried, across every run so far
+
+
 async def connect(port: int, login: bool) -> aiosmtplib.SMTP:
     """A session, logged in with ``login``; a 454 to AUTH (the login gate
     busy with the other sessions' logins, RFC 4954 section 6) is retried on
-    a new connection, as a client would."""
+    a new connection, as a client would, and counted in ``AUTH_RETRIES``."""
     for attempt in range(50):
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=60)
         await client.connect()
@@ -113,6 +122,7 @@ async def connect(port: int, login: bool) -> aiosmtplib.SMTP:
             if getattr(exc, "code", 454) != 454 or attempt == 49:
                 raise
             client.close()
+            AUTH_RETRIES[0] += 1
             await asyncio.sleep(0.1)
     raise AssertionError("unreachable")
 
@@ -136,8 +146,19 @@ async def wait_for_count(sink, count: int, timeout: float) -> bool:
 
 
 def mtad_cpu(pid: int) -> tuple[float, float]:
-    """(mtad's whole tree: content workers included, mtad's own process)."""
-    return tree_cpu_seconds(pid), proc_cpu_seconds(pid, with_children=False)
+    """(mtad's whole tree: content workers included, its mtad processes:
+    the one, or a supervisor and its ``server.processes`` workers)."""
+    own = 0.0
+    for child in process_tree(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                argv = f.read()
+            # Content workers are spawned (multiprocessing), server workers forked.
+            if b"mtad" in argv and b"multiprocessing" not in argv:
+                own += proc_cpu_seconds(child, with_children=False)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return tree_cpu_seconds(pid), own
 
 
 def header_of(data: bytes) -> bytes:
@@ -171,15 +192,16 @@ class Run:
     signed: int
     verified: int
     load: float
+    auth_retries: int = 0
 
     def line(self, messages: int) -> str:
         return (
-            f"{self.side:9} {self.delivered:5}/{messages} in {self.elapsed_s:6.2f} s "
+            f"{self.side:12} {self.delivered:5}/{messages} in {self.elapsed_s:6.2f} s "
             f"= {self.delivered / self.elapsed_s:6.1f} msg/s  "
             f"(submitted {messages / self.submitted_s:6.1f} msg/s)  "
             f"CPU {1000 * self.cpu_s / max(self.delivered, 1):5.2f} ms/msg ({self.cpu_detail})  "
             f"signed {self.signed}, verified {self.verified}/{min(VERIFIED_PER_RUN, self.signed)}  "
-            f"load {self.load:.2f}"
+            f"AUTH 454 retried {self.auth_retries}  load {self.load:.2f}"
         )
 
 
@@ -239,6 +261,7 @@ async def run(side: Side, sink, args: argparse.Namespace, record: str | None, co
     ]
     offsets = [sum(per[:i]) for i in range(args.sessions)]
     base = len(sink.received)
+    retries_before = AUTH_RETRIES[0]
     cpu_before = side.cpu()
     start = time.perf_counter()
     await asyncio.gather(
@@ -267,11 +290,17 @@ async def run(side: Side, sink, args: argparse.Namespace, record: str | None, co
         signed,
         good,
         os.getloadavg()[0],
+        AUTH_RETRIES[0] - retries_before,
     )
 
 
 def mtad_argv(
-    args: argparse.Namespace, data_dir: Path, dns_port: int, relay_port: int, submission: int
+    args: argparse.Namespace,
+    data_dir: Path,
+    dns_port: int,
+    relay_port: int,
+    submission: int,
+    processes: int = 1,
 ) -> list[str]:
     return [
         sys.executable,
@@ -279,6 +308,8 @@ def mtad_argv(
         "mtad",
         "-o",
         f"server.data_dir='{data_dir}'",
+        "-o",
+        f"server.processes={processes}",
         "-o",
         "server.log_level='WARNING'",
         "-o",
@@ -318,12 +349,18 @@ def mtad_argv(
 
 
 async def start_mtad(
-    repo: Path, args: argparse.Namespace, data_dir: Path, dns_port: int, relay_port: int
+    repo: Path,
+    args: argparse.Namespace,
+    data_dir: Path,
+    dns_port: int,
+    relay_port: int,
+    processes: int = 1,
 ) -> tuple[asyncio.subprocess.Process, int]:
-    """mtad of the checkout ``repo`` (its packages first on the path) and
-    its submission port, once that answers."""
+    """mtad of the checkout ``repo`` (its packages first on the path) with
+    ``processes`` as ``server.processes``, and its submission port, once
+    that answers (every listener on a fixed port: workers share them)."""
     submission = free_port()
-    argv = mtad_argv(args, data_dir, dns_port, relay_port, submission)
+    argv = mtad_argv(args, data_dir, dns_port, relay_port, submission, processes)
     env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = await asyncio.create_subprocess_exec(*argv, cwd=repo, env=env)
     try:
@@ -369,6 +406,11 @@ async def main() -> None:
     parser.add_argument("--no-dkim", action="store_true", help="sign on neither side")
     parser.add_argument("--no-postfix", action="store_true", help="shardmail alone")
     parser.add_argument(
+        "--processes",
+        default="1",
+        help="server.processes of mtad, or a comma list: one side per count (0: one per CPU)",
+    )
+    parser.add_argument(
         "--chunking",
         action="store_true",
         help="the sink offers CHUNKING (RFC 3030): mtad sends BDAT, not DATA",
@@ -386,11 +428,18 @@ async def main() -> None:
         help="also run mtad of this checkout (e.g. /work/main) as side 'baseline'",
     )
     args = parser.parse_args()
+    counts = [int(n) for n in str(args.processes).split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    key = await prepare(tmp / "data", not args.no_dkim)
-    if args.baseline:
-        await prepare(tmp / "baseline", not args.no_dkim, key)
+    checkouts: list[tuple[str, Path, Path, int]] = []
+    for n in counts:  # each side its own data directory: its own queue
+        suffix = f"/p{n}" if len(counts) > 1 else ""
+        checkouts.append((f"shardmail{suffix}", REPO, tmp / f"data-p{n}", n))
+        if args.baseline:
+            checkouts.append((f"baseline{suffix}", args.baseline.resolve(), tmp / f"base-p{n}", n))
+    key = None
+    for _name, _repo, data_dir, _n in checkouts:
+        key = await prepare(data_dir, not args.no_dkim, key)
     record = key[1] if key else None
     relay_port = free_port(SINK_IP)
     zone = Zone().a("mx.sink.bench", SINK_IP).mx("sink.bench", "mx.sink.bench", 10)
@@ -406,11 +455,8 @@ async def main() -> None:
         relay = None
         try:
             sides: list[Side] = []
-            checkouts = [("shardmail", REPO, tmp / "data")]
-            if args.baseline:
-                checkouts.append(("baseline", args.baseline.resolve(), tmp / "baseline"))
-            for name, repo, data_dir in checkouts:
-                proc, submission = await start_mtad(repo, args, data_dir, dns.port, relay_port)
+            for name, repo, data_dir, n in checkouts:
+                proc, submission = await start_mtad(repo, args, data_dir, dns.port, relay_port, n)
                 procs.append(proc)
                 sides.append(Shardmail(name, proc.pid, submission))
             if not args.no_postfix:
@@ -438,14 +484,17 @@ async def main() -> None:
                 await asyncio.to_thread(relay.stop)
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"messages:      {args.messages} x {args.size} bytes per run, {args.sessions} sessions")
-    print(f"shardmail:     queue.workers {args.workers} (per domain {args.per_domain})")
-    for side in ("shardmail", "baseline", "postfix"):
+    print(
+        f"shardmail:     queue.workers {args.workers} (per domain {args.per_domain}) "
+        f"per process; server.processes {args.processes}"
+    )
+    for side in [*(c[0] for c in checkouts), "postfix"]:
         mine = [r for r in runs if r.side == side]
         if mine:
             rates = [r.delivered / r.elapsed_s for r in mine]
             cpus = [1000 * r.cpu_s / r.delivered for r in mine]
             print(
-                f"{side:9}      {min(rates):.1f}-{max(rates):.1f} msg/s, "
+                f"{side:12}   {min(rates):.1f}-{max(rates):.1f} msg/s, "
                 f"{min(cpus):.2f}-{max(cpus):.2f} ms CPU per message"
             )
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
