@@ -45,6 +45,11 @@ FETCH_TIMEOUT_SECONDS = 30.0
 # After a failed fetch, the same domain's policy is not fetched again for
 # this long (each try could hold a delivery for FETCH_TIMEOUT_SECONDS).
 FETCH_BACKOFF_SECONDS = 300.0
+# How long a domain found without a policy on disk is not looked up there
+# again (issue #23: most domains have none, and the lookup was a thread hop
+# per delivery). Another process's newly stored policy is seen this much later.
+DISK_RECHECK_SECONDS = 1.0
+MAX_ABSENT = 100_000  # domains remembered without a policy on disk (bounds memory)
 MAX_HEADER_OCTETS = 16 * 1024
 MAX_HEADER_LINES = 100
 POLICY_PATH = "/.well-known/mta-sts.txt"
@@ -323,6 +328,7 @@ class StsCache:
         self._locks: dict[str, asyncio.Lock] = {}
         self.last_error: dict[str, str] = {}  # domain -> why its last fetch failed
         self._retry_after: dict[str, float] = {}  # domain -> no fetch before this time
+        self._absent: dict[str, float] = {}  # domain -> none on disk; ask it again after
 
     async def policy(self, resolver: _Lookups, domain: str) -> StsPolicy | None:
         """The policy in force for ``domain`` (section 5.1), None if none."""
@@ -362,11 +368,28 @@ class StsCache:
             return policy
 
     async def _cached(self, domain: str, now: float) -> StsPolicy | None:
+        """The policy known for ``domain``: in memory, else on disk (stored
+        by an earlier run or another process of this site), unexpired. A
+        domain found without one on disk is not looked up there again for
+        ``DISK_RECHECK_SECONDS``."""
         policy = self._policies.get(domain)
-        if policy is None and self.directory is not None and _SAFE_NAME.fullmatch(domain):
+        # Known absent until then (a wall clock set back asks the disk again).
+        until = self._absent.get(domain, 0.0)
+        known_absent = now < until <= now + DISK_RECHECK_SECONDS
+        if (
+            policy is None
+            and not known_absent
+            and self.directory is not None
+            and _SAFE_NAME.fullmatch(domain)
+        ):
             policy = await asyncio.to_thread(self._read, self.directory / f"{domain}.json")
             if policy is not None:
                 self._policies[domain] = policy
+                self._absent.pop(domain, None)
+            else:
+                if len(self._absent) >= MAX_ABSENT:
+                    self._absent.clear()
+                self._absent[domain] = now + DISK_RECHECK_SECONDS
         if policy is not None and policy.expired(now):
             return None
         return policy

@@ -189,3 +189,49 @@ async def test_cache_refreshes_on_a_new_id_and_survives_restarts(
         names.txt_records["_mta-sts.a.test"] = ["v=STSv1; id=four"]
         clock[0] += 3600
         assert await first.policy(names, "a.test") is None
+
+
+async def test_a_domain_without_a_policy_on_disk_is_not_looked_up_there_each_time(
+    server_context, client_tls_context, tmp_path: Path
+) -> None:
+    """Issue #23: most destinations publish no MTA-STS; each delivery to
+    one asked the disk cache (a thread hop). Absent is now remembered for
+    DISK_RECHECK_SECONDS; a policy another process stored then is seen, and
+    holds with the TXT record gone (section 5.1)."""
+    from mtad.outbound.mtasts import DISK_RECHECK_SECONDS
+
+    names = Names()
+    routes = {HOSTS[1]: policy_response(POLICY.replace("mx.a.test", "mx.b.test"))}
+    clock = [5000.0]
+    async with PolicyServer(server_context, routes) as server:
+        here = StsCache(client_tls_context, tmp_path, port=server.port, clock=lambda: clock[0])
+        reads: list[Path] = []
+        read = here._read
+
+        def counted(path: Path):
+            reads.append(path)
+            return read(path)
+
+        here._read = counted  # type: ignore[method-assign]
+        deliveries = int.from_bytes(os.urandom(1)) % 20 + 2
+        for _ in range(deliveries):
+            assert await here.policy(names, "b.test") is None
+        assert reads == [tmp_path / "b.test.json"]  # once, not once per delivery
+
+        # Another process of the site fetches and stores b.test's policy...
+        names.txt_records["_mta-sts.b.test"] = ["v=STSv1; id=b1"]
+        other = StsCache(client_tls_context, tmp_path, port=server.port, clock=lambda: clock[0])
+        assert (await other.policy(names, "b.test")).policy_id == "b1"
+        # ... then the record is removed (or stripped by an attacker): this
+        # process reads the stored policy once its absence is due a recheck.
+        del names.txt_records["_mta-sts.b.test"]
+        clock[0] += DISK_RECHECK_SECONDS
+        kept = await here.policy(names, "b.test")
+        assert kept is not None and kept.policy_id == "b1" and kept.mx == ("mx.b.test",)
+        assert len(reads) == 2 and len(server.requests) == 1
+        # A clock set back does not make an absence last longer.
+        clock[0] -= 3600
+        assert await here.policy(names, "c.test") is None
+        clock[0] -= 3600
+        assert await here.policy(names, "c.test") is None
+        assert reads[2:] == [tmp_path / "c.test.json"] * 2
