@@ -472,8 +472,9 @@ async def main() -> None:
                 sides.append(Postfix(relay))
             for side in sides:  # spawn workers, open caches: not measured
                 await run(side, sink, args, record, args.warmup)
-            for _round in range(args.rounds):
-                for side in sides:
+            for n in range(args.rounds):
+                # A B C, then C B A: no side always runs first, or last.
+                for side in sides if n % 2 == 0 else sides[::-1]:
                     result = await run(side, sink, args, record, args.messages)
                     print(result.line(args.messages), flush=True)
                     runs.append(result)
