@@ -27,6 +27,12 @@ class ConnectionLost(Exception):
     """The connection broke, timed out or the server spoke garbage."""
 
 
+class StaleSession(ConnectionLost):
+    """A reused session failed the RSET sent ahead of its transaction (no
+    250, closed, or silent past the RSET timeout): nothing was delivered on
+    it; the caller drops it and takes or opens another."""
+
+
 @dataclass(frozen=True)
 class Reply:
     """An SMTP reply (RFC 5321 section 4.2): a code and its text lines."""
@@ -242,11 +248,22 @@ class SmtpClient:
         message: bytes,
         mail_params: Sequence[str] = (),
         rcpt_params: Mapping[str, Sequence[str]] | None = None,
+        *,
+        reset_within: float | None = None,
     ) -> TransactionResult:
         """MAIL, RCPT for each recipient, DATA: pipelined when the server
         offers PIPELINING (RFC 2920 section 3.1: MAIL, RCPTs and DATA in one
         batch, replies read in order), one by one otherwise. ``rcpt_params``:
         each recipient's RCPT parameters (RFC 3461 NOTIFY, ORCPT).
+
+        ``reset_within``: the session is a reused one, checked first with
+        RSET (RFC 5321 section 4.1.1.5), whose 250 must come within that
+        many seconds; else :class:`StaleSession` is raised and nothing of
+        the message was sent. With PIPELINING the RSET opens the same batch
+        (RFC 2920 section 3.1: RSET may appear anywhere in a pipelined
+        group), saving its round trip; if it fails after MAIL, RCPT and
+        DATA went out, the caller drops the connection before any message
+        data is sent, so the server delivers nothing.
 
         A server that offers CHUNKING gets the message in one ``BDAT n
         LAST`` instead of DATA (RFC 3030 section 2): no dot-stuffing and no
@@ -264,13 +281,19 @@ class SmtpClient:
         rcpt: dict[str, Reply] = {}
         data_go: Reply | None = None
         if "PIPELINING" in self.extensions:
-            await self.send(mail_line + b"".join(rcpt_lines) + (b"" if chunking else b"DATA\r\n"))
+            batch = mail_line + b"".join(rcpt_lines) + (b"" if chunking else b"DATA\r\n")
+            if reset_within is not None:
+                await self._checked_reset(b"RSET\r\n" + batch, reset_within)
+            else:
+                await self.send(batch)
             mail = await self.read_reply()
             for r in recipients:
                 rcpt[r] = await self.read_reply()
             if not chunking:
                 data_go = await self.read_reply()
         else:
+            if reset_within is not None:
+                await self._checked_reset(b"RSET\r\n", reset_within)
             await self.send(mail_line)
             mail = await self.read_reply()
             if not mail.positive:
@@ -302,6 +325,20 @@ class SmtpClient:
         await self.send(dot_stuff(message))
         final = await self.read_reply()
         return TransactionResult(mail, rcpt, final)
+
+    async def _checked_reset(self, data: bytes, within: float) -> None:
+        """Send ``data`` (RSET first) and read RSET's reply within
+        ``within`` seconds; :class:`StaleSession` unless it is 250."""
+        timeout, self.timeout = self.timeout, min(self.timeout, within)
+        try:
+            await self.send(data)
+            reply = await self.read_reply()
+        except ConnectionLost as exc:  # closed, or silent past the timeout
+            raise StaleSession(f"cached session gone ({exc})") from exc
+        finally:
+            self.timeout = timeout
+        if reply.code != 250:
+            raise StaleSession(f"cached session answered RSET with {reply}")
 
     async def reset(self) -> None:
         await self.command("RSET")

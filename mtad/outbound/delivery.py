@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from conf.settings import QueueSettings
 from mtad.dns import DnsTemporaryError, Resolver
-from mtad.outbound.client import ConnectionLost, Reply, SmtpClient, TlsFailed
+from mtad.outbound.client import ConnectionLost, Reply, SmtpClient, StaleSession, TlsFailed
 from mtad.outbound.conncache import CachedSession, ConnectionCache, SessionKey, TlsIdentity
 from mtad.outbound.dane import verify_chain
 from mtad.outbound.mx import MailHost, NoRoute, NullMx, mail_exchangers
@@ -424,64 +424,57 @@ async def _deliver_host(
 ) -> dict[str, RecipientResult] | None:
     """One mail transaction with one host, with the TLS ``tls`` demands, on
     a cached session of the same destination and TLS guarantee (checked
-    with RSET, RFC 5321 section 4.1.1.5) or a new one. HostFailure if the
-    host cannot take the message at all (connection, greeting, TLS); else a
-    result for each recipient. A cached session that fails its check is
-    dropped and a new one opened: not a failed attempt (``reuse_only``:
-    None instead of a new session)."""
+    with RSET, RFC 5321 section 4.1.1.5, sent with the transaction's
+    pipelined commands where the host offers PIPELINING) or a new one.
+    HostFailure if the host cannot take the message at all (connection,
+    greeting, TLS); else a result for each recipient. A cached session that
+    fails its check is dropped and the next cached one taken, or a new one
+    opened: not a failed attempt (``reuse_only``: None instead of a new
+    session)."""
     cache = dest.connections
     key = SessionKey(domain, host.name, address, dest.settings.smtp_port, TlsIdentity.of(tls))
     async with cache.slot(domain):
-        session = await _reuse(cache, key)
-        if session is None and reuse_only:
-            return None
-        if session is None:
-            cache.opening(domain)
+        while True:
+            session = cache.take(key)
+            if session is None and reuse_only:
+                return None
+            # A taken session is checked by the RSET leading its transaction.
+            reset_within = None if session is None else RSET_TIMEOUT_SECONDS
+            if session is None:
+                cache.opening(domain)
+                try:
+                    client = await _connect(dest, domain, host, address, tls, dsn.require_tls)
+                except BaseException:
+                    cache.failed_to_open(domain)
+                    raise
+                session = CachedSession(key, client)
             try:
-                client = await _connect(dest, domain, host, address, tls, dsn.require_tls)
-            except BaseException:
-                cache.failed_to_open(domain)
+                if dsn.require_tls and session.client.tls:
+                    _check_requiretls(session.client, host)
+                results = await _send(
+                    session.client, host, sender, recipients, message, dsn, reset_within
+                )
+            except HostFailure:
+                await cache.release(session)  # nothing was sent: the session is still good
                 raise
-            session = CachedSession(key, client)
-        try:
-            if dsn.require_tls and session.client.tls:
-                _check_requiretls(session.client, host)
-            results = await _send(session.client, host, sender, recipients, message, dsn)
-        except HostFailure:
-            await cache.release(session)  # nothing was sent: the session is still good
-            raise
-        except ConnectionLost as exc:
-            cache.drop(session)
-            raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
-        except BaseException:
-            cache.drop(session)
-            raise
-        session.messages += 1
-        # RFC 5321 section 3.8: after a 421 the server closes the channel.
-        await cache.release(session, reusable=all(r.reply.code != 421 for r in results.values()))
-        return results
-
-
-async def _reuse(cache: ConnectionCache, key: SessionKey) -> CachedSession | None:
-    """A cached session for ``key`` that answers RSET with 250, or None.
-    Sessions that fail the check are dropped (RFC 5321 section 4.1.1.5:
-    RSET ends any transaction and keeps the session's EHLO state)."""
-    while (session := cache.take(key)) is not None:
-        client = session.client
-        timeout, client.timeout = client.timeout, min(client.timeout, RSET_TIMEOUT_SECONDS)
-        try:
-            reply = await client.command("RSET")
-        except ConnectionLost as exc:  # closed, or silent past the timeout
-            log.debug("%s: cached session gone (%s); opening another", key.host, exc)
-            cache.drop(session)
-            continue
-        finally:
-            client.timeout = timeout
-        if reply.code == 250:
-            return session
-        log.debug("%s: cached session answered RSET with %s; opening another", key.host, reply)
-        cache.drop(session)
-    return None
+            except StaleSession as exc:
+                # RSET answered otherwise than 250 or not at all: nothing
+                # was delivered; dropping the connection ends whatever of
+                # the batch the server took (no message data was sent).
+                log.debug("%s: %s; opening another", key.host, exc)
+                cache.drop(session)
+                continue
+            except ConnectionLost as exc:
+                cache.drop(session)
+                raise HostFailure(local_reply(451, "4.4.2", f"{host.name}: {exc}")) from exc
+            except BaseException:
+                cache.drop(session)
+                raise
+            session.messages += 1
+            # RFC 5321 section 3.8: after a 421 the server closes the channel.
+            reusable = all(r.reply.code != 421 for r in results.values())
+            await cache.release(session, reusable=reusable)
+            return results
 
 
 def _check_requiretls(client: SmtpClient, host: MailHost) -> None:
@@ -614,7 +607,12 @@ async def _send(
     recipients: Sequence[str],
     message: bytes,
     dsn: DsnRequest,
+    reset_within: float | None = None,
 ) -> dict[str, RecipientResult]:
+    """The message's transactions on ``client`` (one per
+    MAX_RCPTS_PER_TRANSACTION recipients); ``reset_within``: a reused
+    session, whose first transaction opens with its RSET check
+    (:meth:`SmtpClient.transaction`; StaleSession if it fails)."""
     ext = client.extensions
     params: list[str] = []
 
@@ -658,7 +656,10 @@ async def _send(
     results: dict[str, RecipientResult] = {}
     for start in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION):
         batch = list(recipients[start : start + MAX_RCPTS_PER_TRANSACTION])
-        txn = await client.transaction(sender, batch, message, params, rcpt_params)
+        txn = await client.transaction(
+            sender, batch, message, params, rcpt_params, reset_within=reset_within
+        )
+        reset_within = None
         for rcpt in batch:
             reply = txn.outcome(rcpt)
             results[rcpt] = RecipientResult(_verdict(reply), reply, host.name, passed)

@@ -133,6 +133,54 @@ async def test_a_dead_cached_session_is_replaced_not_failed(
         await dest.connections.close()
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
+async def test_the_rset_check_is_pipelined_with_mail(port: int, chunking: bool) -> None:
+    # RFC 2920 section 3.1: RSET may be pipelined; a peer offering
+    # PIPELINING gets RSET, MAIL and RCPT (and DATA) in one write, so they
+    # are all there when it reads RSET: no round trip of its own.
+    async with SinkServer("127.0.0.2", port) as sink:
+        if chunking:
+            sink.extensions = [*sink.extensions, "CHUNKING"]
+        dest = destination(port, connection_cache_seconds=30)
+        for i in range(3):
+            results = await deliver_domain(dest, "d.test", "a@x.test", [f"r{i}@d.test"], MESSAGE)
+            assert results[f"r{i}@d.test"].status == "delivered"
+        assert sink.connections == 1 and sink.resets == 2
+        for i, followers in enumerate(sink.reset_followers, start=1):
+            expected = f"MAIL FROM:<a@x.test> SIZE={len(MESSAGE)}\r\nRCPT TO:<r{i}@d.test>\r\n"
+            assert followers == (expected if chunking else expected + "DATA\r\n").encode()
+        assert [r.data for r in sink.received] == [MESSAGE] * 3
+        await dest.connections.close()
+
+
+async def test_without_pipelining_the_rset_check_waits_for_its_reply(port: int) -> None:
+    async with SinkServer("127.0.0.2", port, extensions=["SIZE 10000000", "8BITMIME"]) as sink:
+        dest = destination(port, connection_cache_seconds=30)
+        for i in range(2):
+            results = await deliver_domain(dest, "d.test", "a@x.test", [f"r{i}@d.test"], MESSAGE)
+            assert results[f"r{i}@d.test"].status == "delivered"
+        assert sink.connections == 1 and sink.reset_followers == [b""]
+        sink.rset_reply = "421 4.3.2 shutting down"
+        results = await deliver_domain(dest, "d.test", "a@x.test", ["r2@d.test"], MESSAGE)
+        assert results["r2@d.test"].status == "delivered" and sink.connections == 2
+        await dest.connections.close()
+
+
+async def test_a_refused_pipelined_rset_sends_no_message_on_that_session(port: int) -> None:
+    # A peer that refuses RSET but goes on with the pipelined MAIL, RCPT and
+    # DATA (354): the session is dropped before any message data, and the
+    # message goes once, on a new session.
+    async with SinkServer("127.0.0.2", port) as sink:
+        dest = destination(port, connection_cache_seconds=30)
+        await deliver_domain(dest, "d.test", "a@x.test", ["r1@d.test"], MESSAGE)
+        sink.rset_reply = "502 5.5.2 no RSET here"
+        results = await deliver_domain(dest, "d.test", "a@x.test", ["r2@d.test"], MESSAGE)
+        assert results["r2@d.test"].status == "delivered"
+        assert [r.rcpt_to for r in sink.received] == [["r1@d.test"], ["r2@d.test"]]
+        assert sink.connections == 2 and sink.resets == 1
+        await dest.connections.close()
+
+
 async def test_sessions_carry_at_most_max_messages(port: int) -> None:
     async with SinkServer("127.0.0.2", port) as sink:
         dest = destination(port, connection_cache_seconds=30, connection_max_messages=3)

@@ -14,7 +14,8 @@ can kill the client mid-delivery. ``stalls`` counts sessions stalled so;
 ``end_stalls()`` drops the connections of those stalled now (the client
 sees the peer go away: its delivery is deferred).
 ``rset_reply`` answers RSET (a server refusing to go on: "421 ...", after
-which it closes; "": no answer, a peer gone silent). ``close()`` also ends
+which it closes; "": no answer, a peer gone silent); ``reset_followers``
+holds what had arrived behind each RSET when it was read. ``close()`` also ends
 the sessions still open, as a server that stops does.
 """
 
@@ -71,6 +72,9 @@ class SinkServer:
     max_active: int = 0
     rset_reply: str = "250 2.0.0 ok"
     resets: int = 0  # RSET commands received
+    # What had arrived behind each RSET line when it was read: the commands
+    # a client pipelined with it (RFC 2920), b"" if it waited for the reply.
+    reset_followers: list[bytes] = field(default_factory=list)
     bdat_chunks: int = 0  # BDAT commands received (RFC 3030: offer "CHUNKING")
     server: asyncio.Server | None = None
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -221,6 +225,7 @@ class SinkServer:
                     await say(reply)
                 elif verb == "RSET":
                     self.resets += 1
+                    self.reset_followers.append(bytes(reader._buffer))  # type: ignore[attr-defined]
                     mail_from, rcpts, chunks = None, [], []
                     if not self.rset_reply:
                         await reader.read()  # silent until the client goes away
