@@ -1065,6 +1065,124 @@ def _lock_store_range_pg(
     return tx, mbox, _select_entries_sync(conn, mailbox_id, uids, _ENTRIES)
 
 
+
+# PostgreSQL: the common STORE (RFC 3501 section 6.4.6 +FLAGS or -FLAGS of
+# system flags only, one bounded UID range, with or without the RFC 7162
+# section 3.1.3 UNCHANGEDSINCE guard) in one statement instead of
+# _LOCK_STORE_RANGE_PG then _STORE_WRITE_PG: a STORE batch is then this and
+# its COMMIT. ``locked`` takes _LOCK_STORE_RANGE_PG's locks in its order
+# (account, mailbox, entries; a row that waited is read at its latest
+# version); ``planned`` is _plan_store's arithmetic for that case; the
+# writes go ahead only when every UID of the range came back and the
+# account has no fence (``whole``), otherwise nothing is written and the
+# caller plans again under the locks now held (the long way). The updates
+# find rows of the statement's snapshot and, in READ COMMITTED, move to the
+# version this statement locked (PostgreSQL manual 13.2.1). The change-log
+# JSON is _flag_texts': {"flags":[...]} with the flag names sorted by code
+# point (COLLATE "C" on UTF-8), keywords being ASCII atoms.
+def _system_flag_values() -> str:
+    values = []
+    for name, bit in crit.FLAG_BITS.items():
+        literal = name.replace("\\", "\\\\").replace("'", "\\'")
+        values.append(f"(E'{literal}', {bit})")
+    return ", ".join(values)
+
+
+_FLAGS_JSON_PG = (
+    "(SELECT '{\"flags\":[' || coalesce(string_agg(CAST(to_json(f.name) AS TEXT), ',' "
+    "ORDER BY f.name COLLATE \"C\"), '') || ']}' FROM ("
+    f"SELECT s.name FROM (VALUES {_system_flag_values()}) AS s(name, bit) "
+    "WHERE c.new_mask & s.bit <> 0 UNION "
+    "SELECT k FROM unnest(string_to_array(c.keywords, ' ')) AS k WHERE k <> '') AS f(name))"
+)
+_STORE_SYSTEM_FLAGS_PG = sql_text(
+    "WITH locked AS MATERIALIZED (SELECT a.fence, a.last_change_id, m.highestmodseq, "
+    "e.mailbox_id, e.uid, e.message_id, e.sysflags, e.keywords, e.modseq, e.internal_date, "
+    "e.internal_tz, e.size, g.blob_key, e.saved_at "
+    "FROM shard_accounts a "
+    "JOIN mailboxes m ON m.account_id = a.account_id AND m.id = CAST(:q_box AS BIGINT) "
+    "JOIN mailbox_entries e ON e.mailbox_id = m.id "
+    "AND e.uid BETWEEN CAST(:q_lo AS BIGINT) AND CAST(:q_hi AS BIGINT) "
+    "JOIN messages g ON g.id = e.message_id "
+    "WHERE a.account_id = CAST(:q_account AS BIGINT) ORDER BY e.uid FOR UPDATE OF a, m, e), "
+    "planned AS MATERIALIZED (SELECT l.*, CASE WHEN CAST(:q_add AS BOOLEAN) "
+    "THEN l.sysflags | CAST(:q_mask AS INTEGER) ELSE l.sysflags & ~CAST(:q_mask AS INTEGER) "
+    "END AS new_mask, COALESCE(l.modseq > CAST(:q_since AS BIGINT), false) AS refused "
+    "FROM locked l), "
+    "whole AS MATERIALIZED (SELECT min(last_change_id) AS last_change_id, "
+    "min(highestmodseq) + 1 AS modseq FROM locked "
+    "HAVING count(*) = CAST(:q_hi AS BIGINT) - CAST(:q_lo AS BIGINT) + 1 "
+    "AND bool_and(fence IS NULL)), "
+    "changed AS MATERIALIZED (SELECT p.uid, p.new_mask, p.keywords, w.modseq, "
+    "w.last_change_id + row_number() OVER (ORDER BY p.uid) AS change_id "
+    "FROM planned p CROSS JOIN whole w WHERE NOT p.refused AND p.new_mask <> p.sysflags), "
+    "entries AS (UPDATE mailbox_entries SET sysflags = c.new_mask, modseq = c.modseq "
+    "FROM changed c WHERE mailbox_entries.mailbox_id = CAST(:q_box AS BIGINT) "
+    "AND mailbox_entries.uid = c.uid), "
+    "bump AS (UPDATE mailboxes SET highestmodseq = w.modseq FROM whole w "
+    "WHERE mailboxes.id = CAST(:q_box AS BIGINT) AND EXISTS (SELECT 1 FROM changed)), "
+    "changes AS (INSERT INTO change_log (account_id, id, kind, mailbox_id, uid, modseq, at, data) "
+    "SELECT CAST(:q_account AS BIGINT), c.change_id, CAST(:q_kind AS TEXT), "
+    "CAST(:q_box AS BIGINT), c.uid, c.modseq, CAST(:q_at AS DOUBLE PRECISION), "
+    f"{_FLAGS_JSON_PG} FROM changed c), "
+    "account AS (UPDATE shard_accounts SET last_change_id = "
+    "(SELECT max(change_id) FROM changed) "
+    "WHERE account_id = CAST(:q_account AS BIGINT) AND EXISTS (SELECT 1 FROM changed)) "
+    "SELECT p.*, EXISTS (SELECT 1 FROM whole) AS written FROM planned p ORDER BY p.uid"
+)
+_ENTRY_OF_STORE_ROW = operator.attrgetter(*_ENTRY_FIELDS)
+
+
+def _store_system_flags_pg(
+    conn: Connection,
+    account_id: int,
+    uids: UidSet,
+    mailbox_id: int,
+    add: bool,
+    mask: int,
+    unchanged_since: int | None,
+) -> _StoreOutcome | None:
+    """PostgreSQL: a +FLAGS (``add``) or -FLAGS of the system flags of
+    ``mask`` on one bounded UID range, locked, planned and written in one
+    statement (see _STORE_SYSTEM_FLAGS_PG); the same outcome as the long
+    way's. None if ``uids`` is not one bounded range, or the statement
+    wrote nothing because it could not tell the whole outcome (no such
+    mailbox or entry, the account's first write here, a gap in the range
+    that a commit may have filled while it waited): the caller then goes
+    the long way, under the locks this took, if any. Raises for a fenced
+    account (nothing written)."""
+    ranges = uids.ranges
+    if len(ranges) != 1 or ranges[0][1] is None:
+        return None
+    lo, hi = ranges[0]
+    at = _now()
+    params = {
+        "q_account": account_id,
+        "q_box": mailbox_id,
+        "q_lo": lo,
+        "q_hi": hi,
+        "q_add": add,
+        "q_mask": mask,
+        "q_since": unchanged_since,
+        "q_kind": ChangeKind.FLAGS.value,
+        "q_at": at,
+    }
+    rows = execute(conn, _STORE_SYSTEM_FLAGS_PG, params).all()
+    if not rows:
+        return None
+    if rows[0].fence is not None:
+        raise fenced_error()
+    if not rows[0].written:
+        return None
+    modified = [r.uid for r in rows if r.refused]
+    changed = [
+        (_EntryRow(*_ENTRY_OF_STORE_ROW(r)), r.new_mask, r.keywords)
+        for r in rows
+        if not r.refused and r.new_mask != r.sysflags
+    ]
+    return modified, changed, rows[0].highestmodseq + 1, rows[0].last_change_id + 1, at
+
+
 def _stored_flags(
     account_id: int,
     modseq: int,
@@ -2555,8 +2673,18 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
 
         # Inside the writers' lock only the SQL and what it needs; the
         # entries and change objects are built after the commit.
+        # PostgreSQL's common case in one statement (_store_system_flags_pg).
+        one_statement = not keywords and mode is not StoreMode.REPLACE
+
         def write(conn: Connection) -> _StoreOutcome:
             pg = conn.dialect.name != "sqlite"
+            if pg and one_statement:
+                add = mode is StoreMode.ADD
+                done = _store_system_flags_pg(
+                    conn, account_id, uids, mailbox_id, add, mask, unchanged_since
+                )
+                if done is not None:
+                    return done
             locked = _lock_store_range_pg(conn, account_id, mailbox_id, uids) if pg else None
             if locked is None:
                 tx, mbox = self._begin_in_mailbox_sync(conn, account_id, mailbox_id)
