@@ -1118,6 +1118,7 @@ _STORE_SYSTEM_FLAGS_PG = sql_text(
     "FROM planned p CROSS JOIN whole w WHERE NOT p.refused AND p.new_mask <> p.sysflags), "
     "entries AS (UPDATE mailbox_entries SET sysflags = c.new_mask, modseq = c.modseq "
     "FROM changed c WHERE mailbox_entries.mailbox_id = CAST(:q_box AS BIGINT) "
+    "AND mailbox_entries.uid BETWEEN CAST(:q_lo AS BIGINT) AND CAST(:q_hi AS BIGINT) "
     "AND mailbox_entries.uid = c.uid), "
     "bump AS (UPDATE mailboxes SET highestmodseq = w.modseq FROM whole w "
     "WHERE mailboxes.id = CAST(:q_box AS BIGINT) AND EXISTS (SELECT 1 FROM changed)), "
