@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from storage.backend import SqlStorage
-from storage.model import UidSet
+from storage.model import StoreMode, UidSet
 from storage.sql.sortkeys import PG_PREFIX, PREFIXED, SORT_COLUMNS, _sorted_uids_sql, pg_head
 from tests.contract.test_pg_word_index import _connect, backend  # noqa: F401 (PostgreSQL only)
 from tests.contract.test_sort_keys import _filled
@@ -51,3 +51,32 @@ async def test_subject_and_from_orders_are_index_only_scans(
                     f"mailbox_entries_by_{name.lower()} " in plan, plan
     finally:
         await conn.close()
+
+
+async def test_the_uids_of_a_select_come_in_index_order_unsorted(
+    storage: SqlStorage, database_url: str
+) -> None:
+    """A SELECT's snapshot reads every UID of the mailbox as one array
+    (storage.sql.mailstore._UIDS_PG): in the order the (mailbox_id, uid)
+    index gives them, with no aggregate sorting them again, and the same
+    UIDs as the entries."""
+    from sqlalchemy.dialects import postgresql
+
+    from storage.sql.mailstore import _UIDS_PG
+
+    bob, mail, box = await _filled(storage, random.Random())
+    await mail.store_flags(bob.id, box.id, UidSet.of([1]), StoreMode.ADD, ["\\Deleted"])
+    await mail.expunge(bob.id, box.id)
+    snapshot = await mail.snapshot(bob.id, box.id)
+    assert list(snapshot.uids) == [e.uid for e in await mail.uids(bob.id, box.id)]
+    sql = str(_UIDS_PG.compile(dialect=postgresql.dialect())).replace("%(b_box)s", str(box.id))
+    conn = await _connect(database_url)
+    try:
+        await conn.execute("VACUUM (ANALYZE) mailbox_entries")
+        await conn.execute("SET enable_seqscan = off")
+        await conn.execute("SET enable_bitmapscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql))
+    finally:
+        await conn.close()
+    assert "Index Only Scan using mailbox_entries_mailbox_uid " in plan, plan
+    assert "Aggregate" not in plan and "Sort" not in plan, plan
