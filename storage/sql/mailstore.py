@@ -572,14 +572,31 @@ def _insert_message_pg(keys: tuple[str, ...], own_thread: bool) -> Any:
     )
 
 
+# PostgreSQL: the thread of a message the new one refers to (``refs``:
+# its References and In-Reply-To), one index lookup per reference on
+# messages_account_msgid. Not ``message_id_header = ANY(:refs)``: the
+# generic plan of that prepared statement (the one a pooled connection
+# keeps after five executions) costs an unknown array's probes above a
+# filter, and so read every message of the account per delivery, no refs
+# at all included. Here each lookup is a plain equality on both columns
+# of the index, and an empty ``refs`` runs none.
+_THREAD_OF_REFS_PG = (
+    "SELECT t.thread_id FROM unnest(CAST(:refs AS TEXT[])) AS r(ref) "
+    "CROSS JOIN LATERAL (SELECT m.thread_id FROM messages m "
+    "WHERE m.account_id = CAST(:account_id AS BIGINT) AND m.message_id_header = r.ref "
+    "LIMIT 1) AS t LIMIT 1"
+)
+
+
 @functools.cache
 def _deliver_head_pg(keys: tuple[str, ...], by_name: bool, with_blob: bool) -> Any:
     """PostgreSQL: a delivery's first and only statement before the flush
     (a round trip instead of three): the blob put in the shard's ``blobs``
     table (``with_blob``: PACK_PUT_SQL's upsert), the words new to the
     vocabulary and the message row as :func:`_insert_message_pg` writes
-    them, its thread found by ``refs`` (the newest message of the account
-    with one of those Message-IDs, else a thread of its own), then the
+    them, its thread found by ``refs`` (that of a message of the account
+    with one of those Message-IDs, _THREAD_OF_REFS_PG, else a thread of
+    its own), then the
     account and the target mailbox locked as _LOCK_WITH_MAILBOX_BY_*_PG
     lock them (by name with ``by_name``, else by id). One row: the new
     message's id (``new_message_id``) and, left-joined, the locked
@@ -600,9 +617,7 @@ def _deliver_head_pg(keys: tuple[str, ...], by_name: bool, with_blob: bool) -> A
         f"WITH {blob}v AS ({fts.ADD_VOCAB_SQL}), "
         "n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id), "
         f"msg AS (INSERT INTO messages (id, thread_id, {', '.join(cols)}, search_words) "
-        "SELECT n.id, coalesce((SELECT t.thread_id FROM messages t "
-        "WHERE t.account_id = CAST(:account_id AS BIGINT) "
-        "AND t.message_id_header = ANY(CAST(:refs AS TEXT[])) LIMIT 1), n.id), "
+        f"SELECT n.id, coalesce(({_THREAD_OF_REFS_PG}), n.id), "
         f"{casts}, CAST(:search_words AS int4[]) FROM n RETURNING id) "
         "SELECT msg.id AS new_message_id, l.* FROM msg LEFT JOIN ("
         f"SELECT {account_cols}, {mailbox_cols} FROM shard_accounts a JOIN mailboxes m "
