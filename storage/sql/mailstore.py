@@ -534,6 +534,13 @@ _INSERT_MESSAGE_OWN_THREAD = (
 )
 
 
+# PostgreSQL: the next message id, from the BIGSERIAL's sequence named as
+# a constant: resolved once, when a session prepares the statement, where
+# ``pg_get_serial_sequence('messages', 'id')`` looked the sequence up in
+# the catalog (pg_depend) at every delivery.
+_NEXT_MESSAGE_ID_PG = "nextval(CAST('messages_id_seq' AS regclass))"
+
+
 @functools.cache
 def _insert_own_thread_pg(keys: tuple[str, ...]) -> Any:
     """PostgreSQL's insert of a message in a thread of its own (``keys``:
@@ -541,7 +548,7 @@ def _insert_own_thread_pg(keys: tuple[str, ...]) -> Any:
     nextval(...)) INSERT ... SELECT n.id, n.id, ... RETURNING id``. The
     same statement object per column set, so ``execute`` prepares it once."""
     seq = select(
-        literal_column("nextval(pg_get_serial_sequence('messages', 'id'))").label("id")
+        literal_column(_NEXT_MESSAGE_ID_PG).label("id")
     ).cte("n")
     values = [bindparam(k, type_=messages.c[k].type) for k in keys]
     return (
@@ -566,7 +573,7 @@ def _insert_message_pg(keys: tuple[str, ...], own_thread: bool) -> Any:
     thread = "n.id" if own_thread else "CAST(:thread_id AS BIGINT)"
     return sql_text(
         f"WITH v AS ({fts.ADD_VOCAB_SQL}), "
-        "n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id) "
+        f"n AS (SELECT {_NEXT_MESSAGE_ID_PG} AS id) "
         f"INSERT INTO messages (id, thread_id, {', '.join(cols)}, search_words) "
         f"SELECT n.id, {thread}, {casts}, CAST(:search_words AS int4[]) FROM n RETURNING id"
     )
@@ -615,7 +622,7 @@ def _deliver_head_pg(keys: tuple[str, ...], by_name: bool, with_blob: bool) -> A
     mailbox_cols = ", ".join(f"m.{c.name} AS m_{c.name}" for c in mailboxes.c)
     return sql_text(
         f"WITH {blob}v AS ({fts.ADD_VOCAB_SQL}), "
-        "n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id), "
+        f"n AS (SELECT {_NEXT_MESSAGE_ID_PG} AS id), "
         f"msg AS (INSERT INTO messages (id, thread_id, {', '.join(cols)}, search_words) "
         f"SELECT n.id, coalesce(({_THREAD_OF_REFS_PG}), n.id), "
         f"{casts}, CAST(:search_words AS int4[]) FROM n RETURNING id) "

@@ -3,7 +3,8 @@ account: the plan each pooled session keeps for the delivery's statement
 (the generic plan of a prepared statement, after its first five
 executions) looks up a referenced message through the index, by both of
 its columns, and reads no message of the account when there is none to
-look up. Checked on the plans the server itself ran (auto_explain with
+look up; it takes the message's id from the sequence without a catalog
+lookup. Checked on the plans the server itself ran (auto_explain with
 ANALYZE, in the server log)."""
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ async def explained(pg_server: Any, tmp_path: Path) -> AsyncIterator[tuple[SqlSt
             "session_preload_libraries = 'auto_explain'",
             "auto_explain.log_min_duration = 0",
             "auto_explain.log_analyze = on",
+            "auto_explain.log_buffers = on",
             "auto_explain.log_nested_statements = on",
         ):
             await admin.execute(f'ALTER DATABASE "{name}" SET {setting}')
@@ -68,6 +70,14 @@ def _messages_filtered(plan: str) -> bool:
     return any(" on messages " in n and "Rows Removed by Filter" in n for n in nodes)
 
 
+def _new_id_pages(plan: str) -> int:
+    """The pages taking the new message's id (the plan's ``n`` CTE) read:
+    the sequence's own, and the catalog's if it looks the sequence up."""
+    node = plan.partition("CTE n\n")[2].split("->")[1]
+    found = re.search(r"Buffers: shared hit=(\d+)", node)
+    return int(found.group(1)) if found else 0
+
+
 def _query_text(plan: str) -> str:
     found = re.search(r"Query Text: (.*)", plan)
     return found.group(1) if found else ""
@@ -91,6 +101,9 @@ async def test_a_delivery_reads_no_other_message_of_the_account(
     assert len(plans) >= DELIVERIES, plans
     # No message referenced, none read: no scan of the account's rows.
     assert not any(_messages_filtered(p) for p in plans), plans[-1]
+    # Its id from the sequence, named once: no catalog read per delivery
+    # (a session's first ones fill its caches).
+    assert max(_new_id_pages(p) for p in plans[-5:]) <= 1, plans[-1]
 
 
 async def test_a_reply_finds_its_thread_through_the_index(
