@@ -197,8 +197,9 @@ class Run:
     source: tuple[float, float] | None = None  # smtp-source: wall time, mtad CPU
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The load's options (``--messages``, ``--sessions``, ``--size``,
+    ``--rcpt``, ``--text``), shared with the benches that run this load."""
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5 * 1024)
@@ -209,6 +210,11 @@ async def main() -> None:
         default="repeated",
         help="message bodies: one sentence repeated, or varied real words (see above)",
     )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_options(parser)
     parser.add_argument("--port", type=int, help="bench a running server instead")
     parser.add_argument("--pid", type=int, help="server pid, for CPU accounting")
     parser.add_argument("--checks", action="store_true", help="keep SPF/DKIM checks on")
