@@ -302,6 +302,7 @@ class _Tx:
     # counters they move, written by flush_sync in its one statement.
     entries: list[dict[str, Any]] = field(default_factory=list)
     bumps: dict[int, tuple[int, int]] = field(default_factory=dict)  # id: (uidnext, modseq)
+    floors: dict[int, int] = field(default_factory=dict)  # id: recent floor (of bumped boxes)
 
     def write_entry(self, entry: dict[str, Any], uidnext: int, modseq: int) -> None:
         """Inserts a ``mailbox_entries`` row and moves its mailbox's
@@ -316,6 +317,17 @@ class _Tx:
             return
         self.entries.append(entry)
         self.bumps[box] = (uidnext, modseq)  # the last append's are the highest
+
+    def set_recent_floor(self, box: int, floor: int) -> None:
+        """Moves a mailbox's recent floor (RFC 3501 section 2.3.1.1,
+        \\Recent): at once on SQLite; on PostgreSQL with :meth:`flush_sync`'s
+        one statement when this transaction moves the box's UIDNEXT there
+        (an APPEND to the selected mailbox: one round trip fewer), else at
+        once. Nothing in the write function reads it back before that."""
+        if self.conn.dialect.name == "sqlite" or box not in self.bumps:
+            execute(self.conn, _SET_RECENT_FLOOR, {"b_id": box, "b_floor": floor})
+            return
+        self.floors[box] = floor
 
     def change(
         self,
@@ -404,6 +416,7 @@ class _Tx:
             and not self.used_delta
             and not self.entries
             and not self.bumps
+            and not self.floors
         )
 
     async def flush(self) -> list[Change]:
@@ -441,8 +454,10 @@ class _Tx:
         params["bump_id"] = list(self.bumps)
         params["bump_uidnext"] = [uidnext for uidnext, _ in self.bumps.values()]
         params["bump_modseq"] = [modseq for _, modseq in self.bumps.values()]
+        # -1: the box's recent floor stays (floors are UIDs, never negative).
+        params["bump_floor"] = [self.floors.get(box, -1) for box in self.bumps]
         execute(conn, _flush_statement_pg(entry_keys), params)
-        self.entries, self.bumps = [], {}
+        self.entries, self.bumps, self.floors = [], {}, {}
 
     def log_rows_sync(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Writes change-log rows a caller built itself (ids from
@@ -494,16 +509,19 @@ def _unnest(table: Any, prefix: str, keys: Sequence[str]) -> str:
 
 @functools.cache
 def _flush_statement_pg(entry_keys: tuple[str, ...]) -> Any:
-    """PostgreSQL: a write function's entries, mailbox counters, change-log
-    rows and account counters in one statement (each list of rows passed as
+    """PostgreSQL: a write function's entries, mailbox counters (with the
+    recent floors of :meth:`_Tx.set_recent_floor`), change-log rows and
+    account counters in one statement (each list of rows passed as
     arrays, one per column, so one prepared statement serves any number).
     Beside the shared statements it replaces: _BUMP_MAILBOX, _INSERT_ENTRY,
     _INSERT_CHANGES, _UPDATE_COUNTERS. The parts touch different tables,
     so that they share one snapshot changes nothing."""
     return sql_text(
-        "WITH bump AS (UPDATE mailboxes SET uidnext = u.uidnext, highestmodseq = u.modseq "
+        "WITH bump AS (UPDATE mailboxes SET uidnext = u.uidnext, highestmodseq = u.modseq, "
+        "recent_floor = CASE WHEN u.floor < 0 THEN mailboxes.recent_floor ELSE u.floor END "
         "FROM unnest(CAST(:bump_id AS BIGINT[]), CAST(:bump_uidnext AS BIGINT[]), "
-        "CAST(:bump_modseq AS BIGINT[])) AS u(id, uidnext, modseq) WHERE mailboxes.id = u.id), "
+        "CAST(:bump_modseq AS BIGINT[]), CAST(:bump_floor AS BIGINT[])) "
+        "AS u(id, uidnext, modseq, floor) WHERE mailboxes.id = u.id), "
         f"entries AS ({_unnest(E, 'e_', entry_keys)}), "
         f"changes AS ({_unnest(change_log, 'c_', _CHANGE_KEYS)}) "
         "UPDATE shard_accounts SET last_change_id = :b_last_change, "
@@ -1921,7 +1939,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
                 # in the same mailbox reports the same floor.
                 floors = dict(after)
                 for box_id, (next_uid, _) in uidnext.items():
-                    execute(conn, _SET_RECENT_FLOOR, {"b_id": box_id, "b_floor": next_uid})
+                    tx.set_recent_floor(box_id, next_uid)
                     after[box_id] = next_uid
                 results = [
                     dataclasses.replace(r, recent_floor=floors[r.mailbox_id]) for r in results
@@ -2079,7 +2097,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
                 results.append(result)
             if claim_recent:
                 floor = int(mbox.recent_floor)
-                execute(conn, _SET_RECENT_FLOOR, {"b_id": mbox.id, "b_floor": uid})
+                tx.set_recent_floor(mbox.id, uid)
                 results = [dataclasses.replace(r, recent_floor=floor) for r in results]
             return results, tx.flush_sync(conn)
 

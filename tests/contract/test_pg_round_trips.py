@@ -163,6 +163,37 @@ async def test_a_delivery_with_its_blob_in_the_shard_costs_two_statements(site: 
         assert thread == parent_threads[n % 3]
 
 
+async def test_an_append_that_claims_recent_costs_two_statements(site: Site) -> None:
+    """An APPEND to the mailbox its session has selected moves the recent
+    floor past the new message (RFC 3501 section 2.3.1.1) in the flush's
+    one statement, not a round trip of its own; the floor is committed."""
+    mail = site.storage.mail(site.bob)
+    count = random.randint(5, 15)
+    made = []
+    for _ in range(count):
+        raw, parsed = build(body=random.randbytes(random.randint(1, 3000)).hex())
+        made.append((await site.storage.blobs.put(raw), parsed))
+    work = asyncio.gather(
+        *(
+            mail.deliver(site.bob.id, key, parsed, [("INBOX", (), None)], claim_recent=True)
+            for key, parsed in made
+        )
+    )
+    results, calls, commits = await site.statements(work)
+    assert len(calls) <= ROUND_TRIPS_PER_DELIVERY * count, calls
+    assert not any(c.startswith("UPDATE mailboxes SET recent_floor") for c in calls), calls
+    assert 1 <= commits < count  # shared
+    box = results[0][0].mailbox_id
+    # Each claim found the floor its predecessors left: every UID once.
+    assert sorted(r[0].recent_floor for r in results) == list(range(1, count + 1))
+    # The committed floor is past the last message: nothing is \Recent to
+    # a session that claims again, and the next delivery is.
+    assert await mail.claim_recent(site.bob.id, box) == count + 1
+    assert await mail.peek_recent(site.bob.id, box) == 0
+    await deliver_some(site, 1)
+    assert await mail.peek_recent(site.bob.id, box) == 1
+
+
 def _message_id(raw: bytes) -> str:
     return re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode()  # type: ignore[union-attr]
 
