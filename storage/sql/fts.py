@@ -376,6 +376,62 @@ def message_words(values: dict[str, Any]) -> set[bytes]:
     return (words - long) | {LONG_WORD} if long else words
 
 
+# Schema step 38: what lets a search decide most candidates from the row's
+# hashes alone, without reading its text (``criteria.pg_sure_condition``).
+# The row's ``search_words`` array is laid out as:
+# 1. a flag: READY's hash, or TAGGED's when the row is indexed this way but
+#    not READY (a searched column holds a character that makes
+#    ``words_of`` see ASCII letters the text does not hold as such: Python
+#    lowers U+0130 and U+212A to ASCII, and U+0307 after an i is dropped; or
+#    a word longer than VOCAB_MAX_LENGTH; or more than TWIN_SLOTS - 1
+#    header words). A row indexed before step 38 has neither there, and a
+#    row not READY is always decided by the exact test;
+# 2. the tagged twins (hash XOR HEADER_TAG) of the words of its subject,
+#    From, To and Cc, sorted: a hash whose twin is absent came from the
+#    body (a header word brings both). In a READY row they all lie within
+#    the first TWIN_SLOTS elements, so a search checks them there (a
+#    subscript and a short slice) instead of scanning the whole array;
+# 3. every word's hash (:func:`message_words`), sorted, as before step 38:
+#    older code reading the row finds what it always found.
+HEADER_TAG = 0x2F6B_5A1D
+READY = b"~ready~"  # never a word, as LONG_WORD
+TAGGED = b"~tagged~"
+TWIN_SLOTS = 64
+_FOLDING = ("\u0130", "\u212a", "\u0307")
+HEADER_KEYS = ("subject", "from_text", "to_text", "cc_text")
+
+
+def header_hash(h: int) -> int:
+    """The tagged twin of the hash ``h`` (int4 XOR, as SQL's ``h # HEADER_TAG``)."""
+    return h ^ HEADER_TAG
+
+
+def marker_hashes() -> tuple[int, int, int]:
+    """The hashes of LONG_WORD, READY and TAGGED: never taken as a word's."""
+    return word_hash(LONG_WORD), word_hash(READY), word_hash(TAGGED)
+
+
+def _folds(text: str) -> bool:
+    return not text.isascii() and any(c in text for c in _FOLDING)
+
+
+def message_index(values: dict[str, Any]) -> tuple[list[int], set[bytes]]:
+    """What a ``messages`` row's ``search_words`` holds, in the layout above
+    (flag, twins, hashes), and its words for the vocabulary (LONG_WORD
+    left out)."""
+    words = message_words(values)
+    vocab = words - {LONG_WORD}
+    header = words_of(" ".join(values[k] or "" for k in HEADER_KEYS)) & vocab
+    twins = sorted({header_hash(word_hash(w)) for w in header})
+    ready = (
+        LONG_WORD not in words
+        and len(twins) < TWIN_SLOTS
+        and not any(_folds(values[k] or "") for k in (*HEADER_KEYS, "body_text"))
+    )
+    flag = word_hash(READY if ready else TAGGED)
+    return [flag, *twins, *sorted({word_hash(w) for w in words})], vocab
+
+
 class Vocabulary:
     """The words one process knows to be committed in one database's
     ``search_vocab``: a delivery sends only the others (which its statement
@@ -402,10 +458,10 @@ def search_params(values: dict[str, Any], vocab: Vocabulary) -> tuple[dict[str, 
     """The parameters the PostgreSQL message insert takes besides the row's
     columns (``search_words``, ``new_words``, ``new_hashes``), and the new
     words to pass to :meth:`Vocabulary.committed` once it committed."""
-    words = message_words(values)
-    new = vocab.unknown(words - {LONG_WORD})
+    hashes, words = message_index(values)
+    new = vocab.unknown(words)
     return {
-        "search_words": [word_hash(w) for w in words],
+        "search_words": hashes,
         "new_words": [w.decode("ascii") for w in new],
         "new_hashes": [word_hash(w) for w in new],
     }, new
@@ -416,6 +472,21 @@ UNINDEXED_BATCH = 500
 _UNINDEXED = (
     "SELECT id, subject, from_text, to_text, cc_text, body_text FROM messages "
     "WHERE search_words IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+)
+
+
+def untagged_predicate() -> str:
+    """SQL true of a row indexed before schema step 38 (no READY or TAGGED
+    flag first): the predicate of its partial index
+    ``messages_search_untagged``, which a query must spell the same way
+    for the planner to use the index."""
+    return f"search_words[1] NOT IN ({word_hash(READY)}, {word_hash(TAGGED)})"
+
+
+# Rows indexed before step 38, indexed again (after the NULL ones).
+_UNTAGGED = (
+    "SELECT id, subject, from_text, to_text, cc_text, body_text FROM messages "
+    f"WHERE {untagged_predicate()} ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
 ADD_VOCAB_SQL = (
     "INSERT INTO search_vocab (word, hash) SELECT u.w, u.h "
@@ -431,12 +502,15 @@ _SET_WORDS = (
 
 async def index_unindexed(conn: Any, batch: int = UNINDEXED_BATCH) -> int:
     """PostgreSQL: fills ``search_words`` (and the vocabulary) of up to
-    ``batch`` rows that lack them, in the caller's transaction (an
-    ``AsyncConnection``); returns how many. Rows another session is
+    ``batch`` rows that lack them, then of rows indexed before schema step
+    38 (:func:`message_index`'s tags missing), in the caller's transaction
+    (an ``AsyncConnection``); returns how many. Rows another session is
     filling are skipped, not waited for."""
     from sqlalchemy import text
 
     rows = (await conn.execute(text(_UNINDEXED), {"n": batch})).all()
+    if len(rows) < batch:
+        rows += (await conn.execute(text(_UNTAGGED), {"n": batch - len(rows)})).all()
     if not rows:
         return 0
     vocab: set[bytes] = set()
@@ -445,9 +519,9 @@ async def index_unindexed(conn: Any, batch: int = UNINDEXED_BATCH) -> int:
         # Up to 1 MB of text a row (MAX_BODY_TEXT), some 40 ms of words:
         # the event loop's other sessions get their turn between rows.
         await asyncio.sleep(0)
-        words = message_words(row._mapping)
-        vocab |= words - {LONG_WORD}
-        out.append({"id": row.id, "words": [word_hash(w) for w in words]})
+        hashes, words = message_index(row._mapping)
+        vocab |= words
+        out.append({"id": row.id, "words": hashes})
     new = sorted(vocab)
     await conn.execute(
         text(ADD_VOCAB_SQL),

@@ -1293,6 +1293,36 @@ async def _v37_pg_sort_key_heads(conn: AsyncConnection) -> None:
         )
 
 
+async def _v38_pg_sure_words(conn: AsyncConnection) -> None:
+    """PostgreSQL: what lets a text search decide most of its candidates
+    from their word hashes, without reading their text (issue #20; the
+    contract is in ``storage/sql/fts.py`` above HEADER_TAG, the decision
+    in ``criteria.pg_sure_condition``). An index on ``search_vocab.hash``
+    (a search asks whether another word shares a hash), the hashes kept
+    in the row (storage MAIN), and the partial
+    index ``messages_search_untagged`` of the rows indexed before this
+    step, which the merger's ``fts.index_unindexed`` indexes again in the
+    background, a batch at a time: until then such a row is decided by the
+    exact test, as every row was before. SQLite: nothing (its own index)."""
+    if conn.dialect.name != "postgresql":
+        return
+    from storage.sql import fts
+
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS search_vocab_hash ON search_vocab (hash)"
+    )
+    # A search now reads each candidate's hashes: kept in the row (MAIN:
+    # out of line only for a row that fits no page otherwise). EXTENDED
+    # moved them to the TOAST table once the twins took a row past 2 KB,
+    # two to three more buffers a candidate. New row versions only; the
+    # background pass writes every older row again anyway.
+    await conn.exec_driver_sql("ALTER TABLE messages ALTER COLUMN search_words SET STORAGE MAIN")
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS messages_search_untagged ON messages (id) "
+        f"WHERE {fts.untagged_predicate()}"
+    )
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1331,6 +1361,7 @@ MIGRATIONS: list[Step] = [
     _v35_grantee_metadata,
     _v36_queue_tls_report,
     _v37_pg_sort_key_heads,
+    _v38_pg_sure_words,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 

@@ -69,7 +69,8 @@ async def test_a_delivery_adds_a_key_per_distinct_word(
     distinct = {w.lower() for w in words if w.lower() in body.lower()}
     # The message's words (its subject, addresses and body) and only they.
     assert {fts.word_hash(w.encode()) for w in distinct} <= set(stored)
-    assert sorted(stored) == sorted({fts.word_hash(w) for w in fts.message_words(columns)})
+    assert stored == fts.message_index(dict(columns))[0]
+    assert {fts.word_hash(w) for w in fts.message_words(columns)} <= set(stored)
     # In the pending list, for the merger (no delivery merged it).
     assert row["pending_tuples"] == 1
     # Several times fewer keys than the trigram index of step 14 added.
