@@ -184,10 +184,17 @@ CONTENT_COLUMNS = (M.c.subject, M.c.from_text, M.c.to_text, M.c.cc_text, M.c.bod
 
 def _text_condition(cols: Sequence[Any], value: str, ctx: Context) -> ColumnElement[bool]:
     """Case-insensitive substring of any of ``cols``, narrowed first by the
-    index (:func:`_index_condition`) unless ``ctx.use_index`` is off."""
+    index (:func:`_index_condition`) unless ``ctx.use_index`` is off. On
+    PostgreSQL a body or content search first asks the row's word hashes
+    (:func:`pg_sure_condition`), which spares most matches the read of
+    their text; the exact test decides the others."""
     exact = [contains_condition(col, value, ctx) for col in cols]
-    cond = or_(*exact) if len(exact) > 1 else exact[0]
     narrow = _index_condition(cols, value, ctx) if ctx.use_index else None
+    if ctx.pg_trgm and (list(cols) == [M.c.body_text] or tuple(cols) == CONTENT_COLUMNS):
+        sure = pg_sure_condition(value, body_only=len(cols) == 1, narrowed=narrow is not None)
+        if sure is not None:
+            exact.insert(0, sure)  # OR evaluates left to right: the text last
+    cond = or_(*exact) if len(exact) > 1 else exact[0]
     return cond if narrow is None else and_(narrow, cond)
 
 
@@ -262,6 +269,88 @@ def pg_word_candidates(value: str) -> ColumnElement[bool] | None:
         ).where(_PG_VOCAB.c.word.like(f"%{word.decode('ascii')}%"))
         parts.append(_PG_SEARCH_WORDS.op("&&")(hashes.scalar_subquery()))
     return or_(and_(*parts), _PG_SEARCH_WORDS.is_(None))
+
+
+def pg_sure_condition(
+    value: str, body_only: bool, narrowed: bool
+) -> ColumnElement[bool] | None:
+    """PostgreSQL: a condition on a ``messages`` row's word hashes alone
+    that implies the exact test (:func:`contains_condition`) of the ASCII
+    ``value`` in its body (``body_only``) or in any searched column, never
+    NULL; None when ``value`` is not one vocabulary-length word (letters
+    and digits only), where no such shortcut holds. ``narrowed``: the
+    query also requires :func:`pg_word_candidates` of ``value``.
+
+    Why it is exact (the contract and the array's layout in
+    storage/sql/fts.py, schema steps 20 and 38): ``search_vocab`` holds
+    every word of every committed row in the same snapshot (a row's words
+    are inserted in its transaction, and never removed). Let S be the
+    hashes h of vocabulary words holding ``value`` such that every
+    vocabulary word hashed h holds it too, h is no marker's, and, for a
+    content search, every word whose tagged twin is h holds it as well
+    (for the body, no word's twin is h). A
+    READY row (its first element; no vocabulary word is hashed READY, which
+    a row indexed before step 38 could hold first) carrying a hash of S has
+    a word holding ``value`` in its text: ASCII letters and digits there
+    (READY: no character whose lowercase makes ASCII letters), so the text
+    holds ``value`` case-insensitively, as ``~*`` folds ASCII in every
+    locale. For the body only, the row must also lack the tagged twins of
+    S among its first TWIN_SLOTS elements, where a READY row keeps all its
+    twins: a hash without its twin comes from a body word. When every
+    vocabulary word holding ``value`` is in S (and no word nor twin is
+    hashed as LONG_WORD), a READY row the word index selected
+    (``narrowed``) carries one: no need to look. A row that fails
+    any of this goes to the exact test, so only the cost of a search
+    changes, never its answer."""
+    lowered = value.lower()
+    if not (
+        lowered.isascii()
+        and lowered.isalnum()
+        and fts.VOCAB_MIN_LENGTH <= len(lowered) <= fts.VOCAB_MAX_LENGTH
+    ):
+        return None
+    pattern = f"%{lowered}%"
+    ready = fts.word_hash(fts.READY)
+    v = _PG_VOCAB.alias("v")
+    other = _PG_VOCAB.alias("u")
+    same = other.c.hash == v.c.hash
+    twin = other.c.hash == v.c.hash.op("#")(fts.HEADER_TAG)
+    if body_only:
+        # A header word whose twin is h never counts for the body.
+        clashes = [
+            ~select(other.c.hash).where(same, other.c.word.not_like(pattern)).exists(),
+            ~select(other.c.hash).where(twin).exists(),
+        ]
+    else:
+        clashes = [
+            ~select(other.c.hash).where(or_(same, twin), other.c.word.not_like(pattern)).exists()
+        ]
+    is_sure = and_(v.c.hash.not_in(fts.marker_hashes()), *clashes)
+    holding = select(v.c.hash).where(
+        v.c.word.like(pattern),
+        ~select(_PG_VOCAB.c.hash).where(_PG_VOCAB.c.hash == ready).exists(),
+    )
+    # NULL (array_agg of nothing) when no hash is sure: so is the whole
+    # condition, coalesced to false below.
+    sure = holding.with_only_columns(func.array_agg(v.c.hash)).where(is_sure)
+    words = _PG_SEARCH_WORDS
+    parts = [literal_column("messages.search_words[1]") == ready]
+    if body_only:
+        twins = sure.with_only_columns(func.array_agg(v.c.hash.op("#")(fts.HEADER_TAG)))
+        head = literal_column(f"messages.search_words[1:{fts.TWIN_SLOTS}]")
+        parts.append(~head.op("&&")(twins.scalar_subquery()))
+    carries = words.op("&&")(sure.scalar_subquery())
+    if narrowed:
+        # The candidates' condition also takes LONG_WORD's hash: it must be
+        # no word's (nor twin's) for a candidate to carry a hash of S.
+        long_word = fts.word_hash(fts.LONG_WORD)
+        no_long = ~select(_PG_VOCAB.c.hash).where(
+            _PG_VOCAB.c.hash.in_([long_word, fts.header_hash(long_word)])
+        ).exists()
+        every = holding.with_only_columns(func.bool_and(is_sure)).where(no_long)
+        carries = or_(every.scalar_subquery(), carries)
+    parts.append(carries)
+    return func.coalesce(and_(*parts), false())
 
 
 def _subject_candidates(value: str, ctx: Context) -> ColumnElement[bool]:
