@@ -24,7 +24,12 @@ api_page_100        the same, page 100 (its cursor fetched beforehand)
 
 Reported: p50 and p95 in milliseconds per query. ``--backend`` picks
 SQLite (a data directory), PostgreSQL (a throwaway ``tests.pgserver``
-server) or both, one after the other. Filling takes minutes: ``--keep
+server) or both, one after the other. The throwaway PostgreSQL server is
+sized as README's Production section recommends for a mail database
+(``shared_buffers`` a quarter of this host's memory, ``random_page_cost``
+1.1); ``--pg-server test`` keeps the test suite's settings (64 MB, 4.0)
+instead. The report names the server's settings either way, also for a
+server given by ``--storage-url``. Filling takes minutes: ``--keep
 DIR`` keeps a SQLite data directory (and ``--storage-url`` names a filled
 PostgreSQL database) to be measured again without filling; ``--fill-workers
 N`` imports in N processes at once (each through the same import path).
@@ -473,11 +478,35 @@ def report(backend: str, timings: Timings) -> None:
     print(f"  (load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
 
 
+def sized_settings() -> dict[str, str]:
+    """postgresql.conf for a mail database as README's Production section
+    recommends: ``shared_buffers`` about a quarter of the host's memory,
+    ``random_page_cost`` 1.1 (SSD)."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return {"shared_buffers": f"{memory // 4 // 2**20}MB", "random_page_cost": "1.1"}
+
+
+async def server_settings(storage_url: str) -> str:
+    """The settings of the PostgreSQL server behind ``storage_url`` that
+    decide big-mailbox plans, as one line for the report."""
+    import asyncpg
+
+    conn = await asyncpg.connect(storage_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        names = ("shared_buffers", "random_page_cost", "effective_cache_size", "work_mem")
+        values = [await conn.fetchval(f"SHOW {name}") for name in names]
+    finally:
+        await conn.close()
+    return ", ".join(f"{name} {value}" for name, value in zip(names, values, strict=True))
+
+
 def measure(data_dir: Path, storage_url: str, corpus: Corpus, args: argparse.Namespace,
             backend: str) -> None:
     started = time.perf_counter()
     asyncio.run(fill(data_dir, storage_url, args.messages, corpus, args.fill_workers))
     print(f"# {backend}: ready after {time.perf_counter() - started:.0f} s", flush=True)
+    if storage_url:
+        backend += f" ({asyncio.run(server_settings(storage_url))})"
     imap_port, http_port = free_port(), free_port()
     imapd = start_imapd(data_dir, storage_url, imap_port)
     httpapi = start_httpapi(data_dir, storage_url, http_port)
@@ -516,7 +545,7 @@ def run_postgresql(corpus: Corpus, args: argparse.Namespace) -> None:
         return
     from tests.pgserver import PgServer
 
-    server = PgServer.start()
+    server = PgServer.start(settings=sized_settings() if args.pg_server == "sized" else None)
     try:
         url = asyncio.run(server.create_database())
         measure(tmp / "data", url, corpus, args, "PostgreSQL")
@@ -537,6 +566,9 @@ def main() -> None:
     parser.add_argument("--only", default="",
                         help="comma-separated query names to time (default: all); "
                              "SELECT and the API's pages always run")
+    parser.add_argument("--pg-server", choices=("sized", "test"), default="sized",
+                        help="the throwaway PostgreSQL server's settings: as README's "
+                             "Production section recommends (default), or the test suite's")
     parser.add_argument("--fill-workers", type=int, default=1,
                         help="processes importing at once while filling (default 1)")
     parser.add_argument("--fill-part", help=argparse.SUPPRESS)  # k/workers/first/end

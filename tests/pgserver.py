@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import asyncpg
@@ -164,11 +164,15 @@ class PgServer:
         self._extra: tuple[str, ...] = ()
 
     @classmethod
-    def start(cls, *, durable: bool = False) -> PgServer:
+    def start(
+        cls, *, durable: bool = False, settings: Mapping[str, str] | None = None
+    ) -> PgServer:
         """initdb and start a primary. ``durable``: fsync and synchronous
         commits on (a crash loses nothing that was acknowledged); by default
         both are off, for speed. Either way the server accepts streaming
-        replicas (:meth:`start_replica`)."""
+        replicas (:meth:`start_replica`). ``settings``: postgresql.conf
+        parameters set after (so over) these, e.g. a benchmark's server
+        sized as README's Production section recommends."""
         root, run_as = _make_root()
         data = root / "data"
         _run_tool(
@@ -189,9 +193,13 @@ class PgServer:
         )
         # In postgresql.conf, not on the command line: ALTER SYSTEM (read
         # after it) may then change them, as start_replica does.
-        settings = {**PRIMARY_SETTINGS, **(DURABLE_SETTINGS if durable else FAST_SETTINGS)}
+        conf_settings = {
+            **PRIMARY_SETTINGS,
+            **(DURABLE_SETTINGS if durable else FAST_SETTINGS),
+            **(settings or {}),
+        }
         with open(data / "postgresql.conf", "a") as conf:
-            conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+            conf.writelines(f"{key} = '{value}'\n" for key, value in conf_settings.items())
         return cls._launch(root, data, run_as)
 
     @classmethod
