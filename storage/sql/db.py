@@ -257,7 +257,9 @@ class _CallFailed(Exception):
 class _Batched:
     """One queued :meth:`Database.write_batched` call."""
 
-    __slots__ = ("after_commit", "blob_keys", "durable", "fn", "future", "key", "ready")
+    __slots__ = (
+        "after_commit", "blob_keys", "durable", "fn", "future", "key", "ready", "settles",
+    )
 
     def __init__(
         self,
@@ -268,9 +270,11 @@ class _Batched:
         ready: concurrent.futures.Future[Any] | None,
         key: int | None = None,
         blob_keys: BlobKeys | None = None,
+        settles: bool = False,
     ) -> None:
         self.fn = fn
         self.blob_keys = blob_keys
+        self.settles = settles
         self.after_commit = after_commit
         self.future = future
         self.durable = durable
@@ -315,12 +319,15 @@ class _NotReady(Exception):
         self.error = error
 
 
-# (fn, ready) of one call in a batch.
 # What a batched call's rows name (see ``Database.write_batched``): the blob
 # keys (None: unknown, any) and the newest ``blob_deletions`` row it answered.
 BlobKeys = Callable[[], tuple["Collection[str] | None", int]]
+# (fn, ready, blob_keys, settles) of one call in a batch.
 _Item = tuple[
-    Callable[[Connection], Any], "concurrent.futures.Future[Any] | None", "BlobKeys | None"
+    Callable[[Connection], Any],
+    "concurrent.futures.Future[Any] | None",
+    "BlobKeys | None",
+    bool,
 ]
 
 
@@ -463,6 +470,67 @@ def _raise_as_sqlalchemy(conn: Connection, fairy: Any, exc: Exception, sql: str)
             sql, None, dbapi_exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
         ) from exc
     raise exc
+
+
+# Where a batch's deferred statements wait (Connection.info, the writer's).
+_DEFERRED = "shardmail_deferred"
+
+
+class _Deferred:
+    """The statements the calls of one batch deferred (:func:`execute_later`),
+    by statement in first-deferred order, their parameter lists joined, and
+    the keys whose rows they write."""
+
+    __slots__ = ("keys", "pending")
+
+    def __init__(self) -> None:
+        self.keys: set[int] = set()
+        self.pending: dict[int, tuple[Any, dict[str, list[Any]]]] = {}
+
+    def add(self, stmt: Any, params: dict[str, list[Any]], key: int) -> None:
+        held = self.pending.get(id(stmt))
+        if held is None:
+            self.pending[id(stmt)] = (stmt, {k: list(v) for k, v in params.items()})
+        else:
+            joined = held[1]
+            if joined.keys() != params.keys():
+                raise ValueError("deferred parameters differ from the statement's first")
+            for name, values in params.items():
+                joined[name].extend(values)
+        self.keys.add(key)
+
+    def run(self, conn: Connection) -> None:
+        """Runs what is pending (one round trip per statement), then forgets it."""
+        pending, self.pending = self.pending, {}
+        self.keys = set()
+        for stmt, params in pending.values():
+            execute(conn, stmt, params)
+
+
+def execute_later(conn: Connection, stmt: Any, params: dict[str, list[Any]], key: int) -> None:
+    """:func:`execute` of a statement whose parameters are all lists (rows
+    passed as arrays, one per column, that ``unnest`` takes apart), writing
+    rows of account ``key`` only, whose result nobody reads. In a batch
+    whose calls declare ``settles`` (:meth:`Database.write_batched`) it may
+    run at the batch's end instead, once for the batch's calls of the same
+    statement object, their lists joined in call order (so ``stmt`` must
+    mean the same for the joined rows as for each call's: an UPDATE of
+    distinct accounts' rows, INSERTs); it runs earlier when a later call
+    calls :func:`settle` with ``key``. Anywhere else it runs now."""
+    deferred = conn.info.get(_DEFERRED)
+    if deferred is None:
+        execute(conn, stmt, params)
+    else:
+        deferred.add(stmt, params, key)
+
+
+def settle(conn: Connection, key: int) -> None:
+    """Runs the statements the batch deferred (:func:`execute_later`) now if
+    one of them writes rows of ``key``: a ``settles`` call calls it before
+    it reads or locks that account's rows, and sees them written."""
+    deferred = conn.info.get(_DEFERRED)
+    if deferred is not None and key in deferred.keys:
+        deferred.run(conn)
 
 
 class _PgTransaction:
@@ -806,6 +874,7 @@ class Database:
         ready: concurrent.futures.Future[Any] | None = None,
         key: int | None = None,
         blob_keys: BlobKeys | None = None,
+        settles: bool = False,
     ) -> T:
         """Runs ``fn(conn)`` in a write transaction and returns its result
         once that transaction has committed (durably, as :meth:`write`).
@@ -866,12 +935,21 @@ class Database:
         A batch transaction on PostgreSQL holding such a call holds
         :data:`PG_BLOB_LOCK` shared from its first round trip, so a marking
         either committed before that lookup or waits for this commit.
+
+        ``settles``: ``fn`` calls :func:`settle` with an account before it
+        reads or locks any of that account's rows, and reads or writes no
+        other row that a statement :func:`execute_later` defers writes (rows
+        of other accounts). Such calls may leave those statements to the end
+        of their batch, where the batch's calls of one statement run as one
+        (a round trip per batch instead of one per call, see
+        :func:`execute_later`); before a call without it the deferred
+        statements run.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._queue_lock:
             self._batch_queue.append(
-                _Batched(fn, after_commit, future, durable, ready, key, blob_keys)
+                _Batched(fn, after_commit, future, durable, ready, key, blob_keys, settles)
             )
         self._batch_wake.set()
         if ready is not None and not ready.done():
@@ -982,7 +1060,7 @@ class Database:
         (a new one if none is idle): the outcomes, or the exception if
         nothing committed. A deadlock or serialization failure of the whole
         transaction runs it again."""
-        items = [(b.fn, b.ready, b.blob_keys) for b in batch]
+        items = [(b.fn, b.ready, b.blob_keys, b.settles) for b in batch]
         durable = any(b.durable for b in batch)
         attempt = 1
         may_reconnect = True
@@ -1159,7 +1237,8 @@ class Database:
             if not batch:
                 return None
             try:
-                outcomes = self._run_batch(conn, [(b.fn, b.ready, b.blob_keys) for b in batch])
+                items = [(b.fn, b.ready, b.blob_keys, b.settles) for b in batch]
+                outcomes = self._run_batch(conn, items)
             except BaseException as exc:
                 return batch, exc, 0
         finally:
@@ -1371,7 +1450,9 @@ class Database:
         from storage.blob import deleting  # it imports the schema, which imports this
 
         named: list[tuple[int, Collection[str] | None, int]] = []
-        for index, ((_, ready, blob_keys), (ok, _)) in enumerate(zip(items, outcomes, strict=True)):
+        for index, ((_, ready, blob_keys, _), (ok, _)) in enumerate(
+            zip(items, outcomes, strict=True)
+        ):
             if not ok:
                 continue
             if ready is not None:
@@ -1402,13 +1483,13 @@ class Database:
         self, conn: Connection, items: list[_Item], durable: bool = True
     ) -> list[tuple[bool, Any]]:
         """One transaction, a SAVEPOINT per function when there are several."""
-        fns = [fn for fn, _, _ in items]
+        fns = [fn for fn, _, _, _ in items]
         outcomes: list[tuple[bool, Any]] = []
         # PostgreSQL: the blob lock only where a call's blobs are looked up
         # (_await_ready), and the next batch begun by this one's COMMIT
         # (see _transaction).
         opts = {
-            "blob_lock": any(keys is not None for _, _, keys in items),
+            "blob_lock": any(keys is not None for _, _, keys, _ in items),
             "chain": not self.is_sqlite,
         }
         try:
@@ -1427,15 +1508,24 @@ class Database:
             # First without savepoints: calls rarely fail, and every statement
             # costs the writer a wait for the GIL while the loop is busy. If
             # one fails, all roll back and run again, each in a SAVEPOINT.
+            # Here only, the calls' deferrable statements run once at the end
+            # (execute_later): a failure among them cannot be told apart, so
+            # it fails them all the same way (each then runs its own).
             try:
                 with _transaction(conn, durable, **opts):
-                    for fn in fns:
-                        try:
+                    deferred = conn.info[_DEFERRED] = _Deferred()
+                    try:
+                        for fn, _, _, settles in items:
+                            if not settles:
+                                deferred.run(conn)
                             outcomes.append((True, fn(conn)))
-                        except Exception as exc:
-                            if _fails_batch(exc):
-                                raise
-                            raise _CallFailed from exc
+                        deferred.run(conn)
+                    except Exception as exc:
+                        if _fails_batch(exc):
+                            raise
+                        raise _CallFailed from exc
+                    finally:
+                        del conn.info[_DEFERRED]
                     self._await_ready(conn, items, outcomes)
                 return outcomes
             except _CallFailed:

@@ -89,7 +89,7 @@ from storage.sortrows import SortRow, sort_row, sort_row_of
 from storage.sql import codec, fts, sortkeys, spamtokens
 from storage.sql import criteria as crit
 from storage.sql.acl import AclStore, delete_acl, delete_mailbox_acl
-from storage.sql.db import Database, execute
+from storage.sql.db import Database, execute, execute_later, settle
 from storage.sql.metadata import MetadataStore, delete_mailbox_metadata, delete_metadata
 from storage.sql.schema import (
     change_log,
@@ -448,7 +448,7 @@ class _Tx:
         self, conn: Connection, rows: list[dict[str, Any]], counters: dict[str, Any]
     ) -> None:
         entry_keys = tuple(self.entries[0]) if self.entries else _ENTRY_KEYS
-        params = dict(counters)
+        params: dict[str, list[Any]] = {k: [v] for k, v in counters.items()}
         params.update(_columns("e_", entry_keys, self.entries))
         params.update(_columns("c_", _CHANGE_KEYS, rows))
         params["bump_id"] = list(self.bumps)
@@ -456,7 +456,9 @@ class _Tx:
         params["bump_modseq"] = [modseq for _, modseq in self.bumps.values()]
         # -1: the box's recent floor stays (floors are UIDs, never negative).
         params["bump_floor"] = [self.floors.get(box, -1) for box in self.bumps]
-        execute(conn, _flush_statement_pg(entry_keys), params)
+        # Nothing reads these rows back before the commit: in a batch of
+        # several deliveries (other accounts') they go in one statement.
+        execute_later(conn, _flush_statement_pg(entry_keys), params, self.account_id)
         self.entries, self.bumps, self.floors = [], {}, {}
 
     def log_rows_sync(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -512,10 +514,12 @@ def _flush_statement_pg(entry_keys: tuple[str, ...]) -> Any:
     """PostgreSQL: a write function's entries, mailbox counters (with the
     recent floors of :meth:`_Tx.set_recent_floor`), change-log rows and
     account counters in one statement (each list of rows passed as
-    arrays, one per column, so one prepared statement serves any number).
-    Beside the shared statements it replaces: _BUMP_MAILBOX, _INSERT_ENTRY,
-    _INSERT_CHANGES, _UPDATE_COUNTERS. The parts touch different tables,
-    so that they share one snapshot changes nothing."""
+    arrays, one per column, so one prepared statement serves any number,
+    and the flushes of several accounts' transactions joined, see
+    ``db.execute_later``, are one). Beside the shared statements it
+    replaces: _BUMP_MAILBOX, _INSERT_ENTRY, _INSERT_CHANGES,
+    _UPDATE_COUNTERS. The parts touch different tables, so that they
+    share one snapshot changes nothing."""
     return sql_text(
         "WITH bump AS (UPDATE mailboxes SET uidnext = u.uidnext, highestmodseq = u.modseq, "
         "recent_floor = CASE WHEN u.floor < 0 THEN mailboxes.recent_floor ELSE u.floor END "
@@ -524,9 +528,12 @@ def _flush_statement_pg(entry_keys: tuple[str, ...]) -> Any:
         "AS u(id, uidnext, modseq, floor) WHERE mailboxes.id = u.id), "
         f"entries AS ({_unnest(E, 'e_', entry_keys)}), "
         f"changes AS ({_unnest(change_log, 'c_', _CHANGE_KEYS)}) "
-        "UPDATE shard_accounts SET last_change_id = :b_last_change, "
-        "next_uidvalidity = :b_uidvalidity, used_bytes = :b_used "
-        "WHERE account_id = :b_account"
+        "UPDATE shard_accounts SET last_change_id = a.last_change, "
+        "next_uidvalidity = a.uidvalidity, used_bytes = a.used "
+        "FROM unnest(CAST(:b_account AS BIGINT[]), CAST(:b_last_change AS BIGINT[]), "
+        "CAST(:b_uidvalidity AS BIGINT[]), CAST(:b_used AS BIGINT[])) "
+        "AS a(account_id, last_change, uidvalidity, used) "
+        "WHERE shard_accounts.account_id = a.account_id"
     )
 
 
@@ -1430,6 +1437,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
     def _begin_sync(self, conn: Connection, account_id: int) -> _Tx:
         """The start of :meth:`_write` inside a synchronous write function
         (:meth:`Database.write_batched`): locks the account's counters row."""
+        settle(conn, account_id)
         params = {"b_account": account_id}
         row = execute(conn, _LOCK_ACCOUNT, params).first()
         if row is None:
@@ -1529,6 +1537,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         statement when the account has its counters row (the usual case):
         on SQLite BEGIN IMMEDIATE already serialises the writers; on
         PostgreSQL the statement locks the mailbox row too."""
+        settle(conn, account_id)
         pg = conn.dialect.name != "sqlite"
         if isinstance(mailbox, int):
             stmt = _LOCK_WITH_MAILBOX_BY_ID_PG if pg else _LOCK_WITH_MAILBOX_BY_ID
@@ -1566,6 +1575,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             if blob is not None:
                 execute(conn, _PUT_BLOB, blob)
             return tx, box, self._insert_message_sync(conn, account_id, values, parsed)
+        settle(conn, account_id)
         refs = [r for r in (*parsed.references, parsed.in_reply_to) if r]
         params = {**values, **(blob or {}), "refs": refs[-50:], "b_account": account_id}
         by_name = not isinstance(mailbox, int)
@@ -1976,7 +1986,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
             await self._publish(outcome[1])
 
         results, _, message_id = await self.db.write_batched(
-            write, published, ready=blob_ready, blob_keys=blob_keys
+            write, published, ready=blob_ready, blob_keys=blob_keys, settles=True
         )
         self._vocab.committed(new_words)
         self._cache_parsed(message_id, parsed)
@@ -2104,7 +2114,7 @@ class SqlMailStore(SpamPolicyStore, MetadataStore, AclStore):
         async def published(outcome: tuple[list[AppendResult], list[Change]]) -> None:
             await self._publish(outcome[1])
 
-        results, _ = await self.db.write_batched(write, published, key=account_id)
+        results, _ = await self.db.write_batched(write, published, key=account_id, settles=True)
         return results
 
     async def drop_staged(self, account_id: int, message_ids: Iterable[int]) -> None:

@@ -15,19 +15,21 @@ import asyncio
 import os
 import random
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from storage.backend import SqlStorage
 from storage.errors import ErrorKind, StorageError
 from storage.model import Account, UidSet
 from storage.sql.db import Database
+from storage.sql.schema import change_log, shard_accounts
 from tests.contract.mailfactory import build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,6 +123,61 @@ async def test_a_refused_delivery_fails_alone_in_its_batch(
     assert [e.uid for e in await mail.uids(bob.id, inbox.id)] == [1]
     assert [e.uid for e in await mail.uids(bob.id, archive.id)] == [1]
     assert await storage.mail(small).quota_used(small.id) == 0
+
+
+async def test_an_entry_the_database_refuses_fails_only_its_delivery(
+    storage: SqlStorage, bob: Account, batches: list[int]
+) -> None:
+    """Deliveries to several accounts in one batch (on PostgreSQL their
+    entries and change logs written by one statement at its end): the one
+    whose change-log row the database refuses (a row already there, as a
+    bug might leave) fails alone, with nothing of it written; every other
+    commits."""
+    others = [
+        await storage.directory.add_account(f"u{n}@example.org", "pw")
+        for n in range(random.randint(3, 8))
+    ]
+    accounts = [bob, *others]
+    broken = random.choice(accounts)
+    db = storage.databases["default"]
+    async with db.write() as conn:
+        last = (
+            await conn.execute(
+                select(shard_accounts.c.last_change_id).where(
+                    shard_accounts.c.account_id == broken.id
+                )
+            )
+        ).scalar_one()
+        await conn.execute(
+            insert(change_log).values(
+                account_id=broken.id, id=last + 1, kind="new", at=0.0, data="{}"
+            )
+        )
+    made = []
+    for _ in accounts:
+        raw, parsed = build()
+        made.append((await storage.blobs.put(raw), parsed))
+    batches.clear()
+    outcomes = await asyncio.gather(
+        *(
+            storage.mail(a).deliver(a.id, key, parsed, [("INBOX", (), None)])
+            for a, (key, parsed) in zip(accounts, made, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    assert batches[0] == len(accounts)  # all in one transaction
+    for account, outcome in zip(accounts, outcomes, strict=True):
+        mail = storage.mail(account)
+        inbox = await mail.get_mailbox(account.id, "INBOX")
+        uids = [e.uid for e in await mail.uids(account.id, inbox.id)]
+        if account is broken:
+            # SQLAlchemy's, or SQLite's own from the writer's driver.
+            assert isinstance(outcome, (IntegrityError, sqlite3.IntegrityError)), outcome
+            assert uids == []
+            assert (inbox.uidnext, await mail.quota_used(account.id)) == (1, 0)
+        else:
+            assert [r.uid for r in outcome] == uids == [1], outcome
+            assert (inbox.uidnext, inbox.highestmodseq) == (2, outcome[0].modseq)
 
 
 @pytest.fixture

@@ -194,6 +194,52 @@ async def test_an_append_that_claims_recent_costs_two_statements(site: Site) -> 
     assert await mail.peek_recent(site.bob.id, box) == 1
 
 
+async def test_appends_to_several_accounts_share_one_flush_per_batch(site: Site) -> None:
+    """Many sessions APPEND at once, each to its own account's selected
+    INBOX (the IMAP bench): a batch's deliveries write their entries,
+    mailbox counters, change log and account counters in ONE statement
+    for the batch, not one each; a second delivery to an account in the
+    same batch still finds the first's UID taken, and its counters moved."""
+    accounts = [site.bob] + [
+        await site.storage.directory.add_account(f"a{n}@example.org", "pw")
+        for n in range(random.randint(6, 12))
+    ]
+    twice = random.choice(accounts)  # two deliveries to one account
+    logged = {a.id: await site.storage.mail(a).last_change_id(a.id) for a in accounts}
+    made = []
+    for account in [*accounts, twice]:
+        raw, parsed = build(body=random.randbytes(random.randint(1, 3000)).hex())
+        made.append((account, await site.storage.blobs.put(raw), parsed))
+    work = asyncio.gather(
+        *(
+            site.storage.mail(a).deliver(a.id, key, parsed, [("INBOX", (), None)],
+                                         claim_recent=True)
+            for a, key, parsed in made
+        )
+    )
+    results, calls, commits = await site.statements(work)
+    flushes = [c for c in calls if c.startswith("WITH bump AS")]
+    assert 1 <= commits < len(made)  # shared
+    # One for the batch, and at most one more for the account seen twice.
+    assert len(flushes) <= 2 * commits, calls
+    assert len(calls) <= len(made) + 2 * commits, calls
+    appended: dict[int, list[Any]] = {}
+    for (account, _, _), result in zip(made, results, strict=True):
+        appended.setdefault(account.id, []).append(result[0])
+    for account in accounts:
+        mail = site.storage.mail(account)
+        mine = sorted(appended[account.id], key=lambda r: r.uid)
+        count = 2 if account is twice else 1
+        assert [r.uid for r in mine] == list(range(1, count + 1))
+        assert mine == sorted(mine, key=lambda r: r.modseq)  # MODSEQ ascends with UID
+        box = mine[0].mailbox_id
+        assert [e.uid for e in await mail.uids(account.id, box)] == [r.uid for r in mine]
+        status = await mail.status(account.id, box)
+        assert (status.uidnext, status.highestmodseq) == (count + 1, mine[-1].modseq)
+        assert await mail.last_change_id(account.id) == logged[account.id] + count
+        assert await mail.peek_recent(account.id, box) == 0  # claimed, committed
+
+
 def _message_id(raw: bytes) -> str:
     return re.search(rb"Message-ID: (<[^>]+>)", raw).group(1).decode()  # type: ignore[union-attr]
 
