@@ -1323,6 +1323,32 @@ async def _v38_pg_sure_words(conn: AsyncConnection) -> None:
     )
 
 
+# v39: PostgreSQL indexes no query needs, each one more relation a delivery
+# opens (and locks) and, for ``ix_messages_blob_key``, one more insertion
+# at a random place of a B-tree of 64-octet keys.
+PG_DROPPED_INDEXES = ("mailboxes_account", "ix_messages_blob_key")
+
+
+async def _v39_pg_fewer_delivery_indexes(conn: AsyncConnection) -> None:
+    """PostgreSQL: two indexes that every delivery writes or opens and no
+    query needs go (issue #20: the server's CPU per delivery; about a sixth
+    of a backend's time per delivery is opening and inserting into the
+    indexes of the tables it writes). ``mailboxes_account`` (account_id)
+    is the first column of the unique ``mailboxes_account_name`` (account_id,
+    name), which serves every lookup by account, and by account and name
+    without a filter (the delivery's mailbox lock took the one-column index
+    plus a filter on the name). ``ix_messages_blob_key`` served only the
+    garbage collector's list of referenced blobs (``referenced_blobs``: every
+    key of the shard, a scan of the table either way, rare and in the
+    background); no request looks a message up by its blob. SQLite keeps
+    both (its planner statistics of step 13 name them; its writes are not
+    what issue #20 measures)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for index in PG_DROPPED_INDEXES:
+        await conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
+
+
 MIGRATIONS: list[Step] = [
     _v1_tables,
     _v2_full_text,
@@ -1362,6 +1388,7 @@ MIGRATIONS: list[Step] = [
     _v36_queue_tls_report,
     _v37_pg_sort_key_heads,
     _v38_pg_sure_words,
+    _v39_pg_fewer_delivery_indexes,
 ]
 """Step ``i`` brings the schema to version ``i + 1``. Append only."""
 
