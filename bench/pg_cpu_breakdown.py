@@ -5,8 +5,10 @@ fresh mtad, a durable ``PgServer``, the deferred index merge counted), on a
 server with pg_stat_statements loaded; prints PostgreSQL's CPU per message
 by process kind (utime + stime from /proc of every server process,
 classified by its title; children that ended are the postmaster's reaped
-time), the WAL written per message (bytes, records, full-page images) and
-the statements by total execution time. Never part of the test run.
+time), the WAL written per message (bytes, records, full-page images), the
+commits per message (all databases: the bench's own included), the
+server's CPU as a share of mtad's, and the statements by total execution
+time. Never part of the test run.
 
     python bench/pg_cpu_breakdown.py --messages 2000 --sessions 20
     python bench/pg_cpu_breakdown.py --sql "ALTER TABLE blobs ALTER COLUMN data SET STORAGE MAIN"
@@ -38,7 +40,10 @@ KINDS = (
     "checkpointer", "background writer", "walwriter", "autovacuum launcher",
     "autovacuum worker", "logical replication launcher", "archiver", "walsender",
 )  # fmt: skip
-_WAL = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, wal_records, wal_fpi FROM pg_stat_wal"
+_WAL = (
+    "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, wal_records, wal_fpi, "
+    "(SELECT sum(xact_commit) FROM pg_stat_database) FROM pg_stat_wal"
+)
 _STATEMENTS = (
     "SELECT calls, total_exec_time, shared_blks_hit + shared_blks_read, wal_fpi, "
     "wal_bytes, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) "
@@ -110,8 +115,12 @@ def report(store: ProfiledStorage, run: smtp_bench.Run, n: int, top: int) -> Non
         print(f"  {kind:30s} {1000 * seconds / n:7.3f} ms/msg")
     print(
         f"  WAL {(wal1[0] - wal0[0]) / n:.0f} B/msg, {(wal1[1] - wal0[1]) / n:.1f} records/msg, "
-        f"{(wal1[2] - wal0[2]) / n:.2f} full-page images/msg"
+        f"{(wal1[2] - wal0[2]) / n:.2f} full-page images/msg, "
+        f"{(wal1[3] - wal0[3]) / n:.3f} commits/msg"
     )
+    # The same CPU inflation hits every process of a shared machine: the
+    # server's CPU against mtad's is steadier than either (issue #20).
+    print(f"  PostgreSQL / mtad CPU {run.database_cpu / run.cpu:.3f}")
     print("  calls   us/msg  us/call  blks/call  fpi  WAL B/call  statement")
     for line in store.server.sql(_STATEMENTS.format(top)).splitlines():
         calls, total, blocks, fpi, wal, query = line.split("|", 5)
