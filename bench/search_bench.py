@@ -225,14 +225,20 @@ async def fill(data_dir: Path, storage_url: str, count: int, corpus: Corpus,
     await _wait_for_fts(data_dir, storage_url)
 
 
+async def _pg_connect(storage_url: str) -> Any:
+    """An asyncpg connection to the database of a ``postgresql+asyncpg``
+    storage URL."""
+    import asyncpg
+
+    return await asyncpg.connect(storage_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+
+
 async def _analyze(storage_url: str) -> None:
     """ANALYZE after a bulk import, as autovacuum would within a minute or
     two of it: the queries are timed against the planner's statistics of
     the filled tables, not of empty ones."""
-    import asyncpg
-
     started = time.perf_counter()
-    conn = await asyncpg.connect(storage_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await _pg_connect(storage_url)
     try:
         await conn.execute("ANALYZE")
     finally:
@@ -489,9 +495,7 @@ def sized_settings() -> dict[str, str]:
 async def server_settings(storage_url: str) -> str:
     """The settings of the PostgreSQL server behind ``storage_url`` that
     decide big-mailbox plans, as one line for the report."""
-    import asyncpg
-
-    conn = await asyncpg.connect(storage_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    conn = await _pg_connect(storage_url)
     try:
         names = ("shared_buffers", "random_page_cost", "effective_cache_size", "work_mem")
         values = [await conn.fetchval(f"SHOW {name}") for name in names]
